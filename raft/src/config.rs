@@ -1,0 +1,118 @@
+//! Tuning of one Raft group. Every limit has its unit in its name.
+
+use crate::error::ConfigError;
+
+/// Configuration of a Raft group. `Config::default()` suits a LAN; tests shorten the timers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Lower bound of the randomized election timeout. Also the leader lease length and the
+    /// time a follower refuses to vote after hearing from a leader.
+    pub election_timeout_ms_min: u64,
+    /// Upper bound (exclusive) of the randomized election timeout.
+    pub election_timeout_ms_max: u64,
+    /// How often a leader sends heartbeats. Must be well below the election timeout.
+    pub heartbeat_interval_ms: u64,
+    /// Run a pre-vote round before an election, so a partitioned node rejoining does not
+    /// disrupt a healthy leader by bumping the term.
+    pub pre_vote: bool,
+    /// A leader that has not heard from a quorum within an election timeout steps down; a
+    /// follower that heard from a leader within `election_timeout_ms_min` refuses votes.
+    /// Required for lease reads.
+    pub check_quorum: bool,
+    /// Append messages in flight to one follower before the leader waits for acknowledgements.
+    pub inflight_msgs_max: usize,
+    /// Bytes of entries in one append message (at least one entry is always sent).
+    pub append_bytes_max: usize,
+    /// Entries in one append message.
+    pub append_entries_max: usize,
+    /// Bytes of already-persisted entries the leader keeps in memory for replication. Entries
+    /// not yet durable are always kept (they are not in storage yet).
+    pub entry_cache_bytes_max: usize,
+    /// Build a snapshot once this many entries were applied since the last one (0: never
+    /// automatically; `trigger_snapshot` still works).
+    pub snapshot_threshold_entries: u64,
+    /// Entries kept in the log behind a snapshot, so a follower lagging a little catches up
+    /// from the log rather than by snapshot.
+    pub log_keep_entries_after_snapshot: u64,
+    /// Bytes of snapshot data in one message.
+    pub snapshot_chunk_bytes: usize,
+    /// Snapshot chunks in flight to one follower.
+    pub snapshot_chunks_in_flight_max: usize,
+    /// Resend unacknowledged snapshot chunks after this long without progress.
+    pub snapshot_resend_ms: u64,
+    /// Serve lease reads (no round trip) while the leader lease holds. Requires `check_quorum`.
+    pub lease_read: bool,
+    /// Safety margin taken off the lease for clock drift between nodes: the lease lasts
+    /// `election_timeout_ms_min - lease_clock_drift_ms` from the send time of the heartbeat
+    /// round a quorum acknowledged. Clocks must not drift apart by more than this within one
+    /// election timeout.
+    pub lease_clock_drift_ms: u64,
+    /// Give up a leadership transfer that has not completed within this long.
+    pub transfer_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            election_timeout_ms_min: 1000,
+            election_timeout_ms_max: 2000,
+            heartbeat_interval_ms: 100,
+            pre_vote: true,
+            check_quorum: true,
+            inflight_msgs_max: 64,
+            append_bytes_max: 1 << 20,
+            append_entries_max: 4096,
+            entry_cache_bytes_max: 4 << 20,
+            snapshot_threshold_entries: 10_000,
+            log_keep_entries_after_snapshot: 1000,
+            snapshot_chunk_bytes: 1 << 20,
+            snapshot_chunks_in_flight_max: 4,
+            snapshot_resend_ms: 2000,
+            lease_read: true,
+            lease_clock_drift_ms: 100,
+            transfer_timeout_ms: 2000,
+        }
+    }
+}
+
+impl Config {
+    /// Timers a hundred times shorter than the default, for tests and local clusters.
+    pub fn fast() -> Config {
+        Config {
+            election_timeout_ms_min: 150,
+            election_timeout_ms_max: 300,
+            heartbeat_interval_ms: 30,
+            lease_clock_drift_ms: 20,
+            transfer_timeout_ms: 300,
+            snapshot_resend_ms: 300,
+            ..Config::default()
+        }
+    }
+
+    /// Checks the relations between fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError(m.to_string()));
+        if self.election_timeout_ms_min == 0 || self.heartbeat_interval_ms == 0 {
+            return bad("timeouts must be positive");
+        }
+        if self.election_timeout_ms_max <= self.election_timeout_ms_min {
+            return bad("election_timeout_ms_max must exceed election_timeout_ms_min");
+        }
+        if self.heartbeat_interval_ms * 2 > self.election_timeout_ms_min {
+            return bad("heartbeat_interval_ms must be at most half of election_timeout_ms_min");
+        }
+        if self.inflight_msgs_max == 0 || self.append_entries_max == 0 || self.append_bytes_max == 0 {
+            return bad("replication limits must be positive");
+        }
+        if self.snapshot_chunk_bytes == 0 || self.snapshot_chunks_in_flight_max == 0 {
+            return bad("snapshot limits must be positive");
+        }
+        if self.lease_read && !self.check_quorum {
+            return bad("lease_read requires check_quorum");
+        }
+        if self.lease_read && self.lease_clock_drift_ms >= self.election_timeout_ms_min {
+            return bad("lease_clock_drift_ms must be below election_timeout_ms_min");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,112 @@
+//! The leader's view of one follower's replication.
+
+use crate::storage::SnapshotMeta;
+use crate::types::{LogIndex, Millis};
+use std::collections::VecDeque;
+
+#[derive(Debug)]
+pub(crate) enum ReplState {
+    /// The leader does not know where the follower's log matches: one append at a time.
+    Probe {
+        /// An append is outstanding; resent on the next heartbeat response if lost.
+        sent: bool,
+    },
+    /// The follower's log matches up to `matched`: appends are pipelined up to the window.
+    Replicate,
+    /// The follower needs entries that were purged: a snapshot is being streamed.
+    Snapshot(SnapshotSend),
+}
+
+#[derive(Debug)]
+pub(crate) struct SnapshotSend {
+    pub(crate) meta: SnapshotMeta,
+    /// Bytes the follower confirmed.
+    pub(crate) acked: u64,
+    /// Bytes sent (acked..sent are in flight).
+    pub(crate) sent: u64,
+    /// The last chunk (with `done`) was sent.
+    pub(crate) all_sent: bool,
+    /// When `acked` last moved (or the transfer started): the resend timer.
+    pub(crate) progress_at: Millis,
+}
+
+#[derive(Debug)]
+pub(crate) struct Progress {
+    /// Highest index known to match the leader's log (durably on the follower).
+    pub(crate) matched: LogIndex,
+    /// Next index to send.
+    pub(crate) next: LogIndex,
+    pub(crate) state: ReplState,
+    /// Last index of each append in flight (Replicate state), oldest first.
+    pub(crate) inflight: VecDeque<LogIndex>,
+    /// A `LoadEntries` for this follower is outstanding.
+    pub(crate) loading: bool,
+    /// Heard from the follower since the last check-quorum round.
+    pub(crate) recent_active: bool,
+    /// Highest heartbeat round the follower acknowledged (ReadIndex, lease).
+    pub(crate) round_acked: u64,
+    /// When `matched` last advanced: detects lost appends in the Replicate state.
+    pub(crate) matched_at: Millis,
+    /// The commit index this follower was last told (as far as its matched log allows).
+    pub(crate) commit_sent: LogIndex,
+}
+
+impl Progress {
+    pub(crate) fn new(next: LogIndex, now: Millis) -> Progress {
+        Progress {
+            matched: LogIndex(0),
+            next,
+            state: ReplState::Probe { sent: false },
+            inflight: VecDeque::new(),
+            loading: false,
+            recent_active: false,
+            round_acked: 0,
+            matched_at: now,
+            commit_sent: LogIndex(0),
+        }
+    }
+
+    pub(crate) fn become_probe(&mut self) {
+        self.state = ReplState::Probe { sent: false };
+        self.next = self.matched.next();
+        self.inflight.clear();
+    }
+
+    /// Whether an append may be sent now.
+    pub(crate) fn can_send(&self, inflight_max: usize) -> bool {
+        !self.loading
+            && match &self.state {
+                ReplState::Probe { sent } => !sent,
+                ReplState::Replicate => self.inflight.len() < inflight_max,
+                ReplState::Snapshot(_) => false,
+            }
+    }
+
+    /// Records that entries up to `last` were sent.
+    pub(crate) fn sent(&mut self, last: LogIndex) {
+        match &mut self.state {
+            ReplState::Probe { sent } => *sent = true,
+            ReplState::Replicate => {
+                self.next = last.next();
+                self.inflight.push_back(last);
+            }
+            ReplState::Snapshot(_) => unreachable!("no appends while sending a snapshot"),
+        }
+    }
+
+    /// Records an acknowledgement up to `matched`; returns whether it moved.
+    pub(crate) fn ack(&mut self, matched: LogIndex, now: Millis) -> bool {
+        while self.inflight.front().is_some_and(|i| *i <= matched) {
+            self.inflight.pop_front();
+        }
+        if matched <= self.matched {
+            return false;
+        }
+        self.matched = matched;
+        self.matched_at = now;
+        if self.next <= matched {
+            self.next = matched.next();
+        }
+        true
+    }
+}

@@ -1,0 +1,77 @@
+//! Errors. API errors say what the caller can do next; `Fatal` means the group has stopped.
+
+use crate::types::{LogIndex, NodeId};
+use thiserror::Error;
+
+/// An error of the storage (`LogStorage` or `StateMachine`). Any storage error stops the group:
+/// Raft never continues on a half-written state.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("storage error during {op}: {message}")]
+pub struct StorageError {
+    /// What was being done (`append`, `save_vote`, `read_entries`, ...).
+    pub op: &'static str,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl StorageError {
+    /// A storage error during `op`.
+    pub fn new(op: &'static str, message: impl Into<String>) -> Self {
+        StorageError { op, message: message.into() }
+    }
+}
+
+/// The group has stopped and will not serve again in this process.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum Fatal {
+    /// Storage failed; the group stopped rather than continue on a state it cannot trust.
+    #[error("group stopped: {0}")]
+    Storage(#[from] StorageError),
+    /// The group was shut down.
+    #[error("group is shut down")]
+    Shutdown,
+}
+
+/// Errors returned by the [`Raft`](crate::Raft) handle and by the engine's API calls.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum RaftError {
+    /// This node is not the leader. Retry on `leader` if known.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The leader this node knows of.
+        leader: Option<NodeId>,
+    },
+    /// A membership change is still in progress; retry once it has committed.
+    #[error("a membership change is in progress")]
+    ChangeInProgress,
+    /// A leadership transfer is in progress; proposals are refused until it ends.
+    #[error("a leadership transfer is in progress")]
+    TransferInProgress,
+    /// The request was not answered in time. For a write the outcome is unknown: it may still
+    /// commit.
+    #[error("timed out")]
+    Timeout,
+    /// The proposal's entry was replaced by another leader's: it will never be applied.
+    #[error("proposal dropped: entry {index} was overwritten by a new leader")]
+    Dropped {
+        /// Index the entry had.
+        index: LogIndex,
+    },
+    /// `initialize` on a node that already has state.
+    #[error("node already initialized")]
+    AlreadyInitialized,
+    /// The requested membership is not valid.
+    #[error("invalid membership: {0}")]
+    InvalidMembership(String),
+    /// A request names a node that cannot take that role (e.g. transfer to a learner).
+    #[error("invalid target node {0}: {1}")]
+    InvalidTarget(NodeId, &'static str),
+    /// The group stopped.
+    #[error(transparent)]
+    Fatal(#[from] Fatal),
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("invalid raft config: {0}")]
+pub struct ConfigError(pub String);
