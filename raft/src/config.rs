@@ -49,6 +49,9 @@ pub struct Config {
     pub lease_clock_drift_ms: u64,
     /// Give up a leadership transfer that has not completed within this long.
     pub transfer_timeout_ms: u64,
+    /// The Tokio driver answers an API call that got no answer within this long with
+    /// `RaftError::Timeout`.
+    pub api_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -71,6 +74,7 @@ impl Default for Config {
             lease_read: true,
             lease_clock_drift_ms: 100,
             transfer_timeout_ms: 2000,
+            api_timeout_ms: 5000,
         }
     }
 }

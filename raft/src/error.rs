@@ -66,6 +66,9 @@ pub enum RaftError {
     /// A request names a node that cannot take that role (e.g. transfer to a learner).
     #[error("invalid target node {0}: {1}")]
     InvalidTarget(NodeId, &'static str),
+    /// The configuration given to `Raft::start` cannot work.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// The group stopped.
     #[error(transparent)]
     Fatal(#[from] Fatal),

@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod driver;
 pub mod engine;
 pub mod entry;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod storage;
 pub mod types;
 
 pub use config::Config;
+pub use driver::{Raft, RaftMetrics, WriteResponse};
 pub use engine::{Action, Engine, EngineStatus, InitialState, IoId, ReadMode, Role};
 pub use entry::{Entry, EntryPayload};
 pub use error::{ConfigError, Fatal, RaftError, StorageError};
@@ -20,3 +22,6 @@ pub use message::{AppendResult, Message, MessageBody};
 pub use network::Network;
 pub use storage::{AppliedState, LogState, LogStorage, Snapshot, SnapshotMeta, StateMachine};
 pub use types::{GroupId, LogId, LogIndex, Millis, NodeId, Term, Vote};
+
+#[cfg(feature = "testing")]
+pub mod testing;

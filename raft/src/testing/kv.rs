@@ -1,0 +1,372 @@
+//! A key-value command format ([`KvCommand`], [`KvResponse`]) and [`MemStateMachine`], an
+//! in-memory [`StateMachine`] that applies it.
+//!
+//! Commands, responses and snapshot data use a small hand-written binary format: strings are
+//! a big-endian `u32` length followed by UTF-8 bytes, an `Option<String>` is a `0` byte (none)
+//! or a `1` byte followed by the string. Decoding rejects unknown tags, truncated input,
+//! invalid UTF-8 and trailing bytes.
+
+use crate::entry::{Entry, EntryPayload};
+use crate::error::StorageError;
+use crate::membership::StoredMembership;
+use crate::storage::{AppliedState, Snapshot, SnapshotMeta, StateMachine};
+use crate::types::LogId;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+const TAG_PUT: u8 = 1;
+const TAG_DELETE: u8 = 2;
+const TAG_CAS: u8 = 3;
+/// Leads the snapshot data: "FKVS" and a format version.
+const SNAPSHOT_MAGIC: &[u8; 5] = b"FKVS\x01";
+
+/// A command of the key-value state machine, carried as an
+/// [`EntryPayload::Normal`] payload (see [`KvCommand::encode`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvCommand {
+    /// Sets `key` to `value`.
+    Put {
+        /// The key.
+        key: String,
+        /// The new value.
+        value: String,
+    },
+    /// Removes `key`.
+    Delete {
+        /// The key.
+        key: String,
+    },
+    /// Compare-and-swap: if the value of `key` is `expected` (`None`: absent), sets it to
+    /// `new` (`None`: removes it).
+    Cas {
+        /// The key.
+        key: String,
+        /// The value the key must have for the swap to happen (`None`: the key is absent).
+        expected: Option<String>,
+        /// The value after the swap (`None`: remove the key).
+        new: Option<String>,
+    },
+}
+
+impl KvCommand {
+    /// The command in the binary format, ready to propose.
+    pub fn encode(&self) -> Bytes {
+        let mut buf = Vec::new();
+        match self {
+            KvCommand::Put { key, value } => {
+                buf.push(TAG_PUT);
+                put_str(&mut buf, key);
+                put_str(&mut buf, value);
+            }
+            KvCommand::Delete { key } => {
+                buf.push(TAG_DELETE);
+                put_str(&mut buf, key);
+            }
+            KvCommand::Cas { key, expected, new } => {
+                buf.push(TAG_CAS);
+                put_str(&mut buf, key);
+                put_opt_str(&mut buf, expected.as_deref());
+                put_opt_str(&mut buf, new.as_deref());
+            }
+        }
+        Bytes::from(buf)
+    }
+
+    /// Decodes a command written by [`KvCommand::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<KvCommand, String> {
+        let mut r = Reader::new(bytes);
+        let cmd = match r.u8()? {
+            TAG_PUT => KvCommand::Put { key: r.string()?, value: r.string()? },
+            TAG_DELETE => KvCommand::Delete { key: r.string()? },
+            TAG_CAS => KvCommand::Cas { key: r.string()?, expected: r.opt_string()?, new: r.opt_string()? },
+            tag => return Err(format!("unknown command tag {tag}")),
+        };
+        r.finish()?;
+        Ok(cmd)
+    }
+
+    /// The key the command reads or writes.
+    pub fn key(&self) -> &str {
+        match self {
+            KvCommand::Put { key, .. } | KvCommand::Delete { key } | KvCommand::Cas { key, .. } => key,
+        }
+    }
+}
+
+/// The response of [`MemStateMachine`] to one [`KvCommand`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvResponse {
+    /// The value of the key before the command.
+    pub previous: Option<String>,
+    /// `Put` and `Delete`: always `true`. `Cas`: whether it swapped. `false` also for a
+    /// payload that is not a valid command.
+    pub ok: bool,
+}
+
+impl KvResponse {
+    /// The response in the binary format.
+    pub fn encode(&self) -> Bytes {
+        let mut buf = vec![u8::from(self.ok)];
+        put_opt_str(&mut buf, self.previous.as_deref());
+        Bytes::from(buf)
+    }
+
+    /// Decodes a response written by [`KvResponse::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<KvResponse, String> {
+        let mut r = Reader::new(bytes);
+        let ok = match r.u8()? {
+            0 => false,
+            1 => true,
+            b => return Err(format!("invalid ok flag {b}")),
+        };
+        let previous = r.opt_string()?;
+        r.finish()?;
+        Ok(KvResponse { previous, ok })
+    }
+}
+
+fn put_str(buf: &mut Vec<u8>, s: &str) {
+    let len = u32::try_from(s.len()).expect("string longer than 4 GiB");
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(s.as_bytes());
+}
+
+fn put_opt_str(buf: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        None => buf.push(0),
+        Some(s) => {
+            buf.push(1);
+            put_str(buf, s);
+        }
+    }
+}
+
+/// A cursor over an encoded buffer; every read checks the bounds.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self.pos.checked_add(n).filter(|end| *end <= self.buf.len()).ok_or_else(|| {
+            format!("truncated input: need {n} bytes at offset {}, have {}", self.pos, self.buf.len() - self.pos)
+        })?;
+        let bytes = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(bytes)
+    }
+
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_be_bytes(a))
+    }
+
+    fn string(&mut self) -> Result<String, String> {
+        let len = self.u32()? as usize;
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|e| format!("invalid UTF-8: {e}"))
+    }
+
+    fn opt_string(&mut self) -> Result<Option<String>, String> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.string()?)),
+            b => Err(format!("invalid option flag {b}")),
+        }
+    }
+
+    fn finish(&self) -> Result<(), String> {
+        if self.pos != self.buf.len() {
+            return Err(format!("{} trailing bytes", self.buf.len() - self.pos));
+        }
+        Ok(())
+    }
+}
+
+fn encode_map(map: &BTreeMap<String, String>) -> Bytes {
+    let mut buf = SNAPSHOT_MAGIC.to_vec();
+    buf.extend_from_slice(&(map.len() as u64).to_be_bytes());
+    for (k, v) in map {
+        put_str(&mut buf, k);
+        put_str(&mut buf, v);
+    }
+    Bytes::from(buf)
+}
+
+fn decode_map(bytes: &[u8]) -> Result<BTreeMap<String, String>, String> {
+    let mut r = Reader::new(bytes);
+    if r.take(SNAPSHOT_MAGIC.len())? != SNAPSHOT_MAGIC {
+        return Err("not a MemStateMachine snapshot (bad magic)".into());
+    }
+    let count = r.u64()?;
+    let mut map = BTreeMap::new();
+    for _ in 0..count {
+        let k = r.string()?;
+        let v = r.string()?;
+        if map.insert(k, v).is_some() {
+            return Err("duplicate key".into());
+        }
+    }
+    r.finish()?;
+    Ok(map)
+}
+
+/// An in-memory key-value [`StateMachine`] applying [`KvCommand`]s. A clone shares the same
+/// state, so a test can keep a handle on the machine it gave to a group and read from it.
+///
+/// It checks its caller: `apply` of an entry that does not directly follow the last applied
+/// one returns a [`StorageError`] (and applies nothing of that batch).
+#[derive(Clone, Debug, Default)]
+pub struct MemStateMachine {
+    inner: Arc<Mutex<SmInner>>,
+}
+
+#[derive(Debug, Default)]
+struct SmInner {
+    data: BTreeMap<String, String>,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    snapshot: Option<Snapshot>,
+    /// Number of snapshots built; the next one's id is this plus one.
+    snapshots_built: u64,
+}
+
+impl SmInner {
+    fn apply_command(&mut self, payload: &[u8]) -> KvResponse {
+        let Ok(cmd) = KvCommand::decode(payload) else {
+            return KvResponse { previous: None, ok: false };
+        };
+        match cmd {
+            KvCommand::Put { key, value } => KvResponse { previous: self.data.insert(key, value), ok: true },
+            KvCommand::Delete { key } => KvResponse { previous: self.data.remove(&key), ok: true },
+            KvCommand::Cas { key, expected, new } => {
+                let previous = self.data.get(&key).cloned();
+                let ok = previous == expected;
+                if ok {
+                    match new {
+                        Some(v) => self.data.insert(key, v),
+                        None => self.data.remove(&key),
+                    };
+                }
+                KvResponse { previous, ok }
+            }
+        }
+    }
+}
+
+impl MemStateMachine {
+    /// An empty machine: no data, nothing applied, no snapshot.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<String> {
+        self.lock().data.get(key).cloned()
+    }
+
+    /// A copy of the whole key-value map.
+    pub fn data(&self) -> BTreeMap<String, String> {
+        self.lock().data.clone()
+    }
+
+    /// The last applied entry (or the last entry of the installed snapshot), if any.
+    pub fn last_applied(&self) -> Option<LogId> {
+        self.lock().last_applied
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SmInner> {
+        // Every method validates before changing anything, so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl StateMachine for MemStateMachine {
+    async fn applied_state(&mut self) -> Result<AppliedState, StorageError> {
+        let inner = self.lock();
+        Ok(AppliedState { last_applied: inner.last_applied, membership: inner.membership.clone() })
+    }
+
+    async fn apply(&mut self, entries: Vec<Entry>) -> Result<Vec<Bytes>, StorageError> {
+        let mut inner = self.lock();
+        let mut prev = inner.last_applied.unwrap_or(LogId::ZERO);
+        for entry in &entries {
+            if entry.log_id.index != prev.index.next() {
+                return Err(StorageError::new(
+                    "apply",
+                    format!("entry {} does not follow the last applied entry {prev}", entry.log_id),
+                ));
+            }
+            prev = entry.log_id;
+        }
+        let mut responses = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let response = match &entry.payload {
+                EntryPayload::Blank => Bytes::new(),
+                EntryPayload::Normal(payload) => inner.apply_command(payload).encode(),
+                EntryPayload::Membership(m) => {
+                    inner.membership = StoredMembership { log_id: entry.log_id, membership: m.clone() };
+                    Bytes::new()
+                }
+            };
+            inner.last_applied = Some(entry.log_id);
+            responses.push(response);
+        }
+        Ok(responses)
+    }
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let mut inner = self.lock();
+        inner.snapshots_built += 1;
+        let data = encode_map(&inner.data);
+        let meta = SnapshotMeta {
+            last_log_id: inner.last_applied.unwrap_or(LogId::ZERO),
+            membership: inner.membership.clone(),
+            snapshot_id: inner.snapshots_built,
+            size_bytes: data.len() as u64,
+        };
+        let snapshot = Snapshot { meta, data };
+        inner.snapshot = Some(snapshot.clone());
+        Ok(snapshot)
+    }
+
+    async fn current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        Ok(self.lock().snapshot.clone())
+    }
+
+    async fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), StorageError> {
+        const OP: &str = "install_snapshot";
+        if snapshot.data.len() as u64 != snapshot.meta.size_bytes {
+            return Err(StorageError::new(
+                OP,
+                format!("snapshot data is {} bytes, its meta says {}", snapshot.data.len(), snapshot.meta.size_bytes),
+            ));
+        }
+        let data = decode_map(&snapshot.data).map_err(|e| StorageError::new(OP, e))?;
+        let mut inner = self.lock();
+        let last = snapshot.meta.last_log_id;
+        inner.data = data;
+        inner.last_applied = (last.index.0 != 0).then_some(last);
+        inner.membership = snapshot.meta.membership.clone();
+        inner.snapshot = Some(snapshot);
+        Ok(())
+    }
+}

@@ -1,0 +1,280 @@
+//! The Tokio driver end to end: clusters of `Raft` handles over the in-memory router, on
+//! Tokio's paused clock (timers fire as soon as every task is idle, so the tests are fast
+//! and do not depend on the machine's speed).
+
+use bytes::Bytes;
+use flotilla_raft::testing::{KvCommand, KvResponse, MemLogStorage, MemRouter, MemStateMachine};
+use flotilla_raft::{Config, Fatal, Membership, NodeId, Raft, RaftError, RaftMetrics, ReadMode, Role};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn config() -> Config {
+    Config { snapshot_threshold_entries: 0, ..Config::fast() }
+}
+
+struct Node {
+    raft: Raft,
+    log: MemLogStorage,
+    sm: MemStateMachine,
+}
+
+struct TestCluster {
+    router: MemRouter,
+    nodes: BTreeMap<u64, Node>,
+    config: Config,
+}
+
+impl TestCluster {
+    async fn new(ids: &[u64], config: Config) -> TestCluster {
+        let mut c = TestCluster { router: MemRouter::new(), nodes: BTreeMap::new(), config };
+        for id in ids {
+            c.start(*id, MemLogStorage::new(), MemStateMachine::new()).await;
+        }
+        c
+    }
+
+    /// Starts node `id` on the given storage (fresh, or kept from an earlier run).
+    async fn start(&mut self, id: u64, log: MemLogStorage, sm: MemStateMachine) {
+        let raft = Raft::start(
+            NodeId(id),
+            Default::default(),
+            self.config.clone(),
+            log.clone(),
+            sm.clone(),
+            self.router.network(),
+        )
+        .await
+        .expect("start");
+        self.router.register(raft.clone());
+        self.nodes.insert(id, Node { raft, log, sm });
+    }
+
+    /// A running cluster of `ids` with a leader.
+    async fn formed(ids: &[u64], config: Config) -> TestCluster {
+        let c = TestCluster::new(ids, config).await;
+        let members = Membership::new(ids.iter().map(|i| NodeId(*i)));
+        c.raft(ids[0]).initialize(members).await.expect("initialize");
+        c.leader().await;
+        c
+    }
+
+    fn raft(&self, id: u64) -> &Raft {
+        &self.nodes[&id].raft
+    }
+
+    /// Waits until the nodes agree on one leader; returns it.
+    async fn leader(&self) -> u64 {
+        let first = self.nodes.values().next().expect("a node");
+        for _ in 0..100 {
+            let m = first.raft.wait_for(WAIT, |m| m.leader.is_some()).await.expect("a leader");
+            let leader = m.leader.expect("checked").0;
+            if let Some(l) = self.nodes.get(&leader) {
+                if l.raft.metrics().borrow().role == Role::Leader {
+                    return leader;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no stable leader");
+    }
+
+    async fn put(&self, on: u64, key: &str, value: &str) -> Result<KvResponse, RaftError> {
+        let cmd = KvCommand::Put { key: key.into(), value: value.into() };
+        let r = self.raft(on).client_write(cmd.encode()).await?;
+        Ok(KvResponse::decode(&r.data).expect("response decodes"))
+    }
+
+    /// Waits until node `id` applied at least `index`.
+    async fn applied(&self, id: u64, index: u64) -> RaftMetrics {
+        self.raft(id).wait_for(WAIT, |m| m.applied.0 >= index).await.expect("applies")
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_nodes_elect_write_and_read_linearizably() {
+    let c = TestCluster::formed(&[1, 2, 3], config()).await;
+    let leader = c.leader().await;
+    for i in 0..20 {
+        let r = c.put(leader, &format!("k{i}"), &format!("v{i}")).await.expect("write commits");
+        assert!(r.ok);
+    }
+    let overwrite = c.put(leader, "k3", "new").await.expect("write");
+    assert_eq!(overwrite.previous.as_deref(), Some("v3"), "the state machine's response reaches the client");
+    let idx = c.raft(leader).ensure_linearizable(ReadMode::ReadIndex).await.expect("read index");
+    assert_eq!(c.nodes[&leader].sm.get("k3").as_deref(), Some("new"));
+    let lease = c.raft(leader).ensure_linearizable(ReadMode::Lease).await.expect("lease read");
+    assert!(lease >= idx);
+    for id in [1, 2, 3] {
+        c.applied(id, idx.0).await;
+        assert_eq!(c.nodes[&id].sm.get("k19").as_deref(), Some("v19"), "node {id}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn batch_writes_answer_each_command_in_order() {
+    let c = TestCluster::formed(&[1, 2, 3], config()).await;
+    let leader = c.leader().await;
+    let cmds: Vec<Bytes> =
+        (0..50).map(|i| KvCommand::Put { key: "k".into(), value: format!("{i}") }.encode()).collect();
+    let results = c.raft(leader).client_write_batch(cmds).await.expect("batch");
+    assert_eq!(results.len(), 50);
+    let mut last = 0;
+    for (i, r) in results.into_iter().enumerate() {
+        let r = r.expect("applied");
+        assert!(r.log_id.index.0 > last, "consecutive entries");
+        last = r.log_id.index.0;
+        let prev = KvResponse::decode(&r.data).expect("decodes").previous;
+        assert_eq!(prev, if i == 0 { None } else { Some(format!("{}", i - 1)) });
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn followers_refuse_writes_and_name_the_leader() {
+    let c = TestCluster::formed(&[1, 2, 3], config()).await;
+    let leader = c.leader().await;
+    let follower = [1, 2, 3].into_iter().find(|i| *i != leader).expect("a follower");
+    c.raft(follower).wait_for(WAIT, |m| m.leader == Some(NodeId(leader))).await.expect("knows the leader");
+    let err = c.put(follower, "a", "b").await.expect_err("not leader");
+    assert_eq!(err, RaftError::NotLeader { leader: Some(NodeId(leader)) });
+    let err = c.raft(follower).read_index(ReadMode::ReadIndex).await.expect_err("not leader");
+    assert_eq!(err, RaftError::NotLeader { leader: Some(NodeId(leader)) });
+}
+
+#[tokio::test(start_paused = true)]
+async fn initialize_is_refused_on_a_node_with_state() {
+    let c = TestCluster::formed(&[1, 2, 3], config()).await;
+    for id in [1, 2, 3] {
+        c.applied(id, 1).await;
+        let err = c.raft(id).initialize(Membership::new([NodeId(id)])).await.expect_err("has state");
+        assert_eq!(err, RaftError::AlreadyInitialized);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_leader_is_elected_when_the_leader_fails_and_the_old_one_rejoins() {
+    let mut c = TestCluster::formed(&[1, 2, 3], config()).await;
+    let old = c.leader().await;
+    c.put(old, "before", "1").await.expect("write");
+    // Crash the leader: its storage survives (MemLogStorage/MemStateMachine are kept).
+    let node = c.nodes.remove(&old).expect("node");
+    c.router.unregister(NodeId(old));
+    node.raft.shutdown().await;
+    let new = c.leader().await;
+    assert_ne!(new, old);
+    c.put(new, "after", "2").await.expect("the remaining majority commits");
+    // Restart the old leader from its storage: it recovers and catches up.
+    c.start(old, node.log, node.sm).await;
+    let idx = c.raft(new).ensure_linearizable(ReadMode::ReadIndex).await.expect("read");
+    c.applied(old, idx.0).await;
+    assert_eq!(c.nodes[&old].sm.get("before").as_deref(), Some("1"));
+    assert_eq!(c.nodes[&old].sm.get("after").as_deref(), Some("2"));
+    assert_eq!(c.raft(old).metrics().borrow().role, Role::Follower);
+}
+
+#[tokio::test(start_paused = true)]
+async fn membership_changes_by_joint_consensus_with_a_learner_first() {
+    let mut c = TestCluster::formed(&[1, 2, 3], config()).await;
+    let leader = c.leader().await;
+    c.put(leader, "x", "1").await.expect("write");
+    c.start(4, MemLogStorage::new(), MemStateMachine::new()).await;
+    c.raft(leader).add_learner(NodeId(4)).await.expect("learner added");
+    let m = c.applied(4, 1).await;
+    assert_eq!(m.role, Role::Learner);
+    let target = c.raft(leader).metrics().borrow().last_log_id.index.0;
+    c.applied(4, target).await;
+    assert_eq!(c.nodes[&4].sm.get("x").as_deref(), Some("1"));
+    // Replace the voter that is not the leader and not 4 with 4.
+    let removed = [1, 2, 3].into_iter().find(|i| *i != leader).expect("another voter");
+    let voters: BTreeSet<NodeId> = [1, 2, 3, 4].into_iter().filter(|i| *i != removed).map(NodeId).collect();
+    c.raft(leader).change_membership(voters.clone()).await.expect("change commits");
+    let m = c.raft(leader).metrics().borrow().clone();
+    assert_eq!(m.committed_membership.membership.voters, voters);
+    assert!(!m.committed_membership.membership.is_joint());
+    assert!(m.committed_membership.membership.learners.is_empty(), "the learner was promoted");
+    // The group works without the removed node.
+    c.router.isolate(NodeId(removed));
+    c.put(leader, "y", "2").await.expect("write after the change");
+    // A second change while none is pending is accepted; an empty voter set is not.
+    let err = c.raft(leader).change_membership(BTreeSet::new()).await.expect_err("invalid");
+    assert!(matches!(err, RaftError::InvalidMembership(_)), "{err:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn leadership_transfer_hands_over_to_the_target() {
+    let c = TestCluster::formed(&[1, 2, 3], config()).await;
+    let leader = c.leader().await;
+    c.put(leader, "a", "1").await.expect("write");
+    let target = [1, 2, 3].into_iter().find(|i| *i != leader).expect("another node");
+    c.raft(leader).transfer_leader(NodeId(target)).await.expect("transfer");
+    c.raft(target).wait_for(WAIT, |m| m.role == Role::Leader).await.expect("target leads");
+    c.put(target, "b", "2").await.expect("new leader writes");
+    assert!(matches!(c.put(leader, "c", "3").await, Err(RaftError::NotLeader { .. })));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lagging_node_catches_up_by_snapshot_after_compaction() {
+    let cfg = Config { snapshot_threshold_entries: 20, log_keep_entries_after_snapshot: 5, ..Config::fast() };
+    let c = TestCluster::formed(&[1, 2, 3], cfg).await;
+    let leader = c.leader().await;
+    let lagging = [1, 2, 3].into_iter().find(|i| *i != leader).expect("a follower");
+    c.router.isolate(NodeId(lagging));
+    for i in 0..60 {
+        c.put(leader, &format!("k{i}"), &format!("v{i}")).await.expect("write");
+    }
+    let m =
+        c.raft(leader).wait_for(WAIT, |m| m.snapshot.is_some() && m.first_log_index.0 > 10).await.expect("compacted");
+    assert!(m.first_log_index.0 > 10, "the log was purged behind the snapshot");
+    c.router.heal();
+    let idx = c.raft(leader).ensure_linearizable(ReadMode::ReadIndex).await.expect("read");
+    let lm = c.applied(lagging, idx.0).await;
+    assert!(lm.snapshot.is_some(), "caught up by installing a snapshot");
+    assert_eq!(c.nodes[&lagging].sm.data(), c.nodes[&leader].sm.data());
+    assert_eq!(c.nodes[&lagging].sm.get("k59").as_deref(), Some("v59"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_storage_failure_stops_the_group_loudly() {
+    let c = TestCluster::formed(&[1, 2, 3], config()).await;
+    let leader = c.leader().await;
+    c.nodes[&leader].log.set_fail_writes(true);
+    let err = c.put(leader, "a", "b").await.expect_err("cannot commit");
+    assert!(matches!(err, RaftError::Fatal(Fatal::Storage(_))), "{err:?}");
+    let m = c.raft(leader).wait_for(WAIT, |m| m.stopped.is_some()).await.expect("metrics say stopped");
+    assert!(matches!(m.stopped, Some(Fatal::Storage(_))), "{m:?}");
+    let err = c.raft(leader).read_index(ReadMode::ReadIndex).await.expect_err("stopped");
+    assert!(matches!(err, RaftError::Fatal(Fatal::Storage(_))), "later calls report why: {err:?}");
+    // The others elect a new leader and go on.
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|i| *i != leader).collect();
+    c.router.isolate(NodeId(leader));
+    let m = c.raft(others[0]).wait_for(WAIT, |m| m.leader.is_some() && m.leader != Some(NodeId(leader))).await;
+    let new = m.expect("new leader").leader.expect("checked").0;
+    c.put(new, "c", "d").await.expect("the rest goes on");
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_after_shutdown_fail_with_fatal() {
+    let c = TestCluster::formed(&[1], config()).await;
+    c.put(1, "a", "b").await.expect("single node commits alone");
+    c.raft(1).shutdown().await;
+    let err = c.put(1, "a", "c").await.expect_err("stopped");
+    assert_eq!(err, RaftError::Fatal(Fatal::Shutdown));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_minority_partition_cannot_commit_and_its_writes_time_out() {
+    let c = TestCluster::formed(&[1, 2, 3], config()).await;
+    let leader = c.leader().await;
+    c.put(leader, "a", "1").await.expect("write");
+    for id in [1, 2, 3] {
+        if id != leader {
+            c.router.isolate(NodeId(id));
+        }
+    }
+    // Alone, the leader cannot commit; check-quorum makes it step down, so the write fails
+    // (unknown outcome as far as the client knows).
+    let err = c.put(leader, "b", "2").await.expect_err("no quorum");
+    assert!(matches!(err, RaftError::Timeout | RaftError::NotLeader { .. } | RaftError::Dropped { .. }), "{err:?}");
+    c.raft(leader).wait_for(WAIT, |m| m.role != Role::Leader).await.expect("stepped down");
+}
