@@ -15,8 +15,9 @@ const WAIT: Duration = Duration::from_secs(10);
 
 async fn start(router: &MemRouter, id: u64, sms: &mut BTreeMap<u64, MemStateMachine>) -> anyhow::Result<Raft> {
     let sm = MemStateMachine::new();
-    let raft =
-        Raft::start(NodeId(id), GroupId(1), Config::fast(), MemLogStorage::new(), sm.clone(), router.network()).await?;
+    // Short timers for a local demo; keep only two entries behind a snapshot so compaction shows.
+    let config = Config { log_keep_entries_after_snapshot: 2, ..Config::fast() };
+    let raft = Raft::start(NodeId(id), GroupId(1), config, MemLogStorage::new(), sm.clone(), router.network()).await?;
     router.register(raft.clone());
     sms.insert(id, sm);
     Ok(raft)
