@@ -248,6 +248,9 @@ struct LeaderState {
     heartbeat_at: Millis,
     check_quorum_at: Millis,
     transfer: Option<Transfer>,
+    /// A `TimeoutNow` went out this term: the target may win an election that ignores
+    /// followers' leases at any time from now on, so this leader's lease is void for good.
+    lease_void: bool,
 }
 
 /// Bound on the history of heartbeat rounds kept for lease reads.
@@ -494,9 +497,13 @@ impl Engine {
     }
 
     /// Appends client commands to the log (leader only). Returns the index of the first.
+    /// An empty `commands` appends nothing.
     pub fn propose(&mut self, now: Millis, commands: Vec<Bytes>) -> Result<LogIndex, RaftError> {
         self.check_can_propose()?;
         let first = self.log.last_index().next();
+        if commands.is_empty() {
+            return Ok(first);
+        }
         let term = self.vote.term;
         let entries = commands
             .into_iter()
@@ -633,7 +640,7 @@ impl Engine {
     /// that rule).
     fn lease_valid(&self, now: Millis) -> bool {
         let Some(l) = &self.leader_state else { return false };
-        if !self.config.lease_read || l.transfer.is_some() || self.committed < l.noop_index {
+        if !self.config.lease_read || l.transfer.is_some() || l.lease_void || self.committed < l.noop_index {
             return false;
         }
         if self.is_single_voter() {
@@ -1023,6 +1030,7 @@ impl Engine {
             heartbeat_at: now.add_ms(self.config.heartbeat_interval_ms),
             check_quorum_at: now.add_ms(self.config.election_timeout_ms_min),
             transfer: None,
+            lease_void: false,
         }));
         let log_id = LogId { term: self.vote.term, index: next };
         self.leader_append(now, vec![Entry { log_id, payload: EntryPayload::Blank }]);
@@ -1302,6 +1310,7 @@ impl Engine {
             return;
         }
         t.timeout_now_sent = true;
+        l.lease_void = true;
         let target = t.target;
         self.actions.push_back(Action::Send(Message {
             from: self.id,

@@ -910,3 +910,24 @@ fn snapshot_is_streamed_in_chunks_and_resumes_after_a_lost_chunk() {
     assert_eq!(c.applied_data(3), vec!["after".to_string()]);
     assert_eq!(c.engine(3).last_log_id(), c.engine(1).last_log_id());
 }
+
+#[test]
+fn a_leader_that_sent_timeout_now_never_serves_lease_reads_again_in_its_term() {
+    // The target may win an election that ignores leases even after the transfer timed out
+    // at the leader (e.g. TimeoutNow was delayed), so the lease must stay void.
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.settle(1);
+    let now = c.now;
+    c.node(1).engine.transfer_leader(now, n(2)).unwrap();
+    // TimeoutNow goes out (the target is caught up) but is lost.
+    let out = c.take_outbox(1);
+    assert!(out.iter().any(|m| m.body == MessageBody::TimeoutNow));
+    // The transfer times out; heartbeats keep flowing.
+    c.settle(12);
+    assert_eq!(c.engine(1).role(), Role::Leader);
+    let now = c.now;
+    c.node(1).engine.read(now, 9, ReadMode::Lease);
+    let out = c.take_outbox(1);
+    assert!(c.nodes[&n(1)].reads.is_empty(), "no lease read without a round trip");
+    assert!(out.iter().any(|m| matches!(m.body, MessageBody::Heartbeat { .. })), "falls back to ReadIndex");
+}
