@@ -1,0 +1,220 @@
+//! Implementing storage: the [`LogStorage`] and [`StateMachine`] contracts, and how to test an
+//! implementation against them.
+//!
+//! Raft's guarantees hold only if storage keeps its promises. Most of what follows is about
+//! *when* a call may return and *what must be true* once it has; getting this wrong does not
+//! show up in normal operation, only after a crash, as lost or diverging data.
+//!
+//! # `LogStorage`: the log and the vote
+//!
+//! A [`LogStorage`] holds one group's log entries, the id of the last purged entry, and the
+//! vote ([`Vote`]: the current term and whom this node voted for in it). It must be
+//! `Send + Sync`: the driver shares it between two tasks, the log writer (all writes, and reads
+//! of entries for lagging followers) and the applier (reads of committed entries no longer in
+//! memory), so a read may run while a write is in progress.
+//!
+//! ## The durability contract, point by point
+//!
+//! 1. **Durable before returning.** [`save_vote`](crate::LogStorage::save_vote),
+//!    [`append`](crate::LogStorage::append), [`truncate_from`](crate::LogStorage::truncate_from) and
+//!    [`purge_up_to`](crate::LogStorage::purge_up_to) return `Ok` only once their effect survives a
+//!    crash of the process and of the machine: after the `fsync` (or equivalent), not after
+//!    handing the data to the OS.
+//! 2. **In call order.** Writes take effect in the order they are called. The driver calls
+//!    them one at a time per group, each after the previous one returned, and merges
+//!    consecutive appends into one `append` call (one sync for many entries). A store shared
+//!    by many groups may commit the writes of several groups with one sync, as long as each
+//!    call still returns only after the sync that covers it.
+//! 3. **Nothing counts before `Ok`.** Raft answers a vote request, acknowledges entries to
+//!    the leader, and (on the leader) counts its own copy of an entry toward the commit
+//!    quorum only after the call that wrote it returned `Ok`. That is why returning early is a
+//!    safety bug and not merely a durability one: a node that voted, crashed and forgot its
+//!    vote can vote again in the same term and help elect a second leader; an entry a majority
+//!    acknowledged but that some of them lost in a crash can be overwritten after it was
+//!    reported committed.
+//! 4. **An error stops the group.** Any `Err` makes the group stop with
+//!    [`Fatal::Storage`](crate::Fatal::Storage): the driver does not retry and does not
+//!    continue on a log it cannot trust. If a failure is worth retrying (a transient I/O
+//!    error), retry inside your implementation before returning.
+//!
+//! Reads must see every write that returned. [`read_entries`](crate::LogStorage::read_entries)
+//! returns entries exactly as they were appended, or an error: data that fails a checksum is
+//! an error, never something to return.
+//!
+//! ## Method by method
+//!
+//! - [`read_vote`](crate::LogStorage::read_vote) / [`save_vote`](crate::LogStorage::save_vote): the last
+//!   saved vote replaces the previous one; `None` on a store that never saved one.
+//! - [`log_state`](crate::LogStorage::log_state): the id of the last purged entry (`None` if nothing
+//!   was ever purged) and the id of the last entry. When the log holds no entry, `last` is
+//!   `None` even if entries were purged; the last log id is then the last purged one. Read at
+//!   start-up.
+//! - [`read_entries(from, to, bytes_max)`](crate::LogStorage::read_entries): entries `from..=to` in
+//!   order. Stop early when the next entry would take the total of
+//!   [`Entry::size_bytes`](crate::Entry::size_bytes) past `bytes_max`, but always return at
+//!   least one entry, so a single large entry still gets through. Any index in the range that
+//!   was purged or lies past the last entry is an error.
+//! - [`append(entries)`](crate::LogStorage::append): the first entry directly follows the current
+//!   last entry (or, with an empty log, the last purged one). Raft never leaves a gap and
+//!   removes conflicting entries with `truncate_from` first; terms never decrease along the
+//!   log. An empty `append` must succeed and change nothing.
+//! - [`truncate_from(index)`](crate::LogStorage::truncate_from): deletes `index` and everything
+//!   after it. Used when a follower's uncommitted tail disagrees with its leader's log, and
+//!   when an installed snapshot disagrees with the log; never reaches purged entries.
+//! - [`purge_up_to(log_id)`](crate::LogStorage::purge_up_to): deletes entries up to and including
+//!   `log_id.index` and records `log_id` as the last purged id. `log_id.index` may lie past the
+//!   last entry: that happens after installing a snapshot from the leader, and the log is then
+//!   empty and continues right after `log_id`.
+//! - [`save_committed`](crate::LogStorage::save_committed) /
+//!   [`read_committed`](crate::LogStorage::read_committed): optional, with defaults that store
+//!   nothing. At start-up the driver reads `read_committed` so that a node could apply up to
+//!   that index without waiting for a leader. The Tokio driver does not call `save_committed`
+//!   at present (and the [`Engine`](crate::Engine) has no action for it), so implementing the
+//!   pair has no effect yet.
+//!
+//! # `StateMachine`: applying the log
+//!
+//! A [`StateMachine`] is owned by one task (the applier), which calls it with `&mut self`, one
+//! call at a time.
+//!
+//! 1. **Committed entries, in order, once.** [`apply`](crate::StateMachine::apply) receives
+//!    committed entries in log order with no gap, each exactly once in the life of the
+//!    process. After a restart the driver applies again every entry after
+//!    [`applied_state`](crate::StateMachine::applied_state)`().last_applied`. So **store the applied
+//!    index atomically with the effects of the entries** (in the same transaction or write
+//!    batch): if the data were written and the index not, or the reverse, a crash between the
+//!    two would make the node apply an entry twice or skip it, and its state would diverge
+//!    from the other nodes'.
+//! 2. **One response per entry.** `apply` returns one [`Bytes`](bytes::Bytes) per entry,
+//!    including an empty one for each [`Blank`](crate::EntryPayload::Blank) and
+//!    [`Membership`](crate::EntryPayload::Membership) entry. The response of a command
+//!    reaches the client that proposed it, as [`WriteResponse::data`](crate::WriteResponse::data),
+//!    on the node where it was proposed. A different count stops the group.
+//! 3. **Deterministic.** Every node applies the same entries and must end in the same state:
+//!    do not read the clock, a random number or local settings in `apply`. If a command needs
+//!    a time or a random value, the proposer puts it in the command.
+//! 4. **Application errors are responses.** A command that fails by the application's rules
+//!    (malformed, a failed compare-and-swap) is answered through its response. `Err` means the
+//!    state machine itself failed and stops the group; since every node applies the same
+//!    entries, a command that deterministically returns `Err` would stop every node.
+//! 5. **Remember the configuration.** When applying a
+//!    [`Membership`](crate::EntryPayload::Membership) entry, record it (with the entry's id) as
+//!    the applied configuration, atomically with the applied index, and report it from
+//!    `applied_state`. At start-up the driver rebuilds the configuration from it plus the
+//!    configuration entries in the log after `last_applied`; entries before that may have been
+//!    purged, so this is the only record of them.
+//! 6. **Snapshots.** [`build_snapshot`](crate::StateMachine::build_snapshot) captures the state at
+//!    the last applied entry and keeps it as the current snapshot. Its [`SnapshotMeta`] holds
+//!    the last applied id, the applied configuration, a `snapshot_id` unique among the
+//!    snapshots this node builds (a counter will do), and `size_bytes`, the length of the
+//!    data. [`install_snapshot`](crate::StateMachine::install_snapshot) replaces the whole state
+//!    with a snapshot's, sets the applied index and configuration to the snapshot's, and keeps
+//!    it as the current snapshot; make it atomic, so a crash leaves the old state or the new
+//!    one. [`current_snapshot`](crate::StateMachine::current_snapshot) returns the last built or
+//!    installed snapshot; it is read at start-up, so keep it across restarts if you can
+//!    (otherwise the node builds a new one the first time it needs one).
+//! 7. **An error stops the group**, as for the log.
+//!
+//! Building runs on the applier task, so nothing is applied until it returns: build from a
+//! point-in-time view of your store (a checkpoint, a read snapshot) rather than by copying
+//! under a lock. The driver holds the current snapshot's data in memory to send it, see
+//! [`snapshots_and_compaction`](super::snapshots_and_compaction).
+//!
+//! ## A state machine kept only in memory
+//!
+//! If the state machine does not persist its state, every restart applies the log again from
+//! `last_applied`. Once the log has been compacted, the entries from index 1 are gone, and
+//! the group would stop on the first attempt to read them. Such a state machine must, when it
+//! is created, load its latest snapshot and report the snapshot's last log id from
+//! `applied_state` (and the snapshot's configuration), so that applying resumes after it.
+//!
+//! # Testing an implementation: the conformance suites
+//!
+//! With the `testing` feature, [`testing::log_storage_suite`](crate::testing::log_storage_suite)
+//! and [`testing::state_machine_suite`](crate::testing::state_machine_suite) run the checks
+//! behind the contracts above against any implementation: round trips of the vote, append
+//! and read back, the `bytes_max` rule, reads outside the log, truncation, purging inside and
+//! past the end of the log, appends that do not continue the log; one response per entry,
+//! the applied state and configuration, snapshots that describe the applied state and
+//! round-trip into a fresh machine, installing over a more advanced state. Each check gets a
+//! fresh, empty store from the closure you pass, and the suite panics naming the first check
+//! that fails.
+//!
+//! Add the feature to your dev-dependencies
+//! (`flotilla-raft = { workspace = true, features = ["testing"] }`) and call the suites from a
+//! test. For an on-disk store, give each check its own directory:
+//!
+//! ```rust,ignore
+//! #[tokio::test]
+//! async fn my_log_passes_the_conformance_suite() {
+//!     let dir = tempfile::tempdir().unwrap();
+//!     let mut n = 0;
+//!     log_storage_suite(|| {
+//!         n += 1;
+//!         let path = dir.path().join(format!("check-{n}"));
+//!         async move { MyLog::open(&path).await.unwrap() }
+//!     })
+//!     .await;
+//! }
+//! ```
+//!
+//! A complete, compiled version, with a `LogStorage` that forwards to the in-memory one to
+//! show the shape of an implementation:
+//!
+//! ```rust
+//! # #[cfg(feature = "testing")]
+//! # fn main() {
+//! use flotilla_raft::testing::{log_storage_suite, state_machine_suite, MemLogStorage, MemStateMachine};
+//! use flotilla_raft::{Entry, LogId, LogIndex, LogState, LogStorage, StorageError, Vote};
+//!
+//! /// Stands in for your store.
+//! struct MyLog {
+//!     inner: MemLogStorage,
+//! }
+//!
+//! impl LogStorage for MyLog {
+//!     async fn read_vote(&self) -> Result<Option<Vote>, StorageError> {
+//!         self.inner.read_vote().await
+//!     }
+//!     async fn save_vote(&self, vote: &Vote) -> Result<(), StorageError> {
+//!         self.inner.save_vote(vote).await
+//!     }
+//!     async fn log_state(&self) -> Result<LogState, StorageError> {
+//!         self.inner.log_state().await
+//!     }
+//!     async fn read_entries(&self, from: LogIndex, to: LogIndex, bytes_max: usize) -> Result<Vec<Entry>, StorageError> {
+//!         self.inner.read_entries(from, to, bytes_max).await
+//!     }
+//!     async fn append(&self, entries: Vec<Entry>) -> Result<(), StorageError> {
+//!         self.inner.append(entries).await
+//!     }
+//!     async fn truncate_from(&self, index: LogIndex) -> Result<(), StorageError> {
+//!         self.inner.truncate_from(index).await
+//!     }
+//!     async fn purge_up_to(&self, log_id: LogId) -> Result<(), StorageError> {
+//!         self.inner.purge_up_to(log_id).await
+//!     }
+//!     // save_committed / read_committed keep their default (store nothing).
+//! }
+//!
+//! let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+//! runtime.block_on(async {
+//!     log_storage_suite(|| async { MyLog { inner: MemLogStorage::new() } }).await;
+//!     state_machine_suite(|| async { MemStateMachine::new() }).await;
+//! });
+//! # }
+//! # #[cfg(not(feature = "testing"))]
+//! # fn main() {}
+//! ```
+//!
+//! The suites check behaviour one call at a time on a live store. They cannot check that
+//! writes survive a crash, or that the applied index and the data are written atomically:
+//! test those with your store's own crash tests (for example, by killing a process during
+//! writes and checking what it recovers).
+//!
+//! [`LogStorage`]: crate::LogStorage
+//! [`StateMachine`]: crate::StateMachine
+//! [`Vote`]: crate::Vote
+//! [`SnapshotMeta`]: crate::SnapshotMeta
+// Links into `crate::testing` resolve only when the `testing` feature is on.
+#![cfg_attr(not(feature = "testing"), allow(rustdoc::broken_intra_doc_links))]
