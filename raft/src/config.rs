@@ -52,6 +52,9 @@ pub struct Config {
     /// The Tokio driver answers an API call that got no answer within this long with
     /// `RaftError::Timeout`.
     pub api_timeout_ms: u64,
+    /// Engine bugs switched on for the simulator's self-test (feature `sim-bugs` only).
+    #[cfg(feature = "sim-bugs")]
+    pub bugs: crate::testing::sim::InjectedBugs,
 }
 
 impl Default for Config {
@@ -75,6 +78,8 @@ impl Default for Config {
             lease_clock_drift_ms: 100,
             transfer_timeout_ms: 2000,
             api_timeout_ms: 5000,
+            #[cfg(feature = "sim-bugs")]
+            bugs: Default::default(),
         }
     }
 }

@@ -169,6 +169,19 @@ impl MembershipLog {
         }
     }
 
+    /// Whether `id` votes in any configuration that may still be in force: the latest one known
+    /// committed or any later one. A node removed by an entry not yet known committed must
+    /// still campaign, or a cluster whose most up-to-date log is on that node can deadlock.
+    pub(crate) fn is_voter_in_any(&self, id: NodeId) -> bool {
+        self.items.iter().any(|m| m.membership.is_voter(id))
+    }
+
+    /// Every node of every configuration that may still be in force: the leader keeps
+    /// replicating to a removed node until its removal is committed, so it learns of it.
+    pub(crate) fn nodes_in_any(&self) -> BTreeSet<NodeId> {
+        self.items.iter().flat_map(|m| m.membership.nodes()).collect()
+    }
+
     /// Drops configurations made irrelevant by the commit index advancing.
     pub(crate) fn compact(&mut self, committed: LogIndex) {
         while self.items.len() > 1 && self.items[1].log_id.index <= committed {

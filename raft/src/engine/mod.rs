@@ -253,6 +253,16 @@ struct LeaderState {
     lease_void: bool,
 }
 
+/// Protocol bugs the simulator can switch on (feature `sim-bugs`); all off otherwise, and then
+/// compiled away.
+#[derive(Clone, Copy, Default)]
+struct Bugs {
+    commit_old_term: bool,
+    vote_without_log_check: bool,
+    read_without_read_index: bool,
+    ack_before_durable: bool,
+}
+
 /// Bound on the history of heartbeat rounds kept for lease reads.
 const ROUNDS_KEPT_MAX: usize = 64;
 
@@ -477,6 +487,22 @@ impl Engine {
         self.memberships.effective()
     }
 
+    #[inline]
+    fn bugs(&self) -> Bugs {
+        #[cfg(feature = "sim-bugs")]
+        {
+            let b = self.config.bugs;
+            Bugs {
+                commit_old_term: b.commit_old_term_by_count,
+                vote_without_log_check: b.vote_without_log_check,
+                read_without_read_index: b.read_without_read_index,
+                ack_before_durable: b.ack_before_durable,
+            }
+        }
+        #[cfg(not(feature = "sim-bugs"))]
+        Bugs::default()
+    }
+
     // ----- API requests ------------------------------------------------------------------
 
     /// Forms a new cluster with `membership` as its first configuration. Call on one node, or
@@ -610,6 +636,7 @@ impl Engine {
     pub fn read(&mut self, now: Millis, id: u64, mode: ReadMode) {
         let single = self.is_single_voter();
         let lease_ok = mode == ReadMode::Lease && self.lease_valid(now);
+        let unchecked = self.bugs().read_without_read_index;
         let committed = self.committed;
         let Some(l) = &mut self.leader_state else {
             self.actions.push_back(Action::ReadFailed { id, error: RaftError::NotLeader { leader: self.leader } });
@@ -619,7 +646,7 @@ impl Engine {
             l.reads_before_noop.push((id, mode));
             return;
         }
-        if single || lease_ok {
+        if single || lease_ok || unchecked {
             self.actions.push_back(Action::ReadReady { id, index: committed });
             return;
         }
@@ -678,7 +705,7 @@ impl Engine {
     }
 
     fn can_campaign(&self) -> bool {
-        self.effective().membership.is_voter(self.id)
+        self.memberships.is_voter_in_any(self.id)
     }
 
     fn leader_tick(&mut self, now: Millis) {
@@ -711,6 +738,7 @@ impl Engine {
             }
         }
         if hb_due {
+            self.sync_progress_with_membership(now);
             let l = self.leader_state.as_mut().expect("leader");
             l.heartbeat_at = now.add_ms(self.config.heartbeat_interval_ms);
             l.round_needed = true;
@@ -958,7 +986,7 @@ impl Engine {
 
     fn on_vote(&mut self, now: Millis, from: NodeId, last_log_id: LogId) {
         let can_vote = self.vote.voted_for == Some(from) || (self.vote.voted_for.is_none() && self.leader.is_none());
-        let up_to_date = last_log_id >= self.log.last_id();
+        let up_to_date = last_log_id >= self.log.last_id() || self.bugs().vote_without_log_check;
         if !(can_vote && up_to_date) {
             debug!(node = %self.id, term = %self.vote.term, %from, can_vote, up_to_date, "vote refused");
             self.send(from, MessageBody::VoteResp { granted: false });
@@ -1012,9 +1040,8 @@ impl Engine {
         self.granted.clear();
         let next = self.log.last_index().next();
         let progress = self
-            .effective()
-            .membership
-            .nodes()
+            .memberships
+            .nodes_in_any()
             .into_iter()
             .filter(|id| *id != self.id)
             .map(|id| (id, Progress::new(next, now)))
@@ -1073,9 +1100,9 @@ impl Engine {
         }
     }
 
-    /// Adds progress for new members and drops it for nodes no longer in the configuration.
+    /// Adds progress for new members and drops it for nodes whose removal is committed.
     fn sync_progress_with_membership(&mut self, now: Millis) {
-        let nodes = self.effective().membership.nodes();
+        let nodes = self.memberships.nodes_in_any();
         let next = self.log.last_index();
         let Some(l) = &mut self.leader_state else { return };
         l.progress.retain(|id, _| nodes.contains(id));
@@ -1324,7 +1351,7 @@ impl Engine {
     /// current term (Raft §5.4.2: earlier terms' entries commit only indirectly).
     fn maybe_commit(&mut self, now: Millis) {
         let Some(l) = &self.leader_state else { return };
-        let own = self.persisted.index;
+        let own = if self.bugs().ack_before_durable { self.log.last_index() } else { self.persisted.index };
         let id = self.id;
         let quorum = self.effective().membership.quorum_value(|n| {
             if n == id {
@@ -1336,7 +1363,7 @@ impl Engine {
         if quorum <= self.committed {
             return;
         }
-        if self.log.term_at(quorum) != Some(self.vote.term) {
+        if self.log.term_at(quorum) != Some(self.vote.term) && !self.bugs().commit_old_term {
             return;
         }
         self.committed = quorum;
@@ -1473,7 +1500,7 @@ impl Engine {
 
     /// Acknowledges entries up to `matched`, now if durable, else once durable.
     fn ack(&mut self, leader: NodeId, matched: LogIndex) {
-        if self.persisted.index >= matched {
+        if self.persisted.index >= matched || self.bugs().ack_before_durable {
             self.send(leader, MessageBody::AppendResp(AppendResult::Success { matched }));
         } else {
             let term = self.vote.term;

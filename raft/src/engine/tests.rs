@@ -931,3 +931,57 @@ fn a_leader_that_sent_timeout_now_never_serves_lease_reads_again_in_its_term() {
     assert!(c.nodes[&n(1)].reads.is_empty(), "no lease read without a round trip");
     assert!(out.iter().any(|m| matches!(m.body, MessageBody::Heartbeat { .. })), "falls back to ReadIndex");
 }
+
+#[test]
+fn a_node_removed_by_an_uncommitted_configuration_still_campaigns() {
+    // Found by the simulator (seed 1531): node 3 alone held the entry that removes it; the
+    // others needed its vote (their configuration is still joint) and it refused them for
+    // having a shorter log, while it never campaigned itself: no leader, ever.
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.nodes.insert(n(4), TestNode::new(4, &cfg(), 4));
+    let now = c.now;
+    c.node(1).engine.add_learner(now, n(4)).unwrap();
+    c.stabilize();
+    let now = c.now;
+    c.node(1).engine.change_membership(now, voters(&[1, 2, 4])).unwrap();
+    // Let the joint entry commit everywhere, but the final entry reach only node 3.
+    let mut final_seen = false;
+    for _ in 0..100 {
+        let mut msgs = Vec::new();
+        for node in c.nodes.values_mut() {
+            node.run(c.now);
+            msgs.append(&mut node.outbox);
+        }
+        if msgs.is_empty() {
+            break;
+        }
+        for m in msgs {
+            let carries_final = matches!(&m.body, MessageBody::Append { entries, .. }
+                if entries.iter().any(|e| e.membership().is_some_and(|m| !m.is_joint() && m.voters.len() == 3 && !m.voters.contains(&n(3)))));
+            if carries_final {
+                final_seen = true;
+                if m.to != n(3) {
+                    continue;
+                }
+            }
+            if final_seen && m.from == n(1) && m.to != n(3) {
+                continue;
+            }
+            c.deliver(m);
+        }
+    }
+    assert!(final_seen);
+    assert!(!c.engine(3).membership().membership.is_voter(n(3)), "node 3 holds its removal");
+    assert!(c.engine(2).membership().membership.is_joint(), "node 2 does not");
+    // The leader dies. Node 3 must campaign: it is a voter of the joint configuration, which
+    // is the last one it knows to be committed.
+    c.nodes.remove(&n(1));
+    c.now = c.now.add_ms(1000);
+    let now = c.now;
+    c.node(3).engine.handle_timeout(now);
+    let out = c.take_outbox(3);
+    assert!(
+        out.iter().any(|m| matches!(m.body, MessageBody::PreVote { .. } | MessageBody::Vote { .. })),
+        "node 3 campaigns: {out:?}"
+    );
+}

@@ -251,23 +251,29 @@ struct SmInner {
 
 impl SmInner {
     fn apply_command(&mut self, payload: &[u8]) -> KvResponse {
-        let Ok(cmd) = KvCommand::decode(payload) else {
-            return KvResponse { previous: None, ok: false };
-        };
-        match cmd {
-            KvCommand::Put { key, value } => KvResponse { previous: self.data.insert(key, value), ok: true },
-            KvCommand::Delete { key } => KvResponse { previous: self.data.remove(&key), ok: true },
-            KvCommand::Cas { key, expected, new } => {
-                let previous = self.data.get(&key).cloned();
-                let ok = previous == expected;
-                if ok {
-                    match new {
-                        Some(v) => self.data.insert(key, v),
-                        None => self.data.remove(&key),
-                    };
-                }
-                KvResponse { previous, ok }
+        apply_kv(&mut self.data, payload)
+    }
+}
+
+/// Applies one encoded [`KvCommand`] to `data` (a payload that does not decode changes
+/// nothing and answers `ok: false`). Shared by [`MemStateMachine`] and the simulator.
+pub fn apply_kv(data: &mut BTreeMap<String, String>, payload: &[u8]) -> KvResponse {
+    let Ok(cmd) = KvCommand::decode(payload) else {
+        return KvResponse { previous: None, ok: false };
+    };
+    match cmd {
+        KvCommand::Put { key, value } => KvResponse { previous: data.insert(key, value), ok: true },
+        KvCommand::Delete { key } => KvResponse { previous: data.remove(&key), ok: true },
+        KvCommand::Cas { key, expected, new } => {
+            let previous = data.get(&key).cloned();
+            let ok = previous == expected;
+            if ok {
+                match new {
+                    Some(v) => data.insert(key, v),
+                    None => data.remove(&key),
+                };
             }
+            KvResponse { previous, ok }
         }
     }
 }

@@ -12,10 +12,12 @@
 
 pub mod conformance;
 pub mod kv;
+pub mod linearizability;
 pub mod mem_log;
 pub mod router;
+pub mod sim;
 
 pub use conformance::{log_storage_suite, state_machine_suite};
-pub use kv::{KvCommand, KvResponse, MemStateMachine};
+pub use kv::{apply_kv, KvCommand, KvResponse, MemStateMachine};
 pub use mem_log::MemLogStorage;
 pub use router::{MemNetwork, MemRouter};
