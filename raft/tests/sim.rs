@@ -54,7 +54,10 @@ fn regression_seeds() {
     // 1531: a node removed by a configuration entry only it held never campaigned, and the
     // others could not win without its vote (engine test:
     // a_node_removed_by_an_uncommitted_configuration_still_campaigns).
-    for seed in [1531] {
+    // 508: a candidate behind on terms was never told the current term (stale vote requests
+    // went unanswered) and could never win (engine test:
+    // a_vote_request_from_an_older_term_is_refused_with_our_term).
+    for seed in [1531, 508] {
         if let Err(f) = run(seed, &SimOptions::default()) {
             panic!("{f}");
         }

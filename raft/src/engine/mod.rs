@@ -817,6 +817,10 @@ impl Engine {
                     self.send(from, MessageBody::HeartbeatResp { round: 0 });
                 }
                 MessageBody::PreVote { .. } => self.send(from, MessageBody::PreVoteResp { granted: false }),
+                // A candidate behind on terms learns ours from the refusal. Ignoring it could
+                // leave the candidate with the most up-to-date log forever one step behind
+                // the terms of candidates that cannot win (found by the simulator, seed 508).
+                MessageBody::Vote { .. } => self.send(from, MessageBody::VoteResp { granted: false }),
                 _ => {}
             }
             return;
@@ -971,7 +975,8 @@ impl Engine {
 
     fn on_pre_vote(&mut self, now: Millis, from: NodeId, term: Term, last_log_id: LogId) {
         // `term` is the candidate's next term; our own is lower or equal.
-        let grant = term > self.vote.term && !self.in_lease(now) && last_log_id >= self.log.last_id();
+        let up_to_date = last_log_id >= self.log.last_id() || self.bugs().vote_without_log_check;
+        let grant = term > self.vote.term && !self.in_lease(now) && up_to_date;
         debug!(node = %self.id, term = %self.vote.term, %from, grant, "pre-vote request");
         self.send_at(from, if grant { term } else { self.vote.term }, MessageBody::PreVoteResp { granted: grant });
     }

@@ -985,3 +985,22 @@ fn a_node_removed_by_an_uncommitted_configuration_still_campaigns() {
         "node 3 campaigns: {out:?}"
     );
 }
+
+#[test]
+fn a_vote_request_from_an_older_term_is_refused_with_our_term() {
+    // Found by the simulator (seed 508): the candidate with the most up-to-date log never
+    // learned the higher term of a candidate that could not win, and stayed behind forever.
+    let mut c = Cluster::with_leader(&[1, 2, 3], Config { pre_vote: false, ..cfg() });
+    let now = c.now;
+    let stale = Message {
+        from: n(3),
+        to: n(2),
+        term: Term(0),
+        body: MessageBody::Vote { last_log_id: LogId::new(9, 99), transfer: false },
+    };
+    c.node(2).engine.handle_message(now, stale);
+    let out = c.take_outbox(2);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].body, MessageBody::VoteResp { granted: false });
+    assert_eq!(out[0].term, c.engine(2).term());
+}

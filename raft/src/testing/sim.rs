@@ -371,6 +371,8 @@ struct Sim {
     pending_writes: HashMap<(NodeId, LogIndex), (usize, Term)>,
     /// Every entry any node applied: index -> (term, payload). State-machine safety.
     applied: BTreeMap<LogIndex, (Term, EntryPayload)>,
+    /// Every entry any leader committed: index -> term. Checked against new leaders' logs.
+    committed: BTreeMap<LogIndex, Term>,
     /// Leader per term.
     leaders: BTreeMap<Term, NodeId>,
     trace: VecDeque<String>,
@@ -402,7 +404,7 @@ impl Sim {
             check_quorum: true,
             inflight_msgs_max: rng.range(1, 9) as usize,
             append_bytes_max: rng.range(100, 4096) as usize,
-            append_entries_max: rng.range(1, 17) as usize,
+            append_entries_max: *rng.pick(&[1usize, 1, 2, 4, 16]).expect("non-empty"),
             entry_cache_bytes_max: *rng.pick(&[0usize, 512, 64 << 10]).expect("non-empty"),
             snapshot_threshold_entries: *rng.pick(&[0u64, 15, 40]).expect("non-empty"),
             log_keep_entries_after_snapshot: rng.range(0, 8),
@@ -472,6 +474,7 @@ impl Sim {
             history: Vec::new(),
             pending_writes: HashMap::new(),
             applied: BTreeMap::new(),
+            committed: BTreeMap::new(),
             leaders: BTreeMap::new(),
             trace: VecDeque::new(),
             report: SimReport { seed, ..Default::default() },
@@ -872,15 +875,60 @@ impl Sim {
             }
             if committed > prev_committed {
                 self.check_commit_quorum(id, committed)?;
+                self.record_committed(id, committed)?;
             }
             self.check_one_change_at_a_time(id)?;
         }
         Ok(())
     }
 
-    /// Leader completeness: a new leader holds every entry any node applied.
+    /// Records the entries a leader just committed; a different entry committed at the same
+    /// index before is a violation.
+    fn record_committed(&mut self, id: NodeId, committed: LogIndex) -> Check {
+        let node = &self.nodes[&id];
+        let from = self
+            .committed
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or_default()
+            .next()
+            .max(node.view.last_purged.index.next());
+        let mut k = from;
+        while k <= committed {
+            let term = node.view.term_at(k).ok_or_else(|| format!("leader {id} committed {k} beyond its log"))?;
+            self.committed.insert(k, term);
+            k = k.next();
+        }
+        // Entries recorded earlier must still be what this leader has.
+        let lo = node.view.last_purged.index.next();
+        if lo > committed {
+            return Ok(());
+        }
+        for (index, term) in self.committed.range(lo..=committed) {
+            if node.view.term_at(*index) != Some(*term) {
+                return Err(format!(
+                    "leader {id} committed {committed} but its entry at {index} differs from the committed term {term}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Leader completeness: a new leader holds every entry committed before, by any leader.
     fn check_leader_completeness(&self, id: NodeId) -> Check {
         let node = &self.nodes[&id];
+        for (index, term) in &self.committed {
+            if *index <= node.view.last_purged.index {
+                continue;
+            }
+            if node.view.term_at(*index) != Some(*term) {
+                return Err(format!(
+                    "leader completeness: node {id} leads without committed entry {term}-{index} (has {:?})",
+                    node.view.term_at(*index)
+                ));
+            }
+        }
         for (index, (term, _)) in &self.applied {
             if *index <= node.view.last_purged.index {
                 continue;
@@ -994,10 +1042,10 @@ impl Sim {
     }
 
     fn nemesis(&mut self) -> Check {
-        if self.faults_on && self.rng.chance(1.0 / 150.0) {
+        if self.faults_on && self.rng.chance(1.0 / 80.0) {
             self.network_fault();
         }
-        if self.faults_on && self.rng.chance(1.0 / 400.0) {
+        if self.faults_on && self.rng.chance(1.0 / 300.0) {
             self.crash()?;
         }
         if self.opts.reconfigure && self.rng.chance(1.0 / 250.0) {
@@ -1153,7 +1201,7 @@ impl Sim {
 
     fn clients_act(&mut self) -> Check {
         for c in 0..self.clients.len() {
-            if self.clients[c].busy.is_some() || !self.rng.chance(0.02) {
+            if self.clients[c].busy.is_some() || !self.rng.chance(0.08) {
                 continue;
             }
             self.client_op(c, None)?;
