@@ -85,7 +85,8 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Timers a hundred times shorter than the default, for tests and local clusters.
+    /// Short timers for tests and local clusters: elections in 150–300 ms (about seven times
+    /// faster than the default), heartbeats every 30 ms.
     pub fn fast() -> Config {
         Config {
             election_timeout_ms_min: 150,

@@ -278,3 +278,25 @@ async fn a_minority_partition_cannot_commit_and_its_writes_time_out() {
     assert!(matches!(err, RaftError::Timeout | RaftError::NotLeader { .. } | RaftError::Dropped { .. }), "{err:?}");
     c.raft(leader).wait_for(WAIT, |m| m.role != Role::Leader).await.expect("stepped down");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_node_applies_what_it_knew_committed_without_a_leader() {
+    let mut c = TestCluster::formed(&[1, 2, 3], config()).await;
+    let leader = c.leader().await;
+    for i in 0..5 {
+        c.put(leader, &format!("k{i}"), "v").await.expect("write");
+    }
+    let follower = [1, 2, 3].into_iter().find(|i| *i != leader).expect("a follower");
+    let idx = c.raft(leader).ensure_linearizable(ReadMode::ReadIndex).await.expect("read");
+    c.applied(follower, idx.0).await;
+    // Stop everything; restart the follower alone, with a fresh (empty) state machine: it
+    // re-applies the entries it knew committed, with no leader to tell it.
+    for id in [1, 2, 3] {
+        c.router.unregister(NodeId(id));
+        c.raft(id).shutdown().await;
+    }
+    let log = c.nodes[&follower].log.clone();
+    c.start(follower, log, MemStateMachine::new()).await;
+    c.applied(follower, idx.0).await;
+    assert_eq!(c.nodes[&follower].sm.get("k4").as_deref(), Some("v"));
+}

@@ -28,8 +28,8 @@ use tracing::{error, info_span, warn, Instrument};
 
 pub use recover::recover_state;
 
-/// Messages from peers queued for one group before the oldest are dropped (Raft tolerates
-/// loss; a full queue means the group is overloaded).
+/// Messages from peers queued for one group; when it is full, arriving messages are dropped
+/// (Raft tolerates loss; a full queue means the group is overloaded).
 pub const INBOX_MSGS_MAX: usize = 4096;
 /// API requests queued for one group; callers wait for room.
 const API_QUEUE_MAX: usize = 1024;
@@ -180,6 +180,7 @@ impl Raft {
             change_waits: Vec::new(),
             transfer_waits: Vec::new(),
             metrics: metrics_tx,
+            committed_saved: LogIndex(0),
             fatal: None,
         };
         let task = tokio::spawn(core.run(api_rx, inbox_rx, io_ev_rx, ap_ev_rx).instrument(span));
@@ -284,7 +285,8 @@ impl Raft {
 
     /// Changes the voters to exactly `voters`, by joint consensus; answers once the final
     /// configuration is committed. Add new voters as learners first and let them catch up, or
-    /// the group may be unavailable until they do.
+    /// the group may be unavailable until they do. A `Timeout` does not cancel the change:
+    /// it goes on in the group (watch `metrics().committed_membership`).
     pub async fn change_membership(&self, voters: BTreeSet<NodeId>) -> Result<LogIndex, RaftError> {
         self.call(|tx| Api::ChangeMembership(voters, tx)).await
     }
@@ -294,7 +296,8 @@ impl Raft {
         self.call(|tx| Api::TransferLeader(target, tx)).await
     }
 
-    /// Builds a snapshot now (and compacts the log behind it).
+    /// Asks for a snapshot to be built now (the log is then compacted behind it). Returns once
+    /// the request is queued; watch `metrics().snapshot` to see it done.
     pub async fn trigger_snapshot(&self) -> Result<(), RaftError> {
         self.shared.api.send(Api::TriggerSnapshot).await.map_err(|_| RaftError::Fatal(Fatal::Shutdown))
     }
@@ -351,7 +354,14 @@ fn seed_from_entropy(id: NodeId, group: GroupId) -> u64 {
 
 enum IoReq {
     Write(Action),
-    Load { peer: NodeId, from: LogIndex, to: LogIndex, bytes_max: usize },
+    /// Record the commit index (not a durability point: no completion is reported).
+    SaveCommitted(LogIndex),
+    Load {
+        peer: NodeId,
+        from: LogIndex,
+        to: LogIndex,
+        bytes_max: usize,
+    },
 }
 
 enum IoEvent {
@@ -417,6 +427,7 @@ async fn write_batch<L: LogStorage>(
                 done = Some(io);
             }
             IoReq::Write(other) => unreachable!("not a write: {other:?}"),
+            IoReq::SaveCommitted(index) => log.save_committed(index).await?,
             IoReq::Load { peer, from, to, bytes_max } => {
                 let entries = log.read_entries(from, to, bytes_max).await?;
                 let _ = tx.send(IoEvent::Loaded(peer, entries));
@@ -542,6 +553,8 @@ struct Core<N: Network> {
     change_waits: Vec<(LogIndex, oneshot::Sender<Result<LogIndex, RaftError>>)>,
     transfer_waits: Vec<(NodeId, oneshot::Sender<Result<(), RaftError>>)>,
     metrics: watch::Sender<RaftMetrics>,
+    /// The commit index last handed to `save_committed`.
+    committed_saved: LogIndex,
     fatal: Option<Fatal>,
 }
 
@@ -594,7 +607,22 @@ impl<N: Network> Core<N> {
                         shutdown_reply = Some(reply);
                         self.fatal = Some(Fatal::Shutdown);
                     }
-                    Some(req) => self.on_api(req),
+                    Some(req) => {
+                        self.on_api(req);
+                        // Take what else is queued: reads arriving together share one
+                        // heartbeat round, writes one append.
+                        for _ in 1..EVENTS_PER_ROUND_MAX {
+                            match api.try_recv() {
+                                Ok(Api::Shutdown(reply)) => {
+                                    shutdown_reply = Some(reply);
+                                    self.fatal = Some(Fatal::Shutdown);
+                                    break;
+                                }
+                                Ok(req) => self.on_api(req),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => self.fatal = Some(Fatal::Shutdown),
                 },
                 _ = tokio::time::sleep_until(deadline) => {
@@ -877,6 +905,12 @@ impl<N: Network> Core<N> {
                     }
                 }
             }
+        }
+        // Queued after the writes above, so the entries it covers are durable first.
+        let committed = self.engine.committed();
+        if committed > self.committed_saved {
+            self.committed_saved = committed;
+            let _ = self.io_tx.send(IoReq::SaveCommitted(committed));
         }
         self.check_waits();
     }

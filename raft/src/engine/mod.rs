@@ -239,6 +239,8 @@ struct LeaderState {
     round: u64,
     /// A round must be started at the end of this step (reads are waiting on it).
     round_needed: bool,
+    /// When the pending round was asked for: its start time for the lease.
+    round_requested_at: Millis,
     /// Send time of recent rounds, oldest first (lease reads).
     round_sent_at: VecDeque<(u64, Millis)>,
     /// Reads waiting for their round to be acknowledged by a quorum, by round.
@@ -289,8 +291,9 @@ enum PendingIo {
 /// 1. **Feed every input** with the current time: peer messages (`handle_message`), completed
 ///    writes (`handle_io_done`), applied entries (`handle_applied`), loaded entries, built or
 ///    installed snapshots, and `handle_timeout` whenever `now >= next_deadline()`.
-/// 2. **Drain actions** with [`poll_action`](Self::poll_action) after every input and execute
-///    them **in order**.
+/// 2. **Drain actions** with [`poll_action`](Self::poll_action) and execute them **in order**.
+///    Several inputs may be fed before draining (a driver batching messages does): actions
+///    accumulate in order.
 /// 3. **Writes** (`SaveVote`, `AppendEntries`, `TruncateFrom`, `PurgeUpTo`) may complete
 ///    asynchronously but must become durable in the order issued; report completion with
 ///    `handle_io_done(io)` only once durable (reporting the last of several done is enough).
@@ -339,8 +342,9 @@ pub struct Engine {
 
 impl Engine {
     /// An engine for node `id`, resuming from `state`. `seed` drives the election-timeout
-    /// randomization.
+    /// randomization. `config` must be valid ([`Config::validate`]).
     pub fn new(id: NodeId, config: Arc<Config>, state: InitialState, seed: u64, now: Millis) -> Engine {
+        debug_assert_eq!(config.validate(), Ok(()), "invalid config");
         let log = RaftLog::new(state.last_purged, state.term_points, state.last_log_id);
         let mut memberships = MembershipLog::new(state.applied_membership.clone());
         for m in state.log_memberships {
@@ -461,6 +465,9 @@ impl Engine {
 
     /// The next action to execute, in order.
     pub fn poll_action(&mut self) -> Option<Action> {
+        if let Some(at) = self.leader_state.as_ref().filter(|l| l.round_needed).map(|l| l.round_requested_at) {
+            self.flush_rounds(at);
+        }
         self.actions.pop_front()
     }
 
@@ -512,6 +519,12 @@ impl Engine {
             return Err(RaftError::AlreadyInitialized);
         }
         membership.validate().map_err(RaftError::InvalidMembership)?;
+        if !membership.contains(self.id) {
+            return Err(RaftError::InvalidMembership(format!(
+                "node {} initializes a cluster it is not part of",
+                self.id
+            )));
+        }
         let entry = Entry { log_id: LogId::new(0, 1), payload: EntryPayload::Membership(membership) };
         self.append_local(vec![entry]);
         self.role = if self.effective().membership.is_learner(self.id) { Role::Learner } else { Role::Follower };
@@ -557,6 +570,9 @@ impl Engine {
     pub fn add_learner(&mut self, now: Millis, node: NodeId) -> Result<LogIndex, RaftError> {
         self.check_can_change()?;
         let mut m = self.effective().membership.clone();
+        if m.is_voter(node) {
+            return Err(RaftError::InvalidTarget(node, "already a voter (remove it with change_membership)"));
+        }
         if m.contains(node) {
             return Ok(self.effective().log_id.index);
         }
@@ -651,8 +667,10 @@ impl Engine {
             return;
         }
         l.reads.push_back(PendingRead { id, round: l.round + 1, index: committed });
+        // The round starts when actions are next polled, so reads registered together share
+        // one round of heartbeats.
         l.round_needed = true;
-        self.flush_rounds(now);
+        l.round_requested_at = now;
     }
 
     fn is_single_voter(&self) -> bool {
@@ -1056,6 +1074,7 @@ impl Engine {
             noop_index: next,
             round: 0,
             round_needed: false,
+            round_requested_at: now,
             round_sent_at: VecDeque::new(),
             reads: VecDeque::new(),
             reads_before_noop: Vec::new(),

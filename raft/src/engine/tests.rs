@@ -1004,3 +1004,30 @@ fn a_vote_request_from_an_older_term_is_refused_with_our_term() {
     assert_eq!(out[0].body, MessageBody::VoteResp { granted: false });
     assert_eq!(out[0].term, c.engine(2).term());
 }
+
+#[test]
+fn initialize_refuses_a_membership_without_this_node_and_add_learner_refuses_a_voter() {
+    let mut node = TestNode::new(1, &cfg(), 1);
+    let err = node.engine.initialize(Millis(0), Membership::new([n(2), n(3)])).unwrap_err();
+    assert!(matches!(err, RaftError::InvalidMembership(_)), "{err:?}");
+    assert!(node.engine.is_pristine(), "nothing was written");
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    let now = c.now;
+    assert!(matches!(c.node(1).engine.add_learner(now, n(2)), Err(RaftError::InvalidTarget(..))));
+}
+
+#[test]
+fn reads_registered_together_share_one_heartbeat_round() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    let now = c.now;
+    for id in 0..10 {
+        c.node(1).engine.read(now, id, ReadMode::ReadIndex);
+    }
+    let out = c.take_outbox(1);
+    assert_eq!(kinds(&out), vec![(2, "heartbeat"), (3, "heartbeat")], "one round for ten reads");
+    for m in out {
+        c.deliver(m);
+    }
+    c.stabilize();
+    assert_eq!(c.nodes[&n(1)].reads.len(), 10);
+}
