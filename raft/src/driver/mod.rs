@@ -158,7 +158,8 @@ impl Raft {
         let (io_ev_tx, io_ev_rx) = mpsc::unbounded_channel();
         let (ap_tx, ap_rx) = mpsc::unbounded_channel();
         let (ap_ev_tx, ap_ev_rx) = mpsc::unbounded_channel();
-        let span = info_span!("raft", group = %group, node = %id);
+        // `term` is recorded on the span as it changes, so every event of the group carries it.
+        let span = info_span!("raft", group = %group, node = %id, term = tracing::field::Empty);
         tokio::spawn(log_writer(log.clone(), io_rx, io_ev_tx).instrument(span.clone()));
         tokio::spawn(applier(log.clone(), state_machine, ap_rx, ap_ev_tx).instrument(span.clone()));
         let core = Core {
@@ -180,6 +181,8 @@ impl Raft {
             change_waits: Vec::new(),
             transfer_waits: Vec::new(),
             metrics: metrics_tx,
+            span: span.clone(),
+            term_recorded: None,
             committed_saved: LogIndex(0),
             fatal: None,
         };
@@ -553,6 +556,9 @@ struct Core<N: Network> {
     change_waits: Vec<(LogIndex, oneshot::Sender<Result<LogIndex, RaftError>>)>,
     transfer_waits: Vec<(NodeId, oneshot::Sender<Result<(), RaftError>>)>,
     metrics: watch::Sender<RaftMetrics>,
+    /// The group's span; its `term` field follows the engine's term.
+    span: tracing::Span,
+    term_recorded: Option<Term>,
     /// The commit index last handed to `save_committed`.
     committed_saved: LogIndex,
     fatal: Option<Fatal>,
@@ -665,6 +671,11 @@ impl<N: Network> Core<N> {
     }
 
     fn publish_metrics(&mut self) {
+        let term = self.engine.term();
+        if self.term_recorded != Some(term) {
+            self.term_recorded = Some(term);
+            self.span.record("term", term.0);
+        }
         let m = RaftMetrics::from_status(self.group, self.engine.status());
         self.metrics.send_if_modified(|cur| {
             if *cur == m {

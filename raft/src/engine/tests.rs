@@ -1031,3 +1031,28 @@ fn reads_registered_together_share_one_heartbeat_round() {
     c.stabilize();
     assert_eq!(c.nodes[&n(1)].reads.len(), 10);
 }
+
+#[test]
+fn a_refused_vote_request_from_a_higher_term_does_not_reset_the_election_timer() {
+    // Reference: Raft §5.2. Found by the simulator (seed 12, 40% clock drift, no pre-vote).
+    let mut c =
+        Cluster::with_leader(&[1, 2, 3], Config { pre_vote: false, check_quorum: false, lease_read: false, ..cfg() });
+    c.propose(1, "x");
+    c.stabilize();
+    c.nodes.remove(&n(1));
+    let deadline = c.engine(2).next_deadline();
+    // Node 3 (with an older log) asks node 2 for votes in ever higher terms.
+    for t in 0..5u64 {
+        let now = c.now.add_ms(10 * t);
+        let term = c.engine(2).term().next();
+        let m = Message {
+            from: n(3),
+            to: n(2),
+            term,
+            body: MessageBody::Vote { last_log_id: LogId::new(1, 1), transfer: false },
+        };
+        c.node(2).engine.handle_message(now, m);
+        c.node(2).run(now);
+        assert_eq!(c.engine(2).next_deadline(), deadline, "refusing a vote does not push the timer out");
+    }
+}

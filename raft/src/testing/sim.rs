@@ -93,6 +93,8 @@ pub struct SimOptions {
     pub reconfigure: bool,
     /// Bugs to switch on in the engine (needs the `sim-bugs` feature to have any effect).
     pub bugs: InjectedBugs,
+    /// Largest clock rate error of a node, in parts per million (with `faults`).
+    pub clock_drift_ppm_max: u64,
 }
 
 impl Default for SimOptions {
@@ -105,6 +107,7 @@ impl Default for SimOptions {
             faults: true,
             reconfigure: true,
             bugs: InjectedBugs::default(),
+            clock_drift_ppm_max: CLOCK_DRIFT_PPM_MAX,
         }
     }
 }
@@ -157,6 +160,11 @@ impl fmt::Display for SimFailure {
         write!(f, "replay: SEED={} cargo test -p flotilla-raft --features testing --test sim -- --nocapture", self.seed)
     }
 }
+
+/// Default largest clock rate error per node (4%): two nodes drift apart by at most 8%, i.e.
+/// 12 ms per 150 ms election timeout, inside the 20 ms the lease allows for
+/// (`lease_clock_drift_ms`).
+pub const CLOCK_DRIFT_PPM_MAX: u64 = 40_000;
 
 /// Steps kept for the failure trace.
 const TRACE_LINES_MAX: usize = 400;
@@ -320,6 +328,8 @@ struct SimNode {
     last_committed: LogIndex,
     /// Log checked for configuration entries up to here (leaders only).
     configs_scanned: LogIndex,
+    /// Clock drift: this node's clock runs this many parts per million fast (or slow).
+    rate_ppm: i64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -451,6 +461,11 @@ impl Sim {
                     last_role: Role::Follower,
                     last_committed: LogIndex(0),
                     configs_scanned: LogIndex(0),
+                    rate_ppm: if opts.faults {
+                        rng.range(0, 2 * opts.clock_drift_ppm_max + 1) as i64 - opts.clock_drift_ppm_max as i64
+                    } else {
+                        0
+                    },
                 },
             );
         }
@@ -489,6 +504,11 @@ impl Sim {
         self.trace.push_back(format!("t={} {line}", self.now));
     }
 
+    /// Node `id`'s clock: it runs `rate_ppm` parts per million fast or slow.
+    fn local(&self, id: NodeId) -> Millis {
+        local_time(self.nodes[&id].rate_ppm, self.now)
+    }
+
     fn schedule(&mut self, at: u64, ev: Event) {
         self.seq += 1;
         self.events.insert((at, self.seq), ev);
@@ -517,9 +537,7 @@ impl Sim {
             self.step()?;
             self.nemesis()?;
             self.clients_act()?;
-            if step % 25 == 0 {
-                self.check_log_matching()?;
-            }
+            self.check_log_matching()?;
         }
         self.heal_and_finish()
     }
@@ -527,8 +545,11 @@ impl Sim {
     /// Processes the next event or timer.
     fn step(&mut self) -> Check {
         let next_event = self.events.keys().next().map(|k| k.0);
-        let next_timer =
-            self.nodes.values().filter_map(|n| n.engine.as_ref().map(|e| (e.next_deadline().0, n.id))).min();
+        let next_timer = self
+            .nodes
+            .values()
+            .filter_map(|n| n.engine.as_ref().map(|e| (global_time(n.rate_ppm, e.next_deadline()), n.id)))
+            .min();
         match (next_event, next_timer) {
             (Some(t), Some((d, id))) if d < t => self.fire_timer(d, id),
             (None, Some((d, id))) => self.fire_timer(d, id),
@@ -548,7 +569,7 @@ impl Sim {
 
     fn fire_timer(&mut self, at: u64, id: NodeId) -> Check {
         self.now = self.now.max(at);
-        let now = Millis(self.now);
+        let now = self.local(id);
         if let Some(e) = self.nodes.get_mut(&id).and_then(|n| n.engine.as_mut()) {
             e.handle_timeout(now);
         }
@@ -556,10 +577,10 @@ impl Sim {
     }
 
     fn handle_event(&mut self, ev: Event) -> Check {
-        let now = Millis(self.now);
         match ev {
             Event::Deliver(msg) => {
                 let to = msg.to;
+                let now = self.local(to);
                 let Some(node) = self.nodes.get_mut(&to) else { return Ok(()) };
                 let Some(engine) = node.engine.as_mut() else { return Ok(()) };
                 let line = describe(&msg);
@@ -568,6 +589,7 @@ impl Sim {
                 self.drive(to)
             }
             Event::IoDone { node, incarnation, io } => {
+                let now = self.local(node);
                 let Some(n) = self.nodes.get_mut(&node) else { return Ok(()) };
                 if n.incarnation != incarnation || n.engine.is_none() {
                     return Ok(());
@@ -601,7 +623,7 @@ impl Sim {
     }
 
     fn execute(&mut self, id: NodeId, action: Action) -> Check {
-        let now = Millis(self.now);
+        let now = self.local(id);
         let disk_ms = self.rng.range(0, self.disk_ms_max + 1);
         let node = self.nodes.get_mut(&id).expect("exists");
         match action {
@@ -1144,7 +1166,7 @@ impl Sim {
 
     fn restart(&mut self, id: NodeId) -> Check {
         let seed = self.rng.next_u64();
-        let now = Millis(self.now);
+        let now = self.local(id);
         let config = self.config.clone();
         let node = self.nodes.get_mut(&id).expect("exists");
         if node.engine.is_some() {
@@ -1163,7 +1185,7 @@ impl Sim {
 
     fn reconfigure(&mut self) -> Check {
         let Some(l) = self.leader() else { return Ok(()) };
-        let now = Millis(self.now);
+        let now = self.local(l);
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         let choice = self.rng.range(0, 4);
         let engine = self.nodes.get_mut(&l).and_then(|n| n.engine.as_mut()).expect("leader is alive");
@@ -1241,7 +1263,7 @@ impl Sim {
         self.clients[c].busy = Some(op);
         self.clients[c].guess = target;
         self.schedule(self.now + CLIENT_TIMEOUT_MS, Event::ClientTimeout(op));
-        let now = Millis(self.now);
+        let now = self.local(target);
         let engine = self.nodes.get_mut(&target).and_then(|n| n.engine.as_mut()).expect("alive");
         match &input {
             OpInput::Get => {
@@ -1264,7 +1286,7 @@ impl Sim {
     }
 
     fn propose(&mut self, target: NodeId, op: usize, cmd: KvCommand) -> Check {
-        let now = Millis(self.now);
+        let now = self.local(target);
         let engine = self.nodes.get_mut(&target).and_then(|n| n.engine.as_mut()).expect("alive");
         match engine.propose(now, vec![cmd.encode()]) {
             Ok(index) => {
@@ -1329,6 +1351,20 @@ impl Sim {
             .collect();
         check_history(&ops).map_err(|e| e.to_string())
     }
+}
+
+fn local_time(rate_ppm: i64, global: u64) -> Millis {
+    let g = global as i128;
+    Millis((g + g * rate_ppm as i128 / 1_000_000) as u64)
+}
+
+/// The first global time at which a clock running at `rate_ppm` reads at least `local`.
+fn global_time(rate_ppm: i64, local: Millis) -> u64 {
+    let mut g = ((local.0 as i128 * 1_000_000) / (1_000_000 + rate_ppm as i128)).max(0) as u64;
+    while local_time(rate_ppm, g) < local {
+        g += 1;
+    }
+    g
 }
 
 fn op_client(history: &[ClientOp], op: usize) -> usize {
