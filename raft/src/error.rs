@@ -51,6 +51,13 @@ pub enum RaftError {
     /// commit.
     #[error("timed out")]
     Timeout,
+    /// This node can no longer tell whether the proposal's entry committed (its log was
+    /// replaced by a snapshot covering the index). Like a timeout: it may have been applied.
+    #[error("outcome unknown for the proposal at index {index}")]
+    Indeterminate {
+        /// Index the entry had.
+        index: LogIndex,
+    },
     /// The proposal's entry was replaced by another leader's: it will never be applied.
     #[error("proposal dropped: entry {index} was overwritten by a new leader")]
     Dropped {

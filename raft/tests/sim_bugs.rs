@@ -23,7 +23,7 @@ fn committing_an_old_term_entry_by_counting_is_caught() {
     assert_caught(
         "commit_old_term_by_count",
         InjectedBugs { commit_old_term_by_count: true, ..Default::default() },
-        3000,
+        5000,
     );
 }
 

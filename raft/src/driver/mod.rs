@@ -119,7 +119,8 @@ struct Shared {
     timeout: Duration,
     /// Messages dropped because the inbox was full.
     inbox_dropped: std::sync::atomic::AtomicU64,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The group's tasks (core, log writer, applier), awaited by `shutdown`.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// The handle of one Raft group on this node. Cheap to clone.
@@ -160,8 +161,8 @@ impl Raft {
         let (ap_ev_tx, ap_ev_rx) = mpsc::unbounded_channel();
         // `term` is recorded on the span as it changes, so every event of the group carries it.
         let span = info_span!("raft", group = %group, node = %id, term = tracing::field::Empty);
-        tokio::spawn(log_writer(log.clone(), io_rx, io_ev_tx).instrument(span.clone()));
-        tokio::spawn(applier(log.clone(), state_machine, ap_rx, ap_ev_tx).instrument(span.clone()));
+        let writer = tokio::spawn(log_writer(log.clone(), io_rx, io_ev_tx).instrument(span.clone()));
+        let applier = tokio::spawn(applier(log.clone(), state_machine, ap_rx, ap_ev_tx).instrument(span.clone()));
         let core = Core {
             group,
             engine,
@@ -196,7 +197,9 @@ impl Raft {
                 metrics: metrics_rx,
                 timeout,
                 inbox_dropped: Default::default(),
-                task: Mutex::new(Some(task)),
+                // The core first: when it ends it drops the writer's and applier's queues, and
+                // they finish what is queued and stop.
+                tasks: Mutex::new(vec![task, writer, applier]),
             }),
         })
     }
@@ -311,8 +314,10 @@ impl Raft {
         if self.shared.api.send(Api::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;
         }
-        let task = self.shared.task.lock().ok().and_then(|mut t| t.take());
-        if let Some(task) = task {
+        // Wait for all three tasks, so that storage is no longer touched once this returns
+        // (a restart on the same storage must not race the old writer).
+        let tasks: Vec<_> = self.shared.tasks.lock().map(|mut t| t.drain(..).collect()).unwrap_or_default();
+        for task in tasks {
             let _ = task.await;
         }
     }
@@ -517,6 +522,7 @@ async fn apply_one<L: LogStorage, S: StateMachine>(
 // ----- the core -------------------------------------------------------------------------------
 
 type WriteReply = oneshot::Sender<Result<Vec<Result<WriteResponse, RaftError>>, RaftError>>;
+type IndexReply = oneshot::Sender<Result<LogIndex, RaftError>>;
 
 struct Batch {
     results: Vec<Option<Result<WriteResponse, RaftError>>>,
@@ -551,9 +557,10 @@ struct Core<N: Network> {
     /// Reads confirmed, waiting for the state machine to reach their index.
     reads_ready: Vec<(LogIndex, oneshot::Sender<Result<LogIndex, RaftError>>)>,
     next_read: u64,
-    learner_waits: Vec<(LogIndex, oneshot::Sender<Result<LogIndex, RaftError>>)>,
+    /// `add_learner` calls waiting for their entry (id) to apply: (entry, node, reply).
+    learner_waits: Vec<(LogId, NodeId, IndexReply)>,
     /// Membership changes waiting for the final configuration (joint entry index).
-    change_waits: Vec<(LogIndex, oneshot::Sender<Result<LogIndex, RaftError>>)>,
+    change_waits: Vec<(LogId, BTreeSet<NodeId>, IndexReply)>,
     transfer_waits: Vec<(NodeId, oneshot::Sender<Result<(), RaftError>>)>,
     metrics: watch::Sender<RaftMetrics>,
     /// The group's span; its `term` field follows the engine's term.
@@ -662,7 +669,10 @@ impl<N: Network> Core<N> {
         for (_, r) in self.reads_ready.drain(..) {
             let _ = r.send(Err(err()));
         }
-        for (_, r) in self.learner_waits.drain(..).chain(self.change_waits.drain(..)) {
+        for (_, _, r) in self.learner_waits.drain(..) {
+            let _ = r.send(Err(err()));
+        }
+        for (_, _, r) in self.change_waits.drain(..) {
             let _ = r.send(Err(err()));
         }
         for (_, r) in self.transfer_waits.drain(..) {
@@ -717,13 +727,28 @@ impl<N: Network> Core<N> {
                 self.engine.read(now, id, mode);
             }
             Api::AddLearner(node, reply) => match self.engine.add_learner(now, node) {
-                Ok(index) => self.learner_waits.push((index, reply)),
+                Ok(index) => {
+                    let term = self.engine.term_at(index).unwrap_or_default();
+                    self.learner_waits.push((LogId { term, index }, node, reply))
+                }
                 Err(e) => {
                     let _ = reply.send(Err(e));
                 }
             },
-            Api::ChangeMembership(voters, reply) => match self.engine.change_membership(now, voters) {
-                Ok(index) => self.change_waits.push((index, reply)),
+            Api::ChangeMembership(voters, reply)
+                if voters == self.engine.committed_membership().membership.voters
+                    && !self.engine.committed_membership().membership.is_joint()
+                    && self.engine.membership() == self.engine.committed_membership()
+                    && self.engine.leader() == Some(self.engine.id()) =>
+            {
+                // Already the configuration: nothing to do.
+                let _ = reply.send(Ok(self.engine.committed_membership().log_id.index));
+            }
+            Api::ChangeMembership(voters, reply) => match self.engine.change_membership(now, voters.clone()) {
+                Ok(index) => {
+                    let term = self.engine.term_at(index).unwrap_or_default();
+                    self.change_waits.push((LogId { term, index }, voters, reply))
+                }
                 Err(e) => {
                     let _ = reply.send(Err(e));
                 }
@@ -766,16 +791,20 @@ impl<N: Network> Core<N> {
             }
             ApplyEvent::Built(snapshot) => {
                 let meta = snapshot.meta.clone();
-                self.snapshot = Some(snapshot);
+                // Keep it only if the engine will adopt it (it ignores one that is not newer),
+                // so chunks are always served from the snapshot the engine names.
+                if self.snapshot.as_ref().is_none_or(|s| s.meta.last_log_id < meta.last_log_id) {
+                    self.snapshot = Some(snapshot);
+                }
                 self.engine.handle_snapshot_built(now, meta);
             }
             ApplyEvent::Installed(snapshot) => {
                 let meta = snapshot.meta.clone();
-                // Proposals at or below the snapshot are lost to this node: they were
-                // replaced by the leader's log (a leader never installs a snapshot).
+                // Proposals at or below the snapshot: this node proposed them as leader, then
+                // fell behind; whether they committed is unknown here.
                 let below: Vec<LogIndex> = self.writes.range(..=meta.last_log_id.index).map(|(i, _)| *i).collect();
                 for i in below {
-                    self.fail_write(i, RaftError::Dropped { index: i });
+                    self.fail_write(i, RaftError::Indeterminate { index: i });
                 }
                 self.snapshot = Some(snapshot);
                 self.engine.handle_snapshot_installed(now, meta);
@@ -827,11 +856,16 @@ impl<N: Network> Core<N> {
                 i += 1;
             }
         }
+        // A configuration request succeeded if its entry is the one that applied (same term)
+        // and the committed configuration shows the change; a replaced entry fails it.
+        let replaced = |engine: &Engine, id: LogId| engine.term_at(id.index).is_some_and(|t| t != id.term);
         let mut i = 0;
         while i < self.learner_waits.len() {
-            if self.learner_waits[i].0 <= applied {
-                let (idx, r) = self.learner_waits.swap_remove(i);
-                let _ = r.send(Ok(idx));
+            let (id, node) = (self.learner_waits[i].0, self.learner_waits[i].1);
+            if id.index <= applied {
+                let (_, _, r) = self.learner_waits.swap_remove(i);
+                let ok = !replaced(&self.engine, id) && committed_m.membership.contains(node);
+                let _ = r.send(if ok { Ok(id.index) } else { Err(RaftError::Dropped { index: id.index }) });
             } else {
                 i += 1;
             }
@@ -839,12 +873,22 @@ impl<N: Network> Core<N> {
         let mut i = 0;
         while i < self.change_waits.len() {
             let joint = self.change_waits[i].0;
-            let done = committed_m.log_id.index >= joint
+            if replaced(&self.engine, joint) && joint.index <= applied {
+                let (_, _, r) = self.change_waits.swap_remove(i);
+                let _ = r.send(Err(RaftError::Dropped { index: joint.index }));
+                continue;
+            }
+            let done = committed_m.log_id.index > joint.index
                 && !committed_m.membership.is_joint()
                 && committed_m.log_id.index <= applied;
             if done {
-                let (_, r) = self.change_waits.swap_remove(i);
-                let _ = r.send(Ok(committed_m.log_id.index));
+                let (_, voters, r) = self.change_waits.swap_remove(i);
+                let ok = committed_m.membership.voters == voters;
+                let _ = r.send(if ok {
+                    Ok(committed_m.log_id.index)
+                } else {
+                    Err(RaftError::Dropped { index: joint.index })
+                });
             } else {
                 i += 1;
             }

@@ -20,7 +20,7 @@ use progress::{Progress, ReplState, SnapshotSend};
 use rng::Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
-use tracing::{debug, info, trace};
+use tracing::{debug, info, trace, warn};
 
 /// Identifies a storage write the engine asked for. Writes complete in the order they were
 /// issued; the driver reports completion with [`Engine::handle_io_done`].
@@ -386,6 +386,12 @@ impl Engine {
         }
         if e.committed > e.log.last_index() {
             e.committed = e.log.last_index();
+        }
+        e.memberships.compact(e.committed);
+        // A node with state may have acknowledged a leader just before it stopped: refuse
+        // votes for one election timeout, as if it had just heard from that leader.
+        if !e.is_pristine() {
+            e.leader_contact_at = Some(now);
         }
         e.role = if e.effective().membership.is_learner(id) { Role::Learner } else { Role::Follower };
         e.reset_election_timer(now);
@@ -887,8 +893,10 @@ impl Engine {
         if self.leader_state.is_some() {
             return true;
         }
-        self.leader.is_some()
-            && self.leader_contact_at.is_some_and(|t| now.since(t) < self.config.election_timeout_ms_min)
+        // Not conditional on knowing the leader: a node that acknowledged a leader's heartbeat
+        // keeps its promise not to vote for `election_timeout_ms_min` even if it learned of a
+        // higher term meanwhile, or restarted (see Engine::new); lease reads rely on it.
+        self.leader_contact_at.is_some_and(|t| now.since(t) < self.config.election_timeout_ms_min)
     }
 
     fn on_leader_contact(&mut self, now: Millis, from: NodeId) {
@@ -925,6 +933,10 @@ impl Engine {
         }
         if leader.is_some() && self.leader != leader {
             debug!(node = %self.id, term = %term, leader = ?leader, "following");
+        }
+        if self.leader != leader && self.receiving.as_ref().is_some_and(|r| !r.installing) {
+            // Chunks of different senders must never mix.
+            self.receiving = None;
         }
         let was_follower = matches!(self.role, Role::Follower | Role::Learner);
         self.role = if self.effective().membership.is_learner(self.id) { Role::Learner } else { Role::Follower };
@@ -1046,8 +1058,11 @@ impl Engine {
     fn check_election_won(&mut self, now: Millis) {
         let self_counts = match self.role {
             Role::PreCandidate => true,
-            // Our own vote counts once durable, like any other voter's.
-            Role::Candidate => self.vote_durable == self.vote,
+            // A candidate acts as leader of its term only once its vote for itself (and so the
+            // term) is durable: otherwise, after a crash, it could campaign in the same term
+            // again and lead it twice with different logs. Checked again in handle_io_done.
+            Role::Candidate if self.vote_durable != self.vote => return,
+            Role::Candidate => true,
             _ => return,
         };
         let won =
@@ -1456,6 +1471,16 @@ impl Engine {
     // ----- replication: follower side -----------------------------------------------------
 
     fn on_append(&mut self, now: Millis, from: NodeId, prev: LogId, entries: Vec<Entry>, commit: LogIndex) {
+        // Input from the network: check the shape before trusting it.
+        let well_formed = entries.iter().enumerate().all(|(i, e)| {
+            prev.index.0.checked_add(i as u64 + 1) == Some(e.log_id.index.0)
+                && e.log_id.term >= prev.term
+                && e.log_id.term <= self.vote.term
+        }) && entries.windows(2).all(|w| w[0].log_id.term <= w[1].log_id.term);
+        if !well_formed {
+            warn!(node = %self.id, %from, %prev, "malformed append dropped");
+            return;
+        }
         if prev.index < self.committed {
             // Everything up to our commit index matches the leader's log already. Keep only
             // the entries after it.
@@ -1721,6 +1746,11 @@ impl Engine {
         if next_offset > s.acked {
             s.acked = next_offset.min(s.sent);
             s.progress_at = now;
+        } else if next_offset == s.acked && next_offset < s.sent {
+            // The follower reports a gap: a chunk was lost. Resend from there now rather than
+            // after the resend timeout.
+            s.sent = next_offset;
+            s.all_sent = false;
         } else if next_offset < s.acked {
             // The follower lost what it had (it restarted): start over from its offset.
             s.acked = next_offset;
@@ -1749,6 +1779,17 @@ impl Engine {
                     installed: Some(installed),
                 },
             );
+            return;
+        }
+        if self.receiving.as_ref().is_some_and(|r| r.installing) {
+            // Installing a snapshot: nothing else may start until it is done (a second one
+            // would race the first in the state machine). The sender retries.
+            return;
+        }
+        // Validate before use: a chunk must lie inside the snapshot, and `done` exactly at its end.
+        let end = offset.checked_add(data.len() as u64);
+        if end.is_none_or(|e| e > meta.size_bytes || (done != (e == meta.size_bytes))) {
+            warn!(node = %self.id, %from, offset, len = data.len(), size = meta.size_bytes, "malformed snapshot chunk dropped");
             return;
         }
         let same = self.receiving.as_ref().is_some_and(|r| r.meta == meta);

@@ -1056,3 +1056,122 @@ fn a_refused_vote_request_from_a_higher_term_does_not_reset_the_election_timer()
         assert_eq!(c.engine(2).next_deadline(), deadline, "refusing a vote does not push the timer out");
     }
 }
+
+#[test]
+fn a_candidate_with_a_quorum_of_other_votes_still_waits_for_its_own_vote_to_be_durable() {
+    // Otherwise a crash could let it lead the same term twice (review finding).
+    let mut c = Cluster::new(&[1, 2, 3], Config { pre_vote: false, ..cfg() });
+    for id in 1..=3 {
+        c.node(id).engine.initialize(Millis(0), Membership::new([n(1), n(2), n(3)])).unwrap();
+        c.node(id).run(Millis(0));
+    }
+    c.node(1).auto_sync = false;
+    c.fire(1);
+    c.stabilize();
+    assert_eq!(c.engine(1).role(), Role::Candidate, "both other voters granted, but our vote is not durable");
+    let leader_entries = |a: &Action| matches!(a, Action::AppendEntries { entries, .. } if entries.iter().any(|e| e.log_id.term > Term(0)));
+    assert!(!c.nodes[&n(1)].seen.iter().any(leader_entries), "no entry of the new term yet");
+    let now = c.now;
+    c.node(1).sync(now);
+    assert_eq!(c.engine(1).role(), Role::Leader);
+}
+
+#[test]
+fn a_restarted_node_keeps_refusing_votes_for_one_election_timeout() {
+    // A lease read relies on every node that acknowledged the leader refusing votes for
+    // election_timeout_ms_min, even across a restart (review finding).
+    let state = InitialState {
+        vote: Vote { term: Term(3), voted_for: Some(n(1)) },
+        last_purged: LogId::ZERO,
+        term_points: vec![LogId::new(0, 1)],
+        last_log_id: LogId::new(0, 1),
+        applied_membership: StoredMembership::default(),
+        log_memberships: vec![StoredMembership {
+            log_id: LogId::new(0, 1),
+            membership: Membership::new([n(1), n(2), n(3)]),
+        }],
+        ..Default::default()
+    };
+    let mut e = Engine::new(n(2), Arc::new(cfg()), state.clone(), 1, Millis(1000));
+    let vote = |term| Message {
+        from: n(3),
+        to: n(2),
+        term: Term(term),
+        body: MessageBody::Vote { last_log_id: LogId::new(3, 9), transfer: false },
+    };
+    e.handle_message(Millis(1050), vote(4));
+    assert_eq!(e.term(), Term(3), "ignored inside the window");
+    assert!(e.poll_action().is_none());
+    e.handle_message(Millis(1000 + 100), vote(4));
+    assert_eq!(e.term(), Term(4), "granted once the window has passed");
+    // A node with no state has promised nothing.
+    let mut fresh = Engine::new(n(2), Arc::new(cfg()), InitialState::default(), 1, Millis(1000));
+    fresh.handle_message(Millis(1001), vote(4));
+    assert_eq!(fresh.term(), Term(4));
+}
+
+#[test]
+fn snapshot_chunks_are_ignored_while_one_is_being_installed() {
+    let mut c = Cluster::with_leader(&[1, 2], cfg());
+    let meta = |id, last: u64| SnapshotMeta {
+        last_log_id: LogId::new(1, last),
+        membership: c.engine(2).committed_membership().clone(),
+        snapshot_id: id,
+        size_bytes: 4,
+    };
+    let (m1, m2) = (meta(1, 50), meta(2, 60));
+    let term = c.engine(1).term();
+    let chunk = |m: &SnapshotMeta| Message {
+        from: n(1),
+        to: n(2),
+        term,
+        body: MessageBody::Snapshot { meta: m.clone(), offset: 0, data: Bytes::from_static(b"abcd"), done: true },
+    };
+    let now = c.now;
+    let e = &mut c.node(2).engine;
+    e.handle_message(now, chunk(&m1));
+    let mut acts = Vec::new();
+    while let Some(a) = e.poll_action() {
+        acts.push(a);
+    }
+    assert!(acts.iter().any(|a| matches!(a, Action::InstallSnapshot { meta } if *meta == m1)));
+    // While S1 installs, S2 arrives: nothing may start.
+    e.handle_message(now, chunk(&m2));
+    assert!(e.poll_action().is_none(), "no second snapshot while one installs");
+    // A malformed chunk (beyond the snapshot's size) is dropped too.
+    e.handle_snapshot_installed(now, m1.clone());
+    while e.poll_action().is_some() {}
+    let bad = Message {
+        from: n(1),
+        to: n(2),
+        term,
+        body: MessageBody::Snapshot { meta: m2.clone(), offset: 2, data: Bytes::from_static(b"abcd"), done: true },
+    };
+    e.handle_message(now, bad);
+    assert!(e.poll_action().is_none(), "malformed chunk dropped");
+}
+
+#[test]
+fn a_malformed_append_is_dropped_not_trusted() {
+    let mut c = Cluster::with_leader(&[1, 2], cfg());
+    let term = c.engine(1).term();
+    let last = c.engine(2).last_log_id();
+    let bad = Message {
+        from: n(1),
+        to: n(2),
+        term,
+        // Entries that do not follow `prev`.
+        body: MessageBody::Append {
+            prev: last,
+            entries: vec![Entry {
+                log_id: LogId { term, index: LogIndex(last.index.0 + 5) },
+                payload: EntryPayload::Blank,
+            }],
+            commit: LogIndex(0),
+        },
+    };
+    let now = c.now;
+    c.node(2).engine.handle_message(now, bad);
+    assert!(c.take_outbox(2).is_empty());
+    assert_eq!(c.engine(2).last_log_id(), last);
+}
