@@ -1,6 +1,18 @@
 //! flotilla-shard: the storage of one node — one RocksDB instance holding the Raft logs and
-//! state machines of every group on the node, with group commit (many groups, one fsync) —
-//! and the shard host that runs thousands of Raft groups on a few tasks.
+//! state machines of every group on the node, with group commit (the writes of many groups
+//! made durable by one fsync) — and, next, the shard host that runs thousands of groups.
 //!
-//! Not built yet: see the storage issue. It will depend on `flotilla-raft` only.
+//! - [`Store`]: the RocksDB instance (column families `raft`, `data`, `meta`) and its single
+//!   group-commit writer. A failed write poisons it.
+//! - [`RocksLog`]: `LogStorage` of one group (checksummed, versioned records).
+//! - [`KvStateMachine`]: the key-value `StateMachine` of one shard over its key range.
 #![warn(missing_docs)]
+
+pub mod keys;
+pub mod kv;
+pub mod log;
+pub mod store;
+
+pub use kv::{KeyRange, KvCommand, KvResponse, KvStateMachine};
+pub use log::RocksLog;
+pub use store::{Op, Store, WriterStats, CF_DATA, CF_META, CF_RAFT};

@@ -1,0 +1,370 @@
+//! The key-value state machine of one shard: put, delete, compare-and-swap and reads over the
+//! shard's key range, stored in the shared `data` column family.
+//!
+//! Applying writes the data and the group's applied id in one batch, without fsync: the log is
+//! durable, and replay after a crash is idempotent (the applied id says where to resume).
+
+use crate::keys::{decode, encode, group_key, KIND_APPLIED, KIND_SNAPSHOT_DATA, KIND_SNAPSHOT_META};
+use crate::store::{Op, Store, CF_DATA, CF_RAFT};
+use bytes::Bytes;
+use flotilla_raft::{
+    AppliedState, Entry, EntryPayload, GroupId, LogId, Snapshot, SnapshotMeta, StateMachine, StorageError,
+    StoredMembership,
+};
+use rocksdb::{Direction, IteratorMode};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// A half-open key range `[start, end)`; `end: None` is unbounded.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRange {
+    /// First key of the range.
+    pub start: Vec<u8>,
+    /// First key after the range, or `None` for no upper bound.
+    pub end: Option<Vec<u8>>,
+}
+
+impl KeyRange {
+    /// Every key.
+    pub fn all() -> KeyRange {
+        KeyRange::default()
+    }
+    /// Whether `key` is in the range.
+    pub fn contains(&self, key: &[u8]) -> bool {
+        key >= self.start.as_slice() && self.end.as_ref().is_none_or(|e| key < e.as_slice())
+    }
+}
+
+/// A write command of a shard, as carried in a log entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvCommand {
+    /// Set `key` to `value`.
+    Put {
+        /// Key.
+        key: Vec<u8>,
+        /// Value.
+        value: Vec<u8>,
+    },
+    /// Remove `key`.
+    Delete {
+        /// Key.
+        key: Vec<u8>,
+    },
+    /// Set `key` to `new` (`None`: delete) if its value is `expected` (`None`: absent).
+    Cas {
+        /// Key.
+        key: Vec<u8>,
+        /// Expected current value.
+        expected: Option<Vec<u8>>,
+        /// New value.
+        new: Option<Vec<u8>>,
+    },
+}
+
+impl KvCommand {
+    /// The key the command writes.
+    pub fn key(&self) -> &[u8] {
+        match self {
+            KvCommand::Put { key, .. } | KvCommand::Delete { key } | KvCommand::Cas { key, .. } => key,
+        }
+    }
+    /// Encodes as a checksummed, versioned record.
+    pub fn encode(&self) -> Result<Bytes, StorageError> {
+        encode(self).map(Bytes::from)
+    }
+    /// Decodes a record made by [`KvCommand::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<KvCommand, StorageError> {
+        decode(bytes, || "kv command".into())
+    }
+}
+
+/// The answer to a [`KvCommand`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvResponse {
+    /// Done; the value before the command.
+    Done {
+        /// Previous value.
+        previous: Option<Vec<u8>>,
+    },
+    /// A compare-and-swap that did not match; the current value.
+    CasFailed {
+        /// Current value.
+        current: Option<Vec<u8>>,
+    },
+    /// The command was refused (e.g. its key is outside the shard's range); nothing changed.
+    Refused(String),
+}
+
+impl KvResponse {
+    /// Encodes as a record.
+    pub fn encode(&self) -> Result<Bytes, StorageError> {
+        encode(self).map(Bytes::from)
+    }
+    /// Decodes a record made by [`KvResponse::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<KvResponse, StorageError> {
+        decode(bytes, || "kv response".into())
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct AppliedRecord {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotData {
+    range: KeyRange,
+    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The state machine of one shard.
+#[derive(Clone)]
+pub struct KvStateMachine {
+    store: Store,
+    group: GroupId,
+    range: KeyRange,
+}
+
+impl KvStateMachine {
+    /// The state machine of `group`, owning `range`.
+    pub fn new(store: Store, group: GroupId, range: KeyRange) -> KvStateMachine {
+        KvStateMachine { store, group, range }
+    }
+
+    /// Reads `key` (from the local state: linearizable only after `ensure_linearizable`).
+    pub async fn get(&self, key: Vec<u8>) -> Result<Option<Vec<u8>>, StorageError> {
+        if !self.range.contains(&key) {
+            return Err(StorageError::new("get", format!("key outside shard {} range", self.group)));
+        }
+        self.store
+            .blocking(move |s| s.db().get_cf(s.cf(CF_DATA)?, &key).map_err(|e| StorageError::new("get", e.to_string())))
+            .await
+    }
+
+    /// Key-value pairs in `[from, to)` within the shard's range, at most `limit`.
+    pub async fn scan(
+        &self,
+        from: Vec<u8>,
+        to: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+        let range = self.range.clone();
+        self.store
+            .blocking(move |s| {
+                let start = if from < range.start { range.start.clone() } else { from };
+                let mut out = Vec::new();
+                for item in s.db().iterator_cf(s.cf(CF_DATA)?, IteratorMode::From(&start, Direction::Forward)) {
+                    let (k, v) = item.map_err(|e| StorageError::new("scan", e.to_string()))?;
+                    if !range.contains(&k)
+                        || to.as_ref().is_some_and(|t| k.as_ref() >= t.as_slice())
+                        || out.len() >= limit
+                    {
+                        break;
+                    }
+                    out.push((k.to_vec(), v.to_vec()));
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    fn read_applied(s: &Store, group: GroupId) -> Result<AppliedRecord, StorageError> {
+        match s
+            .db()
+            .get_cf(s.cf(CF_RAFT)?, group_key(group, KIND_APPLIED))
+            .map_err(|e| StorageError::new("read", e.to_string()))?
+        {
+            Some(b) => decode(&b, || format!("group {group} applied state")),
+            None => Ok(AppliedRecord::default()),
+        }
+    }
+
+    fn range_ops(s: &Store, range: &KeyRange) -> Result<Vec<Op>, StorageError> {
+        Ok(match &range.end {
+            Some(end) => vec![Op::DeleteRange(CF_DATA, range.start.clone(), end.clone())],
+            None => {
+                let mut ops = Vec::new();
+                for item in s.db().iterator_cf(s.cf(CF_DATA)?, IteratorMode::From(&range.start, Direction::Forward)) {
+                    let (k, _) = item.map_err(|e| StorageError::new("read", e.to_string()))?;
+                    ops.push(Op::Delete(CF_DATA, k.to_vec()));
+                }
+                ops
+            }
+        })
+    }
+}
+
+impl StateMachine for KvStateMachine {
+    async fn applied_state(&mut self) -> Result<AppliedState, StorageError> {
+        let g = self.group;
+        let r = self.store.blocking(move |s| Self::read_applied(s, g)).await?;
+        Ok(AppliedState { last_applied: r.last_applied, membership: r.membership })
+    }
+
+    async fn apply(&mut self, entries: Vec<Entry>) -> Result<Vec<Bytes>, StorageError> {
+        let (g, range) = (self.group, self.range.clone());
+        let (ops, responses) = self
+            .store
+            .blocking(move |s| {
+                let mut applied = Self::read_applied(s, g)?;
+                let data = s.cf(CF_DATA)?;
+                // Values written earlier in this batch, which the database does not show yet.
+                let mut overlay: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+                let mut ops = Vec::new();
+                let mut responses = Vec::with_capacity(entries.len());
+                for e in entries {
+                    applied.last_applied = Some(e.log_id);
+                    let resp = match e.payload {
+                        EntryPayload::Blank => Bytes::new(),
+                        EntryPayload::Membership(m) => {
+                            applied.membership = StoredMembership { log_id: e.log_id, membership: m };
+                            Bytes::new()
+                        }
+                        EntryPayload::Normal(payload) => {
+                            let r = match KvCommand::decode(&payload) {
+                                Err(err) => KvResponse::Refused(format!("undecodable command: {}", err.message)),
+                                Ok(cmd) if !range.contains(cmd.key()) => {
+                                    KvResponse::Refused(format!("key outside the range of shard {g}"))
+                                }
+                                Ok(cmd) => {
+                                    let key = cmd.key().to_vec();
+                                    let current = match overlay.get(&key) {
+                                        Some(v) => v.clone(),
+                                        None => s
+                                            .db()
+                                            .get_cf(data, &key)
+                                            .map_err(|e| StorageError::new("apply", e.to_string()))?,
+                                    };
+                                    let (new, resp) = match cmd {
+                                        KvCommand::Put { value, .. } => {
+                                            (Some(Some(value)), KvResponse::Done { previous: current })
+                                        }
+                                        KvCommand::Delete { .. } => {
+                                            (Some(None), KvResponse::Done { previous: current })
+                                        }
+                                        KvCommand::Cas { expected, new, .. } if expected == current => {
+                                            (Some(new), KvResponse::Done { previous: current })
+                                        }
+                                        KvCommand::Cas { .. } => (None, KvResponse::CasFailed { current }),
+                                    };
+                                    if let Some(new) = new {
+                                        ops.push(match &new {
+                                            Some(v) => Op::Put(CF_DATA, key.clone(), v.clone()),
+                                            None => Op::Delete(CF_DATA, key.clone()),
+                                        });
+                                        overlay.insert(key, new);
+                                    }
+                                    resp
+                                }
+                            };
+                            r.encode()?
+                        }
+                    };
+                    responses.push(resp);
+                }
+                ops.push(Op::Put(CF_RAFT, group_key(g, KIND_APPLIED).to_vec(), encode(&applied)?));
+                Ok((ops, responses))
+            })
+            .await?;
+        self.store.write(ops, false).await?;
+        Ok(responses)
+    }
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let (g, range) = (self.group, self.range.clone());
+        let snapshot = self
+            .store
+            .blocking(move |s| {
+                // One RocksDB snapshot: the data and the applied id are read at the same point.
+                let snap = s.db().snapshot();
+                let applied: AppliedRecord = match snap
+                    .get_cf(s.cf(CF_RAFT)?, group_key(g, KIND_APPLIED))
+                    .map_err(|e| StorageError::new("snapshot", e.to_string()))?
+                {
+                    Some(b) => decode(&b, || format!("group {g} applied state"))?,
+                    None => AppliedRecord::default(),
+                };
+                let mut pairs = Vec::new();
+                for item in snap.iterator_cf(s.cf(CF_DATA)?, IteratorMode::From(&range.start, Direction::Forward)) {
+                    let (k, v) = item.map_err(|e| StorageError::new("snapshot", e.to_string()))?;
+                    if !range.contains(&k) {
+                        break;
+                    }
+                    pairs.push((k.to_vec(), v.to_vec()));
+                }
+                let data = Bytes::from(encode(&SnapshotData { range, pairs })?);
+                let snapshot_id = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or_default();
+                let meta = SnapshotMeta {
+                    last_log_id: applied.last_applied.unwrap_or_default(),
+                    membership: applied.membership,
+                    snapshot_id,
+                    size_bytes: data.len() as u64,
+                };
+                Ok(Snapshot { meta, data })
+            })
+            .await?;
+        let ops = vec![
+            Op::Put(CF_RAFT, group_key(g, KIND_SNAPSHOT_META).to_vec(), encode(&snapshot.meta)?),
+            Op::Put(CF_RAFT, group_key(g, KIND_SNAPSHOT_DATA).to_vec(), snapshot.data.to_vec()),
+        ];
+        self.store.write(ops, true).await?;
+        Ok(snapshot)
+    }
+
+    async fn current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        let g = self.group;
+        self.store
+            .blocking(move |s| {
+                let cf = s.cf(CF_RAFT)?;
+                let read =
+                    |kind| s.db().get_cf(cf, group_key(g, kind)).map_err(|e| StorageError::new("read", e.to_string()));
+                let (Some(meta), Some(data)) = (read(KIND_SNAPSHOT_META)?, read(KIND_SNAPSHOT_DATA)?) else {
+                    return Ok(None);
+                };
+                let meta: SnapshotMeta = decode(&meta, || format!("group {g} snapshot meta"))?;
+                // The data is itself a checksummed record: check it now rather than at install.
+                let _: SnapshotData = decode(&data, || format!("group {g} snapshot data"))?;
+                Ok(Some(Snapshot { meta, data: Bytes::from(data) }))
+            })
+            .await
+    }
+
+    async fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), StorageError> {
+        let (g, range) = (self.group, self.range.clone());
+        let ops = self
+            .store
+            .blocking(move |s| {
+                let d: SnapshotData = decode(&snapshot.data, || format!("group {g} received snapshot"))?;
+                if d.range != range {
+                    return Err(StorageError::new(
+                        "install_snapshot",
+                        format!("group {g}: snapshot of another key range"),
+                    ));
+                }
+                let mut ops = Self::range_ops(s, &range)?;
+                for (k, v) in d.pairs {
+                    if !range.contains(&k) {
+                        return Err(StorageError::new(
+                            "install_snapshot",
+                            format!("group {g}: snapshot key outside the range"),
+                        ));
+                    }
+                    ops.push(Op::Put(CF_DATA, k, v));
+                }
+                let applied = AppliedRecord {
+                    last_applied: Some(snapshot.meta.last_log_id).filter(|l| *l != LogId::default()),
+                    membership: snapshot.meta.membership.clone(),
+                };
+                ops.push(Op::Put(CF_RAFT, group_key(g, KIND_APPLIED).to_vec(), encode(&applied)?));
+                ops.push(Op::Put(CF_RAFT, group_key(g, KIND_SNAPSHOT_META).to_vec(), encode(&snapshot.meta)?));
+                ops.push(Op::Put(CF_RAFT, group_key(g, KIND_SNAPSHOT_DATA).to_vec(), snapshot.data.to_vec()));
+                Ok(ops)
+            })
+            .await?;
+        self.store.write(ops, true).await
+    }
+}

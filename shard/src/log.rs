@@ -1,0 +1,228 @@
+//! [`LogStorage`] of one group on the shared [`Store`].
+
+use crate::keys::{
+    decode, encode, entries_end, entry_index, entry_key, group_key, KIND_COMMITTED, KIND_LOG_STATE, KIND_VOTE,
+};
+use crate::store::{Op, Store, CF_RAFT};
+use flotilla_raft::{Entry, GroupId, LogId, LogIndex, LogState, LogStorage, StorageError, Vote};
+use rocksdb::{Direction, IteratorMode};
+use std::sync::{Arc, Mutex};
+
+/// Purges of at most this many entries are point deletes in the normal batch; longer spans
+/// use one range tombstone (and a compaction of that range, so tombstones do not pile up).
+pub const PURGE_POINT_DELETES_MAX: u64 = 1024;
+
+/// The log and vote of one group. Cheap to clone (clones share the cached bounds).
+#[derive(Clone)]
+pub struct RocksLog {
+    store: Store,
+    group: GroupId,
+    /// The last log id (last entry, or last purged), once read: appends are checked against it
+    /// without a read. Writes of one group come one at a time (the Raft driver's contract).
+    last: Arc<Mutex<Option<LogId>>>,
+}
+
+impl RocksLog {
+    /// The log of `group` in `store`.
+    pub fn new(store: Store, group: GroupId) -> RocksLog {
+        RocksLog { store, group, last: Arc::new(Mutex::new(None)) }
+    }
+
+    async fn cached_last(&self) -> Result<LogId, StorageError> {
+        if let Some(l) = *self.last.lock().map_err(|_| StorageError::new("read", "poisoned lock"))? {
+            return Ok(l);
+        }
+        let st = self.log_state().await?;
+        let l = st.last.or(st.last_purged).unwrap_or_default();
+        self.set_last(l)?;
+        Ok(l)
+    }
+
+    fn set_last(&self, l: LogId) -> Result<(), StorageError> {
+        *self.last.lock().map_err(|_| StorageError::new("write", "poisoned lock"))? = Some(l);
+        Ok(())
+    }
+
+    /// The group.
+    pub fn group(&self) -> GroupId {
+        self.group
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(store: &Store, group: GroupId, kind: u8) -> Result<Option<T>, StorageError> {
+        let cf = store.cf(CF_RAFT)?;
+        match store.db().get_cf(cf, group_key(group, kind)).map_err(|e| StorageError::new("read", e.to_string()))? {
+            Some(bytes) => decode(&bytes, || format!("group {group} record kind {kind:#x}")).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn last_entry(store: &Store, group: GroupId) -> Result<Option<LogId>, StorageError> {
+        let cf = store.cf(CF_RAFT)?;
+        let end = entries_end(group);
+        let mut it = store.db().iterator_cf(cf, IteratorMode::From(&end, Direction::Reverse));
+        // The reverse iterator starts at the last key <= end; `end` itself is not an entry key.
+        for item in it.by_ref() {
+            let (k, v) = item.map_err(|e| StorageError::new("read", e.to_string()))?;
+            let Some(index) = entry_index(group, &k) else {
+                if k.as_ref() >= end.as_slice() {
+                    continue;
+                }
+                return Ok(None);
+            };
+            let e: Entry = decode(&v, || format!("group {group} entry {index}"))?;
+            return Ok(Some(e.log_id));
+        }
+        Ok(None)
+    }
+}
+
+impl LogStorage for RocksLog {
+    async fn read_vote(&self) -> Result<Option<Vote>, StorageError> {
+        let g = self.group;
+        self.store.blocking(move |s| Self::get(s, g, KIND_VOTE)).await
+    }
+
+    async fn save_vote(&self, vote: &Vote) -> Result<(), StorageError> {
+        let op = Op::Put(CF_RAFT, group_key(self.group, KIND_VOTE).to_vec(), encode(vote)?);
+        self.store.write(vec![op], true).await
+    }
+
+    async fn log_state(&self) -> Result<LogState, StorageError> {
+        let g = self.group;
+        self.store
+            .blocking(move |s| {
+                let last_purged: Option<LogId> = Self::get(s, g, KIND_LOG_STATE)?;
+                let last = Self::last_entry(s, g)?;
+                Ok(LogState { last_purged, last })
+            })
+            .await
+    }
+
+    async fn read_entries(&self, from: LogIndex, to: LogIndex, bytes_max: usize) -> Result<Vec<Entry>, StorageError> {
+        if from > to {
+            return Ok(Vec::new());
+        }
+        let g = self.group;
+        self.store
+            .blocking(move |s| {
+                let cf = s.cf(CF_RAFT)?;
+                let start = entry_key(g, from);
+                let mut out = Vec::new();
+                let mut bytes = 0usize;
+                let mut expect = from;
+                let mut full = false;
+                for item in s.db().iterator_cf(cf, IteratorMode::From(&start, Direction::Forward)) {
+                    let (k, v) = item.map_err(|e| StorageError::new("read", e.to_string()))?;
+                    let Some(index) = entry_index(g, &k) else { break };
+                    if index > to {
+                        break;
+                    }
+                    if index != expect {
+                        return Err(StorageError::new("read_entries", format!("group {g}: entry {expect} missing")));
+                    }
+                    let e: Entry = decode(&v, || format!("group {g} entry {index}"))?;
+                    if e.log_id.index != index {
+                        return Err(StorageError::new(
+                            "read_entries",
+                            format!("group {g}: entry stored at {index} says it is {}", e.log_id),
+                        ));
+                    }
+                    if !out.is_empty() && bytes + e.size_bytes() > bytes_max {
+                        full = true;
+                        break;
+                    }
+                    bytes += e.size_bytes();
+                    out.push(e);
+                    expect = index.next();
+                }
+                if out.is_empty() {
+                    return Err(StorageError::new("read_entries", format!("group {g}: entry {from} missing")));
+                }
+                // Stopping early is allowed only for the byte budget, never for a missing entry.
+                if !full && expect <= to {
+                    return Err(StorageError::new("read_entries", format!("group {g}: entry {expect} missing")));
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn append(&self, entries: Vec<Entry>) -> Result<(), StorageError> {
+        let Some(first) = entries.first() else { return Ok(()) };
+        let last = self.cached_last().await?;
+        if first.log_id.index != last.index.next() {
+            return Err(StorageError::new(
+                "append",
+                format!("group {}: entry {} does not follow the last entry {last}", self.group, first.log_id),
+            ));
+        }
+        if entries.windows(2).any(|w| w[1].log_id.index != w[0].log_id.index.next()) {
+            return Err(StorageError::new("append", format!("group {}: entries are not consecutive", self.group)));
+        }
+        let new_last = entries[entries.len() - 1].log_id;
+        let mut ops = Vec::with_capacity(entries.len());
+        for e in &entries {
+            ops.push(Op::Put(CF_RAFT, entry_key(self.group, e.log_id.index).to_vec(), encode(e)?));
+        }
+        self.store.write(ops, true).await?;
+        self.set_last(new_last)
+    }
+
+    async fn truncate_from(&self, index: LogIndex) -> Result<(), StorageError> {
+        let op = Op::DeleteRange(CF_RAFT, entry_key(self.group, index).to_vec(), entries_end(self.group).to_vec());
+        // Forget the cached bound first: if the write fails, the next append re-reads it.
+        *self.last.lock().map_err(|_| StorageError::new("write", "poisoned lock"))? = None;
+        self.store.write(vec![op], true).await
+    }
+
+    async fn purge_up_to(&self, log_id: LogId) -> Result<(), StorageError> {
+        let g = self.group;
+        let prev: Option<LogId> = {
+            let s = self.store.clone();
+            s.blocking(move |s| Self::get(s, g, KIND_LOG_STATE)).await?
+        };
+        let first = prev.map(|p| p.index.next()).unwrap_or(LogIndex(1));
+        if prev.is_some_and(|p| p.index >= log_id.index) {
+            return Ok(());
+        }
+        let mut ops = Vec::new();
+        let span = log_id.index.0.saturating_sub(first.0) + 1;
+        let ranged = span > PURGE_POINT_DELETES_MAX;
+        if ranged {
+            ops.push(Op::DeleteRange(
+                CF_RAFT,
+                entry_key(g, first).to_vec(),
+                entry_key(g, log_id.index.next()).to_vec(),
+            ));
+        } else {
+            for i in first.0..=log_id.index.0 {
+                ops.push(Op::Delete(CF_RAFT, entry_key(g, LogIndex(i)).to_vec()));
+            }
+        }
+        ops.push(Op::Put(CF_RAFT, group_key(g, KIND_LOG_STATE).to_vec(), encode(&log_id)?));
+        *self.last.lock().map_err(|_| StorageError::new("write", "poisoned lock"))? = None;
+        self.store.write(ops, true).await?;
+        if ranged {
+            // Compact just the purged range so its tombstone does not slow later reads.
+            let (a, b) = (entry_key(g, first), entry_key(g, log_id.index.next()));
+            self.store
+                .blocking(move |s| {
+                    s.db().compact_range_cf(s.cf(CF_RAFT)?, Some(&a), Some(&b));
+                    Ok(())
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn save_committed(&self, committed: LogIndex) -> Result<(), StorageError> {
+        // Not a durability point: written without fsync (a later synced write carries it).
+        let op = Op::Put(CF_RAFT, group_key(self.group, KIND_COMMITTED).to_vec(), encode(&committed)?);
+        self.store.write(vec![op], false).await
+    }
+
+    async fn read_committed(&self) -> Result<Option<LogIndex>, StorageError> {
+        let g = self.group;
+        self.store.blocking(move |s| Self::get(s, g, KIND_COMMITTED)).await
+    }
+}

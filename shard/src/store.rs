@@ -1,0 +1,275 @@
+//! One RocksDB instance per node, shared by every group on it, and the group-commit writer.
+//!
+//! All durable writes go through one writer thread: it takes every write request queued at
+//! that moment (from any number of groups), puts them in one `WriteBatch`, writes it with one
+//! fsync, and acknowledges each request. Under load, one fsync serves many groups.
+//!
+//! A failed write poisons the store: every later write fails with the original error. Raft
+//! never continues on a log it cannot trust, and a disk that failed once (full, I/O error) is
+//! not retried behind the caller's back.
+
+use crate::keys::meta_key;
+use flotilla_raft::{GroupId, StorageError};
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use tokio::sync::oneshot;
+use tracing::{error, info};
+
+/// Column family of Raft state (logs, votes, applied state, snapshots).
+pub const CF_RAFT: &str = "raft";
+/// Column family of the state machines' data, keyed by user key.
+pub const CF_DATA: &str = "data";
+/// Column family of group descriptors.
+pub const CF_META: &str = "meta";
+
+/// Write requests the writer merges into one batch at most (a bound on batch latency).
+pub const GROUP_COMMIT_REQUESTS_MAX: usize = 4096;
+/// Bytes the writer merges into one batch at most.
+pub const GROUP_COMMIT_BYTES_MAX: usize = 16 << 20;
+
+/// One operation of a write request.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Put a key.
+    Put(&'static str, Vec<u8>, Vec<u8>),
+    /// Delete a key.
+    Delete(&'static str, Vec<u8>),
+    /// Delete `[from, to)`.
+    DeleteRange(&'static str, Vec<u8>, Vec<u8>),
+}
+
+impl Op {
+    fn bytes(&self) -> usize {
+        match self {
+            Op::Put(_, k, v) => k.len() + v.len(),
+            Op::Delete(_, k) => k.len(),
+            Op::DeleteRange(_, a, b) => a.len() + b.len(),
+        }
+    }
+}
+
+struct WriteReq {
+    ops: Vec<Op>,
+    /// Whether the caller needs the write durable (fsync) before the answer.
+    sync: bool,
+    done: oneshot::Sender<Result<(), StorageError>>,
+}
+
+/// Counters of the writer, for benchmarks and metrics.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Write requests completed.
+    pub requests: AtomicU64,
+    /// Batches written (each one `write` call).
+    pub batches: AtomicU64,
+    /// Batches written with fsync.
+    pub syncs: AtomicU64,
+}
+
+struct Inner {
+    db: DB,
+    /// Set once a write failed; later writes fail with this error.
+    poison: Mutex<Option<StorageError>>,
+    poisoned: AtomicBool,
+    stats: WriterStats,
+    /// Test hook: fail the next write as the disk would.
+    fail_next: AtomicBool,
+}
+
+/// The node's store. Cheap to clone; the database closes when the last clone is dropped.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+    handle: Arc<WriterHandle>,
+}
+
+/// The writer thread's queue and handle. Dropping it (with the last `Store`) closes the queue,
+/// lets the writer finish what is queued, and joins it, so the database is closed (and its
+/// lock released) when the drop returns.
+struct WriterHandle {
+    tx: Option<mpsc::Sender<WriteReq>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Store, StorageError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let cf = |name: &str| {
+            let mut o = Options::default();
+            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            ColumnFamilyDescriptor::new(name, o)
+        };
+        let db = DB::open_cf_descriptors(&opts, path.as_ref(), vec![cf(CF_RAFT), cf(CF_DATA), cf(CF_META)])
+            .map_err(|e| StorageError::new("open", format!("{}: {e}", path.as_ref().display())))?;
+        info!(path = %path.as_ref().display(), "store opened");
+        let inner = Arc::new(Inner {
+            db,
+            poison: Mutex::new(None),
+            poisoned: AtomicBool::new(false),
+            stats: WriterStats::default(),
+            fail_next: AtomicBool::new(false),
+        });
+        let (tx, rx) = mpsc::channel();
+        let w = inner.clone();
+        let thread = std::thread::Builder::new()
+            .name("flotilla-writer".into())
+            .spawn(move || writer_loop(w, rx))
+            .map_err(|e| StorageError::new("open", format!("cannot start the writer thread: {e}")))?;
+        Ok(Store { inner, handle: Arc::new(WriterHandle { tx: Some(tx), thread: Some(thread) }) })
+    }
+
+    /// The RocksDB handle (reads).
+    pub fn db(&self) -> &DB {
+        &self.inner.db
+    }
+
+    /// A column family handle.
+    pub fn cf(&self, name: &str) -> Result<&ColumnFamily, StorageError> {
+        self.inner.db.cf_handle(name).ok_or_else(|| StorageError::new("open", format!("column family {name} missing")))
+    }
+
+    /// Writer counters.
+    pub fn stats(&self) -> &WriterStats {
+        &self.inner.stats
+    }
+
+    /// The error that poisoned the store, if any.
+    pub fn poisoned(&self) -> Option<StorageError> {
+        if !self.inner.poisoned.load(Ordering::Acquire) {
+            return None;
+        }
+        self.inner.poison.lock().ok().and_then(|p| p.clone())
+    }
+
+    /// Test hook: the next batch fails as if the disk returned an error (it poisons the store).
+    pub fn fail_next_write(&self) {
+        self.inner.fail_next.store(true, Ordering::Release);
+    }
+
+    /// Queues `ops` for the writer and waits for them to be written (and fsynced if `sync`).
+    pub async fn write(&self, ops: Vec<Op>, sync: bool) -> Result<(), StorageError> {
+        if let Some(e) = self.poisoned() {
+            return Err(e);
+        }
+        let (done, rx) = oneshot::channel();
+        let Some(tx) = &self.handle.tx else {
+            return Err(StorageError::new("write", "the store is closed"));
+        };
+        tx.send(WriteReq { ops, sync, done })
+            .map_err(|_| StorageError::new("write", "the store's writer has stopped"))?;
+        rx.await.map_err(|_| StorageError::new("write", "the store's writer has stopped"))?
+    }
+
+    /// Runs blocking RocksDB work off the async threads.
+    pub async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| StorageError::new("read", format!("blocking task failed: {e}")))?
+    }
+
+    /// Groups that have a descriptor, in id order.
+    pub fn groups(&self) -> Result<Vec<GroupId>, StorageError> {
+        let cf = self.cf(CF_META)?;
+        let mut out = Vec::new();
+        for item in self.inner.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+            let (k, _) = item.map_err(|e| StorageError::new("read", e.to_string()))?;
+            if k.len() == 8 {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&k);
+                out.push(GroupId(u64::from_be_bytes(b)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records that `group` exists (with an opaque descriptor), durably.
+    pub async fn put_group(&self, group: GroupId, descriptor: Vec<u8>) -> Result<(), StorageError> {
+        self.write(vec![Op::Put(CF_META, meta_key(group).to_vec(), descriptor)], true).await
+    }
+}
+
+fn writer_loop(inner: Arc<Inner>, rx: mpsc::Receiver<WriteReq>) {
+    let raft = inner.db.cf_handle(CF_RAFT).map(|_| ());
+    debug_assert!(raft.is_some());
+    while let Ok(first) = rx.recv() {
+        let mut reqs = vec![first];
+        let mut bytes: usize = reqs[0].ops.iter().map(Op::bytes).sum();
+        while reqs.len() < GROUP_COMMIT_REQUESTS_MAX && bytes < GROUP_COMMIT_BYTES_MAX {
+            match rx.try_recv() {
+                Ok(r) => {
+                    bytes += r.ops.iter().map(Op::bytes).sum::<usize>();
+                    reqs.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        let result = write_batch(&inner, &reqs);
+        if let Err(e) = &result {
+            error!(error = %e, "write failed: the store is poisoned and refuses further writes");
+            if let Ok(mut p) = inner.poison.lock() {
+                p.get_or_insert_with(|| e.clone());
+            }
+            inner.poisoned.store(true, Ordering::Release);
+        }
+        inner.stats.requests.fetch_add(reqs.len() as u64, Ordering::Relaxed);
+        for r in reqs {
+            let _ = r.done.send(result.clone());
+        }
+    }
+}
+
+fn write_batch(inner: &Inner, reqs: &[WriteReq]) -> Result<(), StorageError> {
+    if inner.poisoned.load(Ordering::Acquire) {
+        return Err(inner
+            .poison
+            .lock()
+            .ok()
+            .and_then(|p| p.clone())
+            .unwrap_or_else(|| StorageError::new("write", "poisoned")));
+    }
+    if inner.fail_next.swap(false, Ordering::AcqRel) {
+        return Err(StorageError::new("write", "injected disk failure (Store::fail_next_write)"));
+    }
+    let db = &inner.db;
+    let mut batch = WriteBatch::default();
+    let mut sync = false;
+    for r in reqs {
+        sync |= r.sync;
+        for op in &r.ops {
+            let cf_of = |name: &str| {
+                db.cf_handle(name).ok_or_else(|| StorageError::new("write", format!("no column family {name}")))
+            };
+            match op {
+                Op::Put(cf, k, v) => batch.put_cf(cf_of(cf)?, k, v),
+                Op::Delete(cf, k) => batch.delete_cf(cf_of(cf)?, k),
+                Op::DeleteRange(cf, a, b) => batch.delete_range_cf(cf_of(cf)?, a, b),
+            }
+        }
+    }
+    let mut wo = WriteOptions::default();
+    wo.set_sync(sync);
+    db.write_opt(batch, &wo).map_err(|e| StorageError::new("write", e.to_string()))?;
+    inner.stats.batches.fetch_add(1, Ordering::Relaxed);
+    if sync {
+        inner.stats.syncs.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}

@@ -1,0 +1,196 @@
+//! The RocksDB storage: the core's conformance suites, checksums, poisoning, restart, group
+//! commit, and a 3-node Raft cluster on it.
+
+use flotilla_raft::testing::{log_storage_suite, state_machine_suite, MemRouter};
+use flotilla_raft::{
+    Config, Entry, EntryPayload, GroupId, LogId, LogIndex, LogStorage, Membership, NodeId, Raft, ReadMode, Vote,
+};
+use flotilla_shard::keys::entry_key;
+use flotilla_shard::{KeyRange, KvCommand, KvResponse, KvStateMachine, RocksLog, Store, CF_RAFT};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn entry(term: u64, index: u64, data: &str) -> Entry {
+    Entry { log_id: LogId::new(term, index), payload: EntryPayload::Normal(bytes::Bytes::from(data.to_string())) }
+}
+
+#[tokio::test]
+async fn rocks_log_passes_the_conformance_suite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let next = Arc::new(AtomicU64::new(1));
+    log_storage_suite(|| {
+        let (store, next) = (store.clone(), next.clone());
+        async move { RocksLog::new(store, GroupId(next.fetch_add(1, Ordering::Relaxed))) }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn kv_state_machine_passes_the_conformance_suite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let next = Arc::new(AtomicU64::new(1));
+    state_machine_suite(|| {
+        let (store, next) = (store.clone(), next.clone());
+        async move {
+            // Replicas of one shard: the suite installs one's snapshot into another.
+            let g = next.fetch_add(1, Ordering::Relaxed);
+            KvStateMachine::new(store, GroupId(g), KeyRange::all())
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_corrupted_entry_is_detected_and_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let log = RocksLog::new(store.clone(), GroupId(7));
+    log.append((1..=5).map(|i| entry(1, i, "payload")).collect()).await.expect("append");
+    // Flip one bit of entry 3's stored value, as a bad disk would.
+    let cf = store.cf(CF_RAFT).expect("cf");
+    let key = entry_key(GroupId(7), LogIndex(3));
+    let mut raw = store.db().get_cf(cf, key).expect("read").expect("present");
+    let last = raw.len() - 1;
+    raw[last] ^= 0x01;
+    store.db().put_cf(cf, key, raw).expect("overwrite");
+    let err = log.read_entries(LogIndex(1), LogIndex(5), usize::MAX).await.expect_err("corruption");
+    assert!(err.message.contains("group 7 entry 3") && err.message.contains("checksum"), "{err}");
+    // Entries before it still read fine.
+    assert_eq!(log.read_entries(LogIndex(1), LogIndex(2), usize::MAX).await.expect("clean").len(), 2);
+}
+
+#[tokio::test]
+async fn a_failed_write_poisons_the_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let log = RocksLog::new(store.clone(), GroupId(1));
+    log.append(vec![entry(1, 1, "a")]).await.expect("first write");
+    store.fail_next_write();
+    let err = log.append(vec![entry(1, 2, "b")]).await.expect_err("injected failure");
+    assert!(err.message.contains("injected"), "{err}");
+    // Every later write fails with the original error; reads still work.
+    let again = log.save_vote(&Vote::default()).await.expect_err("poisoned");
+    assert_eq!(again, err);
+    assert!(store.poisoned().is_some());
+    assert_eq!(log.read_entries(LogIndex(1), LogIndex(1), usize::MAX).await.expect("read").len(), 1);
+    let other = RocksLog::new(store.clone(), GroupId(2));
+    assert!(other.append(vec![entry(1, 1, "x")]).await.is_err(), "the whole store refuses writes");
+}
+
+#[tokio::test]
+async fn restart_finds_every_group_and_its_state_without_scanning_logs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = Store::open(dir.path()).expect("open");
+        for g in 1..=3u64 {
+            store.put_group(GroupId(g), vec![g as u8]).await.expect("descriptor");
+            let log = RocksLog::new(store.clone(), GroupId(g));
+            log.save_vote(&Vote { term: flotilla_raft::Term(g), voted_for: Some(NodeId(g)) }).await.expect("vote");
+            log.append((1..=10 * g).map(|i| entry(1, i, "x")).collect()).await.expect("append");
+            log.purge_up_to(LogId::new(1, g)).await.expect("purge");
+        }
+    }
+    let store = Store::open(dir.path()).expect("reopen");
+    assert_eq!(store.groups().expect("groups"), vec![GroupId(1), GroupId(2), GroupId(3)]);
+    for g in 1..=3u64 {
+        let log = RocksLog::new(store.clone(), GroupId(g));
+        let vote = log.read_vote().await.expect("vote").expect("present");
+        assert_eq!(vote.voted_for, Some(NodeId(g)));
+        let st = log.log_state().await.expect("state");
+        assert_eq!(st.last_purged, Some(LogId::new(1, g)));
+        assert_eq!(st.last, Some(LogId::new(1, 10 * g)));
+    }
+}
+
+#[tokio::test]
+async fn long_purges_use_a_range_delete() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let log = RocksLog::new(store.clone(), GroupId(1));
+    log.append((1..=5000).map(|i| entry(1, i, "x")).collect()).await.expect("append");
+    log.purge_up_to(LogId::new(1, 4000)).await.expect("purge");
+    let st = log.log_state().await.expect("state");
+    assert_eq!(st.last_purged, Some(LogId::new(1, 4000)));
+    assert!(log.read_entries(LogIndex(4000), LogIndex(4000), 1).await.is_err(), "purged");
+    assert_eq!(log.read_entries(LogIndex(4001), LogIndex(5000), usize::MAX).await.expect("rest").len(), 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_fsync_serves_many_groups() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let mut tasks = Vec::new();
+    for g in 0..200u64 {
+        let log = RocksLog::new(store.clone(), GroupId(g));
+        tasks.push(tokio::spawn(async move {
+            for i in 1..=5 {
+                log.append(vec![entry(1, i, "v")]).await.expect("append");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let stats = store.stats();
+    let (requests, syncs) = (stats.requests.load(Ordering::Relaxed), stats.syncs.load(Ordering::Relaxed));
+    assert_eq!(requests, 1000);
+    assert!(syncs < requests / 2, "group commit: {syncs} fsyncs for {requests} durable writes");
+}
+
+struct Node {
+    raft: Raft,
+    sm: KvStateMachine,
+}
+
+async fn start(router: &MemRouter, dir: &std::path::Path, id: u64) -> Node {
+    let store = Store::open(dir).expect("open");
+    let log = RocksLog::new(store.clone(), GroupId(1));
+    let sm = KvStateMachine::new(store, GroupId(1), KeyRange::all());
+    let config = Config { snapshot_threshold_entries: 50, log_keep_entries_after_snapshot: 10, ..Config::fast() };
+    let raft = Raft::start(NodeId(id), GroupId(1), config, log, sm.clone(), router.network()).await.expect("start");
+    router.register(raft.clone());
+    Node { raft, sm }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raft_cluster_on_rocksdb_survives_a_restart() {
+    let router = MemRouter::new();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
+    let mut nodes = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        nodes.push(start(&router, d.path(), i as u64 + 1).await);
+    }
+    nodes[0].raft.initialize(Membership::new([1, 2, 3].map(NodeId))).await.expect("init");
+    let wait = Duration::from_secs(20);
+    let m = nodes[0].raft.wait_for(wait, |m| m.leader.is_some()).await.expect("leader");
+    let leader = (m.leader.expect("leader").0 - 1) as usize;
+    for i in 0..120u32 {
+        let cmd = KvCommand::Put { key: format!("k{i:03}").into_bytes(), value: i.to_be_bytes().to_vec() };
+        let r = nodes[leader].raft.client_write(cmd.encode().expect("encode")).await.expect("write");
+        assert!(matches!(KvResponse::decode(&r.data).expect("decode"), KvResponse::Done { previous: None }));
+    }
+    let cas = KvCommand::Cas { key: b"k000".to_vec(), expected: Some(vec![9]), new: None };
+    let r = nodes[leader].raft.client_write(cas.encode().expect("encode")).await.expect("write");
+    assert_eq!(
+        KvResponse::decode(&r.data).expect("decode"),
+        KvResponse::CasFailed { current: Some(0u32.to_be_bytes().to_vec()) }
+    );
+    let idx = nodes[leader].raft.ensure_linearizable(ReadMode::ReadIndex).await.expect("read");
+    assert!(nodes[leader].raft.metrics().borrow().snapshot.is_some(), "snapshots were taken (threshold 50)");
+
+    // Restart a follower from its directory: it recovers its log, state and data.
+    let f = (leader + 1) % 3;
+    nodes[f].raft.wait_for(wait, |m| m.applied >= idx).await.expect("follower applied");
+    router.unregister(NodeId(f as u64 + 1));
+    nodes[f].raft.shutdown().await;
+    // Drop every handle on the old store (it closes the database) before reopening it.
+    let old = nodes.remove(f);
+    drop(old);
+    nodes.insert(f, start(&router, dirs[f].path(), f as u64 + 1).await);
+    nodes[f].raft.wait_for(wait, |m| m.applied >= idx).await.expect("recovered");
+    assert_eq!(nodes[f].sm.get(b"k119".to_vec()).await.expect("get"), Some(119u32.to_be_bytes().to_vec()));
+    assert_eq!(nodes[f].sm.scan(b"k".to_vec(), None, 1000).await.expect("scan").len(), 120);
+}
