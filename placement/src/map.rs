@@ -1,0 +1,240 @@
+//! The shard map: ordered, non-overlapping key ranges covering the whole keyspace, each served
+//! by one shard (a Raft group) with a version stamp and its replicas.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Bound;
+use thiserror::Error;
+
+/// A node of the cluster (as placement knows it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NodeId(pub u64);
+
+/// A shard (one Raft group serving one key range).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ShardId(pub u64);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+impl fmt::Display for ShardId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A shard's version stamp. `version` grows with every split or merge (the range changed),
+/// `conf_version` with every replica change. Each only ever grows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Epoch {
+    /// Bumped by replica changes.
+    pub conf_version: u64,
+    /// Bumped by splits and merges.
+    pub version: u64,
+}
+
+/// Whether a replica votes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ReplicaRole {
+    /// Votes and counts toward quorums.
+    Voter,
+    /// Receives the log only (catching up before promotion).
+    Learner,
+}
+
+/// One replica of a shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Replica {
+    /// The node it lives on.
+    pub node: NodeId,
+    /// Voter or learner.
+    pub role: ReplicaRole,
+}
+
+/// Everything a client or node needs to know about one shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardDescriptor {
+    /// The shard.
+    pub id: ShardId,
+    /// First key of its range.
+    pub start: Vec<u8>,
+    /// First key after its range; `None` is the end of the keyspace.
+    pub end: Option<Vec<u8>>,
+    /// Version stamp.
+    pub epoch: Epoch,
+    /// Replicas, at most one per node.
+    pub replicas: Vec<Replica>,
+}
+
+impl ShardDescriptor {
+    /// Whether `key` is in the shard's range.
+    pub fn contains(&self, key: &[u8]) -> bool {
+        key >= self.start.as_slice() && self.end.as_ref().is_none_or(|e| key < e.as_slice())
+    }
+    /// The replica on `node`, if any.
+    pub fn replica(&self, node: NodeId) -> Option<&Replica> {
+        self.replicas.iter().find(|r| r.node == node)
+    }
+    /// Voting replicas.
+    pub fn voters(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.replicas.iter().filter(|r| r.role == ReplicaRole::Voter).map(|r| r.node)
+    }
+}
+
+/// Why a request's routing is out of date. Each carries what the client needs to retry.
+#[derive(Clone, Debug, PartialEq, Eq, Error, Serialize, Deserialize)]
+pub enum RouteError {
+    /// No shard with that id (it may have been merged away): look the key up again.
+    #[error("unknown shard {0}")]
+    UnknownShard(ShardId),
+    /// The shard's version stamp changed since the client routed: here is the current one.
+    #[error("stale routing for shard {}: current epoch {:?}", current.id, current.epoch)]
+    StaleEpoch {
+        /// The shard as it is now.
+        current: Box<ShardDescriptor>,
+    },
+    /// The key is not in that shard (any more): here is the shard that holds it.
+    #[error("key not in shard; it is in shard {}", owner.id)]
+    WrongShard {
+        /// The shard holding the key now.
+        owner: Box<ShardDescriptor>,
+    },
+}
+
+/// The shard map. Invariant: the ranges are ordered, never overlap, and cover the keyspace
+/// (the first starts at the empty key, each ends where the next starts, the last is unbounded).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardMap {
+    /// Shards by the start key of their range.
+    by_start: BTreeMap<Vec<u8>, ShardDescriptor>,
+    /// Start key of each shard, by id.
+    starts: BTreeMap<ShardId, Vec<u8>>,
+}
+
+impl ShardMap {
+    /// A map of one shard covering the whole keyspace.
+    pub fn bootstrap(id: ShardId, replicas: Vec<Replica>) -> ShardMap {
+        let d = ShardDescriptor {
+            id,
+            start: Vec::new(),
+            end: None,
+            epoch: Epoch { conf_version: 1, version: 1 },
+            replicas,
+        };
+        let mut m = ShardMap::default();
+        m.starts.insert(id, Vec::new());
+        m.by_start.insert(Vec::new(), d);
+        m
+    }
+
+    /// Number of shards.
+    pub fn len(&self) -> usize {
+        self.by_start.len()
+    }
+
+    /// Whether the map has no shards (before bootstrap).
+    pub fn is_empty(&self) -> bool {
+        self.by_start.is_empty()
+    }
+
+    /// The shard holding `key`. `None` only before bootstrap.
+    pub fn lookup(&self, key: &[u8]) -> Option<&ShardDescriptor> {
+        self.by_start.range::<[u8], _>((Bound::Unbounded, Bound::Included(key))).next_back().map(|(_, d)| d)
+    }
+
+    /// The shards overlapping `[start, end)` in key order (`end: None`: to the end).
+    pub fn lookup_range<'a>(
+        &'a self,
+        start: &[u8],
+        end: Option<&'a [u8]>,
+    ) -> impl Iterator<Item = &'a ShardDescriptor> + 'a {
+        let first = self.lookup(start).map(|d| d.start.clone()).unwrap_or_default();
+        self.by_start.range(first..).map(|(_, d)| d).take_while(move |d| end.is_none_or(|e| d.start.as_slice() < e))
+    }
+
+    /// The shard with id `id`.
+    pub fn get(&self, id: ShardId) -> Option<&ShardDescriptor> {
+        self.starts.get(&id).and_then(|s| self.by_start.get(s))
+    }
+
+    /// Every shard in key order.
+    pub fn shards(&self) -> impl Iterator<Item = &ShardDescriptor> {
+        self.by_start.values()
+    }
+
+    /// Checks a request routed to `shard` at `epoch` for `key`.
+    pub fn check_route(&self, shard: ShardId, epoch: Epoch, key: &[u8]) -> Result<&ShardDescriptor, RouteError> {
+        let d = self.get(shard).ok_or(RouteError::UnknownShard(shard))?;
+        if !d.contains(key) {
+            let owner = self.lookup(key).cloned().ok_or(RouteError::UnknownShard(shard))?;
+            return Err(RouteError::WrongShard { owner: Box::new(owner) });
+        }
+        if d.epoch != epoch {
+            return Err(RouteError::StaleEpoch { current: Box::new(d.clone()) });
+        }
+        Ok(d)
+    }
+
+    pub(crate) fn get_mut(&mut self, id: ShardId) -> Option<&mut ShardDescriptor> {
+        let start = self.starts.get(&id)?;
+        self.by_start.get_mut(start)
+    }
+
+    /// Splits `shard` at `key` into `[start, key)` (keeps the id) and `[key, end)` (`new_id`);
+    /// both get `version + 1` and the same replicas. The caller has validated everything.
+    pub(crate) fn split(&mut self, shard: ShardId, key: Vec<u8>, new_id: ShardId) {
+        let d = self.get_mut(shard).expect("validated");
+        d.epoch.version += 1;
+        let right = ShardDescriptor {
+            id: new_id,
+            start: key.clone(),
+            end: d.end.take(),
+            epoch: d.epoch,
+            replicas: d.replicas.clone(),
+        };
+        d.end = Some(key.clone());
+        self.starts.insert(new_id, key.clone());
+        self.by_start.insert(key, right);
+    }
+
+    /// Checks the map's invariant (ordered, non-overlapping, covering); used by tests and
+    /// after restoring a snapshot.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut expect_start: Vec<u8> = Vec::new();
+        let mut open = true;
+        for (start, d) in &self.by_start {
+            if !open {
+                return Err(format!("shard {} starts after an unbounded shard", d.id));
+            }
+            if *start != d.start || *start != expect_start {
+                return Err(format!("shard {} starts at {:?}, expected {:?}", d.id, d.start, expect_start));
+            }
+            if self.starts.get(&d.id) != Some(start) {
+                return Err(format!("shard {} is missing from the id index", d.id));
+            }
+            match &d.end {
+                Some(e) if e.as_slice() <= d.start.as_slice() => {
+                    return Err(format!("shard {} has an empty range", d.id))
+                }
+                Some(e) => expect_start = e.clone(),
+                None => open = false,
+            }
+            let mut nodes: Vec<NodeId> = d.replicas.iter().map(|r| r.node).collect();
+            nodes.sort();
+            nodes.dedup();
+            if nodes.len() != d.replicas.len() {
+                return Err(format!("shard {} has two replicas on one node", d.id));
+            }
+        }
+        if !self.by_start.is_empty() && open {
+            return Err("the last shard is bounded: the keyspace is not covered".into());
+        }
+        if self.starts.len() != self.by_start.len() {
+            return Err("id index and range index disagree".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,187 @@
+//! The shard map and the meta state machine: unit cases and property tests against a naive
+//! model.
+
+use flotilla_placement::*;
+use proptest::prelude::*;
+
+fn n(i: u64) -> NodeId {
+    NodeId(i)
+}
+
+fn registered(nodes: &[u64]) -> MetaState {
+    let mut s = MetaState::default();
+    for i in nodes {
+        s.apply(MetaCommand::RegisterNode { node: n(*i), addr: format!("10.0.0.{i}:7000") }).expect("register");
+    }
+    s
+}
+
+fn bootstrapped() -> MetaState {
+    let mut s = registered(&[1, 2, 3, 4]);
+    s.apply(MetaCommand::Bootstrap { nodes: vec![n(1), n(2), n(3)] }).expect("bootstrap");
+    s
+}
+
+#[test]
+fn bootstrap_covers_the_keyspace_once() {
+    let mut s = bootstrapped();
+    assert_eq!(s.map.len(), 1);
+    assert_eq!(s.map.lookup(b"").map(|d| d.id), Some(ShardId(1)));
+    assert_eq!(s.map.lookup(b"\xff\xff").map(|d| d.id), Some(ShardId(1)));
+    assert_eq!(s.apply(MetaCommand::Bootstrap { nodes: vec![n(1)] }), Err(MetaError::AlreadyBootstrapped));
+    let mut fresh = registered(&[1]);
+    assert_eq!(fresh.apply(MetaCommand::Bootstrap { nodes: vec![n(9)] }), Err(MetaError::UnknownNode(n(9))));
+    assert!(fresh.map.is_empty(), "a refused command changes nothing");
+}
+
+#[test]
+fn split_bumps_version_on_both_halves_and_refuses_bad_keys() {
+    let mut s = bootstrapped();
+    let e = s.map.get(ShardId(1)).expect("shard").epoch;
+    let out = s.apply(MetaCommand::Split { shard: ShardId(1), epoch: e, key: b"m".to_vec() }).expect("split");
+    let MetaOutcome::Shards(ds) = out else { panic!("shards expected") };
+    assert_eq!(ds.len(), 2);
+    assert!(ds.iter().all(|d| d.epoch.version == e.version + 1 && d.epoch.conf_version == e.conf_version));
+    assert_eq!(s.map.lookup(b"a").map(|d| d.id), Some(ShardId(1)));
+    assert_eq!(s.map.lookup(b"m").map(|d| d.id), Some(ShardId(2)));
+    assert_eq!(s.map.lookup(b"z").map(|d| d.id), Some(ShardId(2)));
+    // The old epoch is stale now; the split key must be strictly inside.
+    let before = s.clone();
+    assert!(matches!(
+        s.apply(MetaCommand::Split { shard: ShardId(1), epoch: e, key: b"c".to_vec() }),
+        Err(MetaError::StaleEpoch { .. })
+    ));
+    let e1 = s.map.get(ShardId(1)).expect("shard").epoch;
+    assert_eq!(
+        s.apply(MetaCommand::Split { shard: ShardId(1), epoch: e1, key: b"m".to_vec() }),
+        Err(MetaError::SplitKeyOutsideRange(ShardId(1)))
+    );
+    assert_eq!(
+        s.apply(MetaCommand::Split { shard: ShardId(1), epoch: e1, key: Vec::new() }),
+        Err(MetaError::SplitKeyOutsideRange(ShardId(1)))
+    );
+    assert_eq!(s, before, "refused commands change nothing");
+    s.map.validate().expect("invariant");
+}
+
+#[test]
+fn routing_checks_name_what_changed() {
+    let mut s = bootstrapped();
+    let e = s.map.get(ShardId(1)).expect("shard").epoch;
+    assert!(s.map.check_route(ShardId(1), e, b"k").is_ok());
+    s.apply(MetaCommand::Split { shard: ShardId(1), epoch: e, key: b"m".to_vec() }).expect("split");
+    match s.map.check_route(ShardId(1), e, b"a") {
+        Err(RouteError::StaleEpoch { current }) => assert_eq!(current.end.as_deref(), Some(&b"m"[..])),
+        other => panic!("expected stale epoch, got {other:?}"),
+    }
+    match s.map.check_route(ShardId(1), e, b"x") {
+        Err(RouteError::WrongShard { owner }) => assert_eq!(owner.id, ShardId(2)),
+        other => panic!("expected wrong shard, got {other:?}"),
+    }
+    assert_eq!(s.map.check_route(ShardId(77), e, b"x").err(), Some(RouteError::UnknownShard(ShardId(77))));
+}
+
+#[test]
+fn replica_changes_bump_conf_version_and_are_checked() {
+    let mut s = bootstrapped();
+    let sh = ShardId(1);
+    let ep = |s: &MetaState| s.map.get(sh).expect("shard").epoch;
+    let e = ep(&s);
+    s.apply(MetaCommand::AddLearner { shard: sh, epoch: e, node: n(4) }).expect("learner");
+    assert_eq!(ep(&s).conf_version, e.conf_version + 1);
+    assert_eq!(ep(&s).version, e.version);
+    assert_eq!(
+        s.apply(MetaCommand::AddLearner { shard: sh, epoch: ep(&s), node: n(4) }),
+        Err(MetaError::ReplicaExists { shard: sh, node: n(4) })
+    );
+    assert_eq!(
+        s.apply(MetaCommand::AddLearner { shard: sh, epoch: ep(&s), node: n(9) }),
+        Err(MetaError::UnknownNode(n(9)))
+    );
+    assert_eq!(
+        s.apply(MetaCommand::Promote { shard: sh, epoch: ep(&s), node: n(1) }),
+        Err(MetaError::NoSuchReplica { shard: sh, node: n(1) })
+    );
+    s.apply(MetaCommand::Promote { shard: sh, epoch: ep(&s), node: n(4) }).expect("promote");
+    for node in [1, 2, 3] {
+        s.apply(MetaCommand::RemoveReplica { shard: sh, epoch: ep(&s), node: n(node) }).expect("remove");
+    }
+    assert_eq!(
+        s.apply(MetaCommand::RemoveReplica { shard: sh, epoch: ep(&s), node: n(4) }),
+        Err(MetaError::LastVoter(sh))
+    );
+    assert_eq!(s.map.get(sh).expect("shard").voters().collect::<Vec<_>>(), vec![n(4)]);
+}
+
+#[test]
+fn snapshot_restores_the_same_state_and_rejects_garbage() {
+    let mut s = bootstrapped();
+    let e = s.map.get(ShardId(1)).expect("shard").epoch;
+    s.apply(MetaCommand::Split { shard: ShardId(1), epoch: e, key: b"g".to_vec() }).expect("split");
+    let bytes = s.snapshot().expect("snapshot");
+    assert_eq!(MetaState::restore(&bytes).expect("restore"), s);
+    assert!(MetaState::restore(&bytes[..bytes.len() / 2]).is_err());
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    Split { pick: usize, key: Vec<u8> },
+    AddLearner { pick: usize, node: u64 },
+    Promote { pick: usize, node: u64 },
+    Remove { pick: usize, node: u64 },
+    Stale { pick: usize },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let key = prop::collection::vec(any::<u8>(), 0..4);
+    prop_oneof![
+        (any::<usize>(), key).prop_map(|(pick, key)| Step::Split { pick, key }),
+        (any::<usize>(), 1..7u64).prop_map(|(pick, node)| Step::AddLearner { pick, node }),
+        (any::<usize>(), 1..7u64).prop_map(|(pick, node)| Step::Promote { pick, node }),
+        (any::<usize>(), 1..7u64).prop_map(|(pick, node)| Step::Remove { pick, node }),
+        any::<usize>().prop_map(|pick| Step::Stale { pick }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// After any sequence of commands: the ranges never overlap and cover the keyspace, epochs
+    /// only grow, and lookups agree with a naive scan over all shards.
+    #[test]
+    fn the_map_stays_consistent_under_any_commands(steps in prop::collection::vec(step(), 1..60), probes in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..4), 1..20)) {
+        let mut s = registered(&[1, 2, 3, 4, 5, 6]);
+        s.apply(MetaCommand::Bootstrap { nodes: vec![n(1), n(2), n(3)] }).expect("bootstrap");
+        let mut seen: std::collections::BTreeMap<ShardId, Epoch> = Default::default();
+        for st in steps {
+            let ids: Vec<ShardId> = s.map.shards().map(|d| d.id).collect();
+            let pick = |p: usize| ids[p % ids.len()];
+            let before = s.clone();
+            let cmd = match st {
+                Step::Split { pick: p, key } => { let d = s.map.get(pick(p)).expect("shard"); MetaCommand::Split { shard: d.id, epoch: d.epoch, key } }
+                Step::AddLearner { pick: p, node } => { let d = s.map.get(pick(p)).expect("shard"); MetaCommand::AddLearner { shard: d.id, epoch: d.epoch, node: n(node) } }
+                Step::Promote { pick: p, node } => { let d = s.map.get(pick(p)).expect("shard"); MetaCommand::Promote { shard: d.id, epoch: d.epoch, node: n(node) } }
+                Step::Remove { pick: p, node } => { let d = s.map.get(pick(p)).expect("shard"); MetaCommand::RemoveReplica { shard: d.id, epoch: d.epoch, node: n(node) } }
+                Step::Stale { pick: p } => { let d = s.map.get(pick(p)).expect("shard"); let mut e = d.epoch; e.version = e.version.saturating_sub(1); MetaCommand::Split { shard: d.id, epoch: Epoch { conf_version: e.conf_version, version: e.version }, key: b"zz".to_vec() } }
+            };
+            if s.apply(cmd).is_err() {
+                prop_assert_eq!(&s, &before, "a refused command changed the state");
+            }
+            prop_assert!(s.map.validate().is_ok(), "{:?}", s.map.validate());
+            for d in s.map.shards() {
+                if let Some(old) = seen.get(&d.id) {
+                    prop_assert!(d.epoch.version >= old.version && d.epoch.conf_version >= old.conf_version);
+                }
+                seen.insert(d.id, d.epoch);
+            }
+        }
+        for key in probes {
+            let naive: Vec<ShardId> = s.map.shards().filter(|d| d.contains(&key)).map(|d| d.id).collect();
+            prop_assert_eq!(naive.len(), 1, "exactly one shard holds each key");
+            prop_assert_eq!(s.map.lookup(&key).map(|d| d.id), Some(naive[0]));
+        }
+        // Range lookups return exactly the overlapping shards, in order.
+        let all: Vec<ShardId> = s.map.lookup_range(b"", None).map(|d| d.id).collect();
+        prop_assert_eq!(all.len(), s.map.len());
+    }
+}
