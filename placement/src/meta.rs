@@ -87,6 +87,16 @@ pub enum MetaCommand {
         /// The node.
         node: NodeId,
     },
+    /// Ask the replicas of `shard` to hand leadership to the voter on `node`. Recorded until a
+    /// heartbeat of `node` reports it leads the shard.
+    TransferLeader {
+        /// The shard.
+        shard: ShardId,
+        /// The epoch the decision was made at.
+        epoch: Epoch,
+        /// The voter to lead.
+        node: NodeId,
+    },
     /// Start or stop draining a node.
     SetDraining {
         /// The node.
@@ -166,6 +176,8 @@ pub struct MetaState {
     pub nodes: BTreeMap<NodeId, NodeInfo>,
     /// The id the next new shard gets.
     pub next_shard_id: u64,
+    /// Leader transfers asked for and not yet seen done: shard -> target node.
+    pub transfers: BTreeMap<ShardId, NodeId>,
 }
 
 impl MetaState {
@@ -206,7 +218,16 @@ impl MetaState {
             }
             MetaCommand::Heartbeat { node, report } => {
                 let n = self.nodes.get_mut(&node).ok_or(MetaError::UnknownNode(node))?;
+                self.transfers.retain(|shard, target| !(*target == node && report.leading.contains(shard)));
                 n.report = report;
+                Ok(MetaOutcome::Done)
+            }
+            MetaCommand::TransferLeader { shard, epoch, node } => {
+                let d = self.current(shard, epoch)?;
+                if d.replica(node).is_none_or(|r| r.role != ReplicaRole::Voter) {
+                    return Err(MetaError::NoSuchReplica { shard, node });
+                }
+                self.transfers.insert(shard, node);
                 Ok(MetaOutcome::Done)
             }
             MetaCommand::SetDraining { node, draining } => {

@@ -114,6 +114,24 @@ fn replica_changes_bump_conf_version_and_are_checked() {
 }
 
 #[test]
+fn leader_transfer_requests_wait_for_the_target_to_report_leading() {
+    let mut s = bootstrapped();
+    let e = s.map.get(ShardId(1)).expect("shard").epoch;
+    assert_eq!(
+        s.apply(MetaCommand::TransferLeader { shard: ShardId(1), epoch: e, node: n(4) }),
+        Err(MetaError::NoSuchReplica { shard: ShardId(1), node: n(4) }),
+        "only a voter can lead"
+    );
+    s.apply(MetaCommand::TransferLeader { shard: ShardId(1), epoch: e, node: n(2) }).expect("transfer");
+    assert_eq!(s.transfers.get(&ShardId(1)), Some(&n(2)));
+    let report = |leading: Vec<ShardId>| NodeReport { leading, ..Default::default() };
+    s.apply(MetaCommand::Heartbeat { node: n(1), report: report(vec![ShardId(1)]) }).expect("hb");
+    assert_eq!(s.transfers.get(&ShardId(1)), Some(&n(2)), "another node leading does not complete it");
+    s.apply(MetaCommand::Heartbeat { node: n(2), report: report(vec![ShardId(1)]) }).expect("hb");
+    assert!(s.transfers.is_empty());
+}
+
+#[test]
 fn snapshot_restores_the_same_state_and_rejects_garbage() {
     let mut s = bootstrapped();
     let e = s.map.get(ShardId(1)).expect("shard").epoch;

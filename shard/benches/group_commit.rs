@@ -27,7 +27,10 @@ fn main() {
                     let mut lat = Vec::new();
                     let mut i = 1;
                     while Instant::now() < deadline {
-                        let e = Entry { log_id: LogId::new(1, i), payload: EntryPayload::Normal(Bytes::from(vec![7u8; 128])) };
+                        let e = Entry {
+                            log_id: LogId::new(1, i),
+                            payload: EntryPayload::Normal(Bytes::from(vec![7u8; 128])),
+                        };
                         let t = Instant::now();
                         log.append(vec![e]).await.expect("append");
                         lat.push(t.elapsed());
@@ -43,7 +46,9 @@ fn main() {
             (all.len() as u64, all)
         });
         lat.sort();
-        let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or_default();
+        let pct = |p: f64| {
+            lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or_default()
+        };
         let syncs = store.stats().syncs.load(Ordering::Relaxed);
         println!(
             "{:>7} {:>14.0} {:>12.0} {:>16.1} {:>6.2} / {:.2}",
