@@ -8,11 +8,16 @@
 //!   changes, each checked against the current state (a stale or misplaced command is refused
 //!   and changes nothing); snapshot and restore.
 //!
-//! Not built yet: the balancer and replica-move plans (see the placement issue).
+//! - [`balance`]: replica-count and leader-count balancing, with draining, under limits.
+//!
+//! Not built yet: balancing by data size, split suggestions, replica-move plans as checked
+//! steps (see the placement issue).
 #![warn(missing_docs)]
 
+pub mod balance;
 pub mod map;
 pub mod meta;
 
+pub use balance::{balance, BalancerConfig, Proposal};
 pub use map::{Epoch, NodeId, Replica, ReplicaRole, RouteError, ShardDescriptor, ShardId, ShardMap};
 pub use meta::{MetaCommand, MetaError, MetaOutcome, MetaState, NodeInfo, NodeReport};
