@@ -79,7 +79,7 @@ fn a_new_empty_node_gets_its_share() {
     assert!(max - min <= 1, "balanced: {c:?}");
     assert_eq!(c.values().sum::<usize>(), 120, "replicas are moved, not lost or added");
     // One snapshot into node 4 per round: 30 replicas need 30 rounds.
-    assert!(rounds >= 30 && rounds <= 31, "{rounds} rounds");
+    assert!((30..=31).contains(&rounds), "{rounds} rounds");
     assert!(balance(&s, &cfg).iter().all(|p| !matches!(p, Proposal::MoveReplica { .. })), "stable once balanced");
 }
 
