@@ -192,15 +192,30 @@ impl Cluster {
         Cluster { nodes, now: Millis(0), cut: BTreeSet::new() }
     }
 
-    /// A cluster of `ids` with node 1 elected leader and everything replicated.
-    fn with_leader(ids: &[u64], config: Config) -> Cluster {
+    /// A cluster of `ids`, each initialized with all of them as voters; no leader yet.
+    fn initialized(ids: &[u64], config: Config) -> Cluster {
         let mut c = Cluster::new(ids, config);
         for id in ids {
             let now = c.now;
             c.node(*id).engine.initialize(now, Membership::new(ids.iter().map(|i| n(*i)))).expect("init");
+            c.node(*id).run(now);
         }
+        c
+    }
+
+    /// A cluster of `ids` with node 1 elected leader and everything replicated.
+    fn with_leader(ids: &[u64], config: Config) -> Cluster {
+        let mut c = Cluster::initialized(ids, config);
         c.elect(1);
         c
+    }
+
+    /// Starts node `id` and has leader `leader` add it as a learner.
+    fn add_learner(&mut self, leader: u64, id: u64) {
+        self.nodes.insert(n(id), TestNode::new(id, &cfg(), id));
+        let now = self.now;
+        self.node(leader).engine.add_learner(now, n(id)).expect("add learner");
+        self.stabilize();
     }
 
     fn node(&mut self, id: u64) -> &mut TestNode {
@@ -324,11 +339,7 @@ fn election_timeout_is_randomized_within_bounds_and_seeded() {
 #[test]
 fn pre_vote_round_does_not_change_the_term() {
     // Reference: Raft thesis §9.6.
-    let mut c = Cluster::new(&[1, 2, 3], cfg());
-    for id in 1..=3 {
-        c.node(id).engine.initialize(Millis(0), Membership::new([n(1), n(2), n(3)])).unwrap();
-        c.node(id).run(Millis(0));
-    }
+    let mut c = Cluster::initialized(&[1, 2, 3], cfg());
     c.fire(1);
     assert_eq!(c.engine(1).role(), Role::PreCandidate);
     assert_eq!(c.engine(1).term(), Term(0));
@@ -367,11 +378,7 @@ fn pre_vote_is_refused_while_a_leader_is_alive() {
 
 #[test]
 fn candidate_counts_its_own_vote_only_once_durable() {
-    let mut c = Cluster::new(&[1, 2, 3], Config { pre_vote: false, ..cfg() });
-    for id in 1..=3 {
-        c.node(id).engine.initialize(Millis(0), Membership::new([n(1), n(2), n(3)])).unwrap();
-        c.node(id).run(Millis(0));
-    }
+    let mut c = Cluster::initialized(&[1, 2, 3], Config { pre_vote: false, ..cfg() });
     c.node(1).auto_sync = false;
     c.fire(1);
     let out = c.take_outbox(1);
@@ -386,11 +393,7 @@ fn candidate_counts_its_own_vote_only_once_durable() {
 
 #[test]
 fn vote_is_answered_only_once_durable() {
-    let mut c = Cluster::new(&[1, 2, 3], Config { pre_vote: false, ..cfg() });
-    for id in 1..=3 {
-        c.node(id).engine.initialize(Millis(0), Membership::new([n(1), n(2), n(3)])).unwrap();
-        c.node(id).run(Millis(0));
-    }
+    let mut c = Cluster::initialized(&[1, 2, 3], Config { pre_vote: false, ..cfg() });
     c.node(2).auto_sync = false;
     c.fire(1);
     let out = c.take_outbox(1);
@@ -627,10 +630,7 @@ fn lagging_follower_is_caught_up_from_storage_when_not_cached() {
 #[test]
 fn learner_receives_the_log_but_does_not_count() {
     let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
-    c.nodes.insert(n(4), TestNode::new(4, &cfg(), 9));
-    let now = c.now;
-    c.node(1).engine.add_learner(now, n(4)).unwrap();
-    c.stabilize();
+    c.add_learner(1, 4);
     c.propose(1, "x");
     c.stabilize();
     assert_eq!(c.applied_data(4), vec!["x".to_string()]);
@@ -678,10 +678,7 @@ fn joint_consensus_needs_both_majorities_then_leaves_automatically() {
 #[test]
 fn promoting_a_learner_and_removing_the_leader() {
     let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
-    c.nodes.insert(n(4), TestNode::new(4, &cfg(), 4));
-    let now = c.now;
-    c.node(1).engine.add_learner(now, n(4)).unwrap();
-    c.stabilize();
+    c.add_learner(1, 4);
     let now = c.now;
     c.node(1).engine.change_membership(now, voters(&[2, 3, 4])).unwrap();
     c.stabilize();
@@ -730,10 +727,8 @@ fn transfer_sends_timeout_now_once_the_target_is_caught_up() {
 #[test]
 fn transfer_to_a_learner_is_refused() {
     let mut c = Cluster::with_leader(&[1, 2], cfg());
-    c.nodes.insert(n(3), TestNode::new(3, &cfg(), 3));
+    c.add_learner(1, 3);
     let now = c.now;
-    c.node(1).engine.add_learner(now, n(3)).unwrap();
-    c.stabilize();
     assert!(matches!(c.node(1).engine.transfer_leader(now, n(3)), Err(RaftError::InvalidTarget(..))));
 }
 
@@ -789,10 +784,7 @@ fn lease_read_is_immediate_inside_the_lease_and_not_after() {
 
 #[test]
 fn reads_wait_for_the_first_commit_of_the_term() {
-    let mut c = Cluster::new(&[1, 2, 3], cfg());
-    for id in 1..=3 {
-        c.node(id).engine.initialize(Millis(0), Membership::new([n(1), n(2), n(3)])).unwrap();
-    }
+    let mut c = Cluster::initialized(&[1, 2, 3], cfg());
     c.stabilize();
     c.now = c.now.add_ms(1000);
     c.fire(1);
@@ -938,10 +930,7 @@ fn a_node_removed_by_an_uncommitted_configuration_still_campaigns() {
     // others needed its vote (their configuration is still joint) and it refused them for
     // having a shorter log, while it never campaigned itself: no leader, ever.
     let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
-    c.nodes.insert(n(4), TestNode::new(4, &cfg(), 4));
-    let now = c.now;
-    c.node(1).engine.add_learner(now, n(4)).unwrap();
-    c.stabilize();
+    c.add_learner(1, 4);
     let now = c.now;
     c.node(1).engine.change_membership(now, voters(&[1, 2, 4])).unwrap();
     // Let the joint entry commit everywhere, but the final entry reach only node 3.
@@ -1060,11 +1049,7 @@ fn a_refused_vote_request_from_a_higher_term_does_not_reset_the_election_timer()
 #[test]
 fn a_candidate_with_a_quorum_of_other_votes_still_waits_for_its_own_vote_to_be_durable() {
     // Otherwise a crash could let it lead the same term twice (review finding).
-    let mut c = Cluster::new(&[1, 2, 3], Config { pre_vote: false, ..cfg() });
-    for id in 1..=3 {
-        c.node(id).engine.initialize(Millis(0), Membership::new([n(1), n(2), n(3)])).unwrap();
-        c.node(id).run(Millis(0));
-    }
+    let mut c = Cluster::initialized(&[1, 2, 3], Config { pre_vote: false, ..cfg() });
     c.node(1).auto_sync = false;
     c.fire(1);
     c.stabilize();
