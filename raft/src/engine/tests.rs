@@ -228,6 +228,11 @@ impl Cluster {
 
     /// Runs every node's actions, then delivers messages until no node has anything left.
     fn stabilize(&mut self) {
+        self.stabilize_with(|_| true);
+    }
+
+    /// Like `stabilize`, delivering only the messages `keep` accepts (the others are lost).
+    fn stabilize_with(&mut self, mut keep: impl FnMut(&Message) -> bool) {
         for _ in 0..10_000 {
             let mut msgs = Vec::new();
             for node in self.nodes.values_mut() {
@@ -238,7 +243,9 @@ impl Cluster {
                 return;
             }
             for m in msgs {
-                self.deliver(m);
+                if keep(&m) {
+                    self.deliver(m);
+                }
             }
         }
         panic!("cluster did not stabilize");
@@ -583,23 +590,11 @@ fn entries_of_earlier_terms_commit_only_with_a_current_term_entry() {
     c.fire(1);
     // Deliver votes but drop the new leader's appends to everyone: "old" is on the leader only.
     let mut became = false;
-    for _ in 0..50 {
-        let mut msgs = Vec::new();
-        for node in c.nodes.values_mut() {
-            node.run(c.now);
-            msgs.append(&mut node.outbox);
-        }
-        if msgs.is_empty() {
-            break;
-        }
-        for m in msgs {
-            if m.from == n(1) && matches!(m.body, MessageBody::Append { .. }) {
-                became = true;
-                continue;
-            }
-            c.deliver(m);
-        }
-    }
+    c.stabilize_with(|m| {
+        let drop = m.from == n(1) && matches!(m.body, MessageBody::Append { .. });
+        became |= drop;
+        !drop
+    });
     assert!(became);
     assert_eq!(c.engine(1).role(), Role::Leader);
     assert!(c.engine(1).committed() < old);
@@ -789,18 +784,7 @@ fn reads_wait_for_the_first_commit_of_the_term() {
     c.now = c.now.add_ms(1000);
     c.fire(1);
     // Run the election but hold back the new leader's appends.
-    for _ in 0..10 {
-        let mut msgs = Vec::new();
-        for node in c.nodes.values_mut() {
-            node.run(c.now);
-            msgs.append(&mut node.outbox);
-        }
-        for m in msgs {
-            if !matches!(m.body, MessageBody::Append { .. }) {
-                c.deliver(m);
-            }
-        }
-    }
+    c.stabilize_with(|m| !matches!(m.body, MessageBody::Append { .. }));
     assert_eq!(c.engine(1).role(), Role::Leader);
     let now = c.now;
     c.node(1).engine.read(now, 5, ReadMode::ReadIndex);
@@ -935,30 +919,13 @@ fn a_node_removed_by_an_uncommitted_configuration_still_campaigns() {
     c.node(1).engine.change_membership(now, voters(&[1, 2, 4])).unwrap();
     // Let the joint entry commit everywhere, but the final entry reach only node 3.
     let mut final_seen = false;
-    for _ in 0..100 {
-        let mut msgs = Vec::new();
-        for node in c.nodes.values_mut() {
-            node.run(c.now);
-            msgs.append(&mut node.outbox);
-        }
-        if msgs.is_empty() {
-            break;
-        }
-        for m in msgs {
-            let carries_final = matches!(&m.body, MessageBody::Append { entries, .. }
-                if entries.iter().any(|e| e.membership().is_some_and(|m| !m.is_joint() && m.voters.len() == 3 && !m.voters.contains(&n(3)))));
-            if carries_final {
-                final_seen = true;
-                if m.to != n(3) {
-                    continue;
-                }
-            }
-            if final_seen && m.from == n(1) && m.to != n(3) {
-                continue;
-            }
-            c.deliver(m);
-        }
-    }
+    c.stabilize_with(|m| {
+        let carries_final = matches!(&m.body, MessageBody::Append { entries, .. }
+            if entries.iter().any(|e| e.membership().is_some_and(|m| !m.is_joint() && m.voters.len() == 3 && !m.voters.contains(&n(3)))));
+        final_seen |= carries_final;
+        // Once the final configuration is out, node 1's messages reach only node 3.
+        !(final_seen && m.from == n(1) && m.to != n(3))
+    });
     assert!(final_seen);
     assert!(!c.engine(3).membership().membership.is_voter(n(3)), "node 3 holds its removal");
     assert!(c.engine(2).membership().membership.is_joint(), "node 2 does not");
