@@ -143,6 +143,7 @@ pub mod driver;
 pub mod engine;
 pub mod entry;
 pub mod error;
+pub mod group;
 /// Documentation only: a guide to the crate, one chapter per task.
 pub mod guide;
 pub mod membership;
@@ -156,6 +157,7 @@ pub use driver::{Raft, RaftMetrics, WriteResponse};
 pub use engine::{Action, Engine, EngineStatus, InitialState, IoId, ReadMode, Role};
 pub use entry::{Entry, EntryPayload};
 pub use error::{ConfigError, Fatal, RaftError, StorageError};
+pub use group::{CoreAction, GroupCore};
 pub use membership::{Membership, StoredMembership};
 pub use message::{AppendResult, Message, MessageBody};
 pub use network::Network;

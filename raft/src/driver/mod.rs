@@ -13,18 +13,20 @@ use crate::config::Config;
 use crate::engine::{Action, Engine, EngineStatus, IoId, ReadMode, Role};
 use crate::entry::Entry;
 use crate::error::{Fatal, RaftError, StorageError};
+pub use crate::group::WriteResponse;
+use crate::group::{CoreAction, GroupCore};
 use crate::membership::{Membership, StoredMembership};
-use crate::message::{Message, MessageBody};
+use crate::message::Message;
 use crate::network::Network;
-use crate::storage::{LogStorage, Snapshot, SnapshotMeta, StateMachine};
+use crate::storage::{LogStorage, Snapshot, StateMachine};
 use crate::types::{GroupId, LogId, LogIndex, Millis, NodeId, Term};
-use bytes::{Bytes, BytesMut};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use bytes::Bytes;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tracing::{error, info_span, warn, Instrument};
+use tracing::{error, info_span, Instrument};
 
 pub use recover::recover_state;
 
@@ -35,15 +37,6 @@ pub const INBOX_MSGS_MAX: usize = 4096;
 const API_QUEUE_MAX: usize = 1024;
 /// Events the core handles before it executes the actions they produced: batching.
 const EVENTS_PER_ROUND_MAX: usize = 256;
-
-/// The result of a committed and applied write.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WriteResponse {
-    /// Where the command landed in the log.
-    pub log_id: LogId,
-    /// What the state machine returned for it.
-    pub data: Bytes,
-}
 
 /// A snapshot of the state of one group, published on a `watch` channel.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -165,27 +158,14 @@ impl Raft {
         let applier = tokio::spawn(applier(log.clone(), state_machine, ap_rx, ap_ev_tx).instrument(span.clone()));
         let core = Core {
             group,
-            engine,
+            core: GroupCore::new(engine, snapshot),
             network,
             base,
             io_tx,
             ap_tx,
-            snapshot,
-            receiving: BytesMut::new(),
-            writes: BTreeMap::new(),
-            batches: HashMap::new(),
-            next_batch: 0,
-            reads: HashMap::new(),
-            reads_ready: Vec::new(),
-            next_read: 0,
-            learner_waits: Vec::new(),
-            change_waits: Vec::new(),
-            transfer_waits: Vec::new(),
             metrics: metrics_tx,
             span: span.clone(),
             term_recorded: None,
-            committed_saved: LogIndex(0),
-            fatal: None,
         };
         let task = tokio::spawn(core.run(api_rx, inbox_rx, io_ev_rx, ap_ev_rx).instrument(span));
         Ok(Raft {
@@ -521,54 +501,19 @@ async fn apply_one<L: LogStorage, S: StateMachine>(
 
 // ----- the core -------------------------------------------------------------------------------
 
-type WriteReply = oneshot::Sender<Result<Vec<Result<WriteResponse, RaftError>>, RaftError>>;
-type IndexReply = oneshot::Sender<Result<LogIndex, RaftError>>;
-
-struct Batch {
-    results: Vec<Option<Result<WriteResponse, RaftError>>>,
-    remaining: usize,
-    reply: WriteReply,
-}
-
-struct PendingWrite {
-    term: Term,
-    batch: u64,
-    pos: usize,
-}
-
 struct Core<N: Network> {
     group: GroupId,
-    engine: Engine,
+    /// The engine and the bookkeeping of pending requests.
+    core: GroupCore,
     network: N,
     /// Time zero of the engine's clock.
     base: Instant,
     io_tx: mpsc::UnboundedSender<IoReq>,
     ap_tx: mpsc::UnboundedSender<ApplyReq>,
-    /// The current snapshot (built or installed), for sending chunks.
-    snapshot: Option<Snapshot>,
-    /// Chunks of the snapshot being received.
-    receiving: BytesMut,
-    /// Proposed entries waiting to be applied, by index.
-    writes: BTreeMap<LogIndex, PendingWrite>,
-    batches: HashMap<u64, Batch>,
-    next_batch: u64,
-    /// Reads waiting for the engine: id -> (wait for apply?, reply).
-    reads: HashMap<u64, (bool, oneshot::Sender<Result<LogIndex, RaftError>>)>,
-    /// Reads confirmed, waiting for the state machine to reach their index.
-    reads_ready: Vec<(LogIndex, oneshot::Sender<Result<LogIndex, RaftError>>)>,
-    next_read: u64,
-    /// `add_learner` calls waiting for their entry (id) to apply: (entry, node, reply).
-    learner_waits: Vec<(LogId, NodeId, IndexReply)>,
-    /// Membership changes waiting for the final configuration (joint entry index).
-    change_waits: Vec<(LogId, BTreeSet<NodeId>, IndexReply)>,
-    transfer_waits: Vec<(NodeId, oneshot::Sender<Result<(), RaftError>>)>,
     metrics: watch::Sender<RaftMetrics>,
     /// The group's span; its `term` field follows the engine's term.
     span: tracing::Span,
     term_recorded: Option<Term>,
-    /// The commit index last handed to `save_committed`.
-    committed_saved: LogIndex,
-    fatal: Option<Fatal>,
 }
 
 impl<N: Network> Core<N> {
@@ -587,10 +532,10 @@ impl<N: Network> Core<N> {
         loop {
             self.execute_actions();
             self.publish_metrics();
-            if self.fatal.is_some() {
+            if self.core.fatal().is_some() {
                 break;
             }
-            let deadline = self.base + Duration::from_millis(self.engine.next_deadline().0);
+            let deadline = self.base + Duration::from_millis(self.core.engine().next_deadline().0);
             tokio::select! {
                 biased;
                 Some(ev) = io_ev.recv() => {
@@ -607,10 +552,10 @@ impl<N: Network> Core<N> {
                 }
                 Some(msg) = inbox.recv() => {
                     let now = self.now();
-                    self.engine.handle_message(now, msg);
+                    self.core.handle_message(now, msg);
                     for _ in 1..EVENTS_PER_ROUND_MAX {
                         match inbox.try_recv() {
-                            Ok(msg) => self.engine.handle_message(now, msg),
+                            Ok(msg) => self.core.handle_message(now, msg),
                             Err(_) => break,
                         }
                     }
@@ -618,7 +563,7 @@ impl<N: Network> Core<N> {
                 req = api.recv() => match req {
                     Some(Api::Shutdown(reply)) => {
                         shutdown_reply = Some(reply);
-                        self.fatal = Some(Fatal::Shutdown);
+                        self.core.stop(Fatal::Shutdown);
                     }
                     Some(req) => {
                         self.on_api(req);
@@ -628,7 +573,7 @@ impl<N: Network> Core<N> {
                             match api.try_recv() {
                                 Ok(Api::Shutdown(reply)) => {
                                     shutdown_reply = Some(reply);
-                                    self.fatal = Some(Fatal::Shutdown);
+                                    self.core.stop(Fatal::Shutdown);
                                     break;
                                 }
                                 Ok(req) => self.on_api(req),
@@ -636,57 +581,28 @@ impl<N: Network> Core<N> {
                             }
                         }
                     }
-                    None => self.fatal = Some(Fatal::Shutdown),
+                    None => self.core.stop(Fatal::Shutdown),
                 },
                 _ = tokio::time::sleep_until(deadline) => {
                     let now = self.now();
-                    self.engine.handle_timeout(now);
+                    self.core.handle_timeout(now);
                 }
             }
         }
-        let fatal = self.fatal.clone().unwrap_or(Fatal::Shutdown);
-        self.fail_all(&fatal);
+        let fatal = self.core.fatal().cloned().unwrap_or(Fatal::Shutdown);
         self.metrics.send_modify(|m| m.stopped = Some(fatal));
         if let Some(reply) = shutdown_reply {
             let _ = reply.send(());
         }
     }
 
-    fn stop(&mut self, e: StorageError) {
-        error!(error = %e, "storage failed: stopping the group");
-        self.fatal = Some(Fatal::Storage(e));
-    }
-
-    fn fail_all(&mut self, fatal: &Fatal) {
-        let err = || RaftError::Fatal(fatal.clone());
-        for (_, b) in self.batches.drain() {
-            let _ = b.reply.send(Err(err()));
-        }
-        self.writes.clear();
-        for (_, (_, r)) in self.reads.drain() {
-            let _ = r.send(Err(err()));
-        }
-        for (_, r) in self.reads_ready.drain(..) {
-            let _ = r.send(Err(err()));
-        }
-        for (_, _, r) in self.learner_waits.drain(..) {
-            let _ = r.send(Err(err()));
-        }
-        for (_, _, r) in self.change_waits.drain(..) {
-            let _ = r.send(Err(err()));
-        }
-        for (_, r) in self.transfer_waits.drain(..) {
-            let _ = r.send(Err(err()));
-        }
-    }
-
     fn publish_metrics(&mut self) {
-        let term = self.engine.term();
+        let term = self.core.engine().term();
         if self.term_recorded != Some(term) {
             self.term_recorded = Some(term);
             self.span.record("term", term.0);
         }
-        let m = RaftMetrics::from_status(self.group, self.engine.status());
+        let m = RaftMetrics::from_status(self.group, self.core.engine().status());
         self.metrics.send_if_modified(|cur| {
             if *cur == m {
                 false
@@ -699,80 +615,26 @@ impl<N: Network> Core<N> {
 
     fn on_api(&mut self, req: Api) {
         let now = self.now();
+        let core = &mut self.core;
         match req {
             Api::Initialize(m, reply) => {
-                let _ = reply.send(self.engine.initialize(now, m));
+                let _ = reply.send(core.initialize(now, m));
             }
-            Api::Write(cmds, reply) => {
-                let count = cmds.len();
-                match self.engine.propose(now, cmds) {
-                    Ok(first) => {
-                        let term = self.engine.term();
-                        let batch = self.next_batch;
-                        self.next_batch += 1;
-                        for pos in 0..count {
-                            self.writes.insert(LogIndex(first.0 + pos as u64), PendingWrite { term, batch, pos });
-                        }
-                        self.batches.insert(batch, Batch { results: vec![None; count], remaining: count, reply });
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                }
-            }
-            Api::Read(mode, wait_apply, reply) => {
-                let id = self.next_read;
-                self.next_read += 1;
-                self.reads.insert(id, (wait_apply, reply));
-                self.engine.read(now, id, mode);
-            }
-            Api::AddLearner(node, reply) => match self.engine.add_learner(now, node) {
-                Ok(index) => {
-                    let term = self.engine.term_at(index).unwrap_or_default();
-                    self.learner_waits.push((LogId { term, index }, node, reply))
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
-            Api::ChangeMembership(voters, reply)
-                if voters == self.engine.committed_membership().membership.voters
-                    && !self.engine.committed_membership().membership.is_joint()
-                    && self.engine.membership() == self.engine.committed_membership()
-                    && self.engine.leader() == Some(self.engine.id()) =>
-            {
-                // Already the configuration: nothing to do.
-                let _ = reply.send(Ok(self.engine.committed_membership().log_id.index));
-            }
-            Api::ChangeMembership(voters, reply) => match self.engine.change_membership(now, voters.clone()) {
-                Ok(index) => {
-                    let term = self.engine.term_at(index).unwrap_or_default();
-                    self.change_waits.push((LogId { term, index }, voters, reply))
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
-            Api::TransferLeader(target, reply) => match self.engine.transfer_leader(now, target) {
-                Ok(()) if self.engine.leader() == Some(target) => {
-                    let _ = reply.send(Ok(()));
-                }
-                Ok(()) => self.transfer_waits.push((target, reply)),
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
-            Api::TriggerSnapshot => self.engine.trigger_snapshot(),
+            Api::Write(cmds, reply) => core.write(now, cmds, reply),
+            Api::Read(mode, wait_apply, reply) => core.read(now, mode, wait_apply, reply),
+            Api::AddLearner(node, reply) => core.add_learner(now, node, reply),
+            Api::ChangeMembership(voters, reply) => core.change_membership(now, voters, reply),
+            Api::TransferLeader(target, reply) => core.transfer_leader(now, target, reply),
+            Api::TriggerSnapshot => core.trigger_snapshot(),
             Api::Shutdown(_) => unreachable!("handled by the loop"),
         }
-        self.check_waits();
     }
 
     fn on_io(&mut self, ev: IoEvent) {
         let now = self.now();
         match ev {
-            IoEvent::Done(io) => self.engine.handle_io_done(now, io),
-            IoEvent::Loaded(peer, entries) => self.engine.handle_entries_loaded(now, peer, entries),
+            IoEvent::Done(io) => self.core.handle_io_done(now, io),
+            IoEvent::Loaded(peer, entries) => self.core.handle_entries_loaded(now, peer, entries),
             IoEvent::Failed(e) => self.stop(e),
         }
     }
@@ -780,212 +642,41 @@ impl<N: Network> Core<N> {
     fn on_apply(&mut self, ev: ApplyEvent) {
         let now = self.now();
         match ev {
-            ApplyEvent::Applied(results) => {
-                let last = results.last().map(|(id, _)| id.index);
-                for (log_id, data) in results {
-                    self.complete_write(log_id, data);
-                }
-                if let Some(last) = last {
-                    self.engine.handle_applied(now, last);
-                }
-            }
-            ApplyEvent::Built(snapshot) => {
-                let meta = snapshot.meta.clone();
-                // Keep it only if the engine will adopt it (it ignores one that is not newer),
-                // so chunks are always served from the snapshot the engine names.
-                if self.snapshot.as_ref().is_none_or(|s| s.meta.last_log_id < meta.last_log_id) {
-                    self.snapshot = Some(snapshot);
-                }
-                self.engine.handle_snapshot_built(now, meta);
-            }
-            ApplyEvent::Installed(snapshot) => {
-                let meta = snapshot.meta.clone();
-                // Proposals at or below the snapshot: this node proposed them as leader, then
-                // fell behind; whether they committed is unknown here.
-                let below: Vec<LogIndex> = self.writes.range(..=meta.last_log_id.index).map(|(i, _)| *i).collect();
-                for i in below {
-                    self.fail_write(i, RaftError::Indeterminate { index: i });
-                }
-                self.snapshot = Some(snapshot);
-                self.engine.handle_snapshot_installed(now, meta);
-            }
+            ApplyEvent::Applied(results) => self.core.handle_applied(now, results),
+            ApplyEvent::Built(snapshot) => self.core.handle_snapshot_built(now, snapshot),
+            ApplyEvent::Installed(snapshot) => self.core.handle_snapshot_installed(now, snapshot),
             ApplyEvent::Failed(e) => self.stop(e),
         }
-        self.check_waits();
     }
 
-    fn complete_write(&mut self, log_id: LogId, data: Bytes) {
-        let Some(w) = self.writes.get(&log_id.index) else { return };
-        if w.term == log_id.term {
-            let w = self.writes.remove(&log_id.index).expect("checked");
-            self.finish_write(w, Ok(WriteResponse { log_id, data }));
-        } else {
-            self.fail_write(log_id.index, RaftError::Dropped { index: log_id.index });
-        }
-    }
-
-    fn fail_write(&mut self, index: LogIndex, e: RaftError) {
-        if let Some(w) = self.writes.remove(&index) {
-            self.finish_write(w, Err(e));
-        }
-    }
-
-    fn finish_write(&mut self, w: PendingWrite, r: Result<WriteResponse, RaftError>) {
-        let Some(b) = self.batches.get_mut(&w.batch) else { return };
-        if b.results[w.pos].is_none() {
-            b.results[w.pos] = Some(r);
-            b.remaining -= 1;
-        }
-        if b.remaining == 0 {
-            let b = self.batches.remove(&w.batch).expect("present");
-            let results = b.results.into_iter().map(|r| r.unwrap_or(Err(RaftError::Timeout))).collect();
-            let _ = b.reply.send(Ok(results));
-        }
-    }
-
-    /// Answers requests whose condition now holds.
-    fn check_waits(&mut self) {
-        let applied = self.engine.applied();
-        let committed_m = self.engine.committed_membership().clone();
-        let mut i = 0;
-        while i < self.reads_ready.len() {
-            if self.reads_ready[i].0 <= applied {
-                let (idx, r) = self.reads_ready.swap_remove(i);
-                let _ = r.send(Ok(idx));
-            } else {
-                i += 1;
-            }
-        }
-        // A configuration request succeeded if its entry is the one that applied (same term)
-        // and the committed configuration shows the change; a replaced entry fails it.
-        let replaced = |engine: &Engine, id: LogId| engine.term_at(id.index).is_some_and(|t| t != id.term);
-        let mut i = 0;
-        while i < self.learner_waits.len() {
-            let (id, node) = (self.learner_waits[i].0, self.learner_waits[i].1);
-            if id.index <= applied {
-                let (_, _, r) = self.learner_waits.swap_remove(i);
-                let ok = !replaced(&self.engine, id) && committed_m.membership.contains(node);
-                let _ = r.send(if ok { Ok(id.index) } else { Err(RaftError::Dropped { index: id.index }) });
-            } else {
-                i += 1;
-            }
-        }
-        let mut i = 0;
-        while i < self.change_waits.len() {
-            let joint = self.change_waits[i].0;
-            if replaced(&self.engine, joint) && joint.index <= applied {
-                let (_, _, r) = self.change_waits.swap_remove(i);
-                let _ = r.send(Err(RaftError::Dropped { index: joint.index }));
-                continue;
-            }
-            let done = committed_m.log_id.index > joint.index
-                && !committed_m.membership.is_joint()
-                && committed_m.log_id.index <= applied;
-            if done {
-                let (_, voters, r) = self.change_waits.swap_remove(i);
-                let ok = committed_m.membership.voters == voters;
-                let _ = r.send(if ok {
-                    Ok(committed_m.log_id.index)
-                } else {
-                    Err(RaftError::Dropped { index: joint.index })
-                });
-            } else {
-                i += 1;
-            }
-        }
-        let leader = self.engine.leader();
-        let mut i = 0;
-        while i < self.transfer_waits.len() {
-            if Some(self.transfer_waits[i].0) == leader {
-                let (_, r) = self.transfer_waits.swap_remove(i);
-                let _ = r.send(Ok(()));
-            } else {
-                i += 1;
-            }
-        }
+    fn stop(&mut self, e: StorageError) {
+        error!(error = %e, "storage failed: stopping the group");
+        self.core.stop(Fatal::Storage(e));
     }
 
     fn execute_actions(&mut self) {
-        while let Some(action) = self.engine.poll_action() {
+        while let Some(action) = self.core.poll_action() {
             match action {
-                Action::SaveVote { .. }
-                | Action::AppendEntries { .. }
-                | Action::TruncateFrom { .. }
-                | Action::PurgeUpTo { .. } => {
-                    let _ = self.io_tx.send(IoReq::Write(action));
+                CoreAction::Write(a) => {
+                    let _ = self.io_tx.send(IoReq::Write(a));
                 }
-                Action::LoadEntries { peer, from, to, bytes_max } => {
+                CoreAction::SaveCommitted(index) => {
+                    let _ = self.io_tx.send(IoReq::SaveCommitted(index));
+                }
+                CoreAction::Load { peer, from, to, bytes_max } => {
                     let _ = self.io_tx.send(IoReq::Load { peer, from, to, bytes_max });
                 }
-                Action::Send(msg) => self.network.send(msg),
-                Action::Apply { first, last, entries } => {
+                CoreAction::Send(msg) => self.network.send(msg),
+                CoreAction::Apply { first, last, entries } => {
                     let _ = self.ap_tx.send(ApplyReq::Apply { first, last, entries });
                 }
-                Action::BuildSnapshot => {
+                CoreAction::Build => {
                     let _ = self.ap_tx.send(ApplyReq::Build);
                 }
-                Action::SendSnapshotChunk { to, meta, offset, len, done } => {
-                    self.send_chunk(to, meta, offset, len, done)
-                }
-                Action::ReceiveSnapshotChunk { meta, offset, data } => {
-                    if offset == 0 {
-                        self.receiving.clear();
-                        self.receiving.reserve(meta.size_bytes.min(64 << 20) as usize);
-                    }
-                    self.receiving.extend_from_slice(&data);
-                }
-                Action::InstallSnapshot { meta } => {
-                    let data = std::mem::take(&mut self.receiving).freeze();
-                    if data.len() as u64 != meta.size_bytes {
-                        self.stop(StorageError::new(
-                            "install_snapshot",
-                            format!("received {} bytes, snapshot has {}", data.len(), meta.size_bytes),
-                        ));
-                        return;
-                    }
-                    let _ = self.ap_tx.send(ApplyReq::Install(Snapshot { meta, data }));
-                }
-                Action::ReadReady { id, index } => {
-                    if let Some((wait_apply, reply)) = self.reads.remove(&id) {
-                        if wait_apply && index > self.engine.applied() {
-                            self.reads_ready.push((index, reply));
-                        } else {
-                            let _ = reply.send(Ok(index));
-                        }
-                    }
-                }
-                Action::ReadFailed { id, error } => {
-                    if let Some((_, reply)) = self.reads.remove(&id) {
-                        let _ = reply.send(Err(error));
-                    }
+                CoreAction::Install(snapshot) => {
+                    let _ = self.ap_tx.send(ApplyReq::Install(snapshot));
                 }
             }
         }
-        // Queued after the writes above, so the entries it covers are durable first.
-        let committed = self.engine.committed();
-        if committed > self.committed_saved {
-            self.committed_saved = committed;
-            let _ = self.io_tx.send(IoReq::SaveCommitted(committed));
-        }
-        self.check_waits();
-    }
-
-    fn send_chunk(&mut self, to: NodeId, meta: SnapshotMeta, offset: u64, len: u64, done: bool) {
-        let Some(s) = &self.snapshot else { return };
-        if s.meta != meta {
-            warn!(%to, "snapshot changed before its chunk was sent; the transfer will restart");
-            return;
-        }
-        let (start, end) = (offset as usize, (offset + len) as usize);
-        if end > s.data.len() {
-            return;
-        }
-        let data = s.data.slice(start..end);
-        self.network.send(Message {
-            from: self.engine.id(),
-            to,
-            term: self.engine.term(),
-            body: MessageBody::Snapshot { meta, offset, data, done },
-        });
     }
 }

@@ -1,0 +1,586 @@
+//! [`GroupCore`]: one group's engine together with the bookkeeping of its callers' requests —
+//! which client write waits for which log index, which read waits for which round, which
+//! membership change waits for which configuration — without any I/O or task of its own.
+//!
+//! The Tokio driver ([`crate::Raft`]) runs one `GroupCore` per group with three tasks. A host
+//! that runs thousands of groups on a few threads (flotilla-shard) runs many `GroupCore`s on
+//! its own pollers. Both execute the same [`CoreAction`]s, so request handling is written once.
+//!
+//! # Driving contract
+//! 1. Feed inputs: API calls (`write`, `read`, ...), [`GroupCore::handle_message`],
+//!    [`GroupCore::handle_timeout`] once `now >= next_deadline()`, and the completions of the
+//!    actions below (`handle_io_done`, `handle_entries_loaded`, `handle_applied`,
+//!    `handle_snapshot_built`, `handle_snapshot_installed`).
+//! 2. After inputs, drain [`GroupCore::poll_action`] and execute each action:
+//!    - `Write` actions become durable **in the order they were polled**, then report
+//!      `handle_io_done(io)`; `SaveCommitted` is ordered with them but reports nothing.
+//!    - `Load` runs after the writes polled before it, then reports `handle_entries_loaded`.
+//!    - `Apply`, `Build` and `Install` run one at a time, in order, on the state machine.
+//!    - `Send` is fire-and-forget.
+//! 3. Replies to callers are sent from inside the core (on the `oneshot` each call carried).
+
+use crate::engine::{Action, Engine, IoId, ReadMode};
+use crate::entry::Entry;
+use crate::error::{Fatal, RaftError, StorageError};
+use crate::membership::Membership;
+use crate::message::{Message, MessageBody};
+use crate::storage::{Snapshot, SnapshotMeta};
+use crate::types::{LogId, LogIndex, Millis, NodeId, Term};
+use bytes::{Bytes, BytesMut};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use tokio::sync::oneshot;
+use tracing::warn;
+
+/// The result of a committed and applied write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteResponse {
+    /// Where the command landed in the log.
+    pub log_id: LogId,
+    /// What the state machine returned for it.
+    pub data: Bytes,
+}
+
+/// Where the answer to a batch of writes goes: one result per command, in order.
+pub type WriteReply = oneshot::Sender<Result<Vec<Result<WriteResponse, RaftError>>, RaftError>>;
+/// Where the answer to a read or a configuration change goes.
+pub type IndexReply = oneshot::Sender<Result<LogIndex, RaftError>>;
+/// Where the answer to a leadership transfer goes.
+pub type DoneReply = oneshot::Sender<Result<(), RaftError>>;
+
+/// Work for the caller of [`GroupCore::poll_action`]; see the driving contract in the module
+/// documentation.
+#[derive(Debug)]
+pub enum CoreAction {
+    /// A log write (`SaveVote`, `AppendEntries`, `TruncateFrom` or `PurgeUpTo`); report
+    /// `handle_io_done` once durable.
+    Write(Action),
+    /// Record the commit index (not a durability point; ordered after the writes before it).
+    SaveCommitted(LogIndex),
+    /// Read entries `from..=to` (at most `bytes_max`) after the writes polled before, then
+    /// report `handle_entries_loaded(peer, ..)`.
+    Load {
+        /// Follower they are for.
+        peer: NodeId,
+        /// First index.
+        from: LogIndex,
+        /// Last index.
+        to: LogIndex,
+        /// Byte budget.
+        bytes_max: usize,
+    },
+    /// Send a message.
+    Send(Message),
+    /// Apply `first..=last` (read them from the log when `entries` is `None`), then report
+    /// `handle_applied` with the responses.
+    Apply {
+        /// First index.
+        first: LogIndex,
+        /// Last index.
+        last: LogIndex,
+        /// The entries, if the engine had them in memory.
+        entries: Option<Vec<Entry>>,
+    },
+    /// Build a snapshot, then report `handle_snapshot_built`.
+    Build,
+    /// Install this received snapshot, then report `handle_snapshot_installed`.
+    Install(Snapshot),
+}
+
+struct Batch {
+    results: Vec<Option<Result<WriteResponse, RaftError>>>,
+    remaining: usize,
+    reply: WriteReply,
+}
+
+struct PendingWrite {
+    term: Term,
+    batch: u64,
+    pos: usize,
+}
+
+/// One group's engine and its callers' pending requests. See the module documentation.
+pub struct GroupCore {
+    engine: Engine,
+    /// The current snapshot (built or installed), for sending chunks.
+    snapshot: Option<Snapshot>,
+    /// Chunks of the snapshot being received.
+    receiving: BytesMut,
+    /// Proposed entries waiting to be applied, by index.
+    writes: BTreeMap<LogIndex, PendingWrite>,
+    batches: HashMap<u64, Batch>,
+    next_batch: u64,
+    /// Reads waiting for the engine: id -> (wait for apply?, reply).
+    reads: HashMap<u64, (bool, IndexReply)>,
+    /// Reads confirmed, waiting for the state machine to reach their index.
+    reads_ready: Vec<(LogIndex, IndexReply)>,
+    next_read: u64,
+    /// `add_learner` calls waiting for their entry to apply: (entry, node, reply).
+    learner_waits: Vec<(LogId, NodeId, IndexReply)>,
+    /// Membership changes waiting for the final configuration (joint entry id).
+    change_waits: Vec<(LogId, BTreeSet<NodeId>, IndexReply)>,
+    transfer_waits: Vec<(NodeId, DoneReply)>,
+    /// The commit index last handed out as `SaveCommitted`.
+    committed_saved: LogIndex,
+    /// Actions produced while handling the engine's own (chunks to send).
+    out: std::collections::VecDeque<CoreAction>,
+    /// Set once the group stopped: every later call is answered with it.
+    fatal: Option<Fatal>,
+}
+
+impl GroupCore {
+    /// Wraps `engine`; `snapshot` is the state machine's current snapshot, if any.
+    pub fn new(engine: Engine, snapshot: Option<Snapshot>) -> GroupCore {
+        GroupCore {
+            engine,
+            snapshot,
+            receiving: BytesMut::new(),
+            writes: BTreeMap::new(),
+            batches: HashMap::new(),
+            next_batch: 0,
+            reads: HashMap::new(),
+            reads_ready: Vec::new(),
+            next_read: 0,
+            learner_waits: Vec::new(),
+            change_waits: Vec::new(),
+            transfer_waits: Vec::new(),
+            committed_saved: LogIndex(0),
+            out: Default::default(),
+            fatal: None,
+        }
+    }
+
+    /// The engine (status, deadlines).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The engine, for inputs this type does not wrap (e.g. quiescence).
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
+    /// Why the group stopped, if it did.
+    pub fn fatal(&self) -> Option<&Fatal> {
+        self.fatal.as_ref()
+    }
+
+    /// Whether any caller waits for an answer (a group with waiters must not go quiet).
+    pub fn has_waiters(&self) -> bool {
+        !(self.batches.is_empty()
+            && self.reads.is_empty()
+            && self.reads_ready.is_empty()
+            && self.learner_waits.is_empty()
+            && self.change_waits.is_empty()
+            && self.transfer_waits.is_empty())
+    }
+
+    // ----- API ---------------------------------------------------------------------------
+
+    /// Forms a new cluster; see [`Engine::initialize`].
+    pub fn initialize(&mut self, now: Millis, membership: Membership) -> Result<(), RaftError> {
+        self.check_alive()?;
+        self.engine.initialize(now, membership)
+    }
+
+    /// Proposes `commands`; `reply` gets one result per command once all applied (or failed).
+    pub fn write(&mut self, now: Millis, commands: Vec<Bytes>, reply: WriteReply) {
+        if let Err(e) = self.check_alive() {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let count = commands.len();
+        if count == 0 {
+            let _ = reply.send(Ok(Vec::new()));
+            return;
+        }
+        match self.engine.propose(now, commands) {
+            Ok(first) => {
+                let term = self.engine.term();
+                let batch = self.next_batch;
+                self.next_batch += 1;
+                for pos in 0..count {
+                    self.writes.insert(LogIndex(first.0 + pos as u64), PendingWrite { term, batch, pos });
+                }
+                self.batches.insert(batch, Batch { results: vec![None; count], remaining: count, reply });
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// A linearizable read: `reply` gets the read index once it is confirmed (and, with
+    /// `wait_apply`, once the state machine has applied it).
+    pub fn read(&mut self, now: Millis, mode: ReadMode, wait_apply: bool, reply: IndexReply) {
+        if let Err(e) = self.check_alive() {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let id = self.next_read;
+        self.next_read += 1;
+        self.reads.insert(id, (wait_apply, reply));
+        self.engine.read(now, id, mode);
+    }
+
+    /// Adds a learner; `reply` gets the entry's index once it applied.
+    pub fn add_learner(&mut self, now: Millis, node: NodeId, reply: IndexReply) {
+        if let Err(e) = self.check_alive() {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        match self.engine.add_learner(now, node) {
+            Ok(index) => {
+                let term = self.engine.term_at(index).unwrap_or_default();
+                self.learner_waits.push((LogId { term, index }, node, reply));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+        self.check_waits();
+    }
+
+    /// Changes the voters by joint consensus; `reply` gets the final configuration's index.
+    pub fn change_membership(&mut self, now: Millis, voters: BTreeSet<NodeId>, reply: IndexReply) {
+        if let Err(e) = self.check_alive() {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let committed = self.engine.committed_membership();
+        if voters == committed.membership.voters
+            && !committed.membership.is_joint()
+            && self.engine.membership() == committed
+            && self.engine.leader() == Some(self.engine.id())
+        {
+            // Already the configuration: nothing to do.
+            let _ = reply.send(Ok(committed.log_id.index));
+            return;
+        }
+        match self.engine.change_membership(now, voters.clone()) {
+            Ok(index) => {
+                let term = self.engine.term_at(index).unwrap_or_default();
+                self.change_waits.push((LogId { term, index }, voters, reply));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Hands leadership to `target`; `reply` answers once this node sees it lead.
+    pub fn transfer_leader(&mut self, now: Millis, target: NodeId, reply: DoneReply) {
+        if let Err(e) = self.check_alive() {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        match self.engine.transfer_leader(now, target) {
+            Ok(()) if self.engine.leader() == Some(target) => {
+                let _ = reply.send(Ok(()));
+            }
+            Ok(()) => self.transfer_waits.push((target, reply)),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Asks for a snapshot now.
+    pub fn trigger_snapshot(&mut self) {
+        self.engine.trigger_snapshot();
+    }
+
+    fn check_alive(&self) -> Result<(), RaftError> {
+        match &self.fatal {
+            Some(f) => Err(RaftError::Fatal(f.clone())),
+            None => Ok(()),
+        }
+    }
+
+    // ----- inputs ------------------------------------------------------------------------
+
+    /// A message from a peer.
+    pub fn handle_message(&mut self, now: Millis, msg: Message) {
+        if self.fatal.is_none() {
+            self.engine.handle_message(now, msg);
+        }
+    }
+
+    /// Timers.
+    pub fn handle_timeout(&mut self, now: Millis) {
+        if self.fatal.is_none() {
+            self.engine.handle_timeout(now);
+        }
+    }
+
+    /// A `Write` action is durable.
+    pub fn handle_io_done(&mut self, now: Millis, io: IoId) {
+        if self.fatal.is_none() {
+            self.engine.handle_io_done(now, io);
+        }
+    }
+
+    /// Entries a `Load` action read.
+    pub fn handle_entries_loaded(&mut self, now: Millis, peer: NodeId, entries: Vec<Entry>) {
+        if self.fatal.is_none() {
+            self.engine.handle_entries_loaded(now, peer, entries);
+        }
+    }
+
+    /// An `Apply` action finished: the id and response of every entry applied, in order.
+    pub fn handle_applied(&mut self, now: Millis, results: Vec<(LogId, Bytes)>) {
+        let last = results.last().map(|(id, _)| id.index);
+        for (log_id, data) in results {
+            self.complete_write(log_id, data);
+        }
+        if let Some(last) = last {
+            self.engine.handle_applied(now, last);
+        }
+        self.check_waits();
+    }
+
+    /// A `Build` action finished.
+    pub fn handle_snapshot_built(&mut self, now: Millis, snapshot: Snapshot) {
+        let meta = snapshot.meta.clone();
+        // Keep it only if the engine will adopt it (it ignores one that is not newer), so
+        // chunks are always served from the snapshot the engine names.
+        if self.snapshot.as_ref().is_none_or(|s| s.meta.last_log_id < meta.last_log_id) {
+            self.snapshot = Some(snapshot);
+        }
+        self.engine.handle_snapshot_built(now, meta);
+    }
+
+    /// An `Install` action finished.
+    pub fn handle_snapshot_installed(&mut self, now: Millis, snapshot: Snapshot) {
+        let meta = snapshot.meta.clone();
+        // Proposals at or below the snapshot: this node proposed them as leader, then fell
+        // behind; whether they committed is unknown here.
+        let below: Vec<LogIndex> = self.writes.range(..=meta.last_log_id.index).map(|(i, _)| *i).collect();
+        for i in below {
+            self.fail_write(i, RaftError::Indeterminate { index: i });
+        }
+        self.snapshot = Some(snapshot);
+        self.engine.handle_snapshot_installed(now, meta);
+        self.check_waits();
+    }
+
+    /// Storage failed or the group is shutting down: every pending and later request fails
+    /// with `fatal`, and no more actions are produced.
+    pub fn stop(&mut self, fatal: Fatal) {
+        if self.fatal.is_some() {
+            return;
+        }
+        let err = || RaftError::Fatal(fatal.clone());
+        for (_, b) in self.batches.drain() {
+            let _ = b.reply.send(Err(err()));
+        }
+        self.writes.clear();
+        for (_, (_, r)) in self.reads.drain() {
+            let _ = r.send(Err(err()));
+        }
+        for (_, r) in self.reads_ready.drain(..) {
+            let _ = r.send(Err(err()));
+        }
+        for (_, _, r) in self.learner_waits.drain(..) {
+            let _ = r.send(Err(err()));
+        }
+        for (_, _, r) in self.change_waits.drain(..) {
+            let _ = r.send(Err(err()));
+        }
+        for (_, r) in self.transfer_waits.drain(..) {
+            let _ = r.send(Err(err()));
+        }
+        self.out.clear();
+        self.fatal = Some(fatal);
+    }
+
+    /// A storage error stops the group.
+    pub fn fail(&mut self, e: StorageError) {
+        warn!(node = %self.engine.id(), error = %e, "storage failed: stopping the group");
+        self.stop(Fatal::Storage(e));
+    }
+
+    // ----- outputs -----------------------------------------------------------------------
+
+    /// The next action to execute, in order; `None` once there is nothing to do.
+    pub fn poll_action(&mut self) -> Option<CoreAction> {
+        loop {
+            if self.fatal.is_some() {
+                return None;
+            }
+            if let Some(a) = self.out.pop_front() {
+                return Some(a);
+            }
+            let Some(action) = self.engine.poll_action() else {
+                // Queued after the writes above, so the entries it covers are durable first.
+                let committed = self.engine.committed();
+                if committed > self.committed_saved {
+                    self.committed_saved = committed;
+                    return Some(CoreAction::SaveCommitted(committed));
+                }
+                self.check_waits();
+                return None;
+            };
+            match action {
+                Action::SaveVote { .. }
+                | Action::AppendEntries { .. }
+                | Action::TruncateFrom { .. }
+                | Action::PurgeUpTo { .. } => return Some(CoreAction::Write(action)),
+                Action::LoadEntries { peer, from, to, bytes_max } => {
+                    return Some(CoreAction::Load { peer, from, to, bytes_max })
+                }
+                Action::Send(msg) => return Some(CoreAction::Send(msg)),
+                Action::Apply { first, last, entries } => return Some(CoreAction::Apply { first, last, entries }),
+                Action::BuildSnapshot => return Some(CoreAction::Build),
+                Action::SendSnapshotChunk { to, meta, offset, len, done } => {
+                    if let Some(msg) = self.chunk(to, meta, offset, len, done) {
+                        return Some(CoreAction::Send(msg));
+                    }
+                }
+                Action::ReceiveSnapshotChunk { meta, offset, data } => {
+                    if offset == 0 {
+                        self.receiving.clear();
+                        self.receiving.reserve(meta.size_bytes.min(64 << 20) as usize);
+                    }
+                    self.receiving.extend_from_slice(&data);
+                }
+                Action::InstallSnapshot { meta } => {
+                    let data = std::mem::take(&mut self.receiving).freeze();
+                    if data.len() as u64 != meta.size_bytes {
+                        self.fail(StorageError::new(
+                            "install_snapshot",
+                            format!("received {} bytes, snapshot has {}", data.len(), meta.size_bytes),
+                        ));
+                        return None;
+                    }
+                    return Some(CoreAction::Install(Snapshot { meta, data }));
+                }
+                Action::ReadReady { id, index } => {
+                    if let Some((wait_apply, reply)) = self.reads.remove(&id) {
+                        if wait_apply && index > self.engine.applied() {
+                            self.reads_ready.push((index, reply));
+                        } else {
+                            let _ = reply.send(Ok(index));
+                        }
+                    }
+                }
+                Action::ReadFailed { id, error } => {
+                    if let Some((_, reply)) = self.reads.remove(&id) {
+                        let _ = reply.send(Err(error));
+                    }
+                }
+            }
+        }
+    }
+
+    fn chunk(&mut self, to: NodeId, meta: SnapshotMeta, offset: u64, len: u64, done: bool) -> Option<Message> {
+        let s = self.snapshot.as_ref()?;
+        if s.meta != meta {
+            warn!(%to, "snapshot changed before its chunk was sent; the transfer will restart");
+            return None;
+        }
+        let (start, end) = (offset as usize, (offset + len) as usize);
+        if end > s.data.len() {
+            return None;
+        }
+        let data = s.data.slice(start..end);
+        Some(Message {
+            from: self.engine.id(),
+            to,
+            term: self.engine.term(),
+            body: MessageBody::Snapshot { meta, offset, data, done },
+        })
+    }
+
+    fn complete_write(&mut self, log_id: LogId, data: Bytes) {
+        let Some(w) = self.writes.get(&log_id.index) else { return };
+        if w.term == log_id.term {
+            if let Some(w) = self.writes.remove(&log_id.index) {
+                self.finish_write(w, Ok(WriteResponse { log_id, data }));
+            }
+        } else {
+            self.fail_write(log_id.index, RaftError::Dropped { index: log_id.index });
+        }
+    }
+
+    fn fail_write(&mut self, index: LogIndex, e: RaftError) {
+        if let Some(w) = self.writes.remove(&index) {
+            self.finish_write(w, Err(e));
+        }
+    }
+
+    fn finish_write(&mut self, w: PendingWrite, r: Result<WriteResponse, RaftError>) {
+        let Some(b) = self.batches.get_mut(&w.batch) else { return };
+        if b.results[w.pos].is_none() {
+            b.results[w.pos] = Some(r);
+            b.remaining -= 1;
+        }
+        if b.remaining == 0 {
+            if let Some(b) = self.batches.remove(&w.batch) {
+                let results = b.results.into_iter().map(|r| r.unwrap_or(Err(RaftError::Timeout))).collect();
+                let _ = b.reply.send(Ok(results));
+            }
+        }
+    }
+
+    /// Answers requests whose condition now holds.
+    fn check_waits(&mut self) {
+        let applied = self.engine.applied();
+        let committed_m = self.engine.committed_membership().clone();
+        let mut i = 0;
+        while i < self.reads_ready.len() {
+            if self.reads_ready[i].0 <= applied {
+                let (idx, r) = self.reads_ready.swap_remove(i);
+                let _ = r.send(Ok(idx));
+            } else {
+                i += 1;
+            }
+        }
+        // A configuration request succeeded if its entry is the one that applied (same term)
+        // and the committed configuration shows the change; a replaced entry fails it.
+        let replaced = |engine: &Engine, id: LogId| engine.term_at(id.index).is_some_and(|t| t != id.term);
+        let mut i = 0;
+        while i < self.learner_waits.len() {
+            let (id, node) = (self.learner_waits[i].0, self.learner_waits[i].1);
+            if id.index <= applied {
+                let (_, _, r) = self.learner_waits.swap_remove(i);
+                let ok = !replaced(&self.engine, id) && committed_m.membership.contains(node);
+                let _ = r.send(if ok { Ok(id.index) } else { Err(RaftError::Dropped { index: id.index }) });
+            } else {
+                i += 1;
+            }
+        }
+        let mut i = 0;
+        while i < self.change_waits.len() {
+            let joint = self.change_waits[i].0;
+            if replaced(&self.engine, joint) && joint.index <= applied {
+                let (_, _, r) = self.change_waits.swap_remove(i);
+                let _ = r.send(Err(RaftError::Dropped { index: joint.index }));
+                continue;
+            }
+            let done = committed_m.log_id.index > joint.index
+                && !committed_m.membership.is_joint()
+                && committed_m.log_id.index <= applied;
+            if done {
+                let (_, voters, r) = self.change_waits.swap_remove(i);
+                let ok = committed_m.membership.voters == voters;
+                let _ = r.send(if ok {
+                    Ok(committed_m.log_id.index)
+                } else {
+                    Err(RaftError::Dropped { index: joint.index })
+                });
+            } else {
+                i += 1;
+            }
+        }
+        let leader = self.engine.leader();
+        let mut i = 0;
+        while i < self.transfer_waits.len() {
+            if Some(self.transfer_waits[i].0) == leader {
+                let (_, r) = self.transfer_waits.swap_remove(i);
+                let _ = r.send(Ok(()));
+            } else {
+                i += 1;
+            }
+        }
+    }
+}
