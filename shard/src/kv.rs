@@ -169,6 +169,81 @@ impl KvStateMachine {
             .await
     }
 
+    /// The write batch and responses for applying `entries` (blocking), for a host that
+    /// submits the batch itself. The batch must be written before the next call for this
+    /// shard: a compare-and-swap reads the state the previous batch left.
+    pub fn prepare_apply_blocking(&self, entries: Vec<Entry>) -> Result<(Vec<Op>, Vec<Bytes>), StorageError> {
+        Self::apply_ops(&self.store, self.group, &self.range, entries)
+    }
+
+    /// The shard's key range.
+    pub fn range(&self) -> &KeyRange {
+        &self.range
+    }
+
+    fn apply_ops(
+        s: &Store,
+        g: GroupId,
+        range: &KeyRange,
+        entries: Vec<Entry>,
+    ) -> Result<(Vec<Op>, Vec<Bytes>), StorageError> {
+        let mut applied = Self::read_applied(s, g)?;
+        let data = s.cf(CF_DATA)?;
+        // Values written earlier in this batch, which the database does not show yet.
+        let mut overlay: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+        let mut ops = Vec::new();
+        let mut responses = Vec::with_capacity(entries.len());
+        for e in entries {
+            applied.last_applied = Some(e.log_id);
+            let resp = match e.payload {
+                EntryPayload::Blank => Bytes::new(),
+                EntryPayload::Membership(m) => {
+                    applied.membership = StoredMembership { log_id: e.log_id, membership: m };
+                    Bytes::new()
+                }
+                EntryPayload::Normal(payload) => {
+                    let r = match KvCommand::decode(&payload) {
+                        Err(err) => KvResponse::Refused(format!("undecodable command: {}", err.message)),
+                        Ok(cmd) if !range.contains(cmd.key()) => {
+                            KvResponse::Refused(format!("key outside the range of shard {g}"))
+                        }
+                        Ok(cmd) => {
+                            let key = cmd.key().to_vec();
+                            let current = match overlay.get(&key) {
+                                Some(v) => v.clone(),
+                                None => {
+                                    s.db().get_cf(data, &key).map_err(|e| StorageError::new("apply", e.to_string()))?
+                                }
+                            };
+                            let (new, resp) = match cmd {
+                                KvCommand::Put { value, .. } => {
+                                    (Some(Some(value)), KvResponse::Done { previous: current })
+                                }
+                                KvCommand::Delete { .. } => (Some(None), KvResponse::Done { previous: current }),
+                                KvCommand::Cas { expected, new, .. } if expected == current => {
+                                    (Some(new), KvResponse::Done { previous: current })
+                                }
+                                KvCommand::Cas { .. } => (None, KvResponse::CasFailed { current }),
+                            };
+                            if let Some(new) = new {
+                                ops.push(match &new {
+                                    Some(v) => Op::Put(CF_DATA, key.clone(), v.clone()),
+                                    None => Op::Delete(CF_DATA, key.clone()),
+                                });
+                                overlay.insert(key, new);
+                            }
+                            resp
+                        }
+                    };
+                    r.encode()?
+                }
+            };
+            responses.push(resp);
+        }
+        ops.push(Op::Put(CF_RAFT, group_key(g, KIND_APPLIED).to_vec(), encode(&applied)?));
+        Ok((ops, responses))
+    }
+
     fn read_applied(s: &Store, group: GroupId) -> Result<AppliedRecord, StorageError> {
         match s
             .db()
@@ -204,69 +279,7 @@ impl StateMachine for KvStateMachine {
 
     async fn apply(&mut self, entries: Vec<Entry>) -> Result<Vec<Bytes>, StorageError> {
         let (g, range) = (self.group, self.range.clone());
-        let (ops, responses) = self
-            .store
-            .blocking(move |s| {
-                let mut applied = Self::read_applied(s, g)?;
-                let data = s.cf(CF_DATA)?;
-                // Values written earlier in this batch, which the database does not show yet.
-                let mut overlay: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
-                let mut ops = Vec::new();
-                let mut responses = Vec::with_capacity(entries.len());
-                for e in entries {
-                    applied.last_applied = Some(e.log_id);
-                    let resp = match e.payload {
-                        EntryPayload::Blank => Bytes::new(),
-                        EntryPayload::Membership(m) => {
-                            applied.membership = StoredMembership { log_id: e.log_id, membership: m };
-                            Bytes::new()
-                        }
-                        EntryPayload::Normal(payload) => {
-                            let r = match KvCommand::decode(&payload) {
-                                Err(err) => KvResponse::Refused(format!("undecodable command: {}", err.message)),
-                                Ok(cmd) if !range.contains(cmd.key()) => {
-                                    KvResponse::Refused(format!("key outside the range of shard {g}"))
-                                }
-                                Ok(cmd) => {
-                                    let key = cmd.key().to_vec();
-                                    let current = match overlay.get(&key) {
-                                        Some(v) => v.clone(),
-                                        None => s
-                                            .db()
-                                            .get_cf(data, &key)
-                                            .map_err(|e| StorageError::new("apply", e.to_string()))?,
-                                    };
-                                    let (new, resp) = match cmd {
-                                        KvCommand::Put { value, .. } => {
-                                            (Some(Some(value)), KvResponse::Done { previous: current })
-                                        }
-                                        KvCommand::Delete { .. } => {
-                                            (Some(None), KvResponse::Done { previous: current })
-                                        }
-                                        KvCommand::Cas { expected, new, .. } if expected == current => {
-                                            (Some(new), KvResponse::Done { previous: current })
-                                        }
-                                        KvCommand::Cas { .. } => (None, KvResponse::CasFailed { current }),
-                                    };
-                                    if let Some(new) = new {
-                                        ops.push(match &new {
-                                            Some(v) => Op::Put(CF_DATA, key.clone(), v.clone()),
-                                            None => Op::Delete(CF_DATA, key.clone()),
-                                        });
-                                        overlay.insert(key, new);
-                                    }
-                                    resp
-                                }
-                            };
-                            r.encode()?
-                        }
-                    };
-                    responses.push(resp);
-                }
-                ops.push(Op::Put(CF_RAFT, group_key(g, KIND_APPLIED).to_vec(), encode(&applied)?));
-                Ok((ops, responses))
-            })
-            .await?;
+        let (ops, responses) = self.store.blocking(move |s| Self::apply_ops(s, g, &range, entries)).await?;
         self.store.write(ops, false).await?;
         Ok(responses)
     }

@@ -4,7 +4,7 @@ use crate::keys::{
     decode, encode, entries_end, entry_index, entry_key, group_key, KIND_COMMITTED, KIND_LOG_STATE, KIND_VOTE,
 };
 use crate::store::{Op, Store, CF_RAFT};
-use flotilla_raft::{Entry, GroupId, LogId, LogIndex, LogState, LogStorage, StorageError, Vote};
+use flotilla_raft::{Action, Entry, GroupId, LogId, LogIndex, LogState, LogStorage, StorageError, Vote};
 use rocksdb::{Direction, IteratorMode};
 use std::sync::{Arc, Mutex};
 
@@ -46,6 +46,113 @@ impl RocksLog {
     /// The group.
     pub fn group(&self) -> GroupId {
         self.group
+    }
+
+    /// Reads and caches the last log id (blocking: call from a thread of its own). Hosts call
+    /// it once when a group starts, before [`RocksLog::write_ops`].
+    pub fn load_last_blocking(&self) -> Result<LogId, StorageError> {
+        let last_purged: Option<LogId> = Self::get(&self.store, self.group, KIND_LOG_STATE)?;
+        let last = Self::last_entry(&self.store, self.group)?.or(last_purged).unwrap_or_default();
+        self.set_last(last)?;
+        Ok(last)
+    }
+
+    /// The write batch for a log write of the engine (`SaveVote`, `AppendEntries`,
+    /// `TruncateFrom`, `PurgeUpTo`), for a host that submits the writes of many groups
+    /// itself. Blocking (a purge reads the previous bound). The cached bounds are updated as
+    /// if the write succeeded: writes are applied in order, and a failed one stops the group.
+    /// Also returns the key range to compact after a ranged purge.
+    pub fn write_ops(&self, action: &Action) -> Result<(Vec<Op>, Option<(Vec<u8>, Vec<u8>)>), StorageError> {
+        let g = self.group;
+        match action {
+            Action::SaveVote { vote, .. } => {
+                Ok((vec![Op::Put(CF_RAFT, group_key(g, KIND_VOTE).to_vec(), encode(vote)?)], None))
+            }
+            Action::AppendEntries { entries, .. } => {
+                let last = match *self.last.lock().map_err(|_| StorageError::new("append", "poisoned lock"))? {
+                    Some(l) => l,
+                    None => self.load_last_blocking()?,
+                };
+                let ops = self.append_ops(last, entries)?;
+                if let Some(e) = entries.last() {
+                    self.set_last(e.log_id)?;
+                }
+                Ok((ops, None))
+            }
+            Action::TruncateFrom { index, .. } => {
+                let ops = vec![self.truncate_op(*index)];
+                // The new last entry is read back lazily on the next append.
+                *self.last.lock().map_err(|_| StorageError::new("write", "poisoned lock"))? = None;
+                Ok((ops, None))
+            }
+            Action::PurgeUpTo { log_id, .. } => {
+                let prev: Option<LogId> = Self::get(&self.store, g, KIND_LOG_STATE)?;
+                let (ops, compact) = self.purge_ops(prev, *log_id)?;
+                *self.last.lock().map_err(|_| StorageError::new("write", "poisoned lock"))? = None;
+                Ok((ops, compact))
+            }
+            other => Err(StorageError::new("write", format!("not a log write: {other:?}"))),
+        }
+    }
+
+    /// Entries `from..=to` (blocking), as [`LogStorage::read_entries`].
+    pub fn read_entries_blocking(
+        &self,
+        from: LogIndex,
+        to: LogIndex,
+        bytes_max: usize,
+    ) -> Result<Vec<Entry>, StorageError> {
+        read_entries_in(&self.store, self.group, from, to, bytes_max)
+    }
+
+    fn append_ops(&self, last: LogId, entries: &[Entry]) -> Result<Vec<Op>, StorageError> {
+        let Some(first) = entries.first() else { return Ok(Vec::new()) };
+        if first.log_id.index != last.index.next() {
+            return Err(StorageError::new(
+                "append",
+                format!("group {}: entry {} does not follow the last entry {last}", self.group, first.log_id),
+            ));
+        }
+        if entries.windows(2).any(|w| w[1].log_id.index != w[0].log_id.index.next()) {
+            return Err(StorageError::new("append", format!("group {}: entries are not consecutive", self.group)));
+        }
+        let mut ops = Vec::with_capacity(entries.len());
+        for e in entries {
+            ops.push(Op::Put(CF_RAFT, entry_key(self.group, e.log_id.index).to_vec(), encode(e)?));
+        }
+        Ok(ops)
+    }
+
+    fn truncate_op(&self, index: LogIndex) -> Op {
+        Op::DeleteRange(CF_RAFT, entry_key(self.group, index).to_vec(), entries_end(self.group).to_vec())
+    }
+
+    /// The purge batch given the previous purge point, and the range to compact after it.
+    #[allow(clippy::type_complexity)]
+    fn purge_ops(
+        &self,
+        prev: Option<LogId>,
+        log_id: LogId,
+    ) -> Result<(Vec<Op>, Option<(Vec<u8>, Vec<u8>)>), StorageError> {
+        let g = self.group;
+        if prev.is_some_and(|p| p.index >= log_id.index) {
+            return Ok((Vec::new(), None));
+        }
+        let first = prev.map(|p| p.index.next()).unwrap_or(LogIndex(1));
+        let mut ops = Vec::new();
+        let span = log_id.index.0.saturating_sub(first.0) + 1;
+        let mut compact = None;
+        if span > PURGE_POINT_DELETES_MAX {
+            let (a, b) = (entry_key(g, first).to_vec(), entry_key(g, log_id.index.next()).to_vec());
+            ops.push(Op::DeleteRange(CF_RAFT, a.clone(), b.clone()));
+            compact = Some((a, b));
+        } else {
+            for i in first.0..=log_id.index.0 {
+                ops.push(Op::Delete(CF_RAFT, entry_key(g, LogIndex(i)).to_vec()));
+            }
+        }
+        ops.push(Op::Put(CF_RAFT, group_key(g, KIND_LOG_STATE).to_vec(), encode(&log_id)?));
+        Ok((ops, compact))
     }
 
     fn get<T: serde::de::DeserializeOwned>(store: &Store, group: GroupId, kind: u8) -> Result<Option<T>, StorageError> {
@@ -103,73 +210,19 @@ impl LogStorage for RocksLog {
             return Ok(Vec::new());
         }
         let g = self.group;
-        self.store
-            .blocking(move |s| {
-                let cf = s.cf(CF_RAFT)?;
-                let start = entry_key(g, from);
-                let mut out = Vec::new();
-                let mut bytes = 0usize;
-                let mut expect = from;
-                let mut full = false;
-                for item in s.db().iterator_cf(cf, IteratorMode::From(&start, Direction::Forward)) {
-                    let (k, v) = item.map_err(|e| StorageError::new("read", e.to_string()))?;
-                    let Some(index) = entry_index(g, &k) else { break };
-                    if index > to {
-                        break;
-                    }
-                    if index != expect {
-                        return Err(StorageError::new("read_entries", format!("group {g}: entry {expect} missing")));
-                    }
-                    let e: Entry = decode(&v, || format!("group {g} entry {index}"))?;
-                    if e.log_id.index != index {
-                        return Err(StorageError::new(
-                            "read_entries",
-                            format!("group {g}: entry stored at {index} says it is {}", e.log_id),
-                        ));
-                    }
-                    if !out.is_empty() && bytes + e.size_bytes() > bytes_max {
-                        full = true;
-                        break;
-                    }
-                    bytes += e.size_bytes();
-                    out.push(e);
-                    expect = index.next();
-                }
-                if out.is_empty() {
-                    return Err(StorageError::new("read_entries", format!("group {g}: entry {from} missing")));
-                }
-                // Stopping early is allowed only for the byte budget, never for a missing entry.
-                if !full && expect <= to {
-                    return Err(StorageError::new("read_entries", format!("group {g}: entry {expect} missing")));
-                }
-                Ok(out)
-            })
-            .await
+        self.store.blocking(move |s| read_entries_in(s, g, from, to, bytes_max)).await
     }
 
     async fn append(&self, entries: Vec<Entry>) -> Result<(), StorageError> {
-        let Some(first) = entries.first() else { return Ok(()) };
+        let Some(new_last) = entries.last().map(|e| e.log_id) else { return Ok(()) };
         let last = self.cached_last().await?;
-        if first.log_id.index != last.index.next() {
-            return Err(StorageError::new(
-                "append",
-                format!("group {}: entry {} does not follow the last entry {last}", self.group, first.log_id),
-            ));
-        }
-        if entries.windows(2).any(|w| w[1].log_id.index != w[0].log_id.index.next()) {
-            return Err(StorageError::new("append", format!("group {}: entries are not consecutive", self.group)));
-        }
-        let new_last = entries[entries.len() - 1].log_id;
-        let mut ops = Vec::with_capacity(entries.len());
-        for e in &entries {
-            ops.push(Op::Put(CF_RAFT, entry_key(self.group, e.log_id.index).to_vec(), encode(e)?));
-        }
+        let ops = self.append_ops(last, &entries)?;
         self.store.write(ops, true).await?;
         self.set_last(new_last)
     }
 
     async fn truncate_from(&self, index: LogIndex) -> Result<(), StorageError> {
-        let op = Op::DeleteRange(CF_RAFT, entry_key(self.group, index).to_vec(), entries_end(self.group).to_vec());
+        let op = self.truncate_op(index);
         // Forget the cached bound first: if the write fails, the next append re-reads it.
         *self.last.lock().map_err(|_| StorageError::new("write", "poisoned lock"))? = None;
         self.store.write(vec![op], true).await
@@ -181,36 +234,15 @@ impl LogStorage for RocksLog {
             let s = self.store.clone();
             s.blocking(move |s| Self::get(s, g, KIND_LOG_STATE)).await?
         };
-        let first = prev.map(|p| p.index.next()).unwrap_or(LogIndex(1));
-        if prev.is_some_and(|p| p.index >= log_id.index) {
+        let (ops, compact) = self.purge_ops(prev, log_id)?;
+        if ops.is_empty() {
             return Ok(());
         }
-        let mut ops = Vec::new();
-        let span = log_id.index.0.saturating_sub(first.0) + 1;
-        let ranged = span > PURGE_POINT_DELETES_MAX;
-        if ranged {
-            ops.push(Op::DeleteRange(
-                CF_RAFT,
-                entry_key(g, first).to_vec(),
-                entry_key(g, log_id.index.next()).to_vec(),
-            ));
-        } else {
-            for i in first.0..=log_id.index.0 {
-                ops.push(Op::Delete(CF_RAFT, entry_key(g, LogIndex(i)).to_vec()));
-            }
-        }
-        ops.push(Op::Put(CF_RAFT, group_key(g, KIND_LOG_STATE).to_vec(), encode(&log_id)?));
         *self.last.lock().map_err(|_| StorageError::new("write", "poisoned lock"))? = None;
         self.store.write(ops, true).await?;
-        if ranged {
+        if let Some((a, b)) = compact {
             // Compact just the purged range so its tombstone does not slow later reads.
-            let (a, b) = (entry_key(g, first), entry_key(g, log_id.index.next()));
-            self.store
-                .blocking(move |s| {
-                    s.db().compact_range_cf(s.cf(CF_RAFT)?, Some(&a), Some(&b));
-                    Ok(())
-                })
-                .await?;
+            self.store.blocking(move |s| s.compact_raft_range(&a, &b)).await?;
         }
         Ok(())
     }
@@ -225,4 +257,56 @@ impl LogStorage for RocksLog {
         let g = self.group;
         self.store.blocking(move |s| Self::get(s, g, KIND_COMMITTED)).await
     }
+}
+
+/// Entries `from..=to` of `group`, checked: consecutive, each stored under its own index,
+/// checksums verified; stops early only for the byte budget.
+fn read_entries_in(
+    s: &Store,
+    g: GroupId,
+    from: LogIndex,
+    to: LogIndex,
+    bytes_max: usize,
+) -> Result<Vec<Entry>, StorageError> {
+    if from > to {
+        return Ok(Vec::new());
+    }
+    let cf = s.cf(CF_RAFT)?;
+    let start = entry_key(g, from);
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    let mut expect = from;
+    let mut full = false;
+    for item in s.db().iterator_cf(cf, IteratorMode::From(&start, Direction::Forward)) {
+        let (k, v) = item.map_err(|e| StorageError::new("read", e.to_string()))?;
+        let Some(index) = entry_index(g, &k) else { break };
+        if index > to {
+            break;
+        }
+        if index != expect {
+            return Err(StorageError::new("read_entries", format!("group {g}: entry {expect} missing")));
+        }
+        let e: Entry = decode(&v, || format!("group {g} entry {index}"))?;
+        if e.log_id.index != index {
+            return Err(StorageError::new(
+                "read_entries",
+                format!("group {g}: entry stored at {index} says it is {}", e.log_id),
+            ));
+        }
+        if !out.is_empty() && bytes + e.size_bytes() > bytes_max {
+            full = true;
+            break;
+        }
+        bytes += e.size_bytes();
+        out.push(e);
+        expect = index.next();
+    }
+    if out.is_empty() {
+        return Err(StorageError::new("read_entries", format!("group {g}: entry {from} missing")));
+    }
+    // Stopping early is allowed only for the byte budget, never for a missing entry.
+    if !full && expect <= to {
+        return Err(StorageError::new("read_entries", format!("group {g}: entry {expect} missing")));
+    }
+    Ok(out)
 }

@@ -54,7 +54,30 @@ struct WriteReq {
     ops: Vec<Op>,
     /// Whether the caller needs the write durable (fsync) before the answer.
     sync: bool,
-    done: oneshot::Sender<Result<(), StorageError>>,
+    done: Done,
+}
+
+/// A callback the writer thread runs with the outcome of a write; it must be quick (it runs
+/// on the writer, before the next batch): typically a channel send.
+pub type WriteCallback = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
+
+/// How the writer reports a request's outcome.
+enum Done {
+    /// An async caller waits on it.
+    Oneshot(oneshot::Sender<Result<(), StorageError>>),
+    /// A host thread gets it back on its own queue.
+    Callback(WriteCallback),
+}
+
+impl Done {
+    fn send(self, r: Result<(), StorageError>) {
+        match self {
+            Done::Oneshot(tx) => {
+                let _ = tx.send(r);
+            }
+            Done::Callback(f) => f(r),
+        }
+    }
 }
 
 /// Counters of the writer, for benchmarks and metrics.
@@ -166,12 +189,26 @@ impl Store {
             return Err(e);
         }
         let (done, rx) = oneshot::channel();
+        self.enqueue(WriteReq { ops, sync, done: Done::Oneshot(done) })?;
+        rx.await.map_err(|_| StorageError::new("write", "the store's writer has stopped"))?
+    }
+
+    /// Queues `ops` for the writer without waiting: `done` runs on the writer thread with the
+    /// outcome. Requests submitted one after another are written in that order (a host relies
+    /// on it to keep each group's writes ordered). An error here means nothing was queued and
+    /// `done` will not run.
+    pub fn submit(&self, ops: Vec<Op>, sync: bool, done: WriteCallback) -> Result<(), StorageError> {
+        if let Some(e) = self.poisoned() {
+            return Err(e);
+        }
+        self.enqueue(WriteReq { ops, sync, done: Done::Callback(done) })
+    }
+
+    fn enqueue(&self, req: WriteReq) -> Result<(), StorageError> {
         let Some(tx) = &self.handle.tx else {
             return Err(StorageError::new("write", "the store is closed"));
         };
-        tx.send(WriteReq { ops, sync, done })
-            .map_err(|_| StorageError::new("write", "the store's writer has stopped"))?;
-        rx.await.map_err(|_| StorageError::new("write", "the store's writer has stopped"))?
+        tx.send(req).map_err(|_| StorageError::new("write", "the store's writer has stopped"))
     }
 
     /// Runs blocking RocksDB work off the async threads.
@@ -183,6 +220,13 @@ impl Store {
         tokio::task::spawn_blocking(move || f(&store))
             .await
             .map_err(|e| StorageError::new("read", format!("blocking task failed: {e}")))?
+    }
+
+    /// Compacts `[from, to)` of the `raft` column family (blocking): after a ranged purge, so
+    /// its range tombstone does not slow later reads.
+    pub fn compact_raft_range(&self, from: &[u8], to: &[u8]) -> Result<(), StorageError> {
+        self.inner.db.compact_range_cf(self.cf(CF_RAFT)?, Some(from), Some(to));
+        Ok(())
     }
 
     /// Groups that have a descriptor, in id order.
@@ -231,7 +275,7 @@ fn writer_loop(inner: Arc<Inner>, rx: mpsc::Receiver<WriteReq>) {
         }
         inner.stats.requests.fetch_add(reqs.len() as u64, Ordering::Relaxed);
         for r in reqs {
-            let _ = r.done.send(result.clone());
+            r.done.send(result.clone());
         }
     }
 }
