@@ -8,11 +8,15 @@
 //! - [`KvStateMachine`]: the key-value `StateMachine` of one shard over its key range.
 #![warn(missing_docs)]
 
+pub mod host;
 pub mod keys;
 pub mod kv;
 pub mod log;
 pub mod store;
 
+pub use host::{
+    GroupDescriptor, GroupInfo, Host, HostConfig, HostError, HostNetwork, HostStats, NodeBatch, QuiesceNotice,
+};
 pub use kv::{KeyRange, KvCommand, KvResponse, KvStateMachine};
 pub use log::RocksLog;
 pub use store::{Op, Store, WriterStats, CF_DATA, CF_META, CF_RAFT};

@@ -12,6 +12,9 @@ use std::sync::{Arc, Mutex};
 /// use one range tombstone (and a compaction of that range, so tombstones do not pile up).
 pub const PURGE_POINT_DELETES_MAX: u64 = 1024;
 
+/// A key range `[from, to)` of the `raft` column family to compact after a ranged purge.
+pub type CompactSpan = (Vec<u8>, Vec<u8>);
+
 /// The log and vote of one group. Cheap to clone (clones share the cached bounds).
 #[derive(Clone)]
 pub struct RocksLog {
@@ -62,7 +65,7 @@ impl RocksLog {
     /// itself. Blocking (a purge reads the previous bound). The cached bounds are updated as
     /// if the write succeeded: writes are applied in order, and a failed one stops the group.
     /// Also returns the key range to compact after a ranged purge.
-    pub fn write_ops(&self, action: &Action) -> Result<(Vec<Op>, Option<(Vec<u8>, Vec<u8>)>), StorageError> {
+    pub fn write_ops(&self, action: &Action) -> Result<(Vec<Op>, Option<CompactSpan>), StorageError> {
         let g = self.group;
         match action {
             Action::SaveVote { vote, .. } => {
@@ -128,12 +131,7 @@ impl RocksLog {
     }
 
     /// The purge batch given the previous purge point, and the range to compact after it.
-    #[allow(clippy::type_complexity)]
-    fn purge_ops(
-        &self,
-        prev: Option<LogId>,
-        log_id: LogId,
-    ) -> Result<(Vec<Op>, Option<(Vec<u8>, Vec<u8>)>), StorageError> {
+    fn purge_ops(&self, prev: Option<LogId>, log_id: LogId) -> Result<(Vec<Op>, Option<CompactSpan>), StorageError> {
         let g = self.group;
         if prev.is_some_and(|p| p.index >= log_id.index) {
             return Ok((Vec::new(), None));

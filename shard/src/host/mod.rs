@@ -1,0 +1,624 @@
+//! The shard host: thousands of Raft groups (shards) of one node on a few threads.
+//!
+//! Not a task and a timer per group. Groups are spread over `pollers` threads (group `g`
+//! lives on poller `g % pollers`); each poller owns its groups outright and runs rounds:
+//!
+//! 1. take every queued event (peer messages, API calls, completed writes and applies) from its
+//!    one mailbox, and on the tick (every `tick_ms`, one timer for all its groups) fire the
+//!    timers of the groups that are awake;
+//! 2. drive each group touched ([`GroupCore::poll_action`]);
+//! 3. submit the log writes of all those groups as **one** request to the store's writer (one
+//!    fsync for the round, and the writer merges rounds of all pollers), then their applies;
+//! 4. hand the transport **one [`NodeBatch`] per destination node**, carrying every message
+//!    of every group of the round for that node (heartbeats of many groups travel together).
+//!
+//! **Quiescence.** A leader whose group has been idle (everything committed, applied and
+//! matched by every live follower, no caller waiting) for `quiesce_after_ticks` ticks goes
+//! quiet and tells its followers in the next batch; a follower at the same point goes quiet
+//! too. Quiet groups cost nothing per tick: they are not in the awake set. A proposal, a call
+//! or a message wakes a group. Node-level liveness replaces per-group heartbeats while quiet:
+//! every host pings the nodes it talks to once per heartbeat interval, and when a node has not
+//! been heard from for `peer_down_ms`, the quiet groups it leads are woken (at most
+//! `wakes_per_tick_max` per poller tick, so a blip does not wake ten thousand groups at once)
+//! and elect a new leader. A follower that is down does not keep a group awake.
+//!
+//! Blocking RocksDB work (log writes, applies, reads) runs on the pollers and the store's
+//! writer thread, never on Tokio's workers; snapshots run on Tokio's blocking pool.
+
+mod poller;
+
+use crate::keys::{decode, encode, group_key, meta_key};
+use crate::kv::{KeyRange, KvCommand, KvResponse, KvStateMachine};
+use crate::log::RocksLog;
+use crate::store::{Op, Store, CF_META, CF_RAFT};
+use bytes::Bytes;
+use flotilla_raft::{
+    driver::recover_state, Config, Engine, GroupCore, GroupId, LogIndex, Membership, Message, Millis, NodeId,
+    RaftError, ReadMode, Role, StorageError, Term,
+};
+use poller::{ApiReq, GroupState, Poller, PollerMsg};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tracing::info;
+
+/// Events a poller handles in one round before it drives its groups (a bound on latency).
+pub const EVENTS_PER_ROUND_MAX: usize = 4096;
+
+/// Tuning of a host. Every limit has its unit in its name.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// This node.
+    pub node: NodeId,
+    /// Poller threads; groups are spread over them by id.
+    pub pollers: usize,
+    /// The one timer of each poller: how often the timers of awake groups are checked.
+    pub tick_ms: u64,
+    /// Raft timers and limits of every group.
+    pub raft: Config,
+    /// Ticks a leader's group must stay idle before it goes quiet; 0 disables quiescence.
+    pub quiesce_after_ticks: u32,
+    /// A node not heard from for this long counts as down: the quiet groups it leads wake up.
+    pub peer_down_ms: u64,
+    /// Quiet groups woken per poller tick because their leader's node went down.
+    pub wakes_per_tick_max: usize,
+    /// Peer messages queued for one poller; beyond it arriving messages are dropped (and
+    /// counted), which Raft tolerates.
+    pub mailbox_msgs_max: usize,
+    /// How long an API call waits for its answer before `Timeout` (outcome unknown).
+    pub api_timeout_ms: u64,
+}
+
+impl HostConfig {
+    /// Defaults for `node`: two pollers, a 10 ms tick, quiet after ~3 heartbeat intervals.
+    pub fn new(node: NodeId) -> HostConfig {
+        let raft = Config::default();
+        let tick_ms = 10;
+        HostConfig {
+            node,
+            pollers: 2,
+            tick_ms,
+            quiesce_after_ticks: (3 * raft.heartbeat_interval_ms / tick_ms) as u32,
+            peer_down_ms: raft.election_timeout_ms_min,
+            wakes_per_tick_max: 64,
+            mailbox_msgs_max: 1 << 16,
+            api_timeout_ms: raft.api_timeout_ms,
+            raft,
+        }
+    }
+
+    /// Checks the configuration.
+    pub fn validate(&self) -> Result<(), HostError> {
+        self.raft.validate().map_err(|e| HostError::Config(e.to_string()))?;
+        if self.pollers == 0 || self.pollers > 256 {
+            return Err(HostError::Config(format!("pollers must be 1..=256, not {}", self.pollers)));
+        }
+        if self.tick_ms == 0 || self.tick_ms > self.raft.heartbeat_interval_ms {
+            return Err(HostError::Config(format!(
+                "tick_ms must be 1..=heartbeat_interval_ms ({}), not {}",
+                self.raft.heartbeat_interval_ms, self.tick_ms
+            )));
+        }
+        if self.peer_down_ms < 2 * self.raft.heartbeat_interval_ms {
+            return Err(HostError::Config("peer_down_ms must be at least two heartbeat intervals".into()));
+        }
+        if self.wakes_per_tick_max == 0 || self.mailbox_msgs_max == 0 {
+            return Err(HostError::Config("wakes_per_tick_max and mailbox_msgs_max must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Errors of host calls: what went wrong and what to do next.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// No such group on this node (never created, or destroyed): refresh routing.
+    #[error("group {0} is not on this node")]
+    UnknownGroup(GroupId),
+    /// The group already exists.
+    #[error("group {0} already exists on this node")]
+    GroupExists(GroupId),
+    /// The Raft group refused or failed the request (e.g. `NotLeader { leader }`: retry there).
+    #[error(transparent)]
+    Raft(#[from] RaftError),
+    /// The storage failed; the store is poisoned and the node must be restarted.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The key is outside the group's range: the caller's routing is stale.
+    #[error("key outside the range of group {0}")]
+    KeyOutOfRange(GroupId),
+    /// The host is shutting down or stopped.
+    #[error("the host is stopped")]
+    Stopped,
+    /// The configuration cannot work.
+    #[error("bad host configuration: {0}")]
+    Config(String),
+}
+
+/// The descriptor stored for each group in the `meta` column family.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupDescriptor {
+    /// The key range the group's state machine owns.
+    pub range: KeyRange,
+}
+
+/// A leader's notice that group `group` went quiet at `(term, index)`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuiesceNotice {
+    /// The group.
+    pub group: GroupId,
+    /// The leader's term.
+    pub term: Term,
+    /// The last index, committed and applied everywhere.
+    pub index: LogIndex,
+}
+
+/// Everything one host sends another in one round: the messages of many groups, quiescence
+/// notices, and (when empty) a liveness ping.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeBatch {
+    /// The sender. A transport must check it against the peer's authenticated identity.
+    pub from: NodeId,
+    /// Raft messages, tagged with their group.
+    pub messages: Vec<(GroupId, Message)>,
+    /// Groups whose leader went quiet.
+    pub quiesce: Vec<QuiesceNotice>,
+}
+
+impl NodeBatch {
+    /// Encodes as a versioned, checksummed record (for a transport that moves bytes).
+    pub fn encode(&self) -> Result<Bytes, StorageError> {
+        encode(self).map(Bytes::from)
+    }
+    /// Decodes bytes made by [`NodeBatch::encode`]; corrupt input is an error, never a panic.
+    pub fn decode(bytes: &[u8]) -> Result<NodeBatch, StorageError> {
+        decode(bytes, || "node batch".into())
+    }
+}
+
+/// Where a host's outgoing batches go: one call per destination node per round. Must not
+/// block (queue and return); may drop (Raft tolerates loss).
+pub trait HostNetwork: Send + Sync + 'static {
+    /// Sends `batch` to node `to`.
+    fn send(&self, to: NodeId, batch: NodeBatch);
+}
+
+/// What [`Host::group_info`] reports of one group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// The group.
+    pub group: GroupId,
+    /// This node's role in it.
+    pub role: Role,
+    /// Current term.
+    pub term: Term,
+    /// Known leader.
+    pub leader: Option<NodeId>,
+    /// Last log index.
+    pub last_index: LogIndex,
+    /// Commit index.
+    pub committed: LogIndex,
+    /// Applied index.
+    pub applied: LogIndex,
+    /// Voters of the configuration in effect.
+    pub voters: BTreeSet<NodeId>,
+    /// Whether the group is quiet (not ticking).
+    pub quiet: bool,
+    /// Set once the group stopped (storage failure).
+    pub stopped: bool,
+}
+
+/// Counters of a host.
+#[derive(Debug, Default)]
+pub struct HostStats {
+    /// Peer messages dropped because a poller's mailbox was full.
+    pub mailbox_dropped: AtomicU64,
+    /// Messages for groups not on this node.
+    pub unknown_group_msgs: AtomicU64,
+    /// Batches handed to the network.
+    pub batches_sent: AtomicU64,
+    /// Raft messages handed to the network.
+    pub messages_sent: AtomicU64,
+    /// Groups that went quiet (cumulative).
+    pub quiesced: AtomicU64,
+    /// Quiet groups woken (cumulative).
+    pub woken: AtomicU64,
+    /// Poller rounds run.
+    pub rounds: AtomicU64,
+}
+
+/// State shared by the host handle and its pollers.
+pub(crate) struct Shared {
+    pub(crate) config: HostConfig,
+    pub(crate) store: Store,
+    pub(crate) network: Arc<dyn HostNetwork>,
+    /// Time zero of every engine clock on this host.
+    pub(crate) base: Instant,
+    pub(crate) stats: HostStats,
+    /// When each peer node was last heard from (liveness for quiet groups).
+    pub(crate) heard: Mutex<HashMap<NodeId, Instant>>,
+    /// Nodes this host talks to: pinged once per heartbeat interval.
+    pub(crate) peers: Mutex<BTreeSet<NodeId>>,
+    /// Peer messages queued per poller (the mailbox bound).
+    pub(crate) queued: Vec<AtomicUsize>,
+    /// Runs snapshot work on Tokio's blocking pool.
+    pub(crate) runtime: tokio::runtime::Handle,
+    /// Set by `shutdown`: the pinger stops.
+    pub(crate) stopping: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn now(&self) -> Millis {
+        Millis(self.base.elapsed().as_millis() as u64)
+    }
+
+    /// Whether `node` answered recently. A node never heard from counts from the host's start,
+    /// so groups do not all wake at start-up.
+    pub(crate) fn is_live(&self, node: NodeId, at: Instant) -> bool {
+        if node == self.config.node {
+            return true;
+        }
+        let heard = self.heard.lock().ok().and_then(|h| h.get(&node).copied()).unwrap_or(self.base);
+        at.saturating_duration_since(heard) < Duration::from_millis(self.config.peer_down_ms)
+    }
+}
+
+/// A registered group: where it lives and what it owns (for reads on the caller's side).
+#[derive(Clone)]
+struct GroupEntry {
+    poller: usize,
+    sm: KvStateMachine,
+}
+
+/// The host of one node's groups. Cheap to clone.
+#[derive(Clone)]
+pub struct Host {
+    shared: Arc<Shared>,
+    pollers: Arc<Vec<mpsc::Sender<PollerMsg>>>,
+    groups: Arc<RwLock<HashMap<GroupId, GroupEntry>>>,
+    threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
+}
+
+impl Host {
+    /// Starts a host on `store`, resuming every group the store holds. Must be called inside
+    /// a Tokio runtime (snapshots run on its blocking pool).
+    pub async fn open(store: Store, config: HostConfig, network: Arc<dyn HostNetwork>) -> Result<Host, HostError> {
+        config.validate()?;
+        let shared = Arc::new(Shared {
+            queued: (0..config.pollers).map(|_| AtomicUsize::new(0)).collect(),
+            config: config.clone(),
+            store: store.clone(),
+            network,
+            base: Instant::now(),
+            stats: HostStats::default(),
+            heard: Mutex::new(HashMap::new()),
+            peers: Mutex::new(BTreeSet::new()),
+            runtime: tokio::runtime::Handle::current(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
+        });
+        let mut senders = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..config.pollers {
+            let (tx, rx) = mpsc::channel();
+            let poller = Poller::new(i, shared.clone(), rx, tx.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("flotilla-poller-{i}"))
+                .spawn(move || poller.run())
+                .map_err(|e| HostError::Config(format!("cannot start a poller thread: {e}")))?;
+            senders.push(tx);
+            threads.push(t);
+        }
+        {
+            // Liveness pings on a thread of their own, so a busy poller never makes its node
+            // look down to the others.
+            let shared = shared.clone();
+            let t = std::thread::Builder::new()
+                .name("flotilla-pinger".into())
+                .spawn(move || pinger(shared))
+                .map_err(|e| HostError::Config(format!("cannot start the pinger thread: {e}")))?;
+            threads.push(t);
+        }
+        let host = Host {
+            shared,
+            pollers: Arc::new(senders),
+            groups: Arc::new(RwLock::new(HashMap::new())),
+            threads: Arc::new(Mutex::new(threads)),
+        };
+        let ids = store.blocking(|s| s.groups()).await?;
+        for group in &ids {
+            let g = *group;
+            let desc = store
+                .blocking(move |s| {
+                    let raw = s
+                        .db()
+                        .get_cf(s.cf(CF_META)?, meta_key(g))
+                        .map_err(|e| StorageError::new("read", e.to_string()))?
+                        .ok_or_else(|| StorageError::new("read", format!("group {g}: descriptor vanished")))?;
+                    decode::<GroupDescriptor>(&raw, || format!("group {g} descriptor"))
+                })
+                .await?;
+            host.start_group(*group, desc.range, None).await?;
+        }
+        info!(node = %config.node, groups = ids.len(), pollers = config.pollers, "host started");
+        Ok(host)
+    }
+
+    /// This node.
+    pub fn node(&self) -> NodeId {
+        self.shared.config.node
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.shared.store
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &HostStats {
+        &self.shared.stats
+    }
+
+    fn poller_of(&self, group: GroupId) -> usize {
+        (group.0 % self.pollers.len() as u64) as usize
+    }
+
+    /// Creates group `group` owning `range`, durably. With `initial`, this node forms the
+    /// group with that configuration (call it on every initial member, or on one); without,
+    /// the replica waits for a leader to add it.
+    pub async fn create_group(
+        &self,
+        group: GroupId,
+        range: KeyRange,
+        initial: Option<Membership>,
+    ) -> Result<(), HostError> {
+        if self.groups.read().map_err(|_| HostError::Stopped)?.contains_key(&group) {
+            return Err(HostError::GroupExists(group));
+        }
+        let desc = encode(&GroupDescriptor { range: range.clone() })?;
+        self.shared.store.write(vec![Op::Put(CF_META, meta_key(group).to_vec(), desc)], true).await?;
+        self.start_group(group, range, initial).await
+    }
+
+    async fn start_group(&self, group: GroupId, range: KeyRange, initial: Option<Membership>) -> Result<(), HostError> {
+        let store = self.shared.store.clone();
+        let log = RocksLog::new(store.clone(), group);
+        let mut sm = KvStateMachine::new(store, group, range);
+        let (state, snapshot) = recover_state(&log, &mut sm).await?;
+        {
+            let l = log.clone();
+            self.shared.store.blocking(move |_| l.load_last_blocking()).await?;
+        }
+        let mut config = self.shared.config.raft.clone();
+        config.api_timeout_ms = self.shared.config.api_timeout_ms;
+        let seed = seed_for(self.node(), group);
+        let engine = Engine::new(self.node(), Arc::new(config), state, seed, self.shared.now());
+        let mut core = GroupCore::new(engine, snapshot);
+        if let Some(m) = initial {
+            if let Ok(mut peers) = self.shared.peers.lock() {
+                peers.extend(m.nodes().into_iter().filter(|n| *n != self.node()));
+            }
+            core.initialize(self.shared.now(), m)?;
+        } else if let Ok(mut peers) = self.shared.peers.lock() {
+            peers.extend(core.engine().membership().membership.nodes().into_iter().filter(|n| *n != self.node()));
+        }
+        let poller = self.poller_of(group);
+        let entry = GroupEntry { poller, sm: sm.clone() };
+        let (tx, rx) = oneshot::channel();
+        let state = GroupState::new(group, core, log, sm);
+        self.pollers[poller].send(PollerMsg::Add(Box::new(state), tx)).map_err(|_| HostError::Stopped)?;
+        rx.await.map_err(|_| HostError::Stopped)?;
+        self.groups.write().map_err(|_| HostError::Stopped)?.insert(group, entry);
+        Ok(())
+    }
+
+    /// Stops group `group` and deletes its Raft state and descriptor; with `clear_data`, also
+    /// the data in its key range (when the shard moved away; not after a split or merge, where
+    /// another group owns the keys now).
+    pub async fn destroy_group(&self, group: GroupId, clear_data: bool) -> Result<(), HostError> {
+        let entry = self.groups.write().map_err(|_| HostError::Stopped)?.remove(&group);
+        let Some(entry) = entry else { return Err(HostError::UnknownGroup(group)) };
+        let (tx, rx) = oneshot::channel();
+        self.pollers[entry.poller].send(PollerMsg::Remove(group, tx)).map_err(|_| HostError::Stopped)?;
+        rx.await.map_err(|_| HostError::Stopped)?;
+        let mut ops = vec![
+            Op::Delete(CF_META, meta_key(group).to_vec()),
+            Op::DeleteRange(CF_RAFT, group_key(group, 0).to_vec(), group_end(group)),
+        ];
+        if clear_data {
+            let r = entry.sm.range();
+            match &r.end {
+                Some(end) => ops.push(Op::DeleteRange(crate::store::CF_DATA, r.start.clone(), end.clone())),
+                None => {
+                    // No upper bound: the range tombstone ends at the largest possible key
+                    // prefix; keys of 0xff bytes only are deleted one by one.
+                    ops.push(Op::DeleteRange(crate::store::CF_DATA, r.start.clone(), vec![0xff; 64]));
+                }
+            }
+        }
+        self.shared.store.write(ops, true).await?;
+        info!(node = %self.node(), %group, "group destroyed");
+        Ok(())
+    }
+
+    /// Groups on this node, in id order.
+    pub fn groups(&self) -> Vec<GroupId> {
+        let mut v: Vec<GroupId> = self.groups.read().map(|g| g.keys().copied().collect()).unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// The state of every group on this node.
+    pub async fn group_info(&self) -> Result<Vec<GroupInfo>, HostError> {
+        let mut out = Vec::new();
+        for p in self.pollers.iter() {
+            let (tx, rx) = oneshot::channel();
+            p.send(PollerMsg::Info(tx)).map_err(|_| HostError::Stopped)?;
+            out.extend(rx.await.map_err(|_| HostError::Stopped)?);
+        }
+        out.sort_by_key(|i| i.group);
+        Ok(out)
+    }
+
+    /// Hands a batch from a peer to the groups it names. Never blocks.
+    pub fn receive(&self, batch: NodeBatch) {
+        let now = Instant::now();
+        if let Ok(mut h) = self.shared.heard.lock() {
+            h.insert(batch.from, now);
+        }
+        if let Ok(mut p) = self.shared.peers.lock() {
+            if !p.contains(&batch.from) && batch.from != self.node() {
+                p.insert(batch.from);
+            }
+        }
+        let n = self.pollers.len();
+        type PerPoller = (Vec<(GroupId, Message)>, Vec<QuiesceNotice>);
+        let mut per: Vec<PerPoller> = (0..n).map(|_| Default::default()).collect();
+        for (g, m) in batch.messages {
+            per[(g.0 % n as u64) as usize].0.push((g, m));
+        }
+        for q in batch.quiesce {
+            per[(q.group.0 % n as u64) as usize].1.push(q);
+        }
+        for (i, (mut msgs, notices)) in per.into_iter().enumerate() {
+            if msgs.is_empty() && notices.is_empty() {
+                continue;
+            }
+            let queued = self.shared.queued[i].load(Ordering::Relaxed);
+            let room = self.shared.config.mailbox_msgs_max.saturating_sub(queued);
+            if msgs.len() > room {
+                let dropped = msgs.len() - room;
+                msgs.truncate(room);
+                self.shared.stats.mailbox_dropped.fetch_add(dropped as u64, Ordering::Relaxed);
+            }
+            self.shared.queued[i].fetch_add(msgs.len(), Ordering::Relaxed);
+            let _ = self.pollers[i].send(PollerMsg::Batch { from: batch.from, messages: msgs, quiesce: notices });
+        }
+    }
+
+    async fn call<T>(
+        &self,
+        group: GroupId,
+        make: impl FnOnce(oneshot::Sender<Result<T, RaftError>>) -> ApiReq,
+    ) -> Result<T, HostError> {
+        let poller = self.entry(group)?.poller;
+        let (tx, rx) = oneshot::channel();
+        self.pollers[poller].send(PollerMsg::Api(group, make(tx))).map_err(|_| HostError::Stopped)?;
+        match tokio::time::timeout(Duration::from_millis(self.shared.config.api_timeout_ms), rx).await {
+            Ok(Ok(r)) => r.map_err(HostError::from),
+            Ok(Err(_)) => Err(HostError::Stopped),
+            Err(_) => Err(HostError::Raft(RaftError::Timeout)),
+        }
+    }
+
+    fn entry(&self, group: GroupId) -> Result<GroupEntry, HostError> {
+        self.groups.read().map_err(|_| HostError::Stopped)?.get(&group).cloned().ok_or(HostError::UnknownGroup(group))
+    }
+
+    /// Forms a group that was created without a configuration (see [`Host::create_group`]).
+    pub async fn initialize(&self, group: GroupId, membership: Membership) -> Result<(), HostError> {
+        self.call(group, |tx| ApiReq::Initialize(membership, tx)).await
+    }
+
+    /// Proposes `cmd` on `group` (leader only); answers once applied.
+    pub async fn write(&self, group: GroupId, cmd: KvCommand) -> Result<KvResponse, HostError> {
+        let entry = self.entry(group)?;
+        if !entry.sm.range().contains(cmd.key()) {
+            return Err(HostError::KeyOutOfRange(group));
+        }
+        let payload = cmd.encode()?;
+        let mut results = self.call(group, |tx| ApiReq::Write(vec![payload], tx)).await?;
+        let r = results.pop().ok_or(HostError::Raft(RaftError::Timeout))??;
+        Ok(KvResponse::decode(&r.data)?)
+    }
+
+    /// Reads `key` from `group`, linearizably (leader only; `mode` picks ReadIndex or lease).
+    pub async fn get(&self, group: GroupId, key: Vec<u8>, mode: ReadMode) -> Result<Option<Vec<u8>>, HostError> {
+        let entry = self.entry(group)?;
+        if !entry.sm.range().contains(&key) {
+            return Err(HostError::KeyOutOfRange(group));
+        }
+        self.call(group, |tx| ApiReq::Read(mode, tx)).await?;
+        Ok(entry.sm.get(key).await?)
+    }
+
+    /// Scans `[from, to)` within `group`'s range, linearizably, at most `limit` pairs.
+    pub async fn scan(
+        &self,
+        group: GroupId,
+        from: Vec<u8>,
+        to: Option<Vec<u8>>,
+        limit: usize,
+        mode: ReadMode,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, HostError> {
+        let entry = self.entry(group)?;
+        self.call(group, |tx| ApiReq::Read(mode, tx)).await?;
+        Ok(entry.sm.scan(from, to, limit).await?)
+    }
+
+    /// Adds `node` as a learner of `group`.
+    pub async fn add_learner(&self, group: GroupId, node: NodeId) -> Result<LogIndex, HostError> {
+        self.call(group, |tx| ApiReq::AddLearner(node, tx)).await
+    }
+
+    /// Changes the voters of `group` by joint consensus.
+    pub async fn change_membership(&self, group: GroupId, voters: BTreeSet<NodeId>) -> Result<LogIndex, HostError> {
+        self.call(group, |tx| ApiReq::ChangeMembership(voters, tx)).await
+    }
+
+    /// Hands leadership of `group` to `target`.
+    pub async fn transfer_leader(&self, group: GroupId, target: NodeId) -> Result<(), HostError> {
+        self.call(group, |tx| ApiReq::TransferLeader(target, tx)).await
+    }
+
+    /// Asks `group` to build a snapshot now.
+    pub async fn trigger_snapshot(&self, group: GroupId) -> Result<(), HostError> {
+        self.call(group, ApiReq::TriggerSnapshot).await
+    }
+
+    /// Stops the pollers; pending calls fail with `Stopped` or `Fatal(Shutdown)`.
+    pub async fn shutdown(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        for p in self.pollers.iter() {
+            let _ = p.send(PollerMsg::Shutdown);
+        }
+        let threads: Vec<_> = self.threads.lock().map(|mut t| t.drain(..).collect()).unwrap_or_default();
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+    }
+}
+
+/// Sends an empty batch (a liveness ping) to every peer once per heartbeat interval.
+fn pinger(shared: Arc<Shared>) {
+    let every = Duration::from_millis(shared.config.raft.heartbeat_interval_ms);
+    let me = shared.config.node;
+    while !shared.stopping.load(Ordering::Acquire) {
+        let peers: Vec<NodeId> = shared.peers.lock().map(|p| p.iter().copied().collect()).unwrap_or_default();
+        for p in peers {
+            shared.network.send(p, NodeBatch { from: me, messages: Vec::new(), quiesce: Vec::new() });
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// The first key after every `raft` key of `group`.
+fn group_end(group: GroupId) -> Vec<u8> {
+    match group.0.checked_add(1) {
+        Some(next) => group_key(GroupId(next), 0).to_vec(),
+        None => vec![0xff; 10],
+    }
+}
+
+fn seed_for(node: NodeId, group: GroupId) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(node.0);
+    h.write_u64(group.0);
+    h.finish()
+}

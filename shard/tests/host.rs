@@ -1,0 +1,371 @@
+//! The shard host: many groups on a few pollers, across three in-process hosts over an
+//! in-memory network; quiescence and waking; restart; group lifecycle; bad requests.
+
+use flotilla_raft::{Config, GroupId, Membership, NodeId, RaftError, ReadMode, Role};
+use flotilla_shard::{Host, HostConfig, HostError, HostNetwork, KeyRange, KvCommand, KvResponse, NodeBatch, Store};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+/// Delivers batches between in-process hosts; a node can be cut off (both directions).
+#[derive(Default)]
+struct MemNet {
+    hosts: RwLock<HashMap<NodeId, Host>>,
+    cut: RwLock<BTreeSet<NodeId>>,
+    delivered: AtomicU64,
+}
+
+impl HostNetwork for MemNet {
+    fn send(&self, to: NodeId, batch: NodeBatch) {
+        let cut = self.cut.read().expect("lock");
+        if cut.contains(&to) || cut.contains(&batch.from) {
+            return;
+        }
+        drop(cut);
+        // Through the wire format, as a transport would carry it.
+        let bytes = batch.encode().expect("encode");
+        let batch = NodeBatch::decode(&bytes).expect("decode");
+        let host = self.hosts.read().expect("lock").get(&to).cloned();
+        if let Some(h) = host {
+            self.delivered.fetch_add(1, Ordering::Relaxed);
+            h.receive(batch);
+        }
+    }
+}
+
+fn config(node: u64) -> HostConfig {
+    let mut c = HostConfig::new(NodeId(node));
+    c.raft = Config::fast();
+    c.tick_ms = 10;
+    c.quiesce_after_ticks = 10;
+    c.peer_down_ms = 300;
+    c.api_timeout_ms = 10_000;
+    c
+}
+
+struct Cluster {
+    net: Arc<MemNet>,
+    hosts: Vec<Host>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl Cluster {
+    async fn start(n: u64) -> Cluster {
+        let net = Arc::new(MemNet::default());
+        let mut hosts = Vec::new();
+        let mut dirs = Vec::new();
+        for id in 1..=n {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = Store::open(dir.path()).expect("open");
+            let host = Host::open(store, config(id), net.clone()).await.expect("host");
+            net.hosts.write().expect("lock").insert(NodeId(id), host.clone());
+            hosts.push(host);
+            dirs.push(dir);
+        }
+        Cluster { net, hosts, _dirs: dirs }
+    }
+
+    fn host(&self, id: NodeId) -> &Host {
+        &self.hosts[(id.0 - 1) as usize]
+    }
+
+    async fn create_groups(&self, groups: impl Iterator<Item = u64> + Clone) {
+        let members = Membership::new(self.hosts.iter().map(|h| h.node()));
+        for h in &self.hosts {
+            for g in groups.clone() {
+                h.create_group(GroupId(g), range_of(g), Some(members.clone())).await.expect("create");
+            }
+        }
+    }
+
+    /// Writes through whichever host leads the group, following redirects.
+    async fn put(&self, group: GroupId, key: &str, value: &str) -> Result<KvResponse, HostError> {
+        let cmd = KvCommand::Put { key: key.as_bytes().to_vec(), value: value.as_bytes().to_vec() };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut target = self.hosts[(group.0 % self.hosts.len() as u64) as usize].node();
+        loop {
+            match self.host(target).write(group, cmd.clone()).await {
+                Err(HostError::Raft(RaftError::NotLeader { leader })) if Instant::now() < deadline => {
+                    target = leader.unwrap_or(NodeId(target.0 % self.hosts.len() as u64 + 1));
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn get(&self, group: GroupId, key: &str) -> Result<Option<Vec<u8>>, HostError> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut target = self.hosts[0].node();
+        loop {
+            match self.host(target).get(group, key.as_bytes().to_vec(), ReadMode::ReadIndex).await {
+                Err(HostError::Raft(RaftError::NotLeader { leader })) if Instant::now() < deadline => {
+                    target = leader.unwrap_or(NodeId(target.0 % self.hosts.len() as u64 + 1));
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Waits until `pred` holds for every host's group list.
+    async fn wait_info(&self, what: &str, pred: impl Fn(&[flotilla_shard::GroupInfo]) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut ok = true;
+            for h in &self.hosts {
+                if !pred(&h.group_info().await.expect("info")) {
+                    ok = false;
+                    break;
+                }
+            }
+            if ok {
+                return;
+            }
+            if Instant::now() >= deadline {
+                for h in &self.hosts {
+                    let infos = h.group_info().await.expect("info");
+                    let quiet = infos.iter().filter(|i| i.quiet).count();
+                    eprintln!("host {}: {} groups, {quiet} quiet, sample {:?}", h.node(), infos.len(), infos.first());
+                }
+                panic!("timed out waiting for: {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn shutdown(&self) {
+        for h in &self.hosts {
+            h.shutdown().await;
+        }
+    }
+}
+
+/// Group `g` owns the keys starting with `{g:06}/`.
+fn range_of(g: u64) -> KeyRange {
+    KeyRange { start: format!("{g:06}/").into_bytes(), end: Some(format!("{g:06}0").into_bytes()) }
+}
+
+fn key(g: u64, k: &str) -> String {
+    format!("{g:06}/{k}")
+}
+
+fn groups_env(default: u64) -> u64 {
+    std::env::var("HOST_GROUPS").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_groups_on_three_hosts_make_progress_together_and_go_quiet() {
+    let n = groups_env(1000);
+    let c = Cluster::start(3).await;
+    c.create_groups(1..=n).await;
+    // Every group elects a leader and takes a write; all are readable linearizably.
+    let mut tasks = Vec::new();
+    let c = Arc::new(c);
+    for g in 1..=n {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = c.put(GroupId(g), &key(g, "k"), &format!("v{g}")).await;
+            (g, r)
+        }));
+    }
+    for t in tasks {
+        let (g, r) = t.await.expect("task");
+        if r.is_err() {
+            for h in &c.hosts {
+                let i = h.group_info().await.expect("info").into_iter().find(|i| i.group == GroupId(g));
+                eprintln!("host {}: {i:?} stats {:?}", h.node(), h.stats());
+            }
+        }
+        assert_eq!(r.expect("write"), KvResponse::Done { previous: None }, "group {g}");
+    }
+    for g in [1, n / 2, n] {
+        assert_eq!(c.get(GroupId(g), &key(g, "k")).await.expect("read"), Some(format!("v{g}").into_bytes()));
+    }
+    // Idle groups go quiet on every replica; then each group has exactly one (quiet) leader.
+    c.wait_info("all groups quiet", |infos| infos.len() as u64 == n && infos.iter().all(|i| i.quiet)).await;
+    let mut leaders = HashMap::new();
+    for h in &c.hosts {
+        for i in h.group_info().await.expect("info") {
+            if i.role == Role::Leader {
+                assert!(leaders.insert(i.group, h.node()).is_none(), "two leaders for {}", i.group);
+            }
+        }
+    }
+    assert_eq!(leaders.len() as u64, n, "every group has a leader");
+    let sent: u64 = c.hosts.iter().map(|h| h.stats().messages_sent.load(Ordering::Relaxed)).sum();
+    let batches: u64 = c.hosts.iter().map(|h| h.stats().batches_sent.load(Ordering::Relaxed)).sum();
+    eprintln!("{n} groups: {sent} messages in {batches} batches");
+    if n >= 100 {
+        assert!(sent > 4 * batches, "messages were coalesced per destination ({sent} messages, {batches} batches)");
+    }
+    // While quiet, the hosts exchange only liveness pings, no Raft messages.
+    let raft_msgs = |c: &Cluster| c.hosts.iter().map(|h| h.stats().messages_sent.load(Ordering::Relaxed)).sum::<u64>();
+    let before = raft_msgs(&c);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(raft_msgs(&c), before, "quiet groups send no Raft messages");
+    // A write wakes a quiet group and succeeds.
+    let r = c.put(GroupId(n), &key(n, "again"), "x").await.expect("write after quiet");
+    assert_eq!(r, KvResponse::Done { previous: None });
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_groups_led_by_a_node_that_goes_down_elect_a_new_leader() {
+    let c = Cluster::start(3).await;
+    c.create_groups(1..=30).await;
+    for g in 1..=30 {
+        c.put(GroupId(g), &key(g, "a"), "1").await.expect("write");
+    }
+    c.wait_info("all quiet", |infos| infos.iter().all(|i| i.quiet)).await;
+    // Find a node that leads some groups and cut it off.
+    let mut led: HashMap<NodeId, Vec<GroupId>> = HashMap::new();
+    for h in &c.hosts {
+        for i in h.group_info().await.expect("info") {
+            if i.role == Role::Leader {
+                led.entry(h.node()).or_default().push(i.group);
+            }
+        }
+    }
+    let (&victim, groups) = led.iter().max_by_key(|(_, g)| g.len()).expect("a leader");
+    let groups = groups.clone();
+    c.net.cut.write().expect("lock").insert(victim);
+    // The others notice the node is down, wake those groups, and elect among themselves.
+    let others: Vec<&Host> = c.hosts.iter().filter(|h| h.node() != victim).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for g in &groups {
+        loop {
+            let mut led_elsewhere = false;
+            for h in &others {
+                let infos = h.group_info().await.expect("info");
+                if infos.iter().any(|i| i.group == *g && i.role == Role::Leader) {
+                    led_elsewhere = true;
+                }
+            }
+            if led_elsewhere {
+                break;
+            }
+            assert!(Instant::now() < deadline, "group {g} found no new leader after its leader's node went down");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Groups led elsewhere stay quiet: a down follower does not wake a group.
+    for h in &others {
+        for i in h.group_info().await.expect("info") {
+            if i.role == Role::Leader && !groups.contains(&i.group) {
+                assert!(i.quiet, "group {} (leader {}) was woken by a down follower", i.group, h.node());
+            }
+        }
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_host_resumes_every_group_with_its_data() {
+    let net = Arc::new(MemNet::default());
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
+    let mut hosts = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        let id = NodeId(i as u64 + 1);
+        let h = Host::open(Store::open(d.path()).expect("open"), config(id.0), net.clone()).await.expect("host");
+        net.hosts.write().expect("lock").insert(id, h.clone());
+        hosts.push(h);
+    }
+    let c = Cluster { net: net.clone(), hosts, _dirs: Vec::new() };
+    c.create_groups(1..=20).await;
+    for g in 1..=20 {
+        c.put(GroupId(g), &key(g, "k"), &format!("{g}")).await.expect("write");
+    }
+    c.shutdown().await;
+    // The stores close once every handle is gone.
+    net.hosts.write().expect("lock").clear();
+    drop(c);
+    // Reopen every host on its store: the groups are listed and serve their data.
+    let mut hosts = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        let id = NodeId(i as u64 + 1);
+        let h = Host::open(Store::open(d.path()).expect("reopen"), config(id.0), net.clone()).await.expect("host");
+        net.hosts.write().expect("lock").insert(id, h.clone());
+        assert_eq!(h.groups(), (1..=20).map(GroupId).collect::<Vec<_>>());
+        hosts.push(h);
+    }
+    let c = Cluster { net, hosts, _dirs: Vec::new() };
+    for g in 1..=20 {
+        assert_eq!(
+            c.get(GroupId(g), &key(g, "k")).await.expect("read"),
+            Some(format!("{g}").into_bytes()),
+            "group {g}"
+        );
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_are_created_listed_and_destroyed_at_run_time_and_bad_requests_get_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Arc::new(MemNet::default());
+    let host = Host::open(Store::open(dir.path()).expect("open"), config(1), net.clone()).await.expect("host");
+    net.hosts.write().expect("lock").insert(NodeId(1), host.clone());
+    let range = KeyRange { start: b"m".to_vec(), end: Some(b"t".to_vec()) };
+    host.create_group(GroupId(5), range.clone(), Some(Membership::new([NodeId(1)]))).await.expect("create");
+    host.create_group(GroupId(6), KeyRange::all(), Some(Membership::new([NodeId(1)]))).await.expect("create");
+    assert!(matches!(host.create_group(GroupId(5), range, None).await, Err(HostError::GroupExists(GroupId(5)))));
+    assert_eq!(host.groups(), vec![GroupId(5), GroupId(6)]);
+    // A single-node group elects itself and serves.
+    let put = |k: &str| KvCommand::Put { key: k.as_bytes().to_vec(), value: b"v".to_vec() };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match host.write(GroupId(5), put("n")).await {
+            Ok(r) => {
+                assert_eq!(r, KvResponse::Done { previous: None });
+                break;
+            }
+            Err(HostError::Raft(RaftError::NotLeader { .. })) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    // Outside the range: refused before it reaches the log.
+    assert!(matches!(host.write(GroupId(5), put("a")).await, Err(HostError::KeyOutOfRange(GroupId(5)))));
+    assert!(matches!(
+        host.get(GroupId(5), b"z".to_vec(), ReadMode::ReadIndex).await,
+        Err(HostError::KeyOutOfRange(GroupId(5)))
+    ));
+    // Unknown group.
+    assert!(matches!(host.write(GroupId(99), put("n")).await, Err(HostError::UnknownGroup(GroupId(99)))));
+    // Destroy: gone from the list, calls refused, its state deleted; the store does not
+    // resurrect it on restart.
+    host.destroy_group(GroupId(5), true).await.expect("destroy");
+    assert_eq!(host.groups(), vec![GroupId(6)]);
+    assert!(matches!(host.write(GroupId(5), put("n")).await, Err(HostError::UnknownGroup(GroupId(5)))));
+    assert!(matches!(host.destroy_group(GroupId(5), true).await, Err(HostError::UnknownGroup(GroupId(5)))));
+    assert_eq!(host.store().groups().expect("groups"), vec![GroupId(6)]);
+    // A message for a group not on this node is counted, not fatal.
+    host.receive(NodeBatch {
+        from: NodeId(2),
+        messages: vec![(
+            GroupId(5),
+            flotilla_raft::Message {
+                from: NodeId(2),
+                to: NodeId(1),
+                term: flotilla_raft::Term(1),
+                body: flotilla_raft::MessageBody::HeartbeatResp { round: 0 },
+            },
+        )],
+        quiesce: Vec::new(),
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while host.stats().unknown_group_msgs.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "unknown-group message not counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Corrupt batches are an error, not a panic.
+    assert!(NodeBatch::decode(b"\x01garbage").is_err());
+    // Bad configuration is refused with a reason.
+    let mut bad = config(1);
+    bad.pollers = 0;
+    assert!(matches!(bad.validate(), Err(HostError::Config(_))));
+    host.shutdown().await;
+}
