@@ -24,7 +24,7 @@ fn state(nodes: u64, shards: u64) -> MetaState {
 fn round(c: &mut Criterion) {
     let s = state(100, 100_000);
     let cfg = BalancerConfig::default();
-    c.bench_function("balancer_round_100_nodes_100k_shards", |b| b.iter(|| black_box(balance(&s, &cfg).len())));
+    c.bench_function("balancer_round_100_nodes_100k_shards", |b| b.iter(|| black_box(balance(&s, &cfg, 0).len())));
 }
 
 criterion_group!(benches, round);
