@@ -30,7 +30,7 @@ pub mod plan;
 pub use balance::{balance, BalancerConfig, Proposal};
 pub use map::{Epoch, NodeId, Replica, ReplicaRole, RouteError, ShardDescriptor, ShardId, ShardMap};
 pub use meta::{
-    LogIndex, MetaCommand, MetaError, MetaOutcome, MetaState, NodeInfo, NodeReport, MOVE_HISTORY_LEN_MAX,
-    MOVE_WINDOW_MS,
+    LogIndex, MetaCommand, MetaError, MetaOutcome, MetaState, MoveRecord, NodeInfo, NodeReport, MOVE_HISTORY_LEN_MAX,
+    MOVE_HISTORY_MS, MOVE_WINDOW_MS,
 };
 pub use plan::{MovePlan, MoveStep, PlanAction, PlanError};

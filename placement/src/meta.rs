@@ -4,8 +4,9 @@
 //!
 //! Replica moves in progress live here too ([`MetaState::moves`], see [`crate::plan`]): a plan
 //! kept in the replicated state survives restarts and changes of meta leader, and every meta
-//! replica checks each step against the same map. The start times of recent moves are kept
-//! here as well, so the balancer's moves-per-minute limit holds across meta leaders.
+//! replica checks each step against the same map. Recent moves are kept here as well, so the
+//! balancer's moves-per-minute limit and its cool-down of moved shards hold across meta
+//! leaders.
 
 use crate::map::{Epoch, NodeId, Replica, ReplicaRole, ShardDescriptor, ShardId, ShardMap};
 use crate::plan::{MovePlan, MoveStep, PlanAction, PlanError};
@@ -16,9 +17,26 @@ use thiserror::Error;
 /// The window of the moves-per-minute limit.
 pub const MOVE_WINDOW_MS: u64 = 60_000;
 
-/// Move start times kept at most (older ones are dropped first). Far above any sane
-/// moves-per-minute limit; it only bounds memory if moves are started by hand in bulk.
+/// How long a started move is remembered ([`MetaState::recent_moves`]): the moves-per-minute
+/// limit and the balancer's cool-down of a moved shard look no further back than this.
+pub const MOVE_HISTORY_MS: u64 = 3_600_000;
+
+/// Move records kept at most (older ones are dropped first). Far above any sane moves-per-hour
+/// rate; it only bounds memory if moves are started by hand in bulk.
 pub const MOVE_HISTORY_LEN_MAX: usize = 4096;
+
+/// A move that was started (kept for [`MOVE_HISTORY_MS`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveRecord {
+    /// The shard.
+    pub shard: ShardId,
+    /// Where the replica came from.
+    pub from: NodeId,
+    /// Where it went.
+    pub to: NodeId,
+    /// When the proposer decided the move.
+    pub started_ms: u64,
+}
 
 /// A position in a shard's Raft log (as reported by nodes; placement only compares them).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -268,8 +286,9 @@ pub struct MetaState {
     pub transfers: BTreeMap<ShardId, NodeId>,
     /// Replica moves in progress, at most one per shard.
     pub moves: BTreeMap<ShardId, MovePlan>,
-    /// Start times of recent moves (oldest first), for the moves-per-minute limit.
-    pub move_starts_ms: VecDeque<u64>,
+    /// Moves started recently (oldest first): the moves-per-minute limit counts them, and the
+    /// balancer leaves a recently moved shard alone for a while.
+    pub recent_moves: VecDeque<MoveRecord>,
 }
 
 impl MetaState {
@@ -395,13 +414,14 @@ impl MetaState {
             }
             MetaCommand::StartMove { epoch, plan, now_ms } => {
                 self.check_start(epoch, &plan)?;
-                self.moves.insert(plan.shard, plan);
-                while self.move_starts_ms.front().is_some_and(|t| t.saturating_add(MOVE_WINDOW_MS) <= now_ms)
-                    || self.move_starts_ms.len() >= MOVE_HISTORY_LEN_MAX
+                while self.recent_moves.front().is_some_and(|m| m.started_ms.saturating_add(MOVE_HISTORY_MS) <= now_ms)
+                    || self.recent_moves.len() >= MOVE_HISTORY_LEN_MAX
                 {
-                    self.move_starts_ms.pop_front();
+                    self.recent_moves.pop_front();
                 }
-                self.move_starts_ms.push_back(now_ms);
+                let record = MoveRecord { shard: plan.shard, from: plan.from, to: plan.to, started_ms: now_ms };
+                self.recent_moves.push_back(record);
+                self.moves.insert(plan.shard, plan);
                 Ok(MetaOutcome::Done)
             }
             MetaCommand::AdvanceMove { shard, step } => {

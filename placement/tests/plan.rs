@@ -237,7 +237,10 @@ fn a_move_that_cannot_start_is_refused() {
     s.apply(MetaCommand::SetDraining { node: n(5), draining: true }).expect("drain");
     assert_eq!(start(&mut s, e, MovePlan::new(S, n(1), n(5), None, 1)), Err(MetaError::NodeDraining(n(5))));
     start(&mut s, e, MovePlan::new(S, n(1), n(4), None, 1)).expect("start");
-    assert_eq!(s.move_starts_ms.iter().copied().collect::<Vec<_>>(), vec![5]);
+    assert_eq!(
+        s.recent_moves.iter().copied().collect::<Vec<_>>(),
+        vec![MoveRecord { shard: S, from: n(1), to: n(4), started_ms: 5 }]
+    );
     assert_eq!(start(&mut s, e, MovePlan::new(S, n(2), n(4), None, 1)), Err(MetaError::MoveInProgress(S)));
     assert_eq!(
         s.apply(MetaCommand::Split { shard: S, epoch: e, key: b"m".to_vec() }),
@@ -248,9 +251,9 @@ fn a_move_that_cannot_start_is_refused() {
 }
 
 #[test]
-fn the_move_history_keeps_one_window() {
+fn the_move_history_keeps_one_hour() {
     let mut s = state();
-    for (i, t) in [0u64, 30_000, 59_999, 60_000, 130_000].into_iter().enumerate() {
+    for (i, t) in [0u64, 1_800_000, 3_599_999, 3_600_000, 7_300_000].into_iter().enumerate() {
         let d = s.map.get(S).expect("shard").clone();
         let to = 4 + (i as u64 % 2);
         let from = d.voters().next().expect("voter").0;
@@ -261,5 +264,6 @@ fn the_move_history_keeps_one_window() {
             .expect("start");
         s.apply(MetaCommand::AbortMove { shard: S }).expect("abort");
     }
-    assert_eq!(s.move_starts_ms.iter().copied().collect::<Vec<_>>(), vec![130_000], "older starts are dropped");
+    let kept: Vec<u64> = s.recent_moves.iter().map(|m| m.started_ms).collect();
+    assert_eq!(kept, vec![7_300_000], "moves older than MOVE_HISTORY_MS are dropped");
 }
