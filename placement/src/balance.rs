@@ -67,7 +67,8 @@ pub struct BalancerConfig {
     pub moves_per_minute_max: usize,
     /// Moves feeding one node at a time at most (each new replica starts with a snapshot).
     pub incoming_snapshots_per_node_max: usize,
-    /// Replica counts within this of each other count as balanced. At least 1.
+    /// Replica counts within this of each other count as balanced. 0 counts as 1: a band of 0
+    /// would move replicas back and forth.
     pub replica_count_spread_max: usize,
     /// A byte gap between two nodes below this percentage of the mean bytes per node counts as
     /// balanced.
@@ -197,7 +198,6 @@ struct Round<'a> {
 
 /// One balancing round at time `now_ms` (see the module docs for what it guarantees).
 pub fn balance(state: &MetaState, cfg: &BalancerConfig, now_ms: u64) -> Vec<Proposal> {
-    assert!(cfg.replica_count_spread_max >= 1, "a count band of 0 would move replicas back and forth");
     let recent = state.recent_moves.iter().filter(|m| now_ms < m.started_ms.saturating_add(MOVE_WINDOW_MS)).count();
     let budget = cfg.moves_per_round_max.min(cfg.moves_per_minute_max.saturating_sub(recent));
     let mut r = Round::new(state, cfg, budget, now_ms);
@@ -301,6 +301,11 @@ impl<'a> Round<'a> {
         }
     }
 
+    /// The count band (at least 1).
+    fn band(&self) -> usize {
+        self.cfg.replica_count_spread_max.max(1)
+    }
+
     fn draining(&self, n: NodeId) -> bool {
         self.state.nodes.get(&n).is_some_and(|i| i.draining)
     }
@@ -336,7 +341,7 @@ impl<'a> Round<'a> {
             return true;
         }
         let (f, t) = (load.get(&from).copied().unwrap_or_default(), load.get(&to).copied().unwrap_or_default());
-        let band = self.cfg.replica_count_spread_max;
+        let band = self.band();
         let count_rule = f.count > t.count + band;
         let gap = f.bytes.saturating_sub(t.bytes);
         let size_rule = t.count + 2 <= f.count + band
@@ -393,7 +398,8 @@ impl<'a> Round<'a> {
         if self.sizes.is_empty() {
             return self.candidates(from, to).next(); // nothing reported: any shard will do
         }
-        let (f, t) = (self.load[&from].bytes as i128, self.load.get(&to).copied().unwrap_or_default().bytes as i128);
+        let bytes = |n: NodeId| self.load.get(&n).copied().unwrap_or_default().bytes as i128;
+        let (f, t) = (bytes(from), bytes(to));
         self.candidates(from, to).min_by_key(|d| (f - t - 2 * self.size(d.id) as i128).abs())
     }
 
@@ -415,7 +421,7 @@ impl<'a> Round<'a> {
 
     /// A move from a node with too many replicas, if any can be made.
     fn count_move(&mut self) -> bool {
-        let band = self.cfg.replica_count_spread_max;
+        let band = self.band();
         let mut sources: Vec<(NodeId, Load)> =
             self.load.iter().filter(|(n, _)| !self.draining(**n)).map(|(n, l)| (*n, *l)).collect();
         sources.sort_by_key(|(n, l)| (std::cmp::Reverse((l.count, l.bytes)), *n));
@@ -457,7 +463,7 @@ impl<'a> Round<'a> {
                 if *to == from {
                     continue;
                 }
-                if tl.count + 2 > fl.count + self.cfg.replica_count_spread_max {
+                if tl.count + 2 > fl.count + self.band() {
                     if self.swap(from, *to, gap) {
                         return true;
                     }
@@ -551,7 +557,7 @@ fn leaders(state: &MetaState, cfg: &BalancerConfig, skip: &BTreeSet<ShardId>) ->
             }
         }
     }
-    for (s, target) in &state.transfers {
+    for (s, target) in state.transfers.iter().filter(|(s, _)| state.map.get(**s).is_some()) {
         leader_of.insert(*s, *target);
     }
     let mut led: BTreeMap<NodeId, Vec<ShardId>> = state.nodes.keys().map(|n| (*n, Vec::new())).collect();

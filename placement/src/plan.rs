@@ -16,7 +16,8 @@
 //! never trusts the recorded step alone: if the step's effect is already in the map (a restart
 //! after the change applied, or the same change made by hand) it advances without changing
 //! anything; if the replicas are in a state no step of this plan can produce (someone removed
-//! the learner, or the source), it returns a [`PlanError`] and the driver aborts the plan.
+//! the learner, or the source), or the target started draining before its replica votes, it
+//! returns a [`PlanError`] and the driver aborts the plan.
 //!
 //! How the node drives plans (meta leader, on every tick or heartbeat):
 //! 1. for each plan in [`MetaState::moves`], call [`MovePlan::next`];
@@ -119,6 +120,15 @@ pub enum PlanError {
         /// The role of the replica on the target node now.
         to: Option<ReplicaRole>,
     },
+    /// The target started draining (or was forgotten) before its replica could vote: the move
+    /// would only have to be undone.
+    #[error("node {node} is draining, so the move of shard {shard} onto it stops: abort the move")]
+    TargetDraining {
+        /// The shard.
+        shard: ShardId,
+        /// The target node.
+        node: NodeId,
+    },
     /// The node leadership should go to is not a voter of the shard (any more).
     #[error("node {node} is not a voter of shard {shard}, so it cannot take the lead: abort the move")]
     LeaderTargetNotVoter {
@@ -153,6 +163,9 @@ impl MovePlan {
         let conflict = || PlanError::Conflict { shard: self.shard, step: self.step, from: f, to: t };
         let after_remove = if self.transfer_leader_to.is_some() { S::TransferLeader } else { S::Done };
         let (shard, epoch) = (self.shard, d.epoch);
+        if self.step < S::RemoveOld && t != Some(Voter) && state.nodes.get(&self.to).is_none_or(|n| n.draining) {
+            return Err(PlanError::TargetDraining { shard: self.shard, node: self.to });
+        }
         let run = |command, then| Ok(PlanAction::Run { command, then });
         let advance = |to| Ok(PlanAction::Advance { to });
         // States every step before TransferLeader shares: once `to` votes, the remaining work

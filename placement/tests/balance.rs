@@ -349,6 +349,20 @@ fn leaders_are_spread_across_voters_and_pending_transfers_count_as_done() {
 }
 
 #[test]
+fn empty_states_and_a_zero_band_propose_nothing_and_do_not_panic() {
+    let zero = BalancerConfig { replica_count_spread_max: 0, ..BalancerConfig::default() };
+    assert_eq!(balance(&MetaState::default(), &zero, 0), vec![]);
+    let mut s = MetaState::default();
+    s.apply(MetaCommand::RegisterNode { node: n(1), addr: String::new() }).expect("register");
+    assert_eq!(balance(&s, &zero, 0), vec![]);
+    // A band of 0 acts as 1: balanced within 1 and stable.
+    let mut s = skewed_on(3, 7, &[1]);
+    converge(&mut s, &zero, &BTreeMap::new(), 20);
+    assert!(spread(counts(&s).values().copied()) <= 1, "{:?}", counts(&s));
+    assert_stable(&s, &zero);
+}
+
+#[test]
 fn a_moved_leader_hands_leadership_to_the_new_replica() {
     let mut s = skewed(4, 4);
     let all: Vec<ShardId> = s.map.shards().map(|d| d.id).collect();

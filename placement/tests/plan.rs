@@ -194,6 +194,15 @@ fn concurrent_changes_abort_the_plan_with_a_clear_error() {
     assert_eq!(roles(&s), vec![(2, ReplicaRole::Voter), (3, ReplicaRole::Voter)]);
     assert_eq!(epoch(&s).conf_version, e.conf_version + 1);
 
+    // The target starts draining before its learner is promoted: abort, learner removed.
+    let mut s = state();
+    start(&mut s, 1, 4, None);
+    advance(&mut s).expect("add learner");
+    s.apply(MetaCommand::SetDraining { node: n(4), draining: true }).expect("drain");
+    assert_eq!(s.moves[&S].next(&s), Err(PlanError::TargetDraining { shard: S, node: n(4) }));
+    s.apply(MetaCommand::AbortMove { shard: S }).expect("abort");
+    assert_eq!(roles(&s), vec![(1, ReplicaRole::Voter), (2, ReplicaRole::Voter), (3, ReplicaRole::Voter)]);
+
     // The leadership target loses its vote before the transfer step.
     let mut s = state();
     start(&mut s, 1, 4, Some(2));
