@@ -246,7 +246,7 @@ impl<'a> Round<'a> {
             for rep in &d.replicas {
                 let l = load.entry(rep.node).or_default();
                 l.count += 1;
-                l.bytes += z;
+                l.bytes = l.bytes.saturating_add(z);
                 if rep.role == ReplicaRole::Voter {
                     voters_on.entry(rep.node).or_default().push(d);
                 }
@@ -262,7 +262,7 @@ impl<'a> Round<'a> {
             if d.replica(plan.to).is_none() {
                 let l = load.entry(plan.to).or_default();
                 l.count += 1;
-                l.bytes += z;
+                l.bytes = l.bytes.saturating_add(z);
             }
             if d.replica(plan.from).is_some() {
                 let l = load.entry(plan.from).or_default();

@@ -20,6 +20,57 @@
 //!   would want to undo next round.
 //!
 //! Not built: merges, and reading load (CPU, request rates) into balancing decisions.
+//!
+//! # The loop the node runs (on the meta leader)
+//! ```
+//! use flotilla_placement::*;
+//!
+//! let mut state = MetaState::default();
+//! for i in 1..=4 {
+//!     state.apply(MetaCommand::RegisterNode { node: NodeId(i), addr: format!("n{i}:7000") }).unwrap();
+//! }
+//! state.apply(MetaCommand::Bootstrap { nodes: vec![NodeId(1), NodeId(2), NodeId(3)] }).unwrap();
+//! for key in [b"b", b"d", b"f", b"h", b"j"] {
+//!     let last = state.map.lookup(b"z").unwrap().clone();
+//!     state.apply(MetaCommand::Split { shard: last.id, epoch: last.epoch, key: key.to_vec() }).unwrap();
+//! }
+//! // Heartbeats carry sizes, leaders, applied indexes and split keys.
+//! for i in 1..=3 {
+//!     let mut report = NodeReport::default();
+//!     for d in state.map.shards() {
+//!         report.applied.insert(d.id, LogIndex(42));
+//!     }
+//!     state.apply(MetaCommand::Heartbeat { node: NodeId(i), report }).unwrap();
+//! }
+//! // A balancing round: nodes 1-3 hold 6 replicas each, node 4 none; one snapshot at a time
+//! // goes to node 4. Each proposal becomes a command for the meta log, stamped with the time.
+//! let now_ms = 1_000;
+//! let proposals = balance(&state, &BalancerConfig::default(), now_ms);
+//! assert!(matches!(&proposals[..], [Proposal::Move { plan, .. }] if plan.to == NodeId(4)));
+//! for p in &proposals {
+//!     state.apply(p.command(now_ms)).unwrap();
+//! }
+//! // Drive the plan: each step is checked against the current state when it is applied.
+//! while let Some(plan) = state.moves.values().next().cloned() {
+//!     match plan.next(&state) {
+//!         Ok(PlanAction::Wait { .. }) => {
+//!             // The learner catches up and says so in its next heartbeat.
+//!             let mut report = NodeReport::default();
+//!             report.applied.insert(plan.shard, LogIndex(42));
+//!             state.apply(MetaCommand::Heartbeat { node: plan.to, report }).unwrap();
+//!         }
+//!         Ok(_) => {
+//!             state.apply(MetaCommand::AdvanceMove { shard: plan.shard, step: plan.step }).unwrap();
+//!         }
+//!         Err(_) => {
+//!             state.apply(MetaCommand::AbortMove { shard: plan.shard }).unwrap();
+//!         }
+//!     }
+//! }
+//! let moved = state.map.shards().find(|d| d.replica(NodeId(4)).is_some()).unwrap();
+//! assert_eq!(moved.voters().count(), 3);
+//! assert_eq!(state.recent_moves.len(), 1, "the per-minute limit counts it");
+//! ```
 #![warn(missing_docs)]
 
 pub mod balance;
