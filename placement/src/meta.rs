@@ -358,6 +358,13 @@ impl MetaState {
                 let new_id = ShardId(self.next_shard_id.max(1));
                 self.next_shard_id = new_id.0 + 1;
                 self.map.split(shard, key, new_id);
+                // The reported size and split key described the whole range: kept under the
+                // left half's id they would suggest splitting it again. Unknown until the next
+                // heartbeats instead.
+                for info in self.nodes.values_mut() {
+                    info.report.shard_bytes.remove(&shard);
+                    info.report.split_keys.remove(&shard);
+                }
                 let changed = [shard, new_id].iter().filter_map(|id| self.map.get(*id).cloned()).collect();
                 Ok(MetaOutcome::Shards(changed))
             }

@@ -463,12 +463,20 @@ fn splits_are_suggested_for_big_shards_with_a_key_strictly_inside() {
     apply_all(&mut s, &props, 0);
     s.map.validate().expect("invariant");
     assert_eq!(s.map.len(), 6);
-    // The reports still name the left half (ids are kept): the leader's key is now its end,
-    // so it is passed over for the other replica's key, which is still strictly inside.
+    // The split dropped the reported sizes and keys of the split shards (they described the
+    // whole range): no second suggestion from stale reports, until fresh ones come.
     let left = s.map.get(ids[0].id).expect("shard").clone();
     assert_eq!(left.end, Some(key(7)));
-    let props = balance(&s, &cfg, 0);
-    assert!(props.contains(&Proposal::Split { shard: left.id, epoch: left.epoch, key: key(5) }), "{props:?}");
+    assert!(s.nodes.values().all(|i| !i.report.shard_bytes.contains_key(&left.id)));
+    let splits = |props: Vec<Proposal>| -> Vec<Proposal> {
+        props.into_iter().filter(|p| matches!(p, Proposal::Split { .. })).collect()
+    };
+    assert_eq!(splits(balance(&s, &cfg, 0)), vec![]);
+    let mut fresh = NodeReport { leading: vec![left.id], ..Default::default() };
+    fresh.shard_bytes.insert(left.id, 150 * MIB);
+    fresh.split_keys.insert(left.id, key(6));
+    s.apply(MetaCommand::Heartbeat { node: n(3), report: fresh }).expect("hb");
+    assert_eq!(splits(balance(&s, &cfg, 0)), vec![Proposal::Split { shard: left.id, epoch: left.epoch, key: key(6) }]);
 }
 
 #[derive(Clone, Debug)]
