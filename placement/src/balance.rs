@@ -6,34 +6,39 @@
 //! # How the three goals combine
 //! Replica count comes first, data size second, leader count separately:
 //! - **Count.** Every replica costs about the same in Raft traffic, memory and file handles,
-//!   so counts are the primary goal: a move goes from a node with more than
-//!   `replica_count_spread_max` replicas above its target (a *count move*). Of the shards the
-//!   source could give, a count move picks the one that best evens out the pair's bytes.
-//! - **Size.** Within the count band, a *size move* goes from a node with more bytes to one
-//!   with fewer, when the gap exceeds the size tolerance (`size_spread_percent` of the mean
-//!   bytes per node, at least `size_spread_bytes_min`), moving the largest shard of at most
-//!   half the gap, and only if afterwards the pair's counts are still within the band. With a
-//!   band of 1 a size move needs a source with more replicas than its target; the default band
-//!   of 2 also lets equal-count nodes trade data.
+//!   so counts are the primary goal: a *count move* goes from a node with more than
+//!   `replica_count_spread_max` replicas above its target (default 1: counts end within 1).
+//!   Of the shards the source could give, it picks the one that best evens out the pair's
+//!   bytes.
+//! - **Size.** When the byte gap between two nodes exceeds the size tolerance
+//!   (`size_spread_percent` of the mean bytes per node, at least `size_spread_bytes_min`), a
+//!   *size move* sends the largest shard of at most half the gap from the fuller to the
+//!   emptier node, if the fuller holds at least one replica more (so the counts do not get
+//!   worse); if it does not, a *swap* sends a big shard one way and the target's smallest
+//!   shard back, counts unchanged, the size difference at most half the gap.
 //! - **Leaders** are balanced by transfers (cheap: no data moves), separately from the above.
 //!
-//! # Hysteresis: never undo a move next round
-//! A count move leaves the source at or above the target's count (it needs a gap above the
-//! band and closes it by 2), so neither rule wants it back; a size move never moves more than
-//! half the byte gap and stays inside the count band, so again neither rule wants it back; a
-//! swap's big half would overshoot if moved back and its small half is blocked by the same
-//! count band that called for the swap.
-//! Later moves in the same round change the loads too, so before accepting a move the
-//! balancer checks, on the loads after it, that no move accepted this round (itself included)
-//! would be proposed in reverse; if one would, the move is dropped. Loads are *projected*:
-//! moves in progress count as done, pending leader transfers as done, so the next round
-//! (before the moves finish) does not propose them again.
+//! Why this terminates: every count move lowers the sum over nodes of count squared (by at
+//! least 2); every size move or swap leaves that sum as it is or lowers it, and lowers the sum
+//! of bytes squared (it never moves more than half the gap). So the pair (sum of counts
+//! squared, sum of bytes squared) falls with every move: balancing stops, and no map state
+//! ever comes back, whatever the limits do to the order of moves. Draining moves are the
+//! exception, and finite: draining nodes only lose replicas.
 //!
-//! The rules alone only cover a round that starts from the loads the previous round ended
-//! with and makes the same choices. Limits break that: when a node's snapshot slot is taken,
-//! a round makes a size move elsewhere, and the next round, with the slot free, makes the
-//! count move it could not make before and then finds the size move's shard is best sent
-//! back (the property test found such a case). So a shard moved less than
+//! # Hysteresis: never undo a move next round
+//! Right after a move, neither rule wants it back: a count move leaves the source at or
+//! above the target's count; a size move leaves the target at most one replica above the
+//! source and never moves more than half the byte gap; a swap's big half would overshoot if
+//! moved back and its small half goes from a node that does not hold more replicas. Later
+//! moves in the same round change the loads too, so before accepting a move the balancer
+//! checks, on the loads after it, that no move accepted this round (itself included) would
+//! be proposed in reverse; if one would, the move is dropped. Loads are *projected*: moves in
+//! progress count as done, pending leader transfers as done, so the next round (before the
+//! moves finish) does not propose them again.
+//!
+//! That still only covers the end of a round. The next round may first make moves the last
+//! one could not (a snapshot slot came free) and then find a shard of the last round best
+//! sent back (the property test found such cases). So a shard moved less than
 //! `shard_move_cooldown_ms` ago is not moved again, except off a draining node, and never
 //! straight back to where it came from while it cools down. That makes "never undo the
 //! previous round's move" hold whenever rounds are closer together than the cool-down.
@@ -68,7 +73,7 @@ pub struct BalancerConfig {
     /// Moves feeding one node at a time at most (each new replica starts with a snapshot).
     pub incoming_snapshots_per_node_max: usize,
     /// Replica counts within this of each other count as balanced. 0 counts as 1: a band of 0
-    /// would move replicas back and forth.
+    /// would move replicas back and forth. A wider band means fewer count moves.
     pub replica_count_spread_max: usize,
     /// A byte gap between two nodes below this percentage of the mean bytes per node counts as
     /// balanced.
@@ -88,6 +93,10 @@ pub struct BalancerConfig {
     /// A shard moved less than this long ago is left alone (see "Hysteresis"). Capped by
     /// [`crate::MOVE_HISTORY_MS`], how long moves are remembered.
     pub shard_move_cooldown_ms: u64,
+    /// Shards looked at, at most, when choosing which shard a node gives to another (in key
+    /// order): bounds the cost of a round on nodes with very many shards, at the price of a
+    /// choice that is only the best among those looked at.
+    pub candidates_scanned_max: usize,
 }
 
 impl Default for BalancerConfig {
@@ -96,7 +105,7 @@ impl Default for BalancerConfig {
             moves_per_round_max: 8,
             moves_per_minute_max: 32,
             incoming_snapshots_per_node_max: 1,
-            replica_count_spread_max: 2,
+            replica_count_spread_max: 1,
             size_spread_percent: 10,
             size_spread_bytes_min: 64 << 20,
             leader_transfers_per_round_max: 1,
@@ -104,6 +113,7 @@ impl Default for BalancerConfig {
             splits_per_round_max: 4,
             catch_up_lag_entries_max: 128,
             shard_move_cooldown_ms: 600_000,
+            candidates_scanned_max: 1024,
         }
     }
 }
@@ -164,6 +174,13 @@ struct Load {
     bytes: u64,
 }
 
+/// A shard a node could give away, with its size.
+#[derive(Clone, Copy, Debug)]
+struct Candidate<'a> {
+    d: &'a ShardDescriptor,
+    bytes: u64,
+}
+
 /// A move accepted this round.
 #[derive(Clone, Copy, Debug)]
 struct Accepted {
@@ -182,7 +199,7 @@ struct Round<'a> {
     /// Projected load of every node that is registered or holds a replica.
     load: BTreeMap<NodeId, Load>,
     /// Voter replicas per node, in key order (the shards a node can give away).
-    voters_on: BTreeMap<NodeId, Vec<&'a ShardDescriptor>>,
+    voters_on: BTreeMap<NodeId, Vec<Candidate<'a>>>,
     /// Learners being fed per node: moves in progress plus moves accepted this round.
     incoming: BTreeMap<NodeId, usize>,
     /// Shards not to touch: moves in progress and moves accepted this round.
@@ -240,7 +257,7 @@ impl<'a> Round<'a> {
             }
         }
         let mut load: BTreeMap<NodeId, Load> = state.nodes.keys().map(|n| (*n, Load::default())).collect();
-        let mut voters_on: BTreeMap<NodeId, Vec<&ShardDescriptor>> = BTreeMap::new();
+        let mut voters_on: BTreeMap<NodeId, Vec<Candidate>> = BTreeMap::new();
         for d in state.map.shards() {
             let z = sizes.get(&d.id).copied().unwrap_or(0);
             for rep in &d.replicas {
@@ -248,7 +265,7 @@ impl<'a> Round<'a> {
                 l.count += 1;
                 l.bytes = l.bytes.saturating_add(z);
                 if rep.role == ReplicaRole::Voter {
-                    voters_on.entry(rep.node).or_default().push(d);
+                    voters_on.entry(rep.node).or_default().push(Candidate { d, bytes: z });
                 }
             }
         }
@@ -344,7 +361,7 @@ impl<'a> Round<'a> {
         let band = self.band();
         let count_rule = f.count > t.count + band;
         let gap = f.bytes.saturating_sub(t.bytes);
-        let size_rule = t.count + 2 <= f.count + band
+        let size_rule = f.count > t.count
             && bytes > 0
             && gap > self.size_tolerance
             && bytes.checked_mul(2).is_some_and(|b2| b2 <= gap);
@@ -381,26 +398,35 @@ impl<'a> Round<'a> {
     }
 
     /// Shards `from` can give to `to`: voters there, none on `to`, not busy, not cooling down
-    /// (off a draining node: not going straight back where it came from).
-    fn candidates(&self, from: NodeId, to: NodeId) -> impl Iterator<Item = &'a ShardDescriptor> + '_ {
+    /// (off a draining node: not going straight back where it came from). At most
+    /// `candidates_scanned_max` of them, in key order: a bound on the cost of a round.
+    fn candidates(&self, from: NodeId, to: NodeId) -> impl Iterator<Item = Candidate<'a>> + '_ {
         let draining = self.draining(from);
-        self.voters_on.get(&from).into_iter().flatten().copied().filter(move |d| {
-            let cool = match self.cooling.get(&d.id) {
-                None => true,
-                Some(left) => draining && *left != to,
-            };
-            cool && !self.busy.contains(&d.id) && d.replica(to).is_none() && d.replica(from).is_some()
-        })
+        let any_cooling = !self.cooling.is_empty();
+        self.voters_on
+            .get(&from)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(move |c| {
+                let cool = !any_cooling
+                    || match self.cooling.get(&c.d.id) {
+                        None => true,
+                        Some(left) => draining && *left != to,
+                    };
+                cool && !self.busy.contains(&c.d.id) && c.d.replica(to).is_none() && c.d.replica(from).is_some()
+            })
+            .take(self.cfg.candidates_scanned_max.max(1))
     }
 
     /// The candidate whose move best evens out the pair's bytes (closest to half the gap).
     fn best_for_bytes(&self, from: NodeId, to: NodeId) -> Option<&'a ShardDescriptor> {
         if self.sizes.is_empty() {
-            return self.candidates(from, to).next(); // nothing reported: any shard will do
+            return self.candidates(from, to).next().map(|c| c.d); // nothing reported: any will do
         }
         let bytes = |n: NodeId| self.load.get(&n).copied().unwrap_or_default().bytes as i128;
         let (f, t) = (bytes(from), bytes(to));
-        self.candidates(from, to).min_by_key(|d| (f - t - 2 * self.size(d.id) as i128).abs())
+        self.candidates(from, to).min_by_key(|c| (f - t - 2 * c.bytes as i128).abs()).map(|c| c.d)
     }
 
     /// A move off a draining node, if any can be made.
@@ -463,7 +489,7 @@ impl<'a> Round<'a> {
                 if *to == from {
                     continue;
                 }
-                if tl.count + 2 > fl.count + self.band() {
+                if fl.count <= tl.count {
                     if self.swap(from, *to, gap) {
                         return true;
                     }
@@ -472,11 +498,9 @@ impl<'a> Round<'a> {
                 // The largest shard of at most half the gap.
                 let pick = self
                     .candidates(from, *to)
-                    .filter(|d| {
-                        let z = self.size(d.id);
-                        z > 0 && z.saturating_mul(2) <= gap
-                    })
-                    .max_by_key(|d| (self.size(d.id), std::cmp::Reverse(d.id)));
+                    .filter(|c| c.bytes > 0 && c.bytes.saturating_mul(2) <= gap)
+                    .max_by_key(|c| (c.bytes, std::cmp::Reverse(c.d.id)))
+                    .map(|c| c.d);
                 if let Some(d) = pick {
                     if self.try_accept(&[(d, from, *to)]) {
                         return true;
@@ -488,27 +512,23 @@ impl<'a> Round<'a> {
     }
 
     /// A count-neutral swap: a big shard from `from` to `to` and the smallest shard of `to`
-    /// back, the size difference at most half the byte gap. Used only when the count band
-    /// forbids a single move from `from` to `to`, which is also why neither half is wanted in
-    /// reverse afterwards (a single move back of the small shard is forbidden by the same
-    /// band, and the big one would overshoot).
+    /// back, the size difference at most half the byte gap. Used only when `from` holds no
+    /// more replicas than `to`, which is also why neither half is wanted in reverse afterwards
+    /// (a single size move of the small shard back would need `from` to hold more, and the
+    /// big one would overshoot).
     fn swap(&mut self, from: NodeId, to: NodeId, gap: u64) -> bool {
         if self.accepted.len() + 2 > self.budget
             || self.incoming.get(&from).copied().unwrap_or(0) >= self.cfg.incoming_snapshots_per_node_max
         {
             return false;
         }
-        let Some(small) = self.candidates(to, from).min_by_key(|d| (self.size(d.id), d.id)) else { return false };
-        let zs = self.size(small.id);
+        let Some(small) = self.candidates(to, from).min_by_key(|c| (c.bytes, c.d.id)) else { return false };
         let big = self
             .candidates(from, to)
-            .filter(|d| {
-                let z = self.size(d.id);
-                z > zs && (z - zs).saturating_mul(2) <= gap
-            })
-            .max_by_key(|d| (self.size(d.id), std::cmp::Reverse(d.id)));
+            .filter(|c| c.bytes > small.bytes && (c.bytes - small.bytes).saturating_mul(2) <= gap)
+            .max_by_key(|c| (c.bytes, std::cmp::Reverse(c.d.id)));
         match big {
-            Some(big) => self.try_accept(&[(big, from, to), (small, to, from)]),
+            Some(big) => self.try_accept(&[(big.d, from, to), (small.d, to, from)]),
             None => false,
         }
     }

@@ -91,7 +91,7 @@ fn check_limits(s: &MetaState, cfg: &BalancerConfig, now_ms: u64, props: &[Propo
     let moves = moves_of(props);
     assert!(moves.len() <= cfg.moves_per_round_max, "round limit: {}", moves.len());
     let recent = s.recent_moves.iter().filter(|m| now_ms < m.started_ms + MOVE_WINDOW_MS).count();
-    assert!(recent + moves.len() <= cfg.moves_per_minute_max, "minute limit: {recent} + {}", moves.len());
+    assert!(moves.len() <= cfg.moves_per_minute_max.saturating_sub(recent), "minute limit: {recent} + {}", moves.len());
     let mut incoming: BTreeMap<NodeId, usize> = BTreeMap::new();
     for p in s.moves.values().filter(|p| p.step <= MoveStep::WaitCaughtUp) {
         *incoming.entry(p.to).or_default() += 1;
@@ -130,10 +130,9 @@ fn apply_all(s: &mut MetaState, props: &[Proposal], now_ms: u64) {
     }
 }
 
-/// Runs rounds a cool-down apart (so the cool-down never hides a reverse move: these runs check
-/// the rules alone), each move carried out fully before the next round, until a round
-/// proposes no move. Checks the limits and that no round reverses a move of the round before.
-/// Returns (rounds, moves).
+/// Runs rounds a minute apart (within the cool-down, as a node would run them), each move
+/// carried out fully before the next round, until a round proposes no move. Checks the limits
+/// and that no round reverses a move of the round before. Returns (rounds, moves).
 fn converge(
     s: &mut MetaState,
     cfg: &BalancerConfig,
@@ -142,10 +141,19 @@ fn converge(
 ) -> (usize, usize) {
     let mut total = 0;
     let mut last: Vec<MovePlan> = Vec::new();
+    // Start after the moves already in the history, as time only goes forward.
+    let mut now = s.recent_moves.back().map_or(0, |m| m.started_ms + MOVE_WINDOW_MS);
     for round in 0..rounds_max {
-        let now = round as u64 * cfg.shard_move_cooldown_ms.max(MOVE_WINDOW_MS);
+        now += MOVE_WINDOW_MS;
         report(s, sizes);
-        let props = balance(s, cfg, now);
+        let mut props = balance(s, cfg, now);
+        if moves_of(&props).is_empty() {
+            // Nothing now: is that balance, or shards cooling down? Look again after the cool-down
+            // (the promise not to undo covers rounds closer together than the cool-down only).
+            now += cfg.shard_move_cooldown_ms;
+            props = balance(s, cfg, now);
+            last.clear();
+        }
         check_limits(s, cfg, now, &props);
         let moves = moves_of(&props);
         for m in &moves {
@@ -158,15 +166,30 @@ fn converge(
             return (round, total);
         }
         total += moves.len();
+        let before = potential(s, sizes);
         apply_all(s, &props, now);
         for m in &moves {
             drive(s, m.shard, 20);
             assert!(!s.moves.contains_key(&m.shard), "move finished");
         }
         s.map.validate().expect("map invariant");
+        let splits = props.iter().any(|p| matches!(p, Proposal::Split { .. }));
+        if !splits && s.nodes.values().all(|i| !i.draining) {
+            let after = potential(s, sizes);
+            assert!(after < before, "round {round}: (sum counts^2, sum bytes^2) went from {before:?} to {after:?}");
+        }
         last = moves;
     }
     panic!("did not converge within {rounds_max} rounds");
+}
+
+/// (sum over nodes of replica count squared, sum of bytes squared), compared in that order:
+/// every move without a draining node lowers it (see the balance module docs), so no state
+/// ever comes back and balancing stops.
+fn potential(s: &MetaState, sizes: &BTreeMap<ShardId, u64>) -> (u128, u128) {
+    let c: u128 = counts(s).values().map(|v| (*v as u128).pow(2)).sum();
+    let b: u128 = bytes(s, sizes).values().map(|v| (*v as u128).pow(2)).sum();
+    (c, b)
 }
 
 fn counts(s: &MetaState) -> BTreeMap<NodeId, usize> {
@@ -265,9 +288,11 @@ fn a_draining_node_is_emptied() {
     let (_, moves) = converge(&mut s, &cfg, &BTreeMap::new(), 200);
     let c = counts(&s);
     assert_eq!(c[&n(1)], 0, "everything moved off the draining node");
-    // Each draining move goes to the node with the fewest replicas, so the others stay within
-    // the band and nothing but the drained replicas moves.
-    assert_eq!(moves, on_drained);
+    // Every drained replica moves exactly once off the node (a draining node never receives).
+    // A drain move goes to the emptiest node lacking the shard, which is not always the
+    // emptiest node, so a few count moves follow (3 for 12 here); each lowers the sum of
+    // counts squared. Measured bound, not a proof: at most a quarter extra.
+    assert!(moves >= on_drained && moves <= on_drained + on_drained / 4, "{moves} moves for {on_drained}");
     assert!(spread(c.iter().filter(|(k, _)| **k != n(1)).map(|(_, v)| *v)) <= cfg.replica_count_spread_max, "{c:?}");
     assert_stable(&s, &cfg);
 }
@@ -360,6 +385,22 @@ fn empty_states_and_a_zero_band_propose_nothing_and_do_not_panic() {
     converge(&mut s, &zero, &BTreeMap::new(), 20);
     assert!(spread(counts(&s).values().copied()) <= 1, "{:?}", counts(&s));
     assert_stable(&s, &zero);
+}
+
+#[test]
+fn a_scan_limit_of_one_shard_still_converges() {
+    // Only the first eligible shard of a node is looked at: the choice is worse for bytes, but
+    // every move the rules want is still found.
+    let cfg =
+        BalancerConfig { candidates_scanned_max: 1, split_size_bytes_threshold: u64::MAX, ..BalancerConfig::default() };
+    let mut s = skewed(5, 30);
+    let sizes: BTreeMap<ShardId, u64> = s.map.shards().map(|d| (d.id, (1 + d.id.0 % 7) * 100 * MIB)).collect();
+    let bound = count_move_bound(&counts(&s));
+    let (_, moves) = converge(&mut s, &cfg, &sizes, 200);
+    assert!(spread(counts(&s).values().copied()) <= 1, "{:?}", counts(&s));
+    assert!(moves >= 36, "the two new nodes need 18 replicas each: {moves}");
+    eprintln!("{moves} moves with a scan limit of 1 (count bound {bound})");
+    assert_stable(&s, &cfg);
 }
 
 #[test]
