@@ -383,9 +383,7 @@ impl<'a> Round<'a> {
             t.bytes = t.bytes.saturating_add(m.bytes);
             new.push(m);
         }
-        if std::env::var("NOCHECK").is_err()
-            && self.accepted.iter().chain(&new).any(|a| self.wants(&after, a.to, a.from, a.bytes))
-        {
+        if self.accepted.iter().chain(&new).any(|a| self.wants(&after, a.to, a.from, a.bytes)) {
             return false;
         }
         self.load = after;
