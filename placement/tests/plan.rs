@@ -2,6 +2,7 @@
 //! skipped, conflicting changes abort, and a plan survives a snapshot and restore.
 
 use flotilla_placement::*;
+use proptest::prelude::*;
 
 fn n(i: u64) -> NodeId {
     NodeId(i)
@@ -275,4 +276,84 @@ fn the_move_history_keeps_one_hour() {
     }
     let kept: Vec<u64> = s.recent_moves.iter().map(|m| m.started_ms).collect();
     assert_eq!(kept, vec![7_300_000], "moves older than MOVE_HISTORY_MS are dropped");
+}
+
+#[derive(Clone, Debug)]
+enum Event {
+    /// The driver's normal step.
+    Step,
+    /// A duplicate or late command naming an earlier step.
+    Duplicate,
+    /// The meta leader restarts from a snapshot.
+    Restart,
+    /// The learner reports progress (possibly still behind).
+    Report(u64),
+}
+
+proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Driven through restarts, duplicate commands and late reports, a move ends with the
+    /// intended replicas, three voters at every point, exactly three replica changes, and the
+    /// leadership request recorded; duplicates are refused and change nothing.
+    #[test]
+    fn a_move_ends_right_whatever_restarts_and_duplicates_happen(
+        events in proptest::collection::vec(
+            proptest::prop_oneof![
+                4 => proptest::strategy::Just(Event::Step),
+                1 => proptest::strategy::Just(Event::Duplicate),
+                1 => proptest::strategy::Just(Event::Restart),
+                2 => (0..600u64).prop_map(Event::Report),
+            ],
+            0..40,
+        ),
+        from in 1..4u64,
+        to in 4..6u64,
+        lead in proptest::bool::ANY,
+    ) {
+        let mut s = state();
+        applied(&mut s, 2, 500, true);
+        let e0 = epoch(&s);
+        start(&mut s, from, to, lead.then_some(to));
+        let step = |s: &mut MetaState| -> bool {
+            let Some(plan) = s.moves.get(&S).cloned() else { return false };
+            match plan.next(s) {
+                Ok(PlanAction::Wait { .. }) => false,
+                Ok(_) => { advance(s).expect("a step that next() allows applies"); true }
+                Err(e) => panic!("no conflicting change here: {e}"),
+            }
+        };
+        for ev in events {
+            match ev {
+                Event::Step => { step(&mut s); }
+                Event::Duplicate => {
+                    if let Some(plan) = s.moves.get(&S).cloned() {
+                        if plan.step > MoveStep::AddLearner {
+                            let before = s.clone();
+                            let r = s.apply(MetaCommand::AdvanceMove { shard: S, step: MoveStep::AddLearner });
+                            prop_assert!(matches!(r, Err(MetaError::MoveStepMismatch { .. })), "{:?}", r);
+                            prop_assert_eq!(&s, &before);
+                        }
+                    }
+                }
+                Event::Restart => s = MetaState::restore(&s.snapshot().expect("snapshot")).expect("restore"),
+                Event::Report(i) => applied(&mut s, to, i, false),
+            }
+            prop_assert_eq!(s.map.get(S).expect("shard").voters().count(), 3, "voters stay three");
+        }
+        // Finish: the learner catches up, then every step runs.
+        applied(&mut s, to, 500, false);
+        for _ in 0..10 {
+            step(&mut s);
+            prop_assert_eq!(s.map.get(S).expect("shard").voters().count(), 3);
+        }
+        prop_assert!(s.moves.is_empty(), "finished");
+        let d = s.map.get(S).expect("shard");
+        prop_assert!(d.replica(n(from)).is_none());
+        prop_assert!(d.replica(n(to)).is_some_and(|r| r.role == ReplicaRole::Voter));
+        prop_assert_eq!(d.replicas.len(), 3);
+        prop_assert_eq!(d.epoch.conf_version, e0.conf_version + 3, "add, swap, remove");
+        prop_assert_eq!(d.epoch.version, e0.version);
+        prop_assert_eq!(s.transfers.get(&S).copied(), lead.then_some(n(to)));
+    }
 }
