@@ -151,7 +151,8 @@ pub enum Proposal {
 }
 
 impl Proposal {
-    /// The meta command that carries the proposal out (`now_ms` stamps a move's start).
+    /// The meta command that carries the proposal out. `now_ms` stamps a move's start: pass the
+    /// time the round ran at, so the per-minute limit and the cool-down count from it.
     pub fn command(&self, now_ms: u64) -> MetaCommand {
         match self {
             Proposal::Move { epoch, plan } => MetaCommand::StartMove { epoch: *epoch, plan: plan.clone(), now_ms },
