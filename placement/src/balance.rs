@@ -1,146 +1,624 @@
-//! The balancer: from the shard map and the nodes' reports, proposes replica moves that even
-//! out replica counts per node (and empty draining nodes), and leader transfers that even out
-//! leader counts. Pure: it only proposes; the node carries proposals out as plans.
+//! The balancer: from the meta state (map, node reports, moves in progress, recent move
+//! starts) and the current time, proposes replica moves, leader transfers and splits. Pure: it
+//! only proposes; the node turns each proposal into a command ([`Proposal::command`]) and moves
+//! run as plans ([`crate::plan`]).
 //!
-//! Guarantees, each tested:
-//! - never two replicas of a shard on one node, never a move onto a draining node;
-//! - at most `moves_per_round_max` moves per round and at most
-//!   `incoming_snapshots_per_node_max` moves into one node (each new replica is fed by a
-//!   snapshot);
-//! - a move only goes from a node with at least two more replicas than its target (or from a
-//!   draining node), so it never undoes an earlier move and proposes nothing once balanced.
+//! # How the three goals combine
+//! Replica count comes first, data size second, leader count separately:
+//! - **Count.** Every replica costs about the same in Raft traffic, memory and file handles,
+//!   so counts are the primary goal: a *count move* goes from a node with more than
+//!   `replica_count_spread_max` replicas above its target (default 1: counts end within 1).
+//!   Of the shards the source could give, it picks the one that best evens out the pair's
+//!   bytes.
+//! - **Size.** When the byte gap between two nodes exceeds the size tolerance
+//!   (`size_spread_percent` of the mean bytes per node, at least `size_spread_bytes_min`), a
+//!   *size move* sends the largest shard of at most half the gap from the fuller to the
+//!   emptier node, if the fuller holds at least one replica more (so the counts do not get
+//!   worse); if it does not, a *swap* sends a big shard one way and the target's smallest
+//!   shard back, counts unchanged, the size difference at most half the gap.
+//! - **Leaders** are balanced by transfers (cheap: no data moves), separately from the above.
 //!
-//! Not built yet: balancing by data size, split suggestions, moves per minute.
+//! Why this terminates: every count move lowers the sum over nodes of count squared (by at
+//! least 2); every size move or swap leaves that sum as it is or lowers it, and lowers the sum
+//! of bytes squared (it never moves more than half the gap). So the pair (sum of counts
+//! squared, sum of bytes squared) falls with every move: balancing stops, and no map state
+//! ever comes back, whatever the limits do to the order of moves. Draining moves are the
+//! exception, and finite: draining nodes only lose replicas.
+//!
+//! # Hysteresis: never undo a move next round
+//! Right after a move, neither rule wants it back: a count move leaves the source at or
+//! above the target's count; a size move leaves the target at most one replica above the
+//! source and never moves more than half the byte gap; a swap's big half would overshoot if
+//! moved back and its small half goes from a node that does not hold more replicas. Later
+//! moves in the same round change the loads too, so before accepting a move the balancer
+//! checks, on the loads after it, that no move accepted this round (itself included) would
+//! be proposed in reverse; if one would, the move is dropped. Loads are *projected*: moves in
+//! progress count as done, pending leader transfers as done, so the next round (before the
+//! moves finish) does not propose them again.
+//!
+//! That still only covers the end of a round. The next round may first make moves the last
+//! one could not (a snapshot slot came free) and then find a shard of the last round best
+//! sent back (the property test found such cases). So a shard moved less than
+//! `shard_move_cooldown_ms` ago is not moved again, except off a draining node, and never
+//! straight back to where it came from while it cools down. That makes "never undo the
+//! previous round's move" hold whenever rounds are closer together than the cool-down.
+//!
+//! # Limits (all hold together)
+//! - at most `moves_per_round_max` moves per round;
+//! - at most `moves_per_minute_max` moves started in any [`MOVE_WINDOW_MS`] window, counted
+//!   from [`MetaState::recent_moves`] (the time is an argument, never read from a clock);
+//! - at most `incoming_snapshots_per_node_max` moves feeding one node at a time: moves in
+//!   progress still adding or catching up their learner count;
+//! - never two replicas of a shard on one node, never a move onto a draining node, never a
+//!   second move or a split of a shard with a move in progress;
+//! - at most `leader_transfers_per_round_max` transfers and `splits_per_round_max` splits.
+//!
+//! Draining nodes are emptied first (under the same limits). Splits are suggested for shards
+//! over `split_size_bytes_threshold` when a node reported a split key strictly inside the
+//! range; a shard's size is the largest any node reports for it (replicas hold the same data,
+//! and a learner still catching up reports less).
 
-use crate::map::{NodeId, ReplicaRole, ShardId};
-use crate::meta::MetaState;
-use std::collections::BTreeMap;
+use crate::map::{Epoch, NodeId, ReplicaRole, ShardDescriptor, ShardId};
+use crate::meta::{MetaCommand, MetaState, MOVE_WINDOW_MS};
+use crate::plan::{MovePlan, MoveStep};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-/// Limits of one balancing round.
+/// Limits and tolerances of the balancer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BalancerConfig {
     /// Moves proposed in one round at most.
     pub moves_per_round_max: usize,
-    /// Moves into one node in one round at most (one snapshot at a time by default).
+    /// Moves started in any one-minute window at most (moves cost snapshot bandwidth and disk).
+    pub moves_per_minute_max: usize,
+    /// Moves feeding one node at a time at most (each new replica starts with a snapshot).
     pub incoming_snapshots_per_node_max: usize,
+    /// Replica counts within this of each other count as balanced. 0 counts as 1: a band of 0
+    /// would move replicas back and forth. A wider band means fewer count moves.
+    pub replica_count_spread_max: usize,
+    /// A byte gap between two nodes below this percentage of the mean bytes per node counts as
+    /// balanced.
+    pub size_spread_percent: u64,
+    /// A byte gap below this counts as balanced, whatever the mean (moving little data is not
+    /// worth a snapshot).
+    pub size_spread_bytes_min: u64,
+    /// Leader transfers proposed in one round at most.
+    pub leader_transfers_per_round_max: usize,
+    /// Shards larger than this are suggested for a split.
+    pub split_size_bytes_threshold: u64,
+    /// Splits suggested in one round at most.
+    pub splits_per_round_max: usize,
+    /// Copied into each plan: how many entries a learner may trail the leader and count as
+    /// caught up.
+    pub catch_up_lag_entries_max: u64,
+    /// A shard moved less than this long ago is left alone (see "Hysteresis"). Capped by
+    /// [`crate::MOVE_HISTORY_MS`], how long moves are remembered.
+    pub shard_move_cooldown_ms: u64,
+    /// Shards looked at, at most, when choosing which shard a node gives to another (in key
+    /// order): bounds the cost of a round on nodes with very many shards, at the price of a
+    /// choice that is only the best among those looked at.
+    pub candidates_scanned_max: usize,
 }
 
 impl Default for BalancerConfig {
     fn default() -> Self {
-        BalancerConfig { moves_per_round_max: 8, incoming_snapshots_per_node_max: 1 }
+        BalancerConfig {
+            moves_per_round_max: 8,
+            moves_per_minute_max: 32,
+            incoming_snapshots_per_node_max: 1,
+            replica_count_spread_max: 1,
+            size_spread_percent: 10,
+            size_spread_bytes_min: 64 << 20,
+            leader_transfers_per_round_max: 1,
+            split_size_bytes_threshold: 512 << 20,
+            splits_per_round_max: 4,
+            catch_up_lag_entries_max: 128,
+            shard_move_cooldown_ms: 600_000,
+            candidates_scanned_max: 1024,
+        }
     }
 }
 
-/// A proposed change.
+/// A proposed change, decided at the shard's `epoch`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Proposal {
-    /// Move the replica of `shard` on `from` to `to` (add learner, catch up, promote, remove).
-    MoveReplica {
-        /// The shard.
-        shard: ShardId,
-        /// Current node.
-        from: NodeId,
-        /// New node.
-        to: NodeId,
+    /// Start a replica move.
+    Move {
+        /// The shard's epoch when decided.
+        epoch: Epoch,
+        /// The plan, at its first step.
+        plan: MovePlan,
     },
     /// Hand leadership of `shard` from `from` to the voter on `to`.
     TransferLeader {
         /// The shard.
         shard: ShardId,
+        /// The shard's epoch when decided.
+        epoch: Epoch,
         /// Current leader.
         from: NodeId,
         /// New leader.
         to: NodeId,
     },
+    /// Split `shard` at `key` (strictly inside its range).
+    Split {
+        /// The shard.
+        shard: ShardId,
+        /// The shard's epoch when decided.
+        epoch: Epoch,
+        /// First key of the new right-hand shard.
+        key: Vec<u8>,
+    },
 }
 
-/// One balancing round.
-pub fn balance(state: &MetaState, cfg: &BalancerConfig) -> Vec<Proposal> {
-    let mut out = Vec::new();
-    // Replica counts per registered node.
-    let mut count: BTreeMap<NodeId, usize> = state.nodes.keys().map(|n| (*n, 0)).collect();
-    for d in state.map.shards() {
-        for r in &d.replicas {
-            *count.entry(r.node).or_default() += 1;
+impl Proposal {
+    /// The meta command that carries the proposal out. `now_ms` stamps a move's start: pass the
+    /// time the round ran at, so the per-minute limit and the cool-down count from it.
+    pub fn command(&self, now_ms: u64) -> MetaCommand {
+        match self {
+            Proposal::Move { epoch, plan } => MetaCommand::StartMove { epoch: *epoch, plan: plan.clone(), now_ms },
+            Proposal::TransferLeader { shard, epoch, to, .. } => {
+                MetaCommand::TransferLeader { shard: *shard, epoch: *epoch, node: *to }
+            }
+            Proposal::Split { shard, epoch, key } => {
+                MetaCommand::Split { shard: *shard, epoch: *epoch, key: key.clone() }
+            }
         }
     }
-    let draining = |n: &NodeId| state.nodes.get(n).is_some_and(|i| i.draining);
-    let mut incoming: BTreeMap<NodeId, usize> = BTreeMap::new();
-    let mut moved: Vec<ShardId> = Vec::new();
-    while out.len() < cfg.moves_per_round_max {
-        // Source: a draining node with replicas first, else the fullest node.
-        let source = count.iter().filter(|(n, c)| **c > 0 && draining(n)).map(|(n, c)| (*n, *c)).next().or_else(|| {
-            count
-                .iter()
-                .filter(|(n, _)| !draining(n))
-                .max_by_key(|(n, c)| (**c, std::cmp::Reverse(**n)))
-                .map(|(n, c)| (*n, *c))
-        });
-        let Some((from, from_count)) = source else { break };
-        // Target: the emptiest node that can take one more snapshot this round and lacks a
-        // shard of `from` (not already moved this round).
-        let mut targets: Vec<(NodeId, usize)> = count
-            .iter()
-            .filter(|(n, _)| **n != from && !draining(n))
-            .filter(|(n, _)| incoming.get(n).copied().unwrap_or(0) < cfg.incoming_snapshots_per_node_max)
-            .map(|(n, c)| (*n, *c))
-            .collect();
-        targets.sort_by_key(|(n, c)| (*c, *n));
-        let pick = targets.into_iter().find_map(|(to, to_count)| {
-            if !draining(&from) && from_count < to_count + 2 {
-                return None; // balanced against this target (and every later one is fuller)
-            }
-            state
-                .map
-                .shards()
-                .find(|d| d.replica(from).is_some() && d.replica(to).is_none() && !moved.contains(&d.id))
-                .map(|d| (d.id, to))
-        });
-        let Some((shard, to)) = pick else { break };
-        out.push(Proposal::MoveReplica { shard, from, to });
-        moved.push(shard);
-        *count.entry(from).or_default() -= 1;
-        *count.entry(to).or_default() += 1;
-        *incoming.entry(to).or_default() += 1;
+}
+
+/// A node's projected load.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Load {
+    /// Replicas.
+    count: usize,
+    /// Bytes of its replicas' shards.
+    bytes: u64,
+}
+
+/// A shard a node could give away, with its size.
+#[derive(Clone, Copy, Debug)]
+struct Candidate<'a> {
+    d: &'a ShardDescriptor,
+    bytes: u64,
+}
+
+/// A move accepted this round.
+#[derive(Clone, Copy, Debug)]
+struct Accepted {
+    shard: ShardId,
+    from: NodeId,
+    to: NodeId,
+    bytes: u64,
+}
+
+/// One round's working state.
+struct Round<'a> {
+    state: &'a MetaState,
+    cfg: &'a BalancerConfig,
+    /// Size of each shard anyone reported.
+    sizes: HashMap<ShardId, u64>,
+    /// Projected load of every node that is registered or holds a replica.
+    load: BTreeMap<NodeId, Load>,
+    /// Voter replicas per node, in key order (the shards a node can give away).
+    voters_on: BTreeMap<NodeId, Vec<Candidate<'a>>>,
+    /// Learners being fed per node: moves in progress plus moves accepted this round.
+    incoming: BTreeMap<NodeId, usize>,
+    /// Shards not to touch: moves in progress and moves accepted this round.
+    busy: BTreeSet<ShardId>,
+    /// Shards moved recently (still cooling down) -> the node each left.
+    cooling: HashMap<ShardId, NodeId>,
+    /// Byte gap below which two nodes count as balanced.
+    size_tolerance: u64,
+    /// Moves this round may still make in all (round and minute limits).
+    budget: usize,
+    accepted: Vec<Accepted>,
+}
+
+/// One balancing round at time `now_ms` (see the module docs for what it guarantees).
+pub fn balance(state: &MetaState, cfg: &BalancerConfig, now_ms: u64) -> Vec<Proposal> {
+    let recent = state.recent_moves.iter().filter(|m| now_ms < m.started_ms.saturating_add(MOVE_WINDOW_MS)).count();
+    let budget = cfg.moves_per_round_max.min(cfg.moves_per_minute_max.saturating_sub(recent));
+    let mut r = Round::new(state, cfg, budget, now_ms);
+    while r.accepted.len() < r.budget {
+        if !(r.drain_move() || r.count_move() || r.size_move()) {
+            break;
+        }
     }
-    out.extend(balance_leaders(state, &moved));
+    let mut out: Vec<Proposal> = r
+        .accepted
+        .iter()
+        .map(|m| {
+            let d = state.map.get(m.shard).expect("chosen from the map");
+            let leads = state.nodes.get(&m.from).is_some_and(|n| n.report.leading.contains(&m.shard));
+            let leader = leads.then_some(m.to);
+            Proposal::Move {
+                epoch: d.epoch,
+                plan: MovePlan::new(m.shard, m.from, m.to, leader, cfg.catch_up_lag_entries_max),
+            }
+        })
+        .collect();
+    let splits = r.splits();
+    let mut skip = r.busy.clone();
+    skip.extend(splits.iter().filter_map(|p| match p {
+        Proposal::Split { shard, .. } => Some(*shard),
+        _ => None,
+    }));
+    out.extend(leaders(state, cfg, &skip));
+    out.extend(splits);
     out
 }
 
-/// Leader transfers from the node leading the most shards to voters on the node leading the
-/// fewest, while the difference is at least two.
-fn balance_leaders(state: &MetaState, skip: &[ShardId]) -> Vec<Proposal> {
-    let mut leaders: BTreeMap<NodeId, Vec<ShardId>> = state.nodes.keys().map(|n| (*n, Vec::new())).collect();
+impl<'a> Round<'a> {
+    fn new(state: &'a MetaState, cfg: &'a BalancerConfig, budget: usize, now_ms: u64) -> Round<'a> {
+        let mut sizes: HashMap<ShardId, u64> = HashMap::new();
+        for info in state.nodes.values() {
+            for (s, b) in &info.report.shard_bytes {
+                let e = sizes.entry(*s).or_default();
+                *e = (*e).max(*b);
+            }
+        }
+        let mut load: BTreeMap<NodeId, Load> = state.nodes.keys().map(|n| (*n, Load::default())).collect();
+        let mut voters_on: BTreeMap<NodeId, Vec<Candidate>> = BTreeMap::new();
+        for d in state.map.shards() {
+            let z = sizes.get(&d.id).copied().unwrap_or(0);
+            for rep in &d.replicas {
+                let l = load.entry(rep.node).or_default();
+                l.count += 1;
+                l.bytes = l.bytes.saturating_add(z);
+                if rep.role == ReplicaRole::Voter {
+                    voters_on.entry(rep.node).or_default().push(Candidate { d, bytes: z });
+                }
+            }
+        }
+        let mut incoming: BTreeMap<NodeId, usize> = BTreeMap::new();
+        let mut busy = BTreeSet::new();
+        for (shard, plan) in &state.moves {
+            busy.insert(*shard);
+            let Some(d) = state.map.get(*shard) else { continue };
+            let z = sizes.get(shard).copied().unwrap_or(0);
+            // Project the move as done: the target holds a replica, the source does not.
+            if d.replica(plan.to).is_none() {
+                let l = load.entry(plan.to).or_default();
+                l.count += 1;
+                l.bytes = l.bytes.saturating_add(z);
+            }
+            if d.replica(plan.from).is_some() {
+                let l = load.entry(plan.from).or_default();
+                l.count = l.count.saturating_sub(1);
+                l.bytes = l.bytes.saturating_sub(z);
+            }
+            if plan.step <= MoveStep::WaitCaughtUp {
+                *incoming.entry(plan.to).or_default() += 1;
+            }
+        }
+        // The latest recent move of each shard still cooling down: shard -> the node it left.
+        let cooling: HashMap<ShardId, NodeId> = state
+            .recent_moves
+            .iter()
+            .filter(|m| now_ms < m.started_ms.saturating_add(cfg.shard_move_cooldown_ms))
+            .map(|m| (m.shard, m.from))
+            .collect();
+        let eligible: Vec<&Load> =
+            load.iter().filter(|(n, _)| state.nodes.get(n).is_some_and(|i| !i.draining)).map(|(_, l)| l).collect();
+        let mean = eligible.iter().map(|l| l.bytes as u128).sum::<u128>() / (eligible.len().max(1) as u128);
+        let size_tolerance = cfg
+            .size_spread_bytes_min
+            .max(u64::try_from(mean * cfg.size_spread_percent as u128 / 100).unwrap_or(u64::MAX));
+        Round {
+            state,
+            cfg,
+            sizes,
+            load,
+            voters_on,
+            incoming,
+            busy,
+            cooling,
+            size_tolerance,
+            budget,
+            accepted: Vec::new(),
+        }
+    }
+
+    /// The count band (at least 1).
+    fn band(&self) -> usize {
+        self.cfg.replica_count_spread_max.max(1)
+    }
+
+    fn draining(&self, n: NodeId) -> bool {
+        self.state.nodes.get(&n).is_some_and(|i| i.draining)
+    }
+
+    fn size(&self, shard: ShardId) -> u64 {
+        self.sizes.get(&shard).copied().unwrap_or(0)
+    }
+
+    /// Nodes that may receive a replica now, emptiest (by count, then bytes) first.
+    fn targets(&self, by_bytes: bool) -> Vec<(NodeId, Load)> {
+        let mut t: Vec<(NodeId, Load)> = self
+            .load
+            .iter()
+            .filter(|(n, _)| self.state.nodes.get(n).is_some_and(|i| !i.draining))
+            .filter(|(n, _)| self.incoming.get(n).copied().unwrap_or(0) < self.cfg.incoming_snapshots_per_node_max)
+            .map(|(n, l)| (*n, *l))
+            .collect();
+        if by_bytes {
+            t.sort_by_key(|(n, l)| (l.bytes, l.count, *n));
+        } else {
+            t.sort_by_key(|(n, l)| (l.count, l.bytes, *n));
+        }
+        t
+    }
+
+    /// Whether the rules (ignoring limits) want shard of `bytes` moved from `from` to `to`
+    /// under `load`.
+    fn wants(&self, load: &BTreeMap<NodeId, Load>, from: NodeId, to: NodeId, bytes: u64) -> bool {
+        if self.draining(to) || !self.state.nodes.contains_key(&to) {
+            return false;
+        }
+        if self.draining(from) {
+            return true;
+        }
+        let (f, t) = (load.get(&from).copied().unwrap_or_default(), load.get(&to).copied().unwrap_or_default());
+        let band = self.band();
+        let count_rule = f.count > t.count + band;
+        let gap = f.bytes.saturating_sub(t.bytes);
+        let size_rule = f.count > t.count
+            && bytes > 0
+            && gap > self.size_tolerance
+            && bytes.checked_mul(2).is_some_and(|b2| b2 <= gap);
+        count_rule || size_rule
+    }
+
+    /// Accepts the moves (one, or the two halves of a swap) if, on the loads after them, no
+    /// move accepted this round (these included) would be wanted in reverse.
+    fn try_accept(&mut self, legs: &[(&ShardDescriptor, NodeId, NodeId)]) -> bool {
+        let mut after = self.load.clone();
+        let mut new = Vec::new();
+        for (d, from, to) in legs {
+            let m = Accepted { shard: d.id, from: *from, to: *to, bytes: self.size(d.id) };
+            let f = after.entry(m.from).or_default();
+            f.count = f.count.saturating_sub(1);
+            f.bytes = f.bytes.saturating_sub(m.bytes);
+            let t = after.entry(m.to).or_default();
+            t.count += 1;
+            t.bytes = t.bytes.saturating_add(m.bytes);
+            new.push(m);
+        }
+        if self.accepted.iter().chain(&new).any(|a| self.wants(&after, a.to, a.from, a.bytes)) {
+            return false;
+        }
+        self.load = after;
+        for m in new {
+            *self.incoming.entry(m.to).or_default() += 1;
+            self.busy.insert(m.shard);
+            self.accepted.push(m);
+        }
+        true
+    }
+
+    /// Shards `from` can give to `to`: voters there, none on `to`, not busy, not cooling down
+    /// (off a draining node: not going straight back where it came from). At most
+    /// `candidates_scanned_max` of them, in key order: a bound on the cost of a round.
+    fn candidates(&self, from: NodeId, to: NodeId) -> impl Iterator<Item = Candidate<'a>> + '_ {
+        let draining = self.draining(from);
+        let any_cooling = !self.cooling.is_empty();
+        self.voters_on
+            .get(&from)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(move |c| {
+                let cool = !any_cooling
+                    || match self.cooling.get(&c.d.id) {
+                        None => true,
+                        Some(left) => draining && *left != to,
+                    };
+                cool && !self.busy.contains(&c.d.id) && c.d.replica(to).is_none() && c.d.replica(from).is_some()
+            })
+            .take(self.cfg.candidates_scanned_max.max(1))
+    }
+
+    /// The candidate whose move best evens out the pair's bytes (closest to half the gap).
+    fn best_for_bytes(&self, from: NodeId, to: NodeId) -> Option<&'a ShardDescriptor> {
+        if self.sizes.is_empty() {
+            return self.candidates(from, to).next().map(|c| c.d); // nothing reported: any will do
+        }
+        let bytes = |n: NodeId| self.load.get(&n).copied().unwrap_or_default().bytes as i128;
+        let (f, t) = (bytes(from), bytes(to));
+        self.candidates(from, to).min_by_key(|c| (f - t - 2 * c.bytes as i128).abs()).map(|c| c.d)
+    }
+
+    /// A move off a draining node, if any can be made.
+    fn drain_move(&mut self) -> bool {
+        let sources: Vec<NodeId> =
+            self.load.iter().filter(|(n, l)| l.count > 0 && self.draining(**n)).map(|(n, _)| *n).collect();
+        for from in sources {
+            for (to, _) in self.targets(false) {
+                if let Some(d) = self.best_for_bytes(from, to) {
+                    if self.try_accept(&[(d, from, to)]) {
+                        return true;
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    /// A move from a node with too many replicas, if any can be made.
+    fn count_move(&mut self) -> bool {
+        let band = self.band();
+        let mut sources: Vec<(NodeId, Load)> =
+            self.load.iter().filter(|(n, _)| !self.draining(**n)).map(|(n, l)| (*n, *l)).collect();
+        sources.sort_by_key(|(n, l)| (std::cmp::Reverse((l.count, l.bytes)), *n));
+        let targets = self.targets(false);
+        for (from, fl) in sources {
+            for (to, tl) in &targets {
+                if fl.count <= tl.count + band {
+                    break; // every later target holds at least as many
+                }
+                if *to == from {
+                    continue;
+                }
+                if let Some(d) = self.best_for_bytes(from, *to) {
+                    if self.try_accept(&[(d, from, *to)]) {
+                        return true;
+                    }
+                }
+            }
+            if targets.first().is_none_or(|(_, tl)| fl.count <= tl.count + band) {
+                break; // later sources hold fewer
+            }
+        }
+        false
+    }
+
+    /// A move (or, when the count band blocks a single move, a swap) from a node with too many
+    /// bytes, if any can be made.
+    fn size_move(&mut self) -> bool {
+        let mut sources: Vec<(NodeId, Load)> =
+            self.load.iter().filter(|(n, l)| l.bytes > 0 && !self.draining(**n)).map(|(n, l)| (*n, *l)).collect();
+        sources.sort_by_key(|(n, l)| (std::cmp::Reverse(l.bytes), *n));
+        let targets = self.targets(true);
+        for (from, fl) in sources {
+            for (to, tl) in &targets {
+                let gap = fl.bytes.saturating_sub(tl.bytes);
+                if gap <= self.size_tolerance {
+                    break; // later targets hold more bytes
+                }
+                if *to == from {
+                    continue;
+                }
+                if fl.count <= tl.count {
+                    if self.swap(from, *to, gap) {
+                        return true;
+                    }
+                    continue;
+                }
+                // The largest shard of at most half the gap.
+                let pick = self
+                    .candidates(from, *to)
+                    .filter(|c| c.bytes > 0 && c.bytes.saturating_mul(2) <= gap)
+                    .max_by_key(|c| (c.bytes, std::cmp::Reverse(c.d.id)))
+                    .map(|c| c.d);
+                if let Some(d) = pick {
+                    if self.try_accept(&[(d, from, *to)]) {
+                        return true;
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    /// A count-neutral swap: a big shard from `from` to `to` and the smallest shard of `to`
+    /// back, the size difference at most half the byte gap. Used only when `from` holds no
+    /// more replicas than `to`, which is also why neither half is wanted in reverse afterwards
+    /// (a single size move of the small shard back would need `from` to hold more, and the
+    /// big one would overshoot).
+    fn swap(&mut self, from: NodeId, to: NodeId, gap: u64) -> bool {
+        if self.accepted.len() + 2 > self.budget
+            || self.incoming.get(&from).copied().unwrap_or(0) >= self.cfg.incoming_snapshots_per_node_max
+        {
+            return false;
+        }
+        let Some(small) = self.candidates(to, from).min_by_key(|c| (c.bytes, c.d.id)) else { return false };
+        let big = self
+            .candidates(from, to)
+            .filter(|c| c.bytes > small.bytes && (c.bytes - small.bytes).saturating_mul(2) <= gap)
+            .max_by_key(|c| (c.bytes, std::cmp::Reverse(c.d.id)));
+        match big {
+            Some(big) => self.try_accept(&[(big.d, from, to), (small.d, to, from)]),
+            None => false,
+        }
+    }
+
+    /// Split suggestions for shards over the threshold, largest first.
+    fn splits(&self) -> Vec<Proposal> {
+        let mut big: Vec<(u64, ShardId)> = self
+            .sizes
+            .iter()
+            .filter(|(s, z)| **z > self.cfg.split_size_bytes_threshold && !self.busy.contains(s))
+            .map(|(s, z)| (*z, *s))
+            .collect();
+        big.sort_by_key(|(z, s)| (std::cmp::Reverse(*z), *s));
+        let mut out = Vec::new();
+        for (_, shard) in big {
+            if out.len() >= self.cfg.splits_per_round_max {
+                break;
+            }
+            let Some(d) = self.state.map.get(shard) else { continue };
+            if let Some(key) = self.split_key(d) {
+                out.push(Proposal::Split { shard, epoch: d.epoch, key });
+            }
+        }
+        out
+    }
+
+    /// The split key a replica reported (the leader's first), if strictly inside the range.
+    fn split_key(&self, d: &ShardDescriptor) -> Option<Vec<u8>> {
+        let inside = |k: &Vec<u8>| k.as_slice() > d.start.as_slice() && d.contains(k);
+        let reported =
+            |n: &NodeId| self.state.nodes.get(n).and_then(|i| i.report.split_keys.get(&d.id)).filter(|k| inside(k));
+        let mut nodes: Vec<NodeId> = d.replicas.iter().map(|r| r.node).collect();
+        nodes.sort_by_key(|n| (!self.state.nodes.get(n).is_some_and(|i| i.report.leading.contains(&d.id)), *n));
+        nodes.iter().find_map(reported).cloned()
+    }
+}
+
+/// Leader transfers from the node leading the most shards to a voter on the node leading the
+/// fewest, while they differ by at least two. Pending transfers count as done.
+fn leaders(state: &MetaState, cfg: &BalancerConfig, skip: &BTreeSet<ShardId>) -> Vec<Proposal> {
+    let mut leader_of: BTreeMap<ShardId, NodeId> = BTreeMap::new();
     for (node, info) in &state.nodes {
         for s in &info.report.leading {
-            if state.map.get(*s).is_some() {
-                leaders.entry(*node).or_default().push(*s);
+            if state.map.get(*s).and_then(|d| d.replica(*node)).is_some_and(|r| r.role == ReplicaRole::Voter) {
+                leader_of.insert(*s, *node);
             }
         }
     }
-    let mut out = Vec::new();
-    let (Some(max), Some(min)) = (
-        leaders.iter().max_by_key(|(n, v)| (v.len(), std::cmp::Reverse(**n))).map(|(n, v)| (*n, v.len())),
-        leaders
-            .iter()
-            .filter(|(n, _)| !state.nodes[n].draining)
-            .min_by_key(|(n, v)| (v.len(), **n))
-            .map(|(n, v)| (*n, v.len())),
-    ) else {
-        return out;
-    };
-    if max.1 < min.1 + 2 {
-        return out;
+    for (s, target) in state.transfers.iter().filter(|(s, _)| state.map.get(**s).is_some()) {
+        leader_of.insert(*s, *target);
     }
-    for s in &leaders[&max.0] {
-        let Some(d) = state.map.get(*s) else { continue };
-        if skip.contains(s) {
-            continue;
-        }
-        if d.replica(min.0).is_some_and(|r| r.role == ReplicaRole::Voter) {
-            out.push(Proposal::TransferLeader { shard: *s, from: max.0, to: min.0 });
+    let mut led: BTreeMap<NodeId, Vec<ShardId>> = state.nodes.keys().map(|n| (*n, Vec::new())).collect();
+    for (s, n) in &leader_of {
+        led.entry(*n).or_default().push(*s);
+    }
+    let mut out = Vec::new();
+    let mut moved: Vec<(ShardId, NodeId, NodeId)> = Vec::new();
+    while out.len() < cfg.leader_transfers_per_round_max {
+        let Some((max, max_n)) =
+            led.iter().max_by_key(|(n, v)| (v.len(), std::cmp::Reverse(**n))).map(|(n, v)| (*n, v.len()))
+        else {
+            break;
+        };
+        let mut mins: Vec<(NodeId, usize)> = led
+            .iter()
+            .filter(|(n, _)| state.nodes.get(n).is_some_and(|i| !i.draining))
+            .map(|(n, v)| (*n, v.len()))
+            .collect();
+        mins.sort_by_key(|(n, c)| (*c, *n));
+        let pick = mins.iter().take_while(|(_, c)| max_n >= c + 2).find_map(|(min, _)| {
+            led[&max]
+                .iter()
+                .filter(|s| !skip.contains(s) && !state.transfers.contains_key(s) && !moved.iter().any(|m| m.0 == **s))
+                .find(|s| {
+                    state.map.get(**s).and_then(|d| d.replica(*min)).is_some_and(|r| r.role == ReplicaRole::Voter)
+                })
+                .map(|s| (*s, *min))
+        });
+        let Some((shard, to)) = pick else { break };
+        led.get_mut(&max).expect("present").retain(|s| *s != shard);
+        led.entry(to).or_default().push(shard);
+        // Same hysteresis as for moves: no transfer of this round is wanted in reverse.
+        let reverse = |m: &(ShardId, NodeId, NodeId)| led[&m.2].len() >= led[&m.1].len() + 2;
+        if moved.iter().chain([&(shard, max, to)]).any(reverse) {
+            led.get_mut(&to).expect("present").retain(|s| *s != shard);
+            led.get_mut(&max).expect("present").push(shard);
             break;
         }
+        moved.push((shard, max, to));
+        let epoch = state.map.get(shard).expect("led shards are in the map").epoch;
+        out.push(Proposal::TransferLeader { shard, epoch, from: max, to });
     }
     out
 }

@@ -1,11 +1,46 @@
 //! The meta state machine: the shard map plus the nodes, changed only by [`MetaCommand`]s
 //! (replicated by the meta Raft group). A command that does not fit the current state is
 //! refused with a clear error and changes nothing.
+//!
+//! Replica moves in progress live here too ([`MetaState::moves`], see [`crate::plan`]): a plan
+//! kept in the replicated state survives restarts and changes of meta leader, and every meta
+//! replica checks each step against the same map. Recent moves are kept here as well, so the
+//! balancer's moves-per-minute limit and its cool-down of moved shards hold across meta
+//! leaders.
 
 use crate::map::{Epoch, NodeId, Replica, ReplicaRole, ShardDescriptor, ShardId, ShardMap};
+use crate::plan::{MovePlan, MoveStep, PlanAction, PlanError};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use thiserror::Error;
+
+/// The window of the moves-per-minute limit.
+pub const MOVE_WINDOW_MS: u64 = 60_000;
+
+/// How long a started move is remembered ([`MetaState::recent_moves`]): the moves-per-minute
+/// limit and the balancer's cool-down of a moved shard look no further back than this.
+pub const MOVE_HISTORY_MS: u64 = 3_600_000;
+
+/// Move records kept at most (older ones are dropped first). Far above any sane moves-per-hour
+/// rate; it only bounds memory if moves are started by hand in bulk.
+pub const MOVE_HISTORY_LEN_MAX: usize = 4096;
+
+/// A move that was started (kept for [`MOVE_HISTORY_MS`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveRecord {
+    /// The shard.
+    pub shard: ShardId,
+    /// Where the replica came from.
+    pub from: NodeId,
+    /// Where it went.
+    pub to: NodeId,
+    /// When the proposer decided the move.
+    pub started_ms: u64,
+}
+
+/// A position in a shard's Raft log (as reported by nodes; placement only compares them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct LogIndex(pub u64);
 
 /// What a node reports on each heartbeat.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -14,6 +49,11 @@ pub struct NodeReport {
     pub shard_bytes: BTreeMap<ShardId, u64>,
     /// Shards the node currently leads.
     pub leading: Vec<ShardId>,
+    /// Applied index per shard replica on the node: tells whether a learner has caught up.
+    pub applied: BTreeMap<ShardId, LogIndex>,
+    /// A key near the middle of each shard's data, as the node's storage estimates it: where
+    /// to split a shard that grew too big. Without one, no split is suggested.
+    pub split_keys: BTreeMap<ShardId, Vec<u8>>,
 }
 
 /// A node as the meta state knows it.
@@ -104,6 +144,39 @@ pub enum MetaCommand {
         /// Draining or not.
         draining: bool,
     },
+    /// One joint-consensus change: the learner on `promote` becomes a voter and the voter on
+    /// `demote` a learner, so the number of voters stays the same.
+    SwapVoter {
+        /// The shard.
+        shard: ShardId,
+        /// The epoch the decision was made at.
+        epoch: Epoch,
+        /// A learner of the shard.
+        promote: NodeId,
+        /// A voter of the shard.
+        demote: NodeId,
+    },
+    /// Record a replica move (at its first step) and the time it started.
+    StartMove {
+        /// The epoch of the shard the move was decided at.
+        epoch: Epoch,
+        /// The plan.
+        plan: MovePlan,
+        /// When the proposer decided the move (counts toward the moves-per-minute limit).
+        now_ms: u64,
+    },
+    /// Run the current step of the move of `shard` (see [`MovePlan::next`]).
+    AdvanceMove {
+        /// The shard.
+        shard: ShardId,
+        /// The step the proposer saw; a mismatch means the command is a duplicate.
+        step: MoveStep,
+    },
+    /// Drop the move of `shard`. A learner the move left on its target is removed too.
+    AbortMove {
+        /// The shard.
+        shard: ShardId,
+    },
 }
 
 /// Why a command was refused.
@@ -156,6 +229,39 @@ pub enum MetaError {
     /// Bootstrap needs at least one node, each registered once.
     #[error("invalid bootstrap: {0}")]
     InvalidBootstrap(String),
+    /// The shard has a move in progress: splits and a second move wait for it.
+    #[error("shard {0} has a replica move in progress: wait for it to finish or abort it")]
+    MoveInProgress(ShardId),
+    /// No move in progress for the shard.
+    #[error("no replica move in progress for shard {0}")]
+    NoMove(ShardId),
+    /// The command named another step than the plan's current one (a duplicate or late command).
+    #[error("move of shard {shard} is at step {current:?}, not {given:?}: read the plan again")]
+    MoveStepMismatch {
+        /// The shard.
+        shard: ShardId,
+        /// The step in the command.
+        given: MoveStep,
+        /// The plan's step.
+        current: MoveStep,
+    },
+    /// The plan waits for the learner to catch up.
+    #[error("move of shard {0} waits for its learner to catch up: retry after the next heartbeat")]
+    MoveWaiting(ShardId),
+    /// The plan cannot go on.
+    #[error(transparent)]
+    MoveConflict(#[from] PlanError),
+    /// The plan does not describe a move that can start.
+    #[error("invalid move of shard {shard}: {reason}")]
+    InvalidMove {
+        /// The shard.
+        shard: ShardId,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Nothing is moved onto a draining node.
+    #[error("node {0} is draining: pick another target")]
+    NodeDraining(NodeId),
 }
 
 /// What an applied command produced.
@@ -178,6 +284,11 @@ pub struct MetaState {
     pub next_shard_id: u64,
     /// Leader transfers asked for and not yet seen done: shard -> target node.
     pub transfers: BTreeMap<ShardId, NodeId>,
+    /// Replica moves in progress, at most one per shard.
+    pub moves: BTreeMap<ShardId, MovePlan>,
+    /// Moves started recently (oldest first): the moves-per-minute limit counts them, and the
+    /// balancer leaves a recently moved shard alone for a while.
+    pub recent_moves: VecDeque<MoveRecord>,
 }
 
 impl MetaState {
@@ -237,12 +348,23 @@ impl MetaState {
             }
             MetaCommand::Split { shard, epoch, key } => {
                 let d = self.current(shard, epoch)?;
+                // Both halves would carry the move's learner, and only one the plan.
+                if self.moves.contains_key(&shard) {
+                    return Err(MetaError::MoveInProgress(shard));
+                }
                 if key.as_slice() <= d.start.as_slice() || !d.contains(&key) {
                     return Err(MetaError::SplitKeyOutsideRange(shard));
                 }
                 let new_id = ShardId(self.next_shard_id.max(1));
                 self.next_shard_id = new_id.0 + 1;
                 self.map.split(shard, key, new_id);
+                // The reported size and split key described the whole range: kept under the
+                // left half's id they would suggest splitting it again. Unknown until the next
+                // heartbeats instead.
+                for info in self.nodes.values_mut() {
+                    info.report.shard_bytes.remove(&shard);
+                    info.report.split_keys.remove(&shard);
+                }
                 let changed = [shard, new_id].iter().filter_map(|id| self.map.get(*id).cloned()).collect();
                 Ok(MetaOutcome::Shards(changed))
             }
@@ -275,8 +397,110 @@ impl MetaState {
                 if r.role == ReplicaRole::Voter && d.voters().count() == 1 {
                     return Err(MetaError::LastVoter(shard));
                 }
+                self.drop_transfer_to(shard, node);
                 self.change(shard, |d| d.replicas.retain(|r| r.node != node))
             }
+            MetaCommand::SwapVoter { shard, epoch, promote, demote } => {
+                let d = self.current(shard, epoch)?;
+                if d.replica(promote).is_none_or(|r| r.role != ReplicaRole::Learner) {
+                    return Err(MetaError::NoSuchReplica { shard, node: promote });
+                }
+                if d.replica(demote).is_none_or(|r| r.role != ReplicaRole::Voter) {
+                    return Err(MetaError::NoSuchReplica { shard, node: demote });
+                }
+                self.drop_transfer_to(shard, demote);
+                self.change(shard, |d| {
+                    for r in d.replicas.iter_mut() {
+                        if r.node == promote {
+                            r.role = ReplicaRole::Voter;
+                        } else if r.node == demote {
+                            r.role = ReplicaRole::Learner;
+                        }
+                    }
+                })
+            }
+            MetaCommand::StartMove { epoch, plan, now_ms } => {
+                self.check_start(epoch, &plan)?;
+                while self.recent_moves.front().is_some_and(|m| m.started_ms.saturating_add(MOVE_HISTORY_MS) <= now_ms)
+                    || self.recent_moves.len() >= MOVE_HISTORY_LEN_MAX
+                {
+                    self.recent_moves.pop_front();
+                }
+                let record = MoveRecord { shard: plan.shard, from: plan.from, to: plan.to, started_ms: now_ms };
+                self.recent_moves.push_back(record);
+                self.moves.insert(plan.shard, plan);
+                Ok(MetaOutcome::Done)
+            }
+            MetaCommand::AdvanceMove { shard, step } => {
+                let plan = self.moves.get(&shard).ok_or(MetaError::NoMove(shard))?;
+                if plan.step != step {
+                    return Err(MetaError::MoveStepMismatch { shard, given: step, current: plan.step });
+                }
+                let (outcome, then) = match plan.next(self)? {
+                    PlanAction::Run { command, then } => (self.apply(command)?, then),
+                    PlanAction::Advance { to } => (MetaOutcome::Done, to),
+                    PlanAction::Wait { .. } => return Err(MetaError::MoveWaiting(shard)),
+                    PlanAction::Done => (MetaOutcome::Done, MoveStep::Done),
+                };
+                if then == MoveStep::Done {
+                    self.moves.remove(&shard);
+                } else if let Some(p) = self.moves.get_mut(&shard) {
+                    p.step = then;
+                }
+                Ok(outcome)
+            }
+            MetaCommand::AbortMove { shard } => {
+                let plan = self.moves.get(&shard).ok_or(MetaError::NoMove(shard))?;
+                let to = plan.to;
+                // StartMove refused a target that already held a replica, so a learner there
+                // now was added for this move: it would otherwise linger, unaccounted for.
+                let learner =
+                    self.map.get(shard).and_then(|d| d.replica(to)).is_some_and(|r| r.role == ReplicaRole::Learner);
+                self.moves.remove(&shard);
+                if learner {
+                    return self.change(shard, |d| d.replicas.retain(|r| r.node != to));
+                }
+                Ok(MetaOutcome::Done)
+            }
+        }
+    }
+
+    /// Checks that `plan` can start on the current map.
+    fn check_start(&self, epoch: Epoch, plan: &MovePlan) -> Result<(), MetaError> {
+        let shard = plan.shard;
+        let invalid = |reason: &str| Err(MetaError::InvalidMove { shard, reason: reason.into() });
+        let d = self.current(shard, epoch)?;
+        if self.moves.contains_key(&shard) {
+            return Err(MetaError::MoveInProgress(shard));
+        }
+        if plan.step != MoveStep::AddLearner {
+            return invalid("a move starts at its first step, AddLearner");
+        }
+        if plan.from == plan.to {
+            return invalid("source and target are the same node");
+        }
+        let target = self.nodes.get(&plan.to).ok_or(MetaError::UnknownNode(plan.to))?;
+        if target.draining {
+            return Err(MetaError::NodeDraining(plan.to));
+        }
+        if d.replica(plan.from).is_none_or(|r| r.role != ReplicaRole::Voter) {
+            return Err(MetaError::NoSuchReplica { shard, node: plan.from });
+        }
+        if d.replica(plan.to).is_some() {
+            return Err(MetaError::ReplicaExists { shard, node: plan.to });
+        }
+        if let Some(l) = plan.transfer_leader_to {
+            if l == plan.from || (l != plan.to && d.replica(l).is_none_or(|r| r.role != ReplicaRole::Voter)) {
+                return invalid("leadership can only go to the target or to another voter that stays");
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets a pending leader transfer to `node` (it is losing its vote in `shard`).
+    fn drop_transfer_to(&mut self, shard: ShardId, node: NodeId) {
+        if self.transfers.get(&shard) == Some(&node) {
+            self.transfers.remove(&shard);
         }
     }
 
@@ -313,6 +537,11 @@ impl MetaState {
             return Err(format!("{} trailing bytes", bytes.len() - used));
         }
         s.map.validate()?;
+        for (shard, plan) in &s.moves {
+            if plan.shard != *shard || s.map.get(*shard).is_none() {
+                return Err(format!("the move recorded under shard {shard} does not match the map"));
+            }
+        }
         Ok(s)
     }
 }

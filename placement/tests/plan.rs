@@ -1,0 +1,359 @@
+//! Replica-move plans: each step checked against the current map, effects already present are
+//! skipped, conflicting changes abort, and a plan survives a snapshot and restore.
+
+use flotilla_placement::*;
+use proptest::prelude::*;
+
+fn n(i: u64) -> NodeId {
+    NodeId(i)
+}
+
+const S: ShardId = ShardId(1);
+
+/// Nodes 1..=5 registered, shard 1 on voters 1, 2, 3.
+fn state() -> MetaState {
+    let mut s = MetaState::default();
+    for i in 1..=5 {
+        s.apply(MetaCommand::RegisterNode { node: n(i), addr: String::new() }).expect("register");
+    }
+    s.apply(MetaCommand::Bootstrap { nodes: vec![n(1), n(2), n(3)] }).expect("bootstrap");
+    s
+}
+
+fn epoch(s: &MetaState) -> Epoch {
+    s.map.get(S).expect("shard").epoch
+}
+
+fn roles(s: &MetaState) -> Vec<(u64, ReplicaRole)> {
+    let mut v: Vec<(u64, ReplicaRole)> =
+        s.map.get(S).expect("shard").replicas.iter().map(|r| (r.node.0, r.role)).collect();
+    v.sort_by_key(|(node, _)| *node);
+    v
+}
+
+/// Reports shard 1's applied index on `node` (and whether it leads).
+fn applied(s: &mut MetaState, node: u64, index: u64, leading: bool) {
+    let mut report = s.nodes[&n(node)].report.clone();
+    report.applied.insert(S, LogIndex(index));
+    report.leading.retain(|x| *x != S);
+    if leading {
+        report.leading.push(S);
+    }
+    s.apply(MetaCommand::Heartbeat { node: n(node), report }).expect("heartbeat");
+}
+
+fn start(s: &mut MetaState, from: u64, to: u64, leader: Option<u64>) {
+    let plan = MovePlan::new(S, n(from), n(to), leader.map(n), 10);
+    s.apply(MetaCommand::StartMove { epoch: epoch(s), plan, now_ms: 0 }).expect("start move");
+}
+
+fn advance(s: &mut MetaState) -> Result<MetaOutcome, MetaError> {
+    let step = s.moves[&S].step;
+    s.apply(MetaCommand::AdvanceMove { shard: S, step })
+}
+
+#[test]
+fn a_move_runs_every_step_and_keeps_three_voters() {
+    use ReplicaRole::{Learner, Voter};
+    let mut s = state();
+    applied(&mut s, 1, 500, true);
+    start(&mut s, 1, 4, Some(4));
+    let mut epochs = vec![epoch(&s)];
+    assert_eq!(s.moves[&S].step, MoveStep::AddLearner);
+    assert!(matches!(s.moves[&S].next(&s), Ok(PlanAction::Run { command: MetaCommand::AddLearner { .. }, .. })));
+    advance(&mut s).expect("add learner");
+    assert_eq!(roles(&s), vec![(1, Voter), (2, Voter), (3, Voter), (4, Learner)]);
+    assert_eq!(s.moves[&S].step, MoveStep::WaitCaughtUp);
+    // The learner has reported nothing yet: wait, and the command is refused without change.
+    assert_eq!(s.moves[&S].next(&s), Ok(PlanAction::Wait { learner: None, leader: Some(LogIndex(500)) }));
+    let before = s.clone();
+    assert_eq!(advance(&mut s), Err(MetaError::MoveWaiting(S)));
+    assert_eq!(s, before);
+    // 11 entries behind with a lag limit of 10: still waiting. 10 behind: caught up.
+    applied(&mut s, 4, 489, false);
+    assert!(matches!(s.moves[&S].next(&s), Ok(PlanAction::Wait { .. })));
+    applied(&mut s, 4, 490, false);
+    assert_eq!(s.moves[&S].next(&s), Ok(PlanAction::Advance { to: MoveStep::Promote }));
+    advance(&mut s).expect("caught up");
+    epochs.push(epoch(&s));
+    advance(&mut s).expect("promote");
+    assert_eq!(roles(&s), vec![(1, Learner), (2, Voter), (3, Voter), (4, Voter)], "one joint change swaps voters");
+    epochs.push(epoch(&s));
+    advance(&mut s).expect("remove old");
+    assert_eq!(roles(&s), vec![(2, Voter), (3, Voter), (4, Voter)]);
+    assert_eq!(s.moves[&S].step, MoveStep::TransferLeader);
+    advance(&mut s).expect("transfer leader");
+    assert_eq!(s.transfers.get(&S), Some(&n(4)));
+    assert!(s.moves.is_empty(), "a finished plan is dropped");
+    epochs.push(epoch(&s));
+    assert!(epochs.windows(2).all(|w| w[1].conf_version >= w[0].conf_version && w[1].version == w[0].version));
+    assert_eq!(epoch(&s).conf_version, epochs[0].conf_version + 3, "add, swap, remove: three replica changes");
+    assert_eq!(s.apply(MetaCommand::AdvanceMove { shard: S, step: MoveStep::Done }), Err(MetaError::NoMove(S)));
+}
+
+#[test]
+fn without_a_leader_report_the_learner_catches_up_with_the_most_advanced_voter() {
+    let mut s = state();
+    applied(&mut s, 2, 40, false);
+    applied(&mut s, 3, 90, false);
+    start(&mut s, 1, 4, None);
+    advance(&mut s).expect("add learner");
+    applied(&mut s, 4, 70, false);
+    assert_eq!(s.moves[&S].next(&s), Ok(PlanAction::Wait { learner: Some(LogIndex(70)), leader: Some(LogIndex(90)) }));
+    applied(&mut s, 4, 85, false);
+    advance(&mut s).expect("caught up");
+    advance(&mut s).expect("promote");
+    advance(&mut s).expect("remove old");
+    assert!(s.moves.is_empty(), "no leader transfer asked: done after removing the old replica");
+    assert!(s.transfers.is_empty());
+}
+
+#[test]
+fn a_duplicate_step_command_is_refused_and_changes_nothing() {
+    let mut s = state();
+    start(&mut s, 1, 4, None);
+    advance(&mut s).expect("add learner");
+    let before = s.clone();
+    assert_eq!(
+        s.apply(MetaCommand::AdvanceMove { shard: S, step: MoveStep::AddLearner }),
+        Err(MetaError::MoveStepMismatch { shard: S, given: MoveStep::AddLearner, current: MoveStep::WaitCaughtUp })
+    );
+    assert_eq!(s, before);
+}
+
+#[test]
+fn steps_whose_effect_is_already_present_are_skipped() {
+    // As after a restart that lost the step advance, or the same change made by hand.
+    let mut s = state();
+    start(&mut s, 1, 4, Some(4));
+    s.apply(MetaCommand::AddLearner { shard: S, epoch: epoch(&s), node: n(4) }).expect("by hand");
+    let e = epoch(&s);
+    assert_eq!(s.moves[&S].next(&s), Ok(PlanAction::Advance { to: MoveStep::WaitCaughtUp }));
+    advance(&mut s).expect("skip");
+    assert_eq!(epoch(&s), e, "skipping changes no replica");
+    // Promoted and the source removed by hand while the plan waited: straight to the transfer.
+    s.apply(MetaCommand::Promote { shard: S, epoch: epoch(&s), node: n(4) }).expect("by hand");
+    assert_eq!(s.moves[&S].next(&s), Ok(PlanAction::Advance { to: MoveStep::RemoveOld }));
+    s.apply(MetaCommand::RemoveReplica { shard: S, epoch: epoch(&s), node: n(1) }).expect("by hand");
+    assert_eq!(s.moves[&S].next(&s), Ok(PlanAction::Advance { to: MoveStep::TransferLeader }));
+    advance(&mut s).expect("skip");
+    // The target already leads: nothing to ask for.
+    applied(&mut s, 4, 1, true);
+    assert_eq!(s.moves[&S].next(&s), Ok(PlanAction::Advance { to: MoveStep::Done }));
+    advance(&mut s).expect("done");
+    assert!(s.moves.is_empty() && s.transfers.is_empty());
+}
+
+#[test]
+fn a_plan_survives_snapshot_and_restore() {
+    let mut s = state();
+    start(&mut s, 2, 5, None);
+    advance(&mut s).expect("add learner");
+    applied(&mut s, 5, 0, false);
+    assert!(matches!(s.moves[&S].next(&s), Ok(PlanAction::Wait { leader: None, .. })), "no voter reported: wait");
+    applied(&mut s, 1, 3, true);
+    advance(&mut s).expect("caught up");
+    let mut restored = MetaState::restore(&s.snapshot().expect("snapshot")).expect("restore");
+    assert_eq!(restored, s);
+    assert_eq!(restored.moves[&S].step, MoveStep::Promote);
+    advance(&mut restored).expect("promote");
+    advance(&mut restored).expect("remove old");
+    assert!(restored.moves.is_empty());
+    assert_eq!(restored.map.get(S).expect("shard").voters().collect::<Vec<_>>(), vec![n(1), n(3), n(5)]);
+}
+
+#[test]
+fn concurrent_changes_abort_the_plan_with_a_clear_error() {
+    // The learner is removed by hand while the plan waits for it.
+    let mut s = state();
+    start(&mut s, 1, 4, None);
+    advance(&mut s).expect("add learner");
+    s.apply(MetaCommand::RemoveReplica { shard: S, epoch: epoch(&s), node: n(4) }).expect("by hand");
+    let err = s.moves[&S].next(&s).expect_err("conflict");
+    assert_eq!(
+        err,
+        PlanError::Conflict { shard: S, step: MoveStep::WaitCaughtUp, from: Some(ReplicaRole::Voter), to: None }
+    );
+    assert!(err.to_string().contains("abort the move"), "{err}");
+    let before = s.clone();
+    assert_eq!(advance(&mut s), Err(MetaError::MoveConflict(err)));
+    assert_eq!(s, before, "a refused step changes nothing");
+    s.apply(MetaCommand::AbortMove { shard: S }).expect("abort");
+    assert!(s.moves.is_empty());
+
+    // The source is removed by hand before the promotion: aborting also removes the learner.
+    let mut s = state();
+    start(&mut s, 1, 4, None);
+    advance(&mut s).expect("add learner");
+    s.apply(MetaCommand::RemoveReplica { shard: S, epoch: epoch(&s), node: n(1) }).expect("by hand");
+    assert!(matches!(
+        s.moves[&S].next(&s),
+        Err(PlanError::Conflict { from: None, to: Some(ReplicaRole::Learner), .. })
+    ));
+    let e = epoch(&s);
+    s.apply(MetaCommand::AbortMove { shard: S }).expect("abort");
+    assert_eq!(roles(&s), vec![(2, ReplicaRole::Voter), (3, ReplicaRole::Voter)]);
+    assert_eq!(epoch(&s).conf_version, e.conf_version + 1);
+
+    // The target starts draining before its learner is promoted: abort, learner removed.
+    let mut s = state();
+    start(&mut s, 1, 4, None);
+    advance(&mut s).expect("add learner");
+    s.apply(MetaCommand::SetDraining { node: n(4), draining: true }).expect("drain");
+    assert_eq!(s.moves[&S].next(&s), Err(PlanError::TargetDraining { shard: S, node: n(4) }));
+    s.apply(MetaCommand::AbortMove { shard: S }).expect("abort");
+    assert_eq!(roles(&s), vec![(1, ReplicaRole::Voter), (2, ReplicaRole::Voter), (3, ReplicaRole::Voter)]);
+
+    // The leadership target loses its vote before the transfer step.
+    let mut s = state();
+    start(&mut s, 1, 4, Some(2));
+    applied(&mut s, 4, 0, false);
+    applied(&mut s, 3, 0, false);
+    for _ in 0..3 {
+        advance(&mut s).expect("add, catch up, promote");
+    }
+    s.apply(MetaCommand::RemoveReplica { shard: S, epoch: epoch(&s), node: n(2) }).expect("by hand");
+    advance(&mut s).expect("remove old");
+    assert_eq!(s.moves[&S].next(&s), Err(PlanError::LeaderTargetNotVoter { shard: S, node: n(2) }));
+}
+
+#[test]
+fn a_move_that_cannot_start_is_refused() {
+    let mut s = state();
+    let e = epoch(&s);
+    let start =
+        |s: &mut MetaState, epoch: Epoch, plan: MovePlan| s.apply(MetaCommand::StartMove { epoch, plan, now_ms: 5 });
+    let before = s.clone();
+    assert_eq!(
+        start(&mut s, e, MovePlan::new(S, n(1), n(2), None, 1)),
+        Err(MetaError::ReplicaExists { shard: S, node: n(2) })
+    );
+    assert_eq!(
+        start(&mut s, e, MovePlan::new(S, n(4), n(5), None, 1)),
+        Err(MetaError::NoSuchReplica { shard: S, node: n(4) })
+    );
+    assert_eq!(start(&mut s, e, MovePlan::new(S, n(1), n(9), None, 1)), Err(MetaError::UnknownNode(n(9))));
+    assert!(matches!(start(&mut s, e, MovePlan::new(S, n(1), n(1), None, 1)), Err(MetaError::InvalidMove { .. })));
+    assert!(matches!(
+        start(&mut s, e, MovePlan::new(S, n(1), n(4), Some(n(1)), 1)),
+        Err(MetaError::InvalidMove { .. })
+    ));
+    let mut late = MovePlan::new(S, n(1), n(4), None, 1);
+    late.step = MoveStep::Promote;
+    assert!(matches!(start(&mut s, e, late), Err(MetaError::InvalidMove { .. })));
+    let stale = Epoch { conf_version: e.conf_version - 1, version: e.version };
+    assert!(matches!(start(&mut s, stale, MovePlan::new(S, n(1), n(4), None, 1)), Err(MetaError::StaleEpoch { .. })));
+    assert_eq!(s, before, "refusals change nothing");
+    s.apply(MetaCommand::SetDraining { node: n(5), draining: true }).expect("drain");
+    assert_eq!(start(&mut s, e, MovePlan::new(S, n(1), n(5), None, 1)), Err(MetaError::NodeDraining(n(5))));
+    start(&mut s, e, MovePlan::new(S, n(1), n(4), None, 1)).expect("start");
+    assert_eq!(
+        s.recent_moves.iter().copied().collect::<Vec<_>>(),
+        vec![MoveRecord { shard: S, from: n(1), to: n(4), started_ms: 5 }]
+    );
+    assert_eq!(start(&mut s, e, MovePlan::new(S, n(2), n(4), None, 1)), Err(MetaError::MoveInProgress(S)));
+    assert_eq!(
+        s.apply(MetaCommand::Split { shard: S, epoch: e, key: b"m".to_vec() }),
+        Err(MetaError::MoveInProgress(S)),
+        "no split while a move is in progress"
+    );
+    assert_eq!(s.apply(MetaCommand::AbortMove { shard: ShardId(9) }), Err(MetaError::NoMove(ShardId(9))));
+}
+
+#[test]
+fn the_move_history_keeps_one_hour() {
+    let mut s = state();
+    for (i, t) in [0u64, 1_800_000, 3_599_999, 3_600_000, 7_300_000].into_iter().enumerate() {
+        let d = s.map.get(S).expect("shard").clone();
+        let to = 4 + (i as u64 % 2);
+        let from = d.voters().next().expect("voter").0;
+        if d.replica(n(to)).is_some() {
+            continue;
+        }
+        s.apply(MetaCommand::StartMove { epoch: d.epoch, plan: MovePlan::new(S, n(from), n(to), None, 1), now_ms: t })
+            .expect("start");
+        s.apply(MetaCommand::AbortMove { shard: S }).expect("abort");
+    }
+    let kept: Vec<u64> = s.recent_moves.iter().map(|m| m.started_ms).collect();
+    assert_eq!(kept, vec![7_300_000], "moves older than MOVE_HISTORY_MS are dropped");
+}
+
+#[derive(Clone, Debug)]
+enum Event {
+    /// The driver's normal step.
+    Step,
+    /// A duplicate or late command naming an earlier step.
+    Duplicate,
+    /// The meta leader restarts from a snapshot.
+    Restart,
+    /// The learner reports progress (possibly still behind).
+    Report(u64),
+}
+
+proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Driven through restarts, duplicate commands and late reports, a move ends with the
+    /// intended replicas, three voters at every point, exactly three replica changes, and the
+    /// leadership request recorded; duplicates are refused and change nothing.
+    #[test]
+    fn a_move_ends_right_whatever_restarts_and_duplicates_happen(
+        events in proptest::collection::vec(
+            proptest::prop_oneof![
+                4 => proptest::strategy::Just(Event::Step),
+                1 => proptest::strategy::Just(Event::Duplicate),
+                1 => proptest::strategy::Just(Event::Restart),
+                2 => (0..600u64).prop_map(Event::Report),
+            ],
+            0..40,
+        ),
+        from in 1..4u64,
+        to in 4..6u64,
+        lead in proptest::bool::ANY,
+    ) {
+        let mut s = state();
+        applied(&mut s, 2, 500, true);
+        let e0 = epoch(&s);
+        start(&mut s, from, to, lead.then_some(to));
+        let step = |s: &mut MetaState| -> bool {
+            let Some(plan) = s.moves.get(&S).cloned() else { return false };
+            match plan.next(s) {
+                Ok(PlanAction::Wait { .. }) => false,
+                Ok(_) => { advance(s).expect("a step that next() allows applies"); true }
+                Err(e) => panic!("no conflicting change here: {e}"),
+            }
+        };
+        for ev in events {
+            match ev {
+                Event::Step => { step(&mut s); }
+                Event::Duplicate => {
+                    if let Some(plan) = s.moves.get(&S).cloned() {
+                        if plan.step > MoveStep::AddLearner {
+                            let before = s.clone();
+                            let r = s.apply(MetaCommand::AdvanceMove { shard: S, step: MoveStep::AddLearner });
+                            prop_assert!(matches!(r, Err(MetaError::MoveStepMismatch { .. })), "{:?}", r);
+                            prop_assert_eq!(&s, &before);
+                        }
+                    }
+                }
+                Event::Restart => s = MetaState::restore(&s.snapshot().expect("snapshot")).expect("restore"),
+                Event::Report(i) => applied(&mut s, to, i, false),
+            }
+            prop_assert_eq!(s.map.get(S).expect("shard").voters().count(), 3, "voters stay three");
+        }
+        // Finish: the learner catches up, then every step runs.
+        applied(&mut s, to, 500, false);
+        for _ in 0..10 {
+            step(&mut s);
+            prop_assert_eq!(s.map.get(S).expect("shard").voters().count(), 3);
+        }
+        prop_assert!(s.moves.is_empty(), "finished");
+        let d = s.map.get(S).expect("shard");
+        prop_assert!(d.replica(n(from)).is_none());
+        prop_assert!(d.replica(n(to)).is_some_and(|r| r.role == ReplicaRole::Voter));
+        prop_assert_eq!(d.replicas.len(), 3);
+        prop_assert_eq!(d.epoch.conf_version, e0.conf_version + 3, "add, swap, remove");
+        prop_assert_eq!(d.epoch.version, e0.version);
+        prop_assert_eq!(s.transfers.get(&S).copied(), lead.then_some(n(to)));
+    }
+}
