@@ -54,6 +54,9 @@ pub struct NodeReport {
     /// A key near the middle of each shard's data, as the node's storage estimates it: where
     /// to split a shard that grew too big. Without one, no split is suggested.
     pub split_keys: BTreeMap<ShardId, Vec<u8>>,
+    /// Client requests per second the node served over its last report interval. Shown to
+    /// operators; the balancer does not weigh it yet (it evens out counts and bytes).
+    pub requests_per_s: u64,
 }
 
 /// A node as the meta state knows it.
