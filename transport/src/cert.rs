@@ -257,6 +257,12 @@ fn set_validity(params: &mut CertificateParams, validity: Validity) {
     params.not_after = OffsetDateTime::from(validity.not_after);
 }
 
+/// Reads a CA certificate (the first certificate in `pem`).
+pub fn ca_from_pem(pem: &str) -> Result<CertificateDer<'static>, CertError> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| CertError::Pem { what: "CA certificate", reason: e.to_string() })
+}
+
 /// What a node or client needs for mutual TLS: the CA to trust, its own certificate chain and
 /// key. Build it from PEM with [`TlsIdentity::from_pem`] or files with [`TlsIdentity::load`].
 #[derive(Debug)]
@@ -278,8 +284,7 @@ impl Clone for TlsIdentity {
 impl TlsIdentity {
     /// From PEM text: the CA certificate, own certificate (chain) and own key.
     pub fn from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, CertError> {
-        let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes())
-            .map_err(|e| CertError::Pem { what: "CA certificate", reason: e.to_string() })?;
+        let ca = ca_from_pem(ca_pem)?;
         let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| CertError::Pem { what: "certificate", reason: e.to_string() })?;

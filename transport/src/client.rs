@@ -45,6 +45,11 @@ impl Client {
         Ok(Client { endpoint, frame_bytes_max: FRAME_BYTES_MAX_DEFAULT })
     }
 
+    /// The bound UDP address (servers log it as the remote address).
+    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
     /// Connects to node `node` at `addr`, checking that its certificate names that node.
     pub async fn connect(
         &self,
