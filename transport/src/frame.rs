@@ -291,7 +291,7 @@ impl FrameDecoder {
         // Checked above: frame_bytes <= frame_bytes_max, a usize.
         let frame_bytes = frame_bytes as usize;
         if self.buf.len() < frame_bytes {
-            self.buf.reserve(frame_bytes - self.buf.len());
+            // No reserve for the announced size: memory follows the bytes actually received.
             return Ok(None);
         }
         let mut frame = self.buf.split_to(frame_bytes).freeze();

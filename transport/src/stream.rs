@@ -65,10 +65,20 @@ pub(crate) async fn read_frame_exact(recv: &mut RecvStream, frame_bytes_max: usi
         return Ok(Some(frame));
     }
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    // The decoder checked the length against frame_bytes_max, so this allocation is bounded.
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload).await.map_err(|e| ReadFail::Stream(e.to_string()))?;
-    decoder.handle_bytes(&payload);
+    // Read what arrives rather than allocate the announced length up front: a peer announcing
+    // large frames on many streams and sending slowly must not make us reserve memory it has
+    // not sent. The decoder already checked `len` against `frame_bytes_max`.
+    let mut remaining = len;
+    while remaining > 0 {
+        match recv.read_chunk(remaining.min(READ_CHUNK_BYTES_MAX), true).await {
+            Ok(Some(chunk)) => {
+                remaining -= chunk.bytes.len();
+                decoder.handle_bytes(&chunk.bytes);
+            }
+            Ok(None) => return Err(ReadFail::Stream("stream ended inside a frame".into())),
+            Err(e) => return Err(ReadFail::Stream(e.to_string())),
+        }
+    }
     match decoder.poll_frame().map_err(ReadFail::Frame)? {
         Some(frame) => Ok(Some(frame)),
         None => Err(ReadFail::Stream("frame incomplete".into())),
