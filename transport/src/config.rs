@@ -60,7 +60,8 @@ pub struct Limits {
     pub incoming_queue_max: usize,
     /// Outgoing large transfers at a time, all peers together; `send_stream` waits for a slot.
     pub transfers_out_max: usize,
-    /// Incoming large transfers at a time from one peer (QUIC stream limit).
+    /// Incoming large transfers at a time from one peer; more are stopped with
+    /// `STREAM_REFUSED` (the sender's `finish` fails).
     pub transfers_in_per_peer_max: u16,
     /// Requests one peer may have open at a time on a connection (QUIC stream limit).
     pub requests_in_per_peer_max: u16,

@@ -23,6 +23,7 @@ pub(crate) struct PeerCounters {
     pub frames_rejected: AtomicU64,
     pub transfers_sent: AtomicU64,
     pub transfers_received: AtomicU64,
+    pub transfers_refused: AtomicU64,
     pub requests_sent: AtomicU64,
     pub requests_received: AtomicU64,
 }
@@ -62,10 +63,13 @@ pub struct PeerMetrics {
     pub reconnects: u64,
     /// Frames from the peer that were oversized or malformed (each closed the connection).
     pub frames_rejected: u64,
-    /// Large transfers opened to / accepted from the peer.
+    /// Large transfers opened to the peer.
     pub transfers_sent: u64,
     /// Large transfers accepted from the peer.
     pub transfers_received: u64,
+    /// Transfers from the peer stopped on arrival: over `transfers_in_per_peer_max`, blocked
+    /// by fault injection, or the node no longer takes transfers.
+    pub transfers_refused: u64,
     /// Requests sent to the peer.
     pub requests_sent: u64,
     /// Requests received from the peer.
@@ -96,6 +100,7 @@ impl PeerCounters {
             frames_rejected: get(&self.frames_rejected),
             transfers_sent: get(&self.transfers_sent),
             transfers_received: get(&self.transfers_received),
+            transfers_refused: get(&self.transfers_refused),
             requests_sent: get(&self.requests_sent),
             requests_received: get(&self.requests_received),
             queue_envelopes: 0,

@@ -143,7 +143,7 @@ impl Responder {
 
 /// An incoming large transfer (e.g. a snapshot). Read it with [`read_chunk`](Self::read_chunk);
 /// the sender can only run ahead by one stream window, so a slow reader slows the sender
-/// (QUIC flow control) and never the Raft streams.
+/// (QUIC flow control) and never the Raft streams. Dropping it frees the sender's slot.
 #[derive(Debug)]
 pub struct IncomingTransfer {
     /// The sending node, from its certificate.
@@ -153,6 +153,8 @@ pub struct IncomingTransfer {
     pub(crate) recv: RecvStream,
     pub(crate) received_bytes: u64,
     pub(crate) bytes_max: u64,
+    /// One of the sender's `transfers_in_per_peer_max` slots, freed when this is dropped.
+    pub(crate) _permit: OwnedSemaphorePermit,
 }
 
 impl IncomingTransfer {
@@ -204,8 +206,11 @@ impl OutgoingTransfer {
         self.sent_bytes
     }
 
-    /// Ends the transfer and waits (up to `timeout`) until the receiver has acknowledged
-    /// every byte.
+    /// Ends the transfer and waits (up to `timeout`) until the receiver's QUIC stack has
+    /// acknowledged every byte. That is delivery, not consumption: a receiver that refuses the
+    /// transfer after a small one was fully acknowledged is not reported here. Snapshot
+    /// installation is confirmed by Raft's own messages; a refused transfer that is still
+    /// being written fails its next `write` instead.
     pub async fn finish(mut self, timeout: Duration) -> Result<(), TransportError> {
         self.send.finish().map_err(|e| TransportError::ConnectionLost(e.to_string()))?;
         match tokio::time::timeout(timeout, self.send.stopped()).await {

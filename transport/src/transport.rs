@@ -89,6 +89,9 @@ struct Peer {
     /// Where to dial the peer (only used when our id is lower).
     addr: watch::Sender<Option<SocketAddr>>,
     counters: Arc<PeerCounters>,
+    /// Slots for incoming transfers from this peer (`transfers_in_per_peer_max`); the QUIC
+    /// stream limit alone would let a peer with few Raft streams open more.
+    transfers_in: Arc<Semaphore>,
 }
 
 /// State shared by the handle and all tasks.
@@ -373,7 +376,8 @@ impl Transport {
 
     /// Closes everything: stops accepting sends, lets writers flush what is queued (up to
     /// `shutdown_flush_ms_max`), closes connections with code 0 and waits briefly for the
-    /// peers to be told. The `Incoming` channels end once all tasks have stopped.
+    /// peers to be told. The `Incoming` channels end once the tasks have stopped and every
+    /// `Transport` handle is dropped.
     pub async fn shutdown(&self) {
         let shared = &self.shared;
         if shared.shutdown.send_replace(true) {
@@ -436,6 +440,7 @@ impl Shared {
             conn: watch::Sender::new(None),
             addr: watch::Sender::new(None),
             counters: Arc::new(PeerCounters::default()),
+            transfers_in: Arc::new(Semaphore::new(usize::from(self.config.limits.transfers_in_per_peer_max))),
         });
         peers.insert(node, peer.clone());
         drop(peers);
@@ -693,9 +698,16 @@ async fn run_uni_stream(shared: Arc<Shared>, peer: Arc<Peer>, conn: Connection, 
         }
         Ok(StreamHeader::Transfer { group }) => {
             if shared.blocked(peer.id) {
+                add(&peer.counters.transfers_refused, 1);
                 stop_refused(&mut recv);
                 return;
             }
+            let Ok(permit) = peer.transfers_in.clone().try_acquire_owned() else {
+                add(&peer.counters.transfers_refused, 1);
+                warn!(node = %shared.config.node, peer = %peer.id, %group, "refused transfer: too many from this peer");
+                stop_refused(&mut recv);
+                return;
+            };
             add(&peer.counters.transfers_received, 1);
             let transfer = IncomingTransfer {
                 from: peer.id,
@@ -703,8 +715,10 @@ async fn run_uni_stream(shared: Arc<Shared>, peer: Arc<Peer>, conn: Connection, 
                 recv,
                 received_bytes: 0,
                 bytes_max: shared.config.limits.transfer_bytes_max,
+                _permit: permit,
             };
             if let Err(mpsc::error::SendError(mut transfer)) = shared.transfers_tx.send(transfer).await {
+                add(&peer.counters.transfers_refused, 1);
                 stop_refused(&mut transfer.recv);
             }
         }

@@ -205,3 +205,29 @@ async fn drop_fraction_and_delay_faults() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Shutdown lets the writers flush what was queued before closing the connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_flushes_queued_envelopes() {
+    let ca = ca();
+    let (b, mut b_in) = start(config(&ca, 2)).await;
+    // A node with a generous flush deadline, so a loaded machine cannot make this flaky;
+    // shutdown returns as soon as the writers are done.
+    let mut config_a = config(&ca, 1);
+    config_a.timing.shutdown_flush_ms_max = 20_000;
+    config_a.peers.push((NodeId(2), b.local_addr().unwrap()));
+    let (a, _a_in) = start(config_a).await;
+    a.send(NodeId(2), env(1, seq_payload(0, 0))).unwrap();
+    recv_n(&mut b_in, 1).await;
+    const N: u64 = 2_000;
+    for seq in 1..=N {
+        a.send(NodeId(2), env(seq % 3, seq_payload(seq, 100))).unwrap();
+    }
+    a.shutdown().await;
+    assert!(a.send(NodeId(2), env(1, vec![0])).is_err(), "send after shutdown is refused");
+    let got = recv_n(&mut b_in, N as usize).await;
+    let mut seqs: Vec<u64> = got.iter().map(|(_, e)| seq_of(e)).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=N).collect::<Vec<_>>());
+    b.shutdown().await;
+}

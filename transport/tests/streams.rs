@@ -173,3 +173,56 @@ async fn a_client_endpoint_with_a_client_certificate_can_request() {
     client.close().await;
     b.shutdown().await;
 }
+
+/// A peer may have at most `transfers_in_per_peer_max` transfers open at the receiver; one
+/// more is stopped on arrival, never reaches the node, and its sender's writes fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incoming_transfers_per_peer_are_limited() {
+    const BYTES: usize = 4 << 20; // more than one stream window: the refused sender must block
+    let ca = ca();
+    let mut config_b = config(&ca, 2);
+    config_b.limits.transfers_in_per_peer_max = 1;
+    let (b, mut b_in) = start(config_b).await;
+    let mut config_a = config(&ca, 1);
+    config_a.limits.transfers_out_max = 3;
+    config_a.peers.push((NodeId(2), b.local_addr().unwrap()));
+    let (a, _a_in) = start(config_a).await;
+
+    let mut writers = Vec::new();
+    for group in [1, 2] {
+        let mut transfer = a.send_stream(NodeId(2), GroupId(group)).await.unwrap();
+        writers.push(tokio::spawn(async move {
+            let mut offset = 0;
+            while offset < BYTES {
+                transfer.write(pattern(offset, CHUNK_BYTES)).await?;
+                offset += CHUNK_BYTES;
+            }
+            transfer.finish(DEADLINE).await
+        }));
+    }
+    let mut kept = tokio::time::timeout(DEADLINE, b_in.transfers.recv()).await.unwrap().unwrap();
+    let mut received = 0;
+    while let Some(chunk) = kept.read_chunk().await.unwrap() {
+        received += chunk.len();
+    }
+    assert_eq!(received, BYTES);
+    let mut results = Vec::new();
+    for writer in writers {
+        results.push(writer.await.unwrap());
+    }
+    assert_eq!(results.iter().filter(|r| r.is_err()).count(), 1, "{results:?}");
+    let refused = if results[0].is_err() { GroupId(1) } else { GroupId(2) };
+    assert_ne!(kept.group, refused);
+    let m = b.metrics().peers[&NodeId(1)].clone();
+    assert_eq!((m.transfers_received, m.transfers_refused), (1, 1));
+    // Once the kept transfer is dropped, its slot is free again.
+    drop(kept);
+    let mut third = a.send_stream(NodeId(2), GroupId(3)).await.unwrap();
+    third.write(Bytes::from_static(b"again")).await.unwrap();
+    third.finish(DEADLINE).await.unwrap();
+    let t = tokio::time::timeout(DEADLINE, b_in.transfers.recv()).await.unwrap().unwrap();
+    assert_eq!(t.group, GroupId(3));
+    assert!(b_in.transfers.try_recv().is_err(), "the refused transfer never reaches the node");
+    a.shutdown().await;
+    b.shutdown().await;
+}
