@@ -11,7 +11,7 @@ use crate::id::NodeId;
 pub const FRAME_BYTES_MAX_DEFAULT: usize = 4 << 20;
 /// Smallest `frame_bytes_max` accepted: room for one small envelope.
 pub const FRAME_BYTES_MIN: usize = 1024;
-/// Default byte size at which a batch is flushed even if the queue is not empty (64 KiB).
+/// Default byte size at which a batch frame is cut even if the queue is not empty (64 KiB).
 pub const BATCH_BYTES_MAX_DEFAULT: usize = 64 << 10;
 /// Default per-peer queue length in envelopes.
 pub const QUEUE_ENVELOPES_MAX_DEFAULT: usize = 16_384;
@@ -47,7 +47,9 @@ pub struct Limits {
     /// Largest frame sent or accepted, header included. A bigger envelope or request is
     /// refused by `send`/`request`; a bigger incoming frame closes the connection.
     pub frame_bytes_max: usize,
-    /// A batch is written once it reaches this many bytes, even if more is queued.
+    /// A batch frame (one Raft stream's share of a flush) is cut at this many bytes, even if
+    /// more is queued; one flush writes at most K such frames. An envelope larger than this
+    /// (up to `frame_bytes_max`) travels alone.
     pub batch_bytes_max: usize,
     /// Envelopes queued per peer; beyond it the oldest are dropped (and counted).
     pub queue_envelopes_max: usize,

@@ -874,13 +874,21 @@ async fn run_writer(shared: Arc<Shared>, peer: Arc<Peer>) {
     }
 }
 
-/// Takes ready envelopes from the front of the queue, up to `batch_bytes_max` (at least one).
-/// Returns the batch and, if the front is delayed, when it becomes ready.
-fn take_batch(peer: &Peer, batch_bytes_max: usize) -> (Vec<Envelope>, Option<Instant>) {
+/// The Raft stream of a group: fixed, so a group's envelopes stay in order.
+fn stream_index(group: GroupId, k: usize) -> usize {
+    (group.0 % k as u64) as usize
+}
+
+/// Takes ready envelopes from the front of the queue until the next one would push its
+/// stream's frame past `batch_bytes_max` (a frame always takes at least one envelope), so one
+/// flush writes at most K frames of at most `batch_bytes_max` each. Returns the envelopes and,
+/// if the front is delayed by fault injection, when it becomes ready. Envelopes are only
+/// moved here; frames are built outside the queue lock.
+fn take_batch(peer: &Peer, k: usize, batch_bytes_max: usize) -> (Vec<Envelope>, Option<Instant>) {
     let mut queue = lock(&peer.queue);
     let now = Instant::now();
     let mut batch = Vec::new();
-    let mut bytes = FRAME_HEADER_BYTES;
+    let mut frame_bytes = vec![0usize; k];
     while let Some(front) = queue.items.front() {
         if let Some(ready_at) = front.ready_at {
             if ready_at > now {
@@ -888,10 +896,11 @@ fn take_batch(peer: &Peer, batch_bytes_max: usize) -> (Vec<Envelope>, Option<Ins
             }
         }
         let wire = envelope_wire_bytes(&front.envelope);
-        if !batch.is_empty() && bytes + wire > batch_bytes_max {
+        let frame = &mut frame_bytes[stream_index(front.envelope.group, k)];
+        if *frame > 0 && *frame + wire > batch_bytes_max {
             break;
         }
-        bytes += wire;
+        *frame = if *frame == 0 { FRAME_HEADER_BYTES + wire } else { *frame + wire };
         if let Some(item) = queue.items.pop_front() {
             queue.payload_bytes -= item.envelope.payload.len();
             batch.push(item.envelope);
@@ -912,7 +921,7 @@ async fn write_loop(
     let batch_bytes_max = shared.config.limits.batch_bytes_max;
     let mut shutting_down = false;
     loop {
-        let (batch, next_ready) = take_batch(peer, batch_bytes_max);
+        let (batch, next_ready) = take_batch(peer, k, batch_bytes_max);
         if batch.is_empty() {
             if shutting_down {
                 return WriteEnd::Shutdown;
@@ -937,8 +946,7 @@ async fn write_loop(
         let mut builders: Vec<Option<BatchBuilder>> = (0..k).map(|_| None).collect();
         let mut unwritten = batch.len() as u64;
         for envelope in &batch {
-            let index = (envelope.group.0 % k as u64) as usize;
-            builders[index].get_or_insert_with(BatchBuilder::new).push(envelope);
+            builders[stream_index(envelope.group, k)].get_or_insert_with(BatchBuilder::new).push(envelope);
         }
         drop(batch);
         for (index, builder) in builders.into_iter().enumerate() {
