@@ -108,7 +108,8 @@ fn main() {
 
         println!("flotilla-transport throughput, loopback, 2 tokio workers, median of {RUNS} runs");
         println!("{:<34} {:>12} {:>14} {:>10} {:>12}", "case", "envelopes", "envelopes/s", "MB/s", "env/batch");
-        for (size, groups, count) in [(64, 1, 1_200_000), (64, 1_000, 1_200_000), (4096, 1, 120_000), (4096, 1_000, 120_000)]
+        for (size, groups, count) in
+            [(64, 1, 1_200_000), (64, 1_000, 1_200_000), (4096, 1, 120_000), (4096, 1_000, 120_000)]
         {
             run(&a, &mut b_in, count / 10, size, groups).await;
             let before = a.metrics().peers[&NodeId(2)].clone();

@@ -135,7 +135,8 @@ impl Responder {
         let _ = self.tx.send(Ok(body.into()));
     }
 
-    /// Answers with an error; the requester gets [`TransportError::Remote`] with `reason`.
+    /// Answers with an error; the requester gets [`TransportError::Remote`] with `reason`
+    /// (cut to 512 bytes).
     pub fn fail(self, reason: impl Into<String>) {
         let _ = self.tx.send(Err(reason.into()));
     }

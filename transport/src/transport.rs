@@ -41,6 +41,18 @@ use crate::tls;
 const RAFT_STREAM_PRIORITY: i32 = 10;
 /// QUIC send priority of transfer streams.
 const TRANSFER_STREAM_PRIORITY: i32 = 0;
+/// Longest error reason sent back to a requester; a handler's reason is cut to it so that the
+/// answer always fits the requester's frame limit (at least `FRAME_BYTES_MIN`).
+const ERROR_REASON_BYTES_MAX: usize = 512;
+
+/// `text` cut to at most `bytes_max` bytes, at a character boundary.
+fn truncate(text: &str, bytes_max: usize) -> &[u8] {
+    let mut end = text.len().min(bytes_max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text.as_bytes()[..end]
+}
 
 /// What the node receives. Each channel is bounded (see [`crate::Limits`]).
 #[derive(Debug)]
@@ -810,7 +822,7 @@ async fn run_request_stream(
             encode_frame(FrameKind::Response, &body, &mut frame)
         }
         Ok(_) => encode_frame(FrameKind::ResponseError, b"response exceeds frame_bytes_max", &mut frame),
-        Err(reason) => encode_frame(FrameKind::ResponseError, reason.as_bytes(), &mut frame),
+        Err(reason) => encode_frame(FrameKind::ResponseError, truncate(&reason, ERROR_REASON_BYTES_MAX), &mut frame),
     }
     if send.write_chunk(frame.freeze()).await.is_ok() {
         let _ = send.finish();

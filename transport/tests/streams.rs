@@ -104,6 +104,8 @@ fn serve(mut requests: tokio::sync::mpsc::Receiver<flotilla_transport::IncomingR
                 request.responder.respond(answer);
             } else if &body[..] == b"fail" {
                 request.responder.fail("nope");
+            } else if &body[..] == b"fail-long" {
+                request.responder.fail("é".repeat(100_000));
             } else {
                 parked.push(request); // never answered while the server runs
             }
@@ -131,6 +133,11 @@ async fn requests_both_directions_with_errors_and_timeouts() {
         Err(TransportError::Remote(reason)) => assert_eq!(reason, "nope"),
         other => panic!("{other:?}"),
     }
+    // A huge reason is cut (at a character boundary) instead of breaking the connection.
+    match a.request(NodeId(2), "fail-long".into(), DEADLINE).await {
+        Err(TransportError::Remote(reason)) => assert_eq!(reason, "é".repeat(256)),
+        other => panic!("{other:?}"),
+    }
     // The client's own deadline.
     let started = tokio::time::Instant::now();
     assert!(matches!(
@@ -149,8 +156,8 @@ async fn requests_both_directions_with_errors_and_timeouts() {
         Err(TransportError::Timeout)
     ));
     let m = a.metrics().peers[&NodeId(2)].clone();
-    assert_eq!(m.requests_sent, 4);
-    assert_eq!(b.metrics().peers[&NodeId(1)].requests_received, 4);
+    assert_eq!(m.requests_sent, 5);
+    assert_eq!(b.metrics().peers[&NodeId(1)].requests_received, 5);
     a.shutdown().await;
     b.shutdown().await;
 }
