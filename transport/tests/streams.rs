@@ -233,3 +233,36 @@ async fn incoming_transfers_per_peer_are_limited() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A transfer longer than the receiver's `transfer_bytes_max` is cut off with an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overlong_transfer_is_stopped() {
+    let ca = ca();
+    let mut config_b = config(&ca, 2);
+    config_b.limits.transfer_bytes_max = 100_000;
+    let (b, mut b_in) = start(config_b).await;
+    let mut config_a = config(&ca, 1);
+    config_a.peers.push((NodeId(2), b.local_addr().unwrap()));
+    let (a, _a_in) = start(config_a).await;
+    let mut transfer = a.send_stream(NodeId(2), GroupId(4)).await.unwrap();
+    let writer = tokio::spawn(async move {
+        // More than a stream window, so the sender is still writing when the stop arrives.
+        for offset in (0..3 << 20).step_by(CHUNK_BYTES) {
+            transfer.write(pattern(offset, CHUNK_BYTES)).await?;
+        }
+        transfer.finish(DEADLINE).await
+    });
+    let mut incoming = tokio::time::timeout(DEADLINE, b_in.transfers.recv()).await.unwrap().unwrap();
+    let error = loop {
+        match incoming.read_chunk().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the whole overlong transfer was delivered"),
+            Err(error) => break error,
+        }
+    };
+    assert!(matches!(error, TransportError::TooLarge { .. }), "{error:?}");
+    assert!(incoming.received_bytes() > 100_000);
+    assert!(writer.await.unwrap().is_err(), "the sender learns the transfer was stopped");
+    a.shutdown().await;
+    b.shutdown().await;
+}
