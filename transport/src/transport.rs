@@ -1,0 +1,998 @@
+//! The node's endpoint: connections, per-peer queues and writers, readers, dialing.
+//!
+//! Tasks, and why each exists:
+//! - one accept loop: TLS handshakes of incoming connections (at most `handshakes_max` at a
+//!   time), identity check, then a connection task;
+//! - per peer, one writer: drains the peer's queue into batch frames on K Raft streams;
+//! - per peer with a higher id than ours, one dialer: connects, waits for the connection to
+//!   end, redials with backoff (the lower id dials; the higher one only waits);
+//! - per connection, one task accepting the peer's streams, and one task per stream.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::cert::{identity_of_cert, node_name, TlsIdentity};
+use crate::config::TransportConfig;
+use crate::error::TransportError;
+use crate::fault::{FaultState, SplitMix64};
+use crate::frame::{
+    decode_batch, decode_stream_header, encode_frame, encode_stream_header, envelope_wire_bytes, BatchBuilder,
+    FrameDecoder, FrameError, FrameKind, StreamHeader, FRAME_HEADER_BYTES,
+};
+use crate::id::{Envelope, GroupId, NodeId, PeerIdentity};
+use crate::metrics::{add, PeerCounters, PeerMetrics, TransportMetrics};
+use crate::stream::{
+    codes, read_frame_exact, request_on, stop_refused, IncomingRequest, IncomingTransfer, OutgoingTransfer, ReadFail,
+    Responder, READ_CHUNK_BYTES_MAX,
+};
+use crate::tls;
+
+/// QUIC send priority of Raft streams: above transfers, so heartbeats go first.
+const RAFT_STREAM_PRIORITY: i32 = 10;
+/// QUIC send priority of transfer streams.
+const TRANSFER_STREAM_PRIORITY: i32 = 0;
+/// Longest error reason sent back to a requester; a handler's reason is cut to it so that the
+/// answer always fits the requester's frame limit (at least `FRAME_BYTES_MIN`).
+const ERROR_REASON_BYTES_MAX: usize = 512;
+
+/// `text` cut to at most `bytes_max` bytes, at a character boundary.
+fn truncate(text: &str, bytes_max: usize) -> &[u8] {
+    let mut end = text.len().min(bytes_max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text.as_bytes()[..end]
+}
+
+/// What the node receives. Each channel is bounded (see [`crate::Limits`]).
+#[derive(Debug)]
+pub struct Incoming {
+    /// Raft envelopes with the sender's node id (from its certificate), in order per group.
+    pub envelopes: mpsc::Receiver<(NodeId, Envelope)>,
+    /// Large transfers opened by peers.
+    pub transfers: mpsc::Receiver<IncomingTransfer>,
+    /// Requests from nodes and clients.
+    pub requests: mpsc::Receiver<IncomingRequest>,
+}
+
+/// One envelope waiting in a peer's queue.
+#[derive(Debug)]
+struct Queued {
+    envelope: Envelope,
+    /// Set by the delay fault: not written before this instant.
+    ready_at: Option<Instant>,
+}
+
+/// A peer's outgoing queue: bounded by count and bytes, oldest dropped first.
+#[derive(Debug, Default)]
+struct Queue {
+    items: VecDeque<Queued>,
+    /// Sum of the queued payload lengths.
+    payload_bytes: usize,
+}
+
+/// The current connection of a peer, with a generation so that a task ending an old
+/// connection never clears a newer one.
+#[derive(Clone, Debug)]
+struct ConnSlot {
+    conn: Connection,
+    generation: u64,
+}
+
+/// Everything about one peer.
+#[derive(Debug)]
+struct Peer {
+    id: NodeId,
+    queue: Mutex<Queue>,
+    /// Wakes the writer when the queue gains an envelope.
+    wake: Notify,
+    /// The connection in use, if any; the writer and requests wait on it.
+    conn: watch::Sender<Option<ConnSlot>>,
+    /// Where to dial the peer (only used when our id is lower).
+    addr: watch::Sender<Option<SocketAddr>>,
+    counters: Arc<PeerCounters>,
+    /// Slots for incoming transfers from this peer (`transfers_in_per_peer_max`); the QUIC
+    /// stream limit alone would let a peer with few Raft streams open more.
+    transfers_in: Arc<Semaphore>,
+}
+
+/// State shared by the handle and all tasks.
+struct Shared {
+    config: TransportConfig,
+    endpoint: Endpoint,
+    peers: Mutex<HashMap<NodeId, Arc<Peer>>>,
+    faults: Mutex<FaultState>,
+    /// Fast path: false while no fault is set.
+    faults_active: AtomicBool,
+    envelopes_tx: mpsc::Sender<(NodeId, Envelope)>,
+    transfers_tx: mpsc::Sender<IncomingTransfer>,
+    requests_tx: mpsc::Sender<IncomingRequest>,
+    /// Slots for outgoing transfers (`transfers_out_max`).
+    transfers_out: Arc<Semaphore>,
+    /// Slots for handshakes in progress (`handshakes_max`).
+    handshakes: Arc<Semaphore>,
+    /// Becomes true once at shutdown.
+    shutdown: watch::Sender<bool>,
+    next_generation: AtomicU64,
+    handshakes_refused: AtomicU64,
+    dials_failed: AtomicU64,
+    client_frames_rejected: AtomicU64,
+    /// Writers, awaited at shutdown so they can flush; other tasks end with their connection.
+    writers: Mutex<Vec<JoinHandle<()>>>,
+    /// Everything else, aborted at shutdown if still running.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks is a bug elsewhere; the data (queues,
+    // counters, maps) stays usable, so keep going rather than cascade the panic.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A running transport. Cheap to clone; every clone drives the same endpoint.
+///
+/// Connections: one per pair of nodes. The node with the lower id dials (it needs the peer's
+/// address, from [`TransportConfig::peers`] or [`set_peer_addr`](Self::set_peer_addr)); the
+/// higher one never dials and queues what it sends until the lower one connects. A peer
+/// that restarts is redialed with exponential backoff (`reconnect_backoff_ms_min..max`);
+/// a newer connection from the same peer replaces the older one.
+#[derive(Clone)]
+pub struct Transport {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport").field("node", &self.shared.config.node).finish_non_exhaustive()
+    }
+}
+
+impl Transport {
+    /// Binds the endpoint and starts accepting and dialing. Fails if the configuration is
+    /// inconsistent, the certificate does not name `config.node`, or the address is taken.
+    pub async fn start(config: TransportConfig) -> Result<(Transport, Incoming), TransportError> {
+        config.validate()?;
+        match config.tls.identity()? {
+            PeerIdentity::Node(id) if id == config.node => {}
+            other => {
+                return Err(TransportError::Config(format!(
+                    "certificate names {other}, but this node is {}",
+                    config.node
+                )))
+            }
+        }
+        let quic = tls::quic_transport(&config)?;
+        let server = tls::server_config(&config.tls, quic.clone())?;
+        let TlsIdentity { ca, chain, key } = config.tls.clone();
+        let client = tls::client_config(&ca, Some((chain, key)), quic)?;
+        let mut endpoint = Endpoint::server(server, config.listen_addr)?;
+        endpoint.set_default_client_config(client);
+
+        let (envelopes_tx, envelopes) = mpsc::channel(config.limits.incoming_envelopes_max);
+        let (transfers_tx, transfers) = mpsc::channel(config.limits.incoming_queue_max);
+        let (requests_tx, requests) = mpsc::channel(config.limits.incoming_queue_max);
+        let shared = Arc::new(Shared {
+            endpoint,
+            peers: Mutex::new(HashMap::new()),
+            faults: Mutex::new(FaultState::default()),
+            faults_active: AtomicBool::new(false),
+            envelopes_tx,
+            transfers_tx,
+            requests_tx,
+            transfers_out: Arc::new(Semaphore::new(config.limits.transfers_out_max)),
+            handshakes: Arc::new(Semaphore::new(config.limits.handshakes_max)),
+            shutdown: watch::Sender::new(false),
+            next_generation: AtomicU64::new(1),
+            handshakes_refused: AtomicU64::new(0),
+            dials_failed: AtomicU64::new(0),
+            client_frames_rejected: AtomicU64::new(0),
+            writers: Mutex::new(Vec::new()),
+            tasks: Mutex::new(Vec::new()),
+            config,
+        });
+        let transport = Transport { shared: shared.clone() };
+        for (node, addr) in shared.config.peers.clone() {
+            transport.set_peer_addr(node, addr)?;
+        }
+        let accept = tokio::spawn(run_accept(shared.clone()));
+        lock(&shared.tasks).push(accept);
+        info!(node = %shared.config.node, addr = ?shared.endpoint.local_addr().ok(), "transport started");
+        Ok((transport, Incoming { envelopes, transfers, requests }))
+    }
+
+    /// This node.
+    pub fn node(&self) -> NodeId {
+        self.shared.config.node
+    }
+
+    /// The bound UDP address (useful after binding port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+        Ok(self.shared.endpoint.local_addr()?)
+    }
+
+    /// Sets or changes where `node` listens. Only used if our id is lower (we dial it); a
+    /// change takes effect at the next dial (a live connection is kept).
+    pub fn set_peer_addr(&self, node: NodeId, addr: SocketAddr) -> Result<(), TransportError> {
+        let peer = self.shared.peer(node)?;
+        peer.addr.send_replace(Some(addr));
+        Ok(())
+    }
+
+    /// Queues `envelope` for `to` and returns at once. If the peer's queue is full, the oldest
+    /// envelopes are dropped (counted in `queue_drops`): Raft tolerates loss, and a down peer
+    /// must not make the node block or grow without bound. Envelopes of one group reach the
+    /// peer in the order sent (while the connection lasts).
+    pub fn send(&self, to: NodeId, envelope: Envelope) -> Result<(), TransportError> {
+        let shared = &self.shared;
+        if *shared.shutdown.borrow() {
+            return Err(TransportError::Shutdown);
+        }
+        let max = shared.config.envelope_payload_bytes_max();
+        if envelope.payload.len() > max {
+            return Err(TransportError::TooLarge {
+                bytes: envelope_wire_bytes(&envelope) + FRAME_HEADER_BYTES,
+                max_bytes: shared.config.limits.frame_bytes_max,
+            });
+        }
+        let peer = shared.peer(to)?;
+        let mut ready_at = None;
+        if shared.faults_active.load(Ordering::Acquire) {
+            let mut faults = lock(&shared.faults);
+            if faults.blocked.contains(&to) || faults.roll_drop() {
+                add(&peer.counters.fault_drops, 1);
+                return Ok(());
+            }
+            ready_at = faults.delay.get(&to).map(|delay| Instant::now() + *delay);
+        }
+        let limits = &shared.config.limits;
+        {
+            let mut queue = lock(&peer.queue);
+            let len = envelope.payload.len();
+            while !queue.items.is_empty()
+                && (queue.items.len() >= limits.queue_envelopes_max
+                    || queue.payload_bytes + len > limits.queue_bytes_max)
+            {
+                if let Some(old) = queue.items.pop_front() {
+                    queue.payload_bytes -= old.envelope.payload.len();
+                    add(&peer.counters.queue_drops, 1);
+                }
+            }
+            queue.payload_bytes += len;
+            queue.items.push_back(Queued { envelope, ready_at });
+        }
+        peer.wake.notify_one();
+        Ok(())
+    }
+
+    /// Envelopes waiting for `to` now (0 for an unknown peer). A producer can use it to slow
+    /// down before the queue starts dropping.
+    pub fn queue_len(&self, to: NodeId) -> usize {
+        lock(&self.shared.peers).get(&to).map_or(0, |peer| lock(&peer.queue).items.len())
+    }
+
+    /// Sends a request to node `to` and waits for its response, all within `timeout`
+    /// (including waiting for a connection).
+    pub async fn request(&self, to: NodeId, body: Bytes, timeout: Duration) -> Result<Bytes, TransportError> {
+        let shared = &self.shared;
+        let frame_max = shared.config.limits.frame_bytes_max;
+        if body.len() + FRAME_HEADER_BYTES > frame_max {
+            return Err(TransportError::TooLarge { bytes: body.len() + FRAME_HEADER_BYTES, max_bytes: frame_max });
+        }
+        if shared.blocked(to) {
+            return Err(TransportError::Blocked(to));
+        }
+        let peer = shared.peer(to)?;
+        add(&peer.counters.requests_sent, 1);
+        let work = async {
+            let conn = shared.wait_connection(&peer).await?;
+            request_on(&conn, &body, frame_max).await
+        };
+        tokio::time::timeout(timeout, work).await.map_err(|_| TransportError::Timeout)?
+    }
+
+    /// Opens a large transfer for `group` to `to`. Waits for one of `transfers_out_max` slots
+    /// and for a connection (wrap it in a timeout if needed). The transfer's stream has a lower
+    /// send priority than the Raft streams, and QUIC flow control makes it wait for the
+    /// receiver, so it never delays heartbeats.
+    pub async fn send_stream(&self, to: NodeId, group: GroupId) -> Result<OutgoingTransfer, TransportError> {
+        let shared = &self.shared;
+        if shared.blocked(to) {
+            return Err(TransportError::Blocked(to));
+        }
+        let peer = shared.peer(to)?;
+        let permit = shared.transfers_out.clone().acquire_owned().await.map_err(|_| TransportError::Shutdown)?;
+        let conn = shared.wait_connection(&peer).await?;
+        let lost = |e: String| TransportError::ConnectionLost(e);
+        let mut send = conn.open_uni().await.map_err(|e| lost(e.to_string()))?;
+        let _ = send.set_priority(TRANSFER_STREAM_PRIORITY);
+        send.write_chunk(encode_stream_header(&StreamHeader::Transfer { group }))
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        add(&peer.counters.transfers_sent, 1);
+        Ok(OutgoingTransfer { send, _permit: permit, sent_bytes: 0 })
+    }
+
+    /// A snapshot of the counters of every known peer.
+    pub fn metrics(&self) -> TransportMetrics {
+        let shared = &self.shared;
+        let peers = lock(&shared.peers).values().cloned().collect::<Vec<_>>();
+        let mut metrics = TransportMetrics {
+            handshakes_refused: shared.handshakes_refused.load(Ordering::Relaxed),
+            dials_failed: shared.dials_failed.load(Ordering::Relaxed),
+            client_frames_rejected: shared.client_frames_rejected.load(Ordering::Relaxed),
+            ..Default::default()
+        };
+        for peer in peers {
+            let mut m: PeerMetrics = peer.counters.snapshot();
+            m.queue_envelopes = lock(&peer.queue).items.len();
+            if let Some(slot) = peer.conn.borrow().as_ref() {
+                m.connected = slot.conn.close_reason().is_none();
+                m.rtt = Some(slot.conn.rtt());
+            }
+            metrics.peers.insert(peer.id, m);
+        }
+        metrics
+    }
+
+    /// Fault injection: discards all traffic to and from `node` (envelopes dropped and
+    /// counted, requests and transfers fail with [`TransportError::Blocked`]) until unblocked.
+    /// The connection itself stays up, as QUIC keep-alives are not blocked.
+    pub fn block_peer(&self, node: NodeId) {
+        self.shared.update_faults(|faults| {
+            faults.blocked.insert(node);
+        });
+    }
+
+    /// Fault injection: undoes [`block_peer`](Self::block_peer).
+    pub fn unblock_peer(&self, node: NodeId) {
+        self.shared.update_faults(|faults| {
+            faults.blocked.remove(&node);
+        });
+    }
+
+    /// Fault injection: envelopes sent to `node` from now on wait `delay` before being written
+    /// (order is kept). `Duration::ZERO` removes the delay.
+    pub fn set_peer_delay(&self, node: NodeId, delay: Duration) {
+        self.shared.update_faults(|faults| {
+            if delay.is_zero() {
+                faults.delay.remove(&node);
+            } else {
+                faults.delay.insert(node, delay);
+            }
+        });
+    }
+
+    /// Fault injection: drops `fraction` (0.0..=1.0) of outgoing Raft envelopes, to all peers,
+    /// chosen by a generator seeded with `seed` (the same seed drops the same sequence).
+    pub fn set_drop_fraction(&self, fraction: f64, seed: u64) {
+        let fraction = fraction.clamp(0.0, 1.0);
+        self.shared.update_faults(|faults| {
+            faults.drop = (fraction > 0.0).then(|| (fraction, SplitMix64::new(seed)));
+        });
+    }
+
+    /// Fault injection: removes every fault.
+    pub fn clear_faults(&self) {
+        self.shared.update_faults(|faults| *faults = FaultState::default());
+    }
+
+    /// Closes everything: stops accepting sends, lets writers flush what is queued (up to
+    /// `shutdown_flush_ms_max`), closes connections with code 0 and waits briefly for the
+    /// peers to be told. The `Incoming` channels end once the tasks have stopped and every
+    /// `Transport` handle is dropped.
+    pub async fn shutdown(&self) {
+        let shared = &self.shared;
+        if shared.shutdown.send_replace(true) {
+            return;
+        }
+        let deadline = Duration::from_millis(shared.config.timing.shutdown_flush_ms_max);
+        let writers = std::mem::take(&mut *lock(&shared.writers));
+        let aborts = writers.iter().map(|w| w.abort_handle()).collect::<Vec<_>>();
+        let flush = async {
+            for writer in writers {
+                let _ = writer.await;
+            }
+        };
+        if tokio::time::timeout(deadline, flush).await.is_err() {
+            warn!(node = %shared.config.node, "shutdown: writers did not flush in time");
+            aborts.iter().for_each(|a| a.abort());
+        }
+        shared.endpoint.close(codes::CLOSE_SHUTDOWN, b"shutdown");
+        for task in std::mem::take(&mut *lock(&shared.tasks)) {
+            task.abort();
+        }
+        for peer in lock(&shared.peers).values() {
+            peer.conn.send_replace(None);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), shared.endpoint.wait_idle()).await;
+        info!(node = %shared.config.node, "transport shut down");
+    }
+}
+
+impl Shared {
+    fn blocked(&self, node: NodeId) -> bool {
+        self.faults_active.load(Ordering::Acquire) && lock(&self.faults).blocked.contains(&node)
+    }
+
+    fn update_faults(&self, change: impl FnOnce(&mut FaultState)) {
+        let mut faults = lock(&self.faults);
+        change(&mut faults);
+        self.faults_active.store(faults.active(), Ordering::Release);
+    }
+
+    /// The peer's state, created (with its writer and, if we dial it, its dialer) on first use.
+    fn peer(self: &Arc<Self>, node: NodeId) -> Result<Arc<Peer>, TransportError> {
+        if node == self.config.node {
+            return Err(TransportError::SelfPeer(node));
+        }
+        let mut peers = lock(&self.peers);
+        if let Some(peer) = peers.get(&node) {
+            return Ok(peer.clone());
+        }
+        if *self.shutdown.borrow() {
+            return Err(TransportError::Shutdown);
+        }
+        if peers.len() >= self.config.limits.peers_max {
+            return Err(TransportError::TooManyPeers(self.config.limits.peers_max));
+        }
+        let peer = Arc::new(Peer {
+            id: node,
+            queue: Mutex::new(Queue::default()),
+            wake: Notify::new(),
+            conn: watch::Sender::new(None),
+            addr: watch::Sender::new(None),
+            counters: Arc::new(PeerCounters::default()),
+            transfers_in: Arc::new(Semaphore::new(usize::from(self.config.limits.transfers_in_per_peer_max))),
+        });
+        peers.insert(node, peer.clone());
+        drop(peers);
+        let writer = tokio::spawn(run_writer(self.clone(), peer.clone()));
+        lock(&self.writers).push(writer);
+        if self.config.node < node {
+            let dialer = tokio::spawn(run_dialer(self.clone(), peer.clone()));
+            lock(&self.tasks).push(dialer);
+        }
+        Ok(peer)
+    }
+
+    async fn wait_connection(&self, peer: &Peer) -> Result<Connection, TransportError> {
+        let mut conn_rx = peer.conn.subscribe();
+        let mut shutdown_rx = self.shutdown.subscribe();
+        loop {
+            if *shutdown_rx.borrow_and_update() {
+                return Err(TransportError::Shutdown);
+            }
+            if let Some(slot) = conn_rx.borrow_and_update().as_ref() {
+                if slot.conn.close_reason().is_none() {
+                    return Ok(slot.conn.clone());
+                }
+            }
+            tokio::select! {
+                changed = conn_rx.changed() => if changed.is_err() { return Err(TransportError::Shutdown) },
+                _ = shutdown_rx.changed() => {}
+            }
+        }
+    }
+
+    /// Makes `conn` the peer's connection; closes the one it replaces.
+    fn install(&self, peer: &Peer, conn: Connection) -> u64 {
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let old = peer.conn.send_replace(Some(ConnSlot { conn, generation }));
+        if let Some(old) = old {
+            old.conn.close(codes::CLOSE_REPLACED, b"replaced by a newer connection");
+        }
+        add(&peer.counters.connections, 1);
+        generation
+    }
+
+    fn uninstall(&self, peer: &Peer, generation: u64) {
+        peer.conn.send_if_modified(|slot| match slot {
+            Some(current) if current.generation == generation => {
+                *slot = None;
+                true
+            }
+            _ => false,
+        });
+    }
+
+    fn reject_frame(&self, peer: Option<&Peer>, from: &PeerIdentity, conn: &Connection, error: &FrameError) {
+        match peer {
+            Some(peer) => add(&peer.counters.frames_rejected, 1),
+            None => {
+                self.client_frames_rejected.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let code = match error {
+            FrameError::Oversized { .. } => codes::CLOSE_FRAME_OVERSIZED,
+            _ => codes::CLOSE_FRAME_MALFORMED,
+        };
+        warn!(node = %self.config.node, peer = %from, %error, "closing connection: bad frame");
+        conn.close(code, error.to_string().as_bytes());
+    }
+}
+
+fn peer_identity(conn: &Connection) -> Result<PeerIdentity, String> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .ok_or_else(|| "no peer certificate".to_string())?;
+    let first = certs.first().ok_or_else(|| "empty peer certificate chain".to_string())?;
+    identity_of_cert(first).map_err(|e| e.to_string())
+}
+
+async fn run_accept(shared: Arc<Shared>) {
+    let mut shutdown_rx = shared.shutdown.subscribe();
+    loop {
+        let incoming = tokio::select! {
+            incoming = shared.endpoint.accept() => incoming,
+            _ = shutdown_rx.changed() => return,
+        };
+        let Some(incoming) = incoming else { return };
+        let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+            shared.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+            warn!(node = %shared.config.node, remote = %incoming.remote_address(), "refused connection: too many handshakes in progress");
+            incoming.refuse();
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let handshake = Duration::from_millis(shared.config.timing.handshake_timeout_ms);
+            let result = match incoming.accept() {
+                Ok(connecting) => match tokio::time::timeout(handshake, connecting).await {
+                    Ok(result) => result.map_err(|e| e.to_string()),
+                    Err(_) => Err("handshake timed out".to_string()),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            drop(permit);
+            let conn = match result {
+                Ok(conn) => conn,
+                Err(reason) => {
+                    shared.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+                    warn!(node = %shared.config.node, %remote, %reason, "refused connection: TLS handshake failed");
+                    return;
+                }
+            };
+            let refuse = |reason: String| {
+                shared.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+                warn!(node = %shared.config.node, %remote, %reason, "refused connection");
+                conn.close(codes::CLOSE_IDENTITY_REFUSED, reason.as_bytes());
+            };
+            let identity = match peer_identity(&conn) {
+                Ok(identity) => identity,
+                Err(reason) => return refuse(format!("certificate identity: {reason}")),
+            };
+            match identity {
+                PeerIdentity::Node(id) if id == shared.config.node => {
+                    refuse(format!("peer claims to be this node {id}"))
+                }
+                PeerIdentity::Node(id) if id > shared.config.node => {
+                    refuse(format!("{id} has a higher id than this node and must wait to be dialed"))
+                }
+                PeerIdentity::Node(id) => match shared.peer(id) {
+                    Ok(peer) => {
+                        let generation = shared.install(&peer, conn.clone());
+                        info!(node = %shared.config.node, peer = %id, %remote, "peer connected");
+                        run_connection(shared.clone(), PeerIdentity::Node(id), Some(peer.clone()), conn).await;
+                        shared.uninstall(&peer, generation);
+                    }
+                    Err(e) => refuse(e.to_string()),
+                },
+                PeerIdentity::Client(name) => {
+                    debug!(node = %shared.config.node, client = %name, %remote, "client connected");
+                    run_connection(shared.clone(), PeerIdentity::Client(name), None, conn).await;
+                }
+            }
+        });
+    }
+}
+
+async fn run_dialer(shared: Arc<Shared>, peer: Arc<Peer>) {
+    let timing = &shared.config.timing;
+    let backoff_min = Duration::from_millis(timing.reconnect_backoff_ms_min);
+    let backoff_max = Duration::from_millis(timing.reconnect_backoff_ms_max);
+    let mut backoff = backoff_min;
+    let mut addr_rx = peer.addr.subscribe();
+    let mut shutdown_rx = shared.shutdown.subscribe();
+    let server_name = node_name(peer.id);
+    loop {
+        if *shutdown_rx.borrow_and_update() {
+            return;
+        }
+        let addr = *addr_rx.borrow_and_update();
+        let Some(addr) = addr else {
+            tokio::select! {
+                changed = addr_rx.changed() => if changed.is_err() { return },
+                _ = shutdown_rx.changed() => return,
+            }
+            continue;
+        };
+        let attempt = async {
+            let connecting = shared.endpoint.connect(addr, &server_name).map_err(|e| e.to_string())?;
+            match tokio::time::timeout(Duration::from_millis(timing.handshake_timeout_ms), connecting).await {
+                Ok(result) => result.map_err(|e| e.to_string()),
+                Err(_) => Err("handshake timed out".to_string()),
+            }
+        };
+        let result = tokio::select! {
+            result = attempt => result,
+            _ = shutdown_rx.changed() => return,
+        };
+        let checked = result.and_then(|conn| match peer_identity(&conn) {
+            Ok(PeerIdentity::Node(id)) if id == peer.id => Ok(conn),
+            Ok(other) => {
+                conn.close(codes::CLOSE_IDENTITY_REFUSED, b"unexpected identity");
+                Err(format!("peer at {addr} is {other}, expected {}", peer.id))
+            }
+            Err(reason) => Err(reason),
+        });
+        match checked {
+            Ok(conn) => {
+                backoff = backoff_min;
+                let generation = shared.install(&peer, conn.clone());
+                info!(node = %shared.config.node, peer = %peer.id, %addr, "connected to peer");
+                run_connection(shared.clone(), PeerIdentity::Node(peer.id), Some(peer.clone()), conn).await;
+                shared.uninstall(&peer, generation);
+                debug!(node = %shared.config.node, peer = %peer.id, "connection ended; redialing");
+            }
+            Err(reason) => {
+                shared.dials_failed.fetch_add(1, Ordering::Relaxed);
+                warn!(node = %shared.config.node, peer = %peer.id, %addr, %reason, "dial failed");
+            }
+        }
+        // Wait before the next attempt; a new address cuts the wait short.
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = addr_rx.changed() => {}
+            _ = shutdown_rx.changed() => return,
+        }
+        backoff = (backoff * 2).min(backoff_max);
+    }
+}
+
+/// Serves the streams the peer opens on `conn` until the connection ends.
+async fn run_connection(shared: Arc<Shared>, from: PeerIdentity, peer: Option<Arc<Peer>>, conn: Connection) {
+    loop {
+        tokio::select! {
+            uni = conn.accept_uni() => match uni {
+                Ok(recv) => {
+                    let Some(peer) = peer.clone() else {
+                        warn!(node = %shared.config.node, peer = %from, "closing connection: a client opened a Raft or transfer stream");
+                        conn.close(codes::CLOSE_PROTOCOL, b"clients may only send requests");
+                        return;
+                    };
+                    tokio::spawn(run_uni_stream(shared.clone(), peer, conn.clone(), recv));
+                }
+                Err(e) => {
+                    debug!(node = %shared.config.node, peer = %from, error = %e, "connection closed");
+                    return;
+                }
+            },
+            bi = conn.accept_bi() => match bi {
+                Ok((send, recv)) => {
+                    tokio::spawn(run_request_stream(shared.clone(), from.clone(), peer.clone(), conn.clone(), send, recv));
+                }
+                Err(e) => {
+                    debug!(node = %shared.config.node, peer = %from, error = %e, "connection closed");
+                    return;
+                }
+            },
+        }
+    }
+}
+
+async fn run_uni_stream(shared: Arc<Shared>, peer: Arc<Peer>, conn: Connection, mut recv: RecvStream) {
+    let from = PeerIdentity::Node(peer.id);
+    let frame_max = shared.config.limits.frame_bytes_max;
+    let header = match read_frame_exact(&mut recv, frame_max).await {
+        Ok(Some(frame)) if frame.kind == FrameKind::StreamOpen => decode_stream_header(&frame.payload),
+        Ok(Some(_)) => Err(FrameError::Malformed("stream does not start with a StreamOpen frame")),
+        Ok(None) => return,
+        Err(ReadFail::Frame(e)) => Err(e),
+        Err(ReadFail::Stream(_)) => return,
+    };
+    match header {
+        Err(error) => shared.reject_frame(Some(&peer), &from, &conn, &error),
+        Ok(StreamHeader::Raft { index }) => {
+            debug!(node = %shared.config.node, peer = %peer.id, index, "raft stream opened");
+            read_raft_stream(&shared, &peer, &conn, recv).await;
+        }
+        Ok(StreamHeader::Transfer { group }) => {
+            if shared.blocked(peer.id) {
+                add(&peer.counters.transfers_refused, 1);
+                stop_refused(&mut recv);
+                return;
+            }
+            let Ok(permit) = peer.transfers_in.clone().try_acquire_owned() else {
+                add(&peer.counters.transfers_refused, 1);
+                warn!(node = %shared.config.node, peer = %peer.id, %group, "refused transfer: too many from this peer");
+                stop_refused(&mut recv);
+                return;
+            };
+            add(&peer.counters.transfers_received, 1);
+            let transfer = IncomingTransfer {
+                from: peer.id,
+                group,
+                recv,
+                received_bytes: 0,
+                bytes_max: shared.config.limits.transfer_bytes_max,
+                _permit: permit,
+            };
+            if let Err(mpsc::error::SendError(mut transfer)) = shared.transfers_tx.send(transfer).await {
+                add(&peer.counters.transfers_refused, 1);
+                stop_refused(&mut transfer.recv);
+            }
+        }
+    }
+}
+
+async fn read_raft_stream(shared: &Shared, peer: &Peer, conn: &Connection, mut recv: RecvStream) {
+    let from = PeerIdentity::Node(peer.id);
+    let mut decoder = FrameDecoder::new(shared.config.limits.frame_bytes_max);
+    loop {
+        let chunk = match recv.read_chunk(READ_CHUNK_BYTES_MAX, true).await {
+            Ok(Some(chunk)) => chunk.bytes,
+            Ok(None) => return,
+            Err(e) => {
+                debug!(node = %shared.config.node, peer = %peer.id, error = %e, "raft stream ended");
+                return;
+            }
+        };
+        add(&peer.counters.bytes_received, chunk.len() as u64);
+        decoder.handle_bytes(&chunk);
+        loop {
+            let frame = match decoder.poll_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(error) => return shared.reject_frame(Some(peer), &from, conn, &error),
+            };
+            if frame.kind != FrameKind::Batch {
+                let error = FrameError::Malformed("only batch frames may follow on a raft stream");
+                return shared.reject_frame(Some(peer), &from, conn, &error);
+            }
+            let envelopes = match decode_batch(frame.payload) {
+                Ok(envelopes) => envelopes,
+                Err(error) => return shared.reject_frame(Some(peer), &from, conn, &error),
+            };
+            add(&peer.counters.batches_received, 1);
+            if shared.blocked(peer.id) {
+                add(&peer.counters.fault_drops, envelopes.len() as u64);
+                continue;
+            }
+            for envelope in envelopes {
+                // Waiting here when the node is behind applies QUIC backpressure to the peer.
+                if shared.envelopes_tx.send((peer.id, envelope)).await.is_err() {
+                    return;
+                }
+                add(&peer.counters.envelopes_received, 1);
+            }
+        }
+    }
+}
+
+async fn run_request_stream(
+    shared: Arc<Shared>,
+    from: PeerIdentity,
+    peer: Option<Arc<Peer>>,
+    conn: Connection,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let frame_max = shared.config.limits.frame_bytes_max;
+    let body = match read_frame_exact(&mut recv, frame_max).await {
+        Ok(Some(frame)) if frame.kind == FrameKind::Request => frame.payload,
+        Ok(Some(_)) => {
+            let error = FrameError::Malformed("a request stream must start with a Request frame");
+            return shared.reject_frame(peer.as_deref(), &from, &conn, &error);
+        }
+        Ok(None) | Err(ReadFail::Stream(_)) => return,
+        Err(ReadFail::Frame(error)) => return shared.reject_frame(peer.as_deref(), &from, &conn, &error),
+    };
+    if let Some(peer) = &peer {
+        if shared.blocked(peer.id) {
+            stop_refused(&mut recv);
+            let _ = send.reset(codes::STREAM_REFUSED);
+            return;
+        }
+        add(&peer.counters.requests_received, 1);
+    }
+    let (tx, rx) = oneshot::channel();
+    let handler_timeout = Duration::from_millis(shared.config.timing.request_handler_timeout_ms);
+    let request = IncomingRequest { from, body, responder: Responder { tx } };
+    let answer = tokio::time::timeout(handler_timeout, async {
+        shared.requests_tx.send(request).await.map_err(|_| "the node does not take requests".to_string())?;
+        rx.await.map_err(|_| "the node dropped the request".to_string())?
+    })
+    .await
+    .unwrap_or_else(|_| Err("the node did not answer in time".to_string()));
+    let mut frame = BytesMut::new();
+    match answer {
+        Ok(body) if body.len() + FRAME_HEADER_BYTES <= frame_max => {
+            encode_frame(FrameKind::Response, &body, &mut frame)
+        }
+        Ok(_) => encode_frame(FrameKind::ResponseError, b"response exceeds frame_bytes_max", &mut frame),
+        Err(reason) => encode_frame(FrameKind::ResponseError, truncate(&reason, ERROR_REASON_BYTES_MAX), &mut frame),
+    }
+    if send.write_chunk(frame.freeze()).await.is_ok() {
+        let _ = send.finish();
+        // Keep the stream until the requester has the answer (or the connection ends).
+        let _ = send.stopped().await;
+    }
+}
+
+/// What ended a writer's work on one connection.
+enum WriteEnd {
+    Shutdown,
+    ConnectionChanged,
+    Failed(String),
+}
+
+async fn run_writer(shared: Arc<Shared>, peer: Arc<Peer>) {
+    let mut conn_rx = peer.conn.subscribe();
+    let mut shutdown_rx = shared.shutdown.subscribe();
+    loop {
+        let slot = loop {
+            if let Some(slot) = conn_rx.borrow_and_update().clone() {
+                break slot;
+            }
+            if *shutdown_rx.borrow_and_update() {
+                return;
+            }
+            tokio::select! {
+                changed = conn_rx.changed() => if changed.is_err() { return },
+                _ = shutdown_rx.changed() => {}
+            }
+        };
+        let k = usize::from(shared.config.raft_streams);
+        let mut streams: Vec<Option<SendStream>> = (0..k).map(|_| None).collect();
+        let end = write_loop(&shared, &peer, &slot.conn, &mut streams, &mut conn_rx, &mut shutdown_rx).await;
+        match end {
+            WriteEnd::Shutdown => {
+                for stream in streams.iter_mut().flatten() {
+                    let _ = stream.finish();
+                }
+                for stream in streams.iter_mut().flatten() {
+                    let _ = stream.stopped().await;
+                }
+                return;
+            }
+            WriteEnd::ConnectionChanged => {}
+            WriteEnd::Failed(reason) => {
+                debug!(node = %shared.config.node, peer = %peer.id, %reason, "write failed; waiting for a new connection");
+                // Wait for the slot to change (the connection task clears it when it ends).
+                loop {
+                    let current = conn_rx.borrow_and_update().as_ref().map(|s| s.generation);
+                    if current != Some(slot.generation) {
+                        break;
+                    }
+                    tokio::select! {
+                        changed = conn_rx.changed() => if changed.is_err() { return },
+                        _ = shutdown_rx.changed() => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The Raft stream of a group: fixed, so a group's envelopes stay in order.
+fn stream_index(group: GroupId, k: usize) -> usize {
+    (group.0 % k as u64) as usize
+}
+
+/// Takes ready envelopes from the front of the queue until the next one would push its
+/// stream's frame past `batch_bytes_max` (a frame always takes at least one envelope), so one
+/// flush writes at most K frames of at most `batch_bytes_max` each. Returns the envelopes and,
+/// if the front is delayed by fault injection, when it becomes ready. Envelopes are only
+/// moved here; frames are built outside the queue lock.
+fn take_batch(peer: &Peer, k: usize, batch_bytes_max: usize) -> (Vec<Envelope>, Option<Instant>) {
+    let mut queue = lock(&peer.queue);
+    let now = Instant::now();
+    let mut batch = Vec::new();
+    let mut frame_bytes = vec![0usize; k];
+    while let Some(front) = queue.items.front() {
+        if let Some(ready_at) = front.ready_at {
+            if ready_at > now {
+                return (batch, Some(ready_at));
+            }
+        }
+        let wire = envelope_wire_bytes(&front.envelope);
+        let frame = &mut frame_bytes[stream_index(front.envelope.group, k)];
+        if *frame > 0 && *frame + wire > batch_bytes_max {
+            break;
+        }
+        *frame = if *frame == 0 { FRAME_HEADER_BYTES + wire } else { *frame + wire };
+        if let Some(item) = queue.items.pop_front() {
+            queue.payload_bytes -= item.envelope.payload.len();
+            batch.push(item.envelope);
+        }
+    }
+    (batch, None)
+}
+
+async fn write_loop(
+    shared: &Shared,
+    peer: &Peer,
+    conn: &Connection,
+    streams: &mut [Option<SendStream>],
+    conn_rx: &mut watch::Receiver<Option<ConnSlot>>,
+    shutdown_rx: &mut watch::Receiver<bool>,
+) -> WriteEnd {
+    let k = streams.len();
+    let batch_bytes_max = shared.config.limits.batch_bytes_max;
+    let mut shutting_down = false;
+    loop {
+        let (batch, next_ready) = take_batch(peer, k, batch_bytes_max);
+        if batch.is_empty() {
+            if shutting_down {
+                return WriteEnd::Shutdown;
+            }
+            let sleep = async {
+                match next_ready {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = peer.wake.notified() => {}
+                _ = sleep => {}
+                changed = conn_rx.changed() => {
+                    if changed.is_err() { return WriteEnd::Shutdown }
+                    return WriteEnd::ConnectionChanged;
+                }
+                _ = shutdown_rx.changed() => shutting_down = true,
+            }
+            continue;
+        }
+        let mut builders: Vec<Option<BatchBuilder>> = (0..k).map(|_| None).collect();
+        let mut unwritten = batch.len() as u64;
+        for envelope in &batch {
+            builders[stream_index(envelope.group, k)].get_or_insert_with(BatchBuilder::new).push(envelope);
+        }
+        drop(batch);
+        for (index, builder) in builders.into_iter().enumerate() {
+            let Some(builder) = builder else { continue };
+            let envelopes = builder.len() as u64;
+            let frame = builder.finish();
+            let frame_len = frame.len() as u64;
+            if let Err(reason) = write_frame(conn, &mut streams[index], index, frame).await {
+                add(&peer.counters.lost_on_disconnect, unwritten);
+                return WriteEnd::Failed(reason);
+            }
+            add(&peer.counters.bytes_sent, frame_len);
+            add(&peer.counters.envelopes_sent, envelopes);
+            add(&peer.counters.batches_sent, 1);
+            unwritten -= envelopes;
+        }
+    }
+}
+
+async fn write_frame(
+    conn: &Connection,
+    stream: &mut Option<SendStream>,
+    index: usize,
+    frame: Bytes,
+) -> Result<(), String> {
+    if stream.is_none() {
+        let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
+        let _ = send.set_priority(RAFT_STREAM_PRIORITY);
+        let index = u16::try_from(index).unwrap_or(u16::MAX);
+        send.write_chunk(encode_stream_header(&StreamHeader::Raft { index })).await.map_err(|e| e.to_string())?;
+        *stream = Some(send);
+    }
+    match stream {
+        Some(send) => send.write_chunk(frame).await.map_err(|e| e.to_string()),
+        None => Err("no stream".into()),
+    }
+}
