@@ -30,6 +30,9 @@ pub const KIND_APPLIED: u8 = 0x04;
 pub const KIND_SNAPSHOT_META: u8 = 0x05;
 /// The current snapshot's data.
 pub const KIND_SNAPSHOT_DATA: u8 = 0x06;
+/// A snapshot installation under way (its snapshot id): set durably before the data is
+/// replaced, cleared with the new applied state, so a crash in between is finished at start-up.
+pub const KIND_INSTALLING: u8 = 0x07;
 /// Log entries, followed by the index.
 pub const KIND_ENTRY: u8 = 0x10;
 

@@ -4,7 +4,7 @@
 //! Applying writes the data and the group's applied id in one batch, without fsync: the log is
 //! durable, and replay after a crash is idempotent (the applied id says where to resume).
 
-use crate::keys::{decode, encode, group_key, KIND_APPLIED, KIND_SNAPSHOT_DATA, KIND_SNAPSHOT_META};
+use crate::keys::{decode, encode, group_key, KIND_APPLIED, KIND_INSTALLING, KIND_SNAPSHOT_DATA, KIND_SNAPSHOT_META};
 use crate::store::{Op, Store, CF_DATA, CF_RAFT};
 use bytes::Bytes;
 use flotilla_raft::{
@@ -14,6 +14,11 @@ use flotilla_raft::{
 use rocksdb::{Direction, IteratorMode};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+
+/// Longest key a command may carry: keeps every key below the unbounded range's end marker.
+pub const KEY_BYTES_MAX: usize = 1000;
+/// Largest value a command may carry.
+pub const VALUE_BYTES_MAX: usize = 1 << 20;
 
 /// A half-open key range `[start, end)`; `end: None` is unbounded.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +67,24 @@ pub enum KvCommand {
 }
 
 impl KvCommand {
+    /// Why the command is too large to accept, if it is.
+    pub fn check_size(&self) -> Result<(), String> {
+        if self.key().len() > KEY_BYTES_MAX {
+            return Err(format!("key of {} bytes exceeds the limit of {KEY_BYTES_MAX}", self.key().len()));
+        }
+        let value = match self {
+            KvCommand::Put { value, .. } => value.len(),
+            KvCommand::Delete { .. } => 0,
+            KvCommand::Cas { expected, new, .. } => {
+                expected.as_ref().map_or(0, |v| v.len()).max(new.as_ref().map_or(0, |v| v.len()))
+            }
+        };
+        if value > VALUE_BYTES_MAX {
+            return Err(format!("value of {value} bytes exceeds the limit of {VALUE_BYTES_MAX}"));
+        }
+        Ok(())
+    }
+
     /// The key the command writes.
     pub fn key(&self) -> &[u8] {
         match self {
@@ -112,11 +135,19 @@ struct AppliedRecord {
     membership: StoredMembership,
 }
 
+/// What a snapshot's data is: the shard's range and an SST file of its key-values at the
+/// snapshot's applied index (`None` when the range was empty: RocksDB cannot write an empty
+/// SST file). The SST file carries, besides the keys, a range deletion of the whole range, so
+/// ingesting it clears what the receiver held there and loads the snapshot in one step.
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
     range: KeyRange,
-    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    sst: Option<Vec<u8>>,
 }
+
+/// The exclusive upper bound used for a range with no end: above every key of at most this
+/// many 0xff bytes. Keys are limited well below it.
+pub(crate) const UNBOUNDED_END: [u8; 1024] = [0xff; 1024];
 
 /// The state machine of one shard.
 #[derive(Clone)]
@@ -254,26 +285,26 @@ impl KvStateMachine {
             None => Ok(AppliedRecord::default()),
         }
     }
-
-    fn range_ops(s: &Store, range: &KeyRange) -> Result<Vec<Op>, StorageError> {
-        Ok(match &range.end {
-            Some(end) => vec![Op::DeleteRange(CF_DATA, range.start.clone(), end.clone())],
-            None => {
-                let mut ops = Vec::new();
-                for item in s.db().iterator_cf(s.cf(CF_DATA)?, IteratorMode::From(&range.start, Direction::Forward)) {
-                    let (k, _) = item.map_err(|e| StorageError::new("read", e.to_string()))?;
-                    ops.push(Op::Delete(CF_DATA, k.to_vec()));
-                }
-                ops
-            }
-        })
-    }
 }
 
 impl StateMachine for KvStateMachine {
     async fn applied_state(&mut self) -> Result<AppliedState, StorageError> {
-        let g = self.group;
-        let r = self.store.blocking(move |s| Self::read_applied(s, g)).await?;
+        let (g, range) = (self.group, self.range.clone());
+        let r = self
+            .store
+            .blocking(move |s| {
+                // A crash during a snapshot installation: finish it before reporting.
+                let installing = s
+                    .db()
+                    .get_cf(s.cf(CF_RAFT)?, group_key(g, KIND_INSTALLING))
+                    .map_err(|e| StorageError::new("read", e.to_string()))?;
+                if installing.is_some() {
+                    tracing::warn!(group = %g, "finishing a snapshot installation interrupted by a crash");
+                    finish_install(s, g, &range)?;
+                }
+                Self::read_applied(s, g)
+            })
+            .await?;
         Ok(AppliedState { last_applied: r.last_applied, membership: r.membership })
     }
 
@@ -298,15 +329,23 @@ impl StateMachine for KvStateMachine {
                     Some(b) => decode(&b, || format!("group {g} applied state"))?,
                     None => AppliedRecord::default(),
                 };
-                let mut pairs = Vec::new();
-                for item in snap.iterator_cf(s.cf(CF_DATA)?, IteratorMode::From(&range.start, Direction::Forward)) {
-                    let (k, v) = item.map_err(|e| StorageError::new("snapshot", e.to_string()))?;
-                    if !range.contains(&k) {
-                        break;
+                let snapshot_id = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or_default();
+                let path = s.scratch_path(&format!("snapshot-{g}-{snapshot_id}.sst"))?;
+                let sst = write_sst(s, &path, &range, |put| {
+                    for item in snap.iterator_cf(s.cf(CF_DATA)?, IteratorMode::From(&range.start, Direction::Forward)) {
+                        let (k, v) = item.map_err(|e| StorageError::new("snapshot", e.to_string()))?;
+                        if !range.contains(&k) {
+                            break;
+                        }
+                        put(&k, &v)?;
                     }
-                    pairs.push((k.to_vec(), v.to_vec()));
-                }
-                let data = Bytes::from(encode(&SnapshotData { range, pairs })?);
+                    Ok(())
+                });
+                let _ = std::fs::remove_file(&path);
+                let data = Bytes::from(encode(&SnapshotData { range, sst: sst? })?);
                 let snapshot_id = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_nanos() as u64)
@@ -348,36 +387,86 @@ impl StateMachine for KvStateMachine {
 
     async fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), StorageError> {
         let (g, range) = (self.group, self.range.clone());
-        let ops = self
-            .store
-            .blocking(move |s| {
-                let d: SnapshotData = decode(&snapshot.data, || format!("group {g} received snapshot"))?;
-                if d.range != range {
-                    return Err(StorageError::new(
-                        "install_snapshot",
-                        format!("group {g}: snapshot of another key range"),
-                    ));
-                }
-                let mut ops = Self::range_ops(s, &range)?;
-                for (k, v) in d.pairs {
-                    if !range.contains(&k) {
-                        return Err(StorageError::new(
-                            "install_snapshot",
-                            format!("group {g}: snapshot key outside the range"),
-                        ));
-                    }
-                    ops.push(Op::Put(CF_DATA, k, v));
-                }
-                let applied = AppliedRecord {
-                    last_applied: Some(snapshot.meta.last_log_id).filter(|l| *l != LogId::default()),
-                    membership: snapshot.meta.membership.clone(),
-                };
-                ops.push(Op::Put(CF_RAFT, group_key(g, KIND_APPLIED).to_vec(), encode(&applied)?));
-                ops.push(Op::Put(CF_RAFT, group_key(g, KIND_SNAPSHOT_META).to_vec(), encode(&snapshot.meta)?));
-                ops.push(Op::Put(CF_RAFT, group_key(g, KIND_SNAPSHOT_DATA).to_vec(), snapshot.data.to_vec()));
-                Ok(ops)
-            })
-            .await?;
-        self.store.write(ops, true).await
+        // Check the data before touching anything.
+        let d: SnapshotData = decode(&snapshot.data, || format!("group {g} received snapshot"))?;
+        if d.range != range {
+            return Err(StorageError::new("install_snapshot", format!("group {g}: snapshot of another key range")));
+        }
+        // 1. Durably: the snapshot itself and the intent to install it.
+        let ops = vec![
+            Op::Put(CF_RAFT, group_key(g, KIND_SNAPSHOT_META).to_vec(), encode(&snapshot.meta)?),
+            Op::Put(CF_RAFT, group_key(g, KIND_SNAPSHOT_DATA).to_vec(), snapshot.data.to_vec()),
+            Op::Put(CF_RAFT, group_key(g, KIND_INSTALLING).to_vec(), encode(&snapshot.meta.snapshot_id)?),
+        ];
+        self.store.write(ops, true).await?;
+        // 2 and 3: replace the range's data, then record the applied state and clear the intent.
+        self.store.blocking(move |s| finish_install(s, g, &range)).await
     }
+}
+
+/// Steps 2 and 3 of an installation whose snapshot and intent are durable: ingest the SST file
+/// (its range deletion clears the old data; ingestion is atomic), then write the applied state
+/// and clear the intent in one synced batch. Idempotent: start-up repeats it after a crash.
+fn finish_install(s: &Store, g: GroupId, range: &KeyRange) -> Result<(), StorageError> {
+    let cf = s.cf(CF_RAFT)?;
+    let read = |kind| s.db().get_cf(cf, group_key(g, kind)).map_err(|e| StorageError::new("read", e.to_string()));
+    let (Some(meta), Some(data)) = (read(KIND_SNAPSHOT_META)?, read(KIND_SNAPSHOT_DATA)?) else {
+        return Err(StorageError::new("install_snapshot", format!("group {g}: snapshot to install is missing")));
+    };
+    let meta: SnapshotMeta = decode(&meta, || format!("group {g} snapshot meta"))?;
+    let d: SnapshotData = decode(&data, || format!("group {g} snapshot data"))?;
+    if d.range != *range {
+        return Err(StorageError::new("install_snapshot", format!("group {g}: snapshot of another key range")));
+    }
+    let end = range.end.clone().unwrap_or_else(|| UNBOUNDED_END.to_vec());
+    let data_cf = s.cf(CF_DATA)?;
+    match d.sst {
+        Some(bytes) => {
+            let path = s.scratch_path(&format!("install-{g}-{}.sst", meta.snapshot_id))?;
+            std::fs::write(&path, &bytes)
+                .map_err(|e| StorageError::new("install_snapshot", format!("group {g}: {}: {e}", path.display())))?;
+            let mut opts = rocksdb::IngestExternalFileOptions::default();
+            opts.set_move_files(true);
+            let r = s.db().ingest_external_file_cf_opts(data_cf, &opts, vec![&path]);
+            let _ = std::fs::remove_file(&path);
+            r.map_err(|e| StorageError::new("install_snapshot", format!("group {g}: ingest: {e}")))?;
+        }
+        None => {
+            // An empty snapshot: just clear the range (durably, before the applied state).
+            let mut wo = rocksdb::WriteOptions::default();
+            wo.set_sync(true);
+            let mut b = rocksdb::WriteBatch::default();
+            b.delete_range_cf(data_cf, &range.start, &end);
+            s.db().write_opt(b, &wo).map_err(|e| StorageError::new("install_snapshot", e.to_string()))?;
+        }
+    }
+    let applied = AppliedRecord {
+        last_applied: Some(meta.last_log_id).filter(|l| *l != LogId::default()),
+        membership: meta.membership.clone(),
+    };
+    let mut b = rocksdb::WriteBatch::default();
+    b.put_cf(cf, group_key(g, KIND_APPLIED), encode(&applied)?);
+    b.delete_cf(cf, group_key(g, KIND_INSTALLING));
+    let mut wo = rocksdb::WriteOptions::default();
+    wo.set_sync(true);
+    s.db().write_opt(b, &wo).map_err(|e| StorageError::new("install_snapshot", e.to_string()))
+}
+
+/// Writes the range's key-values (given in order by `fill`) to an SST file at `path`, with a
+/// range deletion of the whole range, and returns its bytes; `None` if the range is empty.
+fn write_sst(
+    s: &Store,
+    path: &std::path::Path,
+    range: &KeyRange,
+    fill: impl FnOnce(&mut dyn FnMut(&[u8], &[u8]) -> Result<(), StorageError>) -> Result<(), StorageError>,
+) -> Result<Option<Vec<u8>>, StorageError> {
+    let err = |e: rocksdb::Error| StorageError::new("snapshot", format!("{}: {e}", path.display()));
+    let opts = s.data_options();
+    let mut w = rocksdb::SstFileWriter::create(&opts);
+    w.open(path).map_err(err)?;
+    let end = range.end.clone().unwrap_or_else(|| UNBOUNDED_END.to_vec());
+    w.delete_range(&range.start, &end).map_err(err)?;
+    fill(&mut |k, v| w.put(k, v).map_err(err))?;
+    w.finish().map_err(err)?;
+    std::fs::read(path).map(Some).map_err(|e| StorageError::new("snapshot", format!("{}: {e}", path.display())))
 }

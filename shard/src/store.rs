@@ -24,6 +24,15 @@ pub const CF_DATA: &str = "data";
 /// Column family of group descriptors.
 pub const CF_META: &str = "meta";
 
+/// The store's scratch directory, inside the database directory.
+const SCRATCH_DIR: &str = "flotilla-scratch";
+
+fn cf_options() -> Options {
+    let mut o = Options::default();
+    o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    o
+}
+
 /// Write requests the writer merges into one batch at most (a bound on batch latency).
 pub const GROUP_COMMIT_REQUESTS_MAX: usize = 4096;
 /// Bytes the writer merges into one batch at most.
@@ -106,6 +115,8 @@ struct Inner {
 pub struct Store {
     inner: Arc<Inner>,
     handle: Arc<WriterHandle>,
+    /// Directory for temporary snapshot files.
+    scratch: Arc<std::path::PathBuf>,
 }
 
 /// The writer thread's queue and handle. Dropping it (with the last `Store`) closes the queue,
@@ -131,13 +142,14 @@ impl Store {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let cf = |name: &str| {
-            let mut o = Options::default();
-            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
-            ColumnFamilyDescriptor::new(name, o)
-        };
+        let cf = |name: &str| ColumnFamilyDescriptor::new(name, cf_options());
         let db = DB::open_cf_descriptors(&opts, path.as_ref(), vec![cf(CF_RAFT), cf(CF_DATA), cf(CF_META)])
             .map_err(|e| StorageError::new("open", format!("{}: {e}", path.as_ref().display())))?;
+        // Scratch space for snapshot SST files: whatever a crash left there is garbage.
+        let scratch = path.as_ref().join(SCRATCH_DIR);
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::fs::create_dir_all(&scratch)
+            .map_err(|e| StorageError::new("open", format!("{}: {e}", scratch.display())))?;
         info!(path = %path.as_ref().display(), "store opened");
         let inner = Arc::new(Inner {
             db,
@@ -152,7 +164,24 @@ impl Store {
             .name("flotilla-writer".into())
             .spawn(move || writer_loop(w, rx))
             .map_err(|e| StorageError::new("open", format!("cannot start the writer thread: {e}")))?;
-        Ok(Store { inner, handle: Arc::new(WriterHandle { tx: Some(tx), thread: Some(thread) }) })
+        Ok(Store {
+            inner,
+            handle: Arc::new(WriterHandle { tx: Some(tx), thread: Some(thread) }),
+            scratch: Arc::new(scratch),
+        })
+    }
+
+    /// A path for a temporary file in the store's scratch directory (emptied at open).
+    pub fn scratch_path(&self, name: &str) -> Result<std::path::PathBuf, StorageError> {
+        if name.contains('/') {
+            return Err(StorageError::new("scratch", format!("bad scratch file name {name:?}")));
+        }
+        Ok(self.scratch.join(name))
+    }
+
+    /// Options of the `data` column family (for writing SST files it can ingest).
+    pub fn data_options(&self) -> Options {
+        cf_options()
     }
 
     /// The RocksDB handle (reads).

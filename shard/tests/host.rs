@@ -333,6 +333,9 @@ async fn groups_are_created_listed_and_destroyed_at_run_time_and_bad_requests_ge
         host.get(GroupId(5), b"z".to_vec(), ReadMode::ReadIndex).await,
         Err(HostError::KeyOutOfRange(GroupId(5)))
     ));
+    // Over the size limits: refused with the limit named.
+    let big = KvCommand::Put { key: vec![b'n'; flotilla_shard::KEY_BYTES_MAX + 1], value: Vec::new() };
+    assert!(matches!(host.write(GroupId(5), big).await, Err(HostError::TooLarge(m)) if m.contains("key")));
     // Unknown group.
     assert!(matches!(host.write(GroupId(99), put("n")).await, Err(HostError::UnknownGroup(GroupId(99)))));
     // Destroy: gone from the list, calls refused, its state deleted; the store does not
@@ -367,5 +370,30 @@ async fn groups_are_created_listed_and_destroyed_at_run_time_and_bad_requests_ge
     let mut bad = config(1);
     bad.pollers = 0;
     assert!(matches!(bad.validate(), Err(HostError::Config(_))));
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_failure_stops_the_groups_and_calls_get_a_fatal_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Arc::new(MemNet::default());
+    let host = Host::open(Store::open(dir.path()).expect("open"), config(1), net.clone()).await.expect("host");
+    host.create_group(GroupId(1), KeyRange::all(), Some(Membership::new([NodeId(1)]))).await.expect("create");
+    let put = KvCommand::Put { key: b"k".to_vec(), value: b"v".to_vec() };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host.write(GroupId(1), put.clone()).await.is_err() {
+        assert!(Instant::now() < deadline, "single-node group never served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    host.store().fail_next_write();
+    let err = host.write(GroupId(1), put.clone()).await.expect_err("the disk failed");
+    assert!(
+        matches!(&err, HostError::Raft(RaftError::Fatal(flotilla_raft::Fatal::Storage(e))) if e.message.contains("injected")),
+        "{err}"
+    );
+    // The group stays stopped; the store refuses writes.
+    assert!(host.write(GroupId(1), put).await.is_err());
+    assert!(host.group_info().await.expect("info")[0].stopped);
+    assert!(host.store().poisoned().is_some());
     host.shutdown().await;
 }

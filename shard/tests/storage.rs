@@ -194,3 +194,147 @@ async fn a_raft_cluster_on_rocksdb_survives_a_restart() {
     assert_eq!(nodes[f].sm.get(b"k119".to_vec()).await.expect("get"), Some(119u32.to_be_bytes().to_vec()));
     assert_eq!(nodes[f].sm.scan(b"k".to_vec(), None, 1000).await.expect("scan").len(), 120);
 }
+
+fn put(k: &str, v: &str) -> Entry {
+    let cmd = KvCommand::Put { key: k.as_bytes().to_vec(), value: v.as_bytes().to_vec() };
+    Entry { log_id: LogId::new(1, 0), payload: EntryPayload::Normal(cmd.encode().expect("encode")) }
+}
+
+/// Applies puts as consecutive entries starting at `first`.
+async fn apply_puts(sm: &mut KvStateMachine, first: u64, pairs: &[(&str, &str)]) {
+    use flotilla_raft::StateMachine;
+    let entries: Vec<Entry> = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, (k, v))| Entry { log_id: LogId::new(1, first + i as u64), ..put(k, v) })
+        .collect();
+    sm.apply(entries).await.expect("apply");
+}
+
+#[tokio::test]
+async fn an_sst_snapshot_replaces_exactly_the_shards_range_on_the_receiver() {
+    use flotilla_raft::StateMachine;
+    let (d1, d2) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
+    let (s1, s2) = (Store::open(d1.path()).expect("open"), Store::open(d2.path()).expect("open"));
+    let range = KeyRange { start: b"b".to_vec(), end: Some(b"d".to_vec()) };
+    let mut leader = KvStateMachine::new(s1, GroupId(1), range.clone());
+    apply_puts(&mut leader, 1, &[("b1", "new"), ("c1", "x"), ("c2", "y")]).await;
+    let snap = leader.build_snapshot().await.expect("build");
+    assert_eq!(snap.meta.last_log_id, LogId::new(1, 3));
+    // The receiver holds stale keys in the range, and another shard's keys around it.
+    let mut follower = KvStateMachine::new(s2.clone(), GroupId(1), range.clone());
+    apply_puts(&mut follower, 1, &[("b1", "old"), ("b9", "stale")]).await;
+    let mut other_low =
+        KvStateMachine::new(s2.clone(), GroupId(2), KeyRange { start: b"a".to_vec(), end: Some(b"b".to_vec()) });
+    apply_puts(&mut other_low, 1, &[("a5", "keep")]).await;
+    let mut other_high = KvStateMachine::new(s2.clone(), GroupId(3), KeyRange { start: b"d".to_vec(), end: None });
+    apply_puts(&mut other_high, 1, &[("d", "keep")]).await;
+    follower.install_snapshot(snap.clone()).await.expect("install");
+    let st = follower.applied_state().await.expect("applied");
+    assert_eq!(st.last_applied, Some(LogId::new(1, 3)));
+    let got = follower.scan(b"".to_vec(), None, 100).await.expect("scan");
+    let got: Vec<(String, String)> = got
+        .into_iter()
+        .map(|(k, v)| (String::from_utf8_lossy(&k).into(), String::from_utf8_lossy(&v).into()))
+        .collect();
+    let want = [("b1", "new"), ("c1", "x"), ("c2", "y")].map(|(k, v)| (k.to_string(), v.to_string()));
+    assert_eq!(got, want, "stale key b9 gone, snapshot keys in");
+    assert_eq!(other_low.get(b"a5".to_vec()).await.expect("get"), Some(b"keep".to_vec()));
+    assert_eq!(other_high.get(b"d".to_vec()).await.expect("get"), Some(b"keep".to_vec()));
+    // The installed snapshot becomes the current one (served to lagging replicas later).
+    assert_eq!(follower.current_snapshot().await.expect("current").map(|s| s.meta), Some(snap.meta.clone()));
+    // A snapshot of another range is refused before anything changes.
+    let mut wrong = KvStateMachine::new(s2, GroupId(3), KeyRange { start: b"d".to_vec(), end: None });
+    assert!(wrong.install_snapshot(snap).await.is_err());
+    assert_eq!(other_high.get(b"d".to_vec()).await.expect("get"), Some(b"keep".to_vec()));
+}
+
+#[tokio::test]
+async fn an_installation_interrupted_by_a_crash_is_finished_at_start_up() {
+    use flotilla_raft::StateMachine;
+    use flotilla_shard::keys::{encode, group_key, KIND_INSTALLING, KIND_SNAPSHOT_DATA, KIND_SNAPSHOT_META};
+    use flotilla_shard::Op;
+    let (d1, d2) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
+    let range = KeyRange::all();
+    let snap = {
+        let mut sm = KvStateMachine::new(Store::open(d1.path()).expect("open"), GroupId(4), range.clone());
+        apply_puts(&mut sm, 1, &[("k1", "v1"), ("k2", "v2")]).await;
+        sm.build_snapshot().await.expect("build")
+    };
+    {
+        // The receiver crashed right after step 1: snapshot and intent durable, data untouched.
+        let store = Store::open(d2.path()).expect("open");
+        let mut sm = KvStateMachine::new(store.clone(), GroupId(4), range.clone());
+        apply_puts(&mut sm, 1, &[("stale", "x")]).await;
+        let g = GroupId(4);
+        let ops = vec![
+            Op::Put(CF_RAFT, group_key(g, KIND_SNAPSHOT_META).to_vec(), encode(&snap.meta).expect("enc")),
+            Op::Put(CF_RAFT, group_key(g, KIND_SNAPSHOT_DATA).to_vec(), snap.data.to_vec()),
+            Op::Put(CF_RAFT, group_key(g, KIND_INSTALLING).to_vec(), encode(&snap.meta.snapshot_id).expect("enc")),
+        ];
+        store.write(ops, true).await.expect("write");
+    }
+    let mut sm = KvStateMachine::new(Store::open(d2.path()).expect("reopen"), GroupId(4), range);
+    let st = sm.applied_state().await.expect("applied");
+    assert_eq!(st.last_applied, Some(snap.meta.last_log_id), "the installation was finished");
+    assert_eq!(sm.get(b"k2".to_vec()).await.expect("get"), Some(b"v2".to_vec()));
+    assert_eq!(sm.get(b"stale".to_vec()).await.expect("get"), None);
+    // Finished once: a second start-up finds nothing to do and the same state.
+    assert_eq!(sm.applied_state().await.expect("applied").last_applied, Some(snap.meta.last_log_id));
+}
+
+/// A tmpfs of a few MiB mounted for one test (needs root; the test says so and passes
+/// vacuously elsewhere — CI runs as root).
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then_some(SmallDisk { dir })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_poisons_the_store_with_a_clear_error() {
+    let Some(disk) = SmallDisk::mount("24m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
+        return;
+    };
+    let store = Store::open(disk.dir.path()).expect("open on the small disk");
+    let log = RocksLog::new(store.clone(), GroupId(1));
+    let mut err = None;
+    for i in 1..=10_000u64 {
+        let e =
+            Entry { log_id: LogId::new(1, i), payload: EntryPayload::Normal(bytes::Bytes::from(vec![7u8; 256 << 10])) };
+        if let Err(e) = log.append(vec![e]).await {
+            err = Some(e);
+            break;
+        }
+    }
+    let err = err.expect("a 24 MiB disk fills up");
+    eprintln!("full disk: {err}");
+    assert!(
+        err.message.contains("No space") || err.message.contains("space") || err.message.contains("IO error"),
+        "the error names the cause: {err}"
+    );
+    // Poisoned: later writes fail with the original error, even small ones.
+    assert!(store.poisoned().is_some());
+    let later = log.save_vote(&Vote { term: flotilla_raft::Term(9), voted_for: None }).await.expect_err("poisoned");
+    assert_eq!(later.message, err.message);
+    drop(log);
+    drop(store);
+}

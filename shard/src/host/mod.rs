@@ -130,6 +130,9 @@ pub enum HostError {
     /// The key is outside the group's range: the caller's routing is stale.
     #[error("key outside the range of group {0}")]
     KeyOutOfRange(GroupId),
+    /// A key or value over the size limits (`KEY_BYTES_MAX`, `VALUE_BYTES_MAX`).
+    #[error("request too large: {0}")]
+    TooLarge(String),
     /// The host is shutting down or stopped.
     #[error("the host is stopped")]
     Stopped,
@@ -429,14 +432,8 @@ impl Host {
         ];
         if clear_data {
             let r = entry.sm.range();
-            match &r.end {
-                Some(end) => ops.push(Op::DeleteRange(crate::store::CF_DATA, r.start.clone(), end.clone())),
-                None => {
-                    // No upper bound: the range tombstone ends at the largest possible key
-                    // prefix; keys of 0xff bytes only are deleted one by one.
-                    ops.push(Op::DeleteRange(crate::store::CF_DATA, r.start.clone(), vec![0xff; 64]));
-                }
-            }
+            let end = r.end.clone().unwrap_or_else(|| crate::kv::UNBOUNDED_END.to_vec());
+            ops.push(Op::DeleteRange(crate::store::CF_DATA, r.start.clone(), end));
         }
         self.shared.store.write(ops, true).await?;
         info!(node = %self.node(), %group, "group destroyed");
@@ -525,6 +522,7 @@ impl Host {
     /// Proposes `cmd` on `group` (leader only); answers once applied.
     pub async fn write(&self, group: GroupId, cmd: KvCommand) -> Result<KvResponse, HostError> {
         let entry = self.entry(group)?;
+        cmd.check_size().map_err(HostError::TooLarge)?;
         if !entry.sm.range().contains(cmd.key()) {
             return Err(HostError::KeyOutOfRange(group));
         }
