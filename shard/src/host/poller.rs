@@ -125,6 +125,8 @@ pub(crate) struct Poller {
     awake: BTreeSet<GroupId>,
     /// Groups with inputs since they were last driven.
     dirty: BTreeSet<GroupId>,
+    /// Groups with state-machine work queued and none running (no scan of all groups).
+    sm_ready: BTreeSet<GroupId>,
     /// Quiet groups to wake because their leader's node is down, oldest first.
     to_wake: VecDeque<GroupId>,
     /// Nodes seen down at the last tick (a node going down triggers the wake-up scan once).
@@ -150,6 +152,7 @@ impl Poller {
             groups: HashMap::new(),
             awake: BTreeSet::new(),
             dirty: BTreeSet::new(),
+            sm_ready: BTreeSet::new(),
             to_wake: VecDeque::new(),
             down: BTreeSet::new(),
             round: Round::default(),
@@ -205,6 +208,7 @@ impl Poller {
                 }
                 self.awake.remove(&id);
                 self.dirty.remove(&id);
+                self.sm_ready.remove(&id);
                 let _ = reply.send(());
             }
             PollerMsg::Batch { from, messages, quiesce } => {
@@ -283,6 +287,9 @@ impl Poller {
             PollerMsg::Applied(gid, r) => {
                 let Some(g) = self.groups.get_mut(&gid) else { return };
                 g.sm_busy = false;
+                if !g.sm_queue.is_empty() {
+                    self.sm_ready.insert(gid);
+                }
                 match r {
                     Ok(results) => g.core.handle_applied(now, results),
                     Err(e) => g.core.fail(e),
@@ -292,6 +299,9 @@ impl Poller {
             PollerMsg::Built(gid, r) => {
                 let Some(g) = self.groups.get_mut(&gid) else { return };
                 g.sm_busy = false;
+                if !g.sm_queue.is_empty() {
+                    self.sm_ready.insert(gid);
+                }
                 match r {
                     Ok(s) => g.core.handle_snapshot_built(now, s),
                     Err(e) => g.core.fail(e),
@@ -301,6 +311,9 @@ impl Poller {
             PollerMsg::Installed(gid, r) => {
                 let Some(g) = self.groups.get_mut(&gid) else { return };
                 g.sm_busy = false;
+                if !g.sm_queue.is_empty() {
+                    self.sm_ready.insert(gid);
+                }
                 match r {
                     Ok(s) => g.core.handle_snapshot_installed(now, s),
                     Err(e) => g.core.fail(e),
@@ -479,7 +492,12 @@ impl Poller {
                     let to = msg.to;
                     self.round.out.entry(to).or_insert_with(|| empty_batch(me)).messages.push((gid, msg));
                 }
-                a @ (CoreAction::Apply { .. } | CoreAction::Build | CoreAction::Install(_)) => g.sm_queue.push_back(a),
+                a @ (CoreAction::Apply { .. } | CoreAction::Build | CoreAction::Install(_)) => {
+                    g.sm_queue.push_back(a);
+                    if !g.sm_busy {
+                        self.sm_ready.insert(gid);
+                    }
+                }
             }
         }
         if wrote {
@@ -513,9 +531,7 @@ impl Poller {
                 }
             }
         }
-        let ready: Vec<GroupId> =
-            self.groups.iter().filter(|(_, g)| !g.sm_busy && !g.sm_queue.is_empty()).map(|(id, _)| *id).collect();
-        for gid in ready {
+        for gid in std::mem::take(&mut self.sm_ready) {
             self.start_sm(gid);
         }
         let net = self.shared.network.clone();
@@ -529,6 +545,9 @@ impl Poller {
     /// Starts the next state-machine action of a group.
     fn start_sm(&mut self, gid: GroupId) {
         let Some(g) = self.groups.get_mut(&gid) else { return };
+        if g.sm_busy {
+            return;
+        }
         let Some(action) = g.sm_queue.pop_front() else { return };
         g.sm_busy = true;
         let tx = self.tx.clone();
