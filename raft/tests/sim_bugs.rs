@@ -20,10 +20,13 @@ fn assert_caught(name: &str, bugs: InjectedBugs, seeds_max: u64) {
 
 #[test]
 fn committing_an_old_term_entry_by_counting_is_caught() {
+    // The figure-8 interleaving (Raft paper, Figure 8) needs two leader crashes at the right
+    // moments: rare per seed (first caught at seed 2070 at commit b90ba69), so the bound is
+    // generous; the search stops at the first seed that catches it.
     assert_caught(
         "commit_old_term_by_count",
         InjectedBugs { commit_old_term_by_count: true, ..Default::default() },
-        5000,
+        20_000,
     );
 }
 
