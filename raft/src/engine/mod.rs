@@ -1184,8 +1184,14 @@ impl Engine {
     // ----- replication: leader side -------------------------------------------------------
 
     fn leader_append(&mut self, now: Millis, entries: Vec<Entry>) {
+        // Only a configuration entry changes who the leader replicates to; proposals (the hot
+        // path) skip rebuilding the node set. Removals whose commit drops a node are synced
+        // on the next heartbeat tick.
+        let reconfigures = entries.iter().any(|e| e.membership().is_some());
         self.append_local(entries);
-        self.sync_progress_with_membership(now);
+        if reconfigures {
+            self.sync_progress_with_membership(now);
+        }
         let peers: Vec<NodeId> = self.leader_state.as_ref().expect("leader").progress.keys().copied().collect();
         for id in peers {
             self.send_append(now, id);
