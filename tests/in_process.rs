@@ -1,0 +1,179 @@
+//! Three nodes in one process on loopback QUIC: bootstrap with several shards, every client
+//! operation through `flotilla::Client`, then stop the node leading a shard and keep serving;
+//! a client with a certificate from another CA is refused.
+
+use flotilla::meta::dev_split_keys;
+use flotilla::placement::ShardId;
+use flotilla::transport::cert::{CertificateAuthority, TlsIdentity};
+use flotilla::transport::NodeId as TNodeId;
+use flotilla::wire::{AdminRequest, AdminResponse};
+use flotilla::{BootstrapConfig, CasOutcome, Client, ClientConfig, ClientError, Node, NodeConfig};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+struct Cluster {
+    ca: CertificateAuthority,
+    nodes: Vec<Option<Node>>,
+    _dir: tempfile::TempDir,
+}
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+impl Cluster {
+    async fn start(n: u64, shards: u32) -> Cluster {
+        let ca = CertificateAuthority::generate("test CA").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<u64> = (1..=n).collect();
+        let mut nodes = Vec::new();
+        for id in &ids {
+            let issued = ca.issue_node(TNodeId(*id)).unwrap();
+            let tls = TlsIdentity::from_issued(ca.cert_pem(), &issued).unwrap();
+            let mut cfg = NodeConfig::new(*id, dir.path().join(format!("n{id}")), loopback(), tls);
+            cfg.bootstrap = Some(BootstrapConfig {
+                meta_voters: ids.clone(),
+                shard_replicas: ids.clone(),
+                addrs: Vec::new(),
+                split_keys: dev_split_keys(shards),
+            });
+            cfg.report_interval_ms = 300;
+            nodes.push(Node::start(cfg).await.unwrap());
+        }
+        for a in &nodes {
+            for b in &nodes {
+                if b.id() > a.id() {
+                    a.set_peer_addr(b.id(), b.local_addr().unwrap()).unwrap();
+                }
+            }
+        }
+        Cluster { ca, nodes: nodes.into_iter().map(Some).collect(), _dir: dir }
+    }
+
+    fn endpoints(&self) -> Vec<(u64, SocketAddr)> {
+        self.nodes.iter().flatten().map(|n| (n.id(), n.local_addr().unwrap())).collect()
+    }
+
+    async fn client(&self) -> Client {
+        let issued = self.ca.issue_client("test").unwrap();
+        let tls = TlsIdentity::from_issued(self.ca.cert_pem(), &issued).unwrap();
+        let mut cfg = ClientConfig::new(tls, self.endpoints());
+        cfg.op_timeout = Duration::from_secs(20);
+        // The cluster forms in the background: wait for a map.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match Client::connect(cfg.clone()).await {
+                Ok(c) => return c,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("waiting for the cluster: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("cluster never formed: {e}"),
+            }
+        }
+    }
+
+    async fn stop(&mut self, id: u64) {
+        if let Some(n) = self.nodes[(id - 1) as usize].take() {
+            n.shutdown().await;
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        for n in self.nodes.iter_mut() {
+            if let Some(n) = n.take() {
+                n.shutdown().await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_serve_and_survive_a_leader_failure() {
+    let mut cluster = Cluster::start(3, 4).await;
+    let client = cluster.client().await;
+    assert_eq!(client.cached_view().map.len(), 4, "four shards from the bootstrap");
+
+    // Every operation, on keys spread over the shards.
+    let keys: Vec<String> = (0..40).map(|i| format!("{:02x}-key-{i}", (i * 37) % 256)).collect();
+    for k in &keys {
+        client.put(k.as_bytes(), format!("v-{k}").as_bytes()).await.unwrap();
+    }
+    for k in &keys {
+        assert_eq!(client.get(k.as_bytes()).await.unwrap(), Some(format!("v-{k}").into_bytes()));
+    }
+    assert_eq!(client.get(b"absent").await.unwrap(), None);
+    let k = keys[0].as_bytes();
+    assert_eq!(
+        client.cas(k, Some(b"wrong"), Some(b"x")).await.unwrap(),
+        CasOutcome::Failed { current: Some(format!("v-{}", keys[0]).into_bytes()) }
+    );
+    let expected = format!("v-{}", keys[0]);
+    assert!(matches!(client.cas(k, Some(expected.as_bytes()), Some(b"x")).await.unwrap(), CasOutcome::Swapped { .. }));
+    assert_eq!(client.get(k).await.unwrap(), Some(b"x".to_vec()));
+    client.delete(k).await.unwrap();
+    assert_eq!(client.get(k).await.unwrap(), None);
+
+    // A scan across all shards returns every remaining key in order; a limit cuts it.
+    let all = client.scan(b"", None, 1000).await.unwrap();
+    let mut want: Vec<&String> = keys[1..].iter().collect();
+    want.sort();
+    let got: Vec<String> = all.iter().map(|(k, _)| String::from_utf8(k.clone()).unwrap()).collect();
+    assert_eq!(got.iter().collect::<Vec<_>>(), want);
+    assert_eq!(client.scan(b"", None, 7).await.unwrap().len(), 7);
+    let some = client.scan(b"40", Some(b"c0"), 1000).await.unwrap();
+    assert!(some.iter().all(|(k, _)| k.as_slice() >= b"40".as_slice() && k.as_slice() < b"c0".as_slice()));
+    assert_eq!(some.len(), want.iter().filter(|k| k.as_str() >= "40" && k.as_str() < "c0").count());
+
+    // Bad input is refused plainly.
+    assert!(matches!(client.put(b"", b"v").await, Err(ClientError::Invalid(_))));
+    assert!(matches!(client.put(b"\x00meta/state", b"v").await, Err(ClientError::Invalid(_))));
+
+    // Admin: nodes and shards as the meta leader sees them.
+    match client.admin(AdminRequest::Shards).await.unwrap() {
+        AdminResponse::Shards(rows) => assert_eq!(rows.len(), 4),
+        other => panic!("unexpected {other:?}"),
+    }
+
+    // Stop the node leading the shard of "80..." and keep writing and reading.
+    let shard = client.cached_view().map.lookup(b"80").unwrap().id;
+    let leader = wait_leader(&cluster, shard).await;
+    eprintln!("stopping node {leader}, leader of shard {shard}");
+    cluster.stop(leader).await;
+    for i in 0..20 {
+        let key = format!("80-after-{i}");
+        client.put(key.as_bytes(), b"after").await.unwrap();
+        assert_eq!(client.get(key.as_bytes()).await.unwrap(), Some(b"after".to_vec()));
+    }
+    // Writes made before the failure are still there, on every shard.
+    for k in &keys[1..] {
+        assert_eq!(client.get(k.as_bytes()).await.unwrap(), Some(format!("v-{k}").into_bytes()));
+    }
+    client.close().await;
+
+    // A client whose certificate comes from another CA is refused.
+    let other = CertificateAuthority::generate("other CA").unwrap();
+    let issued = other.issue_client("intruder").unwrap();
+    let tls = TlsIdentity::from_issued(other.cert_pem(), &issued).unwrap();
+    let mut cfg = ClientConfig::new(tls, cluster.endpoints());
+    cfg.request_timeout = Duration::from_secs(3);
+    let err = Client::connect(cfg).await.unwrap_err();
+    assert!(matches!(err, ClientError::Unavailable(_)), "{err}");
+
+    cluster.shutdown().await;
+}
+
+/// The node that the map's reports say leads `shard` (waits for a report).
+async fn wait_leader(cluster: &Cluster, shard: ShardId) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for n in cluster.nodes.iter().flatten() {
+            let infos = n.host().group_info().await.unwrap();
+            if infos.iter().any(|i| i.group.0 == shard.0 && i.role == flotilla::raft::Role::Leader) {
+                return n.id();
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader for shard {shard}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
