@@ -13,11 +13,15 @@
 //! - [`net`]: the shard host's network over the transport (node batches split per stream,
 //!   sender checked against its certificate).
 //! - [`cluster`]: certificates and the cluster file that `flotilla dev` writes and the CLI
-//!   reads.
+//!   reads; [`config`]: `flotilla server`'s TOML file.
+//! - [`http`]: Prometheus metrics and health over HTTP; [`bench`]: the load generator.
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod client;
 pub mod cluster;
+pub mod config;
+pub mod http;
 pub mod meta;
 pub mod net;
 pub mod node;

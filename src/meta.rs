@@ -175,7 +175,7 @@ mod tests {
         };
         run_op(&op, &mut s, &BalancerConfig::default()).unwrap();
         assert_eq!(s.map.len(), 4);
-        assert_eq!(s.map.lookup(b"9").unwrap().id, s.map.lookup(b"00").unwrap().id);
+        assert_eq!(s.map.lookup(b"3f").unwrap().id, s.map.lookup(b"00").unwrap().id);
         let again = s.clone();
         run_op(&op, &mut s, &BalancerConfig::default()).unwrap();
         assert_eq!(s, again, "bootstrap twice changes nothing");

@@ -40,14 +40,19 @@ pub struct NetStats {
 /// [`HostNetwork`] over a [`Transport`].
 pub struct TransportNetwork {
     transport: Transport,
+    /// The host calls `send` from its poller threads, outside Tokio; the transport may spawn a
+    /// task (a new peer's writer), so sends run inside this runtime's context.
+    runtime: tokio::runtime::Handle,
     streams: u64,
     stats: std::sync::Arc<NetStats>,
 }
 
 impl TransportNetwork {
-    /// An adapter sending over `transport`, which has `streams` Raft streams.
+    /// An adapter sending over `transport`, which has `streams` Raft streams. Must be made
+    /// inside a Tokio runtime (the transport's).
     pub fn new(transport: Transport, streams: u16, stats: std::sync::Arc<NetStats>) -> TransportNetwork {
-        TransportNetwork { transport, streams: u64::from(streams.max(1)), stats }
+        let runtime = tokio::runtime::Handle::current();
+        TransportNetwork { transport, runtime, streams: u64::from(streams.max(1)), stats }
     }
 
     fn send_slice(&self, to: NodeId, slot: u64, batch: NodeBatch) {
@@ -85,6 +90,7 @@ impl TransportNetwork {
 
 impl HostNetwork for TransportNetwork {
     fn send(&self, to: NodeId, batch: NodeBatch) {
+        let _context = self.runtime.enter();
         if batch.messages.is_empty() && batch.quiesce.is_empty() {
             self.send_slice(to, 0, batch);
             return;

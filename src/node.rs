@@ -844,7 +844,23 @@ impl Node {
                 };
                 Response::View(view_of(&state))
             }
-            Request::Admin(a) => self.admin(a).await,
+            Request::Admin(a) => {
+                // Report ages are known only on the meta leader: a client's node/status
+                // request is answered there (one hop; a node never forwards a node's request).
+                if matches!(a, AdminRequest::Nodes | AdminRequest::Status) && !matches!(from, PeerIdentity::Node(_)) {
+                    if let Some(leader) = self.meta_leader_elsewhere().await {
+                        let req = Request::Admin(a.clone());
+                        let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
+                        if let Ok(bytes) = self.inner.transport.request(tp::NodeId(leader), req.encode(), timeout).await
+                        {
+                            if let Ok(resp @ Response::Admin(_)) = Response::decode(&bytes) {
+                                return resp;
+                            }
+                        }
+                    }
+                }
+                self.admin(a).await
+            }
             Request::Meta { op, forwarded } => {
                 if !matches!(from, PeerIdentity::Node(_)) {
                     return Response::Invalid("meta operations are for nodes; use admin requests".into());
@@ -991,6 +1007,13 @@ impl Node {
                 answer(self.meta_exec(MetaOp::Commands(vec![MetaCommand::SetDraining { node, draining }]), false).await)
             }
         }
+    }
+
+    /// The meta group's leader when it is another node (as this node's replica knows it).
+    async fn meta_leader_elsewhere(&self) -> Option<u64> {
+        let infos = self.inner.host.group_info().await.ok()?;
+        let leader = infos.into_iter().find(|i| i.group.0 == META_GROUP)?.leader?;
+        (leader.0 != self.inner.id).then_some(leader.0)
     }
 
     fn node_rows(&self, state: &MetaState) -> Vec<NodeRow> {
