@@ -61,6 +61,8 @@ pub const META_OP_TIMEOUT_MS: u64 = 10_000;
 pub const PEER_REQUEST_TIMEOUT_MS: u64 = 5_000;
 /// A leader asks for the same membership change or leader transfer at most this often (ms).
 pub const RECONFIG_RETRY_MS: u64 = 2_000;
+/// How long shutdown waits for the shard host's threads (ms).
+pub const SHUTDOWN_HOST_MS_MAX: u64 = 10_000;
 /// Most voters of the meta group.
 pub const META_VOTERS_MAX: usize = 5;
 
@@ -191,6 +193,8 @@ struct Inner {
     /// Last time a reconfiguration was asked for, per (shard, what).
     reconfig: Mutex<HashMap<(u64, String), Instant>>,
     stats: NodeStats,
+    /// Peers made known after start ([`Node::set_peer_addr`]).
+    extra_peers: Mutex<BTreeSet<u64>>,
     net_stats: Arc<NetStats>,
     started: Instant,
     shutdown: watch::Sender<bool>,
@@ -265,6 +269,7 @@ impl Node {
             reports: Mutex::new(HashMap::new()),
             reconfig: Mutex::new(HashMap::new()),
             stats: NodeStats::default(),
+            extra_peers: Mutex::new(BTreeSet::new()),
             net_stats,
             started: Instant::now(),
             shutdown,
@@ -427,8 +432,12 @@ impl Node {
         self.inner.view.read().map(|v| v.clone()).unwrap_or_default()
     }
 
-    /// Tells the transport where `peer` listens.
+    /// Tells the node where `peer` listens: the transport dials it if its id is higher, and a
+    /// node without a meta replica may send it meta requests.
     pub fn set_peer_addr(&self, peer: u64, addr: SocketAddr) -> Result<(), NodeError> {
+        if let Ok(mut p) = self.inner.extra_peers.lock() {
+            p.insert(peer);
+        }
         Ok(self.inner.transport.set_peer_addr(tp::NodeId(peer), addr)?)
     }
 
@@ -504,7 +513,12 @@ impl Node {
         for t in tasks {
             t.abort();
         }
-        self.inner.host.shutdown().await;
+        // A host whose poller is stuck (a storage bug, a hung disk) must not hang the process's
+        // exit: give it a bounded time.
+        if tokio::time::timeout(Duration::from_millis(SHUTDOWN_HOST_MS_MAX), self.inner.host.shutdown()).await.is_err()
+        {
+            warn!(node = self.inner.id, "the shard host did not stop in time; leaving it");
+        }
         self.inner.transport.shutdown().await;
         info!(node = self.inner.id, "node stopped");
     }
@@ -574,6 +588,9 @@ impl Node {
                 // No local replica: ask the nodes we know of in turn.
                 let mut known: Vec<u64> = self.meta_view().nodes.keys().map(|n| n.0).collect();
                 known.extend(self.inner.config.peers.iter().map(|p| p.0));
+                if let Ok(p) = self.inner.extra_peers.lock() {
+                    known.extend(p.iter().copied());
+                }
                 known.sort();
                 known.dedup();
                 known.retain(|n| *n != self.inner.id);
@@ -725,7 +742,10 @@ impl Node {
         for i in infos.iter().filter(|i| i.role == Role::Leader && i.group.0 != META_GROUP) {
             let Some(d) = state.map.get(ShardId(i.group.0)) else { continue };
             let want: BTreeSet<NodeId> = d.voters().map(|n| rid(n.0)).collect();
-            for l in d.replicas.iter().filter(|r| r.role == ReplicaRole::Learner) {
+            // Learners are added for the target of a move only: a voter demoted by a move's
+            // swap is a learner in the map until the move removes it, and must not rejoin.
+            let target = state.moves.get(&d.id).map(|p| p.to);
+            for l in d.replicas.iter().filter(|r| r.role == ReplicaRole::Learner && Some(r.node) == target) {
                 if !i.voters.contains(&rid(l.node.0)) && self.may_reconfig(i.group.0, format!("learner-{}", l.node.0)) {
                     if let Err(e) = host.add_learner(i.group, rid(l.node.0)).await {
                         debug!(shard = i.group.0, error = %e, "add learner");

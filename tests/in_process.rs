@@ -3,7 +3,7 @@
 //! a client with a certificate from another CA is refused.
 
 use flotilla::meta::dev_split_keys;
-use flotilla::placement::ShardId;
+use flotilla::placement::{NodeId, ShardId};
 use flotilla::transport::cert::{CertificateAuthority, TlsIdentity};
 use flotilla::transport::NodeId as TNodeId;
 use flotilla::wire::{AdminRequest, AdminResponse};
@@ -23,17 +23,23 @@ fn loopback() -> SocketAddr {
 
 impl Cluster {
     async fn start(n: u64, shards: u32) -> Cluster {
+        let ids: Vec<u64> = (1..=n).collect();
+        Self::start_with(n, &ids, &ids, shards).await
+    }
+
+    /// `n` nodes; the meta group on `meta`, every initial shard on `replicas`.
+    async fn start_with(n: u64, meta: &[u64], replicas: &[u64], shards: u32) -> Cluster {
         let ca = CertificateAuthority::generate("test CA").unwrap();
         let dir = tempfile::tempdir().unwrap();
         let ids: Vec<u64> = (1..=n).collect();
-        let mut nodes = Vec::new();
+        let mut nodes: Vec<Node> = Vec::new();
         for id in &ids {
             let issued = ca.issue_node(TNodeId(*id)).unwrap();
             let tls = TlsIdentity::from_issued(ca.cert_pem(), &issued).unwrap();
             let mut cfg = NodeConfig::new(*id, dir.path().join(format!("n{id}")), loopback(), tls);
             cfg.bootstrap = Some(BootstrapConfig {
-                meta_voters: ids.clone(),
-                shard_replicas: ids.clone(),
+                meta_voters: meta.to_vec(),
+                shard_replicas: replicas.to_vec(),
                 addrs: Vec::new(),
                 split_keys: dev_split_keys(shards),
             });
@@ -42,7 +48,7 @@ impl Cluster {
         }
         for a in &nodes {
             for b in &nodes {
-                if b.id() > a.id() {
+                if b.id() != a.id() {
                     a.set_peer_addr(b.id(), b.local_addr().unwrap()).unwrap();
                 }
             }
@@ -176,4 +182,79 @@ async fn wait_leader(cluster: &Cluster, shard: ShardId) -> u64 {
         assert!(Instant::now() < deadline, "no leader for shard {shard}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn move_a_replica_while_clients_write() {
+    // Shards on nodes 1-3, node 4 empty; move shard 1's replica from node 3 to node 4.
+    let mut cluster = Cluster::start_with(4, &[1, 2, 3], &[1, 2, 3], 2).await;
+    let client = std::sync::Arc::new(cluster.client().await);
+    for i in 0..50 {
+        client.put(format!("0-before-{i}").as_bytes(), b"v").await.unwrap();
+    }
+    let shard = client.cached_view().map.lookup(b"0").unwrap().id;
+
+    // A writer keeps going during the move; every acknowledged key must survive.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("0-during-{i}");
+                if client.put(key.as_bytes(), b"w").await.is_ok() {
+                    acked.push(key);
+                }
+                i += 1;
+            }
+            acked
+        })
+    };
+
+    // Node 4 must have registered (its first report) before it can be a target.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match client.admin(AdminRequest::Move { shard, from: NodeId(3), to: NodeId(4) }).await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("move not started yet: {e}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => panic!("move never started: {e}"),
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let AdminResponse::Shards(rows) = client.admin(AdminRequest::Shards).await.unwrap() else { panic!() };
+        let row = rows.iter().find(|r| r.descriptor.id == shard).unwrap();
+        let mut nodes: Vec<u64> = row.descriptor.replicas.iter().map(|r| r.node.0).collect();
+        nodes.sort();
+        if row.moving.is_none() && nodes == [1, 2, 4] && row.descriptor.voters().count() == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "move did not finish: {row:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Node 3 drops its replica; node 4 serves one.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.nodes[2].as_ref().unwrap().host().groups().contains(&flotilla::raft::GroupId(shard.0)) {
+        assert!(Instant::now() < deadline, "node 3 kept its replica");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(cluster.nodes[3].as_ref().unwrap().host().groups().contains(&flotilla::raft::GroupId(shard.0)));
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writer.await.unwrap();
+    assert!(!acked.is_empty());
+    // Nothing acknowledged is lost, before or during the move; node 3 can even go away.
+    cluster.stop(3).await;
+    for i in 0..50 {
+        assert_eq!(client.get(format!("0-before-{i}").as_bytes()).await.unwrap(), Some(b"v".to_vec()));
+    }
+    for k in &acked {
+        assert_eq!(client.get(k.as_bytes()).await.unwrap(), Some(b"w".to_vec()), "{k}");
+    }
+    client.close().await;
+    cluster.shutdown().await;
 }
