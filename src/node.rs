@@ -81,9 +81,12 @@ pub enum NodeError {
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tp::TransportError),
-    /// A meta operation failed or timed out.
+    /// A meta operation was refused (it does not fit the meta state); retrying will not help.
     #[error("meta: {0}")]
     Meta(String),
+    /// No meta leader could run the operation in time (election, unreachable); retry.
+    #[error("meta unavailable: {0}")]
+    MetaUnavailable(String),
 }
 
 /// How a new cluster is formed.
@@ -141,7 +144,9 @@ impl NodeConfig {
             raft: default_raft(),
             pollers: 2,
             report_interval_ms: 1_000,
-            balancer: BalancerConfig { catch_up_lag_entries_max: 64, ..BalancerConfig::default() },
+            // A learner within this many entries of the leader is promoted: a joint change keeps
+            // the old voters' quorum, so a small lag never stalls writes.
+            balancer: BalancerConfig { catch_up_lag_entries_max: 512, ..BalancerConfig::default() },
         }
     }
 }
@@ -573,6 +578,13 @@ impl Node {
                     }
                     Err(MetaTry::Refused(e)) => return Err(NodeError::Meta(e)),
                     Err(MetaTry::Leader(Some(l))) if l.0 != self.inner.id && !forwarded => Some(l.0),
+                    // A forwarded op is not forwarded again: the sender retries.
+                    Err(MetaTry::Leader(l)) if forwarded => {
+                        return Err(NodeError::MetaUnavailable(format!(
+                            "node {} is not the meta leader ({l:?})",
+                            self.inner.id
+                        )))
+                    }
                     Err(MetaTry::Leader(_)) => {
                         last_err = "the meta group has no leader yet".into();
                         None
@@ -583,7 +595,7 @@ impl Node {
                     }
                 }
             } else if forwarded {
-                return Err(NodeError::Meta("this node holds no meta replica".into()));
+                return Err(NodeError::MetaUnavailable("this node holds no meta replica".into()));
             } else {
                 // No local replica: ask the nodes we know of in turn.
                 let mut known: Vec<u64> = self.meta_view().nodes.keys().map(|n| n.0).collect();
@@ -601,7 +613,10 @@ impl Node {
                 Some(known[peer_turn % known.len()])
             };
             if let Some(to) = target {
-                let req = Request::Meta { op: op.clone(), forwarded: true };
+                // To the leader: final hop. To any node (we hold no meta replica): it may forward
+                // once to its leader.
+                let hop = self.inner.host.groups().contains(&GroupId(META_GROUP));
+                let req = Request::Meta { op: op.clone(), forwarded: hop };
                 match self
                     .inner
                     .transport
@@ -623,7 +638,7 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Err(NodeError::Meta(format!("timed out: {last_err}")))
+        Err(NodeError::MetaUnavailable(format!("timed out: {last_err}")))
     }
 
     async fn meta_local(&self, op: &MetaOp) -> Result<(MetaState, AdminResponse), MetaTry> {
@@ -890,7 +905,7 @@ impl Node {
                         Ok(state) => Response::Meta { state, answer },
                         Err(e) => Response::Unavailable(e),
                     },
-                    Err(NodeError::Meta(e)) if !e.starts_with("timed out") => Response::Invalid(e),
+                    Err(NodeError::Meta(e)) => Response::Invalid(e),
                     Err(e) => Response::Unavailable(e.to_string()),
                 }
             }
@@ -960,7 +975,8 @@ impl Node {
         let read = |s: Result<(MetaState, AdminResponse), NodeError>| s.map(|(s, _)| s);
         let answer = |r: Result<(MetaState, AdminResponse), NodeError>| match r {
             Ok((_, a)) => Response::Admin(a),
-            Err(e) => Response::Invalid(e.to_string()),
+            Err(NodeError::Meta(e)) => Response::Invalid(e),
+            Err(e) => Response::Unavailable(e.to_string()),
         };
         match a {
             AdminRequest::Nodes | AdminRequest::Shards | AdminRequest::Status => {
