@@ -247,6 +247,18 @@ async fn move_a_replica_while_clients_write() {
     }
     assert!(cluster.nodes[3].as_ref().unwrap().host().groups().contains(&flotilla::raft::GroupId(shard.0)));
 
+    // Leadership goes where an admin request says.
+    client.admin(AdminRequest::TransferLeader { shard, node: NodeId(4) }).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let AdminResponse::Shards(rows) = client.admin(AdminRequest::Shards).await.unwrap() else { panic!() };
+        if rows.iter().find(|r| r.descriptor.id == shard).unwrap().leader == Some(NodeId(4)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "leadership did not move to node 4");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let acked = writer.await.unwrap();
     assert!(!acked.is_empty());
@@ -258,6 +270,15 @@ async fn move_a_replica_while_clients_write() {
     for k in &acked {
         assert_eq!(client.get(k.as_bytes()).await.unwrap(), Some(b"w".to_vec()), "{k}");
     }
+    // Drain: the node is marked, and a balancer round proposes moving its replicas away.
+    client.admin(AdminRequest::Drain { node: NodeId(2), draining: true }).await.unwrap();
+    let AdminResponse::Nodes(rows) = client.admin(AdminRequest::Nodes).await.unwrap() else { panic!() };
+    assert!(rows.iter().find(|r| r.node == NodeId(2)).unwrap().draining);
+    let AdminResponse::Done(text) = client.admin(AdminRequest::Rebalance).await.unwrap() else { panic!() };
+    eprintln!("rebalance: {text}");
+    assert!(text.contains("StartMove"), "{text}");
+    let AdminResponse::Status(st) = client.admin(AdminRequest::Status).await.unwrap() else { panic!() };
+    assert_eq!((st.nodes, st.shards), (4, 2));
     client.close().await;
     cluster.shutdown().await;
 }
