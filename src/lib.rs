@@ -14,7 +14,30 @@
 //!   sender checked against its certificate).
 //! - [`cluster`]: certificates and the cluster file that `flotilla dev` writes and the CLI
 //!   reads; [`config`]: `flotilla server`'s TOML file.
-//! - [`http`]: Prometheus metrics and health over HTTP; [`bench`]: the load generator.
+//! - [`http`]: Prometheus metrics and health over HTTP; [`mod@bench`]: the load generator.
+//!
+//! # Decisions
+//! - **Meta group as a key-value group.** Group 0 owns the reserved key range `[0x00, 0x01)`;
+//!   the placement `MetaState` is one key there, changed by read → apply → compare-and-swap on
+//!   the meta leader ([`meta`] explains why and what it costs). User keys may not start with
+//!   `0x00`.
+//! - **One envelope per transport stream.** A host's per-destination batch is split by
+//!   `group % K` so one lost packet delays only the groups of one stream ([`net`]).
+//! - **Routing checked at the node.** Every data request names shard and epoch; the node checks
+//!   them against its copy of the map and answers `StaleEpoch`/`WrongShard`/`UnknownShard`
+//!   instead of serving; the client refreshes its map from the meta leader and retries.
+//! - **Shards of the bootstrap are formed by all their voters** (configuration version 1);
+//!   replicas added later are fed by their leader (snapshot chunks inside Raft messages).
+//!
+//! # Not built yet
+//! - Splitting a shard that holds data (the host cannot narrow a running group's range, and a
+//!   new group needs a fenced starting point); shards are split at bootstrap only.
+//!   `admin split` says so.
+//! - Joining a node to a running cluster: the transport's lower id dials, so running nodes must
+//!   learn a new node's address before it can register; today every node must be listed in the
+//!   others' configuration at start (or, embedded, told with [`Node::set_peer_addr`]).
+//! - Follower (stale) reads; shard sizes in node reports (so size balancing and split
+//!   suggestions see zero bytes); merges.
 #![warn(missing_docs)]
 
 pub mod bench;
