@@ -33,9 +33,6 @@
 //! - Splitting a shard that holds data (the host cannot narrow a running group's range, and a
 //!   new group needs a fenced starting point); shards are split at bootstrap only.
 //!   `admin split` says so.
-//! - Joining a node to a running cluster: the transport's lower id dials, so running nodes must
-//!   learn a new node's address before it can register; today every node must be listed in the
-//!   others' configuration at start (or, embedded, told with [`Node::set_peer_addr`]).
 //! - Follower (stale) reads; shard sizes in node reports (so size balancing and split
 //!   suggestions see zero bytes); merges.
 #![warn(missing_docs)]

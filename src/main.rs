@@ -239,6 +239,13 @@ enum AdminOp {
     },
     /// Cluster summary.
     Status,
+    /// Register a new node (then start it with the others as peers and no bootstrap).
+    AddNode {
+        /// Its id.
+        node: u64,
+        /// Its QUIC address.
+        addr: String,
+    },
 }
 
 #[derive(Args)]
@@ -722,6 +729,10 @@ async fn admin(a: AdminArgs) -> Result<i32> {
         AdminOp::Rebalance => AdminRequest::Rebalance,
         AdminOp::Drain { node, undo } => AdminRequest::Drain { node: NodeId(*node), draining: !undo },
         AdminOp::Status => AdminRequest::Status,
+        AdminOp::AddNode { node, addr } => {
+            addr.parse::<SocketAddr>().map_err(|e| anyhow!("{addr:?} is not an address like 127.0.0.1:7004: {e}"))?;
+            AdminRequest::AddNode { node: NodeId(*node), addr: addr.clone() }
+        }
     };
     let client = connect(&a.conn).await?;
     let resp = client.admin(req).await?;

@@ -25,8 +25,10 @@
 //! bootstraps the map. Data shards are created by each node's reconciler once the map names it:
 //! the shards of the bootstrap (configuration version 1) are formed by all their voters at
 //! once; a replica added later waits for its leader to feed it. A joining node starts with no
-//! bootstrap and the addresses of some peers: it registers through the meta leader on its first
-//! report, and holds shards once the balancer or an operator moves some to it.
+//! bootstrap and the addresses of some peers, after an operator registered it
+//! ([`AdminRequest::AddNode`], `flotilla admin add-node ID ADDR`): the running nodes learn its
+//! address from the meta state and dial it (the transport's lower id dials), its reports then
+//! reach the meta leader, and it holds shards once the balancer or an operator moves some to it.
 
 use crate::meta::{self, meta_range, shard_range, META_GROUP, META_STATE_KEY};
 use crate::net::{deliver, NetStats, TransportNetwork};
@@ -1039,6 +1041,15 @@ impl Node {
                 answer(self.meta_exec(MetaOp::Commands(vec![cmd]), false).await)
             }
             AdminRequest::Rebalance => answer(self.meta_exec(MetaOp::Rebalance { now_ms: now_ms() }, false).await),
+            AdminRequest::AddNode { node, addr } => {
+                if node.0 == 0 {
+                    return Response::Invalid("node ids start at 1".into());
+                }
+                if let Err(e) = addr.parse::<SocketAddr>() {
+                    return Response::Invalid(format!("{addr:?} is not an address like 127.0.0.1:7004: {e}"));
+                }
+                answer(self.meta_exec(MetaOp::Commands(vec![MetaCommand::RegisterNode { node, addr }]), false).await)
+            }
             AdminRequest::Drain { node, draining } => {
                 answer(self.meta_exec(MetaOp::Commands(vec![MetaCommand::SetDraining { node, draining }]), false).await)
             }

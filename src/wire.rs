@@ -151,6 +151,14 @@ pub enum AdminRequest {
     },
     /// A summary of the cluster's health.
     Status,
+    /// Register a new node at `addr` so the running nodes dial it (the lower id dials): the
+    /// first step of joining a node to a running cluster.
+    AddNode {
+        /// The new node's id.
+        node: NodeId,
+        /// Its QUIC address.
+        addr: String,
+    },
 }
 
 /// A meta operation, executed on the meta leader as one read-modify-write of the meta state.

@@ -282,3 +282,48 @@ async fn move_a_replica_while_clients_write() {
     client.close().await;
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_joins_a_running_cluster() {
+    let mut cluster = Cluster::start(3, 1).await;
+    let client = cluster.client().await;
+    client.put(b"joined", b"yes").await.unwrap();
+
+    // Node 4: no bootstrap, the others as peers; they learn its address from an admin call.
+    let issued = cluster.ca.issue_node(TNodeId(4)).unwrap();
+    let tls = TlsIdentity::from_issued(cluster.ca.cert_pem(), &issued).unwrap();
+    let mut cfg = NodeConfig::new(4, cluster._dir.path().join("n4"), loopback(), tls);
+    cfg.peers = cluster.endpoints();
+    cfg.report_interval_ms = 300;
+    let n4 = Node::start(cfg).await.unwrap();
+    let addr = n4.local_addr().unwrap().to_string();
+    client.admin(AdminRequest::AddNode { node: NodeId(4), addr }).await.unwrap();
+    cluster.nodes.push(Some(n4));
+
+    // Its reports reach the meta leader, and a replica can move to it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let AdminResponse::Nodes(rows) = client.admin(AdminRequest::Nodes).await.unwrap() else { panic!() };
+        if rows.iter().any(|r| r.node == NodeId(4) && r.report_age_ms.is_some_and(|a| a < 3_000)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 4 never reported: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let shard = client.cached_view().map.lookup(b"joined").unwrap().id;
+    client.admin(AdminRequest::Move { shard, from: NodeId(1), to: NodeId(4) }).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let AdminResponse::Shards(rows) = client.admin(AdminRequest::Shards).await.unwrap() else { panic!() };
+        let row = &rows[0];
+        if row.moving.is_none() && row.descriptor.replica(NodeId(4)).is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "move to the new node did not finish: {row:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    cluster.stop(1).await;
+    assert_eq!(client.get(b"joined").await.unwrap(), Some(b"yes".to_vec()));
+    client.close().await;
+    cluster.shutdown().await;
+}
