@@ -101,6 +101,8 @@ pub struct Client {
     addrs: Mutex<HashMap<u64, SocketAddr>>,
     view: RwLock<ClusterView>,
     leaders: Mutex<HashMap<ShardId, u64>>,
+    /// Where this client's stale reads start among a shard's replicas (spreads clients).
+    spread: usize,
 }
 
 impl std::fmt::Debug for Client {
@@ -132,6 +134,10 @@ impl Client {
             conns: tokio::sync::Mutex::new(HashMap::new()),
             view: RwLock::new(ClusterView::default()),
             leaders: Mutex::new(HashMap::new()),
+            spread: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos() as usize)
+                .unwrap_or(0),
         };
         client.refresh().await?;
         Ok(client)
@@ -232,7 +238,14 @@ impl Client {
                 continue;
             };
             let voters: Vec<u64> = d.voters().map(|n| n.0).collect();
-            let hint = self.leaders.lock().ok().and_then(|l| l.get(&d.id).copied());
+            let stale = !write && self.config.consistency == ReadConsistency::Stale;
+            // Stale reads go to any replica, starting at a different one per client.
+            let hint = if stale {
+                let all: Vec<u64> = d.replicas.iter().map(|r| r.node.0).collect();
+                (!all.is_empty()).then(|| all[attempt.wrapping_add(self.spread) % all.len()])
+            } else {
+                self.leaders.lock().ok().and_then(|l| l.get(&d.id).copied())
+            };
             let node = match hint {
                 Some(n) => n,
                 None if voters.is_empty() => {
@@ -311,8 +324,10 @@ impl Client {
                 }
                 Ok(Response::Invalid(e)) => return Err(ClientError::Invalid(e)),
                 Ok(other) => {
-                    if let Ok(mut m) = self.leaders.lock() {
-                        m.insert(d.id, node);
+                    if !stale {
+                        if let Ok(mut m) = self.leaders.lock() {
+                            m.insert(d.id, node);
+                        }
                     }
                     return Ok((other, d));
                 }

@@ -145,8 +145,11 @@ enum KvOp {
         /// The key.
         key: String,
         /// Lease read instead of ReadIndex.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "stale")]
         lease: bool,
+        /// Read from any replica, possibly stale (follower read).
+        #[arg(long)]
+        stale: bool,
     },
     /// Set KEY to VALUE.
     Put {
@@ -597,8 +600,10 @@ async fn kv(a: KvArgs) -> Result<i32> {
         }
     }
     let mut cfg = client_config(&a.conn)?;
-    if let KvOp::Get { lease: true, .. } = &a.op {
-        cfg.consistency = flotilla::wire::ReadConsistency::Lease;
+    match &a.op {
+        KvOp::Get { lease: true, .. } => cfg.consistency = flotilla::wire::ReadConsistency::Lease,
+        KvOp::Get { stale: true, .. } => cfg.consistency = flotilla::wire::ReadConsistency::Stale,
+        _ => {}
     }
     let client = Client::connect(cfg).await.map_err(|e| anyhow!("cannot reach the cluster: {e}"))?;
     let code = match a.op {

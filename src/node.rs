@@ -834,6 +834,13 @@ impl Node {
                 if let Err(r) = self.route(shard, epoch, &key).await {
                     return r;
                 }
+                if consistency == ReadConsistency::Stale {
+                    let Some(sm) = self.local_replica(shard) else { return Response::UnknownShard };
+                    return match sm.get(key).await {
+                        Ok(v) => Response::Value(v),
+                        Err(e) => Response::Unavailable(e.to_string()),
+                    };
+                }
                 match self.inner.host.get(GroupId(shard.0), key, read_mode(consistency)).await {
                     Ok(v) => Response::Value(v),
                     Err(e) => self.host_error(e, false),
@@ -865,6 +872,13 @@ impl Node {
                     Err(r) => return r,
                 };
                 let from = if start.as_slice() < d.start.as_slice() { d.start.clone() } else { start };
+                if consistency == ReadConsistency::Stale {
+                    let Some(sm) = self.local_replica(shard) else { return Response::UnknownShard };
+                    return match sm.scan(from, end, limit).await {
+                        Ok(pairs) => Response::Pairs(pairs),
+                        Err(e) => Response::Unavailable(e.to_string()),
+                    };
+                }
                 match self.inner.host.scan(GroupId(shard.0), from, end, limit, read_mode(consistency)).await {
                     Ok(pairs) => Response::Pairs(pairs),
                     Err(e) => self.host_error(e, false),
@@ -912,6 +926,15 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// A reader of this node's replica of `shard` (its applied state, however far behind).
+    fn local_replica(&self, shard: ShardId) -> Option<KvStateMachine> {
+        if !self.inner.host.groups().contains(&GroupId(shard.0)) {
+            return None;
+        }
+        let d = self.meta_view().map.get(shard)?.clone();
+        Some(KvStateMachine::new(self.inner.host.store().clone(), GroupId(shard.0), shard_range(&d)))
     }
 
     async fn write(&self, shard: ShardId, epoch: crate::placement::Epoch, cmd: KvCommand) -> Response {
@@ -1101,6 +1124,8 @@ fn read_mode(c: ReadConsistency) -> ReadMode {
     match c {
         ReadConsistency::Linearizable => ReadMode::ReadIndex,
         ReadConsistency::Lease => ReadMode::Lease,
+        // Never reaches the host's read path (served from the local replica).
+        ReadConsistency::Stale => ReadMode::ReadIndex,
     }
 }
 

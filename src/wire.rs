@@ -30,6 +30,9 @@ pub enum ReadConsistency {
     /// Linearizable by the leader's lease (no round trip while the lease holds; assumes
     /// bounded clock drift).
     Lease,
+    /// From whichever replica answers, leader or not, without any check: may miss recent
+    /// writes (a follower read). Spreads reads over replicas and works without a leader.
+    Stale,
 }
 
 /// A request to a node.

@@ -61,9 +61,14 @@ impl Cluster {
     }
 
     async fn client(&self) -> Client {
+        self.client_with(flotilla::wire::ReadConsistency::Linearizable).await
+    }
+
+    async fn client_with(&self, consistency: flotilla::wire::ReadConsistency) -> Client {
         let issued = self.ca.issue_client("test").unwrap();
         let tls = TlsIdentity::from_issued(self.ca.cert_pem(), &issued).unwrap();
         let mut cfg = ClientConfig::new(tls, self.endpoints());
+        cfg.consistency = consistency;
         cfg.op_timeout = Duration::from_secs(20);
         // The cluster forms in the background: wait for a map.
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -130,6 +135,17 @@ async fn three_nodes_serve_and_survive_a_leader_failure() {
     let some = client.scan(b"40", Some(b"c0"), 1000).await.unwrap();
     assert!(some.iter().all(|(k, _)| k.as_slice() >= b"40".as_slice() && k.as_slice() < b"c0".as_slice()));
     assert_eq!(some.len(), want.iter().filter(|k| k.as_str() >= "40" && k.as_str() < "c0").count());
+
+    // Stale (follower) reads from any replica catch up with the writes.
+    let stale = cluster.client_with(flotilla::wire::ReadConsistency::Stale).await;
+    for k in &keys[1..6] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while stale.get(k.as_bytes()).await.unwrap() != Some(format!("v-{k}").into_bytes()) {
+            assert!(Instant::now() < deadline, "stale read of {k} never caught up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    stale.close().await;
 
     // Bad input is refused plainly.
     assert!(matches!(client.put(b"", b"v").await, Err(ClientError::Invalid(_))));
