@@ -120,6 +120,35 @@ fn dev_cluster_through_the_cli() {
     fails(&home, &["dev", "--nodes", "0"], 1, "--nodes");
     fails(&home, &["kv", "--cluster", "/nonexistent/cluster.json", "get", "k"], 1, "no cluster file");
     fails(&home, &["server", "--config", "/nonexistent/flotilla.toml"], 1, "cannot read");
+    fails(&home, &["server"], 1, "without --config, give --id");
+    fails(
+        &home,
+        &[
+            "server",
+            "--id",
+            "1",
+            "--data-dir",
+            "d",
+            "--listen",
+            "127.0.0.1:0",
+            "--ca",
+            "a",
+            "--cert",
+            "b",
+            "--key",
+            "c",
+            "--peer",
+            "2",
+        ],
+        1,
+        "ID=ADDR",
+    );
+    fails(
+        &home,
+        &["server", "--id", "1", "--data-dir", "d", "--listen", "nowhere", "--ca", "a", "--cert", "b", "--key", "c"],
+        1,
+        "listen",
+    );
     let bad_toml = home.join("bad.toml");
     std::fs::write(&bad_toml, "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:0\"\nport = 3\n").unwrap();
     fails(&home, &["server", "--config", bad_toml.to_str().unwrap()], 1, "port");
