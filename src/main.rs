@@ -860,6 +860,14 @@ async fn follow_move(client: &Client, shard: ShardId) -> Result<()> {
     bail!("the move did not finish within 10 minutes (it goes on; check `flotilla admin shards`)")
 }
 
+fn human_bytes(b: u64) -> String {
+    match b {
+        0..1024 => format!("{b} B"),
+        1024..1_048_576 => format!("{:.1} KiB", b as f64 / 1024.0),
+        _ => format!("{:.1} MiB", b as f64 / 1_048_576.0),
+    }
+}
+
 fn print_admin(r: &AdminResponse) {
     match r {
         AdminResponse::Nodes(rows) => {
@@ -909,11 +917,12 @@ fn print_admin(r: &AdminResponse) {
                         s.leader.map(|l| l.to_string()).unwrap_or_else(|| "?".into()),
                         max.to_string(),
                         lag.to_string(),
+                        human_bytes(s.bytes),
                         s.moving.clone().unwrap_or_else(|| "-".into()),
                     ]
                 })
                 .collect();
-            print_table(&["SHARD", "RANGE", "EPOCH", "REPLICAS", "LEADER", "APPLIED", "LAG", "MOVE"], &rows);
+            print_table(&["SHARD", "RANGE", "EPOCH", "REPLICAS", "LEADER", "APPLIED", "LAG", "SIZE", "MOVE"], &rows);
         }
         AdminResponse::Changed(ds) => {
             if ds.is_empty() {

@@ -678,9 +678,36 @@ impl Node {
             }
             report.applied.insert(ShardId(i.group.0), PLogIndex(i.applied.0));
         }
+        report.shard_bytes = self.shard_sizes(&report.applied.keys().copied().collect::<Vec<_>>()).await;
         let op = MetaOp::Report { node: PNodeId(self.inner.id), addr: self.inner.addr.clone(), report };
         self.meta_exec(op, false).await?;
         Ok(())
+    }
+
+    /// Approximate bytes on disk of each shard's key range (flushed data only: RocksDB does not
+    /// estimate memtables per range, so a small, fresh shard shows 0).
+    async fn shard_sizes(&self, shards: &[ShardId]) -> std::collections::BTreeMap<ShardId, u64> {
+        let view = self.meta_view();
+        let ranges: Vec<(ShardId, Vec<u8>, Vec<u8>)> = shards
+            .iter()
+            .filter_map(|s| view.map.get(*s))
+            .map(|d| {
+                let r = shard_range(d);
+                (d.id, r.start, r.end.unwrap_or_else(|| vec![0xff; 64]))
+            })
+            .collect();
+        let sizes = self
+            .inner
+            .host
+            .store()
+            .blocking(move |s| {
+                let cf = s.cf(crate::shard::CF_DATA)?;
+                let spans: Vec<rocksdb::Range> = ranges.iter().map(|(_, a, b)| rocksdb::Range::new(a, b)).collect();
+                let sizes = s.db().get_approximate_sizes_cf(&cf, &spans);
+                Ok(ranges.iter().map(|(id, _, _)| *id).zip(sizes).collect())
+            })
+            .await;
+        sizes.unwrap_or_default()
     }
 
     /// On the meta leader: runs one step of every replica move plan.
