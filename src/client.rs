@@ -430,14 +430,13 @@ impl Client {
             };
             let (resp, d) = self.keyed(&cursor, false, false, make).await?;
             let Response::Pairs(pairs) = resp else { return Err(unexpected(&resp)) };
-            let got = pairs.len();
-            out.extend(pairs);
-            if got >= remaining as usize {
-                if let Some((k, _)) = out.last() {
-                    let mut next = k.clone();
-                    next.push(0);
-                    cursor = next;
-                }
+            // A shard answers at most `remaining` pairs and at most a byte budget: ask it again
+            // from after its last key until it has nothing more, then go to the next shard.
+            if let Some((k, _)) = pairs.last() {
+                let mut next = k.clone();
+                next.push(0);
+                cursor = next;
+                out.extend(pairs);
                 continue;
             }
             match d.end {

@@ -41,7 +41,7 @@ use crate::shard::{Host, HostConfig, HostError, KvCommand, KvResponse, KvStateMa
 use crate::transport::{self as tp, cert::TlsIdentity, IncomingRequest, PeerIdentity, Transport, TransportConfig};
 use crate::wire::{
     check_user_key, check_value, AdminRequest, AdminResponse, ClusterView, MetaOp, NodeRow, ReadConsistency, Request,
-    Response, ShardRow, StatusReport, SCAN_LIMIT_MAX,
+    Response, ShardRow, StatusReport, SCAN_LIMIT_MAX, SCAN_RESPONSE_BYTES_MAX,
 };
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -902,12 +902,12 @@ impl Node {
                 if consistency == ReadConsistency::Stale {
                     let Some(sm) = self.local_replica(shard) else { return Response::UnknownShard };
                     return match sm.scan(from, end, limit).await {
-                        Ok(pairs) => Response::Pairs(pairs),
+                        Ok(pairs) => Response::Pairs(cut_scan(pairs)),
                         Err(e) => Response::Unavailable(e.to_string()),
                     };
                 }
                 match self.inner.host.scan(GroupId(shard.0), from, end, limit, read_mode(consistency)).await {
-                    Ok(pairs) => Response::Pairs(pairs),
+                    Ok(pairs) => Response::Pairs(cut_scan(pairs)),
                     Err(e) => self.host_error(e, false),
                 }
             }
@@ -1145,6 +1145,21 @@ fn meta_try(e: HostError) -> MetaTry {
         HostError::Raft(RaftError::NotLeader { leader }) => MetaTry::Leader(leader),
         other => MetaTry::Retry(other.to_string()),
     }
+}
+
+/// Cuts a scan answer to [`SCAN_RESPONSE_BYTES_MAX`] (keeping at least one pair).
+fn cut_scan(mut pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut total = 0usize;
+    let mut keep = pairs.len();
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        total += k.len() + v.len();
+        if total > SCAN_RESPONSE_BYTES_MAX && i > 0 {
+            keep = i;
+            break;
+        }
+    }
+    pairs.truncate(keep);
+    pairs
 }
 
 fn read_mode(c: ReadConsistency) -> ReadMode {

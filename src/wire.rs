@@ -20,6 +20,9 @@ pub const KEY_BYTES_MAX: usize = 4 << 10;
 pub const VALUE_BYTES_MAX: usize = 512 << 10;
 /// Most pairs a scan returns in one answer.
 pub const SCAN_LIMIT_MAX: usize = 10_000;
+/// Most key and value bytes in one scan answer (under the transport's 4 MiB frame); a longer
+/// answer is cut (at least one pair kept) and the client asks again from where it stopped.
+pub const SCAN_RESPONSE_BYTES_MAX: usize = 2 << 20;
 
 /// How a read is made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -136,6 +136,15 @@ async fn three_nodes_serve_and_survive_a_leader_failure() {
     assert!(some.iter().all(|(k, _)| k.as_slice() >= b"40".as_slice() && k.as_slice() < b"c0".as_slice()));
     assert_eq!(some.len(), want.iter().filter(|k| k.as_str() >= "40" && k.as_str() < "c0").count());
 
+    // A scan answer over the byte budget is cut by the node and resumed by the client.
+    let big = vec![b'x'; flotilla::wire::VALUE_BYTES_MAX];
+    for i in 0..6 {
+        client.put(format!("90-big-{i}").as_bytes(), &big).await.unwrap();
+    }
+    let bigs = client.scan(b"90-big-", Some(b"90-big-z"), 100).await.unwrap();
+    assert_eq!(bigs.len(), 6);
+    assert!(bigs.iter().all(|(_, v)| v.len() == big.len()));
+
     // Stale (follower) reads from any replica catch up with the writes.
     let stale = cluster.client_with(flotilla::wire::ReadConsistency::Stale).await;
     for k in &keys[1..6] {
