@@ -1,10 +1,54 @@
 //! Flotilla: a multi-Raft sharded storage node.
 //!
-//! This crate will join the Raft core ([`flotilla_raft`]), the shared RocksDB storage
-//! ([`flotilla_shard`]), the QUIC transport ([`flotilla_transport`]) and the placement
-//! layer ([`flotilla_placement`]) into one node. Today only the Raft core is built; see
-//! README.md for what works.
+//! This crate joins the Raft core ([`flotilla_raft`]), the shared RocksDB storage and shard
+//! host ([`flotilla_shard`]), the QUIC transport ([`flotilla_transport`]) and the placement
+//! layer ([`flotilla_placement`]) into one node, and gives it a client.
+//!
+//! - [`Node`] ([`node`]): an embeddable node — store, host, transport, the meta group (group 0,
+//!   holding the placement state, see [`meta`]) and the client protocol server.
+//! - [`wire`]: the versioned client protocol (get/put/delete/cas/scan naming shard and epoch,
+//!   admin calls, redirects).
+//! - [`Client`] ([`client`]): caches the shard map, routes to leaders, follows redirects,
+//!   retries with backoff within a deadline, and reports unknown outcomes as such.
+//! - [`net`]: the shard host's network over the transport (node batches split per stream,
+//!   sender checked against its certificate).
+//! - [`cluster`]: certificates and the cluster file that `flotilla dev` writes and the CLI
+//!   reads; [`config`]: `flotilla server`'s TOML file.
+//! - [`http`]: Prometheus metrics and health over HTTP; [`mod@bench`]: the load generator.
+//!
+//! # Decisions
+//! - **Meta group as a key-value group.** Group 0 owns the reserved key range `[0x00, 0x01)`;
+//!   the placement `MetaState` is one key there, changed by read → apply → compare-and-swap on
+//!   the meta leader ([`meta`] explains why and what it costs). User keys may not start with
+//!   `0x00`.
+//! - **One envelope per transport stream.** A host's per-destination batch is split by
+//!   `group % K` so one lost packet delays only the groups of one stream ([`net`]).
+//! - **Routing checked at the node.** Every data request names shard and epoch; the node checks
+//!   them against its copy of the map and answers `StaleEpoch`/`WrongShard`/`UnknownShard`
+//!   instead of serving; the client refreshes its map from the meta leader and retries.
+//! - **Shards of the bootstrap are formed by all their voters** (configuration version 1);
+//!   replicas added later are fed by their leader (snapshot chunks inside Raft messages).
+//!
+//! # Not built yet
+//! - Splitting a shard that holds data (the host cannot narrow a running group's range, and a
+//!   new group needs a fenced starting point); shards are split at bootstrap only.
+//!   `admin split` says so.
+//! - Follower (stale) reads; shard sizes in node reports (so size balancing and split
+//!   suggestions see zero bytes); merges.
 #![warn(missing_docs)]
+
+pub mod bench;
+pub mod client;
+pub mod cluster;
+pub mod config;
+pub mod http;
+pub mod meta;
+pub mod net;
+pub mod node;
+pub mod wire;
+
+pub use client::{CasOutcome, Client, ClientConfig, ClientError};
+pub use node::{BootstrapConfig, Node, NodeConfig, NodeError};
 
 pub use flotilla_placement as placement;
 pub use flotilla_raft as raft;

@@ -72,7 +72,11 @@ impl RocksLog {
                 Ok((vec![Op::Put(CF_RAFT, group_key(g, KIND_VOTE).to_vec(), encode(vote)?)], None))
             }
             Action::AppendEntries { entries, .. } => {
-                let last = match *self.last.lock().map_err(|_| StorageError::new("append", "poisoned lock"))? {
+                // Take the cached value and release the lock before `load_last_blocking`, which
+                // locks it again (holding it across the call deadlocked the first append after
+                // a purge or truncation).
+                let cached = *self.last.lock().map_err(|_| StorageError::new("append", "poisoned lock"))?;
+                let last = match cached {
                     Some(l) => l,
                     None => self.load_last_blocking()?,
                 };

@@ -1,0 +1,192 @@
+//! `flotilla server`'s configuration file (TOML). Unknown fields are errors (a typo must not
+//! silently fall back to a default), and every check names the field at fault.
+//!
+//! ```toml
+//! id = 1
+//! data_dir = "/var/lib/flotilla/n1"
+//! listen = "127.0.0.1:7001"
+//! # advertise = "10.0.0.1:7001"      # address recorded for clients (default: the bound one)
+//! # metrics_listen = "127.0.0.1:9101" # Prometheus /metrics and /health
+//!
+//! [tls]
+//! ca = "certs/ca.pem"
+//! cert = "certs/node-1.pem"
+//! key = "certs/node-1-key.pem"
+//!
+//! [[peers]]
+//! id = 2
+//! addr = "127.0.0.1:7002"
+//!
+//! # Only on the initial nodes of a new cluster, the same on each:
+//! [bootstrap]
+//! meta_voters = [1, 2, 3]
+//! shard_replicas = [1, 2, 3]
+//! shards = 4
+//! ```
+
+use crate::meta::dev_split_keys;
+use crate::node::{BootstrapConfig, NodeConfig, META_VOTERS_MAX};
+use crate::transport::cert::TlsIdentity;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Most initial shards a bootstrap may ask for.
+pub const BOOTSTRAP_SHARDS_MAX: u32 = 256;
+
+/// The file's contents.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    /// Node id (from 1), matching the node certificate.
+    pub id: u64,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// QUIC listen address (peers and clients).
+    pub listen: String,
+    /// Address recorded for clients.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// HTTP address for metrics and health.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
+    /// Certificates.
+    pub tls: TlsPaths,
+    /// Other nodes.
+    #[serde(default)]
+    pub peers: Vec<PeerEntry>,
+    /// New-cluster settings.
+    #[serde(default)]
+    pub bootstrap: Option<BootstrapEntry>,
+}
+
+/// Certificate paths (relative paths are relative to the config file).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPaths {
+    /// CA certificate.
+    pub ca: PathBuf,
+    /// Node certificate.
+    pub cert: PathBuf,
+    /// Node key.
+    pub key: PathBuf,
+}
+
+/// A peer.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerEntry {
+    /// Its id.
+    pub id: u64,
+    /// Its QUIC address.
+    pub addr: String,
+}
+
+/// `[bootstrap]`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapEntry {
+    /// Voters of the meta group.
+    pub meta_voters: Vec<u64>,
+    /// Voters of every initial shard.
+    pub shard_replicas: Vec<u64>,
+    /// Number of initial shards.
+    #[serde(default = "one")]
+    pub shards: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A loaded, checked configuration: the node's and the metrics address.
+#[derive(Debug)]
+pub struct ServerConfig {
+    /// The node's configuration.
+    pub node: NodeConfig,
+    /// Where to serve metrics and health, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+fn addr(field: &str, text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|e| format!("{field}: {text:?} is not an address like 127.0.0.1:7000 ({e})"))
+}
+
+impl ServerFile {
+    /// Parses TOML text.
+    pub fn parse(text: &str) -> Result<ServerFile, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Reads a file.
+    pub fn load(path: &Path) -> Result<ServerFile, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Checks everything and loads the certificates (paths relative to `base`).
+    pub fn resolve(&self, base: &Path) -> Result<ServerConfig, String> {
+        if self.id == 0 {
+            return Err("id: node ids start at 1".into());
+        }
+        let listen = addr("listen", &self.listen)?;
+        let metrics_listen = self.metrics_listen.as_deref().map(|m| addr("metrics_listen", m)).transpose()?;
+        let mut peers = Vec::new();
+        for p in &self.peers {
+            if p.id == 0 || p.id == self.id {
+                return Err(format!("peers: id {} is not a valid peer of node {}", p.id, self.id));
+            }
+            if peers.iter().any(|(id, _)| *id == p.id) {
+                return Err(format!("peers: node {} is listed twice", p.id));
+            }
+            peers.push((p.id, addr(&format!("peers (node {})", p.id), &p.addr)?));
+        }
+        let rel = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        let tls = TlsIdentity::load(&rel(&self.tls.ca), &rel(&self.tls.cert), &rel(&self.tls.key))
+            .map_err(|e| format!("tls: {e}"))?;
+        let mut node = NodeConfig::new(self.id, rel(&self.data_dir), listen, tls);
+        node.advertise_addr = self.advertise.clone();
+        node.peers = peers.clone();
+        if let Some(b) = &self.bootstrap {
+            if b.meta_voters.is_empty() || b.meta_voters.len() > META_VOTERS_MAX {
+                return Err(format!("bootstrap.meta_voters: give 1 to {META_VOTERS_MAX} node ids"));
+            }
+            if b.shard_replicas.is_empty() {
+                return Err("bootstrap.shard_replicas: give at least one node id".into());
+            }
+            if b.shards == 0 || b.shards > BOOTSTRAP_SHARDS_MAX {
+                return Err(format!("bootstrap.shards: must be 1..={BOOTSTRAP_SHARDS_MAX}"));
+            }
+            let known = |n: &u64| *n == self.id || peers.iter().any(|(p, _)| p == n);
+            if let Some(n) = b.meta_voters.iter().chain(b.shard_replicas.iter()).find(|n| !known(n)) {
+                return Err(format!("bootstrap: node {n} is neither this node nor a listed peer"));
+            }
+            let mut addrs: Vec<(u64, String)> = peers.iter().map(|(n, a)| (*n, a.to_string())).collect();
+            if let Some(a) = &self.advertise {
+                addrs.push((self.id, a.clone()));
+            }
+            node.bootstrap = Some(BootstrapConfig {
+                meta_voters: b.meta_voters.clone(),
+                shard_replicas: b.shard_replicas.clone(),
+                addrs,
+                split_keys: dev_split_keys(b.shards),
+            });
+        }
+        Ok(ServerConfig { node, metrics_listen })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_field() {
+        assert!(ServerFile::parse("id = 1").unwrap_err().contains("data_dir"));
+        let text = "id = 1\ndata_dir = \"d\"\nlisten = \"x\"\ncolour = 3\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n";
+        assert!(ServerFile::parse(text).unwrap_err().contains("colour"));
+        let text = "id = 1\ndata_dir = \"d\"\nlisten = \"nope\"\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n";
+        let f = ServerFile::parse(text).unwrap();
+        assert!(f.resolve(Path::new(".")).unwrap_err().starts_with("listen"));
+    }
+}

@@ -1,0 +1,1206 @@
+//! [`Node`]: one RocksDB store, one shard host, one QUIC transport and the meta group, wired
+//! together and serving the client protocol ([`crate::wire`]).
+//!
+//! # What runs
+//! - **Envelope pump**: envelopes from peers are decoded into node batches, checked against
+//!   the sender's certificate and handed to the host ([`crate::net`]).
+//! - **Request pump**: each client or peer request runs as its own task (at most
+//!   [`REQUESTS_IN_FLIGHT_MAX`] at once); data requests are checked against the node's copy of
+//!   the shard map (shard id, epoch, key in range) and then served by the host on the leader.
+//! - **Reconciler** (every [`RECONCILE_MS`]): refreshes the node's copy of the meta state,
+//!   tells the transport where higher-id peers listen (the lower id dials), creates the groups
+//!   of shards the map places here, destroys those it no longer does, and on shards this node
+//!   leads carries out what the map asks: learners added, voters changed (joint consensus),
+//!   leadership handed over.
+//! - **Reporter** (every `report_interval_ms`): sends the node's [`NodeReport`] (leaders,
+//!   applied indexes, request rate) to the meta leader; on the meta leader, also drives replica
+//!   move plans one checked step at a time.
+//! - **Bootstrapper** (once, on the lowest-id meta voter of a new cluster): registers the
+//!   initial nodes, creates the first shard and splits it at the configured keys, in one meta
+//!   change.
+//!
+//! # Bootstrap and join
+//! A new cluster: every initial meta voter (up to five) starts with the same
+//! [`BootstrapConfig`]; each creates group 0 with the same membership, and the lowest id
+//! bootstraps the map. Data shards are created by each node's reconciler once the map names it:
+//! the shards of the bootstrap (configuration version 1) are formed by all their voters at
+//! once; a replica added later waits for its leader to feed it. A joining node starts with no
+//! bootstrap and the addresses of some peers, after an operator registered it
+//! ([`AdminRequest::AddNode`], `flotilla admin add-node ID ADDR`): the running nodes learn its
+//! address from the meta state and dial it (the transport's lower id dials), its reports then
+//! reach the meta leader, and it holds shards once the balancer or an operator moves some to it.
+
+use crate::meta::{self, meta_range, shard_range, META_GROUP, META_STATE_KEY};
+use crate::net::{deliver, NetStats, TransportNetwork};
+use crate::placement::{
+    BalancerConfig, LogIndex as PLogIndex, MetaCommand, MetaState, NodeId as PNodeId, NodeReport, PlanAction,
+    ReplicaRole, ShardId,
+};
+use crate::raft::{Config as RaftConfig, GroupId, Membership, NodeId, RaftError, ReadMode, Role};
+use crate::shard::{Host, HostConfig, HostError, KvCommand, KvResponse, KvStateMachine, Store};
+use crate::transport::{self as tp, cert::TlsIdentity, IncomingRequest, PeerIdentity, Transport, TransportConfig};
+use crate::wire::{
+    check_user_key, check_value, AdminRequest, AdminResponse, ClusterView, MetaOp, NodeRow, ReadConsistency, Request,
+    Response, ShardRow, StatusReport, SCAN_LIMIT_MAX, SCAN_RESPONSE_BYTES_MAX,
+};
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+/// Requests served at once; more wait (the transport bounds each peer's open requests too).
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 4096;
+/// How often the reconciler runs (ms).
+pub const RECONCILE_MS: u64 = 200;
+/// How long a meta operation may take, forwarding and retries included (ms).
+pub const META_OP_TIMEOUT_MS: u64 = 10_000;
+/// Time allowed for one node-to-node request (ms).
+pub const PEER_REQUEST_TIMEOUT_MS: u64 = 5_000;
+/// A leader asks for the same membership change or leader transfer at most this often (ms).
+pub const RECONFIG_RETRY_MS: u64 = 2_000;
+/// How long shutdown waits for the shard host's threads (ms).
+pub const SHUTDOWN_HOST_MS_MAX: u64 = 10_000;
+/// Most voters of the meta group.
+pub const META_VOTERS_MAX: usize = 5;
+
+/// Errors of the node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The configuration cannot work.
+    #[error("bad node configuration: {0}")]
+    Config(String),
+    /// Opening the store failed.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// The host failed.
+    #[error("shard host: {0}")]
+    Host(#[from] HostError),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tp::TransportError),
+    /// A meta operation was refused (it does not fit the meta state); retrying will not help.
+    #[error("meta: {0}")]
+    Meta(String),
+    /// No meta leader could run the operation in time (election, unreachable); retry.
+    #[error("meta unavailable: {0}")]
+    MetaUnavailable(String),
+}
+
+/// How a new cluster is formed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootstrapConfig {
+    /// Voters of the meta group (at most [`META_VOTERS_MAX`]); every one of them must start
+    /// with this same configuration.
+    pub meta_voters: Vec<u64>,
+    /// Voters of every initial data shard.
+    pub shard_replicas: Vec<u64>,
+    /// Client addresses of the initial nodes (recorded in the map for clients).
+    pub addrs: Vec<(u64, String)>,
+    /// Split points of the initial shards, ascending.
+    pub split_keys: Vec<Vec<u8>>,
+}
+
+/// Everything a node needs.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This node's id; must match its certificate.
+    pub id: u64,
+    /// Where the store lives.
+    pub data_dir: PathBuf,
+    /// UDP address for peers and clients (`127.0.0.1:0` picks a port).
+    pub listen_addr: SocketAddr,
+    /// The address recorded for clients; the bound address when `None`.
+    pub advertise_addr: Option<String>,
+    /// Certificates.
+    pub tls: TlsIdentity,
+    /// Known peers and their addresses.
+    pub peers: Vec<(u64, SocketAddr)>,
+    /// Set on the initial nodes of a new cluster; ignored once the store holds state.
+    pub bootstrap: Option<BootstrapConfig>,
+    /// Raft timers and limits of every group.
+    pub raft: RaftConfig,
+    /// Host poller threads.
+    pub pollers: usize,
+    /// How often the node reports to the meta leader (ms).
+    pub report_interval_ms: u64,
+    /// Balancer limits for `admin rebalance`.
+    pub balancer: BalancerConfig,
+}
+
+impl NodeConfig {
+    /// Defaults for node `id` storing in `data_dir`, listening on `listen_addr`.
+    pub fn new(id: u64, data_dir: impl Into<PathBuf>, listen_addr: SocketAddr, tls: TlsIdentity) -> NodeConfig {
+        NodeConfig {
+            id,
+            data_dir: data_dir.into(),
+            listen_addr,
+            advertise_addr: None,
+            tls,
+            peers: Vec::new(),
+            bootstrap: None,
+            raft: default_raft(),
+            pollers: 2,
+            report_interval_ms: 1_000,
+            // A learner within this many entries of the leader is promoted: a joint change keeps
+            // the old voters' quorum, so a small lag never stalls writes.
+            balancer: BalancerConfig { catch_up_lag_entries_max: 512, ..BalancerConfig::default() },
+        }
+    }
+}
+
+/// Raft timers for a node: elections in 0.6–1.2 s, heartbeats every 100 ms. Faster than
+/// Raft's defaults (failover within about a second and a half on loopback), slow enough not
+/// to elect spuriously on a loaded two-core machine.
+pub fn default_raft() -> RaftConfig {
+    RaftConfig {
+        election_timeout_ms_min: 600,
+        election_timeout_ms_max: 1200,
+        heartbeat_interval_ms: 100,
+        lease_clock_drift_ms: 60,
+        transfer_timeout_ms: 1500,
+        snapshot_resend_ms: 1000,
+        ..RaftConfig::default()
+    }
+}
+
+fn rid(n: u64) -> NodeId {
+    NodeId(n)
+}
+
+/// Counters the node exports.
+#[derive(Debug, Default)]
+pub struct NodeStats {
+    /// Client requests served (any answer).
+    pub requests: AtomicU64,
+    /// Requests answered with a redirect (not leader, stale epoch, unknown shard).
+    pub redirects: AtomicU64,
+    /// Requests that did not decode.
+    pub bad_requests: AtomicU64,
+    /// Meta operations run on this node as the meta leader.
+    pub meta_ops: AtomicU64,
+}
+
+struct Inner {
+    id: u64,
+    config: NodeConfig,
+    addr: String,
+    host: Host,
+    transport: Transport,
+    meta_sm: KvStateMachine,
+    view: RwLock<Arc<MetaState>>,
+    /// Serializes this node's meta read-modify-writes (fewer CAS retries).
+    meta_lock: tokio::sync::Mutex<()>,
+    /// When each node's report last reached this node as meta leader.
+    reports: Mutex<HashMap<u64, Instant>>,
+    /// Last time a reconfiguration was asked for, per (shard, what).
+    reconfig: Mutex<HashMap<(u64, String), Instant>>,
+    stats: NodeStats,
+    /// Peers made known after start ([`Node::set_peer_addr`]).
+    extra_peers: Mutex<BTreeSet<u64>>,
+    net_stats: Arc<NetStats>,
+    started: Instant,
+    shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A running node. Cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("id", &self.inner.id).field("addr", &self.inner.addr).finish()
+    }
+}
+
+impl Node {
+    /// Opens the store, starts the transport and host, and the node's tasks.
+    pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        if config.id == 0 {
+            return Err(NodeError::Config("node ids start at 1".into()));
+        }
+        if let Some(b) = &config.bootstrap {
+            if b.meta_voters.is_empty() || b.meta_voters.len() > META_VOTERS_MAX {
+                return Err(NodeError::Config(format!("the meta group needs 1..={META_VOTERS_MAX} voters")));
+            }
+            if b.shard_replicas.is_empty() {
+                return Err(NodeError::Config("initial shards need at least one replica".into()));
+            }
+            let mut keys = b.split_keys.clone();
+            keys.sort();
+            keys.dedup();
+            if keys != b.split_keys || keys.iter().any(|k| check_user_key(k).is_err()) {
+                return Err(NodeError::Config("split keys must be ascending, distinct, valid user keys".into()));
+            }
+        }
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| NodeError::Storage(format!("cannot create {}: {e}", config.data_dir.display())))?;
+        let store = Store::open(config.data_dir.join("store")).map_err(|e| NodeError::Storage(e.to_string()))?;
+        let mut tcfg = TransportConfig::new(tp::NodeId(config.id), config.listen_addr, config.tls.clone());
+        tcfg.peers = config.peers.iter().map(|(n, a)| (tp::NodeId(*n), *a)).collect();
+        let streams = tcfg.raft_streams;
+        let (transport, incoming) = Transport::start(tcfg).await?;
+        let bound = transport.local_addr()?;
+        let addr = config.advertise_addr.clone().unwrap_or_else(|| bound.to_string());
+        let net_stats = Arc::new(NetStats::default());
+        let network = Arc::new(TransportNetwork::new(transport.clone(), streams, net_stats.clone()));
+        let mut hcfg = HostConfig::new(rid(config.id));
+        hcfg.raft = config.raft.clone();
+        hcfg.pollers = config.pollers;
+        hcfg.quiesce_after_ticks = (3 * hcfg.raft.heartbeat_interval_ms / hcfg.tick_ms) as u32;
+        hcfg.peer_down_ms = hcfg.raft.election_timeout_ms_min;
+        hcfg.api_timeout_ms = 5_000;
+        let host = match Host::open(store.clone(), hcfg, network).await {
+            Ok(h) => h,
+            Err(e) => {
+                transport.shutdown().await;
+                return Err(e.into());
+            }
+        };
+        let (shutdown, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            id: config.id,
+            addr,
+            meta_sm: KvStateMachine::new(store, GroupId(META_GROUP), meta_range()),
+            host,
+            transport,
+            view: RwLock::new(Arc::new(MetaState::default())),
+            meta_lock: tokio::sync::Mutex::new(()),
+            reports: Mutex::new(HashMap::new()),
+            reconfig: Mutex::new(HashMap::new()),
+            stats: NodeStats::default(),
+            extra_peers: Mutex::new(BTreeSet::new()),
+            net_stats,
+            started: Instant::now(),
+            shutdown,
+            tasks: Mutex::new(Vec::new()),
+            config,
+        });
+        let node = Node { inner };
+        if let Err(e) = node.init_meta().await {
+            node.shutdown().await;
+            return Err(e);
+        }
+        node.spawn_tasks(incoming);
+        info!(node = node.inner.id, addr = %node.inner.addr, "node started");
+        Ok(node)
+    }
+
+    /// Creates the meta group on a new cluster's meta voters.
+    async fn init_meta(&self) -> Result<(), NodeError> {
+        let Some(b) = self.inner.config.bootstrap.clone() else { return Ok(()) };
+        if !b.meta_voters.contains(&self.inner.id) || self.inner.host.groups().contains(&GroupId(META_GROUP)) {
+            return Ok(());
+        }
+        let members = Membership::new(b.meta_voters.iter().map(|n| rid(*n)));
+        self.inner.host.create_group(GroupId(META_GROUP), meta_range(), Some(members)).await?;
+        info!(node = self.inner.id, "meta group created");
+        Ok(())
+    }
+
+    fn spawn_tasks(&self, incoming: tp::Incoming) {
+        let tp::Incoming { mut envelopes, mut transfers, mut requests } = incoming;
+        let mut tasks = Vec::new();
+        {
+            let me = self.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some((from, env)) = envelopes.recv().await {
+                    deliver(&me.inner.host, &me.inner.net_stats, from, env);
+                }
+            }));
+        }
+        tasks.push(tokio::spawn(async move {
+            // Snapshots travel inside Raft messages (chunked); no transfer streams are used.
+            while let Some(t) = transfers.recv().await {
+                debug!(from = %t.from, "unexpected transfer stream; refused");
+            }
+        }));
+        {
+            let me = self.clone();
+            let limit = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
+            tasks.push(tokio::spawn(async move {
+                while let Some(req) = requests.recv().await {
+                    let Ok(permit) = limit.clone().acquire_owned().await else { break };
+                    let me = me.clone();
+                    tokio::spawn(async move {
+                        me.serve(req).await;
+                        drop(permit);
+                    });
+                }
+            }));
+        }
+        {
+            let me = self.clone();
+            let mut stop = self.inner.shutdown.subscribe();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    me.reconcile().await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(RECONCILE_MS)) => {}
+                        _ = stop.changed() => break,
+                    }
+                }
+            }));
+        }
+        {
+            let me = self.clone();
+            let mut stop = self.inner.shutdown.subscribe();
+            let every = Duration::from_millis(self.inner.config.report_interval_ms.max(50));
+            tasks.push(tokio::spawn(async move {
+                let mut served = 0u64;
+                let mut at = Instant::now();
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = stop.changed() => break,
+                    }
+                    let now_served = me.inner.stats.requests.load(Ordering::Relaxed);
+                    let secs = at.elapsed().as_secs_f64().max(0.001);
+                    let rate = ((now_served - served) as f64 / secs) as u64;
+                    served = now_served;
+                    at = Instant::now();
+                    if let Err(e) = me.report(rate).await {
+                        debug!(node = me.inner.id, error = %e, "report not delivered");
+                    }
+                    me.drive_moves().await;
+                }
+            }));
+        }
+        if let Some(b) = self.inner.config.bootstrap.clone() {
+            if b.meta_voters.iter().min() == Some(&self.inner.id) {
+                let me = self.clone();
+                tasks.push(tokio::spawn(async move {
+                    // Every initial node is registered; an address not given yet stays empty
+                    // until the node's first report fills it in.
+                    let mut ids: Vec<u64> = b.meta_voters.iter().chain(b.shard_replicas.iter()).copied().collect();
+                    ids.sort();
+                    ids.dedup();
+                    let addr_of =
+                        |n: u64| b.addrs.iter().find(|(m, _)| *m == n).map(|(_, a)| a.clone()).unwrap_or_default();
+                    let op = MetaOp::Bootstrap {
+                        nodes: ids.iter().map(|n| (PNodeId(*n), addr_of(*n))).collect(),
+                        replicas: b.shard_replicas.iter().map(|n| PNodeId(*n)).collect(),
+                        split_keys: b.split_keys.clone(),
+                    };
+                    loop {
+                        match me.meta_exec(op.clone(), false).await {
+                            Ok(_) => {
+                                info!(node = me.inner.id, "cluster bootstrapped");
+                                break;
+                            }
+                            Err(e) => {
+                                debug!(error = %e, "bootstrap not done yet; retrying");
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                        }
+                    }
+                }));
+            }
+        }
+        if let Ok(mut t) = self.inner.tasks.lock() {
+            t.extend(tasks);
+        }
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// The address clients and peers reach this node at.
+    pub fn addr(&self) -> &str {
+        &self.inner.addr
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> Result<SocketAddr, NodeError> {
+        Ok(self.inner.transport.local_addr()?)
+    }
+
+    /// The shard host (for embedders and tests).
+    pub fn host(&self) -> &Host {
+        &self.inner.host
+    }
+
+    /// The transport (for embedders and tests: fault injection, metrics).
+    pub fn transport(&self) -> &Transport {
+        &self.inner.transport
+    }
+
+    /// The node's (possibly lagging) copy of the meta state.
+    pub fn meta_view(&self) -> Arc<MetaState> {
+        self.inner.view.read().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Tells the node where `peer` listens: the transport dials it if its id is higher, and a
+    /// node without a meta replica may send it meta requests.
+    pub fn set_peer_addr(&self, peer: u64, addr: SocketAddr) -> Result<(), NodeError> {
+        if let Ok(mut p) = self.inner.extra_peers.lock() {
+            p.insert(peer);
+        }
+        Ok(self.inner.transport.set_peer_addr(tp::NodeId(peer), addr)?)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &NodeStats {
+        &self.inner.stats
+    }
+
+    /// Prometheus text exposition of the node's metrics.
+    pub async fn metrics_text(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let id = self.inner.id;
+        let mut counter = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{node=\"{id}\"}} {v}");
+        };
+        let s = &self.inner.stats;
+        counter("flotilla_requests_total", "Client requests served.", s.requests.load(Ordering::Relaxed));
+        counter("flotilla_redirects_total", "Requests answered with a redirect.", s.redirects.load(Ordering::Relaxed));
+        counter("flotilla_bad_requests_total", "Requests that did not decode.", s.bad_requests.load(Ordering::Relaxed));
+        counter("flotilla_meta_ops_total", "Meta operations run as meta leader.", s.meta_ops.load(Ordering::Relaxed));
+        let h = self.inner.host.stats();
+        counter("flotilla_host_batches_sent_total", "Node batches sent.", h.batches_sent.load(Ordering::Relaxed));
+        counter("flotilla_host_messages_sent_total", "Raft messages sent.", h.messages_sent.load(Ordering::Relaxed));
+        counter(
+            "flotilla_host_mailbox_dropped_total",
+            "Messages dropped at full mailboxes.",
+            h.mailbox_dropped.load(Ordering::Relaxed),
+        );
+        counter("flotilla_host_rounds_total", "Poller rounds.", h.rounds.load(Ordering::Relaxed));
+        let n = &self.inner.net_stats;
+        counter(
+            "flotilla_net_spoofed_total",
+            "Batches whose sender did not match its certificate.",
+            n.spoofed.load(Ordering::Relaxed),
+        );
+        counter("flotilla_net_malformed_total", "Envelopes that did not decode.", n.malformed.load(Ordering::Relaxed));
+        let w = self.inner.host.store().stats();
+        let _ = w;
+        let infos = self.inner.host.group_info().await.unwrap_or_default();
+        let leaders = infos.iter().filter(|i| i.role == Role::Leader).count();
+        let quiet = infos.iter().filter(|i| i.quiet).count();
+        let _ = writeln!(
+            out,
+            "# HELP flotilla_groups Groups hosted.\n# TYPE flotilla_groups gauge\nflotilla_groups{{node=\"{id}\"}} {}\n\
+             # HELP flotilla_groups_leading Groups this node leads.\n# TYPE flotilla_groups_leading gauge\nflotilla_groups_leading{{node=\"{id}\"}} {leaders}\n\
+             # HELP flotilla_groups_quiet Quiescent groups.\n# TYPE flotilla_groups_quiet gauge\nflotilla_groups_quiet{{node=\"{id}\"}} {quiet}\n\
+             # HELP flotilla_uptime_seconds Seconds since start.\n# TYPE flotilla_uptime_seconds gauge\nflotilla_uptime_seconds{{node=\"{id}\"}} {}",
+            infos.len(),
+            self.inner.started.elapsed().as_secs()
+        );
+        out
+    }
+
+    /// Whether the node is healthy: not stopped, store not poisoned, meta state known.
+    pub fn health(&self) -> Result<(), String> {
+        if *self.inner.shutdown.borrow() {
+            return Err("shutting down".into());
+        }
+        if let Some(e) = self.inner.host.store().poisoned() {
+            return Err(format!("store failed: {e}"));
+        }
+        if self.meta_view().map.is_empty() {
+            return Err("no shard map yet (cluster not bootstrapped or meta unreachable)".into());
+        }
+        Ok(())
+    }
+
+    /// Stops the node's tasks, the host and the transport.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+        let tasks: Vec<_> = self.inner.tasks.lock().map(|mut t| t.drain(..).collect()).unwrap_or_default();
+        for t in tasks {
+            t.abort();
+        }
+        // A host whose poller is stuck (a storage bug, a hung disk) must not hang the process's
+        // exit: give it a bounded time.
+        if tokio::time::timeout(Duration::from_millis(SHUTDOWN_HOST_MS_MAX), self.inner.host.shutdown()).await.is_err()
+        {
+            warn!(node = self.inner.id, "the shard host did not stop in time; leaving it");
+        }
+        self.inner.transport.shutdown().await;
+        info!(node = self.inner.id, "node stopped");
+    }
+
+    // ---------------------------------------------------------------- meta
+
+    fn set_view(&self, state: MetaState) {
+        if let Ok(mut v) = self.inner.view.write() {
+            *v = Arc::new(state);
+        }
+    }
+
+    /// Re-reads the local replica of the meta state, if this node holds one.
+    async fn refresh_local_view(&self) -> bool {
+        if !self.inner.host.groups().contains(&GroupId(META_GROUP)) {
+            return false;
+        }
+        match self.inner.meta_sm.get(META_STATE_KEY.to_vec()).await {
+            Ok(bytes) => match meta::decode_state(bytes.as_deref()) {
+                Ok(s) => {
+                    self.set_view(s);
+                    true
+                }
+                Err(e) => {
+                    warn!(error = %e, "local meta state does not decode");
+                    false
+                }
+            },
+            Err(e) => {
+                warn!(error = %e, "cannot read the local meta state");
+                false
+            }
+        }
+    }
+
+    /// Runs `op` on the meta leader (here, or forwarded) and returns the state after it and
+    /// the op's answer.
+    pub async fn meta_exec(&self, op: MetaOp, forwarded: bool) -> Result<(MetaState, AdminResponse), NodeError> {
+        let deadline = Instant::now() + Duration::from_millis(META_OP_TIMEOUT_MS);
+        let mut peer_turn = 0usize;
+        let mut last_err = String::from("no meta leader reachable");
+        while Instant::now() < deadline {
+            let target = if self.inner.host.groups().contains(&GroupId(META_GROUP)) {
+                match self.meta_local(&op).await {
+                    Ok(r) => {
+                        if let MetaOp::Report { node, .. } = &op {
+                            if let Ok(mut m) = self.inner.reports.lock() {
+                                m.insert(node.0, Instant::now());
+                            }
+                        }
+                        return Ok(r);
+                    }
+                    Err(MetaTry::Refused(e)) => return Err(NodeError::Meta(e)),
+                    Err(MetaTry::Leader(Some(l))) if l.0 != self.inner.id && !forwarded => Some(l.0),
+                    // A forwarded op is not forwarded again: the sender retries.
+                    Err(MetaTry::Leader(l)) if forwarded => {
+                        return Err(NodeError::MetaUnavailable(format!(
+                            "node {} is not the meta leader ({l:?})",
+                            self.inner.id
+                        )))
+                    }
+                    Err(MetaTry::Leader(_)) => {
+                        last_err = "the meta group has no leader yet".into();
+                        None
+                    }
+                    Err(MetaTry::Retry(e)) => {
+                        last_err = e;
+                        None
+                    }
+                }
+            } else if forwarded {
+                return Err(NodeError::MetaUnavailable("this node holds no meta replica".into()));
+            } else {
+                // No local replica: ask the nodes we know of in turn.
+                let mut known: Vec<u64> = self.meta_view().nodes.keys().map(|n| n.0).collect();
+                known.extend(self.inner.config.peers.iter().map(|p| p.0));
+                if let Ok(p) = self.inner.extra_peers.lock() {
+                    known.extend(p.iter().copied());
+                }
+                known.sort();
+                known.dedup();
+                known.retain(|n| *n != self.inner.id);
+                if known.is_empty() {
+                    return Err(NodeError::Meta("no peers known".into()));
+                }
+                peer_turn += 1;
+                Some(known[peer_turn % known.len()])
+            };
+            if let Some(to) = target {
+                // To the leader: final hop. To any node (we hold no meta replica): it may forward
+                // once to its leader.
+                let hop = self.inner.host.groups().contains(&GroupId(META_GROUP));
+                let req = Request::Meta { op: op.clone(), forwarded: hop };
+                match self
+                    .inner
+                    .transport
+                    .request(tp::NodeId(to), req.encode(), Duration::from_millis(PEER_REQUEST_TIMEOUT_MS))
+                    .await
+                {
+                    Ok(bytes) => match Response::decode(&bytes) {
+                        Ok(Response::Meta { state, answer }) => {
+                            let s = meta::decode_state(Some(&state)).map_err(NodeError::Meta)?;
+                            self.set_view(s.clone());
+                            return Ok((s, answer));
+                        }
+                        Ok(Response::Invalid(e)) => return Err(NodeError::Meta(e)),
+                        Ok(other) => last_err = format!("meta leader {to} answered {other:?}"),
+                        Err(e) => last_err = e.to_string(),
+                    },
+                    Err(e) => last_err = format!("node {to}: {e}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(NodeError::MetaUnavailable(format!("timed out: {last_err}")))
+    }
+
+    async fn meta_local(&self, op: &MetaOp) -> Result<(MetaState, AdminResponse), MetaTry> {
+        let _guard = self.inner.meta_lock.lock().await;
+        let g = GroupId(META_GROUP);
+        loop {
+            let cur = self.inner.host.get(g, META_STATE_KEY.to_vec(), ReadMode::ReadIndex).await.map_err(meta_try)?;
+            let state = meta::decode_state(cur.as_deref()).map_err(MetaTry::Refused)?;
+            let mut next = state.clone();
+            let answer = meta::run_op(op, &mut next, &self.inner.config.balancer).map_err(MetaTry::Refused)?;
+            self.inner.stats.meta_ops.fetch_add(1, Ordering::Relaxed);
+            if next == state {
+                self.set_view(state.clone());
+                return Ok((state, answer));
+            }
+            let bytes = meta::encode_state(&next).map_err(MetaTry::Refused)?;
+            let cas = KvCommand::Cas { key: META_STATE_KEY.to_vec(), expected: cur, new: Some(bytes) };
+            match self.inner.host.write(g, cas).await.map_err(meta_try)? {
+                KvResponse::Done { .. } => {
+                    self.set_view(next.clone());
+                    return Ok((next, answer));
+                }
+                KvResponse::CasFailed { .. } => continue,
+                KvResponse::Refused(e) => return Err(MetaTry::Refused(e)),
+            }
+        }
+    }
+
+    async fn report(&self, requests_per_s: u64) -> Result<(), NodeError> {
+        let infos = self.inner.host.group_info().await?;
+        let mut report = NodeReport { requests_per_s, ..NodeReport::default() };
+        for i in infos.iter().filter(|i| i.group.0 != META_GROUP) {
+            if i.role == Role::Leader {
+                report.leading.push(ShardId(i.group.0));
+            }
+            report.applied.insert(ShardId(i.group.0), PLogIndex(i.applied.0));
+        }
+        report.shard_bytes = self.shard_sizes(&report.applied.keys().copied().collect::<Vec<_>>()).await;
+        let op = MetaOp::Report { node: PNodeId(self.inner.id), addr: self.inner.addr.clone(), report };
+        self.meta_exec(op, false).await?;
+        Ok(())
+    }
+
+    /// Approximate bytes on disk of each shard's key range (flushed data only: RocksDB does not
+    /// estimate memtables per range, so a small, fresh shard shows 0).
+    async fn shard_sizes(&self, shards: &[ShardId]) -> std::collections::BTreeMap<ShardId, u64> {
+        let view = self.meta_view();
+        let ranges: Vec<(ShardId, Vec<u8>, Vec<u8>)> = shards
+            .iter()
+            .filter_map(|s| view.map.get(*s))
+            .map(|d| {
+                let r = shard_range(d);
+                (d.id, r.start, r.end.unwrap_or_else(|| vec![0xff; 64]))
+            })
+            .collect();
+        let sizes = self
+            .inner
+            .host
+            .store()
+            .blocking(move |s| {
+                let cf = s.cf(crate::shard::CF_DATA)?;
+                let spans: Vec<rocksdb::Range> = ranges.iter().map(|(_, a, b)| rocksdb::Range::new(a, b)).collect();
+                let sizes = s.db().get_approximate_sizes_cf(&cf, &spans);
+                Ok(ranges.iter().map(|(id, _, _)| *id).zip(sizes).collect())
+            })
+            .await;
+        sizes.unwrap_or_default()
+    }
+
+    /// On the meta leader: runs one step of every replica move plan.
+    async fn drive_moves(&self) {
+        let infos = self.inner.host.group_info().await.unwrap_or_default();
+        let leads_meta = infos.iter().any(|i| i.group.0 == META_GROUP && i.role == Role::Leader);
+        if !leads_meta {
+            return;
+        }
+        let state = self.meta_view();
+        for plan in state.moves.values() {
+            let cmd = match plan.next(&state) {
+                Ok(PlanAction::Wait { .. }) => continue,
+                Ok(_) => MetaCommand::AdvanceMove { shard: plan.shard, step: plan.step },
+                Err(e) => {
+                    warn!(shard = %plan.shard, error = %e, "move cannot go on; aborting it");
+                    MetaCommand::AbortMove { shard: plan.shard }
+                }
+            };
+            if let Err(e) = self.meta_exec(MetaOp::Commands(vec![cmd]), false).await {
+                debug!(shard = %plan.shard, error = %e, "move step not taken");
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- reconciler
+
+    async fn reconcile(&self) {
+        if !self.refresh_local_view().await {
+            // No local meta replica: fetch the state from the meta leader.
+            if let Err(e) = self.meta_exec(MetaOp::Read, false).await {
+                debug!(error = %e, "cannot read the meta state");
+            }
+        }
+        let state = self.meta_view();
+        let me = PNodeId(self.inner.id);
+        for (id, info) in &state.nodes {
+            if id.0 > self.inner.id {
+                if let Ok(a) = info.addr.parse::<SocketAddr>() {
+                    let _ = self.inner.transport.set_peer_addr(tp::NodeId(id.0), a);
+                }
+            }
+        }
+        if state.map.is_empty() {
+            return;
+        }
+        let host = &self.inner.host;
+        let local: BTreeSet<GroupId> = host.groups().into_iter().collect();
+        for d in state.map.shards() {
+            let Some(r) = d.replica(me) else { continue };
+            if local.contains(&GroupId(d.id.0)) {
+                continue;
+            }
+            // Shards of the bootstrap are formed by all their voters; a replica added later
+            // waits for the leader to feed it.
+            let initial = (d.epoch.conf_version == 1 && r.role == ReplicaRole::Voter)
+                .then(|| Membership::new(d.voters().map(|n| rid(n.0))));
+            match host.create_group(GroupId(d.id.0), shard_range(d), initial).await {
+                Ok(()) => info!(node = self.inner.id, shard = %d.id, "shard replica created"),
+                Err(e) => warn!(node = self.inner.id, shard = %d.id, error = %e, "cannot create shard replica"),
+            }
+        }
+        for g in &local {
+            if g.0 == META_GROUP {
+                continue;
+            }
+            let keep = state.map.get(ShardId(g.0)).is_some_and(|d| d.replica(me).is_some());
+            if !keep {
+                match host.destroy_group(*g, true).await {
+                    Ok(()) => info!(node = self.inner.id, shard = g.0, "shard replica removed"),
+                    Err(e) => warn!(shard = g.0, error = %e, "cannot remove shard replica"),
+                }
+            }
+        }
+        let Ok(infos) = host.group_info().await else { return };
+        for i in infos.iter().filter(|i| i.role == Role::Leader && i.group.0 != META_GROUP) {
+            let Some(d) = state.map.get(ShardId(i.group.0)) else { continue };
+            let want: BTreeSet<NodeId> = d.voters().map(|n| rid(n.0)).collect();
+            // Learners are added for the target of a move only: a voter demoted by a move's
+            // swap is a learner in the map until the move removes it, and must not rejoin.
+            let target = state.moves.get(&d.id).map(|p| p.to);
+            for l in d.replicas.iter().filter(|r| r.role == ReplicaRole::Learner && Some(r.node) == target) {
+                if !i.voters.contains(&rid(l.node.0)) && self.may_reconfig(i.group.0, format!("learner-{}", l.node.0)) {
+                    if let Err(e) = host.add_learner(i.group, rid(l.node.0)).await {
+                        debug!(shard = i.group.0, error = %e, "add learner");
+                    }
+                }
+            }
+            if want != i.voters && !want.is_empty() && self.may_reconfig(i.group.0, format!("voters-{want:?}")) {
+                match host.change_membership(i.group, want.clone()).await {
+                    Ok(_) => info!(shard = i.group.0, voters = ?want, "voters changed"),
+                    Err(e) => debug!(shard = i.group.0, error = %e, "change membership"),
+                }
+            }
+            if let Some(target) = state.transfers.get(&d.id) {
+                if target.0 != self.inner.id
+                    && i.voters.contains(&rid(target.0))
+                    && self.may_reconfig(i.group.0, format!("transfer-{}", target.0))
+                {
+                    if let Err(e) = host.transfer_leader(i.group, rid(target.0)).await {
+                        debug!(shard = i.group.0, error = %e, "transfer leader");
+                    }
+                }
+            }
+        }
+    }
+
+    fn may_reconfig(&self, shard: u64, what: String) -> bool {
+        let Ok(mut m) = self.inner.reconfig.lock() else { return false };
+        let now = Instant::now();
+        match m.get(&(shard, what.clone())) {
+            Some(t) if now.duration_since(*t) < Duration::from_millis(RECONFIG_RETRY_MS) => false,
+            _ => {
+                m.insert((shard, what), now);
+                true
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- serving
+
+    async fn serve(&self, req: IncomingRequest) {
+        let IncomingRequest { from, body, responder } = req;
+        let resp = match Request::decode(&body) {
+            Ok(r) => self.handle(&from, r).await,
+            Err(e) => {
+                self.inner.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                Response::Invalid(format!("bad request: {e}"))
+            }
+        };
+        self.inner.stats.requests.fetch_add(1, Ordering::Relaxed);
+        if matches!(
+            resp,
+            Response::NotLeader { .. }
+                | Response::StaleEpoch { .. }
+                | Response::WrongShard { .. }
+                | Response::UnknownShard
+        ) {
+            self.inner.stats.redirects.fetch_add(1, Ordering::Relaxed);
+        }
+        responder.respond(resp.encode());
+    }
+
+    /// Answers one request (also usable in-process).
+    pub async fn handle(&self, from: &PeerIdentity, req: Request) -> Response {
+        match req {
+            Request::Get { shard, epoch, key, consistency } => {
+                if let Err(e) = check_user_key(&key) {
+                    return Response::Invalid(e);
+                }
+                if let Err(r) = self.route(shard, epoch, &key).await {
+                    return r;
+                }
+                if consistency == ReadConsistency::Stale {
+                    let Some(sm) = self.local_replica(shard) else { return Response::UnknownShard };
+                    return match sm.get(key).await {
+                        Ok(v) => Response::Value(v),
+                        Err(e) => Response::Unavailable(e.to_string()),
+                    };
+                }
+                match self.inner.host.get(GroupId(shard.0), key, read_mode(consistency)).await {
+                    Ok(v) => Response::Value(v),
+                    Err(e) => self.host_error(e, false),
+                }
+            }
+            Request::Put { shard, epoch, key, value } => {
+                if let Err(e) = check_user_key(&key).and_then(|_| check_value(&value)) {
+                    return Response::Invalid(e);
+                }
+                self.write(shard, epoch, KvCommand::Put { key, value }).await
+            }
+            Request::Delete { shard, epoch, key } => {
+                if let Err(e) = check_user_key(&key) {
+                    return Response::Invalid(e);
+                }
+                self.write(shard, epoch, KvCommand::Delete { key }).await
+            }
+            Request::Cas { shard, epoch, key, expected, new } => {
+                let sizes = expected.iter().chain(new.iter()).try_for_each(|v| check_value(v));
+                if let Err(e) = check_user_key(&key).and(sizes) {
+                    return Response::Invalid(e);
+                }
+                self.write(shard, epoch, KvCommand::Cas { key, expected, new }).await
+            }
+            Request::Scan { shard, epoch, start, end, limit, consistency } => {
+                let limit = (limit as usize).min(SCAN_LIMIT_MAX);
+                let d = match self.route_shard(shard, epoch).await {
+                    Ok(d) => d,
+                    Err(r) => return r,
+                };
+                let from = if start.as_slice() < d.start.as_slice() { d.start.clone() } else { start };
+                if consistency == ReadConsistency::Stale {
+                    let Some(sm) = self.local_replica(shard) else { return Response::UnknownShard };
+                    return match sm.scan(from, end, limit).await {
+                        Ok(pairs) => Response::Pairs(cut_scan(pairs)),
+                        Err(e) => Response::Unavailable(e.to_string()),
+                    };
+                }
+                match self.inner.host.scan(GroupId(shard.0), from, end, limit, read_mode(consistency)).await {
+                    Ok(pairs) => Response::Pairs(cut_scan(pairs)),
+                    Err(e) => self.host_error(e, false),
+                }
+            }
+            Request::ClusterView { fresh } => {
+                let state = if fresh {
+                    match self.meta_exec(MetaOp::Read, false).await {
+                        Ok((s, _)) => Arc::new(s),
+                        Err(e) => return Response::Unavailable(e.to_string()),
+                    }
+                } else {
+                    self.meta_view()
+                };
+                Response::View(view_of(&state))
+            }
+            Request::Admin(a) => {
+                // Report ages are known only on the meta leader: a client's node/status
+                // request is answered there (one hop; a node never forwards a node's request).
+                if matches!(a, AdminRequest::Nodes | AdminRequest::Status) && !matches!(from, PeerIdentity::Node(_)) {
+                    if let Some(leader) = self.meta_leader_elsewhere().await {
+                        let req = Request::Admin(a.clone());
+                        let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
+                        if let Ok(bytes) = self.inner.transport.request(tp::NodeId(leader), req.encode(), timeout).await
+                        {
+                            if let Ok(resp @ Response::Admin(_)) = Response::decode(&bytes) {
+                                return resp;
+                            }
+                        }
+                    }
+                }
+                self.admin(a).await
+            }
+            Request::Meta { op, forwarded } => {
+                if !matches!(from, PeerIdentity::Node(_)) {
+                    return Response::Invalid("meta operations are for nodes; use admin requests".into());
+                }
+                match self.meta_exec(op, forwarded).await {
+                    Ok((state, answer)) => match meta::encode_state(&state) {
+                        Ok(state) => Response::Meta { state, answer },
+                        Err(e) => Response::Unavailable(e),
+                    },
+                    Err(NodeError::Meta(e)) => Response::Invalid(e),
+                    Err(e) => Response::Unavailable(e.to_string()),
+                }
+            }
+        }
+    }
+
+    /// A reader of this node's replica of `shard` (its applied state, however far behind).
+    fn local_replica(&self, shard: ShardId) -> Option<KvStateMachine> {
+        if !self.inner.host.groups().contains(&GroupId(shard.0)) {
+            return None;
+        }
+        let d = self.meta_view().map.get(shard)?.clone();
+        Some(KvStateMachine::new(self.inner.host.store().clone(), GroupId(shard.0), shard_range(&d)))
+    }
+
+    async fn write(&self, shard: ShardId, epoch: crate::placement::Epoch, cmd: KvCommand) -> Response {
+        if let Err(r) = self.route(shard, epoch, cmd.key()).await {
+            return r;
+        }
+        match self.inner.host.write(GroupId(shard.0), cmd).await {
+            Ok(KvResponse::Done { previous }) => Response::Written { previous },
+            Ok(KvResponse::CasFailed { current }) => Response::CasFailed { current },
+            Ok(KvResponse::Refused(e)) => Response::Invalid(e),
+            Err(e) => self.host_error(e, true),
+        }
+    }
+
+    /// Checks a request's routing against this node's map (re-reading it once on a mismatch,
+    /// in case the client saw a newer map).
+    async fn route_shard(
+        &self,
+        shard: ShardId,
+        epoch: crate::placement::Epoch,
+    ) -> Result<crate::placement::ShardDescriptor, Response> {
+        for attempt in 0..2 {
+            let view = self.meta_view();
+            match view.map.get(shard) {
+                Some(d) if d.epoch == epoch => return Ok(d.clone()),
+                Some(d) if attempt == 1 => return Err(Response::StaleEpoch { descriptor: d.clone() }),
+                None if attempt == 1 => return Err(Response::UnknownShard),
+                _ => {
+                    self.refresh_local_view().await;
+                }
+            }
+        }
+        Err(Response::UnknownShard)
+    }
+
+    async fn route(&self, shard: ShardId, epoch: crate::placement::Epoch, key: &[u8]) -> Result<(), Response> {
+        let d = self.route_shard(shard, epoch).await?;
+        if !d.contains(key) {
+            return match self.meta_view().map.lookup(key) {
+                Some(owner) => Err(Response::WrongShard { owner: owner.clone() }),
+                None => Err(Response::UnknownShard),
+            };
+        }
+        Ok(())
+    }
+
+    fn host_error(&self, e: HostError, write: bool) -> Response {
+        match e {
+            HostError::UnknownGroup(_) => Response::UnknownShard,
+            HostError::Raft(RaftError::NotLeader { leader }) => {
+                let addr = leader.and_then(|l| self.meta_view().nodes.get(&PNodeId(l.0)).map(|n| n.addr.clone()));
+                Response::NotLeader { leader: leader.map(|l| PNodeId(l.0)), addr }
+            }
+            HostError::Raft(e @ (RaftError::Timeout | RaftError::Indeterminate { .. })) if write => {
+                Response::Unknown(e.to_string())
+            }
+            HostError::KeyOutOfRange(g) => Response::Unavailable(format!("key outside shard {g}'s range here")),
+            other => Response::Unavailable(other.to_string()),
+        }
+    }
+
+    async fn admin(&self, a: AdminRequest) -> Response {
+        let read = |s: Result<(MetaState, AdminResponse), NodeError>| s.map(|(s, _)| s);
+        let answer = |r: Result<(MetaState, AdminResponse), NodeError>| match r {
+            Ok((_, a)) => Response::Admin(a),
+            Err(NodeError::Meta(e)) => Response::Invalid(e),
+            Err(e) => Response::Unavailable(e.to_string()),
+        };
+        match a {
+            AdminRequest::Nodes | AdminRequest::Shards | AdminRequest::Status => {
+                let state = match read(self.meta_exec(MetaOp::Read, false).await) {
+                    Ok(s) => s,
+                    Err(e) => return Response::Unavailable(e.to_string()),
+                };
+                match a {
+                    AdminRequest::Nodes => Response::Admin(AdminResponse::Nodes(self.node_rows(&state))),
+                    AdminRequest::Shards => Response::Admin(AdminResponse::Shards(shard_rows(&state))),
+                    _ => {
+                        let rows = self.node_rows(&state);
+                        let live = rows.iter().filter(|r| r.report_age_ms.is_some_and(|a| a < 5_000)).count();
+                        let shards = shard_rows(&state);
+                        let meta_leader = self
+                            .inner
+                            .host
+                            .group_info()
+                            .await
+                            .ok()
+                            .and_then(|v| v.into_iter().find(|i| i.group.0 == META_GROUP))
+                            .and_then(|i| i.leader)
+                            .map(|l| PNodeId(l.0));
+                        Response::Admin(AdminResponse::Status(StatusReport {
+                            nodes: rows.len(),
+                            nodes_live: live,
+                            shards: shards.len(),
+                            shards_with_leader: shards.iter().filter(|s| s.leader.is_some()).count(),
+                            moves: state.moves.len(),
+                            meta_leader,
+                        }))
+                    }
+                }
+            }
+            AdminRequest::Split { key } => {
+                if let Err(e) = check_user_key(&key) {
+                    return Response::Invalid(e);
+                }
+                answer(self.meta_exec(MetaOp::SplitAt { key }, false).await)
+            }
+            AdminRequest::Move { shard, from, to } => {
+                let state = self.meta_view();
+                let Some(d) = state.map.get(shard) else { return Response::Invalid(format!("no shard {shard}")) };
+                let leads = state.nodes.get(&from).is_some_and(|n| n.report.leading.contains(&shard));
+                let plan = crate::placement::MovePlan::new(
+                    shard,
+                    from,
+                    to,
+                    leads.then_some(to),
+                    self.inner.config.balancer.catch_up_lag_entries_max,
+                );
+                let now_ms = now_ms();
+                let cmd = MetaCommand::StartMove { epoch: d.epoch, plan, now_ms };
+                answer(self.meta_exec(MetaOp::Commands(vec![cmd]), false).await)
+            }
+            AdminRequest::TransferLeader { shard, node } => {
+                let state = self.meta_view();
+                let Some(d) = state.map.get(shard) else { return Response::Invalid(format!("no shard {shard}")) };
+                let cmd = MetaCommand::TransferLeader { shard, epoch: d.epoch, node };
+                answer(self.meta_exec(MetaOp::Commands(vec![cmd]), false).await)
+            }
+            AdminRequest::Rebalance => answer(self.meta_exec(MetaOp::Rebalance { now_ms: now_ms() }, false).await),
+            AdminRequest::AddNode { node, addr } => {
+                if node.0 == 0 {
+                    return Response::Invalid("node ids start at 1".into());
+                }
+                if let Err(e) = addr.parse::<SocketAddr>() {
+                    return Response::Invalid(format!("{addr:?} is not an address like 127.0.0.1:7004: {e}"));
+                }
+                answer(self.meta_exec(MetaOp::Commands(vec![MetaCommand::RegisterNode { node, addr }]), false).await)
+            }
+            AdminRequest::Drain { node, draining } => {
+                answer(self.meta_exec(MetaOp::Commands(vec![MetaCommand::SetDraining { node, draining }]), false).await)
+            }
+        }
+    }
+
+    /// The meta group's leader when it is another node (as this node's replica knows it).
+    async fn meta_leader_elsewhere(&self) -> Option<u64> {
+        let infos = self.inner.host.group_info().await.ok()?;
+        let leader = infos.into_iter().find(|i| i.group.0 == META_GROUP)?.leader?;
+        (leader.0 != self.inner.id).then_some(leader.0)
+    }
+
+    fn node_rows(&self, state: &MetaState) -> Vec<NodeRow> {
+        let reports = self.inner.reports.lock().map(|r| r.clone()).unwrap_or_default();
+        state
+            .nodes
+            .values()
+            .map(|n| NodeRow {
+                node: n.id,
+                addr: n.addr.clone(),
+                replicas: state.map.shards().filter(|d| d.replica(n.id).is_some()).count(),
+                leading: n.report.leading.len(),
+                requests_per_s: n.report.requests_per_s,
+                draining: n.draining,
+                report_age_ms: reports.get(&n.id.0).map(|t| t.elapsed().as_millis() as u64),
+            })
+            .collect()
+    }
+}
+
+enum MetaTry {
+    /// Not the meta leader; the leader if known.
+    Leader(Option<NodeId>),
+    /// Refused by the op or state: final.
+    Refused(String),
+    /// Transient failure.
+    Retry(String),
+}
+
+fn meta_try(e: HostError) -> MetaTry {
+    match e {
+        HostError::Raft(RaftError::NotLeader { leader }) => MetaTry::Leader(leader),
+        other => MetaTry::Retry(other.to_string()),
+    }
+}
+
+/// Cuts a scan answer to [`SCAN_RESPONSE_BYTES_MAX`] (keeping at least one pair).
+fn cut_scan(mut pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut total = 0usize;
+    let mut keep = pairs.len();
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        total += k.len() + v.len();
+        if total > SCAN_RESPONSE_BYTES_MAX && i > 0 {
+            keep = i;
+            break;
+        }
+    }
+    pairs.truncate(keep);
+    pairs
+}
+
+fn read_mode(c: ReadConsistency) -> ReadMode {
+    match c {
+        ReadConsistency::Linearizable => ReadMode::ReadIndex,
+        ReadConsistency::Lease => ReadMode::Lease,
+        // Never reaches the host's read path (served from the local replica).
+        ReadConsistency::Stale => ReadMode::ReadIndex,
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The client's view of a meta state.
+pub fn view_of(state: &MetaState) -> ClusterView {
+    ClusterView { map: state.map.clone(), nodes: state.nodes.values().map(|n| (n.id, n.addr.clone())).collect() }
+}
+
+fn shard_rows(state: &MetaState) -> Vec<ShardRow> {
+    state
+        .map
+        .shards()
+        .map(|d| {
+            let leader = d
+                .replicas
+                .iter()
+                .map(|r| r.node)
+                .find(|n| state.nodes.get(n).is_some_and(|i| i.report.leading.contains(&d.id)));
+            let applied = d
+                .replicas
+                .iter()
+                .filter_map(|r| {
+                    state.nodes.get(&r.node).and_then(|i| i.report.applied.get(&d.id)).map(|a| (r.node, a.0))
+                })
+                .collect();
+            let bytes =
+                state.nodes.values().filter_map(|i| i.report.shard_bytes.get(&d.id)).copied().max().unwrap_or(0);
+            let moving = state.moves.get(&d.id).map(|p| format!("{} -> {} at {:?}", p.from, p.to, p.step));
+            ShardRow { descriptor: d.clone(), leader, applied, bytes, moving }
+        })
+        .collect()
+}

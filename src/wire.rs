@@ -1,0 +1,453 @@
+//! The client protocol: what clients (the CLI, [`crate::Client`]) and nodes send each other
+//! over transport requests.
+//!
+//! Every message is `[u8 version][bincode body]`; a version this build does not know is refused
+//! with a clear error (never guessed at). Requests name the shard and the epoch the client
+//! routed by; a node whose view differs answers with where to go instead of serving.
+
+use crate::placement::{Epoch, MetaCommand, NodeId, ShardDescriptor, ShardId, ShardMap};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Version byte that starts every request and response of this protocol.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Largest key accepted (bytes). Keys travel in every routing check and log entry.
+pub const KEY_BYTES_MAX: usize = 4 << 10;
+/// Largest value accepted (bytes); well under the transport's frame limit and the Raft
+/// append limit, so one value always fits one message.
+pub const VALUE_BYTES_MAX: usize = 512 << 10;
+/// Most pairs a scan returns in one answer.
+pub const SCAN_LIMIT_MAX: usize = 10_000;
+/// Most key and value bytes in one scan answer (under the transport's 4 MiB frame); a longer
+/// answer is cut (at least one pair kept) and the client asks again from where it stopped.
+pub const SCAN_RESPONSE_BYTES_MAX: usize = 2 << 20;
+
+/// How a read is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum ReadConsistency {
+    /// Linearizable, by ReadIndex (one quorum round trip; no clock assumption). The default.
+    #[default]
+    Linearizable,
+    /// Linearizable by the leader's lease (no round trip while the lease holds; assumes
+    /// bounded clock drift).
+    Lease,
+    /// From whichever replica answers, leader or not, without any check: may miss recent
+    /// writes (a follower read). Spreads reads over replicas and works without a leader.
+    Stale,
+}
+
+/// A request to a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Read one key.
+    Get {
+        /// The shard the client routed to.
+        shard: ShardId,
+        /// The shard's epoch in the client's map.
+        epoch: Epoch,
+        /// The key.
+        key: Vec<u8>,
+        /// How to read.
+        consistency: ReadConsistency,
+    },
+    /// Set a key.
+    Put {
+        /// The shard the client routed to.
+        shard: ShardId,
+        /// The shard's epoch in the client's map.
+        epoch: Epoch,
+        /// The key.
+        key: Vec<u8>,
+        /// The value.
+        value: Vec<u8>,
+    },
+    /// Remove a key.
+    Delete {
+        /// The shard the client routed to.
+        shard: ShardId,
+        /// The shard's epoch in the client's map.
+        epoch: Epoch,
+        /// The key.
+        key: Vec<u8>,
+    },
+    /// Compare-and-swap.
+    Cas {
+        /// The shard the client routed to.
+        shard: ShardId,
+        /// The shard's epoch in the client's map.
+        epoch: Epoch,
+        /// The key.
+        key: Vec<u8>,
+        /// The value expected now (`None`: absent).
+        expected: Option<Vec<u8>>,
+        /// The value to set (`None`: delete).
+        new: Option<Vec<u8>>,
+    },
+    /// Pairs of `[start, end)` within one shard, at most `limit`.
+    Scan {
+        /// The shard the client routed to.
+        shard: ShardId,
+        /// The shard's epoch in the client's map.
+        epoch: Epoch,
+        /// First key (clamped to the shard's range).
+        start: Vec<u8>,
+        /// End of the scan (exclusive); `None` for the shard's end.
+        end: Option<Vec<u8>>,
+        /// Most pairs.
+        limit: u32,
+        /// How to read.
+        consistency: ReadConsistency,
+    },
+    /// The node's view of the cluster (shard map and node addresses). `fresh` asks for a
+    /// linearizable read on the meta leader (forwarded if needed); otherwise the node's local
+    /// copy, which may lag.
+    ClusterView {
+        /// Read through the meta leader.
+        fresh: bool,
+    },
+    /// An administrative operation.
+    Admin(AdminRequest),
+    /// Node to node: run a meta operation on the meta leader. `forwarded` stops a second hop.
+    Meta {
+        /// The operation.
+        op: MetaOp,
+        /// Set when a node forwards it: the receiver does not forward again.
+        forwarded: bool,
+    },
+}
+
+/// Administrative operations (the `flotilla admin` commands).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminRequest {
+    /// Every node with its last report.
+    Nodes,
+    /// Every shard with its replicas, leader, applied indexes and size.
+    Shards,
+    /// Split the shard holding `key` at `key`.
+    Split {
+        /// First key of the new right-hand shard.
+        key: Vec<u8>,
+    },
+    /// Move the replica of `shard` on `from` to `to` (a move plan the meta leader drives).
+    Move {
+        /// The shard.
+        shard: ShardId,
+        /// The node losing the replica.
+        from: NodeId,
+        /// The node gaining it.
+        to: NodeId,
+    },
+    /// Hand the leadership of `shard` to `node`.
+    TransferLeader {
+        /// The shard.
+        shard: ShardId,
+        /// The voter to lead.
+        node: NodeId,
+    },
+    /// Run one balancer round now; answers with what it started.
+    Rebalance,
+    /// Start (or stop) draining `node`.
+    Drain {
+        /// The node.
+        node: NodeId,
+        /// Draining or not.
+        draining: bool,
+    },
+    /// A summary of the cluster's health.
+    Status,
+    /// Register a new node at `addr` so the running nodes dial it (the lower id dials): the
+    /// first step of joining a node to a running cluster.
+    AddNode {
+        /// The new node's id.
+        node: NodeId,
+        /// Its QUIC address.
+        addr: String,
+    },
+}
+
+/// A meta operation, executed on the meta leader as one read-modify-write of the meta state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaOp {
+    /// Apply these commands in order, all or nothing.
+    Commands(Vec<MetaCommand>),
+    /// Create the cluster if the map is empty: register `nodes`, bootstrap one shard on
+    /// `replicas`, split it at `split_keys` (ascending). A no-op on a bootstrapped cluster.
+    Bootstrap {
+        /// Every initial node and its client address.
+        nodes: Vec<(NodeId, String)>,
+        /// The voters of every initial shard.
+        replicas: Vec<NodeId>,
+        /// Split points, ascending.
+        split_keys: Vec<Vec<u8>>,
+    },
+    /// A node's periodic report; registers it (or updates its address) first if needed.
+    Report {
+        /// The node.
+        node: NodeId,
+        /// Its client address.
+        addr: String,
+        /// Its report.
+        report: crate::placement::NodeReport,
+    },
+    /// Split the shard holding `key` at `key`.
+    SplitAt {
+        /// The split key.
+        key: Vec<u8>,
+    },
+    /// Run a balancer round and start what it proposes.
+    Rebalance {
+        /// The proposer's clock, stamped into started moves.
+        now_ms: u64,
+    },
+    /// Read the state (linearizably) without changing it.
+    Read,
+}
+
+/// The cluster as a node sees it: enough for a client to route.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// The shard map.
+    pub map: ShardMap,
+    /// Client address of each node.
+    pub nodes: BTreeMap<NodeId, String>,
+}
+
+/// One row of `admin shards`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRow {
+    /// The shard as the map has it.
+    pub descriptor: ShardDescriptor,
+    /// The node that reports leading it.
+    pub leader: Option<NodeId>,
+    /// Applied index reported by each replica.
+    pub applied: BTreeMap<NodeId, u64>,
+    /// Largest reported size in bytes (0 when unknown).
+    pub bytes: u64,
+    /// A move in progress, described.
+    pub moving: Option<String>,
+}
+
+/// One row of `admin nodes`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRow {
+    /// The node.
+    pub node: NodeId,
+    /// Its client address.
+    pub addr: String,
+    /// Replicas it holds in the map.
+    pub replicas: usize,
+    /// Shards it reports leading.
+    pub leading: usize,
+    /// Requests per second it served, as last reported.
+    pub requests_per_s: u64,
+    /// Being drained.
+    pub draining: bool,
+    /// Milliseconds since the node's last report reached the meta leader that answers (None
+    /// when it never reported to it).
+    pub report_age_ms: Option<u64>,
+}
+
+/// Answers of admin operations.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminResponse {
+    /// `Nodes`.
+    Nodes(Vec<NodeRow>),
+    /// `Shards`.
+    Shards(Vec<ShardRow>),
+    /// Shards a command changed or created.
+    Changed(Vec<ShardDescriptor>),
+    /// Done, with a human summary.
+    Done(String),
+    /// `Status`.
+    Status(StatusReport),
+}
+
+/// `admin status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Nodes registered.
+    pub nodes: usize,
+    /// Nodes whose report is recent.
+    pub nodes_live: usize,
+    /// Shards in the map.
+    pub shards: usize,
+    /// Shards with a reported leader.
+    pub shards_with_leader: usize,
+    /// Moves in progress.
+    pub moves: usize,
+    /// The meta group's leader.
+    pub meta_leader: Option<NodeId>,
+}
+
+/// A response from a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// A read's value.
+    Value(Option<Vec<u8>>),
+    /// A write was applied; the value before it.
+    Written {
+        /// Previous value.
+        previous: Option<Vec<u8>>,
+    },
+    /// A compare-and-swap did not match; nothing changed.
+    CasFailed {
+        /// The current value.
+        current: Option<Vec<u8>>,
+    },
+    /// Scan results, in key order.
+    Pairs(Vec<(Vec<u8>, Vec<u8>)>),
+    /// The cluster view.
+    View(ClusterView),
+    /// An admin answer.
+    Admin(AdminResponse),
+    /// Answer to a [`MetaOp`]: the meta state after it (serialized with its version byte, see
+    /// [`crate::meta::encode_state`]) and what the operation reports.
+    Meta {
+        /// The meta state.
+        state: Vec<u8>,
+        /// The operation's answer.
+        answer: AdminResponse,
+    },
+    /// This node does not lead the shard: go to `leader` (at `addr`) if known.
+    NotLeader {
+        /// The leader this node knows of.
+        leader: Option<NodeId>,
+        /// Its client address.
+        addr: Option<String>,
+    },
+    /// The client's epoch differs from the node's: here is the shard as the node knows it.
+    StaleEpoch {
+        /// The shard now.
+        descriptor: ShardDescriptor,
+    },
+    /// The key is in another shard now.
+    WrongShard {
+        /// The shard holding the key.
+        owner: ShardDescriptor,
+    },
+    /// This node has no such shard (not in its map, or no replica here).
+    UnknownShard,
+    /// The request may or may not have been applied (a timeout inside the node).
+    Unknown(String),
+    /// Refused for a reason retrying elsewhere may fix (no leader yet, node starting).
+    Unavailable(String),
+    /// Refused: the request is wrong and retrying will not help.
+    Invalid(String),
+}
+
+/// A message that does not decode.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// Empty input.
+    #[error("empty message")]
+    Empty,
+    /// A protocol version this build does not speak.
+    #[error("protocol version {0} is not supported (this build speaks {PROTOCOL_VERSION})")]
+    Version(u8),
+    /// The body is malformed.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+fn encode<T: Serialize>(value: &T) -> Bytes {
+    let mut out = vec![PROTOCOL_VERSION];
+    // Serializing our own plain data types into a Vec cannot fail.
+    match bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard()) {
+        Ok(_) => Bytes::from(out),
+        Err(e) => unreachable!("bincode cannot fail on plain data: {e}"),
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, WireError> {
+    let (&version, body) = bytes.split_first().ok_or(WireError::Empty)?;
+    if version != PROTOCOL_VERSION {
+        return Err(WireError::Version(version));
+    }
+    let (value, used): (T, usize) = bincode::serde::decode_from_slice(body, bincode::config::standard())
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    if used != body.len() {
+        return Err(WireError::Malformed(format!("{} trailing bytes", body.len() - used)));
+    }
+    Ok(value)
+}
+
+impl Request {
+    /// Encodes with the version byte.
+    pub fn encode(&self) -> Bytes {
+        encode(self)
+    }
+    /// Decodes; a bad or unknown message is an error.
+    pub fn decode(bytes: &[u8]) -> Result<Request, WireError> {
+        decode(bytes)
+    }
+}
+
+impl Response {
+    /// Encodes with the version byte.
+    pub fn encode(&self) -> Bytes {
+        encode(self)
+    }
+    /// Decodes; a bad or unknown message is an error.
+    pub fn decode(bytes: &[u8]) -> Result<Response, WireError> {
+        decode(bytes)
+    }
+}
+
+/// Checks a user key: non-empty, at most [`KEY_BYTES_MAX`], and not starting with `0x00`
+/// (reserved for the meta group's keys).
+pub fn check_user_key(key: &[u8]) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("keys must not be empty".into());
+    }
+    if key[0] == 0 {
+        return Err("keys starting with the byte 0x00 are reserved for the cluster's own metadata".into());
+    }
+    if key.len() > KEY_BYTES_MAX {
+        return Err(format!("key of {} bytes exceeds the limit of {KEY_BYTES_MAX} bytes", key.len()));
+    }
+    Ok(())
+}
+
+/// Checks a value's size.
+pub fn check_value(value: &[u8]) -> Result<(), String> {
+    if value.len() > VALUE_BYTES_MAX {
+        return Err(format!("value of {} bytes exceeds the limit of {VALUE_BYTES_MAX} bytes", value.len()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_refusals() {
+        let r = Request::Put {
+            shard: ShardId(3),
+            epoch: Epoch { conf_version: 1, version: 2 },
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+        };
+        let bytes = r.encode();
+        assert_eq!(bytes[0], PROTOCOL_VERSION);
+        assert_eq!(Request::decode(&bytes).unwrap(), r);
+        let mut wrong = bytes.to_vec();
+        wrong[0] = 9;
+        assert!(matches!(Request::decode(&wrong), Err(WireError::Version(9))));
+        assert!(matches!(Request::decode(&[]), Err(WireError::Empty)));
+        assert!(matches!(Request::decode(&[PROTOCOL_VERSION, 200, 1]), Err(WireError::Malformed(_))));
+        let mut long = bytes.to_vec();
+        long.push(0);
+        assert!(Request::decode(&long).is_err());
+    }
+
+    #[test]
+    fn user_keys() {
+        assert!(check_user_key(b"a").is_ok());
+        assert!(check_user_key(b"").is_err());
+        assert!(check_user_key(b"\x00meta").is_err());
+        assert!(check_user_key(&vec![b'a'; KEY_BYTES_MAX + 1]).is_err());
+    }
+}

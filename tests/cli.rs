@@ -1,0 +1,193 @@
+//! End to end through the real binary: `flotilla dev` in a child process, then `flotilla kv`,
+//! `admin` and `bench` in others, finding the cluster with no flags (through
+//! `FLOTILLA_HOME`); a client certificate from another CA is refused; bad input to each command
+//! gives a clear error; SIGTERM stops `dev` cleanly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+
+/// Kills the child on drop, so a failing test leaves no cluster behind.
+struct Guard(Option<Child>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn flotilla(home: &Path, args: &[&str]) -> Output {
+    Command::new(BIN).args(args).env("FLOTILLA_HOME", home).env_remove("RUST_LOG").output().expect("run flotilla")
+}
+
+fn ok(home: &Path, args: &[&str]) -> String {
+    let out = flotilla(home, args);
+    assert!(
+        out.status.success(),
+        "flotilla {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// Runs a command that must fail with exit code `code` and a message containing `needle`.
+fn fails(home: &Path, args: &[&str], code: i32, needle: &str) {
+    let out = flotilla(home, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "flotilla {args:?}: stderr {err}");
+    assert!(err.contains(needle), "flotilla {args:?}: expected {needle:?} in {err}");
+    assert!(!err.contains("panicked"), "flotilla {args:?} panicked: {err}");
+}
+
+fn start_dev(home: &Path) -> Guard {
+    let child = Command::new(BIN)
+        .args(["dev", "--nodes", "3", "--shards", "4"])
+        .env("FLOTILLA_HOME", home)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn flotilla dev");
+    let guard = Guard(Some(child));
+    let file = home.join("cluster.json");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !file.exists() {
+        assert!(Instant::now() < deadline, "flotilla dev did not write {}", file.display());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    guard
+}
+
+#[test]
+fn dev_cluster_through_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().to_path_buf();
+    let mut dev = start_dev(&home);
+
+    // kv: every operation, no flags.
+    assert_eq!(ok(&home, &["kv", "put", "hello", "world"]).trim(), "OK");
+    assert_eq!(ok(&home, &["kv", "get", "hello"]).trim(), "world");
+    let json: serde_json::Value = serde_json::from_str(&ok(&home, &["kv", "get", "hello", "--json"])).unwrap();
+    assert_eq!(json["value"], "world");
+    assert_eq!(json["found"], true);
+    fails(&home, &["kv", "get", "absent"], 1, "not found");
+    assert_eq!(ok(&home, &["kv", "cas", "hello", "--expected", "world", "--new", "there"]).trim(), "OK (swapped)");
+    let out = flotilla(&home, &["kv", "cas", "hello", "--expected", "world", "--new", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"there\""));
+    for k in ["a1", "b2", "f3", "09"] {
+        ok(&home, &["kv", "put", k, &format!("v{k}")]);
+    }
+    let scan = ok(&home, &["kv", "scan"]);
+    let keys: Vec<&str> = scan.lines().skip(1).filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(keys, ["09", "a1", "b2", "f3", "hello", "(5"], "{scan}");
+    let limited: serde_json::Value = serde_json::from_str(&ok(&home, &["kv", "scan", "a", "g", "--json"])).unwrap();
+    assert_eq!(limited["pairs"].as_array().unwrap().len(), 3);
+    assert_eq!(ok(&home, &["kv", "delete", "hello"]).trim(), "OK (deleted)");
+    fails(&home, &["kv", "get", "hello"], 1, "not found");
+
+    // admin.
+    let shards = ok(&home, &["admin", "shards"]);
+    assert_eq!(shards.lines().count(), 5, "{shards}");
+    let nodes: serde_json::Value = serde_json::from_str(&ok(&home, &["admin", "nodes", "--json"])).unwrap();
+    assert_eq!(nodes["Nodes"].as_array().unwrap().len(), 3);
+    assert!(ok(&home, &["admin", "status"]).contains("shards: 4"));
+    fails(&home, &["admin", "split", "m"], 1, "not supported yet");
+
+    // bench, briefly.
+    let report: serde_json::Value = serde_json::from_str(&ok(
+        &home,
+        &["bench", "put", "--clients", "4", "--duration", "1", "--keys", "100", "--json"],
+    ))
+    .unwrap();
+    assert!(report["ops"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["errors_other"], 0);
+
+    // Bad input: a clear error, no panic, before or without touching the cluster.
+    fails(&home, &["kv", "put", "", "v"], 1, "must not be empty");
+    fails(&home, &["kv", "get"], 2, "KEY");
+    fails(&home, &["kv", "cas", "k", "--new", "v"], 1, "--expected");
+    fails(&home, &["kv", "scan", "--limit", "0"], 1, "--limit");
+    fails(&home, &["kv", "--timeout=0", "get", "k"], 1, "--timeout");
+    fails(&home, &["admin", "move", "1", "2", "2"], 1, "same node");
+    fails(&home, &["admin", "move", "99", "1", "2"], 1, "no shard 99");
+    fails(&home, &["bench", "put", "--clients", "0"], 1, "--clients");
+    fails(&home, &["dev", "--nodes", "0"], 1, "--nodes");
+    fails(&home, &["kv", "--cluster", "/nonexistent/cluster.json", "get", "k"], 1, "no cluster file");
+    fails(&home, &["server", "--config", "/nonexistent/flotilla.toml"], 1, "cannot read");
+    fails(&home, &["server"], 1, "without --config, give --id");
+    fails(
+        &home,
+        &[
+            "server",
+            "--id",
+            "1",
+            "--data-dir",
+            "d",
+            "--listen",
+            "127.0.0.1:0",
+            "--ca",
+            "a",
+            "--cert",
+            "b",
+            "--key",
+            "c",
+            "--peer",
+            "2",
+        ],
+        1,
+        "ID=ADDR",
+    );
+    fails(
+        &home,
+        &["server", "--id", "1", "--data-dir", "d", "--listen", "nowhere", "--ca", "a", "--cert", "b", "--key", "c"],
+        1,
+        "listen",
+    );
+    let bad_toml = home.join("bad.toml");
+    std::fs::write(&bad_toml, "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:0\"\nport = 3\n").unwrap();
+    fails(&home, &["server", "--config", bad_toml.to_str().unwrap()], 1, "port");
+    let empty = home.join("no-ca");
+    fails(&home, &["cert", "node", "--dir", empty.to_str().unwrap(), "--id", "1"], 1, "create a CA first");
+
+    // A client certificate from another CA is refused.
+    let other = home.join("other-ca");
+    ok(&home, &["cert", "ca", "--dir", other.to_str().unwrap()]);
+    ok(&home, &["cert", "client", "--dir", other.to_str().unwrap(), "--name", "intruder"]);
+    fails(&home, &["cert", "ca", "--dir", other.to_str().unwrap()], 1, "refusing to overwrite");
+    let mut file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(home.join("cluster.json")).unwrap()).unwrap();
+    file["ca"] = other.join("ca.pem").to_str().unwrap().into();
+    file["cert"] = other.join("client-intruder.pem").to_str().unwrap().into();
+    file["key"] = other.join("client-intruder-key.pem").to_str().unwrap().into();
+    let intruder: PathBuf = home.join("intruder.json");
+    std::fs::write(&intruder, file.to_string()).unwrap();
+    fails(
+        &home,
+        &["kv", "--cluster", intruder.to_str().unwrap(), "--timeout", "5", "get", "a1"],
+        1,
+        "cannot reach the cluster",
+    );
+
+    // SIGTERM stops dev cleanly and removes the cluster file it wrote.
+    let child = dev.0.take().unwrap();
+    let pid = child.id().to_string();
+    let _guard = Guard(Some(child));
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let mut child = _guard;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.0.as_mut().unwrap().try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "dev did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "dev exited with {status}");
+    assert!(!home.join("cluster.json").exists());
+}

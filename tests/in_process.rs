@@ -1,0 +1,354 @@
+//! Three nodes in one process on loopback QUIC: bootstrap with several shards, every client
+//! operation through `flotilla::Client`, then stop the node leading a shard and keep serving;
+//! a client with a certificate from another CA is refused.
+
+use flotilla::meta::dev_split_keys;
+use flotilla::placement::{NodeId, ShardId};
+use flotilla::transport::cert::{CertificateAuthority, TlsIdentity};
+use flotilla::transport::NodeId as TNodeId;
+use flotilla::wire::{AdminRequest, AdminResponse};
+use flotilla::{BootstrapConfig, CasOutcome, Client, ClientConfig, ClientError, Node, NodeConfig};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+struct Cluster {
+    ca: CertificateAuthority,
+    nodes: Vec<Option<Node>>,
+    _dir: tempfile::TempDir,
+}
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+impl Cluster {
+    async fn start(n: u64, shards: u32) -> Cluster {
+        let ids: Vec<u64> = (1..=n).collect();
+        Self::start_with(n, &ids, &ids, shards).await
+    }
+
+    /// `n` nodes; the meta group on `meta`, every initial shard on `replicas`.
+    async fn start_with(n: u64, meta: &[u64], replicas: &[u64], shards: u32) -> Cluster {
+        let ca = CertificateAuthority::generate("test CA").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<u64> = (1..=n).collect();
+        let mut nodes: Vec<Node> = Vec::new();
+        for id in &ids {
+            let issued = ca.issue_node(TNodeId(*id)).unwrap();
+            let tls = TlsIdentity::from_issued(ca.cert_pem(), &issued).unwrap();
+            let mut cfg = NodeConfig::new(*id, dir.path().join(format!("n{id}")), loopback(), tls);
+            cfg.bootstrap = Some(BootstrapConfig {
+                meta_voters: meta.to_vec(),
+                shard_replicas: replicas.to_vec(),
+                addrs: Vec::new(),
+                split_keys: dev_split_keys(shards),
+            });
+            cfg.report_interval_ms = 300;
+            nodes.push(Node::start(cfg).await.unwrap());
+        }
+        for a in &nodes {
+            for b in &nodes {
+                if b.id() != a.id() {
+                    a.set_peer_addr(b.id(), b.local_addr().unwrap()).unwrap();
+                }
+            }
+        }
+        Cluster { ca, nodes: nodes.into_iter().map(Some).collect(), _dir: dir }
+    }
+
+    fn endpoints(&self) -> Vec<(u64, SocketAddr)> {
+        self.nodes.iter().flatten().map(|n| (n.id(), n.local_addr().unwrap())).collect()
+    }
+
+    async fn client(&self) -> Client {
+        self.client_with(flotilla::wire::ReadConsistency::Linearizable).await
+    }
+
+    async fn client_with(&self, consistency: flotilla::wire::ReadConsistency) -> Client {
+        let issued = self.ca.issue_client("test").unwrap();
+        let tls = TlsIdentity::from_issued(self.ca.cert_pem(), &issued).unwrap();
+        let mut cfg = ClientConfig::new(tls, self.endpoints());
+        cfg.consistency = consistency;
+        cfg.op_timeout = Duration::from_secs(20);
+        // The cluster forms in the background: wait for a map.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match Client::connect(cfg.clone()).await {
+                Ok(c) => return c,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("waiting for the cluster: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("cluster never formed: {e}"),
+            }
+        }
+    }
+
+    async fn stop(&mut self, id: u64) {
+        if let Some(n) = self.nodes[(id - 1) as usize].take() {
+            n.shutdown().await;
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        for n in self.nodes.iter_mut() {
+            if let Some(n) = n.take() {
+                n.shutdown().await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_serve_and_survive_a_leader_failure() {
+    let mut cluster = Cluster::start(3, 4).await;
+    let client = cluster.client().await;
+    assert_eq!(client.cached_view().map.len(), 4, "four shards from the bootstrap");
+
+    // Every operation, on keys spread over the shards.
+    let keys: Vec<String> = (0..40).map(|i| format!("{:02x}-key-{i}", (i * 37) % 256)).collect();
+    for k in &keys {
+        client.put(k.as_bytes(), format!("v-{k}").as_bytes()).await.unwrap();
+    }
+    for k in &keys {
+        assert_eq!(client.get(k.as_bytes()).await.unwrap(), Some(format!("v-{k}").into_bytes()));
+    }
+    assert_eq!(client.get(b"absent").await.unwrap(), None);
+    let k = keys[0].as_bytes();
+    assert_eq!(
+        client.cas(k, Some(b"wrong"), Some(b"x")).await.unwrap(),
+        CasOutcome::Failed { current: Some(format!("v-{}", keys[0]).into_bytes()) }
+    );
+    let expected = format!("v-{}", keys[0]);
+    assert!(matches!(client.cas(k, Some(expected.as_bytes()), Some(b"x")).await.unwrap(), CasOutcome::Swapped { .. }));
+    assert_eq!(client.get(k).await.unwrap(), Some(b"x".to_vec()));
+    client.delete(k).await.unwrap();
+    assert_eq!(client.get(k).await.unwrap(), None);
+
+    // A scan across all shards returns every remaining key in order; a limit cuts it.
+    let all = client.scan(b"", None, 1000).await.unwrap();
+    let mut want: Vec<&String> = keys[1..].iter().collect();
+    want.sort();
+    let got: Vec<String> = all.iter().map(|(k, _)| String::from_utf8(k.clone()).unwrap()).collect();
+    assert_eq!(got.iter().collect::<Vec<_>>(), want);
+    assert_eq!(client.scan(b"", None, 7).await.unwrap().len(), 7);
+    let some = client.scan(b"40", Some(b"c0"), 1000).await.unwrap();
+    assert!(some.iter().all(|(k, _)| k.as_slice() >= b"40".as_slice() && k.as_slice() < b"c0".as_slice()));
+    assert_eq!(some.len(), want.iter().filter(|k| k.as_str() >= "40" && k.as_str() < "c0").count());
+
+    // A scan answer over the byte budget is cut by the node and resumed by the client.
+    let big = vec![b'x'; flotilla::wire::VALUE_BYTES_MAX];
+    for i in 0..6 {
+        client.put(format!("90-big-{i}").as_bytes(), &big).await.unwrap();
+    }
+    let bigs = client.scan(b"90-big-", Some(b"90-big-z"), 100).await.unwrap();
+    assert_eq!(bigs.len(), 6);
+    assert!(bigs.iter().all(|(_, v)| v.len() == big.len()));
+
+    // Stale (follower) reads from any replica catch up with the writes.
+    let stale = cluster.client_with(flotilla::wire::ReadConsistency::Stale).await;
+    for k in &keys[1..6] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while stale.get(k.as_bytes()).await.unwrap() != Some(format!("v-{k}").into_bytes()) {
+            assert!(Instant::now() < deadline, "stale read of {k} never caught up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    stale.close().await;
+
+    // Bad input is refused plainly.
+    assert!(matches!(client.put(b"", b"v").await, Err(ClientError::Invalid(_))));
+    assert!(matches!(client.put(b"\x00meta/state", b"v").await, Err(ClientError::Invalid(_))));
+
+    // Admin: nodes and shards as the meta leader sees them.
+    match client.admin(AdminRequest::Shards).await.unwrap() {
+        AdminResponse::Shards(rows) => assert_eq!(rows.len(), 4),
+        other => panic!("unexpected {other:?}"),
+    }
+
+    // Stop the node leading the shard of "80..." and keep writing and reading.
+    let shard = client.cached_view().map.lookup(b"80").unwrap().id;
+    let leader = wait_leader(&cluster, shard).await;
+    eprintln!("stopping node {leader}, leader of shard {shard}");
+    cluster.stop(leader).await;
+    for i in 0..20 {
+        let key = format!("80-after-{i}");
+        client.put(key.as_bytes(), b"after").await.unwrap();
+        assert_eq!(client.get(key.as_bytes()).await.unwrap(), Some(b"after".to_vec()));
+    }
+    // Writes made before the failure are still there, on every shard.
+    for k in &keys[1..] {
+        assert_eq!(client.get(k.as_bytes()).await.unwrap(), Some(format!("v-{k}").into_bytes()));
+    }
+    client.close().await;
+
+    // A client whose certificate comes from another CA is refused.
+    let other = CertificateAuthority::generate("other CA").unwrap();
+    let issued = other.issue_client("intruder").unwrap();
+    let tls = TlsIdentity::from_issued(other.cert_pem(), &issued).unwrap();
+    let mut cfg = ClientConfig::new(tls, cluster.endpoints());
+    cfg.request_timeout = Duration::from_secs(3);
+    let err = Client::connect(cfg).await.unwrap_err();
+    assert!(matches!(err, ClientError::Unavailable(_)), "{err}");
+
+    cluster.shutdown().await;
+}
+
+/// The node that the map's reports say leads `shard` (waits for a report).
+async fn wait_leader(cluster: &Cluster, shard: ShardId) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for n in cluster.nodes.iter().flatten() {
+            let infos = n.host().group_info().await.unwrap();
+            if infos.iter().any(|i| i.group.0 == shard.0 && i.role == flotilla::raft::Role::Leader) {
+                return n.id();
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader for shard {shard}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn move_a_replica_while_clients_write() {
+    // Shards on nodes 1-3, node 4 empty; move shard 1's replica from node 3 to node 4.
+    let mut cluster = Cluster::start_with(4, &[1, 2, 3], &[1, 2, 3], 2).await;
+    let client = std::sync::Arc::new(cluster.client().await);
+    for i in 0..50 {
+        client.put(format!("0-before-{i}").as_bytes(), b"v").await.unwrap();
+    }
+    let shard = client.cached_view().map.lookup(b"0").unwrap().id;
+
+    // A writer keeps going during the move; every acknowledged key must survive.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("0-during-{i}");
+                if client.put(key.as_bytes(), b"w").await.is_ok() {
+                    acked.push(key);
+                }
+                i += 1;
+                // A steady client, not a flood: on two loaded cores a flood can outrun the
+                // learner's catch-up for as long as it lasts.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            acked
+        })
+    };
+
+    // Node 4 must have registered (its first report) before it can be a target.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match client.admin(AdminRequest::Move { shard, from: NodeId(3), to: NodeId(4) }).await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("move not started yet: {e}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => panic!("move never started: {e}"),
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let AdminResponse::Shards(rows) = client.admin(AdminRequest::Shards).await.unwrap() else { panic!() };
+        let row = rows.iter().find(|r| r.descriptor.id == shard).unwrap();
+        let mut nodes: Vec<u64> = row.descriptor.replicas.iter().map(|r| r.node.0).collect();
+        nodes.sort();
+        if row.moving.is_none() && nodes == [1, 2, 4] && row.descriptor.voters().count() == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "move did not finish: {row:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Node 3 drops its replica; node 4 serves one.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.nodes[2].as_ref().unwrap().host().groups().contains(&flotilla::raft::GroupId(shard.0)) {
+        assert!(Instant::now() < deadline, "node 3 kept its replica");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(cluster.nodes[3].as_ref().unwrap().host().groups().contains(&flotilla::raft::GroupId(shard.0)));
+
+    // Leadership goes where an admin request says.
+    client.admin(AdminRequest::TransferLeader { shard, node: NodeId(4) }).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let AdminResponse::Shards(rows) = client.admin(AdminRequest::Shards).await.unwrap() else { panic!() };
+        if rows.iter().find(|r| r.descriptor.id == shard).unwrap().leader == Some(NodeId(4)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "leadership did not move to node 4");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writer.await.unwrap();
+    assert!(!acked.is_empty());
+    // Nothing acknowledged is lost, before or during the move; node 3 can even go away.
+    cluster.stop(3).await;
+    for i in 0..50 {
+        assert_eq!(client.get(format!("0-before-{i}").as_bytes()).await.unwrap(), Some(b"v".to_vec()));
+    }
+    for k in &acked {
+        assert_eq!(client.get(k.as_bytes()).await.unwrap(), Some(b"w".to_vec()), "{k}");
+    }
+    // Drain: the node is marked, and a balancer round proposes moving its replicas away.
+    client.admin(AdminRequest::Drain { node: NodeId(2), draining: true }).await.unwrap();
+    let AdminResponse::Nodes(rows) = client.admin(AdminRequest::Nodes).await.unwrap() else { panic!() };
+    assert!(rows.iter().find(|r| r.node == NodeId(2)).unwrap().draining);
+    let AdminResponse::Done(text) = client.admin(AdminRequest::Rebalance).await.unwrap() else { panic!() };
+    eprintln!("rebalance: {text}");
+    assert!(text.contains("StartMove"), "{text}");
+    let AdminResponse::Status(st) = client.admin(AdminRequest::Status).await.unwrap() else { panic!() };
+    assert_eq!((st.nodes, st.shards), (4, 2));
+    client.close().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_joins_a_running_cluster() {
+    let mut cluster = Cluster::start(3, 1).await;
+    let client = cluster.client().await;
+    client.put(b"joined", b"yes").await.unwrap();
+
+    // Node 4: no bootstrap, the others as peers; they learn its address from an admin call.
+    let issued = cluster.ca.issue_node(TNodeId(4)).unwrap();
+    let tls = TlsIdentity::from_issued(cluster.ca.cert_pem(), &issued).unwrap();
+    let mut cfg = NodeConfig::new(4, cluster._dir.path().join("n4"), loopback(), tls);
+    cfg.peers = cluster.endpoints();
+    cfg.report_interval_ms = 300;
+    let n4 = Node::start(cfg).await.unwrap();
+    let addr = n4.local_addr().unwrap().to_string();
+    client.admin(AdminRequest::AddNode { node: NodeId(4), addr }).await.unwrap();
+    cluster.nodes.push(Some(n4));
+
+    // Its reports reach the meta leader, and a replica can move to it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let AdminResponse::Nodes(rows) = client.admin(AdminRequest::Nodes).await.unwrap() else { panic!() };
+        if rows.iter().any(|r| r.node == NodeId(4) && r.report_age_ms.is_some_and(|a| a < 3_000)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 4 never reported: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let shard = client.cached_view().map.lookup(b"joined").unwrap().id;
+    client.admin(AdminRequest::Move { shard, from: NodeId(1), to: NodeId(4) }).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let AdminResponse::Shards(rows) = client.admin(AdminRequest::Shards).await.unwrap() else { panic!() };
+        let row = &rows[0];
+        if row.moving.is_none() && row.descriptor.replica(NodeId(4)).is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "move to the new node did not finish: {row:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    cluster.stop(1).await;
+    assert_eq!(client.get(b"joined").await.unwrap(), Some(b"yes".to_vec()));
+    client.close().await;
+    cluster.shutdown().await;
+}
