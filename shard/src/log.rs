@@ -15,35 +15,73 @@ pub const PURGE_POINT_DELETES_MAX: u64 = 1024;
 /// A key range `[from, to)` of the `raft` column family to compact after a ranged purge.
 pub type CompactSpan = (Vec<u8>, Vec<u8>);
 
+/// The log's bounds as the writes issued so far leave them (not only those already durable):
+/// a host builds the batch of a write before the previous one reached the disk.
+#[derive(Clone, Copy, Debug)]
+struct Bounds {
+    /// Index of the last entry (or of the last purged one when the log is empty).
+    last: LogIndex,
+    /// The last purged id.
+    purged: Option<LogId>,
+}
+
+/// One log write, as both the async trait methods and the host's batch builder see it.
+enum LogWrite<'a> {
+    Vote(&'a Vote),
+    Append(&'a [Entry]),
+    Truncate(LogIndex),
+    Purge(LogId),
+}
+
 /// The log and vote of one group. Cheap to clone (clones share the cached bounds).
 #[derive(Clone)]
 pub struct RocksLog {
     store: Store,
     group: GroupId,
-    /// The last log id (last entry, or last purged), once read: appends are checked against it
-    /// without a read. Writes of one group come one at a time (the Raft driver's contract).
-    last: Arc<Mutex<Option<LogId>>>,
+    /// The bounds, once read: each write is checked and planned against them without a read.
+    /// Writes of one group come one at a time, in order (the driver's and the host's contract).
+    bounds: Arc<Mutex<Option<Bounds>>>,
 }
 
 impl RocksLog {
     /// The log of `group` in `store`.
     pub fn new(store: Store, group: GroupId) -> RocksLog {
-        RocksLog { store, group, last: Arc::new(Mutex::new(None)) }
+        RocksLog { store, group, bounds: Arc::new(Mutex::new(None)) }
     }
 
-    async fn cached_last(&self) -> Result<LogId, StorageError> {
-        if let Some(l) = *self.last.lock().map_err(|_| StorageError::new("read", "poisoned lock"))? {
-            return Ok(l);
-        }
-        let st = self.log_state().await?;
-        let l = st.last.or(st.last_purged).unwrap_or_default();
-        self.set_last(l)?;
-        Ok(l)
+    fn cached(&self) -> Result<Option<Bounds>, StorageError> {
+        Ok(*self.bounds.lock().map_err(|_| StorageError::new("log", "poisoned lock"))?)
     }
 
-    fn set_last(&self, l: LogId) -> Result<(), StorageError> {
-        *self.last.lock().map_err(|_| StorageError::new("write", "poisoned lock"))? = Some(l);
+    fn set_bounds(&self, b: Bounds) -> Result<(), StorageError> {
+        *self.bounds.lock().map_err(|_| StorageError::new("log", "poisoned lock"))? = Some(b);
         Ok(())
+    }
+
+    fn read_bounds(store: &Store, group: GroupId) -> Result<Bounds, StorageError> {
+        let purged: Option<LogId> = Self::get(store, group, KIND_LOG_STATE)?;
+        let last = Self::last_entry(store, group)?.or(purged).map(|l| l.index).unwrap_or_default();
+        Ok(Bounds { last, purged })
+    }
+
+    /// The bounds, read once (blocking).
+    fn bounds_blocking(&self) -> Result<Bounds, StorageError> {
+        if let Some(b) = self.cached()? {
+            return Ok(b);
+        }
+        let b = Self::read_bounds(&self.store, self.group)?;
+        self.set_bounds(b)?;
+        Ok(b)
+    }
+
+    async fn bounds(&self) -> Result<Bounds, StorageError> {
+        if let Some(b) = self.cached()? {
+            return Ok(b);
+        }
+        let g = self.group;
+        let b = self.store.blocking(move |s| Self::read_bounds(s, g)).await?;
+        self.set_bounds(b)?;
+        Ok(b)
     }
 
     /// The group.
@@ -51,13 +89,56 @@ impl RocksLog {
         self.group
     }
 
-    /// Reads and caches the last log id (blocking: call from a thread of its own). Hosts call
-    /// it once when a group starts, before [`RocksLog::write_ops`].
-    pub fn load_last_blocking(&self) -> Result<LogId, StorageError> {
-        let last_purged: Option<LogId> = Self::get(&self.store, self.group, KIND_LOG_STATE)?;
-        let last = Self::last_entry(&self.store, self.group)?.or(last_purged).unwrap_or_default();
-        self.set_last(last)?;
-        Ok(last)
+    /// Reads and caches the log's bounds (blocking: call from a thread of its own). Hosts call
+    /// it once when a group starts, before any [`RocksLog::write_ops`], while the store holds
+    /// every write of the group.
+    pub fn load_last_blocking(&self) -> Result<LogIndex, StorageError> {
+        let b = Self::read_bounds(&self.store, self.group)?;
+        self.set_bounds(b)?;
+        Ok(b.last)
+    }
+
+    /// The batch for `w`, the range to compact after it, and the bounds once it is written.
+    fn plan(&self, b: Bounds, w: LogWrite<'_>) -> Result<(Vec<Op>, Option<CompactSpan>, Bounds), StorageError> {
+        let g = self.group;
+        match w {
+            LogWrite::Vote(vote) => {
+                Ok((vec![Op::Put(CF_RAFT, group_key(g, KIND_VOTE).to_vec(), encode(vote)?)], None, b))
+            }
+            LogWrite::Append(entries) => {
+                let ops = self.append_ops(b.last, entries)?;
+                let last = entries.last().map(|e| e.log_id.index).unwrap_or(b.last);
+                Ok((ops, None, Bounds { last, ..b }))
+            }
+            LogWrite::Truncate(index) => {
+                let last = b.last.min(LogIndex(index.0.saturating_sub(1)));
+                Ok((vec![self.truncate_op(index)], None, Bounds { last, ..b }))
+            }
+            LogWrite::Purge(log_id) => {
+                let (ops, compact) = self.purge_ops(b.purged, log_id)?;
+                if ops.is_empty() {
+                    return Ok((ops, None, b));
+                }
+                // Purging past the last entry (after a snapshot install) empties the log,
+                // which then continues after the purged id.
+                Ok((ops, compact, Bounds { last: b.last.max(log_id.index), purged: Some(log_id) }))
+            }
+        }
+    }
+
+    async fn write_planned(&self, w: LogWrite<'_>) -> Result<(), StorageError> {
+        let b = self.bounds().await?;
+        let (ops, compact, next) = self.plan(b, w)?;
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.store.write(ops, true).await?;
+        self.set_bounds(next)?;
+        if let Some((a, b)) = compact {
+            // Compact just the purged range so its tombstone does not slow later reads.
+            self.store.blocking(move |s| s.compact_raft_range(&a, &b)).await?;
+        }
+        Ok(())
     }
 
     /// The write batch for a log write of the engine (`SaveVote`, `AppendEntries`,
@@ -66,40 +147,16 @@ impl RocksLog {
     /// if the write succeeded: writes are applied in order, and a failed one stops the group.
     /// Also returns the key range to compact after a ranged purge.
     pub fn write_ops(&self, action: &Action) -> Result<(Vec<Op>, Option<CompactSpan>), StorageError> {
-        let g = self.group;
-        match action {
-            Action::SaveVote { vote, .. } => {
-                Ok((vec![Op::Put(CF_RAFT, group_key(g, KIND_VOTE).to_vec(), encode(vote)?)], None))
-            }
-            Action::AppendEntries { entries, .. } => {
-                // Take the cached value and release the lock before `load_last_blocking`, which
-                // locks it again (holding it across the call deadlocked the first append after
-                // a purge or truncation).
-                let cached = *self.last.lock().map_err(|_| StorageError::new("append", "poisoned lock"))?;
-                let last = match cached {
-                    Some(l) => l,
-                    None => self.load_last_blocking()?,
-                };
-                let ops = self.append_ops(last, entries)?;
-                if let Some(e) = entries.last() {
-                    self.set_last(e.log_id)?;
-                }
-                Ok((ops, None))
-            }
-            Action::TruncateFrom { index, .. } => {
-                let ops = vec![self.truncate_op(*index)];
-                // The new last entry is read back lazily on the next append.
-                *self.last.lock().map_err(|_| StorageError::new("write", "poisoned lock"))? = None;
-                Ok((ops, None))
-            }
-            Action::PurgeUpTo { log_id, .. } => {
-                let prev: Option<LogId> = Self::get(&self.store, g, KIND_LOG_STATE)?;
-                let (ops, compact) = self.purge_ops(prev, *log_id)?;
-                *self.last.lock().map_err(|_| StorageError::new("write", "poisoned lock"))? = None;
-                Ok((ops, compact))
-            }
-            other => Err(StorageError::new("write", format!("not a log write: {other:?}"))),
-        }
+        let w = match action {
+            Action::SaveVote { vote, .. } => LogWrite::Vote(vote),
+            Action::AppendEntries { entries, .. } => LogWrite::Append(entries),
+            Action::TruncateFrom { index, .. } => LogWrite::Truncate(*index),
+            Action::PurgeUpTo { log_id, .. } => LogWrite::Purge(*log_id),
+            other => return Err(StorageError::new("write", format!("not a log write: {other:?}"))),
+        };
+        let (ops, compact, next) = self.plan(self.bounds_blocking()?, w)?;
+        self.set_bounds(next)?;
+        Ok((ops, compact))
     }
 
     /// Entries `from..=to` (blocking), as [`LogStorage::read_entries`].
@@ -112,12 +169,12 @@ impl RocksLog {
         read_entries_in(&self.store, self.group, from, to, bytes_max)
     }
 
-    fn append_ops(&self, last: LogId, entries: &[Entry]) -> Result<Vec<Op>, StorageError> {
+    fn append_ops(&self, last: LogIndex, entries: &[Entry]) -> Result<Vec<Op>, StorageError> {
         let Some(first) = entries.first() else { return Ok(Vec::new()) };
-        if first.log_id.index != last.index.next() {
+        if first.log_id.index != last.next() {
             return Err(StorageError::new(
                 "append",
-                format!("group {}: entry {} does not follow the last entry {last}", self.group, first.log_id),
+                format!("group {}: entry {} does not follow the last index {last}", self.group, first.log_id),
             ));
         }
         if entries.windows(2).any(|w| w[1].log_id.index != w[0].log_id.index.next()) {
@@ -192,8 +249,7 @@ impl LogStorage for RocksLog {
     }
 
     async fn save_vote(&self, vote: &Vote) -> Result<(), StorageError> {
-        let op = Op::Put(CF_RAFT, group_key(self.group, KIND_VOTE).to_vec(), encode(vote)?);
-        self.store.write(vec![op], true).await
+        self.write_planned(LogWrite::Vote(vote)).await
     }
 
     async fn log_state(&self) -> Result<LogState, StorageError> {
@@ -216,37 +272,15 @@ impl LogStorage for RocksLog {
     }
 
     async fn append(&self, entries: Vec<Entry>) -> Result<(), StorageError> {
-        let Some(new_last) = entries.last().map(|e| e.log_id) else { return Ok(()) };
-        let last = self.cached_last().await?;
-        let ops = self.append_ops(last, &entries)?;
-        self.store.write(ops, true).await?;
-        self.set_last(new_last)
+        self.write_planned(LogWrite::Append(&entries)).await
     }
 
     async fn truncate_from(&self, index: LogIndex) -> Result<(), StorageError> {
-        let op = self.truncate_op(index);
-        // Forget the cached bound first: if the write fails, the next append re-reads it.
-        *self.last.lock().map_err(|_| StorageError::new("write", "poisoned lock"))? = None;
-        self.store.write(vec![op], true).await
+        self.write_planned(LogWrite::Truncate(index)).await
     }
 
     async fn purge_up_to(&self, log_id: LogId) -> Result<(), StorageError> {
-        let g = self.group;
-        let prev: Option<LogId> = {
-            let s = self.store.clone();
-            s.blocking(move |s| Self::get(s, g, KIND_LOG_STATE)).await?
-        };
-        let (ops, compact) = self.purge_ops(prev, log_id)?;
-        if ops.is_empty() {
-            return Ok(());
-        }
-        *self.last.lock().map_err(|_| StorageError::new("write", "poisoned lock"))? = None;
-        self.store.write(ops, true).await?;
-        if let Some((a, b)) = compact {
-            // Compact just the purged range so its tombstone does not slow later reads.
-            self.store.blocking(move |s| s.compact_raft_range(&a, &b)).await?;
-        }
-        Ok(())
+        self.write_planned(LogWrite::Purge(log_id)).await
     }
 
     async fn save_committed(&self, committed: LogIndex) -> Result<(), StorageError> {

@@ -210,8 +210,8 @@ pub struct GroupInfo {
     pub voters: BTreeSet<NodeId>,
     /// Whether the group is quiet (not ticking).
     pub quiet: bool,
-    /// Set once the group stopped (storage failure).
-    pub stopped: bool,
+    /// Why the group stopped (a storage failure), once it did.
+    pub stopped: Option<String>,
 }
 
 /// Counters of a host.

@@ -336,7 +336,7 @@ impl Poller {
                             applied: e.applied(),
                             voters: e.membership().membership.voters.clone(),
                             quiet: g.quiet,
-                            stopped: g.core.fatal().is_some(),
+                            stopped: g.core.fatal().map(|f| f.to_string()),
                         }
                     })
                     .collect();
