@@ -6,9 +6,10 @@ use bytes::Bytes;
 use flotilla_raft::{Entry, EntryPayload, GroupId, LogId, LogIndex, LogStorage};
 use flotilla_shard::{RocksLog, Store};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::io::Write;
+use std::time::Duration;
+
+mod common;
 
 const GROUPS: u64 = 32;
 const CHILD_ENV: &str = "FLOTILLA_CRASH_CHILD_DIR";
@@ -57,33 +58,22 @@ fn acknowledged_writes_survive_a_kill() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut acked: BTreeMap<u64, u64> = BTreeMap::new();
     for round in 0..3u64 {
-        let mut c = Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", "acknowledged_writes_survive_a_kill", "--nocapture", "--test-threads", "1"])
-            .env(CHILD_ENV, dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn child");
-        let stdout = c.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let started = Instant::now();
         let target = 500 + round * 700;
-        let mut seen = 0u64;
-        // Read acknowledgements until enough arrived (or time is up), then kill mid-write.
-        while seen < target && started.elapsed() < Duration::from_secs(20) {
-            let Some(Ok(line)) = lines.next() else { break };
-            let mut parts = line.split_whitespace();
-            if parts.next() != Some("ack") {
-                continue;
-            }
-            let (Some(g), Some(i)) = (parts.next(), parts.next()) else { continue };
-            let (Ok(g), Ok(i)) = (g.parse::<u64>(), i.parse::<u64>()) else { continue };
-            let e = acked.entry(g).or_default();
-            *e = (*e).max(i);
-            seen += 1;
-        }
-        c.kill().expect("kill");
-        let _ = c.wait();
+        let path = dir.path().to_str().expect("utf-8 path");
+        let seen = common::run_and_kill(
+            "acknowledged_writes_survive_a_kill",
+            CHILD_ENV,
+            path,
+            target,
+            Duration::from_secs(20),
+            |ack| {
+                let mut parts = ack.split_whitespace();
+                let (Some(g), Some(i)) = (parts.next(), parts.next()) else { return };
+                let (Ok(g), Ok(i)) = (g.parse::<u64>(), i.parse::<u64>()) else { return };
+                let e = acked.entry(g).or_default();
+                *e = (*e).max(i);
+            },
+        );
         assert!(seen > 0, "round {round}: the child acknowledged nothing");
 
         // Reopen and check every group.

@@ -6,9 +6,10 @@
 use flotilla_raft::{GroupId, Membership, NodeId, RaftError, ReadMode};
 use flotilla_shard::{Host, HostConfig, HostError, HostNetwork, KeyRange, KvCommand, NodeBatch, Store};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::io::Write;
 use std::sync::Arc;
+
+mod common;
 use std::time::{Duration, Instant};
 
 const GROUPS: u64 = 24;
@@ -109,31 +110,19 @@ fn acknowledged_writes_through_the_host_survive_a_kill() {
     let path = dir.path().to_str().expect("utf-8 path").to_string();
     let mut acked: BTreeMap<String, (u64, String)> = BTreeMap::new();
     for round in 0..2u64 {
-        let mut c = Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", "acknowledged_writes_through_the_host_survive_a_kill", "--nocapture"])
-            .env(CHILD_ENV, &path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn child");
-        let stdout = c.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let started = Instant::now();
-        let target = 800 + round * 800;
-        let mut seen = 0u64;
-        while seen < target && started.elapsed() < Duration::from_secs(40) {
-            let Some(Ok(line)) = lines.next() else { break };
-            let mut parts = line.splitn(4, ' ');
-            if parts.next() != Some("ack") {
-                continue;
-            }
-            let (Some(g), Some(k), Some(v)) = (parts.next(), parts.next(), parts.next()) else { continue };
-            let Ok(g) = g.parse::<u64>() else { continue };
-            acked.insert(k.to_string(), (g, v.to_string()));
-            seen += 1;
-        }
-        c.kill().expect("kill");
-        let _ = c.wait();
+        let seen = common::run_and_kill(
+            "acknowledged_writes_through_the_host_survive_a_kill",
+            CHILD_ENV,
+            &path,
+            800 + round * 800,
+            Duration::from_secs(40),
+            |ack| {
+                let mut parts = ack.splitn(3, ' ');
+                let (Some(g), Some(k), Some(v)) = (parts.next(), parts.next(), parts.next()) else { return };
+                let Ok(g) = g.parse::<u64>() else { return };
+                acked.insert(k.to_string(), (g, v.to_string()));
+            },
+        );
         assert!(seen > 0, "round {round}: the child acknowledged nothing");
 
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");

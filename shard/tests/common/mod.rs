@@ -1,0 +1,40 @@
+//! Shared by the crash tests: run this test binary again as a child that writes and prints
+//! `ack ...` lines, read acknowledgements until enough arrived, then kill it (SIGKILL).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs test `test` of this binary as a child with `env_key=env_value`, hands each line that
+/// starts with `ack ` (without the prefix) to `on_ack` until `target` acknowledgements arrived
+/// or `time_max` passed, then kills the child mid-write. Returns how many were seen.
+pub fn run_and_kill(
+    test: &str,
+    env_key: &str,
+    env_value: &str,
+    target: u64,
+    time_max: Duration,
+    mut on_ack: impl FnMut(&str),
+) -> u64 {
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+        .env(env_key, env_value)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let started = Instant::now();
+    let mut seen = 0u64;
+    while seen < target && started.elapsed() < time_max {
+        let Some(Ok(line)) = lines.next() else { break };
+        if let Some(rest) = line.strip_prefix("ack ") {
+            on_ack(rest);
+            seen += 1;
+        }
+    }
+    child.kill().expect("kill");
+    let _ = child.wait();
+    seen
+}
