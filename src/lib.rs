@@ -33,8 +33,9 @@
 //! - Splitting a shard that holds data (the host cannot narrow a running group's range, and a
 //!   new group needs a fenced starting point); shards are split at bootstrap only.
 //!   `admin split` says so.
-//! - Follower (stale) reads; shard sizes in node reports (so size balancing and split
-//!   suggestions see zero bytes); merges.
+//! - Accurate shard sizes in node reports: they count only data RocksDB has flushed to SST
+//!   files, so small clusters report ~0 bytes and size balancing and split suggestions see
+//!   little; merges. (Follower reads exist: `ReadConsistency::Stale`.)
 #![warn(missing_docs)]
 
 pub mod bench;
