@@ -665,6 +665,9 @@ impl Node {
                 }
                 KvResponse::CasFailed { .. } => continue,
                 KvResponse::Refused(e) => return Err(MetaTry::Refused(e)),
+                KvResponse::Split { .. } => {
+                    return Err(MetaTry::Refused("a compare-and-swap answered as a split".into()))
+                }
             }
         }
     }
@@ -972,6 +975,7 @@ impl Node {
             Ok(KvResponse::Done { previous }) => Response::Written { previous },
             Ok(KvResponse::CasFailed { current }) => Response::CasFailed { current },
             Ok(KvResponse::Refused(e)) => Response::Invalid(e),
+            Ok(KvResponse::Split { .. }) => Response::Invalid("a write answered as a split".into()),
             Err(e) => self.host_error(e, true),
         }
     }

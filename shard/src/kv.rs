@@ -4,8 +4,9 @@
 //! Applying writes the data and the group's applied id in one batch, without fsync: the log is
 //! durable, and replay after a crash is idempotent (the applied id says where to resume).
 
+use crate::keys::meta_key;
 use crate::keys::{decode, encode, group_key, KIND_APPLIED, KIND_INSTALLING, KIND_SNAPSHOT_DATA, KIND_SNAPSHOT_META};
-use crate::store::{Op, Store, CF_DATA, CF_RAFT};
+use crate::store::{Op, Store, CF_DATA, CF_META, CF_RAFT};
 use bytes::Bytes;
 use flotilla_raft::{
     AppliedState, Entry, EntryPayload, GroupId, LogId, Snapshot, SnapshotMeta, StateMachine, StorageError,
@@ -14,6 +15,7 @@ use flotilla_raft::{
 use rocksdb::{Direction, IteratorMode};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
 /// Longest key a command may carry: keeps every key below the unbounded range's end marker.
 pub const KEY_BYTES_MAX: usize = 1000;
@@ -55,6 +57,16 @@ pub enum KvCommand {
         /// Key.
         key: Vec<u8>,
     },
+    /// Split the shard at `at`: this group keeps `[start, at)`, and group `new_group` is
+    /// formed on every replica with `[at, end)` and the same configuration. Applied at the same
+    /// log position everywhere, so every replica splits at the same state; the data stays where
+    /// it is (one keyspace), only the descriptors change.
+    Split {
+        /// First key of the new shard; strictly inside the current range.
+        at: Vec<u8>,
+        /// Id of the new group (allocated by placement).
+        new_group: u64,
+    },
     /// Set `key` to `new` (`None`: delete) if its value is `expected` (`None`: absent).
     Cas {
         /// Key.
@@ -74,7 +86,7 @@ impl KvCommand {
         }
         let value = match self {
             KvCommand::Put { value, .. } => value.len(),
-            KvCommand::Delete { .. } => 0,
+            KvCommand::Delete { .. } | KvCommand::Split { .. } => 0,
             KvCommand::Cas { expected, new, .. } => {
                 expected.as_ref().map_or(0, |v| v.len()).max(new.as_ref().map_or(0, |v| v.len()))
             }
@@ -89,6 +101,7 @@ impl KvCommand {
     pub fn key(&self) -> &[u8] {
         match self {
             KvCommand::Put { key, .. } | KvCommand::Delete { key } | KvCommand::Cas { key, .. } => key,
+            KvCommand::Split { at, .. } => at,
         }
     }
     /// Encodes as a checksummed, versioned record.
@@ -116,6 +129,13 @@ pub enum KvResponse {
     },
     /// The command was refused (e.g. its key is outside the shard's range); nothing changed.
     Refused(String),
+    /// The shard split: this group now owns `left`, the new group `right`.
+    Split {
+        /// The range this group keeps.
+        left: KeyRange,
+        /// The range of the new group.
+        right: KeyRange,
+    },
 }
 
 impl KvResponse {
@@ -127,6 +147,41 @@ impl KvResponse {
     pub fn decode(bytes: &[u8]) -> Result<KvResponse, StorageError> {
         decode(bytes, || "kv response".into())
     }
+}
+
+/// An apply batch prepared for a host to submit: the writes, one response per entry, and the
+/// splits it performs (the host starts the new groups once the batch is written).
+#[derive(Debug)]
+pub struct Prepared {
+    /// The batch (data, descriptors, applied index).
+    pub ops: Vec<Op>,
+    /// One response per entry.
+    pub responses: Vec<Bytes>,
+    /// Splits applied.
+    pub splits: Vec<SplitEffect>,
+}
+
+/// What the `meta` column family holds for each group of a node: its key range and, for a
+/// group that must form itself at start-up (created with a configuration, or by a split), that
+/// configuration. A host reads these at start-up without touching any log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupDescriptor {
+    /// The key range the group's state machine owns.
+    pub range: KeyRange,
+    /// The configuration to form the group with while it has no Raft state.
+    pub initial: Option<flotilla_raft::Membership>,
+}
+
+/// A split the state machine applied: the host must start `new_group` (its descriptor is
+/// already written, in the same batch as the applied index).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SplitEffect {
+    /// The new group.
+    pub new_group: GroupId,
+    /// Its range.
+    pub range: KeyRange,
+    /// The configuration it starts with (the source's at the split).
+    pub membership: flotilla_raft::Membership,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -154,18 +209,20 @@ pub(crate) const UNBOUNDED_END: [u8; 1024] = [0xff; 1024];
 pub struct KvStateMachine {
     store: Store,
     group: GroupId,
-    range: KeyRange,
+    /// The range, shared by clones (the host's reader and the poller's applier) and narrowed by
+    /// a split or by installing a snapshot taken after one.
+    range: Arc<RwLock<KeyRange>>,
 }
 
 impl KvStateMachine {
     /// The state machine of `group`, owning `range`.
     pub fn new(store: Store, group: GroupId, range: KeyRange) -> KvStateMachine {
-        KvStateMachine { store, group, range }
+        KvStateMachine { store, group, range: Arc::new(RwLock::new(range)) }
     }
 
     /// Reads `key` (from the local state: linearizable only after `ensure_linearizable`).
     pub async fn get(&self, key: Vec<u8>) -> Result<Option<Vec<u8>>, StorageError> {
-        if !self.range.contains(&key) {
+        if !self.range().contains(&key) {
             return Err(StorageError::new("get", format!("key outside shard {} range", self.group)));
         }
         self.store
@@ -180,7 +237,7 @@ impl KvStateMachine {
         to: Option<Vec<u8>>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
-        let range = self.range.clone();
+        let range = self.range();
         self.store
             .blocking(move |s| {
                 let start = if from < range.start { range.start.clone() } else { from };
@@ -203,21 +260,27 @@ impl KvStateMachine {
     /// The write batch and responses for applying `entries` (blocking), for a host that
     /// submits the batch itself. The batch must be written before the next call for this
     /// shard: a compare-and-swap reads the state the previous batch left.
-    pub fn prepare_apply_blocking(&self, entries: Vec<Entry>) -> Result<(Vec<Op>, Vec<Bytes>), StorageError> {
-        Self::apply_ops(&self.store, self.group, &self.range, entries)
+    pub fn prepare_apply_blocking(&self, entries: Vec<Entry>) -> Result<Prepared, StorageError> {
+        let mut range = self.range();
+        let out = Self::apply_ops(&self.store, self.group, &mut range, entries)?;
+        self.set_range(range);
+        Ok(out)
     }
 
-    /// The shard's key range.
-    pub fn range(&self) -> &KeyRange {
-        &self.range
+    /// The shard's key range (as of the last applied batch).
+    pub fn range(&self) -> KeyRange {
+        self.range.read().map(|r| r.clone()).unwrap_or_else(|e| e.into_inner().clone())
     }
 
-    fn apply_ops(
-        s: &Store,
-        g: GroupId,
-        range: &KeyRange,
-        entries: Vec<Entry>,
-    ) -> Result<(Vec<Op>, Vec<Bytes>), StorageError> {
+    fn set_range(&self, range: KeyRange) {
+        match self.range.write() {
+            Ok(mut r) => *r = range,
+            Err(e) => *e.into_inner() = range,
+        }
+    }
+
+    fn apply_ops(s: &Store, g: GroupId, range: &mut KeyRange, entries: Vec<Entry>) -> Result<Prepared, StorageError> {
+        let mut splits = Vec::new();
         let mut applied = Self::read_applied(s, g)?;
         let data = s.cf(CF_DATA)?;
         // Values written earlier in this batch, which the database does not show yet.
@@ -238,6 +301,29 @@ impl KvStateMachine {
                         Ok(cmd) if !range.contains(cmd.key()) => {
                             KvResponse::Refused(format!("key outside the range of shard {g}"))
                         }
+                        Ok(KvCommand::Split { at, new_group }) => {
+                            let new_group = GroupId(new_group);
+                            if at == range.start || new_group == g {
+                                KvResponse::Refused(format!(
+                                    "split of shard {g} at its first key or into itself: nothing to split"
+                                ))
+                            } else {
+                                let left = KeyRange { start: range.start.clone(), end: Some(at.clone()) };
+                                let right = KeyRange { start: at, end: range.end.clone() };
+                                let membership = applied.membership.membership.clone();
+                                let desc =
+                                    |range: &KeyRange, initial| GroupDescriptor { range: range.clone(), initial };
+                                ops.push(Op::Put(CF_META, meta_key(g).to_vec(), encode(&desc(&left, None))?));
+                                ops.push(Op::Put(
+                                    CF_META,
+                                    meta_key(new_group).to_vec(),
+                                    encode(&desc(&right, Some(membership.clone())))?,
+                                ));
+                                splits.push(SplitEffect { new_group, range: right.clone(), membership });
+                                *range = left.clone();
+                                KvResponse::Split { left, right }
+                            }
+                        }
                         Ok(cmd) => {
                             let key = cmd.key().to_vec();
                             let current = match overlay.get(&key) {
@@ -255,6 +341,7 @@ impl KvStateMachine {
                                     (Some(new), KvResponse::Done { previous: current })
                                 }
                                 KvCommand::Cas { .. } => (None, KvResponse::CasFailed { current }),
+                                KvCommand::Split { .. } => (None, KvResponse::Refused("split handled above".into())),
                             };
                             if let Some(new) = new {
                                 ops.push(match &new {
@@ -272,7 +359,7 @@ impl KvStateMachine {
             responses.push(resp);
         }
         ops.push(Op::Put(CF_RAFT, group_key(g, KIND_APPLIED).to_vec(), encode(&applied)?));
-        Ok((ops, responses))
+        Ok(Prepared { ops, responses, splits })
     }
 
     fn read_applied(s: &Store, group: GroupId) -> Result<AppliedRecord, StorageError> {
@@ -289,7 +376,7 @@ impl KvStateMachine {
 
 impl StateMachine for KvStateMachine {
     async fn applied_state(&mut self) -> Result<AppliedState, StorageError> {
-        let (g, range) = (self.group, self.range.clone());
+        let (g, range) = (self.group, self.range());
         let r = self
             .store
             .blocking(move |s| {
@@ -298,25 +385,38 @@ impl StateMachine for KvStateMachine {
                     .db()
                     .get_cf(s.cf(CF_RAFT)?, group_key(g, KIND_INSTALLING))
                     .map_err(|e| StorageError::new("read", e.to_string()))?;
+                let mut adopted = None;
                 if installing.is_some() {
                     tracing::warn!(group = %g, "finishing a snapshot installation interrupted by a crash");
-                    finish_install(s, g, &range)?;
+                    adopted = Some(finish_install(s, g, &range)?);
                 }
-                Self::read_applied(s, g)
+                Ok((Self::read_applied(s, g)?, adopted))
             })
             .await?;
+        let (r, adopted) = r;
+        if let Some(range) = adopted {
+            self.set_range(range);
+        }
         Ok(AppliedState { last_applied: r.last_applied, membership: r.membership })
     }
 
     async fn apply(&mut self, entries: Vec<Entry>) -> Result<Vec<Bytes>, StorageError> {
-        let (g, range) = (self.group, self.range.clone());
-        let (ops, responses) = self.store.blocking(move |s| Self::apply_ops(s, g, &range, entries)).await?;
-        self.store.write(ops, false).await?;
-        Ok(responses)
+        let (g, mut range) = (self.group, self.range());
+        let (p, range) = self
+            .store
+            .blocking(move |s| {
+                let p = Self::apply_ops(s, g, &mut range, entries)?;
+                Ok((p, range))
+            })
+            .await?;
+        self.store.write(p.ops, false).await?;
+        // Splits narrow the range; starting the new group is a host's job.
+        self.set_range(range);
+        Ok(p.responses)
     }
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let (g, range) = (self.group, self.range.clone());
+        let (g, range) = (self.group, self.range());
         let snapshot = self
             .store
             .blocking(move |s| {
@@ -386,12 +486,10 @@ impl StateMachine for KvStateMachine {
     }
 
     async fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), StorageError> {
-        let (g, range) = (self.group, self.range.clone());
+        let (g, range) = (self.group, self.range());
         // Check the data before touching anything.
         let d: SnapshotData = decode(&snapshot.data, || format!("group {g} received snapshot"))?;
-        if d.range != range {
-            return Err(StorageError::new("install_snapshot", format!("group {g}: snapshot of another key range")));
-        }
+        check_snapshot_range(g, &range, &d.range)?;
         // 1. Durably: the snapshot itself and the intent to install it.
         let ops = vec![
             Op::Put(CF_RAFT, group_key(g, KIND_SNAPSHOT_META).to_vec(), encode(&snapshot.meta)?),
@@ -400,14 +498,33 @@ impl StateMachine for KvStateMachine {
         ];
         self.store.write(ops, true).await?;
         // 2 and 3: replace the range's data, then record the applied state and clear the intent.
-        self.store.blocking(move |s| finish_install(s, g, &range)).await
+        let adopted = self.store.blocking(move |s| finish_install(s, g, &range)).await?;
+        self.set_range(adopted);
+        Ok(())
     }
 }
 
 /// Steps 2 and 3 of an installation whose snapshot and intent are durable: ingest the SST file
 /// (its range deletion clears the old data; ingestion is atomic), then write the applied state
 /// and clear the intent in one synced batch. Idempotent: start-up repeats it after a crash.
-fn finish_install(s: &Store, g: GroupId, range: &KeyRange) -> Result<(), StorageError> {
+/// A snapshot's range must be the group's, or inside it: the leader had applied a split this
+/// replica has not (the replica adopts the narrower range). Anything else is a misrouted or
+/// corrupt snapshot.
+fn check_snapshot_range(g: GroupId, current: &KeyRange, snap: &KeyRange) -> Result<(), StorageError> {
+    let end_inside = match (&snap.end, &current.end) {
+        (_, None) => true,
+        (Some(s), Some(c)) => s <= c,
+        (None, Some(_)) => false,
+    };
+    if snap.start >= current.start && end_inside && snap.end.as_ref().is_none_or(|e| *e > snap.start) {
+        Ok(())
+    } else {
+        Err(StorageError::new("install_snapshot", format!("group {g}: snapshot of a key range outside the group's")))
+    }
+}
+
+/// Returns the range the group owns after the installation (the snapshot's).
+fn finish_install(s: &Store, g: GroupId, range: &KeyRange) -> Result<KeyRange, StorageError> {
     let cf = s.cf(CF_RAFT)?;
     let read = |kind| s.db().get_cf(cf, group_key(g, kind)).map_err(|e| StorageError::new("read", e.to_string()));
     let (Some(meta), Some(data)) = (read(KIND_SNAPSHOT_META)?, read(KIND_SNAPSHOT_DATA)?) else {
@@ -415,9 +532,8 @@ fn finish_install(s: &Store, g: GroupId, range: &KeyRange) -> Result<(), Storage
     };
     let meta: SnapshotMeta = decode(&meta, || format!("group {g} snapshot meta"))?;
     let d: SnapshotData = decode(&data, || format!("group {g} snapshot data"))?;
-    if d.range != *range {
-        return Err(StorageError::new("install_snapshot", format!("group {g}: snapshot of another key range")));
-    }
+    check_snapshot_range(g, range, &d.range)?;
+    let range = &d.range;
     let end = range.end.clone().unwrap_or_else(|| UNBOUNDED_END.to_vec());
     let data_cf = s.cf(CF_DATA)?;
     match d.sst {
@@ -447,9 +563,19 @@ fn finish_install(s: &Store, g: GroupId, range: &KeyRange) -> Result<(), Storage
     let mut b = rocksdb::WriteBatch::default();
     b.put_cf(cf, group_key(g, KIND_APPLIED), encode(&applied)?);
     b.delete_cf(cf, group_key(g, KIND_INSTALLING));
+    // A snapshot taken after a split this replica missed: the group's descriptor narrows too.
+    let meta_cf = s.cf(CF_META)?;
+    if let Some(raw) = s.db().get_cf(meta_cf, meta_key(g)).map_err(|e| StorageError::new("read", e.to_string()))? {
+        let mut desc: GroupDescriptor = decode(&raw, || format!("group {g} descriptor"))?;
+        if desc.range != *range {
+            desc.range = range.clone();
+            b.put_cf(meta_cf, meta_key(g), encode(&desc)?);
+        }
+    }
     let mut wo = rocksdb::WriteOptions::default();
     wo.set_sync(true);
-    s.db().write_opt(b, &wo).map_err(|e| StorageError::new("install_snapshot", e.to_string()))
+    s.db().write_opt(b, &wo).map_err(|e| StorageError::new("install_snapshot", e.to_string()))?;
+    Ok(range.clone())
 }
 
 /// Writes the range's key-values (given in order by `fill`) to an SST file at `path`, with a

@@ -450,3 +450,103 @@ async fn a_lagging_replica_catches_up_by_snapshot_through_the_hosts() {
     assert!(snap.is_some(), "the replica holds the snapshot it installed");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_splits_while_clients_write_and_both_halves_survive_a_restart() {
+    let net = Arc::new(MemNet::default());
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
+    let open = |net: Arc<MemNet>, i: usize, dir: std::path::PathBuf| async move {
+        let id = NodeId(i as u64 + 1);
+        let h = Host::open(Store::open(&dir).expect("open"), config(id.0), net.clone()).await.expect("host");
+        net.hosts.write().expect("lock").insert(id, h.clone());
+        h
+    };
+    let mut hosts = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        hosts.push(open(net.clone(), i, d.path().to_path_buf()).await);
+    }
+    let c = Arc::new(Cluster { net: net.clone(), hosts, _dirs: Vec::new() });
+    let members = Membership::new([NodeId(1), NodeId(2), NodeId(3)]);
+    for h in &c.hosts {
+        h.create_group(GroupId(1), KeyRange::all(), Some(members.clone())).await.expect("create");
+    }
+    // Writers on both sides of the future split point, running across the split.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for prefix in ["a", "z"] {
+        let (c, stop) = (c.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let k = format!("{prefix}{i:05}");
+                // Before the split group 1 owns everything; after it, "z..." belongs to 2.
+                for g in [1, 2] {
+                    match c.put(GroupId(g), &k, "v").await {
+                        Ok(KvResponse::Done { .. }) => {
+                            acked.push((k.clone(), g));
+                            break;
+                        }
+                        Ok(KvResponse::Refused(_))
+                        | Err(HostError::KeyOutOfRange(_))
+                        | Err(HostError::UnknownGroup(_)) => continue,
+                        Ok(other) => panic!("unexpected answer {other:?}"),
+                        Err(e) => panic!("write {k}: {e}"),
+                    }
+                }
+                i += 1;
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let split = KvCommand::Split { at: b"m".to_vec(), new_group: 2 };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut target = NodeId(1);
+    let resp = loop {
+        match c.host(target).write(GroupId(1), split.clone()).await {
+            Err(HostError::Raft(RaftError::NotLeader { leader })) if Instant::now() < deadline => {
+                target = leader.unwrap_or(NodeId(target.0 % 3 + 1));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => break other.expect("split"),
+        }
+    };
+    let left = KeyRange { start: Vec::new(), end: Some(b"m".to_vec()) };
+    let right = KeyRange { start: b"m".to_vec(), end: None };
+    assert_eq!(resp, KvResponse::Split { left: left.clone(), right: right.clone() });
+    // Every host starts group 2 and it elects a leader.
+    c.wait_info("group 2 on every host", |infos| infos.iter().any(|i| i.group == GroupId(2))).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await.expect("writer"));
+    }
+    assert!(acked.iter().any(|(k, g)| k.starts_with('z') && *g == 2), "writes reached the new group");
+    // Group 1 now refuses the right half; a second split at the same key is refused.
+    assert!(matches!(
+        c.host(target).write(GroupId(1), KvCommand::Put { key: b"zz".to_vec(), value: Vec::new() }).await,
+        Err(HostError::KeyOutOfRange(GroupId(1)))
+    ));
+    // Restart every host: both halves come back with their ranges and every acknowledged write.
+    drop(c);
+    let old: Vec<Host> = net.hosts.read().expect("lock").values().cloned().collect();
+    for h in &old {
+        h.shutdown().await;
+    }
+    drop(old);
+    net.hosts.write().expect("lock").clear();
+    let mut hosts = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        let h = open(net.clone(), i, d.path().to_path_buf()).await;
+        assert_eq!(h.groups(), vec![GroupId(1), GroupId(2)]);
+        hosts.push(h);
+    }
+    let c = Cluster { net, hosts, _dirs: Vec::new() };
+    for (k, _) in &acked {
+        let g = if k.as_str() < "m" { 1 } else { 2 };
+        assert_eq!(c.get(GroupId(g), k).await.expect("read"), Some(b"v".to_vec()), "{k} in group {g}");
+    }
+    c.shutdown().await;
+}

@@ -338,3 +338,24 @@ async fn a_full_disk_poisons_the_store_with_a_clear_error() {
     drop(log);
     drop(store);
 }
+
+#[tokio::test]
+async fn a_replica_that_missed_a_split_adopts_the_narrower_range_of_a_snapshot() {
+    use flotilla_raft::StateMachine;
+    let (d1, d2) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
+    let left = KeyRange { start: Vec::new(), end: Some(b"m".to_vec()) };
+    // The leader applied a split: group 1 owns [.., m).
+    let mut leader = KvStateMachine::new(Store::open(d1.path()).expect("open"), GroupId(1), left.clone());
+    apply_puts(&mut leader, 1, &[("a", "1")]).await;
+    let snap = leader.build_snapshot().await.expect("build");
+    // This replica still has the whole range, with data on both sides of the split key.
+    let store = Store::open(d2.path()).expect("open");
+    let mut replica = KvStateMachine::new(store, GroupId(1), KeyRange::all());
+    apply_puts(&mut replica, 1, &[("a", "old"), ("b", "stale"), ("x", "right half")]).await;
+    replica.install_snapshot(snap).await.expect("install a narrower snapshot");
+    assert_eq!(replica.range(), left, "the replica adopted the split range");
+    assert_eq!(replica.get(b"a".to_vec()).await.expect("get"), Some(b"1".to_vec()));
+    assert_eq!(replica.get(b"b".to_vec()).await.expect("get"), None, "stale key in the range cleared");
+    // The right half is no longer this group's: left for the new group's snapshot to replace.
+    assert!(replica.get(b"x".to_vec()).await.is_err(), "outside the group's range now");
+}

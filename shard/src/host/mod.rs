@@ -28,6 +28,7 @@
 mod poller;
 
 use crate::keys::{decode, encode, group_key, meta_key};
+pub use crate::kv::GroupDescriptor;
 use crate::kv::{KeyRange, KvCommand, KvResponse, KvStateMachine};
 use crate::log::RocksLog;
 use crate::store::{Op, Store, CF_META, CF_RAFT};
@@ -141,13 +142,6 @@ pub enum HostError {
     Config(String),
 }
 
-/// The descriptor stored for each group in the `meta` column family.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GroupDescriptor {
-    /// The key range the group's state machine owns.
-    pub range: KeyRange,
-}
-
 /// A leader's notice that group `group` went quiet at `(term, index)`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuiesceNotice {
@@ -251,6 +245,10 @@ pub(crate) struct Shared {
     pub(crate) runtime: tokio::runtime::Handle,
     /// Set by `shutdown`: the pinger stops.
     pub(crate) stopping: std::sync::atomic::AtomicBool,
+    /// The pollers' mailboxes (group `g` lives on poller `g % len`).
+    pub(crate) pollers: Vec<mpsc::Sender<PollerMsg>>,
+    /// Groups on this node: where each lives and its state machine (for reads).
+    pub(crate) registry: RwLock<HashMap<GroupId, GroupEntry>>,
 }
 
 impl Shared {
@@ -271,7 +269,7 @@ impl Shared {
 
 /// A registered group: where it lives and what it owns (for reads on the caller's side).
 #[derive(Clone)]
-struct GroupEntry {
+pub(crate) struct GroupEntry {
     poller: usize,
     sm: KvStateMachine,
 }
@@ -280,8 +278,6 @@ struct GroupEntry {
 #[derive(Clone)]
 pub struct Host {
     shared: Arc<Shared>,
-    pollers: Arc<Vec<mpsc::Sender<PollerMsg>>>,
-    groups: Arc<RwLock<HashMap<GroupId, GroupEntry>>>,
     threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
 }
 
@@ -290,6 +286,7 @@ impl Host {
     /// a Tokio runtime (snapshots run on its blocking pool).
     pub async fn open(store: Store, config: HostConfig, network: Arc<dyn HostNetwork>) -> Result<Host, HostError> {
         config.validate()?;
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..config.pollers).map(|_| mpsc::channel()).unzip();
         let shared = Arc::new(Shared {
             queued: (0..config.pollers).map(|_| AtomicUsize::new(0)).collect(),
             config: config.clone(),
@@ -301,17 +298,16 @@ impl Host {
             peers: Mutex::new(BTreeSet::new()),
             runtime: tokio::runtime::Handle::current(),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            pollers: senders.clone(),
+            registry: RwLock::new(HashMap::new()),
         });
-        let mut senders = Vec::new();
         let mut threads = Vec::new();
-        for i in 0..config.pollers {
-            let (tx, rx) = mpsc::channel();
-            let poller = Poller::new(i, shared.clone(), rx, tx.clone());
+        for (i, (rx, tx)) in receivers.into_iter().zip(senders).enumerate() {
+            let poller = Poller::new(i, shared.clone(), rx, tx);
             let t = std::thread::Builder::new()
                 .name(format!("flotilla-poller-{i}"))
                 .spawn(move || poller.run())
                 .map_err(|e| HostError::Config(format!("cannot start a poller thread: {e}")))?;
-            senders.push(tx);
             threads.push(t);
         }
         {
@@ -324,12 +320,7 @@ impl Host {
                 .map_err(|e| HostError::Config(format!("cannot start the pinger thread: {e}")))?;
             threads.push(t);
         }
-        let host = Host {
-            shared,
-            pollers: Arc::new(senders),
-            groups: Arc::new(RwLock::new(HashMap::new())),
-            threads: Arc::new(Mutex::new(threads)),
-        };
+        let host = Host { shared, threads: Arc::new(Mutex::new(threads)) };
         let ids = store.blocking(|s| s.groups()).await?;
         for group in &ids {
             let g = *group;
@@ -343,7 +334,7 @@ impl Host {
                     decode::<GroupDescriptor>(&raw, || format!("group {g} descriptor"))
                 })
                 .await?;
-            host.start_group(*group, desc.range, None).await?;
+            host.start_group(*group, desc.range, desc.initial).await?;
         }
         info!(node = %config.node, groups = ids.len(), pollers = config.pollers, "host started");
         Ok(host)
@@ -364,10 +355,6 @@ impl Host {
         &self.shared.stats
     }
 
-    fn poller_of(&self, group: GroupId) -> usize {
-        (group.0 % self.pollers.len() as u64) as usize
-    }
-
     /// Creates group `group` owning `range`, durably. With `initial`, this node forms the
     /// group with that configuration (call it on every initial member, or on one); without,
     /// the replica waits for a leader to add it.
@@ -377,43 +364,22 @@ impl Host {
         range: KeyRange,
         initial: Option<Membership>,
     ) -> Result<(), HostError> {
-        if self.groups.read().map_err(|_| HostError::Stopped)?.contains_key(&group) {
+        if self.shared.registry.read().map_err(|_| HostError::Stopped)?.contains_key(&group) {
             return Err(HostError::GroupExists(group));
         }
-        let desc = encode(&GroupDescriptor { range: range.clone() })?;
+        // The configuration is kept in the descriptor: a crash before the group's first write
+        // still forms it at the next start.
+        let desc = encode(&GroupDescriptor { range: range.clone(), initial: initial.clone() })?;
         self.shared.store.write(vec![Op::Put(CF_META, meta_key(group).to_vec(), desc)], true).await?;
         self.start_group(group, range, initial).await
     }
 
     async fn start_group(&self, group: GroupId, range: KeyRange, initial: Option<Membership>) -> Result<(), HostError> {
-        let store = self.shared.store.clone();
-        let log = RocksLog::new(store.clone(), group);
-        let mut sm = KvStateMachine::new(store, group, range);
-        let (state, snapshot) = recover_state(&log, &mut sm).await?;
-        {
-            let l = log.clone();
-            self.shared.store.blocking(move |_| l.load_last_blocking()).await?;
-        }
-        let mut config = self.shared.config.raft.clone();
-        config.api_timeout_ms = self.shared.config.api_timeout_ms;
-        let seed = seed_for(self.node(), group);
-        let engine = Engine::new(self.node(), Arc::new(config), state, seed, self.shared.now());
-        let mut core = GroupCore::new(engine, snapshot);
-        if let Some(m) = initial {
-            if let Ok(mut peers) = self.shared.peers.lock() {
-                peers.extend(m.nodes().into_iter().filter(|n| *n != self.node()));
-            }
-            core.initialize(self.shared.now(), m)?;
-        } else if let Ok(mut peers) = self.shared.peers.lock() {
-            peers.extend(core.engine().membership().membership.nodes().into_iter().filter(|n| *n != self.node()));
-        }
-        let poller = self.poller_of(group);
-        let entry = GroupEntry { poller, sm: sm.clone() };
+        let (state, entry) = build_group(&self.shared, group, range, initial).await?;
         let (tx, rx) = oneshot::channel();
-        let state = GroupState::new(group, core, log, sm);
-        self.pollers[poller].send(PollerMsg::Add(Box::new(state), tx)).map_err(|_| HostError::Stopped)?;
+        self.shared.pollers[entry.poller].send(PollerMsg::Add(Box::new(state), tx)).map_err(|_| HostError::Stopped)?;
         rx.await.map_err(|_| HostError::Stopped)?;
-        self.groups.write().map_err(|_| HostError::Stopped)?.insert(group, entry);
+        self.shared.registry.write().map_err(|_| HostError::Stopped)?.insert(group, entry);
         Ok(())
     }
 
@@ -421,10 +387,10 @@ impl Host {
     /// the data in its key range (when the shard moved away; not after a split or merge, where
     /// another group owns the keys now).
     pub async fn destroy_group(&self, group: GroupId, clear_data: bool) -> Result<(), HostError> {
-        let entry = self.groups.write().map_err(|_| HostError::Stopped)?.remove(&group);
+        let entry = self.shared.registry.write().map_err(|_| HostError::Stopped)?.remove(&group);
         let Some(entry) = entry else { return Err(HostError::UnknownGroup(group)) };
         let (tx, rx) = oneshot::channel();
-        self.pollers[entry.poller].send(PollerMsg::Remove(group, tx)).map_err(|_| HostError::Stopped)?;
+        self.shared.pollers[entry.poller].send(PollerMsg::Remove(group, tx)).map_err(|_| HostError::Stopped)?;
         rx.await.map_err(|_| HostError::Stopped)?;
         let mut ops = vec![
             Op::Delete(CF_META, meta_key(group).to_vec()),
@@ -442,7 +408,7 @@ impl Host {
 
     /// Groups on this node, in id order.
     pub fn groups(&self) -> Vec<GroupId> {
-        let mut v: Vec<GroupId> = self.groups.read().map(|g| g.keys().copied().collect()).unwrap_or_default();
+        let mut v: Vec<GroupId> = self.shared.registry.read().map(|g| g.keys().copied().collect()).unwrap_or_default();
         v.sort();
         v
     }
@@ -450,7 +416,7 @@ impl Host {
     /// The state of every group on this node.
     pub async fn group_info(&self) -> Result<Vec<GroupInfo>, HostError> {
         let mut out = Vec::new();
-        for p in self.pollers.iter() {
+        for p in self.shared.pollers.iter() {
             let (tx, rx) = oneshot::channel();
             p.send(PollerMsg::Info(tx)).map_err(|_| HostError::Stopped)?;
             out.extend(rx.await.map_err(|_| HostError::Stopped)?);
@@ -470,7 +436,7 @@ impl Host {
                 p.insert(batch.from);
             }
         }
-        let n = self.pollers.len();
+        let n = self.shared.pollers.len();
         type PerPoller = (Vec<(GroupId, Message)>, Vec<QuiesceNotice>);
         let mut per: Vec<PerPoller> = (0..n).map(|_| Default::default()).collect();
         for (g, m) in batch.messages {
@@ -491,7 +457,8 @@ impl Host {
                 self.shared.stats.mailbox_dropped.fetch_add(dropped as u64, Ordering::Relaxed);
             }
             self.shared.queued[i].fetch_add(msgs.len(), Ordering::Relaxed);
-            let _ = self.pollers[i].send(PollerMsg::Batch { from: batch.from, messages: msgs, quiesce: notices });
+            let _ =
+                self.shared.pollers[i].send(PollerMsg::Batch { from: batch.from, messages: msgs, quiesce: notices });
         }
     }
 
@@ -502,7 +469,7 @@ impl Host {
     ) -> Result<T, HostError> {
         let poller = self.entry(group)?.poller;
         let (tx, rx) = oneshot::channel();
-        self.pollers[poller].send(PollerMsg::Api(group, make(tx))).map_err(|_| HostError::Stopped)?;
+        self.shared.pollers[poller].send(PollerMsg::Api(group, make(tx))).map_err(|_| HostError::Stopped)?;
         match tokio::time::timeout(Duration::from_millis(self.shared.config.api_timeout_ms), rx).await {
             Ok(Ok(r)) => r.map_err(HostError::from),
             Ok(Err(_)) => Err(HostError::Stopped),
@@ -511,7 +478,13 @@ impl Host {
     }
 
     fn entry(&self, group: GroupId) -> Result<GroupEntry, HostError> {
-        self.groups.read().map_err(|_| HostError::Stopped)?.get(&group).cloned().ok_or(HostError::UnknownGroup(group))
+        self.shared
+            .registry
+            .read()
+            .map_err(|_| HostError::Stopped)?
+            .get(&group)
+            .cloned()
+            .ok_or(HostError::UnknownGroup(group))
     }
 
     /// Forms a group that was created without a configuration (see [`Host::create_group`]).
@@ -579,7 +552,7 @@ impl Host {
     /// Stops the pollers; pending calls fail with `Stopped` or `Fatal(Shutdown)`.
     pub async fn shutdown(&self) {
         self.shared.stopping.store(true, Ordering::Release);
-        for p in self.pollers.iter() {
+        for p in self.shared.pollers.iter() {
             let _ = p.send(PollerMsg::Shutdown);
         }
         let threads: Vec<_> = self.threads.lock().map(|mut t| t.drain(..).collect()).unwrap_or_default();
@@ -590,6 +563,40 @@ impl Host {
         })
         .await;
     }
+}
+
+/// Recovers (or forms, with `initial`, while it has no Raft state) group `group` and returns its
+/// poller state and registry entry. Used at start-up, by `create_group`, and by a poller
+/// starting the group a split created.
+pub(crate) async fn build_group(
+    shared: &Shared,
+    group: GroupId,
+    range: KeyRange,
+    initial: Option<Membership>,
+) -> Result<(GroupState, GroupEntry), HostError> {
+    let me = shared.config.node;
+    let store = shared.store.clone();
+    let log = RocksLog::new(store.clone(), group);
+    let mut sm = KvStateMachine::new(store, group, range);
+    let (state, snapshot) = recover_state(&log, &mut sm).await?;
+    {
+        let l = log.clone();
+        shared.store.blocking(move |_| l.load_last_blocking()).await?;
+    }
+    let mut config = shared.config.raft.clone();
+    config.api_timeout_ms = shared.config.api_timeout_ms;
+    let engine = Engine::new(me, Arc::new(config), state, seed_for(me, group), shared.now());
+    let mut core = GroupCore::new(engine, snapshot);
+    match initial {
+        Some(m) if core.engine().is_pristine() => core.initialize(shared.now(), m)?,
+        _ => {}
+    }
+    if let Ok(mut peers) = shared.peers.lock() {
+        peers.extend(core.engine().membership().membership.nodes().into_iter().filter(|n| *n != me));
+    }
+    let poller = (group.0 % shared.pollers.len() as u64) as usize;
+    let entry = GroupEntry { poller, sm: sm.clone() };
+    Ok((GroupState::new(group, core, log, sm), entry))
 }
 
 /// Sends an empty batch (a liveness ping) to every peer once per heartbeat interval.

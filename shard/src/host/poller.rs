@@ -1,9 +1,10 @@
 //! One poller thread: owns a share of the host's groups and drives them in rounds (see the
 //! module documentation of `host`).
 
-use super::{GroupInfo, NodeBatch, QuiesceNotice, Shared, EVENTS_PER_ROUND_MAX};
+use super::{build_group, GroupInfo, NodeBatch, QuiesceNotice, Shared, EVENTS_PER_ROUND_MAX};
 use crate::keys::{encode, group_key, KIND_COMMITTED};
 use crate::kv::KvStateMachine;
+use crate::kv::SplitEffect;
 use crate::log::RocksLog;
 use crate::store::{Op, CF_RAFT};
 use bytes::Bytes;
@@ -33,6 +34,9 @@ pub(crate) enum ApiReq {
     TriggerSnapshot(oneshot::Sender<Result<(), RaftError>>),
 }
 
+/// What an apply batch produced: each entry's id and response, and the splits it applied.
+pub(crate) type AppliedBatch = (Vec<(LogId, Bytes)>, Vec<SplitEffect>);
+
 /// What a poller's mailbox carries.
 pub(crate) enum PollerMsg {
     Add(Box<GroupState>, oneshot::Sender<()>),
@@ -49,7 +53,7 @@ pub(crate) enum PollerMsg {
         compact: Vec<crate::log::CompactSpan>,
         result: Result<(), StorageError>,
     },
-    Applied(GroupId, Result<Vec<(LogId, Bytes)>, StorageError>),
+    Applied(GroupId, Result<AppliedBatch, StorageError>),
     Built(GroupId, Result<Snapshot, StorageError>),
     Installed(GroupId, Result<Snapshot, StorageError>),
     Info(oneshot::Sender<Vec<GroupInfo>>),
@@ -290,11 +294,20 @@ impl Poller {
                 if !g.sm_queue.is_empty() {
                     self.sm_ready.insert(gid);
                 }
-                match r {
-                    Ok(results) => g.core.handle_applied(now, results),
-                    Err(e) => g.core.fail(e),
-                }
+                let splits = match r {
+                    Ok((results, splits)) => {
+                        g.core.handle_applied(now, results);
+                        splits
+                    }
+                    Err(e) => {
+                        g.core.fail(e);
+                        Vec::new()
+                    }
+                };
                 self.dirty.insert(gid);
+                for split in splits {
+                    self.start_split_group(gid, split);
+                }
             }
             PollerMsg::Built(gid, r) => {
                 let Some(g) = self.groups.get_mut(&gid) else { return };
@@ -542,6 +555,33 @@ impl Poller {
         }
     }
 
+    /// A split was applied (its descriptors are durable): start the new group on this node,
+    /// formed with the source's configuration, on whichever poller it belongs to. A group of
+    /// that id already here (the node was told to create it, or it restarted) is left alone.
+    fn start_split_group(&mut self, source: GroupId, split: SplitEffect) {
+        let id = split.new_group;
+        if self.shared.registry.read().map(|r| r.contains_key(&id)).unwrap_or(true) {
+            info!(%source, group = %id, "split: the new group already exists here");
+            return;
+        }
+        let built = self.shared.runtime.block_on(build_group(&self.shared, id, split.range, Some(split.membership)));
+        match built {
+            Ok((state, entry)) => {
+                let poller = entry.poller;
+                if let Ok(mut r) = self.shared.registry.write() {
+                    r.insert(id, entry);
+                }
+                let (tx, _rx) = oneshot::channel();
+                let _ = self.shared.pollers[poller].send(PollerMsg::Add(Box::new(state), tx));
+                info!(%source, group = %id, "split: new group started");
+            }
+            Err(e) => {
+                // Its descriptor is durable: the next start of the host forms it.
+                error!(%source, group = %id, error = %e, "split: cannot start the new group now");
+            }
+        }
+    }
+
     /// Starts the next state-machine action of a group.
     fn start_sm(&mut self, gid: GroupId) {
         let Some(g) = self.groups.get_mut(&gid) else { return };
@@ -559,16 +599,17 @@ impl Poller {
                 };
                 let prepared = entries.and_then(|entries| {
                     let ids: Vec<LogId> = entries.iter().map(|e| e.log_id).collect();
-                    g.sm.prepare_apply_blocking(entries).map(|(ops, responses)| (ids, ops, responses))
+                    g.sm.prepare_apply_blocking(entries).map(|p| (ids, p))
                 });
                 match prepared {
-                    Ok((ids, ops, responses)) if ids.len() == responses.len() => {
-                        let results: Vec<(LogId, Bytes)> = ids.into_iter().zip(responses).collect();
+                    Ok((ids, p)) if ids.len() == p.responses.len() => {
+                        let results: Vec<(LogId, Bytes)> = ids.into_iter().zip(p.responses).collect();
+                        let splits = p.splits;
                         let r = self.shared.store.submit(
-                            ops,
+                            p.ops,
                             false,
                             Box::new(move |r| {
-                                let _ = tx.send(PollerMsg::Applied(gid, r.map(|()| results)));
+                                let _ = tx.send(PollerMsg::Applied(gid, r.map(|()| (results, splits))));
                             }),
                         );
                         if let Err(e) = r {
