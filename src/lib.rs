@@ -29,10 +29,14 @@
 //! - **Shards of the bootstrap are formed by all their voters** (configuration version 1);
 //!   replicas added later are fed by their leader (snapshot chunks inside Raft messages).
 //!
+//! - **Live splits.** `admin split` (or an applied balancer suggestion) changes the map on
+//!   the meta leader; the source shard's leader then proposes a `Split` entry in the shard's
+//!   own log, and every replica narrows the source and starts the new shard when it applies it
+//!   (`flotilla_shard::KvCommand::Split`). The reconciler never creates a shard whose range a
+//!   local group still covers, so the new shard cannot apply writes to keys the source has not
+//!   finished with (they share one keyspace).
+//!
 //! # Not built yet
-//! - Splitting a shard that holds data (the host cannot narrow a running group's range, and a
-//!   new group needs a fenced starting point); shards are split at bootstrap only.
-//!   `admin split` says so.
 //! - Accurate shard sizes in node reports: they count only data RocksDB has flushed to SST
 //!   files, so small clusters report ~0 bytes and size balancing and split suggestions see
 //!   little; merges. (Follower reads exist: `ReadConsistency::Stale`.)

@@ -21,7 +21,7 @@
 //! machine (commands in the log, state in memory): listed as future work.
 
 use crate::placement::{
-    balance, BalancerConfig, MetaCommand, MetaOutcome, MetaState, NodeId, Proposal, ShardDescriptor, ShardId,
+    balance, BalancerConfig, MetaCommand, MetaOutcome, MetaState, NodeId, ShardDescriptor, ShardId,
 };
 use crate::shard::KeyRange;
 use crate::wire::{AdminResponse, MetaOp};
@@ -122,24 +122,25 @@ pub fn run_op(op: &MetaOp, state: &mut MetaState, balancer: &BalancerConfig) -> 
             state.apply(MetaCommand::Heartbeat { node: *node, report }).map_err(|e| e.to_string())?;
             Ok(AdminResponse::Done("reported".into()))
         }
-        MetaOp::SplitAt { .. } => {
-            // The host cannot narrow a running group's key range, and a new group for the right
-            // half would have to start from a state every replica agrees on (a fenced, applied
-            // index); neither exists yet, so a split at run time would risk losing writes.
-            // Refused plainly rather than done unsafely; splits at bootstrap are fine (no data).
-            Err("splitting a running shard is not supported yet (shards are split only at bootstrap: \
-                 `flotilla dev --shards N`)"
-                .into())
+        MetaOp::SplitAt { key } => {
+            // The map changes here; the shard's leader then carries the split out in the
+            // shard's own log (a `Split` entry applied at one position on every replica), and
+            // the new shard's replicas are started by that entry, not by the reconciler.
+            let d = state.map.lookup(key).cloned().ok_or("no shard holds that key")?;
+            if d.start == *key {
+                return Err(format!("the key is already the first key of shard {}", d.id));
+            }
+            state
+                .apply(MetaCommand::Split { shard: d.id, epoch: d.epoch, key: key.clone() })
+                .map_err(|e| e.to_string())?;
+            Ok(AdminResponse::Changed(
+                state.map.shards().filter(|s| s.start == d.start || s.start == *key).cloned().collect(),
+            ))
         }
         MetaOp::Rebalance { now_ms } => {
             let proposals = balance(state, balancer, *now_ms);
             let mut started = Vec::new();
             for p in proposals {
-                if let Proposal::Split { shard, .. } = &p {
-                    started
-                        .push(format!("split of shard {shard} suggested, not carried out (runtime splits not built)"));
-                    continue;
-                }
                 let cmd = p.command(*now_ms);
                 let what = format!("{cmd:?}");
                 match state.apply(cmd) {

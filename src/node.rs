@@ -37,7 +37,7 @@ use crate::placement::{
     ReplicaRole, ShardId,
 };
 use crate::raft::{Config as RaftConfig, GroupId, Membership, NodeId, RaftError, ReadMode, Role};
-use crate::shard::{Host, HostConfig, HostError, KvCommand, KvResponse, KvStateMachine, Store};
+use crate::shard::{Host, HostConfig, HostError, KeyRange, KvCommand, KvResponse, KvStateMachine, Store};
 use crate::transport::{self as tp, cert::TlsIdentity, IncomingRequest, PeerIdentity, Transport, TransportConfig};
 use crate::wire::{
     check_user_key, check_value, AdminRequest, AdminResponse, ClusterView, MetaOp, NodeRow, ReadConsistency, Request,
@@ -759,9 +759,18 @@ impl Node {
         }
         let host = &self.inner.host;
         let local: BTreeSet<GroupId> = host.groups().into_iter().collect();
+        let local_ranges: Vec<(GroupId, KeyRange)> =
+            local.iter().filter(|g| g.0 != META_GROUP).filter_map(|g| host.group_range(*g).map(|r| (*g, r))).collect();
         for d in state.map.shards() {
             let Some(r) = d.replica(me) else { continue };
             if local.contains(&GroupId(d.id.0)) {
+                continue;
+            }
+            // A shard split off a local group is started by the split entry when that group
+            // applies it; created earlier, it could apply writes to keys the source group has
+            // not finished with (both share one keyspace).
+            let range = shard_range(d);
+            if local_ranges.iter().any(|(_, lr)| ranges_overlap(lr, &range)) {
                 continue;
             }
             // Shards of the bootstrap are formed by all their voters; a replica added later
@@ -786,6 +795,25 @@ impl Node {
             }
         }
         let Ok(infos) = host.group_info().await else { return };
+        // Splits the map holds that a group this node leads has not carried out yet: propose
+        // the split entry (one at a time per group; it is idempotent once applied).
+        for i in infos.iter().filter(|i| i.role == Role::Leader && i.group.0 != META_GROUP) {
+            let (Some(d), Some(hr)) = (state.map.get(ShardId(i.group.0)), host.group_range(i.group)) else { continue };
+            let Some(at) = d.end.clone() else { continue };
+            if !hr.contains(&at) {
+                continue;
+            }
+            let Some(right) = state.map.lookup(&at).filter(|r| r.start == at) else { continue };
+            if !self.may_reconfig(i.group.0, format!("split-{}", right.id.0)) {
+                continue;
+            }
+            let cmd = KvCommand::Split { at: at.clone(), new_group: right.id.0 };
+            match host.write(i.group, cmd).await {
+                Ok(KvResponse::Split { .. }) => info!(shard = i.group.0, new = %right.id, "shard split"),
+                Ok(other) => warn!(shard = i.group.0, answer = ?other, "split refused"),
+                Err(e) => debug!(shard = i.group.0, error = %e, "split not done yet"),
+            }
+        }
         for i in infos.iter().filter(|i| i.role == Role::Leader && i.group.0 != META_GROUP) {
             let Some(d) = state.map.get(ShardId(i.group.0)) else { continue };
             let want: BTreeSet<NodeId> = d.voters().map(|n| rid(n.0)).collect();
@@ -1207,4 +1235,11 @@ fn shard_rows(state: &MetaState) -> Vec<ShardRow> {
             ShardRow { descriptor: d.clone(), leader, applied, bytes, moving }
         })
         .collect()
+}
+
+/// Whether two key ranges share a key.
+fn ranges_overlap(a: &KeyRange, b: &KeyRange) -> bool {
+    let a_starts_before_b_ends = b.end.as_ref().is_none_or(|e| a.start < *e);
+    let b_starts_before_a_ends = a.end.as_ref().is_none_or(|e| b.start < *e);
+    a_starts_before_b_ends && b_starts_before_a_ends
 }

@@ -97,7 +97,10 @@ fn dev_cluster_through_the_cli() {
     let nodes: serde_json::Value = serde_json::from_str(&ok(&home, &["admin", "nodes", "--json"])).unwrap();
     assert_eq!(nodes["Nodes"].as_array().unwrap().len(), 3);
     assert!(ok(&home, &["admin", "status"]).contains("shards: 4"));
-    fails(&home, &["admin", "split", "m"], 1, "not supported yet");
+    // A live split: the map gains a shard; splitting at a shard's first key is refused.
+    ok(&home, &["admin", "split", "m"]);
+    assert!(ok(&home, &["admin", "status"]).contains("shards: 5"));
+    fails(&home, &["admin", "split", "m"], 1, "first key");
 
     // bench, briefly.
     let report: serde_json::Value = serde_json::from_str(&ok(

@@ -352,3 +352,60 @@ async fn a_node_joins_a_running_cluster() {
     client.close().await;
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn split_a_shard_while_clients_write_losing_nothing() {
+    let mut cluster = Cluster::start(3, 1).await;
+    let client = std::sync::Arc::new(cluster.client().await);
+    assert_eq!(client.cached_view().map.len(), 1);
+    // Writers on both sides of the split key, running across the split.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for prefix in ["b", "x"] {
+        let (client, stop) = (client.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let k = format!("{prefix}-{i:05}");
+                match client.put(k.as_bytes(), b"v").await {
+                    Ok(_) => acked.push(k),
+                    Err(e) => panic!("write {k} failed across the split: {e}"),
+                }
+                i += 1;
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let AdminResponse::Changed(shards) = client.admin(AdminRequest::Split { key: b"m".to_vec() }).await.unwrap() else {
+        panic!("split answered otherwise")
+    };
+    assert_eq!(shards.len(), 2, "{shards:?}");
+    let right = shards.iter().find(|d| d.start == b"m").expect("the right half").id;
+    // Both halves get a leader and serve.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let AdminResponse::Shards(rows) = client.admin(AdminRequest::Shards).await.unwrap() else { panic!() };
+        if rows.len() == 2 && rows.iter().all(|r| r.leader.is_some()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the split shards never both got a leader: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await.unwrap());
+    }
+    assert!(acked.iter().any(|k| k.starts_with('x')), "writes reached the right half");
+    // Every acknowledged write reads back, whichever shard holds it now.
+    for k in &acked {
+        assert_eq!(client.get(k.as_bytes()).await.unwrap(), Some(b"v".to_vec()), "{k} lost in the split");
+    }
+    assert_eq!(client.cached_view().map.lookup(b"x-00000").map(|d| d.id), Some(right));
+    // Splitting at a shard's first key is refused with a reason.
+    assert!(client.admin(AdminRequest::Split { key: b"m".to_vec() }).await.is_err());
+    cluster.shutdown().await;
+}

@@ -406,6 +406,11 @@ impl Host {
         Ok(())
     }
 
+    /// The key range group `group` owns on this node now (narrowed by splits as they apply).
+    pub fn group_range(&self, group: GroupId) -> Option<KeyRange> {
+        self.entry(group).ok().map(|e| e.sm.range())
+    }
+
     /// Groups on this node, in id order.
     pub fn groups(&self) -> Vec<GroupId> {
         let mut v: Vec<GroupId> = self.shared.registry.read().map(|g| g.keys().copied().collect()).unwrap_or_default();
