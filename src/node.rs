@@ -773,9 +773,13 @@ impl Node {
             if local_ranges.iter().any(|(_, lr)| ranges_overlap(lr, &range)) {
                 continue;
             }
-            // Shards of the bootstrap are formed by all their voters; a replica added later
-            // waits for the leader to feed it.
-            let initial = (d.epoch.conf_version == 1 && r.role == ReplicaRole::Voter)
+            // Shards of the bootstrap (ids 1..=S) are formed by all their voters; any other
+            // replica — added later, or of a shard born of a split this node did not apply —
+            // starts empty and is caught up by its leader (by snapshot where the log lacks the
+            // data). Forming a split-born shard here could let two replicas without its data
+            // elect each other.
+            let bootstrap_shards = self.inner.config.bootstrap.as_ref().map_or(0, |b| b.split_keys.len() as u64 + 1);
+            let initial = (d.id.0 <= bootstrap_shards && d.epoch.conf_version == 1 && r.role == ReplicaRole::Voter)
                 .then(|| Membership::new(d.voters().map(|n| rid(n.0))));
             match host.create_group(GroupId(d.id.0), shard_range(d), initial).await {
                 Ok(()) => info!(node = self.inner.id, shard = %d.id, "shard replica created"),

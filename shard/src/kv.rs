@@ -5,7 +5,10 @@
 //! durable, and replay after a crash is idempotent (the applied id says where to resume).
 
 use crate::keys::meta_key;
-use crate::keys::{decode, encode, group_key, KIND_APPLIED, KIND_INSTALLING, KIND_SNAPSHOT_DATA, KIND_SNAPSHOT_META};
+use crate::keys::{
+    decode, encode, group_key, KIND_APPLIED, KIND_COMMITTED, KIND_INSTALLING, KIND_LOG_STATE, KIND_SNAPSHOT_DATA,
+    KIND_SNAPSHOT_META, KIND_VOTE,
+};
 use crate::store::{Op, Store, CF_DATA, CF_META, CF_RAFT};
 use bytes::Bytes;
 use flotilla_raft::{
@@ -62,12 +65,12 @@ pub enum KvCommand {
     /// log position everywhere, so every replica splits at the same state; the data stays where
     /// it is (one keyspace), only the descriptors change.
     ///
-    /// Known gap: the new group starts with an ordinary first entry, so a replica of the source
-    /// that skipped the split entry (it installed a snapshot taken after it) and later joins the
-    /// new group gets the new group's log but not the data the split left in place. The fix is
-    /// to start split-born groups from a snapshot point (log purged through the split), so
-    /// such a replica is caught up by snapshot; until then the narrower-range snapshot is
-    /// adopted but the new group's replica on that node must be rebuilt by a replica move.
+    /// The new group starts from a snapshot point rather than from a first entry: its log is
+    /// purged through [`SPLIT_BORN_LOG_ID`] and its applied state is that point with the
+    /// source's configuration, the data being what the split left in place. A replica of the
+    /// new group that did not apply the split (it skipped the entry by installing a later
+    /// snapshot of the source, or was added afterwards) has none of that state, so its leader
+    /// catches it up by snapshot rather than from a log that lacks the data.
     Split {
         /// First key of the new shard; strictly inside the current range.
         at: Vec<u8>,
@@ -154,6 +157,26 @@ impl KvResponse {
     pub fn decode(bytes: &[u8]) -> Result<KvResponse, StorageError> {
         decode(bytes, || "kv response".into())
     }
+}
+
+/// Where a group born of a split starts: every replica that applies the split writes the same
+/// point (log purged through it, applied up to it, vote term 1).
+pub const SPLIT_BORN_LOG_ID: LogId = LogId { term: flotilla_raft::Term(1), index: flotilla_raft::LogIndex(1) };
+
+/// The Raft and applied state of a group born of a split, written in the split's apply batch.
+fn split_born_state(g: GroupId, membership: &flotilla_raft::Membership) -> Result<Vec<Op>, StorageError> {
+    let at = SPLIT_BORN_LOG_ID;
+    let applied = AppliedRecord {
+        last_applied: Some(at),
+        membership: StoredMembership { log_id: at, membership: membership.clone() },
+    };
+    let vote = flotilla_raft::Vote { term: at.term, voted_for: None };
+    Ok(vec![
+        Op::Put(CF_RAFT, group_key(g, KIND_VOTE).to_vec(), encode(&vote)?),
+        Op::Put(CF_RAFT, group_key(g, KIND_LOG_STATE).to_vec(), encode(&at)?),
+        Op::Put(CF_RAFT, group_key(g, KIND_COMMITTED).to_vec(), encode(&at.index)?),
+        Op::Put(CF_RAFT, group_key(g, KIND_APPLIED).to_vec(), encode(&applied)?),
+    ])
 }
 
 /// An apply batch prepared for a host to submit: the writes, one response per entry, and the
@@ -318,14 +341,10 @@ impl KvStateMachine {
                                 let left = KeyRange { start: range.start.clone(), end: Some(at.clone()) };
                                 let right = KeyRange { start: at, end: range.end.clone() };
                                 let membership = applied.membership.membership.clone();
-                                let desc =
-                                    |range: &KeyRange, initial| GroupDescriptor { range: range.clone(), initial };
-                                ops.push(Op::Put(CF_META, meta_key(g).to_vec(), encode(&desc(&left, None))?));
-                                ops.push(Op::Put(
-                                    CF_META,
-                                    meta_key(new_group).to_vec(),
-                                    encode(&desc(&right, Some(membership.clone())))?,
-                                ));
+                                let desc = |range: &KeyRange| GroupDescriptor { range: range.clone(), initial: None };
+                                ops.push(Op::Put(CF_META, meta_key(g).to_vec(), encode(&desc(&left))?));
+                                ops.push(Op::Put(CF_META, meta_key(new_group).to_vec(), encode(&desc(&right))?));
+                                ops.extend(split_born_state(new_group, &membership)?);
                                 splits.push(SplitEffect { new_group, range: right.clone(), membership });
                                 *range = left.clone();
                                 KvResponse::Split { left, right }

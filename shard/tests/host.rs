@@ -550,3 +550,90 @@ async fn a_group_splits_while_clients_write_and_both_halves_survive_a_restart() 
     }
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_missed_a_split_gets_the_new_groups_data_by_snapshot() {
+    let net = Arc::new(MemNet::default());
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
+    let mut hosts = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        let id = NodeId(i as u64 + 1);
+        let mut cfg = config(id.0);
+        cfg.raft.snapshot_threshold_entries = 40;
+        cfg.raft.log_keep_entries_after_snapshot = 5;
+        cfg.raft.snapshot_chunk_bytes = 512;
+        let h = Host::open(Store::open(d.path()).expect("open"), cfg, net.clone()).await.expect("host");
+        net.hosts.write().expect("lock").insert(id, h.clone());
+        hosts.push(h);
+    }
+    let c = Cluster { net: net.clone(), hosts, _dirs: Vec::new() };
+    let members = Membership::new([NodeId(1), NodeId(2), NodeId(3)]);
+    for h in &c.hosts {
+        h.create_group(GroupId(1), KeyRange::all(), Some(members.clone())).await.expect("create");
+    }
+    c.put(GroupId(1), "a0", "1").await.expect("write");
+    let lagging = NodeId(3);
+    if c.host(lagging).group_info().await.expect("info")[0].role == Role::Leader {
+        c.host(lagging).transfer_leader(GroupId(1), NodeId(1)).await.expect("transfer");
+    }
+    c.net.cut.write().expect("lock").insert(lagging);
+    // Written while node 3 is away, then split off into group 2: node 3 never applies it.
+    c.put(GroupId(1), "x1", "right half, before the split").await.expect("write");
+    for i in 0..50 {
+        c.put(GroupId(1), &format!("b{i:03}"), "v").await.expect("write");
+    }
+    let split = KvCommand::Split { at: b"m".to_vec(), new_group: 2 };
+    let mut target = NodeId(1);
+    loop {
+        match c.host(target).write(GroupId(1), split.clone()).await {
+            Err(HostError::Raft(RaftError::NotLeader { leader })) => {
+                target = leader.unwrap_or(NodeId(2));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => {
+                assert!(matches!(other, Ok(KvResponse::Split { .. })), "{other:?}");
+                break;
+            }
+        }
+    }
+    // Group 1 moves on past the split (snapshot, purge), so node 3 will skip the split entry.
+    for i in 0..60 {
+        c.put(GroupId(1), &format!("c{i:03}"), "v").await.expect("write");
+    }
+    // Group 2 lives on nodes 1 and 2 only so far: write through them.
+    let y1 = KvCommand::Put { key: b"y1".to_vec(), value: b"right half, after the split".to_vec() };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    'written: loop {
+        for n in [1, 2] {
+            if c.host(NodeId(n)).write(GroupId(2), y1.clone()).await.is_ok() {
+                break 'written;
+            }
+        }
+        assert!(Instant::now() < deadline, "group 2 never took a write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.net.cut.write().expect("lock").clear();
+    // Node 3 catches up group 1 by snapshot and adopts the narrower range...
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.host(lagging).group_range(GroupId(1)).and_then(|r| r.end) != Some(b"m".to_vec()) {
+        assert!(Instant::now() < deadline, "node 3 never adopted the split range");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!c.host(lagging).groups().contains(&GroupId(2)), "no split entry applied on node 3");
+    // ...and a replica of group 2 created there empty (as the node's reconciler does) gets the
+    // new group's data by snapshot, including what was written before the split.
+    let right = KeyRange { start: b"m".to_vec(), end: None };
+    c.host(lagging).create_group(GroupId(2), right.clone(), None).await.expect("create empty replica");
+    let sm = flotilla_shard::KvStateMachine::new(c.host(lagging).store().clone(), GroupId(2), right);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let x1 = sm.get(b"x1".to_vec()).await.expect("read");
+        let y1 = sm.get(b"y1".to_vec()).await.expect("read");
+        if x1.as_deref() == Some(&b"right half, before the split"[..]) && y1.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 3's replica of group 2 never got the data: x1={x1:?} y1={y1:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.shutdown().await;
+}

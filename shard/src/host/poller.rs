@@ -564,7 +564,8 @@ impl Poller {
             info!(%source, group = %id, "split: the new group already exists here");
             return;
         }
-        let built = self.shared.runtime.block_on(build_group(&self.shared, id, split.range, Some(split.membership)));
+        // Its state (a snapshot point) was written with the split: it recovers like any group.
+        let built = self.shared.runtime.block_on(build_group(&self.shared, id, split.range, None));
         match built {
             Ok((state, entry)) => {
                 let poller = entry.poller;
