@@ -665,8 +665,8 @@ impl Node {
                 }
                 KvResponse::CasFailed { .. } => continue,
                 KvResponse::Refused(e) => return Err(MetaTry::Refused(e)),
-                KvResponse::Split { .. } => {
-                    return Err(MetaTry::Refused("a compare-and-swap answered as a split".into()))
+                KvResponse::Split { .. } | KvResponse::OutOfRange => {
+                    return Err(MetaTry::Refused("an unexpected answer to the meta compare-and-swap".into()))
                 }
             }
         }
@@ -1008,6 +1008,7 @@ impl Node {
             Ok(KvResponse::CasFailed { current }) => Response::CasFailed { current },
             Ok(KvResponse::Refused(e)) => Response::Invalid(e),
             Ok(KvResponse::Split { .. }) => Response::Invalid("a write answered as a split".into()),
+            Ok(KvResponse::OutOfRange) => Response::Unavailable("the shard split; retry".into()),
             Err(e) => self.host_error(e, true),
         }
     }

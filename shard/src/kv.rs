@@ -139,6 +139,9 @@ pub enum KvResponse {
     },
     /// The command was refused (e.g. its key is outside the shard's range); nothing changed.
     Refused(String),
+    /// The key is outside the shard's range (it split after the command was routed); nothing
+    /// changed, so the command can be retried where the key lives now.
+    OutOfRange,
     /// The shard split: this group now owns `left`, the new group `right`.
     Split {
         /// The range this group keeps.
@@ -328,9 +331,7 @@ impl KvStateMachine {
                 EntryPayload::Normal(payload) => {
                     let r = match KvCommand::decode(&payload) {
                         Err(err) => KvResponse::Refused(format!("undecodable command: {}", err.message)),
-                        Ok(cmd) if !range.contains(cmd.key()) => {
-                            KvResponse::Refused(format!("key outside the range of shard {g}"))
-                        }
+                        Ok(cmd) if !range.contains(cmd.key()) => KvResponse::OutOfRange,
                         Ok(KvCommand::Split { at, new_group }) => {
                             let new_group = GroupId(new_group);
                             if at == range.start || new_group == g {

@@ -507,7 +507,11 @@ impl Host {
         let payload = cmd.encode()?;
         let mut results = self.call(group, |tx| ApiReq::Write(vec![payload], tx)).await?;
         let r = results.pop().ok_or(HostError::Raft(RaftError::Timeout))??;
-        Ok(KvResponse::decode(&r.data)?)
+        match KvResponse::decode(&r.data)? {
+            // A split applied between the check above and the command: not applied, retry.
+            KvResponse::OutOfRange => Err(HostError::KeyOutOfRange(group)),
+            other => Ok(other),
+        }
     }
 
     /// Reads `key` from `group`, linearizably (leader only; `mode` picks ReadIndex or lease).
