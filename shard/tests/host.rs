@@ -487,9 +487,13 @@ async fn a_group_splits_while_clients_write_and_both_halves_survive_a_restart() 
                             acked.push((k.clone(), g));
                             break;
                         }
-                        Ok(KvResponse::Refused(_))
-                        | Err(HostError::KeyOutOfRange(_))
-                        | Err(HostError::UnknownGroup(_)) => continue,
+                        // Not applied: the key moved, the group is not here yet, or a new
+                        // leader replaced the entry (elections under load).
+                        Err(HostError::KeyOutOfRange(_))
+                        | Err(HostError::UnknownGroup(_))
+                        | Err(HostError::Raft(RaftError::Dropped { .. })) => continue,
+                        // Outcome unknown: not counted as acknowledged (nor as lost).
+                        Err(HostError::Raft(RaftError::Timeout | RaftError::Indeterminate { .. })) => break,
                         Ok(other) => panic!("unexpected answer {other:?}"),
                         Err(e) => panic!("write {k}: {e}"),
                     }
