@@ -52,13 +52,20 @@ struct Cluster {
 
 impl Cluster {
     async fn start(n: u64) -> Cluster {
+        Self::start_with(n, |_| {}).await
+    }
+
+    /// `n` hosts whose configuration `tweak` adjusts.
+    async fn start_with(n: u64, tweak: impl Fn(&mut HostConfig)) -> Cluster {
         let net = Arc::new(MemNet::default());
         let mut hosts = Vec::new();
         let mut dirs = Vec::new();
         for id in 1..=n {
             let dir = tempfile::tempdir().expect("tempdir");
             let store = Store::open(dir.path()).expect("open");
-            let host = Host::open(store, config(id), net.clone()).await.expect("host");
+            let mut cfg = config(id);
+            tweak(&mut cfg);
+            let host = Host::open(store, cfg, net.clone()).await.expect("host");
             net.hosts.write().expect("lock").insert(NodeId(id), host.clone());
             hosts.push(host);
             dirs.push(dir);
@@ -149,6 +156,14 @@ fn range_of(g: u64) -> KeyRange {
 
 fn key(g: u64, k: &str) -> String {
     format!("{g:06}/{k}")
+}
+
+/// Snapshots after 40 entries, 5 entries kept behind them, 512-byte chunks: a replica cut off
+/// for a while can only catch up by a streamed snapshot.
+fn small_snapshots(cfg: &mut HostConfig) {
+    cfg.raft.snapshot_threshold_entries = 40;
+    cfg.raft.log_keep_entries_after_snapshot = 5;
+    cfg.raft.snapshot_chunk_bytes = 512;
 }
 
 fn groups_env(default: u64) -> u64 {
@@ -402,20 +417,7 @@ async fn a_disk_failure_stops_the_groups_and_calls_get_a_fatal_error() {
 async fn a_lagging_replica_catches_up_by_snapshot_through_the_hosts() {
     // Small snapshot threshold and log tail, tiny chunks: the cut-off replica's entries are
     // purged on the others, so it can only catch up from a streamed SST snapshot.
-    let net = Arc::new(MemNet::default());
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
-    let mut hosts = Vec::new();
-    for (i, d) in dirs.iter().enumerate() {
-        let id = NodeId(i as u64 + 1);
-        let mut cfg = config(id.0);
-        cfg.raft.snapshot_threshold_entries = 40;
-        cfg.raft.log_keep_entries_after_snapshot = 5;
-        cfg.raft.snapshot_chunk_bytes = 512;
-        let h = Host::open(Store::open(d.path()).expect("open"), cfg, net.clone()).await.expect("host");
-        net.hosts.write().expect("lock").insert(id, h.clone());
-        hosts.push(h);
-    }
-    let c = Cluster { net: net.clone(), hosts, _dirs: Vec::new() };
+    let c = Cluster::start_with(3, small_snapshots).await;
     c.create_groups(1..=1).await;
     c.put(GroupId(1), &key(1, "first"), "1").await.expect("write");
     // Node 3 must not lead (a cut-off leader leaves its clients waiting until it times out):
@@ -557,20 +559,7 @@ async fn a_group_splits_while_clients_write_and_both_halves_survive_a_restart() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_missed_a_split_gets_the_new_groups_data_by_snapshot() {
-    let net = Arc::new(MemNet::default());
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
-    let mut hosts = Vec::new();
-    for (i, d) in dirs.iter().enumerate() {
-        let id = NodeId(i as u64 + 1);
-        let mut cfg = config(id.0);
-        cfg.raft.snapshot_threshold_entries = 40;
-        cfg.raft.log_keep_entries_after_snapshot = 5;
-        cfg.raft.snapshot_chunk_bytes = 512;
-        let h = Host::open(Store::open(d.path()).expect("open"), cfg, net.clone()).await.expect("host");
-        net.hosts.write().expect("lock").insert(id, h.clone());
-        hosts.push(h);
-    }
-    let c = Cluster { net: net.clone(), hosts, _dirs: Vec::new() };
+    let c = Cluster::start_with(3, small_snapshots).await;
     let members = Membership::new([NodeId(1), NodeId(2), NodeId(3)]);
     for h in &c.hosts {
         h.create_group(GroupId(1), KeyRange::all(), Some(members.clone())).await.expect("create");
