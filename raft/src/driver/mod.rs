@@ -329,8 +329,9 @@ impl Raft {
     }
 }
 
-/// A seed for the engine's RNG: different per node, group and process start.
-fn seed_from_entropy(id: NodeId, group: GroupId) -> u64 {
+/// A seed for the engine's RNG: different per node, group and process start (hosts that run
+/// engines themselves use it too).
+pub fn seed_from_entropy(id: NodeId, group: GroupId) -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(id.0);

@@ -594,7 +594,8 @@ pub(crate) async fn build_group(
     }
     let mut config = shared.config.raft.clone();
     config.api_timeout_ms = shared.config.api_timeout_ms;
-    let engine = Engine::new(me, Arc::new(config), state, seed_for(me, group), shared.now());
+    let engine =
+        Engine::new(me, Arc::new(config), state, flotilla_raft::driver::seed_from_entropy(me, group), shared.now());
     let mut core = GroupCore::new(engine, snapshot);
     match initial {
         Some(m) if core.engine().is_pristine() => core.initialize(shared.now(), m)?,
@@ -627,12 +628,4 @@ fn group_end(group: GroupId) -> Vec<u8> {
         Some(next) => group_key(GroupId(next), 0).to_vec(),
         None => vec![0xff; 10],
     }
-}
-
-fn seed_for(node: NodeId, group: GroupId) -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(node.0);
-    h.write_u64(group.0);
-    h.finish()
 }

@@ -224,7 +224,7 @@ impl Poller {
                         continue;
                     }
                     if !self.groups.get(&gid).is_some_and(|g| g.quiet && keeps_quiet(g, &msg)) {
-                        self.wake(gid, None);
+                        self.wake(gid, false);
                     }
                     if let Some(g) = self.groups.get_mut(&gid) {
                         g.core.handle_message(now, msg);
@@ -240,7 +240,7 @@ impl Poller {
                     reply_unknown(req);
                     return;
                 }
-                self.wake(gid, None);
+                self.wake(gid, false);
                 let Some(g) = self.groups.get_mut(&gid) else { return };
                 let core = &mut g.core;
                 match req {
@@ -289,11 +289,7 @@ impl Poller {
                 }
             }
             PollerMsg::Applied(gid, r) => {
-                let Some(g) = self.groups.get_mut(&gid) else { return };
-                g.sm_busy = false;
-                if !g.sm_queue.is_empty() {
-                    self.sm_ready.insert(gid);
-                }
+                let Some(g) = self.sm_done(gid) else { return };
                 let splits = match r {
                     Ok((results, splits)) => {
                         g.core.handle_applied(now, results);
@@ -304,34 +300,23 @@ impl Poller {
                         Vec::new()
                     }
                 };
-                self.dirty.insert(gid);
                 for split in splits {
                     self.start_split_group(gid, split);
                 }
             }
             PollerMsg::Built(gid, r) => {
-                let Some(g) = self.groups.get_mut(&gid) else { return };
-                g.sm_busy = false;
-                if !g.sm_queue.is_empty() {
-                    self.sm_ready.insert(gid);
-                }
+                let Some(g) = self.sm_done(gid) else { return };
                 match r {
                     Ok(s) => g.core.handle_snapshot_built(now, s),
                     Err(e) => g.core.fail(e),
                 }
-                self.dirty.insert(gid);
             }
             PollerMsg::Installed(gid, r) => {
-                let Some(g) = self.groups.get_mut(&gid) else { return };
-                g.sm_busy = false;
-                if !g.sm_queue.is_empty() {
-                    self.sm_ready.insert(gid);
-                }
+                let Some(g) = self.sm_done(gid) else { return };
                 match r {
                     Ok(s) => g.core.handle_snapshot_installed(now, s),
                     Err(e) => g.core.fail(e),
                 }
-                self.dirty.insert(gid);
             }
             PollerMsg::Info(reply) => {
                 let info = self
@@ -359,8 +344,20 @@ impl Poller {
         }
     }
 
+    /// A group's state-machine action finished: the next one may start, and the group is driven
+    /// this round. `None` if the group is gone.
+    fn sm_done(&mut self, gid: GroupId) -> Option<&mut GroupState> {
+        let g = self.groups.get_mut(&gid)?;
+        g.sm_busy = false;
+        if !g.sm_queue.is_empty() {
+            self.sm_ready.insert(gid);
+        }
+        self.dirty.insert(gid);
+        Some(g)
+    }
+
     /// Wakes a quiet group. `leader_down`: woken because its leader's node stopped answering.
-    fn wake(&mut self, gid: GroupId, leader_down: Option<()>) {
+    fn wake(&mut self, gid: GroupId, leader_down: bool) {
         let at = Instant::now();
         let now = self.shared.now();
         let Some(g) = self.groups.get_mut(&gid) else { return };
@@ -370,8 +367,7 @@ impl Poller {
         g.idle_ticks = 0;
         g.quiet = false;
         g.quiet_leader = None;
-        let leader_alive =
-            leader_down.is_none() && g.core.engine().leader().is_some_and(|l| self.shared.is_live(l, at));
+        let leader_alive = !leader_down && g.core.engine().leader().is_some_and(|l| self.shared.is_live(l, at));
         g.core.engine_mut().wake(now, leader_alive);
         self.awake.insert(gid);
         self.dirty.insert(gid);
@@ -450,7 +446,7 @@ impl Poller {
         self.down = down;
         for _ in 0..cfg.wakes_per_tick_max {
             let Some(gid) = self.to_wake.pop_front() else { break };
-            self.wake(gid, Some(()));
+            self.wake(gid, true);
         }
     }
 
@@ -492,7 +488,7 @@ impl Poller {
                     Err(e) => g.core.fail(e),
                 },
                 CoreAction::Load { peer, from, to, bytes_max } => {
-                    if g.writes_in_flight > 0 || wrote || self.round.done.contains_key(&gid) {
+                    if g.writes_in_flight > 0 || wrote {
                         g.deferred_loads.push((peer, from, to, bytes_max));
                     } else {
                         match g.log.read_entries_blocking(from, to, bytes_max) {
