@@ -7,6 +7,8 @@
 //! listen = "127.0.0.1:7001"
 //! # advertise = "10.0.0.1:7001"      # address recorded for clients (default: the bound one)
 //! # metrics_listen = "127.0.0.1:9101" # Prometheus /metrics and /health
+//! # auto_balance = true               # split big shards, move replicas and leaders by itself
+//! # split_size_bytes = 67108864       # shards past this are split (with auto_balance)
 //!
 //! [tls]
 //! ca = "certs/ca.pem"
@@ -58,7 +60,19 @@ pub struct ServerFile {
     /// New-cluster settings.
     #[serde(default)]
     pub bootstrap: Option<BootstrapEntry>,
+    /// Run the balancer continuously (on whichever node leads the meta group): shards past
+    /// `split_size_bytes` are split, replicas and leaders spread. Off: only `admin rebalance`.
+    #[serde(default)]
+    pub auto_balance: bool,
+    /// Shards larger than this (keys plus values) are split by the balancer.
+    #[serde(default)]
+    pub split_size_bytes: Option<u64>,
 }
+
+/// Smallest split threshold accepted (smaller shards would only multiply groups).
+pub const SPLIT_SIZE_BYTES_MIN: u64 = 64 << 10;
+/// How often a server's automatic balancer runs (ms).
+pub const AUTO_BALANCE_INTERVAL_MS: u64 = 10_000;
 
 /// Certificate paths (relative paths are relative to the config file).
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -131,6 +145,9 @@ impl ServerFile {
         }
         let listen = addr("listen", &self.listen)?;
         let metrics_listen = self.metrics_listen.as_deref().map(|m| addr("metrics_listen", m)).transpose()?;
+        if let Some(bytes) = self.split_size_bytes.filter(|b| *b < SPLIT_SIZE_BYTES_MIN) {
+            return Err(format!("split_size_bytes: {bytes} is below the minimum of {SPLIT_SIZE_BYTES_MIN}"));
+        }
         let mut peers = Vec::new();
         for p in &self.peers {
             if p.id == 0 || p.id == self.id {
@@ -147,6 +164,10 @@ impl ServerFile {
         let mut node = NodeConfig::new(self.id, rel(&self.data_dir), listen, tls);
         node.advertise_addr = self.advertise.clone();
         node.peers = peers.clone();
+        if let Some(bytes) = self.split_size_bytes {
+            node.balancer.split_size_bytes_threshold = bytes;
+        }
+        node.auto_balance_interval_ms = self.auto_balance.then_some(AUTO_BALANCE_INTERVAL_MS);
         if let Some(b) = &self.bootstrap {
             if b.meta_voters.is_empty() || b.meta_voters.len() > META_VOTERS_MAX {
                 return Err(format!("bootstrap.meta_voters: give 1 to {META_VOTERS_MAX} node ids"));
@@ -188,5 +209,8 @@ mod tests {
         let text = "id = 1\ndata_dir = \"d\"\nlisten = \"nope\"\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n";
         let f = ServerFile::parse(text).unwrap();
         assert!(f.resolve(Path::new(".")).unwrap_err().starts_with("listen"));
+        let text = "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:1\"\nsplit_size_bytes = 10\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n";
+        let f = ServerFile::parse(text).unwrap();
+        assert!(f.resolve(Path::new(".")).unwrap_err().starts_with("split_size_bytes"));
     }
 }

@@ -36,10 +36,17 @@
 //!   local group still covers, so the new shard cannot apply writes to keys the source has not
 //!   finished with (they share one keyspace).
 //!
+//! - **Shard sizes are logical bytes** (keys plus values), measured by each shard's leader by
+//!   reading the range (`flotilla_shard::range_size_blocking`), only after writes and at most
+//!   every `size_check_interval_ms`; the same pass finds the key at the middle by bytes, which
+//!   the leader reports as the split point of a shard past the threshold. RocksDB's own range
+//!   estimates count only flushed files, so a fresh shard would look empty.
+//! - **Automatic balancing** (`auto_balance`, on in `flotilla dev`): the meta leader runs the
+//!   balancer every few seconds and carries out what it proposes — splits of shards past
+//!   `split_size_bytes`, replica moves, leader transfers — under the balancer's limits.
+//!
 //! # Not built yet
-//! - Accurate shard sizes in node reports: they count only data RocksDB has flushed to SST
-//!   files, so small clusters report ~0 bytes and size balancing and split suggestions see
-//!   little; merges. (Follower reads exist: `ReadConsistency::Stale`.)
+//! - Merges of small neighbouring shards.
 #![warn(missing_docs)]
 
 pub mod bench;

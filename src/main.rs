@@ -100,6 +100,12 @@ struct ServerArgs {
     /// New cluster: number of initial shards (with --bootstrap).
     #[arg(long, default_value_t = 1)]
     shards: u32,
+    /// Override `auto_balance` (turn it on).
+    #[arg(long)]
+    auto_balance: bool,
+    /// Override `split_size_bytes`.
+    #[arg(long, value_name = "BYTES")]
+    split_size_bytes: Option<u64>,
 }
 
 #[derive(Args)]
@@ -113,6 +119,13 @@ struct DevArgs {
     /// Data directory (default: $FLOTILLA_HOME/dev, wiped at each start).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Do not run the balancer by itself (then only `admin rebalance` splits shards that grew
+    /// past --split-size-bytes and moves replicas and leaders).
+    #[arg(long)]
+    no_auto_balance: bool,
+    /// Shards larger than this (keys plus values) are split.
+    #[arg(long, value_name = "BYTES", default_value_t = flotilla::node::SPLIT_SIZE_BYTES_DEFAULT)]
+    split_size_bytes: u64,
 }
 
 #[derive(Subcommand)]
@@ -407,6 +420,8 @@ async fn server(a: ServerArgs) -> Result<i32> {
                 },
                 peers: Vec::new(),
                 bootstrap: None,
+                auto_balance: false,
+                split_size_bytes: None,
             };
             (file, PathBuf::new())
         }
@@ -434,6 +449,12 @@ async fn server(a: ServerArgs) -> Result<i32> {
     }
     if let Some(k) = a.key {
         file.tls.key = k;
+    }
+    if a.auto_balance {
+        file.auto_balance = true;
+    }
+    if let Some(b) = a.split_size_bytes {
+        file.split_size_bytes = Some(b);
     }
     for p in &a.peers {
         let (id, addr) = p.split_once('=').ok_or_else(|| anyhow!("--peer {p:?}: expected ID=ADDR"))?;
@@ -473,6 +494,9 @@ async fn dev(a: DevArgs) -> Result<i32> {
     if a.shards == 0 || a.shards > DEV_SHARDS_MAX {
         bail!("--shards must be 1..={DEV_SHARDS_MAX}, not {}", a.shards);
     }
+    if a.split_size_bytes < flotilla::config::SPLIT_SIZE_BYTES_MIN {
+        bail!("--split-size-bytes must be at least {}", flotilla::config::SPLIT_SIZE_BYTES_MIN);
+    }
     let dir = a.data_dir.unwrap_or_else(|| cluster::home().join("dev"));
     prepare_dev_dir(&dir)?;
     let log = std::fs::File::create(dir.join("dev.log"))
@@ -502,6 +526,8 @@ async fn dev(a: DevArgs) -> Result<i32> {
         let tls = cluster::node_tls(&certs, *id).map_err(|e| anyhow!(e))?;
         let mut cfg = NodeConfig::new(*id, dir.join(format!("node-{id}")), loopback, tls);
         cfg.bootstrap = Some(bootstrap.clone());
+        cfg.balancer.split_size_bytes_threshold = a.split_size_bytes;
+        cfg.auto_balance_interval_ms = (!a.no_auto_balance).then_some(flotilla::config::AUTO_BALANCE_INTERVAL_MS);
         nodes.push(Node::start(cfg).await.with_context(|| format!("starting node {id}"))?);
     }
     for x in &nodes {
@@ -563,6 +589,11 @@ async fn dev(a: DevArgs) -> Result<i32> {
     for (n, m) in nodes.iter().zip(&metrics) {
         out += &format!("  node {}: {}   metrics http://{m}/metrics\n", n.id(), n.addr());
     }
+    out += &if a.no_auto_balance {
+        "balancer: on request (flotilla admin rebalance)\n".to_string()
+    } else {
+        format!("balancer: automatic (shards split past {} bytes)\n", a.split_size_bytes)
+    };
     out += &format!(
         "cluster file: {} (read by default by the other commands)\n\
          client certificate: {}\n\

@@ -149,13 +149,16 @@ pub fn run_op(op: &MetaOp, state: &mut MetaState, balancer: &BalancerConfig) -> 
                 }
             }
             if started.is_empty() {
-                Ok(AdminResponse::Done("balanced: nothing to do".into()))
+                Ok(AdminResponse::Done(NOTHING_TO_BALANCE.into()))
             } else {
                 Ok(AdminResponse::Done(started.join("\n")))
             }
         }
     }
 }
+
+/// What a balancer round that proposed nothing answers.
+pub const NOTHING_TO_BALANCE: &str = "balanced: nothing to do";
 
 /// The voters of `shard` in `state`, if it exists.
 pub fn voters(state: &MetaState, shard: ShardId) -> Vec<NodeId> {

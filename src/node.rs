@@ -13,8 +13,9 @@
 //!   leads carries out what the map asks: learners added, voters changed (joint consensus),
 //!   leadership handed over.
 //! - **Reporter** (every `report_interval_ms`): sends the node's [`NodeReport`] (leaders,
-//!   applied indexes, request rate) to the meta leader; on the meta leader, also drives replica
-//!   move plans one checked step at a time.
+//!   applied indexes, request rate, sizes and split points of the shards it leads) to the meta
+//!   leader; on the meta leader, also drives replica move plans one checked step at a time and,
+//!   with `auto_balance_interval_ms`, runs the balancer and carries out its proposals.
 //! - **Bootstrapper** (once, on the lowest-id meta voter of a new cluster): registers the
 //!   initial nodes, creates the first shard and splits it at the configured keys, in one meta
 //!   change.
@@ -33,17 +34,19 @@
 use crate::meta::{self, meta_range, shard_range, META_GROUP, META_STATE_KEY};
 use crate::net::{deliver, NetStats, TransportNetwork};
 use crate::placement::{
-    BalancerConfig, LogIndex as PLogIndex, MetaCommand, MetaState, NodeId as PNodeId, NodeReport, PlanAction,
+    BalancerConfig, Epoch, LogIndex as PLogIndex, MetaCommand, MetaState, NodeId as PNodeId, NodeReport, PlanAction,
     ReplicaRole, ShardId,
 };
 use crate::raft::{Config as RaftConfig, GroupId, Membership, NodeId, RaftError, ReadMode, Role};
-use crate::shard::{Host, HostConfig, HostError, KeyRange, KvCommand, KvResponse, KvStateMachine, Store};
+use crate::shard::{
+    range_size_blocking, Host, HostConfig, HostError, KeyRange, KvCommand, KvResponse, KvStateMachine, RangeSize, Store,
+};
 use crate::transport::{self as tp, cert::TlsIdentity, IncomingRequest, PeerIdentity, Transport, TransportConfig};
 use crate::wire::{
     check_user_key, check_value, AdminRequest, AdminResponse, ClusterView, MetaOp, NodeRow, ReadConsistency, Request,
     Response, ShardRow, StatusReport, SCAN_LIMIT_MAX, SCAN_RESPONSE_BYTES_MAX,
 };
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +58,11 @@ use tracing::{debug, info, warn};
 
 /// Requests served at once; more wait (the transport bounds each peer's open requests too).
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 4096;
+/// Shards larger than this are split by the automatic balancer (64 MiB).
+pub const SPLIT_SIZE_BYTES_DEFAULT: u64 = 64 << 20;
+/// Bytes read at most by one round of size checks; shards not reached keep their last size
+/// until the next round.
+pub const SIZE_CHECK_BYTES_PER_ROUND: u64 = 256 << 20;
 /// How often the reconciler runs (ms).
 pub const RECONCILE_MS: u64 = 200;
 /// How long a meta operation may take, forwarding and retries included (ms).
@@ -128,8 +136,15 @@ pub struct NodeConfig {
     pub pollers: usize,
     /// How often the node reports to the meta leader (ms).
     pub report_interval_ms: u64,
-    /// Balancer limits for `admin rebalance`.
+    /// Balancer limits (for `admin rebalance` and the automatic balancer).
     pub balancer: BalancerConfig,
+    /// Run the balancer on the meta leader this often (ms), carrying out what it proposes:
+    /// splits of shards past `balancer.split_size_bytes_threshold`, replica moves and leader
+    /// transfers. `None`: only on `admin rebalance`.
+    pub auto_balance_interval_ms: Option<u64>,
+    /// A shard this node leads is re-sized (its range read through) at most this often, and only
+    /// after it applied writes (ms).
+    pub size_check_interval_ms: u64,
 }
 
 impl NodeConfig {
@@ -148,7 +163,15 @@ impl NodeConfig {
             report_interval_ms: 1_000,
             // A learner within this many entries of the leader is promoted: a joint change keeps
             // the old voters' quorum, so a small lag never stalls writes.
-            balancer: BalancerConfig { catch_up_lag_entries_max: 512, ..BalancerConfig::default() },
+            // Shards split at 64 MiB: a snapshot is built in memory, and a smaller shard moves
+            // and recovers faster.
+            balancer: BalancerConfig {
+                catch_up_lag_entries_max: 512,
+                split_size_bytes_threshold: SPLIT_SIZE_BYTES_DEFAULT,
+                ..BalancerConfig::default()
+            },
+            auto_balance_interval_ms: None,
+            size_check_interval_ms: 10_000,
         }
     }
 }
@@ -200,12 +223,24 @@ struct Inner {
     /// Last time a reconfiguration was asked for, per (shard, what).
     reconfig: Mutex<HashMap<(u64, String), Instant>>,
     stats: NodeStats,
+    /// Last size check of each shard this node leads.
+    sizes: Mutex<HashMap<ShardId, SizeCheck>>,
     /// Peers made known after start ([`Node::set_peer_addr`]).
     extra_peers: Mutex<BTreeSet<u64>>,
     net_stats: Arc<NetStats>,
     started: Instant,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A shard's last size check.
+struct SizeCheck {
+    /// The shard's epoch when it was checked (a split changes its range).
+    epoch: Epoch,
+    /// The shard's applied index when it was checked.
+    applied: u64,
+    at: Instant,
+    size: RangeSize,
 }
 
 /// A running node. Cheap to clone.
@@ -275,6 +310,7 @@ impl Node {
             meta_lock: tokio::sync::Mutex::new(()),
             reports: Mutex::new(HashMap::new()),
             reconfig: Mutex::new(HashMap::new()),
+            sizes: Mutex::new(HashMap::new()),
             stats: NodeStats::default(),
             extra_peers: Mutex::new(BTreeSet::new()),
             net_stats,
@@ -356,6 +392,7 @@ impl Node {
             tasks.push(tokio::spawn(async move {
                 let mut served = 0u64;
                 let mut at = Instant::now();
+                let mut balanced_at = Instant::now();
                 loop {
                     tokio::select! {
                         _ = tokio::time::sleep(every) => {}
@@ -370,6 +407,12 @@ impl Node {
                         debug!(node = me.inner.id, error = %e, "report not delivered");
                     }
                     me.drive_moves().await;
+                    if let Some(ms) = me.inner.config.auto_balance_interval_ms {
+                        if balanced_at.elapsed() >= Duration::from_millis(ms) {
+                            balanced_at = Instant::now();
+                            me.auto_balance().await;
+                        }
+                    }
                 }
             }));
         }
@@ -681,43 +724,100 @@ impl Node {
             }
             report.applied.insert(ShardId(i.group.0), PLogIndex(i.applied.0));
         }
-        report.shard_bytes = self.shard_sizes(&report.applied.keys().copied().collect::<Vec<_>>()).await;
+        self.check_sizes(&report.leading, &report.applied).await;
+        let threshold = self.inner.config.balancer.split_size_bytes_threshold;
+        if let Ok(sizes) = self.inner.sizes.lock() {
+            for (shard, c) in sizes.iter() {
+                report.shard_bytes.insert(*shard, c.size.bytes);
+                if let Some(middle) = c.size.middle.as_ref().filter(|_| c.size.bytes > threshold) {
+                    report.split_keys.insert(*shard, middle.clone());
+                }
+            }
+        }
         let op = MetaOp::Report { node: PNodeId(self.inner.id), addr: self.inner.addr.clone(), report };
         self.meta_exec(op, false).await?;
         Ok(())
     }
 
-    /// Approximate bytes on disk of each shard's key range (flushed data only: RocksDB does not
-    /// estimate memtables per range, so a small, fresh shard shows 0).
-    async fn shard_sizes(&self, shards: &[ShardId]) -> std::collections::BTreeMap<ShardId, u64> {
+    /// Sizes the shards this node leads (their leaders report sizes; followers hold the same
+    /// data). A shard is re-sized when its descriptor changed, or when it applied entries since
+    /// its last check and that check is `size_check_interval_ms` old; one call reads at most
+    /// [`SIZE_CHECK_BYTES_PER_ROUND`], the rest wait for the next. Shards no longer led are
+    /// forgotten.
+    async fn check_sizes(&self, leading: &[ShardId], applied: &BTreeMap<ShardId, PLogIndex>) {
         let view = self.meta_view();
-        let ranges: Vec<(ShardId, Vec<u8>, Vec<u8>)> = shards
-            .iter()
-            .filter_map(|s| view.map.get(*s))
-            .map(|d| {
-                let r = shard_range(d);
-                (d.id, r.start, r.end.unwrap_or_else(|| vec![0xff; 64]))
-            })
-            .collect();
-        let sizes = self
+        let every = Duration::from_millis(self.inner.config.size_check_interval_ms);
+        let due: Vec<(ShardId, Epoch, u64, KeyRange)> = match self.inner.sizes.lock() {
+            Ok(mut sizes) => {
+                sizes.retain(|s, _| leading.contains(s));
+                leading
+                    .iter()
+                    .filter_map(|s| {
+                        let d = view.map.get(*s)?;
+                        let a = applied.get(s)?.0;
+                        let stale = sizes
+                            .get(s)
+                            .is_none_or(|c| c.epoch != d.epoch || (c.applied != a && c.at.elapsed() >= every));
+                        stale.then(|| (*s, d.epoch, a, shard_range(d)))
+                    })
+                    .collect()
+            }
+            Err(_) => return,
+        };
+        if due.is_empty() {
+            return;
+        }
+        let checked = self
             .inner
             .host
             .store()
             .blocking(move |s| {
-                let cf = s.cf(crate::shard::CF_DATA)?;
-                let spans: Vec<rocksdb::Range> = ranges.iter().map(|(_, a, b)| rocksdb::Range::new(a, b)).collect();
-                let sizes = s.db().get_approximate_sizes_cf(&cf, &spans);
-                Ok(ranges.iter().map(|(id, _, _)| *id).zip(sizes).collect())
+                let mut out = Vec::new();
+                let mut read = 0u64;
+                for (shard, epoch, applied, range) in due {
+                    if read >= SIZE_CHECK_BYTES_PER_ROUND {
+                        break;
+                    }
+                    let size = range_size_blocking(s, &range)?;
+                    read += size.bytes;
+                    out.push((shard, SizeCheck { epoch, applied, at: Instant::now(), size }));
+                }
+                Ok(out)
             })
             .await;
-        sizes.unwrap_or_default()
+        match checked {
+            Ok(list) => {
+                if let Ok(mut sizes) = self.inner.sizes.lock() {
+                    sizes.extend(list);
+                }
+            }
+            Err(e) => debug!(node = self.inner.id, error = %e, "size check failed"),
+        }
+    }
+
+    /// Whether this node leads the meta group.
+    async fn leads_meta(&self) -> bool {
+        let infos = self.inner.host.group_info().await.unwrap_or_default();
+        infos.iter().any(|i| i.group.0 == META_GROUP && i.role == Role::Leader)
+    }
+
+    /// On the meta leader: one balancer round, its proposals carried out.
+    async fn auto_balance(&self) {
+        if !self.leads_meta().await {
+            return;
+        }
+        match self.meta_exec(MetaOp::Rebalance { now_ms: now_ms() }, false).await {
+            Ok((_, AdminResponse::Done(what))) if what != meta::NOTHING_TO_BALANCE => {
+                info!(node = self.inner.id, "balancer: {}", what.replace('\n', "; "))
+            }
+            Ok(_) => {}
+            Err(e) => debug!(node = self.inner.id, error = %e, "balancer round not run"),
+        }
     }
 
     /// On the meta leader: runs one step of every replica move plan.
     async fn drive_moves(&self) {
-        let infos = self.inner.host.group_info().await.unwrap_or_default();
-        let leads_meta = infos.iter().any(|i| i.group.0 == META_GROUP && i.role == Role::Leader);
-        if !leads_meta {
+        if !self.leads_meta().await {
             return;
         }
         let state = self.meta_view();

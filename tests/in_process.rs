@@ -24,11 +24,18 @@ fn loopback() -> SocketAddr {
 impl Cluster {
     async fn start(n: u64, shards: u32) -> Cluster {
         let ids: Vec<u64> = (1..=n).collect();
-        Self::start_with(n, &ids, &ids, shards).await
+        Self::start_with(n, &ids, &ids, shards, |_| {}).await
     }
 
-    /// `n` nodes; the meta group on `meta`, every initial shard on `replicas`.
-    async fn start_with(n: u64, meta: &[u64], replicas: &[u64], shards: u32) -> Cluster {
+    /// `n` nodes; the meta group on `meta`, every initial shard on `replicas`; `tweak` changes
+    /// each node's configuration.
+    async fn start_with(
+        n: u64,
+        meta: &[u64],
+        replicas: &[u64],
+        shards: u32,
+        tweak: impl Fn(&mut NodeConfig),
+    ) -> Cluster {
         let ca = CertificateAuthority::generate("test CA").unwrap();
         let dir = tempfile::tempdir().unwrap();
         let ids: Vec<u64> = (1..=n).collect();
@@ -44,6 +51,7 @@ impl Cluster {
                 split_keys: dev_split_keys(shards),
             });
             cfg.report_interval_ms = 300;
+            tweak(&mut cfg);
             nodes.push(Node::start(cfg).await.unwrap());
         }
         for a in &nodes {
@@ -212,7 +220,7 @@ async fn wait_leader(cluster: &Cluster, shard: ShardId) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn move_a_replica_while_clients_write() {
     // Shards on nodes 1-3, node 4 empty; move shard 1's replica from node 3 to node 4.
-    let mut cluster = Cluster::start_with(4, &[1, 2, 3], &[1, 2, 3], 2).await;
+    let mut cluster = Cluster::start_with(4, &[1, 2, 3], &[1, 2, 3], 2, |_| {}).await;
     let client = std::sync::Arc::new(cluster.client().await);
     for i in 0..50 {
         client.put(format!("0-before-{i}").as_bytes(), b"v").await.unwrap();
@@ -407,5 +415,40 @@ async fn split_a_shard_while_clients_write_losing_nothing() {
     assert_eq!(client.cached_view().map.lookup(b"x-00000").map(|d| d.id), Some(right));
     // Splitting at a shard's first key is refused with a reason.
     assert!(client.admin(AdminRequest::Split { key: b"m".to_vec() }).await.is_err());
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_automatic_balancer_splits_a_shard_that_grew_past_the_threshold() {
+    let mut cluster = Cluster::start_with(3, &[1, 2, 3], &[1, 2, 3], 1, |cfg| {
+        cfg.balancer.split_size_bytes_threshold = 32 << 10;
+        cfg.size_check_interval_ms = 200;
+        cfg.auto_balance_interval_ms = Some(300);
+    })
+    .await;
+    let client = cluster.client().await;
+    // 160 KiB of keys and values in the one shard: it must end up split into shards of at most
+    // ~32 KiB (five or more), each sized by its leader.
+    let value = vec![b'v'; 1000];
+    let keys: Vec<String> = (0..160).map(|i| format!("key-{:04}", (i * 7919) % 10_000)).collect();
+    for k in &keys {
+        client.put(k.as_bytes(), &value).await.unwrap();
+    }
+    // The reported sizes come to add up to what was written (logical bytes: keys plus values).
+    let written: u64 = keys.iter().map(|k| (k.len() + value.len()) as u64).sum();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let AdminResponse::Shards(rows) = client.admin(AdminRequest::Shards).await.unwrap() else { panic!() };
+        let sized = rows.iter().all(|r| r.leader.is_some() && r.bytes > 0 && r.bytes <= 40 << 10);
+        if rows.len() >= 5 && sized && rows.iter().map(|r| r.bytes).sum::<u64>() == written {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the shard was not split down to size: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Nothing was lost and every key is served by the shard the map routes it to.
+    for k in &keys {
+        assert_eq!(client.get(k.as_bytes()).await.unwrap().as_deref(), Some(value.as_slice()), "{k}");
+    }
     cluster.shutdown().await;
 }

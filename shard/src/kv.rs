@@ -45,6 +45,56 @@ impl KeyRange {
     }
 }
 
+/// What a size check found in a key range: logical bytes (keys plus values, as a client wrote
+/// them) rather than bytes on disk, so a fresh shard still in the memtable is sized like an old
+/// one, and the figure does not jump at a flush or compaction.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RangeSize {
+    /// Bytes of keys and values in the range.
+    pub bytes: u64,
+    /// Keys in the range.
+    pub keys: u64,
+    /// A key near the middle of the range by bytes, strictly after its first key: a split point
+    /// that leaves about half the data on each side. `None` for fewer than two keys.
+    pub middle: Option<Vec<u8>>,
+}
+
+/// Marks kept while sizing a range: when there are this many, every other one is dropped and the
+/// spacing doubles, so memory stays bounded whatever the range holds.
+const SIZE_MARKS_MAX: usize = 512;
+
+/// Sizes the data of `range` by reading all of it (blocking; does not fill the block cache).
+/// Cost is linear in the range's data: callers rate-limit it (the node re-sizes a shard only
+/// after writes, at most every few seconds).
+pub fn range_size_blocking(store: &Store, range: &KeyRange) -> Result<RangeSize, StorageError> {
+    let mut opts = rocksdb::ReadOptions::default();
+    opts.fill_cache(false);
+    if let Some(end) = &range.end {
+        opts.set_iterate_upper_bound(end.clone());
+    }
+    let cf = store.cf(CF_DATA)?;
+    // (bytes before the key, key), at least `step` bytes apart.
+    let mut marks: Vec<(u64, Vec<u8>)> = Vec::new();
+    let (mut step, mut next_mark) = (1u64, 0u64);
+    let mut out = RangeSize::default();
+    for item in store.db().iterator_cf_opt(cf, opts, IteratorMode::From(&range.start, Direction::Forward)) {
+        let (k, v) = item.map_err(|e| StorageError::new("size", e.to_string()))?;
+        if out.bytes >= next_mark {
+            marks.push((out.bytes, k.to_vec()));
+            next_mark = out.bytes + step;
+            if marks.len() >= SIZE_MARKS_MAX {
+                marks = marks.into_iter().step_by(2).collect();
+                step *= 2;
+            }
+        }
+        out.bytes += (k.len() + v.len()) as u64;
+        out.keys += 1;
+    }
+    let half = out.bytes / 2;
+    out.middle = marks.into_iter().filter(|(at, _)| *at > 0).min_by_key(|(at, _)| at.abs_diff(half)).map(|(_, k)| k);
+    Ok(out)
+}
+
 /// A write command of a shard, as carried in a log entry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KvCommand {

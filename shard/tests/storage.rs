@@ -6,7 +6,10 @@ use flotilla_raft::{
     Config, Entry, EntryPayload, GroupId, LogId, LogIndex, LogStorage, Membership, NodeId, Raft, ReadMode, Vote,
 };
 use flotilla_shard::keys::entry_key;
-use flotilla_shard::{KeyRange, KvCommand, KvResponse, KvStateMachine, RocksLog, Store, CF_RAFT};
+use flotilla_shard::{
+    range_size_blocking, KeyRange, KvCommand, KvResponse, KvStateMachine, Op, RangeSize, RocksLog, Store, CF_DATA,
+    CF_RAFT,
+};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -358,4 +361,33 @@ async fn a_replica_that_missed_a_split_adopts_the_narrower_range_of_a_snapshot()
     assert_eq!(replica.get(b"b".to_vec()).await.expect("get"), None, "stale key in the range cleared");
     // The right half is no longer this group's: left for the new group's snapshot to replace.
     assert!(replica.get(b"x".to_vec()).await.is_err(), "outside the group's range now");
+}
+
+#[tokio::test]
+async fn a_range_is_sized_by_its_logical_bytes_with_a_middle_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    // 2,000 keys of 5 + 96 bytes in [k0000, k2000), and keys on both sides of the range.
+    let mut ops: Vec<Op> =
+        (0..2000u32).map(|i| Op::Put(CF_DATA, format!("k{i:04}").into_bytes(), vec![7; 96])).collect();
+    ops.push(Op::Put(CF_DATA, b"a-before".to_vec(), vec![0; 5000]));
+    ops.push(Op::Put(CF_DATA, b"z-after".to_vec(), vec![0; 5000]));
+    store.write(ops, true).await.expect("write");
+    let range = KeyRange { start: b"k".to_vec(), end: Some(b"l".to_vec()) };
+    let size = range_size_blocking(&store, &range).expect("size");
+    assert_eq!((size.bytes, size.keys), (2000 * 101, 2000));
+    // The middle key leaves about half the bytes on each side (marks thin out past 512).
+    let middle = size.middle.expect("a middle key");
+    let at: u32 = std::str::from_utf8(&middle[1..]).unwrap().parse().unwrap();
+    assert!((950..=1050).contains(&at), "middle {at}");
+
+    // Flushed or not, the figure is the same (a size taken from SST files would change).
+    store.db().flush_cf(store.cf(CF_DATA).unwrap()).expect("flush");
+    assert_eq!(range_size_blocking(&store, &range).expect("size").bytes, 2000 * 101);
+
+    // An open-ended range; one key has no split point; an empty range is zero.
+    let tail = range_size_blocking(&store, &KeyRange { start: b"y".to_vec(), end: None }).expect("size");
+    assert_eq!((tail.bytes, tail.keys, tail.middle), (7 + 5000, 1, None));
+    let empty = range_size_blocking(&store, &KeyRange { start: b"m".to_vec(), end: Some(b"n".to_vec()) }).unwrap();
+    assert_eq!(empty, RangeSize::default());
 }
