@@ -26,10 +26,12 @@
 //! bootstraps the map. Data shards are created by each node's reconciler once the map names it:
 //! the shards of the bootstrap (configuration version 1) are formed by all their voters at
 //! once; a replica added later waits for its leader to feed it. A joining node starts with no
-//! bootstrap and the addresses of some peers, after an operator registered it
-//! ([`AdminRequest::AddNode`], `flotilla admin add-node ID ADDR`): the running nodes learn its
-//! address from the meta state and dial it (the transport's lower id dials), its reports then
-//! reach the meta leader, and it holds shards once the balancer or an operator moves some to it.
+//! bootstrap and the addresses of some peers (with lower ids): it announces itself to them
+//! under its node certificate (`Node::announce`), which registers it in the meta state; the
+//! running nodes then learn its address and dial it (the transport's lower id dials), its
+//! reports reach the meta leader, and it holds shards once the balancer or an operator moves
+//! some to it. (`flotilla admin add-node ID ADDR`, [`AdminRequest::AddNode`], registers a node
+//! by hand.)
 
 use crate::meta::{self, meta_range, shard_range, META_GROUP, META_STATE_KEY};
 use crate::net::{deliver, NetStats, TransportNetwork};
@@ -63,6 +65,8 @@ pub const SPLIT_SIZE_BYTES_DEFAULT: u64 = 64 << 20;
 /// Bytes read at most by one round of size checks; shards not reached keep their last size
 /// until the next round.
 pub const SIZE_CHECK_BYTES_PER_ROUND: u64 = 256 << 20;
+/// How often a node not yet listed at its address tells its peers again (ms).
+pub const ANNOUNCE_RETRY_MS: u64 = 1_000;
 /// How often the reconciler runs (ms).
 pub const RECONCILE_MS: u64 = 200;
 /// How long a meta operation may take, forwarding and retries included (ms).
@@ -416,6 +420,18 @@ impl Node {
                 }
             }));
         }
+        if self.inner.config.peers.iter().any(|(p, _)| *p < self.inner.id) {
+            let me = self.clone();
+            let mut stop = self.inner.shutdown.subscribe();
+            tasks.push(tokio::spawn(async move {
+                while !me.announce().await {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(ANNOUNCE_RETRY_MS)) => {}
+                        _ = stop.changed() => break,
+                    }
+                }
+            }));
+        }
         if let Some(b) = self.inner.config.bootstrap.clone() {
             if b.meta_voters.iter().min() == Some(&self.inner.id) {
                 let me = self.clone();
@@ -716,6 +732,14 @@ impl Node {
     }
 
     async fn report(&self, requests_per_s: u64) -> Result<(), NodeError> {
+        let report = self.build_report(requests_per_s).await?;
+        let op = MetaOp::Report { node: PNodeId(self.inner.id), addr: self.inner.addr.clone(), report };
+        self.meta_exec(op, false).await?;
+        Ok(())
+    }
+
+    /// This node's report: leaders, applied indexes, sizes and split points of led shards.
+    async fn build_report(&self, requests_per_s: u64) -> Result<NodeReport, NodeError> {
         let infos = self.inner.host.group_info().await?;
         let mut report = NodeReport { requests_per_s, ..NodeReport::default() };
         for i in infos.iter().filter(|i| i.group.0 != META_GROUP) {
@@ -734,9 +758,7 @@ impl Node {
                 }
             }
         }
-        let op = MetaOp::Report { node: PNodeId(self.inner.id), addr: self.inner.addr.clone(), report };
-        self.meta_exec(op, false).await?;
-        Ok(())
+        Ok(report)
     }
 
     /// Sizes the shards this node leads (their leaders report sizes; followers hold the same
@@ -793,6 +815,59 @@ impl Node {
             }
             Err(e) => debug!(node = self.inner.id, error = %e, "size check failed"),
         }
+    }
+
+    /// Makes sure the meta state lists this node at its address, telling a lower-id peer if it
+    /// does not; `true` once it does. Lower ids dial only the nodes the meta state lists, so a
+    /// new node, or one back at another address, cannot reach them over the transport until
+    /// then: its report goes over a request-only connection under its node certificate
+    /// ([`tp::Client::for_node`]), and registers it (or updates its address). This is how a node
+    /// joins a running cluster: started with no bootstrap and some peers' addresses.
+    async fn announce(&self) -> bool {
+        let me = PNodeId(self.inner.id);
+        if self.meta_view().nodes.get(&me).is_some_and(|i| i.addr == self.inner.addr) {
+            return true;
+        }
+        let bind = match self.inner.config.listen_addr {
+            SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+        };
+        let client = match tp::Client::for_node(&self.inner.config.tls, bind) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(node = self.inner.id, error = %e, "cannot announce this node to its peers");
+                return false;
+            }
+        };
+        let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
+        let report = self.build_report(0).await.unwrap_or_default();
+        let op = MetaOp::Report { node: me, addr: self.inner.addr.clone(), report };
+        let body = Request::Meta { op, forwarded: false }.encode();
+        let mut done = false;
+        for (peer, addr) in self.inner.config.peers.iter().filter(|(p, _)| *p < self.inner.id) {
+            let answer = match client.connect(*addr, tp::NodeId(*peer), timeout).await {
+                Ok(conn) => conn.request(body.clone(), timeout).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match answer.map(|b| Response::decode(&b)) {
+                Ok(Ok(Response::Meta { state, .. })) => match meta::decode_state(Some(&state)) {
+                    Ok(state) => {
+                        done = state.nodes.get(&me).is_some_and(|i| i.addr == self.inner.addr);
+                        self.set_view(state);
+                        if done {
+                            info!(node = self.inner.id, via = peer, addr = %self.inner.addr, "registered with the cluster");
+                            break;
+                        }
+                    }
+                    Err(e) => debug!(node = self.inner.id, via = peer, error = %e, "announce: bad meta state"),
+                },
+                Ok(Ok(other)) => debug!(node = self.inner.id, via = peer, answer = ?other, "announce not taken"),
+                Ok(Err(e)) => debug!(node = self.inner.id, via = peer, error = %e, "announce: bad answer"),
+                Err(e) => debug!(node = self.inner.id, via = peer, error = %e, "announce not delivered"),
+            }
+        }
+        client.close().await;
+        done
     }
 
     /// Whether this node leads the meta group.

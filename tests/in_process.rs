@@ -322,15 +322,13 @@ async fn a_node_joins_a_running_cluster() {
     let client = cluster.client().await;
     client.put(b"joined", b"yes").await.unwrap();
 
-    // Node 4: no bootstrap, the others as peers; they learn its address from an admin call.
+    // Node 4: no bootstrap, the others as peers; it announces itself to them.
     let issued = cluster.ca.issue_node(TNodeId(4)).unwrap();
     let tls = TlsIdentity::from_issued(cluster.ca.cert_pem(), &issued).unwrap();
     let mut cfg = NodeConfig::new(4, cluster._dir.path().join("n4"), loopback(), tls);
     cfg.peers = cluster.endpoints();
     cfg.report_interval_ms = 300;
     let n4 = Node::start(cfg).await.unwrap();
-    let addr = n4.local_addr().unwrap().to_string();
-    client.admin(AdminRequest::AddNode { node: NodeId(4), addr }).await.unwrap();
     cluster.nodes.push(Some(n4));
 
     // Its reports reach the meta leader, and a replica can move to it.

@@ -1,6 +1,8 @@
-//! Three `flotilla server` processes with TOML configs on loopback: write and read through
-//! `flotilla::Client`; crash (SIGKILL) the process leading a shard and keep serving; restart it
-//! and see it catch up; metrics and health over HTTP; SIGTERM stops a server cleanly.
+//! `flotilla server` processes with TOML configs on loopback. Three of them: write and read
+//! through `flotilla::Client`; crash (SIGKILL) the process leading a shard and keep serving;
+//! restart it and see it catch up; metrics and health over HTTP; SIGTERM stops a server
+//! cleanly. Four: a fourth server joins by itself, and while clients write, a shard is split
+//! and a replica moved to the new server, losing no acknowledged write.
 
 use flotilla::cluster::{ClusterFile, ClusterNode, CLUSTER_FILE_VERSION};
 use flotilla::wire::{AdminRequest, AdminResponse, ShardRow};
@@ -97,58 +99,96 @@ async fn shards(client: &Client) -> Vec<ShardRow> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn servers_survive_a_crash_and_catch_up() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let certs = dir.join("certs");
-    let c = certs.to_str().unwrap();
-    run(&["cert", "ca", "--dir", c]);
-    for id in ["1", "2", "3"] {
-        run(&["cert", "node", "--dir", c, "--id", id]);
-    }
-    run(&["cert", "client", "--dir", c, "--name", "test"]);
-    let ports: Vec<u16> = (0..3).map(|_| free_udp_port()).collect();
-    let metrics: Vec<u16> = (0..3).map(|_| free_tcp_port()).collect();
-    let mut servers = Vec::new();
-    for id in 1..=3u64 {
-        let mut text = format!(
-            "id = {id}\ndata_dir = \"n{id}\"\nlisten = \"127.0.0.1:{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n\n\
-             [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/node-{id}.pem\"\nkey = \"certs/node-{id}-key.pem\"\n\n",
-            ports[(id - 1) as usize],
-            metrics[(id - 1) as usize]
-        );
-        for p in (1..=3u64).filter(|p| *p != id) {
-            text += &format!("[[peers]]\nid = {p}\naddr = \"127.0.0.1:{}\"\n\n", ports[(p - 1) as usize]);
+/// Server processes on loopback: nodes `1..=boot` bootstrap a cluster of `shards` shards;
+/// nodes after them (up to `total`) start with the others as peers and no bootstrap (they join).
+struct Servers {
+    dir: tempfile::TempDir,
+    servers: Vec<Server>,
+    configs: Vec<PathBuf>,
+    metrics: Vec<u16>,
+    client: ClientConfig,
+}
+
+impl Servers {
+    fn new(boot: u64, total: u64, shards: u32) -> Servers {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        let c = certs.to_str().unwrap();
+        run(&["cert", "ca", "--dir", c]);
+        for id in 1..=total {
+            run(&["cert", "node", "--dir", c, "--id", &id.to_string()]);
         }
-        text += "[bootstrap]\nmeta_voters = [1, 2, 3]\nshard_replicas = [1, 2, 3]\nshards = 2\n";
-        let path = dir.join(format!("n{id}.toml"));
-        std::fs::write(&path, text).unwrap();
-        servers.push(Server::start(&path, &dir.join(format!("n{id}.log"))));
+        run(&["cert", "client", "--dir", c, "--name", "test"]);
+        let ports: Vec<u16> = (0..total).map(|_| free_udp_port()).collect();
+        let metrics: Vec<u16> = (0..total).map(|_| free_tcp_port()).collect();
+        let mut configs = Vec::new();
+        for id in 1..=total {
+            let mut text = format!(
+                "id = {id}\ndata_dir = \"n{id}\"\nlisten = \"127.0.0.1:{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n\n\
+                 [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/node-{id}.pem\"\nkey = \"certs/node-{id}-key.pem\"\n\n",
+                ports[(id - 1) as usize],
+                metrics[(id - 1) as usize]
+            );
+            for p in (1..=boot).filter(|p| *p != id) {
+                text += &format!("[[peers]]\nid = {p}\naddr = \"127.0.0.1:{}\"\n\n", ports[(p - 1) as usize]);
+            }
+            if id <= boot {
+                let ids: Vec<String> = (1..=boot).map(|n| n.to_string()).collect();
+                text += &format!(
+                    "[bootstrap]\nmeta_voters = [{0}]\nshard_replicas = [{0}]\nshards = {shards}\n",
+                    ids.join(", ")
+                );
+            }
+            let path = dir.path().join(format!("n{id}.toml"));
+            std::fs::write(&path, text).unwrap();
+            configs.push(path);
+        }
+        let file = ClusterFile {
+            version: CLUSTER_FILE_VERSION,
+            nodes: (1..=boot)
+                .map(|id| ClusterNode { id, addr: format!("127.0.0.1:{}", ports[(id - 1) as usize]), metrics: None })
+                .collect(),
+            ca: certs.join("ca.pem"),
+            cert: certs.join("client-test.pem"),
+            key: certs.join("client-test-key.pem"),
+            data_dir: None,
+            pid: None,
+        };
+        let mut client = ClientConfig::new(file.tls().unwrap(), file.endpoints().unwrap());
+        client.op_timeout = Duration::from_secs(30);
+        let mut out = Servers { dir, servers: Vec::new(), configs, metrics, client };
+        for id in 1..=boot {
+            out.start(id);
+        }
+        out
     }
-    let file = ClusterFile {
-        version: CLUSTER_FILE_VERSION,
-        nodes: (1..=3u64)
-            .map(|id| ClusterNode { id, addr: format!("127.0.0.1:{}", ports[(id - 1) as usize]), metrics: None })
-            .collect(),
-        ca: certs.join("ca.pem"),
-        cert: certs.join("client-test.pem"),
-        key: certs.join("client-test-key.pem"),
-        data_dir: None,
-        pid: None,
-    };
-    let mut cfg = ClientConfig::new(file.tls().unwrap(), file.endpoints().unwrap());
-    cfg.op_timeout = Duration::from_secs(30);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let client = loop {
-        match Client::connect(cfg.clone()).await {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "servers never formed a cluster: {e}");
-                tokio::time::sleep(Duration::from_millis(300)).await;
+
+    /// Starts node `id` (its log goes to `n<id>.log` in the test's directory).
+    fn start(&mut self, id: u64) {
+        let log = self.dir.path().join(format!("n{id}.log"));
+        self.servers.push(Server::start(&self.configs[(id - 1) as usize], &log));
+    }
+
+    async fn client(&self) -> Client {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            match Client::connect(self.client.clone()).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "servers never formed a cluster: {e}");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
             }
         }
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_survive_a_crash_and_catch_up() {
+    let mut cluster = Servers::new(3, 3, 2);
+    let client = cluster.client().await;
+    let metrics = cluster.metrics.clone();
+    let servers = &mut cluster.servers;
 
     for i in 0..30 {
         client.put(format!("{:02x}-k{i}", i * 8).as_bytes(), b"before").await.unwrap();
@@ -198,6 +238,98 @@ async fn servers_survive_a_crash_and_catch_up() {
 
     client.close().await;
     for s in servers.iter_mut() {
+        assert!(s.terminate().success());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_joins_then_a_split_and_a_move_lose_no_write() {
+    let mut cluster = Servers::new(3, 4, 1);
+    let client = std::sync::Arc::new(cluster.client().await);
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    // Writers on both sides of the coming split key. A write that failed or whose outcome is
+    // unknown is not counted; every acknowledged one must survive.
+    let mut writers = Vec::new();
+    for prefix in ["b", "x"] {
+        let (client, stop) = (client.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let (mut acked, mut failed) = (Vec::new(), 0u32);
+            let mut i = 0;
+            while !stop.load(Relaxed) {
+                let k = format!("{prefix}-{i:06}");
+                match client.put(k.as_bytes(), k.as_bytes()).await {
+                    Ok(_) => acked.push(k),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("write {k}: {e}");
+                    }
+                }
+                i += 1;
+            }
+            (acked, failed)
+        }));
+    }
+
+    // Node 4 starts with the others as peers and no bootstrap: it registers itself.
+    cluster.start(4);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let AdminResponse::Nodes(rows) = client.admin(AdminRequest::Nodes).await.unwrap() else { panic!() };
+        if rows.iter().any(|r| r.node.0 == 4 && r.report_age_ms.is_some_and(|a| a < 3_000)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 4 never joined: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Split while the writers run; both halves get a leader.
+    let AdminResponse::Changed(halves) = client.admin(AdminRequest::Split { key: b"m".to_vec() }).await.unwrap() else {
+        panic!("split answered otherwise")
+    };
+    let right = halves.iter().find(|d| d.start == b"m").expect("the right half").id;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while shards(&client).await.iter().filter(|r| r.leader.is_some()).count() != 2 {
+        assert!(Instant::now() < deadline, "the halves never both got a leader");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Move the right half's replica from node 1 to node 4, still writing.
+    use flotilla::placement::NodeId;
+    client.admin(AdminRequest::Move { shard: right, from: NodeId(1), to: NodeId(4) }).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let rows = shards(&client).await;
+        let row = rows.iter().find(|r| r.descriptor.id == right).expect("the right half");
+        let on_4 = row.applied.get(&NodeId(4)).copied().unwrap_or(0);
+        let done = row.moving.is_none()
+            && row.descriptor.replica(NodeId(4)).is_some()
+            && row.descriptor.replica(NodeId(1)).is_none()
+            && on_4 > 0;
+        if done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the move did not finish: {row:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Relaxed);
+    let mut acked = Vec::new();
+    for w in writers {
+        let (a, failed) = w.await.unwrap();
+        assert!(a.len() > failed as usize * 10, "most writes succeed: {} acked, {failed} failed", a.len());
+        acked.extend(a);
+    }
+    assert!(acked.iter().any(|k| k.starts_with('x')) && acked.iter().any(|k| k.starts_with('b')));
+
+    // With node 1 gone, the right half is served by nodes 2, 3 and 4: every acknowledged write
+    // on either side reads back.
+    cluster.servers[0].kill();
+    for k in &acked {
+        assert_eq!(client.get(k.as_bytes()).await.unwrap().as_deref(), Some(k.as_bytes()), "{k} lost");
+    }
+    client.close().await;
+    for s in cluster.servers.iter_mut().skip(1) {
         assert!(s.terminate().success());
     }
 }

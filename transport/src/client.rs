@@ -37,6 +37,19 @@ impl Client {
         Self::with_config(config, bind_addr)
     }
 
+    /// A node's own client endpoint, presenting its node certificate: for requests to lower-id
+    /// nodes that do not dial it yet (a node asking to join the cluster). They arrive under the
+    /// node's identity on a connection that carries requests only.
+    pub fn for_node(tls: &TlsIdentity, bind_addr: SocketAddr) -> Result<Client, TransportError> {
+        let identity = tls.identity()?;
+        if !matches!(identity, PeerIdentity::Node(_)) {
+            return Err(TransportError::Config(format!("a node endpoint needs a node certificate, got {identity}")));
+        }
+        let config =
+            tls::client_config(&tls.ca, Some((tls.chain.clone(), tls.key.clone_key())), tls::client_transport())?;
+        Self::with_config(config, bind_addr)
+    }
+
     /// A client with a hand-built QUIC configuration (tests use it to present no certificate
     /// or a bad one, see [`tls::client_config`]).
     pub fn with_config(config: quinn::ClientConfig, bind_addr: SocketAddr) -> Result<Client, TransportError> {

@@ -116,7 +116,7 @@ pub struct TransportMetrics {
     /// Per known peer.
     pub peers: BTreeMap<NodeId, PeerMetrics>,
     /// Incoming connections refused: failed TLS handshake (no certificate, unknown CA,
-    /// expired, ...), no usable identity, or a node that should not dial us.
+    /// expired, ...), no usable identity, or a node claiming to be this one.
     pub handshakes_refused: u64,
     /// Dials that failed (peer down, or its certificate refused).
     pub dials_failed: u64,

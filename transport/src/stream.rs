@@ -22,7 +22,7 @@ pub mod codes {
     pub const CLOSE_FRAME_MALFORMED: VarInt = VarInt::from_u32(2);
     /// The peer sent a frame over `frame_bytes_max`.
     pub const CLOSE_FRAME_OVERSIZED: VarInt = VarInt::from_u32(3);
-    /// The peer's identity may not open this connection (itself, a higher id dialing, a
+    /// The peer's identity may not open this connection (itself, a
     /// certificate without a flotilla name, too many peers).
     pub const CLOSE_IDENTITY_REFUSED: VarInt = VarInt::from_u32(4);
     /// The peer used a stream it may not use (e.g. a client opening a Raft stream).

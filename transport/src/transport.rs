@@ -578,7 +578,11 @@ async fn run_accept(shared: Arc<Shared>) {
                     refuse(format!("peer claims to be this node {id}"))
                 }
                 PeerIdentity::Node(id) if id > shared.config.node => {
-                    refuse(format!("{id} has a higher id than this node and must wait to be dialed"))
+                    // The lower id dials, so this is not the pair's connection: it may carry
+                    // requests only (a node asking to join, before anyone knows its address),
+                    // and a Raft or transfer stream on it closes it.
+                    debug!(node = %shared.config.node, peer = %id, %remote, "higher node connected for requests only");
+                    run_connection(shared.clone(), PeerIdentity::Node(id), None, conn).await;
                 }
                 PeerIdentity::Node(id) => match shared.peer(id) {
                     Ok(peer) => {
@@ -668,7 +672,7 @@ async fn run_connection(shared: Arc<Shared>, from: PeerIdentity, peer: Option<Ar
             uni = conn.accept_uni() => match uni {
                 Ok(recv) => {
                     let Some(peer) = peer.clone() else {
-                        warn!(node = %shared.config.node, peer = %from, "closing connection: a client opened a Raft or transfer stream");
+                        warn!(node = %shared.config.node, peer = %from, "closing connection: Raft or transfer stream on a request-only connection");
                         conn.close(codes::CLOSE_PROTOCOL, b"clients may only send requests");
                         return;
                     };

@@ -158,25 +158,33 @@ async fn a_node_only_starts_with_its_own_certificate() {
     assert!(Transport::start(client_cert).await.is_err());
 }
 
-/// A node with a higher id may not dial a lower one: the lower one dials.
+/// A node with a higher id that connects to a lower one (which dials it, once it knows its
+/// address) gets a request-only connection: its requests arrive under its node identity (how a
+/// new node asks to join), and a Raft stream on it closes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_higher_node_dialing_is_refused() {
+async fn a_higher_node_connecting_may_only_send_requests() {
     let _ = logs();
     let ca = ca();
-    let (low, _low_in) = start(config(&ca, 1)).await;
-    let tls_high = node_tls(&ca, 9);
-    let client = Client::with_config(
-        tls::client_config(
-            &tls_high.ca,
-            Some((tls_high.chain.clone(), tls_high.key.clone_key())),
-            tls::client_transport(),
-        )
-        .unwrap(),
-        loopback(),
-    )
-    .unwrap();
-    assert!(try_request(&client, &low).await.is_err());
-    eventually("refusal counted", || low.metrics().handshakes_refused == 1).await;
+    let (low, low_in) = start(config(&ca, 1)).await;
+    tokio::spawn(async move {
+        let mut requests = low_in.requests;
+        while let Some(r) = requests.recv().await {
+            let from = r.from.to_string();
+            r.responder.respond(from);
+        }
+    });
+    let client = Client::for_node(&node_tls(&ca, 9), loopback()).unwrap();
+    let client_cert = TlsIdentity::from_issued(ca.cert_pem(), &ca.issue_client("x").unwrap()).unwrap();
+    assert!(Client::for_node(&client_cert, loopback()).is_err(), "a node endpoint needs a node certificate");
+    let conn = client.connect(low.local_addr().unwrap(), low.node(), Duration::from_secs(10)).await.unwrap();
+    let answer = conn.request("join".into(), Duration::from_secs(10)).await.expect("a request is served");
+    assert_eq!(answer.as_ref(), b"n9", "the request carries the node's identity");
+    let mut raft = conn.connection().open_uni().await.unwrap();
+    raft.write_all(&[0u8; 16]).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), conn.connection().closed()).await.expect("closed");
+    assert!(log_text().contains("request-only connection"), "{}", log_text());
+    assert!(low.metrics().peers.get(&NodeId(9)).is_none_or(|p| !p.connected), "not installed as the pair's connection");
+    assert_eq!(low.metrics().handshakes_refused, 0);
     client.close().await;
     low.shutdown().await;
 }
