@@ -19,7 +19,8 @@
 //! id = 2
 //! addr = "127.0.0.1:7002"
 //!
-//! # Only on the initial nodes of a new cluster, the same on each:
+//! # Only on the initial nodes of a new cluster, the same on each. A node joining a running
+//! # cluster has no [bootstrap]: it announces itself to its peers with lower ids.
 //! [bootstrap]
 //! meta_voters = [1, 2, 3]
 //! shard_replicas = [1, 2, 3]

@@ -281,7 +281,7 @@ enum AdminOp {
     },
     /// Cluster summary.
     Status,
-    /// Register a new node (then start it with the others as peers and no bootstrap).
+    /// Register a node by hand (a node started with peers and no bootstrap registers itself).
     AddNode {
         /// Its id.
         node: u64,
