@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# Flotilla and etcd side by side on this machine (DESIGN.md, "Measuring"): the same load
+# (`flotilla bench` and tools/etcd-bench, one after the other, never at once) against
+#   (a) a 3-member etcd cluster on 127.0.0.1 (default fsync, one Raft group), then
+#   (b) 3 `flotilla server` processes on 127.0.0.1 (one node per process, SHARDS shards).
+# Each cluster is fresh (new data directories) and runs put, then get, then mixed: the get run
+# reads the keys the put run wrote (neither bench prefills).
+#
+# Usage:
+#   FLOTILLA_BIN=/path/to/release/flotilla ETCD_BENCH_BIN=/path/to/etcd-bench tools/compare/run.sh
+#
+# Environment (defaults in brackets):
+#   DURATION [20]  seconds per run     CLIENTS [64]     VALUE_SIZE [100]    KEYS [10000]
+#   SHARDS [4]     Flotilla's initial shards (as `flotilla dev`)
+#   SYSTEMS ["etcd flotilla"]          WORKLOADS ["put get mixed"]
+#   WORKERS_PER_CONN [8]   etcd-bench workers per gRPC connection
+#   ETCD_BIN [etcd]        ETCDCTL_BIN [etcdctl]
+#   BASE_PORT [24000]      etcd uses BASE+1..3 (clients) and BASE+11..13 (peers);
+#                          Flotilla BASE+21..23 (QUIC, UDP) and BASE+31..33 (metrics)
+#   LOG_LEVEL [warn]       log level of both servers
+#   WORK_DIR               parent of the temporary directory [/var/tmp]
+#   KEEP=1                 keep the temporary directory (data, logs, configs)
+#
+# Output (stdout): one JSON line per run, the bench's own summary with "system" added in front,
+# then a table. Progress and conditions go to stderr.
+set -euo pipefail
+
+: "${FLOTILLA_BIN:?set FLOTILLA_BIN to a release flotilla binary}"
+: "${ETCD_BENCH_BIN:?set ETCD_BENCH_BIN to the etcd-bench binary (tools/etcd-bench)}"
+ETCD_BIN=${ETCD_BIN:-etcd}
+ETCDCTL_BIN=${ETCDCTL_BIN:-etcdctl}
+DURATION=${DURATION:-20}
+CLIENTS=${CLIENTS:-64}
+VALUE_SIZE=${VALUE_SIZE:-100}
+KEYS=${KEYS:-10000}
+SHARDS=${SHARDS:-4}
+SYSTEMS=${SYSTEMS:-etcd flotilla}
+WORKLOADS=${WORKLOADS:-put get mixed}
+WORKERS_PER_CONN=${WORKERS_PER_CONN:-8}
+BASE_PORT=${BASE_PORT:-24000}
+LOG_LEVEL=${LOG_LEVEL:-warn}
+KEEP=${KEEP:-0}
+
+for bin in "$FLOTILLA_BIN" "$ETCD_BENCH_BIN"; do
+  [ -x "$bin" ] || { echo "not an executable: $bin" >&2; exit 2; }
+done
+for bin in "$ETCD_BIN" "$ETCDCTL_BIN"; do
+  command -v "$bin" >/dev/null || { echo "$bin not found (apt-get install etcd-server etcd-client)" >&2; exit 2; }
+done
+
+# etcd and etcdctl read every ETCD_* / ETCDCTL_* variable as a flag: this script's own must not
+# reach them (ETCD_BENCH_BIN would only warn, but a stray one could change their settings).
+etcd_env=(env -u ETCD_BENCH_BIN -u ETCD_BIN -u ETCDCTL_BIN)
+
+work=$(mktemp -d "${WORK_DIR:-/var/tmp}/flotilla-compare.XXXXXX")
+pids=()
+results=()
+
+log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
+
+# Stops the given processes one after the other: SIGTERM, then SIGKILL after 30 s.
+stop() {
+  local p
+  for p in "$@"; do
+    kill -TERM "$p" 2>/dev/null || true
+    for _ in $(seq 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
+}
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  [ "${#pids[@]}" -eq 0 ] || stop "${pids[@]}"
+  # Kept for a look at the logs after a failure (not after Ctrl-C or SIGTERM).
+  if [ "$KEEP" = 1 ] || { [ "$rc" -ne 0 ] && [ "$rc" -ne 130 ] && [ "$rc" -ne 143 ]; }; then
+    log "kept $work (logs: $work/*/*.log)"
+  else
+    rm -rf "$work"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# A port must be free before a server is started on it (a stale server would be measured).
+check_free() {
+  local proto=$1 port=$2
+  if ss -H -ln"${proto}" "sport = :$port" 2>/dev/null | grep -q .; then
+    echo "port $port/$([ "$proto" = t ] && echo tcp || echo udp) is in use: set BASE_PORT" >&2
+    exit 2
+  fi
+}
+
+# Runs one bench, prints its JSON line with the system's name added, and keeps it for the table.
+record() {
+  local system=$1 workload=$2 line
+  shift 2
+  log "$system $workload: ${DURATION}s, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+  line=$("$@")
+  line="{\"system\":\"$system\",${line#\{}"
+  printf '%s\n' "$line"
+  results+=("$line")
+}
+
+run_etcd() {
+  local dir=$work/etcd i initial="" endpoints=""
+  mkdir -p "$dir"
+  for i in 1 2 3; do
+    check_free t $((BASE_PORT + i))
+    check_free t $((BASE_PORT + 10 + i))
+    initial+="${initial:+,}m$i=http://127.0.0.1:$((BASE_PORT + 10 + i))"
+    endpoints+="${endpoints:+,}127.0.0.1:$((BASE_PORT + i))"
+  done
+  local members=()
+  for i in 1 2 3; do
+    # 8 GiB backend quota (etcd's largest recommended): the runs never compact, and the default
+    # 2 GiB must not raise the NOSPACE alarm in the middle of a long run.
+    "${etcd_env[@]}" "$ETCD_BIN" --name "m$i" --data-dir "$dir/m$i" \
+      --listen-client-urls "http://127.0.0.1:$((BASE_PORT + i))" \
+      --advertise-client-urls "http://127.0.0.1:$((BASE_PORT + i))" \
+      --listen-peer-urls "http://127.0.0.1:$((BASE_PORT + 10 + i))" \
+      --initial-advertise-peer-urls "http://127.0.0.1:$((BASE_PORT + 10 + i))" \
+      --initial-cluster "$initial" --initial-cluster-state new --initial-cluster-token flotilla-compare \
+      --quota-backend-bytes $((8 * 1024 * 1024 * 1024)) \
+      --logger zap --log-outputs stderr --log-level "$LOG_LEVEL" \
+      >"$dir/m$i.log" 2>&1 &
+    pids+=($!)
+    members+=($!)
+  done
+  log "etcd: waiting for 3 healthy members ($endpoints)"
+  local deadline=$((SECONDS + 60))
+  until "${etcd_env[@]}" "$ETCDCTL_BIN" --endpoints="$endpoints" --command-timeout=2s endpoint health >/dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ]; then
+      echo "etcd did not become healthy; logs in $dir" >&2
+      exit 1
+    fi
+    sleep 0.5
+  done
+  local w
+  for w in $WORKLOADS; do
+    record etcd "$w" "$ETCD_BENCH_BIN" "$w" --endpoints "$endpoints" --workers-per-conn "$WORKERS_PER_CONN" \
+      --clients "$CLIENTS" --value-size "$VALUE_SIZE" --keys "$KEYS" --duration "$DURATION" --json
+  done
+  log "etcd: stopping (data dir $(du -sh "$dir" | cut -f1))"
+  stop "${members[@]}"
+  pids=()
+  log "etcd: stopped"
+}
+
+run_flotilla() {
+  local dir=$work/flotilla certs=$work/flotilla/certs i p
+  mkdir -p "$dir"
+  "$FLOTILLA_BIN" cert ca --dir "$certs" >/dev/null
+  for i in 1 2 3; do "$FLOTILLA_BIN" cert node --dir "$certs" --id "$i" >/dev/null; done
+  "$FLOTILLA_BIN" cert client --dir "$certs" --name bench >/dev/null
+  local nodes=""
+  for i in 1 2 3; do
+    check_free u $((BASE_PORT + 20 + i))
+    check_free t $((BASE_PORT + 30 + i))
+    {
+      printf 'id = %d\ndata_dir = "%s"\n' "$i" "$dir/n$i"
+      printf 'listen = "127.0.0.1:%d"\nmetrics_listen = "127.0.0.1:%d"\n\n' $((BASE_PORT + 20 + i)) $((BASE_PORT + 30 + i))
+      printf '[tls]\nca = "%s"\ncert = "%s"\nkey = "%s"\n\n' "$certs/ca.pem" "$certs/node-$i.pem" "$certs/node-$i-key.pem"
+      for p in 1 2 3; do
+        [ "$p" = "$i" ] || printf '[[peers]]\nid = %d\naddr = "127.0.0.1:%d"\n\n' "$p" $((BASE_PORT + 20 + p))
+      done
+      printf '[bootstrap]\nmeta_voters = [1, 2, 3]\nshard_replicas = [1, 2, 3]\nshards = %d\n' "$SHARDS"
+    } >"$dir/n$i.toml"
+    nodes+="${nodes:+,}{\"id\":$i,\"addr\":\"127.0.0.1:$((BASE_PORT + 20 + i))\",\"metrics\":\"127.0.0.1:$((BASE_PORT + 30 + i))\"}"
+  done
+  printf '{"version":1,"nodes":[%s],"ca":"%s","cert":"%s","key":"%s"}\n' \
+    "$nodes" "$certs/ca.pem" "$certs/client-bench.pem" "$certs/client-bench-key.pem" >"$dir/cluster.json"
+  local servers=()
+  for i in 1 2 3; do
+    "$FLOTILLA_BIN" --log "$LOG_LEVEL" server --config "$dir/n$i.toml" >"$dir/n$i.log" 2>&1 &
+    pids+=($!)
+    servers+=($!)
+  done
+  log "flotilla: waiting for $SHARDS shards with a leader"
+  local deadline=$((SECONDS + 90)) status=""
+  while :; do
+    status=$("$FLOTILLA_BIN" admin status --cluster "$dir/cluster.json" --json --timeout 2 2>/dev/null || true)
+    if [[ $status =~ \"shards\":([0-9]+) ]] && [ "${BASH_REMATCH[1]}" -ge "$SHARDS" ] &&
+      [[ $status =~ \"shards_with_leader\":([0-9]+) ]] && [ "${BASH_REMATCH[1]}" -ge "$SHARDS" ]; then
+      break
+    fi
+    if [ $SECONDS -ge $deadline ]; then
+      echo "flotilla did not get $SHARDS shards with a leader (last status: ${status:-none}); logs in $dir" >&2
+      exit 1
+    fi
+    sleep 0.5
+  done
+  local w
+  for w in $WORKLOADS; do
+    record flotilla "$w" "$FLOTILLA_BIN" bench "$w" --cluster "$dir/cluster.json" \
+      --clients "$CLIENTS" --value-size "$VALUE_SIZE" --keys "$KEYS" --duration "$DURATION" --json
+  done
+  log "flotilla: stopping (data dir $(du -sh "$dir" | cut -f1))"
+  stop "${servers[@]}"
+  pids=()
+  log "flotilla: stopped"
+}
+
+# The value of a numeric or string field of a flat JSON object.
+field() { sed -E "s/.*\"$2\":\"?([^,\"}]*).*/\1/" <<<"$1"; }
+
+log "conditions: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); $CLIENTS clients, ${VALUE_SIZE}-byte values, $KEYS keys, ${DURATION}s per run"
+log "etcd: $("${etcd_env[@]}" "$ETCD_BIN" --version | head -1); flotilla: $("$FLOTILLA_BIN" --version) ($FLOTILLA_BIN), $SHARDS shards"
+log "etcd-bench: $WORKERS_PER_CONN workers per connection; this checkout: $(git -C "$(dirname "$0")" describe --always --dirty 2>/dev/null || echo unknown)"
+log "work dir: $work"
+for s in $SYSTEMS; do
+  case $s in
+    etcd) run_etcd ;;
+    flotilla) run_flotilla ;;
+    *) echo "unknown system: $s" >&2; exit 2 ;;
+  esac
+done
+
+echo
+printf '| system | workload | ops/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors (unknown/other) |\n'
+printf '|---|---|---|---|---|---|---|---|---|\n'
+for r in "${results[@]}"; do
+  printf '| %s | %s | %.0f | %.2f | %.2f | %.2f | %.2f | %.1f | %s/%s |\n' \
+    "$(field "$r" system)" "$(field "$r" workload)" "$(field "$r" ops_per_s)" "$(field "$r" p50_ms)" \
+    "$(field "$r" p90_ms)" "$(field "$r" p99_ms)" "$(field "$r" p999_ms)" "$(field "$r" max_ms)" \
+    "$(field "$r" errors_unknown)" "$(field "$r" errors_other)"
+done
