@@ -65,6 +65,9 @@ pub const SPLIT_SIZE_BYTES_DEFAULT: u64 = 64 << 20;
 /// Bytes read at most by one round of size checks; shards not reached keep their last size
 /// until the next round.
 pub const SIZE_CHECK_BYTES_PER_ROUND: u64 = 256 << 20;
+/// Reports a meta leader received are used instead of the stored ones for this long (ms);
+/// after that (say, the node led the meta group a while ago) the stored ones count.
+pub const LIVE_REPORT_AGE_MAX_MS: u64 = 10_000;
 /// How often a node not yet listed at its address tells its peers again (ms).
 pub const ANNOUNCE_RETRY_MS: u64 = 1_000;
 /// How often the reconciler runs (ms).
@@ -227,6 +230,9 @@ struct Inner {
     /// Last time a reconfiguration was asked for, per (shard, what).
     reconfig: Mutex<HashMap<(u64, String), Instant>>,
     stats: NodeStats,
+    /// Reports received as meta leader: kept in memory, not written to the meta group (they
+    /// change every second); a new meta leader has them again within one report interval.
+    live_reports: Mutex<HashMap<PNodeId, (NodeReport, Instant)>>,
     /// Last size check of each shard this node leads.
     sizes: Mutex<HashMap<ShardId, SizeCheck>>,
     /// Peers made known after start ([`Node::set_peer_addr`]).
@@ -315,6 +321,7 @@ impl Node {
             reports: Mutex::new(HashMap::new()),
             reconfig: Mutex::new(HashMap::new()),
             sizes: Mutex::new(HashMap::new()),
+            live_reports: Mutex::new(HashMap::new()),
             stats: NodeStats::default(),
             extra_peers: Mutex::new(BTreeSet::new()),
             net_stats,
@@ -707,10 +714,22 @@ impl Node {
         let g = GroupId(META_GROUP);
         loop {
             let cur = self.inner.host.get(g, META_STATE_KEY.to_vec(), ReadMode::ReadIndex).await.map_err(meta_try)?;
-            let state = meta::decode_state(cur.as_deref()).map_err(MetaTry::Refused)?;
+            let stored = meta::decode_state(cur.as_deref()).map_err(MetaTry::Refused)?;
+            let mut state = stored.clone();
+            self.overlay_live_reports(&mut state);
             let mut next = state.clone();
             let answer = meta::run_op(op, &mut next, &self.inner.config.balancer).map_err(MetaTry::Refused)?;
             self.inner.stats.meta_ops.fetch_add(1, Ordering::Relaxed);
+            if let MetaOp::Report { node, .. } = op {
+                // A report that changes nothing but reports is kept in memory, not written.
+                if without_reports(&next) == without_reports(&stored) {
+                    if let (Some(info), Ok(mut live)) = (next.nodes.get(node), self.inner.live_reports.lock()) {
+                        live.insert(*node, (info.report.clone(), Instant::now()));
+                    }
+                    self.set_view(next.clone());
+                    return Ok((next, answer));
+                }
+            }
             if next == state {
                 self.set_view(state.clone());
                 return Ok((state, answer));
@@ -727,6 +746,18 @@ impl Node {
                 KvResponse::Split { .. } | KvResponse::OutOfRange => {
                     return Err(MetaTry::Refused("an unexpected answer to the meta compare-and-swap".into()))
                 }
+            }
+        }
+    }
+
+    /// Puts the reports this node received as meta leader (younger than
+    /// [`LIVE_REPORT_AGE_MAX_MS`]) in place of the stored ones.
+    fn overlay_live_reports(&self, state: &mut MetaState) {
+        let Ok(live) = self.inner.live_reports.lock() else { return };
+        let max_age = Duration::from_millis(LIVE_REPORT_AGE_MAX_MS);
+        for (node, (report, _)) in live.iter().filter(|(_, (_, at))| at.elapsed() < max_age) {
+            if let Some(info) = state.nodes.get_mut(node) {
+                info.report = report.clone();
             }
         }
     }
@@ -1415,6 +1446,15 @@ fn shard_rows(state: &MetaState) -> Vec<ShardRow> {
             ShardRow { descriptor: d.clone(), leader, applied, bytes, moving }
         })
         .collect()
+}
+
+/// `state` with every node's report emptied: what a report alone does not change.
+fn without_reports(state: &MetaState) -> MetaState {
+    let mut s = state.clone();
+    for info in s.nodes.values_mut() {
+        info.report = NodeReport::default();
+    }
+    s
 }
 
 /// Whether two key ranges share a key.

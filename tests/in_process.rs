@@ -450,3 +450,35 @@ async fn the_automatic_balancer_splits_a_shard_that_grew_past_the_threshold() {
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_reports_reach_the_meta_leader_without_meta_writes() {
+    let mut cluster = Cluster::start(3, 2).await;
+    let client = cluster.client().await;
+    // Wait until every node's reports show both shards led somewhere.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let AdminResponse::Nodes(rows) = client.admin(AdminRequest::Nodes).await.unwrap() else { panic!() };
+        let led: usize = rows.iter().map(|r| r.leading).sum();
+        if rows.len() == 3 && led == 2 && rows.iter().all(|r| r.report_age_ms.is_some_and(|a| a < 1_000)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "reports never settled: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Three nodes reporting every 300 ms for 3 s: about 30 reports, and no meta entry for any.
+    let before = meta_applied(&cluster).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let AdminResponse::Nodes(rows) = client.admin(AdminRequest::Nodes).await.unwrap() else { panic!() };
+    assert!(rows.iter().all(|r| r.report_age_ms.is_some_and(|a| a < 1_000)), "reports still arrive: {rows:?}");
+    let after = meta_applied(&cluster).await;
+    assert!(after - before <= 2, "reports were written to the meta group: {before} -> {after}");
+    cluster.shutdown().await;
+}
+
+/// Node 1's applied index of the meta group (group 0).
+async fn meta_applied(cluster: &Cluster) -> u64 {
+    let node = cluster.nodes[0].as_ref().unwrap();
+    let infos = node.host().group_info().await.unwrap();
+    infos.iter().find(|i| i.group.0 == 0).map(|i| i.applied.0).unwrap()
+}
