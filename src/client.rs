@@ -346,8 +346,9 @@ impl Client {
         }
     }
 
-    /// Sets `key` to `value`; returns the previous value (as seen by the applied attempt).
-    pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+    /// Sets `key` to `value`. A put does not read the old value (use [`Client::cas`] to
+    /// replace a known value).
+    pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
         check_user_key(key).map_err(ClientError::Invalid)?;
         check_value(value).map_err(ClientError::Invalid)?;
         let make = |d: &ShardDescriptor| Request::Put {
@@ -357,7 +358,7 @@ impl Client {
             value: value.to_vec(),
         };
         match self.keyed(key, true, false, make).await? {
-            (Response::Written { previous }, _) => Ok(previous),
+            (Response::Written { .. }, _) => Ok(()),
             (other, _) => Err(unexpected(&other)),
         }
     }

@@ -732,9 +732,9 @@ async fn kv(a: KvArgs) -> Result<i32> {
             }
         }
         KvOp::Put { key, value } => {
-            let prev = client.put(key.as_bytes(), value.as_bytes()).await?;
+            client.put(key.as_bytes(), value.as_bytes()).await?;
             if json {
-                println!("{}", serde_json::json!({"key": key, "ok": true, "previous": json_opt(&prev)}));
+                println!("{}", serde_json::json!({"key": key, "ok": true}));
             } else {
                 println!("OK");
             }

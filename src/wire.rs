@@ -288,7 +288,7 @@ pub enum Response {
     Value(Option<Vec<u8>>),
     /// A write was applied; the value before it.
     Written {
-        /// Previous value.
+        /// Previous value (of a delete or compare-and-swap; a put does not read it: `None`).
         previous: Option<Vec<u8>>,
     },
     /// A compare-and-swap did not match; nothing changed.

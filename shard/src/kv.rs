@@ -177,7 +177,7 @@ impl KvCommand {
 /// The answer to a [`KvCommand`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KvResponse {
-    /// Done; the value before the command.
+    /// Done; the value before the command (`None` for a put, which does not read it).
     Done {
         /// Previous value.
         previous: Option<Vec<u8>>,
@@ -382,6 +382,11 @@ impl KvStateMachine {
                     let r = match KvCommand::decode(&payload) {
                         Err(err) => KvResponse::Refused(format!("undecodable command: {}", err.message)),
                         Ok(cmd) if !range.contains(cmd.key()) => KvResponse::OutOfRange,
+                        // Hosts check sizes before proposing; this holds for commands that
+                        // reached the log another way, and is the same on every replica.
+                        Ok(cmd) if cmd.check_size().is_err() => {
+                            KvResponse::Refused(cmd.check_size().err().unwrap_or_default())
+                        }
                         Ok(KvCommand::Split { at, new_group }) => {
                             let new_group = GroupId(new_group);
                             if at == range.start || new_group == g {
@@ -403,16 +408,16 @@ impl KvStateMachine {
                         }
                         Ok(cmd) => {
                             let key = cmd.key().to_vec();
-                            let current = match overlay.get(&key) {
-                                Some(v) => v.clone(),
-                                None => {
+                            // A put is blind: it does not read (and answers no previous value).
+                            let current = match (&cmd, overlay.get(&key)) {
+                                (KvCommand::Put { .. }, _) => None,
+                                (_, Some(v)) => v.clone(),
+                                (_, None) => {
                                     s.db().get_cf(data, &key).map_err(|e| StorageError::new("apply", e.to_string()))?
                                 }
                             };
                             let (new, resp) = match cmd {
-                                KvCommand::Put { value, .. } => {
-                                    (Some(Some(value)), KvResponse::Done { previous: current })
-                                }
+                                KvCommand::Put { value, .. } => (Some(Some(value)), KvResponse::Done { previous: None }),
                                 KvCommand::Delete { .. } => (Some(None), KvResponse::Done { previous: current }),
                                 KvCommand::Cas { expected, new, .. } if expected == current => {
                                     (Some(new), KvResponse::Done { previous: current })

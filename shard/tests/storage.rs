@@ -391,3 +391,34 @@ async fn a_range_is_sized_by_its_logical_bytes_with_a_middle_key() {
     let empty = range_size_blocking(&store, &KeyRange { start: b"m".to_vec(), end: Some(b"n".to_vec()) }).unwrap();
     assert_eq!(empty, RangeSize::default());
 }
+
+#[tokio::test]
+async fn puts_are_blind_deletes_answer_the_old_value_and_oversized_commands_are_refused_at_apply() {
+    use flotilla_raft::StateMachine;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let mut sm = KvStateMachine::new(store, GroupId(1), KeyRange::all());
+    let entry = |index: u64, cmd: KvCommand| Entry {
+        log_id: LogId::new(1, index),
+        payload: EntryPayload::Normal(cmd.encode().expect("encode")),
+    };
+    let (k, v) = (b"k".to_vec(), b"v".to_vec());
+    let results = sm
+        .apply(vec![
+            entry(1, KvCommand::Put { key: k.clone(), value: b"old".to_vec() }),
+            entry(2, KvCommand::Put { key: k.clone(), value: v.clone() }),
+            entry(3, KvCommand::Delete { key: k.clone() }),
+            entry(4, KvCommand::Put { key: vec![b'x'; flotilla_shard::KEY_BYTES_MAX + 1], value: Vec::new() }),
+            entry(5, KvCommand::Put { key: k.clone(), value: vec![0; flotilla_shard::VALUE_BYTES_MAX + 1] }),
+        ])
+        .await
+        .expect("apply");
+    let answers: Vec<KvResponse> = results.iter().map(|r| KvResponse::decode(r).expect("decode")).collect();
+    assert_eq!(answers[0], KvResponse::Done { previous: None });
+    assert_eq!(answers[1], KvResponse::Done { previous: None }, "a put does not read the old value");
+    assert_eq!(answers[2], KvResponse::Done { previous: Some(v) }, "a delete does");
+    for a in &answers[3..] {
+        assert!(matches!(a, KvResponse::Refused(why) if why.contains("exceeds the limit")), "{a:?}");
+    }
+    assert_eq!(sm.get(k).await.expect("get"), None, "the oversized put changed nothing");
+}
