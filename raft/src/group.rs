@@ -326,6 +326,17 @@ impl GroupCore {
         }
     }
 
+    /// Answers the writes among `results` — committed entries whose answers the state machine
+    /// has computed — before their application is stored. They are already durable in a
+    /// quorum's logs and their answers are fixed, so a host may answer as soon as the state
+    /// machine has prepared them. Reads are unaffected: they still wait for
+    /// [`handle_applied`](Self::handle_applied), which later finds these writes answered.
+    pub fn answer_writes(&mut self, results: &[(LogId, Bytes)]) {
+        for (log_id, data) in results {
+            self.complete_write(*log_id, data.clone());
+        }
+    }
+
     /// An `Apply` action finished: the id and response of every entry applied, in order.
     pub fn handle_applied(&mut self, now: Millis, results: Vec<(LogId, Bytes)>) {
         let last = results.last().map(|(id, _)| id.index);

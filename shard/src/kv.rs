@@ -417,7 +417,9 @@ impl KvStateMachine {
                                 }
                             };
                             let (new, resp) = match cmd {
-                                KvCommand::Put { value, .. } => (Some(Some(value)), KvResponse::Done { previous: None }),
+                                KvCommand::Put { value, .. } => {
+                                    (Some(Some(value)), KvResponse::Done { previous: None })
+                                }
                                 KvCommand::Delete { .. } => (Some(None), KvResponse::Done { previous: current }),
                                 KvCommand::Cas { expected, new, .. } if expected == current => {
                                     (Some(new), KvResponse::Done { previous: current })

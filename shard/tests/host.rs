@@ -630,3 +630,34 @@ async fn a_replica_that_missed_a_split_gets_the_new_groups_data_by_snapshot() {
     }
     c.shutdown().await;
 }
+
+/// Writes are answered once committed and computed, before their applied state is stored:
+/// a read right after an answered write (ReadIndex or lease, on the leader) must still see it,
+/// and a compare-and-swap right after must find it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_or_cas_right_after_an_answered_write_sees_it() {
+    let c = Cluster::start(3).await;
+    c.create_groups(1..=1).await;
+    let g = GroupId(1);
+    c.put(g, &key(1, "warm"), "up").await.expect("first write");
+    let mut leader = None;
+    for h in &c.hosts {
+        let infos = h.group_info().await.expect("info");
+        if infos.iter().any(|i| i.group == g && i.role == Role::Leader) {
+            leader = Some(h.node());
+        }
+    }
+    let h = c.host(leader.expect("the write went through a leader"));
+    for i in 0..200u32 {
+        let k = key(1, &format!("k{}", i % 7));
+        let v = format!("v{i}").into_bytes();
+        let r = h.write(g, KvCommand::Put { key: k.clone().into_bytes(), value: v.clone() }).await.expect("write");
+        assert_eq!(r, KvResponse::Done { previous: None });
+        let mode = if i % 2 == 0 { ReadMode::ReadIndex } else { ReadMode::Lease };
+        assert_eq!(h.get(g, k.clone().into_bytes(), mode).await.expect("read"), Some(v.clone()), "{mode:?} read {i}");
+        let next = format!("w{i}").into_bytes();
+        let cas = KvCommand::Cas { key: k.into_bytes(), expected: Some(v.clone()), new: Some(next) };
+        assert_eq!(h.write(g, cas).await.expect("cas"), KvResponse::Done { previous: Some(v) }, "cas {i}");
+    }
+    c.shutdown().await;
+}

@@ -497,7 +497,9 @@ impl Host {
         self.call(group, |tx| ApiReq::Initialize(membership, tx)).await
     }
 
-    /// Proposes `cmd` on `group` (leader only); answers once applied.
+    /// Proposes `cmd` on `group` (leader only); answers once it is committed and the state
+    /// machine has computed its answer (before the applied state is stored: a later read on
+    /// this group still sees it).
     pub async fn write(&self, group: GroupId, cmd: KvCommand) -> Result<KvResponse, HostError> {
         let entry = self.entry(group)?;
         cmd.check_size().map_err(HostError::TooLarge)?;

@@ -601,6 +601,9 @@ impl Poller {
                 match prepared {
                     Ok((ids, p)) if ids.len() == p.responses.len() => {
                         let results: Vec<(LogId, Bytes)> = ids.into_iter().zip(p.responses).collect();
+                        // Clients need not wait for the applied state to be stored: their
+                        // entries are committed and the answers fixed. Reads wait for it.
+                        g.core.answer_writes(&results);
                         let splits = p.splits;
                         let r = self.shared.store.submit(
                             p.ops,
