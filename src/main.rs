@@ -704,9 +704,14 @@ async fn kv(a: KvArgs) -> Result<i32> {
                 bail!("cas needs --new VALUE or --delete");
             }
         }
-        KvOp::Scan { limit, .. } => {
+        KvOp::Scan { limit, start, end } => {
             if *limit == 0 {
                 bail!("--limit must be at least 1");
+            }
+            if let (Some(s), Some(e)) = (start, end) {
+                if s >= e {
+                    bail!("the scan's start {s:?} must come before its end {e:?}");
+                }
             }
         }
     }

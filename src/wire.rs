@@ -13,8 +13,10 @@ use std::collections::BTreeMap;
 /// Version byte that starts every request and response of this protocol.
 pub const PROTOCOL_VERSION: u8 = 1;
 
-/// Largest key accepted (bytes). Keys travel in every routing check and log entry.
-pub const KEY_BYTES_MAX: usize = 4 << 10;
+/// Largest key accepted (bytes): the shard's own limit, checked here first so that a key too
+/// long is refused before it is routed (or made a split point). Keys travel in every routing
+/// check and log entry.
+pub const KEY_BYTES_MAX: usize = crate::shard::KEY_BYTES_MAX;
 /// Largest value accepted (bytes); well under the transport's frame limit and the Raft
 /// append limit, so one value always fits one message.
 pub const VALUE_BYTES_MAX: usize = 512 << 10;

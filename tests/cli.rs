@@ -116,6 +116,13 @@ fn dev_cluster_through_the_cli() {
     fails(&home, &["kv", "get"], 2, "KEY");
     fails(&home, &["kv", "cas", "k", "--new", "v"], 1, "--expected");
     fails(&home, &["kv", "scan", "--limit", "0"], 1, "--limit");
+    fails(&home, &["kv", "scan", "z", "a"], 1, "must come before");
+    fails(&home, &["kv", "delete", ""], 1, "must not be empty");
+    fails(&home, &["admin", "split", &"k".repeat(1001)], 1, "exceeds the limit");
+    fails(&home, &["admin", "transfer-leader", "1", "9"], 1, "no such replica");
+    fails(&home, &["admin", "drain", "99"], 1, "unknown node");
+    fails(&home, &["admin", "add-node", "5", "nowhere"], 1, "not an address");
+    fails(&home, &["kv", "put", "k"], 2, "VALUE");
     fails(&home, &["kv", "--timeout=0", "get", "k"], 1, "--timeout");
     fails(&home, &["admin", "move", "1", "2", "2"], 1, "same node");
     fails(&home, &["admin", "move", "99", "1", "2"], 1, "no shard 99");
