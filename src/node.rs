@@ -583,8 +583,13 @@ impl Node {
     pub async fn shutdown(&self) {
         self.inner.shutdown.send_replace(true);
         let tasks: Vec<_> = self.inner.tasks.lock().map(|mut t| t.drain(..).collect()).unwrap_or_default();
-        for t in tasks {
+        for t in &tasks {
             t.abort();
+        }
+        // Wait for them to go, so the node handles they hold are dropped by the time this
+        // returns (the store and the socket close once the caller drops its own).
+        for t in tasks {
+            let _ = t.await;
         }
         // A host whose poller is stuck (a storage bug, a hung disk) must not hang the process's
         // exit: give it a bounded time.

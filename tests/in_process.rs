@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 struct Cluster {
     ca: CertificateAuthority,
     nodes: Vec<Option<Node>>,
+    /// Each node's configuration, its listen address fixed to the one it bound (for restarts).
+    configs: Vec<NodeConfig>,
     _dir: tempfile::TempDir,
 }
 
@@ -40,6 +42,7 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let ids: Vec<u64> = (1..=n).collect();
         let mut nodes: Vec<Node> = Vec::new();
+        let mut configs = Vec::new();
         for id in &ids {
             let issued = ca.issue_node(TNodeId(*id)).unwrap();
             let tls = TlsIdentity::from_issued(ca.cert_pem(), &issued).unwrap();
@@ -52,7 +55,10 @@ impl Cluster {
             });
             cfg.report_interval_ms = 300;
             tweak(&mut cfg);
-            nodes.push(Node::start(cfg).await.unwrap());
+            let node = Node::start(cfg.clone()).await.unwrap();
+            cfg.listen_addr = node.local_addr().unwrap();
+            configs.push(cfg);
+            nodes.push(node);
         }
         for a in &nodes {
             for b in &nodes {
@@ -61,7 +67,7 @@ impl Cluster {
                 }
             }
         }
-        Cluster { ca, nodes: nodes.into_iter().map(Some).collect(), _dir: dir }
+        Cluster { ca, nodes: nodes.into_iter().map(Some).collect(), configs, _dir: dir }
     }
 
     fn endpoints(&self) -> Vec<(u64, SocketAddr)> {
@@ -96,6 +102,27 @@ impl Cluster {
         if let Some(n) = self.nodes[(id - 1) as usize].take() {
             n.shutdown().await;
         }
+    }
+
+    /// Starts a stopped node again, on its data and at its address.
+    async fn restart(&mut self, id: u64) {
+        // The stopped node's socket and store close once its last handle is gone, which the
+        // runtime finishes shortly after `shutdown` returns.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let node = loop {
+            match Node::start(self.configs[(id - 1) as usize].clone()).await {
+                Ok(node) => break node,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("restarting node {id}: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("node {id} does not start again: {e}"),
+            }
+        };
+        for other in self.nodes.iter().flatten() {
+            node.set_peer_addr(other.id(), other.local_addr().unwrap()).unwrap();
+        }
+        self.nodes[(id - 1) as usize] = Some(node);
     }
 
     async fn shutdown(&mut self) {
@@ -481,4 +508,105 @@ async fn meta_applied(cluster: &Cluster) -> u64 {
     let node = cluster.nodes[0].as_ref().unwrap();
     let infos = node.host().group_info().await.unwrap();
     infos.iter().find(|i| i.group.0 == 0).map(|i| i.applied.0).unwrap()
+}
+
+/// Clients run gets (linearizable and lease reads), puts, deletes and compare-and-swaps on a
+/// few keys of two shards while the nodes are stopped and restarted one at a time; the Raft
+/// crate's checker must find a linearization of the whole history. Writes the client reports
+/// as `Unavailable` ("nothing was changed") are left out of the history, so one that did take
+/// effect would show up as a value nobody wrote; `Unknown` outcomes may have happened or not.
+/// `FLOTILLA_HISTORY_SECS` runs it longer (default 8 s of faults).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_history_of_clients_across_node_restarts_is_linearizable() {
+    use flotilla_raft::testing::linearizability::{check_history, Op, OpInput, OpOutput};
+    use std::sync::{Arc, Mutex};
+    let secs: u64 = std::env::var("FLOTILLA_HISTORY_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    let mut cluster = Cluster::start(3, 2).await;
+    let keys: Vec<String> = ["10-a", "10-b", "10-c", "f0-a", "f0-b", "f0-c"].iter().map(|k| k.to_string()).collect();
+    let start = Instant::now();
+    let now = move || start.elapsed().as_nanos() as u64;
+    let history: Arc<Mutex<Vec<Op>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..6u64 {
+        let consistency = if c % 3 == 2 {
+            flotilla::wire::ReadConsistency::Lease
+        } else {
+            flotilla::wire::ReadConsistency::Linearizable
+        };
+        let client = cluster.client_with(consistency).await;
+        let (keys, history, stop) = (keys.clone(), history.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut rng = c * 7919 + 1;
+            let mut next = move |n: u64| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng % n
+            };
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = keys[next(keys.len() as u64) as usize].clone();
+                let value = format!("c{c}-{i}");
+                i += 1;
+                let invoke = now();
+                let (input, result) = match next(10) {
+                    0..=3 => (OpInput::Get, client.get(key.as_bytes()).await.map(|v| OpOutput::Get(v.map(text)))),
+                    4..=5 => (
+                        OpInput::Put(Some(value.clone())),
+                        client.put(key.as_bytes(), value.as_bytes()).await.map(|()| OpOutput::Written),
+                    ),
+                    6 => (
+                        OpInput::Put(None),
+                        client.delete(key.as_bytes()).await.map(|p| OpOutput::Put { previous: p.map(text) }),
+                    ),
+                    _ => {
+                        // Expect a value some client wrote recently, or absence.
+                        let expected = (next(3) > 0).then(|| format!("c{}-{}", next(6), i.saturating_sub(next(8))));
+                        let out = client
+                            .cas(key.as_bytes(), expected.as_deref().map(str::as_bytes), Some(value.as_bytes()))
+                            .await
+                            .map(|o| OpOutput::Cas { ok: matches!(o, CasOutcome::Swapped { .. }) });
+                        (OpInput::Cas { expected, new: Some(value.clone()) }, out)
+                    }
+                };
+                let result = match result {
+                    Ok(out) => Some((now(), out)),
+                    // Nothing changed: not part of the history.
+                    Err(ClientError::Unavailable(_)) => continue,
+                    Err(ClientError::Unknown(_)) => None,
+                    Err(e) => panic!("client {c}: {e}"),
+                };
+                history.lock().unwrap().push(Op { client: c, key, input, invoke, result });
+            }
+            client.close().await;
+        }));
+    }
+    // Faults: stop one node, restart it, move on to the next.
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut victim = 1u64;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        cluster.stop(victim).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        cluster.restart(victim).await;
+        victim = victim % 3 + 1;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let history = std::mem::take(&mut *history.lock().unwrap());
+    let answered = history.iter().filter(|o| o.result.is_some()).count();
+    eprintln!("{} operations, {answered} answered", history.len());
+    assert!(answered > 200, "too few operations completed to say anything: {answered}");
+    if let Err(e) = check_history(&history) {
+        panic!("{e}");
+    }
+    cluster.shutdown().await;
+}
+
+fn text(v: Vec<u8>) -> String {
+    String::from_utf8(v).expect("the test writes text values")
 }

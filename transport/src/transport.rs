@@ -408,8 +408,12 @@ impl Transport {
             aborts.iter().for_each(|a| a.abort());
         }
         shared.endpoint.close(codes::CLOSE_SHUTDOWN, b"shutdown");
-        for task in std::mem::take(&mut *lock(&shared.tasks)) {
+        let tasks = std::mem::take(&mut *lock(&shared.tasks));
+        for task in &tasks {
             task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
         }
         for peer in lock(&shared.peers).values() {
             peer.conn.send_replace(None);

@@ -34,6 +34,8 @@ pub enum OpOutput {
         /// Previous value.
         previous: Option<String>,
     },
+    /// A put's answer that does not tell the value before it (a blind write).
+    Written,
     /// A get's answer.
     Get(Option<String>),
     /// A compare-and-swap's answer.
@@ -116,6 +118,7 @@ fn step(state: &Option<String>, op: &Op) -> Option<Option<String>> {
     match (&op.input, out) {
         (OpInput::Put(v), None) => Some(v.clone()),
         (OpInput::Put(v), Some(OpOutput::Put { previous })) => (previous == state).then(|| v.clone()),
+        (OpInput::Put(v), Some(OpOutput::Written)) => Some(v.clone()),
         (OpInput::Get, Some(OpOutput::Get(v))) => (v == state).then(|| state.clone()),
         (OpInput::Get, None) => Some(state.clone()),
         (OpInput::Cas { expected, new }, None) => Some(if expected == state { new.clone() } else { state.clone() }),
@@ -198,6 +201,19 @@ mod tests {
     fn sequential_history_is_linearizable() {
         let h = vec![put(1, 0, 1, "a", None), get(1, 2, 3, s("a")), put(1, 4, 5, "b", s("a")), get(2, 6, 7, s("b"))];
         assert!(check_history(&h).is_ok());
+    }
+
+    #[test]
+    fn a_blind_write_checks_only_its_effect() {
+        let written = |inv: u64, ret: u64, v: &str| Op {
+            client: 1,
+            key: "k".into(),
+            input: OpInput::Put(s(v)),
+            invoke: inv,
+            result: Some((ret, OpOutput::Written)),
+        };
+        assert!(check_history(&[written(0, 1, "a"), written(2, 3, "b"), get(2, 4, 5, s("b"))]).is_ok());
+        assert!(check_history(&[written(0, 1, "a"), written(2, 3, "b"), get(2, 4, 5, s("a"))]).is_err());
     }
 
     #[test]
