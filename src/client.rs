@@ -3,11 +3,14 @@
 //! retries transient failures with exponential backoff until the operation's deadline.
 //!
 //! **Unknown outcomes.** A write whose request was sent but not answered (timeout, connection
-//! lost, or the node's own `Unknown` answer) may or may not have been applied. A put or delete
-//! is retried (applying it twice leaves the same value); if the deadline passes after such an
-//! ambiguous attempt the error is [`ClientError::Unknown`], never a plain failure. A
-//! compare-and-swap is not retried after an ambiguous attempt (a retry could report a mismatch
-//! with its own first success): it returns [`ClientError::Unknown`] at once.
+//! lost, or the node's own `Unknown` answer) may or may not have been applied, and may still
+//! be applied later. It is not retried: the error is [`ClientError::Unknown`] at once. A retry
+//! is not harmless even for a put: the first attempt may apply, another client's write follow,
+//! and the retry apply again over it — a value that comes back after it was overwritten, which
+//! no single point in time explains (found by the node-level history test). A delete's retry
+//! would also report the retry's previous value, not the first attempt's. Failures before a
+//! request was sent, redirects and stale routing are retried until the deadline;
+//! [`ClientError::Unavailable`] means nothing was applied.
 
 use crate::placement::{ShardDescriptor, ShardId};
 use crate::transport::{self as tp, cert::TlsIdentity, ClientConnection};
@@ -202,32 +205,32 @@ impl Client {
             Ok(bytes) => Response::decode(&bytes).map_err(|e| CallError::Sent(format!("node {node}: {e}"))),
             Err(e) => {
                 self.conns.lock().await.remove(&node);
-                Err(CallError::Sent(format!("node {node}: {e}")))
+                match e {
+                    tp::TransportError::NotSent(_) | tp::TransportError::TooLarge { .. } => {
+                        Err(CallError::NotSent(format!("node {node}: {e}")))
+                    }
+                    _ => Err(CallError::Sent(format!("node {node}: {e}"))),
+                }
             }
         }
     }
 
-    /// Sends a keyed request to the leader of the shard holding `key`, following redirects.
-    /// `ambiguous_is_final`: a write that must not be retried after an unknown outcome.
+    /// Sends a keyed request to the leader of the shard holding `key`, following redirects. A
+    /// write whose outcome became unknown is not retried.
     async fn keyed(
         &self,
         key: &[u8],
         write: bool,
-        ambiguous_is_final: bool,
         make: impl Fn(&ShardDescriptor) -> Request,
     ) -> Result<(Response, ShardDescriptor), ClientError> {
         let deadline = Instant::now() + self.config.op_timeout;
         let mut backoff = BACKOFF_MS_MIN;
         let mut attempt = 0usize;
-        let mut ambiguous: Option<String> = None;
         let mut last = String::from("no attempt made");
         loop {
             let now = Instant::now();
             if now >= deadline {
-                return Err(match ambiguous {
-                    Some(a) => ClientError::Unknown(format!("{a}; then: {last}")),
-                    None => ClientError::Unavailable(format!("deadline passed; last error: {last}")),
-                });
+                return Err(ClientError::Unavailable(format!("deadline passed; last error: {last}")));
             }
             let view = self.cached_view();
             let Some(d) = view.map.lookup(key).cloned() else {
@@ -270,10 +273,7 @@ impl Client {
                 }
                 Err(CallError::Sent(e)) => {
                     if write {
-                        if ambiguous_is_final {
-                            return Err(ClientError::Unknown(e));
-                        }
-                        ambiguous = Some(e.clone());
+                        return Err(ClientError::Unknown(e));
                     }
                     last = e;
                     forget(self);
@@ -308,10 +308,7 @@ impl Client {
                 }
                 Ok(Response::Unknown(e)) => {
                     if write {
-                        if ambiguous_is_final {
-                            return Err(ClientError::Unknown(e));
-                        }
-                        ambiguous = Some(e.clone());
+                        return Err(ClientError::Unknown(e));
                     }
                     last = e;
                     sleep_backoff(&mut backoff, deadline).await;
@@ -340,7 +337,7 @@ impl Client {
         check_user_key(key).map_err(ClientError::Invalid)?;
         let consistency = self.config.consistency;
         let make = |d: &ShardDescriptor| Request::Get { shard: d.id, epoch: d.epoch, key: key.to_vec(), consistency };
-        match self.keyed(key, false, false, make).await? {
+        match self.keyed(key, false, make).await? {
             (Response::Value(v), _) => Ok(v),
             (other, _) => Err(unexpected(&other)),
         }
@@ -357,7 +354,7 @@ impl Client {
             key: key.to_vec(),
             value: value.to_vec(),
         };
-        match self.keyed(key, true, false, make).await? {
+        match self.keyed(key, true, make).await? {
             (Response::Written { .. }, _) => Ok(()),
             (other, _) => Err(unexpected(&other)),
         }
@@ -367,7 +364,7 @@ impl Client {
     pub async fn delete(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
         check_user_key(key).map_err(ClientError::Invalid)?;
         let make = |d: &ShardDescriptor| Request::Delete { shard: d.id, epoch: d.epoch, key: key.to_vec() };
-        match self.keyed(key, true, false, make).await? {
+        match self.keyed(key, true, make).await? {
             (Response::Written { previous }, _) => Ok(previous),
             (other, _) => Err(unexpected(&other)),
         }
@@ -391,7 +388,7 @@ impl Client {
             expected: expected.map(<[u8]>::to_vec),
             new: new.map(<[u8]>::to_vec),
         };
-        match self.keyed(key, true, true, make).await? {
+        match self.keyed(key, true, make).await? {
             (Response::Written { previous }, _) => Ok(CasOutcome::Swapped { previous }),
             (Response::CasFailed { current }, _) => Ok(CasOutcome::Failed { current }),
             (other, _) => Err(unexpected(&other)),
@@ -429,7 +426,7 @@ impl Client {
                     consistency,
                 }
             };
-            let (resp, d) = self.keyed(&cursor, false, false, make).await?;
+            let (resp, d) = self.keyed(&cursor, false, make).await?;
             let Response::Pairs(pairs) = resp else { return Err(unexpected(&resp)) };
             // A shard answers at most `remaining` pairs and at most a byte budget: ask it again
             // from after its last key until it has nothing more, then go to the next shard.

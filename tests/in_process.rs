@@ -610,3 +610,32 @@ async fn the_history_of_clients_across_node_restarts_is_linearizable() {
 fn text(v: Vec<u8>) -> String {
     String::from_utf8(v).expect("the test writes text values")
 }
+
+/// A write that reached a leader cut off from its followers ends as `Unknown`: the client
+/// neither retries it on the next leader nor calls it failed. Regression: the client used to
+/// retry such writes, and the history test caught the consequences (a delete reporting its
+/// retry's previous value; a put applied twice around another client's write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_cut_off_from_its_quorum_is_unknown_not_retried() {
+    let mut cluster = Cluster::start(3, 1).await;
+    let client = cluster.client().await;
+    client.put(b"k", b"before").await.unwrap();
+    let shard = client.cached_view().map.lookup(b"k").unwrap().id;
+    let leader = wait_leader(&cluster, shard).await;
+    let others: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
+    let node = |id: u64| cluster.nodes[(id - 1) as usize].as_ref().unwrap();
+    for o in &others {
+        node(leader).transport().block_peer(TNodeId(*o));
+        node(*o).transport().block_peer(TNodeId(leader));
+    }
+    let r = client.put(b"k", b"during").await;
+    assert!(matches!(r, Err(ClientError::Unknown(_))), "{r:?}");
+    for o in &others {
+        node(leader).transport().unblock_peer(TNodeId(*o));
+        node(*o).transport().unblock_peer(TNodeId(leader));
+    }
+    // Either outcome is possible; the value is one of the two.
+    let v = client.get(b"k").await.unwrap();
+    assert!(v.as_deref() == Some(b"before".as_slice()) || v.as_deref() == Some(b"during".as_slice()), "{v:?}");
+    cluster.shutdown().await;
+}

@@ -37,8 +37,13 @@ pub enum TransportError {
     #[error("timed out")]
     Timeout,
     /// The connection failed or closed while in use; a retry may succeed after reconnection.
+    /// A request may have reached the server.
     #[error("connection lost: {0}")]
     ConnectionLost(String),
+    /// The connection was already closed when a request was to be sent: nothing of it left
+    /// this endpoint, so the server never saw it.
+    #[error("not sent, the connection is closed: {0}")]
+    NotSent(String),
     /// The server answered the request with an error.
     #[error("request failed on the server: {0}")]
     Remote(String),

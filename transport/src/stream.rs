@@ -92,7 +92,8 @@ pub(crate) async fn request_on(
     frame_bytes_max: usize,
 ) -> Result<Bytes, TransportError> {
     let lost = |e: String| TransportError::ConnectionLost(e);
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
+    // Opening a stream sends nothing; it fails only on a closed connection.
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| TransportError::NotSent(e.to_string()))?;
     let mut frame = BytesMut::new();
     encode_frame(FrameKind::Request, body, &mut frame);
     send.write_chunk(frame.freeze()).await.map_err(|e| lost(e.to_string()))?;
