@@ -9,6 +9,7 @@
 //! # metrics_listen = "127.0.0.1:9101" # Prometheus /metrics and /health
 //! # auto_balance = true               # split big shards, move replicas and leaders by itself
 //! # split_size_bytes = 67108864       # shards past this are split (with auto_balance)
+//! # pollers = 1                       # shard poller threads (default: half the cores)
 //!
 //! [tls]
 //! ca = "certs/ca.pem"
@@ -68,8 +69,13 @@ pub struct ServerFile {
     /// Shards larger than this (keys plus values) are split by the balancer.
     #[serde(default)]
     pub split_size_bytes: Option<u64>,
+    /// Threads running the shards' Raft groups (default: half the cores, 1 to 8).
+    #[serde(default)]
+    pub pollers: Option<usize>,
 }
 
+/// Most poller threads a server may ask for.
+pub const POLLERS_MAX: usize = 64;
 /// Smallest split threshold accepted (smaller shards would only multiply groups).
 pub const SPLIT_SIZE_BYTES_MIN: u64 = 64 << 10;
 /// How often a server's automatic balancer runs (ms).
@@ -146,6 +152,9 @@ impl ServerFile {
         }
         let listen = addr("listen", &self.listen)?;
         let metrics_listen = self.metrics_listen.as_deref().map(|m| addr("metrics_listen", m)).transpose()?;
+        if let Some(p) = self.pollers.filter(|p| *p == 0 || *p > POLLERS_MAX) {
+            return Err(format!("pollers: {p} is not within 1..={POLLERS_MAX}"));
+        }
         if let Some(bytes) = self.split_size_bytes.filter(|b| *b < SPLIT_SIZE_BYTES_MIN) {
             return Err(format!("split_size_bytes: {bytes} is below the minimum of {SPLIT_SIZE_BYTES_MIN}"));
         }
@@ -167,6 +176,9 @@ impl ServerFile {
         node.peers = peers.clone();
         if let Some(bytes) = self.split_size_bytes {
             node.balancer.split_size_bytes_threshold = bytes;
+        }
+        if let Some(p) = self.pollers {
+            node.pollers = p;
         }
         node.auto_balance_interval_ms = self.auto_balance.then_some(AUTO_BALANCE_INTERVAL_MS);
         if let Some(b) = &self.bootstrap {

@@ -422,6 +422,7 @@ async fn server(a: ServerArgs) -> Result<i32> {
                 bootstrap: None,
                 auto_balance: false,
                 split_size_bytes: None,
+                pollers: None,
             };
             (file, PathBuf::new())
         }
@@ -527,6 +528,7 @@ async fn dev(a: DevArgs) -> Result<i32> {
         let mut cfg = NodeConfig::new(*id, dir.join(format!("node-{id}")), loopback, tls);
         cfg.bootstrap = Some(bootstrap.clone());
         cfg.balancer.split_size_bytes_threshold = a.split_size_bytes;
+        cfg.pollers = flotilla::node::default_pollers(ids.len());
         cfg.auto_balance_interval_ms = (!a.no_auto_balance).then_some(flotilla::config::AUTO_BALANCE_INTERVAL_MS);
         nodes.push(Node::start(cfg).await.with_context(|| format!("starting node {id}"))?);
     }
