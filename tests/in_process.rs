@@ -11,6 +11,8 @@ use flotilla::{BootstrapConfig, CasOutcome, Client, ClientConfig, ClientError, N
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+mod common;
+
 struct Cluster {
     ca: CertificateAuthority,
     nodes: Vec<Option<Node>>,
@@ -512,21 +514,12 @@ async fn meta_applied(cluster: &Cluster) -> u64 {
 
 /// Clients run gets (linearizable and lease reads), puts, deletes and compare-and-swaps on a
 /// few keys of two shards while the nodes are stopped and restarted one at a time; the Raft
-/// crate's checker must find a linearization of the whole history. Writes the client reports
-/// as `Unavailable` ("nothing was changed") are left out of the history, so one that did take
-/// effect would show up as a value nobody wrote; `Unknown` outcomes may have happened or not.
-/// `FLOTILLA_HISTORY_SECS` runs it longer (default 8 s of faults).
+/// crate's checker must find a linearization of the whole history (see
+/// `common::History`). `FLOTILLA_HISTORY_SECS` runs it longer (default 8 s of faults).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_history_of_clients_across_node_restarts_is_linearizable() {
-    use flotilla_raft::testing::linearizability::{check_history, Op, OpInput, OpOutput};
-    use std::sync::{Arc, Mutex};
     let secs: u64 = std::env::var("FLOTILLA_HISTORY_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
     let mut cluster = Cluster::start(3, 2).await;
-    let keys: Vec<String> = ["10-a", "10-b", "10-c", "f0-a", "f0-b", "f0-c"].iter().map(|k| k.to_string()).collect();
-    let start = Instant::now();
-    let now = move || start.elapsed().as_nanos() as u64;
-    let history: Arc<Mutex<Vec<Op>>> = Arc::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
     for c in 0..6u64 {
         let consistency = if c % 3 == 2 {
@@ -534,54 +527,9 @@ async fn the_history_of_clients_across_node_restarts_is_linearizable() {
         } else {
             flotilla::wire::ReadConsistency::Linearizable
         };
-        let client = cluster.client_with(consistency).await;
-        let (keys, history, stop) = (keys.clone(), history.clone(), stop.clone());
-        clients.push(tokio::spawn(async move {
-            let mut rng = c * 7919 + 1;
-            let mut next = move |n: u64| {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                rng % n
-            };
-            let mut i = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let key = keys[next(keys.len() as u64) as usize].clone();
-                let value = format!("c{c}-{i}");
-                i += 1;
-                let invoke = now();
-                let (input, result) = match next(10) {
-                    0..=3 => (OpInput::Get, client.get(key.as_bytes()).await.map(|v| OpOutput::Get(v.map(text)))),
-                    4..=5 => (
-                        OpInput::Put(Some(value.clone())),
-                        client.put(key.as_bytes(), value.as_bytes()).await.map(|()| OpOutput::Written),
-                    ),
-                    6 => (
-                        OpInput::Put(None),
-                        client.delete(key.as_bytes()).await.map(|p| OpOutput::Put { previous: p.map(text) }),
-                    ),
-                    _ => {
-                        // Expect a value some client wrote recently, or absence.
-                        let expected = (next(3) > 0).then(|| format!("c{}-{}", next(6), i.saturating_sub(next(8))));
-                        let out = client
-                            .cas(key.as_bytes(), expected.as_deref().map(str::as_bytes), Some(value.as_bytes()))
-                            .await
-                            .map(|o| OpOutput::Cas { ok: matches!(o, CasOutcome::Swapped { .. }) });
-                        (OpInput::Cas { expected, new: Some(value.clone()) }, out)
-                    }
-                };
-                let result = match result {
-                    Ok(out) => Some((now(), out)),
-                    // Nothing changed: not part of the history.
-                    Err(ClientError::Unavailable(_)) => continue,
-                    Err(ClientError::Unknown(_)) => None,
-                    Err(e) => panic!("client {c}: {e}"),
-                };
-                history.lock().unwrap().push(Op { client: c, key, input, invoke, result });
-            }
-            client.close().await;
-        }));
+        clients.push(cluster.client_with(consistency).await);
     }
+    let history = common::History::start(clients, &["10-a", "10-b", "10-c", "f0-a", "f0-b", "f0-c"]);
     // Faults: stop one node, restart it, move on to the next.
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut victim = 1u64;
@@ -593,22 +541,8 @@ async fn the_history_of_clients_across_node_restarts_is_linearizable() {
         victim = victim % 3 + 1;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for c in clients {
-        c.await.unwrap();
-    }
-    let history = std::mem::take(&mut *history.lock().unwrap());
-    let answered = history.iter().filter(|o| o.result.is_some()).count();
-    eprintln!("{} operations, {answered} answered", history.len());
-    assert!(answered > 200, "too few operations completed to say anything: {answered}");
-    if let Err(e) = check_history(&history) {
-        panic!("{e}");
-    }
+    history.stop_and_check(200).await;
     cluster.shutdown().await;
-}
-
-fn text(v: Vec<u8>) -> String {
-    String::from_utf8(v).expect("the test writes text values")
 }
 
 /// A write that reached a leader cut off from its followers ends as `Unknown`: the client

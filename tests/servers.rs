@@ -8,67 +8,11 @@ use flotilla::cluster::{ClusterFile, ClusterNode, CLUSTER_FILE_VERSION};
 use flotilla::wire::{AdminRequest, AdminResponse, ShardRow};
 use flotilla::{Client, ClientConfig};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
-
-/// A server process, killed on drop.
-struct Server {
-    child: Option<Child>,
-    config: PathBuf,
-    log: PathBuf,
-}
-
-impl Server {
-    fn start(config: &Path, log: &Path) -> Server {
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child = Command::new(BIN)
-            .args(["server", "--config", config.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(out)
-            .spawn()
-            .expect("spawn flotilla server");
-        Server { child: Some(child), config: config.to_path_buf(), log: log.to_path_buf() }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        self.kill();
-        *self = Server::start(&self.config.clone(), &self.log.clone());
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut c = self.child.take().expect("running");
-        assert!(Command::new("kill").args(["-TERM", &c.id().to_string()]).status().unwrap().success());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(s) = c.try_wait().unwrap() {
-                return s;
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                panic!("server did not stop on SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+mod common;
+use common::{make_certs, Server};
 
 fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -76,11 +20,6 @@ fn free_udp_port() -> u16 {
 
 fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn run(args: &[&str]) {
-    let out = Command::new(BIN).args(args).output().unwrap();
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn http_get(port: u16, path: &str) -> String {
@@ -113,12 +52,7 @@ impl Servers {
     fn new(boot: u64, total: u64, shards: u32) -> Servers {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
-        let c = certs.to_str().unwrap();
-        run(&["cert", "ca", "--dir", c]);
-        for id in 1..=total {
-            run(&["cert", "node", "--dir", c, "--id", &id.to_string()]);
-        }
-        run(&["cert", "client", "--dir", c, "--name", "test"]);
+        make_certs(&certs, total);
         let ports: Vec<u16> = (0..total).map(|_| free_udp_port()).collect();
         let metrics: Vec<u16> = (0..total).map(|_| free_tcp_port()).collect();
         let mut configs = Vec::new();

@@ -1,0 +1,192 @@
+//! Helpers shared by the tests that run `flotilla` server processes.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+
+/// A server process, killed on drop.
+pub struct Server {
+    child: Option<Child>,
+    config: PathBuf,
+    log: PathBuf,
+    /// The network namespace it runs in, if any.
+    netns: Option<String>,
+}
+
+impl Server {
+    pub fn start(config: &Path, log: &Path) -> Server {
+        Self::start_in(None, config, log)
+    }
+
+    /// Starts `flotilla server --config CONFIG`, inside network namespace `netns` if given
+    /// (`ip netns exec` runs the server in place, so the child is the server itself).
+    pub fn start_in(netns: Option<&str>, config: &Path, log: &Path) -> Server {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
+            .args(["server", "--config", config.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("spawn flotilla server");
+        Server {
+            child: Some(child),
+            config: config.to_path_buf(),
+            log: log.to_path_buf(),
+            netns: netns.map(str::to_string),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        *self = Server::start_in(self.netns.clone().as_deref(), &self.config.clone(), &self.log.clone());
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        assert!(Command::new("kill").args(["-TERM", &c.id().to_string()]).status().unwrap().success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("server did not stop on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs the `flotilla` binary and asserts it succeeded.
+pub fn run(args: &[&str]) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A CA, node certificates `1..=nodes` and a client certificate `test` in `dir`.
+pub fn make_certs(dir: &Path, nodes: u64) {
+    let c = dir.to_str().unwrap();
+    run(&["cert", "ca", "--dir", c]);
+    for id in 1..=nodes {
+        run(&["cert", "node", "--dir", c, "--id", &id.to_string()]);
+    }
+    run(&["cert", "client", "--dir", c, "--name", "test"]);
+}
+
+/// A checked client history: each client runs a random mix of gets (40 %), puts (20 %),
+/// deletes (10 %) and compare-and-swaps (30 %) on a few keys, one operation at a time, and every
+/// operation is recorded with its invocation and return times. Writes the client reports as
+/// `Unavailable` ("nothing was changed") are left out, so one that did take effect would show
+/// up as a value nobody wrote; `Unknown` outcomes may have happened or not. The Raft crate's
+/// checker must then find a linearization.
+pub struct History {
+    ops: std::sync::Arc<std::sync::Mutex<Vec<flotilla_raft::testing::linearizability::Op>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl History {
+    pub fn start(clients: Vec<flotilla::Client>, keys: &[&str]) -> History {
+        use flotilla::{CasOutcome, ClientError};
+        use flotilla_raft::testing::linearizability::{Op, OpInput, OpOutput};
+        let ops: std::sync::Arc<std::sync::Mutex<Vec<Op>>> = Default::default();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let start = Instant::now();
+        let now = move || start.elapsed().as_nanos() as u64;
+        let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        let text = |v: Vec<u8>| String::from_utf8(v).expect("the history writes text values");
+        let mut tasks = Vec::new();
+        for (c, client) in clients.into_iter().enumerate() {
+            let c = c as u64;
+            let (keys, ops, stop) = (keys.clone(), ops.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut rng = c * 7919 + 1;
+                let mut next = move |n: u64| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng % n
+                };
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let key = keys[next(keys.len() as u64) as usize].clone();
+                    let value = format!("c{c}-{i}");
+                    i += 1;
+                    let invoke = now();
+                    let (input, result) = match next(10) {
+                        0..=3 => (OpInput::Get, client.get(key.as_bytes()).await.map(|v| OpOutput::Get(v.map(text)))),
+                        4..=5 => (
+                            OpInput::Put(Some(value.clone())),
+                            client.put(key.as_bytes(), value.as_bytes()).await.map(|()| OpOutput::Written),
+                        ),
+                        6 => (
+                            OpInput::Put(None),
+                            client.delete(key.as_bytes()).await.map(|p| OpOutput::Put { previous: p.map(text) }),
+                        ),
+                        _ => {
+                            // Expect a value some client may have written recently, or absence.
+                            let expected = (next(3) > 0).then(|| format!("c{}-{}", next(6), i.saturating_sub(next(8))));
+                            let out = client
+                                .cas(key.as_bytes(), expected.as_deref().map(str::as_bytes), Some(value.as_bytes()))
+                                .await
+                                .map(|o| OpOutput::Cas { ok: matches!(o, CasOutcome::Swapped { .. }) });
+                            (OpInput::Cas { expected, new: Some(value.clone()) }, out)
+                        }
+                    };
+                    let result = match result {
+                        Ok(out) => Some((now(), out)),
+                        Err(ClientError::Unavailable(_)) => continue,
+                        Err(ClientError::Unknown(_)) => None,
+                        Err(e) => panic!("client {c}: {e}"),
+                    };
+                    ops.lock().unwrap().push(Op { client: c, key, input, invoke, result });
+                }
+                client.close().await;
+            }));
+        }
+        History { ops, stop, tasks }
+    }
+
+    /// Stops the clients and checks the history; at least `answered_min` operations must have
+    /// completed for the check to say anything.
+    pub async fn stop_and_check(self, answered_min: usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let history = std::mem::take(&mut *self.ops.lock().unwrap());
+        let answered = history.iter().filter(|o| o.result.is_some()).count();
+        eprintln!("{} operations, {answered} answered", history.len());
+        assert!(answered >= answered_min, "too few operations completed to say anything: {answered}");
+        if let Err(e) = flotilla_raft::testing::linearizability::check_history(&history) {
+            panic!("{e}");
+        }
+    }
+}

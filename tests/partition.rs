@@ -1,0 +1,168 @@
+//! Real network partitions: three `flotilla server` processes, each in its own network
+//! namespace on a bridge, and the test's clients in the root namespace. iptables rules inside
+//! one namespace cut that node off from the other two (clients still reach it), then heal.
+//! Clients run a checked history (`common::History`: linearizable and lease reads, puts,
+//! deletes, compare-and-swaps) throughout; it must linearize. Cutting off the shard's leader
+//! is the case a lease read gets wrong if the lease outlives the leader's right to lead.
+//!
+//! Needs root, `ip` (iproute2) and `iptables`; ignored by default. `.ci/run` runs it when the
+//! machine can create namespaces: `cargo test -p flotilla --test partition -- --ignored`.
+
+mod common;
+
+use common::{make_certs, Server};
+use flotilla::cluster::{ClusterFile, ClusterNode, CLUSTER_FILE_VERSION};
+use flotilla::wire::{AdminRequest, AdminResponse, ReadConsistency};
+use flotilla::{Client, ClientConfig};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Runs a shell command, which must succeed.
+fn sh(cmd: &str) {
+    let out = Command::new("sh").args(["-c", cmd]).output().expect("sh");
+    assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Namespaces `<tag>n1..n3` with addresses 10.<net>.0.1..3 on a bridge whose root-side
+/// address is 10.<net>.0.254. Removed on drop.
+struct Net {
+    tag: String,
+    net: u8,
+}
+
+impl Net {
+    fn new() -> Net {
+        let pid = std::process::id();
+        let net = (pid % 200 + 20) as u8;
+        let tag = format!("fl{}", pid % 100_000);
+        let n = Net { tag, net };
+        let (t, x) = (&n.tag, n.net);
+        sh(&format!("ip link add {t}br type bridge && ip addr add 10.{x}.0.254/24 dev {t}br && ip link set {t}br up"));
+        for i in 1..=3 {
+            sh(&format!(
+                "ip netns add {t}n{i} && ip link add {t}v{i} type veth peer name eth0 netns {t}n{i} && \
+                 ip link set {t}v{i} master {t}br && ip link set {t}v{i} up && \
+                 ip -n {t}n{i} addr add 10.{x}.0.{i}/24 dev eth0 && ip -n {t}n{i} link set eth0 up && \
+                 ip -n {t}n{i} link set lo up"
+            ));
+        }
+        n
+    }
+
+    fn ns(&self, i: u64) -> String {
+        format!("{}n{i}", self.tag)
+    }
+
+    fn ip(&self, i: u64) -> String {
+        format!("10.{}.0.{i}", self.net)
+    }
+
+    /// Drops all traffic between node `i` and the other nodes, both ways (not the clients').
+    fn isolate(&self, i: u64) {
+        for j in (1..=3).filter(|j| *j != i) {
+            let (ns, peer) = (self.ns(i), self.ip(j));
+            sh(&format!(
+                "ip netns exec {ns} iptables -A INPUT -s {peer} -j DROP && \
+                 ip netns exec {ns} iptables -A OUTPUT -d {peer} -j DROP"
+            ));
+        }
+    }
+
+    fn heal(&self, i: u64) {
+        sh(&format!("ip netns exec {} iptables -F", self.ns(i)));
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let t = &self.tag;
+        for i in 1..=3 {
+            let cmd = format!("ip netns del {t}n{i}; ip link del {t}v{i} 2>/dev/null");
+            let _ = Command::new("sh").args(["-c", &cmd]).status();
+        }
+        let _ = Command::new("ip").args(["link", "del", &format!("{t}br")]).status();
+    }
+}
+
+async fn leader_of_first_shard(client: &Client) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(AdminResponse::Shards(rows)) = client.admin(AdminRequest::Shards).await {
+            if let Some(l) = rows.first().and_then(|r| r.leader) {
+                return l.0;
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader reported");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, iproute2 and iptables: run with --ignored (.ci/run does)"]
+async fn partitions_of_real_processes_keep_the_history_linearizable() {
+    let net = Net::new();
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    make_certs(&certs, 3);
+    let port = 7000;
+    let mut servers = Vec::new();
+    for id in 1..=3u64 {
+        let mut text = format!(
+            "id = {id}\ndata_dir = \"n{id}\"\nlisten = \"{}:{port}\"\n\n\
+             [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/node-{id}.pem\"\nkey = \"certs/node-{id}-key.pem\"\n\n",
+            net.ip(id)
+        );
+        for p in (1..=3u64).filter(|p| *p != id) {
+            text += &format!("[[peers]]\nid = {p}\naddr = \"{}:{port}\"\n\n", net.ip(p));
+        }
+        text += "[bootstrap]\nmeta_voters = [1, 2, 3]\nshard_replicas = [1, 2, 3]\nshards = 2\n";
+        let path = dir.path().join(format!("n{id}.toml"));
+        std::fs::write(&path, text).unwrap();
+        servers.push(Server::start_in(Some(&net.ns(id)), &path, &dir.path().join(format!("n{id}.log"))));
+    }
+    let file = ClusterFile {
+        version: CLUSTER_FILE_VERSION,
+        nodes: (1..=3u64).map(|id| ClusterNode { id, addr: format!("{}:{port}", net.ip(id)), metrics: None }).collect(),
+        ca: certs.join("ca.pem"),
+        cert: certs.join("client-test.pem"),
+        key: certs.join("client-test-key.pem"),
+        data_dir: None,
+        pid: None,
+    };
+    let mut cfg = ClientConfig::new(file.tls().unwrap(), file.endpoints().unwrap());
+    cfg.op_timeout = Duration::from_secs(10);
+    cfg.request_timeout = Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let admin = loop {
+        match Client::connect(cfg.clone()).await {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "servers never formed a cluster: {e}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    let mut clients = Vec::new();
+    for c in 0..6 {
+        let mut cfg = cfg.clone();
+        cfg.consistency = if c % 3 == 2 { ReadConsistency::Lease } else { ReadConsistency::Linearizable };
+        clients.push(Client::connect(cfg).await.unwrap());
+    }
+    let history = common::History::start(clients, &["10-a", "10-b", "f0-a", "f0-b"]);
+
+    // Cut off the first shard's leader, then another node, each for 5 s, healing in between.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for round in 0..2 {
+        let victim = leader_of_first_shard(&admin).await;
+        eprintln!("round {round}: isolating node {victim}");
+        net.isolate(victim);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        net.heal(victim);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    history.stop_and_check(200).await;
+    admin.close().await;
+    for s in servers.iter_mut() {
+        assert!(s.terminate().success());
+    }
+}
