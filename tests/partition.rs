@@ -150,9 +150,11 @@ async fn partitions_of_real_processes_keep_the_history_linearizable() {
     }
     let history = common::History::start(clients, &["10-a", "10-b", "f0-a", "f0-b"]);
 
-    // Cut off the first shard's leader, then another node, each for 5 s, healing in between.
+    // Cut off the first shard's leader, then another node, each for 5 s, healing in between
+    // (`FLOTILLA_PARTITION_ROUNDS` rounds, default 2).
+    let rounds: u32 = std::env::var("FLOTILLA_PARTITION_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    for round in 0..2 {
+    for round in 0..rounds {
         let victim = leader_of_first_shard(&admin).await;
         eprintln!("round {round}: isolating node {victim}");
         net.isolate(victim);
