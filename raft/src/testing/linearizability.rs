@@ -131,41 +131,66 @@ fn step(state: &Option<String>, op: &Op) -> Option<Option<String>> {
 }
 
 /// `Some(true)`: linearizable; `Some(false)`: not; `None`: gave up.
+///
+/// Ops are sorted by invocation. Each search node carries `lo`, the first op with a known
+/// outcome not yet linearized, and how many such ops are done, so a step looks only at the
+/// window of ops invoked before the earliest pending return (plus unknown ops left behind),
+/// not at the whole history: long histories cost about their length times the window.
 fn check_key(ops: &[Op]) -> Option<bool> {
     let n = ops.len();
     let ret: Vec<u64> = ops.iter().map(|o| o.result.as_ref().map(|(t, _)| *t).unwrap_or(u64::MAX)).collect();
+    let known_total = ops.iter().filter(|o| o.result.is_some()).count();
+    let unknown: Vec<usize> = (0..n).filter(|i| ops[*i].result.is_none()).collect();
     let words = n.div_ceil(64).max(1);
     let mut visited: HashSet<(Vec<u64>, Option<String>)> = HashSet::new();
-    // Depth-first search with an explicit stack: (linearized set, state, next candidate).
-    let mut stack: Vec<(Vec<u64>, Option<String>, usize)> = vec![(vec![0u64; words], None, 0)];
-    while let Some((done, state, from)) = stack.pop() {
+    struct Node {
+        done: Vec<u64>,
+        state: Option<String>,
+        /// Next candidate to try, as a position in this node's candidate list.
+        from: usize,
+        lo: usize,
+        known_done: usize,
+    }
+    let mut stack = vec![Node { done: vec![0u64; words], state: None, from: 0, lo: 0, known_done: 0 }];
+    while let Some(Node { done, state, from, mut lo, known_done }) = stack.pop() {
         let is_done = |i: usize| done[i / 64] & (1 << (i % 64)) != 0;
         // Finished once every op with a known outcome is linearized: the unknown ones can all
         // go last (or never have happened).
-        if (0..n).all(|i| is_done(i) || ops[i].result.is_none()) {
+        if known_done == known_total {
             return Some(true);
         }
-        let min_ret = (0..n).filter(|i| !is_done(*i)).map(|i| ret[i]).min().unwrap_or(u64::MAX);
-        // Op i may go next unless some other pending op returned before i was invoked.
-        // Equal times count as concurrent (the clock is coarse).
-        let mut i = from;
-        while i < n && ops[i].invoke <= min_ret {
-            if !is_done(i) {
-                if let Some(next) = step(&state, &ops[i]) {
-                    let mut d = done.clone();
-                    d[i / 64] |= 1 << (i % 64);
-                    if visited.insert((d.clone(), next.clone())) {
-                        if visited.len() > SEARCH_STATES_MAX {
-                            return None;
-                        }
-                        // Come back to try the next candidate after this branch.
-                        stack.push((done.clone(), state.clone(), i + 1));
-                        stack.push((d, next, 0));
-                        break;
-                    }
-                }
+        while lo < n && (is_done(lo) || ops[lo].result.is_none()) {
+            lo += 1;
+        }
+        // The earliest return among pending ops: only ops invoked by then may go next (an op
+        // invoked after it cannot precede it). Unknown ops never return, so they do not count.
+        let mut min_ret = u64::MAX;
+        for i in lo..n {
+            if ops[i].invoke > min_ret {
+                break;
             }
-            i += 1;
+            if !is_done(i) {
+                min_ret = min_ret.min(ret[i]);
+            }
+        }
+        // Candidates: pending unknown ops from before `lo`, then ops from `lo` invoked by
+        // `min_ret` (equal times count as concurrent: the clock is coarse).
+        let behind = unknown.iter().copied().take_while(|i| *i < lo).filter(|i| !is_done(*i));
+        let window = (lo..n).take_while(|i| ops[*i].invoke <= min_ret).filter(|i| !is_done(*i));
+        for (pos, i) in behind.chain(window).enumerate().skip(from) {
+            let Some(next) = step(&state, &ops[i]) else { continue };
+            let mut d = done.clone();
+            d[i / 64] |= 1 << (i % 64);
+            if visited.insert((d.clone(), next.clone())) {
+                if visited.len() > SEARCH_STATES_MAX {
+                    return None;
+                }
+                let k = known_done + usize::from(ops[i].result.is_some());
+                // Come back to try the next candidate after this branch.
+                stack.push(Node { done: done.clone(), state: state.clone(), from: pos + 1, lo, known_done });
+                stack.push(Node { done: d, state: next, from: 0, lo, known_done: k });
+                break;
+            }
         }
     }
     Some(false)
