@@ -48,7 +48,7 @@ use crate::wire::{
     check_user_key, check_value, AdminRequest, AdminResponse, ClusterView, MetaOp, NodeRow, ReadConsistency, Request,
     Response, ShardRow, StatusReport, SCAN_LIMIT_MAX, SCAN_RESPONSE_BYTES_MAX,
 };
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,11 +62,14 @@ use tracing::{debug, info, warn};
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 4096;
 /// Shards larger than this are split by the automatic balancer (64 MiB).
 pub const SPLIT_SIZE_BYTES_DEFAULT: u64 = 64 << 20;
-/// Bytes read at most by one round of size checks; shards not reached keep their last size
+/// Bytes read at most by one round of size checks (the shard being read when it is reached
+/// still completes, up to [`SIZE_SCAN_BYTES_MAX`]); shards not reached keep their last size
 /// until the next round.
 pub const SIZE_CHECK_BYTES_PER_ROUND: u64 = 256 << 20;
-/// Reports a meta leader received are used instead of the stored ones for this long (ms);
-/// after that (say, the node led the meta group a while ago) the stored ones count.
+/// Bytes read at most to size one shard (four default split thresholds).
+pub const SIZE_SCAN_BYTES_MAX: u64 = 4 * SPLIT_SIZE_BYTES_DEFAULT;
+/// A report a meta leader received counts for this long (ms); after that the node's report
+/// counts as unknown (empty).
 pub const LIVE_REPORT_AGE_MAX_MS: u64 = 10_000;
 /// How often a node not yet listed at its address tells its peers again (ms).
 pub const ANNOUNCE_RETRY_MS: u64 = 1_000;
@@ -222,6 +225,8 @@ pub struct NodeStats {
     pub bad_requests: AtomicU64,
     /// Meta operations run on this node as the meta leader.
     pub meta_ops: AtomicU64,
+    /// Compare-and-swap writes of the meta state this node proposed as the meta leader.
+    pub meta_writes: AtomicU64,
 }
 
 struct Inner {
@@ -242,6 +247,10 @@ struct Inner {
     /// Reports received as meta leader: kept in memory, not written to the meta group (they
     /// change every second); a new meta leader has them again within one report interval.
     live_reports: Mutex<HashMap<PNodeId, (NodeReport, Instant)>>,
+    /// Since when this node leads the meta group (see [`Node::leads_meta`]).
+    meta_leader_since: Mutex<Option<Instant>>,
+    /// Client and peer requests being served (permits taken).
+    requests_limit: Arc<Semaphore>,
     /// Last size check of each shard this node leads.
     sizes: Mutex<HashMap<ShardId, SizeCheck>>,
     /// Peers made known after start ([`Node::set_peer_addr`]).
@@ -330,6 +339,8 @@ impl Node {
             reports: Mutex::new(HashMap::new()),
             reconfig: Mutex::new(HashMap::new()),
             sizes: Mutex::new(HashMap::new()),
+            requests_limit: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
+            meta_leader_since: Mutex::new(None),
             live_reports: Mutex::new(HashMap::new()),
             stats: NodeStats::default(),
             extra_peers: Mutex::new(BTreeSet::new()),
@@ -380,7 +391,7 @@ impl Node {
         }));
         {
             let me = self.clone();
-            let limit = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
+            let limit = self.inner.requests_limit.clone();
             tasks.push(tokio::spawn(async move {
                 while let Some(req) = requests.recv().await {
                     let Ok(permit) = limit.clone().acquire_owned().await else { break };
@@ -433,6 +444,20 @@ impl Node {
                             me.auto_balance().await;
                         }
                     }
+                }
+            }));
+        }
+        {
+            let me = self.clone();
+            let mut stop = self.inner.shutdown.subscribe();
+            let every = Duration::from_millis((self.inner.config.size_check_interval_ms / 4).clamp(50, 1_000));
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = stop.changed() => break,
+                    }
+                    me.check_sizes().await;
                 }
             }));
         }
@@ -606,6 +631,13 @@ impl Node {
         {
             warn!(node = self.inner.id, "the shard host did not stop in time; leaving it");
         }
+        // Requests in flight end quickly now (their groups answer "stopped"); wait for them,
+        // so they drop their node handles too.
+        let all = REQUESTS_IN_FLIGHT_MAX as u32;
+        let drained = self.inner.requests_limit.acquire_many(all);
+        if tokio::time::timeout(Duration::from_millis(SHUTDOWN_HOST_MS_MAX), drained).await.is_err() {
+            warn!(node = self.inner.id, "requests still running at shutdown");
+        }
         self.inner.transport.shutdown().await;
         info!(node = self.inner.id, "node stopped");
     }
@@ -625,7 +657,11 @@ impl Node {
         }
         match self.inner.meta_sm.get(META_STATE_KEY.to_vec()).await {
             Ok(bytes) => match meta::decode_state(bytes.as_deref()) {
-                Ok(s) => {
+                Ok(mut s) => {
+                    // On the meta leader, the reports it holds in memory, as meta ops see them.
+                    if self.meta_tenure().is_some() {
+                        self.overlay_live_reports(&mut s);
+                    }
                     self.set_view(s);
                     true
                 }
@@ -648,6 +684,9 @@ impl Node {
         let mut peer_turn = 0usize;
         let mut last_err = String::from("no meta leader reachable");
         while Instant::now() < deadline {
+            if *self.inner.shutdown.borrow() {
+                return Err(NodeError::MetaUnavailable("the node is shutting down".into()));
+            }
             let target = if self.inner.host.groups().contains(&GroupId(META_GROUP)) {
                 match self.meta_local(&op).await {
                     Ok(r) => {
@@ -734,21 +773,29 @@ impl Node {
             let mut next = state.clone();
             let answer = meta::run_op(op, &mut next, &self.inner.config.balancer).map_err(MetaTry::Refused)?;
             self.inner.stats.meta_ops.fetch_add(1, Ordering::Relaxed);
-            if let MetaOp::Report { node, .. } = op {
-                // A report that changes nothing but reports is kept in memory, not written.
-                if without_reports(&next) == without_reports(&stored) {
-                    if let (Some(info), Ok(mut live)) = (next.nodes.get(node), self.inner.live_reports.lock()) {
-                        live.insert(*node, (info.report.clone(), Instant::now()));
-                    }
-                    self.set_view(next.clone());
-                    return Ok((next, answer));
+            // The live reports follow what the op did to them (a report replaces its node's; a
+            // split drops the split shard's size and split key).
+            if let Ok(mut live) = self.inner.live_reports.lock() {
+                if let MetaOp::Report { node, .. } = op {
+                    live.insert(*node, (NodeReport::default(), Instant::now()));
                 }
+                for (node, (report, _)) in live.iter_mut() {
+                    if let Some(info) = next.nodes.get(node) {
+                        *report = info.report.clone();
+                    }
+                }
+            }
+            // A report that changes nothing but reports is kept in memory, not written.
+            if matches!(op, MetaOp::Report { .. }) && without_reports(&next) == without_reports(&stored) {
+                self.set_view(next.clone());
+                return Ok((next, answer));
             }
             if next == state {
                 self.set_view(state.clone());
                 return Ok((state, answer));
             }
             let bytes = meta::encode_state(&next).map_err(MetaTry::Refused)?;
+            self.inner.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
             let cas = KvCommand::Cas { key: META_STATE_KEY.to_vec(), expected: cur, new: Some(bytes) };
             match self.inner.host.write(g, cas).await.map_err(meta_try)? {
                 KvResponse::Done { .. } => {
@@ -764,16 +811,24 @@ impl Node {
         }
     }
 
-    /// Puts the reports this node received as meta leader (younger than
-    /// [`LIVE_REPORT_AGE_MAX_MS`]) in place of the stored ones.
+    /// Replaces every node's stored report with the one this node received as meta leader
+    /// within [`LIVE_REPORT_AGE_MAX_MS`], or with an empty report (nothing known) if none:
+    /// stored reports are only as fresh as the last meta write, which may be long ago.
     fn overlay_live_reports(&self, state: &mut MetaState) {
         let Ok(live) = self.inner.live_reports.lock() else { return };
         let max_age = Duration::from_millis(LIVE_REPORT_AGE_MAX_MS);
-        for (node, (report, _)) in live.iter().filter(|(_, (_, at))| at.elapsed() < max_age) {
-            if let Some(info) = state.nodes.get_mut(node) {
-                info.report = report.clone();
-            }
+        for (node, info) in state.nodes.iter_mut() {
+            info.report = match live.get(node) {
+                Some((report, at)) if at.elapsed() < max_age => report.clone(),
+                _ => NodeReport::default(),
+            };
         }
+    }
+
+    /// How long this node has led the meta group without a break, as of the last check
+    /// ([`Node::leads_meta`]); `None` if it does not lead it.
+    fn meta_tenure(&self) -> Option<Duration> {
+        self.inner.meta_leader_since.lock().ok().and_then(|s| s.map(|at| at.elapsed()))
     }
 
     async fn report(&self, requests_per_s: u64) -> Result<(), NodeError> {
@@ -793,10 +848,9 @@ impl Node {
             }
             report.applied.insert(ShardId(i.group.0), PLogIndex(i.applied.0));
         }
-        self.check_sizes(&report.leading, &report.applied).await;
         let threshold = self.inner.config.balancer.split_size_bytes_threshold;
         if let Ok(sizes) = self.inner.sizes.lock() {
-            for (shard, c) in sizes.iter() {
+            for (shard, c) in sizes.iter().filter(|(s, _)| report.leading.contains(s)) {
                 report.shard_bytes.insert(*shard, c.size.bytes);
                 if let Some(middle) = c.size.middle.as_ref().filter(|_| c.size.bytes > threshold) {
                     report.split_keys.insert(*shard, middle.clone());
@@ -807,25 +861,31 @@ impl Node {
     }
 
     /// Sizes the shards this node leads (their leaders report sizes; followers hold the same
-    /// data). A shard is re-sized when its descriptor changed, or when it applied entries since
-    /// its last check and that check is `size_check_interval_ms` old; one call reads at most
-    /// [`SIZE_CHECK_BYTES_PER_ROUND`], the rest wait for the next. Shards no longer led are
-    /// forgotten.
-    async fn check_sizes(&self, leading: &[ShardId], applied: &BTreeMap<ShardId, PLogIndex>) {
+    /// data), in its own task so a long read never delays reports. A shard is re-sized when its
+    /// descriptor changed, or when it applied entries since its last check and that check is
+    /// `size_check_interval_ms` old. One read stops at [`SIZE_SCAN_BYTES_MAX`] (a larger shard
+    /// reports what was read: more than any split threshold, with a split point inside it);
+    /// one round reads at most [`SIZE_CHECK_BYTES_PER_ROUND`] in all, the rest wait. Shards no
+    /// longer led are forgotten.
+    async fn check_sizes(&self) {
+        let Ok(infos) = self.inner.host.group_info().await else { return };
+        let led: HashMap<ShardId, u64> = infos
+            .iter()
+            .filter(|i| i.group.0 != META_GROUP && i.role == Role::Leader)
+            .map(|i| (ShardId(i.group.0), i.applied.0))
+            .collect();
         let view = self.meta_view();
         let every = Duration::from_millis(self.inner.config.size_check_interval_ms);
         let due: Vec<(ShardId, Epoch, u64, KeyRange)> = match self.inner.sizes.lock() {
             Ok(mut sizes) => {
-                sizes.retain(|s, _| leading.contains(s));
-                leading
-                    .iter()
-                    .filter_map(|s| {
+                sizes.retain(|s, _| led.contains_key(s));
+                led.iter()
+                    .filter_map(|(s, a)| {
                         let d = view.map.get(*s)?;
-                        let a = applied.get(s)?.0;
                         let stale = sizes
                             .get(s)
-                            .is_none_or(|c| c.epoch != d.epoch || (c.applied != a && c.at.elapsed() >= every));
-                        stale.then(|| (*s, d.epoch, a, shard_range(d)))
+                            .is_none_or(|c| c.epoch != d.epoch || (c.applied != *a && c.at.elapsed() >= every));
+                        stale.then(|| (*s, d.epoch, *a, shard_range(d)))
                     })
                     .collect()
             }
@@ -834,6 +894,7 @@ impl Node {
         if due.is_empty() {
             return;
         }
+        let node = self.inner.id;
         let checked = self
             .inner
             .host
@@ -845,20 +906,19 @@ impl Node {
                     if read >= SIZE_CHECK_BYTES_PER_ROUND {
                         break;
                     }
-                    let size = range_size_blocking(s, &range)?;
-                    read += size.bytes;
-                    out.push((shard, SizeCheck { epoch, applied, at: Instant::now(), size }));
+                    match range_size_blocking(s, &range, SIZE_SCAN_BYTES_MAX) {
+                        Ok(size) => {
+                            read += size.bytes;
+                            out.push((shard, SizeCheck { epoch, applied, at: Instant::now(), size }));
+                        }
+                        Err(e) => debug!(node, %shard, error = %e, "size check failed"),
+                    }
                 }
                 Ok(out)
             })
             .await;
-        match checked {
-            Ok(list) => {
-                if let Ok(mut sizes) = self.inner.sizes.lock() {
-                    sizes.extend(list);
-                }
-            }
-            Err(e) => debug!(node = self.inner.id, error = %e, "size check failed"),
+        if let (Ok(list), Ok(mut sizes)) = (checked, self.inner.sizes.lock()) {
+            sizes.extend(list);
         }
     }
 
@@ -915,15 +975,31 @@ impl Node {
         done
     }
 
-    /// Whether this node leads the meta group.
+    /// Whether this node leads the meta group; records when it started to (a new meta leader
+    /// holds no live reports yet, and forgets the ones of an earlier tenure).
     async fn leads_meta(&self) -> bool {
         let infos = self.inner.host.group_info().await.unwrap_or_default();
-        infos.iter().any(|i| i.group.0 == META_GROUP && i.role == Role::Leader)
+        let leads = infos.iter().any(|i| i.group.0 == META_GROUP && i.role == Role::Leader);
+        if let Ok(mut since) = self.inner.meta_leader_since.lock() {
+            match (leads, since.is_some()) {
+                (true, false) => {
+                    *since = Some(Instant::now());
+                    if let Ok(mut live) = self.inner.live_reports.lock() {
+                        live.clear();
+                    }
+                }
+                (false, true) => *since = None,
+                _ => {}
+            }
+        }
+        leads
     }
 
-    /// On the meta leader: one balancer round, its proposals carried out.
+    /// On the meta leader: one balancer round, its proposals carried out. Not in the first
+    /// report intervals of a tenure: the nodes' reports must reach the new leader first.
     async fn auto_balance(&self) {
-        if !self.leads_meta().await {
+        let settled = Duration::from_millis(3 * self.inner.config.report_interval_ms);
+        if !self.leads_meta().await || self.meta_tenure().is_none_or(|t| t < settled) {
             return;
         }
         match self.meta_exec(MetaOp::Rebalance { now_ms: now_ms() }, false).await {
@@ -1272,10 +1348,17 @@ impl Node {
                 let addr = leader.and_then(|l| self.meta_view().nodes.get(&PNodeId(l.0)).map(|n| n.addr.clone()));
                 Response::NotLeader { leader: leader.map(|l| PNodeId(l.0)), addr }
             }
-            HostError::Raft(e @ (RaftError::Timeout | RaftError::Indeterminate { .. })) if write => {
-                Response::Unknown(e.to_string())
-            }
             HostError::KeyOutOfRange(g) => Response::Unavailable(format!("key outside shard {g}'s range here")),
+            // Refused before the command entered the log, or its entry was replaced: nothing
+            // was applied, and the client may retry.
+            e @ (HostError::Stopped
+            | HostError::TooLarge(_)
+            | HostError::Raft(
+                RaftError::ChangeInProgress | RaftError::TransferInProgress | RaftError::Dropped { .. },
+            )) => Response::Unavailable(e.to_string()),
+            // Anything else may have happened after the write was proposed (a timeout, the
+            // group stopping or failing with it pending): its outcome is unknown.
+            e if write => Response::Unknown(e.to_string()),
             other => Response::Unavailable(other.to_string()),
         }
     }
@@ -1327,7 +1410,11 @@ impl Node {
                 answer(self.meta_exec(MetaOp::SplitAt { key }, false).await)
             }
             AdminRequest::Move { shard, from, to } => {
-                let state = self.meta_view();
+                // The meta leader's state: its reports say who leads the shard now.
+                let state = match read(self.meta_exec(MetaOp::Read, false).await) {
+                    Ok(s) => s,
+                    Err(e) => return Response::Unavailable(e.to_string()),
+                };
                 let Some(d) = state.map.get(shard) else { return Response::Invalid(format!("no shard {shard}")) };
                 let leads = state.nodes.get(&from).is_some_and(|n| n.report.leading.contains(&shard));
                 let plan = crate::placement::MovePlan::new(

@@ -10,8 +10,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// Version byte that starts every request and response of this protocol.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// Version byte that starts every request and response of this protocol. 2: a put answers
+/// no previous value.
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// Largest key accepted (bytes): the shard's own limit, checked here first so that a key too
 /// long is refused before it is routed (or made a split point). Keys travel in every routing

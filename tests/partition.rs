@@ -150,7 +150,7 @@ async fn partitions_of_real_processes_keep_the_history_linearizable() {
     }
     let history = common::History::start(clients, &["10-a", "10-b", "f0-a", "f0-b"]);
 
-    // Cut off the first shard's leader, then another node, each for 5 s, healing in between
+    // Each round cuts off whichever node leads the first shard then, for 5 s, and heals
     // (`FLOTILLA_PARTITION_ROUNDS` rounds, default 2).
     let rounds: u32 = std::env::var("FLOTILLA_PARTITION_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -55,18 +55,22 @@ pub struct RangeSize {
     /// Keys in the range.
     pub keys: u64,
     /// A key near the middle of the range by bytes, strictly after its first key: a split point
-    /// that leaves about half the data on each side. `None` for fewer than two keys.
+    /// that leaves about half the data on each side. `None` for fewer than two keys. Of a
+    /// range read only in part, the middle of the part read.
     pub middle: Option<Vec<u8>>,
+    /// Whether the whole range was read (`false`: it holds more than the limit; `bytes` and
+    /// `keys` count the part read).
+    pub complete: bool,
 }
 
 /// Marks kept while sizing a range: when there are this many, every other one is dropped and the
 /// spacing doubles, so memory stays bounded whatever the range holds.
 const SIZE_MARKS_MAX: usize = 512;
 
-/// Sizes the data of `range` by reading all of it (blocking; does not fill the block cache).
-/// Cost is linear in the range's data: callers rate-limit it (the node re-sizes a shard only
-/// after writes, at most every few seconds).
-pub fn range_size_blocking(store: &Store, range: &KeyRange) -> Result<RangeSize, StorageError> {
+/// Sizes the data of `range` by reading it (blocking; does not fill the block cache), stopping
+/// after `bytes_max` bytes. Cost is linear in what it reads: callers rate-limit it (the node
+/// re-sizes a shard only after writes, at most every few seconds).
+pub fn range_size_blocking(store: &Store, range: &KeyRange, bytes_max: u64) -> Result<RangeSize, StorageError> {
     let mut opts = rocksdb::ReadOptions::default();
     opts.fill_cache(false);
     if let Some(end) = &range.end {
@@ -76,8 +80,12 @@ pub fn range_size_blocking(store: &Store, range: &KeyRange) -> Result<RangeSize,
     // (bytes before the key, key), at least `step` bytes apart.
     let mut marks: Vec<(u64, Vec<u8>)> = Vec::new();
     let (mut step, mut next_mark) = (1u64, 0u64);
-    let mut out = RangeSize::default();
+    let mut out = RangeSize { complete: true, ..RangeSize::default() };
     for item in store.db().iterator_cf_opt(cf, opts, IteratorMode::From(&range.start, Direction::Forward)) {
+        if out.bytes >= bytes_max {
+            out.complete = false;
+            break;
+        }
         let (k, v) = item.map_err(|e| StorageError::new("size", e.to_string()))?;
         if out.bytes >= next_mark {
             marks.push((out.bytes, k.to_vec()));

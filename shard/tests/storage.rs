@@ -374,7 +374,7 @@ async fn a_range_is_sized_by_its_logical_bytes_with_a_middle_key() {
     ops.push(Op::Put(CF_DATA, b"z-after".to_vec(), vec![0; 5000]));
     store.write(ops, true).await.expect("write");
     let range = KeyRange { start: b"k".to_vec(), end: Some(b"l".to_vec()) };
-    let size = range_size_blocking(&store, &range).expect("size");
+    let size = range_size_blocking(&store, &range, u64::MAX).expect("size");
     assert_eq!((size.bytes, size.keys), (2000 * 101, 2000));
     // The middle key leaves about half the bytes on each side (marks thin out past 512).
     let middle = size.middle.expect("a middle key");
@@ -383,13 +383,20 @@ async fn a_range_is_sized_by_its_logical_bytes_with_a_middle_key() {
 
     // Flushed or not, the figure is the same (a size taken from SST files would change).
     store.db().flush_cf(store.cf(CF_DATA).unwrap()).expect("flush");
-    assert_eq!(range_size_blocking(&store, &range).expect("size").bytes, 2000 * 101);
+    assert_eq!(range_size_blocking(&store, &range, u64::MAX).expect("size").bytes, 2000 * 101);
 
     // An open-ended range; one key has no split point; an empty range is zero.
-    let tail = range_size_blocking(&store, &KeyRange { start: b"y".to_vec(), end: None }).expect("size");
-    assert_eq!((tail.bytes, tail.keys, tail.middle), (7 + 5000, 1, None));
-    let empty = range_size_blocking(&store, &KeyRange { start: b"m".to_vec(), end: Some(b"n".to_vec()) }).unwrap();
-    assert_eq!(empty, RangeSize::default());
+    let tail = range_size_blocking(&store, &KeyRange { start: b"y".to_vec(), end: None }, u64::MAX).expect("size");
+    assert_eq!((tail.bytes, tail.keys, tail.middle, tail.complete), (7 + 5000, 1, None, true));
+    let empty_range = KeyRange { start: b"m".to_vec(), end: Some(b"n".to_vec()) };
+    let empty = range_size_blocking(&store, &empty_range, u64::MAX).unwrap();
+    assert_eq!(empty, RangeSize { complete: true, ..RangeSize::default() });
+
+    // A limit stops the read: the size counts what was read, the middle is the part's.
+    let part = range_size_blocking(&store, &range, 50_000).expect("size");
+    assert!(!part.complete && (50_000..50_101).contains(&part.bytes), "{part:?}");
+    let at: u32 = std::str::from_utf8(&part.middle.expect("middle")[1..]).unwrap().parse().unwrap();
+    assert!((230..=265).contains(&at), "middle of the part read: {at}");
 }
 
 #[tokio::test]

@@ -134,9 +134,13 @@ pub enum HostError {
     /// A key or value over the size limits (`KEY_BYTES_MAX`, `VALUE_BYTES_MAX`).
     #[error("request too large: {0}")]
     TooLarge(String),
-    /// The host is shutting down or stopped.
+    /// The host is shutting down or stopped; the request did not reach its group.
     #[error("the host is stopped")]
     Stopped,
+    /// The group stopped (host shutdown, group destroyed) after the request reached it and
+    /// before it answered: a write may or may not have been applied.
+    #[error("the group stopped before answering")]
+    Lost,
     /// The configuration cannot work.
     #[error("bad host configuration: {0}")]
     Config(String),
@@ -477,7 +481,7 @@ impl Host {
         self.shared.pollers[poller].send(PollerMsg::Api(group, make(tx))).map_err(|_| HostError::Stopped)?;
         match tokio::time::timeout(Duration::from_millis(self.shared.config.api_timeout_ms), rx).await {
             Ok(Ok(r)) => r.map_err(HostError::from),
-            Ok(Err(_)) => Err(HostError::Stopped),
+            Ok(Err(_)) => Err(HostError::Lost),
             Err(_) => Err(HostError::Raft(RaftError::Timeout)),
         }
     }
