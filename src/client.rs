@@ -272,11 +272,12 @@ impl Client {
                     sleep_backoff(&mut backoff, deadline).await;
                 }
                 Err(CallError::Sent(e)) => {
+                    // The node may be gone: the next operation asks anew.
+                    forget(self);
                     if write {
                         return Err(ClientError::Unknown(e));
                     }
                     last = e;
-                    forget(self);
                     attempt += 1;
                     sleep_backoff(&mut backoff, deadline).await;
                 }
@@ -307,6 +308,7 @@ impl Client {
                     sleep_backoff(&mut backoff, deadline).await;
                 }
                 Ok(Response::Unknown(e)) => {
+                    forget(self);
                     if write {
                         return Err(ClientError::Unknown(e));
                     }

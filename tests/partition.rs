@@ -10,10 +10,9 @@
 
 mod common;
 
-use common::{make_certs, Server};
-use flotilla::cluster::{ClusterFile, ClusterNode, CLUSTER_FILE_VERSION};
+use common::Servers;
 use flotilla::wire::{AdminRequest, AdminResponse, ReadConsistency};
-use flotilla::{Client, ClientConfig};
+use flotilla::Client;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -101,52 +100,21 @@ async fn leader_of_first_shard(client: &Client) -> u64 {
 #[ignore = "needs root, iproute2 and iptables: run with --ignored (.ci/run does)"]
 async fn partitions_of_real_processes_keep_the_history_linearizable() {
     let net = Net::new();
-    let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    make_certs(&certs, 3);
-    let port = 7000;
-    let mut servers = Vec::new();
-    for id in 1..=3u64 {
-        let mut text = format!(
-            "id = {id}\ndata_dir = \"n{id}\"\nlisten = \"{}:{port}\"\n\n\
-             [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/node-{id}.pem\"\nkey = \"certs/node-{id}-key.pem\"\n\n",
-            net.ip(id)
-        );
-        for p in (1..=3u64).filter(|p| *p != id) {
-            text += &format!("[[peers]]\nid = {p}\naddr = \"{}:{port}\"\n\n", net.ip(p));
-        }
-        text += "[bootstrap]\nmeta_voters = [1, 2, 3]\nshard_replicas = [1, 2, 3]\nshards = 2\n";
-        let path = dir.path().join(format!("n{id}.toml"));
-        std::fs::write(&path, text).unwrap();
-        servers.push(Server::start_in(Some(&net.ns(id)), &path, &dir.path().join(format!("n{id}.log"))));
-    }
-    let file = ClusterFile {
-        version: CLUSTER_FILE_VERSION,
-        nodes: (1..=3u64).map(|id| ClusterNode { id, addr: format!("{}:{port}", net.ip(id)), metrics: None }).collect(),
-        ca: certs.join("ca.pem"),
-        cert: certs.join("client-test.pem"),
-        key: certs.join("client-test-key.pem"),
-        data_dir: None,
-        pid: None,
+    let layout = common::Layout {
+        hosts: (1..=3).map(|i| net.ip(i)).collect(),
+        ports: vec![7000; 3],
+        netns: Some((1..=3).map(|i| net.ns(i)).collect()),
     };
-    let mut cfg = ClientConfig::new(file.tls().unwrap(), file.endpoints().unwrap());
+    let mut cluster = Servers::with_layout(3, 3, 2, layout);
+    let mut cfg = cluster.client.clone();
     cfg.op_timeout = Duration::from_secs(10);
     cfg.request_timeout = Duration::from_secs(2);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let admin = loop {
-        match Client::connect(cfg.clone()).await {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "servers never formed a cluster: {e}");
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-        }
-    };
+    let admin = cluster.client_with(cfg.clone()).await;
     let mut clients = Vec::new();
     for c in 0..6 {
         let mut cfg = cfg.clone();
         cfg.consistency = if c % 3 == 2 { ReadConsistency::Lease } else { ReadConsistency::Linearizable };
-        clients.push(Client::connect(cfg).await.unwrap());
+        clients.push(cluster.client_with(cfg).await);
     }
     let history = common::History::start(clients, &["10-a", "10-b", "f0-a", "f0-b"]);
 
@@ -164,7 +132,7 @@ async fn partitions_of_real_processes_keep_the_history_linearizable() {
     }
     history.stop_and_check(200).await;
     admin.close().await;
-    for s in servers.iter_mut() {
+    for s in cluster.servers.iter_mut() {
         assert!(s.terminate().success());
     }
 }

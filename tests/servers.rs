@@ -4,23 +4,13 @@
 //! cleanly. Four: a fourth server joins by itself, and while clients write, a shard is split
 //! and a replica moved to the new server, losing no acknowledged write.
 
-use flotilla::cluster::{ClusterFile, ClusterNode, CLUSTER_FILE_VERSION};
 use flotilla::wire::{AdminRequest, AdminResponse, ShardRow};
-use flotilla::{Client, ClientConfig};
+use flotilla::Client;
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{make_certs, Server};
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use common::Servers;
 
 fn http_get(port: u16, path: &str) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -35,85 +25,6 @@ async fn shards(client: &Client) -> Vec<ShardRow> {
     match client.admin(AdminRequest::Shards).await.unwrap() {
         AdminResponse::Shards(rows) => rows,
         other => panic!("unexpected {other:?}"),
-    }
-}
-
-/// Server processes on loopback: nodes `1..=boot` bootstrap a cluster of `shards` shards;
-/// nodes after them (up to `total`) start with the others as peers and no bootstrap (they join).
-struct Servers {
-    dir: tempfile::TempDir,
-    servers: Vec<Server>,
-    configs: Vec<PathBuf>,
-    metrics: Vec<u16>,
-    client: ClientConfig,
-}
-
-impl Servers {
-    fn new(boot: u64, total: u64, shards: u32) -> Servers {
-        let dir = tempfile::tempdir().unwrap();
-        let certs = dir.path().join("certs");
-        make_certs(&certs, total);
-        let ports: Vec<u16> = (0..total).map(|_| free_udp_port()).collect();
-        let metrics: Vec<u16> = (0..total).map(|_| free_tcp_port()).collect();
-        let mut configs = Vec::new();
-        for id in 1..=total {
-            let mut text = format!(
-                "id = {id}\ndata_dir = \"n{id}\"\nlisten = \"127.0.0.1:{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n\n\
-                 [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/node-{id}.pem\"\nkey = \"certs/node-{id}-key.pem\"\n\n",
-                ports[(id - 1) as usize],
-                metrics[(id - 1) as usize]
-            );
-            for p in (1..=boot).filter(|p| *p != id) {
-                text += &format!("[[peers]]\nid = {p}\naddr = \"127.0.0.1:{}\"\n\n", ports[(p - 1) as usize]);
-            }
-            if id <= boot {
-                let ids: Vec<String> = (1..=boot).map(|n| n.to_string()).collect();
-                text += &format!(
-                    "[bootstrap]\nmeta_voters = [{0}]\nshard_replicas = [{0}]\nshards = {shards}\n",
-                    ids.join(", ")
-                );
-            }
-            let path = dir.path().join(format!("n{id}.toml"));
-            std::fs::write(&path, text).unwrap();
-            configs.push(path);
-        }
-        let file = ClusterFile {
-            version: CLUSTER_FILE_VERSION,
-            nodes: (1..=boot)
-                .map(|id| ClusterNode { id, addr: format!("127.0.0.1:{}", ports[(id - 1) as usize]), metrics: None })
-                .collect(),
-            ca: certs.join("ca.pem"),
-            cert: certs.join("client-test.pem"),
-            key: certs.join("client-test-key.pem"),
-            data_dir: None,
-            pid: None,
-        };
-        let mut client = ClientConfig::new(file.tls().unwrap(), file.endpoints().unwrap());
-        client.op_timeout = Duration::from_secs(30);
-        let mut out = Servers { dir, servers: Vec::new(), configs, metrics, client };
-        for id in 1..=boot {
-            out.start(id);
-        }
-        out
-    }
-
-    /// Starts node `id` (its log goes to `n<id>.log` in the test's directory).
-    fn start(&mut self, id: u64) {
-        let log = self.dir.path().join(format!("n{id}.log"));
-        self.servers.push(Server::start(&self.configs[(id - 1) as usize], &log));
-    }
-
-    async fn client(&self) -> Client {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            match Client::connect(self.client.clone()).await {
-                Ok(c) => break c,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "servers never formed a cluster: {e}");
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                }
-            }
-        }
     }
 }
 

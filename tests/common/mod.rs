@@ -190,3 +190,122 @@ impl History {
         }
     }
 }
+
+/// Where the servers of a [`Servers`] listen: node `i` (from 1) at `hosts[i-1]:ports[i-1]`,
+/// inside network namespace `netns[i-1]` if given; metrics on loopback only without
+/// namespaces.
+pub struct Layout {
+    pub hosts: Vec<String>,
+    pub ports: Vec<u16>,
+    pub netns: Option<Vec<String>>,
+}
+
+impl Layout {
+    /// `total` servers on 127.0.0.1 at free ports.
+    pub fn loopback(total: u64) -> Layout {
+        let port = || std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Layout {
+            hosts: vec!["127.0.0.1".into(); total as usize],
+            ports: (0..total).map(|_| port()).collect(),
+            netns: None,
+        }
+    }
+}
+
+/// Server processes: nodes `1..=boot` bootstrap a cluster of `shards` shards (meta group and
+/// shards on all of them); nodes after them (up to `total`) start with the first ones as peers
+/// and no bootstrap (they join). Each node's log is `n<id>.log` in `dir`.
+pub struct Servers {
+    pub dir: tempfile::TempDir,
+    pub servers: Vec<Server>,
+    pub configs: Vec<PathBuf>,
+    /// Metrics ports (loopback layouts only).
+    pub metrics: Vec<u16>,
+    /// A client configuration for the bootstrapped nodes (30 s deadline).
+    pub client: flotilla::ClientConfig,
+    netns: Option<Vec<String>>,
+}
+
+impl Servers {
+    /// On loopback.
+    pub fn new(boot: u64, total: u64, shards: u32) -> Servers {
+        Self::with_layout(boot, total, shards, Layout::loopback(total))
+    }
+
+    pub fn with_layout(boot: u64, total: u64, shards: u32, layout: Layout) -> Servers {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        make_certs(&certs, total);
+        let addr = |id: u64| format!("{}:{}", layout.hosts[(id - 1) as usize], layout.ports[(id - 1) as usize]);
+        let metrics: Vec<u16> = match &layout.netns {
+            None => (0..total)
+                .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
+                .collect(),
+            Some(_) => Vec::new(),
+        };
+        let mut configs = Vec::new();
+        for id in 1..=total {
+            let mut text = format!("id = {id}\ndata_dir = \"n{id}\"\nlisten = \"{}\"\n", addr(id));
+            if let Some(m) = metrics.get((id - 1) as usize) {
+                text += &format!("metrics_listen = \"127.0.0.1:{m}\"\n");
+            }
+            text += &format!(
+                "\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/node-{id}.pem\"\nkey = \"certs/node-{id}-key.pem\"\n\n"
+            );
+            for p in (1..=boot).filter(|p| *p != id) {
+                text += &format!("[[peers]]\nid = {p}\naddr = \"{}\"\n\n", addr(p));
+            }
+            if id <= boot {
+                let ids: Vec<String> = (1..=boot).map(|n| n.to_string()).collect();
+                text += &format!(
+                    "[bootstrap]\nmeta_voters = [{0}]\nshard_replicas = [{0}]\nshards = {shards}\n",
+                    ids.join(", ")
+                );
+            }
+            let path = dir.path().join(format!("n{id}.toml"));
+            std::fs::write(&path, text).unwrap();
+            configs.push(path);
+        }
+        let file = flotilla::cluster::ClusterFile {
+            version: flotilla::cluster::CLUSTER_FILE_VERSION,
+            nodes: (1..=boot).map(|id| flotilla::cluster::ClusterNode { id, addr: addr(id), metrics: None }).collect(),
+            ca: certs.join("ca.pem"),
+            cert: certs.join("client-test.pem"),
+            key: certs.join("client-test-key.pem"),
+            data_dir: None,
+            pid: None,
+        };
+        let mut client = flotilla::ClientConfig::new(file.tls().unwrap(), file.endpoints().unwrap());
+        client.op_timeout = Duration::from_secs(30);
+        let mut out = Servers { dir, servers: Vec::new(), configs, metrics, client, netns: layout.netns };
+        for id in 1..=boot {
+            out.start(id);
+        }
+        out
+    }
+
+    /// Starts node `id` (call in id order: `servers[id - 1]` is node `id`).
+    pub fn start(&mut self, id: u64) {
+        let log = self.dir.path().join(format!("n{id}.log"));
+        let ns = self.netns.as_ref().map(|n| n[(id - 1) as usize].clone());
+        self.servers.push(Server::start_in(ns.as_deref(), &self.configs[(id - 1) as usize], &log));
+    }
+
+    /// A client, once the cluster answers (within 90 s).
+    pub async fn client(&self) -> flotilla::Client {
+        self.client_with(self.client.clone()).await
+    }
+
+    pub async fn client_with(&self, cfg: flotilla::ClientConfig) -> flotilla::Client {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            match flotilla::Client::connect(cfg.clone()).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "servers never formed a cluster: {e}");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }
+    }
+}
