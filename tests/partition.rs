@@ -1,6 +1,7 @@
 //! Real network partitions: three `flotilla server` processes, each in its own network
 //! namespace on a bridge, and the test's clients in the root namespace. iptables rules inside
-//! one namespace cut that node off from the other two (clients still reach it), then heal.
+//! one namespace cut that node off from the other two, both ways or one way (clients still
+//! reach it), then heal.
 //! Clients run a checked history (`common::History`: linearizable and lease reads, puts,
 //! deletes, compare-and-swaps) throughout; it must linearize. Cutting off the shard's leader
 //! is the case a lease read gets wrong if the lease outlives the leader's right to lead.
@@ -56,14 +57,17 @@ impl Net {
         format!("10.{}.0.{i}", self.net)
     }
 
-    /// Drops all traffic between node `i` and the other nodes, both ways (not the clients').
-    fn isolate(&self, i: u64) {
+    /// Drops traffic between node `i` and the other nodes (not the clients'): what arrives at
+    /// `i` from them if `inbound`, what `i` sends them if `outbound`.
+    fn isolate(&self, i: u64, inbound: bool, outbound: bool) {
         for j in (1..=3).filter(|j| *j != i) {
             let (ns, peer) = (self.ns(i), self.ip(j));
-            sh(&format!(
-                "ip netns exec {ns} iptables -A INPUT -s {peer} -j DROP && \
-                 ip netns exec {ns} iptables -A OUTPUT -d {peer} -j DROP"
-            ));
+            if inbound {
+                sh(&format!("ip netns exec {ns} iptables -A INPUT -s {peer} -j DROP"));
+            }
+            if outbound {
+                sh(&format!("ip netns exec {ns} iptables -A OUTPUT -d {peer} -j DROP"));
+            }
         }
     }
 
@@ -119,13 +123,17 @@ async fn partitions_of_real_processes_keep_the_history_linearizable() {
     let history = common::History::start(clients, &["10-a", "10-b", "f0-a", "f0-b"]);
 
     // Each round cuts off whichever node leads the first shard then, for 5 s, and heals
-    // (`FLOTILLA_PARTITION_ROUNDS` rounds, default 2).
-    let rounds: u32 = std::env::var("FLOTILLA_PARTITION_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    // (`FLOTILLA_PARTITION_ROUNDS` rounds, default 3): both ways, then only what reaches it
+    // (it still sends heartbeats but hears no acknowledgement: it must step down and stop
+    // serving lease reads), then only what it sends (the others elect while it still hears
+    // them).
+    let rounds: u32 = std::env::var("FLOTILLA_PARTITION_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     tokio::time::sleep(Duration::from_secs(2)).await;
     for round in 0..rounds {
         let victim = leader_of_first_shard(&admin).await;
-        eprintln!("round {round}: isolating node {victim}");
-        net.isolate(victim);
+        let (inbound, outbound) = [(true, true), (true, false), (false, true)][round as usize % 3];
+        eprintln!("round {round}: isolating node {victim} (inbound {inbound}, outbound {outbound})");
+        net.isolate(victim, inbound, outbound);
         tokio::time::sleep(Duration::from_secs(5)).await;
         net.heal(victim);
         tokio::time::sleep(Duration::from_secs(3)).await;
