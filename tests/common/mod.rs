@@ -100,6 +100,9 @@ pub fn make_certs(dir: &Path, nodes: u64) {
     run(&["cert", "client", "--dir", c, "--name", "test"]);
 }
 
+/// Seconds a [`History`] uses one set of keys.
+pub const PHASE_SECS: u64 = 15;
+
 /// A checked client history: each client runs a random mix of gets (40 %), puts (20 %),
 /// deletes (10 %) and compare-and-swaps (30 %) on a few keys, one operation at a time, and every
 /// operation is recorded with its invocation and return times. Writes the client reports as
@@ -136,7 +139,10 @@ impl History {
                 };
                 let mut i = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let key = keys[next(keys.len() as u64) as usize].clone();
+                    // Keys change every PHASE_SECS (same prefixes, so same shards): each key's
+                    // history stays short enough to check however long the run.
+                    let phase = start.elapsed().as_secs() / PHASE_SECS;
+                    let key = format!("{}.{phase}", keys[next(keys.len() as u64) as usize]);
                     let value = format!("c{c}-{i}");
                     i += 1;
                     let invoke = now();
