@@ -26,24 +26,24 @@ pub struct Client {
 impl Client {
     /// A client bound to `bind_addr` (e.g. `127.0.0.1:0`) presenting `tls`'s certificate.
     pub fn new(tls: &TlsIdentity, bind_addr: SocketAddr) -> Result<Client, TransportError> {
-        let identity = tls.identity()?;
-        if !matches!(identity, PeerIdentity::Client(_)) {
-            // A node certificate would work too, but the node would then treat this endpoint
-            // as the node itself: keep identities apart.
-            return Err(TransportError::Config(format!("client endpoints need a client certificate, got {identity}")));
-        }
-        let config =
-            tls::client_config(&tls.ca, Some((tls.chain.clone(), tls.key.clone_key())), tls::client_transport())?;
-        Self::with_config(config, bind_addr)
+        // A node certificate would work too, but the node would then treat this endpoint as the
+        // node itself: keep identities apart.
+        Self::presenting(tls, bind_addr, false)
     }
 
     /// A node's own client endpoint, presenting its node certificate: for requests to lower-id
     /// nodes that do not dial it yet (a node asking to join the cluster). They arrive under the
     /// node's identity on a connection that carries requests only.
     pub fn for_node(tls: &TlsIdentity, bind_addr: SocketAddr) -> Result<Client, TransportError> {
+        Self::presenting(tls, bind_addr, true)
+    }
+
+    /// An endpoint presenting `tls`, which must be a node certificate if `node`, else a client one.
+    fn presenting(tls: &TlsIdentity, bind_addr: SocketAddr, node: bool) -> Result<Client, TransportError> {
         let identity = tls.identity()?;
-        if !matches!(identity, PeerIdentity::Node(_)) {
-            return Err(TransportError::Config(format!("a node endpoint needs a node certificate, got {identity}")));
+        if matches!(identity, PeerIdentity::Node(_)) != node {
+            let want = if node { "a node endpoint needs a node" } else { "client endpoints need a client" };
+            return Err(TransportError::Config(format!("{want} certificate, got {identity}")));
         }
         let config =
             tls::client_config(&tls.ca, Some((tls.chain.clone(), tls.key.clone_key())), tls::client_transport())?;
