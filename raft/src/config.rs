@@ -46,12 +46,30 @@ pub struct Config {
     /// `election_timeout_ms_min - lease_clock_drift_ms` from the send time of the heartbeat
     /// round a quorum acknowledged. Clocks must not drift apart by more than this within one
     /// election timeout.
+    ///
+    /// The clock is whatever the embedder passes to the engine as `now`. It must keep counting
+    /// while the machine is suspended: a clock that stops (Linux's `CLOCK_MONOTONIC`, which
+    /// `std::time::Instant` and Tokio read) lets a leader whose VM slept past its lease wake up
+    /// believing it still holds, and serve reads the new leader's writes have overtaken. The
+    /// shard host counts on `CLOCK_BOOTTIME`; the Tokio driver uses Tokio's clock (so tests
+    /// can pause it) and therefore carries that caveat: turn `lease_read` off where machines
+    /// may be suspended.
     pub lease_clock_drift_ms: u64,
     /// Give up a leadership transfer that has not completed within this long.
     pub transfer_timeout_ms: u64,
     /// The Tokio driver answers an API call that got no answer within this long with
     /// `RaftError::Timeout`.
     pub api_timeout_ms: u64,
+    /// Grant no vote and no pre-vote while holding no configuration at all.
+    ///
+    /// Off, a node that never joined votes like any other: that is what lets a cluster be
+    /// formed by initializing one member and letting the others, still empty, elect it. On, an
+    /// empty node waits until a leader gave it a configuration (by log or snapshot). Turn it
+    /// on wherever a replica's state may be deleted and the replica created again empty (a
+    /// multi-Raft host moving replicas between nodes): re-created, it would otherwise vote for
+    /// a candidate lacking entries its lost state had acknowledged. Every member must then be
+    /// formed with the initial configuration (`initialize` on each).
+    pub votes_need_configuration: bool,
     /// Engine bugs switched on for the simulator's self-test (feature `sim-bugs` only).
     #[cfg(feature = "sim-bugs")]
     pub bugs: crate::testing::sim::InjectedBugs,
@@ -78,6 +96,7 @@ impl Default for Config {
             lease_clock_drift_ms: 100,
             transfer_timeout_ms: 2000,
             api_timeout_ms: 5000,
+            votes_need_configuration: false,
             #[cfg(feature = "sim-bugs")]
             bugs: Default::default(),
         }

@@ -114,8 +114,9 @@ pub struct GroupCore {
     /// Reads confirmed, waiting for the state machine to reach their index.
     reads_ready: Vec<(LogIndex, IndexReply)>,
     next_read: u64,
-    /// `add_learner` calls waiting for their entry to apply: (entry, node, reply).
-    learner_waits: Vec<(LogId, NodeId, IndexReply)>,
+    /// `add_learner` and `remove_learner` calls waiting for their entry to apply: (entry, node,
+    /// whether the node is to be a member, reply).
+    learner_waits: Vec<(LogId, NodeId, bool, IndexReply)>,
     /// Membership changes waiting for the final configuration (joint entry id).
     change_waits: Vec<(LogId, BTreeSet<NodeId>, IndexReply)>,
     transfer_waits: Vec<(NodeId, DoneReply)>,
@@ -231,7 +232,25 @@ impl GroupCore {
         match self.engine.add_learner(now, node) {
             Ok(index) => {
                 let term = self.engine.term_at(index).unwrap_or_default();
-                self.learner_waits.push((LogId { term, index }, node, reply));
+                self.learner_waits.push((LogId { term, index }, node, true, reply));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+        self.check_waits();
+    }
+
+    /// Removes a learner; `reply` gets the entry's index once it applied.
+    pub fn remove_learner(&mut self, now: Millis, node: NodeId, reply: IndexReply) {
+        if let Err(e) = self.check_alive() {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        match self.engine.remove_learner(now, node) {
+            Ok(index) => {
+                let term = self.engine.term_at(index).unwrap_or_default();
+                self.learner_waits.push((LogId { term, index }, node, false, reply));
             }
             Err(e) => {
                 let _ = reply.send(Err(e));
@@ -391,7 +410,7 @@ impl GroupCore {
         for (_, r) in self.reads_ready.drain(..) {
             let _ = r.send(Err(err()));
         }
-        for (_, _, r) in self.learner_waits.drain(..) {
+        for (_, _, _, r) in self.learner_waits.drain(..) {
             let _ = r.send(Err(err()));
         }
         for (_, _, r) in self.change_waits.drain(..) {
@@ -551,10 +570,10 @@ impl GroupCore {
         let replaced = |engine: &Engine, id: LogId| engine.term_at(id.index).is_some_and(|t| t != id.term);
         let mut i = 0;
         while i < self.learner_waits.len() {
-            let (id, node) = (self.learner_waits[i].0, self.learner_waits[i].1);
+            let (id, node, member) = (self.learner_waits[i].0, self.learner_waits[i].1, self.learner_waits[i].2);
             if id.index <= applied {
-                let (_, _, r) = self.learner_waits.swap_remove(i);
-                let ok = !replaced(&self.engine, id) && committed_m.membership.contains(node);
+                let (_, _, _, r) = self.learner_waits.swap_remove(i);
+                let ok = !replaced(&self.engine, id) && committed_m.membership.contains(node) == member;
                 let _ = r.send(if ok { Ok(id.index) } else { Err(RaftError::Dropped { index: id.index }) });
             } else {
                 i += 1;

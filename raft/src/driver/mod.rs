@@ -97,6 +97,7 @@ enum Api {
     Write(Vec<Bytes>, oneshot::Sender<Result<Vec<Result<WriteResponse, RaftError>>, RaftError>>),
     Read(ReadMode, bool, oneshot::Sender<Result<LogIndex, RaftError>>),
     AddLearner(NodeId, oneshot::Sender<Result<LogIndex, RaftError>>),
+    RemoveLearner(NodeId, oneshot::Sender<Result<LogIndex, RaftError>>),
     ChangeMembership(BTreeSet<NodeId>, oneshot::Sender<Result<LogIndex, RaftError>>),
     TransferLeader(NodeId, oneshot::Sender<Result<(), RaftError>>),
     TriggerSnapshot,
@@ -267,6 +268,12 @@ impl Raft {
     /// catches up in the background (watch `metrics().replication`).
     pub async fn add_learner(&self, node: NodeId) -> Result<LogIndex, RaftError> {
         self.call(|tx| Api::AddLearner(node, tx)).await
+    }
+
+    /// Removes the learner on `node`; answers once the change is committed. A voter is refused
+    /// (voters leave through [`Raft::change_membership`]).
+    pub async fn remove_learner(&self, node: NodeId) -> Result<LogIndex, RaftError> {
+        self.call(|tx| Api::RemoveLearner(node, tx)).await
     }
 
     /// Changes the voters to exactly `voters`, by joint consensus; answers once the final
@@ -624,6 +631,7 @@ impl<N: Network> Core<N> {
             Api::Write(cmds, reply) => core.write(now, cmds, reply),
             Api::Read(mode, wait_apply, reply) => core.read(now, mode, wait_apply, reply),
             Api::AddLearner(node, reply) => core.add_learner(now, node, reply),
+            Api::RemoveLearner(node, reply) => core.remove_learner(now, node, reply),
             Api::ChangeMembership(voters, reply) => core.change_membership(now, voters, reply),
             Api::TransferLeader(target, reply) => core.transfer_leader(now, target, reply),
             Api::TriggerSnapshot => core.trigger_snapshot(),

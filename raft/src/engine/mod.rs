@@ -441,6 +441,20 @@ impl Engine {
     pub fn term_at(&self, index: LogIndex) -> Option<Term> {
         self.log.term_at(index)
     }
+    /// Whether this node holds any configuration (from its log, a snapshot or its formation).
+    pub fn has_configuration(&self) -> bool {
+        !self.memberships.effective().membership.nodes().is_empty()
+    }
+
+    /// Whether this node may grant votes (see `Config::votes_need_configuration`). With that
+    /// rule every legitimate voter holds the configuration that made it one: members formed
+    /// the group with it, and a replica added later receives it (by snapshot or log) before
+    /// it is promoted. A node without any is an empty replica — new, or re-created after its
+    /// state was deleted — whose vote could elect a candidate lacking acknowledged entries.
+    fn may_vote(&self) -> bool {
+        !self.config.votes_need_configuration || self.has_configuration()
+    }
+
     /// Whether this node has never joined a cluster (no configuration, empty log).
     pub fn is_pristine(&self) -> bool {
         self.log.last_id() == LogId::ZERO && self.vote == Vote::default() && self.snapshot.is_none()
@@ -657,6 +671,22 @@ impl Engine {
         Ok(self.propose_membership(now, m))
     }
 
+    /// Removes the learner on `node` (leader only): the leader stops replicating to it once the
+    /// configuration entry is appended. Returns the index of that entry (the current
+    /// configuration's, when `node` is no member). A voter is refused: voters leave through
+    /// `change_membership`.
+    pub fn remove_learner(&mut self, now: Millis, node: NodeId) -> Result<LogIndex, RaftError> {
+        self.check_can_change()?;
+        let mut m = self.effective().membership.clone();
+        if m.is_voter(node) {
+            return Err(RaftError::InvalidTarget(node, "a voter (remove it with change_membership)"));
+        }
+        if !m.learners.remove(&node) {
+            return Ok(self.effective().log_id.index);
+        }
+        Ok(self.propose_membership(now, m))
+    }
+
     /// Changes the set of voters to `voters` by joint consensus (leader only): a joint
     /// configuration is committed first, then the new one alone, automatically. Learners that
     /// become voters are promoted; voters not in `voters` leave the group. Returns the index of
@@ -666,6 +696,21 @@ impl Engine {
         let cur = self.effective().membership.clone();
         if voters == cur.voters {
             return Ok(self.effective().log_id.index);
+        }
+        if self.config.votes_need_configuration {
+            // A new voter must already hold a configuration, or it could never vote: a
+            // configuration whose new majority needs it would have no leader once this one
+            // is gone. It holds one once it matched the entry of the configuration in effect.
+            let conf_index = self.effective().log_id.index;
+            let l = self.leader_state.as_ref().expect("checked");
+            for v in voters.iter().filter(|v| !cur.voters.contains(v) && **v != self.id) {
+                if l.progress.get(v).is_none_or(|p| p.matched < conf_index) {
+                    return Err(RaftError::InvalidTarget(
+                        *v,
+                        "has not received the configuration yet: add it as a learner and let it catch up first",
+                    ));
+                }
+            }
         }
         let mut learners = cur.learners.clone();
         learners.retain(|l| !voters.contains(l));
@@ -1085,7 +1130,7 @@ impl Engine {
     fn on_pre_vote(&mut self, now: Millis, from: NodeId, term: Term, last_log_id: LogId) {
         // `term` is the candidate's next term; our own is lower or equal.
         let up_to_date = last_log_id >= self.log.last_id() || self.bugs().vote_without_log_check;
-        let grant = term > self.vote.term && !self.in_lease(now) && up_to_date;
+        let grant = term > self.vote.term && !self.in_lease(now) && up_to_date && self.may_vote();
         debug!(node = %self.id, term = %self.vote.term, %from, grant, "pre-vote request");
         self.send_at(from, if grant { term } else { self.vote.term }, MessageBody::PreVoteResp { granted: grant });
     }
@@ -1101,8 +1146,9 @@ impl Engine {
     fn on_vote(&mut self, now: Millis, from: NodeId, last_log_id: LogId) {
         let can_vote = self.vote.voted_for == Some(from) || (self.vote.voted_for.is_none() && self.leader.is_none());
         let up_to_date = last_log_id >= self.log.last_id() || self.bugs().vote_without_log_check;
-        if !(can_vote && up_to_date) {
-            debug!(node = %self.id, term = %self.vote.term, %from, can_vote, up_to_date, "vote refused");
+        let configured = self.may_vote();
+        if !(can_vote && up_to_date && configured) {
+            debug!(node = %self.id, term = %self.vote.term, %from, can_vote, up_to_date, configured, "vote refused");
             self.send(from, MessageBody::VoteResp { granted: false });
             return;
         }

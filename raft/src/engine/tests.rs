@@ -1162,3 +1162,81 @@ fn quiescence_needs_an_idle_caught_up_group_and_wake_resumes_the_timers() {
     c.node(3).engine.wake(now, false);
     assert!(!c.engine(3).in_lease(now), "a dead leader is not counted as heard from");
 }
+
+// ----- replica lifecycle ----------------------------------------------------------------
+
+/// Node 2 acknowledged "x" with leader 1; its state is then deleted and it comes back empty
+/// (a replica destroyed and re-created). Node 3 never saw "x". With leader 1 gone, node 3 must
+/// not win an election with the empty node's vote: that would lose an acknowledged entry.
+fn cluster_with_an_emptied_voter(pre_vote: bool) -> Cluster {
+    let config = Config { pre_vote, check_quorum: false, lease_read: false, votes_need_configuration: true, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config.clone());
+    c.cut.extend([(n(1), n(3))]);
+    let x = c.propose(1, "x");
+    c.stabilize();
+    assert!(c.engine(1).committed() >= x, "x is committed by nodes 1 and 2");
+    c.nodes.insert(n(2), TestNode::new(2, &config, 7));
+    c.cut.extend([(n(1), n(2)), (n(2), n(1)), (n(3), n(1))]);
+    c
+}
+
+#[test]
+fn an_empty_replica_grants_no_pre_vote() {
+    let mut c = cluster_with_an_emptied_voter(true);
+    c.now = c.now.add_ms(1000);
+    c.fire(3);
+    c.stabilize();
+    assert_ne!(c.engine(3).role(), Role::Leader, "node 3 lacks the acknowledged entry");
+    let refused = c.nodes[&n(2)]
+        .seen
+        .iter()
+        .any(|a| matches!(a, Action::Send(m) if m.to == n(3) && m.body == MessageBody::PreVoteResp { granted: false }));
+    assert!(refused, "the empty replica refuses the pre-vote");
+    assert!(!c.engine(2).has_configuration());
+}
+
+#[test]
+fn an_empty_replica_grants_no_vote() {
+    let mut c = cluster_with_an_emptied_voter(false);
+    c.now = c.now.add_ms(1000);
+    c.fire(3);
+    c.stabilize();
+    assert_ne!(c.engine(3).role(), Role::Leader, "node 3 lacks the acknowledged entry");
+    let refused = c.nodes[&n(2)]
+        .seen
+        .iter()
+        .any(|a| matches!(a, Action::Send(m) if m.to == n(3) && m.body == MessageBody::VoteResp { granted: false }));
+    assert!(refused, "the empty replica refuses the vote");
+}
+
+#[test]
+fn without_the_rule_an_empty_replica_votes_as_a_cluster_formed_by_one_member_needs() {
+    let config = Config { votes_need_configuration: false, ..cfg() };
+    let mut c = Cluster::new(&[1, 2, 3], config);
+    let now = c.now;
+    c.node(1).engine.initialize(now, Membership::new([n(1), n(2), n(3)])).expect("init");
+    c.elect(1);
+    assert!(c.engine(2).has_configuration(), "the elected leader hands its configuration on");
+}
+
+#[test]
+fn remove_learner_stops_replication_to_it_and_refuses_a_voter() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.add_learner(1, 4);
+    c.propose(1, "a");
+    c.stabilize();
+    assert_eq!(c.applied_data(4), vec!["a".to_string()]);
+    let now = c.now;
+    assert!(matches!(c.node(1).engine.remove_learner(now, n(2)), Err(RaftError::InvalidTarget(..))));
+    let idx = c.node(1).engine.remove_learner(now, n(4)).expect("leader removes a learner");
+    c.stabilize();
+    assert!(c.engine(1).committed() >= idx);
+    assert!(!c.engine(1).committed_membership().membership.contains(n(4)));
+    // Removing it again changes nothing.
+    let now = c.now;
+    assert_eq!(c.node(1).engine.remove_learner(now, n(4)), Ok(c.engine(1).membership().log_id.index));
+    c.propose(1, "b");
+    c.settle(3);
+    assert_eq!(c.applied_data(4), vec!["a".to_string()], "nothing is sent to a removed learner");
+    assert_eq!(c.applied_data(2), vec!["a".to_string(), "b".to_string()]);
+}

@@ -405,7 +405,6 @@ impl Sim {
     fn new(seed: u64, opts: SimOptions) -> Sim {
         let mut rng = SimRng::new(seed);
         let pre_vote = rng.chance(0.7);
-        #[allow(unused_mut)]
         let mut config = Config {
             election_timeout_ms_min: 150,
             election_timeout_ms_max: 300,
@@ -425,9 +424,12 @@ impl Sim {
             lease_clock_drift_ms: 20,
             transfer_timeout_ms: 300,
             api_timeout_ms: 5000,
+            votes_need_configuration: false,
             #[cfg(feature = "sim-bugs")]
             bugs: Default::default(),
         };
+        // Drawn last, so the seeds' other choices stay what they were.
+        config.votes_need_configuration = rng.chance(0.5);
         #[cfg(feature = "sim-bugs")]
         {
             config.bugs = opts.bugs;
@@ -517,9 +519,10 @@ impl Sim {
     fn play(&mut self) -> Check {
         let voters: Vec<NodeId> = (1..=3.min(self.opts.nodes)).map(NodeId).collect();
         self.log(format!(
-            "seed {} config: pre_vote={} inflight={} append_entries_max={} snapshot_threshold={} drop={} dup={} delay<={}ms",
+            "seed {} config: pre_vote={} votes_need_configuration={} inflight={} append_entries_max={} snapshot_threshold={} drop={} dup={} delay<={}ms",
             self.seed,
             self.config.pre_vote,
+            self.config.votes_need_configuration,
             self.config.inflight_msgs_max,
             self.config.append_entries_max,
             self.config.snapshot_threshold_entries,
@@ -1178,7 +1181,15 @@ impl Sim {
         node.io_free_at = self.now;
         node.last_role = Role::Follower;
         node.last_committed = LogIndex(0);
-        node.engine = Some(Engine::new(id, config, state, seed, now));
+        let mut engine = Engine::new(id, config, state, seed, now);
+        // A member of the initial configuration keeps it somewhere durable of its own (the
+        // shard host's group descriptor) and forms the group again if it lost every write
+        // before its first sync: where empty nodes may not vote, it could not vote otherwise.
+        let initial: Vec<NodeId> = (1..=3.min(self.opts.nodes)).map(NodeId).collect();
+        if self.config.votes_need_configuration && initial.contains(&id) && engine.is_pristine() {
+            engine.initialize(now, Membership::new(initial.iter().copied())).map_err(|e| e.to_string())?;
+        }
+        node.engine = Some(engine);
         self.log(format!("restart node {id}"));
         self.drive(id)
     }
@@ -1199,7 +1210,11 @@ impl Sim {
             1 => {
                 // A random voter set of 3 (sometimes 1, 2, 4 or 5) from the pool.
                 let size = *self.rng.pick(&[3u64, 3, 3, 1, 2, 4, 5]).expect("non-empty");
-                let mut pool = ids.clone();
+                // Where empty nodes may not vote, a voter joins as a learner first (as the
+                // shard host's moves do): promoting a node straight from outside could leave a
+                // configuration whose new majority is nodes that may never vote.
+                let mut pool =
+                    if self.config.votes_need_configuration { m.nodes().into_iter().collect() } else { ids.clone() };
                 let mut voters = BTreeSet::new();
                 while (voters.len() as u64) < size.min(pool.len() as u64) {
                     let i = self.rng.range(0, pool.len() as u64) as usize;
