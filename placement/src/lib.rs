@@ -59,6 +59,23 @@
 //!             report.applied.insert(plan.shard, LogIndex(42));
 //!             state.apply(MetaCommand::Heartbeat { node: plan.to, report }).unwrap();
 //!         }
+//!         Ok(PlanAction::WaitRaft { .. }) => {
+//!             // The shard's Raft group carries out the map's change; its leader (a voter that
+//!             // stays) reports the committed configuration, in which the source is gone.
+//!             let d = state.map.get(plan.shard).unwrap().clone();
+//!             let leader = d.voters().find(|v| *v != plan.from).unwrap();
+//!             let learners = d.replicas.iter().filter(|r| r.role == ReplicaRole::Learner);
+//!             let conf = GroupConf {
+//!                 index: LogIndex(43),
+//!                 voters: d.voters().collect(),
+//!                 learners: learners.map(|r| r.node).filter(|n| *n != plan.from).collect(),
+//!                 joint: false,
+//!             };
+//!             let mut report = state.nodes[&leader].report.clone();
+//!             report.leading = vec![plan.shard];
+//!             report.confs.insert(plan.shard, conf);
+//!             state.apply(MetaCommand::Heartbeat { node: leader, report }).unwrap();
+//!         }
 //!         Ok(_) => {
 //!             state.apply(MetaCommand::AdvanceMove { shard: plan.shard, step: plan.step }).unwrap();
 //!         }
@@ -74,14 +91,16 @@
 #![warn(missing_docs)]
 
 pub mod balance;
+pub mod lifecycle;
 pub mod map;
 pub mod meta;
 pub mod plan;
 
 pub use balance::{balance, BalancerConfig, Proposal};
+pub use lifecycle::{replica_fate, DeleteReason, LocalReplica, ReplicaFate};
 pub use map::{Epoch, NodeId, Replica, ReplicaRole, RouteError, ShardDescriptor, ShardId, ShardMap};
 pub use meta::{
-    LogIndex, MetaCommand, MetaError, MetaOutcome, MetaState, MoveRecord, NodeInfo, NodeReport, MOVE_HISTORY_LEN_MAX,
-    MOVE_HISTORY_MS, MOVE_WINDOW_MS,
+    GroupConf, LogIndex, MetaCommand, MetaError, MetaOutcome, MetaState, MoveRecord, NodeInfo, NodeReport, Tombstone,
+    MOVE_HISTORY_LEN_MAX, MOVE_HISTORY_MS, MOVE_WINDOW_MS,
 };
 pub use plan::{MovePlan, MoveStep, PlanAction, PlanError};

@@ -11,7 +11,7 @@
 use crate::map::{Epoch, NodeId, Replica, ReplicaRole, ShardDescriptor, ShardId, ShardMap};
 use crate::plan::{MovePlan, MoveStep, PlanAction, PlanError};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use thiserror::Error;
 
 /// The window of the moves-per-minute limit.
@@ -57,6 +57,38 @@ pub struct NodeReport {
     /// Client requests per second the node served over its last report interval. Shown to
     /// operators; the balancer does not weigh it yet (it evens out counts and bytes).
     pub requests_per_s: u64,
+    /// The committed Raft configuration of each shard the node leads: what move plans wait
+    /// for, and what confirms that a removed replica may be deleted.
+    pub confs: BTreeMap<ShardId, GroupConf>,
+}
+
+/// A shard group's committed Raft configuration, as its leader reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupConf {
+    /// The log index of the entry that carried it.
+    pub index: LogIndex,
+    /// Voters (both halves while joint).
+    pub voters: BTreeSet<NodeId>,
+    /// Learners.
+    pub learners: BTreeSet<NodeId>,
+    /// Whether it is a joint configuration (a change half done).
+    pub joint: bool,
+}
+
+impl GroupConf {
+    /// Whether `node` takes part (voter or learner).
+    pub fn contains(&self, node: NodeId) -> bool {
+        self.voters.contains(&node) || self.learners.contains(&node)
+    }
+}
+
+/// A replica removed from the map, kept until its node has deleted it. `confirmed` is the
+/// index of a committed configuration of the shard's group without the node, once its leader
+/// reported one: only then may the node delete its replica (Raft no longer counts it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    /// Committed configuration index without the node, once known.
+    pub confirmed: Option<LogIndex>,
 }
 
 /// A node as the meta state knows it.
@@ -292,6 +324,10 @@ pub struct MetaState {
     /// Moves started recently (oldest first): the moves-per-minute limit counts them, and the
     /// balancer leaves a recently moved shard alone for a while.
     pub recent_moves: VecDeque<MoveRecord>,
+    /// Replicas removed from the map that their nodes may still hold: shard -> node ->
+    /// tombstone. A node deletes its replica only on a confirmed tombstone (or its own group's
+    /// committed configuration), never because a possibly stale map leaves it out.
+    pub tombstones: BTreeMap<ShardId, BTreeMap<NodeId, Tombstone>>,
 }
 
 impl MetaState {
@@ -334,6 +370,7 @@ impl MetaState {
                 let n = self.nodes.get_mut(&node).ok_or(MetaError::UnknownNode(node))?;
                 self.transfers.retain(|shard, target| !(*target == node && report.leading.contains(shard)));
                 n.report = report;
+                self.update_tombstones(node);
                 Ok(MetaOutcome::Done)
             }
             MetaCommand::TransferLeader { shard, epoch, node } => {
@@ -379,6 +416,9 @@ impl MetaState {
                 if d.replica(node).is_some() {
                     return Err(MetaError::ReplicaExists { shard, node });
                 }
+                // The node may still hold the replica removed earlier: it becomes a member
+                // again, caught up from wherever its state is.
+                self.unbury(shard, node);
                 self.change(shard, |d| d.replicas.push(Replica { node, role: ReplicaRole::Learner }))
             }
             MetaCommand::Promote { shard, epoch, node } => {
@@ -401,7 +441,9 @@ impl MetaState {
                     return Err(MetaError::LastVoter(shard));
                 }
                 self.drop_transfer_to(shard, node);
-                self.change(shard, |d| d.replicas.retain(|r| r.node != node))
+                let outcome = self.change(shard, |d| d.replicas.retain(|r| r.node != node))?;
+                self.bury(shard, node);
+                Ok(outcome)
             }
             MetaCommand::SwapVoter { shard, epoch, promote, demote } => {
                 let d = self.current(shard, epoch)?;
@@ -442,7 +484,7 @@ impl MetaState {
                 let (outcome, then) = match plan.next(self)? {
                     PlanAction::Run { command, then } => (self.apply(command)?, then),
                     PlanAction::Advance { to } => (MetaOutcome::Done, to),
-                    PlanAction::Wait { .. } => return Err(MetaError::MoveWaiting(shard)),
+                    PlanAction::Wait { .. } | PlanAction::WaitRaft { .. } => return Err(MetaError::MoveWaiting(shard)),
                     PlanAction::Done => (MetaOutcome::Done, MoveStep::Done),
                 };
                 if then == MoveStep::Done {
@@ -461,7 +503,9 @@ impl MetaState {
                     self.map.get(shard).and_then(|d| d.replica(to)).is_some_and(|r| r.role == ReplicaRole::Learner);
                 self.moves.remove(&shard);
                 if learner {
-                    return self.change(shard, |d| d.replicas.retain(|r| r.node != to));
+                    let outcome = self.change(shard, |d| d.replicas.retain(|r| r.node != to))?;
+                    self.bury(shard, to);
+                    return Ok(outcome);
                 }
                 Ok(MetaOutcome::Done)
             }
@@ -498,6 +542,56 @@ impl MetaState {
             }
         }
         Ok(())
+    }
+
+    /// The committed configuration of `shard` as reported by a voter that leads it: the newest
+    /// (highest index) if several report leading it, since a deposed leader's report can
+    /// linger and committed configurations only move forward in the log.
+    pub fn leader_conf(&self, shard: ShardId) -> Option<&GroupConf> {
+        let d = self.map.get(shard)?;
+        d.voters()
+            .filter_map(|v| self.nodes.get(&v))
+            .filter(|i| i.report.leading.contains(&shard))
+            .filter_map(|i| i.report.confs.get(&shard))
+            .max_by_key(|c| c.index)
+    }
+
+    /// Records that `node`'s replica of `shard` left the map; confirmed at once if the
+    /// shard's leader already reports a committed configuration without it.
+    fn bury(&mut self, shard: ShardId, node: NodeId) {
+        let confirmed = self.leader_conf(shard).filter(|c| !c.joint && !c.contains(node)).map(|c| c.index);
+        self.tombstones.entry(shard).or_default().insert(node, Tombstone { confirmed });
+    }
+
+    fn unbury(&mut self, shard: ShardId, node: NodeId) {
+        if let Some(t) = self.tombstones.get_mut(&shard) {
+            t.remove(&node);
+            if t.is_empty() {
+                self.tombstones.remove(&shard);
+            }
+        }
+    }
+
+    /// After a report of `node`: tombstones of shards it leads are confirmed by the committed
+    /// configuration it reports, and tombstones of its own replicas are dropped once confirmed
+    /// and its report no longer lists the replica (it deleted it).
+    fn update_tombstones(&mut self, node: NodeId) {
+        let Some(report) = self.nodes.get(&node).map(|i| i.report.clone()) else { return };
+        for (shard, ts) in self.tombstones.iter_mut() {
+            let led = report.leading.contains(shard)
+                && self.map.get(*shard).and_then(|d| d.replica(node)).is_some_and(|r| r.role == ReplicaRole::Voter);
+            if let Some(conf) = report.confs.get(shard).filter(|c| led && !c.joint) {
+                for (n, t) in ts.iter_mut() {
+                    if t.confirmed.is_none() && !conf.contains(*n) {
+                        t.confirmed = Some(conf.index);
+                    }
+                }
+            }
+            if ts.get(&node).is_some_and(|t| t.confirmed.is_some()) && !report.applied.contains_key(shard) {
+                ts.remove(&node);
+            }
+        }
+        self.tombstones.retain(|_, ts| !ts.is_empty());
     }
 
     /// Forgets a pending leader transfer to `node` (it is losing its vote in `shard`).

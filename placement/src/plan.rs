@@ -3,11 +3,13 @@
 //!
 //! The steps, in order:
 //! 1. [`MoveStep::AddLearner`]: add a learner on `to` (it is fed by a snapshot, then the log).
-//! 2. [`MoveStep::WaitCaughtUp`]: wait until the learner's reported applied index is within
+//! 2. [`MoveStep::WaitCaughtUp`]: wait until the shard leader reports a committed
+//!    configuration holding the learner and the learner's reported applied index is within
 //!    `catch_up_lag_entries_max` of the leader's, so promoting it does not stall the quorum.
 //! 3. [`MoveStep::Promote`]: one joint-consensus change that makes `to` a voter and `from` a
 //!    learner ([`MetaCommand::SwapVoter`]); the number of voters never changes.
-//! 4. [`MoveStep::RemoveOld`]: remove the replica on `from` (a learner by now: no quorum change).
+//! 4. [`MoveStep::RemoveOld`]: remove the replica on `from` from the map, once the shard
+//!    leader reports a committed configuration in which `to` votes and `from` does not.
 //! 5. [`MoveStep::TransferLeader`] (only when `transfer_leader_to` is set): ask the group to hand
 //!    leadership to that voter (typically `to`, when `from` was the leader).
 //! 6. [`MoveStep::Done`].
@@ -25,11 +27,12 @@
 //!    [`MetaCommand::AdvanceMove`] with the plan's current step: applying it re-runs the same
 //!    check and performs the step's change and the step advance atomically, so a duplicate
 //!    proposal is refused ([`crate::MetaError::MoveStepMismatch`]) and changes nothing;
-//! 3. on [`PlanAction::Wait`], do nothing until the next heartbeat;
+//! 3. on [`PlanAction::Wait`] or [`PlanAction::WaitRaft`], do nothing until the next
+//!    heartbeat (a step that waits past the driver's deadline is aborted);
 //! 4. on an error, propose [`MetaCommand::AbortMove`].
 
 use crate::map::{NodeId, ReplicaRole, ShardDescriptor, ShardId};
-use crate::meta::{LogIndex, MetaCommand, MetaState};
+use crate::meta::{GroupConf, LogIndex, MetaCommand, MetaState};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -93,6 +96,12 @@ pub enum PlanAction {
         learner: Option<LogIndex>,
         /// The leader's (or, without a leader report, the most advanced voter's) applied index.
         leader: Option<LogIndex>,
+    },
+    /// The group's committed configuration (as its leader reports it, `conf`) does not show
+    /// the previous step's change yet: ask again after the next heartbeat.
+    WaitRaft {
+        /// The leader's reported committed configuration, if any leader reported one.
+        conf: Option<GroupConf>,
     },
     /// The plan has finished.
     Done,
@@ -175,13 +184,26 @@ impl MovePlan {
             (_, Some(_), Some(Voter)) if self.step != S::RemoveOld => advance(S::RemoveOld),
             (_, None, Some(Voter)) => advance(after_remove),
             (S::RemoveOld, Some(_), Some(Voter)) => {
-                run(MetaCommand::RemoveReplica { shard, epoch, node: self.from }, after_remove)
+                // The map may drop the old replica only once the group's committed
+                // configuration no longer counts it: its node deletes the replica then.
+                match state.leader_conf(shard) {
+                    Some(c) if !c.joint && c.voters.contains(&self.to) && !c.voters.contains(&self.from) => {
+                        run(MetaCommand::RemoveReplica { shard, epoch, node: self.from }, after_remove)
+                    }
+                    other => Ok(PlanAction::WaitRaft { conf: other.cloned() }),
+                }
             }
             (S::AddLearner, Some(Voter), None) => {
                 run(MetaCommand::AddLearner { shard, epoch, node: self.to }, S::WaitCaughtUp)
             }
             (S::AddLearner, Some(Voter), Some(Learner)) => advance(S::WaitCaughtUp),
             (S::WaitCaughtUp, Some(Voter), Some(Learner)) => {
+                // Reports of the learner's applied index mean nothing until the group's
+                // committed configuration holds the learner.
+                match state.leader_conf(shard) {
+                    Some(c) if c.learners.contains(&self.to) && !c.joint => {}
+                    other => return Ok(PlanAction::WaitRaft { conf: other.cloned() }),
+                }
                 let (learner, leader) = applied_indexes(state, d, self.to);
                 match (learner, leader) {
                     (Some(l), Some(r)) if l.0.saturating_add(self.catch_up_lag_entries_max) >= r.0 => {

@@ -63,12 +63,80 @@ fn catch_up(s: &mut MetaState, plan: &MovePlan) {
     s.apply(MetaCommand::Heartbeat { node: plan.to, report: rep }).expect("heartbeat");
 }
 
+/// The shard's Raft group carried out the map's change: its leader reports the map's voters
+/// and learners as its committed configuration, less the plan's source once the map demoted it
+/// (Raft's swap removes it outright). The leader stays who it was while it votes; a demoted
+/// leader hands over to another voter.
+fn raft_follows(s: &mut MetaState, plan: &MovePlan) {
+    let d = s.map.get(plan.shard).expect("shard").clone();
+    let leads = |s: &MetaState, n: NodeId| s.nodes[&n].report.leading.contains(&plan.shard);
+    let leader = match d.voters().find(|v| leads(s, *v)) {
+        Some(l) => l,
+        None => {
+            // Where the plan sends leadership, as the group's election would after the swap.
+            let target =
+                plan.transfer_leader_to.filter(|t| d.replica(*t).is_some_and(|r| r.role == ReplicaRole::Voter));
+            let Some(l) = target.or_else(|| d.voters().next()) else { return };
+            for (node, info) in s.nodes.clone() {
+                if info.report.leading.contains(&plan.shard) {
+                    let mut rep = info.report.clone();
+                    rep.leading.retain(|x| *x != plan.shard);
+                    s.apply(MetaCommand::Heartbeat { node, report: rep }).expect("heartbeat");
+                }
+            }
+            let mut rep = s.nodes[&l].report.clone();
+            rep.leading.push(plan.shard);
+            s.apply(MetaCommand::Heartbeat { node: l, report: rep }).expect("heartbeat");
+            l
+        }
+    };
+    let demoted = d.replica(plan.from).is_some_and(|r| r.role == ReplicaRole::Learner);
+    let conf = GroupConf {
+        index: LogIndex(s.leader_conf(plan.shard).map_or(1, |c| c.index.0 + 1)),
+        voters: d.voters().collect(),
+        learners: d
+            .replicas
+            .iter()
+            .filter(|r| r.role == ReplicaRole::Learner && !(demoted && r.node == plan.from))
+            .map(|r| r.node)
+            .collect(),
+        joint: false,
+    };
+    let mut rep = s.nodes[&leader].report.clone();
+    rep.confs.insert(plan.shard, conf);
+    s.apply(MetaCommand::Heartbeat { node: leader, report: rep }).expect("heartbeat");
+}
+
 /// Runs up to `steps_max` steps of the move of `shard`; the learner catches up when waited for.
 fn drive(s: &mut MetaState, shard: ShardId, steps_max: usize) {
-    for _ in 0..steps_max {
+    // These states start with no leaders reported; one is made up for Raft's reports and
+    // forgotten afterwards, so the leader balance under test is not changed by it.
+    let leaderless = !s.nodes.values().any(|i| i.report.leading.contains(&shard));
+    drive_steps(s, shard, steps_max);
+    if leaderless {
+        for (node, info) in s.nodes.clone() {
+            if info.report.leading.contains(&shard) {
+                let mut rep = info.report.clone();
+                rep.leading.retain(|x| *x != shard);
+                s.apply(MetaCommand::Heartbeat { node, report: rep }).expect("heartbeat");
+            }
+        }
+    }
+}
+
+fn drive_steps(s: &mut MetaState, shard: ShardId, steps_max: usize) {
+    let (mut steps, mut raft_waits) = (0, 0);
+    while steps < steps_max && raft_waits < 10 * steps_max {
         let Some(plan) = s.moves.get(&shard).cloned() else { return };
+        steps += 1;
         match plan.next(s).expect("no conflicts here") {
             PlanAction::Wait { .. } => catch_up(s, &plan),
+            // Raft carrying out the map's change is not a step of the plan.
+            PlanAction::WaitRaft { .. } => {
+                raft_follows(s, &plan);
+                steps -= 1;
+                raft_waits += 1;
+            }
             _ => {
                 s.apply(MetaCommand::AdvanceMove { shard, step: plan.step }).expect("step");
             }

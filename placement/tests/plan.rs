@@ -42,6 +42,32 @@ fn applied(s: &mut MetaState, node: u64, index: u64, leading: bool) {
     s.apply(MetaCommand::Heartbeat { node: n(node), report }).expect("heartbeat");
 }
 
+/// Shard 1's Raft group carried out the map's replica changes: `leader` (alone) reports
+/// leading it, with a committed configuration of the map's voters and learners less `gone`
+/// (a voter demoted by a swap leaves the group at once).
+fn raft_follows(s: &mut MetaState, leader: u64, gone: &[u64]) {
+    let d = s.map.get(S).expect("shard").clone();
+    let keep = |x: &NodeId| !gone.contains(&x.0);
+    let index = s.leader_conf(S).map_or(1, |c| c.index.0 + 1);
+    let conf = GroupConf {
+        index: LogIndex(index),
+        voters: d.voters().filter(keep).collect(),
+        learners: d.replicas.iter().filter(|r| r.role == ReplicaRole::Learner).map(|r| r.node).filter(keep).collect(),
+        joint: false,
+    };
+    let others: Vec<NodeId> = s.nodes.keys().copied().filter(|x| x.0 != leader).collect();
+    for o in others {
+        let mut report = s.nodes[&o].report.clone();
+        report.leading.retain(|x| *x != S);
+        s.apply(MetaCommand::Heartbeat { node: o, report }).expect("heartbeat");
+    }
+    let mut report = s.nodes[&n(leader)].report.clone();
+    report.leading.retain(|x| *x != S);
+    report.leading.push(S);
+    report.confs.insert(S, conf);
+    s.apply(MetaCommand::Heartbeat { node: n(leader), report }).expect("heartbeat");
+}
+
 fn start(s: &mut MetaState, from: u64, to: u64, leader: Option<u64>) {
     let plan = MovePlan::new(S, n(from), n(to), leader.map(n), 10);
     s.apply(MetaCommand::StartMove { epoch: epoch(s), plan, now_ms: 0 }).expect("start move");
@@ -64,6 +90,10 @@ fn a_move_runs_every_step_and_keeps_three_voters() {
     advance(&mut s).expect("add learner");
     assert_eq!(roles(&s), vec![(1, Voter), (2, Voter), (3, Voter), (4, Learner)]);
     assert_eq!(s.moves[&S].step, MoveStep::WaitCaughtUp);
+    // The group has not added the learner yet: its reports mean nothing.
+    assert!(matches!(s.moves[&S].next(&s), Ok(PlanAction::WaitRaft { .. })));
+    raft_follows(&mut s, 1, &[]);
+    applied(&mut s, 1, 500, true);
     // The learner has reported nothing yet: wait, and the command is refused without change.
     assert_eq!(s.moves[&S].next(&s), Ok(PlanAction::Wait { learner: None, leader: Some(LogIndex(500)) }));
     let before = s.clone();
@@ -79,6 +109,8 @@ fn a_move_runs_every_step_and_keeps_three_voters() {
     advance(&mut s).expect("promote");
     assert_eq!(roles(&s), vec![(1, Learner), (2, Voter), (3, Voter), (4, Voter)], "one joint change swaps voters");
     epochs.push(epoch(&s));
+    assert_eq!(advance(&mut s), Err(MetaError::MoveWaiting(S)), "Raft has not swapped the voters yet");
+    raft_follows(&mut s, 2, &[1]);
     advance(&mut s).expect("remove old");
     assert_eq!(roles(&s), vec![(2, Voter), (3, Voter), (4, Voter)]);
     assert_eq!(s.moves[&S].step, MoveStep::TransferLeader);
@@ -92,20 +124,80 @@ fn a_move_runs_every_step_and_keeps_three_voters() {
 }
 
 #[test]
-fn without_a_leader_report_the_learner_catches_up_with_the_most_advanced_voter() {
+fn without_a_leader_applied_index_the_learner_catches_up_with_the_most_advanced_voter() {
     let mut s = state();
-    applied(&mut s, 2, 40, false);
-    applied(&mut s, 3, 90, false);
     start(&mut s, 1, 4, None);
     advance(&mut s).expect("add learner");
+    raft_follows(&mut s, 2, &[]);
+    applied(&mut s, 3, 90, false);
     applied(&mut s, 4, 70, false);
     assert_eq!(s.moves[&S].next(&s), Ok(PlanAction::Wait { learner: Some(LogIndex(70)), leader: Some(LogIndex(90)) }));
     applied(&mut s, 4, 85, false);
     advance(&mut s).expect("caught up");
     advance(&mut s).expect("promote");
+    raft_follows(&mut s, 2, &[1]);
     advance(&mut s).expect("remove old");
     assert!(s.moves.is_empty(), "no leader transfer asked: done after removing the old replica");
     assert!(s.transfers.is_empty());
+}
+
+#[test]
+fn remove_old_waits_for_the_committed_configuration_and_leaves_a_confirmed_tombstone() {
+    let mut s = state();
+    start(&mut s, 1, 4, None);
+    advance(&mut s).expect("add learner");
+    raft_follows(&mut s, 2, &[]);
+    applied(&mut s, 2, 1, true);
+    applied(&mut s, 4, 1, false);
+    advance(&mut s).expect("caught up");
+    advance(&mut s).expect("promote");
+    // The leader reports the joint configuration: node 1 still votes in its outgoing half.
+    let mut report = s.nodes[&n(2)].report.clone();
+    report.confs.insert(
+        S,
+        GroupConf {
+            index: LogIndex(7),
+            voters: [1, 2, 3, 4].into_iter().map(n).collect(),
+            learners: Default::default(),
+            joint: true,
+        },
+    );
+    s.apply(MetaCommand::Heartbeat { node: n(2), report }).expect("heartbeat");
+    assert!(matches!(s.moves[&S].next(&s), Ok(PlanAction::WaitRaft { conf: Some(GroupConf { joint: true, .. }) })));
+    let before = s.clone();
+    assert_eq!(advance(&mut s), Err(MetaError::MoveWaiting(S)));
+    assert_eq!(s, before, "a waiting step changes nothing");
+    assert!(s.tombstones.is_empty());
+    raft_follows(&mut s, 2, &[1]);
+    let at = s.leader_conf(S).expect("conf").index;
+    advance(&mut s).expect("remove old");
+    assert_eq!(s.tombstones[&S][&n(1)], Tombstone { confirmed: Some(at) });
+    // Node 1 deleted its replica and says so: the tombstone goes.
+    let mut report = s.nodes[&n(1)].report.clone();
+    report.applied.remove(&S);
+    s.apply(MetaCommand::Heartbeat { node: n(1), report }).expect("heartbeat");
+    assert!(s.tombstones.is_empty());
+}
+
+#[test]
+fn an_aborted_move_buries_its_learner_until_the_leader_confirms_its_removal() {
+    let mut s = state();
+    start(&mut s, 1, 4, None);
+    advance(&mut s).expect("add learner");
+    raft_follows(&mut s, 2, &[]);
+    s.apply(MetaCommand::AbortMove { shard: S }).expect("abort");
+    assert_eq!(s.tombstones[&S][&n(4)], Tombstone { confirmed: None }, "Raft still holds the learner");
+    // Node 4 still hosts it and reports so: nothing changes.
+    applied(&mut s, 4, 3, false);
+    assert_eq!(s.tombstones[&S][&n(4)], Tombstone { confirmed: None });
+    // The leader removed the learner from the group.
+    raft_follows(&mut s, 2, &[]);
+    let at = s.leader_conf(S).expect("conf").index;
+    assert_eq!(s.tombstones[&S][&n(4)], Tombstone { confirmed: Some(at) });
+    // A new move back onto node 4 lifts the tombstone: its old replica is a member again.
+    start(&mut s, 1, 4, None);
+    advance(&mut s).expect("add learner");
+    assert!(s.tombstones.is_empty());
 }
 
 #[test]
@@ -149,6 +241,7 @@ fn a_plan_survives_snapshot_and_restore() {
     let mut s = state();
     start(&mut s, 2, 5, None);
     advance(&mut s).expect("add learner");
+    raft_follows(&mut s, 1, &[]);
     applied(&mut s, 5, 0, false);
     assert!(matches!(s.moves[&S].next(&s), Ok(PlanAction::Wait { leader: None, .. })), "no voter reported: wait");
     applied(&mut s, 1, 3, true);
@@ -157,6 +250,7 @@ fn a_plan_survives_snapshot_and_restore() {
     assert_eq!(restored, s);
     assert_eq!(restored.moves[&S].step, MoveStep::Promote);
     advance(&mut restored).expect("promote");
+    raft_follows(&mut restored, 1, &[2]);
     advance(&mut restored).expect("remove old");
     assert!(restored.moves.is_empty());
     assert_eq!(restored.map.get(S).expect("shard").voters().collect::<Vec<_>>(), vec![n(1), n(3), n(5)]);
@@ -209,10 +303,12 @@ fn concurrent_changes_abort_the_plan_with_a_clear_error() {
     start(&mut s, 1, 4, Some(2));
     applied(&mut s, 4, 0, false);
     applied(&mut s, 3, 0, false);
-    for _ in 0..3 {
-        advance(&mut s).expect("add, catch up, promote");
-    }
+    advance(&mut s).expect("add learner");
+    raft_follows(&mut s, 3, &[]);
+    advance(&mut s).expect("caught up");
+    advance(&mut s).expect("promote");
     s.apply(MetaCommand::RemoveReplica { shard: S, epoch: epoch(&s), node: n(2) }).expect("by hand");
+    raft_follows(&mut s, 3, &[1]);
     advance(&mut s).expect("remove old");
     assert_eq!(s.moves[&S].next(&s), Err(PlanError::LeaderTargetNotVoter { shard: S, node: n(2) }));
 }
@@ -319,6 +415,17 @@ proptest! {
             let Some(plan) = s.moves.get(&S).cloned() else { return false };
             match plan.next(s) {
                 Ok(PlanAction::Wait { .. }) => false,
+                Ok(PlanAction::WaitRaft { .. }) => {
+                    // The group carries out the map's change; a voter other than the move's
+                    // two nodes leads it (so the leadership request stays the plan's).
+                    let d = s.map.get(S).expect("shard").clone();
+                    let demoted = d.replica(n(from)).is_some_and(|r| r.role == ReplicaRole::Learner);
+                    let leader = d.voters().map(|v| v.0).find(|v| *v != from && *v != to).expect("a third voter");
+                    let gone: Vec<u64> = if demoted { vec![from] } else { Vec::new() };
+                    raft_follows(s, leader, &gone);
+                    applied(s, leader, 500, true);
+                    false
+                }
                 Ok(_) => { advance(s).expect("a step that next() allows applies"); true }
                 Err(e) => panic!("no conflicting change here: {e}"),
             }

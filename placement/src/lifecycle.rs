@@ -1,0 +1,67 @@
+//! Whether a node keeps or deletes its replica of a shard: the rule that a replica's life
+//! follows its group's committed Raft configuration, as a pure function.
+//!
+//! The map a node sees may lag (a meta replica behind its leader, a view fetched before a
+//! split) or run ahead of Raft (a move's change is recorded before the group carries it out).
+//! Deleting a replica that Raft still counts loses acknowledged writes: re-created empty, it
+//! would vote for a candidate missing them. So the map alone never deletes a replica; it takes
+//! one of these:
+//! - the group's own committed configuration on this node leaves the node out (Raft removed
+//!   it), and the map does not list the node either (it was not added back since);
+//! - a confirmed [`Tombstone`](crate::Tombstone): the shard's leader reported a committed
+//!   configuration without the node, at an index at least that of the newest configuration
+//!   the local replica holds (a replica holding a newer one was added back since).
+//!
+//! A shard the view does not know at all (its id not allocated yet, or not in the map) is
+//! always kept: that view is older than the replica.
+
+use crate::map::{NodeId, ShardId};
+use crate::meta::{LogIndex, MetaState};
+
+/// What the local replica of a shard knows of its own group.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalReplica {
+    /// The committed configuration's index and whether it holds this node (voter or
+    /// learner); `None` while the replica holds no configuration at all (created empty).
+    pub committed: Option<(LogIndex, bool)>,
+    /// The index of the newest configuration in the replica's log or snapshot (0 if none).
+    pub newest_conf: LogIndex,
+}
+
+/// The decision for one local replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicaFate {
+    /// Keep it (a member, or not known to be removed).
+    Keep,
+    /// Delete it: Raft no longer counts it.
+    Delete(DeleteReason),
+}
+
+/// Why a replica may be deleted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeleteReason {
+    /// The replica applied a configuration without its node.
+    RemovedByItsGroup,
+    /// The shard's leader reported a committed configuration without the node.
+    Tombstone(LogIndex),
+}
+
+/// Decides whether node `me` keeps its replica of `shard`, from the view `state` (which may be
+/// stale) and what the replica itself knows.
+pub fn replica_fate(me: NodeId, shard: ShardId, local: &LocalReplica, state: &MetaState) -> ReplicaFate {
+    if shard.0 >= state.next_shard_id {
+        return ReplicaFate::Keep;
+    }
+    let Some(d) = state.map.get(shard) else { return ReplicaFate::Keep };
+    if d.replica(me).is_some() {
+        return ReplicaFate::Keep;
+    }
+    if let Some((_, false)) = local.committed {
+        return ReplicaFate::Delete(DeleteReason::RemovedByItsGroup);
+    }
+    let tomb = state.tombstones.get(&shard).and_then(|t| t.get(&me)).and_then(|t| t.confirmed);
+    match tomb {
+        Some(at) if local.newest_conf <= at => ReplicaFate::Delete(DeleteReason::Tombstone(at)),
+        _ => ReplicaFate::Keep,
+    }
+}

@@ -1,0 +1,87 @@
+//! The replica-deletion rule (`replica_fate`): a stale or early map never deletes a replica
+//! that its group's committed configuration may still count.
+
+use flotilla_placement::*;
+
+fn n(i: u64) -> NodeId {
+    NodeId(i)
+}
+
+/// Nodes 1..=4 registered, shard 1 on voters 1, 2, 3.
+fn state() -> MetaState {
+    let mut s = MetaState::default();
+    for i in 1..=4 {
+        s.apply(MetaCommand::RegisterNode { node: n(i), addr: String::new() }).expect("register");
+    }
+    s.apply(MetaCommand::Bootstrap { nodes: vec![n(1), n(2), n(3)] }).expect("bootstrap");
+    s
+}
+
+fn member(index: u64) -> LocalReplica {
+    LocalReplica { committed: Some((LogIndex(index), true)), newest_conf: LogIndex(index) }
+}
+
+#[test]
+fn a_shard_the_view_does_not_know_is_kept() {
+    // The view predates the split that made shard 2 (the replica was born of it locally).
+    let s = state();
+    assert_eq!(replica_fate(n(3), ShardId(2), &member(5), &s), ReplicaFate::Keep);
+    assert_eq!(replica_fate(n(3), ShardId(99), &LocalReplica::default(), &s), ReplicaFate::Keep);
+    // An empty view (not read yet) keeps everything.
+    assert_eq!(replica_fate(n(3), ShardId(1), &member(5), &MetaState::default()), ReplicaFate::Keep);
+}
+
+#[test]
+fn a_replica_the_map_lists_is_kept_whatever_the_group_says() {
+    let s = state();
+    let removed = LocalReplica { committed: Some((LogIndex(9), false)), newest_conf: LogIndex(9) };
+    assert_eq!(replica_fate(n(1), ShardId(1), &removed, &s), ReplicaFate::Keep, "added back since");
+}
+
+#[test]
+fn a_map_without_the_node_alone_does_not_delete_a_member() {
+    let mut s = state();
+    let e = s.map.get(ShardId(1)).expect("shard").epoch;
+    s.apply(MetaCommand::RemoveReplica { shard: ShardId(1), epoch: e, node: n(3) }).expect("remove");
+    // Removed from the map, but no leader confirmed it left the group: keep.
+    assert_eq!(s.tombstones[&ShardId(1)][&n(3)], Tombstone { confirmed: None });
+    assert_eq!(replica_fate(n(3), ShardId(1), &member(5), &s), ReplicaFate::Keep);
+    // A node the map never listed, with a replica it holds as a member (created from a newer
+    // view, or born of a split): kept.
+    assert_eq!(replica_fate(n(4), ShardId(1), &member(5), &s), ReplicaFate::Keep);
+    assert_eq!(replica_fate(n(4), ShardId(1), &LocalReplica::default(), &s), ReplicaFate::Keep);
+}
+
+#[test]
+fn the_groups_own_committed_configuration_deletes() {
+    let mut s = state();
+    let e = s.map.get(ShardId(1)).expect("shard").epoch;
+    s.apply(MetaCommand::RemoveReplica { shard: ShardId(1), epoch: e, node: n(3) }).expect("remove");
+    let removed = LocalReplica { committed: Some((LogIndex(9), false)), newest_conf: LogIndex(9) };
+    assert_eq!(replica_fate(n(3), ShardId(1), &removed, &s), ReplicaFate::Delete(DeleteReason::RemovedByItsGroup));
+}
+
+#[test]
+fn a_confirmed_tombstone_deletes_only_replicas_not_newer_than_it() {
+    let mut s = state();
+    let mut report = NodeReport { leading: vec![ShardId(1)], ..Default::default() };
+    report.confs.insert(
+        ShardId(1),
+        GroupConf { index: LogIndex(20), voters: [1, 2].into_iter().map(n).collect(), ..Default::default() },
+    );
+    s.apply(MetaCommand::Heartbeat { node: n(1), report }).expect("heartbeat");
+    let e = s.map.get(ShardId(1)).expect("shard").epoch;
+    s.apply(MetaCommand::RemoveReplica { shard: ShardId(1), epoch: e, node: n(3) }).expect("remove");
+    assert_eq!(s.tombstones[&ShardId(1)][&n(3)], Tombstone { confirmed: Some(LogIndex(20)) });
+    // The replica never learnt of its removal (its leader stopped sending to it).
+    assert_eq!(
+        replica_fate(n(3), ShardId(1), &member(12), &s),
+        ReplicaFate::Delete(DeleteReason::Tombstone(LogIndex(20)))
+    );
+    assert_eq!(
+        replica_fate(n(3), ShardId(1), &LocalReplica::default(), &s),
+        ReplicaFate::Delete(DeleteReason::Tombstone(LogIndex(20)))
+    );
+    // A replica holding a configuration newer than the tombstone was added back since.
+    assert_eq!(replica_fate(n(3), ShardId(1), &member(21), &s), ReplicaFate::Keep);
+}
