@@ -36,8 +36,8 @@
 use crate::meta::{self, meta_range, shard_range, META_GROUP, META_STATE_KEY};
 use crate::net::{deliver, NetStats, TransportNetwork};
 use crate::placement::{
-    BalancerConfig, Epoch, LogIndex as PLogIndex, MetaCommand, MetaState, NodeId as PNodeId, NodeReport, PlanAction,
-    ReplicaRole, ShardId,
+    replica_fate, BalancerConfig, Epoch, GroupConf, LocalReplica, LogIndex as PLogIndex, MetaCommand, MetaState,
+    MoveStep, NodeId as PNodeId, NodeReport, PlanAction, ReplicaFate, ReplicaRole, ShardId,
 };
 use crate::raft::{Config as RaftConfig, GroupId, Membership, NodeId, RaftError, ReadMode, Role};
 use crate::shard::{
@@ -85,6 +85,10 @@ pub const RECONFIG_RETRY_MS: u64 = 2_000;
 pub const SHUTDOWN_HOST_MS_MAX: u64 = 10_000;
 /// Most voters of the meta group.
 pub const META_VOTERS_MAX: usize = 5;
+/// A replica move whose step has not advanced for this long is aborted (a learner that cannot
+/// catch up, a configuration change that does not commit): it would otherwise block the
+/// shard's splits and moves for good.
+pub const MOVE_STEP_DEADLINE_MS: u64 = 120_000;
 
 /// Errors of the node.
 #[derive(Debug, thiserror::Error)]
@@ -253,6 +257,8 @@ struct Inner {
     requests_limit: Arc<Semaphore>,
     /// Last size check of each shard this node leads.
     sizes: Mutex<HashMap<ShardId, SizeCheck>>,
+    /// On the meta leader: the step each move was first seen at, and when (step deadlines).
+    move_steps: Mutex<HashMap<ShardId, (MoveStep, Instant)>>,
     /// Peers made known after start ([`Node::set_peer_addr`]).
     extra_peers: Mutex<BTreeSet<u64>>,
     net_stats: Arc<NetStats>,
@@ -344,6 +350,7 @@ impl Node {
             live_reports: Mutex::new(HashMap::new()),
             stats: NodeStats::default(),
             extra_peers: Mutex::new(BTreeSet::new()),
+            move_steps: Mutex::new(HashMap::new()),
             net_stats,
             started: Instant::now(),
             shutdown,
@@ -644,9 +651,13 @@ impl Node {
 
     // ---------------------------------------------------------------- meta
 
+    /// Replaces the view, unless `state` is older than the one held (a lagging meta replica
+    /// read after a newer state came from the meta leader): a view never goes back in time.
     fn set_view(&self, state: MetaState) {
         if let Ok(mut v) = self.inner.view.write() {
-            *v = Arc::new(state);
+            if !is_older(&state, v.as_ref()) {
+                *v = Arc::new(state);
+            }
         }
     }
 
@@ -845,6 +856,14 @@ impl Node {
         for i in infos.iter().filter(|i| i.group.0 != META_GROUP) {
             if i.role == Role::Leader {
                 report.leading.push(ShardId(i.group.0));
+                let m = &i.committed_conf.membership;
+                let conf = GroupConf {
+                    index: PLogIndex(i.committed_conf.log_id.index.0),
+                    voters: m.nodes().into_iter().filter(|n| m.is_voter(*n)).map(|n| PNodeId(n.0)).collect(),
+                    learners: m.learners.iter().filter(|n| !m.is_voter(**n)).map(|n| PNodeId(n.0)).collect(),
+                    joint: m.is_joint(),
+                };
+                report.confs.insert(ShardId(i.group.0), conf);
             }
             report.applied.insert(ShardId(i.group.0), PLogIndex(i.applied.0));
         }
@@ -1017,9 +1036,38 @@ impl Node {
             return;
         }
         let state = self.meta_view();
+        let now = Instant::now();
+        let deadline = Duration::from_millis(MOVE_STEP_DEADLINE_MS);
+        let overdue: BTreeSet<ShardId> = match self.inner.move_steps.lock() {
+            Ok(mut steps) => {
+                steps.retain(|shard, _| state.moves.contains_key(shard));
+                state
+                    .moves
+                    .values()
+                    .filter(|p| {
+                        let (step, since) = steps.entry(p.shard).or_insert((p.step, now));
+                        if *step != p.step {
+                            *step = p.step;
+                            *since = now;
+                        }
+                        now.duration_since(*since) > deadline
+                    })
+                    .map(|p| p.shard)
+                    .collect()
+            }
+            Err(_) => BTreeSet::new(),
+        };
         for plan in state.moves.values() {
+            if overdue.contains(&plan.shard) {
+                warn!(shard = %plan.shard, step = ?plan.step, "move step past its deadline; aborting the move");
+                let cmd = MetaCommand::AbortMove { shard: plan.shard };
+                if let Err(e) = self.meta_exec(MetaOp::Commands(vec![cmd]), false).await {
+                    debug!(shard = %plan.shard, error = %e, "move not aborted");
+                }
+                continue;
+            }
             let cmd = match plan.next(&state) {
-                Ok(PlanAction::Wait { .. }) => continue,
+                Ok(PlanAction::Wait { .. } | PlanAction::WaitRaft { .. }) => continue,
                 Ok(_) => MetaCommand::AdvanceMove { shard: plan.shard, step: plan.step },
                 Err(e) => {
                     warn!(shard = %plan.shard, error = %e, "move cannot go on; aborting it");
@@ -1082,19 +1130,18 @@ impl Node {
                 Err(e) => warn!(node = self.inner.id, shard = %d.id, error = %e, "cannot create shard replica"),
             }
         }
-        for g in &local {
-            if g.0 == META_GROUP {
-                continue;
-            }
-            let keep = state.map.get(ShardId(g.0)).is_some_and(|d| d.replica(me).is_some());
-            if !keep {
-                match host.destroy_group(*g, true).await {
-                    Ok(()) => info!(node = self.inner.id, shard = g.0, "shard replica removed"),
-                    Err(e) => warn!(shard = g.0, error = %e, "cannot remove shard replica"),
+        let Ok(infos) = host.group_info().await else { return };
+        // A replica is deleted only when its group's committed configuration no longer counts
+        // it (see `placement::lifecycle`), never because this view leaves it out.
+        for i in infos.iter().filter(|i| i.group.0 != META_GROUP) {
+            let fate = replica_fate(me, ShardId(i.group.0), &local_replica_of(i, self.inner.id), &state);
+            if let ReplicaFate::Delete(why) = fate {
+                match host.destroy_group(i.group, true).await {
+                    Ok(()) => info!(node = self.inner.id, shard = i.group.0, reason = ?why, "shard replica removed"),
+                    Err(e) => warn!(shard = i.group.0, error = %e, "cannot remove shard replica"),
                 }
             }
         }
-        let Ok(infos) = host.group_info().await else { return };
         // Splits the map holds that a group this node leads has not carried out yet: propose
         // the split entry (one at a time per group; it is idempotent once applied).
         for i in infos.iter().filter(|i| i.role == Role::Leader && i.group.0 != META_GROUP) {
@@ -1124,6 +1171,17 @@ impl Node {
                 if !i.voters.contains(&rid(l.node.0)) && self.may_reconfig(i.group.0, format!("learner-{}", l.node.0)) {
                     if let Err(e) = host.add_learner(i.group, rid(l.node.0)).await {
                         debug!(shard = i.group.0, error = %e, "add learner");
+                    }
+                }
+            }
+            // Learners the map removed (an aborted move): the group stops counting them, which
+            // confirms their tombstones so their nodes may delete them.
+            let buried = state.tombstones.get(&d.id);
+            for l in i.committed_conf.membership.learners.iter().filter(|l| !i.voters.contains(l)) {
+                let gone = d.replica(PNodeId(l.0)).is_none() && buried.is_some_and(|t| t.contains_key(&PNodeId(l.0)));
+                if gone && self.may_reconfig(i.group.0, format!("remove-learner-{}", l.0)) {
+                    if let Err(e) = host.remove_learner(i.group, *l).await {
+                        debug!(shard = i.group.0, error = %e, "remove learner");
                     }
                 }
             }
@@ -1193,7 +1251,10 @@ impl Node {
                     return r;
                 }
                 if consistency == ReadConsistency::Stale {
-                    let Some(sm) = self.local_replica(shard) else { return Response::UnknownShard };
+                    let sm = match self.local_replica(shard).await {
+                        Ok(sm) => sm,
+                        Err(r) => return r,
+                    };
                     return match sm.get(key).await {
                         Ok(v) => Response::Value(v),
                         Err(e) => Response::Unavailable(e.to_string()),
@@ -1231,7 +1292,10 @@ impl Node {
                 };
                 let from = if start.as_slice() < d.start.as_slice() { d.start.clone() } else { start };
                 if consistency == ReadConsistency::Stale {
-                    let Some(sm) = self.local_replica(shard) else { return Response::UnknownShard };
+                    let sm = match self.local_replica(shard).await {
+                        Ok(sm) => sm,
+                        Err(r) => return r,
+                    };
                     return match sm.scan(from, end, limit).await {
                         Ok(pairs) => Response::Pairs(cut_scan(pairs)),
                         Err(e) => Response::Unavailable(e.to_string()),
@@ -1286,13 +1350,20 @@ impl Node {
         }
     }
 
-    /// A reader of this node's replica of `shard` (its applied state, however far behind).
-    fn local_replica(&self, shard: ShardId) -> Option<KvStateMachine> {
-        if !self.inner.host.groups().contains(&GroupId(shard.0)) {
-            return None;
+    /// A reader of this node's replica of `shard` for stale reads: its applied state, however
+    /// far behind, but only once the replica has joined its group (applied from its leader's
+    /// snapshot or log). A replica created empty and not caught up yet holds none of the
+    /// shard's data: it answers `Unavailable` rather than "no such key".
+    async fn local_replica(&self, shard: ShardId) -> Result<KvStateMachine, Response> {
+        let sm = self.inner.host.state_machine(GroupId(shard.0)).ok_or(Response::UnknownShard)?;
+        match sm.has_joined(rid(self.inner.id)).await {
+            Ok(true) => Ok(sm),
+            Ok(false) => Err(Response::Unavailable(format!(
+                "the replica of shard {shard} on node {} has not caught up with its group yet: read from the leader",
+                self.inner.id
+            ))),
+            Err(e) => Err(Response::Unavailable(e.to_string())),
         }
-        let d = self.meta_view().map.get(shard)?.clone();
-        Some(KvStateMachine::new(self.inner.host.store().clone(), GroupId(shard.0), shard_range(&d)))
     }
 
     async fn write(&self, shard: ShardId, epoch: crate::placement::Epoch, cmd: KvCommand) -> Response {
@@ -1547,6 +1618,25 @@ fn shard_rows(state: &MetaState) -> Vec<ShardRow> {
             ShardRow { descriptor: d.clone(), leader, applied, bytes, moving }
         })
         .collect()
+}
+
+/// What a local replica knows of its own group, for [`replica_fate`].
+fn local_replica_of(i: &crate::shard::GroupInfo, me: u64) -> LocalReplica {
+    let m = &i.committed_conf.membership;
+    let committed = (!m.nodes().is_empty()).then(|| (PLogIndex(i.committed_conf.log_id.index.0), m.contains(rid(me))));
+    LocalReplica { committed, newest_conf: PLogIndex(i.newest_conf.0) }
+}
+
+/// Whether view `a` is older than view `b`: it allocated fewer shard ids, or some shard is at
+/// an older epoch. Both come from one history (the meta group's), so no view is older in one
+/// shard and newer in another.
+fn is_older(a: &MetaState, b: &MetaState) -> bool {
+    a.next_shard_id < b.next_shard_id
+        || a.map.shards().any(|d| {
+            b.map
+                .get(d.id)
+                .is_some_and(|o| (d.epoch.version, d.epoch.conf_version) < (o.epoch.version, o.epoch.conf_version))
+        })
 }
 
 /// `state` with every node's report emptied: what a report alone does not change.

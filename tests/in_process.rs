@@ -569,3 +569,66 @@ async fn a_write_cut_off_from_its_quorum_is_unknown_not_retried() {
     assert!(v.as_deref() == Some(b"before".as_slice()) || v.as_deref() == Some(b"during".as_slice()), "{v:?}");
     cluster.shutdown().await;
 }
+
+/// A node whose meta replica lags (cut from the meta leader only) applies a split through the
+/// shard's Raft group and hosts the new group before its view of the map knows the group. The
+/// replica must stay: a stale map never deletes a replica its group still counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_with_a_lagging_map_keeps_the_group_a_split_gave_it() {
+    let mut cluster = Cluster::start(3, 1).await;
+    let client = cluster.client().await;
+    client.put(b"a-0", b"v").await.unwrap();
+    let shard = client.cached_view().map.lookup(b"a").unwrap().id;
+    let meta_leader = wait_leader(&cluster, ShardId(0)).await;
+    // The shard's leader and the node to cut are the two other nodes.
+    let others: Vec<u64> = (1..=3).filter(|n| *n != meta_leader).collect();
+    let (shard_leader, cut) = (others[0], others[1]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while wait_leader(&cluster, shard).await != shard_leader {
+        let _ = client.admin(AdminRequest::TransferLeader { shard, node: NodeId(shard_leader) }).await;
+        assert!(Instant::now() < deadline, "shard {shard} never moved to node {shard_leader}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let node = |id: u64| cluster.nodes[(id - 1) as usize].as_ref().unwrap();
+    node(cut).transport().block_peer(TNodeId(meta_leader));
+    node(meta_leader).transport().block_peer(TNodeId(cut));
+
+    let AdminResponse::Changed(shards) = client.admin(AdminRequest::Split { key: b"m".to_vec() }).await.unwrap() else {
+        panic!("split answered otherwise")
+    };
+    let right = shards.iter().find(|d| d.start == b"m").expect("the right half").id;
+    let group = flotilla::raft::GroupId(right.0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !node(cut).host().groups().contains(&group) {
+        assert!(
+            Instant::now() < deadline,
+            "node {cut} never hosted the new group (it did not apply the split, or deleted the replica at once)"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        node(cut).meta_view().map.get(right).is_none(),
+        "the scenario needs node {cut}'s map to lag behind the split"
+    );
+    // The replica on the cut node stays through several reconciler rounds while its map lags.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        assert!(node(cut).host().groups().contains(&group), "node {cut} deleted a replica its group counts");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    node(cut).transport().unblock_peer(TNodeId(meta_leader));
+    node(meta_leader).transport().unblock_peer(TNodeId(cut));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node(cut).meta_view().map.get(right).is_none() {
+        assert!(Instant::now() < deadline, "node {cut}'s map never caught up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(node(cut).host().groups().contains(&group));
+    for i in 0..20 {
+        client.put(format!("x-{i}").as_bytes(), b"v").await.unwrap();
+    }
+    for i in 0..20 {
+        assert_eq!(client.get(format!("x-{i}").as_bytes()).await.unwrap(), Some(b"v".to_vec()));
+    }
+    cluster.shutdown().await;
+}

@@ -12,7 +12,7 @@ use crate::keys::{
 use crate::store::{Op, Store, CF_DATA, CF_META, CF_RAFT};
 use bytes::Bytes;
 use flotilla_raft::{
-    AppliedState, Entry, EntryPayload, GroupId, LogId, Snapshot, SnapshotMeta, StateMachine, StorageError,
+    AppliedState, Entry, EntryPayload, GroupId, LogId, NodeId, Snapshot, SnapshotMeta, StateMachine, StorageError,
     StoredMembership,
 };
 use rocksdb::{Direction, IteratorMode};
@@ -361,6 +361,19 @@ impl KvStateMachine {
     /// The shard's key range (as of the last applied batch).
     pub fn range(&self) -> KeyRange {
         self.range.read().map(|r| r.clone()).unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// Whether this replica has applied anything and holds a configuration with `node` in it.
+    /// A replica created empty has neither until its leader's snapshot or log reaches it, so
+    /// until then its (empty) data says nothing about the shard.
+    pub async fn has_joined(&self, node: NodeId) -> Result<bool, StorageError> {
+        let g = self.group;
+        self.store
+            .blocking(move |s| {
+                let r = Self::read_applied(s, g)?;
+                Ok(r.last_applied.is_some() && r.membership.membership.contains(node))
+            })
+            .await
     }
 
     fn set_range(&self, range: KeyRange) {

@@ -8,6 +8,7 @@
 //! - [`KvStateMachine`]: the key-value `StateMachine` of one shard over its key range.
 #![warn(missing_docs)]
 
+mod clock;
 pub mod host;
 pub mod keys;
 pub mod kv;

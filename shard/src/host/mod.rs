@@ -35,7 +35,7 @@ use crate::store::{Op, Store, CF_META, CF_RAFT};
 use bytes::Bytes;
 use flotilla_raft::{
     driver::recover_state, Config, Engine, GroupCore, GroupId, LogIndex, Membership, Message, Millis, NodeId,
-    RaftError, ReadMode, Role, StorageError, Term,
+    RaftError, ReadMode, Role, StorageError, StoredMembership, Term,
 };
 use poller::{ApiReq, GroupState, Poller, PollerMsg};
 use serde::{Deserialize, Serialize};
@@ -206,6 +206,11 @@ pub struct GroupInfo {
     pub applied: LogIndex,
     /// Voters of the configuration in effect.
     pub voters: BTreeSet<NodeId>,
+    /// The committed configuration and the entry that carried it: what a replica's lifecycle
+    /// follows (a node leaves a group only once a committed configuration says so).
+    pub committed_conf: StoredMembership,
+    /// The index of the newest configuration in the replica's log (0 if it holds none).
+    pub newest_conf: LogIndex,
     /// Whether the group is quiet (not ticking).
     pub quiet: bool,
     /// Why the group stopped (a storage failure), once it did.
@@ -236,8 +241,10 @@ pub(crate) struct Shared {
     pub(crate) config: HostConfig,
     pub(crate) store: Store,
     pub(crate) network: Arc<dyn HostNetwork>,
-    /// Time zero of every engine clock on this host.
+    /// Time zero of liveness (peers never heard from count from here).
     pub(crate) base: Instant,
+    /// Every engine clock on this host.
+    pub(crate) clock: crate::clock::BootClock,
     pub(crate) stats: HostStats,
     /// When each peer node was last heard from (liveness for quiet groups).
     pub(crate) heard: Mutex<HashMap<NodeId, Instant>>,
@@ -256,8 +263,9 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The engines' clock (see [`crate::clock`]: it keeps counting through a suspend).
     pub(crate) fn now(&self) -> Millis {
-        Millis(self.base.elapsed().as_millis() as u64)
+        Millis(self.clock.elapsed_ms())
     }
 
     /// Whether `node` answered recently. A node never heard from counts from the host's start,
@@ -297,6 +305,7 @@ impl Host {
             store: store.clone(),
             network,
             base: Instant::now(),
+            clock: crate::clock::BootClock::new(),
             stats: HostStats::default(),
             heard: Mutex::new(HashMap::new()),
             peers: Mutex::new(BTreeSet::new()),
@@ -408,6 +417,12 @@ impl Host {
         self.shared.store.write(ops, true).await?;
         info!(node = %self.node(), %group, "group destroyed");
         Ok(())
+    }
+
+    /// The state machine of `group` on this node, for reads of its local (possibly stale)
+    /// state.
+    pub fn state_machine(&self, group: GroupId) -> Option<KvStateMachine> {
+        self.entry(group).ok().map(|e| e.sm)
     }
 
     /// The key range group `group` owns on this node now (narrowed by splits as they apply).
@@ -549,6 +564,11 @@ impl Host {
         self.call(group, |tx| ApiReq::AddLearner(node, tx)).await
     }
 
+    /// Removes the learner on `node` from `group` (a voter is refused).
+    pub async fn remove_learner(&self, group: GroupId, node: NodeId) -> Result<LogIndex, HostError> {
+        self.call(group, |tx| ApiReq::RemoveLearner(node, tx)).await
+    }
+
     /// Changes the voters of `group` by joint consensus.
     pub async fn change_membership(&self, group: GroupId, voters: BTreeSet<NodeId>) -> Result<LogIndex, HostError> {
         self.call(group, |tx| ApiReq::ChangeMembership(voters, tx)).await
@@ -600,6 +620,8 @@ pub(crate) async fn build_group(
     }
     let mut config = shared.config.raft.clone();
     config.api_timeout_ms = shared.config.api_timeout_ms;
+    // Replicas are deleted and created again as shards move: an empty one must not vote.
+    config.votes_need_configuration = true;
     let engine =
         Engine::new(me, Arc::new(config), state, flotilla_raft::driver::seed_from_entropy(me, group), shared.now());
     let mut core = GroupCore::new(engine, snapshot);

@@ -29,6 +29,7 @@ pub(crate) enum ApiReq {
     Write(Vec<Bytes>, WriteReply),
     Read(ReadMode, IndexReply),
     AddLearner(NodeId, IndexReply),
+    RemoveLearner(NodeId, IndexReply),
     ChangeMembership(BTreeSet<NodeId>, IndexReply),
     TransferLeader(NodeId, DoneReply),
     TriggerSnapshot(oneshot::Sender<Result<(), RaftError>>),
@@ -250,6 +251,7 @@ impl Poller {
                     ApiReq::Write(cmds, reply) => core.write(now, cmds, reply),
                     ApiReq::Read(mode, reply) => core.read(now, mode, true, reply),
                     ApiReq::AddLearner(node, reply) => core.add_learner(now, node, reply),
+                    ApiReq::RemoveLearner(node, reply) => core.remove_learner(now, node, reply),
                     ApiReq::ChangeMembership(voters, reply) => core.change_membership(now, voters, reply),
                     ApiReq::TransferLeader(target, reply) => core.transfer_leader(now, target, reply),
                     ApiReq::TriggerSnapshot(reply) => {
@@ -333,6 +335,8 @@ impl Poller {
                             committed: e.committed(),
                             applied: e.applied(),
                             voters: e.membership().membership.voters.clone(),
+                            committed_conf: e.committed_membership().clone(),
+                            newest_conf: e.membership().log_id.index,
                             quiet: g.quiet,
                             stopped: g.core.fatal().map(|f| f.to_string()),
                         }
@@ -701,7 +705,10 @@ fn reply_unknown(req: ApiReq) {
         ApiReq::Write(_, r) => {
             let _ = r.send(Err(e()));
         }
-        ApiReq::Read(_, r) | ApiReq::AddLearner(_, r) | ApiReq::ChangeMembership(_, r) => {
+        ApiReq::Read(_, r)
+        | ApiReq::AddLearner(_, r)
+        | ApiReq::RemoveLearner(_, r)
+        | ApiReq::ChangeMembership(_, r) => {
             let _ = r.send(Err(e()));
         }
         ApiReq::TransferLeader(_, r) => {
