@@ -578,6 +578,7 @@ impl StateMachine for KvStateMachine {
     }
 
     async fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), StorageError> {
+        self.store.install_hold_point().await;
         let (g, range) = (self.group, self.range());
         // Check the data before touching anything.
         let d: SnapshotData = decode(&snapshot.data, || format!("group {g} received snapshot"))?;
