@@ -687,3 +687,42 @@ async fn a_read_or_cas_right_after_an_answered_write_sees_it() {
     assert!(checked >= 150, "only {checked} rounds ran on a stable leader");
     c.shutdown().await;
 }
+/// Issue 12 (8): the `from` of the Raft messages inside a batch was not checked against the
+/// batch's (authenticated) sender, so any peer could speak for another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_messages_claiming_another_sender_than_their_batch_are_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Arc::new(MemNet::default());
+    let host = Host::open(Store::open(dir.path()).expect("open"), config(1), net.clone()).await.expect("host");
+    let members = Membership::new([NodeId(1), NodeId(2), NodeId(3)]);
+    host.create_group(GroupId(1), KeyRange::all(), Some(members)).await.expect("create");
+    let heartbeat = |from: u64, term: u64| {
+        (
+            GroupId(1),
+            flotilla_raft::Message {
+                from: NodeId(from),
+                to: NodeId(1),
+                term: flotilla_raft::Term(term),
+                body: flotilla_raft::MessageBody::Heartbeat { commit: flotilla_raft::LogIndex(0), round: 0 },
+            },
+        )
+    };
+    // Node 2 sends a heartbeat in node 3's name (term 50), then one of its own (term 40).
+    host.receive(NodeBatch {
+        from: NodeId(2),
+        messages: vec![heartbeat(3, 50), heartbeat(2, 40)],
+        quiesce: Vec::new(),
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let info = loop {
+        let info = host.group_info().await.expect("info").remove(0);
+        if info.term.0 >= 40 {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "the genuine heartbeat was not handled: {info:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!((info.term.0, info.leader), (40, Some(NodeId(2))), "the forged message was taken");
+    assert_eq!(host.stats().sender_mismatch_msgs.load(Ordering::Relaxed), 1);
+    host.shutdown().await;
+}

@@ -219,6 +219,9 @@ pub struct HostStats {
     pub mailbox_dropped: AtomicU64,
     /// Messages for groups not on this node.
     pub unknown_group_msgs: AtomicU64,
+    /// Raft messages dropped because they claimed another sender than their batch's (whose
+    /// sender the transport authenticated).
+    pub sender_mismatch_msgs: AtomicU64,
     /// Batches handed to the network.
     pub batches_sent: AtomicU64,
     /// Raft messages handed to the network.
@@ -434,7 +437,9 @@ impl Host {
         Ok(out)
     }
 
-    /// Hands a batch from a peer to the groups it names. Never blocks.
+    /// Hands a batch from a peer to the groups it names. Never blocks. `batch.from` must be the
+    /// sender as the transport authenticated it; a Raft message claiming another sender is
+    /// dropped.
     pub fn receive(&self, batch: NodeBatch) {
         let now = Instant::now();
         if let Ok(mut h) = self.shared.heard.lock() {
@@ -449,6 +454,10 @@ impl Host {
         type PerPoller = (Vec<(GroupId, Message)>, Vec<QuiesceNotice>);
         let mut per: Vec<PerPoller> = (0..n).map(|_| Default::default()).collect();
         for (g, m) in batch.messages {
+            if m.from != batch.from {
+                self.shared.stats.sender_mismatch_msgs.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             per[(g.0 % n as u64) as usize].0.push((g, m));
         }
         for q in batch.quiesce {
