@@ -687,6 +687,29 @@ async fn a_read_or_cas_right_after_an_answered_write_sees_it() {
     assert!(checked >= 150, "only {checked} rounds ran on a stable leader");
     c.shutdown().await;
 }
+/// Issue 12 (6): two starts of one group (the reconciler's create and a split's start) both
+/// checked the registry, then both built and added the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_starts_of_one_group_start_it_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Arc::new(MemNet::default());
+    let host = Host::open(Store::open(dir.path()).expect("open"), config(1), net.clone()).await.expect("host");
+    let me = Some(Membership::new([NodeId(1)]));
+    let (a, b) = tokio::join!(
+        host.create_group(GroupId(7), KeyRange::all(), me.clone()),
+        host.create_group(GroupId(7), KeyRange::all(), me.clone())
+    );
+    let exists = |r: &Result<(), HostError>| matches!(r, Err(HostError::GroupExists(GroupId(7))));
+    assert!(a.is_ok() != b.is_ok(), "exactly one start succeeds: {a:?} {b:?}");
+    assert!(exists(&a) || exists(&b), "the other is refused as a duplicate: {a:?} {b:?}");
+    let infos = host.group_info().await.expect("info");
+    assert_eq!(infos.iter().filter(|i| i.group == GroupId(7)).count(), 1);
+    // Destroyed, the id can be used again.
+    host.destroy_group(GroupId(7), true).await.expect("destroy");
+    host.create_group(GroupId(7), KeyRange::all(), me).await.expect("create again");
+    host.shutdown().await;
+}
+
 /// Issue 12 (8): the `from` of the Raft messages inside a batch was not checked against the
 /// batch's (authenticated) sender, so any peer could speak for another node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -255,10 +255,56 @@ pub(crate) struct Shared {
     /// The pollers' mailboxes (group `g` lives on poller `g % len`).
     pub(crate) pollers: Vec<mpsc::Sender<PollerMsg>>,
     /// Groups on this node: where each lives and its state machine (for reads).
-    pub(crate) registry: RwLock<HashMap<GroupId, GroupEntry>>,
+    pub(crate) registry: RwLock<Registry>,
+}
+
+/// The groups of a node, and the ids of groups being started.
+#[derive(Default)]
+pub(crate) struct Registry {
+    pub(crate) groups: HashMap<GroupId, GroupEntry>,
+    /// Reserved by a start under way, so that two starts of one group (a create and a split)
+    /// cannot both build it.
+    starting: BTreeSet<GroupId>,
+}
+
+/// A group id reserved for one start; released when dropped unless the start completed.
+pub(crate) struct Reservation<'a> {
+    shared: &'a Shared,
+    group: GroupId,
+    done: bool,
+}
+
+impl Reservation<'_> {
+    /// The group started: it is registered and the reservation ends.
+    pub(crate) fn complete(mut self, entry: GroupEntry) -> Result<(), HostError> {
+        let mut r = self.shared.registry.write().map_err(|_| HostError::Stopped)?;
+        r.starting.remove(&self.group);
+        r.groups.insert(self.group, entry);
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            if let Ok(mut r) = self.shared.registry.write() {
+                r.starting.remove(&self.group);
+            }
+        }
+    }
 }
 
 impl Shared {
+    /// Reserves `group` for a start; refused if the group is on this node or being started.
+    pub(crate) fn reserve(&self, group: GroupId) -> Result<Reservation<'_>, HostError> {
+        let mut r = self.registry.write().map_err(|_| HostError::Stopped)?;
+        if r.groups.contains_key(&group) || !r.starting.insert(group) {
+            return Err(HostError::GroupExists(group));
+        }
+        Ok(Reservation { shared: self, group, done: false })
+    }
+
     pub(crate) fn now(&self) -> Millis {
         Millis(self.base.elapsed().as_millis() as u64)
     }
@@ -306,7 +352,7 @@ impl Host {
             runtime: tokio::runtime::Handle::current(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             pollers: senders.clone(),
-            registry: RwLock::new(HashMap::new()),
+            registry: RwLock::new(Registry::default()),
         });
         let mut threads = Vec::new();
         for (i, (rx, tx)) in receivers.into_iter().zip(senders).enumerate() {
@@ -341,7 +387,8 @@ impl Host {
                     decode::<GroupDescriptor>(&raw, || format!("group {g} descriptor"))
                 })
                 .await?;
-            host.start_group(*group, desc.range, desc.initial).await?;
+            let reservation = host.shared.reserve(*group)?;
+            host.start_group(reservation, desc.range, desc.initial).await?;
         }
         info!(node = %config.node, groups = ids.len(), pollers = config.pollers, "host started");
         Ok(host)
@@ -371,30 +418,32 @@ impl Host {
         range: KeyRange,
         initial: Option<Membership>,
     ) -> Result<(), HostError> {
-        if self.shared.registry.read().map_err(|_| HostError::Stopped)?.contains_key(&group) {
-            return Err(HostError::GroupExists(group));
-        }
+        let reservation = self.shared.reserve(group)?;
         // The configuration is kept in the descriptor: a crash before the group's first write
         // still forms it at the next start.
         let desc = encode(&GroupDescriptor { range: range.clone(), initial: initial.clone() })?;
         self.shared.store.write(vec![Op::Put(CF_META, meta_key(group).to_vec(), desc)], true).await?;
-        self.start_group(group, range, initial).await
+        self.start_group(reservation, range, initial).await
     }
 
-    async fn start_group(&self, group: GroupId, range: KeyRange, initial: Option<Membership>) -> Result<(), HostError> {
-        let (state, entry) = build_group(&self.shared, group, range, initial).await?;
+    async fn start_group(
+        &self,
+        reservation: Reservation<'_>,
+        range: KeyRange,
+        initial: Option<Membership>,
+    ) -> Result<(), HostError> {
+        let (state, entry) = build_group(&self.shared, reservation.group, range, initial).await?;
         let (tx, rx) = oneshot::channel();
         self.shared.pollers[entry.poller].send(PollerMsg::Add(Box::new(state), tx)).map_err(|_| HostError::Stopped)?;
         rx.await.map_err(|_| HostError::Stopped)?;
-        self.shared.registry.write().map_err(|_| HostError::Stopped)?.insert(group, entry);
-        Ok(())
+        reservation.complete(entry)
     }
 
     /// Stops group `group` and deletes its Raft state and descriptor; with `clear_data`, also
     /// the data in its key range (when the shard moved away; not after a split or merge, where
     /// another group owns the keys now).
     pub async fn destroy_group(&self, group: GroupId, clear_data: bool) -> Result<(), HostError> {
-        let entry = self.shared.registry.write().map_err(|_| HostError::Stopped)?.remove(&group);
+        let entry = self.shared.registry.write().map_err(|_| HostError::Stopped)?.groups.remove(&group);
         let Some(entry) = entry else { return Err(HostError::UnknownGroup(group)) };
         let (tx, rx) = oneshot::channel();
         self.shared.pollers[entry.poller].send(PollerMsg::Remove(group, tx)).map_err(|_| HostError::Stopped)?;
@@ -420,7 +469,8 @@ impl Host {
 
     /// Groups on this node, in id order.
     pub fn groups(&self) -> Vec<GroupId> {
-        let mut v: Vec<GroupId> = self.shared.registry.read().map(|g| g.keys().copied().collect()).unwrap_or_default();
+        let mut v: Vec<GroupId> =
+            self.shared.registry.read().map(|r| r.groups.keys().copied().collect()).unwrap_or_default();
         v.sort();
         v
     }
@@ -500,6 +550,7 @@ impl Host {
             .registry
             .read()
             .map_err(|_| HostError::Stopped)?
+            .groups
             .get(&group)
             .cloned()
             .ok_or(HostError::UnknownGroup(group))

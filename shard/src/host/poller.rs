@@ -556,20 +556,23 @@ impl Poller {
     /// that id already here (the node was told to create it, or it restarted) is left alone.
     fn start_split_group(&mut self, source: GroupId, split: SplitEffect) {
         let id = split.new_group;
-        if self.shared.registry.read().map(|r| r.contains_key(&id)).unwrap_or(true) {
+        let shared = self.shared.clone();
+        let Ok(reservation) = shared.reserve(id) else {
             info!(%source, group = %id, "split: the new group already exists here");
             return;
-        }
+        };
         // Its state (a snapshot point) was written with the split: it recovers like any group.
         let built = self.shared.runtime.block_on(build_group(&self.shared, id, split.range, None));
         match built {
             Ok((state, entry)) => {
                 let poller = entry.poller;
-                if let Ok(mut r) = self.shared.registry.write() {
-                    r.insert(id, entry);
-                }
+                // Added to its poller's mailbox before the reservation ends, so no other start
+                // can slip in between; messages for it queue behind the addition.
                 let (tx, _rx) = oneshot::channel();
                 let _ = self.shared.pollers[poller].send(PollerMsg::Add(Box::new(state), tx));
+                if let Err(e) = reservation.complete(entry) {
+                    error!(%source, group = %id, error = %e, "split: cannot register the new group");
+                }
                 info!(%source, group = %id, "split: new group started");
             }
             Err(e) => {
