@@ -687,6 +687,55 @@ async fn a_read_or_cas_right_after_an_answered_write_sees_it() {
     assert!(checked >= 150, "only {checked} rounds ran on a stable leader");
     c.shutdown().await;
 }
+/// Issue 12 (5): a node whose store was poisoned kept answering liveness pings, so the quiet
+/// groups it led were never woken on the other nodes and stayed leaderless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_groups_led_by_a_node_whose_store_is_poisoned_elect_a_new_leader() {
+    let c = Cluster::start(3).await;
+    c.create_groups(1..=20).await;
+    for g in 1..=20 {
+        c.put(GroupId(g), &key(g, "a"), "1").await.expect("write");
+    }
+    c.wait_info("all quiet", |infos| infos.iter().all(|i| i.quiet)).await;
+    let mut led: HashMap<NodeId, Vec<GroupId>> = HashMap::new();
+    for h in &c.hosts {
+        for i in h.group_info().await.expect("info") {
+            if i.role == Role::Leader {
+                led.entry(h.node()).or_default().push(i.group);
+            }
+        }
+    }
+    let (&victim, groups) = led.iter().max_by_key(|(_, g)| g.len()).expect("a leader");
+    let groups = groups.clone();
+    // One failed write poisons the victim's store.
+    c.host(victim).store().fail_next_write();
+    let put = KvCommand::Put { key: key(groups[0].0, "b").into_bytes(), value: b"2".to_vec() };
+    assert!(c.host(victim).write(groups[0], put).await.is_err());
+    assert!(c.host(victim).store().poisoned().is_some());
+    // Every group it led gets a leader elsewhere within a few election timeouts.
+    let others: Vec<&Host> = c.hosts.iter().filter(|h| h.node() != victim).collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for g in &groups {
+        loop {
+            let mut led_elsewhere = false;
+            for h in &others {
+                let infos = h.group_info().await.expect("info");
+                led_elsewhere |= infos.iter().any(|i| i.group == *g && i.role == Role::Leader);
+            }
+            if led_elsewhere {
+                break;
+            }
+            assert!(Instant::now() < deadline, "group {g} found no new leader after its leader's store failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // The victim's groups are all stopped, and it no longer pings.
+    for i in c.host(victim).group_info().await.expect("info") {
+        assert!(i.stopped.is_some(), "group {} still runs on the poisoned node", i.group);
+    }
+    c.shutdown().await;
+}
+
 /// Issue 12 (6): two starts of one group (the reconciler's create and a split's start) both
 /// checked the registry, then both built and added the group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -675,11 +675,17 @@ pub(crate) async fn build_group(
     Ok((GroupState::new(group, core, log, sm), entry))
 }
 
-/// Sends an empty batch (a liveness ping) to every peer once per heartbeat interval.
+/// Sends an empty batch (a liveness ping) to every peer once per heartbeat interval. Not once
+/// the store is poisoned: the node's groups have stopped, and its silence is what tells the
+/// other nodes to wake the quiet groups it led and elect new leaders.
 fn pinger(shared: Arc<Shared>) {
     let every = Duration::from_millis(shared.config.raft.heartbeat_interval_ms);
     let me = shared.config.node;
     while !shared.stopping.load(Ordering::Acquire) {
+        if let Some(e) = shared.store.poisoned() {
+            tracing::error!(node = %me, error = %e, "the store is poisoned: liveness pings stop");
+            return;
+        }
         let peers: Vec<NodeId> = shared.peers.lock().map(|p| p.iter().copied().collect()).unwrap_or_default();
         for p in peers {
             shared.network.send(p, NodeBatch { from: me, messages: Vec::new(), quiesce: Vec::new() });

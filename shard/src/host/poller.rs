@@ -138,6 +138,8 @@ pub(crate) struct Poller {
     round: Round,
     next_tick: Instant,
     stopping: bool,
+    /// The store failed and every group was stopped.
+    poisoned: bool,
 }
 
 impl Poller {
@@ -162,6 +164,7 @@ impl Poller {
             round: Round::default(),
             next_tick: now,
             stopping: false,
+            poisoned: false,
         }
     }
 
@@ -385,8 +388,25 @@ impl Poller {
         self.shared.stats.quiesced.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The store failed: every group stops (their callers get the error at once rather than
+    /// timing out, and they send nothing more, so the other nodes elect new leaders).
+    fn stop_all_if_poisoned(&mut self) {
+        if self.poisoned {
+            return;
+        }
+        let Some(e) = self.shared.store.poisoned() else { return };
+        self.poisoned = true;
+        error!(poller = self.index, groups = self.groups.len(), error = %e, "the store is poisoned: stopping every group");
+        for g in self.groups.values_mut() {
+            g.core.fail(e.clone());
+        }
+        self.awake.clear();
+        self.to_wake.clear();
+    }
+
     /// The batched tick: timers of awake groups, quiescence, node liveness.
     fn tick(&mut self, at: Instant) {
+        self.stop_all_if_poisoned();
         let now = self.shared.now();
         let shared = self.shared.clone();
         let cfg = &shared.config;
