@@ -303,12 +303,36 @@ pub struct KvStateMachine {
     /// The range, shared by clones (the host's reader and the poller's applier) and narrowed by
     /// a split or by installing a snapshot taken after one.
     range: Arc<RwLock<KeyRange>>,
+    /// Shared by clones: whether the group was destroyed on this node, and the lock snapshot
+    /// builds and installations hold while they run, so that a destroy can wait for them.
+    life: Arc<Life>,
+}
+
+#[derive(Default)]
+struct Life {
+    retired: std::sync::atomic::AtomicBool,
+    snapshot_work: tokio::sync::Mutex<()>,
 }
 
 impl KvStateMachine {
     /// The state machine of `group`, owning `range`.
     pub fn new(store: Store, group: GroupId, range: KeyRange) -> KvStateMachine {
-        KvStateMachine { store, group, range: Arc::new(RwLock::new(range)) }
+        KvStateMachine { store, group, range: Arc::new(RwLock::new(range)), life: Arc::default() }
+    }
+
+    /// Marks the group destroyed on this node and waits for the snapshot build or installation
+    /// under way, if any: after it returns none runs or starts, so nothing they would write
+    /// can land after the caller deletes the group's state and data.
+    pub(crate) async fn retire(&self) {
+        self.life.retired.store(true, std::sync::atomic::Ordering::Release);
+        drop(self.life.snapshot_work.lock().await);
+    }
+
+    fn check_live(&self, what: &'static str) -> Result<(), StorageError> {
+        if self.life.retired.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(StorageError::new(what, format!("group {} was destroyed on this node", self.group)));
+        }
+        Ok(())
     }
 
     /// Reads `key` (from the local state: linearizable only after `ensure_linearizable`).
@@ -508,6 +532,9 @@ impl StateMachine for KvStateMachine {
     }
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let life = self.life.clone();
+        let _working = life.snapshot_work.lock().await;
+        self.check_live("snapshot")?;
         let (g, range) = (self.group, self.range());
         let snapshot = self
             .store
@@ -578,7 +605,10 @@ impl StateMachine for KvStateMachine {
     }
 
     async fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), StorageError> {
+        let life = self.life.clone();
+        let _working = life.snapshot_work.lock().await;
         self.store.install_hold_point().await;
+        self.check_live("install_snapshot")?;
         let (g, range) = (self.group, self.range());
         // Check the data before touching anything.
         let d: SnapshotData = decode(&snapshot.data, || format!("group {g} received snapshot"))?;
@@ -590,6 +620,7 @@ impl StateMachine for KvStateMachine {
             Op::Put(CF_RAFT, group_key(g, KIND_INSTALLING).to_vec(), encode(&snapshot.meta.snapshot_id)?),
         ];
         self.store.write(ops, true).await?;
+        self.check_live("install_snapshot")?;
         // 2 and 3: replace the range's data, then record the applied state and clear the intent.
         let adopted = self.store.blocking(move |s| finish_install(s, g, &range)).await?;
         self.set_range(adopted);

@@ -759,6 +759,68 @@ async fn two_concurrent_starts_of_one_group_start_it_once() {
     host.shutdown().await;
 }
 
+/// Issue 12 (7): destroying a group did not wait for the snapshot installation in flight,
+/// which then ingested the snapshot into the range the destroy had cleared (and wrote the
+/// group's Raft keys back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroying_a_group_while_it_installs_a_snapshot_leaves_its_range_empty() {
+    let c = Cluster::start_with(3, small_snapshots).await;
+    c.create_groups(1..=1).await;
+    c.put(GroupId(1), &key(1, "first"), "1").await.expect("write");
+    let lagging = NodeId(3);
+    if c.host(lagging).group_info().await.expect("info")[0].role == Role::Leader {
+        c.host(lagging).transfer_leader(GroupId(1), NodeId(1)).await.expect("transfer");
+    }
+    c.net.cut.write().expect("lock").insert(lagging);
+    for i in 0..150 {
+        c.put(GroupId(1), &key(1, &format!("k{i:03}")), "v").await.expect("write while cut");
+    }
+    let h = c.host(lagging).clone();
+    h.store().hold_installs(true);
+    c.net.cut.write().expect("lock").clear();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h.store().installs_held() == 0 {
+        assert!(Instant::now() < deadline, "node 3 never started installing a snapshot");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let destroy = tokio::spawn({
+        let h = h.clone();
+        async move { h.destroy_group(GroupId(1), true).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.store().hold_installs(false);
+    destroy.await.expect("task").expect("destroy");
+    let store = h.store();
+    let range = range_of(1);
+    let end = range.end.clone().expect("bounded");
+    let raft_prefix = 1u64.to_be_bytes();
+    let until = Instant::now() + Duration::from_millis(1000);
+    while Instant::now() < until {
+        let data = store.cf(flotilla_shard::CF_DATA).expect("cf");
+        let left = store
+            .db()
+            .iterator_cf(data, rocksdb_mode(&range.start))
+            .map(|kv| kv.expect("iterate").0)
+            .take_while(|k| k.as_ref() < end.as_slice())
+            .count();
+        assert_eq!(left, 0, "keys of the destroyed group came back");
+        let raft = store.cf(flotilla_shard::CF_RAFT).expect("cf");
+        let raft_keys = store
+            .db()
+            .iterator_cf(raft, rocksdb_mode(&raft_prefix))
+            .map(|kv| kv.expect("iterate").0)
+            .take_while(|k| k.starts_with(&raft_prefix))
+            .count();
+        assert_eq!(raft_keys, 0, "Raft state of the destroyed group came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.shutdown().await;
+}
+
+fn rocksdb_mode(from: &[u8]) -> rocksdb::IteratorMode<'_> {
+    rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward)
+}
+
 /// Issue 12 (8): the `from` of the Raft messages inside a batch was not checked against the
 /// batch's (authenticated) sender, so any peer could speak for another node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

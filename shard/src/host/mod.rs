@@ -448,6 +448,9 @@ impl Host {
         let (tx, rx) = oneshot::channel();
         self.shared.pollers[entry.poller].send(PollerMsg::Remove(group, tx)).map_err(|_| HostError::Stopped)?;
         rx.await.map_err(|_| HostError::Stopped)?;
+        // A snapshot build or installation started before the removal would write the
+        // group's state or data after the deletes below: wait for it, and start no other.
+        entry.sm.retire().await;
         let mut ops = vec![
             Op::Delete(CF_META, meta_key(group).to_vec()),
             Op::DeleteRange(CF_RAFT, group_key(group, 0).to_vec(), group_end(group)),
