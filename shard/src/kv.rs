@@ -43,6 +43,26 @@ impl KeyRange {
     pub fn contains(&self, key: &[u8]) -> bool {
         key >= self.start.as_slice() && self.end.as_ref().is_none_or(|e| key < e.as_slice())
     }
+    /// Whether every key of `other` is in the range.
+    pub fn covers(&self, other: &KeyRange) -> bool {
+        let end_inside = match (&other.end, &self.end) {
+            (_, None) => true,
+            (Some(o), Some(e)) => o <= e,
+            (None, Some(_)) => false,
+        };
+        other.start >= self.start && end_inside
+    }
+    /// Whether some key is in both ranges.
+    pub fn overlaps(&self, other: &KeyRange) -> bool {
+        let before_end = |start: &[u8], end: &Option<Vec<u8>>| end.as_ref().is_none_or(|e| start < e.as_slice());
+        before_end(&self.start, &other.end)
+            && before_end(&other.start, &self.end)
+            && !self.is_empty()
+            && !other.is_empty()
+    }
+    fn is_empty(&self) -> bool {
+        self.end.as_ref().is_some_and(|e| *e <= self.start)
+    }
 }
 
 /// What a size check found in a key range: logical bytes (keys plus values, as a client wrote
@@ -285,10 +305,27 @@ struct AppliedRecord {
 /// snapshot's applied index (`None` when the range was empty: RocksDB cannot write an empty
 /// SST file). The SST file carries, besides the keys, a range deletion of the whole range, so
 /// ingesting it clears what the receiver held there and loads the snapshot in one step.
+///
+/// The range comes first: [`snapshot_data_range`] reads it from the first chunk of a transfer.
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
     range: KeyRange,
     sst: Option<Vec<u8>>,
+}
+
+/// Bytes a range can take in a snapshot's encoding (two keys of at most [`KEY_BYTES_MAX`] and
+/// their lengths), with room to spare: a bound on what decoding a range may allocate.
+const RANGE_ENCODED_BYTES_MAX: usize = 4096;
+
+/// The key range of a snapshot, read from the start of its data (the whole data or only its
+/// first chunk: the checksum is not checked, so this is for deciding whether to receive a
+/// snapshot; the installation checks the whole record). `None` if it cannot be read.
+pub fn snapshot_data_range(data: &[u8]) -> Option<KeyRange> {
+    if data.len() < crate::keys::RECORD_HEADER_BYTES || data[0] != crate::keys::RECORD_VERSION {
+        return None;
+    }
+    let config = bincode::config::standard().with_limit::<RANGE_ENCODED_BYTES_MAX>();
+    bincode::serde::decode_from_slice(&data[crate::keys::RECORD_HEADER_BYTES..], config).ok().map(|(r, _)| r)
 }
 
 /// The exclusive upper bound used for a range with no end: above every key of at most this
@@ -612,7 +649,8 @@ impl StateMachine for KvStateMachine {
         let (g, range) = (self.group, self.range());
         // Check the data before touching anything.
         let d: SnapshotData = decode(&snapshot.data, || format!("group {g} received snapshot"))?;
-        check_snapshot_range(g, &range, &d.range)?;
+        let pristine = self.store.blocking(move |s| Ok(Self::read_applied(s, g)?.last_applied.is_none())).await?;
+        check_snapshot_range(g, &range, &d.range, pristine)?;
         // 1. Durably: the snapshot itself and the intent to install it.
         let ops = vec![
             Op::Put(CF_RAFT, group_key(g, KIND_SNAPSHOT_META).to_vec(), encode(&snapshot.meta)?),
@@ -628,25 +666,24 @@ impl StateMachine for KvStateMachine {
     }
 }
 
-/// Steps 2 and 3 of an installation whose snapshot and intent are durable: ingest the SST file
-/// (its range deletion clears the old data; ingestion is atomic), then write the applied state
-/// and clear the intent in one synced batch. Idempotent: start-up repeats it after a crash.
 /// A snapshot's range must be the group's, or inside it: the leader had applied a split this
-/// replica has not (the replica adopts the narrower range). Anything else is a misrouted or
-/// corrupt snapshot.
-fn check_snapshot_range(g: GroupId, current: &KeyRange, snap: &KeyRange) -> Result<(), StorageError> {
-    let end_inside = match (&snap.end, &current.end) {
-        (_, None) => true,
-        (Some(s), Some(c)) => s <= c,
-        (None, Some(_)) => false,
-    };
-    if snap.start >= current.start && end_inside && snap.end.as_ref().is_none_or(|e| *e > snap.start) {
+/// replica has not (the replica adopts the narrower range). A replica that never applied
+/// anything (`pristine`) holds only the placeholder range it was created with, which the map
+/// may have narrowed ahead of Raft: it adopts the snapshot's range, Raft's at that point (a
+/// host makes sure no other group of the node owns keys in it). Anything else is a stale,
+/// misrouted or corrupt snapshot.
+fn check_snapshot_range(g: GroupId, current: &KeyRange, snap: &KeyRange, pristine: bool) -> Result<(), StorageError> {
+    let nonempty = snap.end.as_ref().is_none_or(|e| *e > snap.start);
+    if nonempty && (pristine || current.covers(snap)) {
         Ok(())
     } else {
         Err(StorageError::new("install_snapshot", format!("group {g}: snapshot of a key range outside the group's")))
     }
 }
 
+/// Steps 2 and 3 of an installation whose snapshot and intent are durable: ingest the SST file
+/// (its range deletion clears the old data; ingestion is atomic), then write the applied state
+/// and clear the intent in one synced batch. Idempotent: start-up repeats it after a crash.
 /// Returns the range the group owns after the installation (the snapshot's).
 fn finish_install(s: &Store, g: GroupId, range: &KeyRange) -> Result<KeyRange, StorageError> {
     let cf = s.cf(CF_RAFT)?;
@@ -656,7 +693,7 @@ fn finish_install(s: &Store, g: GroupId, range: &KeyRange) -> Result<KeyRange, S
     };
     let meta: SnapshotMeta = decode(&meta, || format!("group {g} snapshot meta"))?;
     let d: SnapshotData = decode(&data, || format!("group {g} snapshot data"))?;
-    check_snapshot_range(g, range, &d.range)?;
+    check_snapshot_range(g, range, &d.range, KvStateMachine::read_applied(s, g)?.last_applied.is_none())?;
     let range = &d.range;
     let end = range.end.clone().unwrap_or_else(|| UNBOUNDED_END.to_vec());
     let data_cf = s.cf(CF_DATA)?;

@@ -687,6 +687,103 @@ async fn a_read_or_cas_right_after_an_answered_write_sees_it() {
     assert!(checked >= 150, "only {checked} rounds ran on a stable leader");
     c.shutdown().await;
 }
+
+/// Runs `cmd` on `group` through whichever of `nodes` leads it, following redirects.
+async fn write_on(c: &Cluster, nodes: &[u64], group: GroupId, cmd: KvCommand) -> Result<KvResponse, HostError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    loop {
+        let target = NodeId(nodes[i % nodes.len()]);
+        match c.host(target).write(group, cmd.clone()).await {
+            Err(HostError::Raft(RaftError::NotLeader { leader })) if Instant::now() < deadline => {
+                i = leader.and_then(|l| nodes.iter().position(|n| *n == l.0)).unwrap_or(i + 1);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The node of `nodes` that leads `group`.
+async fn leader_among(c: &Cluster, nodes: &[u64], group: GroupId) -> NodeId {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for n in nodes {
+            let infos = c.host(NodeId(*n)).group_info().await.expect("info");
+            if infos.iter().any(|i| i.group == group && i.role == Role::Leader) {
+                return NodeId(*n);
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader for {group}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Splits group 1 (on nodes 1-3, whose leader holds a snapshot taken before the split) at "m",
+/// then adds a learner on node 4, created empty with `placeholder` as its range. The learner
+/// must catch up by snapshot with the left half's range and data, and none of the right half.
+async fn learner_added_after_a_split(placeholder: KeyRange) {
+    let c = Cluster::start_with(4, small_snapshots).await;
+    let voters = [1, 2, 3];
+    let members = Membership::new(voters.map(NodeId));
+    for n in voters {
+        c.host(NodeId(n)).create_group(GroupId(1), KeyRange::all(), Some(members.clone())).await.expect("create");
+    }
+    // Past the snapshot threshold (40 entries): a snapshot of the whole range, the log purged.
+    for i in 0..45 {
+        let k = format!("{}{i:03}", if i % 2 == 0 { "a" } else { "z" });
+        let put = KvCommand::Put { key: k.into_bytes(), value: b"v".to_vec() };
+        write_on(&c, &voters, GroupId(1), put).await.expect("write");
+    }
+    let split = KvCommand::Split { at: b"m".to_vec(), new_group: 2 };
+    let r = write_on(&c, &voters, GroupId(1), split).await.expect("split");
+    assert!(matches!(r, KvResponse::Split { .. }), "{r:?}");
+    let left = KeyRange { start: Vec::new(), end: Some(b"m".to_vec()) };
+    let node4 = c.host(NodeId(4));
+    node4.create_group(GroupId(1), placeholder, None).await.expect("create empty replica");
+    let leader = leader_among(&c, &voters, GroupId(1)).await;
+    let index = c.host(leader).add_learner(GroupId(1), NodeId(4)).await.expect("add learner");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = node4.group_info().await.expect("info").into_iter().find(|i| i.group == GroupId(1));
+        let info = info.expect("group 1 on node 4");
+        assert!(info.stopped.is_none(), "the learner's group stopped: {:?}", info.stopped);
+        if info.applied >= index && node4.group_range(GroupId(1)) == Some(left.clone()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the learner never caught up: {info:?}, {:?}",
+            node4.group_range(GroupId(1))
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sm = flotilla_shard::KvStateMachine::new(node4.store().clone(), GroupId(1), left);
+    for i in [0, 20, 44] {
+        assert_eq!(sm.get(format!("a{i:03}").into_bytes()).await.expect("read"), Some(b"v".to_vec()), "a{i:03}");
+    }
+    // The right half belongs to group 2, which has no replica on node 4.
+    let store = node4.store();
+    let data = store.db().get_cf(store.cf(flotilla_shard::CF_DATA).expect("cf"), b"z001").expect("read");
+    assert_eq!(data, None, "node 4 holds data of the right half");
+    assert!(!node4.groups().contains(&GroupId(2)));
+    c.shutdown().await;
+}
+
+/// Issue 12 (2): the new replica, created with the split's narrowed range, refused the leader's
+/// pre-split snapshot (wider range) and its group stopped for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_added_after_a_split_catches_up_by_snapshot_with_the_narrowed_range() {
+    learner_added_after_a_split(KeyRange { start: Vec::new(), end: Some(b"m".to_vec()) }).await;
+}
+
+/// Issue 12 (2): a replica created empty with a placeholder range narrower than the group's
+/// (the map split the shard again before Raft carried it out) refused every snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_created_with_a_narrower_placeholder_range_adopts_the_snapshots_range() {
+    learner_added_after_a_split(KeyRange { start: Vec::new(), end: Some(b"f".to_vec()) }).await;
+}
+
 /// Issue 12 (5): a node whose store was poisoned kept answering liveness pings, so the quiet
 /// groups it led were never woken on the other nodes and stayed leaderless.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

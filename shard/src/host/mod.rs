@@ -222,6 +222,9 @@ pub struct HostStats {
     /// Raft messages dropped because they claimed another sender than their batch's (whose
     /// sender the transport authenticated).
     pub sender_mismatch_msgs: AtomicU64,
+    /// Snapshot chunks dropped because the snapshot's range cannot be installed here: it
+    /// would replace keys another group of this node owns, or widen a group's range.
+    pub snapshot_chunks_refused: AtomicU64,
     /// Batches handed to the network.
     pub batches_sent: AtomicU64,
     /// Raft messages handed to the network.
@@ -665,7 +668,13 @@ pub(crate) async fn build_group(
     config.api_timeout_ms = shared.config.api_timeout_ms;
     let engine =
         Engine::new(me, Arc::new(config), state, flotilla_raft::driver::seed_from_entropy(me, group), shared.now());
+    // A snapshot of a wider range than the group's (taken before a split it has applied since)
+    // must never be sent: a new one is built.
+    let stale = snapshot.as_ref().is_some_and(|s| crate::kv::snapshot_data_range(&s.data) != Some(sm.range()));
     let mut core = GroupCore::new(engine, snapshot);
+    if stale {
+        core.discard_snapshot();
+    }
     match initial {
         Some(m) if core.engine().is_pristine() => core.initialize(shared.now(), m)?,
         _ => {}

@@ -79,6 +79,10 @@ pub(crate) struct GroupState {
     sm_busy: bool,
     /// The leader it went quiet under (followers), for waking when that node goes down.
     quiet_leader: Option<NodeId>,
+    /// The snapshot being offered whose range this node cannot take: its chunks are dropped
+    /// (answering them would make the sender resend at once), and its first chunk is judged
+    /// again when resent, as the node's groups change.
+    refused_snapshot: Option<u64>,
 }
 
 impl GroupState {
@@ -95,6 +99,7 @@ impl GroupState {
             sm_queue: VecDeque::new(),
             sm_busy: false,
             quiet_leader: None,
+            refused_snapshot: None,
         }
     }
 
@@ -226,6 +231,10 @@ impl Poller {
                         debug!(group = %gid, %from, "message for a group not on this node");
                         continue;
                     }
+                    if self.refuses_snapshot_chunk(gid, &msg) {
+                        self.shared.stats.snapshot_chunks_refused.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     if !self.groups.get(&gid).is_some_and(|g| g.quiet && keeps_quiet(g, &msg)) {
                         self.wake(gid, false);
                     }
@@ -296,6 +305,11 @@ impl Poller {
                 let splits = match r {
                     Ok((results, splits)) => {
                         g.core.handle_applied(now, results);
+                        // The snapshot held (built or installed before the split) covers the
+                        // wider range: no receiver may get it.
+                        if !splits.is_empty() {
+                            g.core.discard_snapshot();
+                        }
                         splits
                     }
                     Err(e) => {
@@ -386,6 +400,49 @@ impl Poller {
         g.quiet_leader = Some(from);
         self.awake.remove(&q.group);
         self.shared.stats.quiesced.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether to drop `msg`, a chunk of a snapshot whose range group `gid` cannot install
+    /// here: it would replace keys another group of this node owns (a group split from it
+    /// later, or a parent that has not applied the split yet), or it is wider than the range
+    /// of a replica that has applied entries (only a replica that never applied anything takes
+    /// the range of the snapshot rather than its placeholder). Judged on the first chunk,
+    /// which carries the range; the sender resends that one until the transfer changes.
+    fn refuses_snapshot_chunk(&mut self, gid: GroupId, msg: &Message) -> bool {
+        let MessageBody::Snapshot { meta, offset, data, .. } = &msg.body else { return false };
+        let Some(g) = self.groups.get(&gid) else { return false };
+        if *offset != 0 {
+            return g.refused_snapshot == Some(meta.snapshot_id);
+        }
+        // Unreadable: the installation checks the whole record and fails loudly.
+        let Some(range) = crate::kv::snapshot_data_range(data) else { return false };
+        let pristine = g.core.engine().applied() == LogIndex(0);
+        let refused = if !pristine && !g.sm.range().covers(&range) {
+            Some("wider than the group's range".to_string())
+        } else {
+            self.owner_of_overlap(gid, &range).map(|other| format!("group {other} of this node owns keys in it"))
+        };
+        let Some(g) = self.groups.get_mut(&gid) else { return false };
+        match refused {
+            Some(why) => {
+                if g.refused_snapshot != Some(meta.snapshot_id) {
+                    info!(group = %gid, from = %msg.from, snapshot = %meta.last_log_id, reason = %why,
+                        "refusing a snapshot whose range cannot be installed here");
+                }
+                g.refused_snapshot = Some(meta.snapshot_id);
+                true
+            }
+            None => {
+                g.refused_snapshot = None;
+                false
+            }
+        }
+    }
+
+    /// Another group of this node that owns keys in `range`, if any.
+    fn owner_of_overlap(&self, gid: GroupId, range: &crate::kv::KeyRange) -> Option<GroupId> {
+        let r = self.shared.registry.read().ok()?;
+        r.groups.iter().find(|(id, e)| **id != gid && e.sm.range().overlaps(range)).map(|(id, _)| *id)
     }
 
     /// The store failed: every group stops (their callers get the error at once rather than
@@ -658,6 +715,19 @@ impl Poller {
                 });
             }
             CoreAction::Install(snapshot) => {
+                // Checked when the transfer began; a group of this node created since then
+                // could own keys in the range, and its data must not be replaced.
+                let overlap =
+                    crate::kv::snapshot_data_range(&snapshot.data).and_then(|r| self.owner_of_overlap(gid, &r));
+                let Some(g) = self.groups.get_mut(&gid) else { return };
+                if let Some(other) = overlap {
+                    g.sm_busy = false;
+                    g.core.fail(StorageError::new(
+                        "install_snapshot",
+                        format!("group {gid}: the snapshot's range overlaps group {other} of this node"),
+                    ));
+                    return;
+                }
                 let mut sm = g.sm.clone();
                 self.shared.runtime.spawn(async move {
                     let r = sm.install_snapshot(snapshot.clone()).await.map(|()| snapshot);
