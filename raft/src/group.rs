@@ -308,6 +308,15 @@ impl GroupCore {
         self.engine.trigger_snapshot();
     }
 
+    /// Drops the current snapshot because it no longer describes the state machine (e.g. the
+    /// state machine's key range narrowed, and a receiver must never get the wider one), and
+    /// asks for a new one. Until it is built, transfers of the dropped one send nothing and
+    /// restart with the new one.
+    pub fn discard_snapshot(&mut self) {
+        self.snapshot = None;
+        self.engine.trigger_snapshot();
+    }
+
     fn check_alive(&self) -> Result<(), RaftError> {
         match &self.fatal {
             Some(f) => Err(RaftError::Fatal(f.clone())),

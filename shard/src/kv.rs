@@ -43,6 +43,26 @@ impl KeyRange {
     pub fn contains(&self, key: &[u8]) -> bool {
         key >= self.start.as_slice() && self.end.as_ref().is_none_or(|e| key < e.as_slice())
     }
+    /// Whether every key of `other` is in the range.
+    pub fn covers(&self, other: &KeyRange) -> bool {
+        let end_inside = match (&other.end, &self.end) {
+            (_, None) => true,
+            (Some(o), Some(e)) => o <= e,
+            (None, Some(_)) => false,
+        };
+        other.start >= self.start && end_inside
+    }
+    /// Whether some key is in both ranges.
+    pub fn overlaps(&self, other: &KeyRange) -> bool {
+        let before_end = |start: &[u8], end: &Option<Vec<u8>>| end.as_ref().is_none_or(|e| start < e.as_slice());
+        before_end(&self.start, &other.end)
+            && before_end(&other.start, &self.end)
+            && !self.is_empty()
+            && !other.is_empty()
+    }
+    fn is_empty(&self) -> bool {
+        self.end.as_ref().is_some_and(|e| *e <= self.start)
+    }
 }
 
 /// What a size check found in a key range: logical bytes (keys plus values, as a client wrote
@@ -285,10 +305,27 @@ struct AppliedRecord {
 /// snapshot's applied index (`None` when the range was empty: RocksDB cannot write an empty
 /// SST file). The SST file carries, besides the keys, a range deletion of the whole range, so
 /// ingesting it clears what the receiver held there and loads the snapshot in one step.
+///
+/// The range comes first: [`snapshot_data_range`] reads it from the first chunk of a transfer.
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
     range: KeyRange,
     sst: Option<Vec<u8>>,
+}
+
+/// Bytes a range can take in a snapshot's encoding (two keys of at most [`KEY_BYTES_MAX`] and
+/// their lengths), with room to spare: a bound on what decoding a range may allocate.
+const RANGE_ENCODED_BYTES_MAX: usize = 4096;
+
+/// The key range of a snapshot, read from the start of its data (the whole data or only its
+/// first chunk: the checksum is not checked, so this is for deciding whether to receive a
+/// snapshot; the installation checks the whole record). `None` if it cannot be read.
+pub fn snapshot_data_range(data: &[u8]) -> Option<KeyRange> {
+    if data.len() < crate::keys::RECORD_HEADER_BYTES || data[0] != crate::keys::RECORD_VERSION {
+        return None;
+    }
+    let config = bincode::config::standard().with_limit::<RANGE_ENCODED_BYTES_MAX>();
+    bincode::serde::decode_from_slice(&data[crate::keys::RECORD_HEADER_BYTES..], config).ok().map(|(r, _)| r)
 }
 
 /// The exclusive upper bound used for a range with no end: above every key of at most this
@@ -303,12 +340,36 @@ pub struct KvStateMachine {
     /// The range, shared by clones (the host's reader and the poller's applier) and narrowed by
     /// a split or by installing a snapshot taken after one.
     range: Arc<RwLock<KeyRange>>,
+    /// Shared by clones: whether the group was destroyed on this node, and the lock snapshot
+    /// builds and installations hold while they run, so that a destroy can wait for them.
+    life: Arc<Life>,
+}
+
+#[derive(Default)]
+struct Life {
+    retired: std::sync::atomic::AtomicBool,
+    snapshot_work: tokio::sync::Mutex<()>,
 }
 
 impl KvStateMachine {
     /// The state machine of `group`, owning `range`.
     pub fn new(store: Store, group: GroupId, range: KeyRange) -> KvStateMachine {
-        KvStateMachine { store, group, range: Arc::new(RwLock::new(range)) }
+        KvStateMachine { store, group, range: Arc::new(RwLock::new(range)), life: Arc::default() }
+    }
+
+    /// Marks the group destroyed on this node and waits for the snapshot build or installation
+    /// under way, if any: after it returns none runs or starts, so nothing they would write
+    /// can land after the caller deletes the group's state and data.
+    pub(crate) async fn retire(&self) {
+        self.life.retired.store(true, std::sync::atomic::Ordering::Release);
+        drop(self.life.snapshot_work.lock().await);
+    }
+
+    fn check_live(&self, what: &'static str) -> Result<(), StorageError> {
+        if self.life.retired.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(StorageError::new(what, format!("group {} was destroyed on this node", self.group)));
+        }
+        Ok(())
     }
 
     /// Reads `key` (from the local state: linearizable only after `ensure_linearizable`).
@@ -521,6 +582,9 @@ impl StateMachine for KvStateMachine {
     }
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let life = self.life.clone();
+        let _working = life.snapshot_work.lock().await;
+        self.check_live("snapshot")?;
         let (g, range) = (self.group, self.range());
         let snapshot = self
             .store
@@ -591,10 +655,15 @@ impl StateMachine for KvStateMachine {
     }
 
     async fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), StorageError> {
+        let life = self.life.clone();
+        let _working = life.snapshot_work.lock().await;
+        self.store.install_hold_point().await;
+        self.check_live("install_snapshot")?;
         let (g, range) = (self.group, self.range());
         // Check the data before touching anything.
         let d: SnapshotData = decode(&snapshot.data, || format!("group {g} received snapshot"))?;
-        check_snapshot_range(g, &range, &d.range)?;
+        let pristine = self.store.blocking(move |s| Ok(Self::read_applied(s, g)?.last_applied.is_none())).await?;
+        check_snapshot_range(g, &range, &d.range, pristine)?;
         // 1. Durably: the snapshot itself and the intent to install it.
         let ops = vec![
             Op::Put(CF_RAFT, group_key(g, KIND_SNAPSHOT_META).to_vec(), encode(&snapshot.meta)?),
@@ -602,6 +671,7 @@ impl StateMachine for KvStateMachine {
             Op::Put(CF_RAFT, group_key(g, KIND_INSTALLING).to_vec(), encode(&snapshot.meta.snapshot_id)?),
         ];
         self.store.write(ops, true).await?;
+        self.check_live("install_snapshot")?;
         // 2 and 3: replace the range's data, then record the applied state and clear the intent.
         let adopted = self.store.blocking(move |s| finish_install(s, g, &range)).await?;
         self.set_range(adopted);
@@ -609,25 +679,24 @@ impl StateMachine for KvStateMachine {
     }
 }
 
-/// Steps 2 and 3 of an installation whose snapshot and intent are durable: ingest the SST file
-/// (its range deletion clears the old data; ingestion is atomic), then write the applied state
-/// and clear the intent in one synced batch. Idempotent: start-up repeats it after a crash.
 /// A snapshot's range must be the group's, or inside it: the leader had applied a split this
-/// replica has not (the replica adopts the narrower range). Anything else is a misrouted or
-/// corrupt snapshot.
-fn check_snapshot_range(g: GroupId, current: &KeyRange, snap: &KeyRange) -> Result<(), StorageError> {
-    let end_inside = match (&snap.end, &current.end) {
-        (_, None) => true,
-        (Some(s), Some(c)) => s <= c,
-        (None, Some(_)) => false,
-    };
-    if snap.start >= current.start && end_inside && snap.end.as_ref().is_none_or(|e| *e > snap.start) {
+/// replica has not (the replica adopts the narrower range). A replica that never applied
+/// anything (`pristine`) holds only the placeholder range it was created with, which the map
+/// may have narrowed ahead of Raft: it adopts the snapshot's range, Raft's at that point (a
+/// host makes sure no other group of the node owns keys in it). Anything else is a stale,
+/// misrouted or corrupt snapshot.
+fn check_snapshot_range(g: GroupId, current: &KeyRange, snap: &KeyRange, pristine: bool) -> Result<(), StorageError> {
+    let nonempty = snap.end.as_ref().is_none_or(|e| *e > snap.start);
+    if nonempty && (pristine || current.covers(snap)) {
         Ok(())
     } else {
         Err(StorageError::new("install_snapshot", format!("group {g}: snapshot of a key range outside the group's")))
     }
 }
 
+/// Steps 2 and 3 of an installation whose snapshot and intent are durable: ingest the SST file
+/// (its range deletion clears the old data; ingestion is atomic), then write the applied state
+/// and clear the intent in one synced batch. Idempotent: start-up repeats it after a crash.
 /// Returns the range the group owns after the installation (the snapshot's).
 fn finish_install(s: &Store, g: GroupId, range: &KeyRange) -> Result<KeyRange, StorageError> {
     let cf = s.cf(CF_RAFT)?;
@@ -637,7 +706,7 @@ fn finish_install(s: &Store, g: GroupId, range: &KeyRange) -> Result<KeyRange, S
     };
     let meta: SnapshotMeta = decode(&meta, || format!("group {g} snapshot meta"))?;
     let d: SnapshotData = decode(&data, || format!("group {g} snapshot data"))?;
-    check_snapshot_range(g, range, &d.range)?;
+    check_snapshot_range(g, range, &d.range, KvStateMachine::read_applied(s, g)?.last_applied.is_none())?;
     let range = &d.range;
     let end = range.end.clone().unwrap_or_else(|| UNBOUNDED_END.to_vec());
     let data_cf = s.cf(CF_DATA)?;

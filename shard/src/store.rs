@@ -108,6 +108,10 @@ struct Inner {
     stats: WriterStats,
     /// Test hook: fail the next write as the disk would.
     fail_next: AtomicBool,
+    /// Test hook: snapshot installations wait before touching anything while set.
+    hold_installs: AtomicBool,
+    /// Installations waiting on `hold_installs`.
+    installs_held: std::sync::atomic::AtomicUsize,
 }
 
 /// The node's store. Cheap to clone; the database closes when the last clone is dropped.
@@ -157,6 +161,8 @@ impl Store {
             poisoned: AtomicBool::new(false),
             stats: WriterStats::default(),
             fail_next: AtomicBool::new(false),
+            hold_installs: AtomicBool::new(false),
+            installs_held: std::sync::atomic::AtomicUsize::new(0),
         });
         let (tx, rx) = mpsc::channel();
         let w = inner.clone();
@@ -210,6 +216,31 @@ impl Store {
     /// Test hook: the next batch fails as if the disk returned an error (it poisons the store).
     pub fn fail_next_write(&self) {
         self.inner.fail_next.store(true, Ordering::Release);
+    }
+
+    /// Test hook: while `hold` is set, snapshot installations wait before they touch anything
+    /// (to test what happens to an installation in flight).
+    #[doc(hidden)]
+    pub fn hold_installs(&self, hold: bool) {
+        self.inner.hold_installs.store(hold, Ordering::Release);
+    }
+
+    /// Test hook: installations waiting because of [`Store::hold_installs`].
+    #[doc(hidden)]
+    pub fn installs_held(&self) -> usize {
+        self.inner.installs_held.load(Ordering::Acquire)
+    }
+
+    /// Where an installation waits while [`Store::hold_installs`] is set.
+    pub(crate) async fn install_hold_point(&self) {
+        if !self.inner.hold_installs.load(Ordering::Acquire) {
+            return;
+        }
+        self.inner.installs_held.fetch_add(1, Ordering::AcqRel);
+        while self.inner.hold_installs.load(Ordering::Acquire) {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        self.inner.installs_held.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Queues `ops` for the writer and waits for them to be written (and fsynced if `sync`).

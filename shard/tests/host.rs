@@ -687,3 +687,273 @@ async fn a_read_or_cas_right_after_an_answered_write_sees_it() {
     assert!(checked >= 150, "only {checked} rounds ran on a stable leader");
     c.shutdown().await;
 }
+
+/// Runs `cmd` on `group` through whichever of `nodes` leads it, following redirects.
+async fn write_on(c: &Cluster, nodes: &[u64], group: GroupId, cmd: KvCommand) -> Result<KvResponse, HostError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    loop {
+        let target = NodeId(nodes[i % nodes.len()]);
+        match c.host(target).write(group, cmd.clone()).await {
+            Err(HostError::Raft(RaftError::NotLeader { leader })) if Instant::now() < deadline => {
+                i = leader.and_then(|l| nodes.iter().position(|n| *n == l.0)).unwrap_or(i + 1);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The node of `nodes` that leads `group`.
+async fn leader_among(c: &Cluster, nodes: &[u64], group: GroupId) -> NodeId {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for n in nodes {
+            let infos = c.host(NodeId(*n)).group_info().await.expect("info");
+            if infos.iter().any(|i| i.group == group && i.role == Role::Leader) {
+                return NodeId(*n);
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader for {group}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Splits group 1 (on nodes 1-3, whose leader holds a snapshot taken before the split) at "m",
+/// then adds a learner on node 4, created empty with `placeholder` as its range. The learner
+/// must catch up by snapshot with the left half's range and data, and none of the right half.
+async fn learner_added_after_a_split(placeholder: KeyRange) {
+    let c = Cluster::start_with(4, small_snapshots).await;
+    let voters = [1, 2, 3];
+    let members = Membership::new(voters.map(NodeId));
+    for n in voters {
+        c.host(NodeId(n)).create_group(GroupId(1), KeyRange::all(), Some(members.clone())).await.expect("create");
+    }
+    // Past the snapshot threshold (40 entries): a snapshot of the whole range, the log purged.
+    for i in 0..45 {
+        let k = format!("{}{i:03}", if i % 2 == 0 { "a" } else { "z" });
+        let put = KvCommand::Put { key: k.into_bytes(), value: b"v".to_vec() };
+        write_on(&c, &voters, GroupId(1), put).await.expect("write");
+    }
+    let split = KvCommand::Split { at: b"m".to_vec(), new_group: 2 };
+    let r = write_on(&c, &voters, GroupId(1), split).await.expect("split");
+    assert!(matches!(r, KvResponse::Split { .. }), "{r:?}");
+    let left = KeyRange { start: Vec::new(), end: Some(b"m".to_vec()) };
+    let node4 = c.host(NodeId(4));
+    node4.create_group(GroupId(1), placeholder, None).await.expect("create empty replica");
+    let leader = leader_among(&c, &voters, GroupId(1)).await;
+    let index = c.host(leader).add_learner(GroupId(1), NodeId(4)).await.expect("add learner");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = node4.group_info().await.expect("info").into_iter().find(|i| i.group == GroupId(1));
+        let info = info.expect("group 1 on node 4");
+        assert!(info.stopped.is_none(), "the learner's group stopped: {:?}", info.stopped);
+        if info.applied >= index && node4.group_range(GroupId(1)) == Some(left.clone()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the learner never caught up: {info:?}, {:?}",
+            node4.group_range(GroupId(1))
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sm = flotilla_shard::KvStateMachine::new(node4.store().clone(), GroupId(1), left);
+    for i in [0, 20, 44] {
+        assert_eq!(sm.get(format!("a{i:03}").into_bytes()).await.expect("read"), Some(b"v".to_vec()), "a{i:03}");
+    }
+    // The right half belongs to group 2, which has no replica on node 4.
+    let store = node4.store();
+    let data = store.db().get_cf(store.cf(flotilla_shard::CF_DATA).expect("cf"), b"z001").expect("read");
+    assert_eq!(data, None, "node 4 holds data of the right half");
+    assert!(!node4.groups().contains(&GroupId(2)));
+    c.shutdown().await;
+}
+
+/// Issue 12 (2): the new replica, created with the split's narrowed range, refused the leader's
+/// pre-split snapshot (wider range) and its group stopped for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_added_after_a_split_catches_up_by_snapshot_with_the_narrowed_range() {
+    learner_added_after_a_split(KeyRange { start: Vec::new(), end: Some(b"m".to_vec()) }).await;
+}
+
+/// Issue 12 (2): a replica created empty with a placeholder range narrower than the group's
+/// (the map split the shard again before Raft carried it out) refused every snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_created_with_a_narrower_placeholder_range_adopts_the_snapshots_range() {
+    learner_added_after_a_split(KeyRange { start: Vec::new(), end: Some(b"f".to_vec()) }).await;
+}
+
+/// Issue 12 (5): a node whose store was poisoned kept answering liveness pings, so the quiet
+/// groups it led were never woken on the other nodes and stayed leaderless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_groups_led_by_a_node_whose_store_is_poisoned_elect_a_new_leader() {
+    let c = Cluster::start(3).await;
+    c.create_groups(1..=20).await;
+    for g in 1..=20 {
+        c.put(GroupId(g), &key(g, "a"), "1").await.expect("write");
+    }
+    c.wait_info("all quiet", |infos| infos.iter().all(|i| i.quiet)).await;
+    let mut led: HashMap<NodeId, Vec<GroupId>> = HashMap::new();
+    for h in &c.hosts {
+        for i in h.group_info().await.expect("info") {
+            if i.role == Role::Leader {
+                led.entry(h.node()).or_default().push(i.group);
+            }
+        }
+    }
+    let (&victim, groups) = led.iter().max_by_key(|(_, g)| g.len()).expect("a leader");
+    let groups = groups.clone();
+    // One failed write poisons the victim's store.
+    c.host(victim).store().fail_next_write();
+    let put = KvCommand::Put { key: key(groups[0].0, "b").into_bytes(), value: b"2".to_vec() };
+    assert!(c.host(victim).write(groups[0], put).await.is_err());
+    assert!(c.host(victim).store().poisoned().is_some());
+    // Every group it led gets a leader elsewhere within a few election timeouts.
+    let others: Vec<&Host> = c.hosts.iter().filter(|h| h.node() != victim).collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for g in &groups {
+        loop {
+            let mut led_elsewhere = false;
+            for h in &others {
+                let infos = h.group_info().await.expect("info");
+                led_elsewhere |= infos.iter().any(|i| i.group == *g && i.role == Role::Leader);
+            }
+            if led_elsewhere {
+                break;
+            }
+            assert!(Instant::now() < deadline, "group {g} found no new leader after its leader's store failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // The victim's groups are all stopped, and it no longer pings.
+    for i in c.host(victim).group_info().await.expect("info") {
+        assert!(i.stopped.is_some(), "group {} still runs on the poisoned node", i.group);
+    }
+    c.shutdown().await;
+}
+
+/// Issue 12 (6): two starts of one group (the reconciler's create and a split's start) both
+/// checked the registry, then both built and added the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_starts_of_one_group_start_it_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Arc::new(MemNet::default());
+    let host = Host::open(Store::open(dir.path()).expect("open"), config(1), net.clone()).await.expect("host");
+    let me = Some(Membership::new([NodeId(1)]));
+    let (a, b) = tokio::join!(
+        host.create_group(GroupId(7), KeyRange::all(), me.clone()),
+        host.create_group(GroupId(7), KeyRange::all(), me.clone())
+    );
+    let exists = |r: &Result<(), HostError>| matches!(r, Err(HostError::GroupExists(GroupId(7))));
+    assert!(a.is_ok() != b.is_ok(), "exactly one start succeeds: {a:?} {b:?}");
+    assert!(exists(&a) || exists(&b), "the other is refused as a duplicate: {a:?} {b:?}");
+    let infos = host.group_info().await.expect("info");
+    assert_eq!(infos.iter().filter(|i| i.group == GroupId(7)).count(), 1);
+    // Destroyed, the id can be used again.
+    host.destroy_group(GroupId(7), true).await.expect("destroy");
+    host.create_group(GroupId(7), KeyRange::all(), me).await.expect("create again");
+    host.shutdown().await;
+}
+
+/// Issue 12 (7): destroying a group did not wait for the snapshot installation in flight,
+/// which then ingested the snapshot into the range the destroy had cleared (and wrote the
+/// group's Raft keys back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroying_a_group_while_it_installs_a_snapshot_leaves_its_range_empty() {
+    let c = Cluster::start_with(3, small_snapshots).await;
+    c.create_groups(1..=1).await;
+    c.put(GroupId(1), &key(1, "first"), "1").await.expect("write");
+    let lagging = NodeId(3);
+    if c.host(lagging).group_info().await.expect("info")[0].role == Role::Leader {
+        c.host(lagging).transfer_leader(GroupId(1), NodeId(1)).await.expect("transfer");
+    }
+    c.net.cut.write().expect("lock").insert(lagging);
+    for i in 0..150 {
+        c.put(GroupId(1), &key(1, &format!("k{i:03}")), "v").await.expect("write while cut");
+    }
+    let h = c.host(lagging).clone();
+    h.store().hold_installs(true);
+    c.net.cut.write().expect("lock").clear();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h.store().installs_held() == 0 {
+        assert!(Instant::now() < deadline, "node 3 never started installing a snapshot");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let destroy = tokio::spawn({
+        let h = h.clone();
+        async move { h.destroy_group(GroupId(1), true).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.store().hold_installs(false);
+    destroy.await.expect("task").expect("destroy");
+    let store = h.store();
+    let range = range_of(1);
+    let end = range.end.clone().expect("bounded");
+    let raft_prefix = 1u64.to_be_bytes();
+    let until = Instant::now() + Duration::from_millis(1000);
+    while Instant::now() < until {
+        let data = store.cf(flotilla_shard::CF_DATA).expect("cf");
+        let left = store
+            .db()
+            .iterator_cf(data, rocksdb_mode(&range.start))
+            .map(|kv| kv.expect("iterate").0)
+            .take_while(|k| k.as_ref() < end.as_slice())
+            .count();
+        assert_eq!(left, 0, "keys of the destroyed group came back");
+        let raft = store.cf(flotilla_shard::CF_RAFT).expect("cf");
+        let raft_keys = store
+            .db()
+            .iterator_cf(raft, rocksdb_mode(&raft_prefix))
+            .map(|kv| kv.expect("iterate").0)
+            .take_while(|k| k.starts_with(&raft_prefix))
+            .count();
+        assert_eq!(raft_keys, 0, "Raft state of the destroyed group came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.shutdown().await;
+}
+
+fn rocksdb_mode(from: &[u8]) -> rocksdb::IteratorMode<'_> {
+    rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward)
+}
+
+/// Issue 12 (8): the `from` of the Raft messages inside a batch was not checked against the
+/// batch's (authenticated) sender, so any peer could speak for another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_messages_claiming_another_sender_than_their_batch_are_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Arc::new(MemNet::default());
+    let host = Host::open(Store::open(dir.path()).expect("open"), config(1), net.clone()).await.expect("host");
+    let members = Membership::new([NodeId(1), NodeId(2), NodeId(3)]);
+    host.create_group(GroupId(1), KeyRange::all(), Some(members)).await.expect("create");
+    let heartbeat = |from: u64, term: u64| {
+        (
+            GroupId(1),
+            flotilla_raft::Message {
+                from: NodeId(from),
+                to: NodeId(1),
+                term: flotilla_raft::Term(term),
+                body: flotilla_raft::MessageBody::Heartbeat { commit: flotilla_raft::LogIndex(0), round: 0 },
+            },
+        )
+    };
+    // Node 2 sends a heartbeat in node 3's name (term 50), then one of its own (term 40).
+    host.receive(NodeBatch {
+        from: NodeId(2),
+        messages: vec![heartbeat(3, 50), heartbeat(2, 40)],
+        quiesce: Vec::new(),
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let info = loop {
+        let info = host.group_info().await.expect("info").remove(0);
+        if info.term.0 >= 40 {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "the genuine heartbeat was not handled: {info:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!((info.term.0, info.leader), (40, Some(NodeId(2))), "the forged message was taken");
+    assert_eq!(host.stats().sender_mismatch_msgs.load(Ordering::Relaxed), 1);
+    host.shutdown().await;
+}

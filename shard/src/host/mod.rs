@@ -224,6 +224,12 @@ pub struct HostStats {
     pub mailbox_dropped: AtomicU64,
     /// Messages for groups not on this node.
     pub unknown_group_msgs: AtomicU64,
+    /// Raft messages dropped because they claimed another sender than their batch's (whose
+    /// sender the transport authenticated).
+    pub sender_mismatch_msgs: AtomicU64,
+    /// Snapshot chunks dropped because the snapshot's range cannot be installed here: it
+    /// would replace keys another group of this node owns, or widen a group's range.
+    pub snapshot_chunks_refused: AtomicU64,
     /// Batches handed to the network.
     pub batches_sent: AtomicU64,
     /// Raft messages handed to the network.
@@ -259,10 +265,56 @@ pub(crate) struct Shared {
     /// The pollers' mailboxes (group `g` lives on poller `g % len`).
     pub(crate) pollers: Vec<mpsc::Sender<PollerMsg>>,
     /// Groups on this node: where each lives and its state machine (for reads).
-    pub(crate) registry: RwLock<HashMap<GroupId, GroupEntry>>,
+    pub(crate) registry: RwLock<Registry>,
+}
+
+/// The groups of a node, and the ids of groups being started.
+#[derive(Default)]
+pub(crate) struct Registry {
+    pub(crate) groups: HashMap<GroupId, GroupEntry>,
+    /// Reserved by a start under way, so that two starts of one group (a create and a split)
+    /// cannot both build it.
+    starting: BTreeSet<GroupId>,
+}
+
+/// A group id reserved for one start; released when dropped unless the start completed.
+pub(crate) struct Reservation<'a> {
+    shared: &'a Shared,
+    group: GroupId,
+    done: bool,
+}
+
+impl Reservation<'_> {
+    /// The group started: it is registered and the reservation ends.
+    pub(crate) fn complete(mut self, entry: GroupEntry) -> Result<(), HostError> {
+        let mut r = self.shared.registry.write().map_err(|_| HostError::Stopped)?;
+        r.starting.remove(&self.group);
+        r.groups.insert(self.group, entry);
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            if let Ok(mut r) = self.shared.registry.write() {
+                r.starting.remove(&self.group);
+            }
+        }
+    }
 }
 
 impl Shared {
+    /// Reserves `group` for a start; refused if the group is on this node or being started.
+    pub(crate) fn reserve(&self, group: GroupId) -> Result<Reservation<'_>, HostError> {
+        let mut r = self.registry.write().map_err(|_| HostError::Stopped)?;
+        if r.groups.contains_key(&group) || !r.starting.insert(group) {
+            return Err(HostError::GroupExists(group));
+        }
+        Ok(Reservation { shared: self, group, done: false })
+    }
+
     /// The engines' clock (see [`crate::clock`]: it keeps counting through a suspend).
     pub(crate) fn now(&self) -> Millis {
         Millis(self.clock.elapsed_ms())
@@ -312,7 +364,7 @@ impl Host {
             runtime: tokio::runtime::Handle::current(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             pollers: senders.clone(),
-            registry: RwLock::new(HashMap::new()),
+            registry: RwLock::new(Registry::default()),
         });
         let mut threads = Vec::new();
         for (i, (rx, tx)) in receivers.into_iter().zip(senders).enumerate() {
@@ -347,7 +399,8 @@ impl Host {
                     decode::<GroupDescriptor>(&raw, || format!("group {g} descriptor"))
                 })
                 .await?;
-            host.start_group(*group, desc.range, desc.initial).await?;
+            let reservation = host.shared.reserve(*group)?;
+            host.start_group(reservation, desc.range, desc.initial).await?;
         }
         info!(node = %config.node, groups = ids.len(), pollers = config.pollers, "host started");
         Ok(host)
@@ -377,34 +430,39 @@ impl Host {
         range: KeyRange,
         initial: Option<Membership>,
     ) -> Result<(), HostError> {
-        if self.shared.registry.read().map_err(|_| HostError::Stopped)?.contains_key(&group) {
-            return Err(HostError::GroupExists(group));
-        }
+        let reservation = self.shared.reserve(group)?;
         // The configuration is kept in the descriptor: a crash before the group's first write
         // still forms it at the next start.
         let desc = encode(&GroupDescriptor { range: range.clone(), initial: initial.clone() })?;
         self.shared.store.write(vec![Op::Put(CF_META, meta_key(group).to_vec(), desc)], true).await?;
-        self.start_group(group, range, initial).await
+        self.start_group(reservation, range, initial).await
     }
 
-    async fn start_group(&self, group: GroupId, range: KeyRange, initial: Option<Membership>) -> Result<(), HostError> {
-        let (state, entry) = build_group(&self.shared, group, range, initial).await?;
+    async fn start_group(
+        &self,
+        reservation: Reservation<'_>,
+        range: KeyRange,
+        initial: Option<Membership>,
+    ) -> Result<(), HostError> {
+        let (state, entry) = build_group(&self.shared, reservation.group, range, initial).await?;
         let (tx, rx) = oneshot::channel();
         self.shared.pollers[entry.poller].send(PollerMsg::Add(Box::new(state), tx)).map_err(|_| HostError::Stopped)?;
         rx.await.map_err(|_| HostError::Stopped)?;
-        self.shared.registry.write().map_err(|_| HostError::Stopped)?.insert(group, entry);
-        Ok(())
+        reservation.complete(entry)
     }
 
     /// Stops group `group` and deletes its Raft state and descriptor; with `clear_data`, also
     /// the data in its key range (when the shard moved away; not after a split or merge, where
     /// another group owns the keys now).
     pub async fn destroy_group(&self, group: GroupId, clear_data: bool) -> Result<(), HostError> {
-        let entry = self.shared.registry.write().map_err(|_| HostError::Stopped)?.remove(&group);
+        let entry = self.shared.registry.write().map_err(|_| HostError::Stopped)?.groups.remove(&group);
         let Some(entry) = entry else { return Err(HostError::UnknownGroup(group)) };
         let (tx, rx) = oneshot::channel();
         self.shared.pollers[entry.poller].send(PollerMsg::Remove(group, tx)).map_err(|_| HostError::Stopped)?;
         rx.await.map_err(|_| HostError::Stopped)?;
+        // A snapshot build or installation started before the removal would write the
+        // group's state or data after the deletes below: wait for it, and start no other.
+        entry.sm.retire().await;
         let mut ops = vec![
             Op::Delete(CF_META, meta_key(group).to_vec()),
             Op::DeleteRange(CF_RAFT, group_key(group, 0).to_vec(), group_end(group)),
@@ -432,7 +490,8 @@ impl Host {
 
     /// Groups on this node, in id order.
     pub fn groups(&self) -> Vec<GroupId> {
-        let mut v: Vec<GroupId> = self.shared.registry.read().map(|g| g.keys().copied().collect()).unwrap_or_default();
+        let mut v: Vec<GroupId> =
+            self.shared.registry.read().map(|r| r.groups.keys().copied().collect()).unwrap_or_default();
         v.sort();
         v
     }
@@ -449,7 +508,9 @@ impl Host {
         Ok(out)
     }
 
-    /// Hands a batch from a peer to the groups it names. Never blocks.
+    /// Hands a batch from a peer to the groups it names. Never blocks. `batch.from` must be the
+    /// sender as the transport authenticated it; a Raft message claiming another sender is
+    /// dropped.
     pub fn receive(&self, batch: NodeBatch) {
         let now = Instant::now();
         if let Ok(mut h) = self.shared.heard.lock() {
@@ -464,6 +525,10 @@ impl Host {
         type PerPoller = (Vec<(GroupId, Message)>, Vec<QuiesceNotice>);
         let mut per: Vec<PerPoller> = (0..n).map(|_| Default::default()).collect();
         for (g, m) in batch.messages {
+            if m.from != batch.from {
+                self.shared.stats.sender_mismatch_msgs.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             per[(g.0 % n as u64) as usize].0.push((g, m));
         }
         for q in batch.quiesce {
@@ -506,6 +571,7 @@ impl Host {
             .registry
             .read()
             .map_err(|_| HostError::Stopped)?
+            .groups
             .get(&group)
             .cloned()
             .ok_or(HostError::UnknownGroup(group))
@@ -624,7 +690,13 @@ pub(crate) async fn build_group(
     config.votes_need_configuration = true;
     let engine =
         Engine::new(me, Arc::new(config), state, flotilla_raft::driver::seed_from_entropy(me, group), shared.now());
+    // A snapshot of a wider range than the group's (taken before a split it has applied since)
+    // must never be sent: a new one is built.
+    let stale = snapshot.as_ref().is_some_and(|s| crate::kv::snapshot_data_range(&s.data) != Some(sm.range()));
     let mut core = GroupCore::new(engine, snapshot);
+    if stale {
+        core.discard_snapshot();
+    }
     match initial {
         Some(m) if core.engine().is_pristine() => core.initialize(shared.now(), m)?,
         _ => {}
@@ -637,11 +709,17 @@ pub(crate) async fn build_group(
     Ok((GroupState::new(group, core, log, sm), entry))
 }
 
-/// Sends an empty batch (a liveness ping) to every peer once per heartbeat interval.
+/// Sends an empty batch (a liveness ping) to every peer once per heartbeat interval. Not once
+/// the store is poisoned: the node's groups have stopped, and its silence is what tells the
+/// other nodes to wake the quiet groups it led and elect new leaders.
 fn pinger(shared: Arc<Shared>) {
     let every = Duration::from_millis(shared.config.raft.heartbeat_interval_ms);
     let me = shared.config.node;
     while !shared.stopping.load(Ordering::Acquire) {
+        if let Some(e) = shared.store.poisoned() {
+            tracing::error!(node = %me, error = %e, "the store is poisoned: liveness pings stop");
+            return;
+        }
         let peers: Vec<NodeId> = shared.peers.lock().map(|p| p.iter().copied().collect()).unwrap_or_default();
         for p in peers {
             shared.network.send(p, NodeBatch { from: me, messages: Vec::new(), quiesce: Vec::new() });

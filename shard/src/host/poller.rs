@@ -80,6 +80,10 @@ pub(crate) struct GroupState {
     sm_busy: bool,
     /// The leader it went quiet under (followers), for waking when that node goes down.
     quiet_leader: Option<NodeId>,
+    /// The snapshot being offered whose range this node cannot take: its chunks are dropped
+    /// (answering them would make the sender resend at once), and its first chunk is judged
+    /// again when resent, as the node's groups change.
+    refused_snapshot: Option<u64>,
 }
 
 impl GroupState {
@@ -96,6 +100,7 @@ impl GroupState {
             sm_queue: VecDeque::new(),
             sm_busy: false,
             quiet_leader: None,
+            refused_snapshot: None,
         }
     }
 
@@ -139,6 +144,8 @@ pub(crate) struct Poller {
     round: Round,
     next_tick: Instant,
     stopping: bool,
+    /// The store failed and every group was stopped.
+    poisoned: bool,
 }
 
 impl Poller {
@@ -163,6 +170,7 @@ impl Poller {
             round: Round::default(),
             next_tick: now,
             stopping: false,
+            poisoned: false,
         }
     }
 
@@ -222,6 +230,10 @@ impl Poller {
                     if !self.groups.contains_key(&gid) {
                         self.shared.stats.unknown_group_msgs.fetch_add(1, Ordering::Relaxed);
                         debug!(group = %gid, %from, "message for a group not on this node");
+                        continue;
+                    }
+                    if self.refuses_snapshot_chunk(gid, &msg) {
+                        self.shared.stats.snapshot_chunks_refused.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
                     if !self.groups.get(&gid).is_some_and(|g| g.quiet && keeps_quiet(g, &msg)) {
@@ -295,6 +307,11 @@ impl Poller {
                 let splits = match r {
                     Ok((results, splits)) => {
                         g.core.handle_applied(now, results);
+                        // The snapshot held (built or installed before the split) covers the
+                        // wider range: no receiver may get it.
+                        if !splits.is_empty() {
+                            g.core.discard_snapshot();
+                        }
                         splits
                     }
                     Err(e) => {
@@ -389,8 +406,68 @@ impl Poller {
         self.shared.stats.quiesced.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Whether to drop `msg`, a chunk of a snapshot whose range group `gid` cannot install
+    /// here: it would replace keys another group of this node owns (a group split from it
+    /// later, or a parent that has not applied the split yet), or it is wider than the range
+    /// of a replica that has applied entries (only a replica that never applied anything takes
+    /// the range of the snapshot rather than its placeholder). Judged on the first chunk,
+    /// which carries the range; the sender resends that one until the transfer changes.
+    fn refuses_snapshot_chunk(&mut self, gid: GroupId, msg: &Message) -> bool {
+        let MessageBody::Snapshot { meta, offset, data, .. } = &msg.body else { return false };
+        let Some(g) = self.groups.get(&gid) else { return false };
+        if *offset != 0 {
+            return g.refused_snapshot == Some(meta.snapshot_id);
+        }
+        // Unreadable: the installation checks the whole record and fails loudly.
+        let Some(range) = crate::kv::snapshot_data_range(data) else { return false };
+        let pristine = g.core.engine().applied() == LogIndex(0);
+        let refused = if !pristine && !g.sm.range().covers(&range) {
+            Some("wider than the group's range".to_string())
+        } else {
+            self.owner_of_overlap(gid, &range).map(|other| format!("group {other} of this node owns keys in it"))
+        };
+        let Some(g) = self.groups.get_mut(&gid) else { return false };
+        match refused {
+            Some(why) => {
+                if g.refused_snapshot != Some(meta.snapshot_id) {
+                    info!(group = %gid, from = %msg.from, snapshot = %meta.last_log_id, reason = %why,
+                        "refusing a snapshot whose range cannot be installed here");
+                }
+                g.refused_snapshot = Some(meta.snapshot_id);
+                true
+            }
+            None => {
+                g.refused_snapshot = None;
+                false
+            }
+        }
+    }
+
+    /// Another group of this node that owns keys in `range`, if any.
+    fn owner_of_overlap(&self, gid: GroupId, range: &crate::kv::KeyRange) -> Option<GroupId> {
+        let r = self.shared.registry.read().ok()?;
+        r.groups.iter().find(|(id, e)| **id != gid && e.sm.range().overlaps(range)).map(|(id, _)| *id)
+    }
+
+    /// The store failed: every group stops (their callers get the error at once rather than
+    /// timing out, and they send nothing more, so the other nodes elect new leaders).
+    fn stop_all_if_poisoned(&mut self) {
+        if self.poisoned {
+            return;
+        }
+        let Some(e) = self.shared.store.poisoned() else { return };
+        self.poisoned = true;
+        error!(poller = self.index, groups = self.groups.len(), error = %e, "the store is poisoned: stopping every group");
+        for g in self.groups.values_mut() {
+            g.core.fail(e.clone());
+        }
+        self.awake.clear();
+        self.to_wake.clear();
+    }
+
     /// The batched tick: timers of awake groups, quiescence, node liveness.
     fn tick(&mut self, at: Instant) {
+        self.stop_all_if_poisoned();
         let now = self.shared.now();
         let shared = self.shared.clone();
         let cfg = &shared.config;
@@ -560,20 +637,23 @@ impl Poller {
     /// that id already here (the node was told to create it, or it restarted) is left alone.
     fn start_split_group(&mut self, source: GroupId, split: SplitEffect) {
         let id = split.new_group;
-        if self.shared.registry.read().map(|r| r.contains_key(&id)).unwrap_or(true) {
+        let shared = self.shared.clone();
+        let Ok(reservation) = shared.reserve(id) else {
             info!(%source, group = %id, "split: the new group already exists here");
             return;
-        }
+        };
         // Its state (a snapshot point) was written with the split: it recovers like any group.
         let built = self.shared.runtime.block_on(build_group(&self.shared, id, split.range, None));
         match built {
             Ok((state, entry)) => {
                 let poller = entry.poller;
-                if let Ok(mut r) = self.shared.registry.write() {
-                    r.insert(id, entry);
-                }
+                // Added to its poller's mailbox before the reservation ends, so no other start
+                // can slip in between; messages for it queue behind the addition.
                 let (tx, _rx) = oneshot::channel();
                 let _ = self.shared.pollers[poller].send(PollerMsg::Add(Box::new(state), tx));
+                if let Err(e) = reservation.complete(entry) {
+                    error!(%source, group = %id, error = %e, "split: cannot register the new group");
+                }
                 info!(%source, group = %id, "split: new group started");
             }
             Err(e) => {
@@ -639,6 +719,19 @@ impl Poller {
                 });
             }
             CoreAction::Install(snapshot) => {
+                // Checked when the transfer began; a group of this node created since then
+                // could own keys in the range, and its data must not be replaced.
+                let overlap =
+                    crate::kv::snapshot_data_range(&snapshot.data).and_then(|r| self.owner_of_overlap(gid, &r));
+                let Some(g) = self.groups.get_mut(&gid) else { return };
+                if let Some(other) = overlap {
+                    g.sm_busy = false;
+                    g.core.fail(StorageError::new(
+                        "install_snapshot",
+                        format!("group {gid}: the snapshot's range overlaps group {other} of this node"),
+                    ));
+                    return;
+                }
                 let mut sm = g.sm.clone();
                 self.shared.runtime.spawn(async move {
                     let r = sm.install_snapshot(snapshot.clone()).await.map(|()| snapshot);
