@@ -11,21 +11,39 @@
 //! would also report the retry's previous value, not the first attempt's. Failures before a
 //! request was sent, redirects and stale routing are retried until the deadline;
 //! [`ClientError::Unavailable`] means nothing was applied.
+//!
+//! **Routing needs no meta leader.** The client routes by a node's local copy of the map
+//! (`ClusterView { fresh: false }`), asked of every known node at once, and keeps the newest
+//! copy it has seen (see [`map_progress`]): every shard checks the epoch a request was routed
+//! with, so a stale copy costs a redirect, never a wrong answer. Only when a node says the
+//! routing is out of date (`StaleEpoch`, `WrongShard`, `UnknownShard`, `OutOfRange`) does the
+//! client look for a newer copy, again from any node that answers. A client cut off from the
+//! meta leader keeps working with every shard leader it can reach. [`Client::refresh`] still
+//! reads the map through the meta leader for callers that need the authoritative one.
 
-use crate::placement::{ShardDescriptor, ShardId};
+use crate::placement::{Epoch, ShardDescriptor, ShardId, ShardMap};
 use crate::transport::{self as tp, cert::TlsIdentity, ClientConnection};
 use crate::wire::{
-    check_user_key, check_value, AdminRequest, AdminResponse, ClusterView, ReadConsistency, Request, Response,
+    check_user_key, check_value, AdminRequest, AdminResponse, ClusterView, ReadConsistency, Request, Response, ScanEnd,
 };
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 /// First retry delay (ms); doubles per retry up to [`BACKOFF_MS_MAX`].
 pub const BACKOFF_MS_MIN: u64 = 10;
 /// Longest retry delay (ms).
 pub const BACKOFF_MS_MAX: u64 = 500;
+/// Most nodes asked at once for their map (the next refresh starts at the next ones).
+pub const VIEW_FANOUT_MAX: usize = 16;
+/// Once one node has answered a map request, how long the others still have (ms): a node that
+/// does not answer must not hold up routing for a whole request timeout.
+pub const VIEW_GRACE_MS: u64 = 200;
 
 /// How a client connects and how long it tries.
 #[derive(Clone, Debug)]
@@ -106,6 +124,10 @@ pub struct Client {
     leaders: Mutex<HashMap<ShardId, u64>>,
     /// Where this client's stale reads start among a shard's replicas (spreads clients).
     spread: usize,
+    /// Rotates the nodes asked for a map when there are more than [`VIEW_FANOUT_MAX`].
+    view_turn: AtomicUsize,
+    /// Map requests made for routing (see [`Client::routing_refreshes`]).
+    routing_refreshes: AtomicU64,
 }
 
 impl std::fmt::Debug for Client {
@@ -141,8 +163,11 @@ impl Client {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.subsec_nanos() as usize)
                 .unwrap_or(0),
+            view_turn: AtomicUsize::new(0),
+            routing_refreshes: AtomicU64::new(0),
         };
-        client.refresh().await?;
+        // Any node's own copy of the map will do to start routing: no meta leader needed.
+        client.refresh_routing(None, client.config.request_timeout).await?;
         Ok(client)
     }
 
@@ -151,7 +176,121 @@ impl Client {
         self.view.read().map(|v| v.clone()).unwrap_or_default()
     }
 
-    /// Fetches the view through the meta leader (linearizable) from any node that answers.
+    /// How many times this client asked the nodes for their map to route by (at connect, and
+    /// after answers saying its routing was out of date).
+    pub fn routing_refreshes(&self) -> u64 {
+        self.routing_refreshes.load(Ordering::Relaxed)
+    }
+
+    /// Takes `v` as the cached view unless the cached one is newer (a node's copy may lag
+    /// the one this client already has), and learns the node addresses it lists.
+    fn install(&self, v: &ClusterView) {
+        if let Ok(mut a) = self.addrs.lock() {
+            for (id, addr) in &v.nodes {
+                if let Ok(sa) = addr.parse::<SocketAddr>() {
+                    a.insert(id.0, sa);
+                }
+            }
+        }
+        if let Ok(mut w) = self.view.write() {
+            if map_progress(&v.map) >= map_progress(&w.map) {
+                *w = v.clone();
+            }
+        }
+    }
+
+    /// Asks the known nodes at once for their local copy of the map (no meta leader involved)
+    /// and keeps the newest (see [`Client::install`]). With `wrong`, the caller's route for a
+    /// key — `(key, shard, epoch)` — was refused: the search ends as soon as a copy routes the
+    /// key otherwise; without, as soon as any node gave a map. Otherwise it ends
+    /// [`VIEW_GRACE_MS`] after the first answer, or after `timeout`.
+    async fn refresh_routing(
+        &self,
+        wrong: Option<(&[u8], ShardId, Epoch)>,
+        timeout: Duration,
+    ) -> Result<ClusterView, ClientError> {
+        self.routing_refreshes.fetch_add(1, Ordering::Relaxed);
+        let mut nodes: Vec<u64> = self.addrs.lock().map(|a| a.keys().copied().collect()).unwrap_or_default();
+        nodes.sort();
+        if nodes.is_empty() {
+            return Err(ClientError::Config("no node address known".into()));
+        }
+        let turn = self.view_turn.fetch_add(VIEW_FANOUT_MAX, Ordering::Relaxed) % nodes.len();
+        nodes.rotate_left(turn);
+        nodes.truncate(VIEW_FANOUT_MAX);
+        let floor = map_progress(&self.cached_view().map);
+        let moved = |v: &ClusterView| match wrong {
+            None => true,
+            Some((key, shard, epoch)) => v.map.lookup(key).map(|d| (d.id, d.epoch)) != Some((shard, epoch)),
+        };
+        let req = Request::ClusterView { fresh: false };
+        let req = &req;
+        type Ask<'a> = Pin<Box<dyn Future<Output = (u64, Result<Response, CallError>)> + Send + 'a>>;
+        let mut asks: Vec<Option<Ask<'_>>> = nodes
+            .iter()
+            .map(|&n| Some(Box::pin(async move { (n, self.call(n, req, timeout).await) }) as Ask<'_>))
+            .collect();
+        let mut best: Option<ClusterView> = None;
+        let mut errors: Vec<String> = Vec::new();
+        let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let overall = tokio::time::sleep(timeout);
+        tokio::pin!(overall);
+        std::future::poll_fn(|cx| {
+            let mut pending = false;
+            for slot in asks.iter_mut() {
+                let Some(ask) = slot else { continue };
+                let Poll::Ready((n, answer)) = ask.as_mut().poll(cx) else {
+                    pending = true;
+                    continue;
+                };
+                *slot = None;
+                match answer {
+                    Ok(Response::View(v)) if v.map.is_empty() => {
+                        errors.push(format!("node {n}: cluster not bootstrapped yet"))
+                    }
+                    Ok(Response::View(v)) => {
+                        let p = map_progress(&v.map);
+                        if p < floor {
+                            errors.push(format!("node {n}: its map is older than this client's"));
+                        } else if best.as_ref().is_none_or(|b| p > map_progress(&b.map)) {
+                            best = Some(v);
+                        }
+                        if best.as_ref().is_some_and(&moved) {
+                            return Poll::Ready(());
+                        }
+                    }
+                    Ok(other) => errors.push(format!("node {n}: {}", describe(&other))),
+                    Err(CallError::NotSent(e) | CallError::Sent(e)) => errors.push(e),
+                }
+            }
+            if !pending {
+                return Poll::Ready(());
+            }
+            if best.is_some() && grace.is_none() {
+                grace = Some(Box::pin(tokio::time::sleep(Duration::from_millis(VIEW_GRACE_MS))));
+            }
+            if grace.as_mut().is_some_and(|g| g.as_mut().poll(cx).is_ready()) || overall.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            Poll::Pending
+        })
+        .await;
+        drop(asks);
+        match best {
+            Some(v) => {
+                self.install(&v);
+                Ok(v)
+            }
+            None if errors.is_empty() => {
+                Err(ClientError::Unavailable(format!("no node gave a shard map within {timeout:?}")))
+            }
+            None => Err(ClientError::Unavailable(format!("no node gave a shard map: {}", errors.join("; ")))),
+        }
+    }
+
+    /// Fetches the view through the meta leader (linearizable) from any node that answers:
+    /// the authoritative map, for callers that need it (routing does not; see the module
+    /// documentation). Needs a reachable meta leader.
     pub async fn refresh(&self) -> Result<ClusterView, ClientError> {
         let mut nodes: Vec<u64> = self.addrs.lock().map(|a| a.keys().copied().collect()).unwrap_or_default();
         nodes.sort();
@@ -159,16 +298,7 @@ impl Client {
         for n in nodes {
             match self.call(n, &Request::ClusterView { fresh: true }, self.config.request_timeout).await {
                 Ok(Response::View(v)) if !v.map.is_empty() => {
-                    if let Ok(mut a) = self.addrs.lock() {
-                        for (id, addr) in &v.nodes {
-                            if let Ok(sa) = addr.parse::<SocketAddr>() {
-                                a.insert(id.0, sa);
-                            }
-                        }
-                    }
-                    if let Ok(mut w) = self.view.write() {
-                        *w = v.clone();
-                    }
+                    self.install(&v);
                     return Ok(v);
                 }
                 Ok(Response::View(_)) => errors.push(format!("node {n}: cluster not bootstrapped yet")),
@@ -180,8 +310,7 @@ impl Client {
     }
 
     async fn connection(&self, node: u64) -> Result<ClientConnection, String> {
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(&node) {
+        if let Some(c) = self.conns.lock().await.get(&node) {
             return Ok(c.clone());
         }
         let addr = self
@@ -195,8 +324,10 @@ impl Client {
             .connect(addr, tp::NodeId(node), self.config.request_timeout)
             .await
             .map_err(|e| format!("cannot connect to node {node} at {addr}: {e}"))?;
-        conns.insert(node, c.clone());
-        Ok(c)
+        // Connected without holding the lock: a node that does not answer must not hold up
+        // requests to the others (a map request goes to every node at once). Of two
+        // connections made at once, the first one stored is kept.
+        Ok(self.conns.lock().await.entry(node).or_insert(c).clone())
     }
 
     async fn call(&self, node: u64, req: &Request, timeout: Duration) -> Result<Response, CallError> {
@@ -234,7 +365,7 @@ impl Client {
             }
             let view = self.cached_view();
             let Some(d) = view.map.lookup(key).cloned() else {
-                if let Err(e) = self.refresh().await {
+                if let Err(e) = self.refresh_routing(None, self.config.request_timeout.min(deadline - now)).await {
                     last = e.to_string();
                 }
                 sleep_backoff(&mut backoff, deadline).await;
@@ -299,13 +430,28 @@ impl Client {
                         }
                     }
                 }
-                Ok(Response::StaleEpoch { .. } | Response::WrongShard { .. } | Response::UnknownShard) => {
-                    last = format!("routing of shard {} out of date", d.id);
+                Ok(
+                    r @ (Response::StaleEpoch { .. }
+                    | Response::WrongShard { .. }
+                    | Response::UnknownShard
+                    | Response::OutOfRange { .. }),
+                ) => {
+                    last = format!("node {node}: routing of shard {} out of date: {}", d.id, describe(&r));
                     forget(self);
-                    if let Err(e) = self.refresh().await {
-                        last = e.to_string();
+                    if stale {
+                        // This replica may lack the shard: the next try goes to another.
+                        attempt += 1;
                     }
-                    sleep_backoff(&mut backoff, deadline).await;
+                    let timeout = self.config.request_timeout.min(deadline.saturating_duration_since(Instant::now()));
+                    if let Err(e) = self.refresh_routing(Some((key, d.id, d.epoch)), timeout).await {
+                        last = format!("{last}; {e}");
+                    }
+                    // A map that routes the key elsewhere is tried at once; otherwise no node
+                    // has a newer one yet (a split still spreading): wait before asking again.
+                    let now_routed = self.cached_view().map.lookup(key).map(|x| (x.id, x.epoch));
+                    if now_routed == Some((d.id, d.epoch)) {
+                        sleep_backoff(&mut backoff, deadline).await;
+                    }
                 }
                 Ok(Response::Unknown(e)) => {
                     forget(self);
@@ -429,19 +575,31 @@ impl Client {
                 }
             };
             let (resp, d) = self.keyed(&cursor, false, make).await?;
-            let Response::Pairs(pairs) = resp else { return Err(unexpected(&resp)) };
-            // A shard answers at most `remaining` pairs and at most a byte budget: ask it again
-            // from after its last key until it has nothing more, then go to the next shard.
-            if let Some((k, _)) = pairs.last() {
-                let mut next = k.clone();
-                next.push(0);
-                cursor = next;
-                out.extend(pairs);
-                continue;
-            }
-            match d.end {
-                Some(e) => cursor = e,
-                None => break,
+            let Response::Page { pairs, end: page_end } = resp else { return Err(unexpected(&resp)) };
+            // Continue from where the node says its page ends, never from this client's idea
+            // of the shard's end: the shard may have split since this client's map was made,
+            // and its end is then further than what the node read.
+            let last = pairs.last().map(|(k, _)| k.clone());
+            out.extend(pairs);
+            match page_end {
+                ScanEnd::More => {
+                    let Some(mut next) = last else {
+                        return Err(ClientError::Unavailable(format!(
+                            "shard {} answered a scan page with no pairs and more to come",
+                            d.id
+                        )));
+                    };
+                    next.push(0);
+                    cursor = next;
+                }
+                ScanEnd::Covered(None) => break,
+                ScanEnd::Covered(Some(e)) if e <= cursor => {
+                    return Err(ClientError::Unavailable(format!(
+                        "shard {} answered a scan page that does not move the scan on",
+                        d.id
+                    )));
+                }
+                ScanEnd::Covered(Some(e)) => cursor = e,
             }
         }
         out.truncate(limit);
@@ -487,8 +645,20 @@ async fn sleep_backoff(backoff: &mut u64, deadline: Instant) {
     *backoff = (*backoff * 2).min(BACKOFF_MS_MAX);
 }
 
+/// How far a map has come: the sum of its shards' epochs. Every change of the map raises an
+/// epoch or adds a shard (shards are never merged away), so of two copies of one cluster's map,
+/// the later one scores higher: a copy scoring lower than the cached one is older, and routing
+/// never goes back to it.
+pub fn map_progress(map: &ShardMap) -> u64 {
+    map.shards().fold(0u64, |sum, d| sum.saturating_add(d.epoch.version).saturating_add(d.epoch.conf_version))
+}
+
 fn describe(r: &Response) -> String {
     match r {
+        Response::StaleEpoch { descriptor } => format!("shard {} is at a newer epoch", descriptor.id),
+        Response::WrongShard { owner } => format!("the key is in shard {} now", owner.id),
+        Response::UnknownShard => "no such shard there".into(),
+        Response::OutOfRange { shard } => format!("shard {shard} no longer holds the key there (it split)"),
         Response::Unavailable(e) => format!("unavailable: {e}"),
         Response::Invalid(e) => format!("invalid: {e}"),
         Response::Unknown(e) => format!("outcome unknown: {e}"),

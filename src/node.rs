@@ -41,12 +41,13 @@ use crate::placement::{
 };
 use crate::raft::{Config as RaftConfig, GroupId, Membership, NodeId, RaftError, ReadMode, Role};
 use crate::shard::{
-    range_size_blocking, Host, HostConfig, HostError, KeyRange, KvCommand, KvResponse, KvStateMachine, RangeSize, Store,
+    range_size_blocking, Host, HostConfig, HostError, KeyRange, KvCommand, KvResponse, KvStateMachine, RangeSize,
+    ScanEnd, ScanError, ScanPage, Store,
 };
 use crate::transport::{self as tp, cert::TlsIdentity, IncomingRequest, PeerIdentity, Transport, TransportConfig};
 use crate::wire::{
     check_user_key, check_value, AdminRequest, AdminResponse, ClusterView, MetaOp, NodeRow, ReadConsistency, Request,
-    Response, ShardRow, StatusReport, SCAN_LIMIT_MAX, SCAN_RESPONSE_BYTES_MAX,
+    Response, ScanEnd as WireScanEnd, ShardRow, StatusReport, SCAN_LIMIT_MAX, SCAN_RESPONSE_BYTES_MAX,
 };
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -1234,6 +1235,7 @@ impl Node {
                 | Response::StaleEpoch { .. }
                 | Response::WrongShard { .. }
                 | Response::UnknownShard
+                | Response::OutOfRange { .. }
         ) {
             self.inner.stats.redirects.fetch_add(1, Ordering::Relaxed);
         }
@@ -1255,6 +1257,11 @@ impl Node {
                         Ok(sm) => sm,
                         Err(r) => return r,
                     };
+                    // The replica's own range, which a split narrows before this node's map
+                    // may show it: the key may live in another shard now.
+                    if !sm.range().contains(&key) {
+                        return Response::OutOfRange { shard };
+                    }
                     return match sm.get(key).await {
                         Ok(v) => Response::Value(v),
                         Err(e) => Response::Unavailable(e.to_string()),
@@ -1285,26 +1292,47 @@ impl Node {
                 self.write(shard, epoch, KvCommand::Cas { key, expected, new }).await
             }
             Request::Scan { shard, epoch, start, end, limit, consistency } => {
+                // A page of no pairs that says "more" could not move a scan on.
+                if limit == 0 {
+                    return Response::Invalid("a scan's limit must be at least 1".into());
+                }
                 let limit = (limit as usize).min(SCAN_LIMIT_MAX);
                 let d = match self.route_shard(shard, epoch).await {
                     Ok(d) => d,
                     Err(r) => return r,
                 };
-                let from = if start.as_slice() < d.start.as_slice() { d.start.clone() } else { start };
-                if consistency == ReadConsistency::Stale {
+                // From the shard's first user key at the earliest (the map's first shard starts
+                // at the empty key, its replica after the reserved meta prefix).
+                let first = shard_range(&d).start;
+                let from = if start < first { first } else { start };
+                if let Err(r) = self.route_key(&d, &from) {
+                    return r;
+                }
+                // Never past the shard's end in the map: what lies beyond is another shard's,
+                // even while this replica's range (not split yet) still covers it.
+                let end = match (end, d.end) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                // The replica refuses a start outside its range now and bounds the page by it:
+                // a split may have narrowed it before this node's map shows the split.
+                let page = if consistency == ReadConsistency::Stale {
                     let sm = match self.local_replica(shard).await {
                         Ok(sm) => sm,
                         Err(r) => return r,
                     };
-                    return match sm.scan(from, end, limit).await {
-                        Ok(pairs) => Response::Pairs(cut_scan(pairs)),
-                        Err(e) => Response::Unavailable(e.to_string()),
-                    };
-                }
-                match self.inner.host.scan(GroupId(shard.0), from, end, limit, read_mode(consistency)).await {
-                    Ok(pairs) => Response::Pairs(cut_scan(pairs)),
-                    Err(e) => self.host_error(e, false),
-                }
+                    match sm.scan(from, end, limit).await {
+                        Ok(page) => page,
+                        Err(ScanError::OutOfRange(_)) => return Response::OutOfRange { shard },
+                        Err(ScanError::Storage(e)) => return Response::Unavailable(e.to_string()),
+                    }
+                } else {
+                    match self.inner.host.scan(GroupId(shard.0), from, end, limit, read_mode(consistency)).await {
+                        Ok(page) => page,
+                        Err(e) => return self.host_error(e, false),
+                    }
+                };
+                cut_scan(page)
             }
             Request::ClusterView { fresh } => {
                 let state = if fresh {
@@ -1375,7 +1403,8 @@ impl Node {
             Ok(KvResponse::CasFailed { current }) => Response::CasFailed { current },
             Ok(KvResponse::Refused(e)) => Response::Invalid(e),
             Ok(KvResponse::Split { .. }) => Response::Invalid("a write answered as a split".into()),
-            Ok(KvResponse::OutOfRange) => Response::Unavailable("the shard split; retry".into()),
+            // A split applied between the routing check and the command; nothing changed.
+            Ok(KvResponse::OutOfRange) => Response::OutOfRange { shard },
             Err(e) => self.host_error(e, true),
         }
     }
@@ -1403,6 +1432,11 @@ impl Node {
 
     async fn route(&self, shard: ShardId, epoch: crate::placement::Epoch, key: &[u8]) -> Result<(), Response> {
         let d = self.route_shard(shard, epoch).await?;
+        self.route_key(&d, key)
+    }
+
+    /// Checks that `key` is in the shard `d` (as this node's map has it).
+    fn route_key(&self, d: &crate::placement::ShardDescriptor, key: &[u8]) -> Result<(), Response> {
         if !d.contains(key) {
             return match self.meta_view().map.lookup(key) {
                 Some(owner) => Err(Response::WrongShard { owner: owner.clone() }),
@@ -1419,7 +1453,9 @@ impl Node {
                 let addr = leader.and_then(|l| self.meta_view().nodes.get(&PNodeId(l.0)).map(|n| n.addr.clone()));
                 Response::NotLeader { leader: leader.map(|l| PNodeId(l.0)), addr }
             }
-            HostError::KeyOutOfRange(g) => Response::Unavailable(format!("key outside shard {g}'s range here")),
+            // The replica's range narrowed (a split) while this node's map still routes the
+            // key here: the client must look for a newer map, not retry here.
+            HostError::KeyOutOfRange(g) => Response::OutOfRange { shard: ShardId(g.0) },
             // Refused before the command entered the log, or its entry was replaced: nothing
             // was applied, and the client may retry.
             e @ (HostError::Stopped
@@ -1562,8 +1598,10 @@ fn meta_try(e: HostError) -> MetaTry {
     }
 }
 
-/// Cuts a scan answer to [`SCAN_RESPONSE_BYTES_MAX`] (keeping at least one pair).
-fn cut_scan(mut pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(Vec<u8>, Vec<u8>)> {
+/// Cuts a scan page to [`SCAN_RESPONSE_BYTES_MAX`] (keeping at least one pair); a page cut
+/// short says "more", so the client continues after its last pair.
+fn cut_scan(page: ScanPage) -> Response {
+    let ScanPage { mut pairs, end } = page;
     let mut total = 0usize;
     let mut keep = pairs.len();
     for (i, (k, v)) in pairs.iter().enumerate() {
@@ -1573,8 +1611,15 @@ fn cut_scan(mut pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(Vec<u8>, Vec<u8>)> {
             break;
         }
     }
-    pairs.truncate(keep);
-    pairs
+    if keep < pairs.len() {
+        pairs.truncate(keep);
+        return Response::Page { pairs, end: WireScanEnd::More };
+    }
+    let end = match end {
+        ScanEnd::More => WireScanEnd::More,
+        ScanEnd::Covered(e) => WireScanEnd::Covered(e),
+    };
+    Response::Page { pairs, end }
 }
 
 fn read_mode(c: ReadConsistency) -> ReadMode {

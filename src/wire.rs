@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Version byte that starts every request and response of this protocol. 2: a put answers
-/// no previous value.
-pub const PROTOCOL_VERSION: u8 = 2;
+/// no previous value. 3: a scan answers a [`Response::Page`] saying how far it read, and a
+/// request for keys a shard no longer holds is answered [`Response::OutOfRange`] (a version 2
+/// peer would take a scan's empty page for the end of the shard and skip what split off).
+pub const PROTOCOL_VERSION: u8 = 3;
 
 /// Largest key accepted (bytes): the shard's own limit, checked here first so that a key too
 /// long is refused before it is routed (or made a split point). Keys travel in every routing
@@ -94,18 +96,20 @@ pub enum Request {
         shard: ShardId,
         /// The shard's epoch in the client's map.
         epoch: Epoch,
-        /// First key (clamped to the shard's range).
+        /// First key: at or after the shard's start (an earlier one is clamped to it), and
+        /// inside the range the shard holds now, or the answer is [`Response::OutOfRange`].
         start: Vec<u8>,
         /// End of the scan (exclusive); `None` for the shard's end.
         end: Option<Vec<u8>>,
-        /// Most pairs.
+        /// Most pairs (at least 1).
         limit: u32,
         /// How to read.
         consistency: ReadConsistency,
     },
     /// The node's view of the cluster (shard map and node addresses). `fresh` asks for a
     /// linearizable read on the meta leader (forwarded if needed); otherwise the node's local
-    /// copy, which may lag.
+    /// copy, which may lag but needs no meta leader: enough to route by, since every shard
+    /// checks the epoch a request was routed with.
     ClusterView {
         /// Read through the meta leader.
         fresh: bool,
@@ -299,8 +303,13 @@ pub enum Response {
         /// The current value.
         current: Option<Vec<u8>>,
     },
-    /// Scan results, in key order.
-    Pairs(Vec<(Vec<u8>, Vec<u8>)>),
+    /// Scan results, in key order, and how far they cover.
+    Page {
+        /// The pairs, in key order.
+        pairs: Vec<(Vec<u8>, Vec<u8>)>,
+        /// Where the scan goes on.
+        end: ScanEnd,
+    },
     /// The cluster view.
     View(ClusterView),
     /// An admin answer.
@@ -332,12 +341,32 @@ pub enum Response {
     },
     /// This node has no such shard (not in its map, or no replica here).
     UnknownShard,
+    /// The shard's replica here no longer holds the key (a scan's start): the shard split,
+    /// and the node's map has not caught up yet. Nothing was read or changed; route again by
+    /// a newer map.
+    OutOfRange {
+        /// The shard that was asked.
+        shard: ShardId,
+    },
     /// The request may or may not have been applied (a timeout inside the node).
     Unknown(String),
     /// Refused for a reason retrying elsewhere may fix (no leader yet, node starting).
     Unavailable(String),
     /// Refused: the request is wrong and retrying will not help.
     Invalid(String),
+}
+
+/// How far a [`Response::Page`] covers: where the client continues. Never the client's own
+/// idea of the shard's end, which a split may have made wrong.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ScanEnd {
+    /// The limit (or the answer's byte budget) cut the page with keys left: continue just
+    /// after its last key (a page that says so has at least one pair).
+    More,
+    /// Every key from the request's start up to this key (exclusive) is in the page: the
+    /// request's end or the end of the shard's range, whichever comes first. `None`: to the
+    /// end of the key space.
+    Covered(Option<Vec<u8>>),
 }
 
 /// A message that does not decode.

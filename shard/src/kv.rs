@@ -65,6 +65,41 @@ impl KeyRange {
     }
 }
 
+/// One page of a scan: the pairs read, in key order, and how far the read went. A caller
+/// continues from where the page says, never from its own idea of the shard's end: the
+/// shard's range may have narrowed (a split) since the caller routed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanPage {
+    /// The pairs, in key order.
+    pub pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// How far the page covers.
+    pub end: ScanEnd,
+}
+
+/// How far a [`ScanPage`] covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ScanEnd {
+    /// The limit stopped the read with keys left in the requested span: every key up to the
+    /// last pair was read; ask again from just after it.
+    More,
+    /// Every key from the scan's start up to this key (exclusive) was read: the requested end
+    /// or the end of the shard's range, whichever comes first. `None`: to the end of the key
+    /// space.
+    Covered(Option<Vec<u8>>),
+}
+
+/// Why a scan was not served.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    /// The scan starts outside the shard's range (it split, or the caller's routing is
+    /// stale): the keys live in another shard now.
+    #[error("scan start outside the shard's range")]
+    OutOfRange(KeyRange),
+    /// The store failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
 /// What a size check found in a key range: logical bytes (keys plus values, as a client wrote
 /// them) rather than bytes on disk, so a fresh shard still in the memtable is sized like an old
 /// one, and the figure does not jump at a flush or compaction.
@@ -382,31 +417,44 @@ impl KvStateMachine {
             .await
     }
 
-    /// Key-value pairs in `[from, to)` within the shard's range, at most `limit`.
-    pub async fn scan(
-        &self,
-        from: Vec<u8>,
-        to: Option<Vec<u8>>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    /// Key-value pairs in `[from, to)` within the shard's range, at most `limit` (at least one
+    /// is read: a page of none could not move a scan on), and how far the page covers: to
+    /// `to` or the range's end, whichever comes first, or [`ScanEnd::More`] when the limit
+    /// stopped it with keys left. A `from` outside the range is refused
+    /// ([`ScanError::OutOfRange`]) rather than answered with an empty page, which a caller
+    /// routing by an older, wider range would take for "nothing there" and skip past keys
+    /// that now live in another shard.
+    pub async fn scan(&self, from: Vec<u8>, to: Option<Vec<u8>>, limit: usize) -> Result<ScanPage, ScanError> {
+        // One reading of the range for the check, the bound and the answer: a split applying
+        // meanwhile cannot make them disagree.
         let range = self.range();
-        self.store
+        if !range.contains(&from) {
+            return Err(ScanError::OutOfRange(range));
+        }
+        let bound = match (to, range.end) {
+            (Some(t), Some(e)) => Some(t.min(e)),
+            (t, e) => t.or(e),
+        };
+        let limit = limit.max(1);
+        let page = self
+            .store
             .blocking(move |s| {
-                let start = if from < range.start { range.start.clone() } else { from };
-                let mut out = Vec::new();
-                for item in s.db().iterator_cf(s.cf(CF_DATA)?, IteratorMode::From(&start, Direction::Forward)) {
+                let mut pairs = Vec::new();
+                for item in s.db().iterator_cf(s.cf(CF_DATA)?, IteratorMode::From(&from, Direction::Forward)) {
                     let (k, v) = item.map_err(|e| StorageError::new("scan", e.to_string()))?;
-                    if !range.contains(&k)
-                        || to.as_ref().is_some_and(|t| k.as_ref() >= t.as_slice())
-                        || out.len() >= limit
-                    {
+                    if bound.as_ref().is_some_and(|b| k.as_ref() >= b.as_slice()) {
                         break;
                     }
-                    out.push((k.to_vec(), v.to_vec()));
+                    if pairs.len() >= limit {
+                        // A key in the span is left: the page ends at its last pair.
+                        return Ok(ScanPage { pairs, end: ScanEnd::More });
+                    }
+                    pairs.push((k.to_vec(), v.to_vec()));
                 }
-                Ok(out)
+                Ok(ScanPage { pairs, end: ScanEnd::Covered(bound) })
             })
-            .await
+            .await?;
+        Ok(page)
     }
 
     /// The write batch and responses for applying `entries` (blocking), for a host that

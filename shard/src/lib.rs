@@ -19,8 +19,8 @@ pub use host::{
     GroupDescriptor, GroupInfo, Host, HostConfig, HostError, HostNetwork, HostStats, NodeBatch, QuiesceNotice,
 };
 pub use kv::{
-    range_size_blocking, KeyRange, KvCommand, KvResponse, KvStateMachine, Prepared, RangeSize, SplitEffect,
-    KEY_BYTES_MAX, VALUE_BYTES_MAX,
+    range_size_blocking, KeyRange, KvCommand, KvResponse, KvStateMachine, Prepared, RangeSize, ScanEnd, ScanError,
+    ScanPage, SplitEffect, KEY_BYTES_MAX, VALUE_BYTES_MAX,
 };
 pub use log::RocksLog;
 pub use store::{Op, Store, WriterStats, CF_DATA, CF_META, CF_RAFT};

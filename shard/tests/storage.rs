@@ -195,7 +195,7 @@ async fn a_raft_cluster_on_rocksdb_survives_a_restart() {
     nodes.insert(f, start(&router, dirs[f].path(), f as u64 + 1).await);
     nodes[f].raft.wait_for(wait, |m| m.applied >= idx).await.expect("recovered");
     assert_eq!(nodes[f].sm.get(b"k119".to_vec()).await.expect("get"), Some(119u32.to_be_bytes().to_vec()));
-    assert_eq!(nodes[f].sm.scan(b"k".to_vec(), None, 1000).await.expect("scan").len(), 120);
+    assert_eq!(nodes[f].sm.scan(b"k".to_vec(), None, 1000).await.expect("scan").pairs.len(), 120);
 }
 
 fn put(k: &str, v: &str) -> Entry {
@@ -235,8 +235,9 @@ async fn an_sst_snapshot_replaces_exactly_the_shards_range_on_the_receiver() {
     follower.install_snapshot(snap.clone()).await.expect("install");
     let st = follower.applied_state().await.expect("applied");
     assert_eq!(st.last_applied, Some(LogId::new(1, 3)));
-    let got = follower.scan(b"".to_vec(), None, 100).await.expect("scan");
+    let got = follower.scan(b"b".to_vec(), None, 100).await.expect("scan");
     let got: Vec<(String, String)> = got
+        .pairs
         .into_iter()
         .map(|(k, v)| (String::from_utf8_lossy(&k).into(), String::from_utf8_lossy(&v).into()))
         .collect();

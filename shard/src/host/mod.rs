@@ -611,7 +611,9 @@ impl Host {
         Ok(entry.sm.get(key).await?)
     }
 
-    /// Scans `[from, to)` within `group`'s range, linearizably, at most `limit` pairs.
+    /// Scans `[from, to)` within `group`'s range, linearizably, at most `limit` pairs; the page
+    /// says how far it covers. A `from` outside the range the group holds now (a split
+    /// narrowed it) is refused as [`HostError::KeyOutOfRange`]: the caller's routing is stale.
     pub async fn scan(
         &self,
         group: GroupId,
@@ -619,10 +621,19 @@ impl Host {
         to: Option<Vec<u8>>,
         limit: usize,
         mode: ReadMode,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, HostError> {
+    ) -> Result<crate::kv::ScanPage, HostError> {
         let entry = self.entry(group)?;
+        // Refused before the read's round trip; the state machine checks again after it, on
+        // the range as of the read (a split may apply in between).
+        if !entry.sm.range().contains(&from) {
+            return Err(HostError::KeyOutOfRange(group));
+        }
         self.call(group, |tx| ApiReq::Read(mode, tx)).await?;
-        Ok(entry.sm.scan(from, to, limit).await?)
+        match entry.sm.scan(from, to, limit).await {
+            Ok(page) => Ok(page),
+            Err(crate::kv::ScanError::OutOfRange(_)) => Err(HostError::KeyOutOfRange(group)),
+            Err(crate::kv::ScanError::Storage(e)) => Err(e.into()),
+        }
     }
 
     /// Adds `node` as a learner of `group`.

@@ -1,0 +1,217 @@
+//! Client routing (issue 12): a client whose map predates a split still scans every key and
+//! finds moved keys after one refresh (finding 3); a client whose only contact cannot reach
+//! the meta leader still routes by that node's own copy of the map (finding 10).
+
+use flotilla::transport::cert::{CertificateAuthority, TlsIdentity};
+use flotilla::transport::NodeId as TNodeId;
+use flotilla::transport::PeerIdentity;
+use flotilla::wire::{AdminRequest, AdminResponse, ReadConsistency, Request, Response};
+use flotilla::{BootstrapConfig, Client, ClientConfig, Node, NodeConfig};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+struct Cluster {
+    ca: CertificateAuthority,
+    nodes: Vec<Option<Node>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// `n` nodes on loopback; the meta group on `meta`, every initial shard on `replicas`.
+    async fn start(n: u64, meta: &[u64], replicas: &[u64], split_keys: &[&str]) -> Cluster {
+        let ca = CertificateAuthority::generate("test CA").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes: Vec<Node> = Vec::new();
+        for id in 1..=n {
+            let issued = ca.issue_node(TNodeId(id)).unwrap();
+            let tls = TlsIdentity::from_issued(ca.cert_pem(), &issued).unwrap();
+            let listen = SocketAddr::from(([127, 0, 0, 1], 0));
+            let mut cfg = NodeConfig::new(id, dir.path().join(format!("n{id}")), listen, tls);
+            cfg.bootstrap = Some(BootstrapConfig {
+                meta_voters: meta.to_vec(),
+                shard_replicas: replicas.to_vec(),
+                addrs: Vec::new(),
+                split_keys: split_keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
+            });
+            cfg.report_interval_ms = 300;
+            nodes.push(Node::start(cfg).await.unwrap());
+        }
+        for a in &nodes {
+            for b in &nodes {
+                if b.id() != a.id() {
+                    a.set_peer_addr(b.id(), b.local_addr().unwrap()).unwrap();
+                }
+            }
+        }
+        Cluster { ca, nodes: nodes.into_iter().map(Some).collect(), _dir: dir }
+    }
+
+    fn node(&self, id: u64) -> &Node {
+        self.nodes[(id - 1) as usize].as_ref().unwrap()
+    }
+
+    fn config(&self, endpoints: &[u64]) -> ClientConfig {
+        let issued = self.ca.issue_client("test").unwrap();
+        let tls = TlsIdentity::from_issued(self.ca.cert_pem(), &issued).unwrap();
+        let endpoints = endpoints.iter().map(|id| (*id, self.node(*id).local_addr().unwrap())).collect();
+        let mut cfg = ClientConfig::new(tls, endpoints);
+        cfg.op_timeout = Duration::from_secs(20);
+        cfg
+    }
+
+    /// A client of every node, once the cluster has formed.
+    async fn client(&self) -> Client {
+        let all: Vec<u64> = self.nodes.iter().flatten().map(|n| n.id()).collect();
+        let cfg = self.config(&all);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match Client::connect(cfg.clone()).await {
+                Ok(c) => return c,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("waiting for the cluster: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("cluster never formed: {e}"),
+            }
+        }
+    }
+
+    async fn stop(&mut self, id: u64) {
+        if let Some(n) = self.nodes[(id - 1) as usize].take() {
+            n.shutdown().await;
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        for n in self.nodes.iter_mut() {
+            if let Some(n) = n.take() {
+                n.shutdown().await;
+            }
+        }
+    }
+}
+
+/// Waits until the meta leader's reports show `shards` shards, each with a leader.
+async fn wait_shards_led(client: &Client, shards: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(AdminResponse::Shards(rows)) = client.admin(AdminRequest::Shards).await {
+            if rows.len() == shards && rows.iter().all(|r| r.leader.is_some()) {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "the {shards} shards never all got a leader");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn keys_of(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<String> {
+    pairs.iter().map(|(k, _)| String::from_utf8_lossy(k).into_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_whose_map_predates_a_split_scans_every_key_and_finds_moved_keys_after_one_refresh() {
+    let mut cluster = Cluster::start(3, &[1, 2, 3], &[1, 2, 3], &[]).await;
+    let stale = cluster.client().await;
+    let mut want = Vec::new();
+    for side in ["b", "x"] {
+        for i in 0..15 {
+            let k = format!("{side}-{i:02}");
+            stale.put(k.as_bytes(), b"v").await.unwrap();
+            want.push(k);
+        }
+    }
+    // Another client splits the shard at "m"; the first one's map still has one shard.
+    let admin = cluster.client().await;
+    let AdminResponse::Changed(halves) = admin.admin(AdminRequest::Split { key: b"m".to_vec() }).await.unwrap() else {
+        panic!("split answered otherwise")
+    };
+    let left = halves.iter().find(|d| d.start.is_empty()).expect("left half").clone();
+    wait_shards_led(&admin, 2).await;
+    assert_eq!(stale.cached_view().map.len(), 1, "the client's map predates the split");
+
+    // A scan of the whole key space sees every key, the half that split off included.
+    let all = stale.scan(b"", None, 1000).await.unwrap();
+    assert_eq!(keys_of(&all), want);
+    assert_eq!(stale.cached_view().map.len(), 2, "the scan refreshed the map");
+    // Pages cut by the limit, across the split point.
+    let some = stale.scan(b"b-10", Some(b"x-05"), 7).await.unwrap();
+    assert_eq!(keys_of(&some), ["b-10", "b-11", "b-12", "b-13", "b-14", "x-00", "x-01"]);
+
+    // A fresh client with the old map (taken before the split is not possible any more, so
+    // the same client again after another split): gets and puts of moved keys succeed after
+    // one map refresh, promptly.
+    let AdminResponse::Changed(_) = admin.admin(AdminRequest::Split { key: b"t".to_vec() }).await.unwrap() else {
+        panic!("split answered otherwise")
+    };
+    wait_shards_led(&admin, 3).await;
+    assert_eq!(stale.cached_view().map.len(), 2, "the client's map predates the second split");
+    let before = stale.routing_refreshes();
+    let started = Instant::now();
+    stale.put(b"x-new", b"w").await.unwrap();
+    assert_eq!(stale.get(b"x-00").await.unwrap(), Some(b"v".to_vec()));
+    assert_eq!(stale.get(b"x-new").await.unwrap(), Some(b"w".to_vec()));
+    let took = started.elapsed();
+    assert_eq!(stale.routing_refreshes() - before, 1, "one map refresh for the moved keys");
+    assert!(took < Duration::from_secs(3), "stale routing took {took:?}");
+
+    // A node refuses a scan starting in a shard its map says the key is not in, saying where
+    // it is; and a scan limit of zero.
+    let node = cluster.node(1);
+    let view = node.meta_view();
+    let d = view.map.get(left.id).unwrap();
+    let req = |start: &str, limit: u32| Request::Scan {
+        shard: d.id,
+        epoch: d.epoch,
+        start: start.as_bytes().to_vec(),
+        end: None,
+        limit,
+        consistency: ReadConsistency::Stale,
+    };
+    match node.handle(&PeerIdentity::Client("test".into()), req("x-00", 10)).await {
+        Response::WrongShard { owner } => assert!(owner.contains(b"x-00"), "{owner:?}"),
+        other => panic!("a scan outside the shard answered {other:?}"),
+    }
+    assert!(matches!(node.handle(&PeerIdentity::Client("test".into()), req("b-00", 0)).await, Response::Invalid(_)));
+    stale.close().await;
+    admin.close().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_whose_contact_cannot_reach_the_meta_leader_still_routes_to_shard_leaders() {
+    // The meta group on nodes 1-3, the data shards on nodes 2-4.
+    let mut cluster = Cluster::start(4, &[1, 2, 3], &[2, 3, 4], &["m"]).await;
+    let client = cluster.client().await;
+    wait_shards_led(&client, 2).await;
+    for k in ["a-before", "z-before"] {
+        client.put(k.as_bytes(), b"v").await.unwrap();
+    }
+    assert_eq!(cluster.node(4).meta_view().map.len(), 2, "node 4 holds a copy of the map");
+    client.close().await;
+
+    // Two of the three meta voters stop: the meta group has no leader, and no node can read
+    // the map through one. Every shard keeps a quorum (nodes 3 and 4).
+    cluster.stop(1).await;
+    cluster.stop(2).await;
+
+    // A new client whose only contact is node 4 connects by node 4's own copy of the map and
+    // reaches the shard leaders (elected anew among nodes 3 and 4).
+    let mut cfg = cluster.config(&[4]);
+    cfg.request_timeout = Duration::from_secs(2);
+    cfg.op_timeout = Duration::from_secs(15);
+    let started = Instant::now();
+    let client = Client::connect(cfg).await.expect("connect through a node that cannot reach a meta leader");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "connecting took {took:?}");
+    for k in ["a-after", "z-after"] {
+        client.put(k.as_bytes(), b"w").await.unwrap();
+    }
+    for (k, v) in [("a-before", "v"), ("z-before", "v"), ("a-after", "w"), ("z-after", "w")] {
+        assert_eq!(client.get(k.as_bytes()).await.unwrap(), Some(v.as_bytes().to_vec()), "{k}");
+    }
+    // Only the authoritative read of the map needs the meta leader.
+    assert!(client.refresh().await.is_err());
+    client.close().await;
+    cluster.shutdown().await;
+}
