@@ -632,3 +632,67 @@ async fn a_node_with_a_lagging_map_keeps_the_group_a_split_gave_it() {
     }
     cluster.shutdown().await;
 }
+
+/// Splits asked for faster than Raft carries them out (some in parallel, with a writer
+/// running): the map splits a shard again before its group applied the previous split, so
+/// split-born groups and new replicas meet snapshots of other ranges. Every shard must get a
+/// leader within seconds and every acknowledged write must read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_quick_splits_converge_and_lose_nothing() {
+    let mut cluster = Cluster::start(3, 1).await;
+    let client = std::sync::Arc::new(cluster.client().await);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let k = format!("k{:03}-{i}", (i * 7) % 200);
+                i += 1;
+                match client.put(k.as_bytes(), b"v").await {
+                    Ok(()) => acked.push(k),
+                    Err(ClientError::Unknown(_) | ClientError::Unavailable(_)) => {}
+                    Err(e) => panic!("write {k}: {e}"),
+                }
+            }
+            acked
+        })
+    };
+    let splits = 40u32;
+    for batch in (1..=splits).collect::<Vec<_>>().chunks(4) {
+        let mut calls = Vec::new();
+        for i in batch {
+            let (client, key) = (client.clone(), format!("k{:03}", i * 5).into_bytes());
+            calls.push(tokio::spawn(async move { client.admin(AdminRequest::Split { key }).await }));
+        }
+        for c in calls {
+            c.await.unwrap().expect("split");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let AdminResponse::Shards(rows) = client.admin(AdminRequest::Shards).await.unwrap() else { panic!() };
+        let unled: Vec<ShardId> = rows.iter().filter(|r| r.leader.is_none()).map(|r| r.descriptor.id).collect();
+        if rows.len() == splits as usize + 1 && unled.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} shards, without a leader: {unled:?}", rows.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writer.await.unwrap();
+    assert!(acked.len() > 20, "too few writes: {}", acked.len());
+    for k in &acked {
+        assert_eq!(client.get(k.as_bytes()).await.unwrap(), Some(b"v".to_vec()), "{k} lost");
+    }
+    // A scan of everything sees every acknowledged key once.
+    let all = client.scan(b"k", Some(b"l"), 100_000).await.unwrap();
+    let keys: std::collections::BTreeSet<Vec<u8>> = all.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(keys.len(), all.len(), "a scan returned a key twice");
+    for k in &acked {
+        assert!(keys.contains(k.as_bytes()), "the scan missed {k}");
+    }
+    cluster.shutdown().await;
+}

@@ -60,6 +60,32 @@ impl Server {
         *self = Server::start_in(self.netns.clone().as_deref(), &self.config.clone(), &self.log.clone());
     }
 
+    /// SIGSTOP: the process freezes (timers, sockets and all) until [`Server::resume`].
+    pub fn pause(&mut self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").args(["-STOP", &c.id().to_string()]).status();
+        }
+    }
+
+    /// SIGCONT after [`Server::pause`].
+    pub fn resume(&mut self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
+        }
+    }
+
+    /// Whether the process runs (not killed, not exited).
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Starts the server again if it is not running (on its data and configuration).
+    pub fn ensure_running(&mut self) {
+        if !self.running() {
+            self.restart();
+        }
+    }
+
     /// SIGTERM, then waits for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");
