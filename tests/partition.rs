@@ -1,7 +1,8 @@
 //! Real network partitions: three `flotilla server` processes, each in its own network
 //! namespace on a bridge, and the test's clients in the root namespace. iptables rules inside
 //! one namespace cut that node off from the other two, both ways or one way (clients still
-//! reach it), then heal.
+//! reach it), or from the meta leader only, then heal; during each cut a shard is split and a
+//! leadership moved.
 //! Clients run a checked history (`common::History`: linearizable and lease reads, puts,
 //! deletes, compare-and-swaps) throughout; it must linearize. Cutting off the shard's leader
 //! is the case a lease read gets wrong if the lease outlives the leader's right to lead.
@@ -71,6 +72,13 @@ impl Net {
         }
     }
 
+    /// Drops traffic between node `i` and node `j` only, both ways.
+    fn cut_pair(&self, i: u64, j: u64) {
+        let (ns, peer) = (self.ns(i), self.ip(j));
+        sh(&format!("ip netns exec {ns} iptables -A INPUT -s {peer} -j DROP"));
+        sh(&format!("ip netns exec {ns} iptables -A OUTPUT -d {peer} -j DROP"));
+    }
+
     fn heal(&self, i: u64) {
         sh(&format!("ip netns exec {} iptables -F", self.ns(i)));
     }
@@ -100,6 +108,30 @@ async fn leader_of_first_shard(client: &Client) -> u64 {
     }
 }
 
+async fn meta_leader(client: &Client) -> Option<u64> {
+    match client.admin(AdminRequest::Status).await {
+        Ok(AdminResponse::Status(s)) => s.meta_leader.map(|n| n.0),
+        _ => None,
+    }
+}
+
+/// Placement changes while a node is cut off: a split of the first shard at a new key and a
+/// leader transfer of the last shard, each allowed to fail (the cut may be in the way).
+async fn change_placement(admin: &Client, round: u32) {
+    let key = format!("{:02x}-split-{round}", (round * 29 + 3) % 256).into_bytes();
+    let split = admin.admin(AdminRequest::Split { key }).await;
+    eprintln!("round {round}: split: {}", split.is_ok());
+    if let Ok(AdminResponse::Shards(rows)) = admin.admin(AdminRequest::Shards).await {
+        if let Some(row) = rows.last() {
+            let voters: Vec<_> = row.descriptor.voters().collect();
+            if let Some(to) = voters.get(round as usize % voters.len().max(1)) {
+                let r = admin.admin(AdminRequest::TransferLeader { shard: row.descriptor.id, node: *to }).await;
+                eprintln!("round {round}: transfer shard {} to {to}: {}", row.descriptor.id, r.is_ok());
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root, iproute2 and iptables: run with --ignored (.ci/run does)"]
 async fn partitions_of_real_processes_keep_the_history_linearizable() {
@@ -123,20 +155,42 @@ async fn partitions_of_real_processes_keep_the_history_linearizable() {
     let history = common::History::start(clients, &["10-a", "10-b", "f0-a", "f0-b"]);
 
     // Each round cuts off whichever node leads the first shard then, for 5 s, and heals
-    // (`FLOTILLA_PARTITION_ROUNDS` rounds, default 3): both ways, then only what reaches it
+    // (`FLOTILLA_PARTITION_ROUNDS` rounds, default 4): both ways, then only what reaches it
     // (it still sends heartbeats but hears no acknowledgement: it must step down and stop
     // serving lease reads), then only what it sends (the others elect while it still hears
-    // them).
-    let rounds: u32 = std::env::var("FLOTILLA_PARTITION_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    // them), then from the meta leader only (its map lags while its shards carry on). During
+    // each cut a shard is split and a leadership moved.
+    let rounds: u32 = std::env::var("FLOTILLA_PARTITION_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
     tokio::time::sleep(Duration::from_secs(2)).await;
     for round in 0..rounds {
         let victim = leader_of_first_shard(&admin).await;
-        let (inbound, outbound) = [(true, true), (true, false), (false, true)][round as usize % 3];
-        eprintln!("round {round}: isolating node {victim} (inbound {inbound}, outbound {outbound})");
-        net.isolate(victim, inbound, outbound);
+        match (round % 4, meta_leader(&admin).await) {
+            (3, Some(m)) if m != victim => {
+                eprintln!("round {round}: cutting node {victim} from the meta leader {m} only");
+                net.cut_pair(victim, m);
+            }
+            (r, _) => {
+                let (inbound, outbound) = [(true, true), (true, false), (false, true), (true, true)][r as usize];
+                eprintln!("round {round}: isolating node {victim} (inbound {inbound}, outbound {outbound})");
+                net.isolate(victim, inbound, outbound);
+            }
+        }
+        change_placement(&admin, round).await;
         tokio::time::sleep(Duration::from_secs(5)).await;
         net.heal(victim);
         tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    // Every shard has a leader again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(AdminResponse::Shards(rows)) = admin.admin(AdminRequest::Shards).await {
+            if rows.iter().all(|r| r.leader.is_some()) {
+                eprintln!("{} shards, all led", rows.len());
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "shards left without a leader after healing");
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     history.stop_and_check(200).await;
     admin.close().await;
