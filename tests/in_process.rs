@@ -696,3 +696,63 @@ async fn many_quick_splits_converge_and_lose_nothing() {
     }
     cluster.shutdown().await;
 }
+
+/// A replica created on its node but not yet reached by its leader holds none of the shard's
+/// data: a stale read there must say so, not answer "no such key".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_read_on_a_replica_not_caught_up_is_refused() {
+    use flotilla::transport::PeerIdentity;
+    use flotilla::wire::{ReadConsistency, Request, Response};
+    let mut cluster = Cluster::start_with(4, &[1, 2, 3], &[1, 2, 3], 1, |_| {}).await;
+    let client = cluster.client().await;
+    client.put(b"a-key", b"v").await.unwrap();
+    let shard = client.cached_view().map.lookup(b"a").unwrap().id;
+    // The shard's leader cannot reach node 4, which still gets the map from the meta leader.
+    let meta_leader = wait_leader(&cluster, ShardId(0)).await;
+    let leader = (1..=3).find(|n| *n != meta_leader).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while wait_leader(&cluster, shard).await != leader {
+        let _ = client.admin(AdminRequest::TransferLeader { shard, node: NodeId(leader) }).await;
+        assert!(Instant::now() < deadline, "shard {shard} never moved to node {leader}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let node = |id: u64| cluster.nodes[(id - 1) as usize].as_ref().unwrap();
+    node(4).transport().block_peer(TNodeId(leader));
+    node(leader).transport().block_peer(TNodeId(4));
+    let from = (1..=3).find(|n| *n != leader && *n != meta_leader).unwrap();
+    // Node 4 registers itself in the background: retry until the meta state knows it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = client.admin(AdminRequest::Move { shard, from: NodeId(from), to: NodeId(4) }).await {
+        assert!(Instant::now() < deadline, "move not accepted: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let group = flotilla::raft::GroupId(shard.0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !node(4).host().groups().contains(&group) {
+        assert!(Instant::now() < deadline, "node 4 never created its replica");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let epoch = node(4).meta_view().map.get(shard).unwrap().epoch;
+    let get = Request::Get { shard, epoch, key: b"a-key".to_vec(), consistency: ReadConsistency::Stale };
+    match node(4).handle(&PeerIdentity::Client("test".into()), get.clone()).await {
+        Response::Unavailable(why) => assert!(why.contains("caught up"), "{why}"),
+        other => panic!("an empty replica answered a stale read: {other:?}"),
+    }
+    // Reached by its leader, it answers.
+    node(4).transport().unblock_peer(TNodeId(leader));
+    node(leader).transport().unblock_peer(TNodeId(4));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let epoch = node(4).meta_view().map.get(shard).unwrap().epoch;
+        let get = Request::Get { shard, epoch, key: b"a-key".to_vec(), consistency: ReadConsistency::Stale };
+        match node(4).handle(&PeerIdentity::Client("test".into()), get).await {
+            Response::Value(v) => {
+                assert_eq!(v, Some(b"v".to_vec()));
+                break;
+            }
+            other => assert!(Instant::now() < deadline, "node 4 never caught up: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.shutdown().await;
+}
