@@ -160,6 +160,9 @@ pub struct NodeConfig {
     /// A shard this node leads is re-sized (its range read through) at most this often, and only
     /// after it applied writes (ms).
     pub size_check_interval_ms: u64,
+    /// A replica move whose step has not advanced for this long is aborted by the meta leader
+    /// (ms; default [`MOVE_STEP_DEADLINE_MS`]).
+    pub move_step_deadline_ms: u64,
 }
 
 impl NodeConfig {
@@ -187,6 +190,7 @@ impl NodeConfig {
             },
             auto_balance_interval_ms: None,
             size_check_interval_ms: 10_000,
+            move_step_deadline_ms: MOVE_STEP_DEADLINE_MS,
         }
     }
 }
@@ -965,7 +969,15 @@ impl Node {
             }
         };
         let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
-        let report = self.build_report(0).await.unwrap_or_default();
+        // A made-up empty report would tell the meta leader this node holds no replica (and
+        // so that its tombstones are done with): announce with a real one or not at all.
+        let report = match self.build_report(0).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(node = self.inner.id, error = %e, "cannot build this node's report to announce it");
+                return false;
+            }
+        };
         let op = MetaOp::Report { node: me, addr: self.inner.addr.clone(), report };
         let body = Request::Meta { op, forwarded: false }.encode();
         let mut done = false;
@@ -1038,7 +1050,7 @@ impl Node {
         }
         let state = self.meta_view();
         let now = Instant::now();
-        let deadline = Duration::from_millis(MOVE_STEP_DEADLINE_MS);
+        let deadline = Duration::from_millis(self.inner.config.move_step_deadline_ms);
         let overdue: BTreeSet<ShardId> = match self.inner.move_steps.lock() {
             Ok(mut steps) => {
                 steps.retain(|shard, _| state.moves.contains_key(shard));
@@ -1183,6 +1195,16 @@ impl Node {
                 if gone && self.may_reconfig(i.group.0, format!("remove-learner-{}", l.0)) {
                     if let Err(e) = host.remove_learner(i.group, *l).await {
                         debug!(shard = i.group.0, error = %e, "remove learner");
+                    }
+                }
+            }
+            // A voter of the map the group does not have at all (its Raft configuration came
+            // from another source, a split say) joins as a learner first: the group promotes
+            // only members that hold its configuration.
+            for v in want.iter().filter(|v| !i.committed_conf.membership.contains(**v)) {
+                if self.may_reconfig(i.group.0, format!("learner-{}", v.0)) {
+                    if let Err(e) = host.add_learner(i.group, *v).await {
+                        debug!(shard = i.group.0, error = %e, "add learner before promotion");
                     }
                 }
             }

@@ -756,3 +756,61 @@ async fn a_stale_read_on_a_replica_not_caught_up_is_refused() {
     }
     cluster.shutdown().await;
 }
+
+/// A move whose learner cannot be reached is aborted at its step deadline: the learner leaves
+/// the map, the shard's leader removes it from the group's configuration (which confirms its
+/// tombstone), and its node deletes the replica; the shard keeps serving throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_aborted_move_removes_its_learner_from_the_group_and_its_node() {
+    let mut cluster = Cluster::start_with(4, &[1, 2, 3], &[1, 2, 3], 1, |c| c.move_step_deadline_ms = 3_000).await;
+    let client = cluster.client().await;
+    client.put(b"a-key", b"v").await.unwrap();
+    let shard = client.cached_view().map.lookup(b"a").unwrap().id;
+    let meta_leader = wait_leader(&cluster, ShardId(0)).await;
+    let leader = (1..=3).find(|n| *n != meta_leader).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while wait_leader(&cluster, shard).await != leader {
+        let _ = client.admin(AdminRequest::TransferLeader { shard, node: NodeId(leader) }).await;
+        assert!(Instant::now() < deadline, "shard {shard} never moved to node {leader}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let node = |id: u64| cluster.nodes[(id - 1) as usize].as_ref().unwrap();
+    node(4).transport().block_peer(TNodeId(leader));
+    node(leader).transport().block_peer(TNodeId(4));
+    let from = (1..=3).find(|n| *n != leader && *n != meta_leader).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = client.admin(AdminRequest::Move { shard, from: NodeId(from), to: NodeId(4) }).await {
+        assert!(Instant::now() < deadline, "move not accepted: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let group = flotilla::raft::GroupId(shard.0);
+    let learner_in_group = |infos: &[flotilla::shard::GroupInfo]| {
+        infos.iter().any(|i| i.group == group && i.committed_conf.membership.contains(flotilla::raft::NodeId(4)))
+    };
+    // The leader adds the learner to the group, which cannot reach it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !learner_in_group(&node(leader).host().group_info().await.unwrap()) {
+        assert!(Instant::now() < deadline, "the learner was never added to the group");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Past the deadline: aborted, out of the group, off node 4, and no tombstone left.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let view = node(meta_leader).meta_view();
+        let aborted = view.moves.is_empty() && view.map.get(shard).unwrap().replica(NodeId(4)).is_none();
+        let removed = !learner_in_group(&node(leader).host().group_info().await.unwrap());
+        let deleted = !node(4).host().groups().contains(&group);
+        let buried = view.tombstones.contains_key(&shard);
+        if aborted && removed && deleted && !buried {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "aborted {aborted}, out of the group {removed}, deleted on node 4 {deleted}, tombstone left {buried}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    client.put(b"a-key2", b"v").await.unwrap();
+    assert_eq!(client.get(b"a-key").await.unwrap(), Some(b"v".to_vec()));
+    cluster.shutdown().await;
+}

@@ -51,7 +51,8 @@
 //!     state.apply(p.command(now_ms)).unwrap();
 //! }
 //! // Drive the plan: each step is checked against the current state when it is applied.
-//! while let Some(plan) = state.moves.values().next().cloned() {
+//! for _ in 0..20 {
+//!     let Some(plan) = state.moves.values().next().cloned() else { break };
 //!     match plan.next(&state) {
 //!         Ok(PlanAction::Wait { .. }) => {
 //!             // The learner catches up and says so in its next heartbeat.
@@ -66,7 +67,7 @@
 //!             let leader = d.voters().find(|v| *v != plan.from).unwrap();
 //!             let learners = d.replicas.iter().filter(|r| r.role == ReplicaRole::Learner);
 //!             let conf = GroupConf {
-//!                 index: LogIndex(43),
+//!                 index: LogIndex(40),
 //!                 voters: d.voters().collect(),
 //!                 learners: learners.map(|r| r.node).filter(|n| *n != plan.from).collect(),
 //!                 joint: false,

@@ -8,6 +8,8 @@
 //! one of these:
 //! - the group's own committed configuration on this node leaves the node out (Raft removed
 //!   it), and the map does not list the node either (it was not added back since);
+//! - the replica never received any configuration (created empty and never reached): it
+//!   acknowledged nothing and grants no vote, so nothing is lost with it;
 //! - a confirmed [`Tombstone`](crate::Tombstone): the shard's leader reported a committed
 //!   configuration without the node, at an index at least that of the newest configuration
 //!   the local replica holds (a replica holding a newer one was added back since).
@@ -42,6 +44,9 @@ pub enum ReplicaFate {
 pub enum DeleteReason {
     /// The replica applied a configuration without its node.
     RemovedByItsGroup,
+    /// The replica never received a configuration (created empty, never reached): it holds
+    /// nothing the group counts.
+    Empty,
     /// The shard's leader reported a committed configuration without the node.
     Tombstone(LogIndex),
 }
@@ -56,8 +61,13 @@ pub fn replica_fate(me: NodeId, shard: ShardId, local: &LocalReplica, state: &Me
     if d.replica(me).is_some() {
         return ReplicaFate::Keep;
     }
-    if let Some((_, false)) = local.committed {
-        return ReplicaFate::Delete(DeleteReason::RemovedByItsGroup);
+    match local.committed {
+        // Its log may already hold a newer configuration adding it back: not until that one
+        // is committed too.
+        Some((at, false)) if local.newest_conf <= at => return ReplicaFate::Delete(DeleteReason::RemovedByItsGroup),
+        // Never given a configuration: it acknowledged nothing and cannot vote.
+        None => return ReplicaFate::Delete(DeleteReason::Empty),
+        _ => {}
     }
     let tomb = state.tombstones.get(&shard).and_then(|t| t.get(&me)).and_then(|t| t.confirmed);
     match tomb {

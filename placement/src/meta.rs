@@ -496,14 +496,35 @@ impl MetaState {
             }
             MetaCommand::AbortMove { shard } => {
                 let plan = self.moves.get(&shard).ok_or(MetaError::NoMove(shard))?;
-                let to = plan.to;
+                let (from, to) = (plan.from, plan.to);
+                let role = |n: NodeId| self.map.get(shard).and_then(|d| d.replica(n)).map(|r| r.role);
+                let swapped = role(from) == Some(ReplicaRole::Learner) && role(to) == Some(ReplicaRole::Voter);
+                let conf = self.leader_conf(shard).filter(|c| !c.joint).cloned();
+                // Swapped in the map: the map follows what the group did. Not swapped in the
+                // group: the source votes again and the target goes. Swapped there too: the
+                // move is finished forward (the source leaves). Unknown: nothing is undone yet.
+                let unswap = match (&conf, swapped) {
+                    (_, false) => false,
+                    (Some(c), true) if c.voters.contains(&from) && !c.voters.contains(&to) => true,
+                    (Some(c), true) if c.voters.contains(&to) && !c.voters.contains(&from) => {
+                        self.moves.remove(&shard);
+                        let outcome = self.change(shard, |d| d.replicas.retain(|r| r.node != from))?;
+                        self.bury(shard, from);
+                        return Ok(outcome);
+                    }
+                    (_, true) => return Err(MetaError::MoveWaiting(shard)),
+                };
                 // StartMove refused a target that already held a replica, so a learner there
                 // now was added for this move: it would otherwise linger, unaccounted for.
-                let learner =
-                    self.map.get(shard).and_then(|d| d.replica(to)).is_some_and(|r| r.role == ReplicaRole::Learner);
+                let learner = role(to) == Some(ReplicaRole::Learner);
                 self.moves.remove(&shard);
-                if learner {
-                    let outcome = self.change(shard, |d| d.replicas.retain(|r| r.node != to))?;
+                if learner || unswap {
+                    let outcome = self.change(shard, |d| {
+                        d.replicas.retain(|r| r.node != to);
+                        for r in d.replicas.iter_mut().filter(|r| r.node == from) {
+                            r.role = ReplicaRole::Voter;
+                        }
+                    })?;
                     self.bury(shard, to);
                     return Ok(outcome);
                 }
@@ -560,7 +581,8 @@ impl MetaState {
     /// shard's leader already reports a committed configuration without it.
     fn bury(&mut self, shard: ShardId, node: NodeId) {
         let confirmed = self.leader_conf(shard).filter(|c| !c.joint && !c.contains(node)).map(|c| c.index);
-        self.tombstones.entry(shard).or_default().insert(node, Tombstone { confirmed });
+        let t = self.tombstones.entry(shard).or_default().entry(node).or_insert(Tombstone { confirmed: None });
+        t.confirmed = t.confirmed.max(confirmed);
     }
 
     fn unbury(&mut self, shard: ShardId, node: NodeId) {
@@ -581,9 +603,12 @@ impl MetaState {
             let led = report.leading.contains(shard)
                 && self.map.get(*shard).and_then(|d| d.replica(node)).is_some_and(|r| r.role == ReplicaRole::Voter);
             if let Some(conf) = report.confs.get(shard).filter(|c| led && !c.joint) {
+                // Raised with every newer committed configuration without the node: one
+                // confirmed by an older configuration than the replica's newest would never
+                // let it go.
                 for (n, t) in ts.iter_mut() {
-                    if t.confirmed.is_none() && !conf.contains(*n) {
-                        t.confirmed = Some(conf.index);
+                    if !conf.contains(*n) {
+                        t.confirmed = t.confirmed.max(Some(conf.index));
                     }
                 }
             }

@@ -200,13 +200,17 @@ impl MovePlan {
             (S::WaitCaughtUp, Some(Voter), Some(Learner)) => {
                 // Reports of the learner's applied index mean nothing until the group's
                 // committed configuration holds the learner.
-                match state.leader_conf(shard) {
-                    Some(c) if c.learners.contains(&self.to) && !c.joint => {}
+                let conf_index = match state.leader_conf(shard) {
+                    Some(c) if c.learners.contains(&self.to) && !c.joint => c.index,
                     other => return Ok(PlanAction::WaitRaft { conf: other.cloned() }),
-                }
+                };
+                // The learner must also hold the configuration that added it (applied past
+                // it): promoted without one, it could never vote, and the group refuses that.
                 let (learner, leader) = applied_indexes(state, d, self.to);
                 match (learner, leader) {
-                    (Some(l), Some(r)) if l.0.saturating_add(self.catch_up_lag_entries_max) >= r.0 => {
+                    (Some(l), Some(r))
+                        if l >= conf_index && l.0.saturating_add(self.catch_up_lag_entries_max) >= r.0 =>
+                    {
                         advance(S::Promote)
                     }
                     _ => Ok(PlanAction::Wait { learner, leader }),

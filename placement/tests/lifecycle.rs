@@ -49,7 +49,44 @@ fn a_map_without_the_node_alone_does_not_delete_a_member() {
     // A node the map never listed, with a replica it holds as a member (created from a newer
     // view, or born of a split): kept.
     assert_eq!(replica_fate(n(4), ShardId(1), &member(5), &s), ReplicaFate::Keep);
-    assert_eq!(replica_fate(n(4), ShardId(1), &LocalReplica::default(), &s), ReplicaFate::Keep);
+    // One never reached by its leader holds nothing the group counts.
+    assert_eq!(replica_fate(n(4), ShardId(1), &LocalReplica::default(), &s), ReplicaFate::Delete(DeleteReason::Empty));
+}
+
+#[test]
+fn a_replica_whose_log_adds_it_back_is_kept_until_that_is_committed() {
+    let mut s = state();
+    let e = s.map.get(ShardId(1)).expect("shard").epoch;
+    s.apply(MetaCommand::RemoveReplica { shard: ShardId(1), epoch: e, node: n(3) }).expect("remove");
+    let re_added = LocalReplica { committed: Some((LogIndex(9), false)), newest_conf: LogIndex(12) };
+    assert_eq!(replica_fate(n(3), ShardId(1), &re_added, &s), ReplicaFate::Keep);
+}
+
+#[test]
+fn a_tombstone_is_raised_by_newer_configurations_without_the_node() {
+    let mut s = state();
+    let conf = |index: u64| GroupConf {
+        index: LogIndex(index),
+        voters: [1, 2].into_iter().map(n).collect(),
+        ..Default::default()
+    };
+    let lead = |s: &mut MetaState, index: u64| {
+        let mut report = NodeReport { leading: vec![ShardId(1)], ..Default::default() };
+        report.confs.insert(ShardId(1), conf(index));
+        s.apply(MetaCommand::Heartbeat { node: n(1), report }).expect("heartbeat");
+    };
+    lead(&mut s, 5);
+    let e = s.map.get(ShardId(1)).expect("shard").epoch;
+    s.apply(MetaCommand::RemoveReplica { shard: ShardId(1), epoch: e, node: n(3) }).expect("remove");
+    assert_eq!(s.tombstones[&ShardId(1)][&n(3)], Tombstone { confirmed: Some(LogIndex(5)) });
+    // The replica holds a newer configuration (index 8): not yet.
+    assert_eq!(replica_fate(n(3), ShardId(1), &member(8), &s), ReplicaFate::Keep);
+    lead(&mut s, 9);
+    assert_eq!(s.tombstones[&ShardId(1)][&n(3)], Tombstone { confirmed: Some(LogIndex(9)) });
+    assert_eq!(
+        replica_fate(n(3), ShardId(1), &member(8), &s),
+        ReplicaFate::Delete(DeleteReason::Tombstone(LogIndex(9)))
+    );
 }
 
 #[test]
@@ -78,10 +115,7 @@ fn a_confirmed_tombstone_deletes_only_replicas_not_newer_than_it() {
         replica_fate(n(3), ShardId(1), &member(12), &s),
         ReplicaFate::Delete(DeleteReason::Tombstone(LogIndex(20)))
     );
-    assert_eq!(
-        replica_fate(n(3), ShardId(1), &LocalReplica::default(), &s),
-        ReplicaFate::Delete(DeleteReason::Tombstone(LogIndex(20)))
-    );
+    assert_eq!(replica_fate(n(3), ShardId(1), &LocalReplica::default(), &s), ReplicaFate::Delete(DeleteReason::Empty));
     // A replica holding a configuration newer than the tombstone was added back since.
     assert_eq!(replica_fate(n(3), ShardId(1), &member(21), &s), ReplicaFate::Keep);
 }

@@ -242,7 +242,7 @@ fn a_plan_survives_snapshot_and_restore() {
     start(&mut s, 2, 5, None);
     advance(&mut s).expect("add learner");
     raft_follows(&mut s, 1, &[]);
-    applied(&mut s, 5, 0, false);
+    applied(&mut s, 5, 1, false);
     assert!(matches!(s.moves[&S].next(&s), Ok(PlanAction::Wait { leader: None, .. })), "no voter reported: wait");
     applied(&mut s, 1, 3, true);
     advance(&mut s).expect("caught up");
@@ -301,8 +301,8 @@ fn concurrent_changes_abort_the_plan_with_a_clear_error() {
     // The leadership target loses its vote before the transfer step.
     let mut s = state();
     start(&mut s, 1, 4, Some(2));
-    applied(&mut s, 4, 0, false);
-    applied(&mut s, 3, 0, false);
+    applied(&mut s, 4, 1, false);
+    applied(&mut s, 3, 1, false);
     advance(&mut s).expect("add learner");
     raft_follows(&mut s, 3, &[]);
     advance(&mut s).expect("caught up");

@@ -710,8 +710,7 @@ impl StateMachine for KvStateMachine {
         let (g, range) = (self.group, self.range());
         // Check the data before touching anything.
         let d: SnapshotData = decode(&snapshot.data, || format!("group {g} received snapshot"))?;
-        let pristine = self.store.blocking(move |s| Ok(Self::read_applied(s, g)?.last_applied.is_none())).await?;
-        check_snapshot_range(g, &range, &d.range, pristine)?;
+        check_snapshot_range(g, &range, &d.range)?;
         // 1. Durably: the snapshot itself and the intent to install it.
         let ops = vec![
             Op::Put(CF_RAFT, group_key(g, KIND_SNAPSHOT_META).to_vec(), encode(&snapshot.meta)?),
@@ -728,14 +727,14 @@ impl StateMachine for KvStateMachine {
 }
 
 /// A snapshot's range must be the group's, or inside it: the leader had applied a split this
-/// replica has not (the replica adopts the narrower range). A replica that never applied
-/// anything (`pristine`) holds only the placeholder range it was created with, which the map
-/// may have narrowed ahead of Raft: it adopts the snapshot's range, Raft's at that point (a
-/// host makes sure no other group of the node owns keys in it). Anything else is a stale,
-/// misrouted or corrupt snapshot.
-fn check_snapshot_range(g: GroupId, current: &KeyRange, snap: &KeyRange, pristine: bool) -> Result<(), StorageError> {
+/// replica has not (the replica adopts the narrower range). Never wider, not even for a
+/// replica created empty with a range the map narrowed ahead of Raft: the keys beyond it may
+/// belong to a group this node creates meanwhile; that replica waits for a snapshot taken
+/// after its leader applied the split. Anything else is a stale, misrouted or corrupt
+/// snapshot.
+fn check_snapshot_range(g: GroupId, current: &KeyRange, snap: &KeyRange) -> Result<(), StorageError> {
     let nonempty = snap.end.as_ref().is_none_or(|e| *e > snap.start);
-    if nonempty && (pristine || current.covers(snap)) {
+    if nonempty && current.covers(snap) {
         Ok(())
     } else {
         Err(StorageError::new("install_snapshot", format!("group {g}: snapshot of a key range outside the group's")))
@@ -754,7 +753,7 @@ fn finish_install(s: &Store, g: GroupId, range: &KeyRange) -> Result<KeyRange, S
     };
     let meta: SnapshotMeta = decode(&meta, || format!("group {g} snapshot meta"))?;
     let d: SnapshotData = decode(&data, || format!("group {g} snapshot data"))?;
-    check_snapshot_range(g, range, &d.range, KvStateMachine::read_applied(s, g)?.last_applied.is_none())?;
+    check_snapshot_range(g, range, &d.range)?;
     let range = &d.range;
     let end = range.end.clone().unwrap_or_else(|| UNBOUNDED_END.to_vec());
     let data_cf = s.cf(CF_DATA)?;

@@ -408,9 +408,11 @@ impl Poller {
 
     /// Whether to drop `msg`, a chunk of a snapshot whose range group `gid` cannot install
     /// here: it would replace keys another group of this node owns (a group split from it
-    /// later, or a parent that has not applied the split yet), or it is wider than the range
-    /// of a replica that has applied entries (only a replica that never applied anything takes
-    /// the range of the snapshot rather than its placeholder). Judged on the first chunk,
+    /// later, or a parent that has not applied the split yet), or it is wider than the
+    /// replica's range (an empty replica created with the map's range, narrowed ahead of Raft,
+    /// waits until the leader applied that split and sends a snapshot of the narrowed range:
+    /// adopting the wider range would race the creation of the group split off it). Judged on
+    /// the first chunk,
     /// which carries the range; the sender resends that one until the transfer changes.
     fn refuses_snapshot_chunk(&mut self, gid: GroupId, msg: &Message) -> bool {
         let MessageBody::Snapshot { meta, offset, data, .. } = &msg.body else { return false };
@@ -420,8 +422,7 @@ impl Poller {
         }
         // Unreadable: the installation checks the whole record and fails loudly.
         let Some(range) = crate::kv::snapshot_data_range(data) else { return false };
-        let pristine = g.core.engine().applied() == LogIndex(0);
-        let refused = if !pristine && !g.sm.range().covers(&range) {
+        let refused = if !g.sm.range().covers(&range) {
             Some("wider than the group's range".to_string())
         } else {
             self.owner_of_overlap(gid, &range).map(|other| format!("group {other} of this node owns keys in it"))
