@@ -697,21 +697,16 @@ async fn many_quick_splits_converge_and_lose_nothing() {
     cluster.shutdown().await;
 }
 
-/// A replica created on its node but not yet reached by its leader holds none of the shard's
-/// data: a stale read there must say so, not answer "no such key".
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_stale_read_on_a_replica_not_caught_up_is_refused() {
-    use flotilla::transport::PeerIdentity;
-    use flotilla::wire::{ReadConsistency, Request, Response};
-    let mut cluster = Cluster::start_with(4, &[1, 2, 3], &[1, 2, 3], 1, |_| {}).await;
-    let client = cluster.client().await;
+/// Writes `a-key`, makes a node other than the meta leader lead its shard, cuts node 4 off from
+/// that leader only (node 4 still gets the map from the meta leader), and starts a move of the
+/// shard's third replica onto node 4. Returns (shard, meta leader, shard leader).
+async fn move_onto_node_4_out_of_its_leaders_reach(cluster: &Cluster, client: &Client) -> (ShardId, u64, u64) {
     client.put(b"a-key", b"v").await.unwrap();
     let shard = client.cached_view().map.lookup(b"a").unwrap().id;
-    // The shard's leader cannot reach node 4, which still gets the map from the meta leader.
-    let meta_leader = wait_leader(&cluster, ShardId(0)).await;
+    let meta_leader = wait_leader(cluster, ShardId(0)).await;
     let leader = (1..=3).find(|n| *n != meta_leader).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while wait_leader(&cluster, shard).await != leader {
+    while wait_leader(cluster, shard).await != leader {
         let _ = client.admin(AdminRequest::TransferLeader { shard, node: NodeId(leader) }).await;
         assert!(Instant::now() < deadline, "shard {shard} never moved to node {leader}");
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -726,6 +721,19 @@ async fn a_stale_read_on_a_replica_not_caught_up_is_refused() {
         assert!(Instant::now() < deadline, "move not accepted: {e}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    (shard, meta_leader, leader)
+}
+
+/// A replica created on its node but not yet reached by its leader holds none of the shard's
+/// data: a stale read there must say so, not answer "no such key".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_read_on_a_replica_not_caught_up_is_refused() {
+    use flotilla::transport::PeerIdentity;
+    use flotilla::wire::{ReadConsistency, Request, Response};
+    let mut cluster = Cluster::start_with(4, &[1, 2, 3], &[1, 2, 3], 1, |_| {}).await;
+    let client = cluster.client().await;
+    let (shard, _, leader) = move_onto_node_4_out_of_its_leaders_reach(&cluster, &client).await;
+    let node = |id: u64| cluster.nodes[(id - 1) as usize].as_ref().unwrap();
     let group = flotilla::raft::GroupId(shard.0);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !node(4).host().groups().contains(&group) {
@@ -764,25 +772,8 @@ async fn a_stale_read_on_a_replica_not_caught_up_is_refused() {
 async fn an_aborted_move_removes_its_learner_from_the_group_and_its_node() {
     let mut cluster = Cluster::start_with(4, &[1, 2, 3], &[1, 2, 3], 1, |c| c.move_step_deadline_ms = 3_000).await;
     let client = cluster.client().await;
-    client.put(b"a-key", b"v").await.unwrap();
-    let shard = client.cached_view().map.lookup(b"a").unwrap().id;
-    let meta_leader = wait_leader(&cluster, ShardId(0)).await;
-    let leader = (1..=3).find(|n| *n != meta_leader).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while wait_leader(&cluster, shard).await != leader {
-        let _ = client.admin(AdminRequest::TransferLeader { shard, node: NodeId(leader) }).await;
-        assert!(Instant::now() < deadline, "shard {shard} never moved to node {leader}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let (shard, meta_leader, leader) = move_onto_node_4_out_of_its_leaders_reach(&cluster, &client).await;
     let node = |id: u64| cluster.nodes[(id - 1) as usize].as_ref().unwrap();
-    node(4).transport().block_peer(TNodeId(leader));
-    node(leader).transport().block_peer(TNodeId(4));
-    let from = (1..=3).find(|n| *n != leader && *n != meta_leader).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while let Err(e) = client.admin(AdminRequest::Move { shard, from: NodeId(from), to: NodeId(4) }).await {
-        assert!(Instant::now() < deadline, "move not accepted: {e}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     let group = flotilla::raft::GroupId(shard.0);
     let learner_in_group = |infos: &[flotilla::shard::GroupInfo]| {
         infos.iter().any(|i| i.group == group && i.committed_conf.membership.contains(flotilla::raft::NodeId(4)))

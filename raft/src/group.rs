@@ -225,32 +225,26 @@ impl GroupCore {
 
     /// Adds a learner; `reply` gets the entry's index once it applied.
     pub fn add_learner(&mut self, now: Millis, node: NodeId, reply: IndexReply) {
-        if let Err(e) = self.check_alive() {
-            let _ = reply.send(Err(e));
-            return;
-        }
-        match self.engine.add_learner(now, node) {
-            Ok(index) => {
-                let term = self.engine.term_at(index).unwrap_or_default();
-                self.learner_waits.push((LogId { term, index }, node, true, reply));
-            }
-            Err(e) => {
-                let _ = reply.send(Err(e));
-            }
-        }
-        self.check_waits();
+        self.learner_change(now, node, true, reply);
     }
 
     /// Removes a learner; `reply` gets the entry's index once it applied.
     pub fn remove_learner(&mut self, now: Millis, node: NodeId, reply: IndexReply) {
+        self.learner_change(now, node, false, reply);
+    }
+
+    /// Proposes adding (`member`) or removing the learner on `node`; `reply` waits for the
+    /// entry to apply with the change in the committed configuration.
+    fn learner_change(&mut self, now: Millis, node: NodeId, member: bool, reply: IndexReply) {
         if let Err(e) = self.check_alive() {
             let _ = reply.send(Err(e));
             return;
         }
-        match self.engine.remove_learner(now, node) {
+        let proposed = if member { self.engine.add_learner(now, node) } else { self.engine.remove_learner(now, node) };
+        match proposed {
             Ok(index) => {
                 let term = self.engine.term_at(index).unwrap_or_default();
-                self.learner_waits.push((LogId { term, index }, node, false, reply));
+                self.learner_waits.push((LogId { term, index }, node, member, reply));
             }
             Err(e) => {
                 let _ = reply.send(Err(e));

@@ -1180,33 +1180,26 @@ fn cluster_with_an_emptied_voter(pre_vote: bool) -> Cluster {
     c
 }
 
-#[test]
-fn an_empty_replica_grants_no_pre_vote() {
-    let mut c = cluster_with_an_emptied_voter(true);
+/// Node 3 campaigns (with or without pre-vote); the emptied node 2 must refuse it.
+fn an_empty_replica_refuses(pre_vote: bool, refusal: MessageBody) {
+    let mut c = cluster_with_an_emptied_voter(pre_vote);
     c.now = c.now.add_ms(1000);
     c.fire(3);
     c.stabilize();
     assert_ne!(c.engine(3).role(), Role::Leader, "node 3 lacks the acknowledged entry");
-    let refused = c.nodes[&n(2)]
-        .seen
-        .iter()
-        .any(|a| matches!(a, Action::Send(m) if m.to == n(3) && m.body == MessageBody::PreVoteResp { granted: false }));
-    assert!(refused, "the empty replica refuses the pre-vote");
+    let refused = c.nodes[&n(2)].seen.iter().any(|a| matches!(a, Action::Send(m) if m.to == n(3) && m.body == refusal));
+    assert!(refused, "the empty replica refuses: {refusal:?}");
     assert!(!c.engine(2).has_configuration());
 }
 
 #[test]
+fn an_empty_replica_grants_no_pre_vote() {
+    an_empty_replica_refuses(true, MessageBody::PreVoteResp { granted: false });
+}
+
+#[test]
 fn an_empty_replica_grants_no_vote() {
-    let mut c = cluster_with_an_emptied_voter(false);
-    c.now = c.now.add_ms(1000);
-    c.fire(3);
-    c.stabilize();
-    assert_ne!(c.engine(3).role(), Role::Leader, "node 3 lacks the acknowledged entry");
-    let refused = c.nodes[&n(2)]
-        .seen
-        .iter()
-        .any(|a| matches!(a, Action::Send(m) if m.to == n(3) && m.body == MessageBody::VoteResp { granted: false }));
-    assert!(refused, "the empty replica refuses the vote");
+    an_empty_replica_refuses(false, MessageBody::VoteResp { granted: false });
 }
 
 #[test]
