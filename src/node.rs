@@ -1176,6 +1176,12 @@ impl Node {
         }
         for i in infos.iter().filter(|i| i.role == Role::Leader && i.group.0 != META_GROUP) {
             let Some(d) = state.map.get(ShardId(i.group.0)) else { continue };
+            // A split the map made and the group has not applied yet: a configuration change
+            // now would be copied into the split-born group, whose replicas the map took from
+            // before the change. Wait for the split (proposed above).
+            if host.group_range(i.group).is_some_and(|r| r != shard_range(d)) {
+                continue;
+            }
             let want: BTreeSet<NodeId> = d.voters().map(|n| rid(n.0)).collect();
             // Learners are added for the target of a move only: a voter demoted by a move's
             // swap is a learner in the map until the move removes it, and must not rejoin.
