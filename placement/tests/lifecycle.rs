@@ -119,3 +119,68 @@ fn a_confirmed_tombstone_deletes_only_replicas_not_newer_than_it() {
     // A replica holding a configuration newer than the tombstone was added back since.
     assert_eq!(replica_fate(n(3), ShardId(1), &member(21), &s), ReplicaFate::Keep);
 }
+
+/// `node`'s report: it leads shard 1 (or not) and gives `conf` as the group's committed
+/// configuration.
+fn report_conf(s: &mut MetaState, node: u64, leading: bool, conf: GroupConf) {
+    let mut report = NodeReport { leading: if leading { vec![ShardId(1)] } else { vec![] }, ..Default::default() };
+    report.confs.insert(ShardId(1), conf);
+    s.apply(MetaCommand::Heartbeat { node: n(node), report }).expect("heartbeat");
+}
+
+fn conf(index: u64, voters: &[u64]) -> GroupConf {
+    GroupConf { index: LogIndex(index), voters: voters.iter().copied().map(n).collect(), ..Default::default() }
+}
+
+#[test]
+fn a_tombstone_is_confirmed_only_once_the_committed_configuration_leaves_the_node_out() {
+    let mut s = state();
+    let e = s.map.get(ShardId(1)).expect("shard").epoch;
+    s.apply(MetaCommand::RemoveReplica { shard: ShardId(1), epoch: e, node: n(3) }).expect("remove");
+    // The map dropped node 3 before Raft did: the leader's committed configuration still
+    // counts it, so the tombstone stays unconfirmed and the replica is kept.
+    report_conf(&mut s, 1, true, conf(5, &[1, 2, 3]));
+    assert_eq!(s.tombstones[&ShardId(1)][&n(3)], Tombstone { confirmed: None });
+    assert_eq!(replica_fate(n(3), ShardId(1), &member(5), &s), ReplicaFate::Keep);
+    // Raft removed it: confirmed at that configuration's index.
+    report_conf(&mut s, 1, true, conf(7, &[1, 2]));
+    assert_eq!(s.tombstones[&ShardId(1)][&n(3)], Tombstone { confirmed: Some(LogIndex(7)) });
+    // A later configuration does not move the confirmation.
+    report_conf(&mut s, 1, true, conf(9, &[1, 2]));
+    assert_eq!(s.tombstones[&ShardId(1)][&n(3)], Tombstone { confirmed: Some(LogIndex(7)) });
+}
+
+#[test]
+fn only_a_voter_that_leads_the_shard_confirms_a_tombstone() {
+    let mut s = state();
+    let e = s.map.get(ShardId(1)).expect("shard").epoch;
+    s.apply(MetaCommand::RemoveReplica { shard: ShardId(1), epoch: e, node: n(3) }).expect("remove");
+    // A voter that does not lead the shard (a deposed leader's lingering report).
+    report_conf(&mut s, 2, false, conf(7, &[1, 2]));
+    assert_eq!(s.tombstones[&ShardId(1)][&n(3)], Tombstone { confirmed: None });
+    // A node that is no voter of the shard, even if it says it leads it.
+    report_conf(&mut s, 4, true, conf(7, &[1, 2]));
+    assert_eq!(s.tombstones[&ShardId(1)][&n(3)], Tombstone { confirmed: None });
+    // A leader's joint configuration is not the end of the change.
+    report_conf(&mut s, 1, true, GroupConf { joint: true, ..conf(6, &[1, 2]) });
+    assert_eq!(s.tombstones[&ShardId(1)][&n(3)], Tombstone { confirmed: None });
+    assert_eq!(replica_fate(n(3), ShardId(1), &member(5), &s), ReplicaFate::Keep);
+    report_conf(&mut s, 1, true, conf(7, &[1, 2]));
+    assert_eq!(s.tombstones[&ShardId(1)][&n(3)], Tombstone { confirmed: Some(LogIndex(7)) });
+}
+
+#[test]
+fn a_confirmed_tombstone_stays_until_its_node_no_longer_reports_the_replica() {
+    let mut s = state();
+    let e = s.map.get(ShardId(1)).expect("shard").epoch;
+    s.apply(MetaCommand::RemoveReplica { shard: ShardId(1), epoch: e, node: n(3) }).expect("remove");
+    report_conf(&mut s, 1, true, conf(7, &[1, 2]));
+    // Node 3 has not deleted its replica yet: it still reports it.
+    let mut report = NodeReport::default();
+    report.applied.insert(ShardId(1), LogIndex(6));
+    s.apply(MetaCommand::Heartbeat { node: n(3), report }).expect("heartbeat");
+    assert_eq!(s.tombstones[&ShardId(1)][&n(3)], Tombstone { confirmed: Some(LogIndex(7)) });
+    // It deleted it: the tombstone has done its work.
+    s.apply(MetaCommand::Heartbeat { node: n(3), report: NodeReport::default() }).expect("heartbeat");
+    assert!(s.tombstones.is_empty());
+}

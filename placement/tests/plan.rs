@@ -374,6 +374,18 @@ fn the_move_history_keeps_one_hour() {
     assert_eq!(kept, vec![7_300_000], "moves older than MOVE_HISTORY_MS are dropped");
 }
 
+#[test]
+fn every_move_started_within_the_hour_is_remembered() {
+    let mut s = state();
+    for (t, to) in [(0u64, 4u64), (1_000, 5), (2_000, 4)] {
+        let plan = MovePlan::new(S, n(1), n(to), None, 1);
+        s.apply(MetaCommand::StartMove { epoch: epoch(&s), plan, now_ms: t }).expect("start");
+        s.apply(MetaCommand::AbortMove { shard: S }).expect("abort");
+    }
+    let kept: Vec<(u64, u64)> = s.recent_moves.iter().map(|m| (m.started_ms, m.to.0)).collect();
+    assert_eq!(kept, vec![(0, 4), (1_000, 5), (2_000, 4)], "the moves-per-minute limit counts them all");
+}
+
 #[derive(Clone, Debug)]
 enum Event {
     /// The driver's normal step.

@@ -1233,3 +1233,114 @@ fn remove_learner_stops_replication_to_it_and_refuses_a_voter() {
     assert_eq!(c.applied_data(4), vec!["a".to_string()], "nothing is sent to a removed learner");
     assert_eq!(c.applied_data(2), vec!["a".to_string(), "b".to_string()]);
 }
+
+#[test]
+fn with_the_rule_a_learner_becomes_a_voter_once_it_holds_the_configuration_entry() {
+    let config = Config { votes_need_configuration: true, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    // Node 4 is added as a learner while cut off: it has not received the configuration.
+    c.cut.insert((n(1), n(4)));
+    c.add_learner(1, 4);
+    let now = c.now;
+    assert!(matches!(
+        c.node(1).engine.change_membership(now, voters(&[1, 2, 3, 4])),
+        Err(RaftError::InvalidTarget(t, _)) if t == n(4)
+    ));
+    // Once it matched the configuration entry (and nothing after it), it may be promoted.
+    c.cut.clear();
+    c.settle(3);
+    let conf = c.engine(1).membership().log_id.index;
+    assert_eq!(c.engine(4).last_log_id().index, conf, "the learner holds exactly the configuration entry");
+    let now = c.now;
+    c.node(1).engine.change_membership(now, voters(&[1, 2, 3, 4])).expect("a learner holding the configuration");
+}
+
+#[test]
+fn the_lease_ends_exactly_election_timeout_less_drift_after_the_acknowledged_round_was_sent() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.advance(20);
+    c.stabilize();
+    // A heartbeat round sent at `t` and acknowledged by both followers.
+    let t = c.now;
+    c.node(1).engine.read(t, 1, ReadMode::ReadIndex);
+    c.stabilize();
+    assert_eq!(c.nodes[&n(1)].reads.len(), 1);
+    c.cut.extend([(n(2), n(1)), (n(3), n(1))]);
+    // cfg(): election timeouts from 100 ms, 10 ms of clock drift: the lease lasts 90 ms.
+    c.node(1).engine.read(t.add_ms(89), 2, ReadMode::Lease);
+    c.node(1).run(t.add_ms(89));
+    assert_eq!(c.nodes[&n(1)].reads.len(), 2, "inside the lease: answered at once");
+    c.node(1).engine.read(t.add_ms(90), 3, ReadMode::Lease);
+    c.node(1).run(t.add_ms(90));
+    assert_eq!(c.nodes[&n(1)].reads.len(), 2, "the lease has ended: the read waits for a heartbeat round");
+}
+
+#[test]
+fn lease_reads_stay_immediate_after_entries_past_the_first_commit_of_the_term() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    let x = c.propose(1, "x");
+    c.advance(20);
+    c.stabilize();
+    assert_eq!(c.engine(1).committed(), x);
+    let now = c.now;
+    c.node(1).engine.read(now, 1, ReadMode::Lease);
+    let out = c.take_outbox(1);
+    assert!(out.is_empty(), "no round trip inside the lease");
+    assert_eq!(c.nodes[&n(1)].reads, vec![(1, Ok(x))]);
+}
+
+#[test]
+fn a_leader_deposed_by_a_higher_term_waits_a_whole_election_timeout_before_campaigning() {
+    let config = Config { pre_vote: false, check_quorum: false, lease_read: false, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    // Long enough that the election deadline set when node 1 campaigned is far in the past.
+    c.settle(20);
+    let now = c.now;
+    let term = c.engine(1).term().next();
+    let body = MessageBody::Vote { last_log_id: LogId::ZERO, transfer: false };
+    c.node(1).engine.handle_message(now, Message { from: n(3), to: n(1), term, body });
+    assert_eq!(c.engine(1).role(), Role::Follower);
+    assert_eq!(c.engine(1).term(), term);
+    assert!(
+        c.engine(1).next_deadline() >= now.add_ms(100),
+        "a fresh election timeout, not the stale one: {:?} at {now:?}",
+        c.engine(1).next_deadline()
+    );
+}
+
+#[test]
+fn a_pre_vote_is_granted_only_for_a_term_above_ours() {
+    let config = Config { check_quorum: false, lease_read: false, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    let now = c.now;
+    let term = c.engine(2).term();
+    let last_log_id = c.engine(2).last_log_id();
+    let answers = |c: &mut Cluster| -> Vec<(NodeId, Term, MessageBody)> {
+        c.take_outbox(2).into_iter().map(|m| (m.to, m.term, m.body)).collect()
+    };
+    // A candidate a term behind asks for our current term: refused.
+    c.node(2)
+        .engine
+        .handle_message(now, Message { from: n(3), to: n(2), term, body: MessageBody::PreVote { last_log_id } });
+    assert_eq!(answers(&mut c), vec![(n(3), term, MessageBody::PreVoteResp { granted: false })]);
+    // The same request for the next term is granted (no lease: check_quorum is off).
+    let next = term.next();
+    c.node(2)
+        .engine
+        .handle_message(now, Message { from: n(3), to: n(2), term: next, body: MessageBody::PreVote { last_log_id } });
+    assert_eq!(answers(&mut c), vec![(n(3), next, MessageBody::PreVoteResp { granted: true })]);
+    assert_eq!(c.engine(2).term(), term, "a pre-vote changes no term");
+}
+
+#[test]
+fn with_lease_reads_off_a_lease_read_waits_for_a_heartbeat_round() {
+    let config = Config { lease_read: false, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    c.advance(20);
+    c.stabilize();
+    let now = c.now;
+    c.node(1).engine.read(now, 1, ReadMode::Lease);
+    let out = c.take_outbox(1);
+    assert!(out.iter().any(|m| matches!(m.body, MessageBody::Heartbeat { .. })), "a round, not the lease");
+    assert!(c.nodes[&n(1)].reads.is_empty(), "not answered before a quorum acknowledged the round");
+}

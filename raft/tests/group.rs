@@ -1,0 +1,225 @@
+//! `GroupCore` by hand: the answers its callers get as the engine and the state machine move
+//! on. A single-voter group whose storage and state machine are played by the test, so each
+//! step (durable, committed, applied) can be held back and observed.
+
+use bytes::Bytes;
+use flotilla_raft::group::{IndexReply, WriteReply};
+use flotilla_raft::{
+    Action, Config, CoreAction, Engine, Entry, EntryPayload, GroupCore, InitialState, LogId, LogIndex, Membership,
+    Message, Millis, NodeId, RaftError, ReadMode, Role, StorageError, Term, WriteResponse,
+};
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+type WriteAnswer = Result<Vec<Result<WriteResponse, RaftError>>, RaftError>;
+
+struct Group {
+    core: GroupCore,
+    now: Millis,
+    /// Every entry made durable, by position (index - 1).
+    log: Vec<Entry>,
+    /// Entries the engine asked to apply that the test has not applied yet.
+    to_apply: Vec<Entry>,
+    /// Whether `pump` applies at once.
+    apply: bool,
+    /// Messages to other nodes.
+    outbox: Vec<Message>,
+}
+
+impl Group {
+    /// Node `id` of a group formed with `voters`.
+    fn new(id: u64, voters: &[u64]) -> Group {
+        let engine = Engine::new(NodeId(id), Arc::new(Config::default()), InitialState::default(), id, Millis(0));
+        let mut g = Group {
+            core: GroupCore::new(engine, None),
+            now: Millis(0),
+            log: Vec::new(),
+            to_apply: Vec::new(),
+            apply: true,
+            outbox: Vec::new(),
+        };
+        g.core.initialize(g.now, Membership::new(voters.iter().copied().map(NodeId))).expect("initialize");
+        g.pump();
+        g
+    }
+
+    /// Node 1, the only voter, elected and with everything applied.
+    fn leader() -> Group {
+        let mut g = Group::new(1, &[1]);
+        g.now = g.core.engine().next_deadline();
+        g.core.handle_timeout(g.now);
+        g.pump();
+        assert_eq!(g.core.engine().role(), Role::Leader);
+        g
+    }
+
+    /// Runs every action: writes are made durable at once, applies done unless held back.
+    fn pump(&mut self) {
+        while let Some(a) = self.core.poll_action() {
+            match a {
+                CoreAction::Write(w) => {
+                    let io = match w {
+                        Action::SaveVote { io, .. }
+                        | Action::TruncateFrom { io, .. }
+                        | Action::PurgeUpTo { io, .. } => io,
+                        Action::AppendEntries { io, entries } => {
+                            self.log.extend(entries);
+                            io
+                        }
+                        other => panic!("not a write: {other:?}"),
+                    };
+                    self.core.handle_io_done(self.now, io);
+                }
+                CoreAction::Apply { first, last, entries } => {
+                    let entries = entries
+                        .unwrap_or_else(|| (first.0..=last.0).map(|i| self.log[(i - 1) as usize].clone()).collect());
+                    self.to_apply.extend(entries);
+                    if self.apply {
+                        self.apply_all();
+                    }
+                }
+                CoreAction::Send(m) => self.outbox.push(m),
+                CoreAction::SaveCommitted(_) | CoreAction::Build => {}
+                other => panic!("unexpected in these tests: {other:?}"),
+            }
+        }
+    }
+
+    /// The state machine applies what it was given: each command answers itself.
+    fn apply_all(&mut self) {
+        let results: Vec<(LogId, Bytes)> = std::mem::take(&mut self.to_apply)
+            .into_iter()
+            .map(|e| match e.payload {
+                EntryPayload::Normal(data) => (e.log_id, data),
+                _ => (e.log_id, Bytes::new()),
+            })
+            .collect();
+        if !results.is_empty() {
+            self.core.handle_applied(self.now, results);
+        }
+    }
+
+    fn write(&mut self, commands: &[&str]) -> oneshot::Receiver<WriteAnswer> {
+        let (tx, rx): (WriteReply, _) = oneshot::channel();
+        let commands = commands.iter().map(|c| Bytes::from(c.to_string())).collect();
+        self.core.write(self.now, commands, tx);
+        rx
+    }
+
+    fn read(&mut self) -> oneshot::Receiver<Result<LogIndex, RaftError>> {
+        let (tx, rx): (IndexReply, _) = oneshot::channel();
+        self.core.read(self.now, ReadMode::ReadIndex, true, tx);
+        rx
+    }
+}
+
+/// Delivers messages between `groups` (node ids 1, 2, ... in order) until none is left.
+fn exchange(groups: &mut [Group]) {
+    for _ in 0..1000 {
+        let mut msgs = Vec::new();
+        for g in groups.iter_mut() {
+            g.pump();
+            msgs.append(&mut g.outbox);
+        }
+        if msgs.is_empty() {
+            return;
+        }
+        for m in msgs {
+            let g = &mut groups[(m.to.0 - 1) as usize];
+            g.core.handle_message(g.now, m);
+        }
+    }
+    panic!("the groups did not settle");
+}
+
+fn answered(data: &[(&str, LogIndex, Term)]) -> WriteAnswer {
+    Ok(data
+        .iter()
+        .map(|(d, index, term)| {
+            Ok(WriteResponse { log_id: LogId { term: *term, index: *index }, data: Bytes::from(d.to_string()) })
+        })
+        .collect())
+}
+
+#[test]
+fn writes_in_flight_together_each_get_their_own_answers() {
+    let mut g = Group::leader();
+    g.apply = false;
+    let mut a = g.write(&["a"]);
+    let mut bc = g.write(&["b", "c"]);
+    g.pump();
+    assert!(a.try_recv().is_err() && bc.try_recv().is_err(), "not applied yet");
+    assert!(g.core.has_waiters(), "writes in flight: the group must not go quiet");
+    g.apply_all();
+    g.pump();
+    assert!(!g.core.has_waiters(), "every caller answered");
+    let term = g.core.engine().term();
+    let first = g.log.iter().find(|e| e.payload == EntryPayload::Normal(Bytes::from("a"))).expect("a").log_id.index;
+    assert_eq!(a.try_recv(), Ok(answered(&[("a", first, term)])));
+    assert_eq!(bc.try_recv(), Ok(answered(&[("b", first.next(), term), ("c", first.next().next(), term)])));
+}
+
+#[test]
+fn a_read_that_waits_for_apply_is_answered_only_once_the_state_machine_reached_its_index() {
+    let mut g = Group::leader();
+    g.apply = false;
+    let mut w = g.write(&["a"]);
+    g.pump();
+    let committed = g.core.engine().committed();
+    assert!(g.core.engine().applied() < committed, "committed, not applied");
+    let mut r = g.read();
+    g.pump();
+    assert!(r.try_recv().is_err(), "the read index is not applied yet: a read now would miss \"a\"");
+    g.apply_all();
+    g.pump();
+    assert_eq!(r.try_recv(), Ok(Ok(committed)));
+    assert!(matches!(w.try_recv(), Ok(Ok(_))));
+}
+
+#[test]
+fn a_write_whose_entry_was_replaced_fails_with_dropped() {
+    let mut g = Group::leader();
+    g.apply = false;
+    let mut w = g.write(&["a"]);
+    g.pump();
+    let index = g.core.engine().last_log_id().index;
+    // The entry at its index applied with another term: a later leader replaced it.
+    let other = Term(g.core.engine().term().0 + 1);
+    g.core.answer_writes(&[(LogId { term: other, index }, Bytes::from("z"))]);
+    assert_eq!(w.try_recv(), Ok(Ok(vec![Err(RaftError::Dropped { index })])));
+}
+
+#[test]
+fn a_stopped_group_refuses_every_request_with_its_fatal_error() {
+    let mut g = Group::leader();
+    g.core.fail(StorageError::new("append", "disk gone"));
+    let fatal = g.core.fatal().cloned().expect("stopped");
+    let mut w = g.write(&["a"]);
+    assert_eq!(w.try_recv(), Ok(Err(RaftError::Fatal(fatal.clone()))));
+    let mut r = g.read();
+    assert_eq!(r.try_recv(), Ok(Err(RaftError::Fatal(fatal.clone()))));
+    let (tx, mut rx) = oneshot::channel();
+    g.core.add_learner(g.now, NodeId(2), tx);
+    assert_eq!(rx.try_recv(), Ok(Err(RaftError::Fatal(fatal))));
+    assert!(g.core.poll_action().is_none(), "a stopped group produces nothing");
+}
+
+#[test]
+fn a_leadership_transfer_is_answered_once_the_target_leads() {
+    let mut gs = [Group::new(1, &[1, 2]), Group::new(2, &[1, 2])];
+    let t = gs[0].core.engine().next_deadline();
+    for g in gs.iter_mut() {
+        g.now = t;
+    }
+    gs[0].core.handle_timeout(t);
+    exchange(&mut gs);
+    assert_eq!(gs[0].core.engine().role(), Role::Leader);
+    let (tx, mut rx) = oneshot::channel();
+    gs[0].core.transfer_leader(t, NodeId(2), tx);
+    gs[0].pump();
+    assert!(rx.try_recv().is_err(), "node 2 does not lead yet");
+    exchange(&mut gs);
+    assert_eq!(gs[1].core.engine().role(), Role::Leader);
+    assert_eq!(gs[0].core.engine().leader(), Some(NodeId(2)));
+    assert_eq!(rx.try_recv(), Ok(Ok(())));
+}
