@@ -141,6 +141,49 @@ fn snapshot_restores_the_same_state_and_rejects_garbage() {
     assert!(MetaState::restore(&bytes[..bytes.len() / 2]).is_err());
 }
 
+#[test]
+fn a_leader_transfer_to_a_node_losing_its_vote_is_forgotten() {
+    let mut s = bootstrapped();
+    let e = s.map.get(ShardId(1)).expect("shard").epoch;
+    s.apply(MetaCommand::TransferLeader { shard: ShardId(1), epoch: e, node: n(2) }).expect("transfer");
+    // Removing another replica leaves the request alone.
+    s.apply(MetaCommand::RemoveReplica { shard: ShardId(1), epoch: e, node: n(3) }).expect("remove");
+    assert_eq!(s.transfers.get(&ShardId(1)), Some(&n(2)));
+    // Demoting the target drops it: a learner cannot take the lead.
+    let e = s.map.get(ShardId(1)).expect("shard").epoch;
+    s.apply(MetaCommand::AddLearner { shard: ShardId(1), epoch: e, node: n(4) }).expect("learner");
+    let e = s.map.get(ShardId(1)).expect("shard").epoch;
+    s.apply(MetaCommand::SwapVoter { shard: ShardId(1), epoch: e, promote: n(4), demote: n(2) }).expect("swap");
+    assert!(s.transfers.is_empty());
+    // So does removing it.
+    let e = s.map.get(ShardId(1)).expect("shard").epoch;
+    s.apply(MetaCommand::TransferLeader { shard: ShardId(1), epoch: e, node: n(4) }).expect("transfer");
+    s.apply(MetaCommand::RemoveReplica { shard: ShardId(1), epoch: e, node: n(4) }).expect("remove");
+    assert!(s.transfers.is_empty());
+}
+
+#[test]
+fn a_snapshot_whose_moves_do_not_match_the_map_is_refused() {
+    let mut s = bootstrapped();
+    let e = s.map.get(ShardId(1)).expect("shard").epoch;
+    s.apply(MetaCommand::StartMove { epoch: e, plan: MovePlan::new(ShardId(1), n(1), n(4), None, 1), now_ms: 0 })
+        .expect("start");
+    let good = s.clone();
+    assert_eq!(MetaState::restore(&good.snapshot().expect("snapshot")).expect("restore"), good);
+    // Recorded under another shard than its own.
+    let mut wrong_key = good.clone();
+    let mut plan = wrong_key.moves.remove(&ShardId(1)).expect("plan");
+    plan.shard = ShardId(7);
+    wrong_key.moves.insert(ShardId(1), plan);
+    assert!(MetaState::restore(&wrong_key.snapshot().expect("snapshot")).is_err());
+    // For a shard the map does not have.
+    let mut unknown = good.clone();
+    let mut plan = unknown.moves.remove(&ShardId(1)).expect("plan");
+    plan.shard = ShardId(7);
+    unknown.moves.insert(ShardId(7), plan);
+    assert!(MetaState::restore(&unknown.snapshot().expect("snapshot")).is_err());
+}
+
 #[derive(Clone, Debug)]
 enum Step {
     Split { pick: usize, key: Vec<u8> },

@@ -386,6 +386,28 @@ fn every_move_started_within_the_hour_is_remembered() {
     assert_eq!(kept, vec![(0, 4), (1_000, 5), (2_000, 4)], "the moves-per-minute limit counts them all");
 }
 
+#[test]
+fn a_target_demoted_after_it_voted_is_a_conflict_even_if_it_drains() {
+    use ReplicaRole::{Learner, Voter};
+    let mut s = state();
+    start(&mut s, 1, 4, None);
+    advance(&mut s).expect("add learner");
+    raft_follows(&mut s, 2, &[]);
+    applied(&mut s, 2, 5, true);
+    applied(&mut s, 4, 5, false);
+    advance(&mut s).expect("caught up");
+    advance(&mut s).expect("promote");
+    assert_eq!(s.moves[&S].step, MoveStep::RemoveOld);
+    // Swapped back by hand, then the target starts draining: its replica had voted, so this is
+    // no early drain but replicas changed under the plan.
+    s.apply(MetaCommand::SwapVoter { shard: S, epoch: epoch(&s), promote: n(1), demote: n(4) }).expect("by hand");
+    s.apply(MetaCommand::SetDraining { node: n(4), draining: true }).expect("drain");
+    assert_eq!(
+        s.moves[&S].next(&s),
+        Err(PlanError::Conflict { shard: S, step: MoveStep::RemoveOld, from: Some(Voter), to: Some(Learner) })
+    );
+}
+
 #[derive(Clone, Debug)]
 enum Event {
     /// The driver's normal step.
