@@ -145,9 +145,10 @@ fn a_tombstone_is_confirmed_only_once_the_committed_configuration_leaves_the_nod
     // Raft removed it: confirmed at that configuration's index.
     report_conf(&mut s, 1, true, conf(7, &[1, 2]));
     assert_eq!(s.tombstones[&ShardId(1)][&n(3)], Tombstone { confirmed: Some(LogIndex(7)) });
-    // A later configuration does not move the confirmation.
+    // A later configuration without it raises the confirmation (see
+    // `a_tombstone_is_raised_by_newer_configurations_without_the_node`).
     report_conf(&mut s, 1, true, conf(9, &[1, 2]));
-    assert_eq!(s.tombstones[&ShardId(1)][&n(3)], Tombstone { confirmed: Some(LogIndex(7)) });
+    assert_eq!(s.tombstones[&ShardId(1)][&n(3)], Tombstone { confirmed: Some(LogIndex(9)) });
 }
 
 #[test]
