@@ -408,6 +408,38 @@ fn a_target_demoted_after_it_voted_is_a_conflict_even_if_it_drains() {
     );
 }
 
+#[test]
+fn steps_wait_for_a_committed_configuration_that_carried_out_the_previous_change() {
+    let mut s = state();
+    start(&mut s, 1, 4, None);
+    advance(&mut s).expect("add learner");
+    // The leader's committed configuration predates the learner: its catch-up means nothing.
+    raft_follows(&mut s, 2, &[4]);
+    applied(&mut s, 2, 5, true);
+    applied(&mut s, 4, 5, false);
+    assert!(matches!(s.moves[&S].next(&s), Ok(PlanAction::WaitRaft { conf: Some(GroupConf { joint: false, .. }) })));
+    raft_follows(&mut s, 2, &[]);
+    assert_eq!(s.moves[&S].next(&s), Ok(PlanAction::Advance { to: MoveStep::Promote }));
+    advance(&mut s).expect("caught up");
+    advance(&mut s).expect("promote");
+    // The map swapped the voters, but the leader's committed configuration is still the one
+    // before the change (not even joint yet): node 1 still votes, so it stays in the map.
+    let mut report = s.nodes[&n(2)].report.clone();
+    let before = GroupConf {
+        index: LogIndex(50),
+        voters: [1, 2, 3].into_iter().map(n).collect(),
+        learners: [4].into_iter().map(n).collect(),
+        joint: false,
+    };
+    report.confs.insert(S, before);
+    s.apply(MetaCommand::Heartbeat { node: n(2), report }).expect("heartbeat");
+    assert!(matches!(s.moves[&S].next(&s), Ok(PlanAction::WaitRaft { .. })));
+    assert_eq!(advance(&mut s), Err(MetaError::MoveWaiting(S)));
+    raft_follows(&mut s, 2, &[1]);
+    advance(&mut s).expect("remove old");
+    assert!(s.moves.is_empty());
+}
+
 #[derive(Clone, Debug)]
 enum Event {
     /// The driver's normal step.
