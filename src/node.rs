@@ -865,7 +865,7 @@ impl Node {
                 let conf = GroupConf {
                     index: PLogIndex(i.committed_conf.log_id.index.0),
                     voters: m.nodes().into_iter().filter(|n| m.is_voter(*n)).map(|n| PNodeId(n.0)).collect(),
-                    learners: m.learners.iter().filter(|n| !m.is_voter(**n)).map(|n| PNodeId(n.0)).collect(),
+                    learners: m.learners.iter().filter(|n| m.is_learner(**n)).map(|n| PNodeId(n.0)).collect(),
                     joint: m.is_joint(),
                 };
                 report.confs.insert(ShardId(i.group.0), conf);
