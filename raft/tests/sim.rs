@@ -63,3 +63,30 @@ fn regression_seeds() {
         }
     }
 }
+
+/// Seeds of the read-race profile in the default run.
+const READ_RACE_SEEDS: u64 = 300;
+
+/// Schedules aimed at the read path (`SimOptions::read_races`): leaders paused past their
+/// lease, isolated and transferring while most operations are reads, clocks at the edge of
+/// the allowed drift.
+#[test]
+fn reads_racing_pauses_partitions_and_transfers_stay_linearizable() {
+    let (seeds, steps) = seeds_from_env(READ_RACE_SEEDS);
+    let opts = SimOptions { steps, ..SimOptions::read_races() };
+    let started = Instant::now();
+    let (mut ok, mut leaders) = (0, 0);
+    for seed in &seeds {
+        match run(*seed, &opts) {
+            Ok(r) => {
+                ok += r.ops_ok;
+                leaders += r.leaders_elected;
+            }
+            Err(f) => panic!("{f}"),
+        }
+    }
+    eprintln!("read races: {} seeds in {:?}: {ok} ops ok, {leaders} leaders", seeds.len(), started.elapsed());
+    if seeds.len() >= 50 {
+        assert!(ok > seeds.len() * 5 && leaders > seeds.len() * 2, "the profile must exercise reads and elections");
+    }
+}

@@ -54,3 +54,12 @@ fn reading_without_read_index_is_caught() {
 fn acknowledging_before_durable_is_caught() {
     assert_caught("ack_before_durable", InjectedBugs { ack_before_durable: true, ..Default::default() }, 400);
 }
+
+#[test]
+fn reading_without_read_index_is_caught_by_the_read_race_profile() {
+    let opts = SimOptions {
+        bugs: InjectedBugs { read_without_read_index: true, ..Default::default() },
+        ..SimOptions::read_races()
+    };
+    assert_caught_with("read_without_read_index (read races)", &opts, 100);
+}

@@ -95,6 +95,22 @@ pub struct SimOptions {
     pub bugs: InjectedBugs,
     /// Largest clock rate error of a node, in parts per million (with `faults`).
     pub clock_drift_ppm_max: u64,
+    /// Steer the schedule toward reads racing leader changes (see [`SimOptions::read_races`]).
+    pub read_races: bool,
+}
+
+impl SimOptions {
+    /// A profile whose schedules aim at the read path: most operations are reads, on two
+    /// keys, sent to the node a client last knew as leader (often a deposed one); leaders
+    /// are paused (a process stop: no timers, no messages, then everything at once),
+    /// isolated and asked to transfer leadership far more often; every clock runs at the
+    /// edge of the allowed drift, half fast and half slow; and a paused leader is sent lease
+    /// reads the moment it resumes, before it hears of any newer term. A read served from a
+    /// lease that no longer holds, or by a leader that was deposed, shows up as a stale read
+    /// in the history.
+    pub fn read_races() -> SimOptions {
+        SimOptions { clients: 6, keys: 2, read_races: true, ..SimOptions::default() }
+    }
 }
 
 impl Default for SimOptions {
@@ -108,6 +124,7 @@ impl Default for SimOptions {
             reconfigure: true,
             bugs: InjectedBugs::default(),
             clock_drift_ppm_max: CLOCK_DRIFT_PPM_MAX,
+            read_races: false,
         }
     }
 }
@@ -330,6 +347,8 @@ struct SimNode {
     configs_scanned: LogIndex,
     /// Clock drift: this node's clock runs this many parts per million fast (or slow).
     rate_ppm: i64,
+    /// Paused (stopped like SIGSTOP) until this global time: its timers and deliveries wait.
+    paused_until: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -357,6 +376,7 @@ enum Event {
     Deliver(Message),
     IoDone { node: NodeId, incarnation: u64, io: IoId },
     Restart(NodeId),
+    Resume(NodeId),
     ClientTimeout(usize),
 }
 
@@ -383,6 +403,8 @@ struct Sim {
     applied: BTreeMap<LogIndex, (Term, EntryPayload)>,
     /// Every entry any leader committed: index -> term. Checked against new leaders' logs.
     committed: BTreeMap<LogIndex, Term>,
+    /// The term of the first leader seen committing each entry of `committed`.
+    committed_in: BTreeMap<LogIndex, Term>,
     /// Leader per term.
     leaders: BTreeMap<Term, NodeId>,
     trace: VecDeque<String>,
@@ -464,10 +486,18 @@ impl Sim {
                     last_committed: LogIndex(0),
                     configs_scanned: LogIndex(0),
                     rate_ppm: if opts.faults {
-                        rng.range(0, 2 * opts.clock_drift_ppm_max + 1) as i64 - opts.clock_drift_ppm_max as i64
+                        let rate =
+                            rng.range(0, 2 * opts.clock_drift_ppm_max + 1) as i64 - opts.clock_drift_ppm_max as i64;
+                        // Read races: every clock at the edge of the allowed drift.
+                        match (opts.read_races, rate >= 0) {
+                            (false, _) => rate,
+                            (true, true) => opts.clock_drift_ppm_max as i64,
+                            (true, false) => -(opts.clock_drift_ppm_max as i64),
+                        }
                     } else {
                         0
                     },
+                    paused_until: 0,
                 },
             );
         }
@@ -492,6 +522,7 @@ impl Sim {
             pending_writes: HashMap::new(),
             applied: BTreeMap::new(),
             committed: BTreeMap::new(),
+            committed_in: BTreeMap::new(),
             leaders: BTreeMap::new(),
             trace: VecDeque::new(),
             report: SimReport { seed, ..Default::default() },
@@ -551,7 +582,9 @@ impl Sim {
         let next_timer = self
             .nodes
             .values()
-            .filter_map(|n| n.engine.as_ref().map(|e| (global_time(n.rate_ppm, e.next_deadline()), n.id)))
+            .filter_map(|n| {
+                n.engine.as_ref().map(|e| (global_time(n.rate_ppm, e.next_deadline()).max(n.paused_until), n.id))
+            })
             .min();
         match (next_event, next_timer) {
             (Some(t), Some((d, id))) if d < t => self.fire_timer(d, id),
@@ -583,6 +616,10 @@ impl Sim {
         match ev {
             Event::Deliver(msg) => {
                 let to = msg.to;
+                if let Some(until) = self.paused(to) {
+                    self.schedule(until, Event::Deliver(msg));
+                    return Ok(());
+                }
                 let now = self.local(to);
                 let Some(node) = self.nodes.get_mut(&to) else { return Ok(()) };
                 let Some(engine) = node.engine.as_mut() else { return Ok(()) };
@@ -592,6 +629,10 @@ impl Sim {
                 self.drive(to)
             }
             Event::IoDone { node, incarnation, io } => {
+                if let Some(until) = self.paused(node) {
+                    self.schedule(until, Event::IoDone { node, incarnation, io });
+                    return Ok(());
+                }
                 let now = self.local(node);
                 let Some(n) = self.nodes.get_mut(&node) else { return Ok(()) };
                 if n.incarnation != incarnation || n.engine.is_none() {
@@ -605,6 +646,7 @@ impl Sim {
                 self.drive(node)
             }
             Event::Restart(id) => self.restart(id),
+            Event::Resume(id) => self.resume(id),
             Event::ClientTimeout(op) => {
                 if self.history[op].state == OpState::Pending {
                     self.finish_op(op, OpState::Unknown, None);
@@ -911,6 +953,7 @@ impl Sim {
     /// index before is a violation.
     fn record_committed(&mut self, id: NodeId, committed: LogIndex) -> Check {
         let node = &self.nodes[&id];
+        let leader_term = node.engine.as_ref().map(|e| e.term()).unwrap_or_default();
         let from = self
             .committed
             .keys()
@@ -923,6 +966,13 @@ impl Sim {
         while k <= committed {
             let term = node.view.term_at(k).ok_or_else(|| format!("leader {id} committed {k} beyond its log"))?;
             self.committed.insert(k, term);
+            k = k.next();
+        }
+        // The commit term of every index, purged ones included: it decides which later
+        // leaders must hold the entry.
+        let mut k = self.committed_in.keys().next_back().copied().unwrap_or_default().next();
+        while k <= committed {
+            self.committed_in.insert(k, leader_term);
             k = k.next();
         }
         // Entries recorded earlier must still be what this leader has.
@@ -940,11 +990,18 @@ impl Sim {
         Ok(())
     }
 
-    /// Leader completeness: a new leader holds every entry committed before, by any leader.
+    /// Leader completeness: a new leader holds every entry committed in an earlier term. A
+    /// leader of a term older than the commit (a candidate whose votes arrived late, after a
+    /// pause) need not: it is deposed at its first exchange with the newer term's voters.
     fn check_leader_completeness(&self, id: NodeId) -> Check {
         let node = &self.nodes[&id];
+        let leader_term = node.engine.as_ref().map(|e| e.term()).unwrap_or_default();
+        // An entry is committed no earlier than its own term.
+        let before_this_term = |index: &LogIndex, term: &Term| {
+            self.committed_in.get(index).copied().unwrap_or(*term).max(*term) < leader_term
+        };
         for (index, term) in &self.committed {
-            if *index <= node.view.last_purged.index {
+            if *index <= node.view.last_purged.index || !before_this_term(index, term) {
                 continue;
             }
             if node.view.term_at(*index) != Some(*term) {
@@ -955,7 +1012,7 @@ impl Sim {
             }
         }
         for (index, (term, _)) in &self.applied {
-            if *index <= node.view.last_purged.index {
+            if *index <= node.view.last_purged.index || !before_this_term(index, term) {
                 continue;
             }
             if node.view.term_at(*index) != Some(*term) {
@@ -1076,7 +1133,76 @@ impl Sim {
         if self.opts.reconfigure && self.rng.chance(1.0 / 250.0) {
             self.reconfigure()?;
         }
+        if self.opts.read_races && self.faults_on {
+            if self.rng.chance(1.0 / 60.0) {
+                self.network_fault();
+            }
+            if self.rng.chance(1.0 / 150.0) {
+                self.pause();
+            }
+            if self.rng.chance(1.0 / 100.0) {
+                self.transfer()?;
+            }
+        }
         Ok(())
+    }
+
+    /// The node's resume time if it is paused now.
+    fn paused(&self, id: NodeId) -> Option<u64> {
+        let until = self.nodes[&id].paused_until;
+        (self.now < until).then_some(until)
+    }
+
+    /// Stops a node (the leader, mostly) for longer than an election timeout or shorter.
+    fn pause(&mut self) {
+        let alive = self.alive();
+        let target = match self.leader() {
+            Some(l) if self.rng.chance(0.7) => l,
+            _ => match self.rng.pick(&alive) {
+                Some(&n) => n,
+                None => return,
+            },
+        };
+        if self.paused(target).is_some() {
+            return;
+        }
+        let until = self.now + self.rng.range(50, 700);
+        self.nodes.get_mut(&target).expect("exists").paused_until = until;
+        self.schedule(until, Event::Resume(target));
+        self.log(format!("nemesis: pause node {target} until {until}"));
+    }
+
+    /// A resumed node gets lease reads before anything else it missed reaches it: if it was
+    /// leader and was deposed meanwhile, only its clock can tell it that its lease is over.
+    fn resume(&mut self, id: NodeId) -> Check {
+        if self.nodes[&id].engine.is_none() {
+            return Ok(());
+        }
+        self.log(format!("resume node {id}"));
+        let idle: Vec<usize> = (0..self.clients.len()).filter(|c| self.clients[*c].busy.is_none()).take(2).collect();
+        for c in idle {
+            self.client_op_at(c, Some(OpInput::Get), Some((id, ReadMode::Lease)))?;
+        }
+        self.drive(id)
+    }
+
+    /// Asks the leader to hand over to a random voter.
+    fn transfer(&mut self) -> Check {
+        let Some(l) = self.leader() else { return Ok(()) };
+        if self.paused(l).is_some() {
+            return Ok(());
+        }
+        let now = self.local(l);
+        let voters: Vec<NodeId> = self.nodes[&l]
+            .engine
+            .as_ref()
+            .map(|e| e.membership().membership.voters.iter().copied().collect())
+            .unwrap_or_default();
+        let Some(&t) = self.rng.pick(&voters) else { return Ok(()) };
+        let engine = self.nodes.get_mut(&l).and_then(|n| n.engine.as_mut()).expect("leader is alive");
+        let line = format!("nemesis: leader {l}: transfer to {t}: {:?}", engine.transfer_leader(now, t));
+        self.log(line);
+        self.drive(l)
     }
 
     fn network_fault(&mut self) {
@@ -1135,6 +1261,7 @@ impl Sim {
         let node = self.nodes.get_mut(&id).expect("exists");
         node.engine = None;
         node.incarnation += 1;
+        node.paused_until = 0;
         // A prefix of the unsynced writes may have reached the disk anyway.
         let keep = node.unsynced.len() * keep_frac as usize / 100;
         for (_, w) in node.unsynced.drain(..).take(keep) {
@@ -1196,6 +1323,9 @@ impl Sim {
 
     fn reconfigure(&mut self) -> Check {
         let Some(l) = self.leader() else { return Ok(()) };
+        if self.paused(l).is_some() {
+            return Ok(());
+        }
         let now = self.local(l);
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         let choice = self.rng.range(0, 4);
@@ -1247,20 +1377,35 @@ impl Sim {
     }
 
     fn client_op(&mut self, c: usize, forced: Option<OpInput>) -> Check {
+        self.client_op_at(c, forced, None)
+    }
+
+    /// A client operation; `at` forces the node and the read mode.
+    fn client_op_at(&mut self, c: usize, forced: Option<OpInput>, at: Option<(NodeId, ReadMode)>) -> Check {
         let alive = self.alive();
         let mut target = self.clients[c].guess;
-        if !alive.contains(&target) || self.rng.chance(0.1) {
+        if let Some((node, _)) = at {
+            target = node;
+        } else if !alive.contains(&target) || self.rng.chance(0.1) {
             let Some(&t) = self.rng.pick(&alive) else { return Ok(()) };
+            target = t;
+        }
+        if at.is_none() && self.paused(target).is_some() {
+            // A stopped process takes no requests; the client tries another node.
+            let awake: Vec<NodeId> = alive.iter().copied().filter(|n| self.paused(*n).is_none()).collect();
+            let Some(&t) = self.rng.pick(&awake) else { return Ok(()) };
             target = t;
         }
         let client = &mut self.clients[c];
         client.counter += 1;
         let value = format!("c{}-{}", client.id, client.counter);
         let key = format!("k{}", self.rng.range(0, self.opts.keys));
+        // Out of ten: gets, then puts, one delete, and compare-and-sets for the rest.
+        let (reads, puts) = if self.opts.read_races { (6, 2) } else { (4, 3) };
         let input = forced.unwrap_or_else(|| match self.rng.range(0, 10) {
-            0..=3 => OpInput::Get,
-            4..=6 => OpInput::Put(Some(value.clone())),
-            7 => OpInput::Put(None),
+            r if r < reads => OpInput::Get,
+            r if r < reads + puts => OpInput::Put(Some(value.clone())),
+            r if r == reads + puts => OpInput::Put(None),
             _ => {
                 let expected = self.history.iter().rev().find(|h| h.op.key == key).and_then(|h| match &h.op.input {
                     OpInput::Put(v) => v.clone(),
@@ -1282,7 +1427,11 @@ impl Sim {
         let engine = self.nodes.get_mut(&target).and_then(|n| n.engine.as_mut()).expect("alive");
         match &input {
             OpInput::Get => {
-                let mode = if self.rng.chance(0.5) { ReadMode::Lease } else { ReadMode::ReadIndex };
+                let mode = match at {
+                    Some((_, mode)) => mode,
+                    None if self.rng.chance(0.5) => ReadMode::Lease,
+                    None => ReadMode::ReadIndex,
+                };
                 engine.read(now, op as u64, mode);
             }
             OpInput::Put(v) => {
