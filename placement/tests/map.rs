@@ -398,3 +398,16 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_range_lookup_ends_before_the_shard_that_starts_at_its_end() {
+    let mut s = bootstrapped();
+    let e = s.map.get(ShardId(1)).expect("shard").epoch;
+    s.apply(MetaCommand::Split { shard: ShardId(1), epoch: e, key: b"m".to_vec() }).expect("split");
+    let ids = |lo: &[u8], hi: Option<&[u8]>| s.map.lookup_range(lo, hi).map(|d| d.id).collect::<Vec<_>>();
+    // `end` is exclusive: a range ending exactly where a shard starts does not reach it.
+    assert_eq!(ids(b"a", Some(b"m")), [ShardId(1)]);
+    assert_eq!(ids(b"a", Some(b"m\0")), [ShardId(1), ShardId(2)]);
+    assert_eq!(ids(b"m", Some(b"n")), [ShardId(2)]);
+    assert_eq!(ids(b"", None), [ShardId(1), ShardId(2)]);
+}
