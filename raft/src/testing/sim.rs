@@ -1478,26 +1478,37 @@ impl Sim {
             self.restart(id)?;
         }
         let deadline = self.now + HEAL_DEADLINE_MS;
-        // A write must commit once the cluster is whole again.
-        let mut final_op = None;
-        while self.now < deadline {
+        // Once the cluster is whole again a write must commit, then a read by each mode must
+        // be answered (an operation that failed, say during an election, is tried again).
+        let phases = [None, Some(ReadMode::ReadIndex), Some(ReadMode::Lease)];
+        let mut phase = 0;
+        let mut final_op: Option<usize> = None;
+        while self.now < deadline && phase < phases.len() {
             self.step()?;
-            if final_op.is_none() || final_op.is_some_and(|op: usize| self.history[op].state != OpState::Pending) {
-                if final_op.is_some_and(|op| self.history[op].state == OpState::Done) {
-                    break;
-                }
-                if let Some(c) = (0..self.clients.len()).find(|c| self.clients[*c].busy.is_none()) {
-                    if let Some(l) = self.leader() {
-                        self.clients[c].guess = l;
-                        let op = self.history.len();
-                        self.client_op(c, Some(OpInput::Put(Some(format!("final-{op}")))))?;
-                        final_op = Some(op);
+            match final_op.map(|op| self.history[op].state) {
+                Some(OpState::Pending) => continue,
+                Some(OpState::Done) => {
+                    phase += 1;
+                    final_op = None;
+                    if phase == phases.len() {
+                        break;
                     }
                 }
+                _ => {}
             }
+            let Some(c) = (0..self.clients.len()).find(|c| self.clients[*c].busy.is_none()) else { continue };
+            let Some(l) = self.leader() else { continue };
+            self.clients[c].guess = l;
+            let op = self.history.len();
+            match phases[phase] {
+                None => self.client_op(c, Some(OpInput::Put(Some(format!("final-{op}")))))?,
+                Some(mode) => self.client_op_at(c, Some(OpInput::Get), Some((l, mode)))?,
+            }
+            final_op = Some(op);
         }
-        if !final_op.is_some_and(|op| self.history[op].state == OpState::Done) {
-            return Err(format!("no progress: no write committed within {HEAL_DEADLINE_MS} ms after healing"));
+        if phase < phases.len() {
+            let what = ["write committed", "ReadIndex read answered", "lease read answered"][phase];
+            return Err(format!("no progress: no {what} within {HEAL_DEADLINE_MS} ms after healing"));
         }
         self.check_log_matching()?;
         self.report.virtual_ms = self.now;
