@@ -2,33 +2,36 @@
 //! which client write waits for which log index, which read waits for which round, which
 //! membership change waits for which configuration — without any I/O or task of its own.
 //!
-//! The Tokio driver ([`crate::Raft`]) runs one `GroupCore` per group with three tasks. A host
-//! that runs thousands of groups on a few threads (flotilla-shard) runs many `GroupCore`s on
-//! its own pollers. Both execute the same [`CoreAction`]s, so request handling is written once.
+//! The middle of the crate's three layers: [`Engine`] is the protocol; `GroupCore` takes
+//! [`Request`]s and turns the engine's [`Action`]s into [`CoreAction`]s for whoever runs it;
+//! the runners are the Tokio driver ([`crate::Raft`], one `GroupCore` and three tasks per
+//! group) and hosts of many groups (flotilla-shard runs thousands of `GroupCore`s on a few
+//! poller threads). Request handling is written once, here.
 //!
 //! # Driving contract
-//! 1. Feed inputs: API calls (`write`, `read`, ...), [`GroupCore::handle_message`],
+//! 1. Feed inputs: [`GroupCore::handle_request`], [`GroupCore::handle_message`],
 //!    [`GroupCore::handle_timeout`] once `now >= next_deadline()`, and the completions of the
 //!    actions below (`handle_io_done`, `handle_entries_loaded`, `handle_applied`,
 //!    `handle_snapshot_built`, `handle_snapshot_installed`).
 //! 2. After inputs, drain [`GroupCore::poll_action`] and execute each action:
-//!    - `Write` actions become durable **in the order they were polled**, then report
-//!      `handle_io_done(io)`; `SaveCommitted` is ordered with them but reports nothing.
-//!    - `Load` runs after the writes polled before it, then reports `handle_entries_loaded`.
-//!    - `Apply`, `Build` and `Install` run one at a time, in order, on the state machine.
-//!    - `Send` is fire-and-forget.
-//! 3. Replies to callers are sent from inside the core (on the `oneshot` each call carried).
+//!    - [`CoreAction::Log`]: in the order polled, on the log store. `Write`s become durable,
+//!      then report `handle_io_done(io)`; `SaveCommitted` reports nothing; `Load` runs after
+//!      the writes polled before it, then reports `handle_entries_loaded`.
+//!    - [`CoreAction::Machine`]: one at a time, in the order polled, on the state machine.
+//!    - [`CoreAction::Send`] is fire-and-forget.
+//! 3. Replies to callers are sent from inside the core (on the `oneshot` each request carried).
 
 use crate::engine::{Action, Engine, IoId, ReadMode};
 use crate::entry::Entry;
 use crate::error::{Fatal, RaftError, StorageError};
 use crate::membership::Membership;
 use crate::message::{Message, MessageBody};
+use crate::request::Request;
+pub use crate::request::{DoneReply, IndexReply, WriteReply};
 use crate::storage::{Snapshot, SnapshotMeta};
 use crate::types::{LogId, LogIndex, Millis, NodeId, Term};
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use tokio::sync::oneshot;
 use tracing::warn;
 
 /// The result of a committed and applied write.
@@ -40,17 +43,21 @@ pub struct WriteResponse {
     pub data: Bytes,
 }
 
-/// Where the answer to a batch of writes goes: one result per command, in order.
-pub type WriteReply = oneshot::Sender<Result<Vec<Result<WriteResponse, RaftError>>, RaftError>>;
-/// Where the answer to a read or a configuration change goes.
-pub type IndexReply = oneshot::Sender<Result<LogIndex, RaftError>>;
-/// Where the answer to a leadership transfer goes.
-pub type DoneReply = oneshot::Sender<Result<(), RaftError>>;
-
 /// Work for the caller of [`GroupCore::poll_action`]; see the driving contract in the module
 /// documentation.
 #[derive(Debug)]
 pub enum CoreAction {
+    /// Work for the log store, executed in the order polled.
+    Log(LogAction),
+    /// Send a message.
+    Send(Message),
+    /// Work for the state machine, executed one at a time in the order polled.
+    Machine(MachineAction),
+}
+
+/// Work for the log store (see [`CoreAction::Log`]).
+#[derive(Debug)]
+pub enum LogAction {
     /// A log write (`SaveVote`, `AppendEntries`, `TruncateFrom` or `PurgeUpTo`); report
     /// `handle_io_done` once durable.
     Write(Action),
@@ -68,8 +75,11 @@ pub enum CoreAction {
         /// Byte budget.
         bytes_max: usize,
     },
-    /// Send a message.
-    Send(Message),
+}
+
+/// Work for the state machine (see [`CoreAction::Machine`]).
+#[derive(Debug)]
+pub enum MachineAction {
     /// Apply `first..=last` (read them from the log when `entries` is `None`), then report
     /// `handle_applied` with the responses.
     Apply {
@@ -177,6 +187,24 @@ impl GroupCore {
 
     // ----- API ---------------------------------------------------------------------------
 
+    /// Handles a caller's request; the answer goes to the channel it carries.
+    pub fn handle_request(&mut self, now: Millis, request: Request) {
+        match request {
+            Request::Initialize(membership, reply) => {
+                let _ = reply.send(self.initialize(now, membership));
+            }
+            Request::Write(commands, reply) => self.write(now, commands, reply),
+            Request::Read { mode, wait_apply, reply } => self.read(now, mode, wait_apply, reply),
+            Request::AddLearner(node, reply) => self.add_learner(now, node, reply),
+            Request::RemoveLearner(node, reply) => self.remove_learner(now, node, reply),
+            Request::ChangeMembership(voters, reply) => self.change_membership(now, voters, reply),
+            Request::TransferLeader(target, reply) => self.transfer_leader(now, target, reply),
+            Request::TriggerSnapshot(reply) => {
+                let _ = reply.send(self.check_alive().map(|()| self.trigger_snapshot()));
+            }
+        }
+    }
+
     /// Forms a new cluster; see [`Engine::initialize`].
     pub fn initialize(&mut self, now: Millis, membership: Membership) -> Result<(), RaftError> {
         self.check_alive()?;
@@ -184,7 +212,7 @@ impl GroupCore {
     }
 
     /// Proposes `commands`; `reply` gets one result per command once all applied (or failed).
-    pub fn write(&mut self, now: Millis, commands: Vec<Bytes>, reply: WriteReply) {
+    fn write(&mut self, now: Millis, commands: Vec<Bytes>, reply: WriteReply) {
         if let Err(e) = self.check_alive() {
             let _ = reply.send(Err(e));
             return;
@@ -212,7 +240,7 @@ impl GroupCore {
 
     /// A linearizable read: `reply` gets the read index once it is confirmed (and, with
     /// `wait_apply`, once the state machine has applied it).
-    pub fn read(&mut self, now: Millis, mode: ReadMode, wait_apply: bool, reply: IndexReply) {
+    fn read(&mut self, now: Millis, mode: ReadMode, wait_apply: bool, reply: IndexReply) {
         if let Err(e) = self.check_alive() {
             let _ = reply.send(Err(e));
             return;
@@ -224,12 +252,12 @@ impl GroupCore {
     }
 
     /// Adds a learner; `reply` gets the entry's index once it applied.
-    pub fn add_learner(&mut self, now: Millis, node: NodeId, reply: IndexReply) {
+    fn add_learner(&mut self, now: Millis, node: NodeId, reply: IndexReply) {
         self.learner_change(now, node, true, reply);
     }
 
     /// Removes a learner; `reply` gets the entry's index once it applied.
-    pub fn remove_learner(&mut self, now: Millis, node: NodeId, reply: IndexReply) {
+    fn remove_learner(&mut self, now: Millis, node: NodeId, reply: IndexReply) {
         self.learner_change(now, node, false, reply);
     }
 
@@ -254,7 +282,7 @@ impl GroupCore {
     }
 
     /// Changes the voters by joint consensus; `reply` gets the final configuration's index.
-    pub fn change_membership(&mut self, now: Millis, voters: BTreeSet<NodeId>, reply: IndexReply) {
+    fn change_membership(&mut self, now: Millis, voters: BTreeSet<NodeId>, reply: IndexReply) {
         if let Err(e) = self.check_alive() {
             let _ = reply.send(Err(e));
             return;
@@ -281,7 +309,7 @@ impl GroupCore {
     }
 
     /// Hands leadership to `target`; `reply` answers once this node sees it lead.
-    pub fn transfer_leader(&mut self, now: Millis, target: NodeId, reply: DoneReply) {
+    fn transfer_leader(&mut self, now: Millis, target: NodeId, reply: DoneReply) {
         if let Err(e) = self.check_alive() {
             let _ = reply.send(Err(e));
             return;
@@ -448,7 +476,7 @@ impl GroupCore {
                 let committed = self.engine.committed();
                 if committed > self.committed_saved {
                     self.committed_saved = committed;
-                    return Some(CoreAction::SaveCommitted(committed));
+                    return Some(CoreAction::Log(LogAction::SaveCommitted(committed)));
                 }
                 self.check_waits();
                 return None;
@@ -457,13 +485,15 @@ impl GroupCore {
                 Action::SaveVote { .. }
                 | Action::AppendEntries { .. }
                 | Action::TruncateFrom { .. }
-                | Action::PurgeUpTo { .. } => return Some(CoreAction::Write(action)),
+                | Action::PurgeUpTo { .. } => return Some(CoreAction::Log(LogAction::Write(action))),
                 Action::LoadEntries { peer, from, to, bytes_max } => {
-                    return Some(CoreAction::Load { peer, from, to, bytes_max })
+                    return Some(CoreAction::Log(LogAction::Load { peer, from, to, bytes_max }))
                 }
                 Action::Send(msg) => return Some(CoreAction::Send(msg)),
-                Action::Apply { first, last, entries } => return Some(CoreAction::Apply { first, last, entries }),
-                Action::BuildSnapshot => return Some(CoreAction::Build),
+                Action::Apply { first, last, entries } => {
+                    return Some(CoreAction::Machine(MachineAction::Apply { first, last, entries }))
+                }
+                Action::BuildSnapshot => return Some(CoreAction::Machine(MachineAction::Build)),
                 Action::SendSnapshotChunk { to, meta, offset, len, done } => {
                     if let Some(msg) = self.chunk(to, meta, offset, len, done) {
                         return Some(CoreAction::Send(msg));
@@ -485,7 +515,7 @@ impl GroupCore {
                         ));
                         return None;
                     }
-                    return Some(CoreAction::Install(Snapshot { meta, data }));
+                    return Some(CoreAction::Machine(MachineAction::Install(Snapshot { meta, data })));
                 }
                 Action::ReadReady { id, index } => {
                     if let Some((wait_apply, reply)) = self.reads.remove(&id) {

@@ -8,7 +8,7 @@
 //! snapshots streamed in chunks. It does not store anything or open any socket itself: you
 //! plug in a log store, a state machine and a network through three traits.
 //!
-//! # Two layers
+//! # Three layers
 //!
 //! - [`Engine`] is the protocol as a deterministic state machine. You feed it inputs (a
 //!   message from a peer, a timer firing, a write that became durable, entries that were
@@ -17,20 +17,25 @@
 //!   randomness only from a seeded generator, and does no I/O. The same inputs always
 //!   produce the same actions, which is what lets a simulator test it under faults and
 //!   replay a failure from its seed.
+//! - [`GroupCore`] wraps one engine with its callers' pending requests: it takes a
+//!   [`Request`] (write, read, membership change, ...) with the channel its answer goes to,
+//!   and hands out [`CoreAction`]s grouped by who executes them (the log store, the state
+//!   machine, the network). Still no I/O and no task: whoever runs it executes the actions.
 //! - [`Raft`] is the handle of one group run by the Tokio driver. [`Raft::start`] recovers
 //!   the group's state from your [`LogStorage`] and [`StateMachine`], spawns the tasks that
 //!   drive an `Engine` against them and your [`Network`], and gives you `async` calls:
 //!   [`initialize`](Raft::initialize), [`client_write`](Raft::client_write),
 //!   [`ensure_linearizable`](Raft::ensure_linearizable),
 //!   [`change_membership`](Raft::change_membership) and so on, plus
-//!   [`metrics`](Raft::metrics) on a watch channel.
+//!   [`metrics`](Raft::metrics) on a watch channel. It runs one `GroupCore` per group.
 //!
 //! **Use [`Raft`]** unless you have a reason not to: it implements the whole driving
 //! contract for you (write ordering, durability before acknowledgement, timers, snapshot
-//! transfer) and costs three Tokio tasks per group. **Drive the [`Engine`] yourself** when
-//! that cost is too high (a host running thousands of groups on a few threads, batching the
-//! storage writes of many groups into one fsync), when you need a different runtime, or when
-//! you want to step a cluster deterministically in a test. The [`guide::driving_the_engine`]
+//! transfer) and costs three Tokio tasks per group. **Run [`GroupCore`]s yourself** when
+//! that cost is too high (flotilla-shard runs thousands of groups on a few threads and
+//! batches the storage writes of many groups into one fsync) or when you need a different
+//! runtime; **drive the [`Engine`] alone** when you want to step a cluster deterministically
+//! in a test (the simulator does). The [`guide::driving_the_engine`]
 //! chapter explains the contract you then take on.
 //!
 //! # What you provide
@@ -149,6 +154,7 @@ pub mod guide;
 pub mod membership;
 pub mod message;
 pub mod network;
+pub mod request;
 pub mod storage;
 pub mod types;
 
@@ -157,10 +163,11 @@ pub use driver::{Raft, RaftMetrics, WriteResponse};
 pub use engine::{Action, Engine, EngineStatus, InitialState, IoId, ReadMode, Role};
 pub use entry::{Entry, EntryPayload};
 pub use error::{ConfigError, Fatal, RaftError, StorageError};
-pub use group::{CoreAction, GroupCore};
+pub use group::{CoreAction, GroupCore, LogAction, MachineAction};
 pub use membership::{Membership, StoredMembership};
 pub use message::{AppendResult, Message, MessageBody};
 pub use network::Network;
+pub use request::Request;
 pub use storage::{AppliedState, LogState, LogStorage, Snapshot, SnapshotMeta, StateMachine};
 pub use types::{GroupId, LogId, LogIndex, Millis, NodeId, Term, Vote};
 

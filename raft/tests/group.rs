@@ -5,8 +5,9 @@
 use bytes::Bytes;
 use flotilla_raft::group::{IndexReply, WriteReply};
 use flotilla_raft::{
-    Action, Config, CoreAction, Engine, Entry, EntryPayload, GroupCore, InitialState, LogId, LogIndex, Membership,
-    Message, Millis, NodeId, RaftError, ReadMode, Role, StorageError, Term, WriteResponse,
+    Action, Config, CoreAction, Engine, Entry, EntryPayload, GroupCore, InitialState, LogAction, LogId, LogIndex,
+    MachineAction, Membership, Message, Millis, NodeId, RaftError, ReadMode, Request, Role, StorageError, Term,
+    WriteResponse,
 };
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -57,7 +58,7 @@ impl Group {
     fn pump(&mut self) {
         while let Some(a) = self.core.poll_action() {
             match a {
-                CoreAction::Write(w) => {
+                CoreAction::Log(LogAction::Write(w)) => {
                     let io = match w {
                         Action::SaveVote { io, .. }
                         | Action::TruncateFrom { io, .. }
@@ -70,7 +71,7 @@ impl Group {
                     };
                     self.core.handle_io_done(self.now, io);
                 }
-                CoreAction::Apply { first, last, entries } => {
+                CoreAction::Machine(MachineAction::Apply { first, last, entries }) => {
                     let entries = entries
                         .unwrap_or_else(|| (first.0..=last.0).map(|i| self.log[(i - 1) as usize].clone()).collect());
                     self.to_apply.extend(entries);
@@ -79,7 +80,7 @@ impl Group {
                     }
                 }
                 CoreAction::Send(m) => self.outbox.push(m),
-                CoreAction::SaveCommitted(_) | CoreAction::Build => {}
+                CoreAction::Log(LogAction::SaveCommitted(_)) | CoreAction::Machine(MachineAction::Build) => {}
                 other => panic!("unexpected in these tests: {other:?}"),
             }
         }
@@ -102,13 +103,13 @@ impl Group {
     fn write(&mut self, commands: &[&str]) -> oneshot::Receiver<WriteAnswer> {
         let (tx, rx): (WriteReply, _) = oneshot::channel();
         let commands = commands.iter().map(|c| Bytes::from(c.to_string())).collect();
-        self.core.write(self.now, commands, tx);
+        self.core.handle_request(self.now, Request::Write(commands, tx));
         rx
     }
 
     fn read(&mut self) -> oneshot::Receiver<Result<LogIndex, RaftError>> {
         let (tx, rx): (IndexReply, _) = oneshot::channel();
-        self.core.read(self.now, ReadMode::ReadIndex, true, tx);
+        self.core.handle_request(self.now, Request::Read { mode: ReadMode::ReadIndex, wait_apply: true, reply: tx });
         rx
     }
 }
@@ -199,7 +200,7 @@ fn a_stopped_group_refuses_every_request_with_its_fatal_error() {
     let mut r = g.read();
     assert_eq!(r.try_recv(), Ok(Err(RaftError::Fatal(fatal.clone()))));
     let (tx, mut rx) = oneshot::channel();
-    g.core.add_learner(g.now, NodeId(2), tx);
+    g.core.handle_request(g.now, Request::AddLearner(NodeId(2), tx));
     assert_eq!(rx.try_recv(), Ok(Err(RaftError::Fatal(fatal))));
     assert!(g.core.poll_action().is_none(), "a stopped group produces nothing");
 }
@@ -215,7 +216,7 @@ fn a_leadership_transfer_is_answered_once_the_target_leads() {
     exchange(&mut gs);
     assert_eq!(gs[0].core.engine().role(), Role::Leader);
     let (tx, mut rx) = oneshot::channel();
-    gs[0].core.transfer_leader(t, NodeId(2), tx);
+    gs[0].core.handle_request(t, Request::TransferLeader(NodeId(2), tx));
     gs[0].pump();
     assert!(rx.try_recv().is_err(), "node 2 does not lead yet");
     exchange(&mut gs);

@@ -5,7 +5,10 @@
 //! log writer (executes writes in order, coalescing consecutive appends, and reports them
 //! durable), and an applier (owns the state machine: applies, builds and installs snapshots).
 //! Writes and applies therefore never block the core: the leader keeps replicating while its
-//! own fsync runs. A host running thousands of groups drives [`Engine`] directly instead.
+//! own fsync runs. The core task hands each caller's [`Request`] to its [`GroupCore`] and
+//! routes the [`CoreAction`]s it polls: [`LogAction`]s to the log writer, [`MachineAction`]s
+//! to the applier, messages to the network. A host running thousands of groups runs
+//! `GroupCore`s on its own threads instead (see the crate documentation's three layers).
 
 mod recover;
 
@@ -14,10 +17,11 @@ use crate::engine::{Action, Engine, EngineStatus, IoId, ReadMode, Role};
 use crate::entry::Entry;
 use crate::error::{Fatal, RaftError, StorageError};
 pub use crate::group::WriteResponse;
-use crate::group::{CoreAction, GroupCore};
+use crate::group::{CoreAction, GroupCore, LogAction, MachineAction};
 use crate::membership::{Membership, StoredMembership};
 use crate::message::Message;
 use crate::network::Network;
+use crate::request::Request;
 use crate::storage::{LogStorage, Snapshot, StateMachine};
 use crate::types::{GroupId, LogId, LogIndex, Millis, NodeId, Term};
 use bytes::Bytes;
@@ -92,15 +96,9 @@ impl RaftMetrics {
     }
 }
 
+/// What the core task's API queue carries: requests for the group, and the driver's own stop.
 enum Api {
-    Initialize(Membership, oneshot::Sender<Result<(), RaftError>>),
-    Write(Vec<Bytes>, oneshot::Sender<Result<Vec<Result<WriteResponse, RaftError>>, RaftError>>),
-    Read(ReadMode, bool, oneshot::Sender<Result<LogIndex, RaftError>>),
-    AddLearner(NodeId, oneshot::Sender<Result<LogIndex, RaftError>>),
-    RemoveLearner(NodeId, oneshot::Sender<Result<LogIndex, RaftError>>),
-    ChangeMembership(BTreeSet<NodeId>, oneshot::Sender<Result<LogIndex, RaftError>>),
-    TransferLeader(NodeId, oneshot::Sender<Result<(), RaftError>>),
-    TriggerSnapshot,
+    Request(Request),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -213,11 +211,14 @@ impl Raft {
         self.shared.metrics.clone()
     }
 
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, RaftError>>) -> Api) -> Result<T, RaftError> {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, RaftError>>) -> Request,
+    ) -> Result<T, RaftError> {
         let (tx, rx) = oneshot::channel();
         let stopped = || self.shared.metrics.borrow().stopped.clone().unwrap_or(Fatal::Shutdown);
         let work = async {
-            self.shared.api.send(make(tx)).await.map_err(|_| RaftError::Fatal(stopped()))?;
+            self.shared.api.send(Api::Request(make(tx))).await.map_err(|_| RaftError::Fatal(stopped()))?;
             rx.await.map_err(|_| RaftError::Fatal(stopped()))?
         };
         match tokio::time::timeout(self.shared.timeout, work).await {
@@ -230,7 +231,7 @@ impl Raft {
     /// node, or on every initial member with the same membership; the others join when the
     /// leader contacts them. Refused with `AlreadyInitialized` on a node that has any state.
     pub async fn initialize(&self, membership: Membership) -> Result<(), RaftError> {
-        self.call(|tx| Api::Initialize(membership, tx)).await
+        self.call(|tx| Request::Initialize(membership, tx)).await
     }
 
     /// Proposes one command; answers once it is committed and applied, with the state
@@ -249,31 +250,31 @@ impl Raft {
         if commands.is_empty() {
             return Ok(Vec::new());
         }
-        self.call(|tx| Api::Write(commands, tx)).await
+        self.call(|tx| Request::Write(commands, tx)).await
     }
 
     /// ReadIndex: confirms this node is still the leader and returns the commit index a
     /// linearizable read must wait for. See [`Raft::ensure_linearizable`] to also wait for it.
     pub async fn read_index(&self, mode: ReadMode) -> Result<LogIndex, RaftError> {
-        self.call(|tx| Api::Read(mode, false, tx)).await
+        self.call(|reply| Request::Read { mode, wait_apply: false, reply }).await
     }
 
     /// Returns once the local state machine reflects every write committed before the call:
     /// read it then, and the read is linearizable. Leader only.
     pub async fn ensure_linearizable(&self, mode: ReadMode) -> Result<LogIndex, RaftError> {
-        self.call(|tx| Api::Read(mode, true, tx)).await
+        self.call(|reply| Request::Read { mode, wait_apply: true, reply }).await
     }
 
     /// Adds `node` as a learner; answers once the change is committed. The learner then
     /// catches up in the background (watch `metrics().replication`).
     pub async fn add_learner(&self, node: NodeId) -> Result<LogIndex, RaftError> {
-        self.call(|tx| Api::AddLearner(node, tx)).await
+        self.call(|tx| Request::AddLearner(node, tx)).await
     }
 
     /// Removes the learner on `node`; answers once the change is committed. A voter is refused
     /// (voters leave through [`Raft::change_membership`]).
     pub async fn remove_learner(&self, node: NodeId) -> Result<LogIndex, RaftError> {
-        self.call(|tx| Api::RemoveLearner(node, tx)).await
+        self.call(|tx| Request::RemoveLearner(node, tx)).await
     }
 
     /// Changes the voters to exactly `voters`, by joint consensus; answers once the final
@@ -281,18 +282,18 @@ impl Raft {
     /// the group may be unavailable until they do. A `Timeout` does not cancel the change:
     /// it goes on in the group (watch `metrics().committed_membership`).
     pub async fn change_membership(&self, voters: BTreeSet<NodeId>) -> Result<LogIndex, RaftError> {
-        self.call(|tx| Api::ChangeMembership(voters, tx)).await
+        self.call(|tx| Request::ChangeMembership(voters, tx)).await
     }
 
     /// Hands leadership to `target`; answers once this node sees `target` as leader.
     pub async fn transfer_leader(&self, target: NodeId) -> Result<(), RaftError> {
-        self.call(|tx| Api::TransferLeader(target, tx)).await
+        self.call(|tx| Request::TransferLeader(target, tx)).await
     }
 
     /// Asks for a snapshot to be built now (the log is then compacted behind it). Returns once
-    /// the request is queued; watch `metrics().snapshot` to see it done.
+    /// the group took the request; watch `metrics().snapshot` to see it done.
     pub async fn trigger_snapshot(&self) -> Result<(), RaftError> {
-        self.shared.api.send(Api::TriggerSnapshot).await.map_err(|_| RaftError::Fatal(Fatal::Shutdown))
+        self.call(Request::TriggerSnapshot).await
     }
 
     /// Stops the group's tasks. Pending requests fail with `Fatal(Shutdown)`.
@@ -348,18 +349,6 @@ pub fn seed_from_entropy(id: NodeId, group: GroupId) -> u64 {
 
 // ----- the log writer -------------------------------------------------------------------------
 
-enum IoReq {
-    Write(Action),
-    /// Record the commit index (not a durability point: no completion is reported).
-    SaveCommitted(LogIndex),
-    Load {
-        peer: NodeId,
-        from: LogIndex,
-        to: LogIndex,
-        bytes_max: usize,
-    },
-}
-
 enum IoEvent {
     Done(IoId),
     Loaded(NodeId, Vec<Entry>),
@@ -369,7 +358,7 @@ enum IoEvent {
 /// Executes the engine's writes in order; reports them durable in batches.
 async fn log_writer<L: LogStorage>(
     log: Arc<L>,
-    mut rx: mpsc::UnboundedReceiver<IoReq>,
+    mut rx: mpsc::UnboundedReceiver<LogAction>,
     tx: mpsc::UnboundedSender<IoEvent>,
 ) {
     while let Some(first) = rx.recv().await {
@@ -395,36 +384,36 @@ async fn log_writer<L: LogStorage>(
 
 async fn write_batch<L: LogStorage>(
     log: &L,
-    batch: Vec<IoReq>,
+    batch: Vec<LogAction>,
     tx: &mpsc::UnboundedSender<IoEvent>,
 ) -> Result<Option<IoId>, StorageError> {
     let mut done = None;
     let mut appends: Vec<Entry> = Vec::new();
     for req in batch {
-        if !matches!(req, IoReq::Write(Action::AppendEntries { .. })) && !appends.is_empty() {
+        if !matches!(req, LogAction::Write(Action::AppendEntries { .. })) && !appends.is_empty() {
             log.append(std::mem::take(&mut appends)).await?;
         }
         match req {
-            IoReq::Write(Action::AppendEntries { io, entries }) => {
+            LogAction::Write(Action::AppendEntries { io, entries }) => {
                 // Consecutive appends become one write (one fsync).
                 appends.extend(entries);
                 done = Some(io);
             }
-            IoReq::Write(Action::SaveVote { io, vote }) => {
+            LogAction::Write(Action::SaveVote { io, vote }) => {
                 log.save_vote(&vote).await?;
                 done = Some(io);
             }
-            IoReq::Write(Action::TruncateFrom { io, index }) => {
+            LogAction::Write(Action::TruncateFrom { io, index }) => {
                 log.truncate_from(index).await?;
                 done = Some(io);
             }
-            IoReq::Write(Action::PurgeUpTo { io, log_id }) => {
+            LogAction::Write(Action::PurgeUpTo { io, log_id }) => {
                 log.purge_up_to(log_id).await?;
                 done = Some(io);
             }
-            IoReq::Write(other) => unreachable!("not a write: {other:?}"),
-            IoReq::SaveCommitted(index) => log.save_committed(index).await?,
-            IoReq::Load { peer, from, to, bytes_max } => {
+            LogAction::Write(other) => unreachable!("not a write: {other:?}"),
+            LogAction::SaveCommitted(index) => log.save_committed(index).await?,
+            LogAction::Load { peer, from, to, bytes_max } => {
                 let entries = log.read_entries(from, to, bytes_max).await?;
                 let _ = tx.send(IoEvent::Loaded(peer, entries));
             }
@@ -438,12 +427,6 @@ async fn write_batch<L: LogStorage>(
 
 // ----- the applier ----------------------------------------------------------------------------
 
-enum ApplyReq {
-    Apply { first: LogIndex, last: LogIndex, entries: Option<Vec<Entry>> },
-    Build,
-    Install(Snapshot),
-}
-
 enum ApplyEvent {
     Applied(Vec<(LogId, Bytes)>),
     Built(Snapshot),
@@ -454,7 +437,7 @@ enum ApplyEvent {
 async fn applier<L: LogStorage, S: StateMachine>(
     log: Arc<L>,
     mut sm: S,
-    mut rx: mpsc::UnboundedReceiver<ApplyReq>,
+    mut rx: mpsc::UnboundedReceiver<MachineAction>,
     tx: mpsc::UnboundedSender<ApplyEvent>,
 ) {
     while let Some(req) = rx.recv().await {
@@ -472,10 +455,10 @@ async fn applier<L: LogStorage, S: StateMachine>(
 async fn apply_one<L: LogStorage, S: StateMachine>(
     log: &L,
     sm: &mut S,
-    req: ApplyReq,
+    req: MachineAction,
 ) -> Result<ApplyEvent, StorageError> {
     match req {
-        ApplyReq::Apply { first, last, entries } => {
+        MachineAction::Apply { first, last, entries } => {
             let entries = match entries {
                 Some(e) => e,
                 None => {
@@ -499,8 +482,8 @@ async fn apply_one<L: LogStorage, S: StateMachine>(
             }
             Ok(ApplyEvent::Applied(ids.into_iter().zip(responses).collect()))
         }
-        ApplyReq::Build => Ok(ApplyEvent::Built(sm.build_snapshot().await?)),
-        ApplyReq::Install(snapshot) => {
+        MachineAction::Build => Ok(ApplyEvent::Built(sm.build_snapshot().await?)),
+        MachineAction::Install(snapshot) => {
             sm.install_snapshot(snapshot.clone()).await?;
             Ok(ApplyEvent::Installed(snapshot))
         }
@@ -516,8 +499,8 @@ struct Core<N: Network> {
     network: N,
     /// Time zero of the engine's clock.
     base: Instant,
-    io_tx: mpsc::UnboundedSender<IoReq>,
-    ap_tx: mpsc::UnboundedSender<ApplyReq>,
+    io_tx: mpsc::UnboundedSender<LogAction>,
+    ap_tx: mpsc::UnboundedSender<MachineAction>,
     metrics: watch::Sender<RaftMetrics>,
     /// The group's span; its `term` field follows the engine's term.
     span: tracing::Span,
@@ -573,8 +556,8 @@ impl<N: Network> Core<N> {
                         shutdown_reply = Some(reply);
                         self.core.stop(Fatal::Shutdown);
                     }
-                    Some(req) => {
-                        self.on_api(req);
+                    Some(Api::Request(req)) => {
+                        self.on_request(req);
                         // Take what else is queued: reads arriving together share one
                         // heartbeat round, writes one append.
                         for _ in 1..EVENTS_PER_ROUND_MAX {
@@ -584,7 +567,7 @@ impl<N: Network> Core<N> {
                                     self.core.stop(Fatal::Shutdown);
                                     break;
                                 }
-                                Ok(req) => self.on_api(req),
+                                Ok(Api::Request(req)) => self.on_request(req),
                                 Err(_) => break,
                             }
                         }
@@ -621,22 +604,9 @@ impl<N: Network> Core<N> {
         });
     }
 
-    fn on_api(&mut self, req: Api) {
+    fn on_request(&mut self, req: Request) {
         let now = self.now();
-        let core = &mut self.core;
-        match req {
-            Api::Initialize(m, reply) => {
-                let _ = reply.send(core.initialize(now, m));
-            }
-            Api::Write(cmds, reply) => core.write(now, cmds, reply),
-            Api::Read(mode, wait_apply, reply) => core.read(now, mode, wait_apply, reply),
-            Api::AddLearner(node, reply) => core.add_learner(now, node, reply),
-            Api::RemoveLearner(node, reply) => core.remove_learner(now, node, reply),
-            Api::ChangeMembership(voters, reply) => core.change_membership(now, voters, reply),
-            Api::TransferLeader(target, reply) => core.transfer_leader(now, target, reply),
-            Api::TriggerSnapshot => core.trigger_snapshot(),
-            Api::Shutdown(_) => unreachable!("handled by the loop"),
-        }
+        self.core.handle_request(now, req);
     }
 
     fn on_io(&mut self, ev: IoEvent) {
@@ -665,25 +635,14 @@ impl<N: Network> Core<N> {
 
     fn execute_actions(&mut self) {
         while let Some(action) = self.core.poll_action() {
+            // A send fails only once the task stopped, and then the group is stopping too.
             match action {
-                CoreAction::Write(a) => {
-                    let _ = self.io_tx.send(IoReq::Write(a));
-                }
-                CoreAction::SaveCommitted(index) => {
-                    let _ = self.io_tx.send(IoReq::SaveCommitted(index));
-                }
-                CoreAction::Load { peer, from, to, bytes_max } => {
-                    let _ = self.io_tx.send(IoReq::Load { peer, from, to, bytes_max });
+                CoreAction::Log(a) => {
+                    let _ = self.io_tx.send(a);
                 }
                 CoreAction::Send(msg) => self.network.send(msg),
-                CoreAction::Apply { first, last, entries } => {
-                    let _ = self.ap_tx.send(ApplyReq::Apply { first, last, entries });
-                }
-                CoreAction::Build => {
-                    let _ = self.ap_tx.send(ApplyReq::Build);
-                }
-                CoreAction::Install(snapshot) => {
-                    let _ = self.ap_tx.send(ApplyReq::Install(snapshot));
+                CoreAction::Machine(a) => {
+                    let _ = self.ap_tx.send(a);
                 }
             }
         }

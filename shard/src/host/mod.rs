@@ -35,9 +35,9 @@ use crate::store::{Op, Store, CF_META, CF_RAFT};
 use bytes::Bytes;
 use flotilla_raft::{
     driver::recover_state, Config, Engine, GroupCore, GroupId, LogIndex, Membership, Message, Millis, NodeId,
-    RaftError, ReadMode, Role, StorageError, StoredMembership, Term,
+    RaftError, ReadMode, Request, Role, StorageError, StoredMembership, Term,
 };
-use poller::{ApiReq, GroupState, Poller, PollerMsg};
+use poller::{GroupState, Poller, PollerMsg};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -554,7 +554,7 @@ impl Host {
     async fn call<T>(
         &self,
         group: GroupId,
-        make: impl FnOnce(oneshot::Sender<Result<T, RaftError>>) -> ApiReq,
+        make: impl FnOnce(oneshot::Sender<Result<T, RaftError>>) -> Request,
     ) -> Result<T, HostError> {
         let poller = self.entry(group)?.poller;
         let (tx, rx) = oneshot::channel();
@@ -579,7 +579,7 @@ impl Host {
 
     /// Forms a group that was created without a configuration (see [`Host::create_group`]).
     pub async fn initialize(&self, group: GroupId, membership: Membership) -> Result<(), HostError> {
-        self.call(group, |tx| ApiReq::Initialize(membership, tx)).await
+        self.call(group, |tx| Request::Initialize(membership, tx)).await
     }
 
     /// Proposes `cmd` on `group` (leader only); answers once it is committed and the state
@@ -592,7 +592,7 @@ impl Host {
             return Err(HostError::KeyOutOfRange(group));
         }
         let payload = cmd.encode()?;
-        let mut results = self.call(group, |tx| ApiReq::Write(vec![payload], tx)).await?;
+        let mut results = self.call(group, |tx| Request::Write(vec![payload], tx)).await?;
         let r = results.pop().ok_or(HostError::Raft(RaftError::Timeout))??;
         match KvResponse::decode(&r.data)? {
             // A split applied between the check above and the command: not applied, retry.
@@ -607,7 +607,7 @@ impl Host {
         if !entry.sm.range().contains(&key) {
             return Err(HostError::KeyOutOfRange(group));
         }
-        self.call(group, |tx| ApiReq::Read(mode, tx)).await?;
+        self.call(group, |tx| Request::Read { mode, wait_apply: true, reply: tx }).await?;
         Ok(entry.sm.get(key).await?)
     }
 
@@ -628,7 +628,7 @@ impl Host {
         if !entry.sm.range().contains(&from) {
             return Err(HostError::KeyOutOfRange(group));
         }
-        self.call(group, |tx| ApiReq::Read(mode, tx)).await?;
+        self.call(group, |tx| Request::Read { mode, wait_apply: true, reply: tx }).await?;
         match entry.sm.scan(from, to, limit).await {
             Ok(page) => Ok(page),
             Err(crate::kv::ScanError::OutOfRange(_)) => Err(HostError::KeyOutOfRange(group)),
@@ -638,27 +638,27 @@ impl Host {
 
     /// Adds `node` as a learner of `group`.
     pub async fn add_learner(&self, group: GroupId, node: NodeId) -> Result<LogIndex, HostError> {
-        self.call(group, |tx| ApiReq::AddLearner(node, tx)).await
+        self.call(group, |tx| Request::AddLearner(node, tx)).await
     }
 
     /// Removes the learner on `node` from `group` (a voter is refused).
     pub async fn remove_learner(&self, group: GroupId, node: NodeId) -> Result<LogIndex, HostError> {
-        self.call(group, |tx| ApiReq::RemoveLearner(node, tx)).await
+        self.call(group, |tx| Request::RemoveLearner(node, tx)).await
     }
 
     /// Changes the voters of `group` by joint consensus.
     pub async fn change_membership(&self, group: GroupId, voters: BTreeSet<NodeId>) -> Result<LogIndex, HostError> {
-        self.call(group, |tx| ApiReq::ChangeMembership(voters, tx)).await
+        self.call(group, |tx| Request::ChangeMembership(voters, tx)).await
     }
 
     /// Hands leadership of `group` to `target`.
     pub async fn transfer_leader(&self, group: GroupId, target: NodeId) -> Result<(), HostError> {
-        self.call(group, |tx| ApiReq::TransferLeader(target, tx)).await
+        self.call(group, |tx| Request::TransferLeader(target, tx)).await
     }
 
     /// Asks `group` to build a snapshot now.
     pub async fn trigger_snapshot(&self, group: GroupId) -> Result<(), HostError> {
-        self.call(group, ApiReq::TriggerSnapshot).await
+        self.call(group, Request::TriggerSnapshot).await
     }
 
     /// Stops the pollers; pending calls fail with `Stopped` or `Fatal(Shutdown)`.

@@ -8,10 +8,9 @@ use crate::kv::SplitEffect;
 use crate::log::RocksLog;
 use crate::store::{Op, CF_RAFT};
 use bytes::Bytes;
-use flotilla_raft::group::{DoneReply, IndexReply, WriteReply};
 use flotilla_raft::{
-    Action, CoreAction, Fatal, GroupCore, GroupId, IoId, LogId, LogIndex, Membership, Message, MessageBody, NodeId,
-    RaftError, ReadMode, Role, Snapshot, StateMachine, StorageError,
+    Action, CoreAction, Fatal, GroupCore, GroupId, IoId, LogAction, LogId, LogIndex, MachineAction, Message,
+    MessageBody, NodeId, RaftError, Request, Role, Snapshot, StateMachine, StorageError,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -22,18 +21,6 @@ use tracing::{debug, error, info};
 
 /// Bytes read per call when an apply reads its entries back from the log.
 const APPLY_READ_BYTES_MAX: usize = 4 << 20;
-
-/// An API call for one group.
-pub(crate) enum ApiReq {
-    Initialize(Membership, oneshot::Sender<Result<(), RaftError>>),
-    Write(Vec<Bytes>, WriteReply),
-    Read(ReadMode, IndexReply),
-    AddLearner(NodeId, IndexReply),
-    RemoveLearner(NodeId, IndexReply),
-    ChangeMembership(BTreeSet<NodeId>, IndexReply),
-    TransferLeader(NodeId, DoneReply),
-    TriggerSnapshot(oneshot::Sender<Result<(), RaftError>>),
-}
 
 /// What an apply batch produced: each entry's id and response, and the splits it applied.
 pub(crate) type AppliedBatch = (Vec<(LogId, Bytes)>, Vec<SplitEffect>);
@@ -47,7 +34,7 @@ pub(crate) enum PollerMsg {
         messages: Vec<(GroupId, Message)>,
         quiesce: Vec<QuiesceNotice>,
     },
-    Api(GroupId, ApiReq),
+    Api(GroupId, Request),
     /// A round's log writes are durable (or failed): the last write id of each group.
     WritesDone {
         done: Vec<(GroupId, IoId)>,
@@ -76,7 +63,7 @@ pub(crate) struct GroupState {
     /// Loads waiting for the writes before them to be durable.
     deferred_loads: Vec<(NodeId, LogIndex, LogIndex, usize)>,
     /// State-machine work (apply, build, install) waiting its turn; one runs at a time.
-    sm_queue: VecDeque<CoreAction>,
+    sm_queue: VecDeque<MachineAction>,
     sm_busy: bool,
     /// The leader it went quiet under (followers), for waking when that node goes down.
     quiet_leader: Option<NodeId>,
@@ -250,27 +237,13 @@ impl Poller {
             }
             PollerMsg::Api(gid, req) => {
                 if !self.groups.contains_key(&gid) {
-                    reply_unknown(req);
+                    // The group left this poller between the caller's lookup and now.
+                    req.refuse(RaftError::Fatal(Fatal::Shutdown));
                     return;
                 }
                 self.wake(gid, false);
                 let Some(g) = self.groups.get_mut(&gid) else { return };
-                let core = &mut g.core;
-                match req {
-                    ApiReq::Initialize(m, reply) => {
-                        let _ = reply.send(core.initialize(now, m));
-                    }
-                    ApiReq::Write(cmds, reply) => core.write(now, cmds, reply),
-                    ApiReq::Read(mode, reply) => core.read(now, mode, true, reply),
-                    ApiReq::AddLearner(node, reply) => core.add_learner(now, node, reply),
-                    ApiReq::RemoveLearner(node, reply) => core.remove_learner(now, node, reply),
-                    ApiReq::ChangeMembership(voters, reply) => core.change_membership(now, voters, reply),
-                    ApiReq::TransferLeader(target, reply) => core.transfer_leader(now, target, reply),
-                    ApiReq::TriggerSnapshot(reply) => {
-                        core.trigger_snapshot();
-                        let _ = reply.send(Ok(()));
-                    }
-                }
+                g.core.handle_request(now, req);
                 self.dirty.insert(gid);
             }
             PollerMsg::WritesDone { done, compact, result } => {
@@ -548,7 +521,7 @@ impl Poller {
         let mut wrote = false;
         while let Some(action) = g.core.poll_action() {
             match action {
-                CoreAction::Write(a) => {
+                CoreAction::Log(LogAction::Write(a)) => {
                     let io = io_of(&a);
                     match g.log.write_ops(&a) {
                         Ok((ops, compact)) => {
@@ -565,11 +538,11 @@ impl Poller {
                         Err(e) => g.core.fail(e),
                     }
                 }
-                CoreAction::SaveCommitted(index) => match encode(&index) {
+                CoreAction::Log(LogAction::SaveCommitted(index)) => match encode(&index) {
                     Ok(v) => self.round.ops.push(Op::Put(CF_RAFT, group_key(gid, KIND_COMMITTED).to_vec(), v)),
                     Err(e) => g.core.fail(e),
                 },
-                CoreAction::Load { peer, from, to, bytes_max } => {
+                CoreAction::Log(LogAction::Load { peer, from, to, bytes_max }) => {
                     if g.writes_in_flight > 0 || wrote {
                         g.deferred_loads.push((peer, from, to, bytes_max));
                     } else {
@@ -583,7 +556,7 @@ impl Poller {
                     let to = msg.to;
                     self.round.out.entry(to).or_insert_with(|| empty_batch(me)).messages.push((gid, msg));
                 }
-                a @ (CoreAction::Apply { .. } | CoreAction::Build | CoreAction::Install(_)) => {
+                CoreAction::Machine(a) => {
                     g.sm_queue.push_back(a);
                     if !g.sm_busy {
                         self.sm_ready.insert(gid);
@@ -674,7 +647,7 @@ impl Poller {
         g.sm_busy = true;
         let tx = self.tx.clone();
         match action {
-            CoreAction::Apply { first, last, entries } => {
+            MachineAction::Apply { first, last, entries } => {
                 let entries = match entries {
                     Some(e) => Ok(e),
                     None => read_all(&g.log, first, last),
@@ -712,14 +685,14 @@ impl Poller {
                     }
                 }
             }
-            CoreAction::Build => {
+            MachineAction::Build => {
                 let mut sm = g.sm.clone();
                 self.shared.runtime.spawn(async move {
                     let r = sm.build_snapshot().await;
                     let _ = tx.send(PollerMsg::Built(gid, r));
                 });
             }
-            CoreAction::Install(snapshot) => {
+            MachineAction::Install(snapshot) => {
                 // Checked when the transfer began; a group of this node created since then
                 // could own keys in the range, and its data must not be replaced.
                 let overlap =
@@ -738,10 +711,6 @@ impl Poller {
                     let r = sm.install_snapshot(snapshot.clone()).await.map(|()| snapshot);
                     let _ = tx.send(PollerMsg::Installed(gid, r));
                 });
-            }
-            other => {
-                g.sm_busy = false;
-                error!(group = %gid, action = ?other, "not a state-machine action");
             }
         }
         self.dirty.insert(gid);
@@ -788,25 +757,4 @@ fn read_all(log: &RocksLog, first: LogIndex, last: LogIndex) -> Result<Vec<floti
         out.extend(chunk);
     }
     Ok(out)
-}
-
-fn reply_unknown(req: ApiReq) {
-    let e = || RaftError::Fatal(Fatal::Shutdown);
-    match req {
-        ApiReq::Initialize(_, r) | ApiReq::TriggerSnapshot(r) => {
-            let _ = r.send(Err(e()));
-        }
-        ApiReq::Write(_, r) => {
-            let _ = r.send(Err(e()));
-        }
-        ApiReq::Read(_, r)
-        | ApiReq::AddLearner(_, r)
-        | ApiReq::RemoveLearner(_, r)
-        | ApiReq::ChangeMembership(_, r) => {
-            let _ = r.send(Err(e()));
-        }
-        ApiReq::TransferLeader(_, r) => {
-            let _ = r.send(Err(e()));
-        }
-    }
 }
