@@ -25,6 +25,12 @@
 //! Blocking RocksDB work (log writes, applies, reads) runs on the pollers and the store's
 //! writer thread, never on Tokio's workers; snapshots run on Tokio's blocking pool.
 
+mod apply;
+mod control;
+mod drive;
+mod group_state;
+mod inbox;
+mod liveness;
 mod poller;
 
 use crate::keys::{decode, encode, group_key, meta_key};
@@ -37,7 +43,8 @@ use flotilla_raft::{
     driver::recover_state, Config, Engine, GroupCore, GroupId, LogIndex, Membership, Message, Millis, NodeId,
     RaftError, ReadMode, Request, Role, StorageError, StoredMembership, Term,
 };
-use poller::{GroupState, Poller, PollerMsg};
+use group_state::GroupState;
+use poller::{Poller, PollerMsg};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -278,13 +285,13 @@ pub(crate) struct Registry {
 }
 
 /// A group id reserved for one start; released when dropped unless the start completed.
-pub(crate) struct Reservation<'a> {
-    shared: &'a Shared,
+pub(crate) struct Reservation {
+    shared: Arc<Shared>,
     group: GroupId,
     done: bool,
 }
 
-impl Reservation<'_> {
+impl Reservation {
     /// The group started: it is registered and the reservation ends.
     pub(crate) fn complete(mut self, entry: GroupEntry) -> Result<(), HostError> {
         let mut r = self.shared.registry.write().map_err(|_| HostError::Stopped)?;
@@ -295,7 +302,7 @@ impl Reservation<'_> {
     }
 }
 
-impl Drop for Reservation<'_> {
+impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.done {
             if let Ok(mut r) = self.shared.registry.write() {
@@ -307,12 +314,12 @@ impl Drop for Reservation<'_> {
 
 impl Shared {
     /// Reserves `group` for a start; refused if the group is on this node or being started.
-    pub(crate) fn reserve(&self, group: GroupId) -> Result<Reservation<'_>, HostError> {
+    pub(crate) fn reserve(self: &Arc<Self>, group: GroupId) -> Result<Reservation, HostError> {
         let mut r = self.registry.write().map_err(|_| HostError::Stopped)?;
         if r.groups.contains_key(&group) || !r.starting.insert(group) {
             return Err(HostError::GroupExists(group));
         }
-        Ok(Reservation { shared: self, group, done: false })
+        Ok(Reservation { shared: self.clone(), group, done: false })
     }
 
     /// The engines' clock (see [`crate::clock`]: it keeps counting through a suspend).
@@ -440,7 +447,7 @@ impl Host {
 
     async fn start_group(
         &self,
-        reservation: Reservation<'_>,
+        reservation: Reservation,
         range: KeyRange,
         initial: Option<Membership>,
     ) -> Result<(), HostError> {

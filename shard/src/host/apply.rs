@@ -1,0 +1,167 @@
+//! The state-machine side of a poller: one action at a time per group (apply a batch of
+//! committed entries, build a snapshot, install one), started after the round's log writes
+//! were submitted, so a group's applied state never precedes its log in the write order.
+
+use super::group_state::GroupState;
+use super::poller::{Poller, PollerMsg};
+use crate::kv::SplitEffect;
+use crate::log::RocksLog;
+use bytes::Bytes;
+use flotilla_raft::{GroupId, LogId, LogIndex, MachineAction, Snapshot, StateMachine, StorageError};
+
+/// Bytes read per call when an apply reads its entries back from the log.
+const APPLY_READ_BYTES_MAX: usize = 4 << 20;
+
+/// What an apply batch produced: each entry's id and response, and the splits it applied.
+pub(crate) type AppliedBatch = (Vec<(LogId, Bytes)>, Vec<SplitEffect>);
+
+impl Poller {
+    /// An apply batch is stored: answer the readers, and start the groups it split off.
+    pub(super) fn on_applied(&mut self, gid: GroupId, r: Result<AppliedBatch, StorageError>) {
+        let now = self.shared.now();
+        let Some(g) = self.sm_done(gid) else { return };
+        let splits = match r {
+            Ok((results, splits)) => {
+                g.core.handle_applied(now, results);
+                // The snapshot held (built or installed before the split) covers the
+                // wider range: no receiver may get it.
+                if !splits.is_empty() {
+                    g.core.discard_snapshot();
+                }
+                splits
+            }
+            Err(e) => {
+                g.core.fail(e);
+                Vec::new()
+            }
+        };
+        for split in splits {
+            self.start_split_group(gid, split);
+        }
+    }
+
+    /// A snapshot build finished.
+    pub(super) fn on_built(&mut self, gid: GroupId, r: Result<Snapshot, StorageError>) {
+        let now = self.shared.now();
+        let Some(g) = self.sm_done(gid) else { return };
+        match r {
+            Ok(s) => g.core.handle_snapshot_built(now, s),
+            Err(e) => g.core.fail(e),
+        }
+    }
+
+    /// A snapshot installation finished.
+    pub(super) fn on_installed(&mut self, gid: GroupId, r: Result<Snapshot, StorageError>) {
+        let now = self.shared.now();
+        let Some(g) = self.sm_done(gid) else { return };
+        match r {
+            Ok(s) => g.core.handle_snapshot_installed(now, s),
+            Err(e) => g.core.fail(e),
+        }
+    }
+
+    /// A group's state-machine action finished: the next one may start, and the group is driven
+    /// this round. `None` if the group is gone.
+    pub(super) fn sm_done(&mut self, gid: GroupId) -> Option<&mut GroupState> {
+        let g = self.groups.get_mut(&gid)?;
+        g.sm_busy = false;
+        if !g.sm_queue.is_empty() {
+            self.sm_ready.insert(gid);
+        }
+        self.dirty.insert(gid);
+        Some(g)
+    }
+
+    /// Starts the next state-machine action of a group.
+    pub(super) fn start_sm(&mut self, gid: GroupId) {
+        let Some(g) = self.groups.get_mut(&gid) else { return };
+        if g.sm_busy {
+            return;
+        }
+        let Some(action) = g.sm_queue.pop_front() else { return };
+        g.sm_busy = true;
+        let tx = self.tx.clone();
+        match action {
+            MachineAction::Apply { first, last, entries } => {
+                let entries = match entries {
+                    Some(e) => Ok(e),
+                    None => read_all(&g.log, first, last),
+                };
+                let prepared = entries.and_then(|entries| {
+                    let ids: Vec<LogId> = entries.iter().map(|e| e.log_id).collect();
+                    g.sm.prepare_apply_blocking(entries).map(|p| (ids, p))
+                });
+                match prepared {
+                    Ok((ids, p)) if ids.len() == p.responses.len() => {
+                        let results: Vec<(LogId, Bytes)> = ids.into_iter().zip(p.responses).collect();
+                        // Clients need not wait for the applied state to be stored: their
+                        // entries are committed and the answers fixed. Reads wait for it.
+                        g.core.answer_writes(&results);
+                        let splits = p.splits;
+                        let r = self.shared.store.submit(
+                            p.ops,
+                            false,
+                            Box::new(move |r| {
+                                let _ = tx.send(PollerMsg::Applied(gid, r.map(|()| (results, splits))));
+                            }),
+                        );
+                        if let Err(e) = r {
+                            g.sm_busy = false;
+                            g.core.fail(e);
+                        }
+                    }
+                    Ok(_) => {
+                        g.sm_busy = false;
+                        g.core.fail(StorageError::new("apply", "wrong number of responses"));
+                    }
+                    Err(e) => {
+                        g.sm_busy = false;
+                        g.core.fail(e);
+                    }
+                }
+            }
+            MachineAction::Build => {
+                let mut sm = g.sm.clone();
+                self.shared.runtime.spawn(async move {
+                    let r = sm.build_snapshot().await;
+                    let _ = tx.send(PollerMsg::Built(gid, r));
+                });
+            }
+            MachineAction::Install(snapshot) => {
+                // Checked when the transfer began; a group of this node created since then
+                // could own keys in the range, and its data must not be replaced.
+                let overlap =
+                    crate::kv::snapshot_data_range(&snapshot.data).and_then(|r| self.owner_of_overlap(gid, &r));
+                let Some(g) = self.groups.get_mut(&gid) else { return };
+                if let Some(other) = overlap {
+                    g.sm_busy = false;
+                    g.core.fail(StorageError::new(
+                        "install_snapshot",
+                        format!("group {gid}: the snapshot's range overlaps group {other} of this node"),
+                    ));
+                    return;
+                }
+                let mut sm = g.sm.clone();
+                self.shared.runtime.spawn(async move {
+                    let r = sm.install_snapshot(snapshot.clone()).await.map(|()| snapshot);
+                    let _ = tx.send(PollerMsg::Installed(gid, r));
+                });
+            }
+        }
+        self.dirty.insert(gid);
+    }
+}
+
+fn read_all(log: &RocksLog, first: LogIndex, last: LogIndex) -> Result<Vec<flotilla_raft::Entry>, StorageError> {
+    let mut out = Vec::new();
+    let mut next = first;
+    while next <= last {
+        let chunk = log.read_entries_blocking(next, last, APPLY_READ_BYTES_MAX)?;
+        let Some(end) = chunk.last().map(|e| e.log_id.index) else {
+            return Err(StorageError::new("read_entries", format!("no entries at {next}")));
+        };
+        next = end.next();
+        out.extend(chunk);
+    }
+    Ok(out)
+}

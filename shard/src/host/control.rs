@@ -1,0 +1,89 @@
+//! The control work of a poller: groups joining and leaving it, the start of a group a split
+//! created (built off the poller thread, so a poller never waits on it), and the state of its
+//! groups for the host's callers.
+
+use super::group_state::GroupState;
+use super::poller::{Poller, PollerMsg};
+use super::{build_group, GroupInfo};
+use crate::kv::SplitEffect;
+use flotilla_raft::{Fatal, GroupId};
+use tokio::sync::oneshot;
+use tracing::{error, info};
+
+impl Poller {
+    /// A group joins this poller (created, recovered or split off).
+    pub(super) fn on_add(&mut self, g: GroupState) {
+        let id = g.id;
+        self.groups.insert(id, g);
+        self.awake.insert(id);
+        self.dirty.insert(id);
+    }
+
+    /// A group leaves this poller (destroyed): it stops, and nothing of it stays queued.
+    pub(super) fn on_remove(&mut self, id: GroupId) {
+        if let Some(mut g) = self.groups.remove(&id) {
+            g.core.stop(Fatal::Shutdown);
+        }
+        self.awake.remove(&id);
+        self.dirty.remove(&id);
+        self.sm_ready.remove(&id);
+    }
+
+    /// The state of every group on this poller.
+    pub(super) fn info(&self) -> Vec<GroupInfo> {
+        self.groups
+            .values()
+            .map(|g| {
+                let e = g.core.engine();
+                GroupInfo {
+                    group: g.id,
+                    role: e.role(),
+                    term: e.term(),
+                    leader: e.leader(),
+                    last_index: e.last_log_id().index,
+                    committed: e.committed(),
+                    applied: e.applied(),
+                    voters: e.membership().membership.voters.clone(),
+                    committed_conf: e.committed_membership().clone(),
+                    newest_conf: e.membership().log_id.index,
+                    quiet: g.quiet,
+                    stopped: g.core.fatal().map(|f| f.to_string()),
+                }
+            })
+            .collect()
+    }
+
+    /// A split was applied (its descriptors are durable): start the new group on this node,
+    /// formed with the source's configuration, on whichever poller it belongs to. A group of
+    /// that id already here (the node was told to create it, or it restarted) is left alone.
+    /// The group is recovered from the store on the runtime, not on this thread: the poller
+    /// goes on driving its other groups meanwhile.
+    pub(super) fn start_split_group(&mut self, source: GroupId, split: SplitEffect) {
+        let id = split.new_group;
+        let Ok(reservation) = self.shared.reserve(id) else {
+            info!(%source, group = %id, "split: the new group already exists here");
+            return;
+        };
+        let shared = self.shared.clone();
+        self.shared.runtime.spawn(async move {
+            // Its state (a snapshot point) was written with the split: it recovers like any group.
+            match build_group(&shared, id, split.range, None).await {
+                Ok((state, entry)) => {
+                    let poller = entry.poller;
+                    // Added to its poller's mailbox before the reservation ends, so no other
+                    // start can slip in between; messages for it queue behind the addition.
+                    let (tx, _rx) = oneshot::channel();
+                    let _ = shared.pollers[poller].send(PollerMsg::Add(Box::new(state), tx));
+                    if let Err(e) = reservation.complete(entry) {
+                        error!(%source, group = %id, error = %e, "split: cannot register the new group");
+                    }
+                    info!(%source, group = %id, "split: new group started");
+                }
+                Err(e) => {
+                    // Its descriptor is durable: the next start of the host forms it.
+                    error!(%source, group = %id, error = %e, "split: cannot start the new group now");
+                }
+            }
+        });
+    }
+}

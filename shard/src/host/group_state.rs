@@ -1,0 +1,60 @@
+//! [`GroupState`]: one group as a poller holds it — its `GroupCore`, its log and state
+//! machine, and the poller's bookkeeping around them (quiet or awake, writes in flight,
+//! state-machine work queued).
+
+use crate::kv::KvStateMachine;
+use crate::log::RocksLog;
+use flotilla_raft::{GroupCore, GroupId, LogIndex, MachineAction, NodeId};
+use std::collections::VecDeque;
+
+/// One group on a poller.
+pub(crate) struct GroupState {
+    pub(super) id: GroupId,
+    pub(super) core: GroupCore,
+    pub(super) log: RocksLog,
+    pub(super) sm: KvStateMachine,
+    /// Not ticking (see quiescence in the module documentation).
+    pub(super) quiet: bool,
+    /// Consecutive ticks the group was found idle (leader).
+    pub(super) idle_ticks: u32,
+    /// Rounds with log writes of this group submitted and not yet durable.
+    pub(super) writes_in_flight: usize,
+    /// Loads waiting for the writes before them to be durable.
+    pub(super) deferred_loads: Vec<(NodeId, LogIndex, LogIndex, usize)>,
+    /// State-machine work (apply, build, install) waiting its turn; one runs at a time.
+    pub(super) sm_queue: VecDeque<MachineAction>,
+    pub(super) sm_busy: bool,
+    /// The leader it went quiet under (followers), for waking when that node goes down.
+    pub(super) quiet_leader: Option<NodeId>,
+    /// The snapshot being offered whose range this node cannot take: its chunks are dropped
+    /// (answering them would make the sender resend at once), and its first chunk is judged
+    /// again when resent, as the node's groups change.
+    pub(super) refused_snapshot: Option<u64>,
+}
+
+impl GroupState {
+    pub(crate) fn new(id: GroupId, core: GroupCore, log: RocksLog, sm: KvStateMachine) -> GroupState {
+        GroupState {
+            id,
+            core,
+            log,
+            sm,
+            quiet: false,
+            idle_ticks: 0,
+            writes_in_flight: 0,
+            deferred_loads: Vec::new(),
+            sm_queue: VecDeque::new(),
+            sm_busy: false,
+            quiet_leader: None,
+            refused_snapshot: None,
+        }
+    }
+
+    pub(super) fn busy(&self) -> bool {
+        self.writes_in_flight > 0
+            || self.sm_busy
+            || !self.sm_queue.is_empty()
+            || !self.deferred_loads.is_empty()
+            || self.core.has_waiters()
+    }
+}

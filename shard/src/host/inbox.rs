@@ -1,0 +1,83 @@
+//! What a poller lets in from peers: each message goes to its group (waking it unless the
+//! message leaves a quiet group nothing to do), except chunks of a snapshot the group cannot
+//! install on this node.
+
+use super::liveness::keeps_quiet;
+use super::poller::Poller;
+use super::QuiesceNotice;
+use flotilla_raft::{GroupId, Message, MessageBody, NodeId};
+use std::sync::atomic::Ordering;
+use tracing::{debug, info};
+
+impl Poller {
+    /// Peer messages for this poller's groups, and the quiescence notices that came with them.
+    pub(super) fn on_batch(&mut self, from: NodeId, messages: Vec<(GroupId, Message)>, quiesce: Vec<QuiesceNotice>) {
+        let now = self.shared.now();
+        self.shared.queued[self.index].fetch_sub(messages.len(), Ordering::Relaxed);
+        for (gid, msg) in messages {
+            if !self.groups.contains_key(&gid) {
+                self.shared.stats.unknown_group_msgs.fetch_add(1, Ordering::Relaxed);
+                debug!(group = %gid, %from, "message for a group not on this node");
+                continue;
+            }
+            if self.refuses_snapshot_chunk(gid, &msg) {
+                self.shared.stats.snapshot_chunks_refused.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if !self.groups.get(&gid).is_some_and(|g| g.quiet && keeps_quiet(g, &msg)) {
+                self.wake(gid, false);
+            }
+            if let Some(g) = self.groups.get_mut(&gid) {
+                g.core.handle_message(now, msg);
+                self.dirty.insert(gid);
+            }
+        }
+        for q in quiesce {
+            self.on_quiesce_notice(from, q);
+        }
+    }
+
+    /// Whether to drop `msg`, a chunk of a snapshot whose range group `gid` cannot install
+    /// here: it would replace keys another group of this node owns (a group split from it
+    /// later, or a parent that has not applied the split yet), or it is wider than the
+    /// replica's range (an empty replica created with the map's range, narrowed ahead of Raft,
+    /// waits until the leader applied that split and sends a snapshot of the narrowed range:
+    /// adopting the wider range would race the creation of the group split off it). Judged on
+    /// the first chunk,
+    /// which carries the range; the sender resends that one until the transfer changes.
+    pub(super) fn refuses_snapshot_chunk(&mut self, gid: GroupId, msg: &Message) -> bool {
+        let MessageBody::Snapshot { meta, offset, data, .. } = &msg.body else { return false };
+        let Some(g) = self.groups.get(&gid) else { return false };
+        if *offset != 0 {
+            return g.refused_snapshot == Some(meta.snapshot_id);
+        }
+        // Unreadable: the installation checks the whole record and fails loudly.
+        let Some(range) = crate::kv::snapshot_data_range(data) else { return false };
+        let refused = if !g.sm.range().covers(&range) {
+            Some("wider than the group's range".to_string())
+        } else {
+            self.owner_of_overlap(gid, &range).map(|other| format!("group {other} of this node owns keys in it"))
+        };
+        let Some(g) = self.groups.get_mut(&gid) else { return false };
+        match refused {
+            Some(why) => {
+                if g.refused_snapshot != Some(meta.snapshot_id) {
+                    info!(group = %gid, from = %msg.from, snapshot = %meta.last_log_id, reason = %why,
+                        "refusing a snapshot whose range cannot be installed here");
+                }
+                g.refused_snapshot = Some(meta.snapshot_id);
+                true
+            }
+            None => {
+                g.refused_snapshot = None;
+                false
+            }
+        }
+    }
+
+    /// Another group of this node that owns keys in `range`, if any.
+    pub(super) fn owner_of_overlap(&self, gid: GroupId, range: &crate::kv::KeyRange) -> Option<GroupId> {
+        let r = self.shared.registry.read().ok()?;
+        r.groups.iter().find(|(id, e)| **id != gid && e.sm.range().overlaps(range)).map(|(id, _)| *id)
+    }
+}
