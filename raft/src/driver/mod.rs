@@ -39,6 +39,12 @@ pub use recover::recover_state;
 pub const INBOX_MSGS_MAX: usize = 4096;
 /// API requests queued for one group; callers wait for room.
 const API_QUEUE_MAX: usize = 1024;
+/// Log actions queued for the log writer. When full, the core waits for room: a slow disk
+/// slows the group down instead of queueing without bound.
+const LOG_QUEUE_MAX: usize = 1024;
+/// State-machine actions queued for the applier (each may cover many entries); when full,
+/// the core waits for room.
+const MACHINE_QUEUE_MAX: usize = 64;
 /// Events the core handles before it executes the actions they produced: batching.
 const EVENTS_PER_ROUND_MAX: usize = 256;
 
@@ -147,9 +153,11 @@ impl Raft {
         let (api_tx, api_rx) = mpsc::channel(API_QUEUE_MAX);
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_MSGS_MAX);
         let (metrics_tx, metrics_rx) = watch::channel(RaftMetrics::from_status(group, engine.status()));
-        let (io_tx, io_rx) = mpsc::unbounded_channel();
+        let (io_tx, io_rx) = mpsc::channel(LOG_QUEUE_MAX);
+        let (ap_tx, ap_rx) = mpsc::channel(MACHINE_QUEUE_MAX);
+        // Unbounded but bounded in fact: each queued action yields at most one completion, and
+        // the core drains completions every round.
         let (io_ev_tx, io_ev_rx) = mpsc::unbounded_channel();
-        let (ap_tx, ap_rx) = mpsc::unbounded_channel();
         let (ap_ev_tx, ap_ev_rx) = mpsc::unbounded_channel();
         // `term` is recorded on the span as it changes, so every event of the group carries it.
         let span = info_span!("raft", group = %group, node = %id, term = tracing::field::Empty);
@@ -358,7 +366,7 @@ enum IoEvent {
 /// Executes the engine's writes in order; reports them durable in batches.
 async fn log_writer<L: LogStorage>(
     log: Arc<L>,
-    mut rx: mpsc::UnboundedReceiver<LogAction>,
+    mut rx: mpsc::Receiver<LogAction>,
     tx: mpsc::UnboundedSender<IoEvent>,
 ) {
     while let Some(first) = rx.recv().await {
@@ -437,7 +445,7 @@ enum ApplyEvent {
 async fn applier<L: LogStorage, S: StateMachine>(
     log: Arc<L>,
     mut sm: S,
-    mut rx: mpsc::UnboundedReceiver<MachineAction>,
+    mut rx: mpsc::Receiver<MachineAction>,
     tx: mpsc::UnboundedSender<ApplyEvent>,
 ) {
     while let Some(req) = rx.recv().await {
@@ -499,8 +507,8 @@ struct Core<N: Network> {
     network: N,
     /// Time zero of the engine's clock.
     base: Instant,
-    io_tx: mpsc::UnboundedSender<LogAction>,
-    ap_tx: mpsc::UnboundedSender<MachineAction>,
+    io_tx: mpsc::Sender<LogAction>,
+    ap_tx: mpsc::Sender<MachineAction>,
     metrics: watch::Sender<RaftMetrics>,
     /// The group's span; its `term` field follows the engine's term.
     span: tracing::Span,
@@ -521,7 +529,7 @@ impl<N: Network> Core<N> {
     ) {
         let mut shutdown_reply = None;
         loop {
-            self.execute_actions();
+            self.execute_actions().await;
             self.publish_metrics();
             if self.core.fatal().is_some() {
                 break;
@@ -633,16 +641,16 @@ impl<N: Network> Core<N> {
         self.core.stop(Fatal::Storage(e));
     }
 
-    fn execute_actions(&mut self) {
+    async fn execute_actions(&mut self) {
         while let Some(action) = self.core.poll_action() {
             // A send fails only once the task stopped, and then the group is stopping too.
             match action {
                 CoreAction::Log(a) => {
-                    let _ = self.io_tx.send(a);
+                    let _ = self.io_tx.send(a).await;
                 }
                 CoreAction::Send(msg) => self.network.send(msg),
                 CoreAction::Machine(a) => {
-                    let _ = self.ap_tx.send(a);
+                    let _ = self.ap_tx.send(a).await;
                 }
             }
         }
