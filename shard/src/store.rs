@@ -37,6 +37,10 @@ fn cf_options() -> Options {
 pub const GROUP_COMMIT_REQUESTS_MAX: usize = 4096;
 /// Bytes the writer merges into one batch at most.
 pub const GROUP_COMMIT_BYTES_MAX: usize = 16 << 20;
+/// Write requests queued for the writer. Beyond it, async writers wait for room and the
+/// host's threads block in `submit`: a disk slower than the writes pushes back on them
+/// instead of letting the queue grow without bound.
+pub const WRITER_QUEUE_MAX: usize = GROUP_COMMIT_REQUESTS_MAX;
 
 /// One operation of a write request.
 #[derive(Debug, Clone)]
@@ -112,6 +116,9 @@ struct Inner {
     hold_installs: AtomicBool,
     /// Installations waiting on `hold_installs`.
     installs_held: std::sync::atomic::AtomicUsize,
+    /// Signalled each time the writer takes requests off its full-or-not queue: async writers
+    /// waiting for room try again.
+    room: tokio::sync::Notify,
 }
 
 /// The node's store. Cheap to clone; the database closes when the last clone is dropped.
@@ -127,7 +134,7 @@ pub struct Store {
 /// lets the writer finish what is queued, and joins it, so the database is closed (and its
 /// lock released) when the drop returns.
 struct WriterHandle {
-    tx: Option<mpsc::Sender<WriteReq>>,
+    tx: Option<mpsc::SyncSender<WriteReq>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -163,8 +170,9 @@ impl Store {
             fail_next: AtomicBool::new(false),
             hold_installs: AtomicBool::new(false),
             installs_held: std::sync::atomic::AtomicUsize::new(0),
+            room: tokio::sync::Notify::new(),
         });
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(WRITER_QUEUE_MAX);
         let w = inner.clone();
         let thread = std::thread::Builder::new()
             .name("flotilla-writer".into())
@@ -249,12 +257,31 @@ impl Store {
             return Err(e);
         }
         let (done, rx) = oneshot::channel();
-        self.enqueue(WriteReq { ops, sync, done: Done::Oneshot(done) })?;
+        let mut req = WriteReq { ops, sync, done: Done::Oneshot(done) };
+        let tx = self.handle.tx.as_ref().ok_or_else(|| StorageError::new("write", "the store is closed"))?;
+        loop {
+            // Registered before the attempt, so room made between a full attempt and the
+            // wait is not missed.
+            let room = self.inner.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            match tx.try_send(req) {
+                Ok(()) => break,
+                Err(mpsc::TrySendError::Full(r)) => {
+                    req = r;
+                    room.await;
+                }
+                Err(mpsc::TrySendError::Disconnected(_)) => {
+                    return Err(StorageError::new("write", "the store's writer has stopped"))
+                }
+            }
+        }
         rx.await.map_err(|_| StorageError::new("write", "the store's writer has stopped"))?
     }
 
-    /// Queues `ops` for the writer without waiting: `done` runs on the writer thread with the
-    /// outcome. Requests submitted one after another are written in that order (a host relies
+    /// Queues `ops` for the writer without waiting for the write: `done` runs on the writer
+    /// thread with the outcome. Blocks while the writer's queue is full (callers are the
+    /// host's own threads, never Tokio's workers). Requests submitted one after another are written in that order (a host relies
     /// on it to keep each group's writes ordered). An error here means nothing was queued and
     /// `done` will not run.
     pub fn submit(&self, ops: Vec<Op>, sync: bool, done: WriteCallback) -> Result<(), StorageError> {
@@ -325,6 +352,7 @@ fn writer_loop(inner: Arc<Inner>, rx: mpsc::Receiver<WriteReq>) {
                 Err(_) => break,
             }
         }
+        inner.room.notify_waiters();
         let result = write_batch(&inner, &reqs);
         if let Err(e) = &result {
             error!(error = %e, "write failed: the store is poisoned and refuses further writes");

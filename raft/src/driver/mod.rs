@@ -364,11 +364,7 @@ enum IoEvent {
 }
 
 /// Executes the engine's writes in order; reports them durable in batches.
-async fn log_writer<L: LogStorage>(
-    log: Arc<L>,
-    mut rx: mpsc::Receiver<LogAction>,
-    tx: mpsc::UnboundedSender<IoEvent>,
-) {
+async fn log_writer<L: LogStorage>(log: Arc<L>, mut rx: mpsc::Receiver<LogAction>, tx: mpsc::UnboundedSender<IoEvent>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < EVENTS_PER_ROUND_MAX {
