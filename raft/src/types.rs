@@ -4,6 +4,10 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+/// Node and group ids are shared with every crate of ours (`flotilla-ids`); re-exported here
+/// so that an embedder of the Raft library finds them beside the other types.
+pub use flotilla_ids::{GroupId, NodeId};
+
 macro_rules! id_newtype {
     ($(#[$m:meta])* $name:ident) => {
         $(#[$m])*
@@ -26,15 +30,6 @@ macro_rules! id_newtype {
     };
 }
 
-id_newtype!(
-    /// The id of a node (a process taking part in Raft groups). Unique in a cluster.
-    NodeId
-);
-id_newtype!(
-    /// The id of a Raft group. One process may run many groups; the engine itself does not
-    /// look at it, it is carried for routing, tracing and metrics.
-    GroupId
-);
 id_newtype!(
     /// A Raft term. Term 0 is the term before any election; no entry carries it.
     Term
