@@ -510,7 +510,7 @@ async fn dev(a: DevArgs) -> Result<i32> {
 
     let certs = dir.join("certs");
     cluster::create_ca(&certs).map_err(|e| anyhow!(e))?;
-    let ids: Vec<u64> = (1..=u64::from(a.nodes)).collect();
+    let ids: Vec<NodeId> = (1..=u64::from(a.nodes)).map(NodeId).collect();
     for id in &ids {
         cluster::issue_node(&certs, *id).map_err(|e| anyhow!(e))?;
     }
@@ -650,7 +650,7 @@ fn cert(c: CertCommand) -> Result<i32> {
             println!("CA written to {}", dir.join("ca.pem").display());
         }
         CertCommand::Node { dir, id } => {
-            let (cert, key) = cluster::issue_node(&dir, id).map_err(|e| anyhow!(e))?;
+            let (cert, key) = cluster::issue_node(&dir, NodeId(id)).map_err(|e| anyhow!(e))?;
             println!("node {id}: {} and {}", cert.display(), key.display());
         }
         CertCommand::Client { dir, name } => {

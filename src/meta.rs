@@ -23,11 +23,12 @@
 use crate::placement::{
     balance, BalancerConfig, MetaCommand, MetaOutcome, MetaState, NodeId, ShardDescriptor, ShardId,
 };
+use crate::raft::GroupId;
 use crate::shard::KeyRange;
 use crate::wire::{AdminResponse, MetaOp};
 
 /// The meta group's id.
-pub const META_GROUP: u64 = 0;
+pub const META_GROUP: GroupId = GroupId(0);
 /// The key holding the serialized meta state (inside the meta group's reserved range).
 pub const META_STATE_KEY: &[u8] = b"\x00meta/state";
 /// Format version of the stored meta state.

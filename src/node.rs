@@ -37,7 +37,7 @@ use crate::meta::{self, meta_range, shard_range, META_GROUP, META_STATE_KEY};
 use crate::net::{deliver, NetStats, TransportNetwork};
 use crate::placement::{
     replica_fate, BalancerConfig, Epoch, GroupConf, LocalReplica, LogIndex as PLogIndex, MetaCommand, MetaState,
-    MoveStep, NodeId as PNodeId, NodeReport, PlanAction, ReplicaFate, ReplicaRole, ShardId,
+    MoveStep, NodeReport, PlanAction, ReplicaFate, ReplicaRole, ShardId,
 };
 use crate::raft::{Config as RaftConfig, GroupId, Membership, NodeId, RaftError, ReadMode, Role};
 use crate::shard::{
@@ -119,11 +119,11 @@ pub enum NodeError {
 pub struct BootstrapConfig {
     /// Voters of the meta group (at most [`META_VOTERS_MAX`]); every one of them must start
     /// with this same configuration.
-    pub meta_voters: Vec<u64>,
+    pub meta_voters: Vec<NodeId>,
     /// Voters of every initial data shard.
-    pub shard_replicas: Vec<u64>,
+    pub shard_replicas: Vec<NodeId>,
     /// Client addresses of the initial nodes (recorded in the map for clients).
-    pub addrs: Vec<(u64, String)>,
+    pub addrs: Vec<(NodeId, String)>,
     /// Split points of the initial shards, ascending.
     pub split_keys: Vec<Vec<u8>>,
 }
@@ -132,7 +132,7 @@ pub struct BootstrapConfig {
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     /// This node's id; must match its certificate.
-    pub id: u64,
+    pub id: NodeId,
     /// Where the store lives.
     pub data_dir: PathBuf,
     /// UDP address for peers and clients (`127.0.0.1:0` picks a port).
@@ -142,7 +142,7 @@ pub struct NodeConfig {
     /// Certificates.
     pub tls: TlsIdentity,
     /// Known peers and their addresses.
-    pub peers: Vec<(u64, SocketAddr)>,
+    pub peers: Vec<(NodeId, SocketAddr)>,
     /// Set on the initial nodes of a new cluster; ignored once the store holds state.
     pub bootstrap: Option<BootstrapConfig>,
     /// Raft timers and limits of every group.
@@ -167,7 +167,7 @@ pub struct NodeConfig {
 
 impl NodeConfig {
     /// Defaults for node `id` storing in `data_dir`, listening on `listen_addr`.
-    pub fn new(id: u64, data_dir: impl Into<PathBuf>, listen_addr: SocketAddr, tls: TlsIdentity) -> NodeConfig {
+    pub fn new(id: NodeId, data_dir: impl Into<PathBuf>, listen_addr: SocketAddr, tls: TlsIdentity) -> NodeConfig {
         NodeConfig {
             id,
             data_dir: data_dir.into(),
@@ -219,10 +219,6 @@ pub fn default_raft() -> RaftConfig {
     }
 }
 
-fn rid(n: u64) -> NodeId {
-    NodeId(n)
-}
-
 /// Counters the node exports.
 #[derive(Debug, Default)]
 pub struct NodeStats {
@@ -239,7 +235,7 @@ pub struct NodeStats {
 }
 
 struct Inner {
-    id: u64,
+    id: NodeId,
     config: NodeConfig,
     addr: String,
     host: Host,
@@ -249,13 +245,13 @@ struct Inner {
     /// Serializes this node's meta read-modify-writes (fewer CAS retries).
     meta_lock: tokio::sync::Mutex<()>,
     /// When each node's report last reached this node as meta leader.
-    reports: Mutex<HashMap<u64, Instant>>,
+    reports: Mutex<HashMap<NodeId, Instant>>,
     /// Last time a reconfiguration was asked for, per (shard, what).
-    reconfig: Mutex<HashMap<(u64, String), Instant>>,
+    reconfig: Mutex<HashMap<(GroupId, String), Instant>>,
     stats: NodeStats,
     /// Reports received as meta leader: kept in memory, not written to the meta group (they
     /// change every second); a new meta leader has them again within one report interval.
-    live_reports: Mutex<HashMap<PNodeId, (NodeReport, Instant)>>,
+    live_reports: Mutex<HashMap<NodeId, (NodeReport, Instant)>>,
     /// Since when this node leads the meta group (see [`Node::leads_meta`]).
     meta_leader_since: Mutex<Option<Instant>>,
     /// Client and peer requests being served (permits taken).
@@ -265,7 +261,7 @@ struct Inner {
     /// On the meta leader: the step each move was first seen at, and when (step deadlines).
     move_steps: Mutex<HashMap<ShardId, (MoveStep, Instant)>>,
     /// Peers made known after start ([`Node::set_peer_addr`]).
-    extra_peers: Mutex<BTreeSet<u64>>,
+    extra_peers: Mutex<BTreeSet<NodeId>>,
     net_stats: Arc<NetStats>,
     started: Instant,
     shutdown: watch::Sender<bool>,
@@ -297,7 +293,7 @@ impl std::fmt::Debug for Node {
 impl Node {
     /// Opens the store, starts the transport and host, and the node's tasks.
     pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
-        if config.id == 0 {
+        if config.id.0 == 0 {
             return Err(NodeError::Config("node ids start at 1".into()));
         }
         if let Some(b) = &config.bootstrap {
@@ -317,15 +313,15 @@ impl Node {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| NodeError::Storage(format!("cannot create {}: {e}", config.data_dir.display())))?;
         let store = Store::open(config.data_dir.join("store")).map_err(|e| NodeError::Storage(e.to_string()))?;
-        let mut tcfg = TransportConfig::new(tp::NodeId(config.id), config.listen_addr, config.tls.clone());
-        tcfg.peers = config.peers.iter().map(|(n, a)| (tp::NodeId(*n), *a)).collect();
+        let mut tcfg = TransportConfig::new(config.id, config.listen_addr, config.tls.clone());
+        tcfg.peers = config.peers.clone();
         let streams = tcfg.raft_streams;
         let (transport, incoming) = Transport::start(tcfg).await?;
         let bound = transport.local_addr()?;
         let addr = config.advertise_addr.clone().unwrap_or_else(|| bound.to_string());
         let net_stats = Arc::new(NetStats::default());
         let network = Arc::new(TransportNetwork::new(transport.clone(), streams, net_stats.clone()));
-        let mut hcfg = HostConfig::new(rid(config.id));
+        let mut hcfg = HostConfig::new(config.id);
         hcfg.raft = config.raft.clone();
         hcfg.pollers = config.pollers;
         hcfg.quiesce_after_ticks = (3 * hcfg.raft.heartbeat_interval_ms / hcfg.tick_ms) as u32;
@@ -342,7 +338,7 @@ impl Node {
         let inner = Arc::new(Inner {
             id: config.id,
             addr,
-            meta_sm: KvStateMachine::new(store, GroupId(META_GROUP), meta_range()),
+            meta_sm: KvStateMachine::new(store, META_GROUP, meta_range()),
             host,
             transport,
             view: RwLock::new(Arc::new(MetaState::default())),
@@ -368,19 +364,19 @@ impl Node {
             return Err(e);
         }
         node.spawn_tasks(incoming);
-        info!(node = node.inner.id, addr = %node.inner.addr, "node started");
+        info!(node = node.inner.id.0, addr = %node.inner.addr, "node started");
         Ok(node)
     }
 
     /// Creates the meta group on a new cluster's meta voters.
     async fn init_meta(&self) -> Result<(), NodeError> {
         let Some(b) = self.inner.config.bootstrap.clone() else { return Ok(()) };
-        if !b.meta_voters.contains(&self.inner.id) || self.inner.host.groups().contains(&GroupId(META_GROUP)) {
+        if !b.meta_voters.contains(&self.inner.id) || self.inner.host.groups().contains(&META_GROUP) {
             return Ok(());
         }
-        let members = Membership::new(b.meta_voters.iter().map(|n| rid(*n)));
-        self.inner.host.create_group(GroupId(META_GROUP), meta_range(), Some(members)).await?;
-        info!(node = self.inner.id, "meta group created");
+        let members = Membership::new(b.meta_voters.iter().map(|n| *n));
+        self.inner.host.create_group(META_GROUP, meta_range(), Some(members)).await?;
+        info!(node = self.inner.id.0, "meta group created");
         Ok(())
     }
 
@@ -447,7 +443,7 @@ impl Node {
                     served = now_served;
                     at = Instant::now();
                     if let Err(e) = me.report(rate).await {
-                        debug!(node = me.inner.id, error = %e, "report not delivered");
+                        debug!(node = me.inner.id.0, error = %e, "report not delivered");
                     }
                     me.drive_moves().await;
                     if let Some(ms) = me.inner.config.auto_balance_interval_ms {
@@ -491,20 +487,20 @@ impl Node {
                 tasks.push(tokio::spawn(async move {
                     // Every initial node is registered; an address not given yet stays empty
                     // until the node's first report fills it in.
-                    let mut ids: Vec<u64> = b.meta_voters.iter().chain(b.shard_replicas.iter()).copied().collect();
+                    let mut ids: Vec<NodeId> = b.meta_voters.iter().chain(b.shard_replicas.iter()).copied().collect();
                     ids.sort();
                     ids.dedup();
                     let addr_of =
-                        |n: u64| b.addrs.iter().find(|(m, _)| *m == n).map(|(_, a)| a.clone()).unwrap_or_default();
+                        |n: NodeId| b.addrs.iter().find(|(m, _)| *m == n).map(|(_, a)| a.clone()).unwrap_or_default();
                     let op = MetaOp::Bootstrap {
-                        nodes: ids.iter().map(|n| (PNodeId(*n), addr_of(*n))).collect(),
-                        replicas: b.shard_replicas.iter().map(|n| PNodeId(*n)).collect(),
+                        nodes: ids.iter().map(|n| (*n, addr_of(*n))).collect(),
+                        replicas: b.shard_replicas.clone(),
                         split_keys: b.split_keys.clone(),
                     };
                     loop {
                         match me.meta_exec(op.clone(), false).await {
                             Ok(_) => {
-                                info!(node = me.inner.id, "cluster bootstrapped");
+                                info!(node = me.inner.id.0, "cluster bootstrapped");
                                 break;
                             }
                             Err(e) => {
@@ -522,7 +518,7 @@ impl Node {
     }
 
     /// This node's id.
-    pub fn id(&self) -> u64 {
+    pub fn id(&self) -> NodeId {
         self.inner.id
     }
 
@@ -553,11 +549,11 @@ impl Node {
 
     /// Tells the node where `peer` listens: the transport dials it if its id is higher, and a
     /// node without a meta replica may send it meta requests.
-    pub fn set_peer_addr(&self, peer: u64, addr: SocketAddr) -> Result<(), NodeError> {
+    pub fn set_peer_addr(&self, peer: NodeId, addr: SocketAddr) -> Result<(), NodeError> {
         if let Ok(mut p) = self.inner.extra_peers.lock() {
             p.insert(peer);
         }
-        Ok(self.inner.transport.set_peer_addr(tp::NodeId(peer), addr)?)
+        Ok(self.inner.transport.set_peer_addr(peer, addr)?)
     }
 
     /// Counters.
@@ -641,17 +637,17 @@ impl Node {
         // exit: give it a bounded time.
         if tokio::time::timeout(Duration::from_millis(SHUTDOWN_HOST_MS_MAX), self.inner.host.shutdown()).await.is_err()
         {
-            warn!(node = self.inner.id, "the shard host did not stop in time; leaving it");
+            warn!(node = self.inner.id.0, "the shard host did not stop in time; leaving it");
         }
         // Requests in flight end quickly now (their groups answer "stopped"); wait for them,
         // so they drop their node handles too.
         let all = REQUESTS_IN_FLIGHT_MAX as u32;
         let drained = self.inner.requests_limit.acquire_many(all);
         if tokio::time::timeout(Duration::from_millis(SHUTDOWN_HOST_MS_MAX), drained).await.is_err() {
-            warn!(node = self.inner.id, "requests still running at shutdown");
+            warn!(node = self.inner.id.0, "requests still running at shutdown");
         }
         self.inner.transport.shutdown().await;
-        info!(node = self.inner.id, "node stopped");
+        info!(node = self.inner.id.0, "node stopped");
     }
 
     // ---------------------------------------------------------------- meta
@@ -668,7 +664,7 @@ impl Node {
 
     /// Re-reads the local replica of the meta state, if this node holds one.
     async fn refresh_local_view(&self) -> bool {
-        if !self.inner.host.groups().contains(&GroupId(META_GROUP)) {
+        if !self.inner.host.groups().contains(&META_GROUP) {
             return false;
         }
         match self.inner.meta_sm.get(META_STATE_KEY.to_vec()).await {
@@ -703,18 +699,18 @@ impl Node {
             if *self.inner.shutdown.borrow() {
                 return Err(NodeError::MetaUnavailable("the node is shutting down".into()));
             }
-            let target = if self.inner.host.groups().contains(&GroupId(META_GROUP)) {
+            let target = if self.inner.host.groups().contains(&META_GROUP) {
                 match self.meta_local(&op).await {
                     Ok(r) => {
                         if let MetaOp::Report { node, .. } = &op {
                             if let Ok(mut m) = self.inner.reports.lock() {
-                                m.insert(node.0, Instant::now());
+                                m.insert(*node, Instant::now());
                             }
                         }
                         return Ok(r);
                     }
                     Err(MetaTry::Refused(e)) => return Err(NodeError::Meta(e)),
-                    Err(MetaTry::Leader(Some(l))) if l.0 != self.inner.id && !forwarded => Some(l.0),
+                    Err(MetaTry::Leader(Some(l))) if l != self.inner.id && !forwarded => Some(l),
                     // A forwarded op is not forwarded again: the sender retries.
                     Err(MetaTry::Leader(l)) if forwarded => {
                         return Err(NodeError::MetaUnavailable(format!(
@@ -735,7 +731,7 @@ impl Node {
                 return Err(NodeError::MetaUnavailable("this node holds no meta replica".into()));
             } else {
                 // No local replica: ask the nodes we know of in turn.
-                let mut known: Vec<u64> = self.meta_view().nodes.keys().map(|n| n.0).collect();
+                let mut known: Vec<NodeId> = self.meta_view().nodes.keys().copied().collect();
                 known.extend(self.inner.config.peers.iter().map(|p| p.0));
                 if let Ok(p) = self.inner.extra_peers.lock() {
                     known.extend(p.iter().copied());
@@ -752,12 +748,12 @@ impl Node {
             if let Some(to) = target {
                 // To the leader: final hop. To any node (we hold no meta replica): it may forward
                 // once to its leader.
-                let hop = self.inner.host.groups().contains(&GroupId(META_GROUP));
+                let hop = self.inner.host.groups().contains(&META_GROUP);
                 let req = Request::Meta { op: op.clone(), forwarded: hop };
                 match self
                     .inner
                     .transport
-                    .request(tp::NodeId(to), req.encode(), Duration::from_millis(PEER_REQUEST_TIMEOUT_MS))
+                    .request(to, req.encode(), Duration::from_millis(PEER_REQUEST_TIMEOUT_MS))
                     .await
                 {
                     Ok(bytes) => match Response::decode(&bytes) {
@@ -780,7 +776,7 @@ impl Node {
 
     async fn meta_local(&self, op: &MetaOp) -> Result<(MetaState, AdminResponse), MetaTry> {
         let _guard = self.inner.meta_lock.lock().await;
-        let g = GroupId(META_GROUP);
+        let g = META_GROUP;
         loop {
             let cur = self.inner.host.get(g, META_STATE_KEY.to_vec(), ReadMode::ReadIndex).await.map_err(meta_try)?;
             let stored = meta::decode_state(cur.as_deref()).map_err(MetaTry::Refused)?;
@@ -849,7 +845,7 @@ impl Node {
 
     async fn report(&self, requests_per_s: u64) -> Result<(), NodeError> {
         let report = self.build_report(requests_per_s).await?;
-        let op = MetaOp::Report { node: PNodeId(self.inner.id), addr: self.inner.addr.clone(), report };
+        let op = MetaOp::Report { node: self.inner.id, addr: self.inner.addr.clone(), report };
         self.meta_exec(op, false).await?;
         Ok(())
     }
@@ -858,19 +854,19 @@ impl Node {
     async fn build_report(&self, requests_per_s: u64) -> Result<NodeReport, NodeError> {
         let infos = self.inner.host.group_info().await?;
         let mut report = NodeReport { requests_per_s, ..NodeReport::default() };
-        for i in infos.iter().filter(|i| i.group.0 != META_GROUP) {
+        for i in infos.iter().filter(|i| i.group != META_GROUP) {
             if i.role == Role::Leader {
-                report.leading.push(ShardId(i.group.0));
+                report.leading.push(i.group);
                 let m = &i.committed_conf.membership;
                 let conf = GroupConf {
                     index: PLogIndex(i.committed_conf.log_id.index.0),
-                    voters: m.nodes().into_iter().filter(|n| m.is_voter(*n)).map(|n| PNodeId(n.0)).collect(),
-                    learners: m.learners.iter().filter(|n| m.is_learner(**n)).map(|n| PNodeId(n.0)).collect(),
+                    voters: m.nodes().into_iter().filter(|n| m.is_voter(*n)).collect(),
+                    learners: m.learners.iter().filter(|n| m.is_learner(**n)).copied().collect(),
                     joint: m.is_joint(),
                 };
-                report.confs.insert(ShardId(i.group.0), conf);
+                report.confs.insert(i.group, conf);
             }
-            report.applied.insert(ShardId(i.group.0), PLogIndex(i.applied.0));
+            report.applied.insert(i.group, PLogIndex(i.applied.0));
         }
         let threshold = self.inner.config.balancer.split_size_bytes_threshold;
         if let Ok(sizes) = self.inner.sizes.lock() {
@@ -895,8 +891,8 @@ impl Node {
         let Ok(infos) = self.inner.host.group_info().await else { return };
         let led: HashMap<ShardId, u64> = infos
             .iter()
-            .filter(|i| i.group.0 != META_GROUP && i.role == Role::Leader)
-            .map(|i| (ShardId(i.group.0), i.applied.0))
+            .filter(|i| i.group != META_GROUP && i.role == Role::Leader)
+            .map(|i| (i.group, i.applied.0))
             .collect();
         let view = self.meta_view();
         let every = Duration::from_millis(self.inner.config.size_check_interval_ms);
@@ -918,7 +914,7 @@ impl Node {
         if due.is_empty() {
             return;
         }
-        let node = self.inner.id;
+        let node = self.inner.id.0;
         let checked = self
             .inner
             .host
@@ -953,7 +949,7 @@ impl Node {
     /// ([`tp::Client::for_node`]), and registers it (or updates its address). This is how a node
     /// joins a running cluster: started with no bootstrap and some peers' addresses.
     async fn announce(&self) -> bool {
-        let me = PNodeId(self.inner.id);
+        let me = self.inner.id;
         if self.meta_view().nodes.get(&me).is_some_and(|i| i.addr == self.inner.addr) {
             return true;
         }
@@ -964,7 +960,7 @@ impl Node {
         let client = match tp::Client::for_node(&self.inner.config.tls, bind) {
             Ok(c) => c,
             Err(e) => {
-                warn!(node = self.inner.id, error = %e, "cannot announce this node to its peers");
+                warn!(node = self.inner.id.0, error = %e, "cannot announce this node to its peers");
                 return false;
             }
         };
@@ -974,7 +970,7 @@ impl Node {
         let report = match self.build_report(0).await {
             Ok(r) => r,
             Err(e) => {
-                warn!(node = self.inner.id, error = %e, "cannot build this node's report to announce it");
+                warn!(node = self.inner.id.0, error = %e, "cannot build this node's report to announce it");
                 return false;
             }
         };
@@ -982,7 +978,7 @@ impl Node {
         let body = Request::Meta { op, forwarded: false }.encode();
         let mut done = false;
         for (peer, addr) in self.inner.config.peers.iter().filter(|(p, _)| *p < self.inner.id) {
-            let answer = match client.connect(*addr, tp::NodeId(*peer), timeout).await {
+            let answer = match client.connect(*addr, *peer, timeout).await {
                 Ok(conn) => conn.request(body.clone(), timeout).await.map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
@@ -992,15 +988,15 @@ impl Node {
                         done = state.nodes.get(&me).is_some_and(|i| i.addr == self.inner.addr);
                         self.set_view(state);
                         if done {
-                            info!(node = self.inner.id, via = peer, addr = %self.inner.addr, "registered with the cluster");
+                            info!(node = self.inner.id.0, via = peer.0, addr = %self.inner.addr, "registered with the cluster");
                             break;
                         }
                     }
-                    Err(e) => debug!(node = self.inner.id, via = peer, error = %e, "announce: bad meta state"),
+                    Err(e) => debug!(node = self.inner.id.0, via = peer.0, error = %e, "announce: bad meta state"),
                 },
-                Ok(Ok(other)) => debug!(node = self.inner.id, via = peer, answer = ?other, "announce not taken"),
-                Ok(Err(e)) => debug!(node = self.inner.id, via = peer, error = %e, "announce: bad answer"),
-                Err(e) => debug!(node = self.inner.id, via = peer, error = %e, "announce not delivered"),
+                Ok(Ok(other)) => debug!(node = self.inner.id.0, via = peer.0, answer = ?other, "announce not taken"),
+                Ok(Err(e)) => debug!(node = self.inner.id.0, via = peer.0, error = %e, "announce: bad answer"),
+                Err(e) => debug!(node = self.inner.id.0, via = peer.0, error = %e, "announce not delivered"),
             }
         }
         client.close().await;
@@ -1011,7 +1007,7 @@ impl Node {
     /// holds no live reports yet, and forgets the ones of an earlier tenure).
     async fn leads_meta(&self) -> bool {
         let infos = self.inner.host.group_info().await.unwrap_or_default();
-        let leads = infos.iter().any(|i| i.group.0 == META_GROUP && i.role == Role::Leader);
+        let leads = infos.iter().any(|i| i.group == META_GROUP && i.role == Role::Leader);
         if let Ok(mut since) = self.inner.meta_leader_since.lock() {
             match (leads, since.is_some()) {
                 (true, false) => {
@@ -1036,10 +1032,10 @@ impl Node {
         }
         match self.meta_exec(MetaOp::Rebalance { now_ms: now_ms() }, false).await {
             Ok((_, AdminResponse::Done(what))) if what != meta::NOTHING_TO_BALANCE => {
-                info!(node = self.inner.id, "balancer: {}", what.replace('\n', "; "))
+                info!(node = self.inner.id.0, "balancer: {}", what.replace('\n', "; "))
             }
             Ok(_) => {}
-            Err(e) => debug!(node = self.inner.id, error = %e, "balancer round not run"),
+            Err(e) => debug!(node = self.inner.id.0, error = %e, "balancer round not run"),
         }
     }
 
@@ -1103,11 +1099,11 @@ impl Node {
             }
         }
         let state = self.meta_view();
-        let me = PNodeId(self.inner.id);
+        let me = self.inner.id;
         for (id, info) in &state.nodes {
-            if id.0 > self.inner.id {
+            if *id > self.inner.id {
                 if let Ok(a) = info.addr.parse::<SocketAddr>() {
-                    let _ = self.inner.transport.set_peer_addr(tp::NodeId(id.0), a);
+                    let _ = self.inner.transport.set_peer_addr(*id, a);
                 }
             }
         }
@@ -1117,10 +1113,10 @@ impl Node {
         let host = &self.inner.host;
         let local: BTreeSet<GroupId> = host.groups().into_iter().collect();
         let local_ranges: Vec<(GroupId, KeyRange)> =
-            local.iter().filter(|g| g.0 != META_GROUP).filter_map(|g| host.group_range(*g).map(|r| (*g, r))).collect();
+            local.iter().filter(|g| **g != META_GROUP).filter_map(|g| host.group_range(*g).map(|r| (*g, r))).collect();
         for d in state.map.shards() {
             let Some(r) = d.replica(me) else { continue };
-            if local.contains(&GroupId(d.id.0)) {
+            if local.contains(&d.id) {
                 continue;
             }
             // A shard split off a local group is started by the split entry when that group
@@ -1137,34 +1133,34 @@ impl Node {
             // elect each other.
             let bootstrap_shards = self.inner.config.bootstrap.as_ref().map_or(0, |b| b.split_keys.len() as u64 + 1);
             let initial = (d.id.0 <= bootstrap_shards && d.epoch.conf_version == 1 && r.role == ReplicaRole::Voter)
-                .then(|| Membership::new(d.voters().map(|n| rid(n.0))));
-            match host.create_group(GroupId(d.id.0), shard_range(d), initial).await {
-                Ok(()) => info!(node = self.inner.id, shard = %d.id, "shard replica created"),
-                Err(e) => warn!(node = self.inner.id, shard = %d.id, error = %e, "cannot create shard replica"),
+                .then(|| Membership::new(d.voters().map(|n| n)));
+            match host.create_group(d.id, shard_range(d), initial).await {
+                Ok(()) => info!(node = self.inner.id.0, shard = %d.id, "shard replica created"),
+                Err(e) => warn!(node = self.inner.id.0, shard = %d.id, error = %e, "cannot create shard replica"),
             }
         }
         let Ok(infos) = host.group_info().await else { return };
         // A replica is deleted only when its group's committed configuration no longer counts
         // it (see `placement::lifecycle`), never because this view leaves it out.
-        for i in infos.iter().filter(|i| i.group.0 != META_GROUP) {
-            let fate = replica_fate(me, ShardId(i.group.0), &local_replica_of(i, self.inner.id), &state);
+        for i in infos.iter().filter(|i| i.group != META_GROUP) {
+            let fate = replica_fate(me, i.group, &local_replica_of(i, self.inner.id), &state);
             if let ReplicaFate::Delete(why) = fate {
                 match host.destroy_group(i.group, true).await {
-                    Ok(()) => info!(node = self.inner.id, shard = i.group.0, reason = ?why, "shard replica removed"),
+                    Ok(()) => info!(node = self.inner.id.0, shard = i.group.0, reason = ?why, "shard replica removed"),
                     Err(e) => warn!(shard = i.group.0, error = %e, "cannot remove shard replica"),
                 }
             }
         }
         // Splits the map holds that a group this node leads has not carried out yet: propose
         // the split entry (one at a time per group; it is idempotent once applied).
-        for i in infos.iter().filter(|i| i.role == Role::Leader && i.group.0 != META_GROUP) {
-            let (Some(d), Some(hr)) = (state.map.get(ShardId(i.group.0)), host.group_range(i.group)) else { continue };
+        for i in infos.iter().filter(|i| i.role == Role::Leader && i.group != META_GROUP) {
+            let (Some(d), Some(hr)) = (state.map.get(i.group), host.group_range(i.group)) else { continue };
             let Some(at) = d.end.clone() else { continue };
             if !hr.contains(&at) {
                 continue;
             }
             let Some(right) = state.map.lookup(&at).filter(|r| r.start == at) else { continue };
-            if !self.may_reconfig(i.group.0, format!("split-{}", right.id.0)) {
+            if !self.may_reconfig(i.group, format!("split-{}", right.id.0)) {
                 continue;
             }
             let cmd = KvCommand::Split { at: at.clone(), new_group: right.id.0 };
@@ -1174,21 +1170,21 @@ impl Node {
                 Err(e) => debug!(shard = i.group.0, error = %e, "split not done yet"),
             }
         }
-        for i in infos.iter().filter(|i| i.role == Role::Leader && i.group.0 != META_GROUP) {
-            let Some(d) = state.map.get(ShardId(i.group.0)) else { continue };
+        for i in infos.iter().filter(|i| i.role == Role::Leader && i.group != META_GROUP) {
+            let Some(d) = state.map.get(i.group) else { continue };
             // A split the map made and the group has not applied yet: a configuration change
             // now would be copied into the split-born group, whose replicas the map took from
             // before the change. Wait for the split (proposed above).
             if host.group_range(i.group).is_some_and(|r| r != shard_range(d)) {
                 continue;
             }
-            let want: BTreeSet<NodeId> = d.voters().map(|n| rid(n.0)).collect();
+            let want: BTreeSet<NodeId> = d.voters().collect();
             // Learners are added for the target of a move only: a voter demoted by a move's
             // swap is a learner in the map until the move removes it, and must not rejoin.
             let target = state.moves.get(&d.id).map(|p| p.to);
             for l in d.replicas.iter().filter(|r| r.role == ReplicaRole::Learner && Some(r.node) == target) {
-                if !i.voters.contains(&rid(l.node.0)) && self.may_reconfig(i.group.0, format!("learner-{}", l.node.0)) {
-                    if let Err(e) = host.add_learner(i.group, rid(l.node.0)).await {
+                if !i.voters.contains(&l.node) && self.may_reconfig(i.group, format!("learner-{}", l.node.0)) {
+                    if let Err(e) = host.add_learner(i.group, l.node).await {
                         debug!(shard = i.group.0, error = %e, "add learner");
                     }
                 }
@@ -1197,8 +1193,8 @@ impl Node {
             // confirms their tombstones so their nodes may delete them.
             let buried = state.tombstones.get(&d.id);
             for l in i.committed_conf.membership.learners.iter().filter(|l| !i.voters.contains(l)) {
-                let gone = d.replica(PNodeId(l.0)).is_none() && buried.is_some_and(|t| t.contains_key(&PNodeId(l.0)));
-                if gone && self.may_reconfig(i.group.0, format!("remove-learner-{}", l.0)) {
+                let gone = d.replica(*l).is_none() && buried.is_some_and(|t| t.contains_key(l));
+                if gone && self.may_reconfig(i.group, format!("remove-learner-{}", l.0)) {
                     if let Err(e) = host.remove_learner(i.group, *l).await {
                         debug!(shard = i.group.0, error = %e, "remove learner");
                     }
@@ -1208,24 +1204,24 @@ impl Node {
             // from another source, a split say) joins as a learner first: the group promotes
             // only members that hold its configuration.
             for v in want.iter().filter(|v| !i.committed_conf.membership.contains(**v)) {
-                if self.may_reconfig(i.group.0, format!("learner-{}", v.0)) {
+                if self.may_reconfig(i.group, format!("learner-{}", v.0)) {
                     if let Err(e) = host.add_learner(i.group, *v).await {
                         debug!(shard = i.group.0, error = %e, "add learner before promotion");
                     }
                 }
             }
-            if want != i.voters && !want.is_empty() && self.may_reconfig(i.group.0, format!("voters-{want:?}")) {
+            if want != i.voters && !want.is_empty() && self.may_reconfig(i.group, format!("voters-{want:?}")) {
                 match host.change_membership(i.group, want.clone()).await {
                     Ok(_) => info!(shard = i.group.0, voters = ?want, "voters changed"),
                     Err(e) => debug!(shard = i.group.0, error = %e, "change membership"),
                 }
             }
             if let Some(target) = state.transfers.get(&d.id) {
-                if target.0 != self.inner.id
-                    && i.voters.contains(&rid(target.0))
-                    && self.may_reconfig(i.group.0, format!("transfer-{}", target.0))
+                if *target != self.inner.id
+                    && i.voters.contains(&target)
+                    && self.may_reconfig(i.group, format!("transfer-{}", target.0))
                 {
-                    if let Err(e) = host.transfer_leader(i.group, rid(target.0)).await {
+                    if let Err(e) = host.transfer_leader(i.group, *target).await {
                         debug!(shard = i.group.0, error = %e, "transfer leader");
                     }
                 }
@@ -1233,7 +1229,7 @@ impl Node {
         }
     }
 
-    fn may_reconfig(&self, shard: u64, what: String) -> bool {
+    fn may_reconfig(&self, shard: GroupId, what: String) -> bool {
         let Ok(mut m) = self.inner.reconfig.lock() else { return false };
         let now = Instant::now();
         match m.get(&(shard, what.clone())) {
@@ -1295,7 +1291,7 @@ impl Node {
                         Err(e) => Response::Unavailable(e.to_string()),
                     };
                 }
-                match self.inner.host.get(GroupId(shard.0), key, read_mode(consistency)).await {
+                match self.inner.host.get(shard, key, read_mode(consistency)).await {
                     Ok(v) => Response::Value(v),
                     Err(e) => self.host_error(e, false),
                 }
@@ -1355,7 +1351,7 @@ impl Node {
                         Err(ScanError::Storage(e)) => return Response::Unavailable(e.to_string()),
                     }
                 } else {
-                    match self.inner.host.scan(GroupId(shard.0), from, end, limit, read_mode(consistency)).await {
+                    match self.inner.host.scan(shard, from, end, limit, read_mode(consistency)).await {
                         Ok(page) => page,
                         Err(e) => return self.host_error(e, false),
                     }
@@ -1380,8 +1376,7 @@ impl Node {
                     if let Some(leader) = self.meta_leader_elsewhere().await {
                         let req = Request::Admin(a.clone());
                         let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
-                        if let Ok(bytes) = self.inner.transport.request(tp::NodeId(leader), req.encode(), timeout).await
-                        {
+                        if let Ok(bytes) = self.inner.transport.request(leader, req.encode(), timeout).await {
                             if let Ok(resp @ Response::Admin(_)) = Response::decode(&bytes) {
                                 return resp;
                             }
@@ -1411,8 +1406,8 @@ impl Node {
     /// snapshot or log). A replica created empty and not caught up yet holds none of the
     /// shard's data: it answers `Unavailable` rather than "no such key".
     async fn local_replica(&self, shard: ShardId) -> Result<KvStateMachine, Response> {
-        let sm = self.inner.host.state_machine(GroupId(shard.0)).ok_or(Response::UnknownShard)?;
-        match sm.has_joined(rid(self.inner.id)).await {
+        let sm = self.inner.host.state_machine(shard).ok_or(Response::UnknownShard)?;
+        match sm.has_joined(self.inner.id).await {
             Ok(true) => Ok(sm),
             Ok(false) => Err(Response::Unavailable(format!(
                 "the replica of shard {shard} on node {} has not caught up with its group yet: read from the leader",
@@ -1426,7 +1421,7 @@ impl Node {
         if let Err(r) = self.route(shard, epoch, cmd.key()).await {
             return r;
         }
-        match self.inner.host.write(GroupId(shard.0), cmd).await {
+        match self.inner.host.write(shard, cmd).await {
             Ok(KvResponse::Done { previous }) => Response::Written { previous },
             Ok(KvResponse::CasFailed { current }) => Response::CasFailed { current },
             Ok(KvResponse::Refused(e)) => Response::Invalid(e),
@@ -1478,12 +1473,12 @@ impl Node {
         match e {
             HostError::UnknownGroup(_) => Response::UnknownShard,
             HostError::Raft(RaftError::NotLeader { leader }) => {
-                let addr = leader.and_then(|l| self.meta_view().nodes.get(&PNodeId(l.0)).map(|n| n.addr.clone()));
-                Response::NotLeader { leader: leader.map(|l| PNodeId(l.0)), addr }
+                let addr = leader.and_then(|l| self.meta_view().nodes.get(&l).map(|n| n.addr.clone()));
+                Response::NotLeader { leader: leader.map(|l| l), addr }
             }
             // The replica's range narrowed (a split) while this node's map still routes the
             // key here: the client must look for a newer map, not retry here.
-            HostError::KeyOutOfRange(g) => Response::OutOfRange { shard: ShardId(g.0) },
+            HostError::KeyOutOfRange(g) => Response::OutOfRange { shard: g },
             // Refused before the command entered the log, or its entry was replaced: nothing
             // was applied, and the client may retry.
             e @ (HostError::Stopped
@@ -1524,9 +1519,9 @@ impl Node {
                             .group_info()
                             .await
                             .ok()
-                            .and_then(|v| v.into_iter().find(|i| i.group.0 == META_GROUP))
+                            .and_then(|v| v.into_iter().find(|i| i.group == META_GROUP))
                             .and_then(|i| i.leader)
-                            .map(|l| PNodeId(l.0));
+                            .map(|l| l);
                         Response::Admin(AdminResponse::Status(StatusReport {
                             nodes: rows.len(),
                             nodes_live: live,
@@ -1586,10 +1581,10 @@ impl Node {
     }
 
     /// The meta group's leader when it is another node (as this node's replica knows it).
-    async fn meta_leader_elsewhere(&self) -> Option<u64> {
+    async fn meta_leader_elsewhere(&self) -> Option<NodeId> {
         let infos = self.inner.host.group_info().await.ok()?;
-        let leader = infos.into_iter().find(|i| i.group.0 == META_GROUP)?.leader?;
-        (leader.0 != self.inner.id).then_some(leader.0)
+        let leader = infos.into_iter().find(|i| i.group == META_GROUP)?.leader?;
+        (leader != self.inner.id).then_some(leader)
     }
 
     fn node_rows(&self, state: &MetaState) -> Vec<NodeRow> {
@@ -1604,7 +1599,7 @@ impl Node {
                 leading: n.report.leading.len(),
                 requests_per_s: n.report.requests_per_s,
                 draining: n.draining,
-                report_age_ms: reports.get(&n.id.0).map(|t| t.elapsed().as_millis() as u64),
+                report_age_ms: reports.get(&n.id).map(|t| t.elapsed().as_millis() as u64),
             })
             .collect()
     }
@@ -1694,9 +1689,9 @@ fn shard_rows(state: &MetaState) -> Vec<ShardRow> {
 }
 
 /// What a local replica knows of its own group, for [`replica_fate`].
-fn local_replica_of(i: &crate::shard::GroupInfo, me: u64) -> LocalReplica {
+fn local_replica_of(i: &crate::shard::GroupInfo, me: NodeId) -> LocalReplica {
     let m = &i.committed_conf.membership;
-    let committed = (!m.nodes().is_empty()).then(|| (PLogIndex(i.committed_conf.log_id.index.0), m.contains(rid(me))));
+    let committed = (!m.nodes().is_empty()).then(|| (PLogIndex(i.committed_conf.log_id.index.0), m.contains(me)));
     LocalReplica { committed, newest_conf: PLogIndex(i.newest_conf.0) }
 }
 

@@ -5,7 +5,6 @@
 use flotilla::meta::dev_split_keys;
 use flotilla::placement::{NodeId, ShardId};
 use flotilla::transport::cert::{CertificateAuthority, TlsIdentity};
-use flotilla::transport::NodeId as TNodeId;
 use flotilla::wire::{AdminRequest, AdminResponse};
 use flotilla::{BootstrapConfig, CasOutcome, Client, ClientConfig, ClientError, Node, NodeConfig};
 use std::net::SocketAddr;
@@ -46,12 +45,12 @@ impl Cluster {
         let mut nodes: Vec<Node> = Vec::new();
         let mut configs = Vec::new();
         for id in &ids {
-            let issued = ca.issue_node(TNodeId(*id)).unwrap();
+            let issued = ca.issue_node(NodeId(*id)).unwrap();
             let tls = TlsIdentity::from_issued(ca.cert_pem(), &issued).unwrap();
-            let mut cfg = NodeConfig::new(*id, dir.path().join(format!("n{id}")), loopback(), tls);
+            let mut cfg = NodeConfig::new(NodeId(*id), dir.path().join(format!("n{id}")), loopback(), tls);
             cfg.bootstrap = Some(BootstrapConfig {
-                meta_voters: meta.to_vec(),
-                shard_replicas: replicas.to_vec(),
+                meta_voters: meta.iter().copied().map(NodeId).collect(),
+                shard_replicas: replicas.iter().copied().map(NodeId).collect(),
                 addrs: Vec::new(),
                 split_keys: dev_split_keys(shards),
             });
@@ -72,7 +71,7 @@ impl Cluster {
         Cluster { ca, nodes: nodes.into_iter().map(Some).collect(), configs, _dir: dir }
     }
 
-    fn endpoints(&self) -> Vec<(u64, SocketAddr)> {
+    fn endpoints(&self) -> Vec<(NodeId, SocketAddr)> {
         self.nodes.iter().flatten().map(|n| (n.id(), n.local_addr().unwrap())).collect()
     }
 
@@ -237,8 +236,8 @@ async fn wait_leader(cluster: &Cluster, shard: ShardId) -> u64 {
     loop {
         for n in cluster.nodes.iter().flatten() {
             let infos = n.host().group_info().await.unwrap();
-            if infos.iter().any(|i| i.group.0 == shard.0 && i.role == flotilla::raft::Role::Leader) {
-                return n.id();
+            if infos.iter().any(|i| i.group == shard && i.role == flotilla::raft::Role::Leader) {
+                return n.id().0;
             }
         }
         assert!(Instant::now() < deadline, "no leader for shard {shard}");
@@ -352,9 +351,9 @@ async fn a_node_joins_a_running_cluster() {
     client.put(b"joined", b"yes").await.unwrap();
 
     // Node 4: no bootstrap, the others as peers; it announces itself to them.
-    let issued = cluster.ca.issue_node(TNodeId(4)).unwrap();
+    let issued = cluster.ca.issue_node(NodeId(4)).unwrap();
     let tls = TlsIdentity::from_issued(cluster.ca.cert_pem(), &issued).unwrap();
-    let mut cfg = NodeConfig::new(4, cluster._dir.path().join("n4"), loopback(), tls);
+    let mut cfg = NodeConfig::new(NodeId(4), cluster._dir.path().join("n4"), loopback(), tls);
     cfg.peers = cluster.endpoints();
     cfg.report_interval_ms = 300;
     let n4 = Node::start(cfg).await.unwrap();
@@ -555,14 +554,14 @@ async fn a_write_cut_off_from_its_quorum_is_unknown_not_retried() {
     let others: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
     let node = |id: u64| cluster.nodes[(id - 1) as usize].as_ref().unwrap();
     for o in &others {
-        node(leader).transport().block_peer(TNodeId(*o));
-        node(*o).transport().block_peer(TNodeId(leader));
+        node(leader).transport().block_peer(NodeId(*o));
+        node(*o).transport().block_peer(NodeId(leader));
     }
     let r = client.put(b"k", b"during").await;
     assert!(matches!(r, Err(ClientError::Unknown(_))), "{r:?}");
     for o in &others {
-        node(leader).transport().unblock_peer(TNodeId(*o));
-        node(*o).transport().unblock_peer(TNodeId(leader));
+        node(leader).transport().unblock_peer(NodeId(*o));
+        node(*o).transport().unblock_peer(NodeId(leader));
     }
     // Either outcome is possible; the value is one of the two.
     let v = client.get(b"k").await.unwrap();
@@ -590,8 +589,8 @@ async fn a_node_with_a_lagging_map_keeps_the_group_a_split_gave_it() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let node = |id: u64| cluster.nodes[(id - 1) as usize].as_ref().unwrap();
-    node(cut).transport().block_peer(TNodeId(meta_leader));
-    node(meta_leader).transport().block_peer(TNodeId(cut));
+    node(cut).transport().block_peer(NodeId(meta_leader));
+    node(meta_leader).transport().block_peer(NodeId(cut));
 
     let AdminResponse::Changed(shards) = client.admin(AdminRequest::Split { key: b"m".to_vec() }).await.unwrap() else {
         panic!("split answered otherwise")
@@ -616,8 +615,8 @@ async fn a_node_with_a_lagging_map_keeps_the_group_a_split_gave_it() {
         assert!(node(cut).host().groups().contains(&group), "node {cut} deleted a replica its group counts");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    node(cut).transport().unblock_peer(TNodeId(meta_leader));
-    node(meta_leader).transport().unblock_peer(TNodeId(cut));
+    node(cut).transport().unblock_peer(NodeId(meta_leader));
+    node(meta_leader).transport().unblock_peer(NodeId(cut));
     let deadline = Instant::now() + Duration::from_secs(30);
     while node(cut).meta_view().map.get(right).is_none() {
         assert!(Instant::now() < deadline, "node {cut}'s map never caught up");
@@ -712,8 +711,8 @@ async fn move_onto_node_4_out_of_its_leaders_reach(cluster: &Cluster, client: &C
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let node = |id: u64| cluster.nodes[(id - 1) as usize].as_ref().unwrap();
-    node(4).transport().block_peer(TNodeId(leader));
-    node(leader).transport().block_peer(TNodeId(4));
+    node(4).transport().block_peer(NodeId(leader));
+    node(leader).transport().block_peer(NodeId(4));
     let from = (1..=3).find(|n| *n != leader && *n != meta_leader).unwrap();
     // Node 4 registers itself in the background: retry until the meta state knows it.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -747,8 +746,8 @@ async fn a_stale_read_on_a_replica_not_caught_up_is_refused() {
         other => panic!("an empty replica answered a stale read: {other:?}"),
     }
     // Reached by its leader, it answers.
-    node(4).transport().unblock_peer(TNodeId(leader));
-    node(leader).transport().unblock_peer(TNodeId(4));
+    node(4).transport().unblock_peer(NodeId(leader));
+    node(leader).transport().unblock_peer(NodeId(4));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let epoch = node(4).meta_view().map.get(shard).unwrap().epoch;

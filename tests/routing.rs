@@ -3,7 +3,7 @@
 //! the meta leader still routes by that node's own copy of the map (finding 10).
 
 use flotilla::transport::cert::{CertificateAuthority, TlsIdentity};
-use flotilla::transport::NodeId as TNodeId;
+use flotilla::transport::NodeId;
 use flotilla::transport::PeerIdentity;
 use flotilla::wire::{AdminRequest, AdminResponse, ReadConsistency, Request, Response};
 use flotilla::{BootstrapConfig, Client, ClientConfig, Node, NodeConfig};
@@ -23,13 +23,13 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes: Vec<Node> = Vec::new();
         for id in 1..=n {
-            let issued = ca.issue_node(TNodeId(id)).unwrap();
+            let issued = ca.issue_node(NodeId(id)).unwrap();
             let tls = TlsIdentity::from_issued(ca.cert_pem(), &issued).unwrap();
             let listen = SocketAddr::from(([127, 0, 0, 1], 0));
-            let mut cfg = NodeConfig::new(id, dir.path().join(format!("n{id}")), listen, tls);
+            let mut cfg = NodeConfig::new(NodeId(id), dir.path().join(format!("n{id}")), listen, tls);
             cfg.bootstrap = Some(BootstrapConfig {
-                meta_voters: meta.to_vec(),
-                shard_replicas: replicas.to_vec(),
+                meta_voters: meta.iter().copied().map(NodeId).collect(),
+                shard_replicas: replicas.iter().copied().map(NodeId).collect(),
                 addrs: Vec::new(),
                 split_keys: split_keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
             });
@@ -53,7 +53,7 @@ impl Cluster {
     fn config(&self, endpoints: &[u64]) -> ClientConfig {
         let issued = self.ca.issue_client("test").unwrap();
         let tls = TlsIdentity::from_issued(self.ca.cert_pem(), &issued).unwrap();
-        let endpoints = endpoints.iter().map(|id| (*id, self.node(*id).local_addr().unwrap())).collect();
+        let endpoints = endpoints.iter().map(|id| (NodeId(*id), self.node(*id).local_addr().unwrap())).collect();
         let mut cfg = ClientConfig::new(tls, endpoints);
         cfg.op_timeout = Duration::from_secs(20);
         cfg
@@ -61,7 +61,7 @@ impl Cluster {
 
     /// A client of every node, once the cluster has formed.
     async fn client(&self) -> Client {
-        let all: Vec<u64> = self.nodes.iter().flatten().map(|n| n.id()).collect();
+        let all: Vec<u64> = self.nodes.iter().flatten().map(|n| n.id().0).collect();
         let cfg = self.config(&all);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

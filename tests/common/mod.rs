@@ -300,7 +300,13 @@ impl Servers {
         }
         let file = flotilla::cluster::ClusterFile {
             version: flotilla::cluster::CLUSTER_FILE_VERSION,
-            nodes: (1..=boot).map(|id| flotilla::cluster::ClusterNode { id, addr: addr(id), metrics: None }).collect(),
+            nodes: (1..=boot)
+                .map(|id| flotilla::cluster::ClusterNode {
+                    id: flotilla::raft::NodeId(id),
+                    addr: addr(id),
+                    metrics: None,
+                })
+                .collect(),
             ca: certs.join("ca.pem"),
             cert: certs.join("client-test.pem"),
             key: certs.join("client-test-key.pem"),
