@@ -36,8 +36,7 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-/// Most initial shards a bootstrap may ask for.
-pub const BOOTSTRAP_SHARDS_MAX: u32 = 256;
+pub use crate::meta::BOOTSTRAP_SHARDS_MAX;
 
 /// The file's contents.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]

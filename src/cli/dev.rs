@@ -1,22 +1,21 @@
-//! `flotilla dev`: a local cluster on loopback with fresh certificates, its cluster file
-//! written where the other commands look for it, until Ctrl-C.
+//! `flotilla dev`: a local cluster on loopback ([`DevCluster`]) with fresh certificates, its
+//! cluster file written where the other commands look for it, until Ctrl-C.
 
 use super::stop_signal;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use flotilla::cluster::{self, ClusterFile, ClusterNode};
-use flotilla::meta::dev_split_keys;
+use flotilla::cluster::{self, ClusterFile};
+use flotilla::dev_cluster::DevCluster;
+use flotilla::meta::{dev_split_keys, BOOTSTRAP_SHARDS_MAX};
 use flotilla::raft::NodeId;
-use flotilla::{BootstrapConfig, Client, ClientConfig, Node, NodeConfig};
+use flotilla::BootstrapConfig;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Most nodes `flotilla dev` starts.
 const DEV_NODES_MAX: u32 = 7;
-/// Most shards `flotilla dev` bootstraps.
-const DEV_SHARDS_MAX: u32 = 256;
 /// How long `flotilla dev` waits for its cluster to serve (s).
 const DEV_READY_TIMEOUT_S: u64 = 60;
 /// Marker file in a dev data directory: only such a directory is wiped on the next run.
@@ -46,8 +45,8 @@ pub async fn run(a: DevArgs) -> Result<i32> {
     if a.nodes == 0 || a.nodes > DEV_NODES_MAX {
         bail!("--nodes must be 1..={DEV_NODES_MAX}, not {}", a.nodes);
     }
-    if a.shards == 0 || a.shards > DEV_SHARDS_MAX {
-        bail!("--shards must be 1..={DEV_SHARDS_MAX}, not {}", a.shards);
+    if a.shards == 0 || a.shards > BOOTSTRAP_SHARDS_MAX {
+        bail!("--shards must be 1..={BOOTSTRAP_SHARDS_MAX}, not {}", a.shards);
     }
     if a.split_size_bytes < flotilla::config::SPLIT_SIZE_BYTES_MIN {
         bail!("--split-size-bytes must be at least {}", flotilla::config::SPLIT_SIZE_BYTES_MIN);
@@ -62,75 +61,23 @@ pub async fn run(a: DevArgs) -> Result<i32> {
         .with_writer(std::sync::Mutex::new(log))
         .try_init();
 
-    let certs = dir.join("certs");
-    cluster::create_ca(&certs).map_err(|e| anyhow!(e))?;
     let ids: Vec<NodeId> = (1..=u64::from(a.nodes)).map(NodeId).collect();
-    for id in &ids {
-        cluster::issue_node(&certs, *id).map_err(|e| anyhow!(e))?;
-    }
-    let (client_cert, client_key) = cluster::issue_client(&certs, "dev").map_err(|e| anyhow!(e))?;
-    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    let bootstrap = BootstrapConfig {
-        meta_voters: ids.iter().copied().take(5).collect(),
-        shard_replicas: ids.iter().copied().take(3).collect(),
-        addrs: Vec::new(),
-        split_keys: dev_split_keys(a.shards),
-    };
-    let mut nodes = Vec::new();
-    for id in &ids {
-        let tls = cluster::node_tls(&certs, *id).map_err(|e| anyhow!(e))?;
-        let mut cfg = NodeConfig::new(*id, dir.join(format!("node-{id}")), loopback, tls);
-        cfg.bootstrap = Some(bootstrap.clone());
+    let bootstrap = BootstrapConfig::of_nodes(&ids, dev_split_keys(a.shards));
+    let mut dev = DevCluster::start(&dir, ids.len() as u64, bootstrap.clone(), |cfg| {
         cfg.balancer.split_size_bytes_threshold = a.split_size_bytes;
         cfg.pollers = flotilla::node::default_pollers(ids.len());
         cfg.auto_balance_interval_ms = (!a.no_auto_balance).then_some(flotilla::config::AUTO_BALANCE_INTERVAL_MS);
-        nodes.push(Node::start(cfg).await.with_context(|| format!("starting node {id}"))?);
-    }
-    for x in &nodes {
-        for y in &nodes {
-            if y.id() > x.id() {
-                x.set_peer_addr(y.id(), y.local_addr()?)?;
-            }
-        }
-    }
+    })
+    .await?;
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
     let mut metrics = Vec::new();
-    for n in &nodes {
+    for n in dev.nodes() {
         let (bound, _t) = flotilla::http::serve(loopback, vec![n.clone()]).await.context("metrics server")?;
         metrics.push(bound);
     }
-    let file = ClusterFile {
-        version: cluster::CLUSTER_FILE_VERSION,
-        nodes: nodes
-            .iter()
-            .zip(&metrics)
-            .map(|(n, m)| ClusterNode { id: n.id(), addr: n.addr().to_string(), metrics: Some(m.to_string()) })
-            .collect(),
-        ca: certs.join("ca.pem"),
-        cert: client_cert,
-        key: client_key,
-        data_dir: Some(dir.clone()),
-        pid: Some(std::process::id()),
-    };
+    let file = dev.cluster_file(&metrics);
     // Ready once a client gets a map and a write goes through.
-    let tls = file.tls().map_err(|e| anyhow!(e))?;
-    let cconf = ClientConfig::new(tls, file.endpoints().map_err(|e| anyhow!(e))?);
-    let deadline = Instant::now() + Duration::from_secs(DEV_READY_TIMEOUT_S);
-    loop {
-        let attempt = async {
-            let c = Client::connect(cconf.clone()).await?;
-            let mut r = c.put(b"flotilla-dev-ready", b"1").await.map(|_| ());
-            if r.is_ok() {
-                r = c.delete(b"flotilla-dev-ready").await.map(|_| ());
-            }
-            c.close().await;
-            r
-        };
-        match attempt.await {
-            Ok(()) => break,
-            Err(e) if Instant::now() >= deadline => bail!("the dev cluster did not become ready: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
+    dev.wait_ready(Duration::from_secs(DEV_READY_TIMEOUT_S)).await?;
     file.save(&dir.join("cluster.json")).map_err(|e| anyhow!(e))?;
     let default_file = cluster::default_cluster_file();
     file.save(&default_file).map_err(|e| anyhow!(e))?;
@@ -142,7 +89,7 @@ pub async fn run(a: DevArgs) -> Result<i32> {
         bootstrap.shard_replicas.len(),
         dir.display()
     );
-    for (n, m) in nodes.iter().zip(&metrics) {
+    for (n, m) in dev.nodes().zip(&metrics) {
         out += &format!("  node {}: {}   metrics http://{m}/metrics\n", n.id(), n.addr());
     }
     out += &if a.no_auto_balance {
@@ -168,9 +115,7 @@ pub async fn run(a: DevArgs) -> Result<i32> {
     let _ = std::io::stdout().flush();
     stop_signal().await;
     eprintln!("stopping the dev cluster");
-    for n in &nodes {
-        n.shutdown().await;
-    }
+    dev.shutdown().await;
     // Remove the default cluster file only if it still points at this cluster.
     if ClusterFile::load(&default_file).ok().and_then(|f| f.pid) == Some(std::process::id()) {
         let _ = std::fs::remove_file(&default_file);

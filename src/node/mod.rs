@@ -107,6 +107,10 @@ pub const BOOTSTRAP_RETRY_MS: u64 = 200;
 pub const SHUTDOWN_HOST_MS_MAX: u64 = 10_000;
 /// Most voters of the meta group.
 pub const META_VOTERS_MAX: usize = 5;
+/// Voters of every initial data shard when a new cluster is made of a list of nodes
+/// ([`BootstrapConfig::of_nodes`]): the first three (more replicas cost every write; fewer
+/// cannot lose a node).
+pub const INITIAL_SHARD_REPLICAS: usize = 3;
 /// A replica move whose step has not advanced for this long is aborted (a learner that cannot
 /// catch up, a configuration change that does not commit): it would otherwise block the
 /// shard's splits and moves for good.
@@ -147,6 +151,20 @@ pub struct BootstrapConfig {
     pub addrs: Vec<(NodeId, String)>,
     /// Split points of the initial shards, ascending.
     pub split_keys: Vec<Vec<u8>>,
+}
+
+impl BootstrapConfig {
+    /// A new cluster of `ids`: the meta group on the first [`META_VOTERS_MAX`], every initial
+    /// shard on the first [`INITIAL_SHARD_REPLICAS`], split at `split_keys`. What `flotilla dev`
+    /// forms.
+    pub fn of_nodes(ids: &[NodeId], split_keys: Vec<Vec<u8>>) -> BootstrapConfig {
+        BootstrapConfig {
+            meta_voters: ids.iter().copied().take(META_VOTERS_MAX).collect(),
+            shard_replicas: ids.iter().copied().take(INITIAL_SHARD_REPLICAS).collect(),
+            addrs: Vec::new(),
+            split_keys,
+        }
+    }
 }
 
 /// Everything a node needs.

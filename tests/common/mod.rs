@@ -1,5 +1,8 @@
-//! Helpers shared by the tests that run `flotilla` server processes.
+//! Helpers shared by the integration tests: `flotilla` server processes ([`Servers`]), checked
+//! client histories ([`History`]), and the in-process cluster ([`cluster::Cluster`]).
 #![allow(dead_code)]
+
+pub mod cluster;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
