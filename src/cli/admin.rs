@@ -10,6 +10,9 @@ use flotilla::Client;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+/// How long `admin move` follows a move before it returns (the move goes on).
+const MOVE_FOLLOW_S_MAX: u64 = 600;
+
 #[derive(Args)]
 pub struct AdminArgs {
     #[command(flatten)]
@@ -112,7 +115,7 @@ pub async fn run(a: AdminArgs) -> Result<i32> {
 /// Prints the progress of a move until it finishes.
 async fn follow_move(client: &Client, shard: ShardId) -> Result<()> {
     let mut last = String::new();
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let deadline = Instant::now() + Duration::from_secs(MOVE_FOLLOW_S_MAX);
     while Instant::now() < deadline {
         let AdminResponse::Shards(rows) = client.admin(AdminRequest::Shards).await? else { bail!("unexpected answer") };
         let Some(row) = rows.into_iter().find(|r| r.descriptor.id == shard) else { bail!("shard {shard} vanished") };
@@ -133,7 +136,10 @@ async fn follow_move(client: &Client, shard: ShardId) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    bail!("the move did not finish within 10 minutes (it goes on; check `flotilla admin shards`)")
+    bail!(
+        "the move did not finish within {} minutes (it goes on; check `flotilla admin shards`)",
+        MOVE_FOLLOW_S_MAX / 60
+    )
 }
 
 fn human_bytes(b: u64) -> String {

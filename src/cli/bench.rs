@@ -9,6 +9,9 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Most concurrent bench workers (`--clients`).
+const BENCH_CLIENTS_MAX: usize = 4096;
+
 #[derive(Args)]
 pub struct BenchArgs {
     #[command(flatten)]
@@ -41,8 +44,8 @@ pub enum WorkloadArg {
 }
 
 pub async fn run(a: BenchArgs) -> Result<i32> {
-    if a.clients == 0 || a.clients > 4096 {
-        bail!("--clients must be 1..=4096");
+    if a.clients == 0 || a.clients > BENCH_CLIENTS_MAX {
+        bail!("--clients must be 1..={BENCH_CLIENTS_MAX}");
     }
     if a.keys == 0 {
         bail!("--keys must be at least 1");
