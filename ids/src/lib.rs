@@ -6,24 +6,25 @@
 //! A shard is a Raft group: the placement layer calls it `ShardId`, the same type.
 #![warn(missing_docs)]
 
-use serde::{Deserialize, Serialize};
-use std::fmt;
-
+/// Defines a `u64` newtype: `pub struct $name(pub u64)`, displayed as the bare number, made
+/// `From<u64>`, serialized as a plain newtype. The ids below use it, and so do other crates for
+/// their own numbers (Raft's `Term` and `LogIndex`); a crate calling it needs `serde`.
+#[macro_export]
 macro_rules! id_newtype {
     ($(#[$m:meta])* $name:ident) => {
         $(#[$m])*
         #[derive(
-            Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+            Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, ::serde::Serialize, ::serde::Deserialize,
         )]
         pub struct $name(pub u64);
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::core::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
                 write!(f, "{}", self.0)
             }
         }
 
-        impl From<u64> for $name {
+        impl ::core::convert::From<u64> for $name {
             fn from(v: u64) -> Self {
                 $name(v)
             }
