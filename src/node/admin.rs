@@ -38,8 +38,7 @@ impl Node {
                             .await
                             .ok()
                             .and_then(|v| v.into_iter().find(|i| i.group == META_GROUP))
-                            .and_then(|i| i.leader)
-                            .map(|l| l);
+                            .and_then(|i| i.leader);
                         Response::Admin(AdminResponse::Status(StatusReport {
                             nodes: rows.len(),
                             nodes_live: live,

@@ -21,7 +21,7 @@ impl Node {
         if !b.meta_voters.contains(&self.inner.id) || self.inner.host.groups().contains(&META_GROUP) {
             return Ok(());
         }
-        let members = Membership::new(b.meta_voters.iter().map(|n| *n));
+        let members = Membership::new(b.meta_voters.iter().copied());
         self.inner.host.create_group(META_GROUP, meta_range(), Some(members)).await?;
         info!(node = self.inner.id.0, "meta group created");
         Ok(())

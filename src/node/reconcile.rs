@@ -88,7 +88,7 @@ impl Node {
             // elect each other.
             let bootstrap_shards = self.inner.config.bootstrap.as_ref().map_or(0, |b| b.split_keys.len() as u64 + 1);
             let initial = (d.id.0 <= bootstrap_shards && d.epoch.conf_version == 1 && r.role == ReplicaRole::Voter)
-                .then(|| Membership::new(d.voters().map(|n| n)));
+                .then(|| Membership::new(d.voters()));
             match host.create_group(d.id, shard_range(d), initial).await {
                 Ok(()) => info!(node = self.inner.id.0, shard = %d.id, "shard replica created"),
                 Err(e) => warn!(node = self.inner.id.0, shard = %d.id, error = %e, "cannot create shard replica"),
@@ -173,7 +173,7 @@ impl Node {
             }
             if let Some(target) = state.transfers.get(&d.id) {
                 if *target != self.inner.id
-                    && i.voters.contains(&target)
+                    && i.voters.contains(target)
                     && self.may_reconfig(i.group, Reconfig::Transfer(*target))
                 {
                     if let Err(e) = host.transfer_leader(i.group, *target).await {

@@ -246,7 +246,7 @@ impl Node {
             HostError::UnknownGroup(_) => Response::UnknownShard,
             HostError::Raft(RaftError::NotLeader { leader }) => {
                 let addr = leader.and_then(|l| self.meta_view().nodes.get(&l).map(|n| n.addr.clone()));
-                Response::NotLeader { leader: leader.map(|l| l), addr }
+                Response::NotLeader { leader, addr }
             }
             // The replica's range narrowed (a split) while this node's map still routes the
             // key here: the client must look for a newer map, not retry here.
