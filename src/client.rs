@@ -21,7 +21,7 @@
 //! meta leader keeps working with every shard leader it can reach. [`Client::refresh`] still
 //! reads the map through the meta leader for callers that need the authoritative one.
 
-use crate::placement::{Epoch, ShardDescriptor, ShardId, ShardMap};
+use crate::placement::{Epoch, NodeId, ShardDescriptor, ShardId, ShardMap};
 use crate::transport::{self as tp, cert::TlsIdentity, ClientConnection};
 use crate::wire::{
     check_user_key, check_value, AdminRequest, AdminResponse, ClusterView, ReadConsistency, Request, Response, ScanEnd,
@@ -51,7 +51,7 @@ pub struct ClientConfig {
     /// CA, client certificate and key.
     pub tls: TlsIdentity,
     /// Nodes to start from: id and address. More are learned from the map.
-    pub endpoints: Vec<(u64, SocketAddr)>,
+    pub endpoints: Vec<(NodeId, SocketAddr)>,
     /// Deadline of one operation, retries included.
     pub op_timeout: Duration,
     /// Deadline of one attempt (one request to one node).
@@ -62,7 +62,7 @@ pub struct ClientConfig {
 
 impl ClientConfig {
     /// Defaults: 10 s per operation, 3 s per attempt, linearizable reads.
-    pub fn new(tls: TlsIdentity, endpoints: Vec<(u64, SocketAddr)>) -> ClientConfig {
+    pub fn new(tls: TlsIdentity, endpoints: Vec<(NodeId, SocketAddr)>) -> ClientConfig {
         ClientConfig {
             tls,
             endpoints,
@@ -118,10 +118,10 @@ enum CallError {
 pub struct Client {
     config: ClientConfig,
     endpoint: tp::Client,
-    conns: tokio::sync::Mutex<HashMap<u64, ClientConnection>>,
-    addrs: Mutex<HashMap<u64, SocketAddr>>,
+    conns: tokio::sync::Mutex<HashMap<NodeId, ClientConnection>>,
+    addrs: Mutex<HashMap<NodeId, SocketAddr>>,
     view: RwLock<ClusterView>,
-    leaders: Mutex<HashMap<ShardId, u64>>,
+    leaders: Mutex<HashMap<ShardId, NodeId>>,
     /// Where this client's stale reads start among a shard's replicas (spreads clients).
     spread: usize,
     /// Rotates the nodes asked for a map when there are more than [`VIEW_FANOUT_MAX`].
@@ -188,7 +188,7 @@ impl Client {
         if let Ok(mut a) = self.addrs.lock() {
             for (id, addr) in &v.nodes {
                 if let Ok(sa) = addr.parse::<SocketAddr>() {
-                    a.insert(id.0, sa);
+                    a.insert(*id, sa);
                 }
             }
         }
@@ -210,7 +210,7 @@ impl Client {
         timeout: Duration,
     ) -> Result<ClusterView, ClientError> {
         self.routing_refreshes.fetch_add(1, Ordering::Relaxed);
-        let mut nodes: Vec<u64> = self.addrs.lock().map(|a| a.keys().copied().collect()).unwrap_or_default();
+        let mut nodes: Vec<NodeId> = self.addrs.lock().map(|a| a.keys().copied().collect()).unwrap_or_default();
         nodes.sort();
         if nodes.is_empty() {
             return Err(ClientError::Config("no node address known".into()));
@@ -225,7 +225,7 @@ impl Client {
         };
         let req = Request::ClusterView { fresh: false };
         let req = &req;
-        type Ask<'a> = Pin<Box<dyn Future<Output = (u64, Result<Response, CallError>)> + Send + 'a>>;
+        type Ask<'a> = Pin<Box<dyn Future<Output = (NodeId, Result<Response, CallError>)> + Send + 'a>>;
         let mut asks: Vec<Option<Ask<'_>>> = nodes
             .iter()
             .map(|&n| Some(Box::pin(async move { (n, self.call(n, req, timeout).await) }) as Ask<'_>))
@@ -292,7 +292,7 @@ impl Client {
     /// the authoritative map, for callers that need it (routing does not; see the module
     /// documentation). Needs a reachable meta leader.
     pub async fn refresh(&self) -> Result<ClusterView, ClientError> {
-        let mut nodes: Vec<u64> = self.addrs.lock().map(|a| a.keys().copied().collect()).unwrap_or_default();
+        let mut nodes: Vec<NodeId> = self.addrs.lock().map(|a| a.keys().copied().collect()).unwrap_or_default();
         nodes.sort();
         let mut errors = Vec::new();
         for n in nodes {
@@ -309,7 +309,7 @@ impl Client {
         Err(ClientError::Unavailable(format!("no node gave a shard map: {}", errors.join("; "))))
     }
 
-    async fn connection(&self, node: u64) -> Result<ClientConnection, String> {
+    async fn connection(&self, node: NodeId) -> Result<ClientConnection, String> {
         if let Some(c) = self.conns.lock().await.get(&node) {
             return Ok(c.clone());
         }
@@ -321,7 +321,7 @@ impl Client {
             .ok_or_else(|| format!("no address known for node {node}"))?;
         let c = self
             .endpoint
-            .connect(addr, tp::NodeId(node), self.config.request_timeout)
+            .connect(addr, node, self.config.request_timeout)
             .await
             .map_err(|e| format!("cannot connect to node {node} at {addr}: {e}"))?;
         // Connected without holding the lock: a node that does not answer must not hold up
@@ -330,7 +330,7 @@ impl Client {
         Ok(self.conns.lock().await.entry(node).or_insert(c).clone())
     }
 
-    async fn call(&self, node: u64, req: &Request, timeout: Duration) -> Result<Response, CallError> {
+    async fn call(&self, node: NodeId, req: &Request, timeout: Duration) -> Result<Response, CallError> {
         let conn = self.connection(node).await.map_err(CallError::NotSent)?;
         match conn.request(req.encode(), timeout).await {
             Ok(bytes) => Response::decode(&bytes).map_err(|e| CallError::Sent(format!("node {node}: {e}"))),
@@ -371,11 +371,11 @@ impl Client {
                 sleep_backoff(&mut backoff, deadline).await;
                 continue;
             };
-            let voters: Vec<u64> = d.voters().map(|n| n.0).collect();
+            let voters: Vec<NodeId> = d.voters().collect();
             let stale = !write && self.config.consistency == ReadConsistency::Stale;
             // Stale reads go to any replica, starting at a different one per client.
             let hint = if stale {
-                let all: Vec<u64> = d.replicas.iter().map(|r| r.node.0).collect();
+                let all: Vec<NodeId> = d.replicas.iter().map(|r| r.node).collect();
                 (!all.is_empty()).then(|| all[attempt.wrapping_add(self.spread) % all.len()])
             } else {
                 self.leaders.lock().ok().and_then(|l| l.get(&d.id).copied())
@@ -415,12 +415,12 @@ impl Client {
                 Ok(Response::NotLeader { leader, addr }) => {
                     last = format!("node {node} is not the leader of shard {}", d.id);
                     match leader {
-                        Some(l) if l.0 != node => {
+                        Some(l) if l != node => {
                             if let (Some(a), Ok(mut addrs)) = (addr.and_then(|a| a.parse().ok()), self.addrs.lock()) {
-                                addrs.insert(l.0, a);
+                                addrs.insert(l, a);
                             }
                             if let Ok(mut m) = self.leaders.lock() {
-                                m.insert(d.id, l.0);
+                                m.insert(d.id, l);
                             }
                         }
                         _ => {
@@ -614,7 +614,7 @@ impl Client {
         let mut turn = 0usize;
         let request = Request::Admin(req);
         while Instant::now() < deadline {
-            let mut nodes: Vec<u64> = self.addrs.lock().map(|a| a.keys().copied().collect()).unwrap_or_default();
+            let mut nodes: Vec<NodeId> = self.addrs.lock().map(|a| a.keys().copied().collect()).unwrap_or_default();
             nodes.sort();
             if nodes.is_empty() {
                 return Err(ClientError::Config("no node address known".into()));

@@ -38,7 +38,7 @@ pub fn default_cluster_file() -> PathBuf {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterNode {
     /// Node id.
-    pub id: u64,
+    pub id: NodeId,
     /// Its QUIC address.
     pub addr: String,
     /// Its metrics/health HTTP address, if it serves one.
@@ -113,7 +113,7 @@ impl ClusterFile {
     }
 
     /// Node ids and parsed addresses.
-    pub fn endpoints(&self) -> Result<Vec<(u64, SocketAddr)>, String> {
+    pub fn endpoints(&self) -> Result<Vec<(NodeId, SocketAddr)>, String> {
         self.nodes
             .iter()
             .map(|n| n.addr.parse().map(|a| (n.id, a)).map_err(|e| format!("node {} address {:?}: {e}", n.id, n.addr)))
@@ -122,7 +122,7 @@ impl ClusterFile {
 }
 
 /// Paths of one issued certificate in a certificate directory.
-pub fn node_cert_paths(dir: &Path, node: u64) -> (PathBuf, PathBuf) {
+pub fn node_cert_paths(dir: &Path, node: NodeId) -> (PathBuf, PathBuf) {
     (dir.join(format!("node-{node}.pem")), dir.join(format!("node-{node}-key.pem")))
 }
 
@@ -152,12 +152,12 @@ fn load_ca(dir: &Path) -> Result<CertificateAuthority, String> {
 }
 
 /// Issues a node certificate from the CA in `dir`.
-pub fn issue_node(dir: &Path, node: u64) -> Result<(PathBuf, PathBuf), String> {
-    if node == 0 {
+pub fn issue_node(dir: &Path, node: NodeId) -> Result<(PathBuf, PathBuf), String> {
+    if node.0 == 0 {
         return Err("node ids start at 1".into());
     }
     let ca = load_ca(dir)?;
-    let issued = ca.issue_node(NodeId(node)).map_err(|e| e.to_string())?;
+    let issued = ca.issue_node(node).map_err(|e| e.to_string())?;
     let (cert, key) = node_cert_paths(dir, node);
     write_pem_file(&cert, &issued.cert_pem, false).map_err(|e| e.to_string())?;
     write_pem_file(&key, &issued.key_pem, true).map_err(|e| e.to_string())?;
@@ -178,7 +178,7 @@ pub fn issue_client(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), String
 }
 
 /// A node's TLS identity from a certificate directory.
-pub fn node_tls(dir: &Path, node: u64) -> Result<TlsIdentity, String> {
+pub fn node_tls(dir: &Path, node: NodeId) -> Result<TlsIdentity, String> {
     let (cert, key) = node_cert_paths(dir, node);
     TlsIdentity::load(&dir.join("ca.pem"), &cert, &key).map_err(|e| e.to_string())
 }

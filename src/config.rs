@@ -30,13 +30,13 @@
 
 use crate::meta::dev_split_keys;
 use crate::node::{BootstrapConfig, NodeConfig, META_VOTERS_MAX};
+use crate::raft::NodeId;
 use crate::transport::cert::TlsIdentity;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-/// Most initial shards a bootstrap may ask for.
-pub const BOOTSTRAP_SHARDS_MAX: u32 = 256;
+pub use crate::meta::BOOTSTRAP_SHARDS_MAX;
 
 /// The file's contents.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -163,15 +163,15 @@ impl ServerFile {
             if p.id == 0 || p.id == self.id {
                 return Err(format!("peers: id {} is not a valid peer of node {}", p.id, self.id));
             }
-            if peers.iter().any(|(id, _)| *id == p.id) {
+            if peers.iter().any(|(id, _)| *id == NodeId(p.id)) {
                 return Err(format!("peers: node {} is listed twice", p.id));
             }
-            peers.push((p.id, addr(&format!("peers (node {})", p.id), &p.addr)?));
+            peers.push((NodeId(p.id), addr(&format!("peers (node {})", p.id), &p.addr)?));
         }
         let rel = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
         let tls = TlsIdentity::load(&rel(&self.tls.ca), &rel(&self.tls.cert), &rel(&self.tls.key))
             .map_err(|e| format!("tls: {e}"))?;
-        let mut node = NodeConfig::new(self.id, rel(&self.data_dir), listen, tls);
+        let mut node = NodeConfig::new(NodeId(self.id), rel(&self.data_dir), listen, tls);
         node.advertise_addr = self.advertise.clone();
         node.peers = peers.clone();
         if let Some(bytes) = self.split_size_bytes {
@@ -191,17 +191,17 @@ impl ServerFile {
             if b.shards == 0 || b.shards > BOOTSTRAP_SHARDS_MAX {
                 return Err(format!("bootstrap.shards: must be 1..={BOOTSTRAP_SHARDS_MAX}"));
             }
-            let known = |n: &u64| *n == self.id || peers.iter().any(|(p, _)| p == n);
+            let known = |n: &u64| *n == self.id || peers.iter().any(|(p, _)| p.0 == *n);
             if let Some(n) = b.meta_voters.iter().chain(b.shard_replicas.iter()).find(|n| !known(n)) {
                 return Err(format!("bootstrap: node {n} is neither this node nor a listed peer"));
             }
-            let mut addrs: Vec<(u64, String)> = peers.iter().map(|(n, a)| (*n, a.to_string())).collect();
+            let mut addrs: Vec<(NodeId, String)> = peers.iter().map(|(n, a)| (*n, a.to_string())).collect();
             if let Some(a) = &self.advertise {
-                addrs.push((self.id, a.clone()));
+                addrs.push((NodeId(self.id), a.clone()));
             }
             node.bootstrap = Some(BootstrapConfig {
-                meta_voters: b.meta_voters.clone(),
-                shard_replicas: b.shard_replicas.clone(),
+                meta_voters: b.meta_voters.iter().copied().map(NodeId).collect(),
+                shard_replicas: b.shard_replicas.iter().copied().map(NodeId).collect(),
                 addrs,
                 split_keys: dev_split_keys(b.shards),
             });

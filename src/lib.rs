@@ -53,6 +53,7 @@ pub mod bench;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod dev_cluster;
 pub mod http;
 pub mod meta;
 pub mod net;

@@ -23,11 +23,12 @@
 use crate::placement::{
     balance, BalancerConfig, MetaCommand, MetaOutcome, MetaState, NodeId, ShardDescriptor, ShardId,
 };
+use crate::raft::GroupId;
 use crate::shard::KeyRange;
 use crate::wire::{AdminResponse, MetaOp};
 
 /// The meta group's id.
-pub const META_GROUP: u64 = 0;
+pub const META_GROUP: GroupId = GroupId(0);
 /// The key holding the serialized meta state (inside the meta group's reserved range).
 pub const META_STATE_KEY: &[u8] = b"\x00meta/state";
 /// Format version of the stored meta state.
@@ -63,11 +64,16 @@ pub fn decode_state(bytes: Option<&[u8]>) -> Result<MetaState, String> {
     MetaState::restore(body)
 }
 
+/// Most shards a new cluster starts with (`flotilla dev --shards`, `bootstrap.shards`): one per
+/// two-hex-digit prefix `00`..`ff` ([`dev_split_keys`]).
+pub const BOOTSTRAP_SHARDS_MAX: u32 = 256;
+
 /// Split keys spreading `shards` shards over the two-hex-digit prefixes `00`..`ff` (the
 /// bench's keys are hex strings, and most text keys land in some shard): `shards - 1` keys.
 pub fn dev_split_keys(shards: u32) -> Vec<Vec<u8>> {
-    let s = u64::from(shards.clamp(1, 256));
-    (1..s).map(|i| format!("{:02x}", 256 * i / s).into_bytes()).collect()
+    let prefixes = u64::from(BOOTSTRAP_SHARDS_MAX);
+    let s = u64::from(shards.clamp(1, BOOTSTRAP_SHARDS_MAX));
+    (1..s).map(|i| format!("{:02x}", prefixes * i / s).into_bytes()).collect()
 }
 
 fn changed(outcome: MetaOutcome, acc: &mut Vec<ShardDescriptor>) {

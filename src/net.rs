@@ -16,7 +16,7 @@
 
 use crate::raft::{GroupId, NodeId};
 use crate::shard::{Host, HostNetwork, NodeBatch};
-use crate::transport::{self as tp, Envelope, Transport};
+use crate::transport::{Envelope, Transport};
 use std::sync::atomic::{AtomicU64, Ordering};
 use tracing::{debug, warn};
 
@@ -81,7 +81,7 @@ impl TransportNetwork {
             self.send_slice(to, slot, NodeBatch { from, messages: right_m, quiesce: right_q });
             return;
         }
-        if let Err(e) = self.transport.send(tp::NodeId(to.0), Envelope::new(tp::GroupId(slot), bytes)) {
+        if let Err(e) = self.transport.send(to, Envelope::new(GroupId(slot), bytes)) {
             self.stats.send_failed.fetch_add(1, Ordering::Relaxed);
             debug!(%to, error = %e, "transport refused a batch");
         }
@@ -114,7 +114,7 @@ impl HostNetwork for TransportNetwork {
 }
 
 /// Hands an envelope received from `from` (authenticated) to the host.
-pub fn deliver(host: &Host, stats: &NetStats, from: tp::NodeId, envelope: Envelope) {
+pub fn deliver(host: &Host, stats: &NetStats, from: NodeId, envelope: Envelope) {
     let batch = match NodeBatch::decode(&envelope.payload) {
         Ok(b) => b,
         Err(e) => {
@@ -123,7 +123,7 @@ pub fn deliver(host: &Host, stats: &NetStats, from: tp::NodeId, envelope: Envelo
             return;
         }
     };
-    if batch.from.0 != from.0 {
+    if batch.from != from {
         stats.spoofed.fetch_add(1, Ordering::Relaxed);
         warn!(sender = %from, claimed = %batch.from, "node batch claims another sender; dropped");
         return;

@@ -20,9 +20,10 @@ pub const PROTOCOL_VERSION: u8 = 3;
 /// long is refused before it is routed (or made a split point). Keys travel in every routing
 /// check and log entry.
 pub const KEY_BYTES_MAX: usize = crate::shard::KEY_BYTES_MAX;
-/// Largest value accepted (bytes); well under the transport's frame limit and the Raft
-/// append limit, so one value always fits one message.
-pub const VALUE_BYTES_MAX: usize = 512 << 10;
+/// Largest value accepted (bytes): the shard's own limit, checked here first so that a value
+/// too large is refused before it is routed. The same limit bounds the meta state, which the
+/// meta group stores as one value.
+pub const VALUE_BYTES_MAX: usize = crate::shard::VALUE_BYTES_MAX;
 /// Most pairs a scan returns in one answer.
 pub const SCAN_LIMIT_MAX: usize = 10_000;
 /// Most key and value bytes in one scan answer (under the transport's 4 MiB frame); a longer

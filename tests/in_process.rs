@@ -5,136 +5,13 @@
 use flotilla::meta::dev_split_keys;
 use flotilla::placement::{NodeId, ShardId};
 use flotilla::transport::cert::{CertificateAuthority, TlsIdentity};
-use flotilla::transport::NodeId as TNodeId;
 use flotilla::wire::{AdminRequest, AdminResponse};
-use flotilla::{BootstrapConfig, CasOutcome, Client, ClientConfig, ClientError, Node, NodeConfig};
-use std::net::SocketAddr;
+use flotilla::{CasOutcome, Client, ClientConfig, ClientError};
 use std::time::{Duration, Instant};
 
 mod common;
 
-struct Cluster {
-    ca: CertificateAuthority,
-    nodes: Vec<Option<Node>>,
-    /// Each node's configuration, its listen address fixed to the one it bound (for restarts).
-    configs: Vec<NodeConfig>,
-    _dir: tempfile::TempDir,
-}
-
-fn loopback() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 0))
-}
-
-impl Cluster {
-    async fn start(n: u64, shards: u32) -> Cluster {
-        let ids: Vec<u64> = (1..=n).collect();
-        Self::start_with(n, &ids, &ids, shards, |_| {}).await
-    }
-
-    /// `n` nodes; the meta group on `meta`, every initial shard on `replicas`; `tweak` changes
-    /// each node's configuration.
-    async fn start_with(
-        n: u64,
-        meta: &[u64],
-        replicas: &[u64],
-        shards: u32,
-        tweak: impl Fn(&mut NodeConfig),
-    ) -> Cluster {
-        let ca = CertificateAuthority::generate("test CA").unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let ids: Vec<u64> = (1..=n).collect();
-        let mut nodes: Vec<Node> = Vec::new();
-        let mut configs = Vec::new();
-        for id in &ids {
-            let issued = ca.issue_node(TNodeId(*id)).unwrap();
-            let tls = TlsIdentity::from_issued(ca.cert_pem(), &issued).unwrap();
-            let mut cfg = NodeConfig::new(*id, dir.path().join(format!("n{id}")), loopback(), tls);
-            cfg.bootstrap = Some(BootstrapConfig {
-                meta_voters: meta.to_vec(),
-                shard_replicas: replicas.to_vec(),
-                addrs: Vec::new(),
-                split_keys: dev_split_keys(shards),
-            });
-            cfg.report_interval_ms = 300;
-            tweak(&mut cfg);
-            let node = Node::start(cfg.clone()).await.unwrap();
-            cfg.listen_addr = node.local_addr().unwrap();
-            configs.push(cfg);
-            nodes.push(node);
-        }
-        for a in &nodes {
-            for b in &nodes {
-                if b.id() != a.id() {
-                    a.set_peer_addr(b.id(), b.local_addr().unwrap()).unwrap();
-                }
-            }
-        }
-        Cluster { ca, nodes: nodes.into_iter().map(Some).collect(), configs, _dir: dir }
-    }
-
-    fn endpoints(&self) -> Vec<(u64, SocketAddr)> {
-        self.nodes.iter().flatten().map(|n| (n.id(), n.local_addr().unwrap())).collect()
-    }
-
-    async fn client(&self) -> Client {
-        self.client_with(flotilla::wire::ReadConsistency::Linearizable).await
-    }
-
-    async fn client_with(&self, consistency: flotilla::wire::ReadConsistency) -> Client {
-        let issued = self.ca.issue_client("test").unwrap();
-        let tls = TlsIdentity::from_issued(self.ca.cert_pem(), &issued).unwrap();
-        let mut cfg = ClientConfig::new(tls, self.endpoints());
-        cfg.consistency = consistency;
-        cfg.op_timeout = Duration::from_secs(20);
-        // The cluster forms in the background: wait for a map.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match Client::connect(cfg.clone()).await {
-                Ok(c) => return c,
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("waiting for the cluster: {e}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => panic!("cluster never formed: {e}"),
-            }
-        }
-    }
-
-    async fn stop(&mut self, id: u64) {
-        if let Some(n) = self.nodes[(id - 1) as usize].take() {
-            n.shutdown().await;
-        }
-    }
-
-    /// Starts a stopped node again, on its data and at its address.
-    async fn restart(&mut self, id: u64) {
-        // The stopped node's socket and store close once its last handle is gone, which the
-        // runtime finishes shortly after `shutdown` returns.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let node = loop {
-            match Node::start(self.configs[(id - 1) as usize].clone()).await {
-                Ok(node) => break node,
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("restarting node {id}: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("node {id} does not start again: {e}"),
-            }
-        };
-        for other in self.nodes.iter().flatten() {
-            node.set_peer_addr(other.id(), other.local_addr().unwrap()).unwrap();
-        }
-        self.nodes[(id - 1) as usize] = Some(node);
-    }
-
-    async fn shutdown(&mut self) {
-        for n in self.nodes.iter_mut() {
-            if let Some(n) = n.take() {
-                n.shutdown().await;
-            }
-        }
-    }
-}
+use common::cluster::Cluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_serve_and_survive_a_leader_failure() {
@@ -235,10 +112,10 @@ async fn three_nodes_serve_and_survive_a_leader_failure() {
 async fn wait_leader(cluster: &Cluster, shard: ShardId) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        for n in cluster.nodes.iter().flatten() {
+        for n in cluster.nodes() {
             let infos = n.host().group_info().await.unwrap();
-            if infos.iter().any(|i| i.group.0 == shard.0 && i.role == flotilla::raft::Role::Leader) {
-                return n.id();
+            if infos.iter().any(|i| i.group == shard && i.role == flotilla::raft::Role::Leader) {
+                return n.id().0;
             }
         }
         assert!(Instant::now() < deadline, "no leader for shard {shard}");
@@ -249,7 +126,7 @@ async fn wait_leader(cluster: &Cluster, shard: ShardId) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn move_a_replica_while_clients_write() {
     // Shards on nodes 1-3, node 4 empty; move shard 1's replica from node 3 to node 4.
-    let mut cluster = Cluster::start_with(4, &[1, 2, 3], &[1, 2, 3], 2, |_| {}).await;
+    let mut cluster = Cluster::start_with(4, &[1, 2, 3], &[1, 2, 3], dev_split_keys(2), |_| {}).await;
     let client = std::sync::Arc::new(cluster.client().await);
     for i in 0..50 {
         client.put(format!("0-before-{i}").as_bytes(), b"v").await.unwrap();
@@ -303,11 +180,11 @@ async fn move_a_replica_while_clients_write() {
     }
     // Node 3 drops its replica; node 4 serves one.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while cluster.nodes[2].as_ref().unwrap().host().groups().contains(&flotilla::raft::GroupId(shard.0)) {
+    while cluster.node(3).host().groups().contains(&flotilla::raft::GroupId(shard.0)) {
         assert!(Instant::now() < deadline, "node 3 kept its replica");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(cluster.nodes[3].as_ref().unwrap().host().groups().contains(&flotilla::raft::GroupId(shard.0)));
+    assert!(cluster.node(4).host().groups().contains(&flotilla::raft::GroupId(shard.0)));
 
     // Leadership goes where an admin request says.
     client.admin(AdminRequest::TransferLeader { shard, node: NodeId(4) }).await.unwrap();
@@ -352,13 +229,7 @@ async fn a_node_joins_a_running_cluster() {
     client.put(b"joined", b"yes").await.unwrap();
 
     // Node 4: no bootstrap, the others as peers; it announces itself to them.
-    let issued = cluster.ca.issue_node(TNodeId(4)).unwrap();
-    let tls = TlsIdentity::from_issued(cluster.ca.cert_pem(), &issued).unwrap();
-    let mut cfg = NodeConfig::new(4, cluster._dir.path().join("n4"), loopback(), tls);
-    cfg.peers = cluster.endpoints();
-    cfg.report_interval_ms = 300;
-    let n4 = Node::start(cfg).await.unwrap();
-    cluster.nodes.push(Some(n4));
+    assert_eq!(cluster.join().await.id(), NodeId(4));
 
     // Its reports reach the meta leader, and a replica can move to it.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -447,7 +318,7 @@ async fn split_a_shard_while_clients_write_losing_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_automatic_balancer_splits_a_shard_that_grew_past_the_threshold() {
-    let mut cluster = Cluster::start_with(3, &[1, 2, 3], &[1, 2, 3], 1, |cfg| {
+    let mut cluster = Cluster::start_with(3, &[1, 2, 3], &[1, 2, 3], dev_split_keys(1), |cfg| {
         cfg.balancer.split_size_bytes_threshold = 32 << 10;
         cfg.size_check_interval_ms = 200;
         cfg.auto_balance_interval_ms = Some(300);
@@ -497,7 +368,7 @@ async fn node_reports_reach_the_meta_leader_without_meta_writes() {
     }
     // Three nodes reporting every 300 ms for 3 s: about 30 reports, and no meta write for any.
     let writes = |c: &Cluster| -> u64 {
-        c.nodes.iter().flatten().map(|n| n.stats().meta_writes.load(std::sync::atomic::Ordering::Relaxed)).sum()
+        c.nodes().map(|n| n.stats().meta_writes.load(std::sync::atomic::Ordering::Relaxed)).sum()
     };
     let before = writes(&cluster);
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -553,16 +424,16 @@ async fn a_write_cut_off_from_its_quorum_is_unknown_not_retried() {
     let shard = client.cached_view().map.lookup(b"k").unwrap().id;
     let leader = wait_leader(&cluster, shard).await;
     let others: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
-    let node = |id: u64| cluster.nodes[(id - 1) as usize].as_ref().unwrap();
+    let node = |id: u64| cluster.node(id);
     for o in &others {
-        node(leader).transport().block_peer(TNodeId(*o));
-        node(*o).transport().block_peer(TNodeId(leader));
+        node(leader).transport().block_peer(NodeId(*o));
+        node(*o).transport().block_peer(NodeId(leader));
     }
     let r = client.put(b"k", b"during").await;
     assert!(matches!(r, Err(ClientError::Unknown(_))), "{r:?}");
     for o in &others {
-        node(leader).transport().unblock_peer(TNodeId(*o));
-        node(*o).transport().unblock_peer(TNodeId(leader));
+        node(leader).transport().unblock_peer(NodeId(*o));
+        node(*o).transport().unblock_peer(NodeId(leader));
     }
     // Either outcome is possible; the value is one of the two.
     let v = client.get(b"k").await.unwrap();
@@ -589,9 +460,9 @@ async fn a_node_with_a_lagging_map_keeps_the_group_a_split_gave_it() {
         assert!(Instant::now() < deadline, "shard {shard} never moved to node {shard_leader}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let node = |id: u64| cluster.nodes[(id - 1) as usize].as_ref().unwrap();
-    node(cut).transport().block_peer(TNodeId(meta_leader));
-    node(meta_leader).transport().block_peer(TNodeId(cut));
+    let node = |id: u64| cluster.node(id);
+    node(cut).transport().block_peer(NodeId(meta_leader));
+    node(meta_leader).transport().block_peer(NodeId(cut));
 
     let AdminResponse::Changed(shards) = client.admin(AdminRequest::Split { key: b"m".to_vec() }).await.unwrap() else {
         panic!("split answered otherwise")
@@ -616,8 +487,8 @@ async fn a_node_with_a_lagging_map_keeps_the_group_a_split_gave_it() {
         assert!(node(cut).host().groups().contains(&group), "node {cut} deleted a replica its group counts");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    node(cut).transport().unblock_peer(TNodeId(meta_leader));
-    node(meta_leader).transport().unblock_peer(TNodeId(cut));
+    node(cut).transport().unblock_peer(NodeId(meta_leader));
+    node(meta_leader).transport().unblock_peer(NodeId(cut));
     let deadline = Instant::now() + Duration::from_secs(30);
     while node(cut).meta_view().map.get(right).is_none() {
         assert!(Instant::now() < deadline, "node {cut}'s map never caught up");
@@ -711,9 +582,9 @@ async fn move_onto_node_4_out_of_its_leaders_reach(cluster: &Cluster, client: &C
         assert!(Instant::now() < deadline, "shard {shard} never moved to node {leader}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let node = |id: u64| cluster.nodes[(id - 1) as usize].as_ref().unwrap();
-    node(4).transport().block_peer(TNodeId(leader));
-    node(leader).transport().block_peer(TNodeId(4));
+    let node = |id: u64| cluster.node(id);
+    node(4).transport().block_peer(NodeId(leader));
+    node(leader).transport().block_peer(NodeId(4));
     let from = (1..=3).find(|n| *n != leader && *n != meta_leader).unwrap();
     // Node 4 registers itself in the background: retry until the meta state knows it.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -730,10 +601,10 @@ async fn move_onto_node_4_out_of_its_leaders_reach(cluster: &Cluster, client: &C
 async fn a_stale_read_on_a_replica_not_caught_up_is_refused() {
     use flotilla::transport::PeerIdentity;
     use flotilla::wire::{ReadConsistency, Request, Response};
-    let mut cluster = Cluster::start_with(4, &[1, 2, 3], &[1, 2, 3], 1, |_| {}).await;
+    let mut cluster = Cluster::start_with(4, &[1, 2, 3], &[1, 2, 3], dev_split_keys(1), |_| {}).await;
     let client = cluster.client().await;
     let (shard, _, leader) = move_onto_node_4_out_of_its_leaders_reach(&cluster, &client).await;
-    let node = |id: u64| cluster.nodes[(id - 1) as usize].as_ref().unwrap();
+    let node = |id: u64| cluster.node(id);
     let group = flotilla::raft::GroupId(shard.0);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !node(4).host().groups().contains(&group) {
@@ -747,8 +618,8 @@ async fn a_stale_read_on_a_replica_not_caught_up_is_refused() {
         other => panic!("an empty replica answered a stale read: {other:?}"),
     }
     // Reached by its leader, it answers.
-    node(4).transport().unblock_peer(TNodeId(leader));
-    node(leader).transport().unblock_peer(TNodeId(4));
+    node(4).transport().unblock_peer(NodeId(leader));
+    node(leader).transport().unblock_peer(NodeId(4));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let epoch = node(4).meta_view().map.get(shard).unwrap().epoch;
@@ -770,10 +641,11 @@ async fn a_stale_read_on_a_replica_not_caught_up_is_refused() {
 /// tombstone), and its node deletes the replica; the shard keeps serving throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_aborted_move_removes_its_learner_from_the_group_and_its_node() {
-    let mut cluster = Cluster::start_with(4, &[1, 2, 3], &[1, 2, 3], 1, |c| c.move_step_deadline_ms = 3_000).await;
+    let mut cluster =
+        Cluster::start_with(4, &[1, 2, 3], &[1, 2, 3], dev_split_keys(1), |c| c.move_step_deadline_ms = 3_000).await;
     let client = cluster.client().await;
     let (shard, meta_leader, leader) = move_onto_node_4_out_of_its_leaders_reach(&cluster, &client).await;
-    let node = |id: u64| cluster.nodes[(id - 1) as usize].as_ref().unwrap();
+    let node = |id: u64| cluster.node(id);
     let group = flotilla::raft::GroupId(shard.0);
     let learner_in_group = |infos: &[flotilla::shard::GroupInfo]| {
         infos.iter().any(|i| i.group == group && i.committed_conf.membership.contains(flotilla::raft::NodeId(4)))

@@ -2,93 +2,18 @@
 //! finds moved keys after one refresh (finding 3); a client whose only contact cannot reach
 //! the meta leader still routes by that node's own copy of the map (finding 10).
 
-use flotilla::transport::cert::{CertificateAuthority, TlsIdentity};
-use flotilla::transport::NodeId as TNodeId;
 use flotilla::transport::PeerIdentity;
 use flotilla::wire::{AdminRequest, AdminResponse, ReadConsistency, Request, Response};
-use flotilla::{BootstrapConfig, Client, ClientConfig, Node, NodeConfig};
-use std::net::SocketAddr;
+use flotilla::Client;
 use std::time::{Duration, Instant};
 
-struct Cluster {
-    ca: CertificateAuthority,
-    nodes: Vec<Option<Node>>,
-    _dir: tempfile::TempDir,
-}
+mod common;
 
-impl Cluster {
-    /// `n` nodes on loopback; the meta group on `meta`, every initial shard on `replicas`.
-    async fn start(n: u64, meta: &[u64], replicas: &[u64], split_keys: &[&str]) -> Cluster {
-        let ca = CertificateAuthority::generate("test CA").unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let mut nodes: Vec<Node> = Vec::new();
-        for id in 1..=n {
-            let issued = ca.issue_node(TNodeId(id)).unwrap();
-            let tls = TlsIdentity::from_issued(ca.cert_pem(), &issued).unwrap();
-            let listen = SocketAddr::from(([127, 0, 0, 1], 0));
-            let mut cfg = NodeConfig::new(id, dir.path().join(format!("n{id}")), listen, tls);
-            cfg.bootstrap = Some(BootstrapConfig {
-                meta_voters: meta.to_vec(),
-                shard_replicas: replicas.to_vec(),
-                addrs: Vec::new(),
-                split_keys: split_keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
-            });
-            cfg.report_interval_ms = 300;
-            nodes.push(Node::start(cfg).await.unwrap());
-        }
-        for a in &nodes {
-            for b in &nodes {
-                if b.id() != a.id() {
-                    a.set_peer_addr(b.id(), b.local_addr().unwrap()).unwrap();
-                }
-            }
-        }
-        Cluster { ca, nodes: nodes.into_iter().map(Some).collect(), _dir: dir }
-    }
+use common::cluster::Cluster;
 
-    fn node(&self, id: u64) -> &Node {
-        self.nodes[(id - 1) as usize].as_ref().unwrap()
-    }
-
-    fn config(&self, endpoints: &[u64]) -> ClientConfig {
-        let issued = self.ca.issue_client("test").unwrap();
-        let tls = TlsIdentity::from_issued(self.ca.cert_pem(), &issued).unwrap();
-        let endpoints = endpoints.iter().map(|id| (*id, self.node(*id).local_addr().unwrap())).collect();
-        let mut cfg = ClientConfig::new(tls, endpoints);
-        cfg.op_timeout = Duration::from_secs(20);
-        cfg
-    }
-
-    /// A client of every node, once the cluster has formed.
-    async fn client(&self) -> Client {
-        let all: Vec<u64> = self.nodes.iter().flatten().map(|n| n.id()).collect();
-        let cfg = self.config(&all);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match Client::connect(cfg.clone()).await {
-                Ok(c) => return c,
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("waiting for the cluster: {e}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => panic!("cluster never formed: {e}"),
-            }
-        }
-    }
-
-    async fn stop(&mut self, id: u64) {
-        if let Some(n) = self.nodes[(id - 1) as usize].take() {
-            n.shutdown().await;
-        }
-    }
-
-    async fn shutdown(&mut self) {
-        for n in self.nodes.iter_mut() {
-            if let Some(n) = n.take() {
-                n.shutdown().await;
-            }
-        }
-    }
+/// `n` nodes; the meta group on `meta`, every initial shard on `replicas`, split at `keys`.
+async fn start(n: u64, meta: &[u64], replicas: &[u64], keys: &[&str]) -> Cluster {
+    Cluster::start_with(n, meta, replicas, keys.iter().map(|k| k.as_bytes().to_vec()).collect(), |_| {}).await
 }
 
 /// Waits until the meta leader's reports show `shards` shards, each with a leader.
@@ -111,7 +36,7 @@ fn keys_of(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_whose_map_predates_a_split_scans_every_key_and_finds_moved_keys_after_one_refresh() {
-    let mut cluster = Cluster::start(3, &[1, 2, 3], &[1, 2, 3], &[]).await;
+    let mut cluster = start(3, &[1, 2, 3], &[1, 2, 3], &[]).await;
     let stale = cluster.client().await;
     let mut want = Vec::new();
     for side in ["b", "x"] {
@@ -181,7 +106,7 @@ async fn a_client_whose_map_predates_a_split_scans_every_key_and_finds_moved_key
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_whose_contact_cannot_reach_the_meta_leader_still_routes_to_shard_leaders() {
     // The meta group on nodes 1-3, the data shards on nodes 2-4.
-    let mut cluster = Cluster::start(4, &[1, 2, 3], &[2, 3, 4], &["m"]).await;
+    let mut cluster = start(4, &[1, 2, 3], &[2, 3, 4], &["m"]).await;
     let client = cluster.client().await;
     wait_shards_led(&client, 2).await;
     for k in ["a-before", "z-before"] {

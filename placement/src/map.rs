@@ -3,28 +3,14 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::fmt;
 use std::ops::Bound;
 use thiserror::Error;
 
-/// A node of the cluster (as placement knows it).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct NodeId(pub u64);
-
-/// A shard (one Raft group serving one key range).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct ShardId(pub u64);
-
-impl fmt::Display for NodeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
-impl fmt::Display for ShardId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
+/// A shard is one Raft group serving one key range, and its id is that group's id (as TiKV's
+/// region id is its Raft group id): the same type, so node code never converts between them.
+pub use flotilla_ids::GroupId as ShardId;
+/// A node of the cluster: the id every crate of ours shares.
+pub use flotilla_ids::NodeId;
 
 /// A shard's version stamp. `version` grows with every split or merge (the range changed),
 /// `conf_version` with every replica change. Each only ever grows.

@@ -4,37 +4,11 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-macro_rules! id_newtype {
-    ($(#[$m:meta])* $name:ident) => {
-        $(#[$m])*
-        #[derive(
-            Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-        )]
-        pub struct $name(pub u64);
+use flotilla_ids::id_newtype;
+/// Node and group ids are shared with every crate of ours (`flotilla-ids`); re-exported here
+/// so that an embedder of the Raft library finds them beside the other types.
+pub use flotilla_ids::{GroupId, NodeId};
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}", self.0)
-            }
-        }
-
-        impl From<u64> for $name {
-            fn from(v: u64) -> Self {
-                $name(v)
-            }
-        }
-    };
-}
-
-id_newtype!(
-    /// The id of a node (a process taking part in Raft groups). Unique in a cluster.
-    NodeId
-);
-id_newtype!(
-    /// The id of a Raft group. One process may run many groups; the engine itself does not
-    /// look at it, it is carried for routing, tracing and metrics.
-    GroupId
-);
 id_newtype!(
     /// A Raft term. Term 0 is the term before any election; no entry carries it.
     Term

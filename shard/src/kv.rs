@@ -22,7 +22,9 @@ use std::sync::{Arc, RwLock};
 
 /// Longest key a command may carry: keeps every key below the unbounded range's end marker.
 pub const KEY_BYTES_MAX: usize = 1000;
-/// Largest value a command may carry.
+/// Largest value a command may carry (1 MiB), the one value limit of Flotilla (the client
+/// protocol checks it too). An entry carrying one fits an envelope (3 MiB) under the
+/// transport's 4 MiB frame; Raft sends an entry larger than its append byte limit alone.
 pub const VALUE_BYTES_MAX: usize = 1 << 20;
 
 /// A half-open key range `[start, end)`; `end: None` is unbounded.

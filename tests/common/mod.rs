@@ -1,5 +1,8 @@
-//! Helpers shared by the tests that run `flotilla` server processes.
+//! Helpers shared by the integration tests: `flotilla` server processes ([`Servers`]), checked
+//! client histories ([`History`]), and the in-process cluster ([`cluster::Cluster`]).
 #![allow(dead_code)]
+
+pub mod cluster;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -300,7 +303,13 @@ impl Servers {
         }
         let file = flotilla::cluster::ClusterFile {
             version: flotilla::cluster::CLUSTER_FILE_VERSION,
-            nodes: (1..=boot).map(|id| flotilla::cluster::ClusterNode { id, addr: addr(id), metrics: None }).collect(),
+            nodes: (1..=boot)
+                .map(|id| flotilla::cluster::ClusterNode {
+                    id: flotilla::raft::NodeId(id),
+                    addr: addr(id),
+                    metrics: None,
+                })
+                .collect(),
             ca: certs.join("ca.pem"),
             cert: certs.join("client-test.pem"),
             key: certs.join("client-test-key.pem"),

@@ -82,7 +82,7 @@ impl Client {
             .and_then(|certs| certs.first().and_then(|cert| identity_of_cert(cert).ok()));
         if named != Some(PeerIdentity::Node(node)) {
             conn.close(codes::CLOSE_IDENTITY_REFUSED, b"unexpected identity");
-            return Err(TransportError::Protocol(format!("{addr} is not {node}")));
+            return Err(TransportError::Protocol(format!("{addr} is not n{node}")));
         }
         Ok(ClientConnection { conn, frame_bytes_max: self.frame_bytes_max })
     }

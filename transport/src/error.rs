@@ -25,13 +25,13 @@ pub enum TransportError {
         max_bytes: usize,
     },
     /// The node is this node itself.
-    #[error("cannot send to self ({0})")]
+    #[error("cannot send to self (n{0})")]
     SelfPeer(NodeId),
     /// The number of peers reached `peers_max`.
     #[error("too many peers (limit {0})")]
     TooManyPeers(usize),
     /// Fault injection blocks this peer.
-    #[error("peer {0} is blocked by fault injection")]
+    #[error("peer n{0} is blocked by fault injection")]
     Blocked(NodeId),
     /// No connection to the peer could be used in time, or the deadline passed.
     #[error("timed out")]

@@ -3,28 +3,11 @@
 use std::fmt;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
-/// A node of the cluster. It is the number in the node's certificate (`node-<id>.flotilla`).
-#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct NodeId(pub u64);
-
-impl fmt::Display for NodeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "n{}", self.0)
-    }
-}
-
-/// A Raft group (shard). The transport uses it only to choose a stream, so that the messages
-/// of one group stay in order.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct GroupId(pub u64);
-
-impl fmt::Display for GroupId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "g{}", self.0)
-    }
-}
+/// Node and group ids are the ones every crate of ours shares. A node's id is the number in
+/// its certificate (`node-<id>.flotilla`); the transport uses a group id only to choose a
+/// stream, so that the messages of one group stay in order.
+pub use flotilla_ids::{GroupId, NodeId};
 
 /// One message for one group: an opaque payload (a serialized Raft message). The transport
 /// never looks inside `payload`.
@@ -55,7 +38,7 @@ pub enum PeerIdentity {
 impl fmt::Display for PeerIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            PeerIdentity::Node(id) => write!(f, "{id}"),
+            PeerIdentity::Node(id) => write!(f, "n{id}"),
             PeerIdentity::Client(name) => write!(f, "client {name}"),
         }
     }

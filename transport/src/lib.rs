@@ -1,7 +1,7 @@
 //! flotilla-transport: QUIC (quinn + rustls, mutual TLS) between nodes. It moves opaque
 //! envelopes tagged with a group id, batching the messages of all groups bound for one peer
-//! over one connection. It depends on no other crate of ours and never looks inside a
-//! payload.
+//! over one connection. Of our crates it depends on the ids only (`flotilla-ids`), and it
+//! never looks inside a payload.
 //!
 //! # Shape
 //!

@@ -166,7 +166,7 @@ impl Transport {
             PeerIdentity::Node(id) if id == config.node => {}
             other => {
                 return Err(TransportError::Config(format!(
-                    "certificate names {other}, but this node is {}",
+                    "certificate names {other}, but this node is n{}",
                     config.node
                 )))
             }
@@ -579,7 +579,7 @@ async fn run_accept(shared: Arc<Shared>) {
             };
             match identity {
                 PeerIdentity::Node(id) if id == shared.config.node => {
-                    refuse(format!("peer claims to be this node {id}"))
+                    refuse(format!("peer claims to be this node n{id}"))
                 }
                 PeerIdentity::Node(id) if id > shared.config.node => {
                     // The lower id dials, so this is not the pair's connection: it may carry

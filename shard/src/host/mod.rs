@@ -83,7 +83,13 @@ pub struct HostConfig {
 impl HostConfig {
     /// Defaults for `node`: two pollers, a 10 ms tick, quiet after ~3 heartbeat intervals.
     pub fn new(node: NodeId) -> HostConfig {
-        let raft = Config::default();
+        HostConfig::with_raft(node, Config::default())
+    }
+
+    /// Defaults for `node` running its groups with `raft`: the quiescence delay (~3 heartbeat
+    /// intervals), the peer-down delay (the shortest election timeout) and the API timeout
+    /// follow its timers.
+    pub fn with_raft(node: NodeId, raft: Config) -> HostConfig {
         let tick_ms = 10;
         HostConfig {
             node,

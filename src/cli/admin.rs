@@ -1,0 +1,232 @@
+//! `flotilla admin`: listings of nodes and shards, the cluster summary, and placement changes
+//! (splits, moves, leader transfers, drains, balancer rounds, node registrations).
+
+use super::{connect, print_table, show, Conn};
+use anyhow::{anyhow, bail, Result};
+use clap::{Args, Subcommand};
+use flotilla::placement::{NodeId, ShardId};
+use flotilla::wire::{AdminRequest, AdminResponse};
+use flotilla::Client;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// How long `admin move` follows a move before it returns (the move goes on).
+const MOVE_FOLLOW_S_MAX: u64 = 600;
+
+#[derive(Args)]
+pub struct AdminArgs {
+    #[command(flatten)]
+    conn: Conn,
+    #[command(subcommand)]
+    op: AdminOp,
+}
+
+#[derive(Subcommand)]
+pub enum AdminOp {
+    /// List nodes.
+    Nodes,
+    /// List shards with replicas, leaders and applied indexes.
+    Shards,
+    /// Split the shard holding KEY at KEY.
+    Split {
+        /// The split key.
+        key: String,
+    },
+    /// Move SHARD's replica from node FROM to node TO.
+    Move {
+        /// Shard id.
+        shard: u64,
+        /// Node losing the replica.
+        from: u64,
+        /// Node gaining it.
+        to: u64,
+        /// Return at once instead of following the move.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Hand SHARD's leadership to NODE.
+    TransferLeader {
+        /// Shard id.
+        shard: u64,
+        /// Target node.
+        node: u64,
+    },
+    /// Run the balancer once.
+    Rebalance,
+    /// Drain NODE (move everything off it), or stop draining with --undo.
+    Drain {
+        /// Node id.
+        node: u64,
+        /// Stop draining.
+        #[arg(long)]
+        undo: bool,
+    },
+    /// Cluster summary.
+    Status,
+    /// Register a node by hand (a node started with peers and no bootstrap registers itself).
+    AddNode {
+        /// Its id.
+        node: u64,
+        /// Its QUIC address.
+        addr: String,
+    },
+}
+
+pub async fn run(a: AdminArgs) -> Result<i32> {
+    let json = a.conn.json;
+    let req = match &a.op {
+        AdminOp::Nodes => AdminRequest::Nodes,
+        AdminOp::Shards => AdminRequest::Shards,
+        AdminOp::Split { key } => {
+            flotilla::wire::check_user_key(key.as_bytes()).map_err(|e| anyhow!("key {key:?}: {e}"))?;
+            AdminRequest::Split { key: key.as_bytes().to_vec() }
+        }
+        AdminOp::Move { shard, from, to, .. } => {
+            if from == to {
+                bail!("FROM and TO are the same node");
+            }
+            AdminRequest::Move { shard: ShardId(*shard), from: NodeId(*from), to: NodeId(*to) }
+        }
+        AdminOp::TransferLeader { shard, node } => {
+            AdminRequest::TransferLeader { shard: ShardId(*shard), node: NodeId(*node) }
+        }
+        AdminOp::Rebalance => AdminRequest::Rebalance,
+        AdminOp::Drain { node, undo } => AdminRequest::Drain { node: NodeId(*node), draining: !undo },
+        AdminOp::Status => AdminRequest::Status,
+        AdminOp::AddNode { node, addr } => {
+            addr.parse::<SocketAddr>().map_err(|e| anyhow!("{addr:?} is not an address like 127.0.0.1:7004: {e}"))?;
+            AdminRequest::AddNode { node: NodeId(*node), addr: addr.clone() }
+        }
+    };
+    let client = connect(&a.conn).await?;
+    let resp = client.admin(req).await?;
+    if json {
+        println!("{}", serde_json::to_string(&resp)?);
+    } else {
+        print_admin(&resp);
+    }
+    if let (AdminOp::Move { shard, no_wait: false, .. }, false) = (&a.op, json) {
+        follow_move(&client, ShardId(*shard)).await?;
+    }
+    client.close().await;
+    Ok(0)
+}
+
+/// Prints the progress of a move until it finishes.
+async fn follow_move(client: &Client, shard: ShardId) -> Result<()> {
+    let mut last = String::new();
+    let deadline = Instant::now() + Duration::from_secs(MOVE_FOLLOW_S_MAX);
+    while Instant::now() < deadline {
+        let AdminResponse::Shards(rows) = client.admin(AdminRequest::Shards).await? else { bail!("unexpected answer") };
+        let Some(row) = rows.into_iter().find(|r| r.descriptor.id == shard) else { bail!("shard {shard} vanished") };
+        match &row.moving {
+            Some(m) => {
+                let applied: Vec<String> = row.applied.iter().map(|(n, a)| format!("n{n}@{a}")).collect();
+                let now = format!("moving {m}; applied: {}", applied.join(" "));
+                if now != last {
+                    println!("{now}");
+                    last = now;
+                }
+            }
+            None => {
+                let replicas: Vec<String> = row.descriptor.replicas.iter().map(|r| format!("{}", r.node)).collect();
+                println!("move done: shard {shard} on nodes {}", replicas.join(","));
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    bail!(
+        "the move did not finish within {} minutes (it goes on; check `flotilla admin shards`)",
+        MOVE_FOLLOW_S_MAX / 60
+    )
+}
+
+fn human_bytes(b: u64) -> String {
+    match b {
+        0..1024 => format!("{b} B"),
+        1024..1_048_576 => format!("{:.1} KiB", b as f64 / 1024.0),
+        _ => format!("{:.1} MiB", b as f64 / 1_048_576.0),
+    }
+}
+
+fn print_admin(r: &AdminResponse) {
+    match r {
+        AdminResponse::Nodes(rows) => {
+            let rows: Vec<Vec<String>> = rows
+                .iter()
+                .map(|n| {
+                    vec![
+                        n.node.to_string(),
+                        n.addr.clone(),
+                        n.replicas.to_string(),
+                        n.leading.to_string(),
+                        n.requests_per_s.to_string(),
+                        if n.draining { "draining".into() } else { "-".into() },
+                        n.report_age_ms
+                            .map(|a| format!("{:.1}s ago", a as f64 / 1000.0))
+                            .unwrap_or_else(|| "never".into()),
+                    ]
+                })
+                .collect();
+            print_table(&["NODE", "ADDRESS", "REPLICAS", "LEADING", "REQ/S", "DRAIN", "LAST REPORT"], &rows);
+        }
+        AdminResponse::Shards(rows) => {
+            let rows: Vec<Vec<String>> = rows
+                .iter()
+                .map(|s| {
+                    let d = &s.descriptor;
+                    let range = format!(
+                        "[{}, {})",
+                        if d.start.is_empty() { "-inf".into() } else { show(&d.start) },
+                        d.end.as_ref().map(|e| show(e)).unwrap_or_else(|| "+inf".into())
+                    );
+                    let replicas: Vec<String> = d
+                        .replicas
+                        .iter()
+                        .map(|r| match r.role {
+                            flotilla::placement::ReplicaRole::Voter => r.node.to_string(),
+                            flotilla::placement::ReplicaRole::Learner => format!("{}(learner)", r.node),
+                        })
+                        .collect();
+                    let max = s.applied.values().copied().max().unwrap_or(0);
+                    let lag = s.applied.values().map(|a| max - a).max().unwrap_or(0);
+                    vec![
+                        d.id.to_string(),
+                        range,
+                        format!("{}.{}", d.epoch.conf_version, d.epoch.version),
+                        replicas.join(","),
+                        s.leader.map(|l| l.to_string()).unwrap_or_else(|| "?".into()),
+                        max.to_string(),
+                        lag.to_string(),
+                        human_bytes(s.bytes),
+                        s.moving.clone().unwrap_or_else(|| "-".into()),
+                    ]
+                })
+                .collect();
+            print_table(&["SHARD", "RANGE", "EPOCH", "REPLICAS", "LEADER", "APPLIED", "LAG", "SIZE", "MOVE"], &rows);
+        }
+        AdminResponse::Changed(ds) => {
+            if ds.is_empty() {
+                println!("OK");
+            }
+            for d in ds {
+                let nodes: Vec<String> = d.replicas.iter().map(|r| r.node.to_string()).collect();
+                println!(
+                    "shard {} epoch {}.{} on nodes {}",
+                    d.id,
+                    d.epoch.conf_version,
+                    d.epoch.version,
+                    nodes.join(",")
+                );
+            }
+        }
+        AdminResponse::Done(s) => println!("{s}"),
+        AdminResponse::Status(s) => {
+            println!("nodes:  {} registered, {} reporting", s.nodes, s.nodes_live);
+            println!("shards: {} ({} with a known leader)", s.shards, s.shards_with_leader);
+            println!("moves in progress: {}", s.moves);
+            println!("meta leader: {}", s.meta_leader.map(|n| n.to_string()).unwrap_or_else(|| "unknown".into()));
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! `flotilla bench`: the load generator ([`flotilla::bench`]) with a progress line and a
+//! latency summary.
+
+use super::{client_config, Conn};
+use anyhow::{anyhow, bail, Result};
+use clap::{Args, ValueEnum};
+use flotilla::bench::{self, BenchConfig, Workload};
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Most concurrent bench workers (`--clients`).
+const BENCH_CLIENTS_MAX: usize = 4096;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Workload.
+    #[arg(value_enum)]
+    workload: WorkloadArg,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Value size (bytes).
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    /// Run time (seconds).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Stop after this many operations.
+    #[arg(long)]
+    ops: Option<u64>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum WorkloadArg {
+    Put,
+    Get,
+    Mixed,
+}
+
+pub async fn run(a: BenchArgs) -> Result<i32> {
+    if a.clients == 0 || a.clients > BENCH_CLIENTS_MAX {
+        bail!("--clients must be 1..={BENCH_CLIENTS_MAX}");
+    }
+    if a.keys == 0 {
+        bail!("--keys must be at least 1");
+    }
+    if a.value_size > flotilla::wire::VALUE_BYTES_MAX {
+        bail!("--value-size must be at most {} bytes", flotilla::wire::VALUE_BYTES_MAX);
+    }
+    if !(a.duration.is_finite() && a.duration > 0.0 && a.duration <= 86_400.0) {
+        bail!("--duration must be a number of seconds in (0, 86400]");
+    }
+    let workload = match a.workload {
+        WorkloadArg::Put => Workload::Put,
+        WorkloadArg::Get => Workload::Get,
+        WorkloadArg::Mixed => Workload::Mixed,
+    };
+    let cfg = BenchConfig {
+        workload,
+        clients: a.clients,
+        value_size: a.value_size,
+        keys: a.keys,
+        duration: Duration::from_secs_f64(a.duration),
+        ops: a.ops,
+    };
+    let ccfg = client_config(&a.conn)?;
+    let progress = Arc::new(bench::Progress::default());
+    let p = progress.clone();
+    let json = a.conn.json;
+    let ticker = tokio::spawn(async move {
+        let start = Instant::now();
+        let mut last = 0u64;
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let ops = p.ops.load(std::sync::atomic::Ordering::Relaxed);
+            let errors = p.errors.load(std::sync::atomic::Ordering::Relaxed);
+            if !json {
+                eprint!(
+                    "\r{:>5.0}s  {ops:>9} ops  {:>8} ops/s  {errors} errors   ",
+                    start.elapsed().as_secs_f64(),
+                    ops - last
+                );
+                let _ = std::io::stderr().flush();
+            }
+            last = ops;
+        }
+    });
+    let report = bench::run(ccfg, cfg, progress).await;
+    ticker.abort();
+    let report = report.map_err(|e| anyhow!("cannot reach the cluster: {e}"))?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        eprintln!();
+        println!(
+            "{:?}: {} clients, {}-byte values, {} keys, {:.1} s",
+            report.workload, report.clients, report.value_size, report.keys, report.elapsed_s
+        );
+        println!("  ops:      {} ({:.0} ops/s)", report.ops, report.ops_per_s);
+        println!(
+            "  latency:  p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+            report.p50_ms, report.p90_ms, report.p99_ms, report.p999_ms, report.max_ms
+        );
+        println!("  errors:   {} unknown outcome, {} other", report.errors_unknown, report.errors_other);
+    }
+    Ok(0)
+}

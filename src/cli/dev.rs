@@ -1,0 +1,143 @@
+//! `flotilla dev`: a local cluster on loopback ([`DevCluster`]) with fresh certificates, its
+//! cluster file written where the other commands look for it, until Ctrl-C.
+
+use super::stop_signal;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use flotilla::cluster::{self, ClusterFile};
+use flotilla::dev_cluster::DevCluster;
+use flotilla::meta::{dev_split_keys, BOOTSTRAP_SHARDS_MAX};
+use flotilla::raft::NodeId;
+use flotilla::BootstrapConfig;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Most nodes `flotilla dev` starts.
+const DEV_NODES_MAX: u32 = 7;
+/// How long `flotilla dev` waits for its cluster to serve (s).
+const DEV_READY_TIMEOUT_S: u64 = 60;
+/// Marker file in a dev data directory: only such a directory is wiped on the next run.
+const DEV_MARKER: &str = ".flotilla-dev";
+
+#[derive(Args)]
+pub struct DevArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: u32,
+    /// Number of initial shards.
+    #[arg(long, default_value_t = 4)]
+    shards: u32,
+    /// Data directory (default: $FLOTILLA_HOME/dev, wiped at each start).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Do not run the balancer by itself (then only `admin rebalance` splits shards that grew
+    /// past --split-size-bytes and moves replicas and leaders).
+    #[arg(long)]
+    no_auto_balance: bool,
+    /// Shards larger than this (keys plus values) are split.
+    #[arg(long, value_name = "BYTES", default_value_t = flotilla::node::SPLIT_SIZE_BYTES_DEFAULT)]
+    split_size_bytes: u64,
+}
+
+pub async fn run(a: DevArgs) -> Result<i32> {
+    if a.nodes == 0 || a.nodes > DEV_NODES_MAX {
+        bail!("--nodes must be 1..={DEV_NODES_MAX}, not {}", a.nodes);
+    }
+    if a.shards == 0 || a.shards > BOOTSTRAP_SHARDS_MAX {
+        bail!("--shards must be 1..={BOOTSTRAP_SHARDS_MAX}, not {}", a.shards);
+    }
+    if a.split_size_bytes < flotilla::config::SPLIT_SIZE_BYTES_MIN {
+        bail!("--split-size-bytes must be at least {}", flotilla::config::SPLIT_SIZE_BYTES_MIN);
+    }
+    let dir = a.data_dir.unwrap_or_else(|| cluster::home().join("dev"));
+    prepare_dev_dir(&dir)?;
+    let log = std::fs::File::create(dir.join("dev.log"))
+        .with_context(|| format!("creating {}", dir.join("dev.log").display()))?;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(log))
+        .try_init();
+
+    let ids: Vec<NodeId> = (1..=u64::from(a.nodes)).map(NodeId).collect();
+    let bootstrap = BootstrapConfig::of_nodes(&ids, dev_split_keys(a.shards));
+    let mut dev = DevCluster::start(&dir, ids.len() as u64, bootstrap.clone(), |cfg| {
+        cfg.balancer.split_size_bytes_threshold = a.split_size_bytes;
+        cfg.pollers = flotilla::node::default_pollers(ids.len());
+        cfg.auto_balance_interval_ms = (!a.no_auto_balance).then_some(flotilla::config::AUTO_BALANCE_INTERVAL_MS);
+    })
+    .await?;
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut metrics = Vec::new();
+    for n in dev.nodes() {
+        let (bound, _t) = flotilla::http::serve(loopback, vec![n.clone()]).await.context("metrics server")?;
+        metrics.push(bound);
+    }
+    let file = dev.cluster_file(&metrics);
+    // Ready once a client gets a map and a write goes through.
+    dev.wait_ready(Duration::from_secs(DEV_READY_TIMEOUT_S)).await?;
+    file.save(&dir.join("cluster.json")).map_err(|e| anyhow!(e))?;
+    let default_file = cluster::default_cluster_file();
+    file.save(&default_file).map_err(|e| anyhow!(e))?;
+    let mut out = String::new();
+    out += &format!(
+        "flotilla dev: {} nodes, {} shards ({} replicas each), data in {}\n",
+        a.nodes,
+        a.shards,
+        bootstrap.shard_replicas.len(),
+        dir.display()
+    );
+    for (n, m) in dev.nodes().zip(&metrics) {
+        out += &format!("  node {}: {}   metrics http://{m}/metrics\n", n.id(), n.addr());
+    }
+    out += &if a.no_auto_balance {
+        "balancer: on request (flotilla admin rebalance)\n".to_string()
+    } else {
+        format!("balancer: automatic (shards split past {} bytes)\n", a.split_size_bytes)
+    };
+    out += &format!(
+        "cluster file: {} (read by default by the other commands)\n\
+         client certificate: {}\n\
+         logs: {}\n\n\
+         In another terminal:\n  \
+         flotilla kv put hello world\n  \
+         flotilla kv get hello\n  \
+         flotilla admin shards\n  \
+         flotilla bench put --clients 64 --duration 10\n\n\
+         Ctrl-C stops the cluster.\n",
+        default_file.display(),
+        file.cert.display(),
+        dir.join("dev.log").display()
+    );
+    print!("{out}");
+    let _ = std::io::stdout().flush();
+    stop_signal().await;
+    eprintln!("stopping the dev cluster");
+    dev.shutdown().await;
+    // Remove the default cluster file only if it still points at this cluster.
+    if ClusterFile::load(&default_file).ok().and_then(|f| f.pid) == Some(std::process::id()) {
+        let _ = std::fs::remove_file(&default_file);
+    }
+    Ok(0)
+}
+
+fn prepare_dev_dir(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        let empty = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.next().is_none();
+        if !empty {
+            if !dir.join(DEV_MARKER).exists() {
+                bail!(
+                    "{} is not empty and was not made by `flotilla dev`; refusing to wipe it (give another --data-dir)",
+                    dir.display()
+                );
+            }
+            std::fs::remove_dir_all(dir).with_context(|| format!("wiping {}", dir.display()))?;
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join(DEV_MARKER), "made by flotilla dev; wiped at its next start\n")
+        .with_context(|| format!("writing into {}", dir.display()))?;
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! `flotilla server`: one node per process, from a TOML file ([`flotilla::config`]) and flags
+//! that override it.
+
+use super::stop_signal;
+use anyhow::{anyhow, Context, Result};
+use clap::Args;
+use flotilla::config::{BootstrapEntry, PeerEntry, ServerFile, TlsPaths};
+use flotilla::node::{INITIAL_SHARD_REPLICAS, META_VOTERS_MAX};
+use flotilla::Node;
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct ServerArgs {
+    /// The config file (TOML; see the `config` module docs). Without it, the flags below
+    /// give everything (--id, --data-dir, --listen, --ca, --cert, --key at least).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Override `id`.
+    #[arg(long)]
+    id: Option<u64>,
+    /// Override `data_dir`.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Override `listen`.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Override `advertise`.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Override `metrics_listen`.
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Override `tls.ca`.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Override `tls.cert`.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Override `tls.key`.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Add a peer, as ID=ADDR (repeatable).
+    #[arg(long = "peer", value_name = "ID=ADDR")]
+    peers: Vec<String>,
+    /// New cluster: these node ids (comma-separated) hold the meta group (first five) and
+    /// every initial shard (first three). Give the same on each initial node.
+    #[arg(long, value_name = "IDS")]
+    bootstrap: Option<String>,
+    /// New cluster: number of initial shards (with --bootstrap).
+    #[arg(long, default_value_t = 1)]
+    shards: u32,
+    /// Override `auto_balance` (turn it on).
+    #[arg(long)]
+    auto_balance: bool,
+    /// Override `split_size_bytes`.
+    #[arg(long, value_name = "BYTES")]
+    split_size_bytes: Option<u64>,
+}
+
+pub async fn run(a: ServerArgs) -> Result<i32> {
+    let (file, base) = server_file(&a)?;
+    let shown = a.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "flags".into());
+    let cfg = file.resolve(&base).map_err(|e| anyhow!("{shown}: {e}"))?;
+    let node = Node::start(cfg.node).await.context("starting the node")?;
+    if let Some(m) = cfg.metrics_listen {
+        let (bound, _task) =
+            flotilla::http::serve(m, vec![node.clone()]).await.with_context(|| format!("metrics_listen {m}"))?;
+        tracing::info!(%bound, "metrics and health over http");
+    }
+    println!("flotilla node {} listening on {}", node.id(), node.addr());
+    stop_signal().await;
+    eprintln!("stopping");
+    node.shutdown().await;
+    Ok(0)
+}
+
+/// The server's configuration: the file given with `--config` (paths in it relative to its
+/// directory), or one made of the flags alone, with every flag given overriding the file.
+fn server_file(a: &ServerArgs) -> Result<(ServerFile, PathBuf)> {
+    let (mut file, base) = match &a.config {
+        Some(path) => {
+            let file = ServerFile::load(path).map_err(|e| anyhow!(e))?;
+            (file, path.parent().map(Path::to_path_buf).unwrap_or_default())
+        }
+        None => {
+            let need = |what: &str| anyhow!("without --config, give --{what}");
+            let file = ServerFile {
+                id: a.id.ok_or_else(|| need("id"))?,
+                data_dir: a.data_dir.clone().ok_or_else(|| need("data-dir"))?,
+                listen: a.listen.clone().ok_or_else(|| need("listen"))?,
+                advertise: None,
+                metrics_listen: None,
+                tls: TlsPaths {
+                    ca: a.ca.clone().ok_or_else(|| need("ca"))?,
+                    cert: a.cert.clone().ok_or_else(|| need("cert"))?,
+                    key: a.key.clone().ok_or_else(|| need("key"))?,
+                },
+                peers: Vec::new(),
+                bootstrap: None,
+                auto_balance: false,
+                split_size_bytes: None,
+                pollers: None,
+            };
+            (file, PathBuf::new())
+        }
+    };
+    apply_overrides(a, &mut file)?;
+    Ok((file, base))
+}
+
+/// Every flag given replaces (or, for `--peer`, adds to) what the file says.
+fn apply_overrides(a: &ServerArgs, file: &mut ServerFile) -> Result<()> {
+    fn set<T: Clone>(flag: &Option<T>, field: &mut T) {
+        if let Some(v) = flag {
+            *field = v.clone();
+        }
+    }
+    set(&a.id, &mut file.id);
+    set(&a.data_dir, &mut file.data_dir);
+    set(&a.listen, &mut file.listen);
+    set(&a.ca, &mut file.tls.ca);
+    set(&a.cert, &mut file.tls.cert);
+    set(&a.key, &mut file.tls.key);
+    if a.advertise.is_some() {
+        file.advertise = a.advertise.clone();
+    }
+    if a.metrics_listen.is_some() {
+        file.metrics_listen = a.metrics_listen.clone();
+    }
+    if a.split_size_bytes.is_some() {
+        file.split_size_bytes = a.split_size_bytes;
+    }
+    file.auto_balance |= a.auto_balance;
+    for p in &a.peers {
+        let (id, addr) = p.split_once('=').ok_or_else(|| anyhow!("--peer {p:?}: expected ID=ADDR"))?;
+        let id = id.trim().parse().map_err(|e| anyhow!("--peer {p:?}: bad node id: {e}"))?;
+        file.peers.push(PeerEntry { id, addr: addr.trim().to_string() });
+    }
+    if let Some(ids) = &a.bootstrap {
+        let ids: Vec<u64> = ids
+            .split(',')
+            .map(|t| t.trim().parse::<u64>().map_err(|e| anyhow!("--bootstrap {ids:?}: {e}")))
+            .collect::<Result<_>>()?;
+        file.bootstrap = Some(BootstrapEntry {
+            meta_voters: ids.iter().copied().take(META_VOTERS_MAX).collect(),
+            shard_replicas: ids.iter().copied().take(INITIAL_SHARD_REPLICAS).collect(),
+            shards: a.shards,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! Bootstrap and join. A new cluster: each initial meta voter creates group 0 with the same
+//! membership ([`Node::init_meta`]), and the lowest id registers the initial nodes and creates
+//! the first shards in one meta change ([`Node::run_bootstrap`]). A joining node: started with
+//! no bootstrap and some lower-id peers' addresses, it announces itself to them
+//! ([`Node::announce`]) until the meta state lists it at its address.
+
+use super::{BootstrapConfig, Node, NodeError, ANNOUNCE_RETRY_MS, BOOTSTRAP_RETRY_MS, PEER_REQUEST_TIMEOUT_MS};
+use crate::meta::{self, meta_range, META_GROUP};
+use crate::raft::{Membership, NodeId};
+use crate::transport as tp;
+use crate::wire::{MetaOp, Request, Response};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+impl Node {
+    /// Creates the meta group on a new cluster's meta voters.
+    pub(super) async fn init_meta(&self) -> Result<(), NodeError> {
+        let Some(b) = self.inner.config.bootstrap.clone() else { return Ok(()) };
+        if !b.meta_voters.contains(&self.inner.id) || self.inner.host.groups().contains(&META_GROUP) {
+            return Ok(());
+        }
+        let members = Membership::new(b.meta_voters.iter().copied());
+        self.inner.host.create_group(META_GROUP, meta_range(), Some(members)).await?;
+        info!(node = self.inner.id.0, "meta group created");
+        Ok(())
+    }
+
+    /// The bootstrapper (on the lowest-id meta voter of a new cluster): registers the initial
+    /// nodes, creates the first shard and splits it at the configured keys, in one meta change,
+    /// retrying until the meta group has a leader.
+    pub(super) async fn run_bootstrap(self, b: BootstrapConfig) {
+        // Every initial node is registered; an address not given yet stays empty
+        // until the node's first report fills it in.
+        let mut ids: Vec<NodeId> = b.meta_voters.iter().chain(b.shard_replicas.iter()).copied().collect();
+        ids.sort();
+        ids.dedup();
+        let addr_of = |n: NodeId| b.addrs.iter().find(|(m, _)| *m == n).map(|(_, a)| a.clone()).unwrap_or_default();
+        let op = MetaOp::Bootstrap {
+            nodes: ids.iter().map(|n| (*n, addr_of(*n))).collect(),
+            replicas: b.shard_replicas.clone(),
+            split_keys: b.split_keys.clone(),
+        };
+        loop {
+            match self.meta_exec(op.clone(), false).await {
+                Ok(_) => {
+                    info!(node = self.inner.id.0, "cluster bootstrapped");
+                    break;
+                }
+                Err(e) => {
+                    debug!(error = %e, "bootstrap not done yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(BOOTSTRAP_RETRY_MS)).await;
+                }
+            }
+        }
+    }
+
+    /// The announcer (on a node with lower-id peers): [`Node::announce`] every
+    /// [`ANNOUNCE_RETRY_MS`] until the meta state lists this node at its address.
+    pub(super) async fn run_announcer(self, mut stop: watch::Receiver<bool>) {
+        while !self.announce().await {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(ANNOUNCE_RETRY_MS)) => {}
+                _ = stop.changed() => break,
+            }
+        }
+    }
+
+    /// Makes sure the meta state lists this node at its address, telling a lower-id peer if it
+    /// does not; `true` once it does. Lower ids dial only the nodes the meta state lists, so a
+    /// new node, or one back at another address, cannot reach them over the transport until
+    /// then: its report goes over a request-only connection under its node certificate
+    /// ([`tp::Client::for_node`]), and registers it (or updates its address). This is how a node
+    /// joins a running cluster: started with no bootstrap and some peers' addresses.
+    pub(super) async fn announce(&self) -> bool {
+        let me = self.inner.id;
+        if self.meta_view().nodes.get(&me).is_some_and(|i| i.addr == self.inner.addr) {
+            return true;
+        }
+        let bind = match self.inner.config.listen_addr {
+            SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+        };
+        let client = match tp::Client::for_node(&self.inner.config.tls, bind) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(node = self.inner.id.0, error = %e, "cannot announce this node to its peers");
+                return false;
+            }
+        };
+        let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
+        // A made-up empty report would tell the meta leader this node holds no replica (and
+        // so that its tombstones are done with): announce with a real one or not at all.
+        let report = match self.build_report(0).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(node = self.inner.id.0, error = %e, "cannot build this node's report to announce it");
+                return false;
+            }
+        };
+        let op = MetaOp::Report { node: me, addr: self.inner.addr.clone(), report };
+        let body = Request::Meta { op, forwarded: false }.encode();
+        let mut done = false;
+        for (peer, addr) in self.inner.config.peers.iter().filter(|(p, _)| *p < self.inner.id) {
+            let answer = match client.connect(*addr, *peer, timeout).await {
+                Ok(conn) => conn.request(body.clone(), timeout).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match answer.map(|b| Response::decode(&b)) {
+                Ok(Ok(Response::Meta { state, .. })) => match meta::decode_state(Some(&state)) {
+                    Ok(state) => {
+                        done = state.nodes.get(&me).is_some_and(|i| i.addr == self.inner.addr);
+                        self.set_view(state);
+                        if done {
+                            info!(node = self.inner.id.0, via = peer.0, addr = %self.inner.addr, "registered with the cluster");
+                            break;
+                        }
+                    }
+                    Err(e) => debug!(node = self.inner.id.0, via = peer.0, error = %e, "announce: bad meta state"),
+                },
+                Ok(Ok(other)) => debug!(node = self.inner.id.0, via = peer.0, answer = ?other, "announce not taken"),
+                Ok(Err(e)) => debug!(node = self.inner.id.0, via = peer.0, error = %e, "announce: bad answer"),
+                Err(e) => debug!(node = self.inner.id.0, via = peer.0, error = %e, "announce not delivered"),
+            }
+        }
+        client.close().await;
+        done
+    }
+}

@@ -1,0 +1,575 @@
+//! [`Node`]: one RocksDB store, one shard host, one QUIC transport and the meta group, wired
+//! together and serving the client protocol ([`crate::wire`]).
+//!
+//! # What runs
+//! - **Envelope pump**: envelopes from peers are decoded into node batches, checked against
+//!   the sender's certificate and handed to the host ([`crate::net`]).
+//! - **Request pump**: each client or peer request runs as its own task (at most
+//!   [`REQUESTS_IN_FLIGHT_MAX`] at once); data requests are checked against the node's copy of
+//!   the shard map (shard id, epoch, key in range) and then served by the host on the leader.
+//! - **Reconciler** (every [`RECONCILE_MS`]): refreshes the node's copy of the meta state,
+//!   tells the transport where higher-id peers listen (the lower id dials), creates the groups
+//!   of shards the map places here, destroys those it no longer does, and on shards this node
+//!   leads carries out what the map asks: learners added, voters changed (joint consensus),
+//!   leadership handed over.
+//! - **Reporter** (every `report_interval_ms`): sends the node's
+//!   [`NodeReport`](crate::placement::NodeReport) (leaders, applied indexes, request rate,
+//!   sizes and split points of the shards it leads) to the meta
+//!   leader; on the meta leader, also drives replica move plans one checked step at a time and,
+//!   with `auto_balance_interval_ms`, runs the balancer and carries out its proposals.
+//! - **Bootstrapper** (once, on the lowest-id meta voter of a new cluster): registers the
+//!   initial nodes, creates the first shard and splits it at the configured keys, in one meta
+//!   change.
+//!
+//! # Bootstrap and join
+//! A new cluster: every initial meta voter (up to five) starts with the same
+//! [`BootstrapConfig`]; each creates group 0 with the same membership, and the lowest id
+//! bootstraps the map. Data shards are created by each node's reconciler once the map names it:
+//! the shards of the bootstrap (configuration version 1) are formed by all their voters at
+//! once; a replica added later waits for its leader to feed it. A joining node starts with no
+//! bootstrap and the addresses of some peers (with lower ids): it announces itself to them
+//! under its node certificate (`Node::announce`), which registers it in the meta state; the
+//! running nodes then learn its address and dial it (the transport's lower id dials), its
+//! reports reach the meta leader, and it holds shards once the balancer or an operator moves
+//! some to it. (`flotilla admin add-node ID ADDR`,
+//! [`AdminRequest::AddNode`](crate::wire::AdminRequest::AddNode), registers a node by hand.)
+//!
+//! # Rooms
+//! This file wires the parts together and runs the lifecycle (start, tasks, shutdown, metrics
+//! and health); each concern is a file of its own, owning its state in `Inner`:
+//! - `serve.rs`: client and peer requests, routing checks, host errors as answers.
+//! - `meta_client.rs`: the node's view of the meta state and [`Node::meta_exec`].
+//! - `reconcile.rs`: replicas and group configurations made to follow the map.
+//! - `report.rs`: node reports to the meta leader and shard size checks.
+//! - `moves.rs`: move plans stepped and balancer rounds run on the meta leader.
+//! - `join.rs`: bootstrap of a new cluster and a node's announcement to a running one.
+//! - `admin.rs`: admin requests and their listings.
+//!
+//! The limits and intervals of all rooms are the constants below, in one table.
+
+mod admin;
+mod join;
+mod meta_client;
+mod moves;
+mod reconcile;
+mod report;
+mod serve;
+
+pub use admin::view_of;
+
+use crate::meta::{meta_range, META_GROUP};
+use crate::net::{deliver, NetStats, TransportNetwork};
+use crate::placement::{BalancerConfig, ShardId};
+use crate::raft::{Config as RaftConfig, NodeId, Role};
+use crate::shard::{Host, HostConfig, HostError, KvStateMachine, Store};
+use crate::transport::{self as tp, cert::TlsIdentity, Transport, TransportConfig};
+use crate::wire::check_user_key;
+use meta_client::MetaClient;
+use moves::MoveSteps;
+use reconcile::ReconfigTimes;
+use report::SizeCheck;
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+/// Requests served at once; more wait (the transport bounds each peer's open requests too).
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 4096;
+/// Shards larger than this are split by the automatic balancer (64 MiB).
+pub const SPLIT_SIZE_BYTES_DEFAULT: u64 = 64 << 20;
+/// Bytes read at most by one round of size checks (the shard being read when it is reached
+/// still completes, up to [`SIZE_SCAN_BYTES_MAX`]); shards not reached keep their last size
+/// until the next round.
+pub const SIZE_CHECK_BYTES_PER_ROUND: u64 = 256 << 20;
+/// Bytes read at most to size one shard (four default split thresholds).
+pub const SIZE_SCAN_BYTES_MAX: u64 = 4 * SPLIT_SIZE_BYTES_DEFAULT;
+/// A report a meta leader received counts for this long (ms); after that the node's report
+/// counts as unknown (empty).
+pub const LIVE_REPORT_AGE_MAX_MS: u64 = 10_000;
+/// How often a node not yet listed at its address tells its peers again (ms).
+pub const ANNOUNCE_RETRY_MS: u64 = 1_000;
+/// How often the reconciler runs (ms).
+pub const RECONCILE_MS: u64 = 200;
+/// How long a meta operation may take, forwarding and retries included (ms).
+pub const META_OP_TIMEOUT_MS: u64 = 10_000;
+/// Time allowed for one node-to-node request (ms).
+pub const PEER_REQUEST_TIMEOUT_MS: u64 = 5_000;
+/// A leader asks for the same membership change or leader transfer at most this often (ms).
+pub const RECONFIG_RETRY_MS: u64 = 2_000;
+/// How often the bootstrapper tries again while the new meta group has no leader (ms).
+pub const BOOTSTRAP_RETRY_MS: u64 = 200;
+/// How long shutdown waits for the shard host's threads (ms).
+pub const SHUTDOWN_HOST_MS_MAX: u64 = 10_000;
+/// Most voters of the meta group.
+pub const META_VOTERS_MAX: usize = 5;
+/// Voters of every initial data shard when a new cluster is made of a list of nodes
+/// ([`BootstrapConfig::of_nodes`]): the first three (more replicas cost every write; fewer
+/// cannot lose a node).
+pub const INITIAL_SHARD_REPLICAS: usize = 3;
+/// A replica move whose step has not advanced for this long is aborted (a learner that cannot
+/// catch up, a configuration change that does not commit): it would otherwise block the
+/// shard's splits and moves for good.
+pub const MOVE_STEP_DEADLINE_MS: u64 = 120_000;
+
+/// Errors of the node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The configuration cannot work.
+    #[error("bad node configuration: {0}")]
+    Config(String),
+    /// Opening the store failed.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// The host failed.
+    #[error("shard host: {0}")]
+    Host(#[from] HostError),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tp::TransportError),
+    /// A meta operation was refused (it does not fit the meta state); retrying will not help.
+    #[error("meta: {0}")]
+    Meta(String),
+    /// No meta leader could run the operation in time (election, unreachable); retry.
+    #[error("meta unavailable: {0}")]
+    MetaUnavailable(String),
+}
+
+/// How a new cluster is formed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootstrapConfig {
+    /// Voters of the meta group (at most [`META_VOTERS_MAX`]); every one of them must start
+    /// with this same configuration.
+    pub meta_voters: Vec<NodeId>,
+    /// Voters of every initial data shard.
+    pub shard_replicas: Vec<NodeId>,
+    /// Client addresses of the initial nodes (recorded in the map for clients).
+    pub addrs: Vec<(NodeId, String)>,
+    /// Split points of the initial shards, ascending.
+    pub split_keys: Vec<Vec<u8>>,
+}
+
+impl BootstrapConfig {
+    /// A new cluster of `ids`: the meta group on the first [`META_VOTERS_MAX`], every initial
+    /// shard on the first [`INITIAL_SHARD_REPLICAS`], split at `split_keys`. What `flotilla dev`
+    /// forms.
+    pub fn of_nodes(ids: &[NodeId], split_keys: Vec<Vec<u8>>) -> BootstrapConfig {
+        BootstrapConfig {
+            meta_voters: ids.iter().copied().take(META_VOTERS_MAX).collect(),
+            shard_replicas: ids.iter().copied().take(INITIAL_SHARD_REPLICAS).collect(),
+            addrs: Vec::new(),
+            split_keys,
+        }
+    }
+}
+
+/// Everything a node needs.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This node's id; must match its certificate.
+    pub id: NodeId,
+    /// Where the store lives.
+    pub data_dir: PathBuf,
+    /// UDP address for peers and clients (`127.0.0.1:0` picks a port).
+    pub listen_addr: SocketAddr,
+    /// The address recorded for clients; the bound address when `None`.
+    pub advertise_addr: Option<String>,
+    /// Certificates.
+    pub tls: TlsIdentity,
+    /// Known peers and their addresses.
+    pub peers: Vec<(NodeId, SocketAddr)>,
+    /// Set on the initial nodes of a new cluster; ignored once the store holds state.
+    pub bootstrap: Option<BootstrapConfig>,
+    /// Raft timers and limits of every group.
+    pub raft: RaftConfig,
+    /// Host poller threads.
+    pub pollers: usize,
+    /// How often the node reports to the meta leader (ms).
+    pub report_interval_ms: u64,
+    /// Balancer limits (for `admin rebalance` and the automatic balancer).
+    pub balancer: BalancerConfig,
+    /// Run the balancer on the meta leader this often (ms), carrying out what it proposes:
+    /// splits of shards past `balancer.split_size_bytes_threshold`, replica moves and leader
+    /// transfers. `None`: only on `admin rebalance`.
+    pub auto_balance_interval_ms: Option<u64>,
+    /// A shard this node leads is re-sized (its range read through) at most this often, and only
+    /// after it applied writes (ms).
+    pub size_check_interval_ms: u64,
+    /// A replica move whose step has not advanced for this long is aborted by the meta leader
+    /// (ms; default [`MOVE_STEP_DEADLINE_MS`]).
+    pub move_step_deadline_ms: u64,
+}
+
+impl NodeConfig {
+    /// Defaults for node `id` storing in `data_dir`, listening on `listen_addr`.
+    pub fn new(id: NodeId, data_dir: impl Into<PathBuf>, listen_addr: SocketAddr, tls: TlsIdentity) -> NodeConfig {
+        NodeConfig {
+            id,
+            data_dir: data_dir.into(),
+            listen_addr,
+            advertise_addr: None,
+            tls,
+            peers: Vec::new(),
+            bootstrap: None,
+            raft: default_raft(),
+            pollers: default_pollers(1),
+            report_interval_ms: 1_000,
+            // A learner within this many entries of the leader is promoted: a joint change keeps
+            // the old voters' quorum, so a small lag never stalls writes.
+            // Shards split at 64 MiB: a snapshot is built in memory, and a smaller shard moves
+            // and recovers faster.
+            balancer: BalancerConfig {
+                catch_up_lag_entries_max: 512,
+                split_size_bytes_threshold: SPLIT_SIZE_BYTES_DEFAULT,
+                ..BalancerConfig::default()
+            },
+            auto_balance_interval_ms: None,
+            size_check_interval_ms: 10_000,
+            move_step_deadline_ms: MOVE_STEP_DEADLINE_MS,
+        }
+    }
+}
+
+/// Poller threads for each of `nodes_per_process` nodes: half the cores for all of them
+/// (the rest serve the network, the store's writer and clients), at least one, at most eight.
+/// On two cores one poller per node is 12–15 % faster for puts than two (fewer thread
+/// hand-offs, larger write rounds; BENCHMARKS.md).
+pub fn default_pollers(nodes_per_process: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (cores / 2 / nodes_per_process.max(1)).clamp(1, 8)
+}
+
+/// Raft timers for a node: elections in 0.6–1.2 s, heartbeats every 100 ms. Faster than
+/// Raft's defaults (failover within about a second and a half on loopback), slow enough not
+/// to elect spuriously on a loaded two-core machine.
+pub fn default_raft() -> RaftConfig {
+    RaftConfig {
+        election_timeout_ms_min: 600,
+        election_timeout_ms_max: 1200,
+        heartbeat_interval_ms: 100,
+        lease_clock_drift_ms: 60,
+        transfer_timeout_ms: 1500,
+        snapshot_resend_ms: 1000,
+        ..RaftConfig::default()
+    }
+}
+
+/// Counters the node exports.
+#[derive(Debug, Default)]
+pub struct NodeStats {
+    /// Client requests served (any answer).
+    pub requests: AtomicU64,
+    /// Requests answered with a redirect (not leader, stale epoch, unknown shard).
+    pub redirects: AtomicU64,
+    /// Requests that did not decode.
+    pub bad_requests: AtomicU64,
+    /// Meta operations run on this node as the meta leader.
+    pub meta_ops: AtomicU64,
+    /// Compare-and-swap writes of the meta state this node proposed as the meta leader.
+    pub meta_writes: AtomicU64,
+}
+
+/// The node's state, shared by its tasks. Each room's state is its own field (and lock), named
+/// by the room that owns it.
+struct Inner {
+    /// This node; must match its certificate.
+    id: NodeId,
+    /// What the node was started with.
+    config: NodeConfig,
+    /// The address recorded for clients and peers (advertised, or the bound one).
+    addr: String,
+    /// The shard host: every group's Raft and state machine (group 0 is the meta group).
+    host: Host,
+    /// QUIC to peers and clients.
+    transport: Transport,
+    /// A reader of the local meta replica's state machine (the meta state without a Raft read).
+    meta_sm: KvStateMachine,
+    /// The meta client's view, lock and (on the meta leader) live reports (`meta_client.rs`).
+    meta: MetaClient,
+    /// The reconciler's last request of each change per group (`reconcile.rs`).
+    reconfig: Mutex<ReconfigTimes>,
+    /// Last size check of each shard this node leads (`report.rs`).
+    sizes: Mutex<HashMap<ShardId, SizeCheck>>,
+    /// On the meta leader: when each move reached its current step (`moves.rs`).
+    move_steps: Mutex<MoveSteps>,
+    /// Peers made known after start ([`Node::set_peer_addr`]): a node without a meta replica
+    /// asks them for meta operations.
+    extra_peers: Mutex<BTreeSet<NodeId>>,
+    /// Counters for metrics.
+    stats: NodeStats,
+    /// Client and peer requests being served (permits taken); shutdown waits for all.
+    requests_limit: Arc<Semaphore>,
+    /// Counters of the envelope pump.
+    net_stats: Arc<NetStats>,
+    /// For the uptime metric.
+    started: Instant,
+    /// Set once at shutdown; every task watches it.
+    shutdown: watch::Sender<bool>,
+    /// The node's tasks, aborted and awaited at shutdown.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A running node. Cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("id", &self.inner.id).field("addr", &self.inner.addr).finish()
+    }
+}
+
+impl Node {
+    /// Opens the store, starts the transport and host, and the node's tasks.
+    pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        if config.id.0 == 0 {
+            return Err(NodeError::Config("node ids start at 1".into()));
+        }
+        if let Some(b) = &config.bootstrap {
+            if b.meta_voters.is_empty() || b.meta_voters.len() > META_VOTERS_MAX {
+                return Err(NodeError::Config(format!("the meta group needs 1..={META_VOTERS_MAX} voters")));
+            }
+            if b.shard_replicas.is_empty() {
+                return Err(NodeError::Config("initial shards need at least one replica".into()));
+            }
+            let mut keys = b.split_keys.clone();
+            keys.sort();
+            keys.dedup();
+            if keys != b.split_keys || keys.iter().any(|k| check_user_key(k).is_err()) {
+                return Err(NodeError::Config("split keys must be ascending, distinct, valid user keys".into()));
+            }
+        }
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| NodeError::Storage(format!("cannot create {}: {e}", config.data_dir.display())))?;
+        let store = Store::open(config.data_dir.join("store")).map_err(|e| NodeError::Storage(e.to_string()))?;
+        let mut tcfg = TransportConfig::new(config.id, config.listen_addr, config.tls.clone());
+        tcfg.peers = config.peers.clone();
+        let streams = tcfg.raft_streams;
+        let (transport, incoming) = Transport::start(tcfg).await?;
+        let bound = transport.local_addr()?;
+        let addr = config.advertise_addr.clone().unwrap_or_else(|| bound.to_string());
+        let net_stats = Arc::new(NetStats::default());
+        let network = Arc::new(TransportNetwork::new(transport.clone(), streams, net_stats.clone()));
+        let mut hcfg = HostConfig::with_raft(config.id, config.raft.clone());
+        hcfg.pollers = config.pollers;
+        let host = match Host::open(store.clone(), hcfg, network).await {
+            Ok(h) => h,
+            Err(e) => {
+                transport.shutdown().await;
+                return Err(e.into());
+            }
+        };
+        let (shutdown, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            id: config.id,
+            addr,
+            meta_sm: KvStateMachine::new(store, META_GROUP, meta_range()),
+            host,
+            transport,
+            meta: MetaClient::default(),
+            reconfig: Mutex::new(HashMap::new()),
+            sizes: Mutex::new(HashMap::new()),
+            requests_limit: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
+            stats: NodeStats::default(),
+            extra_peers: Mutex::new(BTreeSet::new()),
+            move_steps: Mutex::new(HashMap::new()),
+            net_stats,
+            started: Instant::now(),
+            shutdown,
+            tasks: Mutex::new(Vec::new()),
+            config,
+        });
+        let node = Node { inner };
+        if let Err(e) = node.init_meta().await {
+            node.shutdown().await;
+            return Err(e);
+        }
+        node.spawn_tasks(incoming);
+        info!(node = node.inner.id.0, addr = %node.inner.addr, "node started");
+        Ok(node)
+    }
+
+    fn spawn_tasks(&self, incoming: tp::Incoming) {
+        let tp::Incoming { mut envelopes, mut transfers, mut requests } = incoming;
+        let mut tasks = Vec::new();
+        {
+            let me = self.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some((from, env)) = envelopes.recv().await {
+                    deliver(&me.inner.host, &me.inner.net_stats, from, env);
+                }
+            }));
+        }
+        tasks.push(tokio::spawn(async move {
+            // Snapshots travel inside Raft messages (chunked); no transfer streams are used.
+            while let Some(t) = transfers.recv().await {
+                debug!(from = %t.from, "unexpected transfer stream; refused");
+            }
+        }));
+        {
+            let me = self.clone();
+            let limit = self.inner.requests_limit.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some(req) = requests.recv().await {
+                    let Ok(permit) = limit.clone().acquire_owned().await else { break };
+                    let me = me.clone();
+                    tokio::spawn(async move {
+                        me.serve(req).await;
+                        drop(permit);
+                    });
+                }
+            }));
+        }
+        let stop = || self.inner.shutdown.subscribe();
+        tasks.push(tokio::spawn(self.clone().run_reconciler(stop())));
+        tasks.push(tokio::spawn(self.clone().run_reporter(stop())));
+        tasks.push(tokio::spawn(self.clone().run_size_checks(stop())));
+        if self.inner.config.peers.iter().any(|(p, _)| *p < self.inner.id) {
+            tasks.push(tokio::spawn(self.clone().run_announcer(stop())));
+        }
+        if let Some(b) = self.inner.config.bootstrap.clone() {
+            if b.meta_voters.iter().min() == Some(&self.inner.id) {
+                tasks.push(tokio::spawn(self.clone().run_bootstrap(b)));
+            }
+        }
+        if let Ok(mut t) = self.inner.tasks.lock() {
+            t.extend(tasks);
+        }
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// The address clients and peers reach this node at.
+    pub fn addr(&self) -> &str {
+        &self.inner.addr
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> Result<SocketAddr, NodeError> {
+        Ok(self.inner.transport.local_addr()?)
+    }
+
+    /// The shard host (for embedders and tests).
+    pub fn host(&self) -> &Host {
+        &self.inner.host
+    }
+
+    /// The transport (for embedders and tests: fault injection, metrics).
+    pub fn transport(&self) -> &Transport {
+        &self.inner.transport
+    }
+
+    /// Tells the node where `peer` listens: the transport dials it if its id is higher, and a
+    /// node without a meta replica may send it meta requests.
+    pub fn set_peer_addr(&self, peer: NodeId, addr: SocketAddr) -> Result<(), NodeError> {
+        if let Ok(mut p) = self.inner.extra_peers.lock() {
+            p.insert(peer);
+        }
+        Ok(self.inner.transport.set_peer_addr(peer, addr)?)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &NodeStats {
+        &self.inner.stats
+    }
+
+    /// Prometheus text exposition of the node's metrics.
+    pub async fn metrics_text(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let id = self.inner.id;
+        let mut counter = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{node=\"{id}\"}} {v}");
+        };
+        let s = &self.inner.stats;
+        counter("flotilla_requests_total", "Client requests served.", s.requests.load(Ordering::Relaxed));
+        counter("flotilla_redirects_total", "Requests answered with a redirect.", s.redirects.load(Ordering::Relaxed));
+        counter("flotilla_bad_requests_total", "Requests that did not decode.", s.bad_requests.load(Ordering::Relaxed));
+        counter("flotilla_meta_ops_total", "Meta operations run as meta leader.", s.meta_ops.load(Ordering::Relaxed));
+        let h = self.inner.host.stats();
+        counter("flotilla_host_batches_sent_total", "Node batches sent.", h.batches_sent.load(Ordering::Relaxed));
+        counter("flotilla_host_messages_sent_total", "Raft messages sent.", h.messages_sent.load(Ordering::Relaxed));
+        counter(
+            "flotilla_host_mailbox_dropped_total",
+            "Messages dropped at full mailboxes.",
+            h.mailbox_dropped.load(Ordering::Relaxed),
+        );
+        counter("flotilla_host_rounds_total", "Poller rounds.", h.rounds.load(Ordering::Relaxed));
+        let n = &self.inner.net_stats;
+        counter(
+            "flotilla_net_spoofed_total",
+            "Batches whose sender did not match its certificate.",
+            n.spoofed.load(Ordering::Relaxed),
+        );
+        counter("flotilla_net_malformed_total", "Envelopes that did not decode.", n.malformed.load(Ordering::Relaxed));
+        let infos = self.inner.host.group_info().await.unwrap_or_default();
+        let leaders = infos.iter().filter(|i| i.role == Role::Leader).count();
+        let quiet = infos.iter().filter(|i| i.quiet).count();
+        let _ = writeln!(
+            out,
+            "# HELP flotilla_groups Groups hosted.\n# TYPE flotilla_groups gauge\nflotilla_groups{{node=\"{id}\"}} {}\n\
+             # HELP flotilla_groups_leading Groups this node leads.\n# TYPE flotilla_groups_leading gauge\nflotilla_groups_leading{{node=\"{id}\"}} {leaders}\n\
+             # HELP flotilla_groups_quiet Quiescent groups.\n# TYPE flotilla_groups_quiet gauge\nflotilla_groups_quiet{{node=\"{id}\"}} {quiet}\n\
+             # HELP flotilla_uptime_seconds Seconds since start.\n# TYPE flotilla_uptime_seconds gauge\nflotilla_uptime_seconds{{node=\"{id}\"}} {}",
+            infos.len(),
+            self.inner.started.elapsed().as_secs()
+        );
+        out
+    }
+
+    /// Whether the node is healthy: not stopped, store not poisoned, meta state known.
+    pub fn health(&self) -> Result<(), String> {
+        if *self.inner.shutdown.borrow() {
+            return Err("shutting down".into());
+        }
+        if let Some(e) = self.inner.host.store().poisoned() {
+            return Err(format!("store failed: {e}"));
+        }
+        if self.meta_view().map.is_empty() {
+            return Err("no shard map yet (cluster not bootstrapped or meta unreachable)".into());
+        }
+        Ok(())
+    }
+
+    /// Stops the node's tasks, the host and the transport.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+        let tasks: Vec<_> = self.inner.tasks.lock().map(|mut t| t.drain(..).collect()).unwrap_or_default();
+        for t in &tasks {
+            t.abort();
+        }
+        // Wait for them to go, so the node handles they hold are dropped by the time this
+        // returns (the store and the socket close once the caller drops its own).
+        for t in tasks {
+            let _ = t.await;
+        }
+        // A host whose poller is stuck (a storage bug, a hung disk) must not hang the process's
+        // exit: give it a bounded time.
+        if tokio::time::timeout(Duration::from_millis(SHUTDOWN_HOST_MS_MAX), self.inner.host.shutdown()).await.is_err()
+        {
+            warn!(node = self.inner.id.0, "the shard host did not stop in time; leaving it");
+        }
+        // Requests in flight end quickly now (their groups answer "stopped"); wait for them,
+        // so they drop their node handles too.
+        let all = REQUESTS_IN_FLIGHT_MAX as u32;
+        let drained = self.inner.requests_limit.acquire_many(all);
+        if tokio::time::timeout(Duration::from_millis(SHUTDOWN_HOST_MS_MAX), drained).await.is_err() {
+            warn!(node = self.inner.id.0, "requests still running at shutdown");
+        }
+        self.inner.transport.shutdown().await;
+        info!(node = self.inner.id.0, "node stopped");
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}

@@ -1,0 +1,83 @@
+//! Work of the meta leader on placement: one checked step of every replica move plan per
+//! report interval (aborting a move whose step is past its deadline), and the automatic
+//! balancer's rounds. Both only propose meta commands; the reconciler of each shard's leader
+//! carries out what the map then says.
+
+use super::{now_ms, Node};
+use crate::meta;
+use crate::placement::{MetaCommand, MoveStep, PlanAction, ShardId};
+use crate::wire::{AdminResponse, MetaOp};
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// On the meta leader: the step each move was first seen at, and when (step deadlines).
+pub(super) type MoveSteps = HashMap<ShardId, (MoveStep, Instant)>;
+
+impl Node {
+    /// On the meta leader: one balancer round, its proposals carried out. Not in the first
+    /// report intervals of a tenure: the nodes' reports must reach the new leader first.
+    pub(super) async fn auto_balance(&self) {
+        let settled = Duration::from_millis(3 * self.inner.config.report_interval_ms);
+        if !self.leads_meta().await || self.meta_tenure().is_none_or(|t| t < settled) {
+            return;
+        }
+        match self.meta_exec(MetaOp::Rebalance { now_ms: now_ms() }, false).await {
+            Ok((_, AdminResponse::Done(what))) if what != meta::NOTHING_TO_BALANCE => {
+                info!(node = self.inner.id.0, "balancer: {}", what.replace('\n', "; "))
+            }
+            Ok(_) => {}
+            Err(e) => debug!(node = self.inner.id.0, error = %e, "balancer round not run"),
+        }
+    }
+
+    /// On the meta leader: runs one step of every replica move plan.
+    pub(super) async fn drive_moves(&self) {
+        if !self.leads_meta().await {
+            return;
+        }
+        let state = self.meta_view();
+        let now = Instant::now();
+        let deadline = Duration::from_millis(self.inner.config.move_step_deadline_ms);
+        let overdue: BTreeSet<ShardId> = match self.inner.move_steps.lock() {
+            Ok(mut steps) => {
+                steps.retain(|shard, _| state.moves.contains_key(shard));
+                state
+                    .moves
+                    .values()
+                    .filter(|p| {
+                        let (step, since) = steps.entry(p.shard).or_insert((p.step, now));
+                        if *step != p.step {
+                            *step = p.step;
+                            *since = now;
+                        }
+                        now.duration_since(*since) > deadline
+                    })
+                    .map(|p| p.shard)
+                    .collect()
+            }
+            Err(_) => BTreeSet::new(),
+        };
+        for plan in state.moves.values() {
+            if overdue.contains(&plan.shard) {
+                warn!(shard = %plan.shard, step = ?plan.step, "move step past its deadline; aborting the move");
+                let cmd = MetaCommand::AbortMove { shard: plan.shard };
+                if let Err(e) = self.meta_exec(MetaOp::Commands(vec![cmd]), false).await {
+                    debug!(shard = %plan.shard, error = %e, "move not aborted");
+                }
+                continue;
+            }
+            let cmd = match plan.next(&state) {
+                Ok(PlanAction::Wait { .. } | PlanAction::WaitRaft { .. }) => continue,
+                Ok(_) => MetaCommand::AdvanceMove { shard: plan.shard, step: plan.step },
+                Err(e) => {
+                    warn!(shard = %plan.shard, error = %e, "move cannot go on; aborting it");
+                    MetaCommand::AbortMove { shard: plan.shard }
+                }
+            };
+            if let Err(e) = self.meta_exec(MetaOp::Commands(vec![cmd]), false).await {
+                debug!(shard = %plan.shard, error = %e, "move step not taken");
+            }
+        }
+    }
+}

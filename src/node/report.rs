@@ -1,0 +1,170 @@
+//! Reports and size checks: every `report_interval_ms` the node tells the meta leader what it
+//! holds and leads ([`NodeReport`]: applied indexes, committed configurations, request rate,
+//! sizes and split points of the shards it leads); a task of its own sizes the led shards by
+//! reading their ranges, so a long read never delays a report.
+
+use super::{Node, NodeError, SIZE_CHECK_BYTES_PER_ROUND, SIZE_SCAN_BYTES_MAX};
+use crate::meta::{shard_range, META_GROUP};
+use crate::placement::{Epoch, GroupConf, LogIndex as PLogIndex, NodeReport, ShardId};
+use crate::raft::Role;
+use crate::shard::{range_size_blocking, KeyRange, RangeSize};
+use crate::wire::MetaOp;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tracing::debug;
+
+/// A shard's last size check.
+pub(super) struct SizeCheck {
+    /// The shard's epoch when it was checked (a split changes its range).
+    epoch: Epoch,
+    /// The shard's applied index when it was checked.
+    applied: u64,
+    at: Instant,
+    size: RangeSize,
+}
+
+impl Node {
+    /// The reporter task: a report every `report_interval_ms`, then (on the meta leader) one
+    /// step of every move plan and, when due, a balancer round.
+    pub(super) async fn run_reporter(self, mut stop: watch::Receiver<bool>) {
+        let every = Duration::from_millis(self.inner.config.report_interval_ms.max(50));
+        let mut served = 0u64;
+        let mut at = Instant::now();
+        let mut balanced_at = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => break,
+            }
+            let now_served = self.inner.stats.requests.load(Ordering::Relaxed);
+            let secs = at.elapsed().as_secs_f64().max(0.001);
+            let rate = ((now_served - served) as f64 / secs) as u64;
+            served = now_served;
+            at = Instant::now();
+            if let Err(e) = self.report(rate).await {
+                debug!(node = self.inner.id.0, error = %e, "report not delivered");
+            }
+            self.drive_moves().await;
+            if let Some(ms) = self.inner.config.auto_balance_interval_ms {
+                if balanced_at.elapsed() >= Duration::from_millis(ms) {
+                    balanced_at = Instant::now();
+                    self.auto_balance().await;
+                }
+            }
+        }
+    }
+
+    /// The size-check task: [`Node::check_sizes`] four times per `size_check_interval_ms`
+    /// (within 50 ms to 1 s).
+    pub(super) async fn run_size_checks(self, mut stop: watch::Receiver<bool>) {
+        let every = Duration::from_millis((self.inner.config.size_check_interval_ms / 4).clamp(50, 1_000));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => break,
+            }
+            self.check_sizes().await;
+        }
+    }
+
+    pub(super) async fn report(&self, requests_per_s: u64) -> Result<(), NodeError> {
+        let report = self.build_report(requests_per_s).await?;
+        let op = MetaOp::Report { node: self.inner.id, addr: self.inner.addr.clone(), report };
+        self.meta_exec(op, false).await?;
+        Ok(())
+    }
+
+    /// This node's report: leaders, applied indexes, sizes and split points of led shards.
+    pub(super) async fn build_report(&self, requests_per_s: u64) -> Result<NodeReport, NodeError> {
+        let infos = self.inner.host.group_info().await?;
+        let mut report = NodeReport { requests_per_s, ..NodeReport::default() };
+        for i in infos.iter().filter(|i| i.group != META_GROUP) {
+            if i.role == Role::Leader {
+                report.leading.push(i.group);
+                let m = &i.committed_conf.membership;
+                let conf = GroupConf {
+                    index: PLogIndex(i.committed_conf.log_id.index.0),
+                    voters: m.nodes().into_iter().filter(|n| m.is_voter(*n)).collect(),
+                    learners: m.learners.iter().filter(|n| m.is_learner(**n)).copied().collect(),
+                    joint: m.is_joint(),
+                };
+                report.confs.insert(i.group, conf);
+            }
+            report.applied.insert(i.group, PLogIndex(i.applied.0));
+        }
+        let threshold = self.inner.config.balancer.split_size_bytes_threshold;
+        if let Ok(sizes) = self.inner.sizes.lock() {
+            for (shard, c) in sizes.iter().filter(|(s, _)| report.leading.contains(s)) {
+                report.shard_bytes.insert(*shard, c.size.bytes);
+                if let Some(middle) = c.size.middle.as_ref().filter(|_| c.size.bytes > threshold) {
+                    report.split_keys.insert(*shard, middle.clone());
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Sizes the shards this node leads (their leaders report sizes; followers hold the same
+    /// data), in its own task so a long read never delays reports. A shard is re-sized when its
+    /// descriptor changed, or when it applied entries since its last check and that check is
+    /// `size_check_interval_ms` old. One read stops at [`SIZE_SCAN_BYTES_MAX`] (a larger shard
+    /// reports what was read: more than any split threshold, with a split point inside it);
+    /// one round reads at most [`SIZE_CHECK_BYTES_PER_ROUND`] in all, the rest wait. Shards no
+    /// longer led are forgotten.
+    async fn check_sizes(&self) {
+        let Ok(infos) = self.inner.host.group_info().await else { return };
+        let led: HashMap<ShardId, u64> = infos
+            .iter()
+            .filter(|i| i.group != META_GROUP && i.role == Role::Leader)
+            .map(|i| (i.group, i.applied.0))
+            .collect();
+        let view = self.meta_view();
+        let every = Duration::from_millis(self.inner.config.size_check_interval_ms);
+        let due: Vec<(ShardId, Epoch, u64, KeyRange)> = match self.inner.sizes.lock() {
+            Ok(mut sizes) => {
+                sizes.retain(|s, _| led.contains_key(s));
+                led.iter()
+                    .filter_map(|(s, a)| {
+                        let d = view.map.get(*s)?;
+                        let stale = sizes
+                            .get(s)
+                            .is_none_or(|c| c.epoch != d.epoch || (c.applied != *a && c.at.elapsed() >= every));
+                        stale.then(|| (*s, d.epoch, *a, shard_range(d)))
+                    })
+                    .collect()
+            }
+            Err(_) => return,
+        };
+        if due.is_empty() {
+            return;
+        }
+        let node = self.inner.id.0;
+        let checked = self
+            .inner
+            .host
+            .store()
+            .blocking(move |s| {
+                let mut out = Vec::new();
+                let mut read = 0u64;
+                for (shard, epoch, applied, range) in due {
+                    if read >= SIZE_CHECK_BYTES_PER_ROUND {
+                        break;
+                    }
+                    match range_size_blocking(s, &range, SIZE_SCAN_BYTES_MAX) {
+                        Ok(size) => {
+                            read += size.bytes;
+                            out.push((shard, SizeCheck { epoch, applied, at: Instant::now(), size }));
+                        }
+                        Err(e) => debug!(node, %shard, error = %e, "size check failed"),
+                    }
+                }
+                Ok(out)
+            })
+            .await;
+        if let (Ok(list), Ok(mut sizes)) = (checked, self.inner.sizes.lock()) {
+            sizes.extend(list);
+        }
+    }
+}

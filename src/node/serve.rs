@@ -1,0 +1,300 @@
+//! Serving requests: each client or peer request is decoded, counted and answered
+//! ([`Node::handle`]). A data request is checked against this node's copy of the map (shard,
+//! epoch, key in range) and then served by the shard host on the leader (or by the local
+//! replica for stale reads); host errors become the answers a client acts on (redirect, retry,
+//! unknown outcome).
+
+use super::{view_of, Node, NodeError, PEER_REQUEST_TIMEOUT_MS};
+use crate::meta::{self, shard_range};
+use crate::placement::{Epoch, ShardDescriptor, ShardId};
+use crate::raft::{RaftError, ReadMode};
+use crate::shard::{HostError, KvCommand, KvResponse, KvStateMachine, ScanEnd, ScanError, ScanPage};
+use crate::transport::{IncomingRequest, PeerIdentity};
+use crate::wire::{
+    check_user_key, check_value, AdminRequest, MetaOp, ReadConsistency, Request, Response, ScanEnd as WireScanEnd,
+    SCAN_LIMIT_MAX, SCAN_RESPONSE_BYTES_MAX,
+};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+impl Node {
+    pub(super) async fn serve(&self, req: IncomingRequest) {
+        let IncomingRequest { from, body, responder } = req;
+        let resp = match Request::decode(&body) {
+            Ok(r) => self.handle(&from, r).await,
+            Err(e) => {
+                self.inner.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                Response::Invalid(format!("bad request: {e}"))
+            }
+        };
+        self.inner.stats.requests.fetch_add(1, Ordering::Relaxed);
+        if matches!(
+            resp,
+            Response::NotLeader { .. }
+                | Response::StaleEpoch { .. }
+                | Response::WrongShard { .. }
+                | Response::UnknownShard
+                | Response::OutOfRange { .. }
+        ) {
+            self.inner.stats.redirects.fetch_add(1, Ordering::Relaxed);
+        }
+        responder.respond(resp.encode());
+    }
+
+    /// Answers one request (also usable in-process).
+    pub async fn handle(&self, from: &PeerIdentity, req: Request) -> Response {
+        match req {
+            Request::Get { shard, epoch, key, consistency } => {
+                if let Err(e) = check_user_key(&key) {
+                    return Response::Invalid(e);
+                }
+                if let Err(r) = self.route(shard, epoch, &key).await {
+                    return r;
+                }
+                if consistency == ReadConsistency::Stale {
+                    let sm = match self.local_replica(shard).await {
+                        Ok(sm) => sm,
+                        Err(r) => return r,
+                    };
+                    // The replica's own range, which a split narrows before this node's map
+                    // may show it: the key may live in another shard now.
+                    if !sm.range().contains(&key) {
+                        return Response::OutOfRange { shard };
+                    }
+                    return match sm.get(key).await {
+                        Ok(v) => Response::Value(v),
+                        Err(e) => Response::Unavailable(e.to_string()),
+                    };
+                }
+                match self.inner.host.get(shard, key, read_mode(consistency)).await {
+                    Ok(v) => Response::Value(v),
+                    Err(e) => self.host_error(e, false),
+                }
+            }
+            Request::Put { shard, epoch, key, value } => {
+                if let Err(e) = check_user_key(&key).and_then(|_| check_value(&value)) {
+                    return Response::Invalid(e);
+                }
+                self.write(shard, epoch, KvCommand::Put { key, value }).await
+            }
+            Request::Delete { shard, epoch, key } => {
+                if let Err(e) = check_user_key(&key) {
+                    return Response::Invalid(e);
+                }
+                self.write(shard, epoch, KvCommand::Delete { key }).await
+            }
+            Request::Cas { shard, epoch, key, expected, new } => {
+                let sizes = expected.iter().chain(new.iter()).try_for_each(|v| check_value(v));
+                if let Err(e) = check_user_key(&key).and(sizes) {
+                    return Response::Invalid(e);
+                }
+                self.write(shard, epoch, KvCommand::Cas { key, expected, new }).await
+            }
+            Request::Scan { shard, epoch, start, end, limit, consistency } => {
+                // A page of no pairs that says "more" could not move a scan on.
+                if limit == 0 {
+                    return Response::Invalid("a scan's limit must be at least 1".into());
+                }
+                let limit = (limit as usize).min(SCAN_LIMIT_MAX);
+                let d = match self.route_shard(shard, epoch).await {
+                    Ok(d) => d,
+                    Err(r) => return r,
+                };
+                // From the shard's first user key at the earliest (the map's first shard starts
+                // at the empty key, its replica after the reserved meta prefix).
+                let first = shard_range(&d).start;
+                let from = if start < first { first } else { start };
+                if let Err(r) = self.route_key(&d, &from) {
+                    return r;
+                }
+                // Never past the shard's end in the map: what lies beyond is another shard's,
+                // even while this replica's range (not split yet) still covers it.
+                let end = match (end, d.end) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                // The replica refuses a start outside its range now and bounds the page by it:
+                // a split may have narrowed it before this node's map shows the split.
+                let page = if consistency == ReadConsistency::Stale {
+                    let sm = match self.local_replica(shard).await {
+                        Ok(sm) => sm,
+                        Err(r) => return r,
+                    };
+                    match sm.scan(from, end, limit).await {
+                        Ok(page) => page,
+                        Err(ScanError::OutOfRange(_)) => return Response::OutOfRange { shard },
+                        Err(ScanError::Storage(e)) => return Response::Unavailable(e.to_string()),
+                    }
+                } else {
+                    match self.inner.host.scan(shard, from, end, limit, read_mode(consistency)).await {
+                        Ok(page) => page,
+                        Err(e) => return self.host_error(e, false),
+                    }
+                };
+                cut_scan(page)
+            }
+            Request::ClusterView { fresh } => {
+                let state = if fresh {
+                    match self.meta_exec(MetaOp::Read, false).await {
+                        Ok((s, _)) => Arc::new(s),
+                        Err(e) => return Response::Unavailable(e.to_string()),
+                    }
+                } else {
+                    self.meta_view()
+                };
+                Response::View(view_of(&state))
+            }
+            Request::Admin(a) => {
+                // Report ages are known only on the meta leader: a client's node/status
+                // request is answered there (one hop; a node never forwards a node's request).
+                if matches!(a, AdminRequest::Nodes | AdminRequest::Status) && !matches!(from, PeerIdentity::Node(_)) {
+                    if let Some(leader) = self.meta_leader_elsewhere().await {
+                        let req = Request::Admin(a.clone());
+                        let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
+                        if let Ok(bytes) = self.inner.transport.request(leader, req.encode(), timeout).await {
+                            if let Ok(resp @ Response::Admin(_)) = Response::decode(&bytes) {
+                                return resp;
+                            }
+                        }
+                    }
+                }
+                self.admin(a).await
+            }
+            Request::Meta { op, forwarded } => {
+                if !matches!(from, PeerIdentity::Node(_)) {
+                    return Response::Invalid("meta operations are for nodes; use admin requests".into());
+                }
+                match self.meta_exec(op, forwarded).await {
+                    Ok((state, answer)) => match meta::encode_state(&state) {
+                        Ok(state) => Response::Meta { state, answer },
+                        Err(e) => Response::Unavailable(e),
+                    },
+                    Err(NodeError::Meta(e)) => Response::Invalid(e),
+                    Err(e) => Response::Unavailable(e.to_string()),
+                }
+            }
+        }
+    }
+
+    /// A reader of this node's replica of `shard` for stale reads: its applied state, however
+    /// far behind, but only once the replica has joined its group (applied from its leader's
+    /// snapshot or log). A replica created empty and not caught up yet holds none of the
+    /// shard's data: it answers `Unavailable` rather than "no such key".
+    async fn local_replica(&self, shard: ShardId) -> Result<KvStateMachine, Response> {
+        let sm = self.inner.host.state_machine(shard).ok_or(Response::UnknownShard)?;
+        match sm.has_joined(self.inner.id).await {
+            Ok(true) => Ok(sm),
+            Ok(false) => Err(Response::Unavailable(format!(
+                "the replica of shard {shard} on node {} has not caught up with its group yet: read from the leader",
+                self.inner.id
+            ))),
+            Err(e) => Err(Response::Unavailable(e.to_string())),
+        }
+    }
+
+    pub(super) async fn write(&self, shard: ShardId, epoch: Epoch, cmd: KvCommand) -> Response {
+        if let Err(r) = self.route(shard, epoch, cmd.key()).await {
+            return r;
+        }
+        match self.inner.host.write(shard, cmd).await {
+            Ok(KvResponse::Done { previous }) => Response::Written { previous },
+            Ok(KvResponse::CasFailed { current }) => Response::CasFailed { current },
+            Ok(KvResponse::Refused(e)) => Response::Invalid(e),
+            Ok(KvResponse::Split { .. }) => Response::Invalid("a write answered as a split".into()),
+            // A split applied between the routing check and the command; nothing changed.
+            Ok(KvResponse::OutOfRange) => Response::OutOfRange { shard },
+            Err(e) => self.host_error(e, true),
+        }
+    }
+
+    /// Checks a request's routing against this node's map (re-reading it once on a mismatch,
+    /// in case the client saw a newer map).
+    async fn route_shard(&self, shard: ShardId, epoch: Epoch) -> Result<ShardDescriptor, Response> {
+        for attempt in 0..2 {
+            let view = self.meta_view();
+            match view.map.get(shard) {
+                Some(d) if d.epoch == epoch => return Ok(d.clone()),
+                Some(d) if attempt == 1 => return Err(Response::StaleEpoch { descriptor: d.clone() }),
+                None if attempt == 1 => return Err(Response::UnknownShard),
+                _ => {
+                    self.refresh_local_view().await;
+                }
+            }
+        }
+        Err(Response::UnknownShard)
+    }
+
+    async fn route(&self, shard: ShardId, epoch: Epoch, key: &[u8]) -> Result<(), Response> {
+        let d = self.route_shard(shard, epoch).await?;
+        self.route_key(&d, key)
+    }
+
+    /// Checks that `key` is in the shard `d` (as this node's map has it).
+    fn route_key(&self, d: &ShardDescriptor, key: &[u8]) -> Result<(), Response> {
+        if !d.contains(key) {
+            return match self.meta_view().map.lookup(key) {
+                Some(owner) => Err(Response::WrongShard { owner: owner.clone() }),
+                None => Err(Response::UnknownShard),
+            };
+        }
+        Ok(())
+    }
+
+    fn host_error(&self, e: HostError, write: bool) -> Response {
+        match e {
+            HostError::UnknownGroup(_) => Response::UnknownShard,
+            HostError::Raft(RaftError::NotLeader { leader }) => {
+                let addr = leader.and_then(|l| self.meta_view().nodes.get(&l).map(|n| n.addr.clone()));
+                Response::NotLeader { leader, addr }
+            }
+            // The replica's range narrowed (a split) while this node's map still routes the
+            // key here: the client must look for a newer map, not retry here.
+            HostError::KeyOutOfRange(g) => Response::OutOfRange { shard: g },
+            // Refused before the command entered the log, or its entry was replaced: nothing
+            // was applied, and the client may retry.
+            e @ (HostError::Stopped
+            | HostError::TooLarge(_)
+            | HostError::Raft(
+                RaftError::ChangeInProgress | RaftError::TransferInProgress | RaftError::Dropped { .. },
+            )) => Response::Unavailable(e.to_string()),
+            // Anything else may have happened after the write was proposed (a timeout, the
+            // group stopping or failing with it pending): its outcome is unknown.
+            e if write => Response::Unknown(e.to_string()),
+            other => Response::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// Cuts a scan page to [`SCAN_RESPONSE_BYTES_MAX`] (keeping at least one pair); a page cut
+/// short says "more", so the client continues after its last pair.
+fn cut_scan(page: ScanPage) -> Response {
+    let ScanPage { mut pairs, end } = page;
+    let mut total = 0usize;
+    let mut keep = pairs.len();
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        total += k.len() + v.len();
+        if total > SCAN_RESPONSE_BYTES_MAX && i > 0 {
+            keep = i;
+            break;
+        }
+    }
+    if keep < pairs.len() {
+        pairs.truncate(keep);
+        return Response::Page { pairs, end: WireScanEnd::More };
+    }
+    let end = match end {
+        ScanEnd::More => WireScanEnd::More,
+        ScanEnd::Covered(e) => WireScanEnd::Covered(e),
+    };
+    Response::Page { pairs, end }
+}
+
+fn read_mode(c: ReadConsistency) -> ReadMode {
+    match c {
+        ReadConsistency::Linearizable => ReadMode::ReadIndex,
+        ReadConsistency::Lease => ReadMode::Lease,
+        // Never reaches the host's read path (served from the local replica).
+        ReadConsistency::Stale => ReadMode::ReadIndex,
+    }
+}
