@@ -677,3 +677,111 @@ async fn an_aborted_move_removes_its_learner_from_the_group_and_its_node() {
     assert_eq!(client.get(b"a-key").await.unwrap(), Some(b"v".to_vec()));
     cluster.shutdown().await;
 }
+
+/// Splits and replica moves asked for back to back, with a writer running: each shard split
+/// is moved at once (its group may not have applied the split yet, the new half may have no
+/// group yet), and the next split lands on a shard whose move just finished. Every shard must
+/// end with a leader and three voters, each node must host exactly the replicas the map gives
+/// it, and every acknowledged write must read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn splits_racing_moves_converge_and_lose_nothing() {
+    let mut cluster = Cluster::start_with(4, &[1, 2, 3], &[1, 2, 3], dev_split_keys(1), |_| {}).await;
+    let client = std::sync::Arc::new(cluster.client().await);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let k = format!("k{:03}-{i}", (i * 13) % 100);
+                i += 1;
+                match client.put(k.as_bytes(), b"v").await {
+                    Ok(()) => acked.push(k),
+                    Err(ClientError::Unknown(_) | ClientError::Unavailable(_)) => {}
+                    Err(e) => panic!("write {k}: {e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            acked
+        })
+    };
+    let rows = |client: std::sync::Arc<Client>| async move {
+        let AdminResponse::Shards(rows) = client.admin(AdminRequest::Shards).await.unwrap() else { panic!() };
+        rows
+    };
+    // Node 4 registers in the background; moves onto it are refused until then.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let AdminResponse::Nodes(nodes) = client.admin(AdminRequest::Nodes).await.unwrap() else { panic!() };
+        if nodes.iter().any(|n| n.node == NodeId(4)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 4 never registered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut moves_started = 0;
+    for round in 1..=6u32 {
+        let key = format!("k{:03}", round * 14).into_bytes();
+        let AdminResponse::Changed(halves) = client.admin(AdminRequest::Split { key }).await.expect("split") else {
+            panic!("split answered otherwise")
+        };
+        // Move each half's replica off a node it has onto the one it lacks, at once.
+        for d in halves {
+            let nodes: Vec<NodeId> = d.replicas.iter().map(|r| r.node).collect();
+            let Some(to) = (1..=4).map(NodeId).find(|n| !nodes.contains(n)) else { continue };
+            let from = nodes[(round as usize) % nodes.len()];
+            match client.admin(AdminRequest::Move { shard: d.id, from, to }).await {
+                Ok(_) => moves_started += 1,
+                Err(e) => eprintln!("round {round}: move of shard {} not started: {e}", d.id),
+            }
+        }
+        // Wait for the moves of this round before the next split (splits of a moving shard
+        // are refused), at most a little: the next split may then race their tail.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while rows(client.clone()).await.iter().any(|r| r.moving.is_some()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(moves_started >= 8, "only {moves_started} moves started");
+    // Converged: no move left, every shard led with three voters, and every node hosts
+    // exactly the replicas the map gives it.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let rows = rows(client.clone()).await;
+        let view = cluster.node(1).meta_view();
+        let mut problems = Vec::new();
+        for r in &rows {
+            if r.moving.is_some() || r.leader.is_none() || r.descriptor.voters().count() != 3 {
+                problems.push(format!("shard {}: moving {:?}, leader {:?}", r.descriptor.id, r.moving, r.leader));
+            }
+        }
+        for node in cluster.nodes() {
+            let hosted: std::collections::BTreeSet<u64> =
+                node.host().groups().into_iter().map(|g| g.0).filter(|g| *g != 0).collect();
+            let assigned: std::collections::BTreeSet<u64> =
+                view.map.shards().filter(|d| d.replica(node.id()).is_some()).map(|d| d.id.0).collect();
+            if hosted != assigned {
+                problems.push(format!("node {} hosts {hosted:?}, the map gives it {assigned:?}", node.id()));
+            }
+        }
+        if rows.len() == 7 && problems.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} shards, not converged: {problems:?}", rows.len());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writer.await.unwrap();
+    assert!(acked.len() > 50, "too few writes: {}", acked.len());
+    for k in &acked {
+        assert_eq!(client.get(k.as_bytes()).await.unwrap(), Some(b"v".to_vec()), "{k} lost");
+    }
+    let all = client.scan(b"k", Some(b"l"), 100_000).await.unwrap();
+    let keys: std::collections::BTreeSet<Vec<u8>> = all.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(keys.len(), all.len(), "a scan returned a key twice");
+    for k in &acked {
+        assert!(keys.contains(k.as_bytes()), "the scan missed {k}");
+    }
+    cluster.shutdown().await;
+}
