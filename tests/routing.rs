@@ -140,3 +140,62 @@ async fn a_client_whose_contact_cannot_reach_the_meta_leader_still_routes_to_sha
     client.close().await;
     cluster.shutdown().await;
 }
+
+/// The window between a group applying a split and the map hearing of it: a node whose map
+/// still gives the shard the whole key space serves a scan only as far as the group's range
+/// reaches now, says where that is, and refuses a scan starting beyond it as out of range —
+/// never an empty page that would make the client skip the half that split off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scan_in_the_window_before_the_map_hears_of_a_split_is_bounded_and_refused_beyond() {
+    let mut cluster = start(3, &[1, 2, 3], &[1, 2, 3], &[]).await;
+    let client = cluster.client().await;
+    for k in ["b-1", "b-2", "x-1", "x-2"] {
+        client.put(k.as_bytes(), b"v").await.unwrap();
+    }
+    let view = cluster.node(1).meta_view();
+    let shard = view.map.lookup(b"b").unwrap().clone();
+    assert!(shard.start.is_empty() && shard.end.is_none(), "one shard holds every key");
+    // The group splits at "m" through Raft alone: the meta state does not know.
+    let leader = loop {
+        let mut found = None;
+        for n in cluster.nodes() {
+            if let Ok(infos) = n.host().group_info().await {
+                if infos.iter().any(|i| i.group == shard.id && i.role == flotilla::raft::Role::Leader) {
+                    found = Some(n.id());
+                }
+            }
+        }
+        if let Some(l) = found {
+            break l;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let node = cluster.node(leader.0);
+    let split = flotilla::shard::KvCommand::Split { at: b"m".to_vec(), new_group: 1000 };
+    node.host().write(shard.id, split).await.expect("split through Raft");
+    assert_eq!(node.meta_view().map.get(shard.id).unwrap().end, None, "the map has not heard of it");
+
+    let scan = |start: &str| Request::Scan {
+        shard: shard.id,
+        epoch: shard.epoch,
+        start: start.as_bytes().to_vec(),
+        end: None,
+        limit: 100,
+        consistency: ReadConsistency::Linearizable,
+    };
+    let me = PeerIdentity::Client("test".into());
+    match node.handle(&me, scan("a")).await {
+        Response::Page { pairs, end } => {
+            let keys: Vec<&[u8]> = pairs.iter().map(|(k, _)| k.as_slice()).collect();
+            assert_eq!(keys, [b"b-1".as_slice(), b"b-2"]);
+            assert_eq!(end, flotilla::wire::ScanEnd::Covered(Some(b"m".to_vec())), "the page says where it stops");
+        }
+        other => panic!("a scan inside the group's range answered {other:?}"),
+    }
+    match node.handle(&me, scan("n")).await {
+        Response::OutOfRange { shard: s } => assert_eq!(s, shard.id),
+        other => panic!("a scan beyond the group's range answered {other:?}"),
+    }
+    client.close().await;
+    cluster.shutdown().await;
+}
