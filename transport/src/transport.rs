@@ -24,7 +24,9 @@ use tracing::{debug, info, warn};
 use crate::cert::{identity_of_cert, node_name, TlsIdentity};
 use crate::config::TransportConfig;
 use crate::error::TransportError;
-use crate::fault::{FaultState, SplitMix64};
+use crate::fault::FaultState;
+#[cfg(feature = "fault-injection")]
+use crate::fault::SplitMix64;
 use crate::frame::{
     decode_batch, decode_stream_header, encode_frame, encode_stream_header, envelope_wire_bytes, BatchBuilder,
     FrameDecoder, FrameError, FrameKind, StreamHeader, FRAME_HEADER_BYTES,
@@ -347,6 +349,7 @@ impl Transport {
     /// Fault injection: discards all traffic to and from `node` (envelopes dropped and
     /// counted, requests and transfers fail with [`TransportError::Blocked`]) until unblocked.
     /// The connection itself stays up, as QUIC keep-alives are not blocked.
+    #[cfg(feature = "fault-injection")]
     pub fn block_peer(&self, node: NodeId) {
         self.shared.update_faults(|faults| {
             faults.blocked.insert(node);
@@ -354,6 +357,7 @@ impl Transport {
     }
 
     /// Fault injection: undoes [`block_peer`](Self::block_peer).
+    #[cfg(feature = "fault-injection")]
     pub fn unblock_peer(&self, node: NodeId) {
         self.shared.update_faults(|faults| {
             faults.blocked.remove(&node);
@@ -362,6 +366,7 @@ impl Transport {
 
     /// Fault injection: envelopes sent to `node` from now on wait `delay` before being written
     /// (order is kept). `Duration::ZERO` removes the delay.
+    #[cfg(feature = "fault-injection")]
     pub fn set_peer_delay(&self, node: NodeId, delay: Duration) {
         self.shared.update_faults(|faults| {
             if delay.is_zero() {
@@ -374,6 +379,7 @@ impl Transport {
 
     /// Fault injection: drops `fraction` (0.0..=1.0) of outgoing Raft envelopes, to all peers,
     /// chosen by a generator seeded with `seed` (the same seed drops the same sequence).
+    #[cfg(feature = "fault-injection")]
     pub fn set_drop_fraction(&self, fraction: f64, seed: u64) {
         let fraction = fraction.clamp(0.0, 1.0);
         self.shared.update_faults(|faults| {
@@ -382,6 +388,7 @@ impl Transport {
     }
 
     /// Fault injection: removes every fault.
+    #[cfg(feature = "fault-injection")]
     pub fn clear_faults(&self) {
         self.shared.update_faults(|faults| *faults = FaultState::default());
     }
@@ -428,6 +435,7 @@ impl Shared {
         self.faults_active.load(Ordering::Acquire) && lock(&self.faults).blocked.contains(&node)
     }
 
+    #[cfg(feature = "fault-injection")]
     fn update_faults(&self, change: impl FnOnce(&mut FaultState)) {
         let mut faults = lock(&self.faults);
         change(&mut faults);
