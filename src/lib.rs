@@ -58,6 +58,7 @@ pub mod http;
 pub mod meta;
 pub mod net;
 pub mod node;
+pub mod peer_wire;
 pub mod wire;
 
 pub use client::{CasOutcome, Client, ClientConfig, ClientError};

@@ -20,12 +20,13 @@
 //! (node reports once a second, admin commands). Large clusters would want a real state
 //! machine (commands in the log, state in memory): listed as future work.
 
+use crate::peer_wire::MetaOp;
 use crate::placement::{
     balance, BalancerConfig, MetaCommand, MetaOutcome, MetaState, NodeId, ShardDescriptor, ShardId,
 };
 use crate::raft::GroupId;
 use crate::shard::KeyRange;
-use crate::wire::{AdminResponse, MetaOp};
+use crate::wire::AdminResponse;
 
 /// The meta group's id.
 pub const META_GROUP: GroupId = GroupId(0);

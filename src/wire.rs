@@ -1,11 +1,12 @@
-//! The client protocol: what clients (the CLI, [`crate::Client`]) and nodes send each other
-//! over transport requests.
+//! The client protocol: what clients (the CLI, [`crate::Client`]) ask of nodes over transport
+//! requests (nodes speak it to each other too, forwarding a client's request). What only
+//! nodes ask of each other is the peer protocol, [`crate::peer_wire`].
 //!
 //! Every message is `[u8 version][bincode body]`; a version this build does not know is refused
 //! with a clear error (never guessed at). Requests name the shard and the epoch the client
 //! routed by; a node whose view differs answers with where to go instead of serving.
 
-use crate::placement::{Epoch, MetaCommand, NodeId, ShardDescriptor, ShardId, ShardMap};
+use crate::placement::{Epoch, NodeId, ShardDescriptor, ShardId, ShardMap};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -14,7 +15,9 @@ use std::collections::BTreeMap;
 /// no previous value. 3: a scan answers a [`Response::Page`] saying how far it read, and a
 /// request for keys a shard no longer holds is answered [`Response::OutOfRange`] (a version 2
 /// peer would take a scan's empty page for the end of the shard and skip what split off).
-pub const PROTOCOL_VERSION: u8 = 3;
+/// 4: the node-to-node meta operations moved to the peer protocol ([`crate::peer_wire`]).
+/// Versions stay below 0x80: a first byte with the high bit set is a peer message.
+pub const PROTOCOL_VERSION: u8 = 4;
 
 /// Largest key accepted (bytes): the shard's own limit, checked here first so that a key too
 /// long is refused before it is routed (or made a split point). Keys travel in every routing
@@ -117,13 +120,6 @@ pub enum Request {
     },
     /// An administrative operation.
     Admin(AdminRequest),
-    /// Node to node: run a meta operation on the meta leader. `forwarded` stops a second hop.
-    Meta {
-        /// The operation.
-        op: MetaOp,
-        /// Set when a node forwards it: the receiver does not forward again.
-        forwarded: bool,
-    },
 }
 
 /// Administrative operations (the `flotilla admin` commands).
@@ -173,44 +169,6 @@ pub enum AdminRequest {
         /// Its QUIC address.
         addr: String,
     },
-}
-
-/// A meta operation, executed on the meta leader as one read-modify-write of the meta state.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum MetaOp {
-    /// Apply these commands in order, all or nothing.
-    Commands(Vec<MetaCommand>),
-    /// Create the cluster if the map is empty: register `nodes`, bootstrap one shard on
-    /// `replicas`, split it at `split_keys` (ascending). A no-op on a bootstrapped cluster.
-    Bootstrap {
-        /// Every initial node and its client address.
-        nodes: Vec<(NodeId, String)>,
-        /// The voters of every initial shard.
-        replicas: Vec<NodeId>,
-        /// Split points, ascending.
-        split_keys: Vec<Vec<u8>>,
-    },
-    /// A node's periodic report; registers it (or updates its address) first if needed.
-    Report {
-        /// The node.
-        node: NodeId,
-        /// Its client address.
-        addr: String,
-        /// Its report.
-        report: crate::placement::NodeReport,
-    },
-    /// Split the shard holding `key` at `key`.
-    SplitAt {
-        /// The split key.
-        key: Vec<u8>,
-    },
-    /// Run a balancer round and start what it proposes.
-    Rebalance {
-        /// The proposer's clock, stamped into started moves.
-        now_ms: u64,
-    },
-    /// Read the state (linearizably) without changing it.
-    Read,
 }
 
 /// The cluster as a node sees it: enough for a client to route.
@@ -315,14 +273,6 @@ pub enum Response {
     View(ClusterView),
     /// An admin answer.
     Admin(AdminResponse),
-    /// Answer to a [`MetaOp`]: the meta state after it (serialized with its version byte, see
-    /// [`crate::meta::encode_state`]) and what the operation reports.
-    Meta {
-        /// The meta state.
-        state: Vec<u8>,
-        /// The operation's answer.
-        answer: AdminResponse,
-    },
     /// This node does not lead the shard: go to `leader` (at `addr`) if known.
     NotLeader {
         /// The leader this node knows of.
@@ -385,7 +335,16 @@ pub enum WireError {
 }
 
 fn encode<T: Serialize>(value: &T) -> Bytes {
-    let mut out = vec![PROTOCOL_VERSION];
+    encode_versioned(PROTOCOL_VERSION, value)
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, WireError> {
+    decode_versioned(PROTOCOL_VERSION, bytes)
+}
+
+/// `[version][bincode body]`.
+pub(crate) fn encode_versioned<T: Serialize>(version: u8, value: &T) -> Bytes {
+    let mut out = vec![version];
     // Serializing our own plain data types into a Vec cannot fail.
     match bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard()) {
         Ok(_) => Bytes::from(out),
@@ -393,9 +352,10 @@ fn encode<T: Serialize>(value: &T) -> Bytes {
     }
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, WireError> {
+/// Decodes `[version][bincode body]`, refusing another version and trailing bytes.
+pub(crate) fn decode_versioned<T: for<'de> Deserialize<'de>>(expected: u8, bytes: &[u8]) -> Result<T, WireError> {
     let (&version, body) = bytes.split_first().ok_or(WireError::Empty)?;
-    if version != PROTOCOL_VERSION {
+    if version != expected {
         return Err(WireError::Version(version));
     }
     let (value, used): (T, usize) = bincode::serde::decode_from_slice(body, bincode::config::standard())

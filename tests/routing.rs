@@ -199,3 +199,35 @@ async fn a_scan_in_the_window_before_the_map_hears_of_a_split_is_bounded_and_ref
     client.close().await;
     cluster.shutdown().await;
 }
+
+/// The peer protocol is for nodes: a client's certificate gets a refusal, whatever it asks;
+/// a node's gets the meta state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peer_requests_are_refused_to_clients_and_served_to_nodes() {
+    use flotilla::peer_wire::{MetaOp, PeerRequest, PeerResponse};
+    use flotilla::transport::Client as RawClient;
+    let mut cluster = start(3, &[1, 2, 3], &[1, 2, 3], &[]).await;
+    cluster.client().await.close().await;
+    let addr = cluster.node(1).local_addr().unwrap();
+    let body = PeerRequest::Meta { op: MetaOp::Read, forwarded: false }.encode();
+    let ask = |tls: flotilla::transport::cert::TlsIdentity, as_node: bool| {
+        let body = body.clone();
+        async move {
+            let bind = "127.0.0.1:0".parse().unwrap();
+            let raw = if as_node { RawClient::for_node(&tls, bind) } else { RawClient::new(&tls, bind) }.unwrap();
+            let conn = raw.connect(addr, flotilla::raft::NodeId(1), Duration::from_secs(5)).await.unwrap();
+            let answer = conn.request(body, Duration::from_secs(10)).await.unwrap();
+            raw.close().await;
+            PeerResponse::decode(&answer).unwrap()
+        }
+    };
+    match ask(cluster.dev.client_tls().unwrap(), false).await {
+        PeerResponse::Refused(why) => assert!(why.contains("for nodes"), "{why}"),
+        other => panic!("a client's peer request answered {other:?}"),
+    }
+    match ask(cluster.dev.node_tls(flotilla::raft::NodeId(2)).unwrap(), true).await {
+        PeerResponse::Meta { state, .. } => assert!(!state.is_empty()),
+        other => panic!("a node's meta read answered {other:?}"),
+    }
+    cluster.shutdown().await;
+}

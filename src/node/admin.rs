@@ -4,9 +4,10 @@
 
 use super::{now_ms, Node, NodeError};
 use crate::meta::META_GROUP;
+use crate::peer_wire::MetaOp;
 use crate::placement::{MetaCommand, MetaState, MovePlan, NodeId};
 use crate::wire::{
-    check_user_key, AdminRequest, AdminResponse, ClusterView, MetaOp, NodeRow, Response, ShardRow, StatusReport,
+    check_user_key, AdminRequest, AdminResponse, ClusterView, NodeRow, Response, ShardRow, StatusReport,
 };
 use std::net::SocketAddr;
 

@@ -6,9 +6,9 @@
 
 use super::{BootstrapConfig, Node, NodeError, ANNOUNCE_RETRY_MS, BOOTSTRAP_RETRY_MS, PEER_REQUEST_TIMEOUT_MS};
 use crate::meta::{self, meta_range, META_GROUP};
+use crate::peer_wire::{MetaOp, PeerRequest, PeerResponse};
 use crate::raft::{Membership, NodeId};
 use crate::transport as tp;
-use crate::wire::{MetaOp, Request, Response};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -100,15 +100,15 @@ impl Node {
             }
         };
         let op = MetaOp::Report { node: me, addr: self.inner.addr.clone(), report };
-        let body = Request::Meta { op, forwarded: false }.encode();
+        let body = PeerRequest::Meta { op, forwarded: false }.encode();
         let mut done = false;
         for (peer, addr) in self.inner.config.peers.iter().filter(|(p, _)| *p < self.inner.id) {
             let answer = match client.connect(*addr, *peer, timeout).await {
                 Ok(conn) => conn.request(body.clone(), timeout).await.map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
-            match answer.map(|b| Response::decode(&b)) {
-                Ok(Ok(Response::Meta { state, .. })) => match meta::decode_state(Some(&state)) {
+            match answer.map(|b| PeerResponse::decode(&b)) {
+                Ok(Ok(PeerResponse::Meta { state, .. })) => match meta::decode_state(Some(&state)) {
                     Ok(state) => {
                         done = state.nodes.get(&me).is_some_and(|i| i.addr == self.inner.addr);
                         self.set_view(state);

@@ -5,10 +5,11 @@
 
 use super::{Node, NodeError, LIVE_REPORT_AGE_MAX_MS, META_OP_TIMEOUT_MS, PEER_REQUEST_TIMEOUT_MS};
 use crate::meta::{self, META_GROUP, META_STATE_KEY};
+use crate::peer_wire::{MetaOp, PeerRequest, PeerResponse};
 use crate::placement::{MetaState, NodeId, NodeReport};
 use crate::raft::{RaftError, ReadMode, Role};
 use crate::shard::{HostError, KvCommand, KvResponse};
-use crate::wire::{AdminResponse, MetaOp, Request, Response};
+use crate::wire::AdminResponse;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
@@ -142,20 +143,20 @@ impl Node {
                 // To the leader: final hop. To any node (we hold no meta replica): it may forward
                 // once to its leader.
                 let hop = self.inner.host.groups().contains(&META_GROUP);
-                let req = Request::Meta { op: op.clone(), forwarded: hop };
+                let req = PeerRequest::Meta { op: op.clone(), forwarded: hop };
                 match self
                     .inner
                     .transport
                     .request(to, req.encode(), Duration::from_millis(PEER_REQUEST_TIMEOUT_MS))
                     .await
                 {
-                    Ok(bytes) => match Response::decode(&bytes) {
-                        Ok(Response::Meta { state, answer }) => {
+                    Ok(bytes) => match PeerResponse::decode(&bytes) {
+                        Ok(PeerResponse::Meta { state, answer }) => {
                             let s = meta::decode_state(Some(&state)).map_err(NodeError::Meta)?;
                             self.set_view(s.clone());
                             return Ok((s, answer));
                         }
-                        Ok(Response::Invalid(e)) => return Err(NodeError::Meta(e)),
+                        Ok(PeerResponse::Refused(e)) => return Err(NodeError::Meta(e)),
                         Ok(other) => last_err = format!("meta leader {to} answered {other:?}"),
                         Err(e) => last_err = e.to_string(),
                     },

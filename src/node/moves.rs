@@ -5,8 +5,9 @@
 
 use super::{now_ms, Node};
 use crate::meta;
+use crate::peer_wire::MetaOp;
 use crate::placement::{MetaCommand, MoveStep, PlanAction, ShardId};
-use crate::wire::{AdminResponse, MetaOp};
+use crate::wire::AdminResponse;
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};

@@ -6,10 +6,10 @@
 
 use super::{Node, RECONCILE_MS, RECONFIG_RETRY_MS};
 use crate::meta::{shard_range, META_GROUP};
+use crate::peer_wire::MetaOp;
 use crate::placement::{replica_fate, LocalReplica, LogIndex as PLogIndex, ReplicaFate, ReplicaRole};
 use crate::raft::{GroupId, Membership, NodeId, Role};
 use crate::shard::{KeyRange, KvCommand, KvResponse};
-use crate::wire::MetaOp;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -5,10 +5,10 @@
 
 use super::{Node, NodeError, SIZE_CHECK_BYTES_PER_ROUND, SIZE_SCAN_BYTES_MAX};
 use crate::meta::{shard_range, META_GROUP};
+use crate::peer_wire::MetaOp;
 use crate::placement::{Epoch, GroupConf, LogIndex as PLogIndex, NodeReport, ShardId};
 use crate::raft::Role;
 use crate::shard::{range_size_blocking, KeyRange, RangeSize};
-use crate::wire::MetaOp;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};

@@ -6,12 +6,13 @@
 
 use super::{view_of, Node, NodeError, PEER_REQUEST_TIMEOUT_MS};
 use crate::meta::{self, shard_range};
+use crate::peer_wire::{is_peer_message, MetaOp, PeerRequest, PeerResponse};
 use crate::placement::{Epoch, ShardDescriptor, ShardId};
 use crate::raft::{RaftError, ReadMode};
 use crate::shard::{HostError, KvCommand, KvResponse, KvStateMachine, ScanEnd, ScanError, ScanPage};
 use crate::transport::{IncomingRequest, PeerIdentity};
 use crate::wire::{
-    check_user_key, check_value, AdminRequest, MetaOp, ReadConsistency, Request, Response, ScanEnd as WireScanEnd,
+    check_user_key, check_value, AdminRequest, ReadConsistency, Request, Response, ScanEnd as WireScanEnd,
     SCAN_LIMIT_MAX, SCAN_RESPONSE_BYTES_MAX,
 };
 use std::sync::atomic::Ordering;
@@ -21,6 +22,11 @@ use std::time::Duration;
 impl Node {
     pub(super) async fn serve(&self, req: IncomingRequest) {
         let IncomingRequest { from, body, responder } = req;
+        if is_peer_message(&body) {
+            self.inner.stats.requests.fetch_add(1, Ordering::Relaxed);
+            responder.respond(self.serve_peer(&from, &body).await.encode());
+            return;
+        }
         let resp = match Request::decode(&body) {
             Ok(r) => self.handle(&from, r).await,
             Err(e) => {
@@ -161,19 +167,33 @@ impl Node {
                 }
                 self.admin(a).await
             }
-            Request::Meta { op, forwarded } => {
-                if !matches!(from, PeerIdentity::Node(_)) {
-                    return Response::Invalid("meta operations are for nodes; use admin requests".into());
-                }
-                match self.meta_exec(op, forwarded).await {
-                    Ok((state, answer)) => match meta::encode_state(&state) {
-                        Ok(state) => Response::Meta { state, answer },
-                        Err(e) => Response::Unavailable(e),
-                    },
-                    Err(NodeError::Meta(e)) => Response::Invalid(e),
-                    Err(e) => Response::Unavailable(e.to_string()),
-                }
+        }
+    }
+
+    /// Answers a request of the peer protocol: nodes only, checked before decoding.
+    async fn serve_peer(&self, from: &PeerIdentity, body: &[u8]) -> PeerResponse {
+        if !matches!(from, PeerIdentity::Node(_)) {
+            return PeerResponse::Refused("meta operations are for nodes; use admin requests".into());
+        }
+        let PeerRequest::Meta { op, forwarded } = match PeerRequest::decode(body) {
+            Ok(r) => r,
+            Err(e) => {
+                self.inner.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                return PeerResponse::Refused(format!("bad peer request: {e}"));
             }
+        };
+        self.meta_answer(op, forwarded).await
+    }
+
+    /// Runs a meta operation (on the meta leader, forwarding once if this node is not it).
+    pub(super) async fn meta_answer(&self, op: MetaOp, forwarded: bool) -> PeerResponse {
+        match self.meta_exec(op, forwarded).await {
+            Ok((state, answer)) => match meta::encode_state(&state) {
+                Ok(state) => PeerResponse::Meta { state, answer },
+                Err(e) => PeerResponse::Unavailable(e),
+            },
+            Err(NodeError::Meta(e)) => PeerResponse::Refused(e),
+            Err(e) => PeerResponse::Unavailable(e.to_string()),
         }
     }
 

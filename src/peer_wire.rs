@@ -1,0 +1,129 @@
+//! The peer protocol: what only nodes ask of each other — the meta operations a node runs on
+//! the meta leader (bootstrap, its periodic report, the splits and balancing it drives, a
+//! linearizable read of the meta state). Clients speak the client protocol
+//! ([`crate::wire`]); both travel on the transport's requests, told apart by their first byte:
+//! a peer message's version has the high bit set ([`PEER_PROTOCOL_VERSION`]). A request of
+//! this protocol from anything but a node's certificate is refused before it is decoded.
+
+use crate::placement::{MetaCommand, NodeId};
+use crate::wire::{decode_versioned, encode_versioned, AdminResponse, WireError};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Version byte that starts every peer request and response (high bit set: see the module
+/// documentation).
+pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 1;
+
+/// Whether `bytes` is a message of the peer protocol (rather than the client protocol).
+pub fn is_peer_message(bytes: &[u8]) -> bool {
+    bytes.first().is_some_and(|v| v & 0x80 != 0)
+}
+
+/// A node's request to another node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerRequest {
+    /// Run a meta operation on the meta leader. `forwarded` stops a second hop: a node that
+    /// is not the leader forwards a request once, never a forwarded one.
+    Meta {
+        /// The operation.
+        op: MetaOp,
+        /// Set when a node forwards it.
+        forwarded: bool,
+    },
+}
+
+/// The answer to a [`PeerRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerResponse {
+    /// The meta state after the operation (serialized with its version byte, see
+    /// [`crate::meta::encode_state`]) and what the operation reports.
+    Meta {
+        /// The meta state.
+        state: Vec<u8>,
+        /// The operation's answer.
+        answer: AdminResponse,
+    },
+    /// The operation was refused (invalid against the meta state, or not from a node).
+    Refused(String),
+    /// The meta leader cannot be reached or cannot serve now: try again.
+    Unavailable(String),
+}
+
+/// A meta operation, executed on the meta leader as one read-modify-write of the meta state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaOp {
+    /// Apply these commands in order, all or nothing.
+    Commands(Vec<MetaCommand>),
+    /// Create the cluster if the map is empty: register `nodes`, bootstrap one shard on
+    /// `replicas`, split it at `split_keys` (ascending). A no-op on a bootstrapped cluster.
+    Bootstrap {
+        /// Every initial node and its client address.
+        nodes: Vec<(NodeId, String)>,
+        /// The voters of every initial shard.
+        replicas: Vec<NodeId>,
+        /// Split points, ascending.
+        split_keys: Vec<Vec<u8>>,
+    },
+    /// A node's periodic report; registers it (or updates its address) first if needed.
+    Report {
+        /// The node.
+        node: NodeId,
+        /// Its client address.
+        addr: String,
+        /// Its report.
+        report: crate::placement::NodeReport,
+    },
+    /// Split the shard holding `key` at `key`.
+    SplitAt {
+        /// The split key.
+        key: Vec<u8>,
+    },
+    /// Run a balancer round and start what it proposes.
+    Rebalance {
+        /// The proposer's clock, stamped into started moves.
+        now_ms: u64,
+    },
+    /// Read the state (linearizably) without changing it.
+    Read,
+}
+
+impl PeerRequest {
+    /// Encodes with the version byte.
+    pub fn encode(&self) -> Bytes {
+        encode_versioned(PEER_PROTOCOL_VERSION, self)
+    }
+    /// Decodes; a bad or unknown message is an error.
+    pub fn decode(bytes: &[u8]) -> Result<PeerRequest, WireError> {
+        decode_versioned(PEER_PROTOCOL_VERSION, bytes)
+    }
+}
+
+impl PeerResponse {
+    /// Encodes with the version byte.
+    pub fn encode(&self) -> Bytes {
+        encode_versioned(PEER_PROTOCOL_VERSION, self)
+    }
+    /// Decodes; a bad or unknown message is an error.
+    pub fn decode(bytes: &[u8]) -> Result<PeerResponse, WireError> {
+        decode_versioned(PEER_PROTOCOL_VERSION, bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Request, PROTOCOL_VERSION};
+
+    #[test]
+    fn peer_and_client_messages_are_told_apart_by_their_first_byte() {
+        let peer = PeerRequest::Meta { op: MetaOp::Read, forwarded: true }.encode();
+        let client = Request::Admin(crate::wire::AdminRequest::Nodes).encode();
+        assert!(is_peer_message(&peer) && !is_peer_message(&client));
+        const { assert!(PROTOCOL_VERSION < 0x80) };
+        assert_eq!(PeerRequest::decode(&peer).unwrap(), PeerRequest::Meta { op: MetaOp::Read, forwarded: true });
+        // Neither protocol decodes the other's messages.
+        assert!(matches!(PeerRequest::decode(&client), Err(WireError::Version(_))));
+        assert!(matches!(Request::decode(&peer), Err(WireError::Version(_))));
+        assert!(!is_peer_message(&[]));
+    }
+}
