@@ -410,6 +410,8 @@ struct Sim {
     trace: VecDeque<String>,
     report: SimReport,
     faults_on: bool,
+    /// Transfer targets paused past the transfer's deadline -> the leader that asked.
+    late_transfers: BTreeMap<NodeId, NodeId>,
 }
 
 type Check = Result<(), String>;
@@ -527,6 +529,7 @@ impl Sim {
             trace: VecDeque::new(),
             report: SimReport { seed, ..Default::default() },
             faults_on,
+            late_transfers: BTreeMap::new(),
         }
     }
 
@@ -1179,6 +1182,13 @@ impl Sim {
             return Ok(());
         }
         self.log(format!("resume node {id}"));
+        if let Some(old) = self.late_transfers.remove(&id).filter(|_| self.faults_on) {
+            let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+            for n in ids.into_iter().filter(|n| *n != old) {
+                self.blocked.insert((n, old));
+            }
+            self.log(format!("nemesis: node {old} hears from no one while {id} campaigns"));
+        }
         let idle: Vec<usize> = (0..self.clients.len()).filter(|c| self.clients[*c].busy.is_none()).take(2).collect();
         for c in idle {
             self.client_op_at(c, Some(OpInput::Get), Some((id, ReadMode::Lease)))?;
@@ -1199,6 +1209,17 @@ impl Sim {
             .map(|e| e.membership().membership.voters.iter().copied().collect())
             .unwrap_or_default();
         let Some(&t) = self.rng.pick(&voters) else { return Ok(()) };
+        if t != l && self.paused(t).is_none() && self.rng.chance(0.5) {
+            // The target gets its TimeoutNow only after the transfer timed out at the leader,
+            // which meanwhile renewed its lease with new rounds; when the target wakes, the
+            // leader stops hearing from anyone (see `resume`) while clients keep reading
+            // there. Only the void lease keeps those reads from going stale.
+            let until = self.now + self.rng.range(self.config.transfer_timeout_ms + 20, 800);
+            self.nodes.get_mut(&t).expect("exists").paused_until = until;
+            self.schedule(until, Event::Resume(t));
+            self.late_transfers.insert(t, l);
+            self.log(format!("nemesis: pause transfer target {t} until {until}"));
+        }
         let engine = self.nodes.get_mut(&l).and_then(|n| n.engine.as_mut()).expect("leader is alive");
         let line = format!("nemesis: leader {l}: transfer to {t}: {:?}", engine.transfer_leader(now, t));
         self.log(line);
