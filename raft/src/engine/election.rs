@@ -1,0 +1,215 @@
+//! Elections: pre-vote, vote, and the role changes they cause (follower, pre-candidate,
+//! candidate, leader). Raft §5.2, with pre-vote and the check-quorum lease of thesis §9.6.
+
+use super::*;
+
+impl Engine {
+    /// Whether this node may grant votes (see `Config::votes_need_configuration`). With that
+    /// rule every legitimate voter holds the configuration that made it one: members formed
+    /// the group with it, and a replica added later receives it (by snapshot or log) before
+    /// it is promoted. A node without any is an empty replica — new, or re-created after its
+    /// state was deleted — whose vote could elect a candidate lacking acknowledged entries.
+    fn may_vote(&self) -> bool {
+        !self.config.votes_need_configuration || self.has_configuration()
+    }
+
+    pub(super) fn can_campaign(&self) -> bool {
+        self.memberships.is_voter_in_any(self.id)
+    }
+
+    pub(super) fn in_lease(&self, now: Millis) -> bool {
+        if !self.config.check_quorum {
+            return false;
+        }
+        if self.leader_state.is_some() {
+            return true;
+        }
+        // Not conditional on knowing the leader: a node that acknowledged a leader's heartbeat
+        // keeps its promise not to vote for `election_timeout_ms_min` even if it learned of a
+        // higher term meanwhile, or restarted (see Engine::new); lease reads rely on it.
+        self.leader_contact_at.is_some_and(|t| now.since(t) < self.config.election_timeout_ms_min)
+    }
+
+    pub(super) fn on_leader_contact(&mut self, now: Millis, from: NodeId) {
+        debug_assert!(self.leader_state.is_none(), "two leaders in term {}", self.vote.term);
+        if self.leader_state.is_some() {
+            return;
+        }
+        if self.role != Role::Follower && self.role != Role::Learner || self.leader != Some(from) {
+            self.become_follower(now, self.vote.term, Some(from));
+        }
+        self.leader_contact_at = Some(now);
+        self.reset_election_timer(now);
+    }
+
+    pub(super) fn become_follower(&mut self, now: Millis, term: Term, leader: Option<NodeId>) {
+        if term > self.vote.term {
+            self.set_vote(Vote { term, voted_for: None });
+        }
+        if let Some(l) = self.leader_state.take() {
+            info!(node = %self.id, term = %term, "leader stepping down");
+            for r in l.reads {
+                self.actions.push_back(Action::ReadFailed { id: r.id, error: RaftError::NotLeader { leader } });
+            }
+            for (id, _) in l.reads_before_noop {
+                self.actions.push_back(Action::ReadFailed { id, error: RaftError::NotLeader { leader } });
+            }
+        }
+        if leader.is_some() && self.leader != leader {
+            debug!(node = %self.id, term = %term, leader = ?leader, "following");
+        }
+        if self.leader != leader && self.receiving.as_ref().is_some_and(|r| !r.installing) {
+            // Chunks of different senders must never mix.
+            self.receiving = None;
+        }
+        let was_follower = matches!(self.role, Role::Follower | Role::Learner);
+        self.role = if self.effective().membership.is_learner(self.id) { Role::Learner } else { Role::Follower };
+        self.leader = leader;
+        self.granted.clear();
+        // A follower that merely learns a higher term (from a vote request it may refuse) keeps
+        // its election timer (Raft §5.2: only a leader's messages and granted votes reset it).
+        // Otherwise candidates that cannot win, each bumping the term, would keep the node with
+        // the most up-to-date log from ever campaigning (found by the simulator, seed 12 with
+        // 40% clock drift and no pre-vote).
+        if !was_follower || leader.is_some() {
+            self.reset_election_timer(now);
+        }
+    }
+
+    pub(super) fn pre_campaign(&mut self, now: Millis) {
+        debug!(node = %self.id, term = %self.vote.term, "election timeout: pre-vote");
+        self.role = Role::PreCandidate;
+        self.leader = None;
+        self.granted.clear();
+        self.granted.insert(self.id);
+        self.reset_election_timer(now);
+        let term = self.vote.term.next();
+        let last_log_id = self.log.last_id();
+        for id in self.effective().membership.nodes() {
+            if id != self.id && self.effective().membership.is_voter(id) {
+                self.send_at(id, term, MessageBody::PreVote { last_log_id });
+            }
+        }
+        self.check_election_won(now);
+    }
+
+    pub(super) fn campaign(&mut self, now: Millis, transfer: bool) {
+        let term = self.vote.term.next();
+        info!(node = %self.id, term = %term, transfer, "campaigning");
+        if let Some(l) = self.leader_state.take() {
+            debug_assert!(l.transfer.is_none());
+        }
+        self.role = Role::Candidate;
+        self.leader = None;
+        self.granted.clear();
+        self.set_vote(Vote { term, voted_for: Some(self.id) });
+        self.reset_election_timer(now);
+        let last_log_id = self.log.last_id();
+        for id in self.effective().membership.nodes() {
+            if id != self.id && self.effective().membership.is_voter(id) {
+                self.send(id, MessageBody::Vote { last_log_id, transfer });
+            }
+        }
+        self.check_election_won(now);
+    }
+
+    pub(super) fn on_pre_vote(&mut self, now: Millis, from: NodeId, term: Term, last_log_id: LogId) {
+        // `term` is the candidate's next term; our own is lower or equal.
+        let up_to_date = last_log_id >= self.log.last_id() || self.bugs().vote_without_log_check;
+        let grant = term > self.vote.term && !self.in_lease(now) && up_to_date && self.may_vote();
+        debug!(node = %self.id, term = %self.vote.term, %from, grant, "pre-vote request");
+        self.send_at(from, if grant { term } else { self.vote.term }, MessageBody::PreVoteResp { granted: grant });
+    }
+
+    pub(super) fn on_pre_vote_resp(&mut self, now: Millis, from: NodeId, term: Term, granted: bool) {
+        if self.role != Role::PreCandidate || term != self.vote.term.next() || !granted {
+            return;
+        }
+        self.granted.insert(from);
+        self.check_election_won(now);
+    }
+
+    pub(super) fn on_vote(&mut self, now: Millis, from: NodeId, last_log_id: LogId) {
+        let can_vote = self.vote.voted_for == Some(from) || (self.vote.voted_for.is_none() && self.leader.is_none());
+        let up_to_date = last_log_id >= self.log.last_id() || self.bugs().vote_without_log_check;
+        let configured = self.may_vote();
+        if !(can_vote && up_to_date && configured) {
+            debug!(node = %self.id, term = %self.vote.term, %from, can_vote, up_to_date, configured, "vote refused");
+            self.send(from, MessageBody::VoteResp { granted: false });
+            return;
+        }
+        debug!(node = %self.id, term = %self.vote.term, %from, "vote granted");
+        if self.vote.voted_for != Some(from) {
+            self.set_vote(Vote { term: self.vote.term, voted_for: Some(from) });
+        }
+        self.reset_election_timer(now);
+        if self.vote_durable == self.vote {
+            self.send(from, MessageBody::VoteResp { granted: true });
+        } else {
+            self.vote_replies.push((from, self.vote.term));
+        }
+    }
+
+    pub(super) fn on_vote_resp(&mut self, now: Millis, from: NodeId, granted: bool) {
+        if self.role != Role::Candidate || !granted {
+            return;
+        }
+        self.granted.insert(from);
+        self.check_election_won(now);
+    }
+
+    pub(super) fn check_election_won(&mut self, now: Millis) {
+        let self_counts = match self.role {
+            Role::PreCandidate => true,
+            // A candidate acts as leader of its term only once its vote for itself (and so the
+            // term) is durable: otherwise, after a crash, it could campaign in the same term
+            // again and lead it twice with different logs. Checked again in handle_io_done.
+            Role::Candidate if self.vote_durable != self.vote => return,
+            Role::Candidate => true,
+            _ => return,
+        };
+        let won =
+            self.effective()
+                .membership
+                .is_quorum(|id| if id == self.id { self_counts } else { self.granted.contains(&id) });
+        if !won {
+            return;
+        }
+        if self.role == Role::PreCandidate {
+            self.campaign(now, false);
+        } else {
+            self.become_leader(now);
+        }
+    }
+
+    fn become_leader(&mut self, now: Millis) {
+        info!(node = %self.id, term = %self.vote.term, last_log_id = %self.log.last_id(), "became leader");
+        self.role = Role::Leader;
+        self.leader = Some(self.id);
+        self.granted.clear();
+        let next = self.log.last_index().next();
+        let progress = self
+            .memberships
+            .nodes_in_any()
+            .into_iter()
+            .filter(|id| *id != self.id)
+            .map(|id| (id, Progress::new(next, now)))
+            .collect();
+        self.leader_state = Some(Box::new(LeaderState {
+            progress,
+            noop_index: next,
+            round: 0,
+            round_needed: false,
+            round_requested_at: now,
+            round_sent_at: VecDeque::new(),
+            reads: VecDeque::new(),
+            reads_before_noop: Vec::new(),
+            heartbeat_at: now.add_ms(self.config.heartbeat_interval_ms),
+            check_quorum_at: now.add_ms(self.config.election_timeout_ms_min),
+            transfer: None,
+            lease_void: false,
+        }));
+        let log_id = LogId { term: self.vote.term, index: next };
+        self.leader_append(now, vec![Entry { log_id, payload: EntryPayload::Blank }]);
+    }
+}

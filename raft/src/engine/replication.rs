@@ -1,0 +1,337 @@
+//! Leader replication: proposals, sending appends to each follower within its window,
+//! handling their answers, and advancing the commit index by (joint) quorum. Raft §5.3, §5.4.
+
+use super::*;
+
+impl Engine {
+    /// Appends client commands to the log (leader only). Returns the index of the first.
+    /// An empty `commands` appends nothing.
+    pub fn propose(&mut self, now: Millis, commands: Vec<Bytes>) -> Result<LogIndex, RaftError> {
+        self.check_can_propose()?;
+        let first = self.log.last_index().next();
+        if commands.is_empty() {
+            return Ok(first);
+        }
+        let term = self.vote.term;
+        let entries = commands
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| Entry {
+                log_id: LogId { term, index: LogIndex(first.0 + i as u64) },
+                payload: EntryPayload::Normal(c),
+            })
+            .collect();
+        self.leader_append(now, entries);
+        Ok(first)
+    }
+
+    pub(super) fn check_can_propose(&self) -> Result<(), RaftError> {
+        let Some(l) = &self.leader_state else {
+            return Err(RaftError::NotLeader { leader: self.leader });
+        };
+        if l.transfer.is_some() {
+            return Err(RaftError::TransferInProgress);
+        }
+        Ok(())
+    }
+
+    pub(super) fn leader_append(&mut self, now: Millis, entries: Vec<Entry>) {
+        // Only a configuration entry changes who the leader replicates to; proposals (the hot
+        // path) skip rebuilding the node set. Removals whose commit drops a node are synced
+        // on the next heartbeat tick.
+        let reconfigures = entries.iter().any(|e| e.membership().is_some());
+        self.append_local(entries);
+        if reconfigures {
+            self.sync_progress_with_membership(now);
+        }
+        let peers: Vec<NodeId> = self.leader_state.as_ref().expect("leader").progress.keys().copied().collect();
+        for id in peers {
+            self.send_append(now, id);
+        }
+        // A single voter commits as soon as its own write is durable (handle_io_done).
+    }
+
+    /// Adds progress for new members and drops it for nodes whose removal is committed.
+    pub(super) fn sync_progress_with_membership(&mut self, now: Millis) {
+        let nodes = self.memberships.nodes_in_any();
+        let next = self.log.last_index();
+        let Some(l) = &mut self.leader_state else { return };
+        l.progress.retain(|id, _| nodes.contains(id));
+        for id in nodes {
+            if id != self.id {
+                l.progress.entry(id).or_insert_with(|| Progress::new(next, now));
+            }
+        }
+    }
+
+    /// Sends what `peer` needs next, as many messages as the window allows.
+    pub(super) fn send_append(&mut self, now: Millis, peer: NodeId) {
+        while self.send_one_append(now, peer) {}
+    }
+
+    /// Sends one append (or starts a snapshot). Returns whether another append may follow.
+    fn send_one_append(&mut self, now: Millis, peer: NodeId) -> bool {
+        let committed = self.committed;
+        let first = self.log.first_index();
+        let last = self.log.last_index();
+        let cfg = self.config.clone();
+        let Some(l) = &mut self.leader_state else { return false };
+        let Some(p) = l.progress.get_mut(&peer) else { return false };
+        if matches!(p.state, ReplState::Snapshot(_)) {
+            self.send_snapshot_chunks(peer);
+            return false;
+        }
+        if !p.can_send(cfg.inflight_msgs_max) {
+            return false;
+        }
+        if p.next < first {
+            // The entries it needs are purged: stream a snapshot.
+            match &self.snapshot {
+                Some(meta) if meta.last_log_id.index.next() >= first => {
+                    info!(node = %self.id, term = %self.vote.term, %peer, snapshot = %meta.last_log_id, "sending snapshot");
+                    p.state = ReplState::Snapshot(SnapshotSend {
+                        meta: meta.clone(),
+                        acked: 0,
+                        sent: 0,
+                        all_sent: false,
+                        progress_at: now,
+                    });
+                    p.inflight.clear();
+                    self.send_snapshot_chunks(peer);
+                }
+                _ => self.trigger_snapshot(),
+            }
+            return false;
+        }
+        let prev = self.log.id_at(p.next.prev()).expect("prev is in the log");
+        let entries = if p.next > last {
+            if matches!(p.state, ReplState::Replicate) {
+                return false; // nothing new; commit notices and heartbeats cover the rest
+            }
+            Vec::new()
+        } else if let Some(e) = self.log.cached(p.next, cfg.append_entries_max, cfg.append_bytes_max) {
+            e
+        } else {
+            // Not cached: those entries are durable (the cache keeps every entry that is
+            // not), so storage can load them.
+            let to = self.log.cache_first().prev().min(LogIndex(p.next.0 + cfg.append_entries_max as u64 - 1));
+            p.loading = true;
+            self.actions.push_back(Action::LoadEntries { peer, from: p.next, to, bytes_max: cfg.append_bytes_max });
+            return false;
+        };
+        Self::emit_append(&mut self.actions, self.id, self.vote.term, peer, p, prev, entries, committed);
+        matches!(p.state, ReplState::Replicate) && p.next <= last
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn emit_append(
+        actions: &mut VecDeque<Action>,
+        from: NodeId,
+        term: Term,
+        peer: NodeId,
+        p: &mut Progress,
+        prev: LogId,
+        entries: Vec<Entry>,
+        committed: LogIndex,
+    ) {
+        let last = entries.last().map(|e| e.log_id.index).unwrap_or(prev.index);
+        p.sent(last);
+        p.commit_sent = p.commit_sent.max(committed.min(last));
+        actions.push_back(Action::Send(Message {
+            from,
+            to: peer,
+            term,
+            body: MessageBody::Append { prev, entries, commit: committed },
+        }));
+    }
+
+    /// Entries requested with `LoadEntries` for `peer`.
+    pub fn handle_entries_loaded(&mut self, now: Millis, peer: NodeId, entries: Vec<Entry>) {
+        let committed = self.committed;
+        let Some(l) = &mut self.leader_state else { return };
+        let Some(p) = l.progress.get_mut(&peer) else { return };
+        p.loading = false;
+        let usable = entries.first().is_some_and(|e| e.log_id.index == p.next)
+            && entries.iter().all(|e| self.log.has(e.log_id))
+            && p.can_send(self.config.inflight_msgs_max);
+        if usable {
+            let prev = self.log.id_at(p.next.prev());
+            if let Some(prev) = prev {
+                Self::emit_append(&mut self.actions, self.id, self.vote.term, peer, p, prev, entries, committed);
+            }
+        }
+        // Whether used or stale (the log moved meanwhile), carry on from the current state.
+        self.send_append(now, peer);
+        self.flush_rounds(now);
+    }
+
+    pub(super) fn on_append_resp(&mut self, now: Millis, from: NodeId, r: AppendResult) {
+        let last = self.log.last_index();
+        let Some(l) = &mut self.leader_state else { return };
+        let Some(p) = l.progress.get_mut(&from) else { return };
+        p.recent_active = true;
+        match r {
+            AppendResult::Success { matched } => {
+                if matched > last {
+                    debug!(node = %self.id, %from, %matched, "ack beyond our log: ignored");
+                    return;
+                }
+                let moved = p.ack(matched, now);
+                if matches!(p.state, ReplState::Probe { .. }) {
+                    p.state = ReplState::Replicate;
+                    p.next = p.matched.next();
+                    p.inflight.clear();
+                }
+                if moved {
+                    self.maybe_commit(now);
+                    self.maybe_send_timeout_now();
+                }
+                self.send_append(now, from);
+                self.notify_commit();
+            }
+            AppendResult::Conflict { rejected, hint } => {
+                let stale = match p.state {
+                    ReplState::Replicate => rejected.index <= p.matched,
+                    ReplState::Probe { .. } => rejected.index != p.next.prev(),
+                    ReplState::Snapshot(_) => true,
+                };
+                if stale {
+                    return;
+                }
+                // Skip the whole conflicting term at once: find our last entry at or before
+                // the hint whose term is at most the hint's.
+                let purged = self.log.last_purged();
+                let probe = if hint.index > purged.index {
+                    self.log.find_conflict_by_term(hint.index, hint.term).index
+                } else if hint == purged {
+                    hint.index
+                } else {
+                    // The follower diverges inside what we purged: only a snapshot helps.
+                    hint.index.min(purged.index.prev())
+                };
+                p.become_probe();
+                p.next = probe.min(rejected.index.prev()).next().max(p.matched.next());
+                debug!(node = %self.id, %from, %rejected, %hint, next = %p.next, "append rejected: backing off");
+                self.send_append(now, from);
+            }
+        }
+    }
+
+    pub(super) fn on_heartbeat_resp(&mut self, now: Millis, from: NodeId, round: u64) {
+        let last = self.log.last_index();
+        let Some(l) = &mut self.leader_state else { return };
+        let Some(p) = l.progress.get_mut(&from) else { return };
+        p.recent_active = true;
+        p.round_acked = p.round_acked.max(round);
+        let lagging = p.matched < last;
+        if let ReplState::Probe { sent } = &mut p.state {
+            // A lost probe would otherwise stall the follower forever.
+            *sent = false;
+        }
+        self.advance_reads();
+        if lagging {
+            self.send_append(now, from);
+        }
+    }
+
+    /// Appends or snapshot chunks may have been lost: restart replication that made no
+    /// progress for two heartbeat intervals.
+    pub(super) fn check_stalled(&mut self, now: Millis) {
+        let last = self.log.last_index();
+        let stall_ms = 2 * self.config.heartbeat_interval_ms;
+        let resend_ms = self.config.snapshot_resend_ms;
+        let current_snapshot = self.snapshot.as_ref().map(|s| s.snapshot_id);
+        let mut retry = Vec::new();
+        let l = self.leader_state.as_mut().expect("leader");
+        for (id, p) in l.progress.iter_mut() {
+            match &mut p.state {
+                ReplState::Replicate
+                    if p.matched < last && now.since(p.matched_at) >= stall_ms && !p.inflight.is_empty() =>
+                {
+                    p.become_probe();
+                    retry.push(*id);
+                }
+                ReplState::Probe { sent } if *sent && now.since(p.matched_at) >= stall_ms => {
+                    *sent = false;
+                    retry.push(*id);
+                }
+                ReplState::Snapshot(s) if now.since(s.progress_at) >= resend_ms => {
+                    if current_snapshot != Some(s.meta.snapshot_id) {
+                        // A newer snapshot exists: start over with it.
+                        p.become_probe();
+                        retry.push(*id);
+                        continue;
+                    }
+                    s.sent = s.acked;
+                    s.all_sent = false;
+                    s.progress_at = now;
+                    retry.push(*id);
+                }
+                _ => {}
+            }
+        }
+        for id in retry {
+            self.send_append(now, id);
+        }
+    }
+
+    /// Advances the commit index to what a (joint) quorum holds, if that entry is of the
+    /// current term (Raft §5.4.2: earlier terms' entries commit only indirectly).
+    pub(super) fn maybe_commit(&mut self, now: Millis) {
+        let Some(l) = &self.leader_state else { return };
+        let own = if self.bugs().ack_before_durable { self.log.last_index() } else { self.persisted.index };
+        let id = self.id;
+        let quorum = self.effective().membership.quorum_value(|n| {
+            if n == id {
+                own
+            } else {
+                l.progress.get(&n).map(|p| p.matched).unwrap_or_default()
+            }
+        });
+        if quorum <= self.committed {
+            return;
+        }
+        if self.log.term_at(quorum) != Some(self.vote.term) && !self.bugs().commit_old_term {
+            return;
+        }
+        self.committed = quorum;
+        trace!(node = %self.id, term = %self.vote.term, committed = %quorum, "committed");
+        self.after_commit(now);
+    }
+
+    /// Tells followers that matched entries they do not know are committed, so they apply
+    /// without waiting for the next heartbeat. Appends carry the commit index too, so this
+    /// only sends to followers that have nothing else coming.
+    pub(super) fn notify_commit(&mut self) {
+        let committed = self.committed;
+        let Some(l) = &mut self.leader_state else { return };
+        for (peer, p) in l.progress.iter_mut() {
+            let known = committed.min(p.matched);
+            if known > p.commit_sent && matches!(p.state, ReplState::Replicate) {
+                if let Some(prev) = self.log.id_at(p.matched) {
+                    p.commit_sent = known;
+                    self.actions.push_back(Action::Send(Message {
+                        from: self.id,
+                        to: *peer,
+                        term: self.vote.term,
+                        body: MessageBody::Append { prev, entries: Vec::new(), commit: committed },
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Work after the commit index advanced (any role).
+    pub(super) fn after_commit(&mut self, now: Millis) {
+        self.memberships.compact(self.committed);
+        self.maybe_apply();
+        let Some(l) = &mut self.leader_state else { return };
+        if self.committed >= l.noop_index && !l.reads_before_noop.is_empty() {
+            let waiting = std::mem::take(&mut l.reads_before_noop);
+            for (id, mode) in waiting {
+                self.read(now, id, mode);
+            }
+        }
+        self.advance_configuration(now);
+    }
+}

@@ -1,0 +1,64 @@
+//! Leadership transfer: the leader brings the target up to date, then tells it to campaign
+//! at once (`TimeoutNow`). Raft thesis §3.10.
+
+use super::*;
+
+#[derive(Debug)]
+pub(super) struct Transfer {
+    pub(super) target: NodeId,
+    pub(super) deadline: Millis,
+    pub(super) timeout_now_sent: bool,
+}
+
+impl Engine {
+    /// Hands leadership to `target` (leader only): once `target` has the whole log, it is told
+    /// to campaign at once. Proposals are refused meanwhile.
+    pub fn transfer_leader(&mut self, now: Millis, target: NodeId) -> Result<(), RaftError> {
+        let Some(l) = &mut self.leader_state else {
+            return Err(RaftError::NotLeader { leader: self.leader });
+        };
+        if target == self.id {
+            return Ok(());
+        }
+        if !self.memberships.effective().membership.is_voter(target) {
+            return Err(RaftError::InvalidTarget(target, "not a voter"));
+        }
+        if l.transfer.is_some() {
+            return Err(RaftError::TransferInProgress);
+        }
+        info!(node = %self.id, term = %self.vote.term, %target, "transferring leadership");
+        l.transfer =
+            Some(Transfer { target, deadline: now.add_ms(self.config.transfer_timeout_ms), timeout_now_sent: false });
+        self.maybe_send_timeout_now();
+        self.send_append(now, target);
+        Ok(())
+    }
+
+    pub(super) fn maybe_send_timeout_now(&mut self) {
+        let last = self.log.last_index();
+        let term = self.vote.term;
+        let Some(l) = &mut self.leader_state else { return };
+        let Some(t) = &mut l.transfer else { return };
+        if t.timeout_now_sent || l.progress.get(&t.target).is_none_or(|p| p.matched < last) {
+            return;
+        }
+        t.timeout_now_sent = true;
+        l.lease_void = true;
+        let target = t.target;
+        self.actions.push_back(Action::Send(Message {
+            from: self.id,
+            to: target,
+            term,
+            body: MessageBody::TimeoutNow,
+        }));
+    }
+
+    /// The leader hands leadership over: campaign at once, in an election that followers'
+    /// leases do not block.
+    pub(super) fn on_timeout_now(&mut self, now: Millis, from: NodeId) {
+        if self.leader == Some(from) && self.can_campaign() {
+            info!(node = %self.id, term = %self.vote.term, %from, "leadership handed over: campaigning");
+            self.campaign(now, true);
+        }
+    }
+}
