@@ -39,7 +39,7 @@ impl Engine {
     /// become voters are promoted; voters not in `voters` leave the group. Returns the index of
     /// the joint entry.
     pub fn change_membership(&mut self, now: Millis, voters: BTreeSet<NodeId>) -> Result<LogIndex, RaftError> {
-        self.check_can_change()?;
+        let l = self.check_can_change()?;
         let cur = self.effective().membership.clone();
         if voters == cur.voters {
             return Ok(self.effective().log_id.index);
@@ -49,7 +49,6 @@ impl Engine {
             // configuration whose new majority needs it would have no leader once this one
             // is gone. It holds one once it matched the entry of the configuration in effect.
             let conf_index = self.effective().log_id.index;
-            let l = self.leader_state.as_ref().expect("checked");
             for v in voters.iter().filter(|v| !cur.voters.contains(v) && **v != self.id) {
                 if l.progress.get(v).is_none_or(|p| p.matched < conf_index) {
                     return Err(RaftError::InvalidTarget(
@@ -66,14 +65,15 @@ impl Engine {
         Ok(self.propose_membership(now, joint))
     }
 
-    fn check_can_change(&self) -> Result<(), RaftError> {
-        self.check_can_propose()?;
-        let l = self.leader_state.as_ref().expect("checked");
+    /// The leader's state if a configuration change may start now: none is in progress and
+    /// this term's first entry is committed (thesis §4.1: one change at a time).
+    fn check_can_change(&self) -> Result<&LeaderState, RaftError> {
+        let l = self.check_can_propose()?;
         let eff = self.effective();
         if eff.log_id.index > self.committed || eff.membership.is_joint() || self.committed < l.noop_index {
             return Err(RaftError::ChangeInProgress);
         }
-        Ok(())
+        Ok(l)
     }
 
     fn propose_membership(&mut self, now: Millis, m: Membership) -> LogIndex {
@@ -86,7 +86,7 @@ impl Engine {
     /// Once the configuration in effect is committed: a joint one moves on to the new
     /// configuration alone; a leader the new one leaves out steps down.
     pub(super) fn advance_configuration(&mut self, now: Millis) {
-        if self.leader_state.is_none() {
+        if !self.role.is_leader() {
             return;
         }
         let eff = self.memberships.effective().clone();

@@ -21,7 +21,7 @@ impl Engine {
         if !self.config.check_quorum {
             return false;
         }
-        if self.leader_state.is_some() {
+        if self.role.is_leader() {
             return true;
         }
         // Not conditional on knowing the leader: a node that acknowledged a leader's heartbeat
@@ -31,11 +31,11 @@ impl Engine {
     }
 
     pub(super) fn on_leader_contact(&mut self, now: Millis, from: NodeId) {
-        debug_assert!(self.leader_state.is_none(), "two leaders in term {}", self.vote.term);
-        if self.leader_state.is_some() {
+        debug_assert!(!self.role.is_leader(), "two leaders in term {}", self.vote.term);
+        if self.role.is_leader() {
             return;
         }
-        if self.role != Role::Follower && self.role != Role::Learner || self.leader != Some(from) {
+        if !self.role.is_following() || self.leader != Some(from) {
             self.become_follower(now, self.vote.term, Some(from));
         }
         self.leader_contact_at = Some(now);
@@ -46,7 +46,10 @@ impl Engine {
         if term > self.vote.term {
             self.set_vote(Vote { term, voted_for: None });
         }
-        if let Some(l) = self.leader_state.take() {
+        let learner = self.effective().membership.is_learner(self.id);
+        let was = std::mem::replace(&mut self.role, RoleState::following(learner));
+        let was_follower = was.is_following();
+        if let RoleState::Leader(l) = was {
             info!(node = %self.id, term = %term, "leader stepping down");
             for r in l.reads {
                 self.actions.push_back(Action::ReadFailed { id: r.id, error: RaftError::NotLeader { leader } });
@@ -62,10 +65,7 @@ impl Engine {
             // Chunks of different senders must never mix.
             self.receiving = None;
         }
-        let was_follower = matches!(self.role, Role::Follower | Role::Learner);
-        self.role = if self.effective().membership.is_learner(self.id) { Role::Learner } else { Role::Follower };
         self.leader = leader;
-        self.granted.clear();
         // A follower that merely learns a higher term (from a vote request it may refuse) keeps
         // its election timer (Raft §5.2: only a leader's messages and granted votes reset it).
         // Otherwise candidates that cannot win, each bumping the term, would keep the node with
@@ -78,10 +78,8 @@ impl Engine {
 
     pub(super) fn pre_campaign(&mut self, now: Millis) {
         debug!(node = %self.id, term = %self.vote.term, "election timeout: pre-vote");
-        self.role = Role::PreCandidate;
+        self.role = RoleState::PreCandidate { granted: BTreeSet::new() };
         self.leader = None;
-        self.granted.clear();
-        self.granted.insert(self.id);
         self.reset_election_timer(now);
         let term = self.vote.term.next();
         let last_log_id = self.log.last_id();
@@ -96,12 +94,12 @@ impl Engine {
     pub(super) fn campaign(&mut self, now: Millis, transfer: bool) {
         let term = self.vote.term.next();
         info!(node = %self.id, term = %term, transfer, "campaigning");
-        if let Some(l) = self.leader_state.take() {
+        if let RoleState::Leader(l) =
+            std::mem::replace(&mut self.role, RoleState::Candidate { granted: BTreeSet::new() })
+        {
             debug_assert!(l.transfer.is_none());
         }
-        self.role = Role::Candidate;
         self.leader = None;
-        self.granted.clear();
         self.set_vote(Vote { term, voted_for: Some(self.id) });
         self.reset_election_timer(now);
         let last_log_id = self.log.last_id();
@@ -122,10 +120,11 @@ impl Engine {
     }
 
     pub(super) fn on_pre_vote_resp(&mut self, now: Millis, from: NodeId, term: Term, granted: bool) {
-        if self.role != Role::PreCandidate || term != self.vote.term.next() || !granted {
+        if term != self.vote.term.next() || !granted {
             return;
         }
-        self.granted.insert(from);
+        let RoleState::PreCandidate { granted: votes } = &mut self.role else { return };
+        votes.insert(from);
         self.check_election_won(now);
     }
 
@@ -151,31 +150,29 @@ impl Engine {
     }
 
     pub(super) fn on_vote_resp(&mut self, now: Millis, from: NodeId, granted: bool) {
-        if self.role != Role::Candidate || !granted {
+        if !granted {
             return;
         }
-        self.granted.insert(from);
+        let RoleState::Candidate { granted: votes } = &mut self.role else { return };
+        votes.insert(from);
         self.check_election_won(now);
     }
 
     pub(super) fn check_election_won(&mut self, now: Millis) {
-        let self_counts = match self.role {
-            Role::PreCandidate => true,
+        let (granted, pre_vote) = match &self.role {
+            RoleState::PreCandidate { granted } => (granted, true),
             // A candidate acts as leader of its term only once its vote for itself (and so the
             // term) is durable: otherwise, after a crash, it could campaign in the same term
             // again and lead it twice with different logs. Checked again in handle_io_done.
-            Role::Candidate if self.vote_durable != self.vote => return,
-            Role::Candidate => true,
+            RoleState::Candidate { .. } if self.vote_durable != self.vote => return,
+            RoleState::Candidate { granted } => (granted, false),
             _ => return,
         };
-        let won =
-            self.effective()
-                .membership
-                .is_quorum(|id| if id == self.id { self_counts } else { self.granted.contains(&id) });
+        let won = self.memberships.effective().membership.is_quorum(|id| id == self.id || granted.contains(&id));
         if !won {
             return;
         }
-        if self.role == Role::PreCandidate {
+        if pre_vote {
             self.campaign(now, false);
         } else {
             self.become_leader(now);
@@ -184,9 +181,7 @@ impl Engine {
 
     fn become_leader(&mut self, now: Millis) {
         info!(node = %self.id, term = %self.vote.term, last_log_id = %self.log.last_id(), "became leader");
-        self.role = Role::Leader;
         self.leader = Some(self.id);
-        self.granted.clear();
         let next = self.log.last_index().next();
         let progress = self
             .memberships
@@ -195,7 +190,7 @@ impl Engine {
             .filter(|id| *id != self.id)
             .map(|id| (id, Progress::new(next, now)))
             .collect();
-        self.leader_state = Some(Box::new(LeaderState {
+        self.role = RoleState::Leader(Box::new(LeaderState {
             progress,
             noop_index: next,
             round: 0,

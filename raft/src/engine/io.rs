@@ -63,7 +63,7 @@ impl Engine {
                 self.send(leader, MessageBody::AppendResp(AppendResult::Success { matched }));
             }
         }
-        match self.role {
+        match self.role.role() {
             Role::Candidate => self.check_election_won(now),
             Role::Leader => {
                 self.maybe_commit(now);
@@ -93,7 +93,7 @@ impl Engine {
     /// matched by every follower; and beyond the byte budget, any durable entry.
     fn evict_cache(&mut self) {
         let mut keep_after = self.persisted.index.min(self.apply_sent);
-        if let Some(l) = &self.leader_state {
+        if let Some(l) = self.role.leader() {
             let min_matched = l.progress.values().map(|p| p.matched).min().unwrap_or(keep_after);
             let over_budget = self.log.cache_bytes() > self.config.entry_cache_bytes_max;
             if !over_budget {

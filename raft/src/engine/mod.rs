@@ -20,7 +20,7 @@ mod transfer;
 
 use io::PendingIo;
 use read::PendingRead;
-use role::LeaderState;
+use role::{LeaderState, RoleState};
 use snapshot::Receiving;
 use transfer::Transfer;
 
@@ -263,7 +263,8 @@ pub struct Engine {
     id: NodeId,
     config: Arc<Config>,
     rng: Rng,
-    role: Role,
+    /// The role, with the state only that role has.
+    role: RoleState,
     /// Current vote (possibly not yet durable).
     vote: Vote,
     /// The vote as last made durable.
@@ -283,9 +284,6 @@ pub struct Engine {
     election_at: Millis,
     /// When this node last heard from a leader of its term (vote stickiness, check-quorum).
     leader_contact_at: Option<Millis>,
-    leader_state: Option<Box<LeaderState>>,
-    /// Voters that granted our (pre-)vote.
-    granted: BTreeSet<NodeId>,
     next_io: u64,
     pending_io: VecDeque<PendingIo>,
     /// Vote answers waiting for the vote to be durable.
@@ -310,7 +308,7 @@ impl Engine {
         let mut e = Engine {
             id,
             rng: Rng::new(seed ^ id.0.rotate_left(32)),
-            role: Role::Follower,
+            role: RoleState::Follower,
             vote: state.vote,
             vote_durable: state.vote,
             leader: None,
@@ -325,8 +323,6 @@ impl Engine {
             receiving: None,
             election_at: now,
             leader_contact_at: None,
-            leader_state: None,
-            granted: BTreeSet::new(),
             next_io: 0,
             pending_io: VecDeque::new(),
             vote_replies: Vec::new(),
@@ -348,7 +344,7 @@ impl Engine {
         if !e.is_pristine() {
             e.leader_contact_at = Some(now);
         }
-        e.role = if e.effective().membership.is_learner(id) { Role::Learner } else { Role::Follower };
+        e.role = RoleState::following(e.effective().membership.is_learner(id));
         e.reset_election_timer(now);
         e.maybe_apply();
         e
@@ -360,7 +356,7 @@ impl Engine {
     }
     /// Current role.
     pub fn role(&self) -> Role {
-        self.role
+        self.role.role()
     }
     /// Current term.
     pub fn term(&self) -> Term {
@@ -408,7 +404,7 @@ impl Engine {
     pub fn status(&self) -> EngineStatus {
         EngineStatus {
             id: self.id,
-            role: self.role,
+            role: self.role.role(),
             term: self.vote.term,
             leader: self.leader,
             last_log_id: self.log.last_id(),
@@ -420,8 +416,8 @@ impl Engine {
             snapshot: self.snapshot.as_ref().map(|s| s.last_log_id),
             first_log_index: self.log.first_index(),
             replication: self
-                .leader_state
-                .as_ref()
+                .role
+                .leader()
                 .map(|l| l.progress.iter().map(|(id, p)| (*id, p.matched)).collect())
                 .unwrap_or_default(),
         }
@@ -429,7 +425,7 @@ impl Engine {
 
     /// The next action to execute, in order.
     pub fn poll_action(&mut self) -> Option<Action> {
-        if let Some(at) = self.leader_state.as_ref().filter(|l| l.round_needed).map(|l| l.round_requested_at) {
+        if let Some(at) = self.role.leader().filter(|l| l.round_needed).map(|l| l.round_requested_at) {
             self.flush_rounds(at);
         }
         self.actions.pop_front()
@@ -475,7 +471,7 @@ impl Engine {
         }
         let entry = Entry { log_id: LogId::new(0, 1), payload: EntryPayload::Membership(membership) };
         self.append_local(vec![entry]);
-        self.role = if self.effective().membership.is_learner(self.id) { Role::Learner } else { Role::Follower };
+        self.role = RoleState::following(self.effective().membership.is_learner(self.id));
         // Campaign soon rather than after a whole election timeout: every initial member
         // starts at once and the randomized timeout still separates them.
         self.election_at = now.add_ms(self.rng.range(0, self.config.election_timeout_ms_min / 2 + 1));

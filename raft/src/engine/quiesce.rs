@@ -14,7 +14,7 @@ impl Engine {
     /// configuration change in progress — the `(term, last index)` the followers must also be
     /// at to go quiet. `None` otherwise.
     pub fn quiesce_point(&self, is_live: impl Fn(NodeId) -> bool) -> Option<(Term, LogIndex)> {
-        let l = self.leader_state.as_ref()?;
+        let l = self.role.leader()?;
         let last = self.log.last_index();
         let idle = self.committed == last
             && self.applied == last
@@ -40,7 +40,7 @@ impl Engine {
     /// quiesced at `(term, index)`. True only if this node follows that leader in that term
     /// and has the whole log up to `index` durable, committed and applied.
     pub fn can_quiesce_follower(&self, leader: NodeId, term: Term, index: LogIndex) -> bool {
-        self.leader_state.is_none()
+        !self.role.is_leader()
             && self.leader == Some(leader)
             && self.vote.term == term
             && self.log.last_index() == index
@@ -55,7 +55,7 @@ impl Engine {
     /// answers) it also counts this as contact with the leader, so a vote request that woke
     /// it does not win an election against a leader that was merely quiet.
     pub fn wake(&mut self, now: Millis, leader_alive: bool) {
-        if let Some(l) = self.leader_state.as_mut() {
+        if let Some(l) = self.role.leader_mut() {
             l.heartbeat_at = now;
             l.check_quorum_at = now.add_ms(self.config.election_timeout_ms_min);
             // Followers were caught up and live when the group went quiet; check-quorum

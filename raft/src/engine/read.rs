@@ -24,7 +24,7 @@ impl Engine {
         let lease_ok = mode == ReadMode::Lease && self.lease_valid(now);
         let unchecked = self.bugs().read_without_read_index;
         let committed = self.committed;
-        let Some(l) = &mut self.leader_state else {
+        let Some(l) = self.role.leader_mut() else {
             self.actions.push_back(Action::ReadFailed { id, error: RaftError::NotLeader { leader: self.leader } });
             return;
         };
@@ -54,7 +54,7 @@ impl Engine {
     /// exist in that window. A transfer in progress voids the lease (its election ignores
     /// that rule).
     fn lease_valid(&self, now: Millis) -> bool {
-        let Some(l) = &self.leader_state else { return false };
+        let Some(l) = self.role.leader() else { return false };
         if !self.config.lease_read || l.transfer.is_some() || l.lease_void || self.committed < l.noop_index {
             return false;
         }
@@ -77,7 +77,7 @@ impl Engine {
     /// a quorum acknowledging round `r` proves leadership as of the round's start.
     pub(super) fn flush_rounds(&mut self, now: Millis) {
         let committed = self.committed;
-        let Some(l) = &mut self.leader_state else { return };
+        let Some(l) = self.role.leader_mut() else { return };
         if !l.round_needed {
             return;
         }
@@ -100,7 +100,7 @@ impl Engine {
     }
 
     pub(super) fn advance_reads(&mut self) {
-        let Some(l) = &mut self.leader_state else { return };
+        let Some(l) = self.role.leader_mut() else { return };
         if l.reads.is_empty() {
             return;
         }

@@ -25,14 +25,15 @@ impl Engine {
         Ok(first)
     }
 
-    pub(super) fn check_can_propose(&self) -> Result<(), RaftError> {
-        let Some(l) = &self.leader_state else {
+    /// The leader's state if it accepts proposals: it leads and transfers no leadership.
+    pub(super) fn check_can_propose(&self) -> Result<&LeaderState, RaftError> {
+        let Some(l) = self.role.leader() else {
             return Err(RaftError::NotLeader { leader: self.leader });
         };
         if l.transfer.is_some() {
             return Err(RaftError::TransferInProgress);
         }
-        Ok(())
+        Ok(l)
     }
 
     pub(super) fn leader_append(&mut self, now: Millis, entries: Vec<Entry>) {
@@ -44,7 +45,7 @@ impl Engine {
         if reconfigures {
             self.sync_progress_with_membership(now);
         }
-        let peers: Vec<NodeId> = self.leader_state.as_ref().expect("leader").progress.keys().copied().collect();
+        let peers: Vec<NodeId> = self.role.leader().map(|l| l.progress.keys().copied().collect()).unwrap_or_default();
         for id in peers {
             self.send_append(now, id);
         }
@@ -55,7 +56,7 @@ impl Engine {
     pub(super) fn sync_progress_with_membership(&mut self, now: Millis) {
         let nodes = self.memberships.nodes_in_any();
         let next = self.log.last_index();
-        let Some(l) = &mut self.leader_state else { return };
+        let Some(l) = self.role.leader_mut() else { return };
         l.progress.retain(|id, _| nodes.contains(id));
         for id in nodes {
             if id != self.id {
@@ -75,7 +76,7 @@ impl Engine {
         let first = self.log.first_index();
         let last = self.log.last_index();
         let cfg = self.config.clone();
-        let Some(l) = &mut self.leader_state else { return false };
+        let Some(l) = self.role.leader_mut() else { return false };
         let Some(p) = l.progress.get_mut(&peer) else { return false };
         if matches!(p.state, ReplState::Snapshot(_)) {
             self.send_snapshot_chunks(peer);
@@ -148,7 +149,7 @@ impl Engine {
     /// Entries requested with `LoadEntries` for `peer`.
     pub fn handle_entries_loaded(&mut self, now: Millis, peer: NodeId, entries: Vec<Entry>) {
         let committed = self.committed;
-        let Some(l) = &mut self.leader_state else { return };
+        let Some(l) = self.role.leader_mut() else { return };
         let Some(p) = l.progress.get_mut(&peer) else { return };
         p.loading = false;
         let usable = entries.first().is_some_and(|e| e.log_id.index == p.next)
@@ -167,7 +168,7 @@ impl Engine {
 
     pub(super) fn on_append_resp(&mut self, now: Millis, from: NodeId, r: AppendResult) {
         let last = self.log.last_index();
-        let Some(l) = &mut self.leader_state else { return };
+        let Some(l) = self.role.leader_mut() else { return };
         let Some(p) = l.progress.get_mut(&from) else { return };
         p.recent_active = true;
         match r {
@@ -219,7 +220,7 @@ impl Engine {
 
     pub(super) fn on_heartbeat_resp(&mut self, now: Millis, from: NodeId, round: u64) {
         let last = self.log.last_index();
-        let Some(l) = &mut self.leader_state else { return };
+        let Some(l) = self.role.leader_mut() else { return };
         let Some(p) = l.progress.get_mut(&from) else { return };
         p.recent_active = true;
         p.round_acked = p.round_acked.max(round);
@@ -242,7 +243,7 @@ impl Engine {
         let resend_ms = self.config.snapshot_resend_ms;
         let current_snapshot = self.snapshot.as_ref().map(|s| s.snapshot_id);
         let mut retry = Vec::new();
-        let l = self.leader_state.as_mut().expect("leader");
+        let Some(l) = self.role.leader_mut() else { return };
         for (id, p) in l.progress.iter_mut() {
             match &mut p.state {
                 ReplState::Replicate
@@ -278,7 +279,7 @@ impl Engine {
     /// Advances the commit index to what a (joint) quorum holds, if that entry is of the
     /// current term (Raft §5.4.2: earlier terms' entries commit only indirectly).
     pub(super) fn maybe_commit(&mut self, now: Millis) {
-        let Some(l) = &self.leader_state else { return };
+        let Some(l) = self.role.leader() else { return };
         let own = if self.bugs().ack_before_durable { self.log.last_index() } else { self.persisted.index };
         let id = self.id;
         let quorum = self.effective().membership.quorum_value(|n| {
@@ -304,7 +305,7 @@ impl Engine {
     /// only sends to followers that have nothing else coming.
     pub(super) fn notify_commit(&mut self) {
         let committed = self.committed;
-        let Some(l) = &mut self.leader_state else { return };
+        let Some(l) = self.role.leader_mut() else { return };
         for (peer, p) in l.progress.iter_mut() {
             let known = committed.min(p.matched);
             if known > p.commit_sent && matches!(p.state, ReplState::Replicate) {
@@ -325,7 +326,7 @@ impl Engine {
     pub(super) fn after_commit(&mut self, now: Millis) {
         self.memberships.compact(self.committed);
         self.maybe_apply();
-        let Some(l) = &mut self.leader_state else { return };
+        let Some(l) = self.role.leader_mut() else { return };
         if self.committed >= l.noop_index && !l.reads_before_noop.is_empty() {
             let waiting = std::mem::take(&mut l.reads_before_noop);
             for (id, mode) in waiting {

@@ -38,8 +38,8 @@ impl Engine {
         }
         // Followers waiting for a snapshot can get this one.
         let waiting: Vec<NodeId> = self
-            .leader_state
-            .as_ref()
+            .role
+            .leader()
             .map(|l| l.progress.iter().filter(|(_, p)| p.next < self.log.first_index()).map(|(id, _)| *id).collect())
             .unwrap_or_default();
         for id in waiting {
@@ -70,7 +70,7 @@ impl Engine {
     pub(super) fn send_snapshot_chunks(&mut self, peer: NodeId) {
         let chunk = self.config.snapshot_chunk_bytes as u64;
         let window = chunk * self.config.snapshot_chunks_in_flight_max as u64;
-        let Some(l) = &mut self.leader_state else { return };
+        let Some(l) = self.role.leader_mut() else { return };
         let Some(p) = l.progress.get_mut(&peer) else { return };
         let ReplState::Snapshot(s) = &mut p.state else { return };
         let size = s.meta.size_bytes;
@@ -98,7 +98,7 @@ impl Engine {
         installed: Option<LogId>,
     ) {
         let current = self.snapshot.clone();
-        let Some(l) = &mut self.leader_state else { return };
+        let Some(l) = self.role.leader_mut() else { return };
         let Some(p) = l.progress.get_mut(&from) else { return };
         p.recent_active = true;
         let ReplState::Snapshot(s) = &mut p.state else { return };

@@ -7,7 +7,7 @@ use super::*;
 impl Engine {
     /// The earliest time `handle_timeout` must be called.
     pub fn next_deadline(&self) -> Millis {
-        match &self.leader_state {
+        match self.role.leader() {
             Some(l) => {
                 let mut d = l.heartbeat_at.min(l.check_quorum_at);
                 if let Some(t) = &l.transfer {
@@ -21,7 +21,7 @@ impl Engine {
 
     /// Timers: call when `now >= next_deadline()` (calling earlier is harmless).
     pub fn handle_timeout(&mut self, now: Millis) {
-        if self.leader_state.is_some() {
+        if self.role.is_leader() {
             self.leader_tick(now);
         } else if now >= self.election_at {
             if self.can_campaign() {
@@ -37,24 +37,19 @@ impl Engine {
     }
 
     fn leader_tick(&mut self, now: Millis) {
-        let (hb_due, cq_due, transfer_expired) = {
-            let l = self.leader_state.as_ref().expect("leader");
-            (now >= l.heartbeat_at, now >= l.check_quorum_at, l.transfer.as_ref().is_some_and(|t| now >= t.deadline))
-        };
-        if transfer_expired {
-            let l = self.leader_state.as_mut().expect("leader");
+        let Some(l) = self.role.leader_mut() else { return };
+        let hb_due = now >= l.heartbeat_at;
+        if l.transfer.as_ref().is_some_and(|t| now >= t.deadline) {
             if let Some(t) = l.transfer.take() {
                 info!(node = %self.id, term = %self.vote.term, target = %t.target, "leadership transfer timed out");
             }
         }
-        if cq_due {
-            let quorum_active = {
-                let l = self.leader_state.as_ref().expect("leader");
-                self.effective()
-                    .membership
-                    .is_quorum(|id| id == self.id || l.progress.get(&id).is_some_and(|p| p.recent_active))
-            };
-            let l = self.leader_state.as_mut().expect("leader");
+        if now >= l.check_quorum_at {
+            let quorum_active = self
+                .memberships
+                .effective()
+                .membership
+                .is_quorum(|id| id == self.id || l.progress.get(&id).is_some_and(|p| p.recent_active));
             l.check_quorum_at = now.add_ms(self.config.election_timeout_ms_min);
             for p in l.progress.values_mut() {
                 p.recent_active = false;
@@ -67,7 +62,7 @@ impl Engine {
         }
         if hb_due {
             self.sync_progress_with_membership(now);
-            let l = self.leader_state.as_mut().expect("leader");
+            let Some(l) = self.role.leader_mut() else { return };
             l.heartbeat_at = now.add_ms(self.config.heartbeat_interval_ms);
             l.round_needed = true;
             self.flush_rounds(now);

@@ -14,7 +14,7 @@ impl Engine {
     /// Hands leadership to `target` (leader only): once `target` has the whole log, it is told
     /// to campaign at once. Proposals are refused meanwhile.
     pub fn transfer_leader(&mut self, now: Millis, target: NodeId) -> Result<(), RaftError> {
-        let Some(l) = &mut self.leader_state else {
+        let Some(l) = self.role.leader_mut() else {
             return Err(RaftError::NotLeader { leader: self.leader });
         };
         if target == self.id {
@@ -37,7 +37,7 @@ impl Engine {
     pub(super) fn maybe_send_timeout_now(&mut self) {
         let last = self.log.last_index();
         let term = self.vote.term;
-        let Some(l) = &mut self.leader_state else { return };
+        let Some(l) = self.role.leader_mut() else { return };
         let Some(t) = &mut l.transfer else { return };
         if t.timeout_now_sent || l.progress.get(&t.target).is_none_or(|p| p.matched < last) {
             return;
