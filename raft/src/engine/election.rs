@@ -51,10 +51,7 @@ impl Engine {
         let was_follower = was.is_following();
         if let RoleState::Leader(l) = was {
             info!(node = %self.id, term = %term, "leader stepping down");
-            for r in l.reads {
-                self.actions.push_back(Action::ReadFailed { id: r.id, error: RaftError::NotLeader { leader } });
-            }
-            for (id, _) in l.reads_before_noop {
+            for id in l.reads.into_waiting_ids() {
                 self.actions.push_back(Action::ReadFailed { id, error: RaftError::NotLeader { leader } });
             }
         }
@@ -193,16 +190,10 @@ impl Engine {
         self.role = RoleState::Leader(Box::new(LeaderState {
             progress,
             noop_index: next,
-            round: 0,
-            round_needed: false,
-            round_requested_at: now,
-            round_sent_at: VecDeque::new(),
-            reads: VecDeque::new(),
-            reads_before_noop: Vec::new(),
+            reads: Reads::new(now),
             heartbeat_at: now.add_ms(self.config.heartbeat_interval_ms),
             check_quorum_at: now.add_ms(self.config.election_timeout_ms_min),
             transfer: None,
-            lease_void: false,
         }));
         let log_id = LogId { term: self.vote.term, index: next };
         self.leader_append(now, vec![Entry { log_id, payload: EntryPayload::Blank }]);

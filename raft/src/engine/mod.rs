@@ -19,7 +19,7 @@ mod timers;
 mod transfer;
 
 use io::PendingIo;
-use read::PendingRead;
+use read::Reads;
 use role::{LeaderState, RoleState};
 use snapshot::Receiving;
 use transfer::Transfer;
@@ -425,7 +425,7 @@ impl Engine {
 
     /// The next action to execute, in order.
     pub fn poll_action(&mut self) -> Option<Action> {
-        if let Some(at) = self.role.leader().filter(|l| l.round_needed).map(|l| l.round_requested_at) {
+        if let Some(at) = self.role.leader().and_then(|l| l.reads.round_requested_at()) {
             self.flush_rounds(at);
         }
         self.actions.pop_front()

@@ -21,9 +21,7 @@ impl Engine {
             && self.persisted.index == last
             && self.committed >= l.noop_index
             && l.transfer.is_none()
-            && l.reads.is_empty()
-            && l.reads_before_noop.is_empty()
-            && !l.round_needed
+            && l.reads.is_idle()
             && !self.building_snapshot
             && self.effective().log_id.index <= self.committed
             && !self.effective().membership.is_joint();

@@ -327,9 +327,8 @@ impl Engine {
         self.memberships.compact(self.committed);
         self.maybe_apply();
         let Some(l) = self.role.leader_mut() else { return };
-        if self.committed >= l.noop_index && !l.reads_before_noop.is_empty() {
-            let waiting = std::mem::take(&mut l.reads_before_noop);
-            for (id, mode) in waiting {
+        if self.committed >= l.noop_index {
+            for (id, mode) in l.reads.take_waiting_for_first_commit() {
                 self.read(now, id, mode);
             }
         }

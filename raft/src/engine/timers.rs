@@ -64,7 +64,7 @@ impl Engine {
             self.sync_progress_with_membership(now);
             let Some(l) = self.role.leader_mut() else { return };
             l.heartbeat_at = now.add_ms(self.config.heartbeat_interval_ms);
-            l.round_needed = true;
+            l.reads.request_round(now);
             self.flush_rounds(now);
             self.check_stalled(now);
         }

@@ -43,7 +43,7 @@ impl Engine {
             return;
         }
         t.timeout_now_sent = true;
-        l.lease_void = true;
+        l.reads.void_lease();
         let target = t.target;
         self.actions.push_back(Action::Send(Message {
             from: self.id,
