@@ -4,6 +4,7 @@
 //! only tells it which round a quorum acknowledged.
 
 use super::*;
+use replication::Replicator;
 
 /// A ReadIndex read waiting for its heartbeat round.
 #[derive(Debug)]
@@ -202,15 +203,30 @@ impl Engine {
     /// Starts a heartbeat round if one is needed. Every heartbeat carries the round number;
     /// a quorum acknowledging round `r` proves leadership as of the round's start.
     pub(super) fn flush_rounds(&mut self, now: Millis) {
-        let committed = self.committed;
-        let Some(l) = self.role.leader_mut() else { return };
+        if let Some(mut r) = self.replicator() {
+            r.flush_rounds(now);
+        }
+    }
+
+    /// Serves the reads whose round a quorum acknowledged.
+    pub(super) fn advance_reads(&mut self) {
+        if let Some(mut r) = self.replicator() {
+            r.advance_reads();
+        }
+    }
+}
+
+impl Replicator<'_> {
+    /// Starts the heartbeat round asked for, if any, sent at `now`.
+    fn flush_rounds(&mut self, now: Millis) {
+        let l = &mut *self.leader;
         let Some(round) = l.reads.start_round(now) else { return };
         for (id, p) in &l.progress {
             self.actions.push_back(Action::Send(Message {
                 from: self.id,
                 to: *id,
-                term: self.vote.term,
-                body: MessageBody::Heartbeat { commit: committed.min(p.matched), round },
+                term: self.term,
+                body: MessageBody::Heartbeat { commit: self.committed.min(p.matched), round },
             }));
         }
         // With no other voter the round is acknowledged at once.
@@ -218,12 +234,12 @@ impl Engine {
     }
 
     /// Serves the reads whose round a quorum acknowledged.
-    pub(super) fn advance_reads(&mut self) {
-        let Some(l) = self.role.leader_mut() else { return };
+    fn advance_reads(&mut self) {
+        let l = &mut *self.leader;
         if !l.reads.has_pending() {
             return;
         }
-        let acked = l.quorum_round(self.id, &self.memberships.effective().membership);
+        let acked = l.quorum_round(self.id, self.membership);
         for r in l.reads.advance(acked) {
             self.actions.push_back(Action::ReadReady { id: r.id, index: r.index });
         }

@@ -3,6 +3,170 @@
 
 use super::*;
 
+/// The leader's sending to its followers, borrowing only what that needs: the leader's state
+/// and the outbox mutably, the log, the snapshot and the configuration in effect. Leader-only
+/// code runs on it, so it holds the leader's state without checking the role again.
+pub(super) struct Replicator<'a> {
+    /// This node.
+    pub(super) id: NodeId,
+    /// The leader's term.
+    pub(super) term: Term,
+    /// The commit index, told to followers.
+    pub(super) committed: LogIndex,
+    /// Limits on appends, windows and snapshot chunks.
+    pub(super) config: &'a Config,
+    /// Where entries come from.
+    pub(super) log: &'a RaftLog,
+    /// The current snapshot, for followers whose entries were purged.
+    pub(super) snapshot: Option<&'a SnapshotMeta>,
+    /// The configuration in effect (the quorum for heartbeat rounds).
+    pub(super) membership: &'a Membership,
+    /// The leader's own state.
+    pub(super) leader: &'a mut LeaderState,
+    /// The engine's actions.
+    pub(super) actions: &'a mut VecDeque<Action>,
+}
+
+/// What [`Replicator::send_one_append`] did.
+pub(super) enum Sent {
+    /// Sent an append; another may follow within the window.
+    More,
+    /// Nothing more to send now.
+    Stop,
+    /// The follower needs purged entries and no snapshot covers them: build one.
+    NeedSnapshot,
+}
+
+impl Engine {
+    /// The leader's replication handler, if this node leads.
+    pub(super) fn replicator(&mut self) -> Option<Replicator<'_>> {
+        let RoleState::Leader(leader) = &mut self.role else { return None };
+        Some(Replicator {
+            id: self.id,
+            term: self.vote.term,
+            committed: self.committed,
+            config: &self.config,
+            log: &self.log,
+            snapshot: self.snapshot.as_ref(),
+            membership: &self.memberships.effective().membership,
+            leader,
+            actions: &mut self.actions,
+        })
+    }
+}
+
+impl Replicator<'_> {
+    /// Sends `body` to `to` in the leader's term.
+    pub(super) fn send(&mut self, to: NodeId, body: MessageBody) {
+        self.actions.push_back(Action::Send(Message { from: self.id, to, term: self.term, body }));
+    }
+
+    /// Sends one append to `peer` (or starts streaming a snapshot).
+    pub(super) fn send_one_append(&mut self, now: Millis, peer: NodeId) -> Sent {
+        let first = self.log.first_index();
+        let last = self.log.last_index();
+        let cfg = self.config;
+        let Some(p) = self.leader.progress.get_mut(&peer) else { return Sent::Stop };
+        if matches!(p.state, ReplState::Snapshot(_)) {
+            self.send_snapshot_chunks(peer);
+            return Sent::Stop;
+        }
+        if !p.can_send(cfg.inflight_msgs_max) {
+            return Sent::Stop;
+        }
+        if p.next < first {
+            // The entries it needs are purged: stream a snapshot.
+            return match self.snapshot {
+                Some(meta) if meta.last_log_id.index.next() >= first => {
+                    info!(node = %self.id, term = %self.term, %peer, snapshot = %meta.last_log_id, "sending snapshot");
+                    p.state = ReplState::Snapshot(SnapshotSend {
+                        meta: meta.clone(),
+                        acked: 0,
+                        sent: 0,
+                        all_sent: false,
+                        progress_at: now,
+                    });
+                    p.inflight.clear();
+                    self.send_snapshot_chunks(peer);
+                    Sent::Stop
+                }
+                _ => Sent::NeedSnapshot,
+            };
+        }
+        let prev = self.log.id_at(p.next.prev()).expect("prev is in the log");
+        let entries = if p.next > last {
+            if matches!(p.state, ReplState::Replicate) {
+                return Sent::Stop; // nothing new; commit notices and heartbeats cover the rest
+            }
+            Vec::new()
+        } else if let Some(e) = self.log.cached(p.next, cfg.append_entries_max, cfg.append_bytes_max) {
+            e
+        } else {
+            // Not cached: those entries are durable (the cache keeps every entry that is
+            // not), so storage can load them.
+            let to = self.log.cache_first().prev().min(LogIndex(p.next.0 + cfg.append_entries_max as u64 - 1));
+            p.loading = true;
+            self.actions.push_back(Action::LoadEntries { peer, from: p.next, to, bytes_max: cfg.append_bytes_max });
+            return Sent::Stop;
+        };
+        self.send_entries(peer, prev, entries);
+        let p = &self.leader.progress[&peer];
+        if matches!(p.state, ReplState::Replicate) && p.next <= last {
+            Sent::More
+        } else {
+            Sent::Stop
+        }
+    }
+
+    /// Sends `entries` (possibly none: a probe) after `prev` to `peer` and records them in
+    /// its progress.
+    fn send_entries(&mut self, peer: NodeId, prev: LogId, entries: Vec<Entry>) {
+        let Some(p) = self.leader.progress.get_mut(&peer) else { return };
+        let last = entries.last().map(|e| e.log_id.index).unwrap_or(prev.index);
+        let commit = self.committed;
+        p.sent(last);
+        p.commit_sent = p.commit_sent.max(commit.min(last));
+        self.send(peer, MessageBody::Append { prev, entries, commit });
+    }
+
+    /// Sends entries loaded from storage for `peer` if they still fit its progress. Returns
+    /// false if `peer` is not replicated to (any more).
+    fn entries_loaded(&mut self, peer: NodeId, entries: Vec<Entry>) -> bool {
+        let Some(p) = self.leader.progress.get_mut(&peer) else { return false };
+        p.loading = false;
+        let usable = entries.first().is_some_and(|e| e.log_id.index == p.next)
+            && entries.iter().all(|e| self.log.has(e.log_id))
+            && p.can_send(self.config.inflight_msgs_max);
+        if usable {
+            if let Some(prev) = self.log.id_at(p.next.prev()) {
+                self.send_entries(peer, prev, entries);
+            }
+        }
+        true
+    }
+
+    /// Tells followers that matched entries they do not know are committed, so they apply
+    /// without waiting for the next heartbeat. Appends carry the commit index too, so this
+    /// only sends to followers that have nothing else coming.
+    fn notify_commit(&mut self) {
+        let committed = self.committed;
+        for (peer, p) in self.leader.progress.iter_mut() {
+            let known = committed.min(p.matched);
+            if known > p.commit_sent && matches!(p.state, ReplState::Replicate) {
+                if let Some(prev) = self.log.id_at(p.matched) {
+                    p.commit_sent = known;
+                    self.actions.push_back(Action::Send(Message {
+                        from: self.id,
+                        to: *peer,
+                        term: self.term,
+                        body: MessageBody::Append { prev, entries: Vec::new(), commit: committed },
+                    }));
+                }
+            }
+        }
+    }
+}
+
 impl Engine {
     /// Appends client commands to the log (leader only). Returns the index of the first.
     /// An empty `commands` appends nothing.
@@ -67,99 +231,21 @@ impl Engine {
 
     /// Sends what `peer` needs next, as many messages as the window allows.
     pub(super) fn send_append(&mut self, now: Millis, peer: NodeId) {
-        while self.send_one_append(now, peer) {}
-    }
-
-    /// Sends one append (or starts a snapshot). Returns whether another append may follow.
-    fn send_one_append(&mut self, now: Millis, peer: NodeId) -> bool {
-        let committed = self.committed;
-        let first = self.log.first_index();
-        let last = self.log.last_index();
-        let cfg = self.config.clone();
-        let Some(l) = self.role.leader_mut() else { return false };
-        let Some(p) = l.progress.get_mut(&peer) else { return false };
-        if matches!(p.state, ReplState::Snapshot(_)) {
-            self.send_snapshot_chunks(peer);
-            return false;
-        }
-        if !p.can_send(cfg.inflight_msgs_max) {
-            return false;
-        }
-        if p.next < first {
-            // The entries it needs are purged: stream a snapshot.
-            match &self.snapshot {
-                Some(meta) if meta.last_log_id.index.next() >= first => {
-                    info!(node = %self.id, term = %self.vote.term, %peer, snapshot = %meta.last_log_id, "sending snapshot");
-                    p.state = ReplState::Snapshot(SnapshotSend {
-                        meta: meta.clone(),
-                        acked: 0,
-                        sent: 0,
-                        all_sent: false,
-                        progress_at: now,
-                    });
-                    p.inflight.clear();
-                    self.send_snapshot_chunks(peer);
-                }
-                _ => self.trigger_snapshot(),
+        loop {
+            let Some(mut r) = self.replicator() else { return };
+            match r.send_one_append(now, peer) {
+                Sent::More => {}
+                Sent::Stop => return,
+                Sent::NeedSnapshot => return self.trigger_snapshot(),
             }
-            return false;
         }
-        let prev = self.log.id_at(p.next.prev()).expect("prev is in the log");
-        let entries = if p.next > last {
-            if matches!(p.state, ReplState::Replicate) {
-                return false; // nothing new; commit notices and heartbeats cover the rest
-            }
-            Vec::new()
-        } else if let Some(e) = self.log.cached(p.next, cfg.append_entries_max, cfg.append_bytes_max) {
-            e
-        } else {
-            // Not cached: those entries are durable (the cache keeps every entry that is
-            // not), so storage can load them.
-            let to = self.log.cache_first().prev().min(LogIndex(p.next.0 + cfg.append_entries_max as u64 - 1));
-            p.loading = true;
-            self.actions.push_back(Action::LoadEntries { peer, from: p.next, to, bytes_max: cfg.append_bytes_max });
-            return false;
-        };
-        Self::emit_append(&mut self.actions, self.id, self.vote.term, peer, p, prev, entries, committed);
-        matches!(p.state, ReplState::Replicate) && p.next <= last
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn emit_append(
-        actions: &mut VecDeque<Action>,
-        from: NodeId,
-        term: Term,
-        peer: NodeId,
-        p: &mut Progress,
-        prev: LogId,
-        entries: Vec<Entry>,
-        committed: LogIndex,
-    ) {
-        let last = entries.last().map(|e| e.log_id.index).unwrap_or(prev.index);
-        p.sent(last);
-        p.commit_sent = p.commit_sent.max(committed.min(last));
-        actions.push_back(Action::Send(Message {
-            from,
-            to: peer,
-            term,
-            body: MessageBody::Append { prev, entries, commit: committed },
-        }));
     }
 
     /// Entries requested with `LoadEntries` for `peer`.
     pub fn handle_entries_loaded(&mut self, now: Millis, peer: NodeId, entries: Vec<Entry>) {
-        let committed = self.committed;
-        let Some(l) = self.role.leader_mut() else { return };
-        let Some(p) = l.progress.get_mut(&peer) else { return };
-        p.loading = false;
-        let usable = entries.first().is_some_and(|e| e.log_id.index == p.next)
-            && entries.iter().all(|e| self.log.has(e.log_id))
-            && p.can_send(self.config.inflight_msgs_max);
-        if usable {
-            let prev = self.log.id_at(p.next.prev());
-            if let Some(prev) = prev {
-                Self::emit_append(&mut self.actions, self.id, self.vote.term, peer, p, prev, entries, committed);
-            }
+        let Some(mut r) = self.replicator() else { return };
+        if !r.entries_loaded(peer, entries) {
+            return;
         }
         // Whether used or stale (the log moved meanwhile), carry on from the current state.
         self.send_append(now, peer);
@@ -301,24 +387,10 @@ impl Engine {
     }
 
     /// Tells followers that matched entries they do not know are committed, so they apply
-    /// without waiting for the next heartbeat. Appends carry the commit index too, so this
-    /// only sends to followers that have nothing else coming.
+    /// without waiting for the next heartbeat.
     pub(super) fn notify_commit(&mut self) {
-        let committed = self.committed;
-        let Some(l) = self.role.leader_mut() else { return };
-        for (peer, p) in l.progress.iter_mut() {
-            let known = committed.min(p.matched);
-            if known > p.commit_sent && matches!(p.state, ReplState::Replicate) {
-                if let Some(prev) = self.log.id_at(p.matched) {
-                    p.commit_sent = known;
-                    self.actions.push_back(Action::Send(Message {
-                        from: self.id,
-                        to: *peer,
-                        term: self.vote.term,
-                        body: MessageBody::Append { prev, entries: Vec::new(), commit: committed },
-                    }));
-                }
-            }
+        if let Some(mut r) = self.replicator() {
+            r.notify_commit();
         }
     }
 

@@ -2,6 +2,7 @@
 //! whose entries were purged (send), and receiving and installing one (receive). Raft §7.
 
 use super::*;
+use replication::Replicator;
 
 #[derive(Debug)]
 pub(super) struct Receiving {
@@ -67,25 +68,10 @@ impl Engine {
         }
     }
 
+    /// Streams chunks of the snapshot `peer` receives, as many as the window allows.
     pub(super) fn send_snapshot_chunks(&mut self, peer: NodeId) {
-        let chunk = self.config.snapshot_chunk_bytes as u64;
-        let window = chunk * self.config.snapshot_chunks_in_flight_max as u64;
-        let Some(l) = self.role.leader_mut() else { return };
-        let Some(p) = l.progress.get_mut(&peer) else { return };
-        let ReplState::Snapshot(s) = &mut p.state else { return };
-        let size = s.meta.size_bytes;
-        while !s.all_sent && s.sent - s.acked < window {
-            let len = chunk.min(size - s.sent);
-            let done = s.sent + len == size;
-            self.actions.push_back(Action::SendSnapshotChunk {
-                to: peer,
-                meta: s.meta.clone(),
-                offset: s.sent,
-                len,
-                done,
-            });
-            s.sent += len;
-            s.all_sent = done;
+        if let Some(mut r) = self.replicator() {
+            r.send_snapshot_chunks(peer);
         }
     }
 
@@ -224,5 +210,29 @@ impl Engine {
             );
         }
         self.maybe_apply();
+    }
+}
+
+impl Replicator<'_> {
+    /// Streams chunks of the snapshot `peer` receives, as many as the window allows.
+    pub(super) fn send_snapshot_chunks(&mut self, peer: NodeId) {
+        let chunk = self.config.snapshot_chunk_bytes as u64;
+        let window = chunk * self.config.snapshot_chunks_in_flight_max as u64;
+        let Some(p) = self.leader.progress.get_mut(&peer) else { return };
+        let ReplState::Snapshot(s) = &mut p.state else { return };
+        let size = s.meta.size_bytes;
+        while !s.all_sent && s.sent - s.acked < window {
+            let len = chunk.min(size - s.sent);
+            let done = s.sent + len == size;
+            self.actions.push_back(Action::SendSnapshotChunk {
+                to: peer,
+                meta: s.meta.clone(),
+                offset: s.sent,
+                len,
+                done,
+            });
+            s.sent += len;
+            s.all_sent = done;
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! at once (`TimeoutNow`). Raft thesis §3.10.
 
 use super::*;
+use replication::Replicator;
 
 #[derive(Debug)]
 pub(super) struct Transfer {
@@ -34,23 +35,11 @@ impl Engine {
         Ok(())
     }
 
+    /// Tells the transfer's target to campaign once it has the whole log.
     pub(super) fn maybe_send_timeout_now(&mut self) {
-        let last = self.log.last_index();
-        let term = self.vote.term;
-        let Some(l) = self.role.leader_mut() else { return };
-        let Some(t) = &mut l.transfer else { return };
-        if t.timeout_now_sent || l.progress.get(&t.target).is_none_or(|p| p.matched < last) {
-            return;
+        if let Some(mut r) = self.replicator() {
+            r.maybe_send_timeout_now();
         }
-        t.timeout_now_sent = true;
-        l.reads.void_lease();
-        let target = t.target;
-        self.actions.push_back(Action::Send(Message {
-            from: self.id,
-            to: target,
-            term,
-            body: MessageBody::TimeoutNow,
-        }));
     }
 
     /// The leader hands leadership over: campaign at once, in an election that followers'
@@ -60,5 +49,21 @@ impl Engine {
             info!(node = %self.id, term = %self.vote.term, %from, "leadership handed over: campaigning");
             self.campaign(now, true);
         }
+    }
+}
+
+impl Replicator<'_> {
+    /// Sends `TimeoutNow` to the transfer's target once it matched the whole log (once).
+    fn maybe_send_timeout_now(&mut self) {
+        let last = self.log.last_index();
+        let l = &mut *self.leader;
+        let Some(t) = &mut l.transfer else { return };
+        if t.timeout_now_sent || l.progress.get(&t.target).is_none_or(|p| p.matched < last) {
+            return;
+        }
+        t.timeout_now_sent = true;
+        let target = t.target;
+        l.reads.void_lease();
+        self.send(target, MessageBody::TimeoutNow);
     }
 }
