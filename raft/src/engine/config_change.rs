@@ -4,8 +4,8 @@
 use super::*;
 
 impl Engine {
-    /// Adds `node` as a learner (leader only). Returns the index of the configuration entry.
-    pub fn add_learner(&mut self, now: Millis, node: NodeId) -> Result<LogIndex, RaftError> {
+    /// The work of [`Engine::add_learner`].
+    pub(super) fn propose_add_learner(&mut self, now: Millis, node: NodeId) -> Result<LogIndex, RaftError> {
         self.check_can_change()?;
         let mut m = self.effective().membership.clone();
         if m.is_voter(node) {
@@ -18,11 +18,8 @@ impl Engine {
         Ok(self.propose_membership(now, m))
     }
 
-    /// Removes the learner on `node` (leader only): the leader stops replicating to it once the
-    /// configuration entry is appended. Returns the index of that entry (the current
-    /// configuration's, when `node` is no member). A voter is refused: voters leave through
-    /// `change_membership`.
-    pub fn remove_learner(&mut self, now: Millis, node: NodeId) -> Result<LogIndex, RaftError> {
+    /// The work of [`Engine::remove_learner`].
+    pub(super) fn propose_remove_learner(&mut self, now: Millis, node: NodeId) -> Result<LogIndex, RaftError> {
         self.check_can_change()?;
         let mut m = self.effective().membership.clone();
         if m.is_voter(node) {
@@ -34,11 +31,8 @@ impl Engine {
         Ok(self.propose_membership(now, m))
     }
 
-    /// Changes the set of voters to `voters` by joint consensus (leader only): a joint
-    /// configuration is committed first, then the new one alone, automatically. Learners that
-    /// become voters are promoted; voters not in `voters` leave the group. Returns the index of
-    /// the joint entry.
-    pub fn change_membership(&mut self, now: Millis, voters: BTreeSet<NodeId>) -> Result<LogIndex, RaftError> {
+    /// The work of [`Engine::change_membership`].
+    pub(super) fn propose_voters(&mut self, now: Millis, voters: BTreeSet<NodeId>) -> Result<LogIndex, RaftError> {
         let l = self.check_can_change()?;
         let cur = self.effective().membership.clone();
         if voters == cur.voters {

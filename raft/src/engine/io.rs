@@ -35,8 +35,8 @@ impl Engine {
         IoId(self.next_io)
     }
 
-    /// Every write up to and including `io` is durable.
-    pub fn handle_io_done(&mut self, now: Millis, io: IoId) {
+    /// The work of [`Engine::handle_io_done`].
+    pub(super) fn on_io_done(&mut self, now: Millis, io: IoId) {
         while self.pending_io.front().is_some_and(|p| match p {
             PendingIo::Log { io: i, .. } | PendingIo::Vote { io: i, .. } => *i <= io,
         }) {
@@ -103,8 +103,8 @@ impl Engine {
         self.log.evict_cache_up_to(keep_after);
     }
 
-    /// The state machine applied everything up to `index`.
-    pub fn handle_applied(&mut self, _now: Millis, index: LogIndex) {
+    /// The work of [`Engine::handle_applied`].
+    pub(super) fn on_applied(&mut self, _now: Millis, index: LogIndex) {
         if index > self.applied {
             self.applied = index;
         }
@@ -112,7 +112,7 @@ impl Engine {
         let since = self.snapshot.as_ref().map(|s| s.last_log_id.index).unwrap_or_default();
         let threshold = self.config.snapshot_threshold_entries;
         if threshold > 0 && self.applied.0.saturating_sub(since.0) >= threshold {
-            self.trigger_snapshot();
+            self.maybe_build_snapshot();
         }
     }
 }

@@ -6,6 +6,7 @@
 mod append;
 mod config_change;
 mod election;
+mod invariants;
 mod io;
 mod log;
 mod progress;
@@ -347,6 +348,7 @@ impl Engine {
         e.role = RoleState::following(e.effective().membership.is_learner(id));
         e.reset_election_timer(now);
         e.maybe_apply();
+        e.check_invariants();
         e
     }
 
@@ -423,10 +425,130 @@ impl Engine {
         }
     }
 
+    // Inputs. Each runs its concept's handler, then checks the engine's invariants (debug
+    // builds only).
+
+    /// Forms a new cluster with `membership` as its first configuration. Call on one node, or
+    /// on every initial member with the same membership. Refused on a node with any state.
+    pub fn initialize(&mut self, now: Millis, membership: Membership) -> Result<(), RaftError> {
+        let result = self.init_cluster(now, membership);
+        self.check_invariants();
+        result
+    }
+
+    /// A message from a peer.
+    pub fn handle_message(&mut self, now: Millis, msg: Message) {
+        self.dispatch_message(now, msg);
+        self.check_invariants();
+    }
+
+    /// Appends client commands to the log (leader only). Returns the index of the first.
+    /// An empty `commands` appends nothing.
+    pub fn propose(&mut self, now: Millis, commands: Vec<Bytes>) -> Result<LogIndex, RaftError> {
+        let result = self.append_commands(now, commands);
+        self.check_invariants();
+        result
+    }
+
+    /// Entries requested with `LoadEntries` for `peer`.
+    pub fn handle_entries_loaded(&mut self, now: Millis, peer: NodeId, entries: Vec<Entry>) {
+        self.on_entries_loaded(now, peer, entries);
+        self.check_invariants();
+    }
+
+    /// Adds `node` as a learner (leader only). Returns the index of the configuration entry.
+    pub fn add_learner(&mut self, now: Millis, node: NodeId) -> Result<LogIndex, RaftError> {
+        let result = self.propose_add_learner(now, node);
+        self.check_invariants();
+        result
+    }
+
+    /// Removes the learner on `node` (leader only): the leader stops replicating to it once the
+    /// configuration entry is appended. Returns the index of that entry (the current
+    /// configuration's, when `node` is no member). A voter is refused: voters leave through
+    /// `change_membership`.
+    pub fn remove_learner(&mut self, now: Millis, node: NodeId) -> Result<LogIndex, RaftError> {
+        let result = self.propose_remove_learner(now, node);
+        self.check_invariants();
+        result
+    }
+
+    /// Changes the set of voters to `voters` by joint consensus (leader only): a joint
+    /// configuration is committed first, then the new one alone, automatically. Learners that
+    /// become voters are promoted; voters not in `voters` leave the group. Returns the index of
+    /// the joint entry.
+    pub fn change_membership(&mut self, now: Millis, voters: BTreeSet<NodeId>) -> Result<LogIndex, RaftError> {
+        let result = self.propose_voters(now, voters);
+        self.check_invariants();
+        result
+    }
+
+    /// Hands leadership to `target` (leader only): once `target` has the whole log, it is told
+    /// to campaign at once. Proposals are refused meanwhile.
+    pub fn transfer_leader(&mut self, now: Millis, target: NodeId) -> Result<(), RaftError> {
+        let result = self.start_transfer(now, target);
+        self.check_invariants();
+        result
+    }
+
+    /// Asks for a snapshot now (if anything was applied since the last one).
+    pub fn trigger_snapshot(&mut self) {
+        self.maybe_build_snapshot();
+        self.check_invariants();
+    }
+
+    /// The state machine finished building the snapshot asked for by `BuildSnapshot`.
+    pub fn handle_snapshot_built(&mut self, now: Millis, meta: SnapshotMeta) {
+        self.on_snapshot_built(now, meta);
+        self.check_invariants();
+    }
+
+    /// The state machine installed the snapshot asked for by `InstallSnapshot`.
+    pub fn handle_snapshot_installed(&mut self, _now: Millis, meta: SnapshotMeta) {
+        self.on_snapshot_installed(_now, meta);
+        self.check_invariants();
+    }
+
+    /// Registers a linearizable read with the caller's `id`. The answer comes as
+    /// `Action::ReadReady` (then wait for that applied index and read the state machine) or
+    /// `Action::ReadFailed`.
+    pub fn read(&mut self, now: Millis, id: u64, mode: ReadMode) {
+        self.register_read(now, id, mode);
+        self.check_invariants();
+    }
+
+    /// Timers: call when `now >= next_deadline()` (calling earlier is harmless).
+    pub fn handle_timeout(&mut self, now: Millis) {
+        self.on_timeout(now);
+        self.check_invariants();
+    }
+
+    /// Every write up to and including `io` is durable.
+    pub fn handle_io_done(&mut self, now: Millis, io: IoId) {
+        self.on_io_done(now, io);
+        self.check_invariants();
+    }
+
+    /// The state machine applied everything up to `index`.
+    pub fn handle_applied(&mut self, _now: Millis, index: LogIndex) {
+        self.on_applied(_now, index);
+        self.check_invariants();
+    }
+
+    /// Resumes the timers of a quiet group at `now`. A leader heartbeats at once. A follower
+    /// restarts its election timeout; with `leader_alive` (the host knows the leader's node
+    /// answers) it also counts this as contact with the leader, so a vote request that woke
+    /// it does not win an election against a leader that was merely quiet.
+    pub fn wake(&mut self, now: Millis, leader_alive: bool) {
+        self.resume_timers(now, leader_alive);
+        self.check_invariants();
+    }
+
     /// The next action to execute, in order.
     pub fn poll_action(&mut self) -> Option<Action> {
         if let Some(at) = self.role.leader().and_then(|l| l.reads.round_requested_at()) {
             self.flush_rounds(at);
+            self.check_invariants();
         }
         self.actions.pop_front()
     }
@@ -456,9 +578,8 @@ impl Engine {
         Bugs::default()
     }
 
-    /// Forms a new cluster with `membership` as its first configuration. Call on one node, or
-    /// on every initial member with the same membership. Refused on a node with any state.
-    pub fn initialize(&mut self, now: Millis, membership: Membership) -> Result<(), RaftError> {
+    /// The work of [`Engine::initialize`].
+    pub(super) fn init_cluster(&mut self, now: Millis, membership: Membership) -> Result<(), RaftError> {
         if !self.is_pristine() {
             return Err(RaftError::AlreadyInitialized);
         }
@@ -479,8 +600,8 @@ impl Engine {
         Ok(())
     }
 
-    /// A message from a peer.
-    pub fn handle_message(&mut self, now: Millis, msg: Message) {
+    /// The work of [`Engine::handle_message`].
+    pub(super) fn dispatch_message(&mut self, now: Millis, msg: Message) {
         if msg.to != self.id {
             debug!(node = %self.id, to = %msg.to, "dropping message addressed to another node");
             return;

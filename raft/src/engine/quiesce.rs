@@ -48,11 +48,8 @@ impl Engine {
             && self.receiving.is_none()
     }
 
-    /// Resumes the timers of a quiet group at `now`. A leader heartbeats at once. A follower
-    /// restarts its election timeout; with `leader_alive` (the host knows the leader's node
-    /// answers) it also counts this as contact with the leader, so a vote request that woke
-    /// it does not win an election against a leader that was merely quiet.
-    pub fn wake(&mut self, now: Millis, leader_alive: bool) {
+    /// The work of [`Engine::wake`].
+    pub(super) fn resume_timers(&mut self, now: Millis, leader_alive: bool) {
         if let Some(l) = self.role.leader_mut() {
             l.heartbeat_at = now;
             l.check_quorum_at = now.add_ms(self.config.election_timeout_ms_min);

@@ -154,10 +154,8 @@ impl LeaderState {
 }
 
 impl Engine {
-    /// Registers a linearizable read with the caller's `id`. The answer comes as
-    /// `Action::ReadReady` (then wait for that applied index and read the state machine) or
-    /// `Action::ReadFailed`.
-    pub fn read(&mut self, now: Millis, id: u64, mode: ReadMode) {
+    /// The work of [`Engine::read`].
+    pub(super) fn register_read(&mut self, now: Millis, id: u64, mode: ReadMode) {
         let single = self.is_single_voter();
         let lease_ok = mode == ReadMode::Lease && self.lease_valid(now);
         let unchecked = self.bugs().read_without_read_index;

@@ -168,9 +168,8 @@ impl Replicator<'_> {
 }
 
 impl Engine {
-    /// Appends client commands to the log (leader only). Returns the index of the first.
-    /// An empty `commands` appends nothing.
-    pub fn propose(&mut self, now: Millis, commands: Vec<Bytes>) -> Result<LogIndex, RaftError> {
+    /// The work of [`Engine::propose`].
+    pub(super) fn append_commands(&mut self, now: Millis, commands: Vec<Bytes>) -> Result<LogIndex, RaftError> {
         self.check_can_propose()?;
         let first = self.log.last_index().next();
         if commands.is_empty() {
@@ -236,13 +235,13 @@ impl Engine {
             match r.send_one_append(now, peer) {
                 Sent::More => {}
                 Sent::Stop => return,
-                Sent::NeedSnapshot => return self.trigger_snapshot(),
+                Sent::NeedSnapshot => return self.maybe_build_snapshot(),
             }
         }
     }
 
-    /// Entries requested with `LoadEntries` for `peer`.
-    pub fn handle_entries_loaded(&mut self, now: Millis, peer: NodeId, entries: Vec<Entry>) {
+    /// The work of [`Engine::handle_entries_loaded`].
+    pub(super) fn on_entries_loaded(&mut self, now: Millis, peer: NodeId, entries: Vec<Entry>) {
         let Some(mut r) = self.replicator() else { return };
         if !r.entries_loaded(peer, entries) {
             return;
@@ -401,7 +400,7 @@ impl Engine {
         let Some(l) = self.role.leader_mut() else { return };
         if self.committed >= l.noop_index {
             for (id, mode) in l.reads.take_waiting_for_first_commit() {
-                self.read(now, id, mode);
+                self.register_read(now, id, mode);
             }
         }
         self.advance_configuration(now);

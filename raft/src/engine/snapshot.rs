@@ -14,8 +14,8 @@ pub(super) struct Receiving {
 }
 
 impl Engine {
-    /// Asks for a snapshot now (if anything was applied since the last one).
-    pub fn trigger_snapshot(&mut self) {
+    /// The work of [`Engine::trigger_snapshot`].
+    pub(super) fn maybe_build_snapshot(&mut self) {
         let last = self.snapshot.as_ref().map(|s| s.last_log_id.index).unwrap_or_default();
         if !self.building_snapshot && self.applied > last {
             self.building_snapshot = true;
@@ -23,8 +23,8 @@ impl Engine {
         }
     }
 
-    /// The state machine finished building the snapshot asked for by `BuildSnapshot`.
-    pub fn handle_snapshot_built(&mut self, now: Millis, meta: SnapshotMeta) {
+    /// The work of [`Engine::handle_snapshot_built`].
+    pub(super) fn on_snapshot_built(&mut self, now: Millis, meta: SnapshotMeta) {
         self.building_snapshot = false;
         if self.snapshot.as_ref().is_some_and(|s| s.last_log_id >= meta.last_log_id) {
             return;
@@ -181,8 +181,8 @@ impl Engine {
         }
     }
 
-    /// The state machine installed the snapshot asked for by `InstallSnapshot`.
-    pub fn handle_snapshot_installed(&mut self, _now: Millis, meta: SnapshotMeta) {
+    /// The work of [`Engine::handle_snapshot_installed`].
+    pub(super) fn on_snapshot_installed(&mut self, _now: Millis, meta: SnapshotMeta) {
         let was_receiving = self.receiving.take();
         let last = meta.last_log_id;
         info!(node = %self.id, term = %self.vote.term, snapshot = %last, "snapshot installed");

@@ -19,8 +19,8 @@ impl Engine {
         }
     }
 
-    /// Timers: call when `now >= next_deadline()` (calling earlier is harmless).
-    pub fn handle_timeout(&mut self, now: Millis) {
+    /// The work of [`Engine::handle_timeout`].
+    pub(super) fn on_timeout(&mut self, now: Millis) {
         if self.role.is_leader() {
             self.leader_tick(now);
         } else if now >= self.election_at {

@@ -12,9 +12,8 @@ pub(super) struct Transfer {
 }
 
 impl Engine {
-    /// Hands leadership to `target` (leader only): once `target` has the whole log, it is told
-    /// to campaign at once. Proposals are refused meanwhile.
-    pub fn transfer_leader(&mut self, now: Millis, target: NodeId) -> Result<(), RaftError> {
+    /// The work of [`Engine::transfer_leader`].
+    pub(super) fn start_transfer(&mut self, now: Millis, target: NodeId) -> Result<(), RaftError> {
         let Some(l) = self.role.leader_mut() else {
             return Err(RaftError::NotLeader { leader: self.leader });
         };
