@@ -13,6 +13,11 @@ impl Engine {
         !self.config.votes_need_configuration || self.has_configuration()
     }
 
+    /// Whether this node may campaign: it is a voter of any configuration in its log, not
+    /// only of the latest. A node that alone holds an uncommitted entry removing it may be the
+    /// only one whose log can win, and the others, still joint, need a leader to finish the
+    /// change (tests/regressions.rs:
+    /// a_node_removed_by_an_uncommitted_configuration_still_campaigns).
     pub(super) fn can_campaign(&self) -> bool {
         self.memberships.is_voter_in_any(self.id)
     }
@@ -66,8 +71,8 @@ impl Engine {
         // A follower that merely learns a higher term (from a vote request it may refuse) keeps
         // its election timer (Raft §5.2: only a leader's messages and granted votes reset it).
         // Otherwise candidates that cannot win, each bumping the term, would keep the node with
-        // the most up-to-date log from ever campaigning (found by the simulator, seed 12 with
-        // 40% clock drift and no pre-vote).
+        // the most up-to-date log from ever campaigning (tests/regressions.rs:
+        // a_refused_vote_request_from_a_higher_term_does_not_reset_the_election_timer).
         if !was_follower || leader.is_some() {
             self.reset_election_timer(now);
         }

@@ -631,7 +631,8 @@ impl Engine {
                 MessageBody::PreVote { .. } => self.send(from, MessageBody::PreVoteResp { granted: false }),
                 // A candidate behind on terms learns ours from the refusal. Ignoring it could
                 // leave the candidate with the most up-to-date log forever one step behind
-                // the terms of candidates that cannot win (found by the simulator, seed 508).
+                // the terms of candidates that cannot win, and the group without a leader
+                // (tests/regressions.rs: a_vote_request_from_an_older_term_is_refused_with_our_term).
                 MessageBody::Vote { .. } => self.send(from, MessageBody::VoteResp { granted: false }),
                 _ => {}
             }
