@@ -4,6 +4,8 @@
 use super::*;
 
 impl Engine {
+    /// An append from the leader of our term: check it, keep what matches, truncate a
+    /// conflicting suffix, append the rest, learn the commit index, acknowledge once durable.
     pub(super) fn on_append(&mut self, now: Millis, from: NodeId, prev: LogId, entries: Vec<Entry>, commit: LogIndex) {
         // Input from the network: check the shape before trusting it.
         let well_formed = entries.iter().enumerate().all(|(i, e)| {
@@ -69,6 +71,7 @@ impl Engine {
         self.ack(from, matched);
     }
 
+    /// A heartbeat from the leader of our term: learn the commit index and answer the round.
     pub(super) fn on_heartbeat(&mut self, now: Millis, from: NodeId, commit: LogIndex, round: u64) {
         if commit > self.committed {
             self.committed = commit.min(self.log.last_index());
@@ -92,6 +95,8 @@ impl Engine {
         self.refresh_role();
     }
 
+    /// Deletes entries from `index` on (a conflict with the leader) and issues the write; writes
+    /// still pending are clamped so that `persisted` never names a deleted entry.
     pub(super) fn truncate_local(&mut self, index: LogIndex) {
         self.log.truncate_from(index);
         self.memberships.truncate_from(index);

@@ -70,6 +70,7 @@ impl Engine {
         Ok(l)
     }
 
+    /// Appends configuration `m` as a new entry of this term and replicates it.
     fn propose_membership(&mut self, now: Millis, m: Membership) -> LogIndex {
         let log_id = LogId { term: self.vote.term, index: self.log.last_index().next() };
         info!(node = %self.id, term = %self.vote.term, %log_id, membership = %m, "proposing configuration");

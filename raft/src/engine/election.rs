@@ -22,6 +22,8 @@ impl Engine {
         self.memberships.is_voter_in_any(self.id)
     }
 
+    /// Whether this node refuses to help elect another leader at `now`: it leads, or it heard
+    /// from a leader less than `election_timeout_ms_min` ago (check-quorum only).
     pub(super) fn in_lease(&self, now: Millis) -> bool {
         if !self.config.check_quorum {
             return false;
@@ -35,6 +37,7 @@ impl Engine {
         self.leader_contact_at.is_some_and(|t| now.since(t) < self.config.election_timeout_ms_min)
     }
 
+    /// A message from the leader of our term: follow it and restart the election timer.
     pub(super) fn on_leader_contact(&mut self, now: Millis, from: NodeId) {
         debug_assert!(!self.role.is_leader(), "two leaders in term {}", self.vote.term);
         if self.role.is_leader() {
@@ -47,6 +50,7 @@ impl Engine {
         self.reset_election_timer(now);
     }
 
+    /// Follows `leader` (or nobody yet) in `term`; a leader stepping down fails its waiting reads.
     pub(super) fn become_follower(&mut self, now: Millis, term: Term, leader: Option<NodeId>) {
         if term > self.vote.term {
             self.set_vote(Vote { term, voted_for: None });
@@ -78,6 +82,8 @@ impl Engine {
         }
     }
 
+    /// Election timeout with pre-vote: asks the voters whether they would vote for us in the
+    /// next term, without changing the term (thesis §9.6).
     pub(super) fn pre_campaign(&mut self, now: Millis) {
         debug!(node = %self.id, term = %self.vote.term, "election timeout: pre-vote");
         self.role = RoleState::PreCandidate { granted: BTreeSet::new() };
@@ -93,6 +99,8 @@ impl Engine {
         self.check_election_won(now);
     }
 
+    /// Starts an election in the next term, voting for ourselves. `transfer` marks an election
+    /// the leader asked for, which followers' leases do not block.
     pub(super) fn campaign(&mut self, now: Millis, transfer: bool) {
         let term = self.vote.term.next();
         info!(node = %self.id, term = %term, transfer, "campaigning");
@@ -113,6 +121,8 @@ impl Engine {
         self.check_election_won(now);
     }
 
+    /// A pre-vote request for `term`: granted if it is above ours, no leader is alive and the
+    /// candidate's log is at least as up to date.
     pub(super) fn on_pre_vote(&mut self, now: Millis, from: NodeId, term: Term, last_log_id: LogId) {
         // `term` is the candidate's next term; our own is lower or equal.
         let up_to_date = last_log_id >= self.log.last_id() || self.bugs().vote_without_log_check;
@@ -121,6 +131,7 @@ impl Engine {
         self.send_at(from, if grant { term } else { self.vote.term }, MessageBody::PreVoteResp { granted: grant });
     }
 
+    /// A pre-vote answer: count it if we still pre-campaign for the next term.
     pub(super) fn on_pre_vote_resp(&mut self, now: Millis, from: NodeId, term: Term, granted: bool) {
         if term != self.vote.term.next() || !granted {
             return;
@@ -130,6 +141,8 @@ impl Engine {
         self.check_election_won(now);
     }
 
+    /// A vote request in our term: granted once per term to a candidate whose log is at least as
+    /// up to date, answered only once the vote is durable.
     pub(super) fn on_vote(&mut self, now: Millis, from: NodeId, last_log_id: LogId) {
         let can_vote = self.vote.voted_for == Some(from) || (self.vote.voted_for.is_none() && self.leader.is_none());
         let up_to_date = last_log_id >= self.log.last_id() || self.bugs().vote_without_log_check;
@@ -151,6 +164,7 @@ impl Engine {
         }
     }
 
+    /// A vote answer: count it if we are still a candidate of this term.
     pub(super) fn on_vote_resp(&mut self, now: Millis, from: NodeId, granted: bool) {
         if !granted {
             return;
@@ -160,6 +174,7 @@ impl Engine {
         self.check_election_won(now);
     }
 
+    /// Moves on if a (joint) quorum granted: a pre-candidate campaigns, a candidate leads.
     pub(super) fn check_election_won(&mut self, now: Millis) {
         let (granted, pre_vote) = match &self.role {
             RoleState::PreCandidate { granted } => (granted, true),
@@ -181,6 +196,8 @@ impl Engine {
         }
     }
 
+    /// Leads the current term: progress for every member, and a blank entry of the term whose
+    /// commit commits everything before it (Raft §5.4.2) and opens reads.
     fn become_leader(&mut self, now: Millis) {
         info!(node = %self.id, term = %self.vote.term, last_log_id = %self.log.last_id(), "became leader");
         self.leader = Some(self.id);

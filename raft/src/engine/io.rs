@@ -13,6 +13,7 @@ pub(super) enum PendingIo {
 }
 
 impl Engine {
+    /// Changes the vote and issues its write.
     pub(super) fn set_vote(&mut self, vote: Vote) {
         self.vote = vote;
         // Two vote changes in one step (a new term, then a vote in it) make one write.
@@ -30,6 +31,7 @@ impl Engine {
         self.actions.push_back(Action::SaveVote { io, vote });
     }
 
+    /// A fresh write id.
     pub(super) fn next_io(&mut self) -> IoId {
         self.next_io += 1;
         IoId(self.next_io)
@@ -76,6 +78,8 @@ impl Engine {
         self.flush_rounds(now);
     }
 
+    /// Hands newly committed and durable entries to the state machine (not while a snapshot is
+    /// being installed).
     pub(super) fn maybe_apply(&mut self) {
         if self.receiving.as_ref().is_some_and(|r| r.installing) {
             return;

@@ -261,8 +261,11 @@ struct Bugs {
 /// 5. **Apply** in order, report `handle_applied`. Loads and applies read only durable
 ///    entries.
 pub struct Engine {
+    /// This node.
     id: NodeId,
+    /// Timeouts, limits and protocol options, shared with the driver.
     config: Arc<Config>,
+    /// The election-timeout randomization, seeded so that a run replays.
     rng: Rng,
     /// The role, with the state only that role has.
     role: RoleState,
@@ -270,27 +273,40 @@ pub struct Engine {
     vote: Vote,
     /// The vote as last made durable.
     vote_durable: Vote,
+    /// The leader of the current term, if known (this node when it leads).
     leader: Option<NodeId>,
+    /// Term boundaries of the log and a cache of entries not yet durable or not yet sent.
     log: RaftLog,
     /// Last log id known durable, consistent with the current log.
     persisted: LogId,
+    /// Highest index known committed.
     committed: LogIndex,
+    /// Highest index the state machine reported applied.
     applied: LogIndex,
     /// Highest index handed to an `Apply` action.
     apply_sent: LogIndex,
+    /// The configurations in the log: the effective (latest) one and those not yet committed.
     memberships: MembershipLog,
+    /// The current snapshot (built here or installed), streamed to followers that need it.
     snapshot: Option<SnapshotMeta>,
+    /// A `BuildSnapshot` is outstanding: ask for no second one.
     building_snapshot: bool,
+    /// A snapshot being received from the leader. Outside the role: an install under way
+    /// survives a role change and blocks applying until it is done.
     receiving: Option<Receiving>,
+    /// When a follower or candidate campaigns next (unused while leading).
     election_at: Millis,
     /// When this node last heard from a leader of its term (vote stickiness, check-quorum).
     leader_contact_at: Option<Millis>,
+    /// The last write id issued.
     next_io: u64,
+    /// Writes issued and not yet durable, in order.
     pending_io: VecDeque<PendingIo>,
     /// Vote answers waiting for the vote to be durable.
     vote_replies: Vec<(NodeId, Term)>,
     /// Append acknowledgement waiting for durability: (leader, term, matched index).
     ack_pending: Option<(NodeId, Term, LogIndex)>,
+    /// Output waiting for `poll_action`, in order.
     actions: VecDeque<Action>,
 }
 
@@ -504,8 +520,8 @@ impl Engine {
     }
 
     /// The state machine installed the snapshot asked for by `InstallSnapshot`.
-    pub fn handle_snapshot_installed(&mut self, _now: Millis, meta: SnapshotMeta) {
-        self.on_snapshot_installed(_now, meta);
+    pub fn handle_snapshot_installed(&mut self, now: Millis, meta: SnapshotMeta) {
+        self.on_snapshot_installed(now, meta);
         self.check_invariants();
     }
 
@@ -530,8 +546,8 @@ impl Engine {
     }
 
     /// The state machine applied everything up to `index`.
-    pub fn handle_applied(&mut self, _now: Millis, index: LogIndex) {
-        self.on_applied(_now, index);
+    pub fn handle_applied(&mut self, now: Millis, index: LogIndex) {
+        self.on_applied(now, index);
         self.check_invariants();
     }
 
@@ -558,11 +574,13 @@ impl Engine {
         !self.actions.is_empty()
     }
 
+    /// The configuration in effect (the latest in the log).
     fn effective(&self) -> &StoredMembership {
         self.memberships.effective()
     }
 
     #[inline]
+    /// The planted bugs switched on (feature `sim-bugs`; none otherwise).
     fn bugs(&self) -> Bugs {
         #[cfg(feature = "sim-bugs")]
         {
@@ -579,7 +597,7 @@ impl Engine {
     }
 
     /// The work of [`Engine::initialize`].
-    pub(super) fn init_cluster(&mut self, now: Millis, membership: Membership) -> Result<(), RaftError> {
+    fn init_cluster(&mut self, now: Millis, membership: Membership) -> Result<(), RaftError> {
         if !self.is_pristine() {
             return Err(RaftError::AlreadyInitialized);
         }
@@ -601,7 +619,7 @@ impl Engine {
     }
 
     /// The work of [`Engine::handle_message`].
-    pub(super) fn dispatch_message(&mut self, now: Millis, msg: Message) {
+    fn dispatch_message(&mut self, now: Millis, msg: Message) {
         if msg.to != self.id {
             debug!(node = %self.id, to = %msg.to, "dropping message addressed to another node");
             return;
@@ -666,10 +684,12 @@ impl Engine {
         self.flush_rounds(now);
     }
 
+    /// Sends `body` to `to` in our term.
     fn send(&mut self, to: NodeId, body: MessageBody) {
         self.send_at(to, self.vote.term, body);
     }
 
+    /// Sends `body` to `to` in `term` (a pre-vote asks in the next term).
     fn send_at(&mut self, to: NodeId, term: Term, body: MessageBody) {
         self.actions.push_back(Action::Send(Message { from: self.id, to, term, body }));
     }

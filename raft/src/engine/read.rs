@@ -175,6 +175,7 @@ impl Engine {
         l.reads.add(id, committed, now);
     }
 
+    /// Whether this node is the only voter (no round trip needed to prove leadership).
     fn is_single_voter(&self) -> bool {
         let m = &self.effective().membership;
         !m.is_joint() && m.voters.len() == 1 && m.voters.contains(&self.id)

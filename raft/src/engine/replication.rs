@@ -199,6 +199,8 @@ impl Engine {
         Ok(l)
     }
 
+    /// Appends entries of this term on the leader and sends them to every follower at once;
+    /// the local write proceeds in parallel (send before persist).
     pub(super) fn leader_append(&mut self, now: Millis, entries: Vec<Entry>) {
         // Only a configuration entry changes who the leader replicates to; proposals (the hot
         // path) skip rebuilding the node set. Removals whose commit drops a node are synced
@@ -251,6 +253,8 @@ impl Engine {
         self.flush_rounds(now);
     }
 
+    /// A follower's answer to an append: advance its progress and the commit index, or back off
+    /// to where its log matches.
     pub(super) fn on_append_resp(&mut self, now: Millis, from: NodeId, r: AppendResult) {
         let last = self.log.last_index();
         let Some(l) = self.role.leader_mut() else { return };
@@ -303,6 +307,8 @@ impl Engine {
         }
     }
 
+    /// A follower's answer to a heartbeat: count the round for reads, unblock a lost probe, and
+    /// catch it up if it lags.
     pub(super) fn on_heartbeat_resp(&mut self, now: Millis, from: NodeId, round: u64) {
         let last = self.log.last_index();
         let Some(l) = self.role.leader_mut() else { return };

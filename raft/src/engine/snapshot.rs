@@ -48,6 +48,7 @@ impl Engine {
         }
     }
 
+    /// Forgets the log up to `upto` (covered by a snapshot) and issues the write.
     fn purge_local(&mut self, upto: LogId) {
         self.log.purge_up_to(upto);
         let io = self.next_io();
@@ -75,6 +76,8 @@ impl Engine {
         }
     }
 
+    /// A follower's answer to a snapshot chunk: move the window on, resend from a gap, or go
+    /// back to appends once it installed the snapshot.
     pub(super) fn on_snapshot_resp(
         &mut self,
         now: Millis,
@@ -122,6 +125,8 @@ impl Engine {
         self.send_snapshot_chunks(from);
     }
 
+    /// A snapshot chunk from the leader: stored in order, installed when complete, one
+    /// snapshot at a time.
     pub(super) fn on_snapshot_chunk(&mut self, from: NodeId, meta: SnapshotMeta, offset: u64, data: Bytes, done: bool) {
         if meta.last_log_id.index <= self.committed {
             // Already have all of it (or installed it earlier).

@@ -36,6 +36,7 @@ impl Engine {
         }
     }
 
+    /// The leader's timers: transfer deadline, check-quorum, heartbeat round.
     fn leader_tick(&mut self, now: Millis) {
         let Some(l) = self.role.leader_mut() else { return };
         let hb_due = now >= l.heartbeat_at;
@@ -70,6 +71,7 @@ impl Engine {
         }
     }
 
+    /// Restarts the election timeout, randomized in `[election_timeout_ms_min, _max)`.
     pub(super) fn reset_election_timer(&mut self, now: Millis) {
         let c = &self.config;
         self.election_at = now.add_ms(self.rng.range(c.election_timeout_ms_min, c.election_timeout_ms_max));
