@@ -52,6 +52,19 @@ impl Engine {
             self.log.first_index(),
             last
         );
+        // `persisted` names an entry of the current log (or one behind its purged start): a
+        // truncation clamps every pending write, so no deleted entry counts as durable.
+        assert!(
+            self.persisted.index <= self.log.last_purged().index || self.log.has(self.persisted),
+            "{}: persisted {} is not in the log",
+            ctx(),
+            self.persisted
+        );
+        // Writes complete in the order issued: pending ids only grow.
+        let ios = self.pending_io.iter().map(|p| match p {
+            PendingIo::Log { io, .. } | PendingIo::Vote { io, .. } => *io,
+        });
+        assert!(ios.clone().zip(ios.skip(1)).all(|(a, b)| a < b), "{}: pending writes out of order", ctx());
         // The vote: what is durable is never ahead of what is current.
         assert!(
             self.vote_durable.term <= self.vote.term,
