@@ -73,6 +73,22 @@ impl Engine {
             self.vote_durable,
             self.vote
         );
+        // Vote answers wait only while the vote is not durable (they go out when it becomes so).
+        assert!(
+            self.vote_replies.is_empty() || self.vote_durable != self.vote,
+            "{}: vote answers held back although the vote is durable",
+            ctx()
+        );
+        // A snapshot being received never grows past its size.
+        if let Some(r) = &self.receiving {
+            assert!(
+                r.offset <= r.meta.size_bytes,
+                "{}: received {} bytes of a {}-byte snapshot",
+                ctx(),
+                r.offset,
+                r.meta.size_bytes
+            );
+        }
         // The role: leader iff it knows itself as leader; candidates and leaders voted for
         // themselves; a follower is a learner exactly when its configuration says so.
         assert_eq!(
@@ -88,7 +104,16 @@ impl Engine {
                 assert_eq!(self.vote_durable, self.vote, "{}: a leader whose vote is not durable", ctx());
                 assert!(l.noop_index <= last, "{}: the term's first entry {} is not in the log", ctx(), l.noop_index);
                 assert!(!l.progress.contains_key(&self.id), "{}: a leader replicating to itself", ctx());
+                if let Err(e) = l.reads.check_bounds() {
+                    panic!("{}: {e}", ctx());
+                }
                 for (id, p) in &l.progress {
+                    assert!(
+                        p.inflight.len() <= self.config.inflight_msgs_max,
+                        "{}: {} appends in flight to {id}, more than the window",
+                        ctx(),
+                        p.inflight.len()
+                    );
                     assert!(
                         p.matched < p.next,
                         "{}: follower {id} matched {} but next is {}",

@@ -133,6 +133,22 @@ impl Reads {
         !self.pending.is_empty()
     }
 
+    /// Checks the bounds this type keeps: the round history is bounded and no read waits for
+    /// a round after the next one.
+    #[cfg(debug_assertions)]
+    pub(super) fn check_bounds(&self) -> Result<(), String> {
+        if self.round_sent_at.len() > ROUNDS_KEPT_MAX {
+            return Err(format!("{} heartbeat rounds kept, more than {ROUNDS_KEPT_MAX}", self.round_sent_at.len()));
+        }
+        if let Some(r) = self.pending.iter().find(|r| r.round > self.round + 1) {
+            return Err(format!("read {} waits for round {} but the last round is {}", r.id, r.round, self.round));
+        }
+        if !self.pending.iter().zip(self.pending.iter().skip(1)).all(|(a, b)| a.round <= b.round) {
+            return Err("reads out of round order".to_string());
+        }
+        Ok(())
+    }
+
     /// The ids of every read still waiting (the leader steps down: they fail), oldest first.
     pub(super) fn into_waiting_ids(self) -> impl Iterator<Item = u64> {
         self.pending.into_iter().map(|r| r.id).chain(self.before_noop.into_iter().map(|(id, _)| id))
