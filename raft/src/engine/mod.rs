@@ -2,6 +2,13 @@
 //! (`handle_*` for events, plain verbs for API requests), outputs are [`Action`]s taken with
 //! [`Engine::poll_action`]. It never reads a clock, draws no randomness of its own (a seeded
 //! RNG lives inside) and performs no I/O.
+//!
+//! This file holds the [`Engine`] type, its inputs (each runs its concept's handler, then the
+//! debug-build invariant check) and the dispatch of peer messages. Each Raft concept has a
+//! room of its own: `election.rs`, `replication.rs` (leader), `append.rs` (follower),
+//! `read.rs`, `transfer.rs`, `snapshot.rs`, `config_change.rs`, `quiesce.rs`, `timers.rs`,
+//! `io.rs` (writes and applying); `role.rs` is the role with its own state, `invariants.rs`
+//! the checks; `log.rs`, `progress.rs` and `rng.rs` are the data structures underneath.
 
 mod append;
 mod config_change;
