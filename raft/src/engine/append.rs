@@ -1,0 +1,132 @@
+//! The follower's side of replication: appends and heartbeats from the leader, conflicts and
+//! truncation, and acknowledgements sent only once the entries are durable. Raft §5.3.
+
+use super::*;
+
+impl Engine {
+    /// An append from the leader of our term: check it, keep what matches, truncate a
+    /// conflicting suffix, append the rest, learn the commit index, acknowledge once durable.
+    pub(super) fn on_append(&mut self, now: Millis, from: NodeId, prev: LogId, entries: Vec<Entry>, commit: LogIndex) {
+        // Input from the network: check the shape before trusting it.
+        let well_formed = entries.iter().enumerate().all(|(i, e)| {
+            prev.index.0.checked_add(i as u64 + 1) == Some(e.log_id.index.0)
+                && e.log_id.term >= prev.term
+                && e.log_id.term <= self.vote.term
+        }) && entries.windows(2).all(|w| w[0].log_id.term <= w[1].log_id.term);
+        if !well_formed {
+            warn!(node = %self.id, %from, %prev, "malformed append dropped");
+            return;
+        }
+        if prev.index < self.committed {
+            // Everything up to our commit index matches the leader's log already. Keep only
+            // the entries after it.
+            let skip = (self.committed.0 - prev.index.0) as usize;
+            if skip >= entries.len() {
+                self.ack(from, self.committed);
+                return;
+            }
+            let prev = self.log.id_at(self.committed).expect("committed entry is in the log");
+            let rest = entries[skip..].to_vec();
+            return self.on_append(now, from, prev, rest, commit);
+        }
+        if !self.log.has(prev) {
+            let hint_index = prev.index.min(self.log.last_index());
+            let hint = self.log.find_conflict_by_term(hint_index, prev.term);
+            debug!(node = %self.id, term = %self.vote.term, %prev, %hint, "append rejected");
+            self.send(from, MessageBody::AppendResp(AppendResult::Conflict { rejected: prev, hint }));
+            return;
+        }
+        let matched = LogIndex(prev.index.0 + entries.len() as u64);
+        // Find the first entry we do not already have.
+        let mut new_from = entries.len();
+        for (i, e) in entries.iter().enumerate() {
+            match self.log.term_at(e.log_id.index) {
+                Some(t) if t == e.log_id.term => continue,
+                Some(_) => {
+                    assert!(
+                        e.log_id.index > self.committed,
+                        "leader conflicts with a committed entry at {}",
+                        e.log_id.index
+                    );
+                    info!(node = %self.id, term = %self.vote.term, from = %e.log_id.index, "truncating conflicting entries");
+                    self.truncate_local(e.log_id.index);
+                    new_from = i;
+                    break;
+                }
+                None => {
+                    new_from = i;
+                    break;
+                }
+            }
+        }
+        if new_from < entries.len() {
+            let new: Vec<Entry> = entries[new_from..].to_vec();
+            self.append_local(new);
+        }
+        let new_commit = commit.min(matched);
+        if new_commit > self.committed {
+            self.committed = new_commit;
+            self.after_commit(now);
+        }
+        self.ack(from, matched);
+    }
+
+    /// A heartbeat from the leader of our term: learn the commit index and answer the round.
+    pub(super) fn on_heartbeat(&mut self, now: Millis, from: NodeId, commit: LogIndex, round: u64) {
+        if commit > self.committed {
+            self.committed = commit.min(self.log.last_index());
+            self.after_commit(now);
+        }
+        self.send(from, MessageBody::HeartbeatResp { round });
+    }
+
+    /// Appends to the local log and issues the write; applies configuration entries.
+    pub(super) fn append_local(&mut self, entries: Vec<Entry>) {
+        debug_assert!(!entries.is_empty());
+        self.log.append(&entries);
+        for e in &entries {
+            if let Some(m) = e.membership() {
+                self.memberships.push(StoredMembership { log_id: e.log_id, membership: m.clone() });
+            }
+        }
+        let io = self.next_io();
+        self.pending_io.push_back(PendingIo::Log { io, last: self.log.last_id() });
+        self.actions.push_back(Action::AppendEntries { io, entries });
+        self.refresh_role();
+    }
+
+    /// Deletes entries from `index` on (a conflict with the leader) and issues the write; writes
+    /// still pending are clamped so that `persisted` never names a deleted entry.
+    pub(super) fn truncate_local(&mut self, index: LogIndex) {
+        self.log.truncate_from(index);
+        self.memberships.truncate_from(index);
+        let keep = self.log.last_id();
+        if self.persisted.index >= index {
+            self.persisted = keep;
+        }
+        for p in self.pending_io.iter_mut() {
+            if let PendingIo::Log { last, .. } = p {
+                if last.index >= index {
+                    *last = keep;
+                }
+            }
+        }
+        let io = self.next_io();
+        self.pending_io.push_back(PendingIo::Log { io, last: keep });
+        self.actions.push_back(Action::TruncateFrom { io, index });
+        self.refresh_role();
+    }
+
+    /// Acknowledges entries up to `matched`, now if durable, else once durable.
+    pub(super) fn ack(&mut self, leader: NodeId, matched: LogIndex) {
+        if self.persisted.index >= matched || self.bugs().ack_before_durable {
+            self.send(leader, MessageBody::AppendResp(AppendResult::Success { matched }));
+        } else {
+            let term = self.vote.term;
+            match &mut self.ack_pending {
+                Some((l, t, m)) if *l == leader && *t == term => *m = (*m).max(matched),
+                slot => *slot = Some((leader, term, matched)),
+            }
+        }
+    }
+}

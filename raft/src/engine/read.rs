@@ -1,0 +1,262 @@
+//! Linearizable reads on the leader: ReadIndex rounds of heartbeats confirmed by a quorum,
+//! and the leader lease that skips the round trip (Raft thesis §6.4). [`Reads`] is the
+//! leader's bookkeeping of both, a type of its own (as raft-rs's `ReadOnly`); the engine
+//! only tells it which round a quorum acknowledged.
+
+use super::*;
+use replication::Replicator;
+
+/// A ReadIndex read waiting for its heartbeat round.
+#[derive(Debug)]
+pub(super) struct PendingRead {
+    /// The caller's id for the read.
+    pub(super) id: u64,
+    /// The heartbeat round that must be acknowledged by a quorum.
+    pub(super) round: u64,
+    /// The commit index when the read arrived.
+    pub(super) index: LogIndex,
+}
+
+/// Bound on the history of heartbeat rounds kept for lease reads.
+pub(super) const ROUNDS_KEPT_MAX: usize = 64;
+
+/// The leader's reads and heartbeat rounds. Every heartbeat carries its round number; a
+/// quorum acknowledging round `r` proves this node was leader when `r` was sent.
+#[derive(Debug)]
+pub(super) struct Reads {
+    /// Last heartbeat round started.
+    round: u64,
+    /// A round must be started at the end of this step (reads are waiting on it).
+    round_needed: bool,
+    /// When the pending round was asked for: its start time for the lease.
+    round_requested_at: Millis,
+    /// Send time of recent rounds, oldest first (lease reads), at most `ROUNDS_KEPT_MAX`.
+    round_sent_at: VecDeque<(u64, Millis)>,
+    /// Reads waiting for their round to be acknowledged by a quorum, by round.
+    pending: VecDeque<PendingRead>,
+    /// Reads waiting for the first commit of this term (until then the leader's commit
+    /// index may lag what earlier leaders committed).
+    before_noop: Vec<(u64, ReadMode)>,
+    /// A `TimeoutNow` went out this term: the target may win an election that ignores
+    /// followers' leases at any time from now on, so this leader's lease is void for good.
+    lease_void: bool,
+}
+
+impl Reads {
+    /// No reads, no round yet.
+    pub(super) fn new(now: Millis) -> Reads {
+        Reads {
+            round: 0,
+            round_needed: false,
+            round_requested_at: now,
+            round_sent_at: VecDeque::new(),
+            pending: VecDeque::new(),
+            before_noop: Vec::new(),
+            lease_void: false,
+        }
+    }
+
+    /// Queues a ReadIndex read served at `index` once a quorum acknowledges the next round.
+    /// The round starts when actions are next polled, so reads registered together share one
+    /// round of heartbeats.
+    pub(super) fn add(&mut self, id: u64, index: LogIndex, now: Millis) {
+        self.pending.push_back(PendingRead { id, round: self.round + 1, index });
+        self.round_needed = true;
+        self.round_requested_at = now;
+    }
+
+    /// Parks a read until the first entry of the term is committed.
+    pub(super) fn wait_for_first_commit(&mut self, id: u64, mode: ReadMode) {
+        self.before_noop.push((id, mode));
+    }
+
+    /// The reads parked by `wait_for_first_commit`, in order.
+    pub(super) fn take_waiting_for_first_commit(&mut self) -> Vec<(u64, ReadMode)> {
+        std::mem::take(&mut self.before_noop)
+    }
+
+    /// Asks for a heartbeat round (the heartbeat timer fired).
+    pub(super) fn request_round(&mut self, now: Millis) {
+        self.round_needed = true;
+        self.round_requested_at = now;
+    }
+
+    /// When the round asked for was requested, if one is waiting to start.
+    pub(super) fn round_requested_at(&self) -> Option<Millis> {
+        self.round_needed.then_some(self.round_requested_at)
+    }
+
+    /// Starts the round asked for, sent at `now`: returns its number, or `None` if no round
+    /// was asked for.
+    pub(super) fn start_round(&mut self, now: Millis) -> Option<u64> {
+        if !self.round_needed {
+            return None;
+        }
+        self.round_needed = false;
+        self.round += 1;
+        self.round_sent_at.push_back((self.round, now));
+        if self.round_sent_at.len() > ROUNDS_KEPT_MAX {
+            self.round_sent_at.pop_front();
+        }
+        Some(self.round)
+    }
+
+    /// The reads whose round is at most `acked`, the highest round a quorum acknowledged,
+    /// oldest first.
+    pub(super) fn advance(&mut self, acked: u64) -> Vec<PendingRead> {
+        let ready = self.pending.iter().take_while(|r| r.round <= acked).count();
+        self.pending.drain(..ready).collect()
+    }
+
+    /// Whether the lease holds at `now` given `acked`, the highest round a quorum
+    /// acknowledged: that round was sent less than `lease_ms` ago.
+    pub(super) fn lease_holds(&self, acked: u64, now: Millis, lease_ms: u64) -> bool {
+        if self.lease_void {
+            return false;
+        }
+        let Some((_, sent)) = self.round_sent_at.iter().find(|(r, _)| *r == acked) else { return false };
+        now < sent.add_ms(lease_ms)
+    }
+
+    /// Voids the lease for the rest of the term (a `TimeoutNow` went out).
+    pub(super) fn void_lease(&mut self) {
+        self.lease_void = true;
+    }
+
+    /// Whether no read waits and no round is asked for.
+    pub(super) fn is_idle(&self) -> bool {
+        self.pending.is_empty() && self.before_noop.is_empty() && !self.round_needed
+    }
+
+    /// Whether any ReadIndex read waits for a round.
+    pub(super) fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Checks the bounds this type keeps: the round history is bounded and no read waits for
+    /// a round after the next one.
+    #[cfg(debug_assertions)]
+    pub(super) fn check_bounds(&self) -> Result<(), String> {
+        if self.round_sent_at.len() > ROUNDS_KEPT_MAX {
+            return Err(format!("{} heartbeat rounds kept, more than {ROUNDS_KEPT_MAX}", self.round_sent_at.len()));
+        }
+        if let Some(r) = self.pending.iter().find(|r| r.round > self.round + 1) {
+            return Err(format!("read {} waits for round {} but the last round is {}", r.id, r.round, self.round));
+        }
+        if !self.pending.iter().zip(self.pending.iter().skip(1)).all(|(a, b)| a.round <= b.round) {
+            return Err("reads out of round order".to_string());
+        }
+        Ok(())
+    }
+
+    /// The ids of every read still waiting (the leader steps down: they fail), oldest first.
+    pub(super) fn into_waiting_ids(self) -> impl Iterator<Item = u64> {
+        self.pending.into_iter().map(|r| r.id).chain(self.before_noop.into_iter().map(|(id, _)| id))
+    }
+}
+
+impl LeaderState {
+    /// The highest heartbeat round a quorum of `membership` acknowledged (this node, `me`,
+    /// acknowledges every round).
+    pub(super) fn quorum_round(&self, me: NodeId, membership: &Membership) -> u64 {
+        membership.quorum_value(|id| {
+            if id == me {
+                u64::MAX
+            } else {
+                self.progress.get(&id).map(|p| p.round_acked).unwrap_or(0)
+            }
+        })
+    }
+}
+
+impl Engine {
+    /// The work of [`Engine::read`].
+    pub(super) fn register_read(&mut self, now: Millis, id: u64, mode: ReadMode) {
+        let single = self.is_single_voter();
+        let lease_ok = mode == ReadMode::Lease && self.lease_valid(now);
+        let unchecked = self.bugs().read_without_read_index;
+        let committed = self.committed;
+        let Some(l) = self.role.leader_mut() else {
+            self.actions.push_back(Action::ReadFailed { id, error: RaftError::NotLeader { leader: self.leader } });
+            return;
+        };
+        if committed < l.noop_index {
+            l.reads.wait_for_first_commit(id, mode);
+            return;
+        }
+        if single || lease_ok || unchecked {
+            self.actions.push_back(Action::ReadReady { id, index: committed });
+            return;
+        }
+        l.reads.add(id, committed, now);
+    }
+
+    /// Whether this node is the only voter (no round trip needed to prove leadership).
+    fn is_single_voter(&self) -> bool {
+        let m = &self.effective().membership;
+        !m.is_joint() && m.voters.len() == 1 && m.voters.contains(&self.id)
+    }
+
+    /// Whether the leader lease holds at `now`: a quorum acknowledged a heartbeat round sent
+    /// less than `election_timeout_ms_min - lease_clock_drift_ms` ago. Followers refuse votes
+    /// for `election_timeout_ms_min` after hearing from the leader, so no other leader can
+    /// exist in that window. A transfer in progress voids the lease (its election ignores
+    /// that rule).
+    fn lease_valid(&self, now: Millis) -> bool {
+        let Some(l) = self.role.leader() else { return false };
+        if !self.config.lease_read || l.transfer.is_some() || l.reads.lease_void || self.committed < l.noop_index {
+            return false;
+        }
+        if self.is_single_voter() {
+            return true;
+        }
+        let acked = l.quorum_round(self.id, &self.effective().membership);
+        let lease_ms = self.config.election_timeout_ms_min - self.config.lease_clock_drift_ms;
+        l.reads.lease_holds(acked, now, lease_ms)
+    }
+
+    /// Starts a heartbeat round if one is needed. Every heartbeat carries the round number;
+    /// a quorum acknowledging round `r` proves leadership as of the round's start.
+    pub(super) fn flush_rounds(&mut self, now: Millis) {
+        if let Some(mut r) = self.replicator() {
+            r.flush_rounds(now);
+        }
+    }
+
+    /// Serves the reads whose round a quorum acknowledged.
+    pub(super) fn advance_reads(&mut self) {
+        if let Some(mut r) = self.replicator() {
+            r.advance_reads();
+        }
+    }
+}
+
+impl Replicator<'_> {
+    /// Starts the heartbeat round asked for, if any, sent at `now`.
+    fn flush_rounds(&mut self, now: Millis) {
+        let l = &mut *self.leader;
+        let Some(round) = l.reads.start_round(now) else { return };
+        for (id, p) in &l.progress {
+            self.actions.push_back(Action::Send(Message {
+                from: self.id,
+                to: *id,
+                term: self.term,
+                body: MessageBody::Heartbeat { commit: self.committed.min(p.matched), round },
+            }));
+        }
+        // With no other voter the round is acknowledged at once.
+        self.advance_reads();
+    }
+
+    /// Serves the reads whose round a quorum acknowledged.
+    fn advance_reads(&mut self) {
+        let l = &mut *self.leader;
+        if !l.reads.has_pending() {
+            return;
+        }
+        let acked = l.quorum_round(self.id, self.membership);
+        for r in l.reads.advance(acked) {
+            self.actions.push_back(Action::ReadReady { id: r.id, index: r.index });
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! Linearizable reads: ReadIndex rounds, the lease and its exact end, reads before the
+//! first commit of a term.
+
+use super::*;
+
+#[test]
+fn read_index_waits_for_a_quorum_heartbeat_round() {
+    // Reference: Raft thesis §6.4.
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    let idx = c.propose(1, "x");
+    c.stabilize();
+    let now = c.now;
+    c.node(1).engine.read(now, 7, ReadMode::ReadIndex);
+    let out = c.take_outbox(1);
+    assert_eq!(kinds(&out), vec![(2, "heartbeat"), (3, "heartbeat")]);
+    assert!(c.nodes[&n(1)].reads.is_empty(), "not before a quorum answered");
+    c.deliver(out[0].clone());
+    let resp = c.take_outbox(2);
+    c.deliver(resp[0].clone());
+    c.node(1).run(now);
+    assert_eq!(c.nodes[&n(1)].reads, vec![(7, Ok(idx))]);
+}
+
+#[test]
+fn read_on_a_follower_fails_with_the_leader_hint() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    let now = c.now;
+    c.node(2).engine.read(now, 1, ReadMode::ReadIndex);
+    c.node(2).run(now);
+    assert_eq!(c.nodes[&n(2)].reads, vec![(1, Err(RaftError::NotLeader { leader: Some(n(1)) }))]);
+}
+
+#[test]
+fn lease_read_is_immediate_inside_the_lease_and_not_after() {
+    // Reference: Raft thesis §6.4.1.
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.advance(20);
+    c.stabilize();
+    let now = c.now;
+    c.node(1).engine.read(now, 1, ReadMode::Lease);
+    let out = c.take_outbox(1);
+    assert!(out.is_empty(), "no round trip inside the lease");
+    assert_eq!(c.nodes[&n(1)].reads.len(), 1);
+    // Followers stop answering; after the lease (100 - 10 ms) the read needs a round.
+    c.cut.extend([(n(2), n(1)), (n(3), n(1))]);
+    c.now = c.now.add_ms(95);
+    let now = c.now;
+    c.node(1).engine.read(now, 2, ReadMode::Lease);
+    let out = c.take_outbox(1);
+    assert!(out.iter().any(|m| matches!(m.body, MessageBody::Heartbeat { .. })));
+    assert_eq!(c.nodes[&n(1)].reads.len(), 1, "lease expired: no immediate answer");
+}
+
+#[test]
+fn reads_wait_for_the_first_commit_of_the_term() {
+    let mut c = Cluster::initialized(&[1, 2, 3], cfg());
+    c.stabilize();
+    c.now = c.now.add_ms(1000);
+    c.fire(1);
+    // Run the election but hold back the new leader's appends.
+    c.stabilize_with(|m| !matches!(m.body, MessageBody::Append { .. }));
+    assert_eq!(c.engine(1).role(), Role::Leader);
+    let now = c.now;
+    c.node(1).engine.read(now, 5, ReadMode::ReadIndex);
+    c.node(1).run(now);
+    assert!(c.nodes[&n(1)].reads.is_empty());
+    c.advance(20);
+    c.stabilize();
+    assert_eq!(c.nodes[&n(1)].reads.len(), 1);
+    assert!(c.nodes[&n(1)].reads[0].1.is_ok());
+}
+
+#[test]
+fn reads_registered_together_share_one_heartbeat_round() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    let now = c.now;
+    for id in 0..10 {
+        c.node(1).engine.read(now, id, ReadMode::ReadIndex);
+    }
+    let out = c.take_outbox(1);
+    assert_eq!(kinds(&out), vec![(2, "heartbeat"), (3, "heartbeat")], "one round for ten reads");
+    for m in out {
+        c.deliver(m);
+    }
+    c.stabilize();
+    assert_eq!(c.nodes[&n(1)].reads.len(), 10);
+}
+
+#[test]
+fn the_lease_ends_exactly_election_timeout_less_drift_after_the_acknowledged_round_was_sent() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.advance(20);
+    c.stabilize();
+    // A heartbeat round sent at `t` and acknowledged by both followers.
+    let t = c.now;
+    c.node(1).engine.read(t, 1, ReadMode::ReadIndex);
+    c.stabilize();
+    assert_eq!(c.nodes[&n(1)].reads.len(), 1);
+    c.cut.extend([(n(2), n(1)), (n(3), n(1))]);
+    // cfg(): election timeouts from 100 ms, 10 ms of clock drift: the lease lasts 90 ms.
+    c.node(1).engine.read(t.add_ms(89), 2, ReadMode::Lease);
+    c.node(1).run(t.add_ms(89));
+    assert_eq!(c.nodes[&n(1)].reads.len(), 2, "inside the lease: answered at once");
+    c.node(1).engine.read(t.add_ms(90), 3, ReadMode::Lease);
+    c.node(1).run(t.add_ms(90));
+    assert_eq!(c.nodes[&n(1)].reads.len(), 2, "the lease has ended: the read waits for a heartbeat round");
+}
+
+#[test]
+fn lease_reads_stay_immediate_after_entries_past_the_first_commit_of_the_term() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    let x = c.propose(1, "x");
+    c.advance(20);
+    c.stabilize();
+    assert_eq!(c.engine(1).committed(), x);
+    let now = c.now;
+    c.node(1).engine.read(now, 1, ReadMode::Lease);
+    let out = c.take_outbox(1);
+    assert!(out.is_empty(), "no round trip inside the lease");
+    assert_eq!(c.nodes[&n(1)].reads, vec![(1, Ok(x))]);
+}
+
+#[test]
+fn with_lease_reads_off_a_lease_read_waits_for_a_heartbeat_round() {
+    let config = Config { lease_read: false, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    c.advance(20);
+    c.stabilize();
+    let now = c.now;
+    c.node(1).engine.read(now, 1, ReadMode::Lease);
+    let out = c.take_outbox(1);
+    assert!(out.iter().any(|m| matches!(m.body, MessageBody::Heartbeat { .. })), "a round, not the lease");
+    assert!(c.nodes[&n(1)].reads.is_empty(), "not answered before a quorum acknowledged the round");
+}
