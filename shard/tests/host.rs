@@ -971,3 +971,40 @@ async fn raft_messages_claiming_another_sender_than_their_batch_are_dropped() {
     assert_eq!(host.stats().sender_mismatch_msgs.load(Ordering::Relaxed), 1);
     host.shutdown().await;
 }
+
+/// The requests queued for one poller are bounded: past the bound a call is refused at once
+/// as overloaded (never queued), and the bound frees as the poller takes requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_mailbox_bound_are_refused_as_overloaded() {
+    let cluster = Cluster::start_with(1, |c| {
+        c.pollers = 1;
+        c.mailbox_requests_max = 2;
+    })
+    .await;
+    cluster.create_groups(1..=1).await;
+    cluster.put(GroupId(1), &key(1, "a"), "v").await.expect("put");
+    let host = cluster.hosts[0].clone();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..500 {
+        let host = host.clone();
+        calls.spawn(async move { host.get(GroupId(1), key(1, "a").into_bytes(), ReadMode::ReadIndex).await });
+    }
+    let (mut served, mut refused) = (0, 0);
+    while let Some(r) = calls.join_next().await {
+        match r.expect("task") {
+            Ok(v) => {
+                assert_eq!(v, Some(b"v".to_vec()));
+                served += 1;
+            }
+            Err(HostError::Overloaded(n)) => {
+                assert!(n >= 2, "refused below the bound: {n}");
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+    assert!(served > 0 && refused > 0, "served {served}, refused {refused}");
+    // Every request taken gave its place back.
+    assert_eq!(cluster.get(GroupId(1), &key(1, "a")).await.expect("get"), Some(b"v".to_vec()));
+    cluster.shutdown().await;
+}

@@ -274,6 +274,7 @@ impl Node {
             // Refused before the command entered the log, or its entry was replaced: nothing
             // was applied, and the client may retry.
             e @ (HostError::Stopped
+            | HostError::Overloaded(_)
             | HostError::TooLarge(_)
             | HostError::Raft(
                 RaftError::ChangeInProgress | RaftError::TransferInProgress | RaftError::Dropped { .. },

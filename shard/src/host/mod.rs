@@ -76,6 +76,9 @@ pub struct HostConfig {
     /// Peer messages queued for one poller; beyond it arriving messages are dropped (and
     /// counted), which Raft tolerates.
     pub mailbox_msgs_max: usize,
+    /// Caller requests queued for one poller; beyond it a call is refused at once with
+    /// [`HostError::Overloaded`] (nothing was proposed: the caller may retry).
+    pub mailbox_requests_max: usize,
     /// How long an API call waits for its answer before `Timeout` (outcome unknown).
     pub api_timeout_ms: u64,
 }
@@ -99,6 +102,7 @@ impl HostConfig {
             peer_down_ms: raft.election_timeout_ms_min,
             wakes_per_tick_max: 64,
             mailbox_msgs_max: 1 << 16,
+            mailbox_requests_max: 1 << 14,
             api_timeout_ms: raft.api_timeout_ms,
             raft,
         }
@@ -119,8 +123,10 @@ impl HostConfig {
         if self.peer_down_ms < 2 * self.raft.heartbeat_interval_ms {
             return Err(HostError::Config("peer_down_ms must be at least two heartbeat intervals".into()));
         }
-        if self.wakes_per_tick_max == 0 || self.mailbox_msgs_max == 0 {
-            return Err(HostError::Config("wakes_per_tick_max and mailbox_msgs_max must be positive".into()));
+        if self.wakes_per_tick_max == 0 || self.mailbox_msgs_max == 0 || self.mailbox_requests_max == 0 {
+            return Err(HostError::Config(
+                "wakes_per_tick_max, mailbox_msgs_max and mailbox_requests_max must be positive".into(),
+            ));
         }
         Ok(())
     }
@@ -147,6 +153,9 @@ pub enum HostError {
     /// A key or value over the size limits (`KEY_BYTES_MAX`, `VALUE_BYTES_MAX`).
     #[error("request too large: {0}")]
     TooLarge(String),
+    /// Too many requests are queued for the group's poller; this one was not queued.
+    #[error("the host is overloaded ({0} requests queued for this group's poller): retry later")]
+    Overloaded(usize),
     /// The host is shutting down or stopped; the request did not reach its group.
     #[error("the host is stopped")]
     Stopped,
@@ -271,6 +280,8 @@ pub(crate) struct Shared {
     pub(crate) peers: Mutex<BTreeSet<NodeId>>,
     /// Peer messages queued per poller (the mailbox bound).
     pub(crate) queued: Vec<AtomicUsize>,
+    /// Caller requests queued per poller (the mailbox bound for them).
+    pub(crate) requests_queued: Vec<AtomicUsize>,
     /// Runs snapshot work on Tokio's blocking pool.
     pub(crate) runtime: tokio::runtime::Handle,
     /// Set by `shutdown`: the pinger stops.
@@ -366,6 +377,7 @@ impl Host {
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..config.pollers).map(|_| mpsc::channel()).unzip();
         let shared = Arc::new(Shared {
             queued: (0..config.pollers).map(|_| AtomicUsize::new(0)).collect(),
+            requests_queued: (0..config.pollers).map(|_| AtomicUsize::new(0)).collect(),
             config: config.clone(),
             store: store.clone(),
             network,
@@ -570,8 +582,17 @@ impl Host {
         make: impl FnOnce(oneshot::Sender<Result<T, RaftError>>) -> Request,
     ) -> Result<T, HostError> {
         let poller = self.entry(group)?.poller;
+        let queued = &self.shared.requests_queued[poller];
+        let before = queued.fetch_add(1, Ordering::AcqRel);
+        if before >= self.shared.config.mailbox_requests_max {
+            queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(HostError::Overloaded(before));
+        }
         let (tx, rx) = oneshot::channel();
-        self.shared.pollers[poller].send(PollerMsg::Api(group, make(tx))).map_err(|_| HostError::Stopped)?;
+        if self.shared.pollers[poller].send(PollerMsg::Api(group, make(tx))).is_err() {
+            queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(HostError::Stopped);
+        }
         match tokio::time::timeout(Duration::from_millis(self.shared.config.api_timeout_ms), rx).await {
             Ok(Ok(r)) => r.map_err(HostError::from),
             Ok(Err(_)) => Err(HostError::Lost),

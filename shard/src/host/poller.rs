@@ -157,6 +157,7 @@ impl Poller {
 
     /// A caller's request for one of this poller's groups.
     fn on_request(&mut self, gid: GroupId, req: Request) {
+        self.shared.requests_queued[self.index].fetch_sub(1, Ordering::AcqRel);
         if !self.groups.contains_key(&gid) {
             // The group left this poller between the caller's lookup and now.
             req.refuse(RaftError::Fatal(Fatal::Shutdown));
