@@ -70,6 +70,12 @@ pub struct Config {
     /// a candidate lacking entries its lost state had acknowledged. Every member must then be
     /// formed with the initial configuration (`initialize` on each).
     pub votes_need_configuration: bool,
+    /// Bytes of commands a leader holds proposed and not yet committed; a proposal that would
+    /// go past it is refused with `RaftError::Overloaded` (nothing is appended: retry later).
+    /// A proposal is always taken when nothing is uncommitted, so one command larger than the
+    /// limit still goes through. It bounds what a leader queues for a slow or partitioned
+    /// quorum (raft-rs's `max_uncommitted_size`). 0: no limit.
+    pub uncommitted_bytes_max: u64,
     /// Engine bugs switched on for the simulator's self-test (feature `sim-bugs` only).
     #[cfg(feature = "sim-bugs")]
     pub bugs: crate::testing::sim::InjectedBugs,
@@ -97,6 +103,7 @@ impl Default for Config {
             transfer_timeout_ms: 2000,
             api_timeout_ms: 5000,
             votes_need_configuration: false,
+            uncommitted_bytes_max: 64 << 20,
             #[cfg(feature = "sim-bugs")]
             bugs: Default::default(),
         }

@@ -58,6 +58,13 @@ pub enum RaftError {
         /// Index the entry had.
         index: LogIndex,
     },
+    /// The leader holds too many proposed bytes not yet committed
+    /// (`Config::uncommitted_bytes_max`); nothing was appended: retry later.
+    #[error("overloaded: {pending_bytes} bytes proposed and not yet committed")]
+    Overloaded {
+        /// Bytes proposed and not committed when the proposal came.
+        pending_bytes: u64,
+    },
     /// The proposal's entry was replaced by another leader's: it will never be applied.
     #[error("proposal dropped: entry {index} was overwritten by a new leader")]
     Dropped {

@@ -277,7 +277,10 @@ impl Node {
             | HostError::Overloaded(_)
             | HostError::TooLarge(_)
             | HostError::Raft(
-                RaftError::ChangeInProgress | RaftError::TransferInProgress | RaftError::Dropped { .. },
+                RaftError::ChangeInProgress
+                | RaftError::TransferInProgress
+                | RaftError::Overloaded { .. }
+                | RaftError::Dropped { .. },
             )) => Response::Unavailable(e.to_string()),
             // Anything else may have happened after the write was proposed (a timeout, the
             // group stopping or failing with it pending): its outcome is unknown.

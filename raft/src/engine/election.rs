@@ -216,6 +216,8 @@ impl Engine {
             heartbeat_at: now.add_ms(self.config.heartbeat_interval_ms),
             check_quorum_at: now.add_ms(self.config.election_timeout_ms_min),
             transfer: None,
+            uncommitted: VecDeque::new(),
+            uncommitted_bytes: 0,
         }));
         let log_id = LogId { term: self.vote.term, index: next };
         self.leader_append(now, vec![Entry { log_id, payload: EntryPayload::Blank }]);

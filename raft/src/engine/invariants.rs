@@ -125,6 +125,13 @@ impl Engine {
                 if let Some(t) = &l.transfer {
                     assert_ne!(t.target, self.id, "{}: a leader transferring to itself", ctx());
                 }
+                let sum: u64 = l.uncommitted.iter().map(|(_, b)| b).sum();
+                assert_eq!(sum, l.uncommitted_bytes, "{}: uncommitted bytes miscounted", ctx());
+                assert!(
+                    l.uncommitted.front().is_none_or(|(i, _)| *i > self.committed),
+                    "{}: a committed proposal still counted as uncommitted",
+                    ctx()
+                );
             }
             RoleState::Candidate { granted } | RoleState::PreCandidate { granted } => {
                 assert!(!granted.contains(&self.id), "{}: counts its own vote among the granted", ctx());

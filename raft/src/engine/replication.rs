@@ -170,11 +170,17 @@ impl Replicator<'_> {
 impl Engine {
     /// The work of [`Engine::propose`].
     pub(super) fn append_commands(&mut self, now: Millis, commands: Vec<Bytes>) -> Result<LogIndex, RaftError> {
-        self.check_can_propose()?;
+        let l = self.check_can_propose()?;
         let first = self.log.last_index().next();
         if commands.is_empty() {
             return Ok(first);
         }
+        let bytes: u64 = commands.iter().map(|c| c.len() as u64).sum();
+        let max = self.config.uncommitted_bytes_max;
+        if max > 0 && l.uncommitted_bytes > 0 && l.uncommitted_bytes + bytes > max {
+            return Err(RaftError::Overloaded { pending_bytes: l.uncommitted_bytes });
+        }
+        let last = LogIndex(first.0 + commands.len() as u64 - 1);
         let term = self.vote.term;
         let entries = commands
             .into_iter()
@@ -185,6 +191,10 @@ impl Engine {
             })
             .collect();
         self.leader_append(now, entries);
+        if let Some(l) = self.role.leader_mut() {
+            l.uncommitted.push_back((last, bytes));
+            l.uncommitted_bytes += bytes;
+        }
         Ok(first)
     }
 
@@ -387,6 +397,12 @@ impl Engine {
             return;
         }
         self.committed = quorum;
+        if let Some(l) = self.role.leader_mut() {
+            while l.uncommitted.front().is_some_and(|(last, _)| *last <= quorum) {
+                let (_, bytes) = l.uncommitted.pop_front().expect("checked");
+                l.uncommitted_bytes -= bytes;
+            }
+        }
         trace!(node = %self.id, term = %self.vote.term, committed = %quorum, "committed");
         self.after_commit(now);
     }

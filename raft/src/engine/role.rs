@@ -90,6 +90,11 @@ pub(super) struct LeaderState {
     pub(super) check_quorum_at: Millis,
     /// A leadership transfer in progress; proposals are refused meanwhile.
     pub(super) transfer: Option<Transfer>,
+    /// Command bytes proposed this term and not committed yet, by the last index of each
+    /// proposal (bounded by `Config::uncommitted_bytes_max`).
+    pub(super) uncommitted: VecDeque<(LogIndex, u64)>,
+    /// Their sum.
+    pub(super) uncommitted_bytes: u64,
 }
 
 impl Engine {

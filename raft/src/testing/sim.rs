@@ -449,6 +449,7 @@ impl Sim {
             transfer_timeout_ms: 300,
             api_timeout_ms: 5000,
             votes_need_configuration: false,
+            uncommitted_bytes_max: 0,
             #[cfg(feature = "sim-bugs")]
             bugs: Default::default(),
         };

@@ -194,3 +194,34 @@ fn a_malformed_append_is_dropped_not_trusted() {
     assert!(c.take_outbox(2).is_empty());
     assert_eq!(c.engine(2).last_log_id(), last);
 }
+
+#[test]
+fn a_leader_refuses_proposals_past_its_uncommitted_bytes_and_takes_them_again_once_committed() {
+    let config = Config { uncommitted_bytes_max: 10, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    // Cut the leader off: nothing it proposes commits.
+    for other in [2, 3] {
+        c.cut.insert((n(1), n(other)));
+        c.cut.insert((n(other), n(1)));
+    }
+    let now = c.now;
+    let six = || vec![Bytes::from_static(b"123456")];
+    // One proposal is always taken, even past the limit on its own.
+    c.node(1).engine.propose(now, vec![Bytes::from_static(b"0123456789abcdef")]).expect("first proposal");
+    assert_eq!(
+        c.node(1).engine.propose(now, six()),
+        Err(RaftError::Overloaded { pending_bytes: 16 }),
+        "a second one past the limit is refused"
+    );
+    let last = c.engine(1).last_log_id().index;
+    c.stabilize();
+    assert_eq!(c.engine(1).last_log_id().index, last, "a refused proposal appends nothing");
+    // Reconnected, the first proposal commits and frees the budget.
+    c.cut.clear();
+    c.settle(3);
+    assert!(c.engine(1).committed() >= last);
+    let now = c.now;
+    c.node(1).engine.propose(now, six()).expect("taken once the earlier bytes committed");
+    c.node(1).engine.propose(now, vec![Bytes::from_static(b"1234")]).expect("10 bytes fit exactly");
+    assert!(matches!(c.node(1).engine.propose(now, six()), Err(RaftError::Overloaded { pending_bytes: 10 })));
+}
