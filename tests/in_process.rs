@@ -513,23 +513,7 @@ async fn many_quick_splits_converge_and_lose_nothing() {
     let mut cluster = Cluster::start(3, 1).await;
     let client = std::sync::Arc::new(cluster.client().await);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let (client, stop) = (client.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut acked = Vec::new();
-            let mut i = 0u32;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let k = format!("k{:03}-{i}", (i * 7) % 200);
-                i += 1;
-                match client.put(k.as_bytes(), b"v").await {
-                    Ok(()) => acked.push(k),
-                    Err(ClientError::Unknown(_) | ClientError::Unavailable(_)) => {}
-                    Err(e) => panic!("write {k}: {e}"),
-                }
-            }
-            acked
-        })
-    };
+    let writer = spawn_writer(client.clone(), stop.clone(), |i| format!("k{:03}-{i}", (i * 7) % 200), Duration::ZERO);
     let splits = 40u32;
     for batch in (1..=splits).collect::<Vec<_>>().chunks(4) {
         let mut calls = Vec::new();
@@ -555,16 +539,7 @@ async fn many_quick_splits_converge_and_lose_nothing() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let acked = writer.await.unwrap();
     assert!(acked.len() > 20, "too few writes: {}", acked.len());
-    for k in &acked {
-        assert_eq!(client.get(k.as_bytes()).await.unwrap(), Some(b"v".to_vec()), "{k} lost");
-    }
-    // A scan of everything sees every acknowledged key once.
-    let all = client.scan(b"k", Some(b"l"), 100_000).await.unwrap();
-    let keys: std::collections::BTreeSet<Vec<u8>> = all.iter().map(|(k, _)| k.clone()).collect();
-    assert_eq!(keys.len(), all.len(), "a scan returned a key twice");
-    for k in &acked {
-        assert!(keys.contains(k.as_bytes()), "the scan missed {k}");
-    }
+    assert_read_back_and_scanned(&client, &acked).await;
     cluster.shutdown().await;
 }
 
@@ -688,24 +663,8 @@ async fn splits_racing_moves_converge_and_lose_nothing() {
     let mut cluster = Cluster::start_with(4, &[1, 2, 3], &[1, 2, 3], dev_split_keys(1), |_| {}).await;
     let client = std::sync::Arc::new(cluster.client().await);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let (client, stop) = (client.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut acked = Vec::new();
-            let mut i = 0u32;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let k = format!("k{:03}-{i}", (i * 13) % 100);
-                i += 1;
-                match client.put(k.as_bytes(), b"v").await {
-                    Ok(()) => acked.push(k),
-                    Err(ClientError::Unknown(_) | ClientError::Unavailable(_)) => {}
-                    Err(e) => panic!("write {k}: {e}"),
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            acked
-        })
-    };
+    let writer =
+        spawn_writer(client.clone(), stop.clone(), |i| format!("k{:03}-{i}", (i * 13) % 100), Duration::from_millis(2));
     let rows = |client: std::sync::Arc<Client>| async move {
         let AdminResponse::Shards(rows) = client.admin(AdminRequest::Shards).await.unwrap() else { panic!() };
         rows
@@ -774,14 +733,47 @@ async fn splits_racing_moves_converge_and_lose_nothing() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let acked = writer.await.unwrap();
     assert!(acked.len() > 50, "too few writes: {}", acked.len());
-    for k in &acked {
+    assert_read_back_and_scanned(&client, &acked).await;
+    cluster.shutdown().await;
+}
+
+/// A client writing `key(i)` = "v" for i = 0, 1, ... (pausing `pause` between writes) until
+/// `stop`; returns the keys acknowledged. Outcomes a fault can cause (unknown, unavailable)
+/// are skipped; any other error fails the test.
+fn spawn_writer(
+    client: std::sync::Arc<Client>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    key: impl Fn(u32) -> String + Send + 'static,
+    pause: Duration,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut i = 0u32;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let k = key(i);
+            i += 1;
+            match client.put(k.as_bytes(), b"v").await {
+                Ok(()) => acked.push(k),
+                Err(ClientError::Unknown(_) | ClientError::Unavailable(_)) => {}
+                Err(e) => panic!("write {k}: {e}"),
+            }
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+        acked
+    })
+}
+
+/// Every acknowledged key reads back "v", and one scan of the "k" keys sees each exactly once.
+async fn assert_read_back_and_scanned(client: &Client, acked: &[String]) {
+    for k in acked {
         assert_eq!(client.get(k.as_bytes()).await.unwrap(), Some(b"v".to_vec()), "{k} lost");
     }
     let all = client.scan(b"k", Some(b"l"), 100_000).await.unwrap();
     let keys: std::collections::BTreeSet<Vec<u8>> = all.iter().map(|(k, _)| k.clone()).collect();
     assert_eq!(keys.len(), all.len(), "a scan returned a key twice");
-    for k in &acked {
+    for k in acked {
         assert!(keys.contains(k.as_bytes()), "the scan missed {k}");
     }
-    cluster.shutdown().await;
 }
