@@ -119,6 +119,9 @@ struct Inner {
     /// Signalled each time the writer takes requests off its full-or-not queue: async writers
     /// waiting for room try again.
     room: tokio::sync::Notify,
+    /// Set when the writer thread ends (its queue closed, or it panicked): nobody waits for
+    /// room any more.
+    writer_gone: AtomicBool,
 }
 
 /// The node's store. Cheap to clone; the database closes when the last clone is dropped.
@@ -171,6 +174,7 @@ impl Store {
             hold_installs: AtomicBool::new(false),
             installs_held: std::sync::atomic::AtomicUsize::new(0),
             room: tokio::sync::Notify::new(),
+            writer_gone: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::sync_channel(WRITER_QUEUE_MAX);
         let w = inner.clone();
@@ -268,6 +272,9 @@ impl Store {
             match tx.try_send(req) {
                 Ok(()) => break,
                 Err(mpsc::TrySendError::Full(r)) => {
+                    if self.inner.writer_gone.load(Ordering::Acquire) {
+                        return Err(StorageError::new("write", "the store's writer has stopped"));
+                    }
                     req = r;
                     room.await;
                 }
@@ -337,7 +344,18 @@ impl Store {
     }
 }
 
+/// Tells writers waiting for room that the writer is gone, however the writer thread ends.
+struct WriterGone(Arc<Inner>);
+
+impl Drop for WriterGone {
+    fn drop(&mut self) {
+        self.0.writer_gone.store(true, Ordering::Release);
+        self.0.room.notify_waiters();
+    }
+}
+
 fn writer_loop(inner: Arc<Inner>, rx: mpsc::Receiver<WriteReq>) {
+    let _gone = WriterGone(inner.clone());
     let raft = inner.db.cf_handle(CF_RAFT).map(|_| ());
     debug_assert!(raft.is_some());
     while let Ok(first) = rx.recv() {

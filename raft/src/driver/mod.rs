@@ -28,7 +28,7 @@ use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 use tracing::{error, info_span, Instrument};
 
@@ -119,6 +119,9 @@ struct Shared {
     inbox_dropped: std::sync::atomic::AtomicU64,
     /// The group's tasks (core, log writer, applier), awaited by `shutdown`.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Signalled by `shutdown` before it queues its request: a core waiting for room in a
+    /// full log or state-machine queue stops instead of waiting on.
+    stop: Arc<Notify>,
 }
 
 /// The handle of one Raft group on this node. Cheap to clone.
@@ -163,7 +166,9 @@ impl Raft {
         let span = info_span!("raft", group = %group, node = %id, term = tracing::field::Empty);
         let writer = tokio::spawn(log_writer(log.clone(), io_rx, io_ev_tx).instrument(span.clone()));
         let applier = tokio::spawn(applier(log.clone(), state_machine, ap_rx, ap_ev_tx).instrument(span.clone()));
+        let stop = Arc::new(Notify::new());
         let core = Core {
+            stop: stop.clone(),
             group,
             core: GroupCore::new(engine, snapshot),
             network,
@@ -187,6 +192,7 @@ impl Raft {
                 // The core first: when it ends it drops the writer's and applier's queues, and
                 // they finish what is queued and stop.
                 tasks: Mutex::new(vec![task, writer, applier]),
+                stop,
             }),
         })
     }
@@ -306,6 +312,8 @@ impl Raft {
 
     /// Stops the group's tasks. Pending requests fail with `Fatal(Shutdown)`.
     pub async fn shutdown(&self) {
+        // A permit is stored if the core is not waiting now: its next wait for room ends at once.
+        self.shared.stop.notify_one();
         let (tx, rx) = oneshot::channel();
         if self.shared.api.send(Api::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;
@@ -505,6 +513,8 @@ struct Core<N: Network> {
     base: Instant,
     io_tx: mpsc::Sender<LogAction>,
     ap_tx: mpsc::Sender<MachineAction>,
+    /// See `Shared::stop`.
+    stop: Arc<Notify>,
     metrics: watch::Sender<RaftMetrics>,
     /// The group's span; its `term` field follows the engine's term.
     span: tracing::Span,
@@ -642,11 +652,17 @@ impl<N: Network> Core<N> {
             // A send fails only once the task stopped, and then the group is stopping too.
             match action {
                 CoreAction::Log(a) => {
-                    let _ = self.io_tx.send(a).await;
+                    tokio::select! {
+                        _ = self.io_tx.send(a) => {}
+                        _ = self.stop.notified() => return self.core.stop(Fatal::Shutdown),
+                    }
                 }
                 CoreAction::Send(msg) => self.network.send(msg),
                 CoreAction::Machine(a) => {
-                    let _ = self.ap_tx.send(a).await;
+                    tokio::select! {
+                        _ = self.ap_tx.send(a) => {}
+                        _ = self.stop.notified() => return self.core.stop(Fatal::Shutdown),
+                    }
                 }
             }
         }

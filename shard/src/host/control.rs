@@ -7,6 +7,7 @@ use super::poller::{Poller, PollerMsg};
 use super::{build_group, GroupInfo};
 use crate::kv::SplitEffect;
 use flotilla_raft::{Fatal, GroupId};
+use std::sync::atomic::Ordering;
 use tokio::sync::oneshot;
 use tracing::{error, info};
 
@@ -65,7 +66,11 @@ impl Poller {
             return;
         };
         let shared = self.shared.clone();
-        self.shared.runtime.spawn(async move {
+        let task = self.shared.runtime.spawn(async move {
+            if shared.stopping.load(Ordering::Acquire) {
+                // Its descriptor is durable: the next start of the host forms it.
+                return;
+            }
             // Its state (a snapshot point) was written with the split: it recovers like any group.
             match build_group(&shared, id, split.range, None).await {
                 Ok((state, entry)) => {
@@ -73,7 +78,10 @@ impl Poller {
                     // Added to its poller's mailbox before the reservation ends, so no other
                     // start can slip in between; messages for it queue behind the addition.
                     let (tx, _rx) = oneshot::channel();
-                    let _ = shared.pollers[poller].send(PollerMsg::Add(Box::new(state), tx));
+                    if shared.pollers[poller].send(PollerMsg::Add(Box::new(state), tx)).is_err() {
+                        // The poller stopped: not registered, formed at the next start.
+                        return;
+                    }
                     if let Err(e) = reservation.complete(entry) {
                         error!(%source, group = %id, error = %e, "split: cannot register the new group");
                     }
@@ -85,5 +93,9 @@ impl Poller {
                 }
             }
         });
+        if let Ok(mut starts) = self.shared.split_starts.lock() {
+            starts.retain(|t| !t.is_finished());
+            starts.push(task);
+        }
     }
 }

@@ -286,6 +286,9 @@ pub(crate) struct Shared {
     pub(crate) runtime: tokio::runtime::Handle,
     /// Set by `shutdown`: the pinger stops.
     pub(crate) stopping: std::sync::atomic::AtomicBool,
+    /// Starts of split-born groups in flight (see `control.rs`): shutdown waits for them, so
+    /// none outlives the host holding the store.
+    pub(crate) split_starts: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The pollers' mailboxes (group `g` lives on poller `g % len`).
     pub(crate) pollers: Vec<mpsc::Sender<PollerMsg>>,
     /// Groups on this node: where each lives and its state machine (for reads).
@@ -388,6 +391,7 @@ impl Host {
             peers: Mutex::new(BTreeSet::new()),
             runtime: tokio::runtime::Handle::current(),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            split_starts: Mutex::new(Vec::new()),
             pollers: senders.clone(),
             registry: RwLock::new(Registry::default()),
         });
@@ -698,6 +702,11 @@ impl Host {
     /// Stops the pollers; pending calls fail with `Stopped` or `Fatal(Shutdown)`.
     pub async fn shutdown(&self) {
         self.shared.stopping.store(true, Ordering::Release);
+        // Before the pollers stop: a start in flight adds its group to one of them.
+        let starts: Vec<_> = self.shared.split_starts.lock().map(|mut s| s.drain(..).collect()).unwrap_or_default();
+        for s in starts {
+            let _ = s.await;
+        }
         for p in self.shared.pollers.iter() {
             let _ = p.send(PollerMsg::Shutdown);
         }
