@@ -40,6 +40,7 @@ impl Sim {
         let key = format!("k{}", self.rng.range(0, self.opts.keys));
         // Out of ten: gets, then puts, one delete, and compare-and-sets for the rest.
         let (reads, puts) = if self.opts.read_races { (6, 2) } else { (4, 3) };
+        let chosen = forced.is_some();
         let input = forced.unwrap_or_else(|| match self.rng.range(0, 10) {
             r if r < reads => OpInput::Get,
             r if r < reads + puts => OpInput::Put(Some(value.clone())),
@@ -53,6 +54,9 @@ impl Sim {
                 OpInput::Cas { expected, new: Some(value.clone()) }
             }
         });
+        // A quiet spell (see `cut_then_isolate`): clients only read, so no log grows ahead of
+        // a follower cut off from the leader.
+        let input = if !chosen && self.now < self.reads_only_until { OpInput::Get } else { input };
         let op = self.history.len();
         self.history.push(ClientOp {
             op: Op { client: c as u64, key: key.clone(), input: input.clone(), invoke: self.now, result: None },

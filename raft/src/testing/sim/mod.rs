@@ -256,9 +256,15 @@ struct Client {
 #[derive(Debug)]
 enum Event {
     Deliver(Message),
-    IoDone { node: NodeId, incarnation: u64, io: IoId },
+    IoDone {
+        node: NodeId,
+        incarnation: u64,
+        io: IoId,
+    },
     Restart(NodeId),
     Resume(NodeId),
+    /// Cut this node off from everyone (the second half of `Sim::cut_then_isolate`).
+    Isolate(NodeId),
     ClientTimeout(usize),
 }
 
@@ -294,6 +300,8 @@ struct Sim {
     faults_on: bool,
     /// Transfer targets paused past the transfer's deadline -> the leader that asked.
     late_transfers: BTreeMap<NodeId, NodeId>,
+    /// Until this global time clients only read.
+    reads_only_until: u64,
 }
 
 type Check = Result<(), String>;
@@ -413,6 +421,7 @@ impl Sim {
             report: SimReport { seed, ..Default::default() },
             faults_on,
             late_transfers: BTreeMap::new(),
+            reads_only_until: 0,
         }
     }
 
@@ -533,6 +542,14 @@ impl Sim {
             }
             Event::Restart(id) => self.restart(id),
             Event::Resume(id) => self.resume(id),
+            Event::Isolate(id) => {
+                if self.faults_on {
+                    let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+                    self.isolate(id, &ids);
+                    self.log(format!("nemesis: isolate node {id}"));
+                }
+                Ok(())
+            }
             Event::ClientTimeout(op) => {
                 if self.history[op].state == OpState::Pending {
                     self.finish_op(op, OpState::Unknown, None);

@@ -24,6 +24,9 @@ impl Sim {
             if self.rng.chance(1.0 / 100.0) {
                 self.transfer()?;
             }
+            if self.rng.chance(1.0 / 150.0) {
+                self.cut_then_isolate();
+            }
         }
         Ok(())
     }
@@ -72,6 +75,31 @@ impl Sim {
             self.client_op_at(c, Some(OpInput::Get), Some((id, ReadMode::Lease)))?;
         }
         self.drive(id)
+    }
+
+    /// Cuts one follower off from the leader only: its election timer runs out and it
+    /// campaigns among the others, who still hear from the leader and so must refuse it (their
+    /// promise is what the leader's lease rests on). About when it campaigns, the leader loses
+    /// everyone while clients keep reading there: a follower voting inside its promise would
+    /// let a new leader commit writes those reads miss. Clients only read until then, or the
+    /// cut follower's shorter log would lose the election anyway.
+    fn cut_then_isolate(&mut self) {
+        let Some(l) = self.leader() else { return };
+        let followers: Vec<NodeId> = self.nodes[&l]
+            .engine
+            .as_ref()
+            .map(|e| e.membership().membership.voters.iter().copied().filter(|v| *v != l).collect())
+            .unwrap_or_default();
+        let Some(&c) = self.rng.pick(&followers) else { return };
+        self.blocked.insert((l, c));
+        self.blocked.insert((c, l));
+        let at =
+            self.now + self.rng.range(self.config.election_timeout_ms_min, self.config.election_timeout_ms_max + 50);
+        self.schedule(at, Event::Isolate(l));
+        // Quiet until then: the cut follower's log stays as long as the others', so only
+        // their promise to the leader stops it winning.
+        self.reads_only_until = at;
+        self.log(format!("nemesis: cut {c} from leader {l}; isolate {l} at {at}"));
     }
 
     /// Asks the leader to hand over to a random voter.
