@@ -4,6 +4,7 @@
 
 use super::group_state::GroupState;
 use super::poller::{Poller, PollerMsg};
+use super::Reservation;
 use crate::kv::SplitEffect;
 use crate::log::RocksLog;
 use bytes::Bytes;
@@ -12,8 +13,9 @@ use flotilla_raft::{GroupId, LogId, LogIndex, MachineAction, Snapshot, StateMach
 /// Bytes read per call when an apply reads its entries back from the log.
 const APPLY_READ_BYTES_MAX: usize = 4 << 20;
 
-/// What an apply batch produced: each entry's id and response, and the splits it applied.
-pub(crate) type AppliedBatch = (Vec<(LogId, Bytes)>, Vec<SplitEffect>);
+/// What an apply batch produced: each entry's id and response, and the splits it applied,
+/// each with the reservation of its new group's id (`None`: the group exists here already).
+pub(crate) type AppliedBatch = (Vec<(LogId, Bytes)>, Vec<(SplitEffect, Option<Reservation>)>);
 
 impl Poller {
     /// An apply batch is stored: answer the readers, and start the groups it split off.
@@ -35,8 +37,8 @@ impl Poller {
                 Vec::new()
             }
         };
-        for split in splits {
-            self.start_split_group(gid, split);
+        for (split, reservation) in splits {
+            self.start_split_group(gid, split, reservation);
         }
     }
 
@@ -97,7 +99,18 @@ impl Poller {
                         // Clients need not wait for the applied state to be stored: their
                         // entries are committed and the answers fixed. Reads wait for it.
                         g.core.answer_writes(&results);
-                        let splits = p.splits;
+                        // Reserved now, as the source's range narrows (in prepare): until the
+                        // new group is registered, nothing else may create it here. A replica
+                        // created meanwhile by the reconciler would start empty, unable to vote,
+                        // and keep the split's state from starting.
+                        let splits: Vec<(SplitEffect, Option<Reservation>)> = p
+                            .splits
+                            .into_iter()
+                            .map(|s| {
+                                let reservation = self.shared.reserve(s.new_group).ok();
+                                (s, reservation)
+                            })
+                            .collect();
                         let r = self.shared.store.submit(
                             p.ops,
                             false,

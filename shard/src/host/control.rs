@@ -4,7 +4,7 @@
 
 use super::group_state::GroupState;
 use super::poller::{Poller, PollerMsg};
-use super::{build_group, GroupInfo};
+use super::{build_group, GroupInfo, Reservation};
 use crate::kv::SplitEffect;
 use flotilla_raft::{Fatal, GroupId};
 use std::sync::atomic::Ordering;
@@ -59,9 +59,10 @@ impl Poller {
     /// that id already here (the node was told to create it, or it restarted) is left alone.
     /// The group is recovered from the store on the runtime, not on this thread: the poller
     /// goes on driving its other groups meanwhile.
-    pub(super) fn start_split_group(&mut self, source: GroupId, split: SplitEffect) {
+    /// `reservation` was taken when the split was prepared (`None`: the group already existed).
+    pub(super) fn start_split_group(&mut self, source: GroupId, split: SplitEffect, reservation: Option<Reservation>) {
         let id = split.new_group;
-        let Ok(reservation) = self.shared.reserve(id) else {
+        let Some(reservation) = reservation else {
             info!(%source, group = %id, "split: the new group already exists here");
             return;
         };
