@@ -532,7 +532,22 @@ async fn many_quick_splits_converge_and_lose_nothing() {
         if rows.len() == splits as usize + 1 && unled.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "{} shards, without a leader: {unled:?}", rows.len());
+        if Instant::now() >= deadline {
+            // What each node's replica of the leaderless shards looks like, to say why.
+            for node in cluster.nodes() {
+                let infos = node.host().group_info().await.unwrap_or_default();
+                for i in infos.iter().filter(|i| unled.contains(&i.group)) {
+                    eprintln!(
+                        "node {} group {}: {:?} term {} leader {:?} last {} committed {} applied {} conf {:?} newest {} quiet {} stopped {:?}",
+                        node.id(), i.group, i.role, i.term, i.leader, i.last_index, i.committed, i.applied,
+                        i.committed_conf, i.newest_conf, i.quiet, i.stopped
+                    );
+                }
+                let missing: Vec<_> = unled.iter().filter(|g| !infos.iter().any(|i| i.group == **g)).collect();
+                eprintln!("node {}: no replica of {missing:?}", node.id());
+            }
+            panic!("{} shards, without a leader: {unled:?}", rows.len());
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -1008,3 +1008,33 @@ async fn requests_past_the_mailbox_bound_are_refused_as_overloaded() {
     assert_eq!(cluster.get(GroupId(1), &key(1, "a")).await.expect("get"), Some(b"v".to_vec()));
     cluster.shutdown().await;
 }
+
+/// Between a split's prepare (the source's range narrows at once) and its durable write, the
+/// new group's id is already taken here: nothing else (the node's reconciler, following a map
+/// that has the new shard) may create it empty, which would leave a replica unable to vote and
+/// keep the split's own state from starting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_group_cannot_be_created_by_anyone_else_while_its_split_is_being_written() {
+    let cluster = Cluster::start_with(1, |c| c.pollers = 1).await;
+    let host = cluster.hosts[0].clone();
+    let whole = KeyRange { start: Vec::new(), end: None };
+    host.create_group(GroupId(1), whole, Some(Membership::new([NodeId(1)]))).await.expect("create");
+    cluster.put(GroupId(1), "a", "v").await.expect("put");
+    host.hold_applies(true);
+    let split = KvCommand::Split { at: b"m".to_vec(), new_group: 2 };
+    let right = KeyRange { start: b"m".to_vec(), end: None };
+    assert!(matches!(host.write(GroupId(1), split).await, Ok(KvResponse::Split { .. })));
+    assert_eq!(host.group_range(GroupId(1)).and_then(|r| r.end), Some(b"m".to_vec()), "narrowed at prepare");
+    assert!(!host.groups().contains(&GroupId(2)), "the split's write is held: group 2 has not started");
+    let created = tokio::time::timeout(Duration::from_secs(5), host.create_group(GroupId(2), right, None)).await;
+    assert!(
+        matches!(created, Ok(Err(HostError::GroupExists(GroupId(2))))),
+        "a second start of the split's group must be refused at once: {created:?}"
+    );
+    // Once written, the split's own state starts and serves.
+    host.hold_applies(false);
+    cluster.wait_info("group 2 started", |infos| infos.iter().any(|i| i.group == GroupId(2))).await;
+    cluster.put(GroupId(2), "z", "w").await.expect("put in the split's group");
+    assert_eq!(cluster.get(GroupId(2), "z").await.expect("get"), Some(b"w".to_vec()));
+    cluster.shutdown().await;
+}

@@ -9,6 +9,7 @@ use crate::kv::SplitEffect;
 use crate::log::RocksLog;
 use bytes::Bytes;
 use flotilla_raft::{GroupId, LogId, LogIndex, MachineAction, Snapshot, StateMachine, StorageError};
+use std::sync::atomic::Ordering;
 
 /// Bytes read per call when an apply reads its entries back from the log.
 const APPLY_READ_BYTES_MAX: usize = 4 << 20;
@@ -39,6 +40,21 @@ impl Poller {
         };
         for (split, reservation) in splits {
             self.start_split_group(gid, split, reservation);
+        }
+    }
+
+    /// Submits the apply writes held back by [`super::Host::hold_applies`] once it is off.
+    pub(super) fn release_held_applies(&mut self) {
+        if self.held_applies.is_empty() || self.shared.hold_applies.load(Ordering::Acquire) {
+            return;
+        }
+        for (gid, ops, done) in std::mem::take(&mut self.held_applies) {
+            if let Err(e) = self.shared.store.submit(ops, false, done) {
+                if let Some(g) = self.groups.get_mut(&gid) {
+                    g.sm_busy = false;
+                    g.core.fail(e);
+                }
+            }
         }
     }
 
@@ -111,14 +127,12 @@ impl Poller {
                                 (s, reservation)
                             })
                             .collect();
-                        let r = self.shared.store.submit(
-                            p.ops,
-                            false,
-                            Box::new(move |r| {
-                                let _ = tx.send(PollerMsg::Applied(gid, r.map(|()| (results, splits))));
-                            }),
-                        );
-                        if let Err(e) = r {
+                        let done: crate::store::WriteCallback = Box::new(move |r| {
+                            let _ = tx.send(PollerMsg::Applied(gid, r.map(|()| (results, splits))));
+                        });
+                        if self.shared.hold_applies.load(Ordering::Acquire) {
+                            self.held_applies.push((gid, p.ops, done));
+                        } else if let Err(e) = self.shared.store.submit(p.ops, false, done) {
                             g.sm_busy = false;
                             g.core.fail(e);
                         }

@@ -289,6 +289,8 @@ pub(crate) struct Shared {
     /// Starts of split-born groups in flight (see `control.rs`): shutdown waits for them, so
     /// none outlives the host holding the store.
     pub(crate) split_starts: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Test hook (`Host::hold_applies`): apply writes wait, already answered and prepared.
+    pub(crate) hold_applies: std::sync::atomic::AtomicBool,
     /// The pollers' mailboxes (group `g` lives on poller `g % len`).
     pub(crate) pollers: Vec<mpsc::Sender<PollerMsg>>,
     /// Groups on this node: where each lives and its state machine (for reads).
@@ -392,6 +394,7 @@ impl Host {
             runtime: tokio::runtime::Handle::current(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             split_starts: Mutex::new(Vec::new()),
+            hold_applies: std::sync::atomic::AtomicBool::new(false),
             pollers: senders.clone(),
             registry: RwLock::new(Registry::default()),
         });
@@ -613,6 +616,14 @@ impl Host {
             .get(&group)
             .cloned()
             .ok_or(HostError::UnknownGroup(group))
+    }
+
+    /// Test hook: while `hold` is set, the state machines' apply writes are prepared (ranges
+    /// narrowed by splits, writers answered) but not submitted; they go once it is cleared.
+    /// Holds open the window between a split's prepare and its durable write.
+    #[doc(hidden)]
+    pub fn hold_applies(&self, hold: bool) {
+        self.shared.hold_applies.store(hold, Ordering::Release);
     }
 
     /// Forms a group that was created without a configuration (see [`Host::create_group`]).

@@ -73,6 +73,9 @@ pub(crate) struct Poller {
     pub(super) stopping: bool,
     /// The store failed and every group was stopped.
     pub(super) poisoned: bool,
+    /// Apply writes prepared and answered, not submitted while the test hook
+    /// `Host::hold_applies` is on.
+    pub(super) held_applies: Vec<(GroupId, Vec<Op>, crate::store::WriteCallback)>,
 }
 
 impl Poller {
@@ -98,6 +101,7 @@ impl Poller {
             next_tick: now,
             stopping: false,
             poisoned: false,
+            held_applies: Vec::new(),
         }
     }
 
@@ -123,6 +127,7 @@ impl Poller {
                 self.next_tick = (self.next_tick + tick).max(now);
             }
             self.drive_dirty();
+            self.release_held_applies();
             self.flush();
             self.shared.stats.rounds.fetch_add(1, Ordering::Relaxed);
         }
