@@ -63,3 +63,16 @@ fn reading_without_read_index_is_caught_by_the_read_race_profile() {
     };
     assert_caught_with("read_without_read_index (read races)", &opts, 100);
 }
+
+#[test]
+fn voting_within_the_promise_to_a_live_leader_is_caught_by_the_read_race_profile() {
+    // Lease reads rest on followers refusing votes for election_timeout_ms_min after hearing
+    // from the leader. The read-race profile cuts one follower from the leader in a quiet
+    // spell, then isolates the leader while clients read there. Seed 408 first catches it
+    // (the cut happens in most seeds, the race it needs in few): 1500 is a wide margin.
+    let opts = SimOptions {
+        bugs: InjectedBugs { vote_within_promise: true, ..Default::default() },
+        ..SimOptions::read_races()
+    };
+    assert_caught_with("vote_within_promise (read races)", &opts, 1500);
+}

@@ -25,7 +25,7 @@ impl Engine {
     /// Whether this node refuses to help elect another leader at `now`: it leads, or it heard
     /// from a leader less than `election_timeout_ms_min` ago (check-quorum only).
     pub(super) fn in_lease(&self, now: Millis) -> bool {
-        if !self.config.check_quorum {
+        if !self.config.check_quorum || self.bugs().vote_within_promise {
             return false;
         }
         if self.role.is_leader() {

@@ -246,6 +246,7 @@ struct Bugs {
     vote_without_log_check: bool,
     read_without_read_index: bool,
     ack_before_durable: bool,
+    vote_within_promise: bool,
 }
 
 /// The Raft protocol for one group, as a deterministic state machine.
@@ -597,6 +598,7 @@ impl Engine {
                 vote_without_log_check: b.vote_without_log_check,
                 read_without_read_index: b.read_without_read_index,
                 ack_before_durable: b.ack_before_durable,
+                vote_within_promise: b.vote_within_promise,
             }
         }
         #[cfg(not(feature = "sim-bugs"))]

@@ -56,7 +56,8 @@ impl Sim {
         });
         // A quiet spell (see `cut_then_isolate`): clients only read, so no log grows ahead of
         // a follower cut off from the leader.
-        let input = if !chosen && self.now < self.reads_only_until { OpInput::Get } else { input };
+        let read_only_here = self.reads_only_on.is_some_and(|(n, until)| n == target && self.now < until);
+        let input = if !chosen && (self.now < self.reads_only_until || read_only_here) { OpInput::Get } else { input };
         let op = self.history.len();
         self.history.push(ClientOp {
             op: Op { client: c as u64, key: key.clone(), input: input.clone(), invoke: self.now, result: None },

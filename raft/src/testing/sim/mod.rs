@@ -85,6 +85,9 @@ pub struct InjectedBugs {
     pub vote_without_log_check: bool,
     /// Serve reads on the leader at once, without ReadIndex or a lease.
     pub read_without_read_index: bool,
+    /// Vote for a candidate while still within the promise to a live leader (the followers'
+    /// half of the leader lease).
+    pub vote_within_promise: bool,
     /// Acknowledge (and count) appended entries before they are durable.
     pub ack_before_durable: bool,
 }
@@ -302,6 +305,9 @@ struct Sim {
     late_transfers: BTreeMap<NodeId, NodeId>,
     /// Until this global time clients only read.
     reads_only_until: u64,
+    /// Until this global time clients only read at this node (an isolated leader whose
+    /// lease is being tested: a write there would block its client until timeout).
+    reads_only_on: Option<(NodeId, u64)>,
 }
 
 type Check = Result<(), String>;
@@ -422,6 +428,7 @@ impl Sim {
             faults_on,
             late_transfers: BTreeMap::new(),
             reads_only_until: 0,
+            reads_only_on: None,
         }
     }
 

@@ -5,6 +5,11 @@ use super::*;
 
 impl Sim {
     pub(super) fn nemesis(&mut self) -> Check {
+        if self.now < self.reads_only_until {
+            // A quiet spell (`cut_then_isolate`): no other fault, and no configuration entry
+            // that would put the cut follower's log behind.
+            return Ok(());
+        }
         if self.faults_on && self.rng.chance(1.0 / 80.0) {
             self.network_fault();
         }
@@ -99,6 +104,8 @@ impl Sim {
         // Quiet until then: the cut follower's log stays as long as the others', so only
         // their promise to the leader stops it winning.
         self.reads_only_until = at;
+        // After it, the isolated leader is asked only reads, for longer than any lease.
+        self.reads_only_on = Some((l, at + 2 * self.config.election_timeout_ms_min));
         self.log(format!("nemesis: cut {c} from leader {l}; isolate {l} at {at}"));
     }
 
