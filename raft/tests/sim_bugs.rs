@@ -68,11 +68,24 @@ fn reading_without_read_index_is_caught_by_the_read_race_profile() {
 fn voting_within_the_promise_to_a_live_leader_is_caught_by_the_read_race_profile() {
     // Lease reads rest on followers refusing votes for election_timeout_ms_min after hearing
     // from the leader. The read-race profile cuts one follower from the leader in a quiet
-    // spell, then isolates the leader while clients read there. Seed 408 first catches it
+    // spell, then isolates the leader while clients read there. Seed 127 first catches it
     // (the cut happens in most seeds, the race it needs in few): 1500 is a wide margin.
     let opts = SimOptions {
         bugs: InjectedBugs { vote_within_promise: true, ..Default::default() },
         ..SimOptions::read_races()
     };
     assert_caught_with("vote_within_promise (read races)", &opts, 1500);
+}
+
+#[test]
+fn a_lease_kept_after_timeout_now_is_caught_by_the_read_race_profile() {
+    // A transfer's target campaigns without waiting for the followers' promise to the old
+    // leader to end, so the old leader's lease is void from its TimeoutNow on. The read-race
+    // profile delays a target's TimeoutNow past the transfer's timeout in a quiet spell, then
+    // cuts the old leader off while clients read there. Seed 24 first catches it.
+    let opts = SimOptions {
+        bugs: InjectedBugs { lease_after_timeout_now: true, ..Default::default() },
+        ..SimOptions::read_races()
+    };
+    assert_caught_with("lease_after_timeout_now (read races)", &opts, 600);
 }

@@ -247,6 +247,7 @@ struct Bugs {
     read_without_read_index: bool,
     ack_before_durable: bool,
     vote_within_promise: bool,
+    lease_after_timeout_now: bool,
 }
 
 /// The Raft protocol for one group, as a deterministic state machine.
@@ -599,6 +600,7 @@ impl Engine {
                 read_without_read_index: b.read_without_read_index,
                 ack_before_durable: b.ack_before_durable,
                 vote_within_promise: b.vote_within_promise,
+                lease_after_timeout_now: b.lease_after_timeout_now,
             }
         }
         #[cfg(not(feature = "sim-bugs"))]

@@ -111,9 +111,11 @@ impl Reads {
     /// Whether the lease holds at `now` given `acked`, the highest round a quorum
     /// acknowledged: that round was sent less than `lease_ms` ago.
     pub(super) fn lease_holds(&self, acked: u64, now: Millis, lease_ms: u64) -> bool {
-        if self.lease_void {
-            return false;
-        }
+        !self.lease_void && self.round_within(acked, now, lease_ms)
+    }
+
+    /// Whether round `acked` was sent less than `lease_ms` before `now`.
+    pub(super) fn round_within(&self, acked: u64, now: Millis, lease_ms: u64) -> bool {
         let Some((_, sent)) = self.round_sent_at.iter().find(|(r, _)| *r == acked) else { return false };
         now < sent.add_ms(lease_ms)
     }
@@ -204,7 +206,8 @@ impl Engine {
     /// that rule).
     fn lease_valid(&self, now: Millis) -> bool {
         let Some(l) = self.role.leader() else { return false };
-        if !self.config.lease_read || l.transfer.is_some() || l.reads.lease_void || self.committed < l.noop_index {
+        let void = l.reads.lease_void && !self.bugs().lease_after_timeout_now;
+        if !self.config.lease_read || l.transfer.is_some() || void || self.committed < l.noop_index {
             return false;
         }
         if self.is_single_voter() {
@@ -212,6 +215,9 @@ impl Engine {
         }
         let acked = l.quorum_round(self.id, &self.effective().membership);
         let lease_ms = self.config.election_timeout_ms_min - self.config.lease_clock_drift_ms;
+        if self.bugs().lease_after_timeout_now {
+            return l.reads.round_within(acked, now, lease_ms);
+        }
         l.reads.lease_holds(acked, now, lease_ms)
     }
 

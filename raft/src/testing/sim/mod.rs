@@ -88,6 +88,9 @@ pub struct InjectedBugs {
     /// Vote for a candidate while still within the promise to a live leader (the followers'
     /// half of the leader lease).
     pub vote_within_promise: bool,
+    /// Keep serving lease reads after a `TimeoutNow` went out (its target's election ignores
+    /// the followers' promise).
+    pub lease_after_timeout_now: bool,
     /// Acknowledge (and count) appended entries before they are durable.
     pub ack_before_durable: bool,
 }

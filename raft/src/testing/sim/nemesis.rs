@@ -96,6 +96,8 @@ impl Sim {
             .map(|e| e.membership().membership.voters.iter().copied().filter(|v| *v != l).collect())
             .unwrap_or_default();
         let Some(&c) = self.rng.pick(&followers) else { return };
+        // Only this fault: a partition left from before could cost the leader its quorum.
+        self.blocked.clear();
         self.blocked.insert((l, c));
         self.blocked.insert((c, l));
         let at =
@@ -127,10 +129,16 @@ impl Sim {
             // which meanwhile renewed its lease with new rounds; when the target wakes, the
             // leader stops hearing from anyone (see `resume`) while clients keep reading
             // there. Only the void lease keeps those reads from going stale.
+            // Only this fault: a partition left from before could cost the leader its quorum.
+            self.blocked.clear();
             let until = self.now + self.rng.range(self.config.transfer_timeout_ms + 20, 800);
             self.nodes.get_mut(&t).expect("exists").paused_until = until;
             self.schedule(until, Event::Resume(t));
             self.late_transfers.insert(t, l);
+            // Quiet until the target wakes (no commit would leave it behind, unable to win),
+            // then only reads at the old leader for longer than any lease.
+            self.reads_only_until = until;
+            self.reads_only_on = Some((l, until + 2 * self.config.election_timeout_ms_min));
             self.log(format!("nemesis: pause transfer target {t} until {until}"));
         }
         let engine = self.nodes.get_mut(&l).and_then(|n| n.engine.as_mut()).expect("leader is alive");
