@@ -14,6 +14,11 @@ fn assert_caught(name: &str, bugs: InjectedBugs, seeds_max: u64) {
     assert_caught_with(name, &SimOptions { bugs, ..SimOptions::default() }, seeds_max)
 }
 
+/// `bugs` under the read-race profile (`SimOptions::read_races`).
+fn assert_caught_in_read_races(name: &str, bugs: InjectedBugs, seeds_max: u64) {
+    assert_caught_with(name, &SimOptions { bugs, ..SimOptions::read_races() }, seeds_max)
+}
+
 fn assert_caught_with(name: &str, opts: &SimOptions, seeds_max: u64) {
     match first_failure(opts, seeds_max) {
         Some((seed, message)) => eprintln!("{name}: caught by seed {seed}: {message}"),
@@ -57,11 +62,8 @@ fn acknowledging_before_durable_is_caught() {
 
 #[test]
 fn reading_without_read_index_is_caught_by_the_read_race_profile() {
-    let opts = SimOptions {
-        bugs: InjectedBugs { read_without_read_index: true, ..Default::default() },
-        ..SimOptions::read_races()
-    };
-    assert_caught_with("read_without_read_index (read races)", &opts, 100);
+    let bugs = InjectedBugs { read_without_read_index: true, ..Default::default() };
+    assert_caught_in_read_races("read_without_read_index (read races)", bugs, 100);
 }
 
 #[test]
@@ -70,11 +72,8 @@ fn voting_within_the_promise_to_a_live_leader_is_caught_by_the_read_race_profile
     // from the leader. The read-race profile cuts one follower from the leader in a quiet
     // spell, then isolates the leader while clients read there. Seed 127 first catches it
     // (the cut happens in most seeds, the race it needs in few): 1500 is a wide margin.
-    let opts = SimOptions {
-        bugs: InjectedBugs { vote_within_promise: true, ..Default::default() },
-        ..SimOptions::read_races()
-    };
-    assert_caught_with("vote_within_promise (read races)", &opts, 1500);
+    let bugs = InjectedBugs { vote_within_promise: true, ..Default::default() };
+    assert_caught_in_read_races("vote_within_promise (read races)", bugs, 1500);
 }
 
 #[test]
@@ -83,9 +82,6 @@ fn a_lease_kept_after_timeout_now_is_caught_by_the_read_race_profile() {
     // leader to end, so the old leader's lease is void from its TimeoutNow on. The read-race
     // profile delays a target's TimeoutNow past the transfer's timeout in a quiet spell, then
     // cuts the old leader off while clients read there. Seed 24 first catches it.
-    let opts = SimOptions {
-        bugs: InjectedBugs { lease_after_timeout_now: true, ..Default::default() },
-        ..SimOptions::read_races()
-    };
-    assert_caught_with("lease_after_timeout_now (read races)", &opts, 600);
+    let bugs = InjectedBugs { lease_after_timeout_now: true, ..Default::default() };
+    assert_caught_in_read_races("lease_after_timeout_now (read races)", bugs, 600);
 }

@@ -182,11 +182,7 @@ impl Node {
                 return PeerResponse::Refused(format!("bad peer request: {e}"));
             }
         };
-        self.meta_answer(op, forwarded).await
-    }
-
-    /// Runs a meta operation (on the meta leader, forwarding once if this node is not it).
-    pub(super) async fn meta_answer(&self, op: MetaOp, forwarded: bool) -> PeerResponse {
+        // On the meta leader, or forwarded once to it.
         match self.meta_exec(op, forwarded).await {
             Ok((state, answer)) => match meta::encode_state(&state) {
                 Ok(state) => PeerResponse::Meta { state, answer },

@@ -6,8 +6,8 @@ use super::*;
 impl Sim {
     pub(super) fn nemesis(&mut self) -> Check {
         if self.now < self.reads_only_until {
-            // A quiet spell (`cut_then_isolate`): no other fault, and no configuration entry
-            // that would put the cut follower's log behind.
+            // A quiet spell (see `quiet_spell`): no other fault, and no configuration entry
+            // that would put the rival's log behind.
             return Ok(());
         }
         if self.faults_on && self.rng.chance(1.0 / 80.0) {
@@ -90,25 +90,35 @@ impl Sim {
     /// cut follower's shorter log would lose the election anyway.
     fn cut_then_isolate(&mut self) {
         let Some(l) = self.leader() else { return };
-        let followers: Vec<NodeId> = self.nodes[&l]
-            .engine
-            .as_ref()
-            .map(|e| e.membership().membership.voters.iter().copied().filter(|v| *v != l).collect())
-            .unwrap_or_default();
+        let followers: Vec<NodeId> = self.voters_of(l).into_iter().filter(|v| *v != l).collect();
         let Some(&c) = self.rng.pick(&followers) else { return };
-        // Only this fault: a partition left from before could cost the leader its quorum.
-        self.blocked.clear();
-        self.blocked.insert((l, c));
-        self.blocked.insert((c, l));
         let at =
             self.now + self.rng.range(self.config.election_timeout_ms_min, self.config.election_timeout_ms_max + 50);
+        self.quiet_spell(l, at);
+        self.blocked.insert((l, c));
+        self.blocked.insert((c, l));
         self.schedule(at, Event::Isolate(l));
-        // Quiet until then: the cut follower's log stays as long as the others', so only
-        // their promise to the leader stops it winning.
-        self.reads_only_until = at;
-        // After it, the isolated leader is asked only reads, for longer than any lease.
-        self.reads_only_on = Some((l, at + 2 * self.config.election_timeout_ms_min));
         self.log(format!("nemesis: cut {c} from leader {l}; isolate {l} at {at}"));
+    }
+
+    /// A spell in which one scenario plays alone: partitions left from earlier are healed (they
+    /// could cost `leader` its quorum), no other fault and no write happens until `until` (a
+    /// commit would leave the rival's log behind, so the vote's log check rather than the rule
+    /// under test would stop it), and for longer than any lease after it, clients only read at
+    /// `leader` (a write there would hold its client until timeout).
+    fn quiet_spell(&mut self, leader: NodeId, until: u64) {
+        self.blocked.clear();
+        self.reads_only_until = until;
+        self.reads_only_on = Some((leader, until + 2 * self.config.election_timeout_ms_min));
+    }
+
+    /// The voters of the configuration `node` is in.
+    fn voters_of(&self, node: NodeId) -> Vec<NodeId> {
+        self.nodes[&node]
+            .engine
+            .as_ref()
+            .map(|e| e.membership().membership.voters.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     /// Asks the leader to hand over to a random voter.
@@ -118,27 +128,19 @@ impl Sim {
             return Ok(());
         }
         let now = self.local(l);
-        let voters: Vec<NodeId> = self.nodes[&l]
-            .engine
-            .as_ref()
-            .map(|e| e.membership().membership.voters.iter().copied().collect())
-            .unwrap_or_default();
+        let voters = self.voters_of(l);
         let Some(&t) = self.rng.pick(&voters) else { return Ok(()) };
         if t != l && self.paused(t).is_none() && self.rng.chance(0.5) {
             // The target gets its TimeoutNow only after the transfer timed out at the leader,
-            // which meanwhile renewed its lease with new rounds; when the target wakes, the
-            // leader stops hearing from anyone (see `resume`) while clients keep reading
-            // there. Only the void lease keeps those reads from going stale.
-            // Only this fault: a partition left from before could cost the leader its quorum.
-            self.blocked.clear();
+            // which meanwhile renewed its lease with new rounds; when the target wakes (in a
+            // quiet spell, so it can still win), the leader stops hearing from anyone (see
+            // `resume`) while clients keep reading there. Only the void lease keeps those
+            // reads from going stale.
             let until = self.now + self.rng.range(self.config.transfer_timeout_ms + 20, 800);
+            self.quiet_spell(l, until);
             self.nodes.get_mut(&t).expect("exists").paused_until = until;
             self.schedule(until, Event::Resume(t));
             self.late_transfers.insert(t, l);
-            // Quiet until the target wakes (no commit would leave it behind, unable to win),
-            // then only reads at the old leader for longer than any lease.
-            self.reads_only_until = until;
-            self.reads_only_on = Some((l, until + 2 * self.config.election_timeout_ms_min));
             self.log(format!("nemesis: pause transfer target {t} until {until}"));
         }
         let engine = self.nodes.get_mut(&l).and_then(|n| n.engine.as_mut()).expect("leader is alive");
