@@ -9,6 +9,7 @@ use crate::keys::{
     decode, encode, group_key, KIND_APPLIED, KIND_COMMITTED, KIND_INSTALLING, KIND_LOG_STATE, KIND_SNAPSHOT_DATA,
     KIND_SNAPSHOT_META, KIND_VOTE,
 };
+use crate::kv_snapshot::check_snapshot_range;
 use crate::store::{Op, Store, CF_DATA, CF_META, CF_RAFT};
 use bytes::Bytes;
 use flotilla_raft::{
@@ -332,10 +333,14 @@ pub struct SplitEffect {
     pub membership: flotilla_raft::Membership,
 }
 
+/// The state machine's applied id and configuration, under `KIND_APPLIED` (written with each
+/// apply batch, and by a snapshot's installation).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-struct AppliedRecord {
-    last_applied: Option<LogId>,
-    membership: StoredMembership,
+pub(crate) struct AppliedRecord {
+    /// The last entry applied; `None` before anything was.
+    pub(crate) last_applied: Option<LogId>,
+    /// The configuration in force at `last_applied`.
+    pub(crate) membership: StoredMembership,
 }
 
 /// What a snapshot's data is: the shard's range and an SST file of its key-values at the
@@ -728,26 +733,11 @@ impl StateMachine for KvStateMachine {
     }
 }
 
-/// A snapshot's range must be the group's, or inside it: the leader had applied a split this
-/// replica has not (the replica adopts the narrower range). Never wider, not even for a
-/// replica created empty with a range the map narrowed ahead of Raft: the keys beyond it may
-/// belong to a group this node creates meanwhile; that replica waits for a snapshot taken
-/// after its leader applied the split. Anything else is a stale, misrouted or corrupt
-/// snapshot.
-fn check_snapshot_range(g: GroupId, current: &KeyRange, snap: &KeyRange) -> Result<(), StorageError> {
-    let nonempty = snap.end.as_ref().is_none_or(|e| *e > snap.start);
-    if nonempty && current.covers(snap) {
-        Ok(())
-    } else {
-        Err(StorageError::new("install_snapshot", format!("group {g}: snapshot of a key range outside the group's")))
-    }
-}
-
 /// Steps 2 and 3 of an installation whose snapshot and intent are durable: ingest the SST file
 /// (its range deletion clears the old data; ingestion is atomic), then write the applied state
 /// and clear the intent in one synced batch. Idempotent: start-up repeats it after a crash.
 /// Returns the range the group owns after the installation (the snapshot's).
-fn finish_install(s: &Store, g: GroupId, range: &KeyRange) -> Result<KeyRange, StorageError> {
+pub(crate) fn finish_install(s: &Store, g: GroupId, range: &KeyRange) -> Result<KeyRange, StorageError> {
     let cf = s.cf(CF_RAFT)?;
     let read = |kind| s.db().get_cf(cf, group_key(g, kind)).map_err(|e| StorageError::new("read", e.to_string()));
     let (Some(meta), Some(data)) = (read(KIND_SNAPSHOT_META)?, read(KIND_SNAPSHOT_DATA)?) else {

@@ -6,12 +6,15 @@
 //!   group-commit writer. A failed write poisons it.
 //! - [`RocksLog`]: `LogStorage` of one group (checksummed, versioned records).
 //! - [`KvStateMachine`]: the key-value `StateMachine` of one shard over its key range.
+//! - [`kv_snapshot`]: its snapshots as SST files, built, streamed by offset, received and
+//!   installed crash-safely.
 #![warn(missing_docs)]
 
 mod clock;
 pub mod host;
 pub mod keys;
 pub mod kv;
+pub mod kv_snapshot;
 pub mod log;
 pub mod store;
 

@@ -182,11 +182,18 @@ impl Store {
             .name("flotilla-writer".into())
             .spawn(move || writer_loop(w, rx))
             .map_err(|e| StorageError::new("open", format!("cannot start the writer thread: {e}")))?;
-        Ok(Store {
+        let store = Store {
             inner,
             handle: Arc::new(WriterHandle { tx: Some(tx), thread: Some(thread) }),
             scratch: Arc::new(scratch),
-        })
+        };
+        // Install dirs of snapshot installations that never recorded their intent (or finished
+        // without removing the dir): nothing refers to them.
+        let stale = crate::kv_snapshot::remove_stale_installs(&store)?;
+        if stale > 0 {
+            info!(stale, "removed stale snapshot install dirs");
+        }
+        Ok(store)
     }
 
     /// A path for a temporary file in the store's scratch directory (emptied at open).
@@ -195,6 +202,11 @@ impl Store {
             return Err(StorageError::new("scratch", format!("bad scratch file name {name:?}")));
         }
         Ok(self.scratch.join(name))
+    }
+
+    /// The scratch directory (emptied at open).
+    pub(crate) fn scratch_dir(&self) -> &Path {
+        &self.scratch
     }
 
     /// Options of the `data` column family (for writing SST files it can ingest).
