@@ -895,3 +895,6 @@ pub(crate) fn remove_stale_installs(store: &Store) -> Result<usize, StorageError
     }
     Ok(removed)
 }
+
+#[cfg(test)]
+mod tests;
