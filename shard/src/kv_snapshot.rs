@@ -20,10 +20,11 @@
 //!
 //! # On disk
 //!
-//! - Sender: `<db>/flotilla-scratch/snap-<group>-<snapshot id>-<n>.sst`, removed when the
+//! - Sender: `<db>/flotilla-scratch/snap-<group>-<snapshot id>-<seq>-<n>.sst`, removed when the
 //!   [`BuiltSnapshot`] is dropped (and by `Store::open`, which empties the scratch dir).
-//! - Receiver, during the transfer: `<db>/flotilla-scratch/recv-<group>-<snapshot id>-<seq>-<n>.sst`
-//!   (`seq` tells apart two transfers of the same snapshot), removed if the transfer is dropped.
+//! - Receiver, during the transfer: `<db>/flotilla-scratch/recv-<group>-<snapshot id>-<seq>-<n>.sst`,
+//!   removed if the transfer is dropped. (`seq`, per process, keeps two builds or transfers of
+//!   the same snapshot from sharing, and removing, each other's files.)
 //! - Receiver, during the installation: `<db>/flotilla-install/g<group>-s<snapshot id>/<n>.sst`,
 //!   outside scratch so a restart keeps it, and the intent record (`KIND_INSTALLING` in the
 //!   `raft` column family) naming that directory and its files.
@@ -97,6 +98,10 @@ struct FileInfo {
     /// crc32c of its bytes.
     crc32c: u32,
 }
+
+/// Tells apart the file names of two builds or transfers of the same snapshot in one process
+/// (a leader may start a transfer again while the first one's files are still being dropped).
+static FILES_SEQ: AtomicU64 = AtomicU64::new(0);
 
 fn io_err(op: &'static str, what: impl std::fmt::Display, e: impl std::fmt::Display) -> StorageError {
     StorageError::new(op, format!("{what}: {e}"))
@@ -250,6 +255,7 @@ impl BuiltSnapshot {
         if let Some(end) = &range.end {
             read.set_iterate_upper_bound(end.clone());
         }
+        let seq = FILES_SEQ.fetch_add(1, Ordering::Relaxed);
         let mut open: Option<OpenSst> = None;
         for item in snap.iterator_cf_opt(store.cf(CF_DATA)?, read, IteratorMode::From(&range.start, Direction::Forward))
         {
@@ -268,7 +274,7 @@ impl BuiltSnapshot {
                             format!("group {g}: more than {SNAPSHOT_FILES_MAX} files; raise file_bytes_max"),
                         ));
                     }
-                    let name = format!("snap-{}-{snapshot_id}-{}.sst", g.0, self.files.len());
+                    let name = format!("snap-{}-{snapshot_id}-{seq}-{}.sst", g.0, self.files.len());
                     let path = store.scratch_path(&name)?;
                     let writer = rocksdb::SstFileWriter::create(&opts);
                     self.files.push((path.clone(), 0));
@@ -365,10 +371,6 @@ fn encode_header(manifest: &Manifest) -> Result<Vec<u8>, StorageError> {
 // Receiver
 // ---------------------------------------------------------------------------------------------
 
-/// Tells apart the file names of two transfers of the same snapshot in one process (a leader
-/// may start a transfer again while the first one's files are still being dropped).
-static TRANSFER_SEQ: AtomicU64 = AtomicU64::new(0);
-
 /// Receiver side: the chunks of one transfer, in order, appended to files in the store's
 /// scratch dir. Memory is bounded by construction: only the header is buffered (at most
 /// [`HEADER_BYTES_MAX`]); file bytes are written straight to their file, and each file's crc32c
@@ -417,7 +419,7 @@ impl ReceivingSnapshot {
                 format!("group {group}: a snapshot of {} bytes is too short to be one", meta.size_bytes),
             ));
         }
-        let seq = TRANSFER_SEQ.fetch_add(1, Ordering::Relaxed);
+        let seq = FILES_SEQ.fetch_add(1, Ordering::Relaxed);
         Ok(ReceivingSnapshot {
             group,
             meta: meta.clone(),
@@ -673,7 +675,12 @@ fn install_dir_name(group: GroupId, snapshot_id: u64) -> String {
 /// Installs a received snapshot of `group`, whose range is `current_range` now; returns the
 /// group's range afterwards (the snapshot's: narrower if the leader applied a split this
 /// replica missed). Blocking. Crash-safe: see the module's doc; after a crash, start-up runs
-/// [`finish_interrupted_install`] before the group applies anything.
+/// [`finish_interrupted_install`] before the group applies anything. An error once the intent
+/// is recorded leaves it (a storage error stops the group): start-up finishes the installation,
+/// and until then another one is refused.
+///
+/// Never writes the data's key-values through memory: the files go from scratch to RocksDB by
+/// rename and hard link.
 pub fn install(
     store: &Store,
     group: GroupId,
