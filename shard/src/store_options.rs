@@ -10,7 +10,9 @@
 //!   memtables of every column family to the block cache (data blocks give way to them) and
 //!   triggers flushes as their total nears `1/4 B`. Each column family holds at most
 //!   [`WRITE_BUFFERS_PER_CF`] memtables of `1/4 B / (cfs × WRITE_BUFFERS_PER_CF)` bytes
-//!   (RocksDB stalls writes rather than allocate one more), so the total is a hard bound.
+//!   (RocksDB stalls writes rather than allocate one more), so the total is bounded, give or
+//!   take the one write batch that overfills a memtable (at most the writer's
+//!   [`GROUP_COMMIT_BYTES_MAX`](crate::store::GROUP_COMMIT_BYTES_MAX)).
 //! - **Headroom**, `1/4 B`: what the cache cannot bound. Blocks pinned by open iterators and
 //!   level-0 pins may exceed the cache's capacity (the cache is not strict: a read never fails
 //!   for want of room), memtables being flushed are counted until their flush ends, and
