@@ -10,6 +10,7 @@
 //! # auto_balance = true               # split big shards, move replicas and leaders by itself
 //! # split_size_bytes = 67108864       # shards past this are split (with auto_balance)
 //! # pollers = 1                       # shard poller threads (default: half the cores)
+//! # memory_budget = "512MiB"          # RocksDB's block cache and memtables (64MiB..=1TiB)
 //!
 //! [tls]
 //! ca = "certs/ca.pem"
@@ -31,6 +32,7 @@
 use crate::meta::dev_split_keys;
 use crate::node::{BootstrapConfig, NodeConfig, META_VOTERS_MAX};
 use crate::raft::NodeId;
+use crate::shard::StoreOptions;
 use crate::transport::cert::TlsIdentity;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -72,6 +74,50 @@ pub struct ServerFile {
     /// Threads running the shards' Raft groups (default: half the cores, 1 to 8).
     #[serde(default)]
     pub pollers: Option<usize>,
+    /// Memory for RocksDB's block cache and memtables, with headroom (default 512 MiB; see
+    /// `flotilla_shard::store_options`): bytes, or text such as `"512MiB"`.
+    #[serde(default)]
+    pub memory_budget: Option<ByteSize>,
+}
+
+/// A size in a config file: a number of bytes, or text with a binary unit (`"512MiB"`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum ByteSize {
+    /// A plain number of bytes.
+    Bytes(u64),
+    /// Text, read by [`parse_bytes`].
+    Text(String),
+}
+
+impl ByteSize {
+    /// The number of bytes, or why the text is not a size.
+    pub fn bytes(&self) -> Result<u64, String> {
+        match self {
+            ByteSize::Bytes(b) => Ok(*b),
+            ByteSize::Text(t) => parse_bytes(t),
+        }
+    }
+}
+
+/// Reads a size: a whole number with an optional unit, `B`, `KiB`, `MiB`, `GiB` or `TiB`
+/// (powers of 1024; case and a space before the unit do not matter). Decimal units (`MB`) are
+/// refused rather than guessed: 512MB and 512MiB differ by 5 %.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let bad = || format!("{text:?} is not a size like 536870912, \"512MiB\" or \"2GiB\"");
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "kib" => 10,
+        "mib" => 20,
+        "gib" => 30,
+        "tib" => 40,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// Most poller threads a server may ask for.
@@ -158,6 +204,15 @@ impl ServerFile {
         if let Some(bytes) = self.split_size_bytes.filter(|b| *b < SPLIT_SIZE_BYTES_MIN) {
             return Err(format!("split_size_bytes: {bytes} is below the minimum of {SPLIT_SIZE_BYTES_MIN}"));
         }
+        let store = match &self.memory_budget {
+            Some(size) => {
+                let options =
+                    StoreOptions::with_memory_budget(size.bytes().map_err(|e| format!("memory_budget: {e}"))?);
+                options.check().map_err(|e| format!("memory_budget: {e}"))?;
+                options
+            }
+            None => StoreOptions::default(),
+        };
         let mut peers = Vec::new();
         for p in &self.peers {
             if p.id == 0 || p.id == self.id {
@@ -174,6 +229,7 @@ impl ServerFile {
         let mut node = NodeConfig::new(NodeId(self.id), rel(&self.data_dir), listen, tls);
         node.advertise_addr = self.advertise.clone();
         node.peers = peers.clone();
+        node.store = store;
         if let Some(bytes) = self.split_size_bytes {
             node.balancer.split_size_bytes_threshold = bytes;
         }
@@ -225,5 +281,44 @@ mod tests {
         let text = "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:1\"\nsplit_size_bytes = 10\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n";
         let f = ServerFile::parse(text).unwrap();
         assert!(f.resolve(Path::new(".")).unwrap_err().starts_with("split_size_bytes"));
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units_only() {
+        assert_eq!(parse_bytes("536870912"), Ok(512 << 20));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes(" 2 gib "), Ok(2 << 30));
+        assert_eq!(parse_bytes("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_bytes("1TiB"), Ok(1 << 40));
+        assert_eq!(parse_bytes("10B"), Ok(10));
+        for bad in ["", "MiB", "512MB", "1.5GiB", "-1", "512 mebibytes", "99999999999999TiB"] {
+            assert!(parse_bytes(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn memory_budget_is_read_and_checked_before_anything_is_opened() {
+        let file = |budget: &str| {
+            let text = format!(
+                "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:1\"\nmemory_budget = {budget}\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n"
+            );
+            ServerFile::parse(&text).unwrap()
+        };
+        assert_eq!(file("\"256MiB\"").memory_budget, Some(ByteSize::Text("256MiB".into())));
+        assert_eq!(file("268435456").memory_budget, Some(ByteSize::Bytes(256 << 20)));
+        // Errors name the field and say what is wrong; the certificates (missing here) are
+        // never reached.
+        let err = file("\"lots\"").resolve(Path::new(".")).unwrap_err();
+        assert!(err.starts_with("memory_budget:") && err.contains("not a size"), "{err}");
+        let err = file("\"1MiB\"").resolve(Path::new(".")).unwrap_err();
+        assert!(err.starts_with("memory_budget:") && err.contains("below the minimum"), "{err}");
+        let err = file("\"2TiB\"").resolve(Path::new(".")).unwrap_err();
+        assert!(err.starts_with("memory_budget:") && err.contains("above the maximum"), "{err}");
+        // A good budget gets past the check, to the (missing) certificates.
+        let err = file("\"256MiB\"").resolve(Path::new(".")).unwrap_err();
+        assert!(err.starts_with("tls"), "{err}");
+        // A value of the wrong type is refused by the parser, naming the field.
+        let text = "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:1\"\nmemory_budget = true\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n";
+        assert!(ServerFile::parse(text).unwrap_err().contains("memory_budget"));
     }
 }

@@ -128,9 +128,34 @@ fn dev_cluster_through_the_cli() {
     fails(&home, &["admin", "move", "99", "1", "2"], 1, "no shard 99");
     fails(&home, &["bench", "put", "--clients", "0"], 1, "--clients");
     fails(&home, &["dev", "--nodes", "0"], 1, "--nodes");
+    fails(&home, &["dev", "--memory-budget", "1MiB"], 1, "below the minimum");
+    fails(&home, &["dev", "--memory-budget", "512MB"], 1, "not a size");
     fails(&home, &["kv", "--cluster", "/nonexistent/cluster.json", "get", "k"], 1, "no cluster file");
     fails(&home, &["server", "--config", "/nonexistent/flotilla.toml"], 1, "cannot read");
     fails(&home, &["server"], 1, "without --config, give --id");
+    fails(
+        &home,
+        &[
+            "server",
+            "--id",
+            "1",
+            "--data-dir",
+            "d",
+            "--listen",
+            "127.0.0.1:0",
+            "--ca",
+            "a",
+            "--cert",
+            "b",
+            "--key",
+            "c",
+        ]
+        .into_iter()
+        .chain(["--memory-budget", "lots"])
+        .collect::<Vec<_>>(),
+        1,
+        "memory_budget",
+    );
     fails(
         &home,
         &[

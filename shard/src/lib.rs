@@ -3,7 +3,9 @@
 //! made durable by one fsync) — and, next, the shard host that runs thousands of groups.
 //!
 //! - [`Store`]: the RocksDB instance (column families `raft`, `data`, `meta`) and its single
-//!   group-commit writer. A failed write poisons it.
+//!   group-commit writer. A failed write poisons it. Its caches and memtables are sized from
+//!   one memory budget ([`StoreOptions`], `store_options.rs`); what it uses is read in one
+//!   place ([`Store::metrics`], `store_metrics.rs`).
 //! - [`RocksLog`]: `LogStorage` of one group (checksummed, versioned records).
 //! - [`KvStateMachine`]: the key-value `StateMachine` of one shard over its key range.
 //! - [`kv_snapshot`]: its snapshots as SST files, built, streamed by offset, received and
@@ -17,6 +19,8 @@ pub mod kv;
 pub mod kv_snapshot;
 pub mod log;
 pub mod store;
+pub mod store_metrics;
+pub mod store_options;
 
 pub use host::{
     GroupDescriptor, GroupInfo, Host, HostConfig, HostError, HostNetwork, HostStats, NodeBatch, QuiesceNotice,
@@ -27,3 +31,5 @@ pub use kv::{
 };
 pub use log::RocksLog;
 pub use store::{Op, Store, WriterStats, CF_DATA, CF_META, CF_RAFT};
+pub use store_metrics::{ProcessUsage, StoreIo, StoreMemory, StoreMetrics};
+pub use store_options::{MemoryPlan, StoreOptions};

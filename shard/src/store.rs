@@ -9,8 +9,11 @@
 //! not retried behind the caller's back.
 
 use crate::keys::meta_key;
+use crate::store_metrics::{ProcessUsage, StoreIo, StoreMemory, StoreMetrics};
+use crate::store_options::{tuned, MemoryPlan, StoreOptions, STORE_COLUMN_FAMILIES};
 use flotilla_raft::{GroupId, StorageError};
-use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::statistics::Ticker;
+use rocksdb::{properties, Cache, ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -23,6 +26,10 @@ pub const CF_RAFT: &str = "raft";
 pub const CF_DATA: &str = "data";
 /// Column family of group descriptors.
 pub const CF_META: &str = "meta";
+/// Every column family, in the order they are opened.
+const COLUMN_FAMILIES: [&str; 3] = [CF_RAFT, CF_DATA, CF_META];
+// The memory plan divides the memtables' share among this many families.
+const _: () = assert!(COLUMN_FAMILIES.len() as u64 == STORE_COLUMN_FAMILIES);
 
 /// The store's scratch directory, inside the database directory.
 const SCRATCH_DIR: &str = "flotilla-scratch";
@@ -106,6 +113,13 @@ pub struct WriterStats {
 
 struct Inner {
     db: DB,
+    /// The options the database was opened with: they hold its statistics (the tickers of
+    /// [`Store::metrics`]).
+    db_options: Options,
+    /// The block cache every column family shares (its usage, for [`Store::metrics`]).
+    cache: Cache,
+    /// How the memory budget was split.
+    plan: MemoryPlan,
     /// Set once a write failed; later writes fail with this error.
     poison: Mutex<Option<StorageError>>,
     poisoned: AtomicBool,
@@ -151,22 +165,38 @@ impl Drop for WriterHandle {
 }
 
 impl Store {
-    /// Opens (or creates) the store at `path`.
+    /// Opens (or creates) the store at `path` with the default options (a memory budget of
+    /// [`MEMORY_BUDGET_BYTES_DEFAULT`](crate::store_options::MEMORY_BUDGET_BYTES_DEFAULT)).
     pub fn open(path: impl AsRef<Path>) -> Result<Store, StorageError> {
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.create_missing_column_families(true);
-        let cf = |name: &str| ColumnFamilyDescriptor::new(name, cf_options());
-        let db = DB::open_cf_descriptors(&opts, path.as_ref(), vec![cf(CF_RAFT), cf(CF_DATA), cf(CF_META)])
+        Self::open_with(path, StoreOptions::default())
+    }
+
+    /// Opens (or creates) the store at `path`, its caches and memtables sized by `options`
+    /// (an error if they cannot work).
+    pub fn open_with(path: impl AsRef<Path>, options: StoreOptions) -> Result<Store, StorageError> {
+        options.check().map_err(|e| StorageError::new("open", e))?;
+        let plan = options.memory_plan();
+        let t = tuned(&plan, cf_options());
+        let cfs = COLUMN_FAMILIES.iter().map(|name| ColumnFamilyDescriptor::new(*name, t.cf.clone()));
+        let db = DB::open_cf_descriptors(&t.db, path.as_ref(), cfs)
             .map_err(|e| StorageError::new("open", format!("{}: {e}", path.as_ref().display())))?;
         // Scratch space for snapshot SST files: whatever a crash left there is garbage.
         let scratch = path.as_ref().join(SCRATCH_DIR);
         let _ = std::fs::remove_dir_all(&scratch);
         std::fs::create_dir_all(&scratch)
             .map_err(|e| StorageError::new("open", format!("{}: {e}", scratch.display())))?;
-        info!(path = %path.as_ref().display(), "store opened");
+        info!(
+            path = %path.as_ref().display(),
+            memory_budget_bytes = plan.budget_bytes,
+            block_cache_bytes = plan.block_cache_bytes,
+            write_buffers_bytes = plan.write_buffers_bytes,
+            "store opened"
+        );
         let inner = Arc::new(Inner {
             db,
+            db_options: t.db,
+            cache: t.cache,
+            plan,
             poison: Mutex::new(None),
             poisoned: AtomicBool::new(false),
             stats: WriterStats::default(),
@@ -227,6 +257,47 @@ impl Store {
     /// Writer counters.
     pub fn stats(&self) -> &WriterStats {
         &self.inner.stats
+    }
+
+    /// The store's memory, its RocksDB writes and the process's figures (blocking: RocksDB
+    /// properties take its mutex and `/proc` is read; call it through [`Store::blocking`]).
+    pub fn metrics(&self) -> Result<StoreMetrics, StorageError> {
+        let db = &self.inner.db;
+        let (mut memtable_bytes, mut table_readers_bytes) = (0u64, 0u64);
+        for name in COLUMN_FAMILIES {
+            let cf = self.cf(name)?;
+            let int = |p| {
+                db.property_int_value_cf(cf, p)
+                    .map(|v| v.unwrap_or(0))
+                    .map_err(|e| StorageError::new("metrics", format!("{name}: {e}")))
+            };
+            memtable_bytes = memtable_bytes.saturating_add(int(properties::CUR_SIZE_ALL_MEM_TABLES)?);
+            table_readers_bytes = table_readers_bytes.saturating_add(int(properties::ESTIMATE_TABLE_READERS_MEM)?);
+        }
+        // The cache is shared: read once, not summed over families as its property would be.
+        // Its capacity as the `data` family's table factory sees it (what the plan gave it,
+        // unless the family were opened without the shared cache).
+        let capacity = db
+            .property_int_value_cf(self.cf(CF_DATA)?, properties::BLOCK_CACHE_CAPACITY)
+            .map_err(|e| StorageError::new("metrics", format!("{CF_DATA}: {e}")))?
+            .unwrap_or(0);
+        let cache = &self.inner.cache;
+        let memory = StoreMemory {
+            budget_bytes: self.inner.plan.budget_bytes,
+            block_cache_capacity_bytes: capacity,
+            block_cache_usage_bytes: cache.get_usage() as u64,
+            block_cache_pinned_bytes: cache.get_pinned_usage() as u64,
+            memtable_bytes,
+            table_readers_bytes,
+        };
+        let ticker = |t| self.inner.db_options.get_ticker_count(t);
+        let io = StoreIo {
+            user_written_bytes: ticker(Ticker::BytesWritten),
+            wal_written_bytes: ticker(Ticker::WalFileBytes),
+            flush_written_bytes: ticker(Ticker::FlushWriteBytes),
+            compaction_written_bytes: ticker(Ticker::CompactWriteBytes),
+        };
+        Ok(StoreMetrics { memory, io, process: ProcessUsage::read() })
     }
 
     /// The error that poisoned the store, if any.

@@ -430,3 +430,56 @@ async fn puts_are_blind_deletes_answer_the_old_value_and_oversized_commands_are_
     }
     assert_eq!(sm.get(k).await.expect("get"), None, "the oversized put changed nothing");
 }
+
+#[tokio::test]
+async fn a_store_opened_with_a_budget_sizes_its_cache_and_memtables_and_reports_them() {
+    use flotilla_shard::store_options::MEMORY_BUDGET_BYTES_MIN;
+    use flotilla_shard::StoreOptions;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = StoreOptions::with_memory_budget(MEMORY_BUDGET_BYTES_MIN);
+    let plan = options.memory_plan();
+    let store = Store::open_with(dir.path(), options).expect("open");
+    // Every column family's table factory uses the one cache the budget sized.
+    for cf in [CF_RAFT, CF_DATA, flotilla_shard::CF_META] {
+        let capacity =
+            store.db().property_int_value_cf(store.cf(cf).unwrap(), rocksdb::properties::BLOCK_CACHE_CAPACITY).unwrap();
+        assert_eq!(capacity, Some(plan.block_cache_bytes), "column family {cf}");
+    }
+    let m = store.metrics().expect("metrics");
+    assert_eq!(m.memory.budget_bytes, MEMORY_BUDGET_BYTES_MIN);
+    assert_eq!(m.memory.block_cache_capacity_bytes, plan.block_cache_bytes);
+    if std::path::Path::new("/proc/self/status").exists() {
+        assert!(m.process.resident_bytes.unwrap_or(0) > 0, "{m:?}");
+    }
+
+    // Twice one memtable's worth of writes into `data`: RocksDB flushes by itself (the
+    // memtables are the plan's size, not its 64 MiB default), and every ticker moves.
+    let value = vec![7u8; 64 << 10];
+    let writes = (2 * plan.write_buffer_bytes as usize).div_ceil(value.len());
+    for i in 0..writes {
+        store.write(vec![Op::Put(CF_DATA, format!("k{i:06}").into_bytes(), value.clone())], false).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let m = loop {
+        let m = store.metrics().expect("metrics");
+        if m.io.flush_written_bytes > 0 {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "no flush after {writes} writes: {m:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(m.io.user_written_bytes >= (writes * value.len()) as u64, "{m:?}");
+    assert!(m.io.wal_written_bytes >= (writes * value.len()) as u64, "{m:?}");
+    // The memtables never hold more than the plan's share (plus arena slack).
+    assert!(m.memory.memtable_bytes <= plan.write_buffers_bytes + (plan.write_buffers_bytes / 4), "{m:?}");
+    // Their reservation is charged to the cache.
+    assert!(m.memory.block_cache_usage_bytes > 0, "{m:?}");
+}
+
+#[test]
+fn a_budget_below_the_minimum_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = flotilla_shard::StoreOptions::with_memory_budget(1 << 20);
+    let err = Store::open_with(dir.path(), options).err().expect("a 1 MiB budget must be refused");
+    assert!(err.to_string().contains("below the minimum"), "{err}");
+}

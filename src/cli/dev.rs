@@ -39,6 +39,10 @@ pub struct DevArgs {
     /// Shards larger than this (keys plus values) are split.
     #[arg(long, value_name = "BYTES", default_value_t = flotilla::node::SPLIT_SIZE_BYTES_DEFAULT)]
     split_size_bytes: u64,
+    /// Each node's memory budget for RocksDB's block cache and memtables (e.g. 256MiB;
+    /// default 512MiB, as a server's).
+    #[arg(long, value_name = "SIZE")]
+    memory_budget: Option<String>,
 }
 
 pub async fn run(a: DevArgs) -> Result<i32> {
@@ -50,6 +54,12 @@ pub async fn run(a: DevArgs) -> Result<i32> {
     }
     if a.split_size_bytes < flotilla::config::SPLIT_SIZE_BYTES_MIN {
         bail!("--split-size-bytes must be at least {}", flotilla::config::SPLIT_SIZE_BYTES_MIN);
+    }
+    let mut store = flotilla::shard::StoreOptions::default();
+    if let Some(text) = &a.memory_budget {
+        let bytes = flotilla::config::parse_bytes(text).map_err(|e| anyhow!("--memory-budget: {e}"))?;
+        store = flotilla::shard::StoreOptions::with_memory_budget(bytes);
+        store.check().map_err(|e| anyhow!("--memory-budget: {e}"))?;
     }
     let dir = a.data_dir.unwrap_or_else(|| cluster::home().join("dev"));
     prepare_dev_dir(&dir)?;
@@ -65,6 +75,7 @@ pub async fn run(a: DevArgs) -> Result<i32> {
     let bootstrap = BootstrapConfig::of_nodes(&ids, dev_split_keys(a.shards));
     let mut dev = DevCluster::start(&dir, ids.len() as u64, bootstrap.clone(), |cfg| {
         cfg.balancer.split_size_bytes_threshold = a.split_size_bytes;
+        cfg.store = store;
         cfg.pollers = flotilla::node::default_pollers(ids.len());
         cfg.auto_balance_interval_ms = (!a.no_auto_balance).then_some(flotilla::config::AUTO_BALANCE_INTERVAL_MS);
     })

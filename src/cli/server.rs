@@ -4,7 +4,7 @@
 use super::stop_signal;
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
-use flotilla::config::{BootstrapEntry, PeerEntry, ServerFile, TlsPaths};
+use flotilla::config::{BootstrapEntry, ByteSize, PeerEntry, ServerFile, TlsPaths};
 use flotilla::node::{INITIAL_SHARD_REPLICAS, META_VOTERS_MAX};
 use flotilla::Node;
 use std::path::{Path, PathBuf};
@@ -55,6 +55,9 @@ pub struct ServerArgs {
     /// Override `split_size_bytes`.
     #[arg(long, value_name = "BYTES")]
     split_size_bytes: Option<u64>,
+    /// Override `memory_budget`: RocksDB's block cache and memtables (e.g. 512MiB, 2GiB).
+    #[arg(long, value_name = "SIZE")]
+    memory_budget: Option<String>,
 }
 
 pub async fn run(a: ServerArgs) -> Result<i32> {
@@ -100,6 +103,7 @@ fn server_file(a: &ServerArgs) -> Result<(ServerFile, PathBuf)> {
                 auto_balance: false,
                 split_size_bytes: None,
                 pollers: None,
+                memory_budget: None,
             };
             (file, PathBuf::new())
         }
@@ -129,6 +133,9 @@ fn apply_overrides(a: &ServerArgs, file: &mut ServerFile) -> Result<()> {
     }
     if a.split_size_bytes.is_some() {
         file.split_size_bytes = a.split_size_bytes;
+    }
+    if let Some(m) = &a.memory_budget {
+        file.memory_budget = Some(ByteSize::Text(m.clone()));
     }
     file.auto_balance |= a.auto_balance;
     for p in &a.peers {

@@ -61,7 +61,7 @@ use crate::meta::{meta_range, META_GROUP};
 use crate::net::{deliver, NetStats, TransportNetwork};
 use crate::placement::{BalancerConfig, ShardId};
 use crate::raft::{Config as RaftConfig, NodeId, Role};
-use crate::shard::{Host, HostConfig, HostError, KvStateMachine, Store};
+use crate::shard::{Host, HostConfig, HostError, KvStateMachine, Store, StoreMetrics, StoreOptions};
 use crate::transport::{self as tp, cert::TlsIdentity, Transport, TransportConfig};
 use crate::wire::check_user_key;
 use meta_client::MetaClient;
@@ -174,6 +174,8 @@ pub struct NodeConfig {
     pub id: NodeId,
     /// Where the store lives.
     pub data_dir: PathBuf,
+    /// The store's memory budget (RocksDB's block cache and memtables).
+    pub store: StoreOptions,
     /// UDP address for peers and clients (`127.0.0.1:0` picks a port).
     pub listen_addr: SocketAddr,
     /// The address recorded for clients; the bound address when `None`.
@@ -210,6 +212,7 @@ impl NodeConfig {
         NodeConfig {
             id,
             data_dir: data_dir.into(),
+            store: StoreOptions::default(),
             listen_addr,
             advertise_addr: None,
             tls,
@@ -241,6 +244,35 @@ impl NodeConfig {
 pub fn default_pollers(nodes_per_process: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     (cores / 2 / nodes_per_process.max(1)).clamp(1, 8)
+}
+
+/// Appends the store's and the process's memory and write figures to a metrics page. Process
+/// figures (shared by every node of the process) are left out where `/proc` was unreadable.
+fn store_metrics_text(out: &mut String, id: NodeId, m: &StoreMetrics) {
+    use std::fmt::Write;
+    let (mem, io, p) = (&m.memory, &m.io, &m.process);
+    let (g, c) = ("gauge", "counter");
+    // (type, name, help, value): one metric a line, as a table reads best.
+    #[rustfmt::skip]
+    let lines = [
+        (g, "flotilla_store_memory_budget_bytes", "Memory budget of RocksDB (cache, memtables, headroom).", Some(mem.budget_bytes)),
+        (g, "flotilla_rocksdb_block_cache_capacity_bytes", "Capacity of the block cache every column family shares.", Some(mem.block_cache_capacity_bytes)),
+        (g, "flotilla_rocksdb_block_cache_usage_bytes", "Bytes in the block cache, memtables' reservation included.", Some(mem.block_cache_usage_bytes)),
+        (g, "flotilla_rocksdb_block_cache_pinned_bytes", "Bytes of the block cache pinned.", Some(mem.block_cache_pinned_bytes)),
+        (g, "flotilla_rocksdb_memtable_bytes", "Memtables of every column family.", Some(mem.memtable_bytes)),
+        (g, "flotilla_rocksdb_table_readers_bytes", "Table readers' memory outside the block cache.", Some(mem.table_readers_bytes)),
+        (c, "flotilla_rocksdb_written_bytes_total", "Bytes of the writes asked of RocksDB.", Some(io.user_written_bytes)),
+        (c, "flotilla_rocksdb_wal_written_bytes_total", "Bytes appended to RocksDB's write-ahead log.", Some(io.wal_written_bytes)),
+        (c, "flotilla_rocksdb_flush_written_bytes_total", "Bytes of SST files written by memtable flushes.", Some(io.flush_written_bytes)),
+        (c, "flotilla_rocksdb_compaction_written_bytes_total", "Bytes of SST files written by compactions.", Some(io.compaction_written_bytes)),
+        (g, "flotilla_process_resident_memory_bytes", "Resident memory of the process (every node in it).", p.resident_bytes),
+        (c, "flotilla_process_disk_written_bytes_total", "Bytes the process sent to storage (every node in it).", p.disk_written_bytes),
+    ];
+    for (kind, name, help, value) in lines {
+        if let Some(v) = value {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{node=\"{id}\"}} {v}");
+        }
+    }
 }
 
 /// Raft timers for a node: elections in 0.6–1.2 s, heartbeats every 100 ms. Faster than
@@ -345,9 +377,11 @@ impl Node {
                 return Err(NodeError::Config("split keys must be ascending, distinct, valid user keys".into()));
             }
         }
+        config.store.check().map_err(|e| NodeError::Config(format!("store: {e}")))?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| NodeError::Storage(format!("cannot create {}: {e}", config.data_dir.display())))?;
-        let store = Store::open(config.data_dir.join("store")).map_err(|e| NodeError::Storage(e.to_string()))?;
+        let store = Store::open_with(config.data_dir.join("store"), config.store)
+            .map_err(|e| NodeError::Storage(e.to_string()))?;
         let mut tcfg = TransportConfig::new(config.id, config.listen_addr, config.tls.clone());
         tcfg.peers = config.peers.clone();
         let streams = tcfg.raft_streams;
@@ -523,6 +557,12 @@ impl Node {
             infos.len(),
             self.inner.started.elapsed().as_secs()
         );
+        // Off the async threads: RocksDB properties take its mutex, `/proc` is read. A failure
+        // leaves the lines out rather than failing the whole page.
+        match self.inner.host.store().blocking(|s| s.metrics()).await {
+            Ok(m) => store_metrics_text(&mut out, id, &m),
+            Err(e) => debug!(node = id.0, error = %e, "store metrics unavailable"),
+        }
         out
     }
 

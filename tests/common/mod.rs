@@ -247,6 +247,9 @@ impl Layout {
     }
 }
 
+/// Each test server's `memory_budget` (256 MiB).
+pub const SERVER_MEMORY_BUDGET: &str = "256MiB";
+
 /// Server processes: nodes `1..=boot` bootstrap a cluster of `shards` shards (meta group and
 /// shards on all of them); nodes after them (up to `total`) start with the first ones as peers
 /// and no bootstrap (they join). Each node's log is `n<id>.log` in `dir`.
@@ -280,7 +283,12 @@ impl Servers {
         };
         let mut configs = Vec::new();
         for id in 1..=total {
-            let mut text = format!("id = {id}\ndata_dir = \"n{id}\"\nlisten = \"{}\"\n", addr(id));
+            // A budget below the default: several servers share the test machine, and the
+            // setting is read from a file as an operator would write it.
+            let mut text = format!(
+                "id = {id}\ndata_dir = \"n{id}\"\nlisten = \"{}\"\nmemory_budget = \"{SERVER_MEMORY_BUDGET}\"\n",
+                addr(id)
+            );
             if let Some(m) = metrics.get((id - 1) as usize) {
                 text += &format!("metrics_listen = \"127.0.0.1:{m}\"\n");
             }

@@ -1,0 +1,114 @@
+//! What the store and its process use: memory (RocksDB's caches and memtables, the process's
+//! resident set) and writes (RocksDB's bytes by kind, the process's bytes sent to disk).
+//! Gathered here, in one place, by [`Store::metrics`](crate::Store::metrics); the node renders
+//! them as Prometheus text.
+//!
+//! The process figures come from `/proc` (Linux); where it cannot be read (another system, a
+//! sandbox that hides `/proc/self/io`) they are `None`, never an error: metrics must not fail
+//! a node.
+
+/// RocksDB's memory, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreMemory {
+    /// The budget the store was opened with.
+    pub budget_bytes: u64,
+    /// Capacity of the shared block cache.
+    pub block_cache_capacity_bytes: u64,
+    /// Bytes in the block cache: data, index and filter blocks, and the memtables'
+    /// reservation (the write buffer manager charges them to the cache).
+    pub block_cache_usage_bytes: u64,
+    /// Bytes of the cache pinned (by iterators, and the level-0 index and filter blocks).
+    pub block_cache_pinned_bytes: u64,
+    /// Memtables of every column family (active, immutable and being flushed).
+    pub memtable_bytes: u64,
+    /// Table readers' memory outside the block cache, summed over the column families.
+    pub table_readers_bytes: u64,
+}
+
+/// Bytes RocksDB wrote since the store opened, by kind (RocksDB statistics' tickers).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreIo {
+    /// Bytes of the writes asked of RocksDB (keys and values, before compression).
+    pub user_written_bytes: u64,
+    /// Bytes appended to the write-ahead log.
+    pub wal_written_bytes: u64,
+    /// Bytes of SST files written by memtable flushes.
+    pub flush_written_bytes: u64,
+    /// Bytes of SST files written by compactions.
+    pub compaction_written_bytes: u64,
+}
+
+/// The process's own figures (every store of the process shares them); `None` where `/proc`
+/// could not be read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessUsage {
+    /// Resident set size (`VmRSS` of `/proc/self/status`).
+    pub resident_bytes: Option<u64>,
+    /// Bytes the process caused to be sent to the storage layer (`write_bytes` of
+    /// `/proc/self/io`).
+    pub disk_written_bytes: Option<u64>,
+}
+
+impl ProcessUsage {
+    /// Reads `/proc/self` now (small in-memory files, but a read: call it off async threads).
+    pub fn read() -> ProcessUsage {
+        let read = |path: &str| std::fs::read_to_string(path).ok();
+        ProcessUsage {
+            resident_bytes: read("/proc/self/status").as_deref().and_then(resident_bytes_of_status),
+            disk_written_bytes: read("/proc/self/io").as_deref().and_then(write_bytes_of_io),
+        }
+    }
+}
+
+/// Everything [`Store::metrics`](crate::Store::metrics) gathers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreMetrics {
+    /// RocksDB's memory.
+    pub memory: StoreMemory,
+    /// RocksDB's writes.
+    pub io: StoreIo,
+    /// The process's resident memory and disk writes.
+    pub process: ProcessUsage,
+}
+
+/// `VmRSS` of a `/proc/<pid>/status` text, in bytes (the file gives kB).
+pub fn resident_bytes_of_status(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let mut words = line["VmRSS:".len()..].split_whitespace();
+    let value: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") => value.checked_mul(1024),
+        _ => None,
+    }
+}
+
+/// `write_bytes` of a `/proc/<pid>/io` text.
+pub fn write_bytes_of_io(io: &str) -> Option<u64> {
+    io.lines().find_map(|l| l.strip_prefix("write_bytes:")).and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_texts_parse_and_bad_ones_are_none() {
+        let status = "Name:\tflotilla\nVmPeak:\t  200 kB\nVmRSS:\t   12345 kB\nThreads:\t9\n";
+        assert_eq!(resident_bytes_of_status(status), Some(12345 * 1024));
+        assert_eq!(resident_bytes_of_status("VmRSS: 12 MB\n"), None);
+        assert_eq!(resident_bytes_of_status("Name: x\n"), None);
+        let io = "rchar: 10\nwchar: 20\nread_bytes: 4096\nwrite_bytes: 8192\ncancelled_write_bytes: 0\n";
+        assert_eq!(write_bytes_of_io(io), Some(8192));
+        assert_eq!(write_bytes_of_io("write_bytes: lots\n"), None);
+        assert_eq!(write_bytes_of_io(""), None);
+    }
+
+    #[test]
+    fn this_process_reads_its_resident_set() {
+        // Linux is where the tests run; elsewhere there is nothing to read.
+        if std::path::Path::new("/proc/self/status").exists() {
+            let rss = ProcessUsage::read().resident_bytes.unwrap_or(0);
+            assert!(rss > 1 << 20, "resident set of {rss} bytes");
+        }
+    }
+}
