@@ -60,7 +60,7 @@ struct Cluster {
 
 impl Cluster {
     fn new() -> Cluster {
-        let config = Arc::new(Config { snapshot_threshold_entries: 0, ..Config::default() });
+        let config = Arc::new(Config::default());
         let mut nodes: Vec<Node> = (1..=3u64)
             .map(|id| Node {
                 engine: Engine::new(NodeId(id), config.clone(), InitialState::default(), id, Millis(0)),
@@ -131,7 +131,7 @@ fn driver(c: &mut Criterion) {
     let rafts: Vec<Raft> = rt.block_on(async {
         let mut rafts = Vec::new();
         for id in 1..=3u64 {
-            let config = Config { snapshot_threshold_entries: 0, ..Config::fast() };
+            let config = Config::fast();
             let r = Raft::start(
                 NodeId(id),
                 GroupId(1),

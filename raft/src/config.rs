@@ -28,12 +28,15 @@ pub struct Config {
     /// Bytes of already-persisted entries the leader keeps in memory for replication. Entries
     /// not yet durable are always kept (they are not in storage yet).
     pub entry_cache_bytes_max: usize,
-    /// Build a snapshot once this many entries were applied since the last one (0: never
-    /// automatically; `trigger_snapshot` still works).
-    pub snapshot_threshold_entries: u64,
-    /// Entries kept in the log behind a snapshot, so a follower lagging a little catches up
-    /// from the log rather than by snapshot.
-    pub log_keep_entries_after_snapshot: u64,
+    /// Entries kept in the log behind the state machine's durable applied index, so a
+    /// follower lagging a little catches up from the log rather than by snapshot.
+    pub log_keep_entries: u64,
+    /// A leader keeps the entries a follower still needs unless it lags by more than this many
+    /// entries (then the follower gets a snapshot): a bound on the disk a slow or dead
+    /// follower can pin.
+    pub log_lag_entries_max: u64,
+    /// Purge the log in steps of at least this many entries (one write each).
+    pub log_purge_step_entries: u64,
     /// Bytes of snapshot data in one message.
     pub snapshot_chunk_bytes: usize,
     /// Snapshot chunks in flight to one follower.
@@ -93,8 +96,9 @@ impl Default for Config {
             append_bytes_max: 1 << 20,
             append_entries_max: 4096,
             entry_cache_bytes_max: 4 << 20,
-            snapshot_threshold_entries: 10_000,
-            log_keep_entries_after_snapshot: 1000,
+            log_keep_entries: 1000,
+            log_lag_entries_max: 50_000,
+            log_purge_step_entries: 256,
             snapshot_chunk_bytes: 1 << 20,
             snapshot_chunks_in_flight_max: 4,
             snapshot_resend_ms: 2000,
@@ -139,6 +143,9 @@ impl Config {
         }
         if self.inflight_msgs_max == 0 || self.append_entries_max == 0 || self.append_bytes_max == 0 {
             return bad("replication limits must be positive");
+        }
+        if self.log_purge_step_entries == 0 {
+            return bad("log_purge_step_entries must be positive");
         }
         if self.snapshot_chunk_bytes == 0 || self.snapshot_chunks_in_flight_max == 0 {
             return bad("snapshot limits must be positive");

@@ -12,7 +12,8 @@
 //! 1. Feed inputs: [`GroupCore::handle_request`], [`GroupCore::handle_message`],
 //!    [`GroupCore::handle_timeout`] once `now >= next_deadline()`, and the completions of the
 //!    actions below (`handle_io_done`, `handle_entries_loaded`, `handle_applied`,
-//!    `handle_snapshot_built`, `handle_snapshot_installed`).
+//!    `handle_applied_durable`, `handle_snapshot_built`, `handle_snapshot_read`,
+//!    `handle_snapshot_installed`, `handle_snapshot_refused`).
 //! 2. After inputs, drain [`GroupCore::poll_action`] and execute each action:
 //!    - [`CoreAction::Log`]: in the order polled, on the log store. `Write`s become durable,
 //!      then report `handle_io_done(io)`; `SaveCommitted` reports nothing; `Load` runs after
@@ -25,12 +26,12 @@ use crate::engine::{Action, Engine, IoId, ReadMode};
 use crate::entry::Entry;
 use crate::error::{Fatal, RaftError, StorageError};
 use crate::membership::Membership;
-use crate::message::{Message, MessageBody};
+use crate::message::Message;
 use crate::request::Request;
 pub use crate::request::{DoneReply, IndexReply, WriteReply};
-use crate::storage::{Snapshot, SnapshotMeta};
+use crate::storage::SnapshotMeta;
 use crate::types::{LogId, LogIndex, Millis, NodeId, Term};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tracing::warn;
 
@@ -90,10 +91,37 @@ pub enum MachineAction {
         /// The entries, if the engine had them in memory.
         entries: Option<Vec<Entry>>,
     },
-    /// Build a snapshot, then report `handle_snapshot_built`.
+    /// Build a snapshot (a follower needs one), then report `handle_snapshot_built`.
     Build,
-    /// Install this received snapshot, then report `handle_snapshot_installed`.
-    Install(Snapshot),
+    /// Read bytes `offset..offset+len` of the snapshot `meta`, then report
+    /// `handle_snapshot_read` (with `None` if the state machine no longer has it).
+    ReadChunk {
+        /// Recipient of the chunk.
+        to: NodeId,
+        /// The snapshot.
+        meta: SnapshotMeta,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Whether it is the last chunk.
+        done: bool,
+    },
+    /// Release the snapshot `meta` (no transfer uses it). Reports nothing.
+    Drop(SnapshotMeta),
+    /// Store the next received bytes of the snapshot `meta`. Reports nothing unless the state
+    /// machine refuses them (`handle_snapshot_refused`).
+    Receive {
+        /// The snapshot.
+        meta: SnapshotMeta,
+        /// Bytes received before these.
+        offset: u64,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// Install the fully received snapshot `meta`, then report `handle_snapshot_installed` (or
+    /// `handle_snapshot_refused`).
+    Install(SnapshotMeta),
 }
 
 struct Batch {
@@ -111,10 +139,6 @@ struct PendingWrite {
 /// One group's engine and its callers' pending requests. See the module documentation.
 pub struct GroupCore {
     engine: Engine,
-    /// The current snapshot (built or installed), for sending chunks.
-    snapshot: Option<Snapshot>,
-    /// Chunks of the snapshot being received.
-    receiving: BytesMut,
     /// Proposed entries waiting to be applied, by index.
     writes: BTreeMap<LogIndex, PendingWrite>,
     batches: HashMap<u64, Batch>,
@@ -139,12 +163,10 @@ pub struct GroupCore {
 }
 
 impl GroupCore {
-    /// Wraps `engine`; `snapshot` is the state machine's current snapshot, if any.
-    pub fn new(engine: Engine, snapshot: Option<Snapshot>) -> GroupCore {
+    /// Wraps `engine`.
+    pub fn new(engine: Engine) -> GroupCore {
         GroupCore {
             engine,
-            snapshot,
-            receiving: BytesMut::new(),
             writes: BTreeMap::new(),
             batches: HashMap::new(),
             next_batch: 0,
@@ -199,8 +221,8 @@ impl GroupCore {
             Request::RemoveLearner(node, reply) => self.remove_learner(now, node, reply),
             Request::ChangeMembership(voters, reply) => self.change_membership(now, voters, reply),
             Request::TransferLeader(target, reply) => self.transfer_leader(now, target, reply),
-            Request::TriggerSnapshot(reply) => {
-                let _ = reply.send(self.check_alive().map(|()| self.trigger_snapshot()));
+            Request::CompactLog(reply) => {
+                let _ = reply.send(self.check_alive().map(|()| self.compact_log()));
             }
         }
     }
@@ -325,18 +347,18 @@ impl GroupCore {
         }
     }
 
-    /// Asks for a snapshot now.
-    pub fn trigger_snapshot(&mut self) {
-        self.engine.trigger_snapshot();
+    /// Purges the log now up to what the state machine holds durably.
+    pub fn compact_log(&mut self) {
+        self.engine.compact_log();
     }
 
-    /// Drops the current snapshot because it no longer describes the state machine (e.g. the
-    /// state machine's key range narrowed, and a receiver must never get the wider one), and
-    /// asks for a new one. Until it is built, transfers of the dropped one send nothing and
-    /// restart with the new one.
-    pub fn discard_snapshot(&mut self) {
-        self.snapshot = None;
-        self.engine.trigger_snapshot();
+    /// Ends the transfers of every snapshot built so far and drops them: they no longer
+    /// describe the state machine (e.g. its key range narrowed, and a receiver must never get
+    /// the wider one). Followers that still need a snapshot get one built afterwards.
+    pub fn discard_snapshots(&mut self, now: Millis) {
+        if self.fatal.is_none() {
+            self.engine.discard_snapshots(now);
+        }
     }
 
     fn check_alive(&self) -> Result<(), RaftError> {
@@ -399,29 +421,56 @@ impl GroupCore {
         self.check_waits();
     }
 
-    /// A `Build` action finished.
-    pub fn handle_snapshot_built(&mut self, now: Millis, snapshot: Snapshot) {
-        let meta = snapshot.meta.clone();
-        // Keep it only if the engine will adopt it (it ignores one that is not newer), so
-        // chunks are always served from the snapshot the engine names.
-        if self.snapshot.as_ref().is_none_or(|s| s.meta.last_log_id < meta.last_log_id) {
-            self.snapshot = Some(snapshot);
+    /// The state machine's applied state is durable up to `index`: the log may be purged
+    /// behind it.
+    pub fn handle_applied_durable(&mut self, index: LogIndex) {
+        if self.fatal.is_none() {
+            self.engine.handle_applied_durable(index);
         }
-        self.engine.handle_snapshot_built(now, meta);
+    }
+
+    /// A `Build` action finished.
+    pub fn handle_snapshot_built(&mut self, now: Millis, meta: SnapshotMeta) {
+        if self.fatal.is_none() {
+            self.engine.handle_snapshot_built(now, meta);
+        }
+    }
+
+    /// A `ReadChunk` action finished (`data` is `None` if the snapshot is gone).
+    pub fn handle_snapshot_read(
+        &mut self,
+        now: Millis,
+        to: NodeId,
+        meta: SnapshotMeta,
+        offset: u64,
+        data: Option<Bytes>,
+        done: bool,
+    ) {
+        if self.fatal.is_none() {
+            self.engine.handle_snapshot_read(now, to, meta, offset, data, done);
+        }
     }
 
     /// An `Install` action finished.
-    pub fn handle_snapshot_installed(&mut self, now: Millis, snapshot: Snapshot) {
-        let meta = snapshot.meta.clone();
+    pub fn handle_snapshot_installed(&mut self, now: Millis, meta: SnapshotMeta) {
+        if self.fatal.is_some() {
+            return;
+        }
         // Proposals at or below the snapshot: this node proposed them as leader, then fell
         // behind; whether they committed is unknown here.
         let below: Vec<LogIndex> = self.writes.range(..=meta.last_log_id.index).map(|(i, _)| *i).collect();
         for i in below {
             self.fail_write(i, RaftError::Indeterminate { index: i });
         }
-        self.snapshot = Some(snapshot);
         self.engine.handle_snapshot_installed(now, meta);
         self.check_waits();
+    }
+
+    /// A `Receive` or `Install` action found the snapshot corrupt.
+    pub fn handle_snapshot_refused(&mut self, now: Millis, meta: SnapshotMeta, reason: &str) {
+        if self.fatal.is_none() {
+            self.engine.handle_snapshot_refused(now, meta, reason);
+        }
     }
 
     /// Storage failed or the group is shutting down: every pending and later request fails
@@ -494,29 +543,14 @@ impl GroupCore {
                     return Some(CoreAction::Machine(MachineAction::Apply { first, last, entries }))
                 }
                 Action::BuildSnapshot => return Some(CoreAction::Machine(MachineAction::Build)),
-                Action::SendSnapshotChunk { to, meta, offset, len, done } => {
-                    if let Some(msg) = self.chunk(to, meta, offset, len, done) {
-                        return Some(CoreAction::Send(msg));
-                    }
+                Action::ReadSnapshotChunk { to, meta, offset, len, done } => {
+                    return Some(CoreAction::Machine(MachineAction::ReadChunk { to, meta, offset, len, done }))
                 }
+                Action::DropSnapshot { meta } => return Some(CoreAction::Machine(MachineAction::Drop(meta))),
                 Action::ReceiveSnapshotChunk { meta, offset, data } => {
-                    if offset == 0 {
-                        self.receiving.clear();
-                        self.receiving.reserve(meta.size_bytes.min(64 << 20) as usize);
-                    }
-                    self.receiving.extend_from_slice(&data);
+                    return Some(CoreAction::Machine(MachineAction::Receive { meta, offset, data }))
                 }
-                Action::InstallSnapshot { meta } => {
-                    let data = std::mem::take(&mut self.receiving).freeze();
-                    if data.len() as u64 != meta.size_bytes {
-                        self.fail(StorageError::new(
-                            "install_snapshot",
-                            format!("received {} bytes, snapshot has {}", data.len(), meta.size_bytes),
-                        ));
-                        return None;
-                    }
-                    return Some(CoreAction::Machine(MachineAction::Install(Snapshot { meta, data })));
-                }
+                Action::InstallSnapshot { meta } => return Some(CoreAction::Machine(MachineAction::Install(meta))),
                 Action::ReadReady { id, index } => {
                     if let Some((wait_apply, reply)) = self.reads.remove(&id) {
                         if wait_apply && index > self.engine.applied() {
@@ -533,25 +567,6 @@ impl GroupCore {
                 }
             }
         }
-    }
-
-    fn chunk(&mut self, to: NodeId, meta: SnapshotMeta, offset: u64, len: u64, done: bool) -> Option<Message> {
-        let s = self.snapshot.as_ref()?;
-        if s.meta != meta {
-            warn!(%to, "snapshot changed before its chunk was sent; the transfer will restart");
-            return None;
-        }
-        let (start, end) = (offset as usize, (offset + len) as usize);
-        if end > s.data.len() {
-            return None;
-        }
-        let data = s.data.slice(start..end);
-        Some(Message {
-            from: self.engine.id(),
-            to,
-            term: self.engine.term(),
-            body: MessageBody::Snapshot { meta, offset, data, done },
-        })
     }
 
     fn complete_write(&mut self, log_id: LogId, data: Bytes) {

@@ -168,7 +168,7 @@ pub use membership::{Membership, StoredMembership};
 pub use message::{AppendResult, Message, MessageBody};
 pub use network::Network;
 pub use request::Request;
-pub use storage::{AppliedState, LogState, LogStorage, Snapshot, SnapshotMeta, StateMachine};
+pub use storage::{AppliedState, LogState, LogStorage, Snapshot, SnapshotError, SnapshotMeta, StateMachine};
 pub use types::{GroupId, LogId, LogIndex, Millis, NodeId, Term, Vote};
 
 #[cfg(feature = "testing")]

@@ -91,6 +91,9 @@ pub enum MessageBody {
         next_offset: u64,
         /// Set once the snapshot is installed: the log id it ended at.
         installed: Option<LogId>,
+        /// The receiver found the snapshot corrupt: the sender builds a new one rather than
+        /// resend the same bytes.
+        refused: bool,
     },
 }
 

@@ -47,8 +47,8 @@ pub enum Request {
     ChangeMembership(BTreeSet<NodeId>, IndexReply),
     /// Hand leadership to this voter; answered once this node sees it lead.
     TransferLeader(NodeId, DoneReply),
-    /// Build a snapshot now (if anything was applied since the last); answered at once.
-    TriggerSnapshot(DoneReply),
+    /// Purge the log now up to what the state machine holds durably; answered at once.
+    CompactLog(DoneReply),
 }
 
 impl Request {
@@ -56,7 +56,7 @@ impl Request {
     pub fn refuse(self, error: RaftError) {
         // A caller that stopped waiting dropped its receiver: nothing to tell it.
         match self {
-            Request::Initialize(_, r) | Request::TransferLeader(_, r) | Request::TriggerSnapshot(r) => {
+            Request::Initialize(_, r) | Request::TransferLeader(_, r) | Request::CompactLog(r) => {
                 let _ = r.send(Err(error));
             }
             Request::Write(_, r) => {

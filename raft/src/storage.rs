@@ -77,14 +77,15 @@ pub struct SnapshotMeta {
     pub last_log_id: LogId,
     /// The configuration in force at `last_log_id`.
     pub membership: StoredMembership,
-    /// Unique per snapshot built by one node (e.g. a counter); tells chunks of different
-    /// snapshots apart.
+    /// Unique per snapshot built by one node (e.g. a counter or a clock reading); tells chunks
+    /// of different snapshots apart.
     pub snapshot_id: u64,
-    /// Size of the data in bytes.
+    /// Size of the snapshot's byte stream.
     pub size_bytes: u64,
 }
 
-/// A snapshot: its description and its data.
+/// A snapshot held whole in memory: its description and its bytes. Only for small state
+/// machines and tests; the [`StateMachine`] API itself streams snapshots in chunks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Snapshot {
     /// What the snapshot is.
@@ -102,26 +103,70 @@ pub struct AppliedState {
     pub membership: StoredMembership,
 }
 
+/// Why receiving or installing a snapshot failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    /// The received bytes are not a valid snapshot (a checksum does not match, a header is
+    /// malformed): the transfer is refused and the sender builds a new snapshot. The group
+    /// goes on.
+    #[error("snapshot refused: {0}")]
+    Refused(String),
+    /// Storage failed: the group stops.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
 /// The application's state machine.
 ///
-/// Contract:
+/// # Contract
 /// 1. `apply` receives committed entries in log order, each exactly once per process life;
 ///    after a restart, entries after `applied_state().last_applied` are applied again, so the
 ///    applied index must be stored atomically with the effects of the entries.
 /// 2. `apply` returns one response per entry (blank and membership entries included: return
 ///    an empty response for those). The response reaches the client that proposed the entry.
-/// 3. `build_snapshot` captures the state at the last applied entry; `install_snapshot`
-///    replaces the whole state with a snapshot's (and its applied index with the snapshot's).
-/// 4. An `Err` stops the group.
+/// 3. **Log compaction follows durability, not snapshots.** `durable_applied` tells how far
+///    the applied state survives a crash; Raft purges its log only up to there, so a restart
+///    never needs an entry that is gone. An on-disk state machine reports what its store has
+///    synced (with a write-ahead log shared with the Raft log, any later synced write makes
+///    earlier unsynced ones durable); an in-memory one reports the index of its last
+///    durable checkpoint.
+/// 4. **Snapshots are built on demand and streamed.** `build_snapshot` is called only when a
+///    follower needs entries that were purged; it captures the state at the last applied
+///    entry and keeps it readable by offset (`read_snapshot`) until `drop_snapshot`. A
+///    receiver gets the stream in order through `receive_snapshot` (offset 0 starts a new
+///    reception and abandons any other) and then `install_snapshot`, which replaces the whole
+///    state (and the applied index) with the snapshot's, durably. Neither side need hold a
+///    whole snapshot in memory.
+/// 5. A `StorageError` stops the group; [`SnapshotError::Refused`] only ends that transfer.
 pub trait StateMachine: Send + 'static {
     /// The applied index and configuration, read at start-up.
     fn applied_state(&mut self) -> impl Future<Output = Result<AppliedState, StorageError>> + Send;
     /// Applies committed entries and returns their responses.
     fn apply(&mut self, entries: Vec<Entry>) -> impl Future<Output = Result<Vec<Bytes>, StorageError>> + Send;
-    /// Builds a snapshot of the current state and keeps it as the current snapshot.
-    fn build_snapshot(&mut self) -> impl Future<Output = Result<Snapshot, StorageError>> + Send;
-    /// The current snapshot (the last built or installed), if any.
-    fn current_snapshot(&mut self) -> impl Future<Output = Result<Option<Snapshot>, StorageError>> + Send;
-    /// Replaces the state with `snapshot` and keeps it as the current snapshot.
-    fn install_snapshot(&mut self, snapshot: Snapshot) -> impl Future<Output = Result<(), StorageError>> + Send;
+    /// The last applied index whose effects survive a crash (see the contract, point 3).
+    fn durable_applied(&mut self) -> impl Future<Output = Result<LogIndex, StorageError>> + Send;
+    /// Builds a snapshot of the state at the last applied entry and keeps it readable until
+    /// `drop_snapshot`. Returns its description.
+    fn build_snapshot(&mut self) -> impl Future<Output = Result<SnapshotMeta, StorageError>> + Send;
+    /// Bytes `offset..offset + len` of the snapshot `meta` built (always within its size);
+    /// `None` if this machine no longer has it (the process restarted, it was dropped): the
+    /// transfer then starts over with a new snapshot.
+    fn read_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Option<Bytes>, StorageError>> + Send;
+    /// Releases a snapshot `build_snapshot` made (no longer needed by any transfer).
+    fn drop_snapshot(&mut self, meta: &SnapshotMeta) -> impl Future<Output = Result<(), StorageError>> + Send;
+    /// Stores the next bytes of the snapshot `meta` being received: `offset` is the number of
+    /// bytes received before (0 starts a new reception, abandoning any other).
+    fn receive_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        offset: u64,
+        data: Bytes,
+    ) -> impl Future<Output = Result<(), SnapshotError>> + Send;
+    /// Every byte of `meta` was received: check it and replace the state with it, durably.
+    fn install_snapshot(&mut self, meta: &SnapshotMeta) -> impl Future<Output = Result<(), SnapshotError>> + Send;
 }

@@ -32,7 +32,7 @@ impl Group {
     fn new(id: u64, voters: &[u64]) -> Group {
         let engine = Engine::new(NodeId(id), Arc::new(Config::default()), InitialState::default(), id, Millis(0));
         let mut g = Group {
-            core: GroupCore::new(engine, None),
+            core: GroupCore::new(engine),
             now: Millis(0),
             log: Vec::new(),
             to_apply: Vec::new(),

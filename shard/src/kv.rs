@@ -2,24 +2,32 @@
 //! shard's key range, stored in the shared `data` column family.
 //!
 //! Applying writes the data and the group's applied id in one batch, without fsync: the log is
-//! durable, and replay after a crash is idempotent (the applied id says where to resume).
+//! durable, and replay after a crash is idempotent (the applied id says where to resume). The
+//! store has one write-ahead log, so the next synced write of any group makes the batch
+//! durable; from then on the log behind it may be purged (`durable_applied`). Snapshots are
+//! built only for a transfer, as files (see [`crate::kv_snapshot`]).
 
 use crate::keys::meta_key;
 use crate::keys::{
-    decode, encode, group_key, KIND_APPLIED, KIND_COMMITTED, KIND_INSTALLING, KIND_LOG_STATE, KIND_SNAPSHOT_DATA,
-    KIND_SNAPSHOT_META, KIND_VOTE,
+    decode, encode, group_key, KIND_APPLIED, KIND_COMMITTED, KIND_LOG_STATE, KIND_SNAPSHOT_DATA, KIND_SNAPSHOT_META,
+    KIND_VOTE,
 };
-use crate::kv_snapshot::check_snapshot_range;
+use crate::kv_snapshot::{self, BuiltSnapshot, ReceivingSnapshot};
 use crate::store::{Op, Store, CF_DATA, CF_META, CF_RAFT};
 use bytes::Bytes;
 use flotilla_raft::{
-    AppliedState, Entry, EntryPayload, GroupId, LogId, NodeId, Snapshot, SnapshotMeta, StateMachine, StorageError,
-    StoredMembership,
+    AppliedState, Entry, EntryPayload, GroupId, LogId, LogIndex, NodeId, SnapshotError, SnapshotMeta, StateMachine,
+    StorageError, StoredMembership,
 };
 use rocksdb::{Direction, IteratorMode};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+/// Locks `m`; a poisoned lock is still usable (every holder leaves its data consistent).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Longest key a command may carry: keeps every key below the unbounded range's end marker.
 pub const KEY_BYTES_MAX: usize = 1000;
@@ -343,33 +351,6 @@ pub(crate) struct AppliedRecord {
     pub(crate) membership: StoredMembership,
 }
 
-/// What a snapshot's data is: the shard's range and an SST file of its key-values at the
-/// snapshot's applied index (`None` when the range was empty: RocksDB cannot write an empty
-/// SST file). The SST file carries, besides the keys, a range deletion of the whole range, so
-/// ingesting it clears what the receiver held there and loads the snapshot in one step.
-///
-/// The range comes first: [`snapshot_data_range`] reads it from the first chunk of a transfer.
-#[derive(Serialize, Deserialize)]
-struct SnapshotData {
-    range: KeyRange,
-    sst: Option<Vec<u8>>,
-}
-
-/// Bytes a range can take in a snapshot's encoding (two keys of at most [`KEY_BYTES_MAX`] and
-/// their lengths), with room to spare: a bound on what decoding a range may allocate.
-const RANGE_ENCODED_BYTES_MAX: usize = 4096;
-
-/// The key range of a snapshot, read from the start of its data (the whole data or only its
-/// first chunk: the checksum is not checked, so this is for deciding whether to receive a
-/// snapshot; the installation checks the whole record). `None` if it cannot be read.
-pub fn snapshot_data_range(data: &[u8]) -> Option<KeyRange> {
-    if data.len() < crate::keys::RECORD_HEADER_BYTES || data[0] != crate::keys::RECORD_VERSION {
-        return None;
-    }
-    let config = bincode::config::standard().with_limit::<RANGE_ENCODED_BYTES_MAX>();
-    bincode::serde::decode_from_slice(&data[crate::keys::RECORD_HEADER_BYTES..], config).ok().map(|(r, _)| r)
-}
-
 /// The exclusive upper bound used for a range with no end: above every key of at most this
 /// many 0xff bytes. Keys are limited well below it.
 pub(crate) const UNBOUNDED_END: [u8; 1024] = [0xff; 1024];
@@ -391,7 +372,18 @@ pub struct KvStateMachine {
 struct Life {
     retired: std::sync::atomic::AtomicBool,
     snapshot_work: tokio::sync::Mutex<()>,
+    /// Snapshots built for transfers and not yet dropped, by id.
+    built: Mutex<HashMap<u64, Arc<BuiltSnapshot>>>,
+    /// The snapshot being received, between chunks.
+    receiving: Mutex<Option<ReceivingSnapshot>>,
+    /// Through the trait's `apply` (a host tracks it itself): the applied index durable so
+    /// far, and the indexes applied after it with the store batch each was written in.
+    durable: Mutex<(LogIndex, VecDeque<(u64, LogIndex)>)>,
 }
+
+/// Bytes of keys and values per SST file of a snapshot: the unit a receiver verifies and
+/// ingests.
+pub const SNAPSHOT_FILE_BYTES_MAX: u64 = 64 << 20;
 
 impl KvStateMachine {
     /// The state machine of `group`, owning `range`.
@@ -490,6 +482,93 @@ impl KvStateMachine {
                 Ok(r.last_applied.is_some() && r.membership.membership.contains(node))
             })
             .await
+    }
+
+    /// Releases the snapshot built with `snapshot_id` (its files go).
+    pub fn drop_built(&self, snapshot_id: u64) {
+        lock(&self.life.built).remove(&snapshot_id);
+    }
+
+    /// The key range of the snapshot being received, once its header arrived.
+    pub fn receiving_range(&self) -> Option<KeyRange> {
+        lock(&self.life.receiving).as_ref().and_then(|r| r.range().cloned())
+    }
+
+    /// Builds a snapshot of the shard for a transfer (blocking); it stays readable until
+    /// dropped.
+    pub fn build_snapshot_blocking(&self) -> Result<SnapshotMeta, StorageError> {
+        self.check_live("snapshot")?;
+        // Clock-based: unique across restarts of this node, which forget earlier snapshots.
+        let snapshot_id = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default();
+        let (meta, built) =
+            BuiltSnapshot::build(&self.store, self.group, &self.range(), snapshot_id, SNAPSHOT_FILE_BYTES_MAX)?;
+        lock(&self.life.built).insert(meta.snapshot_id, Arc::new(built));
+        Ok(meta)
+    }
+
+    /// Bytes of a built snapshot (blocking); `None` if it is gone.
+    pub fn read_snapshot_blocking(
+        &self,
+        meta: &SnapshotMeta,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Bytes>, StorageError> {
+        let built = lock(&self.life.built).get(&meta.snapshot_id).cloned();
+        match built {
+            Some(b) if b.size_bytes() == meta.size_bytes => b.read(offset, len).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Stores the next bytes of the snapshot being received (blocking); offset 0 starts a new
+    /// reception and abandons any other.
+    pub fn receive_snapshot_blocking(
+        &self,
+        meta: &SnapshotMeta,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), SnapshotError> {
+        self.check_live("receive_snapshot")?;
+        let mut slot = lock(&self.life.receiving);
+        if offset == 0 {
+            *slot = None; // its files go before the new transfer's are created
+            *slot = Some(ReceivingSnapshot::begin(&self.store, self.group, meta)?);
+        }
+        let Some(r) = slot.as_mut().filter(|r| r.meta() == meta) else {
+            return Err(SnapshotError::Refused(format!(
+                "group {}: a chunk at {offset} of snapshot {} that is not being received",
+                self.group, meta.snapshot_id
+            )));
+        };
+        let written = r.write(offset, data);
+        if written.is_err() {
+            // The transfer is over: the sender starts again (with a new snapshot if refused).
+            *slot = None;
+        }
+        written
+    }
+
+    /// Installs the snapshot received whole (blocking): checked, then ingested crash-safely.
+    pub fn install_snapshot_blocking(&self, meta: &SnapshotMeta) -> Result<(), SnapshotError> {
+        self.check_live("install_snapshot")?;
+        let Some(r) = lock(&self.life.receiving).take() else {
+            return Err(SnapshotError::Refused(format!("group {}: no snapshot was received to install", self.group)));
+        };
+        if r.meta() != meta {
+            return Err(SnapshotError::Refused(format!(
+                "group {}: received snapshot {}, asked to install {}",
+                self.group,
+                r.meta().snapshot_id,
+                meta.snapshot_id
+            )));
+        }
+        let received = r.finish()?;
+        let adopted = kv_snapshot::install(&self.store, self.group, &self.range(), received)?;
+        self.set_range(adopted);
+        Ok(())
     }
 
     fn set_range(&self, range: KeyRange) {
@@ -602,14 +681,11 @@ impl StateMachine for KvStateMachine {
             .store
             .blocking(move |s| {
                 // A crash during a snapshot installation: finish it before reporting.
-                let installing = s
-                    .db()
-                    .get_cf(s.cf(CF_RAFT)?, group_key(g, KIND_INSTALLING))
-                    .map_err(|e| StorageError::new("read", e.to_string()))?;
-                let mut adopted = None;
-                if installing.is_some() {
-                    tracing::warn!(group = %g, "finishing a snapshot installation interrupted by a crash");
-                    adopted = Some(finish_install(s, g, &range)?);
+                let adopted = kv_snapshot::finish_interrupted_install(s, g, &range)?;
+                // Snapshots were once kept as RocksDB values; they are built on demand now.
+                let cf = s.cf(CF_RAFT)?;
+                for kind in [KIND_SNAPSHOT_META, KIND_SNAPSHOT_DATA] {
+                    s.db().delete_cf(cf, group_key(g, kind)).map_err(|e| StorageError::new("write", e.to_string()))?;
                 }
                 Ok((Self::read_applied(s, g)?, adopted))
             })
@@ -618,11 +694,14 @@ impl StateMachine for KvStateMachine {
         if let Some(range) = adopted {
             self.set_range(range);
         }
+        let applied = r.last_applied.map(|l| l.index).unwrap_or_default();
+        lock(&self.life.durable).0 = applied;
         Ok(AppliedState { last_applied: r.last_applied, membership: r.membership })
     }
 
     async fn apply(&mut self, entries: Vec<Entry>) -> Result<Vec<Bytes>, StorageError> {
         let (g, mut range) = (self.group, self.range());
+        let last = entries.last().map(|e| e.log_id.index);
         let (p, range) = self
             .store
             .blocking(move |s| {
@@ -631,181 +710,63 @@ impl StateMachine for KvStateMachine {
             })
             .await?;
         self.store.write(p.ops, false).await?;
+        if let Some(last) = last {
+            let batch = self.store.stats().batches.load(std::sync::atomic::Ordering::Acquire);
+            lock(&self.life.durable).1.push_back((batch, last));
+        }
         // Splits narrow the range; starting the new group is a host's job.
         self.set_range(range);
         Ok(p.responses)
     }
 
-    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+    async fn durable_applied(&mut self) -> Result<LogIndex, StorageError> {
+        let synced = self.store.stats().durable_batches.load(std::sync::atomic::Ordering::Acquire);
+        let mut d = lock(&self.life.durable);
+        while let Some(&(batch, index)) = d.1.front() {
+            if batch > synced {
+                break;
+            }
+            d.0 = d.0.max(index);
+            d.1.pop_front();
+        }
+        Ok(d.0)
+    }
+
+    async fn build_snapshot(&mut self) -> Result<SnapshotMeta, StorageError> {
         let life = self.life.clone();
         let _working = life.snapshot_work.lock().await;
-        self.check_live("snapshot")?;
-        let (g, range) = (self.group, self.range());
-        let snapshot = self
-            .store
-            .blocking(move |s| {
-                // One RocksDB snapshot: the data and the applied id are read at the same point.
-                let snap = s.db().snapshot();
-                let applied: AppliedRecord = match snap
-                    .get_cf(s.cf(CF_RAFT)?, group_key(g, KIND_APPLIED))
-                    .map_err(|e| StorageError::new("snapshot", e.to_string()))?
-                {
-                    Some(b) => decode(&b, || format!("group {g} applied state"))?,
-                    None => AppliedRecord::default(),
-                };
-                let snapshot_id = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or_default();
-                let path = s.scratch_path(&format!("snapshot-{g}-{snapshot_id}.sst"))?;
-                let sst = write_sst(s, &path, &range, |put| {
-                    for item in snap.iterator_cf(s.cf(CF_DATA)?, IteratorMode::From(&range.start, Direction::Forward)) {
-                        let (k, v) = item.map_err(|e| StorageError::new("snapshot", e.to_string()))?;
-                        if !range.contains(&k) {
-                            break;
-                        }
-                        put(&k, &v)?;
-                    }
-                    Ok(())
-                });
-                let _ = std::fs::remove_file(&path);
-                let data = Bytes::from(encode(&SnapshotData { range, sst: sst? })?);
-                let snapshot_id = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or_default();
-                let meta = SnapshotMeta {
-                    last_log_id: applied.last_applied.unwrap_or_default(),
-                    membership: applied.membership,
-                    snapshot_id,
-                    size_bytes: data.len() as u64,
-                };
-                Ok(Snapshot { meta, data })
-            })
-            .await?;
-        let ops = vec![
-            Op::Put(CF_RAFT, group_key(g, KIND_SNAPSHOT_META).to_vec(), encode(&snapshot.meta)?),
-            Op::Put(CF_RAFT, group_key(g, KIND_SNAPSHOT_DATA).to_vec(), snapshot.data.to_vec()),
-        ];
-        self.store.write(ops, true).await?;
-        Ok(snapshot)
+        let sm = self.clone();
+        self.store.blocking(move |_| sm.build_snapshot_blocking()).await
     }
 
-    async fn current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let g = self.group;
+    async fn read_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Bytes>, StorageError> {
+        let (sm, meta) = (self.clone(), meta.clone());
+        self.store.blocking(move |_| sm.read_snapshot_blocking(&meta, offset, len)).await
+    }
+
+    async fn drop_snapshot(&mut self, meta: &SnapshotMeta) -> Result<(), StorageError> {
+        self.drop_built(meta.snapshot_id);
+        Ok(())
+    }
+
+    async fn receive_snapshot(&mut self, meta: &SnapshotMeta, offset: u64, data: Bytes) -> Result<(), SnapshotError> {
+        let (sm, meta) = (self.clone(), meta.clone());
         self.store
-            .blocking(move |s| {
-                let cf = s.cf(CF_RAFT)?;
-                let read =
-                    |kind| s.db().get_cf(cf, group_key(g, kind)).map_err(|e| StorageError::new("read", e.to_string()));
-                let (Some(meta), Some(data)) = (read(KIND_SNAPSHOT_META)?, read(KIND_SNAPSHOT_DATA)?) else {
-                    return Ok(None);
-                };
-                let meta: SnapshotMeta = decode(&meta, || format!("group {g} snapshot meta"))?;
-                // The data is itself a checksummed record: check it now rather than at install.
-                let _: SnapshotData = decode(&data, || format!("group {g} snapshot data"))?;
-                Ok(Some(Snapshot { meta, data: Bytes::from(data) }))
-            })
+            .blocking(move |_| Ok(sm.receive_snapshot_blocking(&meta, offset, &data)))
             .await
+            .map_err(SnapshotError::Storage)?
     }
 
-    async fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), StorageError> {
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta) -> Result<(), SnapshotError> {
         let life = self.life.clone();
         let _working = life.snapshot_work.lock().await;
         self.store.install_hold_point().await;
-        self.check_live("install_snapshot")?;
-        let (g, range) = (self.group, self.range());
-        // Check the data before touching anything.
-        let d: SnapshotData = decode(&snapshot.data, || format!("group {g} received snapshot"))?;
-        check_snapshot_range(g, &range, &d.range)?;
-        // 1. Durably: the snapshot itself and the intent to install it.
-        let ops = vec![
-            Op::Put(CF_RAFT, group_key(g, KIND_SNAPSHOT_META).to_vec(), encode(&snapshot.meta)?),
-            Op::Put(CF_RAFT, group_key(g, KIND_SNAPSHOT_DATA).to_vec(), snapshot.data.to_vec()),
-            Op::Put(CF_RAFT, group_key(g, KIND_INSTALLING).to_vec(), encode(&snapshot.meta.snapshot_id)?),
-        ];
-        self.store.write(ops, true).await?;
-        self.check_live("install_snapshot")?;
-        // 2 and 3: replace the range's data, then record the applied state and clear the intent.
-        let adopted = self.store.blocking(move |s| finish_install(s, g, &range)).await?;
-        self.set_range(adopted);
-        Ok(())
+        let (sm, meta) = (self.clone(), meta.clone());
+        self.store.blocking(move |_| Ok(sm.install_snapshot_blocking(&meta))).await.map_err(SnapshotError::Storage)?
     }
-}
-
-/// Steps 2 and 3 of an installation whose snapshot and intent are durable: ingest the SST file
-/// (its range deletion clears the old data; ingestion is atomic), then write the applied state
-/// and clear the intent in one synced batch. Idempotent: start-up repeats it after a crash.
-/// Returns the range the group owns after the installation (the snapshot's).
-pub(crate) fn finish_install(s: &Store, g: GroupId, range: &KeyRange) -> Result<KeyRange, StorageError> {
-    let cf = s.cf(CF_RAFT)?;
-    let read = |kind| s.db().get_cf(cf, group_key(g, kind)).map_err(|e| StorageError::new("read", e.to_string()));
-    let (Some(meta), Some(data)) = (read(KIND_SNAPSHOT_META)?, read(KIND_SNAPSHOT_DATA)?) else {
-        return Err(StorageError::new("install_snapshot", format!("group {g}: snapshot to install is missing")));
-    };
-    let meta: SnapshotMeta = decode(&meta, || format!("group {g} snapshot meta"))?;
-    let d: SnapshotData = decode(&data, || format!("group {g} snapshot data"))?;
-    check_snapshot_range(g, range, &d.range)?;
-    let range = &d.range;
-    let end = range.end.clone().unwrap_or_else(|| UNBOUNDED_END.to_vec());
-    let data_cf = s.cf(CF_DATA)?;
-    match d.sst {
-        Some(bytes) => {
-            let path = s.scratch_path(&format!("install-{g}-{}.sst", meta.snapshot_id))?;
-            std::fs::write(&path, &bytes)
-                .map_err(|e| StorageError::new("install_snapshot", format!("group {g}: {}: {e}", path.display())))?;
-            let mut opts = rocksdb::IngestExternalFileOptions::default();
-            opts.set_move_files(true);
-            let r = s.db().ingest_external_file_cf_opts(data_cf, &opts, vec![&path]);
-            let _ = std::fs::remove_file(&path);
-            r.map_err(|e| StorageError::new("install_snapshot", format!("group {g}: ingest: {e}")))?;
-        }
-        None => {
-            // An empty snapshot: just clear the range (durably, before the applied state).
-            let mut wo = rocksdb::WriteOptions::default();
-            wo.set_sync(true);
-            let mut b = rocksdb::WriteBatch::default();
-            b.delete_range_cf(data_cf, &range.start, &end);
-            s.db().write_opt(b, &wo).map_err(|e| StorageError::new("install_snapshot", e.to_string()))?;
-        }
-    }
-    let applied = AppliedRecord {
-        last_applied: Some(meta.last_log_id).filter(|l| *l != LogId::default()),
-        membership: meta.membership.clone(),
-    };
-    let mut b = rocksdb::WriteBatch::default();
-    b.put_cf(cf, group_key(g, KIND_APPLIED), encode(&applied)?);
-    b.delete_cf(cf, group_key(g, KIND_INSTALLING));
-    // A snapshot taken after a split this replica missed: the group's descriptor narrows too.
-    let meta_cf = s.cf(CF_META)?;
-    if let Some(raw) = s.db().get_cf(meta_cf, meta_key(g)).map_err(|e| StorageError::new("read", e.to_string()))? {
-        let mut desc: GroupDescriptor = decode(&raw, || format!("group {g} descriptor"))?;
-        if desc.range != *range {
-            desc.range = range.clone();
-            b.put_cf(meta_cf, meta_key(g), encode(&desc)?);
-        }
-    }
-    let mut wo = rocksdb::WriteOptions::default();
-    wo.set_sync(true);
-    s.db().write_opt(b, &wo).map_err(|e| StorageError::new("install_snapshot", e.to_string()))?;
-    Ok(range.clone())
-}
-
-/// Writes the range's key-values (given in order by `fill`) to an SST file at `path`, with a
-/// range deletion of the whole range, and returns its bytes; `None` if the range is empty.
-fn write_sst(
-    s: &Store,
-    path: &std::path::Path,
-    range: &KeyRange,
-    fill: impl FnOnce(&mut dyn FnMut(&[u8], &[u8]) -> Result<(), StorageError>) -> Result<(), StorageError>,
-) -> Result<Option<Vec<u8>>, StorageError> {
-    let err = |e: rocksdb::Error| StorageError::new("snapshot", format!("{}: {e}", path.display()));
-    let opts = s.data_options();
-    let mut w = rocksdb::SstFileWriter::create(&opts);
-    w.open(path).map_err(err)?;
-    let end = range.end.clone().unwrap_or_else(|| UNBOUNDED_END.to_vec());
-    w.delete_range(&range.start, &end).map_err(err)?;
-    fill(&mut |k, v| w.put(k, v).map_err(err))?;
-    w.finish().map_err(err)?;
-    std::fs::read(path).map(Some).map_err(|e| StorageError::new("snapshot", format!("{}: {e}", path.display())))
 }

@@ -56,7 +56,7 @@ use crate::keys::{decode, encode, group_key, meta_key, KIND_APPLIED, KIND_INSTAL
 use crate::kv::{AppliedRecord, GroupDescriptor, KeyRange, UNBOUNDED_END};
 use crate::store::{Op, Store, CF_DATA, CF_META, CF_RAFT};
 use bytes::Bytes;
-use flotilla_raft::{GroupId, LogId, SnapshotMeta, StorageError};
+use flotilla_raft::{GroupId, LogId, SnapshotError, SnapshotMeta, StorageError};
 use rocksdb::{Direction, IteratorMode};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -163,6 +163,19 @@ fn write_synced(store: &Store, ops: Vec<Op>) -> Result<(), StorageError> {
         }),
     )?;
     rx.recv().map_err(|_| StorageError::new("install_snapshot", "the store's writer stopped before answering"))?
+}
+
+/// The key range of a snapshot, read from the first bytes of its stream (a transfer's first
+/// chunk), if they hold the whole header and it is intact; `None` otherwise. For deciding
+/// early whether to receive a snapshot at all: the receiver checks everything again.
+pub fn stream_range(first: &[u8]) -> Option<KeyRange> {
+    if first.len() < PREFIX_BYTES || first[0] != STREAM_FORMAT_VERSION {
+        return None;
+    }
+    let len = u32::from_be_bytes([first[1], first[2], first[3], first[4]]) as usize;
+    let record = first.get(PREFIX_BYTES..PREFIX_BYTES.checked_add(len)?)?;
+    let manifest: Manifest = decode(record, || "snapshot header".to_string()).ok()?;
+    Some(manifest.range)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -412,12 +425,12 @@ struct IncomingFile {
 
 impl ReceivingSnapshot {
     /// Starts receiving the snapshot `meta` describes for `group`.
-    pub fn begin(store: &Store, group: GroupId, meta: &SnapshotMeta) -> Result<ReceivingSnapshot, StorageError> {
+    pub fn begin(store: &Store, group: GroupId, meta: &SnapshotMeta) -> Result<ReceivingSnapshot, SnapshotError> {
         if meta.size_bytes < PREFIX_BYTES as u64 {
-            return Err(StorageError::new(
-                "receive_snapshot",
-                format!("group {group}: a snapshot of {} bytes is too short to be one", meta.size_bytes),
-            ));
+            return Err(SnapshotError::Refused(format!(
+                "group {group}: a snapshot of {} bytes is too short to be one",
+                meta.size_bytes
+            )));
         }
         let seq = FILES_SEQ.fetch_add(1, Ordering::Relaxed);
         Ok(ReceivingSnapshot {
@@ -434,6 +447,11 @@ impl ReceivingSnapshot {
         })
     }
 
+    /// The snapshot being received.
+    pub fn meta(&self) -> &SnapshotMeta {
+        &self.meta
+    }
+
     /// Bytes received so far: the offset the next chunk must start at.
     pub fn received_bytes(&self) -> u64 {
         self.received
@@ -444,18 +462,16 @@ impl ReceivingSnapshot {
         self.manifest.as_ref().map(|m| &m.range)
     }
 
-    fn err(&self, message: impl std::fmt::Display) -> StorageError {
-        StorageError::new(
-            "receive_snapshot",
-            format!("group {} snapshot {}: {message}", self.group, self.meta.snapshot_id),
-        )
+    /// A refusal: the bytes are not this snapshot's (lost, repeated, corrupt).
+    fn err(&self, message: impl std::fmt::Display) -> SnapshotError {
+        SnapshotError::Refused(format!("group {} snapshot {}: {message}", self.group, self.meta.snapshot_id))
     }
 
     /// The next bytes of the stream. `offset` must be the bytes received so far: a lost or a
     /// repeated chunk is refused (and changes nothing: the transfer can go on from
     /// [`ReceivingSnapshot::received_bytes`]), as are bytes beyond the snapshot's size. A
     /// corrupt header or file is refused, and the transfer with it.
-    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), SnapshotError> {
         if self.broken {
             return Err(self.err("an earlier chunk was corrupt; the transfer must start again"));
         }
@@ -491,7 +507,7 @@ impl ReceivingSnapshot {
     }
 
     /// Takes header bytes from `data` (up to the header's end); decodes the header once whole.
-    fn take_header(&mut self, data: &[u8]) -> Result<usize, StorageError> {
+    fn take_header(&mut self, data: &[u8]) -> Result<usize, SnapshotError> {
         let want = if self.header.len() < PREFIX_BYTES {
             PREFIX_BYTES
         } else {
@@ -515,7 +531,8 @@ impl ReceivingSnapshot {
         } else if self.header.len() == want {
             let manifest: Manifest = decode(&self.header[PREFIX_BYTES..], || {
                 format!("group {} snapshot {} header", self.group, self.meta.snapshot_id)
-            })?;
+            })
+            .map_err(|e| SnapshotError::Refused(e.to_string()))?;
             self.check_manifest(&manifest)?;
             self.manifest = Some(manifest);
             self.header = Vec::new();
@@ -524,7 +541,7 @@ impl ReceivingSnapshot {
     }
 
     /// Whether the header agrees with the meta and the limits.
-    fn check_manifest(&self, m: &Manifest) -> Result<(), StorageError> {
+    fn check_manifest(&self, m: &Manifest) -> Result<(), SnapshotError> {
         if m.files.len() > SNAPSHOT_FILES_MAX || m.files.iter().any(|f| f.bytes == 0) {
             return Err(self.err(format_args!("header lists {} files, or an empty one", m.files.len())));
         }
@@ -540,7 +557,7 @@ impl ReceivingSnapshot {
 
     /// Writes bytes of the current file from `data` (up to the file's end); checks the file's
     /// checksum and fsyncs it at its last byte.
-    fn take_file_bytes(&mut self, data: &[u8]) -> Result<usize, StorageError> {
+    fn take_file_bytes(&mut self, data: &[u8]) -> Result<usize, SnapshotError> {
         let index = self.files.len() - usize::from(self.current.is_some());
         let Some(info) = self.manifest.as_ref().and_then(|m| m.files.get(index)).copied() else {
             return Err(self.err("bytes beyond the header's last file"));
@@ -551,14 +568,16 @@ impl ReceivingSnapshot {
                 .write(true)
                 .create_new(true)
                 .open(&path)
-                .map_err(|e| io_err("receive_snapshot", path.display(), e))?;
+                .map_err(|e| SnapshotError::Storage(io_err("receive_snapshot", path.display(), e)))?;
             self.files.push(path);
             self.current = Some(IncomingFile { file, written: 0, crc32c: 0 });
         }
         let path = &self.files[index];
         let Some(cur) = self.current.as_mut() else { unreachable!("opened above") };
         let n = ((info.bytes - cur.written).min(data.len() as u64)) as usize;
-        cur.file.write_all(&data[..n]).map_err(|e| io_err("receive_snapshot", path.display(), e))?;
+        cur.file
+            .write_all(&data[..n])
+            .map_err(|e| SnapshotError::Storage(io_err("receive_snapshot", path.display(), e)))?;
         cur.crc32c = crc32c::crc32c_append(cur.crc32c, &data[..n]);
         cur.written += n as u64;
         if cur.written < info.bytes {
@@ -573,13 +592,15 @@ impl ReceivingSnapshot {
                 info.crc32c
             )));
         }
-        done.file.sync_all().map_err(|e| io_err("receive_snapshot", self.files[index].display(), e))?;
+        done.file
+            .sync_all()
+            .map_err(|e| SnapshotError::Storage(io_err("receive_snapshot", self.files[index].display(), e)))?;
         Ok(n)
     }
 
     /// Every byte arrived and every checksum matched (each file was fsynced at its end):
     /// returns what [`install`] needs. An incomplete or refused transfer is an error.
-    pub fn finish(mut self) -> Result<ReceivedSnapshot, StorageError> {
+    pub fn finish(mut self) -> Result<ReceivedSnapshot, SnapshotError> {
         if self.broken || self.received != self.meta.size_bytes {
             return Err(self.err(format_args!(
                 "transfer incomplete: {} of {} bytes received{}",
@@ -843,7 +864,16 @@ pub fn finish_interrupted_install(
 ) -> Result<Option<KeyRange>, StorageError> {
     let intent = match read_intent(store, group)? {
         None => return Ok(None),
-        Some(Installing::InMemory) => return crate::kv::finish_install(store, group, current_range).map(Some),
+        Some(Installing::InMemory) => {
+            return Err(StorageError::new(
+                "install_snapshot",
+                format!(
+                    "group {group}: an installation begun by an older version (its snapshot kept in \
+                     RocksDB) was interrupted, and this version cannot finish it; remove the replica \
+                     and let it be created again from its peers"
+                ),
+            ))
+        }
         Some(Installing::Files(intent)) => *intent,
     };
     tracing::warn!(group = %group, snapshot = intent.meta.snapshot_id, "finishing a snapshot installation interrupted by a crash");

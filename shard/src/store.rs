@@ -109,6 +109,10 @@ pub struct WriterStats {
     pub batches: AtomicU64,
     /// Batches written with fsync.
     pub syncs: AtomicU64,
+    /// The number (counting from 1, as `batches`) of the last batch written with fsync. The
+    /// store has one write-ahead log, and an fsync of it makes every earlier write durable
+    /// too: every batch up to this one is durable.
+    pub durable_batches: AtomicU64,
 }
 
 struct Inner {
@@ -497,12 +501,19 @@ fn write_batch(inner: &Inner, reqs: &[WriteReq]) -> Result<(), StorageError> {
             }
         }
     }
-    let mut wo = WriteOptions::default();
-    wo.set_sync(sync);
-    db.write_opt(batch, &wo).map_err(|e| StorageError::new("write", e.to_string()))?;
+    if batch.is_empty() && sync {
+        // Only a sync was asked for (an applied state waiting to be durable): sync the log.
+        db.flush_wal(true).map_err(|e| StorageError::new("write", e.to_string()))?;
+    } else {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        db.write_opt(batch, &wo).map_err(|e| StorageError::new("write", e.to_string()))?;
+    }
     inner.stats.batches.fetch_add(1, Ordering::Relaxed);
     if sync {
         inner.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        let written = inner.stats.batches.load(Ordering::Relaxed);
+        inner.stats.durable_batches.store(written, Ordering::Release);
     }
     Ok(())
 }

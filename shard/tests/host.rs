@@ -158,11 +158,13 @@ fn key(g: u64, k: &str) -> String {
     format!("{g:06}/{k}")
 }
 
-/// Snapshots after 40 entries, 5 entries kept behind them, 512-byte chunks: a replica cut off
-/// for a while can only catch up by a streamed snapshot.
+/// The log purged 5 entries behind the durable applied index, a follower more than 20 behind
+/// not waited for, 512-byte chunks: a replica cut off for a while can only catch up by a
+/// streamed snapshot.
 fn small_snapshots(cfg: &mut HostConfig) {
-    cfg.raft.snapshot_threshold_entries = 40;
-    cfg.raft.log_keep_entries_after_snapshot = 5;
+    cfg.raft.log_keep_entries = 5;
+    cfg.raft.log_lag_entries_max = 20;
+    cfg.raft.log_purge_step_entries = 1;
     cfg.raft.snapshot_chunk_bytes = 512;
 }
 
@@ -444,12 +446,15 @@ async fn a_lagging_replica_catches_up_by_snapshot_through_the_hosts() {
         let got = sm.get(key(1, &format!("k{i:03}")).into_bytes()).await.expect("local read");
         assert_eq!(got, Some(format!("value {i}").into_bytes()), "key {i} on the caught-up replica");
     }
-    let snap = {
-        use flotilla_raft::StateMachine;
-        let mut sm = sm.clone();
-        sm.current_snapshot().await.expect("snapshot")
-    };
-    assert!(snap.is_some(), "the replica holds the snapshot it installed");
+    let info = c.host(lagging).group_info().await.expect("info").remove(0);
+    assert!(info.first_index.0 > 10, "the replica's log starts after the snapshot it installed: {info:?}");
+    // The leader's snapshot is dropped once the transfer ended, and the log purged behind the
+    // durable applied index without one.
+    c.wait_info("the leader dropped its snapshot", |infos| infos[0].snapshot.is_none()).await;
+    let leader = c.hosts.iter().find(|h| h.node() != lagging).expect("a host");
+    let linfo = leader.group_info().await.expect("info").remove(0);
+    assert!(linfo.first_index.0 > 100, "the log was purged: {linfo:?}");
+    assert!(linfo.durable_applied.0 + 1 >= linfo.first_index.0, "purged only behind durability: {linfo:?}");
     c.shutdown().await;
 }
 

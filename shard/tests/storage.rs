@@ -152,7 +152,7 @@ async fn start(router: &MemRouter, dir: &std::path::Path, id: u64) -> Node {
     let store = Store::open(dir).expect("open");
     let log = RocksLog::new(store.clone(), GroupId(1));
     let sm = KvStateMachine::new(store, GroupId(1), KeyRange::all());
-    let config = Config { snapshot_threshold_entries: 50, log_keep_entries_after_snapshot: 10, ..Config::fast() };
+    let config = Config { log_keep_entries: 10, log_lag_entries_max: 30, log_purge_step_entries: 1, ..Config::fast() };
     let raft = Raft::start(NodeId(id), GroupId(1), config, log, sm.clone(), router.network()).await.expect("start");
     router.register(raft.clone());
     Node { raft, sm }
@@ -182,7 +182,10 @@ async fn a_raft_cluster_on_rocksdb_survives_a_restart() {
         KvResponse::CasFailed { current: Some(0u32.to_be_bytes().to_vec()) }
     );
     let idx = nodes[leader].raft.ensure_linearizable(ReadMode::ReadIndex).await.expect("read");
-    assert!(nodes[leader].raft.metrics().borrow().snapshot.is_some(), "snapshots were taken (threshold 50)");
+    // The log is purged behind what RocksDB holds durably, without any snapshot.
+    let m = nodes[leader].raft.wait_for(wait, |m| m.first_log_index.0 > 50).await.expect("log purged");
+    assert!(m.durable_applied.0 + 1 >= m.first_log_index.0, "purged only behind durability: {m:?}");
+    assert!(m.snapshot.is_none(), "no snapshot was needed");
 
     // Restart a follower from its directory: it recovers its log, state and data.
     let f = (leader + 1) % 3;
@@ -214,8 +217,26 @@ async fn apply_puts(sm: &mut KvStateMachine, first: u64, pairs: &[(&str, &str)])
     sm.apply(entries).await.expect("apply");
 }
 
+/// Streams the snapshot `meta` of `from` into `to` in chunks of `chunk` bytes, then installs it.
+async fn transfer(
+    from: &mut KvStateMachine,
+    to: &mut KvStateMachine,
+    meta: &flotilla_raft::SnapshotMeta,
+    chunk: u64,
+) -> Result<(), flotilla_raft::SnapshotError> {
+    use flotilla_raft::StateMachine;
+    let mut offset = 0;
+    while offset < meta.size_bytes {
+        let len = chunk.min(meta.size_bytes - offset);
+        let data = from.read_snapshot(meta, offset, len).await.expect("read").expect("built");
+        to.receive_snapshot(meta, offset, data).await?;
+        offset += len;
+    }
+    to.install_snapshot(meta).await
+}
+
 #[tokio::test]
-async fn an_sst_snapshot_replaces_exactly_the_shards_range_on_the_receiver() {
+async fn a_streamed_snapshot_replaces_exactly_the_shards_range_on_the_receiver() {
     use flotilla_raft::StateMachine;
     let (d1, d2) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
     let (s1, s2) = (Store::open(d1.path()).expect("open"), Store::open(d2.path()).expect("open"));
@@ -223,7 +244,7 @@ async fn an_sst_snapshot_replaces_exactly_the_shards_range_on_the_receiver() {
     let mut leader = KvStateMachine::new(s1, GroupId(1), range.clone());
     apply_puts(&mut leader, 1, &[("b1", "new"), ("c1", "x"), ("c2", "y")]).await;
     let snap = leader.build_snapshot().await.expect("build");
-    assert_eq!(snap.meta.last_log_id, LogId::new(1, 3));
+    assert_eq!(snap.last_log_id, LogId::new(1, 3));
     // The receiver holds stale keys in the range, and another shard's keys around it.
     let mut follower = KvStateMachine::new(s2.clone(), GroupId(1), range.clone());
     apply_puts(&mut follower, 1, &[("b1", "old"), ("b9", "stale")]).await;
@@ -232,9 +253,10 @@ async fn an_sst_snapshot_replaces_exactly_the_shards_range_on_the_receiver() {
     apply_puts(&mut other_low, 1, &[("a5", "keep")]).await;
     let mut other_high = KvStateMachine::new(s2.clone(), GroupId(3), KeyRange { start: b"d".to_vec(), end: None });
     apply_puts(&mut other_high, 1, &[("d", "keep")]).await;
-    follower.install_snapshot(snap.clone()).await.expect("install");
+    transfer(&mut leader, &mut follower, &snap, 17).await.expect("transfer");
     let st = follower.applied_state().await.expect("applied");
     assert_eq!(st.last_applied, Some(LogId::new(1, 3)));
+    assert!(follower.durable_applied().await.expect("durable") >= LogIndex(3), "an installation is durable");
     let got = follower.scan(b"b".to_vec(), None, 100).await.expect("scan");
     let got: Vec<(String, String)> = got
         .pairs
@@ -245,46 +267,30 @@ async fn an_sst_snapshot_replaces_exactly_the_shards_range_on_the_receiver() {
     assert_eq!(got, want, "stale key b9 gone, snapshot keys in");
     assert_eq!(other_low.get(b"a5".to_vec()).await.expect("get"), Some(b"keep".to_vec()));
     assert_eq!(other_high.get(b"d".to_vec()).await.expect("get"), Some(b"keep".to_vec()));
-    // The installed snapshot becomes the current one (served to lagging replicas later).
-    assert_eq!(follower.current_snapshot().await.expect("current").map(|s| s.meta), Some(snap.meta.clone()));
     // A snapshot of another range is refused before anything changes.
     let mut wrong = KvStateMachine::new(s2, GroupId(3), KeyRange { start: b"d".to_vec(), end: None });
-    assert!(wrong.install_snapshot(snap).await.is_err());
+    assert!(transfer(&mut leader, &mut wrong, &snap, 64).await.is_err());
     assert_eq!(other_high.get(b"d".to_vec()).await.expect("get"), Some(b"keep".to_vec()));
+    // Dropped after use: its files are gone and a transfer of it would start over.
+    leader.drop_snapshot(&snap).await.expect("drop");
+    assert_eq!(leader.read_snapshot(&snap, 0, 1).await.expect("read"), None);
 }
 
 #[tokio::test]
-async fn an_installation_interrupted_by_a_crash_is_finished_at_start_up() {
+async fn the_applied_state_is_reported_durable_once_a_later_write_was_synced() {
     use flotilla_raft::StateMachine;
-    use flotilla_shard::keys::{encode, group_key, KIND_INSTALLING, KIND_SNAPSHOT_DATA, KIND_SNAPSHOT_META};
-    use flotilla_shard::Op;
-    let (d1, d2) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
-    let range = KeyRange::all();
-    let snap = {
-        let mut sm = KvStateMachine::new(Store::open(d1.path()).expect("open"), GroupId(4), range.clone());
-        apply_puts(&mut sm, 1, &[("k1", "v1"), ("k2", "v2")]).await;
-        sm.build_snapshot().await.expect("build")
-    };
-    {
-        // The receiver crashed right after step 1: snapshot and intent durable, data untouched.
-        let store = Store::open(d2.path()).expect("open");
-        let mut sm = KvStateMachine::new(store.clone(), GroupId(4), range.clone());
-        apply_puts(&mut sm, 1, &[("stale", "x")]).await;
-        let g = GroupId(4);
-        let ops = vec![
-            Op::Put(CF_RAFT, group_key(g, KIND_SNAPSHOT_META).to_vec(), encode(&snap.meta).expect("enc")),
-            Op::Put(CF_RAFT, group_key(g, KIND_SNAPSHOT_DATA).to_vec(), snap.data.to_vec()),
-            Op::Put(CF_RAFT, group_key(g, KIND_INSTALLING).to_vec(), encode(&snap.meta.snapshot_id).expect("enc")),
-        ];
-        store.write(ops, true).await.expect("write");
-    }
-    let mut sm = KvStateMachine::new(Store::open(d2.path()).expect("reopen"), GroupId(4), range);
-    let st = sm.applied_state().await.expect("applied");
-    assert_eq!(st.last_applied, Some(snap.meta.last_log_id), "the installation was finished");
-    assert_eq!(sm.get(b"k2".to_vec()).await.expect("get"), Some(b"v2".to_vec()));
-    assert_eq!(sm.get(b"stale".to_vec()).await.expect("get"), None);
-    // Finished once: a second start-up finds nothing to do and the same state.
-    assert_eq!(sm.applied_state().await.expect("applied").last_applied, Some(snap.meta.last_log_id));
+    let d = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(d.path()).expect("open");
+    let mut sm = KvStateMachine::new(store.clone(), GroupId(1), KeyRange::all());
+    sm.applied_state().await.expect("applied");
+    apply_puts(&mut sm, 1, &[("a", "1"), ("b", "2")]).await;
+    // Applied without fsync: not durable yet.
+    assert_eq!(sm.durable_applied().await.expect("durable"), LogIndex(0));
+    // Any synced write after it (another group's log append, say) makes it durable.
+    store.write(Vec::new(), true).await.expect("sync");
+    assert_eq!(sm.durable_applied().await.expect("durable"), LogIndex(2));
+    apply_puts(&mut sm, 3, &[("c", "3")]).await;
+    assert_eq!(sm.durable_applied().await.expect("durable"), LogIndex(2));
 }
 
 /// A tmpfs of a few MiB mounted for one test (needs root; the test says so and passes
@@ -356,7 +362,7 @@ async fn a_replica_that_missed_a_split_adopts_the_narrower_range_of_a_snapshot()
     let store = Store::open(d2.path()).expect("open");
     let mut replica = KvStateMachine::new(store, GroupId(1), KeyRange::all());
     apply_puts(&mut replica, 1, &[("a", "old"), ("b", "stale"), ("x", "right half")]).await;
-    replica.install_snapshot(snap).await.expect("install a narrower snapshot");
+    transfer(&mut leader, &mut replica, &snap, 1000).await.expect("install a narrower snapshot");
     assert_eq!(replica.range(), left, "the replica adopted the split range");
     assert_eq!(replica.get(b"a".to_vec()).await.expect("get"), Some(b"1".to_vec()));
     assert_eq!(replica.get(b"b".to_vec()).await.expect("get"), None, "stale key in the range cleared");

@@ -22,7 +22,7 @@ use crate::membership::{Membership, StoredMembership};
 use crate::message::Message;
 use crate::network::Network;
 use crate::request::Request;
-use crate::storage::{LogStorage, Snapshot, StateMachine};
+use crate::storage::{LogStorage, SnapshotError, SnapshotMeta, StateMachine};
 use crate::types::{GroupId, LogId, LogIndex, Millis, NodeId, Term};
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet};
@@ -71,8 +71,10 @@ pub struct RaftMetrics {
     pub membership: StoredMembership,
     /// Committed configuration.
     pub committed_membership: StoredMembership,
-    /// Last log id of the current snapshot.
+    /// The newest snapshot built for a transfer and not yet dropped.
     pub snapshot: Option<LogId>,
+    /// The applied index the state machine holds durably (the log is purged behind it).
+    pub durable_applied: LogIndex,
     /// The first index still in the log.
     pub first_log_index: LogIndex,
     /// On the leader: matched index per follower.
@@ -95,6 +97,7 @@ impl RaftMetrics {
             membership: s.membership,
             committed_membership: s.committed_membership,
             snapshot: s.snapshot,
+            durable_applied: s.durable_applied,
             first_log_index: s.first_log_index,
             replication: s.replication,
             stopped: None,
@@ -148,7 +151,7 @@ impl Raft {
     ) -> Result<Raft, RaftError> {
         config.validate()?;
         let log = Arc::new(log);
-        let (state, snapshot) = recover_state(&*log, &mut state_machine).await.map_err(Fatal::from)?;
+        let state = recover_state(&*log, &mut state_machine).await.map_err(Fatal::from)?;
         let base = Instant::now();
         let seed = seed_from_entropy(id, group);
         let timeout = Duration::from_millis(config.api_timeout_ms);
@@ -170,7 +173,7 @@ impl Raft {
         let core = Core {
             stop: stop.clone(),
             group,
-            core: GroupCore::new(engine, snapshot),
+            core: GroupCore::new(engine),
             network,
             base,
             io_tx,
@@ -304,10 +307,11 @@ impl Raft {
         self.call(|tx| Request::TransferLeader(target, tx)).await
     }
 
-    /// Asks for a snapshot to be built now (the log is then compacted behind it). Returns once
-    /// the group took the request; watch `metrics().snapshot` to see it done.
-    pub async fn trigger_snapshot(&self) -> Result<(), RaftError> {
-        self.call(Request::TriggerSnapshot).await
+    /// Purges the log now up to what the state machine holds durably (`log_keep_entries`
+    /// and lagging followers are not waited for). Returns once the group took the request;
+    /// watch `metrics().first_log_index` to see it done.
+    pub async fn compact_log(&self) -> Result<(), RaftError> {
+        self.call(Request::CompactLog).await
     }
 
     /// Stops the group's tasks. Pending requests fail with `Fatal(Shutdown)`.
@@ -440,9 +444,19 @@ async fn write_batch<L: LogStorage>(
 // ----- the applier ----------------------------------------------------------------------------
 
 enum ApplyEvent {
-    Applied(Vec<(LogId, Bytes)>),
-    Built(Snapshot),
-    Installed(Snapshot),
+    Applied(Vec<(LogId, Bytes)>, LogIndex),
+    Built(SnapshotMeta),
+    Read {
+        to: NodeId,
+        meta: SnapshotMeta,
+        offset: u64,
+        data: Option<Bytes>,
+        done: bool,
+    },
+    Installed(SnapshotMeta),
+    Refused(SnapshotMeta, String),
+    /// Nothing to report (a dropped snapshot, a stored chunk).
+    Nothing,
     Failed(StorageError),
 }
 
@@ -492,13 +506,34 @@ async fn apply_one<L: LogStorage, S: StateMachine>(
             if responses.len() != ids.len() {
                 return Err(StorageError::new("apply", "state machine returned the wrong number of responses"));
             }
-            Ok(ApplyEvent::Applied(ids.into_iter().zip(responses).collect()))
+            let durable = sm.durable_applied().await?;
+            Ok(ApplyEvent::Applied(ids.into_iter().zip(responses).collect(), durable))
         }
         MachineAction::Build => Ok(ApplyEvent::Built(sm.build_snapshot().await?)),
-        MachineAction::Install(snapshot) => {
-            sm.install_snapshot(snapshot.clone()).await?;
-            Ok(ApplyEvent::Installed(snapshot))
+        MachineAction::ReadChunk { to, meta, offset, len, done } => {
+            let data = sm.read_snapshot(&meta, offset, len).await?;
+            if data.as_ref().is_some_and(|d| d.len() as u64 != len) {
+                return Err(StorageError::new(
+                    "read_snapshot",
+                    format!("asked for {len} bytes at {offset}, got fewer"),
+                ));
+            }
+            Ok(ApplyEvent::Read { to, meta, offset, data, done })
         }
+        MachineAction::Drop(meta) => {
+            sm.drop_snapshot(&meta).await?;
+            Ok(ApplyEvent::Nothing)
+        }
+        MachineAction::Receive { meta, offset, data } => match sm.receive_snapshot(&meta, offset, data).await {
+            Ok(()) => Ok(ApplyEvent::Nothing),
+            Err(SnapshotError::Refused(why)) => Ok(ApplyEvent::Refused(meta, why)),
+            Err(SnapshotError::Storage(e)) => Err(e),
+        },
+        MachineAction::Install(meta) => match sm.install_snapshot(&meta).await {
+            Ok(()) => Ok(ApplyEvent::Installed(meta)),
+            Err(SnapshotError::Refused(why)) => Ok(ApplyEvent::Refused(meta, why)),
+            Err(SnapshotError::Storage(e)) => Err(e),
+        },
     }
 }
 
@@ -635,9 +670,17 @@ impl<N: Network> Core<N> {
     fn on_apply(&mut self, ev: ApplyEvent) {
         let now = self.now();
         match ev {
-            ApplyEvent::Applied(results) => self.core.handle_applied(now, results),
-            ApplyEvent::Built(snapshot) => self.core.handle_snapshot_built(now, snapshot),
-            ApplyEvent::Installed(snapshot) => self.core.handle_snapshot_installed(now, snapshot),
+            ApplyEvent::Applied(results, durable) => {
+                self.core.handle_applied(now, results);
+                self.core.handle_applied_durable(durable);
+            }
+            ApplyEvent::Built(meta) => self.core.handle_snapshot_built(now, meta),
+            ApplyEvent::Read { to, meta, offset, data, done } => {
+                self.core.handle_snapshot_read(now, to, meta, offset, data, done)
+            }
+            ApplyEvent::Installed(meta) => self.core.handle_snapshot_installed(now, meta),
+            ApplyEvent::Refused(meta, why) => self.core.handle_snapshot_refused(now, meta, &why),
+            ApplyEvent::Nothing => {}
             ApplyEvent::Failed(e) => self.stop(e),
         }
     }

@@ -3,7 +3,7 @@
 use crate::engine::InitialState;
 use crate::error::StorageError;
 use crate::membership::StoredMembership;
-use crate::storage::{LogStorage, Snapshot, StateMachine};
+use crate::storage::{LogStorage, StateMachine};
 use crate::types::{LogId, LogIndex};
 
 /// Bytes read per call while scanning the log tail for configuration entries.
@@ -12,11 +12,8 @@ const SCAN_BYTES_MAX: usize = 4 << 20;
 /// Reads what the engine needs to resume: the vote, the log's bounds and the points where its
 /// term changes (found by binary search: terms never decrease along a log, so each term costs
 /// O(log n) single-entry reads rather than a scan), the applied state, the configurations in
-/// the not-yet-applied tail, and the current snapshot.
-pub async fn recover_state<L: LogStorage, S: StateMachine>(
-    log: &L,
-    sm: &mut S,
-) -> Result<(InitialState, Option<Snapshot>), StorageError> {
+/// the not-yet-applied tail.
+pub async fn recover_state<L: LogStorage, S: StateMachine>(log: &L, sm: &mut S) -> Result<InitialState, StorageError> {
     let vote = log.read_vote().await?.unwrap_or_default();
     let ls = log.log_state().await?;
     let last_purged = ls.last_purged.unwrap_or(LogId::ZERO);
@@ -31,7 +28,14 @@ pub async fn recover_state<L: LogStorage, S: StateMachine>(
     let committed = log.read_committed().await?.unwrap_or_default();
     let applied_state = sm.applied_state().await?;
     let applied = applied_state.last_applied.unwrap_or(LogId::ZERO);
-    let snapshot = sm.current_snapshot().await?;
+    if applied.index < last_purged.index {
+        // The log was purged on the promise that the state machine held these entries
+        // durably: it does not, and the entries are gone.
+        return Err(StorageError::new(
+            "applied_state",
+            format!("the state machine has applied up to {applied}, but the log is purged up to {last_purged}"),
+        ));
+    }
 
     // Configuration entries after what the state machine applied.
     let mut log_memberships = Vec::new();
@@ -57,9 +61,8 @@ pub async fn recover_state<L: LogStorage, S: StateMachine>(
         applied,
         applied_membership: applied_state.membership,
         log_memberships,
-        snapshot: snapshot.as_ref().map(|s| s.meta.clone()),
     };
-    Ok((state, snapshot))
+    Ok(state)
 }
 
 async fn term_at<L: LogStorage>(log: &L, index: LogIndex) -> Result<LogId, StorageError> {

@@ -36,14 +36,23 @@ impl Engine {
         );
         // Entries handed to apply are durable, unless a snapshot brought them (while the log
         // is reset behind an installed snapshot, `persisted` follows the truncation first).
-        let snapshot_index = self.snapshot.as_ref().map(|s| s.last_log_id.index).unwrap_or_default();
+        let purged = self.log.last_purged().index;
         assert!(
-            self.apply_sent <= self.persisted.index.max(snapshot_index),
-            "{}: applying up to {} but only {} is durable (snapshot at {})",
+            self.apply_sent <= self.persisted.index.max(purged),
+            "{}: applying up to {} but only {} is durable (log purged to {})",
             ctx(),
             self.apply_sent,
             self.persisted,
-            snapshot_index
+            purged
+        );
+        // The log is purged only behind what the state machine holds durably: a restart
+        // never needs an entry that is gone.
+        assert!(
+            purged <= self.durable_applied,
+            "{}: log purged to {} beyond the durable applied index {}",
+            ctx(),
+            purged,
+            self.durable_applied
         );
         assert!(
             self.log.first_index() <= last.next(),

@@ -113,10 +113,5 @@ impl Engine {
             self.applied = index;
         }
         self.evict_cache();
-        let since = self.snapshot.as_ref().map(|s| s.last_log_id.index).unwrap_or_default();
-        let threshold = self.config.snapshot_threshold_entries;
-        if threshold > 0 && self.applied.0.saturating_sub(since.0) >= threshold {
-            self.maybe_build_snapshot();
-        }
     }
 }

@@ -29,7 +29,7 @@ mod transfer;
 use io::PendingIo;
 use read::Reads;
 use role::{LeaderState, RoleState};
-use snapshot::Receiving;
+use snapshot::{BuildingSnapshot, Receiving};
 use transfer::Transfer;
 
 use crate::config::Config;
@@ -76,7 +76,8 @@ pub enum Action {
         /// First index deleted.
         index: LogIndex,
     },
-    /// Delete entries up to `log_id` (after a snapshot). Completion: `handle_io_done(io)`.
+    /// Delete entries up to `log_id` (their effects are durable in the state machine, or a
+    /// snapshot was installed). Completion: `handle_io_done(io)`.
     PurgeUpTo {
         /// Write id.
         io: IoId,
@@ -108,11 +109,12 @@ pub enum Action {
         /// The entries, if cached.
         entries: Option<Vec<Entry>>,
     },
-    /// Build a snapshot of the state machine, then report `handle_snapshot_built`.
+    /// Build a snapshot of the state machine (a follower needs one), then report
+    /// `handle_snapshot_built`.
     BuildSnapshot,
-    /// Send bytes `offset..offset+len` of the current snapshot (`meta`) to `to` as a
-    /// `MessageBody::Snapshot` chunk. Skip it if that snapshot is no longer current.
-    SendSnapshotChunk {
+    /// Read bytes `offset..offset+len` of the snapshot `meta` for `to`, then report
+    /// `handle_snapshot_read` (which sends them as a chunk).
+    ReadSnapshotChunk {
         /// Recipient.
         to: NodeId,
         /// The snapshot.
@@ -123,6 +125,11 @@ pub enum Action {
         len: u64,
         /// Last chunk.
         done: bool,
+    },
+    /// Release the snapshot `meta`: no transfer uses it any more.
+    DropSnapshot {
+        /// The snapshot.
+        meta: SnapshotMeta,
     },
     /// Store a received snapshot chunk (it follows the previous chunk of the same snapshot;
     /// `offset == 0` starts a new one and discards any partial one).
@@ -135,7 +142,7 @@ pub enum Action {
         data: Bytes,
     },
     /// Install the fully received snapshot into the state machine, then report
-    /// `handle_snapshot_installed(meta)`.
+    /// `handle_snapshot_installed(meta)` (or `handle_snapshot_refused` if it is corrupt).
     InstallSnapshot {
         /// The snapshot.
         meta: SnapshotMeta,
@@ -203,8 +210,6 @@ pub struct InitialState {
     pub applied_membership: StoredMembership,
     /// Configuration entries found in the log after `applied`, in order.
     pub log_memberships: Vec<StoredMembership>,
-    /// The current snapshot, if any.
-    pub snapshot: Option<SnapshotMeta>,
 }
 
 /// A point-in-time summary of the engine, for metrics.
@@ -230,8 +235,10 @@ pub struct EngineStatus {
     pub membership: StoredMembership,
     /// Latest committed configuration.
     pub committed_membership: StoredMembership,
-    /// Current snapshot's last log id.
+    /// The newest snapshot built for a transfer and not yet dropped.
     pub snapshot: Option<LogId>,
+    /// The last applied index known durable in the state machine (the log is purged behind it).
+    pub durable_applied: LogIndex,
     /// The log's first index.
     pub first_log_index: LogIndex,
     /// On the leader: matched index of every other member.
@@ -296,10 +303,14 @@ pub struct Engine {
     apply_sent: LogIndex,
     /// The configurations in the log: the effective (latest) one and those not yet committed.
     memberships: MembershipLog,
-    /// The current snapshot (built here or installed), streamed to followers that need it.
-    snapshot: Option<SnapshotMeta>,
-    /// A `BuildSnapshot` is outstanding: ask for no second one.
-    building_snapshot: bool,
+    /// Highest index the state machine reported durable: the log may be purged up to here.
+    durable_applied: LogIndex,
+    /// Snapshots built for transfers and not yet dropped, oldest first; the last is the newest.
+    snapshots: Vec<SnapshotMeta>,
+    /// A `BuildSnapshot` is outstanding: ask for no second one. Holds the index every entry
+    /// up to which the snapshot will include (the applies issued before it), which bounds the
+    /// log purge until it is built, so that it still covers what a follower lacks.
+    building_snapshot: Option<BuildingSnapshot>,
     /// A snapshot being received from the leader. Outside the role: an install under way
     /// survives a role change and blocks applying until it is done.
     receiving: Option<Receiving>,
@@ -344,8 +355,9 @@ impl Engine {
             applied: state.applied.index,
             apply_sent: state.applied.index,
             memberships,
-            snapshot: state.snapshot,
-            building_snapshot: false,
+            durable_applied: state.last_purged.index,
+            snapshots: Vec::new(),
+            building_snapshot: None,
             receiving: None,
             election_at: now,
             leader_contact_at: None,
@@ -359,6 +371,7 @@ impl Engine {
         // The state machine may be ahead of the log: a snapshot was installed and the process
         // stopped before the log was reset to it. Finish that reset now.
         if state.applied.index > LogIndex(0) && !e.log.has(state.applied) {
+            e.durable_applied = state.applied.index;
             e.reset_log_to(state.applied);
         }
         if e.committed > e.log.last_index() {
@@ -424,7 +437,7 @@ impl Engine {
 
     /// Whether this node has never joined a cluster (no configuration, empty log).
     pub fn is_pristine(&self) -> bool {
-        self.log.last_id() == LogId::ZERO && self.vote == Vote::default() && self.snapshot.is_none()
+        self.log.last_id() == LogId::ZERO && self.vote == Vote::default() && self.applied == LogIndex(0)
     }
 
     /// A summary for metrics.
@@ -440,7 +453,8 @@ impl Engine {
             applied: self.applied,
             membership: self.effective().clone(),
             committed_membership: self.committed_membership().clone(),
-            snapshot: self.snapshot.as_ref().map(|s| s.last_log_id),
+            snapshot: self.snapshots.last().map(|s| s.last_log_id),
+            durable_applied: self.durable_applied,
             first_log_index: self.log.first_index(),
             replication: self
                 .role
@@ -457,34 +471,34 @@ impl Engine {
     /// on every initial member with the same membership. Refused on a node with any state.
     pub fn initialize(&mut self, now: Millis, membership: Membership) -> Result<(), RaftError> {
         let result = self.init_cluster(now, membership);
-        self.check_invariants();
+        self.settle();
         result
     }
 
     /// A message from a peer.
     pub fn handle_message(&mut self, now: Millis, msg: Message) {
         self.dispatch_message(now, msg);
-        self.check_invariants();
+        self.settle();
     }
 
     /// Appends client commands to the log (leader only). Returns the index of the first.
     /// An empty `commands` appends nothing.
     pub fn propose(&mut self, now: Millis, commands: Vec<Bytes>) -> Result<LogIndex, RaftError> {
         let result = self.append_commands(now, commands);
-        self.check_invariants();
+        self.settle();
         result
     }
 
     /// Entries requested with `LoadEntries` for `peer`.
     pub fn handle_entries_loaded(&mut self, now: Millis, peer: NodeId, entries: Vec<Entry>) {
         self.on_entries_loaded(now, peer, entries);
-        self.check_invariants();
+        self.settle();
     }
 
     /// Adds `node` as a learner (leader only). Returns the index of the configuration entry.
     pub fn add_learner(&mut self, now: Millis, node: NodeId) -> Result<LogIndex, RaftError> {
         let result = self.propose_add_learner(now, node);
-        self.check_invariants();
+        self.settle();
         result
     }
 
@@ -494,7 +508,7 @@ impl Engine {
     /// `change_membership`.
     pub fn remove_learner(&mut self, now: Millis, node: NodeId) -> Result<LogIndex, RaftError> {
         let result = self.propose_remove_learner(now, node);
-        self.check_invariants();
+        self.settle();
         result
     }
 
@@ -504,7 +518,7 @@ impl Engine {
     /// the joint entry.
     pub fn change_membership(&mut self, now: Millis, voters: BTreeSet<NodeId>) -> Result<LogIndex, RaftError> {
         let result = self.propose_voters(now, voters);
-        self.check_invariants();
+        self.settle();
         result
     }
 
@@ -512,26 +526,64 @@ impl Engine {
     /// to campaign at once. Proposals are refused meanwhile.
     pub fn transfer_leader(&mut self, now: Millis, target: NodeId) -> Result<(), RaftError> {
         let result = self.start_transfer(now, target);
-        self.check_invariants();
+        self.settle();
         result
     }
 
-    /// Asks for a snapshot now (if anything was applied since the last one).
-    pub fn trigger_snapshot(&mut self) {
-        self.maybe_build_snapshot();
-        self.check_invariants();
+    /// Purges the log now up to everything the state machine has made durable (without the
+    /// slack `log_keep_entries` keeps), e.g. before a backup or to test catch-up by snapshot.
+    pub fn compact_log(&mut self) {
+        self.purge_log(true);
+        self.settle();
+    }
+
+    /// The state machine's applied state is durable up to `index` (see
+    /// [`StateMachine::durable_applied`](crate::StateMachine::durable_applied)).
+    pub fn handle_applied_durable(&mut self, index: LogIndex) {
+        self.on_applied_durable(index);
+        self.settle();
+    }
+
+    /// Ends every transfer of a snapshot built so far and drops those snapshots: they no
+    /// longer describe what a receiver may get (e.g. the state machine's key range narrowed).
+    /// Followers that still need one get a snapshot built afterwards.
+    pub fn discard_snapshots(&mut self, now: Millis) {
+        self.drop_all_snapshots(now);
+        self.settle();
     }
 
     /// The state machine finished building the snapshot asked for by `BuildSnapshot`.
     pub fn handle_snapshot_built(&mut self, now: Millis, meta: SnapshotMeta) {
         self.on_snapshot_built(now, meta);
-        self.check_invariants();
+        self.settle();
+    }
+
+    /// The bytes a `ReadSnapshotChunk` asked for (`None`: the state machine no longer has the
+    /// snapshot; the transfer starts over with a new one).
+    pub fn handle_snapshot_read(
+        &mut self,
+        now: Millis,
+        to: NodeId,
+        meta: SnapshotMeta,
+        offset: u64,
+        data: Option<Bytes>,
+        done: bool,
+    ) {
+        self.on_snapshot_read(now, to, meta, offset, data, done);
+        self.settle();
     }
 
     /// The state machine installed the snapshot asked for by `InstallSnapshot`.
     pub fn handle_snapshot_installed(&mut self, now: Millis, meta: SnapshotMeta) {
         self.on_snapshot_installed(now, meta);
-        self.check_invariants();
+        self.settle();
+    }
+
+    /// The state machine refused the snapshot being received (it is corrupt): the leader is
+    /// told, and builds a new one.
+    pub fn handle_snapshot_refused(&mut self, now: Millis, meta: SnapshotMeta, reason: &str) {
+        self.on_snapshot_refused(now, meta, reason);
+        self.settle();
     }
 
     /// Registers a linearizable read with the caller's `id`. The answer comes as
@@ -539,25 +591,25 @@ impl Engine {
     /// `Action::ReadFailed`.
     pub fn read(&mut self, now: Millis, id: u64, mode: ReadMode) {
         self.register_read(now, id, mode);
-        self.check_invariants();
+        self.settle();
     }
 
     /// Timers: call when `now >= next_deadline()` (calling earlier is harmless).
     pub fn handle_timeout(&mut self, now: Millis) {
         self.on_timeout(now);
-        self.check_invariants();
+        self.settle();
     }
 
     /// Every write up to and including `io` is durable.
     pub fn handle_io_done(&mut self, now: Millis, io: IoId) {
         self.on_io_done(now, io);
-        self.check_invariants();
+        self.settle();
     }
 
     /// The state machine applied everything up to `index`.
     pub fn handle_applied(&mut self, now: Millis, index: LogIndex) {
         self.on_applied(now, index);
-        self.check_invariants();
+        self.settle();
     }
 
     /// Resumes the timers of a quiet group at `now`. A leader heartbeats at once. A follower
@@ -566,14 +618,14 @@ impl Engine {
     /// it does not win an election against a leader that was merely quiet.
     pub fn wake(&mut self, now: Millis, leader_alive: bool) {
         self.resume_timers(now, leader_alive);
-        self.check_invariants();
+        self.settle();
     }
 
     /// The next action to execute, in order.
     pub fn poll_action(&mut self) -> Option<Action> {
         if let Some(at) = self.role.leader().and_then(|l| l.reads.round_requested_at()) {
             self.flush_rounds(at);
-            self.check_invariants();
+            self.settle();
         }
         self.actions.pop_front()
     }
@@ -688,8 +740,8 @@ impl Engine {
                 self.on_leader_contact(now, from);
                 self.on_snapshot_chunk(from, meta, offset, data, done);
             }
-            MessageBody::SnapshotResp { snapshot_id, next_offset, installed } => {
-                self.on_snapshot_resp(now, from, snapshot_id, next_offset, installed)
+            MessageBody::SnapshotResp { snapshot_id, next_offset, installed, refused } => {
+                self.on_snapshot_resp(now, from, snapshot_id, next_offset, installed, refused)
             }
         }
         self.flush_rounds(now);

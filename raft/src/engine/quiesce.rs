@@ -22,7 +22,7 @@ impl Engine {
             && self.committed >= l.noop_index
             && l.transfer.is_none()
             && l.reads.is_idle()
-            && !self.building_snapshot
+            && self.building_snapshot.is_none()
             && self.effective().log_id.index <= self.committed
             && !self.effective().membership.is_joint();
         if !idle {

@@ -17,7 +17,7 @@ pub(super) struct Replicator<'a> {
     pub(super) config: &'a Config,
     /// Where entries come from.
     pub(super) log: &'a RaftLog,
-    /// The current snapshot, for followers whose entries were purged.
+    /// The newest snapshot built, for followers whose entries were purged.
     pub(super) snapshot: Option<&'a SnapshotMeta>,
     /// The configuration in effect (the quorum for heartbeat rounds).
     pub(super) membership: &'a Membership,
@@ -47,7 +47,7 @@ impl Engine {
             committed: self.committed,
             config: &self.config,
             log: &self.log,
-            snapshot: self.snapshot.as_ref(),
+            snapshot: self.snapshots.last(),
             membership: &self.memberships.effective().membership,
             leader,
             actions: &mut self.actions,
@@ -71,9 +71,9 @@ impl Replicator<'_> {
             self.send_snapshot_chunks(peer);
             return Sent::Stop;
         }
-        if !p.can_send(cfg.inflight_msgs_max) {
-            return Sent::Stop;
-        }
+        // Before the window check: a snapshot built for this follower starts streaming even
+        // while a probe is outstanding (its answer is stale then), or it would be dropped
+        // unused and built again.
         if p.next < first {
             // The entries it needs are purged: stream a snapshot.
             return match self.snapshot {
@@ -92,6 +92,9 @@ impl Replicator<'_> {
                 }
                 _ => Sent::NeedSnapshot,
             };
+        }
+        if !p.can_send(cfg.inflight_msgs_max) {
+            return Sent::Stop;
         }
         let prev = self.log.id_at(p.next.prev()).expect("prev is in the log");
         let entries = if p.next > last {
@@ -342,7 +345,6 @@ impl Engine {
         let last = self.log.last_index();
         let stall_ms = 2 * self.config.heartbeat_interval_ms;
         let resend_ms = self.config.snapshot_resend_ms;
-        let current_snapshot = self.snapshot.as_ref().map(|s| s.snapshot_id);
         let mut retry = Vec::new();
         let Some(l) = self.role.leader_mut() else { return };
         for (id, p) in l.progress.iter_mut() {
@@ -358,12 +360,8 @@ impl Engine {
                     retry.push(*id);
                 }
                 ReplState::Snapshot(s) if now.since(s.progress_at) >= resend_ms => {
-                    if current_snapshot != Some(s.meta.snapshot_id) {
-                        // A newer snapshot exists: start over with it.
-                        p.become_probe();
-                        retry.push(*id);
-                        continue;
-                    }
+                    // The transfer goes on with its snapshot even if a newer one exists: the
+                    // log is kept for it, so the follower can continue from the log after it.
                     s.sent = s.acked;
                     s.all_sent = false;
                     s.progress_at = now;

@@ -1,5 +1,8 @@
-//! Snapshots: building them and purging the log behind them, streaming one to a follower
-//! whose entries were purged (send), and receiving and installing one (receive). Raft §7.
+//! Log compaction and snapshots (Raft §7). The log is purged behind what the state machine
+//! has made durable, never because a snapshot was built. A snapshot is built only when a
+//! follower needs entries that were purged, streamed to it chunk by chunk (read from the state
+//! machine as the window allows), and dropped once no transfer uses it. A follower receives
+//! the chunks in order and installs the snapshot when the last one arrived.
 
 use super::*;
 use replication::Replicator;
@@ -13,42 +16,130 @@ pub(super) struct Receiving {
     pub(super) installing: bool,
 }
 
+/// A `BuildSnapshot` in flight.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct BuildingSnapshot {
+    /// The snapshot will include every entry up to here: the state machine runs the applies
+    /// issued before the build first. The log is not purged beyond it meanwhile, so the
+    /// snapshot still covers what the follower lacks when it arrives.
+    pub(super) covers: LogIndex,
+    /// `discard_snapshots` was called since: the snapshot describes a state no receiver may
+    /// get, and is dropped when it arrives.
+    pub(super) discarded: bool,
+}
+
 impl Engine {
-    /// The work of [`Engine::trigger_snapshot`].
+    /// Runs after every input: drops the snapshots no transfer uses any more, then checks the
+    /// invariants (debug builds).
+    pub(super) fn settle(&mut self) {
+        if !self.snapshots.is_empty() {
+            let all = std::mem::take(&mut self.snapshots);
+            let before = all.len();
+            for meta in all {
+                if self.snapshot_in_use(meta.snapshot_id) {
+                    self.snapshots.push(meta);
+                } else {
+                    self.actions.push_back(Action::DropSnapshot { meta });
+                }
+            }
+            if self.snapshots.len() < before {
+                // A dropped snapshot no longer holds the log back.
+                self.purge_log(false);
+            }
+        }
+        self.check_invariants();
+    }
+
+    /// Whether a transfer (this node leading) streams the snapshot `id`.
+    fn snapshot_in_use(&self, id: u64) -> bool {
+        self.role.leader().is_some_and(|l| {
+            l.progress.values().any(|p| matches!(&p.state, ReplState::Snapshot(s) if s.meta.snapshot_id == id))
+        })
+    }
+
+    /// The work of [`Engine::handle_applied_durable`].
+    pub(super) fn on_applied_durable(&mut self, index: LogIndex) {
+        // Never beyond what this engine saw applied: a report from before a snapshot
+        // installation or a restart must not run ahead of it.
+        let index = index.min(self.applied);
+        if index > self.durable_applied {
+            self.durable_applied = index;
+            self.purge_log(false);
+        }
+    }
+
+    /// Purges the log behind the durable applied index. Kept: `log_keep_entries` behind it
+    /// (unless `all`), everything a snapshot being built or streamed does not include (its
+    /// follower continues from the log after it), and on a leader the entries a follower
+    /// lagging by at most `log_lag_entries_max` still needs (unless `all`).
+    pub(super) fn purge_log(&mut self, all: bool) {
+        let durable = self.durable_applied.min(self.applied).0;
+        let mut upto = if all { durable } else { durable.saturating_sub(self.config.log_keep_entries) };
+        if let Some(b) = &self.building_snapshot {
+            upto = upto.min(b.covers.0);
+        }
+        for s in &self.snapshots {
+            upto = upto.min(s.last_log_id.index.0);
+        }
+        if !all {
+            if let Some(l) = self.role.leader() {
+                let floor = durable.saturating_sub(self.config.log_lag_entries_max);
+                for (id, p) in &l.progress {
+                    if *id != self.id && p.matched.0 >= floor {
+                        upto = upto.min(p.matched.0);
+                    }
+                }
+            }
+        }
+        let purged = self.log.last_purged().index.0;
+        let step = if all { 1 } else { self.config.log_purge_step_entries };
+        if upto >= purged.saturating_add(step) {
+            if let Some(id) = self.log.id_at(LogIndex(upto)) {
+                self.purge_local(id);
+            }
+        }
+    }
+
+    /// Asks the state machine for a snapshot, unless one is being built.
     pub(super) fn maybe_build_snapshot(&mut self) {
-        let last = self.snapshot.as_ref().map(|s| s.last_log_id.index).unwrap_or_default();
-        if !self.building_snapshot && self.applied > last {
-            self.building_snapshot = true;
+        if self.building_snapshot.is_none() {
+            self.building_snapshot = Some(BuildingSnapshot { covers: self.apply_sent, discarded: false });
             self.actions.push_back(Action::BuildSnapshot);
         }
     }
 
     /// The work of [`Engine::handle_snapshot_built`].
     pub(super) fn on_snapshot_built(&mut self, now: Millis, meta: SnapshotMeta) {
-        self.building_snapshot = false;
-        if self.snapshot.as_ref().is_some_and(|s| s.last_log_id >= meta.last_log_id) {
-            return;
+        let building = self.building_snapshot.take();
+        let useful = building.is_some_and(|b| !b.discarded)
+            && self.role.leader().is_some()
+            && meta.last_log_id.index >= self.log.last_purged().index;
+        if !useful {
+            // Discarded, or no longer leading (settle drops what no transfer uses).
+            self.actions.push_back(Action::DropSnapshot { meta });
+        } else {
+            info!(node = %self.id, term = %self.vote.term, snapshot = %meta.last_log_id, size = meta.size_bytes, "snapshot built");
+            self.snapshots.push(meta);
         }
-        info!(node = %self.id, term = %self.vote.term, snapshot = %meta.last_log_id, "snapshot built");
-        let upto = meta.last_log_id.index.0.saturating_sub(self.config.log_keep_entries_after_snapshot);
-        self.snapshot = Some(meta);
-        if upto > self.log.last_purged().index.0 {
-            if let Some(id) = self.log.id_at(LogIndex(upto)) {
-                self.purge_local(id);
-            }
-        }
-        // Followers waiting for a snapshot can get this one.
+        // Followers waiting for a snapshot get this one (or ask for a new one).
+        let first = self.log.first_index();
         let waiting: Vec<NodeId> = self
             .role
             .leader()
-            .map(|l| l.progress.iter().filter(|(_, p)| p.next < self.log.first_index()).map(|(id, _)| *id).collect())
+            .map(|l| {
+                l.progress
+                    .iter()
+                    .filter(|(_, p)| p.next < first && !matches!(p.state, ReplState::Snapshot(_)))
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
             .unwrap_or_default();
         for id in waiting {
             self.send_append(now, id);
         }
     }
 
-    /// Forgets the log up to `upto` (covered by a snapshot) and issues the write.
+    /// Forgets the log up to `upto` and issues the write.
     fn purge_local(&mut self, upto: LogId) {
         self.log.purge_up_to(upto);
         let io = self.next_io();
@@ -76,8 +167,71 @@ impl Engine {
         }
     }
 
-    /// A follower's answer to a snapshot chunk: move the window on, resend from a gap, or go
-    /// back to appends once it installed the snapshot.
+    /// The work of [`Engine::handle_snapshot_read`].
+    pub(super) fn on_snapshot_read(
+        &mut self,
+        now: Millis,
+        to: NodeId,
+        meta: SnapshotMeta,
+        offset: u64,
+        data: Option<Bytes>,
+        done: bool,
+    ) {
+        let Some(data) = data else {
+            warn!(node = %self.id, snapshot = %meta.last_log_id, "the state machine no longer has the snapshot: its transfers start over");
+            self.abandon_snapshot(now, meta.snapshot_id, false);
+            return;
+        };
+        // Sent only by a leader still streaming this snapshot to `to`: after a step-down the
+        // chunk would speak for a leadership this node no longer holds.
+        let streaming = self
+            .role
+            .leader()
+            .and_then(|l| l.progress.get(&to))
+            .is_some_and(|p| matches!(&p.state, ReplState::Snapshot(s) if s.meta.snapshot_id == meta.snapshot_id));
+        if !streaming || offset.checked_add(data.len() as u64).is_none_or(|e| e > meta.size_bytes) {
+            return;
+        }
+        self.send(to, MessageBody::Snapshot { meta, offset, data, done });
+    }
+
+    /// Stops every transfer of snapshot `id` and forgets it (dropping it in the state machine
+    /// if `drop`); the followers get a new one.
+    fn abandon_snapshot(&mut self, now: Millis, id: u64, drop: bool) {
+        let pos = self.snapshots.iter().position(|m| m.snapshot_id == id);
+        if let Some(meta) = pos.map(|i| self.snapshots.remove(i)) {
+            if drop {
+                self.actions.push_back(Action::DropSnapshot { meta });
+            }
+        }
+        let mut restart = Vec::new();
+        if let Some(l) = self.role.leader_mut() {
+            for (peer, p) in l.progress.iter_mut() {
+                if matches!(&p.state, ReplState::Snapshot(s) if s.meta.snapshot_id == id) {
+                    p.become_probe();
+                    restart.push(*peer);
+                }
+            }
+        }
+        for peer in restart {
+            self.send_append(now, peer);
+        }
+    }
+
+    /// The work of [`Engine::discard_snapshots`].
+    pub(super) fn drop_all_snapshots(&mut self, now: Millis) {
+        if let Some(b) = &mut self.building_snapshot {
+            b.discarded = true;
+        }
+        let ids: Vec<u64> = self.snapshots.iter().map(|m| m.snapshot_id).collect();
+        for id in ids {
+            self.abandon_snapshot(now, id, true);
+        }
+    }
+
+    /// A follower's answer to a snapshot chunk: move the window on, resend from a gap, go
+    /// back to appends once it installed the snapshot, or start over with a new snapshot if
+    /// it refused this one.
     pub(super) fn on_snapshot_resp(
         &mut self,
         now: Millis,
@@ -85,13 +239,18 @@ impl Engine {
         snapshot_id: u64,
         next_offset: u64,
         installed: Option<LogId>,
+        refused: bool,
     ) {
-        let current = self.snapshot.clone();
         let Some(l) = self.role.leader_mut() else { return };
         let Some(p) = l.progress.get_mut(&from) else { return };
         p.recent_active = true;
         let ReplState::Snapshot(s) = &mut p.state else { return };
         if s.meta.snapshot_id != snapshot_id {
+            return;
+        }
+        if refused {
+            warn!(node = %self.id, term = %self.vote.term, peer = %from, snapshot = %s.meta.last_log_id, "follower refused the snapshot as corrupt: building a new one");
+            self.abandon_snapshot(now, snapshot_id, true);
             return;
         }
         if let Some(id) = installed {
@@ -116,29 +275,22 @@ impl Engine {
             s.all_sent = false;
             s.progress_at = now;
         }
-        // A newer snapshot replaces a stale transfer that has to restart anyway.
-        if s.acked == 0 && current.as_ref().is_some_and(|c| c.snapshot_id != s.meta.snapshot_id) {
-            p.become_probe();
-            self.send_append(now, from);
-            return;
-        }
         self.send_snapshot_chunks(from);
     }
 
     /// A snapshot chunk from the leader: stored in order, installed when complete, one
     /// snapshot at a time.
     pub(super) fn on_snapshot_chunk(&mut self, from: NodeId, meta: SnapshotMeta, offset: u64, data: Bytes, done: bool) {
+        let resp = |next_offset, installed| MessageBody::SnapshotResp {
+            snapshot_id: meta.snapshot_id,
+            next_offset,
+            installed,
+            refused: false,
+        };
         if meta.last_log_id.index <= self.committed {
             // Already have all of it (or installed it earlier).
             let installed = self.log.id_at(self.committed).unwrap_or(self.log.last_purged());
-            self.send(
-                from,
-                MessageBody::SnapshotResp {
-                    snapshot_id: meta.snapshot_id,
-                    next_offset: meta.size_bytes,
-                    installed: Some(installed),
-                },
-            );
+            self.send(from, resp(meta.size_bytes, Some(installed)));
             return;
         }
         if self.receiving.as_ref().is_some_and(|r| r.installing) {
@@ -155,24 +307,15 @@ impl Engine {
         let same = self.receiving.as_ref().is_some_and(|r| r.meta == meta);
         if !same {
             if offset != 0 {
-                self.send(
-                    from,
-                    MessageBody::SnapshotResp { snapshot_id: meta.snapshot_id, next_offset: 0, installed: None },
-                );
+                self.send(from, resp(0, None));
                 return;
             }
             self.receiving = Some(Receiving { meta: meta.clone(), offset: 0, installing: false });
         }
-        let r = self.receiving.as_mut().expect("set above");
-        if r.installing {
-            return;
-        }
+        let Some(r) = self.receiving.as_mut() else { return };
         if offset != r.offset {
             let expected = r.offset;
-            self.send(
-                from,
-                MessageBody::SnapshotResp { snapshot_id: meta.snapshot_id, next_offset: expected, installed: None },
-            );
+            self.send(from, resp(expected, None));
             return;
         }
         r.offset += data.len() as u64;
@@ -182,7 +325,28 @@ impl Engine {
             r.installing = true;
             self.actions.push_back(Action::InstallSnapshot { meta });
         } else {
-            self.send(from, MessageBody::SnapshotResp { snapshot_id: meta.snapshot_id, next_offset, installed: None });
+            self.send(from, resp(next_offset, None));
+        }
+    }
+
+    /// The work of [`Engine::handle_snapshot_refused`].
+    pub(super) fn on_snapshot_refused(&mut self, _now: Millis, meta: SnapshotMeta, reason: &str) {
+        warn!(node = %self.id, term = %self.vote.term, snapshot = %meta.last_log_id, reason, "snapshot refused");
+        if self.receiving.as_ref().is_some_and(|r| r.meta.snapshot_id == meta.snapshot_id) {
+            self.receiving = None;
+            // An installation held back applying.
+            self.maybe_apply();
+        }
+        if let Some(leader) = self.leader.filter(|l| *l != self.id) {
+            self.send(
+                leader,
+                MessageBody::SnapshotResp {
+                    snapshot_id: meta.snapshot_id,
+                    next_offset: 0,
+                    installed: None,
+                    refused: true,
+                },
+            );
         }
     }
 
@@ -192,6 +356,8 @@ impl Engine {
         let last = meta.last_log_id;
         info!(node = %self.id, term = %self.vote.term, snapshot = %last, "snapshot installed");
         if last.index > self.applied {
+            // The installation is durable (the state machine's contract): the log may go.
+            self.durable_applied = self.durable_applied.max(last.index);
             if self.log.has(last) {
                 self.purge_local(last);
             } else {
@@ -202,7 +368,6 @@ impl Engine {
             self.apply_sent = last.index;
             self.memberships.reset_to(meta.membership.clone());
             self.refresh_role();
-            self.snapshot = Some(meta.clone());
         }
         if let (Some(leader), Some(_)) = (self.leader, was_receiving) {
             self.send(
@@ -211,6 +376,7 @@ impl Engine {
                     snapshot_id: meta.snapshot_id,
                     next_offset: meta.size_bytes,
                     installed: Some(last),
+                    refused: false,
                 },
             );
         }
@@ -219,7 +385,7 @@ impl Engine {
 }
 
 impl Replicator<'_> {
-    /// Streams chunks of the snapshot `peer` receives, as many as the window allows.
+    /// Asks for chunks of the snapshot `peer` receives, as many as the window allows.
     pub(super) fn send_snapshot_chunks(&mut self, peer: NodeId) {
         let chunk = self.config.snapshot_chunk_bytes as u64;
         let window = chunk * self.config.snapshot_chunks_in_flight_max as u64;
@@ -229,7 +395,7 @@ impl Replicator<'_> {
         while !s.all_sent && s.sent - s.acked < window {
             let len = chunk.min(size - s.sent);
             let done = s.sent + len == size;
-            self.actions.push_back(Action::SendSnapshotChunk {
+            self.actions.push_back(Action::ReadSnapshotChunk {
                 to: peer,
                 meta: s.meta.clone(),
                 offset: s.sent,

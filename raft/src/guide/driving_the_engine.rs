@@ -11,8 +11,7 @@
 //! [`Engine::new(id, config, state, seed, now)`](crate::Engine::new) starts from an
 //! [`InitialState`] read from storage; [`driver::recover_state`](crate::driver::recover_state)
 //! builds it from a [`LogStorage`](crate::LogStorage) and a
-//! [`StateMachine`](crate::StateMachine), and also returns the current snapshot, whose data you
-//! keep to send to followers. `Engine::new` does not validate the configuration: call
+//! [`StateMachine`](crate::StateMachine). `Engine::new` does not validate the configuration: call
 //! [`Config::validate`](crate::Config::validate) first (the driver does it in `Raft::start`).
 //! The configuration is an `Arc<Config>`, so many groups can share one.
 //!
@@ -28,9 +27,13 @@
 //!    ([`handle_message`](crate::Engine::handle_message)), completed writes
 //!    ([`handle_io_done`](crate::Engine::handle_io_done)), applied entries
 //!    ([`handle_applied`](crate::Engine::handle_applied)), loaded entries
-//!    ([`handle_entries_loaded`](crate::Engine::handle_entries_loaded)), built and installed
-//!    snapshots ([`handle_snapshot_built`](crate::Engine::handle_snapshot_built),
-//!    [`handle_snapshot_installed`](crate::Engine::handle_snapshot_installed)), and
+//!    ([`handle_entries_loaded`](crate::Engine::handle_entries_loaded)), how far the applied
+//!    state is durable ([`handle_applied_durable`](crate::Engine::handle_applied_durable)),
+//!    snapshots built, read, installed or refused
+//!    ([`handle_snapshot_built`](crate::Engine::handle_snapshot_built),
+//!    [`handle_snapshot_read`](crate::Engine::handle_snapshot_read),
+//!    [`handle_snapshot_installed`](crate::Engine::handle_snapshot_installed),
+//!    [`handle_snapshot_refused`](crate::Engine::handle_snapshot_refused)), and
 //!    [`handle_timeout`](crate::Engine::handle_timeout) whenever `now >= `
 //!    [`next_deadline()`](crate::Engine::next_deadline). Calling `handle_timeout` early is harmless;
 //!    calling it late delays heartbeats and elections.
@@ -39,7 +42,7 @@
 //!    [`read`](crate::Engine::read), [`add_learner`](crate::Engine::add_learner),
 //!    [`change_membership`](crate::Engine::change_membership),
 //!    [`transfer_leader`](crate::Engine::transfer_leader),
-//!    [`trigger_snapshot`](crate::Engine::trigger_snapshot)), take actions with
+//!    [`compact_log`](crate::Engine::compact_log)), take actions with
 //!    [`poll_action`](crate::Engine::poll_action) until it returns `None`, and execute them in the
 //!    order they come. Then read `next_deadline()` again: inputs move it.
 //! 3. **Writes in order, reported once durable.** [`SaveVote`](crate::Action::SaveVote),
@@ -68,11 +71,12 @@
 //! | [`PurgeUpTo`](crate::Action::PurgeUpTo) | [`LogStorage::purge_up_to`](crate::LogStorage::purge_up_to) | `handle_io_done(io)` |
 //! | [`Send`](crate::Action::Send) | [`Network::send`](crate::Network::send) | nothing |
 //! | [`LoadEntries`](crate::Action::LoadEntries) | [`LogStorage::read_entries`](crate::LogStorage::read_entries), after the writes issued before it | `handle_entries_loaded(peer, entries)` |
-//! | [`Apply`](crate::Action::Apply) | [`StateMachine::apply`](crate::StateMachine::apply) on `entries`, or on `first..=last` read from storage when `entries` is `None` | `handle_applied(last)` |
-//! | [`BuildSnapshot`](crate::Action::BuildSnapshot) | [`StateMachine::build_snapshot`](crate::StateMachine::build_snapshot); keep the data | `handle_snapshot_built(meta)` |
-//! | [`SendSnapshotChunk`](crate::Action::SendSnapshotChunk) | send bytes `offset..offset + len` of the current snapshot as a [`MessageBody::Snapshot`](crate::MessageBody::Snapshot) from [`id()`](crate::Engine::id) in [`term()`](crate::Engine::term); skip it if `meta` is no longer the current snapshot | nothing |
-//! | [`ReceiveSnapshotChunk`](crate::Action::ReceiveSnapshotChunk) | append `data` to the snapshot being received (`offset == 0` starts a new one) | nothing |
-//! | [`InstallSnapshot`](crate::Action::InstallSnapshot) | [`StateMachine::install_snapshot`](crate::StateMachine::install_snapshot) with the received data | `handle_snapshot_installed(meta)` |
+//! | [`Apply`](crate::Action::Apply) | [`StateMachine::apply`](crate::StateMachine::apply) on `entries`, or on `first..=last` read from storage when `entries` is `None` | `handle_applied(last)`, then `handle_applied_durable(`[`durable_applied()`](crate::StateMachine::durable_applied)`)` |
+//! | [`BuildSnapshot`](crate::Action::BuildSnapshot) | [`StateMachine::build_snapshot`](crate::StateMachine::build_snapshot) | `handle_snapshot_built(meta)` |
+//! | [`ReadSnapshotChunk`](crate::Action::ReadSnapshotChunk) | [`StateMachine::read_snapshot`](crate::StateMachine::read_snapshot) of bytes `offset..offset + len` | `handle_snapshot_read(to, meta, offset, data, done)` (it sends the chunk) |
+//! | [`DropSnapshot`](crate::Action::DropSnapshot) | [`StateMachine::drop_snapshot`](crate::StateMachine::drop_snapshot) | nothing |
+//! | [`ReceiveSnapshotChunk`](crate::Action::ReceiveSnapshotChunk) | [`StateMachine::receive_snapshot`](crate::StateMachine::receive_snapshot) (`offset == 0` starts a new one) | nothing, or `handle_snapshot_refused` if refused |
+//! | [`InstallSnapshot`](crate::Action::InstallSnapshot) | [`StateMachine::install_snapshot`](crate::StateMachine::install_snapshot) | `handle_snapshot_installed(meta)`, or `handle_snapshot_refused` |
 //! | [`ReadReady`](crate::Action::ReadReady) | wait until the state machine has applied `index`, then serve read `id` | nothing |
 //! | [`ReadFailed`](crate::Action::ReadFailed) | fail read `id` with `error` | nothing |
 //!
@@ -128,8 +132,8 @@
 //!                     engine.handle_applied(now, last);
 //!                 }
 //!                 Action::ReadReady { id, index } => self.reads_ready.push((id, index)),
-//!                 // A single voter sends nothing, and with the default snapshot threshold
-//!                 // it builds no snapshot in this short run.
+//!                 // A single voter sends nothing and never needs a snapshot; with nothing
+//!                 // reported durable, it purges nothing.
 //!                 other => panic!("not expected in this example: {other:?}"),
 //!             }
 //!         }

@@ -22,7 +22,7 @@
 //! ```
 //! use flotilla_raft::Config;
 //!
-//! let config = Config { snapshot_threshold_entries: 50_000, ..Config::default() };
+//! let config = Config { log_keep_entries: 50_000, ..Config::default() };
 //! assert!(config.validate().is_ok());
 //!
 //! // Heartbeats must come at least twice per minimum election timeout, or followers would

@@ -103,30 +103,40 @@
 //!    `applied_state`. At start-up the driver rebuilds the configuration from it plus the
 //!    configuration entries in the log after `last_applied`; entries before that may have been
 //!    purged, so this is the only record of them.
-//! 6. **Snapshots.** [`build_snapshot`](crate::StateMachine::build_snapshot) captures the state at
-//!    the last applied entry and keeps it as the current snapshot. Its [`SnapshotMeta`] holds
-//!    the last applied id, the applied configuration, a `snapshot_id` unique among the
-//!    snapshots this node builds (a counter will do), and `size_bytes`, the length of the
-//!    data. [`install_snapshot`](crate::StateMachine::install_snapshot) replaces the whole state
-//!    with a snapshot's, sets the applied index and configuration to the snapshot's, and keeps
-//!    it as the current snapshot; make it atomic, so a crash leaves the old state or the new
-//!    one. [`current_snapshot`](crate::StateMachine::current_snapshot) returns the last built or
-//!    installed snapshot; it is read at start-up, so keep it across restarts if you can
-//!    (otherwise the node builds a new one the first time it needs one).
-//! 7. **An error stops the group**, as for the log.
+//! 6. **Durability.** [`durable_applied`](crate::StateMachine::durable_applied) returns the
+//!    last applied index whose effects survive a crash. The log is purged only up to there, so
+//!    a restarted machine must report an applied index at least that far (the driver refuses
+//!    to start otherwise). With a store that shares one write-ahead log with the Raft log, the
+//!    applied state need not be synced on its own: any later synced write makes it durable;
+//!    track which.
+//! 7. **Snapshots, on demand and streamed.** [`build_snapshot`](crate::StateMachine::build_snapshot)
+//!    captures the state at the last applied entry (a follower needs it) and keeps it
+//!    readable by offset ([`read_snapshot`](crate::StateMachine::read_snapshot)) until
+//!    [`drop_snapshot`](crate::StateMachine::drop_snapshot). Its [`SnapshotMeta`] holds the
+//!    last applied id, the applied configuration, a `snapshot_id` unique among the snapshots
+//!    this node builds (a counter or a clock reading), and `size_bytes`, the length of its byte
+//!    stream. A snapshot this machine no longer has (it restarted) reads as `None`. A receiver
+//!    gets the stream in order ([`receive_snapshot`](crate::StateMachine::receive_snapshot);
+//!    offset 0 starts over) and then [`install_snapshot`](crate::StateMachine::install_snapshot),
+//!    which checks the whole (put checksums in your stream format) and replaces the state
+//!    with it, applied index and configuration included; make it atomic, so a crash leaves
+//!    the old state or the new one (or an installation you finish at start-up). Corrupt data
+//!    is [`SnapshotError::Refused`](crate::SnapshotError::Refused), which ends only that
+//!    transfer.
+//! 8. **An error stops the group**, as for the log.
 //!
 //! Building runs on the applier task, so nothing is applied until it returns: build from a
 //! point-in-time view of your store (a checkpoint, a read snapshot) rather than by copying
-//! under a lock. The driver holds the current snapshot's data in memory to send it, see
+//! under a lock, and write it to files, not memory; see
 //! [`snapshots_and_compaction`](super::snapshots_and_compaction).
 //!
 //! ## A state machine kept only in memory
 //!
 //! If the state machine does not persist its state, every restart applies the log again from
-//! `last_applied`. Once the log has been compacted, the entries from index 1 are gone, and
-//! the group would stop on the first attempt to read them. Such a state machine must, when it
-//! is created, load its latest snapshot and report the snapshot's last log id from
-//! `applied_state` (and the snapshot's configuration), so that applying resumes after it.
+//! `last_applied`. It must checkpoint: write its state somewhere durable every so often,
+//! report the checkpoint's index from `durable_applied`, and when it is created load the
+//! checkpoint and report its last log id (and configuration) from `applied_state`, so that
+//! applying resumes after it. The log behind the checkpoint is then purged.
 //!
 //! # Testing an implementation: the conformance suites
 //!
@@ -135,8 +145,10 @@
 //! behind the contracts above against any implementation: round trips of the vote, append
 //! and read back, the `bytes_max` rule, reads outside the log, truncation, purging inside and
 //! past the end of the log, appends that do not continue the log; one response per entry,
-//! the applied state and configuration, snapshots that describe the applied state and
-//! round-trip into a fresh machine, installing over a more advanced state. Each check gets a
+//! the applied state and configuration, `durable_applied` never ahead of the applied index,
+//! snapshots that describe the applied state, read back the same in any chunking, are gone
+//! once dropped and round-trip into a fresh machine, lost, duplicated and corrupt chunks
+//! refused, a reception started over, installing over a more advanced state. Each check gets a
 //! fresh, empty store from the closure you pass, and the suite panics naming the first check
 //! that fails.
 //!

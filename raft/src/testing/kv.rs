@@ -9,8 +9,8 @@
 use crate::entry::{Entry, EntryPayload};
 use crate::error::StorageError;
 use crate::membership::StoredMembership;
-use crate::storage::{AppliedState, Snapshot, SnapshotMeta, StateMachine};
-use crate::types::LogId;
+use crate::storage::{AppliedState, SnapshotError, SnapshotMeta, StateMachine};
+use crate::types::{LogId, LogIndex};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -19,8 +19,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 const TAG_PUT: u8 = 1;
 const TAG_DELETE: u8 = 2;
 const TAG_CAS: u8 = 3;
-/// Leads the snapshot data: "FKVS" and a format version.
-const SNAPSHOT_MAGIC: &[u8; 5] = b"FKVS\x01";
+/// Leads the snapshot data: "FKVS" and a format version. A 64-bit FNV-1a checksum of
+/// everything before it ends the data.
+const SNAPSHOT_MAGIC: &[u8; 5] = b"FKVS\x02";
 
 /// A command of the key-value state machine, carried as an
 /// [`EntryPayload::Normal`] payload (see [`KvCommand::encode`]).
@@ -201,6 +202,11 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// FNV-1a, 64 bits: enough to tell a corrupted test snapshot from a good one.
+pub(crate) fn fnv64(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+}
+
 fn encode_map(map: &BTreeMap<String, String>) -> Bytes {
     let mut buf = SNAPSHOT_MAGIC.to_vec();
     buf.extend_from_slice(&(map.len() as u64).to_be_bytes());
@@ -208,11 +214,22 @@ fn encode_map(map: &BTreeMap<String, String>) -> Bytes {
         put_str(&mut buf, k);
         put_str(&mut buf, v);
     }
+    let sum = fnv64(&buf);
+    buf.extend_from_slice(&sum.to_be_bytes());
     Bytes::from(buf)
 }
 
 fn decode_map(bytes: &[u8]) -> Result<BTreeMap<String, String>, String> {
-    let mut r = Reader::new(bytes);
+    let Some(body_len) = bytes.len().checked_sub(8) else {
+        return Err("snapshot shorter than its checksum".into());
+    };
+    let (body, sum) = bytes.split_at(body_len);
+    let expected = u64::from_be_bytes(sum.try_into().map_err(|_| "checksum".to_string())?);
+    let actual = fnv64(body);
+    if actual != expected {
+        return Err(format!("snapshot checksum mismatch: computed {actual:016x}, recorded {expected:016x}"));
+    }
+    let mut r = Reader::new(body);
     if r.take(SNAPSHOT_MAGIC.len())? != SNAPSHOT_MAGIC {
         return Err("not a MemStateMachine snapshot (bad magic)".into());
     }
@@ -244,7 +261,10 @@ struct SmInner {
     data: BTreeMap<String, String>,
     last_applied: Option<LogId>,
     membership: StoredMembership,
-    snapshot: Option<Snapshot>,
+    /// Snapshots built and not yet dropped, by id.
+    built: BTreeMap<u64, (SnapshotMeta, Bytes)>,
+    /// The snapshot being received and its bytes so far.
+    receiving: Option<(SnapshotMeta, Vec<u8>)>,
     /// Number of snapshots built; the next one's id is this plus one.
     snapshots_built: u64,
 }
@@ -339,7 +359,13 @@ impl StateMachine for MemStateMachine {
         Ok(responses)
     }
 
-    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+    async fn durable_applied(&mut self) -> Result<LogIndex, StorageError> {
+        // Memory outlives every restart a test makes (clones share it): all of it counts as
+        // durable.
+        Ok(self.lock().last_applied.map(|l| l.index).unwrap_or_default())
+    }
+
+    async fn build_snapshot(&mut self) -> Result<SnapshotMeta, StorageError> {
         let mut inner = self.lock();
         inner.snapshots_built += 1;
         let data = encode_map(&inner.data);
@@ -349,30 +375,75 @@ impl StateMachine for MemStateMachine {
             snapshot_id: inner.snapshots_built,
             size_bytes: data.len() as u64,
         };
-        let snapshot = Snapshot { meta, data };
-        inner.snapshot = Some(snapshot.clone());
-        Ok(snapshot)
+        inner.built.insert(meta.snapshot_id, (meta.clone(), data));
+        Ok(meta)
     }
 
-    async fn current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        Ok(self.lock().snapshot.clone())
-    }
-
-    async fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), StorageError> {
-        const OP: &str = "install_snapshot";
-        if snapshot.data.len() as u64 != snapshot.meta.size_bytes {
-            return Err(StorageError::new(
-                OP,
-                format!("snapshot data is {} bytes, its meta says {}", snapshot.data.len(), snapshot.meta.size_bytes),
-            ));
+    async fn read_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Bytes>, StorageError> {
+        let inner = self.lock();
+        let Some((m, data)) = inner.built.get(&meta.snapshot_id) else { return Ok(None) };
+        if m != meta {
+            return Ok(None);
         }
-        let data = decode_map(&snapshot.data).map_err(|e| StorageError::new(OP, e))?;
+        let end = offset.checked_add(len).filter(|e| *e <= data.len() as u64).ok_or_else(|| {
+            StorageError::new("read_snapshot", format!("{len} bytes at {offset} of a {}-byte snapshot", data.len()))
+        })?;
+        Ok(Some(data.slice(offset as usize..end as usize)))
+    }
+
+    async fn drop_snapshot(&mut self, meta: &SnapshotMeta) -> Result<(), StorageError> {
+        self.lock().built.remove(&meta.snapshot_id);
+        Ok(())
+    }
+
+    async fn receive_snapshot(&mut self, meta: &SnapshotMeta, offset: u64, data: Bytes) -> Result<(), SnapshotError> {
         let mut inner = self.lock();
-        let last = snapshot.meta.last_log_id;
+        if offset == 0 {
+            inner.receiving = Some((meta.clone(), Vec::new()));
+        }
+        let Some((m, buf)) = inner.receiving.as_mut().filter(|(m, _)| m == meta) else {
+            return Err(SnapshotError::Refused(format!("chunk at {offset} of a snapshot not being received")));
+        };
+        let refused = if buf.len() as u64 != offset {
+            Some(format!("chunk at {offset}, expected {}", buf.len()))
+        } else if offset + data.len() as u64 > m.size_bytes {
+            Some(format!("chunk beyond the snapshot's {} bytes", m.size_bytes))
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            // The transfer is over: the sender starts again with a new snapshot.
+            inner.receiving = None;
+            return Err(SnapshotError::Refused(why));
+        }
+        buf.extend_from_slice(&data);
+        Ok(())
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta) -> Result<(), SnapshotError> {
+        let mut inner = self.lock();
+        let Some((m, buf)) = inner.receiving.take() else {
+            return Err(SnapshotError::Refused("install of a snapshot not received".into()));
+        };
+        if m != *meta || buf.len() as u64 != meta.size_bytes {
+            return Err(SnapshotError::Refused(format!(
+                "received {} bytes of snapshot {}, installing {} of {}",
+                buf.len(),
+                m.snapshot_id,
+                meta.size_bytes,
+                meta.snapshot_id
+            )));
+        }
+        let data = decode_map(&buf).map_err(SnapshotError::Refused)?;
+        let last = meta.last_log_id;
         inner.data = data;
         inner.last_applied = (last.index.0 != 0).then_some(last);
-        inner.membership = snapshot.meta.membership.clone();
-        inner.snapshot = Some(snapshot);
+        inner.membership = meta.membership.clone();
         Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! The state-machine side of a poller: one action at a time per group (apply a batch of
-//! committed entries, build a snapshot, install one), started after the round's log writes
-//! were submitted, so a group's applied state never precedes its log in the write order.
+//! committed entries; build, read, drop, receive or install a snapshot), started after the
+//! round's log writes were submitted, so a group's applied state never precedes its log in
+//! the write order. Also telling each group how far its applied state is durable.
 
 use super::group_state::GroupState;
 use super::poller::{Poller, PollerMsg};
@@ -8,8 +9,15 @@ use super::Reservation;
 use crate::kv::SplitEffect;
 use crate::log::RocksLog;
 use bytes::Bytes;
-use flotilla_raft::{GroupId, LogId, LogIndex, MachineAction, Snapshot, StateMachine, StorageError};
+use flotilla_raft::{
+    GroupId, LogId, LogIndex, MachineAction, NodeId, SnapshotError, SnapshotMeta, StateMachine, StorageError,
+};
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// An applied index waits this long for another write's fsync to make it durable before the
+/// poller asks the store for one itself (an idle node's last applies).
+const DURABLE_WAIT_MAX: Duration = Duration::from_millis(500);
 
 /// Bytes read per call when an apply reads its entries back from the log.
 const APPLY_READ_BYTES_MAX: usize = 4 << 20;
@@ -25,11 +33,18 @@ impl Poller {
         let Some(g) = self.sm_done(gid) else { return };
         let splits = match r {
             Ok((results, splits)) => {
+                let last = results.last().map(|(id, _)| id.index);
                 g.core.handle_applied(now, results);
-                // The snapshot held (built or installed before the split) covers the
-                // wider range: no receiver may get it.
+                // Snapshots built before the split cover the wider range: no receiver may get
+                // them.
                 if !splits.is_empty() {
-                    g.core.discard_snapshot();
+                    g.core.discard_snapshots(now);
+                }
+                if let Some(last) = last {
+                    // Written in this batch of the store or an earlier one (the callback runs
+                    // after the writer counted it).
+                    let batch = self.shared.store.stats().batches.load(Ordering::Acquire);
+                    self.durable_waits.push_back((batch, gid, last, Instant::now()));
                 }
                 splits
             }
@@ -58,23 +73,82 @@ impl Poller {
         }
     }
 
+    /// Tells each group how far its applied state is durable: every batch up to the store's
+    /// last synced one is. Asks for a sync when an index waited too long (nothing else wrote).
+    pub(super) fn report_durable(&mut self, now: Instant) {
+        let synced = self.shared.store.stats().durable_batches.load(Ordering::Acquire);
+        while let Some(&(batch, gid, index, _)) = self.durable_waits.front() {
+            if batch > synced {
+                break;
+            }
+            self.durable_waits.pop_front();
+            if let Some(g) = self.groups.get_mut(&gid) {
+                g.core.handle_applied_durable(index);
+                self.dirty.insert(gid);
+            }
+        }
+        let Some(&(_, _, _, since)) = self.durable_waits.front() else {
+            self.sync_asked_at = None;
+            return;
+        };
+        let asked_lately = self.sync_asked_at.is_some_and(|at| now.duration_since(at) < DURABLE_WAIT_MAX);
+        if now.duration_since(since) >= DURABLE_WAIT_MAX && !asked_lately {
+            self.sync_asked_at = Some(now);
+            // An empty synced write: the writer syncs the write-ahead log. Nothing to report
+            // back; the next round sees the new synced batch.
+            if let Err(e) = self.shared.store.submit(Vec::new(), true, Box::new(|_| {})) {
+                tracing::warn!(error = %e, "could not ask the store for a sync");
+            }
+        }
+    }
+
     /// A snapshot build finished.
-    pub(super) fn on_built(&mut self, gid: GroupId, r: Result<Snapshot, StorageError>) {
+    pub(super) fn on_built(&mut self, gid: GroupId, r: Result<SnapshotMeta, StorageError>) {
         let now = self.shared.now();
         let Some(g) = self.sm_done(gid) else { return };
         match r {
-            Ok(s) => g.core.handle_snapshot_built(now, s),
+            Ok(meta) => g.core.handle_snapshot_built(now, meta),
             Err(e) => g.core.fail(e),
         }
     }
 
-    /// A snapshot installation finished.
-    pub(super) fn on_installed(&mut self, gid: GroupId, r: Result<Snapshot, StorageError>) {
+    /// Bytes of a snapshot chunk were read.
+    pub(super) fn on_chunk_read(
+        &mut self,
+        gid: GroupId,
+        to: NodeId,
+        meta: SnapshotMeta,
+        offset: u64,
+        done: bool,
+        r: Result<Option<bytes::Bytes>, StorageError>,
+    ) {
         let now = self.shared.now();
         let Some(g) = self.sm_done(gid) else { return };
         match r {
-            Ok(s) => g.core.handle_snapshot_installed(now, s),
+            Ok(data) => g.core.handle_snapshot_read(now, to, meta, offset, data, done),
             Err(e) => g.core.fail(e),
+        }
+    }
+
+    /// A received chunk was stored, or refused.
+    pub(super) fn on_received(&mut self, gid: GroupId, meta: SnapshotMeta, r: Result<(), SnapshotError>) {
+        let now = self.shared.now();
+        let Some(g) = self.sm_done(gid) else { return };
+        match r {
+            Ok(()) => {}
+            Err(SnapshotError::Refused(why)) => g.core.handle_snapshot_refused(now, meta, &why),
+            Err(SnapshotError::Storage(e)) => g.core.fail(e),
+        }
+    }
+
+    /// A snapshot installation finished.
+    pub(super) fn on_installed(&mut self, gid: GroupId, meta: SnapshotMeta, r: Result<(), SnapshotError>) {
+        let now = self.shared.now();
+        let Some(g) = self.sm_done(gid) else { return };
+        match r {
+            Ok(()) => g.core.handle_snapshot_installed(now, meta),
+            Err(SnapshotError::Refused(why)) => g.core.handle_snapshot_refused(now, meta, &why),
+            Err(SnapshotError::Storage(e)) => g.core.fail(e),
         }
     }
 
@@ -148,17 +222,38 @@ impl Poller {
                 }
             }
             MachineAction::Build => {
+                // Through the trait: it holds the lock a destroy waits on.
                 let mut sm = g.sm.clone();
                 self.shared.runtime.spawn(async move {
-                    let r = sm.build_snapshot().await;
-                    let _ = tx.send(PollerMsg::Built(gid, r));
+                    let _ = tx.send(PollerMsg::Built(gid, sm.build_snapshot().await));
                 });
             }
-            MachineAction::Install(snapshot) => {
+            MachineAction::ReadChunk { to, meta, offset, len, done } => {
+                let sm = g.sm.clone();
+                self.shared.runtime.spawn_blocking(move || {
+                    let result = sm.read_snapshot_blocking(&meta, offset, len);
+                    let _ = tx.send(PollerMsg::ChunkRead { gid, to, meta, offset, done, result });
+                });
+            }
+            MachineAction::Drop(meta) => {
+                // Removing the files is quick; the next action may start at once.
+                g.sm.drop_built(meta.snapshot_id);
+                g.sm_busy = false;
+                if !g.sm_queue.is_empty() {
+                    self.sm_ready.insert(gid);
+                }
+            }
+            MachineAction::Receive { meta, offset, data } => {
+                let sm = g.sm.clone();
+                self.shared.runtime.spawn_blocking(move || {
+                    let r = sm.receive_snapshot_blocking(&meta, offset, &data);
+                    let _ = tx.send(PollerMsg::Received(gid, meta, r));
+                });
+            }
+            MachineAction::Install(meta) => {
                 // Checked when the transfer began; a group of this node created since then
                 // could own keys in the range, and its data must not be replaced.
-                let overlap =
-                    crate::kv::snapshot_data_range(&snapshot.data).and_then(|r| self.owner_of_overlap(gid, &r));
+                let overlap = g.sm.receiving_range().and_then(|r| self.owner_of_overlap(gid, &r));
                 let Some(g) = self.groups.get_mut(&gid) else { return };
                 if let Some(other) = overlap {
                     g.sm_busy = false;
@@ -168,10 +263,12 @@ impl Poller {
                     ));
                     return;
                 }
+                // Through the trait: it holds the lock a destroy waits on (and the test hook
+                // that holds installations).
                 let mut sm = g.sm.clone();
                 self.shared.runtime.spawn(async move {
-                    let r = sm.install_snapshot(snapshot.clone()).await.map(|()| snapshot);
-                    let _ = tx.send(PollerMsg::Installed(gid, r));
+                    let r = sm.install_snapshot(&meta).await;
+                    let _ = tx.send(PollerMsg::Installed(gid, meta, r));
                 });
             }
         }

@@ -36,6 +36,7 @@ impl Poller {
             .values()
             .map(|g| {
                 let e = g.core.engine();
+                let status = e.status();
                 GroupInfo {
                     group: g.id,
                     role: e.role(),
@@ -44,6 +45,9 @@ impl Poller {
                     last_index: e.last_log_id().index,
                     committed: e.committed(),
                     applied: e.applied(),
+                    durable_applied: status.durable_applied,
+                    first_index: status.first_log_index,
+                    snapshot: status.snapshot,
                     voters: e.membership().membership.voters.clone(),
                     committed_conf: e.committed_membership().clone(),
                     newest_conf: e.membership().log_id.index,

@@ -52,7 +52,7 @@ impl Poller {
             return g.refused_snapshot == Some(meta.snapshot_id);
         }
         // Unreadable: the installation checks the whole record and fails loudly.
-        let Some(range) = crate::kv::snapshot_data_range(data) else { return false };
+        let Some(range) = crate::kv_snapshot::stream_range(data) else { return false };
         let refused = if !g.sm.range().covers(&range) {
             Some("wider than the group's range".to_string())
         } else {

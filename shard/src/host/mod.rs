@@ -226,6 +226,12 @@ pub struct GroupInfo {
     pub committed: LogIndex,
     /// Applied index.
     pub applied: LogIndex,
+    /// The applied index the state machine holds durably (the log is purged behind it).
+    pub durable_applied: LogIndex,
+    /// The first index still in the log.
+    pub first_index: LogIndex,
+    /// The newest snapshot built for a transfer and not yet dropped (leaders only).
+    pub snapshot: Option<flotilla_raft::LogId>,
     /// Voters of the configuration in effect.
     pub voters: BTreeSet<NodeId>,
     /// The committed configuration and the entry that carried it: what a replica's lifecycle
@@ -705,9 +711,9 @@ impl Host {
         self.call(group, |tx| Request::TransferLeader(target, tx)).await
     }
 
-    /// Asks `group` to build a snapshot now.
-    pub async fn trigger_snapshot(&self, group: GroupId) -> Result<(), HostError> {
-        self.call(group, Request::TriggerSnapshot).await
+    /// Asks `group` to purge its log now up to what its state machine holds durably.
+    pub async fn compact_log(&self, group: GroupId) -> Result<(), HostError> {
+        self.call(group, Request::CompactLog).await
     }
 
     /// Stops the pollers; pending calls fail with `Stopped` or `Fatal(Shutdown)`.
@@ -744,7 +750,7 @@ pub(crate) async fn build_group(
     let store = shared.store.clone();
     let log = RocksLog::new(store.clone(), group);
     let mut sm = KvStateMachine::new(store, group, range);
-    let (state, snapshot) = recover_state(&log, &mut sm).await?;
+    let state = recover_state(&log, &mut sm).await?;
     {
         let l = log.clone();
         shared.store.blocking(move |_| l.load_last_blocking()).await?;
@@ -755,13 +761,7 @@ pub(crate) async fn build_group(
     config.votes_need_configuration = true;
     let engine =
         Engine::new(me, Arc::new(config), state, flotilla_raft::driver::seed_from_entropy(me, group), shared.now());
-    // A snapshot of a wider range than the group's (taken before a split it has applied since)
-    // must never be sent: a new one is built.
-    let stale = snapshot.as_ref().is_some_and(|s| crate::kv::snapshot_data_range(&s.data) != Some(sm.range()));
-    let mut core = GroupCore::new(engine, snapshot);
-    if stale {
-        core.discard_snapshot();
-    }
+    let mut core = GroupCore::new(engine);
     match initial {
         Some(m) if core.engine().is_pristine() => core.initialize(shared.now(), m)?,
         _ => {}

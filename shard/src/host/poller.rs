@@ -9,7 +9,10 @@ use super::apply::AppliedBatch;
 use super::group_state::GroupState;
 use super::{GroupInfo, NodeBatch, QuiesceNotice, Shared, EVENTS_PER_ROUND_MAX};
 use crate::store::Op;
-use flotilla_raft::{Fatal, GroupId, IoId, Message, NodeId, RaftError, Request, Snapshot, StorageError};
+use bytes::Bytes;
+use flotilla_raft::{
+    Fatal, GroupId, IoId, LogIndex, Message, NodeId, RaftError, Request, SnapshotError, SnapshotMeta, StorageError,
+};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
@@ -34,8 +37,19 @@ pub(crate) enum PollerMsg {
         result: Result<(), StorageError>,
     },
     Applied(GroupId, Result<AppliedBatch, StorageError>),
-    Built(GroupId, Result<Snapshot, StorageError>),
-    Installed(GroupId, Result<Snapshot, StorageError>),
+    Built(GroupId, Result<SnapshotMeta, StorageError>),
+    /// Bytes of a built snapshot for a chunk to `to` (`None`: the snapshot is gone).
+    ChunkRead {
+        gid: GroupId,
+        to: NodeId,
+        meta: SnapshotMeta,
+        offset: u64,
+        done: bool,
+        result: Result<Option<Bytes>, StorageError>,
+    },
+    /// A received chunk was stored (or refused).
+    Received(GroupId, SnapshotMeta, Result<(), SnapshotError>),
+    Installed(GroupId, SnapshotMeta, Result<(), SnapshotError>),
     Info(oneshot::Sender<Vec<GroupInfo>>),
     Shutdown,
 }
@@ -76,6 +90,12 @@ pub(crate) struct Poller {
     /// Apply writes prepared and answered, not submitted while the test hook
     /// `Host::hold_applies` is on.
     pub(super) held_applies: Vec<(GroupId, Vec<Op>, crate::store::WriteCallback)>,
+    /// Applied indexes not yet known durable, in the order written: (the store batch that
+    /// wrote it, group, index, when). A group hears its index is durable once a batch at or
+    /// after that one was synced.
+    pub(super) durable_waits: VecDeque<(u64, GroupId, LogIndex, Instant)>,
+    /// When this poller last asked the store for a sync of its own (nothing else synced).
+    pub(super) sync_asked_at: Option<Instant>,
 }
 
 impl Poller {
@@ -102,6 +122,8 @@ impl Poller {
             stopping: false,
             poisoned: false,
             held_applies: Vec::new(),
+            durable_waits: VecDeque::new(),
+            sync_asked_at: None,
         }
     }
 
@@ -126,6 +148,7 @@ impl Poller {
                 // Skip ticks missed under load rather than firing them in a burst.
                 self.next_tick = (self.next_tick + tick).max(now);
             }
+            self.report_durable(now);
             self.drive_dirty();
             self.release_held_applies();
             self.flush();
@@ -152,7 +175,11 @@ impl Poller {
             PollerMsg::WritesDone { done, compact, result } => self.on_writes_done(done, compact, result),
             PollerMsg::Applied(gid, r) => self.on_applied(gid, r),
             PollerMsg::Built(gid, r) => self.on_built(gid, r),
-            PollerMsg::Installed(gid, r) => self.on_installed(gid, r),
+            PollerMsg::ChunkRead { gid, to, meta, offset, done, result } => {
+                self.on_chunk_read(gid, to, meta, offset, done, result)
+            }
+            PollerMsg::Received(gid, meta, r) => self.on_received(gid, meta, r),
+            PollerMsg::Installed(gid, meta, r) => self.on_installed(gid, meta, r),
             PollerMsg::Info(reply) => {
                 let _ = reply.send(self.info());
             }

@@ -199,13 +199,14 @@ fn a_lost_or_repeated_chunk_is_refused_and_the_transfer_goes_on() {
     rx.write(0, &built.read(0, 1000).expect("read")).expect("first chunk");
     // Lost: the chunk at 1000 never came.
     let gap = rx.write(2000, &built.read(2000, 1000).expect("read")).expect_err("gap");
-    assert!(gap.message.contains("offset 2000, expected offset 1000"), "{gap}");
+    assert!(gap.to_string().contains("offset 2000, expected offset 1000"), "{gap}");
+    assert!(matches!(gap, SnapshotError::Refused(_)), "a lost chunk is a refusal, not a storage failure");
     // Repeated: the first chunk again.
     let dup = rx.write(0, &built.read(0, 1000).expect("read")).expect_err("duplicate");
-    assert!(dup.message.contains("offset 0, expected offset 1000"), "{dup}");
+    assert!(dup.to_string().contains("offset 0, expected offset 1000"), "{dup}");
     // Past the end.
     let past = rx.write(1000, &vec![0; meta.size_bytes as usize]).expect_err("past the end");
-    assert!(past.message.contains("past the snapshot's size"), "{past}");
+    assert!(past.to_string().contains("past the snapshot's size"), "{past}");
     // None of those changed anything: the sender goes on from where the receiver is.
     assert_eq!(rx.received_bytes(), 1000);
     let mut offset = rx.received_bytes();
@@ -226,7 +227,7 @@ fn an_incomplete_transfer_does_not_finish() {
     let mut rx = ReceivingSnapshot::begin(&r, G, &meta).expect("begin");
     rx.write(0, &built.read(0, meta.size_bytes - 1).expect("read")).expect("write");
     let err = rx.finish().expect_err("one byte short");
-    assert!(err.message.contains(&format!("{} of {} bytes", meta.size_bytes - 1, meta.size_bytes)), "{err}");
+    assert!(err.to_string().contains(&format!("{} of {} bytes", meta.size_bytes - 1, meta.size_bytes)), "{err}");
     assert!(files_in(r.scratch_dir()).is_empty());
 }
 
@@ -258,7 +259,7 @@ fn a_corrupt_file_is_refused_at_its_last_byte() {
     };
     // Refused by the chunk carrying file 1's last byte, not before.
     assert!(offset < file1_end && file1_end <= offset + chunk, "refused at {offset}, file 1 ends at {file1_end}");
-    let m = &err.message;
+    let m = &err.to_string();
     assert!(m.contains("file 1") && m.contains("corrupt") && m.contains("the header says"), "{err}");
     let (good, bad) = (
         crc32c::crc32c(&stream(&built)[file1_start as usize..file1_end as usize]),
@@ -266,7 +267,7 @@ fn a_corrupt_file_is_refused_at_its_last_byte() {
     );
     assert!(m.contains(&format!("{bad:08x}")) && m.contains(&format!("{good:08x}")), "{err}");
     // The transfer is over: later chunks are refused, and dropping it removes its files.
-    assert!(rx.write(offset, &[0]).expect_err("broken").message.contains("start again"));
+    assert!(rx.write(offset, &[0]).expect_err("broken").to_string().contains("start again"));
     assert!(!files_in(r.scratch_dir()).is_empty());
     drop(rx);
     assert!(files_in(r.scratch_dir()).is_empty());
@@ -285,29 +286,29 @@ fn a_corrupt_header_is_refused() {
             rx.write(offset, piece)?;
             offset += piece.len() as u64;
         }
-        Ok::<_, StorageError>(rx.received_bytes())
+        Ok::<_, SnapshotError>(rx.received_bytes())
     };
     // A byte of the manifest: its checksum catches it once the header is whole.
     let mut bytes = stream(&built);
     bytes[header_len - 2] ^= 0x01;
     let err = write_all(&bytes).expect_err("corrupt manifest");
-    assert!(err.message.contains("header") && err.message.contains("checksum mismatch"), "{err}");
+    assert!(err.to_string().contains("header") && err.to_string().contains("checksum mismatch"), "{err}");
     // The format version.
     let mut bytes = stream(&built);
     bytes[0] = 9;
     let err = write_all(&bytes).expect_err("unknown version");
-    assert!(err.message.contains("stream format version 9"), "{err}");
+    assert!(err.to_string().contains("stream format version 9"), "{err}");
     // The header's length.
     let mut bytes = stream(&built);
     bytes[1] = 0xff;
     let err = write_all(&bytes).expect_err("huge header");
-    assert!(err.message.contains("corrupt header"), "{err}");
+    assert!(err.to_string().contains("corrupt header"), "{err}");
     // A header that does not add up to the meta's size.
     let mut other = meta.clone();
     other.size_bytes += 1;
     let mut rx = ReceivingSnapshot::begin(&r, G, &other).expect("begin");
     let err = rx.write(0, &stream(&built)[..header_len]).expect_err("size mismatch");
-    assert!(err.message.contains(&format!("the snapshot's size is {}", other.size_bytes)), "{err}");
+    assert!(err.to_string().contains(&format!("the snapshot's size is {}", other.size_bytes)), "{err}");
     assert!(files_in(r.scratch_dir()).is_empty());
 }
 

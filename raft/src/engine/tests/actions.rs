@@ -42,7 +42,6 @@ fn follower_2(config: Config) -> Engine {
         applied: LogId::new(1, 2),
         applied_membership: voters_123(),
         log_memberships: Vec::new(),
-        snapshot: None,
     };
     let mut e = Engine::new(n(2), Arc::new(config), state, 1, Millis(0));
     assert!(drain(&mut e).is_empty(), "a restart emits nothing");
@@ -261,7 +260,8 @@ fn a_snapshot_in_one_chunk_is_stored_installed_then_the_log_is_reset_behind_it()
         ]
     );
     e.handle_snapshot_installed(Millis(2), meta.clone());
-    let installed = MessageBody::SnapshotResp { snapshot_id: 5, next_offset: 4, installed: Some(LogId::new(2, 9)) };
+    let installed =
+        MessageBody::SnapshotResp { snapshot_id: 5, next_offset: 4, installed: Some(LogId::new(2, 9)), refused: false };
     assert_eq!(
         drain(&mut e),
         vec![

@@ -34,8 +34,9 @@ fn cfg() -> Config {
         lease_clock_drift_ms: 10,
         transfer_timeout_ms: 200,
         snapshot_resend_ms: 60,
-        snapshot_threshold_entries: 0,
-        log_keep_entries_after_snapshot: 0,
+        // No purging unless a test asks for it.
+        log_keep_entries: 1_000_000,
+        log_purge_step_entries: 1,
         ..Config::default()
     }
 }
@@ -53,7 +54,14 @@ struct TestNode {
     auto_sync: bool,
     applied: Vec<Entry>,
     sm_applied: LogId,
+    /// The last snapshot built.
     snapshot: Option<(SnapshotMeta, Vec<Entry>)>,
+    /// Snapshots built and not dropped, by id.
+    built: BTreeSet<u64>,
+    /// Report the applied state durable after each apply (an on-disk state machine).
+    report_durable: bool,
+    /// The next this many snapshot reads find the snapshot gone (its files were lost).
+    lose_snapshot_reads: usize,
     receiving: Vec<u8>,
     outbox: Vec<Message>,
     /// Every action seen, for assertions.
@@ -74,6 +82,9 @@ impl TestNode {
             applied: Vec::new(),
             sm_applied: LogId::ZERO,
             snapshot: None,
+            built: BTreeSet::new(),
+            report_durable: true,
+            lose_snapshot_reads: 0,
             receiving: Vec::new(),
             outbox: Vec::new(),
             seen: Vec::new(),
@@ -126,24 +137,31 @@ impl TestNode {
                     self.sm_applied = entries.last().expect("non-empty").log_id;
                     self.applied.extend(entries);
                     self.engine.handle_applied(now, last);
+                    if self.report_durable {
+                        self.engine.handle_applied_durable(last);
+                    }
                 }
                 Action::BuildSnapshot => {
                     let meta = SnapshotMeta {
                         last_log_id: self.sm_applied,
                         membership: self.engine.committed_membership().clone(),
-                        snapshot_id: self.sm_applied.index.0,
+                        snapshot_id: self.seen.len() as u64,
                         size_bytes: 10,
                     };
                     self.snapshot = Some((meta.clone(), self.applied.clone()));
+                    self.built.insert(meta.snapshot_id);
                     self.engine.handle_snapshot_built(now, meta);
                 }
-                Action::SendSnapshotChunk { to, meta, offset, len, done } => {
-                    self.outbox.push(Message {
-                        from: self.engine.id(),
-                        to,
-                        term: self.engine.term(),
-                        body: MessageBody::Snapshot { meta, offset, data: Bytes::from(vec![7u8; len as usize]), done },
-                    });
+                Action::ReadSnapshotChunk { to, meta, offset, len, done } => {
+                    if self.lose_snapshot_reads > 0 {
+                        self.lose_snapshot_reads -= 1;
+                        self.built.remove(&meta.snapshot_id);
+                    }
+                    let data = self.built.contains(&meta.snapshot_id).then(|| Bytes::from(vec![7u8; len as usize]));
+                    self.engine.handle_snapshot_read(now, to, meta, offset, data, done);
+                }
+                Action::DropSnapshot { meta } => {
+                    self.built.remove(&meta.snapshot_id);
                 }
                 Action::ReceiveSnapshotChunk { offset, data, .. } => {
                     if offset == 0 {

@@ -1,44 +1,244 @@
-//! Snapshots: the build policy, streaming in chunks with a lost chunk, and installing one at
-//! a time.
+//! Log compaction and snapshots: the log purged behind the durable applied index without a
+//! snapshot, snapshots built on demand and dropped after use, streamed in chunks with a lost
+//! chunk, refused or lost and rebuilt, and installed one at a time.
 
 use super::*;
 
-#[test]
-fn snapshot_policy_builds_after_the_threshold_and_purges_the_log() {
-    // Entries 1 (configuration) and 2 (the leader's blank entry) count too.
-    let config = Config { snapshot_threshold_entries: 8, log_keep_entries_after_snapshot: 2, ..cfg() };
-    let mut c = Cluster::with_leader(&[1, 2, 3], config);
-    for i in 0..3 {
-        c.propose(1, &format!("v{i}"));
-    }
-    c.stabilize();
-    assert!(!c.nodes[&n(1)].seen.contains(&Action::BuildSnapshot));
-    for i in 3..6 {
-        c.propose(1, &format!("v{i}"));
-    }
-    c.stabilize();
-    assert!(c.nodes[&n(1)].seen.contains(&Action::BuildSnapshot));
-    let snap = c.nodes[&n(1)].snapshot.as_ref().unwrap().0.last_log_id;
-    let purged = c.nodes[&n(1)].seen.iter().find_map(|a| {
-        if let Action::PurgeUpTo { log_id, .. } = a {
-            Some(*log_id)
-        } else {
-            None
-        }
-    });
-    assert_eq!(purged.map(|p| p.index.0), Some(snap.index.0 - 2), "keeps two entries behind the snapshot");
+/// The log ids of every purge `id` issued.
+fn purges(c: &Cluster, id: u64) -> Vec<LogIndex> {
+    c.nodes[&n(id)]
+        .seen
+        .iter()
+        .filter_map(|a| if let Action::PurgeUpTo { log_id, .. } = a { Some(log_id.index) } else { None })
+        .collect()
+}
+
+fn count(c: &Cluster, id: u64, f: impl Fn(&Action) -> bool) -> usize {
+    c.nodes[&n(id)].seen.iter().filter(|a| f(a)).count()
+}
+
+/// A config that purges everything durable at once and keeps nothing for lagging followers.
+fn purging() -> Config {
+    Config { log_keep_entries: 0, log_lag_entries_max: 0, log_purge_step_entries: 1, ..cfg() }
 }
 
 #[test]
-fn snapshot_is_streamed_in_chunks_and_resumes_after_a_lost_chunk() {
-    let config = Config { snapshot_chunk_bytes: 3, snapshot_chunks_in_flight_max: 2, ..cfg() };
+fn the_log_is_purged_behind_the_durable_applied_index_without_building_a_snapshot() {
+    let config = Config { log_keep_entries: 2, log_purge_step_entries: 1, ..cfg() };
     let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    for i in 0..6 {
+        c.propose(1, &format!("v{i}"));
+    }
+    c.stabilize();
+    // Entries 1 (configuration), 2 (blank) and 3..=8: durable up to 8, two kept behind it.
+    assert_eq!(purges(&c, 1).last(), Some(&LogIndex(6)));
+    assert_eq!(c.engine(1).status().first_log_index, LogIndex(7));
+    assert_eq!(count(&c, 1, |a| matches!(a, Action::BuildSnapshot)), 0, "no snapshot to compact the log");
+    // Followers purge theirs on their own durability.
+    assert_eq!(purges(&c, 2).last(), Some(&LogIndex(6)));
+}
+
+#[test]
+fn nothing_is_purged_beyond_what_the_state_machine_holds_durably() {
+    let config = Config { log_keep_entries: 0, log_purge_step_entries: 1, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    c.node(1).report_durable = false;
+    for i in 0..6 {
+        c.propose(1, &format!("v{i}"));
+    }
+    c.stabilize();
+    let before = purges(&c, 1).last().copied().unwrap_or_default();
+    assert!(before <= LogIndex(2), "purged to {before} without a durability report after 2");
+    c.node(1).engine.handle_applied_durable(LogIndex(5));
+    c.stabilize();
+    assert_eq!(purges(&c, 1).last(), Some(&LogIndex(5)));
+    // A report beyond what was applied counts only up to the applied index.
+    c.node(1).engine.handle_applied_durable(LogIndex(100));
+    c.stabilize();
+    assert_eq!(purges(&c, 1).last(), Some(&LogIndex(8)));
+    assert_eq!(c.engine(1).status().durable_applied, LogIndex(8));
+}
+
+#[test]
+fn a_leader_keeps_the_entries_a_follower_lagging_a_little_still_needs() {
+    let config = Config { log_keep_entries: 0, log_lag_entries_max: 100, log_purge_step_entries: 1, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    c.cut.insert((n(1), n(3)));
+    for i in 0..6 {
+        c.propose(1, &format!("v{i}"));
+    }
+    c.stabilize();
+    // Node 3 matched 2 when it was cut: the leader keeps everything after it.
+    assert_eq!(purges(&c, 1).last().copied().unwrap_or_default(), LogIndex(2));
+    c.cut.clear();
+    c.settle(4);
+    assert_eq!(c.applied_data(3).len(), 6, "caught up from the log");
+    assert_eq!(count(&c, 1, |a| matches!(a, Action::BuildSnapshot)), 0, "no snapshot needed");
+    // Once it caught up, the next durability report purges.
+    c.propose(1, "more");
+    c.stabilize();
+    assert_eq!(purges(&c, 1).last(), Some(&LogIndex(9)));
+}
+
+#[test]
+fn a_snapshot_is_built_only_when_a_follower_needs_one_and_dropped_after_use() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], purging());
     c.cut.insert((n(1), n(3)));
     for i in 0..5 {
         c.propose(1, &format!("v{i}"));
     }
     c.stabilize();
-    c.node(1).engine.trigger_snapshot();
+    assert_eq!(count(&c, 1, |a| matches!(a, Action::BuildSnapshot)), 0, "no follower needed one yet");
+    assert!(c.engine(1).status().first_log_index > LogIndex(3), "the log was purged past node 3");
+    c.cut.clear();
+    c.settle(6);
+    assert_eq!(c.applied_data(1), c.applied_data(1));
+    assert_eq!(count(&c, 1, |a| matches!(a, Action::BuildSnapshot)), 1, "one snapshot, built on demand");
+    let built = c.nodes[&n(1)].snapshot.as_ref().expect("built").0.clone();
+    assert_eq!(c.nodes[&n(3)].sm_applied, built.last_log_id, "node 3 installed it");
+    assert_eq!(
+        count(&c, 1, |a| matches!(a, Action::DropSnapshot { meta } if *meta == built)),
+        1,
+        "dropped once the transfer ended"
+    );
+    assert!(c.nodes[&n(1)].built.is_empty());
+    assert_eq!(c.engine(1).status().snapshot, None);
+    c.propose(1, "after");
+    c.stabilize();
+    assert_eq!(c.applied_data(3), vec!["after".to_string()]);
+}
+
+#[test]
+fn a_snapshot_refused_as_corrupt_is_dropped_and_a_new_one_is_built() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], Config { snapshot_chunk_bytes: 4, ..purging() });
+    c.cut.insert((n(1), n(3)));
+    for i in 0..5 {
+        c.propose(1, &format!("v{i}"));
+    }
+    c.stabilize();
+    c.cut.clear();
+    // Node 3 refuses the first snapshot as soon as its first chunk arrives.
+    let mut refused = None;
+    for _ in 0..10 {
+        c.advance(20);
+        let msgs = c.take_outbox(1);
+        for m in msgs {
+            if let (MessageBody::Snapshot { meta, .. }, None) = (&m.body, &refused) {
+                if m.to == n(3) {
+                    let meta = meta.clone();
+                    let now = c.now;
+                    c.node(3).engine.handle_snapshot_refused(now, meta.clone(), "checksum mismatch");
+                    refused = Some(meta);
+                    continue;
+                }
+            }
+            c.deliver(m);
+        }
+        c.stabilize();
+        if refused.is_some() {
+            break;
+        }
+    }
+    let refused = refused.expect("a snapshot was sent");
+    c.settle(6);
+    assert!(
+        c.nodes[&n(1)].seen.iter().any(|a| matches!(a, Action::DropSnapshot { meta } if *meta == refused)),
+        "the refused snapshot is dropped"
+    );
+    assert_eq!(count(&c, 1, |a| matches!(a, Action::BuildSnapshot)), 2, "a new one was built");
+    assert_eq!(c.engine(3).applied(), c.engine(1).applied(), "node 3 installed the new one");
+}
+
+#[test]
+fn a_snapshot_the_state_machine_lost_is_built_again() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], Config { snapshot_chunk_bytes: 4, ..purging() });
+    c.cut.insert((n(1), n(3)));
+    for i in 0..5 {
+        c.propose(1, &format!("v{i}"));
+    }
+    c.stabilize();
+    c.cut.clear();
+    // The leader's state machine loses the first snapshot it builds (its files are gone)
+    // when the transfer reads it.
+    c.node(1).lose_snapshot_reads = 1;
+    c.settle(12);
+    assert_eq!(c.nodes[&n(1)].lose_snapshot_reads, 0, "a read found it gone");
+    assert_eq!(count(&c, 1, |a| matches!(a, Action::BuildSnapshot)), 2, "built again after the loss");
+    assert_eq!(c.engine(3).applied(), c.engine(1).applied(), "node 3 caught up with the second");
+}
+
+#[test]
+fn a_snapshot_in_flight_holds_the_log_purge_until_its_follower_installed_it() {
+    let mut c = Cluster::with_leader(
+        &[1, 2, 3],
+        Config { snapshot_chunk_bytes: 2, snapshot_chunks_in_flight_max: 1, ..purging() },
+    );
+    c.cut.insert((n(1), n(3)));
+    for i in 0..5 {
+        c.propose(1, &format!("v{i}"));
+    }
+    c.stabilize();
+    c.cut.clear();
+    // Start the transfer, then write more while node 3's answers are held back.
+    for _ in 0..6 {
+        c.advance(20);
+        c.stabilize_with(|m| !matches!(m.body, MessageBody::SnapshotResp { .. }));
+        if c.nodes[&n(1)].snapshot.is_some() {
+            break;
+        }
+    }
+    let snap = c.nodes[&n(1)].snapshot.as_ref().expect("a snapshot is being sent").0.last_log_id;
+    for i in 0..5 {
+        c.propose(1, &format!("w{i}"));
+    }
+    c.stabilize_with(|m| !matches!(m.body, MessageBody::SnapshotResp { .. }));
+    assert!(
+        c.engine(1).status().first_log_index <= snap.index.next(),
+        "purged beyond the snapshot in flight ({}), so node 3 would need another",
+        snap
+    );
+    c.settle(10);
+    assert_eq!(count(&c, 1, |a| matches!(a, Action::BuildSnapshot)), 1, "one snapshot was enough");
+    assert_eq!(c.engine(3).applied(), c.engine(1).applied());
+    assert!(c.engine(1).status().first_log_index > snap.index.next(), "purged once the transfer ended");
+}
+
+#[test]
+fn discarded_snapshots_end_their_transfers_and_a_new_one_is_built() {
+    let mut c = Cluster::with_leader(
+        &[1, 2, 3],
+        Config { snapshot_chunk_bytes: 2, snapshot_chunks_in_flight_max: 1, ..purging() },
+    );
+    c.cut.insert((n(1), n(3)));
+    for i in 0..5 {
+        c.propose(1, &format!("v{i}"));
+    }
+    c.stabilize();
+    c.cut.clear();
+    for _ in 0..6 {
+        c.advance(20);
+        c.stabilize_with(|m| !matches!(m.body, MessageBody::SnapshotResp { .. }));
+        if c.nodes[&n(1)].snapshot.is_some() {
+            break;
+        }
+    }
+    let first = c.nodes[&n(1)].snapshot.as_ref().expect("a snapshot is being sent").0.clone();
+    let now = c.now;
+    c.node(1).engine.discard_snapshots(now);
+    c.settle(10);
+    assert!(c.nodes[&n(1)].seen.iter().any(|a| matches!(a, Action::DropSnapshot { meta } if *meta == first)));
+    assert_eq!(count(&c, 1, |a| matches!(a, Action::BuildSnapshot)), 2, "a new one after the discard");
+    assert_eq!(c.engine(3).applied(), c.engine(1).applied());
+}
+
+#[test]
+fn snapshot_is_streamed_in_chunks_and_resumes_after_a_lost_chunk() {
+    let config = Config { snapshot_chunk_bytes: 3, snapshot_chunks_in_flight_max: 2, ..purging() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    c.cut.insert((n(1), n(3)));
+    for i in 0..5 {
+        c.propose(1, &format!("v{i}"));
+    }
     c.stabilize();
     // The snapshot is 10 bytes: chunks of 3, two in flight. Node 3's lost appends are noticed
     // after two heartbeat intervals; its next probe finds the entries purged.
@@ -74,7 +274,9 @@ fn snapshot_is_streamed_in_chunks_and_resumes_after_a_lost_chunk() {
         }
     }
     let resp = c.take_outbox(3);
-    assert!(resp.iter().any(|m| matches!(m.body, MessageBody::SnapshotResp { next_offset: 0, installed: None, .. })));
+    assert!(resp
+        .iter()
+        .any(|m| matches!(m.body, MessageBody::SnapshotResp { next_offset: 0, installed: None, refused: false, .. })));
     for m in resp {
         c.deliver(m);
     }

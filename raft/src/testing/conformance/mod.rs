@@ -112,8 +112,8 @@ async fn append<L: LogStorage>(c: &str, log: &L, entries: Vec<Entry>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::{SnapshotError, SnapshotMeta};
     use crate::testing::{KvCommand, KvResponse, MemLogStorage, MemStateMachine};
-    use crate::Snapshot;
 
     #[tokio::test]
     async fn mem_log_storage_passes_the_suite() {
@@ -187,31 +187,51 @@ mod tests {
         .await;
     }
 
-    /// A [`MemStateMachine`] that forgets its current snapshot.
-    struct NoCurrentSnapshot(MemStateMachine);
+    /// A [`MemStateMachine`] that never releases a snapshot: a transfer of a dropped one would
+    /// go on instead of starting over.
+    struct KeepsDroppedSnapshots(MemStateMachine);
 
-    impl StateMachine for NoCurrentSnapshot {
+    impl StateMachine for KeepsDroppedSnapshots {
         async fn applied_state(&mut self) -> Result<AppliedState, StorageError> {
             self.0.applied_state().await
         }
         async fn apply(&mut self, entries: Vec<Entry>) -> Result<Vec<Bytes>, StorageError> {
             self.0.apply(entries).await
         }
-        async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        async fn durable_applied(&mut self) -> Result<LogIndex, StorageError> {
+            self.0.durable_applied().await
+        }
+        async fn build_snapshot(&mut self) -> Result<SnapshotMeta, StorageError> {
             self.0.build_snapshot().await
         }
-        async fn current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-            Ok(None)
+        async fn read_snapshot(
+            &mut self,
+            meta: &SnapshotMeta,
+            offset: u64,
+            len: u64,
+        ) -> Result<Option<Bytes>, StorageError> {
+            self.0.read_snapshot(meta, offset, len).await
         }
-        async fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), StorageError> {
-            self.0.install_snapshot(snapshot).await
+        async fn drop_snapshot(&mut self, _meta: &SnapshotMeta) -> Result<(), StorageError> {
+            Ok(())
+        }
+        async fn receive_snapshot(
+            &mut self,
+            meta: &SnapshotMeta,
+            offset: u64,
+            data: Bytes,
+        ) -> Result<(), SnapshotError> {
+            self.0.receive_snapshot(meta, offset, data).await
+        }
+        async fn install_snapshot(&mut self, meta: &SnapshotMeta) -> Result<(), SnapshotError> {
+            self.0.install_snapshot(meta).await
         }
     }
 
     #[tokio::test]
-    #[should_panic(expected = "conformance check `build_snapshot_becomes_current` failed")]
-    async fn suite_catches_a_missing_current_snapshot() {
-        state_machine_suite(|| async { NoCurrentSnapshot(MemStateMachine::new()) }).await;
+    #[should_panic(expected = "conformance check `built_snapshot_is_readable_until_dropped` failed")]
+    async fn suite_catches_a_snapshot_kept_after_its_drop() {
+        state_machine_suite(|| async { KeepsDroppedSnapshots(MemStateMachine::new()) }).await;
     }
 
     fn commands() -> Vec<KvCommand> {
@@ -359,14 +379,30 @@ mod tests {
         assert_eq!(sm.last_applied(), Some(LogId::new(1, 8)));
     }
 
+    /// Streams the snapshot `meta` of `from` into `to` in chunks of 5 bytes and installs it.
+    async fn transfer(
+        from: &mut MemStateMachine,
+        to: &mut MemStateMachine,
+        meta: &SnapshotMeta,
+    ) -> Result<(), SnapshotError> {
+        let mut offset = 0;
+        while offset < meta.size_bytes {
+            let len = 5.min(meta.size_bytes - offset);
+            let data = from.read_snapshot(meta, offset, len).await.unwrap().expect("built");
+            to.receive_snapshot(meta, offset, data).await?;
+            offset += len;
+        }
+        to.install_snapshot(meta).await
+    }
+
     #[tokio::test]
     async fn mem_state_machine_snapshot_carries_the_data() {
         let mut sm = MemStateMachine::new();
         sm.apply(vec![put(1, 1, "a", "1"), put(1, 2, "b", "2")]).await.unwrap();
-        let snapshot = sm.build_snapshot().await.unwrap();
+        let meta = sm.build_snapshot().await.unwrap();
         let mut other = MemStateMachine::new();
         other.apply(vec![put(1, 1, "c", "3")]).await.unwrap();
-        other.install_snapshot(snapshot).await.unwrap();
+        transfer(&mut sm, &mut other, &meta).await.unwrap();
         assert_eq!(other.data(), sm.data());
         assert_eq!(other.last_applied(), Some(LogId::new(1, 2)));
     }
@@ -377,12 +413,16 @@ mod tests {
         sm.apply(vec![put(1, 1, "a", "1")]).await.unwrap();
         // A snapshot whose data does not decode.
         let meta = crate::SnapshotMeta { size_bytes: 7, ..Default::default() };
-        let bad = Snapshot { meta, data: Bytes::from_static(b"garbage") };
-        assert!(sm.install_snapshot(bad).await.is_err());
-        // Data and size disagreeing.
-        let mut good = sm.build_snapshot().await.unwrap();
-        good.meta.size_bytes += 1;
-        assert!(sm.install_snapshot(good).await.is_err());
+        sm.receive_snapshot(&meta, 0, Bytes::from_static(b"garbage")).await.unwrap();
+        let r = sm.install_snapshot(&meta).await;
+        assert!(matches!(&r, Err(SnapshotError::Refused(why)) if why.contains("checksum")), "{r:?}");
+        // Installing more than was received.
+        let mut source = MemStateMachine::new();
+        source.apply(vec![put(1, 1, "z", "9")]).await.unwrap();
+        let good = source.build_snapshot().await.unwrap();
+        let data = source.read_snapshot(&good, 0, good.size_bytes - 1).await.unwrap().expect("built");
+        sm.receive_snapshot(&good, 0, data).await.unwrap();
+        assert!(matches!(sm.install_snapshot(&good).await, Err(SnapshotError::Refused(_))));
         assert_eq!(sm.get("a"), Some("1".into()));
         // Entries out of order.
         assert!(sm.apply(vec![put(1, 3, "a", "2")]).await.is_err());

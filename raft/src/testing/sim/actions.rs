@@ -51,13 +51,30 @@ impl Sim {
                 for e in entries {
                     self.apply_entry(id, e)?;
                 }
+                let every = self.checkpoint_every;
                 let node = self.nodes.get_mut(&id).expect("exists");
-                node.engine.as_mut().expect("alive").handle_applied(now, last);
+                let engine = node.engine.as_mut().expect("alive");
+                engine.handle_applied(now, last);
+                if every > 0 && node.sm_applied.index.0 >= node.checkpointed.0 + every {
+                    // The state machine checkpoints itself (durably, at once); the log may
+                    // then be purged behind it.
+                    let meta = SnapshotMeta {
+                        last_log_id: node.sm_applied,
+                        membership: engine.committed_membership().clone(),
+                        snapshot_id: 0,
+                        size_bytes: 0,
+                    };
+                    let checkpoint = Snapshot { meta, data: encode_map(&node.sm) };
+                    node.disk.checkpoint = Some(checkpoint.clone());
+                    node.view.checkpoint = Some(checkpoint);
+                    node.checkpointed = node.sm_applied.index;
+                    engine.handle_applied_durable(node.checkpointed);
+                }
                 Ok(())
             }
             Action::BuildSnapshot => {
                 node.snapshots_built += 1;
-                let data = encode_map(&node.sm);
+                let data = snapshot_bytes(&node.sm);
                 let engine = node.engine.as_mut().expect("alive");
                 let meta = SnapshotMeta {
                     last_log_id: node.sm_applied,
@@ -65,26 +82,41 @@ impl Sim {
                     snapshot_id: id.0 * 1_000_000 + node.snapshots_built,
                     size_bytes: data.len() as u64,
                 };
-                // The snapshot is durable once built (the state machine writes it).
-                let snap = Snapshot { meta: meta.clone(), data };
-                node.disk.snapshot = Some(snap.clone());
-                node.view.snapshot = Some(snap);
+                node.built.insert(meta.snapshot_id, Snapshot { meta: meta.clone(), data });
                 engine.handle_snapshot_built(now, meta);
                 Ok(())
             }
-            Action::SendSnapshotChunk { to, meta, offset, len, done } => {
-                let Some(snap) = &node.disk.snapshot else { return Ok(()) };
-                if snap.meta != meta {
-                    return Ok(());
+            Action::ReadSnapshotChunk { to, meta, offset, len, done } => {
+                // Now and then the snapshot is gone, as if its files were lost: the transfer
+                // must start over with a new one.
+                if self.faults_on && self.snapshot_rng.chance(0.02) {
+                    node.built.remove(&meta.snapshot_id);
                 }
-                let data = snap.data.slice(offset as usize..(offset + len) as usize);
-                let term = node.engine.as_ref().expect("alive").term();
-                self.send(Message { from: id, to, term, body: MessageBody::Snapshot { meta, offset, data, done } });
+                let data = match node.built.get(&meta.snapshot_id) {
+                    Some(s) if s.meta == meta => {
+                        if offset + len > s.data.len() as u64 {
+                            return Err(format!(
+                                "node {id}: chunk {offset}+{len} beyond a {}-byte snapshot",
+                                s.data.len()
+                            ));
+                        }
+                        Some(s.data.slice(offset as usize..(offset + len) as usize))
+                    }
+                    _ => None,
+                };
+                node.engine.as_mut().expect("alive").handle_snapshot_read(now, to, meta, offset, data, done);
+                Ok(())
+            }
+            Action::DropSnapshot { meta } => {
+                node.built.remove(&meta.snapshot_id);
                 Ok(())
             }
             Action::ReceiveSnapshotChunk { offset, data, .. } => {
                 if offset == 0 {
                     node.receiving.clear();
+                }
+                if offset != node.receiving.len() as u64 {
+                    return Err(format!("node {id}: chunk at {offset} after {} bytes", node.receiving.len()));
                 }
                 node.receiving.extend_from_slice(&data);
                 Ok(())
@@ -94,11 +126,23 @@ impl Sim {
                 if data.len() as u64 != meta.size_bytes {
                     return Err(format!("node {id}: snapshot of {} bytes, meta says {}", data.len(), meta.size_bytes));
                 }
-                node.sm = decode_map(&data);
+                let Some(map) = snapshot_map(&data) else {
+                    node.engine.as_mut().expect("alive").handle_snapshot_refused(
+                        now,
+                        meta.clone(),
+                        "checksum mismatch",
+                    );
+                    self.report.snapshots_refused += 1;
+                    self.log(format!("node {id} refused corrupt snapshot {}", meta.last_log_id));
+                    return Ok(());
+                };
+                node.sm = map;
                 node.sm_applied = meta.last_log_id;
-                let snap = Snapshot { meta: meta.clone(), data };
-                node.disk.snapshot = Some(snap.clone());
-                node.view.snapshot = Some(snap);
+                // Installed durably: it is the state machine's new checkpoint.
+                let checkpoint = Snapshot { meta: meta.clone(), data: encode_map(&node.sm) };
+                node.disk.checkpoint = Some(checkpoint.clone());
+                node.view.checkpoint = Some(checkpoint);
+                node.checkpointed = meta.last_log_id.index;
                 self.report.snapshots_installed += 1;
                 self.log(format!("node {id} installed snapshot {}", meta.last_log_id));
                 // Writes proposed here that the snapshot covers were overwritten by the leader
@@ -155,6 +199,18 @@ impl Sim {
         if self.blocked.contains(&(msg.from, msg.to)) || (self.faults_on && self.rng.chance(self.drop_p)) {
             self.report.dropped_msgs += 1;
             return;
+        }
+        let mut msg = msg;
+        if let MessageBody::Snapshot { data, .. } = &mut msg.body {
+            // A chunk corrupted on its way (or read from a bad disk): the receiver must refuse
+            // the snapshot, and the sender build a new one.
+            if self.faults_on && !data.is_empty() && self.snapshot_rng.chance(self.dup_p / 2.0) {
+                let mut bad = data.to_vec();
+                let at = self.snapshot_rng.range(0, bad.len() as u64) as usize;
+                bad[at] ^= 0x41;
+                *data = Bytes::from(bad);
+                self.report.chunks_corrupted += 1;
+            }
         }
         let copies = if self.faults_on && self.rng.chance(self.dup_p) { 2 } else { 1 };
         for _ in 0..copies {

@@ -1,5 +1,6 @@
-//! A node's durable storage as the simulator keeps it: the log, the vote and the snapshot,
-//! to which writes apply when they complete (what was not synced is lost at a crash).
+//! A node's durable storage as the simulator keeps it: the log, the vote and the state
+//! machine's last checkpoint, to which writes apply when they complete (what was not synced
+//! is lost at a crash).
 
 use super::*;
 
@@ -11,13 +12,15 @@ pub(super) enum Write {
     Purge(LogId),
 }
 
-/// A node's log, vote and snapshot, as durable storage would hold them.
+/// A node's log, vote and state-machine checkpoint, as durable storage would hold them.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Disk {
     pub(super) vote: Vote,
     pub(super) last_purged: LogId,
     pub(super) log: Vec<Entry>,
-    pub(super) snapshot: Option<Snapshot>,
+    /// The state machine as last checkpointed (or installed from a snapshot): what it
+    /// restarts from. The log is purged only behind it.
+    pub(super) checkpoint: Option<Snapshot>,
 }
 
 impl Disk {
@@ -68,14 +71,14 @@ impl Disk {
     }
 
     /// Whether this storage durably holds the effect of entry `id`: in the log, or inside the
-    /// snapshot.
+    /// checkpoint.
     pub(super) fn holds(&self, id: LogId) -> bool {
         self.term_at(id.index) == Some(id.term)
-            || self.snapshot.as_ref().is_some_and(|s| s.meta.last_log_id.index >= id.index)
+            || self.checkpoint.as_ref().is_some_and(|s| s.meta.last_log_id.index >= id.index)
     }
 
     /// What the engine resumes from after a crash. The state machine is volatile: it restarts
-    /// from the snapshot.
+    /// from its checkpoint.
     pub(super) fn initial_state(&self) -> InitialState {
         let mut points: Vec<LogId> = Vec::new();
         for e in &self.log {
@@ -83,7 +86,7 @@ impl Disk {
                 points.push(e.log_id);
             }
         }
-        let (applied, applied_membership) = match &self.snapshot {
+        let (applied, applied_membership) = match &self.checkpoint {
             Some(s) => (s.meta.last_log_id, s.meta.membership.clone()),
             None => (LogId::ZERO, StoredMembership::default()),
         };
@@ -102,7 +105,6 @@ impl Disk {
             applied,
             applied_membership,
             log_memberships,
-            snapshot: self.snapshot.as_ref().map(|s| s.meta.clone()),
         }
     }
 }
@@ -132,4 +134,20 @@ pub(super) fn decode_map(mut data: &[u8]) -> BTreeMap<String, String> {
         map.insert(k, v);
     }
     map
+}
+
+/// A transfer snapshot's bytes: the map, then a checksum of it.
+pub(super) fn snapshot_bytes(map: &BTreeMap<String, String>) -> Bytes {
+    let mut out = encode_map(map).to_vec();
+    let sum = crate::testing::kv::fnv64(&out);
+    out.extend_from_slice(&sum.to_be_bytes());
+    Bytes::from(out)
+}
+
+/// The map a transfer snapshot holds, or `None` if its checksum does not match.
+pub(super) fn snapshot_map(data: &[u8]) -> Option<BTreeMap<String, String>> {
+    let body_len = data.len().checked_sub(8)?;
+    let (body, sum) = data.split_at(body_len);
+    let expected = u64::from_be_bytes(sum.try_into().ok()?);
+    (crate::testing::kv::fnv64(body) == expected).then(|| decode_map(body))
 }

@@ -35,7 +35,7 @@ mod clients;
 mod disk;
 mod nemesis;
 
-use disk::{decode_map, encode_map, Disk, Write};
+use disk::{decode_map, encode_map, snapshot_bytes, snapshot_map, Disk, Write};
 
 /// The simulator's RNG (SplitMix64): small, fast, and the same on every platform.
 #[derive(Clone, Debug)]
@@ -169,6 +169,10 @@ pub struct SimReport {
     pub crashes: usize,
     /// Snapshots installed on followers.
     pub snapshots_installed: usize,
+    /// Snapshots a follower refused as corrupt.
+    pub snapshots_refused: usize,
+    /// Snapshot chunks corrupted in flight.
+    pub chunks_corrupted: usize,
     /// Configuration changes committed.
     pub membership_changes: usize,
     /// Messages dropped by the network.
@@ -224,6 +228,11 @@ struct SimNode {
     io_free_at: u64,
     sm: BTreeMap<String, String>,
     sm_applied: LogId,
+    /// The applied index of the state machine's last checkpoint (`disk.checkpoint`).
+    checkpointed: LogIndex,
+    /// Snapshots built for transfers, by id. Volatile: a crash loses them, as a real node
+    /// loses its scratch files.
+    built: BTreeMap<u64, Snapshot>,
     receiving: Vec<u8>,
     snapshots_built: u64,
     /// Reads confirmed by the engine, waiting for the state machine: (op, index).
@@ -272,6 +281,12 @@ enum Event {
     /// Cut this node off from everyone (the second half of `Sim::cut_then_isolate`).
     Isolate(NodeId),
     ClientTimeout(usize),
+    /// An idle client writes at `node` (`write`) or lease-reads there: the steered race of a
+    /// late transfer (see `Sim::resume`).
+    SteerOp {
+        node: NodeId,
+        write: bool,
+    },
 }
 
 /// One simulation.
@@ -279,6 +294,9 @@ struct Sim {
     seed: u64,
     opts: SimOptions,
     rng: SimRng,
+    /// Draws for snapshot faults and compaction settings, apart from `rng` so that adding
+    /// them left every seed's other choices as they were.
+    snapshot_rng: SimRng,
     config: std::sync::Arc<Config>,
     now: u64,
     seq: u64,
@@ -287,6 +305,8 @@ struct Sim {
     blocked: BTreeSet<(NodeId, NodeId)>,
     drop_p: f64,
     dup_p: f64,
+    /// The state machine checkpoints every this many applied entries (0: never).
+    checkpoint_every: u64,
     delay_ms_max: u64,
     disk_ms_max: u64,
     clients: Vec<Client>,
@@ -327,19 +347,30 @@ pub fn run(seed: u64, opts: &SimOptions) -> Result<SimReport, SimFailure> {
 impl Sim {
     fn new(seed: u64, opts: SimOptions) -> Sim {
         let mut rng = SimRng::new(seed);
+        let mut snapshot_rng = SimRng::new(seed ^ 0x5eed_5eed_5eed_5eed);
         let pre_vote = rng.chance(0.7);
+        let (inflight, append_bytes, append_entries, cache_bytes) = (
+            rng.range(1, 9) as usize,
+            rng.range(100, 4096) as usize,
+            *rng.pick(&[1usize, 1, 2, 4, 16]).expect("non-empty"),
+            *rng.pick(&[0usize, 512, 64 << 10]).expect("non-empty"),
+        );
+        // How often the state machine checkpoints (0: never, so the log is never purged).
+        let checkpoint_every = *rng.pick(&[0u64, 15, 40]).expect("non-empty");
+        let log_keep = rng.range(0, 8);
         let mut config = Config {
             election_timeout_ms_min: 150,
             election_timeout_ms_max: 300,
             heartbeat_interval_ms: 30,
             pre_vote,
             check_quorum: true,
-            inflight_msgs_max: rng.range(1, 9) as usize,
-            append_bytes_max: rng.range(100, 4096) as usize,
-            append_entries_max: *rng.pick(&[1usize, 1, 2, 4, 16]).expect("non-empty"),
-            entry_cache_bytes_max: *rng.pick(&[0usize, 512, 64 << 10]).expect("non-empty"),
-            snapshot_threshold_entries: *rng.pick(&[0u64, 15, 40]).expect("non-empty"),
-            log_keep_entries_after_snapshot: rng.range(0, 8),
+            inflight_msgs_max: inflight,
+            append_bytes_max: append_bytes,
+            append_entries_max: append_entries,
+            entry_cache_bytes_max: cache_bytes,
+            log_keep_entries: log_keep,
+            log_lag_entries_max: 50_000,
+            log_purge_step_entries: 1,
             snapshot_chunk_bytes: rng.range(16, 256) as usize,
             snapshot_chunks_in_flight_max: rng.range(1, 4) as usize,
             snapshot_resend_ms: 200,
@@ -354,6 +385,8 @@ impl Sim {
         };
         // Drawn last, so the seeds' other choices stay what they were.
         config.votes_need_configuration = rng.chance(0.5);
+        config.log_purge_step_entries = snapshot_rng.range(1, 6);
+        config.log_lag_entries_max = *snapshot_rng.pick(&[0u64, 5, 50_000]).expect("non-empty");
         #[cfg(feature = "sim-bugs")]
         {
             config.bugs = opts.bugs;
@@ -381,6 +414,8 @@ impl Sim {
                     io_free_at: 0,
                     sm: BTreeMap::new(),
                     sm_applied: LogId::ZERO,
+                    checkpointed: LogIndex(0),
+                    built: BTreeMap::new(),
                     receiving: Vec::new(),
                     snapshots_built: 0,
                     reads: Vec::new(),
@@ -409,6 +444,7 @@ impl Sim {
             seed,
             opts,
             rng,
+            snapshot_rng,
             config,
             now: 0,
             seq: 0,
@@ -417,6 +453,7 @@ impl Sim {
             blocked: BTreeSet::new(),
             drop_p,
             dup_p,
+            checkpoint_every,
             delay_ms_max,
             disk_ms_max,
             clients,
@@ -455,13 +492,13 @@ impl Sim {
     fn play(&mut self) -> Check {
         let voters: Vec<NodeId> = (1..=3.min(self.opts.nodes)).map(NodeId).collect();
         self.log(format!(
-            "seed {} config: pre_vote={} votes_need_configuration={} inflight={} append_entries_max={} snapshot_threshold={} drop={} dup={} delay<={}ms",
+            "seed {} config: pre_vote={} votes_need_configuration={} inflight={} append_entries_max={} checkpoint_every={} drop={} dup={} delay<={}ms",
             self.seed,
             self.config.pre_vote,
             self.config.votes_need_configuration,
             self.config.inflight_msgs_max,
             self.config.append_entries_max,
-            self.config.snapshot_threshold_entries,
+            self.checkpoint_every,
             self.drop_p,
             self.dup_p,
             self.delay_ms_max
@@ -566,6 +603,7 @@ impl Sim {
                 }
                 Ok(())
             }
+            Event::SteerOp { node, write } => self.steer_op(node, write),
         }
     }
 
