@@ -8,7 +8,7 @@
 //! # advertise = "10.0.0.1:7001"      # address recorded for clients (default: the bound one)
 //! # metrics_listen = "127.0.0.1:9101" # Prometheus /metrics and /health
 //! # auto_balance = true               # split big shards, move replicas and leaders by itself
-//! # split_size_bytes = 67108864       # shards past this are split (with auto_balance)
+//! # split_size_bytes = 134217728      # shards past this are split (with auto_balance)
 //! # pollers = 1                       # shard poller threads (default: half the cores)
 //! # memory_budget = "512MiB"          # RocksDB's block cache and memtables (64MiB..=1TiB)
 //!

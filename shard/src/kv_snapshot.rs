@@ -709,8 +709,21 @@ pub fn install(
     received: ReceivedSnapshot,
 ) -> Result<KeyRange, StorageError> {
     let intent = stage(store, group, current_range, received)?;
+    crash_point("install_staged");
     ingest(store, group, &intent)?;
+    crash_point("install_ingested");
     commit(store, group, &intent)
+}
+
+/// Names the point where a crash test kills the process: with `FLOTILLA_CRASH_AT=<point>` in
+/// the environment the process aborts there (no destructor runs, as with `kill -9`). Read once;
+/// unset in production, where this is one comparison.
+fn crash_point(point: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT.get_or_init(|| std::env::var("FLOTILLA_CRASH_AT").ok()).as_deref() == Some(point) {
+        eprintln!("crash point {point}: aborting");
+        std::process::abort();
+    }
 }
 
 /// Step 1: moves the files into the install dir, makes the move durable, then records the

@@ -80,8 +80,10 @@ use tracing::{debug, info, warn};
 
 /// Requests served at once; more wait (the transport bounds each peer's open requests too).
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 4096;
-/// Shards larger than this are split by the automatic balancer (64 MiB).
-pub const SPLIT_SIZE_BYTES_DEFAULT: u64 = 64 << 20;
+/// Shards larger than this are split by the automatic balancer (128 MiB, between TiKV's 96
+/// and 256 MiB). Snapshots stream from disk, so the size is not bounded by memory; it trades
+/// the number of groups against how long a move or a catch-up takes.
+pub const SPLIT_SIZE_BYTES_DEFAULT: u64 = 128 << 20;
 /// Bytes read at most by one round of size checks (the shard being read when it is reached
 /// still completes, up to [`SIZE_SCAN_BYTES_MAX`]); shards not reached keep their last size
 /// until the next round.
@@ -223,8 +225,6 @@ impl NodeConfig {
             report_interval_ms: 1_000,
             // A learner within this many entries of the leader is promoted: a joint change keeps
             // the old voters' quorum, so a small lag never stalls writes.
-            // Shards split at 64 MiB: a snapshot is built in memory, and a smaller shard moves
-            // and recovers faster.
             balancer: BalancerConfig {
                 catch_up_lag_entries_max: 512,
                 split_size_bytes_threshold: SPLIT_SIZE_BYTES_DEFAULT,
