@@ -28,6 +28,9 @@ impl Poller {
         self.awake.remove(&id);
         self.dirty.remove(&id);
         self.sm_ready.remove(&id);
+        // Its applied indexes say nothing of a replica created again under the same id (whose
+        // state is written in later batches): it must not hear them as durable.
+        self.durable_waits.retain(|(_, gid, _, _)| *gid != id);
     }
 
     /// The state of every group on this poller.
