@@ -13,7 +13,7 @@
 //!    [`GroupCore::handle_timeout`] once `now >= next_deadline()`, and the completions of the
 //!    actions below (`handle_io_done`, `handle_entries_loaded`, `handle_applied`,
 //!    `handle_applied_durable`, `handle_snapshot_built`, `handle_snapshot_read`,
-//!    `handle_snapshot_installed`, `handle_snapshot_refused`).
+//!    `handle_snapshot_received`, `handle_snapshot_installed`, `handle_snapshot_refused`).
 //! 2. After inputs, drain [`GroupCore::poll_action`] and execute each action:
 //!    - [`CoreAction::Log`]: in the order polled, on the log store. `Write`s become durable,
 //!      then report `handle_io_done(io)`; `SaveCommitted` reports nothing; `Load` runs after
@@ -109,8 +109,8 @@ pub enum MachineAction {
     },
     /// Release the snapshot `meta` (no transfer uses it). Reports nothing.
     Drop(SnapshotMeta),
-    /// Store the next received bytes of the snapshot `meta`. Reports nothing unless the state
-    /// machine refuses them (`handle_snapshot_refused`).
+    /// Store the next received bytes of the snapshot `meta`, then report
+    /// `handle_snapshot_received` with the end of these bytes (or `handle_snapshot_refused`).
     Receive {
         /// The snapshot.
         meta: SnapshotMeta,
@@ -118,10 +118,17 @@ pub enum MachineAction {
         offset: u64,
         /// The bytes.
         data: Bytes,
+        /// The reception they belong to; the report names it.
+        reception: u64,
     },
     /// Install the fully received snapshot `meta`, then report `handle_snapshot_installed` (or
-    /// `handle_snapshot_refused`).
-    Install(SnapshotMeta),
+    /// `handle_snapshot_refused`), naming `reception`.
+    Install {
+        /// The snapshot.
+        meta: SnapshotMeta,
+        /// The reception.
+        reception: u64,
+    },
 }
 
 struct Batch {
@@ -222,7 +229,7 @@ impl GroupCore {
             Request::ChangeMembership(voters, reply) => self.change_membership(now, voters, reply),
             Request::TransferLeader(target, reply) => self.transfer_leader(now, target, reply),
             Request::CompactLog(reply) => {
-                let _ = reply.send(self.check_alive().map(|()| self.compact_log()));
+                let _ = reply.send(self.check_alive().map(|()| self.compact_log(now)));
             }
         }
     }
@@ -348,8 +355,8 @@ impl GroupCore {
     }
 
     /// Purges the log now up to what the state machine holds durably.
-    pub fn compact_log(&mut self) {
-        self.engine.compact_log();
+    pub fn compact_log(&mut self, now: Millis) {
+        self.engine.compact_log(now);
     }
 
     /// Ends the transfers of every snapshot built so far and drops them: they no longer
@@ -423,9 +430,9 @@ impl GroupCore {
 
     /// The state machine's applied state is durable up to `index`: the log may be purged
     /// behind it.
-    pub fn handle_applied_durable(&mut self, index: LogIndex) {
+    pub fn handle_applied_durable(&mut self, now: Millis, index: LogIndex) {
         if self.fatal.is_none() {
-            self.engine.handle_applied_durable(index);
+            self.engine.handle_applied_durable(now, index);
         }
     }
 
@@ -451,8 +458,15 @@ impl GroupCore {
         }
     }
 
+    /// A `Receive` action stored its bytes; the stream is stored up to `end`.
+    pub fn handle_snapshot_received(&mut self, now: Millis, meta: SnapshotMeta, reception: u64, end: u64) {
+        if self.fatal.is_none() {
+            self.engine.handle_snapshot_received(now, meta, reception, end);
+        }
+    }
+
     /// An `Install` action finished.
-    pub fn handle_snapshot_installed(&mut self, now: Millis, meta: SnapshotMeta) {
+    pub fn handle_snapshot_installed(&mut self, now: Millis, meta: SnapshotMeta, reception: u64) {
         if self.fatal.is_some() {
             return;
         }
@@ -462,14 +476,14 @@ impl GroupCore {
         for i in below {
             self.fail_write(i, RaftError::Indeterminate { index: i });
         }
-        self.engine.handle_snapshot_installed(now, meta);
+        self.engine.handle_snapshot_installed(now, meta, reception);
         self.check_waits();
     }
 
     /// A `Receive` or `Install` action found the snapshot corrupt.
-    pub fn handle_snapshot_refused(&mut self, now: Millis, meta: SnapshotMeta, reason: &str) {
+    pub fn handle_snapshot_refused(&mut self, now: Millis, meta: SnapshotMeta, reception: u64, reason: &str) {
         if self.fatal.is_none() {
-            self.engine.handle_snapshot_refused(now, meta, reason);
+            self.engine.handle_snapshot_refused(now, meta, reception, reason);
         }
     }
 
@@ -547,10 +561,12 @@ impl GroupCore {
                     return Some(CoreAction::Machine(MachineAction::ReadChunk { to, meta, offset, len, done }))
                 }
                 Action::DropSnapshot { meta } => return Some(CoreAction::Machine(MachineAction::Drop(meta))),
-                Action::ReceiveSnapshotChunk { meta, offset, data } => {
-                    return Some(CoreAction::Machine(MachineAction::Receive { meta, offset, data }))
+                Action::ReceiveSnapshotChunk { meta, offset, data, reception } => {
+                    return Some(CoreAction::Machine(MachineAction::Receive { meta, offset, data, reception }))
                 }
-                Action::InstallSnapshot { meta } => return Some(CoreAction::Machine(MachineAction::Install(meta))),
+                Action::InstallSnapshot { meta, reception } => {
+                    return Some(CoreAction::Machine(MachineAction::Install { meta, reception }))
+                }
                 Action::ReadReady { id, index } => {
                     if let Some((wait_apply, reply)) = self.reads.remove(&id) {
                         if wait_apply && index > self.engine.applied() {

@@ -223,6 +223,8 @@ async fn a_lagging_node_catches_up_by_snapshot_after_compaction() {
     let leader = c.leader().await;
     let lagging = [1, 2, 3].into_iter().find(|i| *i != leader).expect("a follower");
     c.router.isolate(NodeId(lagging));
+    // Past two election timeouts without progress, the follower no longer holds the log back.
+    tokio::time::sleep(Duration::from_millis(700)).await;
     for i in 0..60 {
         c.put(leader, &format!("k{i}"), &format!("v{i}")).await.expect("write");
     }

@@ -51,20 +51,14 @@ fn voting_without_the_log_check_is_caught() {
 }
 
 #[test]
-fn reading_without_read_index_is_caught() {
-    // Rare in the default profile (about one seed in 700 over seeds 0..3000; first caught at
-    // seed 436): the read-race profile below is the sharp test, at seed 2.
-    let bugs = InjectedBugs { read_without_read_index: true, ..Default::default() };
-    assert_caught("read_without_read_index", bugs, 1000);
-}
-
-#[test]
 fn acknowledging_before_durable_is_caught() {
     assert_caught("ack_before_durable", InjectedBugs { ack_before_durable: true, ..Default::default() }, 400);
 }
 
 #[test]
 fn reading_without_read_index_is_caught_by_the_read_race_profile() {
+    // Seed 0 catches it. The default profile, which steers no read at a deposed leader,
+    // catches it in only 4 of seeds 0..5000 (first at 1424), too rarely for a bounded test.
     let bugs = InjectedBugs { read_without_read_index: true, ..Default::default() };
     assert_caught_in_read_races("read_without_read_index (read races)", bugs, 100);
 }

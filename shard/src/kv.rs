@@ -489,6 +489,11 @@ impl KvStateMachine {
         lock(&self.life.built).remove(&snapshot_id);
     }
 
+    /// Abandons the snapshot being received (its files go).
+    pub fn abandon_receiving(&self) {
+        *lock(&self.life.receiving) = None;
+    }
+
     /// The key range of the snapshot being received, once its header arrived.
     pub fn receiving_range(&self) -> Option<KeyRange> {
         lock(&self.life.receiving).as_ref().and_then(|r| r.range().cloned())
@@ -566,6 +571,10 @@ impl KvStateMachine {
             )));
         }
         let received = r.finish()?;
+        // Not this replica's (another range, or wider than its own): refused, so the group goes
+        // on and the leader builds another snapshot (one taken after the split it lacks).
+        kv_snapshot::check_snapshot_range(self.group, &self.range(), received.range())
+            .map_err(|e| SnapshotError::Refused(e.to_string()))?;
         let adopted = kv_snapshot::install(&self.store, self.group, &self.range(), received)?;
         self.set_range(adopted);
         Ok(())
@@ -587,6 +596,15 @@ impl KvStateMachine {
         let mut ops = Vec::new();
         let mut responses = Vec::with_capacity(entries.len());
         for e in entries {
+            // Entries apply in order, once: anything else (an apply racing an installation,
+            // say) would write old state over newer, so the group stops instead.
+            let expected = applied.last_applied.map(|l| l.index.next()).unwrap_or(LogIndex(1));
+            if e.log_id.index != expected {
+                return Err(StorageError::new(
+                    "apply",
+                    format!("group {g}: entry {} does not follow the applied index (expected {expected})", e.log_id),
+                ));
+            }
             applied.last_applied = Some(e.log_id);
             let resp = match e.payload {
                 EntryPayload::Blank => Bytes::new(),

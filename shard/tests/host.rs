@@ -430,6 +430,9 @@ async fn a_lagging_replica_catches_up_by_snapshot_through_the_hosts() {
         c.host(lagging).transfer_leader(GroupId(1), NodeId(1)).await.expect("transfer");
     }
     c.net.cut.write().expect("lock").insert(lagging);
+    // The leader keeps entries for a follower whose matched index moved within two election
+    // timeouts; past that, the log is purged and node 3 needs a snapshot.
+    tokio::time::sleep(Duration::from_millis(2 * 300 + 100)).await;
     for i in 0..150 {
         if let Err(e) = c.put(GroupId(1), &key(1, &format!("k{i:03}")), &format!("value {i}")).await {
             for h in &c.hosts {
@@ -448,10 +451,15 @@ async fn a_lagging_replica_catches_up_by_snapshot_through_the_hosts() {
     }
     let info = c.host(lagging).group_info().await.expect("info").remove(0);
     assert!(info.first_index.0 > 10, "the replica's log starts after the snapshot it installed: {info:?}");
-    // The leader's snapshot is dropped once the transfer ended, and the log purged behind the
-    // durable applied index without one.
+    // The leader's snapshot is dropped once the transfer ended; the next durability report
+    // (a write's) purges the log behind the durable applied index, without a snapshot.
     c.wait_info("the leader dropped its snapshot", |infos| infos[0].snapshot.is_none()).await;
+    c.put(GroupId(1), &key(1, "after"), "x").await.expect("write after the catch-up");
     let leader = c.hosts.iter().find(|h| h.node() != lagging).expect("a host");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while leader.group_info().await.expect("info")[0].first_index.0 <= 100 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let linfo = leader.group_info().await.expect("info").remove(0);
     assert!(linfo.first_index.0 > 100, "the log was purged: {linfo:?}");
     assert!(linfo.durable_applied.0 + 1 >= linfo.first_index.0, "purged only behind durability: {linfo:?}");
@@ -575,6 +583,9 @@ async fn a_replica_that_missed_a_split_gets_the_new_groups_data_by_snapshot() {
         c.host(lagging).transfer_leader(GroupId(1), NodeId(1)).await.expect("transfer");
     }
     c.net.cut.write().expect("lock").insert(lagging);
+    // The leader keeps entries for a follower whose matched index moved within two election
+    // timeouts; past that, the log is purged and node 3 needs a snapshot.
+    tokio::time::sleep(Duration::from_millis(2 * 300 + 100)).await;
     // Written while node 3 is away, then split off into group 2: node 3 never applies it.
     c.put(GroupId(1), "x1", "right half, before the split").await.expect("write");
     for i in 0..50 {
@@ -888,6 +899,9 @@ async fn destroying_a_group_while_it_installs_a_snapshot_leaves_its_range_empty(
         c.host(lagging).transfer_leader(GroupId(1), NodeId(1)).await.expect("transfer");
     }
     c.net.cut.write().expect("lock").insert(lagging);
+    // The leader keeps entries for a follower whose matched index moved within two election
+    // timeouts; past that, the log is purged and node 3 needs a snapshot.
+    tokio::time::sleep(Duration::from_millis(2 * 300 + 100)).await;
     for i in 0..150 {
         c.put(GroupId(1), &key(1, &format!("k{i:03}")), "v").await.expect("write while cut");
     }
@@ -1025,6 +1039,9 @@ async fn a_split_group_cannot_be_created_by_anyone_else_while_its_split_is_being
     let whole = KeyRange { start: Vec::new(), end: None };
     host.create_group(GroupId(1), whole, Some(Membership::new([NodeId(1)]))).await.expect("create");
     cluster.put(GroupId(1), "a", "v").await.expect("put");
+    // A write is answered before its apply is stored: a read waits for that store, so no
+    // write of the put is held back (its group would wait for it, and the split with it).
+    assert_eq!(cluster.get(GroupId(1), "a").await.expect("get"), Some(b"v".to_vec()));
     host.hold_applies(true);
     let split = KvCommand::Split { at: b"m".to_vec(), new_group: 2 };
     let right = KeyRange { start: b"m".to_vec(), end: None };

@@ -453,9 +453,14 @@ enum ApplyEvent {
         data: Option<Bytes>,
         done: bool,
     },
-    Installed(SnapshotMeta),
-    Refused(SnapshotMeta, String),
-    /// Nothing to report (a dropped snapshot, a stored chunk).
+    Received {
+        meta: SnapshotMeta,
+        reception: u64,
+        end: u64,
+    },
+    Installed(SnapshotMeta, u64),
+    Refused(SnapshotMeta, u64, String),
+    /// Nothing to report (a dropped snapshot).
     Nothing,
     Failed(StorageError),
 }
@@ -524,14 +529,17 @@ async fn apply_one<L: LogStorage, S: StateMachine>(
             sm.drop_snapshot(&meta).await?;
             Ok(ApplyEvent::Nothing)
         }
-        MachineAction::Receive { meta, offset, data } => match sm.receive_snapshot(&meta, offset, data).await {
-            Ok(()) => Ok(ApplyEvent::Nothing),
-            Err(SnapshotError::Refused(why)) => Ok(ApplyEvent::Refused(meta, why)),
-            Err(SnapshotError::Storage(e)) => Err(e),
-        },
-        MachineAction::Install(meta) => match sm.install_snapshot(&meta).await {
-            Ok(()) => Ok(ApplyEvent::Installed(meta)),
-            Err(SnapshotError::Refused(why)) => Ok(ApplyEvent::Refused(meta, why)),
+        MachineAction::Receive { meta, offset, data, reception } => {
+            let end = offset + data.len() as u64;
+            match sm.receive_snapshot(&meta, offset, data).await {
+                Ok(()) => Ok(ApplyEvent::Received { meta, reception, end }),
+                Err(SnapshotError::Refused(why)) => Ok(ApplyEvent::Refused(meta, reception, why)),
+                Err(SnapshotError::Storage(e)) => Err(e),
+            }
+        }
+        MachineAction::Install { meta, reception } => match sm.install_snapshot(&meta).await {
+            Ok(()) => Ok(ApplyEvent::Installed(meta, reception)),
+            Err(SnapshotError::Refused(why)) => Ok(ApplyEvent::Refused(meta, reception, why)),
             Err(SnapshotError::Storage(e)) => Err(e),
         },
     }
@@ -672,14 +680,17 @@ impl<N: Network> Core<N> {
         match ev {
             ApplyEvent::Applied(results, durable) => {
                 self.core.handle_applied(now, results);
-                self.core.handle_applied_durable(durable);
+                self.core.handle_applied_durable(now, durable);
             }
             ApplyEvent::Built(meta) => self.core.handle_snapshot_built(now, meta),
             ApplyEvent::Read { to, meta, offset, data, done } => {
                 self.core.handle_snapshot_read(now, to, meta, offset, data, done)
             }
-            ApplyEvent::Installed(meta) => self.core.handle_snapshot_installed(now, meta),
-            ApplyEvent::Refused(meta, why) => self.core.handle_snapshot_refused(now, meta, &why),
+            ApplyEvent::Received { meta, reception, end } => {
+                self.core.handle_snapshot_received(now, meta, reception, end)
+            }
+            ApplyEvent::Installed(meta, reception) => self.core.handle_snapshot_installed(now, meta, reception),
+            ApplyEvent::Refused(meta, reception, why) => self.core.handle_snapshot_refused(now, meta, reception, &why),
             ApplyEvent::Nothing => {}
             ApplyEvent::Failed(e) => self.stop(e),
         }

@@ -131,8 +131,10 @@ pub enum Action {
         /// The snapshot.
         meta: SnapshotMeta,
     },
-    /// Store a received snapshot chunk (it follows the previous chunk of the same snapshot;
-    /// `offset == 0` starts a new one and discards any partial one).
+    /// Store a received snapshot chunk (it follows the previous chunk of the same reception;
+    /// `offset == 0` starts a new one and discards any partial one), then report
+    /// `handle_snapshot_received` (or `handle_snapshot_refused`). The leader's next chunks wait
+    /// for that report, so no more than its window is ever queued here.
     ReceiveSnapshotChunk {
         /// The snapshot.
         meta: SnapshotMeta,
@@ -140,12 +142,17 @@ pub enum Action {
         offset: u64,
         /// The bytes.
         data: Bytes,
+        /// Which reception (of this engine) the chunk belongs to: reports name it, and a
+        /// report of an earlier reception, even of the same snapshot, is ignored.
+        reception: u64,
     },
     /// Install the fully received snapshot into the state machine, then report
-    /// `handle_snapshot_installed(meta)` (or `handle_snapshot_refused` if it is corrupt).
+    /// `handle_snapshot_installed` (or `handle_snapshot_refused` if it is corrupt).
     InstallSnapshot {
         /// The snapshot.
         meta: SnapshotMeta,
+        /// The reception, as for `ReceiveSnapshotChunk`.
+        reception: u64,
     },
     /// A read registered with [`Engine::read`] may be served once the state machine has
     /// applied `index`.
@@ -305,6 +312,10 @@ pub struct Engine {
     memberships: MembershipLog,
     /// Highest index the state machine reported durable: the log may be purged up to here.
     durable_applied: LogIndex,
+    /// Receptions of snapshots started (the last one's number names the current reception).
+    receptions: u64,
+    /// The time of the last purge decision (a purge that follows a dropped snapshot reuses it).
+    purge_judged_at: Millis,
     /// Snapshots built for transfers and not yet dropped, oldest first; the last is the newest.
     snapshots: Vec<SnapshotMeta>,
     /// A `BuildSnapshot` is outstanding: ask for no second one. Holds the index every entry
@@ -356,6 +367,8 @@ impl Engine {
             apply_sent: state.applied.index,
             memberships,
             durable_applied: state.last_purged.index,
+            receptions: 0,
+            purge_judged_at: now,
             snapshots: Vec::new(),
             building_snapshot: None,
             receiving: None,
@@ -532,15 +545,15 @@ impl Engine {
 
     /// Purges the log now up to everything the state machine has made durable (without the
     /// slack `log_keep_entries` keeps), e.g. before a backup or to test catch-up by snapshot.
-    pub fn compact_log(&mut self) {
-        self.purge_log(true);
+    pub fn compact_log(&mut self, now: Millis) {
+        self.purge_log(now, true);
         self.settle();
     }
 
     /// The state machine's applied state is durable up to `index` (see
     /// [`StateMachine::durable_applied`](crate::StateMachine::durable_applied)).
-    pub fn handle_applied_durable(&mut self, index: LogIndex) {
-        self.on_applied_durable(index);
+    pub fn handle_applied_durable(&mut self, now: Millis, index: LogIndex) {
+        self.on_applied_durable(now, index);
         self.settle();
     }
 
@@ -573,16 +586,23 @@ impl Engine {
         self.settle();
     }
 
-    /// The state machine installed the snapshot asked for by `InstallSnapshot`.
-    pub fn handle_snapshot_installed(&mut self, now: Millis, meta: SnapshotMeta) {
-        self.on_snapshot_installed(now, meta);
+    /// The state machine stored a `ReceiveSnapshotChunk` of reception `reception`: the
+    /// stream is stored up to `end` (the chunk's end).
+    pub fn handle_snapshot_received(&mut self, now: Millis, meta: SnapshotMeta, reception: u64, end: u64) {
+        self.on_snapshot_received(now, meta, reception, end);
         self.settle();
     }
 
-    /// The state machine refused the snapshot being received (it is corrupt): the leader is
-    /// told, and builds a new one.
-    pub fn handle_snapshot_refused(&mut self, now: Millis, meta: SnapshotMeta, reason: &str) {
-        self.on_snapshot_refused(now, meta, reason);
+    /// The state machine installed the snapshot asked for by `InstallSnapshot`.
+    pub fn handle_snapshot_installed(&mut self, now: Millis, meta: SnapshotMeta, reception: u64) {
+        self.on_snapshot_installed(now, meta, reception);
+        self.settle();
+    }
+
+    /// The state machine refused the snapshot of reception `reception` (it is corrupt, or not
+    /// for this replica): the leader is told, and builds a new one.
+    pub fn handle_snapshot_refused(&mut self, now: Millis, meta: SnapshotMeta, reception: u64, reason: &str) {
+        self.on_snapshot_refused(now, meta, reception, reason);
         self.settle();
     }
 

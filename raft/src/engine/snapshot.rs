@@ -10,6 +10,8 @@ use replication::Replicator;
 #[derive(Debug)]
 pub(super) struct Receiving {
     pub(super) meta: SnapshotMeta,
+    /// The number of this reception (see `Action::ReceiveSnapshotChunk`).
+    pub(super) reception: u64,
     /// Next offset expected.
     pub(super) offset: u64,
     /// The whole snapshot arrived; installation is under way.
@@ -43,8 +45,9 @@ impl Engine {
                 }
             }
             if self.snapshots.len() < before {
-                // A dropped snapshot no longer holds the log back.
-                self.purge_log(false);
+                // A dropped snapshot no longer holds the log back (judged at the time of the
+                // last durability report: followers look as recent as then, or more).
+                self.purge_log(self.purge_judged_at, false);
             }
         }
         self.check_invariants();
@@ -58,21 +61,25 @@ impl Engine {
     }
 
     /// The work of [`Engine::handle_applied_durable`].
-    pub(super) fn on_applied_durable(&mut self, index: LogIndex) {
+    pub(super) fn on_applied_durable(&mut self, now: Millis, index: LogIndex) {
         // Never beyond what this engine saw applied: a report from before a snapshot
         // installation or a restart must not run ahead of it.
         let index = index.min(self.applied);
         if index > self.durable_applied {
             self.durable_applied = index;
-            self.purge_log(false);
+            self.purge_log(now, false);
         }
     }
 
     /// Purges the log behind the durable applied index. Kept: `log_keep_entries` behind it
     /// (unless `all`), everything a snapshot being built or streamed does not include (its
-    /// follower continues from the log after it), and on a leader the entries a follower
-    /// lagging by at most `log_lag_entries_max` still needs (unless `all`).
-    pub(super) fn purge_log(&mut self, all: bool) {
+    /// follower continues from the log after it), and on a leader (unless `all`) the entries
+    /// a follower still needs if it lags by at most `log_lag_entries_max` or is catching up
+    /// (its matched index moved within two election timeouts: a follower that just installed a
+    /// snapshot, or catches up from the log after one, is never sent another because writes
+    /// went on meanwhile). A follower neither close nor moving gets a snapshot when it returns.
+    pub(super) fn purge_log(&mut self, now: Millis, all: bool) {
+        self.purge_judged_at = self.purge_judged_at.max(now);
         let durable = self.durable_applied.min(self.applied).0;
         let mut upto = if all { durable } else { durable.saturating_sub(self.config.log_keep_entries) };
         if let Some(b) = &self.building_snapshot {
@@ -84,8 +91,9 @@ impl Engine {
         if !all {
             if let Some(l) = self.role.leader() {
                 let floor = durable.saturating_sub(self.config.log_lag_entries_max);
+                let moving_ms = 2 * self.config.election_timeout_ms_max;
                 for (id, p) in &l.progress {
-                    if *id != self.id && p.matched.0 >= floor {
+                    if *id != self.id && (p.matched.0 >= floor || now.since(p.matched_at) < moving_ms) {
                         upto = upto.min(p.matched.0);
                     }
                 }
@@ -310,7 +318,9 @@ impl Engine {
                 self.send(from, resp(0, None));
                 return;
             }
-            self.receiving = Some(Receiving { meta: meta.clone(), offset: 0, installing: false });
+            self.receptions += 1;
+            self.receiving =
+                Some(Receiving { meta: meta.clone(), offset: 0, installing: false, reception: self.receptions });
         }
         let Some(r) = self.receiving.as_mut() else { return };
         if offset != r.offset {
@@ -319,24 +329,44 @@ impl Engine {
             return;
         }
         r.offset += data.len() as u64;
-        let next_offset = r.offset;
-        self.actions.push_back(Action::ReceiveSnapshotChunk { meta: meta.clone(), offset, data });
+        let reception = r.reception;
+        // Acknowledged once stored (`on_snapshot_received`): the leader's window then bounds
+        // what waits here in memory, however slow the disk.
+        self.actions.push_back(Action::ReceiveSnapshotChunk { meta: meta.clone(), offset, data, reception });
         if done {
             r.installing = true;
-            self.actions.push_back(Action::InstallSnapshot { meta });
-        } else {
-            self.send(from, resp(next_offset, None));
+            self.actions.push_back(Action::InstallSnapshot { meta, reception });
+        }
+    }
+
+    /// The work of [`Engine::handle_snapshot_received`].
+    pub(super) fn on_snapshot_received(&mut self, _now: Millis, meta: SnapshotMeta, reception: u64, end: u64) {
+        let current = self.receiving.as_ref().is_some_and(|r| r.reception == reception && !r.installing);
+        if let (true, Some(leader)) = (current, self.leader.filter(|l| *l != self.id)) {
+            let body = MessageBody::SnapshotResp {
+                snapshot_id: meta.snapshot_id,
+                next_offset: end,
+                installed: None,
+                refused: false,
+            };
+            self.send(leader, body);
         }
     }
 
     /// The work of [`Engine::handle_snapshot_refused`].
-    pub(super) fn on_snapshot_refused(&mut self, _now: Millis, meta: SnapshotMeta, reason: &str) {
-        warn!(node = %self.id, term = %self.vote.term, snapshot = %meta.last_log_id, reason, "snapshot refused");
-        if self.receiving.as_ref().is_some_and(|r| r.meta.snapshot_id == meta.snapshot_id) {
-            self.receiving = None;
-            // An installation held back applying.
-            self.maybe_apply();
+    pub(super) fn on_snapshot_refused(&mut self, _now: Millis, meta: SnapshotMeta, reception: u64, reason: &str) {
+        if self.receiving.as_ref().is_none_or(|r| r.reception != reception) {
+            // A report of an earlier reception (perhaps of the same snapshot, streamed again
+            // since): the reception under way, or the installation queued behind it, is not
+            // affected.
+            debug!(node = %self.id, snapshot = %meta.last_log_id, reception, reason, "stale snapshot refusal ignored");
+            return;
         }
+        warn!(node = %self.id, term = %self.vote.term, snapshot = %meta.last_log_id, reason, "snapshot refused");
+        self.receiving = None;
+        // An installation held back applying; nothing of this reception is queued after it
+        // (chunks and the install of one reception are issued before any of the next).
+        self.maybe_apply();
         if let Some(leader) = self.leader.filter(|l| *l != self.id) {
             self.send(
                 leader,
@@ -351,8 +381,9 @@ impl Engine {
     }
 
     /// The work of [`Engine::handle_snapshot_installed`].
-    pub(super) fn on_snapshot_installed(&mut self, _now: Millis, meta: SnapshotMeta) {
-        let was_receiving = self.receiving.take();
+    pub(super) fn on_snapshot_installed(&mut self, _now: Millis, meta: SnapshotMeta, reception: u64) {
+        // The state machine holds the snapshot now, whatever reception it came from.
+        let was_receiving = self.receiving.take_if(|r| r.reception == reception);
         let last = meta.last_log_id;
         info!(node = %self.id, term = %self.vote.term, snapshot = %last, "snapshot installed");
         if last.index > self.applied {

@@ -83,7 +83,7 @@ impl Poller {
             }
             self.durable_waits.pop_front();
             if let Some(g) = self.groups.get_mut(&gid) {
-                g.core.handle_applied_durable(index);
+                g.core.handle_applied_durable(self.shared.now(), index);
                 self.dirty.insert(gid);
             }
         }
@@ -130,24 +130,48 @@ impl Poller {
         }
     }
 
-    /// A received chunk was stored, or refused.
-    pub(super) fn on_received(&mut self, gid: GroupId, meta: SnapshotMeta, r: Result<(), SnapshotError>) {
+    /// A received chunk was stored, or refused. Once the stream's header is in, its range is
+    /// judged against this node's other groups (the inbox judged the first chunk only if the
+    /// header fit in it).
+    pub(super) fn on_received(
+        &mut self,
+        gid: GroupId,
+        meta: SnapshotMeta,
+        reception: u64,
+        end: u64,
+        r: Result<(), SnapshotError>,
+    ) {
         let now = self.shared.now();
+        let overlap = match (&r, self.groups.get(&gid)) {
+            (Ok(()), Some(g)) => g.sm.receiving_range().and_then(|range| self.owner_of_overlap(gid, &range)),
+            _ => None,
+        };
         let Some(g) = self.sm_done(gid) else { return };
-        match r {
-            Ok(()) => {}
-            Err(SnapshotError::Refused(why)) => g.core.handle_snapshot_refused(now, meta, &why),
-            Err(SnapshotError::Storage(e)) => g.core.fail(e),
+        match (r, overlap) {
+            (Ok(()), None) => g.core.handle_snapshot_received(now, meta, reception, end),
+            (Ok(()), Some(other)) => {
+                g.sm.abandon_receiving();
+                let why = format!("its range overlaps group {other} of this node");
+                g.core.handle_snapshot_refused(now, meta, reception, &why);
+            }
+            (Err(SnapshotError::Refused(why)), _) => g.core.handle_snapshot_refused(now, meta, reception, &why),
+            (Err(SnapshotError::Storage(e)), _) => g.core.fail(e),
         }
     }
 
     /// A snapshot installation finished.
-    pub(super) fn on_installed(&mut self, gid: GroupId, meta: SnapshotMeta, r: Result<(), SnapshotError>) {
+    pub(super) fn on_installed(
+        &mut self,
+        gid: GroupId,
+        meta: SnapshotMeta,
+        reception: u64,
+        r: Result<(), SnapshotError>,
+    ) {
         let now = self.shared.now();
         let Some(g) = self.sm_done(gid) else { return };
         match r {
-            Ok(()) => g.core.handle_snapshot_installed(now, meta),
-            Err(SnapshotError::Refused(why)) => g.core.handle_snapshot_refused(now, meta, &why),
+            Ok(()) => g.core.handle_snapshot_installed(now, meta, reception),
+            Err(SnapshotError::Refused(why)) => g.core.handle_snapshot_refused(now, meta, reception, &why),
             Err(SnapshotError::Storage(e)) => g.core.fail(e),
         }
     }
@@ -243,24 +267,30 @@ impl Poller {
                     self.sm_ready.insert(gid);
                 }
             }
-            MachineAction::Receive { meta, offset, data } => {
+            MachineAction::Receive { meta, offset, data, reception } => {
                 let sm = g.sm.clone();
                 self.shared.runtime.spawn_blocking(move || {
-                    let r = sm.receive_snapshot_blocking(&meta, offset, &data);
-                    let _ = tx.send(PollerMsg::Received(gid, meta, r));
+                    let end = offset + data.len() as u64;
+                    let result = sm.receive_snapshot_blocking(&meta, offset, &data);
+                    let _ = tx.send(PollerMsg::Received { gid, meta, reception, end, result });
                 });
             }
-            MachineAction::Install(meta) => {
-                // Checked when the transfer began; a group of this node created since then
-                // could own keys in the range, and its data must not be replaced.
+            MachineAction::Install { meta, reception } => {
+                // Checked as the chunks arrived; a group of this node created since then could
+                // own keys in the range, and its data must not be replaced. Refused, not
+                // fatal: the leader builds another snapshot, which may fit by then.
                 let overlap = g.sm.receiving_range().and_then(|r| self.owner_of_overlap(gid, &r));
                 let Some(g) = self.groups.get_mut(&gid) else { return };
                 if let Some(other) = overlap {
+                    g.sm.abandon_receiving();
+                    let why = format!("group {gid}: the snapshot's range overlaps group {other} of this node");
+                    let now = self.shared.now();
+                    g.core.handle_snapshot_refused(now, meta, reception, &why);
                     g.sm_busy = false;
-                    g.core.fail(StorageError::new(
-                        "install_snapshot",
-                        format!("group {gid}: the snapshot's range overlaps group {other} of this node"),
-                    ));
+                    if !g.sm_queue.is_empty() {
+                        self.sm_ready.insert(gid);
+                    }
+                    self.dirty.insert(gid);
                     return;
                 }
                 // Through the trait: it holds the lock a destroy waits on (and the test hook
@@ -268,7 +298,7 @@ impl Poller {
                 let mut sm = g.sm.clone();
                 self.shared.runtime.spawn(async move {
                     let r = sm.install_snapshot(&meta).await;
-                    let _ = tx.send(PollerMsg::Installed(gid, meta, r));
+                    let _ = tx.send(PollerMsg::Installed(gid, meta, reception, r));
                 });
             }
         }

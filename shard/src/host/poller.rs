@@ -47,9 +47,15 @@ pub(crate) enum PollerMsg {
         done: bool,
         result: Result<Option<Bytes>, StorageError>,
     },
-    /// A received chunk was stored (or refused).
-    Received(GroupId, SnapshotMeta, Result<(), SnapshotError>),
-    Installed(GroupId, SnapshotMeta, Result<(), SnapshotError>),
+    /// A received chunk was stored up to `end` (or refused), for reception `reception`.
+    Received {
+        gid: GroupId,
+        meta: SnapshotMeta,
+        reception: u64,
+        end: u64,
+        result: Result<(), SnapshotError>,
+    },
+    Installed(GroupId, SnapshotMeta, u64, Result<(), SnapshotError>),
     Info(oneshot::Sender<Vec<GroupInfo>>),
     Shutdown,
 }
@@ -178,8 +184,10 @@ impl Poller {
             PollerMsg::ChunkRead { gid, to, meta, offset, done, result } => {
                 self.on_chunk_read(gid, to, meta, offset, done, result)
             }
-            PollerMsg::Received(gid, meta, r) => self.on_received(gid, meta, r),
-            PollerMsg::Installed(gid, meta, r) => self.on_installed(gid, meta, r),
+            PollerMsg::Received { gid, meta, reception, end, result } => {
+                self.on_received(gid, meta, reception, end, result)
+            }
+            PollerMsg::Installed(gid, meta, reception, r) => self.on_installed(gid, meta, reception, r),
             PollerMsg::Info(reply) => {
                 let _ = reply.send(self.info());
             }

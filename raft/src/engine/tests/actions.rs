@@ -255,11 +255,11 @@ fn a_snapshot_in_one_chunk_is_stored_installed_then_the_log_is_reset_behind_it()
     assert_eq!(
         drain(&mut e),
         vec![
-            Action::ReceiveSnapshotChunk { meta: meta.clone(), offset: 0, data },
-            Action::InstallSnapshot { meta: meta.clone() },
+            Action::ReceiveSnapshotChunk { meta: meta.clone(), offset: 0, data, reception: 1 },
+            Action::InstallSnapshot { meta: meta.clone(), reception: 1 },
         ]
     );
-    e.handle_snapshot_installed(Millis(2), meta.clone());
+    e.handle_snapshot_installed(Millis(2), meta.clone(), 1);
     let installed =
         MessageBody::SnapshotResp { snapshot_id: 5, next_offset: 4, installed: Some(LogId::new(2, 9)), refused: false };
     assert_eq!(

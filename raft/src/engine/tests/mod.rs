@@ -138,7 +138,7 @@ impl TestNode {
                     self.applied.extend(entries);
                     self.engine.handle_applied(now, last);
                     if self.report_durable {
-                        self.engine.handle_applied_durable(last);
+                        self.engine.handle_applied_durable(now, last);
                     }
                 }
                 Action::BuildSnapshot => {
@@ -163,16 +163,18 @@ impl TestNode {
                 Action::DropSnapshot { meta } => {
                     self.built.remove(&meta.snapshot_id);
                 }
-                Action::ReceiveSnapshotChunk { offset, data, .. } => {
+                Action::ReceiveSnapshotChunk { meta, offset, data, reception } => {
                     if offset == 0 {
                         self.receiving.clear();
                     }
                     self.receiving.extend_from_slice(&data);
+                    let end = self.receiving.len() as u64;
+                    self.engine.handle_snapshot_received(now, meta, reception, end);
                 }
-                Action::InstallSnapshot { meta } => {
+                Action::InstallSnapshot { meta, reception } => {
                     assert_eq!(self.receiving.len() as u64, meta.size_bytes);
                     self.sm_applied = meta.last_log_id;
-                    self.engine.handle_snapshot_installed(now, meta);
+                    self.engine.handle_snapshot_installed(now, meta, reception);
                 }
                 Action::ReadReady { id, index } => self.reads.push((id, Ok(index))),
                 Action::ReadFailed { id, error } => self.reads.push((id, Err(error))),

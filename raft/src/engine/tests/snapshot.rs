@@ -4,6 +4,14 @@
 
 use super::*;
 
+fn drain(e: &mut Engine) -> Vec<Action> {
+    let mut out = Vec::new();
+    while let Some(a) = e.poll_action() {
+        out.push(a);
+    }
+    out
+}
+
 /// The log ids of every purge `id` issued.
 fn purges(c: &Cluster, id: u64) -> Vec<LogIndex> {
     c.nodes[&n(id)]
@@ -49,11 +57,12 @@ fn nothing_is_purged_beyond_what_the_state_machine_holds_durably() {
     c.stabilize();
     let before = purges(&c, 1).last().copied().unwrap_or_default();
     assert!(before <= LogIndex(2), "purged to {before} without a durability report after 2");
-    c.node(1).engine.handle_applied_durable(LogIndex(5));
+    let now = c.now;
+    c.node(1).engine.handle_applied_durable(now, LogIndex(5));
     c.stabilize();
     assert_eq!(purges(&c, 1).last(), Some(&LogIndex(5)));
     // A report beyond what was applied counts only up to the applied index.
-    c.node(1).engine.handle_applied_durable(LogIndex(100));
+    c.node(1).engine.handle_applied_durable(now, LogIndex(100));
     c.stabilize();
     assert_eq!(purges(&c, 1).last(), Some(&LogIndex(8)));
     assert_eq!(c.engine(1).status().durable_applied, LogIndex(8));
@@ -64,6 +73,8 @@ fn a_leader_keeps_the_entries_a_follower_lagging_a_little_still_needs() {
     let config = Config { log_keep_entries: 0, log_lag_entries_max: 100, log_purge_step_entries: 1, ..cfg() };
     let mut c = Cluster::with_leader(&[1, 2, 3], config);
     c.cut.insert((n(1), n(3)));
+    // Long enough that node 3 no longer counts as catching up.
+    c.settle(25);
     for i in 0..6 {
         c.propose(1, &format!("v{i}"));
     }
@@ -84,6 +95,8 @@ fn a_leader_keeps_the_entries_a_follower_lagging_a_little_still_needs() {
 fn a_snapshot_is_built_only_when_a_follower_needs_one_and_dropped_after_use() {
     let mut c = Cluster::with_leader(&[1, 2, 3], purging());
     c.cut.insert((n(1), n(3)));
+    // Long enough that node 3 no longer counts as catching up.
+    c.settle(25);
     for i in 0..5 {
         c.propose(1, &format!("v{i}"));
     }
@@ -112,6 +125,8 @@ fn a_snapshot_is_built_only_when_a_follower_needs_one_and_dropped_after_use() {
 fn a_snapshot_refused_as_corrupt_is_dropped_and_a_new_one_is_built() {
     let mut c = Cluster::with_leader(&[1, 2, 3], Config { snapshot_chunk_bytes: 4, ..purging() });
     c.cut.insert((n(1), n(3)));
+    // Long enough that node 3 no longer counts as catching up.
+    c.settle(25);
     for i in 0..5 {
         c.propose(1, &format!("v{i}"));
     }
@@ -127,7 +142,9 @@ fn a_snapshot_refused_as_corrupt_is_dropped_and_a_new_one_is_built() {
                 if m.to == n(3) {
                     let meta = meta.clone();
                     let now = c.now;
-                    c.node(3).engine.handle_snapshot_refused(now, meta.clone(), "checksum mismatch");
+                    // Its first reception: the state machine refuses the chunk it is given.
+                    c.node(3).engine.handle_message(now, m.clone());
+                    c.node(3).engine.handle_snapshot_refused(now, meta.clone(), 1, "checksum mismatch");
                     refused = Some(meta);
                     continue;
                 }
@@ -153,6 +170,8 @@ fn a_snapshot_refused_as_corrupt_is_dropped_and_a_new_one_is_built() {
 fn a_snapshot_the_state_machine_lost_is_built_again() {
     let mut c = Cluster::with_leader(&[1, 2, 3], Config { snapshot_chunk_bytes: 4, ..purging() });
     c.cut.insert((n(1), n(3)));
+    // Long enough that node 3 no longer counts as catching up.
+    c.settle(25);
     for i in 0..5 {
         c.propose(1, &format!("v{i}"));
     }
@@ -174,6 +193,8 @@ fn a_snapshot_in_flight_holds_the_log_purge_until_its_follower_installed_it() {
         Config { snapshot_chunk_bytes: 2, snapshot_chunks_in_flight_max: 1, ..purging() },
     );
     c.cut.insert((n(1), n(3)));
+    // Long enough that node 3 no longer counts as catching up.
+    c.settle(25);
     for i in 0..5 {
         c.propose(1, &format!("v{i}"));
     }
@@ -200,6 +221,9 @@ fn a_snapshot_in_flight_holds_the_log_purge_until_its_follower_installed_it() {
     c.settle(10);
     assert_eq!(count(&c, 1, |a| matches!(a, Action::BuildSnapshot)), 1, "one snapshot was enough");
     assert_eq!(c.engine(3).applied(), c.engine(1).applied());
+    // Once node 3 caught up, the next durability report purges past the snapshot.
+    c.propose(1, "after");
+    c.stabilize();
     assert!(c.engine(1).status().first_log_index > snap.index.next(), "purged once the transfer ended");
 }
 
@@ -210,6 +234,8 @@ fn discarded_snapshots_end_their_transfers_and_a_new_one_is_built() {
         Config { snapshot_chunk_bytes: 2, snapshot_chunks_in_flight_max: 1, ..purging() },
     );
     c.cut.insert((n(1), n(3)));
+    // Long enough that node 3 no longer counts as catching up.
+    c.settle(25);
     for i in 0..5 {
         c.propose(1, &format!("v{i}"));
     }
@@ -236,6 +262,8 @@ fn snapshot_is_streamed_in_chunks_and_resumes_after_a_lost_chunk() {
     let config = Config { snapshot_chunk_bytes: 3, snapshot_chunks_in_flight_max: 2, ..purging() };
     let mut c = Cluster::with_leader(&[1, 2, 3], config);
     c.cut.insert((n(1), n(3)));
+    // Long enough that node 3 no longer counts as catching up.
+    c.settle(25);
     for i in 0..5 {
         c.propose(1, &format!("v{i}"));
     }
@@ -318,12 +346,12 @@ fn snapshot_chunks_are_ignored_while_one_is_being_installed() {
     while let Some(a) = e.poll_action() {
         acts.push(a);
     }
-    assert!(acts.iter().any(|a| matches!(a, Action::InstallSnapshot { meta } if *meta == m1)));
+    assert!(acts.iter().any(|a| matches!(a, Action::InstallSnapshot { meta, .. } if *meta == m1)));
     // While S1 installs, S2 arrives: nothing may start.
     e.handle_message(now, chunk(&m2));
     assert!(e.poll_action().is_none(), "no second snapshot while one installs");
     // A malformed chunk (beyond the snapshot's size) is dropped too.
-    e.handle_snapshot_installed(now, m1.clone());
+    e.handle_snapshot_installed(now, m1.clone(), 1);
     while e.poll_action().is_some() {}
     let bad = Message {
         from: n(1),
@@ -333,4 +361,141 @@ fn snapshot_chunks_are_ignored_while_one_is_being_installed() {
     };
     e.handle_message(now, bad);
     assert!(e.poll_action().is_none(), "malformed chunk dropped");
+}
+
+/// A refusal left over from an earlier reception of the same snapshot (its `InstallSnapshot`
+/// found nothing to install after a corrupt chunk was refused) must not cancel the
+/// installation of the snapshot streamed again since: an `Apply` issued then would run after
+/// that installation, on top of the snapshot's state.
+#[test]
+fn a_stale_refusal_does_not_cancel_an_installation_under_way() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    // Node 2's log writes stay unsynced: entry 3 commits (nodes 1 and 3) but node 2 cannot
+    // apply it yet.
+    c.node(2).auto_sync = false;
+    c.propose(1, "a");
+    c.stabilize();
+    c.settle(2);
+    assert!(c.engine(2).committed() >= LogIndex(3), "node 2 knows entry 3 committed");
+    assert_eq!(c.engine(2).applied(), LogIndex(2));
+    let meta = SnapshotMeta {
+        last_log_id: LogId::new(1, 50),
+        membership: c.engine(2).committed_membership().clone(),
+        snapshot_id: 7,
+        size_bytes: 4,
+    };
+    let term = c.engine(1).term();
+    let chunk = Message {
+        from: n(1),
+        to: n(2),
+        term,
+        body: MessageBody::Snapshot { meta: meta.clone(), offset: 0, data: Bytes::from_static(b"abcd"), done: true },
+    };
+    let now = c.now;
+    // First reception: Receive + Install queued in the state machine (in that order).
+    c.node(2).engine.handle_message(now, chunk.clone());
+    let first = drain(&mut c.node(2).engine);
+    assert!(first.iter().any(|a| matches!(a, Action::InstallSnapshot { reception: 1, .. })), "{first:?}");
+    // The chunk was corrupt: the Receive is refused.
+    c.node(2).engine.handle_snapshot_refused(now, meta.clone(), 1, "crc mismatch");
+    drain(&mut c.node(2).engine);
+    // The leader streams the same snapshot again; the follower queues a second Install.
+    c.node(2).engine.handle_message(now, chunk.clone());
+    let second = drain(&mut c.node(2).engine);
+    assert!(second.iter().any(|a| matches!(a, Action::InstallSnapshot { reception: 2, .. })), "{second:?}");
+    // Node 2's log write becomes durable meanwhile: applying waits for the installation.
+    c.node(2).sync(now);
+    let held = drain(&mut c.node(2).engine);
+    assert!(!held.iter().any(|a| matches!(a, Action::Apply { .. })), "held back by the installation");
+    // The FIRST Install now reports that nothing was received: stale, ignored.
+    c.node(2).engine.handle_snapshot_refused(now, meta.clone(), 1, "no snapshot was received to install");
+    let after = drain(&mut c.node(2).engine);
+    assert!(
+        !after.iter().any(|a| matches!(a, Action::Apply { .. })),
+        "an Apply was issued while the second installation was queued: {after:?}"
+    );
+    // The second installation completes: the applied index jumps to the snapshot's.
+    c.node(2).engine.handle_snapshot_installed(now, meta.clone(), 2);
+    assert_eq!(c.engine(2).applied(), LogIndex(50));
+}
+
+/// A follower that has just installed a snapshot catches up from the log, even when more than
+/// `log_lag_entries_max` entries were written during its transfer: its matched index is
+/// moving, so the leader keeps what it needs rather than send it another snapshot.
+#[test]
+fn a_follower_that_just_installed_is_not_snapshotted_again() {
+    let config = Config {
+        log_keep_entries: 0,
+        log_lag_entries_max: 3,
+        log_purge_step_entries: 1,
+        append_entries_max: 1,
+        snapshot_chunk_bytes: 2,
+        snapshot_chunks_in_flight_max: 1,
+        ..cfg()
+    };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    c.cut.insert((n(1), n(3)));
+    // Long enough that node 3 no longer counts as catching up.
+    c.settle(25);
+    for i in 0..10 {
+        c.propose(1, &format!("v{i}"));
+    }
+    c.stabilize();
+    c.cut.clear();
+    // Start the transfer; while it goes on, the leader applies 8 more entries (more than
+    // log_lag_entries_max); the transfer holds the purge at the snapshot.
+    for _ in 0..6 {
+        c.advance(20);
+        c.stabilize_with(|m| !matches!(m.body, MessageBody::SnapshotResp { .. }));
+        if c.nodes[&n(1)].snapshot.is_some() {
+            break;
+        }
+    }
+    assert!(c.nodes[&n(1)].snapshot.is_some(), "a snapshot is being sent");
+    for i in 0..8 {
+        c.propose(1, &format!("w{i}"));
+    }
+    c.stabilize_with(|m| !matches!(m.body, MessageBody::SnapshotResp { .. }));
+    c.settle(30);
+    assert_eq!(c.engine(3).applied(), c.engine(1).applied(), "node 3 caught up");
+    let builds = count(&c, 1, |a| matches!(a, Action::BuildSnapshot));
+    assert_eq!(builds, 1, "node 3 got {builds} snapshots: the log after the first was purged as it installed");
+}
+
+/// A chunk is acknowledged once the state machine stored it, not when it was queued: the
+/// leader's window bounds what waits in the receiver's memory.
+#[test]
+fn a_chunk_is_acknowledged_once_stored() {
+    let mut c = Cluster::with_leader(&[1, 2], cfg());
+    let meta = SnapshotMeta {
+        last_log_id: LogId::new(1, 50),
+        membership: c.engine(2).committed_membership().clone(),
+        snapshot_id: 9,
+        size_bytes: 8,
+    };
+    let term = c.engine(1).term();
+    let chunk = Message {
+        from: n(1),
+        to: n(2),
+        term,
+        body: MessageBody::Snapshot { meta: meta.clone(), offset: 0, data: Bytes::from_static(b"abcd"), done: false },
+    };
+    let now = c.now;
+    c.node(2).engine.handle_message(now, chunk);
+    let queued = drain(&mut c.node(2).engine);
+    assert!(
+        !queued.iter().any(|a| matches!(a, Action::Send(m) if matches!(m.body, MessageBody::SnapshotResp { .. }))),
+        "not acknowledged before it is stored: {queued:?}"
+    );
+    c.node(2).engine.handle_snapshot_received(now, meta.clone(), 1, 4);
+    let acked = drain(&mut c.node(2).engine);
+    assert!(
+        acked.iter().any(
+            |a| matches!(a, Action::Send(m) if matches!(m.body, MessageBody::SnapshotResp { next_offset: 4, .. }))
+        ),
+        "acknowledged once stored: {acked:?}"
+    );
+    // A report of another reception says nothing of this one.
+    c.node(2).engine.handle_snapshot_received(now, meta, 7, 8);
+    assert!(drain(&mut c.node(2).engine).is_empty());
 }

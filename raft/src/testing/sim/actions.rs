@@ -68,7 +68,7 @@ impl Sim {
                     node.disk.checkpoint = Some(checkpoint.clone());
                     node.view.checkpoint = Some(checkpoint);
                     node.checkpointed = node.sm_applied.index;
-                    engine.handle_applied_durable(node.checkpointed);
+                    engine.handle_applied_durable(now, node.checkpointed);
                 }
                 Ok(())
             }
@@ -111,7 +111,7 @@ impl Sim {
                 node.built.remove(&meta.snapshot_id);
                 Ok(())
             }
-            Action::ReceiveSnapshotChunk { offset, data, .. } => {
+            Action::ReceiveSnapshotChunk { meta, offset, data, reception } => {
                 if offset == 0 {
                     node.receiving.clear();
                 }
@@ -119,9 +119,11 @@ impl Sim {
                     return Err(format!("node {id}: chunk at {offset} after {} bytes", node.receiving.len()));
                 }
                 node.receiving.extend_from_slice(&data);
+                let end = node.receiving.len() as u64;
+                node.engine.as_mut().expect("alive").handle_snapshot_received(now, meta, reception, end);
                 Ok(())
             }
-            Action::InstallSnapshot { meta } => {
+            Action::InstallSnapshot { meta, reception } => {
                 let data = Bytes::from(std::mem::take(&mut node.receiving));
                 if data.len() as u64 != meta.size_bytes {
                     return Err(format!("node {id}: snapshot of {} bytes, meta says {}", data.len(), meta.size_bytes));
@@ -130,6 +132,7 @@ impl Sim {
                     node.engine.as_mut().expect("alive").handle_snapshot_refused(
                         now,
                         meta.clone(),
+                        reception,
                         "checksum mismatch",
                     );
                     self.report.snapshots_refused += 1;
@@ -161,7 +164,7 @@ impl Sim {
                     }
                 }
                 let node = self.nodes.get_mut(&id).expect("exists");
-                node.engine.as_mut().expect("alive").handle_snapshot_installed(now, meta);
+                node.engine.as_mut().expect("alive").handle_snapshot_installed(now, meta, reception);
                 self.serve_reads(id);
                 Ok(())
             }

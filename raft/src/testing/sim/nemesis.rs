@@ -281,7 +281,7 @@ impl Sim {
         node.last_role = Role::Follower;
         node.last_committed = LogIndex(0);
         let mut engine = Engine::new(id, config, state, seed, now);
-        engine.handle_applied_durable(node.checkpointed);
+        engine.handle_applied_durable(now, node.checkpointed);
         // A member of the initial configuration keeps it somewhere durable of its own (the
         // shard host's group descriptor) and forms the group again if it lost every write
         // before its first sync: where empty nodes may not vote, it could not vote otherwise.
@@ -331,7 +331,7 @@ impl Sim {
                 format!("leader {l}: transfer to {t}: {:?}", engine.transfer_leader(now, t))
             }
             _ => {
-                engine.compact_log();
+                engine.compact_log(now);
                 format!("leader {l}: compact the log")
             }
         };
