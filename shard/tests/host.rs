@@ -1,7 +1,7 @@
 //! The shard host: many groups on a few pollers, across three in-process hosts over an
 //! in-memory network; quiescence and waking; restart; group lifecycle; bad requests.
 
-use flotilla_raft::{Config, GroupId, Membership, NodeId, RaftError, ReadMode, Role};
+use flotilla_raft::{Config, GroupId, Membership, Message, MessageBody, NodeId, RaftError, ReadMode, Role};
 use flotilla_shard::{Host, HostConfig, HostError, HostNetwork, KeyRange, KvCommand, KvResponse, NodeBatch, Store};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,10 +14,28 @@ struct MemNet {
     hosts: RwLock<HashMap<NodeId, Host>>,
     cut: RwLock<BTreeSet<NodeId>>,
     delivered: AtomicU64,
+    /// Snapshot chunks the hosts handed to `send_transfer`.
+    transfers: AtomicU64,
+    /// Snapshot chunks found inside batches (the hosts must send none that way).
+    chunks_in_batches: AtomicU64,
 }
 
 impl HostNetwork for MemNet {
     fn send(&self, to: NodeId, batch: NodeBatch) {
+        let chunks = batch.messages.iter().filter(|(_, m)| matches!(m.body, MessageBody::Snapshot { .. })).count();
+        self.chunks_in_batches.fetch_add(chunks as u64, Ordering::Relaxed);
+        self.deliver(to, batch);
+    }
+
+    fn send_transfer(&self, to: NodeId, group: GroupId, msg: Message) {
+        assert!(matches!(msg.body, MessageBody::Snapshot { .. }), "only snapshot chunks take the transfer path");
+        self.transfers.fetch_add(1, Ordering::Relaxed);
+        self.deliver(to, NodeBatch { from: msg.from, messages: vec![(group, msg)], quiesce: Vec::new() });
+    }
+}
+
+impl MemNet {
+    fn deliver(&self, to: NodeId, batch: NodeBatch) {
         let cut = self.cut.read().expect("lock");
         if cut.contains(&to) || cut.contains(&batch.from) {
             return;
@@ -451,6 +469,9 @@ async fn a_lagging_replica_catches_up_by_snapshot_through_the_hosts() {
     }
     let info = c.host(lagging).group_info().await.expect("info").remove(0);
     assert!(info.first_index.0 > 10, "the replica's log starts after the snapshot it installed: {info:?}");
+    // Every chunk went to the network's transfer path, none in a batch.
+    assert!(c.net.transfers.load(Ordering::Relaxed) > 1, "the snapshot's chunks took the transfer path");
+    assert_eq!(c.net.chunks_in_batches.load(Ordering::Relaxed), 0, "snapshot chunks in batches");
     // The leader's snapshot is dropped once the transfer ended; the next durability report
     // (a write's) purges the log behind the durable applied index, without a snapshot.
     c.wait_info("the leader dropped its snapshot", |infos| infos[0].snapshot.is_none()).await;

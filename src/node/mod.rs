@@ -58,7 +58,7 @@ mod serve;
 pub use admin::view_of;
 
 use crate::meta::{meta_range, META_GROUP};
-use crate::net::{deliver, NetStats, TransportNetwork};
+use crate::net::{deliver, deliver_transfer, read_transfer, transfer_bytes_max, NetStats, TransportNetwork};
 use crate::placement::{BalancerConfig, ShardId};
 use crate::raft::{Config as RaftConfig, NodeId, Role};
 use crate::shard::{Host, HostConfig, HostError, KvStateMachine, Store, StoreMetrics, StoreOptions};
@@ -107,6 +107,9 @@ pub const RECONFIG_RETRY_MS: u64 = 2_000;
 pub const BOOTSTRAP_RETRY_MS: u64 = 200;
 /// How long shutdown waits for the shard host's threads (ms).
 pub const SHUTDOWN_HOST_MS_MAX: u64 = 10_000;
+/// Snapshot chunks read from transfer streams and waiting to be handed to the host; readers
+/// wait beyond it (each holds one of its peer's transfer slots, so senders slow down too).
+pub const TRANSFERS_READ_QUEUE_MAX: usize = 16;
 /// Most voters of the meta group.
 pub const META_VOTERS_MAX: usize = 5;
 /// Voters of every initial data shard when a new cluster is made of a list of nodes
@@ -440,12 +443,35 @@ impl Node {
                 }
             }));
         }
-        tasks.push(tokio::spawn(async move {
-            // Snapshots travel inside Raft messages (chunked); no transfer streams are used.
-            while let Some(t) = transfers.recv().await {
-                debug!(from = %t.from, "unexpected transfer stream; refused");
-            }
-        }));
+        {
+            // Snapshot chunks, one per transfer stream. Each is read by a task of its own (a
+            // slow sender must not hold up the others; the transport bounds the streams per
+            // peer), which holds no node handle: the delivery to the host happens here, in
+            // this task, which shutdown waits for.
+            let me = self.clone();
+            let bytes_max = transfer_bytes_max(self.inner.config.raft.snapshot_chunk_bytes);
+            tasks.push(tokio::spawn(async move {
+                let (read_tx, mut read_rx) = tokio::sync::mpsc::channel(TRANSFERS_READ_QUEUE_MAX);
+                let mut readers = tokio::task::JoinSet::new();
+                loop {
+                    tokio::select! {
+                        t = transfers.recv() => {
+                            let Some(t) = t else { break };
+                            let read_tx = read_tx.clone();
+                            readers.spawn(async move {
+                                let (from, group) = (t.from, t.group);
+                                let read = read_transfer(t, bytes_max).await;
+                                let _ = read_tx.send((from, group, read)).await;
+                            });
+                        }
+                        Some((from, group, read)) = read_rx.recv() => {
+                            deliver_transfer(&me.inner.host, &me.inner.net_stats, from, group, read);
+                        }
+                        Some(_) = readers.join_next() => {}
+                    }
+                }
+            }));
+        }
         {
             let me = self.clone();
             let limit = self.inner.requests_limit.clone();
@@ -516,6 +542,11 @@ impl Node {
         &self.inner.stats
     }
 
+    /// Counters of the host's network: batches and snapshot transfers.
+    pub fn net_stats(&self) -> &NetStats {
+        &self.inner.net_stats
+    }
+
     /// Prometheus text exposition of the node's metrics.
     pub async fn metrics_text(&self) -> String {
         use std::fmt::Write;
@@ -545,6 +576,46 @@ impl Node {
             n.spoofed.load(Ordering::Relaxed),
         );
         counter("flotilla_net_malformed_total", "Envelopes that did not decode.", n.malformed.load(Ordering::Relaxed));
+        let transfer_lines = [
+            (
+                "flotilla_net_snapshot_chunks_sent_total",
+                "Snapshot chunks sent on transfer streams.",
+                &n.snapshot_chunks_sent,
+            ),
+            (
+                "flotilla_net_snapshot_bytes_sent_total",
+                "Bytes of snapshot chunks sent on transfer streams.",
+                &n.snapshot_bytes_sent,
+            ),
+            (
+                "flotilla_net_snapshot_chunks_dropped_total",
+                "Snapshot chunks not sent (queue full, send failed or timed out).",
+                &n.snapshot_chunks_dropped,
+            ),
+            (
+                "flotilla_net_snapshot_chunks_received_total",
+                "Snapshot chunks received on transfer streams.",
+                &n.snapshot_chunks_received,
+            ),
+            (
+                "flotilla_net_snapshot_bytes_received_total",
+                "Bytes of snapshot chunks received on transfer streams.",
+                &n.snapshot_bytes_received,
+            ),
+            (
+                "flotilla_net_snapshot_chunks_in_batches_total",
+                "Snapshot chunks received inside Raft batches instead of transfer streams.",
+                &n.snapshot_chunks_in_batches,
+            ),
+            (
+                "flotilla_net_transfers_refused_total",
+                "Incoming transfers refused (too large, too slow, malformed, unexpected).",
+                &n.transfers_refused,
+            ),
+        ];
+        for (name, help, v) in transfer_lines {
+            counter(name, help, v.load(Ordering::Relaxed));
+        }
         let infos = self.inner.host.group_info().await.unwrap_or_default();
         let leaders = infos.iter().filter(|i| i.role == Role::Leader).count();
         let quiet = infos.iter().filter(|i| i.quiet).count();

@@ -1,11 +1,12 @@
 //! Driving one group in a round: its `GroupCore`'s actions go where the round collects them —
-//! log writes into the round's one store request, messages into the per-node batches,
-//! state-machine work into the group's queue — and the completions of those writes come back.
+//! log writes into the round's one store request, messages into the per-node batches (snapshot
+//! chunks apart, for the network's transfer path), state-machine work into the group's queue —
+//! and the completions of those writes come back.
 
 use super::poller::{empty_batch, Poller};
 use crate::keys::{encode, group_key, KIND_COMMITTED};
 use crate::store::{Op, CF_RAFT};
-use flotilla_raft::{Action, CoreAction, GroupId, IoId, LogAction, StorageError};
+use flotilla_raft::{Action, CoreAction, GroupId, IoId, LogAction, MessageBody, StorageError};
 use tracing::error;
 
 impl Poller {
@@ -55,6 +56,9 @@ impl Poller {
                             Err(e) => g.core.fail(e),
                         }
                     }
+                }
+                CoreAction::Send(msg) if matches!(msg.body, MessageBody::Snapshot { .. }) => {
+                    self.round.transfers.push((gid, msg));
                 }
                 CoreAction::Send(msg) => {
                     let to = msg.to;

@@ -10,7 +10,9 @@
 //! 3. submit the log writes of all those groups as **one** request to the store's writer (one
 //!    fsync for the round, and the writer merges rounds of all pollers), then their applies;
 //! 4. hand the transport **one [`NodeBatch`] per destination node**, carrying every message
-//!    of every group of the round for that node (heartbeats of many groups travel together).
+//!    of every group of the round for that node (heartbeats of many groups travel together),
+//!    except snapshot chunks, which go one by one to [`HostNetwork::send_transfer`] so that a
+//!    megabyte of snapshot never queues in front of heartbeats and appends.
 //!
 //! **Quiescence.** A leader whose group has been idle (everything committed, applied and
 //! matched by every live follower, no caller waiting) for `quiesce_after_ticks` ticks goes
@@ -207,6 +209,16 @@ impl NodeBatch {
 pub trait HostNetwork: Send + Sync + 'static {
     /// Sends `batch` to node `to`.
     fn send(&self, to: NodeId, batch: NodeBatch);
+
+    /// Sends one snapshot chunk (`msg`, a [`flotilla_raft::MessageBody::Snapshot`] of group
+    /// `group`) to node `to`, apart from the batches: a network with a bulk path (the node's
+    /// transfer streams) uses it so large chunks never delay Raft traffic. Same rules as
+    /// `send`: must not block, may drop (the leader resends unacknowledged chunks). The
+    /// default puts the chunk in a batch of its own, so a network without a bulk path works
+    /// unchanged.
+    fn send_transfer(&self, to: NodeId, group: GroupId, msg: Message) {
+        self.send(to, NodeBatch { from: msg.from, messages: vec![(group, msg)], quiesce: Vec::new() });
+    }
 }
 
 /// What [`Host::group_info`] reports of one group.

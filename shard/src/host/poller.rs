@@ -69,6 +69,8 @@ pub(super) struct Round {
     pub(super) done: BTreeMap<GroupId, IoId>,
     pub(super) compact: Vec<crate::log::CompactSpan>,
     pub(super) out: HashMap<NodeId, NodeBatch>,
+    /// Snapshot chunks, sent apart from the batches (`HostNetwork::send_transfer`).
+    pub(super) transfers: Vec<(GroupId, Message)>,
 }
 
 pub(crate) struct Poller {
@@ -244,6 +246,10 @@ impl Poller {
             self.shared.stats.batches_sent.fetch_add(1, Ordering::Relaxed);
             self.shared.stats.messages_sent.fetch_add(batch.messages.len() as u64, Ordering::Relaxed);
             net.send(to, batch);
+        }
+        for (gid, msg) in round.transfers {
+            self.shared.stats.messages_sent.fetch_add(1, Ordering::Relaxed);
+            net.send_transfer(msg.to, gid, msg);
         }
     }
 }

@@ -311,8 +311,8 @@ impl Transport {
         tokio::time::timeout(timeout, work).await.map_err(|_| TransportError::Timeout)?
     }
 
-    /// Opens a large transfer for `group` to `to`. Waits for one of `transfers_out_max` slots
-    /// and for a connection (wrap it in a timeout if needed). The transfer's stream has a lower
+    /// Opens a large transfer for `group` to `to`. Waits for a connection, then for one of
+    /// `transfers_out_max` slots (wrap it in a timeout if needed). The transfer's stream has a lower
     /// send priority than the Raft streams, and QUIC flow control makes it wait for the
     /// receiver, so it never delays heartbeats.
     pub async fn send_stream(&self, to: NodeId, group: GroupId) -> Result<OutgoingTransfer, TransportError> {
@@ -321,8 +321,10 @@ impl Transport {
             return Err(TransportError::Blocked(to));
         }
         let peer = shared.peer(to)?;
-        let permit = shared.transfers_out.clone().acquire_owned().await.map_err(|_| TransportError::Shutdown)?;
+        // The connection first, then the slot: a transfer waiting for a peer that is down must
+        // not hold one of the few slots that transfers to live peers need.
         let conn = shared.wait_connection(&peer).await?;
+        let permit = shared.transfers_out.clone().acquire_owned().await.map_err(|_| TransportError::Shutdown)?;
         let lost = |e: String| TransportError::ConnectionLost(e);
         let mut send = conn.open_uni().await.map_err(|e| lost(e.to_string()))?;
         let _ = send.set_priority(TRANSFER_STREAM_PRIORITY);
