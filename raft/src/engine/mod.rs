@@ -316,6 +316,9 @@ pub struct Engine {
     receptions: u64,
     /// The time of the last purge decision (a purge that follows a dropped snapshot reuses it).
     purge_judged_at: Millis,
+    /// `LoadEntries` polled and not yet answered (peer, first index): the log is never purged
+    /// under them, whatever the role meanwhile, or the load would find its entries gone.
+    loads_in_flight: Vec<(NodeId, LogIndex)>,
     /// Snapshots built for transfers and not yet dropped, oldest first; the last is the newest.
     snapshots: Vec<SnapshotMeta>,
     /// A `BuildSnapshot` is outstanding: ask for no second one. Holds the index every entry
@@ -369,6 +372,7 @@ impl Engine {
             durable_applied: state.last_purged.index,
             receptions: 0,
             purge_judged_at: now,
+            loads_in_flight: Vec::new(),
             snapshots: Vec::new(),
             building_snapshot: None,
             receiving: None,
@@ -504,6 +508,10 @@ impl Engine {
 
     /// Entries requested with `LoadEntries` for `peer`.
     pub fn handle_entries_loaded(&mut self, now: Millis, peer: NodeId, entries: Vec<Entry>) {
+        // Loads complete in the order they were polled.
+        if let Some(i) = self.loads_in_flight.iter().position(|(p, _)| *p == peer) {
+            self.loads_in_flight.remove(i);
+        }
         self.on_entries_loaded(now, peer, entries);
         self.settle();
     }
@@ -647,7 +655,11 @@ impl Engine {
             self.flush_rounds(at);
             self.settle();
         }
-        self.actions.pop_front()
+        let action = self.actions.pop_front();
+        if let Some(Action::LoadEntries { peer, from, .. }) = &action {
+            self.loads_in_flight.push((*peer, *from));
+        }
+        action
     }
 
     /// Whether actions are waiting.

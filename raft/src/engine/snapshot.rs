@@ -88,6 +88,15 @@ impl Engine {
         for s in &self.snapshots {
             upto = upto.min(s.last_log_id.index.0);
         }
+        // Entries a load will read (polled or still queued): a purge ahead of it would leave
+        // it reading entries that are gone.
+        let queued = self.actions.iter().filter_map(|a| match a {
+            Action::LoadEntries { from, .. } => Some(*from),
+            _ => None,
+        });
+        for from in self.loads_in_flight.iter().map(|(_, f)| *f).chain(queued) {
+            upto = upto.min(from.0.saturating_sub(1));
+        }
         if !all {
             if let Some(l) = self.role.leader() {
                 let floor = durable.saturating_sub(self.config.log_lag_entries_max);

@@ -62,6 +62,9 @@ struct TestNode {
     report_durable: bool,
     /// The next this many snapshot reads find the snapshot gone (its files were lost).
     lose_snapshot_reads: usize,
+    /// Hold `LoadEntries` instead of executing them (a slow disk), in `held_loads`.
+    hold_loads: bool,
+    held_loads: Vec<(NodeId, LogIndex, LogIndex, usize)>,
     receiving: Vec<u8>,
     outbox: Vec<Message>,
     /// Every action seen, for assertions.
@@ -85,6 +88,8 @@ impl TestNode {
             built: BTreeSet::new(),
             report_durable: true,
             lose_snapshot_reads: 0,
+            hold_loads: false,
+            held_loads: Vec::new(),
             receiving: Vec::new(),
             outbox: Vec::new(),
             seen: Vec::new(),
@@ -116,6 +121,9 @@ impl TestNode {
                     }
                 }
                 Action::Send(m) => self.outbox.push(m),
+                Action::LoadEntries { peer, from, to, bytes_max } if self.hold_loads => {
+                    self.held_loads.push((peer, from, to, bytes_max));
+                }
                 Action::LoadEntries { peer, from, to, bytes_max } => {
                     let mut out = Vec::new();
                     let mut bytes = 0;

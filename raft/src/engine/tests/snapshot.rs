@@ -499,3 +499,51 @@ fn a_chunk_is_acknowledged_once_stored() {
     c.node(2).engine.handle_snapshot_received(now, meta, 7, 8);
     assert!(drain(&mut c.node(2).engine).is_empty());
 }
+
+/// A load polled for a follower (its entries were evicted from the cache) reads them from
+/// storage later, after writes issued since: a purge issued meanwhile must not remove them, or
+/// the load fails and the group stops.
+#[test]
+fn the_log_is_not_purged_under_a_load_in_flight() {
+    let config = Config {
+        entry_cache_bytes_max: 0,
+        log_keep_entries: 0,
+        log_lag_entries_max: 100,
+        log_purge_step_entries: 1,
+        ..cfg()
+    };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    c.cut.insert((n(1), n(3)));
+    for i in 0..5 {
+        c.propose(1, &format!("v{i}"));
+    }
+    c.stabilize();
+    c.cut.clear();
+    // Node 3 answers again; the leader loads what it lacks, and the disk is slow.
+    c.node(1).hold_loads = true;
+    for _ in 0..5 {
+        c.advance(20);
+        c.stabilize();
+        if !c.nodes[&n(1)].held_loads.is_empty() {
+            break;
+        }
+    }
+    let &(peer, from, to, _) = c.nodes[&n(1)].held_loads.first().expect("a load for node 3");
+    assert_eq!(peer, n(3));
+    // Meanwhile the log is compacted as far as it may be.
+    let now = c.now;
+    c.node(1).engine.compact_log(now);
+    c.stabilize();
+    let purged = purges(&c, 1).last().copied().unwrap_or_default();
+    assert!(purged < from, "purged to {purged} under a load of {from}..={to}");
+    // The load then finds its entries, and node 3 catches up from the log.
+    c.node(1).hold_loads = false;
+    let held = std::mem::take(&mut c.node(1).held_loads);
+    for (peer, from, to, _) in held {
+        let entries: Vec<Entry> = (from.0..=to.0).map(|i| c.nodes[&n(1)].entry_at(LogIndex(i))).collect();
+        let now = c.now;
+        c.node(1).engine.handle_entries_loaded(now, peer, entries);
+    }
+    c.settle(5);
+    assert_eq!(c.engine(3).applied(), c.engine(1).applied());
+}
