@@ -1,7 +1,10 @@
 //! The load generator behind `flotilla bench`: N concurrent workers issuing puts, gets or a mix
 //! through the ordinary [`Client`], for a duration or a number of operations, recording every
 //! latency. Keys are `K` fixed keys, each the 16-hex-digit mix of its index (spread evenly over
-//! the hex split points `flotilla dev` uses).
+//! the hex split points `flotilla dev` uses). Values are a fixed pattern per worker (compresses
+//! well) or, with `random_values`, fresh pseudo-random bytes per put (does not compress: what a
+//! disk-bound benchmark needs). With `timeline_ms`, the report also has one row per interval
+//! (throughput and latency percentiles), so phases of a long run can be told apart.
 
 use crate::{Client, ClientConfig, ClientError};
 use serde::Serialize;
@@ -40,6 +43,29 @@ pub struct BenchConfig {
     pub duration: Duration,
     /// ...or stop after this many operations (whichever comes first).
     pub ops: Option<u64>,
+    /// Each put writes fresh pseudo-random bytes (incompressible) instead of a fixed pattern.
+    pub random_values: bool,
+    /// Interval of the report's timeline (ms); none: no timeline.
+    pub timeline_ms: Option<u32>,
+}
+
+/// One interval of a run's timeline: operations that ended in it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TimelineRow {
+    /// Start of the interval, seconds since the run started.
+    pub t_s: f64,
+    /// Successful operations that ended in the interval.
+    pub ops: u64,
+    /// Failed operations that ended in the interval.
+    pub errors: u64,
+    /// Successful operations per second over the interval.
+    pub ops_per_s: f64,
+    /// Latency percentiles of those operations (ms; 0 when there were none).
+    pub p50_ms: f64,
+    /// 99th percentile (ms).
+    pub p99_ms: f64,
+    /// Largest latency (ms).
+    pub max_ms: f64,
 }
 
 /// The summary of a run.
@@ -73,6 +99,63 @@ pub struct BenchReport {
     pub p999_ms: f64,
     /// Largest latency (ms).
     pub max_ms: f64,
+    /// When the run started (Unix time, seconds), to line the timeline up with other samples.
+    pub start_unix_s: f64,
+    /// One row per `timeline_ms` interval (empty without it).
+    pub timeline: Vec<TimelineRow>,
+}
+
+/// The value percentile `p` of sorted latencies in microseconds, in milliseconds.
+fn percentile_ms(sorted_us: &[u32], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let idx = ((p / 100.0) * (sorted_us.len() as f64 - 1.0)).round() as usize;
+    f64::from(sorted_us[idx.min(sorted_us.len() - 1)]) / 1000.0
+}
+
+/// Cuts `(end_ms, latency_us)` samples of successes and end times of failures into rows of
+/// `interval_ms`, covering `elapsed_ms` (a last, partial interval included).
+pub fn timeline(ok: &[(u32, u32)], failed_ms: &[u32], interval_ms: u32, elapsed_ms: u32) -> Vec<TimelineRow> {
+    assert!(interval_ms > 0, "a timeline needs a positive interval");
+    let rows = (elapsed_ms.div_ceil(interval_ms)).max(1) as usize;
+    let mut lat: Vec<Vec<u32>> = vec![Vec::new(); rows];
+    let mut errors = vec![0u64; rows];
+    let row = |t: u32| ((t / interval_ms) as usize).min(rows - 1);
+    for &(t, l) in ok {
+        lat[row(t)].push(l);
+    }
+    for &t in failed_ms {
+        errors[row(t)] += 1;
+    }
+    let mut out = Vec::with_capacity(rows);
+    for (i, mut l) in lat.into_iter().enumerate() {
+        l.sort_unstable();
+        let start_ms = i as u32 * interval_ms;
+        let span_ms = interval_ms.min(elapsed_ms.saturating_sub(start_ms)).max(1);
+        out.push(TimelineRow {
+            t_s: f64::from(start_ms) / 1000.0,
+            ops: l.len() as u64,
+            errors: errors[i],
+            ops_per_s: l.len() as f64 * 1000.0 / f64::from(span_ms),
+            p50_ms: percentile_ms(&l, 50.0),
+            p99_ms: percentile_ms(&l, 99.0),
+            max_ms: l.last().map(|v| f64::from(*v) / 1000.0).unwrap_or(0.0),
+        });
+    }
+    debug_assert_eq!(out.len(), rows);
+    out
+}
+
+/// Fills `value` with xorshift64 bytes from `state` (advanced): incompressible, cheap.
+pub fn fill_random(value: &mut [u8], state: &mut u64) {
+    assert!(*state != 0, "xorshift state must not be zero");
+    for chunk in value.chunks_mut(8) {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
 }
 
 /// The key of index `i`.
@@ -108,6 +191,8 @@ pub async fn run(
     let issued = Arc::new(AtomicU64::new(0));
     let unknown = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
+    let start_unix_s =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
     let mut workers = Vec::new();
     for w in 0..cfg.clients.max(1) {
         let client = clients[w % n_clients].clone();
@@ -115,8 +200,12 @@ pub async fn run(
             (stop.clone(), issued.clone(), unknown.clone(), progress.clone(), cfg.clone());
         workers.push(tokio::spawn(async move {
             let mut lat_us: Vec<u32> = Vec::new();
-            let value: Vec<u8> = (0..cfg.value_size).map(|i| b'a' + ((i + w) % 26) as u8).collect();
+            // End times (ms since start) of each success, kept only for a timeline.
+            let mut end_ms: Vec<u32> = Vec::new();
+            let mut failed_ms: Vec<u32> = Vec::new();
+            let mut value: Vec<u8> = (0..cfg.value_size).map(|i| b'a' + ((i + w) % 26) as u8).collect();
             let mut rng = (w as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d);
+            let mut value_rng = rng | 1;
             loop {
                 if stop.load(Ordering::Relaxed) || start.elapsed() >= cfg.duration {
                     break;
@@ -138,15 +227,24 @@ pub async fn run(
                     Workload::Get => true,
                     Workload::Mixed => rng >> 63 == 0,
                 };
+                if cfg.random_values && !read {
+                    fill_random(&mut value, &mut value_rng);
+                }
                 let t = Instant::now();
                 let r =
                     if read { client.get(&key).await.map(|_| ()) } else { client.put(&key, &value).await.map(|_| ()) };
                 match r {
                     Ok(()) => {
                         lat_us.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                        if cfg.timeline_ms.is_some() {
+                            end_ms.push(start.elapsed().as_millis().min(u128::from(u32::MAX)) as u32);
+                        }
                         progress.ops.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(e) => {
+                        if cfg.timeline_ms.is_some() {
+                            failed_ms.push(start.elapsed().as_millis().min(u128::from(u32::MAX)) as u32);
+                        }
                         if matches!(e, ClientError::Unknown(_)) {
                             unknown.fetch_add(1, Ordering::Relaxed);
                         }
@@ -154,13 +252,17 @@ pub async fn run(
                     }
                 }
             }
-            lat_us
+            (lat_us, end_ms, failed_ms)
         }));
     }
     let mut all: Vec<u32> = Vec::new();
+    let mut ok_timed: Vec<(u32, u32)> = Vec::new();
+    let mut failed_timed: Vec<u32> = Vec::new();
     for w in workers {
-        if let Ok(v) = w.await {
-            all.extend(v);
+        if let Ok((lat, ends, failed)) = w.await {
+            ok_timed.extend(ends.iter().copied().zip(lat.iter().copied()));
+            failed_timed.extend(failed);
+            all.extend(lat);
         }
     }
     stop.store(true, Ordering::Relaxed);
@@ -169,12 +271,10 @@ pub async fn run(
         c.close().await;
     }
     all.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if all.is_empty() {
-            return 0.0;
-        }
-        let idx = ((p / 100.0) * (all.len() as f64 - 1.0)).round() as usize;
-        f64::from(all[idx.min(all.len() - 1)]) / 1000.0
+    let pct = |p: f64| percentile_ms(&all, p);
+    let timeline = match cfg.timeline_ms {
+        Some(every) => timeline(&ok_timed, &failed_timed, every, (elapsed * 1000.0) as u32),
+        None => Vec::new(),
     };
     let ops = all.len() as u64;
     let errors = progress.errors.load(Ordering::Relaxed);
@@ -194,6 +294,8 @@ pub async fn run(
         p99_ms: pct(99.0),
         p999_ms: pct(99.9),
         max_ms: all.last().map(|v| f64::from(*v) / 1000.0).unwrap_or(0.0),
+        start_unix_s,
+        timeline,
     })
 }
 
@@ -207,5 +309,32 @@ mod tests {
         assert_eq!(keys.len(), 10_000);
         let low = keys.iter().filter(|k| k.as_slice() < b"80".as_slice()).count();
         assert!((4_000..6_000).contains(&low), "{low}");
+    }
+
+    #[test]
+    fn timeline_puts_each_operation_in_its_interval() {
+        // Successes at 0.1 s (1 ms), 0.9 s (3 ms), 1.5 s (10 ms); a failure at 2.2 s; 2.5 s run.
+        let ok = [(100, 1_000), (900, 3_000), (1_500, 10_000)];
+        let rows = timeline(&ok, &[2_200], 1_000, 2_500);
+        assert_eq!(rows.len(), 3);
+        assert_eq!((rows[0].ops, rows[0].errors, rows[0].max_ms), (2, 0, 3.0));
+        assert_eq!((rows[0].ops_per_s, rows[0].p50_ms), (2.0, 3.0));
+        assert_eq!((rows[1].t_s, rows[1].ops, rows[1].p99_ms), (1.0, 1, 10.0));
+        // The last interval is half long: its rate is per its own span; no successes, no latency.
+        assert_eq!((rows[2].ops, rows[2].errors, rows[2].ops_per_s, rows[2].max_ms), (0, 1, 0.0, 0.0));
+        // An end time past the run (rounding) lands in the last row, never out of bounds.
+        assert_eq!(timeline(&[(2_600, 5)], &[], 1_000, 2_500)[2].ops, 1);
+    }
+
+    #[test]
+    fn random_values_change_every_put_and_do_not_repeat_a_pattern() {
+        let mut state = 7u64;
+        let (mut a, mut b) = (vec![0u8; 1024], vec![0u8; 1023]);
+        fill_random(&mut a, &mut state);
+        fill_random(&mut b, &mut state);
+        assert_ne!(&a[..1023], &b[..]);
+        // Bytes spread over the whole range (the fixed pattern uses 26 letters).
+        let distinct: std::collections::BTreeSet<u8> = a.iter().copied().collect();
+        assert!(distinct.len() > 200, "{}", distinct.len());
     }
 }

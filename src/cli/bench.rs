@@ -34,6 +34,12 @@ pub struct BenchArgs {
     /// Stop after this many operations.
     #[arg(long)]
     ops: Option<u64>,
+    /// Put fresh pseudo-random (incompressible) bytes instead of a fixed pattern.
+    #[arg(long)]
+    random_values: bool,
+    /// Add a timeline to the report: throughput and latency per interval of this many seconds.
+    #[arg(long)]
+    timeline: Option<f64>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -56,6 +62,9 @@ pub async fn run(a: BenchArgs) -> Result<i32> {
     if !(a.duration.is_finite() && a.duration > 0.0 && a.duration <= 86_400.0) {
         bail!("--duration must be a number of seconds in (0, 86400]");
     }
+    if a.timeline.is_some_and(|t| !(t.is_finite() && (0.001..=86_400.0).contains(&t))) {
+        bail!("--timeline must be a number of seconds in [0.001, 86400]");
+    }
     let workload = match a.workload {
         WorkloadArg::Put => Workload::Put,
         WorkloadArg::Get => Workload::Get,
@@ -68,6 +77,8 @@ pub async fn run(a: BenchArgs) -> Result<i32> {
         keys: a.keys,
         duration: Duration::from_secs_f64(a.duration),
         ops: a.ops,
+        random_values: a.random_values,
+        timeline_ms: a.timeline.map(|t| (t * 1000.0).round() as u32),
     };
     let ccfg = client_config(&a.conn)?;
     let progress = Arc::new(bench::Progress::default());
@@ -108,6 +119,12 @@ pub async fn run(a: BenchArgs) -> Result<i32> {
             report.p50_ms, report.p90_ms, report.p99_ms, report.p999_ms, report.max_ms
         );
         println!("  errors:   {} unknown outcome, {} other", report.errors_unknown, report.errors_other);
+        for r in &report.timeline {
+            println!(
+                "  {:>8.1}s  {:>9.0} ops/s  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  {} errors",
+                r.t_s, r.ops_per_s, r.p50_ms, r.p99_ms, r.max_ms, r.errors
+            );
+        }
     }
     Ok(0)
 }
