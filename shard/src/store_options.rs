@@ -31,6 +31,9 @@ pub const MEMORY_BUDGET_BYTES_DEFAULT: u64 = 512 << 20;
 /// Smallest budget accepted (64 MiB): below it memtables shrink under ~3 MiB and flush so
 /// often that compaction, not the workload, decides the write rate.
 pub const MEMORY_BUDGET_BYTES_MIN: u64 = 64 << 20;
+/// Write-ahead log kept on disk at most (RocksDB's `max_total_wal_size`): beyond it, the
+/// column family holding the oldest log is flushed so that the log can go.
+pub const WAL_BYTES_MAX: u64 = 256 << 20;
 /// Largest budget accepted (1 TiB): a bound on a typo (a budget in bits, or a missing unit
 /// read as bytes the other way round) rather than a RocksDB limit.
 pub const MEMORY_BUDGET_BYTES_MAX: u64 = 1 << 40;
@@ -144,6 +147,10 @@ pub(crate) fn tuned(plan: &MemoryPlan, base_cf: Options) -> Tuned {
     db.create_if_missing(true);
     db.create_missing_column_families(true);
     db.set_write_buffer_manager(&wbm);
+    // A family that takes few writes (`meta`) would otherwise pin the oldest write-ahead log
+    // until RocksDB's default limit (4 × the memtables: 1.5 GiB at the default budget) forces
+    // its flush; past this size the family holding the oldest log is flushed instead.
+    db.set_max_total_wal_size(WAL_BYTES_MAX);
     // Tickers only (bytes written by flushes, compactions, the WAL): histograms and timers
     // cost a clock read per operation, tickers a per-core counter.
     db.enable_statistics();
