@@ -502,14 +502,29 @@ impl KvStateMachine {
     /// Builds a snapshot of the shard for a transfer (blocking); it stays readable until
     /// dropped.
     pub fn build_snapshot_blocking(&self) -> Result<SnapshotMeta, StorageError> {
+        self.build_snapshot_pinned(|| {})
+    }
+
+    /// [`KvStateMachine::build_snapshot_blocking`], calling `pinned` once the snapshot's point
+    /// in time is fixed: a host lets the group apply again from then on, rather than wait for
+    /// the files of a large shard to be written.
+    pub fn build_snapshot_pinned(&self, pinned: impl FnOnce()) -> Result<SnapshotMeta, StorageError> {
         self.check_live("snapshot")?;
         // Clock-based: unique across restarts of this node, which forget earlier snapshots.
         let snapshot_id = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or_default();
-        let (meta, built) =
-            BuiltSnapshot::build(&self.store, self.group, &self.range(), snapshot_id, SNAPSHOT_FILE_BYTES_MAX)?;
+        let (meta, built) = BuiltSnapshot::build_pinned(
+            &self.store,
+            self.group,
+            &self.range(),
+            snapshot_id,
+            SNAPSHOT_FILE_BYTES_MAX,
+            pinned,
+        )?;
+        // Destroyed meanwhile: its files go now rather than linger until a restart.
+        self.check_live("snapshot")?;
         lock(&self.life.built).insert(meta.snapshot_id, Arc::new(built));
         Ok(meta)
     }

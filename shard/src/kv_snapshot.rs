@@ -224,6 +224,20 @@ impl BuiltSnapshot {
         snapshot_id: u64,
         file_bytes_max: u64,
     ) -> Result<(SnapshotMeta, BuiltSnapshot), StorageError> {
+        Self::build_pinned(store, group, range, snapshot_id, file_bytes_max, || {})
+    }
+
+    /// [`BuiltSnapshot::build`], calling `pinned` as soon as the point in time is fixed (the
+    /// RocksDB snapshot taken and the applied record read), before the files are written: from
+    /// then on the group may apply more entries, which the snapshot will not include.
+    pub fn build_pinned(
+        store: &Store,
+        group: GroupId,
+        range: &KeyRange,
+        snapshot_id: u64,
+        file_bytes_max: u64,
+        pinned: impl FnOnce(),
+    ) -> Result<(SnapshotMeta, BuiltSnapshot), StorageError> {
         assert!(file_bytes_max > 0, "file_bytes_max must be positive");
         let snap = store.db().snapshot();
         let applied: AppliedRecord = match snap
@@ -233,6 +247,7 @@ impl BuiltSnapshot {
             Some(b) => decode(&b, || format!("group {group} applied state"))?,
             None => AppliedRecord::default(),
         };
+        pinned();
         let mut built = BuiltSnapshot { group, header: Vec::new(), files: Vec::new(), size_bytes: 0 };
         built.write_files(store, &snap, range, snapshot_id, file_bytes_max)?;
         let mut infos = Vec::with_capacity(built.files.len());

@@ -102,10 +102,12 @@ impl Poller {
         }
     }
 
-    /// A snapshot build finished.
+    /// A snapshot build finished (its `BuildPinned` released the group's state-machine queue
+    /// before).
     pub(super) fn on_built(&mut self, gid: GroupId, r: Result<SnapshotMeta, StorageError>) {
         let now = self.shared.now();
-        let Some(g) = self.sm_done(gid) else { return };
+        self.dirty.insert(gid);
+        let Some(g) = self.groups.get_mut(&gid) else { return };
         match r {
             Ok(meta) => g.core.handle_snapshot_built(now, meta),
             Err(e) => g.core.fail(e),
@@ -246,10 +248,21 @@ impl Poller {
                 }
             }
             MachineAction::Build => {
-                // Through the trait: it holds the lock a destroy waits on.
-                let mut sm = g.sm.clone();
-                self.shared.runtime.spawn(async move {
-                    let _ = tx.send(PollerMsg::Built(gid, sm.build_snapshot().await));
+                // The queue is released once the snapshot's point in time is fixed, not when
+                // its files are written: a large shard's build must not hold up the applies,
+                // and the answers to writes with them. (It only writes scratch files, so a
+                // destroy need not wait for it.)
+                let sm = g.sm.clone();
+                self.shared.runtime.spawn_blocking(move || {
+                    let released = std::cell::Cell::new(false);
+                    let r = sm.build_snapshot_pinned(|| {
+                        released.set(true);
+                        let _ = tx.send(PollerMsg::BuildPinned(gid));
+                    });
+                    if !released.get() {
+                        let _ = tx.send(PollerMsg::BuildPinned(gid));
+                    }
+                    let _ = tx.send(PollerMsg::Built(gid, r));
                 });
             }
             MachineAction::ReadChunk { to, meta, offset, len, done } => {

@@ -38,6 +38,8 @@ pub(crate) enum PollerMsg {
     },
     Applied(GroupId, Result<AppliedBatch, StorageError>),
     Built(GroupId, Result<SnapshotMeta, StorageError>),
+    /// A snapshot build fixed its point in time: the group's next state-machine action may start.
+    BuildPinned(GroupId),
     /// Bytes of a built snapshot for a chunk to `to` (`None`: the snapshot is gone).
     ChunkRead {
         gid: GroupId,
@@ -183,6 +185,9 @@ impl Poller {
             PollerMsg::WritesDone { done, compact, result } => self.on_writes_done(done, compact, result),
             PollerMsg::Applied(gid, r) => self.on_applied(gid, r),
             PollerMsg::Built(gid, r) => self.on_built(gid, r),
+            PollerMsg::BuildPinned(gid) => {
+                self.sm_done(gid);
+            }
             PollerMsg::ChunkRead { gid, to, meta, offset, done, result } => {
                 self.on_chunk_read(gid, to, meta, offset, done, result)
             }
