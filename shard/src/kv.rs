@@ -316,6 +316,8 @@ pub struct Prepared {
     pub responses: Vec<Bytes>,
     /// Splits applied.
     pub splits: Vec<SplitEffect>,
+    /// The shard's range after the batch (narrowed by its splits).
+    pub range: KeyRange,
 }
 
 /// What the `meta` column family holds for each group of a node: its key range and, for a
@@ -458,12 +460,12 @@ impl KvStateMachine {
 
     /// The write batch and responses for applying `entries` (blocking), for a host that
     /// submits the batch itself. The batch must be written before the next call for this
-    /// shard: a compare-and-swap reads the state the previous batch left.
+    /// shard: a compare-and-swap reads the state the previous batch left. The range the batch
+    /// leaves ([`Prepared::range`]) is not in effect until the host sets it (`set_range`),
+    /// together with what it does for the splits.
     pub fn prepare_apply_blocking(&self, entries: Vec<Entry>) -> Result<Prepared, StorageError> {
         let mut range = self.range();
-        let out = Self::apply_ops(&self.store, self.group, &mut range, entries)?;
-        self.set_range(range);
-        Ok(out)
+        Self::apply_ops(&self.store, self.group, &mut range, entries)
     }
 
     /// The shard's key range (as of the last applied batch).
@@ -595,7 +597,7 @@ impl KvStateMachine {
         Ok(())
     }
 
-    fn set_range(&self, range: KeyRange) {
+    pub(crate) fn set_range(&self, range: KeyRange) {
         match self.range.write() {
             Ok(mut r) => *r = range,
             Err(e) => *e.into_inner() = range,
@@ -692,7 +694,7 @@ impl KvStateMachine {
             responses.push(resp);
         }
         ops.push(Op::Put(CF_RAFT, group_key(g, KIND_APPLIED).to_vec(), encode(&applied)?));
-        Ok(Prepared { ops, responses, splits })
+        Ok(Prepared { ops, responses, splits, range: range.clone() })
     }
 
     fn read_applied(s: &Store, group: GroupId) -> Result<AppliedRecord, StorageError> {

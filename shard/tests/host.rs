@@ -344,8 +344,14 @@ async fn groups_are_created_listed_and_destroyed_at_run_time_and_bad_requests_ge
     net.hosts.write().expect("lock").insert(NodeId(1), host.clone());
     let range = KeyRange { start: b"m".to_vec(), end: Some(b"t".to_vec()) };
     host.create_group(GroupId(5), range.clone(), Some(Membership::new([NodeId(1)]))).await.expect("create");
-    host.create_group(GroupId(6), KeyRange::all(), Some(Membership::new([NodeId(1)]))).await.expect("create");
+    let right = KeyRange { start: b"t".to_vec(), end: None };
+    host.create_group(GroupId(6), right, Some(Membership::new([NodeId(1)]))).await.expect("create");
     assert!(matches!(host.create_group(GroupId(5), range, None).await, Err(HostError::GroupExists(GroupId(5)))));
+    // A node's groups own disjoint ranges.
+    assert!(matches!(
+        host.create_group(GroupId(7), KeyRange::all(), None).await,
+        Err(HostError::RangeTaken { group: GroupId(7), other: GroupId(5) })
+    ));
     assert_eq!(host.groups(), vec![GroupId(5), GroupId(6)]);
     // A single-node group elects itself and serves.
     let put = |k: &str| KvCommand::Put { key: k.as_bytes().to_vec(), value: b"v".to_vec() };
@@ -1079,5 +1085,44 @@ async fn a_split_group_cannot_be_created_by_anyone_else_while_its_split_is_being
     cluster.wait_info("group 2 started", |infos| infos.iter().any(|i| i.group == GroupId(2))).await;
     cluster.put(GroupId(2), "z", "w").await.expect("put in the split's group");
     assert_eq!(cluster.get(GroupId(2), "z").await.expect("get"), Some(b"w".to_vec()));
+    cluster.shutdown().await;
+}
+
+/// A split's group is reserved while its split is being written, and with it every group the
+/// map split off it since: those are started by the new group's own splits, with its
+/// configuration. Created empty by anyone else meanwhile (the node's reconciler, which sees the
+/// source narrowed and the new group not yet registered), a replica could never vote, and the
+/// split's state could not start it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_split_off_a_split_group_being_started_is_left_to_that_split() {
+    let cluster = Cluster::start_with(1, |c| c.pollers = 1).await;
+    let host = cluster.hosts[0].clone();
+    host.create_group(GroupId(1), KeyRange::all(), Some(Membership::new([NodeId(1)]))).await.expect("create");
+    cluster.put(GroupId(1), "a", "v").await.expect("put");
+    assert_eq!(cluster.get(GroupId(1), "a").await.expect("get"), Some(b"v".to_vec()));
+    host.hold_applies(true);
+    let split = KvCommand::Split { at: b"m".to_vec(), new_group: 2 };
+    assert!(matches!(host.write(GroupId(1), split).await, Ok(KvResponse::Split { .. })));
+    assert!(!host.groups().contains(&GroupId(2)), "the split's write is held: group 2 has not started");
+    // The map has split the new shard again, at "t": group 3 owns ["t", end) there.
+    let third = KeyRange { start: b"t".to_vec(), end: None };
+    let created = tokio::time::timeout(Duration::from_secs(5), host.create_group(GroupId(3), third, None)).await;
+    let refused = matches!(&created, Ok(Err(e)) if e.to_string().contains("overlaps group 2"));
+    assert!(refused, "group 3's keys belong to group 2 until it splits: {created:?}");
+    host.hold_applies(false);
+    cluster.wait_info("group 2 started", |infos| infos.iter().any(|i| i.group == GroupId(2))).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let split = KvCommand::Split { at: b"t".to_vec(), new_group: 3 };
+        match host.write(GroupId(2), split).await {
+            Ok(KvResponse::Split { .. }) => break,
+            other => assert!(Instant::now() < deadline, "group 2 never split: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Started from the split's state: it elects itself and serves.
+    cluster.wait_info("group 3 started", |infos| infos.iter().any(|i| i.group == GroupId(3))).await;
+    cluster.put(GroupId(3), "z", "w").await.expect("put in the split's group");
+    assert_eq!(cluster.get(GroupId(3), "z").await.expect("get"), Some(b"w".to_vec()));
     cluster.shutdown().await;
 }

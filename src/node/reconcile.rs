@@ -9,7 +9,7 @@ use crate::meta::{shard_range, META_GROUP};
 use crate::peer_wire::MetaOp;
 use crate::placement::{replica_fate, LocalReplica, LogIndex as PLogIndex, ReplicaFate, ReplicaRole};
 use crate::raft::{GroupId, Membership, NodeId, Role};
-use crate::shard::{KeyRange, KvCommand, KvResponse};
+use crate::shard::{HostError, KeyRange, KvCommand, KvResponse};
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -76,7 +76,9 @@ impl Node {
             }
             // A shard split off a local group is started by the split entry when that group
             // applies it; created earlier, it could apply writes to keys the source group has
-            // not finished with (both share one keyspace).
+            // not finished with (both share one keyspace), and it would start empty, unable to
+            // vote. The host checks again when it creates the group, atomically, against the
+            // groups splits are starting here too (`HostError::RangeTaken`).
             let range = shard_range(d);
             if local_ranges.iter().any(|(_, lr)| ranges_overlap(lr, &range)) {
                 continue;
@@ -91,6 +93,11 @@ impl Node {
                 .then(|| Membership::new(d.voters()));
             match host.create_group(d.id, shard_range(d), initial).await {
                 Ok(()) => info!(node = self.inner.id.0, shard = %d.id, "shard replica created"),
+                // A local group owns keys of it, or will: a split being started here, whose
+                // chain of splits starts this one. Not an error; the next round looks again.
+                Err(e @ HostError::RangeTaken { .. }) => {
+                    debug!(node = self.inner.id.0, shard = %d.id, error = %e, "shard replica not created yet")
+                }
                 Err(e) => warn!(node = self.inner.id.0, shard = %d.id, error = %e, "cannot create shard replica"),
             }
         }

@@ -215,18 +215,12 @@ impl Poller {
                         // Clients need not wait for the applied state to be stored: their
                         // entries are committed and the answers fixed. Reads wait for it.
                         g.core.answer_writes(&results);
-                        // Reserved now, as the source's range narrows (in prepare): until the
-                        // new group is registered, nothing else may create it here. A replica
-                        // created meanwhile by the reconciler would start empty, unable to vote,
-                        // and keep the split's state from starting.
-                        let splits: Vec<(SplitEffect, Option<Reservation>)> = p
-                            .splits
-                            .into_iter()
-                            .map(|s| {
-                                let reservation = self.shared.reserve(s.new_group).ok();
-                                (s, reservation)
-                            })
-                            .collect();
+                        // The source's range narrows now, and in the same step the new groups'
+                        // ids and ranges are reserved: until each is registered, nothing else may
+                        // create it here, nor any group the map split off it since (which its
+                        // own split will start). A replica created meanwhile would start empty,
+                        // unable to vote, and keep the split's state from starting.
+                        let splits = self.shared.publish_splits(&g.sm, p.range, p.splits);
                         let done: crate::store::WriteCallback = Box::new(move |r| {
                             let _ = tx.send(PollerMsg::Applied(gid, r.map(|()| (results, splits))));
                         });

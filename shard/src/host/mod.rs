@@ -37,7 +37,7 @@ mod poller;
 
 use crate::keys::{decode, encode, group_key, meta_key};
 pub use crate::kv::GroupDescriptor;
-use crate::kv::{KeyRange, KvCommand, KvResponse, KvStateMachine};
+use crate::kv::{KeyRange, KvCommand, KvResponse, KvStateMachine, SplitEffect};
 use crate::log::RocksLog;
 use crate::store::{Op, Store, CF_META, CF_RAFT};
 use bytes::Bytes;
@@ -48,7 +48,7 @@ use flotilla_raft::{
 use group_state::GroupState;
 use poller::{Poller, PollerMsg};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -143,6 +143,15 @@ pub enum HostError {
     /// The group already exists.
     #[error("group {0} already exists on this node")]
     GroupExists(GroupId),
+    /// Another group of this node owns keys of the range asked for, or will once the split
+    /// being started here completes: the new group waits for the map or the split to settle.
+    #[error("the range of group {group} overlaps group {other} of this node")]
+    RangeTaken {
+        /// The group asked for.
+        group: GroupId,
+        /// The local group (registered, or being started) that owns keys of its range.
+        other: GroupId,
+    },
     /// The Raft group refused or failed the request (e.g. `NotLeader { leader }`: retry there).
     #[error(transparent)]
     Raft(#[from] RaftError),
@@ -319,9 +328,20 @@ pub(crate) struct Shared {
 #[derive(Default)]
 pub(crate) struct Registry {
     pub(crate) groups: HashMap<GroupId, GroupEntry>,
-    /// Reserved by a start under way, so that two starts of one group (a create and a split)
-    /// cannot both build it.
-    starting: BTreeSet<GroupId>,
+    /// Reserved by a start under way, with the range the group will own, so that two starts
+    /// of one group (a create and a split) cannot both build it, and no create takes keys a
+    /// split-born group being started will own.
+    starting: BTreeMap<GroupId, KeyRange>,
+}
+
+impl Registry {
+    /// A group of this node, registered or being started, other than `group` that owns keys
+    /// of `range`.
+    fn owner_of(&self, group: GroupId, range: &KeyRange) -> Option<GroupId> {
+        let registered = self.groups.iter().filter(|(g, e)| **g != group && ranges_overlap(&e.sm.range(), range));
+        let starting = self.starting.iter().filter(|(g, r)| **g != group && ranges_overlap(r, range));
+        registered.map(|(g, _)| *g).chain(starting.map(|(g, _)| *g)).min()
+    }
 }
 
 /// A group id reserved for one start; released when dropped unless the start completed.
@@ -335,8 +355,9 @@ impl Reservation {
     /// The group started: it is registered and the reservation ends.
     pub(crate) fn complete(mut self, entry: GroupEntry) -> Result<(), HostError> {
         let mut r = self.shared.registry.write().map_err(|_| HostError::Stopped)?;
-        r.starting.remove(&self.group);
+        // Registered with the range it was reserved for: no moment where neither covers it.
         r.groups.insert(self.group, entry);
+        r.starting.remove(&self.group);
         self.done = true;
         Ok(())
     }
@@ -353,13 +374,66 @@ impl Drop for Reservation {
 }
 
 impl Shared {
-    /// Reserves `group` for a start; refused if the group is on this node or being started.
-    pub(crate) fn reserve(self: &Arc<Self>, group: GroupId) -> Result<Reservation, HostError> {
+    /// Reserves `group`, which will own `range`, for a start; refused if the group is on this
+    /// node or being started.
+    pub(crate) fn reserve(self: &Arc<Self>, group: GroupId, range: &KeyRange) -> Result<Reservation, HostError> {
         let mut r = self.registry.write().map_err(|_| HostError::Stopped)?;
-        if r.groups.contains_key(&group) || !r.starting.insert(group) {
+        Self::reserve_in(self, &mut r, group, range)
+    }
+
+    fn reserve_in(
+        self: &Arc<Self>,
+        r: &mut Registry,
+        group: GroupId,
+        range: &KeyRange,
+    ) -> Result<Reservation, HostError> {
+        if r.groups.contains_key(&group) || r.starting.contains_key(&group) {
             return Err(HostError::GroupExists(group));
         }
+        r.starting.insert(group, range.clone());
         Ok(Reservation { shared: self.clone(), group, done: false })
+    }
+
+    /// Reserves `group` like [`Shared::reserve`], also refused while another group of this node
+    /// owns keys of `range` or will once its start completes. Checked under the registry's
+    /// lock, against the ranges splits publish under it too (`publish_splits`): a group a
+    /// split is starting here, and every group the map split off it since, is that split's
+    /// to start (with the source's configuration), never a create's (empty, unable to vote).
+    pub(crate) fn reserve_free(self: &Arc<Self>, group: GroupId, range: &KeyRange) -> Result<Reservation, HostError> {
+        let mut r = self.registry.write().map_err(|_| HostError::Stopped)?;
+        let here = r.groups.contains_key(&group) || r.starting.contains_key(&group);
+        if let Some(other) = r.owner_of(group, range).filter(|_| !here) {
+            return Err(HostError::RangeTaken { group, other });
+        }
+        Self::reserve_in(self, &mut r, group, range)
+    }
+
+    /// An apply batch of `sm`'s group was prepared: its range becomes `range`, and the groups
+    /// its splits start are reserved with theirs, in one step under the registry's lock, so
+    /// that no create sees the source narrowed while the new group's keys look free.
+    /// A split whose group is here already gets `None`.
+    pub(crate) fn publish_splits(
+        self: &Arc<Self>,
+        sm: &KvStateMachine,
+        range: KeyRange,
+        splits: Vec<SplitEffect>,
+    ) -> Vec<(SplitEffect, Option<Reservation>)> {
+        let mut r = match self.registry.write() {
+            Ok(r) => r,
+            Err(_) => {
+                sm.set_range(range);
+                return splits.into_iter().map(|s| (s, None)).collect();
+            }
+        };
+        let out = splits
+            .into_iter()
+            .map(|s| {
+                let reservation = Self::reserve_in(self, &mut r, s.new_group, &s.range).ok();
+                (s, reservation)
+            })
+            .collect();
+        sm.set_range(range);
+        out
     }
 
     /// The engines' clock (see [`crate::clock`]: it keeps counting through a suspend).
@@ -449,7 +523,7 @@ impl Host {
                     decode::<GroupDescriptor>(&raw, || format!("group {g} descriptor"))
                 })
                 .await?;
-            let reservation = host.shared.reserve(*group)?;
+            let reservation = host.shared.reserve(*group, &desc.range)?;
             host.start_group(reservation, desc.range, desc.initial).await?;
         }
         info!(node = %config.node, groups = ids.len(), pollers = config.pollers, "host started");
@@ -473,14 +547,16 @@ impl Host {
 
     /// Creates group `group` owning `range`, durably. With `initial`, this node forms the
     /// group with that configuration (call it on every initial member, or on one); without,
-    /// the replica waits for a leader to add it.
+    /// the replica waits for a leader to add it. Refused with [`HostError::RangeTaken`] while a
+    /// group of this node owns keys of `range`, or will once a split being started here
+    /// completes: a node's groups own disjoint ranges.
     pub async fn create_group(
         &self,
         group: GroupId,
         range: KeyRange,
         initial: Option<Membership>,
     ) -> Result<(), HostError> {
-        let reservation = self.shared.reserve(group)?;
+        let reservation = self.shared.reserve_free(group, &range)?;
         // The configuration is kept in the descriptor: a crash before the group's first write
         // still forms it at the next start.
         let desc = encode(&GroupDescriptor { range: range.clone(), initial: initial.clone() })?;
@@ -803,6 +879,13 @@ fn pinger(shared: Arc<Shared>) {
         }
         std::thread::sleep(every);
     }
+}
+
+/// Whether two key ranges share a key.
+fn ranges_overlap(a: &KeyRange, b: &KeyRange) -> bool {
+    let a_starts_before_b_ends = b.end.as_ref().is_none_or(|e| a.start < *e);
+    let b_starts_before_a_ends = a.end.as_ref().is_none_or(|e| b.start < *e);
+    a_starts_before_b_ends && b_starts_before_a_ends
 }
 
 /// The first key after every `raft` key of `group`.
