@@ -25,6 +25,30 @@ fn count(c: &Cluster, id: u64, f: impl Fn(&Action) -> bool) -> usize {
     c.nodes[&n(id)].seen.iter().filter(|a| f(a)).count()
 }
 
+/// Cuts node 3 off from leader 1 for longer than a follower counts as catching up, then has
+/// the leader commit `writes` entries without it (the cut stays).
+fn leave_node_3_behind(c: &mut Cluster, writes: usize) {
+    c.cut.insert((n(1), n(3)));
+    c.settle(25);
+    for i in 0..writes {
+        c.propose(1, &format!("v{i}"));
+    }
+    c.stabilize();
+}
+
+/// Lets leader 1 start streaming a snapshot to node 3 while node 3's answers are lost, so the
+/// transfer stays in flight; returns the snapshot.
+fn start_unacknowledged_transfer(c: &mut Cluster) -> SnapshotMeta {
+    for _ in 0..6 {
+        c.advance(20);
+        c.stabilize_with(|m| !matches!(m.body, MessageBody::SnapshotResp { .. }));
+        if c.nodes[&n(1)].snapshot.is_some() {
+            break;
+        }
+    }
+    c.nodes[&n(1)].snapshot.as_ref().expect("a snapshot is being sent").0.clone()
+}
+
 /// A config that purges everything durable at once and keeps nothing for lagging followers.
 fn purging() -> Config {
     Config { log_keep_entries: 0, log_lag_entries_max: 0, log_purge_step_entries: 1, ..cfg() }
@@ -72,13 +96,7 @@ fn nothing_is_purged_beyond_what_the_state_machine_holds_durably() {
 fn a_leader_keeps_the_entries_a_follower_lagging_a_little_still_needs() {
     let config = Config { log_keep_entries: 0, log_lag_entries_max: 100, log_purge_step_entries: 1, ..cfg() };
     let mut c = Cluster::with_leader(&[1, 2, 3], config);
-    c.cut.insert((n(1), n(3)));
-    // Long enough that node 3 no longer counts as catching up.
-    c.settle(25);
-    for i in 0..6 {
-        c.propose(1, &format!("v{i}"));
-    }
-    c.stabilize();
+    leave_node_3_behind(&mut c, 6);
     // Node 3 matched 2 when it was cut: the leader keeps everything after it.
     assert_eq!(purges(&c, 1).last().copied().unwrap_or_default(), LogIndex(2));
     c.cut.clear();
@@ -94,13 +112,7 @@ fn a_leader_keeps_the_entries_a_follower_lagging_a_little_still_needs() {
 #[test]
 fn a_snapshot_is_built_only_when_a_follower_needs_one_and_dropped_after_use() {
     let mut c = Cluster::with_leader(&[1, 2, 3], purging());
-    c.cut.insert((n(1), n(3)));
-    // Long enough that node 3 no longer counts as catching up.
-    c.settle(25);
-    for i in 0..5 {
-        c.propose(1, &format!("v{i}"));
-    }
-    c.stabilize();
+    leave_node_3_behind(&mut c, 5);
     assert_eq!(count(&c, 1, |a| matches!(a, Action::BuildSnapshot)), 0, "no follower needed one yet");
     assert!(c.engine(1).status().first_log_index > LogIndex(3), "the log was purged past node 3");
     c.cut.clear();
@@ -124,13 +136,7 @@ fn a_snapshot_is_built_only_when_a_follower_needs_one_and_dropped_after_use() {
 #[test]
 fn a_snapshot_refused_as_corrupt_is_dropped_and_a_new_one_is_built() {
     let mut c = Cluster::with_leader(&[1, 2, 3], Config { snapshot_chunk_bytes: 4, ..purging() });
-    c.cut.insert((n(1), n(3)));
-    // Long enough that node 3 no longer counts as catching up.
-    c.settle(25);
-    for i in 0..5 {
-        c.propose(1, &format!("v{i}"));
-    }
-    c.stabilize();
+    leave_node_3_behind(&mut c, 5);
     c.cut.clear();
     // Node 3 refuses the first snapshot as soon as its first chunk arrives.
     let mut refused = None;
@@ -169,13 +175,7 @@ fn a_snapshot_refused_as_corrupt_is_dropped_and_a_new_one_is_built() {
 #[test]
 fn a_snapshot_the_state_machine_lost_is_built_again() {
     let mut c = Cluster::with_leader(&[1, 2, 3], Config { snapshot_chunk_bytes: 4, ..purging() });
-    c.cut.insert((n(1), n(3)));
-    // Long enough that node 3 no longer counts as catching up.
-    c.settle(25);
-    for i in 0..5 {
-        c.propose(1, &format!("v{i}"));
-    }
-    c.stabilize();
+    leave_node_3_behind(&mut c, 5);
     c.cut.clear();
     // The leader's state machine loses the first snapshot it builds (its files are gone)
     // when the transfer reads it.
@@ -192,23 +192,10 @@ fn a_snapshot_in_flight_holds_the_log_purge_until_its_follower_installed_it() {
         &[1, 2, 3],
         Config { snapshot_chunk_bytes: 2, snapshot_chunks_in_flight_max: 1, ..purging() },
     );
-    c.cut.insert((n(1), n(3)));
-    // Long enough that node 3 no longer counts as catching up.
-    c.settle(25);
-    for i in 0..5 {
-        c.propose(1, &format!("v{i}"));
-    }
-    c.stabilize();
+    leave_node_3_behind(&mut c, 5);
     c.cut.clear();
     // Start the transfer, then write more while node 3's answers are held back.
-    for _ in 0..6 {
-        c.advance(20);
-        c.stabilize_with(|m| !matches!(m.body, MessageBody::SnapshotResp { .. }));
-        if c.nodes[&n(1)].snapshot.is_some() {
-            break;
-        }
-    }
-    let snap = c.nodes[&n(1)].snapshot.as_ref().expect("a snapshot is being sent").0.last_log_id;
+    let snap = start_unacknowledged_transfer(&mut c).last_log_id;
     for i in 0..5 {
         c.propose(1, &format!("w{i}"));
     }
@@ -233,22 +220,9 @@ fn discarded_snapshots_end_their_transfers_and_a_new_one_is_built() {
         &[1, 2, 3],
         Config { snapshot_chunk_bytes: 2, snapshot_chunks_in_flight_max: 1, ..purging() },
     );
-    c.cut.insert((n(1), n(3)));
-    // Long enough that node 3 no longer counts as catching up.
-    c.settle(25);
-    for i in 0..5 {
-        c.propose(1, &format!("v{i}"));
-    }
-    c.stabilize();
+    leave_node_3_behind(&mut c, 5);
     c.cut.clear();
-    for _ in 0..6 {
-        c.advance(20);
-        c.stabilize_with(|m| !matches!(m.body, MessageBody::SnapshotResp { .. }));
-        if c.nodes[&n(1)].snapshot.is_some() {
-            break;
-        }
-    }
-    let first = c.nodes[&n(1)].snapshot.as_ref().expect("a snapshot is being sent").0.clone();
+    let first = start_unacknowledged_transfer(&mut c);
     let now = c.now;
     c.node(1).engine.discard_snapshots(now);
     c.settle(10);
@@ -261,13 +235,7 @@ fn discarded_snapshots_end_their_transfers_and_a_new_one_is_built() {
 fn snapshot_is_streamed_in_chunks_and_resumes_after_a_lost_chunk() {
     let config = Config { snapshot_chunk_bytes: 3, snapshot_chunks_in_flight_max: 2, ..purging() };
     let mut c = Cluster::with_leader(&[1, 2, 3], config);
-    c.cut.insert((n(1), n(3)));
-    // Long enough that node 3 no longer counts as catching up.
-    c.settle(25);
-    for i in 0..5 {
-        c.propose(1, &format!("v{i}"));
-    }
-    c.stabilize();
+    leave_node_3_behind(&mut c, 5);
     // The snapshot is 10 bytes: chunks of 3, two in flight. Node 3's lost appends are noticed
     // after two heartbeat intervals; its next probe finds the entries purged.
     c.cut.clear();
@@ -434,24 +402,11 @@ fn a_follower_that_just_installed_is_not_snapshotted_again() {
         ..cfg()
     };
     let mut c = Cluster::with_leader(&[1, 2, 3], config);
-    c.cut.insert((n(1), n(3)));
-    // Long enough that node 3 no longer counts as catching up.
-    c.settle(25);
-    for i in 0..10 {
-        c.propose(1, &format!("v{i}"));
-    }
-    c.stabilize();
+    leave_node_3_behind(&mut c, 10);
     c.cut.clear();
     // Start the transfer; while it goes on, the leader applies 8 more entries (more than
     // log_lag_entries_max); the transfer holds the purge at the snapshot.
-    for _ in 0..6 {
-        c.advance(20);
-        c.stabilize_with(|m| !matches!(m.body, MessageBody::SnapshotResp { .. }));
-        if c.nodes[&n(1)].snapshot.is_some() {
-            break;
-        }
-    }
-    assert!(c.nodes[&n(1)].snapshot.is_some(), "a snapshot is being sent");
+    start_unacknowledged_transfer(&mut c);
     for i in 0..8 {
         c.propose(1, &format!("w{i}"));
     }
