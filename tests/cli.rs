@@ -133,51 +133,13 @@ fn dev_cluster_through_the_cli() {
     fails(&home, &["kv", "--cluster", "/nonexistent/cluster.json", "get", "k"], 1, "no cluster file");
     fails(&home, &["server", "--config", "/nonexistent/flotilla.toml"], 1, "cannot read");
     fails(&home, &["server"], 1, "without --config, give --id");
-    fails(
-        &home,
-        &[
-            "server",
-            "--id",
-            "1",
-            "--data-dir",
-            "d",
-            "--listen",
-            "127.0.0.1:0",
-            "--ca",
-            "a",
-            "--cert",
-            "b",
-            "--key",
-            "c",
-        ]
-        .into_iter()
-        .chain(["--memory-budget", "lots"])
-        .collect::<Vec<_>>(),
-        1,
-        "memory_budget",
-    );
-    fails(
-        &home,
-        &[
-            "server",
-            "--id",
-            "1",
-            "--data-dir",
-            "d",
-            "--listen",
-            "127.0.0.1:0",
-            "--ca",
-            "a",
-            "--cert",
-            "b",
-            "--key",
-            "c",
-            "--peer",
-            "2",
-        ],
-        1,
-        "ID=ADDR",
-    );
+    // A server's flags, complete but for what each case adds.
+    let server = |extra: &[&'static str]| -> Vec<&'static str> {
+        let base = ["server", "--id", "1", "--data-dir", "d", "--listen", "127.0.0.1:0"];
+        base.into_iter().chain(["--ca", "a", "--cert", "b", "--key", "c"]).chain(extra.iter().copied()).collect()
+    };
+    fails(&home, &server(&["--memory-budget", "lots"]), 1, "memory_budget");
+    fails(&home, &server(&["--peer", "2"]), 1, "ID=ADDR");
     fails(
         &home,
         &["server", "--id", "1", "--data-dir", "d", "--listen", "nowhere", "--ca", "a", "--cert", "b", "--key", "c"],
