@@ -746,7 +746,7 @@ impl StateMachine for KvStateMachine {
             .await?;
         self.store.write(p.ops, false).await?;
         if let Some(last) = last {
-            let batch = self.store.stats().batches.load(std::sync::atomic::Ordering::Acquire);
+            let batch = self.store.last_written_batch();
             lock(&self.life.durable).1.push_back((batch, last));
         }
         // Splits narrow the range; starting the new group is a host's job.
@@ -755,7 +755,7 @@ impl StateMachine for KvStateMachine {
     }
 
     async fn durable_applied(&mut self) -> Result<LogIndex, StorageError> {
-        let synced = self.store.stats().durable_batches.load(std::sync::atomic::Ordering::Acquire);
+        let synced = self.store.last_synced_batch();
         let mut d = lock(&self.life.durable);
         while let Some(&(batch, index)) = d.1.front() {
             if batch > synced {

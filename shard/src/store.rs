@@ -263,6 +263,18 @@ impl Store {
         &self.inner.stats
     }
 
+    /// The number of the last batch the writer wrote: a write whose completion was reported
+    /// was in this batch or an earlier one.
+    pub fn last_written_batch(&self) -> u64 {
+        self.inner.stats.batches.load(Ordering::Acquire)
+    }
+
+    /// The number of the last batch written with fsync: it and every batch before it are
+    /// durable (one write-ahead log).
+    pub fn last_synced_batch(&self) -> u64 {
+        self.inner.stats.durable_batches.load(Ordering::Acquire)
+    }
+
     /// The store's memory, its RocksDB writes and the process's figures (blocking: RocksDB
     /// properties take its mutex and `/proc` is read; call it through [`Store::blocking`]).
     pub fn metrics(&self) -> Result<StoreMetrics, StorageError> {

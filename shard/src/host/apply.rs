@@ -43,7 +43,7 @@ impl Poller {
                 if let Some(last) = last {
                     // Written in this batch of the store or an earlier one (the callback runs
                     // after the writer counted it).
-                    let batch = self.shared.store.stats().batches.load(Ordering::Acquire);
+                    let batch = self.shared.store.last_written_batch();
                     self.durable_waits.push_back((batch, gid, last, Instant::now()));
                 }
                 splits
@@ -76,7 +76,7 @@ impl Poller {
     /// Tells each group how far its applied state is durable: every batch up to the store's
     /// last synced one is. Asks for a sync when an index waited too long (nothing else wrote).
     pub(super) fn report_durable(&mut self, now: Instant) {
-        let synced = self.shared.store.stats().durable_batches.load(Ordering::Acquire);
+        let synced = self.shared.store.last_synced_batch();
         while let Some(&(batch, gid, index, _)) = self.durable_waits.front() {
             if batch > synced {
                 break;
