@@ -34,6 +34,7 @@ mod group_state;
 mod inbox;
 mod liveness;
 mod poller;
+mod registry;
 
 use crate::keys::{decode, encode, group_key, meta_key};
 pub use crate::kv::GroupDescriptor;
@@ -47,6 +48,7 @@ use flotilla_raft::{
 };
 use group_state::GroupState;
 use poller::{Poller, PollerMsg};
+pub(crate) use registry::{GroupEntry, Registry, Reservation};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -324,118 +326,7 @@ pub(crate) struct Shared {
     pub(crate) registry: RwLock<Registry>,
 }
 
-/// The groups of a node, and the ids of groups being started.
-#[derive(Default)]
-pub(crate) struct Registry {
-    pub(crate) groups: HashMap<GroupId, GroupEntry>,
-    /// Reserved by a start under way, with the range the group will own, so that two starts
-    /// of one group (a create and a split) cannot both build it, and no create takes keys a
-    /// split-born group being started will own.
-    starting: BTreeMap<GroupId, KeyRange>,
-}
-
-impl Registry {
-    /// A group of this node, registered or being started, other than `group` that owns keys
-    /// of `range`.
-    fn owner_of(&self, group: GroupId, range: &KeyRange) -> Option<GroupId> {
-        let registered = self.groups.iter().filter(|(g, e)| **g != group && ranges_overlap(&e.sm.range(), range));
-        let starting = self.starting.iter().filter(|(g, r)| **g != group && ranges_overlap(r, range));
-        registered.map(|(g, _)| *g).chain(starting.map(|(g, _)| *g)).min()
-    }
-}
-
-/// A group id reserved for one start; released when dropped unless the start completed.
-pub(crate) struct Reservation {
-    shared: Arc<Shared>,
-    group: GroupId,
-    done: bool,
-}
-
-impl Reservation {
-    /// The group started: it is registered and the reservation ends.
-    pub(crate) fn complete(mut self, entry: GroupEntry) -> Result<(), HostError> {
-        let mut r = self.shared.registry.write().map_err(|_| HostError::Stopped)?;
-        // Registered with the range it was reserved for: no moment where neither covers it.
-        r.groups.insert(self.group, entry);
-        r.starting.remove(&self.group);
-        self.done = true;
-        Ok(())
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if !self.done {
-            if let Ok(mut r) = self.shared.registry.write() {
-                r.starting.remove(&self.group);
-            }
-        }
-    }
-}
-
 impl Shared {
-    /// Reserves `group`, which will own `range`, for a start; refused if the group is on this
-    /// node or being started.
-    pub(crate) fn reserve(self: &Arc<Self>, group: GroupId, range: &KeyRange) -> Result<Reservation, HostError> {
-        let mut r = self.registry.write().map_err(|_| HostError::Stopped)?;
-        Self::reserve_in(self, &mut r, group, range)
-    }
-
-    fn reserve_in(
-        self: &Arc<Self>,
-        r: &mut Registry,
-        group: GroupId,
-        range: &KeyRange,
-    ) -> Result<Reservation, HostError> {
-        if r.groups.contains_key(&group) || r.starting.contains_key(&group) {
-            return Err(HostError::GroupExists(group));
-        }
-        r.starting.insert(group, range.clone());
-        Ok(Reservation { shared: self.clone(), group, done: false })
-    }
-
-    /// Reserves `group` like [`Shared::reserve`], also refused while another group of this node
-    /// owns keys of `range` or will once its start completes. Checked under the registry's
-    /// lock, against the ranges splits publish under it too (`publish_splits`): a group a
-    /// split is starting here, and every group the map split off it since, is that split's
-    /// to start (with the source's configuration), never a create's (empty, unable to vote).
-    pub(crate) fn reserve_free(self: &Arc<Self>, group: GroupId, range: &KeyRange) -> Result<Reservation, HostError> {
-        let mut r = self.registry.write().map_err(|_| HostError::Stopped)?;
-        let here = r.groups.contains_key(&group) || r.starting.contains_key(&group);
-        if let Some(other) = r.owner_of(group, range).filter(|_| !here) {
-            return Err(HostError::RangeTaken { group, other });
-        }
-        Self::reserve_in(self, &mut r, group, range)
-    }
-
-    /// An apply batch of `sm`'s group was prepared: its range becomes `range`, and the groups
-    /// its splits start are reserved with theirs, in one step under the registry's lock, so
-    /// that no create sees the source narrowed while the new group's keys look free.
-    /// A split whose group is here already gets `None`.
-    pub(crate) fn publish_splits(
-        self: &Arc<Self>,
-        sm: &KvStateMachine,
-        range: KeyRange,
-        splits: Vec<SplitEffect>,
-    ) -> Vec<(SplitEffect, Option<Reservation>)> {
-        let mut r = match self.registry.write() {
-            Ok(r) => r,
-            Err(_) => {
-                sm.set_range(range);
-                return splits.into_iter().map(|s| (s, None)).collect();
-            }
-        };
-        let out = splits
-            .into_iter()
-            .map(|s| {
-                let reservation = Self::reserve_in(self, &mut r, s.new_group, &s.range).ok();
-                (s, reservation)
-            })
-            .collect();
-        sm.set_range(range);
-        out
-    }
-
     /// The engines' clock (see [`crate::clock`]: it keeps counting through a suspend).
     pub(crate) fn now(&self) -> Millis {
         Millis(self.clock.elapsed_ms())
@@ -450,13 +341,6 @@ impl Shared {
         let heard = self.heard.lock().ok().and_then(|h| h.get(&node).copied()).unwrap_or(self.base);
         at.saturating_duration_since(heard) < Duration::from_millis(self.config.peer_down_ms)
     }
-}
-
-/// A registered group: where it lives and what it owns (for reads on the caller's side).
-#[derive(Clone)]
-pub(crate) struct GroupEntry {
-    poller: usize,
-    sm: KvStateMachine,
 }
 
 /// The host of one node's groups. Cheap to clone.
@@ -879,13 +763,6 @@ fn pinger(shared: Arc<Shared>) {
         }
         std::thread::sleep(every);
     }
-}
-
-/// Whether two key ranges share a key.
-fn ranges_overlap(a: &KeyRange, b: &KeyRange) -> bool {
-    let a_starts_before_b_ends = b.end.as_ref().is_none_or(|e| a.start < *e);
-    let b_starts_before_a_ends = a.end.as_ref().is_none_or(|e| b.start < *e);
-    a_starts_before_b_ends && b_starts_before_a_ends
 }
 
 /// The first key after every `raft` key of `group`.

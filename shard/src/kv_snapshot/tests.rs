@@ -4,6 +4,7 @@
 //! buffers only the header and writes file bytes straight through. No code here or there reads
 //! a file to its end into memory.
 
+use super::install::{ingest, install_dir_name, install_root, read_intent, stage};
 use super::*;
 use crate::keys::meta_key;
 use flotilla_raft::{Membership, NodeId, StoredMembership};
