@@ -1,0 +1,226 @@
+//! The harness of the host tests: in-process hosts over an in-memory network that goes through
+//! the wire format and can cut a node off.
+#![allow(dead_code)]
+
+use flotilla_raft::{Config, GroupId, Membership, Message, MessageBody, NodeId, RaftError, ReadMode, Role};
+use flotilla_shard::{Host, HostConfig, HostError, HostNetwork, KeyRange, KvCommand, KvResponse, NodeBatch, Store};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+/// Delivers batches between in-process hosts; a node can be cut off (both directions).
+#[derive(Default)]
+pub struct MemNet {
+    pub hosts: RwLock<HashMap<NodeId, Host>>,
+    pub cut: RwLock<BTreeSet<NodeId>>,
+    pub delivered: AtomicU64,
+    /// Snapshot chunks the hosts handed to `send_transfer`.
+    pub transfers: AtomicU64,
+    /// Snapshot chunks found inside batches (the hosts must send none that way).
+    pub chunks_in_batches: AtomicU64,
+}
+
+impl HostNetwork for MemNet {
+    fn send(&self, to: NodeId, batch: NodeBatch) {
+        let chunks = batch.messages.iter().filter(|(_, m)| matches!(m.body, MessageBody::Snapshot { .. })).count();
+        self.chunks_in_batches.fetch_add(chunks as u64, Ordering::Relaxed);
+        self.deliver(to, batch);
+    }
+
+    fn send_transfer(&self, to: NodeId, group: GroupId, msg: Message) {
+        assert!(matches!(msg.body, MessageBody::Snapshot { .. }), "only snapshot chunks take the transfer path");
+        self.transfers.fetch_add(1, Ordering::Relaxed);
+        self.deliver(to, NodeBatch { from: msg.from, messages: vec![(group, msg)], quiesce: Vec::new() });
+    }
+}
+
+impl MemNet {
+    pub fn deliver(&self, to: NodeId, batch: NodeBatch) {
+        let cut = self.cut.read().expect("lock");
+        if cut.contains(&to) || cut.contains(&batch.from) {
+            return;
+        }
+        drop(cut);
+        // Through the wire format, as a transport would carry it.
+        let bytes = batch.encode().expect("encode");
+        let batch = NodeBatch::decode(&bytes).expect("decode");
+        let host = self.hosts.read().expect("lock").get(&to).cloned();
+        if let Some(h) = host {
+            self.delivered.fetch_add(1, Ordering::Relaxed);
+            h.receive(batch);
+        }
+    }
+}
+
+pub fn config(node: u64) -> HostConfig {
+    let mut c = HostConfig::new(NodeId(node));
+    c.raft = Config::fast();
+    c.tick_ms = 10;
+    c.quiesce_after_ticks = 10;
+    c.peer_down_ms = 300;
+    c.api_timeout_ms = 10_000;
+    c
+}
+
+pub struct Cluster {
+    pub net: Arc<MemNet>,
+    pub hosts: Vec<Host>,
+    pub _dirs: Vec<tempfile::TempDir>,
+}
+
+impl Cluster {
+    pub async fn start(n: u64) -> Cluster {
+        Self::start_with(n, |_| {}).await
+    }
+
+    /// `n` hosts whose configuration `tweak` adjusts.
+    pub async fn start_with(n: u64, tweak: impl Fn(&mut HostConfig)) -> Cluster {
+        let net = Arc::new(MemNet::default());
+        let mut hosts = Vec::new();
+        let mut dirs = Vec::new();
+        for id in 1..=n {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = Store::open(dir.path()).expect("open");
+            let mut cfg = config(id);
+            tweak(&mut cfg);
+            let host = Host::open(store, cfg, net.clone()).await.expect("host");
+            net.hosts.write().expect("lock").insert(NodeId(id), host.clone());
+            hosts.push(host);
+            dirs.push(dir);
+        }
+        Cluster { net, hosts, _dirs: dirs }
+    }
+
+    pub fn host(&self, id: NodeId) -> &Host {
+        &self.hosts[(id.0 - 1) as usize]
+    }
+
+    pub async fn create_groups(&self, groups: impl Iterator<Item = u64> + Clone) {
+        let members = Membership::new(self.hosts.iter().map(|h| h.node()));
+        for h in &self.hosts {
+            for g in groups.clone() {
+                h.create_group(GroupId(g), range_of(g), Some(members.clone())).await.expect("create");
+            }
+        }
+    }
+
+    /// Writes through whichever host leads the group, following redirects.
+    pub async fn put(&self, group: GroupId, key: &str, value: &str) -> Result<KvResponse, HostError> {
+        let cmd = KvCommand::Put { key: key.as_bytes().to_vec(), value: value.as_bytes().to_vec() };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut target = self.hosts[(group.0 % self.hosts.len() as u64) as usize].node();
+        loop {
+            match self.host(target).write(group, cmd.clone()).await {
+                Err(HostError::Raft(RaftError::NotLeader { leader })) if Instant::now() < deadline => {
+                    target = leader.unwrap_or(NodeId(target.0 % self.hosts.len() as u64 + 1));
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    pub async fn get(&self, group: GroupId, key: &str) -> Result<Option<Vec<u8>>, HostError> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut target = self.hosts[0].node();
+        loop {
+            match self.host(target).get(group, key.as_bytes().to_vec(), ReadMode::ReadIndex).await {
+                Err(HostError::Raft(RaftError::NotLeader { leader })) if Instant::now() < deadline => {
+                    target = leader.unwrap_or(NodeId(target.0 % self.hosts.len() as u64 + 1));
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Waits until `pred` holds for every host's group list.
+    pub async fn wait_info(&self, what: &str, pred: impl Fn(&[flotilla_shard::GroupInfo]) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut ok = true;
+            for h in &self.hosts {
+                if !pred(&h.group_info().await.expect("info")) {
+                    ok = false;
+                    break;
+                }
+            }
+            if ok {
+                return;
+            }
+            if Instant::now() >= deadline {
+                for h in &self.hosts {
+                    let infos = h.group_info().await.expect("info");
+                    let quiet = infos.iter().filter(|i| i.quiet).count();
+                    eprintln!("host {}: {} groups, {quiet} quiet, sample {:?}", h.node(), infos.len(), infos.first());
+                }
+                panic!("timed out waiting for: {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn shutdown(&self) {
+        for h in &self.hosts {
+            h.shutdown().await;
+        }
+    }
+}
+
+/// Group `g` owns the keys starting with `{g:06}/`.
+pub fn range_of(g: u64) -> KeyRange {
+    KeyRange { start: format!("{g:06}/").into_bytes(), end: Some(format!("{g:06}0").into_bytes()) }
+}
+
+pub fn key(g: u64, k: &str) -> String {
+    format!("{g:06}/{k}")
+}
+
+/// The log purged 5 entries behind the durable applied index, a follower more than 20 behind
+/// not waited for, 512-byte chunks: a replica cut off for a while can only catch up by a
+/// streamed snapshot.
+pub fn small_snapshots(cfg: &mut HostConfig) {
+    cfg.raft.log_keep_entries = 5;
+    cfg.raft.log_lag_entries_max = 20;
+    cfg.raft.log_purge_step_entries = 1;
+    cfg.raft.snapshot_chunk_bytes = 512;
+}
+
+pub fn groups_env(default: u64) -> u64 {
+    std::env::var("HOST_GROUPS").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Runs `cmd` on `group` through whichever of `nodes` leads it, following redirects.
+pub async fn write_on(c: &Cluster, nodes: &[u64], group: GroupId, cmd: KvCommand) -> Result<KvResponse, HostError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    loop {
+        let target = NodeId(nodes[i % nodes.len()]);
+        match c.host(target).write(group, cmd.clone()).await {
+            Err(HostError::Raft(RaftError::NotLeader { leader })) if Instant::now() < deadline => {
+                i = leader.and_then(|l| nodes.iter().position(|n| *n == l.0)).unwrap_or(i + 1);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The node of `nodes` that leads `group`.
+pub async fn leader_among(c: &Cluster, nodes: &[u64], group: GroupId) -> NodeId {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for n in nodes {
+            let infos = c.host(NodeId(*n)).group_info().await.expect("info");
+            if infos.iter().any(|i| i.group == group && i.role == Role::Leader) {
+                return NodeId(*n);
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader for {group}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn rocksdb_mode(from: &[u8]) -> rocksdb::IteratorMode<'_> {
+    rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward)
+}
