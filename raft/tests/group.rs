@@ -224,3 +224,32 @@ fn a_leadership_transfer_is_answered_once_the_target_leads() {
     assert_eq!(gs[0].core.engine().leader(), Some(NodeId(2)));
     assert_eq!(rx.try_recv(), Ok(Ok(())));
 }
+
+#[test]
+fn asking_for_the_configuration_in_force_is_answered_at_once_by_the_leader_and_refused_by_a_follower() {
+    let mut gs = [Group::new(1, &[1, 2]), Group::new(2, &[1, 2])];
+    let t = gs[0].core.engine().next_deadline();
+    for g in gs.iter_mut() {
+        g.now = t;
+    }
+    gs[0].core.handle_timeout(t);
+    exchange(&mut gs);
+    assert_eq!(gs[0].core.engine().role(), Role::Leader);
+    let voters: std::collections::BTreeSet<NodeId> = [NodeId(1), NodeId(2)].into();
+    let in_force = gs[1].core.engine().committed_membership().log_id.index;
+    assert_eq!(gs[0].core.engine().committed_membership().log_id.index, in_force, "both know it committed");
+
+    // The leader has nothing to change: the index of the configuration, and no new entry.
+    let logged = gs[0].log.len();
+    let (tx, mut rx) = oneshot::channel();
+    gs[0].core.handle_request(t, Request::ChangeMembership(voters.clone(), tx));
+    gs[0].pump();
+    assert_eq!(rx.try_recv(), Ok(Ok(in_force)));
+    assert_eq!(gs[0].log.len(), logged, "no configuration entry proposed");
+
+    // A follower holds the same configuration, but only the leader may answer for the group.
+    let (tx, mut rx) = oneshot::channel();
+    gs[1].core.handle_request(t, Request::ChangeMembership(voters, tx));
+    gs[1].pump();
+    assert_eq!(rx.try_recv(), Ok(Err(RaftError::NotLeader { leader: Some(NodeId(1)) })));
+}
