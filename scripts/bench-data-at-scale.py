@@ -49,6 +49,8 @@ import urllib.request
 # The metrics sampled per node (names without the `flotilla_` prefix become CSV columns).
 METRICS = [
     "flotilla_process_resident_memory_bytes",
+    "flotilla_allocator_allocated_bytes",
+    "flotilla_allocator_resident_bytes",
     "flotilla_rocksdb_written_bytes_total",
     "flotilla_rocksdb_wal_written_bytes_total",
     "flotilla_rocksdb_flush_written_bytes_total",
@@ -399,6 +401,9 @@ def larger_than_memory(args, cluster, sampler, summary):
         rss = [v for _, v in sampler.series(i, "process_resident_memory_bytes", since=t0)]
         n = {"rss_peak_mib": mib(max(rss)) if rss else None, "rss_final_mib": mib(rss[-1]) if rss else None,
              "data_dir_gib": round((sampler.last(i, "data_dir_bytes") or 0) / GIB, 2)}
+        heap = [v for _, v in sampler.series(i, "allocator_allocated_bytes", since=t0)]
+        if heap:  # live heap (jemalloc), RocksDB's included: RSS minus this is code, stacks, free pages
+            n["heap_peak_mib"], n["heap_final_mib"] = mib(max(heap)), mib(heap[-1])
         for c, name in (("rocksdb_written_bytes_total", "wa_rocksdb_logical"),
                         ("process_disk_written_bytes_total", "wa_process_disk")):
             end, start = sampler.last(i, c), base[i][c] or 0

@@ -49,6 +49,7 @@
 //! - Merges of small neighbouring shards.
 #![warn(missing_docs)]
 
+pub mod allocator;
 pub mod bench;
 pub mod client;
 pub mod cluster;

@@ -271,7 +271,13 @@ fn store_metrics_text(out: &mut String, id: NodeId, m: &StoreMetrics) {
         (g, "flotilla_process_resident_memory_bytes", "Resident memory of the process (every node in it).", p.resident_bytes),
         (c, "flotilla_process_disk_written_bytes_total", "Bytes the process sent to storage (every node in it).", p.disk_written_bytes),
     ];
-    for (kind, name, help, value) in lines {
+    let heap = crate::allocator::stats();
+    #[rustfmt::skip]
+    let heap_lines = [
+        (g, "flotilla_allocator_allocated_bytes", "Bytes in live heap allocations of the process, RocksDB's included (jemalloc).", heap.map(|h| h.allocated)),
+        (g, "flotilla_allocator_resident_bytes", "Bytes of the process's heap pages resident in memory (jemalloc).", heap.map(|h| h.resident)),
+    ];
+    for (kind, name, help, value) in lines.into_iter().chain(heap_lines) {
         if let Some(v) = value {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{node=\"{id}\"}} {v}");
         }
