@@ -650,8 +650,14 @@ impl KvStateMachine {
                                 let membership = applied.membership.membership.clone();
                                 let desc = |range: &KeyRange| GroupDescriptor { range: range.clone(), initial: None };
                                 ops.push(Op::Put(CF_META, meta_key(g).to_vec(), encode(&desc(&left))?));
-                                ops.push(Op::Put(CF_META, meta_key(new_group).to_vec(), encode(&desc(&right))?));
-                                ops.extend(split_born_state(new_group, &membership)?);
+                                // A replica of the new group already here (its vote or its
+                                // descriptor written) keeps its own state: the split's starting
+                                // point would reset its vote and log, and let it vote twice in a
+                                // term. The host then finds the group present and starts nothing.
+                                if !Self::group_present(s, new_group)? {
+                                    ops.push(Op::Put(CF_META, meta_key(new_group).to_vec(), encode(&desc(&right))?));
+                                    ops.extend(split_born_state(new_group, &membership)?);
+                                }
                                 splits.push(SplitEffect { new_group, range: right.clone(), membership });
                                 *range = left.clone();
                                 KvResponse::Split { left, right }
@@ -695,6 +701,15 @@ impl KvStateMachine {
         }
         ops.push(Op::Put(CF_RAFT, group_key(g, KIND_APPLIED).to_vec(), encode(&applied)?));
         Ok(Prepared { ops, responses, splits, range: range.clone() })
+    }
+
+    /// Whether `group` has a replica on this store: a descriptor or a vote.
+    fn group_present(s: &Store, group: GroupId) -> Result<bool, StorageError> {
+        let get = |cf: &str, key: &[u8]| -> Result<bool, StorageError> {
+            let cf = s.cf(cf)?;
+            Ok(s.db().get_pinned_cf(cf, key).map_err(|e| StorageError::new("apply", e.to_string()))?.is_some())
+        };
+        Ok(get(CF_META, &meta_key(group))? || get(CF_RAFT, &group_key(group, KIND_VOTE))?)
     }
 
     fn read_applied(s: &Store, group: GroupId) -> Result<AppliedRecord, StorageError> {

@@ -489,3 +489,22 @@ fn a_budget_below_the_minimum_is_an_error_not_a_panic() {
     let err = Store::open_with(dir.path(), options).err().expect("a 1 MiB budget must be refused");
     assert!(err.to_string().contains("below the minimum"), "{err}");
 }
+
+#[tokio::test]
+async fn a_split_leaves_alone_a_replica_of_the_new_group_already_on_the_node() {
+    use flotilla_raft::{StateMachine, Term};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    // Group 2 has a replica here already, which voted in term 7.
+    let voted = Vote { term: Term(7), voted_for: Some(NodeId(3)) };
+    RocksLog::new(store.clone(), GroupId(2)).save_vote(&voted).await.expect("vote");
+    let mut source = KvStateMachine::new(store.clone(), GroupId(1), KeyRange::all());
+    apply_puts(&mut source, 1, &[("a", "1"), ("x", "2")]).await;
+    let split = KvCommand::Split { at: b"m".to_vec(), new_group: 2 };
+    let entry = Entry { log_id: LogId::new(1, 3), payload: EntryPayload::Normal(split.encode().expect("encode")) };
+    let answers = source.apply(vec![entry]).await.expect("apply");
+    assert!(matches!(KvResponse::decode(&answers[0]), Ok(KvResponse::Split { .. })), "split applied");
+    assert_eq!(source.range(), KeyRange { start: Vec::new(), end: Some(b"m".to_vec()) }, "the source narrowed");
+    let vote = RocksLog::new(store.clone(), GroupId(2)).read_vote().await.expect("read");
+    assert_eq!(vote, Some(voted), "the replica's vote survives the split");
+}
