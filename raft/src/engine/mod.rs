@@ -662,9 +662,11 @@ impl Engine {
         action
     }
 
-    /// Whether actions are waiting.
+    /// Whether [`Engine::poll_action`] has something to return: actions queued, or a read
+    /// round requested, whose heartbeats are made when polled (so that reads asked for in one
+    /// step share one round).
     pub fn has_actions(&self) -> bool {
-        !self.actions.is_empty()
+        !self.actions.is_empty() || self.role.leader().is_some_and(|l| l.reads.round_requested_at().is_some())
     }
 
     /// The configuration in effect (the latest in the log).

@@ -4,9 +4,13 @@
 
 use super::*;
 
-/// Every action the engine has queued, in order.
+/// Every action the engine has queued, in order; `has_actions` must have said whether any were.
 fn drain(e: &mut Engine) -> Vec<Action> {
-    std::iter::from_fn(|| e.poll_action()).collect()
+    let pending = e.has_actions();
+    let out: Vec<Action> = std::iter::from_fn(|| e.poll_action()).collect();
+    assert_eq!(pending, !out.is_empty(), "has_actions before polling: {out:?}");
+    assert!(!e.has_actions(), "nothing left once polled");
+    out
 }
 
 fn send(from: u64, to: u64, term: u64, body: MessageBody) -> Action {
