@@ -62,6 +62,9 @@ METRICS = [
     "flotilla_rocksdb_table_readers_bytes",
     "flotilla_store_memory_budget_bytes",
     "flotilla_requests_total",
+    "flotilla_net_snapshot_bytes_sent_total",
+    "flotilla_net_snapshot_chunks_dropped_total",
+    "flotilla_net_snapshot_bytes_received_total",
 ]
 COLUMNS = ["t_s", "unix_s", "node", "up"] + [m.removeprefix("flotilla_") for m in METRICS] + [
     "data_dir_bytes",

@@ -104,4 +104,4 @@ pub use meta::{
     GroupConf, LogIndex, MetaCommand, MetaError, MetaOutcome, MetaState, MoveRecord, NodeInfo, NodeReport, Tombstone,
     MOVE_HISTORY_LEN_MAX, MOVE_HISTORY_MS, MOVE_WINDOW_MS,
 };
-pub use plan::{MovePlan, MoveStep, PlanAction, PlanError};
+pub use plan::{MovePlan, MoveStep, PlanAction, PlanError, StepWatch, MOVE_TRANSFER_BYTES_PER_S_MIN};

@@ -241,6 +241,68 @@ impl MovePlan {
     }
 }
 
+/// The slowest transfer of a shard's data that a move waits for (bytes per second): until its
+/// learner first reports catching up, a move is given the shard's size at this rate on top of the
+/// step deadline (a 1 GiB shard: 256 s more), so a large shard's snapshot is not cut off.
+pub const MOVE_TRANSFER_BYTES_PER_S_MIN: u64 = 4 << 20;
+
+/// The meta leader's watch over the current step of one move: a step is aborted when it goes a
+/// deadline without progress, not a deadline after it began. While the learner catches up,
+/// progress is its lag behind the leader reaching a new low, so a learner that keeps up with
+/// the writes but never closes the gap is aborted too, and one far behind but closing is not.
+/// Pure: time is an argument.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepWatch {
+    step: MoveStep,
+    since_ms: u64,
+    /// The smallest lag (entries) the learner has shown in this step.
+    best_lag: Option<u64>,
+}
+
+impl StepWatch {
+    /// Starts watching `plan`'s current step at `now_ms`.
+    pub fn new(plan: &MovePlan, now_ms: u64) -> StepWatch {
+        StepWatch { step: plan.step, since_ms: now_ms, best_lag: None }
+    }
+
+    /// Takes in `plan` and `state` at `now_ms` (a new step or a new low of the lag restarts the
+    /// clock) and says whether the step has gone without progress for longer than its
+    /// patience: `deadline_ms`, plus, for a learner that has not reported catching up yet, the
+    /// time to transfer the shard at [`MOVE_TRANSFER_BYTES_PER_S_MIN`].
+    pub fn overdue(&mut self, plan: &MovePlan, state: &MetaState, now_ms: u64, deadline_ms: u64) -> bool {
+        if plan.step != self.step {
+            *self = StepWatch::new(plan, now_ms);
+        }
+        let lag = plan.learner_lag(state);
+        if let Some(l) = lag.filter(|l| self.best_lag.is_none_or(|b| *l < b)) {
+            self.best_lag = Some(l);
+            self.since_ms = now_ms;
+        }
+        let mut patience = deadline_ms;
+        if plan.step == MoveStep::WaitCaughtUp && self.best_lag.is_none() {
+            let bytes = state.nodes.values().filter_map(|n| n.report.shard_bytes.get(&plan.shard)).max();
+            let transfer_ms = bytes.map_or(0, |b| b.saturating_mul(1000) / MOVE_TRANSFER_BYTES_PER_S_MIN);
+            patience = patience.saturating_add(transfer_ms);
+        }
+        now_ms.saturating_sub(self.since_ms) > patience
+    }
+}
+
+impl MovePlan {
+    /// While waiting for the learner: how many entries its reported applied index trails the
+    /// leader's, once it has one (it reports none until its first data arrived).
+    pub fn learner_lag(&self, state: &MetaState) -> Option<u64> {
+        if self.step != MoveStep::WaitCaughtUp {
+            return None;
+        }
+        let d = state.map.get(self.shard)?;
+        match applied_indexes(state, d, self.to) {
+            (Some(l), Some(r)) if l.0 > 0 => Some(r.0.saturating_sub(l.0)),
+            _ => None,
+        }
+    }
+}
+
 /// The learner's reported applied index, and the reference it must catch up with: the applied
 /// index reported by the shard's leader, or, when no voter reports leading it, the highest one
 /// any voter reports (a learner that has caught up with every voter has caught up).

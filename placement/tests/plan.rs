@@ -530,3 +530,57 @@ proptest! {
         prop_assert_eq!(s.transfers.get(&S).copied(), lead.then_some(n(to)));
     }
 }
+
+/// Shard 1 reported at `bytes` by its leader, node 1.
+fn sized(s: &mut MetaState, bytes: u64) {
+    let mut report = s.nodes[&n(1)].report.clone();
+    report.shard_bytes.insert(S, bytes);
+    s.apply(MetaCommand::Heartbeat { node: n(1), report }).expect("heartbeat");
+}
+
+#[test]
+fn a_move_waits_for_a_large_shards_transfer_and_then_for_as_long_as_the_learner_closes_in() {
+    let mut s = state();
+    sized(&mut s, 1 << 30);
+    start(&mut s, 2, 4, None);
+    advance(&mut s).expect("add learner");
+    raft_follows(&mut s, 1, &[]);
+    let plan = s.moves[&S].clone();
+    assert_eq!(plan.step, MoveStep::WaitCaughtUp);
+    let deadline = 1_000;
+    let mut watch = StepWatch::new(&plan, 0);
+    // No data on the learner yet: the deadline plus 1 GiB at 4 MiB/s (256 s).
+    assert!(!watch.overdue(&plan, &s, 200_000, deadline), "transfer time allowed");
+    assert!(!watch.overdue(&plan, &s, 257_000, deadline));
+    assert!(watch.overdue(&plan, &s, 257_001, deadline), "no data after the transfer time");
+
+    // Installed: far behind, but closing in; each new low restarts the clock.
+    let mut watch = StepWatch::new(&plan, 0);
+    applied(&mut s, 1, 100_000, true);
+    applied(&mut s, 4, 10_000, false);
+    assert!(!watch.overdue(&plan, &s, 100_000, deadline), "first report of a lag is progress");
+    applied(&mut s, 1, 110_000, true);
+    applied(&mut s, 4, 60_000, false);
+    assert!(!watch.overdue(&plan, &s, 100_900, deadline), "lag 50,000 < 90,000");
+    // Keeping pace with the writes without closing the gap is not progress.
+    applied(&mut s, 1, 150_000, true);
+    applied(&mut s, 4, 100_000, false);
+    assert!(!watch.overdue(&plan, &s, 101_900, deadline), "lag 50,000 again: within the deadline");
+    assert!(watch.overdue(&plan, &s, 101_901, deadline), "no new low for longer than the deadline");
+}
+
+#[test]
+fn a_step_other_than_catching_up_has_the_plain_deadline_from_its_start() {
+    let mut s = state();
+    sized(&mut s, 1 << 30);
+    start(&mut s, 2, 4, None);
+    let plan = s.moves[&S].clone();
+    assert_eq!(plan.step, MoveStep::AddLearner);
+    let mut watch = StepWatch::new(&plan, 0);
+    assert!(!watch.overdue(&plan, &s, 1_000, 1_000));
+    assert!(watch.overdue(&plan, &s, 1_001, 1_000), "no transfer time outside WaitCaughtUp");
+    // A new step starts a new clock.
+    advance(&mut s).expect("add learner");
+    let plan = s.moves[&S].clone();
+    assert!(!watch.overdue(&plan, &s, 2_000, 1_000), "WaitCaughtUp starts now");
+}

@@ -116,9 +116,11 @@ pub const META_VOTERS_MAX: usize = 5;
 /// ([`BootstrapConfig::of_nodes`]): the first three (more replicas cost every write; fewer
 /// cannot lose a node).
 pub const INITIAL_SHARD_REPLICAS: usize = 3;
-/// A replica move whose step has not advanced for this long is aborted (a learner that cannot
-/// catch up, a configuration change that does not commit): it would otherwise block the
-/// shard's splits and moves for good.
+/// A replica move whose step has made no progress for this long is aborted (a learner that
+/// cannot catch up, a configuration change that does not commit): it would otherwise block the
+/// shard's splits and moves for good. Progress of a learner catching up is its lag reaching a
+/// new low; before its first data, the shard's transfer time is added
+/// ([`crate::placement::StepWatch`]).
 pub const MOVE_STEP_DEADLINE_MS: u64 = 120_000;
 
 /// Errors of the node.
@@ -206,8 +208,8 @@ pub struct NodeConfig {
     /// A shard this node leads is re-sized (its range read through) at most this often, and only
     /// after it applied writes (ms).
     pub size_check_interval_ms: u64,
-    /// A replica move whose step has not advanced for this long is aborted by the meta leader
-    /// (ms; default [`MOVE_STEP_DEADLINE_MS`]).
+    /// A replica move whose step has made no progress for this long is aborted by the meta
+    /// leader (ms; default [`MOVE_STEP_DEADLINE_MS`]).
     pub move_step_deadline_ms: u64,
 }
 

@@ -6,14 +6,15 @@
 use super::{now_ms, Node};
 use crate::meta;
 use crate::peer_wire::MetaOp;
-use crate::placement::{MetaCommand, MoveStep, PlanAction, ShardId};
+use crate::placement::{MetaCommand, PlanAction, ShardId, StepWatch};
 use crate::wire::AdminResponse;
 use std::collections::{BTreeSet, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tracing::{debug, info, warn};
 
-/// On the meta leader: the step each move was first seen at, and when (step deadlines).
-pub(super) type MoveSteps = HashMap<ShardId, (MoveStep, Instant)>;
+/// On the meta leader: a watch over each move's current step (step deadlines, counted from
+/// the step's last progress).
+pub(super) type MoveSteps = HashMap<ShardId, StepWatch>;
 
 impl Node {
     /// On the meta leader: one balancer round, its proposals carried out. Not in the first
@@ -38,21 +39,17 @@ impl Node {
             return;
         }
         let state = self.meta_view();
-        let now = Instant::now();
-        let deadline = Duration::from_millis(self.inner.config.move_step_deadline_ms);
+        let now = self.inner.started.elapsed().as_millis() as u64;
+        let deadline = self.inner.config.move_step_deadline_ms;
         let overdue: BTreeSet<ShardId> = match self.inner.move_steps.lock() {
-            Ok(mut steps) => {
-                steps.retain(|shard, _| state.moves.contains_key(shard));
+            Ok(mut watches) => {
+                watches.retain(|shard, _| state.moves.contains_key(shard));
                 state
                     .moves
                     .values()
                     .filter(|p| {
-                        let (step, since) = steps.entry(p.shard).or_insert((p.step, now));
-                        if *step != p.step {
-                            *step = p.step;
-                            *since = now;
-                        }
-                        now.duration_since(*since) > deadline
+                        let watch = watches.entry(p.shard).or_insert_with(|| StepWatch::new(p, now));
+                        watch.overdue(p, &state, now, deadline)
                     })
                     .map(|p| p.shard)
                     .collect()
@@ -61,7 +58,7 @@ impl Node {
         };
         for plan in state.moves.values() {
             if overdue.contains(&plan.shard) {
-                warn!(shard = %plan.shard, step = ?plan.step, "move step past its deadline; aborting the move");
+                warn!(shard = %plan.shard, step = ?plan.step, "move step without progress past its deadline; aborting the move");
                 let cmd = MetaCommand::AbortMove { shard: plan.shard };
                 if let Err(e) = self.meta_exec(MetaOp::Commands(vec![cmd]), false).await {
                     debug!(shard = %plan.shard, error = %e, "move not aborted");
