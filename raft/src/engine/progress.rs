@@ -28,6 +28,36 @@ pub(crate) struct SnapshotSend {
     pub(crate) all_sent: bool,
     /// When `acked` last moved (or the transfer started): the resend timer.
     pub(crate) progress_at: Millis,
+    /// Chunks that may be in flight now: the configured window, cut to one after a loss
+    /// (a gap or the resend timer) and grown by one per acknowledgement. Resending a whole
+    /// window while the first copies still queue would only overflow the queues that lost a
+    /// chunk in the first place.
+    pub(crate) window_chunks: usize,
+    /// The offset last resent because the follower reported a gap there: every chunk that
+    /// arrives after a gap reports it again, and only the first report resends.
+    pub(crate) gap_resent: Option<u64>,
+}
+
+impl SnapshotSend {
+    /// A transfer of `meta` from its start, with `window_chunks` in flight at most.
+    pub(crate) fn new(meta: SnapshotMeta, now: Millis, window_chunks: usize) -> SnapshotSend {
+        SnapshotSend {
+            meta,
+            acked: 0,
+            sent: 0,
+            all_sent: false,
+            progress_at: now,
+            window_chunks: window_chunks.max(1),
+            gap_resent: None,
+        }
+    }
+
+    /// Sends again from `offset`, one chunk at a time until acknowledgements come back.
+    pub(crate) fn resend_from(&mut self, offset: u64) {
+        self.sent = offset;
+        self.all_sent = false;
+        self.window_chunks = 1;
+    }
 }
 
 #[derive(Debug)]

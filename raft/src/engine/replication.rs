@@ -79,13 +79,8 @@ impl Replicator<'_> {
             return match self.snapshot {
                 Some(meta) if meta.last_log_id.index.next() >= first => {
                     info!(node = %self.id, term = %self.term, %peer, snapshot = %meta.last_log_id, "sending snapshot");
-                    p.state = ReplState::Snapshot(SnapshotSend {
-                        meta: meta.clone(),
-                        acked: 0,
-                        sent: 0,
-                        all_sent: false,
-                        progress_at: now,
-                    });
+                    let window = self.config.snapshot_chunks_in_flight_max;
+                    p.state = ReplState::Snapshot(SnapshotSend::new(meta.clone(), now, window));
                     p.inflight.clear();
                     self.send_snapshot_chunks(peer);
                     Sent::Stop
@@ -362,8 +357,8 @@ impl Engine {
                 ReplState::Snapshot(s) if now.since(s.progress_at) >= resend_ms => {
                     // The transfer goes on with its snapshot even if a newer one exists: the
                     // log is kept for it, so the follower can continue from the log after it.
-                    s.sent = s.acked;
-                    s.all_sent = false;
+                    let acked = s.acked;
+                    s.resend_from(acked);
                     s.progress_at = now;
                     retry.push(*id);
                 }

@@ -277,19 +277,21 @@ impl Engine {
             self.send_append(now, from);
             return;
         }
+        let window_max = self.config.snapshot_chunks_in_flight_max.max(1);
         if next_offset > s.acked {
             s.acked = next_offset.min(s.sent);
             s.progress_at = now;
-        } else if next_offset == s.acked && next_offset < s.sent {
+            s.window_chunks = (s.window_chunks + 1).min(window_max);
+            s.gap_resent = None;
+        } else if next_offset == s.acked && next_offset < s.sent && s.gap_resent != Some(next_offset) {
             // The follower reports a gap: a chunk was lost. Resend from there now rather than
-            // after the resend timeout.
-            s.sent = next_offset;
-            s.all_sent = false;
+            // after the resend timeout, once for this gap.
+            s.resend_from(next_offset);
+            s.gap_resent = Some(next_offset);
         } else if next_offset < s.acked {
             // The follower lost what it had (it restarted): start over from its offset.
             s.acked = next_offset;
-            s.sent = next_offset;
-            s.all_sent = false;
+            s.resend_from(next_offset);
             s.progress_at = now;
         }
         self.send_snapshot_chunks(from);
@@ -428,9 +430,9 @@ impl Replicator<'_> {
     /// Asks for chunks of the snapshot `peer` receives, as many as the window allows.
     pub(super) fn send_snapshot_chunks(&mut self, peer: NodeId) {
         let chunk = self.config.snapshot_chunk_bytes as u64;
-        let window = chunk * self.config.snapshot_chunks_in_flight_max as u64;
         let Some(p) = self.leader.progress.get_mut(&peer) else { return };
         let ReplState::Snapshot(s) = &mut p.state else { return };
+        let window = chunk * s.window_chunks.min(self.config.snapshot_chunks_in_flight_max).max(1) as u64;
         let size = s.meta.size_bytes;
         while !s.all_sent && s.sent - s.acked < window {
             let len = chunk.min(size - s.sent);

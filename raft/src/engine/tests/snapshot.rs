@@ -291,6 +291,38 @@ fn snapshot_is_streamed_in_chunks_and_resumes_after_a_lost_chunk() {
 }
 
 #[test]
+fn a_lost_chunk_is_resent_once_however_many_chunks_report_the_gap() {
+    let config = Config { snapshot_chunk_bytes: 1, snapshot_chunks_in_flight_max: 4, ..purging() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    leave_node_3_behind(&mut c, 30);
+    c.cut.clear();
+    // Deliver everything but the first copy of the second chunk; count the chunks sent.
+    let (mut sent, mut lost) = (0u64, false);
+    for _ in 0..200 {
+        c.advance(20);
+        c.stabilize_with(|m| {
+            let MessageBody::Snapshot { offset, .. } = &m.body else { return true };
+            sent += 1;
+            if *offset == 1 && !lost {
+                lost = true;
+                return false;
+            }
+            true
+        });
+        if c.nodes[&n(3)].sm_applied == c.nodes[&n(1)].sm_applied {
+            break;
+        }
+    }
+    assert!(lost, "the second chunk was sent and lost");
+    let meta = c.nodes[&n(1)].snapshot.as_ref().expect("the snapshot").0.clone();
+    assert_eq!(c.nodes[&n(3)].sm_applied, meta.last_log_id, "installed");
+    // Every chunk once, the lost one again, and at most one window of copies besides: the
+    // chunks sent after the gap each report it, and none of those reports may resend a window.
+    let chunks = meta.size_bytes;
+    assert!(sent <= chunks + 1 + 4, "{sent} chunks sent for a snapshot of {chunks}");
+}
+
+#[test]
 fn snapshot_chunks_are_ignored_while_one_is_being_installed() {
     let mut c = Cluster::with_leader(&[1, 2], cfg());
     let meta = |id, last: u64| SnapshotMeta {
