@@ -7,7 +7,8 @@ use super::*;
 /// Every action the engine has queued, in order; `has_actions` must have said whether any were.
 fn drain(e: &mut Engine) -> Vec<Action> {
     let pending = e.has_actions();
-    let out: Vec<Action> = std::iter::from_fn(|| e.poll_action()).collect();
+    let out: Vec<Action> = std::iter::from_fn(|| e.poll_action()).take(10_000).collect();
+    assert!(out.len() < 10_000, "the engine keeps emitting actions: {:?}", &out[..4]);
     assert_eq!(pending, !out.is_empty(), "has_actions before polling: {out:?}");
     assert!(!e.has_actions(), "nothing left once polled");
     out
@@ -211,6 +212,27 @@ fn a_read_index_read_starts_one_heartbeat_round_and_is_ready_once_a_quorum_ackno
     assert_eq!(drain(e), vec![Action::ReadReady { id: 7, index: LogIndex(2) }]);
     e.handle_message(now, msg(3, 1, term, MessageBody::HeartbeatResp { round: 1 }));
     assert!(drain(e).is_empty(), "answered once");
+}
+
+#[test]
+fn a_read_asked_for_after_a_round_went_out_waits_for_the_next_round() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], Config { lease_read: false, ..cfg() });
+    let now = c.now;
+    let term = c.engine(1).term().0;
+    let e = &mut c.node(1).engine;
+    e.read(now, 7, ReadMode::ReadIndex);
+    let round = |round| MessageBody::Heartbeat { commit: LogIndex(2), round };
+    assert_eq!(drain(e), vec![send(1, 2, term, round(1)), send(1, 3, term, round(1))]);
+    // Read 8 arrives while round 1 is out: an acknowledgement of round 1 may have been sent
+    // before read 8 existed, so it proves nothing about leadership at read 8's time.
+    e.read(now, 8, ReadMode::ReadIndex);
+    e.handle_message(now, msg(2, 1, term, MessageBody::HeartbeatResp { round: 1 }));
+    let ready = drain(e);
+    assert!(ready.contains(&Action::ReadReady { id: 7, index: LogIndex(2) }), "{ready:?}");
+    assert!(!ready.iter().any(|a| matches!(a, Action::ReadReady { id: 8, .. })), "read 8 waits: {ready:?}");
+    assert!(ready.contains(&send(1, 2, term, round(2))), "read 8 gets a round of its own: {ready:?}");
+    e.handle_message(now, msg(3, 1, term, MessageBody::HeartbeatResp { round: 2 }));
+    assert_eq!(drain(e), vec![Action::ReadReady { id: 8, index: LogIndex(2) }]);
 }
 
 #[test]
