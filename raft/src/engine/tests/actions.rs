@@ -236,6 +236,26 @@ fn a_read_asked_for_after_a_round_went_out_waits_for_the_next_round() {
 }
 
 #[test]
+fn a_leader_that_steps_down_fails_every_read_waiting_on_it_at_once() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], Config { lease_read: false, ..cfg() });
+    let now = c.now;
+    let term = c.engine(1).term().0;
+    let e = &mut c.node(1).engine;
+    e.read(now, 7, ReadMode::ReadIndex);
+    e.read(now, 8, ReadMode::ReadIndex);
+    drain(e);
+    // Node 3 leads a later term.
+    let append = MessageBody::Heartbeat { commit: LogIndex(2), round: 1 };
+    e.handle_message(now, msg(3, 1, term + 1, append));
+    let failed: Vec<Action> = drain(e).into_iter().filter(|a| matches!(a, Action::ReadFailed { .. })).collect();
+    let not_leader = RaftError::NotLeader { leader: Some(n(3)) };
+    assert_eq!(
+        failed,
+        vec![Action::ReadFailed { id: 7, error: not_leader.clone() }, Action::ReadFailed { id: 8, error: not_leader }]
+    );
+}
+
+#[test]
 fn a_read_on_a_follower_fails_at_once_naming_the_leader() {
     let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
     let now = c.now;
