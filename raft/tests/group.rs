@@ -205,8 +205,8 @@ fn a_stopped_group_refuses_every_request_with_its_fatal_error() {
     assert!(g.core.poll_action().is_none(), "a stopped group produces nothing");
 }
 
-#[test]
-fn a_leadership_transfer_is_answered_once_the_target_leads() {
+/// Nodes 1 and 2 of a two-voter group, node 1 elected; and the time it was.
+fn node_1_of_2_elected() -> ([Group; 2], Millis) {
     let mut gs = [Group::new(1, &[1, 2]), Group::new(2, &[1, 2])];
     let t = gs[0].core.engine().next_deadline();
     for g in gs.iter_mut() {
@@ -215,6 +215,12 @@ fn a_leadership_transfer_is_answered_once_the_target_leads() {
     gs[0].core.handle_timeout(t);
     exchange(&mut gs);
     assert_eq!(gs[0].core.engine().role(), Role::Leader);
+    (gs, t)
+}
+
+#[test]
+fn a_leadership_transfer_is_answered_once_the_target_leads() {
+    let (mut gs, t) = node_1_of_2_elected();
     let (tx, mut rx) = oneshot::channel();
     gs[0].core.handle_request(t, Request::TransferLeader(NodeId(2), tx));
     gs[0].pump();
@@ -227,14 +233,7 @@ fn a_leadership_transfer_is_answered_once_the_target_leads() {
 
 #[test]
 fn asking_for_the_configuration_in_force_is_answered_at_once_by_the_leader_and_refused_by_a_follower() {
-    let mut gs = [Group::new(1, &[1, 2]), Group::new(2, &[1, 2])];
-    let t = gs[0].core.engine().next_deadline();
-    for g in gs.iter_mut() {
-        g.now = t;
-    }
-    gs[0].core.handle_timeout(t);
-    exchange(&mut gs);
-    assert_eq!(gs[0].core.engine().role(), Role::Leader);
+    let (mut gs, t) = node_1_of_2_elected();
     let voters: std::collections::BTreeSet<NodeId> = [NodeId(1), NodeId(2)].into();
     let in_force = gs[1].core.engine().committed_membership().log_id.index;
     assert_eq!(gs[0].core.engine().committed_membership().log_id.index, in_force, "both know it committed");
