@@ -36,3 +36,21 @@ fn quiescence_needs_an_idle_caught_up_group_and_wake_resumes_the_timers() {
     c.node(3).engine.wake(now, false);
     assert!(!c.engine(3).in_lease(now), "a dead leader is not counted as heard from");
 }
+
+#[test]
+fn a_leader_with_a_read_waiting_does_not_go_quiet() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], Config { lease_read: false, ..cfg() });
+    let all = |_| true;
+    assert!(c.engine(1).quiesce_point(all).is_some(), "idle before the read");
+    let now = c.now;
+    c.node(1).engine.read(now, 7, ReadMode::ReadIndex);
+    assert!(c.engine(1).quiesce_point(all).is_none(), "a read waits for its round");
+    // The round goes out; until a quorum answers it, the read still waits.
+    let round = c.take_outbox(1);
+    assert!(c.engine(1).quiesce_point(all).is_none(), "a read waits for its round's answers");
+    for m in round {
+        c.deliver(m);
+    }
+    c.stabilize();
+    assert!(c.engine(1).quiesce_point(all).is_some(), "idle again once the read was answered");
+}
