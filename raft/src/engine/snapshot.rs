@@ -432,7 +432,8 @@ impl Replicator<'_> {
         let chunk = self.config.snapshot_chunk_bytes as u64;
         let Some(p) = self.leader.progress.get_mut(&peer) else { return };
         let ReplState::Snapshot(s) = &mut p.state else { return };
-        let window = chunk * s.window_chunks.min(self.config.snapshot_chunks_in_flight_max).max(1) as u64;
+        // At least one chunk and at most the configured window (kept so by `SnapshotSend`).
+        let window = chunk * s.window_chunks as u64;
         let size = s.meta.size_bytes;
         while !s.all_sent && s.sent - s.acked < window {
             let len = chunk.min(size - s.sent);
