@@ -198,13 +198,19 @@ fn adding_a_learner_appends_the_configuration_and_probes_the_learner_with_it() {
 
 // ----- reads ----------------------------------------------------------------------------
 
-#[test]
-fn a_read_index_read_starts_one_heartbeat_round_and_is_ready_once_a_quorum_acknowledged_it() {
+/// Node 1 leading {1, 2, 3} without the lease, asked for ReadIndex read 7; the time and term.
+fn leader_1_reading_7() -> (Cluster, Millis, u64) {
     let mut c = Cluster::with_leader(&[1, 2, 3], Config { lease_read: false, ..cfg() });
     let now = c.now;
     let term = c.engine(1).term().0;
+    c.node(1).engine.read(now, 7, ReadMode::ReadIndex);
+    (c, now, term)
+}
+
+#[test]
+fn a_read_index_read_starts_one_heartbeat_round_and_is_ready_once_a_quorum_acknowledged_it() {
+    let (mut c, now, term) = leader_1_reading_7();
     let e = &mut c.node(1).engine;
-    e.read(now, 7, ReadMode::ReadIndex);
     let heartbeat = MessageBody::Heartbeat { commit: LogIndex(2), round: 1 };
     assert_eq!(drain(e), vec![send(1, 2, term, heartbeat.clone()), send(1, 3, term, heartbeat)]);
     // This node and node 2 are a quorum of three.
@@ -216,11 +222,8 @@ fn a_read_index_read_starts_one_heartbeat_round_and_is_ready_once_a_quorum_ackno
 
 #[test]
 fn a_read_asked_for_after_a_round_went_out_waits_for_the_next_round() {
-    let mut c = Cluster::with_leader(&[1, 2, 3], Config { lease_read: false, ..cfg() });
-    let now = c.now;
-    let term = c.engine(1).term().0;
+    let (mut c, now, term) = leader_1_reading_7();
     let e = &mut c.node(1).engine;
-    e.read(now, 7, ReadMode::ReadIndex);
     let round = |round| MessageBody::Heartbeat { commit: LogIndex(2), round };
     assert_eq!(drain(e), vec![send(1, 2, term, round(1)), send(1, 3, term, round(1))]);
     // Read 8 arrives while round 1 is out: an acknowledgement of round 1 may have been sent
@@ -237,11 +240,8 @@ fn a_read_asked_for_after_a_round_went_out_waits_for_the_next_round() {
 
 #[test]
 fn a_leader_that_steps_down_fails_every_read_waiting_on_it_at_once() {
-    let mut c = Cluster::with_leader(&[1, 2, 3], Config { lease_read: false, ..cfg() });
-    let now = c.now;
-    let term = c.engine(1).term().0;
+    let (mut c, now, term) = leader_1_reading_7();
     let e = &mut c.node(1).engine;
-    e.read(now, 7, ReadMode::ReadIndex);
     e.read(now, 8, ReadMode::ReadIndex);
     drain(e);
     // Node 3 leads a later term.

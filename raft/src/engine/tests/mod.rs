@@ -291,6 +291,15 @@ impl Cluster {
         panic!("cluster did not stabilize");
     }
 
+    /// Cuts node `id` off from every other node, both ways.
+    fn cut_off(&mut self, id: u64) {
+        let others: Vec<NodeId> = self.nodes.keys().copied().filter(|o| *o != n(id)).collect();
+        for o in others {
+            self.cut.insert((n(id), o));
+            self.cut.insert((o, n(id)));
+        }
+    }
+
     fn deliver(&mut self, m: Message) {
         if self.cut.contains(&(m.from, m.to)) {
             return;

@@ -200,10 +200,7 @@ fn a_leader_refuses_proposals_past_its_uncommitted_bytes_and_takes_them_again_on
     let config = Config { uncommitted_bytes_max: 10, ..cfg() };
     let mut c = Cluster::with_leader(&[1, 2, 3], config);
     // Cut the leader off: nothing it proposes commits.
-    for other in [2, 3] {
-        c.cut.insert((n(1), n(other)));
-        c.cut.insert((n(other), n(1)));
-    }
+    c.cut_off(1);
     let now = c.now;
     let six = || vec![Bytes::from_static(b"123456")];
     // One proposal is always taken, even past the limit on its own.
@@ -230,10 +227,7 @@ fn a_leader_refuses_proposals_past_its_uncommitted_bytes_and_takes_them_again_on
 fn an_uncommitted_bytes_limit_of_zero_means_no_limit() {
     let config = Config { uncommitted_bytes_max: 0, ..cfg() };
     let mut c = Cluster::with_leader(&[1, 2, 3], config);
-    for other in [2, 3] {
-        c.cut.insert((n(1), n(other)));
-        c.cut.insert((n(other), n(1)));
-    }
+    c.cut_off(1);
     let now = c.now;
     for _ in 0..100 {
         c.node(1).engine.propose(now, vec![Bytes::from(vec![7u8; 4096])]).expect("no limit");

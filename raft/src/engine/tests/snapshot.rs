@@ -49,6 +49,20 @@ fn start_unacknowledged_transfer(c: &mut Cluster) -> SnapshotMeta {
     c.nodes[&n(1)].snapshot.as_ref().expect("a snapshot is being sent").0.clone()
 }
 
+/// Snapshot `snapshot_id` of `size_bytes` bytes (up to entry 1-50, node 2's committed
+/// configuration), and its first chunk, `abcd`, from leader 1 to node 2.
+fn first_chunk_to_2(c: &Cluster, snapshot_id: u64, size_bytes: u64, done: bool) -> (SnapshotMeta, Message) {
+    let meta = SnapshotMeta {
+        last_log_id: LogId::new(1, 50),
+        membership: c.engine(2).committed_membership().clone(),
+        snapshot_id,
+        size_bytes,
+    };
+    let body = MessageBody::Snapshot { meta: meta.clone(), offset: 0, data: Bytes::from_static(b"abcd"), done };
+    let chunk = Message { from: n(1), to: n(2), term: c.engine(1).term(), body };
+    (meta, chunk)
+}
+
 /// A config that purges everything durable at once and keeps nothing for lagging followers.
 fn purging() -> Config {
     Config { log_keep_entries: 0, log_lag_entries_max: 0, log_purge_step_entries: 1, ..cfg() }
@@ -378,19 +392,7 @@ fn a_stale_refusal_does_not_cancel_an_installation_under_way() {
     c.settle(2);
     assert!(c.engine(2).committed() >= LogIndex(3), "node 2 knows entry 3 committed");
     assert_eq!(c.engine(2).applied(), LogIndex(2));
-    let meta = SnapshotMeta {
-        last_log_id: LogId::new(1, 50),
-        membership: c.engine(2).committed_membership().clone(),
-        snapshot_id: 7,
-        size_bytes: 4,
-    };
-    let term = c.engine(1).term();
-    let chunk = Message {
-        from: n(1),
-        to: n(2),
-        term,
-        body: MessageBody::Snapshot { meta: meta.clone(), offset: 0, data: Bytes::from_static(b"abcd"), done: true },
-    };
+    let (meta, chunk) = first_chunk_to_2(&c, 7, 4, true);
     let now = c.now;
     // First reception: Receive + Install queued in the state machine (in that order).
     c.node(2).engine.handle_message(now, chunk.clone());
@@ -454,19 +456,7 @@ fn a_follower_that_just_installed_is_not_snapshotted_again() {
 #[test]
 fn a_chunk_is_acknowledged_once_stored() {
     let mut c = Cluster::with_leader(&[1, 2], cfg());
-    let meta = SnapshotMeta {
-        last_log_id: LogId::new(1, 50),
-        membership: c.engine(2).committed_membership().clone(),
-        snapshot_id: 9,
-        size_bytes: 8,
-    };
-    let term = c.engine(1).term();
-    let chunk = Message {
-        from: n(1),
-        to: n(2),
-        term,
-        body: MessageBody::Snapshot { meta: meta.clone(), offset: 0, data: Bytes::from_static(b"abcd"), done: false },
-    };
+    let (meta, chunk) = first_chunk_to_2(&c, 9, 8, false);
     let now = c.now;
     c.node(2).engine.handle_message(now, chunk);
     let queued = drain(&mut c.node(2).engine);
