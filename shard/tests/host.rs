@@ -581,3 +581,58 @@ async fn requests_past_the_mailbox_bound_are_refused_as_overloaded() {
     assert_eq!(cluster.get(GroupId(1), &key(1, "a")).await.expect("get"), Some(b"v".to_vec()));
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_reading_a_lagging_followers_entries_keeps_serving_its_other_groups() {
+    // One poller per host, so both groups share the leader's thread; a small entry cache, so
+    // the follower's entries come from storage.
+    let c = Cluster::start_with(3, |cfg| {
+        cfg.pollers = 1;
+        cfg.raft.entry_cache_bytes_max = 1024;
+    })
+    .await;
+    c.create_groups(1..=2).await;
+    c.put(GroupId(1), &key(1, "first"), "v").await.expect("write");
+    c.put(GroupId(2), &key(2, "first"), "v").await.expect("write");
+    let lead = leader_among(&c, &[1, 2, 3], GroupId(1)).await;
+    let lead2 = leader_among(&c, &[1, 2, 3], GroupId(2)).await;
+    if lead2 != lead {
+        c.host(lead2).transfer_leader(GroupId(2), lead).await.expect("transfer");
+    }
+    while leader_among(&c, &[1, 2, 3], GroupId(2)).await != lead {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let behind = c.hosts.iter().map(|h| h.node()).find(|n| *n != lead).expect("a follower");
+    c.net.cut.write().expect("lock").insert(behind);
+    for i in 0..200 {
+        c.put(GroupId(1), &key(1, &format!("k{i}")), &"x".repeat(100)).await.expect("write while one is cut");
+    }
+    // The follower comes back while the leader's reads of its entries hang.
+    c.host(lead).hold_loads(true);
+    c.net.cut.write().expect("lock").remove(&behind);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let served = tokio::time::timeout(Duration::from_secs(5), async {
+        for i in 0..20 {
+            c.put(GroupId(2), &key(2, &format!("k{i}")), "v").await.expect("write to the other group");
+            c.put(GroupId(1), &key(1, &format!("more{i}")), "v").await.expect("write to the lagging group");
+        }
+    })
+    .await;
+    c.host(lead).hold_loads(false);
+    assert!(served.is_ok(), "writes waited behind a held load of entries");
+    // Released, the follower catches up from the log.
+    let sm = flotilla_shard::KvStateMachine::new(c.host(behind).store().clone(), GroupId(1), range_of(1));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let local = sm.get(key(1, "more19").into_bytes()).await.expect("local read");
+        if local.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the follower did not catch up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(sm.get(key(1, "k0").into_bytes()).await.expect("local read").is_some(), "the first entry it missed");
+    let info = c.host(behind).group_info().await.expect("info").into_iter().find(|i| i.group == GroupId(1));
+    assert_eq!(info.map(|i| i.first_index.0), Some(1), "it caught up from the log, not by snapshot");
+    c.shutdown().await;
+}

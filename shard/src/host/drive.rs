@@ -1,13 +1,20 @@
 //! Driving one group in a round: its `GroupCore`'s actions go where the round collects them —
 //! log writes into the round's one store request, messages into the per-node batches (snapshot
-//! chunks apart, for the network's transfer path), state-machine work into the group's queue —
-//! and the completions of those writes come back.
+//! chunks apart, for the network's transfer path), state-machine work into the group's queue,
+//! entry loads onto the blocking pool — and the completions of those writes and loads come
+//! back.
 
-use super::poller::{empty_batch, Poller};
+use super::group_state::GroupState;
+use super::poller::{empty_batch, Poller, PollerMsg};
+use super::Shared;
 use crate::keys::{encode, group_key, KIND_COMMITTED};
 use crate::store::{Op, CF_RAFT};
-use flotilla_raft::{Action, CoreAction, GroupId, IoId, LogAction, MessageBody, StorageError};
-use tracing::error;
+use flotilla_raft::{
+    Action, CoreAction, Entry, GroupId, IoId, LogAction, LogIndex, MessageBody, NodeId, Role, StorageError, Term,
+};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use tracing::{debug, error};
 
 impl Poller {
     pub(super) fn drive_dirty(&mut self) {
@@ -20,7 +27,6 @@ impl Poller {
     /// Executes a group's actions: log writes into the round, messages into the batches,
     /// state-machine work into its queue.
     pub(super) fn drive(&mut self, gid: GroupId) {
-        let now = self.shared.now();
         let me = self.shared.config.node;
         let Some(g) = self.groups.get_mut(&gid) else { return };
         let mut wrote = false;
@@ -51,10 +57,7 @@ impl Poller {
                     if g.writes_in_flight > 0 || wrote {
                         g.deferred_loads.push((peer, from, to, bytes_max));
                     } else {
-                        match g.log.read_entries_blocking(from, to, bytes_max) {
-                            Ok(entries) => g.core.handle_entries_loaded(now, peer, entries),
-                            Err(e) => g.core.fail(e),
-                        }
+                        start_load(&self.shared, &self.tx, g, (peer, from, to, bytes_max));
                     }
                 }
                 CoreAction::Send(msg) if matches!(msg.body, MessageBody::Snapshot { .. }) => {
@@ -104,16 +107,61 @@ impl Poller {
                 Err(e) => g.core.fail(e.clone()),
             }
             if g.writes_in_flight == 0 {
-                for (peer, from, to, bytes_max) in std::mem::take(&mut g.deferred_loads) {
-                    match g.log.read_entries_blocking(from, to, bytes_max) {
-                        Ok(entries) => g.core.handle_entries_loaded(now, peer, entries),
-                        Err(e) => g.core.fail(e),
-                    }
+                for load in std::mem::take(&mut g.deferred_loads) {
+                    start_load(&self.shared, &self.tx, g, load);
                 }
             }
             self.dirty.insert(gid);
         }
     }
+
+    /// Entries read for `peer` (see [`start_load`]). A read that failed after the group left
+    /// the term it was asked in is stale, not a fault: a follower's log may have been cut
+    /// meanwhile (truncated by a new leader, replaced by a snapshot). A leader in the same
+    /// term never cuts entries a load is reading (the engine holds its purges back), so there
+    /// a failure is the storage's.
+    pub(super) fn on_loaded(
+        &mut self,
+        gid: GroupId,
+        peer: NodeId,
+        term: Term,
+        result: Result<Vec<Entry>, StorageError>,
+    ) {
+        let now = self.shared.now();
+        let Some(g) = self.groups.get_mut(&gid) else { return };
+        g.loads_running = g.loads_running.saturating_sub(1);
+        match result {
+            Ok(entries) => g.core.handle_entries_loaded(now, peer, entries),
+            Err(e) if g.core.engine().term() == term && g.core.engine().role() == Role::Leader => g.core.fail(e),
+            Err(e) => {
+                debug!(group = %gid, %peer, error = %e, "a load from an earlier term failed: dropped");
+                g.core.handle_entries_loaded(now, peer, Vec::new());
+            }
+        }
+        self.dirty.insert(gid);
+    }
+}
+
+/// Reads entries a leader asked for on the blocking pool, not on the poller's thread: a
+/// lagging follower's entries come from disk, and one poller drives many groups whose
+/// heartbeats must not wait behind that read. The answer comes back as `PollerMsg::Loaded`;
+/// the engine checks the entries still match its log before it sends them.
+fn start_load(
+    shared: &Arc<Shared>,
+    tx: &mpsc::Sender<PollerMsg>,
+    g: &mut GroupState,
+    (peer, from, to, bytes_max): (NodeId, LogIndex, LogIndex, usize),
+) {
+    g.loads_running += 1;
+    let (gid, term, log, tx) = (g.id, g.core.engine().term(), g.log.clone(), tx.clone());
+    let hooks = shared.clone();
+    shared.runtime.spawn_blocking(move || {
+        while hooks.hold_loads.load(Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let result = log.read_entries_blocking(from, to, bytes_max);
+        let _ = tx.send(PollerMsg::Loaded { gid, peer, term, result });
+    });
 }
 
 fn io_of(a: &Action) -> Option<IoId> {

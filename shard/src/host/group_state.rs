@@ -21,6 +21,8 @@ pub(crate) struct GroupState {
     pub(super) writes_in_flight: usize,
     /// Loads waiting for the writes before them to be durable.
     pub(super) deferred_loads: Vec<(NodeId, LogIndex, LogIndex, usize)>,
+    /// Loads reading on the blocking pool (at most one per follower: the engine's bound).
+    pub(super) loads_running: usize,
     /// State-machine work (apply, build, install) waiting its turn; one runs at a time.
     pub(super) sm_queue: VecDeque<MachineAction>,
     pub(super) sm_busy: bool,
@@ -43,6 +45,7 @@ impl GroupState {
             idle_ticks: 0,
             writes_in_flight: 0,
             deferred_loads: Vec::new(),
+            loads_running: 0,
             sm_queue: VecDeque::new(),
             sm_busy: false,
             quiet_leader: None,
@@ -55,6 +58,7 @@ impl GroupState {
             || self.sm_busy
             || !self.sm_queue.is_empty()
             || !self.deferred_loads.is_empty()
+            || self.loads_running > 0
             || self.core.has_waiters()
     }
 }

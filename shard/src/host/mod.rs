@@ -320,6 +320,8 @@ pub(crate) struct Shared {
     pub(crate) split_starts: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Test hook (`Host::hold_applies`): apply writes wait, already answered and prepared.
     pub(crate) hold_applies: std::sync::atomic::AtomicBool,
+    /// Test hook (`Host::hold_loads`): entry loads for followers wait before reading.
+    pub(crate) hold_loads: std::sync::atomic::AtomicBool,
     /// The pollers' mailboxes (group `g` lives on poller `g % len`).
     pub(crate) pollers: Vec<mpsc::Sender<PollerMsg>>,
     /// Groups on this node: where each lives and its state machine (for reads).
@@ -371,6 +373,7 @@ impl Host {
             stopping: std::sync::atomic::AtomicBool::new(false),
             split_starts: Mutex::new(Vec::new()),
             hold_applies: std::sync::atomic::AtomicBool::new(false),
+            hold_loads: std::sync::atomic::AtomicBool::new(false),
             pollers: senders.clone(),
             registry: RwLock::new(Registry::default()),
         });
@@ -602,6 +605,13 @@ impl Host {
     #[doc(hidden)]
     pub fn hold_applies(&self, hold: bool) {
         self.shared.hold_applies.store(hold, Ordering::Release);
+    }
+
+    /// Test hook: while `hold` is set, entry loads a leader starts for its lagging followers
+    /// wait before reading, as a read from a slow disk would.
+    #[doc(hidden)]
+    pub fn hold_loads(&self, hold: bool) {
+        self.shared.hold_loads.store(hold, Ordering::Release);
     }
 
     /// Forms a group that was created without a configuration (see [`Host::create_group`]).

@@ -11,7 +11,8 @@ use super::{GroupInfo, NodeBatch, QuiesceNotice, Shared, EVENTS_PER_ROUND_MAX};
 use crate::store::Op;
 use bytes::Bytes;
 use flotilla_raft::{
-    Fatal, GroupId, IoId, LogIndex, Message, NodeId, RaftError, Request, SnapshotError, SnapshotMeta, StorageError,
+    Entry, Fatal, GroupId, IoId, LogIndex, Message, NodeId, RaftError, Request, SnapshotError, SnapshotMeta,
+    StorageError, Term,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -35,6 +36,13 @@ pub(crate) enum PollerMsg {
         done: Vec<(GroupId, IoId)>,
         compact: Vec<crate::log::CompactSpan>,
         result: Result<(), StorageError>,
+    },
+    /// Entries read for a leader's follower (see `drive::start_load`), in the term asked.
+    Loaded {
+        gid: GroupId,
+        peer: NodeId,
+        term: Term,
+        result: Result<Vec<Entry>, StorageError>,
     },
     Applied(GroupId, Result<AppliedBatch, StorageError>),
     Built(GroupId, Result<SnapshotMeta, StorageError>),
@@ -183,6 +191,7 @@ impl Poller {
             PollerMsg::Batch { from, messages, quiesce } => self.on_batch(from, messages, quiesce),
             PollerMsg::Api(gid, req) => self.on_request(gid, req),
             PollerMsg::WritesDone { done, compact, result } => self.on_writes_done(done, compact, result),
+            PollerMsg::Loaded { gid, peer, term, result } => self.on_loaded(gid, peer, term, result),
             PollerMsg::Applied(gid, r) => self.on_applied(gid, r),
             PollerMsg::Built(gid, r) => self.on_built(gid, r),
             PollerMsg::BuildPinned(gid) => {
