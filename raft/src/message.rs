@@ -94,6 +94,12 @@ pub enum MessageBody {
         /// The receiver found the snapshot corrupt: the sender builds a new one rather than
         /// resend the same bytes.
         refused: bool,
+        /// The chunk answered lies past `next_offset` (one before it was lost), or belongs to
+        /// a snapshot the receiver is not taking (it restarted): the sender resends from
+        /// `next_offset`. Unset on an acknowledgement and on the answer to a chunk received
+        /// twice, which only says how far the receiver is — the sender must not take a
+        /// duplicate's answer for a loss, or each resend would breed another.
+        gap: bool,
     },
 }
 

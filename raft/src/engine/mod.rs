@@ -29,7 +29,7 @@ mod transfer;
 use io::PendingIo;
 use read::Reads;
 use role::{LeaderState, RoleState};
-use snapshot::{BuildingSnapshot, Receiving};
+use snapshot::{BuildingSnapshot, Receiving, SnapshotAnswer};
 use transfer::Transfer;
 
 use crate::config::Config;
@@ -774,8 +774,9 @@ impl Engine {
                 self.on_leader_contact(now, from);
                 self.on_snapshot_chunk(from, meta, offset, data, done);
             }
-            MessageBody::SnapshotResp { snapshot_id, next_offset, installed, refused } => {
-                self.on_snapshot_resp(now, from, snapshot_id, next_offset, installed, refused)
+            MessageBody::SnapshotResp { snapshot_id, next_offset, installed, refused, gap } => {
+                let answer = SnapshotAnswer { snapshot_id, next_offset, installed, refused, gap };
+                self.on_snapshot_resp(now, from, answer)
             }
         }
         self.flush_rounds(now);

@@ -7,6 +7,15 @@
 use super::*;
 use replication::Replicator;
 
+/// The fields of a `SnapshotResp`, as the leader reads them.
+pub(super) struct SnapshotAnswer {
+    pub(super) snapshot_id: u64,
+    pub(super) next_offset: u64,
+    pub(super) installed: Option<LogId>,
+    pub(super) refused: bool,
+    pub(super) gap: bool,
+}
+
 #[derive(Debug)]
 pub(super) struct Receiving {
     pub(super) meta: SnapshotMeta,
@@ -249,15 +258,8 @@ impl Engine {
     /// A follower's answer to a snapshot chunk: move the window on, resend from a gap, go
     /// back to appends once it installed the snapshot, or start over with a new snapshot if
     /// it refused this one.
-    pub(super) fn on_snapshot_resp(
-        &mut self,
-        now: Millis,
-        from: NodeId,
-        snapshot_id: u64,
-        next_offset: u64,
-        installed: Option<LogId>,
-        refused: bool,
-    ) {
+    pub(super) fn on_snapshot_resp(&mut self, now: Millis, from: NodeId, answer: SnapshotAnswer) {
+        let SnapshotAnswer { snapshot_id, next_offset, installed, refused, gap } = answer;
         let Some(l) = self.role.leader_mut() else { return };
         let Some(p) = l.progress.get_mut(&from) else { return };
         p.recent_active = true;
@@ -278,21 +280,28 @@ impl Engine {
             return;
         }
         let window_max = self.config.snapshot_chunks_in_flight_max.max(1);
-        if next_offset > s.acked {
-            s.acked = next_offset.min(s.sent);
+        let next_offset = next_offset.min(s.meta.size_bytes);
+        if gap {
+            // A chunk was lost (every chunk after it reports the same gap: resend once), or
+            // the follower restarted and expects the snapshot from its start. A gap below
+            // what was acknowledged, other than a restart's, is an old report overtaken.
+            let restart = next_offset == 0 && s.acked > 0;
+            if s.gap_resent != Some(next_offset) && (next_offset >= s.acked || restart) {
+                if next_offset != s.acked {
+                    s.progress_at = now;
+                }
+                s.acked = next_offset;
+                s.resend_from(next_offset);
+                s.gap_resent = Some(next_offset);
+            }
+        } else if next_offset > s.acked {
+            // Acknowledged (or answered for a chunk sent twice): the follower holds all up to
+            // here. Chunks a timer resend took back that it already holds are not sent again.
+            s.acked = next_offset;
+            s.sent = s.sent.max(next_offset);
             s.progress_at = now;
             s.window_chunks = (s.window_chunks + 1).min(window_max);
             s.gap_resent = None;
-        } else if next_offset == s.acked && next_offset < s.sent && s.gap_resent != Some(next_offset) {
-            // The follower reports a gap: a chunk was lost. Resend from there now rather than
-            // after the resend timeout, once for this gap.
-            s.resend_from(next_offset);
-            s.gap_resent = Some(next_offset);
-        } else if next_offset < s.acked {
-            // The follower lost what it had (it restarted): start over from its offset.
-            s.acked = next_offset;
-            s.resend_from(next_offset);
-            s.progress_at = now;
         }
         self.send_snapshot_chunks(from);
     }
@@ -300,16 +309,17 @@ impl Engine {
     /// A snapshot chunk from the leader: stored in order, installed when complete, one
     /// snapshot at a time.
     pub(super) fn on_snapshot_chunk(&mut self, from: NodeId, meta: SnapshotMeta, offset: u64, data: Bytes, done: bool) {
-        let resp = |next_offset, installed| MessageBody::SnapshotResp {
+        let resp = |next_offset, installed, gap| MessageBody::SnapshotResp {
             snapshot_id: meta.snapshot_id,
             next_offset,
             installed,
             refused: false,
+            gap,
         };
         if meta.last_log_id.index <= self.committed {
             // Already have all of it (or installed it earlier).
             let installed = self.log.id_at(self.committed).unwrap_or(self.log.last_purged());
-            self.send(from, resp(meta.size_bytes, Some(installed)));
+            self.send(from, resp(meta.size_bytes, Some(installed), false));
             return;
         }
         if self.receiving.as_ref().is_some_and(|r| r.installing) {
@@ -326,7 +336,7 @@ impl Engine {
         let same = self.receiving.as_ref().is_some_and(|r| r.meta == meta);
         if !same {
             if offset != 0 {
-                self.send(from, resp(0, None));
+                self.send(from, resp(0, None, true));
                 return;
             }
             self.receptions += 1;
@@ -336,7 +346,7 @@ impl Engine {
         let Some(r) = self.receiving.as_mut() else { return };
         if offset != r.offset {
             let expected = r.offset;
-            self.send(from, resp(expected, None));
+            self.send(from, resp(expected, None, offset > expected));
             return;
         }
         r.offset += data.len() as u64;
@@ -359,6 +369,7 @@ impl Engine {
                 next_offset: end,
                 installed: None,
                 refused: false,
+                gap: false,
             };
             self.send(leader, body);
         }
@@ -386,6 +397,7 @@ impl Engine {
                     next_offset: 0,
                     installed: None,
                     refused: true,
+                    gap: false,
                 },
             );
         }
@@ -418,6 +430,7 @@ impl Engine {
                     snapshot_id: meta.snapshot_id,
                     next_offset: meta.size_bytes,
                     installed: Some(last),
+                    gap: false,
                     refused: false,
                 },
             );

@@ -306,8 +306,13 @@ fn a_snapshot_in_one_chunk_is_stored_installed_then_the_log_is_reset_behind_it()
         ]
     );
     e.handle_snapshot_installed(Millis(2), meta.clone(), 1);
-    let installed =
-        MessageBody::SnapshotResp { snapshot_id: 5, next_offset: 4, installed: Some(LogId::new(2, 9)), refused: false };
+    let installed = MessageBody::SnapshotResp {
+        snapshot_id: 5,
+        next_offset: 4,
+        installed: Some(LogId::new(2, 9)),
+        refused: false,
+        gap: false,
+    };
     assert_eq!(
         drain(&mut e),
         vec![

@@ -70,6 +70,8 @@ struct TestNode {
     /// Every action seen, for assertions.
     seen: Vec<Action>,
     reads: Vec<(u64, Result<LogIndex, RaftError>)>,
+    /// Size of the snapshots this node builds.
+    snapshot_size: u64,
 }
 
 impl TestNode {
@@ -94,6 +96,7 @@ impl TestNode {
             outbox: Vec::new(),
             seen: Vec::new(),
             reads: Vec::new(),
+            snapshot_size: 10,
         }
     }
 
@@ -154,7 +157,7 @@ impl TestNode {
                         last_log_id: self.sm_applied,
                         membership: self.engine.committed_membership().clone(),
                         snapshot_id: self.seen.len() as u64,
-                        size_bytes: 10,
+                        size_bytes: self.snapshot_size,
                     };
                     self.snapshot = Some((meta.clone(), self.applied.clone()));
                     self.built.insert(meta.snapshot_id);

@@ -524,3 +524,90 @@ fn the_log_is_not_purged_under_a_load_in_flight() {
     c.settle(5);
     assert_eq!(c.engine(3).applied(), c.engine(1).applied());
 }
+
+/// Runs a transfer of a `size`-chunk snapshot from leader 1 to node 3 over FIFO links with a
+/// one-way delay of 5 ms between 1 and 3; if `stall`, node 3's answers are held (not lost)
+/// for 100 ms once, 40 ms into the transfer. Returns the number of chunks sent to node 3.
+fn chunks_sent_for_a_transfer(size: u64, stall: bool) -> u64 {
+    let config = Config {
+        snapshot_chunk_bytes: 1,
+        snapshot_chunks_in_flight_max: 4,
+        log_keep_entries: 0,
+        log_lag_entries_max: 0,
+        log_purge_step_entries: 1,
+        ..cfg()
+    };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    c.node(1).snapshot_size = size;
+    c.cut.insert((n(1), n(3)));
+    c.settle(25);
+    for i in 0..30 {
+        c.propose(1, &format!("v{i}"));
+    }
+    c.stabilize();
+    c.cut.clear();
+
+    let delay = 5u64;
+    let mut wire: BTreeMap<(NodeId, NodeId), std::collections::VecDeque<(Millis, Message)>> = BTreeMap::new();
+    let mut chunks_sent = 0u64;
+    let mut first_chunk_at: Option<Millis> = None;
+    for _ in 0..20_000 {
+        c.advance(1);
+        let now = c.now;
+        // Run every node; messages between 1 and 2 are delivered at once, the others queue.
+        for _ in 0..1000 {
+            let mut msgs = Vec::new();
+            for node in c.nodes.values_mut() {
+                node.run(now);
+                msgs.append(&mut node.outbox);
+            }
+            if msgs.is_empty() {
+                break;
+            }
+            for m in msgs {
+                if m.from == n(3) || m.to == n(3) {
+                    if m.to == n(3) && matches!(m.body, MessageBody::Snapshot { .. }) {
+                        chunks_sent += 1;
+                        first_chunk_at.get_or_insert(now);
+                    }
+                    let q = wire.entry((m.from, m.to)).or_default();
+                    let due = q.back().map_or(now.add_ms(delay), |(d, _)| (*d).max(now.add_ms(delay)));
+                    q.push_back((due, m));
+                } else {
+                    c.deliver(m);
+                }
+            }
+        }
+        // Deliver what is due, in order; node 3's answers are held during the stall.
+        let held = stall && first_chunk_at.is_some_and(|t| now >= t.add_ms(40) && now < t.add_ms(140));
+        for (link, q) in wire.iter_mut() {
+            if held && link.0 == n(3) {
+                continue;
+            }
+            while q.front().is_some_and(|(d, _)| *d <= now) {
+                let (_, m) = q.pop_front().expect("checked");
+                if let Some(node) = c.nodes.get_mut(&m.to) {
+                    node.engine.handle_message(now, m);
+                }
+            }
+        }
+        let target = c.nodes[&n(1)].snapshot.as_ref().map(|s| s.0.last_log_id);
+        if target.is_some_and(|t| c.nodes[&n(3)].sm_applied == t) {
+            return chunks_sent;
+        }
+    }
+    panic!("the snapshot was not installed ({chunks_sent} chunks sent)");
+}
+
+#[test]
+fn a_transfer_without_loss_or_delay_sends_each_chunk_once() {
+    let sent = chunks_sent_for_a_transfer(400, false);
+    assert!(sent <= 400 + 4, "{sent} chunks sent for 400");
+}
+
+#[test]
+fn answers_delayed_once_past_the_resend_timeout_do_not_make_every_later_chunk_go_twice() {
+    let sent = chunks_sent_for_a_transfer(400, true);
+    // One timer resend may repeat the window in flight (4) and its follow-ups; not more.
+    assert!(sent <= 400 + 3 * 4, "{sent} chunks sent for a 400-chunk snapshot after one 100 ms delay, no loss");
+}
