@@ -54,3 +54,20 @@ fn a_leader_with_a_read_waiting_does_not_go_quiet() {
     c.stabilize();
     assert!(c.engine(1).quiesce_point(all).is_some(), "idle again once the read was answered");
 }
+
+#[test]
+fn a_leader_whose_own_log_write_is_not_durable_does_not_go_quiet() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    let all = |_: NodeId| true;
+    assert!(c.engine(1).quiesce_point(all).is_some(), "idle before the write");
+    c.node(1).auto_sync = false;
+    c.propose(1, "x");
+    c.stabilize();
+    let last = c.engine(1).last_log_id().index;
+    assert_eq!(c.engine(1).committed(), last, "the followers' acks committed the entry");
+    assert!(c.engine(1).quiesce_point(all).is_none(), "its own copy of the entry is not durable");
+    let now = c.now;
+    c.node(1).sync(now);
+    c.stabilize();
+    assert_eq!(c.engine(1).quiesce_point(all), Some((c.engine(1).term(), last)), "idle once durable");
+}

@@ -233,3 +233,48 @@ fn an_uncommitted_bytes_limit_of_zero_means_no_limit() {
         c.node(1).engine.propose(now, vec![Bytes::from(vec![7u8; 4096])]).expect("no limit");
     }
 }
+
+#[test]
+fn an_ack_waiting_for_durability_goes_to_the_leader_of_the_latest_append() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.node(2).auto_sync = false;
+    let i = c.propose(1, "a");
+    // The entry reaches 2 and 3; 2's write is not durable yet, so it owes 1 an ack.
+    for m in c.take_outbox(1) {
+        c.deliver(m);
+    }
+    let owed = c.take_outbox(2);
+    assert!(!owed.iter().any(|m| matches!(m.body, MessageBody::AppendResp(_))), "no ack before durability");
+    // 1 hands leadership to 3, which wins the next term without 2; its first append reaches 2.
+    let now = c.now;
+    c.node(1).engine.transfer_leader(now, n(3)).expect("transfer");
+    let mut to_2 = Vec::new();
+    c.stabilize_with(|m| {
+        if m.to == n(2) {
+            to_2.push(m.clone());
+        }
+        m.to != n(2) && m.from != n(2)
+    });
+    assert_eq!(c.engine(3).role(), Role::Leader);
+    let term = c.engine(3).term();
+    assert!(to_2.iter().any(|m| m.from == n(3) && matches!(m.body, MessageBody::Append { .. })));
+    for m in to_2 {
+        c.deliver(m);
+    }
+    let before_sync = c.take_outbox(2);
+    assert!(!before_sync.iter().any(|m| matches!(m.body, MessageBody::AppendResp(_))), "no ack before durability");
+    let now = c.now;
+    c.node(2).sync(now);
+    let acks: Vec<_> = c
+        .take_outbox(2)
+        .into_iter()
+        .filter_map(|m| match m.body {
+            MessageBody::AppendResp(AppendResult::Success { matched }) => Some((m.to, m.term, matched)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        acks.iter().any(|(to, t, matched)| *to == n(3) && *t == term && *matched > i),
+        "the new leader hears of 2's durable entries at once: {acks:?}"
+    );
+}
