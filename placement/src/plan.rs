@@ -253,7 +253,11 @@ pub const MOVE_TRANSFER_BYTES_PER_S_MIN: u64 = 4 << 20;
 /// Pure: time is an argument.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StepWatch {
+    /// The move and step watched: another move of the shard (after an abort, or decided by
+    /// another meta leader) starts a new watch even at the same step.
     step: MoveStep,
+    from: NodeId,
+    to: NodeId,
     since_ms: u64,
     /// The smallest lag (entries) the learner has shown in this step.
     best_lag: Option<u64>,
@@ -262,7 +266,7 @@ pub struct StepWatch {
 impl StepWatch {
     /// Starts watching `plan`'s current step at `now_ms`.
     pub fn new(plan: &MovePlan, now_ms: u64) -> StepWatch {
-        StepWatch { step: plan.step, since_ms: now_ms, best_lag: None }
+        StepWatch { step: plan.step, from: plan.from, to: plan.to, since_ms: now_ms, best_lag: None }
     }
 
     /// Takes in `plan` and `state` at `now_ms` (a new step or a new low of the lag restarts the
@@ -270,7 +274,7 @@ impl StepWatch {
     /// patience: `deadline_ms`, plus, for a learner that has not reported catching up yet, the
     /// time to transfer the shard at [`MOVE_TRANSFER_BYTES_PER_S_MIN`].
     pub fn overdue(&mut self, plan: &MovePlan, state: &MetaState, now_ms: u64, deadline_ms: u64) -> bool {
-        if plan.step != self.step {
+        if (plan.step, plan.from, plan.to) != (self.step, self.from, self.to) {
             *self = StepWatch::new(plan, now_ms);
         }
         let lag = plan.learner_lag(state);

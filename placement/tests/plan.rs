@@ -584,3 +584,31 @@ fn a_step_other_than_catching_up_has_the_plain_deadline_from_its_start() {
     let plan = s.moves[&S].clone();
     assert!(!watch.overdue(&plan, &s, 2_000, 1_000), "WaitCaughtUp starts now");
 }
+
+#[test]
+fn another_move_of_the_shard_at_the_same_step_gets_a_fresh_watch() {
+    let deadline = 120_000;
+    let mut s = state();
+    sized(&mut s, 1 << 30);
+    // Move 1 (2 -> 4) waits for its learner, which has its data; the watch saw its lag at 0.
+    start(&mut s, 2, 4, None);
+    advance(&mut s).expect("add learner");
+    raft_follows(&mut s, 1, &[]);
+    let m1 = s.moves[&S].clone();
+    assert_eq!(m1.step, MoveStep::WaitCaughtUp);
+    applied(&mut s, 1, 1_000, true);
+    applied(&mut s, 4, 990, false);
+    let mut watch = StepWatch::new(&m1, 0);
+    assert!(!watch.overdue(&m1, &s, 0, deadline));
+    // Move 1 is aborted and move 2 (2 -> 5) reaches the same step; node 5 has no data yet.
+    s.apply(MetaCommand::AbortMove { shard: S }).expect("abort");
+    raft_follows(&mut s, 1, &[4]);
+    start(&mut s, 2, 5, None);
+    advance(&mut s).expect("add learner");
+    raft_follows(&mut s, 1, &[4]);
+    let m2 = s.moves[&S].clone();
+    assert_eq!(m2.step, MoveStep::WaitCaughtUp);
+    // Watched with move 1's watch 130 s later, move 2 is owed its transfer time (256 s).
+    assert!(!watch.overdue(&m2, &s, 130_000, deadline), "move 2 inherited move 1's clock");
+    assert!(watch.overdue(&m2, &s, 130_000 + deadline + 256_001, deadline));
+}

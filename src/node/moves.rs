@@ -36,6 +36,11 @@ impl Node {
     /// On the meta leader: runs one step of every replica move plan.
     pub(super) async fn drive_moves(&self) {
         if !self.leads_meta().await {
+            // Another leader drives the moves meanwhile: watches kept from this tenure would
+            // judge the next one by clocks that stopped.
+            if let Ok(mut watches) = self.inner.move_steps.lock() {
+                watches.clear();
+            }
             return;
         }
         let state = self.meta_view();
