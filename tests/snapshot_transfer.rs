@@ -85,8 +85,10 @@ async fn a_snapshot_chunk_crosses_on_a_transfer_stream_and_bad_transfers_are_ref
     // Refused, one after another: garbage, more than a chunk may be, a chunk of another group
     // than its stream's, a message that is not a chunk, a chunk claiming another sender.
     let oversized = vec![0u8; transfer_bytes_max(n2_chunk_bytes()) + 1];
-    let heartbeat =
-        Message { body: MessageBody::Heartbeat { commit: Default::default(), round: 1 }, ..chunk(1, 2, b"") };
+    let heartbeat = Message {
+        body: MessageBody::Heartbeat { commit: Default::default(), round: 1, keep_after: None },
+        ..chunk(1, 2, b"")
+    };
     let cases: Vec<(GroupId, Bytes)> = vec![
         (NO_SUCH_GROUP, Bytes::from_static(b"not a record")),
         (NO_SUCH_GROUP, Bytes::from(oversized)),

@@ -64,6 +64,11 @@ pub enum MessageBody {
         commit: LogIndex,
         /// The heartbeat round.
         round: u64,
+        /// The leader keeps its log after this index for a follower still catching up from
+        /// it (see `Engine::purge_log`); `None`: for nobody. Followers keep theirs from there
+        /// too, so that whichever of them leads next can still catch that follower up from
+        /// the log rather than by snapshot.
+        keep_after: Option<LogIndex>,
     },
     /// Answer to `Heartbeat`.
     HeartbeatResp {

@@ -521,7 +521,11 @@ async fn raft_messages_claiming_another_sender_than_their_batch_are_dropped() {
                 from: NodeId(from),
                 to: NodeId(1),
                 term: flotilla_raft::Term(term),
-                body: flotilla_raft::MessageBody::Heartbeat { commit: flotilla_raft::LogIndex(0), round: 0 },
+                body: flotilla_raft::MessageBody::Heartbeat {
+                    commit: flotilla_raft::LogIndex(0),
+                    round: 0,
+                    keep_after: None,
+                },
             },
         )
     };

@@ -316,6 +316,9 @@ pub struct Engine {
     receptions: u64,
     /// The time of the last purge decision (a purge that follows a dropped snapshot reuses it).
     purge_judged_at: Millis,
+    /// What the leader last said it keeps its log after for its followers (a follower purges
+    /// no further; see `purge_log`).
+    leader_keeps_after: Option<LogIndex>,
     /// `LoadEntries` polled and not yet answered (peer, first index): the log is never purged
     /// under them, whatever the role meanwhile, or the load would find its entries gone.
     loads_in_flight: Vec<(NodeId, LogIndex)>,
@@ -372,6 +375,7 @@ impl Engine {
             durable_applied: state.last_purged.index,
             receptions: 0,
             purge_judged_at: now,
+            leader_keeps_after: None,
             loads_in_flight: Vec::new(),
             snapshots: Vec::new(),
             building_snapshot: None,
@@ -764,8 +768,9 @@ impl Engine {
                 self.on_append(now, from, prev, entries, commit);
             }
             MessageBody::AppendResp(r) => self.on_append_resp(now, from, r),
-            MessageBody::Heartbeat { commit, round } => {
+            MessageBody::Heartbeat { commit, round, keep_after } => {
                 self.on_leader_contact(now, from);
+                self.leader_keeps_after = keep_after;
                 self.on_heartbeat(now, from, commit, round);
             }
             MessageBody::HeartbeatResp { round } => self.on_heartbeat_resp(now, from, round),

@@ -224,8 +224,12 @@ impl Engine {
     /// Starts a heartbeat round if one is needed. Every heartbeat carries the round number;
     /// a quorum acknowledging round `r` proves leadership as of the round's start.
     pub(super) fn flush_rounds(&mut self, now: Millis) {
+        if self.role.leader().is_none_or(|l| l.reads.round_requested_at().is_none()) {
+            return;
+        }
+        let keep_after = self.kept_for_followers(now);
         if let Some(mut r) = self.replicator() {
-            r.flush_rounds(now);
+            r.flush_rounds(now, keep_after);
         }
     }
 
@@ -239,7 +243,7 @@ impl Engine {
 
 impl Replicator<'_> {
     /// Starts the heartbeat round asked for, if any, sent at `now`.
-    fn flush_rounds(&mut self, now: Millis) {
+    fn flush_rounds(&mut self, now: Millis, keep_after: Option<LogIndex>) {
         let l = &mut *self.leader;
         let Some(round) = l.reads.start_round(now) else { return };
         for (id, p) in &l.progress {
@@ -247,7 +251,7 @@ impl Replicator<'_> {
                 from: self.id,
                 to: *id,
                 term: self.term,
-                body: MessageBody::Heartbeat { commit: self.committed.min(p.matched), round },
+                body: MessageBody::Heartbeat { commit: self.committed.min(p.matched), round, keep_after },
             }));
         }
         // With no other voter the round is acknowledged at once.

@@ -87,6 +87,8 @@ impl Engine {
     /// (its matched index moved within two election timeouts: a follower that just installed a
     /// snapshot, or catches up from the log after one, is never sent another because writes
     /// went on meanwhile). A follower neither close nor moving gets a snapshot when it returns.
+    /// A follower keeps what its leader last said it keeps for the others: replicas that purge
+    /// alike let a new leader go on catching a lagging follower up from the log.
     pub(super) fn purge_log(&mut self, now: Millis, all: bool) {
         self.purge_judged_at = self.purge_judged_at.max(now);
         let durable = self.durable_applied.min(self.applied).0;
@@ -107,14 +109,10 @@ impl Engine {
             upto = upto.min(from.0.saturating_sub(1));
         }
         if !all {
-            if let Some(l) = self.role.leader() {
-                let floor = durable.saturating_sub(self.config.log_lag_entries_max);
-                let moving_ms = 2 * self.config.election_timeout_ms_max;
-                for (id, p) in &l.progress {
-                    if *id != self.id && (p.matched.0 >= floor || now.since(p.matched_at) < moving_ms) {
-                        upto = upto.min(p.matched.0);
-                    }
-                }
+            let keep_after =
+                if self.role.leader().is_some() { self.kept_for_followers(now) } else { self.leader_keeps_after };
+            if let Some(k) = keep_after {
+                upto = upto.min(k.0);
             }
         }
         let purged = self.log.last_purged().index.0;
@@ -124,6 +122,22 @@ impl Engine {
                 self.purge_local(id);
             }
         }
+    }
+
+    /// On a leader: the index after which it keeps its log for its followers — the lowest
+    /// matched index of a follower that lags by at most `log_lag_entries_max` or is catching
+    /// up (its matched index moved within two election timeouts). `None` off a leader or
+    /// with no other member.
+    pub(super) fn kept_for_followers(&self, now: Millis) -> Option<LogIndex> {
+        let l = self.role.leader()?;
+        let durable = self.durable_applied.min(self.applied).0;
+        let floor = durable.saturating_sub(self.config.log_lag_entries_max);
+        let moving_ms = 2 * self.config.election_timeout_ms_max;
+        l.progress
+            .iter()
+            .filter(|(id, p)| **id != self.id && (p.matched.0 >= floor || now.since(p.matched_at) < moving_ms))
+            .map(|(_, p)| p.matched)
+            .min()
     }
 
     /// Asks the state machine for a snapshot, unless one is being built.

@@ -611,3 +611,43 @@ fn answers_delayed_once_past_the_resend_timeout_do_not_make_every_later_chunk_go
     // One timer resend may repeat the window in flight (4) and its follow-ups; not more.
     assert!(sent <= 400 + 3 * 4, "{sent} chunks sent for a 400-chunk snapshot after one 100 ms delay, no loss");
 }
+
+#[test]
+fn followers_keep_what_their_leader_keeps_so_the_next_leader_catches_a_lagging_follower_up_from_the_log() {
+    let config = Config { log_keep_entries: 5, log_lag_entries_max: 20, log_purge_step_entries: 1, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    // 3 falls 60 entries behind, within two election timeouts: it still counts as catching
+    // up, so leader 1 keeps its log for it, and says so in its heartbeats.
+    c.cut_off(3);
+    for i in 0..60 {
+        c.propose(1, &format!("v{i}"));
+        if i % 10 == 9 {
+            c.settle(1);
+        }
+    }
+    c.stabilize();
+    let behind = c.engine(3).last_log_id().index;
+    eprintln!(
+        "behind {behind} 2 purged {:?} 1 purged {:?} 2 applied {}",
+        c.nodes[&n(2)].last_purged,
+        c.nodes[&n(1)].last_purged,
+        c.engine(2).applied()
+    );
+    assert!(c.engine(2).applied().0 >= behind.0 + 50, "2 applied the entries 3 lacks");
+    assert!(
+        c.nodes[&n(2)].last_purged.index <= behind,
+        "2 purged entries 3 still needs: purged to {}, 3 has {behind}",
+        c.nodes[&n(2)].last_purged.index
+    );
+    // 1 goes; 2 leads and catches 3 up from its log, without a snapshot.
+    c.cut.clear();
+    c.cut_off(1);
+    c.elect(2);
+    c.settle(3);
+    assert_eq!(c.engine(3).applied(), c.engine(2).applied(), "3 caught up");
+    assert!(
+        !c.nodes[&n(2)].seen.iter().any(|a| matches!(a, Action::BuildSnapshot | Action::ReadSnapshotChunk { .. })),
+        "the new leader sent a snapshot"
+    );
+    assert_eq!(c.applied_data(3).len(), c.applied_data(2).len());
+}
