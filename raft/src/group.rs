@@ -267,6 +267,60 @@ impl GroupCore {
         }
     }
 
+    /// Proposes the commands of several write requests as one run of consecutive entries: one
+    /// engine proposal, so one log append and one message per follower for all of them, where
+    /// a request at a time makes one of each per request. Each request is answered as
+    /// [`handle_request`](Self::handle_request) would answer it alone (a refused proposal
+    /// refuses all of them). `writes` is left empty, its capacity kept for the next call.
+    pub fn handle_writes(&mut self, now: Millis, writes: &mut Vec<(Vec<Bytes>, WriteReply)>) {
+        if writes.len() <= 1 {
+            if let Some((commands, reply)) = writes.pop() {
+                self.write(now, commands, reply);
+            }
+            return;
+        }
+        if let Err(e) = self.check_alive() {
+            for (_, reply) in writes.drain(..) {
+                let _ = reply.send(Err(e.clone()));
+            }
+            return;
+        }
+        let total: usize = writes.iter().map(|(c, _)| c.len()).sum();
+        let mut all = Vec::with_capacity(total);
+        let mut replies = Vec::with_capacity(writes.len());
+        for (mut commands, reply) in writes.drain(..) {
+            if commands.is_empty() {
+                let _ = reply.send(Ok(Vec::new()));
+                continue;
+            }
+            replies.push((commands.len(), reply));
+            all.append(&mut commands);
+        }
+        if all.is_empty() {
+            return;
+        }
+        match self.engine.propose(now, all) {
+            Ok(first) => {
+                let term = self.engine.term();
+                let mut index = first.0;
+                for (count, reply) in replies {
+                    let batch = self.next_batch;
+                    self.next_batch += 1;
+                    for pos in 0..count {
+                        self.writes.insert(LogIndex(index), PendingWrite { term, batch, pos });
+                        index += 1;
+                    }
+                    self.batches.insert(batch, Batch { results: vec![None; count], remaining: count, reply });
+                }
+            }
+            Err(e) => {
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
     /// A linearizable read: `reply` gets the read index once it is confirmed (and, with
     /// `wait_apply`, once the state machine has applied it).
     fn read(&mut self, now: Millis, mode: ReadMode, wait_apply: bool, reply: IndexReply) {

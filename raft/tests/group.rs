@@ -252,3 +252,60 @@ fn asking_for_the_configuration_in_force_is_answered_at_once_by_the_leader_and_r
     gs[1].pump();
     assert_eq!(rx.try_recv(), Ok(Err(RaftError::NotLeader { leader: Some(NodeId(1)) })));
 }
+
+#[test]
+fn writes_proposed_together_are_one_append_and_each_caller_gets_its_own_answers() {
+    let mut g = Group::leader();
+    let mut rxs = Vec::new();
+    let mut writes: Vec<(Vec<Bytes>, WriteReply)> = Vec::new();
+    for commands in [&["a"][..], &[][..], &["b", "c"][..], &["d"][..]] {
+        let (tx, rx): (WriteReply, _) = oneshot::channel();
+        writes.push((commands.iter().map(|c| Bytes::from(c.to_string())).collect(), tx));
+        rxs.push(rx);
+    }
+    let before = g.log.len();
+    g.core.handle_writes(g.now, &mut writes);
+    assert!(writes.is_empty(), "every request taken");
+    match g.core.poll_action() {
+        Some(CoreAction::Log(LogAction::Write(Action::AppendEntries { io, entries }))) => {
+            assert_eq!(entries.len(), 4, "one proposal, one append of the four commands");
+            g.log.extend(entries);
+            g.core.handle_io_done(g.now, io);
+        }
+        other => panic!("expected the append first, got {other:?}"),
+    }
+    g.pump();
+    assert_eq!(g.log.len(), before + 4, "four commands, consecutive entries, nothing else");
+    let term = g.core.engine().term();
+    let first = g.log[before].log_id.index;
+    let i = |k: u64| LogIndex(first.0 + k);
+    assert_eq!(rxs[0].try_recv(), Ok(answered(&[("a", i(0), term)])));
+    assert_eq!(rxs[1].try_recv(), Ok(Ok(Vec::new())), "no command: answered at once, no entry");
+    assert_eq!(rxs[2].try_recv(), Ok(answered(&[("b", i(1), term), ("c", i(2), term)])));
+    assert_eq!(rxs[3].try_recv(), Ok(answered(&[("d", i(3), term)])));
+    assert!(!g.core.has_waiters());
+}
+
+#[test]
+fn writes_proposed_together_on_a_follower_are_each_refused_with_the_leader() {
+    let mut gs = [Group::new(1, &[1, 2]), Group::new(2, &[1, 2])];
+    let t = gs[0].core.engine().next_deadline();
+    for g in gs.iter_mut() {
+        g.now = t;
+    }
+    gs[0].core.handle_timeout(t);
+    exchange(&mut gs);
+    assert_eq!(gs[0].core.engine().role(), Role::Leader);
+    let mut rxs = Vec::new();
+    let mut writes: Vec<(Vec<Bytes>, WriteReply)> = Vec::new();
+    for c in ["a", "b"] {
+        let (tx, rx): (WriteReply, _) = oneshot::channel();
+        writes.push((vec![Bytes::from(c)], tx));
+        rxs.push(rx);
+    }
+    gs[1].core.handle_writes(t, &mut writes);
+    for mut rx in rxs {
+        assert_eq!(rx.try_recv(), Ok(Err(RaftError::NotLeader { leader: Some(NodeId(1)) })));
+    }
+    assert!(!gs[1].core.has_waiters());
+}

@@ -181,6 +181,7 @@ impl Raft {
             metrics: metrics_tx,
             span: span.clone(),
             term_recorded: None,
+            writes: Vec::new(),
         };
         let task = tokio::spawn(core.run(api_rx, inbox_rx, io_ev_rx, ap_ev_rx).instrument(span));
         Ok(Raft {
@@ -562,6 +563,8 @@ struct Core<N: Network> {
     /// The group's span; its `term` field follows the engine's term.
     span: tracing::Span,
     term_recorded: Option<Term>,
+    /// The writes of one drain of the API queue, proposed together; kept for its capacity.
+    writes: Vec<(Vec<Bytes>, crate::request::WriteReply)>,
 }
 
 impl<N: Network> Core<N> {
@@ -609,24 +612,9 @@ impl<N: Network> Core<N> {
                     }
                 }
                 req = api.recv() => match req {
-                    Some(Api::Shutdown(reply)) => {
-                        shutdown_reply = Some(reply);
-                        self.core.stop(Fatal::Shutdown);
-                    }
-                    Some(Api::Request(req)) => {
-                        self.on_request(req);
-                        // Take what else is queued: reads arriving together share one
-                        // heartbeat round, writes one append.
-                        for _ in 1..EVENTS_PER_ROUND_MAX {
-                            match api.try_recv() {
-                                Ok(Api::Shutdown(reply)) => {
-                                    shutdown_reply = Some(reply);
-                                    self.core.stop(Fatal::Shutdown);
-                                    break;
-                                }
-                                Ok(Api::Request(req)) => self.on_request(req),
-                                Err(_) => break,
-                            }
+                    Some(first) => {
+                        if let Some(reply) = self.on_api(first, &mut api) {
+                            shutdown_reply = Some(reply);
                         }
                     }
                     None => self.core.stop(Fatal::Shutdown),
@@ -661,9 +649,39 @@ impl<N: Network> Core<N> {
         });
     }
 
-    fn on_request(&mut self, req: Request) {
+    /// Handles `first` and what else is queued (up to `EVENTS_PER_ROUND_MAX` in all): reads
+    /// arriving together share one heartbeat round, and writes one proposal (one append, one
+    /// message per follower). Writes are gathered until another kind of request comes, so
+    /// requests still take effect in the order queued. Returns the reply of a shutdown.
+    fn on_api(&mut self, first: Api, api: &mut mpsc::Receiver<Api>) -> Option<oneshot::Sender<()>> {
         let now = self.now();
-        self.core.handle_request(now, req);
+        let mut writes = std::mem::take(&mut self.writes);
+        let mut next = Some(first);
+        let mut taken = 0;
+        let mut shutdown = None;
+        while let Some(item) = next.take() {
+            taken += 1;
+            match item {
+                Api::Request(Request::Write(commands, reply)) => writes.push((commands, reply)),
+                Api::Request(req) => {
+                    self.core.handle_writes(now, &mut writes);
+                    self.core.handle_request(now, req);
+                }
+                Api::Shutdown(reply) => {
+                    shutdown = Some(reply);
+                    break;
+                }
+            }
+            if taken < EVENTS_PER_ROUND_MAX {
+                next = api.try_recv().ok();
+            }
+        }
+        self.core.handle_writes(now, &mut writes);
+        self.writes = writes;
+        if shutdown.is_some() {
+            self.core.stop(Fatal::Shutdown);
+        }
+        shutdown
     }
 
     fn on_io(&mut self, ev: IoEvent) {
