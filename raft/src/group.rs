@@ -4,7 +4,7 @@
 //!
 //! The middle of the crate's three layers: [`Engine`] is the protocol; `GroupCore` takes
 //! [`Request`]s and turns the engine's [`Action`]s into [`CoreAction`]s for whoever runs it;
-//! the runners are the Tokio driver ([`crate::Raft`], one `GroupCore` and three tasks per
+//! the runners are the Tokio driver ([`crate::Raft`], one `GroupCore` and one task per
 //! group) and hosts of many groups (flotilla-shard runs thousands of `GroupCore`s on a few
 //! poller threads). Request handling is written once, here.
 //!
