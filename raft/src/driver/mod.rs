@@ -660,8 +660,17 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
         Millis(self.base.elapsed().as_millis() as u64)
     }
 
+    /// When the engine's next timer is due.
+    fn deadline(&self) -> Instant {
+        self.base + Duration::from_millis(self.core.engine().next_deadline().0)
+    }
+
     async fn run(mut self, mut api: mpsc::Receiver<Api>, mut inbox: mpsc::Receiver<Message>) {
         let mut shutdown_reply = None;
+        // One timer for the life of the group, moved to each new deadline: a later deadline
+        // costs Tokio no lock, where a new timer per wait is registered and removed each time.
+        let timer = tokio::time::sleep_until(self.deadline());
+        tokio::pin!(timer);
         loop {
             self.execute_actions().await;
             if !self.deferred.is_empty() {
@@ -680,7 +689,10 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
             }
             self.writer.start();
             self.applier.start();
-            let deadline = self.base + Duration::from_millis(self.core.engine().next_deadline().0);
+            let deadline = self.deadline();
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
             tokio::select! {
                 biased;
                 done = poll_stage(&mut self.writer.running) => self.on_log_done(done),
@@ -706,7 +718,7 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
                     }
                     None => self.core.stop(Fatal::Shutdown),
                 },
-                _ = tokio::time::sleep_until(deadline) => {
+                _ = &mut timer => {
                     let now = self.now();
                     self.core.handle_timeout(now);
                 }
