@@ -16,7 +16,8 @@
 # Environment (defaults in brackets):
 #   CLIENTS ["1 64 256"]   OPS [1000000] writes per run   OPS_1 [100000] writes with 1 client
 #   SERVER_WORKERS [2]     CLIENT_WORKERS [1]   (threads of the nodes' and the clients' runtimes)
-#   ROUNDS [1]             runs of every system at every client count (the table shows the best)
+#   ROUNDS [3]             runs of every system at every client count (the table shows the median
+#                          and the best)
 set -euo pipefail
 
 CLIENTS=${CLIENTS:-1 64 256}
@@ -24,7 +25,7 @@ OPS=${OPS:-1000000}
 OPS_1=${OPS_1:-100000}
 SERVER_WORKERS=${SERVER_WORKERS:-2}
 CLIENT_WORKERS=${CLIENT_WORKERS:-1}
-ROUNDS=${ROUNDS:-1}
+ROUNDS=${ROUNDS:-3}
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 
@@ -61,19 +62,26 @@ for c in $CLIENTS; do
   done
 done
 
-# The table: the best run of each label at each client count, and its ratio to openraft's.
-echo
+# The table: the median and the best run of each label at each client count (latencies of the
+# median run), and the ratio of the medians to openraft's.
 awk '
+  function median(k,   n, i, j, t, a) {
+    n = cnt[k]; for (i = 1; i <= n; i++) a[i] = v[k, i]
+    for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > t + 0; j--) a[j + 1] = a[j]; a[j + 1] = t }
+    return a[int((n + 1) / 2)]
+  }
   { delete f; for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
     k = f["label"] SUBSEP f["clients"]
-    if (!(k in best) || f["ops_per_s"] + 0 > best[k] + 0) { best[k] = f["ops_per_s"]; p50[k] = f["p50_us"]; p99[k] = f["p99_us"] }
+    n = ++cnt[k]; v[k, n] = f["ops_per_s"]; p50[k, f["ops_per_s"]] = f["p50_us"]; p99[k, f["ops_per_s"]] = f["p99_us"]
+    if (!(k in best) || f["ops_per_s"] + 0 > best[k] + 0) best[k] = f["ops_per_s"]
     if (!(f["label"] in seen)) { seen[f["label"]] = 1; labels[++nl] = f["label"] }
     if (!(f["clients"] in cseen)) { cseen[f["clients"]] = 1; cs[++nc] = f["clients"] } }
   END {
-    printf "| clients | system | writes/s | p50 µs | p99 µs | vs openraft |\n|---|---|---|---|---|---|\n"
+    printf "| clients | system | writes/s (median) | best | p50 µs | p99 µs | median vs openraft |\n|---|---|---|---|---|---|---|\n"
     for (i = 1; i <= nc; i++) for (j = 1; j <= nl; j++) {
       k = labels[j] SUBSEP cs[i]; o = "openraft" SUBSEP cs[i]
       if (!(k in best)) continue
-      r = (o in best && best[o] > 0) ? sprintf("%.2fx", best[k] / best[o]) : "-"
-      printf "| %s | %s | %d | %s | %s | %s |\n", cs[i], labels[j], best[k], p50[k], p99[k], r
+      m = median(k)
+      r = (o in best) ? sprintf("%.2fx", m / median(o)) : "-"
+      printf "| %s | %s | %d | %d | %s | %s | %s |\n", cs[i], labels[j], m, best[k], p50[k, m], p99[k, m], r
     } }' "$results"
