@@ -734,24 +734,33 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
 
     /// Once the group stopped: lets the storage work in flight finish and, on a shutdown, the
     /// work queued too (never after a storage failure: the log is not to be trusted), so that
-    /// nothing touches storage once the task ended.
+    /// nothing touches storage once the task ended. Both stages are driven together, as in the
+    /// core's wait: either one's work may wait for the other's (a store shared by the log and
+    /// the state machine, behind one lock).
     async fn finish_storage_work(&mut self) {
         let shutdown = matches!(self.core.fatal(), Some(Fatal::Shutdown) | None);
         if !shutdown {
             self.writer.queue.clear();
             self.applier.queue.clear();
         }
-        while let Some(work) = self.writer.running.take() {
-            if work.await.1.is_err() {
-                self.writer.queue.clear();
-            }
+        loop {
             self.writer.start();
-        }
-        while let Some(work) = self.applier.running.take() {
-            if self.applier.finished(work.await).is_err() {
-                self.applier.queue.clear();
-            }
             self.applier.start();
+            if self.writer.running.is_none() && self.applier.running.is_none() {
+                return;
+            }
+            tokio::select! {
+                done = poll_stage(&mut self.writer.running) => {
+                    if done.1.is_err() {
+                        self.writer.queue.clear();
+                    }
+                }
+                done = poll_stage(&mut self.applier.running) => {
+                    if self.applier.finished(done).is_err() {
+                        self.applier.queue.clear();
+                    }
+                }
+            }
         }
     }
 
@@ -869,17 +878,23 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
     }
 
     /// Makes room in the log writer's full queue: waits for the batch in flight, then starts
-    /// the next (everything queued). False if the group stops instead (shut down meanwhile, or
-    /// the batch failed).
+    /// the next (everything queued). The applier goes on meanwhile: the batch may wait for the
+    /// action in flight there (a store shared by the log and the state machine, behind one
+    /// lock), which only ends if it is polled. False if the group stops instead (shut down
+    /// meanwhile, or a stage failed).
     async fn wait_for_writer(&mut self) -> bool {
-        if self.writer.running.is_some() {
+        while self.writer.running.is_some() {
             tokio::select! {
                 done = poll_stage(&mut self.writer.running) => {
-                    if let Err(e) = &done.1 {
-                        self.stop(e.clone());
+                    if !self.defer_log(done) {
                         return false;
                     }
-                    self.deferred.push(Deferred::Log(done));
+                }
+                done = poll_stage(&mut self.applier.running) => {
+                    if !self.defer_apply(done) {
+                        return false;
+                    }
+                    self.applier.start();
                 }
                 _ = self.stop.notified() => return false,
             }
@@ -889,22 +904,49 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
     }
 
     /// Makes room in the applier's full queue: waits for the action in flight, then starts the
-    /// next. False if the group stops instead.
+    /// next. The log writer goes on meanwhile, for the same reason as in `wait_for_writer`.
+    /// False if the group stops instead.
     async fn wait_for_applier(&mut self) -> bool {
-        if self.applier.running.is_some() {
+        while self.applier.running.is_some() {
             tokio::select! {
                 done = poll_stage(&mut self.applier.running) => {
-                    let result = self.applier.finished(done);
-                    if let Err(e) = &result {
-                        self.stop(e.clone());
+                    if !self.defer_apply(done) {
                         return false;
                     }
-                    self.deferred.push(Deferred::Apply(result));
+                }
+                done = poll_stage(&mut self.writer.running) => {
+                    if !self.defer_log(done) {
+                        return false;
+                    }
+                    self.writer.start();
                 }
                 _ = self.stop.notified() => return false,
             }
         }
         self.applier.start();
+        true
+    }
+
+    /// Keeps a log batch's completion for after the actions being executed; false (and the
+    /// group stopped) if the batch failed.
+    fn defer_log(&mut self, done: LogDone) -> bool {
+        if let Err(e) = &done.1 {
+            self.stop(e.clone());
+            return false;
+        }
+        self.deferred.push(Deferred::Log(done));
+        true
+    }
+
+    /// Keeps an applier action's completion for after the actions being executed; false (and
+    /// the group stopped) if the action failed.
+    fn defer_apply(&mut self, done: ApplyDone<S>) -> bool {
+        let result = self.applier.finished(done);
+        if let Err(e) = &result {
+            self.stop(e.clone());
+            return false;
+        }
+        self.deferred.push(Deferred::Apply(result));
         true
     }
 }
