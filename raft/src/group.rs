@@ -270,8 +270,10 @@ impl GroupCore {
     /// Proposes the commands of several write requests as one run of consecutive entries: one
     /// engine proposal, so one log append and one message per follower for all of them, where
     /// a request at a time makes one of each per request. Each request is answered as
-    /// [`handle_request`](Self::handle_request) would answer it alone (a refused proposal
-    /// refuses all of them). `writes` is left empty, its capacity kept for the next call.
+    /// [`handle_request`](Self::handle_request) would answer it alone, in the order given: past
+    /// `Config::uncommitted_bytes_max`, the requests that no longer fit are refused with
+    /// `Overloaded` and the others proposed. `writes` is left empty, its capacity kept for the
+    /// next call.
     pub fn handle_writes(&mut self, now: Millis, writes: &mut Vec<(Vec<Bytes>, WriteReply)>) {
         if writes.len() <= 1 {
             if let Some((commands, reply)) = writes.pop() {
@@ -288,10 +290,21 @@ impl GroupCore {
         let total: usize = writes.iter().map(|(c, _)| c.len()).sum();
         let mut all = Vec::with_capacity(total);
         let mut replies = Vec::with_capacity(writes.len());
+        // The bytes pending as each request would find them proposed alone; `None` where the
+        // engine refuses any proposal (it answers all of them below).
+        let mut uncommitted = self.engine.uncommitted_bytes();
         for (mut commands, reply) in writes.drain(..) {
             if commands.is_empty() {
                 let _ = reply.send(Ok(Vec::new()));
                 continue;
+            }
+            if let Some(pending) = uncommitted.as_mut() {
+                let bytes: u64 = commands.iter().map(|c| c.len() as u64).sum();
+                if self.engine.over_uncommitted_limit(*pending, bytes) {
+                    let _ = reply.send(Err(RaftError::Overloaded { pending_bytes: *pending }));
+                    continue;
+                }
+                *pending += bytes;
             }
             replies.push((commands.len(), reply));
             all.append(&mut commands);

@@ -30,7 +30,12 @@ struct Group {
 impl Group {
     /// Node `id` of a group formed with `voters`.
     fn new(id: u64, voters: &[u64]) -> Group {
-        let engine = Engine::new(NodeId(id), Arc::new(Config::default()), InitialState::default(), id, Millis(0));
+        Group::with_config(id, voters, Config::default())
+    }
+
+    /// Node `id` of a group formed with `voters`, on `config`.
+    fn with_config(id: u64, voters: &[u64], config: Config) -> Group {
+        let engine = Engine::new(NodeId(id), Arc::new(config), InitialState::default(), id, Millis(0));
         let mut g = Group {
             core: GroupCore::new(engine),
             now: Millis(0),
@@ -46,7 +51,12 @@ impl Group {
 
     /// Node 1, the only voter, elected and with everything applied.
     fn leader() -> Group {
-        let mut g = Group::new(1, &[1]);
+        Group::leader_with(Config::default())
+    }
+
+    /// Node 1, the only voter, on `config`, elected and with everything applied.
+    fn leader_with(config: Config) -> Group {
+        let mut g = Group::with_config(1, &[1], config);
         g.now = g.core.engine().next_deadline();
         g.core.handle_timeout(g.now);
         g.pump();
@@ -308,4 +318,39 @@ fn writes_proposed_together_on_a_follower_are_each_refused_with_the_leader() {
         assert_eq!(rx.try_recv(), Ok(Err(RaftError::NotLeader { leader: Some(NodeId(1)) })));
     }
     assert!(!gs[1].core.has_waiters());
+}
+
+#[test]
+fn writes_proposed_together_past_the_uncommitted_limit_are_each_answered_as_if_proposed_alone() {
+    // 1 byte is pending when the writes come, the limit is 10: alone, in order, "aaaaa" fits
+    // (6), "bbbbb" does not (11), "ccc" does (9), "dd" does not (11).
+    let commands: [&[&str]; 5] = [&["aaaaa"], &["bbbbb"], &[], &["c", "cc"], &["dd"]];
+    let answers = |together: bool| -> (Vec<WriteAnswer>, Term, u64) {
+        let mut g = Group::leader_with(Config { uncommitted_bytes_max: 10, ..Config::default() });
+        let first = g.log.len() as u64 + 2; // after "x"
+        let _pending = g.write(&["x"]); // not pumped: stays uncommitted
+        let mut rxs = Vec::new();
+        let mut writes: Vec<(Vec<Bytes>, WriteReply)> = Vec::new();
+        for c in commands {
+            let (tx, rx): (WriteReply, _) = oneshot::channel();
+            writes.push((c.iter().map(|c| Bytes::from(c.to_string())).collect(), tx));
+            rxs.push(rx);
+        }
+        if together {
+            g.core.handle_writes(g.now, &mut writes);
+        } else {
+            for (c, tx) in writes {
+                g.core.handle_request(g.now, Request::Write(c, tx));
+            }
+        }
+        g.pump();
+        (rxs.into_iter().map(|mut rx| rx.try_recv().expect("answered")).collect(), g.core.engine().term(), first)
+    };
+    let (together, term, first) = answers(true);
+    assert_eq!(together, answers(false).0);
+    assert_eq!(together[0], answered(&[("aaaaa", LogIndex(first), term)]));
+    assert_eq!(together[1], Err(RaftError::Overloaded { pending_bytes: 6 }));
+    assert_eq!(together[2], Ok(Vec::new()));
+    assert_eq!(together[3], answered(&[("c", LogIndex(first + 1), term), ("cc", LogIndex(first + 2), term)]));
+    assert_eq!(together[4], Err(RaftError::Overloaded { pending_bytes: 9 }));
 }
