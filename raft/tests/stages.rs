@@ -8,12 +8,14 @@
 use bytes::Bytes;
 use flotilla_raft::testing::{MemLogStorage, MemRouter, MemStateMachine};
 use flotilla_raft::{
-    AppliedState, Config, Entry, EntryPayload, GroupId, LogId, LogIndex, LogState, LogStorage, Membership, Message,
-    MessageBody, NodeId, Raft, SnapshotError, SnapshotMeta, StateMachine, StorageError, Term, Vote,
+    AppliedState, Config, Entry, EntryPayload, Fatal, GroupId, LogId, LogIndex, LogState, LogStorage, Membership,
+    Message, MessageBody, NodeId, Raft, RaftError, Role, SnapshotError, SnapshotMeta, StateMachine, StorageError, Term,
+    Vote, WriteResponse,
 };
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Mutex};
+use tokio::task::JoinHandle;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -237,4 +239,71 @@ async fn a_storage_whose_log_and_state_machine_share_a_lock_shuts_down() {
     let done = tokio::time::timeout(WAIT, shutdown).await;
     assert!(done.is_ok(), "shutdown does not return");
     assert_eq!(log.entries().len(), 2, "the append started before the shutdown is done");
+}
+
+/// Node 1, alone, leading, on `store` and `log`; then its log writes wait for the test to
+/// open `store.log_gate` (a slow disk).
+async fn leader_on_a_slow_disk(store: &Shared, log: &MemLogStorage) -> Raft {
+    let raft = start(1, Config::fast(), store, log).await;
+    raft.initialize(Membership::new([NodeId(1)])).await.expect("initialize");
+    let m = raft.wait_for(WAIT, |m| m.role == Role::Leader && m.applied == m.last_log_id.index).await;
+    m.expect("leads");
+    store.log_gate.close();
+    raft
+}
+
+fn write(raft: &Raft, command: &'static str) -> JoinHandle<Result<WriteResponse, RaftError>> {
+    let raft = raft.clone();
+    tokio::spawn(async move { raft.client_write(Bytes::from_static(command.as_bytes())).await })
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_pending_write_is_answered_at_shutdown_while_the_storage_finishes() {
+    let store = Shared::new();
+    let log = MemLogStorage::new();
+    let raft = leader_on_a_slow_disk(&store, &log).await;
+    // Taken by the group, its append in flight.
+    let taken = write(&raft, "a");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!taken.is_finished());
+    let shutdown = tokio::spawn({
+        let raft = raft.clone();
+        async move { raft.shutdown().await }
+    });
+    // Queued behind the shutdown, and sent while the group finishes its append.
+    let mut writes = vec![taken, write(&raft, "b"), write(&raft, "c")];
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    writes.push(write(&raft, "d"));
+    // Every caller is answered now, the disk still slow: none is left to time out.
+    for w in writes {
+        let answer = tokio::time::timeout(WAIT, w).await.expect("answered").expect("no panic");
+        assert_eq!(answer, Err(RaftError::Fatal(Fatal::Shutdown)));
+    }
+    assert!(!shutdown.is_finished(), "shutdown waits for the append in flight");
+    store.log_gate.open();
+    tokio::time::timeout(WAIT, shutdown).await.expect("shutdown returns").expect("no panic");
+    assert_eq!(log.entries().last().map(|e| e.payload.clone()), Some(EntryPayload::Normal(Bytes::from("a"))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_storage_failure_while_the_group_shuts_down_is_reported() {
+    let store = Shared::new();
+    let log = MemLogStorage::new();
+    let raft = leader_on_a_slow_disk(&store, &log).await;
+    let taken = write(&raft, "a");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let shutdown = tokio::spawn({
+        let raft = raft.clone();
+        async move { raft.shutdown().await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The append in flight fails.
+    log.set_fail_writes(true);
+    store.log_gate.open();
+    tokio::time::timeout(WAIT, shutdown).await.expect("shutdown returns").expect("no panic");
+    assert_eq!(taken.await.expect("no panic"), Err(RaftError::Fatal(Fatal::Shutdown)));
+    let stopped = raft.metrics().borrow().stopped.clone();
+    assert!(matches!(stopped, Some(Fatal::Storage(StorageError { op: "append", .. }))), "{stopped:?}");
+    let later = raft.client_write(Bytes::from_static(b"b")).await;
+    assert!(matches!(later, Err(RaftError::Fatal(Fatal::Storage(_)))), "later calls say why: {later:?}");
 }

@@ -89,7 +89,8 @@ pub struct RaftMetrics {
     pub first_log_index: LogIndex,
     /// On the leader: matched index per follower.
     pub replication: BTreeMap<NodeId, LogIndex>,
-    /// Set once the group stopped.
+    /// Set once the group stopped and its storage work ended: why (a shut-down group whose
+    /// last storage work failed reports that failure).
     pub stopped: Option<Fatal>,
 }
 
@@ -316,7 +317,10 @@ impl Raft {
         self.call(Request::CompactLog).await
     }
 
-    /// Stops the group's tasks. Pending requests fail with `Fatal(Shutdown)`.
+    /// Stops the group. Pending and queued requests fail with `Fatal(Shutdown)` at once; then
+    /// the group finishes the storage work it started or queued and this returns. A storage
+    /// failure meanwhile is logged and becomes the metrics' `stopped` (and what later calls
+    /// fail with).
     pub async fn shutdown(&self) {
         // A permit is stored if the core is not waiting now: its next wait for room ends at once.
         self.shared.stop.notify_one();
@@ -724,11 +728,33 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
                 }
             }
         }
-        self.finish_storage_work().await;
-        let fatal = self.core.fatal().cloned().unwrap_or(Fatal::Shutdown);
+        // Nothing more is taken. The requests still queued are answered now, not once the
+        // storage work below is done: a slow disk must not leave callers to time out.
+        let mut shutdown_replies: Vec<_> = shutdown_reply.into_iter().collect();
+        self.refuse_queued(&mut api, &mut shutdown_replies);
+        inbox.close();
+        let failed = self.finish_storage_work().await;
+        let fatal = match (self.core.fatal(), failed) {
+            (Some(f @ Fatal::Storage(_)), _) => f.clone(),
+            (_, Some(e)) => Fatal::Storage(e),
+            (_, None) => Fatal::Shutdown,
+        };
         self.metrics.send_modify(|m| m.stopped = Some(fatal));
-        if let Some(reply) = shutdown_reply {
+        for reply in shutdown_replies {
             let _ = reply.send(());
+        }
+    }
+
+    /// Once the group stopped: closes the API queue and refuses every request in it with the
+    /// group's fatal error; shutdowns are kept in `shutdowns`, answered once storage work ends.
+    fn refuse_queued(&self, api: &mut mpsc::Receiver<Api>, shutdowns: &mut Vec<oneshot::Sender<()>>) {
+        api.close();
+        let fatal = self.core.fatal().cloned().unwrap_or(Fatal::Shutdown);
+        while let Ok(item) = api.try_recv() {
+            match item {
+                Api::Request(req) => req.refuse(RaftError::Fatal(fatal.clone())),
+                Api::Shutdown(reply) => shutdowns.push(reply),
+            }
         }
     }
 
@@ -736,30 +762,31 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
     /// work queued too (never after a storage failure: the log is not to be trusted), so that
     /// nothing touches storage once the task ended. Both stages are driven together, as in the
     /// core's wait: either one's work may wait for the other's (a store shared by the log and
-    /// the state machine, behind one lock).
-    async fn finish_storage_work(&mut self) {
+    /// the state machine, behind one lock). A stage whose work fails runs nothing more; the
+    /// first failure is returned (the group's waiters were answered when it stopped, so the
+    /// metrics are what is left to report it to).
+    async fn finish_storage_work(&mut self) -> Option<StorageError> {
         let shutdown = matches!(self.core.fatal(), Some(Fatal::Shutdown) | None);
         if !shutdown {
             self.writer.queue.clear();
             self.applier.queue.clear();
         }
+        let mut first_failure = None;
         loop {
             self.writer.start();
             self.applier.start();
             if self.writer.running.is_none() && self.applier.running.is_none() {
-                return;
+                return first_failure;
             }
-            tokio::select! {
-                done = poll_stage(&mut self.writer.running) => {
-                    if done.1.is_err() {
-                        self.writer.queue.clear();
-                    }
-                }
+            let failed = tokio::select! {
+                done = poll_stage(&mut self.writer.running) => done.1.err().inspect(|_| self.writer.queue.clear()),
                 done = poll_stage(&mut self.applier.running) => {
-                    if self.applier.finished(done).is_err() {
-                        self.applier.queue.clear();
-                    }
+                    self.applier.finished(done).err().inspect(|_| self.applier.queue.clear())
                 }
+            };
+            if let Some(e) = failed {
+                error!(error = %e, "storage failed while the group stopped");
+                first_failure.get_or_insert(e);
             }
         }
     }

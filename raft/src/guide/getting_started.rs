@@ -115,8 +115,9 @@
 //! # 6. Shut down
 //!
 //! [`Raft::shutdown`] stops the group's task and waits for it; calls still pending fail
-//! with `RaftError::Fatal(Fatal::Shutdown)`, and so does every later call. Storage is left as
-//! it is: starting the group again on it resumes.
+//! with `RaftError::Fatal(Fatal::Shutdown)`, and so does every later call (unless the storage
+//! work the group finished on its way out failed: then later calls report that failure).
+//! Storage is left as it is: starting the group again on it resumes.
 //!
 //! # Next
 //!
