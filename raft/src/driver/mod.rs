@@ -9,7 +9,10 @@
 //! replicating while its own fsync runs. And no hand-off between tasks is paid per round: a
 //! storage that completes at once (in memory, or a write cache) is done within the same wake-up.
 //! The storage's futures run on the core's task, so a storage that blocks must do so off the
-//! runtime (`spawn_blocking`), as any code on Tokio's workers must.
+//! runtime (`spawn_blocking`), as any code on Tokio's workers must. Whenever the core waits for
+//! a stage (for room in its queue, or for its last work as the group stops) it polls both: a
+//! store shared by the log and the state machine may make one stage's work wait for the
+//! other's.
 //!
 //! The core hands each caller's [`Request`] to its [`GroupCore`] (the writes of one wake-up as
 //! one proposal) and routes the [`CoreAction`]s it polls: [`LogAction`]s to the log writer,

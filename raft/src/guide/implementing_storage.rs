@@ -13,7 +13,9 @@
 //! of entries for lagging followers) and the applier (reads of committed entries no longer in
 //! memory), so a read may run while a write is in progress. Both stages are futures the group's
 //! task polls: a call that blocks the thread stalls the group, so blocking I/O belongs on
-//! `spawn_blocking` (or a thread of the store's own) with the future awaiting it.
+//! `spawn_blocking` (or a thread of the store's own) with the future awaiting it. Awaiting is
+//! fine, also on something the other stage holds (one store behind one async lock for the log
+//! and the state machine): the task keeps polling both stages.
 //!
 //! ## The durability contract, point by point
 //!
