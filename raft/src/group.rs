@@ -4,7 +4,7 @@
 //!
 //! The middle of the crate's three layers: [`Engine`] is the protocol; `GroupCore` takes
 //! [`Request`]s and turns the engine's [`Action`]s into [`CoreAction`]s for whoever runs it;
-//! the runners are the Tokio driver ([`crate::Raft`], one `GroupCore` and three tasks per
+//! the runners are the Tokio driver ([`crate::Raft`], one `GroupCore` and one task per
 //! group) and hosts of many groups (flotilla-shard runs thousands of `GroupCore`s on a few
 //! poller threads). Request handling is written once, here.
 //!
@@ -263,6 +263,73 @@ impl GroupCore {
             }
             Err(e) => {
                 let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Proposes the commands of several write requests as one run of consecutive entries: one
+    /// engine proposal, so one log append and one message per follower for all of them, where
+    /// a request at a time makes one of each per request. Each request is answered as
+    /// [`handle_request`](Self::handle_request) would answer it alone, in the order given: past
+    /// `Config::uncommitted_bytes_max`, the requests that no longer fit are refused with
+    /// `Overloaded` and the others proposed. `writes` is left empty, its capacity kept for the
+    /// next call.
+    pub fn handle_writes(&mut self, now: Millis, writes: &mut Vec<(Vec<Bytes>, WriteReply)>) {
+        if writes.len() <= 1 {
+            if let Some((commands, reply)) = writes.pop() {
+                self.write(now, commands, reply);
+            }
+            return;
+        }
+        if let Err(e) = self.check_alive() {
+            for (_, reply) in writes.drain(..) {
+                let _ = reply.send(Err(e.clone()));
+            }
+            return;
+        }
+        let total: usize = writes.iter().map(|(c, _)| c.len()).sum();
+        let mut all = Vec::with_capacity(total);
+        let mut replies = Vec::with_capacity(writes.len());
+        // The bytes pending as each request would find them proposed alone; `None` where the
+        // engine refuses any proposal (it answers all of them below).
+        let mut uncommitted = self.engine.uncommitted_bytes();
+        for (mut commands, reply) in writes.drain(..) {
+            if commands.is_empty() {
+                let _ = reply.send(Ok(Vec::new()));
+                continue;
+            }
+            if let Some(pending) = uncommitted.as_mut() {
+                let bytes: u64 = commands.iter().map(|c| c.len() as u64).sum();
+                if self.engine.over_uncommitted_limit(*pending, bytes) {
+                    let _ = reply.send(Err(RaftError::Overloaded { pending_bytes: *pending }));
+                    continue;
+                }
+                *pending += bytes;
+            }
+            replies.push((commands.len(), reply));
+            all.append(&mut commands);
+        }
+        if all.is_empty() {
+            return;
+        }
+        match self.engine.propose(now, all) {
+            Ok(first) => {
+                let term = self.engine.term();
+                let mut index = first.0;
+                for (count, reply) in replies {
+                    let batch = self.next_batch;
+                    self.next_batch += 1;
+                    for pos in 0..count {
+                        self.writes.insert(LogIndex(index), PendingWrite { term, batch, pos });
+                        index += 1;
+                    }
+                    self.batches.insert(batch, Batch { results: vec![None; count], remaining: count, reply });
+                }
+            }
+            Err(e) => {
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
             }
         }
     }
@@ -618,6 +685,15 @@ impl GroupCore {
 
     /// Answers requests whose condition now holds.
     fn check_waits(&mut self) {
+        // Called after every drain of actions: with nobody waiting (the common case: writes
+        // are answered as they apply), skip the copy of the configuration below.
+        if self.reads_ready.is_empty()
+            && self.learner_waits.is_empty()
+            && self.change_waits.is_empty()
+            && self.transfer_waits.is_empty()
+        {
+            return;
+        }
         let applied = self.engine.applied();
         let committed_m = self.engine.committed_membership().clone();
         let mut i = 0;

@@ -22,8 +22,8 @@
 //!   and hands out [`CoreAction`]s grouped by who executes them (the log store, the state
 //!   machine, the network). Still no I/O and no task: whoever runs it executes the actions.
 //! - [`Raft`] is the handle of one group run by the Tokio driver. [`Raft::start`] recovers
-//!   the group's state from your [`LogStorage`] and [`StateMachine`], spawns the tasks that
-//!   drive an `Engine` against them and your [`Network`], and gives you `async` calls:
+//!   the group's state from your [`LogStorage`] and [`StateMachine`], spawns the task that
+//!   drives an `Engine` against them and your [`Network`], and gives you `async` calls:
 //!   [`initialize`](Raft::initialize), [`client_write`](Raft::client_write),
 //!   [`ensure_linearizable`](Raft::ensure_linearizable),
 //!   [`change_membership`](Raft::change_membership) and so on, plus
@@ -31,7 +31,7 @@
 //!
 //! **Use [`Raft`]** unless you have a reason not to: it implements the whole driving
 //! contract for you (write ordering, durability before acknowledgement, timers, snapshot
-//! transfer) and costs three Tokio tasks per group. **Run [`GroupCore`]s yourself** when
+//! transfer) and costs one Tokio task per group. **Run [`GroupCore`]s yourself** when
 //! that cost is too high (flotilla-shard runs thousands of groups on a few threads and
 //! batches the storage writes of many groups into one fsync) or when you need a different
 //! runtime; **drive the [`Engine`] alone** when you want to step a cluster deterministically
@@ -66,7 +66,7 @@
 //! use flotilla_raft::{Config, GroupId, Membership, NodeId, Raft, ReadMode, Role};
 //! use std::time::Duration;
 //!
-//! // `Raft::start` spawns tasks, so it must run inside a Tokio runtime.
+//! // `Raft::start` spawns a task, so it must run inside a Tokio runtime.
 //! let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
 //! runtime.block_on(async {
 //!     let router = MemRouter::new();

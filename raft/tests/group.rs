@@ -30,7 +30,12 @@ struct Group {
 impl Group {
     /// Node `id` of a group formed with `voters`.
     fn new(id: u64, voters: &[u64]) -> Group {
-        let engine = Engine::new(NodeId(id), Arc::new(Config::default()), InitialState::default(), id, Millis(0));
+        Group::with_config(id, voters, Config::default())
+    }
+
+    /// Node `id` of a group formed with `voters`, on `config`.
+    fn with_config(id: u64, voters: &[u64], config: Config) -> Group {
+        let engine = Engine::new(NodeId(id), Arc::new(config), InitialState::default(), id, Millis(0));
         let mut g = Group {
             core: GroupCore::new(engine),
             now: Millis(0),
@@ -46,7 +51,12 @@ impl Group {
 
     /// Node 1, the only voter, elected and with everything applied.
     fn leader() -> Group {
-        let mut g = Group::new(1, &[1]);
+        Group::leader_with(Config::default())
+    }
+
+    /// Node 1, the only voter, on `config`, elected and with everything applied.
+    fn leader_with(config: Config) -> Group {
+        let mut g = Group::with_config(1, &[1], config);
         g.now = g.core.engine().next_deadline();
         g.core.handle_timeout(g.now);
         g.pump();
@@ -251,4 +261,96 @@ fn asking_for_the_configuration_in_force_is_answered_at_once_by_the_leader_and_r
     gs[1].core.handle_request(t, Request::ChangeMembership(voters, tx));
     gs[1].pump();
     assert_eq!(rx.try_recv(), Ok(Err(RaftError::NotLeader { leader: Some(NodeId(1)) })));
+}
+
+#[test]
+fn writes_proposed_together_are_one_append_and_each_caller_gets_its_own_answers() {
+    let mut g = Group::leader();
+    let mut rxs = Vec::new();
+    let mut writes: Vec<(Vec<Bytes>, WriteReply)> = Vec::new();
+    for commands in [&["a"][..], &[][..], &["b", "c"][..], &["d"][..]] {
+        let (tx, rx): (WriteReply, _) = oneshot::channel();
+        writes.push((commands.iter().map(|c| Bytes::from(c.to_string())).collect(), tx));
+        rxs.push(rx);
+    }
+    let before = g.log.len();
+    g.core.handle_writes(g.now, &mut writes);
+    assert!(writes.is_empty(), "every request taken");
+    match g.core.poll_action() {
+        Some(CoreAction::Log(LogAction::Write(Action::AppendEntries { io, entries }))) => {
+            assert_eq!(entries.len(), 4, "one proposal, one append of the four commands");
+            g.log.extend(entries);
+            g.core.handle_io_done(g.now, io);
+        }
+        other => panic!("expected the append first, got {other:?}"),
+    }
+    g.pump();
+    assert_eq!(g.log.len(), before + 4, "four commands, consecutive entries, nothing else");
+    let term = g.core.engine().term();
+    let first = g.log[before].log_id.index;
+    let i = |k: u64| LogIndex(first.0 + k);
+    assert_eq!(rxs[0].try_recv(), Ok(answered(&[("a", i(0), term)])));
+    assert_eq!(rxs[1].try_recv(), Ok(Ok(Vec::new())), "no command: answered at once, no entry");
+    assert_eq!(rxs[2].try_recv(), Ok(answered(&[("b", i(1), term), ("c", i(2), term)])));
+    assert_eq!(rxs[3].try_recv(), Ok(answered(&[("d", i(3), term)])));
+    assert!(!g.core.has_waiters());
+}
+
+#[test]
+fn writes_proposed_together_on_a_follower_are_each_refused_with_the_leader() {
+    let mut gs = [Group::new(1, &[1, 2]), Group::new(2, &[1, 2])];
+    let t = gs[0].core.engine().next_deadline();
+    for g in gs.iter_mut() {
+        g.now = t;
+    }
+    gs[0].core.handle_timeout(t);
+    exchange(&mut gs);
+    assert_eq!(gs[0].core.engine().role(), Role::Leader);
+    let mut rxs = Vec::new();
+    let mut writes: Vec<(Vec<Bytes>, WriteReply)> = Vec::new();
+    for c in ["a", "b"] {
+        let (tx, rx): (WriteReply, _) = oneshot::channel();
+        writes.push((vec![Bytes::from(c)], tx));
+        rxs.push(rx);
+    }
+    gs[1].core.handle_writes(t, &mut writes);
+    for mut rx in rxs {
+        assert_eq!(rx.try_recv(), Ok(Err(RaftError::NotLeader { leader: Some(NodeId(1)) })));
+    }
+    assert!(!gs[1].core.has_waiters());
+}
+
+#[test]
+fn writes_proposed_together_past_the_uncommitted_limit_are_each_answered_as_if_proposed_alone() {
+    // 1 byte is pending when the writes come, the limit is 10: alone, in order, "aaaaa" fits
+    // (6), "bbbbb" does not (11), "ccc" does (9), "dd" does not (11).
+    let commands: [&[&str]; 5] = [&["aaaaa"], &["bbbbb"], &[], &["c", "cc"], &["dd"]];
+    let answers = |together: bool| -> (Vec<WriteAnswer>, Term, u64) {
+        let mut g = Group::leader_with(Config { uncommitted_bytes_max: 10, ..Config::default() });
+        let first = g.log.len() as u64 + 2; // after "x"
+        let _pending = g.write(&["x"]); // not pumped: stays uncommitted
+        let mut rxs = Vec::new();
+        let mut writes: Vec<(Vec<Bytes>, WriteReply)> = Vec::new();
+        for c in commands {
+            let (tx, rx): (WriteReply, _) = oneshot::channel();
+            writes.push((c.iter().map(|c| Bytes::from(c.to_string())).collect(), tx));
+            rxs.push(rx);
+        }
+        if together {
+            g.core.handle_writes(g.now, &mut writes);
+        } else {
+            for (c, tx) in writes {
+                g.core.handle_request(g.now, Request::Write(c, tx));
+            }
+        }
+        g.pump();
+        (rxs.into_iter().map(|mut rx| rx.try_recv().expect("answered")).collect(), g.core.engine().term(), first)
+    };
+    let (together, term, first) = answers(true);
+    assert_eq!(together, answers(false).0);
+    assert_eq!(together[0], answered(&[("aaaaa", LogIndex(first), term)]));
+    assert_eq!(together[1], Err(RaftError::Overloaded { pending_bytes: 6 }));
+    assert_eq!(together[2], Ok(Vec::new()));
+    assert_eq!(together[3], answered(&[("c", LogIndex(first + 1), term), ("cc", LogIndex(first + 2), term)]));
+    assert_eq!(together[4], Err(RaftError::Overloaded { pending_bytes: 9 }));
 }

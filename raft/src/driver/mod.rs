@@ -1,14 +1,24 @@
 //! The Tokio driver: [`Raft`], the public handle of one group, and the task that runs its
 //! [`Engine`] against a [`LogStorage`], a [`StateMachine`] and a [`Network`].
 //!
-//! Three tasks per group: the core (owns the engine, answers API calls, sends messages), a
-//! log writer (executes writes in order, coalescing consecutive appends, and reports them
-//! durable), and an applier (owns the state machine: applies, builds and installs snapshots).
-//! Writes and applies therefore never block the core: the leader keeps replicating while its
-//! own fsync runs. The core task hands each caller's [`Request`] to its [`GroupCore`] and
-//! routes the [`CoreAction`]s it polls: [`LogAction`]s to the log writer, [`MachineAction`]s
-//! to the applier, messages to the network. A host running thousands of groups runs
-//! `GroupCore`s on its own threads instead (see the crate documentation's three layers).
+//! One task per group, the core: it owns the engine, answers API calls, sends messages, and
+//! runs two stages of its own as futures it polls beside its queues: the log writer (executes
+//! writes in order, one batch at a time, coalescing consecutive appends, and reports them
+//! durable) and the applier (owns the state machine: applies, builds and installs snapshots,
+//! one action at a time). A write in flight therefore never blocks the core: the leader keeps
+//! replicating while its own fsync runs. And no hand-off between tasks is paid per round: a
+//! storage that completes at once (in memory, or a write cache) is done within the same wake-up.
+//! The storage's futures run on the core's task, so a storage that blocks must do so off the
+//! runtime (`spawn_blocking`), as any code on Tokio's workers must. Whenever the core waits for
+//! a stage (for room in its queue, or for its last work as the group stops) it polls both: a
+//! store shared by the log and the state machine may make one stage's work wait for the
+//! other's.
+//!
+//! The core hands each caller's [`Request`] to its [`GroupCore`] (the writes of one wake-up as
+//! one proposal) and routes the [`CoreAction`]s it polls: [`LogAction`]s to the log writer,
+//! [`MachineAction`]s to the applier, messages to the network. A host running thousands of
+//! groups runs `GroupCore`s on its own threads instead (see the crate documentation's three
+//! layers).
 
 mod recover;
 
@@ -25,8 +35,11 @@ use crate::request::Request;
 use crate::storage::{LogStorage, SnapshotError, SnapshotMeta, StateMachine};
 use crate::types::{GroupId, LogId, LogIndex, Millis, NodeId, Term};
 use bytes::Bytes;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Poll};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
@@ -39,11 +52,11 @@ pub use recover::recover_state;
 pub const INBOX_MSGS_MAX: usize = 4096;
 /// API requests queued for one group; callers wait for room.
 const API_QUEUE_MAX: usize = 1024;
-/// Log actions queued for the log writer. When full, the core waits for room: a slow disk
-/// slows the group down instead of queueing without bound.
+/// Log actions queued for the log writer. When full, the core waits for the batch in flight:
+/// a slow disk slows the group down instead of queueing without bound.
 const LOG_QUEUE_MAX: usize = 1024;
 /// State-machine actions queued for the applier (each may cover many entries); when full,
-/// the core waits for room.
+/// the core waits for the action in flight.
 const MACHINE_QUEUE_MAX: usize = 64;
 /// Events the core handles before it executes the actions they produced: batching.
 const EVENTS_PER_ROUND_MAX: usize = 256;
@@ -79,7 +92,8 @@ pub struct RaftMetrics {
     pub first_log_index: LogIndex,
     /// On the leader: matched index per follower.
     pub replication: BTreeMap<NodeId, LogIndex>,
-    /// Set once the group stopped.
+    /// Set once the group stopped and its storage work ended: why (a shut-down group whose
+    /// last storage work failed reports that failure).
     pub stopped: Option<Fatal>,
 }
 
@@ -120,7 +134,7 @@ struct Shared {
     timeout: Duration,
     /// Messages dropped because the inbox was full.
     inbox_dropped: std::sync::atomic::AtomicU64,
-    /// The group's tasks (core, log writer, applier), awaited by `shutdown`.
+    /// The group's task (the core), awaited by `shutdown`.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Signalled by `shutdown` before it queues its request: a core waiting for room in a
     /// full log or state-machine queue stops instead of waiting on.
@@ -139,7 +153,7 @@ pub struct Raft {
 
 impl Raft {
     /// Starts the group: recovers its state from `log` and `state_machine` and spawns its
-    /// tasks on the current Tokio runtime. A node with no state waits to be initialized or to
+    /// task on the current Tokio runtime. A node with no state waits to be initialized or to
     /// hear from a leader that added it.
     pub async fn start<L: LogStorage, S: StateMachine, N: Network>(
         id: NodeId,
@@ -159,16 +173,8 @@ impl Raft {
         let (api_tx, api_rx) = mpsc::channel(API_QUEUE_MAX);
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_MSGS_MAX);
         let (metrics_tx, metrics_rx) = watch::channel(RaftMetrics::from_status(group, engine.status()));
-        let (io_tx, io_rx) = mpsc::channel(LOG_QUEUE_MAX);
-        let (ap_tx, ap_rx) = mpsc::channel(MACHINE_QUEUE_MAX);
-        // Unbounded but bounded in fact: each queued action yields at most one completion, and
-        // the core drains completions every round.
-        let (io_ev_tx, io_ev_rx) = mpsc::unbounded_channel();
-        let (ap_ev_tx, ap_ev_rx) = mpsc::unbounded_channel();
         // `term` is recorded on the span as it changes, so every event of the group carries it.
         let span = info_span!("raft", group = %group, node = %id, term = tracing::field::Empty);
-        let writer = tokio::spawn(log_writer(log.clone(), io_rx, io_ev_tx).instrument(span.clone()));
-        let applier = tokio::spawn(applier(log.clone(), state_machine, ap_rx, ap_ev_tx).instrument(span.clone()));
         let stop = Arc::new(Notify::new());
         let core = Core {
             stop: stop.clone(),
@@ -176,13 +182,15 @@ impl Raft {
             core: GroupCore::new(engine),
             network,
             base,
-            io_tx,
-            ap_tx,
+            writer: LogWriter::new(log.clone()),
+            applier: Applier::new(log, state_machine),
+            deferred: Vec::new(),
             metrics: metrics_tx,
             span: span.clone(),
             term_recorded: None,
+            writes: Vec::new(),
         };
-        let task = tokio::spawn(core.run(api_rx, inbox_rx, io_ev_rx, ap_ev_rx).instrument(span));
+        let task = tokio::spawn(core.run(api_rx, inbox_rx).instrument(span));
         Ok(Raft {
             shared: Arc::new(Shared {
                 id,
@@ -192,9 +200,7 @@ impl Raft {
                 metrics: metrics_rx,
                 timeout,
                 inbox_dropped: Default::default(),
-                // The core first: when it ends it drops the writer's and applier's queues, and
-                // they finish what is queued and stop.
-                tasks: Mutex::new(vec![task, writer, applier]),
+                tasks: Mutex::new(vec![task]),
                 stop,
             }),
         })
@@ -314,7 +320,10 @@ impl Raft {
         self.call(Request::CompactLog).await
     }
 
-    /// Stops the group's tasks. Pending requests fail with `Fatal(Shutdown)`.
+    /// Stops the group. Pending and queued requests fail with `Fatal(Shutdown)` at once; then
+    /// the group finishes the storage work it started or queued and this returns. A storage
+    /// failure meanwhile is logged and becomes the metrics' `stopped` (and what later calls
+    /// fail with).
     pub async fn shutdown(&self) {
         // A permit is stored if the core is not waiting now: its next wait for room ends at once.
         self.shared.stop.notify_one();
@@ -322,8 +331,9 @@ impl Raft {
         if self.shared.api.send(Api::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;
         }
-        // Wait for all three tasks, so that storage is no longer touched once this returns
-        // (a restart on the same storage must not race the old writer).
+        // Wait for the task, which finishes the storage work it started or queued, so that
+        // storage is no longer touched once this returns (a restart on the same storage must
+        // not race the old writer).
         let tasks: Vec<_> = self.shared.tasks.lock().map(|mut t| t.drain(..).collect()).unwrap_or_default();
         for task in tasks {
             let _ = task.await;
@@ -367,41 +377,64 @@ pub fn seed_from_entropy(id: NodeId, group: GroupId) -> u64 {
     h.finish()
 }
 
-// ----- the log writer -------------------------------------------------------------------------
+// ----- the stages -------------------------------------------------------------------------------
 
-enum IoEvent {
-    Done(IoId),
-    Loaded(NodeId, Vec<Entry>),
-    Failed(StorageError),
+/// Work a stage runs, boxed: the storage's futures have no type that can be named.
+type StageFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Polls the work in `slot` and empties the slot once it is done. Never ready while the slot is
+/// empty, so it can stand in `select!` beside the core's queues.
+fn poll_stage<T: 'static>(slot: &mut Option<StageFuture<T>>) -> impl Future<Output = T> + '_ {
+    std::future::poll_fn(move |cx| {
+        let Some(work) = slot.as_mut() else { return Poll::Pending };
+        let out = ready!(work.as_mut().poll(cx));
+        *slot = None;
+        Poll::Ready(out)
+    })
 }
 
-/// Executes the engine's writes in order; reports them durable in batches.
-async fn log_writer<L: LogStorage>(log: Arc<L>, mut rx: mpsc::Receiver<LogAction>, tx: mpsc::UnboundedSender<IoEvent>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < EVENTS_PER_ROUND_MAX {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
+/// What a batch of log actions did: the entries read for followers, in the order asked, and
+/// the last write of the batch, now durable (or the error that stopped the batch).
+type LogDone = (Vec<(NodeId, Vec<Entry>)>, Result<Option<IoId>, StorageError>);
+
+/// Executes the engine's log actions in order, one batch at a time, so the writes of a group
+/// become durable in the order issued; reports them durable per batch.
+struct LogWriter<L: LogStorage> {
+    log: Arc<L>,
+    /// Actions not started yet, in order; at most `LOG_QUEUE_MAX`.
+    queue: VecDeque<LogAction>,
+    /// The batch in flight.
+    running: Option<StageFuture<LogDone>>,
+}
+
+impl<L: LogStorage> LogWriter<L> {
+    fn new(log: Arc<L>) -> Self {
+        LogWriter { log, queue: VecDeque::new(), running: None }
+    }
+
+    fn is_full(&self) -> bool {
+        self.queue.len() >= LOG_QUEUE_MAX
+    }
+
+    /// Starts the next batch, everything queued, unless one is in flight.
+    fn start(&mut self) {
+        if self.running.is_some() || self.queue.is_empty() {
+            return;
         }
-        match write_batch(&*log, batch, &tx).await {
-            Ok(Some(io)) => {
-                let _ = tx.send(IoEvent::Done(io));
-            }
-            Ok(None) => {}
-            Err(e) => {
-                let _ = tx.send(IoEvent::Failed(e));
-                return;
-            }
-        }
+        let batch: Vec<LogAction> = self.queue.drain(..).collect();
+        let log = self.log.clone();
+        self.running = Some(Box::pin(async move {
+            let mut loaded = Vec::new();
+            let result = write_batch(&*log, batch, &mut loaded).await;
+            (loaded, result)
+        }));
     }
 }
 
 async fn write_batch<L: LogStorage>(
     log: &L,
     batch: Vec<LogAction>,
-    tx: &mpsc::UnboundedSender<IoEvent>,
+    loaded: &mut Vec<(NodeId, Vec<Entry>)>,
 ) -> Result<Option<IoId>, StorageError> {
     let mut done = None;
     let mut appends: Vec<Entry> = Vec::new();
@@ -412,7 +445,11 @@ async fn write_batch<L: LogStorage>(
         match req {
             LogAction::Write(Action::AppendEntries { io, entries }) => {
                 // Consecutive appends become one write (one fsync).
-                appends.extend(entries);
+                if appends.is_empty() {
+                    appends = entries;
+                } else {
+                    appends.extend(entries);
+                }
                 done = Some(io);
             }
             LogAction::Write(Action::SaveVote { io, vote }) => {
@@ -431,7 +468,7 @@ async fn write_batch<L: LogStorage>(
             LogAction::SaveCommitted(index) => log.save_committed(index).await?,
             LogAction::Load { peer, from, to, bytes_max } => {
                 let entries = log.read_entries(from, to, bytes_max).await?;
-                let _ = tx.send(IoEvent::Loaded(peer, entries));
+                loaded.push((peer, entries));
             }
         }
     }
@@ -440,8 +477,6 @@ async fn write_batch<L: LogStorage>(
     }
     Ok(done)
 }
-
-// ----- the applier ----------------------------------------------------------------------------
 
 enum ApplyEvent {
     Applied(Vec<(LogId, Bytes)>, LogIndex),
@@ -462,23 +497,75 @@ enum ApplyEvent {
     Refused(SnapshotMeta, u64, String),
     /// Nothing to report (a dropped snapshot).
     Nothing,
-    Failed(StorageError),
 }
 
-async fn applier<L: LogStorage, S: StateMachine>(
+/// What one action on the state machine did, with the state machine handed back.
+type ApplyDone<S> = (S, Result<ApplyEvent, StorageError>);
+
+/// Owns the state machine and runs the engine's actions on it one at a time, in order:
+/// applies, snapshot builds, reads and installs.
+struct Applier<L: LogStorage, S: StateMachine> {
     log: Arc<L>,
-    mut sm: S,
-    mut rx: mpsc::Receiver<MachineAction>,
-    tx: mpsc::UnboundedSender<ApplyEvent>,
-) {
-    while let Some(req) = rx.recv().await {
-        let ev = match apply_one(&*log, &mut sm, req).await {
-            Ok(ev) => ev,
-            Err(e) => ApplyEvent::Failed(e),
-        };
-        let failed = matches!(ev, ApplyEvent::Failed(_));
-        if tx.send(ev).is_err() || failed {
+    /// The state machine, here while no action runs on it (the action in flight owns it).
+    sm: Option<S>,
+    /// Actions not started yet, in order; at most `MACHINE_QUEUE_MAX`.
+    queue: VecDeque<MachineAction>,
+    /// The action in flight.
+    running: Option<StageFuture<ApplyDone<S>>>,
+}
+
+impl<L: LogStorage, S: StateMachine> Applier<L, S> {
+    fn new(log: Arc<L>, sm: S) -> Self {
+        Applier { log, sm: Some(sm), queue: VecDeque::new(), running: None }
+    }
+
+    fn is_full(&self) -> bool {
+        self.queue.len() >= MACHINE_QUEUE_MAX
+    }
+
+    /// Starts the next action unless one is in flight.
+    fn start(&mut self) {
+        if self.running.is_some() {
             return;
+        }
+        let Some(mut sm) = self.sm.take() else { return };
+        let Some(mut action) = self.queue.pop_front() else {
+            self.sm = Some(sm);
+            return;
+        };
+        merge_applies(&mut action, &mut self.queue);
+        let log = self.log.clone();
+        self.running = Some(Box::pin(async move {
+            let result = apply_one(&*log, &mut sm, action).await;
+            (sm, result)
+        }));
+    }
+
+    /// Takes the state machine back from a finished action.
+    fn finished(&mut self, (sm, result): ApplyDone<S>) -> Result<ApplyEvent, StorageError> {
+        self.sm = Some(sm);
+        result
+    }
+}
+
+/// Consecutive applies of entries the engine had in memory become one call on the state
+/// machine: fewer calls and completions per round.
+fn merge_applies(action: &mut MachineAction, queue: &mut VecDeque<MachineAction>) {
+    let MachineAction::Apply { last, entries: Some(entries), .. } = action else { return };
+    while let Some(MachineAction::Apply { first, entries: Some(_), .. }) = queue.front() {
+        if *first != last.next() {
+            return;
+        }
+        match queue.pop_front() {
+            Some(MachineAction::Apply { last: next_last, entries: Some(more), .. }) => {
+                entries.extend(more);
+                *last = next_last;
+            }
+            Some(other) => {
+                queue.push_front(other);
+                return;
+            }
+            None => return,
         }
     }
 }
@@ -547,56 +634,78 @@ async fn apply_one<L: LogStorage, S: StateMachine>(
 
 // ----- the core -------------------------------------------------------------------------------
 
-struct Core<N: Network> {
+/// A stage's completion taken while the core waited for room in its queue, handled once the
+/// actions being executed are queued.
+enum Deferred {
+    Log(LogDone),
+    Apply(Result<ApplyEvent, StorageError>),
+}
+
+struct Core<N: Network, L: LogStorage, S: StateMachine> {
     group: GroupId,
     /// The engine and the bookkeeping of pending requests.
     core: GroupCore,
     network: N,
     /// Time zero of the engine's clock.
     base: Instant,
-    io_tx: mpsc::Sender<LogAction>,
-    ap_tx: mpsc::Sender<MachineAction>,
+    writer: LogWriter<L>,
+    applier: Applier<L, S>,
+    /// See `Deferred`.
+    deferred: Vec<Deferred>,
     /// See `Shared::stop`.
     stop: Arc<Notify>,
     metrics: watch::Sender<RaftMetrics>,
     /// The group's span; its `term` field follows the engine's term.
     span: tracing::Span,
     term_recorded: Option<Term>,
+    /// The writes of one drain of the API queue, proposed together; kept for its capacity.
+    writes: Vec<(Vec<Bytes>, crate::request::WriteReply)>,
 }
 
-impl<N: Network> Core<N> {
+impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
     fn now(&self) -> Millis {
         Millis(self.base.elapsed().as_millis() as u64)
     }
 
-    async fn run(
-        mut self,
-        mut api: mpsc::Receiver<Api>,
-        mut inbox: mpsc::Receiver<Message>,
-        mut io_ev: mpsc::UnboundedReceiver<IoEvent>,
-        mut ap_ev: mpsc::UnboundedReceiver<ApplyEvent>,
-    ) {
+    /// When the engine's next timer is due.
+    fn deadline(&self) -> Instant {
+        self.base + Duration::from_millis(self.core.engine().next_deadline().0)
+    }
+
+    async fn run(mut self, mut api: mpsc::Receiver<Api>, mut inbox: mpsc::Receiver<Message>) {
         let mut shutdown_reply = None;
+        // One timer for the life of the group, moved to each new deadline: a later deadline
+        // costs Tokio no lock, where a new timer per wait is registered and removed each time.
+        let timer = tokio::time::sleep_until(self.deadline());
+        tokio::pin!(timer);
         loop {
             self.execute_actions().await;
+            if !self.deferred.is_empty() {
+                // Their inputs may produce more actions: execute those first.
+                for d in std::mem::take(&mut self.deferred) {
+                    match d {
+                        Deferred::Log(done) => self.on_log_done(done),
+                        Deferred::Apply(result) => self.on_apply(result),
+                    }
+                }
+                continue;
+            }
             self.publish_metrics();
             if self.core.fatal().is_some() {
                 break;
             }
-            let deadline = self.base + Duration::from_millis(self.core.engine().next_deadline().0);
+            self.writer.start();
+            self.applier.start();
+            let deadline = self.deadline();
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
             tokio::select! {
                 biased;
-                Some(ev) = io_ev.recv() => {
-                    self.on_io(ev);
-                    while let Ok(ev) = io_ev.try_recv() {
-                        self.on_io(ev);
-                    }
-                }
-                Some(ev) = ap_ev.recv() => {
-                    self.on_apply(ev);
-                    while let Ok(ev) = ap_ev.try_recv() {
-                        self.on_apply(ev);
-                    }
+                done = poll_stage(&mut self.writer.running) => self.on_log_done(done),
+                done = poll_stage(&mut self.applier.running) => {
+                    let result = self.applier.finished(done);
+                    self.on_apply(result);
                 }
                 Some(msg) = inbox.recv() => {
                     let now = self.now();
@@ -609,38 +718,79 @@ impl<N: Network> Core<N> {
                     }
                 }
                 req = api.recv() => match req {
-                    Some(Api::Shutdown(reply)) => {
-                        shutdown_reply = Some(reply);
-                        self.core.stop(Fatal::Shutdown);
-                    }
-                    Some(Api::Request(req)) => {
-                        self.on_request(req);
-                        // Take what else is queued: reads arriving together share one
-                        // heartbeat round, writes one append.
-                        for _ in 1..EVENTS_PER_ROUND_MAX {
-                            match api.try_recv() {
-                                Ok(Api::Shutdown(reply)) => {
-                                    shutdown_reply = Some(reply);
-                                    self.core.stop(Fatal::Shutdown);
-                                    break;
-                                }
-                                Ok(Api::Request(req)) => self.on_request(req),
-                                Err(_) => break,
-                            }
+                    Some(first) => {
+                        if let Some(reply) = self.on_api(first, &mut api) {
+                            shutdown_reply = Some(reply);
                         }
                     }
                     None => self.core.stop(Fatal::Shutdown),
                 },
-                _ = tokio::time::sleep_until(deadline) => {
+                _ = &mut timer => {
                     let now = self.now();
                     self.core.handle_timeout(now);
                 }
             }
         }
-        let fatal = self.core.fatal().cloned().unwrap_or(Fatal::Shutdown);
+        // Nothing more is taken. The requests still queued are answered now, not once the
+        // storage work below is done: a slow disk must not leave callers to time out.
+        let mut shutdown_replies: Vec<_> = shutdown_reply.into_iter().collect();
+        self.refuse_queued(&mut api, &mut shutdown_replies);
+        inbox.close();
+        let failed = self.finish_storage_work().await;
+        let fatal = match (self.core.fatal(), failed) {
+            (Some(f @ Fatal::Storage(_)), _) => f.clone(),
+            (_, Some(e)) => Fatal::Storage(e),
+            (_, None) => Fatal::Shutdown,
+        };
         self.metrics.send_modify(|m| m.stopped = Some(fatal));
-        if let Some(reply) = shutdown_reply {
+        for reply in shutdown_replies {
             let _ = reply.send(());
+        }
+    }
+
+    /// Once the group stopped: closes the API queue and refuses every request in it with the
+    /// group's fatal error; shutdowns are kept in `shutdowns`, answered once storage work ends.
+    fn refuse_queued(&self, api: &mut mpsc::Receiver<Api>, shutdowns: &mut Vec<oneshot::Sender<()>>) {
+        api.close();
+        let fatal = self.core.fatal().cloned().unwrap_or(Fatal::Shutdown);
+        while let Ok(item) = api.try_recv() {
+            match item {
+                Api::Request(req) => req.refuse(RaftError::Fatal(fatal.clone())),
+                Api::Shutdown(reply) => shutdowns.push(reply),
+            }
+        }
+    }
+
+    /// Once the group stopped: lets the storage work in flight finish and, on a shutdown, the
+    /// work queued too (never after a storage failure: the log is not to be trusted), so that
+    /// nothing touches storage once the task ended. Both stages are driven together, as in the
+    /// core's wait: either one's work may wait for the other's (a store shared by the log and
+    /// the state machine, behind one lock). A stage whose work fails runs nothing more; the
+    /// first failure is returned (the group's waiters were answered when it stopped, so the
+    /// metrics are what is left to report it to).
+    async fn finish_storage_work(&mut self) -> Option<StorageError> {
+        let shutdown = matches!(self.core.fatal(), Some(Fatal::Shutdown) | None);
+        if !shutdown {
+            self.writer.queue.clear();
+            self.applier.queue.clear();
+        }
+        let mut first_failure = None;
+        loop {
+            self.writer.start();
+            self.applier.start();
+            if self.writer.running.is_none() && self.applier.running.is_none() {
+                return first_failure;
+            }
+            let failed = tokio::select! {
+                done = poll_stage(&mut self.writer.running) => done.1.err().inspect(|_| self.writer.queue.clear()),
+                done = poll_stage(&mut self.applier.running) => {
+                    self.applier.finished(done).err().inspect(|_| self.applier.queue.clear())
+                }
+            };
+            if let Some(e) = failed {
+                error!(error = %e, "storage failed while the group stopped");
+                first_failure.get_or_insert(e);
+            }
         }
     }
 
@@ -661,22 +811,59 @@ impl<N: Network> Core<N> {
         });
     }
 
-    fn on_request(&mut self, req: Request) {
+    /// Handles `first` and what else is queued (up to `EVENTS_PER_ROUND_MAX` in all): reads
+    /// arriving together share one heartbeat round, and writes one proposal (one append, one
+    /// message per follower). Writes are gathered until another kind of request comes, so
+    /// requests still take effect in the order queued. Returns the reply of a shutdown.
+    fn on_api(&mut self, first: Api, api: &mut mpsc::Receiver<Api>) -> Option<oneshot::Sender<()>> {
         let now = self.now();
-        self.core.handle_request(now, req);
+        let mut writes = std::mem::take(&mut self.writes);
+        let mut next = Some(first);
+        let mut taken = 0;
+        let mut shutdown = None;
+        while let Some(item) = next.take() {
+            taken += 1;
+            match item {
+                Api::Request(Request::Write(commands, reply)) => writes.push((commands, reply)),
+                Api::Request(req) => {
+                    self.core.handle_writes(now, &mut writes);
+                    self.core.handle_request(now, req);
+                }
+                Api::Shutdown(reply) => {
+                    shutdown = Some(reply);
+                    break;
+                }
+            }
+            if taken < EVENTS_PER_ROUND_MAX {
+                next = api.try_recv().ok();
+            }
+        }
+        self.core.handle_writes(now, &mut writes);
+        self.writes = writes;
+        if shutdown.is_some() {
+            self.core.stop(Fatal::Shutdown);
+        }
+        shutdown
     }
 
-    fn on_io(&mut self, ev: IoEvent) {
+    fn on_log_done(&mut self, (loaded, result): LogDone) {
         let now = self.now();
-        match ev {
-            IoEvent::Done(io) => self.core.handle_io_done(now, io),
-            IoEvent::Loaded(peer, entries) => self.core.handle_entries_loaded(now, peer, entries),
-            IoEvent::Failed(e) => self.stop(e),
+        for (peer, entries) in loaded {
+            self.core.handle_entries_loaded(now, peer, entries);
+        }
+        match result {
+            Ok(Some(io)) => self.core.handle_io_done(now, io),
+            Ok(None) => {}
+            Err(e) => self.stop(e),
         }
     }
 
-    fn on_apply(&mut self, ev: ApplyEvent) {
+    fn on_apply(&mut self, result: Result<ApplyEvent, StorageError>) {
         let now = self.now();
+        let ev = match result {
+            Ok(ev) => ev,
+            Err(e) => return self.stop(e),
+        };
         match ev {
             ApplyEvent::Applied(results, durable) => {
                 self.core.handle_applied(now, results);
@@ -692,7 +879,6 @@ impl<N: Network> Core<N> {
             ApplyEvent::Installed(meta, reception) => self.core.handle_snapshot_installed(now, meta, reception),
             ApplyEvent::Refused(meta, reception, why) => self.core.handle_snapshot_refused(now, meta, reception, &why),
             ApplyEvent::Nothing => {}
-            ApplyEvent::Failed(e) => self.stop(e),
         }
     }
 
@@ -703,22 +889,94 @@ impl<N: Network> Core<N> {
 
     async fn execute_actions(&mut self) {
         while let Some(action) = self.core.poll_action() {
-            // A send fails only once the task stopped, and then the group is stopping too.
             match action {
                 CoreAction::Log(a) => {
-                    tokio::select! {
-                        _ = self.io_tx.send(a) => {}
-                        _ = self.stop.notified() => return self.core.stop(Fatal::Shutdown),
+                    if self.writer.is_full() && !self.wait_for_writer().await {
+                        return self.core.stop(Fatal::Shutdown);
                     }
+                    self.writer.queue.push_back(a);
                 }
                 CoreAction::Send(msg) => self.network.send(msg),
                 CoreAction::Machine(a) => {
-                    tokio::select! {
-                        _ = self.ap_tx.send(a) => {}
-                        _ = self.stop.notified() => return self.core.stop(Fatal::Shutdown),
+                    if self.applier.is_full() && !self.wait_for_applier().await {
+                        return self.core.stop(Fatal::Shutdown);
                     }
+                    self.applier.queue.push_back(a);
                 }
             }
         }
+    }
+
+    /// Makes room in the log writer's full queue: waits for the batch in flight, then starts
+    /// the next (everything queued). The applier goes on meanwhile: the batch may wait for the
+    /// action in flight there (a store shared by the log and the state machine, behind one
+    /// lock), which only ends if it is polled. False if the group stops instead (shut down
+    /// meanwhile, or a stage failed).
+    async fn wait_for_writer(&mut self) -> bool {
+        while self.writer.running.is_some() {
+            tokio::select! {
+                done = poll_stage(&mut self.writer.running) => {
+                    if !self.defer_log(done) {
+                        return false;
+                    }
+                }
+                done = poll_stage(&mut self.applier.running) => {
+                    if !self.defer_apply(done) {
+                        return false;
+                    }
+                    self.applier.start();
+                }
+                _ = self.stop.notified() => return false,
+            }
+        }
+        self.writer.start();
+        true
+    }
+
+    /// Makes room in the applier's full queue: waits for the action in flight, then starts the
+    /// next. The log writer goes on meanwhile, for the same reason as in `wait_for_writer`.
+    /// False if the group stops instead.
+    async fn wait_for_applier(&mut self) -> bool {
+        while self.applier.running.is_some() {
+            tokio::select! {
+                done = poll_stage(&mut self.applier.running) => {
+                    if !self.defer_apply(done) {
+                        return false;
+                    }
+                }
+                done = poll_stage(&mut self.writer.running) => {
+                    if !self.defer_log(done) {
+                        return false;
+                    }
+                    self.writer.start();
+                }
+                _ = self.stop.notified() => return false,
+            }
+        }
+        self.applier.start();
+        true
+    }
+
+    /// Keeps a log batch's completion for after the actions being executed; false (and the
+    /// group stopped) if the batch failed.
+    fn defer_log(&mut self, done: LogDone) -> bool {
+        if let Err(e) = &done.1 {
+            self.stop(e.clone());
+            return false;
+        }
+        self.deferred.push(Deferred::Log(done));
+        true
+    }
+
+    /// Keeps an applier action's completion for after the actions being executed; false (and
+    /// the group stopped) if the action failed.
+    fn defer_apply(&mut self, done: ApplyDone<S>) -> bool {
+        let result = self.applier.finished(done);
+        if let Err(e) = &result {
+            self.stop(e.clone());
+            return false;
+        }
+        self.deferred.push(Deferred::Apply(result));
+        true
     }
 }

@@ -174,8 +174,7 @@ impl Engine {
             return Ok(first);
         }
         let bytes: u64 = commands.iter().map(|c| c.len() as u64).sum();
-        let max = self.config.uncommitted_bytes_max;
-        if max > 0 && l.uncommitted_bytes > 0 && l.uncommitted_bytes + bytes > max {
+        if self.over_uncommitted_limit(l.uncommitted_bytes, bytes) {
             return Err(RaftError::Overloaded { pending_bytes: l.uncommitted_bytes });
         }
         let last = LogIndex(first.0 + commands.len() as u64 - 1);
@@ -194,6 +193,19 @@ impl Engine {
             l.uncommitted_bytes += bytes;
         }
         Ok(first)
+    }
+
+    /// On a leader that takes proposals, the bytes proposed and not yet committed; `None`
+    /// where every proposal is refused, whatever its size.
+    pub(crate) fn uncommitted_bytes(&self) -> Option<u64> {
+        self.check_can_propose().ok().map(|l| l.uncommitted_bytes)
+    }
+
+    /// Whether a proposal of `bytes` is refused as `Overloaded` while `uncommitted` bytes are
+    /// proposed and not committed (`Config::uncommitted_bytes_max`).
+    pub(crate) fn over_uncommitted_limit(&self, uncommitted: u64, bytes: u64) -> bool {
+        let max = self.config.uncommitted_bytes_max;
+        max > 0 && uncommitted > 0 && uncommitted + bytes > max
     }
 
     /// The leader's state if it accepts proposals: it leads and transfers no leadership.

@@ -1,6 +1,6 @@
 //! Driving the engine: running the sans-IO [`Engine`] without the Tokio driver.
 //!
-//! [`Raft`](crate::Raft) costs three Tokio tasks, their channels and a timer per group. That
+//! [`Raft`](crate::Raft) costs a Tokio task, its channels and a timer per group. That
 //! is nothing for a few groups and too much for thousands. It also fixes the runtime and
 //! makes time real. The [`Engine`] has none of that: it is a plain value that you call with
 //! inputs and that queues [`Action`]s for you to execute. This chapter is the contract you

@@ -7,7 +7,7 @@
 //!
 //! Inside this workspace, depend on `flotilla-raft.workspace = true`. Enable the `testing`
 //! feature only for tests (`[dev-dependencies]`): it adds in-memory storage and a network that
-//! keep nothing across a restart. The driver runs on Tokio; [`Raft::start`] spawns its tasks
+//! keep nothing across a restart. The driver runs on Tokio; [`Raft::start`] spawns its task
 //! with `tokio::spawn`, so call it from inside a runtime.
 //!
 //! # 1. Configure
@@ -47,9 +47,10 @@
 //! ```
 //!
 //! [`Raft::start`] reads the vote, the log bounds, the applied state and the current snapshot
-//! from your [`LogStorage`] and [`StateMachine`], then spawns three tasks: the core (owns the
-//! [`Engine`], answers calls, sends messages), a log writer (executes writes in order) and an
-//! applier (owns the state machine). The returned [`Raft`] is a cheap, cloneable handle.
+//! from your [`LogStorage`] and [`StateMachine`], then spawns one task, the core: it owns the
+//! [`Engine`], answers calls, sends messages, and runs two stages as futures beside them, a log
+//! writer (executes writes in order) and an applier (owns the state machine). The returned
+//! [`Raft`] is a cheap, cloneable handle.
 //!
 //! Messages for this group arriving from peers must be handed to [`Raft::receive`]; how your
 //! network finds the right handle is up to it (see [`implementing_network`](super::implementing_network)).
@@ -113,9 +114,10 @@
 //!
 //! # 6. Shut down
 //!
-//! [`Raft::shutdown`] stops the group's tasks and waits for them; calls still pending fail
-//! with `RaftError::Fatal(Fatal::Shutdown)`, and so does every later call. Storage is left as
-//! it is: starting the group again on it resumes.
+//! [`Raft::shutdown`] stops the group's task and waits for it; calls still pending fail
+//! with `RaftError::Fatal(Fatal::Shutdown)`, and so does every later call (unless the storage
+//! work the group finished on its way out failed: then later calls report that failure).
+//! Storage is left as it is: starting the group again on it resumes.
 //!
 //! # Next
 //!

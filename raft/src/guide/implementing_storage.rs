@@ -9,9 +9,13 @@
 //!
 //! A [`LogStorage`] holds one group's log entries, the id of the last purged entry, and the
 //! vote ([`Vote`]: the current term and whom this node voted for in it). It must be
-//! `Send + Sync`: the driver shares it between two tasks, the log writer (all writes, and reads
+//! `Send + Sync`: the driver shares it between two stages, the log writer (all writes, and reads
 //! of entries for lagging followers) and the applier (reads of committed entries no longer in
-//! memory), so a read may run while a write is in progress.
+//! memory), so a read may run while a write is in progress. Both stages are futures the group's
+//! task polls: a call that blocks the thread stalls the group, so blocking I/O belongs on
+//! `spawn_blocking` (or a thread of the store's own) with the future awaiting it. Awaiting is
+//! fine, also on something the other stage holds (one store behind one async lock for the log
+//! and the state machine): the task keeps polling both stages.
 //!
 //! ## The durability contract, point by point
 //!
@@ -74,8 +78,8 @@
 //!
 //! # `StateMachine`: applying the log
 //!
-//! A [`StateMachine`] is owned by one task (the applier), which calls it with `&mut self`, one
-//! call at a time.
+//! A [`StateMachine`] is owned by one stage of the group's task (the applier), which calls it
+//! with `&mut self`, one call at a time.
 //!
 //! 1. **Committed entries, in order, once.** [`apply`](crate::StateMachine::apply) receives
 //!    committed entries in log order with no gap, each exactly once in the life of the
@@ -125,7 +129,7 @@
 //!    transfer.
 //! 8. **An error stops the group**, as for the log.
 //!
-//! Building runs on the applier task, so nothing is applied until it returns: build from a
+//! Building runs in the applier, so nothing is applied until it returns: build from a
 //! point-in-time view of your store (a checkpoint, a read snapshot) rather than by copying
 //! under a lock, and write it to files, not memory; see
 //! [`snapshots_and_compaction`](super::snapshots_and_compaction).

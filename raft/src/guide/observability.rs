@@ -49,7 +49,7 @@
 //! # Tracing
 //!
 //! The crate logs through [`tracing`](https://docs.rs/tracing). The driver runs each group's
-//! tasks inside a span named `raft` with the fields `group` and `node`, so every event of the
+//! task inside a span named `raft` with the fields `group` and `node`, so every event of the
 //! group, including the engine's, is attributed to it. Events also carry `node`, and almost
 //! all carry `term`, the node's current term. Levels:
 //!
