@@ -21,6 +21,10 @@ pub struct Config {
     pub check_quorum: bool,
     /// Append messages in flight to one follower before the leader waits for acknowledgements.
     pub inflight_msgs_max: usize,
+    /// Bytes of entries in flight to one follower (0: no limit; one append always may go).
+    /// Bounds the memory a follower catching up from far behind takes on both sides, which
+    /// `inflight_msgs_max` full appends would not: 64 of 1 MiB each is 64 MiB per group.
+    pub inflight_bytes_max: usize,
     /// Bytes of entries in one append message (at least one entry is always sent).
     pub append_bytes_max: usize,
     /// Entries in one append message.
@@ -93,6 +97,7 @@ impl Default for Config {
             pre_vote: true,
             check_quorum: true,
             inflight_msgs_max: 64,
+            inflight_bytes_max: 8 << 20,
             append_bytes_max: 1 << 20,
             append_entries_max: 4096,
             entry_cache_bytes_max: 4 << 20,

@@ -117,6 +117,12 @@ impl Engine {
                     panic!("{}: {e}", ctx());
                 }
                 for (id, p) in &l.progress {
+                    assert_eq!(
+                        p.inflight_bytes,
+                        p.inflight.iter().map(|(_, b)| b).sum::<u64>(),
+                        "{}: bytes in flight to {id} miscounted",
+                        ctx()
+                    );
                     assert!(
                         p.inflight.len() <= self.config.inflight_msgs_max,
                         "{}: {} appends in flight to {id}, more than the window",

@@ -67,8 +67,10 @@ pub(crate) struct Progress {
     /// Next index to send.
     pub(crate) next: LogIndex,
     pub(crate) state: ReplState,
-    /// Last index of each append in flight (Replicate state), oldest first.
-    pub(crate) inflight: VecDeque<LogIndex>,
+    /// Last index and entry bytes of each append in flight (Replicate state), oldest first.
+    pub(crate) inflight: VecDeque<(LogIndex, u64)>,
+    /// The sum of the bytes in `inflight`.
+    pub(crate) inflight_bytes: u64,
     /// A `LoadEntries` for this follower is outstanding.
     pub(crate) loading: bool,
     /// Heard from the follower since the last check-quorum round.
@@ -88,6 +90,7 @@ impl Progress {
             next,
             state: ReplState::Probe { sent: false },
             inflight: VecDeque::new(),
+            inflight_bytes: 0,
             loading: false,
             recent_active: false,
             round_acked: 0,
@@ -99,26 +102,37 @@ impl Progress {
     pub(crate) fn become_probe(&mut self) {
         self.state = ReplState::Probe { sent: false };
         self.next = self.matched.next();
-        self.inflight.clear();
+        self.clear_inflight();
     }
 
-    /// Whether an append may be sent now.
-    pub(crate) fn can_send(&self, inflight_max: usize) -> bool {
+    /// Forgets the appends in flight (their answers will be judged stale or not come).
+    pub(crate) fn clear_inflight(&mut self) {
+        self.inflight.clear();
+        self.inflight_bytes = 0;
+    }
+
+    /// Whether an append may be sent now: within `inflight_max` messages and, unless nothing
+    /// is in flight, `inflight_bytes_max` bytes of entries (0: no byte limit). The byte bound
+    /// is what a follower catching up from far behind holds in its queues and the transport's.
+    pub(crate) fn can_send(&self, inflight_max: usize, inflight_bytes_max: usize) -> bool {
+        let bytes_ok =
+            inflight_bytes_max == 0 || self.inflight.is_empty() || self.inflight_bytes < inflight_bytes_max as u64;
         !self.loading
             && match &self.state {
                 ReplState::Probe { sent } => !sent,
-                ReplState::Replicate => self.inflight.len() < inflight_max,
+                ReplState::Replicate => self.inflight.len() < inflight_max && bytes_ok,
                 ReplState::Snapshot(_) => false,
             }
     }
 
-    /// Records that entries up to `last` were sent.
-    pub(crate) fn sent(&mut self, last: LogIndex) {
+    /// Records that entries up to `last`, of `bytes` in all, were sent.
+    pub(crate) fn sent(&mut self, last: LogIndex, bytes: u64) {
         match &mut self.state {
             ReplState::Probe { sent } => *sent = true,
             ReplState::Replicate => {
                 self.next = last.next();
-                self.inflight.push_back(last);
+                self.inflight.push_back((last, bytes));
+                self.inflight_bytes += bytes;
             }
             ReplState::Snapshot(_) => unreachable!("no appends while sending a snapshot"),
         }
@@ -126,8 +140,12 @@ impl Progress {
 
     /// Records an acknowledgement up to `matched`; returns whether it moved.
     pub(crate) fn ack(&mut self, matched: LogIndex, now: Millis) -> bool {
-        while self.inflight.front().is_some_and(|i| *i <= matched) {
+        while let Some(&(last, bytes)) = self.inflight.front() {
+            if last > matched {
+                break;
+            }
             self.inflight.pop_front();
+            self.inflight_bytes = self.inflight_bytes.saturating_sub(bytes);
         }
         if matched <= self.matched {
             return false;

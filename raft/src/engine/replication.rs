@@ -81,14 +81,14 @@ impl Replicator<'_> {
                     info!(node = %self.id, term = %self.term, %peer, snapshot = %meta.last_log_id, "sending snapshot");
                     let window = self.config.snapshot_chunks_in_flight_max;
                     p.state = ReplState::Snapshot(SnapshotSend::new(meta.clone(), now, window));
-                    p.inflight.clear();
+                    p.clear_inflight();
                     self.send_snapshot_chunks(peer);
                     Sent::Stop
                 }
                 _ => Sent::NeedSnapshot,
             };
         }
-        if !p.can_send(cfg.inflight_msgs_max) {
+        if !p.can_send(cfg.inflight_msgs_max, cfg.inflight_bytes_max) {
             return Sent::Stop;
         }
         let prev = self.log.id_at(p.next.prev()).expect("prev is in the log");
@@ -122,7 +122,7 @@ impl Replicator<'_> {
         let Some(p) = self.leader.progress.get_mut(&peer) else { return };
         let last = entries.last().map(|e| e.log_id.index).unwrap_or(prev.index);
         let commit = self.committed;
-        p.sent(last);
+        p.sent(last, entries.iter().map(|e| e.size_bytes() as u64).sum());
         p.commit_sent = p.commit_sent.max(commit.min(last));
         self.send(peer, MessageBody::Append { prev, entries, commit });
     }
@@ -134,7 +134,7 @@ impl Replicator<'_> {
         p.loading = false;
         let usable = entries.first().is_some_and(|e| e.log_id.index == p.next)
             && entries.iter().all(|e| self.log.has(e.log_id))
-            && p.can_send(self.config.inflight_msgs_max);
+            && p.can_send(self.config.inflight_msgs_max, self.config.inflight_bytes_max);
         if usable {
             if let Some(prev) = self.log.id_at(p.next.prev()) {
                 self.send_entries(peer, prev, entries);
@@ -290,7 +290,7 @@ impl Engine {
                 if matches!(p.state, ReplState::Probe { .. }) {
                     p.state = ReplState::Replicate;
                     p.next = p.matched.next();
-                    p.inflight.clear();
+                    p.clear_inflight();
                 }
                 if moved {
                     self.maybe_commit(now);

@@ -50,6 +50,33 @@ fn pipelined_appends_fill_the_window_then_wait() {
 }
 
 #[test]
+fn appends_in_flight_stop_at_the_byte_bound_and_go_on_as_acknowledged() {
+    let config = Config { inflight_bytes_max: 3000, append_bytes_max: 1000, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2], config);
+    let now = c.now;
+    let cmds: Vec<Bytes> = (0..40).map(|_| Bytes::from(vec![7u8; 500])).collect();
+    c.node(1).engine.propose(now, cmds).expect("propose");
+    let bytes_of = |out: &[Message]| -> usize {
+        out.iter()
+            .filter_map(|m| match &m.body {
+                MessageBody::Append { entries, .. } => Some(entries.iter().map(|e| e.size_bytes()).sum::<usize>()),
+                _ => None,
+            })
+            .sum()
+    };
+    let out = c.take_outbox(1);
+    let sent = bytes_of(&out);
+    assert!(sent >= 3000 && sent < 3000 + 1000, "{sent} bytes sent before any acknowledgement");
+    // Each acknowledgement frees room for more; everything arrives.
+    for m in out {
+        c.deliver(m);
+    }
+    c.stabilize();
+    assert_eq!(c.engine(2).last_log_id(), c.engine(1).last_log_id());
+    assert_eq!(c.engine(1).committed(), c.engine(1).last_log_id().index);
+}
+
+#[test]
 fn append_messages_respect_the_byte_limit() {
     let config = Config { append_bytes_max: 250, ..cfg() };
     let mut c = Cluster::with_leader(&[1, 2], config);

@@ -365,6 +365,9 @@ impl Sim {
             pre_vote,
             check_quorum: true,
             inflight_msgs_max: inflight,
+            // Derived, not drawn, so every seed keeps the configuration it had: with a wide
+            // window, the byte bound (two full appends) is what stops the leader.
+            inflight_bytes_max: if inflight > 4 { 2 * append_bytes } else { 0 },
             append_bytes_max: append_bytes,
             append_entries_max: append_entries,
             entry_cache_bytes_max: cache_bytes,
