@@ -196,14 +196,20 @@ impl Poller {
         if g.sm_busy {
             return;
         }
-        let Some(action) = g.sm_queue.pop_front() else { return };
+        let Some(action) = g.sm_queue.pop() else { return };
         g.sm_busy = true;
         let tx = self.tx.clone();
         match action {
             MachineAction::Apply { first, last, entries } => {
                 let entries = match entries {
                     Some(e) => Ok(e),
-                    None => read_all(&g.log, first, last),
+                    None => read_slice(&g.log, first, last).map(|(slice, rest)| {
+                        // A long range is applied a slice at a time: the rest waits at the head.
+                        if let Some(rest) = rest {
+                            g.sm_queue.push_front(rest);
+                        }
+                        slice
+                    }),
                 };
                 let prepared = entries.and_then(|entries| {
                     let ids: Vec<LogId> = entries.iter().map(|e| e.log_id).collect();
@@ -313,16 +319,17 @@ impl Poller {
     }
 }
 
-fn read_all(log: &RocksLog, first: LogIndex, last: LogIndex) -> Result<Vec<flotilla_raft::Entry>, StorageError> {
-    let mut out = Vec::new();
-    let mut next = first;
-    while next <= last {
-        let chunk = log.read_entries_blocking(next, last, APPLY_READ_BYTES_MAX)?;
-        let Some(end) = chunk.last().map(|e| e.log_id.index) else {
-            return Err(StorageError::new("read_entries", format!("no entries at {next}")));
-        };
-        next = end.next();
-        out.extend(chunk);
-    }
-    Ok(out)
+/// The first entries of `first..=last` from the log, at most [`APPLY_READ_BYTES_MAX`] of them
+/// (at least one), and the apply of the rest, if any.
+fn read_slice(
+    log: &RocksLog,
+    first: LogIndex,
+    last: LogIndex,
+) -> Result<(Vec<flotilla_raft::Entry>, Option<MachineAction>), StorageError> {
+    let slice = log.read_entries_blocking(first, last, APPLY_READ_BYTES_MAX)?;
+    let Some(end) = slice.last().map(|e| e.log_id.index) else {
+        return Err(StorageError::new("read_entries", format!("no entries at {first}")));
+    };
+    let rest = (end < last).then(|| MachineAction::Apply { first: end.next(), last, entries: None });
+    Ok((slice, rest))
 }

@@ -68,7 +68,7 @@ impl Poller {
                     self.round.out.entry(to).or_insert_with(|| empty_batch(me)).messages.push((gid, msg));
                 }
                 CoreAction::Machine(a) => {
-                    g.sm_queue.push_back(a);
+                    g.sm_queue.push(a);
                     if !g.sm_busy {
                         self.sm_ready.insert(gid);
                     }

@@ -2,10 +2,10 @@
 //! machine, and the poller's bookkeeping around them (quiet or awake, writes in flight,
 //! state-machine work queued).
 
+use super::sm_queue::SmQueue;
 use crate::kv::KvStateMachine;
 use crate::log::RocksLog;
-use flotilla_raft::{GroupCore, GroupId, LogIndex, MachineAction, NodeId};
-use std::collections::VecDeque;
+use flotilla_raft::{GroupCore, GroupId, LogIndex, NodeId};
 
 /// One group on a poller.
 pub(crate) struct GroupState {
@@ -24,7 +24,7 @@ pub(crate) struct GroupState {
     /// Loads reading on the blocking pool (at most one per follower: the engine's bound).
     pub(super) loads_running: usize,
     /// State-machine work (apply, build, install) waiting its turn; one runs at a time.
-    pub(super) sm_queue: VecDeque<MachineAction>,
+    pub(super) sm_queue: SmQueue,
     pub(super) sm_busy: bool,
     /// The leader it went quiet under (followers), for waking when that node goes down.
     pub(super) quiet_leader: Option<NodeId>,
@@ -46,7 +46,7 @@ impl GroupState {
             writes_in_flight: 0,
             deferred_loads: Vec::new(),
             loads_running: 0,
-            sm_queue: VecDeque::new(),
+            sm_queue: SmQueue::default(),
             sm_busy: false,
             quiet_leader: None,
             refused_snapshot: None,

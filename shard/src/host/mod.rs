@@ -35,6 +35,7 @@ mod inbox;
 mod liveness;
 mod poller;
 mod registry;
+mod sm_queue;
 
 use crate::keys::{decode, encode, group_key, meta_key};
 pub use crate::kv::GroupDescriptor;
