@@ -1,0 +1,8 @@
+//! flotilla-resp: the Redis protocol for Flotilla's Redis front door. Protocol only: no
+//! sockets, no storage, no cluster.
+#![warn(missing_docs)]
+
+pub mod frame;
+pub mod number;
+
+pub use frame::{Frame, Protocol};
