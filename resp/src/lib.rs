@@ -2,7 +2,10 @@
 //! sockets, no storage, no cluster.
 #![warn(missing_docs)]
 
+pub mod error;
 pub mod frame;
 pub mod number;
+pub mod parse;
 
 pub use frame::{Frame, Protocol};
+pub use parse::{Limits, Parser, ProtocolError};
