@@ -127,6 +127,10 @@ pub struct RangeSize {
     /// Whether the whole range was read (`false`: it holds more than the limit; `bytes` and
     /// `keys` count the part read).
     pub complete: bool,
+    /// The whole range's logical bytes: `bytes` when complete; else `bytes` scaled by how much
+    /// of the range's files the part read spans (RocksDB's estimate from its file index, so
+    /// compression cancels out; data only in memtables is not seen). What a move must copy.
+    pub estimate: u64,
 }
 
 /// Marks kept while sizing a range: when there are this many, every other one is dropped and the
@@ -147,9 +151,13 @@ pub fn range_size_blocking(store: &Store, range: &KeyRange, bytes_max: u64) -> R
     let mut marks: Vec<(u64, Vec<u8>)> = Vec::new();
     let (mut step, mut next_mark) = (1u64, 0u64);
     let mut out = RangeSize { complete: true, ..RangeSize::default() };
+    let mut stopped_at = None;
     for item in store.db().iterator_cf_opt(cf, opts, IteratorMode::From(&range.start, Direction::Forward)) {
         if out.bytes >= bytes_max {
             out.complete = false;
+            if let Ok((k, _)) = item {
+                stopped_at = Some(k.to_vec());
+            }
             break;
         }
         let (k, v) = item.map_err(|e| StorageError::new("size", e.to_string()))?;
@@ -166,6 +174,20 @@ pub fn range_size_blocking(store: &Store, range: &KeyRange, bytes_max: u64) -> R
     }
     let half = out.bytes / 2;
     out.middle = marks.into_iter().filter(|(at, _)| *at > 0).min_by_key(|(at, _)| at.abs_diff(half)).map(|(_, k)| k);
+    out.estimate = out.bytes;
+    if let Some(stop) = stopped_at {
+        let end = range.end.clone().unwrap_or_else(|| vec![0xff; 64]);
+        let sizes = store.db().get_approximate_sizes_cf(
+            &cf,
+            &[rocksdb::Range::new(&range.start, &stop), rocksdb::Range::new(&range.start, &end)],
+        );
+        if let [part, all] = sizes[..] {
+            if part > 0 && all > part {
+                let scaled = out.bytes as u128 * all as u128 / part as u128;
+                out.estimate = u64::try_from(scaled).unwrap_or(u64::MAX);
+            }
+        }
+    }
     Ok(out)
 }
 

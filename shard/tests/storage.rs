@@ -398,12 +398,15 @@ async fn a_range_is_sized_by_its_logical_bytes_with_a_middle_key() {
     let empty_range = KeyRange { start: b"m".to_vec(), end: Some(b"n".to_vec()) };
     let empty = range_size_blocking(&store, &empty_range, u64::MAX).unwrap();
     assert_eq!(empty, RangeSize { complete: true, ..RangeSize::default() });
+    assert_eq!(size.estimate, size.bytes, "a range read whole is its own estimate");
 
     // A limit stops the read: the size counts what was read, the middle is the part's.
     let part = range_size_blocking(&store, &range, 50_000).expect("size");
     assert!(!part.complete && (50_000..50_101).contains(&part.bytes), "{part:?}");
     let at: u32 = std::str::from_utf8(&part.middle.expect("middle")[1..]).unwrap().parse().unwrap();
     assert!((230..=265).contains(&at), "middle of the part read: {at}");
+    // The whole range's size is estimated from the share of its files the part spans.
+    assert!((150_000..=260_000).contains(&part.estimate), "estimate {} for 202,000 bytes", part.estimate);
 }
 
 #[tokio::test]

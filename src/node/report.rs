@@ -97,7 +97,7 @@ impl Node {
         let threshold = self.inner.config.balancer.split_size_bytes_threshold;
         if let Ok(sizes) = self.inner.sizes.lock() {
             for (shard, c) in sizes.iter().filter(|(s, _)| report.leading.contains(s)) {
-                report.shard_bytes.insert(*shard, c.size.bytes);
+                report.shard_bytes.insert(*shard, c.size.estimate);
                 if let Some(middle) = c.size.middle.as_ref().filter(|_| c.size.bytes > threshold) {
                     report.split_keys.insert(*shard, middle.clone());
                 }
@@ -110,7 +110,7 @@ impl Node {
     /// data), in its own task so a long read never delays reports. A shard is re-sized when its
     /// descriptor changed, or when it applied entries since its last check and that check is
     /// `size_check_interval_ms` old. One read stops at [`SIZE_SCAN_BYTES_MAX`] (a larger shard
-    /// reports what was read: more than any split threshold, with a split point inside it);
+    /// reports RocksDB's estimate of its whole size, and a split point inside the part read);
     /// one round reads at most [`SIZE_CHECK_BYTES_PER_ROUND`] in all, the rest wait. Shards no
     /// longer led are forgotten.
     async fn check_sizes(&self) {
