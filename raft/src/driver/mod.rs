@@ -38,7 +38,7 @@ use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{ready, Poll};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -139,6 +139,9 @@ struct Shared {
     /// Signalled by `shutdown` before it queues its request: a core waiting for room in a
     /// full log or state-machine queue stops instead of waiting on.
     stop: Arc<Notify>,
+    /// Why the group stopped, set by the core before it closes the API queue: a call refused
+    /// while the group finishes its storage work (the metrics' `stopped` not yet set) says why.
+    stopping: Arc<OnceLock<Fatal>>,
 }
 
 /// The handle of one Raft group on this node. Cheap to clone.
@@ -176,8 +179,10 @@ impl Raft {
         // `term` is recorded on the span as it changes, so every event of the group carries it.
         let span = info_span!("raft", group = %group, node = %id, term = tracing::field::Empty);
         let stop = Arc::new(Notify::new());
+        let stopping = Arc::new(OnceLock::new());
         let core = Core {
             stop: stop.clone(),
+            stopping: stopping.clone(),
             group,
             core: GroupCore::new(engine),
             network,
@@ -202,6 +207,7 @@ impl Raft {
                 inbox_dropped: Default::default(),
                 tasks: Mutex::new(vec![task]),
                 stop,
+                stopping,
             }),
         })
     }
@@ -239,7 +245,10 @@ impl Raft {
         make: impl FnOnce(oneshot::Sender<Result<T, RaftError>>) -> Request,
     ) -> Result<T, RaftError> {
         let (tx, rx) = oneshot::channel();
-        let stopped = || self.shared.metrics.borrow().stopped.clone().unwrap_or(Fatal::Shutdown);
+        let stopped = || {
+            let stopped = self.shared.metrics.borrow().stopped.clone();
+            stopped.or_else(|| self.shared.stopping.get().cloned()).unwrap_or(Fatal::Shutdown)
+        };
         let work = async {
             self.shared.api.send(Api::Request(make(tx))).await.map_err(|_| RaftError::Fatal(stopped()))?;
             rx.await.map_err(|_| RaftError::Fatal(stopped()))?
@@ -654,6 +663,8 @@ struct Core<N: Network, L: LogStorage, S: StateMachine> {
     deferred: Vec<Deferred>,
     /// See `Shared::stop`.
     stop: Arc<Notify>,
+    /// See `Shared::stopping`.
+    stopping: Arc<OnceLock<Fatal>>,
     metrics: watch::Sender<RaftMetrics>,
     /// The group's span; its `term` field follows the engine's term.
     span: tracing::Span,
@@ -751,8 +762,10 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
     /// Once the group stopped: closes the API queue and refuses every request in it with the
     /// group's fatal error; shutdowns are kept in `shutdowns`, answered once storage work ends.
     fn refuse_queued(&self, api: &mut mpsc::Receiver<Api>, shutdowns: &mut Vec<oneshot::Sender<()>>) {
-        api.close();
         let fatal = self.core.fatal().cloned().unwrap_or(Fatal::Shutdown);
+        // Before the queue closes: a call it refuses reads why from here.
+        let _ = self.stopping.set(fatal.clone());
+        api.close();
         while let Ok(item) = api.try_recv() {
             match item {
                 Api::Request(req) => req.refuse(RaftError::Fatal(fatal.clone())),
