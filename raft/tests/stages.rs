@@ -361,3 +361,23 @@ async fn a_call_while_a_failed_group_finishes_its_storage_work_says_storage_fail
     assert!(matches!(after, Err(RaftError::Fatal(Fatal::Storage(_)))), "after: {after:?}");
     assert!(matches!(during, Err(RaftError::Fatal(Fatal::Storage(_)))), "while finishing: {during:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn every_shutdown_call_waits_for_the_storage_work_of_a_failed_group() {
+    let (log_store, sm_store) = (Shared::new(), Shared::new());
+    let log = MemLogStorage::new();
+    let raft = failed_leader_finishing_an_apply(&log_store, &sm_store, &log).await;
+    let shutdowns: Vec<_> = (0..3)
+        .map(|_| {
+            let raft = raft.clone();
+            tokio::spawn(async move { raft.shutdown().await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let returned = shutdowns.iter().filter(|s| s.is_finished()).count();
+    sm_store.apply_gate.open();
+    for s in shutdowns {
+        tokio::time::timeout(WAIT, s).await.expect("shutdown returns").expect("no panic");
+    }
+    assert_eq!(returned, 0, "a shutdown returned while the state machine was still being written");
+}

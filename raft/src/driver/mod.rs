@@ -38,7 +38,7 @@ use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::task::{ready, Poll};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -134,8 +134,9 @@ struct Shared {
     timeout: Duration,
     /// Messages dropped because the inbox was full.
     inbox_dropped: std::sync::atomic::AtomicU64,
-    /// The group's task (the core), awaited by `shutdown`.
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The group's task (the core) until it ended. `shutdown` holds the lock while it awaits
+    /// the task, so every call returns only once the task ended, whichever call awaited it.
+    task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Signalled by `shutdown` before it queues its request: a core waiting for room in a
     /// full log or state-machine queue stops instead of waiting on.
     stop: Arc<Notify>,
@@ -205,7 +206,7 @@ impl Raft {
                 metrics: metrics_rx,
                 timeout,
                 inbox_dropped: Default::default(),
-                tasks: Mutex::new(vec![task]),
+                task: tokio::sync::Mutex::new(Some(task)),
                 stop,
                 stopping,
             }),
@@ -332,7 +333,8 @@ impl Raft {
     /// Stops the group. Pending and queued requests fail with `Fatal(Shutdown)` at once; then
     /// the group finishes the storage work it started or queued and this returns. A storage
     /// failure meanwhile is logged and becomes the metrics' `stopped` (and what later calls
-    /// fail with).
+    /// fail with). Every call returns only once the group's storage work ended, also when
+    /// several run at once or the group had stopped by itself (a storage failure).
     pub async fn shutdown(&self) {
         // A permit is stored if the core is not waiting now: its next wait for room ends at once.
         self.shared.stop.notify_one();
@@ -340,12 +342,14 @@ impl Raft {
         if self.shared.api.send(Api::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;
         }
-        // Wait for the task, which finishes the storage work it started or queued, so that
-        // storage is no longer touched once this returns (a restart on the same storage must
-        // not race the old writer).
-        let tasks: Vec<_> = self.shared.tasks.lock().map(|mut t| t.drain(..).collect()).unwrap_or_default();
-        for task in tasks {
-            let _ = task.await;
+        // Wait for the task, which finishes the storage work it started or queued and then
+        // drops the storage, so that storage is no longer touched once this returns (a restart
+        // on the same storage must not race the old writer). The queue refuses a shutdown
+        // as soon as the group stopped, long before that: every call waits here.
+        let mut task = self.shared.task.lock().await;
+        if let Some(handle) = task.as_mut() {
+            let _ = handle.await;
+            *task = None;
         }
     }
 
