@@ -149,7 +149,8 @@ struct Shared {
 ///
 /// Every call is answered by the group's task; a call that gets no answer within
 /// `Config::api_timeout_ms` returns [`RaftError::Timeout`] (for a write the outcome is then
-/// unknown). After a storage failure or `shutdown`, calls return [`RaftError::Fatal`].
+/// unknown). After a storage failure or `shutdown`, calls return [`RaftError::Fatal`] (for a
+/// write the outcome is unknown too).
 #[derive(Clone)]
 pub struct Raft {
     shared: Arc<Shared>,
@@ -268,14 +269,17 @@ impl Raft {
     }
 
     /// Proposes one command; answers once it is committed and applied, with the state
-    /// machine's response.
+    /// machine's response. After [`RaftError::Timeout`] or [`RaftError::Fatal`] the outcome is
+    /// unknown: the entry may already be in the log and commit later (for `Fatal`, once the
+    /// group runs again: after a restart, or on the other nodes).
     pub async fn client_write(&self, command: Bytes) -> Result<WriteResponse, RaftError> {
         let mut all = self.client_write_batch(vec![command]).await?;
         all.pop().unwrap_or(Err(RaftError::Timeout))
     }
 
     /// Proposes several commands as consecutive log entries in one step; answers once all are
-    /// applied (or failed), one result per command, in order.
+    /// applied (or failed), one result per command, in order. As for [`Raft::client_write`],
+    /// a command answered with `Timeout` or `Fatal` may still commit.
     pub async fn client_write_batch(
         &self,
         commands: Vec<Bytes>,
