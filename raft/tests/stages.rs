@@ -1,7 +1,8 @@
 //! The driver's two storage stages, the log writer and the applier, run on the group's one
 //! task. These tests give it storages whose two halves depend on each other (one store behind
-//! one async lock, as a store shared by the log and the state machine may be), and storages
-//! that are slow or fail while the group shuts down. A group that hangs would hang the test:
+//! one async lock, as a store shared by the log and the state machine may be, or two stores
+//! one of which orders the other's writes), and storages that are slow or fail while the group
+//! stops. A group that hangs would hang the test:
 //! every wait has a timeout, so a regression fails instead (the clock is Tokio's paused one,
 //! so the timeouts cost no real time).
 
@@ -380,4 +381,67 @@ async fn every_shutdown_call_waits_for_the_storage_work_of_a_failed_group() {
         tokio::time::timeout(WAIT, s).await.expect("shutdown returns").expect("no panic");
     }
     assert_eq!(returned, 0, "a shutdown returned while the state machine was still being written");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_log_queue_does_not_hang_when_the_log_writes_wait_for_the_state_machine() {
+    // Two stores, one ordering the other's writes: a log write is done only once an apply is.
+    let log_store = Shared::new();
+    let sm_store = Shared { applied: log_store.log_gate.clone(), ..Shared::new() };
+    let log = MemLogStorage::new();
+    let raft = start_on(2, Config::fast(), &log_store, &sm_store, &log).await;
+    raft.receive(append(0, 1, 0));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(log.entries().len(), 1);
+    // The next append waits for an apply.
+    log_store.log_gate.close();
+    raft.receive(append(1, 2, 0));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // One append each, queued behind it: 1023, one short of what the log writer's queue holds.
+    let queued = 1025;
+    for i in 2..queued {
+        raft.receive(append(i, i + 1, 0));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // One more append, and entry 1 committed: its apply is queued for the idle applier, then
+    // the commit index's record finds the log writer's queue full and the core waits for room.
+    raft.receive(append(queued, queued + 1, 1));
+    let m = raft.wait_for(WAIT, |m| m.applied >= LogIndex(1)).await;
+    assert!(m.is_ok(), "the group is stuck: {m:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(log.entries().len(), queued as usize + 1);
+    let done = tokio::time::timeout(WAIT, raft.shutdown()).await;
+    assert!(done.is_ok(), "shutdown does not return");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_state_machine_queue_does_not_hang_when_the_applies_wait_for_the_log() {
+    // Two stores, one ordering the other's writes: an apply is done only once a log write is.
+    let log_store = Shared::new();
+    let sm_store = Shared { apply_gate: log_store.appended.clone(), ..Shared::new() };
+    let log = MemLogStorage::new();
+    let raft = start_on(2, Config::fast(), &log_store, &sm_store, &log).await;
+    let durable = 100;
+    raft.receive(append(0, durable, 0));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(log.entries().len(), durable as usize);
+    // The next apply waits for an append.
+    log_store.appended.close();
+    raft.receive(append(durable, durable, 1));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // One apply each, queued behind it: 64, what the applier's queue holds.
+    let queued = 65;
+    for commit in 2..=queued {
+        raft.receive(append(durable, durable, commit));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(raft.metrics().borrow().applied, LogIndex(0), "the applies wait for an append");
+    // One more entry, and one more committed: its append is queued for the idle log writer,
+    // then its apply finds the applier's queue full and the core waits for room.
+    raft.receive(append(durable, durable + 1, queued + 1));
+    let m = raft.wait_for(WAIT, |m| m.applied >= LogIndex(queued + 1)).await;
+    assert!(m.is_ok(), "the group is stuck: {m:?}");
+    assert_eq!(log.entries().len(), durable as usize + 1);
+    let done = tokio::time::timeout(WAIT, raft.shutdown()).await;
+    assert!(done.is_ok(), "shutdown does not return");
 }

@@ -931,9 +931,11 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
     /// Makes room in the log writer's full queue: waits for the batch in flight, then starts
     /// the next (everything queued). The applier goes on meanwhile: the batch may wait for the
     /// action in flight there (a store shared by the log and the state machine, behind one
-    /// lock), which only ends if it is polled. False if the group stops instead (shut down
-    /// meanwhile, or a stage failed).
+    /// lock), which only ends if it is polled, or for one queued there by the actions being
+    /// executed, which only ends if it is started. False if the group stops instead (shut
+    /// down meanwhile, or a stage failed).
     async fn wait_for_writer(&mut self) -> bool {
+        self.applier.start();
         while self.writer.running.is_some() {
             tokio::select! {
                 done = poll_stage(&mut self.writer.running) => {
@@ -955,9 +957,10 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
     }
 
     /// Makes room in the applier's full queue: waits for the action in flight, then starts the
-    /// next. The log writer goes on meanwhile, for the same reason as in `wait_for_writer`.
-    /// False if the group stops instead.
+    /// next. The log writer goes on meanwhile, its queued work started first, for the same
+    /// reasons as in `wait_for_writer`. False if the group stops instead.
     async fn wait_for_applier(&mut self) -> bool {
+        self.writer.start();
         while self.applier.running.is_some() {
             tokio::select! {
                 done = poll_stage(&mut self.applier.running) => {
