@@ -83,7 +83,9 @@ pub enum RaftError {
     /// The configuration given to `Raft::start` cannot work.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The group stopped.
+    /// The group stopped. For a write the outcome is unknown, as for `Timeout`: its entry may
+    /// already be in the log, and commit once the group runs again (after a restart, or on
+    /// the other nodes).
     #[error(transparent)]
     Fatal(#[from] Fatal),
 }

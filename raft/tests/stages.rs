@@ -1,7 +1,8 @@
 //! The driver's two storage stages, the log writer and the applier, run on the group's one
 //! task. These tests give it storages whose two halves depend on each other (one store behind
-//! one async lock, as a store shared by the log and the state machine may be), and storages
-//! that are slow or fail while the group shuts down. A group that hangs would hang the test:
+//! one async lock, as a store shared by the log and the state machine may be, or two stores
+//! one of which orders the other's writes), and storages that are slow or fail while the group
+//! stops. A group that hangs would hang the test:
 //! every wait has a timeout, so a regression fails instead (the clock is Tokio's paused one,
 //! so the timeouts cost no real time).
 
@@ -42,7 +43,8 @@ impl Gate {
     }
 }
 
-/// One store for the log and the state machine: every write of either holds `lock`.
+/// One store for the log and the state machine: every write of either holds `lock`. (A log
+/// and a state machine on two `Shared`s are on two stores, whose gates a test may link.)
 #[derive(Clone)]
 struct Shared {
     lock: Arc<Mutex<()>>,
@@ -50,11 +52,21 @@ struct Shared {
     log_gate: Gate,
     /// Passed by `apply` with the lock held: a write of the store that takes a while.
     apply_gate: Gate,
+    /// Opened by each `append` once done.
+    appended: Gate,
+    /// Opened by each `apply` once done.
+    applied: Gate,
 }
 
 impl Shared {
     fn new() -> Shared {
-        Shared { lock: Arc::new(Mutex::new(())), log_gate: Gate::new(true), apply_gate: Gate::new(true) }
+        Shared {
+            lock: Arc::new(Mutex::new(())),
+            log_gate: Gate::new(true),
+            apply_gate: Gate::new(true),
+            appended: Gate::new(false),
+            applied: Gate::new(false),
+        }
     }
 }
 
@@ -80,7 +92,9 @@ impl LogStorage for Log {
     async fn append(&self, entries: Vec<Entry>) -> Result<(), StorageError> {
         let _g = self.1.lock.lock().await;
         self.1.log_gate.pass().await;
-        self.0.append(entries).await
+        self.0.append(entries).await?;
+        self.1.appended.open();
+        Ok(())
     }
     async fn truncate_from(&self, index: LogIndex) -> Result<(), StorageError> {
         let _g = self.1.lock.lock().await;
@@ -99,7 +113,9 @@ impl StateMachine for Sm {
     async fn apply(&mut self, entries: Vec<Entry>) -> Result<Vec<Bytes>, StorageError> {
         let _g = self.1.lock.lock().await;
         self.1.apply_gate.pass().await;
-        self.0.apply(entries).await
+        let responses = self.0.apply(entries).await?;
+        self.1.applied.open();
+        Ok(responses)
     }
     async fn durable_applied(&mut self) -> Result<LogIndex, StorageError> {
         self.0.durable_applied().await
@@ -123,8 +139,13 @@ impl StateMachine for Sm {
 
 /// Node `id` alone on a router, on one store shared by its log and state machine.
 async fn start(id: u64, config: Config, store: &Shared, log: &MemLogStorage) -> Raft {
-    let sm = Sm(MemStateMachine::new(), store.clone());
-    Raft::start(NodeId(id), GroupId(0), config, Log(log.clone(), store.clone()), sm, MemRouter::new().network())
+    start_on(id, config, store, store, log).await
+}
+
+/// Node `id` alone on a router, its log on `log_store` and its state machine on `sm_store`.
+async fn start_on(id: u64, config: Config, log_store: &Shared, sm_store: &Shared, log: &MemLogStorage) -> Raft {
+    let sm = Sm(MemStateMachine::new(), sm_store.clone());
+    Raft::start(NodeId(id), GroupId(0), config, Log(log.clone(), log_store.clone()), sm, MemRouter::new().network())
         .await
         .expect("start")
 }
@@ -306,4 +327,121 @@ async fn a_storage_failure_while_the_group_shuts_down_is_reported() {
     assert!(matches!(stopped, Some(Fatal::Storage(StorageError { op: "append", .. }))), "{stopped:?}");
     let later = raft.client_write(Bytes::from_static(b"b")).await;
     assert!(matches!(later, Err(RaftError::Fatal(Fatal::Storage(_)))), "later calls say why: {later:?}");
+}
+
+/// Leader 1 alone, its log and its state machine on two stores, whose log failed while its
+/// state machine still applies "a" (a slow write, until the test opens `sm_store.apply_gate`):
+/// the group stopped on the storage failure and is finishing the apply.
+async fn failed_leader_finishing_an_apply(log_store: &Shared, sm_store: &Shared, log: &MemLogStorage) -> Raft {
+    let raft = start_on(1, Config::fast(), log_store, sm_store, log).await;
+    raft.initialize(Membership::new([NodeId(1)])).await.expect("initialize");
+    let m = raft.wait_for(WAIT, |m| m.role == Role::Leader && m.applied == m.last_log_id.index).await;
+    m.expect("leads");
+    sm_store.apply_gate.close();
+    let a = write(&raft, "a");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!a.is_finished(), "the apply of \"a\" waits for its gate");
+    log.set_fail_writes(true);
+    let _b = write(&raft, "b");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let a = tokio::time::timeout(WAIT, a).await.expect("answered").expect("no panic");
+    assert!(matches!(a, Err(RaftError::Fatal(Fatal::Storage(_)))), "the group stopped: {a:?}");
+    raft
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_while_a_failed_group_finishes_its_storage_work_says_storage_failed() {
+    let (log_store, sm_store) = (Shared::new(), Shared::new());
+    let log = MemLogStorage::new();
+    let raft = failed_leader_finishing_an_apply(&log_store, &sm_store, &log).await;
+    let during = tokio::time::timeout(WAIT, raft.client_write(Bytes::from_static(b"c"))).await.expect("answered");
+    sm_store.apply_gate.open();
+    let done = tokio::time::timeout(WAIT, raft.shutdown()).await;
+    assert!(done.is_ok(), "shutdown does not return");
+    let after = raft.client_write(Bytes::from_static(b"d")).await;
+    assert!(matches!(after, Err(RaftError::Fatal(Fatal::Storage(_)))), "after: {after:?}");
+    assert!(matches!(during, Err(RaftError::Fatal(Fatal::Storage(_)))), "while finishing: {during:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_shutdown_call_waits_for_the_storage_work_of_a_failed_group() {
+    let (log_store, sm_store) = (Shared::new(), Shared::new());
+    let log = MemLogStorage::new();
+    let raft = failed_leader_finishing_an_apply(&log_store, &sm_store, &log).await;
+    let shutdowns: Vec<_> = (0..3)
+        .map(|_| {
+            let raft = raft.clone();
+            tokio::spawn(async move { raft.shutdown().await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let returned = shutdowns.iter().filter(|s| s.is_finished()).count();
+    sm_store.apply_gate.open();
+    for s in shutdowns {
+        tokio::time::timeout(WAIT, s).await.expect("shutdown returns").expect("no panic");
+    }
+    assert_eq!(returned, 0, "a shutdown returned while the state machine was still being written");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_log_queue_does_not_hang_when_the_log_writes_wait_for_the_state_machine() {
+    // Two stores, one ordering the other's writes: a log write is done only once an apply is.
+    let log_store = Shared::new();
+    let sm_store = Shared { applied: log_store.log_gate.clone(), ..Shared::new() };
+    let log = MemLogStorage::new();
+    let raft = start_on(2, Config::fast(), &log_store, &sm_store, &log).await;
+    raft.receive(append(0, 1, 0));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(log.entries().len(), 1);
+    // The next append waits for an apply.
+    log_store.log_gate.close();
+    raft.receive(append(1, 2, 0));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // One append each, queued behind it: 1023, one short of what the log writer's queue holds.
+    let queued = 1025;
+    for i in 2..queued {
+        raft.receive(append(i, i + 1, 0));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // One more append, and entry 1 committed: its apply is queued for the idle applier, then
+    // the commit index's record finds the log writer's queue full and the core waits for room.
+    raft.receive(append(queued, queued + 1, 1));
+    let m = raft.wait_for(WAIT, |m| m.applied >= LogIndex(1)).await;
+    assert!(m.is_ok(), "the group is stuck: {m:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(log.entries().len(), queued as usize + 1);
+    let done = tokio::time::timeout(WAIT, raft.shutdown()).await;
+    assert!(done.is_ok(), "shutdown does not return");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_state_machine_queue_does_not_hang_when_the_applies_wait_for_the_log() {
+    // Two stores, one ordering the other's writes: an apply is done only once a log write is.
+    let log_store = Shared::new();
+    let sm_store = Shared { apply_gate: log_store.appended.clone(), ..Shared::new() };
+    let log = MemLogStorage::new();
+    let raft = start_on(2, Config::fast(), &log_store, &sm_store, &log).await;
+    let durable = 100;
+    raft.receive(append(0, durable, 0));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(log.entries().len(), durable as usize);
+    // The next apply waits for an append.
+    log_store.appended.close();
+    raft.receive(append(durable, durable, 1));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // One apply each, queued behind it: 64, what the applier's queue holds.
+    let queued = 65;
+    for commit in 2..=queued {
+        raft.receive(append(durable, durable, commit));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(raft.metrics().borrow().applied, LogIndex(0), "the applies wait for an append");
+    // One more entry, and one more committed: its append is queued for the idle log writer,
+    // then its apply finds the applier's queue full and the core waits for room.
+    raft.receive(append(durable, durable + 1, queued + 1));
+    let m = raft.wait_for(WAIT, |m| m.applied >= LogIndex(queued + 1)).await;
+    assert!(m.is_ok(), "the group is stuck: {m:?}");
+    assert_eq!(log.entries().len(), durable as usize + 1);
+    let done = tokio::time::timeout(WAIT, raft.shutdown()).await;
+    assert!(done.is_ok(), "shutdown does not return");
 }

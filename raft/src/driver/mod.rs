@@ -38,7 +38,7 @@ use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 use std::task::{ready, Poll};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -134,18 +134,23 @@ struct Shared {
     timeout: Duration,
     /// Messages dropped because the inbox was full.
     inbox_dropped: std::sync::atomic::AtomicU64,
-    /// The group's task (the core), awaited by `shutdown`.
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The group's task (the core) until it ended. `shutdown` holds the lock while it awaits
+    /// the task, so every call returns only once the task ended, whichever call awaited it.
+    task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Signalled by `shutdown` before it queues its request: a core waiting for room in a
     /// full log or state-machine queue stops instead of waiting on.
     stop: Arc<Notify>,
+    /// Why the group stopped, set by the core before it closes the API queue: a call refused
+    /// while the group finishes its storage work (the metrics' `stopped` not yet set) says why.
+    stopping: Arc<OnceLock<Fatal>>,
 }
 
 /// The handle of one Raft group on this node. Cheap to clone.
 ///
 /// Every call is answered by the group's task; a call that gets no answer within
 /// `Config::api_timeout_ms` returns [`RaftError::Timeout`] (for a write the outcome is then
-/// unknown). After a storage failure or `shutdown`, calls return [`RaftError::Fatal`].
+/// unknown). After a storage failure or `shutdown`, calls return [`RaftError::Fatal`] (for a
+/// write the outcome is unknown too).
 #[derive(Clone)]
 pub struct Raft {
     shared: Arc<Shared>,
@@ -176,8 +181,10 @@ impl Raft {
         // `term` is recorded on the span as it changes, so every event of the group carries it.
         let span = info_span!("raft", group = %group, node = %id, term = tracing::field::Empty);
         let stop = Arc::new(Notify::new());
+        let stopping = Arc::new(OnceLock::new());
         let core = Core {
             stop: stop.clone(),
+            stopping: stopping.clone(),
             group,
             core: GroupCore::new(engine),
             network,
@@ -200,8 +207,9 @@ impl Raft {
                 metrics: metrics_rx,
                 timeout,
                 inbox_dropped: Default::default(),
-                tasks: Mutex::new(vec![task]),
+                task: tokio::sync::Mutex::new(Some(task)),
                 stop,
+                stopping,
             }),
         })
     }
@@ -239,7 +247,10 @@ impl Raft {
         make: impl FnOnce(oneshot::Sender<Result<T, RaftError>>) -> Request,
     ) -> Result<T, RaftError> {
         let (tx, rx) = oneshot::channel();
-        let stopped = || self.shared.metrics.borrow().stopped.clone().unwrap_or(Fatal::Shutdown);
+        let stopped = || {
+            let stopped = self.shared.metrics.borrow().stopped.clone();
+            stopped.or_else(|| self.shared.stopping.get().cloned()).unwrap_or(Fatal::Shutdown)
+        };
         let work = async {
             self.shared.api.send(Api::Request(make(tx))).await.map_err(|_| RaftError::Fatal(stopped()))?;
             rx.await.map_err(|_| RaftError::Fatal(stopped()))?
@@ -258,14 +269,17 @@ impl Raft {
     }
 
     /// Proposes one command; answers once it is committed and applied, with the state
-    /// machine's response.
+    /// machine's response. After [`RaftError::Timeout`] or [`RaftError::Fatal`] the outcome is
+    /// unknown: the entry may already be in the log and commit later (for `Fatal`, once the
+    /// group runs again: after a restart, or on the other nodes).
     pub async fn client_write(&self, command: Bytes) -> Result<WriteResponse, RaftError> {
         let mut all = self.client_write_batch(vec![command]).await?;
         all.pop().unwrap_or(Err(RaftError::Timeout))
     }
 
     /// Proposes several commands as consecutive log entries in one step; answers once all are
-    /// applied (or failed), one result per command, in order.
+    /// applied (or failed), one result per command, in order. As for [`Raft::client_write`],
+    /// a command answered with `Timeout` or `Fatal` may still commit.
     pub async fn client_write_batch(
         &self,
         commands: Vec<Bytes>,
@@ -323,7 +337,8 @@ impl Raft {
     /// Stops the group. Pending and queued requests fail with `Fatal(Shutdown)` at once; then
     /// the group finishes the storage work it started or queued and this returns. A storage
     /// failure meanwhile is logged and becomes the metrics' `stopped` (and what later calls
-    /// fail with).
+    /// fail with). Every call returns only once the group's storage work ended, also when
+    /// several run at once or the group had stopped by itself (a storage failure).
     pub async fn shutdown(&self) {
         // A permit is stored if the core is not waiting now: its next wait for room ends at once.
         self.shared.stop.notify_one();
@@ -331,12 +346,14 @@ impl Raft {
         if self.shared.api.send(Api::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;
         }
-        // Wait for the task, which finishes the storage work it started or queued, so that
-        // storage is no longer touched once this returns (a restart on the same storage must
-        // not race the old writer).
-        let tasks: Vec<_> = self.shared.tasks.lock().map(|mut t| t.drain(..).collect()).unwrap_or_default();
-        for task in tasks {
-            let _ = task.await;
+        // Wait for the task, which finishes the storage work it started or queued and then
+        // drops the storage, so that storage is no longer touched once this returns (a restart
+        // on the same storage must not race the old writer). The queue refuses a shutdown
+        // as soon as the group stopped, long before that: every call waits here.
+        let mut task = self.shared.task.lock().await;
+        if let Some(handle) = task.as_mut() {
+            let _ = handle.await;
+            *task = None;
         }
     }
 
@@ -654,6 +671,8 @@ struct Core<N: Network, L: LogStorage, S: StateMachine> {
     deferred: Vec<Deferred>,
     /// See `Shared::stop`.
     stop: Arc<Notify>,
+    /// See `Shared::stopping`.
+    stopping: Arc<OnceLock<Fatal>>,
     metrics: watch::Sender<RaftMetrics>,
     /// The group's span; its `term` field follows the engine's term.
     span: tracing::Span,
@@ -751,8 +770,10 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
     /// Once the group stopped: closes the API queue and refuses every request in it with the
     /// group's fatal error; shutdowns are kept in `shutdowns`, answered once storage work ends.
     fn refuse_queued(&self, api: &mut mpsc::Receiver<Api>, shutdowns: &mut Vec<oneshot::Sender<()>>) {
-        api.close();
         let fatal = self.core.fatal().cloned().unwrap_or(Fatal::Shutdown);
+        // Before the queue closes: a call it refuses reads why from here.
+        let _ = self.stopping.set(fatal.clone());
+        api.close();
         while let Ok(item) = api.try_recv() {
             match item {
                 Api::Request(req) => req.refuse(RaftError::Fatal(fatal.clone())),
@@ -910,9 +931,11 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
     /// Makes room in the log writer's full queue: waits for the batch in flight, then starts
     /// the next (everything queued). The applier goes on meanwhile: the batch may wait for the
     /// action in flight there (a store shared by the log and the state machine, behind one
-    /// lock), which only ends if it is polled. False if the group stops instead (shut down
-    /// meanwhile, or a stage failed).
+    /// lock), which only ends if it is polled, or for one queued there by the actions being
+    /// executed, which only ends if it is started. False if the group stops instead (shut
+    /// down meanwhile, or a stage failed).
     async fn wait_for_writer(&mut self) -> bool {
+        self.applier.start();
         while self.writer.running.is_some() {
             tokio::select! {
                 done = poll_stage(&mut self.writer.running) => {
@@ -934,9 +957,10 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
     }
 
     /// Makes room in the applier's full queue: waits for the action in flight, then starts the
-    /// next. The log writer goes on meanwhile, for the same reason as in `wait_for_writer`.
-    /// False if the group stops instead.
+    /// next. The log writer goes on meanwhile, its queued work started first, for the same
+    /// reasons as in `wait_for_writer`. False if the group stops instead.
     async fn wait_for_applier(&mut self) -> bool {
+        self.writer.start();
         while self.applier.running.is_some() {
             tokio::select! {
                 done = poll_stage(&mut self.applier.running) => {
