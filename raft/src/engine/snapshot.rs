@@ -23,6 +23,9 @@ pub(super) struct Receiving {
     pub(super) reception: u64,
     /// Next offset expected.
     pub(super) offset: u64,
+    /// How far the chunks are stored (`handle_snapshot_received`): what answers to repeated
+    /// chunks report, so the sender's window counts what waits unstored here.
+    pub(super) stored: u64,
     /// The whole snapshot arrived; installation is under way.
     pub(super) installing: bool,
 }
@@ -299,12 +302,14 @@ impl Engine {
             // A chunk was lost (every chunk after it reports the same gap: resend once), or
             // the follower restarted and expects the snapshot from its start. A gap below
             // what was acknowledged, other than a restart's, is an old report overtaken.
+            // `acked` stays what the follower stored: a gap names what arrived, not what is
+            // stored, and the window must count chunks still waiting for its disk.
             let restart = next_offset == 0 && s.acked > 0;
             if s.gap_resent != Some(next_offset) && (next_offset >= s.acked || restart) {
-                if next_offset != s.acked {
+                if restart {
+                    s.acked = 0;
                     s.progress_at = now;
                 }
-                s.acked = next_offset;
                 s.resend_from(next_offset);
                 s.gap_resent = Some(next_offset);
             }
@@ -354,13 +359,21 @@ impl Engine {
                 return;
             }
             self.receptions += 1;
-            self.receiving =
-                Some(Receiving { meta: meta.clone(), offset: 0, installing: false, reception: self.receptions });
+            self.receiving = Some(Receiving {
+                meta: meta.clone(),
+                offset: 0,
+                stored: 0,
+                installing: false,
+                reception: self.receptions,
+            });
         }
         let Some(r) = self.receiving.as_mut() else { return };
         if offset != r.offset {
-            let expected = r.offset;
-            self.send(from, resp(expected, None, offset > expected));
+            // A gap names where to resend from (what arrived); a repeated chunk's answer says
+            // only what is stored, or the sender would open its window again over chunks
+            // still waiting for the disk.
+            let (next, gap) = if offset > r.offset { (r.offset, true) } else { (r.stored, false) };
+            self.send(from, resp(next, None, gap));
             return;
         }
         r.offset += data.len() as u64;
@@ -376,6 +389,9 @@ impl Engine {
 
     /// The work of [`Engine::handle_snapshot_received`].
     pub(super) fn on_snapshot_received(&mut self, _now: Millis, meta: SnapshotMeta, reception: u64, end: u64) {
+        if let Some(r) = self.receiving.as_mut().filter(|r| r.reception == reception) {
+            r.stored = r.stored.max(end.min(r.offset));
+        }
         let current = self.receiving.as_ref().is_some_and(|r| r.reception == reception && !r.installing);
         if let (true, Some(leader)) = (current, self.leader.filter(|l| *l != self.id)) {
             let body = MessageBody::SnapshotResp {

@@ -627,12 +627,6 @@ fn followers_keep_what_their_leader_keeps_so_the_next_leader_catches_a_lagging_f
     }
     c.stabilize();
     let behind = c.engine(3).last_log_id().index;
-    eprintln!(
-        "behind {behind} 2 purged {:?} 1 purged {:?} 2 applied {}",
-        c.nodes[&n(2)].last_purged,
-        c.nodes[&n(1)].last_purged,
-        c.engine(2).applied()
-    );
     assert!(c.engine(2).applied().0 >= behind.0 + 50, "2 applied the entries 3 lacks");
     assert!(
         c.nodes[&n(2)].last_purged.index <= behind,
@@ -650,4 +644,59 @@ fn followers_keep_what_their_leader_keeps_so_the_next_leader_catches_a_lagging_f
         "the new leader sent a snapshot"
     );
     assert_eq!(c.applied_data(3).len(), c.applied_data(2).len());
+}
+
+#[test]
+fn a_receiver_whose_disk_stalls_holds_no_more_than_the_window_unstored() {
+    let config = Config {
+        snapshot_chunk_bytes: 1,
+        snapshot_chunks_in_flight_max: 4,
+        log_keep_entries: 0,
+        log_lag_entries_max: 0,
+        log_purge_step_entries: 1,
+        ..cfg()
+    };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    c.node(1).snapshot_size = 400;
+    c.cut.insert((n(1), n(3)));
+    c.settle(25);
+    for i in 0..30 {
+        c.propose(1, &format!("v{i}"));
+    }
+    c.stabilize();
+    c.cut.clear();
+    // Node 3 takes chunks into its queue but its disk never reports one stored.
+    let mut taken_unstored = 0u64;
+    for _ in 0..2000 {
+        c.advance(1);
+        let now = c.now;
+        for _ in 0..1000 {
+            let mut msgs = Vec::new();
+            for (id, node) in c.nodes.iter_mut() {
+                if *id == n(3) {
+                    while let Some(a) = node.engine.poll_action() {
+                        match a {
+                            Action::Send(m) => msgs.push(m),
+                            Action::ReceiveSnapshotChunk { data, .. } => taken_unstored += data.len() as u64,
+                            Action::SaveVote { io, .. }
+                            | Action::AppendEntries { io, .. }
+                            | Action::TruncateFrom { io, .. }
+                            | Action::PurgeUpTo { io, .. } => node.engine.handle_io_done(now, io),
+                            _ => {}
+                        }
+                    }
+                } else {
+                    node.run(now);
+                    msgs.append(&mut node.outbox);
+                }
+            }
+            if msgs.is_empty() {
+                break;
+            }
+            for m in msgs {
+                c.deliver(m);
+            }
+        }
+    }
+    assert!(taken_unstored <= 4, "{taken_unstored} chunks queued unstored on the receiver (window 4)");
 }
