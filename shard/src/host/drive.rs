@@ -4,14 +4,12 @@
 //! entry loads onto the blocking pool — and the completions of those writes and loads come
 //! back.
 
-use super::group_state::GroupState;
+use super::group_state::{GroupState, Load};
 use super::poller::{empty_batch, Poller, PollerMsg};
 use super::Shared;
 use crate::keys::{encode, group_key, KIND_COMMITTED};
 use crate::store::{Op, CF_RAFT};
-use flotilla_raft::{
-    Action, CoreAction, Entry, GroupId, IoId, LogAction, LogIndex, MessageBody, NodeId, Role, StorageError, Term,
-};
+use flotilla_raft::{Action, CoreAction, Entry, GroupId, IoId, LogAction, MessageBody, Role, StorageError};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use tracing::{debug, error};
@@ -54,10 +52,11 @@ impl Poller {
                     Err(e) => g.core.fail(e),
                 },
                 CoreAction::Log(LogAction::Load { peer, from, to, bytes_max }) => {
+                    let load = Load { peer, from, to, bytes_max, term: g.core.engine().term() };
                     if g.writes_in_flight > 0 || wrote {
-                        g.deferred_loads.push((peer, from, to, bytes_max));
+                        g.deferred_loads.push(load);
                     } else {
-                        start_load(&self.shared, &self.tx, g, (peer, from, to, bytes_max));
+                        start_load(&self.shared, &self.tx, g, load);
                     }
                 }
                 CoreAction::Send(msg) if matches!(msg.body, MessageBody::Snapshot { .. }) => {
@@ -120,47 +119,53 @@ impl Poller {
     /// meanwhile (truncated by a new leader, replaced by a snapshot). A leader in the same
     /// term never cuts entries a load is reading (the engine holds its purges back), so there
     /// a failure is the storage's.
-    pub(super) fn on_loaded(
-        &mut self,
-        gid: GroupId,
-        peer: NodeId,
-        term: Term,
-        result: Result<Vec<Entry>, StorageError>,
-    ) {
+    pub(super) fn on_loaded(&mut self, loaded: Loaded) {
+        let Loaded { gid, incarnation, load, result } = loaded;
         let now = self.shared.now();
-        let Some(g) = self.groups.get_mut(&gid) else { return };
-        g.loads_running = g.loads_running.saturating_sub(1);
+        let Some(g) = self.groups.get_mut(&gid).filter(|g| g.incarnation == incarnation) else { return };
+        g.loading_peers.remove(&load.peer);
         match result {
-            Ok(entries) => g.core.handle_entries_loaded(now, peer, entries),
-            Err(e) if g.core.engine().term() == term && g.core.engine().role() == Role::Leader => g.core.fail(e),
+            Ok(entries) => g.core.handle_entries_loaded(now, load.peer, entries),
+            Err(e) if g.core.engine().term() == load.term && g.core.engine().role() == Role::Leader => g.core.fail(e),
             Err(e) => {
-                debug!(group = %gid, %peer, error = %e, "a load from an earlier term failed: dropped");
-                g.core.handle_entries_loaded(now, peer, Vec::new());
+                debug!(group = %gid, peer = %load.peer, error = %e, "a load from an earlier term failed: dropped");
+                g.core.handle_entries_loaded(now, load.peer, Vec::new());
+            }
+        }
+        if let Some(i) = g.loads_waiting.iter().position(|l| l.peer == load.peer) {
+            if let Some(next) = g.loads_waiting.remove(i) {
+                start_load(&self.shared, &self.tx, g, next);
             }
         }
         self.dirty.insert(gid);
     }
 }
 
+/// A load's answer, for the copy of the group that asked.
+pub(crate) struct Loaded {
+    pub(super) gid: GroupId,
+    pub(super) incarnation: u64,
+    pub(super) load: Load,
+    pub(super) result: Result<Vec<Entry>, StorageError>,
+}
+
 /// Reads entries a leader asked for on the blocking pool, not on the poller's thread: a
 /// lagging follower's entries come from disk, and one poller drives many groups whose
 /// heartbeats must not wait behind that read. The answer comes back as `PollerMsg::Loaded`;
 /// the engine checks the entries still match its log before it sends them.
-fn start_load(
-    shared: &Arc<Shared>,
-    tx: &mpsc::Sender<PollerMsg>,
-    g: &mut GroupState,
-    (peer, from, to, bytes_max): (NodeId, LogIndex, LogIndex, usize),
-) {
-    g.loads_running += 1;
-    let (gid, term, log, tx) = (g.id, g.core.engine().term(), g.log.clone(), tx.clone());
+fn start_load(shared: &Arc<Shared>, tx: &mpsc::Sender<PollerMsg>, g: &mut GroupState, load: Load) {
+    if !g.loading_peers.insert(load.peer) {
+        g.loads_waiting.push_back(load);
+        return;
+    }
+    let (gid, incarnation, log, tx) = (g.id, g.incarnation, g.log.clone(), tx.clone());
     let hooks = shared.clone();
     shared.runtime.spawn_blocking(move || {
         while hooks.hold_loads.load(Ordering::Acquire) {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        let result = log.read_entries_blocking(from, to, bytes_max);
-        let _ = tx.send(PollerMsg::Loaded { gid, peer, term, result });
+        let result = log.read_entries_blocking(load.from, load.to, load.bytes_max);
+        let _ = tx.send(PollerMsg::Loaded(Loaded { gid, incarnation, load, result }));
     });
 }
 

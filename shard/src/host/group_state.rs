@@ -5,7 +5,21 @@
 use super::sm_queue::SmQueue;
 use crate::kv::KvStateMachine;
 use crate::log::RocksLog;
-use flotilla_raft::{GroupCore, GroupId, LogIndex, NodeId};
+use flotilla_raft::{GroupCore, GroupId, LogIndex, NodeId, Term};
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static NEXT_INCARNATION: AtomicU64 = AtomicU64::new(1);
+
+/// Entries a leader asked to load for a follower, with the term it asked in.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Load {
+    pub(super) peer: NodeId,
+    pub(super) from: LogIndex,
+    pub(super) to: LogIndex,
+    pub(super) bytes_max: usize,
+    pub(super) term: Term,
+}
 
 /// One group on a poller.
 pub(crate) struct GroupState {
@@ -20,9 +34,15 @@ pub(crate) struct GroupState {
     /// Rounds with log writes of this group submitted and not yet durable.
     pub(super) writes_in_flight: usize,
     /// Loads waiting for the writes before them to be durable.
-    pub(super) deferred_loads: Vec<(NodeId, LogIndex, LogIndex, usize)>,
-    /// Loads reading on the blocking pool (at most one per follower: the engine's bound).
-    pub(super) loads_running: usize,
+    pub(super) deferred_loads: Vec<Load>,
+    /// Followers with a load reading on the blocking pool: one at a time each, so a follower's
+    /// loads complete in the order the engine asked for them (it matches answers by order).
+    pub(super) loading_peers: BTreeSet<NodeId>,
+    /// Loads waiting for their follower's load before them.
+    pub(super) loads_waiting: VecDeque<Load>,
+    /// Tells this copy of the group from an earlier one of the same id (removed, added
+    /// again): answers to the earlier copy's loads are dropped.
+    pub(super) incarnation: u64,
     /// State-machine work (apply, build, install) waiting its turn; one runs at a time.
     pub(super) sm_queue: SmQueue,
     pub(super) sm_busy: bool,
@@ -45,7 +65,9 @@ impl GroupState {
             idle_ticks: 0,
             writes_in_flight: 0,
             deferred_loads: Vec::new(),
-            loads_running: 0,
+            loading_peers: BTreeSet::new(),
+            loads_waiting: VecDeque::new(),
+            incarnation: NEXT_INCARNATION.fetch_add(1, Ordering::Relaxed),
             sm_queue: SmQueue::default(),
             sm_busy: false,
             quiet_leader: None,
@@ -58,7 +80,8 @@ impl GroupState {
             || self.sm_busy
             || !self.sm_queue.is_empty()
             || !self.deferred_loads.is_empty()
-            || self.loads_running > 0
+            || !self.loading_peers.is_empty()
+            || !self.loads_waiting.is_empty()
             || self.core.has_waiters()
     }
 }

@@ -11,8 +11,7 @@ use super::{GroupInfo, NodeBatch, QuiesceNotice, Shared, EVENTS_PER_ROUND_MAX};
 use crate::store::Op;
 use bytes::Bytes;
 use flotilla_raft::{
-    Entry, Fatal, GroupId, IoId, LogIndex, Message, NodeId, RaftError, Request, SnapshotError, SnapshotMeta,
-    StorageError, Term,
+    Fatal, GroupId, IoId, LogIndex, Message, NodeId, RaftError, Request, SnapshotError, SnapshotMeta, StorageError,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -37,13 +36,8 @@ pub(crate) enum PollerMsg {
         compact: Vec<crate::log::CompactSpan>,
         result: Result<(), StorageError>,
     },
-    /// Entries read for a leader's follower (see `drive::start_load`), in the term asked.
-    Loaded {
-        gid: GroupId,
-        peer: NodeId,
-        term: Term,
-        result: Result<Vec<Entry>, StorageError>,
-    },
+    /// Entries read for a leader's follower (see `drive::start_load`).
+    Loaded(super::drive::Loaded),
     Applied(GroupId, Result<AppliedBatch, StorageError>),
     Built(GroupId, Result<SnapshotMeta, StorageError>),
     /// A snapshot build fixed its point in time: the group's next state-machine action may start.
@@ -191,7 +185,7 @@ impl Poller {
             PollerMsg::Batch { from, messages, quiesce } => self.on_batch(from, messages, quiesce),
             PollerMsg::Api(gid, req) => self.on_request(gid, req),
             PollerMsg::WritesDone { done, compact, result } => self.on_writes_done(done, compact, result),
-            PollerMsg::Loaded { gid, peer, term, result } => self.on_loaded(gid, peer, term, result),
+            PollerMsg::Loaded(loaded) => self.on_loaded(loaded),
             PollerMsg::Applied(gid, r) => self.on_applied(gid, r),
             PollerMsg::Built(gid, r) => self.on_built(gid, r),
             PollerMsg::BuildPinned(gid) => {
