@@ -317,7 +317,7 @@ pub struct Engine {
     /// The time of the last purge decision (a purge that follows a dropped snapshot reuses it).
     purge_judged_at: Millis,
     /// What the leader last said it keeps its log after for its followers (a follower purges
-    /// no further; see `purge_log`).
+    /// no further; see `purge_log`). On the leader, what it last announced.
     leader_keeps_after: Option<LogIndex>,
     /// `LoadEntries` polled and not yet answered (peer, first index): the log is never purged
     /// under them, whatever the role meanwhile, or the load would find its entries gone.
@@ -770,8 +770,14 @@ impl Engine {
             MessageBody::AppendResp(r) => self.on_append_resp(now, from, r),
             MessageBody::Heartbeat { commit, round, keep_after } => {
                 self.on_leader_contact(now, from);
+                let raised = keep_after > self.leader_keeps_after;
                 self.leader_keeps_after = keep_after;
                 self.on_heartbeat(now, from, commit, round);
+                if raised {
+                    // What the leader no longer keeps may go here too, without waiting for the
+                    // next write (a group gone quiet after a catch-up would keep it forever).
+                    self.purge_log(now, false);
+                }
             }
             MessageBody::HeartbeatResp { round } => self.on_heartbeat_resp(now, from, round),
             MessageBody::TimeoutNow => self.on_timeout_now(now, from),

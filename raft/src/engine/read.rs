@@ -231,6 +231,11 @@ impl Engine {
         if let Some(mut r) = self.replicator() {
             r.flush_rounds(now, keep_after);
         }
+        if keep_after > self.leader_keeps_after {
+            // A follower caught up: what was kept for it may go now, not at the next write.
+            self.leader_keeps_after = keep_after;
+            self.purge_log(now, false);
+        }
     }
 
     /// Serves the reads whose round a quorum acknowledged.

@@ -644,6 +644,14 @@ fn followers_keep_what_their_leader_keeps_so_the_next_leader_catches_a_lagging_f
         "the new leader sent a snapshot"
     );
     assert_eq!(c.applied_data(3).len(), c.applied_data(2).len());
+    // Caught up, and no write since: once 1 (gone) no longer counts as catching up, the
+    // heartbeats let every replica purge what was kept.
+    c.settle(25);
+    let applied = c.engine(2).applied().0;
+    for id in [2, 3] {
+        let purged = c.nodes[&n(id)].last_purged.index.0;
+        assert!(purged + 5 + 1 >= applied, "node {id} purged to {purged} of {applied} applied");
+    }
 }
 
 #[test]
