@@ -133,6 +133,9 @@ pub struct RangeSize {
     pub estimate: u64,
 }
 
+/// The largest factor a partly read range's size is scaled by (see `RangeSize::estimate`).
+const ESTIMATE_SCALE_MAX: u64 = 64;
+
 /// Marks kept while sizing a range: when there are this many, every other one is dropped and the
 /// spacing doubles, so memory stays bounded whatever the range holds.
 const SIZE_MARKS_MAX: usize = 512;
@@ -176,13 +179,15 @@ pub fn range_size_blocking(store: &Store, range: &KeyRange, bytes_max: u64) -> R
     out.middle = marks.into_iter().filter(|(at, _)| *at > 0).min_by_key(|(at, _)| at.abs_diff(half)).map(|(_, k)| k);
     out.estimate = out.bytes;
     if let Some(stop) = stopped_at {
-        let end = range.end.clone().unwrap_or_else(|| vec![0xff; 64]);
+        let end = range.end.clone().unwrap_or_else(|| UNBOUNDED_END.to_vec());
         let sizes = store.db().get_approximate_sizes_cf(
             &cf,
             &[rocksdb::Range::new(&range.start, &stop), rocksdb::Range::new(&range.start, &end)],
         );
         if let [part, all] = sizes[..] {
-            if part > 0 && all > part {
+            // Only where the part read is mostly in files: data still in memtables is not in
+            // the file index, and a tiny `part` would scale the figure without bound.
+            if part > 0 && all > part && all / part <= ESTIMATE_SCALE_MAX {
                 let scaled = out.bytes as u128 * all as u128 / part as u128;
                 out.estimate = u64::try_from(scaled).unwrap_or(u64::MAX);
             }
