@@ -305,6 +305,11 @@ pub enum Response {
     Unavailable(String),
     /// Refused: the request is wrong and retrying will not help.
     Invalid(String),
+    /// Refused: the client's certificate does not allow it ([`crate::authz`]); says which
+    /// role may not do what. Nothing was read or changed. (Added within version 4, last, so
+    /// every earlier answer keeps its encoding; a client older than it reads this one as a
+    /// malformed answer, which it does not retry either.)
+    Denied(String),
 }
 
 /// How far a [`Response::Page`] covers: where the client continues. Never the client's own

@@ -155,7 +155,7 @@ fn dev_cluster_through_the_cli() {
     // A client certificate from another CA is refused.
     let other = home.join("other-ca");
     ok(&home, &["cert", "ca", "--dir", other.to_str().unwrap()]);
-    ok(&home, &["cert", "client", "--dir", other.to_str().unwrap(), "--name", "intruder"]);
+    ok(&home, &["cert", "client", "--dir", other.to_str().unwrap(), "--name", "intruder", "--role", "admin"]);
     fails(&home, &["cert", "ca", "--dir", other.to_str().unwrap()], 1, "refusing to overwrite");
     let mut file: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(home.join("cluster.json")).unwrap()).unwrap();
