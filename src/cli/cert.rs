@@ -81,7 +81,7 @@ fn parse_role(s: &str) -> Result<Role, String> {
 
 fn parse_hex(hex: &str) -> Result<Vec<u8>> {
     let hex = hex.trim();
-    if hex.len() % 2 != 0 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(anyhow!("--prefix-hex {hex:?} is not an even number of hex digits"));
     }
     (0..hex.len())
