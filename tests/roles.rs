@@ -9,7 +9,41 @@ use flotilla::transport::cert::{read_pem_file, CertificateAuthority, TlsIdentity
 use flotilla::transport::{Grant, PeerIdentity, Role};
 use flotilla::wire::{AdminRequest, AdminResponse};
 use flotilla::{Client, ClientConfig, ClientError};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// The audit log's lines, as a log pipeline filtering on its target would see them.
+#[derive(Clone, Default)]
+struct AuditLines(Arc<Mutex<Vec<u8>>>);
+
+impl Write for AuditLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AuditLines {
+    fn capture() -> AuditLines {
+        let lines = AuditLines::default();
+        let writer = lines.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(format!("{}=info", flotilla::authz::AUDIT_TARGET)))
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .init();
+        lines
+    }
+
+    fn has_line_with(&self, parts: &[&str]) -> bool {
+        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+        text.lines().any(|l| parts.iter().all(|p| l.contains(p)))
+    }
+}
 
 async fn connect(mut cfg: ClientConfig) -> Client {
     cfg.op_timeout = Duration::from_secs(20);
@@ -48,6 +82,7 @@ fn keys(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<&str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_role_may_do_what_it_allows_and_nothing_more() {
+    let audit = AuditLines::capture();
     // Four shards split at "40", "80" and "c0": the tenant prefix "8" spans the "80" boundary.
     let mut cluster = Cluster::start(3, 4).await;
     let admin = cluster.client().await;
@@ -117,6 +152,27 @@ async fn each_role_may_do_what_it_allows_and_nothing_more() {
     admin.admin(AdminRequest::Status).await.unwrap();
     // The tenant's scans stay clamped across the new boundary inside its prefix.
     assert_eq!(keys(&tenant.scan(b"", None, 100).await.unwrap()), tenant_keys);
+
+    // Admin requests are audited: who, what, the outcome, refusals included.
+    for parts in [
+        &[
+            "flotilla::audit",
+            "who=client viewer (role readonly)",
+            "operation=\"split\"",
+            "outcome=\"denied: role readonly may not split\"",
+        ][..],
+        &[
+            "who=client app (role readwrite)",
+            "operation=\"drain\"",
+            "Drain { node: NodeId(3), draining: true }",
+            "outcome=\"denied: ",
+        ],
+        &["who=client dev (role admin)", "operation=\"split\"", "outcome=\"ok\""],
+        &["who=client dev (role admin)", "operation=\"rebalance\"", "outcome=\"ok\""],
+    ] {
+        assert!(audit.has_line_with(parts), "no audit line with {parts:?}");
+    }
+    assert!(!audit.has_line_with(&["operation=\"put\""]), "data requests are not audited");
 
     // A certificate issued before roles existed carries none: admin, by the compatibility rule.
     let certs = cluster.dev.certs_dir();

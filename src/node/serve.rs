@@ -19,7 +19,7 @@ use crate::wire::{
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::debug;
+use tracing::{debug, info};
 
 impl Node {
     pub(super) async fn serve(&self, req: IncomingRequest) {
@@ -50,8 +50,18 @@ impl Node {
         responder.respond(resp.encode());
     }
 
-    /// Answers one request (also usable in-process).
+    /// Answers one request (also usable in-process). Admin requests, refused ones included,
+    /// are written to the audit log ([`authz::AUDIT_TARGET`]).
     pub async fn handle(&self, from: &PeerIdentity, req: Request) -> Response {
+        let Request::Admin(admin) = &req else { return self.handle_authorized(from, req).await };
+        let (operation, request) = (authz::operation(&req), format!("{admin:?}"));
+        let resp = self.handle_authorized(from, req).await;
+        let outcome = authz::audit_outcome(&resp);
+        info!(target: authz::AUDIT_TARGET, node = %self.inner.id, who = %authz::who(from), operation, request, outcome, "admin request");
+        resp
+    }
+
+    async fn handle_authorized(&self, from: &PeerIdentity, req: Request) -> Response {
         // Before any routing or forwarding: a refused request costs no work and reaches no one.
         if let Err(denied) = authz::check(from, &req) {
             self.inner.stats.denied.fetch_add(1, Ordering::Relaxed);
