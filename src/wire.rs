@@ -307,8 +307,9 @@ pub enum Response {
     Invalid(String),
     /// Refused: the client's certificate does not allow it ([`crate::authz`]); says which
     /// role may not do what. Nothing was read or changed. (Added within version 4, last, so
-    /// every earlier answer keeps its encoding; a client older than it reads this one as a
-    /// malformed answer, which it does not retry either.)
+    /// every earlier answer keeps its encoding. Only a certificate with a role draws it; a
+    /// client built before roles cannot decode it and reports an error after its retries, an
+    /// unknown outcome for a write, although nothing changed.)
     Denied(String),
 }
 

@@ -121,6 +121,8 @@ fn dev_cluster_through_the_cli() {
         std::fs::write(&path, file.to_string()).unwrap();
         path.to_str().unwrap().to_string()
     };
+    ok(&home, &["cert", "client", "positional", "--dir", certs.to_str().unwrap(), "--role", "readonly"]);
+    assert!(certs.join("client-positional.pem").exists());
     let viewer = as_client("viewer", &["--role", "readonly"]);
     assert_eq!(ok(&home, &["kv", "--cluster", &viewer, "get", "a1"]).trim(), "va1");
     fails(&home, &["kv", "--cluster", &viewer, "put", "a1", "x"], 1, "permission denied: role readonly may not put");

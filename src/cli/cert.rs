@@ -31,8 +31,11 @@ pub enum CertCommand {
         #[arg(long)]
         dir: PathBuf,
         /// Client name (lowercase letters, digits, '-').
+        #[arg(required_unless_present = "name", conflicts_with = "name", value_name = "NAME")]
+        client: Option<String>,
+        /// The client name, as a flag (the form before roles existed).
         #[arg(long)]
-        name: String,
+        name: Option<String>,
         /// What the client may do: admin (everything), readwrite (get, put, delete, cas,
         /// scan), readonly (get and scan).
         #[arg(long, value_parser = parse_role)]
@@ -57,7 +60,9 @@ pub fn run(c: CertCommand) -> Result<i32> {
             let (cert, key) = cluster::issue_node(&dir, NodeId(id)).map_err(|e| anyhow!(e))?;
             println!("node {id}: {} and {}", cert.display(), key.display());
         }
-        CertCommand::Client { dir, name, role, prefix, prefix_hex } => {
+        CertCommand::Client { dir, client, name, role, prefix, prefix_hex } => {
+            // clap requires exactly one of the two.
+            let name = client.or(name).ok_or_else(|| anyhow!("give the client's NAME"))?;
             let prefix = match (prefix, prefix_hex) {
                 (Some(p), _) => Some(p.into_bytes()),
                 (None, Some(h)) => Some(parse_hex(&h)?),
