@@ -108,7 +108,7 @@ class Cluster:
         self.run(["cert", "ca", "--dir", certs])
         for i in range(1, total + 1):
             self.run(["cert", "node", "--dir", certs, "--id", str(i)])
-        self.run(["cert", "client", "--dir", certs, "--name", "bench"])
+        self.run(["cert", "client", "--dir", certs, "--name", "bench", "--role", "admin"])
         port = lambda i: args.base_port + i  # noqa: E731 (QUIC, UDP)
         self.metrics_port = {i: args.base_port + 10 + i for i in range(1, total + 1)}
         for i in range(1, total + 1):

@@ -86,6 +86,10 @@ pub enum ClientError {
     /// not help.
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The client's certificate does not allow the request (its role, or its key prefix);
+    /// nothing was read or changed.
+    #[error("permission denied: {0}")]
+    Denied(String),
     /// The client's configuration or certificates are unusable.
     #[error("client configuration: {0}")]
     Config(String),
@@ -468,6 +472,7 @@ impl Client {
                     sleep_backoff(&mut backoff, deadline).await;
                 }
                 Ok(Response::Invalid(e)) => return Err(ClientError::Invalid(e)),
+                Ok(Response::Denied(e)) => return Err(ClientError::Denied(e)),
                 Ok(other) => {
                     if !stale {
                         if let Ok(mut m) = self.leaders.lock() {
@@ -625,6 +630,7 @@ impl Client {
             match self.call(node, &request, timeout).await {
                 Ok(Response::Admin(a)) => return Ok(a),
                 Ok(Response::Invalid(e)) => return Err(ClientError::Invalid(e)),
+                Ok(Response::Denied(e)) => return Err(ClientError::Denied(e)),
                 Ok(other) => last = format!("node {node}: {}", describe(&other)),
                 Err(CallError::NotSent(e) | CallError::Sent(e)) => last = e,
             }
@@ -661,6 +667,7 @@ fn describe(r: &Response) -> String {
         Response::OutOfRange { shard } => format!("shard {shard} no longer holds the key there (it split)"),
         Response::Unavailable(e) => format!("unavailable: {e}"),
         Response::Invalid(e) => format!("invalid: {e}"),
+        Response::Denied(e) => format!("permission denied: {e}"),
         Response::Unknown(e) => format!("outcome unknown: {e}"),
         other => format!("unexpected answer {other:?}"),
     }

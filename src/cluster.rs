@@ -10,7 +10,7 @@
 //! defaulting to `~/.flotilla`.
 
 use crate::transport::cert::{read_pem_file, write_pem_file, CertificateAuthority, TlsIdentity};
-use crate::transport::NodeId;
+use crate::transport::{Grant, NodeId};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -164,13 +164,13 @@ pub fn issue_node(dir: &Path, node: NodeId) -> Result<(PathBuf, PathBuf), String
     Ok((cert, key))
 }
 
-/// Issues a client certificate from the CA in `dir`.
-pub fn issue_client(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), String> {
+/// Issues a client certificate carrying `grant` (its role and key prefix) from the CA in `dir`.
+pub fn issue_client(dir: &Path, name: &str, grant: Grant) -> Result<(PathBuf, PathBuf), String> {
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
         return Err(format!("client name {name:?} must be letters, digits and '-'"));
     }
     let ca = load_ca(dir)?;
-    let issued = ca.issue_client(name).map_err(|e| e.to_string())?;
+    let issued = ca.issue_client(name, grant).map_err(|e| e.to_string())?;
     let (cert, key) = client_cert_paths(dir, name);
     write_pem_file(&cert, &issued.cert_pem, false).map_err(|e| e.to_string())?;
     write_pem_file(&key, &issued.key_pem, true).map_err(|e| e.to_string())?;

@@ -12,6 +12,7 @@ use crate::cluster::{self, ClusterFile, ClusterNode};
 use crate::node::{BootstrapConfig, Node, NodeConfig, NodeError};
 use crate::raft::NodeId;
 use crate::transport::cert::TlsIdentity;
+use crate::transport::{Grant, Role};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -74,7 +75,8 @@ impl DevCluster {
         for id in &ids {
             cluster::issue_node(&certs, *id).map_err(DevClusterError::Certs)?;
         }
-        let client_cert = cluster::issue_client(&certs, DEV_CLIENT_NAME).map_err(DevClusterError::Certs)?;
+        let client_cert =
+            cluster::issue_client(&certs, DEV_CLIENT_NAME, Grant::new(Role::Admin)).map_err(DevClusterError::Certs)?;
         let mut out = DevCluster { dir: dir.to_path_buf(), nodes: Vec::new(), configs: Vec::new(), client_cert };
         for id in ids {
             let mut cfg = NodeConfig::new(id, dir.join(format!("node-{id}")), loopback(), out.node_tls(id)?);
@@ -163,6 +165,15 @@ impl DevCluster {
     /// A client configuration for the running nodes, as the `dev` client.
     pub fn client_config(&self) -> Result<ClientConfig, DevClusterError> {
         Ok(ClientConfig::new(self.client_tls()?, self.endpoints()))
+    }
+
+    /// A client configuration for the running nodes as a new client `name` whose certificate
+    /// (issued now by the cluster's CA) carries `grant`.
+    pub fn client_config_with(&self, name: &str, grant: Grant) -> Result<ClientConfig, DevClusterError> {
+        let (cert, key) = cluster::issue_client(&self.certs_dir(), name, grant).map_err(DevClusterError::Certs)?;
+        let tls = TlsIdentity::load(&self.certs_dir().join("ca.pem"), &cert, &key)
+            .map_err(|e| DevClusterError::Certs(e.to_string()))?;
+        Ok(ClientConfig::new(tls, self.endpoints()))
     }
 
     /// The cluster file for the running nodes; `metrics[i]` is the metrics address of the i-th.

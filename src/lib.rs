@@ -50,6 +50,7 @@
 #![warn(missing_docs)]
 
 pub mod allocator;
+pub mod authz;
 pub mod bench;
 pub mod client;
 pub mod cluster;

@@ -305,6 +305,12 @@ pub enum Response {
     Unavailable(String),
     /// Refused: the request is wrong and retrying will not help.
     Invalid(String),
+    /// Refused: the client's certificate does not allow it ([`crate::authz`]); says which
+    /// role may not do what. Nothing was read or changed. (Added within version 4, last, so
+    /// every earlier answer keeps its encoding. Only a certificate with a role draws it; a
+    /// client built before roles cannot decode it and reports an error after its retries, an
+    /// unknown outcome for a write, although nothing changed.)
+    Denied(String),
 }
 
 /// How far a [`Response::Page`] covers: where the client continues. Never the client's own

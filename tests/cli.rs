@@ -1,6 +1,7 @@
 //! End to end through the real binary: `flotilla dev` in a child process, then `flotilla kv`,
 //! `admin` and `bench` in others, finding the cluster with no flags (through
-//! `FLOTILLA_HOME`); a client certificate from another CA is refused; bad input to each command
+//! `FLOTILLA_HOME`); a client certificate from another CA is refused; certificates with a
+//! role may do only what it allows; bad input to each command
 //! gives a clear error; SIGTERM stops `dev` cleanly.
 
 use std::path::{Path, PathBuf};
@@ -102,6 +103,51 @@ fn dev_cluster_through_the_cli() {
     assert!(ok(&home, &["admin", "status"]).contains("shards: 5"));
     fails(&home, &["admin", "split", "m"], 1, "first key");
 
+    // Roles: certificates from the dev cluster's CA, each in a cluster file of its own.
+    let certs = {
+        let file: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(home.join("cluster.json")).unwrap()).unwrap();
+        PathBuf::from(file["ca"].as_str().unwrap()).parent().unwrap().to_path_buf()
+    };
+    let as_client = |name: &str, role_args: &[&str]| -> String {
+        let mut args = vec!["cert", "client", "--dir", certs.to_str().unwrap(), "--name", name];
+        args.extend_from_slice(role_args);
+        ok(&home, &args);
+        let mut file: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(home.join("cluster.json")).unwrap()).unwrap();
+        file["cert"] = certs.join(format!("client-{name}.pem")).to_str().unwrap().into();
+        file["key"] = certs.join(format!("client-{name}-key.pem")).to_str().unwrap().into();
+        let path = home.join(format!("{name}.json"));
+        std::fs::write(&path, file.to_string()).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    ok(&home, &["cert", "client", "positional", "--dir", certs.to_str().unwrap(), "--role", "readonly"]);
+    assert!(certs.join("client-positional.pem").exists());
+    let viewer = as_client("viewer", &["--role", "readonly"]);
+    assert_eq!(ok(&home, &["kv", "--cluster", &viewer, "get", "a1"]).trim(), "va1");
+    fails(&home, &["kv", "--cluster", &viewer, "put", "a1", "x"], 1, "permission denied: role readonly may not put");
+    fails(&home, &["admin", "--cluster", &viewer, "split", "n"], 1, "permission denied: role readonly may not split");
+    let app = as_client("app", &["--role", "readwrite"]);
+    assert_eq!(ok(&home, &["kv", "--cluster", &app, "put", "app", "1"]).trim(), "OK");
+    fails(&home, &["admin", "--cluster", &app, "drain", "3"], 1, "permission denied: role readwrite may not drain");
+    fails(&home, &["admin", "--cluster", &app, "rebalance"], 1, "permission denied: role readwrite may not rebalance");
+    let tenant = as_client("tenant-a", &["--role", "readwrite", "--prefix", "a"]);
+    let scan = ok(&home, &["kv", "--cluster", &tenant, "scan"]);
+    let keys: Vec<&str> = scan.lines().skip(1).filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(keys, ["a1", "app", "(2"], "{scan}");
+    fails(&home, &["kv", "--cluster", &tenant, "get", "b2"], 1, "limited to keys starting with \"a\" may not get");
+    ok(&home, &["kv", "delete", "app"]);
+    fails(&home, &["cert", "client", "--dir", certs.to_str().unwrap(), "--name", "x"], 2, "--role");
+    fails(
+        &home,
+        &["cert", "client", "--dir", certs.to_str().unwrap(), "--name", "x", "--role", "root"],
+        2,
+        "unknown role",
+    );
+    let admin_prefix =
+        ["cert", "client", "--dir", certs.to_str().unwrap(), "--name", "x", "--role", "admin", "--prefix", "a"];
+    fails(&home, &admin_prefix, 1, "cannot be limited to a prefix");
+
     // bench, briefly.
     let report: serde_json::Value = serde_json::from_str(&ok(
         &home,
@@ -155,7 +201,7 @@ fn dev_cluster_through_the_cli() {
     // A client certificate from another CA is refused.
     let other = home.join("other-ca");
     ok(&home, &["cert", "ca", "--dir", other.to_str().unwrap()]);
-    ok(&home, &["cert", "client", "--dir", other.to_str().unwrap(), "--name", "intruder"]);
+    ok(&home, &["cert", "client", "--dir", other.to_str().unwrap(), "--name", "intruder", "--role", "admin"]);
     fails(&home, &["cert", "ca", "--dir", other.to_str().unwrap()], 1, "refusing to overwrite");
     let mut file: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(home.join("cluster.json")).unwrap()).unwrap();

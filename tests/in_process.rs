@@ -5,6 +5,7 @@
 use flotilla::meta::dev_split_keys;
 use flotilla::placement::{NodeId, ShardId};
 use flotilla::transport::cert::{CertificateAuthority, TlsIdentity};
+use flotilla::transport::{Grant, Role};
 use flotilla::wire::{AdminRequest, AdminResponse};
 use flotilla::{CasOutcome, Client, ClientConfig, ClientError};
 use std::time::{Duration, Instant};
@@ -98,7 +99,7 @@ async fn three_nodes_serve_and_survive_a_leader_failure() {
 
     // A client whose certificate comes from another CA is refused.
     let other = CertificateAuthority::generate("other CA").unwrap();
-    let issued = other.issue_client("intruder").unwrap();
+    let issued = other.issue_client("intruder", Grant::new(Role::Admin)).unwrap();
     let tls = TlsIdentity::from_issued(other.cert_pem(), &issued).unwrap();
     let mut cfg = ClientConfig::new(tls, cluster.endpoints());
     cfg.request_timeout = Duration::from_secs(3);

@@ -310,6 +310,8 @@ pub struct NodeStats {
     pub redirects: AtomicU64,
     /// Requests that did not decode.
     pub bad_requests: AtomicU64,
+    /// Requests refused because the client's role does not allow them.
+    pub denied: AtomicU64,
     /// Meta operations run on this node as the meta leader.
     pub meta_ops: AtomicU64,
     /// Compare-and-swap writes of the meta state this node proposed as the meta leader.
@@ -567,6 +569,11 @@ impl Node {
         counter("flotilla_requests_total", "Client requests served.", s.requests.load(Ordering::Relaxed));
         counter("flotilla_redirects_total", "Requests answered with a redirect.", s.redirects.load(Ordering::Relaxed));
         counter("flotilla_bad_requests_total", "Requests that did not decode.", s.bad_requests.load(Ordering::Relaxed));
+        counter(
+            "flotilla_requests_denied_total",
+            "Requests refused by the client's role.",
+            s.denied.load(Ordering::Relaxed),
+        );
         counter("flotilla_meta_ops_total", "Meta operations run as meta leader.", s.meta_ops.load(Ordering::Relaxed));
         let h = self.inner.host.stats();
         counter("flotilla_host_batches_sent_total", "Node batches sent.", h.batches_sent.load(Ordering::Relaxed));

@@ -5,6 +5,7 @@
 //! unknown outcome).
 
 use super::{view_of, Node, NodeError, PEER_REQUEST_TIMEOUT_MS};
+use crate::authz;
 use crate::meta::{self, shard_range};
 use crate::peer_wire::{is_peer_message, MetaOp, PeerRequest, PeerResponse};
 use crate::placement::{Epoch, ShardDescriptor, ShardId};
@@ -18,6 +19,7 @@ use crate::wire::{
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::{debug, info};
 
 impl Node {
     pub(super) async fn serve(&self, req: IncomingRequest) {
@@ -48,8 +50,24 @@ impl Node {
         responder.respond(resp.encode());
     }
 
-    /// Answers one request (also usable in-process).
+    /// Answers one request (also usable in-process). Admin requests, refused ones included,
+    /// are written to the audit log ([`authz::AUDIT_TARGET`]).
     pub async fn handle(&self, from: &PeerIdentity, req: Request) -> Response {
+        let Request::Admin(admin) = &req else { return self.handle_authorized(from, req).await };
+        let (operation, request) = (authz::operation(&req), format!("{admin:?}"));
+        let resp = self.handle_authorized(from, req).await;
+        let outcome = authz::audit_outcome(&resp);
+        info!(target: authz::AUDIT_TARGET, node = %self.inner.id, who = %authz::who(from), operation, request, outcome, "admin request");
+        resp
+    }
+
+    async fn handle_authorized(&self, from: &PeerIdentity, req: Request) -> Response {
+        // Before any routing or forwarding: a refused request costs no work and reaches no one.
+        if let Err(denied) = authz::check(from, &req) {
+            self.inner.stats.denied.fetch_add(1, Ordering::Relaxed);
+            debug!(target: "flotilla::authz", peer = %from, %denied, "request refused");
+            return Response::Denied(denied);
+        }
         match req {
             Request::Get { shard, epoch, key, consistency } => {
                 if let Err(e) = check_user_key(&key) {
@@ -103,6 +121,14 @@ impl Node {
                     return Response::Invalid("a scan's limit must be at least 1".into());
                 }
                 let limit = (limit as usize).min(SCAN_LIMIT_MAX);
+                // A tenant's scan sees only its prefix's keys (crate::authz).
+                let (start, end, cut_end) = match authz::grant_of(from).and_then(|g| g.prefix.as_deref()) {
+                    None => (start, end, None),
+                    Some(prefix) => match authz::scope_scan(prefix, start, end) {
+                        authz::ScanScope::Nothing(end) => return Response::Page { pairs: Vec::new(), end },
+                        authz::ScanScope::Range { start, end, cut_end } => (start, end, cut_end),
+                    },
+                };
                 let d = match self.route_shard(shard, epoch).await {
                     Ok(d) => d,
                     Err(r) => return r,
@@ -138,7 +164,10 @@ impl Node {
                         Err(e) => return self.host_error(e, false),
                     }
                 };
-                cut_scan(page)
+                match cut_scan(page) {
+                    Response::Page { pairs, end } => Response::Page { pairs, end: authz::widen_page_end(end, cut_end) },
+                    other => other,
+                }
             }
             Request::ClusterView { fresh } => {
                 let state = if fresh {

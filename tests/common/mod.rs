@@ -126,7 +126,7 @@ pub fn make_certs(dir: &Path, nodes: u64) {
     for id in 1..=nodes {
         run(&["cert", "node", "--dir", c, "--id", &id.to_string()]);
     }
-    run(&["cert", "client", "--dir", c, "--name", "test"]);
+    run(&["cert", "client", "--dir", c, "--name", "test", "--role", "admin"]);
 }
 
 /// Seconds a [`History`] uses one set of keys.

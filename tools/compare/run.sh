@@ -155,7 +155,7 @@ run_flotilla() {
   mkdir -p "$dir"
   "$FLOTILLA_BIN" cert ca --dir "$certs" >/dev/null
   for i in 1 2 3; do "$FLOTILLA_BIN" cert node --dir "$certs" --id "$i" >/dev/null; done
-  "$FLOTILLA_BIN" cert client --dir "$certs" --name bench >/dev/null
+  "$FLOTILLA_BIN" cert client --dir "$certs" --name bench --role admin >/dev/null
   local nodes=""
   for i in 1 2 3; do
     check_free u $((BASE_PORT + 20 + i))

@@ -8,6 +8,16 @@
 //! client certificates only for client authentication, so a client certificate can never
 //! serve as a node.
 //!
+//! Roles: a client certificate also carries its [`Grant`] as one URI subject alternative name,
+//! `urn:flotilla:role:<role>` or `urn:flotilla:role:<role>:prefix:<hex>` (the prefix's bytes in
+//! lowercase hex, so any bytes are safe). Identities are read only from DNS names and grants
+//! only from URIs, so neither can pass for the other; a node certificate carrying a grant, two
+//! grants, or a malformed `urn:flotilla:` URI is refused rather than read as no grant.
+//!
+//! **Compatibility rule:** a client certificate without a grant (issued before roles existed)
+//! is accepted as `admin`, so existing CLI certificates keep working; the node logs a warning at
+//! every such connection. Reissue them with `flotilla cert client --role ...`.
+//!
 //! The `flotilla cert` command is meant to call [`CertificateAuthority`] and
 //! [`write_pem_file`]; tests use the same helpers.
 
@@ -22,7 +32,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use time::OffsetDateTime;
 
-use crate::id::{NodeId, PeerIdentity};
+use crate::id::{ClientIdentity, Grant, NodeId, PeerIdentity, Role};
 
 /// Domain under which identities are named.
 pub const IDENTITY_DOMAIN: &str = "flotilla";
@@ -32,6 +42,10 @@ pub const CA_VALIDITY_DAYS: u64 = 3650;
 pub const LEAF_VALIDITY_DAYS: u64 = 825;
 /// Longest client name accepted in `client-<name>.flotilla`.
 pub const CLIENT_NAME_BYTES_MAX: usize = 48;
+/// Longest key prefix a client certificate may be limited to (bytes; twice that in hex).
+pub const GRANT_PREFIX_BYTES_MAX: usize = 256;
+/// Start of the URI naming a client's grant.
+pub const GRANT_URI_PREFIX: &str = "urn:flotilla:role:";
 /// Backdating of `not_before`, so that a peer whose clock is slightly behind accepts a
 /// certificate issued a moment ago.
 pub const CLOCK_SKEW_ALLOWANCE_SECS: u64 = 3600;
@@ -59,6 +73,10 @@ pub enum CertError {
     /// A client name that cannot be put in a certificate.
     #[error("invalid client name {0:?}: use 1-{max} characters of [a-z0-9-]", max = CLIENT_NAME_BYTES_MAX)]
     ClientName(String),
+    /// A grant that cannot be put in a certificate, or one read from a certificate that does
+    /// not parse.
+    #[error("invalid role grant: {0}")]
+    Grant(String),
     /// Writing or reading a file failed.
     #[error("{path}: {source}")]
     Io {
@@ -100,11 +118,73 @@ pub fn parse_identity_name(name: &str) -> Option<PeerIdentity> {
         return id.parse().ok().map(|id| PeerIdentity::Node(NodeId(id)));
     }
     let client = label.strip_prefix("client-")?;
-    valid_client_name(client).then(|| PeerIdentity::Client(client.to_string()))
+    valid_client_name(client).then(|| PeerIdentity::Client(ClientIdentity::from(client)))
+}
+
+/// The URI naming `grant`: `urn:flotilla:role:<role>[:prefix:<hex>]`.
+pub fn grant_uri(grant: &Grant) -> String {
+    let mut uri = format!("{GRANT_URI_PREFIX}{}", grant.role);
+    if let Some(prefix) = &grant.prefix {
+        uri.push_str(":prefix:");
+        for b in prefix {
+            uri.push_str(&format!("{b:02x}"));
+        }
+    }
+    uri
+}
+
+/// Checks that `grant` can be issued and read back: a prefix is 1 to
+/// [`GRANT_PREFIX_BYTES_MAX`] bytes, does not start with `0x00` (the cluster's own keys), and
+/// is never given to an admin, whose operations span the whole cluster.
+pub fn check_grant(grant: &Grant) -> Result<(), CertError> {
+    let Some(prefix) = &grant.prefix else { return Ok(()) };
+    if grant.role == Role::Admin {
+        return Err(CertError::Grant("an admin acts on the whole cluster and cannot be limited to a prefix".into()));
+    }
+    if prefix.is_empty() || prefix.len() > GRANT_PREFIX_BYTES_MAX {
+        return Err(CertError::Grant(format!("a prefix must be 1 to {GRANT_PREFIX_BYTES_MAX} bytes")));
+    }
+    if prefix[0] == 0 {
+        return Err(CertError::Grant("a prefix must not start with 0x00 (the cluster's own keys)".into()));
+    }
+    Ok(())
+}
+
+/// Reads a grant URI; `Ok(None)` for URIs outside our scheme, an error for one inside it that
+/// does not parse (so that a damaged grant never reads as "no grant", which means admin).
+pub fn parse_grant_uri(uri: &str) -> Result<Option<Grant>, CertError> {
+    let bad = || CertError::Grant(format!("malformed grant URI {uri:?}"));
+    if !uri.starts_with("urn:flotilla:") {
+        return Ok(None);
+    }
+    let rest = uri.strip_prefix(GRANT_URI_PREFIX).ok_or_else(bad)?;
+    let (role, prefix) = match rest.split_once(":prefix:") {
+        Some((role, hex)) => (role, Some(decode_hex(hex).ok_or_else(bad)?)),
+        None => (rest, None),
+    };
+    let role = Role::parse(role).ok_or_else(bad)?;
+    let grant = Grant { role, prefix };
+    check_grant(&grant)?;
+    Ok(Some(grant))
+}
+
+/// Lowercase hex only, so that one prefix has exactly one spelling.
+fn decode_hex(hex: &str) -> Option<Vec<u8>> {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let bytes = hex.as_bytes();
+    if !bytes.len().is_multiple_of(2) {
+        return None;
+    }
+    bytes.chunks(2).map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?)).collect()
 }
 
 /// The identity named in a certificate (DER). Exactly one of its DNS names must follow our
-/// scheme; the certificate's chain must already have been verified by TLS.
+/// scheme, and at most one of its URIs may name a grant (a client's only); the certificate's
+/// chain must already have been verified by TLS.
 pub fn identity_of_cert(der: &[u8]) -> Result<PeerIdentity, CertError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| CertError::Parse(e.to_string()))?;
     let san = cert
@@ -112,16 +192,32 @@ pub fn identity_of_cert(der: &[u8]) -> Result<PeerIdentity, CertError> {
         .map_err(|e| CertError::Parse(e.to_string()))?
         .ok_or_else(|| CertError::Identity("no subject alternative name".into()))?;
     let mut found = None;
+    let mut grant = None;
     for name in &san.value.general_names {
-        if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
-            if let Some(identity) = parse_identity_name(dns) {
-                if found.replace(identity).is_some() {
-                    return Err(CertError::Identity("more than one flotilla identity".into()));
+        match name {
+            x509_parser::extensions::GeneralName::DNSName(dns) => {
+                if let Some(identity) = parse_identity_name(dns) {
+                    if found.replace(identity).is_some() {
+                        return Err(CertError::Identity("more than one flotilla identity".into()));
+                    }
                 }
             }
+            x509_parser::extensions::GeneralName::URI(uri) => {
+                if let Some(g) = parse_grant_uri(uri)? {
+                    if grant.replace(g).is_some() {
+                        return Err(CertError::Grant("more than one grant".into()));
+                    }
+                }
+            }
+            _ => {}
         }
     }
-    found.ok_or_else(|| CertError::Identity("no node-<id> or client-<name> name".into()))
+    match (found, grant) {
+        (None, _) => Err(CertError::Identity("no node-<id> or client-<name> name".into())),
+        (Some(PeerIdentity::Node(_)), Some(_)) => Err(CertError::Grant("a node certificate carries a grant".into())),
+        (Some(PeerIdentity::Client(c)), grant) => Ok(PeerIdentity::Client(ClientIdentity { grant, ..c })),
+        (Some(node), None) => Ok(node),
+    }
 }
 
 /// A validity period.
@@ -209,28 +305,34 @@ impl CertificateAuthority {
         self.issue(&PeerIdentity::Node(node), Validity::days_from_now(LEAF_VALIDITY_DAYS))
     }
 
-    /// A client certificate for `name` (lowercase letters, digits, `-`).
-    pub fn issue_client(&self, name: &str) -> Result<IssuedCert, CertError> {
-        self.issue(&PeerIdentity::Client(name.to_string()), Validity::days_from_now(LEAF_VALIDITY_DAYS))
+    /// A client certificate for `name` (lowercase letters, digits, `-`) carrying `grant`.
+    pub fn issue_client(&self, name: &str, grant: Grant) -> Result<IssuedCert, CertError> {
+        self.issue(&PeerIdentity::Client(ClientIdentity::new(name, grant)), Validity::days_from_now(LEAF_VALIDITY_DAYS))
     }
 
     /// A certificate for any identity and validity (tests use it for expired certificates).
     pub fn issue(&self, identity: &PeerIdentity, validity: Validity) -> Result<IssuedCert, CertError> {
-        let (name, usages) = match identity {
+        let (name, usages, grant) = match identity {
             PeerIdentity::Node(node) => {
-                (node_name(*node), vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth])
+                (node_name(*node), vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth], None)
             }
             PeerIdentity::Client(client) => {
-                if !valid_client_name(client) {
-                    return Err(CertError::ClientName(client.clone()));
+                if !valid_client_name(&client.name) {
+                    return Err(CertError::ClientName(client.name.clone()));
                 }
-                (client_name(client), vec![ExtendedKeyUsagePurpose::ClientAuth])
+                if let Some(grant) = &client.grant {
+                    check_grant(grant)?;
+                }
+                (client_name(&client.name), vec![ExtendedKeyUsagePurpose::ClientAuth], client.grant.as_ref())
             }
         };
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, name.clone());
         params.subject_alt_names = vec![SanType::DnsName(name.try_into()?)];
+        if let Some(grant) = grant {
+            params.subject_alt_names.push(SanType::URI(grant_uri(grant).try_into()?));
+        }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = usages;
         params.use_authority_key_identifier_extension = true;
@@ -245,7 +347,7 @@ impl CertificateAuthority {
 pub fn self_signed(identity: &PeerIdentity) -> Result<IssuedCert, CertError> {
     let name = match identity {
         PeerIdentity::Node(node) => node_name(*node),
-        PeerIdentity::Client(client) => client_name(client),
+        PeerIdentity::Client(client) => client_name(&client.name),
     };
     let key = KeyPair::generate()?;
     let cert = CertificateParams::new(vec![name])?.self_signed(&key)?;
@@ -351,12 +453,12 @@ mod tests {
     fn issued_certificates_name_their_identity_and_survive_pem_files() {
         let ca = CertificateAuthority::generate("test CA").unwrap();
         let node = ca.issue_node(NodeId(7)).unwrap();
-        let client = ca.issue_client("ops").unwrap();
-        assert!(ca.issue_client("Bad Name").is_err());
+        let client = ca.issue_client("ops", Grant::new(Role::Admin)).unwrap();
+        assert!(ca.issue_client("Bad Name", Grant::new(Role::Admin)).is_err());
         let id = TlsIdentity::from_issued(ca.cert_pem(), &node).unwrap();
         assert_eq!(id.identity().unwrap(), PeerIdentity::Node(NodeId(7)));
         let id = TlsIdentity::from_issued(ca.cert_pem(), &client).unwrap();
-        assert_eq!(id.identity().unwrap(), PeerIdentity::Client("ops".into()));
+        assert_eq!(id.identity().unwrap(), PeerIdentity::Client(ClientIdentity::new("ops", Grant::new(Role::Admin))));
 
         let dir = tempfile::tempdir().unwrap();
         let (ca_path, ca_key_path) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
@@ -378,5 +480,113 @@ mod tests {
     fn garbage_pem_is_an_error_not_a_panic() {
         assert!(TlsIdentity::from_pem("nope", "nope", "nope").is_err());
         assert!(identity_of_cert(b"\x30\x03garbage").is_err());
+    }
+
+    fn identity_of(issued: &IssuedCert) -> Result<PeerIdentity, CertError> {
+        let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        identity_of_cert(&der)
+    }
+
+    /// A certificate from `ca` with exactly these subject alternative names, as a forger
+    /// holding the CA key (or a buggy issuer) could make.
+    fn issue_raw(ca: &CertificateAuthority, sans: Vec<SanType>) -> IssuedCert {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca.issuer).unwrap();
+        IssuedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() }
+    }
+
+    #[test]
+    fn grants_round_trip_through_certificates() {
+        let ca = CertificateAuthority::generate("test CA").unwrap();
+        // Bytes a DNS name or an unescaped URI could not hold survive the hex encoding.
+        let awkward = vec![b't', b':', 0x00, 0xff, b'/', b'%'];
+        for grant in [
+            Grant::new(Role::Admin),
+            Grant::new(Role::ReadWrite),
+            Grant::new(Role::ReadOnly),
+            Grant::with_prefix(Role::ReadWrite, b"tenant-a/".to_vec()),
+            Grant::with_prefix(Role::ReadOnly, awkward.clone()),
+        ] {
+            let issued = ca.issue_client("app", grant.clone()).unwrap();
+            assert_eq!(identity_of(&issued).unwrap(), PeerIdentity::Client(ClientIdentity::new("app", grant)));
+        }
+        assert_eq!(
+            grant_uri(&Grant::with_prefix(Role::ReadOnly, awkward)),
+            "urn:flotilla:role:readonly:prefix:743a00ff2f25"
+        );
+    }
+
+    #[test]
+    fn a_certificate_without_a_grant_still_parses_with_none() {
+        let ca = CertificateAuthority::generate("test CA").unwrap();
+        let legacy = ca.issue(&PeerIdentity::Client("old".into()), Validity::days_from_now(1)).unwrap();
+        assert_eq!(
+            identity_of(&legacy).unwrap(),
+            PeerIdentity::Client(ClientIdentity { name: "old".into(), grant: None })
+        );
+    }
+
+    #[test]
+    fn grants_that_cannot_be_issued_are_refused() {
+        let ca = CertificateAuthority::generate("test CA").unwrap();
+        for bad in [
+            Grant::with_prefix(Role::Admin, b"t/".to_vec()),
+            Grant::with_prefix(Role::ReadOnly, Vec::new()),
+            Grant::with_prefix(Role::ReadOnly, b"\x00meta".to_vec()),
+            Grant::with_prefix(Role::ReadOnly, vec![b'a'; GRANT_PREFIX_BYTES_MAX + 1]),
+        ] {
+            assert!(matches!(ca.issue_client("app", bad.clone()), Err(CertError::Grant(_))), "{bad:?}");
+        }
+        assert!(ca.issue_client("app", Grant::with_prefix(Role::ReadOnly, vec![b'a'; GRANT_PREFIX_BYTES_MAX])).is_ok());
+    }
+
+    #[test]
+    fn grant_uris_parse_strictly() {
+        let ok = |uri: &str| parse_grant_uri(uri).unwrap();
+        assert_eq!(ok("urn:flotilla:role:readonly"), Some(Grant::new(Role::ReadOnly)));
+        assert_eq!(
+            ok("urn:flotilla:role:readwrite:prefix:6162"),
+            Some(Grant::with_prefix(Role::ReadWrite, b"ab".to_vec()))
+        );
+        assert_eq!(ok("https://example.com/"), None);
+        assert_eq!(ok("urn:other:role:admin"), None);
+        for bad in [
+            "urn:flotilla:role:root",
+            "urn:flotilla:role:",
+            "urn:flotilla:roles:admin",
+            "urn:flotilla:role:Admin",
+            "urn:flotilla:role:readonly:prefix:",
+            "urn:flotilla:role:readonly:prefix:616",
+            "urn:flotilla:role:readonly:prefix:6A",
+            "urn:flotilla:role:readonly:prefix:zz",
+            "urn:flotilla:role:readonly:prefix:0061",
+            "urn:flotilla:role:admin:prefix:61",
+            "urn:flotilla:role:readonly:tenant:61",
+        ] {
+            assert!(parse_grant_uri(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_grant_never_rides_on_a_node_certificate_and_never_twice() {
+        let ca = CertificateAuthority::generate("test CA").unwrap();
+        let dns = |n: String| SanType::DnsName(n.try_into().unwrap());
+        let uri = |u: &str| SanType::URI(u.to_string().try_into().unwrap());
+        let node_with_grant = issue_raw(&ca, vec![dns(node_name(NodeId(1))), uri("urn:flotilla:role:readonly")]);
+        assert!(matches!(identity_of(&node_with_grant), Err(CertError::Grant(_))));
+        let two = issue_raw(
+            &ca,
+            vec![dns(client_name("app")), uri("urn:flotilla:role:readonly"), uri("urn:flotilla:role:admin")],
+        );
+        assert!(matches!(identity_of(&two), Err(CertError::Grant(_))));
+        // A damaged grant is an error, never "no grant" (which would mean admin).
+        let damaged = issue_raw(&ca, vec![dns(client_name("app")), uri("urn:flotilla:role:superuser")]);
+        assert!(matches!(identity_of(&damaged), Err(CertError::Grant(_))));
+        // A grant alone names nobody.
+        let nameless = issue_raw(&ca, vec![uri("urn:flotilla:role:admin")]);
+        assert!(matches!(identity_of(&nameless), Err(CertError::Identity(_))));
     }
 }

@@ -44,7 +44,7 @@ mod transport;
 pub use client::{Client, ClientConnection};
 pub use config::*;
 pub use error::TransportError;
-pub use id::{Envelope, GroupId, NodeId, PeerIdentity};
+pub use id::{ClientIdentity, Envelope, Grant, GroupId, NodeId, PeerIdentity, Role};
 pub use metrics::{PeerMetrics, TransportMetrics};
 pub use stream::{codes, IncomingRequest, IncomingTransfer, OutgoingTransfer, Responder};
 pub use transport::{Incoming, Transport};

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use flotilla_transport::cert::TlsIdentity;
-use flotilla_transport::{Client, GroupId, NodeId, PeerIdentity, TransportError};
+use flotilla_transport::{Client, ClientIdentity, Grant, GroupId, NodeId, PeerIdentity, Role, TransportError};
 
 const TRANSFER_BYTES: usize = 8 << 20;
 const CHUNK_BYTES: usize = 64 << 10;
@@ -167,8 +167,9 @@ async fn a_client_endpoint_with_a_client_certificate_can_request() {
     let ca = ca();
     let (b, b_in) = start(config(&ca, 2)).await;
     serve(b_in.requests);
-    let tls = TlsIdentity::from_issued(ca.cert_pem(), &ca.issue_client("cli").unwrap()).unwrap();
-    assert_eq!(tls.identity().unwrap(), PeerIdentity::Client("cli".into()));
+    let tls =
+        TlsIdentity::from_issued(ca.cert_pem(), &ca.issue_client("cli", Grant::new(Role::ReadOnly)).unwrap()).unwrap();
+    assert_eq!(tls.identity().unwrap(), PeerIdentity::Client(ClientIdentity::new("cli", Grant::new(Role::ReadOnly))));
     let client = Client::new(&tls, loopback()).unwrap();
     let conn = client.connect(b.local_addr().unwrap(), NodeId(2), DEADLINE).await.unwrap();
     let answer = conn.request("echo:status".into(), DEADLINE).await.unwrap();

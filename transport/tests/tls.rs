@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use common::*;
 use flotilla_transport::cert::{ca_from_pem, self_signed, CertificateAuthority, IssuedCert, TlsIdentity, Validity};
-use flotilla_transport::{tls, Client, NodeId, PeerIdentity, Transport};
+use flotilla_transport::{tls, Client, Grant, NodeId, PeerIdentity, Role, Transport};
 
 /// Log lines of the whole test binary, to check that refusals are logged with a reason.
 fn logs() -> Arc<Mutex<Vec<u8>>> {
@@ -77,7 +77,7 @@ async fn bad_client_certificates_are_refused_with_a_logged_reason() {
     });
 
     // The good path first: a client certificate from the cluster CA.
-    let good = client_with(ca.cert_pem(), Some(&ca.issue_client("ops").unwrap()));
+    let good = client_with(ca.cert_pem(), Some(&ca.issue_client("ops", Grant::new(Role::Admin)).unwrap()));
     try_request(&good, &server).await.expect("a valid client certificate is accepted");
     assert_eq!(server.metrics().handshakes_refused, 0);
 
@@ -154,7 +154,8 @@ async fn a_node_only_starts_with_its_own_certificate() {
     wrong.tls = node_tls(&ca, 4);
     assert!(Transport::start(wrong).await.is_err());
     let mut client_cert = config(&ca, 1);
-    client_cert.tls = TlsIdentity::from_issued(ca.cert_pem(), &ca.issue_client("x").unwrap()).unwrap();
+    client_cert.tls =
+        TlsIdentity::from_issued(ca.cert_pem(), &ca.issue_client("x", Grant::new(Role::Admin)).unwrap()).unwrap();
     assert!(Transport::start(client_cert).await.is_err());
 }
 
@@ -174,7 +175,8 @@ async fn a_higher_node_connecting_may_only_send_requests() {
         }
     });
     let client = Client::for_node(&node_tls(&ca, 9), loopback()).unwrap();
-    let client_cert = TlsIdentity::from_issued(ca.cert_pem(), &ca.issue_client("x").unwrap()).unwrap();
+    let client_cert =
+        TlsIdentity::from_issued(ca.cert_pem(), &ca.issue_client("x", Grant::new(Role::Admin)).unwrap()).unwrap();
     assert!(Client::for_node(&client_cert, loopback()).is_err(), "a node endpoint needs a node certificate");
     let conn = client.connect(low.local_addr().unwrap(), low.node(), Duration::from_secs(10)).await.unwrap();
     let answer = conn.request("join".into(), Duration::from_secs(10)).await.expect("a request is served");

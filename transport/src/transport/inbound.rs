@@ -77,9 +77,19 @@ pub(super) async fn run_accept(shared: Arc<Shared>) {
                     }
                     Err(e) => refuse(e.to_string()),
                 },
-                PeerIdentity::Client(name) => {
-                    debug!(node = %shared.config.node, client = %name, %remote, "client connected");
-                    run_connection(shared.clone(), PeerIdentity::Client(name), None, conn).await;
+                PeerIdentity::Client(client) => {
+                    match &client.grant {
+                        Some(grant) => {
+                            debug!(node = %shared.config.node, client = %client.name, role = %grant.role, %remote, "client connected")
+                        }
+                        // The compatibility rule (crate::cert): loud, since it grants everything.
+                        None => warn!(
+                            node = %shared.config.node, client = %client.name, %remote,
+                            "client certificate carries no role: treated as admin for compatibility; \
+                             reissue it with `flotilla cert client --role ...`"
+                        ),
+                    }
+                    run_connection(shared.clone(), PeerIdentity::Client(client), None, conn).await;
                 }
             }
         });
