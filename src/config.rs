@@ -11,6 +11,7 @@
 //! # split_size_bytes = 134217728      # shards past this are split (with auto_balance)
 //! # pollers = 1                       # shard poller threads (default: half the cores)
 //! # memory_budget = "512MiB"          # RocksDB's block cache and memtables (64MiB..=1TiB)
+//! # require_client_roles = true       # refuse client certificates issued without a role
 //!
 //! [tls]
 //! ca = "certs/ca.pem"
@@ -78,6 +79,10 @@ pub struct ServerFile {
     /// `flotilla_shard::store_options`): bytes, or text such as `"512MiB"`.
     #[serde(default)]
     pub memory_budget: Option<ByteSize>,
+    /// Refuse client certificates issued without a role (otherwise they count as admin, for
+    /// clusters older than roles): set it once every client has a certificate with a role.
+    #[serde(default)]
+    pub require_client_roles: bool,
 }
 
 /// A size in a config file: a number of bytes, or text with a binary unit (`"512MiB"`).
@@ -230,6 +235,7 @@ impl ServerFile {
         node.advertise_addr = self.advertise.clone();
         node.peers = peers.clone();
         node.store = store;
+        node.require_client_roles = self.require_client_roles;
         if let Some(bytes) = self.split_size_bytes {
             node.balancer.split_size_bytes_threshold = bytes;
         }
@@ -320,5 +326,19 @@ mod tests {
         // A value of the wrong type is refused by the parser, naming the field.
         let text = "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:1\"\nmemory_budget = true\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n";
         assert!(ServerFile::parse(text).unwrap_err().contains("memory_budget"));
+    }
+
+    #[test]
+    fn require_client_roles_is_read_and_off_unless_set() {
+        let text = |line: &str| {
+            format!(
+                "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:1\"\n{line}\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n"
+            )
+        };
+        assert!(ServerFile::parse(&text("require_client_roles = true")).unwrap().require_client_roles);
+        assert!(!ServerFile::parse(&text("")).unwrap().require_client_roles);
+        assert!(ServerFile::parse(&text("require_client_roles = \"yes\""))
+            .unwrap_err()
+            .contains("require_client_roles"));
     }
 }

@@ -104,6 +104,7 @@ fn server_file(a: &ServerArgs) -> Result<(ServerFile, PathBuf)> {
                 split_size_bytes: None,
                 pollers: None,
                 memory_budget: None,
+                require_client_roles: false,
             };
             (file, PathBuf::new())
         }

@@ -211,6 +211,8 @@ pub struct NodeConfig {
     /// A replica move whose step has made no progress for this long is aborted by the meta
     /// leader (ms; default [`MOVE_STEP_DEADLINE_MS`]).
     pub move_step_deadline_ms: u64,
+    /// Refuse client certificates without a role (see `TransportConfig::require_client_roles`).
+    pub require_client_roles: bool,
 }
 
 impl NodeConfig {
@@ -238,6 +240,7 @@ impl NodeConfig {
             auto_balance_interval_ms: None,
             size_check_interval_ms: 10_000,
             move_step_deadline_ms: MOVE_STEP_DEADLINE_MS,
+            require_client_roles: false,
         }
     }
 }
@@ -397,6 +400,7 @@ impl Node {
             .map_err(|e| NodeError::Storage(e.to_string()))?;
         let mut tcfg = TransportConfig::new(config.id, config.listen_addr, config.tls.clone());
         tcfg.peers = config.peers.clone();
+        tcfg.require_client_roles = config.require_client_roles;
         let streams = tcfg.raft_streams;
         let (transport, incoming) = Transport::start(tcfg).await?;
         let bound = transport.local_addr()?;

@@ -154,7 +154,10 @@ pub fn check_grant(grant: &Grant) -> Result<(), CertError> {
 /// does not parse (so that a damaged grant never reads as "no grant", which means admin).
 pub fn parse_grant_uri(uri: &str) -> Result<Option<Grant>, CertError> {
     let bad = || CertError::Grant(format!("malformed grant URI {uri:?}"));
-    if !uri.starts_with("urn:flotilla:") {
+    // URN schemes and namespaces are case-insensitive (RFC 8141): any spelling of ours, or a
+    // role named anywhere in the URI, is a grant that must parse — never "no grant".
+    let lower = uri.to_ascii_lowercase();
+    if !lower.starts_with("urn:flotilla:") && !lower.contains("flotilla:role") {
         return Ok(None);
     }
     let rest = uri.strip_prefix(GRANT_URI_PREFIX).ok_or_else(bad)?;
@@ -588,5 +591,24 @@ mod tests {
         // A grant alone names nobody.
         let nameless = issue_raw(&ca, vec![uri("urn:flotilla:role:admin")]);
         assert!(matches!(identity_of(&nameless), Err(CertError::Identity(_))));
+    }
+
+    #[test]
+    fn a_grant_uri_in_another_letter_case_is_refused_not_read_as_no_grant() {
+        for uri in ["URN:flotilla:role:readonly", "urn:FLOTILLA:role:readonly", "urn:Flotilla:role:readonly:prefix:61"]
+        {
+            assert!(parse_grant_uri(uri).is_err(), "{uri} parsed as {:?}", parse_grant_uri(uri));
+        }
+        assert!(parse_grant_uri("https://example.com/flotilla:role:readonly").is_err());
+        assert_eq!(parse_grant_uri("https://example.com/other").ok(), Some(None));
+    }
+
+    #[test]
+    fn a_certificate_whose_grant_is_spelled_otherwise_is_refused() {
+        let ca = CertificateAuthority::generate("test CA").unwrap();
+        let dns = |n: String| SanType::DnsName(n.try_into().unwrap());
+        let uri = |u: &str| SanType::URI(u.to_string().try_into().unwrap());
+        let cert = issue_raw(&ca, vec![dns(client_name("app")), uri("URN:flotilla:role:readonly")]);
+        assert!(matches!(identity_of(&cert), Err(CertError::Grant(_))), "{:?}", identity_of(&cert));
     }
 }

@@ -148,6 +148,10 @@ pub struct TransportConfig {
     pub limits: Limits,
     /// Timers.
     pub timing: Timing,
+    /// Refuse client certificates that carry no role at the handshake, rather than treating
+    /// them as admin (the compatibility rule of `crate::cert`): the last step of moving a
+    /// cluster's clients to roles, after which certificates issued before roles stop working.
+    pub require_client_roles: bool,
 }
 
 impl TransportConfig {
@@ -161,6 +165,7 @@ impl TransportConfig {
             raft_streams: RAFT_STREAMS_DEFAULT,
             limits: Limits::default(),
             timing: Timing::default(),
+            require_client_roles: false,
         }
     }
 

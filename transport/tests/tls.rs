@@ -190,3 +190,28 @@ async fn a_higher_node_connecting_may_only_send_requests() {
     client.close().await;
     low.shutdown().await;
 }
+
+/// With `require_client_roles`, a client certificate issued without a role (admin under the
+/// compatibility rule) is refused at the handshake; one with a role is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_requiring_roles_refuses_a_client_certificate_without_one() {
+    let ca = ca();
+    let mut cfg = config(&ca, 2);
+    cfg.require_client_roles = true;
+    let (server, incoming) = start(cfg).await;
+    tokio::spawn(async move {
+        let mut requests = incoming.requests;
+        while let Some(r) = requests.recv().await {
+            r.responder.respond("ok");
+        }
+    });
+    let legacy = ca.issue(&PeerIdentity::Client("legacy".into()), Validity::days_from_now(1)).unwrap();
+    let client = client_with(ca.cert_pem(), Some(&legacy));
+    assert!(try_request(&client, &server).await.is_err(), "a role-less certificate got through");
+    eventually("the refusal is counted", || server.metrics().handshakes_refused == 1).await;
+    let reader = ca.issue_client("reader", Grant::new(Role::ReadOnly)).unwrap();
+    try_request(&client_with(ca.cert_pem(), Some(&reader)), &server)
+        .await
+        .expect("a certificate with a role is served");
+    server.shutdown().await;
+}

@@ -82,6 +82,13 @@ pub(super) async fn run_accept(shared: Arc<Shared>) {
                         Some(grant) => {
                             debug!(node = %shared.config.node, client = %client.name, role = %grant.role, %remote, "client connected")
                         }
+                        None if shared.config.require_client_roles => {
+                            refuse(format!(
+                                "client {} has a certificate without a role (require_client_roles)",
+                                client.name
+                            ));
+                            return;
+                        }
                         // The compatibility rule (crate::cert): loud, since it grants everything.
                         None => warn!(
                             node = %shared.config.node, client = %client.name, %remote,
