@@ -11,6 +11,8 @@
 //! # split_size_bytes = 134217728      # shards past this are split (with auto_balance)
 //! # pollers = 1                       # shard poller threads (default: half the cores)
 //! # memory_budget = "512MiB"          # RocksDB's block cache and memtables (64MiB..=1TiB)
+//! # resp_listen = "127.0.0.1:6379"    # Redis protocol (redis-cli, Redis clients); loopback only
+//! # resp_plaintext_loopback = true    # needed with resp_listen: plaintext, no AUTH (no TLS yet)
 //!
 //! [tls]
 //! ca = "certs/ca.pem"
@@ -32,6 +34,7 @@
 use crate::meta::dev_split_keys;
 use crate::node::{BootstrapConfig, NodeConfig, META_VOTERS_MAX};
 use crate::raft::NodeId;
+use crate::resp_server::RespConfig;
 use crate::shard::StoreOptions;
 use crate::transport::cert::TlsIdentity;
 use serde::Deserialize;
@@ -78,6 +81,13 @@ pub struct ServerFile {
     /// `flotilla_shard::store_options`): bytes, or text such as `"512MiB"`.
     #[serde(default)]
     pub memory_budget: Option<ByteSize>,
+    /// TCP address of the Redis protocol front door (none by default).
+    #[serde(default)]
+    pub resp_listen: Option<String>,
+    /// Allows the front door to speak plaintext without AUTH, which it may only do on a
+    /// loopback address (TLS and AUTH are not built yet).
+    #[serde(default)]
+    pub resp_plaintext_loopback: bool,
 }
 
 /// A size in a config file: a number of bytes, or text with a binary unit (`"512MiB"`).
@@ -198,6 +208,15 @@ impl ServerFile {
         }
         let listen = addr("listen", &self.listen)?;
         let metrics_listen = self.metrics_listen.as_deref().map(|m| addr("metrics_listen", m)).transpose()?;
+        let resp = match &self.resp_listen {
+            Some(text) => {
+                let mut resp = RespConfig::new(addr("resp_listen", text)?);
+                resp.plaintext_loopback = self.resp_plaintext_loopback;
+                resp.check()?;
+                Some(resp)
+            }
+            None => None,
+        };
         if let Some(p) = self.pollers.filter(|p| *p == 0 || *p > POLLERS_MAX) {
             return Err(format!("pollers: {p} is not within 1..={POLLERS_MAX}"));
         }
@@ -230,6 +249,7 @@ impl ServerFile {
         node.advertise_addr = self.advertise.clone();
         node.peers = peers.clone();
         node.store = store;
+        node.resp = resp;
         if let Some(bytes) = self.split_size_bytes {
             node.balancer.split_size_bytes_threshold = bytes;
         }
@@ -281,6 +301,22 @@ mod tests {
         let text = "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:1\"\nsplit_size_bytes = 10\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n";
         let f = ServerFile::parse(text).unwrap();
         assert!(f.resolve(Path::new(".")).unwrap_err().starts_with("split_size_bytes"));
+    }
+
+    #[test]
+    fn the_redis_listener_is_plaintext_on_loopback_only_when_asked() {
+        let file = |listen: &str, plaintext: bool| {
+            let text = format!(
+                "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:1\"\nresp_listen = \"{listen}\"\n\
+                 resp_plaintext_loopback = {plaintext}\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n"
+            );
+            ServerFile::parse(&text).unwrap().resolve(Path::new(".")).unwrap_err()
+        };
+        assert!(file("0.0.0.0:6379", true).contains("loopback"), "{}", file("0.0.0.0:6379", true));
+        assert!(file("127.0.0.1:6379", false).contains("resp_plaintext_loopback = true"));
+        assert!(file("nope", true).starts_with("resp_listen"));
+        // Allowed: the next error is the (missing) certificates.
+        assert!(file("127.0.0.1:6379", true).starts_with("tls"));
     }
 
     #[test]

@@ -1,0 +1,358 @@
+//! What each command does. Connection commands change the connection's state ([`Conn`]);
+//! data commands become gets, puts, deletes, compare-and-swaps and scans through the
+//! [`Router`](super::router::Router), with Redis's reply types.
+//!
+//! Read-modify-writes (`INCR` and its kin, `APPEND`, `GETSET`, `SET ... GET|XX`) are, for now,
+//! a compare-and-swap retry loop on the node: read, compute, swap if the value is still the one
+//! read, otherwise compute again from the value the failed swap returns. Atomic (each swap is
+//! one applied command), but a hot key under contention costs retries; a state-machine command
+//! per operation is the better design and is left for a later increment.
+
+use super::connection::Shared;
+use super::glob;
+use super::info;
+use super::router::{RouteError, Swap};
+use crate::wire::ReadConsistency;
+use bytes::Bytes;
+use flotilla_resp::command::SetCondition;
+use flotilla_resp::number::{format_human, parse_f64, parse_i64};
+use flotilla_resp::{error, introspection, Command, Frame, Protocol};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+/// Swaps tried before a read-modify-write gives up under contention.
+const SWAP_ATTEMPTS_MAX: usize = 64;
+/// Keys `SCAN` looks at per call when the client gives no `COUNT` (Redis's default).
+const SCAN_COUNT_DEFAULT: u64 = 10;
+/// Scan cursors one connection keeps; the oldest is forgotten past it.
+const SCAN_CURSORS_MAX: usize = 64;
+/// Most keys `KEYS` looks at: past it the client is told to use `SCAN`.
+pub const KEYS_SCANNED_MAX: usize = 100_000;
+
+/// The state of one connection that commands read and change.
+pub struct Conn {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub local: Option<SocketAddr>,
+    pub name: Bytes,
+    pub protocol: Protocol,
+    pub consistency: ReadConsistency,
+    pub created: Instant,
+    pub last_active: Instant,
+    pub last_command: &'static str,
+    /// `SCAN` cursors handed out: cursor number → the key the scan goes on from. A cursor
+    /// stands for a key, which does not fit Redis's 64-bit cursor, so the connection keeps it.
+    scans: BTreeMap<u64, Vec<u8>>,
+    next_cursor: u64,
+}
+
+impl Conn {
+    pub fn new(id: u64, peer: SocketAddr, local: Option<SocketAddr>) -> Conn {
+        let now = Instant::now();
+        Conn {
+            id,
+            peer,
+            local,
+            name: Bytes::new(),
+            protocol: Protocol::Resp2,
+            consistency: ReadConsistency::Linearizable,
+            created: now,
+            last_active: now,
+            last_command: "",
+            scans: BTreeMap::new(),
+            next_cursor: 1,
+        }
+    }
+
+    fn save_cursor(&mut self, next: Vec<u8>) -> u64 {
+        while self.scans.len() >= SCAN_CURSORS_MAX {
+            self.scans.pop_first();
+        }
+        let cursor = self.next_cursor;
+        self.next_cursor = self.next_cursor.wrapping_add(1).max(1);
+        self.scans.insert(cursor, next);
+        cursor
+    }
+}
+
+/// Runs one command: its reply, and whether to close the connection after it.
+pub async fn execute(shared: &Shared, conn: &mut Conn, command: Command) -> (Frame, bool) {
+    if let Command::Quit = command {
+        return (Frame::ok(), true);
+    }
+    let reply = match run(shared, conn, command).await {
+        Ok(frame) => frame,
+        Err(e) => Frame::error(e.message()),
+    };
+    (reply, false)
+}
+
+/// A failed command's error reply.
+enum Failure {
+    Redis(&'static str),
+    Text(String),
+    Route(RouteError),
+}
+
+impl Failure {
+    fn message(self) -> Bytes {
+        match self {
+            Failure::Redis(text) => Bytes::from_static(text.as_bytes()),
+            Failure::Text(text) => text.into(),
+            Failure::Route(e) => e.message().into(),
+        }
+    }
+}
+
+impl From<RouteError> for Failure {
+    fn from(e: RouteError) -> Failure {
+        Failure::Route(e)
+    }
+}
+
+const NO_EXPIRY: &str = "ERR SET with EX, PX, EXAT, PXAT or KEEPTTL is not supported: Flotilla keys do not expire (yet)";
+const NO_PASSWORD: &str =
+    "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?";
+
+fn value_frame(v: Option<Vec<u8>>) -> Frame {
+    v.map_or(Frame::NullBulk, |v| Frame::bulk(v))
+}
+
+async fn run(shared: &Shared, conn: &mut Conn, command: Command) -> Result<Frame, Failure> {
+    let router = &shared.router;
+    let reads = conn.consistency;
+    Ok(match command {
+        Command::Ping { message: None } => Frame::simple("PONG"),
+        Command::Ping { message: Some(m) } => Frame::Bulk(m),
+        Command::Echo { message } => Frame::Bulk(message),
+        Command::Quit => Frame::ok(),
+        Command::Hello { protocol, auth, client_name } => {
+            if auth.is_some() {
+                return Err(Failure::Redis(NO_PASSWORD));
+            }
+            if let Some(p) = protocol {
+                conn.protocol = p;
+            }
+            if let Some(name) = client_name {
+                conn.name = name;
+            }
+            info::hello(conn)
+        }
+        Command::Auth(_) => return Err(Failure::Redis(NO_PASSWORD)),
+        Command::Select { db: 0 } => Frame::ok(),
+        Command::Select { .. } => return Err(Failure::Redis(error::DB_INDEX_OUT_OF_RANGE)),
+        Command::ClientSetName { name } => {
+            conn.name = name;
+            Frame::ok()
+        }
+        Command::ClientGetName if conn.name.is_empty() => Frame::NullBulk,
+        Command::ClientGetName => Frame::Bulk(conn.name.clone()),
+        Command::ClientId => Frame::Integer(i64::try_from(conn.id).unwrap_or(i64::MAX)),
+        Command::ClientInfo => Frame::Verbatim { format: *b"txt", text: info::client_line(conn).into() },
+        Command::ClientHelp => introspection::help("client").unwrap_or(Frame::NullArray),
+        Command::CommandAll => introspection::command_info(&[]),
+        Command::CommandCount => introspection::command_count(),
+        Command::CommandDocs { names } => introspection::command_docs(&names),
+        Command::CommandInfo { names } => introspection::command_info(&names),
+        Command::CommandHelp => introspection::help("command").unwrap_or(Frame::NullArray),
+        Command::Info { sections } => {
+            Frame::Verbatim { format: *b"txt", text: info::info(shared, conn, &sections).await.into() }
+        }
+        Command::ReadOnly => {
+            // As in Redis Cluster: reads may come from any replica, and may be stale.
+            conn.consistency = ReadConsistency::Stale;
+            Frame::ok()
+        }
+        Command::ReadWrite => {
+            conn.consistency = ReadConsistency::Linearizable;
+            Frame::ok()
+        }
+        Command::Get { key } => value_frame(router.get(&key, reads).await?),
+        Command::Set { expiry: Some(_), .. } => return Err(Failure::Redis(NO_EXPIRY)),
+        Command::Set { key, value, condition: None, get: false, expiry: None } => {
+            router.put(&key, &value).await?;
+            Frame::ok()
+        }
+        Command::Set { key, value, condition, get, expiry: None } => {
+            let (previous, set) = swap(shared, &key, condition, |_| Ok(value.to_vec())).await?;
+            match (get, set) {
+                (true, _) => value_frame(previous),
+                (false, true) => Frame::ok(),
+                (false, false) => Frame::NullBulk,
+            }
+        }
+        Command::SetNx { key, value } => {
+            let (_, set) = swap(shared, &key, Some(SetCondition::IfMissing), |_| Ok(value.to_vec())).await?;
+            Frame::Integer(i64::from(set))
+        }
+        Command::GetSet { key, value } => value_frame(swap(shared, &key, None, |_| Ok(value.to_vec())).await?.0),
+        Command::GetDel { key } => value_frame(router.delete(&key).await?),
+        Command::Del { keys } | Command::Unlink { keys } => {
+            let mut removed = 0i64;
+            for key in &keys {
+                removed += i64::from(router.delete(key).await?.is_some());
+            }
+            Frame::Integer(removed)
+        }
+        Command::Exists { keys } => {
+            let mut found = 0i64;
+            for key in &keys {
+                found += i64::from(router.get(key, reads).await?.is_some());
+            }
+            Frame::Integer(found)
+        }
+        Command::Strlen { key } => {
+            let len = router.get(&key, reads).await?.map_or(0, |v| v.len());
+            Frame::Integer(i64::try_from(len).unwrap_or(i64::MAX))
+        }
+        Command::Type { key } => match router.get(&key, reads).await? {
+            Some(_) => Frame::simple("string"),
+            None => Frame::simple("none"),
+        },
+        Command::Append { key, value } => {
+            let (previous, _) = swap(shared, &key, None, |old| {
+                let mut new = old.map(<[u8]>::to_vec).unwrap_or_default();
+                new.extend_from_slice(&value);
+                Ok(new)
+            })
+            .await?;
+            let len = previous.map_or(0, |v| v.len()) + value.len();
+            Frame::Integer(i64::try_from(len).unwrap_or(i64::MAX))
+        }
+        ref counter @ (Command::Incr { .. } | Command::Decr { .. } | Command::IncrBy { .. } | Command::DecrBy { .. }) => {
+            let Some((key, delta)) = counter.counter_delta() else {
+                return Err(Failure::Redis(error::INCREMENT_OVERFLOW));
+            };
+            let mut result = 0i64;
+            swap(shared, key, None, |old| {
+                let current = match old {
+                    None => 0,
+                    Some(text) => parse_i64(text).ok_or(Failure::Redis(error::NOT_AN_INTEGER))?,
+                };
+                result = current.checked_add(delta).ok_or(Failure::Redis(error::INCREMENT_OVERFLOW))?;
+                Ok(result.to_string().into_bytes())
+            })
+            .await?;
+            Frame::Integer(result)
+        }
+        Command::IncrByFloat { key, delta } => {
+            let mut result = String::new();
+            swap(shared, &key, None, |old| {
+                let current = match old {
+                    None => 0.0,
+                    Some(text) => parse_f64(text).ok_or(Failure::Redis(error::NOT_A_FLOAT))?,
+                };
+                let sum = current + delta;
+                if !sum.is_finite() {
+                    return Err(Failure::Redis(error::FLOAT_OVERFLOW));
+                }
+                result = format_human(sum);
+                Ok(result.clone().into_bytes())
+            })
+            .await?;
+            Frame::bulk(result)
+        }
+        Command::MGet { keys } => {
+            let mut values = Vec::with_capacity(keys.len());
+            for key in &keys {
+                values.push(value_frame(router.get(key, reads).await?));
+            }
+            Frame::Array(values)
+        }
+        Command::MSet { pairs } => {
+            // Key by key: not atomic across keys (they may live in different shards).
+            for (key, value) in &pairs {
+                router.put(key, value).await?;
+            }
+            Frame::ok()
+        }
+        Command::MSetNx { .. } => {
+            return Err(Failure::Redis(
+                "ERR MSETNX is not supported yet: its keys may live in different shards, and Flotilla has no \
+                 cross-shard transactions",
+            ))
+        }
+        Command::Scan { cursor, pattern, count, type_name } => {
+            let start = match cursor {
+                0 => Vec::new(),
+                c => conn.scans.remove(&c).ok_or(Failure::Redis(error::INVALID_CURSOR))?,
+            };
+            // Every Flotilla value is a string: another type matches nothing.
+            let strings = type_name.as_ref().is_none_or(|t| t.eq_ignore_ascii_case(b"string"));
+            let limit = usize::try_from(count.unwrap_or(SCAN_COUNT_DEFAULT)).unwrap_or(usize::MAX);
+            let page = router.scan_page(&start, limit, reads).await?;
+            let keys = page
+                .pairs
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| strings && pattern.as_ref().is_none_or(|p| glob::matches(p, k)))
+                .map(Frame::bulk)
+                .collect();
+            let next = page.next.map_or(0, |next| conn.save_cursor(next));
+            Frame::Array(vec![Frame::bulk(next.to_string()), Frame::Array(keys)])
+        }
+        Command::Keys { pattern } => {
+            let mut keys = Vec::new();
+            let mut start = Vec::new();
+            let mut scanned = 0usize;
+            loop {
+                let page = router.scan_page(&start, KEYS_SCANNED_MAX - scanned, reads).await?;
+                scanned += page.pairs.len();
+                keys.extend(page.pairs.into_iter().map(|(k, _)| k).filter(|k| glob::matches(&pattern, k)).map(Frame::bulk));
+                match page.next {
+                    None => break,
+                    Some(_) if scanned >= KEYS_SCANNED_MAX => {
+                        return Err(Failure::Text(format!(
+                            "ERR KEYS looks at {KEYS_SCANNED_MAX} keys at most and there are more: use SCAN"
+                        )))
+                    }
+                    Some(next) => start = next,
+                }
+            }
+            Frame::Array(keys)
+        }
+        Command::DbSize => {
+            return Err(Failure::Redis(
+                "ERR DBSIZE is not supported yet: Flotilla keeps no key count (SCAN counts them)",
+            ))
+        }
+        Command::FlushDb(_) | Command::FlushAll(_) => {
+            return Err(Failure::Redis("ERR FLUSHDB and FLUSHALL are not supported by Flotilla"))
+        }
+    })
+}
+
+/// A read-modify-write of one key by compare-and-swap: reads the value, computes the new one
+/// with `compute` (which may refuse), swaps it in if the value is still the one read, and
+/// starts again from the value a failed swap returns. `condition` (`SET`'s `NX`/`XX`) may
+/// decide not to write. Returns the value before and whether the new one was written.
+async fn swap(
+    shared: &Shared,
+    key: &[u8],
+    condition: Option<SetCondition>,
+    mut compute: impl FnMut(Option<&[u8]>) -> Result<Vec<u8>, Failure>,
+) -> Result<(Option<Vec<u8>>, bool), Failure> {
+    let router = &shared.router;
+    // NX needs no read: the swap's expectation is "absent".
+    let mut current = match condition {
+        Some(SetCondition::IfMissing) => None,
+        _ => router.get(key, ReadConsistency::Linearizable).await?,
+    };
+    for _ in 0..SWAP_ATTEMPTS_MAX {
+        match (condition, &current) {
+            (Some(SetCondition::IfMissing), Some(_)) | (Some(SetCondition::IfExists), None) => {
+                return Ok((current, false))
+            }
+            _ => {}
+        }
+        let new = compute(current.as_deref())?;
+        match router.cas(key, current.as_deref(), Some(&new)).await? {
+            Swap::Done => return Ok((current, true)),
+            Swap::Failed(now) => current = now,
+        }
+    }
+    Err(Failure::Text(format!(
+        "ERR the key changed under {SWAP_ATTEMPTS_MAX} attempts to update it (too much contention); nothing was changed"
+    )))
+}
