@@ -111,12 +111,13 @@ impl From<RouteError> for Failure {
     }
 }
 
-const NO_EXPIRY: &str = "ERR SET with EX, PX, EXAT, PXAT or KEEPTTL is not supported: Flotilla keys do not expire (yet)";
+const NO_EXPIRY: &str =
+    "ERR SET with EX, PX, EXAT, PXAT or KEEPTTL is not supported: Flotilla keys do not expire (yet)";
 const NO_PASSWORD: &str =
     "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?";
 
 fn value_frame(v: Option<Vec<u8>>) -> Frame {
-    v.map_or(Frame::NullBulk, |v| Frame::bulk(v))
+    v.map_or(Frame::NullBulk, Frame::bulk)
 }
 
 async fn run(shared: &Shared, conn: &mut Conn, command: Command) -> Result<Frame, Failure> {
@@ -220,7 +221,8 @@ async fn run(shared: &Shared, conn: &mut Conn, command: Command) -> Result<Frame
             let len = previous.map_or(0, |v| v.len()) + value.len();
             Frame::Integer(i64::try_from(len).unwrap_or(i64::MAX))
         }
-        ref counter @ (Command::Incr { .. } | Command::Decr { .. } | Command::IncrBy { .. } | Command::DecrBy { .. }) => {
+        ref
+        counter @ (Command::Incr { .. } | Command::Decr { .. } | Command::IncrBy { .. } | Command::DecrBy { .. }) => {
             let Some((key, delta)) = counter.counter_delta() else {
                 return Err(Failure::Redis(error::INCREMENT_OVERFLOW));
             };
@@ -299,7 +301,9 @@ async fn run(shared: &Shared, conn: &mut Conn, command: Command) -> Result<Frame
             loop {
                 let page = router.scan_page(&start, KEYS_SCANNED_MAX - scanned, reads).await?;
                 scanned += page.pairs.len();
-                keys.extend(page.pairs.into_iter().map(|(k, _)| k).filter(|k| glob::matches(&pattern, k)).map(Frame::bulk));
+                keys.extend(
+                    page.pairs.into_iter().map(|(k, _)| k).filter(|k| glob::matches(&pattern, k)).map(Frame::bulk),
+                );
                 match page.next {
                     None => break,
                     Some(_) if scanned >= KEYS_SCANNED_MAX => {

@@ -97,7 +97,8 @@ impl RespMetrics {
              # TYPE flotilla_resp_commands_total counter"
         );
         for (name, c) in &names {
-            let _ = writeln!(out, "flotilla_resp_commands_total{{node=\"{node}\",command=\"{name}\"}} {}", load(&c.calls));
+            let _ =
+                writeln!(out, "flotilla_resp_commands_total{{node=\"{node}\",command=\"{name}\"}} {}", load(&c.calls));
         }
         let _ = writeln!(
             out,
@@ -105,8 +106,11 @@ impl RespMetrics {
              # TYPE flotilla_resp_command_errors_total counter"
         );
         for (name, c) in &names {
-            let _ =
-                writeln!(out, "flotilla_resp_command_errors_total{{node=\"{node}\",command=\"{name}\"}} {}", load(&c.errors));
+            let _ = writeln!(
+                out,
+                "flotilla_resp_command_errors_total{{node=\"{node}\",command=\"{name}\"}} {}",
+                load(&c.errors)
+            );
         }
     }
 }
