@@ -12,8 +12,11 @@ use std::time::Duration;
 mod common;
 
 use common::cluster::Cluster;
-use flotilla::raft::NodeId;
+use flotilla::raft::{NodeId, Role};
 use flotilla::resp_server::RespConfig;
+use flotilla::wire::{AdminRequest, AdminResponse};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 fn redis_cli_present() -> bool {
     Command::new("redis-cli").arg("--version").output().is_ok_and(|o| o.status.success())
@@ -235,6 +238,48 @@ async fn redis_cli_against_a_three_node_cluster() {
     })
     .await
     .unwrap();
+
+    // Routing inside the node: split a shard (node 1's map changes under the front door) and
+    // hand every shard's leadership to node 2, which has no front door: every request through
+    // node 1 or 3 is now forwarded to the leader, after a redirect or a stale epoch.
+    let client = &_client;
+    let split = client.admin(AdminRequest::Split { key: b"95".to_vec() }).await;
+    assert!(matches!(split, Ok(AdminResponse::Changed(_))), "{split:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let shards: Vec<_> = cluster.node(1).meta_view().map.shards().map(|d| d.id).collect();
+        let mut led_by_2 = 0;
+        for shard in &shards {
+            let _ = client.admin(AdminRequest::TransferLeader { shard: *shard, node: NodeId(2) }).await;
+        }
+        let infos = cluster.node(2).host().group_info().await.unwrap_or_default();
+        for shard in &shards {
+            led_by_2 += usize::from(infos.iter().any(|i| i.group == *shard && i.role == Role::Leader));
+        }
+        if shards.len() == 5 && led_by_2 == 5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 2 never led the 5 shards ({led_by_2} of {})", shards.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let served_by_2 = cluster.node(2).stats().requests.load(Ordering::Relaxed);
+    tokio::task::spawn_blocking(move || {
+        check(
+            p1,
+            &[
+                ("GET 10", "\"a\""),
+                ("SET 96 after-split", "OK"),
+                ("GET 96", "\"after-split\""),
+                ("INCR counter", "(integer) -8"),
+                ("MGET 10 50 90 96 d0", "1) \"a\"\n2) \"b\"\n3) \"c\"\n4) \"after-split\"\n5) \"d\""),
+            ],
+        );
+        check(p3, &[("GET 96", "\"after-split\""), ("SET d1 e", "OK"), ("GET d1", "\"e\"")]);
+    })
+    .await
+    .unwrap();
+    let forwarded = cluster.node(2).stats().requests.load(Ordering::Relaxed) - served_by_2;
+    assert!(forwarded >= 12, "node 2 served only {forwarded} requests: the front doors did not forward to it");
 
     // Counted per command, shown in /metrics.
     let metrics = cluster.node(1).metrics_text().await;
