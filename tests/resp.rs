@@ -218,6 +218,9 @@ async fn redis_cli_against_a_three_node_cluster() {
         }
         assert_eq!(String::from_utf8_lossy(&raw(a1, &many)), String::from_utf8_lossy(&want));
 
+        // Pipelined requests on one key keep their order; on distinct keys they run at once.
+        let out = raw(a1, b"SET pk 1\r\nINCR pk\r\nGET pk\r\nSET pk2 x\r\nAPPEND pk2 y\r\nGET pk2\r\nDEL pk pk2\r\nGET pk\r\n");
+        assert_eq!(String::from_utf8_lossy(&out), "+OK\r\n:2\r\n$1\r\n2\r\n+OK\r\n:2\r\n$2\r\nxy\r\n:2\r\n$-1\r\n");
         // QUIT: OK, then closed (the PING after it is not answered).
         assert_eq!(raw(a1, b"QUIT\r\nPING\r\n"), b"+OK\r\n");
         // Half-closed: what was sent is answered, then the connection closes.

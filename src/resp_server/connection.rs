@@ -1,6 +1,7 @@
 //! One connection, served by one task: read what the client sends into one buffer, take every
 //! complete request off it and answer each in order (pipelining), write the replies of a batch
-//! together, then read again. Buffers are bounded: the parser refuses a request larger than
+//! together, then read again. Pipelined requests on distinct single keys run at once
+//! ([`Group`]), so a pipeline of N writes costs about one round of Raft, not N. Buffers are bounded: the parser refuses a request larger than
 //! its limits before buffering it, and replies are written out whenever they pass
 //! [`OUT_FLUSH_BYTES`]. A protocol error is answered and the connection closed; a client that
 //! stops reading its replies is dropped after [`WRITE_TIMEOUT`]; a client that half-closes gets
@@ -9,11 +10,15 @@
 use super::dispatch::{self, Conn};
 use super::metrics::RespMetrics;
 use super::router::Router;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use flotilla_resp::{table, Command, Frame, Limits, Parser};
+use std::collections::HashSet;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -25,6 +30,8 @@ pub const OUT_FLUSH_BYTES: usize = 64 << 10;
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// What one read asks for at least.
 const READ_CHUNK: usize = 16 << 10;
+/// Most pipelined requests run at once on one connection.
+pub const GROUP_MAX: usize = 128;
 /// Read room reserved ahead for a large bulk string whose length is known, at most.
 const RESERVE_MAX: usize = 1 << 20;
 
@@ -51,12 +58,15 @@ pub async fn serve(
     let mut parser = Parser::new(shared.limits.clone());
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let mut out = BytesMut::with_capacity(READ_CHUNK);
+    let mut group = Group::default();
     loop {
         loop {
             let args = match parser.parse(&mut input) {
                 Ok(Some(args)) => args,
                 Ok(None) => break,
                 Err(e) => {
+                    // What came before the broken request is answered first.
+                    group.run(shared, &mut conn, &mut out).await;
                     shared.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
                     e.to_frame().encode(conn.protocol, &mut out);
                     write(&mut sock, &mut out).await?;
@@ -65,13 +75,29 @@ pub async fn serve(
                 }
             };
             let name = args.first().and_then(|n| table::spec(n)).map_or("unknown", |s| s.name);
-            let (reply, close) = match Command::parse(&args) {
-                Ok(command) => dispatch::execute(shared, &mut conn, command).await,
-                Err(e) => (e.to_frame(), false),
+            let command = match Command::parse(&args) {
+                Ok(command) => command,
+                Err(e) => {
+                    group.run(shared, &mut conn, &mut out).await;
+                    answer(shared, &mut conn, &mut out, name, e.to_frame());
+                    continue;
+                }
             };
-            conn.last_command = name;
-            shared.metrics.count(name, matches!(reply, Frame::Error(_)));
-            reply.encode(conn.protocol, &mut out);
+            let command = match group.offer(name, command) {
+                None => {
+                    if group.len() >= GROUP_MAX {
+                        group.run(shared, &mut conn, &mut out).await;
+                    }
+                    continue;
+                }
+                Some(command) => command,
+            };
+            // Not one to run alongside the group: the group first, then this one alone, then
+            // maybe a new group from it.
+            group.run(shared, &mut conn, &mut out).await;
+            let Some(command) = group.offer(name, command) else { continue };
+            let (reply, close) = dispatch::execute(shared, &mut conn, command).await;
+            answer(shared, &mut conn, &mut out, name, reply);
             if close {
                 write(&mut sock, &mut out).await?;
                 let _ = sock.shutdown().await;
@@ -81,6 +107,7 @@ pub async fn serve(
                 write(&mut sock, &mut out).await?;
             }
         }
+        group.run(shared, &mut conn, &mut out).await;
         write(&mut sock, &mut out).await?;
         let want = parser.bytes_missing(&input).clamp(READ_CHUNK, RESERVE_MAX);
         input.reserve(want);
@@ -94,6 +121,79 @@ pub async fn serve(
         }
         conn.last_active = Instant::now();
     }
+}
+
+fn answer(shared: &Shared, conn: &mut Conn, out: &mut BytesMut, name: &'static str, reply: Frame) {
+    conn.last_command = name;
+    shared.metrics.count(name, matches!(reply, Frame::Error(_)));
+    reply.encode(conn.protocol, out);
+}
+
+/// Pipelined requests that may run at once: each touches one key and nothing of the
+/// connection, and no two touch the same key. Requests of one pipeline were all sent before
+/// any reply, so running them in any order is linearizable; requests on the same key keep
+/// their order (a `SET k` then `GET k` sees the write), and anything else waits for the group
+/// and runs alone. Replies go out in the order of the requests.
+#[derive(Default)]
+struct Group {
+    commands: Vec<(&'static str, Command)>,
+    keys: HashSet<Bytes>,
+}
+
+impl Group {
+    fn len(&self) -> usize {
+        self.commands.len()
+    }
+
+    /// Takes `command` into the group if it may join; gives it back otherwise.
+    fn offer(&mut self, name: &'static str, command: Command) -> Option<Command> {
+        match dispatch::single_key(&command) {
+            Some(key) if !self.keys.contains(key) => {
+                self.keys.insert(key.clone());
+                self.commands.push((name, command));
+                None
+            }
+            _ => Some(command),
+        }
+    }
+
+    /// Runs the group's requests at once and appends their replies in order.
+    async fn run(&mut self, shared: &Shared, conn: &mut Conn, out: &mut BytesMut) {
+        self.keys.clear();
+        let commands = std::mem::take(&mut self.commands);
+        let reads = conn.consistency;
+        let names: Vec<&'static str> = commands.iter().map(|(name, _)| *name).collect();
+        let replies =
+            join_all(commands.into_iter().map(|(_, command)| dispatch::execute_data(shared, reads, command)).collect())
+                .await;
+        for (name, reply) in names.into_iter().zip(replies) {
+            answer(shared, conn, out, name, reply);
+        }
+    }
+}
+
+/// Runs `futures` together on this task; their outputs in order.
+async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(v) => *output = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
 }
 
 async fn write(sock: &mut TcpStream, out: &mut BytesMut) -> std::io::Result<()> {

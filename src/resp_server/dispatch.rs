@@ -169,6 +169,66 @@ async fn run(shared: &Shared, conn: &mut Conn, command: Command) -> Result<Frame
             conn.consistency = ReadConsistency::Linearizable;
             Frame::ok()
         }
+        Command::Scan { cursor, pattern, count, type_name } => {
+            let start = match cursor {
+                0 => Vec::new(),
+                c => conn.scans.remove(&c).ok_or(Failure::Redis(error::INVALID_CURSOR))?,
+            };
+            // Every Flotilla value is a string: another type matches nothing.
+            let strings = type_name.as_ref().is_none_or(|t| t.eq_ignore_ascii_case(b"string"));
+            let limit = usize::try_from(count.unwrap_or(SCAN_COUNT_DEFAULT)).unwrap_or(usize::MAX);
+            let page = router.scan_page(&start, limit, reads).await?;
+            let keys = page
+                .pairs
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| strings && pattern.as_ref().is_none_or(|p| glob::matches(p, k)))
+                .map(Frame::bulk)
+                .collect();
+            let next = page.next.map_or(0, |next| conn.save_cursor(next));
+            Frame::Array(vec![Frame::bulk(next.to_string()), Frame::Array(keys)])
+        }
+        data => run_data(shared, reads, data).await?,
+    })
+}
+
+/// Whether `command` touches exactly one key and nothing of the connection: the key. Such
+/// requests of one pipeline may run at once when their keys differ (see `connection.rs`).
+pub fn single_key(command: &Command) -> Option<&Bytes> {
+    match command {
+        Command::Get { key }
+        | Command::Set { key, .. }
+        | Command::SetNx { key, .. }
+        | Command::GetSet { key, .. }
+        | Command::GetDel { key }
+        | Command::Strlen { key }
+        | Command::Type { key }
+        | Command::Append { key, .. }
+        | Command::Incr { key }
+        | Command::Decr { key }
+        | Command::IncrBy { key, .. }
+        | Command::DecrBy { key, .. }
+        | Command::IncrByFloat { key, .. } => Some(key),
+        Command::Exists { keys } | Command::Del { keys } | Command::Unlink { keys } | Command::MGet { keys }
+            if keys.len() == 1 =>
+        {
+            keys.first()
+        }
+        _ => None,
+    }
+}
+
+/// Runs a data command (one that leaves the connection's state alone), reading with `reads`.
+pub async fn execute_data(shared: &Shared, reads: ReadConsistency, command: Command) -> Frame {
+    match run_data(shared, reads, command).await {
+        Ok(frame) => frame,
+        Err(e) => Frame::error(e.message()),
+    }
+}
+
+async fn run_data(shared: &Shared, reads: ReadConsistency, command: Command) -> Result<Frame, Failure> {
+    let router = &shared.router;
+    Ok(match command {
         Command::Get { key } => value_frame(router.get(&key, reads).await?),
         Command::Set { expiry: Some(_), .. } => return Err(Failure::Redis(NO_EXPIRY)),
         Command::Set { key, value, condition: None, get: false, expiry: None } => {
@@ -275,25 +335,6 @@ async fn run(shared: &Shared, conn: &mut Conn, command: Command) -> Result<Frame
                  cross-shard transactions",
             ))
         }
-        Command::Scan { cursor, pattern, count, type_name } => {
-            let start = match cursor {
-                0 => Vec::new(),
-                c => conn.scans.remove(&c).ok_or(Failure::Redis(error::INVALID_CURSOR))?,
-            };
-            // Every Flotilla value is a string: another type matches nothing.
-            let strings = type_name.as_ref().is_none_or(|t| t.eq_ignore_ascii_case(b"string"));
-            let limit = usize::try_from(count.unwrap_or(SCAN_COUNT_DEFAULT)).unwrap_or(usize::MAX);
-            let page = router.scan_page(&start, limit, reads).await?;
-            let keys = page
-                .pairs
-                .into_iter()
-                .map(|(k, _)| k)
-                .filter(|k| strings && pattern.as_ref().is_none_or(|p| glob::matches(p, k)))
-                .map(Frame::bulk)
-                .collect();
-            let next = page.next.map_or(0, |next| conn.save_cursor(next));
-            Frame::Array(vec![Frame::bulk(next.to_string()), Frame::Array(keys)])
-        }
         Command::Keys { pattern } => {
             let mut keys = Vec::new();
             let mut start = Vec::new();
@@ -323,6 +364,9 @@ async fn run(shared: &Shared, conn: &mut Conn, command: Command) -> Result<Frame
         }
         Command::FlushDb(_) | Command::FlushAll(_) => {
             return Err(Failure::Redis("ERR FLUSHDB and FLUSHALL are not supported by Flotilla"))
+        }
+        other => {
+            return Err(Failure::Text(format!("ERR '{}' is not a data command", other.spec().name)));
         }
     })
 }

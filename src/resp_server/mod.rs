@@ -4,8 +4,9 @@
 //! the `flotilla-resp` crate; this module owns the sockets and the meaning of each command.
 //!
 //! - `listener.rs`: the accept loop, the connection limit, the plaintext-on-loopback rule.
-//! - `connection.rs`: one task per connection: pipelined requests answered in order, bounded
-//!   buffers, replies written in batches, a protocol error answered and the connection closed.
+//! - `connection.rs`: one task per connection: pipelined requests answered in order (those on
+//!   distinct single keys run at once), bounded buffers, replies written in batches, a protocol
+//!   error answered and the connection closed.
 //! - `dispatch.rs`: what each command does, in terms of gets, puts, deletes, compare-and-swaps
 //!   and scans.
 //! - `router.rs`: every key goes through the node's own client path (the shard map, the
@@ -16,8 +17,9 @@
 //! - `glob.rs`: Redis's glob patterns for `SCAN MATCH` and `KEYS`.
 //!
 //! Not built yet: TLS and `AUTH` (so a listener is allowed only on loopback, and only when the
-//! configuration says plaintext there is wanted), expiries, `MSETNX`, `DBSIZE`, and running
-//! the pipelined requests of one connection concurrently.
+//! configuration says plaintext there is wanted), expiries, `MSETNX`, `DBSIZE`, atomic
+//! multi-key commands across shards, and read-modify-writes as state-machine commands (they are
+//! compare-and-swap loops for now; see `dispatch.rs`).
 
 mod connection;
 mod dispatch;
