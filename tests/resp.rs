@@ -218,6 +218,19 @@ async fn redis_cli_against_a_three_node_cluster() {
         }
         assert_eq!(String::from_utf8_lossy(&raw(a1, &many)), String::from_utf8_lossy(&want));
 
+        // INCR is atomic: four connections adding at once lose nothing.
+        let incrs = "INCR hot\n".repeat(100);
+        let writers: Vec<_> = (0..4)
+            .map(|_| {
+                let incrs = incrs.clone();
+                std::thread::spawn(move || cli_script(p1, &[], &incrs))
+            })
+            .collect();
+        for w in writers {
+            assert_eq!(w.join().unwrap().lines().count(), 100);
+        }
+        check(p3, &[("GET hot", "\"400\"")]);
+
         // Pipelined requests on one key keep their order; on distinct keys they run at once.
         let out = raw(a1, b"SET pk 1\r\nINCR pk\r\nGET pk\r\nSET pk2 x\r\nAPPEND pk2 y\r\nGET pk2\r\nDEL pk pk2\r\nGET pk\r\n");
         assert_eq!(String::from_utf8_lossy(&out), "+OK\r\n:2\r\n$1\r\n2\r\n+OK\r\n:2\r\n$2\r\nxy\r\n:2\r\n$-1\r\n");

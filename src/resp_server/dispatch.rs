@@ -2,20 +2,20 @@
 //! data commands become gets, puts, deletes, compare-and-swaps and scans through the
 //! [`Router`](super::router::Router), with Redis's reply types.
 //!
-//! Read-modify-writes (`INCR` and its kin, `APPEND`, `GETSET`, `SET ... GET|XX`) are, for now,
-//! a compare-and-swap retry loop on the node: read, compute, swap if the value is still the one
-//! read, otherwise compute again from the value the failed swap returns. Atomic (each swap is
-//! one applied command), but a hot key under contention costs retries; a state-machine command
-//! per operation is the better design and is left for a later increment.
+//! `INCR` and its kin and `APPEND` are one state-machine command each (`KvCommand::Update`),
+//! computed where they are applied: atomic, no read before, no retry. `GETSET` and
+//! `SET ... GET|NX|XX` are compare-and-swaps (a retry loop for `GET` and `XX`: read, swap if the
+//! value is still the one read, otherwise again from the value the failed swap returns), which
+//! are atomic too but retry under contention on one key.
 
 use super::connection::Shared;
 use super::glob;
 use super::info;
 use super::router::{RouteError, Swap};
-use crate::wire::ReadConsistency;
+use crate::wire::{ReadConsistency, UpdateOp};
 use bytes::Bytes;
 use flotilla_resp::command::SetCondition;
-use flotilla_resp::number::{format_human, parse_f64, parse_i64};
+use flotilla_resp::number::parse_i64;
 use flotilla_resp::{error, introspection, Command, Frame, Protocol};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -272,48 +272,26 @@ async fn run_data(shared: &Shared, reads: ReadConsistency, command: Command) -> 
             None => Frame::simple("none"),
         },
         Command::Append { key, value } => {
-            let (previous, _) = swap(shared, &key, None, |old| {
-                let mut new = old.map(<[u8]>::to_vec).unwrap_or_default();
-                new.extend_from_slice(&value);
-                Ok(new)
-            })
-            .await?;
-            let len = previous.map_or(0, |v| v.len()) + value.len();
-            Frame::Integer(i64::try_from(len).unwrap_or(i64::MAX))
+            let len = value.len();
+            let previous = router.update(&key, UpdateOp::Append(value.to_vec())).await?;
+            Frame::Integer(i64::try_from(previous.map_or(0, |v| v.len()) + len).unwrap_or(i64::MAX))
         }
         ref
         counter @ (Command::Incr { .. } | Command::Decr { .. } | Command::IncrBy { .. } | Command::DecrBy { .. }) => {
             let Some((key, delta)) = counter.counter_delta() else {
                 return Err(Failure::Redis(error::INCREMENT_OVERFLOW));
             };
-            let mut result = 0i64;
-            swap(shared, key, None, |old| {
-                let current = match old {
-                    None => 0,
-                    Some(text) => parse_i64(text).ok_or(Failure::Redis(error::NOT_AN_INTEGER))?,
-                };
-                result = current.checked_add(delta).ok_or(Failure::Redis(error::INCREMENT_OVERFLOW))?;
-                Ok(result.to_string().into_bytes())
-            })
-            .await?;
-            Frame::Integer(result)
+            let op = UpdateOp::AddInt(delta);
+            let previous = router.update(key, op.clone()).await?;
+            // The state machine applied `op` to `previous`; the same rule gives the reply.
+            let new = op.apply(previous.as_deref()).map_err(|e| Failure::Text(format!("ERR {e}")))?;
+            Frame::Integer(parse_i64(&new).ok_or(Failure::Redis(error::NOT_AN_INTEGER))?)
         }
         Command::IncrByFloat { key, delta } => {
-            let mut result = String::new();
-            swap(shared, &key, None, |old| {
-                let current = match old {
-                    None => 0.0,
-                    Some(text) => parse_f64(text).ok_or(Failure::Redis(error::NOT_A_FLOAT))?,
-                };
-                let sum = current + delta;
-                if !sum.is_finite() {
-                    return Err(Failure::Redis(error::FLOAT_OVERFLOW));
-                }
-                result = format_human(sum);
-                Ok(result.clone().into_bytes())
-            })
-            .await?;
-            Frame::bulk(result)
+            let op = UpdateOp::AddFloat(delta.to_bits());
+            let previous = router.update(&key, op.clone()).await?;
+            let new = op.apply(previous.as_deref()).map_err(|e| Failure::Text(format!("ERR {e}")))?;
+            Frame::bulk(new)
         }
         Command::MGet { keys } => {
             let mut values = Vec::with_capacity(keys.len());

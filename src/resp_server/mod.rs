@@ -17,9 +17,8 @@
 //! - `glob.rs`: Redis's glob patterns for `SCAN MATCH` and `KEYS`.
 //!
 //! Not built yet: TLS and `AUTH` (so a listener is allowed only on loopback, and only when the
-//! configuration says plaintext there is wanted), expiries, `MSETNX`, `DBSIZE`, atomic
-//! multi-key commands across shards, and read-modify-writes as state-machine commands (they are
-//! compare-and-swap loops for now; see `dispatch.rs`).
+//! configuration says plaintext there is wanted), expiries, `MSETNX`, `DBSIZE`, and atomic
+//! multi-key commands across shards.
 
 mod connection;
 mod dispatch;

@@ -8,7 +8,7 @@
 
 use crate::placement::{NodeId, ShardDescriptor, ShardId};
 use crate::transport::{PeerIdentity, TransportError};
-use crate::wire::{check_user_key, check_value, ReadConsistency, Request, Response, ScanEnd, SCAN_LIMIT_MAX};
+use crate::wire::{check_user_key, check_value, ReadConsistency, Request, Response, ScanEnd, UpdateOp, SCAN_LIMIT_MAX};
 use crate::Node;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -272,6 +272,18 @@ impl Router {
         match self.keyed(key, true, false, make).await? {
             Response::Written { .. } => Ok(Swap::Done),
             Response::CasFailed { current } => Ok(Swap::Failed(current)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Changes `key`'s value by `op` where it is applied (no read before, no retry); the value
+    /// before.
+    pub async fn update(&self, key: &[u8], op: UpdateOp) -> Result<Option<Vec<u8>>, RouteError> {
+        check_user_key(key).map_err(RouteError::Invalid)?;
+        let make =
+            |d: &ShardDescriptor| Request::Update { shard: d.id, epoch: d.epoch, key: key.to_vec(), op: op.clone() };
+        match self.keyed(key, true, false, make).await? {
+            Response::Written { previous } => Ok(previous),
             other => Err(unexpected(&other)),
         }
     }
