@@ -8,7 +8,7 @@
 //! value is still the one read, otherwise again from the value the failed swap returns), which
 //! are atomic too but retry under contention on one key.
 
-use super::connection::Shared;
+use super::connection::{join_all, Shared};
 use super::glob;
 use super::info;
 use super::router::{RouteError, Swap};
@@ -257,9 +257,10 @@ async fn run_data(shared: &Shared, reads: ReadConsistency, command: Command) -> 
             Frame::Integer(removed)
         }
         Command::Exists { keys } => {
+            let reads = join_all(keys.iter().map(|key| router.get(key, reads)).collect()).await;
             let mut found = 0i64;
-            for key in &keys {
-                found += i64::from(router.get(key, reads).await?.is_some());
+            for value in reads {
+                found += i64::from(value?.is_some());
             }
             Frame::Integer(found)
         }
@@ -294,11 +295,10 @@ async fn run_data(shared: &Shared, reads: ReadConsistency, command: Command) -> 
             Frame::bulk(new)
         }
         Command::MGet { keys } => {
-            let mut values = Vec::with_capacity(keys.len());
-            for key in &keys {
-                values.push(value_frame(router.get(key, reads).await?));
-            }
-            Frame::Array(values)
+            // Read at once: MGET's keys may live in different shards (each read linearizable,
+            // the whole not a snapshot).
+            let reads = join_all(keys.iter().map(|key| router.get(key, reads)).collect()).await;
+            Frame::Array(reads.into_iter().map(|v| v.map(value_frame)).collect::<Result<_, _>>()?)
         }
         Command::MSet { pairs } => {
             // Key by key: not atomic across keys (they may live in different shards).
