@@ -153,6 +153,8 @@ async fn redis_cli_against_a_three_node_cluster() {
                 ("MSET a", "(error) ERR wrong number of arguments for 'mset' command"),
                 ("CLIENT SETNAME", "(error) ERR wrong number of arguments for 'client|setname' command"),
                 ("FOO bar", "(error) ERR unknown command 'FOO', with args beginning with: 'bar' "),
+                ("MULTI", "(error) ERR MULTI, EXEC, DISCARD and WATCH are not supported: Flotilla has no transactions across keys (yet)"),
+                ("EXPIRE 10 5", "(error) ERR expiries are not supported: Flotilla keys do not expire (yet)"),
                 ("CLIENT SETNAME tester", "OK"),
                 ("CLIENT GETNAME", "\"tester\""),
                 ("READONLY", "OK"),
@@ -192,7 +194,13 @@ async fn redis_cli_against_a_three_node_cluster() {
         let mut matched: Vec<&str> = out.lines().collect();
         matched.sort();
         assert_eq!(matched, ["10", "50"]);
-        let out = cli_script(p1, &["--no-raw"], "SCAN 0 COUNT 1000 MATCH d*\nSCAN 0 TYPE hash\nSCAN 77\nKEYS *0\n");
+        // A cursor works on another connection of the same node (client pools do that).
+        let first = cli_script(p1, &[], "SCAN 0 COUNT 2\n");
+        let cursor = first.lines().next().expect("a cursor").to_string();
+        assert_ne!(cursor, "0", "{first}");
+        let next = cli_script(p1, &[], &format!("SCAN {cursor} COUNT 2\n"));
+        assert!(next.lines().count() >= 1 && !next.contains("invalid cursor"), "{next}");
+        let out = cli_script(p1, &["--no-raw"], "SCAN 0 COUNT 1000 MATCH d*\nSCAN 0 TYPE hash\nSCAN 18446744073709551615\nKEYS *0\n");
         assert!(out.contains("\"d0\""), "{out}");
         assert!(out.contains("(error) ERR invalid cursor"), "{out}");
         for k in ["10", "50", "90", "d0"] {

@@ -7,6 +7,7 @@
 //! stops reading its replies is dropped after [`WRITE_TIMEOUT`]; a client that half-closes gets
 //! the replies to everything it sent, then the connection closes.
 
+use super::cursors::Cursors;
 use super::dispatch::{self, Conn};
 use super::metrics::RespMetrics;
 use super::router::Router;
@@ -38,6 +39,7 @@ const RESERVE_MAX: usize = 1 << 20;
 /// What every connection of a listener shares.
 pub struct Shared {
     pub router: Router,
+    pub cursors: Cursors,
     pub metrics: Arc<RespMetrics>,
     pub next_id: AtomicU64,
     pub started: Instant,
@@ -75,6 +77,11 @@ pub async fn serve(
                 }
             };
             let name = args.first().and_then(|n| table::spec(n)).map_or("unknown", |s| s.name);
+            if let Some(reply) = dispatch::refused(&args) {
+                group.run(shared, &mut conn, &mut out).await;
+                answer(shared, &mut conn, &mut out, name, reply);
+                continue;
+            }
             let command = match Command::parse(&args) {
                 Ok(command) => command,
                 Err(e) => {

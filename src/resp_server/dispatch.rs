@@ -17,7 +17,6 @@ use bytes::Bytes;
 use flotilla_resp::command::SetCondition;
 use flotilla_resp::number::parse_i64;
 use flotilla_resp::{error, introspection, Command, Frame, Protocol};
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -25,8 +24,6 @@ use std::time::Instant;
 const SWAP_ATTEMPTS_MAX: usize = 64;
 /// Keys `SCAN` looks at per call when the client gives no `COUNT` (Redis's default).
 const SCAN_COUNT_DEFAULT: u64 = 10;
-/// Scan cursors one connection keeps; the oldest is forgotten past it.
-const SCAN_CURSORS_MAX: usize = 64;
 /// Most keys `KEYS` looks at: past it the client is told to use `SCAN`.
 pub const KEYS_SCANNED_MAX: usize = 100_000;
 
@@ -41,10 +38,6 @@ pub struct Conn {
     pub created: Instant,
     pub last_active: Instant,
     pub last_command: &'static str,
-    /// `SCAN` cursors handed out: cursor number → the key the scan goes on from. A cursor
-    /// stands for a key, which does not fit Redis's 64-bit cursor, so the connection keeps it.
-    scans: BTreeMap<u64, Vec<u8>>,
-    next_cursor: u64,
 }
 
 impl Conn {
@@ -60,20 +53,24 @@ impl Conn {
             created: now,
             last_active: now,
             last_command: "",
-            scans: BTreeMap::new(),
-            next_cursor: 1,
         }
     }
+}
 
-    fn save_cursor(&mut self, next: Vec<u8>) -> u64 {
-        while self.scans.len() >= SCAN_CURSORS_MAX {
-            self.scans.pop_first();
-        }
-        let cursor = self.next_cursor;
-        self.next_cursor = self.next_cursor.wrapping_add(1).max(1);
-        self.scans.insert(cursor, next);
-        cursor
+/// Redis commands refused on purpose, answered with why rather than "unknown command" (which
+/// would suggest a typo).
+pub fn refused(args: &[Bytes]) -> Option<Frame> {
+    let name = args.first()?;
+    let named = |names: &[&str]| names.iter().any(|n| name.eq_ignore_ascii_case(n.as_bytes()));
+    if named(&["multi", "exec", "discard", "watch", "unwatch"]) {
+        return Some(Frame::error(
+            "ERR MULTI, EXEC, DISCARD and WATCH are not supported: Flotilla has no transactions across keys (yet)",
+        ));
     }
+    if named(&["expire", "pexpire", "expireat", "pexpireat", "ttl", "pttl", "persist", "setex", "psetex", "getex"]) {
+        return Some(Frame::error("ERR expiries are not supported: Flotilla keys do not expire (yet)"));
+    }
+    None
 }
 
 /// Runs one command: its reply, and whether to close the connection after it.
@@ -172,7 +169,7 @@ async fn run(shared: &Shared, conn: &mut Conn, command: Command) -> Result<Frame
         Command::Scan { cursor, pattern, count, type_name } => {
             let start = match cursor {
                 0 => Vec::new(),
-                c => conn.scans.remove(&c).ok_or(Failure::Redis(error::INVALID_CURSOR))?,
+                c => shared.cursors.get(c).ok_or(Failure::Redis(error::INVALID_CURSOR))?,
             };
             // Every Flotilla value is a string: another type matches nothing.
             let strings = type_name.as_ref().is_none_or(|t| t.eq_ignore_ascii_case(b"string"));
@@ -185,7 +182,7 @@ async fn run(shared: &Shared, conn: &mut Conn, command: Command) -> Result<Frame
                 .filter(|k| strings && pattern.as_ref().is_none_or(|p| glob::matches(p, k)))
                 .map(Frame::bulk)
                 .collect();
-            let next = page.next.map_or(0, |next| conn.save_cursor(next));
+            let next = page.next.map_or(0, |next| shared.cursors.save(next));
             Frame::Array(vec![Frame::bulk(next.to_string()), Frame::Array(keys)])
         }
         data => run_data(shared, reads, data).await?,

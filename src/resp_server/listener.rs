@@ -45,6 +45,7 @@ impl Listener {
         info!(node = node.id().0, addr = ?local, "redis protocol listener started");
         let shared = Arc::new(Shared {
             router: Router::new(node),
+            cursors: Default::default(),
             metrics,
             next_id: AtomicU64::new(1),
             started: Instant::now(),

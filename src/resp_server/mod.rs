@@ -14,6 +14,7 @@
 //!   client needs one address.
 //! - `info.rs`: `INFO`, `HELLO`'s map and `CLIENT INFO`.
 //! - `metrics.rs`: per-command counters for `/metrics`.
+//! - `cursors.rs`: `SCAN` cursors, each standing for the key a scan goes on from.
 //! - `glob.rs`: Redis's glob patterns for `SCAN MATCH` and `KEYS`.
 //!
 //! Not built yet: TLS and `AUTH` (so a listener is allowed only on loopback, and only when the
@@ -21,6 +22,7 @@
 //! multi-key commands across shards.
 
 mod connection;
+mod cursors;
 mod dispatch;
 mod glob;
 mod info;
