@@ -13,6 +13,8 @@
 //! # memory_budget = "512MiB"          # RocksDB's block cache and memtables (64MiB..=1TiB)
 //! # resp_listen = "127.0.0.1:6379"    # Redis protocol (redis-cli, Redis clients); loopback only
 //! # resp_plaintext_loopback = true    # needed with resp_listen: plaintext, no AUTH (no TLS yet)
+//! # resp_connections_max = 10000      # Redis connections at once
+//! # resp_bulk_bytes_max = "8MiB"      # longest bulk string a Redis client may send (64KiB..=512MiB)
 //!
 //! [tls]
 //! ca = "certs/ca.pem"
@@ -88,6 +90,13 @@ pub struct ServerFile {
     /// loopback address (TLS and AUTH are not built yet).
     #[serde(default)]
     pub resp_plaintext_loopback: bool,
+    /// Most Redis protocol connections at once (default 10,000, Redis's `maxclients`).
+    #[serde(default)]
+    pub resp_connections_max: Option<usize>,
+    /// Longest bulk string (a value) a Redis client may send (default 8 MiB); a longer one is
+    /// a protocol error that closes the connection. Values above 1 MiB are refused anyway.
+    #[serde(default)]
+    pub resp_bulk_bytes_max: Option<ByteSize>,
 }
 
 /// A size in a config file: a number of bytes, or text with a binary unit (`"512MiB"`).
@@ -212,6 +221,15 @@ impl ServerFile {
             Some(text) => {
                 let mut resp = RespConfig::new(addr("resp_listen", text)?);
                 resp.plaintext_loopback = self.resp_plaintext_loopback;
+                if let Some(n) = self.resp_connections_max {
+                    resp.connections_max = n;
+                }
+                if let Some(size) = &self.resp_bulk_bytes_max {
+                    let bytes = size.bytes().map_err(|e| format!("resp_bulk_bytes_max: {e}"))?;
+                    resp.limits.bulk_bytes_max = usize::try_from(bytes).unwrap_or(usize::MAX);
+                    // A request holds at least one such string.
+                    resp.limits.request_bytes_max = resp.limits.request_bytes_max.max(resp.limits.bulk_bytes_max);
+                }
                 resp.check()?;
                 Some(resp)
             }
@@ -317,6 +335,17 @@ mod tests {
         assert!(file("nope", true).starts_with("resp_listen"));
         // Allowed: the next error is the (missing) certificates.
         assert!(file("127.0.0.1:6379", true).starts_with("tls"));
+        let limits = |extra: &str| {
+            let text = format!(
+                "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:1\"\nresp_listen = \"127.0.0.1:0\"\n\
+                 resp_plaintext_loopback = true\n{extra}\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n"
+            );
+            ServerFile::parse(&text).unwrap().resolve(Path::new(".")).unwrap_err()
+        };
+        assert!(limits("resp_bulk_bytes_max = \"1KiB\"").starts_with("resp_bulk_bytes_max"));
+        assert!(limits("resp_bulk_bytes_max = \"1GiB\"").starts_with("resp_bulk_bytes_max"));
+        assert!(limits("resp_bulk_bytes_max = \"256MiB\"").starts_with("tls"));
+        assert!(limits("resp_connections_max = 0").starts_with("resp_connections_max"));
     }
 
     #[test]

@@ -76,6 +76,9 @@ async fn redis_cli_against_a_three_node_cluster() {
         if cfg.id == NodeId(1) || cfg.id == NodeId(3) {
             let mut resp = RespConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
             resp.plaintext_loopback = true;
+            if cfg.id == NodeId(3) {
+                resp.connections_max = 4;
+            }
             cfg.resp = Some(resp);
         }
     })
@@ -299,6 +302,28 @@ async fn redis_cli_against_a_three_node_cluster() {
             ],
         );
         check(p3, &[("GET 96", "\"after-split\""), ("SET d1 e", "OK"), ("GET d1", "\"e\"")]);
+
+        // The connection limit (4 on node 3): the fifth is told so and closed.
+        let held: Vec<TcpStream> = (0..4)
+            .map(|_| {
+                let mut c = TcpStream::connect(a3).unwrap();
+                c.write_all(b"PING\r\n").unwrap();
+                let mut pong = [0u8; 7];
+                c.read_exact(&mut pong).unwrap();
+                c
+            })
+            .collect();
+        let mut refused = Vec::new();
+        let mut fifth = TcpStream::connect(a3).unwrap();
+        fifth.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        fifth.read_to_end(&mut refused).unwrap();
+        assert_eq!(refused, b"-ERR max number of clients reached\r\n");
+        drop(held);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cli_script(p3, &[], "INFO clients\n").contains("maxclients:4") {
+            assert!(Instant::now() < deadline, "node 3's connections were not freed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     })
     .await
     .unwrap();

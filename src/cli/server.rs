@@ -116,6 +116,8 @@ fn server_file(a: &ServerArgs) -> Result<(ServerFile, PathBuf)> {
                 memory_budget: None,
                 resp_listen: None,
                 resp_plaintext_loopback: false,
+                resp_connections_max: None,
+                resp_bulk_bytes_max: None,
             };
             (file, PathBuf::new())
         }

@@ -45,6 +45,7 @@ pub struct Shared {
     pub started: Instant,
     pub port: u16,
     pub limits: Limits,
+    pub connections_max: usize,
 }
 
 /// Serves one connection until the client leaves, breaks the protocol or the node stops.

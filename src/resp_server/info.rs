@@ -84,7 +84,7 @@ pub async fn info(shared: &Shared, conn: &Conn, asked: &[Bytes]) -> String {
                     "# Clients\r\nconnected_clients:{}\r\nmaxclients:{}\r\nrejected_connections:{}\r\n\
                      total_connections_received:{}\r\n",
                     m.connected.load(Ordering::Relaxed),
-                    super::CONNECTIONS_MAX,
+                    shared.connections_max,
                     m.rejected.load(Ordering::Relaxed),
                     m.accepted.load(Ordering::Relaxed),
                 );

@@ -51,6 +51,7 @@ impl Listener {
             started: Instant::now(),
             port: local.map_or(0, |a| a.port()),
             limits: self.config.limits.clone(),
+            connections_max: self.config.connections_max,
         });
         let slots = Arc::new(Semaphore::new(self.config.connections_max));
         loop {

@@ -42,6 +42,10 @@ pub const CONNECTIONS_MAX: usize = 10_000;
 /// Longest bulk string accepted (8 MiB): above Flotilla's 1 MiB value limit, so a value a bit
 /// too large gets a clear error reply instead of a closed connection, yet bounded.
 pub const BULK_BYTES_MAX: usize = 8 << 20;
+/// Smallest `bulk_bytes_max` accepted (a key must fit).
+pub const BULK_BYTES_MIN: usize = 64 << 10;
+/// Largest `bulk_bytes_max` accepted (Redis's own default).
+pub const BULK_BYTES_LIMIT: usize = 512 << 20;
 /// Most bytes of one request (64 MiB, e.g. a large `MSET`): what one connection may buffer.
 pub const REQUEST_BYTES_MAX: usize = 64 << 20;
 
@@ -86,12 +90,22 @@ impl RespConfig {
         if !self.plaintext_loopback {
             return Err(format!(
                 "resp_listen {}: plaintext Redis protocol without AUTH must be asked for: set \
-                 resp_plaintext_loopback = true (flotilla dev does)",
+                 resp_plaintext_loopback = true, or --resp-plaintext-loopback (flotilla dev does)",
                 self.listen
             ));
         }
         if self.connections_max == 0 {
-            return Err("resp: connections_max must be at least 1".into());
+            return Err("resp_connections_max must be at least 1".into());
+        }
+        let bulk = self.limits.bulk_bytes_max;
+        if !(BULK_BYTES_MIN..=BULK_BYTES_LIMIT).contains(&bulk) {
+            return Err(format!("resp_bulk_bytes_max: {bulk} is not within {BULK_BYTES_MIN}..={BULK_BYTES_LIMIT}"));
+        }
+        if bulk > self.limits.request_bytes_max {
+            return Err(format!(
+                "resp_bulk_bytes_max: {bulk} is above the request limit of {} bytes",
+                self.limits.request_bytes_max
+            ));
         }
         Ok(())
     }
