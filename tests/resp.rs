@@ -245,6 +245,20 @@ async fn redis_cli_against_a_three_node_cluster() {
         // Pipelined requests on one key keep their order; on distinct keys they run at once.
         let out = raw(a1, b"SET pk 1\r\nINCR pk\r\nGET pk\r\nSET pk2 x\r\nAPPEND pk2 y\r\nGET pk2\r\nDEL pk pk2\r\nGET pk\r\n");
         assert_eq!(String::from_utf8_lossy(&out), "+OK\r\n:2\r\n$1\r\n2\r\n+OK\r\n:2\r\n$2\r\nxy\r\n:2\r\n$-1\r\n");
+        // A value over Flotilla's 1 MiB limit is refused and the connection goes on; a bulk
+        // string over the listener's limit (8 MiB) breaks the protocol and closes it.
+        let big = vec![b'v'; (1 << 20) + 1];
+        let mut request = format!("*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n${}\r\n", big.len()).into_bytes();
+        request.extend_from_slice(&big);
+        request.extend_from_slice(b"\r\nPING\r\n");
+        assert_eq!(
+            String::from_utf8_lossy(&raw(a1, &request)),
+            "-ERR value of 1048577 bytes exceeds the limit of 1048576 bytes\r\n+PONG\r\n"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&raw(a1, b"*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n$999999999\r\n")),
+            "-ERR Protocol error: invalid bulk length\r\n"
+        );
         // QUIT: OK, then closed (the PING after it is not answered).
         assert_eq!(raw(a1, b"QUIT\r\nPING\r\n"), b"+OK\r\n");
         // Half-closed: what was sent is answered, then the connection closes.
@@ -335,5 +349,5 @@ async fn redis_cli_against_a_three_node_cluster() {
     assert!(cluster.node(1).resp_metrics().calls("set") >= 500);
     assert!(metrics.contains("flotilla_resp_commands_total{node=\"1\",command=\"get\"}"), "{metrics}");
     assert!(metrics.contains("flotilla_resp_command_errors_total{node=\"1\",command=\"incr\"} 2"), "{metrics}");
-    assert!(metrics.contains("flotilla_resp_protocol_errors_total{node=\"1\"} 2"), "{metrics}");
+    assert!(metrics.contains("flotilla_resp_protocol_errors_total{node=\"1\"} 3"), "{metrics}");
 }
