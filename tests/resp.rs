@@ -350,4 +350,8 @@ async fn redis_cli_against_a_three_node_cluster() {
     assert!(metrics.contains("flotilla_resp_commands_total{node=\"1\",command=\"get\"}"), "{metrics}");
     assert!(metrics.contains("flotilla_resp_command_errors_total{node=\"1\",command=\"incr\"} 2"), "{metrics}");
     assert!(metrics.contains("flotilla_resp_protocol_errors_total{node=\"1\"} 3"), "{metrics}");
+    assert!(
+        metrics.contains("flotilla_resp_command_seconds_bucket{node=\"1\",command=\"set\",le=\"+Inf\"}"),
+        "{metrics}"
+    );
 }

@@ -78,20 +78,21 @@ pub async fn serve(
                 }
             };
             let name = args.first().and_then(|n| table::spec(n)).map_or("unknown", |s| s.name);
+            let parsed = Instant::now();
             if let Some(reply) = dispatch::refused(&args) {
                 group.run(shared, &mut conn, &mut out).await;
-                answer(shared, &mut conn, &mut out, name, reply);
+                answer(shared, &mut conn, &mut out, name, reply, parsed);
                 continue;
             }
             let command = match Command::parse(&args) {
                 Ok(command) => command,
                 Err(e) => {
                     group.run(shared, &mut conn, &mut out).await;
-                    answer(shared, &mut conn, &mut out, name, e.to_frame());
+                    answer(shared, &mut conn, &mut out, name, e.to_frame(), parsed);
                     continue;
                 }
             };
-            let command = match group.offer(name, command) {
+            let command = match group.offer(name, command, parsed) {
                 None => {
                     if group.len() >= GROUP_MAX {
                         group.run(shared, &mut conn, &mut out).await;
@@ -103,9 +104,9 @@ pub async fn serve(
             // Not one to run alongside the group: the group first, then this one alone, then
             // maybe a new group from it.
             group.run(shared, &mut conn, &mut out).await;
-            let Some(command) = group.offer(name, command) else { continue };
+            let Some(command) = group.offer(name, command, parsed) else { continue };
             let (reply, close) = dispatch::execute(shared, &mut conn, command).await;
-            answer(shared, &mut conn, &mut out, name, reply);
+            answer(shared, &mut conn, &mut out, name, reply, parsed);
             if close {
                 write(&mut sock, &mut out).await?;
                 let _ = sock.shutdown().await;
@@ -131,9 +132,9 @@ pub async fn serve(
     }
 }
 
-fn answer(shared: &Shared, conn: &mut Conn, out: &mut BytesMut, name: &'static str, reply: Frame) {
+fn answer(shared: &Shared, conn: &mut Conn, out: &mut BytesMut, name: &'static str, reply: Frame, since: Instant) {
     conn.last_command = name;
-    shared.metrics.count(name, matches!(reply, Frame::Error(_)));
+    shared.metrics.count(name, matches!(reply, Frame::Error(_)), since.elapsed());
     reply.encode(conn.protocol, out);
 }
 
@@ -144,7 +145,7 @@ fn answer(shared: &Shared, conn: &mut Conn, out: &mut BytesMut, name: &'static s
 /// and runs alone. Replies go out in the order of the requests.
 #[derive(Default)]
 struct Group {
-    commands: Vec<(&'static str, Command)>,
+    commands: Vec<(&'static str, Command, Instant)>,
     keys: HashSet<Bytes>,
 }
 
@@ -154,11 +155,11 @@ impl Group {
     }
 
     /// Takes `command` into the group if it may join; gives it back otherwise.
-    fn offer(&mut self, name: &'static str, command: Command) -> Option<Command> {
+    fn offer(&mut self, name: &'static str, command: Command, parsed: Instant) -> Option<Command> {
         match dispatch::single_key(&command) {
             Some(key) if !self.keys.contains(key) => {
                 self.keys.insert(key.clone());
-                self.commands.push((name, command));
+                self.commands.push((name, command, parsed));
                 None
             }
             _ => Some(command),
@@ -170,12 +171,13 @@ impl Group {
         self.keys.clear();
         let commands = std::mem::take(&mut self.commands);
         let reads = conn.consistency;
-        let names: Vec<&'static str> = commands.iter().map(|(name, _)| *name).collect();
-        let replies =
-            join_all(commands.into_iter().map(|(_, command)| dispatch::execute_data(shared, reads, command)).collect())
-                .await;
-        for (name, reply) in names.into_iter().zip(replies) {
-            answer(shared, conn, out, name, reply);
+        let names: Vec<(&'static str, Instant)> = commands.iter().map(|(name, _, parsed)| (*name, *parsed)).collect();
+        let replies = join_all(
+            commands.into_iter().map(|(_, command, _)| dispatch::execute_data(shared, reads, command)).collect(),
+        )
+        .await;
+        for ((name, parsed), reply) in names.into_iter().zip(replies) {
+            answer(shared, conn, out, name, reply, parsed);
         }
     }
 }
