@@ -31,8 +31,9 @@ pub const OUT_FLUSH_BYTES: usize = 64 << 10;
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// What one read asks for at least.
 const READ_CHUNK: usize = 16 << 10;
-/// Most pipelined requests run at once on one connection.
-pub const GROUP_MAX: usize = 128;
+/// Most pipelined requests run at once on one connection. Their replies are held until all
+/// are done, so this bounds the output buffer too (at most this many values of 1 MiB).
+pub const GROUP_MAX: usize = 32;
 /// Read room reserved ahead for a large bulk string whose length is known, at most.
 const RESERVE_MAX: usize = 1 << 20;
 
@@ -96,6 +97,9 @@ pub async fn serve(
                 None => {
                     if group.len() >= GROUP_MAX {
                         group.run(shared, &mut conn, &mut out).await;
+                        if out.len() >= OUT_FLUSH_BYTES {
+                            write(&mut sock, &mut out).await?;
+                        }
                     }
                     continue;
                 }

@@ -26,6 +26,8 @@ const SWAP_ATTEMPTS_MAX: usize = 64;
 const SCAN_COUNT_DEFAULT: u64 = 10;
 /// Most keys `KEYS` looks at: past it the client is told to use `SCAN`.
 pub const KEYS_SCANNED_MAX: usize = 100_000;
+/// Most bytes of keys `KEYS` answers with (the reply is held whole before it is sent).
+pub const KEYS_REPLY_BYTES_MAX: usize = 16 << 20;
 
 /// The state of one connection that commands read and change.
 pub struct Conn {
@@ -313,18 +315,21 @@ async fn run_data(shared: &Shared, reads: ReadConsistency, command: Command) -> 
         Command::Keys { pattern } => {
             let mut keys = Vec::new();
             let mut start = Vec::new();
-            let mut scanned = 0usize;
+            let (mut scanned, mut bytes) = (0usize, 0usize);
             loop {
                 let page = router.scan_page(&start, KEYS_SCANNED_MAX - scanned, reads).await?;
                 scanned += page.pairs.len();
-                keys.extend(
-                    page.pairs.into_iter().map(|(k, _)| k).filter(|k| glob::matches(&pattern, k)).map(Frame::bulk),
-                );
+                for (key, _) in page.pairs {
+                    if glob::matches(&pattern, &key) {
+                        bytes += key.len();
+                        keys.push(Frame::bulk(key));
+                    }
+                }
                 match page.next {
                     None => break,
-                    Some(_) if scanned >= KEYS_SCANNED_MAX => {
+                    Some(_) if scanned >= KEYS_SCANNED_MAX || bytes > KEYS_REPLY_BYTES_MAX => {
                         return Err(Failure::Text(format!(
-                            "ERR KEYS looks at {KEYS_SCANNED_MAX} keys at most and there are more: use SCAN"
+                            "ERR KEYS looks at {KEYS_SCANNED_MAX} keys or answers {KEYS_REPLY_BYTES_MAX} bytes at most, and there are more: use SCAN"
                         )))
                     }
                     Some(next) => start = next,
