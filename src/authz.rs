@@ -72,7 +72,7 @@ pub enum Access {
 pub fn access(req: &Request) -> Access {
     match req {
         Request::Get { .. } | Request::Scan { .. } => Access::Read,
-        Request::Put { .. } | Request::Delete { .. } | Request::Cas { .. } => Access::Write,
+        Request::Put { .. } | Request::Delete { .. } | Request::Cas { .. } | Request::Update { .. } => Access::Write,
         Request::ClusterView { .. } => Access::Route,
         Request::Admin(_) => Access::Admin,
     }
@@ -94,6 +94,7 @@ pub fn operation(req: &Request) -> &'static str {
         Request::Put { .. } => "put",
         Request::Delete { .. } => "delete",
         Request::Cas { .. } => "cas",
+        Request::Update { .. } => "update",
         Request::Scan { .. } => "scan",
         Request::ClusterView { .. } => "read the cluster view",
         Request::Admin(a) => match a {
@@ -125,7 +126,8 @@ fn key_of(req: &Request) -> Option<&[u8]> {
         Request::Get { key, .. }
         | Request::Put { key, .. }
         | Request::Delete { key, .. }
-        | Request::Cas { key, .. } => Some(key),
+        | Request::Cas { key, .. }
+        | Request::Update { key, .. } => Some(key),
         Request::Scan { .. } | Request::ClusterView { .. } | Request::Admin(_) => None,
     }
 }
@@ -229,6 +231,7 @@ mod tests {
             Request::Put { shard, epoch, key: key.clone(), value: b"v".to_vec() },
             Request::Delete { shard, epoch, key: key.clone() },
             Request::Cas { shard, epoch, key: key.clone(), expected: None, new: Some(b"v".to_vec()) },
+            Request::Update { shard, epoch, key: key.clone(), op: crate::wire::UpdateOp::AddInt(1) },
             Request::Scan { shard, epoch, start: key.clone(), end: None, limit: 10, consistency },
             Request::ClusterView { fresh: false },
             Request::ClusterView { fresh: true },
@@ -257,7 +260,7 @@ mod tests {
     /// What the table in the module's documentation says, written out per operation.
     fn expected(role: Role, op: &str) -> bool {
         let data_read = ["get", "scan", "read the cluster view"].contains(&op);
-        let data_write = ["put", "delete", "cas"].contains(&op);
+        let data_write = ["put", "delete", "cas", "update"].contains(&op);
         match role {
             Role::Admin => true,
             Role::ReadWrite => data_read || data_write,
@@ -269,7 +272,7 @@ mod tests {
     fn every_request_against_every_role() {
         let requests = every_request(b"k");
         // Guards against a new request or admin operation added without a row here.
-        assert_eq!(requests.len(), 16);
+        assert_eq!(requests.len(), 17);
         for req in &requests {
             let op = operation(req);
             for role in Role::ALL {

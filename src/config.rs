@@ -12,6 +12,10 @@
 //! # pollers = 1                       # shard poller threads (default: half the cores)
 //! # memory_budget = "512MiB"          # RocksDB's block cache and memtables (64MiB..=1TiB)
 //! # require_client_roles = true       # refuse client certificates issued without a role
+//! # resp_listen = "127.0.0.1:6379"    # Redis protocol (redis-cli, Redis clients); loopback only
+//! # resp_plaintext_loopback = true    # needed with resp_listen: plaintext, no AUTH (no TLS yet)
+//! # resp_connections_max = 10000      # Redis connections at once
+//! # resp_bulk_bytes_max = "8MiB"      # longest bulk string a Redis client may send (64KiB..=512MiB)
 //!
 //! [tls]
 //! ca = "certs/ca.pem"
@@ -33,6 +37,7 @@
 use crate::meta::dev_split_keys;
 use crate::node::{BootstrapConfig, NodeConfig, META_VOTERS_MAX};
 use crate::raft::NodeId;
+use crate::resp_server::RespConfig;
 use crate::shard::StoreOptions;
 use crate::transport::cert::TlsIdentity;
 use serde::Deserialize;
@@ -83,6 +88,20 @@ pub struct ServerFile {
     /// clusters older than roles): set it once every client has a certificate with a role.
     #[serde(default)]
     pub require_client_roles: bool,
+    /// TCP address of the Redis protocol front door (none by default).
+    #[serde(default)]
+    pub resp_listen: Option<String>,
+    /// Allows the front door to speak plaintext without AUTH, which it may only do on a
+    /// loopback address (TLS and AUTH are not built yet).
+    #[serde(default)]
+    pub resp_plaintext_loopback: bool,
+    /// Most Redis protocol connections at once (default 10,000, Redis's `maxclients`).
+    #[serde(default)]
+    pub resp_connections_max: Option<usize>,
+    /// Longest bulk string (a value) a Redis client may send (default 8 MiB); a longer one is
+    /// a protocol error that closes the connection. Values above 1 MiB are refused anyway.
+    #[serde(default)]
+    pub resp_bulk_bytes_max: Option<ByteSize>,
 }
 
 /// A size in a config file: a number of bytes, or text with a binary unit (`"512MiB"`).
@@ -203,6 +222,24 @@ impl ServerFile {
         }
         let listen = addr("listen", &self.listen)?;
         let metrics_listen = self.metrics_listen.as_deref().map(|m| addr("metrics_listen", m)).transpose()?;
+        let resp = match &self.resp_listen {
+            Some(text) => {
+                let mut resp = RespConfig::new(addr("resp_listen", text)?);
+                resp.plaintext_loopback = self.resp_plaintext_loopback;
+                if let Some(n) = self.resp_connections_max {
+                    resp.connections_max = n;
+                }
+                if let Some(size) = &self.resp_bulk_bytes_max {
+                    let bytes = size.bytes().map_err(|e| format!("resp_bulk_bytes_max: {e}"))?;
+                    resp.limits.bulk_bytes_max = usize::try_from(bytes).unwrap_or(usize::MAX);
+                    // A request holds at least one such string.
+                    resp.limits.request_bytes_max = resp.limits.request_bytes_max.max(resp.limits.bulk_bytes_max);
+                }
+                resp.check()?;
+                Some(resp)
+            }
+            None => None,
+        };
         if let Some(p) = self.pollers.filter(|p| *p == 0 || *p > POLLERS_MAX) {
             return Err(format!("pollers: {p} is not within 1..={POLLERS_MAX}"));
         }
@@ -236,6 +273,7 @@ impl ServerFile {
         node.peers = peers.clone();
         node.store = store;
         node.require_client_roles = self.require_client_roles;
+        node.resp = resp;
         if let Some(bytes) = self.split_size_bytes {
             node.balancer.split_size_bytes_threshold = bytes;
         }
@@ -287,6 +325,33 @@ mod tests {
         let text = "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:1\"\nsplit_size_bytes = 10\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n";
         let f = ServerFile::parse(text).unwrap();
         assert!(f.resolve(Path::new(".")).unwrap_err().starts_with("split_size_bytes"));
+    }
+
+    #[test]
+    fn the_redis_listener_is_plaintext_on_loopback_only_when_asked() {
+        let file = |listen: &str, plaintext: bool| {
+            let text = format!(
+                "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:1\"\nresp_listen = \"{listen}\"\n\
+                 resp_plaintext_loopback = {plaintext}\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n"
+            );
+            ServerFile::parse(&text).unwrap().resolve(Path::new(".")).unwrap_err()
+        };
+        assert!(file("0.0.0.0:6379", true).contains("loopback"), "{}", file("0.0.0.0:6379", true));
+        assert!(file("127.0.0.1:6379", false).contains("resp_plaintext_loopback = true"));
+        assert!(file("nope", true).starts_with("resp_listen"));
+        // Allowed: the next error is the (missing) certificates.
+        assert!(file("127.0.0.1:6379", true).starts_with("tls"));
+        let limits = |extra: &str| {
+            let text = format!(
+                "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:1\"\nresp_listen = \"127.0.0.1:0\"\n\
+                 resp_plaintext_loopback = true\n{extra}\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n"
+            );
+            ServerFile::parse(&text).unwrap().resolve(Path::new(".")).unwrap_err()
+        };
+        assert!(limits("resp_bulk_bytes_max = \"1KiB\"").starts_with("resp_bulk_bytes_max"));
+        assert!(limits("resp_bulk_bytes_max = \"1GiB\"").starts_with("resp_bulk_bytes_max"));
+        assert!(limits("resp_bulk_bytes_max = \"256MiB\"").starts_with("tls"));
+        assert!(limits("resp_connections_max = 0").starts_with("resp_connections_max"));
     }
 
     #[test]

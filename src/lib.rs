@@ -14,6 +14,8 @@
 //!   sender checked against its certificate).
 //! - [`cluster`]: certificates and the cluster file that `flotilla dev` writes and the CLI
 //!   reads; [`config`]: `flotilla server`'s TOML file.
+//! - [`resp_server`]: the Redis protocol front door (`redis-cli` and Redis clients), routing
+//!   every key through the node's own client path.
 //! - [`http`]: Prometheus metrics and health over HTTP; [`mod@bench`]: the load generator.
 //!
 //! # Decisions
@@ -61,6 +63,7 @@ pub mod meta;
 pub mod net;
 pub mod node;
 pub mod peer_wire;
+pub mod resp_server;
 pub mod wire;
 
 pub use client::{CasOutcome, Client, ClientConfig, ClientError};

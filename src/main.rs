@@ -31,7 +31,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run one node from a TOML config file (flags override the file).
-    Server(cli::server::ServerArgs),
+    Server(Box<cli::server::ServerArgs>),
     /// Start a local cluster on loopback with fresh certificates (Ctrl-C stops it).
     Dev(cli::dev::DevArgs),
     /// Create a cluster CA and node or client certificates.
@@ -91,7 +91,7 @@ fn init_logs(cli: &Cli, quiet: bool) -> Result<()> {
 
 async fn run(command: Command) -> Result<i32> {
     match command {
-        Command::Server(a) => cli::server::run(a).await,
+        Command::Server(a) => cli::server::run(*a).await,
         Command::Dev(a) => cli::dev::run(a).await,
         Command::Cert(c) => cli::cert::run(c),
         Command::Kv(a) => cli::kv::run(a).await,

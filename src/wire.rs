@@ -7,6 +7,7 @@
 //! routed by; a node whose view differs answers with where to go instead of serving.
 
 use crate::placement::{Epoch, NodeId, ShardDescriptor, ShardId, ShardMap};
+pub use crate::shard::UpdateOp;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -16,8 +17,10 @@ use std::collections::BTreeMap;
 /// request for keys a shard no longer holds is answered [`Response::OutOfRange`] (a version 2
 /// peer would take a scan's empty page for the end of the shard and skip what split off).
 /// 4: the node-to-node meta operations moved to the peer protocol ([`crate::peer_wire`]).
+/// 5: [`Request::Update`], read-modify-writes applied in the state machine (the Redis front
+/// door's `INCR`, `APPEND`).
 /// Versions stay below 0x80: a first byte with the high bit set is a peer message.
-pub const PROTOCOL_VERSION: u8 = 4;
+pub const PROTOCOL_VERSION: u8 = 5;
 
 /// Largest key accepted (bytes): the shard's own limit, checked here first so that a key too
 /// long is refused before it is routed (or made a split point). Keys travel in every routing
@@ -120,6 +123,19 @@ pub enum Request {
     },
     /// An administrative operation.
     Admin(AdminRequest),
+    /// Change a key's value by `op`, atomically where it is applied; answered
+    /// [`Response::Written`] with the value before, or [`Response::Invalid`] if the value does
+    /// not suit the operation (nothing changed).
+    Update {
+        /// The shard the client routed to.
+        shard: ShardId,
+        /// The shard's epoch in the client's map.
+        epoch: Epoch,
+        /// The key.
+        key: Vec<u8>,
+        /// What to do with its value.
+        op: UpdateOp,
+    },
 }
 
 /// Administrative operations (the `flotilla admin` commands).

@@ -237,6 +237,66 @@ pub enum KvCommand {
         /// New value.
         new: Option<Vec<u8>>,
     },
+    /// Change the value of `key` by `op`, computed from the value the command finds when it is
+    /// applied: atomic with no read before and no retry (Redis's `INCR`, `APPEND`). Answers
+    /// [`KvResponse::Done`] with the value before, or [`KvResponse::Refused`] (nothing changed)
+    /// when the value does not suit the operation.
+    Update {
+        /// Key.
+        key: Vec<u8>,
+        /// What to do with its value.
+        op: UpdateOp,
+    },
+}
+
+/// A read-modify-write of one value ([`KvCommand::Update`]). Numbers follow Redis's rules
+/// (`flotilla_resp::number`): the same on every replica, since they are part of the command's
+/// meaning.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpdateOp {
+    /// Add to the value read as a decimal integer (absent: 0); overflow is refused.
+    AddInt(i64),
+    /// Add to the value read as a decimal float (absent: 0); the increment as its IEEE 754 bits
+    /// (commands are compared for equality). A result that is not finite is refused.
+    AddFloat(u64),
+    /// Append bytes to the value (absent: empty); a result above [`VALUE_BYTES_MAX`] is refused.
+    Append(Vec<u8>),
+}
+
+impl UpdateOp {
+    /// The new value, from the current one; or why the operation does not apply to it.
+    pub fn apply(&self, current: Option<&[u8]>) -> Result<Vec<u8>, String> {
+        use flotilla_resp::number::{format_human, parse_f64, parse_i64};
+        match self {
+            UpdateOp::AddInt(delta) => {
+                let n = match current {
+                    None => 0,
+                    Some(text) => parse_i64(text).ok_or("value is not an integer or out of range")?,
+                };
+                let sum = n.checked_add(*delta).ok_or("increment or decrement would overflow")?;
+                Ok(sum.to_string().into_bytes())
+            }
+            UpdateOp::AddFloat(bits) => {
+                let n = match current {
+                    None => 0.0,
+                    Some(text) => parse_f64(text).ok_or("value is not a valid float")?,
+                };
+                let sum = n + f64::from_bits(*bits);
+                if !sum.is_finite() {
+                    return Err("increment would produce NaN or Infinity".into());
+                }
+                Ok(format_human(sum).into_bytes())
+            }
+            UpdateOp::Append(tail) => {
+                let mut value = current.map(<[u8]>::to_vec).unwrap_or_default();
+                if value.len() + tail.len() > VALUE_BYTES_MAX {
+                    return Err(format!("string exceeds maximum allowed size ({VALUE_BYTES_MAX} bytes)"));
+                }
+                value.extend_from_slice(tail);
+                Ok(value)
+            }
+        }
+    }
 }
 
 impl KvCommand {
@@ -248,6 +308,8 @@ impl KvCommand {
         let value = match self {
             KvCommand::Put { value, .. } => value.len(),
             KvCommand::Delete { .. } | KvCommand::Split { .. } => 0,
+            KvCommand::Update { op: UpdateOp::Append(tail), .. } => tail.len(),
+            KvCommand::Update { .. } => 0,
             KvCommand::Cas { expected, new, .. } => {
                 expected.as_ref().map_or(0, |v| v.len()).max(new.as_ref().map_or(0, |v| v.len()))
             }
@@ -261,7 +323,10 @@ impl KvCommand {
     /// The key the command writes.
     pub fn key(&self) -> &[u8] {
         match self {
-            KvCommand::Put { key, .. } | KvCommand::Delete { key } | KvCommand::Cas { key, .. } => key,
+            KvCommand::Put { key, .. }
+            | KvCommand::Delete { key }
+            | KvCommand::Cas { key, .. }
+            | KvCommand::Update { key, .. } => key,
             KvCommand::Split { at, .. } => at,
         }
     }
@@ -709,6 +774,10 @@ impl KvStateMachine {
                                     (Some(new), KvResponse::Done { previous: current })
                                 }
                                 KvCommand::Cas { .. } => (None, KvResponse::CasFailed { current }),
+                                KvCommand::Update { op, .. } => match op.apply(current.as_deref()) {
+                                    Ok(new) => (Some(Some(new)), KvResponse::Done { previous: current }),
+                                    Err(e) => (None, KvResponse::Refused(e)),
+                                },
                                 KvCommand::Split { .. } => (None, KvResponse::Refused("split handled above".into())),
                             };
                             if let Some(new) = new {
@@ -845,5 +914,33 @@ impl StateMachine for KvStateMachine {
         self.store.install_hold_point().await;
         let (sm, meta) = (self.clone(), meta.clone());
         self.store.blocking(move |_| Ok(sm.install_snapshot_blocking(&meta))).await.map_err(SnapshotError::Storage)?
+    }
+}
+
+#[cfg(test)]
+mod update_tests {
+    use super::{UpdateOp, VALUE_BYTES_MAX};
+
+    #[test]
+    fn updates_follow_redis_rules_and_refuse_what_does_not_fit() {
+        let int = |delta, current: Option<&str>| UpdateOp::AddInt(delta).apply(current.map(str::as_bytes));
+        assert_eq!(int(1, None), Ok(b"1".to_vec()));
+        assert_eq!(int(-5, Some("3")), Ok(b"-2".to_vec()));
+        assert!(int(1, Some("007")).is_err());
+        assert!(int(1, Some(" 7")).is_err());
+        assert_eq!(int(1, Some("9223372036854775807")), Err("increment or decrement would overflow".into()));
+        let float =
+            |delta: f64, current: Option<&str>| UpdateOp::AddFloat(delta.to_bits()).apply(current.map(str::as_bytes));
+        assert_eq!(float(1.5, None), Ok(b"1.5".to_vec()));
+        assert_eq!(float(0.25, Some("1.5")), Ok(b"1.75".to_vec()));
+        assert_eq!(float(1.0, Some("abc")), Err("value is not a valid float".into()));
+        assert_eq!(
+            float(f64::MAX, Some("1.7976931348623157e308")),
+            Err("increment would produce NaN or Infinity".into())
+        );
+        let append = |tail: &[u8], current: Option<&[u8]>| UpdateOp::Append(tail.to_vec()).apply(current);
+        assert_eq!(append(b"b", Some(b"a")), Ok(b"ab".to_vec()));
+        assert_eq!(append(b"b", None), Ok(b"b".to_vec()));
+        assert!(append(b"b", Some(&vec![0; VALUE_BYTES_MAX])).is_err());
     }
 }

@@ -43,6 +43,9 @@ pub struct DevArgs {
     /// default 512MiB, as a server's).
     #[arg(long, value_name = "SIZE")]
     memory_budget: Option<String>,
+    /// Do not serve the Redis protocol (on by default, on node 1, plaintext on loopback).
+    #[arg(long)]
+    no_resp: bool,
 }
 
 pub async fn run(a: DevArgs) -> Result<i32> {
@@ -78,6 +81,12 @@ pub async fn run(a: DevArgs) -> Result<i32> {
         cfg.store = store;
         cfg.pollers = flotilla::node::default_pollers(ids.len());
         cfg.auto_balance_interval_ms = (!a.no_auto_balance).then_some(flotilla::config::AUTO_BALANCE_INTERVAL_MS);
+        // The Redis front door on the first node (any node routes any key), on a free port.
+        if cfg.id == NodeId(1) && !a.no_resp {
+            let mut resp = flotilla::resp_server::RespConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+            resp.plaintext_loopback = true;
+            cfg.resp = Some(resp);
+        }
     })
     .await?;
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -103,6 +112,10 @@ pub async fn run(a: DevArgs) -> Result<i32> {
     for (n, m) in dev.nodes().zip(&metrics) {
         out += &format!("  node {}: {}   metrics http://{m}/metrics\n", n.id(), n.addr());
     }
+    let resp = dev.nodes().find_map(|n| n.resp_addr());
+    if let Some(r) = resp {
+        out += &format!("  redis protocol (node 1; any node routes any key): redis-cli -p {}\n", r.port());
+    }
     out += &if a.no_auto_balance {
         "balancer: on request (flotilla admin rebalance)\n".to_string()
     } else {
@@ -115,12 +128,14 @@ pub async fn run(a: DevArgs) -> Result<i32> {
          In another terminal:\n  \
          flotilla kv put hello world\n  \
          flotilla kv get hello\n  \
+         {}\
          flotilla admin shards\n  \
          flotilla bench put --clients 64 --duration 10\n\n\
          Ctrl-C stops the cluster.\n",
         default_file.display(),
         file.cert.display(),
-        dir.join("dev.log").display()
+        dir.join("dev.log").display(),
+        resp.map(|r| format!("redis-cli -p {} get hello\n  ", r.port())).unwrap_or_default(),
     );
     print!("{out}");
     let _ = std::io::stdout().flush();

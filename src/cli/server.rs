@@ -58,6 +58,13 @@ pub struct ServerArgs {
     /// Override `memory_budget`: RocksDB's block cache and memtables (e.g. 512MiB, 2GiB).
     #[arg(long, value_name = "SIZE")]
     memory_budget: Option<String>,
+    /// Override `resp_listen`: serve the Redis protocol (redis-cli, Redis clients) here.
+    #[arg(long, value_name = "ADDR")]
+    resp_listen: Option<String>,
+    /// Override `resp_plaintext_loopback` (turn it on): the Redis protocol in plaintext without
+    /// AUTH, allowed on a loopback address only.
+    #[arg(long)]
+    resp_plaintext_loopback: bool,
 }
 
 pub async fn run(a: ServerArgs) -> Result<i32> {
@@ -71,6 +78,9 @@ pub async fn run(a: ServerArgs) -> Result<i32> {
         tracing::info!(%bound, "metrics and health over http");
     }
     println!("flotilla node {} listening on {}", node.id(), node.addr());
+    if let Some(r) = node.resp_addr() {
+        println!("redis protocol on {r}: redis-cli -h {} -p {}", r.ip(), r.port());
+    }
     stop_signal().await;
     eprintln!("stopping");
     node.shutdown().await;
@@ -105,6 +115,10 @@ fn server_file(a: &ServerArgs) -> Result<(ServerFile, PathBuf)> {
                 pollers: None,
                 memory_budget: None,
                 require_client_roles: false,
+                resp_listen: None,
+                resp_plaintext_loopback: false,
+                resp_connections_max: None,
+                resp_bulk_bytes_max: None,
             };
             (file, PathBuf::new())
         }
@@ -139,6 +153,10 @@ fn apply_overrides(a: &ServerArgs, file: &mut ServerFile) -> Result<()> {
         file.memory_budget = Some(ByteSize::Text(m.clone()));
     }
     file.auto_balance |= a.auto_balance;
+    if a.resp_listen.is_some() {
+        file.resp_listen = a.resp_listen.clone();
+    }
+    file.resp_plaintext_loopback |= a.resp_plaintext_loopback;
     for p in &a.peers {
         let (id, addr) = p.split_once('=').ok_or_else(|| anyhow!("--peer {p:?}: expected ID=ADDR"))?;
         let id = id.trim().parse().map_err(|e| anyhow!("--peer {p:?}: bad node id: {e}"))?;

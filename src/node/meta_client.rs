@@ -57,7 +57,7 @@ impl Node {
     }
 
     /// Re-reads the local replica of the meta state, if this node holds one.
-    pub(super) async fn refresh_local_view(&self) -> bool {
+    pub(crate) async fn refresh_local_view(&self) -> bool {
         if !self.inner.host.groups().contains(&META_GROUP) {
             return false;
         }

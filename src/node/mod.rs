@@ -61,6 +61,7 @@ use crate::meta::{meta_range, META_GROUP};
 use crate::net::{deliver, deliver_transfer, read_transfer, transfer_bytes_max, NetStats, TransportNetwork};
 use crate::placement::{BalancerConfig, ShardId};
 use crate::raft::{Config as RaftConfig, NodeId, Role};
+use crate::resp_server::{self, RespConfig, RespMetrics};
 use crate::shard::{Host, HostConfig, HostError, KvStateMachine, Store, StoreMetrics, StoreOptions};
 use crate::transport::{self as tp, cert::TlsIdentity, Transport, TransportConfig};
 use crate::wire::check_user_key;
@@ -213,6 +214,8 @@ pub struct NodeConfig {
     pub move_step_deadline_ms: u64,
     /// Refuse client certificates without a role (see `TransportConfig::require_client_roles`).
     pub require_client_roles: bool,
+    /// The Redis protocol front door, if wanted ([`crate::resp_server`]).
+    pub resp: Option<RespConfig>,
 }
 
 impl NodeConfig {
@@ -241,6 +244,7 @@ impl NodeConfig {
             size_check_interval_ms: 10_000,
             move_step_deadline_ms: MOVE_STEP_DEADLINE_MS,
             require_client_roles: false,
+            resp: None,
         }
     }
 }
@@ -355,6 +359,10 @@ struct Inner {
     net_stats: Arc<NetStats>,
     /// For the uptime metric.
     started: Instant,
+    /// The Redis front door's bound address, if it has one.
+    resp_addr: Option<SocketAddr>,
+    /// The Redis front door's counters (zero without one).
+    resp_metrics: Arc<RespMetrics>,
     /// Set once at shutdown; every task watches it.
     shutdown: watch::Sender<bool>,
     /// The node's tasks, aborted and awaited at shutdown.
@@ -394,6 +402,12 @@ impl Node {
             }
         }
         config.store.check().map_err(|e| NodeError::Config(format!("store: {e}")))?;
+        // Before anything is opened: a front door that may not start stops the node's start.
+        let resp_listener = match &config.resp {
+            Some(r) => Some(resp_server::bind(r).await.map_err(NodeError::Config)?),
+            None => None,
+        };
+        let resp_addr = resp_listener.as_ref().and_then(|l| l.local_addr().ok());
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| NodeError::Storage(format!("cannot create {}: {e}", config.data_dir.display())))?;
         let store = Store::open_with(config.data_dir.join("store"), config.store)
@@ -432,6 +446,8 @@ impl Node {
             move_steps: Mutex::new(HashMap::new()),
             net_stats,
             started: Instant::now(),
+            resp_addr,
+            resp_metrics: Arc::new(RespMetrics::default()),
             shutdown,
             tasks: Mutex::new(Vec::new()),
             config,
@@ -441,12 +457,12 @@ impl Node {
             node.shutdown().await;
             return Err(e);
         }
-        node.spawn_tasks(incoming);
+        node.spawn_tasks(incoming, resp_listener);
         info!(node = node.inner.id.0, addr = %node.inner.addr, "node started");
         Ok(node)
     }
 
-    fn spawn_tasks(&self, incoming: tp::Incoming) {
+    fn spawn_tasks(&self, incoming: tp::Incoming, resp_listener: Option<resp_server::Listener>) {
         let tp::Incoming { mut envelopes, mut transfers, mut requests } = incoming;
         let mut tasks = Vec::new();
         {
@@ -501,6 +517,9 @@ impl Node {
             }));
         }
         let stop = || self.inner.shutdown.subscribe();
+        if let Some(l) = resp_listener {
+            tasks.push(tokio::spawn(l.run(self.clone(), self.inner.resp_metrics.clone(), stop())));
+        }
         tasks.push(tokio::spawn(self.clone().run_reconciler(stop())));
         tasks.push(tokio::spawn(self.clone().run_reporter(stop())));
         tasks.push(tokio::spawn(self.clone().run_size_checks(stop())));
@@ -530,6 +549,16 @@ impl Node {
     /// The bound UDP address.
     pub fn local_addr(&self) -> Result<SocketAddr, NodeError> {
         Ok(self.inner.transport.local_addr()?)
+    }
+
+    /// The Redis protocol front door's bound address, if the node has one.
+    pub fn resp_addr(&self) -> Option<SocketAddr> {
+        self.inner.resp_addr
+    }
+
+    /// The Redis protocol front door's counters.
+    pub fn resp_metrics(&self) -> &RespMetrics {
+        &self.inner.resp_metrics
     }
 
     /// The shard host (for embedders and tests).
@@ -649,6 +678,9 @@ impl Node {
         );
         // Off the async threads: RocksDB properties take its mutex, `/proc` is read. A failure
         // leaves the lines out rather than failing the whole page.
+        if self.inner.resp_addr.is_some() {
+            self.inner.resp_metrics.write_text(&mut out, id.0);
+        }
         match self.inner.host.store().blocking(|s| s.metrics()).await {
             Ok(m) => store_metrics_text(&mut out, id, &m),
             Err(e) => debug!(node = id.0, error = %e, "store metrics unavailable"),

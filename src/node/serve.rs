@@ -115,6 +115,16 @@ impl Node {
                 }
                 self.write(shard, epoch, KvCommand::Cas { key, expected, new }).await
             }
+            Request::Update { shard, epoch, key, op } => {
+                let size = match &op {
+                    crate::shard::UpdateOp::Append(tail) => check_value(tail),
+                    _ => Ok(()),
+                };
+                if let Err(e) = check_user_key(&key).and(size) {
+                    return Response::Invalid(e);
+                }
+                self.write(shard, epoch, KvCommand::Update { key, op }).await
+            }
             Request::Scan { shard, epoch, start, end, limit, consistency } => {
                 // A page of no pairs that says "more" could not move a scan on.
                 if limit == 0 {

@@ -1,0 +1,386 @@
+//! What each command does. Connection commands change the connection's state ([`Conn`]);
+//! data commands become gets, puts, deletes, compare-and-swaps and scans through the
+//! [`Router`](super::router::Router), with Redis's reply types.
+//!
+//! `INCR` and its kin and `APPEND` are one state-machine command each (`KvCommand::Update`),
+//! computed where they are applied: atomic, no read before, no retry. `GETSET` and
+//! `SET ... GET|NX|XX` are compare-and-swaps (a retry loop for `GET` and `XX`: read, swap if the
+//! value is still the one read, otherwise again from the value the failed swap returns), which
+//! are atomic too but retry under contention on one key.
+
+use super::connection::{join_all, Shared};
+use super::glob;
+use super::info;
+use super::router::{RouteError, Swap};
+use crate::wire::{ReadConsistency, UpdateOp};
+use bytes::Bytes;
+use flotilla_resp::command::SetCondition;
+use flotilla_resp::number::parse_i64;
+use flotilla_resp::{error, introspection, Command, Frame, Protocol};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+/// Swaps tried before a read-modify-write gives up under contention.
+const SWAP_ATTEMPTS_MAX: usize = 64;
+/// Keys `SCAN` looks at per call when the client gives no `COUNT` (Redis's default).
+const SCAN_COUNT_DEFAULT: u64 = 10;
+/// Most keys `KEYS` looks at: past it the client is told to use `SCAN`.
+pub const KEYS_SCANNED_MAX: usize = 100_000;
+/// Most bytes of keys `KEYS` answers with (the reply is held whole before it is sent).
+pub const KEYS_REPLY_BYTES_MAX: usize = 16 << 20;
+
+/// The state of one connection that commands read and change.
+pub struct Conn {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub local: Option<SocketAddr>,
+    pub name: Bytes,
+    pub protocol: Protocol,
+    pub consistency: ReadConsistency,
+    pub created: Instant,
+    pub last_active: Instant,
+    pub last_command: &'static str,
+}
+
+impl Conn {
+    pub fn new(id: u64, peer: SocketAddr, local: Option<SocketAddr>) -> Conn {
+        let now = Instant::now();
+        Conn {
+            id,
+            peer,
+            local,
+            name: Bytes::new(),
+            protocol: Protocol::Resp2,
+            consistency: ReadConsistency::Linearizable,
+            created: now,
+            last_active: now,
+            last_command: "",
+        }
+    }
+}
+
+/// Redis commands refused on purpose, answered with why rather than "unknown command" (which
+/// would suggest a typo).
+pub fn refused(args: &[Bytes]) -> Option<Frame> {
+    let name = args.first()?;
+    let named = |names: &[&str]| names.iter().any(|n| name.eq_ignore_ascii_case(n.as_bytes()));
+    if named(&["multi", "exec", "discard", "watch", "unwatch"]) {
+        return Some(Frame::error(
+            "ERR MULTI, EXEC, DISCARD and WATCH are not supported: Flotilla has no transactions across keys (yet)",
+        ));
+    }
+    if named(&["expire", "pexpire", "expireat", "pexpireat", "ttl", "pttl", "persist", "setex", "psetex", "getex"]) {
+        return Some(Frame::error("ERR expiries are not supported: Flotilla keys do not expire (yet)"));
+    }
+    None
+}
+
+/// Runs one command: its reply, and whether to close the connection after it.
+pub async fn execute(shared: &Shared, conn: &mut Conn, command: Command) -> (Frame, bool) {
+    if let Command::Quit = command {
+        return (Frame::ok(), true);
+    }
+    let reply = match run(shared, conn, command).await {
+        Ok(frame) => frame,
+        Err(e) => Frame::error(e.message()),
+    };
+    (reply, false)
+}
+
+/// A failed command's error reply.
+enum Failure {
+    Redis(&'static str),
+    Text(String),
+    Route(RouteError),
+}
+
+impl Failure {
+    fn message(self) -> Bytes {
+        match self {
+            Failure::Redis(text) => Bytes::from_static(text.as_bytes()),
+            Failure::Text(text) => text.into(),
+            Failure::Route(e) => e.message().into(),
+        }
+    }
+}
+
+impl From<RouteError> for Failure {
+    fn from(e: RouteError) -> Failure {
+        Failure::Route(e)
+    }
+}
+
+const NO_EXPIRY: &str =
+    "ERR SET with EX, PX, EXAT, PXAT or KEEPTTL is not supported: Flotilla keys do not expire (yet)";
+const NO_PASSWORD: &str =
+    "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?";
+
+fn value_frame(v: Option<Vec<u8>>) -> Frame {
+    v.map_or(Frame::NullBulk, Frame::bulk)
+}
+
+async fn run(shared: &Shared, conn: &mut Conn, command: Command) -> Result<Frame, Failure> {
+    let router = &shared.router;
+    let reads = conn.consistency;
+    Ok(match command {
+        Command::Ping { message: None } => Frame::simple("PONG"),
+        Command::Ping { message: Some(m) } => Frame::Bulk(m),
+        Command::Echo { message } => Frame::Bulk(message),
+        Command::Quit => Frame::ok(),
+        Command::Hello { protocol, auth, client_name } => {
+            if auth.is_some() {
+                return Err(Failure::Redis(NO_PASSWORD));
+            }
+            if let Some(p) = protocol {
+                conn.protocol = p;
+            }
+            if let Some(name) = client_name {
+                conn.name = name;
+            }
+            info::hello(conn)
+        }
+        Command::Auth(_) => return Err(Failure::Redis(NO_PASSWORD)),
+        Command::Select { db: 0 } => Frame::ok(),
+        Command::Select { .. } => return Err(Failure::Redis(error::DB_INDEX_OUT_OF_RANGE)),
+        Command::ClientSetName { name } => {
+            conn.name = name;
+            Frame::ok()
+        }
+        Command::ClientGetName if conn.name.is_empty() => Frame::NullBulk,
+        Command::ClientGetName => Frame::Bulk(conn.name.clone()),
+        Command::ClientId => Frame::Integer(i64::try_from(conn.id).unwrap_or(i64::MAX)),
+        Command::ClientInfo => Frame::Verbatim { format: *b"txt", text: info::client_line(conn).into() },
+        Command::ClientHelp => introspection::help("client").unwrap_or(Frame::NullArray),
+        Command::CommandAll => introspection::command_info(&[]),
+        Command::CommandCount => introspection::command_count(),
+        Command::CommandDocs { names } => introspection::command_docs(&names),
+        Command::CommandInfo { names } => introspection::command_info(&names),
+        Command::CommandHelp => introspection::help("command").unwrap_or(Frame::NullArray),
+        Command::Info { sections } => {
+            Frame::Verbatim { format: *b"txt", text: info::info(shared, conn, &sections).await.into() }
+        }
+        Command::ReadOnly => {
+            // As in Redis Cluster: reads may come from any replica, and may be stale.
+            conn.consistency = ReadConsistency::Stale;
+            Frame::ok()
+        }
+        Command::ReadWrite => {
+            conn.consistency = ReadConsistency::Linearizable;
+            Frame::ok()
+        }
+        Command::Scan { cursor, pattern, count, type_name } => {
+            let start = match cursor {
+                0 => Vec::new(),
+                c => shared.cursors.get(c).ok_or(Failure::Redis(error::INVALID_CURSOR))?,
+            };
+            // Every Flotilla value is a string: another type matches nothing.
+            let strings = type_name.as_ref().is_none_or(|t| t.eq_ignore_ascii_case(b"string"));
+            let limit = usize::try_from(count.unwrap_or(SCAN_COUNT_DEFAULT)).unwrap_or(usize::MAX);
+            let page = router.scan_page(&start, limit, reads).await?;
+            let keys = page
+                .pairs
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| strings && pattern.as_ref().is_none_or(|p| glob::matches(p, k)))
+                .map(Frame::bulk)
+                .collect();
+            let next = page.next.map_or(0, |next| shared.cursors.save(next));
+            Frame::Array(vec![Frame::bulk(next.to_string()), Frame::Array(keys)])
+        }
+        data => run_data(shared, reads, data).await?,
+    })
+}
+
+/// Whether `command` touches exactly one key and nothing of the connection: the key. Such
+/// requests of one pipeline may run at once when their keys differ (see `connection.rs`).
+pub fn single_key(command: &Command) -> Option<&Bytes> {
+    match command {
+        Command::Get { key }
+        | Command::Set { key, .. }
+        | Command::SetNx { key, .. }
+        | Command::GetSet { key, .. }
+        | Command::GetDel { key }
+        | Command::Strlen { key }
+        | Command::Type { key }
+        | Command::Append { key, .. }
+        | Command::Incr { key }
+        | Command::Decr { key }
+        | Command::IncrBy { key, .. }
+        | Command::DecrBy { key, .. }
+        | Command::IncrByFloat { key, .. } => Some(key),
+        Command::Exists { keys } | Command::Del { keys } | Command::Unlink { keys } | Command::MGet { keys }
+            if keys.len() == 1 =>
+        {
+            keys.first()
+        }
+        _ => None,
+    }
+}
+
+/// Runs a data command (one that leaves the connection's state alone), reading with `reads`.
+pub async fn execute_data(shared: &Shared, reads: ReadConsistency, command: Command) -> Frame {
+    match run_data(shared, reads, command).await {
+        Ok(frame) => frame,
+        Err(e) => Frame::error(e.message()),
+    }
+}
+
+async fn run_data(shared: &Shared, reads: ReadConsistency, command: Command) -> Result<Frame, Failure> {
+    let router = &shared.router;
+    Ok(match command {
+        Command::Get { key } => value_frame(router.get(&key, reads).await?),
+        Command::Set { expiry: Some(_), .. } => return Err(Failure::Redis(NO_EXPIRY)),
+        Command::Set { key, value, condition: None, get: false, expiry: None } => {
+            router.put(&key, &value).await?;
+            Frame::ok()
+        }
+        Command::Set { key, value, condition, get, expiry: None } => {
+            let (previous, set) = swap(shared, &key, condition, |_| Ok(value.to_vec())).await?;
+            match (get, set) {
+                (true, _) => value_frame(previous),
+                (false, true) => Frame::ok(),
+                (false, false) => Frame::NullBulk,
+            }
+        }
+        Command::SetNx { key, value } => {
+            let (_, set) = swap(shared, &key, Some(SetCondition::IfMissing), |_| Ok(value.to_vec())).await?;
+            Frame::Integer(i64::from(set))
+        }
+        Command::GetSet { key, value } => value_frame(swap(shared, &key, None, |_| Ok(value.to_vec())).await?.0),
+        Command::GetDel { key } => value_frame(router.delete(&key).await?),
+        Command::Del { keys } | Command::Unlink { keys } => {
+            let mut removed = 0i64;
+            for key in &keys {
+                removed += i64::from(router.delete(key).await?.is_some());
+            }
+            Frame::Integer(removed)
+        }
+        Command::Exists { keys } => {
+            let reads = join_all(keys.iter().map(|key| router.get(key, reads)).collect()).await;
+            let mut found = 0i64;
+            for value in reads {
+                found += i64::from(value?.is_some());
+            }
+            Frame::Integer(found)
+        }
+        Command::Strlen { key } => {
+            let len = router.get(&key, reads).await?.map_or(0, |v| v.len());
+            Frame::Integer(i64::try_from(len).unwrap_or(i64::MAX))
+        }
+        Command::Type { key } => match router.get(&key, reads).await? {
+            Some(_) => Frame::simple("string"),
+            None => Frame::simple("none"),
+        },
+        Command::Append { key, value } => {
+            let len = value.len();
+            let previous = router.update(&key, UpdateOp::Append(value.to_vec())).await?;
+            Frame::Integer(i64::try_from(previous.map_or(0, |v| v.len()) + len).unwrap_or(i64::MAX))
+        }
+        ref
+        counter @ (Command::Incr { .. } | Command::Decr { .. } | Command::IncrBy { .. } | Command::DecrBy { .. }) => {
+            let Some((key, delta)) = counter.counter_delta() else {
+                return Err(Failure::Redis(error::INCREMENT_OVERFLOW));
+            };
+            let op = UpdateOp::AddInt(delta);
+            let previous = router.update(key, op.clone()).await?;
+            // The state machine applied `op` to `previous`; the same rule gives the reply.
+            let new = op.apply(previous.as_deref()).map_err(|e| Failure::Text(format!("ERR {e}")))?;
+            Frame::Integer(parse_i64(&new).ok_or(Failure::Redis(error::NOT_AN_INTEGER))?)
+        }
+        Command::IncrByFloat { key, delta } => {
+            let op = UpdateOp::AddFloat(delta.to_bits());
+            let previous = router.update(&key, op.clone()).await?;
+            let new = op.apply(previous.as_deref()).map_err(|e| Failure::Text(format!("ERR {e}")))?;
+            Frame::bulk(new)
+        }
+        Command::MGet { keys } => {
+            // Read at once: MGET's keys may live in different shards (each read linearizable,
+            // the whole not a snapshot).
+            let reads = join_all(keys.iter().map(|key| router.get(key, reads)).collect()).await;
+            Frame::Array(reads.into_iter().map(|v| v.map(value_frame)).collect::<Result<_, _>>()?)
+        }
+        Command::MSet { pairs } => {
+            // Key by key: not atomic across keys (they may live in different shards).
+            for (key, value) in &pairs {
+                router.put(key, value).await?;
+            }
+            Frame::ok()
+        }
+        Command::MSetNx { .. } => {
+            return Err(Failure::Redis(
+                "ERR MSETNX is not supported yet: its keys may live in different shards, and Flotilla has no \
+                 cross-shard transactions",
+            ))
+        }
+        Command::Keys { pattern } => {
+            let mut keys = Vec::new();
+            let mut start = Vec::new();
+            let (mut scanned, mut bytes) = (0usize, 0usize);
+            loop {
+                let page = router.scan_page(&start, KEYS_SCANNED_MAX - scanned, reads).await?;
+                scanned += page.pairs.len();
+                for (key, _) in page.pairs {
+                    if glob::matches(&pattern, &key) {
+                        bytes += key.len();
+                        keys.push(Frame::bulk(key));
+                    }
+                }
+                match page.next {
+                    None => break,
+                    Some(_) if scanned >= KEYS_SCANNED_MAX || bytes > KEYS_REPLY_BYTES_MAX => {
+                        return Err(Failure::Text(format!(
+                            "ERR KEYS looks at {KEYS_SCANNED_MAX} keys or answers {KEYS_REPLY_BYTES_MAX} bytes at most, and there are more: use SCAN"
+                        )))
+                    }
+                    Some(next) => start = next,
+                }
+            }
+            Frame::Array(keys)
+        }
+        Command::DbSize => {
+            return Err(Failure::Redis(
+                "ERR DBSIZE is not supported yet: Flotilla keeps no key count (SCAN counts them)",
+            ))
+        }
+        Command::FlushDb(_) | Command::FlushAll(_) => {
+            return Err(Failure::Redis("ERR FLUSHDB and FLUSHALL are not supported by Flotilla"))
+        }
+        other => {
+            return Err(Failure::Text(format!("ERR '{}' is not a data command", other.spec().name)));
+        }
+    })
+}
+
+/// A read-modify-write of one key by compare-and-swap: reads the value, computes the new one
+/// with `compute` (which may refuse), swaps it in if the value is still the one read, and
+/// starts again from the value a failed swap returns. `condition` (`SET`'s `NX`/`XX`) may
+/// decide not to write. Returns the value before and whether the new one was written.
+async fn swap(
+    shared: &Shared,
+    key: &[u8],
+    condition: Option<SetCondition>,
+    mut compute: impl FnMut(Option<&[u8]>) -> Result<Vec<u8>, Failure>,
+) -> Result<(Option<Vec<u8>>, bool), Failure> {
+    let router = &shared.router;
+    // NX needs no read: the swap's expectation is "absent".
+    let mut current = match condition {
+        Some(SetCondition::IfMissing) => None,
+        _ => router.get(key, ReadConsistency::Linearizable).await?,
+    };
+    for _ in 0..SWAP_ATTEMPTS_MAX {
+        match (condition, &current) {
+            (Some(SetCondition::IfMissing), Some(_)) | (Some(SetCondition::IfExists), None) => {
+                return Ok((current, false))
+            }
+            _ => {}
+        }
+        let new = compute(current.as_deref())?;
+        match router.cas(key, current.as_deref(), Some(&new)).await? {
+            Swap::Done => return Ok((current, true)),
+            Swap::Failed(now) => current = now,
+        }
+    }
+    Err(Failure::Text(format!(
+        "ERR the key changed under {SWAP_ATTEMPTS_MAX} attempts to update it (too much contention); nothing was changed"
+    )))
+}
