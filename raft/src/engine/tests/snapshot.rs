@@ -525,10 +525,9 @@ fn the_log_is_not_purged_under_a_load_in_flight() {
     assert_eq!(c.engine(3).applied(), c.engine(1).applied());
 }
 
-/// Runs a transfer of a `size`-chunk snapshot from leader 1 to node 3 over FIFO links with a
-/// one-way delay of 5 ms between 1 and 3; if `stall`, node 3's answers are held (not lost)
-/// for 100 ms once, 40 ms into the transfer. Returns the number of chunks sent to node 3.
-fn chunks_sent_for_a_transfer(size: u64, stall: bool) -> u64 {
+/// Leader 1 with 30 entries node 3 missed and purged behind it: node 3 needs a snapshot of
+/// `size` one-byte chunks (a window of 4), the links healed.
+fn node_3_needing_a_snapshot_of(size: u64) -> Cluster {
     let config = Config {
         snapshot_chunk_bytes: 1,
         snapshot_chunks_in_flight_max: 4,
@@ -546,6 +545,14 @@ fn chunks_sent_for_a_transfer(size: u64, stall: bool) -> u64 {
     }
     c.stabilize();
     c.cut.clear();
+    c
+}
+
+/// Runs a transfer of a `size`-chunk snapshot from leader 1 to node 3 over FIFO links with a
+/// one-way delay of 5 ms between 1 and 3; if `stall`, node 3's answers are held (not lost)
+/// for 100 ms once, 40 ms into the transfer. Returns the number of chunks sent to node 3.
+fn chunks_sent_for_a_transfer(size: u64, stall: bool) -> u64 {
+    let mut c = node_3_needing_a_snapshot_of(size);
 
     let delay = 5u64;
     let mut wire: BTreeMap<(NodeId, NodeId), std::collections::VecDeque<(Millis, Message)>> = BTreeMap::new();
@@ -656,23 +663,7 @@ fn followers_keep_what_their_leader_keeps_so_the_next_leader_catches_a_lagging_f
 
 #[test]
 fn a_receiver_whose_disk_stalls_holds_no_more_than_the_window_unstored() {
-    let config = Config {
-        snapshot_chunk_bytes: 1,
-        snapshot_chunks_in_flight_max: 4,
-        log_keep_entries: 0,
-        log_lag_entries_max: 0,
-        log_purge_step_entries: 1,
-        ..cfg()
-    };
-    let mut c = Cluster::with_leader(&[1, 2, 3], config);
-    c.node(1).snapshot_size = 400;
-    c.cut.insert((n(1), n(3)));
-    c.settle(25);
-    for i in 0..30 {
-        c.propose(1, &format!("v{i}"));
-    }
-    c.stabilize();
-    c.cut.clear();
+    let mut c = node_3_needing_a_snapshot_of(400);
     // Node 3 takes chunks into its queue but its disk never reports one stored.
     let mut taken_unstored = 0u64;
     for _ in 0..2000 {
