@@ -355,3 +355,52 @@ async fn redis_cli_against_a_three_node_cluster() {
         "{metrics}"
     );
 }
+
+/// A one-node cluster with the front door on node 1; its address.
+async fn one_node_front_door() -> (Cluster, SocketAddr) {
+    let cluster = Cluster::start_with(1, &[1], &[1], flotilla::meta::dev_split_keys(2), |cfg| {
+        let mut resp = RespConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+        resp.plaintext_loopback = true;
+        cfg.resp = Some(resp);
+    })
+    .await;
+    let _client = cluster.client().await;
+    let addr = cluster.node(1).resp_addr().expect("front door");
+    (cluster, addr)
+}
+
+/// A web page can make a browser POST to a loopback port without asking first; the body's
+/// lines must not run as commands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_http_post_from_a_browser_runs_no_command() {
+    let (_cluster, addr) = one_node_front_door().await;
+    let http = b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\nContent-Length: 22\r\n\
+                 Origin: http://evil.example\r\n\r\nSET pwned by-a-browser\r\n";
+    let got = tokio::task::spawn_blocking(move || raw(addr, http)).await.expect("task");
+    assert!(got.is_empty(), "answered: {}", String::from_utf8_lossy(&got));
+    let check = tokio::task::spawn_blocking(move || raw(addr, b"GET pwned\r\n")).await.expect("task");
+    assert_eq!(check, b"$-1\r\n", "the POST body ran: {}", String::from_utf8_lossy(&check));
+}
+
+/// MGET holds its whole reply before sending it: past a bound it is refused, not built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_mget_whose_reply_would_pass_the_bound_is_refused() {
+    let (_cluster, addr) = one_node_front_door().await;
+    let value = "v".repeat(64 << 10);
+    let set = format!("*3\r\n$3\r\nSET\r\n$1\r\nk\r\n${}\r\n{value}\r\n", value.len());
+    let stored = tokio::task::spawn_blocking(move || raw(addr, set.as_bytes())).await.expect("task");
+    assert_eq!(stored, b"+OK\r\n");
+    // 1,100 copies of a 64 KiB value: past the 64 MiB bound.
+    let n = 1_100;
+    let mut req = format!("*{}\r\n$4\r\nMGET\r\n", n + 1);
+    for _ in 0..n {
+        req.push_str("$1\r\nk\r\n");
+    }
+    let got = tokio::task::spawn_blocking(move || raw(addr, req.as_bytes())).await.expect("task");
+    assert!(
+        got.starts_with(b"-ERR MGET answers"),
+        "{} bytes: {:?}",
+        got.len(),
+        String::from_utf8_lossy(&got[..got.len().min(80)])
+    );
+}

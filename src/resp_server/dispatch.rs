@@ -24,6 +24,11 @@ use std::time::Instant;
 const SWAP_ATTEMPTS_MAX: usize = 64;
 /// Keys `SCAN` looks at per call when the client gives no `COUNT` (Redis's default).
 const SCAN_COUNT_DEFAULT: u64 = 10;
+/// Keys of one MGET or EXISTS read at once.
+pub const MULTI_KEY_READS_AT_ONCE: usize = 32;
+/// Most bytes of values one MGET answers with (the reply is held whole before it is sent).
+pub const MGET_REPLY_BYTES_MAX: usize = 64 << 20;
+
 /// Most keys `KEYS` looks at: past it the client is told to use `SCAN`.
 pub const KEYS_SCANNED_MAX: usize = 100_000;
 /// Most bytes of keys `KEYS` answers with (the reply is held whole before it is sent).
@@ -256,10 +261,11 @@ async fn run_data(shared: &Shared, reads: ReadConsistency, command: Command) -> 
             Frame::Integer(removed)
         }
         Command::Exists { keys } => {
-            let reads = join_all(keys.iter().map(|key| router.get(key, reads)).collect()).await;
             let mut found = 0i64;
-            for value in reads {
-                found += i64::from(value?.is_some());
+            for batch in keys.chunks(MULTI_KEY_READS_AT_ONCE) {
+                for value in join_all(batch.iter().map(|key| router.get(key, reads)).collect()).await {
+                    found += i64::from(value?.is_some());
+                }
             }
             Frame::Integer(found)
         }
@@ -294,10 +300,23 @@ async fn run_data(shared: &Shared, reads: ReadConsistency, command: Command) -> 
             Frame::bulk(new)
         }
         Command::MGet { keys } => {
-            // Read at once: MGET's keys may live in different shards (each read linearizable,
-            // the whole not a snapshot).
-            let reads = join_all(keys.iter().map(|key| router.get(key, reads)).collect()).await;
-            Frame::Array(reads.into_iter().map(|v| v.map(value_frame)).collect::<Result<_, _>>()?)
+            // A few at once: MGET's keys may live in different shards (each read linearizable,
+            // the whole not a snapshot). The reply is held whole, so its size is bounded.
+            let mut values = Vec::with_capacity(keys.len().min(MULTI_KEY_READS_AT_ONCE));
+            let mut bytes = 0usize;
+            for batch in keys.chunks(MULTI_KEY_READS_AT_ONCE) {
+                for value in join_all(batch.iter().map(|key| router.get(key, reads)).collect()).await {
+                    let value = value?;
+                    bytes += value.as_ref().map_or(0, |v| v.len());
+                    if bytes > MGET_REPLY_BYTES_MAX {
+                        return Err(Failure::Text(format!(
+                            "ERR MGET answers {MGET_REPLY_BYTES_MAX} bytes of values at most: ask for fewer keys"
+                        )));
+                    }
+                    values.push(value_frame(value));
+                }
+            }
+            Frame::Array(values)
         }
         Command::MSet { pairs } => {
             // Key by key: not atomic across keys (they may live in different shards).
