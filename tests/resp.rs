@@ -404,3 +404,22 @@ async fn an_mget_whose_reply_would_pass_the_bound_is_refused() {
         String::from_utf8_lossy(&got[..got.len().min(80)])
     );
 }
+
+/// MSET and DEL check every key (and value) before changing any: a bad one later in the
+/// command leaves nothing half done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_mset_with_a_bad_key_later_changes_nothing() {
+    let (_cluster, addr) = one_node_front_door().await;
+    let mset = b"*5\r\n$4\r\nMSET\r\n$5\r\nfirst\r\n$1\r\n1\r\n$4\r\n\x00bad\r\n$1\r\n2\r\n";
+    let got = tokio::task::spawn_blocking(move || raw(addr, mset)).await.expect("task");
+    assert!(got.starts_with(b"-ERR"), "{:?}", String::from_utf8_lossy(&got));
+    let check = tokio::task::spawn_blocking(move || raw(addr, b"GET first\r\n")).await.expect("task");
+    assert_eq!(check, b"$-1\r\n", "the pair before the bad key was written");
+    let set = tokio::task::spawn_blocking(move || raw(addr, b"SET first 1\r\n")).await.expect("task");
+    assert_eq!(set, b"+OK\r\n");
+    let del = b"*3\r\n$3\r\nDEL\r\n$5\r\nfirst\r\n$4\r\n\x00bad\r\n";
+    let got = tokio::task::spawn_blocking(move || raw(addr, del)).await.expect("task");
+    assert!(got.starts_with(b"-ERR"), "{:?}", String::from_utf8_lossy(&got));
+    let check = tokio::task::spawn_blocking(move || raw(addr, b"GET first\r\n")).await.expect("task");
+    assert_eq!(check, b"$1\r\n1\r\n", "the key before the bad one was deleted");
+}

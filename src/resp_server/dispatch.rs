@@ -12,7 +12,7 @@ use super::connection::{join_all, Shared};
 use super::glob;
 use super::info;
 use super::router::{RouteError, Swap};
-use crate::wire::{ReadConsistency, UpdateOp};
+use crate::wire::{check_user_key, check_value, ReadConsistency, UpdateOp};
 use bytes::Bytes;
 use flotilla_resp::command::SetCondition;
 use flotilla_resp::number::parse_i64;
@@ -254,6 +254,11 @@ async fn run_data(shared: &Shared, reads: ReadConsistency, command: Command) -> 
         Command::GetSet { key, value } => value_frame(swap(shared, &key, None, |_| Ok(value.to_vec())).await?.0),
         Command::GetDel { key } => value_frame(router.delete(&key).await?),
         Command::Del { keys } | Command::Unlink { keys } => {
+            // Every key checked before any is deleted: a bad one later must not leave the
+            // command half done.
+            for key in &keys {
+                check_user_key(key).map_err(|e| Failure::Route(RouteError::Invalid(e)))?;
+            }
             let mut removed = 0i64;
             for key in &keys {
                 removed += i64::from(router.delete(key).await?.is_some());
@@ -319,7 +324,13 @@ async fn run_data(shared: &Shared, reads: ReadConsistency, command: Command) -> 
             Frame::Array(values)
         }
         Command::MSet { pairs } => {
-            // Key by key: not atomic across keys (they may live in different shards).
+            // Key by key: not atomic across keys (they may live in different shards). Every
+            // pair is checked first, so a bad one later does not leave the command half done.
+            for (key, value) in &pairs {
+                check_user_key(key)
+                    .and_then(|_| check_value(value))
+                    .map_err(|e| Failure::Route(RouteError::Invalid(e)))?;
+            }
             for (key, value) in &pairs {
                 router.put(key, value).await?;
             }
