@@ -423,3 +423,20 @@ async fn an_mset_with_a_bad_key_later_changes_nothing() {
     let check = tokio::task::spawn_blocking(move || raw(addr, b"GET first\r\n")).await.expect("task");
     assert_eq!(check, b"$1\r\n1\r\n", "the key before the bad one was deleted");
 }
+
+/// A client that sends its whole pipeline before reading any reply (redis-py's `execute`)
+/// is answered, though both the requests and the replies pass the socket buffers long before
+/// it reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pipeline_sent_whole_before_any_reply_is_read_is_answered() {
+    let (_cluster, addr) = one_node_front_door().await;
+    // 2,000 ECHOs of 8 KiB: 16 MiB each way.
+    let (n, payload) = (2_000, "e".repeat(8 << 10));
+    let one = format!("*2\r\n$4\r\nECHO\r\n${}\r\n{payload}\r\n", payload.len());
+    let pipeline = one.repeat(n);
+    let started = Instant::now();
+    let got = tokio::task::spawn_blocking(move || raw(addr, pipeline.as_bytes())).await.expect("task");
+    let reply = format!("${}\r\n{payload}\r\n", payload.len());
+    assert_eq!(got.len(), n * reply.len(), "replies after {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+}

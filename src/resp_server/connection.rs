@@ -3,7 +3,7 @@
 //! together, then read again. A connection's requests run in the order sent, one at a time
 //! ([`Group`] says why). Buffers are bounded: the parser refuses a request larger than
 //! its limits before buffering it, and replies are written out whenever they pass
-//! [`OUT_FLUSH_BYTES`]. A protocol error is answered and the connection closed; a client that
+//! [`OUT_FLUSH_BYTES`], reading on while they go out ([`write_reading`]). A protocol error is answered and the connection closed; a client that
 //! stops reading its replies is dropped after [`WRITE_TIMEOUT`]; a client that half-closes gets
 //! the replies to everything it sent, then the connection closes.
 
@@ -34,6 +34,11 @@ const READ_CHUNK: usize = 16 << 10;
 /// Most pipelined requests run at once on one connection. Their replies are held until all
 /// are done, so this bounds the output buffer too (at most this many values of 1 MiB).
 pub const GROUP_MAX: usize = 32;
+/// Bytes of requests read ahead while replies are being written, at most: a pipeline sent
+/// whole before its replies are read fits if its requests do (Redis, which buffers replies
+/// without bound for such clients, has no such limit; a larger pipeline is dropped after
+/// [`WRITE_TIMEOUT`]).
+const INPUT_AHEAD_MAX: usize = 32 << 20;
 /// Read room reserved ahead for a large bulk string whose length is known, at most.
 const RESERVE_MAX: usize = 1 << 20;
 
@@ -105,7 +110,7 @@ pub async fn serve(
                     if group.len() >= GROUP_MAX {
                         group.run(shared, &mut conn, &mut out).await;
                         if out.len() >= OUT_FLUSH_BYTES {
-                            write(&mut sock, &mut out).await?;
+                            write_reading(&mut sock, &mut out, &mut input).await?;
                         }
                     }
                     continue;
@@ -124,11 +129,16 @@ pub async fn serve(
                 return Ok(());
             }
             if out.len() >= OUT_FLUSH_BYTES {
-                write(&mut sock, &mut out).await?;
+                write_reading(&mut sock, &mut out, &mut input).await?;
             }
         }
         group.run(shared, &mut conn, &mut out).await;
-        write(&mut sock, &mut out).await?;
+        let before = input.len();
+        write_reading(&mut sock, &mut out, &mut input).await?;
+        if input.len() > before {
+            // More requests arrived while the replies went out: parse them before waiting.
+            continue;
+        }
         let want = parser.bytes_missing(&input).clamp(READ_CHUNK, RESERVE_MAX);
         input.reserve(want);
         let n = tokio::select! {
@@ -224,6 +234,48 @@ pub async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
     })
     .await;
     outputs.into_iter().flatten().collect()
+}
+
+/// Writes `out` while reading what the client sends on into `input` (up to
+/// [`INPUT_AHEAD_MAX`] bytes). A client may send a whole pipeline before it reads a reply
+/// (redis-py's `execute`, Jedis's `sync`): not reading meanwhile would leave both sides
+/// blocked on full socket buffers until the write timeout drops the client.
+async fn write_reading(sock: &mut TcpStream, out: &mut BytesMut, input: &mut BytesMut) -> std::io::Result<()> {
+    let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+    let (mut written, mut closed) = (0, false);
+    while written < out.len() {
+        let room = !closed && input.len() < INPUT_AHEAD_MAX;
+        let ready = tokio::time::timeout_at(
+            deadline,
+            sock.ready(if room {
+                tokio::io::Interest::WRITABLE | tokio::io::Interest::READABLE
+            } else {
+                tokio::io::Interest::WRITABLE
+            }),
+        )
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "the client does not read its replies"))??;
+        if ready.is_writable() {
+            match sock.try_write(&out[written..]) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if room && ready.is_readable() {
+            input.reserve(READ_CHUNK);
+            match sock.try_read_buf(input) {
+                // The client closed its side: what it sent is answered after this write, and
+                // the main loop sees the end of its input.
+                Ok(0) => closed = true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    out.clear();
+    Ok(())
 }
 
 async fn write(sock: &mut TcpStream, out: &mut BytesMut) -> std::io::Result<()> {
