@@ -1,9 +1,9 @@
 //! One connection, served by one task: read what the client sends into one buffer, take every
-//! complete request off it and answer each in order (pipelining), write the replies of a batch
-//! together, then read again. A connection's requests run in the order sent, one at a time
-//! ([`Group`] says why). Buffers are bounded: the parser refuses a request larger than
-//! its limits before buffering it, and replies are written out whenever they pass
-//! [`OUT_FLUSH_BYTES`], reading on while they go out ([`write_reading`]). A protocol error is answered and the connection closed; a client that
+//! complete request off it and run and answer each in the order sent, one at a time
+//! (pipelining), write the replies of a batch together, then read again. Buffers are bounded:
+//! the parser refuses a request larger than its limits before buffering it, and replies are
+//! written out whenever they pass [`OUT_FLUSH_BYTES`], reading on while they go out
+//! ([`write_reading`]). A protocol error is answered and the connection closed; a client that
 //! stops reading its replies is dropped after [`WRITE_TIMEOUT`]; a client that half-closes gets
 //! the replies to everything it sent, then the connection closes.
 
@@ -11,15 +11,11 @@ use super::cursors::Cursors;
 use super::dispatch::{self, Conn};
 use super::metrics::RespMetrics;
 use super::router::Router;
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use flotilla_resp::{table, Command, Frame, Limits, Parser};
-use std::collections::HashSet;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -31,9 +27,6 @@ pub const OUT_FLUSH_BYTES: usize = 64 << 10;
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// What one read asks for at least.
 const READ_CHUNK: usize = 16 << 10;
-/// Most pipelined requests run at once on one connection. Their replies are held until all
-/// are done, so this bounds the output buffer too (at most this many values of 1 MiB).
-pub const GROUP_MAX: usize = 32;
 /// Bytes of requests read ahead while replies are being written, at most: a pipeline sent
 /// whole before its replies are read fits if its requests do (Redis, which buffers replies
 /// without bound for such clients, has no such limit; a larger pipeline is dropped after
@@ -67,15 +60,12 @@ pub async fn serve(
     let mut parser = Parser::new(shared.limits.clone());
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let mut out = BytesMut::with_capacity(READ_CHUNK);
-    let mut group = Group::default();
     loop {
         loop {
             let args = match parser.parse(&mut input) {
                 Ok(Some(args)) => args,
                 Ok(None) => break,
                 Err(e) => {
-                    // What came before the broken request is answered first.
-                    group.run(shared, &mut conn, &mut out).await;
                     shared.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
                     e.to_frame().encode(conn.protocol, &mut out);
                     write(&mut sock, &mut out).await?;
@@ -93,34 +83,22 @@ pub async fn serve(
             let name = args.first().and_then(|n| table::spec(n)).map_or("unknown", |s| s.name);
             let parsed = Instant::now();
             if let Some(reply) = dispatch::refused(&args) {
-                group.run(shared, &mut conn, &mut out).await;
                 answer(shared, &mut conn, &mut out, name, reply, parsed);
                 continue;
             }
             let command = match Command::parse(&args) {
                 Ok(command) => command,
                 Err(e) => {
-                    group.run(shared, &mut conn, &mut out).await;
                     answer(shared, &mut conn, &mut out, name, e.to_frame(), parsed);
                     continue;
                 }
             };
-            let command = match group.offer(name, command, parsed) {
-                None => {
-                    if group.len() >= GROUP_MAX {
-                        group.run(shared, &mut conn, &mut out).await;
-                        if out.len() >= OUT_FLUSH_BYTES {
-                            write_reading(&mut sock, &mut out, &mut input).await?;
-                        }
-                    }
-                    continue;
-                }
-                Some(command) => command,
-            };
-            // Not one to run alongside the group: the group first, then this one alone, then
-            // maybe a new group from it.
-            group.run(shared, &mut conn, &mut out).await;
-            let Some(command) = group.offer(name, command, parsed) else { continue };
+            // One at a time, in the order sent: Redis runs a connection's commands in order,
+            // and clients count on it across keys (write the data, then the flag that points
+            // to it; read the flag, then the data). Running requests on different keys at once
+            // could let them take effect, or be read, out of that order; keeping the order
+            // while pipelining across shards needs each shard's requests proposed in order,
+            // which is not built yet.
             let (reply, close) = dispatch::execute(shared, &mut conn, command).await;
             answer(shared, &mut conn, &mut out, name, reply, parsed);
             if close {
@@ -132,7 +110,6 @@ pub async fn serve(
                 write_reading(&mut sock, &mut out, &mut input).await?;
             }
         }
-        group.run(shared, &mut conn, &mut out).await;
         let before = input.len();
         write_reading(&mut sock, &mut out, &mut input).await?;
         if input.len() > before {
@@ -157,83 +134,6 @@ fn answer(shared: &Shared, conn: &mut Conn, out: &mut BytesMut, name: &'static s
     conn.last_command = name;
     shared.metrics.count(name, matches!(reply, Frame::Error(_)), since.elapsed());
     reply.encode(conn.protocol, out);
-}
-
-/// Pipelined requests that may run at once: each touches one key and nothing of the
-/// connection, and no two touch the same key. Requests of one pipeline were all sent before
-/// any reply, so running them in any order is linearizable; requests on the same key keep
-/// their order (a `SET k` then `GET k` sees the write), and anything else waits for the group
-/// and runs alone. Replies go out in the order of the requests.
-#[derive(Default)]
-struct Group {
-    commands: Vec<(&'static str, Command, Instant)>,
-    keys: HashSet<Bytes>,
-}
-
-impl Group {
-    fn len(&self) -> usize {
-        self.commands.len()
-    }
-
-    /// Takes `command` into the group if it may join; gives it back otherwise.
-    ///
-    /// For now a group holds one request: Redis runs a connection's commands in order, and
-    /// clients count on it across keys (write the data, then the flag that points to it; read
-    /// the flag, then the data). Requests on different keys run at once could take effect, or
-    /// be read, out of that order. Keeping the order while pipelining across shards needs
-    /// each shard's requests proposed in order, which is not built yet.
-    fn offer(&mut self, name: &'static str, command: Command, parsed: Instant) -> Option<Command> {
-        if !self.commands.is_empty() {
-            return Some(command);
-        }
-        match dispatch::single_key(&command) {
-            Some(key) if !self.keys.contains(key) => {
-                self.keys.insert(key.clone());
-                self.commands.push((name, command, parsed));
-                None
-            }
-            _ => Some(command),
-        }
-    }
-
-    /// Runs the group's requests at once and appends their replies in order.
-    async fn run(&mut self, shared: &Shared, conn: &mut Conn, out: &mut BytesMut) {
-        self.keys.clear();
-        let commands = std::mem::take(&mut self.commands);
-        let reads = conn.consistency;
-        let names: Vec<(&'static str, Instant)> = commands.iter().map(|(name, _, parsed)| (*name, *parsed)).collect();
-        let replies = join_all(
-            commands.into_iter().map(|(_, command, _)| dispatch::execute_data(shared, reads, command)).collect(),
-        )
-        .await;
-        for ((name, parsed), reply) in names.into_iter().zip(replies) {
-            answer(shared, conn, out, name, reply, parsed);
-        }
-    }
-}
-
-/// Runs `futures` together on this task; their outputs in order.
-pub async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
-    let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
-    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
-            if output.is_none() {
-                match future.as_mut().poll(cx) {
-                    Poll::Ready(v) => *output = Some(v),
-                    Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    })
-    .await;
-    outputs.into_iter().flatten().collect()
 }
 
 /// Writes `out` while reading what the client sends on into `input` (up to

@@ -8,7 +8,7 @@
 //! value is still the one read, otherwise again from the value the failed swap returns), which
 //! are atomic too but retry under contention on one key.
 
-use super::connection::{join_all, Shared};
+use super::connection::Shared;
 use super::glob;
 use super::info;
 use super::router::{RouteError, Swap};
@@ -17,7 +17,10 @@ use bytes::Bytes;
 use flotilla_resp::command::SetCondition;
 use flotilla_resp::number::parse_i64;
 use flotilla_resp::{error, introspection, Command, Frame, Protocol};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Instant;
 
 /// Swaps tried before a read-modify-write gives up under contention.
@@ -194,40 +197,6 @@ async fn run(shared: &Shared, conn: &mut Conn, command: Command) -> Result<Frame
         }
         data => run_data(shared, reads, data).await?,
     })
-}
-
-/// Whether `command` touches exactly one key and nothing of the connection: the key. Such
-/// requests of one pipeline may run at once when their keys differ (see `connection.rs`).
-pub fn single_key(command: &Command) -> Option<&Bytes> {
-    match command {
-        Command::Get { key }
-        | Command::Set { key, .. }
-        | Command::SetNx { key, .. }
-        | Command::GetSet { key, .. }
-        | Command::GetDel { key }
-        | Command::Strlen { key }
-        | Command::Type { key }
-        | Command::Append { key, .. }
-        | Command::Incr { key }
-        | Command::Decr { key }
-        | Command::IncrBy { key, .. }
-        | Command::DecrBy { key, .. }
-        | Command::IncrByFloat { key, .. } => Some(key),
-        Command::Exists { keys } | Command::Del { keys } | Command::Unlink { keys } | Command::MGet { keys }
-            if keys.len() == 1 =>
-        {
-            keys.first()
-        }
-        _ => None,
-    }
-}
-
-/// Runs a data command (one that leaves the connection's state alone), reading with `reads`.
-pub async fn execute_data(shared: &Shared, reads: ReadConsistency, command: Command) -> Frame {
-    match run_data(shared, reads, command).await {
-        Ok(frame) => frame,
-        Err(e) => Frame::error(e.message()),
-    }
 }
 
 async fn run_data(shared: &Shared, reads: ReadConsistency, command: Command) -> Result<Frame, Failure> {
@@ -413,4 +382,28 @@ async fn swap(
     Err(Failure::Text(format!(
         "ERR the key changed under {SWAP_ATTEMPTS_MAX} attempts to update it (too much contention); nothing was changed"
     )))
+}
+
+/// Runs `futures` together on this task; their outputs in order.
+async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(v) => *output = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
 }

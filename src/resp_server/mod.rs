@@ -4,9 +4,9 @@
 //! the `flotilla-resp` crate; this module owns the sockets and the meaning of each command.
 //!
 //! - `listener.rs`: the accept loop, the connection limit, the plaintext-on-loopback rule.
-//! - `connection.rs`: one task per connection: pipelined requests answered in order (those on
-//!   distinct single keys run at once), bounded buffers, replies written in batches, a protocol
-//!   error answered and the connection closed.
+//! - `connection.rs`: one task per connection: pipelined requests run and answered in the
+//!   order sent, bounded buffers, replies written in batches, a protocol error answered and the
+//!   connection closed.
 //! - `dispatch.rs`: what each command does, in terms of gets, puts, deletes, compare-and-swaps
 //!   and scans.
 //! - `router.rs`: every key goes through the node's own client path (the shard map, the
