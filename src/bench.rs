@@ -8,6 +8,7 @@
 
 use crate::{Client, ClientConfig, ClientError};
 use serde::Serialize;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -103,6 +104,58 @@ pub struct BenchReport {
     pub start_unix_s: f64,
     /// One row per `timeline_ms` interval (empty without it).
     pub timeline: Vec<TimelineRow>,
+    /// What each server did during the run, from its metrics page (nodes whose page could not
+    /// be read are left out; empty when no node has a metrics address).
+    pub servers: Vec<ServerFigures>,
+}
+
+/// One server's work during a run: the difference of its metrics page before and after.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ServerFigures {
+    /// The node.
+    pub node: u64,
+    /// Client requests it served per second.
+    pub requests_per_s: f64,
+    /// Store write batches (group commits) per second.
+    pub write_batches_per_s: f64,
+    /// fsyncs per second.
+    pub fsyncs_per_s: f64,
+    /// Groups' log appends per fsync: how many shards one fsync made durable (0 without fsyncs).
+    pub appends_per_fsync: f64,
+}
+
+impl ServerFigures {
+    /// The figures of `node` from its page's samples before and after `elapsed_s` seconds.
+    pub fn between(node: u64, before: &HashMap<String, f64>, after: &HashMap<String, f64>, elapsed_s: f64) -> Self {
+        let delta =
+            |name: &str| (after.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0)).max(0.0);
+        let per_s = |name: &str| delta(name) / elapsed_s.max(1e-9);
+        let syncs = delta("flotilla_store_syncs_total");
+        ServerFigures {
+            node,
+            requests_per_s: per_s("flotilla_requests_total"),
+            write_batches_per_s: per_s("flotilla_store_write_batches_total"),
+            fsyncs_per_s: per_s("flotilla_store_syncs_total"),
+            appends_per_fsync: if syncs > 0.0 { delta("flotilla_host_log_appends_total") / syncs } else { 0.0 },
+        }
+    }
+}
+
+/// How long a metrics page may take to read.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Each node's metrics samples now; nodes whose page cannot be read are skipped.
+async fn scrape_all(metrics: &[(u64, String)]) -> HashMap<u64, HashMap<String, f64>> {
+    let mut out = HashMap::new();
+    for (node, addr) in metrics {
+        match crate::metrics_scrape::fetch(addr, SCRAPE_TIMEOUT).await {
+            Ok(page) => {
+                out.insert(*node, crate::metrics_scrape::samples(&page));
+            }
+            Err(e) => tracing::warn!(node, error = %e, "cannot read the metrics page; no server figures for it"),
+        }
+    }
+    out
 }
 
 /// The value percentile `p` of sorted latencies in microseconds, in milliseconds.
@@ -177,9 +230,12 @@ pub struct Progress {
 }
 
 /// Runs the benchmark with clients made from `client_config`; `progress` is updated live.
+/// `metrics` names each node's metrics address (`host:port`), read before and after the run
+/// for the report's server figures.
 pub async fn run(
     client_config: ClientConfig,
     cfg: BenchConfig,
+    metrics: &[(u64, String)],
     progress: Arc<Progress>,
 ) -> Result<BenchReport, ClientError> {
     let n_clients = cfg.clients.div_ceil(WORKERS_PER_CLIENT).max(1);
@@ -187,6 +243,7 @@ pub async fn run(
     for _ in 0..n_clients {
         clients.push(Arc::new(Client::connect(client_config.clone()).await?));
     }
+    let before = scrape_all(metrics).await;
     let stop = Arc::new(AtomicBool::new(false));
     let issued = Arc::new(AtomicU64::new(0));
     let unknown = Arc::new(AtomicU64::new(0));
@@ -267,6 +324,12 @@ pub async fn run(
     }
     stop.store(true, Ordering::Relaxed);
     let elapsed = start.elapsed().as_secs_f64();
+    let after = scrape_all(metrics).await;
+    let mut servers: Vec<ServerFigures> = before
+        .iter()
+        .filter_map(|(node, b)| after.get(node).map(|a| ServerFigures::between(*node, b, a, elapsed)))
+        .collect();
+    servers.sort_by_key(|f| f.node);
     for c in &clients {
         c.close().await;
     }
@@ -296,12 +359,32 @@ pub async fn run(
         max_ms: all.last().map(|v| f64::from(*v) / 1000.0).unwrap_or(0.0),
         start_unix_s,
         timeline,
+        servers,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_figures_are_the_difference_over_the_run() {
+        let page = |requests: f64, syncs: f64, appends: f64| {
+            HashMap::from([
+                ("flotilla_requests_total".to_string(), requests),
+                ("flotilla_store_syncs_total".to_string(), syncs),
+                ("flotilla_store_write_batches_total".to_string(), syncs * 2.0),
+                ("flotilla_host_log_appends_total".to_string(), appends),
+            ])
+        };
+        let f = ServerFigures::between(2, &page(100.0, 10.0, 30.0), &page(2_100.0, 210.0, 830.0), 2.0);
+        assert_eq!(f.node, 2);
+        assert_eq!((f.requests_per_s, f.fsyncs_per_s, f.write_batches_per_s), (1_000.0, 100.0, 200.0));
+        assert_eq!(f.appends_per_fsync, 4.0);
+        // A node that did no fsync (a restarted counter reads as none) divides by nothing.
+        let idle = ServerFigures::between(3, &page(5.0, 9.0, 9.0), &page(5.0, 3.0, 9.0), 1.0);
+        assert_eq!((idle.fsyncs_per_s, idle.appends_per_fsync), (0.0, 0.0));
+    }
 
     #[test]
     fn keys_are_distinct_and_spread() {

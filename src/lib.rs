@@ -60,6 +60,7 @@ pub mod config;
 pub mod dev_cluster;
 pub mod http;
 pub mod meta;
+pub mod metrics_scrape;
 pub mod net;
 pub mod node;
 pub mod peer_wire;

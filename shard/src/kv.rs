@@ -505,6 +505,12 @@ impl KvStateMachine {
         if !self.range().contains(&key) {
             return Err(StorageError::new("get", format!("key outside shard {} range", self.group)));
         }
+        // Most reads are answered by the memtables or the block cache: here, on the caller's
+        // thread. A hand-off to the blocking pool and back costs two thread wake-ups, several
+        // times the read itself; only a read that needs the disk pays for it.
+        if let Some(v) = self.store.get_in_memory(CF_DATA, &key)? {
+            return Ok(v);
+        }
         self.store
             .blocking(move |s| s.db().get_cf(s.cf(CF_DATA)?, &key).map_err(|e| StorageError::new("get", e.to_string())))
             .await

@@ -13,7 +13,10 @@ use crate::store_metrics::{ProcessUsage, StoreIo, StoreMemory, StoreMetrics};
 use crate::store_options::{tuned, MemoryPlan, StoreOptions, STORE_COLUMN_FAMILIES};
 use flotilla_raft::{GroupId, StorageError};
 use rocksdb::statistics::Ticker;
-use rocksdb::{properties, Cache, ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    properties, Cache, ColumnFamily, ColumnFamilyDescriptor, Options, ReadOptions, ReadTier, WriteBatch, WriteOptions,
+    DB,
+};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -256,6 +259,19 @@ impl Store {
     /// A column family handle.
     pub fn cf(&self, name: &str) -> Result<&ColumnFamily, StorageError> {
         self.inner.db.cf_handle(name).ok_or_else(|| StorageError::new("open", format!("column family {name} missing")))
+    }
+
+    /// Reads `key` of column family `cf` if the memtables and the block cache can answer
+    /// without the disk; `Ok(None)` when the read would have to go to the disk (call it from
+    /// async code: it never waits for I/O).
+    pub fn get_in_memory(&self, cf: &str, key: &[u8]) -> Result<Option<Option<Vec<u8>>>, StorageError> {
+        let mut ro = ReadOptions::default();
+        ro.set_read_tier(ReadTier::BlockCache);
+        match self.inner.db.get_cf_opt(self.cf(cf)?, key, &ro) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => Ok(None),
+            Err(e) => Err(StorageError::new("get", e.to_string())),
+        }
     }
 
     /// Writer counters.

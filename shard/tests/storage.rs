@@ -511,3 +511,21 @@ async fn a_split_leaves_alone_a_replica_of_the_new_group_already_on_the_node() {
     let vote = RocksLog::new(store.clone(), GroupId(2)).read_vote().await.expect("read");
     assert_eq!(vote, Some(voted), "the replica's vote survives the split");
 }
+
+#[tokio::test]
+async fn a_read_the_caches_cannot_answer_goes_to_the_disk_and_finds_the_value() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    store.write(vec![Op::Put(CF_DATA, b"k".to_vec(), b"v".to_vec())], true).await.expect("write");
+    // In the memtable: answered from memory.
+    assert_eq!(store.get_in_memory(CF_DATA, b"k").expect("read"), Some(Some(b"v".to_vec())));
+    assert_eq!(store.get_in_memory(CF_DATA, b"absent").expect("read"), Some(None));
+    // Flushed to a table file whose blocks no read has cached yet: memory cannot answer.
+    let cf = store.cf(CF_DATA).expect("cf");
+    store.db().flush_cf(cf).expect("flush");
+    assert_eq!(store.get_in_memory(CF_DATA, b"k").expect("read"), None, "a flushed, uncached value needs the disk");
+    // The state machine's read falls back to the disk, and its read fills the cache.
+    let sm = KvStateMachine::new(store.clone(), GroupId(1), KeyRange::all());
+    assert_eq!(sm.get(b"k".to_vec()).await.expect("get"), Some(b"v".to_vec()));
+    assert_eq!(store.get_in_memory(CF_DATA, b"k").expect("read"), Some(Some(b"v".to_vec())));
+}

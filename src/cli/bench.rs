@@ -42,6 +42,13 @@ pub struct BenchArgs {
     timeline: Option<f64>,
 }
 
+/// The metrics address of each node the cluster file gives one.
+fn metrics_addrs(conn: &Conn) -> Result<Vec<(u64, String)>> {
+    let path = conn.cluster.clone().unwrap_or_else(flotilla::cluster::default_cluster_file);
+    let file = flotilla::cluster::ClusterFile::load(&path).map_err(|e| anyhow!(e))?;
+    Ok(file.nodes.iter().filter_map(|n| n.metrics.clone().map(|m| (n.id.0, m))).collect())
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum WorkloadArg {
     Put,
@@ -81,6 +88,7 @@ pub async fn run(a: BenchArgs) -> Result<i32> {
         timeline_ms: a.timeline.map(|t| (t * 1000.0).round() as u32),
     };
     let ccfg = client_config(&a.conn)?;
+    let metrics = metrics_addrs(&a.conn)?;
     let progress = Arc::new(bench::Progress::default());
     let p = progress.clone();
     let json = a.conn.json;
@@ -102,7 +110,7 @@ pub async fn run(a: BenchArgs) -> Result<i32> {
             last = ops;
         }
     });
-    let report = bench::run(ccfg, cfg, progress).await;
+    let report = bench::run(ccfg, cfg, &metrics, progress).await;
     ticker.abort();
     let report = report.map_err(|e| anyhow!("cannot reach the cluster: {e}"))?;
     if json {
@@ -119,6 +127,12 @@ pub async fn run(a: BenchArgs) -> Result<i32> {
             report.p50_ms, report.p90_ms, report.p99_ms, report.p999_ms, report.max_ms
         );
         println!("  errors:   {} unknown outcome, {} other", report.errors_unknown, report.errors_other);
+        for f in &report.servers {
+            println!(
+                "  node {}:   {:.0} requests/s, {:.0} write batches/s, {:.0} fsyncs/s, {:.1} shard appends per fsync",
+                f.node, f.requests_per_s, f.write_batches_per_s, f.fsyncs_per_s, f.appends_per_fsync
+            );
+        }
         for r in &report.timeline {
             println!(
                 "  {:>8.1}s  {:>9.0} ops/s  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  {} errors",

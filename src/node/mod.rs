@@ -617,6 +617,27 @@ impl Node {
             h.mailbox_dropped.load(Ordering::Relaxed),
         );
         counter("flotilla_host_rounds_total", "Poller rounds.", h.rounds.load(Ordering::Relaxed));
+        counter(
+            "flotilla_host_log_appends_total",
+            "Groups' log writes handed to the store (with the syncs: appends per fsync).",
+            h.log_appends.load(Ordering::Relaxed),
+        );
+        let w = self.inner.host.store().stats();
+        counter(
+            "flotilla_store_write_requests_total",
+            "Write requests the store completed.",
+            w.requests.load(Ordering::Relaxed),
+        );
+        counter(
+            "flotilla_store_write_batches_total",
+            "RocksDB write batches (group commits).",
+            w.batches.load(Ordering::Relaxed),
+        );
+        counter(
+            "flotilla_store_syncs_total",
+            "Write batches made durable with an fsync.",
+            w.syncs.load(Ordering::Relaxed),
+        );
         let n = &self.inner.net_stats;
         counter(
             "flotilla_net_spoofed_total",

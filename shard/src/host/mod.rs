@@ -292,6 +292,9 @@ pub struct HostStats {
     pub woken: AtomicU64,
     /// Poller rounds run.
     pub rounds: AtomicU64,
+    /// Log writes of one group handed to the store (a round writes each group's new entries
+    /// and vote as one): with the store's syncs, how many groups' appends one fsync carries.
+    pub log_appends: AtomicU64,
 }
 
 /// State shared by the host handle and its pollers.

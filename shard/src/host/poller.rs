@@ -227,6 +227,7 @@ impl Poller {
         let round = std::mem::take(&mut self.round);
         if !round.ops.is_empty() {
             let done: Vec<(GroupId, IoId)> = round.done.into_iter().collect();
+            self.shared.stats.log_appends.fetch_add(done.len() as u64, Ordering::Relaxed);
             let tx = self.tx.clone();
             let compact = round.compact;
             let groups: Vec<GroupId> = done.iter().map(|(g, _)| *g).collect();
