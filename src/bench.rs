@@ -122,6 +122,8 @@ pub struct ServerFigures {
     pub fsyncs_per_s: f64,
     /// Groups' log appends per fsync: how many shards one fsync made durable (0 without fsyncs).
     pub appends_per_fsync: f64,
+    /// Share of the run the store's writer spent writing (0..1): near 1, the disk bounds puts.
+    pub writer_busy: f64,
 }
 
 impl ServerFigures {
@@ -137,6 +139,7 @@ impl ServerFigures {
             write_batches_per_s: per_s("flotilla_store_write_batches_total"),
             fsyncs_per_s: per_s("flotilla_store_syncs_total"),
             appends_per_fsync: if syncs > 0.0 { delta("flotilla_host_log_appends_total") / syncs } else { 0.0 },
+            writer_busy: per_s("flotilla_store_write_microseconds_total") / 1e6,
         }
     }
 }
@@ -375,12 +378,15 @@ mod tests {
                 ("flotilla_store_syncs_total".to_string(), syncs),
                 ("flotilla_store_write_batches_total".to_string(), syncs * 2.0),
                 ("flotilla_host_log_appends_total".to_string(), appends),
+                ("flotilla_store_write_microseconds_total".to_string(), syncs * 1_000.0),
             ])
         };
         let f = ServerFigures::between(2, &page(100.0, 10.0, 30.0), &page(2_100.0, 210.0, 830.0), 2.0);
         assert_eq!(f.node, 2);
         assert_eq!((f.requests_per_s, f.fsyncs_per_s, f.write_batches_per_s), (1_000.0, 100.0, 200.0));
         assert_eq!(f.appends_per_fsync, 4.0);
+        // 200 fsyncs of 1 ms in 2 s: the writer was busy a tenth of the run.
+        assert_eq!(f.writer_busy, 0.1);
         // A node that did no fsync (a restarted counter reads as none) divides by nothing.
         let idle = ServerFigures::between(3, &page(5.0, 9.0, 9.0), &page(5.0, 3.0, 9.0), 1.0);
         assert_eq!((idle.fsyncs_per_s, idle.appends_per_fsync), (0.0, 0.0));

@@ -112,6 +112,9 @@ pub struct WriterStats {
     pub batches: AtomicU64,
     /// Batches written with fsync.
     pub syncs: AtomicU64,
+    /// Microseconds the writer spent writing batches (fsyncs included): against wall time,
+    /// how busy the disk path is.
+    pub write_micros: AtomicU64,
     /// The number (counting from 1, as `batches`) of the last batch written with fsync. The
     /// store has one write-ahead log, and an fsync of it makes every earlier write durable
     /// too: every batch up to this one is durable.
@@ -486,7 +489,10 @@ fn writer_loop(inner: Arc<Inner>, rx: mpsc::Receiver<WriteReq>) {
             }
         }
         inner.room.notify_waiters();
+        let started = std::time::Instant::now();
         let result = write_batch(&inner, &reqs);
+        let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        inner.stats.write_micros.fetch_add(took, Ordering::Relaxed);
         if let Err(e) = &result {
             error!(error = %e, "write failed: the store is poisoned and refuses further writes");
             if let Ok(mut p) = inner.poison.lock() {

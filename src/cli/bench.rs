@@ -129,8 +129,14 @@ pub async fn run(a: BenchArgs) -> Result<i32> {
         println!("  errors:   {} unknown outcome, {} other", report.errors_unknown, report.errors_other);
         for f in &report.servers {
             println!(
-                "  node {}:   {:.0} requests/s, {:.0} write batches/s, {:.0} fsyncs/s, {:.1} shard appends per fsync",
-                f.node, f.requests_per_s, f.write_batches_per_s, f.fsyncs_per_s, f.appends_per_fsync
+                "  node {}:   {:.0} requests/s, {:.0} write batches/s, {:.0} fsyncs/s, {:.1} shard appends per fsync, \
+                 writer busy {:.0}%",
+                f.node,
+                f.requests_per_s,
+                f.write_batches_per_s,
+                f.fsyncs_per_s,
+                f.appends_per_fsync,
+                f.writer_busy * 100.0
             );
         }
         for r in &report.timeline {

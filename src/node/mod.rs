@@ -638,6 +638,11 @@ impl Node {
             "Write batches made durable with an fsync.",
             w.syncs.load(Ordering::Relaxed),
         );
+        counter(
+            "flotilla_store_write_microseconds_total",
+            "Time the store's writer spent writing batches, fsyncs included.",
+            w.write_micros.load(Ordering::Relaxed),
+        );
         let n = &self.inner.net_stats;
         counter(
             "flotilla_net_spoofed_total",
