@@ -440,3 +440,98 @@ async fn a_pipeline_sent_whole_before_any_reply_is_read_is_answered() {
     assert_eq!(got.len(), n * reply.len(), "replies after {:?}", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
 }
+
+/// One RESP reply line (`+OK`, `-ERR ...`, `$N` header), without its CRLF.
+fn reply_line(r: &mut impl std::io::BufRead) -> String {
+    let mut line = String::new();
+    r.read_line(&mut line).expect("a reply");
+    line.trim_end().to_string()
+}
+
+/// A client of the front door keeps writing while the shard under its keys splits three times
+/// and every shard's leader moves: each SET is answered OK (the front door follows the new map
+/// and leaders by itself), and every key answered OK reads back its value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sets_during_splits_and_leader_transfers_are_all_answered_and_all_read_back() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let cluster = Cluster::start_with(3, &[1, 2, 3], &[1, 2, 3], flotilla::meta::dev_split_keys(2), |cfg| {
+        if cfg.id == NodeId(1) {
+            let mut resp = RespConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+            resp.plaintext_loopback = true;
+            cfg.resp = Some(resp);
+        }
+    })
+    .await;
+    let admin = cluster.client().await;
+    let addr = cluster.node(1).resp_addr().expect("node 1 serves redis");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        tokio::task::spawn_blocking(move || {
+            let sock = TcpStream::connect(addr).expect("connect");
+            sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut out = sock.try_clone().unwrap();
+            let mut replies = std::io::BufReader::new(sock);
+            let (mut ok, mut refused) = (Vec::new(), Vec::new());
+            let mut i = 0u32;
+            while !stop.load(Ordering::Relaxed) && i < 100_000 {
+                let (key, value) = (format!("w:{i:05}"), format!("v{i}"));
+                let cmd = format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n", key.len(), value.len());
+                out.write_all(cmd.as_bytes()).unwrap();
+                match reply_line(&mut replies).as_str() {
+                    "+OK" => ok.push(i),
+                    other => refused.push(format!("{key}: {other}")),
+                }
+                i += 1;
+            }
+            (ok, refused)
+        })
+    };
+    // The writes go to the shard holding "w:..." (every key from "80" on): split it three
+    // times inside the keys being written, and move every shard's leader after each split.
+    for round in 1..=3u32 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let at = format!("w:{:05}", round * 150);
+        let split = admin.admin(AdminRequest::Split { key: at.clone().into_bytes() }).await;
+        assert!(matches!(split, Ok(AdminResponse::Changed(_))), "split at {at}: {split:?}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let rows = loop {
+            let Ok(AdminResponse::Shards(rows)) = admin.admin(AdminRequest::Shards).await else { panic!("shards") };
+            if rows.len() == 2 + round as usize && rows.iter().all(|r| r.leader.is_some()) {
+                break rows;
+            }
+            assert!(Instant::now() < deadline, "the split at {at} did not get a leader: {rows:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        for row in rows {
+            let Some(leader) = row.leader else { continue };
+            let Some(to) = row.descriptor.voters().find(|n| *n != leader) else { continue };
+            // A transfer may race a leader change of its own; the next round tries again.
+            let _ = admin.admin(AdminRequest::TransferLeader { shard: row.descriptor.id, node: to }).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, refused) = writer.await.expect("writer");
+    assert!(refused.is_empty(), "SETs refused during the changes: {refused:?}");
+    assert!(ok.len() >= 100, "too few writes went through the changes: {}", ok.len());
+    eprintln!("{} SETs answered OK through three splits and the leader transfers", ok.len());
+    let Ok(AdminResponse::Shards(rows)) = admin.admin(AdminRequest::Shards).await else { panic!("shards") };
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    tokio::task::spawn_blocking(move || {
+        let sock = TcpStream::connect(addr).expect("connect");
+        sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut out = sock.try_clone().unwrap();
+        let mut replies = std::io::BufReader::new(sock);
+        for i in ok {
+            let key = format!("w:{i:05}");
+            out.write_all(format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len()).as_bytes()).unwrap();
+            let header = reply_line(&mut replies);
+            assert!(header.starts_with('$') && header != "$-1", "{key}: {header}");
+            assert_eq!(reply_line(&mut replies), format!("v{i}"), "{key}");
+        }
+    })
+    .await
+    .expect("read back");
+}
