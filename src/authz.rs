@@ -99,7 +99,7 @@ pub fn operation(req: &Request) -> &'static str {
         Request::ClusterView { .. } => "read the cluster view",
         Request::Admin(a) => match a {
             AdminRequest::Nodes => "admin nodes",
-            AdminRequest::Shards => "admin shards",
+            AdminRequest::Shards | AdminRequest::ShardsPage { .. } => "admin shards",
             AdminRequest::Split { .. } => "split",
             AdminRequest::Move { .. } => "move",
             AdminRequest::TransferLeader { .. } => "transfer-leader",

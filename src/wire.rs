@@ -185,6 +185,15 @@ pub enum AdminRequest {
         /// Its QUIC address.
         addr: String,
     },
+    /// A page of shards in key order, from the one holding `from` on, at most `limit` (at most
+    /// [`SHARDS_PAGE_MAX`]), with a summary of the whole map: a large map does not fit one
+    /// answer.
+    ShardsPage {
+        /// A key in the first shard of the page (empty: from the start).
+        from: Vec<u8>,
+        /// Most rows.
+        limit: u32,
+    },
 }
 
 /// The cluster as a node sees it: enough for a client to route.
@@ -244,6 +253,33 @@ pub enum AdminResponse {
     Done(String),
     /// `Status`.
     Status(StatusReport),
+    /// `ShardsPage`.
+    ShardsPage {
+        /// The page's shards, in key order.
+        rows: Vec<ShardRow>,
+        /// The first key of the next page (`None`: this page ends the map).
+        next: Option<Vec<u8>>,
+        /// Figures of the whole map.
+        summary: ShardsSummary,
+    },
+}
+
+/// Most rows of one [`AdminRequest::ShardsPage`].
+pub const SHARDS_PAGE_MAX: u32 = 1_000;
+
+/// Figures of the whole shard map (with a page of it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardsSummary {
+    /// Shards in the map.
+    pub shards: u64,
+    /// Shards with a reported leader.
+    pub with_leader: u64,
+    /// Shards being moved.
+    pub moving: u64,
+    /// Replicas in all (voters and learners).
+    pub replicas: u64,
+    /// Sum of the shards' reported sizes (bytes).
+    pub bytes: u64,
 }
 
 /// `admin status`.

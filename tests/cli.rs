@@ -94,7 +94,23 @@ fn dev_cluster_through_the_cli() {
 
     // admin.
     let shards = ok(&home, &["admin", "shards"]);
-    assert_eq!(shards.lines().count(), 5, "{shards}");
+    assert_eq!(shards.lines().count(), 6, "{shards}");
+    assert!(
+        shards.lines().last().unwrap().starts_with("4 shards, 4 with a known leader, 0 moving, 12 replicas"),
+        "{shards}"
+    );
+    // One page: two shards, the whole map's summary, and where the next page starts.
+    let page = ok(&home, &["admin", "shards", "--limit", "2"]);
+    let lines: Vec<&str> = page.lines().collect();
+    assert_eq!(lines.len(), 5, "{page}");
+    assert!(lines[3].starts_with("4 shards,"), "{page}");
+    let next = lines[4].strip_prefix("next page: --from ").expect("a next page");
+    let rest = ok(&home, &["admin", "shards", "--from", next, "--json"]);
+    let rest: serde_json::Value = serde_json::from_str(&rest).unwrap();
+    assert_eq!(rest["ShardsPage"]["rows"].as_array().unwrap().len(), 2, "{rest}");
+    assert!(rest["ShardsPage"]["next"].is_null(), "{rest}");
+    let all: serde_json::Value = serde_json::from_str(&ok(&home, &["admin", "shards", "--json"])).unwrap();
+    assert_eq!(all["Shards"].as_array().unwrap().len(), 4);
     let nodes: serde_json::Value = serde_json::from_str(&ok(&home, &["admin", "nodes", "--json"])).unwrap();
     assert_eq!(nodes["Nodes"].as_array().unwrap().len(), 3);
     assert!(ok(&home, &["admin", "status"]).contains("shards: 4"));

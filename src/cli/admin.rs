@@ -5,7 +5,7 @@ use super::{connect, print_table, show, Conn};
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand};
 use flotilla::placement::{NodeId, ShardId};
-use flotilla::wire::{AdminRequest, AdminResponse};
+use flotilla::wire::{AdminRequest, AdminResponse, ShardRow, ShardsSummary, SHARDS_PAGE_MAX};
 use flotilla::Client;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -25,8 +25,15 @@ pub struct AdminArgs {
 pub enum AdminOp {
     /// List nodes.
     Nodes,
-    /// List shards with replicas, leaders and applied indexes.
-    Shards,
+    /// List shards with replicas, leaders and applied indexes, and a summary of the map.
+    Shards {
+        /// Show at most this many shards (one page; the summary still covers the whole map).
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Start at the shard holding this key.
+        #[arg(long)]
+        from: Option<String>,
+    },
     /// Split the shard holding KEY at KEY.
     Split {
         /// The split key.
@@ -76,7 +83,12 @@ pub async fn run(a: AdminArgs) -> Result<i32> {
     let json = a.conn.json;
     let req = match &a.op {
         AdminOp::Nodes => AdminRequest::Nodes,
-        AdminOp::Shards => AdminRequest::Shards,
+        AdminOp::Shards { limit, from } => {
+            let client = connect(&a.conn).await?;
+            let r = list_shards(&client, *limit, from.as_deref(), json).await;
+            client.close().await;
+            return r.map(|()| 0);
+        }
         AdminOp::Split { key } => {
             flotilla::wire::check_user_key(key.as_bytes()).map_err(|e| anyhow!("key {key:?}: {e}"))?;
             AdminRequest::Split { key: key.as_bytes().to_vec() }
@@ -110,6 +122,91 @@ pub async fn run(a: AdminArgs) -> Result<i32> {
     }
     client.close().await;
     Ok(0)
+}
+
+/// `admin shards`: one page (`--limit`, `--from`) or every page, then the map's summary.
+async fn list_shards(client: &Client, limit: Option<u32>, from: Option<&str>, json: bool) -> Result<()> {
+    let one_page = limit.is_some() || from.is_some();
+    let mut from = from.map(|f| f.as_bytes().to_vec()).unwrap_or_default();
+    let limit = limit.unwrap_or(SHARDS_PAGE_MAX);
+    let mut all = Vec::new();
+    loop {
+        let resp = client.admin(AdminRequest::ShardsPage { from: from.clone(), limit }).await?;
+        let AdminResponse::ShardsPage { rows, next, summary } = resp else { bail!("unexpected answer") };
+        if one_page {
+            if json {
+                println!("{}", serde_json::to_string(&AdminResponse::ShardsPage { rows, next, summary })?);
+            } else {
+                print_shard_rows(&rows);
+                print_summary(&summary);
+                if let Some(n) = next {
+                    println!("next page: --from {}", show(&n));
+                }
+            }
+            return Ok(());
+        }
+        all.extend(rows);
+        match next {
+            // The map may change between pages: never loop on a key that does not move on.
+            Some(n) if n > from => from = n,
+            _ => {
+                if json {
+                    println!("{}", serde_json::to_string(&AdminResponse::Shards(all))?);
+                } else {
+                    print_shard_rows(&all);
+                    print_summary(&summary);
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn print_shard_rows(rows: &[ShardRow]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|s| {
+            let d = &s.descriptor;
+            let range = format!(
+                "[{}, {})",
+                if d.start.is_empty() { "-inf".into() } else { show(&d.start) },
+                d.end.as_ref().map(|e| show(e)).unwrap_or_else(|| "+inf".into())
+            );
+            let replicas: Vec<String> = d
+                .replicas
+                .iter()
+                .map(|r| match r.role {
+                    flotilla::placement::ReplicaRole::Voter => r.node.to_string(),
+                    flotilla::placement::ReplicaRole::Learner => format!("{}(learner)", r.node),
+                })
+                .collect();
+            let max = s.applied.values().copied().max().unwrap_or(0);
+            let lag = s.applied.values().map(|a| max - a).max().unwrap_or(0);
+            vec![
+                d.id.to_string(),
+                range,
+                format!("{}.{}", d.epoch.conf_version, d.epoch.version),
+                replicas.join(","),
+                s.leader.map(|l| l.to_string()).unwrap_or_else(|| "?".into()),
+                max.to_string(),
+                lag.to_string(),
+                human_bytes(s.bytes),
+                s.moving.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    print_table(&["SHARD", "RANGE", "EPOCH", "REPLICAS", "LEADER", "APPLIED", "LAG", "SIZE", "MOVE"], &rows);
+}
+
+fn print_summary(s: &ShardsSummary) {
+    println!(
+        "{} shards, {} with a known leader, {} moving, {} replicas, {} in all",
+        s.shards,
+        s.with_leader,
+        s.moving,
+        s.replicas,
+        human_bytes(s.bytes)
+    );
 }
 
 /// Prints the progress of a move until it finishes.
@@ -171,40 +268,10 @@ fn print_admin(r: &AdminResponse) {
                 .collect();
             print_table(&["NODE", "ADDRESS", "REPLICAS", "LEADING", "REQ/S", "DRAIN", "LAST REPORT"], &rows);
         }
-        AdminResponse::Shards(rows) => {
-            let rows: Vec<Vec<String>> = rows
-                .iter()
-                .map(|s| {
-                    let d = &s.descriptor;
-                    let range = format!(
-                        "[{}, {})",
-                        if d.start.is_empty() { "-inf".into() } else { show(&d.start) },
-                        d.end.as_ref().map(|e| show(e)).unwrap_or_else(|| "+inf".into())
-                    );
-                    let replicas: Vec<String> = d
-                        .replicas
-                        .iter()
-                        .map(|r| match r.role {
-                            flotilla::placement::ReplicaRole::Voter => r.node.to_string(),
-                            flotilla::placement::ReplicaRole::Learner => format!("{}(learner)", r.node),
-                        })
-                        .collect();
-                    let max = s.applied.values().copied().max().unwrap_or(0);
-                    let lag = s.applied.values().map(|a| max - a).max().unwrap_or(0);
-                    vec![
-                        d.id.to_string(),
-                        range,
-                        format!("{}.{}", d.epoch.conf_version, d.epoch.version),
-                        replicas.join(","),
-                        s.leader.map(|l| l.to_string()).unwrap_or_else(|| "?".into()),
-                        max.to_string(),
-                        lag.to_string(),
-                        human_bytes(s.bytes),
-                        s.moving.clone().unwrap_or_else(|| "-".into()),
-                    ]
-                })
-                .collect();
-            print_table(&["SHARD", "RANGE", "EPOCH", "REPLICAS", "LEADER", "APPLIED", "LAG", "SIZE", "MOVE"], &rows);
+        AdminResponse::Shards(rows) => print_shard_rows(rows),
+        AdminResponse::ShardsPage { rows, summary, .. } => {
+            print_shard_rows(rows);
+            print_summary(summary);
         }
         AdminResponse::Changed(ds) => {
             if ds.is_empty() {

@@ -5,10 +5,12 @@
 use super::{now_ms, Node, NodeError};
 use crate::meta::META_GROUP;
 use crate::peer_wire::MetaOp;
-use crate::placement::{MetaCommand, MetaState, MovePlan, NodeId};
+use crate::placement::{MetaCommand, MetaState, MovePlan, NodeId, ShardDescriptor, ShardId};
 use crate::wire::{
-    check_user_key, AdminRequest, AdminResponse, ClusterView, NodeRow, Response, ShardRow, StatusReport,
+    check_user_key, AdminRequest, AdminResponse, ClusterView, NodeRow, Response, ShardRow, ShardsSummary, StatusReport,
+    SHARDS_PAGE_MAX,
 };
+use std::collections::HashMap;
 use std::net::SocketAddr;
 
 impl Node {
@@ -20,7 +22,7 @@ impl Node {
             Err(e) => Response::Unavailable(e.to_string()),
         };
         match a {
-            AdminRequest::Nodes | AdminRequest::Shards | AdminRequest::Status => {
+            AdminRequest::Nodes | AdminRequest::Shards | AdminRequest::ShardsPage { .. } | AdminRequest::Status => {
                 let state = match read(self.meta_exec(MetaOp::Read, false).await) {
                     Ok(s) => s,
                     Err(e) => return Response::Unavailable(e.to_string()),
@@ -28,6 +30,7 @@ impl Node {
                 match a {
                     AdminRequest::Nodes => Response::Admin(AdminResponse::Nodes(self.node_rows(&state))),
                     AdminRequest::Shards => Response::Admin(AdminResponse::Shards(shard_rows(&state))),
+                    AdminRequest::ShardsPage { from, limit } => Response::Admin(shards_page(&state, &from, limit)),
                     _ => {
                         let rows = self.node_rows(&state);
                         let live = rows.iter().filter(|r| r.report_age_ms.is_some_and(|a| a < 5_000)).count();
@@ -128,27 +131,67 @@ pub fn view_of(state: &MetaState) -> ClusterView {
     ClusterView { map: state.map.clone(), nodes: state.nodes.values().map(|n| (n.id, n.addr.clone())).collect() }
 }
 
+/// Each shard's leader by the nodes' reports (one pass over the reports, not one per shard).
+fn leaders(state: &MetaState) -> HashMap<ShardId, NodeId> {
+    let mut out = HashMap::new();
+    for n in state.nodes.values() {
+        for s in &n.report.leading {
+            // A replica of the shard: a report can name a shard the node no longer holds.
+            if state.map.get(*s).is_some_and(|d| d.replica(n.id).is_some()) {
+                out.entry(*s).or_insert(n.id);
+            }
+        }
+    }
+    out
+}
+
 fn shard_rows(state: &MetaState) -> Vec<ShardRow> {
-    state
-        .map
-        .shards()
-        .map(|d| {
-            let leader = d
-                .replicas
-                .iter()
-                .map(|r| r.node)
-                .find(|n| state.nodes.get(n).is_some_and(|i| i.report.leading.contains(&d.id)));
-            let applied = d
-                .replicas
-                .iter()
-                .filter_map(|r| {
-                    state.nodes.get(&r.node).and_then(|i| i.report.applied.get(&d.id)).map(|a| (r.node, a.0))
-                })
-                .collect();
-            let bytes =
-                state.nodes.values().filter_map(|i| i.report.shard_bytes.get(&d.id)).copied().max().unwrap_or(0);
-            let moving = state.moves.get(&d.id).map(|p| format!("{} -> {} at {:?}", p.from, p.to, p.step));
-            ShardRow { descriptor: d.clone(), leader, applied, bytes, moving }
-        })
-        .collect()
+    let leaders = leaders(state);
+    state.map.shards().map(|d| shard_row(state, &leaders, d)).collect()
+}
+
+/// The page of [`AdminRequest::ShardsPage`].
+fn shards_page(state: &MetaState, from: &[u8], limit: u32) -> AdminResponse {
+    let leaders = leaders(state);
+    let limit = limit.clamp(1, SHARDS_PAGE_MAX) as usize;
+    let mut summary = ShardsSummary::default();
+    let (mut rows, mut next) = (Vec::new(), None);
+    for d in state.map.shards() {
+        summary.shards += 1;
+        summary.with_leader += u64::from(leaders.contains_key(&d.id));
+        summary.moving += u64::from(state.moves.contains_key(&d.id));
+        summary.replicas += d.replicas.len() as u64;
+        summary.bytes += shard_bytes(state, d.id);
+        // The shards before the one holding `from` are skipped.
+        if d.end.as_deref().is_some_and(|end| end <= from) {
+            continue;
+        }
+        if rows.len() < limit {
+            rows.push(shard_row(state, &leaders, d));
+        } else if next.is_none() {
+            next = Some(d.start.clone());
+        }
+    }
+    AdminResponse::ShardsPage { rows, next, summary }
+}
+
+/// The largest size any node reports for `shard` (0 when none does).
+fn shard_bytes(state: &MetaState, shard: ShardId) -> u64 {
+    state.nodes.values().filter_map(|i| i.report.shard_bytes.get(&shard)).copied().max().unwrap_or(0)
+}
+
+fn shard_row(state: &MetaState, leaders: &HashMap<ShardId, NodeId>, d: &ShardDescriptor) -> ShardRow {
+    let applied = d
+        .replicas
+        .iter()
+        .filter_map(|r| state.nodes.get(&r.node).and_then(|i| i.report.applied.get(&d.id)).map(|a| (r.node, a.0)))
+        .collect();
+    let moving = state.moves.get(&d.id).map(|p| format!("{} -> {} at {:?}", p.from, p.to, p.step));
+    ShardRow {
+        descriptor: d.clone(),
+        leader: leaders.get(&d.id).copied(),
+        applied,
+        bytes: shard_bytes(state, d.id),
+        moving,
+    }
 }
