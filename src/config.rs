@@ -215,6 +215,14 @@ impl ServerFile {
         Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
+    /// Reads the node's certificates (paths relative to `base`): at start, and again when the
+    /// server is told to (SIGHUP) after they were renewed or moved to a new CA.
+    pub fn load_tls(&self, base: &Path) -> Result<TlsIdentity, String> {
+        let rel = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        TlsIdentity::load(&rel(&self.tls.ca), &rel(&self.tls.cert), &rel(&self.tls.key))
+            .map_err(|e| format!("tls: {e}"))
+    }
+
     /// Checks everything and loads the certificates (paths relative to `base`).
     pub fn resolve(&self, base: &Path) -> Result<ServerConfig, String> {
         if self.id == 0 {
@@ -266,8 +274,7 @@ impl ServerFile {
             peers.push((NodeId(p.id), addr(&format!("peers (node {})", p.id), &p.addr)?));
         }
         let rel = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
-        let tls = TlsIdentity::load(&rel(&self.tls.ca), &rel(&self.tls.cert), &rel(&self.tls.key))
-            .map_err(|e| format!("tls: {e}"))?;
+        let tls = self.load_tls(base)?;
         let mut node = NodeConfig::new(NodeId(self.id), rel(&self.data_dir), listen, tls);
         node.advertise_addr = self.advertise.clone();
         node.peers = peers.clone();

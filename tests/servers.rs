@@ -219,3 +219,53 @@ async fn a_server_joins_then_a_split_and_a_move_lose_no_write() {
         assert!(s.terminate().success());
     }
 }
+
+/// Certificates move to a new CA while the servers run, by SIGHUP alone: first every node
+/// trusts both CAs, then presents a certificate of the new one. A client that knows only the
+/// new CA then reads and writes through any node, and one that knows only the old CA is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_move_to_a_new_ca_on_sighup_without_a_restart() {
+    let mut cluster = Servers::new(3, 3, 1);
+    let old_client = cluster.client().await;
+    old_client.put(b"before", b"1").await.expect("put with the old CA");
+    let (certs, next) = (cluster.dir.path().join("certs"), cluster.dir.path().join("next"));
+    common::make_certs(&next, 3);
+    let pem = |dir: &std::path::Path, name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    // Step 1: both CAs trusted.
+    std::fs::write(certs.join("ca.pem"), pem(&certs, "ca.pem") + &pem(&next, "ca.pem")).unwrap();
+    cluster.servers.iter_mut().for_each(|s| s.hangup());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Step 2: each node presents its certificate of the new CA.
+    for id in 1..=3 {
+        for file in [format!("node-{id}.pem"), format!("node-{id}-key.pem")] {
+            std::fs::copy(next.join(&file), certs.join(&file)).unwrap();
+        }
+    }
+    cluster.servers.iter_mut().for_each(|s| s.hangup());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for id in 1..=3 {
+        let log = std::fs::read_to_string(cluster.dir.path().join(format!("n{id}.log"))).unwrap();
+        assert_eq!(log.matches("SIGHUP: certificates reloaded").count(), 2, "node {id}:\n{log}");
+    }
+
+    let tls = flotilla::transport::cert::TlsIdentity::load(
+        &next.join("ca.pem"),
+        &next.join("client-test.pem"),
+        &next.join("client-test-key.pem"),
+    )
+    .unwrap();
+    let mut cfg = flotilla::ClientConfig::new(tls, cluster.client.endpoints.clone());
+    cfg.op_timeout = Duration::from_secs(30);
+    let new_client = cluster.client_with(cfg).await;
+    assert_eq!(new_client.get(b"before").await.unwrap(), Some(b"1".to_vec()));
+    new_client.put(b"after", b"2").await.expect("put with the new CA");
+    assert_eq!(new_client.get(b"after").await.unwrap(), Some(b"2".to_vec()));
+
+    let mut stale = cluster.client.clone();
+    stale.op_timeout = Duration::from_secs(3);
+    let refused = match Client::connect(stale).await {
+        Ok(c) => c.get(b"before").await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    assert!(refused.is_err(), "a client trusting only the old CA still got through");
+}

@@ -72,6 +72,8 @@ pub async fn run(a: ServerArgs) -> Result<i32> {
     let shown = a.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "flags".into());
     let cfg = file.resolve(&base).map_err(|e| anyhow!("{shown}: {e}"))?;
     let node = Node::start(cfg.node).await.context("starting the node")?;
+    #[cfg(unix)]
+    let _reloader = tokio::spawn(reload_tls_on_hangup(node.clone(), file.clone(), base.clone()));
     if let Some(m) = cfg.metrics_listen {
         let (bound, _task) =
             flotilla::http::serve(m, vec![node.clone()]).await.with_context(|| format!("metrics_listen {m}"))?;
@@ -85,6 +87,24 @@ pub async fn run(a: ServerArgs) -> Result<i32> {
     eprintln!("stopping");
     node.shutdown().await;
     Ok(0)
+}
+
+/// Reads the certificate files again at each SIGHUP and presents them from then on (renewed
+/// certificates, a move to a new CA: see `Transport::reload_tls`). A failure is logged and
+/// the node keeps the certificates it has.
+#[cfg(unix)]
+async fn reload_tls_on_hangup(node: Node, file: ServerFile, base: PathBuf) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: certificates are read at start only");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match file.load_tls(&base).map_err(anyhow::Error::msg).and_then(|tls| Ok(node.reload_tls(tls)?)) {
+            Ok(()) => tracing::info!("SIGHUP: certificates reloaded"),
+            Err(e) => tracing::warn!(error = %e, "SIGHUP: certificates not reloaded; keeping the current ones"),
+        }
+    }
 }
 
 /// The server's configuration: the file given with `--config` (paths in it relative to its

@@ -566,6 +566,12 @@ impl Node {
         &self.inner.host
     }
 
+    /// Presents `tls` from now on (renewed certificates, or a move to a new CA): see
+    /// [`Transport::reload_tls`]. A certificate naming another node is refused.
+    pub fn reload_tls(&self, tls: TlsIdentity) -> Result<(), NodeError> {
+        Ok(self.inner.transport.reload_tls(tls)?)
+    }
+
     /// The transport (for embedders and tests: fault injection, metrics).
     pub fn transport(&self) -> &Transport {
         &self.inner.transport

@@ -70,6 +70,13 @@ impl Server {
         }
     }
 
+    /// SIGHUP: the server reads its certificate files again.
+    pub fn hangup(&mut self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").args(["-HUP", &c.id().to_string()]).status();
+        }
+    }
+
     /// SIGCONT after [`Server::pause`].
     pub fn resume(&mut self) {
         if let Some(c) = &self.child {

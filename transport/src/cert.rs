@@ -362,18 +362,24 @@ fn set_validity(params: &mut CertificateParams, validity: Validity) {
     params.not_after = OffsetDateTime::from(validity.not_after);
 }
 
-/// Reads a CA certificate (the first certificate in `pem`).
-pub fn ca_from_pem(pem: &str) -> Result<CertificateDer<'static>, CertError> {
-    CertificateDer::from_pem_slice(pem.as_bytes())
-        .map_err(|e| CertError::Pem { what: "CA certificate", reason: e.to_string() })
+/// Reads the CA certificates of `pem` (every certificate in it; at least one).
+pub fn ca_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let cas = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CertError::Pem { what: "CA certificate", reason: e.to_string() })?;
+    if cas.is_empty() {
+        return Err(CertError::Pem { what: "CA certificate", reason: "no certificate in PEM".into() });
+    }
+    Ok(cas)
 }
 
 /// What a node or client needs for mutual TLS: the CA to trust, its own certificate chain and
 /// key. Build it from PEM with [`TlsIdentity::from_pem`] or files with [`TlsIdentity::load`].
 #[derive(Debug)]
 pub struct TlsIdentity {
-    /// The cluster CA; the only root trusted.
-    pub ca: CertificateDer<'static>,
+    /// The CAs trusted, the only roots: the cluster CA and, while certificates are moved to a
+    /// new CA, that one too (a CA file may hold several certificates).
+    pub ca: Vec<CertificateDer<'static>>,
     /// Own certificate first, then any intermediates.
     pub chain: Vec<CertificateDer<'static>>,
     /// Own private key.

@@ -28,9 +28,14 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn roots(ca: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, TransportError> {
+fn roots(cas: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, TransportError> {
     let mut roots = RootCertStore::empty();
-    roots.add(ca.clone()).map_err(|e| TransportError::Config(format!("CA certificate: {e}")))?;
+    for ca in cas {
+        roots.add(ca.clone()).map_err(|e| TransportError::Config(format!("CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(TransportError::Config("no CA certificate to trust".into()));
+    }
     Ok(Arc::new(roots))
 }
 
@@ -76,10 +81,10 @@ pub fn server_config(
     Ok(server)
 }
 
-/// Client side: trusts only the cluster CA and presents `client_auth` if given. Dialing
+/// Client side: trusts only the cluster CAs and presents `client_auth` if given. Dialing
 /// without a certificate is possible only so that tests can check the server refuses it.
 pub fn client_config(
-    ca: &CertificateDer<'static>,
+    ca: &[CertificateDer<'static>],
     client_auth: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     transport: Arc<quinn::TransportConfig>,
 ) -> Result<quinn::ClientConfig, TransportError> {

@@ -215,3 +215,53 @@ async fn a_node_requiring_roles_refuses_a_client_certificate_without_one() {
         .expect("a certificate with a role is served");
     server.shutdown().await;
 }
+
+/// A node moves to a new CA without a restart: it first trusts both CAs, then presents a
+/// certificate of the new one. Each step holds for connections made after it; a certificate
+/// naming another node is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_moves_to_a_new_ca_without_restarting() {
+    let _ = logs();
+    let (old, new) = (ca(), CertificateAuthority::generate("the next cluster CA").unwrap());
+    let (server, incoming) = start(config(&old, 2)).await;
+    tokio::spawn(async move {
+        let mut requests = incoming.requests;
+        while let Some(r) = requests.recv().await {
+            r.responder.respond("ok");
+        }
+    });
+    let admin = Grant::new(Role::Admin);
+    let of_old = old.issue_client("old", admin.clone()).unwrap();
+    let of_new = new.issue_client("new", admin.clone()).unwrap();
+    // Trusting the old CA with the old CA's certificate; trusting the new one with the new one's;
+    // trusting the old CA with a certificate of the new one.
+    let old_client = client_with(old.cert_pem(), Some(&of_old));
+    let new_client = client_with(new.cert_pem(), Some(&of_new));
+    let mixed_client = client_with(old.cert_pem(), Some(&of_new));
+    try_request(&old_client, &server).await.expect("the old CA's client");
+    assert!(try_request(&new_client, &server).await.is_err(), "the node knows nothing of the new CA yet");
+    assert!(try_request(&mixed_client, &server).await.is_err(), "a certificate of the new CA is not trusted yet");
+
+    // Step 1: trust both CAs, same certificate.
+    let both = format!("{}{}", old.cert_pem(), new.cert_pem());
+    let node_old = old.issue_node(NodeId(2)).unwrap();
+    server.reload_tls(TlsIdentity::from_pem(&both, &node_old.cert_pem, &node_old.key_pem).unwrap()).unwrap();
+    try_request(&mixed_client, &server).await.expect("clients of the new CA are trusted now");
+    try_request(&old_client, &server).await.expect("and those of the old one still are");
+    assert!(try_request(&new_client, &server).await.is_err(), "the node still presents the old CA's certificate");
+
+    // A certificate of another node is refused; the node goes on as it was.
+    let impostor = new.issue_node(NodeId(3)).unwrap();
+    let refused = server.reload_tls(TlsIdentity::from_pem(&both, &impostor.cert_pem, &impostor.key_pem).unwrap());
+    assert!(refused.unwrap_err().to_string().contains("n2"), "the error names the node");
+    assert!(try_request(&new_client, &server).await.is_err());
+
+    // Step 2: present the new CA's certificate.
+    let node_new = new.issue_node(NodeId(2)).unwrap();
+    server.reload_tls(TlsIdentity::from_pem(&both, &node_new.cert_pem, &node_new.key_pem).unwrap()).unwrap();
+    try_request(&new_client, &server).await.expect("a client trusting only the new CA");
+    assert!(
+        try_request(&old_client, &server).await.is_err(),
+        "a client trusting only the old CA cannot verify the node"
+    );
+}

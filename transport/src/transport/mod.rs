@@ -128,6 +128,8 @@ struct Shared {
     envelopes_tx: mpsc::Sender<(NodeId, Envelope)>,
     transfers_tx: mpsc::Sender<IncomingTransfer>,
     requests_tx: mpsc::Sender<IncomingRequest>,
+    /// How dials present this node and whom they trust ([`Transport::reload_tls`] replaces it).
+    dial_config: Mutex<quinn::ClientConfig>,
     /// Slots for outgoing transfers (`transfers_out_max`).
     transfers_out: Arc<Semaphore>,
     /// Slots for handshakes in progress (`handshakes_max`).
@@ -186,8 +188,7 @@ impl Transport {
         let server = tls::server_config(&config.tls, quic.clone())?;
         let TlsIdentity { ca, chain, key } = config.tls.clone();
         let client = tls::client_config(&ca, Some((chain, key)), quic)?;
-        let mut endpoint = Endpoint::server(server, config.listen_addr)?;
-        endpoint.set_default_client_config(client);
+        let endpoint = Endpoint::server(server, config.listen_addr)?;
 
         let (envelopes_tx, envelopes) = mpsc::channel(config.limits.incoming_envelopes_max);
         let (transfers_tx, transfers) = mpsc::channel(config.limits.incoming_queue_max);
@@ -200,6 +201,7 @@ impl Transport {
             envelopes_tx,
             transfers_tx,
             requests_tx,
+            dial_config: Mutex::new(client),
             transfers_out: Arc::new(Semaphore::new(config.limits.transfers_out_max)),
             handshakes: Arc::new(Semaphore::new(config.limits.handshakes_max)),
             shutdown: watch::Sender::new(false),
@@ -219,6 +221,27 @@ impl Transport {
         lock(&shared.tasks).push(accept);
         info!(node = %shared.config.node, addr = ?shared.endpoint.local_addr().ok(), "transport started");
         Ok((transport, Incoming { envelopes, transfers, requests }))
+    }
+
+    /// Presents `tls` from now on (a renewed certificate, or a new CA's during a rotation):
+    /// connections accepted or dialed after this use its certificate and trust its CAs; those
+    /// already open keep the certificates they were made with until they close. The new
+    /// certificate must name this node; on any error nothing changes.
+    pub fn reload_tls(&self, tls: TlsIdentity) -> Result<(), TransportError> {
+        let node = self.shared.config.node;
+        match tls.identity()? {
+            PeerIdentity::Node(id) if id == node => {}
+            other => {
+                return Err(TransportError::Config(format!("certificate names {other}, but this node is n{node}")))
+            }
+        }
+        let quic = tls::quic_transport(&self.shared.config)?;
+        let server = tls::server_config(&tls, quic.clone())?;
+        let client = tls::client_config(&tls.ca, Some((tls.chain.clone(), tls.key.clone_key())), quic)?;
+        self.shared.endpoint.set_server_config(Some(server));
+        *lock(&self.shared.dial_config) = client;
+        info!(node = %node, "TLS certificate and trusted CAs reloaded");
+        Ok(())
     }
 
     /// This node.

@@ -26,7 +26,8 @@ pub(super) async fn run_dialer(shared: Arc<Shared>, peer: Arc<Peer>) {
             continue;
         };
         let attempt = async {
-            let connecting = shared.endpoint.connect(addr, &server_name).map_err(|e| e.to_string())?;
+            let config = lock(&shared.dial_config).clone();
+            let connecting = shared.endpoint.connect_with(config, addr, &server_name).map_err(|e| e.to_string())?;
             match tokio::time::timeout(Duration::from_millis(timing.handshake_timeout_ms), connecting).await {
                 Ok(result) => result.map_err(|e| e.to_string()),
                 Err(_) => Err("handshake timed out".to_string()),
