@@ -35,8 +35,8 @@ pub enum PeerRequest {
 /// The answer to a [`PeerRequest`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerResponse {
-    /// The meta state after the operation (serialized with its version byte, see
-    /// [`crate::meta::encode_state`]) and what the operation reports.
+    /// The meta state after the operation and its revision (see [`crate::meta::encode_view`])
+    /// and what the operation reports.
     Meta {
         /// The meta state.
         state: Vec<u8>,

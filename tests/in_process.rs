@@ -793,3 +793,75 @@ async fn assert_read_back_and_scanned(client: &Client, acked: &[String]) {
         assert!(keys.contains(k.as_bytes()), "the scan missed {k}");
     }
 }
+
+/// Records and bytes of meta changes the nodes of `c` wrote as meta leaders.
+fn meta_written(c: &Cluster) -> (u64, u64) {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    c.nodes().fold((0, 0), |(r, b), n| (r + load(&n.stats().meta_write_records), b + load(&n.stats().meta_write_bytes)))
+}
+
+/// Splits at `key` and checks that the change wrote a few records, not the map (`whole` bytes).
+async fn split_writing_little(c: &Cluster, client: &Client, key: &[u8], whole: u64) {
+    let before = meta_written(c);
+    let AdminResponse::Changed(halves) = client.admin(AdminRequest::Split { key: key.to_vec() }).await.unwrap() else {
+        panic!("split answered otherwise")
+    };
+    assert_eq!(halves.len(), 2, "{halves:?}");
+    let after = meta_written(c);
+    let (records, bytes) = (after.0 - before.0, after.1 - before.1);
+    eprintln!("split at {key:?}: {records} records, {bytes} bytes written; the whole map is {whole} bytes");
+    assert!(records <= 6, "a split wrote {records} records");
+    assert!(bytes * 10 < whole, "a split wrote {bytes} bytes of a {whole}-byte map");
+}
+
+/// The node leading the meta group, if one does.
+async fn meta_leader(c: &Cluster) -> Option<NodeId> {
+    for n in c.nodes() {
+        let infos = n.host().group_info().await.unwrap();
+        if infos.iter().any(|i| i.group == flotilla::raft::GroupId(0) && i.role == flotilla::raft::Role::Leader) {
+            return Some(n.id());
+        }
+    }
+    None
+}
+
+/// Issue 14: a placement change writes the records it changed, not the map. A split of one of
+/// 128 shards writes a few hundred bytes where the map takes kilobytes, and after meta
+/// leadership moves, the new leader goes on from its replica's state the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn placement_changes_write_their_records_not_the_map_even_under_a_new_meta_leader() {
+    let mut cluster = Cluster::start(3, 128).await;
+    let client = cluster.client().await;
+    let AdminResponse::Shards(rows) = client.admin(AdminRequest::Shards).await.unwrap() else { panic!() };
+    assert_eq!(rows.len(), 128);
+    let whole = flotilla::meta::encode_view(0, &cluster.node(1).meta_view()).unwrap().len() as u64;
+    split_writing_little(&cluster, &client, b"3f5", whole).await;
+    // Meta leadership moves to another node, which continues from its replica's state.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        if let Some(l) = meta_leader(&cluster).await {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "no meta leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let next = NodeId(first.0 % 3 + 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while meta_leader(&cluster).await != Some(next) {
+        let _ = cluster.node(first.0).host().transfer_leader(flotilla::raft::GroupId(0), next).await;
+        assert!(Instant::now() < deadline, "meta leadership never moved to {next}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    split_writing_little(&cluster, &client, b"9a5", whole).await;
+    // Every node's map gets both splits, at one revision.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let views: Vec<_> = cluster.nodes().map(|n| (n.meta_revision(), n.meta_view().map.len())).collect();
+        if views.iter().all(|v| *v == views[0]) && views[0].1 == 130 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the nodes' maps never agreed: {views:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.shutdown().await;
+}

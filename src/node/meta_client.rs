@@ -1,14 +1,17 @@
 //! The meta client: this node's copy of the meta state (the placement [`MetaState`]) and the
 //! one way to change it, [`Node::meta_exec`], which runs an operation on the meta leader (here,
-//! or forwarded to it) by read → apply → compare-and-swap. On the meta leader it also holds the
-//! nodes' live reports, which are kept in memory rather than written to the meta group.
+//! or forwarded to it): ReadIndex → the state at that point → the op on a copy → one
+//! transaction writing the records it changed, guarded by the header read (`crate::meta`). On
+//! the meta leader it also holds the nodes' live reports, which are kept in memory rather than
+//! written to the meta group.
 
 use super::{Node, NodeError, LIVE_REPORT_AGE_MAX_MS, META_OP_TIMEOUT_MS, PEER_REQUEST_TIMEOUT_MS};
-use crate::meta::{self, META_GROUP, META_STATE_KEY};
+use crate::meta::records::META_PREFIX;
+use crate::meta::{self, StoredMeta, META_GROUP, META_STATE_KEY, USER_KEYS_START};
 use crate::peer_wire::{MetaOp, PeerRequest, PeerResponse};
 use crate::placement::{MetaState, NodeId, NodeReport};
-use crate::raft::{RaftError, ReadMode, Role};
-use crate::shard::{HostError, KvCommand, KvResponse};
+use crate::raft::{RaftError, ReadMode, Role, StorageError};
+use crate::shard::{HostError, KvCommand, KvResponse, CF_DATA};
 use crate::wire::AdminResponse;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -19,9 +22,14 @@ use tracing::warn;
 /// The meta client's state, one lock per concern.
 #[derive(Default)]
 pub(super) struct MetaClient {
-    /// This node's copy of the meta state; it never goes back in time ([`Node::set_view`]).
-    view: RwLock<Arc<MetaState>>,
-    /// Serializes this node's meta read-modify-writes (fewer CAS retries).
+    /// This node's copy of the meta state and its revision; it never goes back in time
+    /// ([`Node::set_view`]).
+    view: RwLock<(u64, Arc<MetaState>)>,
+    /// The stored state this node last read from its meta replica, or last wrote as meta
+    /// leader: used again while the replica's header is the one it was read or written with,
+    /// so that an op reads no record when nothing changed since the last one.
+    stored: Mutex<Option<Arc<StoredMeta>>>,
+    /// Serializes this node's meta read-modify-writes (fewer guard failures).
     lock: tokio::sync::Mutex<()>,
     /// When each node's report last reached this node as meta leader (`admin nodes`' report
     /// ages). Unlike `live`, not cleared when a new tenure starts.
@@ -43,49 +51,101 @@ impl MetaClient {
 impl Node {
     /// The node's (possibly lagging) copy of the meta state.
     pub fn meta_view(&self) -> Arc<MetaState> {
-        self.inner.meta.view.read().map(|v| v.clone()).unwrap_or_default()
+        self.inner.meta.view.read().map(|v| v.1.clone()).unwrap_or_default()
     }
 
-    /// Replaces the view, unless `state` is older than the one held (a lagging meta replica
-    /// read after a newer state came from the meta leader): a view never goes back in time.
-    pub(super) fn set_view(&self, state: MetaState) {
+    /// The revision of [`Node::meta_view`]: every change of the meta state bumps it.
+    pub fn meta_revision(&self) -> u64 {
+        self.inner.meta.view.read().map(|v| v.0).unwrap_or_default()
+    }
+
+    /// Replaces the view, unless `state` is of an older revision than the one held (a lagging
+    /// meta replica read after a newer state came from the meta leader): a view never goes
+    /// back in time. The same revision replaces it (the reports laid over it may be newer).
+    pub(super) fn set_view(&self, revision: u64, state: MetaState) {
         if let Ok(mut v) = self.inner.meta.view.write() {
-            if !is_older(&state, v.as_ref()) {
-                *v = Arc::new(state);
+            if revision >= v.0 {
+                *v = (revision, Arc::new(state));
             }
         }
     }
 
-    /// Re-reads the local replica of the meta state, if this node holds one.
+    /// Re-reads the local replica of the meta state, if this node holds one: its header, and
+    /// its records only if the header changed since they were last read.
     pub(crate) async fn refresh_local_view(&self) -> bool {
         if !self.inner.host.groups().contains(&META_GROUP) {
             return false;
         }
-        match self.inner.meta_sm.get(META_STATE_KEY.to_vec()).await {
-            Ok(bytes) => match meta::decode_state(bytes.as_deref()) {
-                Ok(mut s) => {
-                    // On the meta leader, the reports it holds in memory, as meta ops see them.
-                    if self.meta_tenure().is_some() {
-                        self.overlay_live_reports(&mut s);
-                    }
-                    self.set_view(s);
-                    true
-                }
-                Err(e) => {
-                    warn!(error = %e, "local meta state does not decode");
-                    false
-                }
-            },
+        let header = match self.inner.meta_sm.get(META_STATE_KEY.to_vec()).await {
+            Ok(h) => h,
             Err(e) => {
                 warn!(error = %e, "cannot read the local meta state");
+                return false;
+            }
+        };
+        match self.stored_at(header).await {
+            Ok(stored) => {
+                let mut s = stored.state.clone();
+                // On the meta leader, the reports it holds in memory, as meta ops see them.
+                if self.meta_tenure().is_some() {
+                    self.overlay_live_reports(&mut s);
+                }
+                self.set_view(stored.revision(), s);
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "local meta state does not decode");
                 false
             }
         }
     }
 
-    /// Runs `op` on the meta leader (here, or forwarded) and returns the state after it and
-    /// the op's answer.
-    pub async fn meta_exec(&self, op: MetaOp, forwarded: bool) -> Result<(MetaState, AdminResponse), NodeError> {
+    /// The stored state whose header is `header` (as just read from the local replica): the
+    /// one held if it has that header, else read from the replica's records (one consistent
+    /// read of the meta range), which may by then be newer than `header`.
+    async fn stored_at(&self, header: Option<Vec<u8>>) -> Result<Arc<StoredMeta>, String> {
+        if let Ok(held) = self.inner.meta.stored.lock() {
+            if let Some(s) = held.as_ref().filter(|s| s.guard == header) {
+                return Ok(s.clone());
+            }
+        }
+        let pairs = self
+            .inner
+            .host
+            .store()
+            .blocking(|s| {
+                let mut opts = rocksdb::ReadOptions::default();
+                opts.set_iterate_upper_bound(USER_KEYS_START.to_vec());
+                let mut pairs = Vec::new();
+                let mode = rocksdb::IteratorMode::From(META_PREFIX, rocksdb::Direction::Forward);
+                for item in s.db().iterator_cf_opt(s.cf(CF_DATA)?, opts, mode) {
+                    let (k, v) = item.map_err(|e| StorageError::new("read meta", e.to_string()))?;
+                    if !k.starts_with(META_PREFIX) {
+                        break;
+                    }
+                    pairs.push((k.to_vec(), v.to_vec()));
+                }
+                Ok(pairs)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let stored = Arc::new(StoredMeta::load(pairs)?);
+        self.keep_stored(stored.clone());
+        Ok(stored)
+    }
+
+    /// Holds `stored` for the next op, unless the one held is newer.
+    fn keep_stored(&self, stored: Arc<StoredMeta>) {
+        if let Ok(mut held) = self.inner.meta.stored.lock() {
+            if held.as_ref().is_none_or(|h| h.revision() <= stored.revision()) {
+                *held = Some(stored);
+            }
+        }
+    }
+
+    /// Runs `op` on the meta leader (here, or forwarded) and returns the state after it (and
+    /// its revision) and the op's answer.
+    pub async fn meta_exec(&self, op: MetaOp, forwarded: bool) -> Result<(u64, MetaState, AdminResponse), NodeError> {
         let deadline = Instant::now() + Duration::from_millis(META_OP_TIMEOUT_MS);
         let mut peer_turn = 0usize;
         let mut last_err = String::from("no meta leader reachable");
@@ -152,9 +212,9 @@ impl Node {
                 {
                     Ok(bytes) => match PeerResponse::decode(&bytes) {
                         Ok(PeerResponse::Meta { state, answer }) => {
-                            let s = meta::decode_state(Some(&state)).map_err(NodeError::Meta)?;
-                            self.set_view(s.clone());
-                            return Ok((s, answer));
+                            let (revision, s) = meta::decode_view(&state).map_err(NodeError::Meta)?;
+                            self.set_view(revision, s.clone());
+                            return Ok((revision, s, answer));
                         }
                         Ok(PeerResponse::Refused(e)) => return Err(NodeError::Meta(e)),
                         Ok(other) => last_err = format!("meta leader {to} answered {other:?}"),
@@ -168,15 +228,17 @@ impl Node {
         Err(NodeError::MetaUnavailable(format!("timed out: {last_err}")))
     }
 
-    async fn meta_local(&self, op: &MetaOp) -> Result<(MetaState, AdminResponse), MetaTry> {
+    async fn meta_local(&self, op: &MetaOp) -> Result<(u64, MetaState, AdminResponse), MetaTry> {
         let _guard = self.inner.meta.lock.lock().await;
         let g = META_GROUP;
         loop {
-            let cur = self.inner.host.get(g, META_STATE_KEY.to_vec(), ReadMode::ReadIndex).await.map_err(meta_try)?;
-            let stored = meta::decode_state(cur.as_deref()).map_err(MetaTry::Refused)?;
-            let mut state = stored.clone();
-            self.overlay_live_reports(&mut state);
-            let mut next = state.clone();
+            // The read makes this node's replica current (linearizably) and gives the header
+            // the state must have.
+            let header =
+                self.inner.host.get(g, META_STATE_KEY.to_vec(), ReadMode::ReadIndex).await.map_err(meta_try)?;
+            let stored = self.stored_at(header).await.map_err(MetaTry::Refused)?;
+            let mut next = stored.state.clone();
+            self.overlay_live_reports(&mut next);
             let answer = meta::run_op(op, &mut next, &self.inner.config.balancer).map_err(MetaTry::Refused)?;
             self.inner.stats.meta_ops.fetch_add(1, Ordering::Relaxed);
             // The live reports follow what the op did to them (a report replaces its node's; a
@@ -191,28 +253,35 @@ impl Node {
                     }
                 }
             }
-            // A report that changes nothing but reports is kept in memory, not written.
-            if matches!(op, MetaOp::Report { .. }) && without_reports(&next) == without_reports(&stored) {
-                self.set_view(next.clone());
-                return Ok((next, answer));
+            let (writes, after) = stored.changes(&next).map_err(MetaTry::Refused)?;
+            // Nothing stored changed (a read, or a report that changes reports only).
+            if writes.is_empty() {
+                self.set_view(stored.revision(), next.clone());
+                return Ok((stored.revision(), next, answer));
             }
-            if next == state {
-                self.set_view(state.clone());
-                return Ok((state, answer));
-            }
-            let bytes = meta::encode_state(&next).map_err(MetaTry::Refused)?;
+            let bytes: usize = writes.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
+            let records = writes.len();
+            let txn = KvCommand::Txn { guard: META_STATE_KEY.to_vec(), expected: stored.guard.clone(), writes };
             self.inner.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
-            let cas = KvCommand::Cas { key: META_STATE_KEY.to_vec(), expected: cur, new: Some(bytes) };
-            match self.inner.host.write(g, cas).await.map_err(meta_try)? {
-                KvResponse::Done { .. } => {
-                    self.set_view(next.clone());
-                    return Ok((next, answer));
+            self.inner.stats.meta_write_records.fetch_add(records as u64, Ordering::Relaxed);
+            self.inner.stats.meta_write_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+            match self.inner.host.write(g, txn).await {
+                Ok(KvResponse::Done { .. }) => {
+                    let revision = after.revision();
+                    self.keep_stored(Arc::new(after));
+                    self.set_view(revision, next.clone());
+                    return Ok((revision, next, answer));
                 }
-                KvResponse::CasFailed { .. } => continue,
-                KvResponse::Refused(e) => return Err(MetaTry::Refused(e)),
-                KvResponse::Split { .. } | KvResponse::OutOfRange => {
-                    return Err(MetaTry::Refused("an unexpected answer to the meta compare-and-swap".into()))
+                // Another change got in since the read: read again.
+                Ok(KvResponse::CasFailed { .. }) => continue,
+                Ok(KvResponse::Refused(e)) => return Err(MetaTry::Refused(e)),
+                Ok(KvResponse::Split { .. } | KvResponse::OutOfRange) => {
+                    return Err(MetaTry::Refused("an unexpected answer to the meta transaction".into()))
                 }
+                Err(HostError::TooLarge(e)) => {
+                    return Err(MetaTry::Refused(format!("the change is too large for one meta transaction: {e}")))
+                }
+                Err(e) => return Err(meta_try(e)),
             }
         }
     }
@@ -272,25 +341,4 @@ fn meta_try(e: HostError) -> MetaTry {
         HostError::Raft(RaftError::NotLeader { leader }) => MetaTry::Leader(leader),
         other => MetaTry::Retry(other.to_string()),
     }
-}
-
-/// Whether view `a` is older than view `b`: it allocated fewer shard ids, or some shard is at
-/// an older epoch. Both come from one history (the meta group's), so no view is older in one
-/// shard and newer in another.
-fn is_older(a: &MetaState, b: &MetaState) -> bool {
-    a.next_shard_id < b.next_shard_id
-        || a.map.shards().any(|d| {
-            b.map
-                .get(d.id)
-                .is_some_and(|o| (d.epoch.version, d.epoch.conf_version) < (o.epoch.version, o.epoch.conf_version))
-        })
-}
-
-/// `state` with every node's report emptied: what a report alone does not change.
-fn without_reports(state: &MetaState) -> MetaState {
-    let mut s = state.clone();
-    for info in s.nodes.values_mut() {
-        info.report = NodeReport::default();
-    }
-    s
 }

@@ -182,7 +182,7 @@ impl Node {
             Request::ClusterView { fresh } => {
                 let state = if fresh {
                     match self.meta_exec(MetaOp::Read, false).await {
-                        Ok((s, _)) => Arc::new(s),
+                        Ok((_, s, _)) => Arc::new(s),
                         Err(e) => return Response::Unavailable(e.to_string()),
                     }
                 } else {
@@ -223,7 +223,7 @@ impl Node {
         };
         // On the meta leader, or forwarded once to it.
         match self.meta_exec(op, forwarded).await {
-            Ok((state, answer)) => match meta::encode_state(&state) {
+            Ok((revision, state, answer)) => match meta::encode_view(revision, &state) {
                 Ok(state) => PeerResponse::Meta { state, answer },
                 Err(e) => PeerResponse::Unavailable(e),
             },
