@@ -865,3 +865,47 @@ async fn placement_changes_write_their_records_not_the_map_even_under_a_new_meta
     }
     cluster.shutdown().await;
 }
+
+/// Issue 14: a node without a meta replica refreshes its copy of the map with the changes
+/// since its revision, not the whole map: splits reach it as changes once it found the meta
+/// leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_without_a_meta_replica_follows_the_map_by_changes() {
+    let mut cluster = Cluster::start_with(4, &[1, 2, 3], &[1, 2, 3], dev_split_keys(16), |_| {}).await;
+    let client = cluster.client().await;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let updates = |c: &Cluster| {
+        let s = c.node(4).stats();
+        (load(&s.meta_updates_whole), load(&s.meta_updates_changes))
+    };
+    // Settled: node 4 asks the meta leader, which answers with (no) changes, report after report.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let before = updates(&cluster);
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        let after = updates(&cluster);
+        if after.0 == before.0 && after.1 >= before.1 + 2 && cluster.node(4).meta_view().map.len() == 16 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 4 never settled on changes: {before:?} -> {after:?}");
+    }
+    let (whole, changes) = updates(&cluster);
+    for key in [b"1a".as_slice(), b"5a", b"9a"] {
+        let AdminResponse::Changed(_) = client.admin(AdminRequest::Split { key: key.to_vec() }).await.unwrap() else {
+            panic!("split answered otherwise")
+        };
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.node(4).meta_view().map.len() != 19
+        || cluster.node(4).meta_revision() != cluster.node(1).meta_revision()
+    {
+        assert!(Instant::now() < deadline, "node 4's map never got the splits");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (whole_after, changes_after) = updates(&cluster);
+    assert_eq!(whole_after, whole, "node 4 was sent the whole map again");
+    assert!(changes_after > changes, "node 4 was sent changes");
+    // Its copy is the map, routing included.
+    assert_eq!(cluster.node(4).meta_view().map, cluster.node(1).meta_view().map);
+    cluster.shutdown().await;
+}

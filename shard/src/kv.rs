@@ -37,8 +37,9 @@ pub const KEY_BYTES_MAX: usize = 1000;
 pub const VALUE_BYTES_MAX: usize = 1 << 20;
 /// Most writes one [`KvCommand::Txn`] may carry: bounds the work of one apply.
 pub const TXN_WRITES_MAX: usize = 4096;
-/// Most bytes (keys, values and the expected value) one [`KvCommand::Txn`] may carry: no more
-/// than one largest value, so its entry fits an envelope as a put's does.
+/// Most bytes of keys and values one [`KvCommand::Txn`] may write: one largest value, so with
+/// its expected value (at most [`VALUE_BYTES_MAX`]) its entry is no larger than a
+/// compare-and-swap's and fits an envelope as one does.
 pub const TXN_BYTES_MAX: usize = VALUE_BYTES_MAX;
 
 /// A half-open key range `[start, end)`; `end: None` is unbounded.
@@ -374,12 +375,15 @@ impl KvCommand {
 }
 
 /// Why a transaction is too large, if it is: each key and value within the single-key limits,
-/// at most [`TXN_WRITES_MAX`] writes and [`TXN_BYTES_MAX`] bytes in all.
+/// at most [`TXN_WRITES_MAX`] writes and [`TXN_BYTES_MAX`] bytes of them in all.
 fn check_txn_size(guard: &[u8], expected: Option<&[u8]>, writes: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), String> {
     if writes.len() > TXN_WRITES_MAX {
         return Err(format!("transaction of {} writes exceeds the limit of {TXN_WRITES_MAX}", writes.len()));
     }
-    let mut total = guard.len() + expected.map_or(0, <[u8]>::len);
+    if expected.map_or(0, <[u8]>::len) > VALUE_BYTES_MAX {
+        return Err(format!("expected value exceeds the limit of {VALUE_BYTES_MAX}"));
+    }
+    let mut total = 0;
     for key in std::iter::once(guard).chain(writes.iter().map(|(k, _)| k.as_slice())) {
         if key.len() > KEY_BYTES_MAX {
             return Err(format!("key of {} bytes exceeds the limit of {KEY_BYTES_MAX}", key.len()));
@@ -818,9 +822,10 @@ impl KvStateMachine {
                         Ok(KvCommand::Txn { guard, expected, writes }) => {
                             let current = match overlay.get(&guard) {
                                 Some(v) => v.clone(),
-                                None => {
-                                    s.db().get_cf(data, &guard).map_err(|e| StorageError::new("apply", e.to_string()))?
-                                }
+                                None => s
+                                    .db()
+                                    .get_cf(data, &guard)
+                                    .map_err(|e| StorageError::new("apply", e.to_string()))?,
                             };
                             if expected != current {
                                 KvResponse::CasFailed { current }

@@ -557,11 +557,14 @@ async fn a_transaction_applies_all_its_writes_only_when_its_guard_matches_and_on
             // A write outside the range: nothing lands, even with the right guard.
             entry(4, txn(Some(b"2"), &[(b"g", Some(b"3")), (b"zz", Some(b"!"))])),
             // Too many writes: refused at apply.
-            entry(5, KvCommand::Txn {
-                guard: b"g".to_vec(),
-                expected: Some(b"2".to_vec()),
-                writes: vec![(b"d".to_vec(), None); flotilla_shard::TXN_WRITES_MAX + 1],
-            }),
+            entry(
+                5,
+                KvCommand::Txn {
+                    guard: b"g".to_vec(),
+                    expected: Some(b"2".to_vec()),
+                    writes: vec![(b"d".to_vec(), None); flotilla_shard::TXN_WRITES_MAX + 1],
+                },
+            ),
         ])
         .await
         .expect("apply");

@@ -22,6 +22,7 @@
 //! replicated), so replicas could not re-run them to the same result. The effect is what the
 //! leader decided; every replica applies it the same way, and it costs the records changed.
 
+pub mod change_log;
 pub mod records;
 
 use crate::peer_wire::MetaOp;

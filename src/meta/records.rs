@@ -17,9 +17,9 @@
 //! | `\x00meta/tomb/<shard BE><node BE>`   | `Tombstone`                              |
 //!
 //! **The header is the guard.** Every change is one `KvCommand::Txn` whose guard is the
-//! header's bytes as the proposer read them and whose writes carry the new header (revision
-//! + 1): two proposers (two meta leaders of successive terms, say) cannot both apply a change
-//! computed from the same state, and each revision names exactly one state of the meta
+//! header's bytes as the proposer read them and whose writes carry the new header, one
+//! revision on: two proposers (two meta leaders of successive terms, say) cannot both apply a
+//! change computed from the same state, and each revision names exactly one state of the meta
 //! group's history.
 //!
 //! **Reports are not stored.** Nodes report every second; the meta leader keeps their reports
@@ -28,14 +28,14 @@
 //! changes a stored item.
 //!
 //! **Format 1** kept the whole state in the header's key (`[1][bincode MetaState]`). A store
-//! holding it is read as revision 0 and converted by the first change, which writes every
-//! record and the format-2 header in one transaction guarded by the old bytes. A build that
-//! reads only format 1 refuses the format-2 header with its version in the message, rather than
-//! seeing no state and bootstrapping again.
+//! holding it is read as revision 0 and converted by the meta leader's first operation, which
+//! writes every record and then the format-2 header, each transaction guarded by the old
+//! bytes: in parts when they are too many for one ([`conversion_parts`]), the header last;
+//! item records under a format-1 header are ignored, so a conversion cut short is simply
+//! done again. A build that reads only format 1 refuses the format-2 header with its version
+//! in the message, rather than seeing no state and bootstrapping again.
 
-use crate::placement::{
-    MetaState, MoveRecord, NodeId, NodeInfo, NodeReport, ShardDescriptor, ShardId, Tombstone,
-};
+use crate::placement::{MetaState, MoveRecord, NodeId, NodeInfo, NodeReport, ShardDescriptor, ShardId, Tombstone};
 use crate::shard::keys::{decode, encode};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
@@ -85,6 +85,17 @@ pub struct StoredMeta {
 }
 
 impl StoredMeta {
+    /// A copy of `state` at `revision` that follows changes ([`StoredMeta::apply`]) and never
+    /// proposes any (its guard and recent-move numbering are unknown): what a node without
+    /// the meta leader's replica keeps up to date.
+    pub fn followed(revision: u64, mut state: MetaState) -> StoredMeta {
+        for info in state.nodes.values_mut() {
+            info.report = NodeReport::default();
+        }
+        let header = MetaHeader { revision, next_shard_id: state.next_shard_id, recent_first: 0 };
+        StoredMeta { guard: None, header, state, whole: false }
+    }
+
     /// The revision of the state.
     pub fn revision(&self) -> u64 {
         self.header.revision
@@ -119,11 +130,12 @@ impl StoredMeta {
                 items.push((key, Some(value)));
             }
         }
-        if out.whole && !items.is_empty() {
-            return Err("the meta range holds both a format-1 state and item records".into());
+        // Under a format-1 header, item records are a conversion in progress (written in parts
+        // before the last one replaces the header): the format-1 state is the state.
+        if !out.whole {
+            out.state.next_shard_id = out.header.next_shard_id;
+            apply_items(&mut out.state, &items)?;
         }
-        out.state.next_shard_id = out.header.next_shard_id;
-        apply_items(&mut out.state, &items)?;
         for info in out.state.nodes.values_mut() {
             info.report = NodeReport::default();
         }
@@ -148,9 +160,12 @@ impl StoredMeta {
         diff_map(&mut writes, base.nodes.iter().map(|(k, v)| (*k, v)), next.nodes.iter().map(|(k, v)| (*k, v)), |n| {
             key(NODE, &[n.0])
         })?;
-        diff_map(&mut writes, base.transfers.iter().map(|(k, v)| (*k, v)), next.transfers.iter().map(|(k, v)| (*k, v)), |s| {
-            key(TRANSFER, &[s.0])
-        })?;
+        diff_map(
+            &mut writes,
+            base.transfers.iter().map(|(k, v)| (*k, v)),
+            next.transfers.iter().map(|(k, v)| (*k, v)),
+            |s| key(TRANSFER, &[s.0]),
+        )?;
         diff_map(&mut writes, base.moves.iter().map(|(k, v)| (*k, v)), next.moves.iter().map(|(k, v)| (*k, v)), |s| {
             key(MOVE, &[s.0])
         })?;
@@ -207,6 +222,31 @@ impl StoredMeta {
         }
         Ok(())
     }
+}
+
+/// The writes of a format-1 conversion cut into transactions of at most `writes_max` writes
+/// and `bytes_max` bytes of keys and values, the header's write alone in the last: every part
+/// before it lands under the format-1 header, which ignores them until the last lands.
+pub fn conversion_parts(writes: Vec<MetaWrite>, writes_max: usize, bytes_max: usize) -> Vec<Vec<MetaWrite>> {
+    let (header, items): (Vec<MetaWrite>, Vec<MetaWrite>) =
+        writes.into_iter().partition(|(k, _)| k.as_slice() == META_STATE_KEY);
+    let mut parts: Vec<Vec<MetaWrite>> = Vec::new();
+    let mut bytes = 0;
+    for w in items {
+        let size = w.0.len() + w.1.as_ref().map_or(0, Vec::len);
+        match parts.last_mut() {
+            Some(p) if p.len() < writes_max && bytes + size <= bytes_max => {
+                bytes += size;
+                p.push(w);
+            }
+            _ => {
+                bytes = size;
+                parts.push(vec![w]);
+            }
+        }
+    }
+    parts.push(header);
+    parts
 }
 
 /// The header's stored bytes.

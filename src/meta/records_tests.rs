@@ -143,7 +143,8 @@ fn a_split_or_a_replica_change_writes_its_records_not_the_map() {
     let whole = range.bytes();
     assert!(whole > 50_000, "1000 shards take {whole} bytes");
     let d = s.state.map.lookup(b"k000500").cloned().expect("shard");
-    let writes = step(&mut s, &mut range, MetaCommand::Split { shard: d.id, epoch: d.epoch, key: b"k000500x".to_vec() });
+    let writes =
+        step(&mut s, &mut range, MetaCommand::Split { shard: d.id, epoch: d.epoch, key: b"k000500x".to_vec() });
     let bytes: usize = writes.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
     assert_eq!(writes.len(), 3, "the two halves and the header: {writes:?}");
     assert!(bytes < 300, "a split writes {bytes} bytes of a {whole}-byte map");
@@ -218,4 +219,32 @@ fn a_copy_refuses_a_change_that_does_not_follow_its_revision() {
     copy.apply(&w1).expect("in order");
     copy.apply(&w2).expect("in order");
     assert_eq!(copy, s);
+}
+
+#[test]
+fn a_large_format_1_state_converts_in_parts_and_a_conversion_cut_short_is_ignored() {
+    let mut range = Range::default();
+    let s = bootstrapped(&mut range, 300);
+    let mut v1 = vec![META_FORMAT_WHOLE];
+    v1.extend(s.state.snapshot().expect("snapshot"));
+    let mut legacy = Range::default();
+    legacy.0.insert(META_STATE_KEY.to_vec(), v1);
+    let read = legacy.load();
+    let (writes, after) = read.changes(&read.state).expect("changes");
+    let parts = conversion_parts(writes.clone(), 100, 1 << 20);
+    assert_eq!(parts.len(), 5, "304 records in parts of 100, then the header alone");
+    assert!(parts.last().is_some_and(|p| p.len() == 1 && p[0].0 == META_STATE_KEY));
+    assert_eq!(parts.iter().map(Vec::len).sum::<usize>(), writes.len());
+    // Cut short after two parts: still the format-1 state, and converting again works.
+    legacy.write(&parts[0]);
+    legacy.write(&parts[1]);
+    assert_eq!(legacy.load(), read, "records under a format-1 header are ignored");
+    for p in conversion_parts(writes, 64, 2_000) {
+        assert!(
+            p.len() <= 64 && p.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum::<usize>() <= 2_000
+        );
+        legacy.write(&p);
+    }
+    assert_eq!(legacy.load(), after);
+    assert_eq!(after.state, s.state);
 }

@@ -6,18 +6,22 @@
 //! written to the meta group.
 
 use super::{Node, NodeError, LIVE_REPORT_AGE_MAX_MS, META_OP_TIMEOUT_MS, PEER_REQUEST_TIMEOUT_MS};
-use crate::meta::records::META_PREFIX;
+use crate::meta::change_log::ChangeLog;
+use crate::meta::records::{conversion_parts, MetaWrite, META_PREFIX};
 use crate::meta::{self, StoredMeta, META_GROUP, META_STATE_KEY, USER_KEYS_START};
-use crate::peer_wire::{MetaOp, PeerRequest, PeerResponse};
+use crate::peer_wire::{MetaOp, MetaUpdate, PeerRequest, PeerResponse};
 use crate::placement::{MetaState, NodeId, NodeReport};
 use crate::raft::{RaftError, ReadMode, Role, StorageError};
-use crate::shard::{HostError, KvCommand, KvResponse, CF_DATA};
+use crate::shard::{HostError, KvCommand, KvResponse, CF_DATA, TXN_BYTES_MAX, TXN_WRITES_MAX};
 use crate::wire::AdminResponse;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tracing::warn;
+
+/// Most bytes of changes sent to a node refreshing its copy; past it the whole state is sent.
+const META_CHANGES_BYTES_MAX: usize = 1 << 20;
 
 /// The meta client's state, one lock per concern.
 #[derive(Default)]
@@ -29,6 +33,14 @@ pub(super) struct MetaClient {
     /// leader: used again while the replica's header is the one it was read or written with,
     /// so that an op reads no record when nothing changed since the last one.
     stored: Mutex<Option<Arc<StoredMeta>>>,
+    /// The changes this node wrote as meta leader, for nodes asking for the changes since
+    /// their revision ([`PeerRequest::MetaSince`]).
+    changes: Mutex<ChangeLog>,
+    /// This node's copy as the meta leader's answers to [`Node::meta_follow`] brought it up to
+    /// date (reports left out): what the next changes are applied to.
+    followed: Mutex<Option<StoredMeta>>,
+    /// The node that last answered [`Node::meta_follow`] as meta leader: asked first next time.
+    follow_peer: Mutex<Option<NodeId>>,
     /// Serializes this node's meta read-modify-writes (fewer guard failures).
     lock: tokio::sync::Mutex<()>,
     /// When each node's report last reached this node as meta leader (`admin nodes`' report
@@ -156,11 +168,7 @@ impl Node {
             let target = if self.inner.host.groups().contains(&META_GROUP) {
                 match self.meta_local(&op).await {
                     Ok(r) => {
-                        if let MetaOp::Report { node, .. } = &op {
-                            if let Ok(mut m) = self.inner.meta.report_seen.lock() {
-                                m.insert(*node, Instant::now());
-                            }
-                        }
+                        self.saw_report(&op);
                         return Ok(r);
                     }
                     Err(MetaTry::Refused(e)) => return Err(NodeError::Meta(e)),
@@ -185,14 +193,7 @@ impl Node {
                 return Err(NodeError::MetaUnavailable("this node holds no meta replica".into()));
             } else {
                 // No local replica: ask the nodes we know of in turn.
-                let mut known: Vec<NodeId> = self.meta_view().nodes.keys().copied().collect();
-                known.extend(self.inner.config.peers.iter().map(|p| p.0));
-                if let Ok(p) = self.inner.extra_peers.lock() {
-                    known.extend(p.iter().copied());
-                }
-                known.sort();
-                known.dedup();
-                known.retain(|n| *n != self.inner.id);
+                let known = self.known_peers();
                 if known.is_empty() {
                     return Err(NodeError::Meta("no peers known".into()));
                 }
@@ -228,6 +229,148 @@ impl Node {
         Err(NodeError::MetaUnavailable(format!("timed out: {last_err}")))
     }
 
+    /// Notes when a node's report reached this node as meta leader.
+    fn saw_report(&self, op: &MetaOp) {
+        if let MetaOp::Report { node, .. } = op {
+            if let Ok(mut m) = self.inner.meta.report_seen.lock() {
+                m.insert(*node, Instant::now());
+            }
+        }
+    }
+
+    /// The changes this node wrote as meta leader from revision `since` to `to`, if it holds
+    /// every one and they are small enough to send (else the asker is sent the whole state).
+    pub(super) fn meta_changes(&self, since: u64, to: u64) -> Option<Vec<Vec<MetaWrite>>> {
+        let changes = self.inner.meta.changes.lock().ok()?.between(since, to)?;
+        let bytes: usize =
+            changes.iter().flat_map(|(_, w)| w.iter()).map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
+        (bytes <= META_CHANGES_BYTES_MAX).then(|| changes.into_iter().map(|(_, w)| w.as_ref().clone()).collect())
+    }
+
+    /// Runs `op` on the meta leader, as [`Node::meta_exec`] does, for a caller that needs only
+    /// this node's view brought up to date (not the reports): a node without the meta leader's
+    /// replica asks for the changes since its view's revision, and is sent the whole state only
+    /// when the node answering does not hold them all (a new meta leader, a view too old).
+    pub(super) async fn meta_follow(&self, op: MetaOp) -> Result<AdminResponse, NodeError> {
+        let deadline = Instant::now() + Duration::from_millis(META_OP_TIMEOUT_MS);
+        let mut peer_turn = 0usize;
+        let mut last_err = String::from("no meta leader reachable");
+        while Instant::now() < deadline {
+            if *self.inner.shutdown.borrow() {
+                return Err(NodeError::MetaUnavailable("the node is shutting down".into()));
+            }
+            if self.inner.host.groups().contains(&META_GROUP) {
+                match self.meta_local(&op).await {
+                    Ok((_, _, answer)) => {
+                        self.saw_report(&op);
+                        return Ok(answer);
+                    }
+                    Err(MetaTry::Refused(e)) => return Err(NodeError::Meta(e)),
+                    Err(MetaTry::Leader(Some(l))) if l != self.inner.id => self.set_follow_peer(Some(l)),
+                    Err(MetaTry::Leader(_)) => {
+                        last_err = "the meta group has no leader yet".into();
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    Err(MetaTry::Retry(e)) => {
+                        last_err = e;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                }
+            }
+            let held = self.inner.meta.follow_peer.lock().ok().and_then(|p| *p);
+            let to = match held {
+                Some(p) => p,
+                None => {
+                    let known = self.known_peers();
+                    if known.is_empty() {
+                        return Err(NodeError::Meta("no peers known".into()));
+                    }
+                    peer_turn += 1;
+                    known[peer_turn % known.len()]
+                }
+            };
+            let since = self.inner.meta.followed.lock().ok().and_then(|f| f.as_ref().map(StoredMeta::revision));
+            let req = PeerRequest::MetaSince { op: op.clone(), since };
+            let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
+            match self.inner.transport.request(to, req.encode(), timeout).await.map(|b| PeerResponse::decode(&b)) {
+                Ok(Ok(PeerResponse::MetaSince { revision, update, from_leader, answer })) => {
+                    self.set_follow_peer(from_leader.then_some(to));
+                    match self.follow(revision, update) {
+                        Ok(()) => return Ok(answer),
+                        // The copy is dropped: the next request asks for the whole state.
+                        Err(e) => last_err = format!("meta update from {to}: {e}"),
+                    }
+                }
+                Ok(Ok(PeerResponse::Refused(e))) => return Err(NodeError::Meta(e)),
+                Ok(Ok(other)) => {
+                    self.set_follow_peer(None);
+                    last_err = format!("node {to} answered {other:?}");
+                }
+                Ok(Err(e)) => {
+                    self.set_follow_peer(None);
+                    last_err = e.to_string();
+                }
+                Err(e) => {
+                    self.set_follow_peer(None);
+                    last_err = format!("node {to}: {e}");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(NodeError::MetaUnavailable(format!("timed out: {last_err}")))
+    }
+
+    fn set_follow_peer(&self, peer: Option<NodeId>) {
+        if let Ok(mut p) = self.inner.meta.follow_peer.lock() {
+            *p = peer;
+        }
+    }
+
+    /// Brings this node's followed copy, and its view, to `revision` with `update`. A change
+    /// that does not apply drops the copy.
+    fn follow(&self, revision: u64, update: MetaUpdate) -> Result<(), String> {
+        let mut followed = self.inner.meta.followed.lock().map_err(|_| "meta copy lock poisoned")?;
+        match update {
+            MetaUpdate::Whole(bytes) => {
+                self.inner.stats.meta_updates_whole.fetch_add(1, Ordering::Relaxed);
+                let (rev, state) = meta::decode_view(&bytes)?;
+                *followed = Some(StoredMeta::followed(rev, state.clone()));
+                self.set_view(rev, state);
+            }
+            MetaUpdate::Changes(changes) => {
+                self.inner.stats.meta_updates_changes.fetch_add(1, Ordering::Relaxed);
+                let Some(copy) = followed.as_mut() else {
+                    return Err("changes came for a copy this node does not hold".into());
+                };
+                let applied = changes.iter().try_for_each(|c| copy.apply(c));
+                if let Err(e) = applied.and_then(|()| match copy.revision() == revision {
+                    true => Ok(()),
+                    false => Err(format!("changes reach revision {}, not {revision}", copy.revision())),
+                }) {
+                    *followed = None;
+                    return Err(e);
+                }
+                self.set_view(revision, copy.state.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Other nodes this node knows of, in id order.
+    fn known_peers(&self) -> Vec<NodeId> {
+        let mut known: Vec<NodeId> = self.meta_view().nodes.keys().copied().collect();
+        known.extend(self.inner.config.peers.iter().map(|p| p.0));
+        if let Ok(p) = self.inner.extra_peers.lock() {
+            known.extend(p.iter().copied());
+        }
+        known.sort();
+        known.dedup();
+        known.retain(|n| *n != self.inner.id);
+        known
+    }
+
     async fn meta_local(&self, op: &MetaOp) -> Result<(u64, MetaState, AdminResponse), MetaTry> {
         let _guard = self.inner.meta.lock.lock().await;
         let g = META_GROUP;
@@ -259,15 +402,38 @@ impl Node {
                 self.set_view(stored.revision(), next.clone());
                 return Ok((stored.revision(), next, answer));
             }
+            // Converting format 1: every record first, in parts if they are too many for one
+            // transaction, each guarded by the format-1 header; the header last.
+            let mut writes = writes;
+            if stored.whole {
+                let mut parts = conversion_parts(writes, TXN_WRITES_MAX, TXN_BYTES_MAX - 4096);
+                writes = parts.pop().unwrap_or_default();
+                if !self.write_parts(parts, stored.guard.clone()).await? {
+                    continue;
+                }
+            }
             let bytes: usize = writes.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
             let records = writes.len();
-            let txn = KvCommand::Txn { guard: META_STATE_KEY.to_vec(), expected: stored.guard.clone(), writes };
+            let writes = Arc::new(writes);
+            let txn = KvCommand::Txn {
+                guard: META_STATE_KEY.to_vec(),
+                expected: stored.guard.clone(),
+                writes: writes.as_ref().clone(),
+            };
             self.inner.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
             self.inner.stats.meta_write_records.fetch_add(records as u64, Ordering::Relaxed);
             self.inner.stats.meta_write_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
             match self.inner.host.write(g, txn).await {
                 Ok(KvResponse::Done { .. }) => {
                     let revision = after.revision();
+                    // A conversion's last part holds only the header, not the change: nodes
+                    // following changes are sent the whole state once instead.
+                    if let Ok(mut log) = self.inner.meta.changes.lock() {
+                        match stored.whole {
+                            false => log.push(revision, writes),
+                            true => *log = ChangeLog::default(),
+                        }
+                    }
                     self.keep_stored(Arc::new(after));
                     self.set_view(revision, next.clone());
                     return Ok((revision, next, answer));
@@ -286,9 +452,25 @@ impl Node {
         }
     }
 
-    /// Replaces every node's stored report with the one this node received as meta leader
-    /// within [`LIVE_REPORT_AGE_MAX_MS`], or with an empty report (nothing known) if none:
-    /// stored reports are only as fresh as the last meta write, which may be long ago.
+    /// Writes the first parts of a format-1 conversion, each guarded by the format-1 header
+    /// `guard`; `false` if the guard failed (another change got in: read again).
+    async fn write_parts(&self, parts: Vec<Vec<MetaWrite>>, guard: Option<Vec<u8>>) -> Result<bool, MetaTry> {
+        for writes in parts {
+            let txn = KvCommand::Txn { guard: META_STATE_KEY.to_vec(), expected: guard.clone(), writes };
+            match self.inner.host.write(META_GROUP, txn).await {
+                Ok(KvResponse::Done { .. }) => {}
+                Ok(KvResponse::CasFailed { .. }) => return Ok(false),
+                Ok(other) => return Err(MetaTry::Refused(format!("converting the meta state: {other:?}"))),
+                Err(HostError::TooLarge(e)) => return Err(MetaTry::Refused(format!("converting the meta state: {e}"))),
+                Err(e) => return Err(meta_try(e)),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Replaces every node's report with the one this node received as meta leader within
+    /// [`LIVE_REPORT_AGE_MAX_MS`], or with an empty report (nothing known) if none: reports
+    /// are not stored in the meta group.
     fn overlay_live_reports(&self, state: &mut MetaState) {
         let Ok(live) = self.inner.meta.live.lock() else { return };
         let max_age = Duration::from_millis(LIVE_REPORT_AGE_MAX_MS);

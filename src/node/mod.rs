@@ -327,6 +327,10 @@ pub struct NodeStats {
     pub meta_write_records: AtomicU64,
     /// Bytes of keys and values those changes wrote.
     pub meta_write_bytes: AtomicU64,
+    /// Refreshes of this node's copy of the meta state that came as the whole state.
+    pub meta_updates_whole: AtomicU64,
+    /// Refreshes of this node's copy that came as the changes since its revision.
+    pub meta_updates_changes: AtomicU64,
 }
 
 /// The node's state, shared by its tasks. Each room's state is its own field (and lock), named
@@ -621,6 +625,16 @@ impl Node {
             "flotilla_meta_write_records_total",
             "Records those changes wrote.",
             s.meta_write_records.load(Ordering::Relaxed),
+        );
+        counter(
+            "flotilla_meta_updates_whole_total",
+            "Refreshes of this node's meta copy sent as the whole state.",
+            s.meta_updates_whole.load(Ordering::Relaxed),
+        );
+        counter(
+            "flotilla_meta_updates_changes_total",
+            "Refreshes of this node's meta copy sent as the changes since its revision.",
+            s.meta_updates_changes.load(Ordering::Relaxed),
         );
         counter(
             "flotilla_meta_write_bytes_total",
