@@ -30,7 +30,7 @@ use crate::placement::{
     balance, BalancerConfig, MetaCommand, MetaOutcome, MetaState, NodeId, ShardDescriptor, ShardId,
 };
 use crate::raft::GroupId;
-use crate::shard::KeyRange;
+use crate::shard::{KeyRange, Store, CF_DATA};
 use crate::wire::AdminResponse;
 
 /// The meta group's id.
@@ -41,6 +41,24 @@ pub use records::{StoredMeta, META_STATE_KEY};
 pub const META_VIEW_FORMAT: u8 = 2;
 /// The first key a data shard may own: everything below belongs to the meta group.
 pub const USER_KEYS_START: &[u8] = &[0x01];
+
+/// Reads the meta state this node's replica holds (blocking): its records, in one consistent
+/// read of the meta range.
+pub fn read_stored_blocking(store: &Store) -> Result<StoredMeta, String> {
+    let mut opts = rocksdb::ReadOptions::default();
+    opts.set_iterate_upper_bound(USER_KEYS_START.to_vec());
+    let cf = store.cf(CF_DATA).map_err(|e| e.to_string())?;
+    let mode = rocksdb::IteratorMode::From(records::META_PREFIX, rocksdb::Direction::Forward);
+    let mut pairs = Vec::new();
+    for item in store.db().iterator_cf_opt(cf, opts, mode) {
+        let (k, v) = item.map_err(|e| format!("reading the meta state: {e}"))?;
+        if !k.starts_with(records::META_PREFIX) {
+            break;
+        }
+        pairs.push((k.to_vec(), v.to_vec()));
+    }
+    StoredMeta::load(pairs)
+}
 
 /// The meta group's key range.
 pub fn meta_range() -> KeyRange {

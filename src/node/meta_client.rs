@@ -7,12 +7,12 @@
 
 use super::{Node, NodeError, LIVE_REPORT_AGE_MAX_MS, META_OP_TIMEOUT_MS, PEER_REQUEST_TIMEOUT_MS};
 use crate::meta::change_log::ChangeLog;
-use crate::meta::records::{conversion_parts, MetaWrite, META_PREFIX};
-use crate::meta::{self, StoredMeta, META_GROUP, META_STATE_KEY, USER_KEYS_START};
+use crate::meta::records::{conversion_parts, MetaWrite};
+use crate::meta::{self, StoredMeta, META_GROUP, META_STATE_KEY};
 use crate::peer_wire::{MetaOp, MetaUpdate, PeerRequest, PeerResponse};
 use crate::placement::{MetaState, NodeId, NodeReport};
-use crate::raft::{RaftError, ReadMode, Role, StorageError};
-use crate::shard::{HostError, KvCommand, KvResponse, CF_DATA, TXN_BYTES_MAX, TXN_WRITES_MAX};
+use crate::raft::{RaftError, ReadMode, Role};
+use crate::shard::{HostError, KvCommand, KvResponse, TXN_BYTES_MAX, TXN_WRITES_MAX};
 use crate::wire::AdminResponse;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -121,27 +121,8 @@ impl Node {
                 return Ok(s.clone());
             }
         }
-        let pairs = self
-            .inner
-            .host
-            .store()
-            .blocking(|s| {
-                let mut opts = rocksdb::ReadOptions::default();
-                opts.set_iterate_upper_bound(USER_KEYS_START.to_vec());
-                let mut pairs = Vec::new();
-                let mode = rocksdb::IteratorMode::From(META_PREFIX, rocksdb::Direction::Forward);
-                for item in s.db().iterator_cf_opt(s.cf(CF_DATA)?, opts, mode) {
-                    let (k, v) = item.map_err(|e| StorageError::new("read meta", e.to_string()))?;
-                    if !k.starts_with(META_PREFIX) {
-                        break;
-                    }
-                    pairs.push((k.to_vec(), v.to_vec()));
-                }
-                Ok(pairs)
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        let stored = Arc::new(StoredMeta::load(pairs)?);
+        let read = self.inner.host.store().blocking(|s| Ok(meta::read_stored_blocking(s))).await;
+        let stored = Arc::new(read.map_err(|e| e.to_string())??);
         self.keep_stored(stored.clone());
         Ok(stored)
     }
