@@ -909,3 +909,78 @@ async fn a_node_without_a_meta_replica_follows_the_map_by_changes() {
     assert_eq!(cluster.node(4).meta_view().map, cluster.node(1).meta_view().map);
     cluster.shutdown().await;
 }
+
+/// Issue 14's upgrade path: a cluster whose meta replicas hold the state in the one-key format
+/// of earlier builds starts, reads it, and converts it at the meta leader's first operation;
+/// then it serves and changes placement as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_meta_state_stored_in_the_one_key_format_converts_and_the_cluster_serves_on() {
+    use flotilla::meta::{read_stored_blocking, META_STATE_KEY};
+    use flotilla::shard::{Op, Store, CF_DATA};
+    let mut cluster = Cluster::start(3, 4).await;
+    let client = cluster.client().await;
+    client.put(b"a-key", b"v").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let views: Vec<_> = cluster.nodes().map(|n| (n.meta_revision(), n.meta_view().map.len())).collect();
+        if views.iter().all(|v| *v == views[0]) && views[0].1 == 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the nodes' maps never agreed: {views:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let state = cluster.node(1).meta_view().as_ref().clone();
+    let mut one_key = vec![1u8];
+    one_key.extend(state.snapshot().unwrap());
+    for id in 1..=3 {
+        cluster.stop(id).await;
+    }
+    // Every replica rewritten as an earlier build left it: no records, the whole state in one key.
+    for id in 1..=3 {
+        let path = cluster.dev.dir().join(format!("node-{id}")).join("store");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let store = loop {
+            match Store::open(&path) {
+                Ok(s) => break s,
+                Err(e) => assert!(Instant::now() < deadline, "node {id}'s store never closed: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let ops = vec![
+            Op::DeleteRange(CF_DATA, b"\x00meta/".to_vec(), b"\x00meta0".to_vec()),
+            Op::Put(CF_DATA, META_STATE_KEY.to_vec(), one_key.clone()),
+        ];
+        store.write(ops, true).await.unwrap();
+        assert!(read_stored_blocking(&store).unwrap().whole, "node {id} holds the one-key format");
+    }
+    for id in 1..=3 {
+        cluster.restart(id).await;
+    }
+    // Converted on every replica, without anyone asking: the nodes' reports are operations.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stored: Vec<_> =
+            cluster.nodes().map(|n| read_stored_blocking(n.host().store()).map(|s| (s.whole, s.revision()))).collect();
+        if stored.iter().all(|s| matches!(s, Ok((false, r)) if *r > 0)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never converted: {stored:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(client.get(b"a-key").await.unwrap(), Some(b"v".to_vec()));
+    let AdminResponse::Changed(_) = client.admin(AdminRequest::Split { key: b"a-kez".to_vec() }).await.unwrap() else {
+        panic!("split answered otherwise")
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let views: Vec<_> = cluster.nodes().map(|n| (n.meta_revision(), n.meta_view().map.len())).collect();
+        if views.iter().all(|v| *v == views[0]) && views[0].1 == 5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the nodes' maps never agreed after the split: {views:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client.put(b"a-key", b"w").await.unwrap();
+    assert_eq!(client.get(b"a-key").await.unwrap(), Some(b"w".to_vec()));
+    cluster.shutdown().await;
+}
