@@ -835,6 +835,21 @@ async fn placement_changes_write_their_records_not_the_map_even_under_a_new_meta
     let AdminResponse::Shards(rows) = client.admin(AdminRequest::Shards).await.unwrap() else { panic!() };
     assert_eq!(rows.len(), 128);
     let whole = flotilla::meta::encode_view(0, &cluster.node(1).meta_view()).unwrap().len() as u64;
+    // What earlier builds rewrote on every change: the whole state with the reports the meta
+    // leader lays over it (its view holds them, once every shard's leader reported).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let AdminResponse::Nodes(rows) = client.admin(AdminRequest::Nodes).await.unwrap() else { panic!() };
+        if rows.iter().map(|r| r.leading).sum::<usize>() == 128 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "reports never covered every shard: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if let Some(l) = meta_leader(&cluster).await {
+        let with_reports = flotilla::meta::encode_view(0, &cluster.node(l.0).meta_view()).unwrap().len();
+        eprintln!("128 shards: {whole} bytes without reports, {with_reports} with the meta leader's reports");
+    }
     split_writing_little(&cluster, &client, b"3f5", whole).await;
     // Meta leadership moves to another node, which continues from its replica's state.
     let deadline = Instant::now() + Duration::from_secs(30);
