@@ -75,8 +75,9 @@ pub enum PeerResponse {
         revision: u64,
         /// What brings the asker's copy there.
         update: MetaUpdate,
-        /// Whether the answering node led the meta group: the asker's next request goes there.
-        from_leader: bool,
+        /// The meta leader as the answering node knows it (itself, when it ran the operation):
+        /// where the asker's next request goes.
+        leader: Option<NodeId>,
         /// The operation's answer.
         answer: AdminResponse,
     },

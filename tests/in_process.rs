@@ -905,6 +905,7 @@ async fn a_node_without_a_meta_replica_follows_the_map_by_changes() {
         assert!(Instant::now() < deadline, "node 4 never settled on changes: {before:?} -> {after:?}");
     }
     let (whole, changes) = updates(&cluster);
+    let leader_before = meta_leader(&cluster).await;
     for key in [b"1a".as_slice(), b"5a", b"9a"] {
         let AdminResponse::Changed(_) = client.admin(AdminRequest::Split { key: key.to_vec() }).await.unwrap() else {
             panic!("split answered otherwise")
@@ -918,10 +919,35 @@ async fn a_node_without_a_meta_replica_follows_the_map_by_changes() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (whole_after, changes_after) = updates(&cluster);
-    assert_eq!(whole_after, whole, "node 4 was sent the whole map again");
+    let leader_after = meta_leader(&cluster).await;
+    assert_eq!(
+        whole_after, whole,
+        "node 4 was sent the whole map again (meta leader {leader_before:?} -> {leader_after:?}, changes {changes} -> \
+         {changes_after})"
+    );
     assert!(changes_after > changes, "node 4 was sent changes");
     // Its copy is the map, routing included.
     assert_eq!(cluster.node(4).meta_view().map, cluster.node(1).meta_view().map);
+    // A new meta leader holds no changes from before its tenure: node 4 is sent the whole map
+    // once, then follows it by changes again.
+    let first = meta_leader(&cluster).await.expect("a meta leader");
+    let next = NodeId(first.0 % 3 + 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while meta_leader(&cluster).await != Some(next) {
+        let _ = cluster.node(first.0).host().transfer_leader(flotilla::raft::GroupId(0), next).await;
+        assert!(Instant::now() < deadline, "meta leadership never moved to {next}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let AdminResponse::Changed(_) = client.admin(AdminRequest::Split { key: b"da".to_vec() }).await.unwrap() else {
+        panic!("split answered otherwise")
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.node(4).meta_view().map != cluster.node(next.0).meta_view().map
+        || cluster.node(4).meta_view().map.len() != 20
+    {
+        assert!(Instant::now() < deadline, "node 4's map never got the split under the new meta leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     cluster.shutdown().await;
 }
 

@@ -188,7 +188,9 @@ impl StoredMeta {
     }
 
     /// Brings the state up to date with `writes` (a change made by [`StoredMeta::changes`] on
-    /// the same state): how a copy follows the meta group change by change.
+    /// the same state): how a copy follows the meta group change by change. A change the copy
+    /// already holds (its revision is not newer) is skipped: answers to two requests made at
+    /// once overlap. One that skips a revision is refused, and nothing changes.
     pub fn apply(&mut self, writes: &[MetaWrite]) -> Result<(), String> {
         if self.whole {
             return Err("a format-1 state cannot follow changes: read it again".into());
@@ -201,6 +203,9 @@ impl StoredMeta {
             return Err(format!("a change with a format-{version} header"));
         }
         let new: MetaHeader = decode(body, || "meta state header".into()).map_err(|e| e.message)?;
+        if new.revision <= self.header.revision {
+            return Ok(());
+        }
         if new.revision != self.header.revision + 1 {
             return Err(format!("a change to revision {} does not follow revision {}", new.revision, self.revision()));
         }

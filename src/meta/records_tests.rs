@@ -219,6 +219,9 @@ fn a_copy_refuses_a_change_that_does_not_follow_its_revision() {
     copy.apply(&w1).expect("in order");
     copy.apply(&w2).expect("in order");
     assert_eq!(copy, s);
+    copy.apply(&w1).expect("a change held already");
+    copy.apply(&w2).expect("a change held already");
+    assert_eq!(copy, s, "changes held already are skipped");
 }
 
 #[test]

@@ -39,8 +39,12 @@ pub(super) struct MetaClient {
     /// This node's copy as the meta leader's answers to [`Node::meta_follow`] brought it up to
     /// date (reports left out): what the next changes are applied to.
     followed: Mutex<Option<StoredMeta>>,
-    /// The node that last answered [`Node::meta_follow`] as meta leader: asked first next time.
+    /// The meta leader as the last answer to [`Node::meta_follow`] named it: asked first next
+    /// time.
     follow_peer: Mutex<Option<NodeId>>,
+    /// Which known node [`Node::meta_follow`] asks next when it knows no meta leader: kept
+    /// across calls, so that successive calls try every node rather than the same one.
+    follow_turn: std::sync::atomic::AtomicUsize,
     /// Serializes this node's meta read-modify-writes (fewer guard failures).
     lock: tokio::sync::Mutex<()>,
     /// When each node's report last reached this node as meta leader (`admin nodes`' report
@@ -234,7 +238,6 @@ impl Node {
     /// when the node answering does not hold them all (a new meta leader, a view too old).
     pub(super) async fn meta_follow(&self, op: MetaOp) -> Result<AdminResponse, NodeError> {
         let deadline = Instant::now() + Duration::from_millis(META_OP_TIMEOUT_MS);
-        let mut peer_turn = 0usize;
         let mut last_err = String::from("no meta leader reachable");
         while Instant::now() < deadline {
             if *self.inner.shutdown.borrow() {
@@ -268,16 +271,15 @@ impl Node {
                     if known.is_empty() {
                         return Err(NodeError::Meta("no peers known".into()));
                     }
-                    peer_turn += 1;
-                    known[peer_turn % known.len()]
+                    known[self.inner.meta.follow_turn.fetch_add(1, Ordering::Relaxed) % known.len()]
                 }
             };
             let since = self.inner.meta.followed.lock().ok().and_then(|f| f.as_ref().map(StoredMeta::revision));
             let req = PeerRequest::MetaSince { op: op.clone(), since };
             let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
             match self.inner.transport.request(to, req.encode(), timeout).await.map(|b| PeerResponse::decode(&b)) {
-                Ok(Ok(PeerResponse::MetaSince { revision, update, from_leader, answer })) => {
-                    self.set_follow_peer(from_leader.then_some(to));
+                Ok(Ok(PeerResponse::MetaSince { revision, update, leader, answer })) => {
+                    self.set_follow_peer(leader.filter(|l| *l != self.inner.id));
                     match self.follow(revision, update) {
                         Ok(()) => return Ok(answer),
                         // The copy is dropped: the next request asks for the whole state.
@@ -317,7 +319,10 @@ impl Node {
             MetaUpdate::Whole(bytes) => {
                 self.inner.stats.meta_updates_whole.fetch_add(1, Ordering::Relaxed);
                 let (rev, state) = meta::decode_view(&bytes)?;
-                *followed = Some(StoredMeta::followed(rev, state.clone()));
+                // An answer to an earlier request may arrive after a newer one.
+                if followed.as_ref().is_none_or(|f| f.revision() <= rev) {
+                    *followed = Some(StoredMeta::followed(rev, state.clone()));
+                }
                 self.set_view(rev, state);
             }
             MetaUpdate::Changes(changes) => {
@@ -325,15 +330,17 @@ impl Node {
                 let Some(copy) = followed.as_mut() else {
                     return Err("changes came for a copy this node does not hold".into());
                 };
+                // Changes the copy holds already (from the answer to a request made at the same
+                // time, by the reporter or the reconciler) are skipped.
                 let applied = changes.iter().try_for_each(|c| copy.apply(c));
-                if let Err(e) = applied.and_then(|()| match copy.revision() == revision {
+                if let Err(e) = applied.and_then(|()| match copy.revision() >= revision {
                     true => Ok(()),
                     false => Err(format!("changes reach revision {}, not {revision}", copy.revision())),
                 }) {
                     *followed = None;
                     return Err(e);
                 }
-                self.set_view(revision, copy.state.clone());
+                self.set_view(copy.revision(), copy.state.clone());
             }
         }
         Ok(())

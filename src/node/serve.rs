@@ -242,7 +242,13 @@ impl Node {
                 Err(e) => return PeerResponse::Unavailable(e),
             },
         };
-        PeerResponse::MetaSince { revision, update, from_leader: self.meta_tenure().is_some(), answer }
+        // Where the asker's next request goes: here if this node leads the meta group, else the
+        // leader it knows of (this node forwarded the op there).
+        let leader = match self.meta_tenure() {
+            Some(_) => Some(self.inner.id),
+            None => self.meta_leader_elsewhere().await,
+        };
+        PeerResponse::MetaSince { revision, update, leader, answer }
     }
 
     /// A reader of this node's replica of `shard` for stale reads: its applied state, however
