@@ -5,6 +5,7 @@
 //! a peer message's version has the high bit set ([`PEER_PROTOCOL_VERSION`]). A request of
 //! this protocol from anything but a node's certificate is refused before it is decoded.
 
+use crate::meta::records::MetaWrite;
 use crate::placement::{MetaCommand, NodeId};
 use crate::wire::{decode_versioned, encode_versioned, AdminResponse, WireError};
 use bytes::Bytes;
@@ -30,13 +31,34 @@ pub enum PeerRequest {
         /// Set when a node forwards it.
         forwarded: bool,
     },
+    /// Run a meta operation on the meta leader, as [`PeerRequest::Meta`] does, and answer with
+    /// what brings the asker's copy of the meta state from revision `since` to the state after
+    /// it: the changes in between when the answering node holds them all, else the whole
+    /// state ([`PeerResponse::MetaSince`]). How nodes refresh their copy every report interval
+    /// without being sent the whole map each time.
+    MetaSince {
+        /// The operation.
+        op: MetaOp,
+        /// The revision of the asker's copy, if it holds one that changes can bring up to date.
+        since: Option<u64>,
+    },
+}
+
+/// How an asker's copy of the meta state reaches a revision ([`PeerResponse::MetaSince`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaUpdate {
+    /// The whole state, as [`crate::meta::encode_view`] makes it (reports included).
+    Whole(Vec<u8>),
+    /// The changes after the asker's revision, oldest first, each one revision (see
+    /// [`crate::meta::records::StoredMeta::apply`]); none when nothing changed.
+    Changes(Vec<Vec<MetaWrite>>),
 }
 
 /// The answer to a [`PeerRequest`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerResponse {
-    /// The meta state after the operation (serialized with its version byte, see
-    /// [`crate::meta::encode_state`]) and what the operation reports.
+    /// The meta state after the operation and its revision (see [`crate::meta::encode_view`])
+    /// and what the operation reports.
     Meta {
         /// The meta state.
         state: Vec<u8>,
@@ -47,6 +69,18 @@ pub enum PeerResponse {
     Refused(String),
     /// The meta leader cannot be reached or cannot serve now: try again.
     Unavailable(String),
+    /// The answer to [`PeerRequest::MetaSince`].
+    MetaSince {
+        /// The revision of the state after the operation.
+        revision: u64,
+        /// What brings the asker's copy there.
+        update: MetaUpdate,
+        /// The meta leader as the answering node knows it (itself, when it ran the operation):
+        /// where the asker's next request goes.
+        leader: Option<NodeId>,
+        /// The operation's answer.
+        answer: AdminResponse,
+    },
 }
 
 /// A meta operation, executed on the meta leader as one read-modify-write of the meta state.

@@ -793,3 +793,235 @@ async fn assert_read_back_and_scanned(client: &Client, acked: &[String]) {
         assert!(keys.contains(k.as_bytes()), "the scan missed {k}");
     }
 }
+
+/// Records and bytes of meta changes the nodes of `c` wrote as meta leaders.
+fn meta_written(c: &Cluster) -> (u64, u64) {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    c.nodes().fold((0, 0), |(r, b), n| (r + load(&n.stats().meta_write_records), b + load(&n.stats().meta_write_bytes)))
+}
+
+/// Splits at `key` and checks that the change wrote a few records, not the map (`whole` bytes).
+async fn split_writing_little(c: &Cluster, client: &Client, key: &[u8], whole: u64) {
+    let before = meta_written(c);
+    let AdminResponse::Changed(halves) = client.admin(AdminRequest::Split { key: key.to_vec() }).await.unwrap() else {
+        panic!("split answered otherwise")
+    };
+    assert_eq!(halves.len(), 2, "{halves:?}");
+    let after = meta_written(c);
+    let (records, bytes) = (after.0 - before.0, after.1 - before.1);
+    eprintln!("split at {key:?}: {records} records, {bytes} bytes written; the whole map is {whole} bytes");
+    assert!(records <= 6, "a split wrote {records} records");
+    assert!(bytes * 10 < whole, "a split wrote {bytes} bytes of a {whole}-byte map");
+}
+
+/// The node leading the meta group, if one does.
+async fn meta_leader(c: &Cluster) -> Option<NodeId> {
+    for n in c.nodes() {
+        let infos = n.host().group_info().await.unwrap();
+        if infos.iter().any(|i| i.group == flotilla::raft::GroupId(0) && i.role == flotilla::raft::Role::Leader) {
+            return Some(n.id());
+        }
+    }
+    None
+}
+
+/// Issue 14: a placement change writes the records it changed, not the map. A split of one of
+/// 128 shards writes a few hundred bytes where the map takes kilobytes, and after meta
+/// leadership moves, the new leader goes on from its replica's state the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn placement_changes_write_their_records_not_the_map_even_under_a_new_meta_leader() {
+    let mut cluster = Cluster::start(3, 128).await;
+    let client = cluster.client().await;
+    let AdminResponse::Shards(rows) = client.admin(AdminRequest::Shards).await.unwrap() else { panic!() };
+    assert_eq!(rows.len(), 128);
+    let whole = flotilla::meta::encode_view(0, &cluster.node(1).meta_view()).unwrap().len() as u64;
+    // What earlier builds rewrote on every change: the whole state with the reports the meta
+    // leader lays over it (its view holds them, once every shard's leader reported).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let AdminResponse::Nodes(rows) = client.admin(AdminRequest::Nodes).await.unwrap() else { panic!() };
+        if rows.iter().map(|r| r.leading).sum::<usize>() == 128 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "reports never covered every shard: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if let Some(l) = meta_leader(&cluster).await {
+        let with_reports = flotilla::meta::encode_view(0, &cluster.node(l.0).meta_view()).unwrap().len();
+        eprintln!("128 shards: {whole} bytes without reports, {with_reports} with the meta leader's reports");
+    }
+    split_writing_little(&cluster, &client, b"3f5", whole).await;
+    // Meta leadership moves to another node, which continues from its replica's state.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        if let Some(l) = meta_leader(&cluster).await {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "no meta leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let next = NodeId(first.0 % 3 + 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while meta_leader(&cluster).await != Some(next) {
+        let _ = cluster.node(first.0).host().transfer_leader(flotilla::raft::GroupId(0), next).await;
+        assert!(Instant::now() < deadline, "meta leadership never moved to {next}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    split_writing_little(&cluster, &client, b"9a5", whole).await;
+    // Every node's map gets both splits, at one revision.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let views: Vec<_> = cluster.nodes().map(|n| (n.meta_revision(), n.meta_view().map.len())).collect();
+        if views.iter().all(|v| *v == views[0]) && views[0].1 == 130 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the nodes' maps never agreed: {views:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.shutdown().await;
+}
+
+/// Issue 14: a node without a meta replica refreshes its copy of the map with the changes
+/// since its revision, not the whole map: splits reach it as changes once it found the meta
+/// leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_without_a_meta_replica_follows_the_map_by_changes() {
+    let mut cluster = Cluster::start_with(4, &[1, 2, 3], &[1, 2, 3], dev_split_keys(16), |_| {}).await;
+    let client = cluster.client().await;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let updates = |c: &Cluster| {
+        let s = c.node(4).stats();
+        (load(&s.meta_updates_whole), load(&s.meta_updates_changes))
+    };
+    // Settled: node 4 asks the meta leader, which answers with (no) changes, report after report.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let before = updates(&cluster);
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        let after = updates(&cluster);
+        if after.0 == before.0 && after.1 >= before.1 + 2 && cluster.node(4).meta_view().map.len() == 16 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 4 never settled on changes: {before:?} -> {after:?}");
+    }
+    let (whole, changes) = updates(&cluster);
+    let leader_before = meta_leader(&cluster).await;
+    for key in [b"1a".as_slice(), b"5a", b"9a"] {
+        let AdminResponse::Changed(_) = client.admin(AdminRequest::Split { key: key.to_vec() }).await.unwrap() else {
+            panic!("split answered otherwise")
+        };
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.node(4).meta_view().map.len() != 19
+        || cluster.node(4).meta_revision() != cluster.node(1).meta_revision()
+    {
+        assert!(Instant::now() < deadline, "node 4's map never got the splits");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (whole_after, changes_after) = updates(&cluster);
+    let leader_after = meta_leader(&cluster).await;
+    assert_eq!(
+        whole_after, whole,
+        "node 4 was sent the whole map again (meta leader {leader_before:?} -> {leader_after:?}, changes {changes} -> \
+         {changes_after})"
+    );
+    assert!(changes_after > changes, "node 4 was sent changes");
+    // Its copy is the map, routing included.
+    assert_eq!(cluster.node(4).meta_view().map, cluster.node(1).meta_view().map);
+    // A new meta leader holds no changes from before its tenure: node 4 is sent the whole map
+    // once, then follows it by changes again.
+    let first = meta_leader(&cluster).await.expect("a meta leader");
+    let next = NodeId(first.0 % 3 + 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while meta_leader(&cluster).await != Some(next) {
+        let _ = cluster.node(first.0).host().transfer_leader(flotilla::raft::GroupId(0), next).await;
+        assert!(Instant::now() < deadline, "meta leadership never moved to {next}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let AdminResponse::Changed(_) = client.admin(AdminRequest::Split { key: b"da".to_vec() }).await.unwrap() else {
+        panic!("split answered otherwise")
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.node(4).meta_view().map != cluster.node(next.0).meta_view().map
+        || cluster.node(4).meta_view().map.len() != 20
+    {
+        assert!(Instant::now() < deadline, "node 4's map never got the split under the new meta leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.shutdown().await;
+}
+
+/// Issue 14's upgrade path: a cluster whose meta replicas hold the state in the one-key format
+/// of earlier builds starts, reads it, and converts it at the meta leader's first operation;
+/// then it serves and changes placement as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_meta_state_stored_in_the_one_key_format_converts_and_the_cluster_serves_on() {
+    use flotilla::meta::{read_stored_blocking, META_STATE_KEY};
+    use flotilla::shard::{Op, Store, CF_DATA};
+    let mut cluster = Cluster::start(3, 4).await;
+    let client = cluster.client().await;
+    client.put(b"a-key", b"v").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let views: Vec<_> = cluster.nodes().map(|n| (n.meta_revision(), n.meta_view().map.len())).collect();
+        if views.iter().all(|v| *v == views[0]) && views[0].1 == 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the nodes' maps never agreed: {views:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let state = cluster.node(1).meta_view().as_ref().clone();
+    let mut one_key = vec![1u8];
+    one_key.extend(state.snapshot().unwrap());
+    for id in 1..=3 {
+        cluster.stop(id).await;
+    }
+    // Every replica rewritten as an earlier build left it: no records, the whole state in one key.
+    for id in 1..=3 {
+        let path = cluster.dev.dir().join(format!("node-{id}")).join("store");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let store = loop {
+            match Store::open(&path) {
+                Ok(s) => break s,
+                Err(e) => assert!(Instant::now() < deadline, "node {id}'s store never closed: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let ops = vec![
+            Op::DeleteRange(CF_DATA, b"\x00meta/".to_vec(), b"\x00meta0".to_vec()),
+            Op::Put(CF_DATA, META_STATE_KEY.to_vec(), one_key.clone()),
+        ];
+        store.write(ops, true).await.unwrap();
+        assert!(read_stored_blocking(&store).unwrap().whole, "node {id} holds the one-key format");
+    }
+    for id in 1..=3 {
+        cluster.restart(id).await;
+    }
+    // Converted on every replica, without anyone asking: the nodes' reports are operations.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stored: Vec<_> =
+            cluster.nodes().map(|n| read_stored_blocking(n.host().store()).map(|s| (s.whole, s.revision()))).collect();
+        if stored.iter().all(|s| matches!(s, Ok((false, r)) if *r > 0)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never converted: {stored:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(client.get(b"a-key").await.unwrap(), Some(b"v".to_vec()));
+    let AdminResponse::Changed(_) = client.admin(AdminRequest::Split { key: b"a-kez".to_vec() }).await.unwrap() else {
+        panic!("split answered otherwise")
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let views: Vec<_> = cluster.nodes().map(|n| (n.meta_revision(), n.meta_view().map.len())).collect();
+        if views.iter().all(|v| *v == views[0]) && views[0].1 == 5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the nodes' maps never agreed after the split: {views:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client.put(b"a-key", b"w").await.unwrap();
+    assert_eq!(client.get(b"a-key").await.unwrap(), Some(b"w".to_vec()));
+    cluster.shutdown().await;
+}

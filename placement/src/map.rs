@@ -164,6 +164,29 @@ impl ShardMap {
         Ok(d)
     }
 
+    /// Puts `d` in the map as it is, replacing the shard with its id wherever that started:
+    /// how a copy of the map is rebuilt from stored descriptors or brought up to date by the
+    /// ones a change rewrote. The map may break its invariant until the last descriptor of a
+    /// change is in; the caller checks [`ShardMap::validate`] then.
+    pub fn put_unchecked(&mut self, d: ShardDescriptor) {
+        if let Some(old_start) = self.starts.insert(d.id, d.start.clone()) {
+            if old_start != d.start && self.by_start.get(&old_start).is_some_and(|o| o.id == d.id) {
+                self.by_start.remove(&old_start);
+            }
+        }
+        self.by_start.insert(d.start.clone(), d);
+    }
+
+    /// Removes the shard `id` (see [`ShardMap::put_unchecked`]: the caller validates the map
+    /// once the change is complete).
+    pub fn remove_unchecked(&mut self, id: ShardId) -> Option<ShardDescriptor> {
+        let start = self.starts.remove(&id)?;
+        match self.by_start.get(&start) {
+            Some(d) if d.id == id => self.by_start.remove(&start),
+            _ => None,
+        }
+    }
+
     pub(crate) fn get_mut(&mut self, id: ShardId) -> Option<&mut ShardDescriptor> {
         let start = self.starts.get(&id)?;
         self.by_start.get_mut(start)

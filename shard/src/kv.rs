@@ -35,6 +35,12 @@ pub const KEY_BYTES_MAX: usize = 1000;
 /// protocol checks it too). An entry carrying one fits an envelope (3 MiB) under the
 /// transport's 4 MiB frame; Raft sends an entry larger than its append byte limit alone.
 pub const VALUE_BYTES_MAX: usize = 1 << 20;
+/// Most writes one [`KvCommand::Txn`] may carry: bounds the work of one apply.
+pub const TXN_WRITES_MAX: usize = 4096;
+/// Most bytes of keys and values one [`KvCommand::Txn`] may write: one largest value, so with
+/// its expected value (at most [`VALUE_BYTES_MAX`]) its entry is no larger than a
+/// compare-and-swap's and fits an envelope as one does.
+pub const TXN_BYTES_MAX: usize = VALUE_BYTES_MAX;
 
 /// A half-open key range `[start, end)`; `end: None` is unbounded.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -247,6 +253,20 @@ pub enum KvCommand {
         /// What to do with its value.
         op: UpdateOp,
     },
+    /// Apply every write of `writes` in order, all in one batch, if `guard`'s value is
+    /// `expected` (`None`: absent); otherwise nothing ([`KvResponse::CasFailed`] with the
+    /// guard's value). A compare-and-swap of one small key that changes many: how a caller
+    /// keeping a structure as many keys changes a few of them without rewriting the rest, and
+    /// without another writer's change slipping in between its read and its write. Every key
+    /// must be in the shard's range ([`KvResponse::OutOfRange`] otherwise, nothing changed).
+    Txn {
+        /// The key whose value decides.
+        guard: Vec<u8>,
+        /// Its expected value.
+        expected: Option<Vec<u8>>,
+        /// Key and new value (`None`: delete), applied in order.
+        writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    },
 }
 
 /// A read-modify-write of one value ([`KvCommand::Update`]). Numbers follow Redis's rules
@@ -302,12 +322,15 @@ impl UpdateOp {
 impl KvCommand {
     /// Why the command is too large to accept, if it is.
     pub fn check_size(&self) -> Result<(), String> {
+        if let KvCommand::Txn { guard, expected, writes } = self {
+            return check_txn_size(guard, expected.as_deref(), writes);
+        }
         if self.key().len() > KEY_BYTES_MAX {
             return Err(format!("key of {} bytes exceeds the limit of {KEY_BYTES_MAX}", self.key().len()));
         }
         let value = match self {
             KvCommand::Put { value, .. } => value.len(),
-            KvCommand::Delete { .. } | KvCommand::Split { .. } => 0,
+            KvCommand::Delete { .. } | KvCommand::Split { .. } | KvCommand::Txn { .. } => 0,
             KvCommand::Update { op: UpdateOp::Append(tail), .. } => tail.len(),
             KvCommand::Update { .. } => 0,
             KvCommand::Cas { expected, new, .. } => {
@@ -320,7 +343,7 @@ impl KvCommand {
         Ok(())
     }
 
-    /// The key the command writes.
+    /// The key the command writes (a transaction's guard).
     pub fn key(&self) -> &[u8] {
         match self {
             KvCommand::Put { key, .. }
@@ -328,6 +351,17 @@ impl KvCommand {
             | KvCommand::Cas { key, .. }
             | KvCommand::Update { key, .. } => key,
             KvCommand::Split { at, .. } => at,
+            KvCommand::Txn { guard, .. } => guard,
+        }
+    }
+
+    /// Whether every key the command reads or writes is in `range`.
+    pub fn within(&self, range: &KeyRange) -> bool {
+        match self {
+            KvCommand::Txn { guard, writes, .. } => {
+                range.contains(guard) && writes.iter().all(|(k, _)| range.contains(k))
+            }
+            other => range.contains(other.key()),
         }
     }
     /// Encodes as a checksummed, versioned record.
@@ -338,6 +372,30 @@ impl KvCommand {
     pub fn decode(bytes: &[u8]) -> Result<KvCommand, StorageError> {
         decode(bytes, || "kv command".into())
     }
+}
+
+/// Why a transaction is too large, if it is: each key and value within the single-key limits,
+/// at most [`TXN_WRITES_MAX`] writes and [`TXN_BYTES_MAX`] bytes of them in all.
+fn check_txn_size(guard: &[u8], expected: Option<&[u8]>, writes: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), String> {
+    if writes.len() > TXN_WRITES_MAX {
+        return Err(format!("transaction of {} writes exceeds the limit of {TXN_WRITES_MAX}", writes.len()));
+    }
+    if expected.map_or(0, <[u8]>::len) > VALUE_BYTES_MAX {
+        return Err(format!("expected value exceeds the limit of {VALUE_BYTES_MAX}"));
+    }
+    let mut total = 0;
+    for key in std::iter::once(guard).chain(writes.iter().map(|(k, _)| k.as_slice())) {
+        if key.len() > KEY_BYTES_MAX {
+            return Err(format!("key of {} bytes exceeds the limit of {KEY_BYTES_MAX}", key.len()));
+        }
+    }
+    for (k, v) in writes {
+        total += k.len() + v.as_ref().map_or(0, Vec::len);
+    }
+    if total > TXN_BYTES_MAX {
+        return Err(format!("transaction of {total} bytes exceeds the limit of {TXN_BYTES_MAX}"));
+    }
+    Ok(())
 }
 
 /// The answer to a [`KvCommand`].
@@ -730,7 +788,7 @@ impl KvStateMachine {
                 EntryPayload::Normal(payload) => {
                     let r = match KvCommand::decode(&payload) {
                         Err(err) => KvResponse::Refused(format!("undecodable command: {}", err.message)),
-                        Ok(cmd) if !range.contains(cmd.key()) => KvResponse::OutOfRange,
+                        Ok(cmd) if !cmd.within(range) => KvResponse::OutOfRange,
                         // Hosts check sizes before proposing; this holds for commands that
                         // reached the log another way, and is the same on every replica.
                         Ok(cmd) if cmd.check_size().is_err() => {
@@ -761,6 +819,27 @@ impl KvStateMachine {
                                 KvResponse::Split { left, right }
                             }
                         }
+                        Ok(KvCommand::Txn { guard, expected, writes }) => {
+                            let current = match overlay.get(&guard) {
+                                Some(v) => v.clone(),
+                                None => s
+                                    .db()
+                                    .get_cf(data, &guard)
+                                    .map_err(|e| StorageError::new("apply", e.to_string()))?,
+                            };
+                            if expected != current {
+                                KvResponse::CasFailed { current }
+                            } else {
+                                for (key, new) in writes {
+                                    ops.push(match &new {
+                                        Some(v) => Op::Put(CF_DATA, key.clone(), v.clone()),
+                                        None => Op::Delete(CF_DATA, key.clone()),
+                                    });
+                                    overlay.insert(key, new);
+                                }
+                                KvResponse::Done { previous: current }
+                            }
+                        }
                         Ok(cmd) => {
                             let key = cmd.key().to_vec();
                             // A put is blind: it does not read (and answers no previous value).
@@ -784,7 +863,9 @@ impl KvStateMachine {
                                     Ok(new) => (Some(Some(new)), KvResponse::Done { previous: current }),
                                     Err(e) => (None, KvResponse::Refused(e)),
                                 },
-                                KvCommand::Split { .. } => (None, KvResponse::Refused("split handled above".into())),
+                                KvCommand::Split { .. } | KvCommand::Txn { .. } => {
+                                    (None, KvResponse::Refused("handled above".into()))
+                                }
                             };
                             if let Some(new) = new {
                                 ops.push(match &new {

@@ -27,7 +27,7 @@ pub use host::{
 };
 pub use kv::{
     range_size_blocking, KeyRange, KvCommand, KvResponse, KvStateMachine, Prepared, RangeSize, ScanEnd, ScanError,
-    ScanPage, SplitEffect, UpdateOp, KEY_BYTES_MAX, VALUE_BYTES_MAX,
+    ScanPage, SplitEffect, UpdateOp, KEY_BYTES_MAX, TXN_BYTES_MAX, TXN_WRITES_MAX, VALUE_BYTES_MAX,
 };
 pub use log::RocksLog;
 pub use store::{Op, Store, WriterStats, CF_DATA, CF_META, CF_RAFT};

@@ -529,3 +529,59 @@ async fn a_read_the_caches_cannot_answer_goes_to_the_disk_and_finds_the_value() 
     assert_eq!(sm.get(b"k".to_vec()).await.expect("get"), Some(b"v".to_vec()));
     assert_eq!(store.get_in_memory(CF_DATA, b"k").expect("read"), Some(Some(b"v".to_vec())));
 }
+
+#[tokio::test]
+async fn a_transaction_applies_all_its_writes_only_when_its_guard_matches_and_only_inside_the_range() {
+    use flotilla_raft::StateMachine;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let range = KeyRange { start: b"a".to_vec(), end: Some(b"m".to_vec()) };
+    let mut sm = KvStateMachine::new(store, GroupId(1), range);
+    let entry = |index: u64, cmd: KvCommand| Entry {
+        log_id: LogId::new(1, index),
+        payload: EntryPayload::Normal(cmd.encode().expect("encode")),
+    };
+    let txn = |expected: Option<&[u8]>, writes: &[(&[u8], Option<&[u8]>)]| KvCommand::Txn {
+        guard: b"g".to_vec(),
+        expected: expected.map(<[u8]>::to_vec),
+        writes: writes.iter().map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))).collect(),
+    };
+    let results = sm
+        .apply(vec![
+            // Guard absent as expected: every write lands, the guard's own included.
+            entry(1, txn(None, &[(b"g", Some(b"1")), (b"b", Some(b"x")), (b"c", Some(b"y"))])),
+            // Stale guard: nothing lands.
+            entry(2, txn(None, &[(b"g", Some(b"2")), (b"b", None)])),
+            // Current guard, read from this batch's earlier write: delete and overwrite.
+            entry(3, txn(Some(b"1"), &[(b"g", Some(b"2")), (b"b", None), (b"c", Some(b"z"))])),
+            // A write outside the range: nothing lands, even with the right guard.
+            entry(4, txn(Some(b"2"), &[(b"g", Some(b"3")), (b"zz", Some(b"!"))])),
+            // Too many writes: refused at apply.
+            entry(
+                5,
+                KvCommand::Txn {
+                    guard: b"g".to_vec(),
+                    expected: Some(b"2".to_vec()),
+                    writes: vec![(b"d".to_vec(), None); flotilla_shard::TXN_WRITES_MAX + 1],
+                },
+            ),
+        ])
+        .await
+        .expect("apply");
+    let answers: Vec<KvResponse> = results.iter().map(|r| KvResponse::decode(r).expect("decode")).collect();
+    assert_eq!(answers[0], KvResponse::Done { previous: None });
+    assert_eq!(answers[1], KvResponse::CasFailed { current: Some(b"1".to_vec()) });
+    assert_eq!(answers[2], KvResponse::Done { previous: Some(b"1".to_vec()) });
+    assert_eq!(answers[3], KvResponse::OutOfRange);
+    assert!(matches!(&answers[4], KvResponse::Refused(why) if why.contains("exceeds the limit")), "{:?}", answers[4]);
+    let get = |k: &[u8]| sm.get(k.to_vec());
+    assert_eq!(get(b"g").await.expect("get"), Some(b"2".to_vec()));
+    assert_eq!(get(b"b").await.expect("get"), None);
+    assert_eq!(get(b"c").await.expect("get"), Some(b"z".to_vec()));
+    let oversized = KvCommand::Txn {
+        guard: b"g".to_vec(),
+        expected: None,
+        writes: vec![(b"b".to_vec(), Some(vec![0; flotilla_shard::TXN_BYTES_MAX]))],
+    };
+    assert!(oversized.check_size().is_err(), "a transaction is bounded in bytes as a put is");
+}

@@ -108,10 +108,10 @@ impl Node {
                 Err(e) => Err(e.to_string()),
             };
             match answer.map(|b| PeerResponse::decode(&b)) {
-                Ok(Ok(PeerResponse::Meta { state, .. })) => match meta::decode_state(Some(&state)) {
-                    Ok(state) => {
+                Ok(Ok(PeerResponse::Meta { state, .. })) => match meta::decode_view(&state) {
+                    Ok((revision, state)) => {
                         done = state.nodes.get(&me).is_some_and(|i| i.addr == self.inner.addr);
-                        self.set_view(state);
+                        self.set_view(revision, state);
                         if done {
                             info!(node = self.inner.id.0, via = peer.0, addr = %self.inner.addr, "registered with the cluster");
                             break;

@@ -1,14 +1,18 @@
 //! The meta client: this node's copy of the meta state (the placement [`MetaState`]) and the
 //! one way to change it, [`Node::meta_exec`], which runs an operation on the meta leader (here,
-//! or forwarded to it) by read → apply → compare-and-swap. On the meta leader it also holds the
-//! nodes' live reports, which are kept in memory rather than written to the meta group.
+//! or forwarded to it): ReadIndex → the state at that point → the op on a copy → one
+//! transaction writing the records it changed, guarded by the header read (`crate::meta`). On
+//! the meta leader it also holds the nodes' live reports, which are kept in memory rather than
+//! written to the meta group.
 
 use super::{Node, NodeError, LIVE_REPORT_AGE_MAX_MS, META_OP_TIMEOUT_MS, PEER_REQUEST_TIMEOUT_MS};
-use crate::meta::{self, META_GROUP, META_STATE_KEY};
-use crate::peer_wire::{MetaOp, PeerRequest, PeerResponse};
+use crate::meta::change_log::ChangeLog;
+use crate::meta::records::{conversion_parts, MetaWrite};
+use crate::meta::{self, StoredMeta, META_GROUP, META_STATE_KEY};
+use crate::peer_wire::{MetaOp, MetaUpdate, PeerRequest, PeerResponse};
 use crate::placement::{MetaState, NodeId, NodeReport};
 use crate::raft::{RaftError, ReadMode, Role};
-use crate::shard::{HostError, KvCommand, KvResponse};
+use crate::shard::{HostError, KvCommand, KvResponse, TXN_BYTES_MAX, TXN_WRITES_MAX};
 use crate::wire::AdminResponse;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -16,12 +20,32 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tracing::warn;
 
+/// Most bytes of changes sent to a node refreshing its copy; past it the whole state is sent.
+const META_CHANGES_BYTES_MAX: usize = 1 << 20;
+
 /// The meta client's state, one lock per concern.
 #[derive(Default)]
 pub(super) struct MetaClient {
-    /// This node's copy of the meta state; it never goes back in time ([`Node::set_view`]).
-    view: RwLock<Arc<MetaState>>,
-    /// Serializes this node's meta read-modify-writes (fewer CAS retries).
+    /// This node's copy of the meta state and its revision; it never goes back in time
+    /// ([`Node::set_view`]).
+    view: RwLock<(u64, Arc<MetaState>)>,
+    /// The stored state this node last read from its meta replica, or last wrote as meta
+    /// leader: used again while the replica's header is the one it was read or written with,
+    /// so that an op reads no record when nothing changed since the last one.
+    stored: Mutex<Option<Arc<StoredMeta>>>,
+    /// The changes this node wrote as meta leader, for nodes asking for the changes since
+    /// their revision ([`PeerRequest::MetaSince`]).
+    changes: Mutex<ChangeLog>,
+    /// This node's copy as the meta leader's answers to [`Node::meta_follow`] brought it up to
+    /// date (reports left out): what the next changes are applied to.
+    followed: Mutex<Option<StoredMeta>>,
+    /// The meta leader as the last answer to [`Node::meta_follow`] named it: asked first next
+    /// time.
+    follow_peer: Mutex<Option<NodeId>>,
+    /// Which known node [`Node::meta_follow`] asks next when it knows no meta leader: kept
+    /// across calls, so that successive calls try every node rather than the same one.
+    follow_turn: std::sync::atomic::AtomicUsize,
+    /// Serializes this node's meta read-modify-writes (fewer guard failures).
     lock: tokio::sync::Mutex<()>,
     /// When each node's report last reached this node as meta leader (`admin nodes`' report
     /// ages). Unlike `live`, not cleared when a new tenure starts.
@@ -43,49 +67,82 @@ impl MetaClient {
 impl Node {
     /// The node's (possibly lagging) copy of the meta state.
     pub fn meta_view(&self) -> Arc<MetaState> {
-        self.inner.meta.view.read().map(|v| v.clone()).unwrap_or_default()
+        self.inner.meta.view.read().map(|v| v.1.clone()).unwrap_or_default()
     }
 
-    /// Replaces the view, unless `state` is older than the one held (a lagging meta replica
-    /// read after a newer state came from the meta leader): a view never goes back in time.
-    pub(super) fn set_view(&self, state: MetaState) {
+    /// The revision of [`Node::meta_view`]: every change of the meta state bumps it.
+    pub fn meta_revision(&self) -> u64 {
+        self.inner.meta.view.read().map(|v| v.0).unwrap_or_default()
+    }
+
+    /// Replaces the view, unless `state` is of an older revision than the one held (a lagging
+    /// meta replica read after a newer state came from the meta leader): a view never goes
+    /// back in time. The same revision replaces it (the reports laid over it may be newer).
+    pub(super) fn set_view(&self, revision: u64, state: MetaState) {
         if let Ok(mut v) = self.inner.meta.view.write() {
-            if !is_older(&state, v.as_ref()) {
-                *v = Arc::new(state);
+            if revision >= v.0 {
+                *v = (revision, Arc::new(state));
             }
         }
     }
 
-    /// Re-reads the local replica of the meta state, if this node holds one.
+    /// Re-reads the local replica of the meta state, if this node holds one: its header, and
+    /// its records only if the header changed since they were last read.
     pub(crate) async fn refresh_local_view(&self) -> bool {
         if !self.inner.host.groups().contains(&META_GROUP) {
             return false;
         }
-        match self.inner.meta_sm.get(META_STATE_KEY.to_vec()).await {
-            Ok(bytes) => match meta::decode_state(bytes.as_deref()) {
-                Ok(mut s) => {
-                    // On the meta leader, the reports it holds in memory, as meta ops see them.
-                    if self.meta_tenure().is_some() {
-                        self.overlay_live_reports(&mut s);
-                    }
-                    self.set_view(s);
-                    true
-                }
-                Err(e) => {
-                    warn!(error = %e, "local meta state does not decode");
-                    false
-                }
-            },
+        let header = match self.inner.meta_sm.get(META_STATE_KEY.to_vec()).await {
+            Ok(h) => h,
             Err(e) => {
                 warn!(error = %e, "cannot read the local meta state");
+                return false;
+            }
+        };
+        match self.stored_at(header).await {
+            Ok(stored) => {
+                let mut s = stored.state.clone();
+                // On the meta leader, the reports it holds in memory, as meta ops see them.
+                if self.meta_tenure().is_some() {
+                    self.overlay_live_reports(&mut s);
+                }
+                self.set_view(stored.revision(), s);
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "local meta state does not decode");
                 false
             }
         }
     }
 
-    /// Runs `op` on the meta leader (here, or forwarded) and returns the state after it and
-    /// the op's answer.
-    pub async fn meta_exec(&self, op: MetaOp, forwarded: bool) -> Result<(MetaState, AdminResponse), NodeError> {
+    /// The stored state whose header is `header` (as just read from the local replica): the
+    /// one held if it has that header, else read from the replica's records (one consistent
+    /// read of the meta range), which may by then be newer than `header`.
+    async fn stored_at(&self, header: Option<Vec<u8>>) -> Result<Arc<StoredMeta>, String> {
+        if let Ok(held) = self.inner.meta.stored.lock() {
+            if let Some(s) = held.as_ref().filter(|s| s.guard == header) {
+                return Ok(s.clone());
+            }
+        }
+        let read = self.inner.host.store().blocking(|s| Ok(meta::read_stored_blocking(s))).await;
+        let stored = Arc::new(read.map_err(|e| e.to_string())??);
+        self.keep_stored(stored.clone());
+        Ok(stored)
+    }
+
+    /// Holds `stored` for the next op, unless the one held is newer.
+    fn keep_stored(&self, stored: Arc<StoredMeta>) {
+        if let Ok(mut held) = self.inner.meta.stored.lock() {
+            if held.as_ref().is_none_or(|h| h.revision() <= stored.revision()) {
+                *held = Some(stored);
+            }
+        }
+    }
+
+    /// Runs `op` on the meta leader (here, or forwarded) and returns the state after it (and
+    /// its revision) and the op's answer.
+    pub async fn meta_exec(&self, op: MetaOp, forwarded: bool) -> Result<(u64, MetaState, AdminResponse), NodeError> {
         let deadline = Instant::now() + Duration::from_millis(META_OP_TIMEOUT_MS);
         let mut peer_turn = 0usize;
         let mut last_err = String::from("no meta leader reachable");
@@ -96,11 +153,7 @@ impl Node {
             let target = if self.inner.host.groups().contains(&META_GROUP) {
                 match self.meta_local(&op).await {
                     Ok(r) => {
-                        if let MetaOp::Report { node, .. } = &op {
-                            if let Ok(mut m) = self.inner.meta.report_seen.lock() {
-                                m.insert(*node, Instant::now());
-                            }
-                        }
+                        self.saw_report(&op);
                         return Ok(r);
                     }
                     Err(MetaTry::Refused(e)) => return Err(NodeError::Meta(e)),
@@ -125,14 +178,7 @@ impl Node {
                 return Err(NodeError::MetaUnavailable("this node holds no meta replica".into()));
             } else {
                 // No local replica: ask the nodes we know of in turn.
-                let mut known: Vec<NodeId> = self.meta_view().nodes.keys().copied().collect();
-                known.extend(self.inner.config.peers.iter().map(|p| p.0));
-                if let Ok(p) = self.inner.extra_peers.lock() {
-                    known.extend(p.iter().copied());
-                }
-                known.sort();
-                known.dedup();
-                known.retain(|n| *n != self.inner.id);
+                let known = self.known_peers();
                 if known.is_empty() {
                     return Err(NodeError::Meta("no peers known".into()));
                 }
@@ -152,9 +198,9 @@ impl Node {
                 {
                     Ok(bytes) => match PeerResponse::decode(&bytes) {
                         Ok(PeerResponse::Meta { state, answer }) => {
-                            let s = meta::decode_state(Some(&state)).map_err(NodeError::Meta)?;
-                            self.set_view(s.clone());
-                            return Ok((s, answer));
+                            let (revision, s) = meta::decode_view(&state).map_err(NodeError::Meta)?;
+                            self.set_view(revision, s.clone());
+                            return Ok((revision, s, answer));
                         }
                         Ok(PeerResponse::Refused(e)) => return Err(NodeError::Meta(e)),
                         Ok(other) => last_err = format!("meta leader {to} answered {other:?}"),
@@ -168,15 +214,162 @@ impl Node {
         Err(NodeError::MetaUnavailable(format!("timed out: {last_err}")))
     }
 
-    async fn meta_local(&self, op: &MetaOp) -> Result<(MetaState, AdminResponse), MetaTry> {
+    /// Notes when a node's report reached this node as meta leader.
+    fn saw_report(&self, op: &MetaOp) {
+        if let MetaOp::Report { node, .. } = op {
+            if let Ok(mut m) = self.inner.meta.report_seen.lock() {
+                m.insert(*node, Instant::now());
+            }
+        }
+    }
+
+    /// The changes this node wrote as meta leader from revision `since` to `to`, if it holds
+    /// every one and they are small enough to send (else the asker is sent the whole state).
+    pub(super) fn meta_changes(&self, since: u64, to: u64) -> Option<Vec<Vec<MetaWrite>>> {
+        let changes = self.inner.meta.changes.lock().ok()?.between(since, to)?;
+        let bytes: usize =
+            changes.iter().flat_map(|(_, w)| w.iter()).map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
+        (bytes <= META_CHANGES_BYTES_MAX).then(|| changes.into_iter().map(|(_, w)| w.as_ref().clone()).collect())
+    }
+
+    /// Runs `op` on the meta leader, as [`Node::meta_exec`] does, for a caller that needs only
+    /// this node's view brought up to date (not the reports): a node without the meta leader's
+    /// replica asks for the changes since its view's revision, and is sent the whole state only
+    /// when the node answering does not hold them all (a new meta leader, a view too old).
+    pub(super) async fn meta_follow(&self, op: MetaOp) -> Result<AdminResponse, NodeError> {
+        let deadline = Instant::now() + Duration::from_millis(META_OP_TIMEOUT_MS);
+        let mut last_err = String::from("no meta leader reachable");
+        while Instant::now() < deadline {
+            if *self.inner.shutdown.borrow() {
+                return Err(NodeError::MetaUnavailable("the node is shutting down".into()));
+            }
+            if self.inner.host.groups().contains(&META_GROUP) {
+                match self.meta_local(&op).await {
+                    Ok((_, _, answer)) => {
+                        self.saw_report(&op);
+                        return Ok(answer);
+                    }
+                    Err(MetaTry::Refused(e)) => return Err(NodeError::Meta(e)),
+                    Err(MetaTry::Leader(Some(l))) if l != self.inner.id => self.set_follow_peer(Some(l)),
+                    Err(MetaTry::Leader(_)) => {
+                        last_err = "the meta group has no leader yet".into();
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    Err(MetaTry::Retry(e)) => {
+                        last_err = e;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                }
+            }
+            let held = self.inner.meta.follow_peer.lock().ok().and_then(|p| *p);
+            let to = match held {
+                Some(p) => p,
+                None => {
+                    let known = self.known_peers();
+                    if known.is_empty() {
+                        return Err(NodeError::Meta("no peers known".into()));
+                    }
+                    known[self.inner.meta.follow_turn.fetch_add(1, Ordering::Relaxed) % known.len()]
+                }
+            };
+            let since = self.inner.meta.followed.lock().ok().and_then(|f| f.as_ref().map(StoredMeta::revision));
+            let req = PeerRequest::MetaSince { op: op.clone(), since };
+            let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
+            match self.inner.transport.request(to, req.encode(), timeout).await.map(|b| PeerResponse::decode(&b)) {
+                Ok(Ok(PeerResponse::MetaSince { revision, update, leader, answer })) => {
+                    self.set_follow_peer(leader.filter(|l| *l != self.inner.id));
+                    match self.follow(revision, update) {
+                        Ok(()) => return Ok(answer),
+                        // The copy is dropped: the next request asks for the whole state.
+                        Err(e) => last_err = format!("meta update from {to}: {e}"),
+                    }
+                }
+                Ok(Ok(PeerResponse::Refused(e))) => return Err(NodeError::Meta(e)),
+                Ok(Ok(other)) => {
+                    self.set_follow_peer(None);
+                    last_err = format!("node {to} answered {other:?}");
+                }
+                Ok(Err(e)) => {
+                    self.set_follow_peer(None);
+                    last_err = e.to_string();
+                }
+                Err(e) => {
+                    self.set_follow_peer(None);
+                    last_err = format!("node {to}: {e}");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(NodeError::MetaUnavailable(format!("timed out: {last_err}")))
+    }
+
+    fn set_follow_peer(&self, peer: Option<NodeId>) {
+        if let Ok(mut p) = self.inner.meta.follow_peer.lock() {
+            *p = peer;
+        }
+    }
+
+    /// Brings this node's followed copy, and its view, to `revision` with `update`. A change
+    /// that does not apply drops the copy.
+    fn follow(&self, revision: u64, update: MetaUpdate) -> Result<(), String> {
+        let mut followed = self.inner.meta.followed.lock().map_err(|_| "meta copy lock poisoned")?;
+        match update {
+            MetaUpdate::Whole(bytes) => {
+                self.inner.stats.meta_updates_whole.fetch_add(1, Ordering::Relaxed);
+                let (rev, state) = meta::decode_view(&bytes)?;
+                // An answer to an earlier request may arrive after a newer one.
+                if followed.as_ref().is_none_or(|f| f.revision() <= rev) {
+                    *followed = Some(StoredMeta::followed(rev, state.clone()));
+                }
+                self.set_view(rev, state);
+            }
+            MetaUpdate::Changes(changes) => {
+                self.inner.stats.meta_updates_changes.fetch_add(1, Ordering::Relaxed);
+                let Some(copy) = followed.as_mut() else {
+                    return Err("changes came for a copy this node does not hold".into());
+                };
+                // Changes the copy holds already (from the answer to a request made at the same
+                // time, by the reporter or the reconciler) are skipped.
+                let applied = changes.iter().try_for_each(|c| copy.apply(c));
+                if let Err(e) = applied.and_then(|()| match copy.revision() >= revision {
+                    true => Ok(()),
+                    false => Err(format!("changes reach revision {}, not {revision}", copy.revision())),
+                }) {
+                    *followed = None;
+                    return Err(e);
+                }
+                self.set_view(copy.revision(), copy.state.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Other nodes this node knows of, in id order.
+    fn known_peers(&self) -> Vec<NodeId> {
+        let mut known: Vec<NodeId> = self.meta_view().nodes.keys().copied().collect();
+        known.extend(self.inner.config.peers.iter().map(|p| p.0));
+        if let Ok(p) = self.inner.extra_peers.lock() {
+            known.extend(p.iter().copied());
+        }
+        known.sort();
+        known.dedup();
+        known.retain(|n| *n != self.inner.id);
+        known
+    }
+
+    async fn meta_local(&self, op: &MetaOp) -> Result<(u64, MetaState, AdminResponse), MetaTry> {
         let _guard = self.inner.meta.lock.lock().await;
         let g = META_GROUP;
         loop {
-            let cur = self.inner.host.get(g, META_STATE_KEY.to_vec(), ReadMode::ReadIndex).await.map_err(meta_try)?;
-            let stored = meta::decode_state(cur.as_deref()).map_err(MetaTry::Refused)?;
-            let mut state = stored.clone();
-            self.overlay_live_reports(&mut state);
-            let mut next = state.clone();
+            // The read makes this node's replica current (linearizably) and gives the header
+            // the state must have.
+            let header =
+                self.inner.host.get(g, META_STATE_KEY.to_vec(), ReadMode::ReadIndex).await.map_err(meta_try)?;
+            let stored = self.stored_at(header).await.map_err(MetaTry::Refused)?;
+            let mut next = stored.state.clone();
+            self.overlay_live_reports(&mut next);
             let answer = meta::run_op(op, &mut next, &self.inner.config.balancer).map_err(MetaTry::Refused)?;
             self.inner.stats.meta_ops.fetch_add(1, Ordering::Relaxed);
             // The live reports follow what the op did to them (a report replaces its node's; a
@@ -191,35 +384,81 @@ impl Node {
                     }
                 }
             }
-            // A report that changes nothing but reports is kept in memory, not written.
-            if matches!(op, MetaOp::Report { .. }) && without_reports(&next) == without_reports(&stored) {
-                self.set_view(next.clone());
-                return Ok((next, answer));
+            let (writes, after) = stored.changes(&next).map_err(MetaTry::Refused)?;
+            // Nothing stored changed (a read, or a report that changes reports only).
+            if writes.is_empty() {
+                self.set_view(stored.revision(), next.clone());
+                return Ok((stored.revision(), next, answer));
             }
-            if next == state {
-                self.set_view(state.clone());
-                return Ok((state, answer));
+            // Converting format 1: every record first, in parts if they are too many for one
+            // transaction, each guarded by the format-1 header; the header last.
+            let mut writes = writes;
+            if stored.whole {
+                let mut parts = conversion_parts(writes, TXN_WRITES_MAX, TXN_BYTES_MAX - 4096);
+                writes = parts.pop().unwrap_or_default();
+                if !self.write_parts(parts, stored.guard.clone()).await? {
+                    continue;
+                }
             }
-            let bytes = meta::encode_state(&next).map_err(MetaTry::Refused)?;
+            let bytes: usize = writes.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
+            let records = writes.len();
+            let writes = Arc::new(writes);
+            let txn = KvCommand::Txn {
+                guard: META_STATE_KEY.to_vec(),
+                expected: stored.guard.clone(),
+                writes: writes.as_ref().clone(),
+            };
             self.inner.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
-            let cas = KvCommand::Cas { key: META_STATE_KEY.to_vec(), expected: cur, new: Some(bytes) };
-            match self.inner.host.write(g, cas).await.map_err(meta_try)? {
-                KvResponse::Done { .. } => {
-                    self.set_view(next.clone());
-                    return Ok((next, answer));
+            self.inner.stats.meta_write_records.fetch_add(records as u64, Ordering::Relaxed);
+            self.inner.stats.meta_write_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+            match self.inner.host.write(g, txn).await {
+                Ok(KvResponse::Done { .. }) => {
+                    let revision = after.revision();
+                    // A conversion's last part holds only the header, not the change: nodes
+                    // following changes are sent the whole state once instead.
+                    if let Ok(mut log) = self.inner.meta.changes.lock() {
+                        match stored.whole {
+                            false => log.push(revision, writes),
+                            true => *log = ChangeLog::default(),
+                        }
+                    }
+                    self.keep_stored(Arc::new(after));
+                    self.set_view(revision, next.clone());
+                    return Ok((revision, next, answer));
                 }
-                KvResponse::CasFailed { .. } => continue,
-                KvResponse::Refused(e) => return Err(MetaTry::Refused(e)),
-                KvResponse::Split { .. } | KvResponse::OutOfRange => {
-                    return Err(MetaTry::Refused("an unexpected answer to the meta compare-and-swap".into()))
+                // Another change got in since the read: read again.
+                Ok(KvResponse::CasFailed { .. }) => continue,
+                Ok(KvResponse::Refused(e)) => return Err(MetaTry::Refused(e)),
+                Ok(KvResponse::Split { .. } | KvResponse::OutOfRange) => {
+                    return Err(MetaTry::Refused("an unexpected answer to the meta transaction".into()))
                 }
+                Err(HostError::TooLarge(e)) => {
+                    return Err(MetaTry::Refused(format!("the change is too large for one meta transaction: {e}")))
+                }
+                Err(e) => return Err(meta_try(e)),
             }
         }
     }
 
-    /// Replaces every node's stored report with the one this node received as meta leader
-    /// within [`LIVE_REPORT_AGE_MAX_MS`], or with an empty report (nothing known) if none:
-    /// stored reports are only as fresh as the last meta write, which may be long ago.
+    /// Writes the first parts of a format-1 conversion, each guarded by the format-1 header
+    /// `guard`; `false` if the guard failed (another change got in: read again).
+    async fn write_parts(&self, parts: Vec<Vec<MetaWrite>>, guard: Option<Vec<u8>>) -> Result<bool, MetaTry> {
+        for writes in parts {
+            let txn = KvCommand::Txn { guard: META_STATE_KEY.to_vec(), expected: guard.clone(), writes };
+            match self.inner.host.write(META_GROUP, txn).await {
+                Ok(KvResponse::Done { .. }) => {}
+                Ok(KvResponse::CasFailed { .. }) => return Ok(false),
+                Ok(other) => return Err(MetaTry::Refused(format!("converting the meta state: {other:?}"))),
+                Err(HostError::TooLarge(e)) => return Err(MetaTry::Refused(format!("converting the meta state: {e}"))),
+                Err(e) => return Err(meta_try(e)),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Replaces every node's report with the one this node received as meta leader within
+    /// [`LIVE_REPORT_AGE_MAX_MS`], or with an empty report (nothing known) if none: reports
+    /// are not stored in the meta group.
     fn overlay_live_reports(&self, state: &mut MetaState) {
         let Ok(live) = self.inner.meta.live.lock() else { return };
         let max_age = Duration::from_millis(LIVE_REPORT_AGE_MAX_MS);
@@ -272,25 +511,4 @@ fn meta_try(e: HostError) -> MetaTry {
         HostError::Raft(RaftError::NotLeader { leader }) => MetaTry::Leader(leader),
         other => MetaTry::Retry(other.to_string()),
     }
-}
-
-/// Whether view `a` is older than view `b`: it allocated fewer shard ids, or some shard is at
-/// an older epoch. Both come from one history (the meta group's), so no view is older in one
-/// shard and newer in another.
-fn is_older(a: &MetaState, b: &MetaState) -> bool {
-    a.next_shard_id < b.next_shard_id
-        || a.map.shards().any(|d| {
-            b.map
-                .get(d.id)
-                .is_some_and(|o| (d.epoch.version, d.epoch.conf_version) < (o.epoch.version, o.epoch.conf_version))
-        })
-}
-
-/// `state` with every node's report emptied: what a report alone does not change.
-fn without_reports(state: &MetaState) -> MetaState {
-    let mut s = state.clone();
-    for info in s.nodes.values_mut() {
-        info.report = NodeReport::default();
-    }
-    s
 }

@@ -321,8 +321,16 @@ pub struct NodeStats {
     pub denied: AtomicU64,
     /// Meta operations run on this node as the meta leader.
     pub meta_ops: AtomicU64,
-    /// Compare-and-swap writes of the meta state this node proposed as the meta leader.
+    /// Changes of the meta state this node proposed as the meta leader.
     pub meta_writes: AtomicU64,
+    /// Records those changes wrote (the header included): what a change costs, in records.
+    pub meta_write_records: AtomicU64,
+    /// Bytes of keys and values those changes wrote.
+    pub meta_write_bytes: AtomicU64,
+    /// Refreshes of this node's copy of the meta state that came as the whole state.
+    pub meta_updates_whole: AtomicU64,
+    /// Refreshes of this node's copy that came as the changes since its revision.
+    pub meta_updates_changes: AtomicU64,
 }
 
 /// The node's state, shared by its tasks. Each room's state is its own field (and lock), named
@@ -614,6 +622,31 @@ impl Node {
             s.denied.load(Ordering::Relaxed),
         );
         counter("flotilla_meta_ops_total", "Meta operations run as meta leader.", s.meta_ops.load(Ordering::Relaxed));
+        counter(
+            "flotilla_meta_writes_total",
+            "Changes of the meta state proposed as meta leader.",
+            s.meta_writes.load(Ordering::Relaxed),
+        );
+        counter(
+            "flotilla_meta_write_records_total",
+            "Records those changes wrote.",
+            s.meta_write_records.load(Ordering::Relaxed),
+        );
+        counter(
+            "flotilla_meta_updates_whole_total",
+            "Refreshes of this node's meta copy sent as the whole state.",
+            s.meta_updates_whole.load(Ordering::Relaxed),
+        );
+        counter(
+            "flotilla_meta_updates_changes_total",
+            "Refreshes of this node's meta copy sent as the changes since its revision.",
+            s.meta_updates_changes.load(Ordering::Relaxed),
+        );
+        counter(
+            "flotilla_meta_write_bytes_total",
+            "Bytes of keys and values those changes wrote.",
+            s.meta_write_bytes.load(Ordering::Relaxed),
+        );
         let h = self.inner.host.stats();
         counter("flotilla_host_batches_sent_total", "Node batches sent.", h.batches_sent.load(Ordering::Relaxed));
         counter("flotilla_host_messages_sent_total", "Raft messages sent.", h.messages_sent.load(Ordering::Relaxed));

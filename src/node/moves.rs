@@ -25,7 +25,7 @@ impl Node {
             return;
         }
         match self.meta_exec(MetaOp::Rebalance { now_ms: now_ms() }, false).await {
-            Ok((_, AdminResponse::Done(what))) if what != meta::NOTHING_TO_BALANCE => {
+            Ok((_, _, AdminResponse::Done(what))) if what != meta::NOTHING_TO_BALANCE => {
                 info!(node = self.inner.id.0, "balancer: {}", what.replace('\n', "; "))
             }
             Ok(_) => {}

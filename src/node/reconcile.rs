@@ -48,8 +48,8 @@ impl Node {
 
     pub(super) async fn reconcile(&self) {
         if !self.refresh_local_view().await {
-            // No local meta replica: fetch the state from the meta leader.
-            if let Err(e) = self.meta_exec(MetaOp::Read, false).await {
+            // No local meta replica: the changes since this node's copy, from the meta leader.
+            if let Err(e) = self.meta_follow(MetaOp::Read).await {
                 debug!(error = %e, "cannot read the meta state");
             }
         }

@@ -72,7 +72,7 @@ impl Node {
     pub(super) async fn report(&self, requests_per_s: u64) -> Result<(), NodeError> {
         let report = self.build_report(requests_per_s).await?;
         let op = MetaOp::Report { node: self.inner.id, addr: self.inner.addr.clone(), report };
-        self.meta_exec(op, false).await?;
+        self.meta_follow(op).await?;
         Ok(())
     }
 

@@ -7,7 +7,7 @@
 use super::{view_of, Node, NodeError, PEER_REQUEST_TIMEOUT_MS};
 use crate::authz;
 use crate::meta::{self, shard_range};
-use crate::peer_wire::{is_peer_message, MetaOp, PeerRequest, PeerResponse};
+use crate::peer_wire::{is_peer_message, MetaOp, MetaUpdate, PeerRequest, PeerResponse};
 use crate::placement::{Epoch, ShardDescriptor, ShardId};
 use crate::raft::{RaftError, ReadMode};
 use crate::shard::{HostError, KvCommand, KvResponse, KvStateMachine, ScanEnd, ScanError, ScanPage};
@@ -182,7 +182,7 @@ impl Node {
             Request::ClusterView { fresh } => {
                 let state = if fresh {
                     match self.meta_exec(MetaOp::Read, false).await {
-                        Ok((s, _)) => Arc::new(s),
+                        Ok((_, s, _)) => Arc::new(s),
                         Err(e) => return Response::Unavailable(e.to_string()),
                     }
                 } else {
@@ -214,22 +214,41 @@ impl Node {
         if !matches!(from, PeerIdentity::Node(_)) {
             return PeerResponse::Refused("meta operations are for nodes; use admin requests".into());
         }
-        let PeerRequest::Meta { op, forwarded } = match PeerRequest::decode(body) {
-            Ok(r) => r,
+        let (op, forwarded, since) = match PeerRequest::decode(body) {
+            Ok(PeerRequest::Meta { op, forwarded }) => (op, forwarded, None),
+            Ok(PeerRequest::MetaSince { op, since }) => (op, false, Some(since)),
             Err(e) => {
                 self.inner.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
                 return PeerResponse::Refused(format!("bad peer request: {e}"));
             }
         };
         // On the meta leader, or forwarded once to it.
-        match self.meta_exec(op, forwarded).await {
-            Ok((state, answer)) => match meta::encode_state(&state) {
+        let (revision, state, answer) = match self.meta_exec(op, forwarded).await {
+            Ok(r) => r,
+            Err(NodeError::Meta(e)) => return PeerResponse::Refused(e),
+            Err(e) => return PeerResponse::Unavailable(e.to_string()),
+        };
+        let Some(since) = since else {
+            return match meta::encode_view(revision, &state) {
                 Ok(state) => PeerResponse::Meta { state, answer },
                 Err(e) => PeerResponse::Unavailable(e),
+            };
+        };
+        let changes = since.and_then(|s| self.meta_changes(s, revision));
+        let update = match changes {
+            Some(changes) => MetaUpdate::Changes(changes),
+            None => match meta::encode_view(revision, &state) {
+                Ok(state) => MetaUpdate::Whole(state),
+                Err(e) => return PeerResponse::Unavailable(e),
             },
-            Err(NodeError::Meta(e)) => PeerResponse::Refused(e),
-            Err(e) => PeerResponse::Unavailable(e.to_string()),
-        }
+        };
+        // Where the asker's next request goes: here if this node leads the meta group, else the
+        // leader it knows of (this node forwarded the op there).
+        let leader = match self.meta_tenure() {
+            Some(_) => Some(self.inner.id),
+            None => self.meta_leader_elsewhere().await,
+        };
+        PeerResponse::MetaSince { revision, update, leader, answer }
     }
 
     /// A reader of this node's replica of `shard` for stale reads: its applied state, however

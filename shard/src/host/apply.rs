@@ -218,15 +218,17 @@ impl Poller {
                 match prepared {
                     Ok((ids, p)) if ids.len() == p.responses.len() => {
                         let results: Vec<(LogId, Bytes)> = ids.into_iter().zip(p.responses).collect();
-                        // Clients need not wait for the applied state to be stored: their
-                        // entries are committed and the answers fixed. Reads wait for it.
-                        g.core.answer_writes(&results);
                         // The source's range narrows now, and in the same step the new groups'
                         // ids and ranges are reserved: until each is registered, nothing else may
                         // create it here, nor any group the map split off it since (which its
                         // own split will start). A replica created meanwhile would start empty,
-                        // unable to vote, and keep the split's state from starting.
+                        // unable to vote, and keep the split's state from starting. Before the
+                        // answers go: a caller told that the split applied finds the range
+                        // narrowed.
                         let splits = self.shared.publish_splits(&g.sm, p.range, p.splits);
+                        // Clients need not wait for the applied state to be stored: their
+                        // entries are committed and the answers fixed. Reads wait for it.
+                        g.core.answer_writes(&results);
                         let done: crate::store::WriteCallback = Box::new(move |r| {
                             let _ = tx.send(PollerMsg::Applied(gid, r.map(|()| (results, splits))));
                         });

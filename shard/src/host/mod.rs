@@ -629,7 +629,7 @@ impl Host {
     pub async fn write(&self, group: GroupId, cmd: KvCommand) -> Result<KvResponse, HostError> {
         let entry = self.entry(group)?;
         cmd.check_size().map_err(HostError::TooLarge)?;
-        if !entry.sm.range().contains(cmd.key()) {
+        if !cmd.within(&entry.sm.range()) {
             return Err(HostError::KeyOutOfRange(group));
         }
         let payload = cmd.encode()?;

@@ -3,39 +3,62 @@
 //! The shard host runs key-value state machines only, so the meta group is an ordinary host
 //! group that owns a reserved key range, `[0x00, 0x01)`: user keys may not start with `0x00`
 //! (checked at the node and in the client), and data shards' host ranges start at `0x01` at
-//! the lowest, so no data shard's snapshot or cleanup ever touches a meta key. The whole
-//! serialized `MetaState` lives under one key, [`META_STATE_KEY`], as
-//! `[u8 format version][bincode MetaState]`.
+//! the lowest, so no data shard's snapshot or cleanup ever touches a meta key. The state is
+//! stored there as one small record per item under a header ([`records`]), so the group's
+//! ordinary snapshots, restarts and catch-up carry it with no code of their own.
 //!
-//! **Changing it.** The meta leader runs each [`MetaOp`] as read (ReadIndex, linearizable) →
-//! apply the op to a copy → compare-and-swap the new bytes against the bytes it read. A CAS
-//! that fails (another change got in between) is retried from the read. One node serializes
-//! its own meta ops with a lock, so retries are rare. An op is checked against the state it is
-//! applied to, so a retried op is never applied on top of itself unknowingly: either it still
-//! fits the state or it is refused with the reason.
+//! **Changing it.** The meta leader runs each [`MetaOp`] as: ReadIndex (linearizable) → the
+//! state at that point (its in-memory copy, or read from its replica's records when the header
+//! changed) → apply the op to a copy, with the nodes' live reports laid over it → one
+//! `KvCommand::Txn` writing only the records the op changed, guarded by the header it read. A
+//! guard that no longer matches (another change got in between: a previous meta leader's, say)
+//! sends the op back to the read. One node serializes its own meta ops with a lock, so retries
+//! are rare. An op is checked against the state it is applied to, so a retried op is never
+//! applied on top of itself unknowingly: either it still fits the state or it is refused with
+//! the reason.
 //!
-//! Why not a dedicated meta state machine: the host's groups all share the KV state machine
-//! and its storage, snapshot and recovery code, which are tested; the price is rewriting the
-//! whole state (a few KiB for small clusters) on every change, which is fine at meta rates
-//! (node reports once a second, admin commands). Large clusters would want a real state
-//! machine (commands in the log, state in memory): listed as future work.
+//! Why the log carries the op's effect (records) rather than the op: ops are checked against
+//! the nodes' reports, which only the meta leader holds (they change every second and are not
+//! replicated), so replicas could not re-run them to the same result. The effect is what the
+//! leader decided; every replica applies it the same way, and it costs the records changed.
+
+pub mod change_log;
+pub mod records;
 
 use crate::peer_wire::MetaOp;
 use crate::placement::{
     balance, BalancerConfig, MetaCommand, MetaOutcome, MetaState, NodeId, ShardDescriptor, ShardId,
 };
 use crate::raft::GroupId;
-use crate::shard::KeyRange;
+use crate::shard::{KeyRange, Store, CF_DATA};
 use crate::wire::AdminResponse;
 
 /// The meta group's id.
 pub const META_GROUP: GroupId = GroupId(0);
-/// The key holding the serialized meta state (inside the meta group's reserved range).
-pub const META_STATE_KEY: &[u8] = b"\x00meta/state";
-/// Format version of the stored meta state.
-pub const META_FORMAT_VERSION: u8 = 1;
+pub use records::{StoredMeta, META_STATE_KEY};
+/// Format version of a meta state sent between nodes ([`encode_view`]): its revision and the
+/// whole state.
+pub const META_VIEW_FORMAT: u8 = 2;
 /// The first key a data shard may own: everything below belongs to the meta group.
 pub const USER_KEYS_START: &[u8] = &[0x01];
+
+/// Reads the meta state this node's replica holds (blocking): its records, in one consistent
+/// read of the meta range.
+pub fn read_stored_blocking(store: &Store) -> Result<StoredMeta, String> {
+    let mut opts = rocksdb::ReadOptions::default();
+    opts.set_iterate_upper_bound(USER_KEYS_START.to_vec());
+    let cf = store.cf(CF_DATA).map_err(|e| e.to_string())?;
+    let mode = rocksdb::IteratorMode::From(records::META_PREFIX, rocksdb::Direction::Forward);
+    let mut pairs = Vec::new();
+    for item in store.db().iterator_cf_opt(cf, opts, mode) {
+        let (k, v) = item.map_err(|e| format!("reading the meta state: {e}"))?;
+        if !k.starts_with(records::META_PREFIX) {
+            break;
+        }
+        pairs.push((k.to_vec(), v.to_vec()));
+    }
+    StoredMeta::load(pairs)
+}
 
 /// The meta group's key range.
 pub fn meta_range() -> KeyRange {
@@ -48,21 +71,27 @@ pub fn shard_range(d: &ShardDescriptor) -> KeyRange {
     KeyRange { start, end: d.end.clone() }
 }
 
-/// Serializes a meta state with its format version.
-pub fn encode_state(state: &MetaState) -> Result<Vec<u8>, String> {
-    let mut out = vec![META_FORMAT_VERSION];
+/// Serializes a meta state and its revision, for another node.
+pub fn encode_view(revision: u64, state: &MetaState) -> Result<Vec<u8>, String> {
+    let mut out = vec![META_VIEW_FORMAT];
+    out.extend(revision.to_be_bytes());
     out.extend(state.snapshot()?);
     Ok(out)
 }
 
-/// Reads bytes made by [`encode_state`]; `None` (no key yet) is the empty state.
-pub fn decode_state(bytes: Option<&[u8]>) -> Result<MetaState, String> {
-    let Some(bytes) = bytes else { return Ok(MetaState::default()) };
-    let (&version, body) = bytes.split_first().ok_or("empty meta state record")?;
-    if version != META_FORMAT_VERSION {
-        return Err(format!("meta state format {version} is not supported (this build reads {META_FORMAT_VERSION})"));
+/// Reads bytes made by [`encode_view`]: the revision and the state.
+pub fn decode_view(bytes: &[u8]) -> Result<(u64, MetaState), String> {
+    let (&version, body) = bytes.split_first().ok_or("empty meta state")?;
+    if version != META_VIEW_FORMAT {
+        return Err(format!("meta state format {version} is not supported (this build reads {META_VIEW_FORMAT})"));
     }
-    MetaState::restore(body)
+    if body.len() < 8 {
+        return Err("truncated meta state".into());
+    }
+    let (rev, state) = body.split_at(8);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(rev);
+    Ok((u64::from_be_bytes(b), MetaState::restore(state)?))
 }
 
 /// Most shards a new cluster starts with (`flotilla dev --shards`, `bootstrap.shards`): one per
@@ -190,10 +219,10 @@ mod tests {
         let again = s.clone();
         run_op(&op, &mut s, &BalancerConfig::default()).unwrap();
         assert_eq!(s, again, "bootstrap twice changes nothing");
-        let bytes = encode_state(&s).unwrap();
-        assert_eq!(decode_state(Some(&bytes)).unwrap(), s);
-        assert!(decode_state(Some(&[9, 1, 2])).is_err());
-        assert_eq!(decode_state(None).unwrap(), MetaState::default());
+        let bytes = encode_view(7, &s).unwrap();
+        assert_eq!(decode_view(&bytes).unwrap(), (7, s.clone()));
+        assert!(decode_view(&[9, 1, 2]).is_err());
+        assert!(decode_view(&bytes[..5]).is_err());
         let first = s.map.shards().next().unwrap().clone();
         assert_eq!(shard_range(&first).start, USER_KEYS_START.to_vec());
         assert!(!meta_range().contains(b"a") && meta_range().contains(META_STATE_KEY));

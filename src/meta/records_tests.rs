@@ -1,0 +1,253 @@
+//! The stored meta state: every change round-trips through its records, follows change by
+//! change, costs the records it changed, and format 1 converts.
+
+use super::*;
+use crate::placement::{MetaCommand, MovePlan, MoveStep, ReplicaRole, MOVE_HISTORY_MS};
+use std::collections::BTreeMap;
+
+/// A meta range as RocksDB would hold it.
+#[derive(Default)]
+struct Range(BTreeMap<Vec<u8>, Vec<u8>>);
+
+impl Range {
+    fn write(&mut self, writes: &[MetaWrite]) {
+        for (k, v) in writes {
+            match v {
+                Some(v) => self.0.insert(k.clone(), v.clone()),
+                None => self.0.remove(k),
+            };
+        }
+    }
+    fn load(&self) -> StoredMeta {
+        StoredMeta::load(self.0.iter().map(|(k, v)| (k.clone(), v.clone()))).expect("load")
+    }
+    fn bytes(&self) -> usize {
+        self.0.iter().map(|(k, v)| k.len() + v.len()).sum()
+    }
+}
+
+/// Runs `cmd` on a copy of `stored`'s state, stores its change in `range`, and checks that a
+/// copy following the change, and a replica reading the range afresh, hold the same state.
+/// Returns the change's writes.
+fn step(stored: &mut StoredMeta, range: &mut Range, cmd: MetaCommand) -> Vec<MetaWrite> {
+    let mut next = stored.state.clone();
+    next.apply(cmd.clone()).unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let (writes, after) = stored.changes(&next).expect("changes");
+    assert_eq!(after.state, next, "{cmd:?}: the stored state is the state (no reports here)");
+    range.write(&writes);
+    if !writes.is_empty() {
+        assert_eq!(after.revision(), stored.revision() + 1, "{cmd:?}");
+    }
+    // A copy read from format 1 reads again rather than follow (it holds no record numbers).
+    if !stored.whole {
+        let mut follower = stored.clone();
+        if !writes.is_empty() {
+            follower.apply(&writes).expect("follow");
+        }
+        assert_eq!(follower, after, "{cmd:?}: a copy following the change");
+    }
+    assert_eq!(range.load(), after, "{cmd:?}: a replica reading its range");
+    *stored = after;
+    writes
+}
+
+fn n(i: u64) -> NodeId {
+    NodeId(i)
+}
+
+/// Four nodes and `shards` shards on the first three, stored by one change (each step checked
+/// for the first few).
+fn bootstrapped(range: &mut Range, shards: usize) -> StoredMeta {
+    let mut s = StoredMeta::default();
+    for i in 1..=4 {
+        step(&mut s, range, MetaCommand::RegisterNode { node: n(i), addr: format!("127.0.0.1:{i}") });
+    }
+    step(&mut s, range, MetaCommand::Bootstrap { nodes: vec![n(1), n(2), n(3)] });
+    let mut state = s.state.clone();
+    for i in 1..shards {
+        let key = format!("k{i:06}").into_bytes();
+        let d = state.map.lookup(&key).cloned().expect("shard");
+        let split = MetaCommand::Split { shard: d.id, epoch: d.epoch, key };
+        if i < 4 {
+            step(&mut s, range, split);
+            state = s.state.clone();
+        } else {
+            state.apply(split).expect("split");
+        }
+    }
+    let (writes, after) = s.changes(&state).expect("changes");
+    range.write(&writes);
+    assert_eq!(range.load(), after);
+    after
+}
+
+#[test]
+fn every_kind_of_change_round_trips_through_its_records() {
+    let mut range = Range::default();
+    let mut s = bootstrapped(&mut range, 8);
+    assert_eq!(s.state.map.len(), 8);
+    let d = s.state.map.shards().nth(3).cloned().expect("shard");
+    let epoch = |s: &StoredMeta| s.state.map.get(d.id).expect("shard").epoch;
+    {
+        let epoch = epoch(&s);
+        step(&mut s, &mut range, MetaCommand::AddLearner { shard: d.id, epoch, node: n(4) });
+    }
+    {
+        let epoch = epoch(&s);
+        step(&mut s, &mut range, MetaCommand::Promote { shard: d.id, epoch, node: n(4) });
+    }
+    {
+        let epoch = epoch(&s);
+        step(&mut s, &mut range, MetaCommand::TransferLeader { shard: d.id, epoch, node: n(4) });
+    }
+    assert_eq!(s.state.transfers.get(&d.id), Some(&n(4)));
+    {
+        let epoch = epoch(&s);
+        step(&mut s, &mut range, MetaCommand::RemoveReplica { shard: d.id, epoch, node: n(4) });
+    }
+    assert!(s.state.transfers.is_empty() && s.state.tombstones.contains_key(&d.id), "transfer gone, tombstone in");
+    {
+        let epoch = epoch(&s);
+        step(&mut s, &mut range, MetaCommand::AddLearner { shard: d.id, epoch, node: n(4) });
+    }
+    assert!(s.state.tombstones.is_empty(), "the tombstone went with the replica's return");
+    step(&mut s, &mut range, MetaCommand::SetDraining { node: n(2), draining: true });
+    // A move started and aborted before its learner came: a plan and a recent move, then no
+    // plan.
+    let other = s.state.map.shards().next().cloned().expect("shard");
+    let plan = MovePlan {
+        shard: other.id,
+        from: n(1),
+        to: n(4),
+        transfer_leader_to: None,
+        step: MoveStep::AddLearner,
+        catch_up_lag_entries_max: 100,
+    };
+    step(&mut s, &mut range, MetaCommand::StartMove { epoch: other.epoch, plan, now_ms: 5 });
+    assert_eq!(s.state.moves.len(), 1);
+    step(&mut s, &mut range, MetaCommand::AdvanceMove { shard: other.id, step: MoveStep::AddLearner });
+    let learner = s.state.map.get(other.id).and_then(|d| d.replica(n(4))).map(|r| r.role);
+    assert_eq!(learner, Some(ReplicaRole::Learner));
+    step(&mut s, &mut range, MetaCommand::AbortMove { shard: other.id });
+    assert!(s.state.moves.is_empty() && s.state.recent_moves.len() == 1);
+    // A command that changes nothing stored writes nothing.
+    let before = s.revision();
+    assert!(step(&mut s, &mut range, MetaCommand::SetDraining { node: n(2), draining: true }).is_empty());
+    assert_eq!(s.revision(), before);
+}
+
+#[test]
+fn a_split_or_a_replica_change_writes_its_records_not_the_map() {
+    let mut range = Range::default();
+    let mut s = bootstrapped(&mut range, 1000);
+    let whole = range.bytes();
+    assert!(whole > 50_000, "1000 shards take {whole} bytes");
+    let d = s.state.map.lookup(b"k000500").cloned().expect("shard");
+    let writes =
+        step(&mut s, &mut range, MetaCommand::Split { shard: d.id, epoch: d.epoch, key: b"k000500x".to_vec() });
+    let bytes: usize = writes.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
+    assert_eq!(writes.len(), 3, "the two halves and the header: {writes:?}");
+    assert!(bytes < 300, "a split writes {bytes} bytes of a {whole}-byte map");
+    eprintln!("a split of one of 1000 shards writes {bytes} bytes in 3 records; the map's records hold {whole}");
+    let e = s.state.map.get(d.id).expect("shard").epoch;
+    let writes = step(&mut s, &mut range, MetaCommand::AddLearner { shard: d.id, epoch: e, node: n(4) });
+    assert_eq!(writes.len(), 2, "the descriptor and the header: {writes:?}");
+}
+
+#[test]
+fn recent_moves_drop_the_oldest_and_append_without_rewriting_the_rest() {
+    let mut range = Range::default();
+    let mut s = bootstrapped(&mut range, 2);
+    let d = s.state.map.shards().next().cloned().expect("shard");
+    for i in 0..5u64 {
+        let plan = MovePlan {
+            shard: d.id,
+            from: n(1),
+            to: n(4),
+            transfer_leader_to: None,
+            step: MoveStep::AddLearner,
+            catch_up_lag_entries_max: 100,
+        };
+        // Each move an hour after the last: the one before falls out of the history.
+        let now_ms = 1 + i * MOVE_HISTORY_MS;
+        let writes = step(&mut s, &mut range, MetaCommand::StartMove { epoch: d.epoch, plan, now_ms });
+        let recent: Vec<&MetaWrite> = writes.iter().filter(|(k, _)| ids(k, RECENT, 1).is_some()).collect();
+        assert_eq!(recent.len(), if i == 0 { 1 } else { 2 }, "one appended, one dropped: {recent:?}");
+        step(&mut s, &mut range, MetaCommand::AbortMove { shard: d.id });
+        assert_eq!(s.state.recent_moves.len(), 1);
+        assert_eq!(s.header.recent_first, i);
+    }
+}
+
+#[test]
+fn a_format_1_state_is_read_then_converted_by_the_first_change_and_unknown_formats_are_refused() {
+    let mut range = Range::default();
+    let s = bootstrapped(&mut range, 20);
+    let mut old = s.state.clone();
+    old.nodes.get_mut(&n(1)).expect("node").report.leading.push(ShardId(1));
+    let mut v1 = vec![META_FORMAT_WHOLE];
+    v1.extend(old.snapshot().expect("snapshot"));
+    let mut legacy = Range::default();
+    legacy.0.insert(META_STATE_KEY.to_vec(), v1.clone());
+    let mut read = legacy.load();
+    assert!(read.whole && read.revision() == 0 && read.guard == Some(v1));
+    assert_eq!(read.state, s.state, "read as stored, reports aside");
+    // The first change writes every record and the format-2 header, replacing the old value.
+    let writes = step(&mut read, &mut legacy, MetaCommand::SetDraining { node: n(3), draining: true });
+    assert_eq!(writes.len(), 4 + 20 + 1, "every node and shard, and the header");
+    assert!(!read.whole && read.revision() == 1);
+    assert_eq!(legacy.0.get(META_STATE_KEY).map(|v| v[0]), Some(META_FORMAT_RECORDS));
+    // Anything else under the header's key, or an unknown record, is refused with its reason.
+    let mut bad = Range::default();
+    bad.0.insert(META_STATE_KEY.to_vec(), vec![3, 0]);
+    let err = StoredMeta::load(bad.0.clone()).expect_err("format 3");
+    assert!(err.contains("format 3 is not supported"), "{err}");
+    let mut mixed = legacy.0.clone();
+    mixed.insert(b"\x00meta/what/1".to_vec(), vec![1]);
+    assert!(StoredMeta::load(mixed).expect_err("unknown").contains("not a record this build knows"));
+}
+
+#[test]
+fn a_copy_refuses_a_change_that_does_not_follow_its_revision() {
+    let mut range = Range::default();
+    let mut s = bootstrapped(&mut range, 2);
+    let stale = s.clone();
+    let w1 = step(&mut s, &mut range, MetaCommand::SetDraining { node: n(1), draining: true });
+    let w2 = step(&mut s, &mut range, MetaCommand::SetDraining { node: n(1), draining: false });
+    let mut copy = stale.clone();
+    assert!(copy.apply(&w2).expect_err("skips one").contains("does not follow"));
+    copy.apply(&w1).expect("in order");
+    copy.apply(&w2).expect("in order");
+    assert_eq!(copy, s);
+    copy.apply(&w1).expect("a change held already");
+    copy.apply(&w2).expect("a change held already");
+    assert_eq!(copy, s, "changes held already are skipped");
+}
+
+#[test]
+fn a_large_format_1_state_converts_in_parts_and_a_conversion_cut_short_is_ignored() {
+    let mut range = Range::default();
+    let s = bootstrapped(&mut range, 300);
+    let mut v1 = vec![META_FORMAT_WHOLE];
+    v1.extend(s.state.snapshot().expect("snapshot"));
+    let mut legacy = Range::default();
+    legacy.0.insert(META_STATE_KEY.to_vec(), v1);
+    let read = legacy.load();
+    let (writes, after) = read.changes(&read.state).expect("changes");
+    let parts = conversion_parts(writes.clone(), 100, 1 << 20);
+    assert_eq!(parts.len(), 5, "304 records in parts of 100, then the header alone");
+    assert!(parts.last().is_some_and(|p| p.len() == 1 && p[0].0 == META_STATE_KEY));
+    assert_eq!(parts.iter().map(Vec::len).sum::<usize>(), writes.len());
+    // Cut short after two parts: still the format-1 state, and converting again works.
+    legacy.write(&parts[0]);
+    legacy.write(&parts[1]);
+    assert_eq!(legacy.load(), read, "records under a format-1 header are ignored");
+    for p in conversion_parts(writes, 64, 2_000) {
+        assert!(
+            p.len() <= 64 && p.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum::<usize>() <= 2_000
+        );
+        legacy.write(&p);
+    }
+    assert_eq!(legacy.load(), after);
+    assert_eq!(after.state, s.state);
+}
