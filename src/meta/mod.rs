@@ -60,6 +60,23 @@ pub fn read_stored_blocking(store: &Store) -> Result<StoredMeta, String> {
     StoredMeta::load(pairs)
 }
 
+/// The keys of every record now in the meta range of `store` (the header's included).
+pub fn record_keys_blocking(store: &Store) -> Result<Vec<Vec<u8>>, String> {
+    let mut opts = rocksdb::ReadOptions::default();
+    opts.set_iterate_upper_bound(USER_KEYS_START.to_vec());
+    let cf = store.cf(CF_DATA).map_err(|e| e.to_string())?;
+    let mode = rocksdb::IteratorMode::From(records::META_PREFIX, rocksdb::Direction::Forward);
+    let mut keys = Vec::new();
+    for item in store.db().iterator_cf_opt(cf, opts, mode) {
+        let (k, _) = item.map_err(|e| format!("reading the meta state's keys: {e}"))?;
+        if !k.starts_with(records::META_PREFIX) {
+            break;
+        }
+        keys.push(k.to_vec());
+    }
+    Ok(keys)
+}
+
 /// The meta group's key range.
 pub fn meta_range() -> KeyRange {
     KeyRange { start: vec![0x00], end: Some(USER_KEYS_START.to_vec()) }

@@ -229,6 +229,21 @@ impl StoredMeta {
     }
 }
 
+/// The writes of a format-1 conversion, plus a delete of every record in the range (`existing`:
+/// its keys now) that they do not write. A conversion cut short leaves the records it wrote for
+/// the state of its own op; one done again for another op writes another set, and any record of
+/// the first it does not overwrite would be read as state once the new header lands (a shard,
+/// a transfer or a tombstone nobody decided).
+pub fn without_leftovers(mut writes: Vec<MetaWrite>, existing: impl IntoIterator<Item = Vec<u8>>) -> Vec<MetaWrite> {
+    let written: std::collections::BTreeSet<Vec<u8>> = writes.iter().map(|(k, _)| k.clone()).collect();
+    for key in existing {
+        if key.starts_with(META_PREFIX) && key.as_slice() != META_STATE_KEY && !written.contains(&key) {
+            writes.push((key, None));
+        }
+    }
+    writes
+}
+
 /// The writes of a format-1 conversion cut into transactions of at most `writes_max` writes
 /// and `bytes_max` bytes of keys and values, the header's write alone in the last: every part
 /// before it lands under the format-1 header, which ignores them until the last lands.

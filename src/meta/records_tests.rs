@@ -251,3 +251,53 @@ fn a_large_format_1_state_converts_in_parts_and_a_conversion_cut_short_is_ignore
     assert_eq!(legacy.load(), after);
     assert_eq!(after.state, s.state);
 }
+
+/// A format-1 state, its records cut short after a conversion for `first` (every part but the
+/// header), then converted again for `second` the way the meta leader does it (deleting what it
+/// does not rewrite): the range must then load as exactly `second`'s state.
+fn convert_twice(first: MetaCommand, second: MetaCommand) -> (StoredMeta, StoredMeta) {
+    let mut range = Range::default();
+    let s = bootstrapped(&mut range, 300);
+    let mut v1 = vec![META_FORMAT_WHOLE];
+    v1.extend(s.state.snapshot().expect("snapshot"));
+    let mut legacy = Range::default();
+    legacy.0.insert(META_STATE_KEY.to_vec(), v1);
+    let read = legacy.load();
+    let mut next_a = read.state.clone();
+    next_a.apply(first).expect("first op");
+    let (writes_a, _) = read.changes(&next_a).expect("changes");
+    let existing: Vec<Vec<u8>> = legacy.0.keys().cloned().collect();
+    let parts_a = conversion_parts(without_leftovers(writes_a, existing), 100, 1 << 20);
+    assert!(parts_a.len() > 2, "the conversion takes several parts");
+    for p in &parts_a[..parts_a.len() - 1] {
+        legacy.write(p);
+    }
+    assert_eq!(legacy.load(), read, "cut short: still the format-1 state");
+    let mut next_b = read.state.clone();
+    next_b.apply(second).expect("second op");
+    let (writes_b, after_b) = read.changes(&next_b).expect("changes");
+    let existing: Vec<Vec<u8>> = legacy.0.keys().cloned().collect();
+    for p in conversion_parts(without_leftovers(writes_b, existing), 100, 1 << 20) {
+        legacy.write(&p);
+    }
+    (legacy.load(), after_b)
+}
+
+#[test]
+fn a_conversion_done_again_for_another_op_leaves_no_shard_of_the_first() {
+    let mut probe = Range::default();
+    let d = bootstrapped(&mut probe, 300).state.map.lookup(b"k000150x").cloned().expect("shard");
+    let split = MetaCommand::Split { shard: d.id, epoch: d.epoch, key: b"k000150x".to_vec() };
+    let (loaded, expected) = convert_twice(split, MetaCommand::SetDraining { node: n(4), draining: true });
+    assert_eq!(loaded, expected);
+}
+
+#[test]
+fn a_conversion_done_again_for_another_op_leaves_no_transfer_of_the_first() {
+    let mut probe = Range::default();
+    let d = bootstrapped(&mut probe, 300).state.map.get(ShardId(7)).cloned().expect("shard 7");
+    let transfer = MetaCommand::TransferLeader { shard: d.id, epoch: d.epoch, node: n(2) };
+    let (loaded, expected) = convert_twice(transfer, MetaCommand::SetDraining { node: n(4), draining: true });
+    assert_eq!(loaded.state.transfers, expected.state.transfers);
+    assert_eq!(loaded, expected);
+}

@@ -7,7 +7,7 @@
 
 use super::{Node, NodeError, LIVE_REPORT_AGE_MAX_MS, META_OP_TIMEOUT_MS, PEER_REQUEST_TIMEOUT_MS};
 use crate::meta::change_log::ChangeLog;
-use crate::meta::records::{conversion_parts, MetaWrite};
+use crate::meta::records::{conversion_parts, without_leftovers, MetaWrite};
 use crate::meta::{self, StoredMeta, META_GROUP, META_STATE_KEY};
 use crate::peer_wire::{MetaOp, MetaUpdate, PeerRequest, PeerResponse};
 use crate::placement::{MetaState, NodeId, NodeReport};
@@ -394,7 +394,12 @@ impl Node {
             // transaction, each guarded by the format-1 header; the header last.
             let mut writes = writes;
             if stored.whole {
-                let mut parts = conversion_parts(writes, TXN_WRITES_MAX, TXN_BYTES_MAX - 4096);
+                // Read after this op's linearizable read: the range holds whatever an earlier
+                // conversion cut short committed, and this one deletes what it does not rewrite.
+                let existing = self.inner.host.store().blocking(|s| Ok(meta::record_keys_blocking(s))).await;
+                let existing = existing.map_err(|e| MetaTry::Refused(e.to_string()))?.map_err(MetaTry::Refused)?;
+                let all = without_leftovers(writes, existing);
+                let mut parts = conversion_parts(all, TXN_WRITES_MAX, TXN_BYTES_MAX - 4096);
                 writes = parts.pop().unwrap_or_default();
                 if !self.write_parts(parts, stored.guard.clone()).await? {
                     continue;
