@@ -111,16 +111,20 @@ pub fn decode_view(bytes: &[u8]) -> Result<(u64, MetaState), String> {
     Ok((u64::from_be_bytes(b), MetaState::restore(state)?))
 }
 
-/// Most shards a new cluster starts with (`flotilla dev --shards`, `bootstrap.shards`): one per
-/// two-hex-digit prefix `00`..`ff` ([`dev_split_keys`]).
-pub const BOOTSTRAP_SHARDS_MAX: u32 = 256;
+/// Most shards a new cluster starts with (`flotilla dev --shards`, `bootstrap.shards`): the
+/// bootstrap is one meta transaction, one record per shard, within [`crate::shard::TXN_WRITES_MAX`] writes
+/// (the nodes' records and the header take the rest).
+pub const BOOTSTRAP_SHARDS_MAX: u32 = 4_000;
 
-/// Split keys spreading `shards` shards over the two-hex-digit prefixes `00`..`ff` (the
-/// bench's keys are hex strings, and most text keys land in some shard): `shards - 1` keys.
+/// Split keys spreading `shards` shards evenly over hex prefixes (the bench's keys are hex
+/// strings, and most text keys land in some shard): `shards - 1` keys, of two hex digits
+/// (`00`..`ff`) up to 256 shards, of four (`0000`..`ffff`) beyond.
 pub fn dev_split_keys(shards: u32) -> Vec<Vec<u8>> {
-    let prefixes = u64::from(BOOTSTRAP_SHARDS_MAX);
     let s = u64::from(shards.clamp(1, BOOTSTRAP_SHARDS_MAX));
-    (1..s).map(|i| format!("{:02x}", prefixes * i / s).into_bytes()).collect()
+    if s <= 256 {
+        return (1..s).map(|i| format!("{:02x}", 256 * i / s).into_bytes()).collect();
+    }
+    (1..s).map(|i| format!("{:04x}", 65_536 * i / s).into_bytes()).collect()
 }
 
 fn changed(outcome: MetaOutcome, acc: &mut Vec<ShardDescriptor>) {
@@ -243,5 +247,33 @@ mod tests {
         let first = s.map.shards().next().unwrap().clone();
         assert_eq!(shard_range(&first).start, USER_KEYS_START.to_vec());
         assert!(!meta_range().contains(b"a") && meta_range().contains(META_STATE_KEY));
+    }
+
+    #[test]
+    fn split_keys_are_sorted_and_distinct_at_every_count() {
+        for n in [1, 2, 4, 255, 256, 257, 1_000, BOOTSTRAP_SHARDS_MAX] {
+            let keys = dev_split_keys(n);
+            assert_eq!(keys.len(), n as usize - 1, "{n}");
+            assert!(keys.windows(2).all(|w| w[0] < w[1]), "{n}: sorted and distinct");
+        }
+        assert_eq!(dev_split_keys(4), [b"40".to_vec(), b"80".to_vec(), b"c0".to_vec()], "small counts keep their keys");
+        assert_eq!(dev_split_keys(512)[255], b"8000".to_vec());
+    }
+
+    #[test]
+    fn the_largest_bootstrap_fits_one_meta_transaction() {
+        let mut s = MetaState::default();
+        let nodes: Vec<(NodeId, String)> = (1..=5).map(|i| (NodeId(i), format!("127.0.0.1:{i}"))).collect();
+        let op = MetaOp::Bootstrap {
+            nodes,
+            replicas: vec![NodeId(1), NodeId(2), NodeId(3)],
+            split_keys: dev_split_keys(BOOTSTRAP_SHARDS_MAX),
+        };
+        run_op(&op, &mut s, &BalancerConfig::default()).unwrap();
+        assert_eq!(s.map.len(), BOOTSTRAP_SHARDS_MAX as usize);
+        let (writes, _) = records::StoredMeta::default().changes(&s).unwrap();
+        let bytes: usize = writes.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
+        assert!(writes.len() <= crate::shard::TXN_WRITES_MAX, "{} writes", writes.len());
+        assert!(bytes <= crate::shard::TXN_BYTES_MAX, "{bytes} bytes");
     }
 }
