@@ -556,6 +556,8 @@ mod tests {
         assert_eq!(wanted(&s, &[1, 2, 3], &[]), vec![Reconfig::AddLearner(n(4))]);
         // Asked again while it is a learner: the group treats a learner it has as done.
         assert_eq!(wanted(&s, &[1, 2, 3], &[4]), vec![Reconfig::AddLearner(n(4))]);
+        // Never while the group counts it as a voter (ahead of this view of the map).
+        assert!(!wanted(&s, &[1, 2, 3, 4], &[]).contains(&Reconfig::AddLearner(n(4))));
         // The swap: 4 votes, 3 is a learner in the map until the move removes it.
         apply(&mut s, 1, |epoch| MetaCommand::SwapVoter { shard: GroupId(1), epoch, promote: n(4), demote: n(3) });
         assert_eq!(wanted(&s, &[1, 2, 3], &[4]), vec![Reconfig::Voters(nodes(&[1, 2, 4]))]);
