@@ -4,19 +4,21 @@
 //! the groups it leads carries out splits, learners, voter changes and leader transfers,
 //! asking for each at most once per [`RECONFIG_RETRY_MS`].
 
-use super::{Node, RECONCILE_MS, RECONFIG_RETRY_MS};
+use super::{BootstrapConfig, Node, RECONCILE_MS, RECONFIG_RETRY_MS};
 use crate::meta::{shard_range, META_GROUP};
 use crate::peer_wire::MetaOp;
-use crate::placement::{replica_fate, LocalReplica, LogIndex as PLogIndex, ReplicaFate, ReplicaRole};
+use crate::placement::{
+    replica_fate, DeleteReason, LocalReplica, LogIndex as PLogIndex, MetaState, ReplicaFate, ReplicaRole, ShardMap,
+};
 use crate::raft::{GroupId, Membership, NodeId, Role};
-use crate::shard::{HostError, KeyRange, KvCommand, KvResponse};
-use std::collections::{BTreeSet, HashMap};
+use crate::shard::{GroupInfo, HostError, KeyRange, KvCommand, KvResponse};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-/// A change a group's leader asks of its group, rate-limited per group by [`Node::may_reconfig`].
+/// A change a group's leader asks of its group, rate-limited per group by [`due_now`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(super) enum Reconfig {
     /// Propose the split entry that starts group `new`.
@@ -66,146 +68,223 @@ impl Node {
             return;
         }
         let host = &self.inner.host;
-        let local: BTreeSet<GroupId> = host.groups().into_iter().collect();
-        let local_ranges: Vec<(GroupId, KeyRange)> =
-            local.iter().filter(|g| **g != META_GROUP).filter_map(|g| host.group_range(*g).map(|r| (*g, r))).collect();
-        for d in state.map.shards() {
-            let Some(r) = d.replica(me) else { continue };
-            if local.contains(&d.id) {
-                continue;
-            }
-            // A shard split off a local group is started by the split entry when that group
-            // applies it; created earlier, it could apply writes to keys the source group has
-            // not finished with (both share one keyspace), and it would start empty, unable to
-            // vote. The host checks again when it creates the group, atomically, against the
-            // groups splits are starting here too (`HostError::RangeTaken`).
-            let range = shard_range(d);
-            if local_ranges.iter().any(|(_, lr)| ranges_overlap(lr, &range)) {
-                continue;
-            }
-            // Shards of the bootstrap (ids 1..=S) are formed by all their voters; any other
-            // replica — added later, or of a shard born of a split this node did not apply —
-            // starts empty and is caught up by its leader (by snapshot where the log lacks the
-            // data). Forming a split-born shard here could let two replicas without its data
-            // elect each other.
-            let bootstrap_shards = self.inner.config.bootstrap.as_ref().map_or(0, |b| b.split_keys.len() as u64 + 1);
-            let initial = (d.id.0 <= bootstrap_shards && d.epoch.conf_version == 1 && r.role == ReplicaRole::Voter)
-                .then(|| Membership::new(d.voters()));
-            match host.create_group(d.id, shard_range(d), initial).await {
-                Ok(()) => info!(node = self.inner.id.0, shard = %d.id, "shard replica created"),
+        let local: BTreeMap<GroupId, Option<KeyRange>> =
+            host.groups().into_iter().map(|g| (g, host.group_range(g))).collect();
+        let bootstrap_shards = bootstrap_shards(self.inner.config.bootstrap.as_ref());
+        for c in replicas_to_create(me, &state.map, &local, bootstrap_shards) {
+            match host.create_group(c.shard, c.range, c.initial).await {
+                Ok(()) => info!(node = me.0, shard = %c.shard, "shard replica created"),
                 // A local group owns keys of it, or will: a split being started here, whose
                 // chain of splits starts this one. Not an error; the next round looks again.
                 Err(e @ HostError::RangeTaken { .. }) => {
-                    debug!(node = self.inner.id.0, shard = %d.id, error = %e, "shard replica not created yet")
+                    debug!(node = me.0, shard = %c.shard, error = %e, "shard replica not created yet")
                 }
-                Err(e) => warn!(node = self.inner.id.0, shard = %d.id, error = %e, "cannot create shard replica"),
+                Err(e) => warn!(node = me.0, shard = %c.shard, error = %e, "cannot create shard replica"),
             }
         }
         let Ok(infos) = host.group_info().await else { return };
-        // A replica is deleted only when its group's committed configuration no longer counts
-        // it (see `placement::lifecycle`), never because this view leaves it out.
-        for i in infos.iter().filter(|i| i.group != META_GROUP) {
-            let fate = replica_fate(me, i.group, &local_replica_of(i, self.inner.id), &state);
-            if let ReplicaFate::Delete(why) = fate {
-                match host.destroy_group(i.group, true).await {
-                    Ok(()) => info!(node = self.inner.id.0, shard = i.group.0, reason = ?why, "shard replica removed"),
-                    Err(e) => warn!(shard = i.group.0, error = %e, "cannot remove shard replica"),
-                }
+        for (group, why) in replicas_to_destroy(me, &infos, &state) {
+            match host.destroy_group(group, true).await {
+                Ok(()) => info!(node = me.0, shard = group.0, reason = ?why, "shard replica removed"),
+                Err(e) => warn!(shard = group.0, error = %e, "cannot remove shard replica"),
             }
         }
-        // Splits the map holds that a group this node leads has not carried out yet: propose
-        // the split entry (one at a time per group; it is idempotent once applied).
-        for i in infos.iter().filter(|i| i.role == Role::Leader && i.group != META_GROUP) {
-            let (Some(d), Some(hr)) = (state.map.get(i.group), host.group_range(i.group)) else { continue };
-            let Some(at) = d.end.clone() else { continue };
-            if !hr.contains(&at) {
+        for i in &infos {
+            let Some((at, right)) = split_to_propose(i, host.group_range(i.group).as_ref(), &state.map) else {
+                continue;
+            };
+            if self.due(i.group, vec![Reconfig::Split { new: right }]).is_empty() {
                 continue;
             }
-            let Some(right) = state.map.lookup(&at).filter(|r| r.start == at) else { continue };
-            if !self.may_reconfig(i.group, Reconfig::Split { new: right.id }) {
-                continue;
-            }
-            let cmd = KvCommand::Split { at: at.clone(), new_group: right.id.0 };
-            match host.write(i.group, cmd).await {
-                Ok(KvResponse::Split { .. }) => info!(shard = i.group.0, new = %right.id, "shard split"),
+            match host.write(i.group, KvCommand::Split { at, new_group: right.0 }).await {
+                Ok(KvResponse::Split { .. }) => info!(shard = i.group.0, new = %right, "shard split"),
                 Ok(other) => warn!(shard = i.group.0, answer = ?other, "split refused"),
                 Err(e) => debug!(shard = i.group.0, error = %e, "split not done yet"),
             }
         }
-        for i in infos.iter().filter(|i| i.role == Role::Leader && i.group != META_GROUP) {
-            let Some(d) = state.map.get(i.group) else { continue };
-            // A split the map made and the group has not applied yet: a configuration change
-            // now would be copied into the split-born group, whose replicas the map took from
-            // before the change. Wait for the split (proposed above).
-            if host.group_range(i.group).is_some_and(|r| r != shard_range(d)) {
-                continue;
-            }
-            let want: BTreeSet<NodeId> = d.voters().collect();
-            // Learners are added for the target of a move only: a voter demoted by a move's
-            // swap is a learner in the map until the move removes it, and must not rejoin.
-            let target = state.moves.get(&d.id).map(|p| p.to);
-            for l in d.replicas.iter().filter(|r| r.role == ReplicaRole::Learner && Some(r.node) == target) {
-                if !i.voters.contains(&l.node) && self.may_reconfig(i.group, Reconfig::AddLearner(l.node)) {
-                    if let Err(e) = host.add_learner(i.group, l.node).await {
-                        debug!(shard = i.group.0, error = %e, "add learner");
-                    }
-                }
-            }
-            // Learners the map removed (an aborted move): the group stops counting them, which
-            // confirms their tombstones so their nodes may delete them.
-            let buried = state.tombstones.get(&d.id);
-            for l in i.committed_conf.membership.learners.iter().filter(|l| !i.voters.contains(l)) {
-                let gone = d.replica(*l).is_none() && buried.is_some_and(|t| t.contains_key(l));
-                if gone && self.may_reconfig(i.group, Reconfig::RemoveLearner(*l)) {
-                    if let Err(e) = host.remove_learner(i.group, *l).await {
-                        debug!(shard = i.group.0, error = %e, "remove learner");
-                    }
-                }
-            }
-            // A voter of the map the group does not have at all (its Raft configuration came
-            // from another source, a split say) joins as a learner first: the group promotes
-            // only members that hold its configuration.
-            for v in want.iter().filter(|v| !i.committed_conf.membership.contains(**v)) {
-                if self.may_reconfig(i.group, Reconfig::AddLearner(*v)) {
-                    if let Err(e) = host.add_learner(i.group, *v).await {
-                        debug!(shard = i.group.0, error = %e, "add learner before promotion");
-                    }
-                }
-            }
-            if want != i.voters && !want.is_empty() && self.may_reconfig(i.group, Reconfig::Voters(want.clone())) {
-                match host.change_membership(i.group, want.clone()).await {
-                    Ok(_) => info!(shard = i.group.0, voters = ?want, "voters changed"),
-                    Err(e) => debug!(shard = i.group.0, error = %e, "change membership"),
-                }
-            }
-            if let Some(target) = state.transfers.get(&d.id) {
-                if *target != self.inner.id
-                    && i.voters.contains(target)
-                    && self.may_reconfig(i.group, Reconfig::Transfer(*target))
-                {
-                    if let Err(e) = host.transfer_leader(i.group, *target).await {
-                        debug!(shard = i.group.0, error = %e, "transfer leader");
-                    }
+        // Ranges are read again: a split proposed above may have been applied since.
+        for i in &infos {
+            let wanted = reconfigs_wanted(me, i, host.group_range(i.group).as_ref(), &state);
+            for what in self.due(i.group, wanted) {
+                let done = match &what {
+                    Reconfig::AddLearner(n) => host.add_learner(i.group, *n).await.map(drop),
+                    Reconfig::RemoveLearner(n) => host.remove_learner(i.group, *n).await.map(drop),
+                    Reconfig::Voters(v) => host.change_membership(i.group, v.clone()).await.map(drop),
+                    Reconfig::Transfer(n) => host.transfer_leader(i.group, *n).await,
+                    // Never wanted here: splits are proposed above, as writes.
+                    Reconfig::Split { .. } => Ok(()),
+                };
+                match (done, &what) {
+                    (Ok(()), Reconfig::Voters(v)) => info!(shard = i.group.0, voters = ?v, "voters changed"),
+                    (Ok(()), _) => {}
+                    (Err(e), _) => debug!(shard = i.group.0, change = ?what, error = %e, "group change not done"),
                 }
             }
         }
     }
 
-    fn may_reconfig(&self, shard: GroupId, what: Reconfig) -> bool {
-        let Ok(mut m) = self.inner.reconfig.lock() else { return false };
-        let now = Instant::now();
-        match m.get(&(shard, what.clone())) {
-            Some(t) if now.duration_since(*t) < Duration::from_millis(RECONFIG_RETRY_MS) => false,
-            _ => {
-                m.insert((shard, what), now);
-                true
-            }
-        }
+    /// Of the changes `wishes` of `shard`, those that may be asked for now (see [`due_now`]).
+    fn due(&self, shard: GroupId, wishes: Vec<Reconfig>) -> Vec<Reconfig> {
+        let Ok(mut times) = self.inner.reconfig.lock() else { return Vec::new() };
+        due_now(&mut times, shard, wishes, Instant::now())
     }
 }
 
+/// Of the changes `wishes` of `shard`, in order, those not asked for within
+/// [`RECONFIG_RETRY_MS`] before `now`; each one returned is recorded in `times` as asked at
+/// `now`. A change is asked again only after that long, so that a change in progress (a
+/// learner catching up, a joint configuration being committed) is not asked again and again.
+fn due_now(times: &mut ReconfigTimes, shard: GroupId, wishes: Vec<Reconfig>, now: Instant) -> Vec<Reconfig> {
+    let retry = Duration::from_millis(RECONFIG_RETRY_MS);
+    let mut out = Vec::new();
+    for what in wishes {
+        let key = (shard, what);
+        if times.get(&key).is_some_and(|t| now.duration_since(*t) < retry) {
+            continue;
+        }
+        times.insert(key.clone(), now);
+        out.push(key.1);
+    }
+    out
+}
+
+/// How many shards the bootstrap of a new cluster made (ids 1..=this): one more than its split
+/// keys; none for a node that joined a running cluster.
+fn bootstrap_shards(bootstrap: Option<&BootstrapConfig>) -> u64 {
+    bootstrap.map_or(0, |b| b.split_keys.len() as u64 + 1)
+}
+
+/// A replica the reconciler creates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Creation {
+    shard: GroupId,
+    /// Its host range.
+    range: KeyRange,
+    /// The configuration it is formed with; `None`: it starts empty and its leader feeds it.
+    initial: Option<Membership>,
+}
+
+/// The replicas node `me` creates: shards `map` places here that no local group is, and whose
+/// keys no local group owns. `local` is every local group with its host range.
+fn replicas_to_create(
+    me: NodeId,
+    map: &ShardMap,
+    local: &BTreeMap<GroupId, Option<KeyRange>>,
+    bootstrap_shards: u64,
+) -> Vec<Creation> {
+    let local_ranges: Vec<&KeyRange> =
+        local.iter().filter(|(g, _)| **g != META_GROUP).filter_map(|(_, r)| r.as_ref()).collect();
+    let mut out = Vec::new();
+    for d in map.shards() {
+        let Some(r) = d.replica(me) else { continue };
+        if local.contains_key(&d.id) {
+            continue;
+        }
+        // A shard split off a local group is started by the split entry when that group
+        // applies it; created earlier, it could apply writes to keys the source group has
+        // not finished with (both share one keyspace), and it would start empty, unable to
+        // vote. The host checks again when it creates the group, atomically, against the
+        // groups splits are starting here too (`HostError::RangeTaken`).
+        let range = shard_range(d);
+        if local_ranges.iter().any(|lr| ranges_overlap(lr, &range)) {
+            continue;
+        }
+        // Shards of the bootstrap (ids 1..=S) are formed by all their voters; any other
+        // replica — added later, or of a shard born of a split this node did not apply —
+        // starts empty and is caught up by its leader (by snapshot where the log lacks the
+        // data). Forming a split-born shard here could let two replicas without its data
+        // elect each other.
+        let initial = (d.id.0 <= bootstrap_shards && d.epoch.conf_version == 1 && r.role == ReplicaRole::Voter)
+            .then(|| Membership::new(d.voters()));
+        out.push(Creation { shard: d.id, range, initial });
+    }
+    out
+}
+
+/// The local replicas node `me` deletes, and why: only those whose group's committed
+/// configuration no longer counts them (see `placement::lifecycle`), never because the view
+/// `state` leaves them out. The meta group is not the map's to delete.
+fn replicas_to_destroy(me: NodeId, infos: &[GroupInfo], state: &MetaState) -> Vec<(GroupId, DeleteReason)> {
+    infos
+        .iter()
+        .filter(|i| i.group != META_GROUP)
+        .filter_map(|i| match replica_fate(me, i.group, &local_replica_of(i, me), state) {
+            ReplicaFate::Delete(why) => Some((i.group, why)),
+            ReplicaFate::Keep => None,
+        })
+        .collect()
+}
+
+/// The split entry a group this node leads proposes, as (first key of the new group, its id):
+/// a split the map holds that the group, whose host range is `host_range`, has not carried out
+/// yet. One at a time: the first split point past the group's start (it is idempotent once
+/// applied; the new group splits further itself).
+fn split_to_propose(i: &GroupInfo, host_range: Option<&KeyRange>, map: &ShardMap) -> Option<(Vec<u8>, GroupId)> {
+    if !(i.role == Role::Leader && i.group != META_GROUP) {
+        return None;
+    }
+    let (Some(d), Some(hr)) = (map.get(i.group), host_range) else { return None };
+    let at = d.end.clone()?;
+    if !hr.contains(&at) {
+        return None;
+    }
+    let right = map.lookup(&at).filter(|r| r.start == at)?;
+    Some((at, right.id))
+}
+
+/// The changes a group this node (`me`) leads asks of itself so that it follows the map in
+/// `state`, in the order asked: learners (a move's target, or a voter of the map the group
+/// lacks), learners the map removed, the voters, a leader transfer. `host_range` is the
+/// group's range on this node.
+fn reconfigs_wanted(me: NodeId, i: &GroupInfo, host_range: Option<&KeyRange>, state: &MetaState) -> Vec<Reconfig> {
+    let mut out = Vec::new();
+    if !(i.role == Role::Leader && i.group != META_GROUP) {
+        return out;
+    }
+    let Some(d) = state.map.get(i.group) else { return out };
+    // A split the map made and the group has not applied yet: a configuration change
+    // now would be copied into the split-born group, whose replicas the map took from
+    // before the change. Wait for the split (`split_to_propose`).
+    if host_range.is_some_and(|r| *r != shard_range(d)) {
+        return out;
+    }
+    let want: BTreeSet<NodeId> = d.voters().collect();
+    // Learners are added for the target of a move only: a voter demoted by a move's
+    // swap is a learner in the map until the move removes it, and must not rejoin.
+    let target = state.moves.get(&d.id).map(|p| p.to);
+    for l in d.replicas.iter().filter(|r| r.role == ReplicaRole::Learner && Some(r.node) == target) {
+        if !i.voters.contains(&l.node) {
+            out.push(Reconfig::AddLearner(l.node));
+        }
+    }
+    // Learners the map removed (an aborted move): the group stops counting them, which
+    // confirms their tombstones so their nodes may delete them.
+    let buried = state.tombstones.get(&d.id);
+    for l in i.committed_conf.membership.learners.iter().filter(|l| !i.voters.contains(l)) {
+        let gone = d.replica(*l).is_none() && buried.is_some_and(|t| t.contains_key(l));
+        if gone {
+            out.push(Reconfig::RemoveLearner(*l));
+        }
+    }
+    // A voter of the map the group does not have at all (its Raft configuration came
+    // from another source, a split say) joins as a learner first: the group promotes
+    // only members that hold its configuration.
+    for v in want.iter().filter(|v| !i.committed_conf.membership.contains(**v)) {
+        out.push(Reconfig::AddLearner(*v));
+    }
+    if want != i.voters && !want.is_empty() {
+        out.push(Reconfig::Voters(want));
+    }
+    if let Some(target) = state.transfers.get(&d.id) {
+        if *target != me && i.voters.contains(target) {
+            out.push(Reconfig::Transfer(*target));
+        }
+    }
+    out
+}
+
 /// What a local replica knows of its own group, for [`replica_fate`].
-fn local_replica_of(i: &crate::shard::GroupInfo, me: NodeId) -> LocalReplica {
+fn local_replica_of(i: &GroupInfo, me: NodeId) -> LocalReplica {
     let m = &i.committed_conf.membership;
     let committed = (!m.nodes().is_empty()).then(|| (PLogIndex(i.committed_conf.log_id.index.0), m.contains(me)));
     LocalReplica { committed, newest_conf: PLogIndex(i.newest_conf.0) }
@@ -216,4 +295,344 @@ fn ranges_overlap(a: &KeyRange, b: &KeyRange) -> bool {
     let a_starts_before_b_ends = b.end.as_ref().is_none_or(|e| a.start < *e);
     let b_starts_before_a_ends = a.end.as_ref().is_none_or(|e| b.start < *e);
     a_starts_before_b_ends && b_starts_before_a_ends
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::{dev_split_keys, meta_range, run_op};
+    use crate::placement::{BalancerConfig, Epoch, MetaCommand, MovePlan, MoveStep, Replica, Tombstone};
+    use crate::raft::{LogId, LogIndex, StoredMembership, Term};
+
+    fn n(id: u64) -> NodeId {
+        NodeId(id)
+    }
+
+    fn nodes(ids: &[u64]) -> BTreeSet<NodeId> {
+        ids.iter().map(|i| n(*i)).collect()
+    }
+
+    fn range(start: &str, end: Option<&str>) -> KeyRange {
+        KeyRange { start: start.into(), end: end.map(Into::into) }
+    }
+
+    /// Nodes 1 to 5 registered; shards 1 `[.., "m")` and 2 `["m", ..)` on voters 1, 2, 3, as a
+    /// bootstrap of two shards leaves them.
+    fn state() -> MetaState {
+        let mut s = MetaState::default();
+        for i in 1..=5 {
+            s.apply(MetaCommand::RegisterNode { node: n(i), addr: format!("127.0.0.1:{}", 7000 + i) }).unwrap();
+        }
+        s.apply(MetaCommand::Bootstrap { nodes: vec![n(1), n(2), n(3)] }).unwrap();
+        split(&mut s, "m");
+        s
+    }
+
+    /// Splits the shard holding `key` at `key`; the id of the new right-hand shard.
+    fn split(s: &mut MetaState, key: &str) -> GroupId {
+        let d = s.map.lookup(key.as_bytes()).unwrap().clone();
+        s.apply(MetaCommand::Split { shard: d.id, epoch: d.epoch, key: key.into() }).unwrap();
+        s.map.lookup(key.as_bytes()).unwrap().id
+    }
+
+    fn apply(s: &mut MetaState, shard: u64, cmd: impl FnOnce(Epoch) -> MetaCommand) {
+        let epoch = s.map.get(GroupId(shard)).unwrap().epoch;
+        s.apply(cmd(epoch)).unwrap();
+    }
+
+    /// The host range node replicas of `shard` have once they applied every split of the map.
+    fn host_range(s: &MetaState, shard: u64) -> KeyRange {
+        shard_range(s.map.get(GroupId(shard)).unwrap())
+    }
+
+    /// What the host reports of a replica of `group` whose committed configuration (at index 5,
+    /// the newest it holds) has these voters and learners.
+    fn info(group: u64, role: Role, voters: &[u64], learners: &[u64]) -> GroupInfo {
+        GroupInfo {
+            group: GroupId(group),
+            role,
+            term: Term(2),
+            leader: None,
+            last_index: LogIndex(10),
+            committed: LogIndex(10),
+            applied: LogIndex(10),
+            durable_applied: LogIndex(10),
+            first_index: LogIndex(1),
+            snapshot: None,
+            voters: nodes(voters),
+            committed_conf: StoredMembership {
+                log_id: LogId::new(2, 5),
+                membership: Membership { voters: nodes(voters), outgoing: None, learners: nodes(learners) },
+            },
+            newest_conf: LogIndex(5),
+            quiet: false,
+            stopped: None,
+        }
+    }
+
+    #[test]
+    fn ranges_overlap_only_when_they_share_a_key() {
+        assert!(ranges_overlap(&range("a", Some("c")), &range("b", Some("d"))));
+        assert!(ranges_overlap(&range("b", Some("d")), &range("a", Some("c"))));
+        assert!(ranges_overlap(&range("a", Some("z")), &range("b", Some("c"))));
+        assert!(ranges_overlap(&range("a", None), &range("x", Some("y"))));
+        assert!(ranges_overlap(&range("x", Some("y")), &range("a", None)));
+        // Adjacent: the end is exclusive.
+        assert!(!ranges_overlap(&range("a", Some("b")), &range("b", Some("c"))));
+        assert!(!ranges_overlap(&range("b", Some("c")), &range("a", Some("b"))));
+        assert!(!ranges_overlap(&range("a", Some("b")), &range("c", None)));
+        assert!(!ranges_overlap(&range("c", None), &range("a", Some("b"))));
+    }
+
+    #[test]
+    fn the_bootstrap_shards_are_the_ids_a_bootstrap_gives() {
+        assert_eq!(bootstrap_shards(None), 0, "a node that joined forms no shard");
+        for shards in [1, 4] {
+            let b = BootstrapConfig::of_nodes(&[n(1), n(2), n(3)], dev_split_keys(shards));
+            let mut s = MetaState::default();
+            let op = MetaOp::Bootstrap {
+                nodes: vec![(n(1), "a".into()), (n(2), "b".into()), (n(3), "c".into())],
+                replicas: vec![n(1), n(2), n(3)],
+                split_keys: b.split_keys.clone(),
+            };
+            run_op(&op, &mut s, &BalancerConfig::default()).unwrap();
+            let ids: Vec<u64> = s.map.shards().map(|d| d.id.0).collect();
+            assert_eq!(bootstrap_shards(Some(&b)), u64::from(shards));
+            assert_eq!(ids.iter().max(), Some(&bootstrap_shards(Some(&b))), "{ids:?}");
+        }
+    }
+
+    #[test]
+    fn a_replica_is_known_by_its_committed_configuration() {
+        let mut i = info(1, Role::Follower, &[1, 2, 3], &[4]);
+        i.newest_conf = LogIndex(7);
+        let l = |committed| LocalReplica { committed, newest_conf: PLogIndex(7) };
+        assert_eq!(local_replica_of(&i, n(4)), l(Some((PLogIndex(5), true))));
+        assert_eq!(local_replica_of(&i, n(2)), l(Some((PLogIndex(5), true))));
+        assert_eq!(local_replica_of(&i, n(5)), l(Some((PLogIndex(5), false))));
+        i.committed_conf = StoredMembership::default();
+        assert_eq!(local_replica_of(&i, n(4)), l(None), "never given a configuration");
+    }
+
+    #[test]
+    fn only_replicas_their_group_left_out_are_destroyed_never_on_the_map_alone() {
+        let mut s = state();
+        split(&mut s, "t");
+        // Node 4 holds replicas the map (this view) does not list it in.
+        let mut never_configured = info(3, Role::Follower, &[], &[]);
+        never_configured.committed_conf = StoredMembership::default();
+        never_configured.newest_conf = LogIndex(0);
+        let infos = [
+            info(0, Role::Follower, &[1, 2, 3], &[]),
+            // Its group counts it: the view is older than its addition.
+            info(1, Role::Learner, &[1, 2, 3], &[4]),
+            // Its group removed it.
+            info(2, Role::Follower, &[1, 2, 3], &[]),
+            never_configured,
+            // Unknown to the view: the view is older than the shard.
+            info(9, Role::Follower, &[1, 2, 3], &[]),
+        ];
+        assert_eq!(
+            replicas_to_destroy(n(4), &infos, &s),
+            vec![(GroupId(2), DeleteReason::RemovedByItsGroup), (GroupId(3), DeleteReason::Empty)]
+        );
+        // Where the map lists the node, nothing is destroyed, whatever its group says.
+        assert_eq!(replicas_to_destroy(n(1), &infos, &s), vec![]);
+    }
+
+    #[test]
+    fn bootstrap_shards_are_formed_by_their_voters_and_every_other_replica_starts_empty() {
+        let mut s = state();
+        let meta = || (META_GROUP, Some(meta_range()));
+        let voters = Some(Membership::new(nodes(&[1, 2, 3])));
+        let created = |c: &[Creation]| c.iter().map(|c| (c.shard.0, c.initial.clone())).collect::<Vec<_>>();
+
+        // A new cluster: node 1 forms both bootstrap shards, with their ranges.
+        let local = BTreeMap::from([meta()]);
+        let c = replicas_to_create(n(1), &s.map, &local, 2);
+        assert_eq!(created(&c), vec![(1, voters.clone()), (2, voters.clone())]);
+        assert_eq!(c[1].range, range("m", None));
+        assert_eq!(c[0].range, host_range(&s, 1));
+        // A node that joined forms none, and one the map does not place a shard on creates none.
+        assert_eq!(created(&replicas_to_create(n(1), &s.map, &local, 0)), vec![(1, None), (2, None)]);
+        assert_eq!(replicas_to_create(n(4), &s.map, &local, 2), vec![]);
+        // A shard held already is not created again.
+        let local = BTreeMap::from([meta(), (GroupId(1), Some(host_range(&s, 1)))]);
+        assert_eq!(created(&replicas_to_create(n(1), &s.map, &local, 2)), vec![(2, voters.clone())]);
+
+        // Shard 3 split off shard 2 in the map: while the local group 2 still owns its keys,
+        // the split entry starts it, not the reconciler.
+        let right = split(&mut s, "t");
+        let before_split =
+            BTreeMap::from([meta(), (GroupId(1), Some(host_range(&s, 1))), (GroupId(2), Some(range("m", None)))]);
+        assert_eq!(replicas_to_create(n(1), &s.map, &before_split, 2), vec![]);
+        // Once no local group owns its keys it is created, empty even though it is a voter at
+        // configuration version 1: a split-born shard is never formed by the reconciler.
+        let after_split =
+            BTreeMap::from([meta(), (GroupId(1), Some(host_range(&s, 1))), (GroupId(2), Some(host_range(&s, 2)))]);
+        let c = replicas_to_create(n(1), &s.map, &after_split, 2);
+        assert_eq!(created(&c), vec![(right.0, None)]);
+        assert_eq!(c[0].range, range("t", None));
+
+        // A bootstrap shard whose replicas changed since: node 3, removed and added back, is fed
+        // by the leader, as a learner and then as a voter.
+        apply(&mut s, 1, |epoch| MetaCommand::RemoveReplica { shard: GroupId(1), epoch, node: n(3) });
+        apply(&mut s, 1, |epoch| MetaCommand::AddLearner { shard: GroupId(1), epoch, node: n(3) });
+        let none = BTreeMap::from([meta()]);
+        assert_eq!(created(&replicas_to_create(n(3), &s.map, &none, 2))[0], (1, None));
+        apply(&mut s, 1, |epoch| MetaCommand::Promote { shard: GroupId(1), epoch, node: n(3) });
+        assert_eq!(created(&replicas_to_create(n(3), &s.map, &none, 2))[0], (1, None));
+    }
+
+    #[test]
+    fn the_leader_proposes_the_first_split_the_map_holds_and_its_group_has_not_applied() {
+        let mut s = state();
+        let at_t = split(&mut s, "t");
+        let at_p = split(&mut s, "p");
+        let leader = info(2, Role::Leader, &[1, 2, 3], &[]);
+        let wide = range("m", None);
+        assert_eq!(split_to_propose(&leader, Some(&wide), &s.map), Some((b"p".to_vec(), at_p)));
+        // Applied: the group's range ends where the map's does.
+        assert_eq!(split_to_propose(&leader, Some(&host_range(&s, 2)), &s.map), None);
+        // The next split is the new group's own to propose.
+        let right = info(at_p.0, Role::Leader, &[1, 2, 3], &[]);
+        assert_eq!(split_to_propose(&right, Some(&range("p", None)), &s.map), Some((b"t".to_vec(), at_t)));
+        // The last shard of the map has nothing to split.
+        let last = info(at_t.0, Role::Leader, &[1, 2, 3], &[]);
+        assert_eq!(split_to_propose(&last, Some(&range("t", None)), &s.map), None);
+        // Only the leader proposes, and only where it holds the group.
+        let follower = info(2, Role::Follower, &[1, 2, 3], &[]);
+        assert_eq!(split_to_propose(&follower, Some(&wide), &s.map), None);
+        assert_eq!(split_to_propose(&leader, None, &s.map), None);
+    }
+
+    /// `state()` with shard 1 led by node 1, whose replica's group has these voters and learners.
+    fn wanted(s: &MetaState, voters: &[u64], learners: &[u64]) -> Vec<Reconfig> {
+        reconfigs_wanted(n(1), &info(1, Role::Leader, voters, learners), Some(&host_range(s, 1)), s)
+    }
+
+    #[test]
+    fn a_group_that_matches_the_map_asks_for_nothing() {
+        let s = state();
+        assert_eq!(wanted(&s, &[1, 2, 3], &[]), vec![]);
+    }
+
+    #[test]
+    fn only_the_leader_of_a_group_whose_range_matches_the_map_changes_it() {
+        let mut s = state();
+        // The map wants voter 4 instead of 3.
+        apply(&mut s, 1, |epoch| MetaCommand::AddLearner { shard: GroupId(1), epoch, node: n(4) });
+        apply(&mut s, 1, |epoch| MetaCommand::SwapVoter { shard: GroupId(1), epoch, promote: n(4), demote: n(3) });
+        let change = vec![Reconfig::AddLearner(n(4)), Reconfig::Voters(nodes(&[1, 2, 4]))];
+        assert_eq!(wanted(&s, &[1, 2, 3], &[]), change);
+        let follower = info(1, Role::Follower, &[1, 2, 3], &[]);
+        assert_eq!(reconfigs_wanted(n(1), &follower, Some(&host_range(&s, 1)), &s), vec![]);
+        // A split the map made and the group has not applied: wait for it.
+        let leader = info(1, Role::Leader, &[1, 2, 3], &[]);
+        split(&mut s, "f");
+        assert_eq!(reconfigs_wanted(n(1), &leader, Some(&range("", Some("m"))), &s), vec![]);
+        assert_eq!(reconfigs_wanted(n(1), &leader, Some(&host_range(&s, 1)), &s), change);
+        // A shard the view does not know.
+        assert_eq!(reconfigs_wanted(n(1), &info(9, Role::Leader, &[1, 2, 3], &[]), None, &s), vec![]);
+    }
+
+    fn start_move(s: &mut MetaState, from: u64, to: u64) {
+        let plan = MovePlan {
+            shard: GroupId(1),
+            from: n(from),
+            to: n(to),
+            transfer_leader_to: None,
+            step: MoveStep::AddLearner,
+            catch_up_lag_entries_max: 0,
+        };
+        s.moves.insert(GroupId(1), plan);
+    }
+
+    #[test]
+    fn a_moves_target_joins_as_a_learner_and_its_source_never_rejoins() {
+        let mut s = state();
+        start_move(&mut s, 3, 4);
+        apply(&mut s, 1, |epoch| MetaCommand::AddLearner { shard: GroupId(1), epoch, node: n(4) });
+        assert_eq!(wanted(&s, &[1, 2, 3], &[]), vec![Reconfig::AddLearner(n(4))]);
+        // Asked again while it is a learner: the group treats a learner it has as done.
+        assert_eq!(wanted(&s, &[1, 2, 3], &[4]), vec![Reconfig::AddLearner(n(4))]);
+        // Never while the group counts it as a voter (ahead of this view of the map).
+        assert!(!wanted(&s, &[1, 2, 3, 4], &[]).contains(&Reconfig::AddLearner(n(4))));
+        // The swap: 4 votes, 3 is a learner in the map until the move removes it.
+        apply(&mut s, 1, |epoch| MetaCommand::SwapVoter { shard: GroupId(1), epoch, promote: n(4), demote: n(3) });
+        assert_eq!(wanted(&s, &[1, 2, 3], &[4]), vec![Reconfig::Voters(nodes(&[1, 2, 4]))]);
+        // Once the group has changed, the demoted voter is not added back as a learner.
+        assert_eq!(wanted(&s, &[1, 2, 4], &[]), vec![]);
+        // Nor is a learner of the map that is no move's target.
+        s.moves.clear();
+        assert_eq!(wanted(&s, &[1, 2, 4], &[]), vec![]);
+    }
+
+    #[test]
+    fn a_learner_is_removed_only_once_the_map_dropped_it_with_a_tombstone() {
+        let mut s = state();
+        // Learner 4 of an aborted move: gone from the map, buried.
+        s.tombstones.entry(GroupId(1)).or_default().insert(n(4), Tombstone { confirmed: None });
+        assert_eq!(wanted(&s, &[1, 2, 3], &[4]), vec![Reconfig::RemoveLearner(n(4))]);
+        // Learner 5 the map does not list and did not bury: the view predates its addition.
+        assert_eq!(wanted(&s, &[1, 2, 3], &[5]), vec![]);
+        // A learner the map lists (the target of a move) stays, buried or not.
+        start_move(&mut s, 3, 4);
+        apply(&mut s, 1, |epoch| MetaCommand::AddLearner { shard: GroupId(1), epoch, node: n(4) });
+        s.tombstones.entry(GroupId(1)).or_default().insert(n(4), Tombstone { confirmed: None });
+        assert_eq!(wanted(&s, &[1, 2, 3], &[4]), vec![Reconfig::AddLearner(n(4))]);
+    }
+
+    #[test]
+    fn a_voter_the_group_lacks_joins_as_a_learner_before_the_voters_change() {
+        let mut s = state();
+        // The map's voters are 1, 2, 5 (the group's configuration came from elsewhere).
+        apply(&mut s, 1, |epoch| MetaCommand::AddLearner { shard: GroupId(1), epoch, node: n(5) });
+        apply(&mut s, 1, |epoch| MetaCommand::SwapVoter { shard: GroupId(1), epoch, promote: n(5), demote: n(3) });
+        apply(&mut s, 1, |epoch| MetaCommand::RemoveReplica { shard: GroupId(1), epoch, node: n(3) });
+        assert_eq!(wanted(&s, &[1, 2, 3], &[]), vec![Reconfig::AddLearner(n(5)), Reconfig::Voters(nodes(&[1, 2, 5]))]);
+        assert_eq!(wanted(&s, &[1, 2, 3], &[5]), vec![Reconfig::Voters(nodes(&[1, 2, 5]))]);
+    }
+
+    #[test]
+    fn a_map_without_voters_never_empties_the_group() {
+        let s = MetaState {
+            map: ShardMap::bootstrap(GroupId(1), vec![Replica { node: n(1), role: ReplicaRole::Learner }]),
+            next_shard_id: 2,
+            ..MetaState::default()
+        };
+        let leader = info(1, Role::Leader, &[1], &[]);
+        let r = reconfigs_wanted(n(1), &leader, Some(&host_range(&s, 1)), &s);
+        assert!(!r.iter().any(|r| matches!(r, Reconfig::Voters(_))), "{r:?}");
+    }
+
+    #[test]
+    fn leadership_is_handed_only_to_another_voter_of_the_group() {
+        let mut s = state();
+        s.transfers.insert(GroupId(1), n(2));
+        assert_eq!(wanted(&s, &[1, 2, 3], &[]), vec![Reconfig::Transfer(n(2))]);
+        s.transfers.insert(GroupId(1), n(1));
+        assert_eq!(wanted(&s, &[1, 2, 3], &[]), vec![]);
+        // A voter of the map the group has not promoted yet.
+        apply(&mut s, 1, |epoch| MetaCommand::AddLearner { shard: GroupId(1), epoch, node: n(4) });
+        apply(&mut s, 1, |epoch| MetaCommand::Promote { shard: GroupId(1), epoch, node: n(4) });
+        s.transfers.insert(GroupId(1), n(4));
+        assert_eq!(wanted(&s, &[1, 2, 3], &[4]), vec![Reconfig::Voters(nodes(&[1, 2, 3, 4]))]);
+    }
+
+    #[test]
+    fn a_change_is_asked_for_at_most_once_per_retry_interval_per_group() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let retry = ms(RECONFIG_RETRY_MS);
+        let (a, b) = (Reconfig::Transfer(n(2)), Reconfig::AddLearner(n(4)));
+        let mut times = ReconfigTimes::new();
+        let g = GroupId(1);
+        assert_eq!(due_now(&mut times, g, vec![a.clone(), b.clone(), a.clone()], t0), vec![a.clone(), b.clone()]);
+        assert_eq!(due_now(&mut times, g, vec![a.clone()], t0 + ms(1)), vec![]);
+        assert_eq!(due_now(&mut times, GroupId(2), vec![a.clone()], t0 + ms(1)), vec![a.clone()]);
+        assert_eq!(due_now(&mut times, g, vec![a.clone(), b.clone()], t0 + retry - ms(1)), vec![]);
+        assert_eq!(due_now(&mut times, g, vec![a.clone(), b.clone()], t0 + retry), vec![a.clone(), b]);
+        assert_eq!(due_now(&mut times, g, vec![a], t0 + retry + ms(1)), vec![], "asked again at the retry");
+    }
 }
