@@ -1031,3 +1031,26 @@ mod update_tests {
         assert!(append(b"b", Some(&vec![0; VALUE_BYTES_MAX])).is_err());
     }
 }
+
+#[cfg(test)]
+mod range_tests {
+    use super::KeyRange;
+
+    fn range(start: &str, end: Option<&str>) -> KeyRange {
+        KeyRange { start: start.as_bytes().to_vec(), end: end.map(|e| e.as_bytes().to_vec()) }
+    }
+
+    #[test]
+    fn ranges_overlap_only_when_they_share_a_key() {
+        let both = |a: &KeyRange, b: &KeyRange| a.overlaps(b) && b.overlaps(a);
+        let neither = |a: &KeyRange, b: &KeyRange| !a.overlaps(b) && !b.overlaps(a);
+        assert!(both(&range("a", Some("c")), &range("b", Some("d"))));
+        assert!(both(&range("a", Some("z")), &range("b", Some("c"))));
+        assert!(both(&range("a", None), &range("x", Some("y"))));
+        // Adjacent: the end is exclusive.
+        assert!(neither(&range("a", Some("b")), &range("b", Some("c"))));
+        assert!(neither(&range("a", Some("b")), &range("c", None)));
+        // An empty range holds no key.
+        assert!(neither(&range("c", Some("c")), &range("a", None)));
+    }
+}

@@ -49,6 +49,9 @@ impl Node {
     }
 
     pub(super) async fn reconcile(&self) {
+        if let Ok(mut times) = self.inner.reconfig.lock() {
+            forget_expired(&mut times, Instant::now());
+        }
         if !self.refresh_local_view().await {
             // No local meta replica: the changes since this node's copy, from the meta leader.
             if let Err(e) = self.meta_follow(MetaOp::Read).await {
@@ -148,6 +151,14 @@ fn due_now(times: &mut ReconfigTimes, shard: GroupId, wishes: Vec<Reconfig>, now
     out
 }
 
+/// Drops the changes asked for at least [`RECONFIG_RETRY_MS`] before `now`: [`due_now`] treats
+/// them as never asked, and kept they would pile up for the life of the process (groups
+/// destroyed since, every voter set ever wanted).
+fn forget_expired(times: &mut ReconfigTimes, now: Instant) {
+    let retry = Duration::from_millis(RECONFIG_RETRY_MS);
+    times.retain(|_, asked| now.duration_since(*asked) < retry);
+}
+
 /// How many shards the bootstrap of a new cluster made (ids 1..=this): one more than its split
 /// keys; none for a node that joined a running cluster.
 fn bootstrap_shards(bootstrap: Option<&BootstrapConfig>) -> u64 {
@@ -186,7 +197,7 @@ fn replicas_to_create(
         // vote. The host checks again when it creates the group, atomically, against the
         // groups splits are starting here too (`HostError::RangeTaken`).
         let range = shard_range(d);
-        if local_ranges.iter().any(|lr| ranges_overlap(lr, &range)) {
+        if local_ranges.iter().any(|lr| lr.overlaps(&range)) {
             continue;
         }
         // Shards of the bootstrap (ids 1..=S) are formed by all their voters; any other
@@ -290,13 +301,6 @@ fn local_replica_of(i: &GroupInfo, me: NodeId) -> LocalReplica {
     LocalReplica { committed, newest_conf: PLogIndex(i.newest_conf.0) }
 }
 
-/// Whether two key ranges share a key.
-fn ranges_overlap(a: &KeyRange, b: &KeyRange) -> bool {
-    let a_starts_before_b_ends = b.end.as_ref().is_none_or(|e| a.start < *e);
-    let b_starts_before_a_ends = a.end.as_ref().is_none_or(|e| b.start < *e);
-    a_starts_before_b_ends && b_starts_before_a_ends
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,20 +372,6 @@ mod tests {
             quiet: false,
             stopped: None,
         }
-    }
-
-    #[test]
-    fn ranges_overlap_only_when_they_share_a_key() {
-        assert!(ranges_overlap(&range("a", Some("c")), &range("b", Some("d"))));
-        assert!(ranges_overlap(&range("b", Some("d")), &range("a", Some("c"))));
-        assert!(ranges_overlap(&range("a", Some("z")), &range("b", Some("c"))));
-        assert!(ranges_overlap(&range("a", None), &range("x", Some("y"))));
-        assert!(ranges_overlap(&range("x", Some("y")), &range("a", None)));
-        // Adjacent: the end is exclusive.
-        assert!(!ranges_overlap(&range("a", Some("b")), &range("b", Some("c"))));
-        assert!(!ranges_overlap(&range("b", Some("c")), &range("a", Some("b"))));
-        assert!(!ranges_overlap(&range("a", Some("b")), &range("c", None)));
-        assert!(!ranges_overlap(&range("c", None), &range("a", Some("b"))));
     }
 
     #[test]
@@ -633,6 +623,12 @@ mod tests {
         assert_eq!(due_now(&mut times, GroupId(2), vec![a.clone()], t0 + ms(1)), vec![a.clone()]);
         assert_eq!(due_now(&mut times, g, vec![a.clone(), b.clone()], t0 + retry - ms(1)), vec![]);
         assert_eq!(due_now(&mut times, g, vec![a.clone(), b.clone()], t0 + retry), vec![a.clone(), b]);
-        assert_eq!(due_now(&mut times, g, vec![a], t0 + retry + ms(1)), vec![], "asked again at the retry");
+        assert_eq!(due_now(&mut times, g, vec![a.clone()], t0 + retry + ms(1)), vec![], "asked again at the retry");
+        // Expired entries go, fresh ones stay; a forgotten change is due as before.
+        forget_expired(&mut times, t0 + retry + ms(1));
+        assert_eq!(times.len(), 2, "{times:?}");
+        forget_expired(&mut times, t0 + retry * 2 + ms(1));
+        assert!(times.is_empty(), "{times:?}");
+        assert_eq!(due_now(&mut times, g, vec![a.clone()], t0 + retry * 2 + ms(2)), vec![a]);
     }
 }
