@@ -42,38 +42,35 @@ pub const META_VIEW_FORMAT: u8 = 2;
 /// The first key a data shard may own: everything below belongs to the meta group.
 pub const USER_KEYS_START: &[u8] = &[0x01];
 
-/// Reads the meta state this node's replica holds (blocking): its records, in one consistent
-/// read of the meta range.
-pub fn read_stored_blocking(store: &Store) -> Result<StoredMeta, String> {
+/// Calls `each` with every record of the meta range of `store`, in key order (one iterator:
+/// one point in time).
+fn scan_records_blocking(store: &Store, mut each: impl FnMut(&[u8], &[u8])) -> Result<(), String> {
     let mut opts = rocksdb::ReadOptions::default();
     opts.set_iterate_upper_bound(USER_KEYS_START.to_vec());
     let cf = store.cf(CF_DATA).map_err(|e| e.to_string())?;
     let mode = rocksdb::IteratorMode::From(records::META_PREFIX, rocksdb::Direction::Forward);
-    let mut pairs = Vec::new();
     for item in store.db().iterator_cf_opt(cf, opts, mode) {
         let (k, v) = item.map_err(|e| format!("reading the meta state: {e}"))?;
         if !k.starts_with(records::META_PREFIX) {
             break;
         }
-        pairs.push((k.to_vec(), v.to_vec()));
+        each(&k, &v);
     }
+    Ok(())
+}
+
+/// Reads the meta state this node's replica holds (blocking): its records, in one consistent
+/// read of the meta range.
+pub fn read_stored_blocking(store: &Store) -> Result<StoredMeta, String> {
+    let mut pairs = Vec::new();
+    scan_records_blocking(store, |k, v| pairs.push((k.to_vec(), v.to_vec())))?;
     StoredMeta::load(pairs)
 }
 
 /// The keys of every record now in the meta range of `store` (the header's included).
 pub fn record_keys_blocking(store: &Store) -> Result<Vec<Vec<u8>>, String> {
-    let mut opts = rocksdb::ReadOptions::default();
-    opts.set_iterate_upper_bound(USER_KEYS_START.to_vec());
-    let cf = store.cf(CF_DATA).map_err(|e| e.to_string())?;
-    let mode = rocksdb::IteratorMode::From(records::META_PREFIX, rocksdb::Direction::Forward);
     let mut keys = Vec::new();
-    for item in store.db().iterator_cf_opt(cf, opts, mode) {
-        let (k, _) = item.map_err(|e| format!("reading the meta state's keys: {e}"))?;
-        if !k.starts_with(records::META_PREFIX) {
-            break;
-        }
-        keys.push(k.to_vec());
-    }
+    scan_records_blocking(store, |k, _| keys.push(k.to_vec()))?;
     Ok(keys)
 }
 

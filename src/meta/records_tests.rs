@@ -224,8 +224,9 @@ fn a_copy_refuses_a_change_that_does_not_follow_its_revision() {
     assert_eq!(copy, s, "changes held already are skipped");
 }
 
-#[test]
-fn a_large_format_1_state_converts_in_parts_and_a_conversion_cut_short_is_ignored() {
+/// A state of 300 shards (its records), the same state stored in format 1 (one key), and
+/// that range read.
+fn format_1_of_300_shards() -> (StoredMeta, Range, StoredMeta) {
     let mut range = Range::default();
     let s = bootstrapped(&mut range, 300);
     let mut v1 = vec![META_FORMAT_WHOLE];
@@ -233,6 +234,12 @@ fn a_large_format_1_state_converts_in_parts_and_a_conversion_cut_short_is_ignore
     let mut legacy = Range::default();
     legacy.0.insert(META_STATE_KEY.to_vec(), v1);
     let read = legacy.load();
+    (s, legacy, read)
+}
+
+#[test]
+fn a_large_format_1_state_converts_in_parts_and_a_conversion_cut_short_is_ignored() {
+    let (s, mut legacy, read) = format_1_of_300_shards();
     let (writes, after) = read.changes(&read.state).expect("changes");
     let parts = conversion_parts(writes.clone(), 100, 1 << 20);
     assert_eq!(parts.len(), 5, "304 records in parts of 100, then the header alone");
@@ -256,13 +263,7 @@ fn a_large_format_1_state_converts_in_parts_and_a_conversion_cut_short_is_ignore
 /// header), then converted again for `second` the way the meta leader does it (deleting what it
 /// does not rewrite): the range must then load as exactly `second`'s state.
 fn convert_twice(first: MetaCommand, second: MetaCommand) -> (StoredMeta, StoredMeta) {
-    let mut range = Range::default();
-    let s = bootstrapped(&mut range, 300);
-    let mut v1 = vec![META_FORMAT_WHOLE];
-    v1.extend(s.state.snapshot().expect("snapshot"));
-    let mut legacy = Range::default();
-    legacy.0.insert(META_STATE_KEY.to_vec(), v1);
-    let read = legacy.load();
+    let (_, mut legacy, read) = format_1_of_300_shards();
     let mut next_a = read.state.clone();
     next_a.apply(first).expect("first op");
     let (writes_a, _) = read.changes(&next_a).expect("changes");
