@@ -245,9 +245,16 @@ impl DevCluster {
                 Err(source) => return Err(DevClusterError::Node { id, source }),
             }
         };
+        // Both ways: the node may listen on a new port (the cluster binds port 0), and of two
+        // nodes the lower id dials, so a running node with a lower id must learn the new
+        // address too. With every node restarted one after another, the first would otherwise
+        // know no peer, and nobody would dial it until a meta leader (which needs connections)
+        // recorded the new addresses.
+        let new_addr = node.local_addr().map_err(|source| DevClusterError::Node { id, source })?;
         for other in self.nodes() {
             let addr = other.local_addr().map_err(|source| DevClusterError::Node { id: other.id(), source })?;
             node.set_peer_addr(other.id(), addr).map_err(|source| DevClusterError::Node { id, source })?;
+            other.set_peer_addr(id, new_addr).map_err(|source| DevClusterError::Node { id: other.id(), source })?;
         }
         self.nodes[(id.0 - 1) as usize] = Some(node);
         Ok(())

@@ -955,9 +955,6 @@ async fn a_node_without_a_meta_replica_follows_the_map_by_changes() {
 /// of earlier builds starts, reads it, and converts it at the meta leader's first operation;
 /// then it serves and changes placement as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "fails in about one run in four: after all three nodes restart together the meta group \
-            elects no leader for 30 s (every meta read: not the leader, leader unknown); an open \
-            liveness bug, see the session-9 note; run with --ignored"]
 async fn a_meta_state_stored_in_the_one_key_format_converts_and_the_cluster_serves_on() {
     use flotilla::meta::{read_stored_blocking, META_STATE_KEY};
     use flotilla::shard::{Op, Store, CF_DATA};
