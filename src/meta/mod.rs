@@ -108,20 +108,23 @@ pub fn decode_view(bytes: &[u8]) -> Result<(u64, MetaState), String> {
     Ok((u64::from_be_bytes(b), MetaState::restore(state)?))
 }
 
-/// Most shards a new cluster starts with (`flotilla dev --shards`, `bootstrap.shards`): the
-/// bootstrap is one meta transaction, one record per shard, within [`crate::shard::TXN_WRITES_MAX`] writes
-/// (the nodes' records and the header take the rest).
-pub const BOOTSTRAP_SHARDS_MAX: u32 = 4_000;
+/// Most shards a new cluster starts with (`flotilla dev --shards`, `bootstrap.shards`). The
+/// bootstrap is one meta change; above a transaction's limits its shard records are written in
+/// parts before the header ([`records::change_parts`]).
+pub const BOOTSTRAP_SHARDS_MAX: u32 = 100_000;
 
 /// Split keys spreading `shards` shards evenly over hex prefixes (the bench's keys are hex
 /// strings, and most text keys land in some shard): `shards - 1` keys, of two hex digits
-/// (`00`..`ff`) up to 256 shards, of four (`0000`..`ffff`) beyond.
+/// (`00`..`ff`) up to 256 shards, of four (`0000`..`ffff`) up to 65,536, of six beyond.
 pub fn dev_split_keys(shards: u32) -> Vec<Vec<u8>> {
     let s = u64::from(shards.clamp(1, BOOTSTRAP_SHARDS_MAX));
     if s <= 256 {
         return (1..s).map(|i| format!("{:02x}", 256 * i / s).into_bytes()).collect();
     }
-    (1..s).map(|i| format!("{:04x}", 65_536 * i / s).into_bytes()).collect()
+    if s <= 65_536 {
+        return (1..s).map(|i| format!("{:04x}", 65_536 * i / s).into_bytes()).collect();
+    }
+    (1..s).map(|i| format!("{:06x}", (1u64 << 24) * i / s).into_bytes()).collect()
 }
 
 fn changed(outcome: MetaOutcome, acc: &mut Vec<ShardDescriptor>) {
@@ -258,7 +261,7 @@ mod tests {
     }
 
     #[test]
-    fn the_largest_bootstrap_fits_one_meta_transaction() {
+    fn the_largest_bootstrap_is_written_in_parts_that_each_fit_a_meta_transaction() {
         let mut s = MetaState::default();
         let nodes: Vec<(NodeId, String)> = (1..=5).map(|i| (NodeId(i), format!("127.0.0.1:{i}"))).collect();
         let op = MetaOp::Bootstrap {
@@ -268,9 +271,14 @@ mod tests {
         };
         run_op(&op, &mut s, &BalancerConfig::default()).unwrap();
         assert_eq!(s.map.len(), BOOTSTRAP_SHARDS_MAX as usize);
-        let (writes, _) = records::StoredMeta::default().changes(&s).unwrap();
-        let bytes: usize = writes.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
-        assert!(writes.len() <= crate::shard::TXN_WRITES_MAX, "{} writes", writes.len());
-        assert!(bytes <= crate::shard::TXN_BYTES_MAX, "{bytes} bytes");
+        let stored = records::StoredMeta::default();
+        let (writes, _) = stored.changes(&s).unwrap();
+        let (w, b) = (crate::shard::TXN_WRITES_MAX, crate::shard::TXN_BYTES_MAX - 4096);
+        let parts = records::change_parts(writes, stored.header.next_shard_id, w, b).unwrap();
+        assert!(parts.len() > 1);
+        for p in parts {
+            let bytes: usize = p.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
+            assert!(p.len() <= w && bytes <= b, "{} writes, {bytes} bytes", p.len());
+        }
     }
 }

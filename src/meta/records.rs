@@ -82,6 +82,10 @@ pub struct StoredMeta {
     pub state: MetaState,
     /// Read from format 1: no item has a record yet, so the next change writes them all.
     pub whole: bool,
+    /// Keys of shard records at or above the header's `next_shard_id`: parts of a change
+    /// written in parts that never got its header (see [`change_parts`]). They are not state;
+    /// the next change deletes them.
+    pub leftovers: Vec<Vec<u8>>,
 }
 
 impl StoredMeta {
@@ -93,7 +97,7 @@ impl StoredMeta {
             info.report = NodeReport::default();
         }
         let header = MetaHeader { revision, next_shard_id: state.next_shard_id, recent_first: 0 };
-        StoredMeta { guard: None, header, state, whole: false }
+        StoredMeta { guard: None, header, state, whole: false, leftovers: Vec::new() }
     }
 
     /// The revision of the state.
@@ -132,8 +136,14 @@ impl StoredMeta {
         }
         // Under a format-1 header, item records are a conversion in progress (written in parts
         // before the last one replaces the header): the format-1 state is the state.
+        // Every shard id is allocated below the header's `next_shard_id`, so a shard record at
+        // or above it belongs to a change written in parts whose header never landed: not state.
         if !out.whole {
             out.state.next_shard_id = out.header.next_shard_id;
+            let next = out.header.next_shard_id;
+            let (items, leftovers): (Vec<MetaWrite>, Vec<MetaWrite>) =
+                items.into_iter().partition(|(k, _)| ids(k, SHARD, 1).is_none_or(|i| i[0] < next));
+            out.leftovers = leftovers.into_iter().map(|(k, _)| k).collect();
             apply_items(&mut out.state, &items)?;
         }
         for info in out.state.nodes.values_mut() {
@@ -177,6 +187,9 @@ impl StoredMeta {
             key(TOMB, &[s.0, n.0])
         })?;
         let recent_first = diff_recent(&mut writes, self.header.recent_first, &base.recent_moves, &next.recent_moves)?;
+        let written: std::collections::BTreeSet<&[u8]> = writes.iter().map(|(k, _)| k.as_slice()).collect();
+        let stale: Vec<Vec<u8>> = self.leftovers.iter().filter(|k| !written.contains(k.as_slice())).cloned().collect();
+        writes.extend(stale.into_iter().map(|k| (k, None)));
         let header = MetaHeader { revision: self.header.revision, next_shard_id: next.next_shard_id, recent_first };
         if writes.is_empty() && header == self.header && !self.whole {
             return Ok((Vec::new(), self.clone()));
@@ -184,7 +197,7 @@ impl StoredMeta {
         let header = MetaHeader { revision: self.header.revision + 1, ..header };
         let guard = header_bytes(&header)?;
         writes.push((META_STATE_KEY.to_vec(), Some(guard.clone())));
-        Ok((writes, StoredMeta { guard: Some(guard), header, state: next, whole: false }))
+        Ok((writes, StoredMeta { guard: Some(guard), header, state: next, whole: false, leftovers: Vec::new() }))
     }
 
     /// Brings the state up to date with `writes` (a change made by [`StoredMeta::changes`] on
@@ -211,6 +224,7 @@ impl StoredMeta {
         }
         let items: Vec<MetaWrite> = items.into_iter().cloned().collect();
         apply_items(&mut self.state, &items)?;
+        self.leftovers.retain(|k| !items.iter().any(|(w, _)| w == k));
         self.state.next_shard_id = new.next_shard_id;
         self.header = new;
         self.guard = Some(bytes.clone());
@@ -250,9 +264,17 @@ pub fn without_leftovers(mut writes: Vec<MetaWrite>, existing: impl IntoIterator
 pub fn conversion_parts(writes: Vec<MetaWrite>, writes_max: usize, bytes_max: usize) -> Vec<Vec<MetaWrite>> {
     let (header, items): (Vec<MetaWrite>, Vec<MetaWrite>) =
         writes.into_iter().partition(|(k, _)| k.as_slice() == META_STATE_KEY);
+    let mut parts = chunks(items, writes_max, bytes_max);
+    parts.push(header);
+    parts
+}
+
+/// `writes` in order, in parts of at most `writes_max` writes and `bytes_max` bytes (a write
+/// larger than that alone in its part).
+fn chunks(writes: Vec<MetaWrite>, writes_max: usize, bytes_max: usize) -> Vec<Vec<MetaWrite>> {
     let mut parts: Vec<Vec<MetaWrite>> = Vec::new();
     let mut bytes = 0;
-    for w in items {
+    for w in writes {
         let size = w.0.len() + w.1.as_ref().map_or(0, Vec::len);
         match parts.last_mut() {
             Some(p) if p.len() < writes_max && bytes + size <= bytes_max => {
@@ -265,8 +287,40 @@ pub fn conversion_parts(writes: Vec<MetaWrite>, writes_max: usize, bytes_max: us
             }
         }
     }
-    parts.push(header);
     parts
+}
+
+/// A change too large for one transaction, in parts: the records of shards new to this
+/// change (ids at or above `new_from`, the stored header's `next_shard_id`) first, in parts of
+/// at most `writes_max` writes and `bytes_max` bytes, then everything else with the header.
+/// The parts before the last are invisible until the last lands: `StoredMeta::load` ignores
+/// shard records at or above the header's `next_shard_id`, and the next change deletes them if
+/// the last part never comes. One part (the change itself) when it fits; an error when what
+/// must go with the header does not fit.
+pub fn change_parts(
+    writes: Vec<MetaWrite>,
+    new_from: u64,
+    writes_max: usize,
+    bytes_max: usize,
+) -> Result<Vec<Vec<MetaWrite>>, String> {
+    let size = |w: &MetaWrite| w.0.len() + w.1.as_ref().map_or(0, Vec::len);
+    let total: usize = writes.iter().map(size).sum();
+    if writes.len() <= writes_max && total <= bytes_max {
+        return Ok(vec![writes]);
+    }
+    let (early, last): (Vec<MetaWrite>, Vec<MetaWrite>) =
+        writes.into_iter().partition(|w| w.1.is_some() && ids(&w.0, SHARD, 1).is_some_and(|i| i[0] >= new_from));
+    let last_bytes: usize = last.iter().map(size).sum();
+    if last.len() > writes_max || last_bytes > bytes_max {
+        return Err(format!(
+            "the change is too large for one meta transaction: {} writes and {last_bytes} bytes besides new shards \
+             (at most {writes_max} writes and {bytes_max} bytes)",
+            last.len()
+        ));
+    }
+    let mut parts = chunks(early, writes_max, bytes_max);
+    parts.push(last);
+    Ok(parts)
 }
 
 /// The header's stored bytes.

@@ -302,3 +302,90 @@ fn a_conversion_done_again_for_another_op_leaves_no_transfer_of_the_first() {
     assert_eq!(loaded.state.transfers, expected.state.transfers);
     assert_eq!(loaded, expected);
 }
+
+/// A state of `shards` shards made from `base` in one change, as a bootstrap makes it.
+fn many_shards(base: &StoredMeta, shards: usize) -> MetaState {
+    let mut state = base.state.clone();
+    if state.map.is_empty() {
+        state.apply(MetaCommand::Bootstrap { nodes: vec![n(1), n(2), n(3)] }).expect("bootstrap");
+    }
+    for i in 1..shards {
+        let key = format!("k{i:06}").into_bytes();
+        let d = state.map.lookup(&key).cloned().expect("shard");
+        if d.start != key {
+            state.apply(MetaCommand::Split { shard: d.id, epoch: d.epoch, key }).expect("split");
+        }
+    }
+    state
+}
+
+#[test]
+fn a_change_too_large_for_one_transaction_is_written_in_parts_that_each_fit() {
+    let mut range = Range::default();
+    let mut s = StoredMeta::default();
+    for i in 1..=3 {
+        step(&mut s, &mut range, MetaCommand::RegisterNode { node: n(i), addr: format!("127.0.0.1:{i}") });
+    }
+    let next = many_shards(&s, 3_000);
+    let (writes, after) = s.changes(&next).expect("changes");
+    let all = writes.len();
+    let parts = change_parts(writes, s.header.next_shard_id, 1_000, 64 << 10).expect("parts");
+    assert!(parts.len() >= 4, "{} parts", parts.len());
+    assert_eq!(parts.iter().map(Vec::len).sum::<usize>(), all, "every write in exactly one part");
+    for p in &parts {
+        let bytes: usize = p.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
+        assert!(p.len() <= 1_000 && bytes <= 64 << 10, "{} writes, {bytes} bytes", p.len());
+    }
+    let last = parts.last().expect("a last part");
+    assert!(last.iter().any(|(k, _)| k.as_slice() == META_STATE_KEY), "the header comes last");
+    // Until the last part lands, a replica reading its range sees the state before the change.
+    for p in &parts[..parts.len() - 1] {
+        range.write(p);
+        let read = range.load();
+        assert_eq!((read.state.clone(), read.header), (s.state.clone(), s.header));
+        assert!(!read.leftovers.is_empty());
+    }
+    range.write(last);
+    assert_eq!(range.load(), after, "the whole change once the header landed");
+    assert_eq!(after.state.map.len(), 3_000);
+    // A change that fits stays one part.
+    let small = change_parts(vec![(META_STATE_KEY.to_vec(), Some(vec![1]))], 0, 10, 100).expect("parts");
+    assert_eq!(small.len(), 1);
+}
+
+#[test]
+fn a_change_in_parts_cut_short_is_not_state_and_the_next_change_deletes_what_it_left() {
+    let mut range = Range::default();
+    let mut s = bootstrapped(&mut range, 4);
+    let before = range.0.len();
+    let next = many_shards(&s, 2_000);
+    let (writes, _) = s.changes(&next).expect("changes");
+    let parts = change_parts(writes, s.header.next_shard_id, 500, 1 << 20).expect("parts");
+    assert!(parts.len() > 2);
+    // Two parts land; the proposer then dies.
+    range.write(&parts[0]);
+    range.write(&parts[1]);
+    let read = range.load();
+    assert_eq!(read.state, s.state, "shards of a change without its header are not state");
+    assert_eq!(read.leftovers.len(), parts[0].len() + parts[1].len());
+    // The next change (any: here a node registers) deletes them; the range holds only state.
+    let mut read = read;
+    let writes = step(&mut read, &mut range, MetaCommand::RegisterNode { node: n(9), addr: "127.0.0.1:9".into() });
+    assert!(writes.iter().filter(|(_, v)| v.is_none()).count() >= parts[0].len() + parts[1].len());
+    assert_eq!(range.0.len(), before + 1, "one node record more, no leftover");
+    assert!(range.load().leftovers.is_empty());
+}
+
+#[test]
+fn what_must_go_with_the_header_is_refused_when_it_does_not_fit() {
+    let mut range = Range::default();
+    let s = bootstrapped(&mut range, 50);
+    // Moving every replica changes existing records only: nothing may go ahead of the header.
+    let mut next = s.state.clone();
+    for d in s.state.map.shards() {
+        next.apply(MetaCommand::AddLearner { shard: d.id, epoch: d.epoch, node: n(4) }).expect("learner");
+    }
+    let (writes, _) = s.changes(&next).expect("changes");
+    let e = change_parts(writes, s.header.next_shard_id, 10, 1 << 20).expect_err("too large");
+    assert!(e.contains("too large for one meta transaction"), "{e}");
+}

@@ -7,7 +7,7 @@
 
 use super::{Node, NodeError, LIVE_REPORT_AGE_MAX_MS, META_OP_TIMEOUT_MS, PEER_REQUEST_TIMEOUT_MS};
 use crate::meta::change_log::ChangeLog;
-use crate::meta::records::{conversion_parts, without_leftovers, MetaWrite};
+use crate::meta::records::{change_parts, conversion_parts, without_leftovers, MetaWrite};
 use crate::meta::{self, StoredMeta, META_GROUP, META_STATE_KEY};
 use crate::peer_wire::{MetaOp, MetaUpdate, PeerRequest, PeerResponse};
 use crate::placement::{MetaState, NodeId, NodeReport};
@@ -393,6 +393,8 @@ impl Node {
             // Converting format 1: every record first, in parts if they are too many for one
             // transaction, each guarded by the format-1 header; the header last.
             let mut writes = writes;
+            // Written in parts before this one: followers are then sent the whole state.
+            let mut in_parts = stored.whole;
             if stored.whole {
                 // Read after this op's linearizable read: the range holds whatever an earlier
                 // conversion cut short committed, and this one deletes what it does not rewrite.
@@ -401,6 +403,16 @@ impl Node {
                 let all = without_leftovers(writes, existing);
                 let mut parts = conversion_parts(all, TXN_WRITES_MAX, TXN_BYTES_MAX - 4096);
                 writes = parts.pop().unwrap_or_default();
+                if !self.write_parts(parts, stored.guard.clone()).await? {
+                    continue;
+                }
+            } else {
+                // A change too large for one transaction (a bootstrap of many shards): the new
+                // shards' records first, invisible until the header lands with the last part.
+                let mut parts = change_parts(writes, stored.header.next_shard_id, TXN_WRITES_MAX, TXN_BYTES_MAX - 4096)
+                    .map_err(MetaTry::Refused)?;
+                writes = parts.pop().unwrap_or_default();
+                in_parts = !parts.is_empty();
                 if !self.write_parts(parts, stored.guard.clone()).await? {
                     continue;
                 }
@@ -419,10 +431,10 @@ impl Node {
             match self.inner.host.write(g, txn).await {
                 Ok(KvResponse::Done { .. }) => {
                     let revision = after.revision();
-                    // A conversion's last part holds only the header, not the change: nodes
+                    // The last part of a change written in parts holds only some of it: nodes
                     // following changes are sent the whole state once instead.
                     if let Ok(mut log) = self.inner.meta.changes.lock() {
-                        match stored.whole {
+                        match in_parts {
                             false => log.push(revision, writes),
                             true => *log = ChangeLog::default(),
                         }
@@ -445,16 +457,22 @@ impl Node {
         }
     }
 
-    /// Writes the first parts of a format-1 conversion, each guarded by the format-1 header
-    /// `guard`; `false` if the guard failed (another change got in: read again).
+    /// Writes the first parts of a change written in parts (a format-1 conversion, a change
+    /// with many new shards), each guarded by the header `guard` the change was computed from;
+    /// `false` if the guard failed (another change got in: read again).
     async fn write_parts(&self, parts: Vec<Vec<MetaWrite>>, guard: Option<Vec<u8>>) -> Result<bool, MetaTry> {
         for writes in parts {
+            let bytes: usize = writes.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
+            self.inner.stats.meta_write_records.fetch_add(writes.len() as u64, Ordering::Relaxed);
+            self.inner.stats.meta_write_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
             let txn = KvCommand::Txn { guard: META_STATE_KEY.to_vec(), expected: guard.clone(), writes };
             match self.inner.host.write(META_GROUP, txn).await {
                 Ok(KvResponse::Done { .. }) => {}
                 Ok(KvResponse::CasFailed { .. }) => return Ok(false),
-                Ok(other) => return Err(MetaTry::Refused(format!("converting the meta state: {other:?}"))),
-                Err(HostError::TooLarge(e)) => return Err(MetaTry::Refused(format!("converting the meta state: {e}"))),
+                Ok(other) => return Err(MetaTry::Refused(format!("writing a meta change in parts: {other:?}"))),
+                Err(HostError::TooLarge(e)) => {
+                    return Err(MetaTry::Refused(format!("writing a meta change in parts: {e}")))
+                }
                 Err(e) => return Err(meta_try(e)),
             }
         }
