@@ -100,6 +100,9 @@ impl Node {
             }
         };
         match self.stored_at(header).await {
+            // The view already holds this state (the meta leader's view gets each report as
+            // its op runs): a copy of a large map five times a second is not free.
+            Ok(stored) if stored.revision() == self.meta_revision() && stored.revision() > 0 => true,
             Ok(stored) => {
                 let mut s = stored.state.clone();
                 // On the meta leader, the reports it holds in memory, as meta ops see them.
@@ -502,8 +505,7 @@ impl Node {
     /// Whether this node leads the meta group; records when it started to (a new meta leader
     /// holds no live reports yet, and forgets the ones of an earlier tenure).
     pub(super) async fn leads_meta(&self) -> bool {
-        let infos = self.inner.host.group_info().await.unwrap_or_default();
-        let leads = infos.iter().any(|i| i.group == META_GROUP && i.role == Role::Leader);
+        let leads = self.inner.host.group_info_of(META_GROUP).await.is_ok_and(|i| i.role == Role::Leader);
         if let Ok(mut since) = self.inner.meta.leader_since.lock() {
             match (leads, since.is_some()) {
                 (true, false) => {

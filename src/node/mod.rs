@@ -96,8 +96,10 @@ pub const SIZE_SCAN_BYTES_MAX: u64 = 4 * SPLIT_SIZE_BYTES_DEFAULT;
 pub const LIVE_REPORT_AGE_MAX_MS: u64 = 10_000;
 /// How often a node not yet listed at its address tells its peers again (ms).
 pub const ANNOUNCE_RETRY_MS: u64 = 1_000;
-/// How often the reconciler runs (ms).
+/// How often the reconciler looks for a change of the map or of the groups here (ms).
 pub const RECONCILE_MS: u64 = 200;
+/// How often the reconciler goes over every group and shard when neither changed (ms).
+pub const RECONCILE_FULL_MS: u64 = 1_000;
 /// How long a meta operation may take, forwarding and retries included (ms).
 pub const META_OP_TIMEOUT_MS: u64 = 10_000;
 /// Time allowed for one node-to-node request (ms).
@@ -352,6 +354,8 @@ struct Inner {
     meta: MetaClient,
     /// The reconciler's last request of each change per group (`reconcile.rs`).
     reconfig: Mutex<ReconfigTimes>,
+    /// What the reconciler's last full round saw (meta revision, groups here) and when.
+    reconciled: Mutex<Option<((u64, usize), Instant)>>,
     /// Last size check of each shard this node leads (`report.rs`).
     sizes: Mutex<HashMap<ShardId, SizeCheck>>,
     /// On the meta leader: when each move reached its current step (`moves.rs`).
@@ -447,6 +451,7 @@ impl Node {
             transport,
             meta: MetaClient::default(),
             reconfig: Mutex::new(HashMap::new()),
+            reconciled: Mutex::new(None),
             sizes: Mutex::new(HashMap::new()),
             requests_limit: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
             stats: NodeStats::default(),

@@ -4,7 +4,7 @@
 //! the groups it leads carries out splits, learners, voter changes and leader transfers,
 //! asking for each at most once per [`RECONFIG_RETRY_MS`].
 
-use super::{BootstrapConfig, Node, RECONCILE_MS, RECONFIG_RETRY_MS};
+use super::{BootstrapConfig, Node, RECONCILE_FULL_MS, RECONCILE_MS, RECONFIG_RETRY_MS};
 use crate::meta::{shard_range, META_GROUP};
 use crate::peer_wire::MetaOp;
 use crate::placement::{
@@ -58,6 +58,16 @@ impl Node {
                 debug!(error = %e, "cannot read the meta state");
             }
         }
+        // A round looks at every group here and every shard of the map: with thousands of
+        // each, only when the map or the set of groups changed, or a round is due anyway
+        // (a leadership moved, a change asked for earlier may be asked again).
+        let seen = (self.meta_revision(), self.inner.host.group_count());
+        if let Ok(mut last) = self.inner.reconciled.lock() {
+            if last.is_some_and(|(s, at)| s == seen && at.elapsed() < Duration::from_millis(RECONCILE_FULL_MS)) {
+                return;
+            }
+            *last = Some((seen, Instant::now()));
+        }
         let state = self.meta_view();
         let me = self.inner.id;
         for (id, info) in &state.nodes {
@@ -71,8 +81,14 @@ impl Node {
             return;
         }
         let host = &self.inner.host;
+        let ids = host.groups();
+        // Ranges are read (a lock each) only when the map places a shard here that is not.
+        let missing = {
+            let here: BTreeSet<GroupId> = ids.iter().copied().collect();
+            state.map.shards().any(|d| d.replica(me).is_some() && !here.contains(&d.id))
+        };
         let local: BTreeMap<GroupId, Option<KeyRange>> =
-            host.groups().into_iter().map(|g| (g, host.group_range(g))).collect();
+            ids.into_iter().map(|g| (g, if missing { host.group_range(g) } else { None })).collect();
         let bootstrap_shards = bootstrap_shards(self.inner.config.bootstrap.as_ref());
         for c in replicas_to_create(me, &state.map, &local, bootstrap_shards) {
             match host.create_group(c.shard, c.range, c.initial).await {
@@ -92,7 +108,9 @@ impl Node {
                 Err(e) => warn!(shard = group.0, error = %e, "cannot remove shard replica"),
             }
         }
-        for i in &infos {
+        // Only leaders split and change their groups.
+        let led: Vec<&GroupInfo> = infos.iter().filter(|i| i.role == Role::Leader).collect();
+        for i in led.iter().copied() {
             let Some((at, right)) = split_to_propose(i, host.group_range(i.group).as_ref(), &state.map) else {
                 continue;
             };
@@ -106,7 +124,7 @@ impl Node {
             }
         }
         // Ranges are read again: a split proposed above may have been applied since.
-        for i in &infos {
+        for i in led {
             let wanted = reconfigs_wanted(me, i, host.group_range(i.group).as_ref(), &state);
             for what in self.due(i.group, wanted) {
                 let done = match &what {

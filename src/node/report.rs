@@ -9,7 +9,7 @@ use crate::peer_wire::MetaOp;
 use crate::placement::{Epoch, GroupConf, LogIndex as PLogIndex, NodeReport, ShardId};
 use crate::raft::Role;
 use crate::shard::{range_size_blocking, KeyRange, RangeSize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -95,8 +95,9 @@ impl Node {
             report.applied.insert(i.group, PLogIndex(i.applied.0));
         }
         let threshold = self.inner.config.balancer.split_size_bytes_threshold;
+        let leading: HashSet<ShardId> = report.leading.iter().copied().collect();
         if let Ok(sizes) = self.inner.sizes.lock() {
-            for (shard, c) in sizes.iter().filter(|(s, _)| report.leading.contains(s)) {
+            for (shard, c) in sizes.iter().filter(|(s, _)| leading.contains(s)) {
                 report.shard_bytes.insert(*shard, c.size.estimate);
                 if let Some(middle) = c.size.middle.as_ref().filter(|_| c.size.bytes > threshold) {
                     report.split_keys.insert(*shard, middle.clone());

@@ -447,6 +447,18 @@ impl Engine {
     pub fn committed_membership(&self) -> &StoredMembership {
         self.memberships.committed(self.committed)
     }
+    /// The applied index the state machine holds durably (the log is purged behind it).
+    pub fn durable_applied(&self) -> LogIndex {
+        self.durable_applied
+    }
+    /// The first index still in the log.
+    pub fn first_log_index(&self) -> LogIndex {
+        self.log.first_index()
+    }
+    /// The newest snapshot built and not yet dropped.
+    pub fn newest_snapshot(&self) -> Option<LogId> {
+        self.snapshots.last().map(|s| s.last_log_id)
+    }
     /// The term of the entry at `index`, if the engine knows it.
     pub fn term_at(&self, index: LogIndex) -> Option<Term> {
         self.log.term_at(index)

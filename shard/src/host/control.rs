@@ -33,13 +33,16 @@ impl Poller {
         self.durable_waits.retain(|(_, gid, _, _)| *gid != id);
     }
 
-    /// The state of every group on this poller.
-    pub(super) fn info(&self) -> Vec<GroupInfo> {
-        self.groups
-            .values()
+    /// The state of every group on this poller (`only`: of that group alone, if here).
+    pub(super) fn info(&self, only: Option<GroupId>) -> Vec<GroupInfo> {
+        let one = only.and_then(|id| self.groups.get(&id));
+        let groups: Box<dyn Iterator<Item = &GroupState>> = match only {
+            Some(_) => Box::new(one.into_iter()),
+            None => Box::new(self.groups.values()),
+        };
+        groups
             .map(|g| {
                 let e = g.core.engine();
-                let status = e.status();
                 GroupInfo {
                     group: g.id,
                     role: e.role(),
@@ -48,9 +51,9 @@ impl Poller {
                     last_index: e.last_log_id().index,
                     committed: e.committed(),
                     applied: e.applied(),
-                    durable_applied: status.durable_applied,
-                    first_index: status.first_log_index,
-                    snapshot: status.snapshot,
+                    durable_applied: e.durable_applied(),
+                    first_index: e.first_log_index(),
+                    snapshot: e.newest_snapshot(),
                     voters: e.membership().membership.voters.clone(),
                     committed_conf: e.committed_membership().clone(),
                     newest_conf: e.membership().log_id.index,

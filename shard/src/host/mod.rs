@@ -349,6 +349,9 @@ impl Shared {
     }
 }
 
+/// Groups recovered at once when a host opens.
+const GROUPS_STARTING_MAX: usize = 64;
+
 /// The host of one node's groups. Cheap to clone.
 #[derive(Clone)]
 pub struct Host {
@@ -402,23 +405,42 @@ impl Host {
         }
         let host = Host { shared, threads: Arc::new(Mutex::new(threads)) };
         let ids = store.blocking(|s| s.groups()).await?;
-        for group in &ids {
-            let g = *group;
-            let desc = store
-                .blocking(move |s| {
-                    let raw = s
-                        .db()
-                        .get_cf(s.cf(CF_META)?, meta_key(g))
-                        .map_err(|e| StorageError::new("read", e.to_string()))?
-                        .ok_or_else(|| StorageError::new("read", format!("group {g}: descriptor vanished")))?;
-                    decode::<GroupDescriptor>(&raw, || format!("group {g} descriptor"))
-                })
-                .await?;
-            let reservation = host.shared.reserve(*group, &desc.range)?;
-            host.start_group(reservation, desc.range, desc.initial).await?;
+        // A group's recovery is a handful of reads, each a hand-off to the blocking pool and
+        // back: one group at a time, 10,000 groups took seconds of wake-ups. Several at once.
+        let mut starting = tokio::task::JoinSet::new();
+        let mut next = ids.iter().copied();
+        loop {
+            while starting.len() < GROUPS_STARTING_MAX {
+                let Some(g) = next.next() else { break };
+                let h = host.clone();
+                starting.spawn(async move { h.start_stored_group(g).await });
+            }
+            match starting.join_next().await {
+                None => break,
+                Some(Ok(r)) => r?,
+                Some(Err(e)) => return Err(StorageError::new("open", format!("a group did not start: {e}")).into()),
+            }
         }
         info!(node = %config.node, groups = ids.len(), pollers = config.pollers, "host started");
         Ok(host)
+    }
+
+    /// Starts group `g` from its descriptor and state in the store (at [`Host::open`]).
+    async fn start_stored_group(&self, g: GroupId) -> Result<(), HostError> {
+        let desc = self
+            .shared
+            .store
+            .blocking(move |s| {
+                let raw = s
+                    .db()
+                    .get_cf(s.cf(CF_META)?, meta_key(g))
+                    .map_err(|e| StorageError::new("read", e.to_string()))?
+                    .ok_or_else(|| StorageError::new("read", format!("group {g}: descriptor vanished")))?;
+                decode::<GroupDescriptor>(&raw, || format!("group {g} descriptor"))
+            })
+            .await?;
+        let reservation = self.shared.reserve(g, &desc.range)?;
+        self.start_group(reservation, desc.range, desc.initial).await
     }
 
     /// This node.
@@ -513,16 +535,30 @@ impl Host {
         v
     }
 
+    /// How many groups are on this node.
+    pub fn group_count(&self) -> usize {
+        self.shared.registry.read().map(|r| r.groups.len()).unwrap_or_default()
+    }
+
     /// The state of every group on this node.
     pub async fn group_info(&self) -> Result<Vec<GroupInfo>, HostError> {
         let mut out = Vec::new();
         for p in self.shared.pollers.iter() {
             let (tx, rx) = oneshot::channel();
-            p.send(PollerMsg::Info(tx)).map_err(|_| HostError::Stopped)?;
+            p.send(PollerMsg::Info(None, tx)).map_err(|_| HostError::Stopped)?;
             out.extend(rx.await.map_err(|_| HostError::Stopped)?);
         }
         out.sort_by_key(|i| i.group);
         Ok(out)
+    }
+
+    /// The state of one group on this node: asks only its poller, and describes only it.
+    pub async fn group_info_of(&self, group: GroupId) -> Result<GroupInfo, HostError> {
+        let poller = self.entry(group)?.poller;
+        let (tx, rx) = oneshot::channel();
+        let p = self.shared.pollers.get(poller).ok_or(HostError::UnknownGroup(group))?;
+        p.send(PollerMsg::Info(Some(group), tx)).map_err(|_| HostError::Stopped)?;
+        rx.await.map_err(|_| HostError::Stopped)?.pop().ok_or(HostError::UnknownGroup(group))
     }
 
     /// Hands a batch from a peer to the groups it names. Never blocks. `batch.from` must be the

@@ -60,7 +60,8 @@ pub(crate) enum PollerMsg {
         result: Result<(), SnapshotError>,
     },
     Installed(GroupId, SnapshotMeta, u64, Result<(), SnapshotError>),
-    Info(oneshot::Sender<Vec<GroupInfo>>),
+    /// The state of every group of this poller, or of one.
+    Info(Option<GroupId>, oneshot::Sender<Vec<GroupInfo>>),
     Shutdown,
 }
 
@@ -198,8 +199,8 @@ impl Poller {
                 self.on_received(gid, meta, reception, end, result)
             }
             PollerMsg::Installed(gid, meta, reception, r) => self.on_installed(gid, meta, reception, r),
-            PollerMsg::Info(reply) => {
-                let _ = reply.send(self.info());
+            PollerMsg::Info(only, reply) => {
+                let _ = reply.send(self.info(only));
             }
             PollerMsg::Shutdown => self.stopping = true,
         }
