@@ -406,6 +406,45 @@ mod tests {
     }
 
     #[test]
+    fn outside_loopback_the_redis_listener_needs_tls_or_users() {
+        const HASH: &str = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b";
+        let resolve = |extra: &str| {
+            let text = format!(
+                "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:1\"\nresp_listen = \"0.0.0.0:6379\"\n{extra}\n\
+                 [tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n"
+            );
+            ServerFile::parse(&text).map_err(|e| format!("parse: {e}"))?.resolve(Path::new(".")).map(|_| ())
+        };
+        let user = |fields: &str| format!("[[resp_users]]\n{fields}\n");
+        // Plaintext without users: refused, saying what would do.
+        let err = resolve("resp_plaintext_loopback = true").unwrap_err();
+        assert!(err.contains("resp_tls = true") && err.contains("[[resp_users]]"), "{err}");
+        // TLS, users, or both: past the check, to the (missing) certificates.
+        assert!(resolve("resp_tls = true").unwrap_err().starts_with("tls"));
+        let app = user(&format!("name = \"app\"\npassword_sha256 = \"{HASH}\"\nrole = \"readwrite\""));
+        assert!(resolve(&app).unwrap_err().starts_with("tls"));
+        assert!(resolve(&format!("resp_tls = true\n{app}")).unwrap_err().starts_with("tls"));
+        let tenant =
+            user(&format!("name = \"t\"\npassword_sha256 = \"{HASH}\"\nrole = \"readonly\"\nprefix = \"tenant1/\""));
+        assert!(resolve(&tenant).unwrap_err().starts_with("tls"));
+        // A bad user is refused at start, naming it and what is wrong.
+        let err = resolve(&user("name = \"app\"\npassword_sha256 = \"secret\"\nrole = \"readwrite\"")).unwrap_err();
+        assert!(err.starts_with("resp_users: user app") && err.contains("64 hex digits"), "{err}");
+        let err = resolve(&user(&format!("name = \"a\"\npassword_sha256 = \"{HASH}\"\nrole = \"root\""))).unwrap_err();
+        assert!(err.contains("unknown role"), "{err}");
+        let err =
+            resolve(&user(&format!("name = \"a\"\npassword_sha256 = \"{HASH}\"\nrole = \"admin\"\nprefix = \"t/\"")))
+                .unwrap_err();
+        assert!(err.contains("cannot be limited to a prefix"), "{err}");
+        // A plain password field is not a thing: the file must hold the hash.
+        let err = resolve(&user("name = \"a\"\npassword = \"secret\"\nrole = \"readonly\"")).unwrap_err();
+        assert!(err.starts_with("parse:") && err.contains("password"), "{err}");
+        // Both users named alike.
+        let err = resolve(&format!("{app}{app}")).unwrap_err();
+        assert!(err.contains("twice"), "{err}");
+    }
+
+    #[test]
     fn sizes_parse_with_binary_units_only() {
         assert_eq!(parse_bytes("536870912"), Ok(512 << 20));
         assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
