@@ -684,6 +684,7 @@ mod tests {
             "FLUSHALL",
             "READONLY",
             "READWRITE",
+            "TIME",
             "TYPE k",
         ];
         let mut covered = std::collections::HashSet::new();
