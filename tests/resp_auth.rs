@@ -216,6 +216,8 @@ async fn redis_cli_with_certificates_and_passwords() {
         assert_eq!(scanned, ["\"tenant1/x\"", "\"tenant1/y\""], "{out}{err}");
 
         // Node 3, TLS with users: a certificate is optional; without one, AUTH.
+        let (out, _) = cli(p3, &tls_args(&ca, Some(&reader)), "CLIENT INFO\n");
+        assert!(out.contains(" user=cert:reader "), "{out}");
         check(
             p3,
             &tls_args(&ca, None),
@@ -308,4 +310,41 @@ async fn a_listener_outside_loopback_without_tls_or_users_does_not_start() {
     cfg.tls = false;
     cfg.users = users();
     assert!(flotilla::resp_server::bind(&cfg, &tls).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_to_new_redis_connections() {
+    if !redis_cli_present() {
+        eprintln!("NOT RUN: redis-cli is not installed (apt-get install redis-tools)");
+        return;
+    }
+    let cluster = Cluster::start_with(1, &[1], &[1], Vec::new(), |cfg| {
+        let mut resp = RespConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+        resp.tls = true;
+        cfg.resp = Some(resp);
+    })
+    .await;
+    let _client = cluster.client().await;
+    let port = cluster.node(1).resp_addr().expect("front door").port();
+    let certs = cluster.dev.certs_dir();
+    let ca = certs.join("ca.pem");
+    // A client of a second CA, which the node does not trust yet.
+    let new = tempfile::tempdir().expect("tempdir");
+    flotilla::cluster::create_ca(new.path()).expect("new CA");
+    let newcomer = flotilla::cluster::issue_client(new.path(), "newcomer", Grant::new(Role::ReadWrite)).expect("issue");
+    let args = tls_args(&ca, Some(&newcomer));
+    let before = {
+        let args = args.clone();
+        tokio::task::spawn_blocking(move || refused(port, &args)).await.expect("redis-cli")
+    };
+    assert!(before.contains("Server closed the connection"), "{before}");
+    // Both CAs trusted from now on (step 1 of a move to a new CA, as SIGHUP does it).
+    let read = |p: &Path| std::fs::read_to_string(p).expect("read PEM");
+    let (cert, key) = flotilla::cluster::node_cert_paths(&certs, NodeId(1));
+    let both = format!("{}{}", read(&ca), read(&new.path().join("ca.pem")));
+    let tls = flotilla::transport::cert::TlsIdentity::from_pem(&both, &read(&cert), &read(&key)).expect("identity");
+    cluster.node(1).reload_tls(tls).expect("reload");
+    tokio::task::spawn_blocking(move || check(port, &args, &[("SET n 1", "OK"), ("GET n", "\"1\"")]))
+        .await
+        .expect("redis-cli");
 }
