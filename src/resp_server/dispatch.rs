@@ -7,6 +7,13 @@
 //! `SET ... GET|NX|XX` are compare-and-swaps (a retry loop for `GET` and `XX`: read, swap if the
 //! value is still the one read, otherwise again from the value the failed swap returns), which
 //! are atomic too but retry under contention on one key.
+//!
+//! `MSETNX` is one state-machine command too (`KvCommand::InsertAll`): atomic when its keys
+//! live in one shard, refused with Redis Cluster's `CROSSSLOT` otherwise (never split into
+//! per-shard parts, which could set some keys and not others). `DBSIZE` counts by scanning
+//! every shard (Flotilla keeps no key count): O(N), at most [`DBSIZE_SCANNED_MAX`] keys, each
+//! shard's part read with the connection's consistency but the sum not one snapshot, so it is
+//! exact only when no write runs meanwhile. `TIME` is this node's clock.
 
 use super::access::Principal;
 use super::connection::Shared;

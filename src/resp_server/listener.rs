@@ -43,6 +43,9 @@ pub async fn bind(config: &RespConfig, node_tls: &TlsIdentity) -> Result<Listene
         true => Some(Arc::new(RespTls::new(node_tls, config.users.any())?)),
         false => None,
     };
+    if tls.is_none() && config.users.any() && !config.listen.ip().is_loopback() {
+        warn!(addr = %config.listen, "redis protocol without TLS outside loopback: AUTH passwords cross the network in the clear (set resp_tls = true)");
+    }
     let tcp = TcpListener::bind(config.listen).await.map_err(|e| format!("resp_listen {}: {e}", config.listen))?;
     Ok(Listener { tcp, config: config.clone(), tls })
 }
