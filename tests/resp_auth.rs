@@ -153,6 +153,15 @@ async fn redis_cli_with_certificates_and_passwords() {
                 ("DBSIZE", "(integer) 1"),
             ],
         );
+        // A pipeline over TLS: 2,000 SETs sent whole (redis-cli --pipe), every one answered.
+        let mut pipe = String::new();
+        for i in 0..2000 {
+            let (k, v) = (format!("p{i:04}"), "v".repeat(100));
+            pipe += &format!("*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n{v}\r\n", k.len(), v.len());
+        }
+        let (out, err) = cli(p1, &[tls_args(&ca, Some(&admin)), s(&["--pipe"])].concat(), &pipe);
+        assert!(out.contains("errors: 0, replies: 2000"), "{out}{err}");
+        check(p1, &tls_args(&ca, Some(&admin)), &[("STRLEN p1999", "(integer) 100"), ("DEL p0000", "(integer) 1")]);
         // A certificate of another CA, none, or no TLS at all: no conversation.
         // (With TLS 1.3 the client learns of the refusal of its certificate after its side of
         // the handshake: "Server closed the connection". A plaintext client gets a TLS alert.)
@@ -265,8 +274,9 @@ async fn redis_cli_with_certificates_and_passwords() {
             ],
             "{out}"
         );
-        // DBSIZE: every key of every shard (10, 11, 12, 13, 16, tenant1/x, tenant1/y).
-        check(p1, &admin_tls, &[("DBSIZE", "(integer) 7")]);
+        // DBSIZE: every key of every shard (10, 11, 12, 13, 16, tenant1/x, tenant1/y, and
+        // p0001..p1999 of the pipeline).
+        check(p1, &admin_tls, &[("DBSIZE", "(integer) 2006")]);
         // TIME: seconds and microseconds, as bulk strings, now.
         let (out, _) = cli(p1, &admin_tls, "TIME\n");
         let lines: Vec<&str> = out.lines().collect();
