@@ -20,7 +20,8 @@
 //! # resp_bulk_bytes_max = "8MiB"      # longest bulk string a Redis client may send (64KiB..=512MiB)
 //!
 //! # Redis users (AUTH user password; AUTH password is user "default"). Only the password's
-//! # SHA-256 is kept: printf %s "$PASSWORD" | sha256sum. Unsalted, as Redis's ACL: use long
+//! # SHA-256 is kept: flotilla cert password-hash, or printf %s "$PASSWORD" | sha256sum.
+//! # Unsalted, as Redis's ACL: use long
 //! # random passwords (openssl rand -hex 24). Over plaintext, only on loopback or a trusted network.
 //! # [[resp_users]]
 //! # name = "app"

@@ -5,8 +5,8 @@
 //!
 //! Only a password's SHA-256 is kept (Redis's ACL stores the same hash, `#<hex>`). It is
 //! unsalted and fast, so it protects a long random password, not a guessable one: give users
-//! passwords like `openssl rand -hex 24`. Make the hash with
-//! `printf %s "$PASSWORD" | sha256sum`. The comparison takes the same time whatever the
+//! passwords like `openssl rand -hex 24`. Make the hash with `flotilla cert password-hash`
+//! (the password on standard input) or `printf %s "$PASSWORD" | sha256sum`. The comparison takes the same time whatever the
 //! password, and whether or not the user exists, so timing tells nothing about either.
 
 use crate::transport::cert::check_grant;
