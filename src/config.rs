@@ -21,8 +21,8 @@
 //!
 //! # Redis users (AUTH user password; AUTH password is user "default"). Only the password's
 //! # SHA-256 is kept: flotilla cert password-hash, or printf %s "$PASSWORD" | sha256sum.
-//! # Unsalted, as Redis's ACL: use long
-//! # random passwords (openssl rand -hex 24). Over plaintext, only on loopback or a trusted network.
+//! # Unsalted, as Redis's ACL: use long random passwords (openssl rand -hex 24). Without
+//! # resp_tls they cross the network in the clear: only on loopback or a trusted network.
 //! # [[resp_users]]
 //! # name = "app"
 //! # password_sha256 = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"
