@@ -6,8 +6,9 @@
 //! Only a password's SHA-256 is kept (Redis's ACL stores the same hash, `#<hex>`). It is
 //! unsalted and fast, so it protects a long random password, not a guessable one: give users
 //! passwords like `openssl rand -hex 24`. Make the hash with `flotilla cert password-hash`
-//! (the password on standard input) or `printf %s "$PASSWORD" | sha256sum`. The comparison takes the same time whatever the
-//! password, and whether or not the user exists, so timing tells nothing about either.
+//! (the password on standard input) or `printf %s "$PASSWORD" | sha256sum`. Every user's hash
+//! is compared with the hash of the password given, each in constant time, so the time taken
+//! tells nothing about the password.
 
 use crate::transport::cert::check_grant;
 use crate::transport::{Grant, Role};
@@ -75,8 +76,8 @@ impl Users {
         !self.users.is_empty()
     }
 
-    /// The user `name` if `password` is theirs. Every user's hash is compared, in constant
-    /// time, so the time taken does not depend on which user matched or whether one exists.
+    /// The user `name` if `password` is theirs. Every user's hash is compared in constant time,
+    /// whatever the name, so the time taken tells nothing about the password.
     pub fn check(&self, name: &[u8], password: &[u8]) -> Option<&User> {
         let hash = sha256(password);
         let mut found = None;
