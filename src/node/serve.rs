@@ -144,9 +144,7 @@ impl Node {
                     }
                 }
                 if pairs.iter().any(|(k, _)| !d.contains(k)) {
-                    return Response::Invalid(
-                        "CROSSSLOT Keys in request don't hash to the same slot (they live in different shards)".into(),
-                    );
+                    return Response::Invalid(flotilla_resp::error::CROSS_SLOT.into());
                 }
                 self.write(shard, epoch, KvCommand::InsertAll { pairs }).await
             }
