@@ -39,7 +39,8 @@
 //! the same rules as the client protocol (`crate::authz`). Passwords cross a plaintext listener
 //! in the clear: outside loopback, use TLS with them.
 //!
-//! Not built yet: expiries, and atomic multi-key commands across shards.
+//! Not built yet: expiries, atomic multi-key commands across shards, a limit on repeated wrong
+//! passwords, and changing users without a restart (SIGHUP reloads certificates only).
 
 mod access;
 mod connection;
