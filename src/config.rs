@@ -12,10 +12,22 @@
 //! # pollers = 1                       # shard poller threads (default: half the cores)
 //! # memory_budget = "512MiB"          # RocksDB's block cache and memtables (64MiB..=1TiB)
 //! # require_client_roles = true       # refuse client certificates issued without a role
-//! # resp_listen = "127.0.0.1:6379"    # Redis protocol (redis-cli, Redis clients); loopback only
-//! # resp_plaintext_loopback = true    # needed with resp_listen: plaintext, no AUTH (no TLS yet)
+//! # resp_listen = "0.0.0.0:6379"      # Redis protocol (redis-cli, Redis clients)
+//! # resp_tls = true                   # TLS with [tls]'s certificate and CA; client certificates
+//! #                                   # from the CA are required, or optional with resp_users
+//! # resp_plaintext_loopback = true    # or: plaintext without authentication, on loopback only
 //! # resp_connections_max = 10000      # Redis connections at once
 //! # resp_bulk_bytes_max = "8MiB"      # longest bulk string a Redis client may send (64KiB..=512MiB)
+//!
+//! # Redis users (AUTH user password; AUTH password is user "default"). Only the password's
+//! # SHA-256 is kept: flotilla cert password-hash, or printf %s "$PASSWORD" | sha256sum.
+//! # Unsalted, as Redis's ACL: use long random passwords (openssl rand -hex 24). Without
+//! # resp_tls they cross the network in the clear: only on loopback or a trusted network.
+//! # [[resp_users]]
+//! # name = "app"
+//! # password_sha256 = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"
+//! # role = "readwrite"                # admin, readwrite or readonly (src/authz.rs)
+//! # prefix = "tenant1/"               # optional: every key the user names starts with this
 //!
 //! [tls]
 //! ca = "certs/ca.pem"
@@ -37,7 +49,7 @@
 use crate::meta::dev_split_keys;
 use crate::node::{BootstrapConfig, NodeConfig, META_VOTERS_MAX};
 use crate::raft::NodeId;
-use crate::resp_server::RespConfig;
+use crate::resp_server::{RespConfig, User, Users};
 use crate::shard::StoreOptions;
 use crate::transport::cert::TlsIdentity;
 use serde::Deserialize;
@@ -91,10 +103,18 @@ pub struct ServerFile {
     /// TCP address of the Redis protocol front door (none by default).
     #[serde(default)]
     pub resp_listen: Option<String>,
-    /// Allows the front door to speak plaintext without AUTH, which it may only do on a
-    /// loopback address (TLS and AUTH are not built yet).
+    /// Allows the front door to speak plaintext without authentication, which it may only do
+    /// on a loopback address.
     #[serde(default)]
     pub resp_plaintext_loopback: bool,
+    /// The front door speaks TLS with `[tls]`'s certificate and CA (reloaded with them on
+    /// SIGHUP); a client certificate from the CA is required, or optional when `resp_users`
+    /// are configured (then a connection without one must AUTH).
+    #[serde(default)]
+    pub resp_tls: bool,
+    /// Password users of the front door (`AUTH`).
+    #[serde(default)]
+    pub resp_users: Vec<RespUserEntry>,
     /// Most Redis protocol connections at once (default 10,000, Redis's `maxclients`).
     #[serde(default)]
     pub resp_connections_max: Option<usize>,
@@ -161,6 +181,21 @@ pub struct TlsPaths {
     pub cert: PathBuf,
     /// Node key.
     pub key: PathBuf,
+}
+
+/// `[[resp_users]]`: a password user of the Redis front door.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RespUserEntry {
+    /// The name given to `AUTH` (`default` for `AUTH password`).
+    pub name: String,
+    /// SHA-256 of the password, 64 hex digits (`printf %s "$PASSWORD" | sha256sum`).
+    pub password_sha256: String,
+    /// `admin`, `readwrite` or `readonly`.
+    pub role: String,
+    /// Every key the user names must start with this (not for `admin`).
+    #[serde(default)]
+    pub prefix: Option<String>,
 }
 
 /// A peer.
@@ -234,6 +269,16 @@ impl ServerFile {
             Some(text) => {
                 let mut resp = RespConfig::new(addr("resp_listen", text)?);
                 resp.plaintext_loopback = self.resp_plaintext_loopback;
+                resp.tls = self.resp_tls;
+                let users = self
+                    .resp_users
+                    .iter()
+                    .map(|u| User::new(&u.name, &u.password_sha256, &u.role, u.prefix.as_deref().map(str::as_bytes)))
+                    .collect::<Result<Vec<_>, _>>()
+                    .and_then(Users::new)
+                    .map_err(|e| format!("resp_users: {e}"))?;
+                resp.users = users;
+                resp.require_client_roles = self.require_client_roles;
                 if let Some(n) = self.resp_connections_max {
                     resp.connections_max = n;
                 }
@@ -359,6 +404,45 @@ mod tests {
         assert!(limits("resp_bulk_bytes_max = \"1GiB\"").starts_with("resp_bulk_bytes_max"));
         assert!(limits("resp_bulk_bytes_max = \"256MiB\"").starts_with("tls"));
         assert!(limits("resp_connections_max = 0").starts_with("resp_connections_max"));
+    }
+
+    #[test]
+    fn outside_loopback_the_redis_listener_needs_tls_or_users() {
+        const HASH: &str = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b";
+        let resolve = |extra: &str| {
+            let text = format!(
+                "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:1\"\nresp_listen = \"0.0.0.0:6379\"\n{extra}\n\
+                 [tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n"
+            );
+            ServerFile::parse(&text).map_err(|e| format!("parse: {e}"))?.resolve(Path::new(".")).map(|_| ())
+        };
+        let user = |fields: &str| format!("[[resp_users]]\n{fields}\n");
+        // Plaintext without users: refused, saying what would do.
+        let err = resolve("resp_plaintext_loopback = true").unwrap_err();
+        assert!(err.contains("resp_tls = true") && err.contains("[[resp_users]]"), "{err}");
+        // TLS, users, or both: past the check, to the (missing) certificates.
+        assert!(resolve("resp_tls = true").unwrap_err().starts_with("tls"));
+        let app = user(&format!("name = \"app\"\npassword_sha256 = \"{HASH}\"\nrole = \"readwrite\""));
+        assert!(resolve(&app).unwrap_err().starts_with("tls"));
+        assert!(resolve(&format!("resp_tls = true\n{app}")).unwrap_err().starts_with("tls"));
+        let tenant =
+            user(&format!("name = \"t\"\npassword_sha256 = \"{HASH}\"\nrole = \"readonly\"\nprefix = \"tenant1/\""));
+        assert!(resolve(&tenant).unwrap_err().starts_with("tls"));
+        // A bad user is refused at start, naming it and what is wrong.
+        let err = resolve(&user("name = \"app\"\npassword_sha256 = \"secret\"\nrole = \"readwrite\"")).unwrap_err();
+        assert!(err.starts_with("resp_users: user app") && err.contains("64 hex digits"), "{err}");
+        let err = resolve(&user(&format!("name = \"a\"\npassword_sha256 = \"{HASH}\"\nrole = \"root\""))).unwrap_err();
+        assert!(err.contains("unknown role"), "{err}");
+        let err =
+            resolve(&user(&format!("name = \"a\"\npassword_sha256 = \"{HASH}\"\nrole = \"admin\"\nprefix = \"t/\"")))
+                .unwrap_err();
+        assert!(err.contains("cannot be limited to a prefix"), "{err}");
+        // A plain password field is not a thing: the file must hold the hash.
+        let err = resolve(&user("name = \"a\"\npassword = \"secret\"\nrole = \"readonly\"")).unwrap_err();
+        assert!(err.starts_with("parse:") && err.contains("password"), "{err}");
+        // Both users named alike.
+        let err = resolve(&format!("{app}{app}")).unwrap_err();
+        assert!(err.contains("twice"), "{err}");
     }
 
     #[test]

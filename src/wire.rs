@@ -18,9 +18,9 @@ use std::collections::BTreeMap;
 /// peer would take a scan's empty page for the end of the shard and skip what split off).
 /// 4: the node-to-node meta operations moved to the peer protocol ([`crate::peer_wire`]).
 /// 5: [`Request::Update`], read-modify-writes applied in the state machine (the Redis front
-/// door's `INCR`, `APPEND`).
+/// door's `INCR`, `APPEND`). 6: [`Request::InsertAll`] (the Redis front door's `MSETNX`).
 /// Versions stay below 0x80: a first byte with the high bit set is a peer message.
-pub const PROTOCOL_VERSION: u8 = 5;
+pub const PROTOCOL_VERSION: u8 = 6;
 
 /// Largest key accepted (bytes): the shard's own limit, checked here first so that a key too
 /// long is refused before it is routed (or made a split point). Keys travel in every routing
@@ -135,6 +135,18 @@ pub enum Request {
         key: Vec<u8>,
         /// What to do with its value.
         op: UpdateOp,
+    },
+    /// Set every key of `pairs`, all in the shard, if none of them exists; otherwise nothing.
+    /// Answered [`Response::Written`] when written, [`Response::CasFailed`] (with the first
+    /// existing key's value) when not; [`Response::Invalid`] with a text starting `CROSSSLOT`
+    /// when the keys are not all in the shard.
+    InsertAll {
+        /// The shard the client routed to.
+        shard: ShardId,
+        /// The shard's epoch in the client's map.
+        epoch: Epoch,
+        /// Keys and values (at least one pair).
+        pairs: Vec<(Vec<u8>, Vec<u8>)>,
     },
 }
 

@@ -202,6 +202,12 @@ fn dev_cluster_through_the_cli() {
     };
     fails(&home, &server(&["--memory-budget", "lots"]), 1, "memory_budget");
     fails(&home, &server(&["--peer", "2"]), 1, "ID=ADDR");
+    // The Redis listener outside loopback must authenticate: refused before anything starts;
+    // with TLS it gets past that check, to the (missing) certificate files.
+    let open_redis = server(&["--resp-listen", "0.0.0.0:6379", "--resp-plaintext-loopback"]);
+    fails(&home, &open_redis, 1, "must authenticate its clients");
+    fails(&home, &server(&["--resp-listen", "0.0.0.0:6379", "--resp-tls"]), 1, "tls:");
+    fails(&home, &["cert", "password-hash"], 1, "no password on standard input");
     fails(
         &home,
         &["server", "--id", "1", "--data-dir", "d", "--listen", "nowhere", "--ca", "a", "--cert", "b", "--key", "c"],
@@ -249,4 +255,24 @@ fn dev_cluster_through_the_cli() {
     };
     assert!(status.success(), "dev exited with {status}");
     assert!(!home.join("cluster.json").exists());
+}
+
+#[test]
+fn a_redis_password_hash_is_sha256sum_of_the_line() {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .args(["cert", "password-hash"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run flotilla");
+    child.stdin.take().expect("stdin").write_all(b"secret\n").expect("write");
+    let out = child.wait_with_output().expect("output");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // printf %s secret | sha256sum
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b\n"
+    );
 }

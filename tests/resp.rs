@@ -153,8 +153,13 @@ async fn redis_cli_against_a_three_node_cluster() {
                 ("GET app", "\"hello world\""),
                 ("SET \"\\x00meta\" v", "(error) ERR keys starting with the byte 0x00 are reserved for the cluster's own metadata"),
                 ("GET \"\\x00meta\"", "(error) ERR keys starting with the byte 0x00 are reserved for the cluster's own metadata"),
-                ("DBSIZE", "(error) ERR DBSIZE is not supported yet: Flotilla keeps no key count (SCAN counts them)"),
-                ("MSETNX a 1", "(error) ERR MSETNX is not supported yet: its keys may live in different shards, and Flotilla has no cross-shard transactions"),
+                // 10, 50, 90, d0, newkey, setnx, counter, float, big, app.
+                ("DBSIZE", "(integer) 10"),
+                ("MSETNX msetnx1 1 msetnx2 2", "(integer) 1"),
+                ("MSETNX msetnx2 x msetnx3 3", "(integer) 0"),
+                ("EXISTS msetnx3", "(integer) 0"),
+                ("MSETNX 10 x 50 y", "(error) CROSSSLOT Keys in request don't hash to the same slot"),
+                ("DEL msetnx1 msetnx2", "(integer) 2"),
                 ("GET", "(error) ERR wrong number of arguments for 'get' command"),
                 ("SET onlykey", "(error) ERR wrong number of arguments for 'set' command"),
                 ("MSET a", "(error) ERR wrong number of arguments for 'mset' command"),
@@ -538,4 +543,40 @@ async fn sets_during_splits_and_leader_transfers_are_all_answered_and_all_read_b
     })
     .await
     .expect("read back");
+}
+
+/// `MSETNX`'s request on the client protocol: refused by the serving node when its keys span
+/// shards (whatever the front door's map said), and a tenant's checked key by key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_of_keys_of_several_shards_or_outside_a_prefix_is_refused_by_the_serving_node() {
+    use flotilla::transport::{ClientIdentity, Grant, PeerIdentity, Role};
+    use flotilla::wire::{Request, Response};
+    let cluster = Cluster::start(1, 4).await;
+    let _client = cluster.client().await;
+    let node = cluster.node(1);
+    let d = node.meta_view().map.lookup(b"10").cloned().expect("routed");
+    let insert = |pairs: &[(&str, &str)]| Request::InsertAll {
+        shard: d.id,
+        epoch: d.epoch,
+        pairs: pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect(),
+    };
+    let me = PeerIdentity::Node(NodeId(1));
+    // The shard may have no leader yet: wait for one with a read.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let get = || Request::Get { shard: d.id, epoch: d.epoch, key: b"10".to_vec(), consistency: Default::default() };
+    while !matches!(node.handle(&me, get()).await, Response::Value(_)) {
+        assert!(Instant::now() < deadline, "shard {} has no leader", d.id);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let across = node.handle(&me, insert(&[("10", "a"), ("50", "b")])).await;
+    assert_eq!(across, Response::Invalid("CROSSSLOT Keys in request don't hash to the same slot".into()));
+    assert_eq!(node.handle(&me, insert(&[("10", "a"), ("11", "b")])).await, Response::Written { previous: None });
+    assert!(matches!(node.handle(&me, insert(&[("11", "x"), ("12", "y")])).await, Response::CasFailed { .. }));
+    let tenant = PeerIdentity::Client(ClientIdentity {
+        name: "t".into(),
+        grant: Some(Grant::with_prefix(Role::ReadWrite, b"1".to_vec())),
+    });
+    let refused = node.handle(&tenant, insert(&[("13", "a"), ("21", "b")])).await;
+    assert!(matches!(&refused, Response::Denied(e) if e.contains("may not insert key \"21\"")), "{refused:?}");
+    assert_eq!(node.handle(&tenant, insert(&[("13", "a"), ("14", "b")])).await, Response::Written { previous: None });
 }

@@ -257,6 +257,8 @@ pub enum Command {
     FlushDb(FlushMode),
     /// `FLUSHALL [ASYNC|SYNC]`
     FlushAll(FlushMode),
+    /// `TIME`
+    Time,
     /// `READONLY`
     ReadOnly,
     /// `READWRITE`
@@ -331,6 +333,7 @@ impl Command {
             "dbsize" => Command::DbSize,
             "flushdb" => Command::FlushDb(flush_mode(args)?),
             "flushall" => Command::FlushAll(flush_mode(args)?),
+            "time" => Command::Time,
             "readonly" => Command::ReadOnly,
             "readwrite" => Command::ReadWrite,
             "type" => Command::Type { key },
@@ -382,6 +385,7 @@ impl Command {
             Command::DbSize => "dbsize",
             Command::FlushDb(_) => "flushdb",
             Command::FlushAll(_) => "flushall",
+            Command::Time => "time",
             Command::ReadOnly => "readonly",
             Command::ReadWrite => "readwrite",
             Command::Type { .. } => "type",
@@ -680,6 +684,7 @@ mod tests {
             "FLUSHALL",
             "READONLY",
             "READWRITE",
+            "TIME",
             "TYPE k",
         ];
         let mut covered = std::collections::HashSet::new();

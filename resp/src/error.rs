@@ -28,6 +28,10 @@ pub const FLOAT_OVERFLOW: &str = "ERR increment would produce NaN or Infinity";
 pub const WRONG_TYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
 /// `NOAUTH ...`: a command other than AUTH/HELLO/QUIT before authenticating.
 pub const NO_AUTH: &str = "NOAUTH Authentication required.";
+/// `NOAUTH ...` for `HELLO` without `AUTH` before authenticating.
+pub const HELLO_NO_AUTH: &str = "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time";
+/// `CROSSSLOT ...` (Redis Cluster's): a multi-key command whose keys live in different shards.
+pub const CROSS_SLOT: &str = "CROSSSLOT Keys in request don't hash to the same slot";
 /// `WRONGPASS ...`
 pub const WRONG_PASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
 /// `NOPROTO ...`: HELLO with a version other than 2 or 3.

@@ -251,7 +251,7 @@ mod tests {
         let Frame::Array(row) = &client[0] else { panic!() };
         let Frame::Array(subs) = &row[9] else { panic!() };
         assert_eq!(subs.len(), 5);
-        assert_eq!(command_count(), Frame::Integer(35));
+        assert_eq!(command_count(), Frame::Integer(36));
     }
 
     #[test]

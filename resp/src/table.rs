@@ -508,6 +508,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         .categories(STRING)
         .doc("Returns the length of a string value.", "2.2.0")
         .args(&[KEY]),
+    command("time", 1, CONN_FAST, "server").doc("Returns the server time.", "2.6.0"),
     command("type", 2, READ_FAST, "generic")
         .keys(1, 1, 1)
         .categories(KEYSPACE)
@@ -566,6 +567,7 @@ mod tests {
             "set",
             "setnx",
             "strlen",
+            "time",
             "type",
             "unlink",
         ];

@@ -267,6 +267,15 @@ pub enum KvCommand {
         /// Key and new value (`None`: delete), applied in order.
         writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     },
+    /// Set every key of `pairs` if none of them exists; otherwise nothing (Redis's `MSETNX`,
+    /// atomic within one shard). Answers [`KvResponse::Done`] (no previous value) when written,
+    /// [`KvResponse::CasFailed`] with the first existing key's value when not. Every key must be
+    /// in the shard's range ([`KvResponse::OutOfRange`] otherwise, nothing changed); the same
+    /// size limits as a [`KvCommand::Txn`]'s writes.
+    InsertAll {
+        /// Keys and values; a key given twice takes its last value, as in Redis.
+        pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    },
 }
 
 /// A read-modify-write of one value ([`KvCommand::Update`]). Numbers follow Redis's rules
@@ -325,12 +334,21 @@ impl KvCommand {
         if let KvCommand::Txn { guard, expected, writes } = self {
             return check_txn_size(guard, expected.as_deref(), writes);
         }
+        if let KvCommand::InsertAll { pairs } = self {
+            let Some((first, _)) = pairs.first() else { return Err("an insert of no keys".into()) };
+            let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+                pairs.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect();
+            return check_txn_size(first, None, &writes);
+        }
         if self.key().len() > KEY_BYTES_MAX {
             return Err(format!("key of {} bytes exceeds the limit of {KEY_BYTES_MAX}", self.key().len()));
         }
         let value = match self {
             KvCommand::Put { value, .. } => value.len(),
-            KvCommand::Delete { .. } | KvCommand::Split { .. } | KvCommand::Txn { .. } => 0,
+            KvCommand::Delete { .. }
+            | KvCommand::Split { .. }
+            | KvCommand::Txn { .. }
+            | KvCommand::InsertAll { .. } => 0,
             KvCommand::Update { op: UpdateOp::Append(tail), .. } => tail.len(),
             KvCommand::Update { .. } => 0,
             KvCommand::Cas { expected, new, .. } => {
@@ -352,6 +370,7 @@ impl KvCommand {
             | KvCommand::Update { key, .. } => key,
             KvCommand::Split { at, .. } => at,
             KvCommand::Txn { guard, .. } => guard,
+            KvCommand::InsertAll { pairs } => pairs.first().map_or(&[][..], |(k, _)| k),
         }
     }
 
@@ -361,6 +380,7 @@ impl KvCommand {
             KvCommand::Txn { guard, writes, .. } => {
                 range.contains(guard) && writes.iter().all(|(k, _)| range.contains(k))
             }
+            KvCommand::InsertAll { pairs } => pairs.iter().all(|(k, _)| range.contains(k)),
             other => range.contains(other.key()),
         }
     }
@@ -840,6 +860,32 @@ impl KvStateMachine {
                                 KvResponse::Done { previous: current }
                             }
                         }
+                        Ok(KvCommand::InsertAll { pairs }) => {
+                            let mut existing = None;
+                            for (key, _) in &pairs {
+                                let current = match overlay.get(key) {
+                                    Some(v) => v.clone(),
+                                    None => s
+                                        .db()
+                                        .get_cf(data, key)
+                                        .map_err(|e| StorageError::new("apply", e.to_string()))?,
+                                };
+                                if current.is_some() {
+                                    existing = current;
+                                    break;
+                                }
+                            }
+                            match existing {
+                                Some(current) => KvResponse::CasFailed { current: Some(current) },
+                                None => {
+                                    for (key, value) in pairs {
+                                        ops.push(Op::Put(CF_DATA, key.clone(), value.clone()));
+                                        overlay.insert(key, Some(value));
+                                    }
+                                    KvResponse::Done { previous: None }
+                                }
+                            }
+                        }
                         Ok(cmd) => {
                             let key = cmd.key().to_vec();
                             // A put is blind: it does not read (and answers no previous value).
@@ -863,7 +909,7 @@ impl KvStateMachine {
                                     Ok(new) => (Some(Some(new)), KvResponse::Done { previous: current }),
                                     Err(e) => (None, KvResponse::Refused(e)),
                                 },
-                                KvCommand::Split { .. } | KvCommand::Txn { .. } => {
+                                KvCommand::Split { .. } | KvCommand::Txn { .. } | KvCommand::InsertAll { .. } => {
                                     (None, KvResponse::Refused("handled above".into()))
                                 }
                             };

@@ -585,3 +585,42 @@ async fn a_transaction_applies_all_its_writes_only_when_its_guard_matches_and_on
     };
     assert!(oversized.check_size().is_err(), "a transaction is bounded in bytes as a put is");
 }
+
+#[tokio::test]
+async fn an_insert_of_many_keys_sets_them_all_only_when_none_exists_and_only_inside_the_range() {
+    use flotilla_raft::StateMachine;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let range = KeyRange { start: b"a".to_vec(), end: Some(b"m".to_vec()) };
+    let mut sm = KvStateMachine::new(store, GroupId(1), range);
+    let entry = |index: u64, cmd: KvCommand| Entry {
+        log_id: LogId::new(1, index),
+        payload: EntryPayload::Normal(cmd.encode().expect("encode")),
+    };
+    let insert = |pairs: &[(&[u8], &[u8])]| KvCommand::InsertAll {
+        pairs: pairs.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect(),
+    };
+    let results = sm
+        .apply(vec![
+            // None exists: all land.
+            entry(1, insert(&[(b"b", b"1"), (b"c", b"2")])),
+            // One (written by this batch's first entry) exists: nothing lands, not even "d".
+            entry(2, insert(&[(b"d", b"3"), (b"c", b"4")])),
+            // A key outside the range: nothing lands.
+            entry(3, insert(&[(b"e", b"5"), (b"zz", b"6")])),
+            // No key at all: refused.
+            entry(4, KvCommand::InsertAll { pairs: Vec::new() }),
+        ])
+        .await
+        .expect("apply");
+    let answers: Vec<KvResponse> = results.iter().map(|r| KvResponse::decode(r).expect("decode")).collect();
+    assert_eq!(answers[0], KvResponse::Done { previous: None });
+    assert_eq!(answers[1], KvResponse::CasFailed { current: Some(b"2".to_vec()) });
+    assert_eq!(answers[2], KvResponse::OutOfRange);
+    assert!(matches!(&answers[3], KvResponse::Refused(_)), "{:?}", answers[3]);
+    let get = |k: &[u8]| sm.get(k.to_vec());
+    assert_eq!(get(b"b").await.expect("get"), Some(b"1".to_vec()));
+    assert_eq!(get(b"c").await.expect("get"), Some(b"2".to_vec()));
+    assert_eq!(get(b"d").await.expect("get"), None);
+    assert_eq!(get(b"e").await.expect("get"), None);
+}

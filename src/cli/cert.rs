@@ -48,6 +48,10 @@ pub enum CertCommand {
         #[arg(long)]
         prefix_hex: Option<String>,
     },
+    /// Print the SHA-256 of a Redis user's password, read from standard input (its first line,
+    /// without the line end), for `password_sha256` in the server file's `[[resp_users]]`.
+    /// The same as `printf %s "$PASSWORD" | sha256sum`.
+    PasswordHash,
 }
 
 pub fn run(c: CertCommand) -> Result<i32> {
@@ -75,6 +79,17 @@ pub fn run(c: CertCommand) -> Result<i32> {
                 None => String::new(),
             };
             println!("client {name} (role {role}{scope}): {} and {}", cert.display(), key.display());
+        }
+        CertCommand::PasswordHash => {
+            // From standard input, not an argument: arguments show in `ps` and shell history.
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).map_err(|e| anyhow!("reading the password: {e}"))?;
+            let password = line.strip_suffix('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)).unwrap_or(&line);
+            if password.is_empty() {
+                return Err(anyhow!("no password on standard input"));
+            }
+            let hash = flotilla::resp_server::sha256(password.as_bytes());
+            println!("{}", hash.iter().map(|b| format!("{b:02x}")).collect::<String>());
         }
     }
     Ok(0)

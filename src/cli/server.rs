@@ -65,12 +65,16 @@ pub struct ServerArgs {
     /// AUTH, allowed on a loopback address only.
     #[arg(long)]
     resp_plaintext_loopback: bool,
+    /// Override `resp_tls` (turn it on): the Redis protocol over TLS with the node's certificate.
+    #[arg(long)]
+    resp_tls: bool,
 }
 
 pub async fn run(a: ServerArgs) -> Result<i32> {
     let (file, base) = server_file(&a)?;
     let shown = a.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "flags".into());
     let cfg = file.resolve(&base).map_err(|e| anyhow!("{shown}: {e}"))?;
+    let cfg_resp_tls = cfg.node.resp.as_ref().is_some_and(|r| r.tls);
     let node = Node::start(cfg.node).await.context("starting the node")?;
     #[cfg(unix)]
     let _reloader = tokio::spawn(reload_tls_on_hangup(node.clone(), file.clone(), base.clone()));
@@ -81,7 +85,8 @@ pub async fn run(a: ServerArgs) -> Result<i32> {
     }
     println!("flotilla node {} listening on {}", node.id(), node.addr());
     if let Some(r) = node.resp_addr() {
-        println!("redis protocol on {r}: redis-cli -h {} -p {}", r.ip(), r.port());
+        let tls = if cfg_resp_tls { " --tls --cacert CA --cert CLIENT.pem --key CLIENT-key.pem" } else { "" };
+        println!("redis protocol on {r}: redis-cli -h {} -p {}{tls}", r.ip(), r.port());
     }
     stop_signal().await;
     eprintln!("stopping");
@@ -137,6 +142,8 @@ fn server_file(a: &ServerArgs) -> Result<(ServerFile, PathBuf)> {
                 require_client_roles: false,
                 resp_listen: None,
                 resp_plaintext_loopback: false,
+                resp_tls: false,
+                resp_users: Vec::new(),
                 resp_connections_max: None,
                 resp_bulk_bytes_max: None,
             };
@@ -177,6 +184,7 @@ fn apply_overrides(a: &ServerArgs, file: &mut ServerFile) -> Result<()> {
         file.resp_listen = a.resp_listen.clone();
     }
     file.resp_plaintext_loopback |= a.resp_plaintext_loopback;
+    file.resp_tls |= a.resp_tls;
     for p in &a.peers {
         let (id, addr) = p.split_once('=').ok_or_else(|| anyhow!("--peer {p:?}: expected ID=ADDR"))?;
         let id = id.trim().parse().map_err(|e| anyhow!("--peer {p:?}: bad node id: {e}"))?;

@@ -373,6 +373,8 @@ struct Inner {
     started: Instant,
     /// The Redis front door's bound address, if it has one.
     resp_addr: Option<SocketAddr>,
+    /// The Redis front door's TLS acceptor, reloaded with the transport's certificates.
+    resp_tls: Option<Arc<resp_server::RespTls>>,
     /// The Redis front door's counters (zero without one).
     resp_metrics: Arc<RespMetrics>,
     /// Set once at shutdown; every task watches it.
@@ -416,10 +418,15 @@ impl Node {
         config.store.check().map_err(|e| NodeError::Config(format!("store: {e}")))?;
         // Before anything is opened: a front door that may not start stops the node's start.
         let resp_listener = match &config.resp {
-            Some(r) => Some(resp_server::bind(r).await.map_err(NodeError::Config)?),
+            Some(r) => {
+                let mut r = r.clone();
+                r.require_client_roles = config.require_client_roles;
+                Some(resp_server::bind(&r, &config.tls).await.map_err(NodeError::Config)?)
+            }
             None => None,
         };
         let resp_addr = resp_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let resp_tls = resp_listener.as_ref().and_then(|l| l.tls());
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| NodeError::Storage(format!("cannot create {}: {e}", config.data_dir.display())))?;
         let store = Store::open_with(config.data_dir.join("store"), config.store)
@@ -460,6 +467,7 @@ impl Node {
             net_stats,
             started: Instant::now(),
             resp_addr,
+            resp_tls,
             resp_metrics: Arc::new(RespMetrics::default()),
             shutdown,
             tasks: Mutex::new(Vec::new()),
@@ -581,8 +589,14 @@ impl Node {
 
     /// Presents `tls` from now on (renewed certificates, or a move to a new CA): see
     /// [`Transport::reload_tls`]. A certificate naming another node is refused.
+    /// The Redis front door's TLS listener, if it has one, takes them too, for the connections
+    /// it accepts from then on.
     pub fn reload_tls(&self, tls: TlsIdentity) -> Result<(), NodeError> {
-        Ok(self.inner.transport.reload_tls(tls)?)
+        self.inner.transport.reload_tls(tls.clone())?;
+        if let Some(resp) = &self.inner.resp_tls {
+            resp.reload(&tls).map_err(NodeError::Config)?;
+        }
+        Ok(())
     }
 
     /// The transport (for embedders and tests: fault injection, metrics).

@@ -125,6 +125,29 @@ impl Node {
                 }
                 self.write(shard, epoch, KvCommand::Update { key, op }).await
             }
+            Request::InsertAll { shard, epoch, pairs } => {
+                if pairs.is_empty() {
+                    return Response::Invalid("an insert of no keys".into());
+                }
+                if let Err(e) = pairs.iter().try_for_each(|(k, v)| check_user_key(k).and_then(|_| check_value(v))) {
+                    return Response::Invalid(e);
+                }
+                // Every key in the shard, by this node's map at the request's epoch: keys of
+                // several shards cannot be set atomically, so the request is refused, not split.
+                let d = match self.route_shard(shard, epoch).await {
+                    Ok(d) => d,
+                    Err(r) => return r,
+                };
+                if let Some((first, _)) = pairs.first() {
+                    if let Err(r) = self.route_key(&d, first) {
+                        return r;
+                    }
+                }
+                if pairs.iter().any(|(k, _)| !d.contains(k)) {
+                    return Response::Invalid(flotilla_resp::error::CROSS_SLOT.into());
+                }
+                self.write(shard, epoch, KvCommand::InsertAll { pairs }).await
+            }
             Request::Scan { shard, epoch, start, end, limit, consistency } => {
                 // A page of no pairs that says "more" could not move a scan on.
                 if limit == 0 {

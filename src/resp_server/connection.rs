@@ -5,20 +5,24 @@
 //! written out whenever they pass [`OUT_FLUSH_BYTES`], reading on while they go out
 //! ([`write_reading`]). A protocol error is answered and the connection closed; a client that
 //! stops reading its replies is dropped after [`WRITE_TIMEOUT`]; a client that half-closes gets
-//! the replies to everything it sent, then the connection closes.
+//! the replies to everything it sent, then the connection closes. The same code serves
+//! plaintext TCP and TLS (any `AsyncRead + AsyncWrite` stream).
 
+use super::access::{self, Principal};
 use super::cursors::Cursors;
 use super::dispatch::{self, Conn};
 use super::metrics::RespMetrics;
 use super::router::Router;
+use super::users::Users;
 use bytes::BytesMut;
 use flotilla_resp::{table, Command, Frame, Limits, Parser};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 /// Replies are written out once this many bytes wait, even mid-batch.
@@ -45,18 +49,23 @@ pub struct Shared {
     pub port: u16,
     pub limits: Limits,
     pub connections_max: usize,
+    /// Password users (`AUTH`); none when authentication is off.
+    pub users: Users,
 }
 
 /// Serves one connection until the client leaves, breaks the protocol or the node stops.
-pub async fn serve(
+/// `principal` is who the connection acts as from the start (a client certificate's identity,
+/// or the `default` user where no authentication is configured); `None` until it sends `AUTH`.
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
-    mut sock: TcpStream,
+    mut sock: S,
     peer: SocketAddr,
+    local: Option<SocketAddr>,
+    principal: Option<Principal>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let local = sock.local_addr().ok();
-    let mut conn = Conn::new(id, peer, local);
+    let mut conn = Conn::new(id, peer, local, principal);
     let mut parser = Parser::new(shared.limits.clone());
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let mut out = BytesMut::with_capacity(READ_CHUNK);
@@ -82,6 +91,11 @@ pub async fn serve(
             }
             let name = args.first().and_then(|n| table::spec(n)).map_or("unknown", |s| s.name);
             let parsed = Instant::now();
+            if let Some(reply) = access::gate(conn.principal.as_ref(), &args) {
+                shared.metrics.denied.fetch_add(1, Ordering::Relaxed);
+                answer(shared, &mut conn, &mut out, name, reply, parsed);
+                continue;
+            }
             if let Some(reply) = dispatch::refused(&args) {
                 answer(shared, &mut conn, &mut out, name, reply, parsed);
                 continue;
@@ -93,6 +107,13 @@ pub async fn serve(
                     continue;
                 }
             };
+            if let Some(principal) = &conn.principal {
+                if let Err(reply) = access::authorize(principal, &command) {
+                    shared.metrics.denied.fetch_add(1, Ordering::Relaxed);
+                    answer(shared, &mut conn, &mut out, name, reply, parsed);
+                    continue;
+                }
+            }
             // One at a time, in the order sent: Redis runs a connection's commands in order,
             // and clients count on it across keys (write the data, then the flag that points
             // to it; read the flag, then the data). Running requests on different keys at once
@@ -139,50 +160,66 @@ fn answer(shared: &Shared, conn: &mut Conn, out: &mut BytesMut, name: &'static s
 /// Writes `out` while reading what the client sends on into `input` (up to
 /// [`INPUT_AHEAD_MAX`] bytes). A client may send a whole pipeline before it reads a reply
 /// (redis-py's `execute`, Jedis's `sync`): not reading meanwhile would leave both sides
-/// blocked on full socket buffers until the write timeout drops the client.
-async fn write_reading(sock: &mut TcpStream, out: &mut BytesMut, input: &mut BytesMut) -> std::io::Result<()> {
-    let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+/// blocked on full socket buffers until the write timeout drops the client. Both directions
+/// are polled on the one stream (plaintext or TLS) from one future; a read or write that is not
+/// ready consumes nothing, so polling them by turns loses no byte.
+async fn write_reading<S: AsyncRead + AsyncWrite + Unpin>(
+    sock: &mut S,
+    out: &mut BytesMut,
+    input: &mut BytesMut,
+) -> std::io::Result<()> {
     let (mut written, mut closed) = (0, false);
-    while written < out.len() {
-        let room = !closed && input.len() < INPUT_AHEAD_MAX;
-        let ready = tokio::time::timeout_at(
-            deadline,
-            sock.ready(if room {
-                tokio::io::Interest::WRITABLE | tokio::io::Interest::READABLE
-            } else {
-                tokio::io::Interest::WRITABLE
-            }),
-        )
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "the client does not read its replies"))??;
-        if ready.is_writable() {
-            match sock.try_write(&out[written..]) {
-                Ok(n) => written += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+    let io = std::future::poll_fn(|cx| loop {
+        let mut progress = false;
+        if written < out.len() {
+            match std::pin::pin!(sock.write(&out[written..])).poll(cx) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    written += n;
+                    progress = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
             }
         }
-        if room && ready.is_readable() {
+        if written == out.len() {
+            // TLS holds records until flushed.
+            match std::pin::pin!(sock.flush()).poll(cx) {
+                Poll::Ready(result) => return Poll::Ready(result),
+                Poll::Pending => {}
+            }
+        }
+        if !closed && input.len() < INPUT_AHEAD_MAX {
             input.reserve(READ_CHUNK);
-            match sock.try_read_buf(input) {
+            match std::pin::pin!(sock.read_buf(input)).poll(cx) {
                 // The client closed its side: what it sent is answered after this write, and
                 // the main loop sees the end of its input.
-                Ok(0) => closed = true,
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+                Poll::Ready(Ok(0)) => closed = true,
+                Poll::Ready(Ok(_)) => progress = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
             }
         }
-    }
+        if !progress {
+            return Poll::Pending;
+        }
+    });
+    tokio::time::timeout(WRITE_TIMEOUT, io)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "the client does not read its replies"))??;
     out.clear();
     Ok(())
 }
 
-async fn write(sock: &mut TcpStream, out: &mut BytesMut) -> std::io::Result<()> {
+async fn write<S: AsyncWrite + Unpin>(sock: &mut S, out: &mut BytesMut) -> std::io::Result<()> {
     if out.is_empty() {
         return Ok(());
     }
-    match tokio::time::timeout(WRITE_TIMEOUT, sock.write_all(out)).await {
+    let io = async {
+        sock.write_all(out).await?;
+        sock.flush().await
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, io).await {
         Ok(result) => {
             out.clear();
             result

@@ -7,14 +7,22 @@
 //! `SET ... GET|NX|XX` are compare-and-swaps (a retry loop for `GET` and `XX`: read, swap if the
 //! value is still the one read, otherwise again from the value the failed swap returns), which
 //! are atomic too but retry under contention on one key.
+//!
+//! `MSETNX` is one state-machine command too (`KvCommand::InsertAll`): atomic when its keys
+//! live in one shard, refused with Redis Cluster's `CROSSSLOT` otherwise (never split into
+//! per-shard parts, which could set some keys and not others). `DBSIZE` counts by scanning
+//! every shard (Flotilla keeps no key count): O(N), at most [`DBSIZE_SCANNED_MAX`] keys, each
+//! shard's part read with the connection's consistency but the sum not one snapshot, so it is
+//! exact only when no write runs meanwhile. `TIME` is this node's clock.
 
+use super::access::Principal;
 use super::connection::Shared;
 use super::glob;
 use super::info;
 use super::router::{RouteError, Swap};
 use crate::wire::{check_user_key, check_value, ReadConsistency, UpdateOp};
 use bytes::Bytes;
-use flotilla_resp::command::SetCondition;
+use flotilla_resp::command::{Credentials, SetCondition};
 use flotilla_resp::number::parse_i64;
 use flotilla_resp::{error, introspection, Command, Frame, Protocol};
 use std::future::Future;
@@ -36,6 +44,8 @@ pub const MGET_REPLY_BYTES_MAX: usize = 64 << 20;
 pub const KEYS_SCANNED_MAX: usize = 100_000;
 /// Most bytes of keys `KEYS` answers with (the reply is held whole before it is sent).
 pub const KEYS_REPLY_BYTES_MAX: usize = 16 << 20;
+/// Most keys `DBSIZE` counts (it scans them: Flotilla keeps no count); past it, an error.
+pub const DBSIZE_SCANNED_MAX: usize = 1_000_000;
 
 /// The state of one connection that commands read and change.
 pub struct Conn {
@@ -48,15 +58,18 @@ pub struct Conn {
     pub created: Instant,
     pub last_active: Instant,
     pub last_command: &'static str,
+    /// Who the connection acts as; `None` until it authenticates.
+    pub principal: Option<Principal>,
 }
 
 impl Conn {
-    pub fn new(id: u64, peer: SocketAddr, local: Option<SocketAddr>) -> Conn {
+    pub fn new(id: u64, peer: SocketAddr, local: Option<SocketAddr>, principal: Option<Principal>) -> Conn {
         let now = Instant::now();
         Conn {
             id,
             peer,
             local,
+            principal,
             name: Bytes::new(),
             protocol: Protocol::Resp2,
             consistency: ReadConsistency::Linearizable,
@@ -136,8 +149,11 @@ async fn run(shared: &Shared, conn: &mut Conn, command: Command) -> Result<Frame
         Command::Echo { message } => Frame::Bulk(message),
         Command::Quit => Frame::ok(),
         Command::Hello { protocol, auth, client_name } => {
-            if auth.is_some() {
-                return Err(Failure::Redis(NO_PASSWORD));
+            // Authenticated first: a wrong password changes nothing else.
+            match auth {
+                Some(credentials) => authenticate(shared, conn, credentials)?,
+                None if conn.principal.is_none() => return Err(Failure::Redis(error::HELLO_NO_AUTH)),
+                None => {}
             }
             if let Some(p) = protocol {
                 conn.protocol = p;
@@ -147,7 +163,14 @@ async fn run(shared: &Shared, conn: &mut Conn, command: Command) -> Result<Frame
             }
             info::hello(conn)
         }
-        Command::Auth(_) => return Err(Failure::Redis(NO_PASSWORD)),
+        Command::Auth(credentials) => {
+            authenticate(shared, conn, credentials)?;
+            Frame::ok()
+        }
+        Command::Time => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            Frame::Array(vec![Frame::bulk(now.as_secs().to_string()), Frame::bulk(now.subsec_micros().to_string())])
+        }
         Command::Select { db: 0 } => Frame::ok(),
         Command::Select { .. } => return Err(Failure::Redis(error::DB_INDEX_OUT_OF_RANGE)),
         Command::ClientSetName { name } => {
@@ -177,14 +200,18 @@ async fn run(shared: &Shared, conn: &mut Conn, command: Command) -> Result<Frame
             Frame::ok()
         }
         Command::Scan { cursor, pattern, count, type_name } => {
+            let scope = Scope::of(conn);
             let start = match cursor {
                 0 => Vec::new(),
                 c => shared.cursors.get(c).ok_or(Failure::Redis(error::INVALID_CURSOR))?,
             };
+            let Some(start) = scope.start(start) else {
+                return Ok(Frame::Array(vec![Frame::bulk("0"), Frame::Array(Vec::new())]));
+            };
             // Every Flotilla value is a string: another type matches nothing.
             let strings = type_name.as_ref().is_none_or(|t| t.eq_ignore_ascii_case(b"string"));
             let limit = usize::try_from(count.unwrap_or(SCAN_COUNT_DEFAULT)).unwrap_or(usize::MAX);
-            let page = router.scan_page(&start, limit, reads).await?;
+            let page = router.scan_page(&start, scope.end(), limit, reads).await?;
             let keys = page
                 .pairs
                 .into_iter()
@@ -192,8 +219,30 @@ async fn run(shared: &Shared, conn: &mut Conn, command: Command) -> Result<Frame
                 .filter(|k| strings && pattern.as_ref().is_none_or(|p| glob::matches(p, k)))
                 .map(Frame::bulk)
                 .collect();
-            let next = page.next.map_or(0, |next| shared.cursors.save(next));
+            let next = scope.next(page.next).map_or(0, |next| shared.cursors.save(next));
             Frame::Array(vec![Frame::bulk(next.to_string()), Frame::Array(keys)])
+        }
+        Command::Keys { pattern } => {
+            let mut keys = Vec::new();
+            let mut bytes = 0usize;
+            scan_keys(shared, &Scope::of(conn), reads, "KEYS", KEYS_SCANNED_MAX, |key| {
+                if glob::matches(&pattern, &key) {
+                    bytes += key.len();
+                    keys.push(Frame::bulk(key));
+                }
+                bytes <= KEYS_REPLY_BYTES_MAX
+            })
+            .await?;
+            Frame::Array(keys)
+        }
+        Command::DbSize => {
+            let mut count = 0i64;
+            scan_keys(shared, &Scope::of(conn), reads, "DBSIZE", DBSIZE_SCANNED_MAX, |_| {
+                count += 1;
+                true
+            })
+            .await?;
+            Frame::Integer(count)
         }
         data => run_data(shared, reads, data).await?,
     })
@@ -305,41 +354,28 @@ async fn run_data(shared: &Shared, reads: ReadConsistency, command: Command) -> 
             }
             Frame::ok()
         }
-        Command::MSetNx { .. } => {
-            return Err(Failure::Redis(
-                "ERR MSETNX is not supported yet: its keys may live in different shards, and Flotilla has no \
-                 cross-shard transactions",
-            ))
-        }
-        Command::Keys { pattern } => {
-            let mut keys = Vec::new();
-            let mut start = Vec::new();
-            let (mut scanned, mut bytes) = (0usize, 0usize);
-            loop {
-                let page = router.scan_page(&start, KEYS_SCANNED_MAX - scanned, reads).await?;
-                scanned += page.pairs.len();
-                for (key, _) in page.pairs {
-                    if glob::matches(&pattern, &key) {
-                        bytes += key.len();
-                        keys.push(Frame::bulk(key));
-                    }
-                }
-                match page.next {
-                    None => break,
-                    Some(_) if scanned >= KEYS_SCANNED_MAX || bytes > KEYS_REPLY_BYTES_MAX => {
-                        return Err(Failure::Text(format!(
-                            "ERR KEYS looks at {KEYS_SCANNED_MAX} keys or answers {KEYS_REPLY_BYTES_MAX} bytes at most, and there are more: use SCAN"
-                        )))
-                    }
-                    Some(next) => start = next,
-                }
+        Command::MSetNx { pairs } => {
+            // Atomic as in Redis, but only within one shard: one state-machine command sets
+            // every key if none exists. Keys of different shards get Redis Cluster's CROSSSLOT
+            // (the node serving it checks again against its map, so a split in between is
+            // caught too).
+            for (key, value) in &pairs {
+                check_user_key(key)
+                    .and_then(|_| check_value(value))
+                    .map_err(|e| Failure::Route(RouteError::Invalid(e)))?;
             }
-            Frame::Array(keys)
-        }
-        Command::DbSize => {
-            return Err(Failure::Redis(
-                "ERR DBSIZE is not supported yet: Flotilla keeps no key count (SCAN counts them)",
-            ))
+            let view = shared.router.node().meta_view();
+            let shards: std::collections::BTreeSet<_> =
+                pairs.iter().filter_map(|(key, _)| view.map.lookup(key).map(|d| d.id)).collect();
+            if shards.len() > 1 {
+                return Err(Failure::Redis(error::CROSS_SLOT));
+            }
+            let pairs: Vec<(Vec<u8>, Vec<u8>)> = pairs.into_iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+            match router.insert_all(pairs).await {
+                Ok(set) => Frame::Integer(i64::from(set)),
+                Err(RouteError::Invalid(e)) if e.starts_with("CROSSSLOT") => return Err(Failure::Text(e)),
+                Err(e) => return Err(e.into()),
+            }
         }
         Command::FlushDb(_) | Command::FlushAll(_) => {
             return Err(Failure::Redis("ERR FLUSHDB and FLUSHALL are not supported by Flotilla"))
@@ -348,6 +384,91 @@ async fn run_data(shared: &Shared, reads: ReadConsistency, command: Command) -> 
             return Err(Failure::Text(format!("ERR '{}' is not a data command", other.spec().name)));
         }
     })
+}
+
+/// Makes the connection act as the user `credentials` name (`default` when none is named), if
+/// the password is theirs; `-WRONGPASS` otherwise, and the connection stays as it was.
+fn authenticate(shared: &Shared, conn: &mut Conn, credentials: Credentials) -> Result<(), Failure> {
+    if !shared.users.any() && credentials.username.is_none() {
+        return Err(Failure::Redis(NO_PASSWORD));
+    }
+    let name = credentials.username.as_deref().unwrap_or(b"default");
+    let Some(user) = shared.users.check(name, &credentials.password) else {
+        shared.metrics.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(peer = %conn.peer, user = %name.escape_ascii(), "redis protocol AUTH failed");
+        return Err(Failure::Redis(error::WRONG_PASS));
+    };
+    conn.principal = Some(Principal { user: user.name.clone(), grant: Some(user.grant.clone()) });
+    Ok(())
+}
+
+/// The keys a connection may see: all, or its grant's prefix. `SCAN`, `KEYS` and `DBSIZE`
+/// name no key, so instead of being refused they see only these (as a tenant's scans on the
+/// client protocol do, `crate::authz::scope_scan`).
+struct Scope {
+    /// The first key visible (empty: from the start).
+    first: Vec<u8>,
+    /// The first key after them (`None`: to the end).
+    end: Option<Vec<u8>>,
+}
+
+impl Scope {
+    fn of(conn: &Conn) -> Scope {
+        let prefix = conn.principal.as_ref().and_then(|p| p.grant.as_ref()).and_then(|g| g.prefix.clone());
+        match prefix {
+            Some(prefix) => Scope { end: crate::authz::prefix_end(&prefix), first: prefix },
+            None => Scope { first: Vec::new(), end: None },
+        }
+    }
+
+    /// Where a scan from `start` begins; `None` when nothing visible lies at or after it.
+    fn start(&self, start: Vec<u8>) -> Option<Vec<u8>> {
+        let start = start.max(self.first.clone());
+        self.end.as_ref().is_none_or(|end| start < *end).then_some(start)
+    }
+
+    fn end(&self) -> Option<&[u8]> {
+        self.end.as_deref()
+    }
+
+    /// Where a scan goes on after a page that ended at `next`; `None` at the end of the scope.
+    fn next(&self, next: Option<Vec<u8>>) -> Option<Vec<u8>> {
+        next.filter(|n| self.end.as_ref().is_none_or(|end| n < end))
+    }
+}
+
+/// Calls `visit` with every key in `scope`, shard by shard (each page read with `reads`; the
+/// whole is not one snapshot), at most `max` of them; `visit` returning false stops the scan
+/// with an error, as does passing the bound (`what` names the command).
+async fn scan_keys(
+    shared: &Shared,
+    scope: &Scope,
+    reads: ReadConsistency,
+    what: &str,
+    max: usize,
+    mut visit: impl FnMut(Vec<u8>) -> bool,
+) -> Result<(), Failure> {
+    let too_many = || {
+        Failure::Text(format!(
+            "ERR {what} looks at {max} keys or answers {KEYS_REPLY_BYTES_MAX} bytes at most, and there are more: use SCAN"
+        ))
+    };
+    let mut scanned = 0usize;
+    let Some(mut start) = scope.start(Vec::new()) else { return Ok(()) };
+    loop {
+        let page = shared.router.scan_page(&start, scope.end(), max - scanned, reads).await?;
+        scanned += page.pairs.len();
+        for (key, _) in page.pairs {
+            if !visit(key) {
+                return Err(too_many());
+            }
+        }
+        match scope.next(page.next) {
+            None => return Ok(()),
+            Some(_) if scanned >= max => return Err(too_many()),
+            Some(next) => start = next,
+        }
+    }
 }
 
 /// A read-modify-write of one key by compare-and-swap: reads the value, computes the new one

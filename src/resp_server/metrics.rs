@@ -35,6 +35,12 @@ pub struct RespMetrics {
     pub(crate) rejected: AtomicU64,
     /// Connections closed after a protocol error.
     pub(crate) protocol_errors: AtomicU64,
+    /// TLS connections refused: failed handshakes, certificates that may not be used.
+    pub(crate) tls_refused: AtomicU64,
+    /// `AUTH` (or `HELLO ... AUTH`) with a wrong user or password.
+    pub(crate) auth_failures: AtomicU64,
+    /// Commands refused with `-NOAUTH` or `-NOPERM`.
+    pub(crate) denied: AtomicU64,
 }
 
 impl Default for RespMetrics {
@@ -46,6 +52,9 @@ impl Default for RespMetrics {
             accepted: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
+            tls_refused: AtomicU64::new(0),
+            auth_failures: AtomicU64::new(0),
+            denied: AtomicU64::new(0),
         }
     }
 }
@@ -101,6 +110,27 @@ impl RespMetrics {
             "Redis protocol connections closed after a protocol error.",
             "counter",
             load(&self.protocol_errors),
+        );
+        gauge(
+            out,
+            "flotilla_resp_tls_refused_total",
+            "Redis protocol TLS connections refused (handshake failed, certificate not usable).",
+            "counter",
+            load(&self.tls_refused),
+        );
+        gauge(
+            out,
+            "flotilla_resp_auth_failures_total",
+            "Redis protocol AUTH attempts with a wrong user or password.",
+            "counter",
+            load(&self.auth_failures),
+        );
+        gauge(
+            out,
+            "flotilla_resp_denied_total",
+            "Redis protocol commands refused with NOAUTH or NOPERM.",
+            "counter",
+            load(&self.denied),
         );
         let mut names: Vec<_> = self.commands.iter().filter(|(_, c)| load(&c.calls) > 0).collect();
         names.sort_by_key(|(name, _)| **name);

@@ -3,7 +3,11 @@
 //! (issue 15). The protocol itself (parser, typed commands, replies, Redis's error texts) is
 //! the `flotilla-resp` crate; this module owns the sockets and the meaning of each command.
 //!
-//! - `listener.rs`: the accept loop, the connection limit, the plaintext-on-loopback rule.
+//! - `listener.rs`: the accept loop, the connection limit, TLS handshakes.
+//! - `tls.rs`: TLS with the node's certificate and the cluster CAs; client certificates.
+//! - `users.rs`: password users (`AUTH`), their hashes and the constant-time check.
+//! - `access.rs`: who a connection acts as; `-NOAUTH` before authentication, and every command
+//!   authorized by the role and prefix rules of `crate::authz` before it runs.
 //! - `connection.rs`: one task per connection: pipelined requests run and answered in the
 //!   order sent, bounded buffers, replies written in batches, a protocol error answered and the
 //!   connection closed.
@@ -17,10 +21,28 @@
 //! - `cursors.rs`: `SCAN` cursors, each standing for the key a scan goes on from.
 //! - `glob.rs`: Redis's glob patterns for `SCAN MATCH` and `KEYS`.
 //!
-//! Not built yet: TLS and `AUTH` (so a listener is allowed only on loopback, and only when the
-//! configuration says plaintext there is wanted), expiries, `MSETNX`, `DBSIZE`, and atomic
-//! multi-key commands across shards.
+//! # Security
+//!
+//! A listener authenticates its clients by TLS client certificates (`resp_tls`), by passwords
+//! (`[[resp_users]]`), or both; [`RespConfig::check`] refuses any other listener except
+//! plaintext without authentication on a loopback address with `resp_plaintext_loopback`
+//! (`flotilla dev`). Who may authenticate how:
+//!
+//! | listener            | client certificate | a connection without one               |
+//! |---------------------|--------------------|----------------------------------------|
+//! | TLS, no users       | required           | refused at the handshake               |
+//! | TLS and users       | optional           | must `AUTH` (`-NOAUTH` until then)     |
+//! | plaintext and users | —                  | must `AUTH`                            |
+//! | plaintext, no users | —                  | loopback only, unrestricted (`default`)|
+//!
+//! A certificate's role and prefix, or a user's, then limit every command (`access.rs`), by
+//! the same rules as the client protocol (`crate::authz`). Passwords cross a plaintext listener
+//! in the clear: outside loopback, use TLS with them.
+//!
+//! Not built yet: expiries, atomic multi-key commands across shards, a limit on repeated wrong
+//! passwords, and changing users without a restart (SIGHUP reloads certificates only).
 
+mod access;
 mod connection;
 mod cursors;
 mod dispatch;
@@ -29,9 +51,13 @@ mod info;
 mod listener;
 mod metrics;
 mod router;
+mod tls;
+mod users;
 
 pub use listener::{bind, Listener};
 pub use metrics::RespMetrics;
+pub use tls::RespTls;
+pub use users::{sha256, User, Users};
 
 use flotilla_resp::Limits;
 use std::net::SocketAddr;
@@ -55,8 +81,16 @@ pub struct RespConfig {
     /// TCP address (`127.0.0.1:0` picks a port).
     pub listen: SocketAddr,
     /// Plaintext without authentication is allowed only on a loopback address, and only when
-    /// this is set (`flotilla dev` sets it): until TLS and AUTH exist, nothing else starts.
+    /// this is set (`flotilla dev` sets it).
     pub plaintext_loopback: bool,
+    /// Speak TLS, with the node's certificate and the cluster's CAs ([`RespTls`]).
+    pub tls: bool,
+    /// Password users (`AUTH`); with any, a connection without a client certificate must
+    /// authenticate.
+    pub users: Users,
+    /// Refuse client certificates without a role (as the transport does with the node's
+    /// `require_client_roles`; `Node::start` copies it).
+    pub require_client_roles: bool,
     /// The request parser's limits.
     pub limits: Limits,
     /// Most connections at once.
@@ -64,11 +98,15 @@ pub struct RespConfig {
 }
 
 impl RespConfig {
-    /// A listener at `listen` with the default limits; plaintext not allowed yet.
+    /// A listener at `listen` with the default limits; no TLS, no users, plaintext not allowed
+    /// (set one of them).
     pub fn new(listen: SocketAddr) -> RespConfig {
         RespConfig {
             listen,
             plaintext_loopback: false,
+            tls: false,
+            users: Users::default(),
+            require_client_roles: false,
             limits: Limits {
                 bulk_bytes_max: BULK_BYTES_MAX,
                 request_bytes_max: REQUEST_BYTES_MAX,
@@ -80,17 +118,20 @@ impl RespConfig {
 
     /// Why this listener may not start, if it may not.
     pub fn check(&self) -> Result<(), String> {
-        if !self.listen.ip().is_loopback() {
+        let authenticated = self.tls || self.users.any();
+        if !authenticated && !self.listen.ip().is_loopback() {
             return Err(format!(
-                "resp_listen {}: the Redis listener speaks plaintext without AUTH (TLS and AUTH are not built yet), \
-                 so it may only listen on a loopback address",
+                "resp_listen {}: a Redis listener outside loopback must authenticate its clients: set \
+                 resp_tls = true (client certificates from the cluster CA) and/or add [[resp_users]] (AUTH \
+                 with a password); plaintext without authentication is allowed on a loopback address only",
                 self.listen
             ));
         }
-        if !self.plaintext_loopback {
+        if !authenticated && !self.plaintext_loopback {
             return Err(format!(
-                "resp_listen {}: plaintext Redis protocol without AUTH must be asked for: set \
-                 resp_plaintext_loopback = true, or --resp-plaintext-loopback (flotilla dev does)",
+                "resp_listen {}: plaintext Redis protocol without authentication must be asked for: set \
+                 resp_plaintext_loopback = true (or --resp-plaintext-loopback; flotilla dev does), or \
+                 resp_tls = true, or add [[resp_users]]",
                 self.listen
             ));
         }

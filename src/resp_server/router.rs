@@ -288,12 +288,28 @@ impl Router {
         }
     }
 
+    /// Sets every key of `pairs` (all of one shard) if none exists, atomically; whether it did.
+    /// Keys of several shards are refused (`RouteError::Invalid` starting `CROSSSLOT`).
+    pub async fn insert_all(&self, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<bool, RouteError> {
+        let Some((first, _)) = pairs.first() else { return Err(RouteError::Invalid("no keys".into())) };
+        for (key, value) in &pairs {
+            check_user_key(key).and_then(|_| check_value(value)).map_err(RouteError::Invalid)?;
+        }
+        let make = |d: &ShardDescriptor| Request::InsertAll { shard: d.id, epoch: d.epoch, pairs: pairs.clone() };
+        match self.keyed(first, true, false, make).await? {
+            Response::Written { .. } => Ok(true),
+            Response::CasFailed { .. } => Ok(false),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// One page of at most `limit` pairs from `start` (inclusive), within the shard holding
-    /// `start`; where the scan goes on is what the serving node says, never this node's idea
-    /// of the shard's end, which a split may have made wrong.
+    /// `start` and before `end` if given; where the scan goes on is what the serving node says,
+    /// never this node's idea of the shard's end, which a split may have made wrong.
     pub async fn scan_page(
         &self,
         start: &[u8],
+        end: Option<&[u8]>,
         limit: usize,
         consistency: ReadConsistency,
     ) -> Result<Page, RouteError> {
@@ -303,7 +319,10 @@ impl Router {
             shard: d.id,
             epoch: d.epoch,
             start: start.to_vec(),
-            end: d.end.clone(),
+            end: match (d.end.as_deref(), end) {
+                (Some(a), Some(b)) => Some(a.min(b).to_vec()),
+                (a, b) => a.or(b).map(<[u8]>::to_vec),
+            },
             limit,
             consistency,
         };

@@ -1,0 +1,360 @@
+//! The Redis front door's security end to end (issue 15), with the real `redis-cli`: TLS with
+//! the cluster's client certificates (required without users, optional with them), a
+//! certificate from another CA refused, password users (`AUTH`, `HELLO 3 AUTH`, `-NOAUTH`,
+//! `-WRONGPASS`), roles and prefixes (`-NOPERM`, `KEYS`/`SCAN`/`DBSIZE` clamped to a tenant's
+//! prefix), the listener rule checked at start, and `MSETNX`, `DBSIZE`, `TIME`.
+//!
+//! One 3-node cluster of 4 shards (split at "40", "80", "c0"), three front doors:
+//! node 1 TLS without users, node 2 plaintext with users, node 3 TLS with users.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+mod common;
+
+use common::cluster::Cluster;
+use flotilla::raft::NodeId;
+use flotilla::resp_server::{sha256, RespConfig, User, Users};
+use flotilla::transport::{Grant, Role};
+
+fn redis_cli_present() -> bool {
+    Command::new("redis-cli").arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn users() -> Users {
+    let user = |name: &str, password: &str, role: &str, prefix: Option<&[u8]>| {
+        User::new(name, &hex(&sha256(password.as_bytes())), role, prefix).expect("user")
+    };
+    Users::new(vec![
+        user("app", "app-secret", "readwrite", None),
+        user("viewer", "viewer-secret", "readonly", None),
+        user("tenant", "tenant-secret", "readwrite", Some(b"tenant1/")),
+        user("default", "default-secret", "admin", None),
+    ])
+    .expect("users")
+}
+
+/// redis-cli's `--tls` arguments for a client certificate (`cert`: certificate and key files).
+fn tls_args(ca: &Path, cert: Option<&(PathBuf, PathBuf)>) -> Vec<String> {
+    let mut args = vec!["--tls".to_string(), "--cacert".into(), ca.display().to_string()];
+    if let Some((c, k)) = cert {
+        args.extend(["--cert".into(), c.display().to_string(), "--key".into(), k.display().to_string()]);
+    }
+    args
+}
+
+/// Runs `redis-cli -p PORT --no-raw ARGS` with `script` on its standard input (one connection,
+/// one command a line): its standard output and error.
+fn cli(port: u16, args: &[String], script: &str) -> (String, String) {
+    let mut child = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "--no-raw"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run redis-cli");
+    child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("write to redis-cli");
+    let out = child.wait_with_output().expect("redis-cli output");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Each line of `script` with the one-line reply `redis-cli --no-raw` prints for it.
+fn check(port: u16, args: &[String], pairs: &[(&str, &str)]) {
+    let script: String = pairs.iter().map(|(cmd, _)| format!("{cmd}\n")).collect();
+    let (out, err) = cli(port, args, &script);
+    // redis-cli's timing line after a slow reply (`(0.94s)`) is not a reply.
+    let is_timing =
+        |l: &str| l.strip_prefix('(').and_then(|l| l.strip_suffix("s)")).is_some_and(|n| n.parse::<f64>().is_ok());
+    let got: Vec<&str> = out.lines().filter(|l| !is_timing(l)).collect();
+    for (i, (cmd, want)) in pairs.iter().enumerate() {
+        assert_eq!(got.get(i).copied(), Some(*want), "reply to {cmd}\nwhole output:\n{out}\nstderr:\n{err}");
+    }
+    assert_eq!(got.len(), pairs.len(), "more output than expected:\n{out}");
+}
+
+/// redis-cli could not talk to the server: no reply to PING.
+fn refused(port: u16, args: &[String]) -> String {
+    let (out, err) = cli(port, args, "PING\n");
+    assert!(!out.contains("PONG"), "answered although it should be refused:\n{out}\n{err}");
+    format!("{out}{err}")
+}
+
+fn s(items: &[&str]) -> Vec<String> {
+    items.iter().map(|i| i.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_cli_with_certificates_and_passwords() {
+    if !redis_cli_present() {
+        // .ci/run installs redis-tools; say loudly where it is missing.
+        eprintln!("NOT RUN: redis-cli is not installed (apt-get install redis-tools)");
+        return;
+    }
+    let cluster = Cluster::start_with(3, &[1, 2, 3], &[1, 2, 3], flotilla::meta::dev_split_keys(4), |cfg| {
+        let mut resp = RespConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+        match cfg.id {
+            NodeId(1) => resp.tls = true,
+            NodeId(2) => resp.users = users(),
+            _ => {
+                resp.tls = true;
+                resp.users = users();
+            }
+        }
+        cfg.resp = Some(resp);
+    })
+    .await;
+    let _client = cluster.client().await;
+    let port = |id: u64| cluster.node(id).resp_addr().expect("front door").port();
+    let (p1, p2, p3) = (port(1), port(2), port(3));
+
+    // Client certificates of the cluster's CA, and one of another CA.
+    let certs = cluster.dev.certs_dir();
+    let ca = certs.join("ca.pem");
+    let issue = |name: &str, grant: Grant| flotilla::cluster::issue_client(&certs, name, grant).expect("issue");
+    let admin = issue("ops", Grant::new(Role::Admin));
+    let reader = issue("reader", Grant::new(Role::ReadOnly));
+    let tenant = issue("tenant-a", Grant::with_prefix(Role::ReadWrite, b"tenant1/".to_vec()));
+    let other = tempfile::tempdir().expect("tempdir");
+    flotilla::cluster::create_ca(other.path()).expect("another CA");
+    let stranger = flotilla::cluster::issue_client(other.path(), "stranger", Grant::new(Role::Admin)).expect("issue");
+
+    tokio::task::spawn_blocking(move || {
+        // Node 1, TLS without users: the certificate decides.
+        check(p1, &tls_args(&ca, Some(&admin)), &[("PING", "PONG"), ("SET 10 a", "OK"), ("GET 10", "\"a\"")]);
+        check(
+            p1,
+            &tls_args(&ca, Some(&reader)),
+            &[
+                ("GET 10", "\"a\""),
+                (
+                    "SET 10 b",
+                    "(error) NOPERM this user has no permissions to run the 'set' command (user cert:reader has role readonly, which may not write)",
+                ),
+                ("GET 10", "\"a\""),
+            ],
+        );
+        check(
+            p1,
+            &tls_args(&ca, Some(&tenant)),
+            &[
+                ("SET tenant1/x 1", "OK"),
+                (
+                    "GET 10",
+                    "(error) NOPERM this user has no permissions to access one of the keys used as arguments (user cert:tenant-a is limited to keys starting with \"tenant1/\"; \"10\" is not)",
+                ),
+                ("KEYS *", "1) \"tenant1/x\""),
+                ("DBSIZE", "(integer) 1"),
+            ],
+        );
+        // A pipeline over TLS: 2,000 SETs sent whole (redis-cli --pipe), every one answered.
+        let mut pipe = String::new();
+        for i in 0..2000 {
+            let (k, v) = (format!("p{i:04}"), "v".repeat(100));
+            pipe += &format!("*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n{v}\r\n", k.len(), v.len());
+        }
+        let (out, err) = cli(p1, &[tls_args(&ca, Some(&admin)), s(&["--pipe"])].concat(), &pipe);
+        assert!(out.contains("errors: 0, replies: 2000"), "{out}{err}");
+        check(p1, &tls_args(&ca, Some(&admin)), &[("STRLEN p1999", "(integer) 100"), ("DEL p0000", "(integer) 1")]);
+        // A certificate of another CA, none, or no TLS at all: no conversation.
+        // (With TLS 1.3 the client learns of the refusal of its certificate after its side of
+        // the handshake: "Server closed the connection". A plaintext client gets a TLS alert.)
+        assert!(refused(p1, &tls_args(&ca, Some(&stranger))).contains("Server closed the connection"));
+        assert!(refused(p1, &tls_args(&ca, None)).contains("Server closed the connection"));
+        assert!(refused(p1, &[]).contains("Protocol error"));
+
+        // Node 2, plaintext with users: nothing but AUTH, HELLO, PING and QUIT before AUTH.
+        check(
+            p2,
+            &[],
+            &[
+                ("PING", "PONG"),
+                ("GET 10", "(error) NOAUTH Authentication required."),
+                ("SET 10 z", "(error) NOAUTH Authentication required."),
+                ("CLIENT ID", "(error) NOAUTH Authentication required."),
+                ("NOSUCHCOMMAND", "(error) NOAUTH Authentication required."),
+                ("HELLO 3", "(error) NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time"),
+                ("AUTH app wrong", "(error) WRONGPASS invalid username-password pair or user is disabled."),
+                ("AUTH nobody app-secret", "(error) WRONGPASS invalid username-password pair or user is disabled."),
+                ("AUTH viewer-secret", "(error) WRONGPASS invalid username-password pair or user is disabled."),
+                ("GET 10", "(error) NOAUTH Authentication required."),
+                ("AUTH app app-secret", "OK"),
+                ("GET 10", "\"a\""),
+                ("SET 11 b", "OK"),
+                // A failed AUTH leaves the connection as it was.
+                ("AUTH app nope", "(error) WRONGPASS invalid username-password pair or user is disabled."),
+                ("GET 11", "\"b\""),
+            ],
+        );
+        // redis-cli's own --user/--pass, and AUTH PASSWORD for the default user.
+        let viewer = s(&["--user", "viewer", "--pass", "viewer-secret"]);
+        check(
+            p2,
+            &viewer,
+            &[
+                ("GET 11", "\"b\""),
+                (
+                    "INCR 11",
+                    "(error) NOPERM this user has no permissions to run the 'incr' command (user viewer has role readonly, which may not write)",
+                ),
+                ("MSETNX v1 1", "(error) NOPERM this user has no permissions to run the 'msetnx' command (user viewer has role readonly, which may not write)"),
+            ],
+        );
+        check(p2, &s(&["-a", "default-secret"]), &[("SET 12 c", "OK")]);
+        check(p2, &[], &[("AUTH default-secret", "OK"), ("DEL 12", "(integer) 1")]);
+        // HELLO 3 AUTH: authenticated and switched to RESP3 at once.
+        let (out, err) = cli(p2, &[], "HELLO 3 AUTH tenant tenant-secret\nSET tenant1/y 2\nSET tenant2/y 2\n");
+        assert!(out.contains("\"proto\"") && out.contains("(integer) 3"), "{out}{err}");
+        assert!(out.contains("OK"), "{out}");
+        assert!(out.contains("NOPERM this user has no permissions to access one of the keys used as arguments"), "{out}");
+        let (out, _) = cli(p2, &[], "HELLO 3 AUTH tenant wrong\n");
+        assert!(out.contains("WRONGPASS invalid username-password pair or user is disabled."), "{out}");
+        // A tenant sees its prefix only: KEYS, SCAN and DBSIZE are clamped to it.
+        let as_tenant = s(&["--user", "tenant", "--pass", "tenant-secret"]);
+        let (out, _) = cli(p2, &as_tenant, "KEYS *\nDBSIZE\n");
+        assert_eq!(out.lines().collect::<Vec<_>>(), ["1) \"tenant1/x\"", "2) \"tenant1/y\"", "(integer) 2"], "{out}");
+        let (out, err) = cli(p2, &[as_tenant.clone(), s(&["--scan"])].concat(), "");
+        let mut scanned: Vec<&str> = out.lines().collect();
+        scanned.sort();
+        assert_eq!(scanned, ["\"tenant1/x\"", "\"tenant1/y\""], "{out}{err}");
+
+        // Node 3, TLS with users: a certificate is optional; without one, AUTH.
+        let (out, _) = cli(p3, &tls_args(&ca, Some(&reader)), "CLIENT INFO\n");
+        assert!(out.contains(" user=cert:reader "), "{out}");
+        check(
+            p3,
+            &tls_args(&ca, None),
+            &[
+                ("GET 10", "(error) NOAUTH Authentication required."),
+                ("AUTH app app-secret", "OK"),
+                ("GET 10", "\"a\""),
+            ],
+        );
+        check(
+            p3,
+            &tls_args(&ca, Some(&reader)),
+            &[
+                ("GET 11", "\"b\""),
+                (
+                    "DEL 11",
+                    "(error) NOPERM this user has no permissions to run the 'del' command (user cert:reader has role readonly, which may not write)",
+                ),
+            ],
+        );
+        assert!(refused(p3, &tls_args(&ca, Some(&stranger))).contains("Server closed the connection"));
+        assert!(refused(p3, &[]).contains("Protocol error"));
+
+        // MSETNX: atomic within one shard ("10", "11", "12", "13" share one), CROSSSLOT across.
+        let admin_tls = tls_args(&ca, Some(&admin));
+        check(
+            p1,
+            &admin_tls,
+            &[
+                ("MSETNX 12 x 13 y", "(integer) 1"),
+                ("MSETNX 13 q 14 r", "(integer) 0"),
+            ],
+        );
+        let (out, _) = cli(p1, &admin_tls, "MGET 12 13 14\nMSETNX 15 a 50 b\nEXISTS 15 50\nMSETNX 16 a 16 b\nGET 16\n");
+        assert_eq!(
+            out.lines().collect::<Vec<_>>(),
+            [
+                "1) \"x\"",
+                "2) \"y\"",
+                "3) (nil)",
+                "(error) CROSSSLOT Keys in request don't hash to the same slot",
+                "(integer) 0",
+                "(integer) 1",
+                "\"b\"",
+            ],
+            "{out}"
+        );
+        // DBSIZE: every key of every shard (10, 11, 12, 13, 16, tenant1/x, tenant1/y, and
+        // p0001..p1999 of the pipeline).
+        check(p1, &admin_tls, &[("DBSIZE", "(integer) 2006")]);
+        // TIME: seconds and microseconds, as bulk strings, now.
+        let (out, _) = cli(p1, &admin_tls, "TIME\n");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        let number = |line: &str, prefix: &str| -> u64 {
+            line.strip_prefix(prefix).and_then(|l| l.trim_matches('"').parse().ok()).unwrap_or_else(|| panic!("{out}"))
+        };
+        let secs = number(lines[0], "1) ");
+        let micros = number(lines[1], "2) ");
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+        assert!(secs.abs_diff(now) <= 5 && micros < 1_000_000, "{out}");
+    })
+    .await
+    .expect("redis-cli checks");
+
+    // Refusals were counted.
+    let mut text = String::new();
+    for id in 1..=3 {
+        text.push_str(&cluster.node(id).metrics_text().await);
+    }
+    for counter in
+        ["flotilla_resp_tls_refused_total", "flotilla_resp_auth_failures_total", "flotilla_resp_denied_total"]
+    {
+        assert!(text.lines().any(|l| l.starts_with(counter) && !l.ends_with(" 0")), "{counter} not counted:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn a_listener_outside_loopback_without_tls_or_users_does_not_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    flotilla::cluster::create_ca(dir.path()).expect("CA");
+    flotilla::cluster::issue_node(dir.path(), NodeId(1)).expect("node certificate");
+    let tls = flotilla::cluster::node_tls(dir.path(), NodeId(1)).expect("node identity");
+    let mut cfg = RespConfig::new(SocketAddr::from(([0, 0, 0, 0], 0)));
+    cfg.plaintext_loopback = true;
+    let err = flotilla::resp_server::bind(&cfg, &tls).await.expect_err("plaintext outside loopback");
+    assert!(err.contains("must authenticate its clients") && err.contains("resp_tls = true"), "{err}");
+    // With TLS, or with users, the same address is allowed.
+    cfg.tls = true;
+    assert!(flotilla::resp_server::bind(&cfg, &tls).await.is_ok());
+    cfg.tls = false;
+    cfg.users = users();
+    assert!(flotilla::resp_server::bind(&cfg, &tls).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_to_new_redis_connections() {
+    if !redis_cli_present() {
+        eprintln!("NOT RUN: redis-cli is not installed (apt-get install redis-tools)");
+        return;
+    }
+    let cluster = Cluster::start_with(1, &[1], &[1], Vec::new(), |cfg| {
+        let mut resp = RespConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+        resp.tls = true;
+        cfg.resp = Some(resp);
+    })
+    .await;
+    let _client = cluster.client().await;
+    let port = cluster.node(1).resp_addr().expect("front door").port();
+    let certs = cluster.dev.certs_dir();
+    let ca = certs.join("ca.pem");
+    // A client of a second CA, which the node does not trust yet.
+    let new = tempfile::tempdir().expect("tempdir");
+    flotilla::cluster::create_ca(new.path()).expect("new CA");
+    let newcomer = flotilla::cluster::issue_client(new.path(), "newcomer", Grant::new(Role::ReadWrite)).expect("issue");
+    let args = tls_args(&ca, Some(&newcomer));
+    let before = {
+        let args = args.clone();
+        tokio::task::spawn_blocking(move || refused(port, &args)).await.expect("redis-cli")
+    };
+    assert!(before.contains("Server closed the connection"), "{before}");
+    // Both CAs trusted from now on (step 1 of a move to a new CA, as SIGHUP does it).
+    let read = |p: &Path| std::fs::read_to_string(p).expect("read PEM");
+    let (cert, key) = flotilla::cluster::node_cert_paths(&certs, NodeId(1));
+    let both = format!("{}{}", read(&ca), read(&new.path().join("ca.pem")));
+    let tls = flotilla::transport::cert::TlsIdentity::from_pem(&both, &read(&cert), &read(&key)).expect("identity");
+    cluster.node(1).reload_tls(tls).expect("reload");
+    tokio::task::spawn_blocking(move || check(port, &args, &[("SET n 1", "OK"), ("GET n", "\"1\"")]))
+        .await
+        .expect("redis-cli");
+}
