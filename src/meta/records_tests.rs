@@ -356,7 +356,7 @@ fn a_change_too_large_for_one_transaction_is_written_in_parts_that_each_fit() {
 #[test]
 fn a_change_in_parts_cut_short_is_not_state_and_the_next_change_deletes_what_it_left() {
     let mut range = Range::default();
-    let mut s = bootstrapped(&mut range, 4);
+    let s = bootstrapped(&mut range, 4);
     let before = range.0.len();
     let next = many_shards(&s, 2_000);
     let (writes, _) = s.changes(&next).expect("changes");

@@ -15,8 +15,8 @@ use std::net::SocketAddr;
 
 impl Node {
     pub(super) async fn admin(&self, a: AdminRequest) -> Response {
-        let read = |s: Result<(u64, MetaState, AdminResponse), NodeError>| s.map(|(_, s, _)| s);
-        let answer = |r: Result<(u64, MetaState, AdminResponse), NodeError>| match r {
+        let read = |s: Result<(u64, std::sync::Arc<MetaState>, AdminResponse), NodeError>| s.map(|(_, s, _)| s);
+        let answer = |r: Result<(u64, std::sync::Arc<MetaState>, AdminResponse), NodeError>| match r {
             Ok((_, _, a)) => Response::Admin(a),
             Err(NodeError::Meta(e)) => Response::Invalid(e),
             Err(e) => Response::Unavailable(e.to_string()),

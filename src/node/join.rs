@@ -111,7 +111,7 @@ impl Node {
                 Ok(Ok(PeerResponse::Meta { state, .. })) => match meta::decode_view(&state) {
                     Ok((revision, state)) => {
                         done = state.nodes.get(&me).is_some_and(|i| i.addr == self.inner.addr);
-                        self.set_view(revision, state);
+                        self.set_view(revision, std::sync::Arc::new(state));
                         if done {
                             info!(node = self.inner.id.0, via = peer.0, addr = %self.inner.addr, "registered with the cluster");
                             break;

@@ -78,10 +78,10 @@ impl Node {
     /// Replaces the view, unless `state` is of an older revision than the one held (a lagging
     /// meta replica read after a newer state came from the meta leader): a view never goes
     /// back in time. The same revision replaces it (the reports laid over it may be newer).
-    pub(super) fn set_view(&self, revision: u64, state: MetaState) {
+    pub(super) fn set_view(&self, revision: u64, state: Arc<MetaState>) {
         if let Ok(mut v) = self.inner.meta.view.write() {
             if revision >= v.0 {
-                *v = (revision, Arc::new(state));
+                *v = (revision, state);
             }
         }
     }
@@ -109,7 +109,7 @@ impl Node {
                 if self.meta_tenure().is_some() {
                     self.overlay_live_reports(&mut s);
                 }
-                self.set_view(stored.revision(), s);
+                self.set_view(stored.revision(), Arc::new(s));
                 true
             }
             Err(e) => {
@@ -145,7 +145,11 @@ impl Node {
 
     /// Runs `op` on the meta leader (here, or forwarded) and returns the state after it (and
     /// its revision) and the op's answer.
-    pub async fn meta_exec(&self, op: MetaOp, forwarded: bool) -> Result<(u64, MetaState, AdminResponse), NodeError> {
+    pub async fn meta_exec(
+        &self,
+        op: MetaOp,
+        forwarded: bool,
+    ) -> Result<(u64, Arc<MetaState>, AdminResponse), NodeError> {
         let deadline = Instant::now() + Duration::from_millis(META_OP_TIMEOUT_MS);
         let mut peer_turn = 0usize;
         let mut last_err = String::from("no meta leader reachable");
@@ -202,6 +206,7 @@ impl Node {
                     Ok(bytes) => match PeerResponse::decode(&bytes) {
                         Ok(PeerResponse::Meta { state, answer }) => {
                             let (revision, s) = meta::decode_view(&state).map_err(NodeError::Meta)?;
+                            let s = Arc::new(s);
                             self.set_view(revision, s.clone());
                             return Ok((revision, s, answer));
                         }
@@ -326,7 +331,7 @@ impl Node {
                 if followed.as_ref().is_none_or(|f| f.revision() <= rev) {
                     *followed = Some(StoredMeta::followed(rev, state.clone()));
                 }
-                self.set_view(rev, state);
+                self.set_view(rev, Arc::new(state));
             }
             MetaUpdate::Changes(changes) => {
                 self.inner.stats.meta_updates_changes.fetch_add(1, Ordering::Relaxed);
@@ -343,7 +348,10 @@ impl Node {
                     *followed = None;
                     return Err(e);
                 }
-                self.set_view(copy.revision(), copy.state.clone());
+                // Most answers carry no change: the view is copied only when there was one.
+                if copy.revision() != self.meta_revision() {
+                    self.set_view(copy.revision(), Arc::new(copy.state.clone()));
+                }
             }
         }
         Ok(())
@@ -362,7 +370,7 @@ impl Node {
         known
     }
 
-    async fn meta_local(&self, op: &MetaOp) -> Result<(u64, MetaState, AdminResponse), MetaTry> {
+    async fn meta_local(&self, op: &MetaOp) -> Result<(u64, Arc<MetaState>, AdminResponse), MetaTry> {
         let _guard = self.inner.meta.lock.lock().await;
         let g = META_GROUP;
         loop {
@@ -371,6 +379,9 @@ impl Node {
             let header =
                 self.inner.host.get(g, META_STATE_KEY.to_vec(), ReadMode::ReadIndex).await.map_err(meta_try)?;
             let stored = self.stored_at(header).await.map_err(MetaTry::Refused)?;
+            if let Some(done) = self.report_in_memory(op, &stored) {
+                return Ok(done);
+            }
             let mut next = stored.state.clone();
             self.overlay_live_reports(&mut next);
             let answer = meta::run_op(op, &mut next, &self.inner.config.balancer).map_err(MetaTry::Refused)?;
@@ -390,6 +401,7 @@ impl Node {
             let (writes, after) = stored.changes(&next).map_err(MetaTry::Refused)?;
             // Nothing stored changed (a read, or a report that changes reports only).
             if writes.is_empty() {
+                let next = Arc::new(next);
                 self.set_view(stored.revision(), next.clone());
                 return Ok((stored.revision(), next, answer));
             }
@@ -443,6 +455,7 @@ impl Node {
                         }
                     }
                     self.keep_stored(Arc::new(after));
+                    let next = Arc::new(next);
                     self.set_view(revision, next.clone());
                     return Ok((revision, next, answer));
                 }
@@ -458,6 +471,32 @@ impl Node {
                 Err(e) => return Err(meta_try(e)),
             }
         }
+    }
+
+    /// A report that cannot change what is stored, taken in memory: no copy of the state, no
+    /// diff of it (with thousands of shards, each costs milliseconds, and every node reports
+    /// every second). A report changes the stored state only by registering its node's new
+    /// address, ending a leader transfer to its node, or confirming or clearing tombstones
+    /// (`MetaCommand::Heartbeat`); with none of those possible it only replaces the live
+    /// report, as the full op would. `None`: run the op in full.
+    fn report_in_memory(&self, op: &MetaOp, stored: &StoredMeta) -> Option<(u64, Arc<MetaState>, AdminResponse)> {
+        let MetaOp::Report { node, addr, report } = op else { return None };
+        let s = &stored.state;
+        let quiet = !stored.whole
+            && s.nodes.get(node).is_some_and(|n| n.addr == *addr)
+            && !s.transfers.values().any(|t| t == node)
+            && s.tombstones.is_empty();
+        let (revision, view) = self.inner.meta.view.read().ok().map(|v| (v.0, v.1.clone()))?;
+        // The answer carries the state at the stored revision: the view must be that one.
+        if !quiet || revision != stored.revision() {
+            return None;
+        }
+        let mut report = report.clone();
+        report.leading.retain(|sh| s.map.get(*sh).is_some());
+        report.applied.retain(|sh, _| s.map.get(*sh).is_some());
+        self.inner.meta.live.lock().ok()?.insert(*node, (report, Instant::now()));
+        self.inner.stats.meta_ops.fetch_add(1, Ordering::Relaxed);
+        Some((revision, view, AdminResponse::Done("reported".into())))
     }
 
     /// Writes the first parts of a change written in parts (a format-1 conversion, a change

@@ -17,7 +17,6 @@ use crate::wire::{
     SCAN_LIMIT_MAX, SCAN_RESPONSE_BYTES_MAX,
 };
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, info};
 
@@ -205,7 +204,7 @@ impl Node {
             Request::ClusterView { fresh } => {
                 let state = if fresh {
                     match self.meta_exec(MetaOp::Read, false).await {
-                        Ok((_, s, _)) => Arc::new(s),
+                        Ok((_, s, _)) => s,
                         Err(e) => return Response::Unavailable(e.to_string()),
                     }
                 } else {
