@@ -110,21 +110,20 @@ pub fn decode_view(bytes: &[u8]) -> Result<(u64, MetaState), String> {
 
 /// Most shards a new cluster starts with (`flotilla dev --shards`, `bootstrap.shards`). The
 /// bootstrap is one meta change; above a transaction's limits its shard records are written in
-/// parts before the header ([`records::change_parts`]).
-pub const BOOTSTRAP_SHARDS_MAX: u32 = 100_000;
+/// parts before the header ([`records::change_parts`]). The bound is what one transport frame
+/// holds: the whole state, every node's report of every shard included, is sent in one answer
+/// (a follower's first update, a client's map) until maps are fetched in pages.
+pub const BOOTSTRAP_SHARDS_MAX: u32 = 30_000;
 
 /// Split keys spreading `shards` shards evenly over hex prefixes (the bench's keys are hex
 /// strings, and most text keys land in some shard): `shards - 1` keys, of two hex digits
-/// (`00`..`ff`) up to 256 shards, of four (`0000`..`ffff`) up to 65,536, of six beyond.
+/// (`00`..`ff`) up to 256 shards, of four (`0000`..`ffff`) beyond.
 pub fn dev_split_keys(shards: u32) -> Vec<Vec<u8>> {
     let s = u64::from(shards.clamp(1, BOOTSTRAP_SHARDS_MAX));
     if s <= 256 {
         return (1..s).map(|i| format!("{:02x}", 256 * i / s).into_bytes()).collect();
     }
-    if s <= 65_536 {
-        return (1..s).map(|i| format!("{:04x}", 65_536 * i / s).into_bytes()).collect();
-    }
-    (1..s).map(|i| format!("{:06x}", (1u64 << 24) * i / s).into_bytes()).collect()
+    (1..s).map(|i| format!("{:04x}", 65_536 * i / s).into_bytes()).collect()
 }
 
 fn changed(outcome: MetaOutcome, acc: &mut Vec<ShardDescriptor>) {
@@ -258,6 +257,45 @@ mod tests {
         }
         assert_eq!(dev_split_keys(4), [b"40".to_vec(), b"80".to_vec(), b"c0".to_vec()], "small counts keep their keys");
         assert_eq!(dev_split_keys(512)[255], b"8000".to_vec());
+    }
+
+    /// The meta state a node is sent whole (a follower's first update, a forwarded op's
+    /// answer, a client's map) must fit one transport frame, reports of every shard included.
+    #[test]
+    fn the_whole_state_of_the_largest_bootstrap_fits_a_transport_frame() {
+        use crate::placement::{GroupConf, LogIndex as PLogIndex, NodeReport, ShardId};
+        let mut s = MetaState::default();
+        let voters = vec![NodeId(1), NodeId(2), NodeId(3)];
+        let op = MetaOp::Bootstrap {
+            nodes: voters.iter().map(|n| (*n, format!("10.0.0.{}:7001", n.0))).collect(),
+            replicas: voters.clone(),
+            split_keys: dev_split_keys(BOOTSTRAP_SHARDS_MAX),
+        };
+        run_op(&op, &mut s, &BalancerConfig::default()).unwrap();
+        let ids: Vec<ShardId> = s.map.shards().map(|d| d.id).collect();
+        for (k, n) in voters.iter().enumerate() {
+            let mut r = NodeReport { requests_per_s: 1_000_000, ..NodeReport::default() };
+            for (i, id) in ids.iter().enumerate() {
+                r.applied.insert(*id, PLogIndex(1_000_000));
+                if i % voters.len() == k {
+                    r.leading.push(*id);
+                    r.shard_bytes.insert(*id, 1 << 30);
+                    let conf = GroupConf {
+                        index: PLogIndex(1_000),
+                        voters: voters.iter().copied().collect(),
+                        ..GroupConf::default()
+                    };
+                    r.confs.insert(*id, conf);
+                }
+            }
+            if let Some(info) = s.nodes.get_mut(n) {
+                info.report = r;
+            }
+        }
+        let bytes = encode_view(u64::MAX, &s).unwrap().len();
+        // A response's envelope and the answer travel in the same frame.
+        let frame = crate::transport::FRAME_BYTES_MAX_DEFAULT - (64 << 10);
+        assert!(bytes <= frame, "{bytes} bytes for {BOOTSTRAP_SHARDS_MAX} shards; a frame holds {frame}");
     }
 
     #[test]

@@ -291,7 +291,8 @@ fn chunks(writes: Vec<MetaWrite>, writes_max: usize, bytes_max: usize) -> Vec<Ve
 }
 
 /// A change too large for one transaction, in parts: the records of shards new to this
-/// change (ids at or above `new_from`, the stored header's `next_shard_id`) first, in parts of
+/// change (ids at or above `new_from`, the stored header's `next_shard_id`), and deletes of
+/// leftovers at such ids, first, in parts of
 /// at most `writes_max` writes and `bytes_max` bytes, then everything else with the header.
 /// The parts before the last are invisible until the last lands: `StoredMeta::load` ignores
 /// shard records at or above the header's `next_shard_id`, and the next change deletes them if
@@ -308,8 +309,10 @@ pub fn change_parts(
     if writes.len() <= writes_max && total <= bytes_max {
         return Ok(vec![writes]);
     }
+    // Deletes at such ids go ahead too: they can only be leftovers of an earlier change cut
+    // short, which no reader takes for state, and thousands of them must not crowd the header.
     let (early, last): (Vec<MetaWrite>, Vec<MetaWrite>) =
-        writes.into_iter().partition(|w| w.1.is_some() && ids(&w.0, SHARD, 1).is_some_and(|i| i[0] >= new_from));
+        writes.into_iter().partition(|w| ids(&w.0, SHARD, 1).is_some_and(|i| i[0] >= new_from));
     let last_bytes: usize = last.iter().map(size).sum();
     if last.len() > writes_max || last_bytes > bytes_max {
         return Err(format!(

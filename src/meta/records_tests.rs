@@ -389,3 +389,29 @@ fn what_must_go_with_the_header_is_refused_when_it_does_not_fit() {
     let e = change_parts(writes, s.header.next_shard_id, 10, 1 << 20).expect_err("too large");
     assert!(e.contains("too large for one meta transaction"), "{e}");
 }
+
+#[test]
+fn thousands_of_leftovers_do_not_stop_the_next_change() {
+    let mut range = Range::default();
+    let s = bootstrapped(&mut range, 4);
+    let next = many_shards(&s, 12_000);
+    let (writes, _) = s.changes(&next).expect("changes");
+    let parts = change_parts(writes, s.header.next_shard_id, 4_096, 1 << 20).expect("parts");
+    assert!(parts.len() >= 4);
+    // Two parts land (8,192 shard records); the proposer dies.
+    range.write(&parts[0]);
+    range.write(&parts[1]);
+    let read = range.load();
+    assert_eq!(read.leftovers.len(), 8_192);
+    // A small change must still go through: its deletes of the leftovers go ahead of the header.
+    let mut next = read.state.clone();
+    next.apply(MetaCommand::RegisterNode { node: n(9), addr: "127.0.0.1:9".into() }).expect("register");
+    let (writes, after) = read.changes(&next).expect("changes");
+    let parts = change_parts(writes, read.header.next_shard_id, 4_096, 1 << 20).expect("the change fits in parts");
+    for p in &parts {
+        assert!(p.len() <= 4_096);
+        range.write(p);
+    }
+    assert_eq!(range.load(), after);
+    assert!(range.load().leftovers.is_empty());
+}

@@ -134,6 +134,15 @@ impl Node {
         Ok(stored)
     }
 
+    /// Drops the stored state held for the next op: parts of a change were written and its
+    /// header may not land, so the next op reads the range again (and deletes what they left:
+    /// parts leave the header, and so the held state's guard, unchanged).
+    fn forget_stored(&self) {
+        if let Ok(mut held) = self.inner.meta.stored.lock() {
+            *held = None;
+        }
+    }
+
     /// Holds `stored` for the next op, unless the one held is newer.
     fn keep_stored(&self, stored: Arc<StoredMeta>) {
         if let Ok(mut held) = self.inner.meta.stored.lock() {
@@ -418,7 +427,8 @@ impl Node {
                 let all = without_leftovers(writes, existing);
                 let mut parts = conversion_parts(all, TXN_WRITES_MAX, TXN_BYTES_MAX - 4096);
                 writes = parts.pop().unwrap_or_default();
-                if !self.write_parts(parts, stored.guard.clone()).await? {
+                if !self.write_parts(parts, stored.guard.clone()).await.inspect_err(|_| self.forget_stored())? {
+                    self.forget_stored();
                     continue;
                 }
             } else {
@@ -428,7 +438,8 @@ impl Node {
                     .map_err(MetaTry::Refused)?;
                 writes = parts.pop().unwrap_or_default();
                 in_parts = !parts.is_empty();
-                if !self.write_parts(parts, stored.guard.clone()).await? {
+                if !self.write_parts(parts, stored.guard.clone()).await.inspect_err(|_| self.forget_stored())? {
+                    self.forget_stored();
                     continue;
                 }
             }
@@ -443,7 +454,11 @@ impl Node {
             self.inner.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
             self.inner.stats.meta_write_records.fetch_add(records as u64, Ordering::Relaxed);
             self.inner.stats.meta_write_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-            match self.inner.host.write(g, txn).await {
+            let result = self.inner.host.write(g, txn).await;
+            if in_parts && !matches!(result, Ok(KvResponse::Done { .. })) {
+                self.forget_stored();
+            }
+            match result {
                 Ok(KvResponse::Done { .. }) => {
                     let revision = after.revision();
                     // The last part of a change written in parts holds only some of it: nodes

@@ -8,7 +8,8 @@ use super::{BootstrapConfig, Node, RECONCILE_FULL_MS, RECONCILE_MS, RECONFIG_RET
 use crate::meta::{shard_range, META_GROUP};
 use crate::peer_wire::MetaOp;
 use crate::placement::{
-    replica_fate, DeleteReason, LocalReplica, LogIndex as PLogIndex, MetaState, ReplicaFate, ReplicaRole, ShardMap,
+    replica_fate, DeleteReason, LocalReplica, LogIndex as PLogIndex, MetaState, ReplicaFate, ReplicaRole,
+    ShardDescriptor, ShardMap,
 };
 use crate::raft::{GroupId, Membership, NodeId, Role};
 use crate::shard::{GroupInfo, HostError, KeyRange, KvCommand, KvResponse};
@@ -89,8 +90,8 @@ impl Node {
         };
         let local: BTreeMap<GroupId, Option<KeyRange>> =
             ids.into_iter().map(|g| (g, if missing { host.group_range(g) } else { None })).collect();
-        let bootstrap_shards = bootstrap_shards(self.inner.config.bootstrap.as_ref());
-        for c in replicas_to_create(me, &state.map, &local, bootstrap_shards) {
+        let bootstrap = if missing { bootstrap_ranges(self.inner.config.bootstrap.as_ref()) } else { BTreeMap::new() };
+        for c in replicas_to_create(me, &state.map, &local, &bootstrap) {
             match host.create_group(c.shard, c.range, c.initial).await {
                 Ok(()) => info!(node = me.0, shard = %c.shard, "shard replica created"),
                 // A local group owns keys of it, or will: a split being started here, whose
@@ -177,10 +178,22 @@ fn forget_expired(times: &mut ReconfigTimes, now: Instant) {
     times.retain(|_, asked| now.duration_since(*asked) < retry);
 }
 
-/// How many shards the bootstrap of a new cluster made (ids 1..=this): one more than its split
-/// keys; none for a node that joined a running cluster.
-fn bootstrap_shards(bootstrap: Option<&BootstrapConfig>) -> u64 {
-    bootstrap.map_or(0, |b| b.split_keys.len() as u64 + 1)
+/// The shards the bootstrap of a new cluster made, each with the range it had then (the map
+/// may have split it since): run again from the bootstrap's split keys, as the bootstrapper
+/// ran it. None for a node that joined a running cluster.
+fn bootstrap_ranges(bootstrap: Option<&BootstrapConfig>) -> BTreeMap<GroupId, KeyRange> {
+    let Some(b) = bootstrap else { return BTreeMap::new() };
+    let mut s = MetaState::default();
+    let op = MetaOp::Bootstrap {
+        nodes: b.shard_replicas.iter().map(|n| (*n, String::new())).collect(),
+        replicas: b.shard_replicas.clone(),
+        split_keys: b.split_keys.clone(),
+    };
+    if let Err(e) = crate::meta::run_op(&op, &mut s, &Default::default()) {
+        warn!(error = %e, "cannot work out the bootstrap's shards: this node forms none");
+        return BTreeMap::new();
+    }
+    s.map.shards().map(|d| (d.id, shard_range(d))).collect()
 }
 
 /// A replica the reconciler creates.
@@ -194,19 +207,41 @@ struct Creation {
 }
 
 /// The replicas node `me` creates: shards `map` places here that no local group is, and whose
-/// keys no local group owns. `local` is every local group with its host range.
+/// keys no local group owns. `local` is every local group with its host range; `bootstrap`
+/// the shards of the cluster's bootstrap with their ranges then ([`bootstrap_ranges`]).
 fn replicas_to_create(
     me: NodeId,
     map: &ShardMap,
     local: &BTreeMap<GroupId, Option<KeyRange>>,
-    bootstrap_shards: u64,
+    bootstrap: &BTreeMap<GroupId, KeyRange>,
 ) -> Vec<Creation> {
-    let local_ranges: Vec<&KeyRange> =
-        local.iter().filter(|(g, _)| **g != META_GROUP).filter_map(|(_, r)| r.as_ref()).collect();
+    let mut taken: Vec<KeyRange> =
+        local.iter().filter(|(g, _)| **g != META_GROUP).filter_map(|(_, r)| r.clone()).collect();
+    let wanted: Vec<(&ShardDescriptor, ReplicaRole)> = map
+        .shards()
+        .filter(|d| !local.contains_key(&d.id))
+        .filter_map(|d| d.replica(me).map(|r| (d, r.role)))
+        .collect();
+    // Shards of the bootstrap are formed by all their voters, each replica with the shard's
+    // range at the bootstrap: the same first state on every replica, whatever the map did
+    // since. A replica formed later with a range the map narrowed would hold keys its peers'
+    // logs still split off, and the split-born shards created beside it would be empty
+    // replicas that the split entry can no longer start. So these come first, and any shard
+    // inside their ranges is left to their split entries.
+    let formed = |d: &ShardDescriptor, role: ReplicaRole| {
+        bootstrap.get(&d.id).filter(|_| d.epoch.conf_version == 1 && role == ReplicaRole::Voter)
+    };
     let mut out = Vec::new();
-    for d in map.shards() {
-        let Some(r) = d.replica(me) else { continue };
-        if local.contains_key(&d.id) {
+    for (d, role) in &wanted {
+        let Some(range) = formed(d, *role) else { continue };
+        if taken.iter().any(|t| t.overlaps(range)) {
+            continue;
+        }
+        taken.push(range.clone());
+        out.push(Creation { shard: d.id, range: range.clone(), initial: Some(Membership::new(d.voters())) });
+    }
+    for (d, role) in &wanted {
+        if formed(d, *role).is_some() {
             continue;
         }
         // A shard split off a local group is started by the split entry when that group
@@ -215,17 +250,15 @@ fn replicas_to_create(
         // vote. The host checks again when it creates the group, atomically, against the
         // groups splits are starting here too (`HostError::RangeTaken`).
         let range = shard_range(d);
-        if local_ranges.iter().any(|lr| lr.overlaps(&range)) {
+        if taken.iter().any(|t| t.overlaps(&range)) {
             continue;
         }
-        // Shards of the bootstrap (ids 1..=S) are formed by all their voters; any other
-        // replica — added later, or of a shard born of a split this node did not apply —
-        // starts empty and is caught up by its leader (by snapshot where the log lacks the
-        // data). Forming a split-born shard here could let two replicas without its data
+        // Any other replica — added later, or of a shard born of a split this node did not
+        // apply — starts empty and is caught up by its leader (by snapshot where the log lacks
+        // the data). Forming a split-born shard here could let two replicas without its data
         // elect each other.
-        let initial = (d.id.0 <= bootstrap_shards && d.epoch.conf_version == 1 && r.role == ReplicaRole::Voter)
-            .then(|| Membership::new(d.voters()));
-        out.push(Creation { shard: d.id, range, initial });
+        taken.push(range.clone());
+        out.push(Creation { shard: d.id, range, initial: None });
     }
     out
 }
@@ -393,9 +426,9 @@ mod tests {
     }
 
     #[test]
-    fn the_bootstrap_shards_are_the_ids_a_bootstrap_gives() {
-        assert_eq!(bootstrap_shards(None), 0, "a node that joined forms no shard");
-        for shards in [1, 4] {
+    fn the_bootstrap_shards_are_the_ids_and_ranges_a_bootstrap_gives() {
+        assert!(bootstrap_ranges(None).is_empty(), "a node that joined forms no shard");
+        for shards in [1, 4, 300] {
             let b = BootstrapConfig::of_nodes(&[n(1), n(2), n(3)], dev_split_keys(shards));
             let mut s = MetaState::default();
             let op = MetaOp::Bootstrap {
@@ -404,10 +437,35 @@ mod tests {
                 split_keys: b.split_keys.clone(),
             };
             run_op(&op, &mut s, &BalancerConfig::default()).unwrap();
-            let ids: Vec<u64> = s.map.shards().map(|d| d.id.0).collect();
-            assert_eq!(bootstrap_shards(Some(&b)), u64::from(shards));
-            assert_eq!(ids.iter().max(), Some(&bootstrap_shards(Some(&b))), "{ids:?}");
+            let made: BTreeMap<GroupId, KeyRange> = s.map.shards().map(|d| (d.id, shard_range(d))).collect();
+            assert_eq!(bootstrap_ranges(Some(&b)), made);
+            assert_eq!(made.len(), shards as usize);
         }
+    }
+
+    /// The ranges of the two shards [`state`] bootstraps.
+    fn boot() -> BTreeMap<GroupId, KeyRange> {
+        let s = state();
+        s.map.shards().map(|d| (d.id, shard_range(d))).collect()
+    }
+
+    #[test]
+    fn a_bootstrap_shard_the_map_split_before_this_node_formed_it_is_formed_whole_and_its_splits_follow() {
+        let mut s = state();
+        let (whole_1, whole_2) = (host_range(&s, 1), host_range(&s, 2));
+        let right = split(&mut s, "t");
+        let left = split(&mut s, "f");
+        let voters = Some(Membership::new(nodes(&[1, 2, 3])));
+        // A node that forms its replicas only now (it started late, or its reconciler ran
+        // after the splits were in the map).
+        let local = BTreeMap::from([(META_GROUP, Some(meta_range()))]);
+        let c = replicas_to_create(n(1), &s.map, &local, &boot());
+        let made: Vec<(u64, KeyRange, Option<Membership>)> =
+            c.iter().map(|c| (c.shard.0, c.range.clone(), c.initial.clone())).collect();
+        // Formed with the ranges every other replica started with; the shards split off them
+        // are left to the split entries in their logs.
+        assert_eq!(made, vec![(1, whole_1, voters.clone()), (2, whole_2, voters)]);
+        assert!(!c.iter().any(|c| c.shard == right || c.shard == left));
     }
 
     #[test]
@@ -457,28 +515,28 @@ mod tests {
 
         // A new cluster: node 1 forms both bootstrap shards, with their ranges.
         let local = BTreeMap::from([meta()]);
-        let c = replicas_to_create(n(1), &s.map, &local, 2);
+        let c = replicas_to_create(n(1), &s.map, &local, &boot());
         assert_eq!(created(&c), vec![(1, voters.clone()), (2, voters.clone())]);
         assert_eq!(c[1].range, range("m", None));
         assert_eq!(c[0].range, host_range(&s, 1));
         // A node that joined forms none, and one the map does not place a shard on creates none.
-        assert_eq!(created(&replicas_to_create(n(1), &s.map, &local, 0)), vec![(1, None), (2, None)]);
-        assert_eq!(replicas_to_create(n(4), &s.map, &local, 2), vec![]);
+        assert_eq!(created(&replicas_to_create(n(1), &s.map, &local, &BTreeMap::new())), vec![(1, None), (2, None)]);
+        assert_eq!(replicas_to_create(n(4), &s.map, &local, &boot()), vec![]);
         // A shard held already is not created again.
         let local = BTreeMap::from([meta(), (GroupId(1), Some(host_range(&s, 1)))]);
-        assert_eq!(created(&replicas_to_create(n(1), &s.map, &local, 2)), vec![(2, voters.clone())]);
+        assert_eq!(created(&replicas_to_create(n(1), &s.map, &local, &boot())), vec![(2, voters.clone())]);
 
         // Shard 3 split off shard 2 in the map: while the local group 2 still owns its keys,
         // the split entry starts it, not the reconciler.
         let right = split(&mut s, "t");
         let before_split =
             BTreeMap::from([meta(), (GroupId(1), Some(host_range(&s, 1))), (GroupId(2), Some(range("m", None)))]);
-        assert_eq!(replicas_to_create(n(1), &s.map, &before_split, 2), vec![]);
+        assert_eq!(replicas_to_create(n(1), &s.map, &before_split, &boot()), vec![]);
         // Once no local group owns its keys it is created, empty even though it is a voter at
         // configuration version 1: a split-born shard is never formed by the reconciler.
         let after_split =
             BTreeMap::from([meta(), (GroupId(1), Some(host_range(&s, 1))), (GroupId(2), Some(host_range(&s, 2)))]);
-        let c = replicas_to_create(n(1), &s.map, &after_split, 2);
+        let c = replicas_to_create(n(1), &s.map, &after_split, &boot());
         assert_eq!(created(&c), vec![(right.0, None)]);
         assert_eq!(c[0].range, range("t", None));
 
@@ -487,9 +545,9 @@ mod tests {
         apply(&mut s, 1, |epoch| MetaCommand::RemoveReplica { shard: GroupId(1), epoch, node: n(3) });
         apply(&mut s, 1, |epoch| MetaCommand::AddLearner { shard: GroupId(1), epoch, node: n(3) });
         let none = BTreeMap::from([meta()]);
-        assert_eq!(created(&replicas_to_create(n(3), &s.map, &none, 2))[0], (1, None));
+        assert!(created(&replicas_to_create(n(3), &s.map, &none, &boot())).contains(&(1, None)));
         apply(&mut s, 1, |epoch| MetaCommand::Promote { shard: GroupId(1), epoch, node: n(3) });
-        assert_eq!(created(&replicas_to_create(n(3), &s.map, &none, 2))[0], (1, None));
+        assert!(created(&replicas_to_create(n(3), &s.map, &none, &boot())).contains(&(1, None)));
     }
 
     #[test]

@@ -415,11 +415,16 @@ impl Host {
                 let h = host.clone();
                 starting.spawn(async move { h.start_stored_group(g).await });
             }
-            match starting.join_next().await {
+            let failed = match starting.join_next().await {
                 None => break,
-                Some(Ok(r)) => r?,
-                Some(Err(e)) => return Err(StorageError::new("open", format!("a group did not start: {e}")).into()),
-            }
+                Some(Ok(Ok(()))) => continue,
+                Some(Ok(Err(e))) => e,
+                Some(Err(e)) => StorageError::new("open", format!("a group did not start: {e}")).into(),
+            };
+            // Nothing half-started stays behind: the other starts end, then the pollers.
+            starting.shutdown().await;
+            host.shutdown().await;
+            return Err(failed);
         }
         info!(node = %config.node, groups = ids.len(), pollers = config.pollers, "host started");
         Ok(host)
