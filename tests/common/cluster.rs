@@ -39,6 +39,7 @@ impl Cluster {
         split_keys: Vec<Vec<u8>>,
         tweak: impl Fn(&mut NodeConfig),
     ) -> Cluster {
+        init_log();
         let dir = tempfile::tempdir().unwrap();
         let bootstrap = BootstrapConfig {
             meta_voters: meta.iter().copied().map(NodeId).collect(),
@@ -127,5 +128,16 @@ impl Cluster {
     /// Stops every node.
     pub async fn shutdown(&mut self) {
         self.dev.shutdown().await;
+    }
+}
+
+/// With `FLOTILLA_TEST_LOG` set (a filter such as `info` or `flotilla_shard=debug`), the test's
+/// nodes log to standard error: what a failed run on a loaded machine left to read.
+fn init_log() {
+    if let Ok(filter) = std::env::var("FLOTILLA_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
     }
 }
