@@ -10,7 +10,9 @@
 //!
 //! `MSETNX` is one state-machine command too (`KvCommand::InsertAll`): atomic when its keys
 //! live in one shard, refused with Redis Cluster's `CROSSSLOT` otherwise (never split into
-//! per-shard parts, which could set some keys and not others). `DBSIZE` counts by scanning
+//! per-shard parts, which could set some keys and not others), and bounded as a transaction is
+//! (at most `TXN_WRITES_MAX` keys and `TXN_BYTES_MAX` bytes of keys and values, checked here
+//! before it is routed). `DBSIZE` counts by scanning
 //! every shard (Flotilla keeps no key count): O(N), at most [`DBSIZE_SCANNED_MAX`] keys, each
 //! shard's part read with the connection's consistency but the sum not one snapshot, so it is
 //! exact only when no write runs meanwhile. `TIME` is this node's clock.
@@ -364,6 +366,11 @@ async fn run_data(shared: &Shared, reads: ReadConsistency, command: Command) -> 
                     .and_then(|_| check_value(value))
                     .map_err(|e| Failure::Route(RouteError::Invalid(e)))?;
             }
+            // One transaction: its totals are checked here, before it is routed (the shard
+            // would refuse it, or the transport could not even carry it to a remote leader).
+            crate::shard::check_insert_size(pairs.iter().map(|(k, v)| (k.as_ref(), v.as_ref()))).map_err(|e| {
+                Failure::Text(format!("ERR MSETNX sets its keys in one transaction, and this one is too large: {e}"))
+            })?;
             let view = shared.router.node().meta_view();
             let shards: std::collections::BTreeSet<_> =
                 pairs.iter().filter_map(|(key, _)| view.map.lookup(key).map(|d| d.id)).collect();
