@@ -581,6 +581,25 @@ async fn an_insert_of_keys_of_several_shards_or_outside_a_prefix_is_refused_by_t
     assert_eq!(node.handle(&tenant, insert(&[("13", "a"), ("14", "b")])).await, Response::Written { previous: None });
 }
 
+/// A listener without users acts as Redis's `default` user with `nopass`: `AUTH default` and
+/// `HELLO 3 AUTH default` with any password succeed (and change nothing); another user name is
+/// a wrong pair, and `AUTH password` alone is Redis's error for a default user without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_as_default_with_any_password_succeeds_on_a_listener_without_users() {
+    let (_cluster, addr) = one_node_front_door().await;
+    let script = b"AUTH default anything\r\nAUTH anything\r\nAUTH someone anything\r\nSET k v\r\n\
+                   HELLO 3 AUTH default x\r\nGET k\r\n";
+    let got = tokio::task::spawn_blocking(move || raw(addr, script)).await.expect("task");
+    let got = String::from_utf8_lossy(&got);
+    let expected_start = "+OK\r\n\
+         -ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?\r\n\
+         -WRONGPASS invalid username-password pair or user is disabled.\r\n\
+         +OK\r\n%7\r\n";
+    assert!(got.starts_with(expected_start), "{got}");
+    assert!(got.contains("$5\r\nproto\r\n:3\r\n"), "{got}");
+    assert!(got.ends_with("$1\r\nv\r\n"), "{got}");
+}
+
 /// `MSETNX` is one transaction: more keys or bytes than one may hold is refused by the front
 /// door at once with the reason, also when the shard's leader is another node (whose answer
 /// the request would not even fit the transport to ask for).

@@ -395,9 +395,18 @@ async fn run_data(shared: &Shared, reads: ReadConsistency, command: Command) -> 
 
 /// Makes the connection act as the user `credentials` name (`default` when none is named), if
 /// the password is theirs; `-WRONGPASS` otherwise, and the connection stays as it was.
+///
+/// Without users, the listener's connections act as Redis's `default` user with `nopass` (or
+/// as their client certificate's identity): as in Redis, `AUTH default <anything>` succeeds and
+/// changes nothing, and `AUTH <password>` alone is an error. It never makes a connection that
+/// has not authenticated act as anyone.
 fn authenticate(shared: &Shared, conn: &mut Conn, credentials: Credentials) -> Result<(), Failure> {
-    if !shared.users.any() && credentials.username.is_none() {
-        return Err(Failure::Redis(NO_PASSWORD));
+    if !shared.users.any() {
+        match credentials.username.as_deref() {
+            None => return Err(Failure::Redis(NO_PASSWORD)),
+            Some(b"default") if conn.principal.is_some() => return Ok(()),
+            Some(_) => {}
+        }
     }
     let name = credentials.username.as_deref().unwrap_or(b"default");
     let Some(user) = shared.users.check(name, &credentials.password) else {
