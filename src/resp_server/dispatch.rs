@@ -22,6 +22,7 @@ use super::connection::Shared;
 use super::glob;
 use super::info;
 use super::router::{RouteError, Swap};
+use super::AUTH_FAILURES_MAX;
 use crate::wire::{check_user_key, check_value, ReadConsistency, UpdateOp};
 use bytes::Bytes;
 use flotilla_resp::command::{Credentials, SetCondition};
@@ -30,8 +31,10 @@ use flotilla_resp::{error, introspection, Command, Frame, Protocol};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::task::Poll;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Swaps tried before a read-modify-write gives up under contention.
 const SWAP_ATTEMPTS_MAX: usize = 64;
@@ -49,6 +52,31 @@ pub const KEYS_REPLY_BYTES_MAX: usize = 16 << 20;
 /// Most keys `DBSIZE` counts (it scans them: Flotilla keeps no count); past it, an error.
 pub const DBSIZE_SCANNED_MAX: usize = 1_000_000;
 
+/// Failed `AUTH`s are logged at most once per this long per listener (every one is counted in
+/// `flotilla_resp_auth_failures_total`): a client guessing passwords must not flood the log.
+pub const AUTH_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// A listener's limit on log lines about failed authentication.
+#[derive(Debug, Default)]
+pub struct AuthLog {
+    last: Mutex<Option<Instant>>,
+    left_out: AtomicU64,
+}
+
+impl AuthLog {
+    /// Whether a line may be written now, and if so how many were left out since the last one.
+    pub fn allow(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|at| now.duration_since(at) < AUTH_LOG_EVERY) {
+            self.left_out.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.left_out.swap(0, Ordering::Relaxed))
+    }
+}
+
 /// The state of one connection that commands read and change.
 pub struct Conn {
     pub id: u64,
@@ -62,6 +90,8 @@ pub struct Conn {
     pub last_command: &'static str,
     /// Who the connection acts as; `None` until it authenticates.
     pub principal: Option<Principal>,
+    /// Failed `AUTH`s since the connection opened or last authenticated.
+    pub auth_failures: u32,
 }
 
 impl Conn {
@@ -78,6 +108,7 @@ impl Conn {
             created: now,
             last_active: now,
             last_command: "",
+            auth_failures: 0,
         }
     }
 }
@@ -107,7 +138,15 @@ pub async fn execute(shared: &Shared, conn: &mut Conn, command: Command) -> (Fra
         Ok(frame) => frame,
         Err(e) => Frame::error(e.message()),
     };
-    (reply, false)
+    // Guessing passwords costs a connection per AUTH_FAILURES_MAX tries.
+    let close = conn.auth_failures >= AUTH_FAILURES_MAX;
+    if close {
+        shared.metrics.auth_closed.fetch_add(1, Ordering::Relaxed);
+        if shared.auth_log.allow().is_some() {
+            tracing::warn!(peer = %conn.peer, "redis protocol connection closed after {AUTH_FAILURES_MAX} failed AUTHs");
+        }
+    }
+    (reply, close)
 }
 
 /// A failed command's error reply.
@@ -410,11 +449,21 @@ fn authenticate(shared: &Shared, conn: &mut Conn, credentials: Credentials) -> R
     }
     let name = credentials.username.as_deref().unwrap_or(b"default");
     let Some(user) = shared.users.check(name, &credentials.password) else {
-        shared.metrics.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(peer = %conn.peer, user = %name.escape_ascii(), "redis protocol AUTH failed");
+        shared.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+        conn.auth_failures = conn.auth_failures.saturating_add(1);
+        if let Some(left_out) = shared.auth_log.allow() {
+            tracing::info!(
+                peer = %conn.peer,
+                user = %name.escape_ascii(),
+                failures_on_connection = conn.auth_failures,
+                not_logged_since_last = left_out,
+                "redis protocol AUTH failed (logged at most once a second; flotilla_resp_auth_failures_total counts all)"
+            );
+        }
         return Err(Failure::Redis(error::WRONG_PASS));
     };
     conn.principal = Some(Principal { user: user.name.clone(), grant: Some(user.grant.clone()) });
+    conn.auth_failures = 0;
     Ok(())
 }
 
