@@ -244,7 +244,7 @@ async fn run(shared: &Shared, conn: &mut Conn, command: Command) -> Result<Frame
             let scope = Scope::of(conn);
             let start = match cursor {
                 0 => Vec::new(),
-                c => shared.cursors.get(c).ok_or(Failure::Redis(error::INVALID_CURSOR))?,
+                c => shared.cursors.get(conn.principal.as_ref(), c).ok_or(Failure::Redis(error::INVALID_CURSOR))?,
             };
             let Some(start) = scope.start(start) else {
                 return Ok(Frame::Array(vec![Frame::bulk("0"), Frame::Array(Vec::new())]));
@@ -260,7 +260,7 @@ async fn run(shared: &Shared, conn: &mut Conn, command: Command) -> Result<Frame
                 .filter(|k| strings && pattern.as_ref().is_none_or(|p| glob::matches(p, k)))
                 .map(Frame::bulk)
                 .collect();
-            let next = scope.next(page.next).map_or(0, |next| shared.cursors.save(next));
+            let next = scope.next(page.next).map_or(0, |next| shared.cursors.save(conn.principal.as_ref(), next));
             Frame::Array(vec![Frame::bulk(next.to_string()), Frame::Array(keys)])
         }
         Command::Keys { pattern } => {
