@@ -607,3 +607,56 @@ async fn ten_wrong_passwords_close_the_connection() {
     .await
     .expect("checks");
 }
+
+/// A `SCAN` cursor may be used only by the principal that was given it: another user's
+/// connection gets `ERR invalid cursor` (the same user's other connections may go on with it,
+/// as a client's pool does). A tenant's `INFO` has the server section only: the others
+/// describe the whole node and cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_cursors_and_info_are_each_principals_own() {
+    let (_cluster, addr) = one_node_with_users(|_| {}).await;
+    tokio::task::spawn_blocking(move || {
+        let mut app = Raw::connect(addr);
+        assert_eq!(app.cmd(&[b"AUTH", b"app", b"app-secret"]), Reply::ok());
+        for i in 0..10 {
+            let key = format!("tenant1/{i}");
+            assert_eq!(app.cmd(&[b"SET", key.as_bytes(), b"v"]), Reply::ok());
+        }
+        let mut tenant = Raw::connect(addr);
+        assert_eq!(tenant.cmd(&[b"AUTH", b"tenant", b"tenant-secret"]), Reply::ok());
+        let page = tenant.cmd(&[b"SCAN", b"0", b"COUNT", b"3"]);
+        let cursor = page.items()[0].text();
+        assert_ne!(cursor, "0", "{page:?}");
+        assert_eq!(page.items()[1].items().len(), 3, "{page:?}");
+        // Another principal: refused, whoever it is.
+        assert_eq!(app.cmd(&[b"SCAN", cursor.as_bytes()]).error(), "ERR invalid cursor");
+        let mut viewer = Raw::connect(addr);
+        assert_eq!(viewer.cmd(&[b"AUTH", b"viewer", b"viewer-secret"]), Reply::ok());
+        assert_eq!(viewer.cmd(&[b"SCAN", cursor.as_bytes()]).error(), "ERR invalid cursor");
+        // The same user on another connection goes on.
+        let mut tenant2 = Raw::connect(addr);
+        assert_eq!(tenant2.cmd(&[b"AUTH", b"tenant", b"tenant-secret"]), Reply::ok());
+        let next = tenant2.cmd(&[b"SCAN", cursor.as_bytes(), b"COUNT", b"3"]);
+        assert_eq!(next.items()[1].items().len(), 3, "{next:?}");
+        // Cursors handed out one after the other are not consecutive numbers.
+        let again = tenant.cmd(&[b"SCAN", b"0", b"COUNT", b"3"]).items()[0].text();
+        let (a, b): (u64, u64) = (cursor.parse().expect("cursor"), again.parse().expect("cursor"));
+        assert!(a.abs_diff(b) > 1_000, "cursors {a} and {b}");
+
+        // INFO: the server section only for a tenant, whatever it asks for.
+        for asked in [&[b"INFO".as_slice()][..], &[b"INFO", b"all"], &[b"INFO", b"clients", b"flotilla", b"server"]] {
+            let info = tenant.cmd(asked).text();
+            assert!(info.contains("# Server\r\n") && info.contains("redis_version:"), "{info}");
+            for hidden in ["# Clients", "# Keyspace", "# Flotilla", "connected_clients", "shards:"] {
+                assert!(!info.contains(hidden), "{asked:?} shows {hidden}: {info}");
+            }
+        }
+        assert_eq!(tenant.cmd(&[b"INFO", b"keyspace"]).text(), "");
+        let info = app.cmd(&[b"INFO"]).text();
+        for shown in ["# Server", "# Clients", "# Keyspace", "# Flotilla"] {
+            assert!(info.contains(shown), "{shown}: {info}");
+        }
+    })
+    .await
+    .expect("checks");
+}
