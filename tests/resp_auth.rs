@@ -352,6 +352,17 @@ async fn a_reload_applies_to_new_redis_connections() {
     let read = |p: &Path| std::fs::read_to_string(p).expect("read PEM");
     let (cert, key) = flotilla::cluster::node_cert_paths(&certs, NodeId(1));
     let both = format!("{}{}", read(&ca), read(&new.path().join("ca.pem")));
+    // But first a reload that is refused (a certificate naming another node): all or nothing,
+    // the front door does not take the new CA either.
+    flotilla::cluster::issue_node(new.path(), NodeId(2)).expect("node 2's certificate");
+    let (cert2, key2) = flotilla::cluster::node_cert_paths(new.path(), NodeId(2));
+    let wrong = flotilla::transport::cert::TlsIdentity::from_pem(&both, &read(&cert2), &read(&key2)).expect("identity");
+    assert!(cluster.node(1).reload_tls(wrong).is_err(), "a certificate of node 2 taken by node 1");
+    let after = {
+        let args = args.clone();
+        tokio::task::spawn_blocking(move || refused(port, &args)).await.expect("redis-cli")
+    };
+    assert!(after.contains("Server closed the connection"), "{after}");
     let tls = flotilla::transport::cert::TlsIdentity::from_pem(&both, &read(&cert), &read(&key)).expect("identity");
     cluster.node(1).reload_tls(tls).expect("reload");
     tokio::task::spawn_blocking(move || check(port, &args, &[("SET n 1", "OK"), ("GET n", "\"1\"")]))
