@@ -585,6 +585,15 @@ async fn a_connection_that_does_not_authenticate_in_time_is_closed() {
         }
         assert!(last.is_empty() || last.starts_with("-ERR authentication timed out"), "{last}");
         assert!(started.elapsed() < std::time::Duration::from_secs(5), "still open");
+        // Nor does sending without a pause, replies read as fast as they come.
+        let flooding = Raw::connect(addr);
+        let mut writer = flooding.sock.get_ref().try_clone().expect("clone");
+        let flooded = std::time::Instant::now();
+        std::thread::spawn(move || {
+            let pings = b"PING\r\n".repeat(1000);
+            while flooded.elapsed() < std::time::Duration::from_secs(10) && writer.write_all(&pings).is_ok() {}
+        });
+        flooding.closed_within(std::time::Duration::from_secs(5));
         // Authenticated in time: no deadline.
         std::thread::sleep(timeout);
         assert_eq!(authenticated.cmd(&[b"PING"]), Reply::Simple("PONG".into()));

@@ -101,6 +101,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     loop {
+        if !authenticated && Instant::now() >= auth_deadline {
+            // Checked here too: a client that keeps sending may never wait in the read below.
+            return auth_timed_out(shared, &conn, &mut sock, &mut out).await;
+        }
         loop {
             let args = match parser.parse(&mut input) {
                 Ok(Some(args)) => args,
@@ -181,18 +185,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         let n = tokio::select! {
             biased;
             _ = stop.changed() => return Ok(()),
-            _ = until(auth_left) => {
-                shared.metrics.auth_closed.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%peer, "redis protocol connection closed: it did not authenticate in time");
-                Frame::error("ERR authentication timed out: AUTH within resp_auth_timeout_ms of connecting")
-                    .encode(conn.protocol, &mut out);
-                let _ = tokio::time::timeout(GOODBYE_WRITE_TIMEOUT, async {
-                    write(&mut sock, &mut out).await?;
-                    sock.shutdown().await
-                })
-                .await;
-                return Ok(());
-            }
+            _ = until(auth_left) => return auth_timed_out(shared, &conn, &mut sock, &mut out).await,
             n = sock.read_buf(&mut input) => n?,
         };
         if n == 0 {
@@ -201,6 +194,26 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         }
         conn.last_active = Instant::now();
     }
+}
+
+/// Says goodbye to a connection that did not authenticate in time (a short write, not waited
+/// on for long) and closes it.
+async fn auth_timed_out<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    conn: &Conn,
+    sock: &mut S,
+    out: &mut BytesMut,
+) -> std::io::Result<()> {
+    shared.metrics.auth_closed.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(peer = %conn.peer, "redis protocol connection closed: it did not authenticate in time");
+    Frame::error("ERR authentication timed out: AUTH within resp_auth_timeout_ms of connecting")
+        .encode(conn.protocol, out);
+    let _ = tokio::time::timeout(GOODBYE_WRITE_TIMEOUT, async {
+        write(sock, out).await?;
+        sock.shutdown().await
+    })
+    .await;
+    Ok(())
 }
 
 /// Waits `left`, or forever if `None`.
