@@ -18,6 +18,7 @@
 //! # resp_plaintext_loopback = true    # or: plaintext without authentication, on loopback only
 //! # resp_connections_max = 10000      # Redis connections at once
 //! # resp_bulk_bytes_max = "8MiB"      # longest bulk string a Redis client may send (64KiB..=512MiB)
+//! # resp_auth_timeout_ms = 10000      # a connection that must AUTH and has not by then is closed
 //!
 //! # Redis users (AUTH user password; AUTH password is user "default"). Only the password's
 //! # SHA-256 is kept: flotilla cert password-hash, or printf %s "$PASSWORD" | sha256sum.
@@ -122,6 +123,12 @@ pub struct ServerFile {
     /// a protocol error that closes the connection. Values above 1 MiB are refused anyway.
     #[serde(default)]
     pub resp_bulk_bytes_max: Option<ByteSize>,
+    /// How long a Redis connection that must authenticate (no client certificate, on a
+    /// listener with `resp_users`) may take to, from its accept, in milliseconds (default
+    /// 10,000); then it is closed, so that connections that never authenticate cannot hold the
+    /// `resp_connections_max` slots.
+    #[serde(default)]
+    pub resp_auth_timeout_ms: Option<u64>,
 }
 
 /// A size in a config file: a number of bytes, or text with a binary unit (`"512MiB"`).
@@ -282,6 +289,9 @@ impl ServerFile {
                 if let Some(n) = self.resp_connections_max {
                     resp.connections_max = n;
                 }
+                if let Some(ms) = self.resp_auth_timeout_ms {
+                    resp.auth_timeout = std::time::Duration::from_millis(ms);
+                }
                 if let Some(size) = &self.resp_bulk_bytes_max {
                     let bytes = size.bytes().map_err(|e| format!("resp_bulk_bytes_max: {e}"))?;
                     resp.limits.bulk_bytes_max = usize::try_from(bytes).unwrap_or(usize::MAX);
@@ -403,6 +413,8 @@ mod tests {
         assert!(limits("resp_bulk_bytes_max = \"1KiB\"").starts_with("resp_bulk_bytes_max"));
         assert!(limits("resp_bulk_bytes_max = \"1GiB\"").starts_with("resp_bulk_bytes_max"));
         assert!(limits("resp_bulk_bytes_max = \"256MiB\"").starts_with("tls"));
+        assert!(limits("resp_auth_timeout_ms = 0").starts_with("resp_auth_timeout_ms"));
+        assert!(limits("resp_auth_timeout_ms = 500").starts_with("tls"));
         assert!(limits("resp_connections_max = 0").starts_with("resp_connections_max"));
     }
 

@@ -580,3 +580,78 @@ async fn an_insert_of_keys_of_several_shards_or_outside_a_prefix_is_refused_by_t
     assert!(matches!(&refused, Response::Denied(e) if e.contains("may not insert key \"21\"")), "{refused:?}");
     assert_eq!(node.handle(&tenant, insert(&[("13", "a"), ("14", "b")])).await, Response::Written { previous: None });
 }
+
+/// A listener without users acts as Redis's `default` user with `nopass`: `AUTH default` and
+/// `HELLO 3 AUTH default` with any password succeed (and change nothing); another user name is
+/// a wrong pair, and `AUTH password` alone is Redis's error for a default user without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_as_default_with_any_password_succeeds_on_a_listener_without_users() {
+    let (_cluster, addr) = one_node_front_door().await;
+    let script = b"AUTH default anything\r\nAUTH anything\r\nAUTH someone anything\r\nSET k v\r\n\
+                   HELLO 3 AUTH default x\r\nGET k\r\n";
+    let got = tokio::task::spawn_blocking(move || raw(addr, script)).await.expect("task");
+    let got = String::from_utf8_lossy(&got);
+    let expected_start = "+OK\r\n\
+         -ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?\r\n\
+         -WRONGPASS invalid username-password pair or user is disabled.\r\n\
+         +OK\r\n%7\r\n";
+    assert!(got.starts_with(expected_start), "{got}");
+    assert!(got.contains("$5\r\nproto\r\n:3\r\n"), "{got}");
+    assert!(got.ends_with("$1\r\nv\r\n"), "{got}");
+}
+
+/// `MSETNX` is one transaction: more keys or bytes than one may hold is refused by the front
+/// door at once with the reason, also when the shard's leader is another node (whose answer
+/// the request would not even fit the transport to ask for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_msetnx_larger_than_a_transaction_is_refused_at_once_with_the_reason() {
+    // The front door on node 1; the only replica of every shard on node 2.
+    let cluster = Cluster::start_with(2, &[1], &[2], Vec::new(), |cfg| {
+        if cfg.id == NodeId(1) {
+            let mut resp = RespConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+            resp.plaintext_loopback = true;
+            cfg.resp = Some(resp);
+        }
+    })
+    .await;
+    let _client = cluster.client().await;
+    let addr = cluster.node(1).resp_addr().expect("front door");
+    let request = |pairs: &[(String, Vec<u8>)]| {
+        let mut req = format!("*{}\r\n$6\r\nMSETNX\r\n", 1 + 2 * pairs.len()).into_bytes();
+        for (k, v) in pairs {
+            req.extend_from_slice(format!("${}\r\n{k}\r\n${}\r\n", k.len(), v.len()).as_bytes());
+            req.extend_from_slice(v);
+            req.extend_from_slice(b"\r\n");
+        }
+        req
+    };
+    let send = |req: Vec<u8>| {
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let got = raw(addr, &req);
+            (String::from_utf8_lossy(&got).into_owned(), started.elapsed())
+        })
+    };
+    // A small one is set, by the remote leader.
+    let (got, _) = send(request(&[("a".into(), b"1".to_vec()), ("b".into(), b"2".to_vec())])).await.expect("task");
+    assert_eq!(got, ":1\r\n");
+    // Five values of 1 MiB each (each within the value limit): more than the transport carries.
+    let mib = flotilla::shard::VALUE_BYTES_MAX;
+    let big: Vec<(String, Vec<u8>)> = (0..5).map(|i| (format!("big{i}"), vec![b'v'; mib])).collect();
+    let (got, took) = send(request(&big)).await.expect("task");
+    assert!(got.starts_with("-ERR MSETNX") && got.contains(&format!("exceeds the limit of {mib}")), "{got}");
+    assert!(took < Duration::from_secs(3), "answered after {took:?}: {got}");
+    // Two values of 600 KiB: within the transport, above the transaction's bytes.
+    let two: Vec<(String, Vec<u8>)> = (0..2).map(|i| (format!("two{i}"), vec![b'v'; 600 << 10])).collect();
+    let (got, took) = send(request(&two)).await.expect("task");
+    assert!(got.starts_with("-ERR MSETNX") && got.contains("bytes exceeds the limit"), "{got}");
+    assert!(took < Duration::from_secs(3), "answered after {took:?}: {got}");
+    // More keys than one transaction writes.
+    let many: Vec<(String, Vec<u8>)> =
+        (0..=flotilla::shard::TXN_WRITES_MAX).map(|i| (format!("m{i}"), b"v".to_vec())).collect();
+    let (got, _) = send(request(&many)).await.expect("task");
+    assert!(got.starts_with("-ERR MSETNX") && got.contains("writes exceeds the limit"), "{got}");
+    // Nothing of them was set.
+    let (got, _) = send(b"EXISTS big0 two0 m0\r\n".to_vec()).await.expect("task");
+    assert_eq!(got, ":0\r\n");
+}

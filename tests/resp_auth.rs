@@ -352,9 +352,331 @@ async fn a_reload_applies_to_new_redis_connections() {
     let read = |p: &Path| std::fs::read_to_string(p).expect("read PEM");
     let (cert, key) = flotilla::cluster::node_cert_paths(&certs, NodeId(1));
     let both = format!("{}{}", read(&ca), read(&new.path().join("ca.pem")));
+    // But first a reload that is refused (a certificate naming another node): all or nothing,
+    // the front door does not take the new CA either.
+    flotilla::cluster::issue_node(new.path(), NodeId(2)).expect("node 2's certificate");
+    let (cert2, key2) = flotilla::cluster::node_cert_paths(new.path(), NodeId(2));
+    let wrong = flotilla::transport::cert::TlsIdentity::from_pem(&both, &read(&cert2), &read(&key2)).expect("identity");
+    assert!(cluster.node(1).reload_tls(wrong).is_err(), "a certificate of node 2 taken by node 1");
+    let after = {
+        let args = args.clone();
+        tokio::task::spawn_blocking(move || refused(port, &args)).await.expect("redis-cli")
+    };
+    assert!(after.contains("Server closed the connection"), "{after}");
     let tls = flotilla::transport::cert::TlsIdentity::from_pem(&both, &read(&cert), &read(&key)).expect("identity");
     cluster.node(1).reload_tls(tls).expect("reload");
     tokio::task::spawn_blocking(move || check(port, &args, &[("SET n 1", "OK"), ("GET n", "\"1\"")]))
         .await
         .expect("redis-cli");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits of clients that have not authenticated, and what is each principal's own, on raw
+// connections (no redis-cli needed): a listener on one node, plaintext on loopback with users.
+
+/// One reply, as read off the wire.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Reply {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Vec<u8>),
+    Null,
+    Array(Vec<Reply>),
+}
+
+impl Reply {
+    fn ok() -> Reply {
+        Reply::Simple("OK".into())
+    }
+
+    fn error(&self) -> &str {
+        match self {
+            Reply::Error(e) => e,
+            other => panic!("not an error: {other:?}"),
+        }
+    }
+
+    fn text(&self) -> String {
+        match self {
+            Reply::Bulk(b) => String::from_utf8_lossy(b).into_owned(),
+            Reply::Simple(s) => s.clone(),
+            other => panic!("not text: {other:?}"),
+        }
+    }
+
+    fn items(&self) -> &[Reply] {
+        match self {
+            Reply::Array(items) => items,
+            other => panic!("not an array: {other:?}"),
+        }
+    }
+}
+
+const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
+
+/// A connection that sends requests as RESP arrays and reads replies one by one (blocking).
+struct Raw {
+    sock: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl Raw {
+    fn connect(addr: SocketAddr) -> Raw {
+        let sock = std::net::TcpStream::connect(addr).expect("connect");
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(20))).expect("timeout");
+        Raw { sock: std::io::BufReader::new(sock) }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.sock.get_mut().write_all(bytes).expect("send");
+    }
+
+    fn cmd(&mut self, args: &[&[u8]]) -> Reply {
+        let mut req = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            req.extend_from_slice(a);
+            req.extend_from_slice(b"\r\n");
+        }
+        self.send(&req);
+        self.reply()
+    }
+
+    fn line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let n = self.sock.read_line(&mut line).expect("a reply");
+        assert!(n > 0, "the server closed the connection");
+        line.trim_end_matches("\r\n").to_string()
+    }
+
+    /// One line, or `None` once the server has closed the connection.
+    fn try_line(&mut self) -> Option<String> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        match self.sock.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(line.trim_end_matches("\r\n").to_string()),
+        }
+    }
+
+    fn reply(&mut self) -> Reply {
+        use std::io::Read;
+        let line = self.line();
+        let (kind, rest) = line.split_at(1);
+        let n = || rest.parse::<i64>().unwrap_or_else(|_| panic!("bad header {line:?}"));
+        match kind {
+            "+" => Reply::Simple(rest.into()),
+            "-" => Reply::Error(rest.into()),
+            ":" => Reply::Int(n()),
+            "_" => Reply::Null,
+            "$" | "=" if n() < 0 => Reply::Null,
+            "$" | "=" => {
+                let mut data = vec![0; usize::try_from(n()).expect("length") + 2];
+                self.sock.read_exact(&mut data).expect("bulk");
+                data.truncate(data.len() - 2);
+                Reply::Bulk(data)
+            }
+            "*" if n() < 0 => Reply::Null,
+            "*" | "%" => {
+                let count = n() * if kind == "%" { 2 } else { 1 };
+                Reply::Array((0..count).map(|_| self.reply()).collect())
+            }
+            _ => panic!("unexpected reply {line:?}"),
+        }
+    }
+
+    /// Reads until the server closes the connection, which it must within `within`; what
+    /// arrived meanwhile.
+    fn closed_within(mut self, within: std::time::Duration) -> Vec<u8> {
+        use std::io::Read;
+        let started = std::time::Instant::now();
+        self.sock.get_ref().set_read_timeout(Some(within)).expect("timeout");
+        let mut rest = Vec::new();
+        match self.sock.read_to_end(&mut rest) {
+            Ok(_) => {}
+            // A reset after the server closed with unread input is a close too.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => {
+                panic!("not closed after {:?} ({e}); got {:?}", started.elapsed(), String::from_utf8_lossy(&rest))
+            }
+        }
+        assert!(started.elapsed() < within, "closed only after {:?}", started.elapsed());
+        rest
+    }
+}
+
+/// One node, the front door plaintext on loopback with [`users`]; `tweak` changes it.
+async fn one_node_with_users(tweak: impl Fn(&mut RespConfig)) -> (Cluster, SocketAddr) {
+    let cluster = Cluster::start_with(1, &[1], &[1], flotilla::meta::dev_split_keys(2), |cfg| {
+        let mut resp = RespConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+        resp.users = users();
+        tweak(&mut resp);
+        cfg.resp = Some(resp);
+    })
+    .await;
+    let _client = cluster.client().await;
+    let addr = cluster.node(1).resp_addr().expect("front door");
+    (cluster, addr)
+}
+
+/// Until it authenticates, a connection may send requests of at most 10 arguments and bulk
+/// strings of 16 KiB (Redis's limits since CVE-2021-32675): a larger one announced is refused
+/// at its header, before anything of it is buffered, and the connection closed. Once
+/// authenticated, the configured limits apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_client_may_send_only_small_requests() {
+    let (_cluster, addr) = one_node_with_users(|_| {}).await;
+    tokio::task::spawn_blocking(move || {
+        let mut other = Raw::connect(addr);
+        // An 8 MB bulk string announced (within the configured 8 MiB): refused at once.
+        let mut big = Raw::connect(addr);
+        big.send(b"*2\r\n$4\r\nAUTH\r\n$8000000\r\n");
+        assert_eq!(big.reply(), Reply::Error("ERR Protocol error: invalid bulk length".into()));
+        big.closed_within(std::time::Duration::from_secs(5));
+        // More than 10 arguments announced.
+        let mut many = Raw::connect(addr);
+        many.send(b"*11\r\n");
+        assert_eq!(many.reply(), Reply::Error("ERR Protocol error: invalid multibulk length".into()));
+        many.closed_within(std::time::Duration::from_secs(5));
+        // The server serves others meanwhile; within the small limits nothing changes.
+        assert_eq!(other.cmd(&[b"PING"]), Reply::Simple("PONG".into()));
+        let message = vec![b'm'; 16 << 10];
+        assert_eq!(other.cmd(&[b"PING", &message]), Reply::Bulk(message));
+        assert_eq!(other.cmd(&[b"AUTH", b"app", b"app-secret"]), Reply::ok());
+        // Authenticated: the configured limits.
+        let value = vec![b'v'; 512 << 10];
+        assert_eq!(other.cmd(&[b"SET", b"big", &value]), Reply::ok());
+        assert_eq!(other.cmd(&[b"GET", b"big"]), Reply::Bulk(value));
+        let keys: Vec<Vec<u8>> = (0..20).map(|i| format!("k{i}").into_bytes()).collect();
+        let mut del: Vec<&[u8]> = vec![b"DEL"];
+        del.extend(keys.iter().map(Vec::as_slice));
+        assert_eq!(other.cmd(&del), Reply::Int(0));
+    })
+    .await
+    .expect("checks");
+}
+
+/// A connection that must authenticate and has not within `auth_timeout` of its accept is
+/// closed, sending or not (so it cannot hold a connection slot forever); one that did stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_does_not_authenticate_in_time_is_closed() {
+    let timeout = std::time::Duration::from_millis(500);
+    let (_cluster, addr) = one_node_with_users(|resp| resp.auth_timeout = timeout).await;
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let idle = Raw::connect(addr);
+        let mut pinging = Raw::connect(addr);
+        let mut authenticated = Raw::connect(addr);
+        assert_eq!(authenticated.cmd(&[b"AUTH", b"app", b"app-secret"]), Reply::ok());
+        assert_eq!(pinging.cmd(&[b"PING"]), Reply::Simple("PONG".into()));
+        let goodbye = idle.closed_within(std::time::Duration::from_secs(5));
+        assert!(started.elapsed() >= timeout, "closed after {:?}", started.elapsed());
+        assert!(goodbye.starts_with(b"-ERR authentication timed out"), "{}", String::from_utf8_lossy(&goodbye));
+        // Sending all the while does not keep it open either.
+        let mut last = String::new();
+        while started.elapsed() < std::time::Duration::from_secs(5) {
+            let _ = pinging.sock.get_mut().write_all(b"PING\r\n");
+            last = pinging.try_line().unwrap_or_default();
+            if last != "+PONG" {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(last.is_empty() || last.starts_with("-ERR authentication timed out"), "{last}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "still open");
+        // Nor does sending without a pause, replies read as fast as they come.
+        let flooding = Raw::connect(addr);
+        let mut writer = flooding.sock.get_ref().try_clone().expect("clone");
+        let flooded = std::time::Instant::now();
+        std::thread::spawn(move || {
+            let pings = b"PING\r\n".repeat(1000);
+            while flooded.elapsed() < std::time::Duration::from_secs(10) && writer.write_all(&pings).is_ok() {}
+        });
+        flooding.closed_within(std::time::Duration::from_secs(5));
+        // Authenticated in time: no deadline.
+        std::thread::sleep(timeout);
+        assert_eq!(authenticated.cmd(&[b"PING"]), Reply::Simple("PONG".into()));
+    })
+    .await
+    .expect("checks");
+}
+
+/// Ten wrong passwords on one connection close it (a right one in between starts the count
+/// again), so guessing costs a connection per ten tries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_wrong_passwords_close_the_connection() {
+    let (_cluster, addr) = one_node_with_users(|_| {}).await;
+    tokio::task::spawn_blocking(move || {
+        let mut c = Raw::connect(addr);
+        for _ in 0..9 {
+            assert_eq!(c.cmd(&[b"AUTH", b"app", b"wrong"]).error(), WRONGPASS);
+        }
+        assert_eq!(c.cmd(&[b"AUTH", b"app", b"app-secret"]), Reply::ok());
+        for _ in 0..9 {
+            assert_eq!(c.cmd(&[b"AUTH", b"viewer", b"wrong"]).error(), WRONGPASS);
+        }
+        // The tenth, here by HELLO: answered, then the connection is closed.
+        assert_eq!(c.cmd(&[b"HELLO", b"3", b"AUTH", b"app", b"wrong"]).error(), WRONGPASS);
+        assert_eq!(c.closed_within(std::time::Duration::from_secs(5)), b"");
+        // Another connection is not affected.
+        let mut d = Raw::connect(addr);
+        assert_eq!(d.cmd(&[b"AUTH", b"app", b"wrong"]).error(), WRONGPASS);
+        assert_eq!(d.cmd(&[b"AUTH", b"app", b"app-secret"]), Reply::ok());
+    })
+    .await
+    .expect("checks");
+}
+
+/// A `SCAN` cursor may be used only by the principal that was given it: another user's
+/// connection gets `ERR invalid cursor` (the same user's other connections may go on with it,
+/// as a client's pool does). A tenant's `INFO` has the server section only: the others
+/// describe the whole node and cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_cursors_and_info_are_each_principals_own() {
+    let (_cluster, addr) = one_node_with_users(|_| {}).await;
+    tokio::task::spawn_blocking(move || {
+        let mut app = Raw::connect(addr);
+        assert_eq!(app.cmd(&[b"AUTH", b"app", b"app-secret"]), Reply::ok());
+        for i in 0..10 {
+            let key = format!("tenant1/{i}");
+            assert_eq!(app.cmd(&[b"SET", key.as_bytes(), b"v"]), Reply::ok());
+        }
+        let mut tenant = Raw::connect(addr);
+        assert_eq!(tenant.cmd(&[b"AUTH", b"tenant", b"tenant-secret"]), Reply::ok());
+        let page = tenant.cmd(&[b"SCAN", b"0", b"COUNT", b"3"]);
+        let cursor = page.items()[0].text();
+        assert_ne!(cursor, "0", "{page:?}");
+        assert_eq!(page.items()[1].items().len(), 3, "{page:?}");
+        // Another principal: refused, whoever it is.
+        assert_eq!(app.cmd(&[b"SCAN", cursor.as_bytes()]).error(), "ERR invalid cursor");
+        let mut viewer = Raw::connect(addr);
+        assert_eq!(viewer.cmd(&[b"AUTH", b"viewer", b"viewer-secret"]), Reply::ok());
+        assert_eq!(viewer.cmd(&[b"SCAN", cursor.as_bytes()]).error(), "ERR invalid cursor");
+        // The same user on another connection goes on.
+        let mut tenant2 = Raw::connect(addr);
+        assert_eq!(tenant2.cmd(&[b"AUTH", b"tenant", b"tenant-secret"]), Reply::ok());
+        let next = tenant2.cmd(&[b"SCAN", cursor.as_bytes(), b"COUNT", b"3"]);
+        assert_eq!(next.items()[1].items().len(), 3, "{next:?}");
+        // Cursors handed out one after the other are not consecutive numbers.
+        let again = tenant.cmd(&[b"SCAN", b"0", b"COUNT", b"3"]).items()[0].text();
+        let (a, b): (u64, u64) = (cursor.parse().expect("cursor"), again.parse().expect("cursor"));
+        assert!(a.abs_diff(b) > 1_000, "cursors {a} and {b}");
+
+        // INFO: the server section only for a tenant, whatever it asks for.
+        for asked in [&[b"INFO".as_slice()][..], &[b"INFO", b"all"], &[b"INFO", b"clients", b"flotilla", b"server"]] {
+            let info = tenant.cmd(asked).text();
+            assert!(info.contains("# Server\r\n") && info.contains("redis_version:"), "{info}");
+            for hidden in ["# Clients", "# Keyspace", "# Flotilla", "connected_clients", "shards:"] {
+                assert!(!info.contains(hidden), "{asked:?} shows {hidden}: {info}");
+            }
+        }
+        assert_eq!(tenant.cmd(&[b"INFO", b"keyspace"]).text(), "");
+        let info = app.cmd(&[b"INFO"]).text();
+        for shown in ["# Server", "# Clients", "# Keyspace", "# Flotilla"] {
+            assert!(info.contains(shown), "{shown}: {info}");
+        }
+    })
+    .await
+    .expect("checks");
 }

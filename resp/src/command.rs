@@ -51,13 +51,20 @@ pub enum FlushMode {
     Sync,
 }
 
-/// `AUTH`'s or `HELLO AUTH`'s credentials.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// `AUTH`'s or `HELLO AUTH`'s credentials. Their `Debug` output (and so a [`Command`]'s)
+/// leaves the password out: commands end up in logs and panic messages.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     /// `None` for the one-argument `AUTH password` (the `default` user).
     pub username: Option<Bytes>,
     /// The password.
     pub password: Bytes,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("username", &self.username).field("password", &"<redacted>").finish()
+    }
 }
 
 /// A request, checked and typed.
@@ -856,6 +863,18 @@ mod tests {
         assert_eq!(parse("HELLO 3 AUTH user"), Err("ERR Syntax error in HELLO option 'AUTH'".into()));
         assert_eq!(parse("HELLO 3 SETNAME"), Err("ERR Syntax error in HELLO option 'SETNAME'".into()));
         assert_eq!(parse("HELLO 3 SETNAME a\nb"), Err(error::INVALID_CLIENT_NAME.into()));
+    }
+
+    #[test]
+    fn debug_output_leaves_passwords_out() {
+        for line in ["AUTH hunter2-secret", "AUTH app hunter2-secret", "HELLO 3 AUTH app hunter2-secret"] {
+            let command = Command::parse(&args(line)).expect(line);
+            let shown = format!("{command:?} {command:#?}");
+            assert!(!shown.contains("hunter2"), "{line}: {shown}");
+            assert!(shown.contains("<redacted>"), "{line}: {shown}");
+        }
+        let named = format!("{:?}", parse("AUTH app hunter2-secret").unwrap());
+        assert!(named.contains("app"), "the user name is still shown: {named}");
     }
 
     #[test]

@@ -170,6 +170,14 @@ impl Parser {
         &self.limits
     }
 
+    /// Enforces `limits` from now on: a server parses with small limits until the client has
+    /// authenticated, then with its configured ones (as Redis does since CVE-2021-32675).
+    /// Meant to be called between requests; a request already begun has its later headers
+    /// checked against the new limits.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
     /// Takes the next complete request (its arguments, the command name first) off the
     /// front of `buf`, or returns `Ok(None)` when `buf` holds no complete request yet.
     ///
@@ -484,6 +492,21 @@ mod tests {
 
     fn message(error: ProtocolError) -> String {
         String::from_utf8_lossy(&error.message()).into_owned()
+    }
+
+    #[test]
+    fn limits_changed_between_requests_apply_to_the_next() {
+        let small = Limits { args_max: 2, bulk_bytes_max: 4, ..Limits::default() };
+        let mut parser = Parser::new(small);
+        let mut buf =
+            BytesMut::from(&b"*2\r\n$4\r\nAUTH\r\n$2\r\npw\r\n*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nvalue\r\n"[..]);
+        assert_eq!(parser.parse(&mut buf), Ok(Some(args(&["AUTH", "pw"]))));
+        parser.set_limits(Limits::default());
+        assert_eq!(parser.parse(&mut buf), Ok(Some(args(&["SET", "k", "value"]))));
+        // The other way: the small limits refuse what the default ones took.
+        parser.set_limits(Limits { args_max: 2, ..Limits::default() });
+        let mut buf = BytesMut::from(&b"*3\r\n"[..]);
+        assert_eq!(parser.parse(&mut buf), Err(ProtocolError::InvalidMultibulkLength));
     }
 
     #[test]

@@ -335,10 +335,7 @@ impl KvCommand {
             return check_txn_size(guard, expected.as_deref(), writes);
         }
         if let KvCommand::InsertAll { pairs } = self {
-            let Some((first, _)) = pairs.first() else { return Err("an insert of no keys".into()) };
-            let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> =
-                pairs.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect();
-            return check_txn_size(first, None, &writes);
+            return check_insert_size(pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
         }
         if self.key().len() > KEY_BYTES_MAX {
             return Err(format!("key of {} bytes exceeds the limit of {KEY_BYTES_MAX}", self.key().len()));
@@ -397,20 +394,41 @@ impl KvCommand {
 /// Why a transaction is too large, if it is: each key and value within the single-key limits,
 /// at most [`TXN_WRITES_MAX`] writes and [`TXN_BYTES_MAX`] bytes of them in all.
 fn check_txn_size(guard: &[u8], expected: Option<&[u8]>, writes: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), String> {
-    if writes.len() > TXN_WRITES_MAX {
-        return Err(format!("transaction of {} writes exceeds the limit of {TXN_WRITES_MAX}", writes.len()));
-    }
     if expected.map_or(0, <[u8]>::len) > VALUE_BYTES_MAX {
         return Err(format!("expected value exceeds the limit of {VALUE_BYTES_MAX}"));
     }
-    let mut total = 0;
-    for key in std::iter::once(guard).chain(writes.iter().map(|(k, _)| k.as_slice())) {
-        if key.len() > KEY_BYTES_MAX {
-            return Err(format!("key of {} bytes exceeds the limit of {KEY_BYTES_MAX}", key.len()));
-        }
+    check_key_size(guard)?;
+    check_writes_size(writes.iter().map(|(k, v)| (k.as_slice(), v.as_ref().map_or(0, Vec::len))))
+}
+
+/// Why an insert of `pairs` ([`KvCommand::InsertAll`], Redis's `MSETNX`) is too large, if it
+/// is: the limits of a transaction ([`TXN_WRITES_MAX`] writes, [`TXN_BYTES_MAX`] bytes of keys
+/// and values in all, each key within [`KEY_BYTES_MAX`]). Looks at the pairs where they are,
+/// copying nothing, so a front door can check a request before it builds one.
+pub fn check_insert_size<'a>(pairs: impl ExactSizeIterator<Item = (&'a [u8], &'a [u8])>) -> Result<(), String> {
+    if pairs.len() == 0 {
+        return Err("an insert of no keys".into());
     }
-    for (k, v) in writes {
-        total += k.len() + v.as_ref().map_or(0, Vec::len);
+    check_writes_size(pairs.map(|(k, v)| (k, v.len())))
+}
+
+fn check_key_size(key: &[u8]) -> Result<(), String> {
+    if key.len() > KEY_BYTES_MAX {
+        return Err(format!("key of {} bytes exceeds the limit of {KEY_BYTES_MAX}", key.len()));
+    }
+    Ok(())
+}
+
+/// The count, each key's length and the total of keys and values of a transaction's writes
+/// (each a key and the length of its value), in one pass.
+fn check_writes_size<'a>(writes: impl ExactSizeIterator<Item = (&'a [u8], usize)>) -> Result<(), String> {
+    if writes.len() > TXN_WRITES_MAX {
+        return Err(format!("transaction of {} writes exceeds the limit of {TXN_WRITES_MAX}", writes.len()));
+    }
+    let mut total = 0usize;
+    for (key, value) in writes {
+        check_key_size(key)?;
+        total = total.saturating_add(key.len()).saturating_add(value);
     }
     if total > TXN_BYTES_MAX {
         return Err(format!("transaction of {total} bytes exceeds the limit of {TXN_BYTES_MAX}"));
@@ -1098,5 +1116,38 @@ mod range_tests {
         assert!(neither(&range("a", Some("b")), &range("c", None)));
         // An empty range holds no key.
         assert!(neither(&range("c", Some("c")), &range("a", None)));
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::{check_insert_size, KvCommand, KEY_BYTES_MAX, TXN_BYTES_MAX, TXN_WRITES_MAX};
+
+    /// What `InsertAll`'s `check_size` says, and what a front door checking the pairs where
+    /// they lie says, are the same.
+    fn both(pairs: &[(Vec<u8>, Vec<u8>)]) -> Result<(), String> {
+        let direct = check_insert_size(pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
+        assert_eq!(KvCommand::InsertAll { pairs: pairs.to_vec() }.check_size(), direct);
+        direct
+    }
+
+    #[test]
+    fn an_insert_is_bounded_as_a_transaction_is() {
+        let pair = |k: &str, len: usize| (k.as_bytes().to_vec(), vec![b'v'; len]);
+        assert_eq!(both(&[pair("a", 10), pair("b", 10)]), Ok(()));
+        assert_eq!(both(&[]), Err("an insert of no keys".into()));
+        // The total of keys and values, though each value is within the value limit.
+        let half = TXN_BYTES_MAX / 2;
+        assert_eq!(both(&[pair("a", half), pair("b", half - 2)]), Ok(()));
+        let err = both(&[pair("a", half), pair("b", half)]).unwrap_err();
+        assert!(err.contains(&format!("{} bytes exceeds the limit of {TXN_BYTES_MAX}", TXN_BYTES_MAX + 2)), "{err}");
+        // The number of writes.
+        let many: Vec<_> = (0..=TXN_WRITES_MAX).map(|i| (i.to_string().into_bytes(), Vec::new())).collect();
+        let err = both(&many).unwrap_err();
+        assert!(err.contains(&format!("{} writes exceeds the limit", TXN_WRITES_MAX + 1)), "{err}");
+        assert_eq!(both(&many[..TXN_WRITES_MAX]), Ok(()));
+        // Each key.
+        let err = both(&[pair("a", 1), (vec![b'k'; KEY_BYTES_MAX + 1], Vec::new())]).unwrap_err();
+        assert!(err.starts_with(&format!("key of {} bytes", KEY_BYTES_MAX + 1)), "{err}");
     }
 }

@@ -26,8 +26,8 @@ pub use host::{
     GroupDescriptor, GroupInfo, Host, HostConfig, HostError, HostNetwork, HostStats, NodeBatch, QuiesceNotice,
 };
 pub use kv::{
-    range_size_blocking, KeyRange, KvCommand, KvResponse, KvStateMachine, Prepared, RangeSize, ScanEnd, ScanError,
-    ScanPage, SplitEffect, UpdateOp, KEY_BYTES_MAX, TXN_BYTES_MAX, TXN_WRITES_MAX, VALUE_BYTES_MAX,
+    check_insert_size, range_size_blocking, KeyRange, KvCommand, KvResponse, KvStateMachine, Prepared, RangeSize,
+    ScanEnd, ScanError, ScanPage, SplitEffect, UpdateOp, KEY_BYTES_MAX, TXN_BYTES_MAX, TXN_WRITES_MAX, VALUE_BYTES_MAX,
 };
 pub use log::RocksLog;
 pub use store::{Op, Store, WriterStats, CF_DATA, CF_META, CF_RAFT};

@@ -146,6 +146,7 @@ fn server_file(a: &ServerArgs) -> Result<(ServerFile, PathBuf)> {
                 resp_users: Vec::new(),
                 resp_connections_max: None,
                 resp_bulk_bytes_max: None,
+                resp_auth_timeout_ms: None,
             };
             (file, PathBuf::new())
         }

@@ -590,11 +590,17 @@ impl Node {
     /// Presents `tls` from now on (renewed certificates, or a move to a new CA): see
     /// [`Transport::reload_tls`]. A certificate naming another node is refused.
     /// The Redis front door's TLS listener, if it has one, takes them too, for the connections
-    /// it accepts from then on.
+    /// it accepts from then on. All or nothing: the front door's acceptor is built first, then
+    /// the transport reloaded, then the acceptor put in use, so that certificates either part
+    /// refuses change neither.
     pub fn reload_tls(&self, tls: TlsIdentity) -> Result<(), NodeError> {
-        self.inner.transport.reload_tls(tls.clone())?;
-        if let Some(resp) = &self.inner.resp_tls {
-            resp.reload(&tls).map_err(NodeError::Config)?;
+        let resp = match &self.inner.resp_tls {
+            Some(resp) => Some((resp, resp.prepare(&tls).map_err(NodeError::Config)?)),
+            None => None,
+        };
+        self.inner.transport.reload_tls(tls)?;
+        if let Some((resp, acceptor)) = resp {
+            resp.install(acceptor);
         }
         Ok(())
     }

@@ -7,10 +7,15 @@
 //! stops reading its replies is dropped after [`WRITE_TIMEOUT`]; a client that half-closes gets
 //! the replies to everything it sent, then the connection closes. The same code serves
 //! plaintext TCP and TLS (any `AsyncRead + AsyncWrite` stream).
+//!
+//! A connection that must authenticate is held to less until it has: the parser's small limits
+//! ([`RespConfig::unauthenticated_limits`](super::RespConfig::unauthenticated_limits)), a small
+//! read-ahead ([`UNAUTHENTICATED_INPUT_AHEAD_MAX`]), and a deadline from its accept
+//! (`auth_timeout`), after which it is closed.
 
 use super::access::{self, Principal};
 use super::cursors::Cursors;
-use super::dispatch::{self, Conn};
+use super::dispatch::{self, AuthLog, Conn};
 use super::metrics::RespMetrics;
 use super::router::Router;
 use super::users::Users;
@@ -38,6 +43,10 @@ const READ_CHUNK: usize = 16 << 10;
 const INPUT_AHEAD_MAX: usize = 32 << 20;
 /// Read room reserved ahead for a large bulk string whose length is known, at most.
 const RESERVE_MAX: usize = 1 << 20;
+/// [`INPUT_AHEAD_MAX`] of a connection that has not authenticated yet.
+const UNAUTHENTICATED_INPUT_AHEAD_MAX: usize = 64 << 10;
+/// How long the goodbye to a connection that did not authenticate in time may take to write.
+const GOODBYE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What every connection of a listener shares.
 pub struct Shared {
@@ -48,28 +57,54 @@ pub struct Shared {
     pub started: Instant,
     pub port: u16,
     pub limits: Limits,
+    /// The parser's limits until a connection that must authenticate has.
+    pub unauthenticated_limits: Limits,
+    /// How long from its accept a connection that must authenticate may take to.
+    pub auth_timeout: Duration,
     pub connections_max: usize,
     /// Password users (`AUTH`); none when authentication is off.
     pub users: Users,
+    /// Failed authentication is logged at most once a second.
+    pub auth_log: AuthLog,
 }
 
 /// Serves one connection until the client leaves, breaks the protocol or the node stops.
 /// `principal` is who the connection acts as from the start (a client certificate's identity,
-/// or the `default` user where no authentication is configured); `None` until it sends `AUTH`.
+/// or the `default` user where no authentication is configured); `None` until it sends `AUTH`,
+/// which it must do within the listener's `auth_timeout` from `accepted`.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
     mut sock: S,
     peer: SocketAddr,
     local: Option<SocketAddr>,
     principal: Option<Principal>,
+    accepted: Instant,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let mut conn = Conn::new(id, peer, local, principal);
-    let mut parser = Parser::new(shared.limits.clone());
+    // Until it has authenticated: small requests, little read ahead, and a deadline.
+    let mut authenticated = conn.principal.is_some();
+    let auth_deadline = accepted + shared.auth_timeout;
+    let mut parser = Parser::new(match authenticated {
+        true => shared.limits.clone(),
+        false => shared.unauthenticated_limits.clone(),
+    });
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let mut out = BytesMut::with_capacity(READ_CHUNK);
+    // How much may be read ahead while replies are written, and for how long they may take.
+    let ahead = |authenticated: bool| match authenticated {
+        true => (INPUT_AHEAD_MAX, WRITE_TIMEOUT),
+        false => {
+            let left = auth_deadline.saturating_duration_since(Instant::now());
+            (UNAUTHENTICATED_INPUT_AHEAD_MAX, WRITE_TIMEOUT.min(left))
+        }
+    };
     loop {
+        if !authenticated && Instant::now() >= auth_deadline {
+            // Checked here too: a client that keeps sending may never wait in the read below.
+            return auth_timed_out(shared, &conn, &mut sock, &mut out).await;
+        }
         loop {
             let args = match parser.parse(&mut input) {
                 Ok(Some(args)) => args,
@@ -127,21 +162,31 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 let _ = sock.shutdown().await;
                 return Ok(());
             }
+            if !authenticated && conn.principal.is_some() {
+                // Authenticated: the configured limits from the next request on.
+                authenticated = true;
+                parser.set_limits(shared.limits.clone());
+            }
             if out.len() >= OUT_FLUSH_BYTES {
-                write_reading(&mut sock, &mut out, &mut input).await?;
+                let (ahead_max, timeout) = ahead(authenticated);
+                write_reading(&mut sock, &mut out, &mut input, ahead_max, timeout).await?;
             }
         }
         let before = input.len();
-        write_reading(&mut sock, &mut out, &mut input).await?;
+        let (ahead_max, timeout) = ahead(authenticated);
+        write_reading(&mut sock, &mut out, &mut input, ahead_max, timeout).await?;
         if input.len() > before {
             // More requests arrived while the replies went out: parse them before waiting.
             continue;
         }
         let want = parser.bytes_missing(&input).clamp(READ_CHUNK, RESERVE_MAX);
         input.reserve(want);
+        let auth_left = (!authenticated).then(|| auth_deadline.saturating_duration_since(Instant::now()));
         let n = tokio::select! {
-            n = sock.read_buf(&mut input) => n?,
+            biased;
             _ = stop.changed() => return Ok(()),
+            _ = until(auth_left) => return auth_timed_out(shared, &conn, &mut sock, &mut out).await,
+            n = sock.read_buf(&mut input) => n?,
         };
         if n == 0 {
             // The client closed its side: everything it sent is answered.
@@ -151,14 +196,42 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// Says goodbye to a connection that did not authenticate in time (a short write, not waited
+/// on for long) and closes it.
+async fn auth_timed_out<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    conn: &Conn,
+    sock: &mut S,
+    out: &mut BytesMut,
+) -> std::io::Result<()> {
+    shared.metrics.auth_closed.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(peer = %conn.peer, "redis protocol connection closed: it did not authenticate in time");
+    Frame::error("ERR authentication timed out: AUTH within resp_auth_timeout_ms of connecting")
+        .encode(conn.protocol, out);
+    let _ = tokio::time::timeout(GOODBYE_WRITE_TIMEOUT, async {
+        write(sock, out).await?;
+        sock.shutdown().await
+    })
+    .await;
+    Ok(())
+}
+
+/// Waits `left`, or forever if `None`.
+async fn until(left: Option<Duration>) {
+    match left {
+        Some(left) => tokio::time::sleep(left).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn answer(shared: &Shared, conn: &mut Conn, out: &mut BytesMut, name: &'static str, reply: Frame, since: Instant) {
     conn.last_command = name;
     shared.metrics.count(name, matches!(reply, Frame::Error(_)), since.elapsed());
     reply.encode(conn.protocol, out);
 }
 
-/// Writes `out` while reading what the client sends on into `input` (up to
-/// [`INPUT_AHEAD_MAX`] bytes). A client may send a whole pipeline before it reads a reply
+/// Writes `out` within `timeout` while reading what the client sends on into `input` (up to
+/// `ahead_max` bytes, [`INPUT_AHEAD_MAX`] once authenticated). A client may send a whole pipeline before it reads a reply
 /// (redis-py's `execute`, Jedis's `sync`): not reading meanwhile would leave both sides
 /// blocked on full socket buffers until the write timeout drops the client. Both directions
 /// are polled on the one stream (plaintext or TLS) from one future; a read or write that is not
@@ -167,6 +240,8 @@ async fn write_reading<S: AsyncRead + AsyncWrite + Unpin>(
     sock: &mut S,
     out: &mut BytesMut,
     input: &mut BytesMut,
+    ahead_max: usize,
+    timeout: Duration,
 ) -> std::io::Result<()> {
     let (mut written, mut closed) = (0, false);
     let io = std::future::poll_fn(|cx| loop {
@@ -189,7 +264,7 @@ async fn write_reading<S: AsyncRead + AsyncWrite + Unpin>(
                 Poll::Pending => {}
             }
         }
-        if !closed && input.len() < INPUT_AHEAD_MAX {
+        if !closed && input.len() < ahead_max {
             input.reserve(READ_CHUNK);
             match std::pin::pin!(sock.read_buf(input)).poll(cx) {
                 // The client closed its side: what it sent is answered after this write, and
@@ -204,7 +279,7 @@ async fn write_reading<S: AsyncRead + AsyncWrite + Unpin>(
             return Poll::Pending;
         }
     });
-    tokio::time::timeout(WRITE_TIMEOUT, io)
+    tokio::time::timeout(timeout, io)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "the client does not read its replies"))??;
     out.clear();

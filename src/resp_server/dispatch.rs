@@ -10,7 +10,9 @@
 //!
 //! `MSETNX` is one state-machine command too (`KvCommand::InsertAll`): atomic when its keys
 //! live in one shard, refused with Redis Cluster's `CROSSSLOT` otherwise (never split into
-//! per-shard parts, which could set some keys and not others). `DBSIZE` counts by scanning
+//! per-shard parts, which could set some keys and not others), and bounded as a transaction is
+//! (at most `TXN_WRITES_MAX` keys and `TXN_BYTES_MAX` bytes of keys and values, checked here
+//! before it is routed). `DBSIZE` counts by scanning
 //! every shard (Flotilla keeps no key count): O(N), at most [`DBSIZE_SCANNED_MAX`] keys, each
 //! shard's part read with the connection's consistency but the sum not one snapshot, so it is
 //! exact only when no write runs meanwhile. `TIME` is this node's clock.
@@ -20,6 +22,7 @@ use super::connection::Shared;
 use super::glob;
 use super::info;
 use super::router::{RouteError, Swap};
+use super::AUTH_FAILURES_MAX;
 use crate::wire::{check_user_key, check_value, ReadConsistency, UpdateOp};
 use bytes::Bytes;
 use flotilla_resp::command::{Credentials, SetCondition};
@@ -28,8 +31,10 @@ use flotilla_resp::{error, introspection, Command, Frame, Protocol};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::task::Poll;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Swaps tried before a read-modify-write gives up under contention.
 const SWAP_ATTEMPTS_MAX: usize = 64;
@@ -47,6 +52,31 @@ pub const KEYS_REPLY_BYTES_MAX: usize = 16 << 20;
 /// Most keys `DBSIZE` counts (it scans them: Flotilla keeps no count); past it, an error.
 pub const DBSIZE_SCANNED_MAX: usize = 1_000_000;
 
+/// Failed `AUTH`s are logged at most once per this long per listener (every one is counted in
+/// `flotilla_resp_auth_failures_total`): a client guessing passwords must not flood the log.
+pub const AUTH_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// A listener's limit on log lines about failed authentication.
+#[derive(Debug, Default)]
+pub struct AuthLog {
+    last: Mutex<Option<Instant>>,
+    left_out: AtomicU64,
+}
+
+impl AuthLog {
+    /// Whether a line may be written now, and if so how many were left out since the last one.
+    pub fn allow(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|at| now.duration_since(at) < AUTH_LOG_EVERY) {
+            self.left_out.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.left_out.swap(0, Ordering::Relaxed))
+    }
+}
+
 /// The state of one connection that commands read and change.
 pub struct Conn {
     pub id: u64,
@@ -60,6 +90,8 @@ pub struct Conn {
     pub last_command: &'static str,
     /// Who the connection acts as; `None` until it authenticates.
     pub principal: Option<Principal>,
+    /// Failed `AUTH`s since the connection opened or last authenticated.
+    pub auth_failures: u32,
 }
 
 impl Conn {
@@ -76,6 +108,7 @@ impl Conn {
             created: now,
             last_active: now,
             last_command: "",
+            auth_failures: 0,
         }
     }
 }
@@ -105,7 +138,15 @@ pub async fn execute(shared: &Shared, conn: &mut Conn, command: Command) -> (Fra
         Ok(frame) => frame,
         Err(e) => Frame::error(e.message()),
     };
-    (reply, false)
+    // Guessing passwords costs a connection per AUTH_FAILURES_MAX tries.
+    let close = conn.auth_failures >= AUTH_FAILURES_MAX;
+    if close {
+        shared.metrics.auth_closed.fetch_add(1, Ordering::Relaxed);
+        if shared.auth_log.allow().is_some() {
+            tracing::warn!(peer = %conn.peer, "redis protocol connection closed after {AUTH_FAILURES_MAX} failed AUTHs");
+        }
+    }
+    (reply, close)
 }
 
 /// A failed command's error reply.
@@ -203,7 +244,7 @@ async fn run(shared: &Shared, conn: &mut Conn, command: Command) -> Result<Frame
             let scope = Scope::of(conn);
             let start = match cursor {
                 0 => Vec::new(),
-                c => shared.cursors.get(c).ok_or(Failure::Redis(error::INVALID_CURSOR))?,
+                c => shared.cursors.get(conn.principal.as_ref(), c).ok_or(Failure::Redis(error::INVALID_CURSOR))?,
             };
             let Some(start) = scope.start(start) else {
                 return Ok(Frame::Array(vec![Frame::bulk("0"), Frame::Array(Vec::new())]));
@@ -219,7 +260,7 @@ async fn run(shared: &Shared, conn: &mut Conn, command: Command) -> Result<Frame
                 .filter(|k| strings && pattern.as_ref().is_none_or(|p| glob::matches(p, k)))
                 .map(Frame::bulk)
                 .collect();
-            let next = scope.next(page.next).map_or(0, |next| shared.cursors.save(next));
+            let next = scope.next(page.next).map_or(0, |next| shared.cursors.save(conn.principal.as_ref(), next));
             Frame::Array(vec![Frame::bulk(next.to_string()), Frame::Array(keys)])
         }
         Command::Keys { pattern } => {
@@ -364,6 +405,11 @@ async fn run_data(shared: &Shared, reads: ReadConsistency, command: Command) -> 
                     .and_then(|_| check_value(value))
                     .map_err(|e| Failure::Route(RouteError::Invalid(e)))?;
             }
+            // One transaction: its totals are checked here, before it is routed (the shard
+            // would refuse it, or the transport could not even carry it to a remote leader).
+            crate::shard::check_insert_size(pairs.iter().map(|(k, v)| (k.as_ref(), v.as_ref()))).map_err(|e| {
+                Failure::Text(format!("ERR MSETNX sets its keys in one transaction, and this one is too large: {e}"))
+            })?;
             let view = shared.router.node().meta_view();
             let shards: std::collections::BTreeSet<_> =
                 pairs.iter().filter_map(|(key, _)| view.map.lookup(key).map(|d| d.id)).collect();
@@ -388,17 +434,36 @@ async fn run_data(shared: &Shared, reads: ReadConsistency, command: Command) -> 
 
 /// Makes the connection act as the user `credentials` name (`default` when none is named), if
 /// the password is theirs; `-WRONGPASS` otherwise, and the connection stays as it was.
+///
+/// Without users, the listener's connections act as Redis's `default` user with `nopass` (or
+/// as their client certificate's identity): as in Redis, `AUTH default <anything>` succeeds and
+/// changes nothing, and `AUTH <password>` alone is an error. It never makes a connection that
+/// has not authenticated act as anyone.
 fn authenticate(shared: &Shared, conn: &mut Conn, credentials: Credentials) -> Result<(), Failure> {
-    if !shared.users.any() && credentials.username.is_none() {
-        return Err(Failure::Redis(NO_PASSWORD));
+    if !shared.users.any() {
+        match credentials.username.as_deref() {
+            None => return Err(Failure::Redis(NO_PASSWORD)),
+            Some(b"default") if conn.principal.is_some() => return Ok(()),
+            Some(_) => {}
+        }
     }
     let name = credentials.username.as_deref().unwrap_or(b"default");
     let Some(user) = shared.users.check(name, &credentials.password) else {
-        shared.metrics.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(peer = %conn.peer, user = %name.escape_ascii(), "redis protocol AUTH failed");
+        shared.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+        conn.auth_failures = conn.auth_failures.saturating_add(1);
+        if let Some(left_out) = shared.auth_log.allow() {
+            tracing::info!(
+                peer = %conn.peer,
+                user = %name.escape_ascii(),
+                failures_on_connection = conn.auth_failures,
+                not_logged_since_last = left_out,
+                "redis protocol AUTH failed (logged at most once a second; flotilla_resp_auth_failures_total counts all)"
+            );
+        }
         return Err(Failure::Redis(error::WRONG_PASS));
     };
     conn.principal = Some(Principal { user: user.name.clone(), grant: Some(user.grant.clone()) });
+    conn.auth_failures = 0;
     Ok(())
 }
 

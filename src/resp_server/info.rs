@@ -49,11 +49,16 @@ pub fn client_line(conn: &Conn) -> String {
     )
 }
 
-/// `INFO [section ...]`.
+/// `INFO [section ...]`. A principal limited to a key prefix (a tenant) gets the `server`
+/// section only: the others describe the whole node and cluster (every client's connections,
+/// the shards, the requests served), which are not a tenant's to see. Sections it may not see
+/// are left out as unknown ones are.
 pub async fn info(shared: &Shared, conn: &Conn, asked: &[Bytes]) -> String {
     let all = asked.is_empty()
         || asked.iter().any(|s| ["all", "default", "everything"].iter().any(|a| s.eq_ignore_ascii_case(a.as_bytes())));
-    let wanted = |name: &str| all || asked.iter().any(|s| s.eq_ignore_ascii_case(name.as_bytes()));
+    let tenant = conn.principal.as_ref().and_then(|p| p.grant.as_ref()).is_some_and(|g| g.prefix.is_some());
+    let visible = |name: &str| !tenant || name == "server";
+    let wanted = |name: &str| visible(name) && (all || asked.iter().any(|s| s.eq_ignore_ascii_case(name.as_bytes())));
     let node = shared.router.node();
     let mut out = String::new();
     for section in SECTIONS.into_iter().filter(|s| wanted(s)) {
@@ -91,8 +96,9 @@ pub async fn info(shared: &Shared, conn: &Conn, asked: &[Bytes]) -> String {
                 );
             }
             "keyspace" => {
-                // Flotilla keeps no key count (DBSIZE is refused), and Redis leaves out a
-                // database it has nothing to say about; the shards are Flotilla's keyspace.
+                // Flotilla keeps no key count (DBSIZE counts by scanning every shard, too slow
+                // for INFO), and Redis leaves out a database it has nothing to say about; the
+                // shards are Flotilla's keyspace.
                 let view = node.meta_view();
                 let _ = write!(out, "# Keyspace\r\nflotilla_shards:{}\r\n", view.map.shards().count());
             }

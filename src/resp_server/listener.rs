@@ -73,8 +73,11 @@ impl Listener {
             started: Instant::now(),
             port: local.map_or(0, |a| a.port()),
             limits: self.config.limits.clone(),
+            unauthenticated_limits: self.config.unauthenticated_limits(),
+            auth_timeout: self.config.auth_timeout,
             connections_max: self.config.connections_max,
             users: self.config.users.clone(),
+            auth_log: Default::default(),
         });
         // Without users or TLS, nobody can authenticate: the listener is plaintext on
         // loopback, allowed by the configuration (`RespConfig::check`), as Redis's `default`
@@ -108,6 +111,7 @@ impl Listener {
             let shared = shared.clone();
             let stop = stop.clone();
             let tls = self.tls.as_ref().map(|t| t.acceptor());
+            let accepted = Instant::now();
             tokio::spawn(async move {
                 shared.metrics.accepted.fetch_add(1, Ordering::Relaxed);
                 shared.metrics.connected.fetch_add(1, Ordering::Relaxed);
@@ -115,11 +119,11 @@ impl Listener {
                 let served = match tls {
                     None => {
                         let principal = open.then(Principal::default_user);
-                        connection::serve(&shared, sock, peer, local, principal, stop).await
+                        connection::serve(&shared, sock, peer, local, principal, accepted, stop).await
                     }
                     Some(acceptor) => match handshake(&shared, acceptor, sock, peer, require_roles).await {
                         Some((stream, principal)) => {
-                            connection::serve(&shared, stream, peer, local, principal, stop).await
+                            connection::serve(&shared, stream, peer, local, principal, accepted, stop).await
                         }
                         None => Ok(()),
                     },

@@ -41,6 +41,8 @@ pub struct RespMetrics {
     pub(crate) auth_failures: AtomicU64,
     /// Commands refused with `-NOAUTH` or `-NOPERM`.
     pub(crate) denied: AtomicU64,
+    /// Connections closed because they did not authenticate in time, or failed to too often.
+    pub(crate) auth_closed: AtomicU64,
 }
 
 impl Default for RespMetrics {
@@ -55,6 +57,7 @@ impl Default for RespMetrics {
             tls_refused: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
             denied: AtomicU64::new(0),
+            auth_closed: AtomicU64::new(0),
         }
     }
 }
@@ -131,6 +134,13 @@ impl RespMetrics {
             "Redis protocol commands refused with NOAUTH or NOPERM.",
             "counter",
             load(&self.denied),
+        );
+        gauge(
+            out,
+            "flotilla_resp_auth_closed_total",
+            "Redis protocol connections closed for not authenticating in time or too many failed AUTHs.",
+            "counter",
+            load(&self.auth_closed),
         );
         let mut names: Vec<_> = self.commands.iter().filter(|(_, c)| load(&c.calls) > 0).collect();
         names.sort_by_key(|(name, _)| **name);

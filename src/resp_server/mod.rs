@@ -39,8 +39,14 @@
 //! the same rules as the client protocol (`crate::authz`). Passwords cross a plaintext listener
 //! in the clear: outside loopback, use TLS with them.
 //!
-//! Not built yet: expiries, atomic multi-key commands across shards, a limit on repeated wrong
-//! passwords, and changing users without a restart (SIGHUP reloads certificates only).
+//! Until a connection that must authenticate has, its requests are held to Redis's small
+//! limits (10 arguments, bulk strings of 16 KiB: a larger one closes it), it has
+//! `resp_auth_timeout_ms` ([`AUTH_TIMEOUT`]) from its accept to authenticate, and
+//! [`AUTH_FAILURES_MAX`] wrong passwords close any connection; failed `AUTH`s are counted
+//! and logged at most once a second.
+//!
+//! Not built yet: expiries, atomic multi-key commands across shards, and changing users without
+//! a restart (SIGHUP reloads certificates only).
 
 mod access;
 mod connection;
@@ -61,6 +67,7 @@ pub use users::{sha256, User, Users};
 
 use flotilla_resp::Limits;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 /// Most connections one node's RESP listener serves at once; more are refused with Redis's
 /// "max number of clients reached" (Redis's own default `maxclients`).
@@ -74,6 +81,21 @@ pub const BULK_BYTES_MIN: usize = 64 << 10;
 pub const BULK_BYTES_LIMIT: usize = 512 << 20;
 /// Most bytes of one request (64 MiB, e.g. a large `MSET`): what one connection may buffer.
 pub const REQUEST_BYTES_MAX: usize = 64 << 20;
+
+/// How long a connection that must authenticate (one without a client certificate, on a
+/// listener with users) may take to, from its accept; then it is closed (`resp_auth_timeout_ms`).
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most arguments of a request before the connection has authenticated (Redis's limit since
+/// CVE-2021-32675: `HELLO 3 AUTH user password SETNAME name` is 7).
+pub const UNAUTHENTICATED_ARGS_MAX: usize = 10;
+/// Longest bulk string before the connection has authenticated (Redis's, since the same fix).
+pub const UNAUTHENTICATED_BULK_BYTES_MAX: usize = 16 << 10;
+/// Most bytes of one request before the connection has authenticated: its arguments at their
+/// longest, with room for their headers.
+pub const UNAUTHENTICATED_REQUEST_BYTES_MAX: usize = UNAUTHENTICATED_ARGS_MAX * (UNAUTHENTICATED_BULK_BYTES_MAX + 32);
+/// Failed `AUTH`s (or `HELLO ... AUTH`s) after which a connection is closed, the last one
+/// answered first; a successful one starts the count again.
+pub const AUTH_FAILURES_MAX: u32 = 10;
 
 /// A node's RESP listener.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,6 +117,8 @@ pub struct RespConfig {
     pub limits: Limits,
     /// Most connections at once.
     pub connections_max: usize,
+    /// How long a connection that must authenticate may take to ([`AUTH_TIMEOUT`]).
+    pub auth_timeout: Duration,
 }
 
 impl RespConfig {
@@ -113,6 +137,22 @@ impl RespConfig {
                 ..Limits::default()
             },
             connections_max: CONNECTIONS_MAX,
+            auth_timeout: AUTH_TIMEOUT,
+        }
+    }
+
+    /// The parser's limits until a connection that must authenticate has: Redis's small ones
+    /// ([`UNAUTHENTICATED_ARGS_MAX`] arguments, bulk strings of
+    /// [`UNAUTHENTICATED_BULK_BYTES_MAX`]), so that a client without a password cannot make
+    /// the node buffer a large request. Larger ones break the protocol: the connection is
+    /// closed.
+    pub fn unauthenticated_limits(&self) -> Limits {
+        let configured = &self.limits;
+        Limits {
+            bulk_bytes_max: configured.bulk_bytes_max.min(UNAUTHENTICATED_BULK_BYTES_MAX),
+            args_max: configured.args_max.min(UNAUTHENTICATED_ARGS_MAX),
+            inline_bytes_max: configured.inline_bytes_max,
+            request_bytes_max: configured.request_bytes_max.min(UNAUTHENTICATED_REQUEST_BYTES_MAX),
         }
     }
 
@@ -134,6 +174,9 @@ impl RespConfig {
                  resp_tls = true, or add [[resp_users]]",
                 self.listen
             ));
+        }
+        if self.auth_timeout.is_zero() {
+            return Err("resp_auth_timeout_ms must be at least 1".into());
         }
         if self.connections_max == 0 {
             return Err("resp_connections_max must be at least 1".into());

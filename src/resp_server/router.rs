@@ -58,8 +58,12 @@ pub struct Page {
 }
 
 enum CallError {
+    /// Not sent, and another attempt may succeed.
     NotSent(String),
+    /// Sent, or perhaps sent: the outcome is unknown.
     Sent(String),
+    /// Not sent, and never will be: the request is too large for the transport.
+    TooLarge(String),
 }
 
 /// Routes keyed requests for every connection of one listener. Remembers each shard's leader
@@ -97,7 +101,11 @@ impl Router {
         }
         match self.node.transport().request(target, req.encode(), timeout).await {
             Ok(bytes) => Response::decode(&bytes).map_err(|e| CallError::Sent(format!("node {target}: {e}"))),
-            Err(e @ (TransportError::TooLarge { .. } | TransportError::Blocked(_) | TransportError::SelfPeer(_))) => {
+            // No retry makes a request smaller: a final answer, not a wait until the deadline.
+            Err(e @ TransportError::TooLarge { .. }) => Err(CallError::TooLarge(format!(
+                "the request is too large to send to node {target}, the shard's leader ({e}); nothing was changed"
+            ))),
+            Err(e @ (TransportError::Blocked(_) | TransportError::SelfPeer(_))) => {
                 Err(CallError::NotSent(format!("node {target}: {e}")))
             }
             Err(e) => Err(CallError::Sent(format!("node {target}: {e}"))),
@@ -152,6 +160,7 @@ impl Router {
             };
             let timeout = REQUEST_TIMEOUT.min(deadline - now);
             match self.call(target, make(&d), timeout).await {
+                Err(CallError::TooLarge(e)) => return Err(RouteError::Invalid(e)),
                 Err(CallError::NotSent(e)) => {
                     last = e;
                     self.set_leader(d.id, None);

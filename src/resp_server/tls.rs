@@ -48,9 +48,20 @@ impl RespTls {
 
     /// Uses `identity` for every connection accepted from now on; on error nothing changes.
     pub fn reload(&self, identity: &TlsIdentity) -> Result<(), String> {
-        let new = acceptor(identity, self.cert_optional)?;
-        *self.acceptor.write().unwrap_or_else(|p| p.into_inner()) = new;
+        let new = self.prepare(identity)?;
+        self.install(new);
         Ok(())
+    }
+
+    /// The acceptor `identity` makes, not in use yet ([`RespTls::install`]): a reload of several
+    /// parts builds each one's before it changes any.
+    pub fn prepare(&self, identity: &TlsIdentity) -> Result<TlsAcceptor, String> {
+        acceptor(identity, self.cert_optional)
+    }
+
+    /// Uses `acceptor` (from [`RespTls::prepare`]) for every connection accepted from now on.
+    pub fn install(&self, acceptor: TlsAcceptor) {
+        *self.acceptor.write().unwrap_or_else(|p| p.into_inner()) = acceptor;
     }
 }
 
