@@ -367,15 +367,7 @@ async fn redis_cli_against_a_three_node_cluster() {
 
 /// A one-node cluster with the front door on node 1; its address.
 async fn one_node_front_door() -> (Cluster, SocketAddr) {
-    let cluster = Cluster::start_with(1, &[1], &[1], flotilla::meta::dev_split_keys(2), |cfg| {
-        let mut resp = RespConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
-        resp.plaintext_loopback = true;
-        cfg.resp = Some(resp);
-    })
-    .await;
-    let _client = cluster.client().await;
-    let addr = cluster.node(1).resp_addr().expect("front door");
-    (cluster, addr)
+    common::cluster::one_node_front_door_with(|resp| resp.plaintext_loopback = true).await
 }
 
 /// A web page can make a browser POST to a loopback port without asking first; the body's

@@ -508,16 +508,11 @@ impl Raw {
 
 /// One node, the front door plaintext on loopback with [`users`]; `tweak` changes it.
 async fn one_node_with_users(tweak: impl Fn(&mut RespConfig)) -> (Cluster, SocketAddr) {
-    let cluster = Cluster::start_with(1, &[1], &[1], flotilla::meta::dev_split_keys(2), |cfg| {
-        let mut resp = RespConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+    common::cluster::one_node_front_door_with(move |resp| {
         resp.users = users();
-        tweak(&mut resp);
-        cfg.resp = Some(resp);
+        tweak(resp);
     })
-    .await;
-    let _client = cluster.client().await;
-    let addr = cluster.node(1).resp_addr().expect("front door");
-    (cluster, addr)
+    .await
 }
 
 /// Until it authenticates, a connection may send requests of at most 10 arguments and bulk

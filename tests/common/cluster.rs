@@ -141,3 +141,19 @@ fn init_log() {
             .try_init();
     }
 }
+
+/// A one-node cluster (two shards) with a Redis front door on loopback, configured by `tweak`;
+/// the front door's address.
+pub async fn one_node_front_door_with(
+    tweak: impl Fn(&mut flotilla::resp_server::RespConfig),
+) -> (Cluster, std::net::SocketAddr) {
+    let cluster = Cluster::start_with(1, &[1], &[1], flotilla::meta::dev_split_keys(2), move |cfg| {
+        let mut resp = flotilla::resp_server::RespConfig::new(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+        tweak(&mut resp);
+        cfg.resp = Some(resp);
+    })
+    .await;
+    let _client = cluster.client().await;
+    let addr = cluster.node(1).resp_addr().expect("front door");
+    (cluster, addr)
+}
