@@ -207,7 +207,7 @@ impl Engine {
             .nodes_in_any()
             .into_iter()
             .filter(|id| *id != self.id)
-            .map(|id| (id, Progress::new(next, now)))
+            .map(|id| (id, Box::new(Progress::new(next, now))))
             .collect();
         self.role = RoleState::Leader(Box::new(LeaderState {
             progress,

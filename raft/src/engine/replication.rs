@@ -245,7 +245,7 @@ impl Engine {
         l.progress.retain(|id, _| nodes.contains(id));
         for id in nodes {
             if id != self.id {
-                l.progress.entry(id).or_insert_with(|| Progress::new(next, now));
+                l.progress.entry(id).or_insert_with(|| Box::new(Progress::new(next, now)));
             }
         }
     }

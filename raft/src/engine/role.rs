@@ -79,7 +79,9 @@ impl RoleState {
 pub(super) struct LeaderState {
     /// Replication state of every other member (voters and learners of any configuration
     /// in the log).
-    pub(super) progress: BTreeMap<NodeId, Progress>,
+    // Boxed: a B-tree leaf has room for eleven values, so inline the two or four of a small
+    // group cost a whole leaf of progress records, kilobytes per led group on a node of many.
+    pub(super) progress: BTreeMap<NodeId, Box<Progress>>,
     /// Index of the blank entry that opened this term; reads wait until it is committed.
     pub(super) noop_index: LogIndex,
     /// Linearizable reads and the heartbeat rounds that confirm them (and the lease).

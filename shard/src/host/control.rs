@@ -13,7 +13,7 @@ use tracing::{error, info};
 
 impl Poller {
     /// A group joins this poller (created, recovered or split off).
-    pub(super) fn on_add(&mut self, g: GroupState) {
+    pub(super) fn on_add(&mut self, g: Box<GroupState>) {
         let id = g.id;
         self.groups.insert(id, g);
         self.awake.insert(id);
@@ -36,7 +36,7 @@ impl Poller {
     /// The state of every group on this poller (`only`: of that group alone, if here).
     pub(super) fn info(&self, only: Option<GroupId>) -> Vec<GroupInfo> {
         let one = only.and_then(|id| self.groups.get(&id));
-        let groups: Box<dyn Iterator<Item = &GroupState>> = match only {
+        let groups: Box<dyn Iterator<Item = &Box<GroupState>>> = match only {
             Some(_) => Box::new(one.into_iter()),
             None => Box::new(self.groups.values()),
         };

@@ -84,7 +84,9 @@ pub(crate) struct Poller {
     pub(super) rx: mpsc::Receiver<PollerMsg>,
     /// Our own mailbox, for completions (writer callbacks, snapshot tasks).
     pub(super) tx: mpsc::Sender<PollerMsg>,
-    pub(super) groups: HashMap<GroupId, GroupState>,
+    /// Boxed: a group's state is large, and a map of them inline would hold the map's spare
+    /// capacity (up to as much again) in whole group states.
+    pub(super) groups: HashMap<GroupId, Box<GroupState>>,
     /// Groups that tick.
     pub(super) awake: BTreeSet<GroupId>,
     /// Groups with inputs since they were last driven.
@@ -176,7 +178,7 @@ impl Poller {
     fn on_msg(&mut self, m: PollerMsg) {
         match m {
             PollerMsg::Add(g, reply) => {
-                self.on_add(*g);
+                self.on_add(g);
                 let _ = reply.send(());
             }
             PollerMsg::Remove(id, reply) => {

@@ -78,6 +78,11 @@ impl SmQueue {
         if let MachineAction::Apply { entries: Some(e), .. } = &action {
             self.entry_bytes = self.entry_bytes.saturating_sub(bytes_of(e));
         }
+        // Most groups are idle most of the time: an emptied queue gives its buffer back (with
+        // 10,000 groups on a node, the kept buffers were about 700 bytes each).
+        if self.actions.is_empty() {
+            self.actions = VecDeque::new();
+        }
         Some(action)
     }
 
