@@ -525,6 +525,66 @@ fn the_log_is_not_purged_under_a_load_in_flight() {
     assert_eq!(c.engine(3).applied(), c.engine(1).applied());
 }
 
+/// Like the test above, but the load is still queued (not yet polled) when the purge is
+/// decided, in the same step: the driver executes the load after the purge's write may have
+/// started, so the queued load must hold the log back as much as one in flight.
+#[test]
+fn the_log_is_not_purged_under_a_load_still_queued() {
+    let config = Config {
+        entry_cache_bytes_max: 0,
+        log_keep_entries: 0,
+        log_lag_entries_max: 100,
+        log_purge_step_entries: 1,
+        ..cfg()
+    };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    c.cut.insert((n(1), n(3)));
+    for i in 0..5 {
+        c.propose(1, &format!("v{i}"));
+    }
+    c.stabilize();
+    c.cut.clear();
+    // Deliver messages one by one until the leader has queued a load for node 3 (the
+    // entries are not cached), and stop there, before node 1 polls it.
+    let queued_from = |c: &Cluster| {
+        c.engine(1).actions.iter().find_map(|a| match a {
+            Action::LoadEntries { peer, from, .. } if *peer == n(3) => Some(*from),
+            _ => None,
+        })
+    };
+    let mut from = None;
+    'rounds: for _ in 0..10 {
+        c.advance(20);
+        for _ in 0..100 {
+            let now = c.now;
+            let mut msgs = Vec::new();
+            for node in c.nodes.values_mut() {
+                node.run(now);
+                msgs.append(&mut node.outbox);
+            }
+            if msgs.is_empty() {
+                break;
+            }
+            for m in msgs {
+                c.deliver(m);
+                from = queued_from(&c);
+                if from.is_some() {
+                    break 'rounds;
+                }
+            }
+        }
+    }
+    let from = from.expect("the leader queued a load for node 3");
+    // The log is compacted as far as it may be before the load is polled.
+    let now = c.now;
+    c.node(1).engine.compact_log(now);
+    c.node(1).run(now);
+    let purged = purges(&c, 1).last().copied().unwrap_or_default();
+    assert!(purged < from, "purged to {purged} under a queued load from {from}");
+    c.settle(5);
+    assert_eq!(c.engine(3).applied(), c.engine(1).applied());
+}
+
 /// Leader 1 with 30 entries node 3 missed and purged behind it: node 3 needs a snapshot of
 /// `size` one-byte chunks (a window of 4), the links healed.
 fn node_3_needing_a_snapshot_of(size: u64) -> Cluster {
