@@ -177,6 +177,64 @@ fn entries_of_earlier_terms_commit_only_with_a_current_term_entry() {
     assert!(c.engine(1).committed() < old);
 }
 
+/// The figure-8 rule when the old entry does reach a quorum: a re-elected leader replicates
+/// its earlier term's entry to every follower, but its own term's blank entry is lost. The
+/// entry is on every replica and still not committed by counting them (a later leader
+/// that never saw it could have overwritten it in the general case); it commits with the
+/// blank entry.
+#[test]
+fn an_earlier_term_entry_on_a_quorum_is_not_committed_by_counting_replicas() {
+    let config = Config { pre_vote: false, check_quorum: false, lease_read: false, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    c.cut.extend([(n(1), n(2)), (n(1), n(3))]);
+    let old = c.propose(1, "old");
+    c.stabilize();
+    c.cut.clear();
+    let old_term = c.engine(1).term();
+    // Node 1 learns a higher term from node 2's vote request (refused: node 1's log is
+    // longer; the request to node 3 is lost), steps down, then campaigns and wins.
+    c.fire(2);
+    for m in c.take_outbox(2) {
+        if m.to == n(1) {
+            c.deliver(m);
+        }
+    }
+    c.take_outbox(1);
+    assert_eq!(c.engine(1).role(), Role::Follower);
+    c.fire(1);
+    // Every append loses what comes after "old" (the new term's blank entry): deliver until
+    // quiet, cutting each append's entries back to those up to "old".
+    for _ in 0..1000 {
+        let now = c.now;
+        let mut msgs = Vec::new();
+        for node in c.nodes.values_mut() {
+            node.run(now);
+            msgs.append(&mut node.outbox);
+        }
+        if msgs.is_empty() {
+            break;
+        }
+        for mut m in msgs {
+            if let MessageBody::Append { entries, .. } = &mut m.body {
+                entries.retain(|e| e.log_id.index <= old);
+            }
+            c.deliver(m);
+        }
+    }
+    assert_eq!(c.engine(1).role(), Role::Leader);
+    assert!(c.engine(1).term() > old_term);
+    for f in [2, 3] {
+        assert_eq!(c.engine(f).last_log_id(), LogId { term: old_term, index: old }, "node {f} holds \"old\" only");
+    }
+    assert!(c.engine(1).committed() < old, "an earlier term's entry committed by counting replicas");
+    assert!(c.applied_data(1).is_empty());
+    // The blank entry gets through: both commit.
+    c.stabilize();
+    c.settle(2);
+    assert!(c.engine(1).committed() > old);
+    assert_eq!(c.applied_data(1), vec!["old".to_string()]);
+}
+
 #[test]
 fn lagging_follower_is_caught_up_from_storage_when_not_cached() {
     let config = Config { entry_cache_bytes_max: 0, ..cfg() };
