@@ -214,3 +214,47 @@ fn a_pre_vote_is_granted_only_for_a_term_above_ours() {
     assert_eq!(answers(&mut c), vec![(n(3), next, MessageBody::PreVoteResp { granted: true })]);
     assert_eq!(c.engine(2).term(), term, "a pre-vote changes no term");
 }
+
+/// A vote is answered once *its own* write is durable, not when an earlier write completes:
+/// node 2 votes for node 1 in one term, then for node 3 in the next; the first write's
+/// completion alone must not release the second vote's answer (after a crash node 2 could
+/// otherwise vote again in that term, for another candidate).
+#[test]
+fn a_vote_is_not_answered_when_only_an_earlier_write_is_durable() {
+    let config = Config { pre_vote: false, check_quorum: false, lease_read: false, ..cfg() };
+    let mut c = Cluster::initialized(&[1, 2, 3], config);
+    c.node(2).auto_sync = false;
+    let save_vote_io = |actions: &[Action]| {
+        actions.iter().find_map(|a| if let Action::SaveVote { io, .. } = a { Some(*io) } else { None })
+    };
+    // Node 1 campaigns in term 1; nodes 2 and 3 vote for it (node 2's write is not durable
+    // yet), and the answers are lost.
+    c.fire(1);
+    for m in c.take_outbox(1) {
+        c.deliver(m);
+    }
+    let now = c.now;
+    let first = save_vote_io(&c.node(2).run(now)).expect("node 2 writes its vote for node 1");
+    c.take_outbox(3);
+    // Node 3 campaigns in term 2; node 2 votes for it in a second write.
+    c.fire(3);
+    let req = c.take_outbox(3).into_iter().find(|m| m.to == n(2)).expect("vote request to node 2");
+    assert_eq!(req.term, Term(2));
+    c.deliver(req);
+    let now = c.now;
+    let second = save_vote_io(&c.node(2).run(now)).expect("node 2 writes its vote for node 3");
+    assert!(second > first);
+    assert_eq!(c.engine(2).vote, Vote { term: Term(2), voted_for: Some(n(3)) });
+    // Only the first write completes: no answer yet.
+    c.node(2).engine.handle_io_done(now, first);
+    let out = c.take_outbox(2);
+    assert!(
+        !out.iter().any(|m| matches!(m.body, MessageBody::VoteResp { granted: true })),
+        "vote granted before it is durable: {out:?}"
+    );
+    // The second completes: node 3 gets its vote.
+    c.node(2).engine.handle_io_done(now, second);
+    let out = c.take_outbox(2);
+    assert_eq!(kinds(&out), vec![(3, "vote_resp")]);
+    assert_eq!(out[0].body, MessageBody::VoteResp { granted: true });
+}
