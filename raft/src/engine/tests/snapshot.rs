@@ -336,6 +336,43 @@ fn a_lost_chunk_is_resent_once_however_many_chunks_report_the_gap() {
     assert!(sent <= chunks + 1 + 4, "{sent} chunks sent for a snapshot of {chunks}");
 }
 
+/// The follower's side of a lost chunk: a chunk beyond what arrived is answered as a gap
+/// naming the offset to resend from, at once, so the leader resends without waiting for its
+/// resend timer; a repeated chunk is answered with what is stored, not as a gap.
+#[test]
+fn a_chunk_after_a_lost_one_is_answered_with_the_gap_at_once() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    let (meta, first) = first_chunk_to_2(&c, 7, 12, false);
+    let chunk_at = |offset: u64| Message {
+        body: MessageBody::Snapshot {
+            meta: meta.clone(),
+            offset,
+            data: Bytes::from_static(b"abcd"),
+            done: offset + 4 == meta.size_bytes,
+        },
+        ..first.clone()
+    };
+    let answers = |acts: &[Action]| -> Vec<(u64, bool)> {
+        sends(acts)
+            .into_iter()
+            .filter_map(|m| match m.body {
+                MessageBody::SnapshotResp { next_offset, gap, .. } => Some((next_offset, gap)),
+                _ => None,
+            })
+            .collect()
+    };
+    let now = c.now;
+    let e = &mut c.node(2).engine;
+    e.handle_message(now, first.clone());
+    drain(e);
+    // Bytes 4..8 are lost; 8..12 arrives: a gap at 4.
+    e.handle_message(now, chunk_at(8));
+    assert_eq!(answers(&drain(e)), vec![(4, true)]);
+    // The first chunk again: answered with what is stored (nothing reported stored yet).
+    e.handle_message(now, first);
+    assert_eq!(answers(&drain(e)), vec![(0, false)]);
+}
+
 #[test]
 fn snapshot_chunks_are_ignored_while_one_is_being_installed() {
     let mut c = Cluster::with_leader(&[1, 2], cfg());
