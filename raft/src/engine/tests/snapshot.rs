@@ -414,6 +414,44 @@ fn snapshot_chunks_are_ignored_while_one_is_being_installed() {
     assert!(e.poll_action().is_none(), "malformed chunk dropped");
 }
 
+/// A snapshot being installed stays the reception under way when a new leader (a higher
+/// term) makes contact: its chunks of another snapshot must not start a second reception, nor
+/// may anything be applied, until the first installation is reported done (both would race
+/// it in the state machine).
+#[test]
+fn an_installation_under_way_survives_a_change_of_leader() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    let (m1, chunk) = first_chunk_to_2(&c, 7, 4, true);
+    let now = c.now;
+    c.node(2).engine.handle_message(now, chunk.clone());
+    let first = drain(&mut c.node(2).engine);
+    assert!(first.iter().any(|a| matches!(a, Action::InstallSnapshot { meta, .. } if *meta == m1)), "{first:?}");
+    // Node 3 leads a higher term now and streams its own snapshot to node 2.
+    let m2 = SnapshotMeta { last_log_id: LogId::new(1, 60), snapshot_id: 8, ..m1.clone() };
+    let from_3 = Message {
+        from: n(3),
+        term: chunk.term.next(),
+        body: MessageBody::Snapshot { meta: m2.clone(), offset: 0, data: Bytes::from_static(b"abcd"), done: true },
+        ..chunk
+    };
+    c.node(2).engine.handle_message(now, from_3.clone());
+    assert_eq!(c.engine(2).leader(), Some(n(3)));
+    let during = drain(&mut c.node(2).engine);
+    assert!(
+        !during.iter().any(|a| matches!(
+            a,
+            Action::ReceiveSnapshotChunk { .. } | Action::InstallSnapshot { .. } | Action::Apply { .. }
+        )),
+        "state machine work while a snapshot installs: {during:?}"
+    );
+    // The first installation completes; node 3's snapshot is taken when it is sent again.
+    c.node(2).engine.handle_snapshot_installed(now, m1, 1);
+    drain(&mut c.node(2).engine);
+    c.node(2).engine.handle_message(now, from_3);
+    let after = drain(&mut c.node(2).engine);
+    assert!(after.iter().any(|a| matches!(a, Action::InstallSnapshot { meta, .. } if *meta == m2)), "{after:?}");
+}
+
 /// A refusal left over from an earlier reception of the same snapshot (its `InstallSnapshot`
 /// found nothing to install after a corrupt chunk was refused) must not cancel the
 /// installation of the snapshot streamed again since: an `Apply` issued then would run after
