@@ -380,3 +380,20 @@ fn an_ack_waiting_for_durability_goes_to_the_leader_of_the_latest_append() {
         "the new leader hears of 2's durable entries at once: {acks:?}"
     );
 }
+
+/// A follower whose commit notices were lost learns the commit index from the next heartbeat
+/// (it carries the commit index up to what the follower matched), and applies.
+#[test]
+fn a_follower_learns_the_commit_index_from_heartbeats() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    let x = c.propose(1, "x");
+    // Entries reach the followers; the empty appends that only carry the commit index do not.
+    c.stabilize_with(|m| !matches!(&m.body, MessageBody::Append { entries, .. } if entries.is_empty()));
+    assert!(c.engine(1).committed() >= x);
+    assert!(c.engine(2).committed() < x, "node 2 should not know yet");
+    assert!(c.applied_data(2).is_empty());
+    c.advance(20);
+    c.stabilize_with(|m| !matches!(&m.body, MessageBody::Append { entries, .. } if entries.is_empty()));
+    assert!(c.engine(2).committed() >= x);
+    assert_eq!(c.applied_data(2), vec!["x".to_string()]);
+}
