@@ -258,3 +258,29 @@ fn a_vote_is_not_answered_when_only_an_earlier_write_is_durable() {
     assert_eq!(kinds(&out), vec![(3, "vote_resp")]);
     assert_eq!(out[0].body, MessageBody::VoteResp { granted: true });
 }
+
+/// A pre-vote grant counts only for the round it answers: a copy of a grant from an earlier
+/// round (delayed or duplicated by the network) must not start a real election, the
+/// disruption pre-vote exists to prevent.
+#[test]
+fn a_pre_vote_grant_from_an_earlier_round_is_not_counted() {
+    let mut c = Cluster::initialized(&[1, 2, 3], cfg());
+    c.fire(1);
+    let to2 = c.take_outbox(1).into_iter().find(|m| m.to == n(2)).expect("pre-vote request to node 2");
+    c.deliver(to2);
+    let grant = c.take_outbox(2).pop().expect("node 2 answers");
+    assert_eq!(grant.body, MessageBody::PreVoteResp { granted: true });
+    c.deliver(grant.clone());
+    assert_eq!(c.engine(1).role(), Role::Candidate);
+    assert_eq!(c.engine(1).term(), Term(1));
+    // The election in term 1 goes nowhere (its requests are lost); node 1 times out and asks
+    // for pre-votes for term 2.
+    c.take_outbox(1);
+    c.fire(1);
+    assert_eq!(c.engine(1).role(), Role::PreCandidate);
+    c.take_outbox(1);
+    // The copy of node 2's grant for term 1 arrives now.
+    c.deliver(grant);
+    assert_eq!(c.engine(1).role(), Role::PreCandidate, "an old round's grant started an election");
+    assert_eq!(c.engine(1).term(), Term(1));
+}
