@@ -397,3 +397,39 @@ fn a_follower_learns_the_commit_index_from_heartbeats() {
     assert!(c.engine(2).committed() >= x);
     assert_eq!(c.applied_data(2), vec!["x".to_string()]);
 }
+
+/// An append that starts inside the follower's committed prefix (the leader resends from an
+/// older point) is trimmed to what follows the commit index: the entries after it are kept
+/// and acknowledged in one go, not dropped.
+#[test]
+fn an_append_overlapping_the_commit_index_keeps_the_entries_after_it() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.propose(1, "a");
+    c.propose(1, "b");
+    c.stabilize();
+    c.settle(1);
+    let committed = c.engine(2).committed();
+    assert_eq!(committed, c.engine(1).last_log_id().index, "node 2 knows everything is committed");
+    // Node 2 misses "c"; then gets an append of the last three entries (two committed).
+    c.cut.insert((n(1), n(2)));
+    let last = c.propose(1, "c");
+    c.stabilize();
+    let prev_index = LogIndex(committed.0 - 2);
+    let prev = LogId { term: c.engine(1).term_at(prev_index).expect("in the log"), index: prev_index };
+    let entries: Vec<Entry> = (committed.0 - 1..=last.0).map(|i| c.nodes[&n(1)].entry_at(LogIndex(i))).collect();
+    let term = c.engine(1).term();
+    let m = Message {
+        from: n(1),
+        to: n(2),
+        term,
+        body: MessageBody::Append { prev, entries, commit: committed },
+    };
+    let now = c.now;
+    c.node(2).engine.handle_message(now, m);
+    let out = c.take_outbox(2);
+    assert_eq!(c.engine(2).last_log_id(), c.engine(1).last_log_id());
+    assert!(
+        out.iter().any(|m| m.body == MessageBody::AppendResp(AppendResult::Success { matched: last })),
+        "{out:?}"
+    );
+}
