@@ -412,6 +412,19 @@ fn snapshot_chunks_are_ignored_while_one_is_being_installed() {
     };
     e.handle_message(now, bad);
     assert!(e.poll_action().is_none(), "malformed chunk dropped");
+    // So are chunks whose `done` flag disagrees with where they end: one marked done short of
+    // the end (installing it would install a truncated snapshot), and one reaching the end
+    // without it.
+    for (data, done) in [(&b"ab"[..], true), (&b"abcd"[..], false)] {
+        let bad = Message {
+            from: n(1),
+            to: n(2),
+            term,
+            body: MessageBody::Snapshot { meta: m2.clone(), offset: 0, data: Bytes::from_static(data), done },
+        };
+        e.handle_message(now, bad);
+        assert!(e.poll_action().is_none(), "malformed chunk ({} bytes, done: {done}) dropped", data.len());
+    }
 }
 
 /// A snapshot being installed stays the reception under way when a new leader (a higher
