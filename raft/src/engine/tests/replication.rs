@@ -418,18 +418,10 @@ fn an_append_overlapping_the_commit_index_keeps_the_entries_after_it() {
     let prev = LogId { term: c.engine(1).term_at(prev_index).expect("in the log"), index: prev_index };
     let entries: Vec<Entry> = (committed.0 - 1..=last.0).map(|i| c.nodes[&n(1)].entry_at(LogIndex(i))).collect();
     let term = c.engine(1).term();
-    let m = Message {
-        from: n(1),
-        to: n(2),
-        term,
-        body: MessageBody::Append { prev, entries, commit: committed },
-    };
+    let m = Message { from: n(1), to: n(2), term, body: MessageBody::Append { prev, entries, commit: committed } };
     let now = c.now;
     c.node(2).engine.handle_message(now, m);
     let out = c.take_outbox(2);
     assert_eq!(c.engine(2).last_log_id(), c.engine(1).last_log_id());
-    assert!(
-        out.iter().any(|m| m.body == MessageBody::AppendResp(AppendResult::Success { matched: last })),
-        "{out:?}"
-    );
+    assert!(out.iter().any(|m| m.body == MessageBody::AppendResp(AppendResult::Success { matched: last })), "{out:?}");
 }
