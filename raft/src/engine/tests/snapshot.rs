@@ -465,6 +465,31 @@ fn an_installation_under_way_survives_a_change_of_leader() {
     assert!(after.iter().any(|a| matches!(a, Action::InstallSnapshot { meta, .. } if *meta == m2)), "{after:?}");
 }
 
+/// An installed snapshot is durable (the state machine's contract), so a follower counts its
+/// log as persisted up to the snapshot at once: it acknowledges the leader's next append
+/// there without waiting for the write that purges the log behind the snapshot.
+#[test]
+fn a_follower_acknowledges_up_to_an_installed_snapshot_before_its_purge_is_durable() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.node(2).auto_sync = false;
+    let (meta, chunk) = first_chunk_to_2(&c, 7, 4, true);
+    let now = c.now;
+    c.node(2).engine.handle_message(now, chunk.clone());
+    drain(&mut c.node(2).engine);
+    c.node(2).engine.handle_snapshot_installed(now, meta.clone(), 1);
+    let after = drain(&mut c.node(2).engine);
+    assert!(after.iter().any(|a| matches!(a, Action::PurgeUpTo { .. })), "{after:?}");
+    // The purge is not durable; the leader's probe after the snapshot arrives.
+    let last = meta.last_log_id;
+    let probe = Message { body: MessageBody::Append { prev: last, entries: Vec::new(), commit: last.index }, ..chunk };
+    c.node(2).engine.handle_message(now, probe);
+    let out = drain(&mut c.node(2).engine);
+    assert!(
+        sends(&out).iter().any(|m| m.body == MessageBody::AppendResp(AppendResult::Success { matched: last.index })),
+        "{out:?}"
+    );
+}
+
 /// A refusal left over from an earlier reception of the same snapshot (its `InstallSnapshot`
 /// found nothing to install after a corrupt chunk was refused) must not cancel the
 /// installation of the snapshot streamed again since: an `Apply` issued then would run after
