@@ -425,3 +425,34 @@ fn an_append_overlapping_the_commit_index_keeps_the_entries_after_it() {
     assert_eq!(c.engine(2).last_log_id(), c.engine(1).last_log_id());
     assert!(out.iter().any(|m| m.body == MessageBody::AppendResp(AppendResult::Success { matched: last })), "{out:?}");
 }
+
+/// Acks a follower owes one leader in one term merge to the highest index: a duplicate of an
+/// older append arriving while the writes are not durable must not lower what is acknowledged
+/// once they are.
+#[test]
+fn acks_owed_to_one_leader_merge_to_the_highest_index() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.node(2).auto_sync = false;
+    let to_2 = |msgs: Vec<Message>| msgs.into_iter().find(|m| m.to == n(2)).expect("an append to node 2");
+    c.propose(1, "a");
+    let first = to_2(c.take_outbox(1));
+    let b = c.propose(1, "b");
+    let second = to_2(c.take_outbox(1));
+    c.deliver(first.clone());
+    c.deliver(second);
+    // The first append again (duplicated by the network).
+    c.deliver(first);
+    let before = c.take_outbox(2);
+    assert!(!before.iter().any(|m| matches!(m.body, MessageBody::AppendResp(_))), "no ack before durability");
+    let now = c.now;
+    c.node(2).sync(now);
+    let acks: Vec<LogIndex> = c
+        .take_outbox(2)
+        .into_iter()
+        .filter_map(|m| match m.body {
+            MessageBody::AppendResp(AppendResult::Success { matched }) => Some(matched),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acks, vec![b]);
+}
