@@ -456,3 +456,45 @@ fn acks_owed_to_one_leader_merge_to_the_highest_index() {
         .collect();
     assert_eq!(acks, vec![b]);
 }
+
+/// An ack owed to a leader in an earlier term is not merged with one owed to the same node
+/// leading a later term: it is replaced, and sent in the later term once durable (merged into
+/// the old term's slot it would be dropped as stale, and the new term's leader would wait).
+#[test]
+fn an_ack_owed_to_a_re_elected_leader_goes_out_in_its_new_term() {
+    let config = Config { pre_vote: false, check_quorum: false, lease_read: false, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    c.node(2).auto_sync = false;
+    c.propose(1, "a");
+    for m in c.take_outbox(1) {
+        c.deliver(m);
+    }
+    c.stabilize_with(|m| m.to != n(2) && m.from != n(2));
+    // Node 1 steps down on node 3's vote request (the grant is lost), then wins the term
+    // after with node 3's vote; node 2 takes no part until node 1's append of that term.
+    c.fire(3);
+    let req = c.take_outbox(3).into_iter().find(|m| m.to == n(1)).expect("vote request to node 1");
+    c.deliver(req);
+    c.take_outbox(1);
+    c.fire(1);
+    c.stabilize_with(|m| m.to != n(2) && m.from != n(2));
+    assert_eq!(c.engine(1).role(), Role::Leader);
+    let term = c.engine(1).term();
+    assert!(term > c.engine(2).term());
+    let noop = c.engine(1).last_log_id().index;
+    // A heartbeat tells node 2 the new term; the append that follows leaves it owing an ack
+    // to node 1 again, in the new term.
+    c.advance(20);
+    c.stabilize();
+    let now = c.now;
+    c.node(2).sync(now);
+    let acks: Vec<_> = c
+        .take_outbox(2)
+        .into_iter()
+        .filter_map(|m| match m.body {
+            MessageBody::AppendResp(AppendResult::Success { matched }) => Some((m.to, m.term, matched)),
+            _ => None,
+        })
+        .collect();
+    assert!(acks.iter().any(|(to, t, matched)| *to == n(1) && *t == term && *matched >= noop), "{acks:?}");
+}
