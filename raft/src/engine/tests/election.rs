@@ -284,3 +284,28 @@ fn a_pre_vote_grant_from_an_earlier_round_is_not_counted() {
     assert_eq!(c.engine(1).role(), Role::PreCandidate, "an old round's grant started an election");
     assert_eq!(c.engine(1).term(), Term(1));
 }
+
+/// A stale leader back from a partition learns the new term from the answer to its own
+/// heartbeat (followers of a higher term answer it with their term). With pre-vote and no
+/// check-quorum nothing else would ever tell it: it would keep taking requests it can never
+/// commit or serve.
+#[test]
+fn a_stale_leader_learns_the_new_term_from_the_answer_to_its_heartbeat() {
+    let config = Config { check_quorum: false, lease_read: false, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    c.cut_off(1);
+    c.elect(2);
+    c.cut.clear();
+    assert_eq!(c.engine(1).role(), Role::Leader);
+    assert!(c.engine(1).term() < c.engine(2).term());
+    // Node 1's heartbeat reaches node 3; only node 3's answer gets back (node 2's own
+    // messages are held, so they cannot be what tells node 1).
+    c.fire(1);
+    let hb = c.take_outbox(1).into_iter().find(|m| m.to == n(3)).expect("node 1 sends to node 3");
+    c.deliver(hb);
+    for m in c.take_outbox(3).into_iter().filter(|m| m.to == n(1)) {
+        c.deliver(m);
+    }
+    assert_eq!(c.engine(1).role(), Role::Follower);
+    assert_eq!(c.engine(1).term(), c.engine(3).term());
+}
