@@ -109,7 +109,11 @@ fn with_the_rule_a_learner_becomes_a_voter_once_it_holds_the_configuration_entry
     let config = Config { votes_need_configuration: true, ..cfg() };
     let mut c = Cluster::with_leader(&[1, 2, 3], config);
     // Node 4 is added as a learner while cut off: it has not received the configuration.
+    // Node 3 is cut off too: an existing voter lagging behind the configuration entry does
+    // not hold the promotion back (it already holds a configuration; the rule is for new
+    // voters only).
     c.cut.insert((n(1), n(4)));
+    c.cut.insert((n(1), n(3)));
     c.add_learner(1, 4);
     let now = c.now;
     assert!(matches!(
@@ -117,10 +121,37 @@ fn with_the_rule_a_learner_becomes_a_voter_once_it_holds_the_configuration_entry
         Err(RaftError::InvalidTarget(t, _)) if t == n(4)
     ));
     // Once it matched the configuration entry (and nothing after it), it may be promoted.
-    c.cut.clear();
+    c.cut.remove(&(n(1), n(4)));
     c.settle(3);
     let conf = c.engine(1).membership().log_id.index;
     assert_eq!(c.engine(4).last_log_id().index, conf, "the learner holds exactly the configuration entry");
+    assert!(c.engine(3).last_log_id().index < conf, "node 3 lags behind the configuration entry");
     let now = c.now;
     c.node(1).engine.change_membership(now, voters(&[1, 2, 3, 4])).expect("a learner holding the configuration");
+}
+
+/// A new leader starts no configuration change before its term's first entry commits, even
+/// when the configuration in effect is committed (thesis §4.1 and the fix to the single-server
+/// change bug: until then its commit index may lag what an earlier leader committed, and it
+/// could not tell whether an earlier leader's change is still under way).
+#[test]
+fn a_new_leader_changes_the_configuration_only_after_its_first_entry_commits() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    // Node 2 wins an election, but its blank entry reaches nobody yet.
+    c.now = c.now.add_ms(1000);
+    c.fire(2);
+    c.stabilize_with(|m| !matches!(m.body, MessageBody::Append { .. }));
+    assert_eq!(c.engine(2).role(), Role::Leader);
+    let noop = c.engine(2).last_log_id().index;
+    assert!(c.engine(2).committed() < noop);
+    assert!(c.engine(2).membership().log_id.index <= c.engine(2).committed(), "the configuration is committed");
+    let now = c.now;
+    assert_eq!(c.node(2).engine.change_membership(now, voters(&[1, 2])), Err(RaftError::ChangeInProgress));
+    assert_eq!(c.node(2).engine.add_learner(now, n(4)), Err(RaftError::ChangeInProgress));
+    // Once the blank entry commits (the lost appends are retried after a heartbeat), the
+    // change starts.
+    c.settle(3);
+    assert!(c.engine(2).committed() >= noop);
+    let now = c.now;
+    assert!(c.node(2).engine.change_membership(now, voters(&[1, 2])).is_ok());
 }

@@ -214,3 +214,98 @@ fn a_pre_vote_is_granted_only_for_a_term_above_ours() {
     assert_eq!(answers(&mut c), vec![(n(3), next, MessageBody::PreVoteResp { granted: true })]);
     assert_eq!(c.engine(2).term(), term, "a pre-vote changes no term");
 }
+
+/// A vote is answered once *its own* write is durable, not when an earlier write completes:
+/// node 2 votes for node 1 in one term, then for node 3 in the next; the first write's
+/// completion alone must not release the second vote's answer (after a crash node 2 could
+/// otherwise vote again in that term, for another candidate).
+#[test]
+fn a_vote_is_not_answered_when_only_an_earlier_write_is_durable() {
+    let config = Config { pre_vote: false, check_quorum: false, lease_read: false, ..cfg() };
+    let mut c = Cluster::initialized(&[1, 2, 3], config);
+    c.node(2).auto_sync = false;
+    let save_vote_io = |actions: &[Action]| {
+        actions.iter().find_map(|a| if let Action::SaveVote { io, .. } = a { Some(*io) } else { None })
+    };
+    // Node 1 campaigns in term 1; nodes 2 and 3 vote for it (node 2's write is not durable
+    // yet), and the answers are lost.
+    c.fire(1);
+    for m in c.take_outbox(1) {
+        c.deliver(m);
+    }
+    let now = c.now;
+    let first = save_vote_io(&c.node(2).run(now)).expect("node 2 writes its vote for node 1");
+    c.take_outbox(3);
+    // Node 3 campaigns in term 2; node 2 votes for it in a second write.
+    c.fire(3);
+    let req = c.take_outbox(3).into_iter().find(|m| m.to == n(2)).expect("vote request to node 2");
+    assert_eq!(req.term, Term(2));
+    c.deliver(req);
+    let now = c.now;
+    let second = save_vote_io(&c.node(2).run(now)).expect("node 2 writes its vote for node 3");
+    assert!(second > first);
+    assert_eq!(c.engine(2).vote, Vote { term: Term(2), voted_for: Some(n(3)) });
+    // Only the first write completes: no answer yet.
+    c.node(2).engine.handle_io_done(now, first);
+    let out = c.take_outbox(2);
+    assert!(
+        !out.iter().any(|m| matches!(m.body, MessageBody::VoteResp { granted: true })),
+        "vote granted before it is durable: {out:?}"
+    );
+    // The second completes: node 3 gets its vote.
+    c.node(2).engine.handle_io_done(now, second);
+    let out = c.take_outbox(2);
+    assert_eq!(kinds(&out), vec![(3, "vote_resp")]);
+    assert_eq!(out[0].body, MessageBody::VoteResp { granted: true });
+}
+
+/// A pre-vote grant counts only for the round it answers: a copy of a grant from an earlier
+/// round (delayed or duplicated by the network) must not start a real election, the
+/// disruption pre-vote exists to prevent.
+#[test]
+fn a_pre_vote_grant_from_an_earlier_round_is_not_counted() {
+    let mut c = Cluster::initialized(&[1, 2, 3], cfg());
+    c.fire(1);
+    let to2 = c.take_outbox(1).into_iter().find(|m| m.to == n(2)).expect("pre-vote request to node 2");
+    c.deliver(to2);
+    let grant = c.take_outbox(2).pop().expect("node 2 answers");
+    assert_eq!(grant.body, MessageBody::PreVoteResp { granted: true });
+    c.deliver(grant.clone());
+    assert_eq!(c.engine(1).role(), Role::Candidate);
+    assert_eq!(c.engine(1).term(), Term(1));
+    // The election in term 1 goes nowhere (its requests are lost); node 1 times out and asks
+    // for pre-votes for term 2.
+    c.take_outbox(1);
+    c.fire(1);
+    assert_eq!(c.engine(1).role(), Role::PreCandidate);
+    c.take_outbox(1);
+    // The copy of node 2's grant for term 1 arrives now.
+    c.deliver(grant);
+    assert_eq!(c.engine(1).role(), Role::PreCandidate, "an old round's grant started an election");
+    assert_eq!(c.engine(1).term(), Term(1));
+}
+
+/// A stale leader back from a partition learns the new term from the answer to its own
+/// heartbeat (followers of a higher term answer it with their term). With pre-vote and no
+/// check-quorum nothing else would ever tell it: it would keep taking requests it can never
+/// commit or serve.
+#[test]
+fn a_stale_leader_learns_the_new_term_from_the_answer_to_its_heartbeat() {
+    let config = Config { check_quorum: false, lease_read: false, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    c.cut_off(1);
+    c.elect(2);
+    c.cut.clear();
+    assert_eq!(c.engine(1).role(), Role::Leader);
+    assert!(c.engine(1).term() < c.engine(2).term());
+    // Node 1's heartbeat reaches node 3; only node 3's answer gets back (node 2's own
+    // messages are held, so they cannot be what tells node 1).
+    c.fire(1);
+    let hb = c.take_outbox(1).into_iter().find(|m| m.to == n(3)).expect("node 1 sends to node 3");
+    c.deliver(hb);
+    for m in c.take_outbox(3).into_iter().filter(|m| m.to == n(1)) {
+        c.deliver(m);
+    }
+    assert_eq!(c.engine(1).role(), Role::Follower);
+    assert_eq!(c.engine(1).term(), c.engine(3).term());
+}

@@ -336,6 +336,43 @@ fn a_lost_chunk_is_resent_once_however_many_chunks_report_the_gap() {
     assert!(sent <= chunks + 1 + 4, "{sent} chunks sent for a snapshot of {chunks}");
 }
 
+/// The follower's side of a lost chunk: a chunk beyond what arrived is answered as a gap
+/// naming the offset to resend from, at once, so the leader resends without waiting for its
+/// resend timer; a repeated chunk is answered with what is stored, not as a gap.
+#[test]
+fn a_chunk_after_a_lost_one_is_answered_with_the_gap_at_once() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    let (meta, first) = first_chunk_to_2(&c, 7, 12, false);
+    let chunk_at = |offset: u64| Message {
+        body: MessageBody::Snapshot {
+            meta: meta.clone(),
+            offset,
+            data: Bytes::from_static(b"abcd"),
+            done: offset + 4 == meta.size_bytes,
+        },
+        ..first.clone()
+    };
+    let answers = |acts: &[Action]| -> Vec<(u64, bool)> {
+        sends(acts)
+            .into_iter()
+            .filter_map(|m| match m.body {
+                MessageBody::SnapshotResp { next_offset, gap, .. } => Some((next_offset, gap)),
+                _ => None,
+            })
+            .collect()
+    };
+    let now = c.now;
+    let e = &mut c.node(2).engine;
+    e.handle_message(now, first.clone());
+    drain(e);
+    // Bytes 4..8 are lost; 8..12 arrives: a gap at 4.
+    e.handle_message(now, chunk_at(8));
+    assert_eq!(answers(&drain(e)), vec![(4, true)]);
+    // The first chunk again: answered with what is stored (nothing reported stored yet).
+    e.handle_message(now, first);
+    assert_eq!(answers(&drain(e)), vec![(0, false)]);
+}
+
 #[test]
 fn snapshot_chunks_are_ignored_while_one_is_being_installed() {
     let mut c = Cluster::with_leader(&[1, 2], cfg());
@@ -375,6 +412,82 @@ fn snapshot_chunks_are_ignored_while_one_is_being_installed() {
     };
     e.handle_message(now, bad);
     assert!(e.poll_action().is_none(), "malformed chunk dropped");
+    // So are chunks whose `done` flag disagrees with where they end: one marked done short of
+    // the end (installing it would install a truncated snapshot), and one reaching the end
+    // without it.
+    for (data, done) in [(&b"ab"[..], true), (&b"abcd"[..], false)] {
+        let bad = Message {
+            from: n(1),
+            to: n(2),
+            term,
+            body: MessageBody::Snapshot { meta: m2.clone(), offset: 0, data: Bytes::from_static(data), done },
+        };
+        e.handle_message(now, bad);
+        assert!(e.poll_action().is_none(), "malformed chunk ({} bytes, done: {done}) dropped", data.len());
+    }
+}
+
+/// A snapshot being installed stays the reception under way when a new leader (a higher
+/// term) makes contact: its chunks of another snapshot must not start a second reception, nor
+/// may anything be applied, until the first installation is reported done (both would race
+/// it in the state machine).
+#[test]
+fn an_installation_under_way_survives_a_change_of_leader() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    let (m1, chunk) = first_chunk_to_2(&c, 7, 4, true);
+    let now = c.now;
+    c.node(2).engine.handle_message(now, chunk.clone());
+    let first = drain(&mut c.node(2).engine);
+    assert!(first.iter().any(|a| matches!(a, Action::InstallSnapshot { meta, .. } if *meta == m1)), "{first:?}");
+    // Node 3 leads a higher term now and streams its own snapshot to node 2.
+    let m2 = SnapshotMeta { last_log_id: LogId::new(1, 60), snapshot_id: 8, ..m1.clone() };
+    let from_3 = Message {
+        from: n(3),
+        term: chunk.term.next(),
+        body: MessageBody::Snapshot { meta: m2.clone(), offset: 0, data: Bytes::from_static(b"abcd"), done: true },
+        ..chunk
+    };
+    c.node(2).engine.handle_message(now, from_3.clone());
+    assert_eq!(c.engine(2).leader(), Some(n(3)));
+    let during = drain(&mut c.node(2).engine);
+    assert!(
+        !during.iter().any(|a| matches!(
+            a,
+            Action::ReceiveSnapshotChunk { .. } | Action::InstallSnapshot { .. } | Action::Apply { .. }
+        )),
+        "state machine work while a snapshot installs: {during:?}"
+    );
+    // The first installation completes; node 3's snapshot is taken when it is sent again.
+    c.node(2).engine.handle_snapshot_installed(now, m1, 1);
+    drain(&mut c.node(2).engine);
+    c.node(2).engine.handle_message(now, from_3);
+    let after = drain(&mut c.node(2).engine);
+    assert!(after.iter().any(|a| matches!(a, Action::InstallSnapshot { meta, .. } if *meta == m2)), "{after:?}");
+}
+
+/// An installed snapshot is durable (the state machine's contract), so a follower counts its
+/// log as persisted up to the snapshot at once: it acknowledges the leader's next append
+/// there without waiting for the write that purges the log behind the snapshot.
+#[test]
+fn a_follower_acknowledges_up_to_an_installed_snapshot_before_its_purge_is_durable() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.node(2).auto_sync = false;
+    let (meta, chunk) = first_chunk_to_2(&c, 7, 4, true);
+    let now = c.now;
+    c.node(2).engine.handle_message(now, chunk.clone());
+    drain(&mut c.node(2).engine);
+    c.node(2).engine.handle_snapshot_installed(now, meta.clone(), 1);
+    let after = drain(&mut c.node(2).engine);
+    assert!(after.iter().any(|a| matches!(a, Action::PurgeUpTo { .. })), "{after:?}");
+    // The purge is not durable; the leader's probe after the snapshot arrives.
+    let last = meta.last_log_id;
+    let probe = Message { body: MessageBody::Append { prev: last, entries: Vec::new(), commit: last.index }, ..chunk };
+    c.node(2).engine.handle_message(now, probe);
+    let out = drain(&mut c.node(2).engine);
+    assert!(
+        sends(&out).iter().any(|m| m.body == MessageBody::AppendResp(AppendResult::Success { matched: last.index })),
+        "{out:?}"
+    );
 }
 
 /// A refusal left over from an earlier reception of the same snapshot (its `InstallSnapshot`
@@ -521,6 +634,66 @@ fn the_log_is_not_purged_under_a_load_in_flight() {
         let now = c.now;
         c.node(1).engine.handle_entries_loaded(now, peer, entries);
     }
+    c.settle(5);
+    assert_eq!(c.engine(3).applied(), c.engine(1).applied());
+}
+
+/// Like the test above, but the load is still queued (not yet polled) when the purge is
+/// decided, in the same step: the driver executes the load after the purge's write may have
+/// started, so the queued load must hold the log back as much as one in flight.
+#[test]
+fn the_log_is_not_purged_under_a_load_still_queued() {
+    let config = Config {
+        entry_cache_bytes_max: 0,
+        log_keep_entries: 0,
+        log_lag_entries_max: 100,
+        log_purge_step_entries: 1,
+        ..cfg()
+    };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    c.cut.insert((n(1), n(3)));
+    for i in 0..5 {
+        c.propose(1, &format!("v{i}"));
+    }
+    c.stabilize();
+    c.cut.clear();
+    // Deliver messages one by one until the leader has queued a load for node 3 (the
+    // entries are not cached), and stop there, before node 1 polls it.
+    let queued_from = |c: &Cluster| {
+        c.engine(1).actions.iter().find_map(|a| match a {
+            Action::LoadEntries { peer, from, .. } if *peer == n(3) => Some(*from),
+            _ => None,
+        })
+    };
+    let mut from = None;
+    'rounds: for _ in 0..10 {
+        c.advance(20);
+        for _ in 0..100 {
+            let now = c.now;
+            let mut msgs = Vec::new();
+            for node in c.nodes.values_mut() {
+                node.run(now);
+                msgs.append(&mut node.outbox);
+            }
+            if msgs.is_empty() {
+                break;
+            }
+            for m in msgs {
+                c.deliver(m);
+                from = queued_from(&c);
+                if from.is_some() {
+                    break 'rounds;
+                }
+            }
+        }
+    }
+    let from = from.expect("the leader queued a load for node 3");
+    // The log is compacted as far as it may be before the load is polled.
+    let now = c.now;
+    c.node(1).engine.compact_log(now);
+    c.node(1).run(now);
+    let purged = purges(&c, 1).last().copied().unwrap_or_default();
+    assert!(purged < from, "purged to {purged} under a queued load from {from}");
     c.settle(5);
     assert_eq!(c.engine(3).applied(), c.engine(1).applied());
 }

@@ -57,3 +57,23 @@ fn a_leader_that_sent_timeout_now_never_serves_lease_reads_again_in_its_term() {
     assert!(c.nodes[&n(1)].reads.is_empty(), "no lease read without a round trip");
     assert!(out.iter().any(|m| matches!(m.body, MessageBody::Heartbeat { .. })), "falls back to ReadIndex");
 }
+
+/// Only the leader hands leadership over: a `TimeoutNow` from any other node is ignored. An
+/// election it started would ignore the followers' leases while the real leader's lease still
+/// holds (only a leader that sent `TimeoutNow` voids its own), and that leader could then
+/// serve a stale lease read.
+#[test]
+fn timeout_now_from_a_node_other_than_the_leader_is_ignored() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.settle(1);
+    let term = c.engine(3).term();
+    let now = c.now;
+    c.node(3).engine.handle_message(now, Message { from: n(2), to: n(3), term, body: MessageBody::TimeoutNow });
+    c.node(3).run(now);
+    assert_eq!(c.engine(3).role(), Role::Follower);
+    assert_eq!(c.engine(3).term(), term);
+    // From the leader it is obeyed.
+    c.node(3).engine.handle_message(now, Message { from: n(1), to: n(3), term, body: MessageBody::TimeoutNow });
+    c.node(3).run(now);
+    assert_eq!(c.engine(3).role(), Role::Candidate);
+}
