@@ -124,6 +124,34 @@ async fn wait_leader(cluster: &Cluster, shard: ShardId) -> u64 {
     }
 }
 
+/// A move's steps are judged on the meta leader's view of the nodes' reports. With every node
+/// a meta voter, nobody reads the map through the meta leader's full path (no admin reads, no
+/// node following changes), so the reports taken in memory must still reach that view: the
+/// move must finish on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_finishes_with_nobody_reading_the_map() {
+    let mut cluster = Cluster::start_with(4, &[1, 2, 3, 4], &[1, 2, 3], dev_split_keys(2), |_| {}).await;
+    let client = cluster.client().await;
+    let shard = client.cached_view().map.lookup(b"0").unwrap().id;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Err(e) = client.admin(AdminRequest::Move { shard, from: NodeId(3), to: NodeId(4) }).await {
+        assert!(Instant::now() < deadline, "move never started: {e}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // From here on only the nodes' own views are looked at.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let view = cluster.node(1).meta_view();
+        let d = view.map.get(shard).expect("the shard");
+        if view.moves.is_empty() && d.replica(NodeId(4)).is_some() && d.replica(NodeId(3)).is_none() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the move did not finish: {:?}", view.moves.get(&shard));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn move_a_replica_while_clients_write() {
     // Shards on nodes 1-3, node 4 empty; move shard 1's replica from node 3 to node 4.

@@ -497,7 +497,11 @@ impl Node {
     fn report_in_memory(&self, op: &MetaOp, stored: &StoredMeta) -> Option<(u64, Arc<MetaState>, AdminResponse)> {
         let MetaOp::Report { node, addr, report } = op else { return None };
         let s = &stored.state;
+        // While a move runs, the meta leader's view must carry the reports: the move's steps
+        // are judged on it (`drive_moves`), and only the full op lays them over the view.
         let quiet = !stored.whole
+            && stored.leftovers.is_empty()
+            && s.moves.is_empty()
             && s.nodes.get(node).is_some_and(|n| n.addr == *addr)
             && !s.transfers.values().any(|t| t == node)
             && s.tombstones.is_empty();

@@ -356,6 +356,8 @@ struct Inner {
     reconfig: Mutex<ReconfigTimes>,
     /// What the reconciler's last full round saw (meta revision, groups here) and when.
     reconciled: Mutex<Option<((u64, usize), Instant)>>,
+    /// The shards of this node's bootstrap with their ranges then, worked out once.
+    bootstrap_ranges: std::sync::OnceLock<std::collections::BTreeMap<crate::raft::GroupId, crate::shard::KeyRange>>,
     /// Last size check of each shard this node leads (`report.rs`).
     sizes: Mutex<HashMap<ShardId, SizeCheck>>,
     /// On the meta leader: when each move reached its current step (`moves.rs`).
@@ -459,6 +461,7 @@ impl Node {
             meta: MetaClient::default(),
             reconfig: Mutex::new(HashMap::new()),
             reconciled: Mutex::new(None),
+            bootstrap_ranges: std::sync::OnceLock::new(),
             sizes: Mutex::new(HashMap::new()),
             requests_limit: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
             stats: NodeStats::default(),

@@ -90,7 +90,10 @@ impl Node {
         };
         let local: BTreeMap<GroupId, Option<KeyRange>> =
             ids.into_iter().map(|g| (g, if missing { host.group_range(g) } else { None })).collect();
-        let bootstrap = if missing { bootstrap_ranges(self.inner.config.bootstrap.as_ref()) } else { BTreeMap::new() };
+        let bootstrap = match missing {
+            true => self.bootstrap_to_form(&state.map),
+            false => BTreeMap::new(),
+        };
         // Several at once: each creation is a durable write, and one after another the 10,000
         // replicas of a new cluster took 20 s of fsyncs that group commit shares when they
         // come together. Their ranges are disjoint (`replicas_to_create`), and the host
@@ -147,6 +150,21 @@ impl Node {
                     (Ok(()), _) => {}
                     (Err(e), _) => debug!(shard = i.group.0, change = ?what, error = %e, "group change not done"),
                 }
+            }
+        }
+    }
+
+    /// The bootstrap shards this node may form, with their ranges then: none if its
+    /// `[bootstrap]` disagrees with the map (every initial node must be given the same one).
+    fn bootstrap_to_form(&self, map: &ShardMap) -> BTreeMap<GroupId, KeyRange> {
+        let b = self.inner.config.bootstrap.as_ref();
+        let ranges = self.inner.bootstrap_ranges.get_or_init(|| bootstrap_ranges(b));
+        let keys = b.map(|b| b.split_keys.as_slice()).unwrap_or_default();
+        match bootstrap_matches_map(keys, ranges, map) {
+            Ok(()) => ranges.clone(),
+            Err(e) => {
+                warn!(node = self.inner.id.0, error = %e, "this node's [bootstrap] disagrees with the cluster's map: it forms no shard");
+                BTreeMap::new()
             }
         }
     }
@@ -217,6 +235,27 @@ fn bootstrap_ranges(bootstrap: Option<&BootstrapConfig>) -> BTreeMap<GroupId, Ke
         return BTreeMap::new();
     }
     s.map.shards().map(|d| (d.id, shard_range(d))).collect()
+}
+
+/// Whether a bootstrap (its split keys, and the shards they made) can be the one that made
+/// `map`: every shard it made is in the map, and every key it split at still starts a shard
+/// (a split only adds boundaries). A node given other split keys than the bootstrapper would
+/// form replicas with other ranges than their peers'. Not caught: a node given a subset of the
+/// keys (fewer shards) whose ranges all still fit.
+fn bootstrap_matches_map(
+    split_keys: &[Vec<u8>],
+    ranges: &BTreeMap<GroupId, KeyRange>,
+    map: &ShardMap,
+) -> Result<(), String> {
+    if let Some(id) = ranges.keys().find(|id| map.get(**id).is_none()) {
+        return Err(format!("its bootstrap made shard {id}, which the map does not hold"));
+    }
+    match split_keys.iter().find(|k| map.lookup(k).is_none_or(|d| d.start != **k)) {
+        Some(k) => {
+            Err(format!("its bootstrap split at {:?}, where no shard of the map starts", k.escape_ascii().to_string()))
+        }
+        None => Ok(()),
+    }
 }
 
 /// A replica the reconciler creates.
@@ -464,6 +503,19 @@ mod tests {
             assert_eq!(bootstrap_ranges(Some(&b)), made);
             assert_eq!(made.len(), shards as usize);
         }
+    }
+
+    #[test]
+    fn a_bootstrap_other_than_the_clusters_is_refused() {
+        let mut s = state();
+        split(&mut s, "t");
+        let keys = |k: &[&str]| k.iter().map(|k| k.as_bytes().to_vec()).collect::<Vec<_>>();
+        let b = |k: &[&str]| bootstrap_ranges(Some(&BootstrapConfig::of_nodes(&[n(1), n(2), n(3)], keys(k))));
+        // The cluster's own (split at "m"), with a split since.
+        assert_eq!(bootstrap_matches_map(&keys(&["m"]), &b(&["m"]), &s.map), Ok(()));
+        // Split elsewhere, or into more shards than the map ever had.
+        assert!(bootstrap_matches_map(&keys(&["g"]), &b(&["g"]), &s.map).is_err());
+        assert!(bootstrap_matches_map(&keys(&["m", "t", "x"]), &b(&["m", "t", "x"]), &s.map).is_err());
     }
 
     /// The ranges of the two shards [`state`] bootstraps.
