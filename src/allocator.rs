@@ -52,13 +52,22 @@ mod tests {
     #[cfg(feature = "jemalloc")]
     #[test]
     fn jemalloc_counts_a_large_allocation_while_it_lives() {
-        let before = stats().expect("jemalloc answers").allocated;
-        let block = vec![7u8; 64 << 20];
-        let during = stats().expect("jemalloc answers");
-        assert!(during.allocated >= before + (60 << 20), "allocated {} then {}", before, during.allocated);
-        assert!(during.resident >= during.allocated / 2, "{during:?}");
-        drop(block);
-        let after = stats().expect("jemalloc answers").allocated;
-        assert!(after + (60 << 20) <= during.allocated, "freed: {} then {after}", during.allocated);
+        // The figures are the whole process's, and the other tests of this binary allocate and
+        // free tens of megabytes beside this one: a few tries, one of which must see the block
+        // come and go.
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            let before = stats().expect("jemalloc answers").allocated;
+            let block = vec![7u8; 64 << 20];
+            let during = stats().expect("jemalloc answers");
+            drop(block);
+            let after = stats().expect("jemalloc answers").allocated;
+            assert!(during.resident >= during.allocated / 2, "{during:?}");
+            if during.allocated >= before + (60 << 20) && after + (60 << 20) <= during.allocated {
+                return;
+            }
+            seen.push((before, during.allocated, after));
+        }
+        panic!("a 64 MiB block was never seen allocated and freed: {seen:?}");
     }
 }
