@@ -73,9 +73,10 @@ start() {
   "$FLOTILLA_BIN" --log "$LOG_LEVEL" server --config "$work/n$1.toml" >>"$work/n$1.log" 2>&1 &
   pid[$1]=$!
 }
-# A gauge of node $1's /metrics (empty if the node does not answer).
+# A gauge of node $1's /metrics (empty if the node does not answer: with pipefail and set -e
+# a refused or timed-out curl would otherwise end the script).
 gauge() {
-  curl -s --max-time 10 "http://127.0.0.1:$((BASE_PORT + 10 + $1))/metrics" 2>/dev/null |
+  { curl -s --max-time 10 "http://127.0.0.1:$((BASE_PORT + 10 + $1))/metrics" 2>/dev/null || true; } |
     awk -v m="$2" '$1 ~ "^"m"[{ ]" || $1 == m { print $2; exit }'
 }
 leaders() {
