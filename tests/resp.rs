@@ -6,7 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 mod common;
@@ -25,16 +25,7 @@ fn redis_cli_present() -> bool {
 /// Runs `redis-cli -p PORT --no-raw` with `script` on its standard input (one connection, one
 /// command a line); its output.
 fn cli_script(port: u16, extra: &[&str], script: &str) -> String {
-    let mut child = Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run redis-cli");
-    child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("write to redis-cli");
-    let out = child.wait_with_output().expect("redis-cli output");
+    let out = common::redis_cli(port, extra, script);
     assert!(out.status.success(), "redis-cli failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

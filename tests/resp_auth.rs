@@ -10,7 +10,7 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 mod common;
 
@@ -52,16 +52,8 @@ fn tls_args(ca: &Path, cert: Option<&(PathBuf, PathBuf)>) -> Vec<String> {
 /// Runs `redis-cli -p PORT --no-raw ARGS` with `script` on its standard input (one connection,
 /// one command a line): its standard output and error.
 fn cli(port: u16, args: &[String], script: &str) -> (String, String) {
-    let mut child = Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "--no-raw"])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run redis-cli");
-    child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("write to redis-cli");
-    let out = child.wait_with_output().expect("redis-cli output");
+    let args: Vec<&str> = std::iter::once("--no-raw").chain(args.iter().map(String::as_str)).collect();
+    let out = common::redis_cli(port, &args, script);
     (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 

@@ -365,3 +365,19 @@ impl Servers {
         }
     }
 }
+
+/// Runs `redis-cli -p PORT ARGS` with `script` on its standard input (one connection, one
+/// command a line) and waits for it: its exit status and output.
+pub fn redis_cli(port: u16, args: &[&str], script: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run redis-cli");
+    child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("write to redis-cli");
+    child.wait_with_output().expect("redis-cli output")
+}
