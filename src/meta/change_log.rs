@@ -6,7 +6,7 @@
 //! leader wrote in between) starts the log again. Bounded in entries and bytes; the oldest go
 //! first.
 
-use super::records::MetaWrite;
+use super::records::{writes_bytes, MetaWrite};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -27,10 +27,6 @@ pub struct ChangeLog {
     bytes: usize,
 }
 
-fn size(writes: &[MetaWrite]) -> usize {
-    writes.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum()
-}
-
 impl ChangeLog {
     /// Records the change that made `revision`.
     pub fn push(&mut self, revision: u64, writes: Arc<Vec<MetaWrite>>) {
@@ -38,13 +34,13 @@ impl ChangeLog {
             self.changes.clear();
             self.bytes = 0;
         }
-        self.bytes += size(&writes);
+        self.bytes += writes_bytes(&writes);
         self.changes.push_back((revision, writes));
         while self.changes.len() > CHANGE_LOG_ENTRIES_MAX
             || (self.bytes > CHANGE_LOG_BYTES_MAX && self.changes.len() > 1)
         {
             if let Some((_, w)) = self.changes.pop_front() {
-                self.bytes -= size(&w);
+                self.bytes -= writes_bytes(&w);
             }
         }
     }

@@ -317,7 +317,7 @@ mod tests {
         let parts = records::change_parts(writes, stored.header.next_shard_id, w, b).unwrap();
         assert!(parts.len() > 1);
         for p in parts {
-            let bytes: usize = p.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
+            let bytes = records::writes_bytes(&p);
             assert!(p.len() <= w && bytes <= b, "{} writes, {bytes} bytes", p.len());
         }
     }

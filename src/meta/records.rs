@@ -59,6 +59,16 @@ const TOMB: &[u8] = b"tomb/";
 /// One write of a change: a record's key and its new value (`None`: deleted).
 pub type MetaWrite = (Vec<u8>, Option<Vec<u8>>);
 
+/// Bytes of keys and values `writes` carry: what a transaction's and the change log's byte
+/// bounds count.
+pub fn writes_bytes(writes: &[MetaWrite]) -> usize {
+    writes.iter().map(write_bytes).sum()
+}
+
+fn write_bytes((k, v): &MetaWrite) -> usize {
+    k.len() + v.as_ref().map_or(0, Vec::len)
+}
+
 /// What the header holds besides the items.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetaHeader {
@@ -187,9 +197,12 @@ impl StoredMeta {
             key(TOMB, &[s.0, n.0])
         })?;
         let recent_first = diff_recent(&mut writes, self.header.recent_first, &base.recent_moves, &next.recent_moves)?;
-        let written: std::collections::BTreeSet<&[u8]> = writes.iter().map(|(k, _)| k.as_slice()).collect();
-        let stale: Vec<Vec<u8>> = self.leftovers.iter().filter(|k| !written.contains(k.as_slice())).cloned().collect();
-        writes.extend(stale.into_iter().map(|k| (k, None)));
+        if !self.leftovers.is_empty() {
+            let written: std::collections::BTreeSet<&[u8]> = writes.iter().map(|(k, _)| k.as_slice()).collect();
+            let stale: Vec<Vec<u8>> =
+                self.leftovers.iter().filter(|k| !written.contains(k.as_slice())).cloned().collect();
+            writes.extend(stale.into_iter().map(|k| (k, None)));
+        }
         let header = MetaHeader { revision: self.header.revision, next_shard_id: next.next_shard_id, recent_first };
         if writes.is_empty() && header == self.header && !self.whole {
             return Ok((Vec::new(), self.clone()));
@@ -275,7 +288,7 @@ fn chunks(writes: Vec<MetaWrite>, writes_max: usize, bytes_max: usize) -> Vec<Ve
     let mut parts: Vec<Vec<MetaWrite>> = Vec::new();
     let mut bytes = 0;
     for w in writes {
-        let size = w.0.len() + w.1.as_ref().map_or(0, Vec::len);
+        let size = write_bytes(&w);
         match parts.last_mut() {
             Some(p) if p.len() < writes_max && bytes + size <= bytes_max => {
                 bytes += size;
@@ -304,16 +317,14 @@ pub fn change_parts(
     writes_max: usize,
     bytes_max: usize,
 ) -> Result<Vec<Vec<MetaWrite>>, String> {
-    let size = |w: &MetaWrite| w.0.len() + w.1.as_ref().map_or(0, Vec::len);
-    let total: usize = writes.iter().map(size).sum();
-    if writes.len() <= writes_max && total <= bytes_max {
+    if writes.len() <= writes_max && writes_bytes(&writes) <= bytes_max {
         return Ok(vec![writes]);
     }
     // Deletes at such ids go ahead too: they can only be leftovers of an earlier change cut
     // short, which no reader takes for state, and thousands of them must not crowd the header.
     let (early, last): (Vec<MetaWrite>, Vec<MetaWrite>) =
         writes.into_iter().partition(|w| ids(&w.0, SHARD, 1).is_some_and(|i| i[0] >= new_from));
-    let last_bytes: usize = last.iter().map(size).sum();
+    let last_bytes = writes_bytes(&last);
     if last.len() > writes_max || last_bytes > bytes_max {
         return Err(format!(
             "the change is too large for one meta transaction: {} writes and {last_bytes} bytes besides new shards \

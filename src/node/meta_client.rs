@@ -7,7 +7,7 @@
 
 use super::{Node, NodeError, LIVE_REPORT_AGE_MAX_MS, META_OP_TIMEOUT_MS, PEER_REQUEST_TIMEOUT_MS};
 use crate::meta::change_log::ChangeLog;
-use crate::meta::records::{change_parts, conversion_parts, without_leftovers, MetaWrite};
+use crate::meta::records::{change_parts, conversion_parts, without_leftovers, writes_bytes, MetaWrite};
 use crate::meta::{self, StoredMeta, META_GROUP, META_STATE_KEY};
 use crate::peer_wire::{MetaOp, MetaUpdate, PeerRequest, PeerResponse};
 use crate::placement::{MetaState, NodeId, NodeReport};
@@ -244,8 +244,7 @@ impl Node {
     /// every one and they are small enough to send (else the asker is sent the whole state).
     pub(super) fn meta_changes(&self, since: u64, to: u64) -> Option<Vec<Vec<MetaWrite>>> {
         let changes = self.inner.meta.changes.lock().ok()?.between(since, to)?;
-        let bytes: usize =
-            changes.iter().flat_map(|(_, w)| w.iter()).map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
+        let bytes: usize = changes.iter().map(|(_, w)| writes_bytes(w)).sum();
         (bytes <= META_CHANGES_BYTES_MAX).then(|| changes.into_iter().map(|(_, w)| w.as_ref().clone()).collect())
     }
 
@@ -427,8 +426,7 @@ impl Node {
                 let all = without_leftovers(writes, existing);
                 let mut parts = conversion_parts(all, TXN_WRITES_MAX, TXN_BYTES_MAX - 4096);
                 writes = parts.pop().unwrap_or_default();
-                if !self.write_parts(parts, stored.guard.clone()).await.inspect_err(|_| self.forget_stored())? {
-                    self.forget_stored();
+                if !self.write_parts(parts, stored.guard.clone()).await? {
                     continue;
                 }
             } else {
@@ -438,13 +436,11 @@ impl Node {
                     .map_err(MetaTry::Refused)?;
                 writes = parts.pop().unwrap_or_default();
                 in_parts = !parts.is_empty();
-                if !self.write_parts(parts, stored.guard.clone()).await.inspect_err(|_| self.forget_stored())? {
-                    self.forget_stored();
+                if !self.write_parts(parts, stored.guard.clone()).await? {
                     continue;
                 }
             }
-            let bytes: usize = writes.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
-            let records = writes.len();
+            self.count_meta_write(&writes);
             let writes = Arc::new(writes);
             let txn = KvCommand::Txn {
                 guard: META_STATE_KEY.to_vec(),
@@ -452,8 +448,6 @@ impl Node {
                 writes: writes.as_ref().clone(),
             };
             self.inner.stats.meta_writes.fetch_add(1, Ordering::Relaxed);
-            self.inner.stats.meta_write_records.fetch_add(records as u64, Ordering::Relaxed);
-            self.inner.stats.meta_write_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
             let result = self.inner.host.write(g, txn).await;
             if in_parts && !matches!(result, Ok(KvResponse::Done { .. })) {
                 self.forget_stored();
@@ -518,24 +512,29 @@ impl Node {
         Some((revision, view, AdminResponse::Done("reported".into())))
     }
 
+    /// Counts the records and bytes of one meta transaction's writes.
+    fn count_meta_write(&self, writes: &[MetaWrite]) {
+        self.inner.stats.meta_write_records.fetch_add(writes.len() as u64, Ordering::Relaxed);
+        self.inner.stats.meta_write_bytes.fetch_add(writes_bytes(writes) as u64, Ordering::Relaxed);
+    }
+
     /// Writes the first parts of a change written in parts (a format-1 conversion, a change
     /// with many new shards), each guarded by the header `guard` the change was computed from;
-    /// `false` if the guard failed (another change got in: read again).
+    /// `false` if the guard failed (another change got in: read again). Unless every part
+    /// landed, the held stored state is dropped ([`Node::forget_stored`]).
     async fn write_parts(&self, parts: Vec<Vec<MetaWrite>>, guard: Option<Vec<u8>>) -> Result<bool, MetaTry> {
         for writes in parts {
-            let bytes: usize = writes.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
-            self.inner.stats.meta_write_records.fetch_add(writes.len() as u64, Ordering::Relaxed);
-            self.inner.stats.meta_write_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+            self.count_meta_write(&writes);
             let txn = KvCommand::Txn { guard: META_STATE_KEY.to_vec(), expected: guard.clone(), writes };
-            match self.inner.host.write(META_GROUP, txn).await {
-                Ok(KvResponse::Done { .. }) => {}
-                Ok(KvResponse::CasFailed { .. }) => return Ok(false),
-                Ok(other) => return Err(MetaTry::Refused(format!("writing a meta change in parts: {other:?}"))),
-                Err(HostError::TooLarge(e)) => {
-                    return Err(MetaTry::Refused(format!("writing a meta change in parts: {e}")))
-                }
-                Err(e) => return Err(meta_try(e)),
-            }
+            let failed = match self.inner.host.write(META_GROUP, txn).await {
+                Ok(KvResponse::Done { .. }) => continue,
+                Ok(KvResponse::CasFailed { .. }) => Ok(false),
+                Ok(other) => Err(MetaTry::Refused(format!("writing a meta change in parts: {other:?}"))),
+                Err(HostError::TooLarge(e)) => Err(MetaTry::Refused(format!("writing a meta change in parts: {e}"))),
+                Err(e) => Err(meta_try(e)),
+            };
+            self.forget_stored();
+            return failed;
         }
         Ok(true)
     }

@@ -92,14 +92,14 @@ impl Node {
             ids.into_iter().map(|g| (g, if missing { host.group_range(g) } else { None })).collect();
         let bootstrap = match missing {
             true => self.bootstrap_to_form(&state.map),
-            false => BTreeMap::new(),
+            false => &NO_BOOTSTRAP,
         };
         // Several at once: each creation is a durable write, and one after another the 10,000
         // replicas of a new cluster took 20 s of fsyncs that group commit shares when they
         // come together. Their ranges are disjoint (`replicas_to_create`), and the host
         // checks each against the others atomically.
         let mut creating = tokio::task::JoinSet::new();
-        for c in replicas_to_create(me, &state.map, &local, &bootstrap) {
+        for c in replicas_to_create(me, &state.map, &local, bootstrap) {
             if creating.len() >= CREATIONS_AT_ONCE {
                 if let Some(done) = creating.join_next().await {
                     log_creation(me, done);
@@ -156,15 +156,15 @@ impl Node {
 
     /// The bootstrap shards this node may form, with their ranges then: none if its
     /// `[bootstrap]` disagrees with the map (every initial node must be given the same one).
-    fn bootstrap_to_form(&self, map: &ShardMap) -> BTreeMap<GroupId, KeyRange> {
+    fn bootstrap_to_form(&self, map: &ShardMap) -> &BTreeMap<GroupId, KeyRange> {
         let b = self.inner.config.bootstrap.as_ref();
         let ranges = self.inner.bootstrap_ranges.get_or_init(|| bootstrap_ranges(b));
         let keys = b.map(|b| b.split_keys.as_slice()).unwrap_or_default();
         match bootstrap_matches_map(keys, ranges, map) {
-            Ok(()) => ranges.clone(),
+            Ok(()) => ranges,
             Err(e) => {
                 warn!(node = self.inner.id.0, error = %e, "this node's [bootstrap] disagrees with the cluster's map: it forms no shard");
-                BTreeMap::new()
+                &NO_BOOTSTRAP
             }
         }
     }
@@ -175,6 +175,9 @@ impl Node {
         due_now(&mut times, shard, wishes, Instant::now())
     }
 }
+
+/// No bootstrap shard to form.
+static NO_BOOTSTRAP: BTreeMap<GroupId, KeyRange> = BTreeMap::new();
 
 /// Replicas the reconciler creates at once.
 const CREATIONS_AT_ONCE: usize = 64;

@@ -35,33 +35,10 @@ impl Poller {
 
     /// The state of every group on this poller (`only`: of that group alone, if here).
     pub(super) fn info(&self, only: Option<GroupId>) -> Vec<GroupInfo> {
-        let one = only.and_then(|id| self.groups.get(&id));
-        let groups: Box<dyn Iterator<Item = &Box<GroupState>>> = match only {
-            Some(_) => Box::new(one.into_iter()),
-            None => Box::new(self.groups.values()),
-        };
-        groups
-            .map(|g| {
-                let e = g.core.engine();
-                GroupInfo {
-                    group: g.id,
-                    role: e.role(),
-                    term: e.term(),
-                    leader: e.leader(),
-                    last_index: e.last_log_id().index,
-                    committed: e.committed(),
-                    applied: e.applied(),
-                    durable_applied: e.durable_applied(),
-                    first_index: e.first_log_index(),
-                    snapshot: e.newest_snapshot(),
-                    voters: e.membership().membership.voters.clone(),
-                    committed_conf: e.committed_membership().clone(),
-                    newest_conf: e.membership().log_id.index,
-                    quiet: g.quiet,
-                    stopped: g.core.fatal().map(|f| f.to_string()),
-                }
-            })
-            .collect()
+        match only {
+            Some(id) => self.groups.get(&id).map(|g| group_info(g)).into_iter().collect(),
+            None => self.groups.values().map(|g| group_info(g)).collect(),
+        }
     }
 
     /// A split was applied (its descriptors are durable): start the new group on this node,
@@ -108,5 +85,27 @@ impl Poller {
             starts.retain(|t| !t.is_finished());
             starts.push(task);
         }
+    }
+}
+
+/// What the host reports of one group.
+fn group_info(g: &GroupState) -> GroupInfo {
+    let e = g.core.engine();
+    GroupInfo {
+        group: g.id,
+        role: e.role(),
+        term: e.term(),
+        leader: e.leader(),
+        last_index: e.last_log_id().index,
+        committed: e.committed(),
+        applied: e.applied(),
+        durable_applied: e.durable_applied(),
+        first_index: e.first_log_index(),
+        snapshot: e.newest_snapshot(),
+        voters: e.membership().membership.voters.clone(),
+        committed_conf: e.committed_membership().clone(),
+        newest_conf: e.membership().log_id.index,
+        quiet: g.quiet,
+        stopped: g.core.fatal().map(|f| f.to_string()),
     }
 }
