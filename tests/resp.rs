@@ -175,10 +175,11 @@ async fn redis_cli_against_a_three_node_cluster() {
         let out = cli_script(
             p1,
             &["--no-raw"],
-            "CLIENT ID\nCLIENT INFO\nCOMMAND COUNT\nCOMMAND DOCS get\nCOMMAND INFO get\nINFO\nINFO keyspace\nHELLO 3\nGET 10\nHELLO 2\n",
+            "CLIENT ID\nCLIENT SETINFO LIB-NAME redis-py\nCLIENT SETINFO lib-ver 5.2.1\nCLIENT INFO\nCOMMAND COUNT\nCOMMAND DOCS get\nCOMMAND INFO get\nINFO\nINFO keyspace\nHELLO 3\nGET 10\nHELLO 2\n",
         );
         assert!(out.starts_with("(integer) "), "{out}");
         assert!(out.contains("id=") && out.contains("resp=2") && out.contains("cmd=client"), "{out}");
+        assert!(out.contains("lib-name=redis-py lib-ver=5.2.1"), "CLIENT SETINFO shows in CLIENT INFO: {out}");
         assert!(out.contains("Returns the string value of a key"), "COMMAND DOCS: {out}");
         assert!(out.contains("redis_version:7.2.0") && out.contains("connected_clients:"), "{out}");
         assert!(out.contains("flotilla_shards:4"), "{out}");

@@ -103,6 +103,14 @@ pub enum Command {
         /// Validated: no blanks or bytes outside `!`..`~`.
         name: Bytes,
     },
+    /// `CLIENT SETINFO LIB-NAME|LIB-VER value`: what the client library says it is (Redis
+    /// 7.2; redis-py, go-redis, node-redis, Lettuce and Jedis send it on connecting).
+    ClientSetInfo {
+        /// Which attribute.
+        attr: ClientAttr,
+        /// Validated as a client name is; empty clears it.
+        value: Bytes,
+    },
     /// `CLIENT GETNAME`
     ClientGetName,
     /// `CLIENT ID`
@@ -301,6 +309,7 @@ impl Command {
                 Command::Select { db: parse_int(&key).and_then(|db| i32::try_from(db).map_err(|_| not_int()))? }
             }
             "client|setname" => Command::ClientSetName { name: valid_client_name(arg(2))? },
+            "client|setinfo" => parse_client_setinfo(arg(2), arg(3))?,
             "client|getname" => Command::ClientGetName,
             "client|id" => Command::ClientId,
             "client|info" => Command::ClientInfo,
@@ -359,6 +368,7 @@ impl Command {
             Command::Quit => "quit",
             Command::Select { .. } => "select",
             Command::ClientSetName { .. } => "client|setname",
+            Command::ClientSetInfo { .. } => "client|setinfo",
             Command::ClientGetName => "client|getname",
             Command::ClientId => "client|id",
             Command::ClientInfo => "client|info",
@@ -490,6 +500,30 @@ fn valid_client_name(name: Bytes) -> Result<Bytes, CommandError> {
     } else {
         Err(CommandError::from_static(error::INVALID_CLIENT_NAME))
     }
+}
+
+/// An attribute of `CLIENT SETINFO`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAttr {
+    /// `LIB-NAME`
+    LibName,
+    /// `LIB-VER`
+    LibVer,
+}
+
+fn parse_client_setinfo(attr: Bytes, value: Bytes) -> Result<Command, CommandError> {
+    let attr = if attr.eq_ignore_ascii_case(b"lib-name") {
+        ClientAttr::LibName
+    } else if attr.eq_ignore_ascii_case(b"lib-ver") {
+        ClientAttr::LibVer
+    } else {
+        return Err(CommandError::new(format!("ERR Unrecognized option '{}'", String::from_utf8_lossy(&attr))));
+    };
+    if !value.iter().all(|&b| (b'!'..=b'~').contains(&b)) {
+        let name = if attr == ClientAttr::LibName { "lib-name" } else { "lib-ver" };
+        return Err(CommandError::new(format!("ERR {name} cannot contain spaces, newlines or special characters.")));
+    }
+    Ok(Command::ClientSetInfo { attr, value })
 }
 
 fn parse_hello(args: &[Bytes]) -> Result<Command, CommandError> {
@@ -666,6 +700,7 @@ mod tests {
             "COMMAND INFO get",
             "COMMAND HELP",
             "INFO",
+            "CLIENT SETINFO lib-name redis-py",
             "GET k",
             "SET k v",
             "SETNX k v",
@@ -708,6 +743,22 @@ mod tests {
             let not_a_variant = spec.name == "client";
             assert!(covered.contains(spec.name) || not_a_variant, "no sample for {}", spec.name);
         }
+    }
+
+    #[test]
+    fn client_setinfo_takes_a_library_name_and_version_as_redis_7_2_does() {
+        let lib = |attr, v: &str| Ok(Command::ClientSetInfo { attr, value: b(v) });
+        assert_eq!(parse("CLIENT SETINFO LIB-NAME redis-py(flotilla)"), lib(ClientAttr::LibName, "redis-py(flotilla)"));
+        assert_eq!(parse("client setinfo lib-ver 5.2.1"), lib(ClientAttr::LibVer, "5.2.1"));
+        assert_eq!(parse("CLIENT SETINFO lib-colour red"), Err("ERR Unrecognized option 'lib-colour'".into()));
+        assert_eq!(
+            Command::parse(&[b("CLIENT"), b("SETINFO"), b("LIB-NAME"), b("two words")]).map_err(|e| e.to_string()),
+            Err("ERR lib-name cannot contain spaces, newlines or special characters.".into())
+        );
+        assert_eq!(
+            parse("CLIENT SETINFO lib-name"),
+            Err("ERR wrong number of arguments for 'client|setinfo' command".into())
+        );
     }
 
     #[test]

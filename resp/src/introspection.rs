@@ -250,7 +250,7 @@ mod tests {
         let Frame::Array(client) = command_info(&[Bytes::from_static(b"CLIENT")]) else { panic!() };
         let Frame::Array(row) = &client[0] else { panic!() };
         let Frame::Array(subs) = &row[9] else { panic!() };
-        assert_eq!(subs.len(), 5);
+        assert_eq!(subs.len(), 6);
         assert_eq!(command_count(), Frame::Integer(36));
     }
 

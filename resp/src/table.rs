@@ -309,6 +309,15 @@ const CLIENT_SUBCOMMANDS: &[CommandSpec] = &[
     command("client|setname", 3, CONN, "connection")
         .doc("Sets the connection name.", "2.6.9")
         .args(&[Arg::new("connection-name", ArgKind::String)]),
+    command("client|setinfo", 4, CONN, "connection")
+        .doc("Sets information specific to the client or connection.", "7.2.0")
+        .args(&[Arg::new(
+            "attr",
+            ArgKind::OneOf(&[
+                Arg::new("libname", ArgKind::String).token("LIB-NAME"),
+                Arg::new("libver", ArgKind::String).token("LIB-VER"),
+            ]),
+        )]),
 ];
 
 /// The subcommands of `COMMAND`.

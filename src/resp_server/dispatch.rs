@@ -25,7 +25,7 @@ use super::router::{RouteError, Swap};
 use super::AUTH_FAILURES_MAX;
 use crate::wire::{check_user_key, check_value, ReadConsistency, UpdateOp};
 use bytes::Bytes;
-use flotilla_resp::command::{Credentials, SetCondition};
+use flotilla_resp::command::{ClientAttr, Credentials, SetCondition};
 use flotilla_resp::number::parse_i64;
 use flotilla_resp::{error, introspection, Command, Frame, Protocol};
 use std::future::Future;
@@ -83,6 +83,9 @@ pub struct Conn {
     pub peer: SocketAddr,
     pub local: Option<SocketAddr>,
     pub name: Bytes,
+    /// `CLIENT SETINFO LIB-NAME` and `LIB-VER`, shown by `CLIENT INFO`.
+    pub lib_name: Bytes,
+    pub lib_ver: Bytes,
     pub protocol: Protocol,
     pub consistency: ReadConsistency,
     pub created: Instant,
@@ -103,6 +106,8 @@ impl Conn {
             local,
             principal,
             name: Bytes::new(),
+            lib_name: Bytes::new(),
+            lib_ver: Bytes::new(),
             protocol: Protocol::Resp2,
             consistency: ReadConsistency::Linearizable,
             created: now,
@@ -216,6 +221,13 @@ async fn run(shared: &Shared, conn: &mut Conn, command: Command) -> Result<Frame
         Command::Select { .. } => return Err(Failure::Redis(error::DB_INDEX_OUT_OF_RANGE)),
         Command::ClientSetName { name } => {
             conn.name = name;
+            Frame::ok()
+        }
+        Command::ClientSetInfo { attr, value } => {
+            match attr {
+                ClientAttr::LibName => conn.lib_name = value,
+                ClientAttr::LibVer => conn.lib_ver = value,
+            }
             Frame::ok()
         }
         Command::ClientGetName if conn.name.is_empty() => Frame::NullBulk,

@@ -36,7 +36,7 @@ pub fn hello(conn: &Conn) -> Frame {
 pub fn client_line(conn: &Conn) -> String {
     let local = conn.local.map(|a| a.to_string()).unwrap_or_default();
     format!(
-        "id={} addr={} laddr={local} name={} age={} idle={} flags={} db=0 resp={} cmd={} user={} lib-name= lib-ver=\n",
+        "id={} addr={} laddr={local} name={} age={} idle={} flags={} db=0 resp={} cmd={} user={} lib-name={} lib-ver={}\n",
         conn.id,
         conn.peer,
         String::from_utf8_lossy(&conn.name),
@@ -46,6 +46,8 @@ pub fn client_line(conn: &Conn) -> String {
         if conn.protocol == Protocol::Resp3 { 3 } else { 2 },
         if conn.last_command.is_empty() { "NULL" } else { conn.last_command },
         conn.principal.as_ref().map_or("", |p| p.user.as_str()),
+        String::from_utf8_lossy(&conn.lib_name),
+        String::from_utf8_lossy(&conn.lib_ver),
     )
 }
 
