@@ -63,6 +63,7 @@ pub mod meta;
 pub mod metrics_scrape;
 pub mod net;
 pub mod node;
+pub mod open_files;
 pub mod peer_wire;
 pub mod resp_server;
 pub mod wire;

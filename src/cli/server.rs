@@ -9,6 +9,23 @@ use flotilla::node::{INITIAL_SHARD_REPLICAS, META_VOTERS_MAX};
 use flotilla::Node;
 use std::path::{Path, PathBuf};
 
+/// Raises the open-files limit for `connections` Redis connections beside the node's own files;
+/// warns when the hard limit stops short (connections past it fail to be accepted).
+fn raise_open_files(connections: u64) {
+    use flotilla::open_files::{raise_to, RESERVED};
+    let wanted = connections.saturating_add(RESERVED);
+    match raise_to(wanted) {
+        Ok(l) if !l.allows(wanted) => tracing::warn!(
+            limit = l.now,
+            wanted,
+            "the open-files limit is below what resp_connections_max needs: raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower resp_connections_max"
+        ),
+        Ok(l) if l.now > l.before => tracing::info!(from = l.before, to = l.now, "open-files limit raised"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),
+    }
+}
+
 #[derive(Args)]
 pub struct ServerArgs {
     /// The config file (TOML; see the `config` module docs). Without it, the flags below
@@ -75,6 +92,7 @@ pub async fn run(a: ServerArgs) -> Result<i32> {
     let shown = a.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "flags".into());
     let cfg = file.resolve(&base).map_err(|e| anyhow!("{shown}: {e}"))?;
     let cfg_resp_tls = cfg.node.resp.as_ref().is_some_and(|r| r.tls);
+    raise_open_files(cfg.node.resp.as_ref().map_or(0, |r| r.connections_max as u64));
     let node = Node::start(cfg.node).await.context("starting the node")?;
     #[cfg(unix)]
     let _reloader = tokio::spawn(reload_tls_on_hangup(node.clone(), file.clone(), base.clone()));

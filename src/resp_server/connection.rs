@@ -34,8 +34,11 @@ use tokio::sync::watch;
 pub const OUT_FLUSH_BYTES: usize = 64 << 10;
 /// A client must take its replies within this long, or it is dropped.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// What one read asks for at least.
+/// What one read asks for at least while requests keep coming (the last read filled its room).
 const READ_CHUNK: usize = 16 << 10;
+/// What a read asks for after a quiet spell, and the most buffer room an idle connection keeps:
+/// thousands of connections mostly wait, and most requests are small.
+const IDLE_READ: usize = 1 << 10;
 /// Bytes of requests read ahead while replies are being written, at most: a pipeline sent
 /// whole before its replies are read fits if its requests do (Redis, which buffers replies
 /// without bound for such clients, has no such limit; a larger pipeline is dropped after
@@ -90,8 +93,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         true => shared.limits.clone(),
         false => shared.unauthenticated_limits.clone(),
     });
-    let mut input = BytesMut::with_capacity(READ_CHUNK);
-    let mut out = BytesMut::with_capacity(READ_CHUNK);
+    let mut input = BytesMut::new();
+    let mut out = BytesMut::new();
+    let mut last_read_filled = false;
     // How much may be read ahead while replies are written, and for how long they may take.
     let ahead = |authenticated: bool| match authenticated {
         true => (INPUT_AHEAD_MAX, WRITE_TIMEOUT),
@@ -155,7 +159,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             // could let them take effect, or be read, out of that order; keeping the order
             // while pipelining across shards needs each shard's requests proposed in order,
             // which is not built yet.
-            let (reply, close) = dispatch::execute(shared, &mut conn, command).await;
+            // Boxed: its state (routing, retries, fan-outs) lives only while a command runs, not
+            // in every idle connection's task.
+            let (reply, close) = Box::pin(dispatch::execute(shared, &mut conn, command)).await;
             answer(shared, &mut conn, &mut out, name, reply, parsed);
             if close {
                 write(&mut sock, &mut out).await?;
@@ -179,8 +185,16 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             // More requests arrived while the replies went out: parse them before waiting.
             continue;
         }
-        let want = parser.bytes_missing(&input).clamp(READ_CHUNK, RESERVE_MAX);
-        input.reserve(want);
+        // Waiting for the client: give back the room a burst left behind.
+        if out.capacity() > IDLE_READ {
+            out = BytesMut::new();
+        }
+        if input.is_empty() && input.capacity() > IDLE_READ {
+            input = BytesMut::new();
+        }
+        let floor = if last_read_filled { READ_CHUNK } else { IDLE_READ };
+        input.reserve(parser.bytes_missing(&input).clamp(floor, RESERVE_MAX));
+        let room = input.capacity() - input.len();
         let auth_left = (!authenticated).then(|| auth_deadline.saturating_duration_since(Instant::now()));
         let n = tokio::select! {
             biased;
@@ -192,6 +206,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             // The client closed its side: everything it sent is answered.
             return Ok(());
         }
+        last_read_filled = n >= room;
         conn.last_active = Instant::now();
     }
 }

@@ -116,14 +116,16 @@ impl Listener {
                 shared.metrics.accepted.fetch_add(1, Ordering::Relaxed);
                 shared.metrics.connected.fetch_add(1, Ordering::Relaxed);
                 let local = sock.local_addr().ok();
+                // Each way boxed: a plaintext connection's task does not carry room for the
+                // TLS handshake and stream (the task is sized for its largest state).
                 let served = match tls {
                     None => {
                         let principal = open.then(Principal::default_user);
-                        connection::serve(&shared, sock, peer, local, principal, accepted, stop).await
+                        Box::pin(connection::serve(&shared, sock, peer, local, principal, accepted, stop)).await
                     }
-                    Some(acceptor) => match handshake(&shared, acceptor, sock, peer, require_roles).await {
+                    Some(acceptor) => match Box::pin(handshake(&shared, acceptor, sock, peer, require_roles)).await {
                         Some((stream, principal)) => {
-                            connection::serve(&shared, stream, peer, local, principal, accepted, stop).await
+                            Box::pin(connection::serve(&shared, stream, peer, local, principal, accepted, stop)).await
                         }
                         None => Ok(()),
                     },
