@@ -12,7 +12,8 @@
 //! | every `Admin(..)`, reads such as `Shards` | admin   | yes   | no        | no       |
 //!
 //! `ClusterView` is open to every role because a client cannot route without the map; it shows
-//! shard boundaries (split keys) and node addresses, never values.
+//! shard boundaries (split keys) and node addresses, never values, and to a tenant only the
+//! boundaries inside its prefix ([`conceal`]).
 //!
 //! A prefix-limited client (a tenant) sees the key space as if it held only the keys starting
 //! with its prefix: a get, put, delete or compare-and-swap of a key outside it is refused, and
@@ -20,8 +21,10 @@
 //! bounds lists the tenant's keys ([`scope_scan`]). A certificate without a role (issued before
 //! roles existed) is admin: the compatibility rule of [`crate::transport::cert`].
 
+use crate::placement::{ShardDescriptor, ShardMap};
 use crate::transport::{Grant, PeerIdentity, Role};
-use crate::wire::{AdminRequest, Request, Response, ScanEnd};
+use crate::wire::{AdminRequest, ClusterView, Request, Response, ScanEnd};
+use std::collections::BTreeMap;
 
 /// The `tracing` target of the audit log: one `info` event per admin request a node receives
 /// (refused ones included), with fields `node` (the receiving node), `who`, `operation`,
@@ -226,6 +229,57 @@ pub fn widen_page_end(page_end: ScanEnd, cut_end: Option<(Vec<u8>, Option<Vec<u8
         (ScanEnd::Covered(Some(e)), Some((cut, requested))) if e == cut => ScanEnd::Covered(requested),
         (page_end, _) => page_end,
     }
+}
+
+/// What a prefix-limited client (a tenant) is told of shard boundaries: only those inside its
+/// prefix, which are its own keys. Split keys elsewhere may be other tenants' key names, so
+/// the shards that do not overlap the prefix are left out of its cluster view, and the first
+/// and last shards it sees are shown reaching to the ends of the key space. Its map still
+/// covers the key space (the client's routing needs that); keys outside the prefix route to
+/// those end shards and are refused by [`check`] before any routing. The same view of a
+/// descriptor goes with redirects (a stale epoch, a key in another shard), so the client's
+/// map stays consistent. Everyone else's answers pass unchanged.
+pub fn conceal(from: &PeerIdentity, resp: Response) -> Response {
+    let Some(prefix) = grant_of(from).and_then(|g| g.prefix.as_deref()) else { return resp };
+    let end = prefix_end(prefix);
+    match resp {
+        Response::View(view) => Response::View(conceal_view(prefix, end.as_deref(), view)),
+        Response::StaleEpoch { descriptor } => {
+            Response::StaleEpoch { descriptor: conceal_descriptor(prefix, end.as_deref(), descriptor) }
+        }
+        Response::WrongShard { owner } => {
+            Response::WrongShard { owner: conceal_descriptor(prefix, end.as_deref(), owner) }
+        }
+        other => other,
+    }
+}
+
+/// `d` with a start before `prefix` shown as the empty key and an end at or past `end` (the
+/// prefix's end) shown as unbounded.
+fn conceal_descriptor(prefix: &[u8], end: Option<&[u8]>, mut d: ShardDescriptor) -> ShardDescriptor {
+    if d.start.as_slice() < prefix {
+        d.start = Vec::new();
+    }
+    if d.end.as_deref().is_some_and(|e| end.is_none_or(|end| e >= end)) {
+        d.end = None;
+    }
+    d
+}
+
+/// The shards of `view` that overlap the keys starting with `prefix`, each as
+/// [`conceal_descriptor`] shows it, and the addresses of the nodes holding them.
+fn conceal_view(prefix: &[u8], end: Option<&[u8]>, view: ClusterView) -> ClusterView {
+    let mut map = ShardMap::default();
+    let mut nodes = BTreeMap::new();
+    for d in view.map.lookup_range(prefix, end) {
+        for r in &d.replicas {
+            if let Some(addr) = view.nodes.get(&r.node) {
+                nodes.insert(r.node, addr.clone());
+            }
+        }
+        map.put_unchecked(conceal_descriptor(prefix, end, d.clone()));
+    }
+    ClusterView { map, nodes }
 }
 
 #[cfg(test)]
@@ -433,5 +487,56 @@ mod tests {
             widen_page_end(ScanEnd::Covered(Some(b"t0".to_vec())), Some((b"t0".to_vec(), None))),
             ScanEnd::Covered(None)
         );
+    }
+
+    /// Four shards split at "a", "t/m" and "u": a tenant of "t/" sees the two overlapping its
+    /// prefix, reaching to the key space's ends, and the nodes holding them; no split key but
+    /// its own ("t/m"), in the view or in a redirect.
+    #[test]
+    fn a_tenant_sees_only_the_shard_boundaries_inside_its_prefix() {
+        use crate::placement::{Replica, ReplicaRole};
+        let epoch = Epoch { conf_version: 1, version: 2 };
+        let shard = |id: u64, start: &str, end: Option<&str>, node: u64| ShardDescriptor {
+            id: ShardId(id),
+            start: start.as_bytes().to_vec(),
+            end: end.map(|e| e.as_bytes().to_vec()),
+            epoch,
+            replicas: vec![Replica { node: NodeId(node), role: ReplicaRole::Voter }],
+        };
+        let mut map = ShardMap::default();
+        for d in [
+            shard(1, "", Some("a"), 1),
+            shard(2, "a", Some("t/m"), 2),
+            shard(3, "t/m", Some("u"), 3),
+            shard(4, "u", None, 4),
+        ] {
+            map.put_unchecked(d);
+        }
+        map.validate().expect("a whole map");
+        let nodes: BTreeMap<NodeId, String> = (1..=4).map(|n| (NodeId(n), format!("10.0.0.{n}:7000"))).collect();
+        let view = ClusterView { map, nodes };
+        let tenant = client(Some(Grant { role: Role::ReadWrite, prefix: Some(b"t/".to_vec()) }));
+        let Response::View(seen) = conceal(&tenant, Response::View(view.clone())) else { panic!("a view") };
+        seen.map.validate().expect("the tenant's map still covers the key space");
+        let shown: Vec<(u64, &[u8], Option<&[u8]>)> =
+            seen.map.shards().map(|d| (d.id.0, d.start.as_slice(), d.end.as_deref())).collect();
+        assert_eq!(shown, vec![(2, &b""[..], Some(&b"t/m"[..])), (3, &b"t/m"[..], None)]);
+        assert_eq!(seen.nodes.keys().copied().collect::<Vec<_>>(), vec![NodeId(2), NodeId(3)]);
+        let Response::StaleEpoch { descriptor } =
+            conceal(&tenant, Response::StaleEpoch { descriptor: shard(2, "a", Some("t/m"), 2) })
+        else {
+            panic!("a redirect")
+        };
+        assert_eq!((descriptor.start.as_slice(), descriptor.end.as_deref()), (&b""[..], Some(&b"t/m"[..])));
+        let Response::WrongShard { owner } =
+            conceal(&tenant, Response::WrongShard { owner: shard(3, "t/m", Some("u"), 3) })
+        else {
+            panic!("a redirect")
+        };
+        assert_eq!(owner.end, None);
+        // Unrestricted clients and nodes see everything.
+        let admin = client(Some(Grant { role: Role::Admin, prefix: None }));
+        assert_eq!(conceal(&admin, Response::View(view.clone())), Response::View(view.clone()));
+        assert_eq!(conceal(&PeerIdentity::Node(NodeId(2)), Response::View(view.clone())), Response::View(view));
     }
 }

@@ -152,6 +152,15 @@ async fn each_role_may_do_what_it_allows_and_nothing_more() {
     admin.admin(AdminRequest::Status).await.unwrap();
     // The tenant's scans stay clamped across the new boundary inside its prefix.
     assert_eq!(keys(&tenant.scan(b"", None, 100).await.unwrap()), tenant_keys);
+    // Its view of the map names no split key outside its prefix (others' key names), only
+    // "80" and the new "8m"; its reads and writes route through it across the new boundary.
+    let seen = tenant.refresh().await.expect("the tenant's view");
+    let boundaries: Vec<Vec<u8>> = seen.map.shards().map(|d| d.start.clone()).filter(|s| !s.is_empty()).collect();
+    assert_eq!(boundaries, [b"80".to_vec(), b"8m".to_vec()], "{seen:?}");
+    assert_eq!(admin.refresh().await.expect("admin's view").map.len(), 5, "others see the whole map");
+    tenant.put(b"8zz", b"after").await.unwrap();
+    assert_eq!(tenant.get(b"8zz").await.unwrap(), Some(b"after".to_vec()));
+    denied(tenant.get(b"9").await, "may not get");
 
     // Admin requests are audited: who, what, the outcome, refusals included.
     for parts in [

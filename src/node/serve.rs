@@ -52,7 +52,8 @@ impl Node {
     /// Answers one request (also usable in-process). Admin requests, refused ones included,
     /// are written to the audit log ([`authz::AUDIT_TARGET`]).
     pub async fn handle(&self, from: &PeerIdentity, req: Request) -> Response {
-        let Request::Admin(admin) = &req else { return self.handle_authorized(from, req).await };
+        // A tenant sees no shard boundary outside its prefix (authz::conceal).
+        let Request::Admin(admin) = &req else { return authz::conceal(from, self.handle_authorized(from, req).await) };
         let (operation, request) = (authz::operation(&req), format!("{admin:?}"));
         let resp = self.handle_authorized(from, req).await;
         let outcome = authz::audit_outcome(&resp);
