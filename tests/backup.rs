@@ -156,3 +156,88 @@ async fn a_backup_under_load_restores_every_acknowledged_key() {
 async fn close(c: Client) {
     c.close().await;
 }
+
+/// The commands an operator runs, on server processes: `flotilla admin backup` against one
+/// cluster, `flotilla restore --config` for each node of a new one (refused while a node's data
+/// directory is in use), and the new servers started on what it built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backup_and_restore_commands_move_a_cluster_to_new_servers() {
+    let source = common::Servers::new(3, 3, 2);
+    let client = source.client().await;
+    let keys: Vec<String> = (0..100).map(|i| format!("{:02x}-cli-{i}", (i * 41) % 256)).collect();
+    for k in &keys {
+        client.put(k.as_bytes(), format!("v-{k}").as_bytes()).await.unwrap();
+    }
+    client.close().await;
+    let cluster_file = source.dir.path().join("cluster.json");
+    flotilla::cluster::ClusterFile {
+        version: flotilla::cluster::CLUSTER_FILE_VERSION,
+        nodes: source
+            .client
+            .endpoints
+            .iter()
+            .map(|(id, a)| flotilla::cluster::ClusterNode { id: *id, addr: a.to_string(), metrics: None })
+            .collect(),
+        ca: source.dir.path().join("certs/ca.pem"),
+        cert: source.dir.path().join("certs/client-test.pem"),
+        key: source.dir.path().join("certs/client-test-key.pem"),
+        data_dir: None,
+        pid: None,
+    }
+    .save(&cluster_file)
+    .unwrap();
+    let backup_dir = source.dir.path().join("backup");
+    let out = std::process::Command::new(common::BIN)
+        .args(["admin", "backup", "--to", backup_dir.to_str().unwrap(), "--cluster", cluster_file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "admin backup: {stderr}");
+    assert!(stderr.contains("backup: 2/2 shards"), "progress on stderr: {stderr}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("2 shards, 100 keys"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // The new cluster: its own certificates and configuration, four shards by its file, which
+    // the backup's two replace.
+    let mut target = common::Servers::new(3, 3, 4);
+    let restore = |id: usize| {
+        std::process::Command::new(common::BIN)
+            .args(["restore", "--from", backup_dir.to_str().unwrap(), "--config", target.configs[id].to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    // Its servers ran once, so their data directories are taken.
+    let _ = target.client().await;
+    for s in target.servers.iter_mut() {
+        s.kill();
+    }
+    let refused = restore(0);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is not empty"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    for id in 0..3 {
+        std::fs::remove_dir_all(target.dir.path().join(format!("n{}", id + 1))).unwrap();
+        let out = restore(id);
+        assert!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("2 shards, 100 keys"),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    for s in target.servers.iter_mut() {
+        s.restart();
+    }
+    let client = target.client().await;
+    assert_eq!(client.cached_view().map.len(), 2, "the backup's shards");
+    for k in &keys {
+        assert_eq!(client.get(k.as_bytes()).await.unwrap(), Some(format!("v-{k}").into_bytes()), "key {k}");
+    }
+    client.close().await;
+}
