@@ -49,6 +49,8 @@ pub async fn take_backup(
     let started_unix_ms = unix_ms();
     let backup_id = format!("{started_unix_ms:x}-{:x}", std::process::id());
     let mut config = config;
+    // Copies are made on leaders: a client configured for stale reads would ask followers.
+    config.consistency = crate::wire::ReadConsistency::Linearizable;
     config.request_timeout = config.request_timeout.max(Duration::from_secs(BACKUP_REQUEST_TIMEOUT_S));
     config.op_timeout = config.op_timeout.max(Duration::from_secs(BACKUP_SHARD_TIMEOUT_S));
     let client = Client::connect(config).await?;
