@@ -310,3 +310,56 @@ impl FileSink {
         Ok(self.done)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two files' bytes, as a copy's stream carries them after its header.
+    fn two_files() -> (Vec<u8>, Vec<(u64, u32)>) {
+        let (a, b) = (vec![7u8; 3000], (0..5000u32).map(|i| i as u8).collect::<Vec<u8>>());
+        let expected = vec![(a.len() as u64, crc32c::crc32c(&a)), (b.len() as u64, crc32c::crc32c(&b))];
+        ([a, b].concat(), expected)
+    }
+
+    #[test]
+    fn a_copys_files_are_written_whole_whatever_the_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (stream, expected) = two_files();
+        let mut sink = FileSink::new(dir.path(), ShardId(4), 0, &expected);
+        // Chunks that cut across the files' boundary.
+        for chunk in stream.chunks(1234) {
+            sink.write(chunk).unwrap();
+        }
+        let files = sink.finish().unwrap();
+        assert_eq!(files.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), ["shard-4-0-0.sst", "shard-4-0-1.sst"]);
+        assert_eq!(std::fs::read(dir.path().join(&files[1].name)).unwrap(), stream[3000..]);
+        assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".tmp")));
+    }
+
+    #[test]
+    fn a_corrupt_short_or_long_copy_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut stream, expected) = two_files();
+        stream[4000] ^= 1;
+        let mut sink = FileSink::new(dir.path(), ShardId(4), 1, &expected);
+        let corrupt = sink.write(&stream);
+        assert!(
+            matches!(&corrupt, Err(BackupError::Corrupt(e)) if e.contains("file 1 of the copy arrived corrupt")),
+            "{corrupt:?}"
+        );
+        assert!(!dir.path().join("shard-4-1-1.sst").exists() && !dir.path().join("shard-4-1-1.sst.tmp").exists());
+
+        let (stream, expected) = two_files();
+        let mut short = FileSink::new(dir.path(), ShardId(4), 2, &expected);
+        short.write(&stream[..stream.len() - 1]).unwrap();
+        assert!(matches!(short.finish(), Err(BackupError::Corrupt(e)) if e.contains("ended before its last file")));
+        let mut long = FileSink::new(dir.path(), ShardId(4), 3, &expected);
+        let longer = [stream.as_slice(), b"x"].concat();
+        assert!(matches!(long.write(&longer), Err(BackupError::Corrupt(e)) if e.contains("longer than its files")));
+    }
+}

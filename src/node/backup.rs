@@ -46,7 +46,7 @@ impl BackupCopies {
         let stale: Vec<u64> = copies.iter().filter(|(_, c)| c.last_used.elapsed() > idle).map(|(id, _)| *id).collect();
         for id in &stale {
             if let Some(c) = copies.remove(id) {
-                c.sm.drop_built(id.to_owned());
+                c.sm.drop_built(*id);
             }
         }
         stale.len()
