@@ -115,6 +115,9 @@ pub fn operation(req: &Request) -> &'static str {
             AdminRequest::Drain { .. } => "drain",
             AdminRequest::Status => "admin status",
             AdminRequest::AddNode { .. } => "add-node",
+            AdminRequest::BackupStart { .. } | AdminRequest::BackupRead { .. } | AdminRequest::BackupEnd { .. } => {
+                "backup"
+            }
         },
     }
 }

@@ -358,6 +358,16 @@ impl Client {
         write: bool,
         make: impl Fn(&ShardDescriptor) -> Request,
     ) -> Result<(Response, ShardDescriptor), ClientError> {
+        self.keyed_at(key, write, make).await.map(|(r, d, _)| (r, d))
+    }
+
+    /// [`Client::keyed`], also saying which node answered.
+    async fn keyed_at(
+        &self,
+        key: &[u8],
+        write: bool,
+        make: impl Fn(&ShardDescriptor) -> Request,
+    ) -> Result<(Response, ShardDescriptor, NodeId), ClientError> {
         let deadline = Instant::now() + self.config.op_timeout;
         let mut backoff = BACKOFF_MS_MIN;
         let mut attempt = 0usize;
@@ -479,7 +489,7 @@ impl Client {
                             m.insert(d.id, node);
                         }
                     }
-                    return Ok((other, d));
+                    return Ok((other, d, node));
                 }
             }
         }
@@ -637,6 +647,33 @@ impl Client {
             sleep_backoff(&mut backoff, deadline).await;
         }
         Err(ClientError::Unavailable(format!("no node answered the admin request: {last}")))
+    }
+
+    /// Sends the admin request `make` builds for the shard holding `key` to that shard's
+    /// leader, following redirects as a read does; returns the answer, the shard as routed,
+    /// and the node that answered (for requests that must go back to it). For backups.
+    pub(crate) async fn shard_admin(
+        &self,
+        key: &[u8],
+        make: impl Fn(&ShardDescriptor) -> AdminRequest,
+    ) -> Result<(AdminResponse, ShardDescriptor, NodeId), ClientError> {
+        match self.keyed_at(key, false, |d| Request::Admin(make(d))).await? {
+            (Response::Admin(a), d, node) => Ok((a, d, node)),
+            (other, _, _) => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sends one admin request to `node` (no retry elsewhere: it names something only that
+    /// node holds). For backups.
+    pub(crate) async fn admin_at(&self, node: NodeId, req: AdminRequest) -> Result<AdminResponse, ClientError> {
+        let timeout = self.config.request_timeout;
+        match self.call(node, &Request::Admin(req), timeout).await {
+            Ok(Response::Admin(a)) => Ok(a),
+            Ok(Response::Invalid(e)) => Err(ClientError::Invalid(e)),
+            Ok(Response::Denied(e)) => Err(ClientError::Denied(e)),
+            Ok(other) => Err(ClientError::Unavailable(format!("node {node}: {}", describe(&other)))),
+            Err(CallError::NotSent(e) | CallError::Sent(e)) => Err(ClientError::Unavailable(e)),
+        }
     }
 
     /// Closes the client's connections.

@@ -43,6 +43,14 @@ pub enum DevClusterError {
     /// The cluster did not serve a write in time.
     #[error("the dev cluster did not become ready: {0}")]
     NotReady(ClientError),
+    /// A node's data directory could not be restored from the backup.
+    #[error("restoring node {id}: {source}")]
+    Restore {
+        /// The node.
+        id: NodeId,
+        /// Why.
+        source: crate::backup::BackupError,
+    },
 }
 
 /// Nodes `1..=n` started in this process. Node `id` is `nodes[id - 1]` (`None` while stopped).
@@ -90,6 +98,30 @@ impl DevCluster {
         out.introduce_all()?;
         debug_assert_eq!(out.nodes.len() as u64, nodes);
         Ok(out)
+    }
+
+    /// Builds the data directories of nodes `1..=nodes` in `dir` from the backup in `from`,
+    /// before [`DevCluster::start`] starts them with `bootstrap` (whose split keys the nodes
+    /// replace by the backup's): the replicas of the initial shards get the data. Blocking.
+    /// Returns what the restore of the first node holding data loaded.
+    pub fn restore(
+        dir: &Path,
+        nodes: u64,
+        bootstrap: &BootstrapConfig,
+        from: &Path,
+        mut progress: impl FnMut(NodeId, crate::backup::Progress),
+    ) -> Result<Option<crate::backup::RestoreSummary>, DevClusterError> {
+        let mut first = None;
+        for id in (1..=nodes).map(NodeId) {
+            let holds_data = bootstrap.shard_replicas.contains(&id);
+            let data_dir = dir.join(format!("node-{id}"));
+            let summary = crate::backup::restore_data_dir(from, &data_dir, holds_data, |p| progress(id, p))
+                .map_err(|source| DevClusterError::Restore { id, source })?;
+            if holds_data && first.is_none() {
+                first = Some(summary);
+            }
+        }
+        Ok(first)
     }
 
     /// Starts one more node from `config` (its id must be the next one, `len + 1`), on its

@@ -53,6 +53,7 @@
 
 pub mod allocator;
 pub mod authz;
+pub mod backup;
 pub mod bench;
 pub mod client;
 pub mod cluster;

@@ -1,4 +1,4 @@
-//! The `flotilla` binary: `server`, `dev`, `cert`, `kv`, `admin` and `bench`.
+//! The `flotilla` binary: `server`, `dev`, `cert`, `kv`, `admin`, `restore` and `bench`.
 //!
 //! The commands live in `cli/`, one file per family; this file parses the command line, sets
 //! up logging and the runtime, and dispatches.
@@ -41,6 +41,9 @@ enum Command {
     Kv(cli::kv::KvArgs),
     /// Inspect and operate the cluster.
     Admin(cli::admin::AdminArgs),
+    /// Build a new node's data directory from a backup (`flotilla admin backup`), before the
+    /// node first starts; run it for every node of the new cluster's [bootstrap].
+    Restore(cli::backup::RestoreArgs),
     /// Load generator: puts, gets or a mix, with latency percentiles.
     Bench(cli::bench::BenchArgs),
 }
@@ -96,6 +99,7 @@ async fn run(command: Command) -> Result<i32> {
         Command::Cert(c) => cli::cert::run(c),
         Command::Kv(a) => cli::kv::run(a).await,
         Command::Admin(a) => cli::admin::run(a).await,
+        Command::Restore(a) => cli::backup::run_restore(a).await,
         Command::Bench(a) => cli::bench::run(a).await,
     }
 }

@@ -206,6 +206,57 @@ pub enum AdminRequest {
         /// Most rows.
         limit: u32,
     },
+    /// Copy `shard` for a backup (`flotilla admin backup`), on its leader: a linearizable
+    /// read point, then the shard's snapshot files built at one point at or after it, kept on
+    /// the leader for [`AdminRequest::BackupRead`] until [`AdminRequest::BackupEnd`] or until
+    /// unused for a while. Answered [`AdminResponse::BackupStarted`], or redirected as a data
+    /// request is. (The backup requests were added within version 6, last, so every earlier
+    /// message keeps its encoding; an older node refuses them as malformed.)
+    BackupStart {
+        /// The shard the client routed to.
+        shard: ShardId,
+        /// Its epoch in the client's map.
+        epoch: Epoch,
+    },
+    /// Bytes `offset..offset + len` (at most [`BACKUP_CHUNK_BYTES_MAX`]) of a shard copy's
+    /// stream, from the node that built it. Answered [`AdminResponse::BackupChunk`].
+    BackupRead {
+        /// The shard.
+        shard: ShardId,
+        /// The copy ([`BackupShard::copy_id`]).
+        copy_id: u64,
+        /// Where to read from in the stream.
+        offset: u64,
+        /// How many bytes.
+        len: u64,
+    },
+    /// The client is done with a shard copy: its files go.
+    BackupEnd {
+        /// The shard.
+        shard: ShardId,
+        /// The copy.
+        copy_id: u64,
+    },
+}
+
+/// Most bytes one [`AdminRequest::BackupRead`] answers: under the transport's 4 MiB frame,
+/// and the memory a backup's transfer costs each side.
+pub const BACKUP_CHUNK_BYTES_MAX: u64 = 1 << 20;
+
+/// A shard copy made for a backup ([`AdminRequest::BackupStart`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupShard {
+    /// Names the copy in the reads that follow.
+    pub copy_id: u64,
+    /// The Raft index of the last entry the copy holds (at or after the read point).
+    pub index: u64,
+    /// That entry's term.
+    pub term: u64,
+    /// Length of the copy's stream: the snapshot stream of `flotilla_shard::kv_snapshot`
+    /// (header, then the SST files back to back).
+    pub size_bytes: u64,
+    /// Key-value pairs in the copy.
+    pub keys: u64,
 }
 
 /// The cluster as a node sees it: enough for a client to route.
@@ -274,6 +325,10 @@ pub enum AdminResponse {
         /// Figures of the whole map.
         summary: ShardsSummary,
     },
+    /// `BackupStart`.
+    BackupStarted(BackupShard),
+    /// `BackupRead`: the bytes.
+    BackupChunk(Bytes),
 }
 
 /// Most rows of one [`AdminRequest::ShardsPage`].

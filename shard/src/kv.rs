@@ -574,6 +574,25 @@ struct Life {
 /// Bytes of keys and values per SST file of a snapshot: the unit a receiver verifies and
 /// ingests.
 pub const SNAPSHOT_FILE_BYTES_MAX: u64 = 64 << 20;
+/// Builds of one backup before giving up, each refused because a split changed the range.
+const BACKUP_BUILD_TRIES: usize = 3;
+
+/// A new snapshot's id. Clock-based: unique across restarts of this node, which forget earlier
+/// snapshots; never the same twice in one process (a transfer and a backup may start at once,
+/// and each drops its own by id).
+fn snapshot_id_now() -> u64 {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default();
+    let prev = LAST.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+    if prev >= now {
+        LAST.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+    } else {
+        now
+    }
+}
 
 impl KvStateMachine {
     /// The state machine of `group`, owning `range`.
@@ -706,11 +725,7 @@ impl KvStateMachine {
     /// the files of a large shard to be written.
     pub fn build_snapshot_pinned(&self, pinned: impl FnOnce()) -> Result<SnapshotMeta, StorageError> {
         self.check_live("snapshot")?;
-        // Clock-based: unique across restarts of this node, which forget earlier snapshots.
-        let snapshot_id = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or_default();
+        let snapshot_id = snapshot_id_now();
         let (meta, built) = BuiltSnapshot::build_pinned(
             &self.store,
             self.group,
@@ -723,6 +738,35 @@ impl KvStateMachine {
         self.check_live("snapshot")?;
         lock(&self.life.built).insert(meta.snapshot_id, Arc::new(built));
         Ok(meta)
+    }
+
+    /// Builds a snapshot of the shard for a backup, at one RocksDB snapshot taken now (the
+    /// caller makes it a linearizable point by a read first), while the group goes on applying;
+    /// it stays readable, like a transfer's, until [`KvStateMachine::drop_built`]. Returns its
+    /// meta and how many pairs it holds. A split applying meanwhile makes it retry (a few
+    /// times) with the narrowed range: the files never hold another group's keys.
+    pub async fn build_backup(&self) -> Result<(SnapshotMeta, u64), StorageError> {
+        let life = self.life.clone();
+        let _working = life.snapshot_work.lock().await;
+        let sm = self.clone();
+        self.store
+            .blocking(move |s| {
+                let mut last = None;
+                for _ in 0..BACKUP_BUILD_TRIES {
+                    sm.check_live("backup")?;
+                    let snapshot_id = snapshot_id_now();
+                    match BuiltSnapshot::build_backup(s, sm.group, &sm.range(), snapshot_id, SNAPSHOT_FILE_BYTES_MAX) {
+                        Ok((meta, built)) => {
+                            let keys = built.key_count();
+                            lock(&sm.life.built).insert(meta.snapshot_id, Arc::new(built));
+                            return Ok((meta, keys));
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or_else(|| StorageError::new("backup", "not tried")))
+            })
+            .await
     }
 
     /// Bytes of a built snapshot (blocking); `None` if it is gone.

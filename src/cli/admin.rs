@@ -77,12 +77,20 @@ pub enum AdminOp {
         /// Its QUIC address.
         addr: String,
     },
+    /// Back up every shard into a new directory (each shard at one Raft index at or after a
+    /// linearizable read; writes go on meanwhile). Needs an admin certificate.
+    Backup {
+        /// The backup's directory: absent or empty.
+        #[arg(long, value_name = "DIR")]
+        to: std::path::PathBuf,
+    },
 }
 
 pub async fn run(a: AdminArgs) -> Result<i32> {
     let json = a.conn.json;
     let req = match &a.op {
         AdminOp::Nodes => AdminRequest::Nodes,
+        AdminOp::Backup { to } => return super::backup::run_backup(&a.conn, to).await,
         AdminOp::Shards { limit, from } => {
             let client = connect(&a.conn).await?;
             let r = list_shards(&client, *limit, from.as_deref(), json).await;
@@ -295,5 +303,8 @@ fn print_admin(r: &AdminResponse) {
             println!("moves in progress: {}", s.moves);
             println!("meta leader: {}", s.meta_leader.map(|n| n.to_string()).unwrap_or_else(|| "unknown".into()));
         }
+        // The backup's own answers, which `admin backup` reads itself.
+        AdminResponse::BackupStarted(b) => println!("{b:?}"),
+        AdminResponse::BackupChunk(b) => println!("{} bytes", b.len()),
     }
 }

@@ -46,6 +46,10 @@ pub struct DevArgs {
     /// Do not serve the Redis protocol (on by default, on node 1, plaintext on loopback).
     #[arg(long)]
     no_resp: bool,
+    /// Start from a backup (`flotilla admin backup`): the cluster's shards are the backup's
+    /// (--shards is ignored) and hold its data.
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
 }
 
 pub async fn run(a: DevArgs) -> Result<i32> {
@@ -76,6 +80,24 @@ pub async fn run(a: DevArgs) -> Result<i32> {
 
     let ids: Vec<NodeId> = (1..=u64::from(a.nodes)).map(NodeId).collect();
     let bootstrap = BootstrapConfig::of_nodes(&ids, dev_split_keys(a.shards));
+    let mut shards = u64::from(a.shards);
+    if let Some(from) = &a.restore {
+        let (dir, from, boot, nodes) = (dir.clone(), from.clone(), bootstrap.clone(), ids.len() as u64);
+        let printer = super::backup::progress_printer("restore");
+        let restored = tokio::task::spawn_blocking(move || {
+            let mut printer = printer;
+            DevCluster::restore(&dir, nodes, &boot, &from, |id, p| {
+                if id == NodeId(1) {
+                    printer(p)
+                }
+            })
+        })
+        .await??;
+        if let Some(r) = restored {
+            eprintln!("restored backup {}: {} shards, {} keys", r.backup_id, r.shards, r.keys);
+            shards = r.shards;
+        }
+    }
     let mut dev = DevCluster::start(&dir, ids.len() as u64, bootstrap.clone(), |cfg| {
         cfg.balancer.split_size_bytes_threshold = a.split_size_bytes;
         cfg.store = store;
@@ -105,7 +127,7 @@ pub async fn run(a: DevArgs) -> Result<i32> {
     out += &format!(
         "flotilla dev: {} nodes, {} shards ({} replicas each), data in {}\n",
         a.nodes,
-        a.shards,
+        shards,
         bootstrap.shard_replicas.len(),
         dir.display()
     );

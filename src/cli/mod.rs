@@ -2,6 +2,7 @@
 //! the cluster ([`Conn`]), output helpers and the stop signal.
 
 pub mod admin;
+pub mod backup;
 pub mod bench;
 pub mod cert;
 pub mod dev;
@@ -51,6 +52,7 @@ pub async fn stop_signal() {
     }
 }
 
+/// The client configuration a command's flags and cluster file give.
 pub fn client_config(conn: &Conn) -> Result<ClientConfig> {
     let path = conn.cluster.clone().unwrap_or_else(cluster::default_cluster_file);
     let file = ClusterFile::load(&path).map_err(|e| anyhow!(e))?;

@@ -98,6 +98,11 @@ impl Node {
             AdminRequest::Drain { node, draining } => {
                 answer(self.meta_exec(MetaOp::Commands(vec![MetaCommand::SetDraining { node, draining }]), false).await)
             }
+            AdminRequest::BackupStart { shard, epoch } => self.backup_start(shard, epoch).await,
+            AdminRequest::BackupRead { shard, copy_id, offset, len } => {
+                self.backup_read(shard, copy_id, offset, len).await
+            }
+            AdminRequest::BackupEnd { shard, copy_id } => self.backup_end(shard, copy_id),
         }
     }
 

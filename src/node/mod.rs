@@ -44,10 +44,12 @@
 //! - `moves.rs`: move plans stepped and balancer rounds run on the meta leader.
 //! - `join.rs`: bootstrap of a new cluster and a node's announcement to a running one.
 //! - `admin.rs`: admin requests and their listings.
+//! - `backup.rs`: shard copies for backups, built on the leader and read in chunks.
 //!
 //! The limits and intervals of all rooms are the constants below, in one table.
 
 mod admin;
+mod backup;
 mod join;
 mod meta_client;
 mod moves;
@@ -108,6 +110,11 @@ pub const PEER_REQUEST_TIMEOUT_MS: u64 = 5_000;
 pub const RECONFIG_RETRY_MS: u64 = 2_000;
 /// How often the bootstrapper tries again while the new meta group has no leader (ms).
 pub const BOOTSTRAP_RETRY_MS: u64 = 200;
+/// Backup copies a node holds at once (each a shard's worth of files in its scratch dir);
+/// more are refused as unavailable until one is released.
+pub const BACKUP_COPIES_MAX: usize = 4;
+/// A backup copy unread for this long is removed (the client gave up) (ms).
+pub const BACKUP_COPY_IDLE_MS_MAX: u64 = 60_000;
 /// How long shutdown waits for the shard host's threads (ms).
 pub const SHUTDOWN_HOST_MS_MAX: u64 = 10_000;
 /// Snapshot chunks read from transfer streams and waiting to be handed to the host; readers
@@ -365,6 +372,8 @@ struct Inner {
     /// Peers made known after start ([`Node::set_peer_addr`]): a node without a meta replica
     /// asks them for meta operations.
     extra_peers: Mutex<BTreeSet<NodeId>>,
+    /// Shard copies built here for backups and not yet read (`backup.rs`).
+    backups: backup::BackupCopies,
     /// Counters for metrics.
     stats: NodeStats,
     /// Client and peer requests being served (permits taken); shutdown waits for all.
@@ -399,9 +408,29 @@ impl std::fmt::Debug for Node {
 
 impl Node {
     /// Opens the store, starts the transport and host, and the node's tasks.
-    pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+    pub async fn start(mut config: NodeConfig) -> Result<Node, NodeError> {
         if config.id.0 == 0 {
             return Err(NodeError::Config("node ids start at 1".into()));
+        }
+        // A data directory restored from a backup (`flotilla restore`): the new cluster's
+        // shards are the backup's, whatever the bootstrap's own split keys.
+        let restored =
+            crate::backup::restored_split_keys(&config.data_dir).map_err(|e| NodeError::Storage(e.to_string()))?;
+        if let Some(keys) = restored {
+            match &mut config.bootstrap {
+                Some(b) => {
+                    info!(
+                        node = config.id.0,
+                        shards = keys.len() + 1,
+                        "restored from a backup: bootstrapping with its shards"
+                    );
+                    b.split_keys = keys;
+                }
+                None => warn!(
+                    node = config.id.0,
+                    "restored from a backup, but started without a bootstrap: the backup's data joins no shard"
+                ),
+            }
         }
         if let Some(b) = &config.bootstrap {
             if b.meta_voters.is_empty() || b.meta_voters.len() > META_VOTERS_MAX {
@@ -431,7 +460,7 @@ impl Node {
         let resp_tls = resp_listener.as_ref().and_then(|l| l.tls());
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| NodeError::Storage(format!("cannot create {}: {e}", config.data_dir.display())))?;
-        let store = Store::open_with(config.data_dir.join("store"), config.store)
+        let store = Store::open_with(config.data_dir.join(crate::backup::restore::STORE_DIR), config.store)
             .map_err(|e| NodeError::Storage(e.to_string()))?;
         let mut tcfg = TransportConfig::new(config.id, config.listen_addr, config.tls.clone());
         tcfg.peers = config.peers.clone();
@@ -465,6 +494,7 @@ impl Node {
             sizes: Mutex::new(HashMap::new()),
             requests_limit: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
             stats: NodeStats::default(),
+            backups: backup::BackupCopies::default(),
             extra_peers: Mutex::new(BTreeSet::new()),
             move_steps: Mutex::new(HashMap::new()),
             net_stats,
@@ -547,6 +577,7 @@ impl Node {
         tasks.push(tokio::spawn(self.clone().run_reconciler(stop())));
         tasks.push(tokio::spawn(self.clone().run_reporter(stop())));
         tasks.push(tokio::spawn(self.clone().run_size_checks(stop())));
+        tasks.push(tokio::spawn(self.clone().run_backup_sweeper(stop())));
         if self.inner.config.peers.iter().any(|(p, _)| *p < self.inner.id) {
             tasks.push(tokio::spawn(self.clone().run_announcer(stop())));
         }

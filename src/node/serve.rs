@@ -55,9 +55,17 @@ impl Node {
         // A tenant sees no shard boundary outside its prefix (authz::conceal).
         let Request::Admin(admin) = &req else { return authz::conceal(from, self.handle_authorized(from, req).await) };
         let (operation, request) = (authz::operation(&req), format!("{admin:?}"));
+        // A backup reads each shard copy in chunks of a megabyte: its start and end are
+        // audited, the reads between (which refusal would have stopped at the start) only at
+        // debug level, or a large backup would flood the audit log.
+        let chunk = matches!(admin, AdminRequest::BackupRead { .. });
         let resp = self.handle_authorized(from, req).await;
         let outcome = authz::audit_outcome(&resp);
-        info!(target: authz::AUDIT_TARGET, node = %self.inner.id, who = %authz::who(from), operation, request, outcome, "admin request");
+        if chunk && matches!(resp, Response::Admin(_)) {
+            debug!(target: authz::AUDIT_TARGET, node = %self.inner.id, who = %authz::who(from), operation, request, outcome, "admin request");
+        } else {
+            info!(target: authz::AUDIT_TARGET, node = %self.inner.id, who = %authz::who(from), operation, request, outcome, "admin request");
+        }
         resp
     }
 
@@ -307,7 +315,7 @@ impl Node {
 
     /// Checks a request's routing against this node's map (re-reading it once on a mismatch,
     /// in case the client saw a newer map).
-    async fn route_shard(&self, shard: ShardId, epoch: Epoch) -> Result<ShardDescriptor, Response> {
+    pub(super) async fn route_shard(&self, shard: ShardId, epoch: Epoch) -> Result<ShardDescriptor, Response> {
         for attempt in 0..2 {
             let view = self.meta_view();
             match view.map.get(shard) {
@@ -338,7 +346,7 @@ impl Node {
         Ok(())
     }
 
-    fn host_error(&self, e: HostError, write: bool) -> Response {
+    pub(super) fn host_error(&self, e: HostError, write: bool) -> Response {
         match e {
             HostError::UnknownGroup(_) => Response::UnknownShard,
             HostError::Raft(RaftError::NotLeader { leader }) => {

@@ -56,6 +56,21 @@ impl Cluster {
         Cluster { dev, _dir: dir }
     }
 
+    /// `n` new nodes, each in the meta group and every initial shard, their data directories
+    /// restored from the backup in `backup` first (`flotilla dev --restore`'s way).
+    pub async fn start_restored(n: u64, backup: &std::path::Path) -> Cluster {
+        init_log();
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<NodeId> = (1..=n).map(NodeId).collect();
+        // The split keys given here are replaced by the backup's when the nodes start.
+        let bootstrap = BootstrapConfig::of_nodes(&ids, Vec::new());
+        DevCluster::restore(dir.path(), n, &bootstrap, backup, |_, _| {}).unwrap();
+        let dev = DevCluster::start(dir.path(), n, bootstrap, |cfg| cfg.report_interval_ms = TEST_REPORT_INTERVAL_MS)
+            .await
+            .unwrap();
+        Cluster { dev, _dir: dir }
+    }
+
     /// Node `id`, which must be running.
     pub fn node(&self, id: u64) -> &Node {
         self.dev.node(NodeId(id)).unwrap_or_else(|| panic!("node {id} is not running"))

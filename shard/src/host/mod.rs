@@ -45,7 +45,7 @@ use crate::store::{Op, Store, CF_META, CF_RAFT};
 use bytes::Bytes;
 use flotilla_raft::{
     driver::recover_state, Config, Engine, GroupCore, GroupId, LogIndex, Membership, Message, Millis, NodeId,
-    RaftError, ReadMode, Request, Role, StorageError, StoredMembership, Term,
+    RaftError, ReadMode, Request, Role, SnapshotMeta, StorageError, StoredMembership, Term,
 };
 use group_state::GroupState;
 use poller::{Poller, PollerMsg};
@@ -691,6 +691,17 @@ impl Host {
         }
         self.call(group, |tx| Request::Read { mode, wait_apply: true, reply: tx }).await?;
         Ok(entry.sm.get(key).await?)
+    }
+
+    /// A point-in-time copy of `group` for a backup (leader only): a ReadIndex read first, so
+    /// the copy holds every write acknowledged before the call, then the shard's snapshot built
+    /// from one RocksDB snapshot while the group goes on applying writes. The copy stays on
+    /// disk, readable through the returned state machine, until `drop_built`.
+    pub async fn build_backup(&self, group: GroupId) -> Result<(SnapshotMeta, u64, KvStateMachine), HostError> {
+        let entry = self.entry(group)?;
+        self.call(group, |tx| Request::Read { mode: ReadMode::ReadIndex, wait_apply: true, reply: tx }).await?;
+        let (meta, keys) = entry.sm.build_backup().await?;
+        Ok((meta, keys, entry.sm))
     }
 
     /// Scans `[from, to)` within `group`'s range, linearizably, at most `limit` pairs; the page

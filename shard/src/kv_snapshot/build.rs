@@ -15,6 +15,8 @@ pub struct BuiltSnapshot {
     pub(super) files: Vec<(PathBuf, u64)>,
     /// The stream's length: header plus files.
     size_bytes: u64,
+    /// Key-value pairs written into the files (a backup's manifest records it).
+    keys: u64,
 }
 
 /// The SST file a build is writing.
@@ -58,6 +60,33 @@ impl BuiltSnapshot {
         file_bytes_max: u64,
         pinned: impl FnOnce(),
     ) -> Result<(SnapshotMeta, BuiltSnapshot), StorageError> {
+        Self::build_at(store, group, range, snapshot_id, file_bytes_max, false, pinned)
+    }
+
+    /// [`BuiltSnapshot::build`] for a backup, which is taken beside the group's applies rather
+    /// than in their order (as a transfer's snapshot is): the group's descriptor is read at the
+    /// same RocksDB snapshot as the data, and a range that differs from `range` (a split
+    /// applied since the caller read it) is refused, so that the files never hold keys another
+    /// group owned at that point. The caller reads the range again and retries.
+    pub fn build_backup(
+        store: &Store,
+        group: GroupId,
+        range: &KeyRange,
+        snapshot_id: u64,
+        file_bytes_max: u64,
+    ) -> Result<(SnapshotMeta, BuiltSnapshot), StorageError> {
+        Self::build_at(store, group, range, snapshot_id, file_bytes_max, true, || {})
+    }
+
+    fn build_at(
+        store: &Store,
+        group: GroupId,
+        range: &KeyRange,
+        snapshot_id: u64,
+        file_bytes_max: u64,
+        check_descriptor: bool,
+        pinned: impl FnOnce(),
+    ) -> Result<(SnapshotMeta, BuiltSnapshot), StorageError> {
         assert!(file_bytes_max > 0, "file_bytes_max must be positive");
         let snap = store.db().snapshot();
         let applied: AppliedRecord = match snap
@@ -67,8 +96,21 @@ impl BuiltSnapshot {
             Some(b) => decode(&b, || format!("group {group} applied state"))?,
             None => AppliedRecord::default(),
         };
+        if check_descriptor {
+            let raw = snap
+                .get_cf(store.cf(CF_META)?, meta_key(group))
+                .map_err(|e| StorageError::new("snapshot", e.to_string()))?
+                .ok_or_else(|| StorageError::new("snapshot", format!("group {group} has no descriptor here")))?;
+            let desc: GroupDescriptor = decode(&raw, || format!("group {group} descriptor"))?;
+            if desc.range != *range {
+                return Err(StorageError::new(
+                    "snapshot",
+                    format!("group {group}: its range changed (a split); retry"),
+                ));
+            }
+        }
         pinned();
-        let mut built = BuiltSnapshot { group, header: Vec::new(), files: Vec::new(), size_bytes: 0 };
+        let mut built = BuiltSnapshot { group, header: Vec::new(), files: Vec::new(), size_bytes: 0, keys: 0 };
         built.write_files(store, &snap, range, snapshot_id, file_bytes_max)?;
         let mut infos = Vec::with_capacity(built.files.len());
         for (path, bytes) in &built.files {
@@ -133,6 +175,7 @@ impl BuiltSnapshot {
             };
             o.writer.put(&k, &v).map_err(err)?;
             o.kv_bytes += pair_bytes;
+            self.keys += 1;
         }
         if let Some(o) = open.take() {
             self.close(o, &range_end(range))?;
@@ -156,6 +199,11 @@ impl BuiltSnapshot {
     /// The stream's length in bytes (`size_bytes` of the meta).
     pub fn size_bytes(&self) -> u64 {
         self.size_bytes
+    }
+
+    /// Key-value pairs in the snapshot.
+    pub fn key_count(&self) -> u64 {
+        self.keys
     }
 
     /// Bytes `offset..offset + len` of the stream, read from the header and by positioned

@@ -178,6 +178,55 @@ pub fn stream_range(first: &[u8]) -> Option<KeyRange> {
     Some(manifest.range)
 }
 
+/// What a stream's header says, for a reader outside this module (a backup keeps each file of
+/// the stream as a file of its own).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamHeader {
+    /// The key range of the snapshot.
+    pub range: KeyRange,
+    /// Each file's length in bytes and crc32c, in stream order; the files follow the header
+    /// back to back.
+    pub files: Vec<(u64, u32)>,
+    /// The header's length in bytes (where the first file starts in the stream).
+    pub header_bytes: u64,
+}
+
+/// The header's length from a stream's first [`STREAM_PREFIX_BYTES`] bytes (version and
+/// length), or why they are not a stream's.
+pub fn stream_header_len(prefix: &[u8]) -> Result<u64, String> {
+    if prefix.len() < PREFIX_BYTES {
+        return Err(format!("{} bytes are too few for a snapshot stream's prefix", prefix.len()));
+    }
+    if prefix[0] != STREAM_FORMAT_VERSION {
+        return Err(format!(
+            "snapshot stream format {} is not supported (this build reads {STREAM_FORMAT_VERSION})",
+            prefix[0]
+        ));
+    }
+    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    if len > HEADER_BYTES_MAX {
+        return Err(format!("snapshot header of {len} bytes exceeds the limit of {HEADER_BYTES_MAX}"));
+    }
+    Ok((PREFIX_BYTES + len) as u64)
+}
+
+/// Reads a stream's whole header (`bytes` starts with it and holds at least
+/// [`stream_header_len`] bytes), checking its crc.
+pub fn decode_stream_header(bytes: &[u8]) -> Result<StreamHeader, String> {
+    let len = stream_header_len(bytes)? as usize;
+    let record =
+        bytes.get(PREFIX_BYTES..len).ok_or_else(|| format!("snapshot header cut short at {} bytes", bytes.len()))?;
+    let manifest: Manifest = decode(record, || "snapshot header".to_string()).map_err(|e| e.to_string())?;
+    Ok(StreamHeader {
+        range: manifest.range,
+        files: manifest.files.iter().map(|f| (f.bytes, f.crc32c)).collect(),
+        header_bytes: len as u64,
+    })
+}
+
+/// Bytes of a stream before its header record: the format version and the header's length.
+pub const STREAM_PREFIX_BYTES: usize = PREFIX_BYTES;
+
 /// The stream's first bytes for `manifest`: version, length, record.
 fn encode_header(manifest: &Manifest) -> Result<Vec<u8>, StorageError> {
     let record = encode(manifest)?;
@@ -195,7 +244,7 @@ mod receive;
 
 pub use build::BuiltSnapshot;
 pub(crate) use install::remove_stale_installs;
-pub use install::{finish_interrupted_install, install};
+pub use install::{finish_interrupted_install, ingest_copies, install};
 pub use receive::{ReceivedSnapshot, ReceivingSnapshot};
 
 #[cfg(test)]

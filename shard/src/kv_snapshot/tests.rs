@@ -501,3 +501,52 @@ impl ReceivedSnapshot {
         ReceivedSnapshot { group: G, meta: SnapshotMeta::default(), range: KeyRange::all(), files: Vec::new() }
     }
 }
+
+/// A backup's copy: built only while the range it is given is the group's (a split applied
+/// since is refused, never copied across two groups' keys); its stream's header read from
+/// outside this module says where each file lies; the files, kept one by one, load into a
+/// new store as exactly the range's data, and a corrupt one is refused before loading.
+#[test]
+fn a_backup_copy_is_of_the_groups_range_and_its_kept_files_load_into_a_new_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir.path().join("db"));
+    put(&store, (0..300).map(|i| (key(i), value(i))));
+    set_applied(&store, G, LogId::new(2, 40), &[1]);
+    set_descriptor(&store, G, &range(0, 200));
+    let refused = BuiltSnapshot::build_backup(&store, G, &range(0, 300), 1, 4096);
+    assert!(refused.is_err_and(|e| e.message.contains("range changed")));
+
+    let (meta, built) = BuiltSnapshot::build_backup(&store, G, &range(0, 200), 2, 4096).expect("build");
+    assert_eq!(meta.last_log_id.index.0, 40);
+    assert_eq!(built.key_count(), 200);
+    let prefix = built.read(0, STREAM_PREFIX_BYTES as u64).expect("prefix");
+    let header_len = stream_header_len(&prefix).expect("header length");
+    let header = decode_stream_header(&built.read(0, header_len).expect("header")).expect("decode");
+    assert_eq!(header.range, range(0, 200));
+    assert_eq!(header.header_bytes, header_len);
+    assert!(header.files.len() > 2, "several files of 4 KiB of pairs");
+    assert_eq!(header.header_bytes + header.files.iter().map(|(b, _)| b).sum::<u64>(), built.size_bytes());
+    assert!(decode_stream_header(&built.read(0, header_len - 1).expect("short")).is_err());
+
+    // Each file kept apart, as a backup keeps them.
+    let kept = dir.path().join("kept");
+    std::fs::create_dir(&kept).expect("mkdir");
+    let mut files = Vec::new();
+    let mut at = header.header_bytes;
+    for (i, (bytes, crc)) in header.files.iter().enumerate() {
+        let path = kept.join(format!("{i}.sst"));
+        std::fs::write(&path, built.read(at, *bytes).expect("file")).expect("write");
+        files.push((path, *bytes, *crc));
+        at += bytes;
+    }
+    drop(built);
+
+    let fresh = open(&dir.path().join("fresh"));
+    let mut bad = files.clone();
+    bad[1].2 ^= 1;
+    assert!(ingest_copies(&fresh, &range(0, 200), &bad).is_err_and(|e| e.message.contains("crc32c")));
+    assert!(all_data(&fresh).is_empty(), "nothing loaded from a corrupt set");
+    ingest_copies(&fresh, &range(0, 200), &files).expect("ingest");
+    assert_eq!(all_data(&fresh), (0..200).map(|i| (key(i), value(i))).collect::<Vec<_>>());
+    assert!(files.iter().all(|(p, _, _)| p.exists()), "the kept files stay (ingested by copy)");
+}

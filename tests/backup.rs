@@ -1,0 +1,243 @@
+//! Backup and restore end to end, in process: a cluster of several shards backed up while
+//! clients write, restored into a new cluster, which must hold every key acknowledged before
+//! the backup started with its value; a client without the admin role is refused, and a
+//! corrupt backup is refused before anything is written.
+
+use flotilla::backup::{self, BackupError, Manifest};
+use flotilla::placement::NodeId;
+use flotilla::transport::{Grant, Role};
+use flotilla::wire::AdminRequest;
+use flotilla::{BootstrapConfig, Client, ClientError};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::cluster::Cluster;
+
+/// Keys written before the backup, spread over every shard.
+const KEYS_BEFORE: usize = 400;
+/// Clients writing new keys while the backup runs.
+const WRITERS: usize = 3;
+
+/// Acknowledged writes of the writers: key, value and when the acknowledgement arrived.
+type Acked = Arc<Mutex<Vec<(Vec<u8>, Vec<u8>, Instant)>>>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_under_load_restores_every_acknowledged_key() {
+    let mut cluster = Cluster::start(3, 4).await;
+    let client = cluster.client().await;
+    // Five shards: the four of the bootstrap and one split off by hand.
+    client.admin(AdminRequest::Split { key: b"a0".to_vec() }).await.unwrap();
+    let mut expected: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    for i in 0..KEYS_BEFORE {
+        let key = format!("{:02x}-before-{i}", (i * 37) % 256).into_bytes();
+        let value = format!("value-{i}-{}", "x".repeat(i % 50)).into_bytes();
+        client.put(&key, &value).await.unwrap();
+        expected.insert(key, value);
+    }
+    // A deleted key stays deleted.
+    client.delete(b"40-before-deleted").await.unwrap();
+    client.put(b"41-gone", b"soon").await.unwrap();
+    client.delete(b"41-gone").await.unwrap();
+
+    // Writers on new keys all through the backup.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Acked = Arc::default();
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let (c, stop, acked) = (cluster.client().await, stop.clone(), acked.clone());
+        writers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("{:02x}-during-{w}-{n}", (n * 53 + w as u64 * 17) % 256).into_bytes();
+                let value = format!("w{w}-{n}").into_bytes();
+                if c.put(&key, &value).await.is_ok() {
+                    acked.lock().unwrap().push((key, value, Instant::now()));
+                }
+                n += 1;
+            }
+            c.close().await;
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    // A client without the admin role may not back up.
+    let app = cluster.dev.client_config_with("app", Grant::new(Role::ReadWrite)).unwrap();
+    match backup::take_backup(app, &dir.path().join("refused"), |_| {}).await {
+        Err(BackupError::Cluster(ClientError::Denied(e))) => assert!(e.contains("may not backup"), "{e}"),
+        other => panic!("a readwrite client's backup: {other:?}"),
+    }
+    let to = dir.path().join("backup");
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    let summary = backup::take_backup(cluster.dev.client_config().unwrap(), &to, |p| seen.push(p)).await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let during = acked.lock().unwrap().clone();
+    let before_backup: Vec<_> = during.iter().filter(|(_, _, at)| *at < started).collect();
+    eprintln!(
+        "backup: {} shards, {} keys, {} bytes in {:?}; writers acknowledged {} writes ({} before it started)",
+        summary.shards,
+        summary.keys,
+        summary.bytes,
+        summary.elapsed,
+        during.len(),
+        before_backup.len()
+    );
+    assert_eq!(summary.shards, 5);
+    assert!(summary.keys >= (KEYS_BEFORE + before_backup.len()) as u64);
+    assert!(!before_backup.is_empty(), "the writers ran before the backup started");
+    assert!(during.len() > before_backup.len(), "the writers went on during the backup");
+    let last = seen.last().copied().unwrap();
+    assert_eq!((last.shards_done, last.shards_total), (5, 5), "progress ends with every shard: {seen:?}");
+    assert_eq!(last.bytes_done, summary.bytes);
+    let manifest = Manifest::load(&to).unwrap();
+    assert_eq!(manifest.split_keys().unwrap(), vec![b"40".to_vec(), b"80".to_vec(), b"a0".to_vec(), b"c0".to_vec()]);
+    assert!(manifest.shards.iter().all(|s| s.raft_index > 0 && !s.files.is_empty()));
+    // A second backup into the same directory is refused.
+    match backup::take_backup(cluster.dev.client_config().unwrap(), &to, |_| {}).await {
+        Err(BackupError::Directory(e)) => assert!(e.contains("is not empty"), "{e}"),
+        other => panic!("a backup into a used directory: {other:?}"),
+    }
+    client.close().await;
+    cluster.shutdown().await;
+
+    // A corrupt copy of the backup is refused before anything is written.
+    let bad = dir.path().join("corrupt");
+    std::fs::create_dir(&bad).unwrap();
+    for e in std::fs::read_dir(&to).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), bad.join(e.file_name())).unwrap();
+    }
+    let victim = bad.join(&manifest.shards[2].files[0].name);
+    let mut body = std::fs::read(&victim).unwrap();
+    let mid = body.len() / 2;
+    body[mid] ^= 0x40;
+    std::fs::write(&victim, body).unwrap();
+    let target = dir.path().join("node-x");
+    let bootstrap = BootstrapConfig::of_nodes(&[NodeId(1)], Vec::new());
+    match flotilla::dev_cluster::DevCluster::restore(&target, 1, &bootstrap, &bad, |_, _| {}) {
+        Err(e) => assert!(e.to_string().contains("is corrupt"), "{e}"),
+        Ok(_) => panic!("a corrupt backup was restored"),
+    }
+    assert!(!target.join("node-1").exists(), "nothing written for a corrupt backup");
+
+    // The restored cluster: the backup's shards, every key acknowledged before it started.
+    let mut restored = Cluster::start_restored(3, &to).await;
+    let client = restored.client().await;
+    let map = client.cached_view().map;
+    let starts: Vec<Vec<u8>> = map.shards().skip(1).map(|d| d.start.clone()).collect();
+    assert_eq!(starts, manifest.split_keys().unwrap(), "the restored cluster has the backup's shards");
+    for (k, v) in &expected {
+        assert_eq!(client.get(k).await.unwrap().as_ref(), Some(v), "key {:?}", String::from_utf8_lossy(k));
+    }
+    for (k, v, _) in &before_backup {
+        assert_eq!(client.get(k).await.unwrap().as_ref(), Some(v), "key {:?}", String::from_utf8_lossy(k));
+    }
+    assert_eq!(client.get(b"41-gone").await.unwrap(), None);
+    // Nothing but what the old cluster acknowledged or was writing: every restored key is a
+    // key written before, or by a writer (acknowledged or not).
+    let all = client.scan(b"", None, 100_000).await.unwrap();
+    assert_eq!(all.len() as u64, summary.keys, "the restored cluster holds exactly the backup's keys");
+    assert!(all.iter().all(|(k, _)| expected.contains_key(k) || String::from_utf8_lossy(k).contains("-during-")));
+    // And it takes writes.
+    client.put(b"c5-after-restore", b"yes").await.unwrap();
+    assert_eq!(client.get(b"c5-after-restore").await.unwrap(), Some(b"yes".to_vec()));
+    close(client).await;
+    restored.shutdown().await;
+}
+
+async fn close(c: Client) {
+    c.close().await;
+}
+
+/// The commands an operator runs, on server processes: `flotilla admin backup` against one
+/// cluster, `flotilla restore --config` for each node of a new one (refused while a node's data
+/// directory is in use), and the new servers started on what it built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backup_and_restore_commands_move_a_cluster_to_new_servers() {
+    let source = common::Servers::new(3, 3, 2);
+    let client = source.client().await;
+    let keys: Vec<String> = (0..100).map(|i| format!("{:02x}-cli-{i}", (i * 41) % 256)).collect();
+    for k in &keys {
+        client.put(k.as_bytes(), format!("v-{k}").as_bytes()).await.unwrap();
+    }
+    client.close().await;
+    let cluster_file = source.dir.path().join("cluster.json");
+    flotilla::cluster::ClusterFile {
+        version: flotilla::cluster::CLUSTER_FILE_VERSION,
+        nodes: source
+            .client
+            .endpoints
+            .iter()
+            .map(|(id, a)| flotilla::cluster::ClusterNode { id: *id, addr: a.to_string(), metrics: None })
+            .collect(),
+        ca: source.dir.path().join("certs/ca.pem"),
+        cert: source.dir.path().join("certs/client-test.pem"),
+        key: source.dir.path().join("certs/client-test-key.pem"),
+        data_dir: None,
+        pid: None,
+    }
+    .save(&cluster_file)
+    .unwrap();
+    let backup_dir = source.dir.path().join("backup");
+    let out = std::process::Command::new(common::BIN)
+        .args(["admin", "backup", "--to", backup_dir.to_str().unwrap(), "--cluster", cluster_file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "admin backup: {stderr}");
+    assert!(stderr.contains("backup: 2/2 shards"), "progress on stderr: {stderr}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("2 shards, 100 keys"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // The new cluster: its own certificates and configuration, four shards by its file, which
+    // the backup's two replace.
+    let mut target = common::Servers::new(3, 3, 4);
+    let restore = |id: usize| {
+        std::process::Command::new(common::BIN)
+            .args(["restore", "--from", backup_dir.to_str().unwrap(), "--config", target.configs[id].to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    // Its servers ran once, so their data directories are taken.
+    let _ = target.client().await;
+    for s in target.servers.iter_mut() {
+        s.kill();
+    }
+    let refused = restore(0);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is not empty"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    for id in 0..3 {
+        std::fs::remove_dir_all(target.dir.path().join(format!("n{}", id + 1))).unwrap();
+        let out = restore(id);
+        assert!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("2 shards, 100 keys"),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    for s in target.servers.iter_mut() {
+        s.restart();
+    }
+    let client = target.client().await;
+    assert_eq!(client.cached_view().map.len(), 2, "the backup's shards");
+    for k in &keys {
+        assert_eq!(client.get(k.as_bytes()).await.unwrap(), Some(format!("v-{k}").into_bytes()), "key {k}");
+    }
+    client.close().await;
+}
