@@ -140,15 +140,15 @@ impl TransportNetwork {
                 warn!(%to, bytes = bytes.len(), "one Raft message exceeds the envelope limit; dropped");
                 return;
             }
-            let NodeBatch { from, mut messages, mut quiesce } = batch;
+            let NodeBatch { from, mut messages, mut quiesce, removed } = batch;
             let (right_m, right_q) = if n >= 2 {
                 (messages.split_off(n / 2), Vec::new())
             } else {
                 let q = quiesce.len();
                 (Vec::new(), quiesce.split_off(q / 2))
             };
-            self.send_slice(to, slot, NodeBatch { from, messages, quiesce });
-            self.send_slice(to, slot, NodeBatch { from, messages: right_m, quiesce: right_q });
+            self.send_slice(to, slot, NodeBatch { from, messages, quiesce, removed });
+            self.send_slice(to, slot, NodeBatch { from, messages: right_m, quiesce: right_q, removed: Vec::new() });
             return;
         }
         if let Err(e) = self.transport.send(to, Envelope::new(GroupId(slot), bytes)) {
@@ -166,8 +166,9 @@ impl HostNetwork for TransportNetwork {
             return;
         }
         let k = self.streams;
-        let mut slices: Vec<NodeBatch> =
-            (0..k).map(|_| NodeBatch { from: batch.from, messages: Vec::new(), quiesce: Vec::new() }).collect();
+        let mut slices: Vec<NodeBatch> = (0..k)
+            .map(|_| NodeBatch { from: batch.from, messages: Vec::new(), quiesce: Vec::new(), removed: Vec::new() })
+            .collect();
         for (g, m) in batch.messages {
             slices[(g.0 % k) as usize].messages.push((g, m));
         }
@@ -175,8 +176,12 @@ impl HostNetwork for TransportNetwork {
             let GroupId(g) = q.group;
             slices[(g % k) as usize].quiesce.push(q);
         }
+        for r in batch.removed {
+            let GroupId(g) = r.group;
+            slices[(g % k) as usize].removed.push(r);
+        }
         for (slot, slice) in slices.into_iter().enumerate() {
-            if !slice.messages.is_empty() || !slice.quiesce.is_empty() {
+            if !slice.messages.is_empty() || !slice.quiesce.is_empty() || !slice.removed.is_empty() {
                 self.send_slice(to, slot as u64, slice);
             }
         }
@@ -184,7 +189,8 @@ impl HostNetwork for TransportNetwork {
 
     fn send_transfer(&self, to: NodeId, group: GroupId, msg: Message) {
         debug_assert!(matches!(msg.body, MessageBody::Snapshot { .. }), "only snapshot chunks take the transfer path");
-        let batch = NodeBatch { from: msg.from, messages: vec![(group, msg)], quiesce: Vec::new() };
+        let batch =
+            NodeBatch { from: msg.from, messages: vec![(group, msg)], quiesce: Vec::new(), removed: Vec::new() };
         let bytes = match batch.encode() {
             Ok(b) => b,
             Err(e) => {
@@ -301,7 +307,7 @@ pub fn check_transfer(from: NodeId, group: GroupId, bytes: &[u8]) -> Result<Node
     if batch.from != from {
         return unexpected(format!("the record claims sender {}", batch.from));
     }
-    if !batch.quiesce.is_empty() || batch.messages.len() != 1 {
+    if !batch.quiesce.is_empty() || !batch.removed.is_empty() || batch.messages.len() != 1 {
         return unexpected(format!("{} messages and {} notices", batch.messages.len(), batch.quiesce.len()));
     }
     let (g, m) = &batch.messages[0];

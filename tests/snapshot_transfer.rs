@@ -36,7 +36,9 @@ fn chunk(from: u64, to: u64, data: &'static [u8]) -> Message {
 }
 
 fn encoded(from: u64, group: GroupId, msg: Message) -> Bytes {
-    NodeBatch { from: NodeId(from), messages: vec![(group, msg)], quiesce: Vec::new() }.encode().unwrap()
+    NodeBatch { from: NodeId(from), messages: vec![(group, msg)], quiesce: Vec::new(), removed: Vec::new() }
+        .encode()
+        .unwrap()
 }
 
 async fn wait_for(what: &str, secs: u64, mut done: impl FnMut() -> bool) {

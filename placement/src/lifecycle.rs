@@ -12,7 +12,11 @@
 //!   acknowledged nothing and grants no vote, so nothing is lost with it;
 //! - a confirmed [`Tombstone`](crate::Tombstone): the shard's leader reported a committed
 //!   configuration without the node, at an index at least that of the newest configuration
-//!   the local replica holds (a replica holding a newer one was added back since).
+//!   the local replica holds (a replica holding a newer one was added back since);
+//! - the same told by a member of the group itself, answering a message of this replica
+//!   (strictly newer than the replica's newest configuration): a replica that missed its
+//!   removal (started late by a split entry after its group had moved it away, when the
+//!   tombstone was gone) learns it from the group.
 //!
 //! A shard the view does not know at all (its id not allocated yet, or not in the map) is
 //! always kept: that view is older than the replica.
@@ -28,6 +32,9 @@ pub struct LocalReplica {
     pub committed: Option<(LogIndex, bool)>,
     /// The index of the newest configuration in the replica's log or snapshot (0 if none).
     pub newest_conf: LogIndex,
+    /// The highest index of a committed configuration without this node that a member of the
+    /// group told this replica of.
+    pub removed_at: Option<LogIndex>,
 }
 
 /// The decision for one local replica.
@@ -49,6 +56,8 @@ pub enum DeleteReason {
     Empty,
     /// The shard's leader reported a committed configuration without the node.
     Tombstone(LogIndex),
+    /// A member of the group told of a committed configuration without the node.
+    ToldByAMember(LogIndex),
 }
 
 /// Decides whether node `me` keeps its replica of `shard`, from the view `state` (which may be
@@ -70,8 +79,13 @@ pub fn replica_fate(me: NodeId, shard: ShardId, local: &LocalReplica, state: &Me
         _ => {}
     }
     let tomb = state.tombstones.get(&shard).and_then(|t| t.get(&me)).and_then(|t| t.confirmed);
-    match tomb {
-        Some(at) if local.newest_conf <= at => ReplicaFate::Delete(DeleteReason::Tombstone(at)),
+    if let Some(at) = tomb.filter(|at| local.newest_conf <= *at) {
+        return ReplicaFate::Delete(DeleteReason::Tombstone(at));
+    }
+    match local.removed_at {
+        // Strictly newer than anything the replica holds: a configuration at that index or
+        // later would be in its log if it had been given one adding it back.
+        Some(at) if local.newest_conf < at => ReplicaFate::Delete(DeleteReason::ToldByAMember(at)),
         _ => ReplicaFate::Keep,
     }
 }

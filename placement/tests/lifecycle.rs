@@ -18,7 +18,7 @@ fn state() -> MetaState {
 }
 
 fn member(index: u64) -> LocalReplica {
-    LocalReplica { committed: Some((LogIndex(index), true)), newest_conf: LogIndex(index) }
+    LocalReplica { committed: Some((LogIndex(index), true)), newest_conf: LogIndex(index), removed_at: None }
 }
 
 #[test]
@@ -34,7 +34,7 @@ fn a_shard_the_view_does_not_know_is_kept() {
 #[test]
 fn a_replica_the_map_lists_is_kept_whatever_the_group_says() {
     let s = state();
-    let removed = LocalReplica { committed: Some((LogIndex(9), false)), newest_conf: LogIndex(9) };
+    let removed = LocalReplica { committed: Some((LogIndex(9), false)), newest_conf: LogIndex(9), removed_at: None };
     assert_eq!(replica_fate(n(1), ShardId(1), &removed, &s), ReplicaFate::Keep, "added back since");
 }
 
@@ -58,7 +58,7 @@ fn a_replica_whose_log_adds_it_back_is_kept_until_that_is_committed() {
     let mut s = state();
     let e = s.map.get(ShardId(1)).expect("shard").epoch;
     s.apply(MetaCommand::RemoveReplica { shard: ShardId(1), epoch: e, node: n(3) }).expect("remove");
-    let re_added = LocalReplica { committed: Some((LogIndex(9), false)), newest_conf: LogIndex(12) };
+    let re_added = LocalReplica { committed: Some((LogIndex(9), false)), newest_conf: LogIndex(12), removed_at: None };
     assert_eq!(replica_fate(n(3), ShardId(1), &re_added, &s), ReplicaFate::Keep);
 }
 
@@ -94,7 +94,7 @@ fn the_groups_own_committed_configuration_deletes() {
     let mut s = state();
     let e = s.map.get(ShardId(1)).expect("shard").epoch;
     s.apply(MetaCommand::RemoveReplica { shard: ShardId(1), epoch: e, node: n(3) }).expect("remove");
-    let removed = LocalReplica { committed: Some((LogIndex(9), false)), newest_conf: LogIndex(9) };
+    let removed = LocalReplica { committed: Some((LogIndex(9), false)), newest_conf: LogIndex(9), removed_at: None };
     assert_eq!(replica_fate(n(3), ShardId(1), &removed, &s), ReplicaFate::Delete(DeleteReason::RemovedByItsGroup));
 }
 
@@ -184,4 +184,31 @@ fn a_confirmed_tombstone_stays_until_its_node_no_longer_reports_the_replica() {
     // It deleted it: the tombstone has done its work.
     s.apply(MetaCommand::Heartbeat { node: n(3), report: NodeReport::default() }).expect("heartbeat");
     assert!(s.tombstones.is_empty());
+}
+
+/// A replica that missed its removal and whose tombstone is gone (a split entry started it
+/// late, on an old configuration that holds its node): a member's word that a committed
+/// configuration newer than anything the replica holds leaves the node out deletes it.
+#[test]
+fn a_members_notice_of_a_newer_committed_removal_deletes_a_replica_that_missed_it() {
+    let mut s = state();
+    let e = s.map.get(ShardId(1)).expect("shard").epoch;
+    s.apply(MetaCommand::RemoveReplica { shard: ShardId(1), epoch: e, node: n(3) }).expect("remove");
+    s.tombstones.clear();
+    let told = |newest: u64, at: Option<u64>| LocalReplica {
+        committed: Some((LogIndex(newest), true)),
+        newest_conf: LogIndex(newest),
+        removed_at: at.map(LogIndex),
+    };
+    assert_eq!(replica_fate(n(3), ShardId(1), &told(5, None), &s), ReplicaFate::Keep, "nothing says it was removed");
+    assert_eq!(
+        replica_fate(n(3), ShardId(1), &told(5, Some(20)), &s),
+        ReplicaFate::Delete(DeleteReason::ToldByAMember(LogIndex(20)))
+    );
+    // Its log already holds a configuration at or after the notice's: it may have been added
+    // back; its own committed configuration decides.
+    assert_eq!(replica_fate(n(3), ShardId(1), &told(20, Some(20)), &s), ReplicaFate::Keep);
+    assert_eq!(replica_fate(n(3), ShardId(1), &told(25, Some(20)), &s), ReplicaFate::Keep);
+    // The map lists the node (added back, or the view lags): kept, whatever it was told.
+    assert_eq!(replica_fate(n(1), ShardId(1), &told(5, Some(20)), &s), ReplicaFate::Keep);
 }

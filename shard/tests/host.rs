@@ -3,7 +3,7 @@
 
 use flotilla_raft::{GroupId, Membership, NodeId, RaftError, ReadMode, Role};
 use flotilla_shard::{Host, HostError, KeyRange, KvCommand, KvResponse, NodeBatch, Store};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -221,6 +221,7 @@ async fn groups_are_created_listed_and_destroyed_at_run_time_and_bad_requests_ge
             },
         )],
         quiesce: Vec::new(),
+        removed: Vec::new(),
     });
     let deadline = Instant::now() + Duration::from_secs(5);
     while host.stats().unknown_group_msgs.load(Ordering::Relaxed) == 0 {
@@ -534,6 +535,7 @@ async fn raft_messages_claiming_another_sender_than_their_batch_are_dropped() {
         from: NodeId(2),
         messages: vec![heartbeat(3, 50), heartbeat(2, 40)],
         quiesce: Vec::new(),
+        removed: Vec::new(),
     });
     let deadline = Instant::now() + Duration::from_secs(5);
     let info = loop {
@@ -638,5 +640,59 @@ async fn a_leader_reading_a_lagging_followers_entries_keeps_serving_its_other_gr
     assert!(sm.get(key(1, "k0").into_bytes()).await.expect("local read").is_some(), "the first entry it missed");
     let info = c.host(behind).group_info().await.expect("info").into_iter().find(|i| i.group == GroupId(1));
     assert_eq!(info.map(|i| i.first_index.0), Some(1), "it caught up from the log, not by snapshot");
+    c.shutdown().await;
+}
+
+/// A replica cut off while its group removed its node never hears of the removal from the
+/// group's log. Once it can reach the others again its messages (pre-votes: it stopped
+/// hearing a leader) are answered with the committed configuration that left it out, and the
+/// host reports that index for the node's decision, newer than any configuration the replica
+/// holds. The members never act on a removed node's messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_missed_its_removal_is_told_by_the_members() {
+    let c = Cluster::start(3).await;
+    let g = GroupId(1);
+    c.create_groups(1..=1).await;
+    c.put(g, &key(1, "a"), "1").await.expect("write");
+    // Node 3 leads nothing (so the removal is not its own), then is cut off and removed.
+    for h in &c.hosts {
+        if h.group_info_of(g).await.expect("info").role == Role::Leader && h.node() == NodeId(3) {
+            h.transfer_leader(g, NodeId(1)).await.expect("transfer");
+        }
+    }
+    c.wait_info("node 3 follows", |_| true).await;
+    c.net.cut.write().expect("lock").insert(NodeId(3));
+    let voters: BTreeSet<NodeId> = [NodeId(1), NodeId(2)].into();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let removed_at = loop {
+        let mut done = None;
+        for h in &c.hosts[..2] {
+            if let Ok(at) = h.change_membership(g, voters.clone()).await {
+                done = Some(at);
+            }
+        }
+        if let Some(at) = done {
+            break at;
+        }
+        assert!(Instant::now() < deadline, "node 3 was not removed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    c.put(g, &key(1, "b"), "2").await.expect("a write after the removal");
+    let before = c.host(NodeId(3)).group_info_of(g).await.expect("info");
+    assert!(before.newest_conf < removed_at, "node 3 holds only the old configuration");
+    assert_eq!(before.removed_at, None);
+    c.net.cut.write().expect("lock").clear();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let told = loop {
+        let i = c.host(NodeId(3)).group_info_of(g).await.expect("info");
+        if let Some(at) = i.removed_at {
+            break (at, i.newest_conf);
+        }
+        assert!(Instant::now() < deadline, "node 3 was never told it was removed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(told.0 >= removed_at && told.1 < told.0, "told of index {} holding {}", told.0, told.1);
+    // The members went on without it.
+    c.put(g, &key(1, "c"), "3").await.expect("a write after the removal");
     c.shutdown().await;
 }

@@ -414,7 +414,11 @@ fn reconfigs_wanted(me: NodeId, i: &GroupInfo, host_range: Option<&KeyRange>, st
 fn local_replica_of(i: &GroupInfo, me: NodeId) -> LocalReplica {
     let m = &i.committed_conf.membership;
     let committed = (!m.nodes().is_empty()).then(|| (PLogIndex(i.committed_conf.log_id.index.0), m.contains(me)));
-    LocalReplica { committed, newest_conf: PLogIndex(i.newest_conf.0) }
+    LocalReplica {
+        committed,
+        newest_conf: PLogIndex(i.newest_conf.0),
+        removed_at: i.removed_at.map(|r| PLogIndex(r.0)),
+    }
 }
 
 #[cfg(test)]
@@ -485,6 +489,7 @@ mod tests {
                 membership: Membership { voters: nodes(voters), outgoing: None, learners: nodes(learners) },
             },
             newest_conf: LogIndex(5),
+            removed_at: None,
             quiet: false,
             stopped: None,
         }
@@ -550,7 +555,7 @@ mod tests {
     fn a_replica_is_known_by_its_committed_configuration() {
         let mut i = info(1, Role::Follower, &[1, 2, 3], &[4]);
         i.newest_conf = LogIndex(7);
-        let l = |committed| LocalReplica { committed, newest_conf: PLogIndex(7) };
+        let l = |committed| LocalReplica { committed, newest_conf: PLogIndex(7), removed_at: None };
         assert_eq!(local_replica_of(&i, n(4)), l(Some((PLogIndex(5), true))));
         assert_eq!(local_replica_of(&i, n(2)), l(Some((PLogIndex(5), true))));
         assert_eq!(local_replica_of(&i, n(5)), l(Some((PLogIndex(5), false))));

@@ -105,6 +105,7 @@ fn group_info(g: &GroupState) -> GroupInfo {
         voters: e.membership().membership.voters.clone(),
         committed_conf: e.committed_membership().clone(),
         newest_conf: e.membership().log_id.index,
+        removed_at: g.removed_at,
         quiet: g.quiet,
         stopped: g.core.fatal().map(|f| f.to_string()),
     }

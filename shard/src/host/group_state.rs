@@ -52,6 +52,9 @@ pub(crate) struct GroupState {
     /// (answering them would make the sender resend at once), and its first chunk is judged
     /// again when resent, as the node's groups change.
     pub(super) refused_snapshot: Option<u64>,
+    /// The highest index of a committed configuration without this node that a member told
+    /// of (`RemovedNotice`): the node decides from it whether to delete this replica.
+    pub(super) removed_at: Option<LogIndex>,
 }
 
 impl GroupState {
@@ -72,6 +75,7 @@ impl GroupState {
             sm_busy: false,
             quiet_leader: None,
             refused_snapshot: None,
+            removed_at: None,
         }
     }
 

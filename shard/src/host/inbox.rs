@@ -3,15 +3,21 @@
 //! install on this node.
 
 use super::liveness::keeps_quiet;
-use super::poller::Poller;
-use super::QuiesceNotice;
-use flotilla_raft::{GroupId, Message, MessageBody, NodeId};
+use super::poller::{empty_batch, Poller};
+use super::{QuiesceNotice, RemovedNotice};
+use flotilla_raft::{GroupId, LogIndex, Message, MessageBody, NodeId};
 use std::sync::atomic::Ordering;
 use tracing::{debug, info};
 
 impl Poller {
     /// Peer messages for this poller's groups, and the quiescence notices that came with them.
-    pub(super) fn on_batch(&mut self, from: NodeId, messages: Vec<(GroupId, Message)>, quiesce: Vec<QuiesceNotice>) {
+    pub(super) fn on_batch(
+        &mut self,
+        from: NodeId,
+        messages: Vec<(GroupId, Message)>,
+        quiesce: Vec<QuiesceNotice>,
+        removed: Vec<RemovedNotice>,
+    ) {
         let now = self.shared.now();
         self.shared.queued[self.index].fetch_sub(messages.len(), Ordering::Relaxed);
         for (gid, msg) in messages {
@@ -20,6 +26,7 @@ impl Poller {
                 debug!(group = %gid, %from, "message for a group not on this node");
                 continue;
             }
+            self.tell_if_removed(gid, from);
             if self.refuses_snapshot_chunk(gid, &msg) {
                 self.shared.stats.snapshot_chunks_refused.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -34,6 +41,47 @@ impl Poller {
         }
         for q in quiesce {
             self.on_quiesce_notice(from, q);
+        }
+        for r in removed {
+            self.on_removed_notice(from, r);
+        }
+    }
+
+    /// Tells `from` that group `gid` removed it, if the group's committed configuration and
+    /// every newer one it holds leave `from` out (a configuration still being committed might
+    /// add it). Once per group and sender per round.
+    fn tell_if_removed(&mut self, gid: GroupId, from: NodeId) {
+        let Some(g) = self.groups.get(&gid) else { return };
+        let e = g.core.engine();
+        let committed = e.committed_membership();
+        if committed.log_id.index == LogIndex(0)
+            || committed.membership.contains(from)
+            || e.membership().membership.contains(from)
+        {
+            return;
+        }
+        let index = committed.log_id.index;
+        let me = self.shared.config.node;
+        let batch = self.round.out.entry(from).or_insert_with(|| empty_batch(me));
+        if !batch.removed.iter().any(|r| r.group == gid) {
+            batch.removed.push(RemovedNotice { group: gid, index });
+        }
+    }
+
+    /// A member of group `r.group` says its committed configuration at `r.index` leaves this
+    /// node out. Recorded for the node's decision (`GroupInfo::removed_at`); the group goes on
+    /// as it is until then. Only a member may say so: a notice from a node the group does not
+    /// count is ignored.
+    fn on_removed_notice(&mut self, from: NodeId, r: RemovedNotice) {
+        let Some(g) = self.groups.get_mut(&r.group) else { return };
+        if !g.core.engine().membership().membership.contains(from)
+            && !g.core.engine().committed_membership().membership.contains(from)
+        {
+            return;
+        }
+        if g.removed_at.is_none_or(|at| at < r.index) {
+            info!(group = %r.group, %from, index = %r.index, "a member says the group removed this node");
+            g.removed_at = Some(r.index);
         }
     }
 

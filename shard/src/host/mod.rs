@@ -193,6 +193,19 @@ pub struct QuiesceNotice {
     pub index: LogIndex,
 }
 
+/// A member's answer to a message from a node its group's committed configuration at `index`
+/// (and any newer one it holds) leaves out: the sender's replica may delete itself if the
+/// newest configuration it holds is older (see `flotilla_placement::lifecycle`). How a replica
+/// that missed its own removal learns of it: one started late by a split entry, say, after the
+/// group it was born into had moved it away.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedNotice {
+    /// The group.
+    pub group: GroupId,
+    /// The index of the committed configuration without the node.
+    pub index: LogIndex,
+}
+
 /// Everything one host sends another in one round: the messages of many groups, quiescence
 /// notices, and (when empty) a liveness ping.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,6 +216,8 @@ pub struct NodeBatch {
     pub messages: Vec<(GroupId, Message)>,
     /// Groups whose leader went quiet.
     pub quiesce: Vec<QuiesceNotice>,
+    /// Groups that removed the receiving node ([`RemovedNotice`]).
+    pub removed: Vec<RemovedNotice>,
 }
 
 impl NodeBatch {
@@ -229,7 +244,10 @@ pub trait HostNetwork: Send + Sync + 'static {
     /// default puts the chunk in a batch of its own, so a network without a bulk path works
     /// unchanged.
     fn send_transfer(&self, to: NodeId, group: GroupId, msg: Message) {
-        self.send(to, NodeBatch { from: msg.from, messages: vec![(group, msg)], quiesce: Vec::new() });
+        self.send(
+            to,
+            NodeBatch { from: msg.from, messages: vec![(group, msg)], quiesce: Vec::new(), removed: Vec::new() },
+        );
     }
 }
 
@@ -263,6 +281,9 @@ pub struct GroupInfo {
     pub committed_conf: StoredMembership,
     /// The index of the newest configuration in the replica's log (0 if it holds none).
     pub newest_conf: LogIndex,
+    /// The highest index of a committed configuration without this node that a member of the
+    /// group told of ([`RemovedNotice`]).
+    pub removed_at: Option<LogIndex>,
     /// Whether the group is quiet (not ticking).
     pub quiet: bool,
     /// Why the group stopped (a storage failure), once it did.
@@ -580,7 +601,7 @@ impl Host {
             }
         }
         let n = self.shared.pollers.len();
-        type PerPoller = (Vec<(GroupId, Message)>, Vec<QuiesceNotice>);
+        type PerPoller = (Vec<(GroupId, Message)>, Vec<QuiesceNotice>, Vec<RemovedNotice>);
         let mut per: Vec<PerPoller> = (0..n).map(|_| Default::default()).collect();
         for (g, m) in batch.messages {
             if m.from != batch.from {
@@ -592,8 +613,11 @@ impl Host {
         for q in batch.quiesce {
             per[(q.group.0 % n as u64) as usize].1.push(q);
         }
-        for (i, (mut msgs, notices)) in per.into_iter().enumerate() {
-            if msgs.is_empty() && notices.is_empty() {
+        for r in batch.removed {
+            per[(r.group.0 % n as u64) as usize].2.push(r);
+        }
+        for (i, (mut msgs, notices, removed)) in per.into_iter().enumerate() {
+            if msgs.is_empty() && notices.is_empty() && removed.is_empty() {
                 continue;
             }
             let queued = self.shared.queued[i].load(Ordering::Relaxed);
@@ -604,8 +628,12 @@ impl Host {
                 self.shared.stats.mailbox_dropped.fetch_add(dropped as u64, Ordering::Relaxed);
             }
             self.shared.queued[i].fetch_add(msgs.len(), Ordering::Relaxed);
-            let _ =
-                self.shared.pollers[i].send(PollerMsg::Batch { from: batch.from, messages: msgs, quiesce: notices });
+            let _ = self.shared.pollers[i].send(PollerMsg::Batch {
+                from: batch.from,
+                messages: msgs,
+                quiesce: notices,
+                removed,
+            });
         }
     }
 
@@ -825,7 +853,9 @@ fn pinger(shared: Arc<Shared>) {
         }
         let peers: Vec<NodeId> = shared.peers.lock().map(|p| p.iter().copied().collect()).unwrap_or_default();
         for p in peers {
-            shared.network.send(p, NodeBatch { from: me, messages: Vec::new(), quiesce: Vec::new() });
+            shared
+                .network
+                .send(p, NodeBatch { from: me, messages: Vec::new(), quiesce: Vec::new(), removed: Vec::new() });
         }
         std::thread::sleep(every);
     }

@@ -7,7 +7,7 @@
 
 use super::apply::AppliedBatch;
 use super::group_state::GroupState;
-use super::{GroupInfo, NodeBatch, QuiesceNotice, Shared, EVENTS_PER_ROUND_MAX};
+use super::{GroupInfo, NodeBatch, QuiesceNotice, RemovedNotice, Shared, EVENTS_PER_ROUND_MAX};
 use crate::store::Op;
 use bytes::Bytes;
 use flotilla_raft::{
@@ -28,6 +28,7 @@ pub(crate) enum PollerMsg {
         from: NodeId,
         messages: Vec<(GroupId, Message)>,
         quiesce: Vec<QuiesceNotice>,
+        removed: Vec<RemovedNotice>,
     },
     Api(GroupId, Request),
     /// A round's log writes are durable (or failed): the last write id of each group.
@@ -185,7 +186,7 @@ impl Poller {
                 self.on_remove(id);
                 let _ = reply.send(());
             }
-            PollerMsg::Batch { from, messages, quiesce } => self.on_batch(from, messages, quiesce),
+            PollerMsg::Batch { from, messages, quiesce, removed } => self.on_batch(from, messages, quiesce, removed),
             PollerMsg::Api(gid, req) => self.on_request(gid, req),
             PollerMsg::WritesDone { done, compact, result } => self.on_writes_done(done, compact, result),
             PollerMsg::Loaded(loaded) => self.on_loaded(loaded),
@@ -267,5 +268,5 @@ impl Poller {
 }
 
 pub(super) fn empty_batch(from: NodeId) -> NodeBatch {
-    NodeBatch { from, messages: Vec::new(), quiesce: Vec::new() }
+    NodeBatch { from, messages: Vec::new(), quiesce: Vec::new(), removed: Vec::new() }
 }

@@ -30,7 +30,10 @@ impl HostNetwork for MemNet {
     fn send_transfer(&self, to: NodeId, group: GroupId, msg: Message) {
         assert!(matches!(msg.body, MessageBody::Snapshot { .. }), "only snapshot chunks take the transfer path");
         self.transfers.fetch_add(1, Ordering::Relaxed);
-        self.deliver(to, NodeBatch { from: msg.from, messages: vec![(group, msg)], quiesce: Vec::new() });
+        self.deliver(
+            to,
+            NodeBatch { from: msg.from, messages: vec![(group, msg)], quiesce: Vec::new(), removed: Vec::new() },
+        );
     }
 }
 
