@@ -31,8 +31,11 @@ fn ids(s: &MetaState) -> Vec<ShardId> {
     s.map.shards().map(|d| d.id).collect()
 }
 
-/// Each node reports leading `led[node]` with the given loads (requests/s) and split keys.
-fn report(s: &mut MetaState, led: &BTreeMap<u64, Vec<(ShardId, u64, Option<Vec<u8>>)>>) {
+/// What one node leads: each shard with its load (requests/s) and split key.
+type Led = Vec<(ShardId, u64, Option<Vec<u8>>)>;
+
+/// Each node reports leading `led[node]` with the given loads and split keys.
+fn report(s: &mut MetaState, led: &BTreeMap<u64, Led>) {
     for (node, shards) in led {
         let mut rep = NodeReport { leading: shards.iter().map(|(id, _, _)| *id).collect(), ..Default::default() };
         for (id, rate, split_key) in shards {
@@ -240,8 +243,7 @@ fn leader_balancing_by_load_ends_without_flapping() {
         let cfg = BalancerConfig::default();
         let mut rounds = 0;
         loop {
-            let mut led: BTreeMap<u64, Vec<(ShardId, u64, Option<Vec<u8>>)>> =
-                (1..=3).map(|n| (n, Vec::new())).collect();
+            let mut led: BTreeMap<u64, Led> = (1..=3).map(|n| (n, Vec::new())).collect();
             for (id, node) in &leader {
                 led.entry(*node).or_default().push((*id, loads[id], None));
             }
