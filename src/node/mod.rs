@@ -742,6 +742,20 @@ impl Node {
             infos.len(),
             self.inner.started.elapsed().as_secs()
         );
+        // What load-based splitting holds: an entry per shard busy lately, a sample per warm one.
+        if let Ok(load) = self.inner.load.lock() {
+            let _ = writeln!(
+                out,
+                "# HELP flotilla_load_tracked_shards Shards whose requests this node counts (busy lately).
+                 # TYPE flotilla_load_tracked_shards gauge
+flotilla_load_tracked_shards{{node=\"{id}\"}} {}
+                 # HELP flotilla_load_sampled_shards Shards whose request keys this node samples (warm or hot).
+                 # TYPE flotilla_load_sampled_shards gauge
+flotilla_load_sampled_shards{{node=\"{id}\"}} {}",
+                load.tracked(),
+                load.sampling()
+            );
+        }
         // Off the async threads: RocksDB properties take its mutex, `/proc` is read. A failure
         // leaves the lines out rather than failing the whole page.
         if self.inner.resp_addr.is_some() {
