@@ -9,6 +9,8 @@
 //! # metrics_listen = "127.0.0.1:9101" # Prometheus /metrics and /health
 //! # auto_balance = true               # split big shards, move replicas and leaders by itself
 //! # split_size_bytes = 134217728      # shards past this are split (with auto_balance)
+//! # load_split_requests_per_s = 3000  # shards busier than this are split by load (0: never)
+//! # load_split_duration_ms = 10000    # ... once they stayed that busy this long
 //! # pollers = 1                       # shard poller threads (default: half the cores)
 //! # memory_budget = "512MiB"          # RocksDB's block cache and memtables (64MiB..=1TiB)
 //! # require_client_roles = true       # refuse client certificates issued without a role
@@ -90,6 +92,15 @@ pub struct ServerFile {
     /// Shards larger than this (keys plus values) are split by the balancer.
     #[serde(default)]
     pub split_size_bytes: Option<u64>,
+    /// Shards whose leader serves more requests per second than this, for
+    /// `load_split_duration_ms`, are split at a key that divides their load (with
+    /// `auto_balance`; default 3,000; 0: never).
+    #[serde(default)]
+    pub load_split_requests_per_s: Option<u64>,
+    /// How long a shard must stay above `load_split_requests_per_s` to be split (ms, default
+    /// 10,000).
+    #[serde(default)]
+    pub load_split_duration_ms: Option<u64>,
     /// Threads running the shards' Raft groups (default: half the cores, 1 to 8).
     #[serde(default)]
     pub pollers: Option<usize>,
@@ -338,6 +349,12 @@ impl ServerFile {
         node.resp = resp;
         if let Some(bytes) = self.split_size_bytes {
             node.balancer.split_size_bytes_threshold = bytes;
+        }
+        if let Some(rate) = self.load_split_requests_per_s {
+            node.balancer.load_split_requests_per_s = rate;
+        }
+        if let Some(ms) = self.load_split_duration_ms {
+            node.load_split_duration_ms = ms;
         }
         if let Some(p) = self.pollers {
             node.pollers = p;

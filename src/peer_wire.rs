@@ -6,14 +6,16 @@
 //! this protocol from anything but a node's certificate is refused before it is decoded.
 
 use crate::meta::records::MetaWrite;
-use crate::placement::{MetaCommand, NodeId};
+use crate::placement::{MetaCommand, NodeId, NodeReport, ShardId, ShardLoad};
 use crate::wire::{decode_versioned, encode_versioned, AdminResponse, WireError};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Version byte that starts every peer request and response (high bit set: see the module
 /// documentation).
-pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 1;
+/// Version 2: a report carries its shards' loads beside it ([`MetaOp::Report`]'s `load`).
+pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 2;
 
 /// Whether `bytes` is a message of the peer protocol (rather than the client protocol).
 pub fn is_peer_message(bytes: &[u8]) -> bool {
@@ -105,7 +107,11 @@ pub enum MetaOp {
         /// Its client address.
         addr: String,
         /// Its report.
-        report: crate::placement::NodeReport,
+        report: NodeReport,
+        /// The report's [`NodeReport::shard_load`], which the report's own serialized form
+        /// leaves out (see there): build with [`MetaOp::report`], read with
+        /// [`MetaOp::full_report`].
+        load: BTreeMap<ShardId, ShardLoad>,
     },
     /// Split the shard holding `key` at `key`.
     SplitAt {
@@ -119,6 +125,20 @@ pub enum MetaOp {
     },
     /// Read the state (linearizably) without changing it.
     Read,
+}
+
+impl MetaOp {
+    /// A node's report, its shard loads moved beside it so that they travel.
+    pub fn report(node: NodeId, addr: String, mut report: NodeReport) -> MetaOp {
+        let load = std::mem::take(&mut report.shard_load);
+        MetaOp::Report { node, addr, report, load }
+    }
+
+    /// The report of a [`MetaOp::Report`], its shard loads put back; `None` for other ops.
+    pub fn full_report(&self) -> Option<NodeReport> {
+        let MetaOp::Report { report, load, .. } = self else { return None };
+        Some(NodeReport { shard_load: load.clone(), ..report.clone() })
+    }
 }
 
 impl PeerRequest {
@@ -159,5 +179,17 @@ mod tests {
         assert!(matches!(PeerRequest::decode(&client), Err(WireError::Version(_))));
         assert!(matches!(Request::decode(&peer), Err(WireError::Version(_))));
         assert!(!is_peer_message(&[]));
+    }
+
+    #[test]
+    fn a_report_carries_its_shard_loads() {
+        let mut report = NodeReport { leading: vec![ShardId(3)], ..NodeReport::default() };
+        let load = ShardLoad { requests_per_s: 5_000, split_key: Some(b"m".to_vec()) };
+        report.shard_load.insert(ShardId(3), load);
+        let op = MetaOp::report(NodeId(1), "a".into(), report.clone());
+        let sent = PeerRequest::Meta { op, forwarded: false }.encode();
+        let Ok(PeerRequest::Meta { op, .. }) = PeerRequest::decode(&sent) else { panic!("decodes") };
+        assert_eq!(op.full_report(), Some(report));
+        assert_eq!(MetaOp::Read.full_report(), None);
     }
 }

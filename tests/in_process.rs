@@ -380,6 +380,70 @@ async fn the_automatic_balancer_splits_a_shard_that_grew_past_the_threshold() {
     cluster.shutdown().await;
 }
 
+/// Load-based splitting end to end: clients hammer a range of one shard above a low threshold;
+/// the shard's leader counts and samples the requests, names a key once the shard stayed hot,
+/// and the balancer splits the shard there by itself, with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_balancer_splits_a_shard_hot_with_requests_inside_its_hot_range() {
+    let mut cluster = Cluster::start_with(3, &[1, 2, 3], &[1, 2, 3], dev_split_keys(1), |cfg| {
+        cfg.balancer.load_split_requests_per_s = 100;
+        cfg.load_split_duration_ms = 900; // three report windows of 300 ms
+        cfg.auto_balance_interval_ms = Some(300);
+    })
+    .await;
+    let client = std::sync::Arc::new(cluster.client().await);
+    assert_eq!(client.cached_view().map.len(), 1);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    // Writes and reads spread over `hot-000..hot-199` (a put then a get of a fresh key).
+    for w in 0..4u64 {
+        let (client, stop) = (client.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = w;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let k = format!("hot-{:03}-{i:06}", (i * 7919) % 200);
+                match client.put(k.as_bytes(), k.as_bytes()).await {
+                    Ok(()) => acked.push(k.clone()),
+                    Err(e) => panic!("write {k} failed across the load split: {e}"),
+                }
+                let _ = client.get(k.as_bytes()).await;
+                i += 4;
+            }
+            acked
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let split_at = loop {
+        let view = client.refresh().await.unwrap();
+        if let Some(d) = view.map.shards().find(|d| !d.start.is_empty()) {
+            break d.start.clone();
+        }
+        assert!(Instant::now() < deadline, "the hot shard was never split: {:?}", view.map);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let took = started.elapsed();
+    eprintln!("split by load at {:?} after {took:?} of load", String::from_utf8_lossy(&split_at));
+    assert!(
+        split_at.as_slice() > b"hot-010".as_slice() && split_at.as_slice() < b"hot-190".as_slice(),
+        "the split key divides the hot range: {:?}",
+        String::from_utf8_lossy(&split_at)
+    );
+    // The load goes on across the split for a moment, then every acknowledged write reads back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for w in workers {
+        acked.extend(w.await.unwrap());
+    }
+    assert!(acked.len() > 100, "{} writes", acked.len());
+    for k in &acked {
+        assert_eq!(client.get(k.as_bytes()).await.unwrap().as_deref(), Some(k.as_bytes()), "{k} lost in the split");
+    }
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn node_reports_reach_the_meta_leader_without_meta_writes() {
     let mut cluster = Cluster::start(3, 2).await;

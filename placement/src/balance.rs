@@ -16,7 +16,19 @@
 //!   emptier node, if the fuller holds at least one replica more (so the counts do not get
 //!   worse); if it does not, a *swap* sends a big shard one way and the target's smallest
 //!   shard back, counts unchanged, the size difference at most half the gap.
-//! - **Leaders** are balanced by transfers (cheap: no data moves), separately from the above.
+//! - **Leaders** are balanced by transfers (cheap: no data moves), separately from the above:
+//!   by count first (from the node leading the most shards to one leading at least two fewer,
+//!   the shard that best evens out their load), then by request load (each leader reports its busiest
+//!   shards' rates, [`crate::meta::ShardLoad`]): when the load of the shards one node leads
+//!   exceeds another's by more than the load tolerance (`leader_load_spread_percent` of the
+//!   mean, at least `leader_load_spread_requests_per_s_min`), the hottest shard of at most
+//!   half the gap goes to the less loaded node if it leads fewer shards; if it does not, that
+//!   shard is swapped for the other node's coldest one (two transfers, counts unchanged, the
+//!   load difference at most half the gap). Count transfers lower the sum of leader counts
+//!   squared; load transfers leave it as is or lower it and lower the sum of loads squared,
+//!   so leader balancing ends too, and neither rule wants a transfer of the round back (the
+//!   count rule never moves from a node leading fewer, the load rule never overshoots).
+//!   A shard too hot to move without overshooting is a case for a load split instead.
 //!
 //! Why this terminates: every count move lowers the sum over nodes of count squared (by at
 //! least 2); every size move or swap leaves that sum as it is or lowers it, and lowers the sum
@@ -56,7 +68,9 @@
 //! Draining nodes are emptied first (under the same limits). Splits are suggested for shards
 //! over `split_size_bytes_threshold` when a node reported a split key strictly inside the
 //! range; a shard's size is the largest any node reports for it (replicas hold the same data,
-//! and a learner still catching up reports less).
+//! and a learner still catching up reports less). Shards whose leader reports more than
+//! `load_split_requests_per_s` for long enough, with a key that divides the load, are split at
+//! that key (load-based splitting, [`crate::load`]), within the same per-round limit.
 
 use crate::map::{Epoch, NodeId, ReplicaRole, ShardDescriptor, ShardId};
 use crate::meta::{MetaCommand, MetaState, MOVE_WINDOW_MS};
@@ -85,8 +99,17 @@ pub struct BalancerConfig {
     pub leader_transfers_per_round_max: usize,
     /// Shards larger than this are suggested for a split.
     pub split_size_bytes_threshold: u64,
-    /// Splits suggested in one round at most.
+    /// Splits suggested in one round at most (by size and by load together).
     pub splits_per_round_max: usize,
+    /// Shards whose leader serves more requests per second than this, for long enough that it
+    /// names a split key ([`crate::load`]), are split at that key; 0: no load-based splits.
+    pub load_split_requests_per_s: u64,
+    /// A gap in request load between two nodes' led shards below this percentage of the mean
+    /// load per node counts as balanced for leaders.
+    pub leader_load_spread_percent: u64,
+    /// A gap in request load below this (requests/s) counts as balanced, whatever the mean: a
+    /// transfer costs an election's worth of unavailability for its shard.
+    pub leader_load_spread_requests_per_s_min: u64,
     /// Copied into each plan: how many entries a learner may trail the leader and count as
     /// caught up.
     pub catch_up_lag_entries_max: u64,
@@ -108,9 +131,13 @@ impl Default for BalancerConfig {
             replica_count_spread_max: 1,
             size_spread_percent: 10,
             size_spread_bytes_min: 64 << 20,
-            leader_transfers_per_round_max: 1,
+            // Two: a load swap is two transfers (see "Leaders").
+            leader_transfers_per_round_max: 2,
             split_size_bytes_threshold: 512 << 20,
             splits_per_round_max: 4,
+            load_split_requests_per_s: 3_000,
+            leader_load_spread_percent: 25,
+            leader_load_spread_requests_per_s_min: 500,
             catch_up_lag_entries_max: 128,
             shard_move_cooldown_ms: 600_000,
             candidates_scanned_max: 1024,
@@ -237,7 +264,8 @@ pub fn balance(state: &MetaState, cfg: &BalancerConfig, now_ms: u64) -> Vec<Prop
             }
         })
         .collect();
-    let splits = r.splits();
+    let mut splits = r.splits();
+    splits.extend(r.load_splits(&splits));
     let mut skip = r.busy.clone();
     skip.extend(splits.iter().filter_map(|p| match p {
         Proposal::Split { shard, .. } => Some(*shard),
@@ -554,6 +582,49 @@ impl<'a> Round<'a> {
         out
     }
 
+    /// Load-split suggestions after the size splits `taken`, within what is left of
+    /// `splits_per_round_max`: shards whose leader reports at least `load_split_requests_per_s`
+    /// and a split key strictly inside the range (named only once the shard stayed hot for
+    /// long enough, [`crate::load`]), busiest first. A shard is split once per round at most:
+    /// its epoch changes, so the leader's count of hot windows starts over.
+    fn load_splits(&self, taken: &[Proposal]) -> Vec<Proposal> {
+        let threshold = self.cfg.load_split_requests_per_s;
+        let room = self.cfg.splits_per_round_max.saturating_sub(taken.len());
+        if threshold == 0 || room == 0 {
+            return Vec::new();
+        }
+        let split: BTreeSet<ShardId> = taken
+            .iter()
+            .filter_map(|p| match p {
+                Proposal::Split { shard, .. } => Some(*shard),
+                _ => None,
+            })
+            .collect();
+        let mut hot: Vec<(u64, ShardId, &Vec<u8>)> = Vec::new();
+        for info in self.state.nodes.values() {
+            for (s, load) in &info.report.shard_load {
+                let Some(key) = load.split_key.as_ref() else { continue };
+                if load.requests_per_s >= threshold
+                    && info.report.leading.contains(s)
+                    && !self.busy.contains(s)
+                    && !split.contains(s)
+                {
+                    hot.push((load.requests_per_s, *s, key));
+                }
+            }
+        }
+        hot.sort_by_key(|(rate, s, _)| (std::cmp::Reverse(*rate), *s));
+        hot.dedup_by_key(|(_, s, _)| *s);
+        hot.into_iter()
+            .filter_map(|(_, shard, key)| {
+                let d = self.state.map.get(shard)?;
+                let inside = key.as_slice() > d.start.as_slice() && d.contains(key);
+                inside.then(|| Proposal::Split { shard, epoch: d.epoch, key: key.clone() })
+            })
+            .take(room)
+            .collect()
+    }
+
     /// The split key a replica reported (the leader's first), if strictly inside the range.
     fn split_key(&self, d: &ShardDescriptor) -> Option<Vec<u8>> {
         let inside = |k: &Vec<u8>| k.as_slice() > d.start.as_slice() && d.contains(k);
@@ -565,60 +636,203 @@ impl<'a> Round<'a> {
     }
 }
 
-/// Leader transfers from the node leading the most shards to a voter on the node leading the
-/// fewest, while they differ by at least two. Pending transfers count as done.
+/// Leader transfers: by count first, then by load (see "Leaders" in the module docs).
 fn leaders(state: &MetaState, cfg: &BalancerConfig, skip: &BTreeSet<ShardId>) -> Vec<Proposal> {
-    let mut leader_of: BTreeMap<ShardId, NodeId> = BTreeMap::new();
-    for (node, info) in &state.nodes {
-        for s in &info.report.leading {
-            if state.map.get(*s).and_then(|d| d.replica(*node)).is_some_and(|r| r.role == ReplicaRole::Voter) {
-                leader_of.insert(*s, *node);
-            }
-        }
-    }
-    for (s, target) in state.transfers.iter().filter(|(s, _)| state.map.get(**s).is_some()) {
-        leader_of.insert(*s, *target);
-    }
-    let mut led: BTreeMap<NodeId, Vec<ShardId>> = state.nodes.keys().map(|n| (*n, Vec::new())).collect();
-    for (s, n) in &leader_of {
-        led.entry(*n).or_default().push(*s);
-    }
+    let mut r = LeaderRound::new(state, cfg, skip);
     let mut out = Vec::new();
-    let mut moved: Vec<(ShardId, NodeId, NodeId)> = Vec::new();
     while out.len() < cfg.leader_transfers_per_round_max {
-        let Some((max, max_n)) =
-            led.iter().max_by_key(|(n, v)| (v.len(), std::cmp::Reverse(**n))).map(|(n, v)| (*n, v.len()))
-        else {
-            break;
-        };
-        let mut mins: Vec<(NodeId, usize)> = led
-            .iter()
-            .filter(|(n, _)| state.nodes.get(n).is_some_and(|i| !i.draining))
-            .map(|(n, v)| (*n, v.len()))
-            .collect();
-        mins.sort_by_key(|(n, c)| (*c, *n));
-        let pick = mins.iter().take_while(|(_, c)| max_n >= c + 2).find_map(|(min, _)| {
-            led[&max]
-                .iter()
-                .filter(|s| !skip.contains(s) && !state.transfers.contains_key(s) && !moved.iter().any(|m| m.0 == **s))
-                .find(|s| {
-                    state.map.get(**s).and_then(|d| d.replica(*min)).is_some_and(|r| r.role == ReplicaRole::Voter)
-                })
-                .map(|s| (*s, *min))
-        });
-        let Some((shard, to)) = pick else { break };
-        led.get_mut(&max).expect("present").retain(|s| *s != shard);
-        led.entry(to).or_default().push(shard);
-        // Same hysteresis as for moves: no transfer of this round is wanted in reverse.
-        let reverse = |m: &(ShardId, NodeId, NodeId)| led[&m.2].len() >= led[&m.1].len() + 2;
-        if moved.iter().chain([&(shard, max, to)]).any(reverse) {
-            led.get_mut(&to).expect("present").retain(|s| *s != shard);
-            led.get_mut(&max).expect("present").push(shard);
+        let room = cfg.leader_transfers_per_round_max - out.len();
+        let Some(legs) = r.count_transfer().or_else(|| r.load_transfer(room)) else { break };
+        if !r.try_accept(&legs) {
             break;
         }
-        moved.push((shard, max, to));
-        let epoch = state.map.get(shard).expect("led shards are in the map").epoch;
-        out.push(Proposal::TransferLeader { shard, epoch, from: max, to });
+        for (shard, from, to) in legs {
+            let epoch = state.map.get(shard).expect("led shards are in the map").epoch;
+            out.push(Proposal::TransferLeader { shard, epoch, from, to });
+        }
     }
     out
+}
+
+/// One leader transfer: the shard, from, to.
+type Leg = (ShardId, NodeId, NodeId);
+
+/// One round's view of leadership: who leads what (pending transfers as done) and the request
+/// load that comes with it.
+struct LeaderRound<'a> {
+    state: &'a MetaState,
+    /// Shards not to touch (moves, splits of this round).
+    skip: &'a BTreeSet<ShardId>,
+    /// Shards each node leads, projected.
+    led: BTreeMap<NodeId, Vec<ShardId>>,
+    /// Requests per second of each shard, as its leader reported it (unreported: 0).
+    shard_load: HashMap<ShardId, u64>,
+    /// Sum of `shard_load` over the shards each node leads, projected.
+    load: BTreeMap<NodeId, u64>,
+    /// A load gap at or below this counts as balanced.
+    tolerance: u64,
+    /// Transfers accepted this round.
+    moved: Vec<Leg>,
+}
+
+impl<'a> LeaderRound<'a> {
+    fn new(state: &'a MetaState, cfg: &BalancerConfig, skip: &'a BTreeSet<ShardId>) -> LeaderRound<'a> {
+        let mut leader_of: BTreeMap<ShardId, NodeId> = BTreeMap::new();
+        let mut shard_load: HashMap<ShardId, u64> = HashMap::new();
+        for (node, info) in &state.nodes {
+            for s in &info.report.leading {
+                if state.map.get(*s).and_then(|d| d.replica(*node)).is_some_and(|r| r.role == ReplicaRole::Voter) {
+                    leader_of.insert(*s, *node);
+                    if let Some(l) = info.report.shard_load.get(s) {
+                        let e = shard_load.entry(*s).or_default();
+                        *e = (*e).max(l.requests_per_s);
+                    }
+                }
+            }
+        }
+        for (s, target) in state.transfers.iter().filter(|(s, _)| state.map.get(**s).is_some()) {
+            leader_of.insert(*s, *target);
+        }
+        let mut led: BTreeMap<NodeId, Vec<ShardId>> = state.nodes.keys().map(|n| (*n, Vec::new())).collect();
+        let mut load: BTreeMap<NodeId, u64> = state.nodes.keys().map(|n| (*n, 0)).collect();
+        for (s, n) in &leader_of {
+            led.entry(*n).or_default().push(*s);
+            let l = load.entry(*n).or_default();
+            *l = l.saturating_add(shard_load.get(s).copied().unwrap_or(0));
+        }
+        let eligible: Vec<u64> =
+            load.iter().filter(|(n, _)| state.nodes.get(n).is_some_and(|i| !i.draining)).map(|(_, l)| *l).collect();
+        let mean = eligible.iter().map(|l| *l as u128).sum::<u128>() / (eligible.len().max(1) as u128);
+        let tolerance = cfg
+            .leader_load_spread_requests_per_s_min
+            .max(u64::try_from(mean * cfg.leader_load_spread_percent as u128 / 100).unwrap_or(u64::MAX));
+        LeaderRound { state, skip, led, shard_load, load, tolerance, moved: Vec::new() }
+    }
+
+    fn count(&self, n: NodeId) -> usize {
+        self.led.get(&n).map_or(0, Vec::len)
+    }
+
+    fn load_of(&self, n: NodeId) -> u64 {
+        self.load.get(&n).copied().unwrap_or(0)
+    }
+
+    fn shard_load(&self, s: ShardId) -> u64 {
+        self.shard_load.get(&s).copied().unwrap_or(0)
+    }
+
+    fn draining(&self, n: NodeId) -> bool {
+        self.state.nodes.get(&n).is_some_and(|i| i.draining)
+    }
+
+    /// Shards `from` leads whose leadership may go to `to` this round: a voter there, no
+    /// transfer pending or accepted, not skipped.
+    fn movable(&self, from: NodeId, to: NodeId) -> impl Iterator<Item = ShardId> + '_ {
+        self.led.get(&from).into_iter().flatten().copied().filter(move |s| {
+            !self.skip.contains(s)
+                && !self.state.transfers.contains_key(s)
+                && !self.moved.iter().any(|m| m.0 == *s)
+                && self.state.map.get(*s).and_then(|d| d.replica(to)).is_some_and(|r| r.role == ReplicaRole::Voter)
+        })
+    }
+
+    /// The count rule: `from` leads at least two more shards than `to`.
+    fn count_wants(&self, from: NodeId, to: NodeId) -> bool {
+        self.count(from) >= self.count(to) + 2
+    }
+
+    /// Whether the load rule could send a shard of `load` requests/s from `from` to `to`, alone
+    /// or as the hot half of a swap: the load gap is over the tolerance, and the shard moves
+    /// at most half of it (never overshoots) and at least half the tolerance (worth two
+    /// elections).
+    fn load_wants(&self, from: NodeId, to: NodeId, load: u64) -> bool {
+        let gap = self.load_of(from).saturating_sub(self.load_of(to));
+        !self.draining(to) && gap > self.tolerance && self.worth(gap, load)
+    }
+
+    fn worth(&self, gap: u64, moved: u64) -> bool {
+        moved.saturating_mul(2) <= gap && moved.saturating_mul(2) >= self.tolerance.max(1)
+    }
+
+    /// A transfer from the node leading the most shards to one leading at least two fewer:
+    /// of the shards it can give, the one that best evens out the pair's load (the coldest
+    /// when the target is the busier; first in key order among equals).
+    fn count_transfer(&self) -> Option<Vec<Leg>> {
+        let (max, max_n) =
+            self.led.iter().max_by_key(|(n, v)| (v.len(), std::cmp::Reverse(**n))).map(|(n, v)| (*n, v.len()))?;
+        let mut mins: Vec<(NodeId, usize)> =
+            self.led.iter().filter(|(n, _)| !self.draining(**n)).map(|(n, v)| (*n, v.len())).collect();
+        mins.sort_by_key(|(n, c)| (*c, *n));
+        mins.iter().take_while(|(_, c)| max_n >= c + 2).find_map(|(min, _)| {
+            let gap = self.load_of(max) as i128 - self.load_of(*min) as i128;
+            let s = self.movable(max, *min).min_by_key(|s| (gap - 2 * self.shard_load(*s) as i128).abs())?;
+            Some(vec![(s, max, *min)])
+        })
+    }
+
+    /// A transfer that evens out load, from the node whose led shards take the most requests
+    /// to a less loaded one, while the gap is over the tolerance: the hottest shard of at most
+    /// half the gap when the target leads fewer shards; otherwise, with room for two
+    /// transfers, a swap of such a shard for the target's coldest one, counts unchanged. Either
+    /// must move at least half the tolerance.
+    fn load_transfer(&self, room: usize) -> Option<Vec<Leg>> {
+        let (from, from_load) = self.load.iter().max_by_key(|(n, l)| (**l, std::cmp::Reverse(**n)))?;
+        let (from, from_load) = (*from, *from_load);
+        let mut targets: Vec<(NodeId, u64)> =
+            self.load.iter().filter(|(n, _)| **n != from && !self.draining(**n)).map(|(n, l)| (*n, *l)).collect();
+        targets.sort_by_key(|(n, l)| (*l, *n));
+        for (to, to_load) in targets {
+            let gap = from_load - to_load;
+            if gap <= self.tolerance {
+                break; // later targets carry more
+            }
+            let hottest_under = |floor: u64| {
+                self.movable(from, to)
+                    .filter(|s| self.shard_load(*s) > floor && self.worth(gap, self.shard_load(*s) - floor))
+                    .max_by_key(|s| (self.shard_load(*s), std::cmp::Reverse(*s)))
+            };
+            if self.count(to) < self.count(from) {
+                if let Some(s) = hottest_under(0) {
+                    return Some(vec![(s, from, to)]);
+                }
+            } else if room >= 2 {
+                let Some(cold) = self.movable(to, from).min_by_key(|s| (self.shard_load(*s), *s)) else { continue };
+                if let Some(s) = hottest_under(self.shard_load(cold)) {
+                    return Some(vec![(s, from, to), (cold, to, from)]);
+                }
+            }
+        }
+        None
+    }
+
+    fn shift(&mut self, (s, from, to): Leg) {
+        let l = self.shard_load(s);
+        if let Some(v) = self.led.get_mut(&from) {
+            v.retain(|x| *x != s);
+        }
+        self.led.entry(to).or_default().push(s);
+        let f = self.load.entry(from).or_default();
+        *f = f.saturating_sub(l);
+        let t = self.load.entry(to).or_default();
+        *t = t.saturating_add(l);
+    }
+
+    /// Accepts `legs` unless, after them, a transfer of this round (these included) would be
+    /// wanted in reverse by either rule (by the load rule alone or in a swap): the same
+    /// hysteresis as for moves. A count transfer that leaves its shard's old node so much
+    /// lighter than the new one that the load rule would send it back ends the round.
+    fn try_accept(&mut self, legs: &[Leg]) -> bool {
+        for leg in legs {
+            self.shift(*leg);
+        }
+        let reverse = |m: &Leg| self.count_wants(m.2, m.1) || self.load_wants(m.2, m.1, self.shard_load(m.0));
+        if self.moved.iter().chain(legs).any(reverse) {
+            for (s, from, to) in legs.iter().rev() {
+                self.shift((*s, *to, *from));
+            }
+            return false;
+        }
+        self.moved.extend_from_slice(legs);
+        true
+    }
 }

@@ -19,7 +19,11 @@
 //!   per round, per minute and per node (one incoming snapshot at a time), and never a move it
 //!   would want to undo next round.
 //!
-//! Not built: merges, and reading load (CPU, request rates) into balancing decisions.
+//! - [`load`]: load-based splitting: per-shard request rates over windows and a sample of
+//!   request keys on each leader, and the key that divides a hot shard's load; the balancer
+//!   splits shards that stay hot and weighs leaders by these rates.
+//!
+//! Not built: merges, and CPU or disk load in balancing decisions.
 //!
 //! # The loop the node runs (on the meta leader)
 //! ```
@@ -93,15 +97,17 @@
 
 pub mod balance;
 pub mod lifecycle;
+pub mod load;
 pub mod map;
 pub mod meta;
 pub mod plan;
 
 pub use balance::{balance, BalancerConfig, Proposal};
 pub use lifecycle::{replica_fate, DeleteReason, LocalReplica, ReplicaFate};
+pub use load::{LoadSplitConfig, LoadTracker};
 pub use map::{Epoch, NodeId, Replica, ReplicaRole, RouteError, ShardDescriptor, ShardId, ShardMap};
 pub use meta::{
-    GroupConf, LogIndex, MetaCommand, MetaError, MetaOutcome, MetaState, MoveRecord, NodeInfo, NodeReport, Tombstone,
-    MOVE_HISTORY_LEN_MAX, MOVE_HISTORY_MS, MOVE_WINDOW_MS,
+    GroupConf, LogIndex, MetaCommand, MetaError, MetaOutcome, MetaState, MoveRecord, NodeInfo, NodeReport, ShardLoad,
+    Tombstone, MOVE_HISTORY_LEN_MAX, MOVE_HISTORY_MS, MOVE_WINDOW_MS,
 };
 pub use plan::{MovePlan, MoveStep, PlanAction, PlanError, StepWatch, MOVE_TRANSFER_BYTES_PER_S_MIN};

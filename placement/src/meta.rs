@@ -55,11 +55,30 @@ pub struct NodeReport {
     /// to split a shard that grew too big. Without one, no split is suggested.
     pub split_keys: BTreeMap<ShardId, Vec<u8>>,
     /// Client requests per second the node served over its last report interval. Shown to
-    /// operators; the balancer does not weigh it yet (it evens out counts and bytes).
+    /// operators; the balancer weighs leaders by [`NodeReport::shard_load`] instead, which
+    /// says which shards the requests went to.
     pub requests_per_s: u64,
     /// The committed Raft configuration of each shard the node leads: what move plans wait
     /// for, and what confirms that a removed replica may be deleted.
     pub confs: BTreeMap<ShardId, GroupConf>,
+    /// The busiest shards the node leads (at most [`crate::load::LOAD_REPORT_SHARDS_MAX`]):
+    /// their request rates, and a split key for those hot long enough (load-based splitting,
+    /// [`crate::load`]). Left out of this type's serialized form: that form is part of
+    /// stored meta records (a node's record keeps an empty report, and format 1 whole
+    /// reports), which must stay readable; the node sends it beside the report instead.
+    #[serde(skip)]
+    pub shard_load: BTreeMap<ShardId, ShardLoad>,
+}
+
+/// One shard's request load, as its leader measured it over its last window.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardLoad {
+    /// Requests (reads and writes) per second.
+    pub requests_per_s: u64,
+    /// Where to split the shard so that both halves take about the same share of the
+    /// requests, chosen from sampled request keys; only once the shard has stayed above the
+    /// load-split threshold long enough, and never where one side would take almost nothing.
+    pub split_key: Option<Vec<u8>>,
 }
 
 /// A shard group's committed Raft configuration, as its leader reports it.
@@ -404,6 +423,7 @@ impl MetaState {
                 for info in self.nodes.values_mut() {
                     info.report.shard_bytes.remove(&shard);
                     info.report.split_keys.remove(&shard);
+                    info.report.shard_load.remove(&shard);
                 }
                 let changed = [shard, new_id].iter().filter_map(|id| self.map.get(*id).cloned()).collect();
                 Ok(MetaOutcome::Shards(changed))

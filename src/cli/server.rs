@@ -155,6 +155,8 @@ fn server_file(a: &ServerArgs) -> Result<(ServerFile, PathBuf)> {
                 bootstrap: None,
                 auto_balance: false,
                 split_size_bytes: None,
+                load_split_requests_per_s: None,
+                load_split_duration_ms: None,
                 pollers: None,
                 memory_budget: None,
                 require_client_roles: false,

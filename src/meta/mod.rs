@@ -165,16 +165,17 @@ pub fn run_op(op: &MetaOp, state: &mut MetaState, balancer: &BalancerConfig) -> 
             }
             Ok(AdminResponse::Changed(state.map.shards().cloned().collect()))
         }
-        MetaOp::Report { node, addr, report } => {
+        MetaOp::Report { node, addr, .. } => {
             if state.nodes.get(node).map(|n| &n.addr) != Some(addr) {
                 state
                     .apply(MetaCommand::RegisterNode { node: *node, addr: addr.clone() })
                     .map_err(|e| e.to_string())?;
             }
             // Reports name shards the node hosts; keep only those the map still has.
-            let mut report = report.clone();
+            let mut report = op.full_report().unwrap_or_default();
             report.leading.retain(|s| state.map.get(*s).is_some());
             report.applied.retain(|s, _| state.map.get(*s).is_some());
+            report.shard_load.retain(|s, _| state.map.get(*s).is_some());
             state.apply(MetaCommand::Heartbeat { node: *node, report }).map_err(|e| e.to_string())?;
             Ok(AdminResponse::Done("reported".into()))
         }

@@ -99,7 +99,7 @@ impl Node {
                 return false;
             }
         };
-        let op = MetaOp::Report { node: me, addr: self.inner.addr.clone(), report };
+        let op = MetaOp::report(me, self.inner.addr.clone(), report);
         let body = PeerRequest::Meta { op, forwarded: false }.encode();
         let mut done = false;
         for (peer, addr) in self.inner.config.peers.iter().filter(|(p, _)| *p < self.inner.id) {

@@ -489,7 +489,7 @@ impl Node {
     /// (`MetaCommand::Heartbeat`); with none of those possible it only replaces the live
     /// report, as the full op would. `None`: run the op in full.
     fn report_in_memory(&self, op: &MetaOp, stored: &StoredMeta) -> Option<(u64, Arc<MetaState>, AdminResponse)> {
-        let MetaOp::Report { node, addr, report } = op else { return None };
+        let MetaOp::Report { node, addr, .. } = op else { return None };
         let s = &stored.state;
         // While a move runs, the meta leader's view must carry the reports: the move's steps
         // are judged on it (`drive_moves`), and only the full op lays them over the view.
@@ -504,9 +504,10 @@ impl Node {
         if !quiet || revision != stored.revision() {
             return None;
         }
-        let mut report = report.clone();
+        let mut report = op.full_report()?;
         report.leading.retain(|sh| s.map.get(*sh).is_some());
         report.applied.retain(|sh, _| s.map.get(*sh).is_some());
+        report.shard_load.retain(|sh, _| s.map.get(*sh).is_some());
         self.inner.meta.live.lock().ok()?.insert(*node, (report, Instant::now()));
         self.inner.stats.meta_ops.fetch_add(1, Ordering::Relaxed);
         Some((revision, view, AdminResponse::Done("reported".into())))

@@ -61,7 +61,7 @@ pub use admin::view_of;
 
 use crate::meta::{meta_range, META_GROUP};
 use crate::net::{deliver, deliver_transfer, read_transfer, transfer_bytes_max, NetStats, TransportNetwork};
-use crate::placement::{BalancerConfig, ShardId};
+use crate::placement::{BalancerConfig, LoadSplitConfig, LoadTracker, ShardId};
 use crate::raft::{Config as RaftConfig, NodeId, Role};
 use crate::resp_server::{self, RespConfig, RespMetrics};
 use crate::shard::{Host, HostConfig, HostError, KvStateMachine, Store, StoreMetrics, StoreOptions};
@@ -132,6 +132,11 @@ pub const INITIAL_SHARD_REPLICAS: usize = 3;
 /// new low; before its first data, the shard's transfer time is added
 /// ([`crate::placement::StepWatch`]).
 pub const MOVE_STEP_DEADLINE_MS: u64 = 120_000;
+
+/// How long a shard must stay above the load-split threshold before it is split by load (ms):
+/// long enough that a burst does not split a shard, short enough to act on a hot spot that
+/// lasts (TiKV waits 10 one-second windows too).
+pub const LOAD_SPLIT_DURATION_MS_DEFAULT: u64 = 10_000;
 
 /// Errors of the node.
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +223,10 @@ pub struct NodeConfig {
     /// A shard this node leads is re-sized (its range read through) at most this often, and only
     /// after it applied writes (ms).
     pub size_check_interval_ms: u64,
+    /// How long a shard must stay above `balancer.load_split_requests_per_s` before its leader
+    /// names a load split key (ms; counted in report intervals, at least one). Default
+    /// [`LOAD_SPLIT_DURATION_MS_DEFAULT`].
+    pub load_split_duration_ms: u64,
     /// A replica move whose step has made no progress for this long is aborted by the meta
     /// leader (ms; default [`MOVE_STEP_DEADLINE_MS`]).
     pub move_step_deadline_ms: u64,
@@ -251,10 +260,21 @@ impl NodeConfig {
             },
             auto_balance_interval_ms: None,
             size_check_interval_ms: 10_000,
+            load_split_duration_ms: LOAD_SPLIT_DURATION_MS_DEFAULT,
             move_step_deadline_ms: MOVE_STEP_DEADLINE_MS,
             require_client_roles: false,
             resp: None,
         }
+    }
+}
+
+/// When this node's leaders count a shard as hot: the balancer's threshold, held for
+/// `load_split_duration_ms` worth of report windows.
+fn load_split_config(config: &NodeConfig) -> LoadSplitConfig {
+    let windows = config.load_split_duration_ms.div_ceil(config.report_interval_ms.max(50));
+    LoadSplitConfig {
+        requests_per_s_threshold: config.balancer.load_split_requests_per_s,
+        hot_windows_min: u32::try_from(windows).unwrap_or(u32::MAX).max(1),
     }
 }
 
@@ -367,6 +387,9 @@ struct Inner {
     bootstrap_ranges: std::sync::OnceLock<std::collections::BTreeMap<crate::raft::GroupId, crate::shard::KeyRange>>,
     /// Last size check of each shard this node leads (`report.rs`).
     sizes: Mutex<HashMap<ShardId, SizeCheck>>,
+    /// Requests per shard served here and their sampled keys, for load-based splitting and
+    /// leader balancing (`report.rs`; windows closed at each report).
+    load: Mutex<LoadTracker>,
     /// On the meta leader: when each move reached its current step (`moves.rs`).
     move_steps: Mutex<MoveSteps>,
     /// Peers made known after start ([`Node::set_peer_addr`]): a node without a meta replica
@@ -492,6 +515,7 @@ impl Node {
             reconciled: Mutex::new(None),
             bootstrap_ranges: std::sync::OnceLock::new(),
             sizes: Mutex::new(HashMap::new()),
+            load: Mutex::new(LoadTracker::new(load_split_config(&config), 0)),
             requests_limit: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
             stats: NodeStats::default(),
             backups: backup::BackupCopies::default(),
@@ -718,6 +742,20 @@ impl Node {
             infos.len(),
             self.inner.started.elapsed().as_secs()
         );
+        // What load-based splitting holds: an entry per shard busy lately, a sample per warm one.
+        if let Ok(load) = self.inner.load.lock() {
+            let _ = writeln!(
+                out,
+                "# HELP flotilla_load_tracked_shards Shards whose requests this node counts (busy lately).
+                 # TYPE flotilla_load_tracked_shards gauge
+flotilla_load_tracked_shards{{node=\"{id}\"}} {}
+                 # HELP flotilla_load_sampled_shards Shards whose request keys this node samples (warm or hot).
+                 # TYPE flotilla_load_sampled_shards gauge
+flotilla_load_sampled_shards{{node=\"{id}\"}} {}",
+                load.tracked(),
+                load.sampling()
+            );
+        }
         // Off the async threads: RocksDB properties take its mutex, `/proc` is read. A failure
         // leaves the lines out rather than failing the whole page.
         if self.inner.resp_addr.is_some() {

@@ -1,15 +1,16 @@
 //! Reports and size checks: every `report_interval_ms` the node tells the meta leader what it
 //! holds and leads ([`NodeReport`]: applied indexes, committed configurations, request rate,
-//! sizes and split points of the shards it leads); a task of its own sizes the led shards by
-//! reading their ranges, so a long read never delays a report.
+//! sizes and split points of the shards it leads, and the request rates and load split keys
+//! of its busiest led shards, one load window per report); a task of its own sizes the led
+//! shards by reading their ranges, so a long read never delays a report.
 
 use super::{Node, NodeError, SIZE_CHECK_BYTES_PER_ROUND, SIZE_SCAN_BYTES_MAX};
 use crate::meta::{shard_range, META_GROUP};
 use crate::peer_wire::MetaOp;
-use crate::placement::{Epoch, GroupConf, LogIndex as PLogIndex, NodeReport, ShardId};
+use crate::placement::{Epoch, GroupConf, LogIndex as PLogIndex, NodeReport, ShardDescriptor, ShardId, ShardLoad};
 use crate::raft::Role;
 use crate::shard::{range_size_blocking, KeyRange, RangeSize};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -70,10 +71,35 @@ impl Node {
     }
 
     pub(super) async fn report(&self, requests_per_s: u64) -> Result<(), NodeError> {
-        let report = self.build_report(requests_per_s).await?;
-        let op = MetaOp::Report { node: self.inner.id, addr: self.inner.addr.clone(), report };
+        let mut report = self.build_report(requests_per_s).await?;
+        report.shard_load = self.roll_load(&report.leading);
+        let op = MetaOp::report(self.inner.id, self.inner.addr.clone(), report);
         self.meta_follow(op).await?;
         Ok(())
+    }
+
+    /// Counts a request routed to shard `d` for `key`: its load, and a sample of its keys
+    /// once the shard is warm (load-based splitting, `flotilla_placement::load`).
+    pub(super) fn record_load(&self, d: &ShardDescriptor, key: &[u8]) {
+        let now_ms = self.inner.started.elapsed().as_millis() as u64;
+        if let Ok(mut load) = self.inner.load.lock() {
+            load.record(d.id, d.epoch, key, now_ms);
+        }
+    }
+
+    /// Closes the load window (one per report): the request rates of the busiest shards this
+    /// node leads, and a split key for those hot for long enough. Counts of shards it does not
+    /// lead, or whose epoch changed (split, replicas changed), are dropped.
+    fn roll_load(&self, leading: &[ShardId]) -> BTreeMap<ShardId, ShardLoad> {
+        let view = self.meta_view();
+        let led: HashSet<ShardId> = leading.iter().copied().collect();
+        let now_ms = self.inner.started.elapsed().as_millis() as u64;
+        let Ok(mut load) = self.inner.load.lock() else { return BTreeMap::new() };
+        let out = load.roll(now_ms, |s| if led.contains(&s) { view.map.get(s) } else { None });
+        for (shard, l) in out.iter().filter(|(_, l)| l.split_key.is_some()) {
+            debug!(node = self.inner.id.0, %shard, requests_per_s = l.requests_per_s, "hot shard: load split key named");
+        }
+        out.into_iter().collect()
     }
 
     /// This node's report: leaders, applied indexes, sizes and split points of led shards.

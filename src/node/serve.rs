@@ -335,7 +335,8 @@ impl Node {
         self.route_key(&d, key)
     }
 
-    /// Checks that `key` is in the shard `d` (as this node's map has it).
+    /// Checks that `key` is in the shard `d` (as this node's map has it), and counts the request
+    /// in the shard's load: every data request passes here once.
     fn route_key(&self, d: &ShardDescriptor, key: &[u8]) -> Result<(), Response> {
         if !d.contains(key) {
             return match self.meta_view().map.lookup(key) {
@@ -343,6 +344,7 @@ impl Node {
                 None => Err(Response::UnknownShard),
             };
         }
+        self.record_load(d, key);
         Ok(())
     }
 
