@@ -743,6 +743,12 @@ impl Host {
         self.call(group, Request::CompactLog).await
     }
 
+    /// Unsafe recovery: makes this node's replica of `group` the group's only voter (see
+    /// [`flotilla_raft::Engine::force_alone`]); the index of the forced configuration's entry.
+    pub async fn force_alone(&self, group: GroupId) -> Result<LogIndex, HostError> {
+        self.call(group, Request::ForceAlone).await
+    }
+
     /// Stops the pollers; pending calls fail with `Stopped` or `Fatal(Shutdown)`.
     pub async fn shutdown(&self) {
         self.shared.stopping.store(true, Ordering::Release);
