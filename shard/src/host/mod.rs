@@ -246,6 +246,9 @@ pub struct GroupInfo {
     pub leader: Option<NodeId>,
     /// Last log index.
     pub last_index: LogIndex,
+    /// The term of the last log entry: with `last_index`, how up to date the log is (what
+    /// unsafe recovery compares to pick the replica a group keeps).
+    pub last_term: Term,
     /// Commit index.
     pub committed: LogIndex,
     /// Applied index.
@@ -258,6 +261,9 @@ pub struct GroupInfo {
     pub snapshot: Option<flotilla_raft::LogId>,
     /// Voters of the configuration in effect.
     pub voters: BTreeSet<NodeId>,
+    /// The configuration in effect (the newest in the log), both halves while joint: whether
+    /// the group still has a quorum once nodes are lost for good.
+    pub membership: Membership,
     /// The committed configuration and the entry that carried it: what a replica's lifecycle
     /// follows (a node leaves a group only once a committed configuration says so).
     pub committed_conf: StoredMembership,
