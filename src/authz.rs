@@ -112,6 +112,10 @@ pub fn operation(req: &Request) -> &'static str {
             AdminRequest::Drain { .. } => "drain",
             AdminRequest::Status => "admin status",
             AdminRequest::AddNode { .. } => "add-node",
+            AdminRequest::ReplicaStates { .. }
+            | AdminRequest::ForceAlone { .. }
+            | AdminRequest::DropReplica { .. }
+            | AdminRequest::RemoveDeadNodes { .. } => "unsafe-recover",
         },
     }
 }

@@ -670,7 +670,11 @@ impl MetaState {
     }
 
     /// Applies a replica change and bumps `conf_version`.
-    pub(crate) fn change(&mut self, shard: ShardId, f: impl FnOnce(&mut ShardDescriptor)) -> Result<MetaOutcome, MetaError> {
+    pub(crate) fn change(
+        &mut self,
+        shard: ShardId,
+        f: impl FnOnce(&mut ShardDescriptor),
+    ) -> Result<MetaOutcome, MetaError> {
         let d = self.map.get_mut(shard).ok_or(MetaError::UnknownShard(shard))?;
         f(d);
         d.epoch.conf_version += 1;

@@ -64,9 +64,10 @@ impl MetaState {
             };
             // A move that lost a node, or of a forced shard, cannot finish: its learner (if
             // any) goes with it.
-            let broken = self.moves.get(&shard).is_some_and(|p| {
-                kept.contains_key(&shard) || dead.contains(&p.from) || dead.contains(&p.to)
-            });
+            let broken = self
+                .moves
+                .get(&shard)
+                .is_some_and(|p| kept.contains_key(&shard) || dead.contains(&p.from) || dead.contains(&p.to));
             if broken {
                 if let Some(p) = self.moves.remove(&shard) {
                     replicas.retain(|r| !(r.node == p.to && r.role == ReplicaRole::Learner));

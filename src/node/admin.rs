@@ -98,6 +98,12 @@ impl Node {
             AdminRequest::Drain { node, draining } => {
                 answer(self.meta_exec(MetaOp::Commands(vec![MetaCommand::SetDraining { node, draining }]), false).await)
             }
+            AdminRequest::RemoveDeadNodes { dead, kept } => {
+                answer(self.meta_exec(MetaOp::Commands(vec![MetaCommand::RemoveDeadNodes { dead, kept }]), false).await)
+            }
+            AdminRequest::ReplicaStates { .. } | AdminRequest::ForceAlone { .. } | AdminRequest::DropReplica { .. } => {
+                self.unsafe_recovery_local(a).await
+            }
         }
     }
 
