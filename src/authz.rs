@@ -118,6 +118,10 @@ pub fn operation(req: &Request) -> &'static str {
             AdminRequest::BackupStart { .. } | AdminRequest::BackupRead { .. } | AdminRequest::BackupEnd { .. } => {
                 "backup"
             }
+            AdminRequest::ReplicaStates { .. }
+            | AdminRequest::ForceAlone { .. }
+            | AdminRequest::DropReplica { .. }
+            | AdminRequest::RemoveDeadNodes { .. } => "unsafe-recover",
         },
     }
 }

@@ -676,6 +676,34 @@ impl Client {
         }
     }
 
+    /// Runs an admin request on `node` only (requests a node serves from its own state, such
+    /// as unsafe recovery's), retrying that node until the operation's timeout.
+    pub async fn admin_on(&self, node: NodeId, req: AdminRequest) -> Result<AdminResponse, ClientError> {
+        let deadline = Instant::now() + self.config.op_timeout;
+        let mut backoff = BACKOFF_MS_MIN;
+        let mut last = String::new();
+        let request = Request::Admin(req);
+        while Instant::now() < deadline {
+            let timeout = self.config.request_timeout.max(Duration::from_secs(12)).min(deadline - Instant::now());
+            match self.call(node, &request, timeout).await {
+                Ok(Response::Admin(a)) => return Ok(a),
+                Ok(Response::Invalid(e)) => return Err(ClientError::Invalid(e)),
+                Ok(Response::Denied(e)) => return Err(ClientError::Denied(e)),
+                Ok(other) => last = format!("node {node}: {}", describe(&other)),
+                Err(CallError::NotSent(e) | CallError::Sent(e)) => last = e,
+            }
+            sleep_backoff(&mut backoff, deadline).await;
+        }
+        Err(ClientError::Unavailable(format!("node {node} did not answer the admin request: {last}")))
+    }
+
+    /// The nodes whose address this client knows (given, or learned from a cluster view).
+    pub fn known_nodes(&self) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = self.addrs.lock().map(|a| a.keys().copied().collect()).unwrap_or_default();
+        v.sort();
+        v
+    }
+
     /// Closes the client's connections.
     pub async fn close(&self) {
         self.endpoint.close().await;

@@ -67,6 +67,7 @@ pub mod node;
 pub mod open_files;
 pub mod peer_wire;
 pub mod resp_server;
+pub mod unsafe_recovery;
 pub mod wire;
 
 pub use client::{CasOutcome, Client, ClientConfig, ClientError};

@@ -19,8 +19,12 @@ use std::collections::BTreeMap;
 /// 4: the node-to-node meta operations moved to the peer protocol ([`crate::peer_wire`]).
 /// 5: [`Request::Update`], read-modify-writes applied in the state machine (the Redis front
 /// door's `INCR`, `APPEND`). 6: [`Request::InsertAll`] (the Redis front door's `MSETNX`).
+/// 7: backups ([`AdminRequest::BackupStart`], [`AdminRequest::BackupRead`],
+/// [`AdminRequest::BackupEnd`]) and unsafe recovery ([`AdminRequest::ReplicaStates`],
+/// [`AdminRequest::ForceAlone`], [`AdminRequest::DropReplica`],
+/// [`AdminRequest::RemoveDeadNodes`]).
 /// Versions stay below 0x80: a first byte with the high bit set is a peer message.
-pub const PROTOCOL_VERSION: u8 = 6;
+pub const PROTOCOL_VERSION: u8 = 7;
 
 /// Largest key accepted (bytes): the shard's own limit, checked here first so that a key too
 /// long is refused before it is routed (or made a split point). Keys travel in every routing
@@ -210,8 +214,7 @@ pub enum AdminRequest {
     /// read point, then the shard's snapshot files built at one point at or after it, kept on
     /// the leader for [`AdminRequest::BackupRead`] until [`AdminRequest::BackupEnd`] or until
     /// unused for a while. Answered [`AdminResponse::BackupStarted`], or redirected as a data
-    /// request is. (The backup requests were added within version 6, last, so every earlier
-    /// message keeps its encoding; an older node refuses them as malformed.)
+    /// request is.
     BackupStart {
         /// The shard the client routed to.
         shard: ShardId,
@@ -237,6 +240,35 @@ pub enum AdminRequest {
         /// The copy.
         copy_id: u64,
     },
+    /// Unsafe recovery: the Raft state of this node's own replicas, from shard `from` on, at
+    /// most `limit` (at most [`REPLICA_STATES_PAGE_MAX`]). Served by the node asked, from its
+    /// own replicas, without the meta leader (which may be lost).
+    ReplicaStates {
+        /// The first shard of the page.
+        from: ShardId,
+        /// Most replicas.
+        limit: u32,
+    },
+    /// Unsafe recovery: make this node's replica of `shard` the group's only voter. Served by
+    /// the node asked. Loses whatever the group's other replicas had and this one lacks.
+    ForceAlone {
+        /// The shard (0: the meta group).
+        shard: ShardId,
+    },
+    /// Unsafe recovery: delete this node's replica of `shard` (a survivor of a forced group
+    /// that was not kept). Served by the node asked.
+    DropReplica {
+        /// The shard.
+        shard: ShardId,
+    },
+    /// Unsafe recovery: remove `dead` for good and give every shard that lost a replica
+    /// voters on live nodes; each shard of `kept` keeps only its replica on that node.
+    RemoveDeadNodes {
+        /// The nodes lost for good.
+        dead: Vec<NodeId>,
+        /// Forced shards and the node each was forced onto.
+        kept: Vec<(ShardId, NodeId)>,
+    },
 }
 
 /// Most bytes one [`AdminRequest::BackupRead`] answers: under the transport's 4 MiB frame,
@@ -257,6 +289,34 @@ pub struct BackupShard {
     pub size_bytes: u64,
     /// Key-value pairs in the copy.
     pub keys: u64,
+}
+
+/// Most replicas of one [`AdminRequest::ReplicaStates`] answer.
+pub const REPLICA_STATES_PAGE_MAX: u32 = 2_000;
+
+/// One replica's Raft state, as its node reports it for unsafe recovery.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaState {
+    /// The shard (0: the meta group).
+    pub shard: ShardId,
+    /// The node holding the replica.
+    pub node: NodeId,
+    /// Voters of the newest configuration in the replica's log (the incoming half if joint).
+    pub voters: Vec<NodeId>,
+    /// The outgoing voters, if that configuration is joint.
+    pub outgoing: Option<Vec<NodeId>>,
+    /// Its learners.
+    pub learners: Vec<NodeId>,
+    /// Term of the last log entry.
+    pub last_term: u64,
+    /// Index of the last log entry.
+    pub last_index: u64,
+    /// Commit index the replica knows.
+    pub committed: u64,
+    /// Applied index.
+    pub applied: u64,
+    /// The leader it knows, if any.
+    pub leader: Option<NodeId>,
 }
 
 /// The cluster as a node sees it: enough for a client to route.
@@ -329,6 +389,21 @@ pub enum AdminResponse {
     BackupStarted(BackupShard),
     /// `BackupRead`: the bytes.
     BackupChunk(Bytes),
+    /// `ReplicaStates`.
+    ReplicaStates {
+        /// The page's replicas, by shard.
+        replicas: Vec<ReplicaState>,
+        /// The first shard of the next page (`None`: the last page).
+        next: Option<ShardId>,
+    },
+    /// `ForceAlone`: the index of the forced configuration's entry (the replica kept
+    /// everything before it).
+    Forced {
+        /// The shard.
+        shard: ShardId,
+        /// The forced configuration's index.
+        index: u64,
+    },
 }
 
 /// Most rows of one [`AdminRequest::ShardsPage`].

@@ -101,6 +101,7 @@ pub mod load;
 pub mod map;
 pub mod meta;
 pub mod plan;
+mod unsafe_recovery;
 
 pub use balance::{balance, BalancerConfig, Proposal};
 pub use lifecycle::{replica_fate, DeleteReason, LocalReplica, ReplicaFate};

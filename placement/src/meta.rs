@@ -231,6 +231,15 @@ pub enum MetaCommand {
         /// The shard.
         shard: ShardId,
     },
+    /// Unsafe recovery: `dead` are lost for good (never registered again); each shard of
+    /// `kept` was forced onto its replica on that node; every shard that had a replica on a
+    /// dead node gets voters on live nodes again (see `unsafe_recovery.rs`).
+    RemoveDeadNodes {
+        /// The nodes lost for good.
+        dead: Vec<NodeId>,
+        /// Shards that lost their quorum, each with the node of the replica it was forced onto.
+        kept: Vec<(ShardId, NodeId)>,
+    },
 }
 
 /// Why a command was refused.
@@ -316,6 +325,13 @@ pub enum MetaError {
     /// Nothing is moved onto a draining node.
     #[error("node {0} is draining: pick another target")]
     NodeDraining(NodeId),
+    /// The node was removed for good by an unsafe recovery: it may not join again under this
+    /// id (wipe its disk and give it a new id and certificate).
+    #[error("node {0} was removed for good by an unsafe recovery: join it again under a new id with an empty disk")]
+    NodeRemoved(NodeId),
+    /// An unsafe recovery that does not fit the state.
+    #[error("invalid unsafe recovery: {0}")]
+    InvalidRecovery(String),
 }
 
 /// What an applied command produced.
@@ -347,6 +363,11 @@ pub struct MetaState {
     /// tombstone. A node deletes its replica only on a confirmed tombstone (or its own group's
     /// committed configuration), never because a possibly stale map leaves it out.
     pub tombstones: BTreeMap<ShardId, BTreeMap<NodeId, Tombstone>>,
+    /// Nodes removed for good by an unsafe recovery: they never register again, and every
+    /// node refuses their messages (their old disks may hold a quorum of an old
+    /// configuration). Last: states serialized before it existed decode with none
+    /// ([`MetaState::restore_without_removed`]).
+    pub removed: BTreeSet<NodeId>,
 }
 
 impl MetaState {
@@ -376,6 +397,9 @@ impl MetaState {
                 Ok(MetaOutcome::Shards(self.map.get(id).cloned().into_iter().collect()))
             }
             MetaCommand::RegisterNode { node, addr } => {
+                if self.removed.contains(&node) {
+                    return Err(MetaError::NodeRemoved(node));
+                }
                 let e = self.nodes.entry(node).or_insert_with(|| NodeInfo {
                     id: node,
                     addr: String::new(),
@@ -550,6 +574,13 @@ impl MetaState {
                 }
                 Ok(MetaOutcome::Done)
             }
+            MetaCommand::RemoveDeadNodes { dead, kept } => {
+                // All or nothing, like every command: worked out on a copy.
+                let mut next = self.clone();
+                let outcome = next.remove_dead_nodes(&dead, &kept)?;
+                *self = next;
+                Ok(outcome)
+            }
         }
     }
 
@@ -659,7 +690,11 @@ impl MetaState {
     }
 
     /// Applies a replica change and bumps `conf_version`.
-    fn change(&mut self, shard: ShardId, f: impl FnOnce(&mut ShardDescriptor)) -> Result<MetaOutcome, MetaError> {
+    pub(crate) fn change(
+        &mut self,
+        shard: ShardId,
+        f: impl FnOnce(&mut ShardDescriptor),
+    ) -> Result<MetaOutcome, MetaError> {
         let d = self.map.get_mut(shard).ok_or(MetaError::UnknownShard(shard))?;
         f(d);
         d.epoch.conf_version += 1;
@@ -669,6 +704,15 @@ impl MetaState {
     /// Serializes the whole state (a snapshot of the meta group).
     pub fn snapshot(&self) -> Result<Vec<u8>, String> {
         bincode::serde::encode_to_vec(self, bincode::config::standard()).map_err(|e| e.to_string())
+    }
+
+    /// Restores a state serialized before [`MetaState::removed`] existed (format 1 of the
+    /// stored meta state): the field is last, so the old bytes followed by an empty set's
+    /// encoding (one zero byte) are the state with none removed.
+    pub fn restore_without_removed(bytes: &[u8]) -> Result<MetaState, String> {
+        let mut with = bytes.to_vec();
+        with.push(0);
+        Self::restore(&with)
     }
 
     /// Restores a state from [`MetaState::snapshot`], checking the map's invariant.

@@ -49,6 +49,10 @@ pub enum Request {
     TransferLeader(NodeId, DoneReply),
     /// Purge the log now up to what the state machine holds durably; answered at once.
     CompactLog(DoneReply),
+    /// Unsafe recovery (an operator's, after a majority of the voters was lost for good):
+    /// make this replica the group's only voter ([`crate::Engine::force_alone`]); answered at
+    /// once with the index of the forced configuration's entry.
+    ForceAlone(IndexReply),
 }
 
 impl Request {
@@ -65,7 +69,8 @@ impl Request {
             Request::Read { reply: r, .. }
             | Request::AddLearner(_, r)
             | Request::RemoveLearner(_, r)
-            | Request::ChangeMembership(_, r) => {
+            | Request::ChangeMembership(_, r)
+            | Request::ForceAlone(r) => {
                 let _ = r.send(Err(error));
             }
         }

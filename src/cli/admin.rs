@@ -84,11 +84,21 @@ pub enum AdminOp {
         #[arg(long, value_name = "DIR")]
         to: std::path::PathBuf,
     },
+    /// UNSAFE: after losing a majority of some shards' replicas for good, force each such
+    /// shard onto its most up-to-date survivor (writes only the dead nodes had are lost) and
+    /// bring every shard back to full replication on live nodes. See README "Unsafe recovery".
+    UnsafeRecover(super::recover::RecoverArgs),
 }
 
 pub async fn run(a: AdminArgs) -> Result<i32> {
     let json = a.conn.json;
     let req = match &a.op {
+        AdminOp::UnsafeRecover(r) => {
+            let client = connect(&a.conn).await?;
+            let code = super::recover::run(&client, r, json).await;
+            client.close().await;
+            return code;
+        }
         AdminOp::Nodes => AdminRequest::Nodes,
         AdminOp::Backup { to } => return super::backup::run_backup(&a.conn, to).await,
         AdminOp::Shards { limit, from } => {
@@ -297,6 +307,8 @@ fn print_admin(r: &AdminResponse) {
             }
         }
         AdminResponse::Done(s) => println!("{s}"),
+        AdminResponse::ReplicaStates { replicas, .. } => println!("{} replicas", replicas.len()),
+        AdminResponse::Forced { shard, index } => println!("shard {shard} forced alone at index {index}"),
         AdminResponse::Status(s) => {
             println!("nodes:  {} registered, {} reporting", s.nodes, s.nodes_live);
             println!("shards: {} ({} with a known leader)", s.shards, s.shards_with_leader);

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod cert;
 pub mod dev;
 pub mod kv;
+pub mod recover;
 pub mod server;
 
 use anyhow::{anyhow, bail, Result};

@@ -15,6 +15,7 @@
 //! | `\x00meta/move/<shard: u64 BE>`       | `MovePlan`                               |
 //! | `\x00meta/recent/<seq: u64 BE>`       | `MoveRecord`, oldest first               |
 //! | `\x00meta/tomb/<shard BE><node BE>`   | `Tombstone`                              |
+//! | `\x00meta/removed/<node: u64 BE>`     | `()`: removed for good (unsafe recovery) |
 //!
 //! **The header is the guard.** Every change is one `KvCommand::Txn` whose guard is the
 //! header's bytes as the proposer read them and whose writes carry the new header, one
@@ -55,6 +56,9 @@ const TRANSFER: &[u8] = b"transfer/";
 const MOVE: &[u8] = b"move/";
 const RECENT: &[u8] = b"recent/";
 const TOMB: &[u8] = b"tomb/";
+/// A node removed for good by an unsafe recovery. A build without this kind refuses the
+/// state loudly ("not a record this build knows") rather than let a dead node back in.
+const REMOVED: &[u8] = b"removed/";
 
 /// One write of a change: a record's key and its new value (`None`: deleted).
 pub type MetaWrite = (Vec<u8>, Option<Vec<u8>>);
@@ -125,7 +129,8 @@ impl StoredMeta {
                 let (&version, body) = value.split_first().ok_or("empty meta state header")?;
                 match version {
                     META_FORMAT_WHOLE => {
-                        out.state = MetaState::restore(body)?;
+                        // Written before `removed` existed, or by this build's conversion path.
+                        out.state = MetaState::restore(body).or_else(|_| MetaState::restore_without_removed(body))?;
                         out.header.next_shard_id = out.state.next_shard_id;
                         out.whole = true;
                     }
@@ -195,6 +200,11 @@ impl StoredMeta {
         let (old_t, new_t) = (tombs(base), tombs(&next));
         diff_map(&mut writes, old_t.iter().map(|(k, v)| (*k, v)), new_t.iter().map(|(k, v)| (*k, v)), |(s, n)| {
             key(TOMB, &[s.0, n.0])
+        })?;
+        let removed = |s: &MetaState| -> Vec<(NodeId, ())> { s.removed.iter().map(|n| (*n, ())).collect() };
+        let (old_r, new_r) = (removed(base), removed(&next));
+        diff_map(&mut writes, old_r.iter().map(|(k, v)| (*k, v)), new_r.iter().map(|(k, v)| (*k, v)), |n| {
+            key(REMOVED, &[n.0])
         })?;
         let recent_first = diff_recent(&mut writes, self.header.recent_first, &base.recent_moves, &next.recent_moves)?;
         if !self.leftovers.is_empty() {
@@ -478,6 +488,16 @@ fn apply_items(state: &mut MetaState, items: &[MetaWrite]) -> Result<(), String>
                             state.tombstones.remove(&shard);
                         }
                     }
+                }
+            }
+        } else if let Some(i) = ids(k, REMOVED, 1) {
+            match v {
+                Some(b) => {
+                    let () = decode(b, what).map_err(|e| e.message)?;
+                    state.removed.insert(NodeId(i[0]));
+                }
+                None => {
+                    state.removed.remove(&NodeId(i[0]));
                 }
             }
         } else {

@@ -56,6 +56,7 @@ mod moves;
 mod reconcile;
 mod report;
 mod serve;
+mod unsafe_recovery;
 
 pub use admin::view_of;
 
@@ -547,6 +548,9 @@ impl Node {
             let me = self.clone();
             tasks.push(tokio::spawn(async move {
                 while let Some((from, env)) = envelopes.recv().await {
+                    if me.removed_for_good(from) {
+                        continue;
+                    }
                     deliver(&me.inner.host, &me.inner.net_stats, from, env);
                 }
             }));
@@ -573,6 +577,9 @@ impl Node {
                             });
                         }
                         Some((from, group, read)) = read_rx.recv() => {
+                            if me.removed_for_good(from) {
+                                continue;
+                            }
                             deliver_transfer(&me.inner.host, &me.inner.net_stats, from, group, read);
                         }
                         Some(_) = readers.join_next() => {}

@@ -23,6 +23,13 @@ use tracing::{debug, info};
 impl Node {
     pub(super) async fn serve(&self, req: IncomingRequest) {
         let IncomingRequest { from, body, responder } = req;
+        if let PeerIdentity::Node(id) = &from {
+            if self.removed_for_good(*id) {
+                // A node lost for good (unsafe recovery) is not answered: dropping the
+                // responder fails its request.
+                return;
+            }
+        }
         if is_peer_message(&body) {
             self.inner.stats.requests.fetch_add(1, Ordering::Relaxed);
             responder.respond(self.serve_peer(&from, &body).await.encode());

@@ -25,6 +25,7 @@ mod role;
 mod snapshot;
 mod timers;
 mod transfer;
+mod unsafe_recovery;
 
 use io::PendingIo;
 use read::Reads;
@@ -563,6 +564,18 @@ impl Engine {
     /// to campaign at once. Proposals are refused meanwhile.
     pub fn transfer_leader(&mut self, now: Millis, target: NodeId) -> Result<(), RaftError> {
         let result = self.start_transfer(now, target);
+        self.settle();
+        result
+    }
+
+    /// Unsafe recovery, for an operator only: forces this replica to be its group's only voter,
+    /// after a majority of the voters was lost for good (see `unsafe_recovery.rs`). It
+    /// campaigns in a new term with a configuration of itself alone appended after its last
+    /// entry, leads once its vote is durable, and commits everything it holds. Entries only
+    /// the lost voters had are gone. Returns the index of the forced configuration's entry
+    /// (the replica kept everything before it).
+    pub fn force_alone(&mut self, now: Millis) -> Result<LogIndex, RaftError> {
+        let result = self.force_alone_now(now);
         self.settle();
         result
     }

@@ -264,6 +264,9 @@ pub struct GroupInfo {
     pub leader: Option<NodeId>,
     /// Last log index.
     pub last_index: LogIndex,
+    /// The term of the last log entry: with `last_index`, how up to date the log is (what
+    /// unsafe recovery compares to pick the replica a group keeps).
+    pub last_term: Term,
     /// Commit index.
     pub committed: LogIndex,
     /// Applied index.
@@ -276,6 +279,9 @@ pub struct GroupInfo {
     pub snapshot: Option<flotilla_raft::LogId>,
     /// Voters of the configuration in effect.
     pub voters: BTreeSet<NodeId>,
+    /// The configuration in effect (the newest in the log), both halves while joint: whether
+    /// the group still has a quorum once nodes are lost for good.
+    pub membership: Membership,
     /// The committed configuration and the entry that carried it: what a replica's lifecycle
     /// follows (a node leaves a group only once a committed configuration says so).
     pub committed_conf: StoredMembership,
@@ -780,6 +786,12 @@ impl Host {
     /// Asks `group` to purge its log now up to what its state machine holds durably.
     pub async fn compact_log(&self, group: GroupId) -> Result<(), HostError> {
         self.call(group, Request::CompactLog).await
+    }
+
+    /// Unsafe recovery: makes this node's replica of `group` the group's only voter (see
+    /// [`flotilla_raft::Engine::force_alone`]); the index of the forced configuration's entry.
+    pub async fn force_alone(&self, group: GroupId) -> Result<LogIndex, HostError> {
+        self.call(group, Request::ForceAlone).await
     }
 
     /// Stops the pollers; pending calls fail with `Stopped` or `Fatal(Shutdown)`.

@@ -13,6 +13,7 @@ mod regressions;
 mod replication;
 mod snapshot;
 mod transfer;
+mod unsafe_recovery;
 
 use super::*;
 use crate::message::AppendResult;

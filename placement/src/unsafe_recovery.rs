@@ -1,0 +1,181 @@
+//! The map's side of unsafe recovery (`flotilla admin unsafe-recover`): nodes lost for good
+//! are removed for good, and every shard that had a replica on them gets replicas on live
+//! nodes again, so that the reconcilers bring it back to full replication by the ordinary
+//! path (the shard's leader adds the new replicas as learners, they catch up, the leader
+//! promotes them by joint consensus). Nothing here forces a group: the operator's tool
+//! forced each group that lost its quorum onto one surviving replica, and names it here.
+
+use crate::map::{NodeId, Replica, ReplicaRole, ShardId};
+use crate::meta::{MetaError, MetaOutcome, MetaState};
+use std::collections::{BTreeMap, BTreeSet};
+
+impl MetaState {
+    /// The work of [`MetaCommand::RemoveDeadNodes`](crate::MetaCommand::RemoveDeadNodes):
+    /// `dead` leave the cluster for good; each shard of `kept` keeps only the replica on its
+    /// node (the group was forced onto it); every shard that had a replica on a dead node (or
+    /// is in `kept`) gets voters on live nodes up to the number of voters it had, the fewest
+    /// loaded nodes first. Returns the shards changed.
+    pub(crate) fn remove_dead_nodes(
+        &mut self,
+        dead: &[NodeId],
+        kept: &[(ShardId, NodeId)],
+    ) -> Result<MetaOutcome, MetaError> {
+        let dead: BTreeSet<NodeId> = dead.iter().copied().collect();
+        if dead.is_empty() {
+            return Err(MetaError::InvalidRecovery("no dead node named".into()));
+        }
+        let kept: BTreeMap<ShardId, NodeId> = kept.iter().copied().collect();
+        for (shard, node) in &kept {
+            if dead.contains(node) {
+                return Err(MetaError::InvalidRecovery(format!("shard {shard} cannot be kept on dead node {node}")));
+            }
+            if self.map.get(*shard).is_none() {
+                return Err(MetaError::UnknownShard(*shard));
+            }
+        }
+        self.removed.extend(dead.iter().copied());
+        self.nodes.retain(|n, _| !dead.contains(n));
+        self.transfers.retain(|_, n| !dead.contains(n));
+        for ts in self.tombstones.values_mut() {
+            ts.retain(|n, _| !dead.contains(n));
+        }
+        self.tombstones.retain(|_, ts| !ts.is_empty());
+        let mut load: BTreeMap<NodeId, usize> = self.nodes.keys().map(|n| (*n, 0)).collect();
+        for d in self.map.shards() {
+            for r in &d.replicas {
+                if let Some(c) = load.get_mut(&r.node) {
+                    *c += 1;
+                }
+            }
+        }
+        let touched: Vec<ShardId> = self
+            .map
+            .shards()
+            .filter(|d| kept.contains_key(&d.id) || d.replicas.iter().any(|r| dead.contains(&r.node)))
+            .map(|d| d.id)
+            .collect();
+        let mut changed = Vec::new();
+        for shard in touched {
+            let Some(d) = self.map.get(shard).cloned() else { continue };
+            let wanted = d.voters().count();
+            let mut replicas: Vec<Replica> = match kept.get(&shard) {
+                Some(survivor) => vec![Replica { node: *survivor, role: ReplicaRole::Voter }],
+                None => d.replicas.iter().filter(|r| !dead.contains(&r.node)).copied().collect(),
+            };
+            // A move that lost a node, or of a forced shard, cannot finish: its learner (if
+            // any) goes with it.
+            let broken = self
+                .moves
+                .get(&shard)
+                .is_some_and(|p| kept.contains_key(&shard) || dead.contains(&p.from) || dead.contains(&p.to));
+            if broken {
+                if let Some(p) = self.moves.remove(&shard) {
+                    replicas.retain(|r| !(r.node == p.to && r.role == ReplicaRole::Learner));
+                }
+            }
+            if !replicas.iter().any(|r| r.role == ReplicaRole::Voter) {
+                // No survivor named and none left: nothing to rebuild the shard from.
+                continue;
+            }
+            // Other survivors of a forced shard hold a log the kept one may contradict: they
+            // are dropped by the operator's tool and get no replica of it here.
+            let excluded: BTreeSet<NodeId> = d.replicas.iter().map(|r| r.node).collect();
+            while replicas.iter().filter(|r| r.role == ReplicaRole::Voter).count() < wanted {
+                let pick = load
+                    .iter()
+                    .filter(|(n, _)| !excluded.contains(n) && !replicas.iter().any(|r| r.node == **n))
+                    .filter(|(n, _)| self.nodes.get(n).is_some_and(|i| !i.draining))
+                    .min_by_key(|(n, c)| (**c, **n))
+                    .map(|(n, _)| *n);
+                let Some(node) = pick else { break };
+                replicas.push(Replica { node, role: ReplicaRole::Voter });
+                *load.entry(node).or_default() += 1;
+            }
+            if let MetaOutcome::Shards(ds) = self.change(shard, |d| d.replicas = replicas)? {
+                changed.extend(ds);
+            }
+        }
+        Ok(MetaOutcome::Shards(changed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{MetaCommand, MetaError, MetaState, NodeId, ReplicaRole, ShardId};
+
+    fn n(id: u64) -> NodeId {
+        NodeId(id)
+    }
+
+    /// Nodes 1 to 5; shards 1 `[.., "m")` and 2 `["m", ..)` on voters 1, 2, 3.
+    fn state() -> MetaState {
+        let mut s = MetaState::default();
+        for i in 1..=5 {
+            s.apply(MetaCommand::RegisterNode { node: n(i), addr: format!("127.0.0.1:{}", 7000 + i) }).unwrap();
+        }
+        s.apply(MetaCommand::Bootstrap { nodes: vec![n(1), n(2), n(3)] }).unwrap();
+        let d = s.map.lookup(b"m").unwrap().clone();
+        s.apply(MetaCommand::Split { shard: d.id, epoch: d.epoch, key: b"m".to_vec() }).unwrap();
+        s
+    }
+
+    fn voters(s: &MetaState, shard: u64) -> Vec<u64> {
+        s.map.get(ShardId(shard)).unwrap().voters().map(|v| v.0).collect()
+    }
+
+    #[test]
+    fn forced_shards_keep_their_survivor_and_get_voters_on_live_nodes() {
+        let mut s = state();
+        let before = s.map.get(ShardId(1)).unwrap().epoch;
+        let kept = vec![(ShardId(1), n(1)), (ShardId(2), n(1))];
+        s.apply(MetaCommand::RemoveDeadNodes { dead: vec![n(2), n(3)], kept }).unwrap();
+        assert_eq!(voters(&s, 1), vec![1, 4, 5]);
+        assert_eq!(voters(&s, 2), vec![1, 4, 5]);
+        assert!(s.map.get(ShardId(1)).unwrap().epoch.conf_version > before.conf_version, "routing sees the change");
+        assert_eq!(s.removed.iter().map(|n| n.0).collect::<Vec<_>>(), vec![2, 3]);
+        assert!(!s.nodes.contains_key(&n(2)) && !s.nodes.contains_key(&n(3)));
+        let again = s.apply(MetaCommand::RegisterNode { node: n(2), addr: "127.0.0.1:1".into() });
+        assert_eq!(again, Err(MetaError::NodeRemoved(n(2))), "a dead node never comes back under its id");
+    }
+
+    #[test]
+    fn a_shard_with_its_quorum_left_only_replaces_its_dead_replica() {
+        let mut s = state();
+        s.apply(MetaCommand::RemoveDeadNodes { dead: vec![n(3)], kept: vec![] }).unwrap();
+        // Nodes 4 and 5 carry nothing; the lower id first, then the other for the next shard.
+        assert_eq!(voters(&s, 1), vec![1, 2, 4]);
+        assert_eq!(voters(&s, 2), vec![1, 2, 5]);
+        assert!(s.map.shards().all(|d| d.replicas.iter().all(|r| r.role == ReplicaRole::Voter)));
+    }
+
+    #[test]
+    fn other_survivors_of_a_forced_shard_get_no_replica_of_it() {
+        let mut s = state();
+        s.apply(MetaCommand::RemoveDeadNodes { dead: vec![n(3)], kept: vec![(ShardId(1), n(1))] }).unwrap();
+        // Node 2 survived too, with a log the kept replica may contradict.
+        assert_eq!(voters(&s, 1), vec![1, 4, 5]);
+    }
+
+    #[test]
+    fn a_recovery_that_does_not_fit_changes_nothing() {
+        let mut s = state();
+        let before = s.clone();
+        let bad = MetaCommand::RemoveDeadNodes { dead: vec![n(2), n(3)], kept: vec![(ShardId(1), n(2))] };
+        assert!(matches!(s.apply(bad), Err(MetaError::InvalidRecovery(_))));
+        assert!(matches!(
+            s.apply(MetaCommand::RemoveDeadNodes { dead: vec![n(2)], kept: vec![(ShardId(9), n(1))] }),
+            Err(MetaError::UnknownShard(_))
+        ));
+        assert!(s.apply(MetaCommand::RemoveDeadNodes { dead: vec![], kept: vec![] }).is_err());
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn a_state_serialized_before_removed_nodes_existed_restores_with_none() {
+        let s = state();
+        let mut bytes = s.snapshot().unwrap();
+        assert_eq!(bytes.pop(), Some(0), "an empty set is one zero byte, last");
+        assert!(MetaState::restore(&bytes).is_err());
+        assert_eq!(MetaState::restore_without_removed(&bytes).unwrap(), s);
+    }
+}
