@@ -23,7 +23,8 @@ pub mod store_metrics;
 pub mod store_options;
 
 pub use host::{
-    GroupDescriptor, GroupInfo, Host, HostConfig, HostError, HostNetwork, HostStats, NodeBatch, QuiesceNotice,
+    DestroyGuard, GroupDescriptor, GroupInfo, Host, HostConfig, HostError, HostNetwork, HostStats, NodeBatch,
+    QuiesceNotice, RemovedNotice,
 };
 pub use kv::{
     check_insert_size, range_size_blocking, KeyRange, KvCommand, KvResponse, KvStateMachine, Prepared, RangeSize,

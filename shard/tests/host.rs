@@ -696,3 +696,35 @@ async fn a_replica_that_missed_its_removal_is_told_by_the_members() {
     c.put(g, &key(1, "c"), "3").await.expect("a write after the removal");
     c.shutdown().await;
 }
+
+/// A removal decided on a reading of a group's state is carried out only if the group has not
+/// changed since (`Host::destroy_group_if`): the poller judges and stops it in one step. Here a
+/// configuration change lands between the reading and the removal, and the group is kept, still
+/// serving; with the reading still true it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_decided_before_the_group_changed_is_not_carried_out() {
+    let c = Cluster::start(3).await;
+    let g = GroupId(1);
+    c.create_groups(1..=1).await;
+    c.put(g, &key(1, "a"), "1").await.expect("write");
+    let h3 = c.host(NodeId(3));
+    let seen = h3.group_info_of(g).await.expect("info").newest_conf;
+    // The group changes: node 3 leaves the voters and comes back (two configurations).
+    let all: BTreeSet<NodeId> = [NodeId(1), NodeId(2), NodeId(3)].into();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while h3.group_info_of(g).await.expect("info").newest_conf == seen {
+        for h in &c.hosts {
+            let _ = h.change_membership(g, all.iter().copied().filter(|n| *n != NodeId(3)).collect()).await;
+        }
+        assert!(Instant::now() < deadline, "no configuration change reached node 3");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kept = h3.destroy_group_if(g, true, Box::new(move |i| i.newest_conf == seen)).await;
+    assert!(matches!(kept, Err(HostError::Kept(GroupId(1)))), "{kept:?}");
+    assert!(h3.groups().contains(&g), "the group is still here");
+    assert!(h3.group_info_of(g).await.is_ok(), "and its poller still runs it");
+    let now = h3.group_info_of(g).await.expect("info").newest_conf;
+    h3.destroy_group_if(g, true, Box::new(move |i| i.newest_conf == now)).await.expect("unchanged: removed");
+    assert!(!h3.groups().contains(&g));
+    c.shutdown().await;
+}

@@ -113,8 +113,15 @@ impl Node {
         }
         let Ok(infos) = host.group_info().await else { return };
         for (group, why) in replicas_to_destroy(me, &infos, &state) {
-            match host.destroy_group(group, true).await {
+            // Decided on `infos`, carried out one after another: each removal is judged again
+            // on the group's state when its poller stops it, and on the view as it is then.
+            let now = self.meta_view();
+            let still = move |i: &GroupInfo| {
+                matches!(replica_fate(me, i.group, &local_replica_of(i, me), &now), ReplicaFate::Delete(_))
+            };
+            match host.destroy_group_if(group, true, Box::new(still)).await {
                 Ok(()) => info!(node = me.0, shard = group.0, reason = ?why, "shard replica removed"),
+                Err(e @ HostError::Kept(_)) => info!(shard = group.0, error = %e, "shard replica kept"),
                 Err(e) => warn!(shard = group.0, error = %e, "cannot remove shard replica"),
             }
         }

@@ -20,8 +20,13 @@ impl Poller {
         self.dirty.insert(id);
     }
 
-    /// A group leaves this poller (destroyed): it stops, and nothing of it stays queued.
-    pub(super) fn on_remove(&mut self, id: GroupId) {
+    /// A group leaves this poller (destroyed) if `still` holds of its state now: it stops, and
+    /// nothing of it stays queued. Whether it left (`None`: not here).
+    pub(super) fn on_remove(&mut self, id: GroupId, still: super::DestroyGuard) -> Option<bool> {
+        let g = self.groups.get(&id)?;
+        if !still(&group_info(g)) {
+            return Some(false);
+        }
         if let Some(mut g) = self.groups.remove(&id) {
             g.core.stop(Fatal::Shutdown);
         }
@@ -31,6 +36,7 @@ impl Poller {
         // Its applied indexes say nothing of a replica created again under the same id (whose
         // state is written in later batches): it must not hear them as durable.
         self.durable_waits.retain(|(_, gid, _, _)| *gid != id);
+        Some(true)
     }
 
     /// The state of every group on this poller (`only`: of that group alone, if here).

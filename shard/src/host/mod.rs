@@ -180,7 +180,14 @@ pub enum HostError {
     /// The configuration cannot work.
     #[error("bad host configuration: {0}")]
     Config(String),
+    /// A conditional removal ([`Host::destroy_group_if`]) found the group changed since the
+    /// removal was decided: it is kept.
+    #[error("group {0} changed since its removal was decided: kept")]
+    Kept(GroupId),
 }
+
+/// The condition of [`Host::destroy_group_if`], judged on the group's state on its poller.
+pub type DestroyGuard = Box<dyn FnOnce(&GroupInfo) -> bool + Send>;
 
 /// A leader's notice that group `group` went quiet at `(term, index)`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -526,11 +533,30 @@ impl Host {
     /// the data in its key range (when the shard moved away; not after a split or merge, where
     /// another group owns the keys now).
     pub async fn destroy_group(&self, group: GroupId, clear_data: bool) -> Result<(), HostError> {
+        self.destroy_group_if(group, clear_data, Box::new(|_| true)).await
+    }
+
+    /// [`Host::destroy_group`], if `still` holds of the group's state when its poller stops
+    /// it (else [`HostError::Kept`]). A removal decided on a reading of the group's state must
+    /// not be carried out after the group changed (it took a configuration adding this node
+    /// back, say, while other removals went first): the poller judges and stops the group in
+    /// one step, so nothing the group does after the check is lost with it.
+    pub async fn destroy_group_if(
+        &self,
+        group: GroupId,
+        clear_data: bool,
+        still: DestroyGuard,
+    ) -> Result<(), HostError> {
+        let poller = self.entry(group)?.poller;
+        let (tx, rx) = oneshot::channel();
+        self.shared.pollers[poller].send(PollerMsg::Remove(group, still, tx)).map_err(|_| HostError::Stopped)?;
+        match rx.await.map_err(|_| HostError::Stopped)? {
+            Some(true) => {}
+            Some(false) => return Err(HostError::Kept(group)),
+            None => return Err(HostError::UnknownGroup(group)),
+        }
         let entry = self.shared.registry.write().map_err(|_| HostError::Stopped)?.groups.remove(&group);
         let Some(entry) = entry else { return Err(HostError::UnknownGroup(group)) };
-        let (tx, rx) = oneshot::channel();
-        self.shared.pollers[entry.poller].send(PollerMsg::Remove(group, tx)).map_err(|_| HostError::Stopped)?;
-        rx.await.map_err(|_| HostError::Stopped)?;
         // A snapshot build or installation started before the removal would write the
         // group's state or data after the deletes below: wait for it, and start no other.
         entry.sm.retire().await;

@@ -23,7 +23,8 @@ use tracing::debug;
 /// What a poller's mailbox carries.
 pub(crate) enum PollerMsg {
     Add(Box<GroupState>, oneshot::Sender<()>),
-    Remove(GroupId, oneshot::Sender<()>),
+    /// Stop and drop a group if the guard holds (answers whether it did; `None`: no such group).
+    Remove(GroupId, super::DestroyGuard, oneshot::Sender<Option<bool>>),
     Batch {
         from: NodeId,
         messages: Vec<(GroupId, Message)>,
@@ -182,9 +183,8 @@ impl Poller {
                 self.on_add(g);
                 let _ = reply.send(());
             }
-            PollerMsg::Remove(id, reply) => {
-                self.on_remove(id);
-                let _ = reply.send(());
+            PollerMsg::Remove(id, still, reply) => {
+                let _ = reply.send(self.on_remove(id, still));
             }
             PollerMsg::Batch { from, messages, quiesce, removed } => self.on_batch(from, messages, quiesce, removed),
             PollerMsg::Api(gid, req) => self.on_request(gid, req),
