@@ -61,9 +61,9 @@ impl Poller {
             return;
         }
         let index = committed.log_id.index;
-        let me = self.shared.config.node;
-        let batch = self.round.out.entry(from).or_insert_with(|| empty_batch(me));
-        if !batch.removed.iter().any(|r| r.group == gid) {
+        if self.round.told.insert((from, gid)) {
+            let me = self.shared.config.node;
+            let batch = self.round.out.entry(from).or_insert_with(|| empty_batch(me));
             batch.removed.push(RemovedNotice { group: gid, index });
         }
     }

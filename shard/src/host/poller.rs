@@ -78,6 +78,8 @@ pub(super) struct Round {
     pub(super) out: HashMap<NodeId, NodeBatch>,
     /// Snapshot chunks, sent apart from the batches (`HostNetwork::send_transfer`).
     pub(super) transfers: Vec<(GroupId, Message)>,
+    /// Removal notices this round already carries, by receiver and group.
+    pub(super) told: std::collections::HashSet<(NodeId, GroupId)>,
 }
 
 pub(crate) struct Poller {
