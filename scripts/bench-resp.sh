@@ -72,12 +72,14 @@ for P in $PIPELINES; do
   for target in flotilla redis; do
     port=$((BASE_PORT + 21)); [ $target = redis ] && port=$((BASE_PORT + 30))
     echo "== $target -P $P"
-    redis-benchmark -p "$port" -t set,get -c "$CLIENTS" -d "$VALUE_SIZE" -r 100000 -n "$REQUESTS" -P "$P" -q
+    # -q still prints a progress line every 250 ms (ended by a carriage return): keep the summaries.
+    redis-benchmark -p "$port" -t set,get -c "$CLIENTS" -d "$VALUE_SIZE" -r 100000 -n "$REQUESTS" -P "$P" -q 2>&1 |
+      tr '\r' '\n' | grep 'requests per second' || true
   done
 done
 for w in put get; do
   echo "== flotilla bench $w"
   "$BIN" bench "$w" --cluster "$work/cluster.json" --clients "$CLIENTS" --value-size "$VALUE_SIZE" \
-    --keys 100000 --duration "$DURATION"
+    --keys 100000 --duration "$DURATION" | tr '\r' '\n' | grep -v ' ops/s ' || true
 done
 log "load $(cut -d' ' -f1-3 /proc/loadavg)"
