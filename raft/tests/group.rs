@@ -354,3 +354,17 @@ fn writes_proposed_together_past_the_uncommitted_limit_are_each_answered_as_if_p
     assert_eq!(together[3], answered(&[("c", LogIndex(first + 1), term), ("cc", LogIndex(first + 2), term)]));
     assert_eq!(together[4], Err(RaftError::Overloaded { pending_bytes: 9 }));
 }
+
+#[test]
+fn an_added_learner_is_answered_with_its_entry_once_applied_and_not_before() {
+    let mut g = Group::leader();
+    g.apply = false;
+    let (tx, mut rx) = oneshot::channel();
+    g.core.handle_request(g.now, Request::AddLearner(NodeId(4), tx));
+    g.pump();
+    let entry = g.log.last().expect("the learner's entry").log_id.index;
+    assert!(rx.try_recv().is_err(), "committed but not applied: no answer yet");
+    g.apply_all();
+    g.pump();
+    assert_eq!(rx.try_recv(), Ok(Ok(entry)), "applied, and the configuration shows the learner");
+}

@@ -263,6 +263,7 @@ struct Bugs {
     ack_before_durable: bool,
     vote_within_promise: bool,
     lease_after_timeout_now: bool,
+    lease_past_drift_margin: bool,
 }
 
 /// The Raft protocol for one group, as a deterministic state machine.
@@ -716,6 +717,7 @@ impl Engine {
                 ack_before_durable: b.ack_before_durable,
                 vote_within_promise: b.vote_within_promise,
                 lease_after_timeout_now: b.lease_after_timeout_now,
+                lease_past_drift_margin: b.lease_past_drift_margin,
             }
         }
         #[cfg(not(feature = "sim-bugs"))]

@@ -214,7 +214,11 @@ impl Engine {
             return true;
         }
         let acked = l.quorum_round(self.id, &self.effective().membership);
-        let lease_ms = self.config.election_timeout_ms_min - self.config.lease_clock_drift_ms;
+        let lease_ms = if self.bugs().lease_past_drift_margin {
+            self.config.election_timeout_ms_min + self.config.lease_clock_drift_ms
+        } else {
+            self.config.election_timeout_ms_min - self.config.lease_clock_drift_ms
+        };
         if self.bugs().lease_after_timeout_now {
             return l.reads.round_within(acked, now, lease_ms);
         }

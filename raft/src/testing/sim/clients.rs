@@ -113,6 +113,7 @@ impl Sim {
     /// Stops the faults, brings every node back, and requires progress; then checks the
     /// history.
     pub(super) fn heal_and_finish(&mut self) -> Check {
+        self.end_lease_edge("healing");
         self.faults_on = false;
         self.blocked.clear();
         self.log("heal: network healed, faults off, restarting every node".into());

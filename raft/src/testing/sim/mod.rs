@@ -33,9 +33,11 @@ mod actions;
 mod checks;
 mod clients;
 mod disk;
+mod lease_edge;
 mod nemesis;
 
 use disk::{decode_map, encode_map, snapshot_bytes, snapshot_map, Disk, Write};
+use lease_edge::LeaseEdge;
 
 /// The simulator's RNG (SplitMix64): small, fast, and the same on every platform.
 #[derive(Clone, Debug)]
@@ -93,6 +95,9 @@ pub struct InjectedBugs {
     pub lease_after_timeout_now: bool,
     /// Acknowledge (and count) appended entries before they are durable.
     pub ack_before_durable: bool,
+    /// Let the leader lease outlast the followers' promise by the clock-drift margin
+    /// (`election_timeout_ms_min + lease_clock_drift_ms` instead of `-`).
+    pub lease_past_drift_margin: bool,
 }
 
 /// What to simulate.
@@ -116,6 +121,8 @@ pub struct SimOptions {
     pub clock_drift_ppm_max: u64,
     /// Steer the schedule toward reads racing leader changes (see [`SimOptions::read_races`]).
     pub read_races: bool,
+    /// Steer the schedule to the end of leader leases (see [`SimOptions::lease_edges`]).
+    pub lease_edges: bool,
 }
 
 impl SimOptions {
@@ -129,6 +136,16 @@ impl SimOptions {
     /// in the history.
     pub fn read_races() -> SimOptions {
         SimOptions { clients: 6, keys: 2, read_races: true, ..SimOptions::default() }
+    }
+
+    /// A profile that plays, again and again, the race at the end of a leader's lease
+    /// (`lease_edge.rs`): the leader is isolated right after a heartbeat round, a rival is
+    /// elected the moment the followers' promise allows and writes, and the old leader is then
+    /// asked for lease reads. Clocks are at the edge of the allowed drift, as in
+    /// [`SimOptions::read_races`]; one key, so that every read can see the rival's write. A
+    /// lease that outlives the promise, by the drift margin or less, shows up as a stale read.
+    pub fn lease_edges() -> SimOptions {
+        SimOptions { clients: 6, keys: 1, lease_edges: true, ..SimOptions::default() }
     }
 }
 
@@ -144,6 +161,7 @@ impl Default for SimOptions {
             bugs: InjectedBugs::default(),
             clock_drift_ppm_max: CLOCK_DRIFT_PPM_MAX,
             read_races: false,
+            lease_edges: false,
         }
     }
 }
@@ -177,6 +195,9 @@ pub struct SimReport {
     pub membership_changes: usize,
     /// Messages dropped by the network.
     pub dropped_msgs: usize,
+    /// Lease-edge races played to the end: a rival elected at the end of the followers'
+    /// promise wrote, and the old leader was asked for lease reads (`SimOptions::lease_edges`).
+    pub lease_edge_races: usize,
 }
 
 /// A failed run: a safety violation, a non-linearizable history, or no progress after healing.
@@ -331,6 +352,8 @@ struct Sim {
     /// Until this global time clients only read at this node (an isolated leader whose
     /// lease is being tested: a write there would block its client until timeout).
     reads_only_on: Option<(NodeId, u64)>,
+    /// The lease-edge race being played (`SimOptions::lease_edges`).
+    lease_edge: Option<LeaseEdge>,
 }
 
 type Check = Result<(), String>;
@@ -429,7 +452,7 @@ impl Sim {
                         let rate =
                             rng.range(0, 2 * opts.clock_drift_ppm_max + 1) as i64 - opts.clock_drift_ppm_max as i64;
                         // Read races: every clock at the edge of the allowed drift.
-                        match (opts.read_races, rate >= 0) {
+                        match (opts.read_races || opts.lease_edges, rate >= 0) {
                             (false, _) => rate,
                             (true, true) => opts.clock_drift_ppm_max as i64,
                             (true, false) => -(opts.clock_drift_ppm_max as i64),
@@ -472,6 +495,7 @@ impl Sim {
             late_transfers: BTreeMap::new(),
             reads_only_until: 0,
             reads_only_on: None,
+            lease_edge: None,
         }
     }
 
@@ -569,9 +593,16 @@ impl Sim {
                 let Some(node) = self.nodes.get_mut(&to) else { return Ok(()) };
                 let Some(engine) = node.engine.as_mut() else { return Ok(()) };
                 let line = describe(&msg);
+                let (from, term) = (msg.from, msg.term);
+                let round = match &msg.body {
+                    MessageBody::Heartbeat { round, .. } => Some(*round),
+                    _ => None,
+                };
                 engine.handle_message(now, msg);
                 self.log(line);
-                self.drive(to)
+                self.drive(to)?;
+                self.lease_edge_delivered(from, to, term, round, now);
+                Ok(())
             }
             Event::IoDone { node, incarnation, io } => {
                 if let Some(until) = self.paused(node) {

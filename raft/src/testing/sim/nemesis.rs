@@ -5,6 +5,10 @@ use super::*;
 
 impl Sim {
     pub(super) fn nemesis(&mut self) -> Check {
+        self.lease_edge_step()?;
+        if self.steering_lease_edge() {
+            return Ok(());
+        }
         if self.now < self.reads_only_until {
             // A quiet spell (see `quiet_spell`): no other fault, and no configuration entry
             // that would put the rival's log behind.
@@ -139,7 +143,7 @@ impl Sim {
     }
 
     /// The voters of the configuration `node` is in.
-    fn voters_of(&self, node: NodeId) -> Vec<NodeId> {
+    pub(super) fn voters_of(&self, node: NodeId) -> Vec<NodeId> {
         self.nodes[&node]
             .engine
             .as_ref()
