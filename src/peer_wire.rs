@@ -15,7 +15,8 @@ use std::collections::BTreeMap;
 /// Version byte that starts every peer request and response (high bit set: see the module
 /// documentation).
 /// Version 2: a report carries its shards' loads beside it ([`MetaOp::Report`]'s `load`).
-pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 2;
+/// Version 3: each shard load carries its epoch, and the report the node's total led load.
+pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 3;
 
 /// Whether `bytes` is a message of the peer protocol (rather than the client protocol).
 pub fn is_peer_message(bytes: &[u8]) -> bool {
@@ -112,6 +113,9 @@ pub enum MetaOp {
         /// leaves out (see there): build with [`MetaOp::report`], read with
         /// [`MetaOp::full_report`].
         load: BTreeMap<ShardId, ShardLoad>,
+        /// The report's [`NodeReport::led_requests_per_s`], left out of its serialized form
+        /// too.
+        led_requests_per_s: u64,
     },
     /// Split the shard holding `key` at `key`.
     SplitAt {
@@ -131,13 +135,14 @@ impl MetaOp {
     /// A node's report, its shard loads moved beside it so that they travel.
     pub fn report(node: NodeId, addr: String, mut report: NodeReport) -> MetaOp {
         let load = std::mem::take(&mut report.shard_load);
-        MetaOp::Report { node, addr, report, load }
+        let led_requests_per_s = std::mem::take(&mut report.led_requests_per_s);
+        MetaOp::Report { node, addr, report, load, led_requests_per_s }
     }
 
-    /// The report of a [`MetaOp::Report`], its shard loads put back; `None` for other ops.
+    /// The report of a [`MetaOp::Report`], its shard loads and total put back; `None` for other ops.
     pub fn full_report(&self) -> Option<NodeReport> {
-        let MetaOp::Report { report, load, .. } = self else { return None };
-        Some(NodeReport { shard_load: load.clone(), ..report.clone() })
+        let MetaOp::Report { report, load, led_requests_per_s, .. } = self else { return None };
+        Some(NodeReport { shard_load: load.clone(), led_requests_per_s: *led_requests_per_s, ..report.clone() })
     }
 }
 
@@ -183,8 +188,9 @@ mod tests {
 
     #[test]
     fn a_report_carries_its_shard_loads() {
-        let mut report = NodeReport { leading: vec![ShardId(3)], ..NodeReport::default() };
-        let load = ShardLoad { requests_per_s: 5_000, split_key: Some(b"m".to_vec()) };
+        let mut report = NodeReport { leading: vec![ShardId(3)], led_requests_per_s: 5_630, ..NodeReport::default() };
+        let epoch = crate::placement::Epoch { conf_version: 2, version: 3 };
+        let load = ShardLoad { requests_per_s: 5_000, split_key: Some(b"m".to_vec()), epoch };
         report.shard_load.insert(ShardId(3), load);
         let op = MetaOp::report(NodeId(1), "a".into(), report.clone());
         let sent = PeerRequest::Meta { op, forwarded: false }.encode();

@@ -18,8 +18,11 @@
 //!   shard back, counts unchanged, the size difference at most half the gap.
 //! - **Leaders** are balanced by transfers (cheap: no data moves), separately from the above:
 //!   by count first (from the node leading the most shards to one leading at least two fewer,
-//!   the shard that best evens out their load), then by request load (each leader reports its busiest
-//!   shards' rates, [`crate::meta::ShardLoad`]): when the load of the shards one node leads
+//!   the shard that best evens out their load; one such transfer a round), then by request
+//!   load (each leader reports its busiest shards' rates, [`crate::meta::ShardLoad`], and
+//!   the total over all the shards it leads, [`crate::meta::NodeReport::led_requests_per_s`],
+//!   which is the node's load: many lukewarm shards weigh too, though only the listed ones
+//!   are moved): when the load of the shards one node leads
 //!   exceeds another's by more than the load tolerance (`leader_load_spread_percent` of the
 //!   mean, at least `leader_load_spread_requests_per_s_min`), the hottest shard of at most
 //!   half the gap goes to the less loaded node if it leads fewer shards; if it does not, that
@@ -63,7 +66,8 @@
 //!   progress still adding or catching up their learner count;
 //! - never two replicas of a shard on one node, never a move onto a draining node, never a
 //!   second move or a split of a shard with a move in progress;
-//! - at most `leader_transfers_per_round_max` transfers and `splits_per_round_max` splits.
+//! - at most `leader_transfers_per_round_max` transfers (of which one count transfer at most:
+//!   the limit of 2 is for a load swap's two legs) and `splits_per_round_max` splits.
 //!
 //! Draining nodes are emptied first (under the same limits). Splits are suggested for shards
 //! over `split_size_bytes_threshold` when a node reported a split key strictly inside the
@@ -95,7 +99,8 @@ pub struct BalancerConfig {
     /// A byte gap below this counts as balanced, whatever the mean (moving little data is not
     /// worth a snapshot).
     pub size_spread_bytes_min: u64,
-    /// Leader transfers proposed in one round at most.
+    /// Leader transfers proposed in one round at most; one of them at most by the count rule
+    /// (see "Leaders" in the module docs).
     pub leader_transfers_per_round_max: usize,
     /// Shards larger than this are suggested for a split.
     pub split_size_bytes_threshold: u64,
@@ -600,26 +605,32 @@ impl<'a> Round<'a> {
                 _ => None,
             })
             .collect();
-        let mut hot: Vec<(u64, ShardId, &Vec<u8>)> = Vec::new();
+        let mut hot: Vec<(u64, ShardId, Epoch, &Vec<u8>)> = Vec::new();
         for info in self.state.nodes.values() {
             for (s, load) in &info.report.shard_load {
                 let Some(key) = load.split_key.as_ref() else { continue };
+                // Sampled over the range the map has now: a load of another epoch (a report
+                // sent before a split, received after it) named a key for the old range.
+                let current = self.state.map.get(*s).is_some_and(|d| d.epoch == load.epoch);
                 if load.requests_per_s >= threshold
+                    && current
                     && info.report.leading.contains(s)
                     && !self.busy.contains(s)
                     && !split.contains(s)
                 {
-                    hot.push((load.requests_per_s, *s, key));
+                    hot.push((load.requests_per_s, *s, load.epoch, key));
                 }
             }
         }
-        hot.sort_by_key(|(rate, s, _)| (std::cmp::Reverse(*rate), *s));
-        hot.dedup_by_key(|(_, s, _)| *s);
+        hot.sort_by_key(|(rate, s, _, _)| (std::cmp::Reverse(*rate), *s));
+        hot.dedup_by_key(|(_, s, _, _)| *s);
         hot.into_iter()
-            .filter_map(|(_, shard, key)| {
+            .filter_map(|(_, shard, epoch, key)| {
                 let d = self.state.map.get(shard)?;
                 let inside = key.as_slice() > d.start.as_slice() && d.contains(key);
-                inside.then(|| Proposal::Split { shard, epoch: d.epoch, key: key.clone() })
+                // At the epoch the key was sampled at: should the map move on before the
+                // command applies, the command is refused rather than applied to a new range.
+                inside.then(|| Proposal::Split { shard, epoch, key: key.clone() })
             })
             .take(room)
             .collect()
@@ -640,12 +651,26 @@ impl<'a> Round<'a> {
 fn leaders(state: &MetaState, cfg: &BalancerConfig, skip: &BTreeSet<ShardId>) -> Vec<Proposal> {
     let mut r = LeaderRound::new(state, cfg, skip);
     let mut out = Vec::new();
+    // One count transfer a round at most: the limit is two for a load swap's two legs, not to
+    // double how fast counts churn.
+    let mut counted = false;
     while out.len() < cfg.leader_transfers_per_round_max {
         let room = cfg.leader_transfers_per_round_max - out.len();
-        let Some(legs) = r.count_transfer().or_else(|| r.load_transfer(room)) else { break };
-        if !r.try_accept(&legs) {
-            break;
+        let mut legs = None;
+        if !counted {
+            if let Some(c) = r.count_transfer() {
+                counted = true;
+                // Refused (the load rule would want it back): load transfers may still go.
+                legs = r.try_accept(&c).then_some(c);
+            }
         }
+        let legs = match legs {
+            Some(legs) => legs,
+            None => match r.load_transfer(room) {
+                Some(legs) if r.try_accept(&legs) => legs,
+                _ => break,
+            },
+        };
         for (shard, from, to) in legs {
             let epoch = state.map.get(shard).expect("led shards are in the map").epoch;
             out.push(Proposal::TransferLeader { shard, epoch, from, to });
@@ -667,7 +692,10 @@ struct LeaderRound<'a> {
     led: BTreeMap<NodeId, Vec<ShardId>>,
     /// Requests per second of each shard, as its leader reported it (unreported: 0).
     shard_load: HashMap<ShardId, u64>,
-    /// Sum of `shard_load` over the shards each node leads, projected.
+    /// Each node's load: the requests per second over all the shards it leads, as it
+    /// reported them (at least the sum of the busiest it listed one by one), projected: pending
+    /// and accepted transfers move their shards' listed loads. Shards below the report's cut
+    /// stay where they are counted; they are too cold to be worth a transfer.
     load: BTreeMap<NodeId, u64>,
     /// A load gap at or below this counts as balanced.
     tolerance: u64,
@@ -679,6 +707,9 @@ impl<'a> LeaderRound<'a> {
     fn new(state: &'a MetaState, cfg: &BalancerConfig, skip: &'a BTreeSet<ShardId>) -> LeaderRound<'a> {
         let mut leader_of: BTreeMap<ShardId, NodeId> = BTreeMap::new();
         let mut shard_load: HashMap<ShardId, u64> = HashMap::new();
+        // Each node's reported total: every shard it leads, not only the busiest it lists.
+        let mut load: BTreeMap<NodeId, u64> =
+            state.nodes.iter().map(|(n, i)| (*n, i.report.led_requests_per_s)).collect();
         for (node, info) in &state.nodes {
             for s in &info.report.leading {
                 if state.map.get(*s).and_then(|d| d.replica(*node)).is_some_and(|r| r.role == ReplicaRole::Voter) {
@@ -690,15 +721,33 @@ impl<'a> LeaderRound<'a> {
                 }
             }
         }
+        // A report without a total (or one below what it lists) counts what it lists.
+        let mut listed: BTreeMap<NodeId, u64> = BTreeMap::new();
+        for (s, n) in &leader_of {
+            let l = listed.entry(*n).or_default();
+            *l = l.saturating_add(shard_load.get(s).copied().unwrap_or(0));
+        }
+        for (n, l) in listed {
+            let e = load.entry(n).or_default();
+            *e = (*e).max(l);
+        }
+        // Pending transfers as done: their shards' listed loads go with them.
         for (s, target) in state.transfers.iter().filter(|(s, _)| state.map.get(**s).is_some()) {
-            leader_of.insert(*s, *target);
+            let l = shard_load.get(s).copied().unwrap_or(0);
+            let before = leader_of.insert(*s, *target);
+            if before == Some(*target) {
+                continue; // done and reported
+            }
+            if let Some(from) = before {
+                let f = load.entry(from).or_default();
+                *f = f.saturating_sub(l);
+            }
+            let t = load.entry(*target).or_default();
+            *t = t.saturating_add(l);
         }
         let mut led: BTreeMap<NodeId, Vec<ShardId>> = state.nodes.keys().map(|n| (*n, Vec::new())).collect();
-        let mut load: BTreeMap<NodeId, u64> = state.nodes.keys().map(|n| (*n, 0)).collect();
         for (s, n) in &leader_of {
             led.entry(*n).or_default().push(*s);
-            let l = load.entry(*n).or_default();
-            *l = l.saturating_add(shard_load.get(s).copied().unwrap_or(0));
         }
         let eligible: Vec<u64> =
             load.iter().filter(|(n, _)| state.nodes.get(n).is_some_and(|i| !i.draining)).map(|(_, l)| *l).collect();
@@ -819,8 +868,8 @@ impl<'a> LeaderRound<'a> {
 
     /// Accepts `legs` unless, after them, a transfer of this round (these included) would be
     /// wanted in reverse by either rule (by the load rule alone or in a swap): the same
-    /// hysteresis as for moves. A count transfer that leaves its shard's old node so much
-    /// lighter than the new one that the load rule would send it back ends the round.
+    /// hysteresis as for moves. A count transfer refused because the load rule would send it
+    /// back is the round's count transfer: load transfers may still follow.
     fn try_accept(&mut self, legs: &[Leg]) -> bool {
         for leg in legs {
             self.shift(*leg);

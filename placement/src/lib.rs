@@ -105,7 +105,7 @@ mod unsafe_recovery;
 
 pub use balance::{balance, BalancerConfig, Proposal};
 pub use lifecycle::{replica_fate, DeleteReason, LocalReplica, ReplicaFate};
-pub use load::{LoadSplitConfig, LoadTracker};
+pub use load::{LoadSplitConfig, LoadTracker, LoadTrackers, LoadWindow};
 pub use map::{Epoch, NodeId, Replica, ReplicaRole, RouteError, ShardDescriptor, ShardId, ShardMap};
 pub use meta::{
     GroupConf, LogIndex, MetaCommand, MetaError, MetaOutcome, MetaState, MoveRecord, NodeInfo, NodeReport, ShardLoad,

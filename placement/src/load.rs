@@ -18,7 +18,8 @@
 
 use crate::map::{Epoch, ShardDescriptor, ShardId};
 use crate::meta::ShardLoad;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// Keys one shard's sample holds at most.
 pub const LOAD_SAMPLE_KEYS_MAX: usize = 64;
@@ -36,6 +37,21 @@ pub const LOAD_REPORT_SHARDS_MAX: usize = 64;
 /// A shard below this many requests per second is not reported: its leadership is not worth
 /// weighing, and the report stays small.
 pub const LOAD_REPORT_REQUESTS_PER_S_MIN: u64 = 10;
+
+/// Locks of a [`LoadTrackers`]: requests for shards in different stripes never wait for
+/// each other.
+pub const LOAD_TRACKER_STRIPES: usize = 16;
+
+/// What closing a window gives: the busiest led shards, and the load of all of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadWindow {
+    /// The busiest led shards at or above [`LOAD_REPORT_REQUESTS_PER_S_MIN`], at most
+    /// [`LOAD_REPORT_SHARDS_MAX`], busiest first (what the node reports shard by shard).
+    pub busiest: Vec<(ShardId, ShardLoad)>,
+    /// Requests per second over every led shard counted, the ones below the report's cut
+    /// included: a node leading thousands of lukewarm shards is busy too.
+    pub led_requests_per_s: u64,
+}
 
 /// When a shard counts as hot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,12 +91,15 @@ pub struct LoadTracker {
     /// When the current window started (ms, the caller's clock).
     window_start_ms: u64,
     shards: HashMap<ShardId, ShardWindow>,
+    /// The shards this node led at the last window's close, if known: requests for others
+    /// are not counted (a follower's count would be dropped at the close anyway).
+    leading: Option<HashSet<ShardId>>,
 }
 
 impl LoadTracker {
     /// A tracker whose first window starts at `now_ms`.
     pub fn new(cfg: LoadSplitConfig, now_ms: u64) -> LoadTracker {
-        LoadTracker { cfg, window_start_ms: now_ms, shards: HashMap::new() }
+        LoadTracker { cfg, window_start_ms: now_ms, shards: HashMap::new(), leading: None }
     }
 
     /// Shards with an entry (they served requests in this window or were hot in the last).
@@ -93,16 +112,30 @@ impl LoadTracker {
         self.shards.values().filter(|w| w.sample.capacity() > 0).count()
     }
 
-    /// Counts one request for `key` in `shard` (at `epoch`, as routed), at `now_ms`.
+    /// From now on, counts only requests for `shards` (the ones this node leads); until
+    /// called, counts every request.
+    pub fn lead_only(&mut self, shards: HashSet<ShardId>) {
+        self.leading = Some(shards);
+    }
+
+    /// Counts one request for `key` in `shard` (at `epoch`, as routed), at `now_ms`, unless
+    /// this node did not lead the shard at the last window's close ([`LoadTracker::lead_only`]).
     pub fn record(&mut self, shard: ShardId, epoch: Epoch, key: &[u8], now_ms: u64) {
+        if self.leading.as_ref().is_some_and(|l| !l.contains(&shard)) {
+            return;
+        }
         let start = self.window_start_ms;
         let w = self.shards.entry(shard).or_insert_with(|| ShardWindow::new(shard, epoch, now_ms.max(start)));
         if w.epoch != epoch {
             *w = ShardWindow::new(shard, epoch, now_ms.max(start));
         }
         w.requests += 1;
-        // Warm: a quarter of what the threshold allows in a second, within this window.
-        let warm = w.hot_windows > 0 || w.requests.saturating_mul(4) >= self.cfg.requests_per_s_threshold;
+        // Warm: a rate of a quarter of the threshold so far this window (over at least 100 ms,
+        // as at the close), or hot in the last one. A rate, not the window's count: windows
+        // are report intervals, not seconds.
+        let elapsed_ms = now_ms.saturating_sub(w.since_ms).max(100);
+        let warm = w.hot_windows > 0
+            || u128::from(w.requests) * 4_000 >= u128::from(self.cfg.requests_per_s_threshold) * u128::from(elapsed_ms);
         if self.cfg.requests_per_s_threshold > 0 && warm {
             w.offer(key);
         }
@@ -112,25 +145,34 @@ impl LoadTracker {
     /// for [`LoadSplitConfig::hot_windows_min`] windows in a row, and a new window. `led` gives
     /// the current descriptor of each shard this node leads; the others are forgotten (only a
     /// leader's count means anything), and so is a shard whose epoch changed. Returns the
-    /// busiest shards at or above [`LOAD_REPORT_REQUESTS_PER_S_MIN`], at most
-    /// [`LOAD_REPORT_SHARDS_MAX`], busiest first.
-    pub fn roll<'a>(
+    /// busiest shards (see [`LoadWindow`]) and the load of all.
+    pub fn roll<'a>(&mut self, now_ms: u64, led: impl Fn(ShardId) -> Option<&'a ShardDescriptor>) -> LoadWindow {
+        let (mut busiest, led_requests_per_s) = self.close(now_ms, led);
+        cut(&mut busiest);
+        LoadWindow { busiest, led_requests_per_s }
+    }
+
+    /// [`LoadTracker::roll`] without the sort and the cut: every led shard at or above
+    /// [`LOAD_REPORT_REQUESTS_PER_S_MIN`], and the sum of all led shards' rates.
+    fn close<'a>(
         &mut self,
         now_ms: u64,
         led: impl Fn(ShardId) -> Option<&'a ShardDescriptor>,
-    ) -> Vec<(ShardId, ShardLoad)> {
+    ) -> (Vec<(ShardId, ShardLoad)>, u64) {
         let cfg = self.cfg;
         let mut out = Vec::new();
+        let mut total = 0u64;
         self.shards.retain(|shard, w| {
             let Some(d) = led(*shard).filter(|d| d.epoch == w.epoch) else { return false };
             // Rated over at least 100 ms: a shard counted for an instant says nothing.
             let elapsed_ms = now_ms.saturating_sub(w.since_ms).max(100);
             let rate = w.requests.saturating_mul(1000) / elapsed_ms;
+            total = total.saturating_add(rate);
             let hot = cfg.requests_per_s_threshold > 0 && rate >= cfg.requests_per_s_threshold;
             w.hot_windows = if hot { w.hot_windows.saturating_add(1) } else { 0 };
             let split_key = (w.hot_windows >= cfg.hot_windows_min.max(1)).then(|| split_key(&w.sample, d)).flatten();
             if rate >= LOAD_REPORT_REQUESTS_PER_S_MIN {
-                out.push((*shard, ShardLoad { requests_per_s: rate, split_key }));
+                out.push((*shard, ShardLoad { requests_per_s: rate, split_key, epoch: d.epoch }));
             }
             w.requests = 0;
             w.sampled = 0;
@@ -143,10 +185,78 @@ impl LoadTracker {
             rate > 0 || hot
         });
         self.window_start_ms = now_ms;
-        out.sort_by(|a, b| b.1.requests_per_s.cmp(&a.1.requests_per_s).then(a.0.cmp(&b.0)));
-        out.truncate(LOAD_REPORT_SHARDS_MAX);
         debug_assert!(self.shards.values().all(|w| w.sample.len() <= LOAD_SAMPLE_KEYS_MAX));
-        out
+        (out, total)
+    }
+}
+
+/// Busiest first (ties by shard id), at most [`LOAD_REPORT_SHARDS_MAX`].
+fn cut(busiest: &mut Vec<(ShardId, ShardLoad)>) {
+    busiest.sort_by(|a, b| b.1.requests_per_s.cmp(&a.1.requests_per_s).then(a.0.cmp(&b.0)));
+    busiest.truncate(LOAD_REPORT_SHARDS_MAX);
+}
+
+/// A [`LoadTracker`] shared by the tasks serving requests: [`LOAD_TRACKER_STRIPES`] trackers,
+/// each behind its own lock and holding the shards whose id falls in its stripe. A request
+/// locks one stripe for a few hash-map operations; a window's close locks one stripe at a
+/// time, and sorts and cuts the report outside the locks.
+#[derive(Debug)]
+pub struct LoadTrackers {
+    stripes: Box<[Mutex<LoadTracker>]>,
+}
+
+impl LoadTrackers {
+    /// Trackers whose first window starts at `now_ms`.
+    pub fn new(cfg: LoadSplitConfig, now_ms: u64) -> LoadTrackers {
+        LoadTrackers { stripes: (0..LOAD_TRACKER_STRIPES).map(|_| Mutex::new(LoadTracker::new(cfg, now_ms))).collect() }
+    }
+
+    fn stripe(&self, shard: ShardId) -> MutexGuard<'_, LoadTracker> {
+        // A panic while holding a stripe leaves counts at worst off by one request.
+        self.stripes[(shard.0 % self.stripes.len() as u64) as usize].lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// [`LoadTracker::record`], locking the shard's stripe only.
+    pub fn record(&self, shard: ShardId, epoch: Epoch, key: &[u8], now_ms: u64) {
+        self.stripe(shard).record(shard, epoch, key, now_ms);
+    }
+
+    /// Closes every stripe's window at `now_ms` ([`LoadTracker::roll`]): `leading` are the
+    /// shards this node leads now (the only ones counted until the next close) and
+    /// `descriptor` their current descriptors.
+    pub fn roll<'a>(
+        &self,
+        now_ms: u64,
+        leading: &HashSet<ShardId>,
+        descriptor: impl Fn(ShardId) -> Option<&'a ShardDescriptor>,
+    ) -> LoadWindow {
+        let n = self.stripes.len() as u64;
+        let mut sets: Vec<HashSet<ShardId>> = vec![HashSet::new(); self.stripes.len()];
+        for s in leading {
+            sets[(s.0 % n) as usize].insert(*s);
+        }
+        let mut busiest = Vec::new();
+        let mut led_requests_per_s = 0u64;
+        for (i, set) in sets.into_iter().enumerate() {
+            let mut t = self.stripes[i].lock().unwrap_or_else(PoisonError::into_inner);
+            let (out, total) = t.close(now_ms, |s| if set.contains(&s) { descriptor(s) } else { None });
+            t.lead_only(set);
+            drop(t);
+            busiest.extend(out);
+            led_requests_per_s = led_requests_per_s.saturating_add(total);
+        }
+        cut(&mut busiest);
+        LoadWindow { busiest, led_requests_per_s }
+    }
+
+    /// Shards with an entry, over all stripes ([`LoadTracker::tracked`]).
+    pub fn tracked(&self) -> usize {
+        (0..self.stripes.len()).map(|i| self.stripes[i].lock().unwrap_or_else(PoisonError::into_inner).tracked()).sum()
+    }
+
+    /// Shards whose sample is allocated, over all stripes ([`LoadTracker::sampling`]).
+    pub fn sampling(&self) -> usize {
+        (0..self.stripes.len()).map(|i| self.stripes[i].lock().unwrap_or_else(PoisonError::into_inner).sampling()).sum()
     }
 }
 
@@ -258,7 +368,7 @@ mod tests {
             t.record(d.id, d.epoch, k.as_bytes(), *now_ms + i * 1000 / rate.max(1));
         }
         *now_ms += 1000;
-        t.roll(*now_ms, |s| (s == d.id).then_some(d))
+        t.roll(*now_ms, |s| (s == d.id).then_some(d)).busiest
     }
 
     fn spread(n: usize) -> Vec<String> {
@@ -356,7 +466,7 @@ mod tests {
         let w = &t.shards[&ds[3].id];
         assert_eq!(w.sample.len(), LOAD_SAMPLE_KEYS_MAX);
         assert!(w.sample.iter().all(|k| k.len() == LOAD_SAMPLE_KEY_BYTES_MAX));
-        let out = t.roll(1_000, |s| ds.get(s.0 as usize));
+        let out = t.roll(1_000, |s| ds.get(s.0 as usize)).busiest;
         assert_eq!(out.len(), LOAD_REPORT_SHARDS_MAX.min(1_000), "the report is bounded");
         assert_eq!(out[0].0, ds[3].id, "busiest first");
         // A shard no longer led, or split (another epoch), is forgotten.
@@ -377,5 +487,69 @@ mod tests {
         let mut now = 0;
         let out = second(&mut t, &d, &spread(100), 5_000, &mut now);
         assert_eq!((out[0].1.requests_per_s, out[0].1.split_key.clone(), t.sampling()), (5_000, None, 0));
+    }
+
+    #[test]
+    fn the_led_total_counts_every_led_shard_not_only_the_reported_ones() {
+        let mut t = LoadTracker::new(CFG, 0);
+        let ds: Vec<ShardDescriptor> =
+            (0..100u64).map(|i| ShardDescriptor { id: ShardId(i), ..shard("", None) }).collect();
+        // A hundred shards at 9 requests/s (under the report's cut), one at 400.
+        for d in &ds {
+            let n = if d.id.0 == 50 { 400 } else { 9 };
+            for _ in 0..n {
+                t.record(d.id, d.epoch, b"k", 0);
+            }
+        }
+        let w = t.roll(1_000, |s| ds.get(s.0 as usize));
+        assert_eq!(w.busiest.len(), 1);
+        assert_eq!(w.busiest[0].1, ShardLoad { requests_per_s: 400, split_key: None, epoch: ds[50].epoch });
+        assert_eq!(w.led_requests_per_s, 99 * 9 + 400);
+    }
+
+    #[test]
+    fn warm_means_a_rate_not_a_windows_count() {
+        // 60 requests/s over a 5 s window: 300 requests, more than a quarter of the 1,000/s
+        // threshold as a count, far less as a rate. Not warm: no sample.
+        let d = shard("", None);
+        let mut t = LoadTracker::new(CFG, 0);
+        for i in 0..300u64 {
+            t.record(d.id, d.epoch, b"k", i * 5_000 / 300);
+        }
+        assert_eq!(t.sampling(), 0);
+        // 400 requests within 1 s of a new window: 400/s, warm.
+        t.roll(5_000, |s| (s == d.id).then_some(&d));
+        for i in 0..400u64 {
+            t.record(d.id, d.epoch, b"k", 5_000 + i * 1_000 / 400);
+        }
+        assert_eq!(t.sampling(), 1);
+    }
+
+    #[test]
+    fn striped_trackers_count_only_led_shards_and_report_the_busiest_of_all() {
+        let ts = LoadTrackers::new(CFG, 0);
+        let ds: Vec<ShardDescriptor> =
+            (0..200u64).map(|i| ShardDescriptor { id: ShardId(i), ..shard("", None) }).collect();
+        for d in &ds {
+            for _ in 0..(10 + d.id.0) {
+                ts.record(d.id, d.epoch, b"k", 0);
+            }
+        }
+        assert_eq!(ts.tracked(), 200, "nothing known of leadership yet: all counted");
+        let leading: HashSet<ShardId> = ds.iter().map(|d| d.id).filter(|s| s.0 % 2 == 0).collect();
+        let w = ts.roll(1_000, &leading, |s| ds.get(s.0 as usize));
+        assert_eq!(w.busiest.len(), LOAD_REPORT_SHARDS_MAX);
+        let ids: Vec<u64> = w.busiest.iter().map(|(s, _)| s.0).collect();
+        let want: Vec<u64> = (0..LOAD_REPORT_SHARDS_MAX as u64).map(|i| 198 - 2 * i).collect();
+        assert_eq!(ids, want, "the busiest led shards over all stripes, busiest first");
+        assert_eq!(w.led_requests_per_s, (0..100u64).map(|i| 10 + 2 * i).sum::<u64>());
+        assert_eq!(ts.tracked(), 100, "the shards not led are forgotten");
+        // Requests for shards this node does not lead are not counted any more.
+        for d in &ds {
+            ts.record(d.id, d.epoch, b"k", 1_100);
+        }
+        assert_eq!(ts.tracked(), 100);
+        let w = ts.roll(2_000, &leading, |s| ds.get(s.0 as usize));
+        assert_eq!(w.led_requests_per_s, 100);
     }
 }

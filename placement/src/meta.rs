@@ -68,6 +68,12 @@ pub struct NodeReport {
     /// reports), which must stay readable; the node sends it beside the report instead.
     #[serde(skip)]
     pub shard_load: BTreeMap<ShardId, ShardLoad>,
+    /// Requests per second over every shard the node leads, from the same windows as
+    /// [`NodeReport::shard_load`] but not cut to the busiest: the node's load when leaders
+    /// are balanced (its lukewarm shards count too). Left out of the serialized form and sent
+    /// beside the report, as `shard_load` is.
+    #[serde(skip)]
+    pub led_requests_per_s: u64,
 }
 
 /// One shard's request load, as its leader measured it over its last window.
@@ -79,6 +85,9 @@ pub struct ShardLoad {
     /// requests, chosen from sampled request keys; only once the shard has stayed above the
     /// load-split threshold long enough, and never where one side would take almost nothing.
     pub split_key: Option<Vec<u8>>,
+    /// The shard's epoch over the window measured: a split key of an older epoch was sampled
+    /// over another range (a report sent before a split, received after it) and is not used.
+    pub epoch: Epoch,
 }
 
 /// A shard group's committed Raft configuration, as its leader reports it.

@@ -34,13 +34,17 @@ fn ids(s: &MetaState) -> Vec<ShardId> {
 /// What one node leads: each shard with its load (requests/s) and split key.
 type Led = Vec<(ShardId, u64, Option<Vec<u8>>)>;
 
-/// Each node reports leading `led[node]` with the given loads and split keys.
+/// Each node reports leading `led[node]` with the given loads and split keys (sampled at the
+/// shard's current epoch), as a node does: shards under 10 requests/s are not listed one by
+/// one, but count in the node's total over all it leads.
 fn report(s: &mut MetaState, led: &BTreeMap<u64, Led>) {
     for (node, shards) in led {
         let mut rep = NodeReport { leading: shards.iter().map(|(id, _, _)| *id).collect(), ..Default::default() };
-        for (id, rate, split_key) in shards {
-            rep.shard_load.insert(*id, ShardLoad { requests_per_s: *rate, split_key: split_key.clone() });
+        for (id, rate, split_key) in shards.iter().filter(|(_, rate, _)| *rate >= 10) {
+            let epoch = s.map.get(*id).expect("shard").epoch;
+            rep.shard_load.insert(*id, ShardLoad { requests_per_s: *rate, split_key: split_key.clone(), epoch });
         }
+        rep.led_requests_per_s = shards.iter().map(|(_, rate, _)| *rate).sum();
         s.apply(MetaCommand::Heartbeat { node: n(*node), report: rep }).expect("heartbeat");
     }
 }
@@ -75,7 +79,8 @@ fn a_hot_shard_is_split_at_its_leaders_key_and_only_then() {
         ]),
     );
     let mut stray = s.nodes[&n(2)].report.clone();
-    stray.shard_load.insert(i[0], ShardLoad { requests_per_s: 9_000, split_key: Some(key(5)) });
+    let epoch = s.map.get(i[0]).expect("shard").epoch;
+    stray.shard_load.insert(i[0], ShardLoad { requests_per_s: 9_000, split_key: Some(key(5)), epoch });
     s.apply(MetaCommand::Heartbeat { node: n(2), report: stray }).expect("heartbeat");
     let props = balance(&s, &cfg, 0);
     assert_eq!(splits(&props), vec![Proposal::Split { shard: i[1], epoch: d1.epoch, key: key(15) }], "{props:?}");
@@ -269,4 +274,77 @@ fn leader_balancing_by_load_ends_without_flapping() {
         }
     }
     eprintln!("{total} transfers over 300 random load maps");
+}
+
+#[test]
+fn a_load_sampled_before_a_split_does_not_split_the_narrowed_shard() {
+    let mut s = cluster(2);
+    let i = ids(&s);
+    let cfg = BalancerConfig { load_split_requests_per_s: 1_000, ..BalancerConfig::default() };
+    let before = s.map.get(i[1]).expect("shard").clone();
+    // The leader sampled shard 1 ([10, ..)) hot, the key 50 halving its load.
+    report(&mut s, &BTreeMap::from([(1, vec![(i[1], 5_000, Some(key(50)))])]));
+    let stale = s.nodes[&n(1)].report.clone();
+    // Split at 80 meanwhile (by size, or by an operator): shard 1 is now [10, 80).
+    s.apply(MetaCommand::Split { shard: i[1], epoch: before.epoch, key: key(80) }).expect("split");
+    let after = s.map.get(i[1]).expect("shard").clone();
+    assert!(after.contains(&key(50)) && after.epoch != before.epoch);
+    // The report sampled before the split arrives after it: 50 is inside the narrowed range,
+    // but it halved the old range's load, not this one's.
+    s.apply(MetaCommand::Heartbeat { node: n(1), report: stale }).expect("heartbeat");
+    assert_eq!(splits(&balance(&s, &cfg, 0)), vec![]);
+    // A load sampled at the current epoch splits, at that epoch.
+    report(&mut s, &BTreeMap::from([(1, vec![(i[1], 5_000, Some(key(40)))])]));
+    assert_eq!(splits(&balance(&s, &cfg, 0)), vec![Proposal::Split { shard: i[1], epoch: after.epoch, key: key(40) }]);
+}
+
+#[test]
+fn a_node_leading_many_lukewarm_shards_is_loaded_too() {
+    // The review's case: node 1 leads 70 shards at 9 requests/s each (630 in all, none over
+    // the report's cut), node 2 two at 400, node 3 nothing hot. Counts are even (node 2 and
+    // 3 lead idle shards too), so the load rule decides: the load goes to node 3, never to
+    // node 1, which only looks idle when its shards under the cut count as nothing.
+    let mut s = cluster(210);
+    let i = ids(&s);
+    let mut led: BTreeMap<u64, Led> = BTreeMap::new();
+    led.insert(1, i[..70].iter().map(|id| (*id, 9, None)).collect());
+    let mut two: Led = vec![(i[70], 400, None), (i[71], 400, None)];
+    two.extend(i[72..140].iter().map(|id| (*id, 0, None)));
+    led.insert(2, two);
+    led.insert(3, i[140..].iter().map(|id| (*id, 0, None)).collect());
+    report(&mut s, &led);
+    let t = transfers(&balance(&s, &BalancerConfig::default(), 0));
+    assert!(t.iter().all(|(_, _, to)| *to != n(1)), "{t:?}");
+    assert!(t.iter().any(|(s, from, to)| *s == i[70] && *from == n(2) && *to == n(3)), "{t:?}");
+    // As the review put it: node 3 leads nothing at all. Whatever moves, none goes to node 1.
+    let mut s = cluster(72);
+    let i = ids(&s);
+    report(
+        &mut s,
+        &BTreeMap::from([
+            (1, i[..70].iter().map(|id| (*id, 9, None)).collect()),
+            (2, vec![(i[70], 400, None), (i[71], 400, None)]),
+        ]),
+    );
+    for round in 0..10 {
+        let props = balance(&s, &BalancerConfig::default(), round);
+        let t = transfers(&props);
+        assert!(t.iter().all(|(_, _, to)| *to != n(1)), "round {round}: {t:?}");
+        for p in &props {
+            s.apply(p.command(round)).expect("transfer");
+        }
+    }
+}
+
+#[test]
+fn one_count_transfer_a_round() {
+    let mut s = cluster(9);
+    let i = ids(&s);
+    report(&mut s, &BTreeMap::from([(1, i.iter().map(|id| (*id, 0, None)).collect())]));
+    let cfg = BalancerConfig::default();
+    assert_eq!(cfg.leader_transfers_per_round_max, 2);
+    let t = transfers(&balance(&s, &cfg, 0));
+    assert_eq!(t.len(), 1, "{t:?}");
+    // The second transfer of a round is still there for a load swap's second leg (see
+    // leaders_move_off_the_node_that_takes_the_load_and_stay).
 }

@@ -62,7 +62,7 @@ pub use admin::view_of;
 
 use crate::meta::{meta_range, META_GROUP};
 use crate::net::{deliver, deliver_transfer, read_transfer, transfer_bytes_max, NetStats, TransportNetwork};
-use crate::placement::{BalancerConfig, LoadSplitConfig, LoadTracker, ShardId};
+use crate::placement::{BalancerConfig, LoadSplitConfig, LoadTrackers, ShardId};
 use crate::raft::{Config as RaftConfig, NodeId, Role};
 use crate::resp_server::{self, RespConfig, RespMetrics};
 use crate::shard::{Host, HostConfig, HostError, KvStateMachine, Store, StoreMetrics, StoreOptions};
@@ -390,7 +390,7 @@ struct Inner {
     sizes: Mutex<HashMap<ShardId, SizeCheck>>,
     /// Requests per shard served here and their sampled keys, for load-based splitting and
     /// leader balancing (`report.rs`; windows closed at each report).
-    load: Mutex<LoadTracker>,
+    load: LoadTrackers,
     /// On the meta leader: when each move reached its current step (`moves.rs`).
     move_steps: Mutex<MoveSteps>,
     /// Peers made known after start ([`Node::set_peer_addr`]): a node without a meta replica
@@ -516,7 +516,7 @@ impl Node {
             reconciled: Mutex::new(None),
             bootstrap_ranges: std::sync::OnceLock::new(),
             sizes: Mutex::new(HashMap::new()),
-            load: Mutex::new(LoadTracker::new(load_split_config(&config), 0)),
+            load: LoadTrackers::new(load_split_config(&config), 0),
             requests_limit: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
             stats: NodeStats::default(),
             backups: backup::BackupCopies::default(),
@@ -750,19 +750,16 @@ impl Node {
             self.inner.started.elapsed().as_secs()
         );
         // What load-based splitting holds: an entry per shard busy lately, a sample per warm one.
-        if let Ok(load) = self.inner.load.lock() {
-            let _ = writeln!(
-                out,
-                "# HELP flotilla_load_tracked_shards Shards whose requests this node counts (busy lately).
-                 # TYPE flotilla_load_tracked_shards gauge
-flotilla_load_tracked_shards{{node=\"{id}\"}} {}
-                 # HELP flotilla_load_sampled_shards Shards whose request keys this node samples (warm or hot).
-                 # TYPE flotilla_load_sampled_shards gauge
-flotilla_load_sampled_shards{{node=\"{id}\"}} {}",
-                load.tracked(),
-                load.sampling()
-            );
-        }
+        let load = &self.inner.load;
+        let _ = writeln!(
+            out,
+            "# HELP flotilla_load_tracked_shards Shards whose requests this node counts (led, busy lately).\n\
+             # TYPE flotilla_load_tracked_shards gauge\nflotilla_load_tracked_shards{{node=\"{id}\"}} {}\n\
+             # HELP flotilla_load_sampled_shards Shards whose request keys this node samples (warm or hot).\n\
+             # TYPE flotilla_load_sampled_shards gauge\nflotilla_load_sampled_shards{{node=\"{id}\"}} {}",
+            load.tracked(),
+            load.sampling()
+        );
         // Off the async threads: RocksDB properties take its mutex, `/proc` is read. A failure
         // leaves the lines out rather than failing the whole page.
         if self.inner.resp_addr.is_some() {

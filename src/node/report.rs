@@ -72,34 +72,34 @@ impl Node {
 
     pub(super) async fn report(&self, requests_per_s: u64) -> Result<(), NodeError> {
         let mut report = self.build_report(requests_per_s).await?;
-        report.shard_load = self.roll_load(&report.leading);
+        (report.shard_load, report.led_requests_per_s) = self.roll_load(&report.leading);
         let op = MetaOp::report(self.inner.id, self.inner.addr.clone(), report);
         self.meta_follow(op).await?;
         Ok(())
     }
 
     /// Counts a request routed to shard `d` for `key`: its load, and a sample of its keys
-    /// once the shard is warm (load-based splitting, `flotilla_placement::load`).
+    /// once the shard is warm (load-based splitting, `flotilla_placement::load`). Only for
+    /// shards this node led at the last report (a follower's count would be dropped), and
+    /// locking only the shard's stripe of the trackers.
     pub(super) fn record_load(&self, d: &ShardDescriptor, key: &[u8]) {
         let now_ms = self.inner.started.elapsed().as_millis() as u64;
-        if let Ok(mut load) = self.inner.load.lock() {
-            load.record(d.id, d.epoch, key, now_ms);
-        }
+        self.inner.load.record(d.id, d.epoch, key, now_ms);
     }
 
     /// Closes the load window (one per report): the request rates of the busiest shards this
-    /// node leads, and a split key for those hot for long enough. Counts of shards it does not
-    /// lead, or whose epoch changed (split, replicas changed), are dropped.
-    fn roll_load(&self, leading: &[ShardId]) -> BTreeMap<ShardId, ShardLoad> {
+    /// node leads with a split key for those hot for long enough, and the rate over all the
+    /// shards it leads. Counts of shards it does not lead, or whose epoch changed (split,
+    /// replicas changed), are dropped; until the next report only `leading` are counted.
+    fn roll_load(&self, leading: &[ShardId]) -> (BTreeMap<ShardId, ShardLoad>, u64) {
         let view = self.meta_view();
         let led: HashSet<ShardId> = leading.iter().copied().collect();
         let now_ms = self.inner.started.elapsed().as_millis() as u64;
-        let Ok(mut load) = self.inner.load.lock() else { return BTreeMap::new() };
-        let out = load.roll(now_ms, |s| if led.contains(&s) { view.map.get(s) } else { None });
-        for (shard, l) in out.iter().filter(|(_, l)| l.split_key.is_some()) {
+        let window = self.inner.load.roll(now_ms, &led, |s| view.map.get(s));
+        for (shard, l) in window.busiest.iter().filter(|(_, l)| l.split_key.is_some()) {
             debug!(node = self.inner.id.0, %shard, requests_per_s = l.requests_per_s, "hot shard: load split key named");
         }
-        out.into_iter().collect()
+        (window.busiest.into_iter().collect(), window.led_requests_per_s)
     }
 
     /// This node's report: leaders, applied indexes, sizes and split points of led shards.
