@@ -697,6 +697,13 @@ impl Client {
         Err(ClientError::Unavailable(format!("node {node} did not answer the admin request: {last}")))
     }
 
+    /// Whether `node` answers one short request within `timeout`: any answer counts, a refusal
+    /// too (unsafe recovery checks that the nodes named dead are really gone).
+    pub async fn answers(&self, node: NodeId, timeout: Duration) -> bool {
+        let req = Request::Admin(AdminRequest::ReplicaStates { from: ShardId(0), limit: 1 });
+        matches!(tokio::time::timeout(timeout, self.call(node, &req, timeout)).await, Ok(Ok(_)))
+    }
+
     /// The nodes whose address this client knows (given, or learned from a cluster view).
     pub fn known_nodes(&self) -> Vec<NodeId> {
         let mut v: Vec<NodeId> = self.addrs.lock().map(|a| a.keys().copied().collect()).unwrap_or_default();

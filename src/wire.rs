@@ -251,9 +251,18 @@ pub enum AdminRequest {
     },
     /// Unsafe recovery: make this node's replica of `shard` the group's only voter. Served by
     /// the node asked. Loses whatever the group's other replicas had and this one lacks.
+    /// Refused, changing nothing, unless `dead` hold a majority of either half of the
+    /// replica's configuration and its last log id is still `last_term`.`last_index` (a guard
+    /// against a typo in the dead nodes, or a decision made on a state that moved on).
     ForceAlone {
         /// The shard (0: the meta group).
         shard: ShardId,
+        /// The nodes named dead.
+        dead: Vec<NodeId>,
+        /// The term of the replica's last log entry when the tool decided.
+        last_term: u64,
+        /// The index of the replica's last log entry when the tool decided.
+        last_index: u64,
     },
     /// Unsafe recovery: delete this node's replica of `shard` (a survivor of a forced group
     /// that was not kept). Served by the node asked.

@@ -8,7 +8,8 @@ mod common;
 use common::cluster::Cluster;
 use flotilla::meta::META_GROUP;
 use flotilla::placement::{NodeId, ReplicaRole};
-use flotilla::unsafe_recovery::{recover, wait_replicated};
+use flotilla::unsafe_recovery::{recover, wait_replicated, RecoveryError};
+use flotilla::wire::AdminRequest;
 use flotilla::Client;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -39,6 +40,30 @@ async fn two_of_three_replicas_lost_for_good_are_recovered_from_the_third() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let shards = c.node(1).meta_view().map.shards().count();
+
+    // Mistakes are refused and change nothing: nodes named dead that still answer (a typo in
+    // --dead-nodes), a force naming dead nodes that are no majority, or a force whose last log
+    // id is not the replica's.
+    let alive: BTreeSet<NodeId> = [NodeId(2), NodeId(3)].into();
+    let err = recover(&client, &alive, &mut |_| {}).await.unwrap_err();
+    assert!(matches!(err, RecoveryError::DeadAnswers(NodeId(2))), "{err}");
+    let shard = c.node(1).meta_view().map.shards().next().unwrap().id;
+    let info = |infos: Vec<flotilla::shard::GroupInfo>| infos.into_iter().find(|i| i.group == shard).unwrap();
+    let before = info(c.node(1).host().group_info().await.unwrap());
+    let force = |dead: &[u64], last_term: u64, last_index: u64| AdminRequest::ForceAlone {
+        shard,
+        dead: dead.iter().map(|n| NodeId(*n)).collect(),
+        last_term,
+        last_index,
+    };
+    let (term, index) = (before.last_term.0, before.last_index.0);
+    for req in [force(&[2], term, index), force(&[2, 3], term, index + 1), force(&[2, 3], term + 1, index)] {
+        let got = client.admin_on(NodeId(1), req.clone()).await;
+        assert!(matches!(got, Err(flotilla::ClientError::Invalid(_))), "{req:?}: {got:?}");
+    }
+    let after = info(c.node(1).host().group_info().await.unwrap());
+    assert_eq!(after.membership, before.membership, "nothing forced");
+    assert_eq!(after.last_index, before.last_index, "nothing appended");
     client.close().await;
 
     // Nodes 2 and 3 are gone with their disks.
@@ -74,7 +99,7 @@ async fn two_of_three_replicas_lost_for_good_are_recovered_from_the_third() {
     assert_eq!(report.changed.len(), shards, "every shard gets new replicas");
 
     // Back to three replicas on live nodes.
-    wait_replicated(&client, &dead, Duration::from_secs(120), &mut |l| eprintln!("{l}")).await.unwrap();
+    wait_replicated(&client, &dead, &report.lost, Duration::from_secs(120), &mut |l| eprintln!("{l}")).await.unwrap();
     let state = c.node(1).meta_view();
     assert_eq!(state.removed, dead, "removed for good");
     for d in state.map.shards() {

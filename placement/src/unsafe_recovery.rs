@@ -11,10 +11,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 impl MetaState {
     /// The work of [`MetaCommand::RemoveDeadNodes`](crate::MetaCommand::RemoveDeadNodes):
-    /// `dead` leave the cluster for good; each shard of `kept` keeps only the replica on its
-    /// node (the group was forced onto it); every shard that had a replica on a dead node (or
-    /// is in `kept`) gets voters on live nodes up to the number of voters it had, the fewest
-    /// loaded nodes first. Returns the shards changed.
+    /// `dead` leave the cluster for good; every shard that has a replica on a dead node gets
+    /// voters on live nodes up to the number of voters it had, the fewest loaded nodes first,
+    /// and if it is in `kept` it first keeps only the replica on its node (the group was
+    /// forced onto it). Idempotent: a shard that no longer names a dead node is left as it
+    /// is, so applying the same command again changes nothing. Returns the shards changed.
     pub(crate) fn remove_dead_nodes(
         &mut self,
         dead: &[NodeId],
@@ -48,12 +49,11 @@ impl MetaState {
                 }
             }
         }
-        let touched: Vec<ShardId> = self
-            .map
-            .shards()
-            .filter(|d| kept.contains_key(&d.id) || d.replicas.iter().any(|r| dead.contains(&r.node)))
-            .map(|d| d.id)
-            .collect();
+        // Only shards that still name a dead node: a shard this command already rebuilt (a
+        // re-run of the tool, or a client's retry of a request that did commit) keeps the live
+        // voters it got then, instead of being cut back to its survivor alone.
+        let touched: Vec<ShardId> =
+            self.map.shards().filter(|d| d.replicas.iter().any(|r| dead.contains(&r.node))).map(|d| d.id).collect();
         let mut changed = Vec::new();
         for shard in touched {
             let Some(d) = self.map.get(shard).cloned() else { continue };
@@ -77,8 +77,9 @@ impl MetaState {
                 // No survivor named and none left: nothing to rebuild the shard from.
                 continue;
             }
-            // Other survivors of a forced shard hold a log the kept one may contradict: they
-            // are dropped by the operator's tool and get no replica of it here.
+            // The dead, and the other survivors of a forced shard (its live replicas other than
+            // the kept one, while it still names a dead node): they hold a log the kept one may
+            // contradict, are dropped by the operator's tool and get no replica of it here.
             let excluded: BTreeSet<NodeId> = d.replicas.iter().map(|r| r.node).collect();
             while replicas.iter().filter(|r| r.role == ReplicaRole::Voter).count() < wanted {
                 let pick = load
@@ -101,7 +102,7 @@ impl MetaState {
 
 #[cfg(test)]
 mod tests {
-    use crate::{MetaCommand, MetaError, MetaState, NodeId, ReplicaRole, ShardId};
+    use crate::{MetaCommand, MetaError, MetaOutcome, MetaState, NodeId, ReplicaRole, ShardId};
 
     fn n(id: u64) -> NodeId {
         NodeId(id)
@@ -136,6 +137,28 @@ mod tests {
         assert!(!s.nodes.contains_key(&n(2)) && !s.nodes.contains_key(&n(3)));
         let again = s.apply(MetaCommand::RegisterNode { node: n(2), addr: "127.0.0.1:1".into() });
         assert_eq!(again, Err(MetaError::NodeRemoved(n(2))), "a dead node never comes back under its id");
+    }
+
+    #[test]
+    fn applied_twice_the_second_changes_nothing() {
+        // A re-run of the tool, or a client retrying a request that committed after all.
+        let mut s = state();
+        let kept = vec![(ShardId(1), n(1)), (ShardId(2), n(1))];
+        let cmd = MetaCommand::RemoveDeadNodes { dead: vec![n(2), n(3)], kept };
+        s.apply(cmd.clone()).unwrap();
+        let once = s.clone();
+        assert_eq!(voters(&s, 1), vec![1, 4, 5]);
+        assert_eq!(s.apply(cmd), Ok(MetaOutcome::Shards(vec![])));
+        assert_eq!(s, once, "the live voters the first added are kept");
+        assert_eq!(voters(&s, 1), vec![1, 4, 5]);
+        assert_eq!(voters(&s, 2), vec![1, 4, 5]);
+        // Unforced shards too.
+        let mut s = state();
+        let cmd = MetaCommand::RemoveDeadNodes { dead: vec![n(3)], kept: vec![] };
+        s.apply(cmd.clone()).unwrap();
+        let once = s.clone();
+        s.apply(cmd).unwrap();
+        assert_eq!(s, once);
     }
 
     #[test]

@@ -231,8 +231,8 @@ impl GroupCore {
             Request::CompactLog(reply) => {
                 let _ = reply.send(self.check_alive().map(|()| self.compact_log(now)));
             }
-            Request::ForceAlone(reply) => {
-                let _ = reply.send(self.check_alive().and_then(|()| self.engine.force_alone(now)));
+            Request::ForceAlone { dead, last, reply } => {
+                let _ = reply.send(self.check_alive().and_then(|()| self.engine.force_alone(now, &dead, last)));
             }
         }
     }

@@ -10,7 +10,7 @@ use crate::engine::ReadMode;
 use crate::error::RaftError;
 use crate::group::WriteResponse;
 use crate::membership::Membership;
-use crate::types::{LogIndex, NodeId};
+use crate::types::{LogId, LogIndex, NodeId};
 use bytes::Bytes;
 use std::collections::BTreeSet;
 use tokio::sync::oneshot;
@@ -51,8 +51,16 @@ pub enum Request {
     CompactLog(DoneReply),
     /// Unsafe recovery (an operator's, after a majority of the voters was lost for good):
     /// make this replica the group's only voter ([`crate::Engine::force_alone`]); answered at
-    /// once with the index of the forced configuration's entry.
-    ForceAlone(IndexReply),
+    /// once with the index of the forced configuration's entry. Refused unless `dead` hold a
+    /// majority of the replica's configuration and its last log id is still `last`.
+    ForceAlone {
+        /// The nodes lost for good, as the operator named them.
+        dead: BTreeSet<NodeId>,
+        /// The replica's last log id when the operator's tool decided to force it.
+        last: LogId,
+        /// The answer.
+        reply: IndexReply,
+    },
 }
 
 impl Request {
@@ -70,7 +78,7 @@ impl Request {
             | Request::AddLearner(_, r)
             | Request::RemoveLearner(_, r)
             | Request::ChangeMembership(_, r)
-            | Request::ForceAlone(r) => {
+            | Request::ForceAlone { reply: r, .. } => {
                 let _ = r.send(Err(error));
             }
         }

@@ -32,7 +32,7 @@ pub async fn run(client: &Client, a: &RecoverArgs, json: bool) -> Result<i32> {
         print_report(&report);
     }
     if a.wait_s > 0 {
-        wait_replicated(client, &dead, Duration::from_secs(a.wait_s), &mut progress).await?;
+        wait_replicated(client, &dead, &report.lost, Duration::from_secs(a.wait_s), &mut progress).await?;
     }
     Ok(if report.lost.is_empty() { 0 } else { 2 })
 }

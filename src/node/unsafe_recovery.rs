@@ -6,6 +6,7 @@
 use super::Node;
 use crate::meta::META_GROUP;
 use crate::placement::NodeId;
+use crate::raft::LogId;
 use crate::shard::HostError;
 use crate::wire::{AdminRequest, AdminResponse, ReplicaState, Response, REPLICA_STATES_PAGE_MAX};
 use tracing::warn;
@@ -53,18 +54,21 @@ impl Node {
                 let next = page.next().map(|i| i.group);
                 Response::Admin(AdminResponse::ReplicaStates { replicas, next })
             }
-            AdminRequest::ForceAlone { shard } => match host.force_alone(shard).await {
-                Ok(index) => {
-                    warn!(
-                        node = self.inner.id.0,
-                        shard = shard.0,
-                        index = index.0,
-                        "unsafe recovery: replica forced alone"
-                    );
-                    Response::Admin(AdminResponse::Forced { shard, index: index.0 })
+            AdminRequest::ForceAlone { shard, dead, last_term, last_index } => {
+                let last = LogId::new(last_term, last_index);
+                match host.force_alone(shard, dead.into_iter().collect(), last).await {
+                    Ok(index) => {
+                        warn!(
+                            node = self.inner.id.0,
+                            shard = shard.0,
+                            index = index.0,
+                            "unsafe recovery: replica forced alone"
+                        );
+                        Response::Admin(AdminResponse::Forced { shard, index: index.0 })
+                    }
+                    Err(e) => failed(e),
                 }
-                Err(e) => failed(e),
-            },
+            }
             AdminRequest::DropReplica { shard } => {
                 if shard == META_GROUP {
                     return Response::Invalid("the meta group's replicas are not dropped this way".into());

@@ -6,6 +6,8 @@
 //! and which log index each kept.
 //!
 //! The steps, each served by ordinary admin requests:
+//! 0. **The dead must be gone**: a node named dead that answers a short request stops the
+//!    tool before anything changes ([`RecoveryError::DeadAnswers`]).
 //! 1. **Ask the survivors, not the map**: every live node reports its replicas' Raft state
 //!    (configuration, last log position, commit index) from its own state
 //!    ([`AdminRequest::ReplicaStates`]); the map may be what was lost.
@@ -19,7 +21,9 @@
 //!    promotion by joint consensus), whether or not the balancer runs.
 //! 5. **Force** each data group that lost its quorum onto its survivor
 //!    ([`AdminRequest::ForceAlone`]), after the map no longer names the dead, so that the new
-//!    leader adds the live nodes and not the dead ones.
+//!    leader adds the live nodes and not the dead ones. The request carries the dead set and
+//!    the last log id the decision saw: the replica refuses unless the dead hold a majority
+//!    of its configuration and its log has not moved.
 //! 6. **Drop** the other survivors of a forced group ([`AdminRequest::DropReplica`]): their
 //!    logs may contradict the kept one; the map gave them no replica of it.
 
@@ -30,7 +34,7 @@ pub use decide::{decide, Forced, LogPosition, Plan};
 use crate::client::{Client, ClientError};
 use crate::meta::META_GROUP;
 use crate::placement::{NodeId, ShardId};
-use crate::wire::{AdminRequest, AdminResponse, ReplicaState, REPLICA_STATES_PAGE_MAX};
+use crate::wire::{AdminRequest, AdminResponse, ReplicaState, ShardRow, REPLICA_STATES_PAGE_MAX};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -38,6 +42,9 @@ use std::time::{Duration, Instant};
 /// Most replica states gathered from all nodes (pages of [`REPLICA_STATES_PAGE_MAX`]): a bound
 /// on the tool's memory far above any cluster this node handles.
 pub const REPLICA_STATES_MAX: usize = 10_000_000;
+
+/// How long a node named dead is given to answer before it is taken as gone.
+pub const DEAD_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One forced group in the report.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +79,10 @@ pub enum RecoveryError {
     /// A node not named dead did not answer: its replicas may be the best survivors.
     #[error("node {0} did not answer ({1}): bring it back, or name it with --dead-nodes too")]
     Unreachable(NodeId, String),
+    /// A node named dead answered: it is not gone, and forcing its groups would make two
+    /// leaders of them.
+    #[error("node {0} is named dead but answers: it is not gone (check --dead-nodes); nothing was changed")]
+    DeadAnswers(NodeId),
     /// A request of a step failed.
     #[error("{step}: {source}")]
     Step {
@@ -108,6 +119,13 @@ pub async fn recover(
     if live.is_empty() {
         return Err(RecoveryError::Invalid("no live node known".into()));
     }
+    // 0. The nodes named dead must not answer (a typo in --dead-nodes forces groups that
+    // still have their quorum).
+    for node in dead {
+        if client.answers(*node, DEAD_PROBE_TIMEOUT).await {
+            return Err(RecoveryError::DeadAnswers(*node));
+        }
+    }
     // 1. Ask the survivors.
     let mut states = Vec::new();
     for node in &live {
@@ -123,7 +141,7 @@ pub async fn recover(
     // 3. The meta group first.
     let (meta, data): (Vec<Forced>, Vec<Forced>) = plan.forced.into_iter().partition(|f| f.shard == META_GROUP);
     for f in meta {
-        let index = force(client, &f).await?;
+        let index = force(client, dead, &f).await?;
         progress(format!("meta group forced onto node {} (kept index {})", f.survivor, f.kept.index));
         report.forced.push(ForcedShard { decision: f, range: None, forced_index: index });
     }
@@ -137,7 +155,7 @@ pub async fn recover(
     progress(format!("map: dead nodes removed for good, {} shards get new replicas", report.changed.len()));
     // 5. Force, 6. drop the other survivors.
     for f in data {
-        let index = force(client, &f).await?;
+        let index = force(client, dead, &f).await?;
         for (other, _) in &f.others {
             let req = AdminRequest::DropReplica { shard: f.shard };
             client.admin_on(*other, req).await.map_err(step(format!("dropping shard {} on node {other}", f.shard)))?;
@@ -175,20 +193,40 @@ async fn replica_states(client: &Client, node: NodeId) -> Result<Vec<ReplicaStat
 }
 
 /// Forces `f`'s group onto its survivor; the forced configuration's index.
-async fn force(client: &Client, f: &Forced) -> Result<u64, RecoveryError> {
+async fn force(client: &Client, dead: &BTreeSet<NodeId>, f: &Forced) -> Result<u64, RecoveryError> {
     let what = format!("forcing shard {} onto node {}", f.shard, f.survivor);
-    match client.admin_on(f.survivor, AdminRequest::ForceAlone { shard: f.shard }).await.map_err(step(what))? {
+    let req = AdminRequest::ForceAlone {
+        shard: f.shard,
+        dead: dead.iter().copied().collect(),
+        last_term: f.kept.term,
+        last_index: f.kept.index,
+    };
+    match client.admin_on(f.survivor, req).await.map_err(step(what))? {
         AdminResponse::Forced { index, .. } => Ok(index),
         other => Err(RecoveryError::Invalid(format!("unexpected answer to a force: {other:?}"))),
     }
 }
 
-/// Waits until every shard of the map has a leader, no replica on a `dead` node, and every
-/// replica reporting an applied index (it exists and follows its leader), or `timeout`
-/// passes. `progress` gets a line whenever the count of shards left changes.
+/// How many of `rows` are not back to full replication: without a leader, with a replica on
+/// a `dead` node, or with a replica that reports no applied index. Shards in `lost` (no
+/// surviving replica: nothing will ever bring them back) are not counted.
+pub fn not_replicated(rows: &[ShardRow], dead: &BTreeSet<NodeId>, lost: &[ShardId]) -> usize {
+    rows.iter()
+        .filter(|r| !lost.contains(&r.descriptor.id))
+        .filter(|r| {
+            let d = &r.descriptor;
+            r.leader.is_none() || d.replicas.iter().any(|x| dead.contains(&x.node) || !r.applied.contains_key(&x.node))
+        })
+        .count()
+}
+
+/// Waits until every shard of the map but those `lost` has a leader, no replica on a `dead`
+/// node, and every replica reporting an applied index (it exists and follows its leader), or
+/// `timeout` passes. `progress` gets a line whenever the count of shards left changes.
 pub async fn wait_replicated(
     client: &Client,
     dead: &BTreeSet<NodeId>,
+    lost: &[ShardId],
     timeout: Duration,
     progress: &mut (dyn FnMut(String) + Send),
 ) -> Result<(), RecoveryError> {
@@ -204,16 +242,14 @@ pub async fn wait_replicated(
             }
             Err(e) => return Err(step("reading the shards")(e)),
         };
-        let left = rows
-            .iter()
-            .filter(|r| {
-                let d = &r.descriptor;
-                r.leader.is_none()
-                    || d.replicas.iter().any(|x| dead.contains(&x.node) || !r.applied.contains_key(&x.node))
-            })
-            .count();
+        let left = not_replicated(&rows, dead, lost);
         if !rows.is_empty() && left == 0 {
-            progress(format!("all {} shards replicated on live nodes", rows.len()));
+            let lost_now = rows.iter().filter(|r| lost.contains(&r.descriptor.id)).count();
+            progress(if lost_now == 0 {
+                format!("all {} shards replicated on live nodes", rows.len())
+            } else {
+                format!("all {} shards replicated on live nodes but the {lost_now} lost", rows.len() - lost_now)
+            });
             return Ok(());
         }
         if left != last && !rows.is_empty() {
@@ -227,5 +263,40 @@ pub async fn wait_replicated(
             )));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::{Epoch, Replica, ReplicaRole, ShardDescriptor};
+
+    fn row(shard: u64, nodes: &[u64], leader: Option<u64>) -> ShardRow {
+        let replicas = nodes.iter().map(|n| Replica { node: NodeId(*n), role: ReplicaRole::Voter }).collect();
+        ShardRow {
+            descriptor: ShardDescriptor {
+                id: ShardId(shard),
+                start: Vec::new(),
+                end: None,
+                epoch: Epoch::default(),
+                replicas,
+            },
+            leader: leader.map(NodeId),
+            applied: nodes.iter().filter(|n| !(2..=3).contains(*n)).map(|n| (NodeId(*n), 7)).collect(),
+            bytes: 0,
+            moving: None,
+        }
+    }
+
+    #[test]
+    fn a_lost_shard_is_not_waited_for() {
+        let dead: BTreeSet<NodeId> = [NodeId(2), NodeId(3)].into();
+        // Shard 1 is back on 1, 4, 5; shard 2 had only 2 and 3 and is lost.
+        let rows = [row(1, &[1, 4, 5], Some(1)), row(2, &[2, 3], None)];
+        assert_eq!(not_replicated(&rows, &dead, &[ShardId(2)]), 0, "done: the lost shard never comes back");
+        assert_eq!(not_replicated(&rows, &dead, &[]), 1);
+        // A shard not lost that still names a dead node is waited for.
+        let rows = [row(1, &[1, 3, 4], Some(1)), row(2, &[2, 3], None)];
+        assert_eq!(not_replicated(&rows, &dead, &[ShardId(2)]), 1);
     }
 }

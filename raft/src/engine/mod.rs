@@ -575,8 +575,18 @@ impl Engine {
     /// entry, leads once its vote is durable, and commits everything it holds. Entries only
     /// the lost voters had are gone. Returns the index of the forced configuration's entry
     /// (the replica kept everything before it).
-    pub fn force_alone(&mut self, now: Millis) -> Result<LogIndex, RaftError> {
-        let result = self.force_alone_now(now);
+    ///
+    /// Refused (nothing changes) unless the nodes `dead` hold a majority of either half of the
+    /// replica's configuration in effect (and do not include this node), and its last log id
+    /// is still `expected_last` (what the operator's tool saw when it decided); a replica
+    /// already forced answers its forced configuration's index again.
+    pub fn force_alone(
+        &mut self,
+        now: Millis,
+        dead: &BTreeSet<NodeId>,
+        expected_last: LogId,
+    ) -> Result<LogIndex, RaftError> {
+        let result = self.force_alone_now(now, dead, expected_last);
         self.settle();
         result
     }

@@ -15,7 +15,12 @@ use super::*;
 
 impl Engine {
     /// The work of [`Engine::force_alone`].
-    pub(super) fn force_alone_now(&mut self, now: Millis) -> Result<LogIndex, RaftError> {
+    pub(super) fn force_alone_now(
+        &mut self,
+        now: Millis,
+        dead: &BTreeSet<NodeId>,
+        expected_last: LogId,
+    ) -> Result<LogIndex, RaftError> {
         if !self.has_configuration() {
             return Err(RaftError::InvalidMembership(
                 "this replica holds no configuration: it has nothing to keep, pick another".into(),
@@ -29,6 +34,26 @@ impl Engine {
         if self.role.is_leader() && self.effective().membership == alone {
             // Already forced (a retried request): nothing more to do.
             return Ok(self.effective().log_id.index);
+        }
+        // Guards against a mistaken request (a typo in the dead nodes, or a decision made on
+        // a state that has moved on): forcing a group that still has its quorum makes two
+        // leaders of one group.
+        if dead.contains(&self.id) {
+            return Err(RaftError::InvalidMembership(format!("refused: this node ({}) is named dead", self.id)));
+        }
+        if self.effective().membership.is_quorum(|n| !dead.contains(&n)) {
+            return Err(RaftError::InvalidMembership(format!(
+                "refused: the nodes named dead hold no majority of either half of this replica's configuration {:?}: \
+                 the group still has its quorum",
+                self.effective().membership
+            )));
+        }
+        let last = self.log.last_id();
+        if last != expected_last {
+            return Err(RaftError::InvalidMembership(format!(
+                "refused: this replica's last log id is {last}, not {expected_last} as the request saw it \
+                 (it has moved on: decide again from what the nodes report now)"
+            )));
         }
         if self.role.is_leader() {
             // A leader of a configuration that lost its quorum: its term cannot commit.

@@ -44,7 +44,7 @@ use crate::log::RocksLog;
 use crate::store::{Op, Store, CF_META, CF_RAFT};
 use bytes::Bytes;
 use flotilla_raft::{
-    driver::recover_state, Config, Engine, GroupCore, GroupId, LogIndex, Membership, Message, Millis, NodeId,
+    driver::recover_state, Config, Engine, GroupCore, GroupId, LogId, LogIndex, Membership, Message, Millis, NodeId,
     RaftError, ReadMode, Request, Role, SnapshotMeta, StorageError, StoredMembership, Term,
 };
 use group_state::GroupState;
@@ -816,8 +816,15 @@ impl Host {
 
     /// Unsafe recovery: makes this node's replica of `group` the group's only voter (see
     /// [`flotilla_raft::Engine::force_alone`]); the index of the forced configuration's entry.
-    pub async fn force_alone(&self, group: GroupId) -> Result<LogIndex, HostError> {
-        self.call(group, Request::ForceAlone).await
+    /// Refused unless `dead` hold a majority of the replica's configuration and its last log
+    /// id is still `last`.
+    pub async fn force_alone(
+        &self,
+        group: GroupId,
+        dead: BTreeSet<NodeId>,
+        last: LogId,
+    ) -> Result<LogIndex, HostError> {
+        self.call(group, |reply| Request::ForceAlone { dead, last, reply }).await
     }
 
     /// Stops the pollers; pending calls fail with `Stopped` or `Fatal(Shutdown)`.
