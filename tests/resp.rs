@@ -639,3 +639,56 @@ async fn an_msetnx_larger_than_a_transaction_is_refused_at_once_with_the_reason(
     let (got, _) = send(b"EXISTS big0 two0 m0\r\n".to_vec()).await.expect("task");
     assert_eq!(got, ":0\r\n");
 }
+
+/// The real `redis-cli`, one connection fed a loop of SETs on its standard input, while the
+/// shard under the keys splits twice and every shard's leader moves after each split: the
+/// client sees no error (every reply `OK`), and every key reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_cli_loop_sees_no_error_through_splits_and_leader_moves() {
+    let cluster = Cluster::start_with(3, &[1, 2, 3], &[1, 2, 3], flotilla::meta::dev_split_keys(2), |cfg| {
+        if cfg.id == NodeId(1) {
+            let mut resp = RespConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+            resp.plaintext_loopback = true;
+            cfg.resp = Some(resp);
+        }
+    })
+    .await;
+    let admin = cluster.client().await;
+    let port = cluster.node(1).resp_addr().expect("node 1 serves redis").port();
+    const SETS: usize = 3_000;
+    let script: String = (0..SETS).map(|i| format!("SET cli:{i:05} v{i}\n")).collect();
+    let cli = tokio::task::spawn_blocking(move || common::redis_cli(port, &[], &script));
+    for at in ["cli:00400", "cli:01200"] {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let split = admin.admin(AdminRequest::Split { key: at.as_bytes().to_vec() }).await;
+        assert!(matches!(split, Ok(AdminResponse::Changed(_))), "split at {at}: {split:?}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let rows = loop {
+            let Ok(AdminResponse::Shards(rows)) = admin.admin(AdminRequest::Shards).await else { panic!("shards") };
+            if rows.iter().any(|r| r.descriptor.start == at.as_bytes()) && rows.iter().all(|r| r.leader.is_some()) {
+                break rows;
+            }
+            assert!(Instant::now() < deadline, "the split at {at} did not get a leader: {rows:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        for row in rows {
+            let Some(leader) = row.leader else { continue };
+            let Some(to) = row.descriptor.voters().find(|n| *n != leader) else { continue };
+            let _ = admin.admin(AdminRequest::TransferLeader { shard: row.descriptor.id, node: to }).await;
+        }
+    }
+    let out =
+        tokio::time::timeout(Duration::from_secs(180), cli).await.expect("redis-cli ends").expect("redis-cli ran");
+    assert!(out.status.success(), "redis-cli failed: {}", String::from_utf8_lossy(&out.stderr));
+    let replies = String::from_utf8_lossy(&out.stdout);
+    let not_ok: Vec<&str> = replies.lines().filter(|l| *l != "OK").collect();
+    assert!(not_ok.is_empty(), "replies other than OK: {:?}", &not_ok[..not_ok.len().min(10)]);
+    assert_eq!(replies.lines().count(), SETS, "one reply per SET");
+    let Ok(AdminResponse::Shards(rows)) = admin.admin(AdminRequest::Shards).await else { panic!("shards") };
+    assert_eq!(rows.len(), 4, "both splits happened: {rows:?}");
+    let gets: String = (0..SETS).map(|i| format!("GET cli:{i:05}\n")).collect();
+    let back = tokio::task::spawn_blocking(move || common::redis_cli(port, &[], &gets)).await.expect("redis-cli");
+    let values: Vec<String> = String::from_utf8_lossy(&back.stdout).lines().map(str::to_string).collect();
+    let expected: Vec<String> = (0..SETS).map(|i| format!("v{i}")).collect();
+    assert_eq!(values, expected, "every SET reads back");
+}
