@@ -448,14 +448,7 @@ fn reply_line(r: &mut impl std::io::BufRead) -> String {
 async fn sets_during_splits_and_leader_transfers_are_all_answered_and_all_read_back() {
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
-    let cluster = Cluster::start_with(3, &[1, 2, 3], &[1, 2, 3], flotilla::meta::dev_split_keys(2), |cfg| {
-        if cfg.id == NodeId(1) {
-            let mut resp = RespConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
-            resp.plaintext_loopback = true;
-            cfg.resp = Some(resp);
-        }
-    })
-    .await;
+    let cluster = common::cluster::three_nodes_with_front_doors(&[1]).await;
     let admin = cluster.client().await;
     let addr = cluster.node(1).resp_addr().expect("node 1 serves redis");
     let stop = Arc::new(AtomicBool::new(false));
@@ -485,24 +478,7 @@ async fn sets_during_splits_and_leader_transfers_are_all_answered_and_all_read_b
     // times inside the keys being written, and move every shard's leader after each split.
     for round in 1..=3u32 {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let at = format!("w:{:05}", round * 150);
-        let split = admin.admin(AdminRequest::Split { key: at.clone().into_bytes() }).await;
-        assert!(matches!(split, Ok(AdminResponse::Changed(_))), "split at {at}: {split:?}");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let rows = loop {
-            let Ok(AdminResponse::Shards(rows)) = admin.admin(AdminRequest::Shards).await else { panic!("shards") };
-            if rows.len() == 2 + round as usize && rows.iter().all(|r| r.leader.is_some()) {
-                break rows;
-            }
-            assert!(Instant::now() < deadline, "the split at {at} did not get a leader: {rows:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        for row in rows {
-            let Some(leader) = row.leader else { continue };
-            let Some(to) = row.descriptor.voters().find(|n| *n != leader) else { continue };
-            // A transfer may race a leader change of its own; the next round tries again.
-            let _ = admin.admin(AdminRequest::TransferLeader { shard: row.descriptor.id, node: to }).await;
-        }
+        common::cluster::split_and_move_leaders(&admin, format!("w:{:05}", round * 150).as_bytes()).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
@@ -645,14 +621,7 @@ async fn an_msetnx_larger_than_a_transaction_is_refused_at_once_with_the_reason(
 /// client sees no error (every reply `OK`), and every key reads back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_cli_loop_sees_no_error_through_splits_and_leader_moves() {
-    let cluster = Cluster::start_with(3, &[1, 2, 3], &[1, 2, 3], flotilla::meta::dev_split_keys(2), |cfg| {
-        if cfg.id == NodeId(1) {
-            let mut resp = RespConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
-            resp.plaintext_loopback = true;
-            cfg.resp = Some(resp);
-        }
-    })
-    .await;
+    let cluster = common::cluster::three_nodes_with_front_doors(&[1]).await;
     let admin = cluster.client().await;
     let port = cluster.node(1).resp_addr().expect("node 1 serves redis").port();
     const SETS: usize = 3_000;
@@ -660,22 +629,7 @@ async fn a_redis_cli_loop_sees_no_error_through_splits_and_leader_moves() {
     let cli = tokio::task::spawn_blocking(move || common::redis_cli(port, &[], &script));
     for at in ["cli:00400", "cli:01200"] {
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let split = admin.admin(AdminRequest::Split { key: at.as_bytes().to_vec() }).await;
-        assert!(matches!(split, Ok(AdminResponse::Changed(_))), "split at {at}: {split:?}");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let rows = loop {
-            let Ok(AdminResponse::Shards(rows)) = admin.admin(AdminRequest::Shards).await else { panic!("shards") };
-            if rows.iter().any(|r| r.descriptor.start == at.as_bytes()) && rows.iter().all(|r| r.leader.is_some()) {
-                break rows;
-            }
-            assert!(Instant::now() < deadline, "the split at {at} did not get a leader: {rows:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        for row in rows {
-            let Some(leader) = row.leader else { continue };
-            let Some(to) = row.descriptor.voters().find(|n| *n != leader) else { continue };
-            let _ = admin.admin(AdminRequest::TransferLeader { shard: row.descriptor.id, node: to }).await;
-        }
+        common::cluster::split_and_move_leaders(&admin, at.as_bytes()).await;
     }
     let out =
         tokio::time::timeout(Duration::from_secs(180), cli).await.expect("redis-cli ends").expect("redis-cli ran");

@@ -7,19 +7,13 @@
 //! into a virtual environment under the target directory the first time (`python3 -m venv`,
 //! `pip install redis==REDIS_PY`), which needs PyPI; `.ci/run` prepares it.
 
-use flotilla::raft::NodeId;
-use flotilla::resp_server::RespConfig;
-use flotilla::wire::{AdminRequest, AdminResponse};
 use flotilla_raft::testing::linearizability::{check_history, Op, OpInput, OpOutput};
 use serde::Deserialize;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
-
-use common::cluster::Cluster;
 
 /// The redis-py release the workload runs on (pinned: a test's client must not change under it).
 const REDIS_PY: &str = "5.2.1";
@@ -86,14 +80,7 @@ fn to_op(l: Line) -> Op {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_py_clients_see_a_linearizable_history_through_splits_and_leader_moves() {
     let python = python();
-    let cluster = Cluster::start_with(3, &[1, 2, 3], &[1, 2, 3], flotilla::meta::dev_split_keys(2), |cfg| {
-        if cfg.id == NodeId(1) || cfg.id == NodeId(3) {
-            let mut resp = RespConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
-            resp.plaintext_loopback = true;
-            cfg.resp = Some(resp);
-        }
-    })
-    .await;
+    let cluster = common::cluster::three_nodes_with_front_doors(&[1, 3]).await;
     let admin = cluster.client().await;
     let addrs: Vec<String> =
         [1, 3].iter().map(|n| cluster.node(*n).resp_addr().expect("the node serves redis").to_string()).collect();
@@ -110,22 +97,7 @@ async fn redis_py_clients_see_a_linearizable_history_through_splits_and_leader_m
     // Two splits between the keys and every shard's leader moved after each.
     for at in ["py:c", "py:e"] {
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let split = admin.admin(AdminRequest::Split { key: at.as_bytes().to_vec() }).await;
-        assert!(matches!(split, Ok(AdminResponse::Changed(_))), "split at {at}: {split:?}");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let rows = loop {
-            let Ok(AdminResponse::Shards(rows)) = admin.admin(AdminRequest::Shards).await else { panic!("shards") };
-            if rows.iter().any(|r| r.descriptor.start == at.as_bytes()) && rows.iter().all(|r| r.leader.is_some()) {
-                break rows;
-            }
-            assert!(Instant::now() < deadline, "the split at {at} did not get a leader: {rows:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        for row in rows {
-            let Some(leader) = row.leader else { continue };
-            let Some(to) = row.descriptor.voters().find(|n| *n != leader) else { continue };
-            let _ = admin.admin(AdminRequest::TransferLeader { shard: row.descriptor.id, node: to }).await;
-        }
+        common::cluster::split_and_move_leaders(&admin, at.as_bytes()).await;
     }
     let done =
         tokio::time::timeout(Duration::from_secs(120), tokio::task::spawn_blocking(|| workload.wait_with_output()))

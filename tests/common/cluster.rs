@@ -172,3 +172,43 @@ pub async fn one_node_front_door_with(
     let addr = cluster.node(1).resp_addr().expect("front door");
     (cluster, addr)
 }
+
+/// A 3-node cluster of 2 shards (split at "80"), every shard on all three, with a plaintext
+/// Redis front door on loopback on each node of `front_doors`.
+pub async fn three_nodes_with_front_doors(front_doors: &'static [u64]) -> Cluster {
+    Cluster::start_with(3, &[1, 2, 3], &[1, 2, 3], flotilla::meta::dev_split_keys(2), move |cfg| {
+        if front_doors.contains(&cfg.id.0) {
+            let mut resp = flotilla::resp_server::RespConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+            resp.plaintext_loopback = true;
+            cfg.resp = Some(resp);
+        }
+    })
+    .await
+}
+
+/// Splits the shard holding `at` there, waits until a shard starts at `at` and every shard has
+/// a leader, then asks each shard's leader to hand over to another of its voters (a transfer
+/// racing a leader change of its own is not retried).
+pub async fn split_and_move_leaders(admin: &Client, at: &[u8]) {
+    use flotilla::wire::{AdminRequest, AdminResponse};
+    let split = admin.admin(AdminRequest::Split { key: at.to_vec() }).await;
+    assert!(matches!(split, Ok(AdminResponse::Changed(_))), "split at {:?}: {split:?}", at.escape_ascii().to_string());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let rows = loop {
+        let Ok(AdminResponse::Shards(rows)) = admin.admin(AdminRequest::Shards).await else { panic!("shards") };
+        if rows.iter().any(|r| r.descriptor.start == at) && rows.iter().all(|r| r.leader.is_some()) {
+            break rows;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the split at {:?} did not get a leader: {rows:?}",
+            at.escape_ascii().to_string()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for row in rows {
+        let Some(leader) = row.leader else { continue };
+        let Some(to) = row.descriptor.voters().find(|n| *n != leader) else { continue };
+        let _ = admin.admin(AdminRequest::TransferLeader { shard: row.descriptor.id, node: to }).await;
+    }
+}
