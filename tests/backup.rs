@@ -333,7 +333,11 @@ async fn review_probe_a_node_left_unrestored_or_a_mislabelled_backup() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let got = client.get(&keys[0]).await;
         if !matches!(got, Ok(Some(_))) {
-            problems.push(format!("with node 3 leading shard {}, get {:?} = {got:?}", first.id, String::from_utf8_lossy(&keys[0])));
+            problems.push(format!(
+                "with node 3 leading shard {}, get {:?} = {got:?}",
+                first.id,
+                String::from_utf8_lossy(&keys[0])
+            ));
         }
     }
     client.close().await;
@@ -352,13 +356,13 @@ async fn futures_count(sm: &flotilla::shard::KvStateMachine, keys: &[Vec<u8>]) -
     n
 }
 
-/// Probe: a replica added to a restored shard after the restore (a move, the balancer, a
-/// replaced node) must hold the restored data. The restored data is each group's state at
-/// its first index, not in its log; a new learner with an empty log is fed the log from
-/// index 1 (kept: `log_keep_entries` = 1000 behind the applied index), so it gets none of it.
+/// A replica added to a restored shard after the restore (a move, the balancer, a replaced
+/// node) holds the restored data: each restored group starts as if a snapshot of that data
+/// had been installed at its first index, so a new replica, whose log is empty, gets a
+/// snapshot and not the log from index 1 onto an empty key range (review finding F1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn review_probe_a_replica_moved_after_a_restore_holds_the_restored_data() {
-    let mut source = Cluster::start(1, 1).await;
+async fn a_replica_moved_after_a_restore_holds_the_restored_data() {
+    let mut source = Cluster::start(1, 2).await; // split at "80"
     let c = source.client().await;
     let keys: Vec<Vec<u8>> = (0..20).map(|i| format!("{:02x}-m{i}", i * 11).into_bytes()).collect();
     for k in &keys {
@@ -374,37 +378,53 @@ async fn review_probe_a_replica_moved_after_a_restore_holds_the_restored_data() 
     let client = restored.client().await;
     client.put(b"f0-after-restore", b"v").await.unwrap();
     restored.join().await;
-    let shard = client.cached_view().map.lookup(&keys[0]).unwrap().id;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while let Err(e) = client.admin(AdminRequest::Move { shard, from: NodeId(3), to: NodeId(4) }).await {
-        assert!(Instant::now() < deadline, "move never started: {e}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    let shards: Vec<_> = client.cached_view().map.shards().map(|d| d.id).collect();
+    assert_eq!(shards.len(), 2, "the backup's two shards");
+    for &shard in &shards {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Err(e) = client.admin(AdminRequest::Move { shard, from: NodeId(3), to: NodeId(4) }).await {
+            assert!(Instant::now() < deadline, "move of shard {shard} never started: {e}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let view = restored.node(1).meta_view();
-        let d = view.map.get(shard).expect("the shard");
-        if view.moves.is_empty() && d.replica(NodeId(4)).is_some() && d.replica(NodeId(3)).is_none() {
+        let done = shards.iter().all(|s| {
+            let d = view.map.get(*s).expect("the shard");
+            d.replica(NodeId(4)).is_some() && d.replica(NodeId(3)).is_none()
+        });
+        if view.moves.is_empty() && done {
             break;
         }
-        assert!(Instant::now() < deadline, "the move did not finish");
+        assert!(Instant::now() < deadline, "the moves did not finish");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let sm4 = restored.node(4).host().state_machine(shard).expect("node 4's replica");
-    let after = sm4.get(b"f0-after-restore".to_vec()).await.unwrap();
-    let held = futures_count(&sm4, &keys).await;
-    eprintln!("node 4's replica of shard {shard}: {held} of {} restored keys; the write after the restore: {after:?}", keys.len());
-    // What a client sees once node 4 leads the shard.
-    for n in 1..=4 {
-        if let Some(node) = restored.dev.node(NodeId(n)) {
-            let _ = node.host().transfer_leader(shard, NodeId(4)).await;
+    // Node 4's replicas, read locally, once they caught up with the write after the restore.
+    let view = client.cached_view();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for &shard in &shards {
+        let d = view.map.get(shard).expect("the shard").clone();
+        let mine: Vec<Vec<u8>> = keys.iter().filter(|k| d.contains(k)).cloned().collect();
+        assert!(!mine.is_empty(), "keys in shard {shard}");
+        loop {
+            let held = match restored.node(4).host().state_machine(shard) {
+                Some(sm) => futures_count(&sm, &mine).await,
+                None => 0,
+            };
+            if held == mine.len() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node 4's replica of restored shard {shard} holds {held} of its {} restored keys",
+                mine.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let got = client.get(&keys[0]).await;
-    eprintln!("with node 4 asked to lead: get = {got:?}");
-    assert_eq!(held, keys.len(), "node 4's replica of a restored shard lacks the restored data (get: {got:?})");
+    let sm = restored.node(4).host().state_machine(view.map.lookup(b"f0").expect("a shard").id).expect("replica");
+    assert_eq!(sm.get(b"f0-after-restore".to_vec()).await.unwrap(), Some(b"v".to_vec()), "the write after the restore");
     client.close().await;
     restored.shutdown().await;
 }

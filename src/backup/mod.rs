@@ -42,7 +42,7 @@ pub mod restore;
 pub mod take;
 
 pub use manifest::{Manifest, ShardEntry, MANIFEST_FILE};
-pub use restore::{restore_data_dir, restored_split_keys, RestoreSummary};
+pub use restore::{restore_data_dir, restored, RestoreSummary, Restored};
 pub use take::{take_backup, BackupSummary};
 
 /// What a backup or a restore has done so far, for progress output.

@@ -133,10 +133,22 @@ fn check_target(data_dir: &Path) -> Result<(), BackupError> {
     }
 }
 
-/// The split keys a restore recorded in the store of `data_dir` (`None`: not restored). An
-/// error if a restore was cut short, or the record is unreadable: the node must not start as
-/// if it were new.
-pub fn restored_split_keys(data_dir: &Path) -> Result<Option<Vec<Vec<u8>>>, BackupError> {
+/// What a restore recorded in a node's store, as `Node::start` reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Restored {
+    /// The backup restored: the node forms a bootstrap shard only in a cluster bootstrapped
+    /// from this same backup.
+    pub backup_id: String,
+    /// The backup's split keys: the restored cluster's bootstrap splits there.
+    pub split_keys: Vec<Vec<u8>>,
+    /// Whether the backup's data was loaded here.
+    pub holds_data: bool,
+}
+
+/// What a restore recorded in the store of `data_dir` (`None`: not restored). An error if a
+/// restore was cut short, or the record is unreadable: the node must not start as if it were
+/// new.
+pub fn restored(data_dir: &Path) -> Result<Option<Restored>, BackupError> {
     if data_dir.join(RESTORING_DIR).exists() {
         return Err(BackupError::Directory(format!(
             "{} holds a restore that did not finish ({RESTORING_DIR}); run flotilla restore again",
@@ -155,5 +167,6 @@ pub fn restored_split_keys(data_dir: &Path) -> Result<Option<Vec<Vec<u8>>>, Back
         return Err(BackupError::Corrupt(format!("{}: format {} is not supported", path.display(), record.format)));
     }
     let keys = record.split_keys_hex.iter().map(|k| unhex(k)).collect::<Result<Vec<_>, _>>();
-    keys.map(Some).map_err(|e| BackupError::Corrupt(format!("{}: {e}", path.display())))
+    let split_keys = keys.map_err(|e| BackupError::Corrupt(format!("{}: {e}", path.display())))?;
+    Ok(Some(Restored { backup_id: record.backup_id, split_keys, holds_data: record.holds_data }))
 }

@@ -106,7 +106,16 @@ impl Node {
                 }
             }
             let host = host.clone();
-            creating.spawn(async move { (c.shard, host.create_group(c.shard, c.range, c.initial).await) });
+            // A bootstrap shard over a restore's data starts with that data as its history
+            // (`Host::create_restored_group`), so that replicas added later get it.
+            let over_restored = self.inner.restored.as_ref().is_some_and(|r| r.holds_data);
+            creating.spawn(async move {
+                let done = match c.initial {
+                    Some(m) if over_restored => host.create_restored_group(c.shard, c.range, m).await,
+                    initial => host.create_group(c.shard, c.range, initial).await,
+                };
+                (c.shard, done)
+            });
         }
         while let Some(done) = creating.join_next().await {
             log_creation(me, done);
