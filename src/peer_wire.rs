@@ -12,8 +12,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Version byte that starts every peer request and response (high bit set: see the module
-/// documentation).
-pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 1;
+/// documentation). 2: `MetaOp::Bootstrap` carries the backup a restored cluster starts from
+/// (and the meta state its `restored_from`).
+pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 2;
 
 /// Whether `bytes` is a message of the peer protocol (rather than the client protocol).
 pub fn is_peer_message(bytes: &[u8]) -> bool {
@@ -97,6 +98,9 @@ pub enum MetaOp {
         replicas: Vec<NodeId>,
         /// Split points, ascending.
         split_keys: Vec<Vec<u8>>,
+        /// The backup the cluster is restored from (the bootstrapper's restore record), kept
+        /// as `MetaState::restored_from`; `None` for a new, empty cluster.
+        backup_id: Option<String>,
     },
     /// A node's periodic report; registers it (or updates its address) first if needed.
     Report {

@@ -269,12 +269,8 @@ async fn review_probe_an_acknowledged_write_not_yet_stored_is_in_the_backup() {
     cluster.shutdown().await;
 }
 
-/// Probe: a node of `shard_replicas` that was not restored (an operator's slip, or a restore
-/// that failed on that node) must not serve a replica of a restored shard without its data.
-/// Also: a manifest whose files do not hold its shard's keys (here shard 2 names shard 1's
-/// files, the manifest's crc recomputed) must be refused by the restore.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn review_probe_a_node_left_unrestored_or_a_mislabelled_backup() {
+/// A backup of two shards (split at "80") with keys in both, and the keys of the first.
+async fn two_shard_backup(dir: &std::path::Path) -> (std::path::PathBuf, Vec<Vec<u8>>) {
     let mut source = Cluster::start(1, 2).await; // split at "80"
     let c = source.client().await;
     let keys: Vec<Vec<u8>> = (0..20).map(|i| format!("{:02x}-k{i}", (i * 5) % 128).into_bytes()).collect();
@@ -282,14 +278,71 @@ async fn review_probe_a_node_left_unrestored_or_a_mislabelled_backup() {
         c.put(k, b"v").await.unwrap();
     }
     c.put(b"90-in-shard-2", b"v").await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let to = dir.path().join("b");
+    let to = dir.join("b");
     backup::take_backup(source.dev.client_config().unwrap(), &to, |_| {}).await.unwrap();
     c.close().await;
     source.shutdown().await;
-    let mut problems: Vec<String> = Vec::new();
+    (to, keys)
+}
 
-    // A mislabelled backup: shard 2 names shard 1's files (keys outside its range).
+/// A node of `shard_replicas` that was not restored (an operator's slip, or a restore that
+/// failed on that node) forms no replica of the restored shards: an empty voting replica
+/// could lead them, or make a quorum without the data (review finding F2). The cluster
+/// records the backup it was bootstrapped from, and each node compares its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_left_unrestored_forms_no_replica_of_a_restored_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let (to, keys) = two_shard_backup(dir.path()).await;
+    let backup_id = Manifest::load(&to).unwrap().backup_id;
+    // Nodes 1 and 2 restored, node 3 forgotten; all with a server file's default shards = 1.
+    let mut restored = Cluster::start_partly_restored(3, &to, &[1, 2]).await;
+    let client = restored.client().await;
+    // The restored nodes serve every key (two voters of three are a quorum).
+    for k in &keys {
+        assert_eq!(client.get(k).await.unwrap(), Some(b"v".to_vec()), "{}", String::from_utf8_lossy(k));
+    }
+    let view = restored.node(1).meta_view();
+    assert_eq!(view.restored_from.as_deref(), Some(backup_id.as_str()), "the cluster records its backup");
+    let shards: Vec<_> = view.map.shards().map(|d| d.id).collect();
+    assert_eq!(shards.len(), 2, "the backup's shards");
+    // Node 3 forms none of them: its replicas start empty, without a configuration (so
+    // without a vote), and their leaders send them a snapshot of the restored data.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for d in view.map.shards() {
+        let mine: Vec<Vec<u8>> = keys.iter().filter(|k| d.contains(k)).cloned().collect();
+        loop {
+            let range = restored.node(3).host().group_range(d.id);
+            if let Some(r) = &range {
+                assert_eq!(r.end, d.end, "node 3's replica of shard {} has the shard's range", d.id);
+            }
+            let held = match restored.node(3).host().state_machine(d.id) {
+                Some(sm) => futures_count(&sm, &mine).await,
+                None => 0,
+            };
+            if range.is_some() && held == mine.len() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node 3's replica of shard {}: {held} of {} keys", d.id, mine.len());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // What a client sees once node 3 leads the first shard.
+    let first = shards[0];
+    for n in 1..=3 {
+        let _ = restored.node(n).host().transfer_leader(first, NodeId(3)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(client.get(&keys[0]).await.unwrap(), Some(b"v".to_vec()));
+    client.close().await;
+    restored.shutdown().await;
+}
+
+/// A manifest whose files do not hold its shard's keys (here shard 2 names shard 1's files,
+/// the manifest's crc recomputed) is refused by the restore (review finding F4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mislabelled_backup_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (to, _) = two_shard_backup(dir.path()).await;
     let bad = dir.path().join("mislabelled");
     std::fs::create_dir(&bad).unwrap();
     for e in std::fs::read_dir(&to).unwrap() {
@@ -299,51 +352,13 @@ async fn review_probe_a_node_left_unrestored_or_a_mislabelled_backup() {
     let mut m = Manifest::load(&bad).unwrap();
     m.shards[1].files = m.shards[0].files.clone();
     m.save(&bad).unwrap();
-    match backup::restore_data_dir(&bad, &dir.path().join("node-bad"), true, |_| {}) {
-        Ok(s) => problems.push(format!(
-            "a backup whose shard 2 holds shard 1's keys was restored without error ({} keys claimed)",
-            s.keys
-        )),
+    let target = dir.path().join("node-bad");
+    match backup::restore_data_dir(&bad, &target, true, |_| {}) {
+        Ok(s) => panic!("a backup whose shard 2 holds shard 1's keys was restored ({} keys claimed)", s.keys),
         Err(e) => eprintln!("mislabelled backup refused: {e}"),
     }
-
-    // Nodes 1 and 2 restored, node 3 forgotten; all with a server file's default shards = 1.
-    let restored = Cluster::start_partly_restored(3, &to, &[1, 2]).await;
-    let client = restored.client().await;
-    let first = client.cached_view().map.shards().next().unwrap().clone();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while restored.node(3).host().group_range(first.id).is_none() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let (r1, r3) = (restored.node(1).host().group_range(first.id), restored.node(3).host().group_range(first.id));
-    eprintln!("shard {}: range on node 1 {r1:?}, on node 3 {r3:?}", first.id);
-    if r3.is_some() {
-        if r3 != r1 {
-            problems.push(format!("node 3 formed shard {} with range {r3:?}, its peers with {r1:?}", first.id));
-        }
-        let sm3 = restored.node(3).host().state_machine(first.id).unwrap();
-        let held = futures_count(&sm3, &keys).await;
-        if held < keys.len() {
-            problems.push(format!("node 3's voting replica of shard {} holds {held} of {} keys", first.id, keys.len()));
-        }
-        // What a client sees once node 3 leads the shard.
-        for n in 1..=3 {
-            let _ = restored.node(n).host().transfer_leader(first.id, NodeId(3)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let got = client.get(&keys[0]).await;
-        if !matches!(got, Ok(Some(_))) {
-            problems.push(format!(
-                "with node 3 leading shard {}, get {:?} = {got:?}",
-                first.id,
-                String::from_utf8_lossy(&keys[0])
-            ));
-        }
-    }
-    client.close().await;
-    let mut restored = restored;
-    restored.shutdown().await;
-    assert!(problems.is_empty(), "{problems:#?}");
+    assert!(!target.join(backup::restore::STORE_DIR).exists(), "no store appears");
+    assert!(backup::restored(&target).is_err(), "the node refuses to start beside the marker");
 }
 
 async fn futures_count(sm: &flotilla::shard::KvStateMachine, keys: &[Vec<u8>]) -> usize {

@@ -328,6 +328,25 @@ pub struct MetaState {
     /// tombstone. A node deletes its replica only on a confirmed tombstone (or its own group's
     /// committed configuration), never because a possibly stale map leaves it out.
     pub tombstones: BTreeMap<ShardId, BTreeMap<NodeId, Tombstone>>,
+    /// The backup the cluster was bootstrapped from (`flotilla restore`), set by the
+    /// bootstrap: a node forms a bootstrap shard only if its own store was restored from this
+    /// same backup (or, with none, not restored at all), so that no replica starts without
+    /// the data its peers start with. Last, so that a state serialized before it existed is
+    /// still read ([`MetaState::restore`]).
+    pub restored_from: Option<String>,
+}
+
+/// [`MetaState`] as serialized before `restored_from` existed (format-1 stores and views of
+/// older nodes): read with `restored_from` absent.
+#[derive(Deserialize)]
+struct MetaStateBeforeRestore {
+    map: ShardMap,
+    nodes: BTreeMap<NodeId, NodeInfo>,
+    next_shard_id: u64,
+    transfers: BTreeMap<ShardId, NodeId>,
+    moves: BTreeMap<ShardId, MovePlan>,
+    recent_moves: VecDeque<MoveRecord>,
+    tombstones: BTreeMap<ShardId, BTreeMap<NodeId, Tombstone>>,
 }
 
 impl MetaState {
@@ -652,12 +671,32 @@ impl MetaState {
     }
 
     /// Restores a state from [`MetaState::snapshot`], checking the map's invariant.
+    /// A state serialized before `restored_from` existed is read too: it ends where that
+    /// field would start, so the current layout fails on it, and the older one reads it
+    /// whole (and fails on a current one, which has bytes left over).
     pub fn restore(bytes: &[u8]) -> Result<MetaState, String> {
-        let (s, used): (MetaState, usize) =
-            bincode::serde::decode_from_slice(bytes, bincode::config::standard()).map_err(|e| e.to_string())?;
-        if used != bytes.len() {
-            return Err(format!("{} trailing bytes", bytes.len() - used));
-        }
+        let cfg = bincode::config::standard();
+        let s = match bincode::serde::decode_from_slice::<MetaState, _>(bytes, cfg) {
+            Ok((s, used)) if used == bytes.len() => s,
+            current => match bincode::serde::decode_from_slice::<MetaStateBeforeRestore, _>(bytes, cfg) {
+                Ok((o, used)) if used == bytes.len() => MetaState {
+                    map: o.map,
+                    nodes: o.nodes,
+                    next_shard_id: o.next_shard_id,
+                    transfers: o.transfers,
+                    moves: o.moves,
+                    recent_moves: o.recent_moves,
+                    tombstones: o.tombstones,
+                    restored_from: None,
+                },
+                _ => {
+                    return Err(match current {
+                        Ok((_, used)) => format!("{} trailing bytes", bytes.len() - used),
+                        Err(e) => e.to_string(),
+                    })
+                }
+            },
+        };
         s.map.validate()?;
         for (shard, plan) in &s.moves {
             if plan.shard != *shard || s.map.get(*shard).is_none() {

@@ -61,14 +61,18 @@ pub fn restore_data_dir(
 ) -> Result<RestoreSummary, BackupError> {
     let manifest = Manifest::load(from)?;
     check_target(data_dir)?;
-    let shards_total = manifest.shards.len() as u64;
-    manifest.verify_files(from, |_| {})?;
-    let split_keys = manifest.split_keys()?;
+    // The marker first, before the (long) check of every file: a restore killed during the
+    // check leaves a directory that refuses to start, never one that starts as a new node.
     std::fs::create_dir_all(data_dir).map_err(|e| io_error(data_dir, e))?;
     let tmp = data_dir.join(RESTORING_DIR);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| io_error(&tmp, e))?;
     }
+    std::fs::create_dir(&tmp).map_err(|e| io_error(&tmp, e))?;
+    sync_dir(data_dir)?;
+    let shards_total = manifest.shards.len() as u64;
+    manifest.verify_files(from, |_| {})?;
+    let split_keys = manifest.split_keys()?;
     let mut state = Progress { shards_done: 0, shards_total, bytes_done: 0 };
     progress(state);
     let (mut keys, mut bytes) = (0, 0);

@@ -55,6 +55,10 @@ const TRANSFER: &[u8] = b"transfer/";
 const MOVE: &[u8] = b"move/";
 const RECENT: &[u8] = b"recent/";
 const TOMB: &[u8] = b"tomb/";
+/// [`MetaState::restored_from`]: one record, written by the bootstrap of a restored cluster.
+/// A build that does not know it refuses the state ("not a record this build knows") rather
+/// than letting unrestored nodes form its shards.
+const RESTORED: &[u8] = b"restored";
 
 /// One write of a change: a record's key and its new value (`None`: deleted).
 pub type MetaWrite = (Vec<u8>, Option<Vec<u8>>);
@@ -196,6 +200,10 @@ impl StoredMeta {
         diff_map(&mut writes, old_t.iter().map(|(k, v)| (*k, v)), new_t.iter().map(|(k, v)| (*k, v)), |(s, n)| {
             key(TOMB, &[s.0, n.0])
         })?;
+        if base.restored_from != next.restored_from {
+            let value = next.restored_from.as_ref().map(encode).transpose().map_err(|e| e.message)?;
+            writes.push((key(RESTORED, &[]), value));
+        }
         let recent_first = diff_recent(&mut writes, self.header.recent_first, &base.recent_moves, &next.recent_moves)?;
         if !self.leftovers.is_empty() {
             let written: std::collections::BTreeSet<&[u8]> = writes.iter().map(|(k, _)| k.as_slice()).collect();
@@ -480,6 +488,8 @@ fn apply_items(state: &mut MetaState, items: &[MetaWrite]) -> Result<(), String>
                     }
                 }
             }
+        } else if ids(k, RESTORED, 0).is_some() {
+            state.restored_from = v.as_ref().map(|b| decode(b, what).map_err(|e| e.message)).transpose()?;
         } else {
             return Err(format!("{}: not a record this build knows", what()));
         }
