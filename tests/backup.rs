@@ -126,7 +126,15 @@ async fn a_backup_under_load_restores_every_acknowledged_key() {
         Err(e) => assert!(e.to_string().contains("is corrupt"), "{e}"),
         Ok(_) => panic!("a corrupt backup was restored"),
     }
-    assert!(!target.join("node-1").exists(), "nothing written for a corrupt backup");
+    // Nothing loaded: only the marker of an unfinished restore, which the node refuses to
+    // start beside (it was to be restored, and must not start as a new, empty node).
+    let names: Vec<_> = std::fs::read_dir(target.join("node-1")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(
+        names,
+        vec![std::ffi::OsString::from(backup::restore::RESTORING_DIR)],
+        "nothing written for a corrupt backup"
+    );
+    assert!(backup::restored(&target.join("node-1")).is_err(), "the node refuses to start");
 
     // The restored cluster: the backup's shards, every key acknowledged before it started.
     let mut restored = Cluster::start_restored(3, &to).await;

@@ -71,6 +71,11 @@ pub fn restore_data_dir(
     std::fs::create_dir(&tmp).map_err(|e| io_error(&tmp, e))?;
     sync_dir(data_dir)?;
     let shards_total = manifest.shards.len() as u64;
+    // Two shards naming one file would load its keys twice, under two ranges.
+    let mut names = std::collections::BTreeSet::new();
+    if let Some(f) = manifest.shards.iter().flat_map(|s| &s.files).find(|f| !names.insert(f.name.as_str())) {
+        return Err(BackupError::Corrupt(format!("file {} is named by two shards", f.name)));
+    }
     manifest.verify_files(from, |_| {})?;
     let split_keys = manifest.split_keys()?;
     let mut state = Progress { shards_done: 0, shards_total, bytes_done: 0 };
@@ -87,7 +92,8 @@ pub fn restore_data_dir(
                 };
                 let files: Vec<(PathBuf, u64, u32)> =
                     s.files.iter().map(|f| (from.join(&f.name), f.bytes, f.crc32c)).collect();
-                kv_snapshot::ingest_copies(&store, &range, &files).map_err(|e| BackupError::Store(e.to_string()))?;
+                kv_snapshot::ingest_copies(&store, &range, s.keys, &files)
+                    .map_err(|e| BackupError::Store(e.to_string()))?;
                 keys += s.keys;
                 let shard_bytes: u64 = s.files.iter().map(|f| f.bytes).sum();
                 bytes += shard_bytes;
