@@ -76,8 +76,21 @@ pub fn restore_data_dir(
     if let Some(f) = manifest.shards.iter().flat_map(|s| &s.files).find(|f| !names.insert(f.name.as_str())) {
         return Err(BackupError::Corrupt(format!("file {} is named by two shards", f.name)));
     }
-    manifest.verify_files(from, |_| {})?;
+    // What the node's bootstrap would refuse at its first start, refused now.
     let split_keys = manifest.split_keys()?;
+    if shards_total > u64::from(crate::meta::BOOTSTRAP_SHARDS_MAX) {
+        return Err(BackupError::Corrupt(format!(
+            "{shards_total} shards, more than a cluster bootstraps with ({}); this build cannot restore it",
+            crate::meta::BOOTSTRAP_SHARDS_MAX
+        )));
+    }
+    if let Some((k, e)) = split_keys.iter().find_map(|k| crate::wire::check_user_key(k).err().map(|e| (k, e))) {
+        return Err(BackupError::Corrupt(format!(
+            "a shard starts at {:?}, not a user key: {e}",
+            k.escape_ascii().to_string()
+        )));
+    }
+    manifest.verify_files(from, |_| {})?;
     let mut state = Progress { shards_done: 0, shards_total, bytes_done: 0 };
     progress(state);
     let (mut keys, mut bytes) = (0, 0);

@@ -103,7 +103,8 @@ impl BackupCopies {
     }
 
     /// Slots held, by copies built and builds under way.
-    pub(super) fn held(&self) -> usize {
+    #[cfg(test)]
+    fn held(&self) -> usize {
         let c = self.lock();
         c.built.len() + c.building.len()
     }
@@ -145,10 +146,12 @@ impl Node {
         copies.sweep(Duration::from_millis(BACKUP_COPY_IDLE_MS_MAX));
         let slot = match copies.take_slot(shard) {
             Ok(slot) => slot,
-            Err(SlotRefused::Full) => return Response::Unavailable(format!(
+            Err(SlotRefused::Full) => {
+                return Response::Unavailable(format!(
                 "{BACKUP_COPIES_MAX} backup copies are held or being built on node {} already; retry once one is read",
                 self.inner.id
-            )),
+            ))
+            }
             Err(SlotRefused::Building) => {
                 return Response::Unavailable(format!(
                     "a backup copy of shard {shard} is being built on node {}; retry in a while",
