@@ -362,11 +362,25 @@ async fn a_mislabelled_backup_is_refused() {
     m.save(&bad).unwrap();
     let target = dir.path().join("node-bad");
     match backup::restore_data_dir(&bad, &target, true, |_| {}) {
-        Ok(s) => panic!("a backup whose shard 2 holds shard 1's keys was restored ({} keys claimed)", s.keys),
-        Err(e) => eprintln!("mislabelled backup refused: {e}"),
+        Ok(s) => panic!("a backup whose shard 2 names shard 1's files was restored ({} keys claimed)", s.keys),
+        Err(e) => assert!(e.to_string().contains("named by two shards"), "{e}"),
     }
     assert!(!target.join(backup::restore::STORE_DIR).exists(), "no store appears");
     assert!(backup::restored(&target).is_err(), "the node refuses to start beside the marker");
+    // The same files under names of their own: intact, but not shard 2's keys.
+    let mut m = Manifest::load(&bad).unwrap();
+    for f in &mut m.shards[1].files {
+        let name = format!("copy-{}", f.name);
+        std::fs::copy(bad.join(&f.name), bad.join(&name)).unwrap();
+        f.name = name;
+    }
+    m.save(&bad).unwrap();
+    let target = dir.path().join("node-bad-2");
+    match backup::restore_data_dir(&bad, &target, true, |_| {}) {
+        Ok(s) => panic!("a backup whose shard 2 holds shard 1's keys was restored ({} keys claimed)", s.keys),
+        Err(e) => assert!(e.to_string().contains("outside the shard's range"), "{e}"),
+    }
+    assert!(!target.join(backup::restore::STORE_DIR).exists(), "no store appears");
 }
 
 async fn futures_count(sm: &flotilla::shard::KvStateMachine, keys: &[Vec<u8>]) -> usize {
