@@ -14,7 +14,9 @@ use std::collections::BTreeMap;
 
 /// Version byte that starts every peer request and response (high bit set: see the module
 /// documentation).
-/// Version 2: a report carries its shards' loads beside it ([`MetaOp::Report`]'s `load`).
+/// Version 2: a report carries its shards' loads beside it ([`MetaOp::Report`]'s `load`), and
+/// `MetaOp::Bootstrap` the backup a restored cluster starts from (and the meta state its
+/// `restored_from`).
 /// Version 3: each shard load carries its epoch, and the report the node's total led load.
 pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 3;
 
@@ -100,6 +102,9 @@ pub enum MetaOp {
         replicas: Vec<NodeId>,
         /// Split points, ascending.
         split_keys: Vec<Vec<u8>>,
+        /// The backup the cluster is restored from (the bootstrapper's restore record), kept
+        /// as `MetaState::restored_from`; `None` for a new, empty cluster.
+        backup_id: Option<String>,
     },
     /// A node's periodic report; registers it (or updates its address) first if needed.
     Report {

@@ -374,9 +374,28 @@ pub struct MetaState {
     pub tombstones: BTreeMap<ShardId, BTreeMap<NodeId, Tombstone>>,
     /// Nodes removed for good by an unsafe recovery: they never register again, and every
     /// node refuses their messages (their old disks may hold a quorum of an old
-    /// configuration). Last: states serialized before it existed decode with none
-    /// ([`MetaState::restore_without_removed`]).
+    /// configuration). After the older fields: states serialized before it existed decode
+    /// with none ([`MetaState::restore`]).
     pub removed: BTreeSet<NodeId>,
+    /// The backup the cluster was bootstrapped from (`flotilla restore`), set by the
+    /// bootstrap: a node forms a bootstrap shard only if its own store was restored from this
+    /// same backup (or, with none, not restored at all), so that no replica starts without
+    /// the data its peers start with. Last, so that a state serialized before it existed is
+    /// still read ([`MetaState::restore`]).
+    pub restored_from: Option<String>,
+}
+
+/// [`MetaState`] as serialized before `removed` and `restored_from` existed (format-1 stores):
+/// read with none removed and no backup.
+#[derive(Deserialize)]
+struct MetaStateBefore {
+    map: ShardMap,
+    nodes: BTreeMap<NodeId, NodeInfo>,
+    next_shard_id: u64,
+    transfers: BTreeMap<ShardId, NodeId>,
+    moves: BTreeMap<ShardId, MovePlan>,
+    recent_moves: VecDeque<MoveRecord>,
+    tombstones: BTreeMap<ShardId, BTreeMap<NodeId, Tombstone>>,
 }
 
 impl MetaState {
@@ -715,22 +734,34 @@ impl MetaState {
         bincode::serde::encode_to_vec(self, bincode::config::standard()).map_err(|e| e.to_string())
     }
 
-    /// Restores a state serialized before [`MetaState::removed`] existed (format 1 of the
-    /// stored meta state): the field is last, so the old bytes followed by an empty set's
-    /// encoding (one zero byte) are the state with none removed.
-    pub fn restore_without_removed(bytes: &[u8]) -> Result<MetaState, String> {
-        let mut with = bytes.to_vec();
-        with.push(0);
-        Self::restore(&with)
-    }
-
     /// Restores a state from [`MetaState::snapshot`], checking the map's invariant.
+    /// A state serialized before `removed` and `restored_from` existed is read too: it ends
+    /// where those fields would start, so the current layout fails on it, and the older one
+    /// reads it whole (and fails on a current one, which has bytes left over).
     pub fn restore(bytes: &[u8]) -> Result<MetaState, String> {
-        let (s, used): (MetaState, usize) =
-            bincode::serde::decode_from_slice(bytes, bincode::config::standard()).map_err(|e| e.to_string())?;
-        if used != bytes.len() {
-            return Err(format!("{} trailing bytes", bytes.len() - used));
-        }
+        let cfg = bincode::config::standard();
+        let s = match bincode::serde::decode_from_slice::<MetaState, _>(bytes, cfg) {
+            Ok((s, used)) if used == bytes.len() => s,
+            current => match bincode::serde::decode_from_slice::<MetaStateBefore, _>(bytes, cfg) {
+                Ok((o, used)) if used == bytes.len() => MetaState {
+                    map: o.map,
+                    nodes: o.nodes,
+                    next_shard_id: o.next_shard_id,
+                    transfers: o.transfers,
+                    moves: o.moves,
+                    recent_moves: o.recent_moves,
+                    tombstones: o.tombstones,
+                    removed: BTreeSet::new(),
+                    restored_from: None,
+                },
+                _ => {
+                    return Err(match current {
+                        Ok((_, used)) => format!("{} trailing bytes", bytes.len() - used),
+                        Err(e) => e.to_string(),
+                    })
+                }
+            },
+        };
         s.map.validate()?;
         for (shard, plan) in &s.moves {
             if plan.shard != *shard || s.map.get(*shard).is_none() {

@@ -34,15 +34,21 @@
 //! cluster bootstraps as any new one, but with the backup's split keys (read from the record
 //! by `Node::start`), so each of its initial shards has a backup shard's range, and the data
 //! is already in every replica's store when the shard's group forms: the same first state on
-//! every replica, as a new cluster's empty one is. Nothing of the old cluster is kept (no
-//! Raft state, no meta state, no node identity): the restored nodes form a new cluster.
+//! every replica, as a new cluster's empty one is. Each restored replica starts as if a
+//! snapshot of that data had been installed at the group's first index
+//! (`Host::create_restored_group`), so the data is part of the group's history and a replica
+//! added later is sent it by snapshot. The bootstrap records the backup's id in the meta state
+//! (`MetaState::restored_from`), and a node forms the initial shards only if its own restore
+//! record names the same backup: a node left unrestored starts its replicas empty and
+//! voteless, to be sent the data. Nothing of the old cluster is kept (no Raft state, no meta
+//! state, no node identity): the restored nodes form a new cluster.
 
 pub mod manifest;
 pub mod restore;
 pub mod take;
 
 pub use manifest::{Manifest, ShardEntry, MANIFEST_FILE};
-pub use restore::{restore_data_dir, restored_split_keys, RestoreSummary};
+pub use restore::{restore_data_dir, restored, RestoreSummary, Restored};
 pub use take::{take_backup, BackupSummary};
 
 /// What a backup or a restore has done so far, for progress output.

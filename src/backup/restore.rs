@@ -61,14 +61,36 @@ pub fn restore_data_dir(
 ) -> Result<RestoreSummary, BackupError> {
     let manifest = Manifest::load(from)?;
     check_target(data_dir)?;
-    let shards_total = manifest.shards.len() as u64;
-    manifest.verify_files(from, |_| {})?;
-    let split_keys = manifest.split_keys()?;
+    // The marker first, before the (long) check of every file: a restore killed during the
+    // check leaves a directory that refuses to start, never one that starts as a new node.
     std::fs::create_dir_all(data_dir).map_err(|e| io_error(data_dir, e))?;
     let tmp = data_dir.join(RESTORING_DIR);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| io_error(&tmp, e))?;
     }
+    std::fs::create_dir(&tmp).map_err(|e| io_error(&tmp, e))?;
+    sync_dir(data_dir)?;
+    let shards_total = manifest.shards.len() as u64;
+    // Two shards naming one file would load its keys twice, under two ranges.
+    let mut names = std::collections::BTreeSet::new();
+    if let Some(f) = manifest.shards.iter().flat_map(|s| &s.files).find(|f| !names.insert(f.name.as_str())) {
+        return Err(BackupError::Corrupt(format!("file {} is named by two shards", f.name)));
+    }
+    // What the node's bootstrap would refuse at its first start, refused now.
+    let split_keys = manifest.split_keys()?;
+    if shards_total > u64::from(crate::meta::BOOTSTRAP_SHARDS_MAX) {
+        return Err(BackupError::Corrupt(format!(
+            "{shards_total} shards, more than a cluster bootstraps with ({}); this build cannot restore it",
+            crate::meta::BOOTSTRAP_SHARDS_MAX
+        )));
+    }
+    if let Some((k, e)) = split_keys.iter().find_map(|k| crate::wire::check_user_key(k).err().map(|e| (k, e))) {
+        return Err(BackupError::Corrupt(format!(
+            "a shard starts at {:?}, not a user key: {e}",
+            k.escape_ascii().to_string()
+        )));
+    }
+    manifest.verify_files(from, |_| {})?;
     let mut state = Progress { shards_done: 0, shards_total, bytes_done: 0 };
     progress(state);
     let (mut keys, mut bytes) = (0, 0);
@@ -83,7 +105,8 @@ pub fn restore_data_dir(
                 };
                 let files: Vec<(PathBuf, u64, u32)> =
                     s.files.iter().map(|f| (from.join(&f.name), f.bytes, f.crc32c)).collect();
-                kv_snapshot::ingest_copies(&store, &range, &files).map_err(|e| BackupError::Store(e.to_string()))?;
+                kv_snapshot::ingest_copies(&store, &range, s.keys, &files)
+                    .map_err(|e| BackupError::Store(e.to_string()))?;
                 keys += s.keys;
                 let shard_bytes: u64 = s.files.iter().map(|f| f.bytes).sum();
                 bytes += shard_bytes;
@@ -133,10 +156,22 @@ fn check_target(data_dir: &Path) -> Result<(), BackupError> {
     }
 }
 
-/// The split keys a restore recorded in the store of `data_dir` (`None`: not restored). An
-/// error if a restore was cut short, or the record is unreadable: the node must not start as
-/// if it were new.
-pub fn restored_split_keys(data_dir: &Path) -> Result<Option<Vec<Vec<u8>>>, BackupError> {
+/// What a restore recorded in a node's store, as `Node::start` reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Restored {
+    /// The backup restored: the node forms a bootstrap shard only in a cluster bootstrapped
+    /// from this same backup.
+    pub backup_id: String,
+    /// The backup's split keys: the restored cluster's bootstrap splits there.
+    pub split_keys: Vec<Vec<u8>>,
+    /// Whether the backup's data was loaded here.
+    pub holds_data: bool,
+}
+
+/// What a restore recorded in the store of `data_dir` (`None`: not restored). An error if a
+/// restore was cut short, or the record is unreadable: the node must not start as if it were
+/// new.
+pub fn restored(data_dir: &Path) -> Result<Option<Restored>, BackupError> {
     if data_dir.join(RESTORING_DIR).exists() {
         return Err(BackupError::Directory(format!(
             "{} holds a restore that did not finish ({RESTORING_DIR}); run flotilla restore again",
@@ -155,5 +190,6 @@ pub fn restored_split_keys(data_dir: &Path) -> Result<Option<Vec<Vec<u8>>>, Back
         return Err(BackupError::Corrupt(format!("{}: format {} is not supported", path.display(), record.format)));
     }
     let keys = record.split_keys_hex.iter().map(|k| unhex(k)).collect::<Result<Vec<_>, _>>();
-    keys.map(Some).map_err(|e| BackupError::Corrupt(format!("{}: {e}", path.display())))
+    let split_keys = keys.map_err(|e| BackupError::Corrupt(format!("{}: {e}", path.display())))?;
+    Ok(Some(Restored { backup_id: record.backup_id, split_keys, holds_data: record.holds_data }))
 }

@@ -56,6 +56,11 @@ pub async fn take_backup(
     let client = Client::connect(config).await?;
     let result = copy_all(&client, to, &mut progress).await;
     client.close().await;
+    if result.is_err() {
+        // A failed backup leaves no shard's worth of files behind (the directory was new or
+        // empty: everything of this name in it is this backup's).
+        remove_partial(to);
+    }
     let shards = result?;
     let manifest = Manifest {
         format: BACKUP_FORMAT_VERSION,
@@ -153,6 +158,19 @@ async fn copy_all(
         match header.range.end {
             Some(end) => cursor = end,
             None => return Ok(out),
+        }
+    }
+}
+
+/// Removes the copies' files (whole or temp) of a backup that failed in `dir`. Best effort:
+/// without a manifest the directory is not a backup either way.
+fn remove_partial(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("shard-") && (name.ends_with(".sst") || name.ends_with(".sst.tmp")) {
+            let _ = std::fs::remove_file(e.path());
         }
     }
 }
@@ -320,6 +338,20 @@ mod tests {
         let (a, b) = (vec![7u8; 3000], (0..5000u32).map(|i| i as u8).collect::<Vec<u8>>());
         let expected = vec![(a.len() as u64, crc32c::crc32c(&a)), (b.len() as u64, crc32c::crc32c(&b))];
         ([a, b].concat(), expected)
+    }
+
+    #[test]
+    fn a_failed_backup_leaves_none_of_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["shard-1-0-0.sst", "shard-2-1-0.sst.tmp", "notes.txt"] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        remove_partial(dir.path());
+        let left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, vec!["notes.txt".to_string()]);
     }
 
     #[test]

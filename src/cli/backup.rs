@@ -21,6 +21,10 @@ pub struct RestoreArgs {
     /// empty) is built, and its `[bootstrap]` says whether it holds the initial shards.
     #[arg(long, value_name = "FILE")]
     config: PathBuf,
+    /// Override the file's `data_dir`, as `flotilla server --data-dir` does (so the restore
+    /// builds the directory the server will open).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 /// Prints progress to standard error: on every finished shard, otherwise once a second.
@@ -69,7 +73,10 @@ pub async fn run_backup(conn: &Conn, to: &Path) -> Result<i32> {
 }
 
 pub async fn run_restore(a: RestoreArgs) -> Result<i32> {
-    let file = ServerFile::load(&a.config).map_err(|e| anyhow!(e))?;
+    let mut file = ServerFile::load(&a.config).map_err(|e| anyhow!(e))?;
+    if let Some(d) = &a.data_dir {
+        file.data_dir = d.clone();
+    }
     let base = a.config.parent().map(Path::to_path_buf).unwrap_or_default();
     let Some(bootstrap) = &file.bootstrap else {
         bail!(

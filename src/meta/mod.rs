@@ -144,7 +144,7 @@ pub fn run_op(op: &MetaOp, state: &mut MetaState, balancer: &BalancerConfig) -> 
             }
             Ok(AdminResponse::Changed(acc))
         }
-        MetaOp::Bootstrap { nodes, replicas, split_keys } => {
+        MetaOp::Bootstrap { nodes, replicas, split_keys, backup_id } => {
             if !state.map.is_empty() {
                 return Ok(AdminResponse::Done("already bootstrapped".into()));
             }
@@ -163,6 +163,7 @@ pub fn run_op(op: &MetaOp, state: &mut MetaState, balancer: &BalancerConfig) -> 
                     .apply(MetaCommand::Split { shard: d.id, epoch: d.epoch, key: key.clone() })
                     .map_err(|e| e.to_string())?;
             }
+            state.restored_from = backup_id.clone();
             Ok(AdminResponse::Changed(state.map.shards().cloned().collect()))
         }
         MetaOp::Report { node, addr, .. } => {
@@ -233,6 +234,7 @@ mod tests {
             nodes: vec![(NodeId(1), "a".into()), (NodeId(2), "b".into())],
             replicas: vec![NodeId(1), NodeId(2)],
             split_keys: dev_split_keys(4),
+            backup_id: None,
         };
         run_op(&op, &mut s, &BalancerConfig::default()).unwrap();
         assert_eq!(s.map.len(), 4);
@@ -271,6 +273,7 @@ mod tests {
             nodes: voters.iter().map(|n| (*n, format!("10.0.0.{}:7001", n.0))).collect(),
             replicas: voters.clone(),
             split_keys: dev_split_keys(BOOTSTRAP_SHARDS_MAX),
+            backup_id: None,
         };
         run_op(&op, &mut s, &BalancerConfig::default()).unwrap();
         let ids: Vec<ShardId> = s.map.shards().map(|d| d.id).collect();
@@ -309,6 +312,7 @@ mod tests {
             nodes,
             replicas: vec![NodeId(1), NodeId(2), NodeId(3)],
             split_keys: dev_split_keys(BOOTSTRAP_SHARDS_MAX),
+            backup_id: None,
         };
         run_op(&op, &mut s, &BalancerConfig::default()).unwrap();
         assert_eq!(s.map.len(), BOOTSTRAP_SHARDS_MAX as usize);

@@ -59,6 +59,10 @@ const TOMB: &[u8] = b"tomb/";
 /// A node removed for good by an unsafe recovery. A build without this kind refuses the
 /// state loudly ("not a record this build knows") rather than let a dead node back in.
 const REMOVED: &[u8] = b"removed/";
+/// [`MetaState::restored_from`]: one record, written by the bootstrap of a restored cluster.
+/// A build that does not know it refuses the state ("not a record this build knows") rather
+/// than letting unrestored nodes form its shards.
+const RESTORED: &[u8] = b"restored";
 
 /// One write of a change: a record's key and its new value (`None`: deleted).
 pub type MetaWrite = (Vec<u8>, Option<Vec<u8>>);
@@ -130,7 +134,7 @@ impl StoredMeta {
                 match version {
                     META_FORMAT_WHOLE => {
                         // Written before `removed` existed, or by this build's conversion path.
-                        out.state = MetaState::restore(body).or_else(|_| MetaState::restore_without_removed(body))?;
+                        out.state = MetaState::restore(body)?;
                         out.header.next_shard_id = out.state.next_shard_id;
                         out.whole = true;
                     }
@@ -206,6 +210,10 @@ impl StoredMeta {
         diff_map(&mut writes, old_r.iter().map(|(k, v)| (*k, v)), new_r.iter().map(|(k, v)| (*k, v)), |n| {
             key(REMOVED, &[n.0])
         })?;
+        if base.restored_from != next.restored_from {
+            let value = next.restored_from.as_ref().map(encode).transpose().map_err(|e| e.message)?;
+            writes.push((key(RESTORED, &[]), value));
+        }
         let recent_first = diff_recent(&mut writes, self.header.recent_first, &base.recent_moves, &next.recent_moves)?;
         if !self.leftovers.is_empty() {
             let written: std::collections::BTreeSet<&[u8]> = writes.iter().map(|(k, _)| k.as_slice()).collect();
@@ -500,6 +508,8 @@ fn apply_items(state: &mut MetaState, items: &[MetaWrite]) -> Result<(), String>
                     state.removed.remove(&NodeId(i[0]));
                 }
             }
+        } else if ids(k, RESTORED, 0).is_some() {
+            state.restored_from = v.as_ref().map(|b| decode(b, what).map_err(|e| e.message)).transpose()?;
         } else {
             return Err(format!("{}: not a record this build knows", what()));
         }

@@ -415,3 +415,29 @@ fn thousands_of_leftovers_do_not_stop_the_next_change() {
     assert_eq!(range.load(), after);
     assert!(range.load().leftovers.is_empty());
 }
+
+#[test]
+fn the_backup_a_cluster_was_restored_from_is_one_record_that_follows_and_reloads() {
+    let mut range = Range::default();
+    let mut s = bootstrapped(&mut range, 3);
+    let mut next = s.state.clone();
+    next.restored_from = Some("18c0ffee-1".into());
+    let (writes, after) = s.changes(&next).expect("changes");
+    assert_eq!(writes.len(), 2, "the record and the header: {writes:?}");
+    range.write(&writes);
+    assert_eq!(range.load(), after, "a replica reading its range");
+    let mut follower = s.clone();
+    follower.apply(&writes).expect("follow");
+    assert_eq!(follower, after, "a copy following the change");
+    s = after;
+    assert_eq!(s.state.restored_from.as_deref(), Some("18c0ffee-1"));
+    // The whole state (a view, format 1) carries it, and one serialized before the field
+    // existed (it ends where the field starts: `None` is its last byte) is still read.
+    assert_eq!(MetaState::restore(&s.state.snapshot().expect("snapshot")).expect("restore"), s.state);
+    let mut old = s.state.clone();
+    old.restored_from = None;
+    let bytes = old.snapshot().expect("snapshot");
+    assert_eq!(bytes.last(), Some(&0));
+    assert_eq!(MetaState::restore(&bytes[..bytes.len() - 1]).expect("restore the older layout"), old);
+    assert!(MetaState::restore(&[bytes.as_slice(), &[0]].concat()).is_err(), "trailing bytes");
+}

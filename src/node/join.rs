@@ -41,6 +41,7 @@ impl Node {
             nodes: ids.iter().map(|n| (*n, addr_of(*n))).collect(),
             replicas: b.shard_replicas.clone(),
             split_keys: b.split_keys.clone(),
+            backup_id: self.inner.restored.as_ref().map(|r| r.backup_id.clone()),
         };
         loop {
             match self.meta_exec(op.clone(), false).await {

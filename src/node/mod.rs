@@ -386,6 +386,10 @@ struct Inner {
     reconciled: Mutex<Option<((u64, usize), Instant)>>,
     /// The shards of this node's bootstrap with their ranges then, worked out once.
     bootstrap_ranges: std::sync::OnceLock<std::collections::BTreeMap<crate::raft::GroupId, crate::shard::KeyRange>>,
+    /// The restore this node's store was built by (`flotilla restore`), if any: its bootstrap
+    /// shards are formed over the restored data, and only in a cluster bootstrapped from the
+    /// same backup (`reconcile.rs`).
+    restored: Option<crate::backup::Restored>,
     /// Last size check of each shard this node leads (`report.rs`).
     sizes: Mutex<HashMap<ShardId, SizeCheck>>,
     /// Requests per shard served here and their sampled keys, for load-based splitting and
@@ -438,17 +442,17 @@ impl Node {
         }
         // A data directory restored from a backup (`flotilla restore`): the new cluster's
         // shards are the backup's, whatever the bootstrap's own split keys.
-        let restored =
-            crate::backup::restored_split_keys(&config.data_dir).map_err(|e| NodeError::Storage(e.to_string()))?;
-        if let Some(keys) = restored {
+        let restored = crate::backup::restored(&config.data_dir).map_err(|e| NodeError::Storage(e.to_string()))?;
+        if let Some(r) = &restored {
             match &mut config.bootstrap {
                 Some(b) => {
                     info!(
                         node = config.id.0,
-                        shards = keys.len() + 1,
+                        backup = %r.backup_id,
+                        shards = r.split_keys.len() + 1,
                         "restored from a backup: bootstrapping with its shards"
                     );
-                    b.split_keys = keys;
+                    b.split_keys = r.split_keys.clone();
                 }
                 None => warn!(
                     node = config.id.0,
@@ -515,6 +519,7 @@ impl Node {
             reconfig: Mutex::new(HashMap::new()),
             reconciled: Mutex::new(None),
             bootstrap_ranges: std::sync::OnceLock::new(),
+            restored,
             sizes: Mutex::new(HashMap::new()),
             load: LoadTrackers::new(load_split_config(&config), 0),
             requests_limit: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),

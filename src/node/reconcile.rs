@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// A change a group's leader asks of its group, rate-limited per group by [`due_now`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -91,7 +91,7 @@ impl Node {
         let local: BTreeMap<GroupId, Option<KeyRange>> =
             ids.into_iter().map(|g| (g, if missing { host.group_range(g) } else { None })).collect();
         let bootstrap = match missing {
-            true => self.bootstrap_to_form(&state.map),
+            true => self.bootstrap_to_form(&state),
             false => &NO_BOOTSTRAP,
         };
         // Several at once: each creation is a durable write, and one after another the 10,000
@@ -106,7 +106,16 @@ impl Node {
                 }
             }
             let host = host.clone();
-            creating.spawn(async move { (c.shard, host.create_group(c.shard, c.range, c.initial).await) });
+            // A bootstrap shard over a restore's data starts with that data as its history
+            // (`Host::create_restored_group`), so that replicas added later get it.
+            let over_restored = self.inner.restored.as_ref().is_some_and(|r| r.holds_data);
+            creating.spawn(async move {
+                let done = match c.initial {
+                    Some(m) if over_restored => host.create_restored_group(c.shard, c.range, m).await,
+                    initial => host.create_group(c.shard, c.range, initial).await,
+                };
+                (c.shard, done)
+            });
         }
         while let Some(done) = creating.join_next().await {
             log_creation(me, done);
@@ -163,7 +172,13 @@ impl Node {
 
     /// The bootstrap shards this node may form, with their ranges then: none if its
     /// `[bootstrap]` disagrees with the map (every initial node must be given the same one).
-    fn bootstrap_to_form(&self, map: &ShardMap) -> &BTreeMap<GroupId, KeyRange> {
+    fn bootstrap_to_form(&self, state: &MetaState) -> &BTreeMap<GroupId, KeyRange> {
+        let map = &state.map;
+        let mine = self.inner.restored.as_ref().map(|r| r.backup_id.as_str());
+        if let Err(e) = restore_matches(state.restored_from.as_deref(), mine) {
+            error!(node = self.inner.id.0, error = %e, "this node forms no shard of the cluster's bootstrap");
+            return &NO_BOOTSTRAP;
+        }
         let b = self.inner.config.bootstrap.as_ref();
         let ranges = self.inner.bootstrap_ranges.get_or_init(|| bootstrap_ranges(b));
         let keys = b.map(|b| b.split_keys.as_slice()).unwrap_or_default();
@@ -239,12 +254,37 @@ fn bootstrap_ranges(bootstrap: Option<&BootstrapConfig>) -> BTreeMap<GroupId, Ke
         nodes: b.shard_replicas.iter().map(|n| (*n, String::new())).collect(),
         replicas: b.shard_replicas.clone(),
         split_keys: b.split_keys.clone(),
+        backup_id: None,
     };
     if let Err(e) = crate::meta::run_op(&op, &mut s, &Default::default()) {
         warn!(error = %e, "cannot work out the bootstrap's shards: this node forms none");
         return BTreeMap::new();
     }
     s.map.shards().map(|d| (d.id, shard_range(d))).collect()
+}
+
+/// Whether this node's store (`mine`: the backup it was restored from, if any) starts the
+/// cluster's bootstrap shards with the data their other replicas start with (`cluster`: the
+/// backup the cluster was bootstrapped from). A node left unrestored in a restored cluster
+/// would otherwise form an empty voting replica (which could lead, or make a quorum without
+/// the data), and a node restored from another backup one with other data.
+fn restore_matches(cluster: Option<&str>, mine: Option<&str>) -> Result<(), String> {
+    match (cluster, mine) {
+        (None, None) => Ok(()),
+        (Some(c), Some(m)) if c == m => Ok(()),
+        (Some(c), None) => Err(format!(
+            "the cluster was restored from backup {c}, and this node's data directory was not: \
+             run flotilla restore --from <that backup> on it (with an empty data directory)"
+        )),
+        (None, Some(m)) => Err(format!(
+            "this node's data directory was restored from backup {m}, but the cluster was bootstrapped \
+             without one (its bootstrapper was not restored): restore every initial node from the same backup"
+        )),
+        (Some(c), Some(m)) => Err(format!(
+            "the cluster was restored from backup {c}, this node's data directory from backup {m}: \
+             restore every initial node from the same backup"
+        )),
+    }
 }
 
 /// Whether a bootstrap (its split keys, and the shards they made) can be the one that made
@@ -514,12 +554,23 @@ mod tests {
                 nodes: vec![(n(1), "a".into()), (n(2), "b".into()), (n(3), "c".into())],
                 replicas: vec![n(1), n(2), n(3)],
                 split_keys: b.split_keys.clone(),
+                backup_id: None,
             };
             run_op(&op, &mut s, &BalancerConfig::default()).unwrap();
             let made: BTreeMap<GroupId, KeyRange> = s.map.shards().map(|d| (d.id, shard_range(d))).collect();
             assert_eq!(bootstrap_ranges(Some(&b)), made);
             assert_eq!(made.len(), shards as usize);
         }
+    }
+
+    #[test]
+    fn only_a_node_restored_from_the_clusters_backup_forms_its_bootstrap_shards() {
+        assert_eq!(restore_matches(None, None), Ok(()), "a new cluster of new nodes");
+        assert_eq!(restore_matches(Some("b1"), Some("b1")), Ok(()));
+        let left_out = restore_matches(Some("b1"), None).unwrap_err();
+        assert!(left_out.contains("b1") && left_out.contains("flotilla restore"), "{left_out}");
+        assert!(restore_matches(Some("b1"), Some("b2")).unwrap_err().contains("b2"));
+        assert!(restore_matches(None, Some("b1")).is_err(), "a restored node in a cluster bootstrapped empty");
     }
 
     #[test]

@@ -133,6 +133,11 @@ impl Node {
         Ok(report)
     }
 
+    /// The approximate bytes of `shard` as last sized here (only shards this node leads are).
+    pub(super) fn approx_size_bytes(&self, shard: ShardId) -> Option<u64> {
+        self.inner.sizes.lock().ok()?.get(&shard).map(|c| c.size.estimate)
+    }
+
     /// Sizes the shards this node leads (their leaders report sizes; followers hold the same
     /// data), in its own task so a long read never delays reports. A shard is re-sized when its
     /// descriptor changed, or when it applied entries since its last check and that check is

@@ -71,6 +71,23 @@ impl Cluster {
         Cluster { dev, _dir: dir }
     }
 
+    /// Review probe: `n` new nodes, every one in the meta group and every initial shard, with
+    /// no split keys of their own (a server file's default `shards = 1`); only the nodes in
+    /// `restored` have their data directories restored from `backup` first.
+    pub async fn start_partly_restored(n: u64, backup: &std::path::Path, restored: &[u64]) -> Cluster {
+        init_log();
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<NodeId> = (1..=n).map(NodeId).collect();
+        let bootstrap = BootstrapConfig::of_nodes(&ids, Vec::new());
+        for id in restored {
+            flotilla::backup::restore_data_dir(backup, &dir.path().join(format!("node-{id}")), true, |_| {}).unwrap();
+        }
+        let dev = DevCluster::start(dir.path(), n, bootstrap, |cfg| cfg.report_interval_ms = TEST_REPORT_INTERVAL_MS)
+            .await
+            .unwrap();
+        Cluster { dev, _dir: dir }
+    }
+
     /// Node `id`, which must be running.
     pub fn node(&self, id: u64) -> &Node {
         self.dev.node(NodeId(id)).unwrap_or_else(|| panic!("node {id} is not running"))

@@ -516,6 +516,38 @@ impl Host {
         self.start_group(reservation, range, initial).await
     }
 
+    /// Forms group `group` over `range` on a node whose store already holds the range's data
+    /// (a restore from a backup loaded it): as [`Host::create_group`] with `membership`, but
+    /// the replica starts as if a snapshot at the formation point ([`RESTORED_FORMATION`],
+    /// with `membership`) had been installed: applied there, and the log empty behind it. So
+    /// the restored data is part of the group's history: a replica added later needs entries
+    /// from index 1, which no log holds, and gets a snapshot, built from this data. Formed
+    /// with an entry at index 1 instead, a new replica would be fed the log from there onto
+    /// an empty key range, and never get the data. Every member of the bootstrap must form
+    /// it this way, from the same data (the node checks the backup's id).
+    pub async fn create_restored_group(
+        &self,
+        group: GroupId,
+        range: KeyRange,
+        membership: Membership,
+    ) -> Result<(), HostError> {
+        let reservation = self.shared.reserve_free(group, &range)?;
+        let desc = encode(&GroupDescriptor { range: range.clone(), initial: Some(membership.clone()) })?;
+        let applied = crate::kv::AppliedRecord {
+            last_applied: Some(RESTORED_FORMATION),
+            membership: StoredMembership { log_id: RESTORED_FORMATION, membership: membership.clone() },
+        };
+        // One synced write: a crash leaves either nothing or a group that starts as restored.
+        let ops = vec![
+            Op::Put(CF_META, meta_key(group).to_vec(), desc),
+            Op::Put(CF_RAFT, group_key(group, crate::keys::KIND_APPLIED).to_vec(), encode(&applied)?),
+        ];
+        self.shared.store.write(ops, true).await?;
+        // The engine starts from the applied record (`Engine::new` resets the empty log to it),
+        // so it is not pristine and `membership` is not proposed again at index 1.
+        self.start_group(reservation, range, Some(membership)).await
+    }
+
     async fn start_group(
         &self,
         reservation: Reservation,
@@ -905,6 +937,11 @@ fn pinger(shared: Arc<Shared>) {
         std::thread::sleep(every);
     }
 }
+
+/// Where a group formed over restored data starts ([`Host::create_restored_group`]): the id
+/// a new group's first entry (its configuration) would have, so that the replicas start where
+/// a formed group's first entry leaves it, but with that entry purged.
+pub const RESTORED_FORMATION: flotilla_raft::LogId = flotilla_raft::LogId { term: Term(0), index: LogIndex(1) };
 
 /// The first key after every `raft` key of `group`.
 fn group_end(group: GroupId) -> Vec<u8> {

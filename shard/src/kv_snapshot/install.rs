@@ -282,11 +282,19 @@ pub(crate) fn remove_stale_installs(store: &Store) -> Result<usize, StorageError
 
 /// Loads the files of a snapshot stream that were kept as files (a backup's) into an unused
 /// store, for `range`: checked against `files`' lengths and crc32c first, then ingested in one
-/// call (atomic), by copy so the originals stay as they were. Blocking. Only for a store no
-/// group runs in yet (`flotilla restore` builds a new node's store with it): nothing else
-/// must write into the range, and no applied record is written (the group that forms over
-/// the range later starts from this data).
-pub fn ingest_copies(store: &Store, range: &KeyRange, files: &[(PathBuf, u64, u32)]) -> Result<(), StorageError> {
+/// call (atomic), by copy so the originals stay as they were; then the ingested files are
+/// checked against what the backup says of them: every key inside `range`, and `keys` keys
+/// in all (a crc32c proves a file intact, not that it is this shard's). Blocking. Only for a
+/// store no group runs in yet (`flotilla restore` builds a new node's store with it, and
+/// throws the store away after an error): nothing else must write into the range, and no
+/// applied record is written (the group that forms over the range later starts from this
+/// data).
+pub fn ingest_copies(
+    store: &Store,
+    range: &KeyRange,
+    keys: u64,
+    files: &[(PathBuf, u64, u32)],
+) -> Result<(), StorageError> {
     let op = "restore";
     for (path, bytes, crc) in files {
         let got = file_crc(op, path, *bytes)?;
@@ -294,14 +302,64 @@ pub fn ingest_copies(store: &Store, range: &KeyRange, files: &[(PathBuf, u64, u3
             return Err(StorageError::new(op, format!("{}: crc32c {got:08x}, expected {crc:08x}", path.display())));
         }
     }
+    let shown = || range.start.escape_ascii().to_string();
     if files.is_empty() {
         // An empty range: nothing to load, and an unused store holds nothing there.
+        if keys != 0 {
+            return Err(StorageError::new(op, format!("range from {:?}: no file, but {keys} keys", shown())));
+        }
         return Ok(());
     }
+    let before = data_files(store)?;
     let mut opts = rocksdb::IngestExternalFileOptions::default();
     opts.set_move_files(false);
     let paths: Vec<PathBuf> = files.iter().map(|(p, _, _)| p.clone()).collect();
-    store.db().ingest_external_file_cf_opts(store.cf(CF_DATA)?, &opts, paths).map_err(|e| {
-        StorageError::new(op, format!("range from {:?}: ingest: {e}", range.start.escape_ascii().to_string()))
-    })
+    store
+        .db()
+        .ingest_external_file_cf_opts(store.cf(CF_DATA)?, &opts, paths)
+        .map_err(|e| StorageError::new(op, format!("range from {:?}: ingest: {e}", shown())))?;
+    let mut found = 0u64;
+    let mut ingested = 0usize;
+    for f in data_files(store)?.into_iter().filter(|f| !before.iter().any(|b| b.name == f.name)) {
+        ingested += 1;
+        // A snapshot's first file also holds the range deletion that clears the range before
+        // it is loaded: a deletion, whose end (the range's exclusive end) may be the file's
+        // largest key.
+        found = found.saturating_add(f.num_entries.saturating_sub(f.num_deletions));
+        let starts_inside = f.start_key.as_ref().is_some_and(|k| range.contains(k));
+        let ends_inside = f
+            .end_key
+            .as_ref()
+            .is_some_and(|k| range.contains(k) || (f.num_deletions > 0 && range.end.as_ref().is_some_and(|e| e == k)));
+        if !starts_inside || !ends_inside {
+            return Err(StorageError::new(
+                op,
+                format!(
+                    "range from {:?}: a file holds keys {:?}..={:?}, outside the shard's range",
+                    shown(),
+                    f.start_key.as_deref().map(|k| k.escape_ascii().to_string()),
+                    f.end_key.as_deref().map(|k| k.escape_ascii().to_string()),
+                ),
+            ));
+        }
+    }
+    // RocksDB keeps an ingested file whole (no compaction merges the disjoint files of a
+    // restore), so their count and entries are the backup's.
+    if ingested != files.len() || found != keys {
+        return Err(StorageError::new(
+            op,
+            format!(
+                "range from {:?}: {ingested} files of {found} keys, the backup says {} of {keys}",
+                shown(),
+                files.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The SST files of the data column family.
+fn data_files(store: &Store) -> Result<Vec<rocksdb::LiveFile>, StorageError> {
+    let all = store.db().live_files().map_err(|e| StorageError::new("restore", format!("live files: {e}")))?;
+    Ok(all.into_iter().filter(|f| f.column_family_name == CF_DATA).collect())
 }

@@ -544,9 +544,22 @@ fn a_backup_copy_is_of_the_groups_range_and_its_kept_files_load_into_a_new_store
     let fresh = open(&dir.path().join("fresh"));
     let mut bad = files.clone();
     bad[1].2 ^= 1;
-    assert!(ingest_copies(&fresh, &range(0, 200), &bad).is_err_and(|e| e.message.contains("crc32c")));
+    assert!(ingest_copies(&fresh, &range(0, 200), 200, &bad).is_err_and(|e| e.message.contains("crc32c")));
     assert!(all_data(&fresh).is_empty(), "nothing loaded from a corrupt set");
-    ingest_copies(&fresh, &range(0, 200), &files).expect("ingest");
+    // Intact files that are not the shard's, or not all of it, are refused (the store is
+    // thrown away then: each case on a store of its own).
+    let refused = |name: &str, r: KeyRange, keys: u64, files: &[(PathBuf, u64, u32)]| {
+        let store = open(&dir.path().join(name));
+        let e = ingest_copies(&store, &r, keys, files).expect_err(name);
+        eprintln!("{name}: {e}");
+        e.message
+    };
+    assert!(refused("other-range", range(100, 300), 200, &files).contains("outside the shard's range"));
+    assert!(refused("narrower", range(0, 150), 200, &files).contains("outside the shard's range"));
+    assert!(refused("fewer-keys", range(0, 200), 201, &files).contains("the backup says"));
+    assert!(refused("a-file-short", range(0, 200), 200, &files[1..]).contains("the backup says"));
+    assert!(refused("no-file", range(0, 200), 3, &[]).contains("no file"));
+    ingest_copies(&fresh, &range(0, 200), 200, &files).expect("ingest");
     assert_eq!(all_data(&fresh), (0..200).map(|i| (key(i), value(i))).collect::<Vec<_>>());
     assert!(files.iter().all(|(p, _, _)| p.exists()), "the kept files stay (ingested by copy)");
 }
