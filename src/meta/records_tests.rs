@@ -431,13 +431,14 @@ fn the_backup_a_cluster_was_restored_from_is_one_record_that_follows_and_reloads
     assert_eq!(follower, after, "a copy following the change");
     s = after;
     assert_eq!(s.state.restored_from.as_deref(), Some("18c0ffee-1"));
-    // The whole state (a view, format 1) carries it, and one serialized before the field
-    // existed (it ends where the field starts: `None` is its last byte) is still read.
+    // The whole state (a view, format 1) carries it, and one serialized before this field and
+    // `removed` existed (it ends where they start: an empty set and `None`, a zero byte each,
+    // are its last bytes) is still read.
     assert_eq!(MetaState::restore(&s.state.snapshot().expect("snapshot")).expect("restore"), s.state);
     let mut old = s.state.clone();
     old.restored_from = None;
     let bytes = old.snapshot().expect("snapshot");
-    assert_eq!(bytes.last(), Some(&0));
-    assert_eq!(MetaState::restore(&bytes[..bytes.len() - 1]).expect("restore the older layout"), old);
+    assert_eq!(bytes[bytes.len() - 2..], [0, 0]);
+    assert_eq!(MetaState::restore(&bytes[..bytes.len() - 2]).expect("restore the older layout"), old);
     assert!(MetaState::restore(&[bytes.as_slice(), &[0]].concat()).is_err(), "trailing bytes");
 }
