@@ -637,12 +637,9 @@ impl Client {
             let node = nodes[turn % nodes.len()];
             turn += 1;
             let timeout = self.config.request_timeout.max(Duration::from_secs(12)).min(deadline - Instant::now());
-            match self.call(node, &request, timeout).await {
-                Ok(Response::Admin(a)) => return Ok(a),
-                Ok(Response::Invalid(e)) => return Err(ClientError::Invalid(e)),
-                Ok(Response::Denied(e)) => return Err(ClientError::Denied(e)),
-                Ok(other) => last = format!("node {node}: {}", describe(&other)),
-                Err(CallError::NotSent(e) | CallError::Sent(e)) => last = e,
+            match admin_outcome(node, self.call(node, &request, timeout).await) {
+                Ok(done) => return done,
+                Err(why) => last = why,
             }
             sleep_backoff(&mut backoff, deadline).await;
         }
@@ -667,13 +664,8 @@ impl Client {
     /// node holds). For backups.
     pub(crate) async fn admin_at(&self, node: NodeId, req: AdminRequest) -> Result<AdminResponse, ClientError> {
         let timeout = self.config.request_timeout;
-        match self.call(node, &Request::Admin(req), timeout).await {
-            Ok(Response::Admin(a)) => Ok(a),
-            Ok(Response::Invalid(e)) => Err(ClientError::Invalid(e)),
-            Ok(Response::Denied(e)) => Err(ClientError::Denied(e)),
-            Ok(other) => Err(ClientError::Unavailable(format!("node {node}: {}", describe(&other)))),
-            Err(CallError::NotSent(e) | CallError::Sent(e)) => Err(ClientError::Unavailable(e)),
-        }
+        admin_outcome(node, self.call(node, &Request::Admin(req), timeout).await)
+            .unwrap_or_else(|why| Err(ClientError::Unavailable(why)))
     }
 
     /// Runs an admin request on `node` only (requests a node serves from its own state, such
@@ -685,12 +677,9 @@ impl Client {
         let request = Request::Admin(req);
         while Instant::now() < deadline {
             let timeout = self.config.request_timeout.max(Duration::from_secs(12)).min(deadline - Instant::now());
-            match self.call(node, &request, timeout).await {
-                Ok(Response::Admin(a)) => return Ok(a),
-                Ok(Response::Invalid(e)) => return Err(ClientError::Invalid(e)),
-                Ok(Response::Denied(e)) => return Err(ClientError::Denied(e)),
-                Ok(other) => last = format!("node {node}: {}", describe(&other)),
-                Err(CallError::NotSent(e) | CallError::Sent(e)) => last = e,
+            match admin_outcome(node, self.call(node, &request, timeout).await) {
+                Ok(done) => return done,
+                Err(why) => last = why,
             }
             sleep_backoff(&mut backoff, deadline).await;
         }
@@ -729,6 +718,18 @@ async fn sleep_backoff(backoff: &mut u64, deadline: Instant) {
 /// never goes back to it.
 pub fn map_progress(map: &ShardMap) -> u64 {
     map.shards().fold(0u64, |sum, d| sum.saturating_add(d.epoch.version).saturating_add(d.epoch.conf_version))
+}
+
+/// What an admin call to `node` came to: its answer or a refusal, final (`Ok`), or why another
+/// try may do better (`Err`: no answer, or an answer that is not the admin's).
+fn admin_outcome(node: NodeId, r: Result<Response, CallError>) -> Result<Result<AdminResponse, ClientError>, String> {
+    match r {
+        Ok(Response::Admin(a)) => Ok(Ok(a)),
+        Ok(Response::Invalid(e)) => Ok(Err(ClientError::Invalid(e))),
+        Ok(Response::Denied(e)) => Ok(Err(ClientError::Denied(e))),
+        Ok(other) => Err(format!("node {node}: {}", describe(&other))),
+        Err(CallError::NotSent(e) | CallError::Sent(e)) => Err(e),
+    }
 }
 
 fn describe(r: &Response) -> String {
