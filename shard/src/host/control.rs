@@ -3,7 +3,7 @@
 //! groups for the host's callers.
 
 use super::group_state::GroupState;
-use super::poller::{Poller, PollerMsg};
+use super::poller::{Poller, PollerMsg, Removal};
 use super::{build_group, GroupInfo, Reservation};
 use crate::kv::SplitEffect;
 use flotilla_raft::{Fatal, GroupId};
@@ -20,13 +20,16 @@ impl Poller {
         self.dirty.insert(id);
     }
 
-    /// A group leaves this poller (destroyed) if `still` holds of its state now: it stops, and
-    /// nothing of it stays queued. Whether it left (`None`: not here).
-    pub(super) fn on_remove(&mut self, id: GroupId, still: super::DestroyGuard) -> Option<bool> {
-        let g = self.groups.get(&id)?;
+    /// A group leaves this poller (destroyed) if `still` holds of its state now: it stops,
+    /// nothing of it stays queued, and it leaves the registry in the same step (so no caller
+    /// that stops waiting halfway leaves a registered group that no poller runs, and no request
+    /// reaches the poller for it after).
+    pub(super) fn on_remove(&mut self, id: GroupId, still: super::DestroyGuard) -> Removal {
+        let Some(g) = self.groups.get(&id) else { return Removal::Missing };
         if !still(&group_info(g)) {
-            return Some(false);
+            return Removal::Kept;
         }
+        let entry = self.shared.registry.write().ok().and_then(|mut r| r.groups.remove(&id));
         if let Some(mut g) = self.groups.remove(&id) {
             g.core.stop(Fatal::Shutdown);
         }
@@ -36,7 +39,7 @@ impl Poller {
         // Its applied indexes say nothing of a replica created again under the same id (whose
         // state is written in later batches): it must not hear them as durable.
         self.durable_waits.retain(|(_, gid, _, _)| *gid != id);
-        Some(true)
+        entry.map_or(Removal::Missing, Removal::Removed)
     }
 
     /// The state of every group on this poller (`only`: of that group alone, if here).

@@ -48,7 +48,7 @@ use flotilla_raft::{
     RaftError, ReadMode, Request, Role, SnapshotMeta, StorageError, StoredMembership, Term,
 };
 use group_state::GroupState;
-use poller::{Poller, PollerMsg};
+use poller::{Poller, PollerMsg, Removal};
 pub(crate) use registry::{GroupEntry, Registry, Reservation};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -582,13 +582,11 @@ impl Host {
         let poller = self.entry(group)?.poller;
         let (tx, rx) = oneshot::channel();
         self.shared.pollers[poller].send(PollerMsg::Remove(group, still, tx)).map_err(|_| HostError::Stopped)?;
-        match rx.await.map_err(|_| HostError::Stopped)? {
-            Some(true) => {}
-            Some(false) => return Err(HostError::Kept(group)),
-            None => return Err(HostError::UnknownGroup(group)),
-        }
-        let entry = self.shared.registry.write().map_err(|_| HostError::Stopped)?.groups.remove(&group);
-        let Some(entry) = entry else { return Err(HostError::UnknownGroup(group)) };
+        let entry = match rx.await.map_err(|_| HostError::Stopped)? {
+            Removal::Removed(entry) => entry,
+            Removal::Kept => return Err(HostError::Kept(group)),
+            Removal::Missing => return Err(HostError::UnknownGroup(group)),
+        };
         // A snapshot build or installation started before the removal would write the
         // group's state or data after the deletes below: wait for it, and start no other.
         entry.sm.retire().await;

@@ -23,8 +23,8 @@ use tracing::debug;
 /// What a poller's mailbox carries.
 pub(crate) enum PollerMsg {
     Add(Box<GroupState>, oneshot::Sender<()>),
-    /// Stop and drop a group if the guard holds (answers whether it did; `None`: no such group).
-    Remove(GroupId, super::DestroyGuard, oneshot::Sender<Option<bool>>),
+    /// Stop and drop a group if the guard holds, and unregister it (see `Removal`).
+    Remove(GroupId, super::DestroyGuard, oneshot::Sender<Removal>),
     Batch {
         from: NodeId,
         messages: Vec<(GroupId, Message)>,
@@ -65,6 +65,16 @@ pub(crate) enum PollerMsg {
     /// The state of every group of this poller, or of one.
     Info(Option<GroupId>, oneshot::Sender<Vec<GroupInfo>>),
     Shutdown,
+}
+
+/// What became of a `PollerMsg::Remove`.
+pub(crate) enum Removal {
+    /// No such group on this poller (or not registered).
+    Missing,
+    /// The guard did not hold: the group runs on.
+    Kept,
+    /// Stopped and unregistered: its registry entry, for the deletes that follow.
+    Removed(super::registry::GroupEntry),
 }
 
 /// The writes and messages of one round.
