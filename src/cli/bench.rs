@@ -40,6 +40,17 @@ pub struct BenchArgs {
     /// Add a timeline to the report: throughput and latency per interval of this many seconds.
     #[arg(long)]
     timeline: Option<f64>,
+    /// How gets are served: `linearizable` (ReadIndex: the leader confirms its leadership with
+    /// a quorum per read round) or `lease` (the leader answers within its lease, without a
+    /// round; linearizable under the bounded clock drift that ARCHITECTURE.md states).
+    #[arg(long, value_enum, default_value_t = ReadsArg::Linearizable)]
+    reads: ReadsArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ReadsArg {
+    Linearizable,
+    Lease,
 }
 
 /// The metrics address of each node the cluster file gives one.
@@ -87,7 +98,11 @@ pub async fn run(a: BenchArgs) -> Result<i32> {
         random_values: a.random_values,
         timeline_ms: a.timeline.map(|t| (t * 1000.0).round() as u32),
     };
-    let ccfg = client_config(&a.conn)?;
+    let mut ccfg = client_config(&a.conn)?;
+    ccfg.consistency = match a.reads {
+        ReadsArg::Linearizable => flotilla::wire::ReadConsistency::Linearizable,
+        ReadsArg::Lease => flotilla::wire::ReadConsistency::Lease,
+    };
     let metrics = metrics_addrs(&a.conn)?;
     let progress = Arc::new(bench::Progress::default());
     let p = progress.clone();
