@@ -498,3 +498,23 @@ fn an_ack_owed_to_a_re_elected_leader_goes_out_in_its_new_term() {
         .collect();
     assert!(acks.iter().any(|(to, t, matched)| *to == n(1) && *t == term && *matched >= noop), "{acks:?}");
 }
+
+#[test]
+fn a_follower_that_lost_entries_it_acknowledged_is_caught_up_from_where_its_log_ends() {
+    // Node 3's disk is wiped and it comes back under its id, empty: it now rejects the probe at
+    // the index it acknowledged. The leader must not keep probing there (a message ping-pong
+    // that never ends and a replica that never catches up): it catches 3 up like a new one.
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    for i in 0..5 {
+        c.propose(1, &format!("before{i}"));
+    }
+    c.stabilize();
+    let acked = c.engine(3).last_log_id();
+    assert_eq!(acked, c.engine(1).last_log_id());
+    c.nodes.insert(n(3), TestNode::new(3, &cfg(), 7));
+    let last = c.propose(1, "after");
+    c.stabilize();
+    assert_eq!(c.engine(3).last_log_id().index, last, "node 3 holds the whole log again");
+    assert_eq!(c.engine(1).committed(), last);
+    assert_eq!(c.applied_data(3), c.applied_data(1));
+}
