@@ -18,7 +18,9 @@ use std::collections::BTreeMap;
 /// `MetaOp::Bootstrap` the backup a restored cluster starts from (and the meta state its
 /// `restored_from`).
 /// Version 3: each shard load carries its epoch, and the report the node's total led load.
-pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 3;
+/// Version 4: the meta leader asks a node to hold a replica of the meta group
+/// ([`PeerRequest::HoldMetaReplica`]).
+pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 4;
 
 /// Whether `bytes` is a message of the peer protocol (rather than the client protocol).
 pub fn is_peer_message(bytes: &[u8]) -> bool {
@@ -47,6 +49,10 @@ pub enum PeerRequest {
         /// The revision of the asker's copy, if it holds one that changes can bring up to date.
         since: Option<u64>,
     },
+    /// From the meta leader, once the meta group's committed configuration lists the asked
+    /// node as a learner: hold a replica of the meta group (created empty if there is none,
+    /// to be caught up by the leader), and tell how far it has applied.
+    HoldMetaReplica,
 }
 
 /// How an asker's copy of the meta state reaches a revision ([`PeerResponse::MetaSince`]).
@@ -74,6 +80,12 @@ pub enum PeerResponse {
     Refused(String),
     /// The meta leader cannot be reached or cannot serve now: try again.
     Unavailable(String),
+    /// The answer to [`PeerRequest::HoldMetaReplica`]: the node's replica of the meta group
+    /// has applied up to this index.
+    MetaReplica {
+        /// Its applied index.
+        applied: u64,
+    },
     /// The answer to [`PeerRequest::MetaSince`].
     MetaSince {
         /// The revision of the state after the operation.

@@ -108,6 +108,29 @@ async fn two_of_three_replicas_lost_for_good_are_recovered_from_the_third() {
         assert_eq!(voters, [1, 4, 5].into(), "shard {}", d.id);
     }
 
+    // The meta group, forced onto node 1 alone, is back on three voters, all on live nodes,
+    // each holding the meta state.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let meta = c.node(1).host().group_info_of(META_GROUP).await.unwrap();
+        let leader = meta.leader.and_then(|l| [1, 4, 5].contains(&l.0).then_some(l));
+        let conf = match leader {
+            Some(l) => c.node(l.0).host().group_info_of(META_GROUP).await.unwrap().committed_conf.membership,
+            None => meta.committed_conf.membership,
+        };
+        let voters: BTreeSet<u64> = conf.voters.iter().map(|n| n.0).collect();
+        if voters == BTreeSet::from([1, 4, 5]) && conf.learners.is_empty() && !conf.is_joint() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "meta group voters {voters:?}, learners {:?}", conf.learners);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for id in [4, 5] {
+        let sm = c.node(id).host().state_machine(META_GROUP).expect("a meta replica");
+        let header = sm.get(flotilla::meta::META_STATE_KEY.to_vec()).await;
+        assert!(matches!(header, Ok(Some(_))), "node {id} holds the meta state: {header:?}");
+    }
+
     // Every shard is writable, and every write acknowledged before the loss is there.
     client.refresh().await.unwrap();
     for i in 0..KEYS {

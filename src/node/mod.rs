@@ -52,6 +52,7 @@ mod admin;
 mod backup;
 mod join;
 mod meta_client;
+mod meta_members;
 mod moves;
 mod reconcile;
 mod report;
@@ -614,6 +615,7 @@ impl Node {
         tasks.push(tokio::spawn(self.clone().run_reporter(stop())));
         tasks.push(tokio::spawn(self.clone().run_size_checks(stop())));
         tasks.push(tokio::spawn(self.clone().run_backup_sweeper(stop())));
+        tasks.push(tokio::spawn(self.clone().run_meta_members(stop())));
         if self.inner.config.peers.iter().any(|(p, _)| *p < self.inner.id) {
             tasks.push(tokio::spawn(self.clone().run_announcer(stop())));
         }

@@ -255,6 +255,7 @@ impl Node {
         let (op, forwarded, since) = match PeerRequest::decode(body) {
             Ok(PeerRequest::Meta { op, forwarded }) => (op, forwarded, None),
             Ok(PeerRequest::MetaSince { op, since }) => (op, false, Some(since)),
+            Ok(PeerRequest::HoldMetaReplica) => return self.hold_meta_replica().await,
             Err(e) => {
                 self.inner.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
                 return PeerResponse::Refused(format!("bad peer request: {e}"));
