@@ -547,3 +547,19 @@ fn restore_refuses_a_snapshot_whose_map_misses_keys() {
     let bytes = s.snapshot().expect("snapshot");
     assert!(MetaState::restore(&bytes).is_err());
 }
+
+#[test]
+fn a_snapshot_with_bytes_left_over_or_cut_short_is_refused() {
+    let mut s = bootstrapped();
+    s.apply(MetaCommand::RemoveDeadNodes { dead: vec![n(4)], kept: vec![] }).expect("remove node 4");
+    s.restored_from = Some("backup-7".into());
+    let bytes = s.snapshot().expect("snapshot");
+    assert_eq!(MetaState::restore(&bytes).expect("restore"), s, "removed nodes and the backup are kept");
+    // Read as the older layout, either would lose the removed nodes (which may then join again).
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert!(MetaState::restore(&longer).is_err(), "a byte left over");
+    for cut in 1..=3 {
+        assert!(MetaState::restore(&bytes[..bytes.len() - cut]).is_err(), "{cut} bytes cut off the end");
+    }
+}
