@@ -737,3 +737,23 @@ fn the_source_leaves_the_map_only_once_the_group_counts_the_target_and_not_the_s
         })
     );
 }
+
+#[test]
+fn a_learner_reporting_applied_index_zero_has_no_data_yet_and_keeps_its_transfer_time() {
+    // A replica created empty reports applied index 0 until its snapshot arrives.
+    let mut s = state();
+    sized(&mut s, 1 << 30);
+    start(&mut s, 2, 4, None);
+    advance(&mut s).expect("add learner");
+    raft_follows(&mut s, 1, &[]);
+    applied(&mut s, 1, 100_000, true);
+    applied(&mut s, 4, 0, false);
+    let plan = s.moves[&S].clone();
+    assert_eq!(plan.learner_lag(&s), None);
+    let mut watch = StepWatch::new(&plan, 0);
+    assert!(!watch.overdue(&plan, &s, 200_000, 1_000), "transfer time allowed");
+    assert!(!watch.overdue(&plan, &s, 257_000, 1_000));
+    assert!(watch.overdue(&plan, &s, 257_001, 1_000));
+    applied(&mut s, 4, 1, false);
+    assert_eq!(plan.learner_lag(&s), Some(99_999), "its first data: a lag");
+}
