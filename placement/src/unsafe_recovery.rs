@@ -102,7 +102,7 @@ impl MetaState {
 
 #[cfg(test)]
 mod tests {
-    use crate::{MetaCommand, MetaError, MetaOutcome, MetaState, NodeId, ReplicaRole, ShardId};
+    use crate::{MetaCommand, MetaError, MetaOutcome, MetaState, MovePlan, MoveStep, NodeId, ReplicaRole, ShardId};
 
     fn n(id: u64) -> NodeId {
         NodeId(id)
@@ -200,5 +200,99 @@ mod tests {
         // The two newest fields, last: an empty set and no backup, one zero byte each.
         assert_eq!(bytes.split_off(bytes.len() - 2), [0, 0]);
         assert_eq!(MetaState::restore(&bytes).unwrap(), s);
+    }
+
+    fn epoch(s: &MetaState, shard: u64) -> crate::Epoch {
+        s.map.get(ShardId(shard)).unwrap().epoch
+    }
+
+    fn learners(s: &MetaState, shard: u64) -> Vec<u64> {
+        let d = s.map.get(ShardId(shard)).unwrap();
+        d.replicas.iter().filter(|r| r.role == ReplicaRole::Learner).map(|r| r.node.0).collect()
+    }
+
+    #[test]
+    fn transfers_and_tombstones_of_dead_nodes_go_and_those_of_live_nodes_stay() {
+        let mut s = state();
+        s.apply(MetaCommand::TransferLeader { shard: ShardId(1), epoch: epoch(&s, 1), node: n(3) }).unwrap();
+        s.apply(MetaCommand::TransferLeader { shard: ShardId(2), epoch: epoch(&s, 2), node: n(2) }).unwrap();
+        // A removed replica on live node 5 (shard 1) and one on node 3, about to die (shard 2).
+        s.apply(MetaCommand::AddLearner { shard: ShardId(1), epoch: epoch(&s, 1), node: n(5) }).unwrap();
+        s.apply(MetaCommand::RemoveReplica { shard: ShardId(1), epoch: epoch(&s, 1), node: n(5) }).unwrap();
+        s.apply(MetaCommand::RemoveReplica { shard: ShardId(2), epoch: epoch(&s, 2), node: n(3) }).unwrap();
+        assert_eq!(s.tombstones.len(), 2);
+        s.apply(MetaCommand::RemoveDeadNodes { dead: vec![n(3)], kept: vec![] }).unwrap();
+        assert_eq!(s.transfers.iter().map(|(sh, n)| (sh.0, n.0)).collect::<Vec<_>>(), vec![(2, 2)]);
+        let tombs: Vec<(u64, Vec<u64>)> =
+            s.tombstones.iter().map(|(sh, ts)| (sh.0, ts.keys().map(|n| n.0).collect())).collect();
+        assert_eq!(
+            tombs,
+            vec![(1, vec![5])],
+            "node 5 may still hold its removed replica: it keeps the permission to delete it"
+        );
+    }
+
+    #[test]
+    fn new_voters_go_to_the_live_nodes_holding_the_fewest_replicas() {
+        let mut s = state();
+        // Node 4 holds a learner of shard 2; node 5 holds nothing.
+        s.apply(MetaCommand::AddLearner { shard: ShardId(2), epoch: epoch(&s, 2), node: n(4) }).unwrap();
+        s.apply(MetaCommand::RemoveDeadNodes { dead: vec![n(3)], kept: vec![] }).unwrap();
+        assert_eq!(voters(&s, 1), vec![1, 2, 5]);
+        assert_eq!(voters(&s, 2), vec![1, 2, 5]);
+        assert_eq!(learners(&s, 2), vec![4]);
+    }
+
+    #[test]
+    fn a_move_that_lost_its_source_is_dropped_with_its_learner() {
+        let mut s = state();
+        let plan = MovePlan::new(ShardId(1), n(3), n(4), None, 10);
+        s.apply(MetaCommand::StartMove { epoch: epoch(&s, 1), plan, now_ms: 0 }).unwrap();
+        s.apply(MetaCommand::AdvanceMove { shard: ShardId(1), step: MoveStep::AddLearner }).unwrap();
+        assert_eq!(learners(&s, 1), vec![4]);
+        s.apply(MetaCommand::RemoveDeadNodes { dead: vec![n(3)], kept: vec![] }).unwrap();
+        assert!(s.moves.is_empty());
+        assert_eq!(voters(&s, 1), vec![1, 2, 5], "node 4 held the move's learner: it gets no voter");
+        assert!(learners(&s, 1).is_empty());
+        s.map.validate().unwrap();
+    }
+
+    #[test]
+    fn a_forced_shard_drops_its_move() {
+        let mut s = state();
+        let plan = MovePlan::new(ShardId(1), n(1), n(4), None, 10);
+        s.apply(MetaCommand::StartMove { epoch: epoch(&s, 1), plan, now_ms: 0 }).unwrap();
+        s.apply(MetaCommand::AdvanceMove { shard: ShardId(1), step: MoveStep::AddLearner }).unwrap();
+        s.apply(MetaCommand::RemoveDeadNodes { dead: vec![n(2), n(3)], kept: vec![(ShardId(1), n(1))] }).unwrap();
+        assert!(s.moves.is_empty(), "the forced group is on node 1 alone: the move cannot go on");
+        assert_eq!(voters(&s, 1), vec![1, 5]);
+        assert!(learners(&s, 1).is_empty());
+    }
+
+    #[test]
+    fn a_swapped_move_whose_source_died_keeps_the_targets_vote() {
+        // The move 3 -> 4 swapped in the map (4 votes, 3 is a learner), waiting to remove 3.
+        let mut s = state();
+        s.apply(MetaCommand::AddLearner { shard: ShardId(1), epoch: epoch(&s, 1), node: n(4) }).unwrap();
+        let e = epoch(&s, 1);
+        s.apply(MetaCommand::SwapVoter { shard: ShardId(1), epoch: e, promote: n(4), demote: n(3) }).unwrap();
+        let mut plan = MovePlan::new(ShardId(1), n(3), n(4), None, 10);
+        plan.step = MoveStep::RemoveOld;
+        s.moves.insert(ShardId(1), plan);
+        s.apply(MetaCommand::RemoveDeadNodes { dead: vec![n(3)], kept: vec![] }).unwrap();
+        assert!(s.moves.is_empty());
+        assert_eq!(voters(&s, 1), vec![1, 2, 4], "the group may already count 4's vote");
+        assert!(learners(&s, 1).is_empty());
+    }
+
+    #[test]
+    fn other_survivors_of_a_forced_shard_get_no_replica_even_when_live_nodes_run_short() {
+        let mut s = state();
+        s.apply(MetaCommand::SetDraining { node: n(5), draining: true }).unwrap();
+        s.apply(MetaCommand::RemoveDeadNodes { dead: vec![n(3)], kept: vec![(ShardId(1), n(1))] }).unwrap();
+        // Node 4 is the only live node that may take a replica: shard 1 gets one voter short
+        // rather than one on node 2, whose log the kept replica may contradict.
+        assert_eq!(voters(&s, 1), vec![1, 4]);
+        s.map.validate().unwrap();
     }
 }

@@ -411,3 +411,155 @@ fn a_range_lookup_ends_before_the_shard_that_starts_at_its_end() {
     assert_eq!(ids(b"m", Some(b"n")), [ShardId(2)]);
     assert_eq!(ids(b"", None), [ShardId(1), ShardId(2)]);
 }
+
+/// A voter-only descriptor of shard `id` over `[start, end)` (`end: None`: to the end).
+fn desc(id: u64, start: &str, end: Option<&str>, nodes: &[u64]) -> ShardDescriptor {
+    ShardDescriptor {
+        id: ShardId(id),
+        start: start.as_bytes().to_vec(),
+        end: end.map(|e| e.as_bytes().to_vec()),
+        epoch: Epoch { conf_version: 1, version: 2 },
+        replicas: nodes.iter().map(|i| Replica { node: n(*i), role: ReplicaRole::Voter }).collect(),
+    }
+}
+
+/// A map rebuilt by putting `ds` in order.
+fn map_of(ds: &[ShardDescriptor]) -> ShardMap {
+    let mut m = ShardMap::default();
+    for d in ds {
+        m.put_unchecked(d.clone());
+    }
+    m
+}
+
+/// Each shard of `m` as (id, start, end), in key order.
+fn layout(m: &ShardMap) -> Vec<(u64, Vec<u8>, Option<Vec<u8>>)> {
+    m.shards().map(|d| (d.id.0, d.start.clone(), d.end.clone())).collect()
+}
+
+/// One change's rewritten descriptors (`put`) and deleted shards (`remove`), brought into a
+/// copy of `before` in every order: each order must end in the map the change made.
+fn replay_in_every_order(before: &ShardMap, put: &[ShardDescriptor], remove: &[u64], after: &[ShardDescriptor]) {
+    #[derive(Clone)]
+    enum Write {
+        Put(ShardDescriptor),
+        Remove(u64),
+    }
+    let writes: Vec<Write> =
+        put.iter().cloned().map(Write::Put).chain(remove.iter().copied().map(Write::Remove)).collect();
+    let orders: Vec<Vec<Write>> = match writes.len() {
+        2 => vec![writes.clone(), vec![writes[1].clone(), writes[0].clone()]],
+        _ => panic!("cases of two writes"),
+    };
+    for order in orders {
+        let mut m = before.clone();
+        let mut removed = Vec::new();
+        for w in order {
+            match w {
+                Write::Put(d) => m.put_unchecked(d),
+                Write::Remove(id) => removed.push((id, m.remove_unchecked(ShardId(id)))),
+            }
+        }
+        m.validate().expect("the change's map is whole");
+        assert_eq!(layout(&m), layout(&map_of(after)));
+        for d in after {
+            assert_eq!(m.get(d.id), Some(d), "shard {} by id", d.id);
+            assert_eq!(m.lookup(&d.start).map(|x| x.id), Some(d.id));
+        }
+        for (id, _) in &removed {
+            assert_eq!(m.get(ShardId(*id)), None, "shard {id} was removed");
+        }
+    }
+}
+
+#[test]
+fn putting_a_changed_descriptor_replaces_the_shard_wherever_it_started() {
+    // The boundary between two shards moves: each descriptor moves its own start.
+    let before = map_of(&[desc(1, "", Some("g"), &[1]), desc(2, "g", None, &[2])]);
+    let mut m = before.clone();
+    m.put_unchecked(desc(2, "m", None, &[2]));
+    assert_eq!(m.len(), 2, "no copy of shard 2 is left at its old start");
+    assert_eq!(layout(&m), vec![(1, b"".to_vec(), Some(b"g".to_vec())), (2, b"m".to_vec(), None)]);
+    replay_in_every_order(
+        &before,
+        &[desc(1, "", Some("m"), &[1]), desc(2, "m", None, &[2])],
+        &[],
+        &[desc(1, "", Some("m"), &[1]), desc(2, "m", None, &[2])],
+    );
+}
+
+#[test]
+fn a_descriptor_put_where_another_shard_started_is_not_removed_when_that_shard_moves() {
+    // Two shards trade ranges: whichever is put first takes the other's start, and putting
+    // the other must not drop it from there.
+    let before = map_of(&[desc(1, "", Some("m"), &[1]), desc(2, "m", None, &[2])]);
+    let after = [desc(2, "", Some("m"), &[2]), desc(1, "m", None, &[1])];
+    replay_in_every_order(&before, &after, &[], &after);
+}
+
+#[test]
+fn removing_a_shard_returns_it_and_leaves_a_shard_put_at_its_start() {
+    let before = map_of(&[desc(1, "", Some("m"), &[1]), desc(2, "m", None, &[2])]);
+    let mut m = before.clone();
+    assert_eq!(m.remove_unchecked(ShardId(2)), Some(desc(2, "m", None, &[2])));
+    assert_eq!(layout(&m), vec![(1, b"".to_vec(), Some(b"m".to_vec()))]);
+    assert_eq!(m.remove_unchecked(ShardId(2)), None, "already gone");
+    // A merge, by either side: the surviving descriptor takes the whole keyspace, the other is
+    // removed, in either order.
+    replay_in_every_order(&before, &[desc(2, "", None, &[2])], &[1], &[desc(2, "", None, &[2])]);
+    replay_in_every_order(&before, &[desc(1, "", None, &[1])], &[2], &[desc(1, "", None, &[1])]);
+    // Removing the shard whose start another shard now holds returns nothing and keeps that one.
+    let mut m = before.clone();
+    m.put_unchecked(desc(2, "", None, &[2]));
+    assert_eq!(m.remove_unchecked(ShardId(1)), None);
+    assert_eq!(m.lookup(b"a").map(|d| d.id), Some(ShardId(2)));
+}
+
+#[test]
+fn validate_refuses_a_map_that_misses_or_doubles_keys() {
+    assert_eq!(ShardMap::default().validate(), Ok(()), "an empty map (before bootstrap) is whole");
+    let whole = [desc(1, "", Some("g"), &[1]), desc(2, "g", Some("m"), &[2]), desc(3, "m", None, &[3])];
+    assert_eq!(map_of(&whole).validate(), Ok(()));
+    let broken: Vec<(&str, ShardMap)> = vec![
+        ("a gap", map_of(&[desc(1, "", Some("g"), &[1]), desc(3, "m", None, &[3])])),
+        ("an overlap", map_of(&[desc(1, "", Some("m"), &[1]), desc(2, "g", None, &[2])])),
+        ("the first shard starts late", map_of(&[desc(2, "g", None, &[2])])),
+        ("the last shard is bounded", map_of(&[desc(1, "", Some("g"), &[1]), desc(2, "g", Some("m"), &[2])])),
+        ("a shard after an unbounded one", map_of(&[desc(1, "", None, &[1]), desc(2, "m", None, &[2])])),
+        ("two replicas on one node", map_of(&[desc(1, "", None, &[1, 2, 1])])),
+        ("an empty range", map_of(&[desc(1, "", Some("g"), &[1]), desc(2, "g", Some("g"), &[2])])),
+        ("a replaced shard's id left in the index", {
+            // Shard 3 put over shard 2's range: shard 2's id still points there.
+            let mut m = map_of(&[desc(1, "", Some("m"), &[1]), desc(2, "m", None, &[2])]);
+            m.put_unchecked(desc(3, "m", None, &[3]));
+            m
+        }),
+    ];
+    for (what, m) in broken {
+        assert!(m.validate().is_err(), "{what}: {:?}", layout(&m));
+    }
+}
+
+#[test]
+fn restore_refuses_a_snapshot_whose_map_misses_keys() {
+    let mut s = bootstrapped();
+    s.map = map_of(&[desc(1, "", Some("g"), &[1]), desc(3, "m", None, &[3])]);
+    let bytes = s.snapshot().expect("snapshot");
+    assert!(MetaState::restore(&bytes).is_err());
+}
+
+#[test]
+fn a_snapshot_with_bytes_left_over_or_cut_short_is_refused() {
+    let mut s = bootstrapped();
+    s.apply(MetaCommand::RemoveDeadNodes { dead: vec![n(4)], kept: vec![] }).expect("remove node 4");
+    s.restored_from = Some("backup-7".into());
+    let bytes = s.snapshot().expect("snapshot");
+    assert_eq!(MetaState::restore(&bytes).expect("restore"), s, "removed nodes and the backup are kept");
+    // Read as the older layout, either would lose the removed nodes (which may then join again).
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert!(MetaState::restore(&longer).is_err(), "a byte left over");
+    for cut in 1..=3 {
+        assert!(MetaState::restore(&bytes[..bytes.len() - cut]).is_err(), "{cut} bytes cut off the end");
+    }
+}

@@ -612,3 +612,148 @@ fn another_move_of_the_shard_at_the_same_step_gets_a_fresh_watch() {
     assert!(!watch.overdue(&m2, &s, 130_000, deadline), "move 2 inherited move 1's clock");
     assert!(watch.overdue(&m2, &s, 130_000 + deadline + 256_001, deadline));
 }
+
+/// Shard 1's leader `leader` (alone) reports a committed configuration of `voters` and
+/// `learners`, one index past the last one reported.
+fn leader_reports(s: &mut MetaState, leader: u64, voters: &[u64], learners: &[u64], joint: bool) {
+    let index = s.leader_conf(S).map_or(1, |c| c.index.0 + 1);
+    let conf = GroupConf {
+        index: LogIndex(index),
+        voters: voters.iter().copied().map(n).collect(),
+        learners: learners.iter().copied().map(n).collect(),
+        joint,
+    };
+    let mut report = s.nodes[&n(leader)].report.clone();
+    report.leading.retain(|x| *x != S);
+    report.leading.push(S);
+    report.confs.insert(S, conf);
+    s.apply(MetaCommand::Heartbeat { node: n(leader), report }).expect("heartbeat");
+}
+
+/// A move of shard 1 from node 1 to node 4 (leadership to `leader_to`) run up to its swap:
+/// the map has node 4 voting and node 1 a learner, while the group's leader, node 2, still
+/// reports the configuration before the swap (voters 1, 2, 3; learner 4).
+fn swapped_in_the_map(leader_to: Option<u64>) -> MetaState {
+    use ReplicaRole::{Learner, Voter};
+    let mut s = state();
+    start(&mut s, 1, 4, leader_to);
+    advance(&mut s).expect("add learner");
+    raft_follows(&mut s, 2, &[]);
+    applied(&mut s, 2, 5, true);
+    applied(&mut s, 4, 5, false);
+    advance(&mut s).expect("caught up");
+    advance(&mut s).expect("promote");
+    assert_eq!(roles(&s), vec![(1, Learner), (2, Voter), (3, Voter), (4, Voter)]);
+    assert_eq!(s.moves[&S].step, MoveStep::RemoveOld);
+    assert_eq!(s.leader_conf(S).map(|c| c.voters.iter().map(|v| v.0).collect::<Vec<_>>()), Some(vec![1, 2, 3]));
+    s
+}
+
+#[test]
+fn aborting_a_move_swapped_in_the_map_but_not_in_the_group_gives_the_source_its_vote_back() {
+    use ReplicaRole::Voter;
+    let mut s = swapped_in_the_map(None);
+    let e = epoch(&s);
+    let out = s.apply(MetaCommand::AbortMove { shard: S }).expect("abort");
+    assert_eq!(roles(&s), vec![(1, Voter), (2, Voter), (3, Voter)], "the map follows the group: 1 votes, 4 goes");
+    assert_eq!(out, MetaOutcome::Shards(vec![s.map.get(S).expect("shard").clone()]));
+    assert_eq!(epoch(&s).conf_version, e.conf_version + 1);
+    assert!(s.moves.is_empty());
+    assert_eq!(s.tombstones[&S].keys().copied().collect::<Vec<_>>(), vec![n(4)]);
+    assert_eq!(s.tombstones[&S][&n(4)], Tombstone { confirmed: None }, "the group still holds the learner");
+}
+
+#[test]
+fn aborting_a_move_the_group_already_swapped_finishes_it_forward() {
+    use ReplicaRole::Voter;
+    let mut s = swapped_in_the_map(None);
+    raft_follows(&mut s, 2, &[1]);
+    let at = s.leader_conf(S).expect("conf").index;
+    s.apply(MetaCommand::AbortMove { shard: S }).expect("abort");
+    assert_eq!(roles(&s), vec![(2, Voter), (3, Voter), (4, Voter)], "the source leaves, the target keeps its vote");
+    assert!(s.moves.is_empty());
+    assert_eq!(s.tombstones[&S].keys().copied().collect::<Vec<_>>(), vec![n(1)]);
+    assert_eq!(s.tombstones[&S][&n(1)], Tombstone { confirmed: Some(at) });
+}
+
+#[test]
+fn aborting_a_swapped_move_waits_while_the_groups_configuration_is_not_clearly_either_side() {
+    // Joint, counting both as voters, counting neither, or no leader report at all: undoing
+    // or finishing the swap in the map could drop a replica the group still counts.
+    let cases: [(&str, &[u64], &[u64], bool); 3] = [
+        ("joint", &[1, 2, 3, 4], &[], true),
+        ("both vote", &[1, 2, 3, 4], &[], false),
+        ("neither votes", &[2, 3], &[1, 4], false),
+    ];
+    for (what, voters, learners, joint) in cases {
+        let mut s = swapped_in_the_map(None);
+        leader_reports(&mut s, 2, voters, learners, joint);
+        let before = s.clone();
+        assert_eq!(s.apply(MetaCommand::AbortMove { shard: S }), Err(MetaError::MoveWaiting(S)), "{what}");
+        assert_eq!(s, before, "{what}: a refused abort changes nothing");
+    }
+    let mut s = swapped_in_the_map(None);
+    let mut report = s.nodes[&n(2)].report.clone();
+    report.leading.clear();
+    s.apply(MetaCommand::Heartbeat { node: n(2), report }).expect("heartbeat");
+    assert_eq!(s.leader_conf(S), None);
+    assert_eq!(s.apply(MetaCommand::AbortMove { shard: S }), Err(MetaError::MoveWaiting(S)), "no leader report");
+}
+
+#[test]
+fn aborting_a_move_after_its_source_left_changes_no_replica() {
+    use ReplicaRole::Voter;
+    let mut s = swapped_in_the_map(Some(4));
+    raft_follows(&mut s, 2, &[1]);
+    advance(&mut s).expect("remove old");
+    assert_eq!(s.moves[&S].step, MoveStep::TransferLeader);
+    let (e, tombstones) = (epoch(&s), s.tombstones.clone());
+    assert_eq!(s.apply(MetaCommand::AbortMove { shard: S }), Ok(MetaOutcome::Done));
+    assert_eq!(roles(&s), vec![(2, Voter), (3, Voter), (4, Voter)]);
+    assert_eq!(epoch(&s), e);
+    assert_eq!(s.tombstones, tombstones);
+    assert!(s.moves.is_empty());
+}
+
+#[test]
+fn the_source_leaves_the_map_only_once_the_group_counts_the_target_and_not_the_source() {
+    let cases: [(&str, &[u64], &[u64]); 3] =
+        [("before the swap", &[1, 2, 3], &[4]), ("both vote", &[1, 2, 3, 4], &[]), ("neither votes", &[2, 3], &[1, 4])];
+    for (what, voters, learners) in cases {
+        let mut s = swapped_in_the_map(None);
+        leader_reports(&mut s, 2, voters, learners, false);
+        let conf = s.leader_conf(S).cloned();
+        assert_eq!(s.moves[&S].next(&s), Ok(PlanAction::WaitRaft { conf }), "{what}");
+        assert_eq!(advance(&mut s), Err(MetaError::MoveWaiting(S)), "{what}");
+    }
+    let mut s = swapped_in_the_map(None);
+    leader_reports(&mut s, 2, &[2, 3, 4], &[], false);
+    let e = epoch(&s);
+    assert_eq!(
+        s.moves[&S].next(&s),
+        Ok(PlanAction::Run {
+            command: MetaCommand::RemoveReplica { shard: S, epoch: e, node: n(1) },
+            then: MoveStep::Done
+        })
+    );
+}
+
+#[test]
+fn a_learner_reporting_applied_index_zero_has_no_data_yet_and_keeps_its_transfer_time() {
+    // A replica created empty reports applied index 0 until its snapshot arrives.
+    let mut s = state();
+    sized(&mut s, 1 << 30);
+    start(&mut s, 2, 4, None);
+    advance(&mut s).expect("add learner");
+    raft_follows(&mut s, 1, &[]);
+    applied(&mut s, 1, 100_000, true);
+    applied(&mut s, 4, 0, false);
+    let plan = s.moves[&S].clone();
+    assert_eq!(plan.learner_lag(&s), None);
+    let mut watch = StepWatch::new(&plan, 0);
+    assert!(!watch.overdue(&plan, &s, 200_000, 1_000), "transfer time allowed");
+    assert!(!watch.overdue(&plan, &s, 257_000, 1_000));
+    assert!(watch.overdue(&plan, &s, 257_001, 1_000));
+    applied(&mut s, 4, 1, false);
+    assert_eq!(plan.learner_lag(&s), Some(99_999), "its first data: a lag");
+}
