@@ -300,25 +300,29 @@ impl Engine {
                 self.notify_commit();
             }
             AppendResult::Conflict { rejected, hint } => {
-                // An append after `matched` rejected with a log that ends before it: the
-                // follower's storage lost entries it had reported durable (a wiped or restored
-                // disk, a device that lied about a sync), or this is an old answer overtaken
-                // by its acknowledgement. What was committed counting those entries cannot be
-                // undone; the leader can only stop sending after a log the follower may no
-                // longer have (it would be refused forever) and catch it up from where its log
-                // ends, as a new replica. Wrong only for the old answer, where it costs a
-                // resend. Lowering `matched` never moves the commit index back.
+                // An append right after `matched` rejected: the follower no longer has the
+                // entry it acknowledged there (a wiped or restored disk, a device that lied
+                // about a sync), or this is an old answer overtaken by its acknowledgement.
+                // What was committed counting that entry cannot be undone; the leader can only
+                // stop sending after a log the follower no longer has (refused forever) and
+                // catch it up again from where the logs agree. For the old answer this costs
+                // a resend. Lowering `matched` never moves the commit index back.
                 let lost = rejected.index == p.matched
-                    && hint.index < p.matched
+                    && p.matched > LogIndex(0)
                     && match p.state {
                         ReplState::Replicate => true,
                         ReplState::Probe { .. } => rejected.index == p.next.prev(),
                         ReplState::Snapshot(_) => false,
                     };
                 if lost {
-                    tracing::warn!(node = %self.id, %from, matched = %p.matched, log_ends = %hint,
-                        "follower refused entries it had acknowledged: catching it up from its log's end");
-                    p.matched = hint.index;
+                    tracing::warn!(node = %self.id, %from, matched = %p.matched, hint = %hint,
+                        "follower refused entries it had acknowledged: catching it up again");
+                    // The logs agree up to the hint only if the entry there is ours (a disk
+                    // that rolled back may hold entries of an earlier term); else nothing is
+                    // known to match.
+                    let agreed = if self.log.has(hint) { hint.index } else { LogIndex(0) };
+                    p.matched = agreed.min(p.matched);
+                    p.commit_sent = p.commit_sent.min(p.matched);
                 }
                 let stale = match p.state {
                     ReplState::Replicate => rejected.index <= p.matched,

@@ -101,6 +101,35 @@ impl TestNode {
         }
     }
 
+    /// Node `id` restarted on a disk holding `log` (from index 1) and `vote`, nothing applied.
+    fn restarted_with(id: u64, config: &Config, log: Vec<Entry>, vote: Vote) -> TestNode {
+        let mut term_points: Vec<LogId> = Vec::new();
+        for e in &log {
+            if term_points.last().is_none_or(|p| p.term != e.log_id.term) {
+                term_points.push(e.log_id);
+            }
+        }
+        let log_memberships = log
+            .iter()
+            .filter_map(|e| match &e.payload {
+                EntryPayload::Membership(m) => Some(StoredMembership { log_id: e.log_id, membership: m.clone() }),
+                _ => None,
+            })
+            .collect();
+        let state = InitialState {
+            vote,
+            term_points,
+            last_log_id: log.last().map_or(LogId::ZERO, |e| e.log_id),
+            log_memberships,
+            ..Default::default()
+        };
+        let mut node = TestNode::new(id, config, id);
+        node.engine = Engine::new(n(id), Arc::new(config.clone()), state, id, Millis(0));
+        node.log = log;
+        node.vote = vote;
+        node
+    }
+
     fn entry_at(&self, index: LogIndex) -> Entry {
         let pos = (index.0 - self.last_purged.index.0 - 1) as usize;
         self.log[pos].clone()

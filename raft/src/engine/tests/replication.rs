@@ -518,3 +518,38 @@ fn a_follower_that_lost_entries_it_acknowledged_is_caught_up_from_where_its_log_
     assert_eq!(c.engine(1).committed(), last);
     assert_eq!(c.applied_data(3), c.applied_data(1));
 }
+
+#[test]
+fn a_follower_whose_disk_rolled_back_to_entries_of_an_earlier_term_is_caught_up_past_them() {
+    // Node 3 acknowledged the leader's entries, then its disk came back with an older log: the
+    // same length, but the last entries from an earlier term that never committed. The leader
+    // must not keep probing right after what 3 acknowledged (3 refuses it forever), nor trust
+    // the entries that 3's hint names: their terms are not its own.
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.propose(1, "a");
+    c.stabilize();
+    let old_term = c.engine(1).term();
+    // What node 3's disk will come back with: the log up to now, plus two entries of this
+    // term that were never sent to anyone (written by hand, as a deposed leader's would be).
+    let mut rolled_back = c.nodes[&n(3)].log.clone();
+    let base = rolled_back.last().map(|e| e.log_id.index).unwrap_or(LogIndex(0));
+    for i in 1..=2 {
+        rolled_back.push(Entry {
+            log_id: LogId { term: old_term, index: LogIndex(base.0 + i) },
+            payload: EntryPayload::Normal(Bytes::from(format!("stale{i}"))),
+        });
+    }
+    // Node 2 takes over in a new term and writes two entries everyone acknowledges.
+    c.elect(2);
+    c.propose(2, "b");
+    c.propose(2, "c");
+    c.stabilize();
+    assert_eq!(c.engine(3).last_log_id(), c.engine(2).last_log_id());
+    // Node 3 restarts on the rolled-back disk.
+    let vote = c.nodes[&n(3)].vote;
+    c.nodes.insert(n(3), TestNode::restarted_with(3, &cfg(), rolled_back, vote));
+    let last = c.propose(2, "d");
+    c.stabilize();
+    assert_eq!(c.engine(3).last_log_id(), c.engine(2).last_log_id(), "node 3 holds the leader's log");
+    assert_eq!(c.engine(2).committed(), last);
+}
