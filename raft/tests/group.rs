@@ -3,7 +3,7 @@
 //! step (durable, committed, applied) can be held back and observed.
 
 use bytes::Bytes;
-use flotilla_raft::group::{IndexReply, WriteReply};
+use flotilla_raft::group::{IndexReply, WriteCall, WriteReply};
 use flotilla_raft::{
     Action, Config, CoreAction, Engine, Entry, EntryPayload, GroupCore, InitialState, LogAction, LogId, LogIndex,
     MachineAction, Membership, Message, Millis, NodeId, RaftError, ReadMode, Request, Role, StorageError, Term,
@@ -267,10 +267,10 @@ fn asking_for_the_configuration_in_force_is_answered_at_once_by_the_leader_and_r
 fn writes_proposed_together_are_one_append_and_each_caller_gets_its_own_answers() {
     let mut g = Group::leader();
     let mut rxs = Vec::new();
-    let mut writes: Vec<(Vec<Bytes>, WriteReply)> = Vec::new();
+    let mut writes: Vec<WriteCall> = Vec::new();
     for commands in [&["a"][..], &[][..], &["b", "c"][..], &["d"][..]] {
         let (tx, rx): (WriteReply, _) = oneshot::channel();
-        writes.push((commands.iter().map(|c| Bytes::from(c.to_string())).collect(), tx));
+        writes.push(WriteCall::Many(commands.iter().map(|c| Bytes::from(c.to_string())).collect(), tx));
         rxs.push(rx);
     }
     let before = g.log.len();
@@ -307,10 +307,10 @@ fn writes_proposed_together_on_a_follower_are_each_refused_with_the_leader() {
     exchange(&mut gs);
     assert_eq!(gs[0].core.engine().role(), Role::Leader);
     let mut rxs = Vec::new();
-    let mut writes: Vec<(Vec<Bytes>, WriteReply)> = Vec::new();
+    let mut writes: Vec<WriteCall> = Vec::new();
     for c in ["a", "b"] {
         let (tx, rx): (WriteReply, _) = oneshot::channel();
-        writes.push((vec![Bytes::from(c)], tx));
+        writes.push(WriteCall::Many(vec![Bytes::from(c)], tx));
         rxs.push(rx);
     }
     gs[1].core.handle_writes(t, &mut writes);
@@ -330,16 +330,17 @@ fn writes_proposed_together_past_the_uncommitted_limit_are_each_answered_as_if_p
         let first = g.log.len() as u64 + 2; // after "x"
         let _pending = g.write(&["x"]); // not pumped: stays uncommitted
         let mut rxs = Vec::new();
-        let mut writes: Vec<(Vec<Bytes>, WriteReply)> = Vec::new();
+        let mut writes: Vec<WriteCall> = Vec::new();
         for c in commands {
             let (tx, rx): (WriteReply, _) = oneshot::channel();
-            writes.push((c.iter().map(|c| Bytes::from(c.to_string())).collect(), tx));
+            writes.push(WriteCall::Many(c.iter().map(|c| Bytes::from(c.to_string())).collect(), tx));
             rxs.push(rx);
         }
         if together {
             g.core.handle_writes(g.now, &mut writes);
         } else {
-            for (c, tx) in writes {
+            for call in writes {
+                let WriteCall::Many(c, tx) = call else { unreachable!("built as Many above") };
                 g.core.handle_request(g.now, Request::Write(c, tx));
             }
         }

@@ -27,7 +27,7 @@ use crate::engine::{Action, Engine, EngineStatus, IoId, ReadMode, Role};
 use crate::entry::Entry;
 use crate::error::{Fatal, RaftError, StorageError};
 pub use crate::group::WriteResponse;
-use crate::group::{CoreAction, GroupCore, LogAction, MachineAction};
+use crate::group::{CoreAction, GroupCore, LogAction, MachineAction, WriteCall};
 use crate::membership::{Membership, StoredMembership};
 use crate::message::Message;
 use crate::network::Network;
@@ -273,8 +273,7 @@ impl Raft {
     /// unknown: the entry may already be in the log and commit later (for `Fatal`, once the
     /// group runs again: after a restart, or on the other nodes).
     pub async fn client_write(&self, command: Bytes) -> Result<WriteResponse, RaftError> {
-        let mut all = self.client_write_batch(vec![command]).await?;
-        all.pop().unwrap_or(Err(RaftError::Timeout))
+        self.call(|tx| Request::WriteOne(command, tx)).await
     }
 
     /// Proposes several commands as consecutive log entries in one step; answers once all are
@@ -678,7 +677,7 @@ struct Core<N: Network, L: LogStorage, S: StateMachine> {
     span: tracing::Span,
     term_recorded: Option<Term>,
     /// The writes of one drain of the API queue, proposed together; kept for its capacity.
-    writes: Vec<(Vec<Bytes>, crate::request::WriteReply)>,
+    writes: Vec<WriteCall>,
 }
 
 impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
@@ -845,7 +844,8 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
         while let Some(item) = next.take() {
             taken += 1;
             match item {
-                Api::Request(Request::Write(commands, reply)) => writes.push((commands, reply)),
+                Api::Request(Request::Write(commands, reply)) => writes.push(WriteCall::Many(commands, reply)),
+                Api::Request(Request::WriteOne(command, reply)) => writes.push(WriteCall::One(command, reply)),
                 Api::Request(req) => {
                     self.core.handle_writes(now, &mut writes);
                     self.core.handle_request(now, req);
