@@ -60,6 +60,11 @@ const LOG_QUEUE_MAX: usize = 1024;
 const MACHINE_QUEUE_MAX: usize = 64;
 /// Events the core handles before it executes the actions they produced: batching.
 const EVENTS_PER_ROUND_MAX: usize = 256;
+/// How long a change of the metrics' counters (indexes, replication) may wait to be published:
+/// under load they change on every round, and each publication costs a status copy and a
+/// notification of every watcher. A change of role, term, leader or configuration is
+/// published at once.
+const METRICS_DELAY: Duration = Duration::from_millis(1);
 
 /// A snapshot of the state of one group, published on a `watch` channel.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,6 +120,31 @@ impl RaftMetrics {
             first_log_index: s.first_log_index,
             replication: s.replication,
             stopped: None,
+        }
+    }
+}
+
+/// The fields of the metrics whose change is published at once; the others (indexes and
+/// replication) change every round under load and may wait for `METRICS_DELAY`.
+#[derive(PartialEq, Eq)]
+struct MetricsShape {
+    role: Role,
+    term: Term,
+    leader: Option<NodeId>,
+    membership: LogId,
+    committed_membership: LogId,
+    snapshot: Option<LogId>,
+}
+
+impl MetricsShape {
+    fn of(e: &Engine) -> MetricsShape {
+        MetricsShape {
+            role: e.role(),
+            term: e.term(),
+            leader: e.leader(),
+            membership: e.membership().log_id,
+            committed_membership: e.committed_membership().log_id,
+            snapshot: e.newest_snapshot(),
         }
     }
 }
@@ -195,6 +225,9 @@ impl Raft {
             metrics: metrics_tx,
             span: span.clone(),
             term_recorded: None,
+            metrics_shape: None,
+            metrics_at: base,
+            metrics_pending: false,
             writes: Vec::new(),
         };
         let task = tokio::spawn(core.run(api_rx, inbox_rx).instrument(span));
@@ -676,6 +709,12 @@ struct Core<N: Network, L: LogStorage, S: StateMachine> {
     /// The group's span; its `term` field follows the engine's term.
     span: tracing::Span,
     term_recorded: Option<Term>,
+    /// What the metrics last published said of the fields published at once.
+    metrics_shape: Option<MetricsShape>,
+    /// When the metrics were last published.
+    metrics_at: Instant,
+    /// A change may be waiting for `metrics_at + METRICS_DELAY` to be published.
+    metrics_pending: bool,
     /// The writes of one drain of the API queue, proposed together; kept for its capacity.
     writes: Vec<WriteCall>,
 }
@@ -686,8 +725,19 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
     }
 
     /// When the engine's next timer is due.
-    fn deadline(&self) -> Instant {
+    fn engine_deadline(&self) -> Instant {
         self.base + Duration::from_millis(self.core.engine().next_deadline().0)
+    }
+
+    /// When the core must wake up by itself: the engine's next timer, or the publication of
+    /// metrics held back.
+    fn deadline(&self) -> Instant {
+        let engine = self.engine_deadline();
+        if self.metrics_pending {
+            engine.min(self.metrics_at + METRICS_DELAY)
+        } else {
+            engine
+        }
     }
 
     async fn run(mut self, mut api: mpsc::Receiver<Api>, mut inbox: mpsc::Receiver<Message>) {
@@ -744,11 +794,15 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
                     None => self.core.stop(Fatal::Shutdown),
                 },
                 _ = &mut timer => {
-                    let now = self.now();
-                    self.core.handle_timeout(now);
+                    // The timer may have been set for the metrics only.
+                    if Instant::now() >= self.engine_deadline() {
+                        let now = self.now();
+                        self.core.handle_timeout(now);
+                    }
                 }
             }
         }
+        self.publish_metrics_now();
         // Nothing more is taken. The requests still queued are answered now, not once the
         // storage work below is done: a slow disk must not leave callers to time out.
         let mut shutdown_replies: Vec<_> = shutdown_reply.into_iter().collect();
@@ -814,12 +868,29 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
         }
     }
 
+    /// Publishes the metrics if they changed: at once if a field of `MetricsShape` did, else
+    /// at most once per `METRICS_DELAY` (the timer publishes what is held back).
     fn publish_metrics(&mut self) {
+        let shape = MetricsShape::of(self.core.engine());
+        if self.metrics_shape.as_ref() == Some(&shape) {
+            let now = Instant::now();
+            if now < self.metrics_at + METRICS_DELAY {
+                self.metrics_pending = true;
+                return;
+            }
+        }
+        self.publish_metrics_now();
+    }
+
+    fn publish_metrics_now(&mut self) {
         let term = self.core.engine().term();
         if self.term_recorded != Some(term) {
             self.term_recorded = Some(term);
             self.span.record("term", term.0);
         }
+        self.metrics_shape = Some(MetricsShape::of(self.core.engine()));
+        self.metrics_at = Instant::now();
+        self.metrics_pending = false;
         let m = RaftMetrics::from_status(self.group, self.core.engine().status());
         self.metrics.send_if_modified(|cur| {
             if *cur == m {

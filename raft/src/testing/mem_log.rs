@@ -44,7 +44,8 @@ impl Inner {
     /// How many entries of `entries` come before `index` (all of them for an index past the
     /// end, none for a purged one).
     fn before(&self, index: u64) -> usize {
-        usize::try_from(index.saturating_sub(self.first_index())).map_or(self.entries.len(), |n| n.min(self.entries.len()))
+        usize::try_from(index.saturating_sub(self.first_index()))
+            .map_or(self.entries.len(), |n| n.min(self.entries.len()))
     }
 
     fn check_writable(&self, op: &'static str) -> Result<(), StorageError> {
