@@ -3,7 +3,7 @@
 //! step (durable, committed, applied) can be held back and observed.
 
 use bytes::Bytes;
-use flotilla_raft::group::{IndexReply, WriteCall, WriteReply};
+use flotilla_raft::group::{IndexReply, WriteCall, WriteOneReply, WriteReply};
 use flotilla_raft::{
     Action, Config, CoreAction, Engine, Entry, EntryPayload, GroupCore, InitialState, LogAction, LogId, LogIndex,
     MachineAction, Membership, Message, Millis, NodeId, RaftError, ReadMode, Request, Role, StorageError, Term,
@@ -293,6 +293,31 @@ fn writes_proposed_together_are_one_append_and_each_caller_gets_its_own_answers(
     assert_eq!(rxs[1].try_recv(), Ok(Ok(Vec::new())), "no command: answered at once, no entry");
     assert_eq!(rxs[2].try_recv(), Ok(answered(&[("b", i(1), term), ("c", i(2), term)])));
     assert_eq!(rxs[3].try_recv(), Ok(answered(&[("d", i(3), term)])));
+    assert!(!g.core.has_waiters());
+}
+
+#[test]
+fn a_single_write_is_answered_alone_beside_writes_of_several_commands() {
+    let mut g = Group::leader();
+    let (one_tx, mut one_rx): (WriteOneReply, _) = oneshot::channel();
+    let (many_tx, mut many_rx): (WriteReply, _) = oneshot::channel();
+    let (alone_tx, mut alone_rx): (WriteOneReply, _) = oneshot::channel();
+    let before = g.log.len();
+    let mut writes = vec![
+        WriteCall::One(Bytes::from("a"), one_tx),
+        WriteCall::Many(vec![Bytes::from("b"), Bytes::from("c")], many_tx),
+    ];
+    g.core.handle_writes(g.now, &mut writes);
+    g.core.handle_request(g.now, Request::WriteOne(Bytes::from("d"), alone_tx));
+    g.pump();
+    assert_eq!(g.log.len(), before + 4);
+    let term = g.core.engine().term();
+    let first = g.log[before].log_id.index;
+    let i = |k: u64| LogIndex(first.0 + k);
+    let one = |d: &str, index| Ok(WriteResponse { log_id: LogId { term, index }, data: Bytes::from(d.to_string()) });
+    assert_eq!(one_rx.try_recv(), Ok(one("a", i(0))));
+    assert_eq!(many_rx.try_recv(), Ok(answered(&[("b", i(1), term), ("c", i(2), term)])));
+    assert_eq!(alone_rx.try_recv(), Ok(one("d", i(3))));
     assert!(!g.core.has_waiters());
 }
 

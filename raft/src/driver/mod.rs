@@ -794,8 +794,12 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
                     None => self.core.stop(Fatal::Shutdown),
                 },
                 _ = &mut timer => {
+                    let now = Instant::now();
+                    if self.metrics_pending && now >= self.metrics_at + METRICS_DELAY {
+                        self.publish_metrics_now();
+                    }
                     // The timer may have been set for the metrics only.
-                    if Instant::now() >= self.engine_deadline() {
+                    if now >= self.engine_deadline() {
                         let now = self.now();
                         self.core.handle_timeout(now);
                     }
@@ -873,6 +877,9 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
     fn publish_metrics(&mut self) {
         let shape = MetricsShape::of(self.core.engine());
         if self.metrics_shape.as_ref() == Some(&shape) {
+            if self.metrics_pending {
+                return; // the timer publishes it
+            }
             let now = Instant::now();
             if now < self.metrics_at + METRICS_DELAY {
                 self.metrics_pending = true;
