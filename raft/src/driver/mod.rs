@@ -20,6 +20,7 @@
 //! groups runs `GroupCore`s on its own threads instead (see the crate documentation's three
 //! layers).
 
+mod api_queue;
 mod recover;
 
 use crate::config::Config;
@@ -34,6 +35,7 @@ use crate::network::Network;
 use crate::request::Request;
 use crate::storage::{LogStorage, SnapshotError, SnapshotMeta, StateMachine};
 use crate::types::{GroupId, LogId, LogIndex, Millis, NodeId, Term};
+use api_queue::{api_queue, ApiReceiver, ApiSender};
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
@@ -50,7 +52,8 @@ pub use recover::recover_state;
 /// Messages from peers queued for one group; when it is full, arriving messages are dropped
 /// (Raft tolerates loss; a full queue means the group is overloaded).
 pub const INBOX_MSGS_MAX: usize = 4096;
-/// API requests queued for one group; callers wait for room.
+/// API requests queued for one group; callers wait for room (the core holds at most as many
+/// again, taken in one drain: see `api_queue`).
 const API_QUEUE_MAX: usize = 1024;
 /// Log actions queued for the log writer. When full, the core waits for the batch in flight:
 /// a slow disk slows the group down instead of queueing without bound.
@@ -158,7 +161,7 @@ enum Api {
 struct Shared {
     id: NodeId,
     group: GroupId,
-    api: mpsc::Sender<Api>,
+    api: ApiSender<Api>,
     inbox: mpsc::Sender<Message>,
     metrics: watch::Receiver<RaftMetrics>,
     timeout: Duration,
@@ -205,7 +208,7 @@ impl Raft {
         let seed = seed_from_entropy(id, group);
         let timeout = Duration::from_millis(config.api_timeout_ms);
         let engine = Engine::new(id, Arc::new(config), state, seed, Millis(0));
-        let (api_tx, api_rx) = mpsc::channel(API_QUEUE_MAX);
+        let (api_tx, api_rx) = api_queue(API_QUEUE_MAX);
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_MSGS_MAX);
         let (metrics_tx, metrics_rx) = watch::channel(RaftMetrics::from_status(group, engine.status()));
         // `term` is recorded on the span as it changes, so every event of the group carries it.
@@ -740,7 +743,7 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
         }
     }
 
-    async fn run(mut self, mut api: mpsc::Receiver<Api>, mut inbox: mpsc::Receiver<Message>) {
+    async fn run(mut self, mut api: ApiReceiver<Api>, mut inbox: mpsc::Receiver<Message>) {
         let mut shutdown_reply = None;
         // One timer for the life of the group, moved to each new deadline: a later deadline
         // costs Tokio no lock, where a new timer per wait is registered and removed each time.
@@ -785,7 +788,7 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
                         }
                     }
                 }
-                req = api.recv() => match req {
+                req = std::future::poll_fn(|cx| api.poll_recv(cx)) => match req {
                     Some(first) => {
                         if let Some(reply) = self.on_api(first, &mut api) {
                             shutdown_reply = Some(reply);
@@ -826,12 +829,12 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
 
     /// Once the group stopped: closes the API queue and refuses every request in it with the
     /// group's fatal error; shutdowns are kept in `shutdowns`, answered once storage work ends.
-    fn refuse_queued(&self, api: &mut mpsc::Receiver<Api>, shutdowns: &mut Vec<oneshot::Sender<()>>) {
+    fn refuse_queued(&self, api: &mut ApiReceiver<Api>, shutdowns: &mut Vec<oneshot::Sender<()>>) {
         let fatal = self.core.fatal().cloned().unwrap_or(Fatal::Shutdown);
         // Before the queue closes: a call it refuses reads why from here.
         let _ = self.stopping.set(fatal.clone());
         api.close();
-        while let Ok(item) = api.try_recv() {
+        while let Some(item) = api.try_recv() {
             match item {
                 Api::Request(req) => req.refuse(RaftError::Fatal(fatal.clone())),
                 Api::Shutdown(reply) => shutdowns.push(reply),
@@ -913,7 +916,7 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
     /// arriving together share one heartbeat round, and writes one proposal (one append, one
     /// message per follower). Writes are gathered until another kind of request comes, so
     /// requests still take effect in the order queued. Returns the reply of a shutdown.
-    fn on_api(&mut self, first: Api, api: &mut mpsc::Receiver<Api>) -> Option<oneshot::Sender<()>> {
+    fn on_api(&mut self, first: Api, api: &mut ApiReceiver<Api>) -> Option<oneshot::Sender<()>> {
         let now = self.now();
         let mut writes = std::mem::take(&mut self.writes);
         let mut next = Some(first);
@@ -934,7 +937,7 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
                 }
             }
             if taken < EVENTS_PER_ROUND_MAX {
-                next = api.try_recv().ok();
+                next = api.try_recv();
             }
         }
         self.core.handle_writes(now, &mut writes);
