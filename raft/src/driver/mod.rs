@@ -68,6 +68,8 @@ const EVENTS_PER_ROUND_MAX: usize = 256;
 /// notification of every watcher. A change of role, term, leader or configuration is
 /// published at once.
 const METRICS_DELAY: Duration = Duration::from_millis(1);
+/// How long a leader with a proposal in flight leaves the API queue alone (see `Core::run`).
+const API_HOLD_MAX: Duration = Duration::from_millis(1);
 
 /// A snapshot of the state of one group, published on a `watch` channel.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -231,6 +233,8 @@ impl Raft {
             metrics_shape: None,
             metrics_at: base,
             metrics_pending: false,
+            hold_since: None,
+            hold_expired: false,
             writes: Vec::new(),
         };
         let task = tokio::spawn(core.run(api_rx, inbox_rx).instrument(span));
@@ -718,6 +722,10 @@ struct Core<N: Network, L: LogStorage, S: StateMachine> {
     metrics_at: Instant,
     /// A change may be waiting for `metrics_at + METRICS_DELAY` to be published.
     metrics_pending: bool,
+    /// Since when the API queue has been left alone for the proposal in flight.
+    hold_since: Option<Instant>,
+    /// The hold lasted `API_HOLD_MAX`: the queue is read until the proposal commits.
+    hold_expired: bool,
     /// The writes of one drain of the API queue, proposed together; kept for its capacity.
     writes: Vec<WriteCall>,
 }
@@ -735,12 +743,37 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
     /// When the core must wake up by itself: the engine's next timer, or the publication of
     /// metrics held back.
     fn deadline(&self) -> Instant {
-        let engine = self.engine_deadline();
+        let mut deadline = self.engine_deadline();
         if self.metrics_pending {
-            engine.min(self.metrics_at + METRICS_DELAY)
-        } else {
-            engine
+            deadline = deadline.min(self.metrics_at + METRICS_DELAY);
         }
+        if let (Some(since), false) = (self.hold_since, self.hold_expired) {
+            deadline = deadline.min(since + API_HOLD_MAX);
+        }
+        deadline
+    }
+
+    /// Whether to leave the API queue alone now: while this leader has a proposal in flight
+    /// (entries not yet committed), the requests arriving meanwhile wait in the queue and go
+    /// out together once it commits, as one proposal (one append, one message per follower)
+    /// in the same wake-up as that commit. Under load a round then carries everything that
+    /// arrived during the previous one, where reading the queue at once made many small
+    /// rounds, each paying its messages and its thread wake-ups; and callers queueing a
+    /// request do not wake the core only for it to wait. Held `API_HOLD_MAX` at most per
+    /// proposal, so a proposal that does not commit (a lost quorum) delays requests by no
+    /// more than that.
+    fn hold_api(&mut self) -> bool {
+        let e = self.core.engine();
+        let in_flight = e.role() == Role::Leader && e.last_log_id().index > e.committed();
+        if !in_flight {
+            self.hold_since = None;
+            self.hold_expired = false;
+            return false;
+        }
+        if self.hold_since.is_none() {
+            self.hold_since = Some(Instant::now());
+        }
+        !self.hold_expired
     }
 
     async fn run(mut self, mut api: ApiReceiver<Api>, mut inbox: mpsc::Receiver<Message>) {
@@ -767,6 +800,7 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
             }
             self.writer.start();
             self.applier.start();
+            let hold_api = self.hold_api();
             let deadline = self.deadline();
             if timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
@@ -788,7 +822,7 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
                         }
                     }
                 }
-                req = std::future::poll_fn(|cx| api.poll_recv(cx)) => match req {
+                req = std::future::poll_fn(|cx| api.poll_recv(cx)), if !hold_api => match req {
                     Some(first) => {
                         if let Some(reply) = self.on_api(first, &mut api) {
                             shutdown_reply = Some(reply);
@@ -800,6 +834,9 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
                     let now = Instant::now();
                     if self.metrics_pending && now >= self.metrics_at + METRICS_DELAY {
                         self.publish_metrics_now();
+                    }
+                    if self.hold_since.is_some_and(|since| now >= since + API_HOLD_MAX) {
+                        self.hold_expired = true;
                     }
                     // The timer may have been set for the metrics only.
                     if now >= self.engine_deadline() {
