@@ -28,11 +28,11 @@ use crate::error::{Fatal, RaftError, StorageError};
 use crate::membership::Membership;
 use crate::message::Message;
 use crate::request::Request;
-pub use crate::request::{DoneReply, IndexReply, WriteReply};
+pub use crate::request::{DoneReply, IndexReply, WriteOneReply, WriteReply};
 use crate::storage::SnapshotMeta;
 use crate::types::{LogId, LogIndex, Millis, NodeId, Term};
 use bytes::Bytes;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use tracing::warn;
 
 /// The result of a committed and applied write.
@@ -131,24 +131,77 @@ pub enum MachineAction {
     },
 }
 
+/// A request of several commands, answered once every one of them applied or failed.
 struct Batch {
     results: Vec<Option<Result<WriteResponse, RaftError>>>,
     remaining: usize,
     reply: WriteReply,
 }
 
+/// Where the answer to one proposed command goes.
+enum Waiter {
+    /// A single-command request's own reply: no batch to assemble.
+    One(WriteOneReply),
+    /// Command `pos` of the request `batch` (see `GroupCore::batches`).
+    Part { batch: u64, pos: usize },
+}
+
+/// A proposed command waiting for its entry to apply.
 struct PendingWrite {
+    index: LogIndex,
+    /// The term it was proposed in: an entry applied at `index` in another term replaced it.
     term: Term,
-    batch: u64,
-    pos: usize,
+    waiter: Waiter,
+}
+
+/// A write request as [`GroupCore::handle_writes`] takes it.
+#[derive(Debug)]
+pub enum WriteCall {
+    /// One command (`Request::WriteOne`).
+    One(Bytes, WriteOneReply),
+    /// Several commands answered together (`Request::Write`).
+    Many(Vec<Bytes>, WriteReply),
+}
+
+impl WriteCall {
+    fn len(&self) -> usize {
+        match self {
+            WriteCall::One(..) => 1,
+            WriteCall::Many(c, _) => c.len(),
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        match self {
+            WriteCall::One(c, _) => c.len() as u64,
+            WriteCall::Many(c, _) => c.iter().map(|c| c.len() as u64).sum(),
+        }
+    }
+
+    fn refuse(self, e: RaftError) {
+        match self {
+            WriteCall::One(_, r) => {
+                let _ = r.send(Err(e));
+            }
+            WriteCall::Many(_, r) => {
+                let _ = r.send(Err(e));
+            }
+        }
+    }
 }
 
 /// One group's engine and its callers' pending requests. See the module documentation.
 pub struct GroupCore {
     engine: Engine,
-    /// Proposed entries waiting to be applied, by index.
-    writes: BTreeMap<LogIndex, PendingWrite>,
+    /// Proposed commands waiting to be applied, in index order: proposals only ever append
+    /// at the end of the log, and entries apply in order, so answers come off the front.
+    writes: VecDeque<PendingWrite>,
+    /// Requests of several commands being answered, by batch number.
     batches: HashMap<u64, Batch>,
+    /// Scratch for `handle_writes`: the calls proposed, kept for its capacity.
+    proposed: Vec<WriteCall>,
+    /// Scratch for `handle_write`, kept for its capacity.
+    calls: Vec<WriteCall>,
     next_batch: u64,
     /// Reads waiting for the engine: id -> (wait for apply?, reply).
     reads: HashMap<u64, (bool, IndexReply)>,
@@ -174,8 +227,10 @@ impl GroupCore {
     pub fn new(engine: Engine) -> GroupCore {
         GroupCore {
             engine,
-            writes: BTreeMap::new(),
+            writes: VecDeque::new(),
             batches: HashMap::new(),
+            proposed: Vec::new(),
+            calls: Vec::new(),
             next_batch: 0,
             reads: HashMap::new(),
             reads_ready: Vec::new(),
@@ -206,7 +261,8 @@ impl GroupCore {
 
     /// Whether any caller waits for an answer (a group with waiters must not go quiet).
     pub fn has_waiters(&self) -> bool {
-        !(self.batches.is_empty()
+        !(self.writes.is_empty()
+            && self.batches.is_empty()
             && self.reads.is_empty()
             && self.reads_ready.is_empty()
             && self.learner_waits.is_empty()
@@ -222,7 +278,8 @@ impl GroupCore {
             Request::Initialize(membership, reply) => {
                 let _ = reply.send(self.initialize(now, membership));
             }
-            Request::Write(commands, reply) => self.write(now, commands, reply),
+            Request::Write(commands, reply) => self.handle_write(now, WriteCall::Many(commands, reply)),
+            Request::WriteOne(command, reply) => self.handle_write(now, WriteCall::One(command, reply)),
             Request::Read { mode, wait_apply, reply } => self.read(now, mode, wait_apply, reply),
             Request::AddLearner(node, reply) => self.add_learner(now, node, reply),
             Request::RemoveLearner(node, reply) => self.remove_learner(now, node, reply),
@@ -243,31 +300,12 @@ impl GroupCore {
         self.engine.initialize(now, membership)
     }
 
-    /// Proposes `commands`; `reply` gets one result per command once all applied (or failed).
-    fn write(&mut self, now: Millis, commands: Vec<Bytes>, reply: WriteReply) {
-        if let Err(e) = self.check_alive() {
-            let _ = reply.send(Err(e));
-            return;
-        }
-        let count = commands.len();
-        if count == 0 {
-            let _ = reply.send(Ok(Vec::new()));
-            return;
-        }
-        match self.engine.propose(now, commands) {
-            Ok(first) => {
-                let term = self.engine.term();
-                let batch = self.next_batch;
-                self.next_batch += 1;
-                for pos in 0..count {
-                    self.writes.insert(LogIndex(first.0 + pos as u64), PendingWrite { term, batch, pos });
-                }
-                self.batches.insert(batch, Batch { results: vec![None; count], remaining: count, reply });
-            }
-            Err(e) => {
-                let _ = reply.send(Err(e));
-            }
-        }
+    /// Proposes one write request's commands.
+    fn handle_write(&mut self, now: Millis, call: WriteCall) {
+        let mut calls = std::mem::take(&mut self.calls);
+        calls.push(call);
+        self.handle_writes(now, &mut calls);
+        self.calls = calls;
     }
 
     /// Proposes the commands of several write requests as one run of consecutive entries: one
@@ -277,61 +315,81 @@ impl GroupCore {
     /// `Config::uncommitted_bytes_max`, the requests that no longer fit are refused with
     /// `Overloaded` and the others proposed. `writes` is left empty, its capacity kept for the
     /// next call.
-    pub fn handle_writes(&mut self, now: Millis, writes: &mut Vec<(Vec<Bytes>, WriteReply)>) {
-        if writes.len() <= 1 {
-            if let Some((commands, reply)) = writes.pop() {
-                self.write(now, commands, reply);
-            }
-            return;
-        }
+    pub fn handle_writes(&mut self, now: Millis, writes: &mut Vec<WriteCall>) {
         if let Err(e) = self.check_alive() {
-            for (_, reply) in writes.drain(..) {
-                let _ = reply.send(Err(e.clone()));
+            for call in writes.drain(..) {
+                call.refuse(e.clone());
             }
             return;
         }
-        let total: usize = writes.iter().map(|(c, _)| c.len()).sum();
+        let mut proposed = std::mem::take(&mut self.proposed);
+        let total: usize = writes.iter().map(WriteCall::len).sum();
         let mut all = Vec::with_capacity(total);
-        let mut replies = Vec::with_capacity(writes.len());
         // The bytes pending as each request would find them proposed alone; `None` where the
         // engine refuses any proposal (it answers all of them below).
         let mut uncommitted = self.engine.uncommitted_bytes();
-        for (mut commands, reply) in writes.drain(..) {
-            if commands.is_empty() {
-                let _ = reply.send(Ok(Vec::new()));
+        for call in writes.drain(..) {
+            if call.len() == 0 {
+                if let WriteCall::Many(_, reply) = call {
+                    let _ = reply.send(Ok(Vec::new()));
+                }
                 continue;
             }
             if let Some(pending) = uncommitted.as_mut() {
-                let bytes: u64 = commands.iter().map(|c| c.len() as u64).sum();
+                let bytes = call.bytes();
                 if self.engine.over_uncommitted_limit(*pending, bytes) {
-                    let _ = reply.send(Err(RaftError::Overloaded { pending_bytes: *pending }));
+                    call.refuse(RaftError::Overloaded { pending_bytes: *pending });
                     continue;
                 }
                 *pending += bytes;
             }
-            replies.push((commands.len(), reply));
-            all.append(&mut commands);
+            match &call {
+                WriteCall::One(c, _) => all.push(c.clone()),
+                WriteCall::Many(c, _) => all.extend(c.iter().cloned()),
+            }
+            proposed.push(call);
         }
-        if all.is_empty() {
-            return;
+        if !all.is_empty() {
+            match self.engine.propose(now, all) {
+                Ok(first) => self.await_applied(first, &mut proposed),
+                Err(e) => {
+                    for call in proposed.drain(..) {
+                        call.refuse(e.clone());
+                    }
+                }
+            }
         }
-        match self.engine.propose(now, all) {
-            Ok(first) => {
-                let term = self.engine.term();
-                let mut index = first.0;
-                for (count, reply) in replies {
+        self.proposed = proposed;
+    }
+
+    /// Records the answers owed for `calls`, proposed as consecutive entries from `first` in
+    /// the current term. Empties `calls`.
+    fn await_applied(&mut self, first: LogIndex, calls: &mut Vec<WriteCall>) {
+        let term = self.engine.term();
+        // Waiters at or past `first` wait for entries a new leader replaced (the log was cut
+        // back before this proposal): those entries will never apply.
+        while self.writes.back().is_some_and(|w| w.index >= first) {
+            if let Some(w) = self.writes.pop_back() {
+                let index = w.index;
+                self.finish_write(w, Err(RaftError::Dropped { index }));
+            }
+        }
+        let mut index = first;
+        for call in calls.drain(..) {
+            match call {
+                WriteCall::One(_, reply) => {
+                    self.writes.push_back(PendingWrite { index, term, waiter: Waiter::One(reply) });
+                    index = index.next();
+                }
+                WriteCall::Many(commands, reply) => {
+                    let count = commands.len();
                     let batch = self.next_batch;
                     self.next_batch += 1;
                     for pos in 0..count {
-                        self.writes.insert(LogIndex(index), PendingWrite { term, batch, pos });
-                        index += 1;
+                        self.writes.push_back(PendingWrite { index, term, waiter: Waiter::Part { batch, pos } });
+                        index = index.next();
                     }
                     self.batches.insert(batch, Batch { results: vec![None; count], remaining: count, reply });
-                }
-            }
-            Err(e) => {
-                for (_, reply) in replies {
-                    let _ = reply.send(Err(e.clone()));
                 }
             }
         }
@@ -542,9 +600,11 @@ impl GroupCore {
         }
         // Proposals at or below the snapshot: this node proposed them as leader, then fell
         // behind; whether they committed is unknown here.
-        let below: Vec<LogIndex> = self.writes.range(..=meta.last_log_id.index).map(|(i, _)| *i).collect();
-        for i in below {
-            self.fail_write(i, RaftError::Indeterminate { index: i });
+        while self.writes.front().is_some_and(|w| w.index <= meta.last_log_id.index) {
+            if let Some(w) = self.writes.pop_front() {
+                let index = w.index;
+                self.finish_write(w, Err(RaftError::Indeterminate { index }));
+            }
         }
         self.engine.handle_snapshot_installed(now, meta, reception);
         self.check_waits();
@@ -564,10 +624,14 @@ impl GroupCore {
             return;
         }
         let err = || RaftError::Fatal(fatal.clone());
+        for w in self.writes.drain(..) {
+            if let Waiter::One(reply) = w.waiter {
+                let _ = reply.send(Err(err()));
+            }
+        }
         for (_, b) in self.batches.drain() {
             let _ = b.reply.send(Err(err()));
         }
-        self.writes.clear();
         for (_, (_, r)) in self.reads.drain() {
             let _ = r.send(Err(err()));
         }
@@ -656,30 +720,38 @@ impl GroupCore {
     }
 
     fn complete_write(&mut self, log_id: LogId, data: Bytes) {
-        let Some(w) = self.writes.get(&log_id.index) else { return };
-        if w.term == log_id.term {
-            if let Some(w) = self.writes.remove(&log_id.index) {
-                self.finish_write(w, Ok(WriteResponse { log_id, data }));
-            }
+        // Entries apply in order: the waiter is at the front, unless a host answered it early.
+        let pos = match self.writes.front() {
+            Some(w) if w.index == log_id.index => 0,
+            _ => match self.writes.binary_search_by_key(&log_id.index, |w| w.index) {
+                Ok(pos) => pos,
+                Err(_) => return,
+            },
+        };
+        let Some(w) = self.writes.remove(pos) else { return };
+        let result = if w.term == log_id.term {
+            Ok(WriteResponse { log_id, data })
         } else {
-            self.fail_write(log_id.index, RaftError::Dropped { index: log_id.index });
-        }
-    }
-
-    fn fail_write(&mut self, index: LogIndex, e: RaftError) {
-        if let Some(w) = self.writes.remove(&index) {
-            self.finish_write(w, Err(e));
-        }
+            Err(RaftError::Dropped { index: log_id.index })
+        };
+        self.finish_write(w, result);
     }
 
     fn finish_write(&mut self, w: PendingWrite, r: Result<WriteResponse, RaftError>) {
-        let Some(b) = self.batches.get_mut(&w.batch) else { return };
-        if b.results[w.pos].is_none() {
-            b.results[w.pos] = Some(r);
+        let (batch, pos) = match w.waiter {
+            Waiter::One(reply) => {
+                let _ = reply.send(r);
+                return;
+            }
+            Waiter::Part { batch, pos } => (batch, pos),
+        };
+        let Some(b) = self.batches.get_mut(&batch) else { return };
+        if b.results[pos].is_none() {
+            b.results[pos] = Some(r);
             b.remaining -= 1;
         }
         if b.remaining == 0 {
-            if let Some(b) = self.batches.remove(&w.batch) {
+            if let Some(b) = self.batches.remove(&batch) {
                 let results = b.results.into_iter().map(|r| r.unwrap_or(Err(RaftError::Timeout))).collect();
                 let _ = b.reply.send(Ok(results));
             }

@@ -17,6 +17,8 @@ use tokio::sync::oneshot;
 
 /// Where the answer to a batch of writes goes: one result per command, in order.
 pub type WriteReply = oneshot::Sender<Result<Vec<Result<WriteResponse, RaftError>>, RaftError>>;
+/// Where the answer to a single write goes.
+pub type WriteOneReply = oneshot::Sender<Result<WriteResponse, RaftError>>;
 /// Where the answer to a read or a configuration change goes: the log index it took effect at.
 pub type IndexReply = oneshot::Sender<Result<LogIndex, RaftError>>;
 /// Where the answer to a request without a result goes.
@@ -29,6 +31,9 @@ pub enum Request {
     Initialize(Membership, DoneReply),
     /// Propose these commands; the reply carries one result per command once all applied.
     Write(Vec<Bytes>, WriteReply),
+    /// Propose one command; the reply carries its result once applied. `Write` with one
+    /// command, without a vector each way.
+    WriteOne(Bytes, WriteOneReply),
     /// Confirm a linearizable read point; with `wait_apply`, answer only once the state
     /// machine applied it.
     Read {
@@ -72,6 +77,9 @@ impl Request {
                 let _ = r.send(Err(error));
             }
             Request::Write(_, r) => {
+                let _ = r.send(Err(error));
+            }
+            Request::WriteOne(_, r) => {
                 let _ = r.send(Err(error));
             }
             Request::Read { reply: r, .. }

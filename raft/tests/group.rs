@@ -3,7 +3,7 @@
 //! step (durable, committed, applied) can be held back and observed.
 
 use bytes::Bytes;
-use flotilla_raft::group::{IndexReply, WriteReply};
+use flotilla_raft::group::{IndexReply, WriteCall, WriteOneReply, WriteReply};
 use flotilla_raft::{
     Action, Config, CoreAction, Engine, Entry, EntryPayload, GroupCore, InitialState, LogAction, LogId, LogIndex,
     MachineAction, Membership, Message, Millis, NodeId, RaftError, ReadMode, Request, Role, StorageError, Term,
@@ -267,10 +267,10 @@ fn asking_for_the_configuration_in_force_is_answered_at_once_by_the_leader_and_r
 fn writes_proposed_together_are_one_append_and_each_caller_gets_its_own_answers() {
     let mut g = Group::leader();
     let mut rxs = Vec::new();
-    let mut writes: Vec<(Vec<Bytes>, WriteReply)> = Vec::new();
+    let mut writes: Vec<WriteCall> = Vec::new();
     for commands in [&["a"][..], &[][..], &["b", "c"][..], &["d"][..]] {
         let (tx, rx): (WriteReply, _) = oneshot::channel();
-        writes.push((commands.iter().map(|c| Bytes::from(c.to_string())).collect(), tx));
+        writes.push(WriteCall::Many(commands.iter().map(|c| Bytes::from(c.to_string())).collect(), tx));
         rxs.push(rx);
     }
     let before = g.log.len();
@@ -297,6 +297,31 @@ fn writes_proposed_together_are_one_append_and_each_caller_gets_its_own_answers(
 }
 
 #[test]
+fn a_single_write_is_answered_alone_beside_writes_of_several_commands() {
+    let mut g = Group::leader();
+    let (one_tx, mut one_rx): (WriteOneReply, _) = oneshot::channel();
+    let (many_tx, mut many_rx): (WriteReply, _) = oneshot::channel();
+    let (alone_tx, mut alone_rx): (WriteOneReply, _) = oneshot::channel();
+    let before = g.log.len();
+    let mut writes = vec![
+        WriteCall::One(Bytes::from("a"), one_tx),
+        WriteCall::Many(vec![Bytes::from("b"), Bytes::from("c")], many_tx),
+    ];
+    g.core.handle_writes(g.now, &mut writes);
+    g.core.handle_request(g.now, Request::WriteOne(Bytes::from("d"), alone_tx));
+    g.pump();
+    assert_eq!(g.log.len(), before + 4);
+    let term = g.core.engine().term();
+    let first = g.log[before].log_id.index;
+    let i = |k: u64| LogIndex(first.0 + k);
+    let one = |d: &str, index| Ok(WriteResponse { log_id: LogId { term, index }, data: Bytes::from(d.to_string()) });
+    assert_eq!(one_rx.try_recv(), Ok(one("a", i(0))));
+    assert_eq!(many_rx.try_recv(), Ok(answered(&[("b", i(1), term), ("c", i(2), term)])));
+    assert_eq!(alone_rx.try_recv(), Ok(one("d", i(3))));
+    assert!(!g.core.has_waiters());
+}
+
+#[test]
 fn writes_proposed_together_on_a_follower_are_each_refused_with_the_leader() {
     let mut gs = [Group::new(1, &[1, 2]), Group::new(2, &[1, 2])];
     let t = gs[0].core.engine().next_deadline();
@@ -307,10 +332,10 @@ fn writes_proposed_together_on_a_follower_are_each_refused_with_the_leader() {
     exchange(&mut gs);
     assert_eq!(gs[0].core.engine().role(), Role::Leader);
     let mut rxs = Vec::new();
-    let mut writes: Vec<(Vec<Bytes>, WriteReply)> = Vec::new();
+    let mut writes: Vec<WriteCall> = Vec::new();
     for c in ["a", "b"] {
         let (tx, rx): (WriteReply, _) = oneshot::channel();
-        writes.push((vec![Bytes::from(c)], tx));
+        writes.push(WriteCall::Many(vec![Bytes::from(c)], tx));
         rxs.push(rx);
     }
     gs[1].core.handle_writes(t, &mut writes);
@@ -330,16 +355,17 @@ fn writes_proposed_together_past_the_uncommitted_limit_are_each_answered_as_if_p
         let first = g.log.len() as u64 + 2; // after "x"
         let _pending = g.write(&["x"]); // not pumped: stays uncommitted
         let mut rxs = Vec::new();
-        let mut writes: Vec<(Vec<Bytes>, WriteReply)> = Vec::new();
+        let mut writes: Vec<WriteCall> = Vec::new();
         for c in commands {
             let (tx, rx): (WriteReply, _) = oneshot::channel();
-            writes.push((c.iter().map(|c| Bytes::from(c.to_string())).collect(), tx));
+            writes.push(WriteCall::Many(c.iter().map(|c| Bytes::from(c.to_string())).collect(), tx));
             rxs.push(rx);
         }
         if together {
             g.core.handle_writes(g.now, &mut writes);
         } else {
-            for (c, tx) in writes {
+            for call in writes {
+                let WriteCall::Many(c, tx) = call else { unreachable!("built as Many above") };
                 g.core.handle_request(g.now, Request::Write(c, tx));
             }
         }

@@ -20,6 +20,7 @@
 //! groups runs `GroupCore`s on its own threads instead (see the crate documentation's three
 //! layers).
 
+mod api_queue;
 mod recover;
 
 use crate::config::Config;
@@ -27,13 +28,14 @@ use crate::engine::{Action, Engine, EngineStatus, IoId, ReadMode, Role};
 use crate::entry::Entry;
 use crate::error::{Fatal, RaftError, StorageError};
 pub use crate::group::WriteResponse;
-use crate::group::{CoreAction, GroupCore, LogAction, MachineAction};
+use crate::group::{CoreAction, GroupCore, LogAction, MachineAction, WriteCall};
 use crate::membership::{Membership, StoredMembership};
 use crate::message::Message;
 use crate::network::Network;
 use crate::request::Request;
 use crate::storage::{LogStorage, SnapshotError, SnapshotMeta, StateMachine};
 use crate::types::{GroupId, LogId, LogIndex, Millis, NodeId, Term};
+use api_queue::{api_queue, ApiReceiver, ApiSender};
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
@@ -50,7 +52,8 @@ pub use recover::recover_state;
 /// Messages from peers queued for one group; when it is full, arriving messages are dropped
 /// (Raft tolerates loss; a full queue means the group is overloaded).
 pub const INBOX_MSGS_MAX: usize = 4096;
-/// API requests queued for one group; callers wait for room.
+/// API requests queued for one group; callers wait for room (the core holds at most as many
+/// again, taken in one drain: see `api_queue`).
 const API_QUEUE_MAX: usize = 1024;
 /// Log actions queued for the log writer. When full, the core waits for the batch in flight:
 /// a slow disk slows the group down instead of queueing without bound.
@@ -60,6 +63,13 @@ const LOG_QUEUE_MAX: usize = 1024;
 const MACHINE_QUEUE_MAX: usize = 64;
 /// Events the core handles before it executes the actions they produced: batching.
 const EVENTS_PER_ROUND_MAX: usize = 256;
+/// How long a change of the metrics' counters (indexes, replication) may wait to be published:
+/// under load they change on every round, and each publication costs a status copy and a
+/// notification of every watcher. A change of role, term, leader or configuration is
+/// published at once.
+const METRICS_DELAY: Duration = Duration::from_millis(1);
+/// How long a leader with a proposal in flight leaves the API queue alone (see `Core::run`).
+const API_HOLD_MAX: Duration = Duration::from_millis(1);
 
 /// A snapshot of the state of one group, published on a `watch` channel.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,6 +129,31 @@ impl RaftMetrics {
     }
 }
 
+/// The fields of the metrics whose change is published at once; the others (indexes and
+/// replication) change every round under load and may wait for `METRICS_DELAY`.
+#[derive(PartialEq, Eq)]
+struct MetricsShape {
+    role: Role,
+    term: Term,
+    leader: Option<NodeId>,
+    membership: LogId,
+    committed_membership: LogId,
+    snapshot: Option<LogId>,
+}
+
+impl MetricsShape {
+    fn of(e: &Engine) -> MetricsShape {
+        MetricsShape {
+            role: e.role(),
+            term: e.term(),
+            leader: e.leader(),
+            membership: e.membership().log_id,
+            committed_membership: e.committed_membership().log_id,
+            snapshot: e.newest_snapshot(),
+        }
+    }
+}
+
 /// What the core task's API queue carries: requests for the group, and the driver's own stop.
 enum Api {
     Request(Request),
@@ -128,7 +163,7 @@ enum Api {
 struct Shared {
     id: NodeId,
     group: GroupId,
-    api: mpsc::Sender<Api>,
+    api: ApiSender<Api>,
     inbox: mpsc::Sender<Message>,
     metrics: watch::Receiver<RaftMetrics>,
     timeout: Duration,
@@ -175,7 +210,7 @@ impl Raft {
         let seed = seed_from_entropy(id, group);
         let timeout = Duration::from_millis(config.api_timeout_ms);
         let engine = Engine::new(id, Arc::new(config), state, seed, Millis(0));
-        let (api_tx, api_rx) = mpsc::channel(API_QUEUE_MAX);
+        let (api_tx, api_rx) = api_queue(API_QUEUE_MAX);
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_MSGS_MAX);
         let (metrics_tx, metrics_rx) = watch::channel(RaftMetrics::from_status(group, engine.status()));
         // `term` is recorded on the span as it changes, so every event of the group carries it.
@@ -195,6 +230,11 @@ impl Raft {
             metrics: metrics_tx,
             span: span.clone(),
             term_recorded: None,
+            metrics_shape: None,
+            metrics_at: base,
+            metrics_pending: false,
+            hold_since: None,
+            hold_expired: false,
             writes: Vec::new(),
         };
         let task = tokio::spawn(core.run(api_rx, inbox_rx).instrument(span));
@@ -273,8 +313,7 @@ impl Raft {
     /// unknown: the entry may already be in the log and commit later (for `Fatal`, once the
     /// group runs again: after a restart, or on the other nodes).
     pub async fn client_write(&self, command: Bytes) -> Result<WriteResponse, RaftError> {
-        let mut all = self.client_write_batch(vec![command]).await?;
-        all.pop().unwrap_or(Err(RaftError::Timeout))
+        self.call(|tx| Request::WriteOne(command, tx)).await
     }
 
     /// Proposes several commands as consecutive log entries in one step; answers once all are
@@ -677,8 +716,18 @@ struct Core<N: Network, L: LogStorage, S: StateMachine> {
     /// The group's span; its `term` field follows the engine's term.
     span: tracing::Span,
     term_recorded: Option<Term>,
+    /// What the metrics last published said of the fields published at once.
+    metrics_shape: Option<MetricsShape>,
+    /// When the metrics were last published.
+    metrics_at: Instant,
+    /// A change may be waiting for `metrics_at + METRICS_DELAY` to be published.
+    metrics_pending: bool,
+    /// Since when the API queue has been left alone for the proposal in flight.
+    hold_since: Option<Instant>,
+    /// The hold lasted `API_HOLD_MAX`: the queue is read until the proposal commits.
+    hold_expired: bool,
     /// The writes of one drain of the API queue, proposed together; kept for its capacity.
-    writes: Vec<(Vec<Bytes>, crate::request::WriteReply)>,
+    writes: Vec<WriteCall>,
 }
 
 impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
@@ -687,11 +736,47 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
     }
 
     /// When the engine's next timer is due.
-    fn deadline(&self) -> Instant {
+    fn engine_deadline(&self) -> Instant {
         self.base + Duration::from_millis(self.core.engine().next_deadline().0)
     }
 
-    async fn run(mut self, mut api: mpsc::Receiver<Api>, mut inbox: mpsc::Receiver<Message>) {
+    /// When the core must wake up by itself: the engine's next timer, or the publication of
+    /// metrics held back.
+    fn deadline(&self) -> Instant {
+        let mut deadline = self.engine_deadline();
+        if self.metrics_pending {
+            deadline = deadline.min(self.metrics_at + METRICS_DELAY);
+        }
+        if let (Some(since), false) = (self.hold_since, self.hold_expired) {
+            deadline = deadline.min(since + API_HOLD_MAX);
+        }
+        deadline
+    }
+
+    /// Whether to leave the API queue alone now: while this leader has a proposal in flight
+    /// (entries not yet committed), the requests arriving meanwhile wait in the queue and go
+    /// out together once it commits, as one proposal (one append, one message per follower)
+    /// in the same wake-up as that commit. Under load a round then carries everything that
+    /// arrived during the previous one, where reading the queue at once made many small
+    /// rounds, each paying its messages and its thread wake-ups; and callers queueing a
+    /// request do not wake the core only for it to wait. Held `API_HOLD_MAX` at most per
+    /// proposal, so a proposal that does not commit (a lost quorum) delays requests by no
+    /// more than that.
+    fn hold_api(&mut self) -> bool {
+        let e = self.core.engine();
+        let in_flight = e.role() == Role::Leader && e.last_log_id().index > e.committed();
+        if !in_flight {
+            self.hold_since = None;
+            self.hold_expired = false;
+            return false;
+        }
+        if self.hold_since.is_none() {
+            self.hold_since = Some(Instant::now());
+        }
+        !self.hold_expired
+    }
+
+    async fn run(mut self, mut api: ApiReceiver<Api>, mut inbox: mpsc::Receiver<Message>) {
         let mut shutdown_reply = None;
         // One timer for the life of the group, moved to each new deadline: a later deadline
         // costs Tokio no lock, where a new timer per wait is registered and removed each time.
@@ -715,6 +800,7 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
             }
             self.writer.start();
             self.applier.start();
+            let hold_api = self.hold_api();
             let deadline = self.deadline();
             if timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
@@ -736,7 +822,7 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
                         }
                     }
                 }
-                req = api.recv() => match req {
+                req = std::future::poll_fn(|cx| api.poll_recv(cx)), if !hold_api => match req {
                     Some(first) => {
                         if let Some(reply) = self.on_api(first, &mut api) {
                             shutdown_reply = Some(reply);
@@ -745,11 +831,22 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
                     None => self.core.stop(Fatal::Shutdown),
                 },
                 _ = &mut timer => {
-                    let now = self.now();
-                    self.core.handle_timeout(now);
+                    let now = Instant::now();
+                    if self.metrics_pending && now >= self.metrics_at + METRICS_DELAY {
+                        self.publish_metrics_now();
+                    }
+                    if self.hold_since.is_some_and(|since| now >= since + API_HOLD_MAX) {
+                        self.hold_expired = true;
+                    }
+                    // The timer may have been set for the metrics only.
+                    if now >= self.engine_deadline() {
+                        let now = self.now();
+                        self.core.handle_timeout(now);
+                    }
                 }
             }
         }
+        self.publish_metrics_now();
         // Nothing more is taken. The requests still queued are answered now, not once the
         // storage work below is done: a slow disk must not leave callers to time out.
         let mut shutdown_replies: Vec<_> = shutdown_reply.into_iter().collect();
@@ -769,12 +866,12 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
 
     /// Once the group stopped: closes the API queue and refuses every request in it with the
     /// group's fatal error; shutdowns are kept in `shutdowns`, answered once storage work ends.
-    fn refuse_queued(&self, api: &mut mpsc::Receiver<Api>, shutdowns: &mut Vec<oneshot::Sender<()>>) {
+    fn refuse_queued(&self, api: &mut ApiReceiver<Api>, shutdowns: &mut Vec<oneshot::Sender<()>>) {
         let fatal = self.core.fatal().cloned().unwrap_or(Fatal::Shutdown);
         // Before the queue closes: a call it refuses reads why from here.
         let _ = self.stopping.set(fatal.clone());
         api.close();
-        while let Ok(item) = api.try_recv() {
+        while let Some(item) = api.try_recv() {
             match item {
                 Api::Request(req) => req.refuse(RaftError::Fatal(fatal.clone())),
                 Api::Shutdown(reply) => shutdowns.push(reply),
@@ -815,12 +912,32 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
         }
     }
 
+    /// Publishes the metrics if they changed: at once if a field of `MetricsShape` did, else
+    /// at most once per `METRICS_DELAY` (the timer publishes what is held back).
     fn publish_metrics(&mut self) {
+        let shape = MetricsShape::of(self.core.engine());
+        if self.metrics_shape.as_ref() == Some(&shape) {
+            if self.metrics_pending {
+                return; // the timer publishes it
+            }
+            let now = Instant::now();
+            if now < self.metrics_at + METRICS_DELAY {
+                self.metrics_pending = true;
+                return;
+            }
+        }
+        self.publish_metrics_now();
+    }
+
+    fn publish_metrics_now(&mut self) {
         let term = self.core.engine().term();
         if self.term_recorded != Some(term) {
             self.term_recorded = Some(term);
             self.span.record("term", term.0);
         }
+        self.metrics_shape = Some(MetricsShape::of(self.core.engine()));
+        self.metrics_at = Instant::now();
+        self.metrics_pending = false;
         let m = RaftMetrics::from_status(self.group, self.core.engine().status());
         self.metrics.send_if_modified(|cur| {
             if *cur == m {
@@ -836,7 +953,7 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
     /// arriving together share one heartbeat round, and writes one proposal (one append, one
     /// message per follower). Writes are gathered until another kind of request comes, so
     /// requests still take effect in the order queued. Returns the reply of a shutdown.
-    fn on_api(&mut self, first: Api, api: &mut mpsc::Receiver<Api>) -> Option<oneshot::Sender<()>> {
+    fn on_api(&mut self, first: Api, api: &mut ApiReceiver<Api>) -> Option<oneshot::Sender<()>> {
         let now = self.now();
         let mut writes = std::mem::take(&mut self.writes);
         let mut next = Some(first);
@@ -845,7 +962,8 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
         while let Some(item) = next.take() {
             taken += 1;
             match item {
-                Api::Request(Request::Write(commands, reply)) => writes.push((commands, reply)),
+                Api::Request(Request::Write(commands, reply)) => writes.push(WriteCall::Many(commands, reply)),
+                Api::Request(Request::WriteOne(command, reply)) => writes.push(WriteCall::One(command, reply)),
                 Api::Request(req) => {
                     self.core.handle_writes(now, &mut writes);
                     self.core.handle_request(now, req);
@@ -856,7 +974,7 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
                 }
             }
             if taken < EVENTS_PER_ROUND_MAX {
-                next = api.try_recv().ok();
+                next = api.try_recv();
             }
         }
         self.core.handle_writes(now, &mut writes);

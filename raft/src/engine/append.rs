@@ -26,7 +26,8 @@ impl Engine {
                 return;
             }
             let prev = self.log.id_at(self.committed).expect("committed entry is in the log");
-            let rest = entries[skip..].to_vec();
+            let mut rest = entries;
+            rest.drain(..skip);
             return self.on_append(now, from, prev, rest, commit);
         }
         if !self.log.has(prev) {
@@ -60,7 +61,9 @@ impl Engine {
             }
         }
         if new_from < entries.len() {
-            let new: Vec<Entry> = entries[new_from..].to_vec();
+            // The message's own vector, its known prefix dropped: no copy of the entries.
+            let mut new = entries;
+            new.drain(..new_from);
             self.append_local(new);
         }
         let new_commit = commit.min(matched);

@@ -4,7 +4,7 @@ use crate::entry::Entry;
 use crate::error::StorageError;
 use crate::storage::{LogState, LogStorage};
 use crate::types::{LogId, LogIndex, Vote};
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// An in-memory [`LogStorage`]. Every write is "durable" as soon as it returns (there is no
@@ -23,8 +23,9 @@ pub struct MemLogStorage {
 struct Inner {
     vote: Option<Vote>,
     last_purged: Option<LogId>,
-    /// Entries by index; always contiguous, starting right after `last_purged`.
-    entries: BTreeMap<u64, Entry>,
+    /// The entries in order, contiguous, the first right after `last_purged`: appends,
+    /// truncations and purges work on the ends, as a log does.
+    entries: VecDeque<Entry>,
     committed: Option<LogIndex>,
     fail_writes: bool,
 }
@@ -32,12 +33,19 @@ struct Inner {
 impl Inner {
     /// The id of the last entry, or of the last purged one if the log is empty.
     fn last_id(&self) -> Option<LogId> {
-        self.entries.values().next_back().map(|e| e.log_id).or(self.last_purged)
+        self.entries.back().map(|e| e.log_id).or(self.last_purged)
     }
 
     /// The index of the first entry the log can hold (right after the last purged one).
     fn first_index(&self) -> u64 {
         self.last_purged.map_or(1, |p| p.index.0 + 1)
+    }
+
+    /// How many entries of `entries` come before `index` (all of them for an index past the
+    /// end, none for a purged one).
+    fn before(&self, index: u64) -> usize {
+        usize::try_from(index.saturating_sub(self.first_index()))
+            .map_or(self.entries.len(), |n| n.min(self.entries.len()))
     }
 
     fn check_writable(&self, op: &'static str) -> Result<(), StorageError> {
@@ -62,7 +70,7 @@ impl MemLogStorage {
 
     /// A copy of the entries currently in the log, in order.
     pub fn entries(&self) -> Vec<Entry> {
-        self.lock().entries.values().cloned().collect()
+        self.lock().entries.iter().cloned().collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -86,7 +94,7 @@ impl LogStorage for MemLogStorage {
 
     async fn log_state(&self) -> Result<LogState, StorageError> {
         let inner = self.lock();
-        Ok(LogState { last_purged: inner.last_purged, last: inner.entries.values().next_back().map(|e| e.log_id) })
+        Ok(LogState { last_purged: inner.last_purged, last: inner.entries.back().map(|e| e.log_id) })
     }
 
     async fn read_entries(&self, from: LogIndex, to: LogIndex, bytes_max: usize) -> Result<Vec<Entry>, StorageError> {
@@ -102,14 +110,15 @@ impl LogStorage for MemLogStorage {
                 format!("index {from} is purged or before the first entry (first index is {first})"),
             ));
         }
-        let last = inner.entries.keys().next_back().copied().unwrap_or(first - 1);
+        let last = first + inner.entries.len() as u64 - 1;
         if to.0 > last {
             return Err(StorageError::new(OP, format!("index {to} is beyond the last entry ({last})")));
         }
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        for (index, entry) in inner.entries.range(from.0..=to.0) {
-            if entry.log_id.index.0 != *index {
+        let (start, end) = (inner.before(from.0), inner.before(to.0.saturating_add(1)));
+        for (index, entry) in (from.0..).zip(inner.entries.range(start..end)) {
+            if entry.log_id.index.0 != index {
                 return Err(StorageError::new(OP, format!("entry stored at {index} has id {}", entry.log_id)));
             }
             let size = entry.size_bytes();
@@ -143,9 +152,7 @@ impl LogStorage for MemLogStorage {
             }
             prev = entry.log_id;
         }
-        for entry in entries {
-            inner.entries.insert(entry.log_id.index.0, entry);
-        }
+        inner.entries.extend(entries);
         Ok(())
     }
 
@@ -161,7 +168,8 @@ impl LogStorage for MemLogStorage {
                 ));
             }
         }
-        drop(inner.entries.split_off(&index.0));
+        let keep = inner.before(index.0);
+        inner.entries.truncate(keep);
         Ok(())
     }
 
@@ -178,7 +186,8 @@ impl LogStorage for MemLogStorage {
                 return Err(StorageError::new(OP, format!("{log_id} disagrees with the last purged id {purged}")));
             }
         }
-        if let Some(entry) = inner.entries.get(&log_id.index.0) {
+        let at = inner.before(log_id.index.0);
+        if let Some(entry) = inner.entries.get(at).filter(|_| log_id.index.0 >= inner.first_index()) {
             if entry.log_id != log_id {
                 return Err(StorageError::new(
                     OP,
@@ -186,7 +195,8 @@ impl LogStorage for MemLogStorage {
                 ));
             }
         }
-        inner.entries = inner.entries.split_off(&(log_id.index.0 + 1));
+        let purged = inner.before(log_id.index.0.saturating_add(1));
+        inner.entries.drain(..purged);
         inner.last_purged = Some(log_id);
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! An in-memory log and a state machine that holds no data: what openraft's minimal benchmark
 //! measures with, written for openraft 0.9's storage API (`storage-v2`). Nothing is durable:
-//! an append is "flushed" as soon as it is stored in the map.
+//! an append is "flushed" as soon as it is stored.
 
 use crate::TypeConfig;
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
@@ -8,10 +8,10 @@ use openraft::{
     Entry, EntryPayload, LogId, LogState, OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
     StorageError, StoredMembership, Vote,
 };
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io::Cursor;
-use std::ops::RangeBounds;
+use std::ops::{Bound, RangeBounds};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A write of the benchmark: no data, as in openraft's minimal benchmark.
@@ -35,7 +35,18 @@ struct LogInner {
     vote: Option<Vote<NodeId>>,
     committed: Option<LogId<NodeId>>,
     last_purged: Option<LogId<NodeId>>,
-    entries: BTreeMap<u64, Entry<TypeConfig>>,
+    /// The entries in order, contiguous from index `first` (as flotilla-raft's `MemLogStorage`
+    /// keeps them: the same structure on both sides of the comparison).
+    entries: VecDeque<Entry<TypeConfig>>,
+    /// The index of `entries[0]`, or of the next entry while `entries` is empty.
+    first: u64,
+}
+
+impl LogInner {
+    /// How many entries come before `index` (all of them past the end, none before `first`).
+    fn before(&self, index: u64) -> usize {
+        usize::try_from(index.saturating_sub(self.first)).map_or(self.entries.len(), |n| n.min(self.entries.len()))
+    }
 }
 
 /// The log of one node; clones share it (openraft asks for a separate reader).
@@ -49,7 +60,18 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
-        Ok(lock(&self.inner).entries.range(range).map(|(_, e)| e.clone()).collect())
+        let inner = lock(&self.inner);
+        let start = match range.start_bound() {
+            Bound::Included(i) => inner.before(*i),
+            Bound::Excluded(i) => inner.before(i.saturating_add(1)),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => inner.before(i.saturating_add(1)),
+            Bound::Excluded(i) => inner.before(*i),
+            Bound::Unbounded => inner.entries.len(),
+        };
+        Ok(inner.entries.range(start..end.max(start)).cloned().collect())
     }
 }
 
@@ -58,7 +80,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
         let inner = lock(&self.inner);
-        let last = inner.entries.values().next_back().map(|e| e.log_id).or(inner.last_purged);
+        let last = inner.entries.back().map(|e| e.log_id).or(inner.last_purged);
         Ok(LogState { last_purged_log_id: inner.last_purged, last_log_id: last })
     }
 
@@ -92,7 +114,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         {
             let mut inner = lock(&self.inner);
             for e in entries {
-                inner.entries.insert(e.log_id.index, e);
+                if inner.entries.is_empty() {
+                    inner.first = e.log_id.index;
+                }
+                inner.entries.push_back(e);
             }
         }
         // In memory: stored is as durable as it gets.
@@ -102,13 +127,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         let mut inner = lock(&self.inner);
-        drop(inner.entries.split_off(&log_id.index));
+        let keep = inner.before(log_id.index);
+        inner.entries.truncate(keep);
         Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         let mut inner = lock(&self.inner);
-        inner.entries = inner.entries.split_off(&(log_id.index + 1));
+        let purged = inner.before(log_id.index + 1);
+        inner.entries.drain(..purged);
+        inner.first = inner.first.max(log_id.index + 1);
         inner.last_purged = Some(log_id);
         Ok(())
     }
