@@ -366,12 +366,14 @@ impl GroupCore {
     /// the current term. Empties `calls`.
     fn await_applied(&mut self, first: LogIndex, calls: &mut Vec<WriteCall>) {
         let term = self.engine.term();
-        // Waiters at or past `first` wait for entries a new leader replaced (the log was cut
-        // back before this proposal): those entries will never apply.
+        // Waiters at or past `first` waited for entries this node's log no longer holds (a
+        // new leader cut it back before this proposal). Their entries may still be on other
+        // nodes and commit there later, so their outcome is unknown here: not `Dropped`,
+        // which tells a caller it is safe to retry.
         while self.writes.back().is_some_and(|w| w.index >= first) {
             if let Some(w) = self.writes.pop_back() {
                 let index = w.index;
-                self.finish_write(w, Err(RaftError::Dropped { index }));
+                self.finish_write(w, Err(RaftError::Indeterminate { index }));
             }
         }
         let mut index = first;

@@ -143,6 +143,36 @@ fn exchange(groups: &mut [Group]) {
     panic!("the groups did not settle");
 }
 
+/// Delivers messages between `groups` until none is left, dropping every message to or from
+/// node `cut`.
+fn exchange_without(groups: &mut [Group], cut: u64) {
+    for _ in 0..1000 {
+        let mut msgs = Vec::new();
+        for g in groups.iter_mut() {
+            g.pump();
+            msgs.append(&mut g.outbox);
+        }
+        msgs.retain(|m| m.from.0 != cut && m.to.0 != cut);
+        if msgs.is_empty() {
+            return;
+        }
+        for m in msgs {
+            let g = &mut groups[(m.to.0 - 1) as usize];
+            g.core.handle_message(g.now, m);
+        }
+    }
+    panic!("the groups did not settle");
+}
+
+/// Fires node `id`'s election timeout (every node's clock moved past its own).
+fn campaign(groups: &mut [Group], id: u64) {
+    for g in groups.iter_mut() {
+        g.now = Millis(g.now.0 + 10_000);
+    }
+    let g = &mut groups[(id - 1) as usize];
+    g.core.handle_timeout(g.now);
+}
+
 fn answered(data: &[(&str, LogIndex, Term)]) -> WriteAnswer {
     Ok(data
         .iter()
@@ -393,4 +423,46 @@ fn an_added_learner_is_answered_with_its_entry_once_applied_and_not_before() {
     g.apply_all();
     g.pump();
     assert_eq!(rx.try_recv(), Ok(Ok(entry)), "applied, and the configuration shows the learner");
+}
+
+#[test]
+fn a_write_whose_entry_this_node_lost_to_a_new_leader_is_answered_as_unknown_not_dropped() {
+    // Node 1 leads, appends u, v, w that reach nobody; node 2 leads next and cuts node 1's log
+    // back; node 1 leads again and proposes at w's index. w's entry is gone from node 1 but
+    // not from the group's history: another node holding it could still commit it, so its
+    // caller must not hear that a retry is safe.
+    let mut groups = vec![Group::new(1, &[1, 2, 3]), Group::new(2, &[1, 2, 3]), Group::new(3, &[1, 2, 3])];
+    campaign(&mut groups, 1);
+    exchange(&mut groups);
+    assert_eq!(groups[0].core.engine().role(), Role::Leader);
+    let _u = groups[0].write(&["u"]);
+    let _v = groups[0].write(&["v"]);
+    let mut w = groups[0].write(&["w"]);
+    groups[0].pump();
+    groups[0].outbox.clear();
+    let w_index = groups[0].core.engine().last_log_id().index;
+    // Node 2 leads without node 1, then its log (one entry past the first leader's blank)
+    // reaches node 1, which cuts its own back to it.
+    campaign(&mut groups, 2);
+    exchange_without(&mut groups, 1);
+    assert_eq!(groups[1].core.engine().role(), Role::Leader);
+    for _ in 0..5 {
+        let g = &mut groups[1];
+        g.now = g.core.engine().next_deadline();
+        let now = g.now;
+        g.core.handle_timeout(now);
+        exchange_without(&mut groups, 3);
+    }
+
+    assert!(groups[0].core.engine().last_log_id().index.0 < w_index.0 - 1, "cut back by two or more");
+    assert!(w.try_recv().is_err(), "not answered yet");
+    // Node 1 leads again with node 3 and proposes at w's index.
+    campaign(&mut groups, 1);
+    exchange_without(&mut groups, 2);
+    assert_eq!(groups[0].core.engine().role(), Role::Leader);
+    let _x = groups[0].write(&["x"]);
+    groups[0].pump();
+    let got = w.try_recv();
+    let shown = format!("{got:?}");
+    assert!(shown.contains("Indeterminate") && !shown.contains("Dropped"), "{shown}");
 }

@@ -173,11 +173,38 @@ impl<T> ApiReceiver<T> {
     }
 }
 
+impl<T> Drop for ApiReceiver<T> {
+    /// The core is gone, however it ended (a panic in the storage it polls included): later
+    /// callers get their request back at once, and the requests still queued are dropped, which
+    /// answers their callers (a dropped reply channel), instead of waiting for their timeouts.
+    fn drop(&mut self) {
+        let queued = {
+            let mut s = self.shared.lock();
+            s.closed = true;
+            std::mem::take(&mut s.items)
+        };
+        // Dropped outside the lock: a request's drop may run its caller's code.
+        drop(queued);
+        self.shared.room.notify_waiters();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::future::poll_fn;
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_dropped_core_side_refuses_later_requests_and_releases_those_queued() {
+        let (tx, rx) = api_queue::<tokio::sync::oneshot::Sender<()>>(4);
+        let (queued, answered) = tokio::sync::oneshot::channel();
+        tx.send(queued).await.expect("room");
+        drop(rx);
+        assert!(answered.await.is_err(), "the queued request's reply channel is dropped");
+        let (later, _) = tokio::sync::oneshot::channel();
+        assert!(tx.send(later).await.is_err(), "nothing is taken any more");
+    }
 
     #[tokio::test]
     async fn requests_come_out_in_order_and_a_full_queue_makes_callers_wait() {

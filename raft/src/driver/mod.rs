@@ -277,7 +277,8 @@ impl Raft {
         self.shared.inbox_dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The metrics channel: the latest state, updated after every change.
+    /// The metrics channel: the latest state. Role, term, leader and configuration are published
+    /// as they change; the counters (indexes, replication) at most a millisecond late.
     pub fn metrics(&self) -> watch::Receiver<RaftMetrics> {
         self.shared.metrics.clone()
     }
@@ -795,6 +796,11 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
                 continue;
             }
             self.publish_metrics();
+            // Under steady load the timer's branch, last in the biased select, may not run for
+            // a while: counters held back go out here once their delay has passed.
+            if self.metrics_pending && timer.is_elapsed() {
+                self.publish_metrics_now();
+            }
             if self.core.fatal().is_some() {
                 break;
             }
