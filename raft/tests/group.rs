@@ -187,6 +187,23 @@ fn a_read_that_waits_for_apply_is_answered_only_once_the_state_machine_reached_i
     assert!(matches!(w.try_recv(), Ok(Ok(_))));
 }
 
+/// Reads waiting together for the same leadership confirmation each get their own answer:
+/// each needs its own id with the engine, or one caller's answer would go to another (a
+/// later read could be given an earlier read's index and miss a write it must see).
+#[test]
+fn reads_in_flight_together_are_each_answered() {
+    let (mut gs, _) = node_1_of_2_elected();
+    let mut first = gs[0].read();
+    let mut second = gs[0].read();
+    gs[0].pump();
+    assert!(first.try_recv().is_err() && second.try_recv().is_err(), "node 2 has not confirmed the leader yet");
+    exchange(&mut gs);
+    let committed = gs[0].core.engine().committed();
+    assert_eq!(first.try_recv(), Ok(Ok(committed)));
+    assert_eq!(second.try_recv(), Ok(Ok(committed)));
+    assert!(!gs[0].core.has_waiters());
+}
+
 #[test]
 fn a_write_whose_entry_was_replaced_fails_with_dropped() {
     let mut g = Group::leader();
