@@ -385,3 +385,25 @@ fn an_added_learner_is_answered_with_its_entry_once_applied_and_not_before() {
     g.pump();
     assert_eq!(rx.try_recv(), Ok(Ok(entry)), "applied, and the configuration shows the learner");
 }
+
+/// A change of voters is answered with its final configuration's index once that entry has
+/// applied here, not merely committed: like every other answer, it tells the caller the state
+/// machine has moved past it.
+#[test]
+fn a_membership_change_is_answered_once_its_final_configuration_applied_and_not_before() {
+    let (mut gs, t) = node_1_of_2_elected();
+    gs[0].apply = false;
+    let (tx, mut rx) = oneshot::channel();
+    gs[0].core.handle_request(t, Request::ChangeMembership([NodeId(1)].into_iter().collect(), tx));
+    exchange(&mut gs);
+    let last = gs[0].log.last().expect("entries").clone();
+    assert!(
+        matches!(&last.payload, EntryPayload::Membership(m) if !m.is_joint() && m.voters.len() == 1),
+        "the final configuration is in the log: {last:?}"
+    );
+    assert_eq!(gs[0].core.engine().committed(), last.log_id.index, "and committed");
+    assert!(rx.try_recv().is_err(), "committed but not applied: no answer yet");
+    gs[0].apply_all();
+    gs[0].pump();
+    assert_eq!(rx.try_recv(), Ok(Ok(last.log_id.index)));
+}
