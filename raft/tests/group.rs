@@ -407,3 +407,68 @@ fn a_membership_change_is_answered_once_its_final_configuration_applied_and_not_
     gs[0].pump();
     assert_eq!(rx.try_recv(), Ok(Ok(last.log_id.index)));
 }
+
+/// Delivers messages among `groups` (node ids 1, 2, ... in order) until none is left; every
+/// message from or to a node not in `among` is lost.
+fn exchange_among(groups: &mut [Group], among: &[u64]) {
+    for _ in 0..1000 {
+        let mut msgs = Vec::new();
+        for g in groups.iter_mut() {
+            g.pump();
+            msgs.append(&mut g.outbox);
+        }
+        if msgs.is_empty() {
+            return;
+        }
+        for m in msgs.into_iter().filter(|m| among.contains(&m.from.0) && among.contains(&m.to.0)) {
+            let g = &mut groups[(m.to.0 - 1) as usize];
+            g.core.handle_message(g.now, m);
+        }
+    }
+    panic!("the groups did not settle");
+}
+
+/// A membership change whose joint entry a later leader replaced in our log fails, but only
+/// once what replaced it has applied: until it is committed, another leader holding the
+/// original entry may still put it back and commit it.
+#[test]
+fn a_membership_change_whose_entry_was_replaced_fails_only_once_the_replacement_applied() {
+    let mut gs = [Group::new(1, &[1, 2, 3]), Group::new(2, &[1, 2, 3]), Group::new(3, &[1, 2, 3])];
+    let t = gs[0].core.engine().next_deadline();
+    for g in gs.iter_mut() {
+        g.now = t;
+    }
+    gs[0].core.handle_timeout(t);
+    exchange(&mut gs);
+    assert_eq!(gs[0].core.engine().role(), Role::Leader);
+    // Node 1 proposes a change that never leaves it.
+    let (tx, mut rx) = oneshot::channel();
+    gs[0].core.handle_request(t, Request::ChangeMembership([1, 2].into_iter().map(NodeId).collect(), tx));
+    gs[0].pump();
+    gs[0].outbox.clear();
+    let joint = gs[0].log.last().expect("the joint entry").log_id;
+    // Nodes 2 and 3 elect node 2, whose first entry takes the joint entry's index.
+    let later = Millis(t.0 + 10_000);
+    for g in gs.iter_mut() {
+        g.now = later;
+    }
+    gs[1].core.handle_timeout(later);
+    exchange_among(&mut gs, &[2, 3]);
+    assert_eq!(gs[1].core.engine().role(), Role::Leader);
+    // Node 1 hears from node 2 and takes its entries, but does not apply them yet.
+    gs[0].apply = false;
+    let beat = gs[1].core.engine().next_deadline();
+    for g in gs.iter_mut() {
+        g.now = beat;
+    }
+    gs[1].core.handle_timeout(beat);
+    exchange(&mut gs);
+    let engine = gs[0].core.engine();
+    assert_eq!(engine.leader(), Some(NodeId(2)));
+    assert_ne!(engine.term_at(joint.index), Some(joint.term), "the joint entry is replaced");
+    assert!(engine.committed() >= joint.index && engine.applied() < joint.index);
+    assert!(rx.try_recv().is_err(), "the replacement has not applied: no answer yet");
+    gs[0].apply_all();
+    gs[0].pump();
+    assert_eq!(rx.try_recv(), Ok(Err(RaftError::Dropped { index: joint.index })));
+}
