@@ -872,3 +872,32 @@ fn a_receiver_whose_disk_stalls_holds_no_more_than_the_window_unstored() {
     }
     assert!(taken_unstored <= 4, "{taken_unstored} chunks queued unstored on the receiver (window 4)");
 }
+
+/// A follower purges what its leader kept for a lagging follower as soon as a heartbeat says
+/// the leader no longer keeps it, without waiting for a write: a group gone quiet once the
+/// laggard caught up would otherwise keep those entries on every follower forever.
+#[test]
+fn a_follower_purges_what_its_leader_stopped_keeping_on_the_heartbeat_that_says_so() {
+    let config = Config { log_keep_entries: 0, log_lag_entries_max: 100, log_purge_step_entries: 1, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    leave_node_3_behind(&mut c, 6);
+    let applied = c.engine(2).applied();
+    assert!(c.nodes[&n(2)].last_purged.index < applied, "node 2 keeps what leader 1 keeps for node 3");
+    // Node 3 comes back and catches up; no write follows.
+    c.cut.clear();
+    let mut raised = false;
+    for _ in 0..20 {
+        c.advance(20);
+        c.stabilize_with(|m| {
+            raised |= m.to == n(2)
+                && matches!(m.body, MessageBody::Heartbeat { keep_after, .. } if keep_after >= Some(applied));
+            true
+        });
+        if raised {
+            break;
+        }
+    }
+    assert!(raised, "leader 1 told node 2 it no longer keeps anything for node 3");
+    assert_eq!(c.engine(3).applied(), applied, "node 3 caught up");
+    assert_eq!(c.nodes[&n(2)].last_purged.index, applied, "node 2 purged on that heartbeat");
+}
