@@ -472,3 +472,47 @@ fn a_membership_change_whose_entry_was_replaced_fails_only_once_the_replacement_
     gs[0].pump();
     assert_eq!(rx.try_recv(), Ok(Err(RaftError::Dropped { index: joint.index })));
 }
+
+/// A learner request whose entry a later leader replaced fails with `Dropped`, even when that
+/// leader made the same change itself: the answer is about the caller's entry, like a write's
+/// (the index it would carry names another entry).
+#[test]
+fn an_added_learner_whose_entry_was_replaced_fails_with_dropped_even_if_another_leader_added_it() {
+    let mut gs = [Group::new(1, &[1, 2, 3]), Group::new(2, &[1, 2, 3]), Group::new(3, &[1, 2, 3])];
+    let t = gs[0].core.engine().next_deadline();
+    for g in gs.iter_mut() {
+        g.now = t;
+    }
+    gs[0].core.handle_timeout(t);
+    exchange(&mut gs);
+    assert_eq!(gs[0].core.engine().role(), Role::Leader);
+    // Node 1 proposes adding learner 4; the entry never leaves it.
+    let (tx, mut mine) = oneshot::channel();
+    gs[0].core.handle_request(t, Request::AddLearner(NodeId(4), tx));
+    gs[0].pump();
+    gs[0].outbox.clear();
+    let entry = gs[0].log.last().expect("the learner's entry").log_id;
+    // Nodes 2 and 3 elect node 2, which adds learner 4 on its own.
+    let later = Millis(t.0 + 10_000);
+    for g in gs.iter_mut() {
+        g.now = later;
+    }
+    gs[1].core.handle_timeout(later);
+    exchange_among(&mut gs, &[2, 3]);
+    assert_eq!(gs[1].core.engine().role(), Role::Leader);
+    let (tx, mut theirs) = oneshot::channel();
+    gs[1].core.handle_request(later, Request::AddLearner(NodeId(4), tx));
+    exchange_among(&mut gs, &[2, 3]);
+    assert!(matches!(theirs.try_recv(), Ok(Ok(_))));
+    // Node 1 hears from node 2 and applies its log.
+    let beat = gs[1].core.engine().next_deadline();
+    for g in gs.iter_mut() {
+        g.now = beat;
+    }
+    gs[1].core.handle_timeout(beat);
+    exchange_among(&mut gs, &[1, 2, 3]);
+    let engine = gs[0].core.engine();
+    assert_ne!(engine.term_at(entry.index), Some(entry.term), "node 1's entry is replaced");
+    assert!(engine.committed_membership().membership.learners.contains(&NodeId(4)), "4 is a learner");
+    assert_eq!(mine.try_recv(), Ok(Err(RaftError::Dropped { index: entry.index })));
+}
