@@ -217,6 +217,23 @@ fn a_read_that_waits_for_apply_is_answered_only_once_the_state_machine_reached_i
     assert!(matches!(w.try_recv(), Ok(Ok(_))));
 }
 
+/// Reads waiting together for the same leadership confirmation each get their own answer:
+/// each needs its own id with the engine, or one caller's answer would go to another (a
+/// later read could be given an earlier read's index and miss a write it must see).
+#[test]
+fn reads_in_flight_together_are_each_answered() {
+    let (mut gs, _) = node_1_of_2_elected();
+    let mut first = gs[0].read();
+    let mut second = gs[0].read();
+    gs[0].pump();
+    assert!(first.try_recv().is_err() && second.try_recv().is_err(), "node 2 has not confirmed the leader yet");
+    exchange(&mut gs);
+    let committed = gs[0].core.engine().committed();
+    assert_eq!(first.try_recv(), Ok(Ok(committed)));
+    assert_eq!(second.try_recv(), Ok(Ok(committed)));
+    assert!(!gs[0].core.has_waiters());
+}
+
 #[test]
 fn a_write_whose_entry_was_replaced_fails_with_dropped() {
     let mut g = Group::leader();
@@ -465,4 +482,135 @@ fn a_write_whose_entry_this_node_lost_to_a_new_leader_is_answered_as_unknown_not
     let got = w.try_recv();
     let shown = format!("{got:?}");
     assert!(shown.contains("Indeterminate") && !shown.contains("Dropped"), "{shown}");
+}
+
+/// A change of voters is answered with its final configuration's index once that entry has
+/// applied here, not merely committed: like every other answer, it tells the caller the state
+/// machine has moved past it.
+#[test]
+fn a_membership_change_is_answered_once_its_final_configuration_applied_and_not_before() {
+    let (mut gs, t) = node_1_of_2_elected();
+    gs[0].apply = false;
+    let (tx, mut rx) = oneshot::channel();
+    gs[0].core.handle_request(t, Request::ChangeMembership([NodeId(1)].into_iter().collect(), tx));
+    exchange(&mut gs);
+    let last = gs[0].log.last().expect("entries").clone();
+    assert!(
+        matches!(&last.payload, EntryPayload::Membership(m) if !m.is_joint() && m.voters.len() == 1),
+        "the final configuration is in the log: {last:?}"
+    );
+    assert_eq!(gs[0].core.engine().committed(), last.log_id.index, "and committed");
+    assert!(rx.try_recv().is_err(), "committed but not applied: no answer yet");
+    gs[0].apply_all();
+    gs[0].pump();
+    assert_eq!(rx.try_recv(), Ok(Ok(last.log_id.index)));
+}
+
+/// Delivers messages among `groups` (node ids 1, 2, ... in order) until none is left; every
+/// message from or to a node not in `among` is lost.
+fn exchange_among(groups: &mut [Group], among: &[u64]) {
+    for _ in 0..1000 {
+        let mut msgs = Vec::new();
+        for g in groups.iter_mut() {
+            g.pump();
+            msgs.append(&mut g.outbox);
+        }
+        if msgs.is_empty() {
+            return;
+        }
+        for m in msgs.into_iter().filter(|m| among.contains(&m.from.0) && among.contains(&m.to.0)) {
+            let g = &mut groups[(m.to.0 - 1) as usize];
+            g.core.handle_message(g.now, m);
+        }
+    }
+    panic!("the groups did not settle");
+}
+
+/// A membership change whose joint entry a later leader replaced in our log fails, but only
+/// once what replaced it has applied: until it is committed, another leader holding the
+/// original entry may still put it back and commit it.
+#[test]
+fn a_membership_change_whose_entry_was_replaced_fails_only_once_the_replacement_applied() {
+    let mut gs = [Group::new(1, &[1, 2, 3]), Group::new(2, &[1, 2, 3]), Group::new(3, &[1, 2, 3])];
+    let t = gs[0].core.engine().next_deadline();
+    for g in gs.iter_mut() {
+        g.now = t;
+    }
+    gs[0].core.handle_timeout(t);
+    exchange(&mut gs);
+    assert_eq!(gs[0].core.engine().role(), Role::Leader);
+    // Node 1 proposes a change that never leaves it.
+    let (tx, mut rx) = oneshot::channel();
+    gs[0].core.handle_request(t, Request::ChangeMembership([1, 2].into_iter().map(NodeId).collect(), tx));
+    gs[0].pump();
+    gs[0].outbox.clear();
+    let joint = gs[0].log.last().expect("the joint entry").log_id;
+    // Nodes 2 and 3 elect node 2, whose first entry takes the joint entry's index.
+    let later = Millis(t.0 + 10_000);
+    for g in gs.iter_mut() {
+        g.now = later;
+    }
+    gs[1].core.handle_timeout(later);
+    exchange_among(&mut gs, &[2, 3]);
+    assert_eq!(gs[1].core.engine().role(), Role::Leader);
+    // Node 1 hears from node 2 and takes its entries, but does not apply them yet.
+    gs[0].apply = false;
+    let beat = gs[1].core.engine().next_deadline();
+    for g in gs.iter_mut() {
+        g.now = beat;
+    }
+    gs[1].core.handle_timeout(beat);
+    exchange(&mut gs);
+    let engine = gs[0].core.engine();
+    assert_eq!(engine.leader(), Some(NodeId(2)));
+    assert_ne!(engine.term_at(joint.index), Some(joint.term), "the joint entry is replaced");
+    assert!(engine.committed() >= joint.index && engine.applied() < joint.index);
+    assert!(rx.try_recv().is_err(), "the replacement has not applied: no answer yet");
+    gs[0].apply_all();
+    gs[0].pump();
+    assert_eq!(rx.try_recv(), Ok(Err(RaftError::Dropped { index: joint.index })));
+}
+
+/// A learner request whose entry a later leader replaced fails with `Dropped`, even when that
+/// leader made the same change itself: the answer is about the caller's entry, like a write's
+/// (the index it would carry names another entry).
+#[test]
+fn an_added_learner_whose_entry_was_replaced_fails_with_dropped_even_if_another_leader_added_it() {
+    let mut gs = [Group::new(1, &[1, 2, 3]), Group::new(2, &[1, 2, 3]), Group::new(3, &[1, 2, 3])];
+    let t = gs[0].core.engine().next_deadline();
+    for g in gs.iter_mut() {
+        g.now = t;
+    }
+    gs[0].core.handle_timeout(t);
+    exchange(&mut gs);
+    assert_eq!(gs[0].core.engine().role(), Role::Leader);
+    // Node 1 proposes adding learner 4; the entry never leaves it.
+    let (tx, mut mine) = oneshot::channel();
+    gs[0].core.handle_request(t, Request::AddLearner(NodeId(4), tx));
+    gs[0].pump();
+    gs[0].outbox.clear();
+    let entry = gs[0].log.last().expect("the learner's entry").log_id;
+    // Nodes 2 and 3 elect node 2, which adds learner 4 on its own.
+    let later = Millis(t.0 + 10_000);
+    for g in gs.iter_mut() {
+        g.now = later;
+    }
+    gs[1].core.handle_timeout(later);
+    exchange_among(&mut gs, &[2, 3]);
+    assert_eq!(gs[1].core.engine().role(), Role::Leader);
+    let (tx, mut theirs) = oneshot::channel();
+    gs[1].core.handle_request(later, Request::AddLearner(NodeId(4), tx));
+    exchange_among(&mut gs, &[2, 3]);
+    assert!(matches!(theirs.try_recv(), Ok(Ok(_))));
+    // Node 1 hears from node 2 and applies its log.
+    let beat = gs[1].core.engine().next_deadline();
+    for g in gs.iter_mut() {
+        g.now = beat;
+    }
+    gs[1].core.handle_timeout(beat);
+    exchange_among(&mut gs, &[1, 2, 3]);
+    let engine = gs[0].core.engine();
+    assert_ne!(engine.term_at(entry.index), Some(entry.term), "node 1's entry is replaced");
+    assert!(engine.committed_membership().membership.learners.contains(&NodeId(4)), "4 is a learner");
+    assert_eq!(mine.try_recv(), Ok(Err(RaftError::Dropped { index: entry.index })));
 }

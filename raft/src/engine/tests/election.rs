@@ -309,3 +309,38 @@ fn a_stale_leader_learns_the_new_term_from_the_answer_to_its_heartbeat() {
     assert_eq!(c.engine(1).role(), Role::Follower);
     assert_eq!(c.engine(1).term(), c.engine(3).term());
 }
+
+/// A pre-vote from a node whose term is behind ours is refused in our term, and the refusal
+/// teaches it that term. Were it ignored, a node with the most up-to-date log that missed
+/// elections would ask in a term that is never high enough (a pre-vote round does not raise
+/// it), and with no leader around to tell it, the group could elect no one.
+#[test]
+fn a_pre_vote_from_a_node_terms_behind_is_refused_and_teaches_it_our_term() {
+    // No leases, so that nodes 1 and 2 can take turns leading while node 3 is away.
+    let config = Config { check_quorum: false, lease_read: false, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    c.cut_off(3);
+    c.elect(2);
+    c.elect(1);
+    let stale = c.engine(3).term();
+    let current = c.engine(2).term();
+    assert!(stale.next() < current, "node 3 is at least two terms behind: {stale} vs {current}");
+    // Node 3 pre-campaigns for the term after its own; only node 2 hears it.
+    c.fire(3);
+    c.cut.clear();
+    let asks: Vec<Message> = c.take_outbox(3).into_iter().filter(|m| m.to == n(2)).collect();
+    assert!(matches!(asks.as_slice(), [Message { body: MessageBody::PreVote { .. }, .. }]), "{asks:?}");
+    assert_eq!(asks[0].term, stale.next());
+    for m in asks {
+        c.deliver(m);
+    }
+    let answers: Vec<Message> = c.take_outbox(2).into_iter().filter(|m| m.to == n(3)).collect();
+    assert_eq!(
+        answers.iter().map(|m| (m.term, m.body.clone())).collect::<Vec<_>>(),
+        vec![(current, MessageBody::PreVoteResp { granted: false })]
+    );
+    for m in answers {
+        c.deliver(m);
+    }
+    assert_eq!(c.engine(3).term(), current, "node 3 learned the term from the refusal");
+}

@@ -465,6 +465,38 @@ fn an_installation_under_way_survives_a_change_of_leader() {
     assert!(after.iter().any(|a| matches!(a, Action::InstallSnapshot { meta, .. } if *meta == m2)), "{after:?}");
 }
 
+/// A snapshot half received from one leader is not finished with another's chunks, even of
+/// a snapshot described alike: two nodes' byte streams of the same state need not be the same
+/// bytes, so mixing them could install a corrupt state. The new leader's stream starts over.
+#[test]
+fn a_reception_under_way_starts_over_when_another_leader_takes_over() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    let (meta, chunk) = first_chunk_to_2(&c, 7, 8, false);
+    let now = c.now;
+    c.node(2).engine.handle_message(now, chunk.clone());
+    let first = drain(&mut c.node(2).engine);
+    assert!(first.iter().any(|a| matches!(a, Action::ReceiveSnapshotChunk { offset: 0, .. })), "{first:?}");
+    // Node 3 leads a higher term now and sends the second half of a snapshot described alike.
+    let from_3 = Message {
+        from: n(3),
+        term: chunk.term.next(),
+        body: MessageBody::Snapshot { meta, offset: 4, data: Bytes::from_static(b"efgh"), done: true },
+        ..chunk
+    };
+    c.node(2).engine.handle_message(now, from_3);
+    assert_eq!(c.engine(2).leader(), Some(n(3)));
+    let after = drain(&mut c.node(2).engine);
+    assert!(
+        !after.iter().any(|a| matches!(a, Action::ReceiveSnapshotChunk { .. } | Action::InstallSnapshot { .. })),
+        "node 1's first half completed with node 3's second: {after:?}"
+    );
+    let asks_from_start = |a: &Action| {
+        matches!(a, Action::Send(Message { to, body: MessageBody::SnapshotResp { next_offset: 0, gap: true, .. }, .. })
+            if *to == n(3))
+    };
+    assert!(after.iter().any(asks_from_start), "node 3 is asked for its stream from the start: {after:?}");
+}
+
 /// An installed snapshot is durable (the state machine's contract), so a follower counts its
 /// log as persisted up to the snapshot at once: it acknowledges the leader's next append
 /// there without waiting for the write that purges the log behind the snapshot.
@@ -871,4 +903,33 @@ fn a_receiver_whose_disk_stalls_holds_no_more_than_the_window_unstored() {
         }
     }
     assert!(taken_unstored <= 4, "{taken_unstored} chunks queued unstored on the receiver (window 4)");
+}
+
+/// A follower purges what its leader kept for a lagging follower as soon as a heartbeat says
+/// the leader no longer keeps it, without waiting for a write: a group gone quiet once the
+/// laggard caught up would otherwise keep those entries on every follower forever.
+#[test]
+fn a_follower_purges_what_its_leader_stopped_keeping_on_the_heartbeat_that_says_so() {
+    let config = Config { log_keep_entries: 0, log_lag_entries_max: 100, log_purge_step_entries: 1, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    leave_node_3_behind(&mut c, 6);
+    let applied = c.engine(2).applied();
+    assert!(c.nodes[&n(2)].last_purged.index < applied, "node 2 keeps what leader 1 keeps for node 3");
+    // Node 3 comes back and catches up; no write follows.
+    c.cut.clear();
+    let mut raised = false;
+    for _ in 0..20 {
+        c.advance(20);
+        c.stabilize_with(|m| {
+            raised |= m.to == n(2)
+                && matches!(m.body, MessageBody::Heartbeat { keep_after, .. } if keep_after >= Some(applied));
+            true
+        });
+        if raised {
+            break;
+        }
+    }
+    assert!(raised, "leader 1 told node 2 it no longer keeps anything for node 3");
+    assert_eq!(c.engine(3).applied(), applied, "node 3 caught up");
+    assert_eq!(c.nodes[&n(2)].last_purged.index, applied, "node 2 purged on that heartbeat");
 }
