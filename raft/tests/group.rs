@@ -126,37 +126,23 @@ impl Group {
 
 /// Delivers messages between `groups` (node ids 1, 2, ... in order) until none is left.
 fn exchange(groups: &mut [Group]) {
-    for _ in 0..1000 {
-        let mut msgs = Vec::new();
-        for g in groups.iter_mut() {
-            g.pump();
-            msgs.append(&mut g.outbox);
-        }
-        if msgs.is_empty() {
-            return;
-        }
-        for m in msgs {
-            let g = &mut groups[(m.to.0 - 1) as usize];
-            g.core.handle_message(g.now, m);
-        }
-    }
-    panic!("the groups did not settle");
+    let all: Vec<u64> = (1..=groups.len() as u64).collect();
+    exchange_among(groups, &all);
 }
 
-/// Delivers messages between `groups` until none is left, dropping every message to or from
-/// node `cut`.
-fn exchange_without(groups: &mut [Group], cut: u64) {
+/// Delivers messages among `groups` (node ids 1, 2, ... in order) until none is left; every
+/// message from or to a node not in `among` is lost.
+fn exchange_among(groups: &mut [Group], among: &[u64]) {
     for _ in 0..1000 {
         let mut msgs = Vec::new();
         for g in groups.iter_mut() {
             g.pump();
             msgs.append(&mut g.outbox);
         }
-        msgs.retain(|m| m.from.0 != cut && m.to.0 != cut);
         if msgs.is_empty() {
             return;
         }
-        for m in msgs {
+        for m in msgs.into_iter().filter(|m| among.contains(&m.from.0) && among.contains(&m.to.0)) {
             let g = &mut groups[(m.to.0 - 1) as usize];
             g.core.handle_message(g.now, m);
         }
@@ -461,21 +447,21 @@ fn a_write_whose_entry_this_node_lost_to_a_new_leader_is_answered_as_unknown_not
     // Node 2 leads without node 1, then its log (one entry past the first leader's blank)
     // reaches node 1, which cuts its own back to it.
     campaign(&mut groups, 2);
-    exchange_without(&mut groups, 1);
+    exchange_among(&mut groups, &[2, 3]);
     assert_eq!(groups[1].core.engine().role(), Role::Leader);
     for _ in 0..5 {
         let g = &mut groups[1];
         g.now = g.core.engine().next_deadline();
         let now = g.now;
         g.core.handle_timeout(now);
-        exchange_without(&mut groups, 3);
+        exchange_among(&mut groups, &[1, 2]);
     }
 
     assert!(groups[0].core.engine().last_log_id().index.0 < w_index.0 - 1, "cut back by two or more");
     assert!(w.try_recv().is_err(), "not answered yet");
     // Node 1 leads again with node 3 and proposes at w's index.
     campaign(&mut groups, 1);
-    exchange_without(&mut groups, 2);
+    exchange_among(&mut groups, &[1, 3]);
     assert_eq!(groups[0].core.engine().role(), Role::Leader);
     let _x = groups[0].write(&["x"]);
     groups[0].pump();
@@ -504,26 +490,6 @@ fn a_membership_change_is_answered_once_its_final_configuration_applied_and_not_
     gs[0].apply_all();
     gs[0].pump();
     assert_eq!(rx.try_recv(), Ok(Ok(last.log_id.index)));
-}
-
-/// Delivers messages among `groups` (node ids 1, 2, ... in order) until none is left; every
-/// message from or to a node not in `among` is lost.
-fn exchange_among(groups: &mut [Group], among: &[u64]) {
-    for _ in 0..1000 {
-        let mut msgs = Vec::new();
-        for g in groups.iter_mut() {
-            g.pump();
-            msgs.append(&mut g.outbox);
-        }
-        if msgs.is_empty() {
-            return;
-        }
-        for m in msgs.into_iter().filter(|m| among.contains(&m.from.0) && among.contains(&m.to.0)) {
-            let g = &mut groups[(m.to.0 - 1) as usize];
-            g.core.handle_message(g.now, m);
-        }
-    }
-    panic!("the groups did not settle");
 }
 
 /// A membership change whose joint entry a later leader replaced in our log fails, but only
