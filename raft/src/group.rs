@@ -799,7 +799,13 @@ impl GroupCore {
         let mut i = 0;
         while i < self.change_waits.len() {
             let joint = self.change_waits[i].0;
-            if replaced(&self.engine, joint) && joint.index <= applied {
+            // Applied past the joint entry's index: the committed configuration is the last at
+            // or before what applied, so one older than that index, or another entry at it,
+            // means the history there holds no such entry. This also decides it once a
+            // snapshot took the entry out of the log, where `replaced` can no longer look.
+            let superseded = committed_m.log_id.index < joint.index
+                || (committed_m.log_id.index == joint.index && committed_m.log_id.term != joint.term);
+            if (replaced(&self.engine, joint) || superseded) && joint.index <= applied {
                 let (_, _, r) = self.change_waits.swap_remove(i);
                 let _ = r.send(Err(RaftError::Dropped { index: joint.index }));
                 continue;

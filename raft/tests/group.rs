@@ -6,8 +6,8 @@ use bytes::Bytes;
 use flotilla_raft::group::{IndexReply, WriteCall, WriteOneReply, WriteReply};
 use flotilla_raft::{
     Action, Config, CoreAction, Engine, Entry, EntryPayload, GroupCore, InitialState, LogAction, LogId, LogIndex,
-    MachineAction, Membership, Message, Millis, NodeId, RaftError, ReadMode, Request, Role, StorageError, Term,
-    WriteResponse,
+    MachineAction, Membership, Message, Millis, NodeId, RaftError, ReadMode, Request, Role, SnapshotMeta, StorageError,
+    Term, WriteResponse,
 };
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -90,7 +90,29 @@ impl Group {
                     }
                 }
                 CoreAction::Send(m) => self.outbox.push(m),
-                CoreAction::Log(LogAction::SaveCommitted(_)) | CoreAction::Machine(MachineAction::Build) => {}
+                CoreAction::Log(LogAction::SaveCommitted(_)) | CoreAction::Machine(MachineAction::Drop(_)) => {}
+                // Snapshots of nothing: what the tests look at is which index they cover.
+                CoreAction::Machine(MachineAction::Build) => {
+                    let applied = self.core.engine().applied();
+                    let term = self.log.iter().find(|e| e.log_id.index == applied).map_or(Term(0), |e| e.log_id.term);
+                    let meta = SnapshotMeta {
+                        last_log_id: LogId { term, index: applied },
+                        membership: self.core.engine().committed_membership().clone(),
+                        snapshot_id: applied.0,
+                        size_bytes: 10,
+                    };
+                    self.core.handle_snapshot_built(self.now, meta);
+                }
+                CoreAction::Machine(MachineAction::ReadChunk { to, meta, offset, len, done }) => {
+                    let data = Bytes::from(vec![0u8; len as usize]);
+                    self.core.handle_snapshot_read(self.now, to, meta, offset, Some(data), done);
+                }
+                CoreAction::Machine(MachineAction::Receive { meta, offset, data, reception }) => {
+                    self.core.handle_snapshot_received(self.now, meta, reception, offset + data.len() as u64);
+                }
+                CoreAction::Machine(MachineAction::Install { meta, reception }) => {
+                    self.core.handle_snapshot_installed(self.now, meta, reception);
+                }
                 other => panic!("unexpected in these tests: {other:?}"),
             }
         }
@@ -105,8 +127,9 @@ impl Group {
                 _ => (e.log_id, Bytes::new()),
             })
             .collect();
-        if !results.is_empty() {
+        if let Some(last) = results.last().map(|(id, _)| id.index) {
             self.core.handle_applied(self.now, results);
+            self.core.handle_applied_durable(self.now, last);
         }
     }
 
@@ -579,4 +602,64 @@ fn an_added_learner_whose_entry_was_replaced_fails_with_dropped_even_if_another_
     assert_ne!(engine.term_at(entry.index), Some(entry.term), "node 1's entry is replaced");
     assert!(engine.committed_membership().membership.learners.contains(&NodeId(4)), "4 is a learner");
     assert_eq!(mine.try_recv(), Ok(Err(RaftError::Dropped { index: entry.index })));
+}
+
+/// Moves every group's clock forward by `ms` in steps of 100 ms, firing due timers and
+/// delivering messages among `among` after each step.
+fn run_for(groups: &mut [Group], ms: u64, among: &[u64]) {
+    for _ in 0..ms / 100 {
+        for g in groups.iter_mut() {
+            g.now = Millis(g.now.0 + 100);
+            if g.core.engine().next_deadline() <= g.now {
+                let now = g.now;
+                g.core.handle_timeout(now);
+            }
+        }
+        exchange_among(groups, among);
+    }
+}
+
+#[test]
+fn a_membership_change_whose_entry_a_snapshot_replaced_fails_instead_of_waiting_forever() {
+    // Node 1 proposes a change that reaches nobody; nodes 2 and 3 go on without it and purge
+    // their logs; node 1 comes back and catches up by a snapshot covering the change's index.
+    // Its entry is gone with its log, and the history at that index held no configuration:
+    // the caller must hear that the change failed, and the group must not wait on it for good.
+    let config = Config { log_keep_entries: 0, log_lag_entries_max: 0, log_purge_step_entries: 1, ..Config::default() };
+    let mut gs = [
+        Group::with_config(1, &[1, 2, 3], config.clone()),
+        Group::with_config(2, &[1, 2, 3], config.clone()),
+        Group::with_config(3, &[1, 2, 3], config),
+    ];
+    let t = gs[0].core.engine().next_deadline();
+    for g in gs.iter_mut() {
+        g.now = t;
+    }
+    gs[0].core.handle_timeout(t);
+    exchange(&mut gs);
+    assert_eq!(gs[0].core.engine().role(), Role::Leader);
+    let (tx, mut rx) = oneshot::channel();
+    gs[0].core.handle_request(t, Request::ChangeMembership([1, 2].into_iter().map(NodeId).collect(), tx));
+    gs[0].pump();
+    gs[0].outbox.clear();
+    let joint = gs[0].log.last().expect("the joint entry").log_id;
+    for g in gs.iter_mut() {
+        g.now = Millis(t.0 + 10_000);
+    }
+    let now = gs[1].now;
+    gs[1].core.handle_timeout(now);
+    exchange_among(&mut gs, &[2, 3]);
+    assert_eq!(gs[1].core.engine().role(), Role::Leader);
+    for i in 0..5 {
+        drop(gs[1].write(&[&format!("w{i}")]));
+        exchange_among(&mut gs, &[2, 3]);
+    }
+    run_for(&mut gs, 10_000, &[2, 3]);
+    drop(gs[1].write(&["last"]));
+    exchange_among(&mut gs, &[2, 3]);
+    assert!(gs[1].core.engine().first_log_index() > joint.index, "node 2 purged past the change's index");
+    run_for(&mut gs, 10_000, &[1, 2, 3]);
+    assert!(gs[0].core.engine().applied() > joint.index, "node 1 caught up past the change");
+    assert_eq!(rx.try_recv(), Ok(Err(RaftError::Dropped { index: joint.index })));
+    assert!(!gs[0].core.has_waiters(), "nothing left waiting");
 }
