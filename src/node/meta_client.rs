@@ -93,9 +93,6 @@ impl Node {
             return false;
         }
         let header = match self.inner.meta_sm.get(META_STATE_KEY.to_vec()).await {
-            // A replica created to join the meta group holds nothing until its leader catches
-            // it up: the view comes from the leader meanwhile.
-            Ok(None) => return false,
             Ok(h) => h,
             Err(e) => {
                 warn!(error = %e, "cannot read the local meta state");
