@@ -273,7 +273,13 @@ fn a_stopped_group_refuses_every_request_with_its_fatal_error() {
 
 /// Nodes 1 and 2 of a two-voter group, node 1 elected; and the time it was.
 fn node_1_of_2_elected() -> ([Group; 2], Millis) {
-    let mut gs = [Group::new(1, &[1, 2]), Group::new(2, &[1, 2])];
+    node_1_elected(Config::default())
+}
+
+/// The nodes of an `N`-voter group on `config`, node 1 elected; and the time it was.
+fn node_1_elected<const N: usize>(config: Config) -> ([Group; N], Millis) {
+    let voters: Vec<u64> = (1..=N as u64).collect();
+    let mut gs: [Group; N] = std::array::from_fn(|i| Group::with_config(i as u64 + 1, &voters, config.clone()));
     let t = gs[0].core.engine().next_deadline();
     for g in gs.iter_mut() {
         g.now = t;
@@ -457,10 +463,7 @@ fn a_write_whose_entry_this_node_lost_to_a_new_leader_is_answered_as_unknown_not
     // back; node 1 leads again and proposes at w's index. w's entry is gone from node 1 but
     // not from the group's history: another node holding it could still commit it, so its
     // caller must not hear that a retry is safe.
-    let mut groups = vec![Group::new(1, &[1, 2, 3]), Group::new(2, &[1, 2, 3]), Group::new(3, &[1, 2, 3])];
-    campaign(&mut groups, 1);
-    exchange(&mut groups);
-    assert_eq!(groups[0].core.engine().role(), Role::Leader);
+    let (mut groups, _) = node_1_elected::<3>(Config::default());
     let _u = groups[0].write(&["u"]);
     let _v = groups[0].write(&["v"]);
     let mut w = groups[0].write(&["w"]);
@@ -520,14 +523,7 @@ fn a_membership_change_is_answered_once_its_final_configuration_applied_and_not_
 /// original entry may still put it back and commit it.
 #[test]
 fn a_membership_change_whose_entry_was_replaced_fails_only_once_the_replacement_applied() {
-    let mut gs = [Group::new(1, &[1, 2, 3]), Group::new(2, &[1, 2, 3]), Group::new(3, &[1, 2, 3])];
-    let t = gs[0].core.engine().next_deadline();
-    for g in gs.iter_mut() {
-        g.now = t;
-    }
-    gs[0].core.handle_timeout(t);
-    exchange(&mut gs);
-    assert_eq!(gs[0].core.engine().role(), Role::Leader);
+    let (mut gs, t) = node_1_elected::<3>(Config::default());
     // Node 1 proposes a change that never leaves it.
     let (tx, mut rx) = oneshot::channel();
     gs[0].core.handle_request(t, Request::ChangeMembership([1, 2].into_iter().map(NodeId).collect(), tx));
@@ -535,11 +531,7 @@ fn a_membership_change_whose_entry_was_replaced_fails_only_once_the_replacement_
     gs[0].outbox.clear();
     let joint = gs[0].log.last().expect("the joint entry").log_id;
     // Nodes 2 and 3 elect node 2, whose first entry takes the joint entry's index.
-    let later = Millis(t.0 + 10_000);
-    for g in gs.iter_mut() {
-        g.now = later;
-    }
-    gs[1].core.handle_timeout(later);
+    campaign(&mut gs, 2);
     exchange_among(&mut gs, &[2, 3]);
     assert_eq!(gs[1].core.engine().role(), Role::Leader);
     // Node 1 hears from node 2 and takes its entries, but does not apply them yet.
@@ -565,14 +557,7 @@ fn a_membership_change_whose_entry_was_replaced_fails_only_once_the_replacement_
 /// (the index it would carry names another entry).
 #[test]
 fn an_added_learner_whose_entry_was_replaced_fails_with_dropped_even_if_another_leader_added_it() {
-    let mut gs = [Group::new(1, &[1, 2, 3]), Group::new(2, &[1, 2, 3]), Group::new(3, &[1, 2, 3])];
-    let t = gs[0].core.engine().next_deadline();
-    for g in gs.iter_mut() {
-        g.now = t;
-    }
-    gs[0].core.handle_timeout(t);
-    exchange(&mut gs);
-    assert_eq!(gs[0].core.engine().role(), Role::Leader);
+    let (mut gs, t) = node_1_elected::<3>(Config::default());
     // Node 1 proposes adding learner 4; the entry never leaves it.
     let (tx, mut mine) = oneshot::channel();
     gs[0].core.handle_request(t, Request::AddLearner(NodeId(4), tx));
@@ -580,14 +565,11 @@ fn an_added_learner_whose_entry_was_replaced_fails_with_dropped_even_if_another_
     gs[0].outbox.clear();
     let entry = gs[0].log.last().expect("the learner's entry").log_id;
     // Nodes 2 and 3 elect node 2, which adds learner 4 on its own.
-    let later = Millis(t.0 + 10_000);
-    for g in gs.iter_mut() {
-        g.now = later;
-    }
-    gs[1].core.handle_timeout(later);
+    campaign(&mut gs, 2);
     exchange_among(&mut gs, &[2, 3]);
     assert_eq!(gs[1].core.engine().role(), Role::Leader);
     let (tx, mut theirs) = oneshot::channel();
+    let later = gs[1].now;
     gs[1].core.handle_request(later, Request::AddLearner(NodeId(4), tx));
     exchange_among(&mut gs, &[2, 3]);
     assert!(matches!(theirs.try_recv(), Ok(Ok(_))));
@@ -626,28 +608,13 @@ fn a_membership_change_whose_entry_a_snapshot_replaced_fails_instead_of_waiting_
     // Its entry is gone with its log, and the history at that index held no configuration:
     // the caller must hear that the change failed, and the group must not wait on it for good.
     let config = Config { log_keep_entries: 0, log_lag_entries_max: 0, log_purge_step_entries: 1, ..Config::default() };
-    let mut gs = [
-        Group::with_config(1, &[1, 2, 3], config.clone()),
-        Group::with_config(2, &[1, 2, 3], config.clone()),
-        Group::with_config(3, &[1, 2, 3], config),
-    ];
-    let t = gs[0].core.engine().next_deadline();
-    for g in gs.iter_mut() {
-        g.now = t;
-    }
-    gs[0].core.handle_timeout(t);
-    exchange(&mut gs);
-    assert_eq!(gs[0].core.engine().role(), Role::Leader);
+    let (mut gs, t) = node_1_elected::<3>(config);
     let (tx, mut rx) = oneshot::channel();
     gs[0].core.handle_request(t, Request::ChangeMembership([1, 2].into_iter().map(NodeId).collect(), tx));
     gs[0].pump();
     gs[0].outbox.clear();
     let joint = gs[0].log.last().expect("the joint entry").log_id;
-    for g in gs.iter_mut() {
-        g.now = Millis(t.0 + 10_000);
-    }
-    let now = gs[1].now;
-    gs[1].core.handle_timeout(now);
+    campaign(&mut gs, 2);
     exchange_among(&mut gs, &[2, 3]);
     assert_eq!(gs[1].core.engine().role(), Role::Leader);
     for i in 0..5 {
