@@ -20,7 +20,9 @@ use std::collections::BTreeMap;
 /// Version 3: each shard load carries its epoch, and the report the node's total led load.
 /// Version 4: the meta leader asks a node to hold a replica of the meta group
 /// ([`PeerRequest::HoldMetaReplica`]).
-pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 4;
+/// Version 5: [`MetaOp::RemoveDeadNodes`], an unsafe recovery's map change written above a
+/// given revision.
+pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 5;
 
 /// Whether `bytes` is a message of the peer protocol (rather than the client protocol).
 pub fn is_peer_message(bytes: &[u8]) -> bool {
@@ -146,9 +148,30 @@ pub enum MetaOp {
     },
     /// Read the state (linearizably) without changing it.
     Read,
+    /// Unsafe recovery's map change ([`MetaCommand::RemoveDeadNodes`]), written at a revision
+    /// above `revision_floor`: after the meta group was forced onto a survivor that lacked
+    /// changes other nodes had seen, the forced history's revisions start above theirs, so a
+    /// node's copy is never taken for a state of the new history, nor followed change by
+    /// change from it.
+    RemoveDeadNodes {
+        /// The nodes lost for good.
+        dead: Vec<NodeId>,
+        /// Forced shards and the node each was forced onto.
+        kept: Vec<(ShardId, NodeId)>,
+        /// The highest revision a live node's copy had.
+        revision_floor: u64,
+    },
 }
 
 impl MetaOp {
+    /// The revision the change this op makes must be written above (0: the next one).
+    pub fn revision_floor(&self) -> u64 {
+        match self {
+            MetaOp::RemoveDeadNodes { revision_floor, .. } => *revision_floor,
+            _ => 0,
+        }
+    }
+
     /// A node's report, its shard loads moved beside it so that they travel.
     pub fn report(node: NodeId, addr: String, mut report: NodeReport) -> MetaOp {
         let load = std::mem::take(&mut report.shard_load);

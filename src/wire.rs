@@ -22,9 +22,10 @@ use std::collections::BTreeMap;
 /// 7: backups ([`AdminRequest::BackupStart`], [`AdminRequest::BackupRead`],
 /// [`AdminRequest::BackupEnd`]) and unsafe recovery ([`AdminRequest::ReplicaStates`],
 /// [`AdminRequest::ForceAlone`], [`AdminRequest::DropReplica`],
-/// [`AdminRequest::RemoveDeadNodes`]).
+/// [`AdminRequest::RemoveDeadNodes`]). 8: unsafe recovery carries meta revisions (a
+/// replica-states answer names its node's, the map change is written above the highest).
 /// Versions stay below 0x80: a first byte with the high bit set is a peer message.
-pub const PROTOCOL_VERSION: u8 = 7;
+pub const PROTOCOL_VERSION: u8 = 8;
 
 /// Largest key accepted (bytes): the shard's own limit, checked here first so that a key too
 /// long is refused before it is routed (or made a split point). Keys travel in every routing
@@ -277,6 +278,12 @@ pub enum AdminRequest {
         dead: Vec<NodeId>,
         /// Forced shards and the node each was forced onto.
         kept: Vec<(ShardId, NodeId)>,
+        /// The highest meta revision any live node reported
+        /// ([`AdminResponse::ReplicaStates`]'s `view_revision`): the change is written at a
+        /// revision above it. A forced meta group may have lost changes that nodes following
+        /// the dead meta leader had already seen; the revisions of its history from then on
+        /// must not be taken for theirs.
+        revision_floor: u64,
     },
 }
 
@@ -404,6 +411,8 @@ pub enum AdminResponse {
         replicas: Vec<ReplicaState>,
         /// The first shard of the next page (`None`: the last page).
         next: Option<ShardId>,
+        /// The revision of the answering node's copy of the meta state.
+        view_revision: u64,
     },
     /// `ForceAlone`: the index of the forced configuration's entry (the replica kept
     /// everything before it).

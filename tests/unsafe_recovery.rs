@@ -144,3 +144,120 @@ async fn two_of_three_replicas_lost_for_good_are_recovered_from_the_third() {
     client.close().await;
     c.shutdown().await;
 }
+
+/// The meta group's survivors were cut off while the rest of it went on changing the meta
+/// state, and a node without a meta replica followed those changes; then the nodes that made
+/// them are lost. Recovery forces the meta group onto one of the behind survivors and retires
+/// the other one's replica; the map change is written above every revision a live node saw,
+/// so the follower takes the recovered state at once instead of keeping the lost history's
+/// copy (whose revision is higher) or taking the new history's changes on top of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_that_saw_a_lost_meta_history_take_the_recovered_one() {
+    const LOST_CHANGES: u64 = 30;
+    let mut c =
+        Cluster::start_with(6, &[1, 2, 3, 4, 5], &[1, 2, 3], flotilla::meta::dev_split_keys(SHARDS), |_| {}).await;
+    let client = c.client().await;
+    for i in 0..KEYS {
+        client.put(&key(i), format!("v{i}").as_bytes()).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.node(6).meta_view().nodes.len() < 6 || c.node(1).meta_view().nodes.len() < 6 {
+        assert!(Instant::now() < deadline, "node 6 never registered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let t0 = Instant::now();
+    let caught_up = |infos: Vec<flotilla::shard::GroupInfo>| infos.iter().all(|i| i.applied == i.committed);
+    while !caught_up(c.node(1).host().group_info().await.unwrap()) {
+        assert!(Instant::now() < deadline, "node 1 never caught up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client.close().await;
+    eprintln!("{:?}: registered and caught up", t0.elapsed());
+
+    // Nodes 1 and 5 are cut from 2, 3 and 4, which go on changing the meta state; node 6
+    // follows every change.
+    for (a, b) in [1, 5].into_iter().flat_map(|a| [2, 3, 4].map(|b| (a, b))) {
+        c.node(a).transport().block_peer(NodeId(b));
+        c.node(b).transport().block_peer(NodeId(a));
+    }
+    let behind = c.node(1).meta_revision().max(c.node(5).meta_revision());
+    let admin = Client::connect(c.config(&[2, 3, 4])).await.unwrap();
+    for i in 0..LOST_CHANGES {
+        // Asked of node 2: a call to a cut node would wait for its meta timeout.
+        let req = AdminRequest::Drain { node: NodeId(6), draining: i % 2 == 0 };
+        admin.admin_on(NodeId(2), req).await.unwrap();
+    }
+    admin.close().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.node(6).meta_revision() < behind + LOST_CHANGES {
+        assert!(
+            Instant::now() < deadline,
+            "node 6 at {}, not past {behind} + {LOST_CHANGES}",
+            c.node(6).meta_revision()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seen = c.node(6).meta_revision();
+    eprintln!("{:?}: node 6 at revision {seen}, survivors behind at {behind}", t0.elapsed());
+    assert!(c.node(1).meta_revision() < seen && c.node(5).meta_revision() < seen, "the survivors are behind");
+
+    // Nodes 2, 3 and 4 are gone with their disks.
+    for id in [2, 3, 4] {
+        c.stop(id).await;
+        std::fs::remove_dir_all(c.dev.dir().join(format!("node-{id}"))).unwrap();
+    }
+    let client = Client::connect(c.config(&[1, 5, 6])).await.unwrap();
+    let dead: BTreeSet<NodeId> = [NodeId(2), NodeId(3), NodeId(4)].into();
+    let report = recover(&client, &dead, &mut |l| eprintln!("{l}")).await.unwrap();
+    let meta = report.forced.iter().find(|f| f.decision.shard == META_GROUP).expect("the meta group was forced");
+    let kept = meta.decision.survivor.0;
+    let others: Vec<u64> = meta.decision.others.iter().map(|(n, _)| n.0).collect();
+    assert!([1, 5].contains(&kept) && others.len() == 1 && [1, 5].contains(&others[0]), "{meta:?}");
+    let retired = others[0];
+    eprintln!("{:?}: recovered", t0.elapsed());
+    let marker = c.dev.dir().join(format!("node-{retired}")).join("meta-replica-retired");
+    assert!(marker.exists(), "node {retired}'s meta replica was retired");
+
+    // Every live node takes the recovered state promptly, whatever revision it had seen.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for id in [1, 5, 6] {
+        while c.node(id).meta_view().removed != dead {
+            assert!(
+                Instant::now() < deadline,
+                "node {id}'s copy (revision {}, the lost history reached {seen}) never took the recovery",
+                c.node(id).meta_revision()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // Back to full replication; then every node holds the meta leader's state, and the meta
+    // group is back on three voters, the retired node among the candidates again.
+    eprintln!("{:?}: every node took the recovery", t0.elapsed());
+    wait_replicated(&client, &dead, &report.lost, Duration::from_secs(120), &mut |l| eprintln!("{l}")).await.unwrap();
+    eprintln!("{:?}: replicated", t0.elapsed());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = c.node(kept).host().group_info_of(META_GROUP).await.unwrap();
+        let conf = info.committed_conf.membership;
+        let voters: BTreeSet<u64> = conf.voters.iter().map(|n| n.0).collect();
+        let (revision, state) = (c.node(kept).meta_revision(), c.node(kept).meta_view());
+        let same = [1, 5, 6]
+            .iter()
+            .all(|id| c.node(*id).meta_revision() == revision && c.node(*id).meta_view().map == state.map);
+        if voters == BTreeSet::from([1, 5, 6]) && conf.learners.is_empty() && !conf.is_joint() && same {
+            assert!(revision > seen, "the recovered history's revisions start past the lost one's");
+            break;
+        }
+        assert!(Instant::now() < deadline, "meta voters {voters:?}, nodes agree on the map: {same}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("{:?}: meta group on three voters", t0.elapsed());
+    client.refresh().await.unwrap();
+    for i in 0..KEYS {
+        assert_eq!(client.get(&key(i)).await.unwrap(), Some(format!("v{i}").into_bytes()), "key {i}");
+        client.put(&key(i), b"after").await.unwrap();
+    }
+    client.close().await;
+    c.shutdown().await;
+}

@@ -195,6 +195,12 @@ pub fn run_op(op: &MetaOp, state: &mut MetaState, balancer: &BalancerConfig) -> 
                 state.map.shards().filter(|s| s.start == d.start || s.start == *key).cloned().collect(),
             ))
         }
+        MetaOp::RemoveDeadNodes { dead, kept, .. } => {
+            let cmd = MetaCommand::RemoveDeadNodes { dead: dead.clone(), kept: kept.clone() };
+            let mut acc = Vec::new();
+            changed(state.apply(cmd).map_err(|e| e.to_string())?, &mut acc);
+            Ok(AdminResponse::Changed(acc))
+        }
         MetaOp::Rebalance { now_ms } => {
             let proposals = balance(state, balancer, *now_ms);
             let mut started = Vec::new();

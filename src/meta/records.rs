@@ -175,6 +175,14 @@ impl StoredMeta {
     /// The writes that turn this state into `next` (reports aside), the new header among
     /// them, and the stored state after them. No writes when nothing stored changed.
     pub fn changes(&self, next: &MetaState) -> Result<(Vec<MetaWrite>, StoredMeta), String> {
+        self.changes_above(next, 0)
+    }
+
+    /// [`StoredMeta::changes`], the new revision at least `floor + 2` too (an unsafe
+    /// recovery's change: see `MetaOp::RemoveDeadNodes`): a copy following changes at `floor`
+    /// or below cannot take this one as the change after its own ([`StoredMeta::apply`]
+    /// refuses the gap) and reads the whole state instead.
+    pub fn changes_above(&self, next: &MetaState, floor: u64) -> Result<(Vec<MetaWrite>, StoredMeta), String> {
         let mut next = next.clone();
         for info in next.nodes.values_mut() {
             info.report = NodeReport::default();
@@ -225,7 +233,12 @@ impl StoredMeta {
         if writes.is_empty() && header == self.header && !self.whole {
             return Ok((Vec::new(), self.clone()));
         }
-        let header = MetaHeader { revision: self.header.revision + 1, ..header };
+        // Above a floor by two: a copy at the floor must see a gap, not the change after its own.
+        let revision = match floor {
+            0 => self.header.revision + 1,
+            f => (self.header.revision + 1).max(f.saturating_add(2)),
+        };
+        let header = MetaHeader { revision, ..header };
         let guard = header_bytes(&header)?;
         writes.push((META_STATE_KEY.to_vec(), Some(guard.clone())));
         Ok((writes, StoredMeta { guard: Some(guard), header, state: next, whole: false, leftovers: Vec::new() }))

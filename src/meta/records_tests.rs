@@ -224,6 +224,38 @@ fn a_copy_refuses_a_change_that_does_not_follow_its_revision() {
     assert_eq!(copy, s, "changes held already are skipped");
 }
 
+/// After an unsafe recovery forced the meta group onto a replica that lacked changes other
+/// nodes had seen, the recovery's change is written above every revision they hold: their
+/// copies, of another history, refuse it as a gap and read the whole state again instead of
+/// taking later changes of the new history on top of the lost ones.
+#[test]
+fn a_change_written_above_a_floor_starts_past_every_copy_of_a_lost_history() {
+    let mut range = Range::default();
+    let forced = bootstrapped(&mut range, 2);
+    // The lost history: two more changes that a following copy took.
+    let mut lost_range = Range(range.0.clone());
+    let mut lost = forced.clone();
+    step(&mut lost, &mut lost_range, MetaCommand::SetDraining { node: n(4), draining: true });
+    step(&mut lost, &mut lost_range, MetaCommand::RegisterNode { node: n(5), addr: "127.0.0.1:5".into() });
+    let floor = lost.revision();
+
+    let mut next = forced.state.clone();
+    next.apply(MetaCommand::SetDraining { node: n(2), draining: true }).expect("drain");
+    let (writes, after) = forced.changes_above(&next, floor).expect("changes");
+    assert_eq!(after.revision(), floor + 2, "written above the floor, leaving a gap after it");
+    range.write(&writes);
+    assert_eq!(range.load(), after, "a replica reading its range");
+    // A floor below the next revision changes nothing.
+    let (_, plain) = forced.changes_above(&next, 0).expect("changes");
+    assert_eq!(plain.revision(), forced.revision() + 1);
+
+    let mut copy = lost.clone();
+    assert!(copy.apply(&writes).expect_err("another history").contains("does not follow"));
+    assert_eq!(copy, lost, "nothing of the new history is taken on top of the lost one");
+    let mut behind = forced.clone();
+    assert!(behind.apply(&writes).is_err(), "a copy of the kept history reads the whole state too");
+}
+
 /// A state of 300 shards (its records), the same state stored in format 1 (one key), and
 /// that range read.
 fn format_1_of_300_shards() -> (StoredMeta, Range, StoredMeta) {

@@ -103,8 +103,8 @@ impl Node {
                 self.backup_read(shard, copy_id, offset, len).await
             }
             AdminRequest::BackupEnd { shard, copy_id } => self.backup_end(shard, copy_id),
-            AdminRequest::RemoveDeadNodes { dead, kept } => {
-                answer(self.meta_exec(MetaOp::Commands(vec![MetaCommand::RemoveDeadNodes { dead, kept }]), false).await)
+            AdminRequest::RemoveDeadNodes { dead, kept, revision_floor } => {
+                answer(self.meta_exec(MetaOp::RemoveDeadNodes { dead, kept, revision_floor }, false).await)
             }
             AdminRequest::ReplicaStates { .. } | AdminRequest::ForceAlone { .. } | AdminRequest::DropReplica { .. } => {
                 self.unsafe_recovery_local(a).await

@@ -21,6 +21,13 @@ impl Node {
         if !b.meta_voters.contains(&self.inner.id) || self.inner.host.groups().contains(&META_GROUP) {
             return Ok(());
         }
+        if self.meta_replica_retired() {
+            info!(
+                node = self.inner.id.0,
+                "meta replica retired by an unsafe recovery: the meta group is not formed again"
+            );
+            return Ok(());
+        }
         let members = Membership::new(b.meta_voters.iter().copied());
         self.inner.host.create_group(META_GROUP, meta_range(), Some(members)).await?;
         info!(node = self.inner.id.0, "meta group created");

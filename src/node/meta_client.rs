@@ -137,7 +137,7 @@ impl Node {
     /// Drops the stored state held for the next op: parts of a change were written and its
     /// header may not land, so the next op reads the range again (and deletes what they left:
     /// parts leave the header, and so the held state's guard, unchanged).
-    fn forget_stored(&self) {
+    pub(super) fn forget_stored(&self) {
         if let Ok(mut held) = self.inner.meta.stored.lock() {
             *held = None;
         }
@@ -406,7 +406,7 @@ impl Node {
                     }
                 }
             }
-            let (writes, after) = stored.changes(&next).map_err(MetaTry::Refused)?;
+            let (writes, after) = stored.changes_above(&next, op.revision_floor()).map_err(MetaTry::Refused)?;
             // Nothing stored changed (a read, or a report that changes reports only).
             if writes.is_empty() {
                 let next = Arc::new(next);

@@ -6,8 +6,8 @@
 use super::Node;
 use crate::meta::META_GROUP;
 use crate::placement::NodeId;
-use crate::raft::LogId;
-use crate::shard::HostError;
+use crate::raft::{LogId, Role};
+use crate::shard::{GroupInfo, HostError};
 use crate::wire::{AdminRequest, AdminResponse, ReplicaState, Response, REPLICA_STATES_PAGE_MAX};
 use tracing::warn;
 
@@ -52,7 +52,8 @@ impl Node {
                     })
                     .collect();
                 let next = page.next().map(|i| i.group);
-                Response::Admin(AdminResponse::ReplicaStates { replicas, next })
+                let view_revision = self.meta_revision();
+                Response::Admin(AdminResponse::ReplicaStates { replicas, next, view_revision })
             }
             AdminRequest::ForceAlone { shard, dead, last_term, last_index } => {
                 let last = LogId::new(last_term, last_index);
@@ -69,19 +70,59 @@ impl Node {
                     Err(e) => failed(e),
                 }
             }
-            AdminRequest::DropReplica { shard } => {
-                if shard == META_GROUP {
-                    return Response::Invalid("the meta group's replicas are not dropped this way".into());
+            AdminRequest::DropReplica { shard } if shard == META_GROUP => self.retire_meta_replica().await,
+            AdminRequest::DropReplica { shard } => match host.destroy_group(shard, true).await {
+                Ok(()) | Err(HostError::UnknownGroup(_)) => {
+                    warn!(node = self.inner.id.0, shard = shard.0, "unsafe recovery: replica dropped");
+                    Response::Admin(AdminResponse::Done(format!("replica of shard {shard} dropped")))
                 }
-                match host.destroy_group(shard, true).await {
-                    Ok(()) | Err(HostError::UnknownGroup(_)) => {
-                        warn!(node = self.inner.id.0, shard = shard.0, "unsafe recovery: replica dropped");
-                        Response::Admin(AdminResponse::Done(format!("replica of shard {shard} dropped")))
-                    }
-                    Err(e) => failed(e),
-                }
-            }
+                Err(e) => failed(e),
+            },
             other => Response::Invalid(format!("not an unsafe-recovery request served locally: {other:?}")),
         }
+    }
+
+    /// Drops this node's replica of a forced meta group that was not kept: it holds the
+    /// configuration from before the loss, so its node would read a state no one changes any
+    /// more (and, if the replica were added back as it is, a log the forced one does not
+    /// share). From then on the node follows the meta leader; the meta leader may later ask it
+    /// to hold a new, empty replica ([`crate::peer_wire::PeerRequest::HoldMetaReplica`]). The
+    /// retirement is written to the data directory first, so that a restart does not form
+    /// the meta group again from the `[bootstrap]` section. A leader is not dropped.
+    async fn retire_meta_replica(&self) -> Response {
+        let path = self.inner.config.data_dir.join(META_RETIRED_FILE);
+        if let Err(e) = write_durably(&path) {
+            return Response::Unavailable(format!("cannot write {}: {e}", path.display()));
+        }
+        let not_leading = |i: &GroupInfo| i.role != Role::Leader;
+        match self.inner.host.destroy_group_if(META_GROUP, true, Box::new(not_leading)).await {
+            Ok(()) | Err(HostError::UnknownGroup(_)) => {
+                self.forget_stored();
+                warn!(node = self.inner.id.0, "unsafe recovery: meta replica retired; following the meta leader");
+                Response::Admin(AdminResponse::Done("replica of the meta group dropped".into()))
+            }
+            Err(HostError::Kept(_)) => {
+                Response::Invalid("this node's meta replica leads its group: not dropped".into())
+            }
+            Err(e) => Response::Unavailable(e.to_string()),
+        }
+    }
+
+    /// Whether this node's meta replica was retired by an unsafe recovery (see
+    /// [`Node::retire_meta_replica`]): it then forms no meta group from its `[bootstrap]`.
+    pub(super) fn meta_replica_retired(&self) -> bool {
+        self.inner.config.data_dir.join(META_RETIRED_FILE).exists()
+    }
+}
+
+/// The file in a node's data directory that says its meta replica was retired.
+pub const META_RETIRED_FILE: &str = "meta-replica-retired";
+
+/// Creates `path` (empty) and makes it and its directory entry durable.
+fn write_durably(path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::create(path)?.sync_all()?;
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
     }
 }

@@ -13,7 +13,12 @@
 //!    ([`AdminRequest::ReplicaStates`]); the map may be what was lost.
 //! 2. **Decide** per group ([`decide::decide`], pure).
 //! 3. **The meta group first**, if it lost its quorum: forced onto its survivor, so that the
-//!    map can be changed at all.
+//!    map can be changed at all. Its other survivors' replicas are dropped (their nodes then
+//!    follow the meta leader, which may give them new replicas).
+//!    The forced survivor may lack meta changes that the dead meta leader had committed and
+//!    other nodes had seen; the map change of step 4 is therefore written at a revision above
+//!    every live node's (each node names its own in step 1), so that no node takes its copy
+//!    of the lost history for a state of the new one.
 //! 4. **The map**: the dead are removed for good (never registered again; every node drops
 //!    their messages), forced shards keep only their survivor, and every shard that lost a
 //!    replica gets voters on live nodes ([`AdminRequest::RemoveDeadNodes`]). The reconcilers
@@ -128,10 +133,12 @@ pub async fn recover(
     }
     // 1. Ask the survivors.
     let mut states = Vec::new();
+    let mut revision_floor = 0;
     for node in &live {
-        let got = replica_states(client, *node).await?;
-        progress(format!("node {node}: {} replicas", got.len()));
+        let (got, view_revision) = replica_states(client, *node).await?;
+        progress(format!("node {node}: {} replicas, meta revision {view_revision}", got.len()));
         states.extend(got);
+        revision_floor = revision_floor.max(view_revision);
     }
     // 2. Decide.
     let shards: Vec<ShardId> = view.map.shards().map(|d| d.id).collect();
@@ -143,11 +150,13 @@ pub async fn recover(
     for f in meta {
         let index = force(client, dead, &f).await?;
         progress(format!("meta group forced onto node {} (kept index {})", f.survivor, f.kept.index));
+        drop_others(client, &f).await?;
         report.forced.push(ForcedShard { decision: f, range: None, forced_index: index });
     }
-    // 4. The map.
+    // 4. The map, written above every revision a live node saw: those of the lost meta
+    // history's changes must not be taken for the forced history's.
     let kept: Vec<(ShardId, NodeId)> = data.iter().map(|f| (f.shard, f.survivor)).collect();
-    let req = AdminRequest::RemoveDeadNodes { dead: report.dead.clone(), kept };
+    let req = AdminRequest::RemoveDeadNodes { dead: report.dead.clone(), kept, revision_floor };
     match client.admin(req).await.map_err(step("removing the dead nodes from the map"))? {
         AdminResponse::Changed(ds) => report.changed = ds.iter().map(|d| d.id).collect(),
         other => return Err(RecoveryError::Invalid(format!("unexpected answer to the map change: {other:?}"))),
@@ -156,10 +165,7 @@ pub async fn recover(
     // 5. Force, 6. drop the other survivors.
     for f in data {
         let index = force(client, dead, &f).await?;
-        for (other, _) in &f.others {
-            let req = AdminRequest::DropReplica { shard: f.shard };
-            client.admin_on(*other, req).await.map_err(step(format!("dropping shard {} on node {other}", f.shard)))?;
-        }
+        drop_others(client, &f).await?;
         progress(format!("shard {} forced onto node {} (kept index {})", f.shard, f.survivor, f.kept.index));
         let range = view.map.get(f.shard).map(|d| (d.start.clone(), d.end.clone()));
         report.forced.push(ForcedShard { decision: f, range, forced_index: index });
@@ -167,27 +173,40 @@ pub async fn recover(
     Ok(report)
 }
 
-/// Every replica state of `node`, page by page.
-async fn replica_states(client: &Client, node: NodeId) -> Result<Vec<ReplicaState>, RecoveryError> {
+/// Drops the replicas of `f`'s group on its other survivors: their logs may contradict the
+/// kept one, and the map (or, for the meta group, its leader) gives their nodes new replicas.
+async fn drop_others(client: &Client, f: &Forced) -> Result<(), RecoveryError> {
+    for (other, _) in &f.others {
+        let req = AdminRequest::DropReplica { shard: f.shard };
+        client.admin_on(*other, req).await.map_err(step(format!("dropping shard {} on node {other}", f.shard)))?;
+    }
+    Ok(())
+}
+
+/// Every replica state of `node`, page by page, and the highest revision of its meta state
+/// copy the pages named.
+async fn replica_states(client: &Client, node: NodeId) -> Result<(Vec<ReplicaState>, u64), RecoveryError> {
     let mut out = Vec::new();
     let mut from = ShardId(0);
+    let mut revision = 0;
     loop {
         let req = AdminRequest::ReplicaStates { from, limit: REPLICA_STATES_PAGE_MAX };
         let answer = client.admin_on(node, req).await.map_err(|e| RecoveryError::Unreachable(node, e.to_string()))?;
-        let AdminResponse::ReplicaStates { replicas, next } = answer else {
+        let AdminResponse::ReplicaStates { replicas, next, view_revision } = answer else {
             return Err(RecoveryError::Invalid(format!("node {node} answered the replica states with {answer:?}")));
         };
         if replicas.iter().any(|r| r.node != node) {
             return Err(RecoveryError::Invalid(format!("node {node} reported another node's replicas")));
         }
         out.extend(replicas);
+        revision = revision.max(view_revision);
         if out.len() > REPLICA_STATES_MAX {
             return Err(RecoveryError::Invalid(format!("more than {REPLICA_STATES_MAX} replicas reported")));
         }
         match next {
             // Pages only move forward: a node answering otherwise would loop us.
             Some(n) if n > from => from = n,
-            _ => return Ok(out),
+            _ => return Ok((out, revision)),
         }
     }
 }
