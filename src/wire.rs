@@ -23,7 +23,8 @@ use std::collections::BTreeMap;
 /// [`AdminRequest::BackupEnd`]) and unsafe recovery ([`AdminRequest::ReplicaStates`],
 /// [`AdminRequest::ForceAlone`], [`AdminRequest::DropReplica`],
 /// [`AdminRequest::RemoveDeadNodes`]). 8: unsafe recovery carries meta revisions (a
-/// replica-states answer names its node's, the map change is written above the highest).
+/// replica-states answer names its node's, the map change is written above the highest), and
+/// `admin status` names the meta group's voters and learners.
 /// Versions stay below 0x80: a first byte with the high bit set is a peer message.
 pub const PROTOCOL_VERSION: u8 = 8;
 
@@ -264,12 +265,21 @@ pub enum AdminRequest {
         last_term: u64,
         /// The index of the replica's last log entry when the tool decided.
         last_index: u64,
+        /// For the meta group: the highest meta revision a live node reported. The forced
+        /// replica's node writes its first meta change above it (see `RemoveDeadNodes`),
+        /// whichever change that is. 0 for a data group.
+        revision_floor: u64,
     },
     /// Unsafe recovery: delete this node's replica of `shard` (a survivor of a forced group
-    /// that was not kept). Served by the node asked.
+    /// that was not kept). Served by the node asked. Refused, changing nothing, unless the
+    /// replica still holds the configuration from before the loss (`dead` hold a majority of
+    /// either half of its committed configuration): a drop arriving late must not delete a
+    /// replica the group gave this node since.
     DropReplica {
         /// The shard.
         shard: ShardId,
+        /// The nodes named dead.
+        dead: Vec<NodeId>,
     },
     /// Unsafe recovery: remove `dead` for good and give every shard that lost a replica
     /// voters on live nodes; each shard of `kept` keeps only its replica on that node.
@@ -457,6 +467,11 @@ pub struct StatusReport {
     pub moves: usize,
     /// The meta group's leader.
     pub meta_leader: Option<NodeId>,
+    /// The meta group's voters in its committed configuration, as the answering node's replica
+    /// knows it (empty if that node holds none).
+    pub meta_voters: Vec<NodeId>,
+    /// The meta group's learners, the same way (replicas being caught up before they vote).
+    pub meta_learners: Vec<NodeId>,
 }
 
 /// A response from a node.

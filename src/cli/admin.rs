@@ -314,6 +314,14 @@ fn print_admin(r: &AdminResponse) {
             println!("shards: {} ({} with a known leader)", s.shards, s.shards_with_leader);
             println!("moves in progress: {}", s.moves);
             println!("meta leader: {}", s.meta_leader.map(|n| n.to_string()).unwrap_or_else(|| "unknown".into()));
+            let list = |ns: &[NodeId]| ns.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
+            match (s.meta_voters.is_empty(), s.meta_learners.is_empty()) {
+                (true, _) => println!("meta group: not known to the node answering (it holds no meta replica)"),
+                (false, true) => println!("meta group: voters {}", list(&s.meta_voters)),
+                (false, false) => {
+                    println!("meta group: voters {}, learners {}", list(&s.meta_voters), list(&s.meta_learners))
+                }
+            }
         }
         // The backup's own answers, which `admin backup` reads itself.
         AdminResponse::BackupStarted(b) => println!("{b:?}"),

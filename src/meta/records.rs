@@ -230,7 +230,9 @@ impl StoredMeta {
             writes.extend(stale.into_iter().map(|k| (k, None)));
         }
         let header = MetaHeader { revision: self.header.revision, next_shard_id: next.next_shard_id, recent_first };
-        if writes.is_empty() && header == self.header && !self.whole {
+        // A floor the revision is not past yet is a change of its own (the header alone).
+        let below_floor = floor > 0 && self.header.revision < floor.saturating_add(2);
+        if writes.is_empty() && header == self.header && !self.whole && !below_floor {
             return Ok((Vec::new(), self.clone()));
         }
         // Above a floor by two: a copy at the floor must see a gap, not the change after its own.

@@ -245,6 +245,11 @@ fn a_change_written_above_a_floor_starts_past_every_copy_of_a_lost_history() {
     assert_eq!(after.revision(), floor + 2, "written above the floor, leaving a gap after it");
     range.write(&writes);
     assert_eq!(range.load(), after, "a replica reading its range");
+    // With no item changed, a floor not passed yet is a change of the header alone.
+    let (header_only, jumped) = forced.changes_above(&forced.state, floor).expect("changes");
+    assert_eq!((header_only.len(), jumped.revision()), (1, floor + 2));
+    let (none, _) = after.changes_above(&after.state, floor).expect("changes");
+    assert!(none.is_empty(), "a floor passed already asks for nothing");
     // A floor below the next revision changes nothing.
     let (_, plain) = forced.changes_above(&next, 0).expect("changes");
     assert_eq!(plain.revision(), forced.revision() + 1);

@@ -35,14 +35,14 @@ impl Node {
                         let rows = self.node_rows(&state);
                         let live = rows.iter().filter(|r| r.report_age_ms.is_some_and(|a| a < 5_000)).count();
                         let shards = shard_rows(&state);
-                        let meta_leader = self
-                            .inner
-                            .host
-                            .group_info()
-                            .await
-                            .ok()
-                            .and_then(|v| v.into_iter().find(|i| i.group == META_GROUP))
-                            .and_then(|i| i.leader);
+                        // This node's replica of the meta group, if it holds one: one group's
+                        // state, not every group's.
+                        let meta = self.inner.host.group_info_of(META_GROUP).await.ok();
+                        let meta_leader = meta.as_ref().and_then(|i| i.leader);
+                        let conf = meta.map(|i| i.committed_conf.membership);
+                        let meta_voters = conf.as_ref().map(|c| c.voters.iter().copied().collect()).unwrap_or_default();
+                        let meta_learners =
+                            conf.as_ref().map(|c| c.learners.iter().copied().collect()).unwrap_or_default();
                         Response::Admin(AdminResponse::Status(StatusReport {
                             nodes: rows.len(),
                             nodes_live: live,
@@ -50,6 +50,8 @@ impl Node {
                             shards_with_leader: shards.iter().filter(|s| s.leader.is_some()).count(),
                             moves: state.moves.len(),
                             meta_leader,
+                            meta_voters,
+                            meta_learners,
                         }))
                     }
                 }

@@ -15,7 +15,7 @@ use crate::raft::{RaftError, ReadMode, Role};
 use crate::shard::{HostError, KvCommand, KvResponse, TXN_BYTES_MAX, TXN_WRITES_MAX};
 use crate::wire::AdminResponse;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tracing::warn;
@@ -55,6 +55,10 @@ pub(super) struct MetaClient {
     live: Mutex<HashMap<NodeId, (NodeReport, Instant)>>,
     /// Since when this node leads the meta group (see [`Node::leads_meta`]).
     leader_since: Mutex<Option<Instant>>,
+    /// A revision this node's next meta change must be written above (0: none): set by an
+    /// unsafe recovery forcing the meta group onto this node, cleared by the first change
+    /// written above it.
+    revision_floor: AtomicU64,
 }
 
 impl MetaClient {
@@ -137,6 +141,11 @@ impl Node {
     /// Drops the stored state held for the next op: parts of a change were written and its
     /// header may not land, so the next op reads the range again (and deletes what they left:
     /// parts leave the header, and so the held state's guard, unchanged).
+    /// Makes this node's next meta change go above `floor` (see `MetaClient::revision_floor`).
+    pub(super) fn hold_revision_floor(&self, floor: u64) {
+        self.inner.meta.revision_floor.fetch_max(floor, Ordering::SeqCst);
+    }
+
     pub(super) fn forget_stored(&self) {
         if let Ok(mut held) = self.inner.meta.stored.lock() {
             *held = None;
@@ -406,7 +415,9 @@ impl Node {
                     }
                 }
             }
-            let (writes, after) = stored.changes_above(&next, op.revision_floor()).map_err(MetaTry::Refused)?;
+            let held_floor = self.inner.meta.revision_floor.load(Ordering::SeqCst);
+            let floor = op.revision_floor().max(held_floor);
+            let (writes, after) = stored.changes_above(&next, floor).map_err(MetaTry::Refused)?;
             // Nothing stored changed (a read, or a report that changes reports only).
             if writes.is_empty() {
                 let next = Arc::new(next);
@@ -455,6 +466,14 @@ impl Node {
             match result {
                 Ok(KvResponse::Done { .. }) => {
                     let revision = after.revision();
+                    if held_floor > 0 && revision > held_floor {
+                        let _ = self.inner.meta.revision_floor.compare_exchange(
+                            held_floor,
+                            0,
+                            Ordering::SeqCst,
+                            Ordering::SeqCst,
+                        );
+                    }
                     // The last part of a change written in parts holds only some of it: nodes
                     // following changes are sent the whole state once instead.
                     if let Ok(mut log) = self.inner.meta.changes.lock() {

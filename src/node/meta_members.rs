@@ -187,7 +187,10 @@ impl Node {
         let host = &self.inner.host;
         if !host.groups().contains(&META_GROUP) {
             match host.create_group(META_GROUP, meta_range(), None).await {
-                Ok(()) => info!(node = self.inner.id.0, "meta group: replica created, to be caught up by its leader"),
+                Ok(()) => {
+                    self.clear_meta_retired();
+                    info!(node = self.inner.id.0, "meta group: replica created, to be caught up by its leader")
+                }
                 Err(crate::shard::HostError::GroupExists(_)) => {}
                 Err(e) => return PeerResponse::Unavailable(format!("cannot create a meta replica: {e}")),
             }

@@ -8,7 +8,9 @@ use crate::meta::META_GROUP;
 use crate::placement::NodeId;
 use crate::raft::{LogId, Role};
 use crate::shard::{GroupInfo, HostError};
+use crate::unsafe_recovery::REVISION_FLOOR_MAX;
 use crate::wire::{AdminRequest, AdminResponse, ReplicaState, Response, REPLICA_STATES_PAGE_MAX};
+use std::collections::BTreeSet;
 use tracing::warn;
 
 impl Node {
@@ -55,7 +57,15 @@ impl Node {
                 let view_revision = self.meta_revision();
                 Response::Admin(AdminResponse::ReplicaStates { replicas, next, view_revision })
             }
-            AdminRequest::ForceAlone { shard, dead, last_term, last_index } => {
+            AdminRequest::ForceAlone { shard, dead, last_term, last_index, revision_floor } => {
+                if revision_floor > REVISION_FLOOR_MAX {
+                    return Response::Invalid(format!("meta revision floor {revision_floor} is not believable"));
+                }
+                if shard == META_GROUP && revision_floor > 0 {
+                    // Before the force: whatever this node writes first as the forced meta
+                    // leader (a move it aborts, a report) is written above the floor.
+                    self.hold_revision_floor(revision_floor);
+                }
                 let last = LogId::new(last_term, last_index);
                 match host.force_alone(shard, dead.into_iter().collect(), last).await {
                     Ok(index) => {
@@ -70,14 +80,21 @@ impl Node {
                     Err(e) => failed(e),
                 }
             }
-            AdminRequest::DropReplica { shard } if shard == META_GROUP => self.retire_meta_replica().await,
-            AdminRequest::DropReplica { shard } => match host.destroy_group(shard, true).await {
-                Ok(()) | Err(HostError::UnknownGroup(_)) => {
-                    warn!(node = self.inner.id.0, shard = shard.0, "unsafe recovery: replica dropped");
-                    Response::Admin(AdminResponse::Done(format!("replica of shard {shard} dropped")))
+            AdminRequest::DropReplica { shard, dead } if shard == META_GROUP => {
+                self.retire_meta_replica(dead.into_iter().collect()).await
+            }
+            AdminRequest::DropReplica { shard, dead } => {
+                let dead: BTreeSet<NodeId> = dead.into_iter().collect();
+                let before_the_loss = move |i: &GroupInfo| held_before_the_loss(i, &dead);
+                match host.destroy_group_if(shard, true, Box::new(before_the_loss)).await {
+                    Ok(()) | Err(HostError::UnknownGroup(_)) => {
+                        warn!(node = self.inner.id.0, shard = shard.0, "unsafe recovery: replica dropped");
+                        Response::Admin(AdminResponse::Done(format!("replica of shard {shard} dropped")))
+                    }
+                    Err(HostError::Kept(_)) => Response::Invalid(NOT_DROPPED.into()),
+                    Err(e) => failed(e),
                 }
-                Err(e) => failed(e),
-            },
+            }
             other => Response::Invalid(format!("not an unsafe-recovery request served locally: {other:?}")),
         }
     }
@@ -89,22 +106,36 @@ impl Node {
     /// to hold a new, empty replica ([`crate::peer_wire::PeerRequest::HoldMetaReplica`]). The
     /// retirement is written to the data directory first, so that a restart does not form
     /// the meta group again from the `[bootstrap]` section. A leader is not dropped.
-    async fn retire_meta_replica(&self) -> Response {
+    async fn retire_meta_replica(&self, dead: BTreeSet<NodeId>) -> Response {
         let path = self.inner.config.data_dir.join(META_RETIRED_FILE);
         if let Err(e) = write_durably(&path) {
             return Response::Unavailable(format!("cannot write {}: {e}", path.display()));
         }
-        let not_leading = |i: &GroupInfo| i.role != Role::Leader;
-        match self.inner.host.destroy_group_if(META_GROUP, true, Box::new(not_leading)).await {
+        let old = move |i: &GroupInfo| i.role != Role::Leader && held_before_the_loss(i, &dead);
+        match self.inner.host.destroy_group_if(META_GROUP, true, Box::new(old)).await {
             Ok(()) | Err(HostError::UnknownGroup(_)) => {
                 self.forget_stored();
                 warn!(node = self.inner.id.0, "unsafe recovery: meta replica retired; following the meta leader");
                 Response::Admin(AdminResponse::Done("replica of the meta group dropped".into()))
             }
-            Err(HostError::Kept(_)) => {
-                Response::Invalid("this node's meta replica leads its group: not dropped".into())
+            Err(e) => {
+                // Kept: the marker must not outlive the replica it was written for.
+                self.clear_meta_retired();
+                match e {
+                    HostError::Kept(_) => Response::Invalid(NOT_DROPPED.into()),
+                    e => Response::Unavailable(e.to_string()),
+                }
             }
-            Err(e) => Response::Unavailable(e.to_string()),
+        }
+    }
+
+    /// Forgets that this node's meta replica was retired: it holds one the group gave it.
+    pub(super) fn clear_meta_retired(&self) {
+        let path = self.inner.config.data_dir.join(META_RETIRED_FILE);
+        if let Err(e) = std::fs::remove_file(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(error = %e, path = %path.display(), "cannot remove the meta retirement marker");
+            }
         }
     }
 
@@ -113,6 +144,16 @@ impl Node {
     pub(super) fn meta_replica_retired(&self) -> bool {
         self.inner.config.data_dir.join(META_RETIRED_FILE).exists()
     }
+}
+
+/// Why a drop was refused.
+const NOT_DROPPED: &str =
+    "the replica does not hold the configuration from before the loss (or leads its group): not dropped";
+
+/// Whether `i` still holds the configuration from before the loss of `dead`: they hold a
+/// majority of either half of its committed configuration (what unsafe recovery forced).
+fn held_before_the_loss(i: &GroupInfo, dead: &BTreeSet<NodeId>) -> bool {
+    !dead.is_empty() && !i.committed_conf.membership.is_quorum(|n| !dead.contains(&n))
 }
 
 /// The file in a node's data directory that says its meta replica was retired.

@@ -16,9 +16,10 @@
 //!    map can be changed at all. Its other survivors' replicas are dropped (their nodes then
 //!    follow the meta leader, which may give them new replicas).
 //!    The forced survivor may lack meta changes that the dead meta leader had committed and
-//!    other nodes had seen; the map change of step 4 is therefore written at a revision above
-//!    every live node's (each node names its own in step 1), so that no node takes its copy
-//!    of the lost history for a state of the new one.
+//!    other nodes had seen; its node therefore writes its first meta change after the force
+//!    at a revision above every live node's (each node names its own in step 1), and the map
+//!    change of step 4 too, so that no node takes its copy of the lost history for a state
+//!    of the new one, nor follows the new one's changes from it.
 //! 4. **The map**: the dead are removed for good (never registered again; every node drops
 //!    their messages), forced shards keep only their survivor, and every shard that lost a
 //!    replica gets voters on live nodes ([`AdminRequest::RemoveDeadNodes`]). The reconcilers
@@ -47,6 +48,10 @@ use std::time::{Duration, Instant};
 /// Most replica states gathered from all nodes (pages of [`REPLICA_STATES_PAGE_MAX`]): a bound
 /// on the tool's memory far above any cluster this node handles.
 pub const REPLICA_STATES_MAX: usize = 10_000_000;
+
+/// The highest meta revision a node may report: one change a microsecond for a century is
+/// below it, and a revision near `u64::MAX` would leave no room for the changes after it.
+pub const REVISION_FLOOR_MAX: u64 = 1 << 62;
 
 /// How long a node named dead is given to answer before it is taken as gone.
 pub const DEAD_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -140,6 +145,9 @@ pub async fn recover(
         states.extend(got);
         revision_floor = revision_floor.max(view_revision);
     }
+    if revision_floor > REVISION_FLOOR_MAX {
+        return Err(RecoveryError::Invalid(format!("a node reported meta revision {revision_floor}: not believable")));
+    }
     // 2. Decide.
     let shards: Vec<ShardId> = view.map.shards().map(|d| d.id).collect();
     let plan = decide(dead, &states, &shards);
@@ -148,9 +156,9 @@ pub async fn recover(
     // 3. The meta group first.
     let (meta, data): (Vec<Forced>, Vec<Forced>) = plan.forced.into_iter().partition(|f| f.shard == META_GROUP);
     for f in meta {
-        let index = force(client, dead, &f).await?;
+        let index = force(client, dead, &f, revision_floor).await?;
         progress(format!("meta group forced onto node {} (kept index {})", f.survivor, f.kept.index));
-        drop_others(client, &f).await?;
+        drop_others(client, dead, &f).await?;
         report.forced.push(ForcedShard { decision: f, range: None, forced_index: index });
     }
     // 4. The map, written above every revision a live node saw: those of the lost meta
@@ -164,8 +172,8 @@ pub async fn recover(
     progress(format!("map: dead nodes removed for good, {} shards get new replicas", report.changed.len()));
     // 5. Force, 6. drop the other survivors.
     for f in data {
-        let index = force(client, dead, &f).await?;
-        drop_others(client, &f).await?;
+        let index = force(client, dead, &f, 0).await?;
+        drop_others(client, dead, &f).await?;
         progress(format!("shard {} forced onto node {} (kept index {})", f.shard, f.survivor, f.kept.index));
         let range = view.map.get(f.shard).map(|d| (d.start.clone(), d.end.clone()));
         report.forced.push(ForcedShard { decision: f, range, forced_index: index });
@@ -175,9 +183,9 @@ pub async fn recover(
 
 /// Drops the replicas of `f`'s group on its other survivors: their logs may contradict the
 /// kept one, and the map (or, for the meta group, its leader) gives their nodes new replicas.
-async fn drop_others(client: &Client, f: &Forced) -> Result<(), RecoveryError> {
+async fn drop_others(client: &Client, dead: &BTreeSet<NodeId>, f: &Forced) -> Result<(), RecoveryError> {
     for (other, _) in &f.others {
-        let req = AdminRequest::DropReplica { shard: f.shard };
+        let req = AdminRequest::DropReplica { shard: f.shard, dead: dead.iter().copied().collect() };
         client.admin_on(*other, req).await.map_err(step(format!("dropping shard {} on node {other}", f.shard)))?;
     }
     Ok(())
@@ -212,13 +220,19 @@ async fn replica_states(client: &Client, node: NodeId) -> Result<(Vec<ReplicaSta
 }
 
 /// Forces `f`'s group onto its survivor; the forced configuration's index.
-async fn force(client: &Client, dead: &BTreeSet<NodeId>, f: &Forced) -> Result<u64, RecoveryError> {
+async fn force(
+    client: &Client,
+    dead: &BTreeSet<NodeId>,
+    f: &Forced,
+    revision_floor: u64,
+) -> Result<u64, RecoveryError> {
     let what = format!("forcing shard {} onto node {}", f.shard, f.survivor);
     let req = AdminRequest::ForceAlone {
         shard: f.shard,
         dead: dead.iter().copied().collect(),
         last_term: f.kept.term,
         last_index: f.kept.index,
+        revision_floor,
     };
     match client.admin_on(f.survivor, req).await.map_err(step(what))? {
         AdminResponse::Forced { index, .. } => Ok(index),
