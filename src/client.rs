@@ -693,6 +693,16 @@ impl Client {
         matches!(tokio::time::timeout(timeout, self.call(node, &req, timeout)).await, Ok(Ok(_)))
     }
 
+    /// Learns `node`'s address (kept if one is known already): for a tool that hears of nodes
+    /// from other nodes' answers rather than from the map ([`crate::unsafe_recovery`]). An
+    /// address that does not parse is ignored (it is only a hint).
+    pub fn learn_address(&self, node: NodeId, addr: &str) {
+        let Ok(addr) = addr.parse() else { return };
+        if let Ok(mut a) = self.addrs.lock() {
+            a.entry(node).or_insert(addr);
+        }
+    }
+
     /// The nodes whose address this client knows (given, or learned from a cluster view).
     pub fn known_nodes(&self) -> Vec<NodeId> {
         let mut v: Vec<NodeId> = self.addrs.lock().map(|a| a.keys().copied().collect()).unwrap_or_default();

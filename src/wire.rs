@@ -423,6 +423,10 @@ pub enum AdminResponse {
         next: Option<ShardId>,
         /// The revision of the answering node's copy of the meta state.
         view_revision: u64,
+        /// The nodes that copy registers and their addresses: unsafe recovery asks each of
+        /// them too (a node registered in changes the forced meta group lost is known only
+        /// to nodes that saw them).
+        nodes: Vec<(NodeId, String)>,
     },
     /// `ForceAlone`: the index of the forced configuration's entry (the replica kept
     /// everything before it).

@@ -5,7 +5,7 @@
 
 use super::Node;
 use crate::meta::META_GROUP;
-use crate::placement::NodeId;
+use crate::placement::{NodeId, ShardId};
 use crate::raft::{LogId, Role};
 use crate::shard::{GroupInfo, HostError};
 use crate::unsafe_recovery::REVISION_FLOOR_MAX;
@@ -54,8 +54,10 @@ impl Node {
                     })
                     .collect();
                 let next = page.next().map(|i| i.group);
-                let view_revision = self.meta_revision();
-                Response::Admin(AdminResponse::ReplicaStates { replicas, next, view_revision })
+                let (view_revision, view) = (self.meta_revision(), self.meta_view());
+                let registered = view.nodes.iter().filter(|(n, _)| !view.removed.contains(n));
+                let nodes = registered.map(|(n, i)| (*n, i.addr.clone())).collect();
+                Response::Admin(AdminResponse::ReplicaStates { replicas, next, view_revision, nodes })
             }
             AdminRequest::ForceAlone { shard, dead, last_term, last_index, revision_floor } => {
                 if revision_floor > REVISION_FLOOR_MAX {
@@ -91,7 +93,7 @@ impl Node {
                         warn!(node = self.inner.id.0, shard = shard.0, "unsafe recovery: replica dropped");
                         Response::Admin(AdminResponse::Done(format!("replica of shard {shard} dropped")))
                     }
-                    Err(HostError::Kept(_)) => Response::Invalid(NOT_DROPPED.into()),
+                    Err(HostError::Kept(_)) => self.kept_answer(shard).await,
                     Err(e) => failed(e),
                 }
             }
@@ -122,10 +124,25 @@ impl Node {
                 // Kept: the marker must not outlive the replica it was written for.
                 self.clear_meta_retired();
                 match e {
-                    HostError::Kept(_) => Response::Invalid(NOT_DROPPED.into()),
+                    HostError::Kept(_) => self.kept_answer(META_GROUP).await,
                     e => Response::Unavailable(e.to_string()),
                 }
             }
+        }
+    }
+
+    /// The answer to a drop the guard refused: a replica that leads is an error (the tool
+    /// asked the wrong node); one that holds a configuration given since the loss already
+    /// follows the forced group (its leader made it a learner, and Raft reconciled its log
+    /// with the kept one), which is what the drop was for.
+    async fn kept_answer(&self, shard: ShardId) -> Response {
+        match self.inner.host.group_info_of(shard).await {
+            Ok(i) if i.role == Role::Leader => {
+                Response::Invalid(format!("this node's replica of shard {shard} leads its group: not dropped"))
+            }
+            _ => Response::Admin(AdminResponse::Done(format!(
+                "replica of shard {shard} kept: it holds a configuration given since the loss"
+            ))),
         }
     }
 
@@ -145,10 +162,6 @@ impl Node {
         self.inner.config.data_dir.join(META_RETIRED_FILE).exists()
     }
 }
-
-/// Why a drop was refused.
-const NOT_DROPPED: &str =
-    "the replica does not hold the configuration from before the loss (or leads its group): not dropped";
 
 /// Whether `i` still holds the configuration from before the loss of `dead`: they hold a
 /// majority of either half of its committed configuration (what unsafe recovery forced).

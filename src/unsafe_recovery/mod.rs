@@ -8,7 +8,8 @@
 //! The steps, each served by ordinary admin requests:
 //! 0. **The dead must be gone**: a node named dead that answers a short request stops the
 //!    tool before anything changes ([`RecoveryError::DeadAnswers`]).
-//! 1. **Ask the survivors, not the map**: every live node reports its replicas' Raft state
+//! 1. **Ask the survivors, not the map**: every live node (those the client knows, and those
+//!    any node asked names in turn) reports its replicas' Raft state
 //!    (configuration, last log position, commit index) from its own state
 //!    ([`AdminRequest::ReplicaStates`]); the map may be what was lost.
 //! 2. **Decide** per group ([`decide::decide`], pure).
@@ -136,14 +137,27 @@ pub async fn recover(
             return Err(RecoveryError::DeadAnswers(*node));
         }
     }
-    // 1. Ask the survivors.
+    // 1. Ask the survivors, and every node any of them knows of: a node registered by meta
+    // changes the forced meta group may lose is known only to the nodes that saw them, and
+    // its copy's revision counts as theirs.
     let mut states = Vec::new();
     let mut revision_floor = 0;
-    for node in &live {
-        let (got, view_revision) = replica_states(client, *node).await?;
+    let mut asked = BTreeSet::new();
+    let mut to_ask: Vec<NodeId> = live.iter().rev().copied().collect();
+    while let Some(node) = to_ask.pop() {
+        if !asked.insert(node) {
+            continue;
+        }
+        let (got, view_revision, nodes) = replica_states(client, node).await?;
         progress(format!("node {node}: {} replicas, meta revision {view_revision}", got.len()));
         states.extend(got);
         revision_floor = revision_floor.max(view_revision);
+        for (other, addr) in nodes {
+            if !dead.contains(&other) && !asked.contains(&other) {
+                client.learn_address(other, &addr);
+                to_ask.push(other);
+            }
+        }
     }
     if revision_floor > REVISION_FLOOR_MAX {
         return Err(RecoveryError::Invalid(format!("a node reported meta revision {revision_floor}: not believable")));
@@ -191,16 +205,20 @@ async fn drop_others(client: &Client, dead: &BTreeSet<NodeId>, f: &Forced) -> Re
     Ok(())
 }
 
-/// Every replica state of `node`, page by page, and the highest revision of its meta state
-/// copy the pages named.
-async fn replica_states(client: &Client, node: NodeId) -> Result<(Vec<ReplicaState>, u64), RecoveryError> {
+/// Every replica state of `node`, page by page, the highest revision of its meta state copy
+/// the pages named, and the nodes (with addresses) the first page said that copy registers.
+async fn replica_states(
+    client: &Client,
+    node: NodeId,
+) -> Result<(Vec<ReplicaState>, u64, Vec<(NodeId, String)>), RecoveryError> {
     let mut out = Vec::new();
     let mut from = ShardId(0);
     let mut revision = 0;
+    let mut known = Vec::new();
     loop {
         let req = AdminRequest::ReplicaStates { from, limit: REPLICA_STATES_PAGE_MAX };
         let answer = client.admin_on(node, req).await.map_err(|e| RecoveryError::Unreachable(node, e.to_string()))?;
-        let AdminResponse::ReplicaStates { replicas, next, view_revision } = answer else {
+        let AdminResponse::ReplicaStates { replicas, next, view_revision, nodes } = answer else {
             return Err(RecoveryError::Invalid(format!("node {node} answered the replica states with {answer:?}")));
         };
         if replicas.iter().any(|r| r.node != node) {
@@ -208,13 +226,16 @@ async fn replica_states(client: &Client, node: NodeId) -> Result<(Vec<ReplicaSta
         }
         out.extend(replicas);
         revision = revision.max(view_revision);
+        if known.is_empty() {
+            known = nodes;
+        }
         if out.len() > REPLICA_STATES_MAX {
             return Err(RecoveryError::Invalid(format!("more than {REPLICA_STATES_MAX} replicas reported")));
         }
         match next {
             // Pages only move forward: a node answering otherwise would loop us.
             Some(n) if n > from => from = n,
-            _ => return Ok((out, revision)),
+            _ => return Ok((out, revision, known)),
         }
     }
 }
