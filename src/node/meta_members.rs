@@ -1,6 +1,7 @@
-//! The meta group's own replicas. Its voters are fixed at bootstrap, and an unsafe recovery
-//! leaves it on one voter: until something brings it back, losing that node loses the
-//! placement metadata again. So the meta leader, one configuration change at a time:
+//! The meta group's own replicas. Its voters are set at bootstrap, an unsafe recovery leaves
+//! it on one voter (until something brings it back, losing that node loses the placement
+//! metadata again), and a draining node must be able to leave it. So the meta leader, one
+//! configuration change at a time:
 //!
 //! 1. drops learners on nodes removed for good;
 //! 2. drops voters on nodes removed for good (they can never vote again; the transport refuses
@@ -9,11 +10,17 @@
 //!    hold one, than one), adds learners on nodes that may hold a replica (registered with an
 //!    address, not removed, not draining) until voters and learners make the target;
 //! 4. once every learner has caught up, makes them voters in one change (joint consensus), so
-//!    the group never passes through an even number of voters.
+//!    the group never passes through an even number of voters;
+//! 5. with a voter on a draining node and another node that may hold one, adds a learner
+//!    there and, once it caught up, replaces the draining voter by it in one change (the
+//!    number of voters stays as it was); the leader's own node is drained by handing the
+//!    leadership to another voter first. The replica left out learns it was removed (its
+//!    committed configuration, or a member's removal notice) and its node deletes it and
+//!    follows the meta leader from then on ([`meta_replica_removed`]).
 //!
-//! It only grows the group or drops dead voters: a group bootstrapped with more voters keeps
-//! them, and a draining node stays a voter (retiring a meta voter is not automatic). A learner
-//! whose node is down stays a learner until it returns.
+//! Otherwise the group keeps its voters: a group bootstrapped with more voters keeps them,
+//! and a draining voter stays while no other node may hold one. A learner whose node is down
+//! stays a learner until it returns.
 //!
 //! The learner's node creates its replica, empty, only when asked by the meta leader after
 //! that learner's configuration committed ([`PeerRequest::HoldMetaReplica`]): the replica
@@ -42,8 +49,16 @@ const CAUGHT_UP_SLACK_ENTRIES: u64 = 8;
 pub(crate) enum MetaMembersStep {
     /// Nothing to change.
     Keep,
-    /// Ask the learners' nodes to hold their replicas; promote them all once all caught up.
-    CatchUp(BTreeSet<NodeId>),
+    /// Ask the learners' nodes to hold their replicas; once all caught up, change the voters
+    /// to `voters` (the learners promoted, draining voters they replace left out).
+    CatchUp {
+        /// The learners.
+        learners: BTreeSet<NodeId>,
+        /// The voters after.
+        voters: BTreeSet<NodeId>,
+    },
+    /// Hand the leadership to this voter (this node's own is draining).
+    TransferLeader(NodeId),
     /// Remove the learner.
     DropLearner(NodeId),
     /// Change the voters to this set.
@@ -53,13 +68,15 @@ pub(crate) enum MetaMembersStep {
 }
 
 /// The next step for a meta group whose committed configuration has `voters` and `learners`,
-/// where `may_hold` are the nodes that may hold a new replica (registered with an address, not
-/// removed, not draining) and `removed` the nodes removed for good. A pure function of the
-/// committed configuration and the map.
+/// led by `leader`, where `may_hold` are the nodes that may hold a new replica (registered with
+/// an address, not removed, not draining), `draining` the draining nodes and `removed` the
+/// nodes removed for good. A pure function of the committed configuration and the map.
 pub(crate) fn next_step(
+    leader: NodeId,
     voters: &BTreeSet<NodeId>,
     learners: &BTreeSet<NodeId>,
     may_hold: &BTreeSet<NodeId>,
+    draining: &BTreeSet<NodeId>,
     removed: &BTreeSet<NodeId>,
 ) -> MetaMembersStep {
     if let Some(l) = learners.iter().find(|l| removed.contains(l)) {
@@ -73,18 +90,51 @@ pub(crate) fn next_step(
     // make the group need both.
     let nodes: BTreeSet<NodeId> = alive.union(may_hold).copied().collect();
     let target = if nodes.len() >= META_VOTERS_TARGET { META_VOTERS_TARGET } else { 1 };
-    if alive.len() >= target {
-        return if learners.is_empty() { MetaMembersStep::Keep } else { MetaMembersStep::CatchUp(learners.clone()) };
-    }
-    if alive.len() + learners.len() < target {
-        if let Some(n) = may_hold.iter().find(|n| !voters.contains(n) && !learners.contains(n)) {
-            return MetaMembersStep::AddLearner(*n);
+    let promote_all =
+        || MetaMembersStep::CatchUp { learners: learners.clone(), voters: voters.union(learners).copied().collect() };
+    if alive.len() < target {
+        if alive.len() + learners.len() < target {
+            if let Some(n) = may_hold.iter().find(|n| !voters.contains(n) && !learners.contains(n)) {
+                return MetaMembersStep::AddLearner(*n);
+            }
         }
+        return if learners.is_empty() { MetaMembersStep::Keep } else { promote_all() };
     }
-    if learners.is_empty() {
-        MetaMembersStep::Keep
-    } else {
-        MetaMembersStep::CatchUp(learners.clone())
+    // Enough voters. Draining ones are replaced, one for one, by learners on nodes that may
+    // hold a replica.
+    let drained: Vec<NodeId> = voters.iter().copied().filter(|v| draining.contains(v)).collect();
+    let fresh: BTreeSet<NodeId> = learners.iter().copied().filter(|l| may_hold.contains(l)).collect();
+    if drained.is_empty() || (fresh.is_empty() && !may_hold.iter().any(|n| !voters.contains(n))) {
+        return if learners.is_empty() { MetaMembersStep::Keep } else { promote_all() };
+    }
+    if drained.contains(&leader) {
+        // The leader cannot take itself out in the same step: another voter leads first.
+        return match voters.iter().find(|v| !draining.contains(v)) {
+            Some(v) => MetaMembersStep::TransferLeader(*v),
+            None => MetaMembersStep::Keep,
+        };
+    }
+    if fresh.is_empty() {
+        let n = may_hold.iter().find(|n| !voters.contains(n) && !learners.contains(n));
+        return n.map_or(MetaMembersStep::Keep, |n| MetaMembersStep::AddLearner(*n));
+    }
+    let promoted: BTreeSet<NodeId> = fresh.iter().copied().take(drained.len()).collect();
+    let mut after: BTreeSet<NodeId> = voters.union(&promoted).copied().collect();
+    for d in drained.iter().take(promoted.len()) {
+        after.remove(d);
+    }
+    MetaMembersStep::CatchUp { learners: promoted, voters: after }
+}
+
+/// Whether this node's replica of the meta group was removed from it: its committed
+/// configuration leaves this node out (and nothing newer is in its log), or a member said a
+/// configuration newer than anything in its log does. A replica never given a configuration
+/// (created empty, waiting for its leader) is not removed.
+pub(crate) fn meta_replica_removed(local: &crate::placement::LocalReplica) -> bool {
+    match local.committed {
+        None => false,
+        Some((at, false)) if local.newest_conf <= at => true,
+        Some(_) => matches!(local.removed_at, Some(at) if local.newest_conf < at),
     }
 }
 
@@ -109,6 +159,10 @@ impl Node {
             return Ok(());
         }
         let info = host.group_info_of(META_GROUP).await.map_err(|e| e.to_string())?;
+        if info.role != Role::Leader && meta_replica_removed(&super::reconcile::local_replica_of(&info, self.inner.id))
+        {
+            return self.retire_removed_meta_replica().await;
+        }
         // One change at a time, from a committed configuration that is not joint.
         let conf = &info.committed_conf.membership;
         if info.role != Role::Leader || info.newest_conf > info.committed_conf.log_id.index || conf.is_joint() {
@@ -116,15 +170,17 @@ impl Node {
         }
         let (voters, learners) = (conf.voters.clone(), conf.learners.clone());
         let state = self.meta_view();
-        let may_hold: BTreeSet<NodeId> = state
-            .nodes
-            .values()
-            .filter(|n| !n.draining && !n.addr.is_empty() && !state.removed.contains(&n.id))
-            .map(|n| n.id)
-            .collect();
-        match next_step(&voters, &learners, &may_hold, &state.removed) {
+        let registered = || state.nodes.values().filter(|n| !state.removed.contains(&n.id));
+        let may_hold: BTreeSet<NodeId> =
+            registered().filter(|n| !n.draining && !n.addr.is_empty()).map(|n| n.id).collect();
+        let draining: BTreeSet<NodeId> = registered().filter(|n| n.draining).map(|n| n.id).collect();
+        match next_step(self.inner.id, &voters, &learners, &may_hold, &draining, &state.removed) {
             MetaMembersStep::Keep => {}
-            MetaMembersStep::CatchUp(ls) => {
+            MetaMembersStep::TransferLeader(to) => {
+                info!(node = %to, "meta group: this node drains, handing the leadership over");
+                host.transfer_leader(META_GROUP, to).await.map_err(|e| e.to_string())?;
+            }
+            MetaMembersStep::CatchUp { learners: ls, voters: promoted } => {
                 let mut behind = Vec::new();
                 for l in &ls {
                     match self.ask_hold_meta_replica(*l).await {
@@ -141,7 +197,6 @@ impl Node {
                 if now.role != Role::Leader || now.committed_conf.log_id != info.committed_conf.log_id {
                     return Ok(());
                 }
-                let promoted: BTreeSet<NodeId> = voters.union(&ls).copied().collect();
                 info!(?voters, ?promoted, "meta group: learners caught up, promoting them");
                 host.change_membership(META_GROUP, promoted).await.map_err(|e| e.to_string())?;
             }
@@ -161,6 +216,19 @@ impl Node {
                     debug!(node = %n, error = %e, "meta group: new learner did not answer yet");
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Deletes this node's replica of the meta group, which the group removed (see
+    /// [`meta_replica_removed`], judged again when its poller stops it).
+    async fn retire_removed_meta_replica(&self) -> Result<(), String> {
+        let me = self.inner.id;
+        let still = move |i: &crate::shard::GroupInfo| {
+            i.role != Role::Leader && meta_replica_removed(&super::reconcile::local_replica_of(i, me))
+        };
+        if self.retire_meta_replica_if(Box::new(still)).await? {
+            info!(node = me.0, "meta group: this node's replica was removed from the group; following the meta leader");
         }
         Ok(())
     }
@@ -205,41 +273,85 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::placement::{LocalReplica, LogIndex as PLogIndex};
 
     fn set(ids: &[u64]) -> BTreeSet<NodeId> {
         ids.iter().map(|i| NodeId(*i)).collect()
     }
 
+    /// [`next_step`] led by node 1 with nothing draining.
+    fn step(voters: &[u64], learners: &[u64], may: &[u64], removed: &[u64]) -> MetaMembersStep {
+        next_step(NodeId(1), &set(voters), &set(learners), &set(may), &set(&[]), &set(removed))
+    }
+
+    fn catch_up(learners: &[u64], voters: &[u64]) -> MetaMembersStep {
+        MetaMembersStep::CatchUp { learners: set(learners), voters: set(voters) }
+    }
+
     #[test]
     fn a_meta_group_forced_onto_one_voter_grows_to_three_through_learners_promoted_together() {
-        let none = set(&[]);
-        let may = set(&[1, 4, 5]);
-        let removed = set(&[2, 3]);
-        assert_eq!(next_step(&set(&[1]), &none, &may, &removed), MetaMembersStep::AddLearner(NodeId(4)));
-        assert_eq!(next_step(&set(&[1]), &set(&[4]), &may, &removed), MetaMembersStep::AddLearner(NodeId(5)));
-        assert_eq!(next_step(&set(&[1]), &set(&[4, 5]), &may, &removed), MetaMembersStep::CatchUp(set(&[4, 5])));
-        assert_eq!(next_step(&set(&[1, 4, 5]), &none, &may, &removed), MetaMembersStep::Keep);
+        let (may, removed) = (&[1, 4, 5], &[2, 3]);
+        assert_eq!(step(&[1], &[], may, removed), MetaMembersStep::AddLearner(NodeId(4)));
+        assert_eq!(step(&[1], &[4], may, removed), MetaMembersStep::AddLearner(NodeId(5)));
+        assert_eq!(step(&[1], &[4, 5], may, removed), catch_up(&[4, 5], &[1, 4, 5]));
+        assert_eq!(step(&[1, 4, 5], &[], may, removed), MetaMembersStep::Keep);
         // Removed nodes' voters leave first (they can never vote again), and their learners.
-        assert_eq!(next_step(&set(&[1, 2, 3]), &none, &may, &removed), MetaMembersStep::Voters(set(&[1])));
-        assert_eq!(next_step(&set(&[1]), &set(&[2]), &may, &removed), MetaMembersStep::DropLearner(NodeId(2)));
+        assert_eq!(step(&[1, 2, 3], &[], may, removed), MetaMembersStep::Voters(set(&[1])));
+        assert_eq!(step(&[1], &[2], may, removed), MetaMembersStep::DropLearner(NodeId(2)));
     }
 
     #[test]
     fn the_group_only_grows_and_never_to_an_even_number() {
-        let none = set(&[]);
         // Bootstrapped with three or five voters: kept, whatever the map says of their nodes
-        // (a voter's address is empty until its first report; a draining voter stays).
-        assert_eq!(next_step(&set(&[1, 2, 3]), &none, &set(&[4]), &none), MetaMembersStep::Keep);
-        assert_eq!(next_step(&set(&[1, 2, 3, 4, 5]), &none, &set(&[1]), &none), MetaMembersStep::Keep);
+        // (a voter's address is empty until its first report).
+        assert_eq!(step(&[1, 2, 3], &[], &[4], &[]), MetaMembersStep::Keep);
+        assert_eq!(step(&[1, 2, 3, 4, 5], &[], &[1], &[]), MetaMembersStep::Keep);
         // Two nodes that may hold one: no second voter.
-        assert_eq!(next_step(&set(&[1]), &none, &set(&[1, 2]), &none), MetaMembersStep::Keep);
+        assert_eq!(step(&[1], &[], &[1, 2], &[]), MetaMembersStep::Keep);
         // One voter and three nodes: grows.
-        assert_eq!(next_step(&set(&[1]), &none, &set(&[1, 2, 3]), &none), MetaMembersStep::AddLearner(NodeId(2)));
+        assert_eq!(step(&[1], &[], &[1, 2, 3], &[]), MetaMembersStep::AddLearner(NodeId(2)));
         // A learner left over beside enough voters is caught up and promoted, not dropped (its
         // node may hold a replica already).
-        assert_eq!(
-            next_step(&set(&[1, 2, 3]), &set(&[4]), &set(&[1, 2, 3, 4]), &none),
-            MetaMembersStep::CatchUp(set(&[4]))
-        );
+        assert_eq!(step(&[1, 2, 3], &[4], &[1, 2, 3, 4], &[]), catch_up(&[4], &[1, 2, 3, 4]));
+    }
+
+    #[test]
+    fn a_draining_voter_is_replaced_one_for_one_by_a_caught_up_learner() {
+        let (voters, none) = (set(&[1, 2, 3]), set(&[]));
+        let draining = set(&[3]);
+        let may = set(&[1, 2, 4]);
+        let next = |leader: u64, learners: &BTreeSet<NodeId>| {
+            next_step(NodeId(leader), &voters, learners, &may, &draining, &none)
+        };
+        assert_eq!(next(1, &none), MetaMembersStep::AddLearner(NodeId(4)));
+        assert_eq!(next(1, &set(&[4])), catch_up(&[4], &[1, 2, 4]), "three voters before and after");
+        // The leader's own node drains: another voter leads first.
+        assert_eq!(next(3, &none), MetaMembersStep::TransferLeader(NodeId(1)));
+        // No other node may hold one: the draining voter stays.
+        let only = set(&[1, 2]);
+        assert_eq!(next_step(NodeId(1), &voters, &none, &only, &draining, &none), MetaMembersStep::Keep);
+        // Every voter draining and nowhere to go: kept, and the leader is not handed around.
+        let all = set(&[1, 2, 3]);
+        assert_eq!(next_step(NodeId(1), &voters, &none, &may, &all, &none), MetaMembersStep::Keep);
+        // Two draining, one learner: one swap now, the next one later.
+        let two = set(&[2, 3]);
+        let may = set(&[1, 4, 5]);
+        assert_eq!(next_step(NodeId(1), &voters, &set(&[4]), &may, &two, &none), catch_up(&[4], &[1, 3, 4]));
+    }
+
+    #[test]
+    fn a_replica_is_taken_as_removed_only_by_its_committed_configuration_or_a_newer_notice() {
+        let local = |committed: Option<(u64, bool)>, newest: u64, removed_at: Option<u64>| LocalReplica {
+            committed: committed.map(|(at, member)| (PLogIndex(at), member)),
+            newest_conf: PLogIndex(newest),
+            removed_at: removed_at.map(PLogIndex),
+        };
+        assert!(!meta_replica_removed(&local(None, 0, None)), "created empty, waiting for its leader");
+        assert!(!meta_replica_removed(&local(Some((5, true)), 5, None)));
+        assert!(meta_replica_removed(&local(Some((7, false)), 7, None)), "its committed configuration leaves it out");
+        assert!(!meta_replica_removed(&local(Some((7, false)), 9, None)), "a newer configuration may add it back");
+        assert!(meta_replica_removed(&local(Some((5, true)), 5, Some(8))), "a member names a newer configuration");
+        assert!(!meta_replica_removed(&local(Some((9, true)), 9, Some(8))), "added back since the notice");
+        assert!(!meta_replica_removed(&local(None, 0, Some(8))), "an empty replica waits for its leader");
     }
 }

@@ -458,7 +458,7 @@ fn reconfigs_wanted(me: NodeId, i: &GroupInfo, host_range: Option<&KeyRange>, st
 }
 
 /// What a local replica knows of its own group, for [`replica_fate`].
-fn local_replica_of(i: &GroupInfo, me: NodeId) -> LocalReplica {
+pub(super) fn local_replica_of(i: &GroupInfo, me: NodeId) -> LocalReplica {
     let m = &i.committed_conf.membership;
     let committed = (!m.nodes().is_empty()).then(|| (PLogIndex(i.committed_conf.log_id.index.0), m.contains(me)));
     LocalReplica {

@@ -7,7 +7,7 @@ use super::Node;
 use crate::meta::META_GROUP;
 use crate::placement::{NodeId, ShardId};
 use crate::raft::{LogId, Role};
-use crate::shard::{GroupInfo, HostError};
+use crate::shard::{DestroyGuard, GroupInfo, HostError};
 use crate::unsafe_recovery::REVISION_FLOOR_MAX;
 use crate::wire::{AdminRequest, AdminResponse, ReplicaState, Response, REPLICA_STATES_PAGE_MAX};
 use std::collections::BTreeSet;
@@ -109,25 +109,37 @@ impl Node {
     /// retirement is written to the data directory first, so that a restart does not form
     /// the meta group again from the `[bootstrap]` section. A leader is not dropped.
     async fn retire_meta_replica(&self, dead: BTreeSet<NodeId>) -> Response {
-        let path = self.inner.config.data_dir.join(META_RETIRED_FILE);
-        if let Err(e) = write_durably(&path) {
-            return Response::Unavailable(format!("cannot write {}: {e}", path.display()));
-        }
         let old = move |i: &GroupInfo| i.role != Role::Leader && held_before_the_loss(i, &dead);
-        match self.inner.host.destroy_group_if(META_GROUP, true, Box::new(old)).await {
-            Ok(()) | Err(HostError::UnknownGroup(_)) => {
-                self.forget_stored();
+        match self.retire_meta_replica_if(Box::new(old)).await {
+            Ok(true) => {
                 warn!(node = self.inner.id.0, "unsafe recovery: meta replica retired; following the meta leader");
                 Response::Admin(AdminResponse::Done("replica of the meta group dropped".into()))
             }
-            Err(e) => {
-                // Kept: the marker must not outlive the replica it was written for.
-                self.clear_meta_retired();
-                match e {
-                    HostError::Kept(_) => self.kept_answer(META_GROUP).await,
-                    e => Response::Unavailable(e.to_string()),
-                }
-            }
+            Ok(false) => self.kept_answer(META_GROUP).await,
+            Err(e) => Response::Unavailable(e),
+        }
+    }
+
+    /// Deletes this node's meta replica if `still` holds of it when its poller stops it; the
+    /// node then follows the meta leader. The retirement is written to the data directory
+    /// first, so that a restart does not form the meta group again from the `[bootstrap]`
+    /// section, and removed if the replica is kept. `Ok(false)`: kept (`still` did not hold).
+    pub(super) async fn retire_meta_replica_if(&self, still: DestroyGuard) -> Result<bool, String> {
+        let path = self.inner.config.data_dir.join(META_RETIRED_FILE);
+        if let Err(e) = write_durably(&path) {
+            return Err(format!("cannot write {}: {e}", path.display()));
+        }
+        let done = self.inner.host.destroy_group_if(META_GROUP, true, still).await;
+        if let Ok(()) | Err(HostError::UnknownGroup(_)) = done {
+            self.forget_stored();
+            return Ok(true);
+        }
+        // The marker must not outlive the replica it was written for.
+        self.clear_meta_retired();
+        match done {
+            Err(HostError::Kept(_)) => Ok(false),
+            Err(e) => Err(e.to_string()),
+            Ok(()) => Ok(true),
         }
     }
 
