@@ -19,7 +19,14 @@ async fn a_draining_meta_leader_is_replaced_and_its_node_follows_the_new_leader(
     let leader = loop {
         let view = c.node(1).meta_view();
         let registered = view.nodes.len() == 4 && view.nodes.values().all(|n| !n.addr.is_empty());
-        let leader = c.node(1).host().group_info_of(META_GROUP).await.unwrap().leader;
+        // The leader as the leader itself knows it (another node's idea of it may be stale).
+        let mut leader = None;
+        for id in 1..=3 {
+            let info = c.node(id).host().group_info_of(META_GROUP).await.unwrap();
+            if info.role == flotilla::raft::Role::Leader {
+                leader = Some(NodeId(id));
+            }
+        }
         if let (true, Some(l)) = (registered, leader) {
             break l;
         }

@@ -59,6 +59,9 @@ pub(super) struct MetaClient {
     /// unsafe recovery forcing the meta group onto this node, cleared by the first change
     /// written above it.
     revision_floor: AtomicU64,
+    /// Serializes retirements of this node's meta replica (unsafe recovery's drop and the
+    /// removed-replica check), so that one kept never removes the marker of one carried out.
+    pub(super) retire_lock: tokio::sync::Mutex<()>,
 }
 
 impl MetaClient {

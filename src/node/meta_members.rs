@@ -19,8 +19,9 @@
 //!    follows the meta leader from then on ([`meta_replica_removed`]).
 //!
 //! Otherwise the group keeps its voters: a group bootstrapped with more voters keeps them,
-//! and a draining voter stays while no other node may hold one. A learner whose node is down
-//! stays a learner until it returns.
+//! and a draining voter stays while no other live node may hold one; a learner no voter needs
+//! (a drain cancelled mid-swap) leaves. A learner whose node is down stays a learner until it
+//! returns.
 //!
 //! The learner's node creates its replica, empty, only when asked by the meta leader after
 //! that learner's configuration committed ([`PeerRequest::HoldMetaReplica`]): the replica
@@ -69,14 +70,16 @@ pub(crate) enum MetaMembersStep {
 
 /// The next step for a meta group whose committed configuration has `voters` and `learners`,
 /// led by `leader`, where `may_hold` are the nodes that may hold a new replica (registered with
-/// an address, not removed, not draining), `draining` the draining nodes and `removed` the
-/// nodes removed for good. A pure function of the committed configuration and the map.
+/// an address, not removed, not draining), `draining` the draining nodes, `live` the nodes
+/// whose report reached the leader recently and `removed` the nodes removed for good. A pure
+/// function of the committed configuration, the map and the reports.
 pub(crate) fn next_step(
     leader: NodeId,
     voters: &BTreeSet<NodeId>,
     learners: &BTreeSet<NodeId>,
     may_hold: &BTreeSet<NodeId>,
     draining: &BTreeSet<NodeId>,
+    live: &BTreeSet<NodeId>,
     removed: &BTreeSet<NodeId>,
 ) -> MetaMembersStep {
     if let Some(l) = learners.iter().find(|l| removed.contains(l)) {
@@ -100,23 +103,29 @@ pub(crate) fn next_step(
         }
         return if learners.is_empty() { MetaMembersStep::Keep } else { promote_all() };
     }
-    // Enough voters. Draining ones are replaced, one for one, by learners on nodes that may
-    // hold a replica.
+    // Enough voters. Draining ones are replaced, one for one, by learners on live nodes that
+    // may hold a replica.
     let drained: Vec<NodeId> = voters.iter().copied().filter(|v| draining.contains(v)).collect();
     let fresh: BTreeSet<NodeId> = learners.iter().copied().filter(|l| may_hold.contains(l)).collect();
-    if drained.is_empty() || (fresh.is_empty() && !may_hold.iter().any(|n| !voters.contains(n))) {
-        return if learners.is_empty() { MetaMembersStep::Keep } else { promote_all() };
+    let candidate = may_hold.iter().find(|n| live.contains(n) && !voters.contains(n) && !learners.contains(n));
+    if drained.is_empty() || (fresh.is_empty() && candidate.is_none()) {
+        // A learner left over (a drain cancelled mid-swap) would make the voters even: it
+        // leaves, and its node deletes its replica (`meta_replica_removed`).
+        return match learners.iter().next() {
+            Some(l) => MetaMembersStep::DropLearner(*l),
+            None => MetaMembersStep::Keep,
+        };
     }
     if drained.contains(&leader) {
-        // The leader cannot take itself out in the same step: another voter leads first.
-        return match voters.iter().find(|v| !draining.contains(v)) {
+        // The leader cannot take itself out in the same step: another voter leads first, one
+        // that reports (a transfer to a node that is down holds every write back meanwhile).
+        return match voters.iter().find(|v| !draining.contains(v) && live.contains(v)) {
             Some(v) => MetaMembersStep::TransferLeader(*v),
             None => MetaMembersStep::Keep,
         };
     }
     if fresh.is_empty() {
-        let n = may_hold.iter().find(|n| !voters.contains(n) && !learners.contains(n));
-        return n.map_or(MetaMembersStep::Keep, |n| MetaMembersStep::AddLearner(*n));
+        return candidate.map_or(MetaMembersStep::Keep, |n| MetaMembersStep::AddLearner(*n));
     }
     let promoted: BTreeSet<NodeId> = fresh.iter().copied().take(drained.len()).collect();
     let mut after: BTreeSet<NodeId> = voters.union(&promoted).copied().collect();
@@ -134,7 +143,9 @@ pub(crate) fn meta_replica_removed(local: &crate::placement::LocalReplica) -> bo
     match local.committed {
         None => false,
         Some((at, false)) if local.newest_conf <= at => true,
-        Some(_) => matches!(local.removed_at, Some(at) if local.newest_conf < at),
+        // At the notice's index too: the configuration there is committed and leaves this node
+        // out, so the replica's own entry at that index is that one or one to be replaced.
+        Some(_) => matches!(local.removed_at, Some(at) if local.newest_conf <= at),
     }
 }
 
@@ -174,7 +185,17 @@ impl Node {
         let may_hold: BTreeSet<NodeId> =
             registered().filter(|n| !n.draining && !n.addr.is_empty()).map(|n| n.id).collect();
         let draining: BTreeSet<NodeId> = registered().filter(|n| n.draining).map(|n| n.id).collect();
-        match next_step(self.inner.id, &voters, &learners, &may_hold, &draining, &state.removed) {
+        let recent = Duration::from_millis(super::LIVE_REPORT_AGE_MAX_MS);
+        let mut live: BTreeSet<NodeId> = self
+            .inner
+            .meta
+            .report_times()
+            .into_iter()
+            .filter(|(_, at)| at.elapsed() < recent)
+            .map(|(n, _)| n)
+            .collect();
+        live.insert(self.inner.id);
+        match next_step(self.inner.id, &voters, &learners, &may_hold, &draining, &live, &state.removed) {
             MetaMembersStep::Keep => {}
             MetaMembersStep::TransferLeader(to) => {
                 info!(node = %to, "meta group: this node drains, handing the leadership over");
@@ -201,7 +222,7 @@ impl Node {
                 host.change_membership(META_GROUP, promoted).await.map_err(|e| e.to_string())?;
             }
             MetaMembersStep::DropLearner(l) => {
-                info!(node = %l, "meta group: learner on a node removed for good leaves");
+                info!(node = %l, "meta group: learner leaves (its node was removed, or no voter needs replacing)");
                 host.remove_learner(META_GROUP, l).await.map_err(|e| e.to_string())?;
             }
             MetaMembersStep::Voters(v) => {
@@ -279,9 +300,10 @@ mod tests {
         ids.iter().map(|i| NodeId(*i)).collect()
     }
 
-    /// [`next_step`] led by node 1 with nothing draining.
+    /// [`next_step`] led by node 1 with nothing draining and nodes 1 to 9 reporting.
     fn step(voters: &[u64], learners: &[u64], may: &[u64], removed: &[u64]) -> MetaMembersStep {
-        next_step(NodeId(1), &set(voters), &set(learners), &set(may), &set(&[]), &set(removed))
+        let live = set(&[1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        next_step(NodeId(1), &set(voters), &set(learners), &set(may), &set(&[]), &live, &set(removed))
     }
 
     fn catch_up(learners: &[u64], voters: &[u64]) -> MetaMembersStep {
@@ -310,9 +332,9 @@ mod tests {
         assert_eq!(step(&[1], &[], &[1, 2], &[]), MetaMembersStep::Keep);
         // One voter and three nodes: grows.
         assert_eq!(step(&[1], &[], &[1, 2, 3], &[]), MetaMembersStep::AddLearner(NodeId(2)));
-        // A learner left over beside enough voters is caught up and promoted, not dropped (its
-        // node may hold a replica already).
-        assert_eq!(step(&[1, 2, 3], &[4], &[1, 2, 3, 4], &[]), catch_up(&[4], &[1, 2, 3, 4]));
+        // A learner left over beside enough voters (a drain cancelled mid-swap) leaves: four
+        // voters would need three for a majority.
+        assert_eq!(step(&[1, 2, 3], &[4], &[1, 2, 3, 4], &[]), MetaMembersStep::DropLearner(NodeId(4)));
     }
 
     #[test]
@@ -320,23 +342,32 @@ mod tests {
         let (voters, none) = (set(&[1, 2, 3]), set(&[]));
         let draining = set(&[3]);
         let may = set(&[1, 2, 4]);
+        let live = set(&[1, 2, 3, 4, 5]);
         let next = |leader: u64, learners: &BTreeSet<NodeId>| {
-            next_step(NodeId(leader), &voters, learners, &may, &draining, &none)
+            next_step(NodeId(leader), &voters, learners, &may, &draining, &live, &none)
         };
         assert_eq!(next(1, &none), MetaMembersStep::AddLearner(NodeId(4)));
         assert_eq!(next(1, &set(&[4])), catch_up(&[4], &[1, 2, 4]), "three voters before and after");
         // The leader's own node drains: another voter leads first.
         assert_eq!(next(3, &none), MetaMembersStep::TransferLeader(NodeId(1)));
-        // No other node may hold one: the draining voter stays.
+        // No other node may hold one, or none that reports: the draining voter stays.
         let only = set(&[1, 2]);
-        assert_eq!(next_step(NodeId(1), &voters, &none, &only, &draining, &none), MetaMembersStep::Keep);
+        assert_eq!(next_step(NodeId(1), &voters, &none, &only, &draining, &live, &none), MetaMembersStep::Keep);
+        let quiet = set(&[1, 2, 3]);
+        assert_eq!(next_step(NodeId(1), &voters, &none, &may, &draining, &quiet, &none), MetaMembersStep::Keep);
+        // The leadership goes only to a voter that reports.
+        let one_down = set(&[2, 3, 4]);
+        assert_eq!(
+            next_step(NodeId(3), &voters, &none, &may, &draining, &one_down, &none),
+            MetaMembersStep::TransferLeader(NodeId(2))
+        );
         // Every voter draining and nowhere to go: kept, and the leader is not handed around.
         let all = set(&[1, 2, 3]);
-        assert_eq!(next_step(NodeId(1), &voters, &none, &may, &all, &none), MetaMembersStep::Keep);
+        assert_eq!(next_step(NodeId(1), &voters, &none, &may, &all, &live, &none), MetaMembersStep::Keep);
         // Two draining, one learner: one swap now, the next one later.
         let two = set(&[2, 3]);
         let may = set(&[1, 4, 5]);
-        assert_eq!(next_step(NodeId(1), &voters, &set(&[4]), &may, &two, &none), catch_up(&[4], &[1, 3, 4]));
+        assert_eq!(next_step(NodeId(1), &voters, &set(&[4]), &may, &two, &live, &none), catch_up(&[4], &[1, 3, 4]));
     }
 
     #[test]
@@ -351,6 +382,7 @@ mod tests {
         assert!(meta_replica_removed(&local(Some((7, false)), 7, None)), "its committed configuration leaves it out");
         assert!(!meta_replica_removed(&local(Some((7, false)), 9, None)), "a newer configuration may add it back");
         assert!(meta_replica_removed(&local(Some((5, true)), 5, Some(8))), "a member names a newer configuration");
+        assert!(meta_replica_removed(&local(Some((5, true)), 8, Some(8))), "or the one at its newest index");
         assert!(!meta_replica_removed(&local(Some((9, true)), 9, Some(8))), "added back since the notice");
         assert!(!meta_replica_removed(&local(None, 0, Some(8))), "an empty replica waits for its leader");
     }

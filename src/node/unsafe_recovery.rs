@@ -87,13 +87,14 @@ impl Node {
             }
             AdminRequest::DropReplica { shard, dead } => {
                 let dead: BTreeSet<NodeId> = dead.into_iter().collect();
+                let dead_again = dead.clone();
                 let before_the_loss = move |i: &GroupInfo| held_before_the_loss(i, &dead);
                 match host.destroy_group_if(shard, true, Box::new(before_the_loss)).await {
                     Ok(()) | Err(HostError::UnknownGroup(_)) => {
                         warn!(node = self.inner.id.0, shard = shard.0, "unsafe recovery: replica dropped");
                         Response::Admin(AdminResponse::Done(format!("replica of shard {shard} dropped")))
                     }
-                    Err(HostError::Kept(_)) => self.kept_answer(shard).await,
+                    Err(HostError::Kept(_)) => self.kept_answer(shard, &dead_again).await,
                     Err(e) => failed(e),
                 }
             }
@@ -109,13 +110,14 @@ impl Node {
     /// retirement is written to the data directory first, so that a restart does not form
     /// the meta group again from the `[bootstrap]` section. A leader is not dropped.
     async fn retire_meta_replica(&self, dead: BTreeSet<NodeId>) -> Response {
+        let dead_again = dead.clone();
         let old = move |i: &GroupInfo| i.role != Role::Leader && held_before_the_loss(i, &dead);
         match self.retire_meta_replica_if(Box::new(old)).await {
             Ok(true) => {
                 warn!(node = self.inner.id.0, "unsafe recovery: meta replica retired; following the meta leader");
                 Response::Admin(AdminResponse::Done("replica of the meta group dropped".into()))
             }
-            Ok(false) => self.kept_answer(META_GROUP).await,
+            Ok(false) => self.kept_answer(META_GROUP, &dead_again).await,
             Err(e) => Response::Unavailable(e),
         }
     }
@@ -125,6 +127,7 @@ impl Node {
     /// first, so that a restart does not form the meta group again from the `[bootstrap]`
     /// section, and removed if the replica is kept. `Ok(false)`: kept (`still` did not hold).
     pub(super) async fn retire_meta_replica_if(&self, still: DestroyGuard) -> Result<bool, String> {
+        let _one_at_a_time = self.inner.meta.retire_lock.lock().await;
         let path = self.inner.config.data_dir.join(META_RETIRED_FILE);
         if let Err(e) = write_durably(&path) {
             return Err(format!("cannot write {}: {e}", path.display()));
@@ -147,15 +150,25 @@ impl Node {
     /// asked the wrong node); one that holds a configuration given since the loss already
     /// follows the forced group (its leader made it a learner, and Raft reconciled its log
     /// with the kept one), which is what the drop was for.
-    async fn kept_answer(&self, shard: ShardId) -> Response {
-        match self.inner.host.group_info_of(shard).await {
-            Ok(i) if i.role == Role::Leader => {
-                Response::Invalid(format!("this node's replica of shard {shard} leads its group: not dropped"))
+    async fn kept_answer(&self, shard: ShardId, dead: &BTreeSet<NodeId>) -> Response {
+        let info = match self.inner.host.group_info_of(shard).await {
+            Ok(i) => i,
+            // Deleted since (by the reconciler, say): what the drop asked for.
+            Err(HostError::UnknownGroup(_)) => {
+                return Response::Admin(AdminResponse::Done(format!("replica of shard {shard} dropped")))
             }
-            _ => Response::Admin(AdminResponse::Done(format!(
-                "replica of shard {shard} kept: it holds a configuration given since the loss"
-            ))),
+            Err(e) => return Response::Unavailable(e.to_string()),
+        };
+        let conf = &info.committed_conf.membership;
+        let names_dead = conf.voters.iter().chain(conf.outgoing.iter().flatten()).any(|v| dead.contains(v));
+        if info.role == Role::Leader || names_dead {
+            return Response::Invalid(format!(
+                "this node's replica of shard {shard} leads its group or never lost its quorum: not dropped"
+            ));
         }
+        Response::Admin(AdminResponse::Done(format!(
+            "replica of shard {shard} kept: it holds a configuration given since the loss"
+        )))
     }
 
     /// Forgets that this node's meta replica was retired: it holds one the group gave it.
