@@ -148,6 +148,13 @@ pub enum MetaOp {
     },
     /// Read the state (linearizably) without changing it.
     Read,
+    /// Unsafe recovery, right after forcing the meta group: no change to the state, only its
+    /// revision raised above `floor` (see [`MetaOp::RemoveDeadNodes`]), written to the meta
+    /// group's log at once.
+    RaiseRevision {
+        /// The highest revision a live node's copy had.
+        floor: u64,
+    },
     /// Unsafe recovery's map change ([`MetaCommand::RemoveDeadNodes`]), written at a revision
     /// above `revision_floor`: after the meta group was forced onto a survivor that lacked
     /// changes other nodes had seen, the forced history's revisions start above theirs, so a
@@ -168,6 +175,7 @@ impl MetaOp {
     pub fn revision_floor(&self) -> u64 {
         match self {
             MetaOp::RemoveDeadNodes { revision_floor, .. } => *revision_floor,
+            MetaOp::RaiseRevision { floor } => *floor,
             _ => 0,
         }
     }

@@ -137,6 +137,7 @@ fn changed(outcome: MetaOutcome, acc: &mut Vec<ShardDescriptor>) {
 pub fn run_op(op: &MetaOp, state: &mut MetaState, balancer: &BalancerConfig) -> Result<AdminResponse, String> {
     match op {
         MetaOp::Read => Ok(AdminResponse::Done("read".into())),
+        MetaOp::RaiseRevision { floor } => Ok(AdminResponse::Done(format!("revision raised above {floor}"))),
         MetaOp::Commands(cmds) => {
             let mut acc = Vec::new();
             for c in cmds {

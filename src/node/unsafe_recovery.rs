@@ -5,6 +5,7 @@
 
 use super::Node;
 use crate::meta::META_GROUP;
+use crate::peer_wire::MetaOp;
 use crate::placement::{NodeId, ShardId};
 use crate::raft::{LogId, Role};
 use crate::shard::{DestroyGuard, GroupInfo, HostError};
@@ -77,6 +78,20 @@ impl Node {
                             index = index.0,
                             "unsafe recovery: replica forced alone"
                         );
+                        if shard == META_GROUP && revision_floor > 0 {
+                            // The jump as soon as the forced group leads, in its log: a restart
+                            // or a new meta leader before the recovery's map change cannot lose
+                            // it. Not awaited: this node's own meta ops may hold the meta lock
+                            // for seconds (they waited for a leader), and the tool must get its
+                            // answer (a retried force is refused: the log moved).
+                            let node = self.clone();
+                            tokio::spawn(async move {
+                                let jump = MetaOp::RaiseRevision { floor: revision_floor };
+                                if let Err(e) = node.meta_exec(jump, false).await {
+                                    warn!(error = %e, "unsafe recovery: meta revision not raised yet (the map change raises it)");
+                                }
+                            });
+                        }
                         Response::Admin(AdminResponse::Forced { shard, index: index.0 })
                     }
                     Err(e) => failed(e),
