@@ -75,9 +75,13 @@ impl Engine {
     }
 
     /// A heartbeat from the leader of our term: learn the commit index and answer the round.
-    pub(super) fn on_heartbeat(&mut self, now: Millis, from: NodeId, commit: LogIndex, round: u64) {
-        if commit > self.committed {
-            self.committed = commit.min(self.log.last_index());
+    /// Only if we hold the entry the leader names there: the leader sends what we matched, but
+    /// our disk may have rolled back since (restored from an older copy, or a device that lied
+    /// about a sync) to an entry of an earlier term that was never committed. The next append
+    /// finds where our log and the leader's agree, and carries the commit index from there.
+    pub(super) fn on_heartbeat(&mut self, now: Millis, from: NodeId, commit: LogId, round: u64) {
+        if commit.index > self.committed && self.log.has(commit) {
+            self.committed = commit.index;
             self.after_commit(now);
         }
         self.send(from, MessageBody::HeartbeatResp { round });

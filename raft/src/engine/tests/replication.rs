@@ -553,3 +553,42 @@ fn a_follower_whose_disk_rolled_back_to_entries_of_an_earlier_term_is_caught_up_
     assert_eq!(c.engine(3).last_log_id(), c.engine(2).last_log_id(), "node 3 holds the leader's log");
     assert_eq!(c.engine(2).committed(), last);
 }
+
+#[test]
+fn a_follower_whose_disk_rolled_back_learns_no_commit_index_from_a_heartbeat_for_entries_it_no_longer_matches() {
+    // As above, node 3 acknowledged the new leader's entries and came back with a log of the
+    // same indexes ending in entries of an earlier term that never committed. The leader's
+    // next heartbeat says "committed up to what you matched": node 3 must not take that for
+    // its own entries there and apply them. (The leader names the entry; 3 does not hold it.)
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.propose(1, "a");
+    c.stabilize();
+    let old_term = c.engine(1).term();
+    let mut rolled_back = c.nodes[&n(3)].log.clone();
+    let base = rolled_back.last().map(|e| e.log_id.index).unwrap_or(LogIndex(0));
+    for i in 1..=2 {
+        rolled_back.push(Entry {
+            log_id: LogId { term: old_term, index: LogIndex(base.0 + i) },
+            payload: EntryPayload::Normal(Bytes::from(format!("stale{i}"))),
+        });
+    }
+    c.elect(2);
+    c.propose(2, "b");
+    c.stabilize();
+    assert_eq!(c.engine(3).last_log_id(), c.engine(2).last_log_id());
+    assert_eq!(c.engine(2).committed(), c.engine(2).last_log_id().index, "3 matched all of it, committed");
+    let vote = c.nodes[&n(3)].vote;
+    c.nodes.insert(n(3), TestNode::restarted_with(3, &cfg(), rolled_back, vote));
+    // Heartbeats only, before any append shows the leader that 3 lost its entries.
+    c.advance(20);
+    c.stabilize_with(|m| !matches!(m.body, MessageBody::Append { .. }));
+    assert!(c.engine(3).committed() <= base, "node 3 committed {} past what it holds of the leader's", c.engine(3).committed());
+    assert!(!c.applied_data(3).iter().any(|d| d.starts_with("stale")), "applied: {:?}", c.applied_data(3));
+    // Appends then bring node 3 the leader's log, and the commit index with it.
+    let last = c.propose(2, "c");
+    c.stabilize();
+    c.settle(1);
+    assert_eq!(c.engine(3).last_log_id(), c.engine(2).last_log_id());
+    assert_eq!(c.engine(3).committed(), last);
+    assert_eq!(c.applied_data(3), c.applied_data(2));
+}
