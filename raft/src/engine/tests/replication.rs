@@ -592,3 +592,66 @@ fn a_follower_whose_disk_rolled_back_learns_no_commit_index_from_a_heartbeat_for
     assert_eq!(c.engine(3).committed(), last);
     assert_eq!(c.applied_data(3), c.applied_data(2));
 }
+
+/// {1, 2, 3} led by node 1, with "a" and "b" committed and node 3 knowing it. The tests then
+/// play node 2 leading the next term with a log forked from 3's, another term at the last
+/// indexes (what an unsafe recovery onto a replica that lacked them leads to). Returns the
+/// cluster, the term of 3's committed entries and 3's commit index.
+fn node_3_with_two_entries_committed() -> (Cluster, Term, LogIndex) {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.propose(1, "a");
+    c.propose(1, "b");
+    c.stabilize();
+    c.settle(1);
+    let committed = c.engine(3).committed();
+    assert_eq!(committed, c.engine(1).last_log_id().index, "node 3 knows everything is committed");
+    let term = c.engine(1).term();
+    (c, term, committed)
+}
+
+/// An append of node 2, in the next term, after `prev` with entries of that term at `indexes`.
+fn forked_append(prev: LogId, indexes: std::ops::RangeInclusive<u64>, commit: LogIndex, term: Term) -> Message {
+    let entries = indexes
+        .map(|i| Entry { log_id: LogId { term, index: LogIndex(i) }, payload: EntryPayload::Normal(Bytes::from("forked")) })
+        .collect();
+    Message { from: n(2), to: n(3), term, body: MessageBody::Append { prev, entries, commit } }
+}
+
+/// Delivers `m` to node 3 and checks it stopped, forked at `index` (its entry of `ours`, the
+/// leader's of `theirs`), without acknowledging or touching its log.
+fn assert_node_3_stopped_forked(c: &mut Cluster, m: Message, index: LogIndex, ours: Term) {
+    let theirs = m.term;
+    let (last, committed) = (c.engine(3).last_log_id(), c.engine(3).committed());
+    let now = c.now;
+    c.node(3).engine.handle_message(now, m);
+    let out = c.take_outbox(3);
+    assert!(!out.iter().any(|m| matches!(m.body, MessageBody::AppendResp(_))), "no answer to the append: {out:?}");
+    assert_eq!(c.engine(3).fatal(), Some(&Fatal::Diverged { leader: n(2), index, ours, theirs }));
+    assert_eq!((c.engine(3).last_log_id(), c.engine(3).committed()), (last, committed), "log untouched");
+    assert!(!c.nodes[&n(3)].seen.iter().any(|a| matches!(a, Action::TruncateFrom { .. })));
+    // Stopped for good: it takes no more messages or timers and emits nothing.
+    c.advance(1_000);
+    assert!(c.take_outbox(3).is_empty());
+}
+
+#[test]
+fn a_follower_given_entries_of_another_term_at_its_commit_index_stops_instead_of_acknowledging() {
+    let (mut c, term, committed) = node_3_with_two_entries_committed();
+    let new_term = term.next();
+    // prev matches (below the fork); the entries cover the commit index with the new term.
+    let index = LogIndex(committed.0 - 2);
+    let prev = LogId { term: c.engine(3).term_at(index).expect("held"), index };
+    let m = forked_append(prev, prev.index.0 + 1..=committed.0 + 1, committed, new_term);
+    assert_node_3_stopped_forked(&mut c, m, prev.index.next(), term);
+}
+
+#[test]
+fn a_follower_probed_after_another_term_at_or_below_its_commit_index_stops_instead_of_acknowledging() {
+    for below in [0, 1] {
+        let (mut c, term, committed) = node_3_with_two_entries_committed();
+        // An empty probe after the leader's entry at (or just below) 3's commit index.
+        let prev = LogId { term: term.next(), index: LogIndex(committed.0 - below) };
+        let m = forked_append(prev, 1..=0, committed, term.next());
+        assert_node_3_stopped_forked(&mut c, m, prev.index, term);
+    }
+}
