@@ -137,3 +137,21 @@ fn with_lease_reads_off_a_lease_read_waits_for_a_heartbeat_round() {
     assert!(out.iter().any(|m| matches!(m.body, MessageBody::Heartbeat { .. })), "a round, not the lease");
     assert!(c.nodes[&n(1)].reads.is_empty(), "not answered before a quorum acknowledged the round");
 }
+
+#[test]
+fn a_leader_whose_joint_configuration_leaves_it_the_only_incoming_voter_still_confirms_reads_with_the_outgoing_voters() {
+    // Node 1 leads {1, 2, 3} and proposes {1} alone: the joint configuration is in effect on
+    // node 1 as soon as appended, but nodes 2 and 3, cut off, never got it. They may elect a
+    // leader of their own under {1, 2, 3} and commit writes node 1 never sees, so node 1 may
+    // serve a read only once a majority of the outgoing voters confirmed it still leads: it
+    // is no single voter while joint (reference: Raft thesis §4.3, §6.4).
+    let mut c = Cluster::with_leader(&[1, 2, 3], Config { lease_read: false, ..cfg() });
+    c.cut_off(1);
+    let now = c.now;
+    c.node(1).engine.change_membership(now, voters(&[1])).expect("joint proposed");
+    c.stabilize();
+    assert!(c.engine(1).membership().membership.is_joint());
+    c.node(1).engine.read(now, 7, ReadMode::ReadIndex);
+    c.stabilize();
+    assert!(c.nodes[&n(1)].reads.is_empty(), "served without the outgoing voters: {:?}", c.nodes[&n(1)].reads);
+}

@@ -655,3 +655,29 @@ fn a_follower_probed_after_another_term_at_or_below_its_commit_index_stops_inste
         assert_node_3_stopped_forked(&mut c, m, prev.index, term);
     }
 }
+
+#[test]
+fn entries_a_load_answers_that_the_log_no_longer_holds_are_not_sent() {
+    // The load read the log before a truncation changed it (this node stepped down, followed
+    // another leader and leads again): storage answers entries of an earlier term at the
+    // indexes the follower needs next. Sent, the follower would append them and the leader
+    // count them as matching its own log.
+    let mut c = Cluster::with_leader(&[1, 2, 3], Config { entry_cache_bytes_max: 0, ..cfg() });
+    c.elect(2);
+    c.elect(1);
+    let earlier = Term(c.engine(1).term().0 - 1);
+    let (from, to) = hold_a_load_for_node_3(&mut c);
+    let stale: Vec<Entry> = (from.0..=to.0)
+        .map(|i| Entry { log_id: LogId { term: earlier, index: LogIndex(i) }, payload: EntryPayload::Blank })
+        .collect();
+    let now = c.now;
+    c.node(1).engine.handle_entries_loaded(now, n(3), stale);
+    let out = c.take_outbox(1);
+    let sent = out.iter().filter_map(|m| match &m.body {
+        MessageBody::Append { entries, .. } if m.to == n(3) => Some(entries),
+        _ => None,
+    });
+    for entries in sent {
+        assert!(entries.iter().all(|e| c.engine(1).term_at(e.log_id.index) == Some(e.log_id.term)), "{entries:?}");
+    }
+}
