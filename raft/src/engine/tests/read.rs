@@ -155,3 +155,18 @@ fn a_leader_whose_joint_configuration_leaves_it_the_only_incoming_voter_still_co
     c.stabilize();
     assert!(c.nodes[&n(1)].reads.is_empty(), "served without the outgoing voters: {:?}", c.nodes[&n(1)].reads);
 }
+
+#[test]
+fn the_lease_can_count_on_any_of_the_last_rounds_kept_max_rounds_and_no_older() {
+    // The send times of older rounds are dropped (a bound on memory); a lease on one of them
+    // falls back to a round trip.
+    let mut reads = Reads::new(Millis(0));
+    let rounds = crate::engine::read::ROUNDS_KEPT_MAX as u64 + 1;
+    for i in 1..=rounds {
+        reads.request_round(Millis(i));
+        assert_eq!(reads.start_round(Millis(i)), Some(i));
+    }
+    let now = Millis(rounds);
+    assert!(!reads.round_within(1, now, 1_000), "round 1 is no longer kept");
+    assert!(reads.round_within(2, now, 1_000), "the oldest of the last {} rounds is", crate::engine::read::ROUNDS_KEPT_MAX);
+}

@@ -254,7 +254,7 @@ fn an_earlier_term_entry_on_a_quorum_is_not_committed_by_counting_replicas() {
 
 #[test]
 fn lagging_follower_is_caught_up_from_storage_when_not_cached() {
-    let config = Config { entry_cache_bytes_max: 0, ..cfg() };
+    let config = Config { entry_cache_bytes_max: 0, append_entries_max: 8, ..cfg() };
     let mut c = Cluster::with_leader(&[1, 2, 3], config);
     c.cut.insert((n(1), n(3)));
     for i in 0..30 {
@@ -270,6 +270,12 @@ fn lagging_follower_is_caught_up_from_storage_when_not_cached() {
     }
     assert!(c.nodes[&n(1)].seen.iter().any(|a| matches!(a, Action::LoadEntries { peer, .. } if *peer == n(3))));
     assert_eq!(c.applied_data(3).len(), 30);
+    // Each load reads no more than one append carries.
+    for a in &c.nodes[&n(1)].seen {
+        if let Action::LoadEntries { from, to, .. } = a {
+            assert!(to.0 - from.0 < 8, "loads {from}..={to}");
+        }
+    }
 }
 
 #[test]
