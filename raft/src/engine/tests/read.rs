@@ -139,7 +139,7 @@ fn with_lease_reads_off_a_lease_read_waits_for_a_heartbeat_round() {
 }
 
 #[test]
-fn a_leader_whose_joint_configuration_leaves_it_the_only_incoming_voter_still_confirms_reads_with_the_outgoing_voters() {
+fn a_leader_alone_in_a_joint_configurations_incoming_half_confirms_reads_with_the_outgoing_voters() {
     // Node 1 leads {1, 2, 3} and proposes {1} alone: the joint configuration is in effect on
     // node 1 as soon as appended, but nodes 2 and 3, cut off, never got it. They may elect a
     // leader of their own under {1, 2, 3} and commit writes node 1 never sees, so node 1 may
@@ -168,5 +168,9 @@ fn the_lease_can_count_on_any_of_the_last_rounds_kept_max_rounds_and_no_older() 
     }
     let now = Millis(rounds);
     assert!(!reads.round_within(1, now, 1_000), "round 1 is no longer kept");
-    assert!(reads.round_within(2, now, 1_000), "the oldest of the last {} rounds is", crate::engine::read::ROUNDS_KEPT_MAX);
+    assert!(
+        reads.round_within(2, now, 1_000),
+        "the oldest of the last {} rounds is",
+        crate::engine::read::ROUNDS_KEPT_MAX
+    );
 }

@@ -588,7 +588,11 @@ fn a_follower_whose_disk_rolled_back_learns_no_commit_index_from_a_heartbeat_for
     // Heartbeats only, before any append shows the leader that 3 lost its entries.
     c.advance(20);
     c.stabilize_with(|m| !matches!(m.body, MessageBody::Append { .. }));
-    assert!(c.engine(3).committed() <= base, "node 3 committed {} past what it holds of the leader's", c.engine(3).committed());
+    assert!(
+        c.engine(3).committed() <= base,
+        "node 3 committed {} past what it holds of the leader's",
+        c.engine(3).committed()
+    );
     assert!(!c.applied_data(3).iter().any(|d| d.starts_with("stale")), "applied: {:?}", c.applied_data(3));
     // Appends then bring node 3 the leader's log, and the commit index with it.
     let last = c.propose(2, "c");
@@ -615,10 +619,13 @@ fn node_3_with_two_entries_committed() -> (Cluster, Term, LogIndex) {
     (c, term, committed)
 }
 
-/// An append of node 2, in the next term, after `prev` with entries of that term at `indexes`.
-fn forked_append(prev: LogId, indexes: std::ops::RangeInclusive<u64>, commit: LogIndex, term: Term) -> Message {
-    let entries = indexes
-        .map(|i| Entry { log_id: LogId { term, index: LogIndex(i) }, payload: EntryPayload::Normal(Bytes::from("forked")) })
+/// An append of node 2 in `term`, after `prev`, with entries of that term up to `last`.
+fn forked_append(prev: LogId, last: LogIndex, commit: LogIndex, term: Term) -> Message {
+    let entries = (prev.index.0 + 1..=last.0)
+        .map(|i| Entry {
+            log_id: LogId { term, index: LogIndex(i) },
+            payload: EntryPayload::Normal(Bytes::from("forked")),
+        })
         .collect();
     Message { from: n(2), to: n(3), term, body: MessageBody::Append { prev, entries, commit } }
 }
@@ -647,7 +654,7 @@ fn a_follower_given_entries_of_another_term_at_its_commit_index_stops_instead_of
     // prev matches (below the fork); the entries cover the commit index with the new term.
     let index = LogIndex(committed.0 - 2);
     let prev = LogId { term: c.engine(3).term_at(index).expect("held"), index };
-    let m = forked_append(prev, prev.index.0 + 1..=committed.0 + 1, committed, new_term);
+    let m = forked_append(prev, committed.next(), committed, new_term);
     assert_node_3_stopped_forked(&mut c, m, prev.index.next(), term);
 }
 
@@ -657,7 +664,7 @@ fn a_follower_probed_after_another_term_at_or_below_its_commit_index_stops_inste
         let (mut c, term, committed) = node_3_with_two_entries_committed();
         // An empty probe after the leader's entry at (or just below) 3's commit index.
         let prev = LogId { term: term.next(), index: LogIndex(committed.0 - below) };
-        let m = forked_append(prev, 1..=0, committed, term.next());
+        let m = forked_append(prev, prev.index, committed, term.next());
         assert_node_3_stopped_forked(&mut c, m, prev.index, term);
     }
 }
