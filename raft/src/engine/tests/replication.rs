@@ -670,11 +670,12 @@ fn a_follower_probed_after_another_term_at_or_below_its_commit_index_stops_inste
 }
 
 #[test]
-fn entries_a_load_answers_that_the_log_no_longer_holds_are_not_sent() {
+fn entries_a_load_answers_are_sent_only_if_the_log_still_holds_them() {
     // The load read the log before a truncation changed it (this node stepped down, followed
     // another leader and leads again): storage answers entries of an earlier term at the
     // indexes the follower needs next. Sent, the follower would append them and the leader
-    // count them as matching its own log.
+    // count them as matching its own log. The leader loads again instead, and sends what that
+    // load answers (refused too, the follower would never catch up).
     let mut c = Cluster::with_leader(&[1, 2, 3], Config { entry_cache_bytes_max: 0, ..cfg() });
     c.elect(2);
     c.elect(1);
@@ -693,4 +694,13 @@ fn entries_a_load_answers_that_the_log_no_longer_holds_are_not_sent() {
     for entries in sent {
         assert!(entries.iter().all(|e| c.engine(1).term_at(e.log_id.index) == Some(e.log_id.term)), "{entries:?}");
     }
+    let &(_, again, to, _) = c.nodes[&n(1)].held_loads.last().expect("loads again");
+    assert_eq!(again, from);
+    let entries: Vec<Entry> = (from.0..=to.0).map(|i| c.nodes[&n(1)].entry_at(LogIndex(i))).collect();
+    c.node(1).engine.handle_entries_loaded(now, n(3), entries.clone());
+    let out = c.take_outbox(1);
+    assert!(
+        out.iter().any(|m| m.to == n(3) && matches!(&m.body, MessageBody::Append { entries: e, .. } if *e == entries)),
+        "{out:?}"
+    );
 }
