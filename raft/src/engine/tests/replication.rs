@@ -279,6 +279,22 @@ fn lagging_follower_is_caught_up_from_storage_when_not_cached() {
 }
 
 #[test]
+fn a_follower_that_missed_an_append_of_the_pipeline_is_caught_up_on_its_refusal_of_the_next() {
+    // Appends to node 2 are pipelined; the first is lost and node 2 refuses the second (it
+    // lacks its prev). That refusal is news, not an old answer: the leader resends from where
+    // node 2's log ends at once, rather than after the two heartbeat intervals that declare
+    // replication stalled.
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.propose(1, "a");
+    for m in c.take_outbox(1).into_iter().filter(|m| m.to != n(2)) {
+        c.deliver(m);
+    }
+    c.propose(1, "b");
+    c.stabilize();
+    assert_eq!(c.engine(2).last_log_id(), c.engine(1).last_log_id(), "no time passed");
+}
+
+#[test]
 fn a_malformed_append_is_dropped_not_trusted() {
     let mut c = Cluster::with_leader(&[1, 2], cfg());
     let term = c.engine(1).term();
@@ -685,6 +701,7 @@ fn entries_a_load_answers_are_sent_only_if_the_log_still_holds_them() {
         .map(|i| Entry { log_id: LogId { term: earlier, index: LogIndex(i) }, payload: EntryPayload::Blank })
         .collect();
     let now = c.now;
+    c.node(1).held_loads.clear();
     c.node(1).engine.handle_entries_loaded(now, n(3), stale);
     let out = c.take_outbox(1);
     let sent = out.iter().filter_map(|m| match &m.body {
@@ -694,7 +711,7 @@ fn entries_a_load_answers_are_sent_only_if_the_log_still_holds_them() {
     for entries in sent {
         assert!(entries.iter().all(|e| c.engine(1).term_at(e.log_id.index) == Some(e.log_id.term)), "{entries:?}");
     }
-    let &(_, again, to, _) = c.nodes[&n(1)].held_loads.last().expect("loads again");
+    let &(_, again, to, _) = c.nodes[&n(1)].held_loads.last().expect("loads again at once");
     assert_eq!(again, from);
     let entries: Vec<Entry> = (from.0..=to.0).map(|i| c.nodes[&n(1)].entry_at(LogIndex(i))).collect();
     c.node(1).engine.handle_entries_loaded(now, n(3), entries.clone());
