@@ -541,6 +541,22 @@ fn a_follower_that_lost_entries_it_acknowledged_is_caught_up_from_where_its_log_
     assert_eq!(c.applied_data(3), c.applied_data(1));
 }
 
+/// What node 3's disk will come back with after a roll-back: its log now, plus two entries of
+/// the current term that were never sent to anyone (written by hand, as a deposed leader's
+/// would be). Returns that log and the index of node 3's last entry now.
+fn node_3_log_with_two_entries_never_sent(c: &Cluster) -> (Vec<Entry>, LogIndex) {
+    let mut log = c.nodes[&n(3)].log.clone();
+    let base = log.last().map(|e| e.log_id.index).unwrap_or(LogIndex(0));
+    let term = c.engine(3).term();
+    for i in 1..=2 {
+        log.push(Entry {
+            log_id: LogId { term, index: LogIndex(base.0 + i) },
+            payload: EntryPayload::Normal(Bytes::from(format!("stale{i}"))),
+        });
+    }
+    (log, base)
+}
+
 #[test]
 fn a_follower_whose_disk_rolled_back_to_entries_of_an_earlier_term_is_caught_up_past_them() {
     // Node 3 acknowledged the leader's entries, then its disk came back with an older log: the
@@ -550,17 +566,7 @@ fn a_follower_whose_disk_rolled_back_to_entries_of_an_earlier_term_is_caught_up_
     let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
     c.propose(1, "a");
     c.stabilize();
-    let old_term = c.engine(1).term();
-    // What node 3's disk will come back with: the log up to now, plus two entries of this
-    // term that were never sent to anyone (written by hand, as a deposed leader's would be).
-    let mut rolled_back = c.nodes[&n(3)].log.clone();
-    let base = rolled_back.last().map(|e| e.log_id.index).unwrap_or(LogIndex(0));
-    for i in 1..=2 {
-        rolled_back.push(Entry {
-            log_id: LogId { term: old_term, index: LogIndex(base.0 + i) },
-            payload: EntryPayload::Normal(Bytes::from(format!("stale{i}"))),
-        });
-    }
+    let (rolled_back, _) = node_3_log_with_two_entries_never_sent(&c);
     // Node 2 takes over in a new term and writes two entries everyone acknowledges.
     c.elect(2);
     c.propose(2, "b");
@@ -577,6 +583,37 @@ fn a_follower_whose_disk_rolled_back_to_entries_of_an_earlier_term_is_caught_up_
 }
 
 #[test]
+fn a_follower_whose_rolled_back_log_ends_at_the_leaders_purge_point_with_another_term_gets_a_snapshot_at_once() {
+    // As above, but the leader purged its log up to exactly where node 3's rolled-back log now
+    // ends, and the entry node 3 has there is not the leader's (another term): the logs agree
+    // at no point the leader still holds. Its answer to node 3's first refusal is a snapshot,
+    // not a probe right after its purge point that node 3 can only refuse again.
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.propose(1, "a");
+    c.stabilize();
+    let (rolled_back, base) = node_3_log_with_two_entries_never_sent(&c);
+    c.elect(2);
+    c.propose(2, "b");
+    c.stabilize();
+    let now = c.now;
+    c.node(2).engine.compact_log(now);
+    c.propose(2, "c");
+    c.stabilize();
+    assert_eq!(c.engine(2).first_log_index(), LogIndex(base.0 + 3), "purged up to node 3's last stale entry");
+    let vote = c.nodes[&n(3)].vote;
+    c.nodes.insert(n(3), TestNode::restarted_with(3, &cfg(), rolled_back, vote));
+    let last = c.propose(2, "d");
+    let mut refusals = 0;
+    c.stabilize_with(|m| {
+        refusals += usize::from(matches!(m.body, MessageBody::AppendResp(AppendResult::Conflict { .. })));
+        true
+    });
+    assert_eq!(c.engine(3).last_log_id(), c.engine(2).last_log_id(), "node 3 holds the leader's log");
+    assert_eq!(c.engine(2).committed(), last);
+    assert_eq!(refusals, 1, "one refusal, answered with a snapshot");
+}
+
+#[test]
 fn a_follower_whose_disk_rolled_back_learns_no_commit_index_from_a_heartbeat_for_entries_it_no_longer_matches() {
     // As above, node 3 acknowledged the new leader's entries and came back with a log of the
     // same indexes ending in entries of an earlier term that never committed. The leader's
@@ -585,15 +622,7 @@ fn a_follower_whose_disk_rolled_back_learns_no_commit_index_from_a_heartbeat_for
     let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
     c.propose(1, "a");
     c.stabilize();
-    let old_term = c.engine(1).term();
-    let mut rolled_back = c.nodes[&n(3)].log.clone();
-    let base = rolled_back.last().map(|e| e.log_id.index).unwrap_or(LogIndex(0));
-    for i in 1..=2 {
-        rolled_back.push(Entry {
-            log_id: LogId { term: old_term, index: LogIndex(base.0 + i) },
-            payload: EntryPayload::Normal(Bytes::from(format!("stale{i}"))),
-        });
-    }
+    let (rolled_back, base) = node_3_log_with_two_entries_never_sent(&c);
     c.elect(2);
     c.propose(2, "b");
     c.stabilize();
