@@ -1,6 +1,6 @@
 //! Errors. API errors say what the caller can do next; `Fatal` means the group has stopped.
 
-use crate::types::{LogIndex, NodeId};
+use crate::types::{LogIndex, NodeId, Term};
 use thiserror::Error;
 
 /// An error of the storage (`LogStorage` or `StateMachine`). Any storage error stops the group:
@@ -30,6 +30,25 @@ pub enum Fatal {
     /// The group was shut down.
     #[error("group is shut down")]
     Shutdown,
+    /// This replica's log and its leader's differ at or below the replica's commit index: the
+    /// histories forked. Raft never lets that happen; an unsafe recovery that forced the group
+    /// onto a replica lacking entries another survivor had committed can, and so can a disk
+    /// that lost writes it had confirmed. The replica stopped rather than acknowledge entries
+    /// it does not hold or overwrite entries it applied: an operator decides which history
+    /// stays (e.g. by rebuilding this replica from the leader).
+    #[error(
+        "group stopped: log forked from leader {leader}'s at index {index} (term {ours} here, {theirs} on the leader), at or below the commit index"
+    )]
+    Diverged {
+        /// The leader whose append showed the fork.
+        leader: NodeId,
+        /// The index where the two logs were seen to differ.
+        index: LogIndex,
+        /// The term of this replica's entry there.
+        ours: Term,
+        /// The term of the leader's entry there.
+        theirs: Term,
+    },
 }
 
 /// Errors returned by the [`Raft`](crate::Raft) handle and by the engine's API calls.

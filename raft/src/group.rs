@@ -664,6 +664,12 @@ impl GroupCore {
     /// The next action to execute, in order; `None` once there is nothing to do.
     pub fn poll_action(&mut self) -> Option<CoreAction> {
         loop {
+            if let (None, Some(f)) = (&self.fatal, self.engine.fatal()) {
+                // The engine found it cannot go on (its log forked from the leader's): stop
+                // as after a storage failure, answering every waiter.
+                let f = f.clone();
+                self.stop(f);
+            }
             if self.fatal.is_some() {
                 return None;
             }

@@ -60,8 +60,12 @@ pub enum MessageBody {
     /// Leader heartbeat: carries the commit index and the round number that ReadIndex and
     /// lease reads count acknowledgements of.
     Heartbeat {
-        /// `min(commit, the follower's matched index)`: never beyond what the follower holds.
-        commit: LogIndex,
+        /// The log id at `min(commit, the follower's matched index)`: never beyond what the
+        /// follower holds. An id, not an index: the follower advances its commit index only if
+        /// it holds that very entry (a disk that rolled back may hold another term there, which
+        /// was never committed). `LogId::ZERO` when the leader no longer has that entry (purged
+        /// under a follower that still needs a snapshot): no advance then.
+        commit: LogId,
         /// The heartbeat round.
         round: u64,
         /// The leader keeps its log after this index for a follower still catching up from

@@ -5,9 +5,9 @@
 use bytes::Bytes;
 use flotilla_raft::group::{IndexReply, WriteCall, WriteOneReply, WriteReply};
 use flotilla_raft::{
-    Action, Config, CoreAction, Engine, Entry, EntryPayload, GroupCore, InitialState, LogAction, LogId, LogIndex,
-    MachineAction, Membership, Message, Millis, NodeId, RaftError, ReadMode, Request, Role, SnapshotMeta, StorageError,
-    Term, WriteResponse,
+    Action, Config, CoreAction, Engine, Entry, EntryPayload, Fatal, GroupCore, InitialState, LogAction, LogId,
+    LogIndex, MachineAction, Membership, Message, MessageBody, Millis, NodeId, RaftError, ReadMode, Request, Role,
+    SnapshotMeta, StorageError, Term, WriteResponse,
 };
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -269,6 +269,28 @@ fn a_stopped_group_refuses_every_request_with_its_fatal_error() {
     g.core.handle_request(g.now, Request::AddLearner(NodeId(2), tx));
     assert_eq!(rx.try_recv(), Ok(Err(RaftError::Fatal(fatal))));
     assert!(g.core.poll_action().is_none(), "a stopped group produces nothing");
+}
+
+#[test]
+fn a_replica_whose_log_forked_below_its_commit_index_stops_the_group_with_the_fork_as_its_error() {
+    let (mut gs, _) = node_1_elected::<3>(Config::default());
+    let mut w = gs[0].write(&["a"]);
+    exchange(&mut gs);
+    assert!(w.try_recv().is_ok_and(|a| a.is_ok()));
+    let (term, committed) = (gs[2].core.engine().term(), gs[2].core.engine().committed());
+    assert_eq!(committed, gs[0].core.engine().committed(), "node 3 knows what is committed");
+    // Node 2, leading the next term after an unsafe recovery onto a replica that lacked the
+    // entry 3 committed, probes 3 right after its own, other, entry there.
+    let prev = LogId { term: term.next(), index: committed };
+    let body = MessageBody::Append { prev, entries: Vec::new(), commit: committed };
+    let g = &mut gs[2];
+    g.core.handle_message(g.now, Message { from: NodeId(2), to: NodeId(3), term: term.next(), body });
+    g.pump();
+    assert!(g.outbox.is_empty(), "no answer: {:?}", g.outbox);
+    let fatal = Fatal::Diverged { leader: NodeId(2), index: committed, ours: term, theirs: term.next() };
+    assert_eq!(g.core.fatal(), Some(&fatal));
+    let mut r = g.read();
+    assert_eq!(r.try_recv(), Ok(Err(RaftError::Fatal(fatal))));
 }
 
 /// Nodes 1 and 2 of a two-voter group, node 1 elected; and the time it was.

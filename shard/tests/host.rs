@@ -523,7 +523,7 @@ async fn raft_messages_claiming_another_sender_than_their_batch_are_dropped() {
                 to: NodeId(1),
                 term: flotilla_raft::Term(term),
                 body: flotilla_raft::MessageBody::Heartbeat {
-                    commit: flotilla_raft::LogIndex(0),
+                    commit: flotilla_raft::LogId::ZERO,
                     round: 0,
                     keep_after: None,
                 },

@@ -860,7 +860,7 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
         inbox.close();
         let failed = self.finish_storage_work().await;
         let fatal = match (self.core.fatal(), failed) {
-            (Some(f @ Fatal::Storage(_)), _) => f.clone(),
+            (Some(f @ (Fatal::Storage(_) | Fatal::Diverged { .. })), _) => f.clone(),
             (_, Some(e)) => Fatal::Storage(e),
             (_, None) => Fatal::Shutdown,
         };

@@ -17,9 +17,12 @@ impl Engine {
             warn!(node = %self.id, %from, %prev, "malformed append dropped");
             return;
         }
+        if let Some((index, ours, theirs)) = self.forked_below_commit(prev, &entries) {
+            return self.stop_forked(from, index, ours, theirs);
+        }
         if prev.index < self.committed {
-            // Everything up to our commit index matches the leader's log already. Keep only
-            // the entries after it.
+            // Everything up to our commit index matches the leader's log already (what the
+            // message shows of it was checked above). Keep only the entries after it.
             let skip = (self.committed.0 - prev.index.0) as usize;
             if skip >= entries.len() {
                 self.ack(from, self.committed);
@@ -44,11 +47,9 @@ impl Engine {
             match self.log.term_at(e.log_id.index) {
                 Some(t) if t == e.log_id.term => continue,
                 Some(_) => {
-                    assert!(
-                        e.log_id.index > self.committed,
-                        "leader conflicts with a committed entry at {}",
-                        e.log_id.index
-                    );
+                    // Entries here follow `prev`, at or past our commit index: one at or below
+                    // it that differs stopped the replica above.
+                    debug_assert!(e.log_id.index > self.committed, "conflict at committed {}", e.log_id.index);
                     info!(node = %self.id, term = %self.vote.term, from = %e.log_id.index, "truncating conflicting entries");
                     self.truncate_local(e.log_id.index);
                     new_from = i;
@@ -74,10 +75,43 @@ impl Engine {
         self.ack(from, matched);
     }
 
+    /// The first entry the append names (`prev`, then its entries) at or below our commit
+    /// index whose term differs from ours there, as (index, our term, the leader's term).
+    /// The leader of our term holds every committed entry (Raft §5.4.1, leader completeness),
+    /// so any such entry means the histories forked: an unsafe recovery forced the group onto
+    /// a replica that lacked entries another survivor had committed, or a disk lost writes it
+    /// had confirmed. Entries we purged are not compared (their term is gone here).
+    fn forked_below_commit(&self, prev: LogId, entries: &[Entry]) -> Option<(LogIndex, Term, Term)> {
+        std::iter::once(prev)
+            .chain(entries.iter().map(|e| e.log_id))
+            .take_while(|id| id.index <= self.committed)
+            .find_map(|id| match self.log.term_at(id.index) {
+                Some(ours) if ours != id.term => Some((id.index, ours, id.term)),
+                _ => None,
+            })
+    }
+
+    /// Stops the replica whose log forked from the leader's at `index`, at or below our commit
+    /// index: acknowledging would let the leader count entries we do not hold, truncating
+    /// would undo entries we applied, and nothing from the network may panic the process.
+    /// The driver stops the group with [`Fatal::Diverged`]; an operator decides which history
+    /// stays.
+    fn stop_forked(&mut self, leader: NodeId, index: LogIndex, ours: Term, theirs: Term) {
+        error!(node = %self.id, %leader, %index, ours = %ours, theirs = %theirs, committed = %self.committed,
+            "log forked from the leader's at or below the commit index: stopping the group");
+        self.fatal = Some(Fatal::Diverged { leader, index, ours, theirs });
+        // Nothing queued goes out any more either: the driver stops on the next poll.
+        self.actions.clear();
+    }
+
     /// A heartbeat from the leader of our term: learn the commit index and answer the round.
-    pub(super) fn on_heartbeat(&mut self, now: Millis, from: NodeId, commit: LogIndex, round: u64) {
-        if commit > self.committed {
-            self.committed = commit.min(self.log.last_index());
+    /// Only if we hold the entry the leader names there: the leader sends what we matched, but
+    /// our disk may have rolled back since (restored from an older copy, or a device that lied
+    /// about a sync) to an entry of an earlier term that was never committed. The next append
+    /// finds where our log and the leader's agree, and carries the commit index from there.
+    pub(super) fn on_heartbeat(&mut self, now: Millis, from: NodeId, commit: LogId, round: u64) {
+        if commit.index > self.committed && self.log.has(commit) {
+            self.committed = commit.index;
             self.after_commit(now);
         }
         self.send(from, MessageBody::HeartbeatResp { round });

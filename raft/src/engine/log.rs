@@ -219,6 +219,8 @@ mod tests {
         assert_eq!(l.points(), &[LogId::new(1, 1), LogId::new(2, 3)]);
         assert_eq!(l.cache_first(), LogIndex(1));
         assert!(l.cached(LogIndex(4), 10, 1000).is_none());
+        // The cache's byte count follows (the leader evicts by it beyond its budget).
+        assert_eq!(l.cache_bytes(), 3 * ENTRY);
     }
 
     #[test]

@@ -35,7 +35,7 @@ use transfer::Transfer;
 
 use crate::config::Config;
 use crate::entry::{Entry, EntryPayload};
-use crate::error::RaftError;
+use crate::error::{Fatal, RaftError};
 use crate::membership::{Membership, MembershipLog, StoredMembership};
 use crate::message::{AppendResult, Message, MessageBody};
 use crate::storage::SnapshotMeta;
@@ -46,7 +46,7 @@ use progress::{Progress, ReplState, SnapshotSend};
 use rng::Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
-use tracing::{debug, info, trace, warn};
+use tracing::{debug, error, info, trace, warn};
 
 /// Identifies a storage write the engine asked for. Writes complete in the order they were
 /// issued; the driver reports completion with [`Engine::handle_io_done`].
@@ -285,6 +285,8 @@ struct Bugs {
 ///    toward the quorum only once durable — "send before persist", Raft thesis §10.2.1).
 /// 5. **Apply** in order, report `handle_applied`. Loads and applies read only durable
 ///    entries.
+/// 6. **Stop** the group once [`fatal`](Self::fatal) says why (its log forked from the
+///    leader's): the engine then emits nothing more ([`GroupCore`](crate::GroupCore) does this).
 pub struct Engine {
     /// This node.
     id: NodeId,
@@ -347,6 +349,10 @@ pub struct Engine {
     ack_pending: Option<(NodeId, Term, LogIndex)>,
     /// Output waiting for `poll_action`, in order.
     actions: VecDeque<Action>,
+    /// Set once the engine found it cannot go on safely (its log forked from the leader's
+    /// below its commit index): from then on it takes no message or timer and emits nothing,
+    /// and the driver stops the group with this error.
+    fatal: Option<Fatal>,
 }
 
 impl Engine {
@@ -389,6 +395,7 @@ impl Engine {
             vote_replies: Vec::new(),
             ack_pending: None,
             actions: VecDeque::new(),
+            fatal: None,
             config,
         };
         // The state machine may be ahead of the log: a snapshot was installed and the process
@@ -465,6 +472,11 @@ impl Engine {
     pub fn term_at(&self, index: LogIndex) -> Option<Term> {
         self.log.term_at(index)
     }
+    /// Why the engine stopped, if it did: it then emits no action, and the driver must stop
+    /// the group (as after a storage failure).
+    pub fn fatal(&self) -> Option<&Fatal> {
+        self.fatal.as_ref()
+    }
     /// Whether this node holds any configuration (from its log, a snapshot or its formation).
     pub fn has_configuration(&self) -> bool {
         !self.memberships.effective().membership.nodes().is_empty()
@@ -512,6 +524,9 @@ impl Engine {
 
     /// A message from a peer.
     pub fn handle_message(&mut self, now: Millis, msg: Message) {
+        if self.fatal.is_some() {
+            return;
+        }
         self.dispatch_message(now, msg);
         self.settle();
     }
@@ -664,6 +679,9 @@ impl Engine {
 
     /// Timers: call when `now >= next_deadline()` (calling earlier is harmless).
     pub fn handle_timeout(&mut self, now: Millis) {
+        if self.fatal.is_some() {
+            return; // a stopped replica must not campaign with its forked log
+        }
         self.on_timeout(now);
         self.settle();
     }
@@ -691,6 +709,9 @@ impl Engine {
 
     /// The next action to execute, in order.
     pub fn poll_action(&mut self) -> Option<Action> {
+        if self.fatal.is_some() {
+            return None;
+        }
         if let Some(at) = self.role.leader().and_then(|l| l.reads.round_requested_at()) {
             self.flush_rounds(at);
             self.settle();
@@ -706,7 +727,8 @@ impl Engine {
     /// round requested, whose heartbeats are made when polled (so that reads asked for in one
     /// step share one round).
     pub fn has_actions(&self) -> bool {
-        !self.actions.is_empty() || self.role.leader().is_some_and(|l| l.reads.round_requested_at().is_some())
+        self.fatal.is_none()
+            && (!self.actions.is_empty() || self.role.leader().is_some_and(|l| l.reads.round_requested_at().is_some()))
     }
 
     /// The configuration in effect (the latest in the log).

@@ -256,11 +256,15 @@ impl Replicator<'_> {
         let l = &mut *self.leader;
         let Some(round) = l.reads.start_round(now) else { return };
         for (id, p) in &l.progress {
+            // At or below our commit index, so in our log unless purged; purged, the follower
+            // matched less than our log holds and catches up by snapshot, which brings the
+            // commit index with it: name no entry then.
+            let commit = self.log.id_at(self.committed.min(p.matched)).unwrap_or(LogId::ZERO);
             self.actions.push_back(Action::Send(Message {
                 from: self.id,
                 to: *id,
                 term: self.term,
-                body: MessageBody::Heartbeat { commit: self.committed.min(p.matched), round, keep_after },
+                body: MessageBody::Heartbeat { commit, round, keep_after },
             }));
         }
         // With no other voter the round is acknowledged at once.

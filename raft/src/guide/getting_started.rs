@@ -91,7 +91,7 @@
 //! | [`TransferInProgress`](crate::RaftError::TransferInProgress) | leadership is being handed over | retry shortly, probably on the new leader |
 //! | [`Dropped { index }`](crate::RaftError::Dropped) | a new leader replaced the entry: it will never apply | safe to retry |
 //! | [`Timeout`](crate::RaftError::Timeout) | no answer within [`Config::api_timeout_ms`] | **outcome unknown**: the entry may still commit |
-//! | [`Fatal`](crate::RaftError::Fatal) | the group stopped: a storage error, or `shutdown` | **outcome unknown** (the entry may commit after a restart); not on this handle: after a storage error, fix the storage and start the group again |
+//! | [`Fatal`](crate::RaftError::Fatal) | the group stopped: a storage error, `shutdown`, or this replica's log forked from the leader's below its commit index (`Diverged`) | **outcome unknown** (the entry may commit after a restart); not on this handle: after a storage error, fix the storage and start the group again |
 //!
 //! A `Timeout` does not cancel anything. Retrying a write that timed out, or that failed with
 //! `Fatal` (on another node, or after a restart), can apply it twice, so commands that are not

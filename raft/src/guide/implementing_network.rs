@@ -136,7 +136,7 @@
 //! | [`VoteResp`](crate::MessageBody::VoteResp) (`vote_resp`) | voters | the answer; a granted vote is sent only once it is durable |
 //! | [`Append`](crate::MessageBody::Append) (`append`) | the leader | entries following `prev`, and the leader's commit index; empty to probe or to announce a commit |
 //! | [`AppendResp`](crate::MessageBody::AppendResp) (`append_resp`) | followers and learners | [`Success`](crate::AppendResult::Success) up to the durably matched index, or [`Conflict`](crate::AppendResult::Conflict) with a hint that lets the leader skip a whole term at once |
-//! | [`Heartbeat`](crate::MessageBody::Heartbeat) (`heartbeat`) | the leader | keeps followers from campaigning, carries the commit index and a round number counted by reads |
+//! | [`Heartbeat`](crate::MessageBody::Heartbeat) (`heartbeat`) | the leader | keeps followers from campaigning, carries the commit point (a log id the follower must hold to advance) and a round number counted by reads |
 //! | [`HeartbeatResp`](crate::MessageBody::HeartbeatResp) (`heartbeat_resp`) | followers and learners | acknowledges a round; also tells a stale leader the newer term |
 //! | [`TimeoutNow`](crate::MessageBody::TimeoutNow) (`timeout_now`) | the leader, during a transfer | tells the target to campaign at once |
 //! | [`Snapshot`](crate::MessageBody::Snapshot) (`snapshot`) | the leader | one chunk of a snapshot |

@@ -53,7 +53,8 @@
 //! group, including the engine's, is attributed to it. Events also carry `node`, and almost
 //! all carry `term`, the node's current term. Levels:
 //!
-//! - `error`: a storage failure that stops the group;
+//! - `error`: a storage failure that stops the group, or a log found forked from the leader's
+//!   below the commit index (`Fatal::Diverged`), which stops it too;
 //! - `warn`: unusual but handled, such as a snapshot that changed while it was being sent;
 //! - `info`: changes of state an operator cares about: initialization, elections
 //!   ("campaigning", "became leader", "leader stepping down"), check-quorum step-downs,

@@ -134,7 +134,7 @@ pub(super) fn keeps_quiet(g: &GroupState, msg: &Message) -> bool {
     }
     match &msg.body {
         MessageBody::HeartbeatResp { .. } | MessageBody::AppendResp { .. } => e.role() == Role::Leader,
-        MessageBody::Heartbeat { commit, .. } => e.leader() == Some(msg.from) && *commit == e.committed(),
+        MessageBody::Heartbeat { commit, .. } => e.leader() == Some(msg.from) && commit.index == e.committed(),
         _ => false,
     }
 }

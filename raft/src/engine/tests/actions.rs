@@ -211,7 +211,7 @@ fn leader_1_reading_7() -> (Cluster, Millis, u64) {
 fn a_read_index_read_starts_one_heartbeat_round_and_is_ready_once_a_quorum_acknowledged_it() {
     let (mut c, now, term) = leader_1_reading_7();
     let e = &mut c.node(1).engine;
-    let heartbeat = MessageBody::Heartbeat { commit: LogIndex(2), round: 1, keep_after: Some(LogIndex(2)) };
+    let heartbeat = MessageBody::Heartbeat { commit: LogId::new(term, 2), round: 1, keep_after: Some(LogIndex(2)) };
     assert_eq!(drain(e), vec![send(1, 2, term, heartbeat.clone()), send(1, 3, term, heartbeat)]);
     // This node and node 2 are a quorum of three.
     e.handle_message(now, msg(2, 1, term, MessageBody::HeartbeatResp { round: 1 }));
@@ -224,7 +224,7 @@ fn a_read_index_read_starts_one_heartbeat_round_and_is_ready_once_a_quorum_ackno
 fn a_read_asked_for_after_a_round_went_out_waits_for_the_next_round() {
     let (mut c, now, term) = leader_1_reading_7();
     let e = &mut c.node(1).engine;
-    let round = |round| MessageBody::Heartbeat { commit: LogIndex(2), round, keep_after: Some(LogIndex(2)) };
+    let round = |round| MessageBody::Heartbeat { commit: LogId::new(term, 2), round, keep_after: Some(LogIndex(2)) };
     assert_eq!(drain(e), vec![send(1, 2, term, round(1)), send(1, 3, term, round(1))]);
     // Read 8 arrives while round 1 is out: an acknowledgement of round 1 may have been sent
     // before read 8 existed, so it proves nothing about leadership at read 8's time.
@@ -245,7 +245,7 @@ fn a_leader_that_steps_down_fails_every_read_waiting_on_it_at_once() {
     e.read(now, 8, ReadMode::ReadIndex);
     drain(e);
     // Node 3 leads a later term.
-    let append = MessageBody::Heartbeat { commit: LogIndex(2), round: 1, keep_after: Some(LogIndex(2)) };
+    let append = MessageBody::Heartbeat { commit: LogId::new(term, 2), round: 1, keep_after: Some(LogIndex(2)) };
     e.handle_message(now, msg(3, 1, term + 1, append));
     let failed: Vec<Action> = drain(e).into_iter().filter(|a| matches!(a, Action::ReadFailed { .. })).collect();
     let not_leader = RaftError::NotLeader { leader: Some(n(3)) };
@@ -338,7 +338,7 @@ fn a_woken_leader_starts_a_heartbeat_round_at_once() {
     assert!(drain(e).is_empty(), "waking only moves the timers");
     assert_eq!(e.next_deadline(), now);
     e.handle_timeout(now);
-    let heartbeat = MessageBody::Heartbeat { commit: LogIndex(2), round: 1, keep_after: Some(LogIndex(2)) };
+    let heartbeat = MessageBody::Heartbeat { commit: LogId::new(term, 2), round: 1, keep_after: Some(LogIndex(2)) };
     assert_eq!(drain(e), vec![send(1, 2, term, heartbeat.clone()), send(1, 3, term, heartbeat)]);
 }
 

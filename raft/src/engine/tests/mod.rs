@@ -404,6 +404,29 @@ impl Cluster {
     }
 }
 
+/// Node 1, leading `c` on a config without an entry cache, writes five entries node 3 misses;
+/// once node 3 answers again the leader loads them from storage, and the disk is slow: the
+/// load is held in node 1's `held_loads`. Returns its range.
+fn hold_a_load_for_node_3(c: &mut Cluster) -> (LogIndex, LogIndex) {
+    c.cut.insert((n(1), n(3)));
+    for i in 0..5 {
+        c.propose(1, &format!("v{i}"));
+    }
+    c.stabilize();
+    c.cut.clear();
+    c.node(1).hold_loads = true;
+    for _ in 0..5 {
+        c.advance(20);
+        c.stabilize();
+        if !c.nodes[&n(1)].held_loads.is_empty() {
+            break;
+        }
+    }
+    let &(peer, from, to, _) = c.nodes[&n(1)].held_loads.first().expect("a load for node 3");
+    assert_eq!(peer, n(3));
+    (from, to)
+}
+
 fn sends(actions: &[Action]) -> Vec<&Message> {
     actions.iter().filter_map(|a| if let Action::Send(m) = a { Some(m) } else { None }).collect()
 }

@@ -137,3 +137,40 @@ fn with_lease_reads_off_a_lease_read_waits_for_a_heartbeat_round() {
     assert!(out.iter().any(|m| matches!(m.body, MessageBody::Heartbeat { .. })), "a round, not the lease");
     assert!(c.nodes[&n(1)].reads.is_empty(), "not answered before a quorum acknowledged the round");
 }
+
+#[test]
+fn a_leader_alone_in_a_joint_configurations_incoming_half_confirms_reads_with_the_outgoing_voters() {
+    // Node 1 leads {1, 2, 3} and proposes {1} alone: the joint configuration is in effect on
+    // node 1 as soon as appended, but nodes 2 and 3, cut off, never got it. They may elect a
+    // leader of their own under {1, 2, 3} and commit writes node 1 never sees, so node 1 may
+    // serve a read only once a majority of the outgoing voters confirmed it still leads: it
+    // is no single voter while joint (reference: Raft thesis §4.3, §6.4).
+    let mut c = Cluster::with_leader(&[1, 2, 3], Config { lease_read: false, ..cfg() });
+    c.cut_off(1);
+    let now = c.now;
+    c.node(1).engine.change_membership(now, voters(&[1])).expect("joint proposed");
+    c.stabilize();
+    assert!(c.engine(1).membership().membership.is_joint());
+    c.node(1).engine.read(now, 7, ReadMode::ReadIndex);
+    c.stabilize();
+    assert!(c.nodes[&n(1)].reads.is_empty(), "served without the outgoing voters: {:?}", c.nodes[&n(1)].reads);
+}
+
+#[test]
+fn the_lease_can_count_on_any_of_the_last_rounds_kept_max_rounds_and_no_older() {
+    // The send times of older rounds are dropped (a bound on memory); a lease on one of them
+    // falls back to a round trip.
+    let mut reads = Reads::new(Millis(0));
+    let rounds = crate::engine::read::ROUNDS_KEPT_MAX as u64 + 1;
+    for i in 1..=rounds {
+        reads.request_round(Millis(i));
+        assert_eq!(reads.start_round(Millis(i)), Some(i));
+    }
+    let now = Millis(rounds);
+    assert!(!reads.round_within(1, now, 1_000), "round 1 is no longer kept");
+    assert!(
+        reads.round_within(2, now, 1_000),
+        "the oldest of the last {} rounds is",
+        crate::engine::read::ROUNDS_KEPT_MAX
+    );
+}

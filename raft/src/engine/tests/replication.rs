@@ -254,7 +254,7 @@ fn an_earlier_term_entry_on_a_quorum_is_not_committed_by_counting_replicas() {
 
 #[test]
 fn lagging_follower_is_caught_up_from_storage_when_not_cached() {
-    let config = Config { entry_cache_bytes_max: 0, ..cfg() };
+    let config = Config { entry_cache_bytes_max: 0, append_entries_max: 8, ..cfg() };
     let mut c = Cluster::with_leader(&[1, 2, 3], config);
     c.cut.insert((n(1), n(3)));
     for i in 0..30 {
@@ -270,6 +270,28 @@ fn lagging_follower_is_caught_up_from_storage_when_not_cached() {
     }
     assert!(c.nodes[&n(1)].seen.iter().any(|a| matches!(a, Action::LoadEntries { peer, .. } if *peer == n(3))));
     assert_eq!(c.applied_data(3).len(), 30);
+    // Each load reads no more than one append carries.
+    for a in &c.nodes[&n(1)].seen {
+        if let Action::LoadEntries { from, to, .. } = a {
+            assert!(to.0 - from.0 < 8, "loads {from}..={to}");
+        }
+    }
+}
+
+#[test]
+fn a_follower_that_missed_an_append_of_the_pipeline_is_caught_up_on_its_refusal_of_the_next() {
+    // Appends to node 2 are pipelined; the first is lost and node 2 refuses the second (it
+    // lacks its prev). That refusal is news, not an old answer: the leader resends from where
+    // node 2's log ends at once, rather than after the two heartbeat intervals that declare
+    // replication stalled.
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.propose(1, "a");
+    for m in c.take_outbox(1).into_iter().filter(|m| m.to != n(2)) {
+        c.deliver(m);
+    }
+    c.propose(1, "b");
+    c.stabilize();
+    assert_eq!(c.engine(2).last_log_id(), c.engine(1).last_log_id(), "no time passed");
 }
 
 #[test]
@@ -519,6 +541,22 @@ fn a_follower_that_lost_entries_it_acknowledged_is_caught_up_from_where_its_log_
     assert_eq!(c.applied_data(3), c.applied_data(1));
 }
 
+/// What node 3's disk will come back with after a roll-back: its log now, plus two entries of
+/// the current term that were never sent to anyone (written by hand, as a deposed leader's
+/// would be). Returns that log and the index of node 3's last entry now.
+fn node_3_log_with_two_entries_never_sent(c: &Cluster) -> (Vec<Entry>, LogIndex) {
+    let mut log = c.nodes[&n(3)].log.clone();
+    let base = log.last().map(|e| e.log_id.index).unwrap_or(LogIndex(0));
+    let term = c.engine(3).term();
+    for i in 1..=2 {
+        log.push(Entry {
+            log_id: LogId { term, index: LogIndex(base.0 + i) },
+            payload: EntryPayload::Normal(Bytes::from(format!("stale{i}"))),
+        });
+    }
+    (log, base)
+}
+
 #[test]
 fn a_follower_whose_disk_rolled_back_to_entries_of_an_earlier_term_is_caught_up_past_them() {
     // Node 3 acknowledged the leader's entries, then its disk came back with an older log: the
@@ -528,17 +566,7 @@ fn a_follower_whose_disk_rolled_back_to_entries_of_an_earlier_term_is_caught_up_
     let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
     c.propose(1, "a");
     c.stabilize();
-    let old_term = c.engine(1).term();
-    // What node 3's disk will come back with: the log up to now, plus two entries of this
-    // term that were never sent to anyone (written by hand, as a deposed leader's would be).
-    let mut rolled_back = c.nodes[&n(3)].log.clone();
-    let base = rolled_back.last().map(|e| e.log_id.index).unwrap_or(LogIndex(0));
-    for i in 1..=2 {
-        rolled_back.push(Entry {
-            log_id: LogId { term: old_term, index: LogIndex(base.0 + i) },
-            payload: EntryPayload::Normal(Bytes::from(format!("stale{i}"))),
-        });
-    }
+    let (rolled_back, _) = node_3_log_with_two_entries_never_sent(&c);
     // Node 2 takes over in a new term and writes two entries everyone acknowledges.
     c.elect(2);
     c.propose(2, "b");
@@ -552,4 +580,173 @@ fn a_follower_whose_disk_rolled_back_to_entries_of_an_earlier_term_is_caught_up_
     c.stabilize();
     assert_eq!(c.engine(3).last_log_id(), c.engine(2).last_log_id(), "node 3 holds the leader's log");
     assert_eq!(c.engine(2).committed(), last);
+}
+
+#[test]
+fn a_follower_whose_rolled_back_log_ends_at_the_leaders_purge_point_with_another_term_gets_a_snapshot_at_once() {
+    // As above, but the leader purged its log up to exactly where node 3's rolled-back log now
+    // ends, and the entry node 3 has there is not the leader's (another term): the logs agree
+    // at no point the leader still holds. Its answer to node 3's first refusal is a snapshot,
+    // not a probe right after its purge point that node 3 can only refuse again.
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.propose(1, "a");
+    c.stabilize();
+    let (rolled_back, base) = node_3_log_with_two_entries_never_sent(&c);
+    c.elect(2);
+    c.propose(2, "b");
+    c.stabilize();
+    let now = c.now;
+    c.node(2).engine.compact_log(now);
+    c.propose(2, "c");
+    c.stabilize();
+    assert_eq!(c.engine(2).first_log_index(), LogIndex(base.0 + 3), "purged up to node 3's last stale entry");
+    let vote = c.nodes[&n(3)].vote;
+    c.nodes.insert(n(3), TestNode::restarted_with(3, &cfg(), rolled_back, vote));
+    let last = c.propose(2, "d");
+    let mut refusals = 0;
+    c.stabilize_with(|m| {
+        refusals += usize::from(matches!(m.body, MessageBody::AppendResp(AppendResult::Conflict { .. })));
+        true
+    });
+    assert_eq!(c.engine(3).last_log_id(), c.engine(2).last_log_id(), "node 3 holds the leader's log");
+    assert_eq!(c.engine(2).committed(), last);
+    assert_eq!(refusals, 1, "one refusal, answered with a snapshot");
+}
+
+#[test]
+fn a_follower_whose_disk_rolled_back_learns_no_commit_index_from_a_heartbeat_for_entries_it_no_longer_matches() {
+    // As above, node 3 acknowledged the new leader's entries and came back with a log of the
+    // same indexes ending in entries of an earlier term that never committed. The leader's
+    // next heartbeat says "committed up to what you matched": node 3 must not take that for
+    // its own entries there and apply them. (The leader names the entry; 3 does not hold it.)
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.propose(1, "a");
+    c.stabilize();
+    let (rolled_back, base) = node_3_log_with_two_entries_never_sent(&c);
+    c.elect(2);
+    c.propose(2, "b");
+    c.stabilize();
+    assert_eq!(c.engine(3).last_log_id(), c.engine(2).last_log_id());
+    assert_eq!(c.engine(2).committed(), c.engine(2).last_log_id().index, "3 matched all of it, committed");
+    let vote = c.nodes[&n(3)].vote;
+    c.nodes.insert(n(3), TestNode::restarted_with(3, &cfg(), rolled_back, vote));
+    // Heartbeats only, before any append shows the leader that 3 lost its entries.
+    c.advance(20);
+    c.stabilize_with(|m| !matches!(m.body, MessageBody::Append { .. }));
+    assert!(
+        c.engine(3).committed() <= base,
+        "node 3 committed {} past what it holds of the leader's",
+        c.engine(3).committed()
+    );
+    assert!(!c.applied_data(3).iter().any(|d| d.starts_with("stale")), "applied: {:?}", c.applied_data(3));
+    // Appends then bring node 3 the leader's log, and the commit index with it.
+    let last = c.propose(2, "c");
+    c.stabilize();
+    c.settle(1);
+    assert_eq!(c.engine(3).last_log_id(), c.engine(2).last_log_id());
+    assert_eq!(c.engine(3).committed(), last);
+    assert_eq!(c.applied_data(3), c.applied_data(2));
+}
+
+/// {1, 2, 3} led by node 1, with "a" and "b" committed and node 3 knowing it. The tests then
+/// play node 2 leading the next term with a log forked from 3's, another term at the last
+/// indexes (what an unsafe recovery onto a replica that lacked them leads to). Returns the
+/// cluster, the term of 3's committed entries and 3's commit index.
+fn node_3_with_two_entries_committed() -> (Cluster, Term, LogIndex) {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.propose(1, "a");
+    c.propose(1, "b");
+    c.stabilize();
+    c.settle(1);
+    let committed = c.engine(3).committed();
+    assert_eq!(committed, c.engine(1).last_log_id().index, "node 3 knows everything is committed");
+    let term = c.engine(1).term();
+    (c, term, committed)
+}
+
+/// An append of node 2 in `term`, after `prev`, with entries of that term up to `last`.
+fn forked_append(prev: LogId, last: LogIndex, commit: LogIndex, term: Term) -> Message {
+    let entries = (prev.index.0 + 1..=last.0)
+        .map(|i| Entry {
+            log_id: LogId { term, index: LogIndex(i) },
+            payload: EntryPayload::Normal(Bytes::from("forked")),
+        })
+        .collect();
+    Message { from: n(2), to: n(3), term, body: MessageBody::Append { prev, entries, commit } }
+}
+
+/// Delivers `m` to node 3 and checks it stopped, forked at `index` (its entry of `ours`, the
+/// leader's of `theirs`), without acknowledging or touching its log.
+fn assert_node_3_stopped_forked(c: &mut Cluster, m: Message, index: LogIndex, ours: Term) {
+    let theirs = m.term;
+    let (last, committed) = (c.engine(3).last_log_id(), c.engine(3).committed());
+    let now = c.now;
+    c.node(3).engine.handle_message(now, m);
+    let out = c.take_outbox(3);
+    assert!(!out.iter().any(|m| matches!(m.body, MessageBody::AppendResp(_))), "no answer to the append: {out:?}");
+    assert_eq!(c.engine(3).fatal(), Some(&Fatal::Diverged { leader: n(2), index, ours, theirs }));
+    assert_eq!((c.engine(3).last_log_id(), c.engine(3).committed()), (last, committed), "log untouched");
+    assert!(!c.nodes[&n(3)].seen.iter().any(|a| matches!(a, Action::TruncateFrom { .. })));
+    // Stopped for good: it takes no more messages or timers and emits nothing.
+    c.advance(1_000);
+    assert!(c.take_outbox(3).is_empty());
+}
+
+#[test]
+fn a_follower_given_entries_of_another_term_at_its_commit_index_stops_instead_of_acknowledging() {
+    let (mut c, term, committed) = node_3_with_two_entries_committed();
+    let new_term = term.next();
+    // prev matches (below the fork); the entries cover the commit index with the new term.
+    let index = LogIndex(committed.0 - 2);
+    let prev = LogId { term: c.engine(3).term_at(index).expect("held"), index };
+    let m = forked_append(prev, committed.next(), committed, new_term);
+    assert_node_3_stopped_forked(&mut c, m, prev.index.next(), term);
+}
+
+#[test]
+fn a_follower_probed_after_another_term_at_or_below_its_commit_index_stops_instead_of_acknowledging() {
+    for below in [0, 1] {
+        let (mut c, term, committed) = node_3_with_two_entries_committed();
+        // An empty probe after the leader's entry at (or just below) 3's commit index.
+        let prev = LogId { term: term.next(), index: LogIndex(committed.0 - below) };
+        let m = forked_append(prev, prev.index, committed, term.next());
+        assert_node_3_stopped_forked(&mut c, m, prev.index, term);
+    }
+}
+
+#[test]
+fn entries_a_load_answers_are_sent_only_if_the_log_still_holds_them() {
+    // The load read the log before a truncation changed it (this node stepped down, followed
+    // another leader and leads again): storage answers entries of an earlier term at the
+    // indexes the follower needs next. Sent, the follower would append them and the leader
+    // count them as matching its own log. The leader loads again instead, and sends what that
+    // load answers (refused too, the follower would never catch up).
+    let mut c = Cluster::with_leader(&[1, 2, 3], Config { entry_cache_bytes_max: 0, ..cfg() });
+    c.elect(2);
+    c.elect(1);
+    let earlier = Term(c.engine(1).term().0 - 1);
+    let (from, to) = hold_a_load_for_node_3(&mut c);
+    let stale: Vec<Entry> = (from.0..=to.0)
+        .map(|i| Entry { log_id: LogId { term: earlier, index: LogIndex(i) }, payload: EntryPayload::Blank })
+        .collect();
+    let now = c.now;
+    c.node(1).held_loads.clear();
+    c.node(1).engine.handle_entries_loaded(now, n(3), stale);
+    let out = c.take_outbox(1);
+    let sent = out.iter().filter_map(|m| match &m.body {
+        MessageBody::Append { entries, .. } if m.to == n(3) => Some(entries),
+        _ => None,
+    });
+    for entries in sent {
+        assert!(entries.iter().all(|e| c.engine(1).term_at(e.log_id.index) == Some(e.log_id.term)), "{entries:?}");
+    }
+    let &(_, again, to, _) = c.nodes[&n(1)].held_loads.last().expect("loads again at once");
+    assert_eq!(again, from);
+    let entries: Vec<Entry> = (from.0..=to.0).map(|i| c.nodes[&n(1)].entry_at(LogIndex(i))).collect();
+    c.node(1).engine.handle_entries_loaded(now, n(3), entries.clone());
+    let out = c.take_outbox(1);
+    assert!(
+        out.iter().any(|m| m.to == n(3) && matches!(&m.body, MessageBody::Append { entries: e, .. } if *e == entries)),
+        "{out:?}"
+    );
 }

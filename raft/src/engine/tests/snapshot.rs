@@ -635,23 +635,7 @@ fn the_log_is_not_purged_under_a_load_in_flight() {
         ..cfg()
     };
     let mut c = Cluster::with_leader(&[1, 2, 3], config);
-    c.cut.insert((n(1), n(3)));
-    for i in 0..5 {
-        c.propose(1, &format!("v{i}"));
-    }
-    c.stabilize();
-    c.cut.clear();
-    // Node 3 answers again; the leader loads what it lacks, and the disk is slow.
-    c.node(1).hold_loads = true;
-    for _ in 0..5 {
-        c.advance(20);
-        c.stabilize();
-        if !c.nodes[&n(1)].held_loads.is_empty() {
-            break;
-        }
-    }
-    let &(peer, from, to, _) = c.nodes[&n(1)].held_loads.first().expect("a load for node 3");
-    assert_eq!(peer, n(3));
+    let (from, to) = hold_a_load_for_node_3(&mut c);
     // Meanwhile the log is compacted as far as it may be.
     let now = c.now;
     c.node(1).engine.compact_log(now);
