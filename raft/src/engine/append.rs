@@ -8,11 +8,15 @@ impl Engine {
     /// conflicting suffix, append the rest, learn the commit index, acknowledge once durable.
     pub(super) fn on_append(&mut self, now: Millis, from: NodeId, prev: LogId, entries: Vec<Entry>, commit: LogIndex) {
         // Input from the network: check the shape before trusting it.
-        let well_formed = entries.iter().enumerate().all(|(i, e)| {
-            prev.index.0.checked_add(i as u64 + 1) == Some(e.log_id.index.0)
-                && e.log_id.term >= prev.term
-                && e.log_id.term <= self.vote.term
-        }) && entries.windows(2).all(|w| w[0].log_id.term <= w[1].log_id.term);
+        // A `prev` of a term after ours is no entry of this leader's log: dropped, not taken
+        // for a fork below our commit index.
+        let well_formed = prev.term <= self.vote.term
+            && entries.iter().enumerate().all(|(i, e)| {
+                prev.index.0.checked_add(i as u64 + 1) == Some(e.log_id.index.0)
+                    && e.log_id.term >= prev.term
+                    && e.log_id.term <= self.vote.term
+            })
+            && entries.windows(2).all(|w| w[0].log_id.term <= w[1].log_id.term);
         if !well_formed {
             warn!(node = %self.id, %from, %prev, "malformed append dropped");
             return;
@@ -110,6 +114,14 @@ impl Engine {
     /// about a sync) to an entry of an earlier term that was never committed. The next append
     /// finds where our log and the leader's agree, and carries the commit index from there.
     pub(super) fn on_heartbeat(&mut self, now: Millis, from: NodeId, commit: LogId, round: u64) {
+        // The leader names its own committed entry: at or below our commit index we hold a
+        // committed entry there too, and another term means the histories forked (a quiet
+        // group would otherwise answer the leader's read rounds until its next write).
+        if commit.index.0 > 0 && commit.index <= self.committed && commit.term <= self.vote.term {
+            if let Some(ours) = self.log.term_at(commit.index).filter(|ours| *ours != commit.term) {
+                return self.stop_forked(from, commit.index, ours, commit.term);
+            }
+        }
         if commit.index > self.committed && self.log.has(commit) {
             self.committed = commit.index;
             self.after_commit(now);

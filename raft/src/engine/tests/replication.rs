@@ -715,6 +715,36 @@ fn a_follower_probed_after_another_term_at_or_below_its_commit_index_stops_inste
 }
 
 #[test]
+fn a_follower_told_by_a_heartbeat_of_another_term_at_its_commit_index_stops_instead_of_answering() {
+    let (mut c, term, committed) = node_3_with_two_entries_committed();
+    let theirs = term.next();
+    let commit = LogId { term: theirs, index: committed };
+    let m = Message {
+        from: n(2),
+        to: n(3),
+        term: theirs,
+        body: MessageBody::Heartbeat { commit, round: 1, keep_after: None },
+    };
+    let now = c.now;
+    c.node(3).engine.handle_message(now, m);
+    let out = c.take_outbox(3);
+    assert!(!out.iter().any(|m| matches!(m.body, MessageBody::HeartbeatResp { .. })), "no answer: {out:?}");
+    assert_eq!(c.engine(3).fatal(), Some(&Fatal::Diverged { leader: n(2), index: committed, ours: term, theirs }));
+}
+
+#[test]
+fn an_append_whose_prev_is_of_a_later_term_than_the_message_is_dropped_not_taken_for_a_fork() {
+    let (mut c, term, committed) = node_3_with_two_entries_committed();
+    // From the leader of a new term, a `prev` of a term after it: no entry of its log.
+    let prev = LogId { term: Term(term.0 + 5), index: committed };
+    let m = forked_append(prev, prev.index, committed, term.next());
+    let now = c.now;
+    c.node(3).engine.handle_message(now, m);
+    assert_eq!(c.engine(3).fatal(), None, "a malformed message stops nothing");
+    assert!(!c.take_outbox(3).iter().any(|m| matches!(m.body, MessageBody::AppendResp(_))));
+}
+
+#[test]
 fn entries_a_load_answers_are_sent_only_if_the_log_still_holds_them() {
     // The load read the log before a truncation changed it (this node stepped down, followed
     // another leader and leads again): storage answers entries of an earlier term at the
