@@ -105,6 +105,7 @@ async fn servers_survive_a_crash_and_catch_up() {
     assert!(value("flotilla_rocksdb_wal_written_bytes_total") > 0);
     assert!(value("flotilla_rocksdb_written_bytes_total") > 0);
     assert!(value("flotilla_process_resident_memory_bytes") > 1 << 20);
+    assert_eq!(value("flotilla_groups_stopped"), 0, "no group of a healthy node stopped");
     for name in [
         "flotilla_rocksdb_block_cache_usage_bytes",
         "flotilla_rocksdb_block_cache_pinned_bytes",

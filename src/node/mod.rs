@@ -747,6 +747,14 @@ impl Node {
         let infos = self.inner.host.group_info().await.unwrap_or_default();
         let leaders = infos.iter().filter(|i| i.role == Role::Leader).count();
         let quiet = infos.iter().filter(|i| i.quiet).count();
+        // A group stopped for good (its storage failed, or its log forked from its leader's
+        // below the commit index): it answers nothing until an operator drops the replica.
+        let stopped = infos.iter().filter(|i| i.stopped.is_some()).count();
+        let _ = writeln!(
+            out,
+            "# HELP flotilla_groups_stopped Groups stopped by a fatal error (storage, or a log forked from the leader's).\n\
+             # TYPE flotilla_groups_stopped gauge\nflotilla_groups_stopped{{node=\"{id}\"}} {stopped}"
+        );
         let _ = writeln!(
             out,
             "# HELP flotilla_groups Groups hosted.\n# TYPE flotilla_groups gauge\nflotilla_groups{{node=\"{id}\"}} {}\n\

@@ -299,7 +299,8 @@ pub struct GroupInfo {
     pub removed_at: Option<LogIndex>,
     /// Whether the group is quiet (not ticking).
     pub quiet: bool,
-    /// Why the group stopped (a storage failure), once it did.
+    /// Why the group stopped for good (a storage failure, or its log forked from its
+    /// leader's below the commit index), once it did; counted in `flotilla_groups_stopped`.
     pub stopped: Option<String>,
 }
 
