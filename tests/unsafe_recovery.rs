@@ -22,6 +22,27 @@ fn key(i: usize) -> Vec<u8> {
     format!("{:02x}key-{i}", i * 256 / KEYS).into_bytes()
 }
 
+/// Stops nodes `ids` and deletes their data directories: lost for good. Returns them.
+async fn lose_for_good(c: &mut Cluster, ids: &[u64]) -> BTreeSet<NodeId> {
+    for id in ids {
+        c.stop(*id).await;
+        std::fs::remove_dir_all(c.dev.dir().join(format!("node-{id}"))).unwrap();
+    }
+    ids.iter().map(|id| NodeId(*id)).collect()
+}
+
+/// Runs unsafe recovery with `dead` through `client`; its report and progress lines.
+async fn recover_logged(client: &Client, dead: &BTreeSet<NodeId>) -> (flotilla::unsafe_recovery::Report, Vec<String>) {
+    let mut lines = Vec::new();
+    let report = recover(client, dead, &mut |l| {
+        eprintln!("{l}");
+        lines.push(l)
+    })
+    .await
+    .unwrap();
+    (report, lines)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_of_three_replicas_lost_for_good_are_recovered_from_the_third() {
     let mut c = Cluster::start_with(5, &[1, 2, 3], &[1, 2, 3], flotilla::meta::dev_split_keys(SHARDS), |_| {}).await;
@@ -68,19 +89,9 @@ async fn two_of_three_replicas_lost_for_good_are_recovered_from_the_third() {
     client.close().await;
 
     // Nodes 2 and 3 are gone with their disks.
-    for id in [2, 3] {
-        c.stop(id).await;
-        std::fs::remove_dir_all(c.dev.dir().join(format!("node-{id}"))).unwrap();
-    }
+    let dead = lose_for_good(&mut c, &[2, 3]).await;
     let client = Client::connect(c.config(&[1, 4, 5])).await.unwrap();
-    let dead: BTreeSet<NodeId> = [NodeId(2), NodeId(3)].into();
-    let mut lines = Vec::new();
-    let report = recover(&client, &dead, &mut |l| {
-        eprintln!("{l}");
-        lines.push(l)
-    })
-    .await
-    .unwrap();
+    let (report, lines) = recover_logged(&client, &dead).await;
     assert!(!lines.is_empty(), "progress is reported");
 
     // The report names every group (the meta group and each shard) and what was kept.
@@ -211,21 +222,11 @@ async fn nodes_that_saw_a_lost_meta_history_take_the_recovered_one() {
     assert!(c.node(1).meta_revision() < seen && c.node(5).meta_revision() < seen, "the survivors are behind");
 
     // Nodes 2, 3 and 4 are gone with their disks.
-    for id in [2, 3, 4] {
-        c.stop(id).await;
-        std::fs::remove_dir_all(c.dev.dir().join(format!("node-{id}"))).unwrap();
-    }
+    let dead = lose_for_good(&mut c, &[2, 3, 4]).await;
     // The tool is given nodes 1 and 5 only: it hears of node 7 from node 6.
     let client = Client::connect(c.config(&[1, 5])).await.unwrap();
     assert!(!client.cached_view().nodes.contains_key(&NodeId(7)), "the scenario needs node 7 unknown to 1 and 5");
-    let dead: BTreeSet<NodeId> = [NodeId(2), NodeId(3), NodeId(4)].into();
-    let mut lines = Vec::new();
-    let report = recover(&client, &dead, &mut |l| {
-        eprintln!("{l}");
-        lines.push(l)
-    })
-    .await
-    .unwrap();
+    let (report, lines) = recover_logged(&client, &dead).await;
     assert!(lines.iter().any(|l| l.starts_with("node 7:")), "node 7 was asked: {lines:?}");
     let meta = report.forced.iter().find(|f| f.decision.shard == META_GROUP).expect("the meta group was forced");
     let kept = meta.decision.survivor.0;

@@ -557,25 +557,39 @@ fn node_3_log_with_two_entries_never_sent(c: &Cluster) -> (Vec<Entry>, LogIndex)
     (log, base)
 }
 
+/// Node 1 leads and writes one entry; node 3's disk will come back with that log plus two
+/// entries of node 1's term that were never sent (see `node_3_log_with_two_entries_never_sent`);
+/// then node 2 takes over in a new term and proposes "b" (not yet replicated). Returns the
+/// cluster, the rolled-back log and the index where it stops matching.
+fn node_2_leads_over_a_log_node_3_will_roll_back_to() -> (Cluster, Vec<Entry>, LogIndex) {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.propose(1, "a");
+    c.stabilize();
+    let (rolled_back, base) = node_3_log_with_two_entries_never_sent(&c);
+    c.elect(2);
+    c.propose(2, "b");
+    (c, rolled_back, base)
+}
+
+/// Node 3 restarts on `log` (its disk rolled back), keeping its vote.
+fn restart_node_3_on(c: &mut Cluster, log: Vec<Entry>) {
+    let vote = c.nodes[&n(3)].vote;
+    c.nodes.insert(n(3), TestNode::restarted_with(3, &cfg(), log, vote));
+}
+
 #[test]
 fn a_follower_whose_disk_rolled_back_to_entries_of_an_earlier_term_is_caught_up_past_them() {
     // Node 3 acknowledged the leader's entries, then its disk came back with an older log: the
     // same length, but the last entries from an earlier term that never committed. The leader
     // must not keep probing right after what 3 acknowledged (3 refuses it forever), nor trust
     // the entries that 3's hint names: their terms are not its own.
-    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
-    c.propose(1, "a");
-    c.stabilize();
-    let (rolled_back, _) = node_3_log_with_two_entries_never_sent(&c);
     // Node 2 takes over in a new term and writes two entries everyone acknowledges.
-    c.elect(2);
-    c.propose(2, "b");
+    let (mut c, rolled_back, _) = node_2_leads_over_a_log_node_3_will_roll_back_to();
     c.propose(2, "c");
     c.stabilize();
     assert_eq!(c.engine(3).last_log_id(), c.engine(2).last_log_id());
     // Node 3 restarts on the rolled-back disk.
-    let vote = c.nodes[&n(3)].vote;
-    c.nodes.insert(n(3), TestNode::restarted_with(3, &cfg(), rolled_back, vote));
+    restart_node_3_on(&mut c, rolled_back);
     let last = c.propose(2, "d");
     c.stabilize();
     assert_eq!(c.engine(3).last_log_id(), c.engine(2).last_log_id(), "node 3 holds the leader's log");
@@ -588,20 +602,14 @@ fn a_follower_whose_rolled_back_log_ends_at_the_leaders_purge_point_with_another
     // ends, and the entry node 3 has there is not the leader's (another term): the logs agree
     // at no point the leader still holds. Its answer to node 3's first refusal is a snapshot,
     // not a probe right after its purge point that node 3 can only refuse again.
-    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
-    c.propose(1, "a");
-    c.stabilize();
-    let (rolled_back, base) = node_3_log_with_two_entries_never_sent(&c);
-    c.elect(2);
-    c.propose(2, "b");
+    let (mut c, rolled_back, base) = node_2_leads_over_a_log_node_3_will_roll_back_to();
     c.stabilize();
     let now = c.now;
     c.node(2).engine.compact_log(now);
     c.propose(2, "c");
     c.stabilize();
     assert_eq!(c.engine(2).first_log_index(), LogIndex(base.0 + 3), "purged up to node 3's last stale entry");
-    let vote = c.nodes[&n(3)].vote;
-    c.nodes.insert(n(3), TestNode::restarted_with(3, &cfg(), rolled_back, vote));
+    restart_node_3_on(&mut c, rolled_back);
     let last = c.propose(2, "d");
     let mut refusals = 0;
     c.stabilize_with(|m| {
@@ -619,17 +627,11 @@ fn a_follower_whose_disk_rolled_back_learns_no_commit_index_from_a_heartbeat_for
     // same indexes ending in entries of an earlier term that never committed. The leader's
     // next heartbeat says "committed up to what you matched": node 3 must not take that for
     // its own entries there and apply them. (The leader names the entry; 3 does not hold it.)
-    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
-    c.propose(1, "a");
-    c.stabilize();
-    let (rolled_back, base) = node_3_log_with_two_entries_never_sent(&c);
-    c.elect(2);
-    c.propose(2, "b");
+    let (mut c, rolled_back, base) = node_2_leads_over_a_log_node_3_will_roll_back_to();
     c.stabilize();
     assert_eq!(c.engine(3).last_log_id(), c.engine(2).last_log_id());
     assert_eq!(c.engine(2).committed(), c.engine(2).last_log_id().index, "3 matched all of it, committed");
-    let vote = c.nodes[&n(3)].vote;
-    c.nodes.insert(n(3), TestNode::restarted_with(3, &cfg(), rolled_back, vote));
+    restart_node_3_on(&mut c, rolled_back);
     // Heartbeats only, before any append shows the leader that 3 lost its entries.
     c.advance(20);
     c.stabilize_with(|m| !matches!(m.body, MessageBody::Append { .. }));
