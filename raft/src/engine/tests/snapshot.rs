@@ -917,3 +917,40 @@ fn a_follower_purges_what_its_leader_stopped_keeping_on_the_heartbeat_that_says_
     assert_eq!(c.engine(3).applied(), applied, "node 3 caught up");
     assert_eq!(c.nodes[&n(2)].last_purged.index, applied, "node 2 purged on that heartbeat");
 }
+
+/// A snapshot that ends at or below what the follower already committed (a new leader whose
+/// progress for it is stale) is answered as installed and never stored or installed: the
+/// state machine would go back to an older state.
+#[test]
+fn a_snapshot_at_or_below_the_followers_commit_index_is_answered_without_being_installed() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.propose(1, "a");
+    c.propose(1, "b");
+    c.stabilize();
+    c.settle(1);
+    let committed = c.engine(2).committed();
+    for last in [LogIndex(committed.0 - 1), committed] {
+        let (mut meta, chunk) = first_chunk_to_2(&c, 7, 4, true);
+        meta.last_log_id = LogId { term: c.engine(2).term(), index: last };
+        let body =
+            MessageBody::Snapshot { meta: meta.clone(), offset: 0, data: Bytes::from_static(b"abcd"), done: true };
+        let now = c.now;
+        c.node(2).engine.handle_message(now, Message { body, ..chunk });
+        let out = drain(&mut c.node(2).engine);
+        assert!(
+            !out.iter().any(|a| matches!(a, Action::ReceiveSnapshotChunk { .. } | Action::InstallSnapshot { .. })),
+            "a snapshot ending at {last} stored or installed over commit index {committed}: {out:?}"
+        );
+        let answered = |a: &Action| {
+            matches!(
+                a,
+                Action::Send(Message {
+                    body: MessageBody::SnapshotResp { installed: Some(_), next_offset: 4, .. },
+                    ..
+                })
+            )
+        };
+        assert!(out.iter().any(answered), "{out:?}");
+        assert_eq!(c.engine(2).committed(), committed);
+    }
+}
