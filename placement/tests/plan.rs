@@ -143,14 +143,7 @@ fn without_a_leader_applied_index_the_learner_catches_up_with_the_most_advanced_
 
 #[test]
 fn remove_old_waits_for_the_committed_configuration_and_leaves_a_confirmed_tombstone() {
-    let mut s = state();
-    start(&mut s, 1, 4, None);
-    advance(&mut s).expect("add learner");
-    raft_follows(&mut s, 2, &[]);
-    applied(&mut s, 2, 1, true);
-    applied(&mut s, 4, 1, false);
-    advance(&mut s).expect("caught up");
-    advance(&mut s).expect("promote");
+    let mut s = promoted(None, 1);
     // The leader reports the joint configuration: node 1 still votes in its outgoing half.
     let mut report = s.nodes[&n(2)].report.clone();
     report.confs.insert(
@@ -389,14 +382,7 @@ fn every_move_started_within_the_hour_is_remembered() {
 #[test]
 fn a_target_demoted_after_it_voted_is_a_conflict_even_if_it_drains() {
     use ReplicaRole::{Learner, Voter};
-    let mut s = state();
-    start(&mut s, 1, 4, None);
-    advance(&mut s).expect("add learner");
-    raft_follows(&mut s, 2, &[]);
-    applied(&mut s, 2, 5, true);
-    applied(&mut s, 4, 5, false);
-    advance(&mut s).expect("caught up");
-    advance(&mut s).expect("promote");
+    let mut s = promoted(None, 5);
     assert_eq!(s.moves[&S].step, MoveStep::RemoveOld);
     // Swapped back by hand, then the target starts draining: its replica had voted, so this is
     // no early drain but replicas changed under the plan.
@@ -630,19 +616,27 @@ fn leader_reports(s: &mut MetaState, leader: u64, voters: &[u64], learners: &[u6
     s.apply(MetaCommand::Heartbeat { node: n(leader), report }).expect("heartbeat");
 }
 
+/// A move of shard 1 from node 1 to node 4 (leadership to `leader_to`) run through its
+/// promotion: node 2 leads, its group carried out the learner's addition, and every
+/// replica has applied `index`.
+fn promoted(leader_to: Option<u64>, index: u64) -> MetaState {
+    let mut s = state();
+    start(&mut s, 1, 4, leader_to);
+    advance(&mut s).expect("add learner");
+    raft_follows(&mut s, 2, &[]);
+    applied(&mut s, 2, index, true);
+    applied(&mut s, 4, index, false);
+    advance(&mut s).expect("caught up");
+    advance(&mut s).expect("promote");
+    s
+}
+
 /// A move of shard 1 from node 1 to node 4 (leadership to `leader_to`) run up to its swap:
 /// the map has node 4 voting and node 1 a learner, while the group's leader, node 2, still
 /// reports the configuration before the swap (voters 1, 2, 3; learner 4).
 fn swapped_in_the_map(leader_to: Option<u64>) -> MetaState {
     use ReplicaRole::{Learner, Voter};
-    let mut s = state();
-    start(&mut s, 1, 4, leader_to);
-    advance(&mut s).expect("add learner");
-    raft_follows(&mut s, 2, &[]);
-    applied(&mut s, 2, 5, true);
-    applied(&mut s, 4, 5, false);
-    advance(&mut s).expect("caught up");
-    advance(&mut s).expect("promote");
+    let s = promoted(leader_to, 5);
     assert_eq!(roles(&s), vec![(1, Learner), (2, Voter), (3, Voter), (4, Voter)]);
     assert_eq!(s.moves[&S].step, MoveStep::RemoveOld);
     assert_eq!(s.leader_conf(S).map(|c| c.voters.iter().map(|v| v.0).collect::<Vec<_>>()), Some(vec![1, 2, 3]));

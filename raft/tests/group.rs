@@ -298,6 +298,22 @@ fn node_1_of_2_elected() -> ([Group; 2], Millis) {
     node_1_elected(Config::default())
 }
 
+/// Hands node 1 `request`, whose entry never leaves it (what it sends is dropped): the log id
+/// of that entry.
+fn entry_only_node_1_holds(gs: &mut [Group], t: Millis, request: Request) -> LogId {
+    gs[0].core.handle_request(t, request);
+    gs[0].pump();
+    gs[0].outbox.clear();
+    gs[0].log.last().expect("node 1 appended the request's entry").log_id
+}
+
+/// Nodes 2 and 3 elect node 2 without node 1.
+fn node_2_elected_without_1(gs: &mut [Group]) {
+    campaign(gs, 2);
+    exchange_among(gs, &[2, 3]);
+    assert_eq!(gs[1].core.engine().role(), Role::Leader);
+}
+
 /// The nodes of an `N`-voter group on `config`, node 1 elected; and the time it was.
 fn node_1_elected<const N: usize>(config: Config) -> ([Group; N], Millis) {
     let voters: Vec<u64> = (1..=N as u64).collect();
@@ -548,14 +564,10 @@ fn a_membership_change_whose_entry_was_replaced_fails_only_once_the_replacement_
     let (mut gs, t) = node_1_elected::<3>(Config::default());
     // Node 1 proposes a change that never leaves it.
     let (tx, mut rx) = oneshot::channel();
-    gs[0].core.handle_request(t, Request::ChangeMembership([1, 2].into_iter().map(NodeId).collect(), tx));
-    gs[0].pump();
-    gs[0].outbox.clear();
-    let joint = gs[0].log.last().expect("the joint entry").log_id;
+    let joint =
+        entry_only_node_1_holds(&mut gs, t, Request::ChangeMembership([1, 2].into_iter().map(NodeId).collect(), tx));
     // Nodes 2 and 3 elect node 2, whose first entry takes the joint entry's index.
-    campaign(&mut gs, 2);
-    exchange_among(&mut gs, &[2, 3]);
-    assert_eq!(gs[1].core.engine().role(), Role::Leader);
+    node_2_elected_without_1(&mut gs);
     // Node 1 hears from node 2 and takes its entries, but does not apply them yet.
     gs[0].apply = false;
     let beat = gs[1].core.engine().next_deadline();
@@ -582,14 +594,9 @@ fn an_added_learner_whose_entry_was_replaced_fails_with_dropped_even_if_another_
     let (mut gs, t) = node_1_elected::<3>(Config::default());
     // Node 1 proposes adding learner 4; the entry never leaves it.
     let (tx, mut mine) = oneshot::channel();
-    gs[0].core.handle_request(t, Request::AddLearner(NodeId(4), tx));
-    gs[0].pump();
-    gs[0].outbox.clear();
-    let entry = gs[0].log.last().expect("the learner's entry").log_id;
+    let entry = entry_only_node_1_holds(&mut gs, t, Request::AddLearner(NodeId(4), tx));
     // Nodes 2 and 3 elect node 2, which adds learner 4 on its own.
-    campaign(&mut gs, 2);
-    exchange_among(&mut gs, &[2, 3]);
-    assert_eq!(gs[1].core.engine().role(), Role::Leader);
+    node_2_elected_without_1(&mut gs);
     let (tx, mut theirs) = oneshot::channel();
     let later = gs[1].now;
     gs[1].core.handle_request(later, Request::AddLearner(NodeId(4), tx));
@@ -632,13 +639,9 @@ fn a_membership_change_whose_entry_a_snapshot_replaced_fails_instead_of_waiting_
     let config = Config { log_keep_entries: 0, log_lag_entries_max: 0, log_purge_step_entries: 1, ..Config::default() };
     let (mut gs, t) = node_1_elected::<3>(config);
     let (tx, mut rx) = oneshot::channel();
-    gs[0].core.handle_request(t, Request::ChangeMembership([1, 2].into_iter().map(NodeId).collect(), tx));
-    gs[0].pump();
-    gs[0].outbox.clear();
-    let joint = gs[0].log.last().expect("the joint entry").log_id;
-    campaign(&mut gs, 2);
-    exchange_among(&mut gs, &[2, 3]);
-    assert_eq!(gs[1].core.engine().role(), Role::Leader);
+    let joint =
+        entry_only_node_1_holds(&mut gs, t, Request::ChangeMembership([1, 2].into_iter().map(NodeId).collect(), tx));
+    node_2_elected_without_1(&mut gs);
     for i in 0..5 {
         drop(gs[1].write(&[&format!("w{i}")]));
         exchange_among(&mut gs, &[2, 3]);

@@ -283,6 +283,21 @@ impl Cluster {
         c
     }
 
+    /// {1, 2, 3} led by node 1, with "a" and "b" committed and every node knowing it (one
+    /// heartbeat round after the replication).
+    fn with_two_entries_committed() -> Cluster {
+        let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+        c.propose(1, "a");
+        c.propose(1, "b");
+        c.stabilize();
+        c.settle(1);
+        let last = c.engine(1).last_log_id().index;
+        for id in [2, 3] {
+            assert_eq!(c.engine(id).committed(), last, "node {id} knows everything is committed");
+        }
+        c
+    }
+
     /// Starts node `id` and has leader `leader` add it as a learner.
     fn add_learner(&mut self, leader: u64, id: u64) {
         self.nodes.insert(n(id), TestNode::new(id, &cfg(), id));

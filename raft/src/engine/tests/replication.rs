@@ -425,13 +425,8 @@ fn a_follower_learns_the_commit_index_from_heartbeats() {
 /// and acknowledged in one go, not dropped.
 #[test]
 fn an_append_overlapping_the_commit_index_keeps_the_entries_after_it() {
-    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
-    c.propose(1, "a");
-    c.propose(1, "b");
-    c.stabilize();
-    c.settle(1);
+    let mut c = Cluster::with_two_entries_committed();
     let committed = c.engine(2).committed();
-    assert_eq!(committed, c.engine(1).last_log_id().index, "node 2 knows everything is committed");
     // Node 2 misses "c"; then gets an append of the last three entries (two committed).
     c.cut.insert((n(1), n(2)));
     let last = c.propose(1, "c");
@@ -655,13 +650,8 @@ fn a_follower_whose_disk_rolled_back_learns_no_commit_index_from_a_heartbeat_for
 /// indexes (what an unsafe recovery onto a replica that lacked them leads to). Returns the
 /// cluster, the term of 3's committed entries and 3's commit index.
 fn node_3_with_two_entries_committed() -> (Cluster, Term, LogIndex) {
-    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
-    c.propose(1, "a");
-    c.propose(1, "b");
-    c.stabilize();
-    c.settle(1);
+    let c = Cluster::with_two_entries_committed();
     let committed = c.engine(3).committed();
-    assert_eq!(committed, c.engine(1).last_log_id().index, "node 3 knows everything is committed");
     let term = c.engine(1).term();
     (c, term, committed)
 }

@@ -923,11 +923,7 @@ fn a_follower_purges_what_its_leader_stopped_keeping_on_the_heartbeat_that_says_
 /// state machine would go back to an older state.
 #[test]
 fn a_snapshot_at_or_below_the_followers_commit_index_is_answered_without_being_installed() {
-    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
-    c.propose(1, "a");
-    c.propose(1, "b");
-    c.stabilize();
-    c.settle(1);
+    let mut c = Cluster::with_two_entries_committed();
     let committed = c.engine(2).committed();
     for last in [LogIndex(committed.0 - 1), committed] {
         let (mut meta, chunk) = first_chunk_to_2(&c, 7, 4, true);
