@@ -183,6 +183,10 @@ impl StoredMeta {
     /// or below cannot take this one as the change after its own ([`StoredMeta::apply`]
     /// refuses the gap) and reads the whole state instead.
     pub fn changes_above(&self, next: &MetaState, floor: u64) -> Result<(Vec<MetaWrite>, StoredMeta), String> {
+        if floor > crate::unsafe_recovery::REVISION_FLOOR_MAX {
+            // A header near `u64::MAX` would leave no room for the changes after it.
+            return Err(format!("meta revision floor {floor} is not believable"));
+        }
         let mut next = next.clone();
         for info in next.nodes.values_mut() {
             info.report = NodeReport::default();

@@ -250,6 +250,9 @@ fn a_change_written_above_a_floor_starts_past_every_copy_of_a_lost_history() {
     assert_eq!((header_only.len(), jumped.revision()), (1, floor + 2));
     let (none, _) = after.changes_above(&after.state, floor).expect("changes");
     assert!(none.is_empty(), "a floor passed already asks for nothing");
+    // A floor near the end of the revisions is refused.
+    let huge = crate::unsafe_recovery::REVISION_FLOOR_MAX + 1;
+    assert!(forced.changes_above(&next, huge).expect_err("refused").contains("not believable"));
     // A floor below the next revision changes nothing.
     let (_, plain) = forced.changes_above(&next, 0).expect("changes");
     assert_eq!(plain.revision(), forced.revision() + 1);

@@ -147,17 +147,19 @@ impl Node {
         if let Err(e) = write_durably(&path) {
             return Err(format!("cannot write {}: {e}", path.display()));
         }
-        let done = self.inner.host.destroy_group_if(META_GROUP, true, still).await;
-        if let Ok(()) | Err(HostError::UnknownGroup(_)) = done {
-            self.forget_stored();
-            return Ok(true);
-        }
-        // The marker must not outlive the replica it was written for.
-        self.clear_meta_retired();
-        match done {
-            Err(HostError::Kept(_)) => Ok(false),
-            Err(e) => Err(e.to_string()),
-            Ok(()) => Ok(true),
+        match self.inner.host.destroy_group_if(META_GROUP, true, still).await {
+            Ok(()) | Err(HostError::UnknownGroup(_)) => {
+                self.forget_stored();
+                Ok(true)
+            }
+            Err(e) => {
+                // The marker must not outlive the replica it was written for.
+                self.clear_meta_retired();
+                match e {
+                    HostError::Kept(_) => Ok(false),
+                    e => Err(e.to_string()),
+                }
+            }
         }
     }
 
