@@ -514,6 +514,14 @@ impl GroupCore {
         }
     }
 
+    /// Entry `commit` is known committed from outside the group (see
+    /// [`Engine::learn_committed`]).
+    pub fn learn_committed(&mut self, now: Millis, commit: LogId) {
+        if self.fatal.is_none() {
+            self.engine.learn_committed(now, commit);
+        }
+    }
+
     /// Timers.
     pub fn handle_timeout(&mut self, now: Millis) {
         if self.fatal.is_none() {

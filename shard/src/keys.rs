@@ -33,6 +33,9 @@ pub const KIND_SNAPSHOT_DATA: u8 = 0x06;
 /// A snapshot installation under way (its snapshot id): set durably before the data is
 /// replaced, cleared with the new applied state, so a crash in between is finished at start-up.
 pub const KIND_INSTALLING: u8 = 0x07;
+/// The group's part in a merge ([`crate::merge::MergeState`]): frozen for one, or the merges
+/// it thawed from. Absent for a group never frozen.
+pub const KIND_MERGE: u8 = 0x08;
 /// Log entries, followed by the index.
 pub const KIND_ENTRY: u8 = 0x10;
 
@@ -65,6 +68,14 @@ pub fn entry_index(group: GroupId, key: &[u8]) -> Option<LogIndex> {
     let mut b = [0u8; 8];
     b.copy_from_slice(&key[9..]);
     Some(LogIndex(u64::from_be_bytes(b)))
+}
+
+/// The first key after every `raft` key of `group`.
+pub fn group_end(group: GroupId) -> Vec<u8> {
+    match group.0.checked_add(1) {
+        Some(next) => group_key(GroupId(next), 0).to_vec(),
+        None => vec![0xff; 10],
+    }
 }
 
 /// `[group]` in the `meta` column family.

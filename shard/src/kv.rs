@@ -13,6 +13,7 @@ use crate::keys::{
     KIND_VOTE,
 };
 use crate::kv_snapshot::{self, BuiltSnapshot, ReceivingSnapshot};
+use crate::merge::{MergeSource, MergeState};
 use crate::store::{Op, Store, CF_DATA, CF_META, CF_RAFT};
 use bytes::Bytes;
 use flotilla_raft::{
@@ -276,6 +277,40 @@ pub enum KvCommand {
         /// Keys and values; a key given twice takes its last value, as in Redis.
         pairs: Vec<(Vec<u8>, Vec<u8>)>,
     },
+    /// Freeze the shard for merge `id` into group `into` (see [`crate::merge`]): from this
+    /// entry on it applies no write and no split, until thawed or absorbed. Answers
+    /// [`KvResponse::Frozen`] with the freeze entry (the first one, if proposed again).
+    Freeze {
+        /// Placement's id of the merge.
+        id: u64,
+        /// The group that will absorb this one.
+        into: u64,
+    },
+    /// Thaw the shard frozen for merge `id` (the merge was aborted); no freeze of that merge
+    /// applies afterwards.
+    Thaw {
+        /// Placement's id of the merge.
+        id: u64,
+    },
+    /// Absorb group `source`, frozen for merge `id` at `freeze` with the range
+    /// `[source_start, source_end)` starting where this shard ends: this shard's range
+    /// becomes the union, and the source's replica on each node is deleted, its data kept.
+    /// Refused (nothing changed, on every replica alike) unless the ranges are adjacent and
+    /// this shard's configuration is exactly `voters`. Answers [`KvResponse::Merged`].
+    Merge {
+        /// The group absorbed.
+        source: u64,
+        /// Placement's id of the merge.
+        id: u64,
+        /// The source's freeze entry.
+        freeze: LogId,
+        /// The source's first key.
+        source_start: Vec<u8>,
+        /// The key after the source's last (`None`: unbounded).
+        source_end: Option<Vec<u8>>,
+        /// The voters both groups have.
+        voters: std::collections::BTreeSet<NodeId>,
+    },
 }
 
 /// A read-modify-write of one value ([`KvCommand::Update`]). Numbers follow Redis's rules
@@ -345,7 +380,12 @@ impl KvCommand {
             KvCommand::Delete { .. }
             | KvCommand::Split { .. }
             | KvCommand::Txn { .. }
-            | KvCommand::InsertAll { .. } => 0,
+            | KvCommand::InsertAll { .. }
+            | KvCommand::Freeze { .. }
+            | KvCommand::Thaw { .. } => 0,
+            KvCommand::Merge { source_start, source_end, .. } => {
+                source_start.len().max(source_end.as_ref().map_or(0, |e| e.len()))
+            }
             KvCommand::Update { op: UpdateOp::Append(tail), .. } => tail.len(),
             KvCommand::Update { .. } => 0,
             KvCommand::Cas { expected, new, .. } => {
@@ -366,6 +406,8 @@ impl KvCommand {
             | KvCommand::Cas { key, .. }
             | KvCommand::Update { key, .. } => key,
             KvCommand::Split { at, .. } => at,
+            // Commands about the shard as a whole: no key of their own.
+            KvCommand::Freeze { .. } | KvCommand::Thaw { .. } | KvCommand::Merge { .. } => &[],
             KvCommand::Txn { guard, .. } => guard,
             KvCommand::InsertAll { pairs } => pairs.first().map_or(&[][..], |(k, _)| k),
         }
@@ -378,8 +420,15 @@ impl KvCommand {
                 range.contains(guard) && writes.iter().all(|(k, _)| range.contains(k))
             }
             KvCommand::InsertAll { pairs } => pairs.iter().all(|(k, _)| range.contains(k)),
+            KvCommand::Freeze { .. } | KvCommand::Thaw { .. } | KvCommand::Merge { .. } => true,
             other => range.contains(other.key()),
         }
+    }
+
+    /// Whether a frozen shard refuses the command: everything that changes its data or its
+    /// range, except the merge steps themselves.
+    pub fn refused_when_frozen(&self) -> bool {
+        !matches!(self, KvCommand::Freeze { .. } | KvCommand::Thaw { .. })
     }
     /// Encodes as a checksummed, versioned record.
     pub fn encode(&self) -> Result<Bytes, StorageError> {
@@ -461,6 +510,16 @@ pub enum KvResponse {
         /// The range of the new group.
         right: KeyRange,
     },
+    /// The shard is frozen for a merge, since entry `at`.
+    Frozen {
+        /// The freeze entry.
+        at: LogId,
+    },
+    /// The shard absorbed its right-hand neighbour: it owns `range` now.
+    Merged {
+        /// The range after the merge.
+        range: KeyRange,
+    },
 }
 
 impl KvResponse {
@@ -504,8 +563,32 @@ pub struct Prepared {
     pub responses: Vec<Bytes>,
     /// Splits applied.
     pub splits: Vec<SplitEffect>,
-    /// The shard's range after the batch (narrowed by its splits).
+    /// The shard's range after the batch (narrowed by its splits, widened by its merges).
     pub range: KeyRange,
+    /// Groups the batch absorbed ([`KvCommand::Merge`]): their state goes with the batch, and
+    /// the host forgets their parked replicas once it is written.
+    pub merges: Vec<GroupId>,
+    /// The shard's merge state after the batch.
+    pub merge_state: MergeState,
+    /// Where the batch stopped short: a merge entry whose source is not ready on this node
+    /// (not parked yet, or its stored state short of the freeze). The entries from there on
+    /// are applied again later; the responses cover those before it.
+    pub waiting: Option<MergeWait>,
+}
+
+/// A merge entry that cannot be applied yet on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MergeWait {
+    /// The merge entry's index: the first entry not applied.
+    pub index: LogIndex,
+    /// The group to absorb.
+    pub source: GroupId,
+    /// Placement's id of the merge.
+    pub id: u64,
+    /// The source's freeze entry.
+    pub freeze: LogId,
+    /// Why not yet.
+    pub why: String,
 }
 
 /// What the `meta` column family holds for each group of a node: its key range and, for a
@@ -553,6 +636,8 @@ pub struct KvStateMachine {
     /// The range, shared by clones (the host's reader and the poller's applier) and narrowed by
     /// a split or by installing a snapshot taken after one.
     range: Arc<RwLock<KeyRange>>,
+    /// The merge state as of the last prepared batch, shared by clones like the range.
+    merge: Arc<RwLock<MergeState>>,
     /// Shared by clones: whether the group was destroyed on this node, and the lock snapshot
     /// builds and installations hold while they run, so that a destroy can wait for them.
     life: Arc<Life>,
@@ -566,6 +651,10 @@ struct Life {
     built: Mutex<HashMap<u64, Arc<BuiltSnapshot>>>,
     /// The snapshot being received, between chunks.
     receiving: Mutex<Option<ReceivingSnapshot>>,
+    /// A range wider than the group's that the next installation may take: the group's own
+    /// widened by sources frozen for it to absorb (a snapshot taken after the merge, which
+    /// this replica missed). Set by the host just before the installation.
+    install_over: Mutex<Option<KeyRange>>,
     /// Through the trait's `apply` (a host tracks it itself): the applied index durable so
     /// far, and the indexes applied after it with the store batch each was written in.
     durable: Mutex<(LogIndex, VecDeque<(u64, LogIndex)>)>,
@@ -597,7 +686,13 @@ fn snapshot_id_now() -> u64 {
 impl KvStateMachine {
     /// The state machine of `group`, owning `range`.
     pub fn new(store: Store, group: GroupId, range: KeyRange) -> KvStateMachine {
-        KvStateMachine { store, group, range: Arc::new(RwLock::new(range)), life: Arc::default() }
+        KvStateMachine {
+            store,
+            group,
+            range: Arc::new(RwLock::new(range)),
+            merge: Arc::default(),
+            life: Arc::default(),
+        }
     }
 
     /// Marks the group destroyed on this node and waits for the snapshot build or installation
@@ -677,8 +772,39 @@ impl KvStateMachine {
     /// leaves ([`Prepared::range`]) is not in effect until the host sets it (`set_range`),
     /// together with what it does for the splits.
     pub fn prepare_apply_blocking(&self, entries: Vec<Entry>) -> Result<Prepared, StorageError> {
+        self.prepare_apply_parked(entries, &|_| false)
+    }
+
+    /// [`KvStateMachine::prepare_apply_blocking`] for a host that parks the sources of
+    /// merges: `parked(g)` says whether group `g`'s replica here is stopped for this shard to
+    /// absorb it. A merge entry whose source is not stops the batch ([`Prepared::waiting`]).
+    pub fn prepare_apply_parked(
+        &self,
+        entries: Vec<Entry>,
+        parked: &dyn Fn(GroupId) -> bool,
+    ) -> Result<Prepared, StorageError> {
         let mut range = self.range();
-        Self::apply_ops(&self.store, self.group, &mut range, entries)
+        let mut merge = self.merge_state();
+        Self::apply_ops(&self.store, self.group, &mut range, &mut merge, entries, parked)
+    }
+
+    /// The shard's merge state (as of the last prepared batch).
+    pub fn merge_state(&self) -> MergeState {
+        self.merge.read().map(|r| r.clone()).unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    pub(crate) fn set_merge_state(&self, state: MergeState) {
+        match self.merge.write() {
+            Ok(mut r) => *r = state,
+            Err(e) => *e.into_inner() = state,
+        }
+    }
+
+    /// Reads the merge state from the store into memory (blocking): at start-up and after a
+    /// snapshot's installation, which carries it.
+    fn load_merge_state(&self, s: &Store) -> Result<(), StorageError> {
+        self.set_merge_state(crate::merge::read_merge_state(s, self.group)?);
+        Ok(())
     }
 
     /// The shard's key range (as of the last applied batch).
@@ -826,13 +952,20 @@ impl KvStateMachine {
             )));
         }
         let received = r.finish()?;
+        let current = lock(&self.life.install_over).take().unwrap_or_else(|| self.range());
         // Not this replica's (another range, or wider than its own): refused, so the group goes
         // on and the leader builds another snapshot (one taken after the split it lacks).
-        kv_snapshot::check_snapshot_range(self.group, &self.range(), received.range())
+        kv_snapshot::check_snapshot_range(self.group, &current, received.range())
             .map_err(|e| SnapshotError::Refused(e.to_string()))?;
-        let adopted = kv_snapshot::install(&self.store, self.group, &self.range(), received)?;
+        let adopted = kv_snapshot::install(&self.store, self.group, &current, received)?;
         self.set_range(adopted);
+        self.load_merge_state(&self.store)?;
         Ok(())
+    }
+
+    /// Lets the next installation take a snapshot over `range` (see `Life::install_over`).
+    pub(crate) fn permit_install_over(&self, range: Option<KeyRange>) {
+        *lock(&self.life.install_over) = range;
     }
 
     pub(crate) fn set_range(&self, range: KeyRange) {
@@ -842,8 +975,18 @@ impl KvStateMachine {
         }
     }
 
-    fn apply_ops(s: &Store, g: GroupId, range: &mut KeyRange, entries: Vec<Entry>) -> Result<Prepared, StorageError> {
+    fn apply_ops(
+        s: &Store,
+        g: GroupId,
+        range: &mut KeyRange,
+        merge: &mut MergeState,
+        entries: Vec<Entry>,
+        parked: &dyn Fn(GroupId) -> bool,
+    ) -> Result<Prepared, StorageError> {
         let mut splits = Vec::new();
+        let mut merges = Vec::new();
+        let mut waiting = None;
+        let merge_before = merge.clone();
         let mut applied = Self::read_applied(s, g)?;
         let data = s.cf(CF_DATA)?;
         // Values written earlier in this batch, which the database does not show yet.
@@ -860,6 +1003,7 @@ impl KvStateMachine {
                     format!("group {g}: entry {} does not follow the applied index (expected {expected})", e.log_id),
                 ));
             }
+            let applied_before = applied.last_applied;
             applied.last_applied = Some(e.log_id);
             let resp = match e.payload {
                 EntryPayload::Blank => Bytes::new(),
@@ -875,6 +1019,54 @@ impl KvStateMachine {
                         // reached the log another way, and is the same on every replica.
                         Ok(cmd) if cmd.check_size().is_err() => {
                             KvResponse::Refused(cmd.check_size().err().unwrap_or_default())
+                        }
+                        // Frozen for a merge: nothing changed, and the caller retries where the
+                        // keys live once the merge is done or aborted.
+                        Ok(cmd) if merge.is_frozen() && cmd.refused_when_frozen() => KvResponse::OutOfRange,
+                        Ok(KvCommand::Freeze { id, into }) => {
+                            crate::merge::apply_freeze(g, merge, id, GroupId(into), e.log_id)
+                        }
+                        Ok(KvCommand::Thaw { id }) => crate::merge::apply_thaw(merge, id),
+                        Ok(KvCommand::Merge { source, id, freeze, source_start, source_end, voters }) => {
+                            let src = MergeSource {
+                                group: GroupId(source),
+                                id,
+                                freeze,
+                                range: KeyRange { start: source_start, end: source_end },
+                            };
+                            let membership = &applied.membership.membership;
+                            match crate::merge::merge_refusal(g, range, merge, membership, &src, &voters) {
+                                Some(why) => KvResponse::Refused(why),
+                                None => {
+                                    let ready = match parked(src.group) {
+                                        true => crate::merge::absorb_ops(s, g, &src)?,
+                                        false => Err(format!("group {} is not parked here yet", src.group)),
+                                    };
+                                    match ready {
+                                        Ok(absorb) => {
+                                            ops.extend(absorb);
+                                            let merged = KeyRange { start: range.start.clone(), end: src.range.end };
+                                            let desc = GroupDescriptor { range: merged.clone(), initial: None };
+                                            ops.push(Op::Put(CF_META, meta_key(g).to_vec(), encode(&desc)?));
+                                            merges.push(src.group);
+                                            *range = merged.clone();
+                                            KvResponse::Merged { range: merged }
+                                        }
+                                        Err(why) => {
+                                            // This entry and those after it wait: the batch ends here.
+                                            applied.last_applied = applied_before;
+                                            waiting = Some(MergeWait {
+                                                index: e.log_id.index,
+                                                source: src.group,
+                                                id,
+                                                freeze,
+                                                why,
+                                            });
+                                            break;
+                                        }
+                                    }
+                                }
+                            }
                         }
                         Ok(KvCommand::Split { at, new_group }) => {
                             let new_group = GroupId(new_group);
@@ -971,9 +1163,12 @@ impl KvStateMachine {
                                     Ok(new) => (Some(Some(new)), KvResponse::Done { previous: current }),
                                     Err(e) => (None, KvResponse::Refused(e)),
                                 },
-                                KvCommand::Split { .. } | KvCommand::Txn { .. } | KvCommand::InsertAll { .. } => {
-                                    (None, KvResponse::Refused("handled above".into()))
-                                }
+                                KvCommand::Split { .. }
+                                | KvCommand::Txn { .. }
+                                | KvCommand::InsertAll { .. }
+                                | KvCommand::Freeze { .. }
+                                | KvCommand::Thaw { .. }
+                                | KvCommand::Merge { .. } => (None, KvResponse::Refused("handled above".into())),
                             };
                             if let Some(new) = new {
                                 ops.push(match &new {
@@ -990,8 +1185,11 @@ impl KvStateMachine {
             };
             responses.push(resp);
         }
+        if *merge != merge_before {
+            ops.push(crate::merge::merge_state_op(g, merge)?);
+        }
         ops.push(Op::Put(CF_RAFT, group_key(g, KIND_APPLIED).to_vec(), encode(&applied)?));
-        Ok(Prepared { ops, responses, splits, range: range.clone() })
+        Ok(Prepared { ops, responses, splits, range: range.clone(), merges, merge_state: merge.clone(), waiting })
     }
 
     /// Whether `group` has a replica on this store: a descriptor or a vote.
@@ -1018,6 +1216,7 @@ impl KvStateMachine {
 impl StateMachine for KvStateMachine {
     async fn applied_state(&mut self) -> Result<AppliedState, StorageError> {
         let (g, range) = (self.group, self.range());
+        let sm = self.clone();
         let r = self
             .store
             .blocking(move |s| {
@@ -1028,6 +1227,7 @@ impl StateMachine for KvStateMachine {
                 for kind in [KIND_SNAPSHOT_META, KIND_SNAPSHOT_DATA] {
                     s.db().delete_cf(cf, group_key(g, kind)).map_err(|e| StorageError::new("write", e.to_string()))?;
                 }
+                sm.load_merge_state(s)?;
                 Ok((Self::read_applied(s, g)?, adopted))
             })
             .await?;
@@ -1041,12 +1241,17 @@ impl StateMachine for KvStateMachine {
     }
 
     async fn apply(&mut self, entries: Vec<Entry>) -> Result<Vec<Bytes>, StorageError> {
-        let (g, mut range) = (self.group, self.range());
+        let (g, mut range, mut merge) = (self.group, self.range(), self.merge_state());
         let last = entries.last().map(|e| e.log_id.index);
         let (p, range) = self
             .store
             .blocking(move |s| {
-                let p = Self::apply_ops(s, g, &mut range, entries)?;
+                // Merges need a host to park their sources: without one, a merge entry stops
+                // the group rather than apply out of order.
+                let p = Self::apply_ops(s, g, &mut range, &mut merge, entries, &|_| false)?;
+                if let Some(w) = &p.waiting {
+                    return Err(StorageError::new("apply", format!("group {g}: merge entry {}: {}", w.index, w.why)));
+                }
                 Ok((p, range))
             })
             .await?;
@@ -1057,6 +1262,7 @@ impl StateMachine for KvStateMachine {
         }
         // Splits narrow the range; starting the new group is a host's job.
         self.set_range(range);
+        self.set_merge_state(p.merge_state);
         Ok(p.responses)
     }
 

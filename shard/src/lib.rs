@@ -18,6 +18,7 @@ pub mod keys;
 pub mod kv;
 pub mod kv_snapshot;
 pub mod log;
+pub mod merge;
 pub mod store;
 pub mod store_metrics;
 pub mod store_options;
@@ -27,10 +28,12 @@ pub use host::{
     QuiesceNotice, RemovedNotice,
 };
 pub use kv::{
-    check_insert_size, range_size_blocking, KeyRange, KvCommand, KvResponse, KvStateMachine, Prepared, RangeSize,
-    ScanEnd, ScanError, ScanPage, SplitEffect, UpdateOp, KEY_BYTES_MAX, TXN_BYTES_MAX, TXN_WRITES_MAX, VALUE_BYTES_MAX,
+    check_insert_size, range_size_blocking, KeyRange, KvCommand, KvResponse, KvStateMachine, MergeWait, Prepared,
+    RangeSize, ScanEnd, ScanError, ScanPage, SplitEffect, UpdateOp, KEY_BYTES_MAX, TXN_BYTES_MAX, TXN_WRITES_MAX,
+    VALUE_BYTES_MAX,
 };
 pub use log::RocksLog;
+pub use merge::{Frozen, MergeState};
 pub use store::{Op, Store, WriterStats, CF_DATA, CF_META, CF_RAFT};
 pub use store_metrics::{ProcessUsage, StoreIo, StoreMemory, StoreMetrics};
 pub use store_options::{MemoryPlan, StoreOptions};

@@ -539,6 +539,21 @@ impl Engine {
         result
     }
 
+    /// Entry `commit` is committed, as this node learned outside the group's own messages (a
+    /// host: another group's committed entry was proposed only once this one was). The commit
+    /// index advances to it if the log holds that very entry (same term), as a heartbeat naming
+    /// it would; otherwise nothing changes.
+    pub fn learn_committed(&mut self, now: Millis, commit: LogId) {
+        if self.fatal.is_some() {
+            return;
+        }
+        if commit.index > self.committed && self.log.has(commit) {
+            self.committed = commit.index;
+            self.after_commit(now);
+        }
+        self.settle();
+    }
+
     /// Entries requested with `LoadEntries` for `peer`.
     pub fn handle_entries_loaded(&mut self, now: Millis, peer: NodeId, entries: Vec<Entry>) {
         // Loads complete in the order they were polled.

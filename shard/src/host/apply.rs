@@ -22,22 +22,23 @@ const DURABLE_WAIT_MAX: Duration = Duration::from_millis(500);
 /// Bytes read per call when an apply reads its entries back from the log.
 const APPLY_READ_BYTES_MAX: usize = 4 << 20;
 
-/// What an apply batch produced: each entry's id and response, and the splits it applied,
-/// each with the reservation of its new group's id (`None`: the group exists here already).
-pub(crate) type AppliedBatch = (Vec<(LogId, Bytes)>, Vec<(SplitEffect, Option<Reservation>)>);
+/// What an apply batch produced: each entry's id and response, the splits it applied, each
+/// with the reservation of its new group's id (`None`: the group exists here already), and the
+/// groups it absorbed.
+pub(crate) type AppliedBatch = (Vec<(LogId, Bytes)>, Vec<(SplitEffect, Option<Reservation>)>, Vec<GroupId>);
 
 impl Poller {
     /// An apply batch is stored: answer the readers, and start the groups it split off.
     pub(super) fn on_applied(&mut self, gid: GroupId, r: Result<AppliedBatch, StorageError>) {
         let now = self.shared.now();
         let Some(g) = self.sm_done(gid) else { return };
-        let splits = match r {
-            Ok((results, splits)) => {
+        let (splits, merges) = match r {
+            Ok((results, splits, merges)) => {
                 let last = results.last().map(|(id, _)| id.index);
                 g.core.handle_applied(now, results);
-                // Snapshots built before the split cover the wider range: no receiver may get
-                // them.
-                if !splits.is_empty() {
+                // Snapshots built before the split (or the merge) cover another range: no
+                // receiver may get them.
+                if !splits.is_empty() || !merges.is_empty() {
                     g.core.discard_snapshots(now);
                 }
                 if let Some(last) = last {
@@ -46,16 +47,17 @@ impl Poller {
                     let batch = self.shared.store.last_written_batch();
                     self.durable_waits.push_back((batch, gid, last, Instant::now()));
                 }
-                splits
+                (splits, merges)
             }
             Err(e) => {
                 g.core.fail(e);
-                Vec::new()
+                (Vec::new(), Vec::new())
             }
         };
         for (split, reservation) in splits {
             self.start_split_group(gid, split, reservation);
         }
+        self.forget_absorbed(gid, merges);
     }
 
     /// Submits the apply writes held back by [`super::Host::hold_applies`] once it is off.
@@ -172,7 +174,11 @@ impl Poller {
         let now = self.shared.now();
         let Some(g) = self.sm_done(gid) else { return };
         match r {
-            Ok(()) => g.core.handle_snapshot_installed(now, meta, reception),
+            Ok(()) => {
+                g.core.handle_snapshot_installed(now, meta, reception);
+                let range = g.sm.range();
+                self.retire_absorbed_sources(gid, &range);
+            }
             Err(SnapshotError::Refused(why)) => g.core.handle_snapshot_refused(now, meta, reception, &why),
             Err(SnapshotError::Storage(e)) => g.core.fail(e),
         }
@@ -211,12 +217,42 @@ impl Poller {
                         slice
                     }),
                 };
+                let shared = &self.shared;
+                let parked = |source: GroupId| shared.is_parked(source, gid);
                 let prepared = entries.and_then(|entries| {
                     let ids: Vec<LogId> = entries.iter().map(|e| e.log_id).collect();
-                    g.sm.prepare_apply_blocking(entries).map(|p| (ids, p))
+                    g.sm.prepare_apply_parked(entries, &parked).map(|p| (ids, p))
                 });
                 match prepared {
-                    Ok((ids, p)) if ids.len() == p.responses.len() => {
+                    Ok((mut ids, mut p)) if ids.len() >= p.responses.len() => {
+                        let waiting = p.waiting.take();
+                        if let Some(w) = &waiting {
+                            // The entries from the merge entry to the end of this slice are
+                            // applied again once its source is ready here (read back from the
+                            // log: they are in it; the rest of a long range is queued already).
+                            // With entries before it, their batch goes first and the next try
+                            // comes when it is written.
+                            let slice_last = ids.last().map_or(last, |l| l.index);
+                            ids.truncate(p.responses.len());
+                            let again = MachineAction::Apply { first: w.index, last: slice_last, entries: None };
+                            g.sm_queue.push_front(again);
+                        } else {
+                            g.merge_wait = None;
+                            if ids.len() != p.responses.len() {
+                                g.sm_busy = false;
+                                g.core.fail(StorageError::new("apply", "wrong number of responses"));
+                                return;
+                            }
+                        }
+                        g.sm.set_merge_state(p.merge_state.clone());
+                        if ids.is_empty() {
+                            // Stopped at its first entry: nothing to write.
+                            g.sm_busy = false;
+                            if let Some(w) = waiting {
+                                self.wait_for_merge_source(gid, w);
+                            }
+                            return;
+                        }
                         let results: Vec<(LogId, Bytes)> = ids.into_iter().zip(p.responses).collect();
                         // The source's range narrows now, and in the same step the new groups'
                         // ids and ranges are reserved: until each is registered, nothing else may
@@ -229,8 +265,9 @@ impl Poller {
                         // Clients need not wait for the applied state to be stored: their
                         // entries are committed and the answers fixed. Reads wait for it.
                         g.core.answer_writes(&results);
+                        let merges = p.merges;
                         let done: crate::store::WriteCallback = Box::new(move |r| {
-                            let _ = tx.send(PollerMsg::Applied(gid, r.map(|()| (results, splits))));
+                            let _ = tx.send(PollerMsg::Applied(gid, r.map(|()| (results, splits, merges))));
                         });
                         if self.shared.hold_applies.load(Ordering::Acquire) {
                             self.held_applies.push((gid, p.ops, done));
@@ -308,6 +345,11 @@ impl Poller {
                     self.dirty.insert(gid);
                     return;
                 }
+                // A snapshot taken after merges this replica missed covers the sources frozen
+                // for it here too (they are retired once it is installed).
+                let own = g.sm.range();
+                let wider = self.shared.range_with_frozen_sources(gid, &own);
+                g.sm.permit_install_over((wider != own).then_some(wider));
                 // Through the trait: it holds the lock a destroy waits on (and the test hook
                 // that holds installations).
                 let mut sm = g.sm.clone();

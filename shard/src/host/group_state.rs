@@ -55,6 +55,8 @@ pub(crate) struct GroupState {
     /// The highest index of a committed configuration without this node that a member told
     /// of (`RemovedNotice`): the node decides from it whether to delete this replica.
     pub(super) removed_at: Option<LogIndex>,
+    /// A merge entry waiting for its source here (the state machine paused meanwhile).
+    pub(super) merge_wait: Option<super::merge::Waiting>,
 }
 
 impl GroupState {
@@ -76,6 +78,7 @@ impl GroupState {
             quiet_leader: None,
             refused_snapshot: None,
             removed_at: None,
+            merge_wait: None,
         }
     }
 

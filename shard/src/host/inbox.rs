@@ -101,7 +101,8 @@ impl Poller {
         }
         // Unreadable: the installation checks the whole record and fails loudly.
         let Some(range) = crate::kv_snapshot::stream_range(data) else { return false };
-        let refused = if !g.sm.range().covers(&range) {
+        let own = self.shared.range_with_frozen_sources(gid, &g.sm.range());
+        let refused = if !own.covers(&range) {
             Some("wider than the group's range".to_string())
         } else {
             self.owner_of_overlap(gid, &range).map(|other| format!("group {other} of this node owns keys in it"))
@@ -123,9 +124,20 @@ impl Poller {
         }
     }
 
-    /// Another group of this node that owns keys in `range`, if any.
+    /// Another group of this node that owns keys in `range`, if any. A source frozen for
+    /// `gid` to absorb, inside `range`, does not count: `range` is a snapshot of `gid` taken
+    /// after the merge, and the source is retired once it is installed.
     pub(super) fn owner_of_overlap(&self, gid: GroupId, range: &crate::kv::KeyRange) -> Option<GroupId> {
         let r = self.shared.registry.read().ok()?;
-        r.groups.iter().find(|(id, e)| **id != gid && e.sm.range().overlaps(range)).map(|(id, _)| *id)
+        let registered = r.groups.iter().filter(|(id, e)| {
+            let sr = e.sm.range();
+            let into = e.sm.merge_state().frozen.map(|f| f.into);
+            **id != gid && sr.overlaps(range) && !super::merge::absorbed_by_snapshot(into, gid, &sr, range)
+        });
+        let parked = r.parked.iter().filter(|(id, p)| {
+            let sr = p.entry.sm.range();
+            **id != gid && sr.overlaps(range) && !super::merge::absorbed_by_snapshot(Some(p.into), gid, &sr, range)
+        });
+        registered.map(|(id, _)| *id).chain(parked.map(|(id, _)| *id)).min()
     }
 }

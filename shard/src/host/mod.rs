@@ -33,11 +33,12 @@ mod drive;
 mod group_state;
 mod inbox;
 mod liveness;
+mod merge;
 mod poller;
 mod registry;
 mod sm_queue;
 
-use crate::keys::{decode, encode, group_key, meta_key};
+use crate::keys::{decode, encode, group_end, group_key, meta_key};
 pub use crate::kv::GroupDescriptor;
 use crate::kv::{KeyRange, KvCommand, KvResponse, KvStateMachine, SplitEffect};
 use crate::log::RocksLog;
@@ -299,6 +300,9 @@ pub struct GroupInfo {
     pub removed_at: Option<LogIndex>,
     /// Whether the group is quiet (not ticking).
     pub quiet: bool,
+    /// On a leader: how far each other member's log is known to match the leader's (empty
+    /// on a follower). A merge's source waits until every voter holds its freeze entry.
+    pub matched: BTreeMap<NodeId, LogIndex>,
     /// Why the group stopped for good (a storage failure, or its log forked from its
     /// leader's below the commit index), once it did; counted in `flotilla_groups_stopped`.
     pub stopped: Option<String>,
@@ -461,6 +465,7 @@ impl Host {
             host.shutdown().await;
             return Err(failed);
         }
+        host.retire_sources_absorbed_by_snapshots().await;
         info!(node = %config.node, groups = ids.len(), pollers = config.pollers, "host started");
         Ok(host)
     }
@@ -614,6 +619,32 @@ impl Host {
     /// The key range group `group` owns on this node now (narrowed by splits as they apply).
     pub fn group_range(&self, group: GroupId) -> Option<KeyRange> {
         self.entry(group).ok().map(|e| e.sm.range())
+    }
+
+    /// Group `group`'s part in merges on this node (as of its last prepared apply batch).
+    pub fn merge_state(&self, group: GroupId) -> Option<crate::merge::MergeState> {
+        self.entry(group).ok().map(|e| e.sm.merge_state())
+    }
+
+    /// At start-up: a source frozen into a group whose range covers it now (the group installed
+    /// a snapshot taken after the merge, and the process stopped before the source was
+    /// retired) is retired.
+    async fn retire_sources_absorbed_by_snapshots(&self) {
+        let found: Vec<(GroupId, GroupId)> = match self.shared.registry.read() {
+            Ok(r) => r
+                .groups
+                .iter()
+                .filter_map(|(id, e)| {
+                    let into = e.sm.merge_state().frozen?.into;
+                    let target = r.groups.get(&into)?;
+                    target.sm.range().covers(&e.sm.range()).then_some((*id, into))
+                })
+                .collect(),
+            Err(_) => return,
+        };
+        for (source, into) in found {
+            merge::retire_absorbed(self.shared.clone(), source, into).await;
+        }
     }
 
     /// Groups on this node, in id order.
@@ -941,11 +972,3 @@ fn pinger(shared: Arc<Shared>) {
 /// a new group's first entry (its configuration) would have, so that the replicas start where
 /// a formed group's first entry leaves it, but with that entry purged.
 pub const RESTORED_FORMATION: flotilla_raft::LogId = flotilla_raft::LogId { term: Term(0), index: LogIndex(1) };
-
-/// The first key after every `raft` key of `group`.
-fn group_end(group: GroupId) -> Vec<u8> {
-    match group.0.checked_add(1) {
-        Some(next) => group_key(GroupId(next), 0).to_vec(),
-        None => vec![0xff; 10],
-    }
-}

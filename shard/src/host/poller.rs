@@ -64,6 +64,16 @@ pub(crate) enum PollerMsg {
     Installed(GroupId, SnapshotMeta, u64, Result<(), SnapshotError>),
     /// The state of every group of this poller, or of one.
     Info(Option<GroupId>, oneshot::Sender<Vec<GroupInfo>>),
+    /// Park `group` for `into` to absorb in merge `merge`, if it holds the freeze `freeze`.
+    Park {
+        group: GroupId,
+        into: GroupId,
+        merge: u64,
+        freeze: flotilla_raft::LogId,
+        reply: oneshot::Sender<super::merge::ParkOutcome>,
+    },
+    /// A group's waiting merge entry is tried again.
+    MergeRetry(GroupId),
     Shutdown,
 }
 
@@ -217,6 +227,10 @@ impl Poller {
             PollerMsg::Info(only, reply) => {
                 let _ = reply.send(self.info(only));
             }
+            PollerMsg::Park { group, into, merge, freeze, reply } => {
+                let _ = reply.send(self.on_park(group, into, merge, freeze));
+            }
+            PollerMsg::MergeRetry(gid) => self.on_merge_retry(gid),
             PollerMsg::Shutdown => self.stopping = true,
         }
     }

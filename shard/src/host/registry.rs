@@ -11,6 +11,9 @@ pub(crate) struct Registry {
     /// of one group (a create and a split) cannot both build it, and no create takes keys a
     /// split-born group being started will own.
     starting: BTreeMap<GroupId, KeyRange>,
+    /// Groups stopped for a merge to absorb them (`merge.rs`): their ranges stay claimed
+    /// until the absorbing batch is written.
+    pub(crate) parked: HashMap<GroupId, super::merge::Parked>,
 }
 
 impl Registry {
@@ -19,7 +22,8 @@ impl Registry {
     fn owner_of(&self, group: GroupId, range: &KeyRange) -> Option<GroupId> {
         let registered = self.groups.iter().filter(|(g, e)| **g != group && ranges_overlap(&e.sm.range(), range));
         let starting = self.starting.iter().filter(|(g, r)| **g != group && ranges_overlap(r, range));
-        registered.map(|(g, _)| *g).chain(starting.map(|(g, _)| *g)).min()
+        let parked = self.parked.iter().filter(|(g, p)| **g != group && ranges_overlap(&p.entry.sm.range(), range));
+        registered.map(|(g, _)| *g).chain(starting.map(|(g, _)| *g)).chain(parked.map(|(g, _)| *g)).min()
     }
 }
 
@@ -66,7 +70,7 @@ impl Shared {
         group: GroupId,
         range: &KeyRange,
     ) -> Result<Reservation, HostError> {
-        if r.groups.contains_key(&group) || r.starting.contains_key(&group) {
+        if r.groups.contains_key(&group) || r.starting.contains_key(&group) || r.parked.contains_key(&group) {
             return Err(HostError::GroupExists(group));
         }
         r.starting.insert(group, range.clone());

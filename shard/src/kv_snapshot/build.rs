@@ -96,6 +96,7 @@ impl BuiltSnapshot {
             Some(b) => decode(&b, || format!("group {group} applied state"))?,
             None => AppliedRecord::default(),
         };
+        let merge = crate::merge::read_merge_state_at(store, &snap, group)?;
         if check_descriptor {
             let raw = snap
                 .get_cf(store.cf(CF_META)?, meta_key(group))
@@ -116,7 +117,7 @@ impl BuiltSnapshot {
         for (path, bytes) in &built.files {
             infos.push(FileInfo { bytes: *bytes, crc32c: file_crc("snapshot", path, *bytes)? });
         }
-        built.header = encode_header(&Manifest { range: range.clone(), files: infos })?;
+        built.header = encode_header(&Manifest { range: range.clone(), files: infos, merge })?;
         built.size_bytes = built.header.len() as u64 + built.files.iter().map(|(_, b)| b).sum::<u64>();
         let meta = SnapshotMeta {
             last_log_id: applied.last_applied.unwrap_or_default(),

@@ -99,8 +99,16 @@ pub(super) fn stage(
     }
     let synced = sync_dir("install_snapshot", &dir).and_then(|()| sync_dir("install_snapshot", &root));
     let intent = InstallIntent { meta: received.meta.clone(), range: received.range.clone(), dir: name, files };
+    // The merge state goes with the intent: once recorded, the installation is always
+    // finished (after a crash too), so the group's state is the snapshot's from here on.
     let recorded = synced.and_then(|()| {
-        write_synced(store, vec![Op::Put(CF_RAFT, group_key(group, KIND_INSTALLING).to_vec(), encode(&intent)?)])
+        write_synced(
+            store,
+            vec![
+                Op::Put(CF_RAFT, group_key(group, KIND_INSTALLING).to_vec(), encode(&intent)?),
+                crate::merge::merge_state_op(group, &received.merge)?,
+            ],
+        )
     });
     if let Err(e) = recorded {
         // No intent (or not known to be durable): the dir is garbage; start-up removes it too.

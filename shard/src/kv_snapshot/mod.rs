@@ -54,6 +54,7 @@
 
 use crate::keys::{decode, encode, group_key, meta_key, KIND_APPLIED, KIND_INSTALLING, RECORD_HEADER_BYTES};
 use crate::kv::{AppliedRecord, GroupDescriptor, KeyRange, UNBOUNDED_END};
+use crate::merge::MergeState;
 use crate::store::{Op, Store, CF_DATA, CF_META, CF_RAFT};
 use bytes::Bytes;
 use flotilla_raft::{GroupId, LogId, SnapshotError, SnapshotMeta, StorageError};
@@ -65,8 +66,12 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Format version of the stream (its first byte); the header record has its own.
-pub const STREAM_FORMAT_VERSION: u8 = 1;
+/// Format version of the stream (its first byte); the header record has its own. Version 2
+/// added the group's merge state to the header; version 1 streams (no merge state: a group
+/// never frozen) are still read.
+pub const STREAM_FORMAT_VERSION: u8 = 2;
+/// The oldest stream format read.
+const STREAM_FORMAT_OLDEST: u8 = 1;
 /// Bytes before the header record: the format version and the header's length.
 const PREFIX_BYTES: usize = 5;
 /// Largest header the receiver buffers: the one thing of a transfer it holds in memory.
@@ -88,6 +93,32 @@ struct Manifest {
     range: KeyRange,
     /// The files, in stream order.
     files: Vec<FileInfo>,
+    /// The group's merge state at the snapshot's point: a replica caught up by a snapshot
+    /// taken while the group was frozen is frozen too.
+    merge: MergeState,
+}
+
+/// [`Manifest`] as stream format 1 had it.
+#[derive(Deserialize)]
+struct ManifestV1 {
+    range: KeyRange,
+    files: Vec<FileInfo>,
+}
+
+/// Decodes the header record of a stream of format `version`.
+fn decode_manifest(version: u8, record: &[u8], what: impl Fn() -> String) -> Result<Manifest, StorageError> {
+    match version {
+        1 => {
+            let m: ManifestV1 = decode(record, what)?;
+            Ok(Manifest { range: m.range, files: m.files, merge: MergeState::default() })
+        }
+        _ => decode(record, what),
+    }
+}
+
+/// Whether this build reads streams of format `version`.
+fn stream_version_known(version: u8) -> bool {
+    (STREAM_FORMAT_OLDEST..=STREAM_FORMAT_VERSION).contains(&version)
 }
 
 /// One file of a snapshot.
@@ -169,12 +200,12 @@ fn write_synced(store: &Store, ops: Vec<Op>) -> Result<(), StorageError> {
 /// chunk), if they hold the whole header and it is intact; `None` otherwise. For deciding
 /// early whether to receive a snapshot at all: the receiver checks everything again.
 pub fn stream_range(first: &[u8]) -> Option<KeyRange> {
-    if first.len() < PREFIX_BYTES || first[0] != STREAM_FORMAT_VERSION {
+    if first.len() < PREFIX_BYTES || !stream_version_known(first[0]) {
         return None;
     }
     let len = u32::from_be_bytes([first[1], first[2], first[3], first[4]]) as usize;
     let record = first.get(PREFIX_BYTES..PREFIX_BYTES.checked_add(len)?)?;
-    let manifest: Manifest = decode(record, || "snapshot header".to_string()).ok()?;
+    let manifest = decode_manifest(first[0], record, || "snapshot header".to_string()).ok()?;
     Some(manifest.range)
 }
 
@@ -197,9 +228,9 @@ pub fn stream_header_len(prefix: &[u8]) -> Result<u64, String> {
     if prefix.len() < PREFIX_BYTES {
         return Err(format!("{} bytes are too few for a snapshot stream's prefix", prefix.len()));
     }
-    if prefix[0] != STREAM_FORMAT_VERSION {
+    if !stream_version_known(prefix[0]) {
         return Err(format!(
-            "snapshot stream format {} is not supported (this build reads {STREAM_FORMAT_VERSION})",
+            "snapshot stream format {} is not supported (this build reads {STREAM_FORMAT_OLDEST} to {STREAM_FORMAT_VERSION})",
             prefix[0]
         ));
     }
@@ -216,7 +247,7 @@ pub fn decode_stream_header(bytes: &[u8]) -> Result<StreamHeader, String> {
     let len = stream_header_len(bytes)? as usize;
     let record =
         bytes.get(PREFIX_BYTES..len).ok_or_else(|| format!("snapshot header cut short at {} bytes", bytes.len()))?;
-    let manifest: Manifest = decode(record, || "snapshot header".to_string()).map_err(|e| e.to_string())?;
+    let manifest = decode_manifest(bytes[0], record, || "snapshot header".to_string()).map_err(|e| e.to_string())?;
     Ok(StreamHeader {
         range: manifest.range,
         files: manifest.files.iter().map(|f| (f.bytes, f.crc32c)).collect(),

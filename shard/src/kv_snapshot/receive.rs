@@ -133,9 +133,9 @@ impl ReceivingSnapshot {
         };
         let n = (want - self.header.len()).min(data.len());
         self.header.extend_from_slice(&data[..n]);
-        if self.header[0] != STREAM_FORMAT_VERSION {
+        if !stream_version_known(self.header[0]) {
             return Err(self.err(format_args!(
-                "stream format version {} is not supported (this build reads {STREAM_FORMAT_VERSION})",
+                "stream format version {} is not supported (this build reads {STREAM_FORMAT_OLDEST} to {STREAM_FORMAT_VERSION})",
                 self.header[0]
             )));
         }
@@ -147,7 +147,7 @@ impl ReceivingSnapshot {
                 )));
             }
         } else if self.header.len() == want {
-            let manifest: Manifest = decode(&self.header[PREFIX_BYTES..], || {
+            let manifest = decode_manifest(self.header[0], &self.header[PREFIX_BYTES..], || {
                 format!("group {} snapshot {} header", self.group, self.meta.snapshot_id)
             })
             .map_err(|e| SnapshotError::Refused(e.to_string()))?;
@@ -236,6 +236,7 @@ impl ReceivingSnapshot {
             meta: self.meta.clone(),
             range: manifest.range,
             files: std::mem::take(&mut self.files).into_iter().zip(manifest.files).collect(),
+            merge: manifest.merge,
         })
     }
 }
@@ -261,6 +262,8 @@ pub struct ReceivedSnapshot {
     pub(super) range: KeyRange,
     /// Its files, in stream order, with what the header said of each.
     pub(super) files: Vec<(PathBuf, FileInfo)>,
+    /// The group's merge state at the snapshot's point.
+    pub(super) merge: MergeState,
 }
 
 impl ReceivedSnapshot {

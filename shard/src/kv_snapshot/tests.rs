@@ -498,7 +498,13 @@ fn an_installation_waits_for_an_unfinished_one() {
 impl ReceivedSnapshot {
     /// A stand-in left behind when a test takes the real one.
     fn empty_for_tests() -> ReceivedSnapshot {
-        ReceivedSnapshot { group: G, meta: SnapshotMeta::default(), range: KeyRange::all(), files: Vec::new() }
+        ReceivedSnapshot {
+            group: G,
+            meta: SnapshotMeta::default(),
+            range: KeyRange::all(),
+            files: Vec::new(),
+            merge: MergeState::default(),
+        }
     }
 }
 
@@ -562,4 +568,46 @@ fn a_backup_copy_is_of_the_groups_range_and_its_kept_files_load_into_a_new_store
     ingest_copies(&fresh, &range(0, 200), 200, &files).expect("ingest");
     assert_eq!(all_data(&fresh), (0..200).map(|i| (key(i), value(i))).collect::<Vec<_>>());
     assert!(files.iter().all(|(p, _, _)| p.exists()), "the kept files stay (ingested by copy)");
+}
+
+#[test]
+fn a_snapshot_carries_the_groups_merge_state_and_its_installation_replaces_the_receivers() {
+    let (a, b) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let (s, r) = (sender(a.path()), receiver(b.path(), &KeyRange::all()));
+    let frozen = MergeState {
+        frozen: Some(crate::merge::Frozen { id: 9, into: GroupId(3), at: LogId::new(3, 480) }),
+        thawed_through: 4,
+    };
+    write_synced(&s, vec![crate::merge::merge_state_op(G, &frozen).expect("op")]).expect("write");
+    let (meta, built) = BuiltSnapshot::build(&s, G, &KeyRange::all(), 5, 64 << 20).expect("build");
+    install(&r, G, &KeyRange::all(), transfer(&built, &meta, &r, &[meta.size_bytes])).expect("install");
+    assert_eq!(crate::merge::read_merge_state(&r, G).expect("read"), frozen);
+    // A snapshot of a group never frozen clears a receiver's stale state.
+    let c = tempfile::tempdir().expect("dir");
+    let plain = sender(c.path());
+    let (meta, built) = BuiltSnapshot::build(&plain, G, &KeyRange::all(), 6, 64 << 20).expect("build");
+    install(&r, G, &KeyRange::all(), transfer(&built, &meta, &r, &[meta.size_bytes])).expect("install");
+    assert_eq!(crate::merge::read_merge_state(&r, G).expect("read"), MergeState::default());
+}
+
+#[test]
+fn a_format_1_stream_header_is_still_read_as_a_group_never_frozen() {
+    let old = ManifestV1Writer { range: range(10, 20), files: vec![FileInfo { bytes: 100, crc32c: 7 }] };
+    let record = crate::keys::encode(&old).expect("encode");
+    let mut stream = vec![1u8];
+    stream.extend_from_slice(&(record.len() as u32).to_be_bytes());
+    stream.extend_from_slice(&record);
+    let h = decode_stream_header(&stream).expect("a format-1 header");
+    assert_eq!(h.range, range(10, 20));
+    assert_eq!(h.files, vec![(100, 7)]);
+    assert_eq!(stream_range(&stream), Some(range(10, 20)));
+    stream[0] = 3;
+    assert!(decode_stream_header(&stream).is_err(), "an unknown format is refused");
+}
+
+/// The manifest as format 1 wrote it.
+#[derive(Serialize)]
+struct ManifestV1Writer {
+    range: KeyRange,
+    files: Vec<FileInfo>,
 }

@@ -18,6 +18,10 @@ pub struct MemNet {
     pub transfers: AtomicU64,
     /// Snapshot chunks found inside batches (the hosts must send none that way).
     pub chunks_in_batches: AtomicU64,
+    /// (node, group, index): messages of that group to that node never tell it that the
+    /// entry at that index or later is committed (appends carry a lower commit index,
+    /// heartbeats naming it name none).
+    pub hide_commit: RwLock<Option<(NodeId, GroupId, flotilla_raft::LogIndex)>>,
 }
 
 impl HostNetwork for MemNet {
@@ -46,7 +50,30 @@ impl MemNet {
         drop(cut);
         // Through the wire format, as a transport would carry it.
         let bytes = batch.encode().expect("encode");
-        let batch = NodeBatch::decode(&bytes).expect("decode");
+        let mut batch = NodeBatch::decode(&bytes).expect("decode");
+        if let Some((node, group, at)) = *self.hide_commit.read().expect("lock") {
+            if node == to {
+                let below = flotilla_raft::LogIndex(at.0 - 1);
+                batch.messages.retain_mut(|(g, m)| {
+                    if *g != group {
+                        return true;
+                    }
+                    match &mut m.body {
+                        MessageBody::Append { commit, .. } => {
+                            *commit = (*commit).min(below);
+                            true
+                        }
+                        MessageBody::Heartbeat { commit, .. } => {
+                            if commit.index >= at {
+                                *commit = flotilla_raft::LogId::ZERO;
+                            }
+                            true
+                        }
+                        _ => true,
+                    }
+                });
+            }
+        }
         let host = self.hosts.read().expect("lock").get(&to).cloned();
         if let Some(h) = host {
             self.delivered.fetch_add(1, Ordering::Relaxed);

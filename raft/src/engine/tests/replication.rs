@@ -772,3 +772,35 @@ fn entries_a_load_answers_are_sent_only_if_the_log_still_holds_them() {
         "{out:?}"
     );
 }
+
+#[test]
+fn a_follower_told_from_outside_that_an_entry_it_holds_is_committed_applies_it_and_ignores_another_term() {
+    let mut c = Cluster::with_two_entries_committed();
+    let last = c.propose(1, "c");
+    // Node 3 gets the entry, never the news that it committed.
+    let mut to_3 = 0;
+    c.stabilize_with(|m| {
+        if m.to != n(3) {
+            return true;
+        }
+        to_3 += 1;
+        to_3 == 1 && matches!(m.body, MessageBody::Append { .. })
+    });
+    let id = c.engine(1).last_log_id();
+    assert_eq!(id.index, last);
+    assert_eq!(c.engine(1).committed(), last, "nodes 1 and 2 committed it");
+    assert_eq!(c.engine(3).last_log_id(), id, "node 3 holds it");
+    assert!(c.engine(3).committed() < last);
+    let now = c.now;
+    // Another term at that index is not the committed entry: nothing changes.
+    let other = LogId { term: Term(id.term.0 + 1), index: last };
+    c.node(3).engine.learn_committed(now, other);
+    assert!(c.engine(3).committed() < last);
+    // Beyond the log: nothing either.
+    c.node(3).engine.learn_committed(now, LogId { term: id.term, index: LogIndex(last.0 + 1) });
+    assert!(c.engine(3).committed() < last);
+    c.node(3).engine.learn_committed(now, id);
+    assert_eq!(c.engine(3).committed(), last);
+    c.take_outbox(3);
+    assert_eq!(c.applied_data(3), c.applied_data(1), "node 3 applied it");
+}
