@@ -110,7 +110,7 @@ pub mod meta;
 pub mod plan;
 mod unsafe_recovery;
 
-pub use balance::{balance, BalancerConfig, Proposal};
+pub use balance::{balance, BalancerConfig, Proposal, MERGE_SIZE_BYTES_DEFAULT};
 pub use lifecycle::{replica_fate, DeleteReason, LocalReplica, ReplicaFate};
 pub use load::{LoadSplitConfig, LoadTracker, LoadTrackers, LoadWindow};
 pub use map::{Epoch, NodeId, Replica, ReplicaRole, RouteError, ShardDescriptor, ShardId, ShardMap};
