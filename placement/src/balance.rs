@@ -75,6 +75,39 @@
 //! and a learner still catching up reports less). Shards whose leader reports more than
 //! `load_split_requests_per_s` for long enough, with a key that divides the load, are split at
 //! that key (load-based splitting, [`crate::load`]), within the same per-round limit.
+//!
+//! # Merges
+//! Two neighbours are merged ([`crate::merge`]) when both are small and cold: their sizes, as
+//! nodes holding them report them, add up to less than `merge_size_bytes_threshold` and to at
+//! most half `split_size_bytes_threshold`; their request rates, as their leaders report them
+//! (a shard a leader does not list is colder than the ones it lists), add up to at most
+//! `merge_requests_per_s_max` and to at most half `load_split_requests_per_s`. Neither may be
+//! moving, cooling down after a move, split this round or in a merge already; both must have
+//! voters only, on the same nodes. The smallest pairs go first, a shard in one merge at most,
+//! while fewer than `merges_at_once_max` plans exist. A plan still freezing
+//! `merge_freeze_timeout_ms` after it began is aborted. The meta group is never merged: it is
+//! not in the map the balancer reads.
+//!
+//! Neighbours on different nodes (as many voters each) get an *aligning move* instead: a
+//! replica of the right shard from a node the left one lacks to one of the left one's nodes
+//! (or, if that does not fit, the other way round), at most one per pair and round, within the
+//! move limits, onto a node that ends up at most one replica above the source. Such moves
+//! are exempt from the hysteresis check (they may leave counts one outside the band), and the
+//! merge that follows takes a replica off every node of the pair.
+//!
+//! Why merges and the other rules do not fight:
+//! - *Merge and split.* A merged shard is at most half the split size and half the load-split
+//!   rate, so it is split only after it doubles; a size split's halves together are over the
+//!   split size, and a load split's are hot, so neither is merged back while it stays so.
+//!   Right after a split or a merge the reports describe the old ranges and are dropped
+//!   ([`MetaState`] does so), so no merge is decided on them.
+//! - *Merges and moves.* A merge lowers the number of shards, which nothing but splits raises,
+//!   and splits only follow growth, so merges are finite. The count and size rules leave the
+//!   shards of small, cold neighbour pairs where they are (off a draining node excepted), so
+//!   they never move a shard away from the neighbour it is being aligned with; the aligning
+//!   moves each add a common node to a pair and are undone by nothing but a drain, so they are
+//!   finite too. The counts a merge or an aligning move unsettles are then evened out by
+//!   count moves of other shards, which terminate as above.
 
 use crate::map::{Epoch, NodeId, ReplicaRole, ShardDescriptor, ShardId};
 use crate::merge::MergeId;
@@ -294,8 +327,8 @@ struct Round<'a> {
     busy: BTreeSet<ShardId>,
     /// Shards moved recently (still cooling down) -> the node each left.
     cooling: HashMap<ShardId, NodeId>,
-    /// Shards of neighbours that may merge ([`Round::merge_pairs`]): the count and size rules
-    /// leave them where they are (see "Merges").
+    /// Shards of neighbours small and cold enough to merge ([`Round::merge_pairs`], by size
+    /// and rate alone): the count and size rules leave them where they are (see "Merges").
     merge_bound: BTreeSet<ShardId>,
     /// Byte gap below which two nodes count as balanced.
     size_tolerance: u64,
@@ -425,7 +458,7 @@ impl<'a> Round<'a> {
             budget,
             accepted: Vec::new(),
         };
-        r.merge_bound = r.merge_pairs().iter().flat_map(|p| [p.left.id, p.right.id]).collect();
+        r.merge_bound = r.merge_pairs(false).iter().flat_map(|p| [p.left.id, p.right.id]).collect();
         r
     }
 

@@ -545,3 +545,225 @@ proptest! {
         }
     }
 }
+
+// ---- The balancer's merges ----
+
+const MIB: u64 = 1 << 20;
+
+/// Every node reports the size in `sizes` of each shard it holds (none for shards not in
+/// `sizes`), and node 1 leads every shard it votes in (else the first voter leads).
+fn report(s: &mut MetaState, sizes: &[(u64, u64)]) {
+    let mut reports: std::collections::BTreeMap<NodeId, NodeReport> =
+        s.nodes.keys().map(|n| (*n, NodeReport::default())).collect();
+    for d in s.map.shards() {
+        let leader = if d.replica(n(1)).is_some() { n(1) } else { d.voters().next().expect("a voter") };
+        reports.get_mut(&leader).expect("registered").leading.push(d.id);
+        for r in &d.replicas {
+            if let Some(&(_, mib)) = sizes.iter().find(|(sh, _)| *sh == d.id.0) {
+                reports.get_mut(&r.node).expect("registered").shard_bytes.insert(d.id, mib * MIB);
+            }
+        }
+    }
+    for (node, report) in reports {
+        s.apply(MetaCommand::Heartbeat { node, report }).expect("heartbeat");
+    }
+}
+
+fn merges_of(props: &[Proposal]) -> Vec<(u64, u64)> {
+    props
+        .iter()
+        .filter_map(|p| match p {
+            Proposal::BeginMerge { left, right, .. } => Some((left.0, right.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn splits_of(props: &[Proposal]) -> usize {
+    props.iter().filter(|p| matches!(p, Proposal::Split { .. })).count()
+}
+
+#[test]
+fn the_balancer_merges_the_smallest_pair_of_cold_neighbours_on_the_same_nodes() {
+    let mut s = state();
+    report(&mut s, &[(1, 1), (2, 2), (3, 5)]);
+    let cfg = BalancerConfig::default();
+    let props = balance(&s, &cfg, 10_000);
+    assert_eq!(merges_of(&props), vec![(1, 2)], "2 takes part in one merge at most: {props:?}");
+    for p in &props {
+        s.apply(p.command(10_000)).expect("applies");
+    }
+    assert_eq!(s.merges[&ShardId(1)].started_ms, 10_000);
+    // While it runs, nothing else for its shards.
+    assert!(merges_of(&balance(&s, &cfg, 11_000)).is_empty());
+    let id = s.merges[&ShardId(1)].id;
+    s.apply(commit(1, id)).expect("commit");
+    s.apply(MetaCommand::FinishMerge { left: ShardId(1), id }).expect("finish");
+    // Sizes unknown since the commit: no merge until the next reports.
+    assert!(merges_of(&balance(&s, &cfg, 12_000)).is_empty());
+    report(&mut s, &[(1, 3), (3, 5)]);
+    assert_eq!(merges_of(&balance(&s, &cfg, 13_000)), vec![(1, 3)]);
+}
+
+#[test]
+fn no_merge_of_big_hot_unknown_or_recently_moved_neighbours() {
+    let cfg = BalancerConfig::default();
+    // Together at the threshold.
+    let mut s = state();
+    report(&mut s, &[(1, 12), (2, 8), (3, 30)]);
+    assert!(merges_of(&balance(&s, &cfg, 0)).is_empty());
+    // Off.
+    let mut s = state();
+    report(&mut s, &[(1, 1), (2, 1), (3, 1)]);
+    let off = BalancerConfig { merge_size_bytes_threshold: 0, ..BalancerConfig::default() };
+    assert!(merges_of(&balance(&s, &off, 0)).is_empty());
+    // Hot: shard 2's leader reports it busier than the limit.
+    let mut hot = s.clone();
+    let mut rep = hot.nodes[&n(1)].report.clone();
+    rep.shard_load.insert(ShardId(2), ShardLoad { requests_per_s: 301, split_key: None, epoch: d(&hot, 2).epoch });
+    hot.apply(MetaCommand::Heartbeat { node: n(1), report: rep }).expect("heartbeat");
+    assert!(merges_of(&balance(&hot, &cfg, 0)).is_empty());
+    // Together busier than the limit.
+    let mut warm = s.clone();
+    let mut rep = warm.nodes[&n(1)].report.clone();
+    for sh in [1, 2, 3] {
+        let load = ShardLoad { requests_per_s: 160, split_key: None, epoch: d(&warm, sh).epoch };
+        rep.shard_load.insert(ShardId(sh), load);
+    }
+    warm.apply(MetaCommand::Heartbeat { node: n(1), report: rep }).expect("heartbeat");
+    assert!(merges_of(&balance(&warm, &cfg, 0)).is_empty());
+    // No leader reported: the rate is unknown.
+    let mut leaderless = s.clone();
+    let mut rep = leaderless.nodes[&n(1)].report.clone();
+    rep.leading.clear();
+    leaderless.apply(MetaCommand::Heartbeat { node: n(1), report: rep }).expect("heartbeat");
+    assert!(merges_of(&balance(&leaderless, &cfg, 0)).is_empty());
+    // Just split: the halves' sizes are unknown until the next reports.
+    let mut split = s.clone();
+    let e = d(&split, 3).epoch;
+    split.apply(MetaCommand::Split { shard: ShardId(3), epoch: e, key: b"w".to_vec() }).expect("split");
+    assert_eq!(merges_of(&balance(&split, &cfg, 0)), vec![(1, 2)], "only the pair the split left alone");
+    // Moved recently (shard 2 went from node 4 to node 3 a minute ago): cooling down.
+    let mut moved = s.clone();
+    moved.recent_moves.push_back(MoveRecord { shard: ShardId(2), from: n(4), to: n(3), started_ms: 0 });
+    assert!(merges_of(&balance(&moved, &cfg, 60_000)).is_empty());
+    assert_eq!(merges_of(&balance(&moved, &cfg, cfg.shard_move_cooldown_ms)), vec![(1, 2)], "cooled down");
+}
+
+#[test]
+fn neighbours_on_different_nodes_get_a_move_that_aligns_them_first() {
+    let mut s = state();
+    // Shard 2 on 1, 2, 4 instead of 1, 2, 3.
+    let e = d(&s, 2).epoch;
+    s.apply(MetaCommand::AddLearner { shard: ShardId(2), epoch: e, node: n(4) }).expect("learner");
+    let e = d(&s, 2).epoch;
+    s.apply(MetaCommand::SwapVoter { shard: ShardId(2), epoch: e, promote: n(4), demote: n(3) }).expect("swap");
+    let e = d(&s, 2).epoch;
+    s.apply(MetaCommand::RemoveReplica { shard: ShardId(2), epoch: e, node: n(3) }).expect("remove");
+    report(&mut s, &[(1, 1), (2, 1), (3, 100)]);
+    let cfg = BalancerConfig::default();
+    let props = balance(&s, &cfg, 0);
+    assert!(merges_of(&props).is_empty(), "{props:?}");
+    let moves: Vec<(u64, u64, u64)> = props
+        .iter()
+        .filter_map(|p| match p {
+            Proposal::Move { plan, .. } if plan.shard.0 <= 2 => Some((plan.shard.0, plan.from.0, plan.to.0)),
+            _ => None,
+        })
+        .collect();
+    // (Shard 3 may go to the empty node 5 by the count rule.) Node 3 holds two replicas (shards 1 and 3) and node 4 one: shard 1's replica on 3 goes to
+    // 4 (the other way round would leave node 3 two above node 4).
+    assert_eq!(moves, vec![(1, 3, 4)], "{props:?}");
+    for p in &props {
+        s.apply(p.command(0)).expect("applies");
+    }
+    // Nothing more for the pair while the move runs.
+    assert!(balance(&s, &cfg, 1_000).iter().all(|p| !matches!(p, Proposal::Move { plan, .. } if plan.shard.0 <= 2)));
+}
+
+#[test]
+fn a_freeze_that_takes_too_long_is_aborted() {
+    let mut s = state();
+    report(&mut s, &[(1, 1), (2, 1), (3, 100)]);
+    let cfg = BalancerConfig::default();
+    let id = begin(&mut s, 1, 2); // at 1_000
+    let timeout = cfg.merge_freeze_timeout_ms;
+    assert!(!balance(&s, &cfg, 1_000 + timeout - 1).iter().any(|p| matches!(p, Proposal::AbortMerge { .. })));
+    let props = balance(&s, &cfg, 1_000 + timeout);
+    assert!(props.contains(&Proposal::AbortMerge { left: ShardId(1), id }), "{props:?}");
+    for p in &props {
+        s.apply(p.command(1_000 + timeout)).expect("applies");
+    }
+    assert_eq!(s.merges[&ShardId(1)].phase, MergePhase::Aborted);
+    // An aborted (or committed) plan is not aborted again: it waits for its finish.
+    assert!(!balance(&s, &cfg, 2 * timeout).iter().any(|p| matches!(p, Proposal::AbortMerge { .. })));
+}
+
+#[test]
+fn merges_at_once_are_limited() {
+    let mut s = state();
+    for key in [b"c", b"p", b"x"] {
+        let sh = s.map.lookup(key).expect("shard").clone();
+        s.apply(MetaCommand::Split { shard: sh.id, epoch: sh.epoch, key: key.to_vec() }).expect("split");
+    }
+    let sizes: Vec<(u64, u64)> = s.map.shards().map(|d| (d.id.0, 1)).collect();
+    report(&mut s, &sizes);
+    let cfg = BalancerConfig::default();
+    let props = balance(&s, &cfg, 0);
+    assert_eq!(merges_of(&props).len(), cfg.merges_at_once_max);
+    for p in &props {
+        s.apply(p.command(0)).expect("applies");
+    }
+    assert!(merges_of(&balance(&s, &cfg, 1)).is_empty(), "as many plans as allowed run already");
+}
+
+#[test]
+fn merges_and_splits_do_not_undo_each_other() {
+    let cfg = BalancerConfig::default();
+    // Many small shards merge down to one; no round proposes a split on the way.
+    let mut s = state();
+    for key in [b"c", b"f", b"p", b"r", b"x"] {
+        let sh = s.map.lookup(key).expect("shard").clone();
+        s.apply(MetaCommand::Split { shard: sh.id, epoch: sh.epoch, key: key.to_vec() }).expect("split");
+    }
+    let mut sizes: std::collections::BTreeMap<u64, u64> = s.map.shards().map(|d| (d.id.0, 2)).collect();
+    for round in 0..20u64 {
+        let now = round * 1_000;
+        report(&mut s, &sizes.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>());
+        let props = balance(&s, &cfg, now);
+        assert_eq!(splits_of(&props), 0, "round {round}: {props:?}");
+        for p in &props {
+            s.apply(p.command(now)).expect("applies");
+        }
+        // Each merge commits and finishes; the left shard then holds both sizes.
+        for p in s.merges.values().cloned().collect::<Vec<_>>() {
+            s.apply(commit(p.left.0, p.id)).expect("commit");
+            s.apply(MetaCommand::FinishMerge { left: p.left, id: p.id }).expect("finish");
+            let right = sizes.remove(&p.right.0).expect("size");
+            *sizes.get_mut(&p.left.0).expect("size") += right;
+        }
+        s.validate().expect("valid");
+    }
+    assert_eq!(s.map.len(), 1, "{:?}", s.map.shards().map(|d| d.id).collect::<Vec<_>>());
+    // A shard split by size: its halves are not merged, even under a merge threshold above them.
+    let wide = BalancerConfig { merge_size_bytes_threshold: 1 << 30, split_size_bytes_threshold: 128 * MIB, ..cfg };
+    let mut s = state();
+    report(&mut s, &[(1, 100), (2, 200), (3, 100)]);
+    let props = balance(&s, &wide, 0);
+    assert_eq!(merges_of(&props), vec![], "200 MiB together is over half the split size");
+    report(&mut s, &[(1, 64), (2, 200), (3, 64)]);
+    assert!(merges_of(&balance(&s, &wide, 0)).is_empty(), "halves of a split at 128 MiB");
+    report(&mut s, &[(1, 30), (2, 30), (3, 200)]);
+    let props = balance(&s, &wide, 0);
+    assert_eq!(merges_of(&props), vec![(1, 2)]);
+    for p in &props {
+        s.apply(p.command(0)).expect("applies");
+    }
+    // And the merged shard is not split again: 60 MiB is half the split size away from it.
+    let id = s.merges[&ShardId(1)].id;
+    s.apply(commit(1, id)).expect("commit");
+    s.apply(MetaCommand::FinishMerge { left: ShardId(1), id }).expect("finish");
+    report(&mut s, &[(1, 60), (3, 200)]);
+    let props = balance(&s, &wide, 0);
+    assert!(props.iter().all(|p| !matches!(p, Proposal::Split { shard, .. } if shard.0 == 1)), "{props:?}");
+}

@@ -32,7 +32,11 @@ impl<'a> Round<'a> {
     /// known, from nodes that hold them, and together below the merge threshold and at most
     /// half the split threshold; both request rates are known (their leaders report) and
     /// together at most `merge_requests_per_s_max` and at most half the load-split rate.
-    pub(super) fn merge_pairs(&self) -> Vec<Pair<'a>> {
+    ///
+    /// Not `strict`: by size and rate alone (a move in progress, a cool-down, a learner do not
+    /// count): the pairs the count and size rules leave alone, so that neither shard of a pair
+    /// being aligned is moved away from the other meanwhile.
+    pub(super) fn merge_pairs(&self, strict: bool) -> Vec<Pair<'a>> {
         let cfg = self.cfg;
         if cfg.merge_size_bytes_threshold == 0 {
             return Vec::new();
@@ -48,7 +52,10 @@ impl<'a> Round<'a> {
                     && self.state.merge_of(d.id).is_none()
                     && d.replicas.iter().all(|r| r.role == ReplicaRole::Voter)
             };
-            if !free(left) || !free(right) || left.replicas.len() != right.replicas.len() {
+            if strict && (!free(left) || !free(right)) {
+                continue;
+            }
+            if left.voters().count() != right.voters().count() {
                 continue;
             }
             let (Some(lb), Some(rb)) = (self.held_size(left), self.held_size(right)) else { continue };
@@ -99,7 +106,7 @@ impl<'a> Round<'a> {
     /// the right shard's nodes closer to the left one's, within the round's move budget.
     /// `taken`: shards split this round.
     pub(super) fn merges(&mut self, taken: &BTreeSet<ShardId>) -> Vec<Proposal> {
-        let pairs: Vec<Pair<'a>> = self.merge_pairs();
+        let pairs: Vec<Pair<'a>> = self.merge_pairs(true);
         let mut room = self.cfg.merges_at_once_max.saturating_sub(self.state.merges.len());
         let mut used: BTreeSet<ShardId> = taken.clone();
         let mut out = Vec::new();
@@ -122,31 +129,36 @@ impl<'a> Round<'a> {
         out
     }
 
-    /// One move of a replica of the right shard from a node the left one lacks to a node of the
-    /// left one that the right one lacks, if the target may take it (registered, not
-    /// draining, a snapshot slot free) and does not end up holding more than one replica above
-    /// the source; the busiest source and the emptiest target first. Accepted outside the
-    /// count and size rules' hysteresis (see "Merges" in the module docs).
+    /// One move that puts the pair on more common nodes: a replica of the right shard from a
+    /// node the left one lacks to a node of the left one that the right one lacks or, if no
+    /// such move fits, the other way round (a replica of the left shard). A move fits if its
+    /// target may take it (registered, not draining, a snapshot slot free) and ends up with at
+    /// most one replica more than its source (the source is not draining); the busiest source
+    /// and the emptiest target first. Accepted outside the count and size rules' hysteresis
+    /// (see "Merges" in the module docs).
     fn align(&mut self, p: &Pair<'a>) -> bool {
         if self.accepted.len() >= self.budget {
             return false;
         }
         let (l, r) = (nodes(p.left), nodes(p.right));
         let count = |n: &NodeId| self.load.get(n).map_or(0, |l| l.count);
-        let mut sources: Vec<NodeId> = r.difference(&l).copied().collect();
-        sources.sort_by_key(|n| (!self.draining(*n), std::cmp::Reverse(count(n)), *n));
-        let mut targets: Vec<NodeId> = l
-            .difference(&r)
-            .copied()
-            .filter(|n| self.state.nodes.get(n).is_some_and(|i| !i.draining))
-            .filter(|n| self.incoming.get(n).copied().unwrap_or(0) < self.cfg.incoming_snapshots_per_node_max)
-            .collect();
-        targets.sort_by_key(|n| (count(n), *n));
-        let Some(from) = sources.first().copied() else { return false };
-        let Some(to) = targets.into_iter().find(|t| self.draining(from) || count(t) <= count(&from)) else {
+        let pick = |moved: &ShardDescriptor, has: &BTreeSet<NodeId>, wants: &BTreeSet<NodeId>| {
+            let mut sources: Vec<NodeId> = has.difference(wants).copied().collect();
+            sources.sort_by_key(|n| (!self.draining(*n), std::cmp::Reverse(count(n)), *n));
+            let mut targets: Vec<NodeId> = wants
+                .difference(has)
+                .copied()
+                .filter(|n| self.state.nodes.get(n).is_some_and(|i| !i.draining))
+                .filter(|n| self.incoming.get(n).copied().unwrap_or(0) < self.cfg.incoming_snapshots_per_node_max)
+                .collect();
+            targets.sort_by_key(|n| (count(n), *n));
+            let from = sources.first().copied()?;
+            let to = targets.into_iter().find(|t| self.draining(from) || count(t) <= count(&from))?;
+            Some((moved.id, from, to, self.held_size(moved).unwrap_or(0)))
+        };
+        let Some((shard, from, to, bytes)) = pick(p.right, &r, &l).or_else(|| pick(p.left, &l, &r)) else {
             return false;
         };
-        let bytes = self.held_size(p.right).unwrap_or(0);
         let f = self.load.entry(from).or_default();
         f.count = f.count.saturating_sub(1);
         f.bytes = f.bytes.saturating_sub(bytes);
@@ -156,7 +168,7 @@ impl<'a> Round<'a> {
         *self.incoming.entry(to).or_default() += 1;
         self.busy.insert(p.right.id);
         self.busy.insert(p.left.id);
-        self.accepted.push(Accepted { shard: p.right.id, from, to, bytes });
+        self.accepted.push(Accepted { shard, from, to, bytes });
         true
     }
 
