@@ -75,11 +75,47 @@
 //! and a learner still catching up reports less). Shards whose leader reports more than
 //! `load_split_requests_per_s` for long enough, with a key that divides the load, are split at
 //! that key (load-based splitting, [`crate::load`]), within the same per-round limit.
+//!
+//! # Merges
+//! Two neighbours are merged ([`crate::merge`]) when both are small and cold: their sizes, as
+//! nodes holding them report them, add up to less than `merge_size_bytes_threshold` and to at
+//! most half `split_size_bytes_threshold`; their request rates, as their leaders report them
+//! (a shard a leader does not list is colder than the ones it lists), add up to at most
+//! `merge_requests_per_s_max` and to at most half `load_split_requests_per_s`. Neither may be
+//! moving, cooling down after a move, split this round or in a merge already; both must have
+//! voters only, on the same nodes. The smallest pairs go first, a shard in one merge at most,
+//! while fewer than `merges_at_once_max` plans exist. A plan still freezing
+//! `merge_freeze_timeout_ms` after it began is aborted. The meta group is never merged: it is
+//! not in the map the balancer reads.
+//!
+//! Neighbours on different nodes (as many voters each) get an *aligning move* instead: a
+//! replica of the right shard from a node the left one lacks to one of the left one's nodes
+//! (or, if that does not fit, the other way round), at most one per pair and round, within the
+//! move limits, onto a node that ends up at most one replica above the source. Such moves
+//! are exempt from the hysteresis check (they may leave counts one outside the band), and the
+//! merge that follows takes a replica off every node of the pair.
+//!
+//! Why merges and the other rules do not fight:
+//! - *Merge and split.* A merged shard is at most half the split size and half the load-split
+//!   rate, so it is split only after it doubles; a size split's halves together are over the
+//!   split size, and a load split's are hot, so neither is merged back while it stays so.
+//!   Right after a split or a merge the reports describe the old ranges and are dropped
+//!   ([`MetaState`] does so), so no merge is decided on them.
+//! - *Merges and moves.* A merge lowers the number of shards, which nothing but splits raises,
+//!   and splits only follow growth, so merges are finite. The count and size rules leave the
+//!   shards of small, cold neighbour pairs where they are (off a draining node excepted), so
+//!   they never move a shard away from the neighbour it is being aligned with; the aligning
+//!   moves each add a common node to a pair and are undone by nothing but a drain, so they are
+//!   finite too. The counts a merge or an aligning move unsettles are then evened out by
+//!   count moves of other shards, which terminate as above.
 
 use crate::map::{Epoch, NodeId, ReplicaRole, ShardDescriptor, ShardId};
+use crate::merge::MergeId;
 use crate::meta::{MetaCommand, MetaState, MOVE_WINDOW_MS};
 use crate::plan::{MovePlan, MoveStep};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+mod merge;
 
 /// Limits and tolerances of the balancer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,7 +161,26 @@ pub struct BalancerConfig {
     /// order): bounds the cost of a round on nodes with very many shards, at the price of a
     /// choice that is only the best among those looked at.
     pub candidates_scanned_max: usize,
+    /// Neighbours whose sizes add up to less than this are merged (see "Merges"); 0: no
+    /// automatic merges. Merges also need the sum to be at most half
+    /// `split_size_bytes_threshold`, so a merged shard is far from being split again.
+    pub merge_size_bytes_threshold: u64,
+    /// Neighbours whose leaders report more requests per second than this, together, are not
+    /// merged (a busy shard is better served apart). Merges also need the sum to be at most
+    /// half `load_split_requests_per_s`.
+    pub merge_requests_per_s_max: u64,
+    /// Merge plans in progress at most (each freezes a shard for a while, and its leader then
+    /// copies the right shard's data).
+    pub merges_at_once_max: usize,
+    /// A merge still freezing this long after it began is aborted (its right shard's leader
+    /// did not manage to freeze it: no leader, a lagging voter).
+    pub merge_freeze_timeout_ms: u64,
 }
+
+/// The default of [`BalancerConfig::merge_size_bytes_threshold`]: as TiKV's
+/// `max-merge-region-size` (20 MiB against a 96 to 144 MiB split size), a shard this small
+/// costs a Raft group's traffic and memory for little data.
+pub const MERGE_SIZE_BYTES_DEFAULT: u64 = 20 << 20;
 
 impl Default for BalancerConfig {
     fn default() -> Self {
@@ -146,6 +201,11 @@ impl Default for BalancerConfig {
             catch_up_lag_entries_max: 128,
             shard_move_cooldown_ms: 600_000,
             candidates_scanned_max: 1024,
+            merge_size_bytes_threshold: MERGE_SIZE_BYTES_DEFAULT,
+            // A tenth of the load-split rate: far from splitting again by load.
+            merge_requests_per_s_max: 300,
+            merges_at_once_max: 2,
+            merge_freeze_timeout_ms: 30_000,
         }
     }
 }
@@ -180,11 +240,31 @@ pub enum Proposal {
         /// First key of the new right-hand shard.
         key: Vec<u8>,
     },
+    /// Merge `right` into `left`, its left neighbour (see [`crate::merge`]).
+    BeginMerge {
+        /// The shard that stays.
+        left: ShardId,
+        /// Its epoch when decided.
+        left_epoch: Epoch,
+        /// The shard that goes.
+        right: ShardId,
+        /// Its epoch when decided.
+        right_epoch: Epoch,
+    },
+    /// Give up the merge plan of `left`: it has been freezing longer than
+    /// `merge_freeze_timeout_ms`.
+    AbortMerge {
+        /// The plan's left shard.
+        left: ShardId,
+        /// The plan's id.
+        id: MergeId,
+    },
 }
 
 impl Proposal {
-    /// The meta command that carries the proposal out. `now_ms` stamps a move's start: pass the
-    /// time the round ran at, so the per-minute limit and the cool-down count from it.
+    /// The meta command that carries the proposal out. `now_ms` stamps a move's or a merge's
+    /// start: pass the time the round ran at, so the per-minute limit, the cool-down and the
+    /// freeze timeout count from it.
     pub fn command(&self, now_ms: u64) -> MetaCommand {
         match self {
             Proposal::Move { epoch, plan } => MetaCommand::StartMove { epoch: *epoch, plan: plan.clone(), now_ms },
@@ -194,6 +274,14 @@ impl Proposal {
             Proposal::Split { shard, epoch, key } => {
                 MetaCommand::Split { shard: *shard, epoch: *epoch, key: key.clone() }
             }
+            Proposal::BeginMerge { left, left_epoch, right, right_epoch } => MetaCommand::BeginMerge {
+                left: *left,
+                left_epoch: *left_epoch,
+                right: *right,
+                right_epoch: *right_epoch,
+                now_ms,
+            },
+            Proposal::AbortMerge { left, id } => MetaCommand::AbortMerge { left: *left, id: *id },
         }
     }
 }
@@ -239,6 +327,9 @@ struct Round<'a> {
     busy: BTreeSet<ShardId>,
     /// Shards moved recently (still cooling down) -> the node each left.
     cooling: HashMap<ShardId, NodeId>,
+    /// Shards of neighbours small and cold enough to merge ([`Round::merge_pairs`], by size
+    /// and rate alone): the count and size rules leave them where they are (see "Merges").
+    merge_bound: BTreeSet<ShardId>,
     /// Byte gap below which two nodes count as balanced.
     size_tolerance: u64,
     /// Moves this round may still make in all (round and minute limits).
@@ -256,6 +347,19 @@ pub fn balance(state: &MetaState, cfg: &BalancerConfig, now_ms: u64) -> Vec<Prop
             break;
         }
     }
+    let mut splits = r.splits();
+    splits.extend(r.load_splits(&splits));
+    let split: BTreeSet<ShardId> = splits
+        .iter()
+        .filter_map(|p| match p {
+            Proposal::Split { shard, .. } => Some(*shard),
+            _ => None,
+        })
+        .collect();
+    // After the splits (a shard split this round is not merged) and before the moves are
+    // turned into proposals (aligning moves are added to them).
+    let merges = r.merges(&split);
+    let aborts = r.merge_aborts(now_ms);
     let mut out: Vec<Proposal> = r
         .accepted
         .iter()
@@ -269,15 +373,16 @@ pub fn balance(state: &MetaState, cfg: &BalancerConfig, now_ms: u64) -> Vec<Prop
             }
         })
         .collect();
-    let mut splits = r.splits();
-    splits.extend(r.load_splits(&splits));
     let mut skip = r.busy.clone();
-    skip.extend(splits.iter().filter_map(|p| match p {
-        Proposal::Split { shard, .. } => Some(*shard),
-        _ => None,
+    skip.extend(split);
+    skip.extend(merges.iter().flat_map(|p| match p {
+        Proposal::BeginMerge { left, right, .. } => vec![*left, *right],
+        _ => vec![],
     }));
     out.extend(leaders(state, cfg, &skip));
     out.extend(splits);
+    out.extend(merges);
+    out.extend(aborts);
     out
 }
 
@@ -304,7 +409,9 @@ impl<'a> Round<'a> {
             }
         }
         let mut incoming: BTreeMap<NodeId, usize> = BTreeMap::new();
-        let mut busy = BTreeSet::new();
+        // Shards in a merge plan keep their replicas and range (the meta state refuses moves
+        // and splits of them), and their leaders stay put while the merge runs.
+        let mut busy: BTreeSet<ShardId> = state.merges.values().flat_map(|p| [p.left, p.right]).collect();
         for (shard, plan) in &state.moves {
             busy.insert(*shard);
             let Some(d) = state.map.get(*shard) else { continue };
@@ -337,7 +444,7 @@ impl<'a> Round<'a> {
         let size_tolerance = cfg
             .size_spread_bytes_min
             .max(u64::try_from(mean * cfg.size_spread_percent as u128 / 100).unwrap_or(u64::MAX));
-        Round {
+        let mut r = Round {
             state,
             cfg,
             sizes,
@@ -346,10 +453,13 @@ impl<'a> Round<'a> {
             incoming,
             busy,
             cooling,
+            merge_bound: BTreeSet::new(),
             size_tolerance,
             budget,
             accepted: Vec::new(),
-        }
+        };
+        r.merge_bound = r.merge_pairs(false).iter().flat_map(|p| [p.left.id, p.right.id]).collect();
+        r
     }
 
     /// The count band (at least 1).
@@ -446,7 +556,10 @@ impl<'a> Round<'a> {
                         None => true,
                         Some(left) => draining && *left != to,
                     };
-                cool && !self.busy.contains(&c.d.id) && c.d.replica(to).is_none() && c.d.replica(from).is_some()
+                cool && (draining || !self.merge_bound.contains(&c.d.id))
+                    && !self.busy.contains(&c.d.id)
+                    && c.d.replica(to).is_none()
+                    && c.d.replica(from).is_some()
             })
             .take(self.cfg.candidates_scanned_max.max(1))
     }

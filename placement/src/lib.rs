@@ -23,7 +23,13 @@
 //!   request keys on each leader, and the key that divides a hot shard's load; the balancer
 //!   splits shards that stay hot and weighs leaders by these rates.
 //!
-//! Not built: merges, and CPU or disk load in balancing decisions.
+//! - [`merge`]: a merge of two adjacent shards as a plan of phases (freezing, committed or
+//!   aborted, finished) kept in the replicated [`MetaState`]; while a shard takes part in
+//!   one, its replicas and range stay as they are. The balancer proposes merges of small,
+//!   cold neighbours on the same nodes, moves that put such neighbours on the same nodes, and
+//!   aborts of freezes that take too long.
+//!
+//! Not built: CPU or disk load in balancing decisions.
 //!
 //! # The loop the node runs (on the meta leader)
 //! ```
@@ -99,14 +105,16 @@ pub mod balance;
 pub mod lifecycle;
 pub mod load;
 pub mod map;
+pub mod merge;
 pub mod meta;
 pub mod plan;
 mod unsafe_recovery;
 
-pub use balance::{balance, BalancerConfig, Proposal};
+pub use balance::{balance, BalancerConfig, Proposal, MERGE_SIZE_BYTES_DEFAULT};
 pub use lifecycle::{replica_fate, DeleteReason, LocalReplica, ReplicaFate};
 pub use load::{LoadSplitConfig, LoadTracker, LoadTrackers, LoadWindow};
 pub use map::{Epoch, NodeId, Replica, ReplicaRole, RouteError, ShardDescriptor, ShardId, ShardMap};
+pub use merge::{MergeId, MergePhase, MergePlan};
 pub use meta::{
     GroupConf, LogIndex, MetaCommand, MetaError, MetaOutcome, MetaState, MoveRecord, NodeInfo, NodeReport, ShardLoad,
     Tombstone, MOVE_HISTORY_LEN_MAX, MOVE_HISTORY_MS, MOVE_WINDOW_MS,

@@ -7,8 +7,11 @@
 //! replica checks each step against the same map. Recent moves are kept here as well, so the
 //! balancer's moves-per-minute limit and its cool-down of moved shards hold across meta
 //! leaders.
+//!
+//! Shard merges in progress live here as well ([`MetaState::merges`], see [`crate::merge`]).
 
 use crate::map::{Epoch, NodeId, Replica, ReplicaRole, ShardDescriptor, ShardId, ShardMap};
+use crate::merge::{MergeId, MergePhase, MergePlan};
 use crate::plan::{MovePlan, MoveStep, PlanAction, PlanError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -249,6 +252,51 @@ pub enum MetaCommand {
         /// Shards that lost their quorum, each with the node of the replica it was forced onto.
         kept: Vec<(ShardId, NodeId)>,
     },
+    // The merge commands come last: the variants before them keep their serialized tags.
+    /// Record a merge of `right` into `left`, its left neighbour, in phase
+    /// [`MergePhase::Freezing`] (see [`crate::merge`]); the map is unchanged. Answered with
+    /// [`MetaOutcome::Merge`], which carries the plan and its new id.
+    BeginMerge {
+        /// The shard that stays.
+        left: ShardId,
+        /// The epoch of `left` the decision was made at.
+        left_epoch: Epoch,
+        /// The shard that goes: it must start where `left` ends.
+        right: ShardId,
+        /// The epoch of `right` the decision was made at.
+        right_epoch: Epoch,
+        /// When the proposer decided the merge (a freeze that takes too long is aborted).
+        now_ms: u64,
+    },
+    /// Commit the merge of `left`: sent by the right shard's leader once the right shard
+    /// applied its freeze entry, at `freeze_term` and `freeze_index`, and every voter of it
+    /// holds that entry. The map merges; the plan goes to [`MergePhase::Committed`].
+    CommitMerge {
+        /// The plan's left shard.
+        left: ShardId,
+        /// The plan's id: another id means a duplicate or late command.
+        id: MergeId,
+        /// The term of the right shard's freeze entry.
+        freeze_term: u64,
+        /// The index of the right shard's freeze entry.
+        freeze_index: LogIndex,
+    },
+    /// Give up the merge of `left` while it is still freezing (refused once committed: a
+    /// committed merge is never undone). The right shard's leader then thaws it.
+    AbortMerge {
+        /// The plan's left shard.
+        left: ShardId,
+        /// The plan's id.
+        id: MergeId,
+    },
+    /// Drop the plan of `left` once its work is done: after a commit, the left shard's leader
+    /// absorbed the right shard; after an abort, the right shard's leader thawed it.
+    FinishMerge {
+        /// The plan's left shard.
+        left: ShardId,
+        /// The plan's id.
+        id: MergeId,
+    },
 }
 
 /// Why a command was refused.
@@ -341,6 +389,45 @@ pub enum MetaError {
     /// An unsafe recovery that does not fit the state.
     #[error("invalid unsafe recovery: {0}")]
     InvalidRecovery(String),
+    // The merge errors come last: the variants before them keep their serialized tags.
+    /// The shard takes part in a merge: its replicas and range stay as they are until the
+    /// merge is finished (or aborted and finished).
+    #[error("shard {0} takes part in a merge: wait for it to finish or abort it")]
+    MergeInProgress(ShardId),
+    /// No merge plan is filed under the shard (never begun, or already finished).
+    #[error("no merge in progress with left shard {0}")]
+    NoMerge(ShardId),
+    /// The plan of the left shard has another id (the command is a duplicate or late).
+    #[error("the merge of left shard {left} is {current}, not {given}")]
+    MergeMismatch {
+        /// The left shard.
+        left: ShardId,
+        /// The id in the command.
+        given: MergeId,
+        /// The plan's id.
+        current: MergeId,
+    },
+    /// The command does not fit the plan's phase (a commit or abort after either, a finish
+    /// while still freezing).
+    #[error("merge {id} of left shard {left} is in phase {phase:?}")]
+    MergePhaseMismatch {
+        /// The left shard.
+        left: ShardId,
+        /// The plan's id.
+        id: MergeId,
+        /// The plan's phase.
+        phase: MergePhase,
+    },
+    /// The two shards cannot merge.
+    #[error("shards {left} and {right} cannot merge: {reason}")]
+    InvalidMerge {
+        /// The left shard.
+        left: ShardId,
+        /// The right shard.
+        right: ShardId,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// What an applied command produced.
@@ -350,6 +437,8 @@ pub enum MetaOutcome {
     Done,
     /// The shard descriptors a command changed or created, as they are now.
     Shards(Vec<ShardDescriptor>),
+    /// The merge plan [`MetaCommand::BeginMerge`] recorded, with its new id.
+    Merge(MergePlan),
 }
 
 /// The replicated state of the placement layer.
@@ -383,6 +472,24 @@ pub struct MetaState {
     /// the data its peers start with. Last, so that a state serialized before it existed is
     /// still read ([`MetaState::restore`]).
     pub restored_from: Option<String>,
+    /// Shard merges in progress, by left shard (see [`crate::merge`]): a shard takes part in
+    /// one at most, and none with a move. Last, so that a state serialized before it existed
+    /// is still read, with none ([`MetaState::restore`]).
+    pub merges: BTreeMap<ShardId, MergePlan>,
+}
+
+/// [`MetaState`] as serialized before `merges` existed: read with no merge in progress.
+#[derive(Deserialize)]
+struct MetaStateBeforeMerges {
+    map: ShardMap,
+    nodes: BTreeMap<NodeId, NodeInfo>,
+    next_shard_id: u64,
+    transfers: BTreeMap<ShardId, NodeId>,
+    moves: BTreeMap<ShardId, MovePlan>,
+    recent_moves: VecDeque<MoveRecord>,
+    tombstones: BTreeMap<ShardId, BTreeMap<NodeId, Tombstone>>,
+    removed: BTreeSet<NodeId>,
+    restored_from: Option<String>,
 }
 
 /// [`MetaState`] as serialized before `removed` and `restored_from` existed (format-1 stores):
@@ -463,6 +570,7 @@ impl MetaState {
                 if self.moves.contains_key(&shard) {
                     return Err(MetaError::MoveInProgress(shard));
                 }
+                self.check_no_merge(shard)?;
                 if key.as_slice() <= d.start.as_slice() || !d.contains(&key) {
                     return Err(MetaError::SplitKeyOutsideRange(shard));
                 }
@@ -488,6 +596,7 @@ impl MetaState {
                 if d.replica(node).is_some() {
                     return Err(MetaError::ReplicaExists { shard, node });
                 }
+                self.check_no_merge(shard)?;
                 // The node may still hold the replica removed earlier: it becomes a member
                 // again, caught up from wherever its state is.
                 self.unbury(shard, node);
@@ -498,6 +607,7 @@ impl MetaState {
                 if d.replica(node).is_none_or(|r| r.role != ReplicaRole::Learner) {
                     return Err(MetaError::NoSuchReplica { shard, node });
                 }
+                self.check_no_merge(shard)?;
                 self.change(shard, |d| {
                     if let Some(r) = d.replicas.iter_mut().find(|r| r.node == node) {
                         r.role = ReplicaRole::Voter;
@@ -512,6 +622,7 @@ impl MetaState {
                 if r.role == ReplicaRole::Voter && d.voters().count() == 1 {
                     return Err(MetaError::LastVoter(shard));
                 }
+                self.check_no_merge(shard)?;
                 self.drop_transfer_to(shard, node);
                 let outcome = self.change(shard, |d| d.replicas.retain(|r| r.node != node))?;
                 self.bury(shard, node);
@@ -525,6 +636,7 @@ impl MetaState {
                 if d.replica(demote).is_none_or(|r| r.role != ReplicaRole::Voter) {
                     return Err(MetaError::NoSuchReplica { shard, node: demote });
                 }
+                self.check_no_merge(shard)?;
                 self.drop_transfer_to(shard, demote);
                 self.change(shard, |d| {
                     for r in d.replicas.iter_mut() {
@@ -609,6 +721,14 @@ impl MetaState {
                 *self = next;
                 Ok(outcome)
             }
+            MetaCommand::BeginMerge { left, left_epoch, right, right_epoch, now_ms } => {
+                self.begin_merge((left, left_epoch), (right, right_epoch), now_ms)
+            }
+            MetaCommand::CommitMerge { left, id, freeze_term, freeze_index } => {
+                self.commit_merge(left, id, freeze_term, freeze_index)
+            }
+            MetaCommand::AbortMerge { left, id } => self.abort_merge(left, id),
+            MetaCommand::FinishMerge { left, id } => self.finish_merge(left, id),
         }
     }
 
@@ -620,6 +740,7 @@ impl MetaState {
         if self.moves.contains_key(&shard) {
             return Err(MetaError::MoveInProgress(shard));
         }
+        self.check_no_merge(shard)?;
         if plan.step != MoveStep::AddLearner {
             return invalid("a move starts at its first step, AddLearner");
         }
@@ -706,7 +827,7 @@ impl MetaState {
     }
 
     /// The shard, if `epoch` is its current one.
-    fn current(&self, shard: ShardId, epoch: Epoch) -> Result<&ShardDescriptor, MetaError> {
+    pub(crate) fn current(&self, shard: ShardId, epoch: Epoch) -> Result<&ShardDescriptor, MetaError> {
         if self.map.is_empty() {
             return Err(MetaError::NotBootstrapped);
         }
@@ -734,40 +855,86 @@ impl MetaState {
         bincode::serde::encode_to_vec(self, bincode::config::standard()).map_err(|e| e.to_string())
     }
 
-    /// Restores a state from [`MetaState::snapshot`], checking the map's invariant.
-    /// A state serialized before `removed` and `restored_from` existed is read too: it ends
-    /// where those fields would start, so the current layout fails on it, and the older one
-    /// reads it whole (and fails on a current one, which has bytes left over).
+    /// Restores a state from [`MetaState::snapshot`], checking it ([`MetaState::validate`]).
+    /// States serialized by older layouts are read too, each ending where a newer field would
+    /// start: before `merges` (read with none), and before `removed` and `restored_from` (read
+    /// with none removed and no backup). A layout fails on the bytes of a longer one (bytes
+    /// left over) and on those of a shorter one (bytes missing), so exactly one reads them
+    /// whole.
     pub fn restore(bytes: &[u8]) -> Result<MetaState, String> {
         let cfg = bincode::config::standard();
+        let whole = |used: usize| used == bytes.len();
         let s = match bincode::serde::decode_from_slice::<MetaState, _>(bytes, cfg) {
-            Ok((s, used)) if used == bytes.len() => s,
-            current => match bincode::serde::decode_from_slice::<MetaStateBefore, _>(bytes, cfg) {
-                Ok((o, used)) if used == bytes.len() => MetaState {
-                    map: o.map,
-                    nodes: o.nodes,
-                    next_shard_id: o.next_shard_id,
-                    transfers: o.transfers,
-                    moves: o.moves,
-                    recent_moves: o.recent_moves,
-                    tombstones: o.tombstones,
-                    removed: BTreeSet::new(),
-                    restored_from: None,
-                },
-                _ => {
-                    return Err(match current {
-                        Ok((_, used)) => format!("{} trailing bytes", bytes.len() - used),
-                        Err(e) => e.to_string(),
-                    })
+            Ok((s, used)) if whole(used) => s,
+            current => {
+                if let Ok((o, used)) = bincode::serde::decode_from_slice::<MetaStateBeforeMerges, _>(bytes, cfg) {
+                    if whole(used) {
+                        return MetaState::checked(o.into());
+                    }
                 }
-            },
+                match bincode::serde::decode_from_slice::<MetaStateBefore, _>(bytes, cfg) {
+                    Ok((o, used)) if whole(used) => o.into(),
+                    _ => {
+                        return Err(match current {
+                            Ok((_, used)) => format!("{} trailing bytes", bytes.len() - used),
+                            Err(e) => e.to_string(),
+                        })
+                    }
+                }
+            }
         };
-        s.map.validate()?;
-        for (shard, plan) in &s.moves {
-            if plan.shard != *shard || s.map.get(*shard).is_none() {
+        MetaState::checked(s)
+    }
+
+    fn checked(s: MetaState) -> Result<MetaState, String> {
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Checks the state's invariants: the map's ([`ShardMap::validate`]), each move filed
+    /// under its shard, which is in the map, and the merge plans fit the map (see
+    /// [`crate::merge`]). Run on a restored state; tests run it after every command.
+    pub fn validate(&self) -> Result<(), String> {
+        self.map.validate()?;
+        for (shard, plan) in &self.moves {
+            if plan.shard != *shard || self.map.get(*shard).is_none() {
                 return Err(format!("the move recorded under shard {shard} does not match the map"));
             }
         }
-        Ok(s)
+        self.validate_merges()
+    }
+}
+
+impl From<MetaStateBeforeMerges> for MetaState {
+    fn from(o: MetaStateBeforeMerges) -> MetaState {
+        MetaState {
+            map: o.map,
+            nodes: o.nodes,
+            next_shard_id: o.next_shard_id,
+            transfers: o.transfers,
+            moves: o.moves,
+            recent_moves: o.recent_moves,
+            tombstones: o.tombstones,
+            removed: o.removed,
+            restored_from: o.restored_from,
+            merges: BTreeMap::new(),
+        }
+    }
+}
+
+impl From<MetaStateBefore> for MetaState {
+    fn from(o: MetaStateBefore) -> MetaState {
+        MetaState {
+            map: o.map,
+            nodes: o.nodes,
+            next_shard_id: o.next_shard_id,
+            transfers: o.transfers,
+            moves: o.moves,
+            recent_moves: o.recent_moves,
+            tombstones: o.tombstones,
+            removed: BTreeSet::new(),
+            restored_from: None,
+            merges: BTreeMap::new(),
+        }
     }
 }

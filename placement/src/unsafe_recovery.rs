@@ -15,7 +15,8 @@ impl MetaState {
     /// voters on live nodes up to the number of voters it had, the fewest loaded nodes first,
     /// and if it is in `kept` it first keeps only the replica on its node (the group was
     /// forced onto it). Idempotent: a shard that no longer names a dead node is left as it
-    /// is, so applying the same command again changes nothing. Returns the shards changed.
+    /// is, so applying the same command again changes nothing. A freezing merge of a shard that
+    /// has a replica on a dead node is aborted. Returns the shards changed.
     pub(crate) fn remove_dead_nodes(
         &mut self,
         dead: &[NodeId],
@@ -54,6 +55,8 @@ impl MetaState {
         // voters it got then, instead of being cut back to its survivor alone.
         let touched: Vec<ShardId> =
             self.map.shards().filter(|d| d.replicas.iter().any(|r| dead.contains(&r.node))).map(|d| d.id).collect();
+        // The replicas of a freezing merge change under it: given up (see `merge.rs`).
+        self.abort_merges_of(&touched.iter().copied().collect());
         let mut changed = Vec::new();
         for shard in touched {
             let Some(d) = self.map.get(shard).cloned() else { continue };
@@ -197,8 +200,8 @@ mod tests {
     fn a_state_serialized_before_removed_nodes_existed_restores_with_none() {
         let s = state();
         let mut bytes = s.snapshot().unwrap();
-        // The two newest fields, last: an empty set and no backup, one zero byte each.
-        assert_eq!(bytes.split_off(bytes.len() - 2), [0, 0]);
+        // The newest fields, last: an empty set, no backup and no merges, one zero byte each.
+        assert_eq!(bytes.split_off(bytes.len() - 3), [0, 0, 0]);
         assert_eq!(MetaState::restore(&bytes).unwrap(), s);
     }
 

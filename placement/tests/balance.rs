@@ -166,12 +166,16 @@ fn check_limits(s: &MetaState, cfg: &BalancerConfig, now_ms: u64, props: &[Propo
     }
     let mut shards = BTreeSet::new();
     for p in props {
-        let shard = match p {
-            Proposal::Move { plan, .. } => plan.shard,
-            Proposal::TransferLeader { shard, .. } | Proposal::Split { shard, .. } => *shard,
+        let touched = match p {
+            Proposal::Move { plan, .. } => vec![plan.shard],
+            Proposal::TransferLeader { shard, .. } | Proposal::Split { shard, .. } => vec![*shard],
+            Proposal::BeginMerge { left, right, .. } => vec![*left, *right],
+            Proposal::AbortMerge { left, .. } => vec![*left],
         };
-        assert!(shards.insert(shard), "one proposal per shard: {props:?}");
-        assert!(!s.moves.contains_key(&shard), "nothing for a shard with a move in progress");
+        for shard in touched {
+            assert!(shards.insert(shard), "one proposal per shard: {props:?}");
+            assert!(!s.moves.contains_key(&shard), "nothing for a shard with a move in progress");
+        }
     }
     for m in &moves {
         *incoming.entry(m.to).or_default() += 1;
