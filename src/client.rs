@@ -723,9 +723,9 @@ async fn sleep_backoff(backoff: &mut u64, deadline: Instant) {
 }
 
 /// How far a map has come: the sum of its shards' epochs. Every change of the map raises an
-/// epoch or adds a shard (shards are never merged away), so of two copies of one cluster's map,
-/// the later one scores higher: a copy scoring lower than the cached one is older, and routing
-/// never goes back to it.
+/// epoch or adds a shard, and a merge raises the left shard's version past the right one's
+/// whole epoch, so of two copies of one cluster's map, the later one scores higher: a copy
+/// scoring lower than the cached one is older, and routing never goes back to it.
 pub fn map_progress(map: &ShardMap) -> u64 {
     map.shards().fold(0u64, |sum, d| sum.saturating_add(d.epoch.version).saturating_add(d.epoch.conf_version))
 }

@@ -11,6 +11,8 @@
 //! # split_size_bytes = 134217728      # shards past this are split (with auto_balance)
 //! # load_split_requests_per_s = 3000  # shards busier than this are split by load (0: never)
 //! # load_split_duration_ms = 10000    # ... once they stayed that busy this long
+//! # merge_size_bytes = 20971520       # cold neighbours smaller than this together are merged
+//! #                                   # (with auto_balance; 0: never)
 //! # pollers = 1                       # shard poller threads (default: half the cores)
 //! # memory_budget = "512MiB"          # RocksDB's block cache and memtables (64MiB..=1TiB)
 //! # require_client_roles = true       # refuse client certificates issued without a role
@@ -101,6 +103,11 @@ pub struct ServerFile {
     /// 10,000).
     #[serde(default)]
     pub load_split_duration_ms: Option<u64>,
+    /// Neighbouring shards whose sizes add up to less than this, and that are cold, are merged
+    /// by the balancer (with `auto_balance`; default 20 MiB; 0: never). Merges also need the
+    /// sum under half `split_size_bytes`, so a merged shard is not split again.
+    #[serde(default)]
+    pub merge_size_bytes: Option<u64>,
     /// Threads running the shards' Raft groups (default: half the cores, 1 to 8).
     #[serde(default)]
     pub pollers: Option<usize>,
@@ -355,6 +362,9 @@ impl ServerFile {
         }
         if let Some(ms) = self.load_split_duration_ms {
             node.load_split_duration_ms = ms;
+        }
+        if let Some(bytes) = self.merge_size_bytes {
+            node.balancer.merge_size_bytes_threshold = bytes;
         }
         if let Some(p) = self.pollers {
             node.pollers = p;

@@ -22,7 +22,8 @@ use std::collections::BTreeMap;
 /// ([`PeerRequest::HoldMetaReplica`]).
 /// Version 5: [`MetaOp::RemoveDeadNodes`], an unsafe recovery's map change written above a
 /// given revision.
-pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 5;
+/// Version 6: merges (the meta state's merge plans, their commands).
+pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 6;
 
 /// Whether `bytes` is a message of the peer protocol (rather than the client protocol).
 pub fn is_peer_message(bytes: &[u8]) -> bool {

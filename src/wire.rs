@@ -24,9 +24,10 @@ use std::collections::BTreeMap;
 /// [`AdminRequest::ForceAlone`], [`AdminRequest::DropReplica`],
 /// [`AdminRequest::RemoveDeadNodes`]). 8: unsafe recovery carries meta revisions (a
 /// replica-states answer names its node's, the map change is written above the highest), and
-/// `admin status` names the meta group's voters and learners.
+/// `admin status` names the meta group's voters and learners. 9: merges
+/// ([`AdminRequest::Merge`], a shard row's merge in progress).
 /// Versions stay below 0x80: a first byte with the high bit set is a peer message.
-pub const PROTOCOL_VERSION: u8 = 8;
+pub const PROTOCOL_VERSION: u8 = 9;
 
 /// Largest key accepted (bytes): the shard's own limit, checked here first so that a key too
 /// long is refused before it is routed (or made a split point). Keys travel in every routing
@@ -295,6 +296,12 @@ pub enum AdminRequest {
         /// must not be taken for theirs.
         revision_floor: u64,
     },
+    /// Merge `shard` with its right-hand neighbour (a plan the shards' leaders carry out):
+    /// answers once the plan is recorded.
+    Merge {
+        /// The left shard.
+        shard: ShardId,
+    },
 }
 
 /// Most bytes one [`AdminRequest::BackupRead`] answers: under the transport's 4 MiB frame,
@@ -367,6 +374,8 @@ pub struct ShardRow {
     pub bytes: u64,
     /// A move in progress, described.
     pub moving: Option<String>,
+    /// A merge in progress that the shard is part of, described.
+    pub merging: Option<String>,
 }
 
 /// One row of `admin nodes`.

@@ -167,7 +167,11 @@ impl MetaState {
             let reason = "the shards are no longer adjacent on the same voters".into();
             return Err(MetaError::InvalidMerge { left, right, reason });
         }
-        let version = l.epoch.version.max(r.epoch.version) + 1;
+        // Past the sum of both shards' epochs: copies of the map are told apart by the sum of
+        // their shards' epochs (clients keep the later one), and the merge must raise it even
+        // though a shard leaves.
+        let version =
+            l.epoch.version.saturating_add(r.epoch.version).saturating_add(r.epoch.conf_version).saturating_add(1);
         let r = self.map.remove_unchecked(right).expect("checked above");
         let l = self.map.get_mut(left).expect("checked above");
         l.end = r.end.clone();

@@ -73,7 +73,7 @@ fn a_merge_begins_commits_and_finishes() {
     let merged = d(&s, 1);
     assert_eq!(out, MetaOutcome::Shards(vec![merged.clone()]));
     assert_eq!((merged.start.as_slice(), merged.end.as_deref()), (&b""[..], Some(&b"t"[..])));
-    assert_eq!(merged.epoch.version, l.epoch.version.max(r.epoch.version) + 1);
+    assert_eq!(merged.epoch.version, l.epoch.version + r.epoch.version + r.epoch.conf_version + 1);
     assert_eq!(merged.epoch.conf_version, l.epoch.conf_version, "replicas unchanged");
     assert_eq!(s.map.get(ShardId(2)), None, "the right shard is gone");
     assert_eq!(s.map.lookup(b"p").map(|d| d.id), Some(ShardId(1)));

@@ -51,6 +51,16 @@ pub enum AdminOp {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Merge SHARD with its right-hand neighbour (the next shard in key order): the right one
+    /// freezes, then SHARD absorbs it. Both must have the same replicas (move one first, or
+    /// let the balancer align them).
+    Merge {
+        /// The left shard's id.
+        shard: u64,
+        /// Return at once instead of following the merge.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Hand SHARD's leadership to NODE.
     TransferLeader {
         /// Shard id.
@@ -121,6 +131,7 @@ pub async fn run(a: AdminArgs) -> Result<i32> {
             AdminRequest::TransferLeader { shard: ShardId(*shard), node: NodeId(*node) }
         }
         AdminOp::Rebalance => AdminRequest::Rebalance,
+        AdminOp::Merge { shard, .. } => AdminRequest::Merge { shard: ShardId(*shard) },
         AdminOp::Drain { node, undo } => AdminRequest::Drain { node: NodeId(*node), draining: !undo },
         AdminOp::Status => AdminRequest::Status,
         AdminOp::AddNode { node, addr } => {
@@ -137,6 +148,9 @@ pub async fn run(a: AdminArgs) -> Result<i32> {
     }
     if let (AdminOp::Move { shard, no_wait: false, .. }, false) = (&a.op, json) {
         follow_move(&client, ShardId(*shard)).await?;
+    }
+    if let (AdminOp::Merge { shard, no_wait: false }, false) = (&a.op, json) {
+        follow_merge(&client, ShardId(*shard)).await?;
     }
     client.close().await;
     Ok(0)
@@ -253,6 +267,45 @@ async fn follow_move(client: &Client, shard: ShardId) -> Result<()> {
     }
     bail!(
         "the move did not finish within {} minutes (it goes on; check `flotilla admin shards`)",
+        MOVE_FOLLOW_S_MAX / 60
+    )
+}
+
+/// Prints the progress of a merge until its plan is gone: merged (the shard took its
+/// neighbour's range) or aborted (it did not).
+async fn follow_merge(client: &Client, shard: ShardId) -> Result<()> {
+    let mut last = String::new();
+    let mut end_before = None;
+    let deadline = Instant::now() + Duration::from_secs(MOVE_FOLLOW_S_MAX);
+    while Instant::now() < deadline {
+        let AdminResponse::Shards(rows) = client.admin(AdminRequest::Shards).await? else { bail!("unexpected answer") };
+        let Some(row) = rows.into_iter().find(|r| r.descriptor.id == shard) else { bail!("shard {shard} vanished") };
+        let end = row.descriptor.end.clone();
+        let end_before = end_before.get_or_insert_with(|| end.clone());
+        match &row.merging {
+            Some(m) => {
+                if *m != last {
+                    println!("{m}");
+                    last = m.clone();
+                }
+            }
+            None => {
+                let shown = end
+                    .as_ref()
+                    .map_or("the end of the keyspace".into(), |e| format!("{:?}", e.escape_ascii().to_string()));
+                match end != *end_before || !last.is_empty() && !last.ends_with("aborted") {
+                    true => println!("merge done: shard {shard} now ends at {shown}"),
+                    false => {
+                        println!("no merge in progress for shard {shard} (aborted, or done before); it ends at {shown}")
+                    }
+                }
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    bail!(
+        "the merge did not finish within {} minutes (it goes on; check `flotilla admin shards`)",
         MOVE_FOLLOW_S_MAX / 60
     )
 }

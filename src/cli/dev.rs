@@ -39,6 +39,11 @@ pub struct DevArgs {
     /// Shards larger than this (keys plus values) are split.
     #[arg(long, value_name = "BYTES", default_value_t = flotilla::node::SPLIT_SIZE_BYTES_DEFAULT)]
     split_size_bytes: u64,
+    /// Neighbouring shards smaller than this together (and cold) are merged by the balancer.
+    /// Off by default here: a dev cluster is split into --shards on purpose, to spread load
+    /// over empty shards that merges would join again.
+    #[arg(long, value_name = "BYTES")]
+    merge_size_bytes: Option<u64>,
     /// Each node's memory budget for RocksDB's block cache and memtables (e.g. 256MiB;
     /// default 512MiB, as a server's).
     #[arg(long, value_name = "SIZE")]
@@ -100,6 +105,7 @@ pub async fn run(a: DevArgs) -> Result<i32> {
     }
     let mut dev = DevCluster::start(&dir, ids.len() as u64, bootstrap.clone(), |cfg| {
         cfg.balancer.split_size_bytes_threshold = a.split_size_bytes;
+        cfg.balancer.merge_size_bytes_threshold = a.merge_size_bytes.unwrap_or(0);
         cfg.store = store;
         cfg.pollers = flotilla::node::default_pollers(ids.len());
         cfg.auto_balance_interval_ms = (!a.no_auto_balance).then_some(flotilla::config::AUTO_BALANCE_INTERVAL_MS);
@@ -141,7 +147,11 @@ pub async fn run(a: DevArgs) -> Result<i32> {
     out += &if a.no_auto_balance {
         "balancer: on request (flotilla admin rebalance)\n".to_string()
     } else {
-        format!("balancer: automatic (shards split past {} bytes)\n", a.split_size_bytes)
+        let merges = match a.merge_size_bytes {
+            Some(b) => format!(", neighbours merged below {b} bytes"),
+            None => String::new(),
+        };
+        format!("balancer: automatic (shards split past {} bytes{merges})\n", a.split_size_bytes)
     };
     out += &format!(
         "cluster file: {} (read by default by the other commands)\n\

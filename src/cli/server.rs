@@ -157,6 +157,7 @@ fn server_file(a: &ServerArgs) -> Result<(ServerFile, PathBuf)> {
                 split_size_bytes: None,
                 load_split_requests_per_s: None,
                 load_split_duration_ms: None,
+                merge_size_bytes: None,
                 pollers: None,
                 memory_budget: None,
                 require_client_roles: false,

@@ -38,7 +38,7 @@ pub const META_GROUP: GroupId = GroupId(0);
 pub use records::{StoredMeta, META_STATE_KEY};
 /// Format version of a meta state sent between nodes ([`encode_view`]): its revision and the
 /// whole state. 3: the state ends with the nodes removed for good (unsafe recovery).
-pub const META_VIEW_FORMAT: u8 = 3;
+pub const META_VIEW_FORMAT: u8 = 4;
 /// The first key a data shard may own: everything below belongs to the meta group.
 pub const USER_KEYS_START: &[u8] = &[0x01];
 

@@ -16,6 +16,7 @@
 //! | `\x00meta/recent/<seq: u64 BE>`       | `MoveRecord`, oldest first               |
 //! | `\x00meta/tomb/<shard BE><node BE>`   | `Tombstone`                              |
 //! | `\x00meta/removed/<node: u64 BE>`     | `()`: removed for good (unsafe recovery) |
+//! | `\x00meta/merge/<left: u64 BE>`       | `MergePlan`, a merge in progress         |
 //!
 //! **The header is the guard.** Every change is one `KvCommand::Txn` whose guard is the
 //! header's bytes as the proposer read them and whose writes carry the new header, one
@@ -63,6 +64,9 @@ const REMOVED: &[u8] = b"removed/";
 /// A build that does not know it refuses the state ("not a record this build knows") rather
 /// than letting unrestored nodes form its shards.
 const RESTORED: &[u8] = b"restored";
+/// A merge in progress, under its left shard. A build without this kind refuses the state
+/// ("not a record this build knows") rather than let a frozen shard's neighbours move.
+const MERGE: &[u8] = b"merge/";
 
 /// One write of a change: a record's key and its new value (`None`: deleted).
 pub type MetaWrite = (Vec<u8>, Option<Vec<u8>>);
@@ -210,6 +214,12 @@ impl StoredMeta {
         diff_map(&mut writes, base.moves.iter().map(|(k, v)| (*k, v)), next.moves.iter().map(|(k, v)| (*k, v)), |s| {
             key(MOVE, &[s.0])
         })?;
+        diff_map(
+            &mut writes,
+            base.merges.iter().map(|(k, v)| (*k, v)),
+            next.merges.iter().map(|(k, v)| (*k, v)),
+            |s| key(MERGE, &[s.0]),
+        )?;
         let tombs = |s: &MetaState| -> Vec<((ShardId, NodeId), Tombstone)> {
             s.tombstones.iter().flat_map(|(shard, ts)| ts.iter().map(|(n, t)| ((*shard, *n), *t))).collect()
         };
@@ -284,6 +294,11 @@ impl StoredMeta {
     /// The invariants a state read or followed must keep.
     fn check(&self) -> Result<(), String> {
         self.state.map.validate()?;
+        for (left, plan) in &self.state.merges {
+            if plan.left != *left || self.state.map.get(*left).is_none() {
+                return Err(format!("the merge recorded under shard {left} does not match the map"));
+            }
+        }
         for (shard, plan) in &self.state.moves {
             if plan.shard != *shard || self.state.map.get(*shard).is_none() {
                 return Err(format!("the move recorded under shard {shard} does not match the map"));
@@ -493,6 +508,15 @@ fn apply_items(state: &mut MetaState, items: &[MetaWrite]) -> Result<(), String>
                 }
                 None => {
                     state.moves.remove(&ShardId(i[0]));
+                }
+            }
+        } else if let Some(i) = ids(k, MERGE, 1) {
+            match v {
+                Some(b) => {
+                    state.merges.insert(ShardId(i[0]), decode(b, what).map_err(|e| e.message)?);
+                }
+                None => {
+                    state.merges.remove(&ShardId(i[0]));
                 }
             }
         } else if ids(k, RECENT, 1).is_some() {

@@ -471,14 +471,53 @@ fn the_backup_a_cluster_was_restored_from_is_one_record_that_follows_and_reloads
     assert_eq!(follower, after, "a copy following the change");
     s = after;
     assert_eq!(s.state.restored_from.as_deref(), Some("18c0ffee-1"));
-    // The whole state (a view, format 1) carries it, and one serialized before this field and
-    // `removed` existed (it ends where they start: an empty set and `None`, a zero byte each,
-    // are its last bytes) is still read.
+    // The whole state (a view, format 1) carries it, and one serialized before this field,
+    // `removed` and `merges` existed (it ends where they start: an empty set, `None` and an
+    // empty map, a zero byte each, are its last bytes) is still read.
     assert_eq!(MetaState::restore(&s.state.snapshot().expect("snapshot")).expect("restore"), s.state);
     let mut old = s.state.clone();
     old.restored_from = None;
     let bytes = old.snapshot().expect("snapshot");
-    assert_eq!(bytes[bytes.len() - 2..], [0, 0]);
-    assert_eq!(MetaState::restore(&bytes[..bytes.len() - 2]).expect("restore the older layout"), old);
+    assert_eq!(bytes[bytes.len() - 3..], [0, 0, 0]);
+    assert_eq!(MetaState::restore(&bytes[..bytes.len() - 3]).expect("restore the older layout"), old);
     assert!(MetaState::restore(&[bytes.as_slice(), &[0]].concat()).is_err(), "trailing bytes");
+}
+
+#[test]
+fn a_merge_plan_is_one_record_through_its_phases_and_the_commit_writes_two_shards_not_the_map() {
+    let mut range = Range::default();
+    let mut s = bootstrapped(&mut range, 3);
+    let shards: Vec<_> = s.state.map.shards().cloned().collect();
+    let (left, right) = (&shards[0], &shards[1]);
+    let begin = MetaCommand::BeginMerge {
+        left: left.id,
+        left_epoch: left.epoch,
+        right: right.id,
+        right_epoch: right.epoch,
+        now_ms: 5,
+    };
+    step(&mut s, &mut range, begin);
+    let plan = s.state.merges.get(&left.id).cloned().expect("a plan under the left shard");
+    assert_eq!(range.load(), s, "a replica reading its range");
+    let commit = MetaCommand::CommitMerge {
+        left: left.id,
+        id: plan.id,
+        freeze_term: 2,
+        freeze_index: crate::placement::LogIndex(9),
+    };
+    let mut next = s.state.clone();
+    next.apply(commit).expect("commit");
+    let (writes, after) = s.changes(&next).expect("changes");
+    // The left shard's descriptor, the right one's deletion, the plan and the header.
+    assert_eq!(writes.len(), 4, "{writes:?}");
+    range.write(&writes);
+    let mut follower = s.clone();
+    follower.apply(&writes).expect("follow");
+    assert_eq!(follower, after);
+    assert_eq!(range.load(), after);
+    s = after;
+    assert!(s.state.map.get(right.id).is_none());
+    step(&mut s, &mut range, MetaCommand::FinishMerge { left: left.id, id: plan.id });
+    assert!(s.state.merges.is_empty());
+    assert_eq!(range.load(), s);
 }

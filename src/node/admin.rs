@@ -88,6 +88,21 @@ impl Node {
                 answer(self.meta_exec(MetaOp::Commands(vec![cmd]), false).await)
             }
             AdminRequest::Rebalance => answer(self.meta_exec(MetaOp::Rebalance { now_ms: now_ms() }, false).await),
+            AdminRequest::Merge { shard } => {
+                let state = self.meta_view();
+                let Some(left) = state.map.get(shard) else { return Response::Invalid(format!("no shard {shard}")) };
+                let Some(right) = left.end.as_ref().and_then(|end| state.map.lookup(end)) else {
+                    return Response::Invalid(format!("shard {shard} is the last one: it has no right-hand neighbour"));
+                };
+                let cmd = MetaCommand::BeginMerge {
+                    left: left.id,
+                    left_epoch: left.epoch,
+                    right: right.id,
+                    right_epoch: right.epoch,
+                    now_ms: now_ms(),
+                };
+                answer(self.meta_exec(MetaOp::Commands(vec![cmd]), false).await)
+            }
             AdminRequest::AddNode { node, addr } => {
                 if node.0 == 0 {
                     return Response::Invalid("node ids start at 1".into());
@@ -200,11 +215,20 @@ fn shard_row(state: &MetaState, leaders: &HashMap<ShardId, NodeId>, d: &ShardDes
         .filter_map(|r| state.nodes.get(&r.node).and_then(|i| i.report.applied.get(&d.id)).map(|a| (r.node, a.0)))
         .collect();
     let moving = state.moves.get(&d.id).map(|p| format!("{} -> {} at {:?}", p.from, p.to, p.step));
+    let merging = state.merge_of(d.id).map(|p| {
+        let phase = match p.phase {
+            crate::placement::MergePhase::Freezing => "freezing",
+            crate::placement::MergePhase::Committed { .. } => "committed",
+            crate::placement::MergePhase::Aborted => "aborted",
+        };
+        format!("merge {} of {} and {}: {phase}", p.id, p.left, p.right)
+    });
     ShardRow {
         descriptor: d.clone(),
         leader: leaders.get(&d.id).copied(),
         applied,
         bytes: shard_bytes(state, d.id),
         moving,
+        merging,
     }
 }

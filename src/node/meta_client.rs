@@ -493,9 +493,12 @@ impl Node {
                 // Another change got in since the read: read again.
                 Ok(KvResponse::CasFailed { .. }) => continue,
                 Ok(KvResponse::Refused(e)) => return Err(MetaTry::Refused(e)),
-                Ok(KvResponse::Split { .. } | KvResponse::OutOfRange) => {
-                    return Err(MetaTry::Refused("an unexpected answer to the meta transaction".into()))
-                }
+                Ok(
+                    KvResponse::Split { .. }
+                    | KvResponse::OutOfRange
+                    | KvResponse::Frozen { .. }
+                    | KvResponse::Merged { .. },
+                ) => return Err(MetaTry::Refused("an unexpected answer to the meta transaction".into())),
                 Err(HostError::TooLarge(e)) => {
                     return Err(MetaTry::Refused(format!("the change is too large for one meta transaction: {e}")))
                 }

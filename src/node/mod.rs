@@ -51,6 +51,7 @@
 mod admin;
 mod backup;
 mod join;
+mod merges;
 mod meta_client;
 mod meta_members;
 mod moves;
@@ -398,6 +399,8 @@ struct Inner {
     load: LoadTrackers,
     /// On the meta leader: when each move reached its current step (`moves.rs`).
     move_steps: Mutex<MoveSteps>,
+    /// When this node first saw each merge (by id) freezing: its timeout counts from there.
+    merges_seen: Mutex<HashMap<u64, Instant>>,
     /// Peers made known after start ([`Node::set_peer_addr`]): a node without a meta replica
     /// asks them for meta operations.
     extra_peers: Mutex<BTreeSet<NodeId>>,
@@ -528,6 +531,7 @@ impl Node {
             backups: backup::BackupCopies::default(),
             extra_peers: Mutex::new(BTreeSet::new()),
             move_steps: Mutex::new(HashMap::new()),
+            merges_seen: Mutex::new(HashMap::new()),
             net_stats,
             started: Instant::now(),
             resp_addr,

@@ -32,6 +32,8 @@ pub(super) enum Reconfig {
     Voters(BTreeSet<NodeId>),
     /// Hand leadership to this node.
     Transfer(NodeId),
+    /// A step of merge `.0` (see `merges.rs`).
+    Merge(u64, super::merges::MergeStep),
 }
 
 /// When each change was last asked for, per group.
@@ -58,6 +60,12 @@ impl Node {
             if let Err(e) = self.meta_follow(MetaOp::Read).await {
                 debug!(error = %e, "cannot read the meta state");
             }
+        }
+        // Merges in progress move on every round: their steps wait on the groups (a freeze
+        // reaching every replica), which the checks below do not watch.
+        let view = self.meta_view();
+        if !view.merges.is_empty() {
+            self.drive_merges(&view).await;
         }
         // A round looks at every group here and every shard of the map: with thousands of
         // each, only when the map or the set of groups changed, or a round is due anyway
@@ -158,8 +166,9 @@ impl Node {
                     Reconfig::RemoveLearner(n) => host.remove_learner(i.group, *n).await.map(drop),
                     Reconfig::Voters(v) => host.change_membership(i.group, v.clone()).await.map(drop),
                     Reconfig::Transfer(n) => host.transfer_leader(i.group, *n).await,
-                    // Never wanted here: splits are proposed above, as writes.
-                    Reconfig::Split { .. } => Ok(()),
+                    // Never wanted here: splits are proposed above, as writes, and merges by
+                    // `drive_merges`.
+                    Reconfig::Split { .. } | Reconfig::Merge(..) => Ok(()),
                 };
                 match (done, &what) {
                     (Ok(()), Reconfig::Voters(v)) => info!(shard = i.group.0, voters = ?v, "voters changed"),
@@ -192,7 +201,7 @@ impl Node {
     }
 
     /// Of the changes `wishes` of `shard`, those that may be asked for now (see [`due_now`]).
-    fn due(&self, shard: GroupId, wishes: Vec<Reconfig>) -> Vec<Reconfig> {
+    pub(super) fn due(&self, shard: GroupId, wishes: Vec<Reconfig>) -> Vec<Reconfig> {
         let Ok(mut times) = self.inner.reconfig.lock() else { return Vec::new() };
         due_now(&mut times, shard, wishes, Instant::now())
     }
@@ -540,6 +549,7 @@ mod tests {
             newest_conf: LogIndex(5),
             removed_at: None,
             quiet: false,
+            matched: Default::default(),
             stopped: None,
         }
     }

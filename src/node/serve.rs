@@ -314,7 +314,9 @@ impl Node {
             Ok(KvResponse::Done { previous }) => Response::Written { previous },
             Ok(KvResponse::CasFailed { current }) => Response::CasFailed { current },
             Ok(KvResponse::Refused(e)) => Response::Invalid(e),
-            Ok(KvResponse::Split { .. }) => Response::Invalid("a write answered as a split".into()),
+            Ok(KvResponse::Split { .. } | KvResponse::Frozen { .. } | KvResponse::Merged { .. }) => {
+                Response::Invalid("a write answered as a change of the shard".into())
+            }
             // A split applied between the routing check and the command; nothing changed.
             Ok(KvResponse::OutOfRange) => Response::OutOfRange { shard },
             Err(e) => self.host_error(e, true),

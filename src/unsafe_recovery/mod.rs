@@ -339,6 +339,7 @@ mod tests {
             applied: nodes.iter().filter(|n| !(2..=3).contains(*n)).map(|n| (NodeId(*n), 7)).collect(),
             bytes: 0,
             moving: None,
+            merging: None,
         }
     }
 

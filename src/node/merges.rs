@@ -1,0 +1,214 @@
+//! The node's part in merges (the plan lives in the meta state, `placement::merge`; what the
+//! shards do is `flotilla_shard::merge`). Every reconciler round, for each plan in the view:
+//! - **Freezing**, on the right shard's leader: propose the freeze; once it applied and every
+//!   voter's log holds it (the leader's matched indexes), tell the meta group to commit the
+//!   merge; if that does not happen within `merge_freeze_timeout_ms`, abort it instead.
+//! - **Committed**, on the left shard's leader: propose the merge entry (the freeze's position,
+//!   the right shard's range and the voters), then tell the meta group the plan is finished.
+//! - **Aborted**, on the right shard's leader: propose the thaw (always, even if the shard
+//!   looks thawed: a freeze proposed earlier may still be in its log, and the thaw fences it),
+//!   then finish the plan.
+//!
+//! Each step is asked for at most once per [`super::RECONFIG_RETRY_MS`] per shard, and each
+//! is idempotent: a repeated freeze answers with the first one's position, a repeated merge
+//! entry is refused once the range no longer ends where the source starts, the meta commands
+//! check the plan's id and phase.
+
+use super::reconcile::Reconfig;
+use super::Node;
+use crate::peer_wire::MetaOp;
+use crate::placement::{LogIndex as PLogIndex, MergePhase, MergePlan, MetaCommand, MetaState};
+use crate::raft::{GroupId, LogId, LogIndex, Role, Term};
+use crate::shard::{GroupInfo, KvCommand, KvResponse};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// A step of a merge, as the reconciler rate-limits it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum MergeStep {
+    Freeze,
+    Commit,
+    Abort,
+    Thaw,
+    Absorb,
+    Finish,
+}
+
+impl Node {
+    /// Carries out the steps of the merge plans in `state` whose shards this node leads.
+    pub(super) async fn drive_merges(&self, state: &MetaState) {
+        for plan in state.merges.values() {
+            let group = match &plan.phase {
+                MergePhase::Freezing | MergePhase::Aborted => GroupId(plan.right.0),
+                MergePhase::Committed { .. } => GroupId(plan.left.0),
+            };
+            let Ok(info) = self.inner.host.group_info_of(group).await else { continue };
+            if info.role != Role::Leader {
+                continue;
+            }
+            match &plan.phase {
+                MergePhase::Freezing => self.freeze_step(plan, &info).await,
+                MergePhase::Aborted => self.thaw_step(plan).await,
+                MergePhase::Committed { freeze_term, freeze_index, right_range_start, right_range_end } => {
+                    let freeze = LogId { term: Term(*freeze_term), index: LogIndex(freeze_index.0) };
+                    self.absorb_step(plan, state, freeze, right_range_start, right_range_end).await
+                }
+            }
+        }
+        // Plans gone from the view: their clocks go too.
+        if let Ok(mut seen) = self.inner.merges_seen.lock() {
+            seen.retain(|id, _| state.merges.values().any(|p| p.id.0 == *id));
+        }
+    }
+
+    /// Whether `step` of merge `plan` on `group` may be asked for now.
+    fn merge_due(&self, group: GroupId, plan: &MergePlan, step: MergeStep) -> bool {
+        !self.due(group, vec![Reconfig::Merge(plan.id.0, step)]).is_empty()
+    }
+
+    async fn freeze_step(&self, plan: &MergePlan, info: &GroupInfo) {
+        let right = GroupId(plan.right.0);
+        let Some(state) = self.inner.host.merge_state(right) else { return };
+        match state.frozen {
+            Some(f) if f.id == plan.id.0 => {
+                let conf = &info.committed_conf.membership;
+                let me = self.inner.id;
+                let held = conf.outgoing.is_none()
+                    && conf.voters.iter().all(|v| match *v == me {
+                        true => info.applied >= f.at.index,
+                        false => info.matched.get(v).is_some_and(|m| *m >= f.at.index),
+                    });
+                if held {
+                    if self.merge_due(right, plan, MergeStep::Commit) {
+                        let cmd = MetaCommand::CommitMerge {
+                            left: plan.left,
+                            id: plan.id,
+                            freeze_term: f.at.term.0,
+                            freeze_index: PLogIndex(f.at.index.0),
+                        };
+                        match self.meta_exec(MetaOp::Commands(vec![cmd]), false).await {
+                            Ok(_) => info!(merge = %plan.id, left = %plan.left, right = %plan.right, freeze = %f.at,
+                                "merge committed: every replica of the right shard holds its freeze"),
+                            Err(e) => debug!(merge = %plan.id, error = %e, "merge not committed yet"),
+                        }
+                    }
+                    return;
+                }
+                self.abort_if_stuck(plan).await;
+            }
+            Some(other) => {
+                warn!(merge = %plan.id, shard = %plan.right, frozen = ?other, "the right shard is frozen for another merge");
+                self.abort_if_stuck(plan).await;
+            }
+            None if state.thawed_through >= plan.id.0 => {
+                // Thawed for this merge already: the plan's abort is on its way to this view.
+            }
+            None => {
+                if self.merge_due(right, plan, MergeStep::Freeze) {
+                    let cmd = KvCommand::Freeze { id: plan.id.0, into: plan.left.0 };
+                    match self.inner.host.write(right, cmd).await {
+                        Ok(KvResponse::Frozen { at }) => {
+                            info!(merge = %plan.id, shard = %plan.right, at = %at, "merge: right shard frozen")
+                        }
+                        Ok(other) => warn!(merge = %plan.id, shard = %plan.right, answer = ?other, "freeze refused"),
+                        Err(e) => debug!(merge = %plan.id, error = %e, "freeze not done yet"),
+                    }
+                }
+                self.abort_if_stuck(plan).await;
+            }
+        }
+    }
+
+    /// Aborts a merge that has been freezing for longer than `merge_freeze_timeout_ms` as
+    /// this node has watched it (a replica that never catches up, a node down).
+    async fn abort_if_stuck(&self, plan: &MergePlan) {
+        let timeout = Duration::from_millis(self.inner.config.balancer.merge_freeze_timeout_ms);
+        let since = match self.inner.merges_seen.lock() {
+            Ok(mut seen) => *seen.entry(plan.id.0).or_insert_with(Instant::now),
+            Err(_) => return,
+        };
+        if since.elapsed() < timeout || !self.merge_due(GroupId(plan.right.0), plan, MergeStep::Abort) {
+            return;
+        }
+        warn!(merge = %plan.id, left = %plan.left, right = %plan.right, waited_ms = since.elapsed().as_millis() as u64,
+            "merge: the right shard's replicas did not all take the freeze in time; aborting");
+        let cmd = MetaCommand::AbortMerge { left: plan.left, id: plan.id };
+        if let Err(e) = self.meta_exec(MetaOp::Commands(vec![cmd]), false).await {
+            debug!(merge = %plan.id, error = %e, "merge not aborted");
+        }
+    }
+
+    async fn thaw_step(&self, plan: &MergePlan) {
+        let right = GroupId(plan.right.0);
+        if !self.merge_due(right, plan, MergeStep::Thaw) {
+            return;
+        }
+        match self.inner.host.write(right, KvCommand::Thaw { id: plan.id.0 }).await {
+            Ok(KvResponse::Done { .. }) => {
+                info!(merge = %plan.id, shard = %plan.right, "merge aborted: right shard thawed");
+                self.finish_merge(right, plan).await;
+            }
+            Ok(other) => warn!(merge = %plan.id, shard = %plan.right, answer = ?other, "thaw refused"),
+            Err(e) => debug!(merge = %plan.id, error = %e, "thaw not done yet"),
+        }
+    }
+
+    async fn absorb_step(
+        &self,
+        plan: &MergePlan,
+        state: &MetaState,
+        freeze: LogId,
+        right_start: &[u8],
+        right_end: &Option<Vec<u8>>,
+    ) {
+        let left = GroupId(plan.left.0);
+        let Some(range) = self.inner.host.group_range(left) else { return };
+        if range.end.as_deref() == right_end.as_deref() && range.start.as_slice() < right_start {
+            // Absorbed already (a finish that was lost, or a new leader).
+            self.finish_merge(left, plan).await;
+            return;
+        }
+        if range.end.as_deref() != Some(right_start) {
+            warn!(merge = %plan.id, shard = %plan.left, range = ?range, "the left shard does not end where the merge's right shard starts");
+            return;
+        }
+        let Some(d) = state.map.get(plan.left) else { return };
+        if !self.merge_due(left, plan, MergeStep::Absorb) {
+            return;
+        }
+        let cmd = KvCommand::Merge {
+            source: plan.right.0,
+            id: plan.id.0,
+            freeze,
+            source_start: right_start.to_vec(),
+            source_end: right_end.clone(),
+            voters: d.voters().collect(),
+        };
+        match self.inner.host.write(left, cmd).await {
+            Ok(KvResponse::Merged { range }) => {
+                info!(merge = %plan.id, shard = %plan.left, absorbed = %plan.right, range = ?range, "shards merged");
+                self.finish_merge(left, plan).await;
+            }
+            Ok(other) => error_refused(plan, &other),
+            Err(e) => debug!(merge = %plan.id, error = %e, "merge entry not applied yet"),
+        }
+    }
+
+    async fn finish_merge(&self, group: GroupId, plan: &MergePlan) {
+        if !self.merge_due(group, plan, MergeStep::Finish) {
+            return;
+        }
+        let cmd = MetaCommand::FinishMerge { left: plan.left, id: plan.id };
+        if let Err(e) = self.meta_exec(MetaOp::Commands(vec![cmd]), false).await {
+            debug!(merge = %plan.id, error = %e, "merge plan not finished yet");
+        }
+    }
+}
+
+/// A merge entry the left shard refused: its range or configuration does not fit the plan
+/// the meta group committed (nothing changed on any replica). Only an unsafe recovery can
+/// lead here; the plan stays for an operator to see.
+fn error_refused(plan: &MergePlan, answer: &KvResponse) {
+    tracing::error!(merge = %plan.id, left = %plan.left, right = %plan.right, answer = ?answer,
+        "the left shard refused a committed merge: its range or voters differ from the plan's");
+}
