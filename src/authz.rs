@@ -348,7 +348,7 @@ mod tests {
     fn every_request_against_every_role() {
         let requests = every_request(b"k");
         // Guards against a new request or admin operation added without a row here.
-        assert_eq!(requests.len(), 18);
+        assert_eq!(requests.len(), 19);
         for req in &requests {
             let op = operation(req);
             for role in Role::ALL {
