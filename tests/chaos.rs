@@ -1,7 +1,8 @@
 //! Placement changes during faults, with real server processes on loopback: while clients run
 //! a checked history and a writer records every acknowledged key, each round injects one fault
 //! (kill -9 and restart, SIGSTOP then SIGCONT, a clean restart) on a node chosen by the seed and,
-//! during it, asks for a split, a replica move and a leader transfer. At the end every server
+//! during it, asks for a split, a merge of two neighbours, a replica move and a leader
+//! transfer. At the end every server
 //! runs again, every shard must have a leader, the history must linearize and every
 //! acknowledged key must read back.
 //!
@@ -47,6 +48,9 @@ async fn change_placement(admin: &Client, rng: &mut Rng, round: u64, nodes: u64)
     let split = admin.admin(AdminRequest::Split { key: key.into_bytes() }).await;
     eprintln!("round {round}: split: {}", if split.is_ok() { "ok".to_string() } else { format!("{split:?}") });
     let Some(rows) = shards(admin).await else { return };
+    if let Some(said) = common::ask_merge(admin, &rows, |n| rng.next(n as u64) as usize).await {
+        eprintln!("round {round}: {said}");
+    }
     let Some(row) = rows.get(rng.next(rows.len() as u64) as usize) else { return };
     let shard = row.descriptor.id;
     let holders: Vec<u64> = row.descriptor.replicas.iter().map(|r| r.node.0).collect();

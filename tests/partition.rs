@@ -115,13 +115,17 @@ async fn meta_leader(client: &Client) -> Option<u64> {
     }
 }
 
-/// Placement changes while a node is cut off: a split of the first shard at a new key and a
-/// leader transfer of the last shard, each allowed to fail (the cut may be in the way).
+/// Placement changes while a node is cut off: a split of the first shard at a new key, a merge
+/// of two neighbours and a leader transfer of the last shard, each allowed to fail (the cut
+/// may be in the way).
 async fn change_placement(admin: &Client, round: u32) {
     let key = format!("{:02x}-split-{round}", (round * 29 + 3) % 256).into_bytes();
     let split = admin.admin(AdminRequest::Split { key }).await;
     eprintln!("round {round}: split: {}", split.is_ok());
     if let Ok(AdminResponse::Shards(rows)) = admin.admin(AdminRequest::Shards).await {
+        if let Some(said) = common::ask_merge(admin, &rows, |n| round as usize % n).await {
+            eprintln!("round {round}: {said}");
+        }
         if let Some(row) = rows.last() {
             let voters: Vec<_> = row.descriptor.voters().collect();
             if let Some(to) = voters.get(round as usize % voters.len().max(1)) {

@@ -233,6 +233,36 @@ impl History {
     }
 }
 
+/// Asks for a merge of a shard of `rows` (picked by `pick`) with its right-hand neighbour,
+/// among the pairs whose replicas are the same (a merge needs that); allowed to fail (a fault
+/// may be in its way, or the freeze not reach every replica and the merge abort). Returns what
+/// the admin call said, for the log.
+pub async fn ask_merge(
+    admin: &flotilla::Client,
+    rows: &[flotilla::wire::ShardRow],
+    pick: impl FnOnce(usize) -> usize,
+) -> Option<String> {
+    let nodes = |r: &flotilla::wire::ShardRow| {
+        let mut n: Vec<u64> = r.descriptor.replicas.iter().map(|x| x.node.0).collect();
+        n.sort();
+        n
+    };
+    let pairs: Vec<&flotilla::wire::ShardRow> = rows
+        .windows(2)
+        .filter(|w| w[0].descriptor.end.as_ref() == Some(&w[1].descriptor.start) && nodes(&w[0]) == nodes(&w[1]))
+        .map(|w| &w[0])
+        .collect();
+    if pairs.is_empty() {
+        return None;
+    }
+    let left = pairs[pick(pairs.len()) % pairs.len()].descriptor.id;
+    let r = admin.admin(flotilla::wire::AdminRequest::Merge { shard: left }).await;
+    Some(format!(
+        "merge shard {left} with its right neighbour: {}",
+        if r.is_ok() { "started".into() } else { format!("{r:?}") }
+    ))
+}
+
 /// Where the servers of a [`Servers`] listen: node `i` (from 1) at `hosts[i-1]:ports[i-1]`,
 /// inside network namespace `netns[i-1]` if given; metrics on loopback only without
 /// namespaces.
