@@ -118,6 +118,19 @@ fn dev_cluster_through_the_cli() {
     ok(&home, &["admin", "split", "m"]);
     assert!(ok(&home, &["admin", "status"]).contains("shards: 5"));
     fails(&home, &["admin", "split", "m"], 1, "first key");
+    // A merge back: the shard that ends at "m" absorbs the one split off, and the command
+    // follows it to the end.
+    let all: serde_json::Value = serde_json::from_str(&ok(&home, &["admin", "shards", "--json"])).unwrap();
+    let left = all["Shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["descriptor"]["end"] == serde_json::json!([b'm']))
+        .map(|r| r["descriptor"]["id"].as_u64().unwrap())
+        .expect("the shard that ends at m");
+    assert!(ok(&home, &["admin", "merge", &left.to_string()]).contains("merge done"));
+    assert!(ok(&home, &["admin", "status"]).contains("shards: 4"));
+    fails(&home, &["admin", "merge", "99"], 1, "no shard 99");
 
     // Roles: certificates from the dev cluster's CA, each in a cluster file of its own.
     let certs = {

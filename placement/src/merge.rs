@@ -34,7 +34,7 @@
 //! a late CommitMerge sent before the recovery must not commit it. A committed plan stays
 //! committed (the map already merged); L's replicas are rebuilt like any shard's.
 
-use crate::map::{Epoch, ReplicaRole, ShardDescriptor, ShardId};
+use crate::map::{Epoch, NodeId, ReplicaRole, ShardDescriptor, ShardId};
 use crate::meta::{LogIndex, MetaError, MetaOutcome, MetaState};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -66,6 +66,10 @@ pub enum MergePhase {
         right_range_start: Vec<u8>,
         /// First key after R's range (`None`: the end of the keyspace); L's end now.
         right_range_end: Option<Vec<u8>>,
+        /// R's voters when the merge committed: every node of L's configuration must be one of
+        /// them (each then holds R's frozen data). Kept here because the map's L may change
+        /// afterwards (an unsafe recovery) while L's log still holds the merge to apply.
+        voters: BTreeSet<NodeId>,
     },
     /// Given up before committing: the map is unchanged, and R's leader thaws R.
     Aborted,
@@ -167,6 +171,20 @@ impl MetaState {
             let reason = "the shards are no longer adjacent on the same voters".into();
             return Err(MetaError::InvalidMerge { left, right, reason });
         }
+        // Every replica of R must have applied the freeze, as its node last reported (reports
+        // are the meta leader's, overlaid before the command runs): once L absorbs R on some
+        // node, R's replicas elsewhere may lose their leader, and one that holds the freeze
+        // without having applied it could only learn it committed from L's merge entry, which
+        // a replica of L catching up by snapshot never applies.
+        let lagging: Vec<NodeId> = r
+            .voters()
+            .filter(|n| self.nodes.get(n).and_then(|i| i.report.applied.get(&right)).is_none_or(|a| *a < freeze_index))
+            .collect();
+        if !lagging.is_empty() {
+            let reason = format!("waiting for nodes {lagging:?} to report the freeze at {} applied", freeze_index.0);
+            return Err(MetaError::InvalidMerge { left, right, reason });
+        }
+        let right_voters: BTreeSet<NodeId> = r.voters().collect();
         // Past the sum of both shards' epochs: copies of the map are told apart by the sum of
         // their shards' epochs (clients keep the later one), and the merge must raise it even
         // though a shard leaves.
@@ -190,8 +208,13 @@ impl MetaState {
             }
         }
         let plan = self.merges.get_mut(&left).expect("checked above");
-        plan.phase =
-            MergePhase::Committed { freeze_term, freeze_index, right_range_start: r.start, right_range_end: r.end };
+        plan.phase = MergePhase::Committed {
+            freeze_term,
+            freeze_index,
+            right_range_start: r.start,
+            right_range_end: r.end,
+            voters: right_voters,
+        };
         Ok(MetaOutcome::Shards(vec![merged]))
     }
 

@@ -22,7 +22,18 @@ fn state() -> MetaState {
         let d = s.map.lookup(key).expect("shard").clone();
         s.apply(MetaCommand::Split { shard: d.id, epoch: d.epoch, key: key.to_vec() }).expect("split");
     }
+    report_applied(&mut s, 1_000);
     s
+}
+
+/// Every node reports every shard of `s` applied through `index` (what a commit waits for).
+fn report_applied(s: &mut MetaState, index: u64) {
+    let ids: Vec<ShardId> = s.map.shards().map(|d| d.id).collect();
+    for info in s.nodes.values_mut() {
+        for id in &ids {
+            info.report.applied.insert(*id, LogIndex(index));
+        }
+    }
 }
 
 fn d(s: &MetaState, id: u64) -> ShardDescriptor {
@@ -57,6 +68,22 @@ fn refused(s: &mut MetaState, cmd: MetaCommand, err: MetaError) {
 }
 
 #[test]
+fn a_merge_commits_only_once_every_replica_of_the_right_shard_reported_the_freeze_applied() {
+    let mut s = state();
+    let id = begin(&mut s, 1, 2);
+    // Node 3 has applied only up to the entry before the freeze.
+    s.nodes.get_mut(&n(3)).expect("node").report.applied.insert(ShardId(2), LogIndex(16));
+    let before = s.clone();
+    match s.apply(commit(1, id)) {
+        Err(MetaError::InvalidMerge { reason, .. }) => assert!(reason.contains("[NodeId(3)]"), "{reason}"),
+        other => panic!("a commit before node 3 applied the freeze: {other:?}"),
+    }
+    assert_eq!(s, before);
+    s.nodes.get_mut(&n(3)).expect("node").report.applied.insert(ShardId(2), LogIndex(17));
+    s.apply(commit(1, id)).expect("commit once every node reported it");
+}
+
+#[test]
 fn a_merge_begins_commits_and_finishes() {
     let mut s = state();
     let (l, r) = (d(&s, 1), d(&s, 2));
@@ -69,6 +96,7 @@ fn a_merge_begins_commits_and_finishes() {
     assert_eq!((d(&s, 1), d(&s, 2)), (l.clone(), r.clone()), "the map is unchanged while freezing");
     s.validate().expect("valid");
 
+    report_applied(&mut s, 1_000);
     let out = s.apply(commit(1, id)).expect("commit");
     let merged = d(&s, 1);
     assert_eq!(out, MetaOutcome::Shards(vec![merged.clone()]));
@@ -84,6 +112,7 @@ fn a_merge_begins_commits_and_finishes() {
             freeze_index: LogIndex(17),
             right_range_start: b"m".to_vec(),
             right_range_end: Some(b"t".to_vec()),
+            voters: [n(1), n(2), n(3)].into(),
         }
     );
     s.validate().expect("valid");
@@ -103,6 +132,7 @@ fn a_merge_begins_commits_and_finishes() {
 fn a_merge_with_the_last_shard_reaches_the_end_of_the_keyspace() {
     let mut s = state();
     let id = begin(&mut s, 2, 3);
+    report_applied(&mut s, 1_000);
     s.apply(commit(2, id)).expect("commit");
     assert_eq!(d(&s, 2).end, None);
     assert!(matches!(&s.merges[&ShardId(2)].phase, MergePhase::Committed { right_range_end: None, .. }));
@@ -176,6 +206,7 @@ fn commit_abort_and_finish_check_the_id_and_the_phase() {
 
     // Committed: neither aborted nor committed again; finished once.
     let mut c = s.clone();
+    report_applied(&mut c, 1_000);
     c.apply(commit(1, id)).expect("commit");
     let phase = c.merges[&ShardId(1)].phase.clone();
     let committed = MetaError::MergePhaseMismatch { left: ShardId(1), id, phase };
@@ -208,6 +239,7 @@ fn shards_in_a_plan_keep_their_replicas_and_range_in_every_phase() {
         let id = begin(&mut s, 1, 2);
         match phase {
             "committed" => {
+                report_applied(&mut s, 1_000);
                 s.apply(commit(1, id)).expect("commit");
             }
             "aborted" => {
@@ -277,6 +309,7 @@ fn a_commit_drops_the_right_shards_transfer_tombstones_and_reports() {
     s.apply(MetaCommand::Heartbeat { node: n(1), report }).expect("heartbeat");
     assert!(s.tombstones.contains_key(&ShardId(2)));
     let id = begin(&mut s, 1, 2);
+    report_applied(&mut s, 1_000);
     s.apply(commit(1, id)).expect("commit");
     assert!(!s.tombstones.contains_key(&ShardId(2)));
     assert_eq!(s.transfers.keys().copied().collect::<Vec<_>>(), vec![ShardId(1)]);
@@ -290,6 +323,7 @@ fn unsafe_recovery_aborts_freezing_plans_of_the_shards_it_rebuilds() {
     let mut s = state();
     let id = begin(&mut s, 1, 2);
     let mut c = s.clone();
+    report_applied(&mut c, 1_000);
     c.apply(commit(1, id)).expect("commit");
     let done = c.merges[&ShardId(1)].phase.clone();
 
@@ -310,6 +344,7 @@ fn unsafe_recovery_aborts_freezing_plans_of_the_shards_it_rebuilds() {
 fn a_state_with_merges_survives_a_snapshot_and_one_without_them_reads_too() {
     let mut s = state();
     let id = begin(&mut s, 2, 3);
+    report_applied(&mut s, 1_000);
     s.apply(commit(2, id)).expect("commit");
     assert_eq!(MetaState::restore(&s.snapshot().expect("snapshot")).expect("restore"), s, "committed");
     s.apply(MetaCommand::FinishMerge { left: ShardId(2), id }).expect("finish");
@@ -356,6 +391,7 @@ fn restore_refuses_plans_that_do_not_fit_the_map() {
                     freeze_index: LogIndex(1),
                     right_range_start: b"m".to_vec(),
                     right_range_end: Some(b"t".to_vec()),
+                    voters: [n(1), n(2), n(3)].into(),
                 };
             }),
         ),
@@ -506,6 +542,8 @@ proptest! {
                     })
                 }
                 Op::Commit { at } => pick(&plans, at).map(|p| {
+                    // The nodes report the freeze applied (a commit waits for that).
+                    report_applied(&mut s, 1);
                     MetaCommand::CommitMerge { left: p.left, id: p.id, freeze_term: 1, freeze_index: LogIndex(1) }
                 }),
                 Op::Abort { at } => pick(&plans, at).map(|p| MetaCommand::AbortMerge { left: p.left, id: p.id }),
@@ -597,6 +635,7 @@ fn the_balancer_merges_the_smallest_pair_of_cold_neighbours_on_the_same_nodes() 
     // While it runs, nothing else for its shards.
     assert!(merges_of(&balance(&s, &cfg, 11_000)).is_empty());
     let id = s.merges[&ShardId(1)].id;
+    report_applied(&mut s, 1_000);
     s.apply(commit(1, id)).expect("commit");
     s.apply(MetaCommand::FinishMerge { left: ShardId(1), id }).expect("finish");
     // Sizes unknown since the commit: no merge until the next reports.
@@ -737,6 +776,7 @@ fn merges_and_splits_do_not_undo_each_other() {
         }
         // Each merge commits and finishes; the left shard then holds both sizes.
         for p in s.merges.values().cloned().collect::<Vec<_>>() {
+            report_applied(&mut s, 1_000);
             s.apply(commit(p.left.0, p.id)).expect("commit");
             s.apply(MetaCommand::FinishMerge { left: p.left, id: p.id }).expect("finish");
             let right = sizes.remove(&p.right.0).expect("size");
@@ -761,6 +801,7 @@ fn merges_and_splits_do_not_undo_each_other() {
     }
     // And the merged shard is not split again: 60 MiB is half the split size away from it.
     let id = s.merges[&ShardId(1)].id;
+    report_applied(&mut s, 1_000);
     s.apply(commit(1, id)).expect("commit");
     s.apply(MetaCommand::FinishMerge { left: ShardId(1), id }).expect("finish");
     report(&mut s, &[(1, 60), (3, 200)]);

@@ -285,6 +285,11 @@ pub enum KvCommand {
         id: u64,
         /// The group that will absorb this one.
         into: u64,
+        /// The range the merge was decided on: a shard whose range differs (a split the map
+        /// made that its log has not applied yet) refuses the freeze.
+        start: Vec<u8>,
+        /// The end of that range (`None`: unbounded).
+        end: Option<Vec<u8>>,
     },
     /// Thaw the shard frozen for merge `id` (the merge was aborted); no freeze of that merge
     /// applies afterwards.
@@ -381,10 +386,9 @@ impl KvCommand {
             | KvCommand::Split { .. }
             | KvCommand::Txn { .. }
             | KvCommand::InsertAll { .. }
-            | KvCommand::Freeze { .. }
             | KvCommand::Thaw { .. } => 0,
-            KvCommand::Merge { source_start, source_end, .. } => {
-                source_start.len().max(source_end.as_ref().map_or(0, |e| e.len()))
+            KvCommand::Merge { source_start: start, source_end: end, .. } | KvCommand::Freeze { start, end, .. } => {
+                start.len().max(end.as_ref().map_or(0, |e| e.len()))
             }
             KvCommand::Update { op: UpdateOp::Append(tail), .. } => tail.len(),
             KvCommand::Update { .. } => 0,
@@ -1023,8 +1027,14 @@ impl KvStateMachine {
                         // Frozen for a merge: nothing changed, and the caller retries where the
                         // keys live once the merge is done or aborted.
                         Ok(cmd) if merge.is_frozen() && cmd.refused_when_frozen() => KvResponse::OutOfRange,
-                        Ok(KvCommand::Freeze { id, into }) => {
-                            crate::merge::apply_freeze(g, merge, id, GroupId(into), e.log_id)
+                        Ok(KvCommand::Freeze { id, into, start, end }) => {
+                            let expected = KeyRange { start, end };
+                            match *range == expected {
+                                true => crate::merge::apply_freeze(g, merge, id, GroupId(into), e.log_id),
+                                false => KvResponse::Refused(format!(
+                                    "group {g} holds {range:?}, the merge was decided on {expected:?}"
+                                )),
+                            }
                         }
                         Ok(KvCommand::Thaw { id }) => crate::merge::apply_thaw(merge, id),
                         Ok(KvCommand::Merge { source, id, freeze, source_start, source_end, voters }) => {
@@ -1049,6 +1059,7 @@ impl KvStateMachine {
                                             let desc = GroupDescriptor { range: merged.clone(), initial: None };
                                             ops.push(Op::Put(CF_META, meta_key(g).to_vec(), encode(&desc)?));
                                             merges.push(src.group);
+                                            merge.absorbed_through = merge.absorbed_through.max(id);
                                             *range = merged.clone();
                                             KvResponse::Merged { range: merged }
                                         }

@@ -37,6 +37,9 @@ pub struct MergeState {
     pub frozen: Option<Frozen>,
     /// The highest merge id thawed: a freeze of it or of an older one is refused.
     pub thawed_through: u64,
+    /// The highest merge id this group absorbed a source in: a merge entry of it or of an
+    /// older one (proposed again by a leader whose view lagged) is refused.
+    pub absorbed_through: u64,
 }
 
 /// A freeze applied.
@@ -137,9 +140,9 @@ pub(crate) struct MergeSource {
 
 /// Whether the merge entry may merge at all, judged on the target's state alone (the same on
 /// every replica, so every replica decides alike): the source's range starts where the
-/// target's ends, and the target's configuration is exactly `voters` (the source's, which
-/// placement froze with it), with no learner and no change half done. A replica of the target
-/// is then on every node that holds one of the source.
+/// target's ends, the merge is newer than any the target absorbed, and every node of the
+/// target's configuration is one of `voters` (the source's when placement committed the
+/// merge): every replica of the target then has the source's frozen data beside it.
 pub(crate) fn merge_refusal(
     target: GroupId,
     range: &KeyRange,
@@ -151,6 +154,9 @@ pub(crate) fn merge_refusal(
     if target_state.is_frozen() {
         return Some(format!("group {target} is frozen for a merge of its own"));
     }
+    if source.id <= target_state.absorbed_through {
+        return Some(format!("group {target} absorbed merge {} already", target_state.absorbed_through));
+    }
     if source.group == target {
         return Some(format!("group {target} cannot absorb itself"));
     }
@@ -161,10 +167,12 @@ pub(crate) fn merge_refusal(
             source.group
         ));
     }
-    let joint = membership.outgoing.is_some();
-    if joint || !membership.learners.is_empty() || membership.voters != *voters {
+    // Every node of the target's configuration, learners and both halves of a joint one
+    // included, must be one the source was frozen on: each then holds the source's data.
+    let nodes = membership.voters.iter().chain(membership.outgoing.iter().flatten()).chain(&membership.learners);
+    if let Some(n) = nodes.into_iter().find(|n| !voters.contains(n)) {
         return Some(format!(
-            "group {target}'s configuration {membership:?} is not the voters {voters:?} the merge froze group {} with",
+            "node {n} of group {target}'s configuration holds no replica of group {} (frozen on {voters:?})",
             source.group
         ));
     }
@@ -265,8 +273,20 @@ mod tests {
         let mut with_learner = m.clone();
         with_learner.learners.insert(NodeId(4));
         assert!(merge_refusal(GroupId(1), &range, &ok, &with_learner, &source, &voters).is_some());
-        let frozen =
-            MergeState { frozen: Some(Frozen { id: 3, into: GroupId(0), at: LogId::new(1, 1) }), thawed_through: 0 };
+        // Fewer nodes than the source was frozen on (an unsafe recovery kept one): each still
+        // has the source beside it.
+        let one = Membership::new([NodeId(2)]);
+        assert_eq!(merge_refusal(GroupId(1), &range, &ok, &one, &source, &voters), None);
+        let mut joint = m.clone();
+        joint.outgoing = Some([NodeId(1), NodeId(5)].into());
+        assert!(merge_refusal(GroupId(1), &range, &ok, &joint, &source, &voters).is_some());
+        // A merge entry of a merge the target absorbed already (proposed again).
+        let absorbed = MergeState { absorbed_through: 9, ..MergeState::default() };
+        assert!(merge_refusal(GroupId(1), &range, &absorbed, &m, &source, &voters).is_some());
+        let frozen = MergeState {
+            frozen: Some(Frozen { id: 3, into: GroupId(0), at: LogId::new(1, 1) }),
+            ..MergeState::default()
+        };
         assert!(merge_refusal(GroupId(1), &range, &frozen, &m, &source, &voters).is_some());
         assert!(merge_refusal(GroupId(2), &range, &ok, &m, &source, &voters).is_some());
     }

@@ -44,10 +44,14 @@ fn all_nodes(c: &Cluster) -> Vec<u64> {
 }
 
 async fn freeze(c: &Cluster, nodes: &[u64]) -> LogId {
-    match write_on(c, nodes, RIGHT, KvCommand::Freeze { id: MERGE_ID, into: LEFT.0 }).await {
+    match write_on(c, nodes, RIGHT, freeze_cmd()).await {
         Ok(KvResponse::Frozen { at }) => at,
         other => panic!("freeze: {other:?}"),
     }
+}
+
+fn freeze_cmd() -> KvCommand {
+    KvCommand::Freeze { id: MERGE_ID, into: LEFT.0, start: b"m".to_vec(), end: None }
 }
 
 fn merge_cmd(freeze: LogId, n: u64) -> KvCommand {
@@ -74,10 +78,16 @@ async fn wait_applied(host: &Host, group: GroupId, index: flotilla_raft::LogInde
     }
 }
 
-/// Waits until `host` holds group 1 over every key and no group 2.
+/// Whether `host`'s store still holds a descriptor of group 2 (running, parked or stopped).
+async fn right_stored(host: &Host) -> bool {
+    host.store().groups().expect("groups").contains(&RIGHT)
+}
+
+/// Waits until `host` holds group 1 over every key and no group 2, in memory and on disk.
 async fn wait_merged(host: &Host) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while host.group_range(LEFT) != Some(KeyRange::all()) || host.groups().contains(&RIGHT) {
+    while host.group_range(LEFT) != Some(KeyRange::all()) || host.groups().contains(&RIGHT) || right_stored(host).await
+    {
         assert!(
             Instant::now() < deadline,
             "node {} never merged: groups {:?}, left range {:?}",
@@ -126,14 +136,19 @@ async fn the_left_group_absorbs_the_frozen_right_one_on_every_replica_and_the_me
     let at = freeze(&c, &nodes).await;
     // Proposed again (a leader retrying after a lost answer): the first freeze stands.
     assert_eq!(freeze(&c, &nodes).await, at);
-    // Frozen: writes are refused (the caller retries where the keys live), reads still work.
+    // Frozen: writes and reads are refused (the caller retries where the keys live: once the
+    // merge commits, the left group may write them).
     match c.put(RIGHT, "x99", "late").await {
         Err(HostError::KeyOutOfRange(g)) => assert_eq!(g, RIGHT),
         other => panic!("a write to a frozen group: {other:?}"),
     }
     let split = KvCommand::Split { at: b"t".to_vec(), new_group: 3 };
     assert!(matches!(write_on(&c, &nodes, RIGHT, split).await, Err(HostError::KeyOutOfRange(_))));
-    assert_eq!(c.get(RIGHT, "x01").await.expect("read").as_deref(), Some(&b"right"[..]));
+    assert!(matches!(c.get(RIGHT, "x01").await, Err(HostError::KeyOutOfRange(_))));
+    // A freeze decided on another range (a split the map made that the group has not
+    // applied) is refused.
+    let other = KvCommand::Freeze { id: MERGE_ID + 1, into: LEFT.0, start: b"m".to_vec(), end: Some(b"t".to_vec()) };
+    assert!(matches!(write_on(&c, &nodes, RIGHT, other).await, Ok(KvResponse::Refused(_))));
     for h in &c.hosts {
         wait_applied(h, RIGHT, at.index).await;
     }
@@ -255,6 +270,7 @@ async fn a_merge_entry_waits_while_the_source_is_held_then_applies_once_released
     write_on(&c, &[1, 2], LEFT, merge_cmd(at, 3)).await.expect("merge");
     wait_merged(c.host(NodeId(1))).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(right_stored(c.host(NodeId(3))).await, "node 3's absorbing batch is held: group 2 is still on disk");
     c.host(NodeId(3)).hold_applies(false);
     wait_merged(c.host(NodeId(3))).await;
     c.shutdown().await;
@@ -271,7 +287,7 @@ async fn a_thawed_group_writes_again_and_its_aborted_merge_never_freezes_it_agai
     assert_eq!(thawed, KvResponse::Done { previous: None });
     c.put(RIGHT, "x50", "v").await.expect("a thawed group takes writes");
     // A late copy of the aborted merge's freeze does not stop the group again.
-    let late = write_on(&c, &nodes, RIGHT, KvCommand::Freeze { id: MERGE_ID, into: LEFT.0 }).await;
+    let late = write_on(&c, &nodes, RIGHT, freeze_cmd()).await;
     assert!(matches!(late, Ok(KvResponse::Refused(_))), "{late:?}");
     c.put(RIGHT, "x51", "v").await.expect("still writable");
     c.shutdown().await;

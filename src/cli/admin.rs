@@ -224,10 +224,11 @@ fn print_shard_rows(rows: &[ShardRow]) {
                 lag.to_string(),
                 human_bytes(s.bytes),
                 s.moving.clone().unwrap_or_else(|| "-".into()),
+                s.merging.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
-    print_table(&["SHARD", "RANGE", "EPOCH", "REPLICAS", "LEADER", "APPLIED", "LAG", "SIZE", "MOVE"], &rows);
+    print_table(&["SHARD", "RANGE", "EPOCH", "REPLICAS", "LEADER", "APPLIED", "LAG", "SIZE", "MOVE", "MERGE"], &rows);
 }
 
 fn print_summary(s: &ShardsSummary) {

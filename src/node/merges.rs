@@ -16,6 +16,7 @@
 
 use super::reconcile::Reconfig;
 use super::Node;
+use crate::meta::shard_range;
 use crate::peer_wire::MetaOp;
 use crate::placement::{LogIndex as PLogIndex, MergePhase, MergePlan, MetaCommand, MetaState};
 use crate::raft::{GroupId, LogId, LogIndex, Role, Term};
@@ -47,14 +48,15 @@ impl Node {
                 continue;
             }
             match &plan.phase {
-                MergePhase::Freezing => self.freeze_step(plan, &info).await,
+                MergePhase::Freezing => self.freeze_step(plan, state, &info).await,
                 MergePhase::Aborted => self.thaw_step(plan).await,
-                MergePhase::Committed { freeze_term, freeze_index, right_range_start, right_range_end } => {
+                MergePhase::Committed { freeze_term, freeze_index, right_range_start, right_range_end, voters } => {
                     let freeze = LogId { term: Term(*freeze_term), index: LogIndex(freeze_index.0) };
-                    self.absorb_step(plan, state, freeze, right_range_start, right_range_end).await
+                    self.absorb_step(plan, freeze, right_range_start, right_range_end, voters).await
                 }
             }
         }
+        self.thaw_orphans(state).await;
         // Plans gone from the view: their clocks go too.
         if let Ok(mut seen) = self.inner.merges_seen.lock() {
             seen.retain(|id, _| state.merges.values().any(|p| p.id.0 == *id));
@@ -66,14 +68,21 @@ impl Node {
         !self.due(group, vec![Reconfig::Merge(plan.id.0, step)]).is_empty()
     }
 
-    async fn freeze_step(&self, plan: &MergePlan, info: &GroupInfo) {
+    async fn freeze_step(&self, plan: &MergePlan, view: &MetaState, info: &GroupInfo) {
         let right = GroupId(plan.right.0);
         let Some(state) = self.inner.host.merge_state(right) else { return };
+        let Some(d) = view.map.get(plan.right) else { return };
         match state.frozen {
             Some(f) if f.id == plan.id.0 => {
+                // Every member of the group, as Raft has it (committed, nothing newer, no
+                // learner), is a voter of the map's, and holds the freeze.
                 let conf = &info.committed_conf.membership;
                 let me = self.inner.id;
-                let held = conf.outgoing.is_none()
+                let settled = conf.outgoing.is_none()
+                    && conf.learners.is_empty()
+                    && info.newest_conf == info.committed_conf.log_id.index
+                    && conf.voters.iter().copied().eq(d.voters().collect::<std::collections::BTreeSet<_>>());
+                let held = settled
                     && conf.voters.iter().all(|v| match *v == me {
                         true => info.applied >= f.at.index,
                         false => info.matched.get(v).is_some_and(|m| *m >= f.at.index),
@@ -104,8 +113,16 @@ impl Node {
                 // Thawed for this merge already: the plan's abort is on its way to this view.
             }
             None => {
+                // The range the merge was decided on: a split the map made that the group has
+                // not applied yet goes first (its leader proposes it), then the freeze.
+                let range = self.inner.host.group_range(right);
+                if range.as_ref() != Some(&shard_range(d)) {
+                    self.abort_if_stuck(plan).await;
+                    return;
+                }
                 if self.merge_due(right, plan, MergeStep::Freeze) {
-                    let cmd = KvCommand::Freeze { id: plan.id.0, into: plan.left.0 };
+                    let (start, end) = (d.start.clone(), d.end.clone());
+                    let cmd = KvCommand::Freeze { id: plan.id.0, into: plan.left.0, start, end };
                     match self.inner.host.write(right, cmd).await {
                         Ok(KvResponse::Frozen { at }) => {
                             info!(merge = %plan.id, shard = %plan.right, at = %at, "merge: right shard frozen")
@@ -156,10 +173,10 @@ impl Node {
     async fn absorb_step(
         &self,
         plan: &MergePlan,
-        state: &MetaState,
         freeze: LogId,
         right_start: &[u8],
         right_end: &Option<Vec<u8>>,
+        voters: &std::collections::BTreeSet<crate::placement::NodeId>,
     ) {
         let left = GroupId(plan.left.0);
         let Some(range) = self.inner.host.group_range(left) else { return };
@@ -172,7 +189,6 @@ impl Node {
             warn!(merge = %plan.id, shard = %plan.left, range = ?range, "the left shard does not end where the merge's right shard starts");
             return;
         }
-        let Some(d) = state.map.get(plan.left) else { return };
         if !self.merge_due(left, plan, MergeStep::Absorb) {
             return;
         }
@@ -182,15 +198,46 @@ impl Node {
             freeze,
             source_start: right_start.to_vec(),
             source_end: right_end.clone(),
-            voters: d.voters().collect(),
+            voters: voters.clone(),
         };
         match self.inner.host.write(left, cmd).await {
             Ok(KvResponse::Merged { range }) => {
                 info!(merge = %plan.id, shard = %plan.left, absorbed = %plan.right, range = ?range, "shards merged");
                 self.finish_merge(left, plan).await;
             }
+            // A copy proposed again while the first waited: absorbed by the first.
+            Ok(KvResponse::Refused(_))
+                if self.inner.host.merge_state(left).is_some_and(|s| s.absorbed_through >= plan.id.0) =>
+            {
+                self.finish_merge(left, plan).await
+            }
             Ok(other) => error_refused(plan, &other),
             Err(e) => debug!(merge = %plan.id, error = %e, "merge entry not applied yet"),
+        }
+    }
+
+    /// Thaws the shards this node leads that are frozen for a merge the view shows is over
+    /// without them absorbed: the merge's id was handed out in the view's history (below its
+    /// `next_shard_id`), no plan of that id is left, and the shard is still in the map (a
+    /// committed merge takes it out of the map for good). A freeze proposed before the plan's
+    /// abort and applied after its thaw is refused (the thaw fences it); this covers one
+    /// proposed by a leader whose view lagged, applied after the plan finished.
+    async fn thaw_orphans(&self, view: &MetaState) {
+        for (group, frozen) in self.inner.host.frozen_groups() {
+            let over = frozen.id < view.next_shard_id && !view.merges.values().any(|p| p.id.0 == frozen.id);
+            if !over || view.map.get(group).is_none() {
+                continue;
+            }
+            let Ok(info) = self.inner.host.group_info_of(group).await else { continue };
+            if info.role != Role::Leader
+                || self.due(group, vec![Reconfig::Merge(frozen.id, MergeStep::Thaw)]).is_empty()
+            {
+                continue;
+            }
+            match self.inner.host.write(group, KvCommand::Thaw { id: frozen.id }).await {
+                Ok(_) => warn!(shard = %group, merge = frozen.id, "thawed a shard frozen for a merge that is over"),
+                Err(e) => debug!(shard = %group, error = %e, "thaw not done yet"),
+            }
         }
     }
 

@@ -401,6 +401,8 @@ struct Inner {
     move_steps: Mutex<MoveSteps>,
     /// When this node first saw each merge (by id) freezing: its timeout counts from there.
     merges_seen: Mutex<HashMap<u64, Instant>>,
+    /// A round of merge steps is running (`merges.rs`): the next waits for it.
+    merges_running: std::sync::atomic::AtomicBool,
     /// Peers made known after start ([`Node::set_peer_addr`]): a node without a meta replica
     /// asks them for meta operations.
     extra_peers: Mutex<BTreeSet<NodeId>>,
@@ -532,6 +534,7 @@ impl Node {
             extra_peers: Mutex::new(BTreeSet::new()),
             move_steps: Mutex::new(HashMap::new()),
             merges_seen: Mutex::new(HashMap::new()),
+            merges_running: std::sync::atomic::AtomicBool::new(false),
             net_stats,
             started: Instant::now(),
             resp_addr,

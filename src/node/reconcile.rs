@@ -63,9 +63,17 @@ impl Node {
         }
         // Merges in progress move on every round: their steps wait on the groups (a freeze
         // reaching every replica), which the checks below do not watch.
+        // On a task of their own: a step may wait on a group (a merge entry applying) for as
+        // long as a request may, and the rest of the round must not wait with it.
         let view = self.meta_view();
-        if !view.merges.is_empty() {
-            self.drive_merges(&view).await;
+        if (!view.merges.is_empty() || !self.inner.host.frozen_groups().is_empty())
+            && !self.inner.merges_running.swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            let node = self.clone();
+            tokio::spawn(async move {
+                node.drive_merges(&view).await;
+                node.inner.merges_running.store(false, std::sync::atomic::Ordering::Release);
+            });
         }
         // A round looks at every group here and every shard of the map: with thousands of
         // each, only when the map or the set of groups changed, or a round is due anyway

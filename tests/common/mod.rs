@@ -308,7 +308,13 @@ impl Servers {
     }
 
     pub fn with_layout(boot: u64, total: u64, shards: u32, layout: Layout) -> Servers {
-        let dir = tempfile::tempdir().unwrap();
+        let mut dir = tempfile::tempdir().unwrap();
+        // FLOTILLA_KEEP_LOGS=1: the directory (the servers' logs `n<id>.log`, their data) stays
+        // after the test, for reading a failed run.
+        if std::env::var_os("FLOTILLA_KEEP_LOGS").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("servers' directory (kept): {}", dir.path().display());
+        }
         let certs = dir.path().join("certs");
         make_certs(&certs, total);
         let addr = |id: u64| format!("{}:{}", layout.hosts[(id - 1) as usize], layout.ports[(id - 1) as usize]);

@@ -349,6 +349,24 @@ impl Poller {
                 // for it here too (they are retired once it is installed).
                 let own = g.sm.range();
                 let wider = self.shared.range_with_frozen_sources(gid, &own);
+                let snap_range = g.sm.receiving_range();
+                if let Some(r) = snap_range.filter(|r| !own.covers(r)) {
+                    if !self.park_covered_sources(gid, &r) {
+                        // Refused for now: the leader sends it again once they are stopped.
+                        let Some(g) = self.groups.get_mut(&gid) else { return };
+                        g.sm.abandon_receiving();
+                        let why = format!("group {gid}: sources it absorbed still run here; stopping them");
+                        let now = self.shared.now();
+                        g.core.handle_snapshot_refused(now, meta, reception, &why);
+                        g.sm_busy = false;
+                        if !g.sm_queue.is_empty() {
+                            self.sm_ready.insert(gid);
+                        }
+                        self.dirty.insert(gid);
+                        return;
+                    }
+                }
+                let Some(g) = self.groups.get_mut(&gid) else { return };
                 g.sm.permit_install_over((wider != own).then_some(wider));
                 // Through the trait: it holds the lock a destroy waits on (and the test hook
                 // that holds installations).

@@ -101,7 +101,16 @@ impl Poller {
         }
         // Unreadable: the installation checks the whole record and fails loudly.
         let Some(range) = crate::kv_snapshot::stream_range(data) else { return false };
-        let own = self.shared.range_with_frozen_sources(gid, &g.sm.range());
+        let narrow = g.sm.range();
+        let own = self.shared.range_with_frozen_sources(gid, &narrow);
+        if !narrow.covers(&range) && own.covers(&range) {
+            // A snapshot taken after merges this replica missed: the sources it covers stop
+            // while it streams in.
+            self.park_covered_sources(gid, &range);
+        }
+        if !self.groups.contains_key(&gid) {
+            return false;
+        }
         let refused = if !own.covers(&range) {
             Some("wider than the group's range".to_string())
         } else {

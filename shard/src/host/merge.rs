@@ -94,12 +94,24 @@ impl Poller {
     }
 
     /// Parks group `id` for `into` to absorb, if its state is the freeze the merge names
-    /// (frozen for merge `merge` into `into` at `freeze`, applied through it): stopped and out
-    /// of the registry's groups in one step, its range still claimed.
-    pub(super) fn on_park(&mut self, id: GroupId, into: GroupId, merge: u64, freeze: LogId) -> ParkOutcome {
+    /// (frozen for merge `merge` into `into` at `freeze`, applied through it; with no freeze
+    /// named, frozen into `into` at all: `into` installs a snapshot taken after the merge) and
+    /// no state-machine work of it is running or queued (an installation in flight would write
+    /// the group's range after the absorbing batch): stopped and out of the registry's groups
+    /// in one step, its range still claimed.
+    pub(super) fn on_park(&mut self, id: GroupId, into: GroupId, merge: u64, freeze: Option<LogId>) -> ParkOutcome {
         let now = self.shared.now();
         let Some(g) = self.groups.get_mut(&id) else { return ParkOutcome::Missing };
         let state = g.sm.merge_state();
+        if g.sm_busy || !g.sm_queue.is_empty() {
+            return ParkOutcome::NotYet(format!("group {id} has state-machine work in flight"));
+        }
+        let Some(freeze) = freeze else {
+            return match state.frozen.is_some_and(|f| f.into == into) {
+                true => self.park_now(id, into),
+                false => ParkOutcome::NotYet(format!("group {id} is not frozen into {into}")),
+            };
+        };
         let frozen = state.frozen.is_some_and(|f| f.id == merge && f.into == into && f.at == freeze);
         let applied = g.core.engine().applied();
         if !frozen || applied < freeze.index {
@@ -115,6 +127,15 @@ impl Poller {
                 state.frozen
             ));
         }
+        let outcome = self.park_now(id, into);
+        if matches!(outcome, ParkOutcome::Parked) {
+            info!(group = %id, %into, merge, %freeze, "merge: source stopped for its absorption");
+        }
+        outcome
+    }
+
+    /// Stops group `id` and moves its registry entry to the parked ones, for `into`.
+    fn park_now(&mut self, id: GroupId, into: GroupId) -> ParkOutcome {
         let parked = self.shared.registry.write().ok().and_then(|mut r| {
             let entry = r.groups.remove(&id)?;
             r.parked.insert(id, Parked { into, entry });
@@ -130,8 +151,29 @@ impl Poller {
         self.dirty.remove(&id);
         self.sm_ready.remove(&id);
         self.durable_waits.retain(|(_, gid, _, _)| *gid != id);
-        info!(group = %id, %into, merge, %freeze, "merge: source stopped for its absorption");
         ParkOutcome::Parked
+    }
+
+    /// Before group `gid` installs a snapshot over `range`, wider than its own: the sources
+    /// frozen into it inside `range` that still run here are asked to park (an installation of
+    /// theirs in flight would land after `gid`'s). Whether none runs any more.
+    pub(super) fn park_covered_sources(&mut self, gid: GroupId, range: &KeyRange) -> bool {
+        let running: Vec<GroupId> = match self.shared.registry.read() {
+            Ok(r) => r
+                .groups
+                .iter()
+                .filter(|(_, e)| {
+                    absorbed_by_snapshot(e.sm.merge_state().frozen.map(|f| f.into), gid, &e.sm.range(), range)
+                })
+                .map(|(id, _)| *id)
+                .collect(),
+            Err(_) => return false,
+        };
+        for source in &running {
+            let (shared, source) = (self.shared.clone(), *source);
+            self.shared.runtime.spawn(async move { park_for_snapshot(&shared, source, gid).await });
+        }
+        running.is_empty()
     }
 
     /// Group `gid` installed a snapshot over `range`: sources frozen into it inside that range
@@ -203,11 +245,29 @@ async fn park(shared: &Arc<Shared>, source: GroupId, into: GroupId, merge: u64, 
     let poller = shared.registry.read().ok().and_then(|r| r.groups.get(&source).map(|e| e.poller));
     let Some(poller) = poller else { return };
     let (tx, rx) = tokio::sync::oneshot::channel();
-    if shared.pollers[poller].send(PollerMsg::Park { group: source, into, merge, freeze, reply: tx }).is_err() {
+    if shared.pollers[poller]
+        .send(PollerMsg::Park { group: source, into, merge, freeze: Some(freeze), reply: tx })
+        .is_err()
+    {
         return;
     }
     if let Ok(ParkOutcome::NotYet(why)) = rx.await {
         tracing::debug!(%source, %into, why = %why, "merge: source not ready to park");
+    }
+}
+
+/// Asks the poller of `source` to park it for `into`, whose snapshot taken after their merge is
+/// about to be installed.
+async fn park_for_snapshot(shared: &Arc<Shared>, source: GroupId, into: GroupId) {
+    let poller = shared.registry.read().ok().and_then(|r| r.groups.get(&source).map(|e| e.poller));
+    let Some(poller) = poller else { return };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if shared.pollers[poller].send(PollerMsg::Park { group: source, into, merge: 0, freeze: None, reply: tx }).is_err()
+    {
+        return;
+    }
+    if let Ok(ParkOutcome::NotYet(why)) = rx.await {
+        tracing::debug!(%source, %into, why = %why, "merge: source not parked for the snapshot yet");
     }
 }
 

@@ -621,6 +621,14 @@ impl Host {
         self.entry(group).ok().map(|e| e.sm.range())
     }
 
+    /// The groups on this node frozen for a merge, with their freezes.
+    pub fn frozen_groups(&self) -> Vec<(GroupId, crate::merge::Frozen)> {
+        match self.shared.registry.read() {
+            Ok(r) => r.groups.iter().filter_map(|(id, e)| Some((*id, e.sm.merge_state().frozen?))).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
     /// Group `group`'s part in merges on this node (as of its last prepared apply batch).
     pub fn merge_state(&self, group: GroupId) -> Option<crate::merge::MergeState> {
         self.entry(group).ok().map(|e| e.sm.merge_state())
@@ -812,6 +820,7 @@ impl Host {
             return Err(HostError::KeyOutOfRange(group));
         }
         self.call(group, |tx| Request::Read { mode, wait_apply: true, reply: tx }).await?;
+        refuse_frozen(group, &entry.sm)?;
         Ok(entry.sm.get(key).await?)
     }
 
@@ -844,6 +853,7 @@ impl Host {
             return Err(HostError::KeyOutOfRange(group));
         }
         self.call(group, |tx| Request::Read { mode, wait_apply: true, reply: tx }).await?;
+        refuse_frozen(group, &entry.sm)?;
         match entry.sm.scan(from, to, limit).await {
             Ok(page) => Ok(page),
             Err(crate::kv::ScanError::OutOfRange(_)) => Err(HostError::KeyOutOfRange(group)),
@@ -907,6 +917,18 @@ impl Host {
             }
         })
         .await;
+    }
+}
+
+/// A read of a group frozen for a merge is refused (the caller retries where the keys live):
+/// once the merge is committed the absorbing group may take writes to these keys, and this
+/// group's replicas (a leader holding a lease, say) would answer with what they froze. Judged
+/// after the read's round trip: a group not frozen by then had not committed its freeze when
+/// the read started, so the read is still this group's to answer.
+fn refuse_frozen(group: GroupId, sm: &KvStateMachine) -> Result<(), HostError> {
+    match sm.merge_state().is_frozen() {
+        true => Err(HostError::KeyOutOfRange(group)),
+        false => Ok(()),
     }
 }
 

@@ -69,7 +69,7 @@ pub(crate) enum PollerMsg {
         group: GroupId,
         into: GroupId,
         merge: u64,
-        freeze: flotilla_raft::LogId,
+        freeze: Option<flotilla_raft::LogId>,
         reply: oneshot::Sender<super::merge::ParkOutcome>,
     },
     /// A group's waiting merge entry is tried again.

@@ -577,6 +577,7 @@ fn a_snapshot_carries_the_groups_merge_state_and_its_installation_replaces_the_r
     let frozen = MergeState {
         frozen: Some(crate::merge::Frozen { id: 9, into: GroupId(3), at: LogId::new(3, 480) }),
         thawed_through: 4,
+        absorbed_through: 2,
     };
     write_synced(&s, vec![crate::merge::merge_state_op(G, &frozen).expect("op")]).expect("write");
     let (meta, built) = BuiltSnapshot::build(&s, G, &KeyRange::all(), 5, 64 << 20).expect("build");
@@ -610,4 +611,23 @@ fn a_format_1_stream_header_is_still_read_as_a_group_never_frozen() {
 struct ManifestV1Writer {
     range: KeyRange,
     files: Vec<FileInfo>,
+}
+
+#[test]
+fn a_crash_after_staging_a_snapshot_wider_than_the_groups_range_is_finished_at_start_up() {
+    // A replica that missed merges: its descriptor says [500, 1500), the snapshot (taken after
+    // the merge) covers [500, 2500) over a source frozen for it. Staged with the wider range
+    // allowed, then the process stops: start-up, which knows only the descriptor, finishes it.
+    let snap_range = range(500, 2500);
+    let mut t = installing(&snap_range);
+    let received = std::mem::replace(&mut t.received, ReceivedSnapshot::empty_for_tests());
+    set_descriptor(&t.receiver, G, &range(500, 1500));
+    stage(&t.receiver, G, &snap_range, received).expect("stage");
+    let MidInstall { receiver_dir, sender, receiver, before, .. } = t;
+    drop(receiver);
+    let r = open(receiver_dir.path());
+    let adopted = finish_interrupted_install(&r, G, &range(500, 1500)).expect("finish at start-up");
+    assert_eq!(adopted.as_ref(), Some(&snap_range));
+    assert_eq!(all_data(&r), expected(&sender, &before, &snap_range));
+    assert_eq!(descriptor(&r, G).range, snap_range, "the group's range widened with it");
 }
