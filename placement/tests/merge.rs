@@ -589,7 +589,8 @@ proptest! {
 const MIB: u64 = 1 << 20;
 
 /// Every node reports the size in `sizes` of each shard it holds (none for shards not in
-/// `sizes`), and node 1 leads every shard it votes in (else the first voter leads).
+/// `sizes`) and an applied index for each, and node 1 leads every shard it votes in (else the
+/// first voter leads).
 fn report(s: &mut MetaState, sizes: &[(u64, u64)]) {
     let mut reports: std::collections::BTreeMap<NodeId, NodeReport> =
         s.nodes.keys().map(|n| (*n, NodeReport::default())).collect();
@@ -597,6 +598,7 @@ fn report(s: &mut MetaState, sizes: &[(u64, u64)]) {
         let leader = if d.replica(n(1)).is_some() { n(1) } else { d.voters().next().expect("a voter") };
         reports.get_mut(&leader).expect("registered").leading.push(d.id);
         for r in &d.replicas {
+            reports.get_mut(&r.node).expect("registered").applied.insert(d.id, LogIndex(1_000));
             if let Some(&(_, mib)) = sizes.iter().find(|(sh, _)| *sh == d.id.0) {
                 reports.get_mut(&r.node).expect("registered").shard_bytes.insert(d.id, mib * MIB);
             }
@@ -619,6 +621,16 @@ fn merges_of(props: &[Proposal]) -> Vec<(u64, u64)> {
 
 fn splits_of(props: &[Proposal]) -> usize {
     props.iter().filter(|p| matches!(p, Proposal::Split { .. })).count()
+}
+
+#[test]
+fn no_merge_of_neighbours_with_a_replica_on_a_node_that_does_not_report() {
+    let mut s = state();
+    report(&mut s, &[(1, 1), (2, 2), (3, 5)]);
+    // Node 3 is down: the meta leader holds no live report of it.
+    s.apply(MetaCommand::Heartbeat { node: n(3), report: NodeReport::default() }).expect("heartbeat");
+    let props = balance(&s, &BalancerConfig::default(), 10_000);
+    assert_eq!(merges_of(&props), Vec::<(u64, u64)>::new(), "{props:?}");
 }
 
 #[test]

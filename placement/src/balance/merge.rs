@@ -55,6 +55,17 @@ impl<'a> Round<'a> {
             if strict && (!free(left) || !free(right)) {
                 continue;
             }
+            // Every replica's node reports the shard (a node down reports nothing): a merge
+            // with a replica that cannot take the freeze would only freeze the right shard's
+            // writes until it is aborted, and be proposed again.
+            let reported = |d: &ShardDescriptor| {
+                d.replicas.iter().all(|r| {
+                    self.state.nodes.get(&r.node).is_some_and(|n| n.report.applied.contains_key(&d.id))
+                })
+            };
+            if strict && (!reported(left) || !reported(right)) {
+                continue;
+            }
             if left.voters().count() != right.voters().count() {
                 continue;
             }
