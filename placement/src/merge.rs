@@ -143,6 +143,11 @@ impl MetaState {
         if nodes(l) != nodes(r) {
             return invalid("both shards must have their replicas on the same nodes");
         }
+        // A replica removed from either shard and not deleted yet would outlive the merge (a
+        // shard out of the map is nobody's to clean up) and keep its keys from the merged one.
+        if self.tombstones.contains_key(&left) || self.tombstones.contains_key(&right) {
+            return invalid("a replica removed from one of the shards is not deleted yet: retry once it is");
+        }
         let id = MergeId(self.next_shard_id.max(1));
         self.next_shard_id = id.0 + 1;
         let plan = MergePlan { id, left, right, phase: MergePhase::Freezing, started_ms: now_ms };

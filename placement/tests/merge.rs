@@ -291,7 +291,7 @@ fn promote_and_swap_are_refused_too() {
 }
 
 #[test]
-fn a_commit_drops_the_right_shards_transfer_tombstones_and_reports() {
+fn a_commit_drops_the_right_shards_transfer_and_reports_and_no_merge_begins_over_a_tombstone() {
     let mut s = state();
     let (e1, e2) = (d(&s, 1).epoch, d(&s, 2).epoch);
     // A tombstone of shard 2 (a learner on node 4, removed) and pending transfers.
@@ -308,10 +308,13 @@ fn a_commit_drops_the_right_shards_transfer_tombstones_and_reports() {
     }
     s.apply(MetaCommand::Heartbeat { node: n(1), report }).expect("heartbeat");
     assert!(s.tombstones.contains_key(&ShardId(2)));
+    // Node 4's removed replica is not deleted yet: no merge, which would leave it to nobody.
+    let cmd = begin_cmd(&s, 1, 2);
+    assert!(matches!(s.apply(cmd), Err(MetaError::InvalidMerge { .. })));
+    s.tombstones.clear();
     let id = begin(&mut s, 1, 2);
     report_applied(&mut s, 1_000);
     s.apply(commit(1, id)).expect("commit");
-    assert!(!s.tombstones.contains_key(&ShardId(2)));
     assert_eq!(s.transfers.keys().copied().collect::<Vec<_>>(), vec![ShardId(1)]);
     let r = &s.nodes[&n(1)].report;
     assert_eq!(r.shard_bytes.keys().copied().collect::<Vec<_>>(), vec![ShardId(3)], "sizes of the old ranges go");

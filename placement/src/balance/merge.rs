@@ -59,11 +59,14 @@ impl<'a> Round<'a> {
             // with a replica that cannot take the freeze would only freeze the right shard's
             // writes until it is aborted, and be proposed again.
             let reported = |d: &ShardDescriptor| {
-                d.replicas.iter().all(|r| {
-                    self.state.nodes.get(&r.node).is_some_and(|n| n.report.applied.contains_key(&d.id))
-                })
+                d.replicas
+                    .iter()
+                    .all(|r| self.state.nodes.get(&r.node).is_some_and(|n| n.report.applied.contains_key(&d.id)))
             };
             if strict && (!reported(left) || !reported(right)) {
+                continue;
+            }
+            if self.state.tombstones.contains_key(&left.id) || self.state.tombstones.contains_key(&right.id) {
                 continue;
             }
             if left.voters().count() != right.voters().count() {

@@ -306,13 +306,15 @@ pub(crate) async fn retire_absorbed(shared: Arc<Shared>, source: GroupId, into: 
 }
 
 /// Whether `other`'s replica here, whose range is `range`, is a source frozen into `into` that
-/// `into`'s snapshot over `snapshot_range` covers: not a conflict, but a replica to retire once
-/// the snapshot is installed.
+/// `into`'s snapshot over `snapshot_range` reaches: not a conflict, but a replica to retire once
+/// the snapshot is installed. Reaching is enough: a snapshot of `into` that goes past the
+/// source's start was taken after the merge (and `into` may have split inside the source's
+/// keys since; their new group catches up here by a snapshot of its own).
 pub(crate) fn absorbed_by_snapshot(
     other_frozen_into: Option<GroupId>,
     into: GroupId,
     range: &KeyRange,
     snapshot_range: &KeyRange,
 ) -> bool {
-    other_frozen_into == Some(into) && snapshot_range.covers(range)
+    other_frozen_into == Some(into) && snapshot_range.overlaps(range)
 }

@@ -607,6 +607,29 @@ impl Host {
         }
         self.shared.store.write(ops, true).await?;
         info!(node = %self.node(), %group, "group destroyed");
+        // Sources parked for it to absorb (a merge entry it was waiting at) go with it: the
+        // merge is committed, and nothing else would ever absorb or delete them here.
+        let parked: Vec<(GroupId, merge::Parked)> = match self.shared.registry.write() {
+            Ok(mut r) => {
+                let ids: Vec<GroupId> = r.parked.iter().filter(|(_, p)| p.into == group).map(|(id, _)| *id).collect();
+                ids.into_iter().filter_map(|id| r.parked.remove(&id).map(|p| (id, p))).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for (source, p) in parked {
+            p.entry.sm.retire().await;
+            let mut ops = vec![
+                Op::Delete(CF_META, meta_key(source).to_vec()),
+                Op::DeleteRange(CF_RAFT, group_key(source, 0).to_vec(), group_end(source)),
+            ];
+            if clear_data {
+                let r = p.entry.sm.range();
+                let end = r.end.clone().unwrap_or_else(|| crate::kv::UNBOUNDED_END.to_vec());
+                ops.push(Op::DeleteRange(crate::store::CF_DATA, r.start.clone(), end));
+            }
+            self.shared.store.write(ops, true).await?;
+            info!(node = %self.node(), %group, %source, "merge source parked for the destroyed group destroyed too");
+        }
         Ok(())
     }
 
@@ -645,7 +668,7 @@ impl Host {
                 .filter_map(|(id, e)| {
                     let into = e.sm.merge_state().frozen?.into;
                     let target = r.groups.get(&into)?;
-                    target.sm.range().covers(&e.sm.range()).then_some((*id, into))
+                    target.sm.range().overlaps(&e.sm.range()).then_some((*id, into))
                 })
                 .collect(),
             Err(_) => return,
