@@ -55,20 +55,6 @@ impl<'a> Round<'a> {
             if strict && (!free(left) || !free(right)) {
                 continue;
             }
-            // Every replica's node reports the shard (a node down reports nothing): a merge
-            // with a replica that cannot take the freeze would only freeze the right shard's
-            // writes until it is aborted, and be proposed again.
-            let reported = |d: &ShardDescriptor| {
-                d.replicas
-                    .iter()
-                    .all(|r| self.state.nodes.get(&r.node).is_some_and(|n| n.report.applied.contains_key(&d.id)))
-            };
-            if strict && (!reported(left) || !reported(right)) {
-                continue;
-            }
-            if self.state.tombstones.contains_key(&left.id) || self.state.tombstones.contains_key(&right.id) {
-                continue;
-            }
             if left.voters().count() != right.voters().count() {
                 continue;
             }
@@ -130,7 +116,7 @@ impl<'a> Round<'a> {
                 continue;
             }
             if p.aligned() {
-                if room == 0 {
+                if room == 0 || !self.ready_to_merge(&p) {
                     continue;
                 }
                 room -= 1;
@@ -141,6 +127,21 @@ impl<'a> Round<'a> {
             }
         }
         out
+    }
+
+    /// Whether an aligned pair may begin merging now: every replica's node reports the shard
+    /// (a node down reports nothing, and a merge with a replica that cannot take the freeze
+    /// would only freeze the right shard's writes until it is aborted, and be proposed again),
+    /// and neither shard has a removed replica not deleted yet (`BeginMerge` refuses: a shard
+    /// out of the map is nobody's to clean up).
+    fn ready_to_merge(&self, p: &Pair<'a>) -> bool {
+        let reported = |d: &ShardDescriptor| {
+            d.replicas
+                .iter()
+                .all(|r| self.state.nodes.get(&r.node).is_some_and(|n| n.report.applied.contains_key(&d.id)))
+        };
+        let tombstoned = |d: &ShardDescriptor| self.state.tombstones.contains_key(&d.id);
+        reported(p.left) && reported(p.right) && !tombstoned(p.left) && !tombstoned(p.right)
     }
 
     /// One move that puts the pair on more common nodes: a replica of the right shard from a
