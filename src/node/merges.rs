@@ -20,7 +20,7 @@ use crate::meta::shard_range;
 use crate::peer_wire::MetaOp;
 use crate::placement::{LogIndex as PLogIndex, MergePhase, MergePlan, MetaCommand, MetaState};
 use crate::raft::{GroupId, LogId, LogIndex, Role, Term};
-use crate::shard::{GroupInfo, KvCommand, KvResponse};
+use crate::shard::{GroupInfo, KeyRange, KvCommand, KvResponse};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
@@ -57,6 +57,7 @@ impl Node {
             }
         }
         self.thaw_orphans(state).await;
+        self.remove_stranded_sources(state).await;
         // Plans gone from the view: their clocks go too.
         if let Ok(mut seen) = self.inner.merges_seen.lock() {
             seen.retain(|id, _| state.merges.values().any(|p| p.id.0 == *id));
@@ -241,6 +242,36 @@ impl Node {
         }
     }
 
+    /// Deletes the replicas here of shards frozen for a merge that committed (the shard left
+    /// the map, its id allocated in the view's history: only a commit takes a shard out) and
+    /// that no local replica of the absorbing shard will ever absorb: that shard is not on
+    /// this node, or its replica here no longer ends where the source starts (it absorbed, or
+    /// caught up by a snapshot taken after the merge and a split of it since). Such a replica
+    /// holds nothing the cluster needs (the absorbing shard has the source's frozen data on
+    /// its other replicas) and would keep its keys from every shard placed here later. Its
+    /// data goes too unless another local replica owns keys of it.
+    async fn remove_stranded_sources(&self, view: &MetaState) {
+        let host = &self.inner.host;
+        for (group, frozen) in host.frozen_groups() {
+            let Some(range) = host.group_range(group) else { continue };
+            let target = host.group_range(frozen.into).zip(host.merge_state(frozen.into));
+            if !stranded(view, group, &frozen, &range, target.as_ref()) {
+                continue;
+            }
+            let others = host
+                .groups()
+                .into_iter()
+                .filter(|g| *g != group)
+                .any(|g| host.group_range(g).is_some_and(|r| r.overlaps(&range)));
+            let still = move |i: &GroupInfo| i.group == group;
+            match host.destroy_group_if(group, !others, Box::new(still)).await {
+                Ok(()) => warn!(shard = %group, into = %frozen.into, merge = frozen.id,
+                    "deleted a replica of a merged shard that nothing here would absorb"),
+                Err(e) => debug!(shard = %group, error = %e, "stranded merge source not deleted yet"),
+            }
+        }
+    }
+
     async fn finish_merge(&self, group: GroupId, plan: &MergePlan) {
         if !self.merge_due(group, plan, MergeStep::Finish) {
             return;
@@ -252,10 +283,98 @@ impl Node {
     }
 }
 
+/// Whether this node's replica of `group` (over `range`), frozen as `frozen`, is stranded:
+/// its merge committed (the shard left the view's map, its id allocated in the view's history:
+/// only a commit takes a shard out of the map), and the absorbing shard's replica here
+/// (`target`: its range and merge state) is missing or will never absorb it (it does not end
+/// where the source starts, or absorbed that merge already).
+fn stranded(
+    view: &MetaState,
+    group: GroupId,
+    frozen: &crate::shard::Frozen,
+    range: &KeyRange,
+    target: Option<&(KeyRange, crate::shard::MergeState)>,
+) -> bool {
+    if group.0 >= view.next_shard_id || view.map.get(group).is_some() {
+        return false;
+    }
+    let absorbs =
+        target.is_some_and(|(t, s)| t.end.as_deref() == Some(range.start.as_slice()) && s.absorbed_through < frozen.id);
+    !absorbs
+}
+
 /// A merge entry the left shard refused: its range or configuration does not fit the plan
-/// the meta group committed (nothing changed on any replica). Only an unsafe recovery can
-/// lead here; the plan stays for an operator to see.
+/// the meta group committed (nothing changed on any replica). Retried every round: the left
+/// shard's configuration may still be settling (a learner leaving); if it never does (an
+/// unsafe recovery changed it), the plan stays for an operator to see.
 fn error_refused(plan: &MergePlan, answer: &KvResponse) {
-    tracing::error!(merge = %plan.id, left = %plan.left, right = %plan.right, answer = ?answer,
+    tracing::warn!(merge = %plan.id, left = %plan.left, right = %plan.right, answer = ?answer,
         "the left shard refused a committed merge: its range or voters differ from the plan's");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::MetaCommand;
+    use crate::raft::NodeId;
+    use crate::shard::{Frozen, MergeState};
+
+    /// Shards 1 `[.., m)` and 2 `[m, ..)` on nodes 1..3; with `merged`, 2 merged into 1.
+    fn view(merged: bool) -> MetaState {
+        let mut s = MetaState::default();
+        for i in 1..=3 {
+            s.apply(MetaCommand::RegisterNode { node: NodeId(i), addr: String::new() }).expect("register");
+        }
+        s.apply(MetaCommand::Bootstrap { nodes: vec![NodeId(1), NodeId(2), NodeId(3)] }).expect("bootstrap");
+        let d = s.map.lookup(b"m").expect("shard").clone();
+        s.apply(MetaCommand::Split { shard: d.id, epoch: d.epoch, key: b"m".to_vec() }).expect("split");
+        if merged {
+            let (l, r) = (s.map.lookup(b"a").expect("l").clone(), s.map.lookup(b"m").expect("r").clone());
+            let begin = MetaCommand::BeginMerge {
+                left: l.id,
+                left_epoch: l.epoch,
+                right: r.id,
+                right_epoch: r.epoch,
+                now_ms: 0,
+            };
+            s.apply(begin).expect("begin");
+            let id = s.merges[&l.id].id;
+            for info in s.nodes.values_mut() {
+                info.report.applied.insert(r.id, crate::placement::LogIndex(9));
+            }
+            let commit = MetaCommand::CommitMerge {
+                left: l.id,
+                id,
+                freeze_term: 1,
+                freeze_index: crate::placement::LogIndex(9),
+            };
+            s.apply(commit).expect("commit");
+        }
+        s
+    }
+
+    #[test]
+    fn a_frozen_source_is_stranded_only_once_its_merge_committed_and_nothing_here_will_absorb_it() {
+        let right = KeyRange { start: b"m".to_vec(), end: None };
+        let frozen = Frozen { id: 3, into: GroupId(1), at: LogId::new(1, 9) };
+        let waiting = (KeyRange { start: Vec::new(), end: Some(b"m".to_vec()) }, MergeState::default());
+        let absorbed = (KeyRange::all(), MergeState { absorbed_through: 3, ..MergeState::default() });
+        let split_since = (KeyRange { start: Vec::new(), end: Some(b"f".to_vec()) }, MergeState::default());
+        // Still in the map (freezing, or the view lags): never.
+        let before = view(false);
+        assert!(!stranded(&before, GroupId(2), &frozen, &right, None));
+        assert!(!stranded(&before, GroupId(2), &frozen, &right, Some(&split_since)));
+        let after = view(true);
+        assert!(after.map.get(GroupId(2)).is_none(), "the commit took shard 2 out of the map");
+        // The absorbing replica here waits at the merge entry: it will absorb it.
+        assert!(!stranded(&after, GroupId(2), &frozen, &right, Some(&waiting)));
+        // No absorbing replica here, or one that cannot absorb it any more.
+        assert!(stranded(&after, GroupId(2), &frozen, &right, None));
+        assert!(stranded(&after, GroupId(2), &frozen, &right, Some(&split_since)));
+        let mut absorbed_other = absorbed.clone();
+        absorbed_other.0 = waiting.0.clone();
+        assert!(stranded(&after, GroupId(2), &frozen, &right, Some(&absorbed_other)));
+        // A shard id the view has not allocated yet (a view older than the replica): never.
+        assert!(!stranded(&after, GroupId(99), &frozen, &right, None));
+    }
 }

@@ -71,8 +71,15 @@ impl Node {
         {
             let node = self.clone();
             tokio::spawn(async move {
-                node.drive_merges(&view).await;
-                node.inner.merges_running.store(false, std::sync::atomic::Ordering::Release);
+                // Reset however the task ends (a panic included): merges must not stop here.
+                struct Running(Node);
+                impl Drop for Running {
+                    fn drop(&mut self) {
+                        self.0.inner.merges_running.store(false, std::sync::atomic::Ordering::Release);
+                    }
+                }
+                let running = Running(node);
+                running.0.drive_merges(&view).await;
             });
         }
         // A round looks at every group here and every shard of the map: with thousands of

@@ -118,7 +118,10 @@ impl Node {
                 };
                 report.confs.insert(i.group, conf);
             }
-            report.applied.insert(i.group, PLogIndex(i.applied.0));
+            // What survives a crash of this node: a merge commits only once every replica of
+            // the right shard reports its freeze applied this way (an applied index not yet
+            // durable could go back, and the shard's leader be gone by then).
+            report.applied.insert(i.group, PLogIndex(i.durable_applied.0));
         }
         let threshold = self.inner.config.balancer.split_size_bytes_threshold;
         let leading: HashSet<ShardId> = report.leading.iter().copied().collect();

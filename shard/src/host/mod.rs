@@ -605,10 +605,9 @@ impl Host {
             let end = r.end.clone().unwrap_or_else(|| crate::kv::UNBOUNDED_END.to_vec());
             ops.push(Op::DeleteRange(crate::store::CF_DATA, r.start.clone(), end));
         }
-        self.shared.store.write(ops, true).await?;
-        info!(node = %self.node(), %group, "group destroyed");
-        // Sources parked for it to absorb (a merge entry it was waiting at) go with it: the
-        // merge is committed, and nothing else would ever absorb or delete them here.
+        // Sources parked for it to absorb (a merge entry it was waiting at) go with it, in the
+        // same write: the merge is committed, and nothing else would ever absorb or delete them
+        // here.
         let parked: Vec<(GroupId, merge::Parked)> = match self.shared.registry.write() {
             Ok(mut r) => {
                 let ids: Vec<GroupId> = r.parked.iter().filter(|(_, p)| p.into == group).map(|(id, _)| *id).collect();
@@ -616,20 +615,18 @@ impl Host {
             }
             Err(_) => Vec::new(),
         };
-        for (source, p) in parked {
+        for (source, p) in &parked {
             p.entry.sm.retire().await;
-            let mut ops = vec![
-                Op::Delete(CF_META, meta_key(source).to_vec()),
-                Op::DeleteRange(CF_RAFT, group_key(source, 0).to_vec(), group_end(source)),
-            ];
+            ops.push(Op::Delete(CF_META, meta_key(*source).to_vec()));
+            ops.push(Op::DeleteRange(CF_RAFT, group_key(*source, 0).to_vec(), group_end(*source)));
             if clear_data {
                 let r = p.entry.sm.range();
                 let end = r.end.clone().unwrap_or_else(|| crate::kv::UNBOUNDED_END.to_vec());
                 ops.push(Op::DeleteRange(crate::store::CF_DATA, r.start.clone(), end));
             }
-            self.shared.store.write(ops, true).await?;
-            info!(node = %self.node(), %group, %source, "merge source parked for the destroyed group destroyed too");
         }
+        self.shared.store.write(ops, true).await?;
+        info!(node = %self.node(), %group, parked_sources = ?parked.iter().map(|(s, _)| *s).collect::<Vec<_>>(), "group destroyed");
         Ok(())
     }
 
