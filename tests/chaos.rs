@@ -14,7 +14,7 @@ mod common;
 use common::Servers;
 use flotilla::placement::{NodeId, ShardId};
 use flotilla::wire::{AdminRequest, AdminResponse, ReadConsistency, ShardRow};
-use flotilla::{Client, ClientError};
+use flotilla::Client;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -91,26 +91,7 @@ async fn splits_moves_and_transfers_during_crashes_pauses_and_restarts_lose_noth
 
     // A writer of unique keys: every acknowledged one must survive.
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (client, stop) = (cluster.client_with(cfg.clone()).await, stop.clone());
-        tokio::spawn(async move {
-            let mut acked = Vec::new();
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let key = format!("{:02x}-w{i}", (i * 37) % 256);
-                i += 1;
-                match client.put(key.as_bytes(), b"w").await {
-                    Ok(()) => acked.push(key),
-                    Err(ClientError::Unavailable(_) | ClientError::Unknown(_)) => {
-                        tokio::time::sleep(Duration::from_millis(20)).await
-                    }
-                    Err(e) => panic!("writer: {e}"),
-                }
-            }
-            client.close().await;
-            acked
-        })
-    };
+    let writer = common::acked_writer(cluster.client_with(cfg.clone()).await, stop.clone());
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     for round in 0..rounds {

@@ -8,7 +8,7 @@ mod common;
 use common::cluster::Cluster;
 use flotilla::placement::ShardId;
 use flotilla::wire::{AdminRequest, AdminResponse, ShardRow};
-use flotilla::{Client, ClientError};
+use flotilla::Client;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,27 +43,6 @@ async fn wait_shards(admin: &Client, n: usize, within: Duration) -> Vec<ShardRow
     }
 }
 
-/// A writer of unique keys spread over the keyspace; returns the acknowledged ones.
-fn writer(client: Client, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<String>> {
-    tokio::spawn(async move {
-        let mut acked = Vec::new();
-        let mut i = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            let key = format!("{:02x}-w{i}", (i * 37) % 256);
-            i += 1;
-            match client.put(key.as_bytes(), b"w").await {
-                Ok(()) => acked.push(key),
-                Err(ClientError::Unavailable(_) | ClientError::Unknown(_)) => {
-                    tokio::time::sleep(Duration::from_millis(20)).await
-                }
-                Err(e) => panic!("writer: {e}"),
-            }
-        }
-        client.close().await;
-        acked
-    })
-}
-
 async fn read_back(client: &Client, acked: &[String]) {
     for k in acked {
         assert_eq!(client.get(k.as_bytes()).await.expect("read").as_deref(), Some(&b"w"[..]), "key {k}");
@@ -78,7 +57,7 @@ async fn admin_merge_joins_two_shards_while_clients_write_across_the_boundary() 
     // Shards start at 40, 80 and c0: the history's keys sit on both sides of 40.
     let history = common::History::start(clients, &["30-a", "50-b", "3f-c"]);
     let stop = Arc::new(AtomicBool::new(false));
-    let w = writer(c.client().await, stop.clone());
+    let w = common::acked_writer(c.client().await, stop.clone());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let left = shard_of(&admin, b"30").await;
     let right = shard_of(&admin, b"50").await;

@@ -4,10 +4,9 @@
 //! through Raft), and the recovered logs decode (no torn entry is used).
 
 use flotilla_raft::{GroupId, Membership, NodeId, RaftError, ReadMode};
-use flotilla_shard::{Host, HostConfig, HostError, HostNetwork, KeyRange, KvCommand, NodeBatch, Store};
+use flotilla_shard::{Host, HostError, KeyRange, KvCommand};
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::sync::Arc;
 
 mod common;
 use std::time::{Duration, Instant};
@@ -15,25 +14,12 @@ use std::time::{Duration, Instant};
 const GROUPS: u64 = 24;
 const CHILD_ENV: &str = "FLOTILLA_HOST_CRASH_CHILD_DIR";
 
-/// Single-node groups need no network.
-struct NoNet;
-impl HostNetwork for NoNet {
-    fn send(&self, _to: NodeId, _batch: NodeBatch) {}
-}
-
 fn range_of(g: u64) -> KeyRange {
     KeyRange { start: format!("{g:04}/").into_bytes(), end: Some(format!("{g:04}0").into_bytes()) }
 }
 
-fn config() -> HostConfig {
-    let mut c = HostConfig::new(NodeId(1));
-    c.raft = flotilla_raft::Config::fast();
-    c.api_timeout_ms = 20_000;
-    c
-}
-
 async fn open(dir: &str) -> Host {
-    Host::open(Store::open(dir).expect("open"), config(), Arc::new(NoNet)).await.expect("host")
+    common::open_single(dir).await
 }
 
 /// Whether to retry: the (single-node) group is still electing itself after a start.

@@ -9,22 +9,15 @@
 //! its key now.
 
 use flotilla_raft::{GroupId, LogId, Membership, NodeId, RaftError, ReadMode};
-use flotilla_shard::{Host, HostConfig, HostError, HostNetwork, KeyRange, KvCommand, KvResponse, NodeBatch, Store};
+use flotilla_shard::{Host, HostError, KeyRange, KvCommand, KvResponse};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod common;
 
 const PAIRS: u64 = 6;
 const CHILD_ENV: &str = "FLOTILLA_MERGE_CRASH_CHILD_DIR";
-
-/// Single-node groups need no network.
-struct NoNet;
-impl HostNetwork for NoNet {
-    fn send(&self, _to: NodeId, _batch: NodeBatch) {}
-}
 
 /// Pair `p`: group `2p - 1` owns `[p/, p/m)`, group `2p` owns `[p/m, p0)`.
 fn left(p: u64) -> GroupId {
@@ -47,15 +40,8 @@ fn merge_id(p: u64) -> u64 {
     100 + p
 }
 
-fn config() -> HostConfig {
-    let mut c = HostConfig::new(NodeId(1));
-    c.raft = flotilla_raft::Config::fast();
-    c.api_timeout_ms = 20_000;
-    c
-}
-
 async fn open(dir: &str) -> Host {
-    Host::open(Store::open(dir).expect("open"), config(), Arc::new(NoNet)).await.expect("host")
+    common::open_single(dir).await
 }
 
 /// `cmd` on `g`, retried while the single-node group elects itself.

@@ -417,3 +417,30 @@ pub fn redis_cli(port: u16, args: &[&str], script: &str) -> std::process::Output
     child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("write to redis-cli");
     child.wait_with_output().expect("redis-cli output")
 }
+
+/// A writer of unique keys spread over the keyspace (`<hex byte>-w<i>`, value `w`), until
+/// `stop`: returns the keys it saw acknowledged, every one of which must survive. Outcomes
+/// unknown or unavailable are not counted (and slow it down a little).
+pub fn acked_writer(
+    client: flotilla::Client,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    use flotilla::ClientError;
+    tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut i = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let key = format!("{:02x}-w{i}", (i * 37) % 256);
+            i += 1;
+            match client.put(key.as_bytes(), b"w").await {
+                Ok(()) => acked.push(key),
+                Err(ClientError::Unavailable(_) | ClientError::Unknown(_)) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("writer: {e}"),
+            }
+        }
+        client.close().await;
+        acked
+    })
+}

@@ -184,6 +184,20 @@ impl Poller {
         }
     }
 
+    /// Refuses the installation of the snapshot group `gid` received (not fatal: the leader
+    /// builds another one, which may fit by then); its next state-machine action may start.
+    fn refuse_install(&mut self, gid: GroupId, meta: SnapshotMeta, reception: u64, why: &str) {
+        let now = self.shared.now();
+        let Some(g) = self.groups.get_mut(&gid) else { return };
+        g.sm.abandon_receiving();
+        g.core.handle_snapshot_refused(now, meta, reception, why);
+        g.sm_busy = false;
+        if !g.sm_queue.is_empty() {
+            self.sm_ready.insert(gid);
+        }
+        self.dirty.insert(gid);
+    }
+
     /// A group's state-machine action finished: the next one may start, and the group is driven
     /// this round. `None` if the group is gone.
     pub(super) fn sm_done(&mut self, gid: GroupId) -> Option<&mut GroupState> {
@@ -332,19 +346,11 @@ impl Poller {
                 // own keys in the range, and its data must not be replaced. Refused, not
                 // fatal: the leader builds another snapshot, which may fit by then.
                 let overlap = g.sm.receiving_range().and_then(|r| self.owner_of_overlap(gid, &r));
-                let Some(g) = self.groups.get_mut(&gid) else { return };
                 if let Some(other) = overlap {
-                    g.sm.abandon_receiving();
                     let why = format!("group {gid}: the snapshot's range overlaps group {other} of this node");
-                    let now = self.shared.now();
-                    g.core.handle_snapshot_refused(now, meta, reception, &why);
-                    g.sm_busy = false;
-                    if !g.sm_queue.is_empty() {
-                        self.sm_ready.insert(gid);
-                    }
-                    self.dirty.insert(gid);
-                    return;
+                    return self.refuse_install(gid, meta, reception, &why);
                 }
+                let Some(g) = self.groups.get_mut(&gid) else { return };
                 // A snapshot taken after merges this replica missed covers the sources frozen
                 // for it here too (they are retired once it is installed).
                 let own = g.sm.range();
@@ -353,17 +359,8 @@ impl Poller {
                 if let Some(r) = snap_range.filter(|r| !own.covers(r)) {
                     if !self.park_covered_sources(gid, &r) {
                         // Refused for now: the leader sends it again once they are stopped.
-                        let Some(g) = self.groups.get_mut(&gid) else { return };
-                        g.sm.abandon_receiving();
                         let why = format!("group {gid}: sources it absorbed still run here; stopping them");
-                        let now = self.shared.now();
-                        g.core.handle_snapshot_refused(now, meta, reception, &why);
-                        g.sm_busy = false;
-                        if !g.sm_queue.is_empty() {
-                            self.sm_ready.insert(gid);
-                        }
-                        self.dirty.insert(gid);
-                        return;
+                        return self.refuse_install(gid, meta, reception, &why);
                     }
                 }
                 let Some(g) = self.groups.get_mut(&gid) else { return };

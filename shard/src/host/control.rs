@@ -30,6 +30,13 @@ impl Poller {
             return Removal::Kept;
         }
         let entry = self.shared.registry.write().ok().and_then(|mut r| r.groups.remove(&id));
+        self.stop_group(id);
+        entry.map_or(Removal::Missing, Removal::Removed)
+    }
+
+    /// Stops group `id` and forgets everything this poller holds of it (once the registry no
+    /// longer lists it among the running groups).
+    pub(super) fn stop_group(&mut self, id: GroupId) {
         if let Some(mut g) = self.groups.remove(&id) {
             g.core.stop(Fatal::Shutdown);
         }
@@ -39,7 +46,6 @@ impl Poller {
         // Its applied indexes say nothing of a replica created again under the same id (whose
         // state is written in later batches): it must not hear them as durable.
         self.durable_waits.retain(|(_, gid, _, _)| *gid != id);
-        entry.map_or(Removal::Missing, Removal::Removed)
     }
 
     /// The state of every group on this poller (`only`: of that group alone, if here).

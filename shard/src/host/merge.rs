@@ -9,7 +9,7 @@ use super::Shared;
 use crate::keys::{group_end, group_key, meta_key};
 use crate::kv::{KeyRange, MergeWait};
 use crate::store::{Op, CF_META, CF_RAFT};
-use flotilla_raft::{Fatal, GroupId, LogId};
+use flotilla_raft::{GroupId, LogId};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
@@ -144,13 +144,7 @@ impl Poller {
         if parked.is_none() {
             return ParkOutcome::Missing;
         }
-        if let Some(mut g) = self.groups.remove(&id) {
-            g.core.stop(Fatal::Shutdown);
-        }
-        self.awake.remove(&id);
-        self.dirty.remove(&id);
-        self.sm_ready.remove(&id);
-        self.durable_waits.retain(|(_, gid, _, _)| *gid != id);
+        self.stop_group(id);
         ParkOutcome::Parked
     }
 

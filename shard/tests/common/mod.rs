@@ -1,5 +1,7 @@
 //! Shared by the crash tests: run this test binary again as a child that writes and prints
-//! `ack ...` lines, read acknowledgements until enough arrived, then kill it (SIGKILL).
+//! `ack ...` lines, read acknowledgements until enough arrived, then kill it (SIGKILL); and a
+//! single-node host for the children.
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -37,4 +39,24 @@ pub fn run_and_kill(
     child.kill().expect("kill");
     let _ = child.wait();
     seen
+}
+
+/// Single-node groups need no network.
+pub struct NoNet;
+impl flotilla_shard::HostNetwork for NoNet {
+    fn send(&self, _to: flotilla_raft::NodeId, _batch: flotilla_shard::NodeBatch) {}
+}
+
+/// The configuration of a single-node host whose calls wait long (a loaded machine).
+pub fn single_node_config() -> flotilla_shard::HostConfig {
+    let mut c = flotilla_shard::HostConfig::new(flotilla_raft::NodeId(1));
+    c.raft = flotilla_raft::Config::fast();
+    c.api_timeout_ms = 20_000;
+    c
+}
+
+/// Opens the single-node host on the store in `dir`.
+pub async fn open_single(dir: &str) -> flotilla_shard::Host {
+    let store = flotilla_shard::Store::open(dir).expect("open");
+    flotilla_shard::Host::open(store, single_node_config(), std::sync::Arc::new(NoNet)).await.expect("host")
 }
