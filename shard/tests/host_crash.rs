@@ -96,20 +96,8 @@ fn acknowledged_writes_through_the_host_survive_a_kill() {
     let path = dir.path().to_str().expect("utf-8 path").to_string();
     let mut acked: BTreeMap<String, (u64, String)> = BTreeMap::new();
     for round in 0..2u64 {
-        let seen = common::run_and_kill(
-            "acknowledged_writes_through_the_host_survive_a_kill",
-            CHILD_ENV,
-            &path,
-            800 + round * 800,
-            Duration::from_secs(40),
-            |ack| {
-                let mut parts = ack.splitn(3, ' ');
-                let (Some(g), Some(k), Some(v)) = (parts.next(), parts.next(), parts.next()) else { return };
-                let Ok(g) = g.parse::<u64>() else { return };
-                acked.insert(k.to_string(), (g, v.to_string()));
-            },
-        );
-        assert!(seen > 0, "round {round}: the child acknowledged nothing");
+        let test = "acknowledged_writes_through_the_host_survive_a_kill";
+        common::run_and_kill_collecting(test, CHILD_ENV, &path, 800 + round * 800, &mut acked);
 
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         rt.block_on(async {

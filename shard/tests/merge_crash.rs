@@ -227,20 +227,8 @@ fn merges_killed_at_any_step_lose_no_acknowledged_write_and_finish_after_the_res
     let mut acked: BTreeMap<String, (u64, String)> = BTreeMap::new();
     let mut merged_seen = BTreeSet::new();
     for round in 0..2u64 {
-        let seen = common::run_and_kill(
-            "merges_killed_at_any_step_lose_no_acknowledged_write_and_finish_after_the_restart",
-            CHILD_ENV,
-            &path,
-            1_500 + round * 1_500,
-            Duration::from_secs(40),
-            |line| {
-                let mut parts = line.splitn(3, ' ');
-                let (Some(p), Some(k), Some(v)) = (parts.next(), parts.next(), parts.next()) else { return };
-                let Ok(p) = p.parse::<u64>() else { return };
-                acked.insert(k.to_string(), (p, v.to_string()));
-            },
-        );
-        assert!(seen > 0, "round {round}: the child acknowledged nothing");
+        let test = "merges_killed_at_any_step_lose_no_acknowledged_write_and_finish_after_the_restart";
+        common::run_and_kill_collecting(test, CHILD_ENV, &path, 1_500 + round * 1_500, &mut acked);
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         rt.block_on(async {
             let host = open(&path).await;

@@ -60,3 +60,21 @@ pub async fn open_single(dir: &str) -> flotilla_shard::Host {
     let store = flotilla_shard::Store::open(dir).expect("open");
     flotilla_shard::Host::open(store, single_node_config(), std::sync::Arc::new(NoNet)).await.expect("host")
 }
+
+/// [`run_and_kill`] for children that print `ack <number> <key> <value>`: adds each to
+/// `acked` (key -> (number, value)) and checks the child acknowledged something.
+pub fn run_and_kill_collecting(
+    test: &str,
+    env_key: &str,
+    dir: &str,
+    target: u64,
+    acked: &mut std::collections::BTreeMap<String, (u64, String)>,
+) {
+    let seen = run_and_kill(test, env_key, dir, target, Duration::from_secs(40), |ack| {
+        let mut parts = ack.splitn(3, ' ');
+        let (Some(n), Some(k), Some(v)) = (parts.next(), parts.next(), parts.next()) else { return };
+        let Ok(n) = n.parse::<u64>() else { return };
+        acked.insert(k.to_string(), (n, v.to_string()));
+    });
+    assert!(seen > 0, "the child acknowledged nothing");
+}
