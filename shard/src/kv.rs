@@ -1212,7 +1212,7 @@ impl KvStateMachine {
         Ok(get(CF_META, &meta_key(group))? || get(CF_RAFT, &group_key(group, KIND_VOTE))?)
     }
 
-    fn read_applied(s: &Store, group: GroupId) -> Result<AppliedRecord, StorageError> {
+    pub(crate) fn read_applied(s: &Store, group: GroupId) -> Result<AppliedRecord, StorageError> {
         match s
             .db()
             .get_cf(s.cf(CF_RAFT)?, group_key(group, KIND_APPLIED))

@@ -22,8 +22,8 @@
 //! [`KvCommand::Thaw`]: crate::KvCommand::Thaw
 //! [`KvCommand::Merge`]: crate::KvCommand::Merge
 
-use crate::keys::{decode, encode, group_end, group_key, meta_key, KIND_APPLIED, KIND_MERGE};
-use crate::kv::{AppliedRecord, GroupDescriptor, KeyRange, KvResponse};
+use crate::keys::{decode, encode, group_key, meta_key, KIND_MERGE};
+use crate::kv::{GroupDescriptor, KeyRange, KvResponse};
 use crate::store::{Op, Store, CF_META, CF_RAFT};
 use flotilla_raft::{GroupId, LogId, Membership, NodeId, StorageError};
 use serde::{Deserialize, Serialize};
@@ -208,24 +208,14 @@ pub(crate) fn absorb_ops(
             )))
         }
     }
-    let applied: AppliedRecord = match s
-        .db()
-        .get_cf(s.cf(CF_RAFT)?, group_key(g, KIND_APPLIED))
-        .map_err(|e| StorageError::new("apply", e.to_string()))?
-    {
-        Some(b) => decode(&b, || format!("group {g} applied state"))?,
-        None => AppliedRecord::default(),
-    };
+    let applied = crate::kv::KvStateMachine::read_applied(s, g)?;
     if applied.last_applied.is_none_or(|a| a.index < source.freeze.index) {
         return Ok(Err(format!(
             "group {g} here applied {:?}, short of its freeze {}",
             applied.last_applied, source.freeze
         )));
     }
-    Ok(Ok(vec![
-        Op::Delete(CF_META, meta_key(g).to_vec()),
-        Op::DeleteRange(CF_RAFT, group_key(g, 0).to_vec(), group_end(g)),
-    ]))
+    Ok(Ok(Op::group_deletes(g).into()))
 }
 
 #[cfg(test)]

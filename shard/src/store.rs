@@ -64,6 +64,21 @@ pub enum Op {
 }
 
 impl Op {
+    /// The deletes of everything group `group` keeps besides its data: its Raft state (the
+    /// `raft` column family's group prefix) and its descriptor.
+    pub(crate) fn group_deletes(group: GroupId) -> [Op; 2] {
+        [
+            Op::Delete(CF_META, meta_key(group).to_vec()),
+            Op::DeleteRange(CF_RAFT, crate::keys::group_key(group, 0).to_vec(), crate::keys::group_end(group)),
+        ]
+    }
+
+    /// The delete of every key-value of `range`.
+    pub(crate) fn data_range_delete(range: &crate::kv::KeyRange) -> Op {
+        let end = range.end.clone().unwrap_or_else(|| crate::kv::UNBOUNDED_END.to_vec());
+        Op::DeleteRange(CF_DATA, range.start.clone(), end)
+    }
+
     fn bytes(&self) -> usize {
         match self {
             Op::Put(_, k, v) => k.len() + v.len(),

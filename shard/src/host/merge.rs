@@ -6,9 +6,8 @@
 use super::poller::{Poller, PollerMsg};
 use super::registry::GroupEntry;
 use super::Shared;
-use crate::keys::{group_end, group_key, meta_key};
 use crate::kv::{KeyRange, MergeWait};
-use crate::store::{Op, CF_META, CF_RAFT};
+use crate::store::Op;
 use flotilla_raft::{GroupId, LogId};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -73,7 +72,7 @@ impl Poller {
         let (shared, tx) = (self.shared.clone(), self.tx.clone());
         self.shared.runtime.spawn(async move {
             if !shared.is_parked(source, gid) {
-                park(&shared, source, gid, id, freeze).await;
+                park(&shared, source, gid, id, Some(freeze)).await;
             }
             tokio::time::sleep(MERGE_RETRY).await;
             let _ = tx.send(PollerMsg::MergeRetry(gid));
@@ -165,7 +164,7 @@ impl Poller {
         };
         for source in &running {
             let (shared, source) = (self.shared.clone(), *source);
-            self.shared.runtime.spawn(async move { park_for_snapshot(&shared, source, gid).await });
+            self.shared.runtime.spawn(async move { park(&shared, source, gid, 0, None).await });
         }
         running.is_empty()
     }
@@ -234,34 +233,17 @@ impl Shared {
     }
 }
 
-/// Asks the poller of `source` to park it for `into`'s merge `merge` at `freeze`.
-async fn park(shared: &Arc<Shared>, source: GroupId, into: GroupId, merge: u64, freeze: LogId) {
+/// Asks the poller of `source` to park it for `into`: for merge `merge` at `freeze`, or with
+/// no freeze named, because `into` is about to install a snapshot taken after their merge.
+async fn park(shared: &Arc<Shared>, source: GroupId, into: GroupId, merge: u64, freeze: Option<LogId>) {
     let poller = shared.registry.read().ok().and_then(|r| r.groups.get(&source).map(|e| e.poller));
     let Some(poller) = poller else { return };
     let (tx, rx) = tokio::sync::oneshot::channel();
-    if shared.pollers[poller]
-        .send(PollerMsg::Park { group: source, into, merge, freeze: Some(freeze), reply: tx })
-        .is_err()
-    {
+    if shared.pollers[poller].send(PollerMsg::Park { group: source, into, merge, freeze, reply: tx }).is_err() {
         return;
     }
     if let Ok(ParkOutcome::NotYet(why)) = rx.await {
         tracing::debug!(%source, %into, why = %why, "merge: source not ready to park");
-    }
-}
-
-/// Asks the poller of `source` to park it for `into`, whose snapshot taken after their merge is
-/// about to be installed.
-async fn park_for_snapshot(shared: &Arc<Shared>, source: GroupId, into: GroupId) {
-    let poller = shared.registry.read().ok().and_then(|r| r.groups.get(&source).map(|e| e.poller));
-    let Some(poller) = poller else { return };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    if shared.pollers[poller].send(PollerMsg::Park { group: source, into, merge: 0, freeze: None, reply: tx }).is_err()
-    {
-        return;
-    }
-    if let Ok(ParkOutcome::NotYet(why)) = rx.await {
-        tracing::debug!(%source, %into, why = %why, "merge: source not parked for the snapshot yet");
     }
 }
 
@@ -289,11 +271,7 @@ pub(crate) async fn retire_absorbed(shared: Arc<Shared>, source: GroupId, into: 
     };
     let Some(entry) = entry else { return };
     entry.sm.retire().await;
-    let ops = vec![
-        Op::Delete(CF_META, meta_key(source).to_vec()),
-        Op::DeleteRange(CF_RAFT, group_key(source, 0).to_vec(), group_end(source)),
-    ];
-    match shared.store.write(ops, true).await {
+    match shared.store.write(Op::group_deletes(source).into(), true).await {
         Ok(()) => info!(%source, %into, "merge: source retired after its target's snapshot"),
         Err(e) => warn!(%source, %into, error = %e, "merge: cannot delete the absorbed source's state"),
     }

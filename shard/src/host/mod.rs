@@ -38,7 +38,7 @@ mod poller;
 mod registry;
 mod sm_queue;
 
-use crate::keys::{decode, encode, group_end, group_key, meta_key};
+use crate::keys::{decode, encode, group_key, meta_key};
 pub use crate::kv::GroupDescriptor;
 use crate::kv::{KeyRange, KvCommand, KvResponse, KvStateMachine, SplitEffect};
 use crate::log::RocksLog;
@@ -596,14 +596,9 @@ impl Host {
         // A snapshot build or installation started before the removal would write the
         // group's state or data after the deletes below: wait for it, and start no other.
         entry.sm.retire().await;
-        let mut ops = vec![
-            Op::Delete(CF_META, meta_key(group).to_vec()),
-            Op::DeleteRange(CF_RAFT, group_key(group, 0).to_vec(), group_end(group)),
-        ];
+        let mut ops = Vec::from(Op::group_deletes(group));
         if clear_data {
-            let r = entry.sm.range();
-            let end = r.end.clone().unwrap_or_else(|| crate::kv::UNBOUNDED_END.to_vec());
-            ops.push(Op::DeleteRange(crate::store::CF_DATA, r.start.clone(), end));
+            ops.push(Op::data_range_delete(&entry.sm.range()));
         }
         // Sources parked for it to absorb (a merge entry it was waiting at) go with it, in the
         // same write: the merge is committed, and nothing else would ever absorb or delete them
@@ -617,12 +612,9 @@ impl Host {
         };
         for (source, p) in &parked {
             p.entry.sm.retire().await;
-            ops.push(Op::Delete(CF_META, meta_key(*source).to_vec()));
-            ops.push(Op::DeleteRange(CF_RAFT, group_key(*source, 0).to_vec(), group_end(*source)));
+            ops.extend(Op::group_deletes(*source));
             if clear_data {
-                let r = p.entry.sm.range();
-                let end = r.end.clone().unwrap_or_else(|| crate::kv::UNBOUNDED_END.to_vec());
-                ops.push(Op::DeleteRange(crate::store::CF_DATA, r.start.clone(), end));
+                ops.push(Op::data_range_delete(&p.entry.sm.range()));
             }
         }
         self.shared.store.write(ops, true).await?;
