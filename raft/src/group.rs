@@ -25,6 +25,7 @@
 use crate::engine::{Action, Engine, IoId, ReadMode};
 use crate::entry::Entry;
 use crate::error::{Fatal, RaftError, StorageError};
+use crate::lease_gate::LeaseGate;
 use crate::membership::Membership;
 use crate::message::Message;
 use crate::request::Request;
@@ -33,6 +34,7 @@ use crate::storage::SnapshotMeta;
 use crate::types::{LogId, LogIndex, Millis, NodeId, Term};
 use bytes::Bytes;
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 use tracing::warn;
 
 /// The result of a committed and applied write.
@@ -220,6 +222,11 @@ pub struct GroupCore {
     out: std::collections::VecDeque<CoreAction>,
     /// Set once the group stopped: every later call is answered with it.
     fatal: Option<Fatal>,
+    /// The lease published for readers on other threads, once one asked for it.
+    lease_gate: Option<Arc<LeaseGate>>,
+    /// The highest index whose write was answered before its application was stored
+    /// ([`GroupCore::answer_writes`]): the gate stays closed until the applied state reaches it.
+    answered_early: LogIndex,
 }
 
 impl GroupCore {
@@ -241,7 +248,41 @@ impl GroupCore {
             committed_saved: LogIndex(0),
             out: Default::default(),
             fatal: None,
+            lease_gate: None,
+            answered_early: LogIndex(0),
         }
+    }
+
+    /// The gate through which reads may skip the engine while this replica leads under a
+    /// lease and its state machine holds every write answered (see [`LeaseGate`]). Kept up to
+    /// date by [`poll_action`](Self::poll_action), before any action of a step leaves, and by
+    /// [`answer_writes`](Self::answer_writes). A reader on another thread checks
+    /// [`LeaseGate::open_at`] with the clock this core is fed, then reads its state machine.
+    pub fn lease_gate(&mut self) -> Arc<LeaseGate> {
+        if let Some(g) = &self.lease_gate {
+            return g.clone();
+        }
+        let g = Arc::new(LeaseGate::default());
+        self.lease_gate = Some(g.clone());
+        self.refresh_lease_gate();
+        g
+    }
+
+    /// Whether a reader went through the lease gate since the last call (see
+    /// [`LeaseGate::take_used`]): such a group is busy though its engine saw no request.
+    pub fn lease_gate_used(&self) -> bool {
+        self.lease_gate.as_ref().is_some_and(|g| g.take_used())
+    }
+
+    /// Publishes what the engine says of its lease now.
+    fn refresh_lease_gate(&mut self) {
+        let Some(g) = &self.lease_gate else { return };
+        let end = if self.fatal.is_some() || self.engine.applied() < self.answered_early {
+            None
+        } else {
+            self.engine.local_read_end()
+        };
+        g.set(end);
     }
 
     /// The engine (status, deadlines).
@@ -549,6 +590,14 @@ impl GroupCore {
     /// machine has prepared them. Reads are unaffected: they still wait for
     /// [`handle_applied`](Self::handle_applied), which later finds these writes answered.
     pub fn answer_writes(&mut self, results: &[(LogId, Bytes)]) {
+        if let Some(last) = results.last().map(|(id, _)| id.index).filter(|i| *i > self.engine.applied()) {
+            // Closed before any answer goes: a read that starts after a client heard of the
+            // write must not be served from a state that lacks it.
+            self.answered_early = self.answered_early.max(last);
+            if let Some(g) = &self.lease_gate {
+                g.set(None);
+            }
+        }
         for (log_id, data) in results {
             self.complete_write(*log_id, data.clone());
         }
@@ -659,6 +708,7 @@ impl GroupCore {
         }
         self.out.clear();
         self.fatal = Some(fatal);
+        self.refresh_lease_gate();
     }
 
     /// A storage error stops the group.
@@ -671,6 +721,8 @@ impl GroupCore {
 
     /// The next action to execute, in order; `None` once there is nothing to do.
     pub fn poll_action(&mut self) -> Option<CoreAction> {
+        // Before anything of the last step leaves (a transfer's `TimeoutNow` above all).
+        self.refresh_lease_gate();
         loop {
             if let (None, Some(f)) = (&self.fatal, self.engine.fatal()) {
                 // The engine found it cannot go on (its log forked from the leader's): stop

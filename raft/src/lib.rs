@@ -151,6 +151,7 @@ pub mod error;
 pub mod group;
 /// Documentation only: a guide to the crate, one chapter per task.
 pub mod guide;
+pub mod lease_gate;
 pub mod membership;
 pub mod message;
 pub mod network;
@@ -164,6 +165,7 @@ pub use engine::{Action, Engine, EngineStatus, InitialState, IoId, ReadMode, Rol
 pub use entry::{Entry, EntryPayload};
 pub use error::{ConfigError, Fatal, RaftError, StorageError};
 pub use group::{CoreAction, GroupCore, LogAction, MachineAction};
+pub use lease_gate::LeaseGate;
 pub use membership::{Membership, StoredMembership};
 pub use message::{AppendResult, Message, MessageBody};
 pub use network::Network;

@@ -655,3 +655,131 @@ fn a_membership_change_whose_entry_a_snapshot_replaced_fails_instead_of_waiting_
     assert_eq!(rx.try_recv(), Ok(Err(RaftError::Dropped { index: joint.index })));
     assert!(!gs[0].core.has_waiters(), "nothing left waiting");
 }
+
+/// Node 1 of three, elected, and a heartbeat round it sent acknowledged by the others: its
+/// lease holds from then on for `election_timeout_ms_min - lease_clock_drift_ms`.
+fn node_1_of_3_with_a_lease() -> [Group; 3] {
+    let (mut gs, _) = node_1_elected::<3>(Config::default());
+    heartbeat_round(&mut gs);
+    gs
+}
+
+/// Node 1's heartbeat timer fires (every clock moves on by an interval) and the round is
+/// exchanged.
+fn heartbeat_round(gs: &mut [Group; 3]) {
+    let step = Config::default().heartbeat_interval_ms;
+    for g in gs.iter_mut() {
+        g.now = g.now.add_ms(step);
+    }
+    let t = gs[0].core.engine().next_deadline().max(gs[0].now);
+    for g in gs.iter_mut() {
+        g.now = t;
+    }
+    gs[0].core.handle_timeout(t);
+    exchange(gs);
+}
+
+#[test]
+fn the_lease_gate_opens_on_a_leader_holding_a_lease_and_never_on_a_follower() {
+    let mut gs = node_1_of_3_with_a_lease();
+    let (leader, follower) = (gs[0].core.lease_gate(), gs[1].core.lease_gate());
+    let now = gs[0].now;
+    assert!(leader.open_at(now), "the leader holds a lease and applied its first entry");
+    assert!(!follower.open_at(now), "a follower never serves reads past the engine");
+    let c = Config::default();
+    let end = now.add_ms(c.election_timeout_ms_min - c.lease_clock_drift_ms);
+    assert!(!leader.open_at(end), "no later than the lease the engine itself would grant");
+    // Rounds acknowledged later carry the gate on.
+    heartbeat_round(&mut gs);
+    assert!(leader.open_at(end));
+}
+
+#[test]
+fn the_lease_gate_stays_shut_until_the_new_leader_applied_its_first_entry() {
+    let voters = [1, 2, 3];
+    let mut gs: [Group; 3] = std::array::from_fn(|i| Group::new(i as u64 + 1, &voters));
+    gs[0].apply = false;
+    let gate = gs[0].core.lease_gate();
+    let t = gs[0].core.engine().next_deadline();
+    for g in gs.iter_mut() {
+        g.now = t;
+    }
+    gs[0].core.handle_timeout(t);
+    exchange(&mut gs);
+    heartbeat_round(&mut gs);
+    assert_eq!(gs[0].core.engine().role(), Role::Leader);
+    assert!(gs[0].core.engine().committed() > gs[0].core.engine().applied());
+    assert!(!gate.open_at(gs[0].now), "earlier leaders' writes may not be in the state machine yet");
+    gs[0].apply_all();
+    gs[0].pump();
+    assert!(gate.open_at(gs[0].now));
+}
+
+#[test]
+fn the_lease_gate_is_shut_before_a_transfers_timeout_now_leaves() {
+    let mut gs = node_1_of_3_with_a_lease();
+    let gate = gs[0].core.lease_gate();
+    assert!(gate.open_at(gs[0].now));
+    let (tx, _rx) = oneshot::channel();
+    let now = gs[0].now;
+    gs[0].core.handle_request(now, Request::TransferLeader(NodeId(2), tx));
+    let mut sent = false;
+    while let Some(a) = gs[0].core.poll_action() {
+        if let CoreAction::Send(m) = a {
+            if matches!(m.body, MessageBody::TimeoutNow) {
+                assert!(!gate.open_at(now), "the target may be elected ignoring leases from now on");
+                sent = true;
+            }
+        }
+    }
+    assert!(sent, "the transfer sent TimeoutNow");
+    assert!(!gate.open_at(now));
+}
+
+#[test]
+fn a_write_answered_before_its_application_is_stored_shuts_the_lease_gate_until_it_is() {
+    let mut gs = node_1_of_3_with_a_lease();
+    let gate = gs[0].core.lease_gate();
+    gs[0].apply = false;
+    let mut rx = gs[0].write(&["x"]);
+    exchange(&mut gs);
+    assert!(gate.open_at(gs[0].now), "committed, not answered: a read may still order before it");
+    // The host answers from the prepared batch before the store wrote it.
+    let prepared: Vec<(LogId, Bytes)> = gs[0]
+        .to_apply
+        .iter()
+        .map(|e| match &e.payload {
+            EntryPayload::Normal(d) => (e.log_id, d.clone()),
+            _ => (e.log_id, Bytes::new()),
+        })
+        .collect();
+    gs[0].core.answer_writes(&prepared);
+    assert!(rx.try_recv().is_ok(), "the writer has its answer");
+    assert!(!gate.open_at(gs[0].now), "a read now must see the write, which the state machine does not hold yet");
+    gs[0].pump();
+    assert!(!gate.open_at(gs[0].now), "still unwritten");
+    gs[0].apply_all();
+    gs[0].pump();
+    assert!(gate.open_at(gs[0].now));
+}
+
+#[test]
+fn a_stopped_group_and_a_leader_that_stepped_down_shut_the_lease_gate() {
+    let mut gs = node_1_of_3_with_a_lease();
+    let gate = gs[0].core.lease_gate();
+    gs[0].core.stop(Fatal::Shutdown);
+    assert!(!gate.open_at(gs[0].now));
+
+    let mut gs = node_1_of_3_with_a_lease();
+    let gate = gs[0].core.lease_gate();
+    // Past the lease, nodes 2 and 3 elect node 2; node 1 hears of the new term.
+    node_2_elected_without_1(&mut gs);
+    assert!(!gate.open_at(gs[0].now), "the lease ran out");
+    // Node 2's next heartbeat reaches node 1.
+    let t = gs[1].core.engine().next_deadline();
+    gs[1].now = t;
+    gs[1].core.handle_timeout(t);
+    exchange(&mut gs);
+    assert_ne!(gs[0].core.engine().role(), Role::Leader);
+    assert!(!gate.open_at(Millis(gs[0].now.0.saturating_sub(10_000))), "closed, not only expired");
+}

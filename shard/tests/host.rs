@@ -373,6 +373,64 @@ async fn a_read_or_cas_right_after_an_answered_write_sees_it() {
     c.shutdown().await;
 }
 
+/// The leader of `g` among `c`'s hosts (waits up to 30 s for one).
+async fn leader_of_group(c: &Cluster, g: GroupId) -> NodeId {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for h in &c.hosts {
+            let infos = h.group_info().await.expect("info");
+            if infos.iter().any(|i| i.group == g && i.role == Role::Leader) {
+                return h.node();
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Lease reads on a leader whose lease gate is open are served on the caller's thread; a write
+/// answered before its application is stored shuts the gate, so a lease read that starts after
+/// the answer waits for the stored state instead of reading the state without the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_read_skips_the_poller_but_never_misses_an_answered_write() {
+    let c = Cluster::start(3).await;
+    c.create_groups(1..=1).await;
+    let g = GroupId(1);
+    let k = key(1, "k").into_bytes();
+    c.put(g, &key(1, "k"), "v1").await.expect("first write");
+    let h = c.host(leader_of_group(&c, g).await);
+    // Served locally once the applied state holds the answered write and a round was acked.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let before = h.stats().local_reads.load(Ordering::Relaxed);
+    loop {
+        assert_eq!(h.get(g, k.clone(), ReadMode::Lease).await.expect("read"), Some(b"v1".to_vec()));
+        if h.stats().local_reads.load(Ordering::Relaxed) > before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no lease read was served on the caller's thread");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Applies are prepared and their writers answered, but not written to the store.
+    h.hold_applies(true);
+    let r = h.write(g, KvCommand::Put { key: k.clone(), value: b"v2".to_vec() }).await.expect("write answered");
+    assert_eq!(r, KvResponse::Done { previous: None });
+    let local = h.stats().local_reads.load(Ordering::Relaxed);
+    let read = {
+        let h = h.clone();
+        let k = k.clone();
+        tokio::spawn(async move { h.get(g, k, ReadMode::Lease).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    if read.is_finished() {
+        panic!("a read answered before the answered write was stored: {:?}", read.await);
+    }
+    assert_eq!(h.stats().local_reads.load(Ordering::Relaxed), local, "the gate was shut");
+    h.hold_applies(false);
+    let v = tokio::time::timeout(Duration::from_secs(10), read).await.expect("read done").expect("task");
+    assert_eq!(v.expect("read"), Some(b"v2".to_vec()));
+    c.shutdown().await;
+}
+
 /// Issue 12 (5): a node whose store was poisoned kept answering liveness pings, so the quiet
 /// groups it led were never woken on the other nodes and stayed leaderless.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

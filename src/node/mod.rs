@@ -733,6 +733,7 @@ impl Node {
             ("flotilla_host_mailbox_dropped_total", "Messages dropped at full mailboxes.", &h.mailbox_dropped),
             ("flotilla_host_rounds_total", "Poller rounds.", &h.rounds),
             ("flotilla_host_log_appends_total", "Groups' log writes handed to the store (with the syncs: appends per fsync).", &h.log_appends),
+            ("flotilla_host_local_reads_total", "Lease reads served on the request's thread (the lease gate open), without a round to a poller.", &h.local_reads),
             ("flotilla_store_write_requests_total", "Write requests the store completed.", &w.requests),
             ("flotilla_store_write_batches_total", "RocksDB write batches (group commits).", &w.batches),
             ("flotilla_store_syncs_total", "Write batches made durable with an fsync.", &w.syncs),

@@ -108,16 +108,19 @@ impl Reads {
         self.pending.drain(..ready).collect()
     }
 
-    /// Whether the lease holds at `now` given `acked`, the highest round a quorum
-    /// acknowledged: that round was sent less than `lease_ms` ago.
-    pub(super) fn lease_holds(&self, acked: u64, now: Millis, lease_ms: u64) -> bool {
-        !self.lease_void && self.round_within(acked, now, lease_ms)
+    /// When the lease given by `acked`, the highest round a quorum acknowledged, ends: that
+    /// round's send time plus `lease_ms`, unless the lease was voided.
+    pub(super) fn lease_end(&self, acked: u64, lease_ms: u64) -> Option<Millis> {
+        if self.lease_void {
+            return None;
+        }
+        self.round_end(acked, lease_ms)
     }
 
-    /// Whether round `acked` was sent less than `lease_ms` before `now`.
-    pub(super) fn round_within(&self, acked: u64, now: Millis, lease_ms: u64) -> bool {
-        let Some((_, sent)) = self.round_sent_at.iter().find(|(r, _)| *r == acked) else { return false };
-        now < sent.add_ms(lease_ms)
+    /// Round `acked`'s send time plus `lease_ms` (`None` if that round is not kept).
+    pub(super) fn round_end(&self, acked: u64, lease_ms: u64) -> Option<Millis> {
+        let (_, sent) = self.round_sent_at.iter().find(|(r, _)| *r == acked)?;
+        Some(sent.add_ms(lease_ms))
     }
 
     /// Voids the lease for the rest of the term (a `TimeoutNow` went out).
@@ -205,13 +208,21 @@ impl Engine {
     /// exist in that window. A transfer in progress voids the lease (its election ignores
     /// that rule).
     fn lease_valid(&self, now: Millis) -> bool {
-        let Some(l) = self.role.leader() else { return false };
+        self.lease_end().is_some_and(|end| now < end)
+    }
+
+    /// When this leader's lease ends as things stand (later rounds acknowledged may extend
+    /// it; a transfer, a configuration change or a step down may end it sooner): `None` if
+    /// there is no lease (not leader, lease reads off, a transfer under way or sent, the
+    /// term's first entry not committed). A single voter's lease never ends while it leads.
+    pub fn lease_end(&self) -> Option<Millis> {
+        let l = self.role.leader()?;
         let void = l.reads.lease_void && !self.bugs().lease_after_timeout_now;
         if !self.config.lease_read || l.transfer.is_some() || void || self.committed < l.noop_index {
-            return false;
+            return None;
         }
         if self.is_single_voter() {
-            return true;
+            return Some(Millis(u64::MAX));
         }
         let acked = l.quorum_round(self.id, &self.effective().membership);
         let lease_ms = if self.bugs().lease_past_drift_margin {
@@ -220,9 +231,21 @@ impl Engine {
             self.config.election_timeout_ms_min - self.config.lease_clock_drift_ms
         };
         if self.bugs().lease_after_timeout_now {
-            return l.reads.round_within(acked, now, lease_ms);
+            return l.reads.round_end(acked, lease_ms);
         }
-        l.reads.lease_holds(acked, now, lease_ms)
+        l.reads.lease_end(acked, lease_ms)
+    }
+
+    /// When a read served from the applied state without the engine may no longer be served
+    /// so: the lease's end, once the state machine applied the term's first entry (everything
+    /// earlier leaders committed, and so every write they acknowledged and every state their
+    /// reads saw). `None` if such reads must go through [`Engine::read`] now.
+    pub fn local_read_end(&self) -> Option<Millis> {
+        let l = self.role.leader()?;
+        if self.applied < l.noop_index {
+            return None;
+        }
+        self.lease_end()
     }
 
     /// Starts a heartbeat round if one is needed. Every heartbeat carries the round number;

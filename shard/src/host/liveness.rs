@@ -73,7 +73,10 @@ impl Poller {
             }
             // Judged on the state the last round left (before this tick's heartbeat).
             if cfg.quiesce_after_ticks > 0 {
-                match (g.busy(), g.core.engine().quiesce_point(live)) {
+                // A leader serving lease reads on callers' threads is busy too: quiet, its
+                // lease would run out and the reads would come back through here.
+                let busy = g.busy() || g.core.lease_gate_used();
+                match (busy, g.core.engine().quiesce_point(live)) {
                     (false, Some(point)) => {
                         g.idle_ticks += 1;
                         if g.idle_ticks >= cfg.quiesce_after_ticks {

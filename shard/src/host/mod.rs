@@ -334,6 +334,9 @@ pub struct HostStats {
     /// Log writes of one group handed to the store (a round writes each group's new entries
     /// and vote as one): with the store's syncs, how many groups' appends one fsync carries.
     pub log_appends: AtomicU64,
+    /// Lease reads (gets and scans) served on the caller's thread, without a round to a
+    /// poller (the group's lease gate was open).
+    pub local_reads: AtomicU64,
 }
 
 /// State shared by the host handle and its pollers.
@@ -831,9 +834,22 @@ impl Host {
         if !entry.sm.range().contains(&key) {
             return Err(HostError::KeyOutOfRange(group));
         }
-        self.call(group, |tx| Request::Read { mode, wait_apply: true, reply: tx }).await?;
+        if !self.lease_open(mode, &entry) {
+            self.call(group, |tx| Request::Read { mode, wait_apply: true, reply: tx }).await?;
+        }
         refuse_frozen(group, &entry.sm)?;
         Ok(entry.sm.get(key).await?)
+    }
+
+    /// Whether a read in `mode` may be served from `entry`'s state machine without a round to
+    /// its poller: a lease read while the replica's lease gate is open (it leads under a lease
+    /// and has stored every write it answered; see [`flotilla_raft::LeaseGate`]). Counted.
+    fn lease_open(&self, mode: ReadMode, entry: &GroupEntry) -> bool {
+        let open = mode == ReadMode::Lease && entry.lease.open_at(self.shared.now());
+        if open {
+            self.shared.stats.local_reads.fetch_add(1, Ordering::Relaxed);
+        }
+        open
     }
 
     /// A point-in-time copy of `group` for a backup (leader only): a ReadIndex read first, so
@@ -864,7 +880,9 @@ impl Host {
         if !entry.sm.range().contains(&from) {
             return Err(HostError::KeyOutOfRange(group));
         }
-        self.call(group, |tx| Request::Read { mode, wait_apply: true, reply: tx }).await?;
+        if !self.lease_open(mode, &entry) {
+            self.call(group, |tx| Request::Read { mode, wait_apply: true, reply: tx }).await?;
+        }
         refuse_frozen(group, &entry.sm)?;
         match entry.sm.scan(from, to, limit).await {
             Ok(page) => Ok(page),
@@ -977,7 +995,7 @@ pub(crate) async fn build_group(
         peers.extend(core.engine().membership().membership.nodes().into_iter().filter(|n| *n != me));
     }
     let poller = (group.0 % shared.pollers.len() as u64) as usize;
-    let entry = GroupEntry { poller, sm: sm.clone() };
+    let entry = GroupEntry { poller, sm: sm.clone(), lease: core.lease_gate() };
     Ok((GroupState::new(group, core, log, sm), entry))
 }
 

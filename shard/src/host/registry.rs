@@ -125,6 +125,9 @@ impl Shared {
 pub(crate) struct GroupEntry {
     pub(crate) poller: usize,
     pub(crate) sm: KvStateMachine,
+    /// Open while this replica leads under a lease with every answered write stored: lease
+    /// reads are then served on the caller's thread ([`Host::get`](super::Host::get)).
+    pub(crate) lease: Arc<flotilla_raft::LeaseGate>,
 }
 
 /// Whether two key ranges share a key.

@@ -166,10 +166,10 @@ fn the_lease_can_count_on_any_of_the_last_rounds_kept_max_rounds_and_no_older() 
         reads.request_round(Millis(i));
         assert_eq!(reads.start_round(Millis(i)), Some(i));
     }
-    let now = Millis(rounds);
-    assert!(!reads.round_within(1, now, 1_000), "round 1 is no longer kept");
-    assert!(
-        reads.round_within(2, now, 1_000),
+    assert_eq!(reads.round_end(1, 1_000), None, "round 1 is no longer kept");
+    assert_eq!(
+        reads.round_end(2, 1_000),
+        Some(Millis(1_002)),
         "the oldest of the last {} rounds is",
         crate::engine::read::ROUNDS_KEPT_MAX
     );
