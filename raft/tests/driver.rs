@@ -306,3 +306,27 @@ async fn a_restarted_node_applies_what_it_knew_committed_without_a_leader() {
     c.applied(follower, idx.0).await;
     assert_eq!(c.nodes[&follower].sm.get("k4").as_deref(), Some("v"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn lease_reads_need_no_call_on_a_leader_under_lease_and_never_on_a_follower_or_after_a_transfer() {
+    let c = TestCluster::formed(&[1, 2, 3], config()).await;
+    let leader = c.leader().await;
+    c.put(leader, "a", "1").await.expect("write");
+    // The lease holds once a heartbeat round is acknowledged.
+    let mut ready = false;
+    for _ in 0..100 {
+        if c.raft(leader).lease_read_ready() {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(ready, "the leader never held a lease");
+    assert_eq!(c.nodes[&leader].sm.get("a").as_deref(), Some("1"), "the write is in the state machine read");
+    for id in [1, 2, 3].into_iter().filter(|i| *i != leader) {
+        assert!(!c.raft(id).lease_read_ready(), "follower {id}");
+    }
+    let target = [1, 2, 3].into_iter().find(|i| *i != leader).expect("another node");
+    c.raft(leader).transfer_leader(NodeId(target)).await.expect("transfer");
+    assert!(!c.raft(leader).lease_read_ready(), "the old leader's gate shut when it handed over");
+}

@@ -178,6 +178,10 @@ struct Shared {
     /// Why the group stopped, set by the core before it closes the API queue: a call refused
     /// while the group finishes its storage work (the metrics' `stopped` not yet set) says why.
     stopping: Arc<OnceLock<Fatal>>,
+    /// The group's lease gate (see [`Raft::lease_read_ready`]).
+    lease: Arc<crate::lease_gate::LeaseGate>,
+    /// Time zero of the engine's clock, which the gate's times count from.
+    base: Instant,
 }
 
 /// The handle of one Raft group on this node. Cheap to clone.
@@ -217,11 +221,13 @@ impl Raft {
         let span = info_span!("raft", group = %group, node = %id, term = tracing::field::Empty);
         let stop = Arc::new(Notify::new());
         let stopping = Arc::new(OnceLock::new());
+        let mut group_core = GroupCore::new(engine);
+        let lease = group_core.lease_gate();
         let core = Core {
             stop: stop.clone(),
             stopping: stopping.clone(),
             group,
-            core: GroupCore::new(engine),
+            core: group_core,
             network,
             base,
             writer: LogWriter::new(log.clone()),
@@ -250,6 +256,8 @@ impl Raft {
                 task: tokio::sync::Mutex::new(Some(task)),
                 stop,
                 stopping,
+                lease,
+                base,
             }),
         })
     }
@@ -334,6 +342,23 @@ impl Raft {
     /// linearizable read must wait for. See [`Raft::ensure_linearizable`] to also wait for it.
     pub async fn read_index(&self, mode: ReadMode) -> Result<LogIndex, RaftError> {
         self.call(|reply| Request::Read { mode, wait_apply: false, reply }).await
+    }
+
+    /// Whether the local state machine may be read now, without a call to the group's task, for
+    /// a read as linearizable as a [`ReadMode::Lease`] read: this node leads under a lease and
+    /// its state machine applied the term's first entry. `false`: call
+    /// [`Raft::ensure_linearizable`] (which also covers a lease not renewed lately) before
+    /// reading. Check, then read: the answer holds for a read that starts after it.
+    ///
+    /// ```ignore
+    /// if !raft.lease_read_ready() {
+    ///     raft.ensure_linearizable(ReadMode::Lease).await?;
+    /// }
+    /// let value = state_machine.get(key);
+    /// ```
+    pub fn lease_read_ready(&self) -> bool {
+        let now = Millis(self.shared.base.elapsed().as_millis() as u64);
+        self.shared.lease.open_at(now)
     }
 
     /// Returns once the local state machine reflects every write committed before the call:

@@ -81,6 +81,19 @@
 //! each acknowledged heartbeat round, and rounds go out every 100 ms, so a healthy leader
 //! serves lease reads without any round trip.
 //!
+//! # Lease reads without a call: the lease gate
+//!
+//! Even without a round trip, [`Raft::ensure_linearizable`] hands the read to the group's task
+//! and back. [`Raft::lease_read_ready`] answers on the caller's thread instead: it reads the
+//! group's [`LeaseGate`](crate::LeaseGate), which the group writes before any message of a step
+//! leaves (so a transfer's `TimeoutNow`, a step down or a configuration change shuts it first)
+//! and opens only once the state machine applied the term's first entry. Check it, then read
+//! the state machine; call `ensure_linearizable(ReadMode::Lease)` first when it says no. A
+//! runtime of your own gets the same from [`GroupCore::lease_gate`](crate::GroupCore::lease_gate);
+//! if it answers writes before their application is visible to readers
+//! ([`GroupCore::answer_writes`](crate::GroupCore::answer_writes)), the gate stays shut until
+//! that application is reported with `handle_applied`.
+//!
 //! # Choosing
 //!
 //! | | ReadIndex | Lease |
@@ -109,5 +122,6 @@
 //! [`Raft::client_write`]: crate::Raft::client_write
 //! [`Raft::ensure_linearizable`]: crate::Raft::ensure_linearizable
 //! [`Raft::read_index`]: crate::Raft::read_index
+//! [`Raft::lease_read_ready`]: crate::Raft::lease_read_ready
 //! [`RaftError::Timeout`]: crate::RaftError::Timeout
 //! [`RaftError::NotLeader`]: crate::RaftError::NotLeader
