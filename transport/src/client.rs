@@ -12,6 +12,7 @@ use crate::config::FRAME_BYTES_MAX_DEFAULT;
 use crate::error::TransportError;
 use crate::frame::FRAME_HEADER_BYTES;
 use crate::id::{NodeId, PeerIdentity};
+use crate::pipe::{self, PipeSlot};
 use crate::stream::{codes, request_on};
 use crate::tls;
 
@@ -84,7 +85,7 @@ impl Client {
             conn.close(codes::CLOSE_IDENTITY_REFUSED, b"unexpected identity");
             return Err(TransportError::Protocol(format!("{addr} is not n{node}")));
         }
-        Ok(ClientConnection { conn, frame_bytes_max: self.frame_bytes_max })
+        Ok(ClientConnection { conn, frame_bytes_max: self.frame_bytes_max, pipe: PipeSlot::default() })
     }
 
     /// Closes all connections and waits briefly for the servers to be told.
@@ -99,10 +100,14 @@ impl Client {
 pub struct ClientConnection {
     conn: Connection,
     frame_bytes_max: usize,
+    /// The stream requests are pipelined on (see `pipe.rs`), opened on first use.
+    pipe: PipeSlot,
 }
 
 impl ClientConnection {
-    /// Sends a request and waits for the response, within `timeout`.
+    /// Sends a request and waits for the response, within `timeout`. Requests share one
+    /// pipelined stream of the connection (see `pipe.rs`); one too large for a pipelined
+    /// frame goes on a stream of its own.
     pub async fn request(&self, body: Bytes, timeout: Duration) -> Result<Bytes, TransportError> {
         if body.len() + FRAME_HEADER_BYTES > self.frame_bytes_max {
             return Err(TransportError::TooLarge {
@@ -110,6 +115,15 @@ impl ClientConnection {
                 max_bytes: self.frame_bytes_max,
             });
         }
+        if pipe::fits(body.len(), self.frame_bytes_max) {
+            return self.pipe.request(&self.conn, body, self.frame_bytes_max, timeout).await;
+        }
+        self.request_on_own_stream(body, timeout).await
+    }
+
+    /// Sends a request on a bidirectional stream of its own and waits for the response,
+    /// within `timeout`.
+    pub async fn request_on_own_stream(&self, body: Bytes, timeout: Duration) -> Result<Bytes, TransportError> {
         tokio::time::timeout(timeout, request_on(&self.conn, &body, self.frame_bytes_max))
             .await
             .map_err(|_| TransportError::Timeout)?

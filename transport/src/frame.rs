@@ -43,6 +43,14 @@ pub enum FrameKind {
     Response = 4,
     /// The request failed on the server; the payload is a UTF-8 reason.
     ResponseError = 5,
+    /// One request of a pipelined stream: `[u64 BE id][body]` (see `pipe.rs`). The first such
+    /// frame on a bidirectional stream makes it a pipeline: more requests follow on it, and
+    /// their answers come back on it as they are ready, in any order.
+    PipeRequest = 6,
+    /// The answer to the pipelined request `id`: `[u64 BE id][body]`.
+    PipeResponse = 7,
+    /// The pipelined request `id` failed on the server: `[u64 BE id][UTF-8 reason]`.
+    PipeResponseError = 8,
 }
 
 impl FrameKind {
@@ -53,6 +61,9 @@ impl FrameKind {
             3 => FrameKind::Request,
             4 => FrameKind::Response,
             5 => FrameKind::ResponseError,
+            6 => FrameKind::PipeRequest,
+            7 => FrameKind::PipeResponse,
+            8 => FrameKind::PipeResponseError,
             _ => return None,
         })
     }

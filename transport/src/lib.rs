@@ -37,6 +37,7 @@ mod fault;
 pub mod frame;
 mod id;
 mod metrics;
+mod pipe;
 mod stream;
 pub mod tls;
 mod transport;

@@ -234,6 +234,9 @@ pub(super) async fn run_request_stream(
     let frame_max = shared.config.limits.frame_bytes_max;
     let body = match read_frame_exact(&mut recv, frame_max).await {
         Ok(Some(frame)) if frame.kind == FrameKind::Request => frame.payload,
+        Ok(Some(frame)) if frame.kind == FrameKind::PipeRequest => {
+            return super::inbound_pipe::run_pipe(shared, from, peer, conn, send, recv, frame.payload).await;
+        }
         Ok(Some(_)) => {
             let error = FrameError::Malformed("a request stream must start with a Request frame");
             return shared.reject_frame(peer.as_deref(), &from, &conn, &error);

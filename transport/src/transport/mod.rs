@@ -12,6 +12,7 @@
 //! (accepting, reading) and `outbound.rs` (dialing, writing).
 
 mod inbound;
+mod inbound_pipe;
 mod outbound;
 
 use inbound::run_accept;
