@@ -224,9 +224,6 @@ pub struct GroupCore {
     fatal: Option<Fatal>,
     /// The lease published for readers on other threads, once one asked for it.
     lease_gate: Option<Arc<LeaseGate>>,
-    /// The highest index whose write was answered before its application was stored
-    /// ([`GroupCore::answer_writes`]): the gate stays closed until the applied state reaches it.
-    answered_early: LogIndex,
 }
 
 impl GroupCore {
@@ -249,7 +246,6 @@ impl GroupCore {
             out: Default::default(),
             fatal: None,
             lease_gate: None,
-            answered_early: LogIndex(0),
         }
     }
 
@@ -274,15 +270,14 @@ impl GroupCore {
         self.lease_gate.as_ref().is_some_and(|g| g.take_used())
     }
 
-    /// Publishes what the engine says of its lease now.
+    /// Publishes what the engine says of its lease now ([`Engine::local_read_end`]): shut while
+    /// a committed entry is not applied (reported by `handle_applied`), so also while a write
+    /// answered before its application was stored ([`GroupCore::answer_writes`]) is not. The
+    /// commit index moves only in a step, and nobody else learns of it before this step's
+    /// messages leave, so the gate shuts in time.
     fn refresh_lease_gate(&mut self) {
         let Some(g) = &self.lease_gate else { return };
-        let end = if self.fatal.is_some() || self.engine.applied() < self.answered_early {
-            None
-        } else {
-            self.engine.local_read_end()
-        };
-        g.set(end);
+        g.set(if self.fatal.is_some() { None } else { self.engine.local_read_end() });
     }
 
     /// The engine (status, deadlines).
@@ -590,14 +585,6 @@ impl GroupCore {
     /// machine has prepared them. Reads are unaffected: they still wait for
     /// [`handle_applied`](Self::handle_applied), which later finds these writes answered.
     pub fn answer_writes(&mut self, results: &[(LogId, Bytes)]) {
-        if let Some(last) = results.last().map(|(id, _)| id.index).filter(|i| *i > self.engine.applied()) {
-            // Closed before any answer goes: a read that starts after a client heard of the
-            // write must not be served from a state that lacks it.
-            self.answered_early = self.answered_early.max(last);
-            if let Some(g) = &self.lease_gate {
-                g.set(None);
-            }
-        }
         for (log_id, data) in results {
             self.complete_write(*log_id, data.clone());
         }

@@ -8,7 +8,7 @@ use crate::types::Millis;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Until when reads may be served from the applied state without asking the engine: the
-/// leader's lease end once the state machine applied the term's first entry
+/// leader's lease end while the state machine applied everything committed
 /// ([`Engine::local_read_end`](crate::Engine::local_read_end)), in the clock the engine is
 /// fed. Shared as `Arc<LeaseGate>` (see [`GroupCore::lease_gate`](crate::GroupCore::lease_gate)).
 #[derive(Debug, Default)]

@@ -176,8 +176,9 @@ impl TransportConfig {
         if self.raft_streams == 0 || self.raft_streams > RAFT_STREAMS_MAX {
             return fail("raft_streams must be in 1..=RAFT_STREAMS_MAX");
         }
-        if l.frame_bytes_max < FRAME_BYTES_MIN || l.frame_bytes_max > u32::MAX as usize {
-            return fail("frame_bytes_max must be in FRAME_BYTES_MIN..=u32::MAX");
+        // Room above it for a pipelined answer's request id within a frame's u32 length.
+        if l.frame_bytes_max < FRAME_BYTES_MIN || l.frame_bytes_max > (u32::MAX >> 1) as usize {
+            return fail("frame_bytes_max must be in FRAME_BYTES_MIN..=2^31-1");
         }
         if l.batch_bytes_max < FRAME_HEADER_BYTES + ENVELOPE_HEADER_BYTES || l.batch_bytes_max > l.frame_bytes_max {
             return fail("batch_bytes_max must fit one envelope header and not exceed frame_bytes_max");

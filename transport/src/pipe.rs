@@ -11,12 +11,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::{timeout_at, Instant};
 
 use crate::error::TransportError;
 use crate::frame::{encode_frame, FrameDecoder, FrameKind, FRAME_HEADER_BYTES};
@@ -28,6 +29,10 @@ pub(crate) const PIPE_QUEUE_MAX: usize = 1024;
 pub(crate) const PIPE_CHUNK_BYTES_MAX: usize = 64 << 10;
 /// Bytes of the request id before each pipelined body.
 pub(crate) const PIPE_ID_BYTES: usize = 8;
+/// Largest answer frame the client takes on a pipe. A server's `frame_bytes_max` may be
+/// larger than this client's: an answer within either is read (one over this would end the
+/// pipe, failing every request in flight on it, where a stream of its own failed one).
+const PIPE_ANSWER_BYTES_MAX: usize = 64 << 20;
 
 type Answer = Result<Bytes, TransportError>;
 
@@ -66,7 +71,9 @@ pub(crate) struct PipeSlot {
 }
 
 impl PipeSlot {
-    /// Sends `body` on the connection's pipe and waits for its answer, within `timeout`.
+    /// Sends `body` on the connection's pipe and waits for its answer, within `timeout` (the
+    /// pipe's opening included). `NotSent` only when the request was certainly not queued for
+    /// the pipe's writer; `Timeout` and `ConnectionLost` after it was (its outcome unknown).
     pub(crate) async fn request(
         &self,
         conn: &Connection,
@@ -74,12 +81,21 @@ impl PipeSlot {
         frame_bytes_max: usize,
         timeout: Duration,
     ) -> Result<Bytes, TransportError> {
-        let pipe = self.pipe(conn, frame_bytes_max).await?;
+        let deadline = Instant::now() + timeout;
+        let pipe = match timeout_at(deadline, self.pipe(conn, frame_bytes_max)).await {
+            Ok(p) => p?,
+            Err(_) => return Err(TransportError::NotSent("timed out opening the connection's pipe".into())),
+        };
         let id = pipe.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         pipe.waiting.lock().map_err(|_| TransportError::NotSent("pipe lock poisoned".into()))?.insert(id, tx);
-        let sent = tokio::time::timeout(timeout, pipe.queue.send((id, body))).await;
-        match sent {
+        if pipe.dead.load(Ordering::Acquire) {
+            // Failed after it was picked: its `fail_all` may have run before the insert.
+            pipe.take(id);
+            return Err(TransportError::NotSent("the connection's pipe failed".into()));
+        }
+        // `send` is cancel-safe: timed out, the request was not queued.
+        match timeout_at(deadline, pipe.queue.send((id, body))).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => {
                 pipe.take(id);
@@ -87,10 +103,10 @@ impl PipeSlot {
             }
             Err(_) => {
                 pipe.take(id);
-                return Err(TransportError::Timeout);
+                return Err(TransportError::NotSent("timed out queueing on the connection's pipe".into()));
             }
         }
-        match tokio::time::timeout(timeout, rx).await {
+        match timeout_at(deadline, rx).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(TransportError::ConnectionLost("the pipe ended without an answer".into())),
             Err(_) => {
@@ -119,8 +135,11 @@ impl PipeSlot {
             next_id: AtomicU64::new(0),
             dead: AtomicBool::new(false),
         });
-        tokio::spawn(write_requests(pipe.clone(), send, rx));
-        tokio::spawn(read_answers(pipe.clone(), recv, frame_bytes_max));
+        // The tasks hold the pipe weakly: once no connection handle holds it (or a new pipe
+        // replaced it), its queue closes, the writer finishes the stream, the server finishes
+        // its side and the reader ends; a connection is not kept alive by its old pipes.
+        tokio::spawn(write_requests(Arc::downgrade(&pipe), send, rx));
+        tokio::spawn(read_answers(Arc::downgrade(&pipe), recv, frame_bytes_max));
         *slot = Some(pipe.clone());
         Ok(pipe)
     }
@@ -151,7 +170,7 @@ pub(crate) fn split_pipe_payload(mut payload: Bytes) -> Option<(u64, Bytes)> {
 
 /// Writes the queued requests, those ready together as one chunk, until the queue closes or
 /// the stream fails.
-async fn write_requests(pipe: Arc<Pipe>, mut send: SendStream, mut rx: mpsc::Receiver<(u64, Bytes)>) {
+async fn write_requests(pipe: Weak<Pipe>, mut send: SendStream, mut rx: mpsc::Receiver<(u64, Bytes)>) {
     let mut buf = BytesMut::new();
     while let Some((id, body)) = rx.recv().await {
         encode_pipe_frame(FrameKind::PipeRequest, id, &body, &mut buf);
@@ -162,7 +181,9 @@ async fn write_requests(pipe: Arc<Pipe>, mut send: SendStream, mut rx: mpsc::Rec
             }
         }
         if let Err(e) = send.write_chunk(buf.split().freeze()).await {
-            pipe.fail_all(&format!("pipe stream failed: {e}"));
+            if let Some(pipe) = pipe.upgrade() {
+                pipe.fail_all(&format!("pipe stream failed: {e}"));
+            }
             return;
         }
     }
@@ -171,9 +192,8 @@ async fn write_requests(pipe: Arc<Pipe>, mut send: SendStream, mut rx: mpsc::Rec
 
 /// Reads answers and hands each to its request, until the stream ends or sends something
 /// that is not an answer.
-async fn read_answers(pipe: Arc<Pipe>, mut recv: RecvStream, frame_bytes_max: usize) {
-    // An answer may carry its id beyond the largest single-stream response.
-    let mut decoder = FrameDecoder::new(frame_bytes_max + PIPE_ID_BYTES);
+async fn read_answers(pipe: Weak<Pipe>, mut recv: RecvStream, frame_bytes_max: usize) {
+    let mut decoder = FrameDecoder::new(PIPE_ANSWER_BYTES_MAX.max(frame_bytes_max) + PIPE_ID_BYTES);
     let why = loop {
         let chunk = match recv.read_chunk(READ_CHUNK_BYTES_MAX, true).await {
             Ok(Some(chunk)) => chunk.bytes,
@@ -198,6 +218,7 @@ async fn read_answers(pipe: Arc<Pipe>, mut recv: RecvStream, frame_bytes_max: us
                 other => break Some(format!("unexpected {other:?} frame on the pipe")),
             };
             // A request that timed out is no longer waiting: its answer is dropped.
+            let Some(pipe) = pipe.upgrade() else { break Some("the pipe is no longer used".to_string()) };
             if let Some(tx) = pipe.take(id) {
                 let _ = tx.send(answer);
             }
@@ -206,7 +227,9 @@ async fn read_answers(pipe: Arc<Pipe>, mut recv: RecvStream, frame_bytes_max: us
             break why;
         }
     };
-    pipe.fail_all(&why);
+    if let Some(pipe) = pipe.upgrade() {
+        pipe.fail_all(&why);
+    }
     let _ = recv.stop(crate::stream::codes::STREAM_REFUSED);
 }
 

@@ -346,7 +346,7 @@ impl Raft {
 
     /// Whether the local state machine may be read now, without a call to the group's task, for
     /// a read as linearizable as a [`ReadMode::Lease`] read: this node leads under a lease and
-    /// its state machine applied the term's first entry. `false`: call
+    /// its state machine applied everything committed. `false`: call
     /// [`Raft::ensure_linearizable`] (which also covers a lease not renewed lately) before
     /// reading. Check, then read: the answer holds for a read that starts after it.
     ///

@@ -237,12 +237,13 @@ impl Engine {
     }
 
     /// When a read served from the applied state without the engine may no longer be served
-    /// so: the lease's end, once the state machine applied the term's first entry (everything
-    /// earlier leaders committed, and so every write they acknowledged and every state their
-    /// reads saw). `None` if such reads must go through [`Engine::read`] now.
+    /// so: the lease's end, while the state machine applied everything committed (so the
+    /// term's first entry, and with it every write earlier leaders acknowledged and every
+    /// state their reads saw). `None` if such reads must go through [`Engine::read`] now: a
+    /// committed entry not applied here may be a split or a freeze that already lets another
+    /// group take writes to keys this state machine still holds, or a write already answered.
     pub fn local_read_end(&self) -> Option<Millis> {
-        let l = self.role.leader()?;
-        if self.applied < l.noop_index {
+        if self.applied < self.committed {
             return None;
         }
         self.lease_end()

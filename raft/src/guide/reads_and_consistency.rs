@@ -87,7 +87,7 @@
 //! and back. [`Raft::lease_read_ready`] answers on the caller's thread instead: it reads the
 //! group's [`LeaseGate`](crate::LeaseGate), which the group writes before any message of a step
 //! leaves (so a transfer's `TimeoutNow`, a step down or a configuration change shuts it first)
-//! and opens only once the state machine applied the term's first entry. Check it, then read
+//! and opens only while the state machine applied everything committed. Check it, then read
 //! the state machine; call `ensure_linearizable(ReadMode::Lease)` first when it says no. A
 //! runtime of your own gets the same from [`GroupCore::lease_gate`](crate::GroupCore::lease_gate);
 //! if it answers writes before their application is visible to readers

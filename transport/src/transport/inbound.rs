@@ -105,6 +105,9 @@ pub(super) async fn run_accept(shared: Arc<Shared>) {
 
 /// Serves the streams the peer opens on `conn` until the connection ends.
 pub(super) async fn run_connection(shared: Arc<Shared>, from: PeerIdentity, peer: Option<Arc<Peer>>, conn: Connection) {
+    // Pipelined requests answered at once, all pipes of this connection together (the bound
+    // streams of their own have from the QUIC stream limit).
+    let pipe_slots = Arc::new(Semaphore::new(super::inbound_pipe::PIPE_IN_FLIGHT_MAX));
     loop {
         tokio::select! {
             uni = conn.accept_uni() => match uni {
@@ -123,7 +126,8 @@ pub(super) async fn run_connection(shared: Arc<Shared>, from: PeerIdentity, peer
             },
             bi = conn.accept_bi() => match bi {
                 Ok((send, recv)) => {
-                    tokio::spawn(run_request_stream(shared.clone(), from.clone(), peer.clone(), conn.clone(), send, recv));
+                    let slots = pipe_slots.clone();
+                    tokio::spawn(run_request_stream(shared.clone(), from.clone(), peer.clone(), conn.clone(), send, recv, slots));
                 }
                 Err(e) => {
                     debug!(node = %shared.config.node, peer = %from, error = %e, "connection closed");
@@ -230,12 +234,14 @@ pub(super) async fn run_request_stream(
     conn: Connection,
     mut send: SendStream,
     mut recv: RecvStream,
+    pipe_slots: Arc<Semaphore>,
 ) {
     let frame_max = shared.config.limits.frame_bytes_max;
     let body = match read_frame_exact(&mut recv, frame_max).await {
         Ok(Some(frame)) if frame.kind == FrameKind::Request => frame.payload,
         Ok(Some(frame)) if frame.kind == FrameKind::PipeRequest => {
-            return super::inbound_pipe::run_pipe(shared, from, peer, conn, send, recv, frame.payload).await;
+            return super::inbound_pipe::run_pipe(shared, from, peer, conn, send, recv, frame.payload, pipe_slots)
+                .await;
         }
         Ok(Some(_)) => {
             let error = FrameError::Malformed("a request stream must start with a Request frame");

@@ -2,13 +2,14 @@
 //! whose first frame is a `PipeRequest` carries requests until the client finishes it. Each
 //! request goes to the node as any other (with the same handler timeout); the answers go back
 //! on the stream as they are ready, those ready together as one chunk. At most
-//! [`PIPE_IN_FLIGHT_MAX`] requests of one pipe are answered at once: beyond, the stream is not
-//! read (QUIC flow control then holds the client back).
+//! [`PIPE_IN_FLIGHT_MAX`] pipelined requests of one connection (all its pipes together) are
+//! answered at once: beyond, the pipes are not read (QUIC flow control then holds the client
+//! back).
 
 use super::*;
 use crate::pipe::{encode_pipe_frame, split_pipe_payload, PIPE_CHUNK_BYTES_MAX};
 
-/// Requests of one pipe being answered at once, at most.
+/// Pipelined requests of one connection being answered at once, at most.
 pub(super) const PIPE_IN_FLIGHT_MAX: usize = 256;
 
 type Answered = (u64, Result<Bytes, String>, tokio::sync::OwnedSemaphorePermit);
@@ -22,11 +23,11 @@ pub(super) async fn run_pipe(
     send: SendStream,
     mut recv: RecvStream,
     first: Bytes,
+    slots: Arc<Semaphore>,
 ) {
     let frame_max = shared.config.limits.frame_bytes_max;
     let (out_tx, out_rx) = mpsc::channel::<Answered>(PIPE_IN_FLIGHT_MAX);
     let writer = tokio::spawn(write_answers(send, out_rx, frame_max));
-    let slots = Arc::new(Semaphore::new(PIPE_IN_FLIGHT_MAX));
     let mut decoder = FrameDecoder::new(frame_max);
     let mut pending = vec![first];
     'read: loop {
