@@ -240,7 +240,7 @@ pub(super) async fn run_request_stream(
     let body = match read_frame_exact(&mut recv, frame_max).await {
         Ok(Some(frame)) if frame.kind == FrameKind::Request => frame.payload,
         Ok(Some(frame)) if frame.kind == FrameKind::PipeRequest => {
-            return super::inbound_pipe::run_pipe(shared, from, peer, conn, send, recv, frame.payload, pipe_slots)
+            return super::inbound_pipe::run_pipe(shared, from, peer, conn, (send, recv), frame.payload, pipe_slots)
                 .await;
         }
         Ok(Some(_)) => {

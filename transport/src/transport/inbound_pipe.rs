@@ -20,8 +20,7 @@ pub(super) async fn run_pipe(
     from: PeerIdentity,
     peer: Option<Arc<Peer>>,
     conn: Connection,
-    send: SendStream,
-    mut recv: RecvStream,
+    (send, mut recv): (SendStream, RecvStream),
     first: Bytes,
     slots: Arc<Semaphore>,
 ) {
