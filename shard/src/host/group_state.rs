@@ -82,6 +82,16 @@ impl GroupState {
         }
     }
 
+    /// Gives back the memory this group's buffers kept after their last use (see
+    /// [`GroupCore::release_idle_memory`]). Called when the group goes quiet, and after each
+    /// round that drives it while quiet (the messages that straddle the moment it went quiet
+    /// fill some buffers again).
+    pub(super) fn release_idle_memory(&mut self) {
+        self.deferred_loads.shrink_to_fit();
+        self.loads_waiting.shrink_to_fit();
+        self.core.release_idle_memory();
+    }
+
     pub(super) fn busy(&self) -> bool {
         self.writes_in_flight > 0
             || self.sm_busy
