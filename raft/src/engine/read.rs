@@ -94,10 +94,12 @@ impl Reads {
         }
         self.round_needed = false;
         self.round += 1;
-        self.round_sent_at.push_back((self.round, now));
-        if self.round_sent_at.len() > ROUNDS_KEPT_MAX {
+        // Room first: pushed onto a full history, the deque would double its buffer (to 128
+        // rounds, 2 KiB per led group) only to drop the oldest at once.
+        if self.round_sent_at.len() >= ROUNDS_KEPT_MAX {
             self.round_sent_at.pop_front();
         }
+        self.round_sent_at.push_back((self.round, now));
         Some(self.round)
     }
 
