@@ -55,8 +55,9 @@ pub(crate) struct GroupState {
     /// The highest index of a committed configuration without this node that a member told
     /// of (`RemovedNotice`): the node decides from it whether to delete this replica.
     pub(super) removed_at: Option<LogIndex>,
-    /// A merge entry waiting for its source here (the state machine paused meanwhile).
-    pub(super) merge_wait: Option<super::merge::Waiting>,
+    /// A merge entry waiting for its source here (the state machine paused meanwhile). Boxed:
+    /// rare, and each of a node's thousands of groups would carry its space inline.
+    pub(super) merge_wait: Option<Box<super::merge::Waiting>>,
 }
 
 impl GroupState {
