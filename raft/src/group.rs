@@ -306,6 +306,23 @@ impl GroupCore {
             && self.transfer_waits.is_empty())
     }
 
+    /// Gives back the memory the callers' queues and the scratch buffers kept after their last
+    /// use, and the engine's ([`Engine::release_idle_memory`]): for a host to call when the
+    /// group goes quiet. What the queues hold is kept; only spare capacity goes.
+    pub fn release_idle_memory(&mut self) {
+        self.writes.shrink_to_fit();
+        self.batches.shrink_to_fit();
+        self.proposed.shrink_to_fit();
+        self.calls.shrink_to_fit();
+        self.reads.shrink_to_fit();
+        self.reads_ready.shrink_to_fit();
+        self.learner_waits.shrink_to_fit();
+        self.change_waits.shrink_to_fit();
+        self.transfer_waits.shrink_to_fit();
+        self.out.shrink_to_fit();
+        self.engine.release_idle_memory();
+    }
+
     // ----- API ---------------------------------------------------------------------------
 
     /// Handles a caller's request; the answer goes to the channel it carries.

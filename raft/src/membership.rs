@@ -189,6 +189,21 @@ impl MembershipLog {
         }
     }
 
+    /// Gives back spare capacity (a quiet group's log usually holds one configuration).
+    pub(crate) fn shrink_to_fit(&mut self) {
+        self.items.shrink_to_fit();
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.items.capacity()
+    }
+
     /// Replaces everything with the configuration of an installed snapshot, keeping the
     /// entries that are still in the log after it.
     pub(crate) fn reset_to(&mut self, base: StoredMembership) {

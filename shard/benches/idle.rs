@@ -7,14 +7,59 @@
 //! is sampled over `IDLE_SECS` (default 10) and divided by three for one host; the growth of
 //! the resident set while the groups were created, divided by the replicas, is the memory
 //! per group replica (RocksDB's memtables and block cache are included: they are shared).
+//! The Rust heap's growth per replica is counted exactly as well (RocksDB's C++ allocations
+//! are not in it), so a change to a group's in-memory size shows without the allocator's and
+//! the page cache's noise.
 //!
 //! `cargo bench --profile dev -p flotilla-shard --bench idle`
 
 use flotilla_raft::{GroupId, Membership, NodeId, Role};
 use flotilla_shard::{Host, HostConfig, HostNetwork, KeyRange, NodeBatch, Store};
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
+
+/// The system allocator, counting the bytes live on the Rust heap.
+struct Counting;
+
+static HEAP_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to `System` unchanged; only a counter is updated beside it.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        HEAP_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+        // SAFETY: the caller's contract for `alloc` is passed on.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        HEAP_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: the caller's contract for `dealloc` is passed on.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        HEAP_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+        // SAFETY: the caller's contract for `alloc_zeroed` is passed on.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller's contract for `realloc` is passed on.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            HEAP_BYTES.fetch_add(new_size, Ordering::Relaxed);
+            HEAP_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn heap_bytes() -> usize {
+    HEAP_BYTES.load(Ordering::Relaxed)
+}
 
 #[derive(Default)]
 struct Net {
@@ -58,7 +103,10 @@ fn main() {
     let idle_secs: u64 = std::env::var("IDLE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     println!("{groups} groups x 3 replicas on 3 in-process hosts; CPU sampled over {idle_secs} s");
-    println!("{:>12} {:>14} {:>16} {:>18} {:>12}", "quiescence", "setup s", "RSS/replica", "CPU of one host", "quiet");
+    println!(
+        "{:>12} {:>14} {:>16} {:>16} {:>18} {:>12}",
+        "quiescence", "setup s", "RSS/replica", "heap/replica", "CPU of one host", "quiet"
+    );
     for quiesce in [true, false] {
         rt.block_on(async {
             let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
@@ -75,6 +123,7 @@ fn main() {
                 hosts.push(h);
             }
             let rss0 = rss_bytes();
+            let heap0 = heap_bytes();
             let t0 = Instant::now();
             let members = Membership::new([NodeId(1), NodeId(2), NodeId(3)]);
             let mut tasks = Vec::new();
@@ -114,6 +163,7 @@ fn main() {
             // Let start-up work (compactions, flushes) settle before sampling.
             tokio::time::sleep(Duration::from_secs(2)).await;
             let rss = rss_bytes().saturating_sub(rss0);
+            let heap = heap_bytes().saturating_sub(heap0);
             let c0 = cpu_time();
             tokio::time::sleep(Duration::from_secs(idle_secs)).await;
             let cpu = cpu_time().saturating_sub(c0);
@@ -122,10 +172,11 @@ fn main() {
                 quiet += h.group_info().await.expect("info").iter().filter(|i| i.quiet).count();
             }
             println!(
-                "{:>12} {:>14.1} {:>13} KiB {:>16.2} % {:>12}",
+                "{:>12} {:>14.1} {:>13} KiB {:>12} B {:>16.2} % {:>12}",
                 if quiesce { "on" } else { "off" },
                 setup.as_secs_f64(),
                 rss / (3 * groups) / 1024,
+                heap as u64 / (3 * groups),
                 cpu.as_secs_f64() / idle_secs as f64 / 3.0 * 100.0,
                 quiet
             );

@@ -637,24 +637,28 @@ pub(crate) const UNBOUNDED_END: [u8; 1024] = [0xff; 1024];
 pub struct KvStateMachine {
     store: Store,
     group: GroupId,
-    /// The range, shared by clones (the host's reader and the poller's applier) and narrowed by
-    /// a split or by installing a snapshot taken after one.
-    range: Arc<RwLock<KeyRange>>,
-    /// The merge state as of the last prepared batch, shared by clones like the range.
-    merge: Arc<RwLock<MergeState>>,
-    /// Shared by clones: whether the group was destroyed on this node, and the lock snapshot
-    /// builds and installations hold while they run, so that a destroy can wait for them.
+    /// What clones (the host's reader and the poller's applier) share: one allocation per
+    /// group, not one per field (a node holds thousands of groups).
     life: Arc<Life>,
 }
 
+/// The state of a [`KvStateMachine`] its clones share.
 #[derive(Default)]
 struct Life {
+    /// The range, narrowed by a split or by installing a snapshot taken after one.
+    range: RwLock<KeyRange>,
+    /// The merge state as of the last prepared batch.
+    merge: RwLock<MergeState>,
+    /// Whether the group was destroyed on this node.
     retired: std::sync::atomic::AtomicBool,
+    /// Held by snapshot builds and installations while they run, so that a destroy can wait
+    /// for them.
     snapshot_work: tokio::sync::Mutex<()>,
     /// Snapshots built for transfers and not yet dropped, by id.
     built: Mutex<HashMap<u64, Arc<BuiltSnapshot>>>,
-    /// The snapshot being received, between chunks.
-    receiving: Mutex<Option<ReceivingSnapshot>>,
+    /// The snapshot being received, between chunks. Boxed: it is large (about 400 bytes) and
+    /// there only while a snapshot streams in, which most groups of a node never do.
+    receiving: Mutex<Option<Box<ReceivingSnapshot>>>,
     /// A range wider than the group's that the next installation may take: the group's own
     /// widened by sources frozen for it to absorb (a snapshot taken after the merge, which
     /// this replica missed). Set by the host just before the installation.
@@ -690,13 +694,7 @@ fn snapshot_id_now() -> u64 {
 impl KvStateMachine {
     /// The state machine of `group`, owning `range`.
     pub fn new(store: Store, group: GroupId, range: KeyRange) -> KvStateMachine {
-        KvStateMachine {
-            store,
-            group,
-            range: Arc::new(RwLock::new(range)),
-            merge: Arc::default(),
-            life: Arc::default(),
-        }
+        KvStateMachine { store, group, life: Arc::new(Life { range: RwLock::new(range), ..Life::default() }) }
     }
 
     /// Marks the group destroyed on this node and waits for the snapshot build or installation
@@ -794,11 +792,11 @@ impl KvStateMachine {
 
     /// The shard's merge state (as of the last prepared batch).
     pub fn merge_state(&self) -> MergeState {
-        self.merge.read().map(|r| r.clone()).unwrap_or_else(|e| e.into_inner().clone())
+        self.life.merge.read().map(|r| r.clone()).unwrap_or_else(|e| e.into_inner().clone())
     }
 
     pub(crate) fn set_merge_state(&self, state: MergeState) {
-        match self.merge.write() {
+        match self.life.merge.write() {
             Ok(mut r) => *r = state,
             Err(e) => *e.into_inner() = state,
         }
@@ -813,7 +811,7 @@ impl KvStateMachine {
 
     /// The shard's key range (as of the last applied batch).
     pub fn range(&self) -> KeyRange {
-        self.range.read().map(|r| r.clone()).unwrap_or_else(|e| e.into_inner().clone())
+        self.life.range.read().map(|r| r.clone()).unwrap_or_else(|e| e.into_inner().clone())
     }
 
     /// Whether this replica has applied anything and holds a configuration with `node` in it.
@@ -925,7 +923,7 @@ impl KvStateMachine {
         let mut slot = lock(&self.life.receiving);
         if offset == 0 {
             *slot = None; // its files go before the new transfer's are created
-            *slot = Some(ReceivingSnapshot::begin(&self.store, self.group, meta)?);
+            *slot = Some(Box::new(ReceivingSnapshot::begin(&self.store, self.group, meta)?));
         }
         let Some(r) = slot.as_mut().filter(|r| r.meta() == meta) else {
             return Err(SnapshotError::Refused(format!(
@@ -973,7 +971,7 @@ impl KvStateMachine {
     }
 
     pub(crate) fn set_range(&self, range: KeyRange) {
-        match self.range.write() {
+        match self.life.range.write() {
             Ok(mut r) => *r = range,
             Err(e) => *e.into_inner() = range,
         }

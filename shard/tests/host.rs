@@ -65,6 +65,14 @@ async fn a_thousand_groups_on_three_hosts_make_progress_together_and_go_quiet() 
     // A write wakes a quiet group and succeeds.
     let r = c.put(GroupId(n), &key(n, "again"), "x").await.expect("write after quiet");
     assert_eq!(r, KvResponse::Done { previous: None });
+    // So does a linearizable read, on groups whose replicas gave back their buffers and their
+    // leader its older heartbeat rounds when they went quiet.
+    for g in [1, n / 2] {
+        assert_eq!(
+            c.get(GroupId(g), &key(g, "k")).await.expect("read after quiet"),
+            Some(format!("v{g}").into_bytes())
+        );
+    }
     c.shutdown().await;
 }
 

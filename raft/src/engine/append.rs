@@ -103,7 +103,7 @@ impl Engine {
     fn stop_forked(&mut self, leader: NodeId, index: LogIndex, ours: Term, theirs: Term) {
         error!(node = %self.id, %leader, %index, ours = %ours, theirs = %theirs, committed = %self.committed,
             "log forked from the leader's at or below the commit index: stopping the group");
-        self.fatal = Some(Fatal::Diverged { leader, index, ours, theirs });
+        self.fatal = Some(Box::new(Fatal::Diverged { leader, index, ours, theirs }));
         // Nothing queued goes out any more either: the driver stops on the next poll.
         self.actions.clear();
     }

@@ -144,6 +144,21 @@ impl RaftLog {
         self.evict_cache_up_to(upto.index);
     }
 
+    /// Gives back the spare capacity of the cache and the term points (a quiet group's).
+    pub(crate) fn shrink_to_fit(&mut self) {
+        self.cache.shrink_to_fit();
+        self.points.shrink_to_fit();
+    }
+
+    /// (name, length, capacity) of the buffers `shrink_to_fit` shrinks.
+    #[cfg(test)]
+    pub(crate) fn buffer_sizes(&self) -> [(&'static str, usize, usize); 2] {
+        [
+            ("entry cache", self.cache.len(), self.cache.capacity()),
+            ("term points", self.points.len(), self.points.capacity()),
+        ]
+    }
+
     pub(crate) fn cache_first(&self) -> LogIndex {
         self.cache.front().map(|e| e.log_id.index).unwrap_or(self.last.index.next())
     }

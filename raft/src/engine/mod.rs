@@ -333,8 +333,10 @@ pub struct Engine {
     /// log purge until it is built, so that it still covers what a follower lacks.
     building_snapshot: Option<BuildingSnapshot>,
     /// A snapshot being received from the leader. Outside the role: an install under way
-    /// survives a role change and blocks applying until it is done.
-    receiving: Option<Receiving>,
+    /// survives a role change and blocks applying until it is done. Boxed, like the other
+    /// fields used only for a while or once: most replicas of a host of many groups never
+    /// receive a snapshot, and each would carry the space inline.
+    receiving: Option<Box<Receiving>>,
     /// When a follower or candidate campaigns next (unused while leading).
     election_at: Millis,
     /// When this node last heard from a leader of its term (vote stickiness, check-quorum).
@@ -351,8 +353,8 @@ pub struct Engine {
     actions: VecDeque<Action>,
     /// Set once the engine found it cannot go on safely (its log forked from the leader's
     /// below its commit index): from then on it takes no message or timer and emits nothing,
-    /// and the driver stops the group with this error.
-    fatal: Option<Fatal>,
+    /// and the driver stops the group with this error. Boxed, as `receiving`.
+    fatal: Option<Box<Fatal>>,
 }
 
 impl Engine {
@@ -475,7 +477,7 @@ impl Engine {
     /// Why the engine stopped, if it did: it then emits no action, and the driver must stop
     /// the group (as after a storage failure).
     pub fn fatal(&self) -> Option<&Fatal> {
-        self.fatal.as_ref()
+        self.fatal.as_deref()
     }
     /// Whether this node holds any configuration (from its log, a snapshot or its formation).
     pub fn has_configuration(&self) -> bool {

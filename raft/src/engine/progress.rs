@@ -13,8 +13,10 @@ pub(crate) enum ReplState {
     },
     /// The follower's log matches up to `matched`: appends are pipelined up to the window.
     Replicate,
-    /// The follower needs entries that were purged: a snapshot is being streamed.
-    Snapshot(SnapshotSend),
+    /// The follower needs entries that were purged: a snapshot is being streamed. Boxed: it
+    /// is rare and large (the snapshot's meta), and every follower's progress would carry
+    /// its space.
+    Snapshot(Box<SnapshotSend>),
 }
 
 #[derive(Debug)]

@@ -48,6 +48,58 @@ impl Engine {
             && self.receiving.is_none()
     }
 
+    /// Gives back the memory the engine's buffers kept after their last use: emptied queues
+    /// (actions, writes in flight, the leader's appends in flight and reads), spare capacity
+    /// of the entry cache and the configuration log, and the leader's heartbeat rounds older
+    /// than the one a quorum acknowledged. For a host to call when the group goes quiet: with
+    /// thousands of idle groups per node, these buffers were a fifth of a replica's memory.
+    ///
+    /// Changes no Raft state and no later behaviour: buffers are only reallocated to fit what
+    /// they hold, and the lease looks up only the round a quorum acknowledged, which only grows
+    /// within one configuration. Should a later configuration lower it to a round dropped here,
+    /// the lease does not hold and a lease read takes a ReadIndex round instead: slower, never
+    /// unsafe (a lease is never extended by it).
+    pub fn release_idle_memory(&mut self) {
+        self.actions.shrink_to_fit();
+        self.pending_io.shrink_to_fit();
+        self.vote_replies.shrink_to_fit();
+        self.loads_in_flight.shrink_to_fit();
+        self.snapshots.shrink_to_fit();
+        self.log.shrink_to_fit();
+        self.memberships.shrink_to_fit();
+        let (me, membership) = (self.id, &self.memberships.effective().membership);
+        if let RoleState::Leader(l) = &mut self.role {
+            let acked = l.quorum_round(me, membership);
+            l.reads.release_idle_memory(acked);
+            l.uncommitted.shrink_to_fit();
+            for p in l.progress.values_mut() {
+                p.inflight.shrink_to_fit();
+            }
+        }
+    }
+
+    /// Per buffer [`Engine::release_idle_memory`] shrinks: (name, length, capacity).
+    #[cfg(test)]
+    pub(super) fn buffer_sizes(&self) -> Vec<(&'static str, usize, usize)> {
+        let mut out = vec![
+            ("actions", self.actions.len(), self.actions.capacity()),
+            ("pending_io", self.pending_io.len(), self.pending_io.capacity()),
+            ("vote_replies", self.vote_replies.len(), self.vote_replies.capacity()),
+            ("loads_in_flight", self.loads_in_flight.len(), self.loads_in_flight.capacity()),
+            ("snapshots", self.snapshots.len(), self.snapshots.capacity()),
+            ("memberships", self.memberships.len(), self.memberships.capacity()),
+        ];
+        out.extend(self.log.buffer_sizes());
+        if let Some(l) = self.role.leader() {
+            out.extend(l.reads.buffer_sizes());
+            out.push(("uncommitted", l.uncommitted.len(), l.uncommitted.capacity()));
+            for p in l.progress.values() {
+                out.push(("inflight", p.inflight.len(), p.inflight.capacity()));
+            }
+        }
+        out
+    }
+
     /// The work of [`Engine::wake`].
     pub(super) fn resume_timers(&mut self, now: Millis, leader_alive: bool) {
         if let Some(l) = self.role.leader_mut() {

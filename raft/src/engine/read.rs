@@ -94,10 +94,12 @@ impl Reads {
         }
         self.round_needed = false;
         self.round += 1;
-        self.round_sent_at.push_back((self.round, now));
-        if self.round_sent_at.len() > ROUNDS_KEPT_MAX {
+        // Room first: pushed onto a full history, the deque would double its buffer (to 128
+        // rounds, 2 KiB per led group) only to drop the oldest at once.
+        if self.round_sent_at.len() >= ROUNDS_KEPT_MAX {
             self.round_sent_at.pop_front();
         }
+        self.round_sent_at.push_back((self.round, now));
         Some(self.round)
     }
 
@@ -136,6 +138,28 @@ impl Reads {
     /// Whether any ReadIndex read waits for a round.
     pub(super) fn has_pending(&self) -> bool {
         !self.pending.is_empty()
+    }
+
+    /// Forgets the rounds older than `acked`, the highest round a quorum acknowledged (the
+    /// lease never looks them up again: see [`Engine::release_idle_memory`]), and gives back
+    /// the spare capacity of every queue.
+    pub(super) fn release_idle_memory(&mut self, acked: u64) {
+        while self.round_sent_at.front().is_some_and(|(r, _)| *r < acked) {
+            self.round_sent_at.pop_front();
+        }
+        self.round_sent_at.shrink_to_fit();
+        self.pending.shrink_to_fit();
+        self.before_noop.shrink_to_fit();
+    }
+
+    /// (name, length, capacity) of the buffers `release_idle_memory` shrinks.
+    #[cfg(test)]
+    pub(super) fn buffer_sizes(&self) -> [(&'static str, usize, usize); 3] {
+        [
+            ("round_sent_at", self.round_sent_at.len(), self.round_sent_at.capacity()),
+            ("pending reads", self.pending.len(), self.pending.capacity()),
+            ("reads before noop", self.before_noop.len(), self.before_noop.capacity()),
+        ]
     }
 
     /// Checks the bounds this type keeps: the round history is bounded and no read waits for

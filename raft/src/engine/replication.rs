@@ -80,7 +80,7 @@ impl Replicator<'_> {
                 Some(meta) if meta.last_log_id.index.next() >= first => {
                     info!(node = %self.id, term = %self.term, %peer, snapshot = %meta.last_log_id, "sending snapshot");
                     let window = self.config.snapshot_chunks_in_flight_max;
-                    p.state = ReplState::Snapshot(SnapshotSend::new(meta.clone(), now, window));
+                    p.state = ReplState::Snapshot(Box::new(SnapshotSend::new(meta.clone(), now, window)));
                     p.clear_inflight();
                     self.send_snapshot_chunks(peer);
                     Sent::Stop

@@ -359,13 +359,13 @@ impl Engine {
                 return;
             }
             self.receptions += 1;
-            self.receiving = Some(Receiving {
+            self.receiving = Some(Box::new(Receiving {
                 meta: meta.clone(),
                 offset: 0,
                 stored: 0,
                 installing: false,
                 reception: self.receptions,
-            });
+            }));
         }
         let Some(r) = self.receiving.as_mut() else { return };
         if offset != r.offset {

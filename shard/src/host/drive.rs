@@ -77,6 +77,11 @@ impl Poller {
         if wrote {
             g.writes_in_flight += 1;
         }
+        if g.quiet {
+            // Driven while quiet (a message that straddled the moment it went quiet): what
+            // that used goes again.
+            g.release_idle_memory();
+        }
     }
 
     /// A round's log writes are durable (or failed): each group hears of its last write, and

@@ -55,8 +55,9 @@ pub(crate) struct GroupState {
     /// The highest index of a committed configuration without this node that a member told
     /// of (`RemovedNotice`): the node decides from it whether to delete this replica.
     pub(super) removed_at: Option<LogIndex>,
-    /// A merge entry waiting for its source here (the state machine paused meanwhile).
-    pub(super) merge_wait: Option<super::merge::Waiting>,
+    /// A merge entry waiting for its source here (the state machine paused meanwhile). Boxed:
+    /// rare, and each of a node's thousands of groups would carry its space inline.
+    pub(super) merge_wait: Option<Box<super::merge::Waiting>>,
 }
 
 impl GroupState {
@@ -80,6 +81,16 @@ impl GroupState {
             removed_at: None,
             merge_wait: None,
         }
+    }
+
+    /// Gives back the memory this group's buffers kept after their last use (see
+    /// [`GroupCore::release_idle_memory`]). Called when the group goes quiet, and after each
+    /// round that drives it while quiet (the messages that straddle the moment it went quiet
+    /// fill some buffers again).
+    pub(super) fn release_idle_memory(&mut self) {
+        self.deferred_loads.shrink_to_fit();
+        self.loads_waiting.shrink_to_fit();
+        self.core.release_idle_memory();
     }
 
     pub(super) fn busy(&self) -> bool {

@@ -38,6 +38,7 @@ impl Poller {
         }
         g.quiet = true;
         g.quiet_leader = Some(from);
+        g.release_idle_memory();
         self.awake.remove(&q.group);
         self.shared.stats.quiesced.fetch_add(1, Ordering::Relaxed);
     }
@@ -95,6 +96,7 @@ impl Poller {
         for (gid, (term, index)) in going_quiet {
             let Some(g) = self.groups.get_mut(&gid) else { continue };
             g.quiet = true;
+            g.release_idle_memory();
             self.awake.remove(&gid);
             self.shared.stats.quiesced.fetch_add(1, Ordering::Relaxed);
             let me = self.shared.config.node;

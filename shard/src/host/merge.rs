@@ -66,7 +66,7 @@ impl Poller {
         }
         let warned = if warn_now { Some(now) } else { warned };
         let (source, id, freeze) = (wait.source, wait.id, wait.freeze);
-        g.merge_wait = Some(Waiting { wait, since, warned });
+        g.merge_wait = Some(Box::new(Waiting { wait, since, warned }));
         // Paused: nothing after the merge entry may apply before it.
         g.sm_busy = true;
         let (shared, tx) = (self.shared.clone(), self.tx.clone());

@@ -342,6 +342,9 @@ pub struct HostStats {
 /// State shared by the host handle and its pollers.
 pub(crate) struct Shared {
     pub(crate) config: HostConfig,
+    /// The Raft configuration of every group here (see [`engine_config`]): one copy for all of
+    /// them, not one each (about 200 bytes per group on a node of thousands).
+    pub(crate) raft: Arc<flotilla_raft::Config>,
     pub(crate) store: Store,
     pub(crate) network: Arc<dyn HostNetwork>,
     /// Time zero of liveness (peers never heard from count from here).
@@ -410,6 +413,7 @@ impl Host {
         let shared = Arc::new(Shared {
             queued: (0..config.pollers).map(|_| AtomicUsize::new(0)).collect(),
             requests_queued: (0..config.pollers).map(|_| AtomicUsize::new(0)).collect(),
+            raft: Arc::new(engine_config(&config)),
             config: config.clone(),
             store: store.clone(),
             network,
@@ -980,12 +984,8 @@ pub(crate) async fn build_group(
         let l = log.clone();
         shared.store.blocking(move |_| l.load_last_blocking()).await?;
     }
-    let mut config = shared.config.raft.clone();
-    config.api_timeout_ms = shared.config.api_timeout_ms;
-    // Replicas are deleted and created again as shards move: an empty one must not vote.
-    config.votes_need_configuration = true;
-    let engine =
-        Engine::new(me, Arc::new(config), state, flotilla_raft::driver::seed_from_entropy(me, group), shared.now());
+    let seed = flotilla_raft::driver::seed_from_entropy(me, group);
+    let engine = Engine::new(me, shared.raft.clone(), state, seed, shared.now());
     let mut core = GroupCore::new(engine);
     match initial {
         Some(m) if core.engine().is_pristine() => core.initialize(shared.now(), m)?,
@@ -997,6 +997,16 @@ pub(crate) async fn build_group(
     let poller = (group.0 % shared.pollers.len() as u64) as usize;
     let entry = GroupEntry { poller, sm: sm.clone(), lease: core.lease_gate() };
     Ok((GroupState::new(group, core, log, sm), entry))
+}
+
+/// The Raft configuration of the host's groups: the host's, with its API timeout, and votes
+/// only from replicas that hold a configuration (replicas are deleted and created again as
+/// shards move: an empty one must not vote).
+fn engine_config(host: &HostConfig) -> flotilla_raft::Config {
+    let mut config = host.raft.clone();
+    config.api_timeout_ms = host.api_timeout_ms;
+    config.votes_need_configuration = true;
+    config
 }
 
 /// Sends an empty batch (a liveness ping) to every peer once per heartbeat interval. Not once

@@ -71,3 +71,71 @@ fn a_leader_whose_own_log_write_is_not_durable_does_not_go_quiet() {
     c.stabilize();
     assert_eq!(c.engine(1).quiesce_point(all), Some((c.engine(1).term(), last)), "idle once durable");
 }
+
+/// Twin clusters take the same inputs; in one, every engine releases its idle memory when the
+/// group could go quiet, and again in the middle of a write. Their buffers must really be
+/// given back, and both must emit exactly the same actions afterwards: waking, replicating,
+/// a lease read and a ReadIndex read.
+#[test]
+fn releasing_idle_memory_gives_back_the_buffers_and_changes_no_behaviour() {
+    fn run(release: bool) -> Cluster {
+        let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+        for i in 0..5 {
+            c.propose(1, &format!("v{i}"));
+            c.stabilize();
+        }
+        c.settle(3);
+        assert!(c.engine(1).quiesce_point(|_| true).is_some(), "idle");
+        if release {
+            let spare = |e: &Engine| e.buffer_sizes().iter().map(|(_, len, cap)| cap - len).sum::<usize>();
+            assert!(spare(c.engine(1)) > 0, "the leader kept spare capacity before the release");
+            for id in [1, 2, 3] {
+                c.node(id).engine.release_idle_memory();
+                for (name, len, cap) in c.engine(id).buffer_sizes() {
+                    assert_eq!(len, cap, "node {id}: {name} keeps no spare capacity");
+                    if !["memberships", "term points", "round_sent_at"].contains(&name) {
+                        assert_eq!(cap, 0, "node {id}: {name} is empty and holds no buffer");
+                    }
+                }
+            }
+            let rounds = c.engine(1).buffer_sizes().into_iter().find(|(name, ..)| *name == "round_sent_at");
+            assert_eq!(rounds.map(|(_, len, _)| len), Some(1), "only the round a quorum acknowledged is kept");
+        }
+        // Within the lease: served at once, without a round.
+        c.now = c.now.add_ms(5);
+        let now = c.now;
+        c.node(1).engine.read(now, 1, ReadMode::Lease);
+        c.node(1).run(now);
+        assert_eq!(c.nodes[&n(1)].reads.len(), 1, "the lease still holds (release: {release})");
+        // Quiet for a while, then woken by a write.
+        c.now = c.now.add_ms(10_000);
+        let now = c.now;
+        for id in [1, 2, 3] {
+            c.node(id).engine.wake(now, true);
+        }
+        c.propose(1, "after");
+        if release {
+            // Mid-write: only spare capacity goes, never what the buffers hold.
+            for id in [1, 2, 3] {
+                c.node(id).engine.release_idle_memory();
+            }
+        }
+        c.stabilize();
+        let now = c.now;
+        c.node(1).engine.read(now, 2, ReadMode::ReadIndex);
+        c.stabilize();
+        c.settle(2);
+        let now = c.now;
+        c.node(1).engine.read(now, 3, ReadMode::Lease);
+        c.stabilize();
+        c
+    }
+    let (kept, released) = (run(false), run(true));
+    for id in [1, 2, 3] {
+        assert_eq!(kept.nodes[&n(id)].seen, released.nodes[&n(id)].seen, "node {id} acted the same");
+        assert_eq!(released.applied_data(id).last().map(String::as_str), Some("after"));
+    }
+    assert_eq!(kept.nodes[&n(1)].reads, released.nodes[&n(1)].reads);
+    assert_eq!(released.nodes[&n(1)].reads.len(), 3, "every read was served");
+    assert!(released.nodes[&n(1)].reads.iter().all(|(_, r)| r.is_ok()));
+}

@@ -174,3 +174,18 @@ fn the_lease_can_count_on_any_of_the_last_rounds_kept_max_rounds_and_no_older() 
         crate::engine::read::ROUNDS_KEPT_MAX
     );
 }
+
+#[test]
+fn the_round_history_never_grows_its_buffer_past_rounds_kept_max() {
+    // A leader keeps this history for its whole term: a buffer doubled past the bound would
+    // stay doubled on every led group.
+    let mut reads = Reads::new(Millis(0));
+    let kept = crate::engine::read::ROUNDS_KEPT_MAX;
+    for i in 1..=3 * kept as u64 {
+        reads.request_round(Millis(i));
+        reads.start_round(Millis(i));
+    }
+    let [(name, len, cap), ..] = reads.buffer_sizes();
+    assert_eq!(name, "round_sent_at");
+    assert_eq!((len, cap), (kept, kept));
+}
