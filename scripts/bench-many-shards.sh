@@ -118,7 +118,11 @@ for i in 1 2 3; do
   cpu=$(awk -v a="${c0[$i]}" -v b="$(cpu_ticks "${pid[$i]}")" -v hz="$hz" -v s="$IDLE_SECONDS" 'BEGIN { printf "%.1f", 100 * (b - a) / hz / s }')
   rss=$(rss_kib "${pid[$i]}")
   groups=$(gauge "$i" flotilla_groups)
-  figure "node$i idle_cpu_percent_of_a_core=$cpu rss_mib=$((rss / 1024)) groups=${groups:-?} rss_per_replica_kib=$(awk -v r="$rss" -v g="${groups:-0}" 'BEGIN { if (g > 0) printf "%.1f", r / g; else printf "?" }')"
+  # The allocator's live heap and its resident pages (jemalloc): what of the RSS is live data
+  # and what is freed pages not yet given back, RocksDB's allocations included.
+  heap=$(gauge "$i" flotilla_allocator_allocated_bytes)
+  heap_resident=$(gauge "$i" flotilla_allocator_resident_bytes)
+  figure "node$i idle_cpu_percent_of_a_core=$cpu rss_mib=$((rss / 1024)) groups=${groups:-?} rss_per_replica_kib=$(awk -v r="$rss" -v g="${groups:-0}" 'BEGIN { if (g > 0) printf "%.1f", r / g; else printf "?" }') heap_allocated_mib=$(awk -v b="${heap:-0}" 'BEGIN { printf "%.0f", b / 1048576 }') heap_resident_mib=$(awk -v b="${heap_resident:-0}" 'BEGIN { printf "%.0f", b / 1048576 }')"
 done
 
 t=$(now)

@@ -14,6 +14,44 @@
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// How long freed pages stay resident before the allocator's background threads give them
+/// back: jemalloc's default is 10 s. A node rebuilds its reports, group summaries and map
+/// copies every second or so, and over 10 s the freed copies of those add up to a third of a
+/// many-shard node's resident memory (30–37 MiB at 10,000 shards, beside 58–60 MiB of live
+/// heap); one second keeps the churn of one round, not ten.
+pub const DIRTY_DECAY_MS: isize = 1_000;
+
+/// Sets the allocator's decay ([`DIRTY_DECAY_MS`]) for arenas made from now on and for those
+/// already there. Call once, early. Without jemalloc, or if it refuses, nothing changes (the
+/// error says why).
+pub fn tune() -> Result<(), String> {
+    #[cfg(feature = "jemalloc")]
+    {
+        // MALLCTL_ARENAS_ALL: every arena that exists.
+        const ALL_ARENAS: &[u8] = b"arena.4096.dirty_decay_ms\0";
+        // SAFETY: both names are NUL-terminated jemalloc controls whose value type is `ssize_t`
+        // (isize), as the write requires.
+        unsafe {
+            tikv_jemalloc_ctl::raw::write(b"arenas.dirty_decay_ms\0", DIRTY_DECAY_MS).map_err(|e| e.to_string())?;
+            tikv_jemalloc_ctl::raw::write(ALL_ARENAS, DIRTY_DECAY_MS).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+/// The decay of arena 0 now (ms), or `None` without jemalloc.
+pub fn dirty_decay_ms() -> Option<isize> {
+    #[cfg(feature = "jemalloc")]
+    {
+        // SAFETY: a NUL-terminated jemalloc control whose value type is `ssize_t` (isize).
+        unsafe { tikv_jemalloc_ctl::raw::read::<isize>(b"arena.0.dirty_decay_ms\0").ok() }
+    }
+    #[cfg(not(feature = "jemalloc"))]
+    {
+        None
+    }
+}
+
 /// What the allocator holds, in bytes (jemalloc's `stats.*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AllocatorStats {
@@ -48,6 +86,13 @@ pub fn stats() -> Option<AllocatorStats> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "jemalloc")]
+    #[test]
+    fn tune_sets_the_decay_of_the_arenas_there() {
+        tune().expect("jemalloc takes the setting");
+        assert_eq!(dirty_decay_ms(), Some(DIRTY_DECAY_MS));
+    }
 
     #[cfg(feature = "jemalloc")]
     #[test]

@@ -55,6 +55,9 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+    if let Err(e) = flotilla::allocator::tune() {
+        tracing::warn!(error = %e, "allocator settings not applied; freed memory is given back later");
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
