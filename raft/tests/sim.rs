@@ -124,3 +124,33 @@ fn lease_reads_at_the_end_of_the_promise_stay_linearizable() {
         assert!(races >= seeds.len(), "the profile must play its race about once a seed or more: {races} races");
     }
 }
+
+/// Seeds of each local-read profile in the default run.
+const LOCAL_READ_SEEDS: u64 = 150;
+
+/// Lease reads served from the state machine with no call into the engine, whenever
+/// `Engine::local_read_end` allows at the node's clock (the lease gate's rule), in the
+/// read-race and lease-edge schedules: a gate open too long shows up as a stale read.
+#[test]
+fn lease_reads_without_the_engine_stay_linearizable_under_read_races_and_lease_edges() {
+    let (seeds, steps) = seeds_from_env(LOCAL_READ_SEEDS);
+    let started = Instant::now();
+    let mut local = 0;
+    for base in [SimOptions::read_races(), SimOptions::lease_edges()] {
+        let opts = SimOptions { steps, local_reads: true, ..base };
+        for seed in &seeds {
+            match run(*seed, &opts) {
+                Ok(r) => local += r.local_reads,
+                Err(f) => panic!("{f}"),
+            }
+        }
+    }
+    eprintln!(
+        "local reads: {} seeds x 2 profiles in {:?}: {local} served without the engine",
+        seeds.len(),
+        started.elapsed()
+    );
+    if seeds.len() >= 50 {
+        assert!(local > seeds.len() * 10, "the profiles must serve reads through the gate's rule: {local}");
+    }
+}

@@ -75,6 +75,15 @@ impl Sim {
                     None if self.rng.chance(0.5) => ReadMode::Lease,
                     None => ReadMode::ReadIndex,
                 };
+                let local = self.opts.local_reads
+                    && mode == ReadMode::Lease
+                    && engine.local_read_end().is_some_and(|end| now < end);
+                if local {
+                    let value = self.nodes[&target].sm.get(&self.history[op].op.key).cloned();
+                    self.report.local_reads += 1;
+                    self.finish_op(op, OpState::Done, Some(OpOutput::Get(value)));
+                    return self.drive(target);
+                }
                 engine.read(now, op as u64, mode);
             }
             OpInput::Put(v) => {

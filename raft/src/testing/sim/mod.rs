@@ -123,6 +123,11 @@ pub struct SimOptions {
     pub read_races: bool,
     /// Steer the schedule to the end of leader leases (see [`SimOptions::lease_edges`]).
     pub lease_edges: bool,
+    /// Serve a lease read, when [`Engine::local_read_end`](crate::Engine::local_read_end)
+    /// allows it at the node's clock, from the node's state machine the moment it arrives
+    /// (the rule of [`LeaseGate`](crate::LeaseGate): no call into the engine) instead of
+    /// through `Engine::read`.
+    pub local_reads: bool,
 }
 
 impl SimOptions {
@@ -162,6 +167,7 @@ impl Default for SimOptions {
             clock_drift_ppm_max: CLOCK_DRIFT_PPM_MAX,
             read_races: false,
             lease_edges: false,
+            local_reads: false,
         }
     }
 }
@@ -198,6 +204,9 @@ pub struct SimReport {
     /// Lease-edge races played to the end: a rival elected at the end of the followers'
     /// promise wrote, and the old leader was asked for lease reads (`SimOptions::lease_edges`).
     pub lease_edge_races: usize,
+    /// Lease reads served from a state machine without the engine
+    /// ([`SimOptions::local_reads`]).
+    pub local_reads: usize,
 }
 
 /// A failed run: a safety violation, a non-linearizable history, or no progress after healing.
