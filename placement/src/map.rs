@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ops::Bound;
+use std::sync::Arc;
 use thiserror::Error;
 
 /// A shard is one Raft group serving one key range, and its id is that group's id (as TiKV's
@@ -92,12 +93,41 @@ pub enum RouteError {
 
 /// The shard map. Invariant: the ranges are ordered, never overlap, and cover the keyspace
 /// (the first starts at the empty key, each ends where the next starts, the last is unbounded).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Copies share one map until one of them changes (copy on write): a node keeps several copies
+/// of the meta state (its view, the copy it follows, on meta replicas the stored one), which
+/// differ in their maps only for the moment between a change and the next view; shared, tens of
+/// thousands of shards cost their memory once rather than two or three times.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct ShardMap {
+    inner: Arc<MapIndex>,
+}
+
+/// The map's two indexes. Serialized as the map itself, the layout it always had.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct MapIndex {
     /// Shards by the start key of their range.
     by_start: BTreeMap<Vec<u8>, ShardDescriptor>,
     /// Start key of each shard, by id.
     starts: BTreeMap<ShardId, Vec<u8>>,
+}
+
+impl std::fmt::Debug for ShardMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardMap").field("by_start", &self.inner.by_start).field("starts", &self.inner.starts).finish()
+    }
+}
+
+impl Serialize for ShardMap {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.inner.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for ShardMap {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        MapIndex::deserialize(deserializer).map(|m| ShardMap { inner: Arc::new(m) })
+    }
 }
 
 impl ShardMap {
@@ -110,25 +140,25 @@ impl ShardMap {
             epoch: Epoch { conf_version: 1, version: 1 },
             replicas,
         };
-        let mut m = ShardMap::default();
+        let mut m = MapIndex::default();
         m.starts.insert(id, Vec::new());
         m.by_start.insert(Vec::new(), d);
-        m
+        ShardMap { inner: Arc::new(m) }
     }
 
     /// Number of shards.
     pub fn len(&self) -> usize {
-        self.by_start.len()
+        self.inner.by_start.len()
     }
 
     /// Whether the map has no shards (before bootstrap).
     pub fn is_empty(&self) -> bool {
-        self.by_start.is_empty()
+        self.inner.by_start.is_empty()
     }
 
     /// The shard holding `key`. `None` only before bootstrap.
     pub fn lookup(&self, key: &[u8]) -> Option<&ShardDescriptor> {
-        self.by_start.range::<[u8], _>((Bound::Unbounded, Bound::Included(key))).next_back().map(|(_, d)| d)
+        self.inner.by_start.range::<[u8], _>((Bound::Unbounded, Bound::Included(key))).next_back().map(|(_, d)| d)
     }
 
     /// The shards overlapping `[start, end)` in key order (`end: None`: to the end).
@@ -138,17 +168,21 @@ impl ShardMap {
         end: Option<&'a [u8]>,
     ) -> impl Iterator<Item = &'a ShardDescriptor> + 'a {
         let first = self.lookup(start).map(|d| d.start.clone()).unwrap_or_default();
-        self.by_start.range(first..).map(|(_, d)| d).take_while(move |d| end.is_none_or(|e| d.start.as_slice() < e))
+        self.inner
+            .by_start
+            .range(first..)
+            .map(|(_, d)| d)
+            .take_while(move |d| end.is_none_or(|e| d.start.as_slice() < e))
     }
 
     /// The shard with id `id`.
     pub fn get(&self, id: ShardId) -> Option<&ShardDescriptor> {
-        self.starts.get(&id).and_then(|s| self.by_start.get(s))
+        self.inner.starts.get(&id).and_then(|s| self.inner.by_start.get(s))
     }
 
     /// Every shard in key order.
     pub fn shards(&self) -> impl Iterator<Item = &ShardDescriptor> {
-        self.by_start.values()
+        self.inner.by_start.values()
     }
 
     /// Checks a request routed to `shard` at `epoch` for `key`.
@@ -169,27 +203,32 @@ impl ShardMap {
     /// ones a change rewrote. The map may break its invariant until the last descriptor of a
     /// change is in; the caller checks [`ShardMap::validate`] then.
     pub fn put_unchecked(&mut self, d: ShardDescriptor) {
-        if let Some(old_start) = self.starts.insert(d.id, d.start.clone()) {
-            if old_start != d.start && self.by_start.get(&old_start).is_some_and(|o| o.id == d.id) {
-                self.by_start.remove(&old_start);
+        let m = Arc::make_mut(&mut self.inner);
+        if let Some(old_start) = m.starts.insert(d.id, d.start.clone()) {
+            if old_start != d.start && m.by_start.get(&old_start).is_some_and(|o| o.id == d.id) {
+                m.by_start.remove(&old_start);
             }
         }
-        self.by_start.insert(d.start.clone(), d);
+        m.by_start.insert(d.start.clone(), d);
     }
 
     /// Removes the shard `id` (see [`ShardMap::put_unchecked`]: the caller validates the map
     /// once the change is complete).
     pub fn remove_unchecked(&mut self, id: ShardId) -> Option<ShardDescriptor> {
-        let start = self.starts.remove(&id)?;
-        match self.by_start.get(&start) {
-            Some(d) if d.id == id => self.by_start.remove(&start),
+        self.inner.starts.get(&id)?;
+        let m = Arc::make_mut(&mut self.inner);
+        let start = m.starts.remove(&id)?;
+        match m.by_start.get(&start) {
+            Some(d) if d.id == id => m.by_start.remove(&start),
             _ => None,
         }
     }
 
     pub(crate) fn get_mut(&mut self, id: ShardId) -> Option<&mut ShardDescriptor> {
-        let start = self.starts.get(&id)?;
-        self.by_start.get_mut(start)
+        self.inner.starts.get(&id)?;
+        let m = Arc::make_mut(&mut self.inner);
+        let start = m.starts.get(&id)?;
+        m.by_start.get_mut(start)
     }
 
     /// Splits `shard` at `key` into `[start, key)` (keeps the id) and `[key, end)` (`new_id`);
@@ -205,8 +244,9 @@ impl ShardMap {
             replicas: d.replicas.clone(),
         };
         d.end = Some(key.clone());
-        self.starts.insert(new_id, key.clone());
-        self.by_start.insert(key, right);
+        let m = Arc::make_mut(&mut self.inner);
+        m.starts.insert(new_id, key.clone());
+        m.by_start.insert(key, right);
     }
 
     /// Checks the map's invariant (ordered, non-overlapping, covering); used by tests and
@@ -214,14 +254,14 @@ impl ShardMap {
     pub fn validate(&self) -> Result<(), String> {
         let mut expect_start: Vec<u8> = Vec::new();
         let mut open = true;
-        for (start, d) in &self.by_start {
+        for (start, d) in &self.inner.by_start {
             if !open {
                 return Err(format!("shard {} starts after an unbounded shard", d.id));
             }
             if *start != d.start || *start != expect_start {
                 return Err(format!("shard {} starts at {:?}, expected {:?}", d.id, d.start, expect_start));
             }
-            if self.starts.get(&d.id) != Some(start) {
+            if self.inner.starts.get(&d.id) != Some(start) {
                 return Err(format!("shard {} is missing from the id index", d.id));
             }
             match &d.end {
@@ -238,12 +278,59 @@ impl ShardMap {
                 return Err(format!("shard {} has two replicas on one node", d.id));
             }
         }
-        if !self.by_start.is_empty() && open {
+        if !self.inner.by_start.is_empty() && open {
             return Err("the last shard is bounded: the keyspace is not covered".into());
         }
-        if self.starts.len() != self.by_start.len() {
+        if self.inner.starts.len() != self.inner.by_start.len() {
             return Err("id index and range index disagree".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod sharing_tests {
+    use super::*;
+
+    fn two_shards() -> ShardMap {
+        let mut m = ShardMap::bootstrap(ShardId(1), vec![Replica { node: NodeId(1), role: ReplicaRole::Voter }]);
+        m.split(ShardId(1), b"m".to_vec(), ShardId(2));
+        m
+    }
+
+    #[test]
+    fn copies_share_one_map_until_one_changes() {
+        let a = two_shards();
+        let mut b = a.clone();
+        assert!(Arc::ptr_eq(&a.inner, &b.inner), "a copy shares the map");
+        let mut d = b.get(ShardId(2)).cloned().expect("shard 2");
+        d.epoch.conf_version += 1;
+        b.put_unchecked(d.clone());
+        assert!(!Arc::ptr_eq(&a.inner, &b.inner), "a change copies it first");
+        assert_eq!(b.get(ShardId(2)), Some(&d));
+        assert_ne!(a.get(ShardId(2)), Some(&d), "the other copy is untouched");
+        let mut c = a.clone();
+        assert_eq!(c.remove_unchecked(ShardId(9)), None);
+        assert!(Arc::ptr_eq(&a.inner, &c.inner), "looking for a shard that is not there copies nothing");
+        assert!(c.get_mut(ShardId(9)).is_none());
+        assert!(Arc::ptr_eq(&a.inner, &c.inner));
+    }
+
+    #[test]
+    fn the_serialized_form_is_the_layout_it_always_had() {
+        #[derive(Serialize)]
+        struct Before<'a> {
+            by_start: &'a BTreeMap<Vec<u8>, ShardDescriptor>,
+            starts: &'a BTreeMap<ShardId, Vec<u8>>,
+        }
+        let m = two_shards();
+        let cfg = bincode::config::standard();
+        let now = bincode::serde::encode_to_vec(&m, cfg).expect("encodes");
+        let before =
+            bincode::serde::encode_to_vec(Before { by_start: &m.inner.by_start, starts: &m.inner.starts }, cfg)
+                .expect("encodes");
+        assert_eq!(now, before);
+        let (back, _): (ShardMap, usize) = bincode::serde::decode_from_slice(&now, cfg).expect("decodes");
+        assert_eq!(back, m);
     }
 }

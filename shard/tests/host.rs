@@ -333,20 +333,7 @@ async fn a_read_or_cas_right_after_an_answered_write_sees_it() {
     c.create_groups(1..=1).await;
     let g = GroupId(1);
     c.put(g, &key(1, "warm"), "up").await.expect("first write");
-    async fn leader_of(c: &Cluster, g: GroupId) -> NodeId {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            for h in &c.hosts {
-                let infos = h.group_info().await.expect("info");
-                if infos.iter().any(|i| i.group == g && i.role == Role::Leader) {
-                    return h.node();
-                }
-            }
-            assert!(Instant::now() < deadline, "no leader");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    let mut leader = leader_of(&c, g).await;
+    let mut leader = leader_of_group(&c, g).await;
     let mut checked = 0;
     for i in 0..200u32 {
         let h = c.host(leader);
@@ -355,7 +342,7 @@ async fn a_read_or_cas_right_after_an_answered_write_sees_it() {
         // A leader change (a loaded machine) skips the round.
         let r = match h.write(g, KvCommand::Put { key: k.clone().into_bytes(), value: v.clone() }).await {
             Err(HostError::Raft(RaftError::NotLeader { .. })) => {
-                leader = leader_of(&c, g).await;
+                leader = leader_of_group(&c, g).await;
                 continue;
             }
             r => r.expect("write"),
@@ -364,7 +351,7 @@ async fn a_read_or_cas_right_after_an_answered_write_sees_it() {
         let mode = if i % 2 == 0 { ReadMode::ReadIndex } else { ReadMode::Lease };
         match h.get(g, k.clone().into_bytes(), mode).await {
             Err(HostError::Raft(RaftError::NotLeader { .. })) => {
-                leader = leader_of(&c, g).await;
+                leader = leader_of_group(&c, g).await;
                 continue;
             }
             r => assert_eq!(r.expect("read"), Some(v.clone()), "{mode:?} read {i}"),
@@ -372,7 +359,7 @@ async fn a_read_or_cas_right_after_an_answered_write_sees_it() {
         let next = format!("w{i}").into_bytes();
         let cas = KvCommand::Cas { key: k.into_bytes(), expected: Some(v.clone()), new: Some(next) };
         match h.write(g, cas).await {
-            Err(HostError::Raft(RaftError::NotLeader { .. })) => leader = leader_of(&c, g).await,
+            Err(HostError::Raft(RaftError::NotLeader { .. })) => leader = leader_of_group(&c, g).await,
             r => assert_eq!(r.expect("cas"), KvResponse::Done { previous: Some(v) }, "cas {i}"),
         }
         checked += 1;

@@ -5,10 +5,9 @@ mod common;
 
 use bytes::{BufMut, BytesMut};
 use common::*;
-use flotilla_transport::cert::node_name;
 use flotilla_transport::frame::{encode_frame, encode_stream_header, FrameKind, StreamHeader, FORMAT_VERSION};
-use flotilla_transport::{codes, tls, NodeId};
-use quinn::{ConnectionError, Endpoint, VarInt};
+use flotilla_transport::{codes, NodeId};
+use quinn::{ConnectionError, VarInt};
 
 /// Opens a connection to node 20 as (valid) node 5 and writes `bytes` on a new uni stream;
 /// returns the code node 20 closed the connection with.
@@ -17,16 +16,7 @@ async fn send_raw(
     to: std::net::SocketAddr,
     bytes: &[u8],
 ) -> VarInt {
-    let identity = node_tls(ca, 5);
-    let config = tls::client_config(
-        &identity.ca,
-        Some((identity.chain.clone(), identity.key.clone_key())),
-        tls::client_transport(),
-    )
-    .unwrap();
-    let mut endpoint = Endpoint::client(loopback()).unwrap();
-    endpoint.set_default_client_config(config);
-    let conn = endpoint.connect(to, &node_name(NodeId(20))).unwrap().await.unwrap();
+    let (endpoint, conn) = raw_connection(&node_tls(ca, 5), to, NodeId(20)).await;
     let mut stream = conn.open_uni().await.unwrap();
     stream.write_all(bytes).await.unwrap();
     let reason = tokio::time::timeout(DEADLINE, conn.closed()).await.expect("connection not closed");

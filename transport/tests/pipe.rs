@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use common::*;
-use flotilla_transport::cert::{node_name, TlsIdentity};
+use flotilla_transport::cert::TlsIdentity;
 use flotilla_transport::frame::{encode_frame, FrameKind};
-use flotilla_transport::{codes, tls, Client, Grant, IncomingRequest, NodeId, Role, TransportError};
-use quinn::{ConnectionError, Endpoint, VarInt};
+use flotilla_transport::{codes, Client, Grant, IncomingRequest, NodeId, Role, TransportError};
+use quinn::{ConnectionError, VarInt};
 
 /// "after:<ms>:<x>" -> "<x>" after <ms> ms; "fail" -> error; anything else is never answered.
 fn serve(mut requests: tokio::sync::mpsc::Receiver<IncomingRequest>) {
@@ -123,16 +123,7 @@ async fn malformed_pipelined_frames_close_their_connection() {
     encode_frame(FrameKind::PipeRequest, &good, &mut mixed);
     encode_frame(FrameKind::Request, b"after:0:y", &mut mixed);
     for (case, bytes) in [("no id", short), ("a plain request on a pipe", mixed)] {
-        let identity = client_tls(&ca);
-        let config = tls::client_config(
-            &identity.ca,
-            Some((identity.chain.clone(), identity.key.clone_key())),
-            tls::client_transport(),
-        )
-        .unwrap();
-        let mut endpoint = Endpoint::client(loopback()).unwrap();
-        endpoint.set_default_client_config(config);
-        let conn = endpoint.connect(to, &node_name(NodeId(2))).unwrap().await.unwrap();
+        let (endpoint, conn) = raw_connection(&client_tls(&ca), to, NodeId(2)).await;
         let (mut send, _recv) = conn.open_bi().await.unwrap();
         send.write_all(&bytes).await.unwrap();
         let reason = tokio::time::timeout(DEADLINE, conn.closed()).await.expect("connection not closed");

@@ -88,3 +88,23 @@ pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A bare QUIC connection to node `to` at `addr` presenting `identity`, outside the
+/// transport's own client: for tests that write raw bytes. The endpoint must outlive it.
+#[allow(dead_code)] // not every test binary writes raw bytes
+pub async fn raw_connection(
+    identity: &TlsIdentity,
+    addr: SocketAddr,
+    to: NodeId,
+) -> (quinn::Endpoint, quinn::Connection) {
+    let config = flotilla_transport::tls::client_config(
+        &identity.ca,
+        Some((identity.chain.clone(), identity.key.clone_key())),
+        flotilla_transport::tls::client_transport(),
+    )
+    .unwrap();
+    let mut endpoint = quinn::Endpoint::client(loopback()).unwrap();
+    endpoint.set_default_client_config(config);
+    let conn = endpoint.connect(addr, &flotilla_transport::cert::node_name(to)).unwrap().await.unwrap();
+    (endpoint, conn)
+}
