@@ -21,30 +21,50 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// heap); one second keeps the churn of one round, not ten.
 pub const DIRTY_DECAY_MS: isize = 1_000;
 
-/// Sets the allocator's decay ([`DIRTY_DECAY_MS`]) for arenas made from now on and for those
-/// already there. Call once, early. Without jemalloc, or if it refuses, nothing changes (the
-/// error says why).
+/// Sets the allocator's decay ([`DIRTY_DECAY_MS`]) for arenas made from now on and for each
+/// one already made. Call once, early (before the runtime's threads). Without jemalloc, or if
+/// it refuses, nothing changes (the error says why).
 pub fn tune() -> Result<(), String> {
     #[cfg(feature = "jemalloc")]
     {
-        // MALLCTL_ARENAS_ALL: every arena that exists.
-        const ALL_ARENAS: &[u8] = b"arena.4096.dirty_decay_ms\0";
-        // SAFETY: both names are NUL-terminated jemalloc controls whose value type is `ssize_t`
-        // (isize), as the write requires.
+        // Not the "all arenas" index (4096): jemalloc 5.3's decay setting does not handle it
+        // and would index past its arena table. Each made arena by its own index instead.
+        // SAFETY: NUL-terminated jemalloc controls and the value types they take:
+        // `arenas.dirty_decay_ms` and `arena.<i>.dirty_decay_ms` are `ssize_t` (isize),
+        // `arenas.narenas` is `unsigned` (u32), `arena.<i>.initialized` is `bool`.
         unsafe {
             tikv_jemalloc_ctl::raw::write(b"arenas.dirty_decay_ms\0", DIRTY_DECAY_MS).map_err(|e| e.to_string())?;
-            tikv_jemalloc_ctl::raw::write(ALL_ARENAS, DIRTY_DECAY_MS).map_err(|e| e.to_string())?;
+            let arenas: u32 = tikv_jemalloc_ctl::raw::read(b"arenas.narenas\0").map_err(|e| e.to_string())?;
+            for i in 0..arenas {
+                let made = format!("arena.{i}.initialized\0");
+                if tikv_jemalloc_ctl::raw::read::<bool>(made.as_bytes()).unwrap_or(false) {
+                    let decay = format!("arena.{i}.dirty_decay_ms\0");
+                    tikv_jemalloc_ctl::raw::write(decay.as_bytes(), DIRTY_DECAY_MS).map_err(|e| e.to_string())?;
+                }
+            }
         }
     }
     Ok(())
 }
 
-/// The decay of arena 0 now (ms), or `None` without jemalloc.
-pub fn dirty_decay_ms() -> Option<isize> {
+/// The decay of every arena made so far (ms), in index order, or `None` without jemalloc.
+pub fn dirty_decay_ms() -> Option<Vec<isize>> {
     #[cfg(feature = "jemalloc")]
     {
-        // SAFETY: a NUL-terminated jemalloc control whose value type is `ssize_t` (isize).
-        unsafe { tikv_jemalloc_ctl::raw::read::<isize>(b"arena.0.dirty_decay_ms\0").ok() }
+        // SAFETY: as in `tune`.
+        unsafe {
+            let arenas: u32 = tikv_jemalloc_ctl::raw::read(b"arenas.narenas\0").ok()?;
+            let mut out = Vec::new();
+            for i in 0..arenas {
+                if tikv_jemalloc_ctl::raw::read::<bool>(format!("arena.{i}.initialized\0").as_bytes()).unwrap_or(false)
+                {
+                    out.push(
+                        tikv_jemalloc_ctl::raw::read::<isize>(format!("arena.{i}.dirty_decay_ms\0").as_bytes()).ok()?,
+                    );
+                }
+            }
+            Some(out)
+        }
     }
     #[cfg(not(feature = "jemalloc"))]
     {
@@ -89,9 +109,12 @@ mod tests {
 
     #[cfg(feature = "jemalloc")]
     #[test]
-    fn tune_sets_the_decay_of_the_arenas_there() {
+    fn tune_sets_the_decay_of_every_arena_made() {
+        // Other tests of this binary run on threads of their own: several arenas are made.
         tune().expect("jemalloc takes the setting");
-        assert_eq!(dirty_decay_ms(), Some(DIRTY_DECAY_MS));
+        let decays = dirty_decay_ms().expect("jemalloc answers");
+        assert!(!decays.is_empty());
+        assert!(decays.iter().all(|d| *d == DIRTY_DECAY_MS), "{decays:?}");
     }
 
     #[cfg(feature = "jemalloc")]
