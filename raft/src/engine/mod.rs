@@ -505,12 +505,14 @@ impl Engine {
             snapshot: self.snapshots.last().map(|s| s.last_log_id),
             durable_applied: self.durable_applied,
             first_log_index: self.log.first_index(),
-            replication: self
-                .role
-                .leader()
-                .map(|l| l.progress.iter().map(|(id, p)| (*id, p.matched)).collect())
-                .unwrap_or_default(),
+            replication: self.replication(),
         }
+    }
+
+    /// On a leader, each follower's and learner's matched index (empty otherwise): the
+    /// `replication` of [`Engine::status`] without the rest of it.
+    pub fn replication(&self) -> BTreeMap<NodeId, LogIndex> {
+        self.role.leader().map(|l| l.progress.iter().map(|(id, p)| (*id, p.matched)).collect()).unwrap_or_default()
     }
 
     // Inputs. Each runs its concept's handler, then checks the engine's invariants (debug

@@ -124,11 +124,8 @@ fn group_info(g: &GroupState) -> GroupInfo {
         newest_conf: e.membership().log_id.index,
         removed_at: g.removed_at,
         quiet: g.quiet,
-        // Only a leader tracks it (and the map costs an allocation per call otherwise).
-        matched: match e.role() {
-            flotilla_raft::Role::Leader => e.status().replication.into_iter().collect(),
-            _ => Default::default(),
-        },
+        // Only a leader tracks it; read alone (a whole status copies both configurations).
+        matched: e.replication(),
         stopped: g.core.fatal().map(|f| f.to_string()),
     }
 }
