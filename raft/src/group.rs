@@ -250,9 +250,9 @@ impl GroupCore {
     }
 
     /// The gate through which reads may skip the engine while this replica leads under a
-    /// lease and its state machine holds every write answered (see [`LeaseGate`]). Kept up to
-    /// date by [`poll_action`](Self::poll_action), before any action of a step leaves, and by
-    /// [`answer_writes`](Self::answer_writes). A reader on another thread checks
+    /// lease and its state machine applied everything committed (see [`LeaseGate`]). Kept up
+    /// to date by [`poll_action`](Self::poll_action), before any action of a step leaves, and
+    /// by [`stop`](Self::stop). A reader on another thread checks
     /// [`LeaseGate::open_at`] with the clock this core is fed, then reads its state machine.
     pub fn lease_gate(&mut self) -> Arc<LeaseGate> {
         if let Some(g) = &self.lease_gate {

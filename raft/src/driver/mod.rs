@@ -357,8 +357,7 @@ impl Raft {
     /// let value = state_machine.get(key);
     /// ```
     pub fn lease_read_ready(&self) -> bool {
-        let now = Millis(self.shared.base.elapsed().as_millis() as u64);
-        self.shared.lease.open_at(now)
+        self.shared.lease.open_at(engine_clock(self.shared.base))
     }
 
     /// Returns once the local state machine reflects every write committed before the call:
@@ -723,6 +722,11 @@ enum Deferred {
     Apply(Result<ApplyEvent, StorageError>),
 }
 
+/// The engine's clock: milliseconds since `base`, the group's start.
+fn engine_clock(base: Instant) -> Millis {
+    Millis(base.elapsed().as_millis() as u64)
+}
+
 struct Core<N: Network, L: LogStorage, S: StateMachine> {
     group: GroupId,
     /// The engine and the bookkeeping of pending requests.
@@ -758,7 +762,7 @@ struct Core<N: Network, L: LogStorage, S: StateMachine> {
 
 impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
     fn now(&self) -> Millis {
-        Millis(self.base.elapsed().as_millis() as u64)
+        engine_clock(self.base)
     }
 
     /// When the engine's next timer is due.

@@ -110,15 +110,6 @@ impl Reads {
         self.pending.drain(..ready).collect()
     }
 
-    /// When the lease given by `acked`, the highest round a quorum acknowledged, ends: that
-    /// round's send time plus `lease_ms`, unless the lease was voided.
-    pub(super) fn lease_end(&self, acked: u64, lease_ms: u64) -> Option<Millis> {
-        if self.lease_void {
-            return None;
-        }
-        self.round_end(acked, lease_ms)
-    }
-
     /// Round `acked`'s send time plus `lease_ms` (`None` if that round is not kept).
     pub(super) fn round_end(&self, acked: u64, lease_ms: u64) -> Option<Millis> {
         let (_, sent) = self.round_sent_at.iter().find(|(r, _)| *r == acked)?;
@@ -254,10 +245,7 @@ impl Engine {
         } else {
             self.config.election_timeout_ms_min - self.config.lease_clock_drift_ms
         };
-        if self.bugs().lease_after_timeout_now {
-            return l.reads.round_end(acked, lease_ms);
-        }
-        l.reads.lease_end(acked, lease_ms)
+        l.reads.round_end(acked, lease_ms)
     }
 
     /// When a read served from the applied state without the engine may no longer be served

@@ -847,7 +847,7 @@ impl Host {
 
     /// Whether a read in `mode` may be served from `entry`'s state machine without a round to
     /// its poller: a lease read while the replica's lease gate is open (it leads under a lease
-    /// and has stored every write it answered; see [`flotilla_raft::LeaseGate`]). Counted.
+    /// and applied everything committed; see [`flotilla_raft::LeaseGate`]). Counted.
     fn lease_open(&self, mode: ReadMode, entry: &GroupEntry) -> bool {
         let open = mode == ReadMode::Lease && entry.lease.open_at(self.shared.now());
         if open {

@@ -125,7 +125,7 @@ impl Shared {
 pub(crate) struct GroupEntry {
     pub(crate) poller: usize,
     pub(crate) sm: KvStateMachine,
-    /// Open while this replica leads under a lease with every answered write stored: lease
+    /// Open while this replica leads under a lease with everything committed applied: lease
     /// reads are then served on the caller's thread ([`Host::get`](super::Host::get)).
     pub(crate) lease: Arc<flotilla_raft::LeaseGate>,
 }
