@@ -27,21 +27,13 @@ pub const DIRTY_DECAY_MS: isize = 1_000;
 pub fn tune() -> Result<(), String> {
     #[cfg(feature = "jemalloc")]
     {
-        // Not the "all arenas" index (4096): jemalloc 5.3's decay setting does not handle it
-        // and would index past its arena table. Each made arena by its own index instead.
-        // SAFETY: NUL-terminated jemalloc controls and the value types they take:
-        // `arenas.dirty_decay_ms` and `arena.<i>.dirty_decay_ms` are `ssize_t` (isize),
-        // `arenas.narenas` is `unsigned` (u32), `arena.<i>.initialized` is `bool`.
-        unsafe {
-            tikv_jemalloc_ctl::raw::write(b"arenas.dirty_decay_ms\0", DIRTY_DECAY_MS).map_err(|e| e.to_string())?;
-            let arenas: u32 = tikv_jemalloc_ctl::raw::read(b"arenas.narenas\0").map_err(|e| e.to_string())?;
-            for i in 0..arenas {
-                let made = format!("arena.{i}.initialized\0");
-                if tikv_jemalloc_ctl::raw::read::<bool>(made.as_bytes()).unwrap_or(false) {
-                    let decay = format!("arena.{i}.dirty_decay_ms\0");
-                    tikv_jemalloc_ctl::raw::write(decay.as_bytes(), DIRTY_DECAY_MS).map_err(|e| e.to_string())?;
-                }
-            }
+        // SAFETY: a NUL-terminated jemalloc control whose value type is `ssize_t` (isize).
+        unsafe { tikv_jemalloc_ctl::raw::write(b"arenas.dirty_decay_ms\0", DIRTY_DECAY_MS) }
+            .map_err(|e| e.to_string())?;
+        for i in made_arenas()? {
+            let name = format!("arena.{i}.dirty_decay_ms\0");
+            // SAFETY: as above.
+            unsafe { tikv_jemalloc_ctl::raw::write(name.as_bytes(), DIRTY_DECAY_MS) }.map_err(|e| e.to_string())?;
         }
     }
     Ok(())
@@ -51,25 +43,27 @@ pub fn tune() -> Result<(), String> {
 pub fn dirty_decay_ms() -> Option<Vec<isize>> {
     #[cfg(feature = "jemalloc")]
     {
-        // SAFETY: as in `tune`.
-        unsafe {
-            let arenas: u32 = tikv_jemalloc_ctl::raw::read(b"arenas.narenas\0").ok()?;
-            let mut out = Vec::new();
-            for i in 0..arenas {
-                if tikv_jemalloc_ctl::raw::read::<bool>(format!("arena.{i}.initialized\0").as_bytes()).unwrap_or(false)
-                {
-                    out.push(
-                        tikv_jemalloc_ctl::raw::read::<isize>(format!("arena.{i}.dirty_decay_ms\0").as_bytes()).ok()?,
-                    );
-                }
-            }
-            Some(out)
-        }
+        let arenas = made_arenas().ok()?;
+        // SAFETY: a NUL-terminated jemalloc control whose value type is `ssize_t` (isize).
+        let decay =
+            |i: u32| unsafe { tikv_jemalloc_ctl::raw::read::<isize>(format!("arena.{i}.dirty_decay_ms\0").as_bytes()) };
+        arenas.into_iter().map(|i| decay(i).ok()).collect()
     }
     #[cfg(not(feature = "jemalloc"))]
     {
         None
     }
+}
+
+/// The indexes of the arenas jemalloc has made. Each by its own index: jemalloc 5.3's decay
+/// setting does not handle the "all arenas" index (4096) and would read past its arena table.
+#[cfg(feature = "jemalloc")]
+fn made_arenas() -> Result<Vec<u32>, String> {
+    // SAFETY: NUL-terminated jemalloc controls and their value types: `arenas.narenas` is
+    // `unsigned` (u32), `arena.<i>.initialized` is `bool`.
+    let arenas: u32 = unsafe { tikv_jemalloc_ctl::raw::read(b"arenas.narenas\0") }.map_err(|e| e.to_string())?;
+    let made = |i: u32| unsafe { tikv_jemalloc_ctl::raw::read::<bool>(format!("arena.{i}.initialized\0").as_bytes()) };
+    Ok((0..arenas).filter(|i| made(*i).unwrap_or(false)).collect())
 }
 
 /// What the allocator holds, in bytes (jemalloc's `stats.*`).

@@ -125,8 +125,8 @@ impl PipeSlot {
         // once; the second to finish uses the first one's pipe and lets its own end unused.
         let (send, recv) = conn.open_bi().await.map_err(|e| TransportError::NotSent(e.to_string()))?;
         let mut slot = self.pipe.lock().map_err(|_| TransportError::NotSent("pipe lock poisoned".into()))?;
-        if let Some(p) = slot.as_ref().filter(|p| !p.dead.load(Ordering::Acquire)) {
-            return Ok(p.clone());
+        if let Some(p) = live(&slot) {
+            return Ok(p);
         }
         let (queue, rx) = mpsc::channel(PIPE_QUEUE_MAX);
         let pipe = Arc::new(Pipe {
@@ -145,9 +145,13 @@ impl PipeSlot {
     }
 
     fn live(&self) -> Option<Arc<Pipe>> {
-        let slot = self.pipe.lock().ok()?;
-        slot.as_ref().filter(|p| !p.dead.load(Ordering::Acquire)).cloned()
+        live(&*self.pipe.lock().ok()?)
     }
+}
+
+/// The pipe in `slot`, unless it failed.
+fn live(slot: &Option<Arc<Pipe>>) -> Option<Arc<Pipe>> {
+    slot.as_ref().filter(|p| !p.dead.load(Ordering::Acquire)).cloned()
 }
 
 /// Appends one pipelined frame (`kind`, request `id`, `body`) to `out`.

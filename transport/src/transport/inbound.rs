@@ -258,26 +258,38 @@ pub(super) async fn run_request_stream(
         }
         add(&peer.counters.requests_received, 1);
     }
-    let (tx, rx) = oneshot::channel();
-    let handler_timeout = Duration::from_millis(shared.config.timing.request_handler_timeout_ms);
-    let request = IncomingRequest { from, body, responder: Responder { tx } };
-    let answer = tokio::time::timeout(handler_timeout, async {
-        shared.requests_tx.send(request).await.map_err(|_| "the node does not take requests".to_string())?;
-        rx.await.map_err(|_| "the node dropped the request".to_string())?
-    })
-    .await
-    .unwrap_or_else(|_| Err("the node did not answer in time".to_string()));
     let mut frame = BytesMut::new();
-    match answer {
-        Ok(body) if body.len() + FRAME_HEADER_BYTES <= frame_max => {
-            encode_frame(FrameKind::Response, &body, &mut frame)
-        }
-        Ok(_) => encode_frame(FrameKind::ResponseError, b"response exceeds frame_bytes_max", &mut frame),
-        Err(reason) => encode_frame(FrameKind::ResponseError, truncate(&reason, ERROR_REASON_BYTES_MAX), &mut frame),
+    match answer_payload(answer_request(&shared, from, body).await, frame_max) {
+        Ok(body) => encode_frame(FrameKind::Response, &body, &mut frame),
+        Err(reason) => encode_frame(FrameKind::ResponseError, &reason, &mut frame),
     }
     if send.write_chunk(frame.freeze()).await.is_ok() {
         let _ = send.finish();
         // Keep the stream until the requester has the answer (or the connection ends).
         let _ = send.stopped().await;
+    }
+}
+
+/// Hands one request to the node and waits for its answer, within the handler timeout (an
+/// unanswered request gets an error rather than holding its stream).
+pub(super) async fn answer_request(shared: &Shared, from: PeerIdentity, body: Bytes) -> Result<Bytes, String> {
+    let (tx, rx) = oneshot::channel();
+    let handler_timeout = Duration::from_millis(shared.config.timing.request_handler_timeout_ms);
+    let request = IncomingRequest { from, body, responder: Responder { tx } };
+    tokio::time::timeout(handler_timeout, async {
+        shared.requests_tx.send(request).await.map_err(|_| "the node does not take requests".to_string())?;
+        rx.await.map_err(|_| "the node dropped the request".to_string())?
+    })
+    .await
+    .unwrap_or_else(|_| Err("the node did not answer in time".to_string()))
+}
+
+/// What goes back for `answer`: the body, if its frame fits `frame_max`; otherwise the error's
+/// reason, cut to [`ERROR_REASON_BYTES_MAX`].
+pub(super) fn answer_payload(answer: Result<Bytes, String>, frame_max: usize) -> Result<Bytes, Bytes> {
+    match answer {
+        Ok(body) if body.len() + FRAME_HEADER_BYTES <= frame_max => Ok(body),
+        Ok(_) => Err(Bytes::from_static(b"response exceeds frame_bytes_max")),
+        Err(reason) => Err(Bytes::copy_from_slice(truncate(&reason, ERROR_REASON_BYTES_MAX))),
     }
 }

@@ -6,6 +6,7 @@
 //! answered at once: beyond, the pipes are not read (QUIC flow control then holds the client
 //! back).
 
+use super::inbound::answer_payload;
 use super::*;
 use crate::pipe::{encode_pipe_frame, split_pipe_payload, PIPE_CHUNK_BYTES_MAX};
 
@@ -45,21 +46,9 @@ pub(super) async fn run_pipe(
                 add(&peer.counters.requests_received, 1);
             }
             let Ok(slot) = slots.clone().acquire_owned().await else { break 'read };
-            let request_timeout = Duration::from_millis(shared.config.timing.request_handler_timeout_ms);
             let (shared, from, out_tx) = (shared.clone(), from.clone(), out_tx.clone());
             tokio::spawn(async move {
-                let (tx, rx) = oneshot::channel();
-                let request = IncomingRequest { from, body, responder: Responder { tx } };
-                let answer = tokio::time::timeout(request_timeout, async {
-                    shared
-                        .requests_tx
-                        .send(request)
-                        .await
-                        .map_err(|_| "the node does not take requests".to_string())?;
-                    rx.await.map_err(|_| "the node dropped the request".to_string())?
-                })
-                .await
-                .unwrap_or_else(|_| Err("the node did not answer in time".to_string()));
+                let answer = super::inbound::answer_request(&shared, from, body).await;
                 // Room is certain: one slot per request in flight, as many as the channel holds.
                 let _ = out_tx.try_send((id, answer, slot));
             });
@@ -97,16 +86,11 @@ pub(super) async fn run_pipe(
 /// and the reader stopped, or the stream fails.
 async fn write_answers(mut send: SendStream, mut rx: mpsc::Receiver<Answered>, frame_max: usize) {
     let mut buf = BytesMut::new();
-    let encode = |(id, answer, _slot): Answered, buf: &mut BytesMut| match answer {
-        // Same bound as a stream of its own: the body within `frame_bytes_max` (the id rides
-        // on top, and the client's decoder allows for it).
-        Ok(body) if body.len() + FRAME_HEADER_BYTES <= frame_max => {
-            encode_pipe_frame(FrameKind::PipeResponse, id, &body, buf)
-        }
-        Ok(_) => encode_pipe_frame(FrameKind::PipeResponseError, id, b"response exceeds frame_bytes_max", buf),
-        Err(reason) => {
-            encode_pipe_frame(FrameKind::PipeResponseError, id, truncate(&reason, ERROR_REASON_BYTES_MAX), buf)
-        }
+    // Same bound as a stream of its own: the body within `frame_bytes_max` (the id rides on
+    // top, and the client's decoder allows for it).
+    let encode = |(id, answer, _slot): Answered, buf: &mut BytesMut| match answer_payload(answer, frame_max) {
+        Ok(body) => encode_pipe_frame(FrameKind::PipeResponse, id, &body, buf),
+        Err(reason) => encode_pipe_frame(FrameKind::PipeResponseError, id, &reason, buf),
     };
     while let Some(first) = rx.recv().await {
         encode(first, &mut buf);
