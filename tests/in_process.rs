@@ -146,10 +146,46 @@ async fn a_move_finishes_with_nobody_reading_the_map() {
         if view.moves.is_empty() && d.replica(NodeId(4)).is_some() && d.replica(NodeId(3)).is_none() {
             break;
         }
-        assert!(Instant::now() < deadline, "the move did not finish: {:?}", view.moves.get(&shard));
+        if Instant::now() >= deadline {
+            panic!("the move did not finish: {:?}\n{}", view.moves.get(&shard), move_state(&cluster, shard).await);
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     cluster.shutdown().await;
+}
+
+/// What every node holds of `shard` and of the meta group: to tell from one failed run which
+/// input a stuck move waits for (a report, a learner's catch-up, a configuration).
+async fn move_state(cluster: &Cluster, shard: ShardId) -> String {
+    let mut out = String::new();
+    for id in 1..=4 {
+        let node = cluster.node(id);
+        let view = node.meta_view();
+        let meta = node.host().group_info_of(flotilla::meta::META_GROUP).await.ok();
+        let replica = node.host().group_info_of(shard).await.ok();
+        let report = view
+            .nodes
+            .get(&NodeId(id))
+            .map(|n| (n.report.applied.get(&shard).copied(), n.report.confs.get(&shard).cloned()));
+        out += &format!(
+            "node {id}: revision {}, meta leader {:?}, report of the shard {:?}\n  replica {:?}\n",
+            node.meta_revision(),
+            meta.and_then(|m| m.leader),
+            report,
+            replica.map(|r| (
+                r.role,
+                r.term,
+                r.leader,
+                r.committed,
+                r.applied,
+                r.durable_applied,
+                r.quiet,
+                r.committed_conf,
+                r.matched
+            )),
+        );
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

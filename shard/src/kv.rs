@@ -795,6 +795,12 @@ impl KvStateMachine {
         self.life.merge.read().map(|r| r.clone()).unwrap_or_else(|e| e.into_inner().clone())
     }
 
+    /// The freeze the shard holds, if any (as of the last prepared batch): the merge state's
+    /// one field read often, without a copy of the rest.
+    pub fn frozen(&self) -> Option<crate::merge::Frozen> {
+        self.life.merge.read().map(|r| r.frozen).unwrap_or_else(|e| e.into_inner().frozen)
+    }
+
     pub(crate) fn set_merge_state(&self, state: MergeState) {
         match self.life.merge.write() {
             Ok(mut r) => *r = state,

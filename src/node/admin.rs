@@ -131,8 +131,7 @@ impl Node {
 
     /// The meta group's leader when it is another node (as this node's replica knows it).
     pub(super) async fn meta_leader_elsewhere(&self) -> Option<NodeId> {
-        let infos = self.inner.host.group_info().await.ok()?;
-        let leader = infos.into_iter().find(|i| i.group == META_GROUP)?.leader?;
+        let leader = self.inner.host.group_info_of(META_GROUP).await.ok()?.leader?;
         (leader != self.inner.id).then_some(leader)
     }
 

@@ -61,12 +61,29 @@ impl Node {
                 debug!(error = %e, "cannot read the meta state");
             }
         }
+        // A round looks at every group here and every shard of the map: with thousands of
+        // each, only when the map or the set of groups changed, or a round is due anyway
+        // (a leadership moved, a change asked for earlier may be asked again).
+        let seen = (self.meta_revision(), self.inner.host.group_count());
+        let full = match self.inner.reconciled.lock() {
+            Ok(mut last) => {
+                let due =
+                    !last.is_some_and(|(s, at)| s == seen && at.elapsed() < Duration::from_millis(RECONCILE_FULL_MS));
+                if due {
+                    *last = Some((seen, Instant::now()));
+                }
+                due
+            }
+            Err(_) => true,
+        };
         // Merges in progress move on every round: their steps wait on the groups (a freeze
-        // reaching every replica), which the checks below do not watch.
+        // reaching every replica), which the checks below do not watch. A group frozen for a
+        // merge the view no longer holds (to be thawed or removed) is looked for in full
+        // rounds only: that reads every group's merge state.
         // On a task of their own: a step may wait on a group (a merge entry applying) for as
         // long as a request may, and the rest of the round must not wait with it.
         let view = self.meta_view();
-        if (!view.merges.is_empty() || !self.inner.host.frozen_groups().is_empty())
+        if (!view.merges.is_empty() || (full && self.inner.host.any_frozen()))
             && !self.inner.merges_running.swap(true, std::sync::atomic::Ordering::AcqRel)
         {
             let node = self.clone();
@@ -82,15 +99,8 @@ impl Node {
                 running.0.drive_merges(&view).await;
             });
         }
-        // A round looks at every group here and every shard of the map: with thousands of
-        // each, only when the map or the set of groups changed, or a round is due anyway
-        // (a leadership moved, a change asked for earlier may be asked again).
-        let seen = (self.meta_revision(), self.inner.host.group_count());
-        if let Ok(mut last) = self.inner.reconciled.lock() {
-            if last.is_some_and(|(s, at)| s == seen && at.elapsed() < Duration::from_millis(RECONCILE_FULL_MS)) {
-                return;
-            }
-            *last = Some((seen, Instant::now()));
+        if !full {
+            return;
         }
         let state = self.meta_view();
         let me = self.inner.id;
@@ -451,14 +461,14 @@ fn reconfigs_wanted(me: NodeId, i: &GroupInfo, host_range: Option<&KeyRange>, st
     // swap is a learner in the map until the move removes it, and must not rejoin.
     let target = state.moves.get(&d.id).map(|p| p.to);
     for l in d.replicas.iter().filter(|r| r.role == ReplicaRole::Learner && Some(r.node) == target) {
-        if !i.voters.contains(&l.node) {
+        if !i.voters().contains(&l.node) {
             out.push(Reconfig::AddLearner(l.node));
         }
     }
     // Learners the map removed (an aborted move): the group stops counting them, which
     // confirms their tombstones so their nodes may delete them.
     let buried = state.tombstones.get(&d.id);
-    for l in i.committed_conf.membership.learners.iter().filter(|l| !i.voters.contains(l)) {
+    for l in i.committed_conf.membership.learners.iter().filter(|l| !i.voters().contains(l)) {
         let gone = d.replica(*l).is_none() && buried.is_some_and(|t| t.contains_key(l));
         if gone {
             out.push(Reconfig::RemoveLearner(*l));
@@ -470,11 +480,11 @@ fn reconfigs_wanted(me: NodeId, i: &GroupInfo, host_range: Option<&KeyRange>, st
     for v in want.iter().filter(|v| !i.committed_conf.membership.contains(**v)) {
         out.push(Reconfig::AddLearner(*v));
     }
-    if want != i.voters && !want.is_empty() {
+    if want != *i.voters() && !want.is_empty() {
         out.push(Reconfig::Voters(want));
     }
     if let Some(target) = state.transfers.get(&d.id) {
-        if *target != me && i.voters.contains(target) {
+        if *target != me && i.voters().contains(target) {
             out.push(Reconfig::Transfer(*target));
         }
     }
@@ -555,12 +565,16 @@ mod tests {
             durable_applied: LogIndex(10),
             first_index: LogIndex(1),
             snapshot: None,
-            voters: nodes(voters),
-            membership: Membership { voters: nodes(voters), outgoing: None, learners: nodes(learners) },
+            membership: std::sync::Arc::new(Membership {
+                voters: nodes(voters),
+                outgoing: None,
+                learners: nodes(learners),
+            }),
             committed_conf: StoredMembership {
                 log_id: LogId::new(2, 5),
                 membership: Membership { voters: nodes(voters), outgoing: None, learners: nodes(learners) },
-            },
+            }
+            .into(),
             newest_conf: LogIndex(5),
             removed_at: None,
             quiet: false,
@@ -644,7 +658,7 @@ mod tests {
         assert_eq!(local_replica_of(&i, n(4)), l(Some((PLogIndex(5), true))));
         assert_eq!(local_replica_of(&i, n(2)), l(Some((PLogIndex(5), true))));
         assert_eq!(local_replica_of(&i, n(5)), l(Some((PLogIndex(5), false))));
-        i.committed_conf = StoredMembership::default();
+        i.committed_conf = StoredMembership::default().into();
         assert_eq!(local_replica_of(&i, n(4)), l(None), "never given a configuration");
     }
 
@@ -654,7 +668,7 @@ mod tests {
         split(&mut s, "t");
         // Node 4 holds replicas the map (this view) does not list it in.
         let mut never_configured = info(3, Role::Follower, &[], &[]);
-        never_configured.committed_conf = StoredMembership::default();
+        never_configured.committed_conf = StoredMembership::default().into();
         never_configured.newest_conf = LogIndex(0);
         let infos = [
             info(0, Role::Follower, &[1, 2, 3], &[]),

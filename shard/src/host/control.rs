@@ -2,6 +2,7 @@
 //! created (built off the poller thread, so a poller never waits on it), and the state of its
 //! groups for the host's callers.
 
+use super::group_info::{group_info, Configurations};
 use super::group_state::GroupState;
 use super::poller::{Poller, PollerMsg, Removal};
 use super::{build_group, GroupInfo, Reservation};
@@ -26,7 +27,7 @@ impl Poller {
     /// reaches the poller for it after).
     pub(super) fn on_remove(&mut self, id: GroupId, still: super::DestroyGuard) -> Removal {
         let Some(g) = self.groups.get(&id) else { return Removal::Missing };
-        if !still(&group_info(g)) {
+        if !still(&group_info(g, &mut Configurations::default(), true)) {
             return Removal::Kept;
         }
         let entry = self.shared.registry.write().ok().and_then(|mut r| r.groups.remove(&id));
@@ -49,10 +50,19 @@ impl Poller {
     }
 
     /// The state of every group on this poller (`only`: of that group alone, if here).
+    /// In id order; `matched` is filled only for a group asked for alone (a map per led group,
+    /// which only a merge's step reads, was a good part of the cost of a summary of all).
     pub(super) fn info(&self, only: Option<GroupId>) -> Vec<GroupInfo> {
+        let mut confs = Configurations::default();
         match only {
-            Some(id) => self.groups.get(&id).map(|g| group_info(g)).into_iter().collect(),
-            None => self.groups.values().map(|g| group_info(g)).collect(),
+            Some(id) => self.groups.get(&id).map(|g| group_info(g, &mut confs, true)).into_iter().collect(),
+            None => {
+                // Ordered here, by reference: the host merges the pollers' runs instead of
+                // sorting whole summaries.
+                let mut groups: Vec<&GroupState> = self.groups.values().map(|g| &**g).collect();
+                groups.sort_unstable_by_key(|g| g.id);
+                groups.into_iter().map(|g| group_info(g, &mut confs, false)).collect()
+            }
         }
     }
 
@@ -100,32 +110,5 @@ impl Poller {
             starts.retain(|t| !t.is_finished());
             starts.push(task);
         }
-    }
-}
-
-/// What the host reports of one group.
-fn group_info(g: &GroupState) -> GroupInfo {
-    let e = g.core.engine();
-    GroupInfo {
-        group: g.id,
-        role: e.role(),
-        term: e.term(),
-        leader: e.leader(),
-        last_index: e.last_log_id().index,
-        last_term: e.last_log_id().term,
-        committed: e.committed(),
-        applied: e.applied(),
-        durable_applied: e.durable_applied(),
-        first_index: e.first_log_index(),
-        snapshot: e.newest_snapshot(),
-        voters: e.membership().membership.voters.clone(),
-        membership: e.membership().membership.clone(),
-        committed_conf: e.committed_membership().clone(),
-        newest_conf: e.membership().log_id.index,
-        removed_at: g.removed_at,
-        quiet: g.quiet,
-        // Only a leader tracks it; read alone (a whole status copies both configurations).
-        matched: e.replication(),
-        stopped: g.core.fatal().map(|f| f.to_string()),
     }
 }

@@ -30,6 +30,7 @@
 mod apply;
 mod control;
 mod drive;
+mod group_info;
 mod group_state;
 mod inbox;
 mod liveness;
@@ -46,8 +47,9 @@ use crate::store::{Op, Store, CF_META, CF_RAFT};
 use bytes::Bytes;
 use flotilla_raft::{
     driver::recover_state, Config, Engine, GroupCore, GroupId, LogId, LogIndex, Membership, Message, Millis, NodeId,
-    RaftError, ReadMode, Request, Role, SnapshotMeta, StorageError, StoredMembership, Term,
+    RaftError, ReadMode, Request, SnapshotMeta, StorageError, StoredMembership, Term,
 };
+pub use group_info::{GroupInfo, SharedConf};
 use group_state::GroupState;
 use poller::{Poller, PollerMsg, Removal};
 pub(crate) use registry::{GroupEntry, Registry, Reservation};
@@ -257,55 +259,6 @@ pub trait HostNetwork: Send + Sync + 'static {
             NodeBatch { from: msg.from, messages: vec![(group, msg)], quiesce: Vec::new(), removed: Vec::new() },
         );
     }
-}
-
-/// What [`Host::group_info`] reports of one group.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GroupInfo {
-    /// The group.
-    pub group: GroupId,
-    /// This node's role in it.
-    pub role: Role,
-    /// Current term.
-    pub term: Term,
-    /// Known leader.
-    pub leader: Option<NodeId>,
-    /// Last log index.
-    pub last_index: LogIndex,
-    /// The term of the last log entry: with `last_index`, how up to date the log is (what
-    /// unsafe recovery compares to pick the replica a group keeps).
-    pub last_term: Term,
-    /// Commit index.
-    pub committed: LogIndex,
-    /// Applied index.
-    pub applied: LogIndex,
-    /// The applied index the state machine holds durably (the log is purged behind it).
-    pub durable_applied: LogIndex,
-    /// The first index still in the log.
-    pub first_index: LogIndex,
-    /// The newest snapshot built for a transfer and not yet dropped (leaders only).
-    pub snapshot: Option<flotilla_raft::LogId>,
-    /// Voters of the configuration in effect.
-    pub voters: BTreeSet<NodeId>,
-    /// The configuration in effect (the newest in the log), both halves while joint: whether
-    /// the group still has a quorum once nodes are lost for good.
-    pub membership: Membership,
-    /// The committed configuration and the entry that carried it: what a replica's lifecycle
-    /// follows (a node leaves a group only once a committed configuration says so).
-    pub committed_conf: StoredMembership,
-    /// The index of the newest configuration in the replica's log (0 if it holds none).
-    pub newest_conf: LogIndex,
-    /// The highest index of a committed configuration without this node that a member of the
-    /// group told of ([`RemovedNotice`]).
-    pub removed_at: Option<LogIndex>,
-    /// Whether the group is quiet (not ticking).
-    pub quiet: bool,
-    /// On a leader: how far each other member's log is known to match the leader's (empty
-    /// on a follower). A merge's source waits until every voter holds its freeze entry.
-    pub matched: BTreeMap<NodeId, LogIndex>,
-    /// Why the group stopped for good (a storage failure, or its log forked from its
-    /// leader's below the commit index), once it did; counted in `flotilla_groups_stopped`.
-    pub stopped: Option<String>,
 }
 
 /// Counters of a host.
@@ -643,9 +596,15 @@ impl Host {
     /// The groups on this node frozen for a merge, with their freezes.
     pub fn frozen_groups(&self) -> Vec<(GroupId, crate::merge::Frozen)> {
         match self.shared.registry.read() {
-            Ok(r) => r.groups.iter().filter_map(|(id, e)| Some((*id, e.sm.merge_state().frozen?))).collect(),
+            Ok(r) => r.groups.iter().filter_map(|(id, e)| Some((*id, e.sm.frozen()?))).collect(),
             Err(_) => Vec::new(),
         }
+    }
+
+    /// Whether any group on this node is frozen for a merge (what [`Host::frozen_groups`]
+    /// lists, without collecting it).
+    pub fn any_frozen(&self) -> bool {
+        self.shared.registry.read().is_ok_and(|r| r.groups.values().any(|e| e.sm.frozen().is_some()))
     }
 
     /// Group `group`'s part in merges on this node (as of its last prepared apply batch).
@@ -687,14 +646,21 @@ impl Host {
         self.shared.registry.read().map(|r| r.groups.len()).unwrap_or_default()
     }
 
-    /// The state of every group on this node.
+    /// The state of every group on this node, in id order, without `matched` (see
+    /// [`GroupInfo::matched`]).
     pub async fn group_info(&self) -> Result<Vec<GroupInfo>, HostError> {
         let mut out = Vec::new();
         for p in self.shared.pollers.iter() {
             let (tx, rx) = oneshot::channel();
             p.send(PollerMsg::Info(None, tx)).map_err(|_| HostError::Stopped)?;
-            out.extend(rx.await.map_err(|_| HostError::Stopped)?);
+            let part = rx.await.map_err(|_| HostError::Stopped)?;
+            if out.is_empty() {
+                out = part;
+            } else {
+                out.extend(part);
+            }
         }
+        // Each poller's part is in order already: a stable sort only merges the runs.
         out.sort_by_key(|i| i.group);
         Ok(out)
     }
