@@ -6,7 +6,7 @@
 //! this protocol from anything but a node's certificate is refused before it is decoded.
 
 use crate::meta::records::MetaWrite;
-use crate::placement::{MetaCommand, NodeId, NodeReport, ShardId, ShardLoad};
+use crate::placement::{MetaCommand, NodeId, NodeReport, ReportChange, ShardId, ShardLoad};
 use crate::wire::{decode_versioned, encode_versioned, AdminResponse, WireError};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -23,7 +23,8 @@ use std::collections::BTreeMap;
 /// Version 5: [`MetaOp::RemoveDeadNodes`], an unsafe recovery's map change written above a
 /// given revision.
 /// Version 6: merges (the meta state's merge plans, their commands).
-pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 6;
+/// Version 7: reports as changes from the previous one ([`MetaOp::ReportChange`]).
+pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 7;
 
 /// Whether `bytes` is a message of the peer protocol (rather than the client protocol).
 pub fn is_peer_message(bytes: &[u8]) -> bool {
@@ -137,6 +138,24 @@ pub enum MetaOp {
         /// too.
         led_requests_per_s: u64,
     },
+    /// A node's periodic report as the change from its previous one, or (without `base`) from
+    /// an empty report; a change too large for one message goes in several, in order. The
+    /// meta leader holds each node's report as of the last change it took, numbered: it takes
+    /// a change only onto the report numbered `base`, numbers the result `seq`, and then runs
+    /// it as the whole [`MetaOp::Report`]. Any other base is refused, and the node sends its
+    /// whole report next (so does it after any failure: a change is never applied twice).
+    ReportChange {
+        /// The node.
+        node: NodeId,
+        /// Its client address.
+        addr: String,
+        /// The number of the report the change applies to; `None`: an empty one.
+        base: Option<u64>,
+        /// The number of the report it makes.
+        seq: u64,
+        /// The change.
+        change: ReportChange,
+    },
     /// Split the shard holding `key` at `key`.
     SplitAt {
         /// The split key.
@@ -178,6 +197,14 @@ impl MetaOp {
             MetaOp::RemoveDeadNodes { revision_floor, .. } => *revision_floor,
             MetaOp::RaiseRevision { floor } => *floor,
             _ => 0,
+        }
+    }
+
+    /// The node whose report this op is (whole or as a change); `None` for other ops.
+    pub fn reporter(&self) -> Option<NodeId> {
+        match self {
+            MetaOp::Report { node, .. } | MetaOp::ReportChange { node, .. } => Some(*node),
+            _ => None,
         }
     }
 

@@ -505,6 +505,65 @@ async fn node_reports_reach_the_meta_leader_without_meta_writes() {
     assert!(rows.iter().all(|r| r.report_age_ms.is_some_and(|a| a < 2_000)), "reports still arrive: {rows:?}");
     let after = writes(&cluster);
     assert!(after - before <= 1, "reports were written to the meta group: {before} -> {after}");
+    // Idle, reports go as changes that name no shard: over 3 s, about 30 reports, carrying
+    // only what changed (a few indexes at most).
+    let sent = |c: &Cluster| -> (u64, u64, u64) {
+        let get = |f: fn(&flotilla::node::NodeStats) -> &std::sync::atomic::AtomicU64| -> u64 {
+            c.nodes().map(|n| f(n.stats()).load(std::sync::atomic::Ordering::Relaxed)).sum()
+        };
+        (get(|s| &s.reports_whole), get(|s| &s.reports_changed), get(|s| &s.report_shards_sent))
+    };
+    let (whole0, changed0, shards0) = sent(&cluster);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (whole1, changed1, shards1) = sent(&cluster);
+    assert!(
+        changed1 - changed0 >= 15,
+        "reports went as changes: {changed0} -> {changed1} ({whole0} -> {whole1} whole)"
+    );
+    assert!(whole1 - whole0 <= 1, "no whole report without a cause: {whole0} -> {whole1}");
+    assert!(
+        shards1 - shards0 < changed1 - changed0,
+        "an idle node's changes name (almost) no shard: {} shards in {} reports",
+        shards1 - shards0,
+        changed1 - changed0
+    );
+    // What the meta leader holds of each node is what the node has: every shard's durable
+    // applied index (given a report interval or two to arrive).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut wrong = Vec::new();
+        let mut leader = None;
+        for n in cluster.nodes() {
+            if n.host()
+                .group_info_of(flotilla::meta::META_GROUP)
+                .await
+                .is_ok_and(|i| i.role == flotilla::raft::Role::Leader)
+            {
+                leader = Some(n);
+            }
+        }
+        match leader {
+            Some(leader) => {
+                let live = leader.live_reports();
+                for n in cluster.nodes() {
+                    let held = live.get(&n.id()).map(|r| r.applied.clone()).unwrap_or_default();
+                    for i in
+                        n.host().group_info().await.unwrap().iter().filter(|i| i.group != flotilla::meta::META_GROUP)
+                    {
+                        if held.get(&i.group).map(|a| a.0) != Some(i.durable_applied.0) {
+                            wrong.push((n.id(), i.group, held.get(&i.group).copied(), i.durable_applied));
+                        }
+                    }
+                }
+            }
+            None => wrong.push((NodeId(0), ShardId(0), None, Default::default())),
+        }
+        if wrong.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the meta leader's reports differ from the nodes': {wrong:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     cluster.shutdown().await;
 }
 

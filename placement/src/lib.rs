@@ -108,6 +108,7 @@ pub mod map;
 pub mod merge;
 pub mod meta;
 pub mod plan;
+pub mod report_change;
 mod unsafe_recovery;
 
 pub use balance::{balance, BalancerConfig, Proposal, MERGE_SIZE_BYTES_DEFAULT};
@@ -120,3 +121,4 @@ pub use meta::{
     Tombstone, MOVE_HISTORY_LEN_MAX, MOVE_HISTORY_MS, MOVE_WINDOW_MS,
 };
 pub use plan::{MovePlan, MoveStep, PlanAction, PlanError, StepWatch, MOVE_TRANSFER_BYTES_PER_S_MIN};
+pub use report_change::{ReportChange, ShardReport};

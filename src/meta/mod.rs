@@ -167,6 +167,8 @@ pub fn run_op(op: &MetaOp, state: &mut MetaState, balancer: &BalancerConfig) -> 
             state.restored_from = backup_id.clone();
             Ok(AdminResponse::Changed(state.map.shards().cloned().collect()))
         }
+        // Taken onto the report the meta leader holds before it runs (`Node::meta_local`).
+        MetaOp::ReportChange { .. } => Err("a report change is run as the whole report it makes".into()),
         MetaOp::Report { node, addr, .. } => {
             if state.nodes.get(node).map(|n| &n.addr) != Some(addr) {
                 state

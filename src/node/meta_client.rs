@@ -10,7 +10,7 @@ use crate::meta::change_log::ChangeLog;
 use crate::meta::records::{change_parts, conversion_parts, without_leftovers, writes_bytes, MetaWrite};
 use crate::meta::{self, StoredMeta, META_GROUP, META_STATE_KEY};
 use crate::peer_wire::{MetaOp, MetaUpdate, PeerRequest, PeerResponse};
-use crate::placement::{MetaState, NodeId, NodeReport};
+use crate::placement::{MetaState, NodeId, NodeReport, ReportChange};
 use crate::raft::{RaftError, ReadMode, Role};
 use crate::shard::{HostError, KvCommand, KvResponse, TXN_BYTES_MAX, TXN_WRITES_MAX};
 use crate::wire::AdminResponse;
@@ -53,6 +53,11 @@ pub(super) struct MetaClient {
     /// Reports received as meta leader: kept in memory, not written to the meta group (they
     /// change every second); a new meta leader has them again within one report interval.
     live: Mutex<HashMap<NodeId, (NodeReport, Instant)>>,
+    /// Each node's whole report as of the last report change this node took as meta leader,
+    /// with its number ([`MetaOp::ReportChange`]): what the node's next change applies to.
+    /// Unlike `live`, as the node sent it (not cut to the map's shards, nor changed by ops).
+    /// Cleared with `live` when a new tenure starts.
+    report_bases: Mutex<HashMap<NodeId, (u64, NodeReport)>>,
     /// Since when this node leads the meta group (see [`Node::leads_meta`]).
     leader_since: Mutex<Option<Instant>>,
     /// A revision this node's next meta change must be written above (0: none): set by an
@@ -245,11 +250,22 @@ impl Node {
 
     /// Notes when a node's report reached this node as meta leader.
     fn saw_report(&self, op: &MetaOp) {
-        if let MetaOp::Report { node, .. } = op {
+        if let Some(node) = op.reporter() {
             if let Ok(mut m) = self.inner.meta.report_seen.lock() {
-                m.insert(*node, Instant::now());
+                m.insert(node, Instant::now());
             }
         }
+    }
+
+    /// The whole report a [`MetaOp::ReportChange`] makes of the one held for its node, as a
+    /// [`MetaOp::Report`] (see [`take_report_change`]).
+    fn report_from_change(&self, op: &MetaOp) -> Result<MetaOp, String> {
+        let MetaOp::ReportChange { node, addr, base, seq, change } = op else {
+            return Err("not a report change".into());
+        };
+        let mut held = self.inner.meta.report_bases.lock().map_err(|_| "report bases poisoned".to_string())?;
+        let report = take_report_change(&mut held, *node, *base, *seq, change)?;
+        Ok(MetaOp::report(*node, addr.clone(), report))
     }
 
     /// The changes this node wrote as meta leader from revision `since` to `to`, if it holds
@@ -393,12 +409,18 @@ impl Node {
     async fn meta_local(&self, op: &MetaOp) -> Result<(u64, Arc<MetaState>, AdminResponse), MetaTry> {
         let _guard = self.inner.meta.lock.lock().await;
         let g = META_GROUP;
+        let mut whole_report = None;
         loop {
             // The read makes this node's replica current (linearizably) and gives the header
             // the state must have.
             let header =
                 self.inner.host.get(g, META_STATE_KEY.to_vec(), ReadMode::ReadIndex).await.map_err(meta_try)?;
             let stored = self.stored_at(header).await.map_err(MetaTry::Refused)?;
+            // Taken once this node is known to lead, and once only: the loop may run again.
+            if whole_report.is_none() && matches!(op, MetaOp::ReportChange { .. }) {
+                whole_report = Some(self.report_from_change(op).map_err(MetaTry::Refused)?);
+            }
+            let op = whole_report.as_ref().unwrap_or(op);
             if let Some(done) = self.report_in_memory(op, &stored) {
                 return Ok(done);
             }
@@ -585,6 +607,12 @@ impl Node {
         self.inner.meta.leader_since.lock().ok().and_then(|s| s.map(|at| at.elapsed()))
     }
 
+    /// The reports this node holds as meta leader, as it took them (cut to the map's shards);
+    /// on other nodes, what it held when it last led, or nothing.
+    pub fn live_reports(&self) -> HashMap<NodeId, NodeReport> {
+        self.inner.meta.live.lock().map(|l| l.iter().map(|(n, (r, _))| (*n, r.clone())).collect()).unwrap_or_default()
+    }
+
     /// Whether this node leads the meta group; records when it started to (a new meta leader
     /// holds no live reports yet, and forgets the ones of an earlier tenure).
     pub(super) async fn leads_meta(&self) -> bool {
@@ -596,6 +624,9 @@ impl Node {
                     if let Ok(mut live) = self.inner.meta.live.lock() {
                         live.clear();
                     }
+                    if let Ok(mut bases) = self.inner.meta.report_bases.lock() {
+                        bases.clear();
+                    }
                 }
                 (false, true) => *since = None,
                 _ => {}
@@ -603,6 +634,33 @@ impl Node {
         }
         leads
     }
+}
+
+/// Takes node `node`'s report change `change`, which applies to its report numbered `base`
+/// (`None`: an empty one) and makes report `seq`, onto the reports held in `held`: the whole
+/// report it makes, held from now on as that node's. Refused when `held` has another report
+/// of the node, or none (the node then sends its whole report); what was held of the node is
+/// dropped then, so that only a whole report follows.
+pub(super) fn take_report_change(
+    held: &mut HashMap<NodeId, (u64, NodeReport)>,
+    node: NodeId,
+    base: Option<u64>,
+    seq: u64,
+    change: &ReportChange,
+) -> Result<NodeReport, String> {
+    let mut report = match (base, held.remove(&node)) {
+        (None, _) => NodeReport::default(),
+        (Some(b), Some((s, r))) if s == b => r,
+        (Some(b), had) => {
+            return Err(format!(
+                "report change of node {node} applies to report {b}, but {} is held here: send the whole report",
+                had.map_or("none".to_string(), |(s, _)| s.to_string())
+            ))
+        }
+    };
+    report.apply_change(change);
+    held.insert(node, (seq, report.clone()));
+    Ok(report)
 }
 
 enum MetaTry {
@@ -618,5 +676,38 @@ fn meta_try(e: HostError) -> MetaTry {
     match e {
         HostError::Raft(RaftError::NotLeader { leader }) => MetaTry::Leader(leader),
         other => MetaTry::Retry(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::{LogIndex, ShardId};
+
+    fn report(applied: &[(u64, u64)]) -> NodeReport {
+        NodeReport {
+            applied: applied.iter().map(|(s, a)| (ShardId(*s), LogIndex(*a))).collect(),
+            ..NodeReport::default()
+        }
+    }
+
+    #[test]
+    fn changes_are_taken_only_onto_the_report_they_were_made_from() {
+        let mut held = HashMap::new();
+        let n = NodeId(2);
+        let (r1, r2, r3) = (report(&[(1, 5), (2, 5)]), report(&[(1, 6), (2, 5)]), report(&[(2, 9)]));
+        // Whole, then two changes in order.
+        assert_eq!(take_report_change(&mut held, n, None, 10, &NodeReport::default().change_to(&r1)), Ok(r1.clone()));
+        assert_eq!(take_report_change(&mut held, n, Some(10), 11, &r1.change_to(&r2)), Ok(r2.clone()));
+        assert_eq!(take_report_change(&mut held, n, Some(11), 12, &r2.change_to(&r3)), Ok(r3.clone()));
+        // The same change again (an answer lost, the op sent twice): refused, not applied twice,
+        // and nothing held any more, so no later change is taken either until a whole report.
+        let again = take_report_change(&mut held, n, Some(11), 12, &r2.change_to(&r3));
+        assert!(again.is_err_and(|e| e.contains("send the whole report")));
+        assert!(take_report_change(&mut held, n, Some(12), 13, &r3.change_to(&r1)).is_err());
+        assert_eq!(take_report_change(&mut held, n, None, 14, &NodeReport::default().change_to(&r1)), Ok(r1.clone()));
+        // A change of another node's numbering, or for a node never heard of, is refused.
+        assert!(take_report_change(&mut held, NodeId(3), Some(14), 15, &r1.change_to(&r2)).is_err());
+        assert_eq!(held.get(&n).map(|(s, r)| (*s, r.clone())), Some((14, r1)));
     }
 }

@@ -363,6 +363,13 @@ pub struct NodeStats {
     pub meta_updates_whole: AtomicU64,
     /// Refreshes of this node's copy that came as the changes since its revision.
     pub meta_updates_changes: AtomicU64,
+    /// Reports the meta leader took from this node whole (from an empty report).
+    pub reports_whole: AtomicU64,
+    /// Reports the meta leader took from this node as the change from its previous one.
+    pub reports_changed: AtomicU64,
+    /// Shard entries those reports carried (a whole report: every shard it names; a change:
+    /// the shards that changed).
+    pub report_shards_sent: AtomicU64,
 }
 
 /// The node's state, shared by its tasks. Each room's state is its own field (and lock), named
@@ -394,6 +401,9 @@ struct Inner {
     restored: Option<crate::backup::Restored>,
     /// Last size check of each shard this node leads (`report.rs`).
     sizes: Mutex<HashMap<ShardId, SizeCheck>>,
+    /// The last report the meta leader took, that the next is sent as a change of
+    /// (`report.rs`).
+    reports_sent: tokio::sync::Mutex<report::ReportsSent>,
     /// Requests per shard served here and their sampled keys, for load-based splitting and
     /// leader balancing (`report.rs`; windows closed at each report).
     load: LoadTrackers,
@@ -527,6 +537,7 @@ impl Node {
             bootstrap_ranges: std::sync::OnceLock::new(),
             restored,
             sizes: Mutex::new(HashMap::new()),
+            reports_sent: tokio::sync::Mutex::new(report::ReportsSent::new()),
             load: LoadTrackers::new(load_split_config(&config), 0),
             requests_limit: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
             stats: NodeStats::default(),
@@ -727,6 +738,9 @@ impl Node {
             ("flotilla_meta_write_records_total", "Records those changes wrote.", &s.meta_write_records),
             ("flotilla_meta_updates_whole_total", "Refreshes of this node's meta copy sent as the whole state.", &s.meta_updates_whole),
             ("flotilla_meta_updates_changes_total", "Refreshes of this node's meta copy sent as the changes since its revision.", &s.meta_updates_changes),
+            ("flotilla_reports_whole_total", "Reports the meta leader took from this node whole.", &s.reports_whole),
+            ("flotilla_reports_changed_total", "Reports the meta leader took from this node as the change from its previous one.", &s.reports_changed),
+            ("flotilla_report_shards_sent_total", "Shard entries this node's reports carried (whole: every shard; changed: the shards that changed).", &s.report_shards_sent),
             ("flotilla_meta_write_bytes_total", "Bytes of keys and values those changes wrote.", &s.meta_write_bytes),
             ("flotilla_host_batches_sent_total", "Node batches sent.", &h.batches_sent),
             ("flotilla_host_messages_sent_total", "Raft messages sent.", &h.messages_sent),

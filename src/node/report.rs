@@ -16,6 +16,36 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::debug;
 
+/// Shards of a report change sent in one message at most.
+pub const REPORT_SHARDS_PER_MESSAGE: usize = 8192;
+/// Bytes of a report change sent in one message, about, at most: well inside a transport
+/// frame (4 MiB by default), whatever the split keys' lengths.
+pub const REPORT_BYTES_PER_MESSAGE: usize = 1 << 20;
+/// Reports sent as changes between two whole ones: a whole report now and then puts the meta
+/// leader's copy right whatever happened to it (it cuts reports to the map's shards, and an op
+/// may change the copy it shows).
+pub const REPORTS_BETWEEN_WHOLE: u32 = 60;
+
+/// What the reporter knows of the reports the meta leader took.
+pub(super) struct ReportsSent {
+    /// The last report the meta leader took, its number, and how many changes were sent
+    /// since a whole report. `None` after any failure: the next report goes whole.
+    last: Option<(u64, NodeReport, u32)>,
+    /// The number of the next report. Starts at a random value, so that a node started
+    /// again never numbers a report as an earlier run did (the meta leader would take a
+    /// change onto the wrong one).
+    next_seq: u64,
+}
+
+impl ReportsSent {
+    pub(super) fn new() -> ReportsSent {
+        use std::hash::{BuildHasher, Hasher};
+        // Random bits above, room for 2^32 reports below.
+        let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        ReportsSent { last: None, next_seq: random & !0xFFFF_FFFF }
+    }
+}
+
 /// A shard's last size check.
 pub(super) struct SizeCheck {
     /// The shard's epoch when it was checked (a split changes its range).
@@ -73,8 +103,35 @@ impl Node {
     pub(super) async fn report(&self, requests_per_s: u64) -> Result<(), NodeError> {
         let mut report = self.build_report(requests_per_s).await?;
         (report.shard_load, report.led_requests_per_s) = self.roll_load(&report.leading);
-        let op = MetaOp::report(self.inner.id, self.inner.addr.clone(), report);
-        self.meta_follow(op).await?;
+        self.send_report(report).await
+    }
+
+    /// Sends `report` to the meta leader as the change from the last one it took (on an idle
+    /// node, no shard changed), or whole when none is known to be held there or a whole one
+    /// is due; in parts when large.
+    pub(super) async fn send_report(&self, report: NodeReport) -> Result<(), NodeError> {
+        let mut sent = self.inner.reports_sent.lock().await;
+        // Taken: whatever fails below leaves nothing, and the next report goes whole.
+        let (mut base, change, since_whole) = match sent.last.take() {
+            Some((seq, last, n)) if n < REPORTS_BETWEEN_WHOLE => (Some(seq), last.change_to(&report), n + 1),
+            _ => (None, NodeReport::default().change_to(&report), 0),
+        };
+        let whole = base.is_none();
+        for part in change.into_parts(REPORT_SHARDS_PER_MESSAGE, REPORT_BYTES_PER_MESSAGE) {
+            let seq = sent.next_seq;
+            sent.next_seq = seq.wrapping_add(1);
+            let shards = part.shards.len() as u64;
+            let op =
+                MetaOp::ReportChange { node: self.inner.id, addr: self.inner.addr.clone(), base, seq, change: part };
+            self.meta_follow(op).await?;
+            self.inner.stats.report_shards_sent.fetch_add(shards, Ordering::Relaxed);
+            base = Some(seq);
+        }
+        let stat = if whole { &self.inner.stats.reports_whole } else { &self.inner.stats.reports_changed };
+        stat.fetch_add(1, Ordering::Relaxed);
+        if let Some(seq) = base {
+            sent.last = Some((seq, report, since_whole));
+        }
         Ok(())
     }
 
