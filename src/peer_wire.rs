@@ -141,9 +141,11 @@ pub enum MetaOp {
     /// A node's periodic report as the change from its previous one, or (without `base`) from
     /// an empty report; a change too large for one message goes in several, in order. The
     /// meta leader holds each node's report as of the last change it took, numbered: it takes
-    /// a change only onto the report numbered `base`, numbers the result `seq`, and then runs
-    /// it as the whole [`MetaOp::Report`]. Any other base is refused, and the node sends its
-    /// whole report next (so does it after any failure: a change is never applied twice).
+    /// a change only onto the report numbered `base` and numbers the result `seq`; at the
+    /// `last` part it runs the report as the whole [`MetaOp::Report`] (an earlier part is
+    /// only held: a report cut short would say the node no longer holds the shards of the
+    /// parts to come). Any other base is refused, and the node sends its whole report next
+    /// (so does it after any failure: a change is never applied twice).
     ReportChange {
         /// The node.
         node: NodeId,
@@ -155,6 +157,8 @@ pub enum MetaOp {
         seq: u64,
         /// The change.
         change: ReportChange,
+        /// Whether this is the change's last part.
+        last: bool,
     },
     /// Split the shard holding `key` at `key`.
     SplitAt {

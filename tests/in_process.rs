@@ -1212,3 +1212,72 @@ async fn a_meta_state_stored_in_the_one_key_format_converts_and_the_cluster_serv
     assert_eq!(client.get(b"a-key").await.unwrap(), Some(b"w".to_vec()));
     cluster.shutdown().await;
 }
+
+/// A whole report too large for one message goes in parts; the meta leader holds the parts
+/// until the last and runs only the whole: a report cut short would tell it the node no
+/// longer holds the shards of the parts to come (and so, say, that their tombstones are done
+/// with).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_report_in_parts_is_run_only_whole() {
+    use flotilla::peer_wire::MetaOp;
+    use flotilla::placement::{LogIndex, NodeReport, ReportChange};
+    // Every node's whole report goes in parts of two shards, every third report.
+    let mut cluster = Cluster::start_with(3, &[1, 2, 3], &[1, 2, 3], dev_split_keys(5), |cfg| {
+        cfg.report_shards_per_message = 2;
+        cfg.reports_between_whole = 2;
+    })
+    .await;
+    let client = cluster.client().await;
+    let shards: Vec<ShardId> = client.cached_view().map.shards().map(|d| d.id).collect();
+    assert!(shards.len() >= 2, "{shards:?}");
+    // The meta leader, once it holds every node's report of every shard.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let leader = loop {
+        let mut found = None;
+        for n in cluster.nodes() {
+            let i = n.host().group_info_of(flotilla::meta::META_GROUP).await;
+            if i.is_ok_and(|i| i.role == flotilla::raft::Role::Leader) {
+                found = Some(n);
+            }
+        }
+        if let Some(n) = found {
+            let live = n.live_reports();
+            let whole = |id| live.get(&NodeId(id)).is_some_and(|r| shards.iter().all(|s| r.applied.contains_key(s)));
+            if (1..=3).all(whole) {
+                break n;
+            }
+        }
+        assert!(Instant::now() < deadline, "no meta leader holding every node's report");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // While the nodes' own whole reports go in parts, the leader never holds one cut short.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        for (node, r) in leader.live_reports() {
+            assert!(
+                shards.iter().all(|s| r.applied.contains_key(s)),
+                "node {node}'s report cut short: {:?}",
+                r.applied
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let whole: u64 = cluster.nodes().map(|n| n.stats().reports_whole.load(std::sync::atomic::Ordering::Relaxed)).sum();
+    assert!(whole >= 3, "whole reports (in parts) were sent: {whole}");
+    // The first part of a whole report of node 3 naming only the first shard (numbered in a run
+    // of its own, so the leader takes it as a new whole report).
+    let mut first = NodeReport::default();
+    first.applied.insert(shards[0], LogIndex(1));
+    let change: ReportChange = NodeReport::default().change_to(&first);
+    let seq = 0xFEED_u64 << 32;
+    let addr = leader.meta_view().nodes[&NodeId(3)].addr.clone();
+    let op = MetaOp::ReportChange { node: NodeId(3), addr, base: None, seq, change, last: false };
+    leader.meta_exec(op, false).await.expect("the part is taken");
+    let held = leader.live_reports().get(&NodeId(3)).cloned().unwrap_or_default();
+    assert!(
+        shards.iter().all(|s| held.applied.contains_key(s)),
+        "the leader ran a report cut short: node 3 holds {:?}",
+        held.applied
+    );
+    cluster.shutdown().await;
+}

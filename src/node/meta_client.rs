@@ -258,14 +258,15 @@ impl Node {
     }
 
     /// The whole report a [`MetaOp::ReportChange`] makes of the one held for its node, as a
-    /// [`MetaOp::Report`] (see [`take_report_change`]).
-    fn report_from_change(&self, op: &MetaOp) -> Result<MetaOp, String> {
-        let MetaOp::ReportChange { node, addr, base, seq, change } = op else {
+    /// [`MetaOp::Report`] to run, at its last part; `None` at an earlier part, which is only
+    /// held (see [`take_report_change`]).
+    fn report_from_change(&self, op: &MetaOp) -> Result<Option<MetaOp>, String> {
+        let MetaOp::ReportChange { node, addr, base, seq, change, last } = op else {
             return Err("not a report change".into());
         };
         let mut held = self.inner.meta.report_bases.lock().map_err(|_| "report bases poisoned".to_string())?;
         let report = take_report_change(&mut held, *node, *base, *seq, change)?;
-        Ok(MetaOp::report(*node, addr.clone(), report))
+        Ok(last.then(|| MetaOp::report(*node, addr.clone(), report)))
     }
 
     /// The changes this node wrote as meta leader from revision `since` to `to`, if it holds
@@ -418,7 +419,18 @@ impl Node {
             let stored = self.stored_at(header).await.map_err(MetaTry::Refused)?;
             // Taken once this node is known to lead, and once only: the loop may run again.
             if whole_report.is_none() && matches!(op, MetaOp::ReportChange { .. }) {
-                whole_report = Some(self.report_from_change(op).map_err(MetaTry::Refused)?);
+                match self.report_from_change(op).map_err(MetaTry::Refused)? {
+                    Some(whole) => whole_report = Some(whole),
+                    // A part before the last: held, nothing run. Answered with the state as
+                    // stored (the asker follows it), as a report that changes nothing would be.
+                    None => {
+                        let view = match self.inner.meta.view.read().ok().map(|v| (v.0, v.1.clone())) {
+                            Some((revision, view)) if revision == stored.revision() => view,
+                            _ => Arc::new(stored.state.clone()),
+                        };
+                        return Ok((stored.revision(), view, AdminResponse::Done("report part held".into())));
+                    }
+                }
             }
             let op = whole_report.as_ref().unwrap_or(op);
             if let Some(done) = self.report_in_memory(op, &stored) {
@@ -648,6 +660,11 @@ pub(super) fn take_report_change(
     seq: u64,
     change: &ReportChange,
 ) -> Result<NodeReport, String> {
+    // A part or change sent before the one held (a late copy of a retried request), of the
+    // node's same run (the numbers' upper half): dropped, what is held stays.
+    if held.get(&node).is_some_and(|(s, _)| s >> 32 == seq >> 32 && seq <= *s) {
+        return Err(format!("report {seq} of node {node} is older than the one held here: dropped"));
+    }
     let mut report = match (base, held.remove(&node)) {
         (None, _) => NodeReport::default(),
         (Some(b), Some((s, r))) if s == b => r,
@@ -696,18 +713,29 @@ mod tests {
         let mut held = HashMap::new();
         let n = NodeId(2);
         let (r1, r2, r3) = (report(&[(1, 5), (2, 5)]), report(&[(1, 6), (2, 5)]), report(&[(2, 9)]));
+        let whole = |r: &NodeReport| NodeReport::default().change_to(r);
         // Whole, then two changes in order.
-        assert_eq!(take_report_change(&mut held, n, None, 10, &NodeReport::default().change_to(&r1)), Ok(r1.clone()));
+        assert_eq!(take_report_change(&mut held, n, None, 10, &whole(&r1)), Ok(r1.clone()));
         assert_eq!(take_report_change(&mut held, n, Some(10), 11, &r1.change_to(&r2)), Ok(r2.clone()));
         assert_eq!(take_report_change(&mut held, n, Some(11), 12, &r2.change_to(&r3)), Ok(r3.clone()));
-        // The same change again (an answer lost, the op sent twice): refused, not applied twice,
-        // and nothing held any more, so no later change is taken either until a whole report.
+        // The same change again (an answer lost, the op sent twice), or a late copy of an
+        // earlier whole report: dropped, not applied twice, and what is held stays.
         let again = take_report_change(&mut held, n, Some(11), 12, &r2.change_to(&r3));
-        assert!(again.is_err_and(|e| e.contains("send the whole report")));
-        assert!(take_report_change(&mut held, n, Some(12), 13, &r3.change_to(&r1)).is_err());
-        assert_eq!(take_report_change(&mut held, n, None, 14, &NodeReport::default().change_to(&r1)), Ok(r1.clone()));
-        // A change of another node's numbering, or for a node never heard of, is refused.
-        assert!(take_report_change(&mut held, NodeId(3), Some(14), 15, &r1.change_to(&r2)).is_err());
-        assert_eq!(held.get(&n).map(|(s, r)| (*s, r.clone())), Some((14, r1)));
+        assert!(again.is_err_and(|e| e.contains("older")));
+        assert!(take_report_change(&mut held, n, None, 10, &whole(&r1)).is_err_and(|e| e.contains("older")));
+        assert_eq!(held.get(&n).map(|(s, r)| (*s, r.clone())), Some((12, r3.clone())));
+        // A change onto a report not held (one lost on the way): refused, and nothing is held
+        // any more, so no later change is taken either until a whole report.
+        assert!(take_report_change(&mut held, n, Some(13), 14, &r3.change_to(&r1))
+            .is_err_and(|e| e.contains("send the whole report")));
+        assert!(take_report_change(&mut held, n, Some(12), 15, &r3.change_to(&r1)).is_err());
+        assert_eq!(take_report_change(&mut held, n, None, 16, &whole(&r1)), Ok(r1.clone()));
+        // A change for a node never heard of is refused.
+        assert!(take_report_change(&mut held, NodeId(3), Some(16), 17, &r1.change_to(&r2)).is_err());
+        // A whole report of the node's next run (a restart: other upper bits) is taken even
+        // if its numbers are lower.
+        let next_run = 1 << 32;
+        assert_eq!(take_report_change(&mut held, n, None, next_run, &whole(&r2)), Ok(r2.clone()));
+        assert_eq!(held.get(&n).map(|(s, r)| (*s, r.clone())), Some((next_run, r2)));
     }
 }

@@ -57,6 +57,7 @@ mod meta_members;
 mod moves;
 mod reconcile;
 mod report;
+pub use report::{REPORTS_BETWEEN_WHOLE, REPORT_SHARDS_PER_MESSAGE};
 mod serve;
 mod unsafe_recovery;
 
@@ -217,6 +218,11 @@ pub struct NodeConfig {
     pub pollers: usize,
     /// How often the node reports to the meta leader (ms).
     pub report_interval_ms: u64,
+    /// Shard entries a report message carries at most: a larger report goes in parts
+    /// (default [`REPORT_SHARDS_PER_MESSAGE`]).
+    pub report_shards_per_message: usize,
+    /// Reports sent as changes between two whole ones (default [`REPORTS_BETWEEN_WHOLE`]).
+    pub reports_between_whole: u32,
     /// Balancer limits (for `admin rebalance` and the automatic balancer).
     pub balancer: BalancerConfig,
     /// Run the balancer on the meta leader this often (ms), carrying out what it proposes:
@@ -254,6 +260,8 @@ impl NodeConfig {
             raft: default_raft(),
             pollers: default_pollers(1),
             report_interval_ms: 1_000,
+            report_shards_per_message: REPORT_SHARDS_PER_MESSAGE,
+            reports_between_whole: REPORTS_BETWEEN_WHOLE,
             // A learner within this many entries of the leader is promoted: a joint change keeps
             // the old voters' quorum, so a small lag never stalls writes.
             balancer: BalancerConfig {

@@ -113,16 +113,20 @@ impl Node {
         let mut sent = self.inner.reports_sent.lock().await;
         // Taken: whatever fails below leaves nothing, and the next report goes whole.
         let (mut base, change, since_whole) = match sent.last.take() {
-            Some((seq, last, n)) if n < REPORTS_BETWEEN_WHOLE => (Some(seq), last.change_to(&report), n + 1),
+            Some((seq, last, n)) if n < self.inner.config.reports_between_whole => {
+                (Some(seq), last.change_to(&report), n + 1)
+            }
             _ => (None, NodeReport::default().change_to(&report), 0),
         };
         let whole = base.is_none();
-        for part in change.into_parts(REPORT_SHARDS_PER_MESSAGE, REPORT_BYTES_PER_MESSAGE) {
+        let parts = change.into_parts(self.inner.config.report_shards_per_message, REPORT_BYTES_PER_MESSAGE);
+        let count = parts.len();
+        for (n, part) in parts.into_iter().enumerate() {
             let seq = sent.next_seq;
             sent.next_seq = seq.wrapping_add(1);
             let shards = part.shards.len() as u64;
-            let op =
-                MetaOp::ReportChange { node: self.inner.id, addr: self.inner.addr.clone(), base, seq, change: part };
+            let (node, addr, last) = (self.inner.id, self.inner.addr.clone(), n + 1 == count);
+            let op = MetaOp::ReportChange { node, addr, base, seq, change: part, last };
             self.meta_follow(op).await?;
             self.inner.stats.report_shards_sent.fetch_add(shards, Ordering::Relaxed);
             base = Some(seq);
