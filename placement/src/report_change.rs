@@ -42,31 +42,20 @@ pub struct ReportChange {
 }
 
 impl NodeReport {
-    /// Every shard this report names, in id order.
-    fn shards_named(&self) -> BTreeSet<ShardId> {
-        let mut out: BTreeSet<ShardId> = self.applied.keys().copied().collect();
-        out.extend(self.leading.iter().copied());
-        out.extend(self.shard_bytes.keys().copied());
-        out.extend(self.split_keys.keys().copied());
-        out.extend(self.confs.keys().copied());
-        out.extend(self.shard_load.keys().copied());
-        out
-    }
-
-    /// The change that turns this report into `next` ([`NodeReport::apply_change`]).
+    /// The change that turns this report into `next` ([`NodeReport::apply_change`]). Walks
+    /// each map of both in key order once, so an unchanged report of many shards costs no
+    /// allocation and no lookup.
     pub fn change_to(&self, next: &NodeReport) -> ReportChange {
-        let mut named = self.shards_named();
-        named.extend(next.shards_named());
-        // `leading` is a list: looked up as a set, or the whole diff would be quadratic.
-        let (led_before, led_after): (BTreeSet<ShardId>, BTreeSet<ShardId>) =
-            (self.leading.iter().copied().collect(), next.leading.iter().copied().collect());
-        let shards = named
-            .into_iter()
-            .filter_map(|s| {
-                let after = line(next, &led_after, s);
-                (line(self, &led_before, s) != after).then_some((s, after))
-            })
-            .collect();
+        let mut changed = BTreeSet::new();
+        differing(self.applied.iter(), next.applied.iter(), &mut changed);
+        differing(self.shard_bytes.iter(), next.shard_bytes.iter(), &mut changed);
+        differing(self.split_keys.iter(), next.split_keys.iter(), &mut changed);
+        differing(self.confs.iter(), next.confs.iter(), &mut changed);
+        differing(self.shard_load.iter(), next.shard_load.iter(), &mut changed);
+        // `leading` is a list, in id order as reports build it (sorted here if not).
+        let (led_before, led_after) = (in_order(&self.leading), in_order(&next.leading));
+        differing(led_before.iter().map(|s| (s, &())), led_after.iter().map(|s| (s, &())), &mut changed);
+        let shards = changed.into_iter().map(|s| (s, line(next, &led_after, s))).collect();
         ReportChange { shards, requests_per_s: next.requests_per_s, led_requests_per_s: next.led_requests_per_s }
     }
 
@@ -107,11 +96,60 @@ impl NodeReport {
     }
 }
 
-/// What `r` says of shard `s` (`None`: nothing), `led` being its `leading` as a set.
-fn line(r: &NodeReport, led: &BTreeSet<ShardId>, s: ShardId) -> Option<ShardReport> {
+/// Adds to `out` every key of the two maps, each iterated in key order, that only one of them
+/// has or that they give different values.
+fn differing<'a, V: PartialEq + 'a>(
+    a: impl Iterator<Item = (&'a ShardId, &'a V)>,
+    b: impl Iterator<Item = (&'a ShardId, &'a V)>,
+    out: &mut BTreeSet<ShardId>,
+) {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => return,
+            (Some((k, _)), None) => {
+                out.insert(**k);
+                a.next();
+            }
+            (None, Some((k, _))) => {
+                out.insert(**k);
+                b.next();
+            }
+            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Less => {
+                    out.insert(**ka);
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.insert(**kb);
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if va != vb {
+                        out.insert(**ka);
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
+}
+
+/// `leading` in id order without repeats: as given when it already is (reports are built so).
+fn in_order(leading: &[ShardId]) -> std::borrow::Cow<'_, [ShardId]> {
+    if leading.windows(2).all(|w| w[0] < w[1]) {
+        return std::borrow::Cow::Borrowed(leading);
+    }
+    let set: BTreeSet<ShardId> = leading.iter().copied().collect();
+    std::borrow::Cow::Owned(set.into_iter().collect())
+}
+
+/// What `r` says of shard `s` (`None`: nothing), `led` being its `leading` in id order.
+fn line(r: &NodeReport, led: &[ShardId], s: ShardId) -> Option<ShardReport> {
     let e = ShardReport {
         applied: r.applied.get(&s).copied(),
-        leading: led.contains(&s),
+        leading: led.binary_search(&s).is_ok(),
         bytes: r.shard_bytes.get(&s).copied(),
         split_key: r.split_keys.get(&s).cloned(),
         conf: r.confs.get(&s).cloned(),
@@ -210,6 +248,21 @@ mod tests {
             got.apply_change(&change);
             assert_eq!(got, new, "change {change:?}");
         }
+    }
+
+    #[test]
+    fn leading_out_of_order_or_repeated_is_taken_as_the_set_it_names() {
+        let mut old = report(1..20, 0);
+        old.leading = vec![s(9), s(3), s(9)];
+        let mut new = old.clone();
+        new.leading = vec![s(12), s(3), s(6), s(3)];
+        let change = old.change_to(&new);
+        let named: Vec<ShardId> = change.shards.iter().map(|(x, _)| *x).collect();
+        assert_eq!(named, vec![s(6), s(9), s(12)]);
+        let mut got = old.clone();
+        got.apply_change(&change);
+        assert_eq!(got.leading, vec![s(3), s(6), s(12)]);
+        assert!(old.change_to(&NodeReport { leading: vec![s(3), s(9)], ..old.clone() }).is_empty());
     }
 
     #[test]

@@ -18,7 +18,7 @@ impl Node {
     /// Creates the meta group on a new cluster's meta voters.
     pub(super) async fn init_meta(&self) -> Result<(), NodeError> {
         let Some(b) = self.inner.config.bootstrap.clone() else { return Ok(()) };
-        if !b.meta_voters.contains(&self.inner.id) || self.inner.host.groups().contains(&META_GROUP) {
+        if !b.meta_voters.contains(&self.inner.id) || self.inner.host.hosts(META_GROUP) {
             return Ok(());
         }
         if self.meta_replica_retired() {

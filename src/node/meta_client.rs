@@ -52,7 +52,8 @@ pub(super) struct MetaClient {
     report_seen: Mutex<HashMap<NodeId, Instant>>,
     /// Reports received as meta leader: kept in memory, not written to the meta group (they
     /// change every second); a new meta leader has them again within one report interval.
-    live: Mutex<HashMap<NodeId, (NodeReport, Instant)>>,
+    /// With each, the stored revision whose map it was cut to (0: not known).
+    live: Mutex<HashMap<NodeId, (NodeReport, Instant, u64)>>,
     /// Each node's whole report as of the last report change this node took as meta leader,
     /// with its number ([`MetaOp::ReportChange`]): what the node's next change applies to.
     /// Unlike `live`, as the node sent it (not cut to the map's shards, nor changed by ops).
@@ -101,7 +102,7 @@ impl Node {
     /// Re-reads the local replica of the meta state, if this node holds one: its header, and
     /// its records only if the header changed since they were last read.
     pub(crate) async fn refresh_local_view(&self) -> bool {
-        if !self.inner.host.groups().contains(&META_GROUP) {
+        if !self.inner.host.hosts(META_GROUP) {
             return false;
         }
         let header = match self.inner.meta_sm.get(META_STATE_KEY.to_vec()).await {
@@ -183,7 +184,7 @@ impl Node {
             if *self.inner.shutdown.borrow() {
                 return Err(NodeError::MetaUnavailable("the node is shutting down".into()));
             }
-            let target = if self.inner.host.groups().contains(&META_GROUP) {
+            let target = if self.inner.host.hosts(META_GROUP) {
                 match self.meta_local(&op).await {
                     Ok(r) => {
                         self.saw_report(&op);
@@ -221,7 +222,7 @@ impl Node {
             if let Some(to) = target {
                 // To the leader: final hop. To any node (we hold no meta replica): it may forward
                 // once to its leader.
-                let hop = self.inner.host.groups().contains(&META_GROUP);
+                let hop = self.inner.host.hosts(META_GROUP);
                 let req = PeerRequest::Meta { op: op.clone(), forwarded: hop };
                 match self
                     .inner
@@ -288,7 +289,7 @@ impl Node {
             if *self.inner.shutdown.borrow() {
                 return Err(NodeError::MetaUnavailable("the node is shutting down".into()));
             }
-            if self.inner.host.groups().contains(&META_GROUP) {
+            if self.inner.host.hosts(META_GROUP) {
                 match self.meta_local(&op).await {
                     Ok((_, _, answer)) => {
                         self.saw_report(&op);
@@ -417,6 +418,11 @@ impl Node {
             let header =
                 self.inner.host.get(g, META_STATE_KEY.to_vec(), ReadMode::ReadIndex).await.map_err(meta_try)?;
             let stored = self.stored_at(header).await.map_err(MetaTry::Refused)?;
+            if whole_report.is_none() {
+                if let Some(done) = self.unchanged_report(op, &stored) {
+                    return Ok(done);
+                }
+            }
             // Taken once this node is known to lead, and once only: the loop may run again.
             if whole_report.is_none() && matches!(op, MetaOp::ReportChange { .. }) {
                 match self.report_from_change(op).map_err(MetaTry::Refused)? {
@@ -444,11 +450,13 @@ impl Node {
             // split drops the split shard's size and split key).
             if let Ok(mut live) = self.inner.meta.live.lock() {
                 if let MetaOp::Report { node, .. } = op {
-                    live.insert(*node, (NodeReport::default(), Instant::now()));
+                    live.insert(*node, (NodeReport::default(), Instant::now(), 0));
                 }
-                for (node, (report, _)) in live.iter_mut() {
+                for (node, (report, _, cut_to)) in live.iter_mut() {
                     if let Some(info) = next.nodes.get(node) {
                         *report = info.report.clone();
+                        // As the op left it: the next report is taken whole again.
+                        *cut_to = 0;
                     }
                 }
             }
@@ -550,24 +558,41 @@ impl Node {
     fn report_in_memory(&self, op: &MetaOp, stored: &StoredMeta) -> Option<(u64, Arc<MetaState>, AdminResponse)> {
         let MetaOp::Report { node, addr, .. } = op else { return None };
         let s = &stored.state;
-        // While a move runs, the meta leader's view must carry the reports: the move's steps
-        // are judged on it (`drive_moves`), and only the full op lays them over the view.
-        let quiet = !stored.whole
-            && stored.leftovers.is_empty()
-            && s.moves.is_empty()
-            && s.nodes.get(node).is_some_and(|n| n.addr == *addr)
-            && !s.transfers.values().any(|t| t == node)
-            && s.tombstones.is_empty();
         let (revision, view) = self.inner.meta.view.read().ok().map(|v| (v.0, v.1.clone()))?;
         // The answer carries the state at the stored revision: the view must be that one.
-        if !quiet || revision != stored.revision() {
+        if !quiet_report(*node, addr, stored) || revision != stored.revision() {
             return None;
         }
         let mut report = op.full_report()?;
         report.leading.retain(|sh| s.map.get(*sh).is_some());
         report.applied.retain(|sh, _| s.map.get(*sh).is_some());
         report.shard_load.retain(|sh, _| s.map.get(*sh).is_some());
-        self.inner.meta.live.lock().ok()?.insert(*node, (report, Instant::now()));
+        self.inner.meta.live.lock().ok()?.insert(*node, (report, Instant::now(), revision));
+        self.inner.stats.meta_ops.fetch_add(1, Ordering::Relaxed);
+        Some((revision, view, AdminResponse::Done("reported".into())))
+    }
+
+    /// A report change that changes no shard, taken where [`Node::report_in_memory`] would
+    /// take its whole report, onto the copies already held: the node's numbered report and its
+    /// live copy cut to the same map take the new totals and time, and nothing is copied
+    /// (with thousands of shards the whole report is a large copy, and an idle node sends one
+    /// every second). `None`: take it the general way.
+    fn unchanged_report(&self, op: &MetaOp, stored: &StoredMeta) -> Option<(u64, Arc<MetaState>, AdminResponse)> {
+        let MetaOp::ReportChange { node, addr, base: Some(base), seq, change, last: true } = op else { return None };
+        let (revision, view) = self.inner.meta.view.read().ok().map(|v| (v.0, v.1.clone()))?;
+        if !change.is_empty() || !quiet_report(*node, addr, stored) || revision != stored.revision() {
+            return None;
+        }
+        let mut bases = self.inner.meta.report_bases.lock().ok()?;
+        let mut live = self.inner.meta.live.lock().ok()?;
+        let (held_seq, held) = bases.get_mut(node).filter(|(s, _)| s == base)?;
+        let (cut, at, cut_to) = live.get_mut(node).filter(|(_, _, r)| *r == revision)?;
+        for r in [held, cut] {
+            r.requests_per_s = change.requests_per_s;
+            r.led_requests_per_s = change.led_requests_per_s;
+        }
+        *held_seq = *seq;
+        (*at, *cut_to) = (Instant::now(), revision);
         self.inner.stats.meta_ops.fetch_add(1, Ordering::Relaxed);
         Some((revision, view, AdminResponse::Done("reported".into())))
     }
@@ -607,7 +632,7 @@ impl Node {
         let max_age = Duration::from_millis(LIVE_REPORT_AGE_MAX_MS);
         for (node, info) in state.nodes.iter_mut() {
             info.report = match live.get(node) {
-                Some((report, at)) if at.elapsed() < max_age => report.clone(),
+                Some((report, at, _)) if at.elapsed() < max_age => report.clone(),
                 _ => NodeReport::default(),
             };
         }
@@ -622,7 +647,12 @@ impl Node {
     /// The reports this node holds as meta leader, as it took them (cut to the map's shards);
     /// on other nodes, what it held when it last led, or nothing.
     pub fn live_reports(&self) -> HashMap<NodeId, NodeReport> {
-        self.inner.meta.live.lock().map(|l| l.iter().map(|(n, (r, _))| (*n, r.clone())).collect()).unwrap_or_default()
+        self.inner
+            .meta
+            .live
+            .lock()
+            .map(|l| l.iter().map(|(n, (r, _, _))| (*n, r.clone())).collect())
+            .unwrap_or_default()
     }
 
     /// Whether this node leads the meta group; records when it started to (a new meta leader
@@ -646,6 +676,20 @@ impl Node {
         }
         leads
     }
+}
+
+/// Whether node `node`'s report, from `addr`, can change nothing stored in `stored`: no
+/// address to register, no leader transfer to it to end, no tombstone to confirm or clear, and
+/// no move whose steps are judged on the reports laid over the leader's view (only the full op
+/// lays them there).
+fn quiet_report(node: NodeId, addr: &str, stored: &StoredMeta) -> bool {
+    let s = &stored.state;
+    !stored.whole
+        && stored.leftovers.is_empty()
+        && s.moves.is_empty()
+        && s.nodes.get(&node).is_some_and(|n| n.addr == addr)
+        && !s.transfers.values().any(|t| *t == node)
+        && s.tombstones.is_empty()
 }
 
 /// Takes node `node`'s report change `change`, which applies to its report numbered `base`

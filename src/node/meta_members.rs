@@ -166,7 +166,7 @@ impl Node {
 
     async fn meta_members_round(&self) -> Result<(), String> {
         let host = &self.inner.host;
-        if !host.groups().contains(&META_GROUP) {
+        if !host.hosts(META_GROUP) {
             return Ok(());
         }
         let info = host.group_info_of(META_GROUP).await.map_err(|e| e.to_string())?;
@@ -274,7 +274,7 @@ impl Node {
     /// node has none; answers with its applied index.
     pub(super) async fn hold_meta_replica(&self) -> PeerResponse {
         let host = &self.inner.host;
-        if !host.groups().contains(&META_GROUP) {
+        if !host.hosts(META_GROUP) {
             match host.create_group(META_GROUP, meta_range(), None).await {
                 Ok(()) => {
                     self.clear_meta_retired();

@@ -641,6 +641,12 @@ impl Host {
         v
     }
 
+    /// Whether group `group` runs on this node (what `groups().contains(..)` says, without
+    /// listing every group).
+    pub fn hosts(&self, group: GroupId) -> bool {
+        self.shared.registry.read().is_ok_and(|r| r.groups.contains_key(&group))
+    }
+
     /// How many groups are on this node.
     pub fn group_count(&self) -> usize {
         self.shared.registry.read().map(|r| r.groups.len()).unwrap_or_default()
