@@ -330,3 +330,44 @@ async fn lease_reads_need_no_call_on_a_leader_under_lease_and_never_on_a_followe
     c.raft(leader).transfer_leader(NodeId(target)).await.expect("transfer");
     assert!(!c.raft(leader).lease_read_ready(), "the old leader's gate shut when it handed over");
 }
+
+#[tokio::test(start_paused = true)]
+async fn calls_a_group_cannot_answer_return_timeout_after_api_timeout_ms() {
+    // A leader cut off from its followers, without check-quorum so that it never steps down:
+    // nothing ever answers its callers but the timeout, which the group's task gives (callers
+    // have no timer of their own). Reference: `Raft`'s contract, `Config::api_timeout_ms`.
+    let cfg = Config { check_quorum: false, lease_read: false, api_timeout_ms: 1000, ..Config::fast() };
+    let c = TestCluster::formed(&[1, 2, 3], cfg).await;
+    let leader = c.leader().await;
+    c.put(leader, "a", "1").await.expect("write");
+    for id in [1, 2, 3].into_iter().filter(|i| *i != leader) {
+        c.router.isolate(NodeId(id));
+    }
+    let raft = c.raft(leader);
+    let start = tokio::time::Instant::now();
+    let cmd = KvCommand::Put { key: "b".into(), value: "2".into() }.encode();
+    let calls = async {
+        tokio::join!(
+            raft.client_write(cmd.clone()),
+            raft.client_write_batch(vec![cmd.clone(), cmd]),
+            raft.read_index(ReadMode::ReadIndex),
+            raft.change_membership([NodeId(leader)].into_iter().collect()),
+        )
+    };
+    // The test's own bound, far past the calls': a call left unanswered fails it, not hangs it.
+    let (one, batch, read, change) = tokio::time::timeout(WAIT, calls).await.expect("every call is answered");
+    let waited = start.elapsed();
+    assert_eq!(one.expect_err("no quorum"), RaftError::Timeout);
+    assert_eq!(batch.expect_err("no quorum"), RaftError::Timeout);
+    assert_eq!(read.expect_err("no quorum"), RaftError::Timeout);
+    assert_eq!(change.expect_err("no quorum"), RaftError::Timeout);
+    assert!(waited >= Duration::from_millis(1000), "answered before the timeout: {waited:?}");
+    assert!(waited <= Duration::from_millis(1050), "answered late: {waited:?}");
+    assert_eq!(c.raft(leader).metrics().borrow().role, Role::Leader, "still leads: nothing else answered");
+    // A call after the others timed out is timed out on its own schedule.
+    let start = tokio::time::Instant::now();
+    let err = tokio::time::timeout(WAIT, c.put(leader, "c", "3")).await.expect("answered");
+    assert_eq!(err.expect_err("no quorum"), RaftError::Timeout);
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(1000) && waited <= Duration::from_millis(1050), "{waited:?}");
+}
