@@ -190,6 +190,13 @@ struct Shared {
 /// `Config::api_timeout_ms` returns [`RaftError::Timeout`] (for a write the outcome is then
 /// unknown). After a storage failure or `shutdown`, calls return [`RaftError::Fatal`] (for a
 /// write the outcome is unknown too).
+///
+/// The timeout is the group's task's to give, not a timer per call: the task answers
+/// `Timeout` to a call that waited `api_timeout_ms` since it took it from its queue (normally
+/// within a millisecond of the call), and if the task ends, however it ends, every call still
+/// waiting is answered `Fatal`. A call that finds the queue full keeps a timer of its own. So
+/// the bound holds as long as the task runs or has ended; a storage that blocks the task's
+/// thread (which [`LogStorage`] and [`StateMachine`] must not) stalls its callers with it.
 #[derive(Clone)]
 pub struct Raft {
     shared: Arc<Shared>,
