@@ -371,3 +371,64 @@ async fn calls_a_group_cannot_answer_return_timeout_after_api_timeout_ms() {
     let waited = start.elapsed();
     assert!(waited >= Duration::from_millis(1000) && waited <= Duration::from_millis(1050), "{waited:?}");
 }
+
+/// A log that panics on `append` once told to: a group's task that dies in the middle of its
+/// work.
+#[derive(Clone)]
+struct PanickingLog {
+    log: MemLogStorage,
+    panic_on_append: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl flotilla_raft::LogStorage for PanickingLog {
+    async fn read_vote(&self) -> Result<Option<flotilla_raft::Vote>, flotilla_raft::StorageError> {
+        self.log.read_vote().await
+    }
+    async fn save_vote(&self, vote: &flotilla_raft::Vote) -> Result<(), flotilla_raft::StorageError> {
+        self.log.save_vote(vote).await
+    }
+    async fn log_state(&self) -> Result<flotilla_raft::LogState, flotilla_raft::StorageError> {
+        self.log.log_state().await
+    }
+    async fn read_entries(
+        &self,
+        from: flotilla_raft::LogIndex,
+        to: flotilla_raft::LogIndex,
+        bytes_max: usize,
+    ) -> Result<Vec<flotilla_raft::Entry>, flotilla_raft::StorageError> {
+        self.log.read_entries(from, to, bytes_max).await
+    }
+    async fn append(&self, entries: Vec<flotilla_raft::Entry>) -> Result<(), flotilla_raft::StorageError> {
+        assert!(!self.panic_on_append.load(std::sync::atomic::Ordering::Relaxed), "injected panic in append");
+        self.log.append(entries).await
+    }
+    async fn truncate_from(&self, index: flotilla_raft::LogIndex) -> Result<(), flotilla_raft::StorageError> {
+        self.log.truncate_from(index).await
+    }
+    async fn purge_up_to(&self, log_id: flotilla_raft::LogId) -> Result<(), flotilla_raft::StorageError> {
+        self.log.purge_up_to(log_id).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_to_a_group_whose_task_died_are_answered_without_a_timeout() {
+    // Callers have no timer of their own: when the group's task ends without answering (a
+    // panic in its storage), dropping the task's state must answer them, and the queue must
+    // refuse later calls. The timeout is far past the test's bound, so it cannot be what
+    // answers.
+    let cfg = Config { api_timeout_ms: 3_600_000, ..Config::fast() };
+    let log = PanickingLog { log: MemLogStorage::new(), panic_on_append: Default::default() };
+    let router = MemRouter::new();
+    let raft = Raft::start(NodeId(1), Default::default(), cfg, log.clone(), MemStateMachine::new(), router.network())
+        .await
+        .expect("start");
+    raft.initialize(Membership::new([NodeId(1)])).await.expect("initialize");
+    raft.wait_for(WAIT, |m| m.role == Role::Leader).await.expect("leads");
+    let cmd = KvCommand::Put { key: "a".into(), value: "1".into() }.encode();
+    raft.client_write(cmd.clone()).await.expect("a single node commits alone");
+    log.panic_on_append.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answered = tokio::time::timeout(WAIT, raft.client_write(cmd.clone())).await.expect("answered");
+    assert!(matches!(answered, Err(RaftError::Fatal(_))), "{answered:?}");
+    let later = tokio::time::timeout(WAIT, raft.client_write(cmd)).await.expect("answered");
+    assert!(matches!(later, Err(RaftError::Fatal(_))), "{later:?}");
+}
