@@ -223,8 +223,8 @@ pub struct GroupCore {
     transfer_waits: Vec<(NodeId, DoneReply, Millis)>,
     /// No wait other than a write was handed in before this (reads, configuration changes,
     /// transfers; `None`: none waits): where the next [`GroupCore::time_out_calls`] is due
-    /// without a scan of them all. Lowered as waits come, recomputed when calls time out; may
-    /// be early (a wait answered since), never late.
+    /// without a scan of them all. Lowered as waits come, recomputed when calls time out, and
+    /// cleared once none is left; may be early (a wait answered since), never late.
     waits_since_min: Option<Millis>,
     /// The commit index last handed out as `SaveCommitted`.
     committed_saved: LogIndex,
@@ -937,6 +937,10 @@ impl GroupCore {
             && self.change_waits.is_empty()
             && self.transfer_waits.is_empty()
         {
+            if self.reads.is_empty() {
+                // No wait but writes is left: no call time-out is due for them.
+                self.waits_since_min = None;
+            }
             return;
         }
         let applied = self.engine.applied();
