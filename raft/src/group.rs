@@ -153,6 +153,9 @@ struct PendingWrite {
     index: LogIndex,
     /// The term it was proposed in: an entry applied at `index` in another term replaced it.
     term: Term,
+    /// When the request was handed in: see [`GroupCore::time_out_calls`]. Proposals append in
+    /// order, so these only grow from the front of `GroupCore::writes` to its back.
+    since: Millis,
     waiter: Waiter,
 }
 
@@ -205,17 +208,24 @@ pub struct GroupCore {
     /// Scratch for `handle_write`, kept for its capacity.
     calls: Vec<WriteCall>,
     next_batch: u64,
-    /// Reads waiting for the engine: id -> (wait for apply?, reply).
-    reads: HashMap<u64, (bool, IndexReply)>,
-    /// Reads confirmed, waiting for the state machine to reach their index.
-    reads_ready: Vec<(LogIndex, IndexReply)>,
+    /// Reads waiting for the engine: id -> (wait for apply?, reply, handed in at).
+    reads: HashMap<u64, (bool, IndexReply, Millis)>,
+    /// Reads confirmed, waiting for the state machine to reach their index (with when they
+    /// were handed in).
+    reads_ready: Vec<(LogIndex, IndexReply, Millis)>,
     next_read: u64,
     /// `add_learner` and `remove_learner` calls waiting for their entry to apply: (entry, node,
-    /// whether the node is to be a member, reply).
-    learner_waits: Vec<(LogId, NodeId, bool, IndexReply)>,
-    /// Membership changes waiting for the final configuration (joint entry id).
-    change_waits: Vec<(LogId, BTreeSet<NodeId>, IndexReply)>,
-    transfer_waits: Vec<(NodeId, DoneReply)>,
+    /// whether the node is to be a member, reply, handed in at).
+    learner_waits: Vec<(LogId, NodeId, bool, IndexReply, Millis)>,
+    /// Membership changes waiting for the final configuration (joint entry id, handed in at).
+    change_waits: Vec<(LogId, BTreeSet<NodeId>, IndexReply, Millis)>,
+    /// Transfers waiting to see the target lead (handed in at).
+    transfer_waits: Vec<(NodeId, DoneReply, Millis)>,
+    /// No wait other than a write was handed in before this (reads, configuration changes,
+    /// transfers; `None`: none waits): where the next [`GroupCore::time_out_calls`] is due
+    /// without a scan of them all. Lowered as waits come, recomputed when calls time out, and
+    /// cleared once none is left; may be early (a wait answered since), never late.
+    waits_since_min: Option<Millis>,
     /// The commit index last handed out as `SaveCommitted`.
     committed_saved: LogIndex,
     /// Actions produced while handling the engine's own (chunks to send).
@@ -242,6 +252,7 @@ impl GroupCore {
             learner_waits: Vec::new(),
             change_waits: Vec::new(),
             transfer_waits: Vec::new(),
+            waits_since_min: None,
             committed_saved: LogIndex(0),
             out: Default::default(),
             fatal: None,
@@ -404,7 +415,7 @@ impl GroupCore {
         }
         if !all.is_empty() {
             match self.engine.propose(now, all) {
-                Ok(first) => self.await_applied(first, &mut proposed),
+                Ok(first) => self.await_applied(now, first, &mut proposed),
                 Err(e) => {
                     for call in proposed.drain(..) {
                         call.refuse(e.clone());
@@ -415,9 +426,9 @@ impl GroupCore {
         self.proposed = proposed;
     }
 
-    /// Records the answers owed for `calls`, proposed as consecutive entries from `first` in
-    /// the current term. Empties `calls`.
-    fn await_applied(&mut self, first: LogIndex, calls: &mut Vec<WriteCall>) {
+    /// Records the answers owed for `calls`, handed in at `now` and proposed as consecutive
+    /// entries from `first` in the current term. Empties `calls`.
+    fn await_applied(&mut self, now: Millis, first: LogIndex, calls: &mut Vec<WriteCall>) {
         let term = self.engine.term();
         // Waiters at or past `first` waited for entries this node's log no longer holds (a
         // new leader cut it back before this proposal). Their entries may still be on other
@@ -433,7 +444,7 @@ impl GroupCore {
         for call in calls.drain(..) {
             match call {
                 WriteCall::One(_, reply) => {
-                    self.writes.push_back(PendingWrite { index, term, waiter: Waiter::One(reply) });
+                    self.writes.push_back(PendingWrite { index, term, since: now, waiter: Waiter::One(reply) });
                     index = index.next();
                 }
                 WriteCall::Many(commands, reply) => {
@@ -441,7 +452,12 @@ impl GroupCore {
                     let batch = self.next_batch;
                     self.next_batch += 1;
                     for pos in 0..count {
-                        self.writes.push_back(PendingWrite { index, term, waiter: Waiter::Part { batch, pos } });
+                        self.writes.push_back(PendingWrite {
+                            index,
+                            term,
+                            since: now,
+                            waiter: Waiter::Part { batch, pos },
+                        });
                         index = index.next();
                     }
                     self.batches.insert(batch, Batch { results: vec![None; count], remaining: count, reply });
@@ -459,7 +475,8 @@ impl GroupCore {
         }
         let id = self.next_read;
         self.next_read += 1;
-        self.reads.insert(id, (wait_apply, reply));
+        self.reads.insert(id, (wait_apply, reply, now));
+        self.note_wait(now);
         self.engine.read(now, id, mode);
     }
 
@@ -484,7 +501,8 @@ impl GroupCore {
         match proposed {
             Ok(index) => {
                 let term = self.engine.term_at(index).unwrap_or_default();
-                self.learner_waits.push((LogId { term, index }, node, member, reply));
+                self.learner_waits.push((LogId { term, index }, node, member, reply, now));
+                self.note_wait(now);
             }
             Err(e) => {
                 let _ = reply.send(Err(e));
@@ -512,7 +530,8 @@ impl GroupCore {
         match self.engine.change_membership(now, voters.clone()) {
             Ok(index) => {
                 let term = self.engine.term_at(index).unwrap_or_default();
-                self.change_waits.push((LogId { term, index }, voters, reply));
+                self.change_waits.push((LogId { term, index }, voters, reply, now));
+                self.note_wait(now);
             }
             Err(e) => {
                 let _ = reply.send(Err(e));
@@ -530,7 +549,10 @@ impl GroupCore {
             Ok(()) if self.engine.leader() == Some(target) => {
                 let _ = reply.send(Ok(()));
             }
-            Ok(()) => self.transfer_waits.push((target, reply)),
+            Ok(()) => {
+                self.transfer_waits.push((target, reply, now));
+                self.note_wait(now);
+            }
             Err(e) => {
                 let _ = reply.send(Err(e));
             }
@@ -548,6 +570,81 @@ impl GroupCore {
     pub fn discard_snapshots(&mut self, now: Millis) {
         if self.fatal.is_none() {
             self.engine.discard_snapshots(now);
+        }
+    }
+
+    /// A wait other than a write was handed in at `now`.
+    fn note_wait(&mut self, now: Millis) {
+        self.waits_since_min = Some(self.waits_since_min.map_or(now, |m| m.min(now)));
+    }
+
+    /// When [`time_out_calls`](Self::time_out_calls) with this `wait_ms_max` has a call to
+    /// answer, at the earliest: the oldest waiting call will then have waited longer than
+    /// `wait_ms_max`. `None` while no call waits. Cheap (no scan): a runner may ask after every
+    /// step.
+    pub fn next_call_timeout(&self, wait_ms_max: u64) -> Option<Millis> {
+        let oldest = match (self.writes.front().map(|w| w.since), self.waits_since_min) {
+            (Some(w), Some(o)) => w.min(o),
+            (w, o) => w.or(o)?,
+        };
+        // Strictly more than `wait_ms_max`: `now` counts whole milliseconds, so a call handed
+        // in at `since` came up to a millisecond after it.
+        Some(Millis(oldest.0.saturating_add(wait_ms_max).saturating_add(1)))
+    }
+
+    /// Answers [`RaftError::Timeout`] to every call that has waited more than `wait_ms_max`
+    /// since it was handed in (the `now` of the `handle_request` or `handle_writes` that took
+    /// it), so that its caller needs no timer of its own. A write's outcome is then unknown
+    /// (its entry may still commit, and is then applied with nobody to answer); a read's or a
+    /// configuration change's answer is dropped when the engine gives it. Optional: a runner
+    /// whose callers bound their own waits never calls it.
+    pub fn time_out_calls(&mut self, now: Millis, wait_ms_max: u64) {
+        let expired = |since: Millis| now.0 > since.0.saturating_add(wait_ms_max);
+        // Handed in in index order: the expired writes are a run at the front.
+        while self.writes.front().is_some_and(|w| expired(w.since)) {
+            if let Some(w) = self.writes.pop_front() {
+                self.time_out_write(w);
+            }
+        }
+        if !self.waits_since_min.is_some_and(expired) {
+            return;
+        }
+        for (_, (_, r, _)) in self.reads.extract_if(|_, r| expired(r.2)) {
+            let _ = r.send(Err(RaftError::Timeout));
+        }
+        for (_, r, _) in self.reads_ready.extract_if(.., |w| expired(w.2)) {
+            let _ = r.send(Err(RaftError::Timeout));
+        }
+        for (_, _, _, r, _) in self.learner_waits.extract_if(.., |w| expired(w.4)) {
+            let _ = r.send(Err(RaftError::Timeout));
+        }
+        for (_, _, r, _) in self.change_waits.extract_if(.., |w| expired(w.3)) {
+            let _ = r.send(Err(RaftError::Timeout));
+        }
+        for (_, r, _) in self.transfer_waits.extract_if(.., |w| expired(w.2)) {
+            let _ = r.send(Err(RaftError::Timeout));
+        }
+        let oldest = (self.reads.values().map(|r| r.2))
+            .chain(self.reads_ready.iter().map(|r| r.2))
+            .chain(self.learner_waits.iter().map(|w| w.4))
+            .chain(self.change_waits.iter().map(|w| w.3))
+            .chain(self.transfer_waits.iter().map(|w| w.2))
+            .min();
+        self.waits_since_min = oldest;
+    }
+
+    /// A write that waited too long: its caller gets `Timeout` (a request of several commands
+    /// as a whole, on the first of its commands to time out; the others then find it gone).
+    fn time_out_write(&mut self, w: PendingWrite) {
+        match w.waiter {
+            Waiter::One(reply) => {
+                let _ = reply.send(Err(RaftError::Timeout));
+            }
+            Waiter::Part { batch, .. } => {
+                if let Some(b) = self.batches.remove(&batch) {
+                    let _ = b.reply.send(Err(RaftError::Timeout));
+                }
+            }
         }
     }
 
@@ -695,21 +792,22 @@ impl GroupCore {
         for (_, b) in self.batches.drain() {
             let _ = b.reply.send(Err(err()));
         }
-        for (_, (_, r)) in self.reads.drain() {
+        for (_, (_, r, _)) in self.reads.drain() {
             let _ = r.send(Err(err()));
         }
-        for (_, r) in self.reads_ready.drain(..) {
+        for (_, r, _) in self.reads_ready.drain(..) {
             let _ = r.send(Err(err()));
         }
-        for (_, _, _, r) in self.learner_waits.drain(..) {
+        for (_, _, _, r, _) in self.learner_waits.drain(..) {
             let _ = r.send(Err(err()));
         }
-        for (_, _, r) in self.change_waits.drain(..) {
+        for (_, _, r, _) in self.change_waits.drain(..) {
             let _ = r.send(Err(err()));
         }
-        for (_, r) in self.transfer_waits.drain(..) {
+        for (_, r, _) in self.transfer_waits.drain(..) {
             let _ = r.send(Err(err()));
         }
+        self.waits_since_min = None;
         self.out.clear();
         self.fatal = Some(fatal);
         self.refresh_lease_gate();
@@ -774,16 +872,16 @@ impl GroupCore {
                     return Some(CoreAction::Machine(MachineAction::Install { meta, reception }))
                 }
                 Action::ReadReady { id, index } => {
-                    if let Some((wait_apply, reply)) = self.reads.remove(&id) {
+                    if let Some((wait_apply, reply, since)) = self.reads.remove(&id) {
                         if wait_apply && index > self.engine.applied() {
-                            self.reads_ready.push((index, reply));
+                            self.reads_ready.push((index, reply, since));
                         } else {
                             let _ = reply.send(Ok(index));
                         }
                     }
                 }
                 Action::ReadFailed { id, error } => {
-                    if let Some((_, reply)) = self.reads.remove(&id) {
+                    if let Some((_, reply, _)) = self.reads.remove(&id) {
                         let _ = reply.send(Err(error));
                     }
                 }
@@ -839,6 +937,10 @@ impl GroupCore {
             && self.change_waits.is_empty()
             && self.transfer_waits.is_empty()
         {
+            if self.reads.is_empty() {
+                // No wait but writes is left: no call time-out is due for them.
+                self.waits_since_min = None;
+            }
             return;
         }
         let applied = self.engine.applied();
@@ -846,7 +948,7 @@ impl GroupCore {
         let mut i = 0;
         while i < self.reads_ready.len() {
             if self.reads_ready[i].0 <= applied {
-                let (idx, r) = self.reads_ready.swap_remove(i);
+                let (idx, r, _) = self.reads_ready.swap_remove(i);
                 let _ = r.send(Ok(idx));
             } else {
                 i += 1;
@@ -859,7 +961,7 @@ impl GroupCore {
         while i < self.learner_waits.len() {
             let (id, node, member) = (self.learner_waits[i].0, self.learner_waits[i].1, self.learner_waits[i].2);
             if id.index <= applied {
-                let (_, _, _, r) = self.learner_waits.swap_remove(i);
+                let (_, _, _, r, _) = self.learner_waits.swap_remove(i);
                 let ok = !replaced(&self.engine, id) && committed_m.membership.contains(node) == member;
                 let _ = r.send(if ok { Ok(id.index) } else { Err(RaftError::Dropped { index: id.index }) });
             } else {
@@ -876,7 +978,7 @@ impl GroupCore {
             let superseded = committed_m.log_id.index < joint.index
                 || (committed_m.log_id.index == joint.index && committed_m.log_id.term != joint.term);
             if (replaced(&self.engine, joint) || superseded) && joint.index <= applied {
-                let (_, _, r) = self.change_waits.swap_remove(i);
+                let (_, _, r, _) = self.change_waits.swap_remove(i);
                 let _ = r.send(Err(RaftError::Dropped { index: joint.index }));
                 continue;
             }
@@ -884,7 +986,7 @@ impl GroupCore {
                 && !committed_m.membership.is_joint()
                 && committed_m.log_id.index <= applied;
             if done {
-                let (_, voters, r) = self.change_waits.swap_remove(i);
+                let (_, voters, r, _) = self.change_waits.swap_remove(i);
                 let ok = committed_m.membership.voters == voters;
                 let _ = r.send(if ok {
                     Ok(committed_m.log_id.index)
@@ -899,7 +1001,7 @@ impl GroupCore {
         let mut i = 0;
         while i < self.transfer_waits.len() {
             if Some(self.transfer_waits[i].0) == leader {
-                let (_, r) = self.transfer_waits.swap_remove(i);
+                let (_, r, _) = self.transfer_waits.swap_remove(i);
                 let _ = r.send(Ok(()));
             } else {
                 i += 1;

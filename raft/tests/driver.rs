@@ -330,3 +330,105 @@ async fn lease_reads_need_no_call_on_a_leader_under_lease_and_never_on_a_followe
     c.raft(leader).transfer_leader(NodeId(target)).await.expect("transfer");
     assert!(!c.raft(leader).lease_read_ready(), "the old leader's gate shut when it handed over");
 }
+
+#[tokio::test(start_paused = true)]
+async fn calls_a_group_cannot_answer_return_timeout_after_api_timeout_ms() {
+    // A leader cut off from its followers, without check-quorum so that it never steps down:
+    // nothing ever answers its callers but the timeout, which the group's task gives (callers
+    // have no timer of their own). Reference: `Raft`'s contract, `Config::api_timeout_ms`.
+    let cfg = Config { check_quorum: false, lease_read: false, api_timeout_ms: 1000, ..Config::fast() };
+    let c = TestCluster::formed(&[1, 2, 3], cfg).await;
+    let leader = c.leader().await;
+    c.put(leader, "a", "1").await.expect("write");
+    for id in [1, 2, 3].into_iter().filter(|i| *i != leader) {
+        c.router.isolate(NodeId(id));
+    }
+    let raft = c.raft(leader);
+    let start = tokio::time::Instant::now();
+    let cmd = KvCommand::Put { key: "b".into(), value: "2".into() }.encode();
+    let calls = async {
+        tokio::join!(
+            raft.client_write(cmd.clone()),
+            raft.client_write_batch(vec![cmd.clone(), cmd]),
+            raft.read_index(ReadMode::ReadIndex),
+            raft.change_membership([NodeId(leader)].into_iter().collect()),
+        )
+    };
+    // The test's own bound, far past the calls': a call left unanswered fails it, not hangs it.
+    let (one, batch, read, change) = tokio::time::timeout(WAIT, calls).await.expect("every call is answered");
+    let waited = start.elapsed();
+    assert_eq!(one.expect_err("no quorum"), RaftError::Timeout);
+    assert_eq!(batch.expect_err("no quorum"), RaftError::Timeout);
+    assert_eq!(read.expect_err("no quorum"), RaftError::Timeout);
+    assert_eq!(change.expect_err("no quorum"), RaftError::Timeout);
+    assert!(waited >= Duration::from_millis(1000), "answered before the timeout: {waited:?}");
+    assert!(waited <= Duration::from_millis(1050), "answered late: {waited:?}");
+    assert_eq!(c.raft(leader).metrics().borrow().role, Role::Leader, "still leads: nothing else answered");
+    // A call after the others timed out is timed out on its own schedule.
+    let start = tokio::time::Instant::now();
+    let err = tokio::time::timeout(WAIT, c.put(leader, "c", "3")).await.expect("answered");
+    assert_eq!(err.expect_err("no quorum"), RaftError::Timeout);
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(1000) && waited <= Duration::from_millis(1050), "{waited:?}");
+}
+
+/// A log that panics on `append` once told to: a group's task that dies in the middle of its
+/// work.
+#[derive(Clone)]
+struct PanickingLog {
+    log: MemLogStorage,
+    panic_on_append: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl flotilla_raft::LogStorage for PanickingLog {
+    async fn read_vote(&self) -> Result<Option<flotilla_raft::Vote>, flotilla_raft::StorageError> {
+        self.log.read_vote().await
+    }
+    async fn save_vote(&self, vote: &flotilla_raft::Vote) -> Result<(), flotilla_raft::StorageError> {
+        self.log.save_vote(vote).await
+    }
+    async fn log_state(&self) -> Result<flotilla_raft::LogState, flotilla_raft::StorageError> {
+        self.log.log_state().await
+    }
+    async fn read_entries(
+        &self,
+        from: flotilla_raft::LogIndex,
+        to: flotilla_raft::LogIndex,
+        bytes_max: usize,
+    ) -> Result<Vec<flotilla_raft::Entry>, flotilla_raft::StorageError> {
+        self.log.read_entries(from, to, bytes_max).await
+    }
+    async fn append(&self, entries: Vec<flotilla_raft::Entry>) -> Result<(), flotilla_raft::StorageError> {
+        assert!(!self.panic_on_append.load(std::sync::atomic::Ordering::Relaxed), "injected panic in append");
+        self.log.append(entries).await
+    }
+    async fn truncate_from(&self, index: flotilla_raft::LogIndex) -> Result<(), flotilla_raft::StorageError> {
+        self.log.truncate_from(index).await
+    }
+    async fn purge_up_to(&self, log_id: flotilla_raft::LogId) -> Result<(), flotilla_raft::StorageError> {
+        self.log.purge_up_to(log_id).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_to_a_group_whose_task_died_are_answered_without_a_timeout() {
+    // Callers have no timer of their own: when the group's task ends without answering (a
+    // panic in its storage), dropping the task's state must answer them, and the queue must
+    // refuse later calls. The timeout is far past the test's bound, so it cannot be what
+    // answers.
+    let cfg = Config { api_timeout_ms: 3_600_000, ..Config::fast() };
+    let log = PanickingLog { log: MemLogStorage::new(), panic_on_append: Default::default() };
+    let router = MemRouter::new();
+    let raft = Raft::start(NodeId(1), Default::default(), cfg, log.clone(), MemStateMachine::new(), router.network())
+        .await
+        .expect("start");
+    raft.initialize(Membership::new([NodeId(1)])).await.expect("initialize");
+    raft.wait_for(WAIT, |m| m.role == Role::Leader).await.expect("leads");
+    let cmd = KvCommand::Put { key: "a".into(), value: "1".into() }.encode();
+    raft.client_write(cmd.clone()).await.expect("a single node commits alone");
+    log.panic_on_append.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answered = tokio::time::timeout(WAIT, raft.client_write(cmd.clone())).await.expect("answered");
+    assert!(matches!(answered, Err(RaftError::Fatal(_))), "{answered:?}");
+    let later = tokio::time::timeout(WAIT, raft.client_write(cmd)).await.expect("answered");
+    assert!(matches!(later, Err(RaftError::Fatal(_))), "{later:?}");
+}

@@ -784,3 +784,41 @@ fn a_stopped_group_and_a_leader_that_stepped_down_shut_the_lease_gate() {
     assert_ne!(gs[0].core.engine().role(), Role::Leader);
     assert!(!gate.open_at(Millis(gs[0].now.0.saturating_sub(10_000))), "closed, not only expired");
 }
+
+/// A runner whose callers have no timer of their own (the Tokio driver) asks the core to time
+/// them out: each call is answered `Timeout` once it waited more than the bound since the
+/// `now` it was handed in with, the others are left to their answers, and an entry whose
+/// caller timed out still commits and applies, with nobody to answer.
+#[test]
+fn calls_that_waited_past_the_bound_are_answered_timeout_and_the_others_are_left_alone() {
+    const WAIT_MS_MAX: u64 = 1000;
+    let (mut gs, t) = node_1_of_2_elected();
+    assert_eq!(gs[0].core.next_call_timeout(WAIT_MS_MAX), None, "nobody waits");
+    // Node 2 hears nothing yet: nothing commits, no read is confirmed.
+    let mut old_write = gs[0].write(&["a"]);
+    let mut old_read = gs[0].read();
+    gs[0].pump();
+    let later = Millis(t.0 + 400);
+    gs[0].now = later;
+    let mut new_write = gs[0].write(&["b", "c"]);
+    let mut new_read = gs[0].read();
+    gs[0].pump();
+    assert_eq!(gs[0].core.next_call_timeout(WAIT_MS_MAX), Some(Millis(t.0 + WAIT_MS_MAX + 1)));
+    // Not before it waited more than the bound.
+    gs[0].core.time_out_calls(Millis(t.0 + WAIT_MS_MAX), WAIT_MS_MAX);
+    assert!(old_write.try_recv().is_err() && old_read.try_recv().is_err(), "waited exactly the bound");
+    gs[0].core.time_out_calls(Millis(t.0 + WAIT_MS_MAX + 1), WAIT_MS_MAX);
+    assert_eq!(old_write.try_recv(), Ok(Err(RaftError::Timeout)));
+    assert_eq!(old_read.try_recv(), Ok(Err(RaftError::Timeout)));
+    assert!(new_write.try_recv().is_err() && new_read.try_recv().is_err(), "handed in later: still waiting");
+    assert_eq!(gs[0].core.next_call_timeout(WAIT_MS_MAX), Some(Millis(later.0 + WAIT_MS_MAX + 1)));
+    // Node 2 hears from the leader: everything commits and applies, "a" included.
+    exchange(&mut gs);
+    let term = gs[0].core.engine().term();
+    let a = gs[0].log.iter().find(|e| e.payload == EntryPayload::Normal(Bytes::from("a"))).expect("a").log_id;
+    assert!(gs[0].core.engine().applied() >= a.index, "the timed-out write's entry applied");
+    assert_eq!(new_write.try_recv(), Ok(answered(&[("b", a.index.next(), term), ("c", a.index.next().next(), term)])));
+    assert!(matches!(new_read.try_recv(), Ok(Ok(_))));
+    assert!(!gs[0].core.has_waiters());
+    assert_eq!(gs[0].core.next_call_timeout(WAIT_MS_MAX), None);
+}

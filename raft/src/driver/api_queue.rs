@@ -60,16 +60,18 @@ pub(super) fn api_queue<T>(cap: usize) -> (ApiSender<T>, ApiReceiver<T>) {
     (ApiSender { shared: shared.clone() }, ApiReceiver { shared, buf: VecDeque::new() })
 }
 
-/// Why `try_push` handed an item back.
-enum Refused<T> {
+/// Why `try_send` handed an item back.
+pub(super) enum Refused<T> {
+    /// `cap` requests are queued.
     Full(T),
+    /// The core takes no more.
     Closed(T),
 }
 
 impl<T> ApiSender<T> {
     /// Queues `item`, waiting while the queue is full; gives it back if the core takes no more.
     pub(super) async fn send(&self, item: T) -> Result<(), T> {
-        let mut item = match self.try_push(item) {
+        let mut item = match self.try_send(item) {
             Ok(()) => return Ok(()),
             Err(Refused::Closed(item)) => return Err(item),
             Err(Refused::Full(item)) => item,
@@ -80,7 +82,7 @@ impl<T> ApiSender<T> {
             let room = self.shared.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            item = match self.try_push(item) {
+            item = match self.try_send(item) {
                 Ok(()) => return Ok(()),
                 Err(Refused::Closed(item)) => return Err(item),
                 Err(Refused::Full(item)) => item,
@@ -89,7 +91,8 @@ impl<T> ApiSender<T> {
         }
     }
 
-    fn try_push(&self, item: T) -> Result<(), Refused<T>> {
+    /// Queues `item` if there is room, without waiting.
+    pub(super) fn try_send(&self, item: T) -> Result<(), Refused<T>> {
         let mut s = self.shared.lock();
         if s.closed {
             return Err(Refused::Closed(item));

@@ -35,7 +35,7 @@ use crate::network::Network;
 use crate::request::Request;
 use crate::storage::{LogStorage, SnapshotError, SnapshotMeta, StateMachine};
 use crate::types::{GroupId, LogId, LogIndex, Millis, NodeId, Term};
-use api_queue::{api_queue, ApiReceiver, ApiSender};
+use api_queue::{api_queue, ApiReceiver, ApiSender, Refused};
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
@@ -190,6 +190,13 @@ struct Shared {
 /// `Config::api_timeout_ms` returns [`RaftError::Timeout`] (for a write the outcome is then
 /// unknown). After a storage failure or `shutdown`, calls return [`RaftError::Fatal`] (for a
 /// write the outcome is unknown too).
+///
+/// The timeout is the group's task's to give, not a timer per call: the task answers
+/// `Timeout` to a call that waited `api_timeout_ms` since it took it from its queue (normally
+/// within a millisecond of the call), and if the task ends, however it ends, every call still
+/// waiting is answered `Fatal`. A call that finds the queue full keeps a timer of its own. So
+/// the bound holds as long as the task runs or has ended; a storage that blocks the task's
+/// thread (which [`LogStorage`] and [`StateMachine`] must not) stalls its callers with it.
 #[derive(Clone)]
 pub struct Raft {
     shared: Arc<Shared>,
@@ -213,6 +220,7 @@ impl Raft {
         let base = Instant::now();
         let seed = seed_from_entropy(id, group);
         let timeout = Duration::from_millis(config.api_timeout_ms);
+        let api_timeout_ms = config.api_timeout_ms;
         let engine = Engine::new(id, Arc::new(config), state, seed, Millis(0));
         let (api_tx, api_rx) = api_queue(API_QUEUE_MAX);
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_MSGS_MAX);
@@ -242,6 +250,7 @@ impl Raft {
             hold_since: None,
             hold_expired: false,
             writes: Vec::new(),
+            api_timeout_ms,
         };
         let task = tokio::spawn(core.run(api_rx, inbox_rx).instrument(span));
         Ok(Raft {
@@ -300,8 +309,19 @@ impl Raft {
             let stopped = self.shared.metrics.borrow().stopped.clone();
             stopped.or_else(|| self.shared.stopping.get().cloned()).unwrap_or(Fatal::Shutdown)
         };
+        // The common case: room in the queue. No timer: once the core took the call it answers
+        // it, with `Timeout` if it waited `api_timeout_ms` (see `Core::time_out_calls`); if the
+        // core ends instead, however it ends, the reply channel is dropped with it.
+        let request = match self.shared.api.try_send(Api::Request(make(tx))) {
+            Ok(()) => return rx.await.map_err(|_| RaftError::Fatal(stopped()))?,
+            Err(Refused::Closed(_)) => return Err(RaftError::Fatal(stopped())),
+            Err(Refused::Full(request)) => request,
+        };
+        // The queue is full: the caller waits for room, and a core that makes none (its storage
+        // stalled) would answer nothing, so this wait, and the rest of the call with it, has a
+        // timer of its own.
         let work = async {
-            self.shared.api.send(Api::Request(make(tx))).await.map_err(|_| RaftError::Fatal(stopped()))?;
+            self.shared.api.send(request).await.map_err(|_| RaftError::Fatal(stopped()))?;
             rx.await.map_err(|_| RaftError::Fatal(stopped()))?
         };
         match tokio::time::timeout(self.shared.timeout, work).await {
@@ -462,6 +482,14 @@ pub fn seed_from_entropy(id: NodeId, group: GroupId) -> u64 {
 
 /// Work a stage runs, boxed: the storage's futures have no type that can be named.
 type StageFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Sleeps until `at`; forever if `None`.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Polls the work in `slot` and empties the slot once it is done. Never ready while the slot is
 /// empty, so it can stand in `select!` beside the core's queues.
@@ -758,6 +786,9 @@ struct Core<N: Network, L: LogStorage, S: StateMachine> {
     hold_expired: bool,
     /// The writes of one drain of the API queue, proposed together; kept for its capacity.
     writes: Vec<WriteCall>,
+    /// `Config::api_timeout_ms`: how long a call taken from the API queue may wait for its
+    /// answer before the core answers it `Timeout` (see `Raft::call`).
+    api_timeout_ms: u64,
 }
 
 impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
@@ -770,10 +801,28 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
         self.base + Duration::from_millis(self.core.engine().next_deadline().0)
     }
 
-    /// When the core must wake up by itself: the engine's next timer, or the publication of
-    /// metrics held back.
+    /// When the oldest call waiting for an answer times out, if one waits.
+    fn call_deadline(&self) -> Option<Instant> {
+        let at = self.core.next_call_timeout(self.api_timeout_ms)?;
+        Some(self.base + Duration::from_millis(at.0))
+    }
+
+    /// Answers `Timeout` to the calls that waited `api_timeout_ms`, if any did: their callers
+    /// have no timer of their own (see `Raft::call`).
+    fn time_out_calls(&mut self) {
+        if self.call_deadline().is_some_and(|at| Instant::now() >= at) {
+            let now = self.now();
+            self.core.time_out_calls(now, self.api_timeout_ms);
+        }
+    }
+
+    /// When the core must wake up by itself: the engine's next timer, the publication of
+    /// metrics held back, or the timeout of a call.
     fn deadline(&self) -> Instant {
         let mut deadline = self.engine_deadline();
+        if let Some(at) = self.call_deadline() {
+            deadline = deadline.min(at);
+        }
         if self.metrics_pending {
             deadline = deadline.min(self.metrics_at + METRICS_DELAY);
         }
@@ -830,6 +879,10 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
             if self.metrics_pending && timer.is_elapsed() {
                 self.publish_metrics_now();
             }
+            // So are calls that waited too long: their callers have no other timer.
+            if timer.is_elapsed() {
+                self.time_out_calls();
+            }
             if self.core.fatal().is_some() {
                 break;
             }
@@ -873,6 +926,7 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
                     if self.hold_since.is_some_and(|since| now >= since + API_HOLD_MAX) {
                         self.hold_expired = true;
                     }
+                    self.time_out_calls();
                     // The timer may have been set for the metrics only.
                     if now >= self.engine_deadline() {
                         let now = self.now();
@@ -1090,6 +1144,7 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
     async fn wait_for_writer(&mut self) -> bool {
         self.applier.start();
         while self.writer.running.is_some() {
+            let calls_due = self.call_deadline();
             tokio::select! {
                 done = poll_stage(&mut self.writer.running) => {
                     if !self.defer_log(done) {
@@ -1103,6 +1158,8 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
                     self.applier.start();
                 }
                 _ = self.stop.notified() => return false,
+                // Callers still get their timeouts while the core waits for its storage.
+                _ = sleep_until_some(calls_due) => self.time_out_calls(),
             }
         }
         self.writer.start();
@@ -1115,6 +1172,7 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
     async fn wait_for_applier(&mut self) -> bool {
         self.writer.start();
         while self.applier.running.is_some() {
+            let calls_due = self.call_deadline();
             tokio::select! {
                 done = poll_stage(&mut self.applier.running) => {
                     if !self.defer_apply(done) {
@@ -1128,6 +1186,8 @@ impl<N: Network, L: LogStorage, S: StateMachine> Core<N, L, S> {
                     self.writer.start();
                 }
                 _ = self.stop.notified() => return false,
+                // Callers still get their timeouts while the core waits for its storage.
+                _ = sleep_until_some(calls_due) => self.time_out_calls(),
             }
         }
         self.applier.start();
