@@ -1281,3 +1281,54 @@ async fn a_report_in_parts_is_run_only_whole() {
     );
     cluster.shutdown().await;
 }
+
+/// The meta leader keeps a node's live report through changes of no shard only while it is the
+/// copy of the node's numbered report: a plain report in between (a node's announcement,
+/// arriving late) is replaced at the next report, not kept for as long as the node stays idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_announcement_between_numbered_reports_does_not_outlive_the_next() {
+    use flotilla::peer_wire::MetaOp;
+    use flotilla::placement::{LogIndex, NodeReport, ReportChange};
+    // Node 4 holds nothing and is stopped once registered: the reports of it below are the
+    // only ones the meta leader gets.
+    let mut cluster = Cluster::start_with(4, &[1, 2, 3], &[1, 2, 3], dev_split_keys(3), |_| {}).await;
+    let client = cluster.client().await;
+    let shards: Vec<ShardId> = client.cached_view().map.shards().map(|d| d.id).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cluster.nodes().any(|n| n.live_reports().contains_key(&NodeId(4))) {
+        assert!(Instant::now() < deadline, "node 4 never reported");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.stop(4).await;
+    let mut leader = None;
+    for id in 1..=3 {
+        let i = cluster.node(id).host().group_info_of(flotilla::meta::META_GROUP).await;
+        if i.is_ok_and(|i| i.role == flotilla::raft::Role::Leader) {
+            leader = Some(id);
+        }
+    }
+    let leader = cluster.node(leader.expect("a meta leader"));
+    let addr = leader.meta_view().nodes[&NodeId(4)].addr.clone();
+    let with_applied =
+        |a: u64| NodeReport { applied: shards.iter().map(|s| (*s, LogIndex(a))).collect(), ..NodeReport::default() };
+    let change = |base: Option<u64>, seq: u64, change: ReportChange| MetaOp::ReportChange {
+        node: NodeId(4),
+        addr: addr.clone(),
+        base,
+        seq,
+        change,
+        last: true,
+    };
+    let run = 0xFEED_u64 << 32;
+    let numbered = with_applied(5);
+    leader.meta_exec(change(None, run, NodeReport::default().change_to(&numbered)), false).await.expect("whole");
+    leader.meta_exec(MetaOp::report(NodeId(4), addr.clone(), with_applied(1)), false).await.expect("announcement");
+    assert_eq!(leader.live_reports()[&NodeId(4)].applied, with_applied(1).applied, "the announcement is taken");
+    leader.meta_exec(change(Some(run), run + 1, numbered.change_to(&numbered)), false).await.expect("no change");
+    assert_eq!(
+        leader.live_reports()[&NodeId(4)].applied,
+        numbered.applied,
+        "the next numbered report replaces the announcement"
+    );
+    cluster.shutdown().await;
+}

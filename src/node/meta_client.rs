@@ -439,7 +439,7 @@ impl Node {
                 }
             }
             let op = whole_report.as_ref().unwrap_or(op);
-            if let Some(done) = self.report_in_memory(op, &stored) {
+            if let Some(done) = self.report_in_memory(op, &stored, whole_report.is_some()) {
                 return Ok(done);
             }
             let mut next = stored.state.clone();
@@ -555,7 +555,15 @@ impl Node {
     /// address, ending a leader transfer to its node, or confirming or clearing tombstones
     /// (`MetaCommand::Heartbeat`); with none of those possible it only replaces the live
     /// report, as the full op would. `None`: run the op in full.
-    fn report_in_memory(&self, op: &MetaOp, stored: &StoredMeta) -> Option<(u64, Arc<MetaState>, AdminResponse)> {
+    /// `numbered`: the report is the node's numbered one ([`MetaOp::ReportChange`]'s whole),
+    /// whose live copy a change of no shard may then keep (`unchanged_report`); a plain
+    /// [`MetaOp::Report`] (a node's announcement) is not.
+    fn report_in_memory(
+        &self,
+        op: &MetaOp,
+        stored: &StoredMeta,
+        numbered: bool,
+    ) -> Option<(u64, Arc<MetaState>, AdminResponse)> {
         let MetaOp::Report { node, addr, .. } = op else { return None };
         let s = &stored.state;
         let (revision, view) = self.inner.meta.view.read().ok().map(|v| (v.0, v.1.clone()))?;
@@ -567,7 +575,8 @@ impl Node {
         report.leading.retain(|sh| s.map.get(*sh).is_some());
         report.applied.retain(|sh, _| s.map.get(*sh).is_some());
         report.shard_load.retain(|sh, _| s.map.get(*sh).is_some());
-        self.inner.meta.live.lock().ok()?.insert(*node, (report, Instant::now(), revision));
+        let cut_to = if numbered { revision } else { 0 };
+        self.inner.meta.live.lock().ok()?.insert(*node, (report, Instant::now(), cut_to));
         self.inner.stats.meta_ops.fetch_add(1, Ordering::Relaxed);
         Some((revision, view, AdminResponse::Done("reported".into())))
     }

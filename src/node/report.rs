@@ -31,18 +31,17 @@ pub(super) struct ReportsSent {
     /// The last report the meta leader took, its number, and how many changes were sent
     /// since a whole report. `None` after any failure: the next report goes whole.
     last: Option<(u64, NodeReport, u32)>,
-    /// The number of the next report. Starts at a random value, so that a node started
-    /// again never numbers a report as an earlier run did (the meta leader would take a
-    /// change onto the wrong one).
+    /// The number of the next report: the run (the process's start, in Unix seconds) in the
+    /// upper half, a count in the lower. A node started again never numbers a report as an
+    /// earlier run did (the meta leader would take a change onto the wrong one), and its
+    /// numbers are above the earlier run's (which the leader drops as late copies).
     next_seq: u64,
 }
 
 impl ReportsSent {
     pub(super) fn new() -> ReportsSent {
-        use std::hash::{BuildHasher, Hasher};
-        // Random bits above, room for 2^32 reports below.
-        let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
-        ReportsSent { last: None, next_seq: random & !0xFFFF_FFFF }
+        let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        ReportsSent { last: None, next_seq: run << 32 }
     }
 }
 
