@@ -141,9 +141,6 @@ pub fn run_op(op: &MetaOp, state: &mut MetaState, balancer: &BalancerConfig) -> 
         MetaOp::Commands(cmds) => {
             let mut acc = Vec::new();
             for c in cmds {
-                if let MetaCommand::StartMove { plan, .. } = c {
-                    check_formed(state, plan.shard)?;
-                }
                 changed(state.apply(c.clone()).map_err(|e| e.to_string())?, &mut acc);
             }
             Ok(AdminResponse::Changed(acc))
@@ -213,12 +210,6 @@ pub fn run_op(op: &MetaOp, state: &mut MetaState, balancer: &BalancerConfig) -> 
             for p in proposals {
                 let cmd = p.command(*now_ms);
                 let what = format!("{cmd:?}");
-                if let MetaCommand::StartMove { plan, .. } = &cmd {
-                    if let Err(e) = check_formed(state, plan.shard) {
-                        started.push(format!("not started {what}: {e}"));
-                        continue;
-                    }
-                }
                 match state.apply(cmd) {
                     Ok(_) => started.push(what),
                     Err(e) => started.push(format!("refused {what}: {e}")),
@@ -231,20 +222,6 @@ pub fn run_op(op: &MetaOp, state: &mut MetaState, balancer: &BalancerConfig) -> 
             }
         }
     }
-}
-
-/// Refuses a move of `shard` while no voter reports leading it and the map still holds the
-/// shard's first configuration: its voters may not all have formed it yet, and they form a
-/// bootstrap shard only while the map holds that configuration (`replicas_to_create` in
-/// `node/reconcile.rs`); a move changes it, so the ones still to form it would start empty,
-/// with nobody to feed them, and the shard would never get a leader. Once a leader reported,
-/// a quorum formed the shard and the others are caught up by it.
-fn check_formed(state: &MetaState, shard: ShardId) -> Result<(), String> {
-    let Some(d) = state.map.get(shard) else { return Ok(()) };
-    if d.epoch.conf_version == 1 && state.leader_conf(shard).is_none() {
-        return Err(format!("shard {shard} has no leader yet: a move starts once its replicas formed it"));
-    }
-    Ok(())
 }
 
 /// What a balancer round that proposed nothing answers.
@@ -334,34 +311,6 @@ mod tests {
         // A response's envelope and the answer travel in the same frame.
         let frame = crate::transport::FRAME_BYTES_MAX_DEFAULT - (64 << 10);
         assert!(bytes <= frame, "{bytes} bytes for {BOOTSTRAP_SHARDS_MAX} shards; a frame holds {frame}");
-    }
-
-    /// A bootstrap shard whose voters have not all formed it must keep its first
-    /// configuration in the map: a move then would leave the voters still to form it empty,
-    /// and the shard without a leader for good.
-    #[test]
-    fn a_move_of_a_shard_nobody_leads_yet_waits_for_its_leader() {
-        use crate::placement::{GroupConf, LogIndex as PLogIndex, MovePlan, NodeReport};
-        let mut s = MetaState::default();
-        let voters = vec![NodeId(1), NodeId(2), NodeId(3)];
-        let mut nodes: Vec<(NodeId, String)> = voters.iter().map(|n| (*n, format!("n{}", n.0))).collect();
-        nodes.push((NodeId(4), "n4".into()));
-        let op = MetaOp::Bootstrap { nodes, replicas: voters.clone(), split_keys: Vec::new(), backup_id: None };
-        run_op(&op, &mut s, &BalancerConfig::default()).unwrap();
-        let d = s.map.shards().next().unwrap().clone();
-        let start = |s: &mut MetaState| {
-            let plan = MovePlan::new(d.id, NodeId(3), NodeId(4), None, 512);
-            let cmd = MetaCommand::StartMove { epoch: d.epoch, plan, now_ms: 1 };
-            run_op(&MetaOp::Commands(vec![cmd]), s, &BalancerConfig::default())
-        };
-        let refused = start(&mut s.clone()).unwrap_err();
-        assert!(refused.contains("no leader yet"), "{refused}");
-        // Node 1 reports leading it with its committed configuration: the move starts.
-        let conf = GroupConf { index: PLogIndex(0), voters: voters.iter().copied().collect(), ..GroupConf::default() };
-        let report = NodeReport { leading: vec![d.id], confs: [(d.id, conf)].into(), ..NodeReport::default() };
-        s.nodes.get_mut(&NodeId(1)).unwrap().report = report;
-        start(&mut s).expect("a move of a led shard starts");
-        assert!(s.moves.contains_key(&d.id));
     }
 
     #[test]
