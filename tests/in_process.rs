@@ -133,6 +133,19 @@ async fn a_move_finishes_with_nobody_reading_the_map() {
     let mut cluster = Cluster::start_with(4, &[1, 2, 3, 4], &[1, 2, 3], dev_split_keys(2), |_| {}).await;
     let client = cluster.client().await;
     let shard = client.cached_view().map.lookup(b"0").unwrap().id;
+    // The shard is led before the move is asked for: a move of a bootstrap shard that its
+    // voters have not all formed yet leaves the ones still to form it empty, and the shard
+    // without a leader (a known bug, in the session-16 note: the reconciler forms a bootstrap
+    // shard only while the map holds its first configuration). This test is about the move.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let AdminResponse::Shards(rows) = client.admin(AdminRequest::Shards).await.unwrap() else { panic!() };
+        if rows.iter().any(|r| r.descriptor.id == shard && r.leader.is_some()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "shard {shard} never led");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     while let Err(e) = client.admin(AdminRequest::Move { shard, from: NodeId(3), to: NodeId(4) }).await {
         assert!(Instant::now() < deadline, "move never started: {e}");
