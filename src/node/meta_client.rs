@@ -83,6 +83,11 @@ impl Node {
         self.inner.meta.view.read().map(|v| v.1.clone()).unwrap_or_default()
     }
 
+    /// [`Node::meta_view`] if it is the state at `revision` (`None`: another, or unreadable).
+    fn view_at(&self, revision: u64) -> Option<Arc<MetaState>> {
+        self.inner.meta.view.read().ok().filter(|v| v.0 == revision).map(|v| v.1.clone())
+    }
+
     /// The revision of [`Node::meta_view`]: every change of the meta state bumps it.
     pub fn meta_revision(&self) -> u64 {
         self.inner.meta.view.read().map(|v| v.0).unwrap_or_default()
@@ -418,22 +423,17 @@ impl Node {
             let header =
                 self.inner.host.get(g, META_STATE_KEY.to_vec(), ReadMode::ReadIndex).await.map_err(meta_try)?;
             let stored = self.stored_at(header).await.map_err(MetaTry::Refused)?;
-            if whole_report.is_none() {
+            // Taken once this node is known to lead, and once only: the loop may run again.
+            if whole_report.is_none() && matches!(op, MetaOp::ReportChange { .. }) {
                 if let Some(done) = self.unchanged_report(op, &stored) {
                     return Ok(done);
                 }
-            }
-            // Taken once this node is known to lead, and once only: the loop may run again.
-            if whole_report.is_none() && matches!(op, MetaOp::ReportChange { .. }) {
                 match self.report_from_change(op).map_err(MetaTry::Refused)? {
                     Some(whole) => whole_report = Some(whole),
                     // A part before the last: held, nothing run. Answered with the state as
                     // stored (the asker follows it), as a report that changes nothing would be.
                     None => {
-                        let view = match self.inner.meta.view.read().ok().map(|v| (v.0, v.1.clone())) {
-                            Some((revision, view)) if revision == stored.revision() => view,
-                            _ => Arc::new(stored.state.clone()),
-                        };
+                        let view = self.view_at(stored.revision()).unwrap_or_else(|| Arc::new(stored.state.clone()));
                         return Ok((stored.revision(), view, AdminResponse::Done("report part held".into())));
                     }
                 }
@@ -566,11 +566,12 @@ impl Node {
     ) -> Option<(u64, Arc<MetaState>, AdminResponse)> {
         let MetaOp::Report { node, addr, .. } = op else { return None };
         let s = &stored.state;
-        let (revision, view) = self.inner.meta.view.read().ok().map(|v| (v.0, v.1.clone()))?;
+        let revision = stored.revision();
         // The answer carries the state at the stored revision: the view must be that one.
-        if !quiet_report(*node, addr, stored) || revision != stored.revision() {
+        if !quiet_report(*node, addr, stored) {
             return None;
         }
+        let view = self.view_at(revision)?;
         let mut report = op.full_report()?;
         report.leading.retain(|sh| s.map.get(*sh).is_some());
         report.applied.retain(|sh, _| s.map.get(*sh).is_some());
@@ -588,10 +589,11 @@ impl Node {
     /// every second). `None`: take it the general way.
     fn unchanged_report(&self, op: &MetaOp, stored: &StoredMeta) -> Option<(u64, Arc<MetaState>, AdminResponse)> {
         let MetaOp::ReportChange { node, addr, base: Some(base), seq, change, last: true } = op else { return None };
-        let (revision, view) = self.inner.meta.view.read().ok().map(|v| (v.0, v.1.clone()))?;
-        if !change.is_empty() || !quiet_report(*node, addr, stored) || revision != stored.revision() {
+        let revision = stored.revision();
+        if !change.is_empty() || !quiet_report(*node, addr, stored) {
             return None;
         }
+        let view = self.view_at(revision)?;
         let mut bases = self.inner.meta.report_bases.lock().ok()?;
         let mut live = self.inner.meta.live.lock().ok()?;
         let (held_seq, held) = bases.get_mut(node).filter(|(s, _)| s == base)?;
