@@ -7,7 +7,9 @@
 use super::{Node, NodeError, SIZE_CHECK_BYTES_PER_ROUND, SIZE_SCAN_BYTES_MAX};
 use crate::meta::{shard_range, META_GROUP};
 use crate::peer_wire::MetaOp;
-use crate::placement::{Epoch, GroupConf, LogIndex as PLogIndex, NodeReport, ShardDescriptor, ShardId, ShardLoad};
+use crate::placement::{
+    Epoch, GroupConf, LogIndex as PLogIndex, NodeReport, ReportChange, ShardDescriptor, ShardId, ShardLoad,
+};
 use crate::raft::Role;
 use crate::shard::{range_size_blocking, KeyRange, RangeSize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -111,17 +113,40 @@ impl Node {
     pub(super) async fn send_report(&self, report: NodeReport) -> Result<(), NodeError> {
         let mut sent = self.inner.reports_sent.lock().await;
         // Taken: whatever fails below leaves nothing, and the next report goes whole.
-        let (mut base, change, since_whole) = match sent.last.take() {
-            Some((seq, last, n)) if n < self.inner.config.reports_between_whole => {
-                (Some(seq), last.change_to(&report), n + 1)
+        let held = sent.last.take().filter(|(_, _, n)| *n < self.inner.config.reports_between_whole);
+        if let Some((seq, last, n)) = held {
+            match self.send_parts(&mut sent, Some(seq), last.change_to(&report)).await {
+                Ok(seq) => {
+                    self.inner.stats.reports_changed.fetch_add(1, Ordering::Relaxed);
+                    sent.last = Some((seq, report, n + 1));
+                    return Ok(());
+                }
+                // The meta leader holds another report of this node, or none (a new leader, or
+                // one that started its tenure since): the whole report at once, rather than a
+                // report interval without one.
+                Err(NodeError::Meta(e)) => debug!(node = self.inner.id.0, error = %e, "report change refused"),
+                Err(e) => return Err(e),
             }
-            _ => (None, NodeReport::default().change_to(&report), 0),
-        };
-        let whole = base.is_none();
+        }
+        let seq = self.send_parts(&mut sent, None, NodeReport::default().change_to(&report)).await?;
+        self.inner.stats.reports_whole.fetch_add(1, Ordering::Relaxed);
+        sent.last = Some((seq, report, 0));
+        Ok(())
+    }
+
+    /// Sends `change`, onto the report numbered `base`, in as many parts as it needs; the
+    /// number of the report it made.
+    async fn send_parts(
+        &self,
+        sent: &mut ReportsSent,
+        mut base: Option<u64>,
+        change: ReportChange,
+    ) -> Result<u64, NodeError> {
         let parts = change.into_parts(self.inner.config.report_shards_per_message, REPORT_BYTES_PER_MESSAGE);
         let count = parts.len();
+        let mut seq = 0;
         for (n, part) in parts.into_iter().enumerate() {
-            let seq = sent.next_seq;
+            seq = sent.next_seq;
             sent.next_seq = seq.wrapping_add(1);
             let shards = part.shards.len() as u64;
             let (node, addr, last) = (self.inner.id, self.inner.addr.clone(), n + 1 == count);
@@ -130,12 +155,7 @@ impl Node {
             self.inner.stats.report_shards_sent.fetch_add(shards, Ordering::Relaxed);
             base = Some(seq);
         }
-        let stat = if whole { &self.inner.stats.reports_whole } else { &self.inner.stats.reports_changed };
-        stat.fetch_add(1, Ordering::Relaxed);
-        if let Some(seq) = base {
-            sent.last = Some((seq, report, since_whole));
-        }
-        Ok(())
+        Ok(seq)
     }
 
     /// Counts a request routed to shard `d` for `key`: its load, and a sample of its keys
