@@ -50,6 +50,7 @@
 
 mod admin;
 mod backup;
+mod bootstrap_forming;
 mod join;
 mod merges;
 mod meta_client;
@@ -243,6 +244,9 @@ pub struct NodeConfig {
     pub require_client_roles: bool,
     /// The Redis protocol front door, if wanted ([`crate::resp_server`]).
     pub resp: Option<RespConfig>,
+    /// Start with the reconciler paused: the node creates, removes and changes no replica
+    /// until [`Node::pause_reconciler`]`(false)`. For tests and investigations.
+    pub reconciler_paused: bool,
 }
 
 impl NodeConfig {
@@ -275,6 +279,7 @@ impl NodeConfig {
             move_step_deadline_ms: MOVE_STEP_DEADLINE_MS,
             require_client_roles: false,
             resp: None,
+            reconciler_paused: false,
         }
     }
 }
@@ -402,7 +407,11 @@ struct Inner {
     /// What the reconciler's last full round saw (meta revision, groups here) and when.
     reconciled: Mutex<Option<((u64, usize), Instant)>>,
     /// The shards of this node's bootstrap with their ranges then, worked out once.
-    bootstrap_ranges: std::sync::OnceLock<std::collections::BTreeMap<crate::raft::GroupId, crate::shard::KeyRange>>,
+    bootstrap_shards: std::sync::OnceLock<reconcile::BootstrapShards>,
+    /// Where this node is in forming its bootstrap shards (`bootstrap_forming.rs`).
+    bootstrap_forming: Mutex<bootstrap_forming::Forming>,
+    /// Whether the reconciler skips its rounds ([`Node::pause_reconciler`]).
+    reconciler_paused: std::sync::atomic::AtomicBool,
     /// The restore this node's store was built by (`flotilla restore`), if any: its bootstrap
     /// shards are formed over the restored data, and only in a cluster bootstrapped from the
     /// same backup (`reconcile.rs`).
@@ -514,6 +523,10 @@ impl Node {
             .map_err(|e| NodeError::Storage(format!("cannot create {}: {e}", config.data_dir.display())))?;
         let store = Store::open_with(config.data_dir.join(crate::backup::restore::STORE_DIR), config.store)
             .map_err(|e| NodeError::Storage(e.to_string()))?;
+        let holds_shards =
+            store.groups().map_err(|e| NodeError::Storage(e.to_string()))?.iter().any(|g| *g != META_GROUP);
+        let forming = bootstrap_forming::at_start(&config.data_dir, config.bootstrap.is_some(), holds_shards)
+            .map_err(|e| NodeError::Storage(format!("cannot record the bootstrap's forming: {e}")))?;
         let mut tcfg = TransportConfig::new(config.id, config.listen_addr, config.tls.clone());
         tcfg.peers = config.peers.clone();
         tcfg.require_client_roles = config.require_client_roles;
@@ -542,7 +555,9 @@ impl Node {
             meta: MetaClient::default(),
             reconfig: Mutex::new(HashMap::new()),
             reconciled: Mutex::new(None),
-            bootstrap_ranges: std::sync::OnceLock::new(),
+            bootstrap_shards: std::sync::OnceLock::new(),
+            bootstrap_forming: Mutex::new(forming),
+            reconciler_paused: std::sync::atomic::AtomicBool::new(config.reconciler_paused),
             restored,
             sizes: Mutex::new(HashMap::new()),
             reports_sent: tokio::sync::Mutex::new(report::ReportsSent::new()),

@@ -4,6 +4,7 @@
 //! the groups it leads carries out splits, learners, voter changes and leader transfers,
 //! asking for each at most once per [`RECONFIG_RETRY_MS`].
 
+use super::bootstrap_forming::Forming;
 use super::{BootstrapConfig, Node, RECONCILE_FULL_MS, RECONCILE_MS, RECONFIG_RETRY_MS};
 use crate::meta::{shard_range, META_GROUP};
 use crate::peer_wire::MetaOp;
@@ -43,7 +44,9 @@ impl Node {
     /// The reconciler task: [`Node::reconcile`] every [`RECONCILE_MS`] until shutdown.
     pub(super) async fn run_reconciler(self, mut stop: watch::Receiver<bool>) {
         loop {
-            self.reconcile().await;
+            if !self.inner.reconciler_paused.load(std::sync::atomic::Ordering::Acquire) {
+                self.reconcile().await;
+            }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(RECONCILE_MS)) => {}
                 _ = stop.changed() => break,
@@ -123,19 +126,36 @@ impl Node {
         };
         let local: BTreeMap<GroupId, Option<KeyRange>> =
             ids.into_iter().map(|g| (g, if missing { host.group_range(g) } else { None })).collect();
-        let bootstrap = match missing {
+        // Until this node formed its bootstrap shards once, it forms them whatever the map
+        // holds of them now (`bootstrap_forming.rs`); it looks at its bootstrap in every full
+        // round till then, to tell when that is.
+        let forming = self.inner.bootstrap_forming.lock().map(|f| *f).unwrap_or(Forming::Done);
+        let bootstrap = match missing || forming.open() {
             true => self.bootstrap_to_form(&state),
-            false => &NO_BOOTSTRAP,
+            false => Some(&NO_BOOTSTRAP),
         };
+        let creations = replicas_to_create(me, &state.map, &local, bootstrap.unwrap_or(&NO_BOOTSTRAP), forming.open());
+        let forms = creations.iter().any(|c| c.initial.is_some());
+        if forms && forming == Forming::NotStarted {
+            if let Err(e) = self.record_forming(Forming::Started) {
+                error!(node = me.0, error = %e, "cannot record that the bootstrap's shards are being formed");
+                return;
+            }
+        }
         // Several at once: each creation is a durable write, and one after another the 10,000
         // replicas of a new cluster took 20 s of fsyncs that group commit shares when they
         // come together. Their ranges are disjoint (`replicas_to_create`), and the host
         // checks each against the others atomically.
         let mut creating = tokio::task::JoinSet::new();
-        for c in replicas_to_create(me, &state.map, &local, bootstrap) {
+        let mut all_formed = true;
+        let mut note = |done: Result<(GroupId, Result<(), HostError>, bool), tokio::task::JoinError>| {
+            all_formed &= done.as_ref().is_ok_and(|(_, r, formed)| r.is_ok() || !formed);
+            log_creation(me, done.map(|(g, r, _)| (g, r)));
+        };
+        for c in creations {
             if creating.len() >= CREATIONS_AT_ONCE {
                 if let Some(done) = creating.join_next().await {
-                    log_creation(me, done);
+                    note(done);
                 }
             }
             let host = host.clone();
@@ -143,18 +163,35 @@ impl Node {
             // (`Host::create_restored_group`), so that replicas added later get it.
             let over_restored = self.inner.restored.as_ref().is_some_and(|r| r.holds_data);
             creating.spawn(async move {
+                let formed = c.initial.is_some();
                 let done = match c.initial {
                     Some(m) if over_restored => host.create_restored_group(c.shard, c.range, m).await,
                     initial => host.create_group(c.shard, c.range, initial).await,
                 };
-                (c.shard, done)
+                (c.shard, done, formed)
             });
         }
         while let Some(done) = creating.join_next().await {
-            log_creation(me, done);
+            note(done);
+        }
+        // Every bootstrap shard placed here is formed now, the map holding each of them (a
+        // bootstrap that matches it): from here on, a removed replica placed here again is fed
+        // by its leader.
+        let mut still_forming = forming.open();
+        if still_forming && bootstrap.is_some() && all_formed {
+            match self.record_forming(Forming::Done) {
+                Ok(()) => still_forming = false,
+                Err(e) => warn!(node = me.0, error = %e, "cannot record that the bootstrap's shards are formed"),
+            }
         }
         let Ok(infos) = host.group_info().await else { return };
         for (group, why) in replicas_to_destroy(me, &infos, &state) {
+            // Until forming is recorded done, a bootstrap shard removed here would be formed
+            // again if placed here again: kept till then (a round or so).
+            if still_forming && bootstrap.is_some_and(|b| b.get(&group).is_some_and(|b| b.voters.contains(&me))) {
+                debug!(node = me.0, shard = group.0, "shard replica kept until the bootstrap's shards are formed");
+                continue;
+            }
             // Decided on `infos`, carried out one after another: each removal is judged again
             // on the group's state when its poller stops it, and on the view as it is then.
             let now = self.meta_view();
@@ -204,25 +241,45 @@ impl Node {
         }
     }
 
-    /// The bootstrap shards this node may form, with their ranges then: none if its
+    /// The bootstrap shards this node may form, as the bootstrap made them: `None` if its
     /// `[bootstrap]` disagrees with the map (every initial node must be given the same one).
-    fn bootstrap_to_form(&self, state: &MetaState) -> &BTreeMap<GroupId, KeyRange> {
+    fn bootstrap_to_form(&self, state: &MetaState) -> Option<&BootstrapShards> {
         let map = &state.map;
         let mine = self.inner.restored.as_ref().map(|r| r.backup_id.as_str());
         if let Err(e) = restore_matches(state.restored_from.as_deref(), mine) {
             error!(node = self.inner.id.0, error = %e, "this node forms no shard of the cluster's bootstrap");
-            return &NO_BOOTSTRAP;
+            return None;
         }
         let b = self.inner.config.bootstrap.as_ref();
-        let ranges = self.inner.bootstrap_ranges.get_or_init(|| bootstrap_ranges(b));
+        let shards = self.inner.bootstrap_shards.get_or_init(|| bootstrap_shards(b));
         let keys = b.map(|b| b.split_keys.as_slice()).unwrap_or_default();
-        match bootstrap_matches_map(keys, ranges, map) {
-            Ok(()) => ranges,
+        match bootstrap_matches_map(keys, shards, map) {
+            Ok(()) => Some(shards),
             Err(e) => {
                 warn!(node = self.inner.id.0, error = %e, "this node's [bootstrap] disagrees with the cluster's map: it forms no shard");
-                &NO_BOOTSTRAP
+                None
             }
         }
+    }
+
+    /// Records, in the data directory and here, where this node is in forming its bootstrap
+    /// shards.
+    fn record_forming(&self, to: Forming) -> std::io::Result<()> {
+        super::bootstrap_forming::record(&self.inner.config.data_dir, to)?;
+        if let Ok(mut f) = self.inner.bootstrap_forming.lock() {
+            *f = to;
+        }
+        if to == Forming::Done {
+            info!(node = self.inner.id.0, "the bootstrap's shards placed here are formed");
+        }
+        Ok(())
+    }
+
+    /// Pauses (`true`) or resumes the reconciler: paused, the node creates, removes and
+    /// changes no replica and proposes no split or reconfiguration (merges in progress wait
+    /// too). For tests and investigations.
+    pub fn pause_reconciler(&self, paused: bool) {
+        self.inner.reconciler_paused.store(paused, std::sync::atomic::Ordering::Release);
     }
 
     /// Of the changes `wishes` of `shard`, those that may be asked for now (see [`due_now`]).
@@ -233,7 +290,7 @@ impl Node {
 }
 
 /// No bootstrap shard to form.
-static NO_BOOTSTRAP: BTreeMap<GroupId, KeyRange> = BTreeMap::new();
+static NO_BOOTSTRAP: BootstrapShards = BTreeMap::new();
 
 /// Replicas the reconciler creates at once.
 const CREATIONS_AT_ONCE: usize = 64;
@@ -278,10 +335,22 @@ fn forget_expired(times: &mut ReconfigTimes, now: Instant) {
     times.retain(|_, asked| now.duration_since(*asked) < retry);
 }
 
-/// The shards the bootstrap of a new cluster made, each with the range it had then (the map
-/// may have split it since): run again from the bootstrap's split keys, as the bootstrapper
-/// ran it. None for a node that joined a running cluster.
-fn bootstrap_ranges(bootstrap: Option<&BootstrapConfig>) -> BTreeMap<GroupId, KeyRange> {
+/// One shard as the bootstrap of a new cluster made it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct BootstrapShard {
+    /// Its range then (the map may have split it since).
+    pub range: KeyRange,
+    /// Its first voters (the map may have changed them since).
+    pub voters: BTreeSet<NodeId>,
+}
+
+/// The shards of a bootstrap, by id.
+pub(super) type BootstrapShards = BTreeMap<GroupId, BootstrapShard>;
+
+/// The shards the bootstrap of a new cluster made, as it made them: run again from the
+/// bootstrap's split keys and replicas, as the bootstrapper ran it. None for a node that joined
+/// a running cluster.
+fn bootstrap_shards(bootstrap: Option<&BootstrapConfig>) -> BootstrapShards {
     let Some(b) = bootstrap else { return BTreeMap::new() };
     let mut s = MetaState::default();
     let op = MetaOp::Bootstrap {
@@ -294,7 +363,7 @@ fn bootstrap_ranges(bootstrap: Option<&BootstrapConfig>) -> BTreeMap<GroupId, Ke
         warn!(error = %e, "cannot work out the bootstrap's shards: this node forms none");
         return BTreeMap::new();
     }
-    s.map.shards().map(|d| (d.id, shard_range(d))).collect()
+    s.map.shards().map(|d| (d.id, BootstrapShard { range: shard_range(d), voters: d.voters().collect() })).collect()
 }
 
 /// Whether this node's store (`mine`: the backup it was restored from, if any) starts the
@@ -322,17 +391,24 @@ fn restore_matches(cluster: Option<&str>, mine: Option<&str>) -> Result<(), Stri
 }
 
 /// Whether a bootstrap (its split keys, and the shards they made) can be the one that made
-/// `map`: every shard it made is in the map, and every key it split at still starts a shard
-/// (a split only adds boundaries). A node given other split keys than the bootstrapper would
-/// form replicas with other ranges than their peers'. Not caught: a node given a subset of the
-/// keys (fewer shards) whose ranges all still fit.
-fn bootstrap_matches_map(
-    split_keys: &[Vec<u8>],
-    ranges: &BTreeMap<GroupId, KeyRange>,
-    map: &ShardMap,
-) -> Result<(), String> {
-    if let Some(id) = ranges.keys().find(|id| map.get(**id).is_none()) {
-        return Err(format!("its bootstrap made shard {id}, which the map does not hold"));
+/// `map`: every shard it made is in the map, every key it split at still starts a shard (a
+/// split only adds boundaries), and every shard the map holds in its first configuration has
+/// the voters the bootstrap gave it. A node given other split keys or replicas than the
+/// bootstrapper would form replicas with other ranges or voters than their peers'. Not caught:
+/// a node given a subset of the keys (fewer shards) whose ranges all still fit, or other
+/// replicas once every shard's configuration changed.
+fn bootstrap_matches_map(split_keys: &[Vec<u8>], shards: &BootstrapShards, map: &ShardMap) -> Result<(), String> {
+    for (id, b) in shards {
+        let Some(d) = map.get(*id) else {
+            return Err(format!("its bootstrap made shard {id}, which the map does not hold"));
+        };
+        if d.epoch.conf_version == 1 && !d.voters().eq(b.voters.iter().copied()) {
+            let map_voters: Vec<NodeId> = d.voters().collect();
+            return Err(format!(
+                "its bootstrap gave shard {id} the voters {:?}, the map's first configuration {map_voters:?}",
+                b.voters
+            ));
+        }
     }
     match split_keys.iter().find(|k| map.lookup(k).is_none_or(|d| d.start != **k)) {
         Some(k) => {
@@ -354,12 +430,14 @@ struct Creation {
 
 /// The replicas node `me` creates: shards `map` places here that no local group is, and whose
 /// keys no local group owns. `local` is every local group with its host range; `bootstrap`
-/// the shards of the cluster's bootstrap with their ranges then ([`bootstrap_ranges`]).
+/// the shards of the cluster's bootstrap as it made them ([`bootstrap_shards`]); `forming`:
+/// this node has not yet formed every bootstrap shard placed on it (`bootstrap_forming.rs`).
 fn replicas_to_create(
     me: NodeId,
     map: &ShardMap,
     local: &BTreeMap<GroupId, Option<KeyRange>>,
-    bootstrap: &BTreeMap<GroupId, KeyRange>,
+    bootstrap: &BootstrapShards,
+    forming: bool,
 ) -> Vec<Creation> {
     let mut taken: Vec<KeyRange> =
         local.iter().filter(|(g, _)| **g != META_GROUP).filter_map(|(_, r)| r.clone()).collect();
@@ -368,23 +446,34 @@ fn replicas_to_create(
         .filter(|d| !local.contains_key(&d.id))
         .filter_map(|d| d.replica(me).map(|r| (d, r.role)))
         .collect();
-    // Shards of the bootstrap are formed by all their voters, each replica with the shard's
-    // range at the bootstrap: the same first state on every replica, whatever the map did
-    // since. A replica formed later with a range the map narrowed would hold keys its peers'
-    // logs still split off, and the split-born shards created beside it would be empty
-    // replicas that the split entry can no longer start. So these come first, and any shard
-    // inside their ranges is left to their split entries.
+    // Shards of the bootstrap are formed by all their first voters, each replica with the
+    // shard's range and voters at the bootstrap: the same first state on every replica,
+    // whatever the map did since. A replica formed later with a range the map narrowed would
+    // hold keys its peers' logs still split off, and the split-born shards created beside it
+    // would be empty replicas that the split entry can no longer start. So these come first,
+    // and any shard inside their ranges is left to their split entries.
+    // A first voter forms its replica even when the map changed the shard's replicas since,
+    // until it has formed its bootstrap once: a move asked before the voters formed the
+    // shard must not leave them empty, with nobody to lead them. After that, only while the
+    // map holds the first configuration: a replica removed and placed here again is fed by
+    // its leader, never formed a second time.
     let formed = |d: &ShardDescriptor, role: ReplicaRole| {
-        bootstrap.get(&d.id).filter(|_| d.epoch.conf_version == 1 && role == ReplicaRole::Voter)
+        bootstrap.get(&d.id).filter(|b| {
+            b.voters.contains(&me) && (forming || (d.epoch.conf_version == 1 && role == ReplicaRole::Voter))
+        })
     };
     let mut out = Vec::new();
     for (d, role) in &wanted {
-        let Some(range) = formed(d, *role) else { continue };
-        if taken.iter().any(|t| t.overlaps(range)) {
+        let Some(b) = formed(d, *role) else { continue };
+        if taken.iter().any(|t| t.overlaps(&b.range)) {
             continue;
         }
-        taken.push(range.clone());
-        out.push(Creation { shard: d.id, range: range.clone(), initial: Some(Membership::new(d.voters())) });
+        taken.push(b.range.clone());
+        out.push(Creation {
+            shard: d.id,
+            range: b.range.clone(),
+            initial: Some(Membership::new(b.voters.iter().copied())),
+        });
     }
     for (d, role) in &wanted {
         if formed(d, *role).is_some() {
@@ -585,7 +674,7 @@ mod tests {
 
     #[test]
     fn the_bootstrap_shards_are_the_ids_and_ranges_a_bootstrap_gives() {
-        assert!(bootstrap_ranges(None).is_empty(), "a node that joined forms no shard");
+        assert!(bootstrap_shards(None).is_empty(), "a node that joined forms no shard");
         for shards in [1, 4, 300] {
             let b = BootstrapConfig::of_nodes(&[n(1), n(2), n(3)], dev_split_keys(shards));
             let mut s = MetaState::default();
@@ -596,8 +685,13 @@ mod tests {
                 backup_id: None,
             };
             run_op(&op, &mut s, &BalancerConfig::default()).unwrap();
-            let made: BTreeMap<GroupId, KeyRange> = s.map.shards().map(|d| (d.id, shard_range(d))).collect();
-            assert_eq!(bootstrap_ranges(Some(&b)), made);
+            let voters = nodes(&[1, 2, 3]);
+            let made: BootstrapShards = s
+                .map
+                .shards()
+                .map(|d| (d.id, BootstrapShard { range: shard_range(d), voters: voters.clone() }))
+                .collect();
+            assert_eq!(bootstrap_shards(Some(&b)), made);
             assert_eq!(made.len(), shards as usize);
         }
     }
@@ -617,18 +711,56 @@ mod tests {
         let mut s = state();
         split(&mut s, "t");
         let keys = |k: &[&str]| k.iter().map(|k| k.as_bytes().to_vec()).collect::<Vec<_>>();
-        let b = |k: &[&str]| bootstrap_ranges(Some(&BootstrapConfig::of_nodes(&[n(1), n(2), n(3)], keys(k))));
+        let b = |k: &[&str]| bootstrap_shards(Some(&BootstrapConfig::of_nodes(&[n(1), n(2), n(3)], keys(k))));
         // The cluster's own (split at "m"), with a split since.
         assert_eq!(bootstrap_matches_map(&keys(&["m"]), &b(&["m"]), &s.map), Ok(()));
         // Split elsewhere, or into more shards than the map ever had.
         assert!(bootstrap_matches_map(&keys(&["g"]), &b(&["g"]), &s.map).is_err());
         assert!(bootstrap_matches_map(&keys(&["m", "t", "x"]), &b(&["m", "t", "x"]), &s.map).is_err());
+        // Other replicas, seen on a shard still in its first configuration.
+        let other = bootstrap_shards(Some(&BootstrapConfig::of_nodes(&[n(1), n(2), n(4)], keys(&["m"]))));
+        let e = bootstrap_matches_map(&keys(&["m"]), &other, &s.map).unwrap_err();
+        assert!(e.contains("voters"), "{e}");
+        // Not seen once every shard's configuration changed (the limit the doc names).
+        for shard in [1, 2] {
+            apply(&mut s, shard, |epoch| MetaCommand::AddLearner { shard: GroupId(shard), epoch, node: n(5) });
+        }
+        assert_eq!(bootstrap_matches_map(&keys(&["m"]), &other, &s.map), Ok(()));
     }
 
-    /// The ranges of the two shards [`state`] bootstraps.
-    fn boot() -> BTreeMap<GroupId, KeyRange> {
+    /// A move asked before the shard's voters formed it: they must still form it, with its
+    /// first configuration, or nobody leads it and the move never ends.
+    #[test]
+    fn a_first_voter_forms_its_bootstrap_shard_after_the_map_changed_it_until_it_formed_its_bootstrap() {
+        let mut s = state();
+        let meta = BTreeMap::from([(META_GROUP, Some(meta_range()))]);
+        let first = Some(Membership::new(nodes(&[1, 2, 3])));
+        let created = |c: &[Creation]| c.iter().map(|c| (c.shard.0, c.initial.clone())).collect::<Vec<_>>();
+        // A move of shard 1 from node 3 to node 4 put learner 4 in the map, and later made it
+        // a voter.
+        apply(&mut s, 1, |epoch| MetaCommand::AddLearner { shard: GroupId(1), epoch, node: n(4) });
+        for node in [2, 3] {
+            let c = replicas_to_create(n(node), &s.map, &meta, &boot(), true);
+            assert_eq!(created(&c), vec![(1, first.clone()), (2, first.clone())], "node {node}");
+            assert_eq!(c[0].range, host_range(&s, 1));
+        }
+        apply(&mut s, 1, |epoch| MetaCommand::Promote { shard: GroupId(1), epoch, node: n(4) });
+        let c = replicas_to_create(n(3), &s.map, &meta, &boot(), true);
+        assert_eq!(created(&c)[0], (1, first.clone()), "formed as it began, whatever the map made of it");
+        // The move's target was no first voter: it starts empty, fed by the leader.
+        assert_eq!(created(&replicas_to_create(n(4), &s.map, &meta, &boot(), true)), vec![(1, None)]);
+        // Once node 3 formed its bootstrap, a replica of it placed here again is fed by the
+        // leader: formed a second time, it would claim the first state the group left long ago.
+        assert!(created(&replicas_to_create(n(3), &s.map, &meta, &boot(), false)).contains(&(1, None)));
+        // Moved away before it formed it: nothing to form.
+        apply(&mut s, 1, |epoch| MetaCommand::RemoveReplica { shard: GroupId(1), epoch, node: n(3) });
+        assert_eq!(created(&replicas_to_create(n(3), &s.map, &meta, &boot(), true)), vec![(2, first)]);
+    }
+
+    /// The two shards [`state`] bootstraps.
+    fn boot() -> BootstrapShards {
         let s = state();
-        s.map.shards().map(|d| (d.id, shard_range(d))).collect()
+        s.map.shards().map(|d| (d.id, BootstrapShard { range: shard_range(d), voters: d.voters().collect() })).collect()
     }
 
     #[test]
@@ -641,7 +773,7 @@ mod tests {
         // A node that forms its replicas only now (it started late, or its reconciler ran
         // after the splits were in the map).
         let local = BTreeMap::from([(META_GROUP, Some(meta_range()))]);
-        let c = replicas_to_create(n(1), &s.map, &local, &boot());
+        let c = replicas_to_create(n(1), &s.map, &local, &boot(), false);
         let made: Vec<(u64, KeyRange, Option<Membership>)> =
             c.iter().map(|c| (c.shard.0, c.range.clone(), c.initial.clone())).collect();
         // Formed with the ranges every other replica started with; the shards split off them
@@ -697,28 +829,31 @@ mod tests {
 
         // A new cluster: node 1 forms both bootstrap shards, with their ranges.
         let local = BTreeMap::from([meta()]);
-        let c = replicas_to_create(n(1), &s.map, &local, &boot());
+        let c = replicas_to_create(n(1), &s.map, &local, &boot(), false);
         assert_eq!(created(&c), vec![(1, voters.clone()), (2, voters.clone())]);
         assert_eq!(c[1].range, range("m", None));
         assert_eq!(c[0].range, host_range(&s, 1));
         // A node that joined forms none, and one the map does not place a shard on creates none.
-        assert_eq!(created(&replicas_to_create(n(1), &s.map, &local, &BTreeMap::new())), vec![(1, None), (2, None)]);
-        assert_eq!(replicas_to_create(n(4), &s.map, &local, &boot()), vec![]);
+        assert_eq!(
+            created(&replicas_to_create(n(1), &s.map, &local, &BTreeMap::new(), false)),
+            vec![(1, None), (2, None)]
+        );
+        assert_eq!(replicas_to_create(n(4), &s.map, &local, &boot(), false), vec![]);
         // A shard held already is not created again.
         let local = BTreeMap::from([meta(), (GroupId(1), Some(host_range(&s, 1)))]);
-        assert_eq!(created(&replicas_to_create(n(1), &s.map, &local, &boot())), vec![(2, voters.clone())]);
+        assert_eq!(created(&replicas_to_create(n(1), &s.map, &local, &boot(), false)), vec![(2, voters.clone())]);
 
         // Shard 3 split off shard 2 in the map: while the local group 2 still owns its keys,
         // the split entry starts it, not the reconciler.
         let right = split(&mut s, "t");
         let before_split =
             BTreeMap::from([meta(), (GroupId(1), Some(host_range(&s, 1))), (GroupId(2), Some(range("m", None)))]);
-        assert_eq!(replicas_to_create(n(1), &s.map, &before_split, &boot()), vec![]);
+        assert_eq!(replicas_to_create(n(1), &s.map, &before_split, &boot(), false), vec![]);
         // Once no local group owns its keys it is created, empty even though it is a voter at
         // configuration version 1: a split-born shard is never formed by the reconciler.
         let after_split =
             BTreeMap::from([meta(), (GroupId(1), Some(host_range(&s, 1))), (GroupId(2), Some(host_range(&s, 2)))]);
-        let c = replicas_to_create(n(1), &s.map, &after_split, &boot());
+        let c = replicas_to_create(n(1), &s.map, &after_split, &boot(), false);
         assert_eq!(created(&c), vec![(right.0, None)]);
         assert_eq!(c[0].range, range("t", None));
 
@@ -727,9 +862,9 @@ mod tests {
         apply(&mut s, 1, |epoch| MetaCommand::RemoveReplica { shard: GroupId(1), epoch, node: n(3) });
         apply(&mut s, 1, |epoch| MetaCommand::AddLearner { shard: GroupId(1), epoch, node: n(3) });
         let none = BTreeMap::from([meta()]);
-        assert!(created(&replicas_to_create(n(3), &s.map, &none, &boot())).contains(&(1, None)));
+        assert!(created(&replicas_to_create(n(3), &s.map, &none, &boot(), false)).contains(&(1, None)));
         apply(&mut s, 1, |epoch| MetaCommand::Promote { shard: GroupId(1), epoch, node: n(3) });
-        assert!(created(&replicas_to_create(n(3), &s.map, &none, &boot())).contains(&(1, None)));
+        assert!(created(&replicas_to_create(n(3), &s.map, &none, &boot(), false)).contains(&(1, None)));
     }
 
     #[test]

@@ -215,7 +215,7 @@ fn held_before_the_loss(i: &GroupInfo, dead: &BTreeSet<NodeId>) -> bool {
 pub const META_RETIRED_FILE: &str = "meta-replica-retired";
 
 /// Creates `path` (empty) and makes it and its directory entry durable.
-fn write_durably(path: &std::path::Path) -> std::io::Result<()> {
+pub(super) fn write_durably(path: &std::path::Path) -> std::io::Result<()> {
     std::fs::File::create(path)?.sync_all()?;
     match path.parent() {
         Some(dir) => std::fs::File::open(dir)?.sync_all(),
