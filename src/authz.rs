@@ -8,12 +8,12 @@
 //! |-------------------------------------------|---------|-------|-----------|----------|
 //! | `Get`, `Scan`                             | read    | yes   | yes       | yes      |
 //! | `Put`, `Delete`, `Cas`                    | write   | yes   | yes       | no       |
-//! | `ClusterView`                             | route   | yes   | yes       | yes      |
+//! | `ClusterView`, `MapSince`                 | route   | yes   | yes       | yes      |
 //! | every `Admin(..)`, reads such as `Shards` | admin   | yes   | no        | no       |
 //!
-//! `ClusterView` is open to every role because a client cannot route without the map; it shows
-//! shard boundaries (split keys) and node addresses, never values, and to a tenant only the
-//! boundaries inside its prefix ([`conceal`]).
+//! `ClusterView` and `MapSince` are open to every role because a client cannot route without
+//! the map; they show shard boundaries (split keys) and node addresses, never values, and to a
+//! tenant only the boundaries inside its prefix ([`conceal`]; a tenant is sent its view whole).
 //!
 //! A prefix-limited client (a tenant) sees the key space as if it held only the keys starting
 //! with its prefix: a get, put, delete or compare-and-swap of a key outside it is refused, and
@@ -23,7 +23,7 @@
 
 use crate::placement::{ShardDescriptor, ShardMap};
 use crate::transport::{Grant, PeerIdentity, Role};
-use crate::wire::{AdminRequest, ClusterView, Request, Response, ScanEnd};
+use crate::wire::{AdminRequest, ClusterView, MapAnswer, Request, Response, ScanEnd};
 use std::collections::BTreeMap;
 
 /// The `tracing` target of the audit log: one `info` event per admin request a node receives
@@ -80,7 +80,7 @@ pub fn access(req: &Request) -> Access {
         | Request::Cas { .. }
         | Request::Update { .. }
         | Request::InsertAll { .. } => Access::Write,
-        Request::ClusterView { .. } => Access::Route,
+        Request::ClusterView { .. } | Request::MapSince { .. } => Access::Route,
         Request::Admin(_) => Access::Admin,
     }
 }
@@ -104,7 +104,7 @@ pub fn operation(req: &Request) -> &'static str {
         Request::Update { .. } => "update",
         Request::InsertAll { .. } => "insert",
         Request::Scan { .. } => "scan",
-        Request::ClusterView { .. } => "read the cluster view",
+        Request::ClusterView { .. } | Request::MapSince { .. } => "read the cluster view",
         Request::Admin(a) => match a {
             AdminRequest::Nodes => "admin nodes",
             AdminRequest::Shards | AdminRequest::ShardsPage { .. } => "admin shards",
@@ -145,7 +145,7 @@ fn keys_of(req: &Request) -> Vec<&[u8]> {
         | Request::Cas { key, .. }
         | Request::Update { key, .. } => vec![key],
         Request::InsertAll { pairs, .. } => pairs.iter().map(|(k, _)| k.as_slice()).collect(),
-        Request::Scan { .. } | Request::ClusterView { .. } | Request::Admin(_) => Vec::new(),
+        Request::Scan { .. } | Request::ClusterView { .. } | Request::MapSince { .. } | Request::Admin(_) => Vec::new(),
     }
 }
 
@@ -252,6 +252,18 @@ pub fn conceal(from: &PeerIdentity, resp: Response) -> Response {
     let end = prefix_end(prefix);
     match resp {
         Response::View(view) => Response::View(conceal_view(prefix, end.as_deref(), view)),
+        // A tenant is sent the whole map in one page (`Node::map_since`), concealed as a view
+        // is: pages and changes would name other tenants' split keys in their bounds.
+        Response::Map(MapAnswer::Page { revision, shards, next: None, nodes })
+            if shards.first().is_some_and(|d| d.start.is_empty()) =>
+        {
+            let mut map = ShardMap::default();
+            shards.into_iter().for_each(|d| map.put_unchecked(d));
+            let view = conceal_view(prefix, end.as_deref(), ClusterView { map, nodes });
+            let shards = view.map.shards().cloned().collect();
+            Response::Map(MapAnswer::Page { revision, shards, next: None, nodes: view.nodes })
+        }
+        Response::Map(_) => Response::Unavailable("a prefix-limited client is sent the map whole".into()),
         Response::StaleEpoch { descriptor } => {
             Response::StaleEpoch { descriptor: conceal_descriptor(prefix, end.as_deref(), descriptor) }
         }
@@ -310,6 +322,7 @@ mod tests {
             Request::Scan { shard, epoch, start: key.clone(), end: None, limit: 10, consistency },
             Request::ClusterView { fresh: false },
             Request::ClusterView { fresh: true },
+            Request::MapSince { since: 0, from: None, limit: 10 },
         ];
         all.extend(
             [
@@ -348,7 +361,7 @@ mod tests {
     fn every_request_against_every_role() {
         let requests = every_request(b"k");
         // Guards against a new request or admin operation added without a row here.
-        assert_eq!(requests.len(), 19);
+        assert_eq!(requests.len(), 20);
         for req in &requests {
             let op = operation(req);
             for role in Role::ALL {
@@ -542,8 +555,29 @@ mod tests {
             panic!("a redirect")
         };
         assert_eq!(owner.end, None);
+        // The map whole in one page, as a tenant is sent it: the same shards as the view.
+        let whole = |view: &ClusterView| MapAnswer::Page {
+            revision: 9,
+            shards: view.map.shards().cloned().collect(),
+            next: None,
+            nodes: view.nodes.clone(),
+        };
+        assert_eq!(conceal(&tenant, Response::Map(whole(&view))), Response::Map(whole(&seen)));
+        // Anything else of the map (a page, changes) would show other bounds: refused.
+        let part = MapAnswer::Page {
+            revision: 9,
+            shards: vec![shard(2, "a", Some("t/m"), 2)],
+            next: None,
+            nodes: BTreeMap::new(),
+        };
+        let changes =
+            MapAnswer::Changes { base: 1, revision: 9, changed: vec![], removed: vec![], nodes: BTreeMap::new() };
+        for answer in [part, changes] {
+            assert!(matches!(conceal(&tenant, Response::Map(answer)), Response::Unavailable(_)));
+        }
         // Unrestricted clients and nodes see everything.
         let admin = client(Some(Grant { role: Role::Admin, prefix: None }));
+        assert_eq!(conceal(&admin, Response::Map(whole(&view))), Response::Map(whole(&view)));
         assert_eq!(conceal(&admin, Response::View(view.clone())), Response::View(view.clone()));
         assert_eq!(conceal(&PeerIdentity::Node(NodeId(2)), Response::View(view.clone())), Response::View(view));
     }

@@ -24,7 +24,8 @@
 use crate::placement::{Epoch, NodeId, ShardDescriptor, ShardId, ShardMap};
 use crate::transport::{self as tp, cert::TlsIdentity, ClientConnection};
 use crate::wire::{
-    check_user_key, check_value, AdminRequest, AdminResponse, ClusterView, ReadConsistency, Request, Response, ScanEnd,
+    check_user_key, check_value, AdminRequest, AdminResponse, ClusterView, MapAnswer, ReadConsistency, Request,
+    Response, ScanEnd,
 };
 use std::collections::HashMap;
 use std::future::Future;
@@ -39,6 +40,8 @@ use std::time::{Duration, Instant};
 pub const BACKOFF_MS_MIN: u64 = 10;
 /// Longest retry delay (ms).
 pub const BACKOFF_MS_MAX: u64 = 500;
+/// Pages of one node's map read at most in one refresh.
+pub const MAP_PAGES_MAX: usize = 1 << 16;
 /// Most nodes asked at once for their map (the next refresh starts at the next ones).
 pub const VIEW_FANOUT_MAX: usize = 16;
 /// Once one node has answered a map request, how long the others still have (ms): a node that
@@ -58,6 +61,9 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// How reads are made.
     pub consistency: ReadConsistency,
+    /// Shards asked for per page when the map is fetched whole (a node sends at most
+    /// [`crate::node::MAP_PAGE_SHARDS_MAX`]).
+    pub map_page_shards: u32,
 }
 
 impl ClientConfig {
@@ -69,6 +75,7 @@ impl ClientConfig {
             op_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(3),
             consistency: ReadConsistency::Linearizable,
+            map_page_shards: crate::node::MAP_PAGE_SHARDS_MAX as u32,
         }
     }
 }
@@ -124,7 +131,9 @@ pub struct Client {
     endpoint: tp::Client,
     conns: tokio::sync::Mutex<HashMap<NodeId, ClientConnection>>,
     addrs: Mutex<HashMap<NodeId, SocketAddr>>,
-    view: RwLock<ClusterView>,
+    /// The cached view, with the meta state's revision it is of (0: not known; a view read
+    /// through the meta leader).
+    view: RwLock<(u64, ClusterView)>,
     leaders: Mutex<HashMap<ShardId, NodeId>>,
     /// Where this client's stale reads start among a shard's replicas (spreads clients).
     spread: usize,
@@ -132,6 +141,9 @@ pub struct Client {
     view_turn: AtomicUsize,
     /// Map requests made for routing (see [`Client::routing_refreshes`]).
     routing_refreshes: AtomicU64,
+    /// Answers to map requests: changes since this client's copy, and pages (see
+    /// [`Client::map_answers`]).
+    map_answers: [AtomicU64; 2],
 }
 
 impl std::fmt::Debug for Client {
@@ -161,7 +173,7 @@ impl Client {
             config,
             endpoint,
             conns: tokio::sync::Mutex::new(HashMap::new()),
-            view: RwLock::new(ClusterView::default()),
+            view: RwLock::new((0, ClusterView::default())),
             leaders: Mutex::new(HashMap::new()),
             spread: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -169,6 +181,7 @@ impl Client {
                 .unwrap_or(0),
             view_turn: AtomicUsize::new(0),
             routing_refreshes: AtomicU64::new(0),
+            map_answers: [AtomicU64::new(0), AtomicU64::new(0)],
         };
         // Any node's own copy of the map will do to start routing: no meta leader needed.
         client.refresh_routing(None, client.config.request_timeout).await?;
@@ -177,7 +190,18 @@ impl Client {
 
     /// The cached view of the cluster.
     pub fn cached_view(&self) -> ClusterView {
+        self.view.read().map(|v| v.1.clone()).unwrap_or_default()
+    }
+
+    /// The cached view with the revision of the meta state it is of (0: not known).
+    fn cached(&self) -> (u64, ClusterView) {
         self.view.read().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// How the nodes answered this client's map requests: (answers with the changes since its
+    /// copy, pages of a whole map). A client that holds a map is sent changes, not the map again.
+    pub fn map_answers(&self) -> (u64, u64) {
+        (self.map_answers[0].load(Ordering::Relaxed), self.map_answers[1].load(Ordering::Relaxed))
     }
 
     /// How many times this client asked the nodes for their map to route by (at connect, and
@@ -188,7 +212,7 @@ impl Client {
 
     /// Takes `v` as the cached view unless the cached one is newer (a node's copy may lag
     /// the one this client already has), and learns the node addresses it lists.
-    fn install(&self, v: &ClusterView) {
+    fn install(&self, revision: u64, v: &ClusterView) {
         if let Ok(mut a) = self.addrs.lock() {
             for (id, addr) in &v.nodes {
                 if let Ok(sa) = addr.parse::<SocketAddr>() {
@@ -197,10 +221,78 @@ impl Client {
             }
         }
         if let Ok(mut w) = self.view.write() {
-            if map_progress(&v.map) >= map_progress(&w.map) {
-                *w = v.clone();
+            if map_progress(&v.map) >= map_progress(&w.1.map) {
+                *w = (revision, v.clone());
             }
         }
+    }
+
+    /// Node `n`'s copy of the map ([`Request::MapSince`]), with its revision: the changes
+    /// since `base` (this client's copy) applied to it when the node has them, else the whole
+    /// map in pages. Pages read while the node's copy moved on are brought to one revision by
+    /// the changes since the first page's; failing that, an error (the next refresh tries
+    /// again).
+    async fn fetch_map(
+        &self,
+        n: NodeId,
+        base: &(u64, ClusterView),
+        timeout: Duration,
+    ) -> Result<(u64, ClusterView), String> {
+        let limit = self.config.map_page_shards.max(1);
+        let ask = |since: u64, from: Option<Vec<u8>>| Request::MapSince { since, from, limit };
+        let call = |req: Request| async move {
+            match self.call(n, &req, timeout).await {
+                Ok(Response::Map(a)) => Ok(a),
+                Ok(other) => Err(format!("node {n}: {}", describe(&other))),
+                Err(CallError::NotSent(e) | CallError::Sent(e)) => Err(e),
+            }
+        };
+        let (first, mut map, mut nodes, mut next) = match call(ask(base.0, None)).await? {
+            MapAnswer::Changes { base: from, revision, changed, removed, nodes } if from == base.0 && from > 0 => {
+                self.map_answers[0].fetch_add(1, Ordering::Relaxed);
+                let mut map = base.1.map.clone();
+                apply_map_changes(&mut map, changed, removed);
+                map.validate().map_err(|e| format!("node {n}: its changes do not make a map: {e}"))?;
+                return Ok((revision, ClusterView { map, nodes }));
+            }
+            MapAnswer::Changes { base, .. } => {
+                return Err(format!("node {n}: changes from revision {base}, not asked"))
+            }
+            MapAnswer::Page { revision, shards, next, nodes } => {
+                self.map_answers[1].fetch_add(1, Ordering::Relaxed);
+                let mut map = ShardMap::default();
+                shards.into_iter().for_each(|d| map.put_unchecked(d));
+                (revision, map, nodes, next)
+            }
+        };
+        let mut moved = false;
+        for _ in 0..MAP_PAGES_MAX {
+            let Some(from) = next.take() else { break };
+            match call(ask(first, Some(from))).await? {
+                MapAnswer::Page { revision, shards, next: more, nodes: at } => {
+                    self.map_answers[1].fetch_add(1, Ordering::Relaxed);
+                    moved |= revision != first;
+                    shards.into_iter().for_each(|d| map.put_unchecked(d));
+                    (next, nodes) = (more, at);
+                }
+                MapAnswer::Changes { .. } => return Err(format!("node {n}: changes where a page was asked for")),
+            }
+        }
+        if next.is_some() {
+            return Err(format!("node {n}: its map took more than {MAP_PAGES_MAX} pages"));
+        }
+        let mut revision = first;
+        if moved {
+            match call(ask(first, None)).await? {
+                MapAnswer::Changes { base, revision: to, changed, removed, nodes: at } if base == first => {
+                    apply_map_changes(&mut map, changed, removed);
+                    (revision, nodes) = (to, at);
+                }
+                _ => return Err(format!("node {n}: its map changed while it was read in pages")),
+            }
+        }
+        map.validate().map_err(|e| format!("node {n}: its pages do not make a map: {e}"))?;
+        Ok((revision, ClusterView { map, nodes }))
     }
 
     /// Asks the known nodes at once for their local copy of the map (no meta leader involved)
@@ -222,19 +314,19 @@ impl Client {
         let turn = self.view_turn.fetch_add(VIEW_FANOUT_MAX, Ordering::Relaxed) % nodes.len();
         nodes.rotate_left(turn);
         nodes.truncate(VIEW_FANOUT_MAX);
-        let floor = map_progress(&self.cached_view().map);
-        let moved = |v: &ClusterView| match wrong {
+        let base = self.cached();
+        let floor = map_progress(&base.1.map);
+        let moved = |v: &(u64, ClusterView)| match wrong {
             None => true,
-            Some((key, shard, epoch)) => v.map.lookup(key).map(|d| (d.id, d.epoch)) != Some((shard, epoch)),
+            Some((key, shard, epoch)) => v.1.map.lookup(key).map(|d| (d.id, d.epoch)) != Some((shard, epoch)),
         };
-        let req = Request::ClusterView { fresh: false };
-        let req = &req;
-        type Ask<'a> = Pin<Box<dyn Future<Output = (NodeId, Result<Response, CallError>)> + Send + 'a>>;
+        let base = &base;
+        type Ask<'a> = Pin<Box<dyn Future<Output = (NodeId, Result<(u64, ClusterView), String>)> + Send + 'a>>;
         let mut asks: Vec<Option<Ask<'_>>> = nodes
             .iter()
-            .map(|&n| Some(Box::pin(async move { (n, self.call(n, req, timeout).await) }) as Ask<'_>))
+            .map(|&n| Some(Box::pin(async move { (n, self.fetch_map(n, base, timeout).await) }) as Ask<'_>))
             .collect();
-        let mut best: Option<ClusterView> = None;
+        let mut best: Option<(u64, ClusterView)> = None;
         let mut errors: Vec<String> = Vec::new();
         let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let overall = tokio::time::sleep(timeout);
@@ -249,22 +341,18 @@ impl Client {
                 };
                 *slot = None;
                 match answer {
-                    Ok(Response::View(v)) if v.map.is_empty() => {
-                        errors.push(format!("node {n}: cluster not bootstrapped yet"))
-                    }
-                    Ok(Response::View(v)) => {
-                        let p = map_progress(&v.map);
+                    Ok(v) => {
+                        let p = map_progress(&v.1.map);
                         if p < floor {
                             errors.push(format!("node {n}: its map is older than this client's"));
-                        } else if best.as_ref().is_none_or(|b| p > map_progress(&b.map)) {
+                        } else if best.as_ref().is_none_or(|b| p > map_progress(&b.1.map)) {
                             best = Some(v);
                         }
                         if best.as_ref().is_some_and(&moved) {
                             return Poll::Ready(());
                         }
                     }
-                    Ok(other) => errors.push(format!("node {n}: {}", describe(&other))),
-                    Err(CallError::NotSent(e) | CallError::Sent(e)) => errors.push(e),
+                    Err(e) => errors.push(e),
                 }
             }
             if !pending {
@@ -281,8 +369,8 @@ impl Client {
         .await;
         drop(asks);
         match best {
-            Some(v) => {
-                self.install(&v);
+            Some((revision, v)) => {
+                self.install(revision, &v);
                 Ok(v)
             }
             None if errors.is_empty() => {
@@ -302,7 +390,8 @@ impl Client {
         for n in nodes {
             match self.call(n, &Request::ClusterView { fresh: true }, self.config.request_timeout).await {
                 Ok(Response::View(v)) if !v.map.is_empty() => {
-                    self.install(&v);
+                    // Read through the meta leader, at a revision the answer does not name.
+                    self.install(0, &v);
                     return Ok(v);
                 }
                 Ok(Response::View(_)) => errors.push(format!("node {n}: cluster not bootstrapped yet")),
@@ -739,6 +828,16 @@ fn admin_outcome(node: NodeId, r: Result<Response, CallError>) -> Result<Result<
         Ok(Response::Denied(e)) => Ok(Err(ClientError::Denied(e))),
         Ok(other) => Err(format!("node {node}: {}", describe(&other))),
         Err(CallError::NotSent(e) | CallError::Sent(e)) => Err(e),
+    }
+}
+
+/// Brings `map` to the revision of changes `changed` and `removed` ([`MapAnswer::Changes`]).
+fn apply_map_changes(map: &mut ShardMap, changed: Vec<ShardDescriptor>, removed: Vec<ShardId>) {
+    for id in removed {
+        map.remove_unchecked(id);
+    }
+    for d in changed {
+        map.put_unchecked(d);
     }
 }
 

@@ -155,6 +155,19 @@ pub enum Request {
         /// Keys and values (at least one pair).
         pairs: Vec<(Vec<u8>, Vec<u8>)>,
     },
+    /// The node's local copy of the map, incrementally: without `from`, the shards that
+    /// changed since revision `since` of the meta state (a client's copy), when the node's
+    /// recent history reaches that far and they are few; otherwise, and with `from`, a page of
+    /// at most `limit` shards starting at key `from` (the start when `None`). Answered
+    /// [`Response::Map`]. Like `ClusterView { fresh: false }`, it needs no meta leader.
+    MapSince {
+        /// The revision of the copy the client holds (0: none).
+        since: u64,
+        /// Where a page starts: a page of the whole map is asked for.
+        from: Option<Vec<u8>>,
+        /// Shards per page at most (the node may send fewer).
+        limit: u32,
+    },
 }
 
 /// Administrative operations (the `flotilla admin` commands).
@@ -551,6 +564,41 @@ pub enum Response {
     /// client built before roles cannot decode it and reports an error after its retries, an
     /// unknown outcome for a write, although nothing changed.)
     Denied(String),
+    /// The node's copy of the map, or the part of it asked for ([`Request::MapSince`]).
+    Map(MapAnswer),
+}
+
+/// What a node sends of its copy of the map ([`Request::MapSince`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MapAnswer {
+    /// The shards that changed from revision `base` to `revision`: each as it is now
+    /// (`changed`), or gone (`removed`). Applied to the map at `base`, they make the map at
+    /// `revision`; a shard may be named that did not change after all.
+    Changes {
+        /// The revision the changes start from (the one asked for).
+        base: u64,
+        /// The revision they bring the map to.
+        revision: u64,
+        /// Shards as they are at `revision`.
+        changed: Vec<ShardDescriptor>,
+        /// Shards no longer in the map (merged away).
+        removed: Vec<ShardId>,
+        /// Client address of each node.
+        nodes: BTreeMap<NodeId, String>,
+    },
+    /// Shards of the map at `revision` in key order, from the one starting at the key asked
+    /// for; `next`: the start key of the shard after the last one sent (`None`: the last shard
+    /// was sent).
+    Page {
+        /// The revision of the map the page is of.
+        revision: u64,
+        /// The shards.
+        shards: Vec<ShardDescriptor>,
+        /// Where the next page starts.
+        next: Option<Vec<u8>>,
+        /// Client address of each node.
+        nodes: BTreeMap<NodeId, String>,
+    },
 }
 
 /// How far a [`Response::Page`] covers: where the client continues. Never the client's own

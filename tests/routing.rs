@@ -72,12 +72,16 @@ async fn a_client_whose_map_predates_a_split_scans_every_key_and_finds_moved_key
     wait_shards_led(&admin, 3).await;
     assert_eq!(stale.cached_view().map.len(), 2, "the client's map predates the second split");
     let before = stale.routing_refreshes();
+    let pages_before = stale.map_answers().1;
     let started = Instant::now();
     stale.put(b"x-new", b"w").await.unwrap();
     assert_eq!(stale.get(b"x-00").await.unwrap(), Some(b"v".to_vec()));
     assert_eq!(stale.get(b"x-new").await.unwrap(), Some(b"w".to_vec()));
     let took = started.elapsed();
+    assert_eq!(stale.map_answers().1, pages_before, "no page of the whole map after the first");
     assert_eq!(stale.routing_refreshes() - before, 1, "one map refresh for the moved keys");
+    // The client held a map: it was sent what changed since, not the map again.
+    assert!(stale.map_answers().0 >= 1, "answers: {:?}", stale.map_answers());
     assert!(took < Duration::from_secs(3), "stale routing took {took:?}");
 
     // A node refuses a scan starting in a shard its map says the key is not in, saying where
@@ -229,5 +233,75 @@ async fn peer_requests_are_refused_to_clients_and_served_to_nodes() {
         PeerResponse::Meta { state, .. } => assert!(!state.is_empty()),
         other => panic!("a node's meta read answered {other:?}"),
     }
+    cluster.shutdown().await;
+}
+
+/// A client reads a map of many shards in pages (here 3 shards a page), assembled into the
+/// node's map even while splits change it between pages, and afterwards only the changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_map_is_read_in_pages_while_it_changes_and_then_followed_by_its_changes() {
+    let mut cluster = Cluster::start(3, 20).await;
+    let admin = cluster.client().await;
+    wait_shards_led(&admin, 20).await;
+    let paged = |cluster: &Cluster| {
+        let mut cfg = cluster.config(&[1, 2, 3]);
+        cfg.map_page_shards = 3;
+        cfg
+    };
+    let client = Client::connect(paged(&cluster)).await.unwrap();
+    let (changes, pages) = client.map_answers();
+    assert_eq!(changes, 0);
+    assert!(pages >= 7, "20 shards, 3 a page: {pages} pages");
+    let view = client.cached_view();
+    view.map.validate().unwrap();
+    assert_eq!(view.map, cluster.node(1).meta_view().map, "the pages make the node's map");
+
+    // Splits one after another, while new clients read the map in pages.
+    let splitter = {
+        let admin = std::sync::Arc::new(admin);
+        let a = admin.clone();
+        (
+            admin,
+            tokio::spawn(async move {
+                for i in 0..8u32 {
+                    let key = format!("{:02x}{:02x}", i * 29 % 256, i);
+                    a.admin(AdminRequest::Split { key: key.into_bytes() }).await.expect("split");
+                }
+            }),
+        )
+    };
+    let mut readers = 0;
+    while !splitter.1.is_finished() || readers < 3 {
+        let c = Client::connect(paged(&cluster)).await.unwrap();
+        let map = c.cached_view().map;
+        map.validate().unwrap_or_else(|e| panic!("pages read while splitting: {e}"));
+        for d in map.shards() {
+            let mut key = d.start.clone();
+            key.push(b'~');
+            c.put(&key, b"v").await.unwrap();
+            assert_eq!(c.get(&key).await.unwrap(), Some(b"v".to_vec()));
+        }
+        c.close().await;
+        readers += 1;
+    }
+    splitter.1.await.unwrap();
+    wait_shards_led(&splitter.0, 28).await;
+    // The first client catches up by changes alone.
+    let key = b"e5~moved";
+    client.put(key, b"v").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.cached_view().map.len() != 28 {
+        assert!(Instant::now() < deadline, "the client never saw every split");
+        client.put(key, b"v").await.unwrap();
+        for d in cluster.node(1).meta_view().map.shards() {
+            let mut k = d.start.clone();
+            k.push(b'~');
+            client.put(&k, b"v").await.unwrap();
+        }
+    }
+    assert_eq!(client.map_answers().1, pages, "no page after the first map");
+    assert!(client.map_answers().0 >= 1);
+    client.close().await;
+    splitter.0.close().await;
     cluster.shutdown().await;
 }

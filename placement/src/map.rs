@@ -198,6 +198,64 @@ impl ShardMap {
         Ok(d)
     }
 
+    /// Whether `other` is this very map (a copy that was never changed): no shard differs.
+    pub fn same(&self, other: &ShardMap) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// The ids of the shards that differ between this map and `other`: in one and not the
+    /// other, or in both but not the same. One walk of both in key order, nothing allocated
+    /// for the shards that are the same; none at all for [`ShardMap::same`] maps.
+    pub fn differing(&self, other: &ShardMap) -> Vec<ShardId> {
+        let mut out = Vec::new();
+        if self.same(other) {
+            return out;
+        }
+        let (mut a, mut b) = (self.inner.by_start.iter().peekable(), other.inner.by_start.iter().peekable());
+        loop {
+            match (a.peek(), b.peek()) {
+                (None, None) => break,
+                (Some((_, x)), None) => {
+                    out.push(x.id);
+                    a.next();
+                }
+                (None, Some((_, y))) => {
+                    out.push(y.id);
+                    b.next();
+                }
+                (Some((ka, x)), Some((kb, y))) => match ka.cmp(kb) {
+                    std::cmp::Ordering::Less => {
+                        out.push(x.id);
+                        a.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        out.push(y.id);
+                        b.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if x != y {
+                            out.push(x.id);
+                            if y.id != x.id {
+                                out.push(y.id);
+                            }
+                        }
+                        a.next();
+                        b.next();
+                    }
+                },
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// At most `limit` shards in key order from the one holding `from`: a page of the map,
+    /// for a copy too large for one message.
+    pub fn page<'a>(&'a self, from: &[u8], limit: usize) -> impl Iterator<Item = &'a ShardDescriptor> + 'a {
+        self.lookup_range(from, None).take(limit)
+    }
+
     /// Puts `d` in the map as it is, replacing the shard with its id wherever that started:
     /// how a copy of the map is rebuilt from stored descriptors or brought up to date by the
     /// ones a change rewrote. The map may break its invariant until the last descriptor of a
@@ -314,6 +372,45 @@ mod sharing_tests {
         assert!(Arc::ptr_eq(&a.inner, &c.inner), "looking for a shard that is not there copies nothing");
         assert!(c.get_mut(ShardId(9)).is_none());
         assert!(Arc::ptr_eq(&a.inner, &c.inner));
+    }
+
+    #[test]
+    fn the_shards_that_differ_are_named_once_whatever_the_change() {
+        let a = two_shards();
+        assert_eq!(a.differing(&a.clone()), Vec::<ShardId>::new());
+        assert_eq!(a.differing(&ShardMap::default()), vec![ShardId(1), ShardId(2)]);
+        // A split: the left shard narrowed, a new one on the right.
+        let mut b = a.clone();
+        b.split(ShardId(2), b"t".to_vec(), ShardId(3));
+        assert_eq!(a.differing(&b), vec![ShardId(2), ShardId(3)]);
+        assert_eq!(b.differing(&a), vec![ShardId(2), ShardId(3)]);
+        // A replica change, and an equal map built apart (not shared): only what changed.
+        let mut c = a.clone();
+        let mut d = c.get(ShardId(1)).cloned().expect("shard 1");
+        d.epoch.conf_version += 1;
+        c.put_unchecked(d);
+        assert_eq!(a.differing(&c), vec![ShardId(1)]);
+        assert_eq!(a.differing(&two_shards()), Vec::<ShardId>::new());
+        // A merge: shard 2 gone, shard 1 wider; and a shard whose start key another took.
+        let mut m = a.clone();
+        m.remove_unchecked(ShardId(2));
+        let mut wide = m.get(ShardId(1)).cloned().expect("shard 1");
+        wide.end = None;
+        wide.epoch.version += 1;
+        m.put_unchecked(wide);
+        assert_eq!(a.differing(&m), vec![ShardId(1), ShardId(2)]);
+        let mut r = a.clone();
+        let mut other = r.get(ShardId(2)).cloned().expect("shard 2");
+        r.remove_unchecked(ShardId(2));
+        other.id = ShardId(7);
+        r.put_unchecked(other);
+        assert_eq!(a.differing(&r), vec![ShardId(2), ShardId(7)]);
+        // Pages: in key order from a start key.
+        let ids = |it: &mut dyn Iterator<Item = &ShardDescriptor>| it.map(|d| d.id.0).collect::<Vec<_>>();
+        assert_eq!(ids(&mut b.page(b"", 2)), vec![1, 2]);
+        assert_eq!(ids(&mut b.page(b"m", 5)), vec![2, 3]);
+        assert_eq!(ids(&mut b.page(b"n", 5)), vec![2, 3], "from the shard holding the key");
+        assert_eq!(ids(&mut b.page(b"u", 5)), vec![3]);
     }
 
     #[test]

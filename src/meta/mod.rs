@@ -23,6 +23,7 @@
 //! leader decided; every replica applies it the same way, and it costs the records changed.
 
 pub mod change_log;
+pub mod map_history;
 pub mod records;
 
 use crate::peer_wire::MetaOp;

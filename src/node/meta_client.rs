@@ -7,6 +7,7 @@
 
 use super::{Node, NodeError, LIVE_REPORT_AGE_MAX_MS, META_OP_TIMEOUT_MS, PEER_REQUEST_TIMEOUT_MS};
 use crate::meta::change_log::ChangeLog;
+use crate::meta::map_history::MapHistory;
 use crate::meta::records::{change_parts, conversion_parts, without_leftovers, writes_bytes, MetaWrite};
 use crate::meta::{self, StoredMeta, META_GROUP, META_STATE_KEY};
 use crate::peer_wire::{MetaOp, MetaUpdate, PeerRequest, PeerResponse};
@@ -36,6 +37,9 @@ pub(super) struct MetaClient {
     /// The changes this node wrote as meta leader, for nodes asking for the changes since
     /// their revision ([`PeerRequest::MetaSince`]).
     changes: Mutex<ChangeLog>,
+    /// Which shards changed as this node's view moved, for clients asking for the changes
+    /// since their copy's revision (`Request::MapSince`).
+    pub(super) map_history: Mutex<MapHistory>,
     /// This node's copy as the meta leader's answers to [`Node::meta_follow`] brought it up to
     /// date (reports left out): what the next changes are applied to.
     followed: Mutex<Option<StoredMeta>>,
@@ -97,11 +101,22 @@ impl Node {
     /// meta replica read after a newer state came from the meta leader): a view never goes
     /// back in time. The same revision replaces it (the reports laid over it may be newer).
     pub(super) fn set_view(&self, revision: u64, state: Arc<MetaState>) {
-        if let Ok(mut v) = self.inner.meta.view.write() {
-            if revision >= v.0 {
-                *v = (revision, state);
+        let before = match self.inner.meta.view.write() {
+            Ok(mut v) if revision >= v.0 => std::mem::replace(&mut *v, (revision, state.clone())),
+            _ => return,
+        };
+        // Outside the view's lock: a walk of both maps (none when the map was not changed).
+        if revision > before.0 {
+            let changed = before.1.map.differing(&state.map);
+            if let Ok(mut h) = self.inner.meta.map_history.lock() {
+                h.record(before.0, revision, changed);
             }
         }
+    }
+
+    /// [`Node::meta_view`] with its revision, read together.
+    pub fn meta_view_with_revision(&self) -> (u64, Arc<MetaState>) {
+        self.inner.meta.view.read().map(|v| v.clone()).unwrap_or_default()
     }
 
     /// Re-reads the local replica of the meta state, if this node holds one: its header, and

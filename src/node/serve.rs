@@ -228,6 +228,10 @@ impl Node {
                 };
                 Response::View(view_of(&state))
             }
+            Request::MapSince { since, from: start, limit } => {
+                let whole = authz::grant_of(from).is_some_and(|g| g.prefix.is_some());
+                self.map_since(since, start, limit, whole)
+            }
             Request::Admin(a) => {
                 // Report ages are known only on the meta leader: a client's node/status
                 // request is answered there (one hop; a node never forwards a node's request).

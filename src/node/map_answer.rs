@@ -1,0 +1,154 @@
+//! A node's answer to a client's [`Request::MapSince`]: the shards changed since the client's
+//! revision when its history holds them (`meta/map_history.rs`), else its copy of the map in
+//! pages. Either way an answer stays far below a transport frame, however many shards there
+//! are; the client puts the pages together (`client.rs`).
+//!
+//! [`Request::MapSince`]: crate::wire::Request::MapSince
+
+use super::Node;
+use crate::placement::{MetaState, ShardDescriptor};
+use crate::wire::{MapAnswer, Response};
+
+/// Shards a page carries at most.
+pub const MAP_PAGE_SHARDS_MAX: usize = 8192;
+/// Shards a changes answer names at most; more are sent as pages.
+pub const MAP_CHANGES_SHARDS_MAX: usize = 4096;
+/// Bytes of shard descriptors an answer carries at most, about (at least one shard).
+pub const MAP_ANSWER_BYTES_MAX: usize = 1 << 20;
+
+impl Node {
+    /// Answers [`crate::wire::Request::MapSince`] from this node's view.
+    /// A prefix-limited client (`whole`) is sent the map whole, in one page, which
+    /// [`crate::authz::conceal`] cuts to its prefix.
+    pub(super) fn map_since(&self, since: u64, from: Option<Vec<u8>>, limit: u32, whole: bool) -> Response {
+        let (revision, state) = self.meta_view_with_revision();
+        if state.map.is_empty() {
+            return Response::Unavailable("cluster not bootstrapped yet".into());
+        }
+        if whole {
+            let shards = state.map.shards().cloned().collect();
+            return Response::Map(MapAnswer::Page { revision, shards, next: None, nodes: addresses(&state) });
+        }
+        if from.is_none() && since > 0 {
+            let ids =
+                self.inner.meta.map_history.lock().ok().and_then(|h| h.since(since, revision, MAP_CHANGES_SHARDS_MAX));
+            if let Some(answer) = ids.and_then(|ids| changes_answer(&state, since, revision, ids)) {
+                return Response::Map(answer);
+            }
+        }
+        let limit = (limit as usize).clamp(1, MAP_PAGE_SHARDS_MAX);
+        Response::Map(page_answer(&state, revision, from.as_deref().unwrap_or_default(), limit))
+    }
+}
+
+/// Client address of each node of `state`.
+fn addresses(state: &MetaState) -> std::collections::BTreeMap<crate::placement::NodeId, String> {
+    state.nodes.values().map(|n| (n.id, n.addr.clone())).collect()
+}
+
+/// About how many bytes `d` takes in an answer.
+fn descriptor_bytes(d: &ShardDescriptor) -> usize {
+    48 + d.start.len() + d.end.as_ref().map_or(0, Vec::len) + 16 * d.replicas.len()
+}
+
+/// The shards `ids` of `state` (at `revision`) as changes from `base`; `None` past
+/// [`MAP_ANSWER_BYTES_MAX`].
+fn changes_answer(
+    state: &MetaState,
+    base: u64,
+    revision: u64,
+    ids: std::collections::BTreeSet<crate::placement::ShardId>,
+) -> Option<MapAnswer> {
+    let (mut changed, mut removed, mut bytes) = (Vec::new(), Vec::new(), 0);
+    for id in ids {
+        match state.map.get(id) {
+            Some(d) => {
+                bytes += descriptor_bytes(d);
+                if bytes > MAP_ANSWER_BYTES_MAX {
+                    return None;
+                }
+                changed.push(d.clone());
+            }
+            None => removed.push(id),
+        }
+    }
+    Some(MapAnswer::Changes { base, revision, changed, removed, nodes: addresses(state) })
+}
+
+/// At most `limit` shards of `state`'s map (at `revision`) from key `from`, and at least one,
+/// within about [`MAP_ANSWER_BYTES_MAX`].
+fn page_answer(state: &MetaState, revision: u64, from: &[u8], limit: usize) -> MapAnswer {
+    let (mut shards, mut bytes) = (Vec::new(), 0);
+    let mut next = None;
+    for d in state.map.page(from, limit.saturating_add(1)) {
+        bytes += descriptor_bytes(d);
+        if shards.len() == limit || (bytes > MAP_ANSWER_BYTES_MAX && !shards.is_empty()) {
+            next = Some(d.start.clone());
+            break;
+        }
+        shards.push(d.clone());
+    }
+    MapAnswer::Page { revision, shards, next, nodes: addresses(state) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::{MetaCommand, NodeId, ShardId};
+
+    fn state(shards: usize) -> MetaState {
+        let mut s = MetaState::default();
+        for i in 1..=3 {
+            s.apply(MetaCommand::RegisterNode { node: NodeId(i), addr: format!("127.0.0.1:{i}") }).unwrap();
+        }
+        s.apply(MetaCommand::Bootstrap { nodes: vec![NodeId(1), NodeId(2), NodeId(3)] }).unwrap();
+        for i in 1..shards {
+            let key = format!("k{i:05}").into_bytes();
+            let d = s.map.lookup(&key).cloned().unwrap();
+            s.apply(MetaCommand::Split { shard: d.id, epoch: d.epoch, key }).unwrap();
+        }
+        s
+    }
+
+    #[test]
+    fn pages_cover_the_map_once_in_order_and_stop_at_their_bounds() {
+        let s = state(10);
+        let mut from = Vec::new();
+        let mut seen = Vec::new();
+        loop {
+            let MapAnswer::Page { revision, shards, next, nodes } = page_answer(&s, 7, &from, 4) else { panic!() };
+            assert_eq!((revision, nodes.len()), (7, 3));
+            assert!(shards.len() <= 4 && !shards.is_empty());
+            seen.extend(shards.iter().map(|d| d.id));
+            match next {
+                Some(n) => from = n,
+                None => break,
+            }
+        }
+        let all: Vec<ShardId> = s.map.shards().map(|d| d.id).collect();
+        assert_eq!(seen, all);
+        // Long keys: the byte bound cuts pages short, never below one shard.
+        let mut big = state(1);
+        for i in 1..4u8 {
+            let key: Vec<u8> =
+                vec![b'k', i].into_iter().chain(std::iter::repeat_n(b'x', MAP_ANSWER_BYTES_MAX / 2)).collect();
+            let d = big.map.lookup(&key).cloned().unwrap();
+            big.apply(MetaCommand::Split { shard: d.id, epoch: d.epoch, key }).unwrap();
+        }
+        let MapAnswer::Page { shards, next, .. } = page_answer(&big, 1, b"k", 100) else { panic!() };
+        assert_eq!(shards.len(), 1, "a shard of half the budget per key");
+        assert!(next.is_some());
+    }
+
+    #[test]
+    fn changes_name_shards_now_and_the_ones_gone() {
+        let s = state(3);
+        let ids = [ShardId(2), ShardId(99)].into_iter().collect();
+        let Some(MapAnswer::Changes { base, revision, changed, removed, .. }) = changes_answer(&s, 4, 6, ids) else {
+            panic!()
+        };
+        assert_eq!((base, revision), (4, 6));
+        assert_eq!(changed, vec![s.map.get(ShardId(2)).unwrap().clone()]);
+        assert_eq!(removed, vec![ShardId(99)]);
+    }
+}
