@@ -24,7 +24,8 @@ use std::collections::BTreeMap;
 /// given revision.
 /// Version 6: merges (the meta state's merge plans, their commands).
 /// Version 7: reports as changes from the previous one ([`MetaOp::ReportChange`]).
-pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 7;
+/// Version 8: the meta state's bootstrap record (first voters, nodes that formed theirs).
+pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 8;
 
 /// Whether `bytes` is a message of the peer protocol (rather than the client protocol).
 pub fn is_peer_message(bytes: &[u8]) -> bool {

@@ -210,6 +210,40 @@ async fn a_move_asked_before_the_voters_formed_the_shard_leaves_it_led() {
     cluster.shutdown().await;
 }
 
+/// A first voter back under its id with a wiped data directory: the cluster recorded that it
+/// formed its shards, so it creates no replica at all (formed again it would vote as if it
+/// never had, and two leaders could be elected in one term).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_first_voter_back_with_a_wiped_data_directory_creates_no_replica() {
+    let mut cluster = Cluster::start_with(4, &[1, 2, 4], &[1, 2, 3], dev_split_keys(1), |_| {}).await;
+    let client = cluster.client().await;
+    client.put(b"k", b"v").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let formed = cluster.node(1).meta_view().bootstrap.as_ref().map(|b| b.formed.clone()).unwrap_or_default();
+        if formed == [1, 2, 3].map(NodeId).into() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the first voters' forming never recorded: {formed:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.stop(3).await;
+    std::fs::remove_dir_all(cluster.dev.dir().join("node-3")).unwrap();
+    cluster.restart(3).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.node(3).meta_view().map.is_empty() {
+        assert!(Instant::now() < deadline, "node 3 never saw the map");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Several reconciler rounds: still nothing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let groups = cluster.node(3).host().groups();
+    assert!(groups.iter().all(|g| *g == flotilla::meta::META_GROUP), "node 3 holds {groups:?}");
+    client.put(b"k", b"w").await.unwrap();
+    assert_eq!(client.get(b"k").await.unwrap(), Some(b"w".to_vec()));
+    cluster.shutdown().await;
+}
+
 /// What every node holds of `shard` and of the meta group: to tell from one failed run which
 /// input a stuck move waits for (a report, a learner's catch-up, a configuration).
 async fn move_state(cluster: &Cluster, shard: ShardId) -> String {

@@ -117,8 +117,8 @@ pub use load::{LoadSplitConfig, LoadTracker, LoadTrackers, LoadWindow};
 pub use map::{Epoch, NodeId, Replica, ReplicaRole, RouteError, ShardDescriptor, ShardId, ShardMap};
 pub use merge::{MergeId, MergePhase, MergePlan};
 pub use meta::{
-    GroupConf, LogIndex, MetaCommand, MetaError, MetaOutcome, MetaState, MoveRecord, NodeInfo, NodeReport, ShardLoad,
-    Tombstone, MOVE_HISTORY_LEN_MAX, MOVE_HISTORY_MS, MOVE_WINDOW_MS,
+    BootstrapRecord, GroupConf, LogIndex, MetaCommand, MetaError, MetaOutcome, MetaState, MoveRecord, NodeInfo,
+    NodeReport, ShardLoad, Tombstone, MOVE_HISTORY_LEN_MAX, MOVE_HISTORY_MS, MOVE_WINDOW_MS,
 };
 pub use plan::{MovePlan, MoveStep, PlanAction, PlanError, StepWatch, MOVE_TRANSFER_BYTES_PER_S_MIN};
 pub use report_change::{ReportChange, ShardReport};

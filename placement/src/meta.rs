@@ -297,6 +297,40 @@ pub enum MetaCommand {
         /// The plan's id.
         id: MergeId,
     },
+    /// Record that `node` formed every bootstrap shard placed on it ([`BootstrapRecord`]).
+    /// Nothing to record in a cluster bootstrapped before the record existed.
+    BootstrapFormed {
+        /// The node.
+        node: NodeId,
+    },
+}
+
+/// What the bootstrap made that its voters form their replicas by, kept for the cluster's
+/// life: a voter forms a bootstrap shard with these first voters, and only once (a node the
+/// record names as formed, whose data directory says otherwise, was wiped and must not vote
+/// again under its id).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapRecord {
+    /// The first voters of every bootstrap shard.
+    pub voters: BTreeSet<NodeId>,
+    /// The nodes that formed every bootstrap shard placed on them.
+    pub formed: BTreeSet<NodeId>,
+}
+
+/// [`MetaState`] as serialized before `bootstrap` existed: read with no record (a cluster
+/// bootstrapped before it).
+#[derive(Deserialize)]
+struct MetaStateBeforeBootstrap {
+    map: ShardMap,
+    nodes: BTreeMap<NodeId, NodeInfo>,
+    next_shard_id: u64,
+    transfers: BTreeMap<ShardId, NodeId>,
+    moves: BTreeMap<ShardId, MovePlan>,
+    recent_moves: VecDeque<MoveRecord>,
+    tombstones: BTreeMap<ShardId, BTreeMap<NodeId, Tombstone>>,
+    removed: BTreeSet<NodeId>,
+    restored_from: Option<String>,
+    merges: BTreeMap<ShardId, MergePlan>,
 }
 
 /// Why a command was refused.
@@ -476,6 +510,10 @@ pub struct MetaState {
     /// one at most, and none with a move. Last, so that a state serialized before it existed
     /// is still read, with none ([`MetaState::restore`]).
     pub merges: BTreeMap<ShardId, MergePlan>,
+    /// What the bootstrap made that nodes form their replicas by; `None` in a cluster
+    /// bootstrapped before it existed. Last, so that a state serialized before it existed is
+    /// still read ([`MetaState::restore`]).
+    pub bootstrap: Option<BootstrapRecord>,
 }
 
 /// [`MetaState`] as serialized before `merges` existed: read with no merge in progress.
@@ -527,6 +565,8 @@ impl MetaState {
                 }
                 let id = ShardId(self.next_shard_id.max(1));
                 self.next_shard_id = id.0 + 1;
+                self.bootstrap =
+                    Some(BootstrapRecord { voters: sorted.into_iter().collect(), formed: BTreeSet::new() });
                 let replicas = nodes.into_iter().map(|node| Replica { node, role: ReplicaRole::Voter }).collect();
                 self.map = ShardMap::bootstrap(id, replicas);
                 Ok(MetaOutcome::Shards(self.map.get(id).cloned().into_iter().collect()))
@@ -729,6 +769,12 @@ impl MetaState {
             }
             MetaCommand::AbortMerge { left, id } => self.abort_merge(left, id),
             MetaCommand::FinishMerge { left, id } => self.finish_merge(left, id),
+            MetaCommand::BootstrapFormed { node } => {
+                if let Some(b) = self.bootstrap.as_mut() {
+                    b.formed.insert(node);
+                }
+                Ok(MetaOutcome::Done)
+            }
         }
     }
 
@@ -867,6 +913,11 @@ impl MetaState {
         let s = match bincode::serde::decode_from_slice::<MetaState, _>(bytes, cfg) {
             Ok((s, used)) if whole(used) => s,
             current => {
+                if let Ok((o, used)) = bincode::serde::decode_from_slice::<MetaStateBeforeBootstrap, _>(bytes, cfg) {
+                    if whole(used) {
+                        return MetaState::checked(o.into());
+                    }
+                }
                 if let Ok((o, used)) = bincode::serde::decode_from_slice::<MetaStateBeforeMerges, _>(bytes, cfg) {
                     if whole(used) {
                         return MetaState::checked(o.into());
@@ -918,6 +969,25 @@ impl From<MetaStateBeforeMerges> for MetaState {
             removed: o.removed,
             restored_from: o.restored_from,
             merges: BTreeMap::new(),
+            bootstrap: None,
+        }
+    }
+}
+
+impl From<MetaStateBeforeBootstrap> for MetaState {
+    fn from(o: MetaStateBeforeBootstrap) -> MetaState {
+        MetaState {
+            map: o.map,
+            nodes: o.nodes,
+            next_shard_id: o.next_shard_id,
+            transfers: o.transfers,
+            moves: o.moves,
+            recent_moves: o.recent_moves,
+            tombstones: o.tombstones,
+            removed: o.removed,
+            restored_from: o.restored_from,
+            merges: o.merges,
+            bootstrap: None,
         }
     }
 }
@@ -935,6 +1005,7 @@ impl From<MetaStateBefore> for MetaState {
             removed: BTreeSet::new(),
             restored_from: None,
             merges: BTreeMap::new(),
+            bootstrap: None,
         }
     }
 }

@@ -198,11 +198,33 @@ mod tests {
 
     #[test]
     fn a_state_serialized_before_removed_nodes_existed_restores_with_none() {
-        let s = state();
+        let mut s = state();
+        s.bootstrap = None;
         let mut bytes = s.snapshot().unwrap();
-        // The newest fields, last: an empty set, no backup and no merges, one zero byte each.
-        assert_eq!(bytes.split_off(bytes.len() - 3), [0, 0, 0]);
+        // The newest fields, last: an empty set, no backup, no merges and no bootstrap record,
+        // one zero byte each.
+        assert_eq!(bytes.split_off(bytes.len() - 4), [0, 0, 0, 0]);
         assert_eq!(MetaState::restore(&bytes).unwrap(), s);
+    }
+
+    #[test]
+    fn a_state_serialized_before_the_bootstrap_record_existed_restores_without_one() {
+        let s = state();
+        assert!(s.bootstrap.as_ref().is_some_and(|b| b.voters.len() == 3 && b.formed.is_empty()));
+        let mut without = s.clone();
+        without.bootstrap = None;
+        let mut bytes = without.snapshot().unwrap();
+        assert_eq!(bytes.split_off(bytes.len() - 1), [0]);
+        assert_eq!(MetaState::restore(&bytes).unwrap(), without);
+        // And the record itself round-trips, nodes that formed theirs included.
+        let mut formed = s.clone();
+        formed.apply(MetaCommand::BootstrapFormed { node: n(2) }).unwrap();
+        assert!(formed.bootstrap.as_ref().is_some_and(|b| b.formed.contains(&n(2))));
+        assert_eq!(MetaState::restore(&formed.snapshot().unwrap()).unwrap(), formed);
+        // Nothing to record in a cluster bootstrapped before the record.
+        let mut old = without.clone();
+        old.apply(MetaCommand::BootstrapFormed { node: n(2) }).unwrap();
+        assert_eq!(old, without);
     }
 
     fn epoch(s: &MetaState, shard: u64) -> crate::Epoch {

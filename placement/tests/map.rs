@@ -559,11 +559,20 @@ fn a_snapshot_with_bytes_left_over_or_cut_short_is_refused() {
     let mut longer = bytes.clone();
     longer.push(0);
     assert!(MetaState::restore(&longer).is_err(), "a byte left over");
-    // The last byte is the empty map of merges: without it, the state is one serialized
-    // before merges existed, and reads the same.
-    assert_eq!(MetaState::restore(&bytes[..bytes.len() - 1]).expect("restore"), s);
-    for cut in 2..=4 {
+    // Cut into the bootstrap record (the last field): refused.
+    for cut in 1..=4 {
         assert!(MetaState::restore(&bytes[..bytes.len() - cut]).is_err(), "{cut} bytes cut off the end");
+    }
+    // A cluster bootstrapped before the record: its last byte says there is none. Without it
+    // the state is one serialized before the record existed, and without the empty map of
+    // merges before it one serialized before merges existed: both read the same.
+    let mut older = s.clone();
+    older.bootstrap = None;
+    let old_bytes = older.snapshot().expect("snapshot");
+    assert_eq!(MetaState::restore(&old_bytes[..old_bytes.len() - 1]).expect("restore"), older);
+    assert_eq!(MetaState::restore(&old_bytes[..old_bytes.len() - 2]).expect("restore"), older);
+    for cut in 3..=5 {
+        assert!(MetaState::restore(&old_bytes[..old_bytes.len() - cut]).is_err(), "{cut} bytes cut off the end");
     }
     // With a merge in progress, any cut is refused.
     let d = s.map.lookup(b"m").expect("shard").clone();

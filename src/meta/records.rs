@@ -64,6 +64,10 @@ const REMOVED: &[u8] = b"removed/";
 /// A build that does not know it refuses the state ("not a record this build knows") rather
 /// than letting unrestored nodes form its shards.
 const RESTORED: &[u8] = b"restored";
+/// [`MetaState::bootstrap`]: one record, written by the bootstrap and by each node that formed
+/// its bootstrap shards. A build that does not know it refuses the state ("not a record this
+/// build knows") rather than letting a wiped node form shards again.
+const BOOTSTRAP: &[u8] = b"bootstrap";
 /// A merge in progress, under its left shard. A build without this kind refuses the state
 /// ("not a record this build knows") rather than let a frozen shard's neighbours move.
 const MERGE: &[u8] = b"merge/";
@@ -235,6 +239,10 @@ impl StoredMeta {
         if base.restored_from != next.restored_from {
             let value = next.restored_from.as_ref().map(encode).transpose().map_err(|e| e.message)?;
             writes.push((key(RESTORED, &[]), value));
+        }
+        if base.bootstrap != next.bootstrap {
+            let value = next.bootstrap.as_ref().map(encode).transpose().map_err(|e| e.message)?;
+            writes.push((key(BOOTSTRAP, &[]), value));
         }
         let recent_first = diff_recent(&mut writes, self.header.recent_first, &base.recent_moves, &next.recent_moves)?;
         if !self.leftovers.is_empty() {
@@ -553,6 +561,8 @@ fn apply_items(state: &mut MetaState, items: &[MetaWrite]) -> Result<(), String>
             }
         } else if ids(k, RESTORED, 0).is_some() {
             state.restored_from = v.as_ref().map(|b| decode(b, what).map_err(|e| e.message)).transpose()?;
+        } else if ids(k, BOOTSTRAP, 0).is_some() {
+            state.bootstrap = v.as_ref().map(|b| decode(b, what).map_err(|e| e.message)).transpose()?;
         } else {
             return Err(format!("{}: not a record this build knows", what()));
         }

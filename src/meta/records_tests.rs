@@ -96,6 +96,10 @@ fn every_kind_of_change_round_trips_through_its_records() {
         let epoch = epoch(&s);
         step(&mut s, &mut range, MetaCommand::Promote { shard: d.id, epoch, node: n(4) });
     }
+    assert!(s.state.bootstrap.as_ref().is_some_and(|b| b.voters.len() == 3), "the bootstrap's record is stored");
+    let writes = step(&mut s, &mut range, MetaCommand::BootstrapFormed { node: n(2) });
+    assert_eq!(writes.len(), 2, "the bootstrap's record and the header");
+    assert!(s.state.bootstrap.as_ref().is_some_and(|b| b.formed.contains(&n(2))));
     {
         let epoch = epoch(&s);
         step(&mut s, &mut range, MetaCommand::TransferLeader { shard: d.id, epoch, node: n(4) });
@@ -194,7 +198,7 @@ fn a_format_1_state_is_read_then_converted_by_the_first_change_and_unknown_forma
     assert_eq!(read.state, s.state, "read as stored, reports aside");
     // The first change writes every record and the format-2 header, replacing the old value.
     let writes = step(&mut read, &mut legacy, MetaCommand::SetDraining { node: n(3), draining: true });
-    assert_eq!(writes.len(), 4 + 20 + 1, "every node and shard, and the header");
+    assert_eq!(writes.len(), 4 + 20 + 1 + 1, "every node and shard, the bootstrap's record and the header");
     assert!(!read.whole && read.revision() == 1);
     assert_eq!(legacy.0.get(META_STATE_KEY).map(|v| v[0]), Some(META_FORMAT_RECORDS));
     // Anything else under the header's key, or an unknown record, is refused with its reason.
@@ -472,14 +476,16 @@ fn the_backup_a_cluster_was_restored_from_is_one_record_that_follows_and_reloads
     s = after;
     assert_eq!(s.state.restored_from.as_deref(), Some("18c0ffee-1"));
     // The whole state (a view, format 1) carries it, and one serialized before this field,
-    // `removed` and `merges` existed (it ends where they start: an empty set, `None` and an
-    // empty map, a zero byte each, are its last bytes) is still read.
+    // `removed`, `merges` and the bootstrap record existed (it ends where they start: an
+    // empty set, `None`, an empty map and `None`, a zero byte each, are its last bytes) is
+    // still read.
     assert_eq!(MetaState::restore(&s.state.snapshot().expect("snapshot")).expect("restore"), s.state);
     let mut old = s.state.clone();
     old.restored_from = None;
+    old.bootstrap = None;
     let bytes = old.snapshot().expect("snapshot");
-    assert_eq!(bytes[bytes.len() - 3..], [0, 0, 0]);
-    assert_eq!(MetaState::restore(&bytes[..bytes.len() - 3]).expect("restore the older layout"), old);
+    assert_eq!(bytes[bytes.len() - 4..], [0, 0, 0, 0]);
+    assert_eq!(MetaState::restore(&bytes[..bytes.len() - 4]).expect("restore the older layout"), old);
     assert!(MetaState::restore(&[bytes.as_slice(), &[0]].concat()).is_err(), "trailing bytes");
 }
 

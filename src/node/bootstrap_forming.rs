@@ -14,6 +14,12 @@
 //! Without that, a move (by hand, a drain or the balancer) of a bootstrap shard asked before
 //! its voters formed it left the shard without a leader for good: the voters still to form it
 //! saw a changed configuration in the map and started empty, waiting for a leader.
+//!
+//! The first voters a node forms with are the meta state's record of the bootstrap
+//! (`placement::BootstrapRecord`), which its own `[bootstrap]` must match; a cluster
+//! bootstrapped before the record forms by the older rule only. Once done here, the node has
+//! the meta state record it too: a node the record names whose data directory says nothing
+//! (wiped, or new under an old id) creates no replica (`reconcile.rs`).
 
 use super::unsafe_recovery::write_durably;
 use std::path::Path;

@@ -414,6 +414,8 @@ struct Inner {
     bootstrap_forming: Mutex<bootstrap_forming::Forming>,
     /// Whether the reconciler skips its rounds ([`Node::pause_reconciler`]).
     reconciler_paused: std::sync::atomic::AtomicBool,
+    /// Whether the reconciler said that this node's data directory was wiped (once).
+    wipe_reported: std::sync::atomic::AtomicBool,
     /// The restore this node's store was built by (`flotilla restore`), if any: its bootstrap
     /// shards are formed over the restored data, and only in a cluster bootstrapped from the
     /// same backup (`reconcile.rs`).
@@ -560,6 +562,7 @@ impl Node {
             bootstrap_shards: std::sync::OnceLock::new(),
             bootstrap_forming: Mutex::new(forming),
             reconciler_paused: std::sync::atomic::AtomicBool::new(config.reconciler_paused),
+            wipe_reported: std::sync::atomic::AtomicBool::new(false),
             restored,
             sizes: Mutex::new(HashMap::new()),
             reports_sent: tokio::sync::Mutex::new(report::ReportsSent::new()),

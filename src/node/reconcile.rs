@@ -130,16 +130,37 @@ impl Node {
         // holds of them now (`bootstrap_forming.rs`); it looks at its bootstrap in every full
         // round till then, to tell when that is.
         let forming = self.inner.bootstrap_forming.lock().map(|f| *f).unwrap_or(Forming::Done);
+        // The cluster records which nodes formed their bootstrap shards: one it names whose
+        // data directory does not say so lost that directory, and with it the votes its
+        // replicas gave. Under its id it would vote again as if it never had: it holds no
+        // replica at all.
+        if forming.open() && state.bootstrap.as_ref().is_some_and(|b| b.formed.contains(&me)) {
+            if !self.inner.wipe_reported.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                error!(
+                    node = me.0,
+                    data_dir = %self.inner.config.data_dir.display(),
+                    "this node formed its shards before, and its data directory does not say so (a new or wiped \
+                     directory): it creates no replica. Start it under a new node id, with an empty data directory"
+                );
+            }
+            return;
+        }
+        // The rule that forms a shard whatever the map holds of it now needs the first voters
+        // the cluster recorded (a cluster bootstrapped before the record forms by the older
+        // rule only).
+        let first_forming = forming.open() && state.bootstrap.as_ref().is_some_and(|b| b.voters.contains(&me));
         let bootstrap = match missing || forming.open() {
-            true => self.bootstrap_to_form(&state),
+            true => self.bootstrap_to_form(&state, !missing),
             false => Some(&NO_BOOTSTRAP),
         };
-        let creations = replicas_to_create(me, &state.map, &local, bootstrap.unwrap_or(&NO_BOOTSTRAP), forming.open());
-        let forms = creations.iter().any(|c| c.initial.is_some());
-        if forms && forming == Forming::NotStarted {
+        let mut creations =
+            replicas_to_create(me, &state.map, &local, bootstrap.unwrap_or(&NO_BOOTSTRAP), first_forming);
+        let mut left_out = false;
+        if forming == Forming::NotStarted && creations.iter().any(|c| c.initial.is_some()) {
             if let Err(e) = self.record_forming(Forming::Started) {
                 error!(node = me.0, error = %e, "cannot record that the bootstrap's shards are being formed");
-                return;
+                creations.retain(|c| c.initial.is_none());
+                left_out = true;
             }
         }
         // Several at once: each creation is a durable write, and one after another the 10,000
@@ -178,7 +199,7 @@ impl Node {
         // bootstrap that matches it): from here on, a removed replica placed here again is fed
         // by its leader.
         let mut still_forming = forming.open();
-        if still_forming && bootstrap.is_some() && all_formed {
+        if still_forming && bootstrap.is_some() && all_formed && !left_out {
             match self.record_forming(Forming::Done) {
                 Ok(()) => still_forming = false,
                 Err(e) => warn!(node = me.0, error = %e, "cannot record that the bootstrap's shards are formed"),
@@ -239,24 +260,40 @@ impl Node {
                 }
             }
         }
+        // Last (it waits on the meta leader): the cluster records that this first voter
+        // formed its bootstrap shards, so that it is never let form one again under its id.
+        let unrecorded = state.bootstrap.as_ref().is_some_and(|b| b.voters.contains(&me) && !b.formed.contains(&me));
+        if !still_forming && unrecorded {
+            let op = MetaOp::Commands(vec![crate::placement::MetaCommand::BootstrapFormed { node: me }]);
+            if let Err(e) = self.meta_exec(op, false).await {
+                debug!(node = me.0, error = %e, "cannot record in the meta state that this node formed its shards");
+            }
+        }
     }
 
     /// The bootstrap shards this node may form, as the bootstrap made them: `None` if its
-    /// `[bootstrap]` disagrees with the map (every initial node must be given the same one).
-    fn bootstrap_to_form(&self, state: &MetaState) -> Option<&BootstrapShards> {
+    /// `[bootstrap]` disagrees with the map or the cluster's record of its bootstrap (every
+    /// initial node must be given the same one). `quiet`: nothing to form now, no need to say
+    /// why not.
+    fn bootstrap_to_form(&self, state: &MetaState, quiet: bool) -> Option<&BootstrapShards> {
         let map = &state.map;
         let mine = self.inner.restored.as_ref().map(|r| r.backup_id.as_str());
         if let Err(e) = restore_matches(state.restored_from.as_deref(), mine) {
-            error!(node = self.inner.id.0, error = %e, "this node forms no shard of the cluster's bootstrap");
+            if !quiet {
+                error!(node = self.inner.id.0, error = %e, "this node forms no shard of the cluster's bootstrap");
+            }
             return None;
         }
         let b = self.inner.config.bootstrap.as_ref();
         let shards = self.inner.bootstrap_shards.get_or_init(|| bootstrap_shards(b));
         let keys = b.map(|b| b.split_keys.as_slice()).unwrap_or_default();
-        match bootstrap_matches_map(keys, shards, map) {
+        let recorded = state.bootstrap.as_ref().map(|r| &r.voters);
+        match bootstrap_matches_map(keys, shards, map).and_then(|()| bootstrap_matches_record(shards, recorded)) {
             Ok(()) => Some(shards),
             Err(e) => {
-                warn!(node = self.inner.id.0, error = %e, "this node's [bootstrap] disagrees with the cluster's map: it forms no shard");
+                if !quiet {
+                    warn!(node = self.inner.id.0, error = %e, "this node's [bootstrap] disagrees with the cluster's: it forms no shard");
+                }
                 None
             }
         }
@@ -402,8 +439,8 @@ fn bootstrap_matches_map(split_keys: &[Vec<u8>], shards: &BootstrapShards, map: 
         let Some(d) = map.get(*id) else {
             return Err(format!("its bootstrap made shard {id}, which the map does not hold"));
         };
-        if d.epoch.conf_version == 1 && !d.voters().eq(b.voters.iter().copied()) {
-            let map_voters: Vec<NodeId> = d.voters().collect();
+        let map_voters: BTreeSet<NodeId> = d.voters().collect();
+        if d.epoch.conf_version == 1 && map_voters != b.voters {
             return Err(format!(
                 "its bootstrap gave shard {id} the voters {:?}, the map's first configuration {map_voters:?}",
                 b.voters
@@ -415,6 +452,17 @@ fn bootstrap_matches_map(split_keys: &[Vec<u8>], shards: &BootstrapShards, map: 
             Err(format!("its bootstrap split at {:?}, where no shard of the map starts", k.escape_ascii().to_string()))
         }
         None => Ok(()),
+    }
+}
+
+/// Whether the first voters of a bootstrap (`shards`) are the ones the cluster recorded at its
+/// bootstrap (`None`: a cluster bootstrapped before the record, nothing to compare).
+fn bootstrap_matches_record(shards: &BootstrapShards, recorded: Option<&BTreeSet<NodeId>>) -> Result<(), String> {
+    match (shards.values().next(), recorded) {
+        (Some(b), Some(r)) if b.voters != *r => {
+            Err(format!("its bootstrap's voters are {:?}, the cluster's were {r:?}", b.voters))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -721,7 +769,23 @@ mod tests {
         let other = bootstrap_shards(Some(&BootstrapConfig::of_nodes(&[n(1), n(2), n(4)], keys(&["m"]))));
         let e = bootstrap_matches_map(&keys(&["m"]), &other, &s.map).unwrap_err();
         assert!(e.contains("voters"), "{e}");
-        // Not seen once every shard's configuration changed (the limit the doc names).
+        // The same replicas in another order (`shard_replicas = [3, 1, 2]`) are the same voters.
+        let unsorted = bootstrap_shards(Some(&BootstrapConfig::of_nodes(&[n(3), n(1), n(2)], keys(&["m"]))));
+        let mut s3 = MetaState::default();
+        for i in 1..=3 {
+            s3.apply(MetaCommand::RegisterNode { node: n(i), addr: String::new() }).unwrap();
+        }
+        s3.apply(MetaCommand::Bootstrap { nodes: vec![n(3), n(1), n(2)] }).unwrap();
+        split(&mut s3, "m");
+        assert_eq!(bootstrap_matches_map(&keys(&["m"]), &unsorted, &s3.map), Ok(()));
+        assert_eq!(bootstrap_matches_map(&keys(&["m"]), &b(&["m"]), &s3.map), Ok(()));
+        let recorded = s3.bootstrap.as_ref().map(|r| &r.voters);
+        assert_eq!(bootstrap_matches_record(&unsorted, recorded), Ok(()));
+        // Other replicas than the cluster recorded: refused whatever the map says now; a
+        // cluster bootstrapped before the record has nothing to compare.
+        assert!(bootstrap_matches_record(&other, recorded).unwrap_err().contains("voters"));
+        assert_eq!(bootstrap_matches_record(&other, None), Ok(()));
+        // Not seen in the map once every shard's configuration changed (the limit the doc names).
         for shard in [1, 2] {
             apply(&mut s, shard, |epoch| MetaCommand::AddLearner { shard: GroupId(shard), epoch, node: n(5) });
         }
