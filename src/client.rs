@@ -231,15 +231,20 @@ impl Client {
     /// since `base` (this client's copy) applied to it when the node has them, else the whole
     /// map in pages. Pages read while the node's copy moved on are brought to one revision by
     /// the changes since the first page's; failing that, an error (the next refresh tries
-    /// again).
+    /// again). With `wrong` (a route a node refused), changes from a node further on that leave
+    /// the route as it was are not trusted: the node's whole map is read instead (a revision
+    /// number the client holds may name another history, as after a conversion from the
+    /// one-key format, which numbers afresh).
     async fn fetch_map(
         &self,
         n: NodeId,
         base: &(u64, ClusterView),
+        wrong: Option<(&[u8], ShardId, Epoch)>,
         timeout: Duration,
     ) -> Result<(u64, ClusterView), String> {
         let limit = self.config.map_page_shards.max(1);
-        let ask = |since: u64, from: Option<Vec<u8>>| Request::MapSince { since, from, limit };
+        let progress = map_progress(&base.1.map);
+        let ask = |since: u64, from: Option<Vec<u8>>| Request::MapSince { since, from, limit, progress };
         let call = |req: Request| async move {
             match self.call(n, &req, timeout).await {
                 Ok(Response::Map(a)) => Ok(a),
@@ -247,14 +252,28 @@ impl Client {
                 Err(CallError::NotSent(e) | CallError::Sent(e)) => Err(e),
             }
         };
-        let (first, mut map, mut nodes, mut next) = match call(ask(base.0, None)).await? {
-            MapAnswer::Changes { base: from, revision, changed, removed, nodes } if from == base.0 && from > 0 => {
-                self.map_answers[0].fetch_add(1, Ordering::Relaxed);
-                let mut map = base.1.map.clone();
-                apply_map_changes(&mut map, changed, removed);
-                map.validate().map_err(|e| format!("node {n}: its changes do not make a map: {e}"))?;
+        let routes_as_before = |map: &ShardMap| {
+            wrong.is_some_and(|(key, shard, epoch)| map.lookup(key).map(|d| (d.id, d.epoch)) == Some((shard, epoch)))
+        };
+        let since = base.0;
+        let mut answer = call(ask(since, None)).await?;
+        if let MapAnswer::Changes { base: from, revision, changed, removed, nodes } = answer {
+            if from != since || since == 0 {
+                return Err(format!("node {n}: changes from revision {from}, not asked"));
+            }
+            if revision < from {
+                return Err(format!("node {n}: its map (revision {revision}) is older than this client's"));
+            }
+            self.map_answers[0].fetch_add(1, Ordering::Relaxed);
+            let mut map = base.1.map.clone();
+            apply_map_changes(&mut map, changed, removed);
+            map.validate().map_err(|e| format!("node {n}: its changes do not make a map: {e}"))?;
+            if !(revision > from && routes_as_before(&map)) {
                 return Ok((revision, ClusterView { map, nodes }));
             }
+            answer = call(ask(0, None)).await?;
+        }
+        let (first, mut map, mut nodes, mut next) = match answer {
             MapAnswer::Changes { base, .. } => {
                 return Err(format!("node {n}: changes from revision {base}, not asked"))
             }
@@ -324,7 +343,7 @@ impl Client {
         type Ask<'a> = Pin<Box<dyn Future<Output = (NodeId, Result<(u64, ClusterView), String>)> + Send + 'a>>;
         let mut asks: Vec<Option<Ask<'_>>> = nodes
             .iter()
-            .map(|&n| Some(Box::pin(async move { (n, self.fetch_map(n, base, timeout).await) }) as Ask<'_>))
+            .map(|&n| Some(Box::pin(async move { (n, self.fetch_map(n, base, wrong, timeout).await) }) as Ask<'_>))
             .collect();
         let mut best: Option<(u64, ClusterView)> = None;
         let mut errors: Vec<String> = Vec::new();

@@ -167,6 +167,10 @@ pub enum Request {
         from: Option<Vec<u8>>,
         /// Shards per page at most (the node may send fewer).
         limit: u32,
+        /// How far the client's copy has come (`client::map_progress`): a node whose revision
+        /// is below `since` but whose map is further on (its revisions were numbered afresh)
+        /// sends its map rather than nothing.
+        progress: u64,
     },
 }
 
@@ -573,7 +577,8 @@ pub enum Response {
 pub enum MapAnswer {
     /// The shards that changed from revision `base` to `revision`: each as it is now
     /// (`changed`), or gone (`removed`). Applied to the map at `base`, they make the map at
-    /// `revision`; a shard may be named that did not change after all.
+    /// `revision`; a shard may be named that did not change after all. A `revision` below
+    /// `base` (and no shard): the node's copy is older than the client's.
     Changes {
         /// The revision the changes start from (the one asked for).
         base: u64,

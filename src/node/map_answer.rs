@@ -20,7 +20,14 @@ impl Node {
     /// Answers [`crate::wire::Request::MapSince`] from this node's view.
     /// A prefix-limited client (`whole`) is sent the map whole, in one page, which
     /// [`crate::authz::conceal`] cuts to its prefix.
-    pub(super) fn map_since(&self, since: u64, from: Option<Vec<u8>>, limit: u32, whole: bool) -> Response {
+    pub(super) fn map_since(
+        &self,
+        since: u64,
+        from: Option<Vec<u8>>,
+        limit: u32,
+        progress: u64,
+        whole: bool,
+    ) -> Response {
         let (revision, state) = self.meta_view_with_revision();
         if state.map.is_empty() {
             return Response::Unavailable("cluster not bootstrapped yet".into());
@@ -29,7 +36,19 @@ impl Node {
             let shards = state.map.shards().cloned().collect();
             return Response::Map(MapAnswer::Page { revision, shards, next: None, nodes: addresses(&state) });
         }
-        if from.is_none() && since > 0 {
+        // At or behind the client's copy: nothing to send (the client asks a node further on).
+        // Unless the maps say otherwise: a map further on than the client's under a lower
+        // revision, or another one under the same, is another numbering (a meta state
+        // converted from the one-key format numbers afresh), and is sent in pages.
+        if from.is_none()
+            && since >= revision
+            && nothing_newer(since, revision, crate::client::map_progress(&state.map), progress)
+        {
+            let nodes = addresses(&state);
+            let (changed, removed) = (Vec::new(), Vec::new());
+            return Response::Map(MapAnswer::Changes { base: since, revision, changed, removed, nodes });
+        }
+        if from.is_none() && since > 0 && since < revision {
             let ids =
                 self.inner.meta.map_history.lock().ok().and_then(|h| h.since(since, revision, MAP_CHANGES_SHARDS_MAX));
             if let Some(answer) = ids.and_then(|ids| changes_answer(&state, since, revision, ids)) {
@@ -39,6 +58,13 @@ impl Node {
         let limit = (limit as usize).clamp(1, MAP_PAGE_SHARDS_MAX);
         Response::Map(page_answer(&state, revision, from.as_deref().unwrap_or_default(), limit))
     }
+}
+
+/// Whether a node whose copy is at `revision` with progress `mine` (`client::map_progress`)
+/// has nothing newer for a client whose copy is at `since` (at least `revision`) with progress
+/// `progress`: the same map, or an older one.
+fn nothing_newer(since: u64, revision: u64, mine: u64, progress: u64) -> bool {
+    (since > revision && mine <= progress) || (since == revision && mine == progress)
 }
 
 /// Client address of each node of `state`.
@@ -138,6 +164,17 @@ mod tests {
         let MapAnswer::Page { shards, next, .. } = page_answer(&big, 1, b"k", 100) else { panic!() };
         assert_eq!(shards.len(), 1, "a shard of half the budget per key");
         assert!(next.is_some());
+    }
+
+    #[test]
+    fn a_node_at_or_behind_the_client_sends_nothing_unless_its_map_is_another() {
+        assert!(nothing_newer(5, 5, 40, 40), "the same copy");
+        assert!(nothing_newer(7, 5, 38, 40), "an older copy");
+        assert!(nothing_newer(7, 5, 40, 40), "older, and its map the same as far as it went");
+        // Numbered afresh: further on under a lower revision, or another map under the same.
+        assert!(!nothing_newer(7, 5, 41, 40));
+        assert!(!nothing_newer(5, 5, 41, 40));
+        assert!(!nothing_newer(5, 5, 39, 40));
     }
 
     #[test]
