@@ -274,6 +274,18 @@ pub fn conceal(from: &PeerIdentity, resp: Response) -> Response {
     }
 }
 
+/// What a prefix-limited client (a tenant) is shown of `map` (with the nodes' addresses
+/// `nodes`): the shards overlapping its prefix, as [`conceal`] shows a view, found from the
+/// prefix alone (not by a walk of the whole map). `None` for everyone else.
+pub fn tenant_view(
+    from: &PeerIdentity,
+    map: &ShardMap,
+    nodes: &BTreeMap<crate::placement::NodeId, String>,
+) -> Option<ClusterView> {
+    let prefix = grant_of(from).and_then(|g| g.prefix.as_deref())?;
+    Some(concealed(prefix, prefix_end(prefix).as_deref(), map, nodes))
+}
+
 /// `d` with a start before `prefix` shown as the empty key and an end at or past `end` (the
 /// prefix's end) shown as unbounded.
 fn conceal_descriptor(prefix: &[u8], end: Option<&[u8]>, mut d: ShardDescriptor) -> ShardDescriptor {
@@ -289,17 +301,28 @@ fn conceal_descriptor(prefix: &[u8], end: Option<&[u8]>, mut d: ShardDescriptor)
 /// The shards of `view` that overlap the keys starting with `prefix`, each as
 /// [`conceal_descriptor`] shows it, and the addresses of the nodes holding them.
 fn conceal_view(prefix: &[u8], end: Option<&[u8]>, view: ClusterView) -> ClusterView {
-    let mut map = ShardMap::default();
-    let mut nodes = BTreeMap::new();
-    for d in view.map.lookup_range(prefix, end) {
+    concealed(prefix, end, &view.map, &view.nodes)
+}
+
+/// The shards of `map` overlapping `[prefix, end)`, each as [`conceal_descriptor`] shows it,
+/// and the addresses (of `nodes`) of the nodes holding them.
+fn concealed(
+    prefix: &[u8],
+    end: Option<&[u8]>,
+    map: &ShardMap,
+    nodes: &BTreeMap<crate::placement::NodeId, String>,
+) -> ClusterView {
+    let mut shown = ShardMap::default();
+    let mut addrs = BTreeMap::new();
+    for d in map.lookup_range(prefix, end) {
         for r in &d.replicas {
-            if let Some(addr) = view.nodes.get(&r.node) {
-                nodes.insert(r.node, addr.clone());
+            if let Some(addr) = nodes.get(&r.node) {
+                addrs.insert(r.node, addr.clone());
             }
         }
-        map.put_unchecked(conceal_descriptor(prefix, end, d.clone()));
+        shown.put_unchecked(conceal_descriptor(prefix, end, d.clone()));
     }
-    ClusterView { map, nodes }
+    ClusterView { map: shown, nodes: addrs }
 }
 
 #[cfg(test)]
@@ -570,8 +593,14 @@ mod tests {
             next: None,
             nodes: BTreeMap::new(),
         };
-        let changes =
-            MapAnswer::Changes { base: 1, revision: 9, changed: vec![], removed: vec![], nodes: BTreeMap::new() };
+        let changes = MapAnswer::Changes {
+            base: 1,
+            revision: 9,
+            changed: vec![],
+            removed: vec![],
+            nodes: BTreeMap::new(),
+            progress: 0,
+        };
         for answer in [part, changes] {
             assert!(matches!(conceal(&tenant, Response::Map(answer)), Response::Unavailable(_)));
         }

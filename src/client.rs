@@ -229,17 +229,15 @@ impl Client {
 
     /// Node `n`'s copy of the map ([`Request::MapSince`]), with its revision: the changes
     /// since `base` (this client's copy) applied to it when the node has them, else the whole
-    /// map in pages. Pages read while the node's copy moved on are brought to one revision by
-    /// the changes since the first page's; failing that, an error (the next refresh tries
-    /// again). With `wrong` (a route a node refused), changes from a node further on that leave
-    /// the route as it was are not trusted: the node's whole map is read instead (a revision
-    /// number the client holds may name another history, as after a conversion from the
-    /// one-key format, which numbers afresh).
+    /// map in pages. Changes are taken only if the copy they make comes exactly as far as the
+    /// node's map (`map_progress`): otherwise the client's revision named another history (a
+    /// meta state converted from the one-key format numbers afresh) and the map is read whole.
+    /// Pages read while the node's copy moved on are brought to one revision by the changes
+    /// since the first page's; failing that, an error (the next refresh tries again).
     async fn fetch_map(
         &self,
         n: NodeId,
         base: &(u64, ClusterView),
-        wrong: Option<(&[u8], ShardId, Epoch)>,
         timeout: Duration,
     ) -> Result<(u64, ClusterView), String> {
         let limit = self.config.map_page_shards.max(1);
@@ -252,12 +250,9 @@ impl Client {
                 Err(CallError::NotSent(e) | CallError::Sent(e)) => Err(e),
             }
         };
-        let routes_as_before = |map: &ShardMap| {
-            wrong.is_some_and(|(key, shard, epoch)| map.lookup(key).map(|d| (d.id, d.epoch)) == Some((shard, epoch)))
-        };
         let since = base.0;
         let mut answer = call(ask(since, None)).await?;
-        if let MapAnswer::Changes { base: from, revision, changed, removed, nodes } = answer {
+        if let MapAnswer::Changes { base: from, revision, changed, removed, nodes, progress: theirs } = answer {
             if from != since || since == 0 {
                 return Err(format!("node {n}: changes from revision {from}, not asked"));
             }
@@ -265,10 +260,12 @@ impl Client {
                 return Err(format!("node {n}: its map (revision {revision}) is older than this client's"));
             }
             self.map_answers[0].fetch_add(1, Ordering::Relaxed);
+            if changed.is_empty() && removed.is_empty() && theirs == progress {
+                return Ok((revision, ClusterView { map: base.1.map.clone(), nodes }));
+            }
             let mut map = base.1.map.clone();
             apply_map_changes(&mut map, changed, removed);
-            map.validate().map_err(|e| format!("node {n}: its changes do not make a map: {e}"))?;
-            if !(revision > from && routes_as_before(&map)) {
+            if map_progress(&map) == theirs && map.validate().is_ok() {
                 return Ok((revision, ClusterView { map, nodes }));
             }
             answer = call(ask(0, None)).await?;
@@ -303,8 +300,13 @@ impl Client {
         let mut revision = first;
         if moved {
             match call(ask(first, None)).await? {
-                MapAnswer::Changes { base, revision: to, changed, removed, nodes: at } if base == first => {
+                MapAnswer::Changes { base, revision: to, changed, removed, nodes: at, progress: theirs }
+                    if base == first && to >= first =>
+                {
                     apply_map_changes(&mut map, changed, removed);
+                    if map_progress(&map) != theirs {
+                        return Err(format!("node {n}: its pages and changes do not make its map"));
+                    }
                     (revision, nodes) = (to, at);
                 }
                 _ => return Err(format!("node {n}: its map changed while it was read in pages")),
@@ -343,7 +345,7 @@ impl Client {
         type Ask<'a> = Pin<Box<dyn Future<Output = (NodeId, Result<(u64, ClusterView), String>)> + Send + 'a>>;
         let mut asks: Vec<Option<Ask<'_>>> = nodes
             .iter()
-            .map(|&n| Some(Box::pin(async move { (n, self.fetch_map(n, base, wrong, timeout).await) }) as Ask<'_>))
+            .map(|&n| Some(Box::pin(async move { (n, self.fetch_map(n, base, timeout).await) }) as Ask<'_>))
             .collect();
         let mut best: Option<(u64, ClusterView)> = None;
         let mut errors: Vec<String> = Vec::new();

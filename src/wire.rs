@@ -588,6 +588,10 @@ pub enum MapAnswer {
         changed: Vec<ShardDescriptor>,
         /// Shards no longer in the map (merged away).
         removed: Vec<ShardId>,
+        /// How far the node's map at `revision` has come (`client::map_progress`): the client's
+        /// copy with the changes applied must come exactly as far, or it is not the node's map
+        /// (the client's revision named another history) and the client reads it whole.
+        progress: u64,
         /// Client address of each node.
         nodes: BTreeMap<NodeId, String>,
     },

@@ -17,41 +17,48 @@ pub const MAP_CHANGES_SHARDS_MAX: usize = 4096;
 pub const MAP_ANSWER_BYTES_MAX: usize = 1 << 20;
 
 impl Node {
-    /// Answers [`crate::wire::Request::MapSince`] from this node's view.
-    /// A prefix-limited client (`whole`) is sent the map whole, in one page, which
-    /// [`crate::authz::conceal`] cuts to its prefix.
+    /// Answers [`crate::wire::Request::MapSince`] from this node's view, to `peer`. A
+    /// prefix-limited client is sent its concealed view whole, in one page
+    /// ([`crate::authz::tenant_view`]).
     pub(super) fn map_since(
         &self,
+        peer: &crate::transport::PeerIdentity,
         since: u64,
         from: Option<Vec<u8>>,
         limit: u32,
         progress: u64,
-        whole: bool,
     ) -> Response {
         let (revision, state) = self.meta_view_with_revision();
         if state.map.is_empty() {
             return Response::Unavailable("cluster not bootstrapped yet".into());
         }
-        if whole {
-            let shards = state.map.shards().cloned().collect();
-            return Response::Map(MapAnswer::Page { revision, shards, next: None, nodes: addresses(&state) });
+        if let Some(view) = crate::authz::tenant_view(peer, &state.map, &addresses(&state)) {
+            let shards = view.map.shards().cloned().collect();
+            return Response::Map(MapAnswer::Page { revision, shards, next: None, nodes: view.nodes });
         }
+        // How far this copy has come: kept with the history, worked out only if it is not.
+        let held = self.inner.meta.map_history.lock().ok().and_then(|h| h.progress_at(revision));
+        let mine = held.unwrap_or_else(|| crate::client::map_progress(&state.map));
         // At or behind the client's copy: nothing to send (the client asks a node further on).
         // Unless the maps say otherwise: a map further on than the client's under a lower
         // revision, or another one under the same, is another numbering (a meta state
         // converted from the one-key format numbers afresh), and is sent in pages.
-        if from.is_none()
-            && since >= revision
-            && nothing_newer(since, revision, crate::client::map_progress(&state.map), progress)
-        {
+        if from.is_none() && since >= revision && nothing_newer(since, revision, mine, progress) {
             let nodes = addresses(&state);
             let (changed, removed) = (Vec::new(), Vec::new());
-            return Response::Map(MapAnswer::Changes { base: since, revision, changed, removed, nodes });
+            return Response::Map(MapAnswer::Changes {
+                base: since,
+                revision,
+                changed,
+                removed,
+                nodes,
+                progress: mine,
+            });
         }
         if from.is_none() && since > 0 && since < revision {
             let ids =
                 self.inner.meta.map_history.lock().ok().and_then(|h| h.since(since, revision, MAP_CHANGES_SHARDS_MAX));
-            if let Some(answer) = ids.and_then(|ids| changes_answer(&state, since, revision, ids)) {
+            if let Some(answer) = ids.and_then(|ids| changes_answer(&state, (since, revision, mine), ids)) {
                 return Response::Map(answer);
             }
         }
@@ -77,12 +84,11 @@ fn descriptor_bytes(d: &ShardDescriptor) -> usize {
     48 + d.start.len() + d.end.as_ref().map_or(0, Vec::len) + 16 * d.replicas.len()
 }
 
-/// The shards `ids` of `state` (at `revision`) as changes from `base`; `None` past
-/// [`MAP_ANSWER_BYTES_MAX`].
+/// The shards `ids` of `state` as changes from revision `base` to `revision`, where its map
+/// has come as far as `progress`; `None` past [`MAP_ANSWER_BYTES_MAX`].
 fn changes_answer(
     state: &MetaState,
-    base: u64,
-    revision: u64,
+    (base, revision, progress): (u64, u64, u64),
     ids: std::collections::BTreeSet<crate::placement::ShardId>,
 ) -> Option<MapAnswer> {
     let (mut changed, mut removed, mut bytes) = (Vec::new(), Vec::new(), 0);
@@ -98,7 +104,7 @@ fn changes_answer(
             None => removed.push(id),
         }
     }
-    Some(MapAnswer::Changes { base, revision, changed, removed, nodes: addresses(state) })
+    Some(MapAnswer::Changes { base, revision, changed, removed, nodes: addresses(state), progress })
 }
 
 /// At most `limit` shards of `state`'s map (at `revision`) from key `from`, and at least one,
@@ -181,10 +187,12 @@ mod tests {
     fn changes_name_shards_now_and_the_ones_gone() {
         let s = state(3);
         let ids = [ShardId(2), ShardId(99)].into_iter().collect();
-        let Some(MapAnswer::Changes { base, revision, changed, removed, .. }) = changes_answer(&s, 4, 6, ids) else {
+        let Some(MapAnswer::Changes { base, revision, changed, removed, progress, .. }) =
+            changes_answer(&s, (4, 6, 77), ids)
+        else {
             panic!()
         };
-        assert_eq!((base, revision), (4, 6));
+        assert_eq!((base, revision, progress), (4, 6, 77));
         assert_eq!(changed, vec![s.map.get(ShardId(2)).unwrap().clone()]);
         assert_eq!(removed, vec![ShardId(99)]);
     }

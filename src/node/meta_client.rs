@@ -101,16 +101,19 @@ impl Node {
     /// meta replica read after a newer state came from the meta leader): a view never goes
     /// back in time. The same revision replaces it (the reports laid over it may be newer).
     pub(super) fn set_view(&self, revision: u64, state: Arc<MetaState>) {
+        // Held across the change of view, so that steps are recorded in the order the view
+        // took them (readers of the view do not wait on it).
+        let mut history = self.inner.meta.map_history.lock().ok();
         let before = match self.inner.meta.view.write() {
             Ok(mut v) if revision >= v.0 => std::mem::replace(&mut *v, (revision, state.clone())),
             _ => return,
         };
-        // Outside the view's lock: a walk of both maps (none when the map was not changed).
-        if revision > before.0 {
-            let changed = before.1.map.differing(&state.map);
-            if let Ok(mut h) = self.inner.meta.map_history.lock() {
-                h.record(before.0, revision, changed);
-            }
+        // Outside the view's lock: walks of both maps (none when the map was not changed).
+        if let (true, Some(h)) = (revision > before.0, history.as_mut()) {
+            let same = before.1.map.same(&state.map);
+            let progress =
+                h.progress_at(before.0).filter(|_| same).unwrap_or_else(|| crate::client::map_progress(&state.map));
+            h.record(before.0, revision, before.1.map.differing(&state.map), progress);
         }
     }
 

@@ -135,14 +135,7 @@ impl Node {
         // replicas gave. Under its id it would vote again as if it never had: it holds no
         // replica at all.
         if forming.open() && state.bootstrap.as_ref().is_some_and(|b| b.formed.contains(&me)) {
-            if !self.inner.wipe_reported.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                error!(
-                    node = me.0,
-                    data_dir = %self.inner.config.data_dir.display(),
-                    "this node formed its shards before, and its data directory does not say so (a new or wiped \
-                     directory): it creates no replica. Start it under a new node id, with an empty data directory"
-                );
-            }
+            self.report_wiped();
             return;
         }
         // The rule that forms a shard whatever the map holds of it now needs the first voters
@@ -156,7 +149,24 @@ impl Node {
         let mut creations =
             replicas_to_create(me, &state.map, &local, bootstrap.unwrap_or(&NO_BOOTSTRAP), first_forming);
         let mut left_out = false;
-        if forming == Forming::NotStarted && creations.iter().any(|c| c.initial.is_some()) {
+        if forming.open() && creations.iter().any(|c| c.initial.is_some()) {
+            // The view may be a meta replica catching up (this node's own, rebuilt after a
+            // wipe) that does not hold the record of this node's forming yet: asked of the
+            // meta leader before anything is formed.
+            match self.meta_exec(MetaOp::Read, false).await {
+                Ok((_, fresh, _)) if fresh.bootstrap.as_ref().is_some_and(|b| b.formed.contains(&me)) => {
+                    self.report_wiped();
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    debug!(node = me.0, error = %e, "the bootstrap's shards wait for a meta read to be formed");
+                    creations.retain(|c| c.initial.is_none());
+                    left_out = true;
+                }
+            }
+        }
+        if !left_out && forming == Forming::NotStarted && creations.iter().any(|c| c.initial.is_some()) {
             if let Err(e) = self.record_forming(Forming::Started) {
                 error!(node = me.0, error = %e, "cannot record that the bootstrap's shards are being formed");
                 creations.retain(|c| c.initial.is_none());
@@ -296,6 +306,19 @@ impl Node {
                 }
                 None
             }
+        }
+    }
+
+    /// Says (once) that this node was recorded as having formed its shards and its data
+    /// directory does not say so.
+    fn report_wiped(&self) {
+        if !self.inner.wipe_reported.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            error!(
+                node = self.inner.id.0,
+                data_dir = %self.inner.config.data_dir.display(),
+                "this node formed its shards before, and its data directory does not say so (a new or wiped \
+                 directory): it creates no replica. Start it under a new node id, with an empty data directory"
+            );
         }
     }
 

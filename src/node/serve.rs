@@ -229,8 +229,7 @@ impl Node {
                 Response::View(view_of(&state))
             }
             Request::MapSince { since, from: start, limit, progress } => {
-                let whole = authz::grant_of(from).is_some_and(|g| g.prefix.is_some());
-                self.map_since(since, start, limit, progress, whole)
+                self.map_since(from, since, start, limit, progress)
             }
             Request::Admin(a) => {
                 // Report ages are known only on the meta leader: a client's node/status
