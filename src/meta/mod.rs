@@ -118,13 +118,16 @@ pub const BOOTSTRAP_SHARDS_MAX: u32 = 20_000;
 
 /// Split keys spreading `shards` shards evenly over hex prefixes (the bench's keys are hex
 /// strings, and most text keys land in some shard): `shards - 1` keys, of two hex digits
-/// (`00`..`ff`) up to 256 shards, of four (`0000`..`ffff`) beyond.
+/// (`00`..`ff`) up to 256 shards, of four (`0000`..`ffff`) up to 65,536, of six beyond.
 pub fn dev_split_keys(shards: u32) -> Vec<Vec<u8>> {
     let s = u64::from(shards.clamp(1, BOOTSTRAP_SHARDS_MAX));
     if s <= 256 {
         return (1..s).map(|i| format!("{:02x}", 256 * i / s).into_bytes()).collect();
     }
-    (1..s).map(|i| format!("{:04x}", 65_536 * i / s).into_bytes()).collect()
+    if s <= 65_536 {
+        return (1..s).map(|i| format!("{:04x}", 65_536 * i / s).into_bytes()).collect();
+    }
+    (1..s).map(|i| format!("{:06x}", (1u64 << 24) * i / s).into_bytes()).collect()
 }
 
 fn changed(outcome: MetaOutcome, acc: &mut Vec<ShardDescriptor>) {

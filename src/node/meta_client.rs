@@ -374,6 +374,53 @@ impl Node {
         Err(NodeError::MetaUnavailable(format!("timed out: {last_err}")))
     }
 
+    /// The meta state as the meta leader holds it now, without its whole state crossing the
+    /// network when it need not: read here if this node leads the meta group, else asked of
+    /// the leader as the changes since this node's view ([`PeerRequest::MetaSince`]), applied
+    /// to a copy of the view (the whole state only if the leader's log of changes does not
+    /// reach that far). Reports are not part of it. For a check that must not trust a view
+    /// that may lag (a meta replica catching up).
+    pub(super) async fn meta_read_fresh(&self) -> Result<Arc<MetaState>, NodeError> {
+        if self.meta_tenure().is_some() {
+            return self.meta_exec(MetaOp::Read, false).await.map(|(_, s, _)| s);
+        }
+        let leader =
+            self.meta_leader_elsewhere().await.or_else(|| self.inner.meta.follow_peer.lock().ok().and_then(|p| *p));
+        let Some(to) = leader else { return Err(NodeError::MetaUnavailable("no meta leader known".into())) };
+        let (since, view) = self.meta_view_with_revision();
+        let req = PeerRequest::MetaSince { op: MetaOp::Read, since: (since > 0).then_some(since) };
+        let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
+        let bytes = self
+            .inner
+            .transport
+            .request(to, req.encode(), timeout)
+            .await
+            .map_err(|e| NodeError::MetaUnavailable(format!("node {to}: {e}")))?;
+        match PeerResponse::decode(&bytes) {
+            Ok(PeerResponse::MetaSince { revision, update: MetaUpdate::Whole(bytes), .. }) => {
+                let (rev, state) = meta::decode_view(&bytes).map_err(NodeError::Meta)?;
+                if rev < revision {
+                    return Err(NodeError::MetaUnavailable(format!("node {to} sent revision {rev}, not {revision}")));
+                }
+                Ok(Arc::new(state))
+            }
+            Ok(PeerResponse::MetaSince { revision, update: MetaUpdate::Changes(changes), .. }) => {
+                let mut copy = StoredMeta::followed(since, view.as_ref().clone());
+                changes.iter().try_for_each(|c| copy.apply(c)).map_err(NodeError::Meta)?;
+                if copy.revision() < revision {
+                    return Err(NodeError::MetaUnavailable(format!(
+                        "changes reach revision {}, not {revision}",
+                        copy.revision()
+                    )));
+                }
+                Ok(Arc::new(copy.state))
+            }
+            Ok(PeerResponse::Refused(e)) => Err(NodeError::Meta(e)),
+            Ok(other) => Err(NodeError::MetaUnavailable(format!("node {to} answered {other:?}"))),
+            Err(e) => Err(NodeError::MetaUnavailable(e.to_string())),
+        }
+    }
+
     fn set_follow_peer(&self, peer: Option<NodeId>) {
         if let Ok(mut p) = self.inner.meta.follow_peer.lock() {
             *p = peer;

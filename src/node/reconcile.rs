@@ -153,8 +153,8 @@ impl Node {
             // The view may be a meta replica catching up (this node's own, rebuilt after a
             // wipe) that does not hold the record of this node's forming yet: asked of the
             // meta leader before anything is formed.
-            match self.meta_exec(MetaOp::Read, false).await {
-                Ok((_, fresh, _)) if fresh.bootstrap.as_ref().is_some_and(|b| b.formed.contains(&me)) => {
+            match self.meta_read_fresh().await {
+                Ok(fresh) if fresh.bootstrap.as_ref().is_some_and(|b| b.formed.contains(&me)) => {
                     self.report_wiped();
                     return;
                 }
