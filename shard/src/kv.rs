@@ -820,6 +820,15 @@ impl KvStateMachine {
         self.life.range.read().map(|r| r.clone()).unwrap_or_else(|e| e.into_inner().clone())
     }
 
+    /// `f` of the range, read in place: a check of every group's range (a node's 100,000) must
+    /// not copy each one.
+    pub fn with_range<T>(&self, f: impl FnOnce(&KeyRange) -> T) -> T {
+        match self.life.range.read() {
+            Ok(r) => f(&r),
+            Err(e) => f(&e.into_inner()),
+        }
+    }
+
     /// Whether this replica has applied anything and holds a configuration with `node` in it.
     /// A replica created empty has neither until its leader's snapshot or log reaches it, so
     /// until then its (empty) data says nothing about the shard.

@@ -20,9 +20,11 @@ impl Registry {
     /// A group of this node, registered or being started, other than `group` that owns keys
     /// of `range`.
     fn owner_of(&self, group: GroupId, range: &KeyRange) -> Option<GroupId> {
-        let registered = self.groups.iter().filter(|(g, e)| **g != group && ranges_overlap(&e.sm.range(), range));
+        let registered =
+            self.groups.iter().filter(|(g, e)| **g != group && e.sm.with_range(|r| ranges_overlap(r, range)));
         let starting = self.starting.iter().filter(|(g, r)| **g != group && ranges_overlap(r, range));
-        let parked = self.parked.iter().filter(|(g, p)| **g != group && ranges_overlap(&p.entry.sm.range(), range));
+        let parked =
+            self.parked.iter().filter(|(g, p)| **g != group && p.entry.sm.with_range(|r| ranges_overlap(r, range)));
         registered.map(|(g, _)| *g).chain(starting.map(|(g, _)| *g)).chain(parked.map(|(g, _)| *g)).min()
     }
 }
