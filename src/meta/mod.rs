@@ -118,7 +118,8 @@ pub const BOOTSTRAP_SHARDS_MAX: u32 = 20_000;
 
 /// Split keys spreading `shards` shards evenly over hex prefixes (the bench's keys are hex
 /// strings, and most text keys land in some shard): `shards - 1` keys, of two hex digits
-/// (`00`..`ff`) up to 256 shards, of four (`0000`..`ffff`) up to 65,536, of six beyond.
+/// (`00`..`ff`) up to 256 shards, of four (`0000`..`ffff`) up to 65,536, of six beyond (with
+/// [`BOOTSTRAP_SHARDS_MAX`] raised, as for the 100,000-shard experiment).
 pub fn dev_split_keys(shards: u32) -> Vec<Vec<u8>> {
     let s = u64::from(shards.clamp(1, BOOTSTRAP_SHARDS_MAX));
     if s <= 256 {

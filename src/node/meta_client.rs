@@ -384,9 +384,12 @@ impl Node {
         if self.meta_tenure().is_some() {
             return self.meta_exec(MetaOp::Read, false).await.map(|(_, s, _)| s);
         }
+        // Any node will do when no leader is known: it runs the read on the leader.
         let leader =
             self.meta_leader_elsewhere().await.or_else(|| self.inner.meta.follow_peer.lock().ok().and_then(|p| *p));
-        let Some(to) = leader else { return Err(NodeError::MetaUnavailable("no meta leader known".into())) };
+        let Some(to) = leader.or_else(|| self.known_peers().first().copied()) else {
+            return Err(NodeError::MetaUnavailable("no meta leader or peer known".into()));
+        };
         let (since, view) = self.meta_view_with_revision();
         let req = PeerRequest::MetaSince { op: MetaOp::Read, since: (since > 0).then_some(since) };
         let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
@@ -397,10 +400,10 @@ impl Node {
             .await
             .map_err(|e| NodeError::MetaUnavailable(format!("node {to}: {e}")))?;
         match PeerResponse::decode(&bytes) {
-            Ok(PeerResponse::MetaSince { revision, update: MetaUpdate::Whole(bytes), .. }) => {
+            Ok(PeerResponse::MetaSince { update: MetaUpdate::Whole(bytes), .. }) => {
                 let (rev, state) = meta::decode_view(&bytes).map_err(NodeError::Meta)?;
-                if rev < revision {
-                    return Err(NodeError::MetaUnavailable(format!("node {to} sent revision {rev}, not {revision}")));
+                if rev < since {
+                    return Err(NodeError::MetaUnavailable(format!("node {to} sent revision {rev}, before {since}")));
                 }
                 Ok(Arc::new(state))
             }

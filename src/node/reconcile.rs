@@ -527,6 +527,11 @@ impl Taken {
     }
 
     fn insert(&mut self, r: KeyRange) {
+        // An empty range owns no key (the scan ignores it too); held, it could hide the range
+        // before it from `overlaps`.
+        if r.end.as_ref().is_some_and(|e| *e <= r.start) {
+            return;
+        }
         if self.overlaps(&r) || self.by_start.contains_key(&r.start) {
             self.tangled.push(r);
         } else {
@@ -931,10 +936,17 @@ mod tests {
             r("z", None),
             r("", None),
             r("e", Some("e")),
+            r("f", Some("l")),
+            r("fa", Some("gz")),
         ] {
             let scan = held.iter().any(|h| h.overlaps(&q));
             assert_eq!(t.overlaps(&q), scan, "{q:?}");
         }
+        // Empty ranges held hide nothing.
+        let t = Taken::new([r("a", Some("z")), r("c", Some("c"))].into_iter());
+        assert!(t.overlaps(&r("d", Some("e"))));
+        let t = Taken::new([r("e", Some("e")), r("f", Some("g"))].into_iter());
+        assert!(t.overlaps(&r("d", Some("h"))));
         // Ranges that overlap each other are still seen.
         let mut t = Taken::new([r("a", Some("z"))].into_iter());
         t.insert(r("c", Some("d")));
