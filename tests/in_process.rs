@@ -150,18 +150,7 @@ async fn a_move_finishes_with_nobody_reading_the_map() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // From here on only the nodes' own views are looked at.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let view = cluster.node(1).meta_view();
-        let d = view.map.get(shard).expect("the shard");
-        if view.moves.is_empty() && d.replica(NodeId(4)).is_some() && d.replica(NodeId(3)).is_none() {
-            break;
-        }
-        if Instant::now() >= deadline {
-            panic!("the move did not finish: {:?}\n{}", view.moves.get(&shard), move_state(&cluster, shard).await);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_moved_from_3_to_4(&cluster, shard).await;
     cluster.shutdown().await;
 }
 
@@ -193,18 +182,7 @@ async fn a_move_asked_before_the_voters_formed_the_shard_leaves_it_led() {
         assert!(cluster.node(id).host().group_info_of(shard).await.is_err(), "node {id} formed the shard already");
         cluster.node(id).pause_reconciler(false);
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let view = cluster.node(1).meta_view();
-        let d = view.map.get(shard).expect("the shard");
-        if view.moves.is_empty() && d.replica(NodeId(4)).is_some() && d.replica(NodeId(3)).is_none() {
-            break;
-        }
-        if Instant::now() >= deadline {
-            panic!("the move did not finish: {:?}\n{}", view.moves.get(&shard), move_state(&cluster, shard).await);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_moved_from_3_to_4(&cluster, shard).await;
     client.put(b"k", b"v").await.unwrap();
     assert_eq!(client.get(b"k").await.unwrap(), Some(b"v".to_vec()));
     cluster.shutdown().await;
@@ -242,6 +220,23 @@ async fn a_first_voter_back_with_a_wiped_data_directory_creates_no_replica() {
     client.put(b"k", b"w").await.unwrap();
     assert_eq!(client.get(b"k").await.unwrap(), Some(b"w".to_vec()));
     cluster.shutdown().await;
+}
+
+/// Waits (60 s at most) until node 1's view holds the move of `shard` from node 3 to node 4
+/// done; on failure, what every node holds of it.
+async fn wait_moved_from_3_to_4(cluster: &Cluster, shard: ShardId) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let view = cluster.node(1).meta_view();
+        let d = view.map.get(shard).expect("the shard");
+        if view.moves.is_empty() && d.replica(NodeId(4)).is_some() && d.replica(NodeId(3)).is_none() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("the move did not finish: {:?}\n{}", view.moves.get(&shard), move_state(cluster, shard).await);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// What every node holds of `shard` and of the meta group: to tell from one failed run which
