@@ -183,6 +183,28 @@ async fn groups_are_created_listed_and_destroyed_at_run_time_and_bad_requests_ge
         Err(HostError::RangeTaken { group: GroupId(7), other: GroupId(5) })
     ));
     assert_eq!(host.groups(), vec![GroupId(5), GroupId(6)]);
+    // Many at once answer as one at a time would, in order: a group of the batch counts for
+    // the ones after it.
+    let r = |s: &str, e: &str| KeyRange { start: s.as_bytes().to_vec(), end: Some(e.as_bytes().to_vec()) };
+    let one = Some(Membership::new([NodeId(1)]));
+    let batch = vec![
+        (GroupId(8), r("a", "c"), one.clone()),
+        (GroupId(9), r("b", "d"), None),
+        (GroupId(5), r("x", "y"), None),
+        (GroupId(10), r("s", "u"), None),
+        (GroupId(11), r("c", "e"), one.clone()),
+    ];
+    let done = host.create_groups(batch, false).await;
+    let ids: Vec<GroupId> = done.iter().map(|(g, _)| *g).collect();
+    assert_eq!(ids, [8, 9, 5, 10, 11].map(GroupId));
+    assert!(done[0].1.is_ok() && done[4].1.is_ok(), "{done:?}");
+    assert!(matches!(done[1].1, Err(HostError::RangeTaken { group: GroupId(9), other: GroupId(8) })), "{done:?}");
+    assert!(matches!(done[2].1, Err(HostError::GroupExists(GroupId(5)))), "{done:?}");
+    assert!(matches!(done[3].1, Err(HostError::RangeTaken { group: GroupId(10), other: GroupId(5) })), "{done:?}");
+    assert_eq!(host.groups(), [5, 6, 8, 11].map(GroupId));
+    for g in [8, 11] {
+        host.destroy_group(GroupId(g), true).await.expect("destroy");
+    }
     // A single-node group elects itself and serves.
     let put = |k: &str| KvCommand::Put { key: k.as_bytes().to_vec(), value: b"v".to_vec() };
     let deadline = Instant::now() + Duration::from_secs(10);
