@@ -155,7 +155,12 @@ impl Node {
 
 /// The client's view of a meta state.
 pub fn view_of(state: &MetaState) -> ClusterView {
-    ClusterView { map: state.map.clone(), nodes: state.nodes.values().map(|n| (n.id, n.addr.clone())).collect() }
+    ClusterView { map: state.map.clone(), nodes: node_addresses(state) }
+}
+
+/// The client address of each node of `state`: what a cluster view and a map answer carry.
+pub(super) fn node_addresses(state: &MetaState) -> std::collections::BTreeMap<NodeId, String> {
+    state.nodes.values().map(|n| (n.id, n.addr.clone())).collect()
 }
 
 /// Each shard's leader by the nodes' reports (one pass over the reports, not one per shard).

@@ -5,6 +5,7 @@
 //!
 //! [`Request::MapSince`]: crate::wire::Request::MapSince
 
+use super::admin::node_addresses as addresses;
 use super::Node;
 use crate::placement::{MetaState, ShardDescriptor};
 use crate::wire::{MapAnswer, Response};
@@ -36,8 +37,17 @@ impl Node {
             let shards = view.map.shards().cloned().collect();
             return Response::Map(MapAnswer::Page { revision, shards, next: None, nodes: view.nodes });
         }
-        // How far this copy has come: kept with the history, worked out only if it is not.
-        let held = self.inner.meta.map_history.lock().ok().and_then(|h| h.progress_at(revision));
+        // How far this copy has come (kept with the history, worked out only if it is not),
+        // and the shards changed since the client's copy, read together.
+        let (held, ids) = match self.inner.meta.map_history.lock() {
+            Ok(h) => {
+                let ids = (from.is_none() && since > 0 && since < revision)
+                    .then(|| h.since(since, revision, MAP_CHANGES_SHARDS_MAX))
+                    .flatten();
+                (h.progress_at(revision), ids)
+            }
+            Err(_) => (None, None),
+        };
         let mine = held.unwrap_or_else(|| crate::client::map_progress(&state.map));
         // At or behind the client's copy: nothing to send (the client asks a node further on).
         // Unless the maps say otherwise: a map further on than the client's under a lower
@@ -55,12 +65,8 @@ impl Node {
                 progress: mine,
             });
         }
-        if from.is_none() && since > 0 && since < revision {
-            let ids =
-                self.inner.meta.map_history.lock().ok().and_then(|h| h.since(since, revision, MAP_CHANGES_SHARDS_MAX));
-            if let Some(answer) = ids.and_then(|ids| changes_answer(&state, (since, revision, mine), ids)) {
-                return Response::Map(answer);
-            }
+        if let Some(answer) = ids.and_then(|ids| changes_answer(&state, (since, revision, mine), ids)) {
+            return Response::Map(answer);
         }
         let limit = (limit as usize).clamp(1, MAP_PAGE_SHARDS_MAX);
         Response::Map(page_answer(&state, revision, from.as_deref().unwrap_or_default(), limit))
@@ -72,11 +78,6 @@ impl Node {
 /// `progress`: the same map, or an older one.
 fn nothing_newer(since: u64, revision: u64, mine: u64, progress: u64) -> bool {
     (since > revision && mine <= progress) || (since == revision && mine == progress)
-}
-
-/// Client address of each node of `state`.
-fn addresses(state: &MetaState) -> std::collections::BTreeMap<crate::placement::NodeId, String> {
-    state.nodes.values().map(|n| (n.id, n.addr.clone())).collect()
 }
 
 /// About how many bytes `d` takes in an answer.

@@ -506,14 +506,14 @@ impl Taken {
         // and any other overlapping one starts inside `r`.
         let before =
             self.by_start.range::<[u8], _>((Bound::Unbounded, Bound::Included(r.start.as_slice()))).next_back();
-        let inside = self
-            .by_start
-            .range::<[u8], _>((std::ops::Bound::Excluded(r.start.as_slice()), std::ops::Bound::Unbounded))
-            .next();
-        [before, inside]
-            .into_iter()
-            .flatten()
-            .any(|(start, end)| KeyRange { start: start.clone(), end: end.clone() }.overlaps(r))
+        let inside = self.by_start.range::<[u8], _>((Bound::Excluded(r.start.as_slice()), Bound::Unbounded)).next();
+        // `KeyRange::overlaps` on the held range as stored (both non-empty: `insert` keeps no
+        // empty one, and an empty `r` overlaps nothing).
+        let empty = r.end.as_ref().is_some_and(|e| *e <= r.start);
+        !empty
+            && [before, inside].into_iter().flatten().any(|(start, end)| {
+                r.end.as_ref().is_none_or(|e| start < e) && end.as_ref().is_none_or(|e| r.start < *e)
+            })
     }
 
     fn insert(&mut self, r: KeyRange) {
