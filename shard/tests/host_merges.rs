@@ -339,9 +339,13 @@ async fn a_replica_that_missed_the_merge_entry_takes_the_merged_snapshot_and_ret
     }
     let leader = leader_among(&c, &[1, 2], LEFT).await;
     c.host(leader).compact_log(LEFT).await.expect("compact");
+    let written = c.host(leader).group_info_of(LEFT).await.expect("info").committed;
     c.net.cut.write().expect("lock").clear();
     let h3 = c.host(lagging);
     wait_merged(h3).await;
+    // Merged is not caught up: the writes after the merge may still be on their way to node 3
+    // (as entries, when the leader's log still holds them).
+    wait_applied(h3, LEFT, written).await;
     assert_eq!(local(h3, "z39").await.as_deref(), Some(&b"new"[..]));
     assert_eq!(local(h3, "x03").await.as_deref(), Some(&b"right"[..]));
     c.shutdown().await;
