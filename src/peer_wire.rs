@@ -25,7 +25,9 @@ use std::collections::BTreeMap;
 /// Version 6: merges (the meta state's merge plans, their commands).
 /// Version 7: reports as changes from the previous one ([`MetaOp::ReportChange`]).
 /// Version 8: the meta state's bootstrap record (first voters, nodes that formed theirs).
-pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 8;
+/// Version 9: a whole meta state larger than a part travels in parts ([`WholeState`],
+/// [`PeerRequest::MetaPart`]).
+pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 9;
 
 /// Whether `bytes` is a message of the peer protocol (rather than the client protocol).
 pub fn is_peer_message(bytes: &[u8]) -> bool {
@@ -58,13 +60,41 @@ pub enum PeerRequest {
     /// node as a learner: hold a replica of the meta group (created empty if there is none,
     /// to be caught up by the leader), and tell how far it has applied.
     HoldMetaReplica,
+    /// The bytes from `offset` of the whole meta state at `revision` that this node sent in
+    /// parts ([`WholeState::Parts`]): answered [`PeerResponse::MetaPart`], or `Unavailable`
+    /// once it no longer holds that encoding (the asker asks for the state again).
+    MetaPart {
+        /// The revision of the state.
+        revision: u64,
+        /// Where the part starts.
+        offset: u64,
+    },
+}
+
+/// A whole meta state, as [`crate::meta::encode_view`] makes it (reports included): in the
+/// answer itself when it fits a part, else its first part and its length, the rest to be
+/// asked for ([`PeerRequest::MetaPart`]). At 100,000 shards a state is tens of megabytes,
+/// more than a transport frame holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WholeState {
+    /// The encoding.
+    Inline(Vec<u8>),
+    /// The encoding in parts.
+    Parts {
+        /// The revision of the state (what the parts are asked for by).
+        revision: u64,
+        /// Its length in bytes.
+        total: u64,
+        /// Its first bytes.
+        first: Vec<u8>,
+    },
 }
 
 /// How an asker's copy of the meta state reaches a revision ([`PeerResponse::MetaSince`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaUpdate {
-    /// The whole state, as [`crate::meta::encode_view`] makes it (reports included).
-    Whole(Vec<u8>),
+    /// The whole state.
+    Whole(WholeState),
     /// The changes after the asker's revision, oldest first, each one revision (see
     /// [`crate::meta::records::StoredMeta::apply`]); none when nothing changed.
     Changes(Vec<Vec<MetaWrite>>),
@@ -77,7 +107,7 @@ pub enum PeerResponse {
     /// and what the operation reports.
     Meta {
         /// The meta state.
-        state: Vec<u8>,
+        state: WholeState,
         /// The operation's answer.
         answer: AdminResponse,
     },
@@ -90,6 +120,12 @@ pub enum PeerResponse {
     MetaReplica {
         /// Its applied index.
         applied: u64,
+    },
+    /// The answer to [`PeerRequest::MetaPart`]: the bytes from the asked offset (at most a
+    /// part; fewer only at the end).
+    MetaPart {
+        /// The bytes.
+        bytes: Vec<u8>,
     },
     /// The answer to [`PeerRequest::MetaSince`].
     MetaSince {

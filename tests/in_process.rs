@@ -1417,3 +1417,52 @@ async fn an_announcement_between_numbered_reports_does_not_outlive_the_next() {
     );
     cluster.shutdown().await;
 }
+
+/// A whole meta state larger than a part (here 256 bytes) goes in parts: to the node a meta
+/// operation was forwarded from, to a node that holds no meta replica and follows the map
+/// from scratch (restarted), and to a node that joins. Each assembles it, and the cluster
+/// serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_meta_state_larger_than_a_part_reaches_every_node_in_parts() {
+    use std::sync::atomic::Ordering;
+    let mut cluster =
+        Cluster::start_with(4, &[1, 2, 3], &[1, 2, 3], dev_split_keys(8), |cfg| cfg.meta_part_bytes = 256).await;
+    let client = cluster.client().await;
+    let parts = |cluster: &Cluster| cluster.node(4).stats().meta_whole_in_parts.load(Ordering::Relaxed);
+    // A split asked of node 4 (no meta replica) runs on the meta leader; node 4 takes the
+    // state after it.
+    // (Asked of the node itself: a client may send an admin request to any node it knows.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.node(4).host().hosts(flotilla::meta::META_GROUP) {
+        assert!(Instant::now() < deadline, "node 4 holds a meta replica");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = parts(&cluster);
+    let at = b"zz-in-parts".to_vec();
+    let op = flotilla::peer_wire::MetaOp::SplitAt { key: at.clone() };
+    let (_, state, _) = cluster.node(4).meta_exec(op, false).await.unwrap();
+    assert!(parts(&cluster) > before, "the forwarded split's answer came whole in one answer");
+    assert!(state.map.shards().any(|d| d.start == at), "the answer holds the split");
+    assert!(cluster.node(4).meta_view().map.shards().any(|d| d.start == at), "node 4 holds the split");
+    // Restarted, node 4 holds no copy to bring up to date: the whole state, in parts.
+    cluster.stop(4).await;
+    cluster.restart(4).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while parts(&cluster) == 0 || !cluster.node(4).meta_view().map.shards().any(|d| d.start == at) {
+        assert!(Instant::now() < deadline, "node 4 never took the whole state again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A node that joins is answered the state in parts, and registers.
+    let joined = cluster.join().await.id();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cluster.node(1).meta_view().nodes.contains_key(&joined) {
+        assert!(Instant::now() < deadline, "node {joined} never registered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(cluster.node(joined.0).meta_view().map.len() >= 9, "the joined node holds the map");
+    for k in ["a", "m", "zz-in-parts", "zzz"] {
+        client.put(k.as_bytes(), b"v").await.unwrap();
+        assert_eq!(client.get(k.as_bytes()).await.unwrap(), Some(b"v".to_vec()));
+    }
+    cluster.shutdown().await;
+}

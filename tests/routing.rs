@@ -230,7 +230,7 @@ async fn peer_requests_are_refused_to_clients_and_served_to_nodes() {
         other => panic!("a client's peer request answered {other:?}"),
     }
     match ask(cluster.dev.node_tls(flotilla::raft::NodeId(2)).unwrap(), true).await {
-        PeerResponse::Meta { state, .. } => assert!(!state.is_empty()),
+        PeerResponse::Meta { state: flotilla::peer_wire::WholeState::Inline(state), .. } => assert!(!state.is_empty()),
         other => panic!("a node's meta read answered {other:?}"),
     }
     cluster.shutdown().await;

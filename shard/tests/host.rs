@@ -803,3 +803,79 @@ async fn a_removal_decided_before_the_group_changed_is_not_carried_out() {
     assert!(!h3.groups().contains(&g));
     c.shutdown().await;
 }
+
+/// What `Host::group_info_shared` answers, as a fresh read describes it: the same but for the
+/// `quiet` flags, which the generation does not follow.
+fn without_quiet(infos: &[flotilla_shard::GroupInfo]) -> Vec<flotilla_shard::GroupInfo> {
+    infos.iter().cloned().map(|i| flotilla_shard::GroupInfo { quiet: false, ..i }).collect()
+}
+
+/// The host's generation of summaries stands still while no group changes (a read that
+/// wakes a quiet group included), and moves with a write, a leader change and a group
+/// removed; the shared summaries are read again exactly when it moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_summary_generation_moves_with_every_change_of_a_group_and_only_then() {
+    let c = Cluster::start(3).await;
+    c.create_groups(1..=12).await;
+    for g in 1..=12 {
+        c.put(GroupId(g), &key(g, "a"), "1").await.expect("write");
+    }
+    c.wait_info("all quiet", |infos| infos.iter().all(|i| i.quiet)).await;
+    let h = &c.hosts[0];
+    // Settled: the generation stood for half a second (late durable indexes, log purges).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let g0 = loop {
+        let g = h.info_generation();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if h.info_generation() == g {
+            break g;
+        }
+        assert!(Instant::now() < deadline, "the generation never settled");
+    };
+    let (g1, shared) = h.group_info_shared().await.expect("shared");
+    assert_eq!(without_quiet(&shared), without_quiet(&h.group_info().await.expect("info")));
+    // Nothing changes: the same answer, not asked of the pollers again.
+    let (g2, again) = h.group_info_shared().await.expect("shared");
+    assert_eq!((g1, g2), (g0, g0), "no group changed");
+    assert!(Arc::ptr_eq(&shared, &again), "the shared answer is kept while the generation stands");
+    // A linearizable read wakes the group's replicas and changes nothing of their summaries.
+    assert_eq!(c.get(GroupId(2), &key(2, "a")).await.expect("read"), Some(b"1".to_vec()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.info_generation(), g0, "a read changed no summary");
+
+    // A write: every replica applies it, and each host's generation moves past it.
+    let before: Vec<u64> = c.hosts.iter().map(|h| h.info_generation()).collect();
+    c.put(GroupId(5), &key(5, "b"), "2").await.expect("write");
+    let applied = |infos: &[flotilla_shard::GroupInfo]| infos.iter().find(|i| i.group == GroupId(5)).map(|i| i.applied);
+    let target = applied(&c.host(leader_among(&c, &[1, 2, 3], GroupId(5)).await).group_info().await.expect("info"));
+    c.wait_info("group 5 applied the write everywhere", |infos| applied(infos) == target).await;
+    for (h, b) in c.hosts.iter().zip(&before) {
+        let (g, shared) = h.group_info_shared().await.expect("shared");
+        assert!(g > *b, "host {}: a write moved the generation", h.node());
+        assert_eq!(applied(&shared), target, "host {}: the shared answer holds the write", h.node());
+    }
+
+    // A leader change.
+    let leader = leader_among(&c, &[1, 2, 3], GroupId(7)).await;
+    let to = NodeId(leader.0 % 3 + 1);
+    let g_to = c.host(to).info_generation();
+    c.host(leader).transfer_leader(GroupId(7), to).await.expect("transfer");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, shared) = c.host(to).group_info_shared().await.expect("shared");
+        if shared.iter().any(|i| i.group == GroupId(7) && i.role == Role::Leader) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node {to} never showed itself leading group 7");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(c.host(to).info_generation() > g_to);
+
+    // A group removed.
+    let g_before = h.info_generation();
+    h.destroy_group(GroupId(9), true).await.expect("destroy");
+    let (g, shared) = h.group_info_shared().await.expect("shared");
+    assert!(g > g_before, "a removal moved the generation");
+    assert!(shared.iter().all(|i| i.group != GroupId(9)), "the shared answer no longer lists it");
+    c.shutdown().await;
+}

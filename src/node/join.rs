@@ -97,7 +97,6 @@ impl Node {
                 return false;
             }
         };
-        let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
         // A made-up empty report would tell the meta leader this node holds no replica (and
         // so that its tombstones are done with): announce with a real one or not at all.
         let report = match self.build_report(0).await {
@@ -111,28 +110,50 @@ impl Node {
         let body = PeerRequest::Meta { op, forwarded: false }.encode();
         let mut done = false;
         for (peer, addr) in self.inner.config.peers.iter().filter(|(p, _)| *p < self.inner.id) {
-            let answer = match client.connect(*addr, *peer, timeout).await {
-                Ok(conn) => conn.request(body.clone(), timeout).await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+            let state = match self.announce_to(&client, *peer, *addr, body.clone()).await {
+                Ok(state) => state,
+                Err(e) => {
+                    debug!(node = self.inner.id.0, via = peer.0, error = %e, "announce not taken");
+                    continue;
+                }
             };
-            match answer.map(|b| PeerResponse::decode(&b)) {
-                Ok(Ok(PeerResponse::Meta { state, .. })) => match meta::decode_view(&state) {
-                    Ok((revision, state)) => {
-                        done = state.nodes.get(&me).is_some_and(|i| i.addr == self.inner.addr);
-                        self.set_view(revision, std::sync::Arc::new(state));
-                        if done {
-                            info!(node = self.inner.id.0, via = peer.0, addr = %self.inner.addr, "registered with the cluster");
-                            break;
-                        }
+            match meta::decode_view(&state) {
+                Ok((revision, state)) => {
+                    done = state.nodes.get(&me).is_some_and(|i| i.addr == self.inner.addr);
+                    self.set_view(revision, std::sync::Arc::new(state));
+                    if done {
+                        info!(node = self.inner.id.0, via = peer.0, addr = %self.inner.addr, "registered with the cluster");
+                        break;
                     }
-                    Err(e) => debug!(node = self.inner.id.0, via = peer.0, error = %e, "announce: bad meta state"),
-                },
-                Ok(Ok(other)) => debug!(node = self.inner.id.0, via = peer.0, answer = ?other, "announce not taken"),
-                Ok(Err(e)) => debug!(node = self.inner.id.0, via = peer.0, error = %e, "announce: bad answer"),
-                Err(e) => debug!(node = self.inner.id.0, via = peer.0, error = %e, "announce not delivered"),
+                }
+                Err(e) => debug!(node = self.inner.id.0, via = peer.0, error = %e, "announce: bad meta state"),
             }
         }
         client.close().await;
         done
+    }
+
+    /// Sends the announcement `body` to `peer` at `addr`; the meta state it answers, whole
+    /// (a large one comes in parts, fetched on the same connection).
+    async fn announce_to(
+        &self,
+        client: &tp::Client,
+        peer: NodeId,
+        addr: SocketAddr,
+        body: bytes::Bytes,
+    ) -> Result<Vec<u8>, String> {
+        let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
+        let conn = client.connect(addr, peer, timeout).await.map_err(|e| e.to_string())?;
+        let answer = conn.request(body, timeout).await.map_err(|e| e.to_string())?;
+        match PeerResponse::decode(&answer).map_err(|e| e.to_string())? {
+            PeerResponse::Meta { state, .. } => {
+                let conn = &conn;
+                super::whole_state::assemble(state, |req| async move {
+                    conn.request(req, timeout).await.map_err(|e| e.to_string())
+                })
+                .await
+            }
+            other => Err(format!("answered {other:?}")),
+        }
     }
 }

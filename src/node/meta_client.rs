@@ -10,7 +10,7 @@ use crate::meta::change_log::ChangeLog;
 use crate::meta::map_history::MapHistory;
 use crate::meta::records::{change_parts, conversion_parts, without_leftovers, writes_bytes, MetaWrite};
 use crate::meta::{self, StoredMeta, META_GROUP, META_STATE_KEY};
-use crate::peer_wire::{MetaOp, MetaUpdate, PeerRequest, PeerResponse};
+use crate::peer_wire::{MetaOp, MetaUpdate, PeerRequest, PeerResponse, WholeState};
 use crate::placement::{MetaState, NodeId, NodeReport, ReportChange};
 use crate::raft::{RaftError, ReadMode, Role};
 use crate::shard::{HostError, KvCommand, KvResponse, TXN_BYTES_MAX, TXN_WRITES_MAX};
@@ -254,12 +254,17 @@ impl Node {
                     .await
                 {
                     Ok(bytes) => match PeerResponse::decode(&bytes) {
-                        Ok(PeerResponse::Meta { state, answer }) => {
-                            let (revision, s) = meta::decode_view(&state).map_err(NodeError::Meta)?;
-                            let s = Arc::new(s);
-                            self.set_view(revision, s.clone());
-                            return Ok((revision, s, answer));
-                        }
+                        Ok(PeerResponse::Meta { state, answer }) => match self.assemble_from(to, state).await {
+                            Ok(state) => {
+                                let (revision, s) = meta::decode_view(&state).map_err(NodeError::Meta)?;
+                                let s = Arc::new(s);
+                                self.set_view(revision, s.clone());
+                                return Ok((revision, s, answer));
+                            }
+                            // The op ran: asked again, it is judged again on the state then
+                            // (as after any lost answer).
+                            Err(e) => last_err = format!("meta state from node {to}: {e}"),
+                        },
                         Ok(PeerResponse::Refused(e)) => return Err(NodeError::Meta(e)),
                         Ok(other) => last_err = format!("meta leader {to} answered {other:?}"),
                         Err(e) => last_err = e.to_string(),
@@ -349,7 +354,7 @@ impl Node {
             match self.inner.transport.request(to, req.encode(), timeout).await.map(|b| PeerResponse::decode(&b)) {
                 Ok(Ok(PeerResponse::MetaSince { revision, update, leader, answer })) => {
                     self.set_follow_peer(leader.filter(|l| *l != self.inner.id));
-                    match self.follow(revision, update) {
+                    match self.assemble_update_from(to, update).await.and_then(|u| self.follow(revision, u)) {
                         Ok(()) => return Ok(answer),
                         // The copy is dropped: the next request asks for the whole state.
                         Err(e) => last_err = format!("meta update from {to}: {e}"),
@@ -400,7 +405,8 @@ impl Node {
             .await
             .map_err(|e| NodeError::MetaUnavailable(format!("node {to}: {e}")))?;
         match PeerResponse::decode(&bytes) {
-            Ok(PeerResponse::MetaSince { update: MetaUpdate::Whole(bytes), .. }) => {
+            Ok(PeerResponse::MetaSince { update: MetaUpdate::Whole(whole), .. }) => {
+                let bytes = self.assemble_from(to, whole).await.map_err(NodeError::MetaUnavailable)?;
                 let (rev, state) = meta::decode_view(&bytes).map_err(NodeError::Meta)?;
                 if rev < since {
                     return Err(NodeError::MetaUnavailable(format!("node {to} sent revision {rev}, before {since}")));
@@ -435,7 +441,10 @@ impl Node {
     fn follow(&self, revision: u64, update: MetaUpdate) -> Result<(), String> {
         let mut followed = self.inner.meta.followed.lock().map_err(|_| "meta copy lock poisoned")?;
         match update {
-            MetaUpdate::Whole(bytes) => {
+            MetaUpdate::Whole(WholeState::Parts { .. }) => {
+                return Err("a whole state in parts, not assembled".into());
+            }
+            MetaUpdate::Whole(WholeState::Inline(bytes)) => {
                 self.inner.stats.meta_updates_whole.fetch_add(1, Ordering::Relaxed);
                 let (rev, state) = meta::decode_view(&bytes)?;
                 // An answer to an earlier request may arrive after a newer one.

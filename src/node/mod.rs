@@ -61,8 +61,10 @@ mod reconcile;
 mod report;
 pub use map_answer::{MAP_ANSWER_BYTES_MAX, MAP_CHANGES_SHARDS_MAX, MAP_PAGE_SHARDS_MAX};
 pub use report::{REPORTS_BETWEEN_WHOLE, REPORT_SHARDS_PER_MESSAGE};
+pub use whole_state::{META_PART_BYTES_DEFAULT, WHOLE_STATE_BYTES_MAX};
 mod serve;
 mod unsafe_recovery;
+mod whole_state;
 
 pub use admin::view_of;
 
@@ -107,8 +109,11 @@ pub const LIVE_REPORT_AGE_MAX_MS: u64 = 10_000;
 pub const ANNOUNCE_RETRY_MS: u64 = 1_000;
 /// How often the reconciler looks for a change of the map or of the groups here (ms).
 pub const RECONCILE_MS: u64 = 200;
-/// How often the reconciler goes over every group and shard when neither changed (ms).
+/// How often the reconciler goes over every group and shard when neither changed, while its
+/// last round did or asked for something (ms).
 pub const RECONCILE_FULL_MS: u64 = 1_000;
+/// How often it does when neither changed and its last round found nothing to do (ms).
+pub const RECONCILE_IDLE_FULL_MS: u64 = 10_000;
 /// How long a meta operation may take, forwarding and retries included (ms).
 pub const META_OP_TIMEOUT_MS: u64 = 10_000;
 /// Time allowed for one node-to-node request (ms).
@@ -249,6 +254,9 @@ pub struct NodeConfig {
     /// Start with the reconciler paused: the node creates, removes and changes no replica
     /// until [`Node::pause_reconciler`]`(false)`. For tests and investigations.
     pub reconciler_paused: bool,
+    /// Bytes of a whole meta state one answer carries at most; a larger one goes in parts
+    /// (default [`META_PART_BYTES_DEFAULT`]).
+    pub meta_part_bytes: usize,
 }
 
 impl NodeConfig {
@@ -282,6 +290,7 @@ impl NodeConfig {
             require_client_roles: false,
             resp: None,
             reconciler_paused: false,
+            meta_part_bytes: META_PART_BYTES_DEFAULT,
         }
     }
 }
@@ -376,6 +385,10 @@ pub struct NodeStats {
     pub meta_write_bytes: AtomicU64,
     /// Refreshes of this node's copy of the meta state that came as the whole state.
     pub meta_updates_whole: AtomicU64,
+    /// Full rounds of the reconciler (every group against every shard of the map).
+    pub reconcile_full_rounds: AtomicU64,
+    /// Whole meta states this node received in parts.
+    pub meta_whole_in_parts: AtomicU64,
     /// Refreshes of this node's copy that came as the changes since its revision.
     pub meta_updates_changes: AtomicU64,
     /// Reports the meta leader took from this node whole (from an empty report).
@@ -406,8 +419,8 @@ struct Inner {
     meta: MetaClient,
     /// The reconciler's last request of each change per group (`reconcile.rs`).
     reconfig: Mutex<ReconfigTimes>,
-    /// What the reconciler's last full round saw (meta revision, groups here) and when.
-    reconciled: Mutex<Option<((u64, usize), Instant)>>,
+    /// What the reconciler's last full round saw, when, and whether it had work.
+    reconciled: Mutex<Option<reconcile::Reconciled>>,
     /// The shards of this node's bootstrap with their ranges then, worked out once.
     bootstrap_shards: std::sync::OnceLock<reconcile::BootstrapShards>,
     /// Where this node is in forming its bootstrap shards (`bootstrap_forming.rs`).
@@ -422,6 +435,14 @@ struct Inner {
     restored: Option<crate::backup::Restored>,
     /// Last size check of each shard this node leads (`report.rs`).
     sizes: Mutex<HashMap<ShardId, SizeCheck>>,
+    /// What the last size check saw (the host's generation of summaries, the meta revision),
+    /// if it left no shard waiting: the next one has nothing to do until either moves.
+    sizes_seen: Mutex<Option<(u64, u64)>>,
+    /// The part of this node's report read off its groups, and the host's generation of
+    /// summaries it was read at (`report.rs`).
+    report_groups: Mutex<Option<(u64, Arc<crate::placement::NodeReport>)>>,
+    /// Whole meta states this node sent in parts, for the askers to fetch (`whole_state.rs`).
+    held_states: whole_state::HeldStates,
     /// The last report the meta leader took, that the next is sent as a change of
     /// (`report.rs`).
     reports_sent: tokio::sync::Mutex<report::ReportsSent>,
@@ -565,6 +586,9 @@ impl Node {
             wipe_reported: std::sync::atomic::AtomicBool::new(false),
             restored,
             sizes: Mutex::new(HashMap::new()),
+            sizes_seen: Mutex::new(None),
+            report_groups: Mutex::new(None),
+            held_states: whole_state::HeldStates::default(),
             reports_sent: tokio::sync::Mutex::new(report::ReportsSent::new()),
             load: LoadTrackers::new(load_split_config(&config), 0),
             requests_limit: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
@@ -765,6 +789,8 @@ impl Node {
             ("flotilla_meta_writes_total", "Changes of the meta state proposed as meta leader.", &s.meta_writes),
             ("flotilla_meta_write_records_total", "Records those changes wrote.", &s.meta_write_records),
             ("flotilla_meta_updates_whole_total", "Refreshes of this node's meta copy sent as the whole state.", &s.meta_updates_whole),
+            ("flotilla_meta_whole_in_parts_total", "Whole meta states this node received in parts (too large for one answer).", &s.meta_whole_in_parts),
+            ("flotilla_reconcile_full_rounds_total", "Full rounds of the reconciler (every group here against every shard of the map).", &s.reconcile_full_rounds),
             ("flotilla_meta_updates_changes_total", "Refreshes of this node's meta copy sent as the changes since its revision.", &s.meta_updates_changes),
             ("flotilla_reports_whole_total", "Reports the meta leader took from this node whole.", &s.reports_whole),
             ("flotilla_reports_changed_total", "Reports the meta leader took from this node as the change from its previous one.", &s.reports_changed),
@@ -794,6 +820,8 @@ impl Node {
             let v = v.load(Ordering::Relaxed);
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{node=\"{id}\"}} {v}");
         }
+        // Read afresh (not the shared summaries): it counts quiet groups, which the host's
+        // generation of summaries does not follow.
         let infos = self.inner.host.group_info().await.unwrap_or_default();
         let leaders = infos.iter().filter(|i| i.role == Role::Leader).count();
         let quiet = infos.iter().filter(|i| i.quiet).count();
@@ -810,8 +838,18 @@ impl Node {
             "# HELP flotilla_groups Groups hosted.\n# TYPE flotilla_groups gauge\nflotilla_groups{{node=\"{id}\"}} {}\n\
              # HELP flotilla_groups_leading Groups this node leads.\n# TYPE flotilla_groups_leading gauge\nflotilla_groups_leading{{node=\"{id}\"}} {leaders}\n\
              # HELP flotilla_groups_quiet Quiescent groups.\n# TYPE flotilla_groups_quiet gauge\nflotilla_groups_quiet{{node=\"{id}\"}} {quiet}\n\
+             # HELP flotilla_host_summary_generation Moves whenever a group's summary changed (role, indexes, configuration) or a group came or went.
+# TYPE flotilla_host_summary_generation gauge
+flotilla_host_summary_generation{{node=\"{id}\"}} {}
+\
+             # HELP flotilla_meta_revision The revision of this node's view of the meta state.
+# TYPE flotilla_meta_revision gauge
+flotilla_meta_revision{{node=\"{id}\"}} {}
+\
              # HELP flotilla_uptime_seconds Seconds since start.\n# TYPE flotilla_uptime_seconds gauge\nflotilla_uptime_seconds{{node=\"{id}\"}} {}",
             infos.len(),
+            self.inner.host.info_generation(),
+            self.meta_revision(),
             self.inner.started.elapsed().as_secs()
         );
         // What load-based splitting holds: an entry per shard busy lately, a sample per warm one.

@@ -5,7 +5,7 @@
 //! asking for each at most once per [`RECONFIG_RETRY_MS`].
 
 use super::bootstrap_forming::Forming;
-use super::{BootstrapConfig, Node, RECONCILE_FULL_MS, RECONCILE_MS, RECONFIG_RETRY_MS};
+use super::{BootstrapConfig, Node, RECONCILE_FULL_MS, RECONCILE_IDLE_FULL_MS, RECONCILE_MS, RECONFIG_RETRY_MS};
 use crate::meta::{shard_range, META_GROUP};
 use crate::peer_wire::MetaOp;
 use crate::placement::{
@@ -41,6 +41,18 @@ pub(super) enum Reconfig {
 /// When each change was last asked for, per group.
 pub(super) type ReconfigTimes = HashMap<(GroupId, Reconfig), Instant>;
 
+/// The reconciler's last full round.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Reconciled {
+    /// The meta revision, the number of groups here and the host's generation of summaries
+    /// (`Host::info_generation`) it saw.
+    seen: (u64, usize, u64),
+    /// When it started.
+    at: Instant,
+    /// Whether it did or asked for anything, or stopped early.
+    busy: bool,
+}
+
 impl Node {
     /// The reconciler task: [`Node::reconcile`] every [`RECONCILE_MS`] until shutdown.
     pub(super) async fn run_reconciler(self, mut stop: watch::Receiver<bool>) {
@@ -68,13 +80,28 @@ impl Node {
         // A round looks at every group here and every shard of the map: with thousands of
         // each, only when the map or the set of groups changed, or a round is due anyway
         // (a leadership moved, a change asked for earlier may be asked again).
-        let seen = (self.meta_revision(), self.inner.host.group_count());
+        // A round that found nothing to do, on the same map and the same groups (the host's
+        // generation of summaries: a role, an applied index, a configuration), would find
+        // nothing again: on an idle node of thousands of groups that is most rounds, and each
+        // reads every group. Such a node still looks once per RECONCILE_IDLE_FULL_MS.
+        let seen = (self.meta_revision(), self.inner.host.group_count(), self.inner.host.info_generation());
         let full = match self.inner.reconciled.lock() {
             Ok(mut last) => {
-                let due =
-                    !last.is_some_and(|(s, at)| s == seen && at.elapsed() < Duration::from_millis(RECONCILE_FULL_MS));
+                // A new map or a group come or gone: at once. Groups that changed (on a node
+                // taking writes, nearly every poller round) or a round that had work: once per
+                // RECONCILE_FULL_MS.
+                let due = match *last {
+                    None => true,
+                    Some(l) if (l.seen.0, l.seen.1) != (seen.0, seen.1) => true,
+                    Some(l) if l.seen.2 != seen.2 || l.busy => {
+                        l.at.elapsed() >= Duration::from_millis(RECONCILE_FULL_MS)
+                    }
+                    Some(l) => l.at.elapsed() >= Duration::from_millis(RECONCILE_IDLE_FULL_MS),
+                };
                 if due {
-                    *last = Some((seen, Instant::now()));
+                    // Busy until the round says otherwise: a round that stops early is tried
+                    // again at the usual pace.
+                    *last = Some(Reconciled { seen, at: Instant::now(), busy: true });
                 }
                 due
             }
@@ -106,6 +133,21 @@ impl Node {
         if !full {
             return;
         }
+        self.inner.stats.reconcile_full_rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Merges under way, and groups frozen by a merge that is over (thawed or removed by
+        // `drive_merges`, whose steps may fail and be asked again), count as work.
+        let busy = self.reconcile_full().await || !self.meta_view().merges.is_empty() || self.inner.host.any_frozen();
+        if let Ok(mut last) = self.inner.reconciled.lock() {
+            if let Some(l) = last.as_mut().filter(|l| l.seen == seen) {
+                l.busy = busy;
+            }
+        }
+    }
+
+    /// A full round: every group here against every shard of the map. Whether it did or
+    /// asked for anything, or stopped early (so that the next one comes at the usual pace,
+    /// not only when something changed).
+    async fn reconcile_full(&self) -> bool {
         let state = self.meta_view();
         let me = self.inner.id;
         for (id, info) in &state.nodes {
@@ -116,7 +158,7 @@ impl Node {
             }
         }
         if state.map.is_empty() {
-            return;
+            return true;
         }
         let host = &self.inner.host;
         let ids = host.groups();
@@ -137,7 +179,7 @@ impl Node {
         // replica at all.
         if forming.open() && state.bootstrap.as_ref().is_some_and(|b| b.formed.contains(&me)) {
             self.report_wiped();
-            return;
+            return true;
         }
         // The rule that forms a shard whatever the map holds of it now needs the first voters
         // the cluster recorded (a cluster bootstrapped before the record forms by the older
@@ -157,7 +199,7 @@ impl Node {
             match self.meta_read_fresh().await {
                 Ok(fresh) if fresh.bootstrap.as_ref().is_some_and(|b| b.formed.contains(&me)) => {
                     self.report_wiped();
-                    return;
+                    return true;
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -182,6 +224,7 @@ impl Node {
         // others atomically.
         // A bootstrap shard over a restore's data starts with that data as its history
         // (`Host::create_restored_group`), so that replicas added later get it.
+        let mut busy = !creations.is_empty() || left_out;
         let over_restored = self.inner.restored.as_ref().is_some_and(|r| r.holds_data);
         let mut all_formed = true;
         for batch in creations.chunks(CREATIONS_AT_ONCE) {
@@ -206,8 +249,10 @@ impl Node {
                 Err(e) => warn!(node = me.0, error = %e, "cannot record that the bootstrap's shards are formed"),
             }
         }
-        let Ok(infos) = host.group_info().await else { return };
+        let Ok((_, infos)) = host.group_info_shared().await else { return true };
+        busy |= still_forming;
         for (group, why) in replicas_to_destroy(me, &infos, &state) {
+            busy = true;
             // Until forming is recorded done, a bootstrap shard removed here would be formed
             // again if placed here again: kept till then (a round or so).
             if still_forming && bootstrap.is_some_and(|b| b.get(&group).is_some_and(|b| b.voters.contains(&me))) {
@@ -232,6 +277,7 @@ impl Node {
             let Some((at, right)) = split_to_propose(i, host.group_range(i.group).as_ref(), &state.map) else {
                 continue;
             };
+            busy = true;
             if self.due(i.group, vec![Reconfig::Split { new: right }]).is_empty() {
                 continue;
             }
@@ -244,6 +290,7 @@ impl Node {
         // Ranges are read again: a split proposed above may have been applied since.
         for i in led {
             let wanted = reconfigs_wanted(me, i, host.group_range(i.group).as_ref(), &state);
+            busy |= !wanted.is_empty();
             for what in self.due(i.group, wanted) {
                 let done = match &what {
                     Reconfig::AddLearner(n) => host.add_learner(i.group, *n).await.map(drop),
@@ -264,12 +311,14 @@ impl Node {
         // Last (it waits on the meta leader): the cluster records that this first voter
         // formed its bootstrap shards, so that it is never let form one again under its id.
         let unrecorded = state.bootstrap.as_ref().is_some_and(|b| b.voters.contains(&me) && !b.formed.contains(&me));
+        busy |= unrecorded;
         if !still_forming && unrecorded {
             let op = MetaOp::Commands(vec![crate::placement::MetaCommand::BootstrapFormed { node: me }]);
             if let Err(e) = self.meta_exec(op, false).await {
                 debug!(node = me.0, error = %e, "cannot record in the meta state that this node formed its shards");
             }
         }
+        busy
     }
 
     /// The bootstrap shards this node may form, as the bootstrap made them: `None` if its

@@ -14,6 +14,7 @@ use crate::raft::Role;
 use crate::shard::{range_size_blocking, KeyRange, RangeSize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::debug;
@@ -184,8 +185,30 @@ impl Node {
 
     /// This node's report: leaders, applied indexes, sizes and split points of led shards.
     pub(super) async fn build_report(&self, requests_per_s: u64) -> Result<NodeReport, NodeError> {
-        let infos = self.inner.host.group_info().await?;
-        let mut report = NodeReport { requests_per_s, ..NodeReport::default() };
+        let mut report = NodeReport { requests_per_s, ..self.report_groups().await?.as_ref().clone() };
+        let threshold = self.inner.config.balancer.split_size_bytes_threshold;
+        let leading: HashSet<ShardId> = report.leading.iter().copied().collect();
+        if let Ok(sizes) = self.inner.sizes.lock() {
+            for (shard, c) in sizes.iter().filter(|(s, _)| leading.contains(s)) {
+                report.shard_bytes.insert(*shard, c.size.estimate);
+                if let Some(middle) = c.size.middle.as_ref().filter(|_| c.size.bytes > threshold) {
+                    report.split_keys.insert(*shard, middle.clone());
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// The part of this node's report read off its groups (leaders, their configurations,
+    /// applied indexes): read again only when the host's generation of summaries moved.
+    async fn report_groups(&self) -> Result<Arc<NodeReport>, NodeError> {
+        let (generation, infos) = self.inner.host.group_info_shared().await?;
+        if let Some((g, part)) = self.inner.report_groups.lock().ok().and_then(|r| r.clone()) {
+            if g == generation {
+                return Ok(part);
+            }
+        }
+        let mut report = NodeReport::default();
         for i in infos.iter().filter(|i| i.group != META_GROUP) {
             if i.role == Role::Leader {
                 report.leading.push(i.group);
@@ -203,17 +226,13 @@ impl Node {
             // durable could go back, and the shard's leader be gone by then).
             report.applied.insert(i.group, PLogIndex(i.durable_applied.0));
         }
-        let threshold = self.inner.config.balancer.split_size_bytes_threshold;
-        let leading: HashSet<ShardId> = report.leading.iter().copied().collect();
-        if let Ok(sizes) = self.inner.sizes.lock() {
-            for (shard, c) in sizes.iter().filter(|(s, _)| leading.contains(s)) {
-                report.shard_bytes.insert(*shard, c.size.estimate);
-                if let Some(middle) = c.size.middle.as_ref().filter(|_| c.size.bytes > threshold) {
-                    report.split_keys.insert(*shard, middle.clone());
-                }
+        let part = Arc::new(report);
+        if let Ok(mut r) = self.inner.report_groups.lock() {
+            if r.as_ref().is_none_or(|(g, _)| *g < generation) {
+                *r = Some((generation, part.clone()));
             }
         }
-        Ok(report)
+        Ok(part)
     }
 
     /// The approximate bytes of `shard` as last sized here (only shards this node leads are).
@@ -229,7 +248,13 @@ impl Node {
     /// one round reads at most [`SIZE_CHECK_BYTES_PER_ROUND`] in all, the rest wait. Shards no
     /// longer led are forgotten.
     async fn check_sizes(&self) {
-        let Ok(infos) = self.inner.host.group_info().await else { return };
+        let Ok((generation, infos)) = self.inner.host.group_info_shared().await else { return };
+        // Nothing led changed, applied anything or moved in the map since a check that left
+        // no shard waiting: nothing is due.
+        let seen = (generation, self.meta_revision());
+        if self.inner.sizes_seen.lock().is_ok_and(|s| *s == Some(seen)) {
+            return;
+        }
         let led: HashMap<ShardId, u64> = infos
             .iter()
             .filter(|i| i.group != META_GROUP && i.role == Role::Leader)
@@ -237,24 +262,35 @@ impl Node {
             .collect();
         let view = self.meta_view();
         let every = Duration::from_millis(self.inner.config.size_check_interval_ms);
+        // A shard that applied entries since its last check, but less than `every` ago,
+        // waits: checks go on until it is sized.
+        let mut waiting = false;
         let due: Vec<(ShardId, Epoch, u64, KeyRange)> = match self.inner.sizes.lock() {
             Ok(mut sizes) => {
                 sizes.retain(|s, _| led.contains_key(s));
                 led.iter()
                     .filter_map(|(s, a)| {
                         let d = view.map.get(*s)?;
-                        let stale = sizes
-                            .get(s)
-                            .is_none_or(|c| c.epoch != d.epoch || (c.applied != *a && c.at.elapsed() >= every));
+                        let c = sizes.get(s);
+                        let moved = c.is_some_and(|c| c.epoch == d.epoch && c.applied != *a);
+                        let stale = c.is_none_or(|c| c.epoch != d.epoch || (moved && c.at.elapsed() >= every));
+                        waiting |= moved && !stale;
                         stale.then(|| (*s, d.epoch, *a, shard_range(d)))
                     })
                     .collect()
             }
             Err(_) => return,
         };
+        let seen_now = |checked_all: bool| {
+            if let Ok(mut s) = self.inner.sizes_seen.lock() {
+                *s = (checked_all && !waiting).then_some(seen);
+            }
+        };
         if due.is_empty() {
+            seen_now(true);
             return;
         }
+        let wanted = due.len();
         let node = self.inner.id.0;
         let checked = self
             .inner
@@ -279,7 +315,11 @@ impl Node {
             })
             .await;
         if let (Ok(list), Ok(mut sizes)) = (checked, self.inner.sizes.lock()) {
+            // Every due shard sized (none left for the round's byte bound, none failed).
+            let all = list.len() == wanted;
             sizes.extend(list);
+            drop(sizes);
+            seen_now(all);
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use super::{view_of, Node, NodeError, PEER_REQUEST_TIMEOUT_MS};
 use crate::authz;
-use crate::meta::{self, shard_range};
+use crate::meta::shard_range;
 use crate::peer_wire::{is_peer_message, MetaOp, MetaUpdate, PeerRequest, PeerResponse};
 use crate::placement::{Epoch, ShardDescriptor, ShardId};
 use crate::raft::{RaftError, ReadMode};
@@ -259,6 +259,7 @@ impl Node {
             Ok(PeerRequest::Meta { op, forwarded }) => (op, forwarded, None),
             Ok(PeerRequest::MetaSince { op, since }) => (op, false, Some(since)),
             Ok(PeerRequest::HoldMetaReplica) => return self.hold_meta_replica().await,
+            Ok(PeerRequest::MetaPart { revision, offset }) => return self.meta_part(revision, offset),
             Err(e) => {
                 self.inner.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
                 return PeerResponse::Refused(format!("bad peer request: {e}"));
@@ -271,7 +272,7 @@ impl Node {
             Err(e) => return PeerResponse::Unavailable(e.to_string()),
         };
         let Some(since) = since else {
-            return match meta::encode_view(revision, &state) {
+            return match self.whole_state(revision, &state) {
                 Ok(state) => PeerResponse::Meta { state, answer },
                 Err(e) => PeerResponse::Unavailable(e),
             };
@@ -279,7 +280,7 @@ impl Node {
         let changes = since.and_then(|s| self.meta_changes(s, revision));
         let update = match changes {
             Some(changes) => MetaUpdate::Changes(changes),
-            None => match meta::encode_view(revision, &state) {
+            None => match self.whole_state(revision, &state) {
                 Ok(state) => MetaUpdate::Whole(state),
                 Err(e) => return PeerResponse::Unavailable(e),
             },

@@ -70,6 +70,7 @@ impl Poller {
                 if let Some(g) = self.groups.get_mut(&gid) {
                     g.sm_busy = false;
                     g.core.fail(e);
+                    self.dirty.insert(gid);
                 }
             }
         }
@@ -255,6 +256,7 @@ impl Poller {
                             if ids.len() != p.responses.len() {
                                 g.sm_busy = false;
                                 g.core.fail(StorageError::new("apply", "wrong number of responses"));
+                                self.info_changed = true;
                                 return;
                             }
                         }
@@ -288,15 +290,18 @@ impl Poller {
                         } else if let Err(e) = self.shared.store.submit(p.ops, false, done) {
                             g.sm_busy = false;
                             g.core.fail(e);
+                            self.info_changed = true;
                         }
                     }
                     Ok(_) => {
                         g.sm_busy = false;
                         g.core.fail(StorageError::new("apply", "wrong number of responses"));
+                        self.info_changed = true;
                     }
                     Err(e) => {
                         g.sm_busy = false;
                         g.core.fail(e);
+                        self.info_changed = true;
                     }
                 }
             }

@@ -19,6 +19,9 @@ impl Poller {
         self.groups.insert(id, g);
         self.awake.insert(id);
         self.dirty.insert(id);
+        // Now, not at the round's end: the caller is answered before that, and a summary
+        // read then must not be a shared one from before.
+        self.shared.info_generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// A group leaves this poller (destroyed) if `still` holds of its state now: it stops,
@@ -40,6 +43,8 @@ impl Poller {
     pub(super) fn stop_group(&mut self, id: GroupId) {
         if let Some(mut g) = self.groups.remove(&id) {
             g.core.stop(Fatal::Shutdown);
+            // Now (see `on_add`).
+            self.shared.info_generation.fetch_add(1, Ordering::AcqRel);
         }
         self.awake.remove(&id);
         self.dirty.remove(&id);

@@ -82,6 +82,11 @@ impl Poller {
             // that used goes again.
             g.release_idle_memory();
         }
+        let fingerprint = super::group_info::fingerprint(g);
+        if fingerprint != g.published {
+            g.published = fingerprint;
+            self.info_changed = true;
+        }
     }
 
     /// A round's log writes are durable (or failed): each group hears of its last write, and

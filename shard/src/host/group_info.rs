@@ -10,6 +10,7 @@
 use super::group_state::GroupState;
 use flotilla_raft::{LogId, LogIndex, Membership, NodeId, Role, StoredMembership, Term};
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 /// What [`super::Host::group_info`] reports of one group.
@@ -134,6 +135,25 @@ pub(super) fn group_info(g: &GroupState, confs: &mut Configurations, replication
         matched: if replication { e.replication() } else { BTreeMap::new() },
         stopped: g.core.fatal().map(|f| f.to_string()),
     }
+}
+
+/// A digest of what [`group_info`] reports of `g`, but `matched` and `quiet`: equal digests
+/// mean an equal summary otherwise, unless 64 bits collide. A configuration counts by the
+/// entry that carried it, and by its members only while it is the one a group was formed
+/// with (index 0), which no entry carries. `quiet` is left out: a group that serves reads
+/// now and then (the meta group) wakes and goes quiet again each time, and nothing that
+/// waits on the generation decides on it.
+pub(super) fn fingerprint(g: &GroupState) -> u64 {
+    let e = g.core.engine();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (e.role() as u8, e.term(), e.leader(), e.last_log_id(), e.committed(), e.applied()).hash(&mut h);
+    (e.durable_applied(), e.first_log_index(), e.newest_snapshot()).hash(&mut h);
+    let (effective, committed) = (e.membership(), e.committed_membership());
+    (effective.log_id, committed.log_id, g.removed_at, g.core.fatal().is_some()).hash(&mut h);
+    for m in [effective, committed].into_iter().filter(|m| m.log_id.index == LogIndex(0)) {
+        (&m.membership.voters, &m.membership.outgoing, &m.membership.learners).hash(&mut h);
+    }
+    h.finish()
 }
 
 #[cfg(test)]

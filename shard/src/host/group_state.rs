@@ -58,6 +58,9 @@ pub(crate) struct GroupState {
     /// A merge entry waiting for its source here (the state machine paused meanwhile). Boxed:
     /// rare, and each of a node's thousands of groups would carry its space inline.
     pub(super) merge_wait: Option<Box<super::merge::Waiting>>,
+    /// The fingerprint of this group's summary as of the last time the host's generation of
+    /// summaries counted it (`group_info::fingerprint`).
+    pub(super) published: u64,
 }
 
 impl GroupState {
@@ -80,6 +83,7 @@ impl GroupState {
             refused_snapshot: None,
             removed_at: None,
             merge_wait: None,
+            published: 0,
         }
     }
 

@@ -82,6 +82,7 @@ impl Poller {
         if g.removed_at.is_none_or(|at| at < r.index) {
             info!(group = %r.group, %from, index = %r.index, "a member says the group removed this node");
             g.removed_at = Some(r.index);
+            self.info_changed = true;
         }
     }
 

@@ -55,6 +55,7 @@ impl Poller {
         for g in self.groups.values_mut() {
             g.core.fail(e.clone());
         }
+        self.info_changed = true;
         self.awake.clear();
         self.to_wake.clear();
     }

@@ -328,6 +328,11 @@ pub(crate) struct Shared {
     pub(crate) pollers: Vec<mpsc::Sender<PollerMsg>>,
     /// Groups on this node: where each lives and its state machine (for reads).
     pub(crate) registry: RwLock<Registry>,
+    /// Moves after any poller round in which a group's summary changed or a group left (see
+    /// `Poller::info_changed`).
+    pub(crate) info_generation: AtomicU64,
+    /// The summaries of every group as of a generation ([`Host::group_info_shared`]).
+    pub(crate) info_cache: Mutex<Option<(u64, Arc<Vec<GroupInfo>>)>>,
 }
 
 impl Shared {
@@ -382,6 +387,8 @@ impl Host {
             hold_loads: std::sync::atomic::AtomicBool::new(false),
             pollers: senders.clone(),
             registry: RwLock::new(Registry::default()),
+            info_generation: AtomicU64::new(0),
+            info_cache: Mutex::new(None),
         });
         let mut threads = Vec::new();
         for (i, (rx, tx)) in receivers.into_iter().zip(senders).enumerate() {
@@ -728,6 +735,36 @@ impl Host {
         // Each poller's part is in order already: a stable sort only merges the runs.
         out.sort_by_key(|i| i.group);
         Ok(out)
+    }
+
+    /// A number that moves whenever the summary of a group here may have changed, or a group
+    /// came or went: read before two calls of [`Host::group_info`], an unchanged number says
+    /// the later call would describe every group as the earlier one did, but for
+    /// [`GroupInfo::quiet`], which it does not follow.
+    pub fn info_generation(&self) -> u64 {
+        self.shared.info_generation.load(Ordering::Acquire)
+    }
+
+    /// What [`Host::group_info`] answers, with the generation it is valid for, shared: asked
+    /// of the pollers only when the generation moved since the last answer (so its `quiet`
+    /// flags may be older than the rest: read [`Host::group_info`] for those). A node of
+    /// thousands of quiet groups is asked for all of them several times a second (its report,
+    /// its reconciler, its size checks), and building them was most of its idle CPU.
+    pub async fn group_info_shared(&self) -> Result<(u64, Arc<Vec<GroupInfo>>), HostError> {
+        let generation = self.info_generation();
+        if let Some((g, infos)) = self.shared.info_cache.lock().ok().and_then(|c| c.clone()) {
+            if g == generation {
+                return Ok((g, infos));
+            }
+        }
+        let infos = Arc::new(self.group_info().await?);
+        if let Ok(mut c) = self.shared.info_cache.lock() {
+            // An answer from a later generation (a caller that asked meanwhile) stays.
+            if c.as_ref().is_none_or(|(g, _)| *g < generation) {
+                *c = Some((generation, infos.clone()));
+            }
+        }
+        Ok((generation, infos))
     }
 
     /// The state of one group on this node: asks only its poller, and describes only it.

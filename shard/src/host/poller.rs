@@ -135,6 +135,10 @@ pub(crate) struct Poller {
     pub(super) durable_waits: VecDeque<(u64, GroupId, LogIndex, Instant)>,
     /// When this poller last asked the store for a sync of its own (nothing else synced).
     pub(super) sync_asked_at: Option<Instant>,
+    /// A group's summary changed in this round, or a group left: the host's generation of
+    /// summaries moves at the round's end (`Host::group_info_shared`). Every change to a
+    /// group's state marks it dirty, and `drive` compares its summary's fingerprint.
+    pub(super) info_changed: bool,
 }
 
 impl Poller {
@@ -163,6 +167,7 @@ impl Poller {
             held_applies: Vec::new(),
             durable_waits: VecDeque::new(),
             sync_asked_at: None,
+            info_changed: false,
         }
     }
 
@@ -191,6 +196,12 @@ impl Poller {
             self.drive_dirty();
             self.release_held_applies();
             self.flush();
+            if std::mem::take(&mut self.info_changed) {
+                // After the round's changes, before the next round answers any `Info`: a
+                // caller that read the generation before asking sees it move past any
+                // change its answer missed.
+                self.shared.info_generation.fetch_add(1, Ordering::AcqRel);
+            }
             self.shared.stats.rounds.fetch_add(1, Ordering::Relaxed);
         }
         for (_, g) in self.groups.iter_mut() {
@@ -225,6 +236,10 @@ impl Poller {
             }
             PollerMsg::Installed(gid, meta, reception, r) => self.on_installed(gid, meta, reception, r),
             PollerMsg::Info(only, reply) => {
+                // A group changed earlier in this round shows that change in the answer, and
+                // its fingerprint is compared only when it is driven: if it changed back by
+                // then, the generation must still move past this answer.
+                self.info_changed |= !self.dirty.is_empty();
                 let _ = reply.send(self.info(only));
             }
             PollerMsg::Park { group, into, merge, freeze, reply } => {
@@ -273,6 +288,7 @@ impl Poller {
                 for gid in groups {
                     if let Some(g) = self.groups.get_mut(&gid) {
                         g.core.fail(e.clone());
+                        self.dirty.insert(gid);
                     }
                 }
             }
