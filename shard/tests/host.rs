@@ -879,3 +879,18 @@ async fn the_summary_generation_moves_with_every_change_of_a_group_and_only_then
     assert!(shared.iter().all(|i| i.group != GroupId(9)), "the shared answer no longer lists it");
     c.shutdown().await;
 }
+
+/// With one election a tick allowed per poller, groups created together put their elections
+/// off to later ticks, and every one of them still elects a leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elections_past_the_ticks_budget_wait_and_every_group_still_elects() {
+    let c = Cluster::start_with(3, |cfg| cfg.campaigns_per_tick_max = 1).await;
+    c.create_groups(1..=200).await;
+    c.wait_info("every group led", |infos| infos.len() == 200 && infos.iter().all(|i| i.leader.is_some())).await;
+    let postponed: u64 = c.hosts.iter().map(|h| h.stats().campaigns_postponed.load(Ordering::Relaxed)).sum();
+    assert!(postponed > 0, "200 groups started their elections with at most one a tick and none waited");
+    for g in [1, 100, 200] {
+        assert_eq!(c.put(GroupId(g), &key(g, "k"), "v").await.expect("write"), KvResponse::Done { previous: None });
+    }
+    c.shutdown().await;
+}

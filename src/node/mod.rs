@@ -438,6 +438,8 @@ struct Inner {
     /// What the last size check saw (the host's generation of summaries, the meta revision),
     /// if it left no shard waiting: the next one has nothing to do until either moves.
     sizes_seen: Mutex<Option<(u64, u64)>>,
+    /// Moves whenever `sizes` changes (what a report's [`report::Basis`] compares).
+    sizes_version: AtomicU64,
     /// The part of this node's report read off its groups, and the host's generation of
     /// summaries it was read at (`report.rs`).
     report_groups: Mutex<Option<(u64, Arc<crate::placement::NodeReport>)>>,
@@ -587,6 +589,7 @@ impl Node {
             restored,
             sizes: Mutex::new(HashMap::new()),
             sizes_seen: Mutex::new(None),
+            sizes_version: AtomicU64::new(0),
             report_groups: Mutex::new(None),
             held_states: whole_state::HeldStates::default(),
             reports_sent: tokio::sync::Mutex::new(report::ReportsSent::new()),
@@ -800,6 +803,7 @@ impl Node {
             ("flotilla_host_messages_sent_total", "Raft messages sent.", &h.messages_sent),
             ("flotilla_host_mailbox_dropped_total", "Messages dropped at full mailboxes.", &h.mailbox_dropped),
             ("flotilla_host_rounds_total", "Poller rounds.", &h.rounds),
+            ("flotilla_host_campaigns_postponed_total", "Elections put off to a later poller tick (a poller starts a bounded number per tick).", &h.campaigns_postponed),
             ("flotilla_host_log_appends_total", "Groups' log writes handed to the store (with the syncs: appends per fsync).", &h.log_appends),
             ("flotilla_host_local_reads_total", "Lease reads served on the request's thread (the lease gate open), without a round to a poller.", &h.local_reads),
             ("flotilla_store_write_requests_total", "Write requests the store completed.", &w.requests),

@@ -145,7 +145,7 @@ pub(super) fn group_info(g: &GroupState, confs: &mut Configurations, replication
 /// waits on the generation decides on it.
 pub(super) fn fingerprint(g: &GroupState) -> u64 {
     let e = g.core.engine();
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut h = Mix(0);
     (e.role() as u8, e.term(), e.leader(), e.last_log_id(), e.committed(), e.applied()).hash(&mut h);
     (e.durable_applied(), e.first_log_index(), e.newest_snapshot()).hash(&mut h);
     let (effective, committed) = (e.membership(), e.committed_membership());
@@ -154,6 +154,37 @@ pub(super) fn fingerprint(g: &GroupState) -> u64 {
         (&m.membership.voters, &m.membership.outgoing, &m.membership.learners).hash(&mut h);
     }
     h.finish()
+}
+
+/// A fast multiply-rotate hash (the one rustc's own hash maps use): the fingerprint is taken
+/// at every drive of every group, where SipHash showed in the profile of a node starting
+/// 100,000 groups; it guards against no adversary, only against a change going unseen.
+struct Mix(u64);
+
+impl Hasher for Mix {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 #[cfg(test)]

@@ -68,6 +68,8 @@ impl Poller {
         let cfg = &shared.config;
         let live = |n: NodeId| shared.is_live(n, at);
         let mut going_quiet = Vec::new();
+        // Groups whose timer would start an election, with when it fired.
+        let mut campaigns = Vec::new();
         for gid in &self.awake {
             let Some(g) = self.groups.get_mut(gid) else { continue };
             if g.core.fatal().is_some() {
@@ -89,9 +91,33 @@ impl Poller {
                     _ => g.idle_ticks = 0,
                 }
             }
-            if now >= g.core.engine().next_deadline() {
+            let deadline = g.core.engine().next_deadline();
+            if now >= deadline {
+                // A follower's or candidate's timer starts an election (or a pre-vote), which
+                // costs messages to and work on every member: bounded per tick, below.
+                if matches!(g.core.engine().role(), Role::Follower | Role::PreCandidate | Role::Candidate) {
+                    campaigns.push((deadline, *gid));
+                    continue;
+                }
                 g.core.handle_timeout(now);
                 self.dirty.insert(*gid);
+            }
+        }
+        // The longest waiting first: each node's timers are its own random draws, so the
+        // nodes do not all start the same groups' elections in the same tick (which would
+        // split their votes), and a group put off is served once the ones that fired before
+        // it are.
+        let budget = cfg.campaigns_per_tick_max;
+        if campaigns.len() > budget {
+            campaigns.select_nth_unstable(budget);
+            let postponed = (campaigns.len() - budget) as u64;
+            campaigns.truncate(budget);
+            self.shared.stats.campaigns_postponed.fetch_add(postponed, Ordering::Relaxed);
+        }
+        for (_, gid) in campaigns {
+            if let Some(g) = self.groups.get_mut(&gid) {
+                g.core.handle_timeout(now);
+                self.dirty.insert(gid);
             }
         }
         for (gid, (term, index)) in going_quiet {

@@ -81,6 +81,11 @@ pub struct HostConfig {
     pub peer_down_ms: u64,
     /// Quiet groups woken per poller tick because their leader's node went down.
     pub wakes_per_tick_max: usize,
+    /// Elections started per poller tick, at most; a group whose election timer fired past
+    /// that waits for a later tick. Without a bound, a node restarting with 100,000 groups
+    /// started them all at once: each round of the poller then took longer than an election
+    /// timeout, so every election timed out before its votes were counted, and none ended.
+    pub campaigns_per_tick_max: usize,
     /// Peer messages queued for one poller; beyond it arriving messages are dropped (and
     /// counted), which Raft tolerates.
     pub mailbox_msgs_max: usize,
@@ -109,6 +114,7 @@ impl HostConfig {
             quiesce_after_ticks: (3 * raft.heartbeat_interval_ms / tick_ms) as u32,
             peer_down_ms: raft.election_timeout_ms_min,
             wakes_per_tick_max: 64,
+            campaigns_per_tick_max: 64,
             mailbox_msgs_max: 1 << 16,
             mailbox_requests_max: 1 << 14,
             api_timeout_ms: raft.api_timeout_ms,
@@ -131,9 +137,14 @@ impl HostConfig {
         if self.peer_down_ms < 2 * self.raft.heartbeat_interval_ms {
             return Err(HostError::Config("peer_down_ms must be at least two heartbeat intervals".into()));
         }
-        if self.wakes_per_tick_max == 0 || self.mailbox_msgs_max == 0 || self.mailbox_requests_max == 0 {
+        if self.wakes_per_tick_max == 0
+            || self.campaigns_per_tick_max == 0
+            || self.mailbox_msgs_max == 0
+            || self.mailbox_requests_max == 0
+        {
             return Err(HostError::Config(
-                "wakes_per_tick_max, mailbox_msgs_max and mailbox_requests_max must be positive".into(),
+                "wakes_per_tick_max, campaigns_per_tick_max, mailbox_msgs_max and mailbox_requests_max must be positive"
+                    .into(),
             ));
         }
         Ok(())
@@ -282,6 +293,8 @@ pub struct HostStats {
     pub quiesced: AtomicU64,
     /// Quiet groups woken (cumulative).
     pub woken: AtomicU64,
+    /// Elections put off to a later tick by `HostConfig::campaigns_per_tick_max` (cumulative).
+    pub campaigns_postponed: AtomicU64,
     /// Poller rounds run.
     pub rounds: AtomicU64,
     /// Log writes of one group handed to the store (a round writes each group's new entries
