@@ -29,8 +29,9 @@ pub const WHOLE_STATE_BYTES_MAX: u64 = 1 << 30;
 /// Encodings a node holds for askers to fetch in parts, at most (two askers at different
 /// revisions do not evict each other's).
 const HELD_MAX: usize = 2;
-/// How long a node holds an encoding after it last served a part of it.
-const HELD_FOR: Duration = Duration::from_secs(30);
+/// How long a node holds an encoding after it last served a part of it (an asker fetches the
+/// parts one after another at once), unless it served the last part before.
+const HELD_FOR: Duration = Duration::from_secs(10);
 
 /// The encodings a node sent in parts, newest last.
 #[derive(Default)]
@@ -54,13 +55,24 @@ impl HeldStates {
         held.push_back(Held { revision, bytes, used: Instant::now() });
     }
 
-    /// The encoding held for `revision`, if any.
-    fn get(&self, revision: u64) -> Option<Arc<Vec<u8>>> {
+    /// The part of at most `len` bytes from `offset` of the encoding held for `revision`:
+    /// `None` if none is held, an error if `offset` is past its end. Serving its last part
+    /// lets it go (an encoding of 100,000 shards is tens of megabytes).
+    fn part(&self, revision: u64, offset: u64, len: usize) -> Option<Result<Vec<u8>, String>> {
         let mut held = self.0.lock().ok()?;
         held.retain(|h| h.used.elapsed() < HELD_FOR);
-        let h = held.iter_mut().find(|h| h.revision == revision)?;
-        h.used = Instant::now();
-        Some(h.bytes.clone())
+        let i = held.iter().position(|h| h.revision == revision)?;
+        let bytes = held[i].bytes.clone();
+        let Some(start) = usize::try_from(offset).ok().filter(|o| *o < bytes.len()) else {
+            return Some(Err(format!("offset {offset} is past the state's {} bytes", bytes.len())));
+        };
+        let end = start.saturating_add(len.max(1)).min(bytes.len());
+        if end == bytes.len() {
+            held.remove(i);
+        } else {
+            held[i].used = Instant::now();
+        }
+        Some(Ok(bytes[start..end].to_vec()))
     }
 }
 
@@ -109,16 +121,13 @@ impl Node {
 
     /// The answer to [`PeerRequest::MetaPart`].
     pub(super) fn meta_part(&self, revision: u64, offset: u64) -> PeerResponse {
-        let Some(bytes) = self.inner.held_states.get(revision) else {
-            return PeerResponse::Unavailable(format!(
+        match self.inner.held_states.part(revision, offset, self.inner.config.meta_part_bytes) {
+            Some(Ok(bytes)) => PeerResponse::MetaPart { bytes },
+            Some(Err(e)) => PeerResponse::Refused(e),
+            None => PeerResponse::Unavailable(format!(
                 "node {} no longer holds the meta state at revision {revision}: ask for it again",
                 self.inner.id
-            ));
-        };
-        let part = self.inner.config.meta_part_bytes.max(1);
-        match usize::try_from(offset).ok().filter(|o| *o < bytes.len()) {
-            Some(start) => PeerResponse::MetaPart { bytes: bytes[start..(start + part).min(bytes.len())].to_vec() },
-            None => PeerResponse::Refused(format!("offset {offset} is past the state's {} bytes", bytes.len())),
+            )),
         }
     }
 }
@@ -167,11 +176,9 @@ mod tests {
     fn sender(held: Arc<HeldStates>, part: usize) -> impl FnMut(Bytes) -> std::future::Ready<Result<Bytes, String>> {
         move |req: Bytes| {
             let answer = match PeerRequest::decode(&req) {
-                Ok(PeerRequest::MetaPart { revision, offset }) => match held.get(revision) {
-                    Some(b) => {
-                        let start = offset as usize;
-                        PeerResponse::MetaPart { bytes: b[start..(start + part).min(b.len())].to_vec() }
-                    }
+                Ok(PeerRequest::MetaPart { revision, offset }) => match held.part(revision, offset, part) {
+                    Some(Ok(bytes)) => PeerResponse::MetaPart { bytes },
+                    Some(Err(e)) => PeerResponse::Refused(e),
                     None => PeerResponse::Unavailable("gone".into()),
                 },
                 other => PeerResponse::Refused(format!("{other:?}")),
@@ -188,12 +195,16 @@ mod tests {
         let whole = WholeState::Parts { revision: 7, total: bytes.len() as u64, first: bytes[..999].to_vec() };
         assert_eq!(assemble(whole.clone(), sender(held.clone(), 1_000)).await.unwrap(), bytes);
         assert_eq!(assemble(WholeState::Inline(vec![1, 2]), sender(held.clone(), 1)).await.unwrap(), vec![1, 2]);
-        // Two newer encodings held: revision 7's is let go, and its parts are refused.
+        // Its last part served, revision 7's encoding is let go: asked again, it is gone.
+        assert!(held.part(7, 0, 10).is_none());
+        let e = assemble(whole.clone(), sender(held.clone(), 1_000)).await.unwrap_err();
+        assert!(e.contains("gone"), "{e}");
+        // Two newer encodings held: the oldest is let go.
+        held.hold(7, Arc::new(bytes.clone()));
         held.hold(8, Arc::new(vec![0; 10]));
         held.hold(9, Arc::new(vec![0; 10]));
-        assert!(held.get(7).is_none() && held.get(8).is_some() && held.get(9).is_some());
-        let e = assemble(whole, sender(held, 1_000)).await.unwrap_err();
-        assert!(e.contains("gone"), "{e}");
+        assert!(held.part(7, 0, 1).is_none() && held.part(8, 0, 1).is_some() && held.part(9, 0, 1).is_some());
+        assert!(matches!(held.part(8, 10, 1), Some(Err(_))), "an offset past the end is refused");
     }
 
     #[tokio::test]
