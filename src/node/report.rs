@@ -131,8 +131,7 @@ impl Node {
                 return sent;
             }
         }
-        let mut report = NodeReport { requests_per_s, ..basis.groups.as_ref().clone() };
-        self.add_sizes(&mut report);
+        let mut report = self.report_from(&basis.groups, requests_per_s);
         (report.shard_load, report.led_requests_per_s) = (shard_load, led_requests_per_s);
         let basis = report.shard_load.is_empty().then_some(basis);
         self.send_report(report, basis).await
@@ -250,13 +249,13 @@ impl Node {
 
     /// This node's report: leaders, applied indexes, sizes and split points of led shards.
     pub(super) async fn build_report(&self, requests_per_s: u64) -> Result<NodeReport, NodeError> {
-        let mut report = NodeReport { requests_per_s, ..self.report_groups().await?.as_ref().clone() };
-        self.add_sizes(&mut report);
-        Ok(report)
+        Ok(self.report_from(self.report_groups().await?.as_ref(), requests_per_s))
     }
 
-    /// The sizes and split points of the shards `report` says this node leads.
-    fn add_sizes(&self, report: &mut NodeReport) {
+    /// The report made of `groups` (the part read off the groups), `requests_per_s` and the
+    /// sizes and split points of the shards it says this node leads.
+    fn report_from(&self, groups: &NodeReport, requests_per_s: u64) -> NodeReport {
+        let mut report = NodeReport { requests_per_s, ..groups.clone() };
         let threshold = self.inner.config.balancer.split_size_bytes_threshold;
         let leading: HashSet<ShardId> = report.leading.iter().copied().collect();
         if let Ok(sizes) = self.inner.sizes.lock() {
@@ -267,6 +266,7 @@ impl Node {
                 }
             }
         }
+        report
     }
 
     /// The part of this node's report read off its groups (leaders, their configurations,
