@@ -837,7 +837,21 @@ async fn sleep_backoff(backoff: &mut u64, deadline: Instant) {
 /// whole epoch, so of two copies of one cluster's map, the later one scores higher: a copy
 /// scoring lower than the cached one is older, and routing never goes back to it.
 pub fn map_progress(map: &ShardMap) -> u64 {
-    map.shards().fold(0u64, |sum, d| sum.saturating_add(d.epoch.version).saturating_add(d.epoch.conf_version))
+    map.shards().fold(0u64, |sum, d| sum.saturating_add(shard_progress(d)))
+}
+
+fn shard_progress(d: &ShardDescriptor) -> u64 {
+    d.epoch.version.saturating_add(d.epoch.conf_version)
+}
+
+/// [`map_progress`] of `after`, from `progress`, that of `before`, and the shards that differ
+/// between them ([`ShardMap::differing`]): what the changed shards took and added, without a
+/// walk of the whole map.
+pub fn map_progress_after(progress: u64, before: &ShardMap, after: &ShardMap, differing: &[ShardId]) -> u64 {
+    let sum = |m: &ShardMap| {
+        differing.iter().filter_map(|id| m.get(*id)).fold(0u64, |s, d| s.saturating_add(shard_progress(d)))
+    };
+    progress.saturating_sub(sum(before)).saturating_add(sum(after))
 }
 
 /// What an admin call to `node` came to: its answer or a refusal, final (`Ok`), or why another
@@ -878,4 +892,29 @@ fn describe(r: &Response) -> String {
 
 fn unexpected(r: &Response) -> ClientError {
     ClientError::Unavailable(format!("unexpected answer: {}", describe(r)))
+}
+
+#[cfg(test)]
+mod progress_tests {
+    use super::*;
+    use crate::placement::{MetaCommand, MetaState};
+
+    #[test]
+    fn the_progress_after_a_change_is_that_of_the_whole_map() {
+        let mut s = MetaState::default();
+        s.apply(MetaCommand::RegisterNode { node: NodeId(1), addr: "a".into() }).expect("register");
+        s.apply(MetaCommand::Bootstrap { nodes: vec![NodeId(1)] }).expect("bootstrap");
+        let mut progress = map_progress(&s.map);
+        for key in [b"m".to_vec(), b"f".to_vec(), b"t".to_vec()] {
+            let before = s.map.clone();
+            let d = s.map.lookup(&key).cloned().expect("a shard");
+            s.apply(MetaCommand::Split { shard: d.id, epoch: d.epoch, key }).expect("split");
+            let differing = before.differing(&s.map);
+            progress = map_progress_after(progress, &before, &s.map, &differing);
+            assert_eq!(progress, map_progress(&s.map));
+        }
+        let shrunk = ShardMap::default();
+        let gone = s.map.differing(&shrunk);
+        assert_eq!(map_progress_after(progress, &s.map, &shrunk, &gone), 0, "every shard gone");
+    }
 }

@@ -82,7 +82,7 @@
 //!                 learners: learners.map(|r| r.node).filter(|n| *n != plan.from).collect(),
 //!                 joint: false,
 //!             };
-//!             let mut report = state.nodes[&leader].report.clone();
+//!             let mut report = state.nodes[&leader].report.as_ref().clone();
 //!             report.leading = vec![plan.shard];
 //!             report.confs.insert(plan.shard, conf);
 //!             state.apply(MetaCommand::Heartbeat { node: leader, report }).unwrap();

@@ -1,10 +1,9 @@
 //! The shard map: ordered, non-overlapping key ranges covering the whole keyspace, each served
 //! by one shard (a Raft group) with a version stamp and its replicas.
 
+use imbl::ordmap::DiffItem;
+use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
-use std::ops::Bound;
-use std::sync::Arc;
 use thiserror::Error;
 
 /// A shard is one Raft group serving one key range, and its id is that group's id (as TiKV's
@@ -94,39 +93,23 @@ pub enum RouteError {
 /// The shard map. Invariant: the ranges are ordered, never overlap, and cover the keyspace
 /// (the first starts at the empty key, each ends where the next starts, the last is unbounded).
 ///
-/// Copies share one map until one of them changes (copy on write): a node keeps several copies
-/// of the meta state (its view, the copy it follows, on meta replicas the stored one), which
-/// differ in their maps only for the moment between a change and the next view; shared, tens of
-/// thousands of shards cost their memory once rather than two or three times.
-#[derive(Clone, Default, PartialEq, Eq)]
+/// Copies share one map until one of them changes, and then share all of it but the path to
+/// what changed (persistent B-trees, `imbl::OrdMap`): a node keeps several copies of the meta
+/// state (its view, the copy it follows, on meta replicas the stored one), and the meta leader
+/// copies the state for every op. A copy costs nothing, a change `O(log n)`, and the shards
+/// that differ between two copies are found by a walk that skips what they share
+/// ([`ShardMap::differing`]): a meta op costs what it changes, not what the map holds.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardMap {
-    inner: Arc<MapIndex>,
-}
-
-/// The map's two indexes. Serialized as the map itself, the layout it always had.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-struct MapIndex {
     /// Shards by the start key of their range.
-    by_start: BTreeMap<Vec<u8>, ShardDescriptor>,
+    by_start: OrdMap<Vec<u8>, ShardDescriptor>,
     /// Start key of each shard, by id.
-    starts: BTreeMap<ShardId, Vec<u8>>,
+    starts: OrdMap<ShardId, Vec<u8>>,
 }
 
 impl std::fmt::Debug for ShardMap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShardMap").field("by_start", &self.inner.by_start).field("starts", &self.inner.starts).finish()
-    }
-}
-
-impl Serialize for ShardMap {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.inner.serialize(serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for ShardMap {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        MapIndex::deserialize(deserializer).map(|m| ShardMap { inner: Arc::new(m) })
+        f.debug_struct("ShardMap").field("by_start", &self.by_start).field("starts", &self.starts).finish()
     }
 }
 
@@ -140,25 +123,25 @@ impl ShardMap {
             epoch: Epoch { conf_version: 1, version: 1 },
             replicas,
         };
-        let mut m = MapIndex::default();
+        let mut m = ShardMap::default();
         m.starts.insert(id, Vec::new());
         m.by_start.insert(Vec::new(), d);
-        ShardMap { inner: Arc::new(m) }
+        m
     }
 
     /// Number of shards.
     pub fn len(&self) -> usize {
-        self.inner.by_start.len()
+        self.by_start.len()
     }
 
     /// Whether the map has no shards (before bootstrap).
     pub fn is_empty(&self) -> bool {
-        self.inner.by_start.is_empty()
+        self.by_start.is_empty()
     }
 
     /// The shard holding `key`. `None` only before bootstrap.
     pub fn lookup(&self, key: &[u8]) -> Option<&ShardDescriptor> {
-        self.inner.by_start.range::<[u8], _>((Bound::Unbounded, Bound::Included(key))).next_back().map(|(_, d)| d)
+        self.by_start.get_prev(key).map(|(_, d)| d)
     }
 
     /// The shards overlapping `[start, end)` in key order (`end: None`: to the end).
@@ -168,21 +151,17 @@ impl ShardMap {
         end: Option<&'a [u8]>,
     ) -> impl Iterator<Item = &'a ShardDescriptor> + 'a {
         let first = self.lookup(start).map(|d| d.start.clone()).unwrap_or_default();
-        self.inner
-            .by_start
-            .range(first..)
-            .map(|(_, d)| d)
-            .take_while(move |d| end.is_none_or(|e| d.start.as_slice() < e))
+        self.by_start.range(first..).map(|(_, d)| d).take_while(move |d| end.is_none_or(|e| d.start.as_slice() < e))
     }
 
     /// The shard with id `id`.
     pub fn get(&self, id: ShardId) -> Option<&ShardDescriptor> {
-        self.inner.starts.get(&id).and_then(|s| self.inner.by_start.get(s))
+        self.starts.get(&id).and_then(|s| self.by_start.get(s))
     }
 
     /// Every shard in key order.
     pub fn shards(&self) -> impl Iterator<Item = &ShardDescriptor> {
-        self.inner.by_start.values()
+        self.by_start.values()
     }
 
     /// Checks a request routed to `shard` at `epoch` for `key`.
@@ -200,49 +179,25 @@ impl ShardMap {
 
     /// Whether `other` is this very map (a copy that was never changed): no shard differs.
     pub fn same(&self, other: &ShardMap) -> bool {
-        Arc::ptr_eq(&self.inner, &other.inner)
+        self.by_start.ptr_eq(&other.by_start) && self.starts.ptr_eq(&other.starts)
     }
 
     /// The ids of the shards that differ between this map and `other`: in one and not the
-    /// other, or in both but not the same. One walk of both in key order, nothing allocated
-    /// for the shards that are the same; none at all for [`ShardMap::same`] maps.
+    /// other, or in both but not the same. Parts of the two maps that one copied from the other
+    /// are skipped unvisited: two copies of one map, one of them changed by an op, cost what
+    /// the op changed; none at all for [`ShardMap::same`] maps.
     pub fn differing(&self, other: &ShardMap) -> Vec<ShardId> {
         let mut out = Vec::new();
         if self.same(other) {
             return out;
         }
-        let (mut a, mut b) = (self.inner.by_start.iter().peekable(), other.inner.by_start.iter().peekable());
-        loop {
-            match (a.peek(), b.peek()) {
-                (None, None) => break,
-                (Some((_, x)), None) => {
-                    out.push(x.id);
-                    a.next();
+        for item in self.by_start.diff(&other.by_start) {
+            match item {
+                DiffItem::Add(_, d) | DiffItem::Remove(_, d) => out.push(d.id),
+                DiffItem::Update { old: (_, a), new: (_, b) } => {
+                    out.push(a.id);
+                    out.push(b.id);
                 }
-                (None, Some((_, y))) => {
-                    out.push(y.id);
-                    b.next();
-                }
-                (Some((ka, x)), Some((kb, y))) => match ka.cmp(kb) {
-                    std::cmp::Ordering::Less => {
-                        out.push(x.id);
-                        a.next();
-                    }
-                    std::cmp::Ordering::Greater => {
-                        out.push(y.id);
-                        b.next();
-                    }
-                    std::cmp::Ordering::Equal => {
-                        if x != y {
-                            out.push(x.id);
-                            if y.id != x.id {
-                                out.push(y.id);
-                            }
-                        }
-                        a.next();
-                        b.next();
-                    }
-                },
             }
         }
         out.sort_unstable();
@@ -261,32 +216,32 @@ impl ShardMap {
     /// ones a change rewrote. The map may break its invariant until the last descriptor of a
     /// change is in; the caller checks [`ShardMap::validate`] then.
     pub fn put_unchecked(&mut self, d: ShardDescriptor) {
-        let m = Arc::make_mut(&mut self.inner);
-        if let Some(old_start) = m.starts.insert(d.id, d.start.clone()) {
-            if old_start != d.start && m.by_start.get(&old_start).is_some_and(|o| o.id == d.id) {
-                m.by_start.remove(&old_start);
+        if let Some(old_start) = self.starts.insert(d.id, d.start.clone()) {
+            if old_start != d.start && self.by_start.get(&old_start).is_some_and(|o| o.id == d.id) {
+                self.by_start.remove(&old_start);
             }
         }
-        m.by_start.insert(d.start.clone(), d);
+        self.by_start.insert(d.start.clone(), d);
     }
 
     /// Removes the shard `id` (see [`ShardMap::put_unchecked`]: the caller validates the map
     /// once the change is complete).
     pub fn remove_unchecked(&mut self, id: ShardId) -> Option<ShardDescriptor> {
-        self.inner.starts.get(&id)?;
-        let m = Arc::make_mut(&mut self.inner);
-        let start = m.starts.remove(&id)?;
-        match m.by_start.get(&start) {
-            Some(d) if d.id == id => m.by_start.remove(&start),
+        // Looked up first: removing a key that is not there may still copy the path to it.
+        self.starts.get(&id)?;
+        let start = self.starts.remove(&id)?;
+        match self.by_start.get(&start) {
+            Some(d) if d.id == id => self.by_start.remove(&start),
             _ => None,
         }
     }
 
     pub(crate) fn get_mut(&mut self, id: ShardId) -> Option<&mut ShardDescriptor> {
-        self.inner.starts.get(&id)?;
-        let m = Arc::make_mut(&mut self.inner);
-        let start = m.starts.get(&id)?;
-        m.by_start.get_mut(start)
+        let start = self.starts.get(&id)?;
+        if !self.by_start.contains_key(start) {
+            return None;
+        }
+        self.by_start.get_mut(start)
     }
 
     /// Splits `shard` at `key` into `[start, key)` (keeps the id) and `[key, end)` (`new_id`);
@@ -302,9 +257,86 @@ impl ShardMap {
             replicas: d.replicas.clone(),
         };
         d.end = Some(key.clone());
-        let m = Arc::make_mut(&mut self.inner);
-        m.starts.insert(new_id, key.clone());
-        m.by_start.insert(key, right);
+        self.starts.insert(new_id, key.clone());
+        self.by_start.insert(key, right);
+    }
+
+    /// [`ShardMap::validate`] for a map made from `before`, a valid map, by changing some of
+    /// its shards: the invariant can only break where the two differ, so only the shards that
+    /// now hold the changed shards' start keys (old and new) are checked, each with its
+    /// neighbours. Costs what changed, not what the map holds; the whole map is checked when
+    /// `before` is empty.
+    pub fn validate_changed(&self, before: &ShardMap) -> Result<(), String> {
+        if before.is_empty() {
+            return self.validate();
+        }
+        if self.same(before) {
+            return Ok(());
+        }
+        if self.starts.len() != self.by_start.len() {
+            return Err("id index and range index disagree".into());
+        }
+        if self.is_empty() {
+            // As before a bootstrap: nothing to cover yet.
+            return Ok(());
+        }
+        let mut keys: Vec<&[u8]> = Vec::new();
+        for item in before.by_start.diff(&self.by_start) {
+            match item {
+                DiffItem::Add(k, _) | DiffItem::Remove(k, _) => keys.push(k),
+                DiffItem::Update { old: (k, _), .. } => keys.push(k),
+            }
+        }
+        // Ids that left the map must have left the id index too (and the other way round).
+        for id in before.differing(self) {
+            match (self.starts.get(&id), self.get(id)) {
+                (Some(start), Some(d)) if *start == d.start => {}
+                (None, None) => {}
+                _ => return Err(format!("shard {id} is missing from one of the map's indexes")),
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        for key in keys {
+            let Some(d) = self.lookup(key) else {
+                return Err(format!("no shard holds key {key:?}: the keyspace is not covered"));
+            };
+            self.check_shard(d)?;
+            match self.by_start.range(..d.start.clone()).next_back() {
+                Some((_, prev)) if prev.end.as_deref() != Some(d.start.as_slice()) => {
+                    return Err(format!("shard {} does not end where shard {} starts", prev.id, d.id))
+                }
+                Some(_) => {}
+                None if !d.start.is_empty() => return Err(format!("no shard before shard {}", d.id)),
+                None => {}
+            }
+            // The next shard in key order starts exactly where this one ends.
+            match (&d.end, self.by_start.range(d.start.clone()..).nth(1)) {
+                (Some(end), Some((start, next))) if start == end => self.check_shard(next)?,
+                (Some(_), _) => return Err(format!("no shard starts where shard {} ends", d.id)),
+                (None, Some(_)) => return Err(format!("shard {} is unbounded and not the last", d.id)),
+                (None, None) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// One shard's own invariant: indexed under its start, a non-empty range, one replica per
+    /// node.
+    fn check_shard(&self, d: &ShardDescriptor) -> Result<(), String> {
+        if self.by_start.get(&d.start).map(|x| x.id) != Some(d.id) || self.starts.get(&d.id) != Some(&d.start) {
+            return Err(format!("shard {} is missing from the id index", d.id));
+        }
+        if d.end.as_ref().is_some_and(|e| e.as_slice() <= d.start.as_slice()) {
+            return Err(format!("shard {} has an empty range", d.id));
+        }
+        let mut nodes: Vec<NodeId> = d.replicas.iter().map(|r| r.node).collect();
+        nodes.sort();
+        nodes.dedup();
+        if nodes.len() != d.replicas.len() {
+            return Err(format!("shard {} has two replicas on one node", d.id));
+        }
+        Ok(())
     }
 
     /// Checks the map's invariant (ordered, non-overlapping, covering); used by tests and
@@ -312,14 +344,14 @@ impl ShardMap {
     pub fn validate(&self) -> Result<(), String> {
         let mut expect_start: Vec<u8> = Vec::new();
         let mut open = true;
-        for (start, d) in &self.inner.by_start {
+        for (start, d) in &self.by_start {
             if !open {
                 return Err(format!("shard {} starts after an unbounded shard", d.id));
             }
             if *start != d.start || *start != expect_start {
                 return Err(format!("shard {} starts at {:?}, expected {:?}", d.id, d.start, expect_start));
             }
-            if self.inner.starts.get(&d.id) != Some(start) {
+            if self.starts.get(&d.id) != Some(start) {
                 return Err(format!("shard {} is missing from the id index", d.id));
             }
             match &d.end {
@@ -336,10 +368,10 @@ impl ShardMap {
                 return Err(format!("shard {} has two replicas on one node", d.id));
             }
         }
-        if !self.inner.by_start.is_empty() && open {
+        if !self.by_start.is_empty() && open {
             return Err("the last shard is bounded: the keyspace is not covered".into());
         }
-        if self.inner.starts.len() != self.inner.by_start.len() {
+        if self.starts.len() != self.by_start.len() {
             return Err("id index and range index disagree".into());
         }
         Ok(())
@@ -360,18 +392,18 @@ mod sharing_tests {
     fn copies_share_one_map_until_one_changes() {
         let a = two_shards();
         let mut b = a.clone();
-        assert!(Arc::ptr_eq(&a.inner, &b.inner), "a copy shares the map");
+        assert!(a.same(&b), "a copy shares the map");
         let mut d = b.get(ShardId(2)).cloned().expect("shard 2");
         d.epoch.conf_version += 1;
         b.put_unchecked(d.clone());
-        assert!(!Arc::ptr_eq(&a.inner, &b.inner), "a change copies it first");
+        assert!(!a.same(&b), "a change copies part of it first");
         assert_eq!(b.get(ShardId(2)), Some(&d));
         assert_ne!(a.get(ShardId(2)), Some(&d), "the other copy is untouched");
         let mut c = a.clone();
         assert_eq!(c.remove_unchecked(ShardId(9)), None);
-        assert!(Arc::ptr_eq(&a.inner, &c.inner), "looking for a shard that is not there copies nothing");
+        assert!(a.same(&c), "looking for a shard that is not there copies nothing");
         assert!(c.get_mut(ShardId(9)).is_none());
-        assert!(Arc::ptr_eq(&a.inner, &c.inner));
+        assert!(a.same(&c));
     }
 
     #[test]
@@ -415,17 +447,23 @@ mod sharing_tests {
 
     #[test]
     fn the_serialized_form_is_the_layout_it_always_had() {
+        use std::collections::BTreeMap;
         #[derive(Serialize)]
-        struct Before<'a> {
-            by_start: &'a BTreeMap<Vec<u8>, ShardDescriptor>,
-            starts: &'a BTreeMap<ShardId, Vec<u8>>,
+        struct Before {
+            by_start: BTreeMap<Vec<u8>, ShardDescriptor>,
+            starts: BTreeMap<ShardId, Vec<u8>>,
         }
         let m = two_shards();
         let cfg = bincode::config::standard();
         let now = bincode::serde::encode_to_vec(&m, cfg).expect("encodes");
-        let before =
-            bincode::serde::encode_to_vec(Before { by_start: &m.inner.by_start, starts: &m.inner.starts }, cfg)
-                .expect("encodes");
+        let before = bincode::serde::encode_to_vec(
+            Before {
+                by_start: m.by_start.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                starts: m.starts.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            },
+            cfg,
+        )
+        .expect("encodes");
         assert_eq!(now, before);
         let (back, _): (ShardMap, usize) = bincode::serde::decode_from_slice(&now, cfg).expect("decodes");
         assert_eq!(back, m);

@@ -207,9 +207,7 @@ impl MetaState {
         // once. Unknown until the next heartbeats instead (as after a split).
         for info in self.nodes.values_mut() {
             for shard in [left, right] {
-                info.report.shard_bytes.remove(&shard);
-                info.report.split_keys.remove(&shard);
-                info.report.shard_load.remove(&shard);
+                crate::meta::forget_shard(&mut info.report, shard);
             }
         }
         let plan = self.merges.get_mut(&left).expect("checked above");

@@ -15,6 +15,7 @@ use crate::merge::{MergeId, MergePhase, MergePlan};
 use crate::plan::{MovePlan, MoveStep, PlanAction, PlanError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 use thiserror::Error;
 
 /// The window of the moves-per-minute limit.
@@ -129,8 +130,10 @@ pub struct NodeInfo {
     pub id: NodeId,
     /// Where it listens (opaque to placement).
     pub addr: String,
-    /// Its last report.
-    pub report: NodeReport,
+    /// Its last report, shared: the meta leader lays the live reports over a copy of the
+    /// state for every op, and a report may hold an entry for each of 100,000 shards.
+    /// Serialized as the report itself.
+    pub report: Arc<NodeReport>,
     /// Being drained: the balancer moves everything off it.
     pub draining: bool,
 }
@@ -578,7 +581,7 @@ impl MetaState {
                 let e = self.nodes.entry(node).or_insert_with(|| NodeInfo {
                     id: node,
                     addr: String::new(),
-                    report: NodeReport::default(),
+                    report: Arc::default(),
                     draining: false,
                 });
                 e.addr = addr;
@@ -587,7 +590,7 @@ impl MetaState {
             MetaCommand::Heartbeat { node, report } => {
                 let n = self.nodes.get_mut(&node).ok_or(MetaError::UnknownNode(node))?;
                 self.transfers.retain(|shard, target| !(*target == node && report.leading.contains(shard)));
-                n.report = report;
+                n.report = Arc::new(report);
                 self.update_tombstones(node);
                 Ok(MetaOutcome::Done)
             }
@@ -621,9 +624,7 @@ impl MetaState {
                 // left half's id they would suggest splitting it again. Unknown until the next
                 // heartbeats instead.
                 for info in self.nodes.values_mut() {
-                    info.report.shard_bytes.remove(&shard);
-                    info.report.split_keys.remove(&shard);
-                    info.report.shard_load.remove(&shard);
+                    forget_shard(&mut info.report, shard);
                 }
                 let changed = [shard, new_id].iter().filter_map(|id| self.map.get(*id).cloned()).collect();
                 Ok(MetaOutcome::Shards(changed))
@@ -1007,5 +1008,17 @@ impl From<MetaStateBefore> for MetaState {
             merges: BTreeMap::new(),
             bootstrap: None,
         }
+    }
+}
+
+/// Drops what `report` says of `shard`'s size, split key and load (they described a range the
+/// shard no longer has), copying the shared report only if it says anything of it.
+pub(crate) fn forget_shard(report: &mut Arc<NodeReport>, shard: ShardId) {
+    let r = report.as_ref();
+    if r.shard_bytes.contains_key(&shard) || r.split_keys.contains_key(&shard) || r.shard_load.contains_key(&shard) {
+        let r = Arc::make_mut(report);
+        r.shard_bytes.remove(&shard);
+        r.split_keys.remove(&shard);
+        r.shard_load.remove(&shard);
     }
 }

@@ -58,7 +58,7 @@ fn report(s: &mut MetaState, sizes: &BTreeMap<ShardId, u64>) {
 
 /// The learner of `plan` reports it has caught up.
 fn catch_up(s: &mut MetaState, plan: &MovePlan) {
-    let mut rep = s.nodes[&plan.to].report.clone();
+    let mut rep = s.nodes[&plan.to].report.as_ref().clone();
     rep.applied.insert(plan.shard, LogIndex(100));
     s.apply(MetaCommand::Heartbeat { node: plan.to, report: rep }).expect("heartbeat");
 }
@@ -79,12 +79,12 @@ fn raft_follows(s: &mut MetaState, plan: &MovePlan) {
             let Some(l) = target.or_else(|| d.voters().next()) else { return };
             for (node, info) in s.nodes.clone() {
                 if info.report.leading.contains(&plan.shard) {
-                    let mut rep = info.report.clone();
+                    let mut rep = info.report.as_ref().clone();
                     rep.leading.retain(|x| *x != plan.shard);
                     s.apply(MetaCommand::Heartbeat { node, report: rep }).expect("heartbeat");
                 }
             }
-            let mut rep = s.nodes[&l].report.clone();
+            let mut rep = s.nodes[&l].report.as_ref().clone();
             rep.leading.push(plan.shard);
             s.apply(MetaCommand::Heartbeat { node: l, report: rep }).expect("heartbeat");
             l
@@ -102,7 +102,7 @@ fn raft_follows(s: &mut MetaState, plan: &MovePlan) {
             .collect(),
         joint: false,
     };
-    let mut rep = s.nodes[&leader].report.clone();
+    let mut rep = s.nodes[&leader].report.as_ref().clone();
     rep.confs.insert(plan.shard, conf);
     s.apply(MetaCommand::Heartbeat { node: leader, report: rep }).expect("heartbeat");
 }
@@ -116,7 +116,7 @@ fn drive(s: &mut MetaState, shard: ShardId, steps_max: usize) {
     if leaderless {
         for (node, info) in s.nodes.clone() {
             if info.report.leading.contains(&shard) {
-                let mut rep = info.report.clone();
+                let mut rep = info.report.as_ref().clone();
                 rep.leading.retain(|x| *x != shard);
                 s.apply(MetaCommand::Heartbeat { node, report: rep }).expect("heartbeat");
             }
@@ -646,7 +646,7 @@ fn run_scenario(sc: &Scenario, cooldown_ms: u64) -> Result<(), TestCaseError> {
     for (i, d) in s.map.shards().cloned().collect::<Vec<_>>().into_iter().enumerate() {
         let voters: Vec<NodeId> = d.voters().collect();
         let leader = voters[sc.leaders[i % 40] as usize % voters.len()];
-        let mut rep = s.nodes[&leader].report.clone();
+        let mut rep = s.nodes[&leader].report.as_ref().clone();
         rep.leading.push(d.id);
         s.apply(MetaCommand::Heartbeat { node: leader, report: rep }).expect("hb");
     }

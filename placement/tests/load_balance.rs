@@ -78,7 +78,7 @@ fn a_hot_shard_is_split_at_its_leaders_key_and_only_then() {
             (2, vec![]),
         ]),
     );
-    let mut stray = s.nodes[&n(2)].report.clone();
+    let mut stray = s.nodes[&n(2)].report.as_ref().clone();
     let epoch = s.map.get(i[0]).expect("shard").epoch;
     stray.shard_load.insert(i[0], ShardLoad { requests_per_s: 9_000, split_key: Some(key(5)), epoch });
     s.apply(MetaCommand::Heartbeat { node: n(2), report: stray }).expect("heartbeat");
@@ -284,7 +284,7 @@ fn a_load_sampled_before_a_split_does_not_split_the_narrowed_shard() {
     let before = s.map.get(i[1]).expect("shard").clone();
     // The leader sampled shard 1 ([10, ..)) hot, the key 50 halving its load.
     report(&mut s, &BTreeMap::from([(1, vec![(i[1], 5_000, Some(key(50)))])]));
-    let stale = s.nodes[&n(1)].report.clone();
+    let stale = s.nodes[&n(1)].report.as_ref().clone();
     // Split at 80 meanwhile (by size, or by an operator): shard 1 is now [10, 80).
     s.apply(MetaCommand::Split { shard: i[1], epoch: before.epoch, key: key(80) }).expect("split");
     let after = s.map.get(i[1]).expect("shard").clone();

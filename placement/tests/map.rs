@@ -301,7 +301,7 @@ fn command(s: &mut MetaState, op: &Op, now_ms: u64) -> Option<MetaCommand> {
         }
         Op::CatchUp { pick } => {
             let plan = plan_of(s, *pick)?;
-            let mut report = s.nodes.get(&plan.to)?.report.clone();
+            let mut report = s.nodes.get(&plan.to)?.report.as_ref().clone();
             report.applied.insert(plan.shard, LogIndex(now_ms));
             MetaCommand::Heartbeat { node: plan.to, report }
         }
@@ -586,4 +586,115 @@ fn a_snapshot_with_bytes_left_over_or_cut_short_is_refused() {
     for cut in 1..=4 {
         assert!(MetaState::restore(&bytes[..bytes.len() - cut]).is_err(), "{cut} bytes cut off the end");
     }
+}
+
+/// One edit of a map's descriptors, valid or not.
+#[derive(Clone, Debug)]
+enum Edit {
+    /// Shard at this position (mod the count) ends at another key (`None`: unbounded).
+    End(usize, Option<u8>),
+    /// Shard at this position starts at another key.
+    Start(usize, u8),
+    /// Shard at this position is removed.
+    Remove(usize),
+    /// A new shard over `[start, end)`.
+    Add(u64, u8, Option<u8>),
+    /// Shard at this position gets a second replica on one node.
+    DoubleReplica(usize),
+    /// Shard at this position absorbs its right neighbour (a merge: valid).
+    Absorb(usize),
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    prop_oneof![
+        (any::<usize>(), prop::option::of(b'a'..=b'z')).prop_map(|(i, e)| Edit::End(i, e)),
+        (any::<usize>(), b'a'..=b'z').prop_map(|(i, k)| Edit::Start(i, k)),
+        any::<usize>().prop_map(Edit::Remove),
+        (100u64..110, b'a'..=b'z', prop::option::of(b'a'..=b'z')).prop_map(|(id, s, e)| Edit::Add(id, s, e)),
+        any::<usize>().prop_map(Edit::DoubleReplica),
+        any::<usize>().prop_map(Edit::Absorb),
+    ]
+}
+
+fn apply_edit(m: &mut ShardMap, e: &Edit) {
+    let all: Vec<ShardDescriptor> = m.shards().cloned().collect();
+    if all.is_empty() {
+        return;
+    }
+    let at = |i: usize| all[i % all.len()].clone();
+    match e {
+        Edit::End(i, end) => {
+            let mut d = at(*i);
+            d.end = end.map(|k| vec![k]);
+            m.put_unchecked(d);
+        }
+        Edit::Start(i, k) => {
+            let mut d = at(*i);
+            d.start = vec![*k];
+            m.put_unchecked(d);
+        }
+        Edit::Remove(i) => {
+            m.remove_unchecked(at(*i).id);
+        }
+        Edit::Add(id, s, e) => {
+            let d = ShardDescriptor { id: ShardId(*id), start: vec![*s], end: e.map(|k| vec![k]), ..at(0) };
+            m.put_unchecked(d);
+        }
+        Edit::DoubleReplica(i) => {
+            let mut d = at(*i);
+            let r = d.replicas[0];
+            d.replicas.push(r);
+            m.put_unchecked(d);
+        }
+        Edit::Absorb(i) => {
+            let k = *i % all.len();
+            if k + 1 < all.len() {
+                let mut left = all[k].clone();
+                left.end = all[k + 1].end.clone();
+                m.remove_unchecked(all[k + 1].id);
+                m.put_unchecked(left);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// The check of a changed map that looks only where it changed finds exactly what the
+    /// check of the whole map finds, whatever the change.
+    #[test]
+    fn checking_only_what_changed_agrees_with_checking_the_whole_map(
+        keys in prop::collection::btree_set(b'b'..=b'y', 0..12),
+        edits in prop::collection::vec(edit(), 1..4),
+    ) {
+        let mut bounds: Vec<Option<Vec<u8>>> = vec![None];
+        bounds.extend(keys.iter().map(|k| Some(vec![*k])));
+        let mut before = ShardMap::default();
+        for (i, start) in bounds.iter().enumerate() {
+            let end = bounds.get(i + 1).cloned().flatten();
+            let start = start.clone().unwrap_or_default();
+            before.put_unchecked(ShardDescriptor {
+                id: ShardId(i as u64 + 1),
+                start,
+                end,
+                epoch: Epoch { conf_version: 1, version: 1 },
+                replicas: vec![Replica { node: n(1), role: ReplicaRole::Voter }],
+            });
+        }
+        prop_assert!(before.validate().is_ok());
+        let mut after = before.clone();
+        for e in &edits {
+            apply_edit(&mut after, e);
+        }
+        prop_assert_eq!(after.validate_changed(&before).is_ok(), after.validate().is_ok(), "{:?}", layout(&after));
+    }
+}
+
+#[test]
+fn checking_what_changed_costs_nothing_for_an_unchanged_map_and_the_whole_map_for_a_new_one() {
+    let m = map_of(&[desc(1, "", Some("m"), &[1]), desc(2, "m", None, &[1])]);
+    assert!(m.validate_changed(&m.clone()).is_ok());
+    let broken = map_of(&[desc(1, "", Some("m"), &[1]), desc(2, "n", None, &[1])]);
+    assert!(broken.validate_changed(&ShardMap::default()).is_err(), "against an empty map: the whole map");
 }

@@ -31,7 +31,7 @@ fn report_applied(s: &mut MetaState, index: u64) {
     let ids: Vec<ShardId> = s.map.shards().map(|d| d.id).collect();
     for info in s.nodes.values_mut() {
         for id in &ids {
-            info.report.applied.insert(*id, LogIndex(index));
+            std::sync::Arc::make_mut(&mut info.report).applied.insert(*id, LogIndex(index));
         }
     }
 }
@@ -72,14 +72,18 @@ fn a_merge_commits_only_once_every_replica_of_the_right_shard_reported_the_freez
     let mut s = state();
     let id = begin(&mut s, 1, 2);
     // Node 3 has applied only up to the entry before the freeze.
-    s.nodes.get_mut(&n(3)).expect("node").report.applied.insert(ShardId(2), LogIndex(16));
+    std::sync::Arc::make_mut(&mut s.nodes.get_mut(&n(3)).expect("node").report)
+        .applied
+        .insert(ShardId(2), LogIndex(16));
     let before = s.clone();
     match s.apply(commit(1, id)) {
         Err(MetaError::InvalidMerge { reason, .. }) => assert!(reason.contains("[NodeId(3)]"), "{reason}"),
         other => panic!("a commit before node 3 applied the freeze: {other:?}"),
     }
     assert_eq!(s, before);
-    s.nodes.get_mut(&n(3)).expect("node").report.applied.insert(ShardId(2), LogIndex(17));
+    std::sync::Arc::make_mut(&mut s.nodes.get_mut(&n(3)).expect("node").report)
+        .applied
+        .insert(ShardId(2), LogIndex(17));
     s.apply(commit(1, id)).expect("commit once every node reported it");
 }
 
@@ -475,7 +479,7 @@ fn raft_follows(s: &mut MetaState, shard: ShardId, gone: Option<NodeId>) {
     };
     for r in &d.replicas {
         let Some(info) = s.nodes.get(&r.node) else { continue };
-        let mut report = info.report.clone();
+        let mut report = info.report.as_ref().clone();
         report.applied.insert(shard, LogIndex(100));
         report.leading.retain(|x| *x != shard);
         report.confs.remove(&shard);
@@ -677,13 +681,13 @@ fn no_merge_of_big_hot_unknown_or_recently_moved_neighbours() {
     assert!(merges_of(&balance(&s, &off, 0)).is_empty());
     // Hot: shard 2's leader reports it busier than the limit.
     let mut hot = s.clone();
-    let mut rep = hot.nodes[&n(1)].report.clone();
+    let mut rep = hot.nodes[&n(1)].report.as_ref().clone();
     rep.shard_load.insert(ShardId(2), ShardLoad { requests_per_s: 301, split_key: None, epoch: d(&hot, 2).epoch });
     hot.apply(MetaCommand::Heartbeat { node: n(1), report: rep }).expect("heartbeat");
     assert!(merges_of(&balance(&hot, &cfg, 0)).is_empty());
     // Together busier than the limit.
     let mut warm = s.clone();
-    let mut rep = warm.nodes[&n(1)].report.clone();
+    let mut rep = warm.nodes[&n(1)].report.as_ref().clone();
     for sh in [1, 2, 3] {
         let load = ShardLoad { requests_per_s: 160, split_key: None, epoch: d(&warm, sh).epoch };
         rep.shard_load.insert(ShardId(sh), load);
@@ -692,7 +696,7 @@ fn no_merge_of_big_hot_unknown_or_recently_moved_neighbours() {
     assert!(merges_of(&balance(&warm, &cfg, 0)).is_empty());
     // No leader reported: the rate is unknown.
     let mut leaderless = s.clone();
-    let mut rep = leaderless.nodes[&n(1)].report.clone();
+    let mut rep = leaderless.nodes[&n(1)].report.as_ref().clone();
     rep.leading.clear();
     leaderless.apply(MetaCommand::Heartbeat { node: n(1), report: rep }).expect("heartbeat");
     assert!(merges_of(&balance(&leaderless, &cfg, 0)).is_empty());

@@ -33,7 +33,7 @@ fn roles(s: &MetaState) -> Vec<(u64, ReplicaRole)> {
 
 /// Reports shard 1's applied index on `node` (and whether it leads).
 fn applied(s: &mut MetaState, node: u64, index: u64, leading: bool) {
-    let mut report = s.nodes[&n(node)].report.clone();
+    let mut report = s.nodes[&n(node)].report.as_ref().clone();
     report.applied.insert(S, LogIndex(index));
     report.leading.retain(|x| *x != S);
     if leading {
@@ -57,11 +57,11 @@ fn raft_follows(s: &mut MetaState, leader: u64, gone: &[u64]) {
     };
     let others: Vec<NodeId> = s.nodes.keys().copied().filter(|x| x.0 != leader).collect();
     for o in others {
-        let mut report = s.nodes[&o].report.clone();
+        let mut report = s.nodes[&o].report.as_ref().clone();
         report.leading.retain(|x| *x != S);
         s.apply(MetaCommand::Heartbeat { node: o, report }).expect("heartbeat");
     }
-    let mut report = s.nodes[&n(leader)].report.clone();
+    let mut report = s.nodes[&n(leader)].report.as_ref().clone();
     report.leading.retain(|x| *x != S);
     report.leading.push(S);
     report.confs.insert(S, conf);
@@ -145,7 +145,7 @@ fn without_a_leader_applied_index_the_learner_catches_up_with_the_most_advanced_
 fn remove_old_waits_for_the_committed_configuration_and_leaves_a_confirmed_tombstone() {
     let mut s = promoted(None, 1);
     // The leader reports the joint configuration: node 1 still votes in its outgoing half.
-    let mut report = s.nodes[&n(2)].report.clone();
+    let mut report = s.nodes[&n(2)].report.as_ref().clone();
     report.confs.insert(
         S,
         GroupConf {
@@ -166,7 +166,7 @@ fn remove_old_waits_for_the_committed_configuration_and_leaves_a_confirmed_tombs
     advance(&mut s).expect("remove old");
     assert_eq!(s.tombstones[&S][&n(1)], Tombstone { confirmed: Some(at) });
     // Node 1 deleted its replica and says so: the tombstone goes.
-    let mut report = s.nodes[&n(1)].report.clone();
+    let mut report = s.nodes[&n(1)].report.as_ref().clone();
     report.applied.remove(&S);
     s.apply(MetaCommand::Heartbeat { node: n(1), report }).expect("heartbeat");
     assert!(s.tombstones.is_empty());
@@ -410,7 +410,7 @@ fn steps_wait_for_a_committed_configuration_that_carried_out_the_previous_change
     advance(&mut s).expect("promote");
     // The map swapped the voters, but the leader's committed configuration is still the one
     // before the change (not even joint yet): node 1 still votes, so it stays in the map.
-    let mut report = s.nodes[&n(2)].report.clone();
+    let mut report = s.nodes[&n(2)].report.as_ref().clone();
     let before = GroupConf {
         index: LogIndex(50),
         voters: [1, 2, 3].into_iter().map(n).collect(),
@@ -519,7 +519,7 @@ proptest! {
 
 /// Shard 1 reported at `bytes` by its leader, node 1.
 fn sized(s: &mut MetaState, bytes: u64) {
-    let mut report = s.nodes[&n(1)].report.clone();
+    let mut report = s.nodes[&n(1)].report.as_ref().clone();
     report.shard_bytes.insert(S, bytes);
     s.apply(MetaCommand::Heartbeat { node: n(1), report }).expect("heartbeat");
 }
@@ -609,7 +609,7 @@ fn leader_reports(s: &mut MetaState, leader: u64, voters: &[u64], learners: &[u6
         learners: learners.iter().copied().map(n).collect(),
         joint,
     };
-    let mut report = s.nodes[&n(leader)].report.clone();
+    let mut report = s.nodes[&n(leader)].report.as_ref().clone();
     report.leading.retain(|x| *x != S);
     report.leading.push(S);
     report.confs.insert(S, conf);
@@ -687,7 +687,7 @@ fn aborting_a_swapped_move_waits_while_the_groups_configuration_is_not_clearly_e
         assert_eq!(s, before, "{what}: a refused abort changes nothing");
     }
     let mut s = swapped_in_the_map(None);
-    let mut report = s.nodes[&n(2)].report.clone();
+    let mut report = s.nodes[&n(2)].report.as_ref().clone();
     report.leading.clear();
     s.apply(MetaCommand::Heartbeat { node: n(2), report }).expect("heartbeat");
     assert_eq!(s.leader_conf(S), None);

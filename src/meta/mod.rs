@@ -23,6 +23,7 @@
 //! leader decided; every replica applies it the same way, and it costs the records changed.
 
 pub mod change_log;
+pub mod leader_op;
 pub mod map_history;
 pub mod records;
 
@@ -309,7 +310,7 @@ mod tests {
                 }
             }
             if let Some(info) = s.nodes.get_mut(n) {
-                info.report = r;
+                info.report = std::sync::Arc::new(r);
             }
         }
         let bytes = encode_view(u64::MAX, &s).unwrap().len();

@@ -37,7 +37,7 @@
 //! done again. A build that reads only format 1 refuses the format-2 header with its version
 //! in the message, rather than seeing no state and bootstrapping again.
 
-use crate::placement::{MetaState, MoveRecord, NodeId, NodeInfo, NodeReport, ShardDescriptor, ShardId, Tombstone};
+use crate::placement::{MetaState, MoveRecord, NodeId, NodeInfo, ShardDescriptor, ShardId, Tombstone};
 use crate::shard::keys::{decode, encode};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
@@ -120,7 +120,7 @@ impl StoredMeta {
     /// the meta leader's replica keeps up to date.
     pub fn followed(revision: u64, mut state: MetaState) -> StoredMeta {
         for info in state.nodes.values_mut() {
-            info.report = NodeReport::default();
+            info.report = Default::default();
         }
         let header = MetaHeader { revision, next_shard_id: state.next_shard_id, recent_first: 0 };
         StoredMeta { guard: None, header, state, whole: false, leftovers: Vec::new() }
@@ -174,7 +174,7 @@ impl StoredMeta {
             apply_items(&mut out.state, &items)?;
         }
         for info in out.state.nodes.values_mut() {
-            info.report = NodeReport::default();
+            info.report = Default::default();
         }
         out.check()?;
         Ok(out)
@@ -197,15 +197,26 @@ impl StoredMeta {
         }
         let mut next = next.clone();
         for info in next.nodes.values_mut() {
-            info.report = NodeReport::default();
+            info.report = Default::default();
         }
         // Format 1 has no item records: every item is new.
         let empty = MetaState::default();
         let base = if self.whole { &empty } else { &self.state };
         let mut writes = Vec::new();
-        diff_map(&mut writes, base.map.shards().map(|d| (d.id, d)), next.map.shards().map(|d| (d.id, d)), |id| {
-            key(SHARD, &[id.0])
-        })?;
+        // The shards: only those that differ, found by a walk that skips what the two maps
+        // share (the op changed a copy of the stored map), so an op costs what it changed.
+        let (mut puts, mut deletes) = (Vec::new(), Vec::new());
+        for id in base.map.differing(&next.map) {
+            match (base.map.get(id), next.map.get(id)) {
+                (old, Some(d)) if old != Some(d) => {
+                    puts.push((key(SHARD, &[id.0]), Some(encode(d).map_err(|e| e.message)?)))
+                }
+                (Some(_), None) => deletes.push((key(SHARD, &[id.0]), None)),
+                _ => {}
+            }
+        }
+        writes.extend(puts);
+        writes.extend(deletes);
         diff_map(&mut writes, base.nodes.iter().map(|(k, v)| (*k, v)), next.nodes.iter().map(|(k, v)| (*k, v)), |n| {
             key(NODE, &[n.0])
         })?;
@@ -291,17 +302,25 @@ impl StoredMeta {
             return Err(format!("a change to revision {} does not follow revision {}", new.revision, self.revision()));
         }
         let items: Vec<MetaWrite> = items.into_iter().cloned().collect();
+        let before = self.state.map.clone();
         apply_items(&mut self.state, &items)?;
         self.leftovers.retain(|k| !items.iter().any(|(w, _)| w == k));
         self.state.next_shard_id = new.next_shard_id;
         self.header = new;
         self.guard = Some(bytes.clone());
-        self.check()
+        // The map was whole before the change: only around what it changed can it break.
+        self.state.map.validate_changed(&before)?;
+        self.check_plans()
     }
 
     /// The invariants a state read or followed must keep.
     fn check(&self) -> Result<(), String> {
         self.state.map.validate()?;
+        self.check_plans()
+    }
+
+    /// Every merge and move is recorded under its shard, and that shard is in the map.
+    fn check_plans(&self) -> Result<(), String> {
         for (left, plan) in &self.state.merges {
             if plan.left != *left || self.state.map.get(*left).is_none() {
                 return Err(format!("the merge recorded under shard {left} does not match the map"));

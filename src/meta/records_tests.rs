@@ -188,7 +188,7 @@ fn a_format_1_state_is_read_then_converted_by_the_first_change_and_unknown_forma
     let mut range = Range::default();
     let s = bootstrapped(&mut range, 20);
     let mut old = s.state.clone();
-    old.nodes.get_mut(&n(1)).expect("node").report.leading.push(ShardId(1));
+    std::sync::Arc::make_mut(&mut old.nodes.get_mut(&n(1)).expect("node").report).leading.push(ShardId(1));
     let mut v1 = vec![META_FORMAT_WHOLE];
     v1.extend(old.snapshot().expect("snapshot"));
     let mut legacy = Range::default();
@@ -514,7 +514,7 @@ fn a_merge_plan_is_one_record_through_its_phases_and_the_commit_writes_two_shard
     let mut next = s.state.clone();
     // The nodes report the freeze applied (reports are not stored: the change is the same).
     for info in next.nodes.values_mut() {
-        info.report.applied.insert(right.id, crate::placement::LogIndex(9));
+        std::sync::Arc::make_mut(&mut info.report).applied.insert(right.id, crate::placement::LogIndex(9));
     }
     next.apply(commit).expect("commit");
     let (writes, after) = s.changes(&next).expect("changes");

@@ -340,7 +340,7 @@ mod tests {
             s.apply(begin).expect("begin");
             let id = s.merges[&l.id].id;
             for info in s.nodes.values_mut() {
-                info.report.applied.insert(r.id, crate::placement::LogIndex(9));
+                std::sync::Arc::make_mut(&mut info.report).applied.insert(r.id, crate::placement::LogIndex(9));
             }
             let commit = MetaCommand::CommitMerge {
                 left: l.id,

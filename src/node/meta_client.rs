@@ -7,6 +7,7 @@
 
 use super::{Node, NodeError, LIVE_REPORT_AGE_MAX_MS, META_OP_TIMEOUT_MS, PEER_REQUEST_TIMEOUT_MS};
 use crate::meta::change_log::ChangeLog;
+use crate::meta::leader_op::{work_out, WorkedOut};
 use crate::meta::map_history::MapHistory;
 use crate::meta::records::{change_parts, conversion_parts, without_leftovers, writes_bytes, MetaWrite};
 use crate::meta::{self, StoredMeta, META_GROUP, META_STATE_KEY};
@@ -23,6 +24,11 @@ use tracing::warn;
 
 /// Most bytes of changes sent to a node refreshing its copy; past it the whole state is sent.
 const META_CHANGES_BYTES_MAX: usize = 1 << 20;
+
+/// A node's report as the meta leader holds it: shared with the states of the ops run since
+/// (copied only when changed), when it came, and the stored revision whose map it was cut to
+/// (0: not known).
+type LiveReport = (Arc<NodeReport>, Instant, u64);
 
 /// The meta client's state, one lock per concern.
 #[derive(Default)]
@@ -57,7 +63,7 @@ pub(super) struct MetaClient {
     /// Reports received as meta leader: kept in memory, not written to the meta group (they
     /// change every second); a new meta leader has them again within one report interval.
     /// With each, the stored revision whose map it was cut to (0: not known).
-    live: Mutex<HashMap<NodeId, (NodeReport, Instant, u64)>>,
+    live: Mutex<HashMap<NodeId, LiveReport>>,
     /// Each node's whole report as of the last report change this node took as meta leader,
     /// with its number ([`MetaOp::ReportChange`]): what the node's next change applies to.
     /// Unlike `live`, as the node sent it (not cut to the map's shards, nor changed by ops).
@@ -110,10 +116,12 @@ impl Node {
         };
         // Outside the view's lock: walks of both maps (none when the map was not changed).
         if let (true, Some(h)) = (revision > before.0, history.as_mut()) {
-            let same = before.1.map.same(&state.map);
-            let progress =
-                h.progress_at(before.0).filter(|_| same).unwrap_or_else(|| crate::client::map_progress(&state.map));
-            h.record(before.0, revision, before.1.map.differing(&state.map), progress);
+            let differing = before.1.map.differing(&state.map);
+            let progress = match h.progress_at(before.0) {
+                Some(p) => crate::client::map_progress_after(p, &before.1.map, &state.map, &differing),
+                None => crate::client::map_progress(&state.map),
+            };
+            h.record(before.0, revision, differing, progress);
         }
     }
 
@@ -519,15 +527,18 @@ impl Node {
             if let Some(done) = self.report_in_memory(op, &stored, whole_report.is_some()) {
                 return Ok(done);
             }
-            let mut next = stored.state.clone();
-            self.overlay_live_reports(&mut next);
-            let answer = meta::run_op(op, &mut next, &self.inner.config.balancer).map_err(MetaTry::Refused)?;
+            let held_floor = self.inner.meta.revision_floor.load(Ordering::SeqCst);
+            let floor = op.revision_floor().max(held_floor);
+            let balancer = &self.inner.config.balancer;
+            let worked =
+                work_out(&stored, op, balancer, floor, |s| self.overlay_live_reports(s)).map_err(MetaTry::Refused)?;
+            let WorkedOut { next, answer, writes, after } = worked;
             self.inner.stats.meta_ops.fetch_add(1, Ordering::Relaxed);
             // The live reports follow what the op did to them (a report replaces its node's; a
             // split drops the split shard's size and split key).
             if let Ok(mut live) = self.inner.meta.live.lock() {
                 if let MetaOp::Report { node, .. } = op {
-                    live.insert(*node, (NodeReport::default(), Instant::now(), 0));
+                    live.insert(*node, (Arc::default(), Instant::now(), 0));
                 }
                 for (node, (report, _, cut_to)) in live.iter_mut() {
                     if let Some(info) = next.nodes.get(node) {
@@ -537,9 +548,6 @@ impl Node {
                     }
                 }
             }
-            let held_floor = self.inner.meta.revision_floor.load(Ordering::SeqCst);
-            let floor = op.revision_floor().max(held_floor);
-            let (writes, after) = stored.changes_above(&next, floor).map_err(MetaTry::Refused)?;
             // Nothing stored changed (a read, or a report that changes reports only).
             if writes.is_empty() {
                 let next = Arc::new(next);
@@ -654,7 +662,7 @@ impl Node {
         report.applied.retain(|sh, _| s.map.get(*sh).is_some());
         report.shard_load.retain(|sh, _| s.map.get(*sh).is_some());
         let cut_to = if numbered { revision } else { 0 };
-        self.inner.meta.live.lock().ok()?.insert(*node, (report, Instant::now(), cut_to));
+        self.inner.meta.live.lock().ok()?.insert(*node, (Arc::new(report), Instant::now(), cut_to));
         self.inner.stats.meta_ops.fetch_add(1, Ordering::Relaxed);
         Some((revision, view, AdminResponse::Done("reported".into())))
     }
@@ -675,7 +683,9 @@ impl Node {
         let mut live = self.inner.meta.live.lock().ok()?;
         let (held_seq, held) = bases.get_mut(node).filter(|(s, _)| s == base)?;
         let (cut, at, cut_to) = live.get_mut(node).filter(|(_, _, r)| *r == revision)?;
-        for r in [held, cut] {
+        // The live copy is shared with the states of the ops run since it was taken: it is copied
+        // once after an op, then changed in place.
+        for r in [held, Arc::make_mut(cut)] {
             r.requests_per_s = change.requests_per_s;
             r.led_requests_per_s = change.led_requests_per_s;
         }
@@ -721,7 +731,7 @@ impl Node {
         for (node, info) in state.nodes.iter_mut() {
             info.report = match live.get(node) {
                 Some((report, at, _)) if at.elapsed() < max_age => report.clone(),
-                _ => NodeReport::default(),
+                _ => Arc::default(),
             };
         }
     }
@@ -739,7 +749,7 @@ impl Node {
             .meta
             .live
             .lock()
-            .map(|l| l.iter().map(|(n, (r, _, _))| (*n, r.clone())).collect())
+            .map(|l| l.iter().map(|(n, (r, _, _))| (*n, r.as_ref().clone())).collect())
             .unwrap_or_default()
     }
 
