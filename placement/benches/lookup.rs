@@ -1,4 +1,5 @@
-//! Lookup by key in a map of 100,000 shards.
+//! Lookup by key in a map of 100,000 shards, and the route check every request makes (the
+//! shard by id, its range and epoch).
 //!
 //! `cargo bench -p flotilla-placement --bench lookup`
 
@@ -32,5 +33,18 @@ fn lookup(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, lookup);
+fn check_route(c: &mut Criterion) {
+    let s = map_with(100_000);
+    let routes: Vec<_> = s.map.shards().map(|d| (d.id, d.epoch, d.start.clone())).collect();
+    let mut i = 0usize;
+    c.bench_function("check_route_100k_shards", |b| {
+        b.iter(|| {
+            i = (i + 7919) % routes.len();
+            let (id, epoch, key) = &routes[i];
+            black_box(s.map.check_route(*id, *epoch, key).is_ok())
+        })
+    });
+}
+
+criterion_group!(benches, lookup, check_route);
 criterion_main!(benches);
