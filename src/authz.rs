@@ -345,7 +345,7 @@ mod tests {
             Request::Scan { shard, epoch, start: key.clone(), end: None, limit: 10, consistency },
             Request::ClusterView { fresh: false },
             Request::ClusterView { fresh: true },
-            Request::MapSince { since: 0, from: None, limit: 10, progress: 0 },
+            Request::MapSince { since: 0, from: None, limit: 10, progress: 0, fresh: false },
         ];
         all.extend(
             [

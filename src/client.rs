@@ -234,15 +234,19 @@ impl Client {
     /// meta state converted from the one-key format numbers afresh) and the map is read whole.
     /// Pages read while the node's copy moved on are brought to one revision by the changes
     /// since the first page's; failing that, an error (the next refresh tries again).
+    /// With `fresh`, the node first brings its copy to the meta leader's state (see
+    /// `Request::MapSince`): the map holds every change acknowledged before the call.
     async fn fetch_map(
         &self,
         n: NodeId,
         base: &(u64, ClusterView),
         timeout: Duration,
+        fresh: bool,
     ) -> Result<(u64, ClusterView), String> {
         let limit = self.config.map_page_shards.max(1);
         let progress = map_progress(&base.1.map);
-        let ask = |since: u64, from: Option<Vec<u8>>| Request::MapSince { since, from, limit, progress };
+        let ask =
+            |since: u64, from: Option<Vec<u8>>, fresh: bool| Request::MapSince { since, from, limit, progress, fresh };
         let call = |req: Request| async move {
             match self.call(n, &req, timeout).await {
                 Ok(Response::Map(a)) => Ok(a),
@@ -251,7 +255,7 @@ impl Client {
             }
         };
         let since = base.0;
-        let mut answer = call(ask(since, None)).await?;
+        let mut answer = call(ask(since, None, fresh)).await?;
         if let MapAnswer::Changes { base: from, revision, changed, removed, nodes, progress: theirs } = answer {
             if from != since || since == 0 {
                 return Err(format!("node {n}: changes from revision {from}, not asked"));
@@ -268,7 +272,7 @@ impl Client {
             if map_progress(&map) == theirs && map.validate().is_ok() {
                 return Ok((revision, ClusterView { map, nodes }));
             }
-            answer = call(ask(0, None)).await?;
+            answer = call(ask(0, None, false)).await?;
         }
         let (first, mut map, mut nodes, mut next) = match answer {
             MapAnswer::Changes { base, .. } => {
@@ -284,7 +288,7 @@ impl Client {
         let mut moved = false;
         for _ in 0..MAP_PAGES_MAX {
             let Some(from) = next.take() else { break };
-            match call(ask(first, Some(from))).await? {
+            match call(ask(first, Some(from), false)).await? {
                 MapAnswer::Page { revision, shards, next: more, nodes: at } => {
                     self.map_answers[1].fetch_add(1, Ordering::Relaxed);
                     moved |= revision != first;
@@ -299,7 +303,7 @@ impl Client {
         }
         let mut revision = first;
         if moved {
-            match call(ask(first, None)).await? {
+            match call(ask(first, None, false)).await? {
                 MapAnswer::Changes { base, revision: to, changed, removed, nodes: at, progress: theirs }
                     if base == first && to >= first =>
                 {
@@ -345,7 +349,7 @@ impl Client {
         type Ask<'a> = Pin<Box<dyn Future<Output = (NodeId, Result<(u64, ClusterView), String>)> + Send + 'a>>;
         let mut asks: Vec<Option<Ask<'_>>> = nodes
             .iter()
-            .map(|&n| Some(Box::pin(async move { (n, self.fetch_map(n, base, timeout).await) }) as Ask<'_>))
+            .map(|&n| Some(Box::pin(async move { (n, self.fetch_map(n, base, timeout, false).await) }) as Ask<'_>))
             .collect();
         let mut best: Option<(u64, ClusterView)> = None;
         let mut errors: Vec<String> = Vec::new();
@@ -403,21 +407,22 @@ impl Client {
 
     /// Fetches the view through the meta leader (linearizable) from any node that answers:
     /// the authoritative map, for callers that need it (routing does not; see the module
-    /// documentation). Needs a reachable meta leader.
+    /// documentation). Needs a reachable meta leader. The map comes in pages
+    /// (`Request::MapSince` with `fresh`), so it may hold any number of shards.
     pub async fn refresh(&self) -> Result<ClusterView, ClientError> {
         let mut nodes: Vec<NodeId> = self.addrs.lock().map(|a| a.keys().copied().collect()).unwrap_or_default();
         nodes.sort();
         let mut errors = Vec::new();
+        let none = (0, ClusterView::default());
         for n in nodes {
-            match self.call(n, &Request::ClusterView { fresh: true }, self.config.request_timeout).await {
-                Ok(Response::View(v)) if !v.map.is_empty() => {
-                    // Read through the meta leader, at a revision the answer does not name.
-                    self.install(0, &v);
+            // In pages (a map of any size), read through the meta leader.
+            match self.fetch_map(n, &none, self.config.request_timeout, true).await {
+                Ok((revision, v)) if !v.map.is_empty() => {
+                    self.install(revision, &v);
                     return Ok(v);
                 }
-                Ok(Response::View(_)) => errors.push(format!("node {n}: cluster not bootstrapped yet")),
-                Ok(other) => errors.push(format!("node {n}: {}", describe(&other))),
-                Err(CallError::NotSent(e) | CallError::Sent(e)) => errors.push(format!("node {n}: {e}")),
+                Ok(_) => errors.push(format!("node {n}: cluster not bootstrapped yet")),
+                Err(e) => errors.push(e),
             }
         }
         Err(ClientError::Unavailable(format!("no node gave a shard map: {}", errors.join("; "))))

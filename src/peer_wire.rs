@@ -27,7 +27,9 @@ use std::collections::BTreeMap;
 /// Version 8: the meta state's bootstrap record (first voters, nodes that formed theirs).
 /// Version 9: a whole meta state larger than a part travels in parts ([`WholeState`],
 /// [`PeerRequest::MetaPart`]).
-pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 9;
+/// Version 10: [`PeerRequest::MetaSince`] says whether it was forwarded: a node forwarding an
+/// op to the meta leader asks for the changes since its view, not the whole state.
+pub const PEER_PROTOCOL_VERSION: u8 = 0x80 | 10;
 
 /// Whether `bytes` is a message of the peer protocol (rather than the client protocol).
 pub fn is_peer_message(bytes: &[u8]) -> bool {
@@ -55,6 +57,9 @@ pub enum PeerRequest {
         op: MetaOp,
         /// The revision of the asker's copy, if it holds one that changes can bring up to date.
         since: Option<u64>,
+        /// Set when a node forwards an op to the node it takes for the meta leader: it is not
+        /// forwarded again (as [`PeerRequest::Meta`]'s).
+        forwarded: bool,
     },
     /// From the meta leader, once the meta group's committed configuration lists the asked
     /// node as a learner: hold a replica of the meta group (created empty if there is none,

@@ -25,9 +25,10 @@ use std::collections::BTreeMap;
 /// [`AdminRequest::RemoveDeadNodes`]). 8: unsafe recovery carries meta revisions (a
 /// replica-states answer names its node's, the map change is written above the highest), and
 /// `admin status` names the meta group's voters and learners. 9: merges
-/// ([`AdminRequest::Merge`], a shard row's merge in progress).
+/// ([`AdminRequest::Merge`], a shard row's merge in progress). 10: [`Request::MapSince`]
+/// may ask for a fresh map (`fresh`): a client's linearizable read of the map, in pages.
 /// Versions stay below 0x80: a first byte with the high bit set is a peer message.
-pub const PROTOCOL_VERSION: u8 = 9;
+pub const PROTOCOL_VERSION: u8 = 10;
 
 /// Largest key accepted (bytes): the shard's own limit, checked here first so that a key too
 /// long is refused before it is routed (or made a split point). Keys travel in every routing
@@ -171,6 +172,11 @@ pub enum Request {
         /// is below `since` but whose map is further on (its revisions were numbered afresh)
         /// sends its map rather than nothing.
         progress: u64,
+        /// Brings the node's copy up to date through the meta leader first (a linearizable
+        /// read, as `ClusterView { fresh: true }`): the answer holds every change of the map
+        /// acknowledged before the request. Asked with the first page only: the pages after
+        /// it come from the same copy or a newer one.
+        fresh: bool,
     },
 }
 

@@ -1437,11 +1437,20 @@ async fn a_meta_state_larger_than_a_part_reaches_every_node_in_parts() {
         assert!(Instant::now() < deadline, "node 4 holds a meta replica");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let before = parts(&cluster);
+    // Its answer brings node 4's view up to date with the changes since the view's revision:
+    // the state, larger than a part, does not cross the network again.
+    let changes = |cluster: &Cluster| cluster.node(4).stats().meta_updates_changes.load(Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while changes(&cluster) == 0 {
+        assert!(Instant::now() < deadline, "node 4 never followed the meta state change by change");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (before, changes_before) = (parts(&cluster), changes(&cluster));
     let at = b"zz-in-parts".to_vec();
     let op = flotilla::peer_wire::MetaOp::SplitAt { key: at.clone() };
     let (_, state, _) = cluster.node(4).meta_exec(op, false).await.unwrap();
-    assert!(parts(&cluster) > before, "the forwarded split's answer came whole in one answer");
+    assert_eq!(parts(&cluster), before, "the forwarded split was answered with its changes, not the whole state");
+    assert!(changes(&cluster) > changes_before, "the answer was the changes since node 4's view");
     assert!(state.map.shards().any(|d| d.start == at), "the answer holds the split");
     assert!(cluster.node(4).meta_view().map.shards().any(|d| d.start == at), "node 4 holds the split");
     // Restarted, node 4 holds no copy to bring up to date: the whole state, in parts.

@@ -305,3 +305,28 @@ async fn a_map_is_read_in_pages_while_it_changes_and_then_followed_by_its_change
     splitter.0.close().await;
     cluster.shutdown().await;
 }
+
+/// `Client::refresh` reads the map through the meta leader, in pages: a split acknowledged
+/// just before is in it, whichever node answers and however many shards the map holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fresh_map_comes_in_pages_and_holds_every_change_acknowledged_before() {
+    let mut cluster = Cluster::start(3, 20).await;
+    let admin = cluster.client().await;
+    wait_shards_led(&admin, 20).await;
+    let mut cfg = cluster.config(&[1, 2, 3]);
+    cfg.map_page_shards = 3;
+    let client = Client::connect(cfg).await.unwrap();
+    for i in 0..5u32 {
+        let key = format!("{:02x}~fresh{i}", 40 * i + 7).into_bytes();
+        admin.admin(AdminRequest::Split { key: key.clone() }).await.expect("split");
+        let (_, pages_before) = client.map_answers();
+        let view = client.refresh().await.expect("a fresh map");
+        let (_, pages_after) = client.map_answers();
+        view.map.validate().unwrap();
+        assert_eq!(view.map.len(), 21 + i as usize, "every split so far");
+        assert!(view.map.shards().any(|d| d.start == key), "the split acknowledged before the refresh");
+        assert!(pages_after - pages_before >= 7, "{} shards, 3 a page", view.map.len());
+        assert_eq!(client.cached_view().map, view.map, "the fresh map is the client's");
+    }
+    cluster.shutdown().await;
+}

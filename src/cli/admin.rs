@@ -243,12 +243,27 @@ fn print_summary(s: &ShardsSummary) {
 }
 
 /// Prints the progress of a move until it finishes.
+/// The row of `shard` as the meta leader has it: the one-row page from its start key (a shard
+/// keeps its start key through moves, splits and merges it survives), not every shard's row
+/// (with 100,000 shards, the whole list takes seconds). `None` once the map no longer has it.
+async fn shard_row(client: &Client, shard: ShardId) -> Result<Option<ShardRow>> {
+    for fresh in [false, true] {
+        let map = if fresh { client.refresh().await?.map } else { client.cached_view().map };
+        let Some(start) = map.get(shard).map(|d| d.start.clone()) else { continue };
+        let resp = client.admin(AdminRequest::ShardsPage { from: start, limit: 1 }).await?;
+        let AdminResponse::ShardsPage { rows, .. } = resp else { bail!("unexpected answer") };
+        if let Some(row) = rows.into_iter().find(|r| r.descriptor.id == shard) {
+            return Ok(Some(row));
+        }
+    }
+    Ok(None)
+}
+
 async fn follow_move(client: &Client, shard: ShardId) -> Result<()> {
     let mut last = String::new();
     let deadline = Instant::now() + Duration::from_secs(MOVE_FOLLOW_S_MAX);
     while Instant::now() < deadline {
-        let AdminResponse::Shards(rows) = client.admin(AdminRequest::Shards).await? else { bail!("unexpected answer") };
-        let Some(row) = rows.into_iter().find(|r| r.descriptor.id == shard) else { bail!("shard {shard} vanished") };
+        let Some(row) = shard_row(client, shard).await? else { bail!("shard {shard} vanished") };
         match &row.moving {
             Some(m) => {
                 let applied: Vec<String> = row.applied.iter().map(|(n, a)| format!("n{n}@{a}")).collect();
@@ -279,8 +294,7 @@ async fn follow_merge(client: &Client, shard: ShardId) -> Result<()> {
     let mut end_before = None;
     let deadline = Instant::now() + Duration::from_secs(MOVE_FOLLOW_S_MAX);
     while Instant::now() < deadline {
-        let AdminResponse::Shards(rows) = client.admin(AdminRequest::Shards).await? else { bail!("unexpected answer") };
-        let Some(row) = rows.into_iter().find(|r| r.descriptor.id == shard) else { bail!("shard {shard} vanished") };
+        let Some(row) = shard_row(client, shard).await? else { bail!("shard {shard} vanished") };
         let end = row.descriptor.end.clone();
         let end_before = end_before.get_or_insert_with(|| end.clone());
         match &row.merging {

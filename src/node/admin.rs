@@ -2,6 +2,7 @@
 //! read from the meta leader's state and reports; splits, moves, leader transfers, drains,
 //! balancer rounds and node registrations, each one meta operation.
 
+use super::meta_client::MetaAnswer;
 use super::{now_ms, Node, NodeError};
 use crate::meta::META_GROUP;
 use crate::peer_wire::MetaOp;
@@ -23,7 +24,7 @@ impl Node {
         };
         match a {
             AdminRequest::Nodes | AdminRequest::Shards | AdminRequest::ShardsPage { .. } | AdminRequest::Status => {
-                let state = match read(self.meta_exec(MetaOp::Read, false).await) {
+                let state = match read(self.meta_exec_as(MetaOp::Read, false, MetaAnswer::WithReports).await) {
                     Ok(s) => s,
                     Err(e) => return Response::Unavailable(e.to_string()),
                 };
@@ -64,7 +65,7 @@ impl Node {
             }
             AdminRequest::Move { shard, from, to } => {
                 // The meta leader's state: its reports say who leads the shard now.
-                let state = match read(self.meta_exec(MetaOp::Read, false).await) {
+                let state = match read(self.meta_exec_as(MetaOp::Read, false, MetaAnswer::WithReports).await) {
                     Ok(s) => s,
                     Err(e) => return Response::Unavailable(e.to_string()),
                 };

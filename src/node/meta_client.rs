@@ -202,11 +202,23 @@ impl Node {
     }
 
     /// Runs `op` on the meta leader (here, or forwarded) and returns the state after it (and
-    /// its revision) and the op's answer.
+    /// its revision) and the op's answer. The state is this node's view brought to the op's
+    /// revision: run here, it carries the live reports; forwarded, only the changes since the
+    /// view crossed the network and it carries none (see [`Node::meta_exec_as`]).
     pub async fn meta_exec(
         &self,
         op: MetaOp,
         forwarded: bool,
+    ) -> Result<(u64, Arc<MetaState>, AdminResponse), NodeError> {
+        self.meta_exec_as(op, forwarded, MetaAnswer::View).await
+    }
+
+    /// [`Node::meta_exec`], with the state after the op as `want` asks for it.
+    pub(super) async fn meta_exec_as(
+        &self,
+        op: MetaOp,
+        forwarded: bool,
+        want: MetaAnswer,
     ) -> Result<(u64, Arc<MetaState>, AdminResponse), NodeError> {
         let deadline = Instant::now() + Duration::from_millis(META_OP_TIMEOUT_MS);
         let mut peer_turn = 0usize;
@@ -242,47 +254,129 @@ impl Node {
             } else if forwarded {
                 return Err(NodeError::MetaUnavailable("this node holds no meta replica".into()));
             } else {
-                // No local replica: ask the nodes we know of in turn.
+                // No local replica: first the meta leader the last answer named (a node that
+                // forwards the op has no changes of its own to answer with, and sends the whole
+                // state), then the nodes we know of in turn.
                 let known = self.known_peers();
                 if known.is_empty() {
                     return Err(NodeError::Meta("no peers known".into()));
                 }
                 peer_turn += 1;
-                Some(known[peer_turn % known.len()])
+                let named = self.inner.meta.follow_peer.lock().ok().and_then(|p| *p).filter(|_| peer_turn == 1);
+                Some(named.unwrap_or(known[peer_turn % known.len()]))
             };
             if let Some(to) = target {
                 // To the leader: final hop. To any node (we hold no meta replica): it may forward
                 // once to its leader.
                 let hop = self.inner.host.hosts(META_GROUP);
-                let req = PeerRequest::Meta { op: op.clone(), forwarded: hop };
-                match self
-                    .inner
-                    .transport
-                    .request(to, req.encode(), Duration::from_millis(PEER_REQUEST_TIMEOUT_MS))
-                    .await
-                {
-                    Ok(bytes) => match PeerResponse::decode(&bytes) {
-                        Ok(PeerResponse::Meta { state, answer }) => match self.assemble_from(to, state).await {
-                            Ok(state) => {
-                                let (revision, s) = meta::decode_view(&state).map_err(NodeError::Meta)?;
-                                let s = Arc::new(s);
-                                self.set_view(revision, s.clone());
-                                return Ok((revision, s, answer));
-                            }
-                            // The op ran: asked again, it is judged again on the state then
-                            // (as after any lost answer).
-                            Err(e) => last_err = format!("meta state from node {to}: {e}"),
-                        },
-                        Ok(PeerResponse::Refused(e)) => return Err(NodeError::Meta(e)),
-                        Ok(other) => last_err = format!("meta leader {to} answered {other:?}"),
-                        Err(e) => last_err = e.to_string(),
-                    },
-                    Err(e) => last_err = format!("node {to}: {e}"),
+                let forwarded = match want {
+                    MetaAnswer::View => self.forward_since(to, &op, hop).await,
+                    MetaAnswer::WithReports => self.forward_whole(to, &op, hop).await,
+                };
+                match forwarded {
+                    Ok(r) => return Ok(r),
+                    Err(MetaTry::Refused(e)) => return Err(NodeError::Meta(e)),
+                    Err(MetaTry::Retry(e)) => last_err = e,
+                    Err(MetaTry::Leader(l)) => last_err = format!("node {to} does not lead the meta group ({l:?})"),
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Err(NodeError::MetaUnavailable(format!("timed out: {last_err}")))
+    }
+
+    /// Runs `op` on node `to` (the meta leader, or a node that forwards it there) and brings
+    /// this node's view to the state after it with what `to` answers: the changes since the
+    /// view's revision, or the whole state when `to` does not hold them all.
+    async fn forward_since(
+        &self,
+        to: NodeId,
+        op: &MetaOp,
+        forwarded: bool,
+    ) -> Result<(u64, Arc<MetaState>, AdminResponse), MetaTry> {
+        let (since, view) = self.meta_view_with_revision();
+        let req = PeerRequest::MetaSince { op: op.clone(), since: (since > 0).then_some(since), forwarded };
+        let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
+        let bytes = self.inner.transport.request(to, req.encode(), timeout).await;
+        match bytes.map(|b| PeerResponse::decode(&b)) {
+            Ok(Ok(PeerResponse::MetaSince { revision, update, leader, answer })) => {
+                self.set_follow_peer(leader.filter(|l| *l != self.inner.id));
+                // The op ran: asked again, it is judged again on the state then (as after any
+                // lost answer).
+                let state = self.view_after(to, since, &view, revision, update).await;
+                let state = state.map_err(|e| MetaTry::Retry(format!("meta state from node {to}: {e}")))?;
+                Ok((revision, state, answer))
+            }
+            Ok(Ok(PeerResponse::Refused(e))) => Err(MetaTry::Refused(e)),
+            Ok(Ok(other)) => Err(MetaTry::Retry(format!("node {to} answered {other:?}"))),
+            Ok(Err(e)) => Err(MetaTry::Retry(e.to_string())),
+            Err(e) => Err(MetaTry::Retry(format!("node {to}: {e}"))),
+        }
+    }
+
+    /// Runs `op` on node `to`, as [`Node::forward_since`] does, and is answered with the meta
+    /// leader's whole state, the live reports of every node in it.
+    async fn forward_whole(
+        &self,
+        to: NodeId,
+        op: &MetaOp,
+        forwarded: bool,
+    ) -> Result<(u64, Arc<MetaState>, AdminResponse), MetaTry> {
+        let req = PeerRequest::Meta { op: op.clone(), forwarded };
+        let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
+        let bytes = self.inner.transport.request(to, req.encode(), timeout).await;
+        match bytes.map(|b| PeerResponse::decode(&b)) {
+            Ok(Ok(PeerResponse::Meta { state, answer })) => {
+                let bytes = self.assemble_from(to, state).await;
+                let bytes = bytes.map_err(|e| MetaTry::Retry(format!("meta state from node {to}: {e}")))?;
+                let (revision, s) = meta::decode_view(&bytes).map_err(MetaTry::Refused)?;
+                let s = Arc::new(s);
+                self.set_view(revision, s.clone());
+                Ok((revision, s, answer))
+            }
+            Ok(Ok(PeerResponse::Refused(e))) => Err(MetaTry::Refused(e)),
+            Ok(Ok(other)) => Err(MetaTry::Retry(format!("meta leader {to} answered {other:?}"))),
+            Ok(Err(e)) => Err(MetaTry::Retry(e.to_string())),
+            Err(e) => Err(MetaTry::Retry(format!("node {to}: {e}"))),
+        }
+    }
+
+    /// The state at (at least) `revision` that `update`, from node `from`, makes of `view`, this
+    /// node's view at revision `since`: it becomes the view, unless a newer one came meanwhile.
+    /// Nodes' reports are not in it.
+    async fn view_after(
+        &self,
+        from: NodeId,
+        since: u64,
+        view: &MetaState,
+        revision: u64,
+        update: MetaUpdate,
+    ) -> Result<Arc<MetaState>, String> {
+        let (reached, state) = match update {
+            MetaUpdate::Whole(whole) => {
+                self.inner.stats.meta_updates_whole.fetch_add(1, Ordering::Relaxed);
+                meta::decode_view(&self.assemble_from(from, whole).await?)?
+            }
+            MetaUpdate::Changes(changes) => {
+                self.inner.stats.meta_updates_changes.fetch_add(1, Ordering::Relaxed);
+                let mut copy = StoredMeta::followed(since, view.clone());
+                changes.iter().try_for_each(|c| copy.apply(c))?;
+                (copy.revision(), copy.state)
+            }
+        };
+        if reached < revision {
+            return Err(format!("node {from} brought the state to revision {reached}, not {revision}"));
+        }
+        // The copy that [`Node::meta_follow`] brings up to date is now at least this far: its
+        // next request asks for the changes since here, not the whole state again.
+        if let Ok(mut followed) = self.inner.meta.followed.lock() {
+            if followed.as_ref().is_none_or(|f| f.revision() < reached) {
+                *followed = Some(StoredMeta::followed(reached, state.clone()));
+            }
+        }
+        let state = Arc::new(state);
+        self.set_view(reached, state.clone());
+        Ok(state)
     }
 
     /// Notes when a node's report reached this node as meta leader.
@@ -357,7 +451,7 @@ impl Node {
                 }
             };
             let since = self.inner.meta.followed.lock().ok().and_then(|f| f.as_ref().map(StoredMeta::revision));
-            let req = PeerRequest::MetaSince { op: op.clone(), since };
+            let req = PeerRequest::MetaSince { op: op.clone(), since, forwarded: false };
             let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
             match self.inner.transport.request(to, req.encode(), timeout).await.map(|b| PeerResponse::decode(&b)) {
                 Ok(Ok(PeerResponse::MetaSince { revision, update, leader, answer })) => {
@@ -403,38 +497,11 @@ impl Node {
         let Some(to) = leader.or_else(|| self.known_peers().first().copied()) else {
             return Err(NodeError::MetaUnavailable("no meta leader or peer known".into()));
         };
-        let (since, view) = self.meta_view_with_revision();
-        let req = PeerRequest::MetaSince { op: MetaOp::Read, since: (since > 0).then_some(since) };
-        let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
-        let bytes = self
-            .inner
-            .transport
-            .request(to, req.encode(), timeout)
-            .await
-            .map_err(|e| NodeError::MetaUnavailable(format!("node {to}: {e}")))?;
-        match PeerResponse::decode(&bytes) {
-            Ok(PeerResponse::MetaSince { update: MetaUpdate::Whole(whole), .. }) => {
-                let bytes = self.assemble_from(to, whole).await.map_err(NodeError::MetaUnavailable)?;
-                let (rev, state) = meta::decode_view(&bytes).map_err(NodeError::Meta)?;
-                if rev < since {
-                    return Err(NodeError::MetaUnavailable(format!("node {to} sent revision {rev}, before {since}")));
-                }
-                Ok(Arc::new(state))
-            }
-            Ok(PeerResponse::MetaSince { revision, update: MetaUpdate::Changes(changes), .. }) => {
-                let mut copy = StoredMeta::followed(since, view.as_ref().clone());
-                changes.iter().try_for_each(|c| copy.apply(c)).map_err(NodeError::Meta)?;
-                if copy.revision() < revision {
-                    return Err(NodeError::MetaUnavailable(format!(
-                        "changes reach revision {}, not {revision}",
-                        copy.revision()
-                    )));
-                }
-                Ok(Arc::new(copy.state))
-            }
-            Ok(PeerResponse::Refused(e)) => Err(NodeError::Meta(e)),
-            Ok(other) => Err(NodeError::MetaUnavailable(format!("node {to} answered {other:?}"))),
-            Err(e) => Err(NodeError::MetaUnavailable(e.to_string())),
+        match self.forward_since(to, &MetaOp::Read, false).await {
+            Ok((_, state, _)) => Ok(state),
+            Err(MetaTry::Refused(e)) => Err(NodeError::Meta(e)),
+            Err(MetaTry::Retry(e)) => Err(NodeError::MetaUnavailable(e)),
+            Err(MetaTry::Leader(l)) => Err(NodeError::MetaUnavailable(format!("node {to} does not lead ({l:?})"))),
         }
     }
 
@@ -820,6 +887,19 @@ pub(super) fn take_report_change(
     report.apply_change(change);
     held.insert(node, (seq, report.clone()));
     Ok(report)
+}
+
+/// What a caller of [`Node::meta_exec_as`] needs of the meta state after its op, when the
+/// op is forwarded to the meta leader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum MetaAnswer {
+    /// This node's view brought to the op's revision by the changes since the view's own
+    /// (what crosses the network is what changed; the whole state only when the leader does
+    /// not hold every change). Nodes' reports are not in it.
+    View,
+    /// The meta leader's state with every node's live report in it (who leads each shard,
+    /// applied indexes): the whole state crosses the network.
+    WithReports,
 }
 
 enum MetaTry {

@@ -228,13 +228,30 @@ impl Node {
                 };
                 Response::View(view_of(&state))
             }
-            Request::MapSince { since, from: start, limit, progress } => {
+            Request::MapSince { since, from: start, limit, progress, fresh } => {
+                // The read brings this node's view to the meta leader's state (the changes
+                // since the view cross the network, not the map), which the answer is read from.
+                if fresh {
+                    if let Err(e) = self.meta_exec(MetaOp::Read, false).await {
+                        return Response::Unavailable(e.to_string());
+                    }
+                }
                 self.map_since(from, since, start, limit, progress)
             }
             Request::Admin(a) => {
-                // Report ages are known only on the meta leader: a client's node/status
-                // request is answered there (one hop; a node never forwards a node's request).
-                if matches!(a, AdminRequest::Nodes | AdminRequest::Status) && !matches!(from, PeerIdentity::Node(_)) {
+                // Reports (who leads each shard, applied indexes, report ages) are held only
+                // by the meta leader: a client's request that reads them is answered there, so
+                // that the state with every report need not cross the network (one hop; a node
+                // never forwards a node's request).
+                let reads_reports = matches!(
+                    a,
+                    AdminRequest::Nodes
+                        | AdminRequest::Status
+                        | AdminRequest::Shards
+                        | AdminRequest::ShardsPage { .. }
+                        | AdminRequest::Move { .. }
+                );
+                if reads_reports && !matches!(from, PeerIdentity::Node(_)) {
                     if let Some(leader) = self.meta_leader_elsewhere().await {
                         let req = Request::Admin(a.clone());
                         let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
@@ -257,7 +274,7 @@ impl Node {
         }
         let (op, forwarded, since) = match PeerRequest::decode(body) {
             Ok(PeerRequest::Meta { op, forwarded }) => (op, forwarded, None),
-            Ok(PeerRequest::MetaSince { op, since }) => (op, false, Some(since)),
+            Ok(PeerRequest::MetaSince { op, since, forwarded }) => (op, forwarded, Some(since)),
             Ok(PeerRequest::HoldMetaReplica) => return self.hold_meta_replica().await,
             Ok(PeerRequest::MetaPart { revision, offset }) => return self.meta_part(revision, offset),
             Err(e) => {
