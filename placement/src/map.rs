@@ -290,7 +290,7 @@ impl ShardMap {
         // Ids that left the map must have left the id index too (and the other way round).
         for id in before.differing(self) {
             match (self.starts.get(&id), self.get(id)) {
-                (Some(start), Some(d)) if *start == d.start => {}
+                (Some(start), Some(d)) if *start == d.start && d.id == id => {}
                 (None, None) => {}
                 _ => return Err(format!("shard {id} is missing from one of the map's indexes")),
             }

@@ -588,29 +588,33 @@ fn a_snapshot_with_bytes_left_over_or_cut_short_is_refused() {
     }
 }
 
-/// One edit of a map's descriptors, valid or not.
+/// One edit of a map's descriptors, valid or not. Keys are two bytes.
 #[derive(Clone, Debug)]
 enum Edit {
     /// Shard at this position (mod the count) ends at another key (`None`: unbounded).
-    End(usize, Option<u8>),
+    End(usize, Option<u16>),
     /// Shard at this position starts at another key.
-    Start(usize, u8),
+    Start(usize, u16),
     /// Shard at this position is removed.
     Remove(usize),
     /// A new shard over `[start, end)`.
-    Add(u64, u8, Option<u8>),
+    Add(u64, u16, Option<u16>),
     /// Shard at this position gets a second replica on one node.
     DoubleReplica(usize),
     /// Shard at this position absorbs its right neighbour (a merge: valid).
     Absorb(usize),
 }
 
+fn key16(k: u16) -> Vec<u8> {
+    k.to_be_bytes().to_vec()
+}
+
 fn edit() -> impl Strategy<Value = Edit> {
     prop_oneof![
-        (any::<usize>(), prop::option::of(b'a'..=b'z')).prop_map(|(i, e)| Edit::End(i, e)),
-        (any::<usize>(), b'a'..=b'z').prop_map(|(i, k)| Edit::Start(i, k)),
+        (any::<usize>(), prop::option::of(any::<u16>())).prop_map(|(i, e)| Edit::End(i, e)),
+        (any::<usize>(), any::<u16>()).prop_map(|(i, k)| Edit::Start(i, k)),
         any::<usize>().prop_map(Edit::Remove),
-        (100u64..110, b'a'..=b'z', prop::option::of(b'a'..=b'z')).prop_map(|(id, s, e)| Edit::Add(id, s, e)),
+        (100_000u64..100_010, any::<u16>(), prop::option::of(any::<u16>())).prop_map(|(id, s, e)| Edit::Add(id, s, e)),
         any::<usize>().prop_map(Edit::DoubleReplica),
         any::<usize>().prop_map(Edit::Absorb),
     ]
@@ -625,19 +629,19 @@ fn apply_edit(m: &mut ShardMap, e: &Edit) {
     match e {
         Edit::End(i, end) => {
             let mut d = at(*i);
-            d.end = end.map(|k| vec![k]);
+            d.end = end.map(key16);
             m.put_unchecked(d);
         }
         Edit::Start(i, k) => {
             let mut d = at(*i);
-            d.start = vec![*k];
+            d.start = key16(*k);
             m.put_unchecked(d);
         }
         Edit::Remove(i) => {
             m.remove_unchecked(at(*i).id);
         }
         Edit::Add(id, s, e) => {
-            let d = ShardDescriptor { id: ShardId(*id), start: vec![*s], end: e.map(|k| vec![k]), ..at(0) };
+            let d = ShardDescriptor { id: ShardId(*id), start: key16(*s), end: e.map(key16), ..at(0) };
             m.put_unchecked(d);
         }
         Edit::DoubleReplica(i) => {
@@ -659,17 +663,19 @@ fn apply_edit(m: &mut ShardMap, e: &Edit) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(ProptestConfig::with_cases(256))]
 
     /// The check of a changed map that looks only where it changed finds exactly what the
     /// check of the whole map finds, whatever the change.
     #[test]
     fn checking_only_what_changed_agrees_with_checking_the_whole_map(
-        keys in prop::collection::btree_set(b'b'..=b'y', 0..12),
+        keys in prop::collection::btree_set(1u16.., 0..300),
         edits in prop::collection::vec(edit(), 1..4),
     ) {
+        // Up to 300 shards: several of the tree's leaves, so that edits land next to nodes
+        // the two copies share.
         let mut bounds: Vec<Option<Vec<u8>>> = vec![None];
-        bounds.extend(keys.iter().map(|k| Some(vec![*k])));
+        bounds.extend(keys.iter().map(|k| Some(key16(*k))));
         let mut before = ShardMap::default();
         for (i, start) in bounds.iter().enumerate() {
             let end = bounds.get(i + 1).cloned().flatten();
@@ -697,4 +703,57 @@ fn checking_what_changed_costs_nothing_for_an_unchanged_map_and_the_whole_map_fo
     assert!(m.validate_changed(&m.clone()).is_ok());
     let broken = map_of(&[desc(1, "", Some("m"), &[1]), desc(2, "n", None, &[1])]);
     assert!(broken.validate_changed(&ShardMap::default()).is_err(), "against an empty map: the whole map");
+}
+
+/// The shards that differ between two copies of a large map, one changed at a single shard
+/// (the meta leader's copy after an op), are found wherever that shard sits: also right after
+/// a run of the tree's nodes the copies share, which a walk skipping shared nodes can step
+/// over. `ShardMap::differing` is checked against a plain walk of both maps, and `==`
+/// against the maps' contents.
+#[test]
+fn a_change_anywhere_in_a_large_map_is_found_by_the_walk_that_skips_what_copies_share() {
+    fn naive(a: &ShardMap, b: &ShardMap) -> Vec<ShardId> {
+        let mut ids: Vec<ShardId> = a.shards().chain(b.shards()).map(|d| d.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.retain(|id| a.get(*id) != b.get(*id));
+        ids
+    }
+    let shards = 700u64;
+    let mut base = ShardMap::default();
+    for i in 0..shards {
+        let start = if i == 0 { Vec::new() } else { format!("{i:05}").into_bytes() };
+        let end = (i + 1 < shards).then(|| format!("{:05}", i + 1).into_bytes());
+        base.put_unchecked(ShardDescriptor {
+            id: ShardId(i + 1),
+            start,
+            end,
+            epoch: Epoch { conf_version: 1, version: 1 },
+            replicas: vec![Replica { node: n(1), role: ReplicaRole::Voter }],
+        });
+    }
+    base.validate().unwrap();
+    for i in 1..=shards {
+        // A replica change of shard i: the same range, a new epoch.
+        let mut changed = base.clone();
+        let mut d = changed.get(ShardId(i)).cloned().expect("the shard");
+        d.epoch.conf_version += 1;
+        changed.put_unchecked(d);
+        assert_eq!(base.differing(&changed), vec![ShardId(i)], "a change of shard {i}");
+        assert_eq!(base.differing(&changed), naive(&base, &changed));
+        assert_ne!(base, changed, "maps that differ at shard {i} are not equal");
+        assert!(changed.validate_changed(&base).is_ok());
+        // A split of shard i (its end moves in, a new shard after it).
+        if i < shards {
+            let mut split = base.clone();
+            let mut left = split.get(ShardId(i)).cloned().expect("the shard");
+            let key = [left.start.clone(), b"5".to_vec()].concat();
+            let right = ShardDescriptor { id: ShardId(10_000 + i), start: key.clone(), ..left.clone() };
+            left.end = Some(key);
+            split.put_unchecked(left);
+            split.put_unchecked(right);
+            assert_eq!(base.differing(&split), naive(&base, &split), "a split of shard {i}");
+            assert_eq!(base.differing(&split), vec![ShardId(i), ShardId(10_000 + i)]);
+        }
+    }
 }

@@ -130,9 +130,13 @@ impl Node {
         }
     }
 
-    /// The meta group's leader when it is another node (as this node's replica knows it).
+    /// The meta group's leader when it is another node: as this node's replica knows it, or,
+    /// without a replica, as the last answer from the meta group named it.
     pub(super) async fn meta_leader_elsewhere(&self) -> Option<NodeId> {
-        let leader = self.inner.host.group_info_of(META_GROUP).await.ok()?.leader?;
+        let leader = match self.inner.host.group_info_of(META_GROUP).await {
+            Ok(info) => info.leader?,
+            Err(_) => self.meta_leader_named()?,
+        };
         (leader != self.inner.id).then_some(leader)
     }
 

@@ -301,16 +301,37 @@ impl Node {
         match bytes.map(|b| PeerResponse::decode(&b)) {
             Ok(Ok(PeerResponse::MetaSince { revision, update, leader, answer })) => {
                 self.set_follow_peer(leader.filter(|l| *l != self.inner.id));
-                // The op ran: asked again, it is judged again on the state then (as after any
-                // lost answer).
-                let state = self.view_after(to, since, &view, revision, update).await;
-                let state = state.map_err(|e| MetaTry::Retry(format!("meta state from node {to}: {e}")))?;
-                Ok((revision, state, answer))
+                match self.view_after(to, since, &view, revision, update).await {
+                    Ok(state) => Ok((revision, state, answer)),
+                    // The op ran: its answer stands, and the state is read whole instead (sent
+                    // again, the op would be judged a second time).
+                    Err(e) => {
+                        warn!(node = to.0, error = %e, "the changes since this node's view did not apply: reading the meta state whole");
+                        let read = PeerRequest::MetaSince { op: MetaOp::Read, since: None, forwarded };
+                        let bytes = self.inner.transport.request(to, read.encode(), timeout).await;
+                        match bytes.map(|b| PeerResponse::decode(&b)) {
+                            Ok(Ok(PeerResponse::MetaSince { revision: at, update, .. })) => {
+                                let state = self.view_after(to, 0, &MetaState::default(), at, update).await;
+                                let state =
+                                    state.map_err(|e| MetaTry::Retry(format!("meta state from node {to}: {e}")))?;
+                                Ok((at.max(revision), state, answer))
+                            }
+                            _ => Ok((revision, self.meta_view(), answer)),
+                        }
+                    }
+                }
             }
             Ok(Ok(PeerResponse::Refused(e))) => Err(MetaTry::Refused(e)),
             Ok(Ok(other)) => Err(MetaTry::Retry(format!("node {to} answered {other:?}"))),
             Ok(Err(e)) => Err(MetaTry::Retry(e.to_string())),
-            Err(e) => Err(MetaTry::Retry(format!("node {to}: {e}"))),
+            Err(e) => {
+                // A leader named by an earlier answer that cannot be reached: not asked first
+                // next time.
+                if self.meta_leader_named() == Some(to) {
+                    self.set_follow_peer(None);
+                }
+                Err(MetaTry::Retry(format!("node {to}: {e}")))
+            }
         }
     }
 
@@ -497,12 +518,22 @@ impl Node {
         let Some(to) = leader.or_else(|| self.known_peers().first().copied()) else {
             return Err(NodeError::MetaUnavailable("no meta leader or peer known".into()));
         };
+        let since = self.meta_revision();
         match self.forward_since(to, &MetaOp::Read, false).await {
+            // Older than this node's view: a node that lost its meta group's history answered.
+            Ok((revision, _, _)) if revision < since => {
+                Err(NodeError::MetaUnavailable(format!("node {to} sent revision {revision}, before {since}")))
+            }
             Ok((_, state, _)) => Ok(state),
             Err(MetaTry::Refused(e)) => Err(NodeError::Meta(e)),
             Err(MetaTry::Retry(e)) => Err(NodeError::MetaUnavailable(e)),
             Err(MetaTry::Leader(l)) => Err(NodeError::MetaUnavailable(format!("node {to} does not lead ({l:?})"))),
         }
+    }
+
+    /// The meta leader as the last answer from the meta group named it, if any.
+    pub(super) fn meta_leader_named(&self) -> Option<NodeId> {
+        self.inner.meta.follow_peer.lock().ok().and_then(|p| *p)
     }
 
     fn set_follow_peer(&self, peer: Option<NodeId>) {

@@ -4,6 +4,7 @@
 //! replica for stale reads); host errors become the answers a client acts on (redirect, retry,
 //! unknown outcome).
 
+use super::meta_client::MetaAnswer;
 use super::{view_of, Node, NodeError, PEER_REQUEST_TIMEOUT_MS};
 use crate::authz;
 use crate::meta::shard_range;
@@ -255,10 +256,19 @@ impl Node {
                     if let Some(leader) = self.meta_leader_elsewhere().await {
                         let req = Request::Admin(a.clone());
                         let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
-                        if let Ok(bytes) = self.inner.transport.request(leader, req.encode(), timeout).await {
-                            if let Ok(resp @ Response::Admin(_)) = Response::decode(&bytes) {
-                                return resp;
+                        match self.inner.transport.request(leader, req.encode(), timeout).await {
+                            // The leader's answer, whatever it is: run here again, a move it
+                            // started or refused would be judged a second time.
+                            Ok(bytes) => match Response::decode(&bytes) {
+                                Ok(resp) => return resp,
+                                Err(e) => return Response::Unavailable(format!("meta leader {leader}: {e}")),
+                            },
+                            // A move may have started on the leader before its answer was
+                            // lost: not asked again here (the client retries if it wants).
+                            Err(e) if matches!(a, AdminRequest::Move { .. }) => {
+                                return Response::Unavailable(format!("meta leader {leader}: {e}"))
                             }
+                            Err(_) => {}
                         }
                     }
                 }
@@ -282,8 +292,10 @@ impl Node {
                 return PeerResponse::Refused(format!("bad peer request: {e}"));
             }
         };
-        // On the meta leader, or forwarded once to it.
-        let (revision, state, answer) = match self.meta_exec(op, forwarded).await {
+        // On the meta leader, or forwarded once to it. A `Meta` request is answered with the
+        // whole state, the live reports in it: read on the leader, never rebuilt from changes.
+        let want = if since.is_some() { MetaAnswer::View } else { MetaAnswer::WithReports };
+        let (revision, state, answer) = match self.meta_exec_as(op, forwarded, want).await {
             Ok(r) => r,
             Err(NodeError::Meta(e)) => return PeerResponse::Refused(e),
             Err(e) => return PeerResponse::Unavailable(e.to_string()),
