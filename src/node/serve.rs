@@ -264,9 +264,13 @@ impl Node {
                                 Err(e) => return Response::Unavailable(format!("meta leader {leader}: {e}")),
                             },
                             // A move may have started on the leader before its answer was
-                            // lost: not asked again here (the client retries if it wants).
+                            // lost: neither run here nor left for the client to send elsewhere
+                            // (an `Unavailable` would be), which would start it a second time.
                             Err(e) if matches!(a, AdminRequest::Move { .. }) => {
-                                return Response::Unavailable(format!("meta leader {leader}: {e}"))
+                                return Response::Invalid(format!(
+                                    "the meta leader (node {leader}) did not answer ({e}): the move may have \
+                                     started; see `flotilla admin shards`"
+                                ))
                             }
                             Err(_) => {}
                         }
