@@ -37,6 +37,21 @@ async fn two_groups(c: &Cluster) {
         c.put(LEFT, &format!("a{i:02}"), "left").await.expect("write left");
         c.put(RIGHT, &format!("x{i:02}"), "right").await.expect("write right");
     }
+    // Both groups led by node 1: the tests write through nodes 1 and 2 while node 3 holds
+    // its applies or lags, and a group that node 3 happened to win would refuse them all.
+    let all = all_nodes(c);
+    for g in [LEFT, RIGHT] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let leader = leader_among(c, &all, g).await;
+            if leader == NodeId(1) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "group {g} never moved its leadership to node 1");
+            let _ = c.host(leader).transfer_leader(g, NodeId(1)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 fn all_nodes(c: &Cluster) -> Vec<u64> {
