@@ -321,22 +321,12 @@ impl ShardMap {
         Ok(())
     }
 
-    /// One shard's own invariant: indexed under its start, a non-empty range, one replica per
-    /// node.
+    /// One shard's place in both indexes, and its own invariant ([`check_descriptor`]).
     fn check_shard(&self, d: &ShardDescriptor) -> Result<(), String> {
         if self.by_start.get(&d.start).map(|x| x.id) != Some(d.id) || self.starts.get(&d.id) != Some(&d.start) {
             return Err(format!("shard {} is missing from the id index", d.id));
         }
-        if d.end.as_ref().is_some_and(|e| e.as_slice() <= d.start.as_slice()) {
-            return Err(format!("shard {} has an empty range", d.id));
-        }
-        let mut nodes: Vec<NodeId> = d.replicas.iter().map(|r| r.node).collect();
-        nodes.sort();
-        nodes.dedup();
-        if nodes.len() != d.replicas.len() {
-            return Err(format!("shard {} has two replicas on one node", d.id));
-        }
-        Ok(())
+        check_descriptor(d)
     }
 
     /// Checks the map's invariant (ordered, non-overlapping, covering); used by tests and
@@ -354,18 +344,10 @@ impl ShardMap {
             if self.starts.get(&d.id) != Some(start) {
                 return Err(format!("shard {} is missing from the id index", d.id));
             }
+            check_descriptor(d)?;
             match &d.end {
-                Some(e) if e.as_slice() <= d.start.as_slice() => {
-                    return Err(format!("shard {} has an empty range", d.id))
-                }
                 Some(e) => expect_start = e.clone(),
                 None => open = false,
-            }
-            let mut nodes: Vec<NodeId> = d.replicas.iter().map(|r| r.node).collect();
-            nodes.sort();
-            nodes.dedup();
-            if nodes.len() != d.replicas.len() {
-                return Err(format!("shard {} has two replicas on one node", d.id));
             }
         }
         if !self.by_start.is_empty() && open {
@@ -376,6 +358,21 @@ impl ShardMap {
         }
         Ok(())
     }
+}
+
+/// A shard's own invariant, whatever the rest of the map: a non-empty range, one replica per
+/// node.
+fn check_descriptor(d: &ShardDescriptor) -> Result<(), String> {
+    if d.end.as_ref().is_some_and(|e| e.as_slice() <= d.start.as_slice()) {
+        return Err(format!("shard {} has an empty range", d.id));
+    }
+    let mut nodes: Vec<NodeId> = d.replicas.iter().map(|r| r.node).collect();
+    nodes.sort();
+    nodes.dedup();
+    if nodes.len() != d.replicas.len() {
+        return Err(format!("shard {} has two replicas on one node", d.id));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

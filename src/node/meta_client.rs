@@ -262,7 +262,7 @@ impl Node {
                     return Err(NodeError::Meta("no peers known".into()));
                 }
                 peer_turn += 1;
-                let named = self.inner.meta.follow_peer.lock().ok().and_then(|p| *p).filter(|_| peer_turn == 1);
+                let named = self.meta_leader_named().filter(|_| peer_turn == 1);
                 Some(named.unwrap_or(known[peer_turn % known.len()]))
             };
             if let Some(to) = target {
@@ -460,7 +460,7 @@ impl Node {
                     }
                 }
             }
-            let held = self.inner.meta.follow_peer.lock().ok().and_then(|p| *p);
+            let held = self.meta_leader_named();
             let to = match held {
                 Some(p) => p,
                 None => {
@@ -513,8 +513,7 @@ impl Node {
             return self.meta_exec(MetaOp::Read, false).await.map(|(_, s, _)| s);
         }
         // Any node will do when no leader is known: it runs the read on the leader.
-        let leader =
-            self.meta_leader_elsewhere().await.or_else(|| self.inner.meta.follow_peer.lock().ok().and_then(|p| *p));
+        let leader = self.meta_leader_elsewhere().await.or_else(|| self.meta_leader_named());
         let Some(to) = leader.or_else(|| self.known_peers().first().copied()) else {
             return Err(NodeError::MetaUnavailable("no meta leader or peer known".into()));
         };
