@@ -97,6 +97,27 @@ wait_leaders() {
     sleep 0.2
   done
 }
+# Node $1's background work so far: "full_rounds full_us info_builds info_us changed_rounds
+# changed_groups" (the reconciler's full rounds, the host's rebuilds of every group's summary,
+# some of them inside full rounds, and the reconciler's rounds of what changed).
+work_counters() {
+  local m
+  m=$({ curl -s --max-time 10 "http://127.0.0.1:$((BASE_PORT + 10 + $1))/metrics" 2>/dev/null || true; })
+  for name in flotilla_reconcile_full_rounds_total flotilla_reconcile_full_microseconds_total \
+    flotilla_host_info_builds_total flotilla_host_info_build_microseconds_total \
+    flotilla_reconcile_changed_rounds_total flotilla_reconcile_changed_groups_total; do
+    awk -v m="$name" '$1 ~ "^"m"[{ ]" { v = $2 } END { printf "%s ", v + 0 }' <<<"$m"
+  done
+}
+# What node $1 did between two `work_counters` readings $2 and $3, over $4 seconds.
+work_figure() {
+  awk -v a="$2" -v b="$3" -v s="$4" 'BEGIN {
+    split(a, x, " "); split(b, y, " ");
+    printf "full_rounds=%d full_round_ms_avg=%.0f full_ms_per_s=%.0f info_builds=%d info_build_ms_avg=%.0f info_ms_per_s=%.0f changed_rounds=%d changed_groups=%d",
+      y[1] - x[1], (y[1] > x[1]) ? (y[2] - x[2]) / (y[1] - x[1]) / 1000 : 0, (y[2] - x[2]) / 1000 / s,
+      y[3] - x[3], (y[3] > x[3]) ? (y[4] - x[4]) / (y[3] - x[3]) / 1000 : 0, (y[4] - x[4]) / 1000 / s,
+      y[5] - x[5], y[6] - x[6] }'
+}
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
 
@@ -111,9 +132,10 @@ figure "start_to_all_leaders_s=$(since "$t0")"
 log "settling for ${SETTLE_SECONDS}s"
 sleep "$SETTLE_SECONDS"
 hz=$(getconf CLK_TCK)
-declare -A c0=()
-for i in 1 2 3; do c0[$i]=$(cpu_ticks "${pid[$i]}"); done
+declare -A c0=() w0=()
+for i in 1 2 3; do c0[$i]=$(cpu_ticks "${pid[$i]}"); w0[$i]=$(work_counters "$i"); done
 sleep "$IDLE_SECONDS"
+for i in 1 2 3; do figure "node$i idle $(work_figure "$i" "${w0[$i]}" "$(work_counters "$i")" "$IDLE_SECONDS")"; done
 for i in 1 2 3; do
   cpu=$(awk -v a="${c0[$i]}" -v b="$(cpu_ticks "${pid[$i]}")" -v hz="$hz" -v s="$IDLE_SECONDS" 'BEGIN { printf "%.1f", 100 * (b - a) / hz / s }')
   rss=$(rss_kib "${pid[$i]}")
@@ -140,9 +162,12 @@ start 4
 log "node 4 joining"
 until [ "$(gauge 4 flotilla_uptime_seconds)" != "" ] && admin nodes 2>/dev/null | awk '$1 == 4 { f = 1 } END { exit !f }'; do sleep 0.5; done
 shard=$(admin shards --limit 1 --from 8 | awk '$1 ~ /^[0-9]+$/ { print $1; exit }')
+for i in 1 2 3 4; do w0[$i]=$(work_counters "$i"); done
 t=$(now)
 admin move "$shard" 3 4 >"$work/move.out" 2>&1 || { cat "$work/move.out" >&2; exit 1; }
-figure "move_s=$(since "$t") shard=$shard"
+took=$(since "$t")
+figure "move_s=$took shard=$shard"
+for i in 1 2 3 4; do figure "node$i during_move $(work_figure "$i" "${w0[$i]}" "$(work_counters "$i")" "$took")"; done
 
 kill -KILL "${pid[2]}"
 wait "${pid[2]}" 2>/dev/null || true

@@ -3,15 +3,12 @@
 //! balancer rounds and node registrations, each one meta operation.
 
 use super::meta_client::MetaAnswer;
+use super::shard_listing::{shard_rows, shards_page, summarize};
 use super::{now_ms, Node, NodeError};
 use crate::meta::META_GROUP;
 use crate::peer_wire::MetaOp;
-use crate::placement::{MetaCommand, MetaState, MovePlan, NodeId, ShardDescriptor, ShardId};
-use crate::wire::{
-    check_user_key, AdminRequest, AdminResponse, ClusterView, NodeRow, Response, ShardRow, ShardsSummary, StatusReport,
-    SHARDS_PAGE_MAX,
-};
-use std::collections::HashMap;
+use crate::placement::{MetaCommand, MetaState, MovePlan, NodeId};
+use crate::wire::{check_user_key, AdminRequest, AdminResponse, ClusterView, NodeRow, Response, StatusReport};
 use std::net::SocketAddr;
 
 impl Node {
@@ -24,18 +21,21 @@ impl Node {
         };
         match a {
             AdminRequest::Nodes | AdminRequest::Shards | AdminRequest::ShardsPage { .. } | AdminRequest::Status => {
-                let state = match read(self.meta_exec_as(MetaOp::Read, false, MetaAnswer::WithReports).await) {
-                    Ok(s) => s,
+                let (revision, state) = match self.meta_exec_as(MetaOp::Read, false, MetaAnswer::WithReports).await {
+                    Ok((revision, state, _)) => (revision, state),
                     Err(e) => return Response::Unavailable(e.to_string()),
                 };
                 match a {
                     AdminRequest::Nodes => Response::Admin(AdminResponse::Nodes(self.node_rows(&state))),
                     AdminRequest::Shards => Response::Admin(AdminResponse::Shards(shard_rows(&state))),
-                    AdminRequest::ShardsPage { from, limit } => Response::Admin(shards_page(&state, &from, limit)),
+                    AdminRequest::ShardsPage { from, limit } => {
+                        let summary = self.shards_summary(revision, &state);
+                        Response::Admin(shards_page(&state, &from, limit, summary))
+                    }
                     _ => {
                         let rows = self.node_rows(&state);
                         let live = rows.iter().filter(|r| r.report_age_ms.is_some_and(|a| a < 5_000)).count();
-                        let shards = shard_rows(&state);
+                        let summary = summarize(&state);
                         // This node's replica of the meta group, if it holds one: one group's
                         // state, not every group's.
                         let meta = self.inner.host.group_info_of(META_GROUP).await.ok();
@@ -47,8 +47,8 @@ impl Node {
                         Response::Admin(AdminResponse::Status(StatusReport {
                             nodes: rows.len(),
                             nodes_live: live,
-                            shards: shards.len(),
-                            shards_with_leader: shards.iter().filter(|s| s.leader.is_some()).count(),
+                            shards: summary.shards as usize,
+                            shards_with_leader: summary.with_leader as usize,
                             moves: state.moves.len(),
                             meta_leader,
                             meta_voters,
@@ -166,78 +166,4 @@ pub fn view_of(state: &MetaState) -> ClusterView {
 /// The client address of each node of `state`: what a cluster view and a map answer carry.
 pub(super) fn node_addresses(state: &MetaState) -> std::collections::BTreeMap<NodeId, String> {
     state.nodes.values().map(|n| (n.id, n.addr.clone())).collect()
-}
-
-/// Each shard's leader by the nodes' reports (one pass over the reports, not one per shard).
-fn leaders(state: &MetaState) -> HashMap<ShardId, NodeId> {
-    let mut out = HashMap::new();
-    for n in state.nodes.values() {
-        for s in &n.report.leading {
-            // A replica of the shard: a report can name a shard the node no longer holds.
-            if state.map.get(*s).is_some_and(|d| d.replica(n.id).is_some()) {
-                out.entry(*s).or_insert(n.id);
-            }
-        }
-    }
-    out
-}
-
-fn shard_rows(state: &MetaState) -> Vec<ShardRow> {
-    let leaders = leaders(state);
-    state.map.shards().map(|d| shard_row(state, &leaders, d)).collect()
-}
-
-/// The page of [`AdminRequest::ShardsPage`].
-fn shards_page(state: &MetaState, from: &[u8], limit: u32) -> AdminResponse {
-    let leaders = leaders(state);
-    let limit = limit.clamp(1, SHARDS_PAGE_MAX) as usize;
-    let mut summary = ShardsSummary::default();
-    let (mut rows, mut next) = (Vec::new(), None);
-    for d in state.map.shards() {
-        summary.shards += 1;
-        summary.with_leader += u64::from(leaders.contains_key(&d.id));
-        summary.moving += u64::from(state.moves.contains_key(&d.id));
-        summary.replicas += d.replicas.len() as u64;
-        summary.bytes += shard_bytes(state, d.id);
-        // The shards before the one holding `from` are skipped.
-        if d.end.as_deref().is_some_and(|end| end <= from) {
-            continue;
-        }
-        if rows.len() < limit {
-            rows.push(shard_row(state, &leaders, d));
-        } else if next.is_none() {
-            next = Some(d.start.clone());
-        }
-    }
-    AdminResponse::ShardsPage { rows, next, summary }
-}
-
-/// The largest size any node reports for `shard` (0 when none does).
-fn shard_bytes(state: &MetaState, shard: ShardId) -> u64 {
-    state.nodes.values().filter_map(|i| i.report.shard_bytes.get(&shard)).copied().max().unwrap_or(0)
-}
-
-fn shard_row(state: &MetaState, leaders: &HashMap<ShardId, NodeId>, d: &ShardDescriptor) -> ShardRow {
-    let applied = d
-        .replicas
-        .iter()
-        .filter_map(|r| state.nodes.get(&r.node).and_then(|i| i.report.applied.get(&d.id)).map(|a| (r.node, a.0)))
-        .collect();
-    let moving = state.moves.get(&d.id).map(|p| format!("{} -> {} at {:?}", p.from, p.to, p.step));
-    let merging = state.merge_of(d.id).map(|p| {
-        let phase = match p.phase {
-            crate::placement::MergePhase::Freezing => "freezing",
-            crate::placement::MergePhase::Committed { .. } => "committed",
-            crate::placement::MergePhase::Aborted => "aborted",
-        };
-        format!("merge {} of {} and {}: {phase}", p.id, p.left, p.right)
-    });
-    ShardRow {
-        descriptor: d.clone(),
-        leader: leaders.get(&d.id).copied(),
-        applied,
-        bytes: shard_bytes(state, d.id),
-        moving,
-        merging,
-    }
 }

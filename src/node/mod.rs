@@ -58,7 +58,9 @@ mod meta_client;
 mod meta_members;
 mod moves;
 mod reconcile;
+mod reconcile_rounds;
 mod report;
+mod shard_listing;
 pub use map_answer::{MAP_ANSWER_BYTES_MAX, MAP_CHANGES_SHARDS_MAX, MAP_PAGE_SHARDS_MAX};
 pub use report::{REPORTS_BETWEEN_WHOLE, REPORT_SHARDS_PER_MESSAGE};
 pub use whole_state::{META_PART_BYTES_DEFAULT, WHOLE_STATE_BYTES_MAX};
@@ -109,10 +111,12 @@ pub const LIVE_REPORT_AGE_MAX_MS: u64 = 10_000;
 pub const ANNOUNCE_RETRY_MS: u64 = 1_000;
 /// How often the reconciler looks for a change of the map or of the groups here (ms).
 pub const RECONCILE_MS: u64 = 200;
-/// How often the reconciler goes over every group and shard when neither changed, while its
-/// last round did or asked for something (ms).
+/// How often, at most, the reconciler goes over every group and shard when the map or the
+/// groups' summaries changed, or its last full round did or asked for something (ms); what
+/// the map's changes and moves under way point at it looks at every tick
+/// (`reconcile_rounds.rs`).
 pub const RECONCILE_FULL_MS: u64 = 1_000;
-/// How often it does when neither changed and its last round found nothing to do (ms).
+/// How often it does when nothing changed and its last full round found nothing to do (ms).
 pub const RECONCILE_IDLE_FULL_MS: u64 = 10_000;
 /// How long a meta operation may take, forwarding and retries included (ms).
 pub const META_OP_TIMEOUT_MS: u64 = 10_000;
@@ -387,6 +391,12 @@ pub struct NodeStats {
     pub meta_updates_whole: AtomicU64,
     /// Full rounds of the reconciler (every group against every shard of the map).
     pub reconcile_full_rounds: AtomicU64,
+    /// Time those rounds took, in microseconds.
+    pub reconcile_full_micros: AtomicU64,
+    /// Rounds of the reconciler over what changed only (the map's changes, moves under way).
+    pub reconcile_changed_rounds: AtomicU64,
+    /// Groups those rounds looked at.
+    pub reconcile_changed_groups: AtomicU64,
     /// Whole meta states this node received in parts.
     pub meta_whole_in_parts: AtomicU64,
     /// Refreshes of this node's copy that came as the changes since its revision.
@@ -419,8 +429,10 @@ struct Inner {
     meta: MetaClient,
     /// The reconciler's last request of each change per group (`reconcile.rs`).
     reconfig: Mutex<ReconfigTimes>,
-    /// What the reconciler's last full round saw, when, and whether it had work.
-    reconciled: Mutex<Option<reconcile::Reconciled>>,
+    /// The reconciler's last rounds: the last full one, and what the rounds since acted on.
+    reconciled: Mutex<Option<reconcile_rounds::Reconciled>>,
+    /// The last summary of the map `admin shards` computed (`shard_listing.rs`).
+    shards_summary: Mutex<shard_listing::SummaryCache>,
     /// The shards of this node's bootstrap with their ranges then, worked out once.
     bootstrap_shards: std::sync::OnceLock<reconcile::BootstrapShards>,
     /// Where this node is in forming its bootstrap shards (`bootstrap_forming.rs`).
@@ -582,6 +594,7 @@ impl Node {
             meta: MetaClient::default(),
             reconfig: Mutex::new(HashMap::new()),
             reconciled: Mutex::new(None),
+            shards_summary: Mutex::new(None),
             bootstrap_shards: std::sync::OnceLock::new(),
             bootstrap_forming: Mutex::new(forming),
             reconciler_paused: std::sync::atomic::AtomicBool::new(config.reconciler_paused),
@@ -794,6 +807,9 @@ impl Node {
             ("flotilla_meta_updates_whole_total", "Refreshes of this node's meta copy sent as the whole state.", &s.meta_updates_whole),
             ("flotilla_meta_whole_in_parts_total", "Whole meta states this node received in parts (too large for one answer).", &s.meta_whole_in_parts),
             ("flotilla_reconcile_full_rounds_total", "Full rounds of the reconciler (every group here against every shard of the map).", &s.reconcile_full_rounds),
+            ("flotilla_reconcile_full_microseconds_total", "Time the reconciler's full rounds took.", &s.reconcile_full_micros),
+            ("flotilla_reconcile_changed_rounds_total", "Rounds of the reconciler over what changed only (the map's changes, moves under way).", &s.reconcile_changed_rounds),
+            ("flotilla_reconcile_changed_groups_total", "Groups those rounds looked at.", &s.reconcile_changed_groups),
             ("flotilla_meta_updates_changes_total", "Refreshes of this node's meta copy sent as the changes since its revision.", &s.meta_updates_changes),
             ("flotilla_reports_whole_total", "Reports the meta leader took from this node whole.", &s.reports_whole),
             ("flotilla_reports_changed_total", "Reports the meta leader took from this node as the change from its previous one.", &s.reports_changed),
@@ -805,6 +821,8 @@ impl Node {
             ("flotilla_host_rounds_total", "Poller rounds.", &h.rounds),
             ("flotilla_host_campaigns_postponed_total", "Elections put off to a later poller tick (a poller starts a bounded number per tick).", &h.campaigns_postponed),
             ("flotilla_host_log_appends_total", "Groups' log writes handed to the store (with the syncs: appends per fsync).", &h.log_appends),
+            ("flotilla_host_info_builds_total", "Summaries of every group here built afresh (the shared copy was older).", &h.info_builds),
+            ("flotilla_host_info_build_microseconds_total", "Time those builds took.", &h.info_build_micros),
             ("flotilla_host_local_reads_total", "Lease reads served on the request's thread (the lease gate open), without a round to a poller.", &h.local_reads),
             ("flotilla_store_write_requests_total", "Write requests the store completed.", &w.requests),
             ("flotilla_store_write_batches_total", "RocksDB write batches (group commits).", &w.batches),

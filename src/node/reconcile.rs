@@ -5,7 +5,8 @@
 //! asking for each at most once per [`RECONFIG_RETRY_MS`].
 
 use super::bootstrap_forming::Forming;
-use super::{BootstrapConfig, Node, RECONCILE_FULL_MS, RECONCILE_IDLE_FULL_MS, RECONCILE_MS, RECONFIG_RETRY_MS};
+use super::reconcile_rounds::{full_round_due, groups_to_look_at, Reconciled, Seen};
+use super::{BootstrapConfig, Node, RECONCILE_MS, RECONFIG_RETRY_MS};
 use crate::meta::{shard_range, META_GROUP};
 use crate::peer_wire::MetaOp;
 use crate::placement::{
@@ -17,6 +18,7 @@ use crate::shard::{GroupInfo, HostError, KeyRange, KvCommand, KvResponse};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::ops::Bound;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
@@ -40,18 +42,6 @@ pub(super) enum Reconfig {
 
 /// When each change was last asked for, per group.
 pub(super) type ReconfigTimes = HashMap<(GroupId, Reconfig), Instant>;
-
-/// The reconciler's last full round.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Reconciled {
-    /// The meta revision, the number of groups here and the host's generation of summaries
-    /// (`Host::info_generation`) it saw.
-    seen: (u64, usize, u64),
-    /// When it started.
-    at: Instant,
-    /// Whether it did or asked for anything, or stopped early.
-    busy: bool,
-}
 
 impl Node {
     /// The reconciler task: [`Node::reconcile`] every [`RECONCILE_MS`] until shutdown.
@@ -77,47 +67,25 @@ impl Node {
                 debug!(error = %e, "cannot read the meta state");
             }
         }
-        // A round looks at every group here and every shard of the map: with thousands of
-        // each, only when the map or the set of groups changed, or a round is due anyway
-        // (a leadership moved, a change asked for earlier may be asked again).
-        // A round that found nothing to do, on the same map and the same groups (the host's
-        // generation of summaries: a role, an applied index, a configuration), would find
-        // nothing again: on an idle node of thousands of groups that is most rounds, and each
-        // reads every group. Such a node still looks once per RECONCILE_IDLE_FULL_MS.
-        let seen = (self.meta_revision(), self.inner.host.group_count(), self.inner.host.info_generation());
-        let full = match self.inner.reconciled.lock() {
-            Ok(mut last) => {
-                // A new map or a group come or gone: at once. Groups that changed (on a node
-                // taking writes, nearly every poller round) or a round that had work: once per
-                // RECONCILE_FULL_MS.
-                let due = match *last {
-                    None => true,
-                    Some(l) if (l.seen.0, l.seen.1) != (seen.0, seen.1) => true,
-                    Some(l) if l.seen.2 != seen.2 || l.busy => {
-                        l.at.elapsed() >= Duration::from_millis(RECONCILE_FULL_MS)
-                    }
-                    Some(l) => l.at.elapsed() >= Duration::from_millis(RECONCILE_IDLE_FULL_MS),
-                };
-                if due {
-                    // Busy until the round says otherwise: a round that stops early is tried
-                    // again at the usual pace.
-                    *last = Some(Reconciled { seen, at: Instant::now(), busy: true });
-                }
-                due
-            }
-            Err(_) => true,
-        };
+        // A full round costs every group here and every shard of the map; in between, a
+        // round of what changed costs only what moved (`reconcile_rounds.rs`).
+        let (revision, view) = self.meta_view_with_revision();
+        let host = &self.inner.host;
+        let seen = Seen { revision, groups: host.group_count(), generation: host.info_generation() };
+        let forming = self.inner.bootstrap_forming.lock().map(|f| f.open()).unwrap_or(true);
+        let last = self.inner.reconciled.lock().ok().and_then(|l| l.clone());
+        let full = full_round_due(last.as_ref(), seen, forming, Instant::now());
         // Merges in progress move on every round: their steps wait on the groups (a freeze
         // reaching every replica), which the checks below do not watch. A group frozen for a
         // merge the view no longer holds (to be thawed or removed) is looked for in full
         // rounds only: that reads every group's merge state.
         // On a task of their own: a step may wait on a group (a merge entry applying) for as
         // long as a request may, and the rest of the round must not wait with it.
-        let view = self.meta_view();
-        if (!view.merges.is_empty() || (full && self.inner.host.any_frozen()))
+        if (!view.merges.is_empty() || (full && host.any_frozen()))
             && !self.inner.merges_running.swap(true, std::sync::atomic::Ordering::AcqRel)
         {
             let node = self.clone();
+            let view = view.clone();
             tokio::spawn(async move {
                 // Reset however the task ends (a panic included): merges must not stop here.
                 struct Running(Node);
@@ -130,26 +98,38 @@ impl Node {
                 running.0.drive_merges(&view).await;
             });
         }
-        if !full {
+        let me = self.inner.id;
+        if full {
+            self.inner.stats.reconcile_full_rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let started = Instant::now();
+            let (busy, groups) = self.reconcile_full(&view).await;
+            // Merges under way, and groups frozen by a merge that is over (thawed or removed by
+            // `drive_merges`, whose steps may fail and be asked again), count as work.
+            let busy = busy || !self.meta_view().merges.is_empty() || host.any_frozen();
+            let took = started.elapsed().as_micros() as u64;
+            self.inner.stats.reconcile_full_micros.fetch_add(took, std::sync::atomic::Ordering::Relaxed);
+            let done = Reconciled::after_full_round(last, seen, started, busy, &view.map, groups);
+            if let Ok(mut last) = self.inner.reconciled.lock() {
+                *last = Some(done);
+            }
             return;
         }
-        self.inner.stats.reconcile_full_rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // Merges under way, and groups frozen by a merge that is over (thawed or removed by
-        // `drive_merges`, whose steps may fail and be asked again), count as work.
-        let busy = self.reconcile_full().await || !self.meta_view().merges.is_empty() || self.inner.host.any_frozen();
+        let Some(last) = last.filter(|_| !forming) else { return };
+        self.learn_addresses(&view);
+        let (groups, waiting) = groups_to_look_at(&last, &view, me);
+        if groups.is_empty() {
+            return;
+        }
+        let (busy, to_create) = self.reconcile_changed(&view, &groups).await;
+        let done = last.after_changed_round(&view.map, busy, waiting, to_create);
         if let Ok(mut last) = self.inner.reconciled.lock() {
-            if let Some(l) = last.as_mut().filter(|l| l.seen == seen) {
-                l.busy = busy;
-            }
+            *last = Some(done);
         }
     }
 
-    /// A full round: every group here against every shard of the map. Whether it did or
-    /// asked for anything, or stopped early (so that the next one comes at the usual pace,
-    /// not only when something changed).
-    async fn reconcile_full(&self) -> bool {
-        let state = self.meta_view();
-        let me = self.inner.id;
+    /// Tells the transport where the nodes of `state` listen (those of higher ids: a pair's
+    /// connection is opened by its lower id).
+    pub(super) fn learn_addresses(&self, state: &MetaState) {
         for (id, info) in &state.nodes {
             if *id > self.inner.id {
                 if let Ok(a) = info.addr.parse::<SocketAddr>() {
@@ -157,8 +137,17 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// A full round: every group here against every shard of the map. Whether it did or
+    /// asked for anything, or stopped early (so that the next one comes at the usual pace,
+    /// not only when something changed), and the groups it found work for (`None`: it stopped
+    /// before it looked at them).
+    async fn reconcile_full(&self, state: &Arc<MetaState>) -> (bool, Option<BTreeSet<GroupId>>) {
+        let me = self.inner.id;
+        self.learn_addresses(state);
         if state.map.is_empty() {
-            return true;
+            return (true, None);
         }
         let host = &self.inner.host;
         let ids = host.groups();
@@ -179,14 +168,14 @@ impl Node {
         // replica at all.
         if forming.open() && state.bootstrap.as_ref().is_some_and(|b| b.formed.contains(&me)) {
             self.report_wiped();
-            return true;
+            return (true, None);
         }
         // The rule that forms a shard whatever the map holds of it now needs the first voters
         // the cluster recorded (a cluster bootstrapped before the record forms by the older
         // rule only).
         let first_forming = forming.open() && state.bootstrap.as_ref().is_some_and(|b| b.voters.contains(&me));
         let bootstrap = match missing || forming.open() {
-            true => self.bootstrap_to_form(&state, !missing),
+            true => self.bootstrap_to_form(state, !missing),
             false => Some(&NO_BOOTSTRAP),
         };
         let mut creations =
@@ -199,7 +188,7 @@ impl Node {
             match self.meta_read_fresh().await {
                 Ok(fresh) if fresh.bootstrap.as_ref().is_some_and(|b| b.formed.contains(&me)) => {
                     self.report_wiped();
-                    return true;
+                    return (true, None);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -249,13 +238,42 @@ impl Node {
                 Err(e) => warn!(node = me.0, error = %e, "cannot record that the bootstrap's shards are formed"),
             }
         }
-        let Ok((_, infos)) = host.group_info_shared().await else { return true };
+        let Ok((_, infos)) = host.group_info_shared().await else { return (true, None) };
         busy |= still_forming;
-        for (group, why) in replicas_to_destroy(me, &infos, &state) {
-            busy = true;
-            // Until forming is recorded done, a bootstrap shard removed here would be formed
-            // again if placed here again: kept till then (a round or so).
-            if still_forming && bootstrap.is_some_and(|b| b.get(&group).is_some_and(|b| b.voters.contains(&me))) {
+        // Until forming is recorded done, a bootstrap shard removed here would be formed again
+        // if placed here again: kept till then (a round or so).
+        let kept = if still_forming { bootstrap } else { None };
+        let busy_groups = self.act_on_groups(state, &infos, kept).await;
+        busy |= !busy_groups.is_empty();
+        // Last (it waits on the meta leader): the cluster records that this first voter
+        // formed its bootstrap shards, so that it is never let form one again under its id.
+        let unrecorded = state.bootstrap.as_ref().is_some_and(|b| b.voters.contains(&me) && !b.formed.contains(&me));
+        busy |= unrecorded;
+        if !still_forming && unrecorded {
+            let op = MetaOp::Commands(vec![crate::placement::MetaCommand::BootstrapFormed { node: me }]);
+            if let Err(e) = self.meta_exec(op, false).await {
+                debug!(node = me.0, error = %e, "cannot record in the meta state that this node formed its shards");
+            }
+        }
+        (busy, Some(busy_groups))
+    }
+
+    /// What the groups `infos` describe need so that they follow the view `state`: deletes
+    /// the replicas their groups no longer count (but the bootstrap shards in `kept` this node
+    /// is a first voter of), and on the groups this node leads proposes the map's splits,
+    /// learners, voter changes and leader transfers. The groups that had something to do.
+    pub(super) async fn act_on_groups(
+        &self,
+        state: &Arc<MetaState>,
+        infos: &[GroupInfo],
+        kept: Option<&BootstrapShards>,
+    ) -> BTreeSet<GroupId> {
+        let me = self.inner.id;
+        let host = &self.inner.host;
+        let mut busy = BTreeSet::new();
+        for (group, why) in replicas_to_destroy(me, infos, state) {
+            busy.insert(group);
+            if kept.is_some_and(|b| b.get(&group).is_some_and(|b| b.voters.contains(&me))) {
                 debug!(node = me.0, shard = group.0, "shard replica kept until the bootstrap's shards are formed");
                 continue;
             }
@@ -277,7 +295,7 @@ impl Node {
             let Some((at, right)) = split_to_propose(i, host.group_range(i.group).as_ref(), &state.map) else {
                 continue;
             };
-            busy = true;
+            busy.insert(i.group);
             if self.due(i.group, vec![Reconfig::Split { new: right }]).is_empty() {
                 continue;
             }
@@ -289,8 +307,10 @@ impl Node {
         }
         // Ranges are read again: a split proposed above may have been applied since.
         for i in led {
-            let wanted = reconfigs_wanted(me, i, host.group_range(i.group).as_ref(), &state);
-            busy |= !wanted.is_empty();
+            let wanted = reconfigs_wanted(me, i, host.group_range(i.group).as_ref(), state);
+            if !wanted.is_empty() {
+                busy.insert(i.group);
+            }
             for what in self.due(i.group, wanted) {
                 let done = match &what {
                     Reconfig::AddLearner(n) => host.add_learner(i.group, *n).await.map(drop),
@@ -306,16 +326,6 @@ impl Node {
                     (Ok(()), _) => {}
                     (Err(e), _) => debug!(shard = i.group.0, change = ?what, error = %e, "group change not done"),
                 }
-            }
-        }
-        // Last (it waits on the meta leader): the cluster records that this first voter
-        // formed its bootstrap shards, so that it is never let form one again under its id.
-        let unrecorded = state.bootstrap.as_ref().is_some_and(|b| b.voters.contains(&me) && !b.formed.contains(&me));
-        busy |= unrecorded;
-        if !still_forming && unrecorded {
-            let op = MetaOp::Commands(vec![crate::placement::MetaCommand::BootstrapFormed { node: me }]);
-            if let Err(e) = self.meta_exec(op, false).await {
-                debug!(node = me.0, error = %e, "cannot record in the meta state that this node formed its shards");
             }
         }
         busy

@@ -54,13 +54,15 @@ impl Poller {
         self.durable_waits.retain(|(_, gid, _, _)| *gid != id);
     }
 
-    /// The state of every group on this poller (`only`: of that group alone, if here).
-    /// In id order; `matched` is filled only for a group asked for alone (a map per led group,
-    /// which only a merge's step reads, was a good part of the cost of a summary of all).
-    pub(super) fn info(&self, only: Option<GroupId>) -> Vec<GroupInfo> {
+    /// The state of every group on this poller (`only`: of those groups, the ones here).
+    /// In id order; `matched` is filled only for groups asked for by name (a map per led
+    /// group, which only a merge's step reads, was a good part of the cost of a summary of all).
+    pub(super) fn info(&self, only: Option<&[GroupId]>) -> Vec<GroupInfo> {
         let mut confs = Configurations::default();
         match only {
-            Some(id) => self.groups.get(&id).map(|g| group_info(g, &mut confs, true)).into_iter().collect(),
+            Some(ids) => {
+                ids.iter().filter_map(|id| self.groups.get(id)).map(|g| group_info(g, &mut confs, true)).collect()
+            }
             None => {
                 // Ordered here, by reference: the host merges the pollers' runs instead of
                 // sorting whole summaries.

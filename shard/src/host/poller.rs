@@ -62,8 +62,8 @@ pub(crate) enum PollerMsg {
         result: Result<(), SnapshotError>,
     },
     Installed(GroupId, SnapshotMeta, u64, Result<(), SnapshotError>),
-    /// The state of every group of this poller, or of one.
-    Info(Option<GroupId>, oneshot::Sender<Vec<GroupInfo>>),
+    /// The state of every group of this poller, or of those named (with `matched`).
+    Info(Option<Vec<GroupId>>, oneshot::Sender<Vec<GroupInfo>>),
     /// Park `group` for `into` to absorb in merge `merge`, if it holds the freeze `freeze`.
     Park {
         group: GroupId,
@@ -239,8 +239,9 @@ impl Poller {
                 // A group changed earlier in this round shows that change in the answer, and
                 // its fingerprint is compared only when it is driven: if it changed back by
                 // then, the generation must still move past this answer.
-                self.info_changed |= !self.dirty.is_empty();
-                let _ = reply.send(self.info(only));
+                // Named groups' answers are not kept against the generation.
+                self.info_changed |= only.is_none() && !self.dirty.is_empty();
+                let _ = reply.send(self.info(only.as_deref()));
             }
             PollerMsg::Park { group, into, merge, freeze, reply } => {
                 let _ = reply.send(self.on_park(group, into, merge, freeze));
