@@ -285,6 +285,14 @@ impl Node {
         Err(NodeError::MetaUnavailable(format!("timed out: {last_err}")))
     }
 
+    /// Sends `req` to node `to` and decodes the answer (a refusal is an answer too).
+    async fn ask_peer(&self, to: NodeId, req: &PeerRequest) -> Result<PeerResponse, PeerFailure> {
+        let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
+        let bytes = self.inner.transport.request(to, req.encode(), timeout).await;
+        let bytes = bytes.map_err(|e| PeerFailure::Unreachable(format!("node {to}: {e}")))?;
+        PeerResponse::decode(&bytes).map_err(|e| PeerFailure::Garbled(format!("node {to}: {e}")))
+    }
+
     /// Runs `op` on node `to` (the meta leader, or a node that forwards it there) and brings
     /// this node's view to the state after it with what `to` answers: the changes since the
     /// view's revision, or the whole state when `to` does not hold them all.
@@ -296,43 +304,49 @@ impl Node {
     ) -> Result<(u64, Arc<MetaState>, AdminResponse), MetaTry> {
         let (since, view) = self.meta_view_with_revision();
         let req = PeerRequest::MetaSince { op: op.clone(), since: (since > 0).then_some(since), forwarded };
-        let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
-        let bytes = self.inner.transport.request(to, req.encode(), timeout).await;
-        match bytes.map(|b| PeerResponse::decode(&b)) {
-            Ok(Ok(PeerResponse::MetaSince { revision, update, leader, answer })) => {
+        match self.ask_peer(to, &req).await {
+            Ok(PeerResponse::MetaSince { revision, update, leader, answer }) => {
                 self.set_follow_peer(leader.filter(|l| *l != self.inner.id));
                 match self.view_after(to, since, &view, revision, update).await {
                     Ok(state) => Ok((revision, state, answer)),
-                    // The op ran: its answer stands, and the state is read whole instead (sent
-                    // again, the op would be judged a second time).
                     Err(e) => {
                         warn!(node = to.0, error = %e, "the changes since this node's view did not apply: reading the meta state whole");
-                        let read = PeerRequest::MetaSince { op: MetaOp::Read, since: None, forwarded };
-                        let bytes = self.inner.transport.request(to, read.encode(), timeout).await;
-                        match bytes.map(|b| PeerResponse::decode(&b)) {
-                            Ok(Ok(PeerResponse::MetaSince { revision: at, update, .. })) => {
-                                let state = self.view_after(to, 0, &MetaState::default(), at, update).await;
-                                let state =
-                                    state.map_err(|e| MetaTry::Retry(format!("meta state from node {to}: {e}")))?;
-                                Ok((at.max(revision), state, answer))
-                            }
-                            _ => Ok((revision, self.meta_view(), answer)),
-                        }
+                        self.read_whole_after(to, revision, answer, forwarded).await
                     }
                 }
             }
-            Ok(Ok(PeerResponse::Refused(e))) => Err(MetaTry::Refused(e)),
-            Ok(Ok(other)) => Err(MetaTry::Retry(format!("node {to} answered {other:?}"))),
-            Ok(Err(e)) => Err(MetaTry::Retry(e.to_string())),
-            Err(e) => {
+            Ok(PeerResponse::Refused(e)) => Err(MetaTry::Refused(e)),
+            Ok(other) => Err(MetaTry::Retry(format!("node {to} answered {other:?}"))),
+            Err(PeerFailure::Garbled(e)) => Err(MetaTry::Retry(e)),
+            Err(PeerFailure::Unreachable(e)) => {
                 // A leader named by an earlier answer that cannot be reached: not asked first
                 // next time.
                 if self.meta_leader_named() == Some(to) {
                     self.set_follow_peer(None);
                 }
-                Err(MetaTry::Retry(format!("node {to}: {e}")))
+                Err(MetaTry::Retry(e))
             }
         }
+    }
+
+    /// After an op that ran on node `to` (state at `revision`, answered `answer`) whose changes
+    /// did not apply to this node's view: the state read whole from `to`. The op's answer
+    /// stands; sent again, the op would be judged a second time. Without the whole state, the
+    /// view as it is.
+    async fn read_whole_after(
+        &self,
+        to: NodeId,
+        revision: u64,
+        answer: AdminResponse,
+        forwarded: bool,
+    ) -> Result<(u64, Arc<MetaState>, AdminResponse), MetaTry> {
+        let read = PeerRequest::MetaSince { op: MetaOp::Read, since: None, forwarded };
+        let Ok(PeerResponse::MetaSince { revision: at, update, .. }) = self.ask_peer(to, &read).await else {
+            return Ok((revision, self.meta_view(), answer));
+        };
+        let state = self.view_after(to, 0, &MetaState::default(), at, update).await;
+        let state = state.map_err(|e| MetaTry::Retry(format!("meta state from node {to}: {e}")))?;
+        Ok((at.max(revision), state, answer))
     }
 
     /// Runs `op` on node `to`, as [`Node::forward_since`] does, and is answered with the meta
@@ -344,10 +358,8 @@ impl Node {
         forwarded: bool,
     ) -> Result<(u64, Arc<MetaState>, AdminResponse), MetaTry> {
         let req = PeerRequest::Meta { op: op.clone(), forwarded };
-        let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
-        let bytes = self.inner.transport.request(to, req.encode(), timeout).await;
-        match bytes.map(|b| PeerResponse::decode(&b)) {
-            Ok(Ok(PeerResponse::Meta { state, answer })) => {
+        match self.ask_peer(to, &req).await {
+            Ok(PeerResponse::Meta { state, answer }) => {
                 let bytes = self.assemble_from(to, state).await;
                 let bytes = bytes.map_err(|e| MetaTry::Retry(format!("meta state from node {to}: {e}")))?;
                 let (revision, s) = meta::decode_view(&bytes).map_err(MetaTry::Refused)?;
@@ -355,10 +367,9 @@ impl Node {
                 self.set_view(revision, s.clone());
                 Ok((revision, s, answer))
             }
-            Ok(Ok(PeerResponse::Refused(e))) => Err(MetaTry::Refused(e)),
-            Ok(Ok(other)) => Err(MetaTry::Retry(format!("meta leader {to} answered {other:?}"))),
-            Ok(Err(e)) => Err(MetaTry::Retry(e.to_string())),
-            Err(e) => Err(MetaTry::Retry(format!("node {to}: {e}"))),
+            Ok(PeerResponse::Refused(e)) => Err(MetaTry::Refused(e)),
+            Ok(other) => Err(MetaTry::Retry(format!("meta leader {to} answered {other:?}"))),
+            Err(PeerFailure::Garbled(e) | PeerFailure::Unreachable(e)) => Err(MetaTry::Retry(e)),
         }
     }
 
@@ -473,9 +484,8 @@ impl Node {
             };
             let since = self.inner.meta.followed.lock().ok().and_then(|f| f.as_ref().map(StoredMeta::revision));
             let req = PeerRequest::MetaSince { op: op.clone(), since, forwarded: false };
-            let timeout = Duration::from_millis(PEER_REQUEST_TIMEOUT_MS);
-            match self.inner.transport.request(to, req.encode(), timeout).await.map(|b| PeerResponse::decode(&b)) {
-                Ok(Ok(PeerResponse::MetaSince { revision, update, leader, answer })) => {
+            match self.ask_peer(to, &req).await {
+                Ok(PeerResponse::MetaSince { revision, update, leader, answer }) => {
                     self.set_follow_peer(leader.filter(|l| *l != self.inner.id));
                     match self.assemble_update_from(to, update).await.and_then(|u| self.follow(revision, u)) {
                         Ok(()) => return Ok(answer),
@@ -483,18 +493,14 @@ impl Node {
                         Err(e) => last_err = format!("meta update from {to}: {e}"),
                     }
                 }
-                Ok(Ok(PeerResponse::Refused(e))) => return Err(NodeError::Meta(e)),
-                Ok(Ok(other)) => {
+                Ok(PeerResponse::Refused(e)) => return Err(NodeError::Meta(e)),
+                Ok(other) => {
                     self.set_follow_peer(None);
                     last_err = format!("node {to} answered {other:?}");
                 }
-                Ok(Err(e)) => {
+                Err(PeerFailure::Garbled(e) | PeerFailure::Unreachable(e)) => {
                     self.set_follow_peer(None);
-                    last_err = e.to_string();
-                }
-                Err(e) => {
-                    self.set_follow_peer(None);
-                    last_err = format!("node {to}: {e}");
+                    last_err = e;
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -932,6 +938,15 @@ pub(super) enum MetaAnswer {
     WithReports,
 }
 
+/// Why a request to a peer brought no answer.
+enum PeerFailure {
+    /// It did not reach the peer, or no answer came back in time.
+    Unreachable(String),
+    /// The answer did not decode.
+    Garbled(String),
+}
+
+/// How one try of a meta op on a node ended.
 enum MetaTry {
     /// Not the meta leader; the leader if known.
     Leader(Option<NodeId>),

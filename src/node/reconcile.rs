@@ -98,30 +98,36 @@ impl Node {
                 running.0.drive_merges(&view).await;
             });
         }
-        let me = self.inner.id;
-        if full {
-            self.inner.stats.reconcile_full_rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let started = Instant::now();
-            let (busy, groups) = self.reconcile_full(&view).await;
-            // Merges under way, and groups frozen by a merge that is over (thawed or removed by
-            // `drive_merges`, whose steps may fail and be asked again), count as work.
-            let busy = busy || !self.meta_view().merges.is_empty() || host.any_frozen();
-            let took = started.elapsed().as_micros() as u64;
-            self.inner.stats.reconcile_full_micros.fetch_add(took, std::sync::atomic::Ordering::Relaxed);
-            let done = Reconciled::after_full_round(last, seen, started, busy, &view.map, groups);
-            if let Ok(mut last) = self.inner.reconciled.lock() {
-                *last = Some(done);
+        let (me, mut last) = (self.inner.id, last);
+        if !full {
+            let Some(l) = last.filter(|_| !forming) else { return };
+            self.learn_addresses(&view);
+            let (groups, waiting) = groups_to_look_at(&l, &view, me);
+            if groups.is_empty() {
+                return;
             }
-            return;
+            let (busy, to_create) = self.reconcile_changed(&view, &groups).await;
+            let done = l.after_changed_round(&view.map, busy, waiting, to_create);
+            // A replica to create (a move's target): the full round that creates it comes in
+            // this tick, not the next, if its spacing allows.
+            let create_now = to_create && full_round_due(Some(&done), seen, forming, Instant::now());
+            if let Ok(mut l) = self.inner.reconciled.lock() {
+                *l = Some(done.clone());
+            }
+            if !create_now {
+                return;
+            }
+            last = Some(done);
         }
-        let Some(last) = last.filter(|_| !forming) else { return };
-        self.learn_addresses(&view);
-        let (groups, waiting) = groups_to_look_at(&last, &view, me);
-        if groups.is_empty() {
-            return;
-        }
-        let (busy, to_create) = self.reconcile_changed(&view, &groups).await;
-        let done = last.after_changed_round(&view.map, busy, waiting, to_create);
+        self.inner.stats.reconcile_full_rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let started = Instant::now();
+        let (busy, groups) = self.reconcile_full(&view).await;
+        // Merges under way, and groups frozen by a merge that is over (thawed or removed by
+        // `drive_merges`, whose steps may fail and be asked again), count as work.
+        let busy = busy || !self.meta_view().merges.is_empty() || host.any_frozen();
+        let took = started.elapsed().as_micros() as u64;
+        self.inner.stats.reconcile_full_micros.fetch_add(took, std::sync::atomic::Ordering::Relaxed);
+        let done = Reconciled::after_full_round(last, seen, started, busy, &view.map, groups);
         if let Ok(mut last) = self.inner.reconciled.lock() {
             *last = Some(done);
         }
