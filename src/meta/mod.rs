@@ -118,6 +118,24 @@ pub fn decode_view(bytes: &[u8]) -> Result<(u64, MetaState), String> {
 /// processes on a 2-core machine with 100,000 shards each on all three (BENCHMARKS.md).
 pub const BOOTSTRAP_SHARDS_MAX: u32 = 100_000;
 
+/// For tests: a meta state of nodes 1, 2 and 3, bootstrapped on all three and split into
+/// `shards` shards at [`dev_split_keys`].
+#[cfg(test)]
+pub(crate) fn three_node_state(shards: u32) -> crate::placement::MetaState {
+    use crate::placement::{MetaCommand, MetaState, NodeId};
+    let mut s = MetaState::default();
+    for n in 1..=3 {
+        let cmd = MetaCommand::RegisterNode { node: NodeId(n), addr: format!("127.0.0.1:{}", 7000 + n) };
+        s.apply(cmd).expect("register");
+    }
+    s.apply(MetaCommand::Bootstrap { nodes: vec![NodeId(1), NodeId(2), NodeId(3)] }).expect("bootstrap");
+    for key in dev_split_keys(shards) {
+        let d = s.map.lookup(&key).expect("a shard holds every key").clone();
+        s.apply(MetaCommand::Split { shard: d.id, epoch: d.epoch, key }).expect("split");
+    }
+    s
+}
+
 /// Split keys spreading `shards` shards evenly over hex prefixes (the bench's keys are hex
 /// strings, and most text keys land in some shard): `shards - 1` keys, of two hex digits
 /// (`00`..`ff`) up to 256 shards, of four (`0000`..`ffff`) up to 65,536, of six beyond.

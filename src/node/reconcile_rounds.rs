@@ -210,7 +210,6 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::dev_split_keys;
     use crate::placement::{MetaCommand, MovePlan, MoveStep, Tombstone};
     use std::collections::BTreeMap;
 
@@ -256,16 +255,7 @@ mod tests {
     }
 
     fn state(shards: u32) -> MetaState {
-        let mut s = MetaState::default();
-        for n in 1..=3 {
-            let cmd = MetaCommand::RegisterNode { node: NodeId(n), addr: format!("127.0.0.1:{}", 7000 + n) };
-            s.apply(cmd).expect("register");
-        }
-        s.apply(MetaCommand::Bootstrap { nodes: vec![NodeId(1), NodeId(2), NodeId(3)] }).expect("bootstrap");
-        for key in dev_split_keys(shards) {
-            split(&mut s, key);
-        }
-        s
+        crate::meta::three_node_state(shards)
     }
 
     /// Splits the shard holding `key` at `key`; the id of the new right-hand shard.

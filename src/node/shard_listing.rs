@@ -143,22 +143,11 @@ fn shard_row(state: &MetaState, leading: &Leading<'_>, d: &ShardDescriptor) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::dev_split_keys;
-    use crate::placement::{MetaCommand, NodeReport};
+    use crate::placement::NodeReport;
     use std::sync::Arc;
 
     fn state(shards: u32) -> MetaState {
-        let mut s = MetaState::default();
-        for n in 1..=3 {
-            let cmd = MetaCommand::RegisterNode { node: NodeId(n), addr: format!("127.0.0.1:{}", 7000 + n) };
-            s.apply(cmd).expect("register");
-        }
-        s.apply(MetaCommand::Bootstrap { nodes: vec![NodeId(1), NodeId(2), NodeId(3)] }).expect("bootstrap");
-        for key in dev_split_keys(shards) {
-            let d = s.map.lookup(&key).expect("a shard holds every key").clone();
-            s.apply(MetaCommand::Split { shard: d.id, epoch: d.epoch, key }).expect("split");
-        }
-        s
+        crate::meta::three_node_state(shards)
     }
 
     fn report(state: &mut MetaState, node: u64, leading: Vec<ShardId>, bytes: &[(u64, u64)]) {
