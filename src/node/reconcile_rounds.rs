@@ -11,10 +11,12 @@
 //! A **round of what changed** ([`Node::reconcile_changed`]) runs on every tick in between.
 //! It looks only at the groups whose shards changed in the map since the last round, the
 //! shards a move, a tombstone, a leader transfer or a merge names, and the groups the last
-//! round found work for. Those are what a move, a split or a removal is waiting on, so each
-//! of their steps is taken within a tick, however many groups the node holds. It decides with
-//! the same functions as a full round ([`Node::act_on_groups`]) on each group's summary read
-//! afresh, so it never decides otherwise than a full round would; it only looks at less.
+//! round found work for, at most [`CHANGED_ROUND_GROUPS_MAX`] (the rest wait their turn).
+//! Those are what a move, a split or a removal is waiting on, so their steps do not wait for
+//! a full round, however many groups the node holds; creating a replica does (a move's
+//! target), and so do groups frozen by a merge that is over. For the groups it looks at it
+//! decides with the full round's own code ([`Node::act_on_groups`]), on each group's summary
+//! read afresh.
 
 use super::{Node, RECONCILE_FULL_MS, RECONCILE_IDLE_FULL_MS};
 use crate::meta::META_GROUP;
