@@ -20,7 +20,7 @@
 
 use super::{Node, RECONCILE_FULL_MS, RECONCILE_IDLE_FULL_MS};
 use crate::meta::META_GROUP;
-use crate::placement::{MetaState, NodeId, ShardMap};
+use crate::placement::{MetaState, NodeId, ShardDescriptor, ShardMap};
 use crate::raft::GroupId;
 use crate::shard::KeyRange;
 use std::collections::BTreeSet;
@@ -201,10 +201,17 @@ impl Node {
         let Ok(infos) = host.group_info_of_many(groups).await else { return (groups.clone(), false) };
         // A shard placed here and not here is one to create, unless a group here still holds
         // its first key: the map split it off that group, whose split entry starts it.
-        let held: Vec<KeyRange> = infos.iter().filter_map(|i| host.group_range(i.group)).collect();
-        let to_create = groups.iter().filter(|g| !host.hosts(**g)).any(|g| {
-            state.map.get(*g).is_some_and(|d| d.replica(me).is_some() && !held.iter().any(|r| r.contains(&d.start)))
-        });
+        // The ranges are read (a lock each) only when such a shard is found.
+        let placed: Vec<&ShardDescriptor> = groups
+            .iter()
+            .filter(|g| !host.hosts(**g))
+            .filter_map(|g| state.map.get(*g))
+            .filter(|d| d.replica(me).is_some())
+            .collect();
+        let to_create = !placed.is_empty() && {
+            let held: Vec<KeyRange> = infos.iter().filter_map(|i| host.group_range(i.group)).collect();
+            placed.iter().any(|d| !held.iter().any(|r| r.contains(&d.start)))
+        };
         (self.act_on_groups(state, &infos, None).await, to_create)
     }
 }

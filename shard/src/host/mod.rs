@@ -790,11 +790,7 @@ impl Host {
 
     /// The state of one group on this node: asks only its poller, and describes only it.
     pub async fn group_info_of(&self, group: GroupId) -> Result<GroupInfo, HostError> {
-        let poller = self.entry(group)?.poller;
-        let (tx, rx) = oneshot::channel();
-        let p = self.shared.pollers.get(poller).ok_or(HostError::UnknownGroup(group))?;
-        p.send(PollerMsg::Info(Some(vec![group]), tx)).map_err(|_| HostError::Stopped)?;
-        rx.await.map_err(|_| HostError::Stopped)?.pop().ok_or(HostError::UnknownGroup(group))
+        self.group_info_of_many(&BTreeSet::from([group])).await?.pop().ok_or(HostError::UnknownGroup(group))
     }
 
     /// The state of each of `groups` on this node (those not here are left out), in id order:
