@@ -124,6 +124,9 @@ pub struct ServerFigures {
     pub appends_per_fsync: f64,
     /// Share of the run the store's writer spent writing (0..1): near 1, the disk bounds puts.
     pub writer_busy: f64,
+    /// Raft messages it sent per second (appends, heartbeats, answers; every group): with reads,
+    /// how many reads one ReadIndex round of heartbeats carried.
+    pub raft_messages_per_s: f64,
 }
 
 impl ServerFigures {
@@ -140,6 +143,7 @@ impl ServerFigures {
             fsyncs_per_s: per_s("flotilla_store_syncs_total"),
             appends_per_fsync: if syncs > 0.0 { delta("flotilla_host_log_appends_total") / syncs } else { 0.0 },
             writer_busy: per_s("flotilla_store_write_microseconds_total") / 1e6,
+            raft_messages_per_s: per_s("flotilla_host_messages_sent_total"),
         }
     }
 }
@@ -379,6 +383,7 @@ mod tests {
                 ("flotilla_store_write_batches_total".to_string(), syncs * 2.0),
                 ("flotilla_host_log_appends_total".to_string(), appends),
                 ("flotilla_store_write_microseconds_total".to_string(), syncs * 1_000.0),
+                ("flotilla_host_messages_sent_total".to_string(), requests * 3.0),
             ])
         };
         let f = ServerFigures::between(2, &page(100.0, 10.0, 30.0), &page(2_100.0, 210.0, 830.0), 2.0);
@@ -387,6 +392,7 @@ mod tests {
         assert_eq!(f.appends_per_fsync, 4.0);
         // 200 fsyncs of 1 ms in 2 s: the writer was busy a tenth of the run.
         assert_eq!(f.writer_busy, 0.1);
+        assert_eq!(f.raft_messages_per_s, 3_000.0);
         // A node that did no fsync (a restarted counter reads as none) divides by nothing.
         let idle = ServerFigures::between(3, &page(5.0, 9.0, 9.0), &page(5.0, 3.0, 9.0), 1.0);
         assert_eq!((idle.fsyncs_per_s, idle.appends_per_fsync), (0.0, 0.0));

@@ -145,13 +145,14 @@ pub async fn run(a: BenchArgs) -> Result<i32> {
         for f in &report.servers {
             println!(
                 "  node {}:   {:.0} requests/s, {:.0} write batches/s, {:.0} fsyncs/s, {:.1} shard appends per fsync, \
-                 writer busy {:.0}%",
+                 writer busy {:.0}%, {:.0} Raft messages sent/s",
                 f.node,
                 f.requests_per_s,
                 f.write_batches_per_s,
                 f.fsyncs_per_s,
                 f.appends_per_fsync,
-                f.writer_busy * 100.0
+                f.writer_busy * 100.0,
+                f.raft_messages_per_s
             );
         }
         for r in &report.timeline {
