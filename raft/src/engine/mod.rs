@@ -744,10 +744,13 @@ impl Engine {
 
     /// Whether [`Engine::poll_action`] has something to return: actions queued, or a read
     /// round requested, whose heartbeats are made when polled (so that reads asked for in one
-    /// step share one round).
+    /// step share one round), unless it waits for the round in flight (then it leaves when a
+    /// quorum answers that one, or at [`Engine::next_deadline`]).
     pub fn has_actions(&self) -> bool {
         self.fatal.is_none()
-            && (!self.actions.is_empty() || self.role.leader().is_some_and(|l| l.reads.round_requested_at().is_some()))
+            && (!self.actions.is_empty()
+                || (self.role.leader().is_some_and(|l| l.reads.round_requested_at().is_some())
+                    && self.held_round_deadline().is_none()))
     }
 
     /// The configuration in effect (the latest in the log).
