@@ -639,17 +639,16 @@ async fn requests_past_the_mailbox_bound_are_refused_as_overloaded() {
     cluster.put(GroupId(1), &key(1, "a"), "v").await.expect("put");
     let host = cluster.hosts[0].clone();
     let mut calls = tokio::task::JoinSet::new();
+    // Writes, one call each (ReadIndex reads would share calls: see the batching test).
     for _ in 0..500 {
         let host = host.clone();
-        calls.spawn(async move { host.get(GroupId(1), key(1, "a").into_bytes(), ReadMode::ReadIndex).await });
+        let cmd = KvCommand::Put { key: key(1, "a").into_bytes(), value: b"v".to_vec() };
+        calls.spawn(async move { host.write(GroupId(1), cmd).await });
     }
     let (mut served, mut refused) = (0, 0);
     while let Some(r) = calls.join_next().await {
         match r.expect("task") {
-            Ok(v) => {
-                assert_eq!(v, Some(b"v".to_vec()));
-                served += 1;
-            }
+            Ok(_) => served += 1,
             Err(HostError::Overloaded(n)) => {
                 assert!(n >= 2, "refused below the bound: {n}");
                 refused += 1;
@@ -661,6 +660,56 @@ async fn requests_past_the_mailbox_bound_are_refused_as_overloaded() {
     // Every request taken gave its place back.
     assert_eq!(cluster.get(GroupId(1), &key(1, "a")).await.expect("get"), Some(b"v".to_vec()));
     cluster.shutdown().await;
+}
+
+/// ReadIndex reads that arrive while a read call of their group is out share the next call,
+/// and none of them misses a write acknowledged before it began: readers race a writer and
+/// each read must return at least the last value acknowledged when it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_index_reads_share_calls_and_never_miss_an_acknowledged_write() {
+    let c = Arc::new(Cluster::start(3).await);
+    c.create_groups(1..=1).await;
+    c.put(GroupId(1), &key(1, "n"), "0").await.expect("first put");
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = {
+        let (c, acked) = (c.clone(), acked.clone());
+        tokio::spawn(async move {
+            for i in 1..=100u64 {
+                c.put(GroupId(1), &key(1, "n"), &i.to_string()).await.expect("put");
+                acked.store(i, Ordering::SeqCst);
+            }
+        })
+    };
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let (c, acked) = (c.clone(), acked.clone());
+        readers.spawn(async move {
+            let mut reads = 0;
+            while acked.load(Ordering::SeqCst) < 100 {
+                let floor = acked.load(Ordering::SeqCst);
+                let v = c.get(GroupId(1), &key(1, "n")).await.expect("get").expect("a value");
+                let seen: u64 = String::from_utf8(v).expect("utf8").parse().expect("a number");
+                assert!(seen >= floor, "read {seen} after write {floor} was acknowledged");
+                reads += 1;
+            }
+            reads
+        });
+    }
+    writer.await.expect("writer");
+    let mut reads = 0;
+    while let Some(r) = readers.join_next().await {
+        reads += r.expect("reader");
+    }
+    let sum = |f: fn(&flotilla_shard::HostStats) -> &std::sync::atomic::AtomicU64| {
+        c.hosts.iter().map(|h| f(h.stats()).load(Ordering::Relaxed)).sum::<u64>()
+    };
+    let (batched, calls) = (sum(|s| &s.read_index_reads), sum(|s| &s.read_index_batches));
+    assert!(batched >= reads, "{batched} reads counted, {reads} made");
+    assert!(calls < batched, "{calls} read calls for {batched} reads: nothing was shared");
+    match Arc::try_unwrap(c) {
+        Ok(c) => c.shutdown().await,
+        Err(_) => panic!("cluster still shared"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
