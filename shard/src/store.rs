@@ -4,6 +4,11 @@
 //! that moment (from any number of groups), puts them in one `WriteBatch`, writes it with one
 //! fsync, and acknowledges each request. Under load, one fsync serves many groups.
 //!
+//! A request submitted while the writer has nothing queued and nothing under way is written
+//! on the submitting thread instead ([`Store::submit`]): handing it over would cost two thread
+//! wake-ups (to the writer and back) on the path of every write of a lightly loaded node, and
+//! there is nothing to merge it with. Under load requests queue, and the writer merges them.
+//!
 //! A failed write poisons the store: every later write fails with the original error. Raft
 //! never continues on a log it cannot trust, and a disk that failed once (full, I/O error) is
 //! not retried behind the caller's back.
@@ -18,7 +23,7 @@ use rocksdb::{
     DB,
 };
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use tokio::sync::oneshot;
 use tracing::{error, info};
@@ -134,6 +139,8 @@ pub struct WriterStats {
     /// store has one write-ahead log, and an fsync of it makes every earlier write durable
     /// too: every batch up to this one is durable.
     pub durable_batches: AtomicU64,
+    /// Batches written on the submitting thread, the writer being idle (see [`Store::submit`]).
+    pub direct: AtomicU64,
 }
 
 struct Inner {
@@ -161,6 +168,11 @@ struct Inner {
     /// Set when the writer thread ends (its queue closed, or it panicked): nobody waits for
     /// room any more.
     writer_gone: AtomicBool,
+    /// Held by whoever writes a batch: the writer thread, or a submitter writing directly.
+    turn: Mutex<()>,
+    /// Requests handed to the writer thread and not yet answered: a submitter writes directly
+    /// only at zero, so requests submitted one after another stay in order.
+    queued: AtomicUsize,
 }
 
 /// The node's store. Cheap to clone; the database closes when the last clone is dropped.
@@ -230,6 +242,8 @@ impl Store {
             installs_held: std::sync::atomic::AtomicUsize::new(0),
             room: tokio::sync::Notify::new(),
             writer_gone: AtomicBool::new(false),
+            turn: Mutex::new(()),
+            queued: AtomicUsize::new(0),
         });
         let (tx, rx) = mpsc::sync_channel(WRITER_QUEUE_MAX);
         let w = inner.clone();
@@ -402,9 +416,11 @@ impl Store {
             let room = self.inner.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
+            self.inner.queued.fetch_add(1, Ordering::AcqRel);
             match tx.try_send(req) {
                 Ok(()) => break,
                 Err(mpsc::TrySendError::Full(r)) => {
+                    self.inner.queued.fetch_sub(1, Ordering::AcqRel);
                     if self.inner.writer_gone.load(Ordering::Acquire) {
                         return Err(StorageError::new("write", "the store's writer has stopped"));
                     }
@@ -412,30 +428,60 @@ impl Store {
                     room.await;
                 }
                 Err(mpsc::TrySendError::Disconnected(_)) => {
-                    return Err(StorageError::new("write", "the store's writer has stopped"))
+                    self.inner.queued.fetch_sub(1, Ordering::AcqRel);
+                    return Err(StorageError::new("write", "the store's writer has stopped"));
                 }
             }
         }
         rx.await.map_err(|_| StorageError::new("write", "the store's writer has stopped"))?
     }
 
-    /// Queues `ops` for the writer without waiting for the write: `done` runs on the writer
-    /// thread with the outcome. Blocks while the writer's queue is full (callers are the
-    /// host's own threads, never Tokio's workers). Requests submitted one after another are written in that order (a host relies
-    /// on it to keep each group's writes ordered). An error here means nothing was queued and
-    /// `done` will not run.
+    /// Writes `ops` (fsynced if `sync`) and runs `done` with the outcome. If the writer has
+    /// nothing queued or under way, the write happens here, on the calling thread, and `done`
+    /// runs before this returns; otherwise it queues for the writer and `done` runs on the
+    /// writer thread. Either way the caller may block: for the write, or while the writer's
+    /// queue is full (callers are the host's own threads, never Tokio's workers). Requests
+    /// submitted one after another are written, and answered, in that order (a host relies on
+    /// it to keep each group's writes ordered). An error here means nothing was written or
+    /// queued and `done` will not run.
     pub fn submit(&self, ops: Vec<Op>, sync: bool, done: WriteCallback) -> Result<(), StorageError> {
         if let Some(e) = self.poisoned() {
             return Err(e);
         }
-        self.enqueue(WriteReq { ops, sync, done: Done::Callback(done) })
+        let req = WriteReq { ops, sync, done: Done::Callback(done) };
+        match self.write_directly(req) {
+            None => Ok(()),
+            Some(req) => self.enqueue(req),
+        }
+    }
+
+    /// Writes `req` on this thread if the writer is idle; gives it back otherwise.
+    fn write_directly(&self, req: WriteReq) -> Option<WriteReq> {
+        let inner = &self.inner;
+        if inner.queued.load(Ordering::Acquire) != 0 {
+            return Some(req);
+        }
+        let Ok(turn) = inner.turn.try_lock() else { return Some(req) };
+        // Checked again with the turn held: a request queued meanwhile by this thread's caller
+        // would otherwise be overtaken (the writer cannot take the turn while we hold it).
+        if inner.queued.load(Ordering::Acquire) != 0 {
+            return Some(req);
+        }
+        inner.stats.direct.fetch_add(1, Ordering::Relaxed);
+        write_and_answer(inner, vec![req]);
+        drop(turn);
+        None
     }
 
     fn enqueue(&self, req: WriteReq) -> Result<(), StorageError> {
         let Some(tx) = &self.handle.tx else {
             return Err(StorageError::new("write", "the store is closed"));
         };
-        tx.send(req).map_err(|_| StorageError::new("write", "the store's writer has stopped"))
+        self.inner.queued.fetch_add(1, Ordering::AcqRel);
+        tx.send(req).map_err(|_| {
+            self.inner.queued.fetch_sub(1, Ordering::AcqRel);
+            StorageError::new("write", "the store's writer has stopped")
+        })
     }
 
     /// Runs blocking RocksDB work off the async threads.
@@ -504,21 +550,33 @@ fn writer_loop(inner: Arc<Inner>, rx: mpsc::Receiver<WriteReq>) {
             }
         }
         inner.room.notify_waiters();
-        let started = std::time::Instant::now();
-        let result = write_batch(&inner, &reqs);
-        let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        inner.stats.write_micros.fetch_add(took, Ordering::Relaxed);
-        if let Err(e) = &result {
-            error!(error = %e, "write failed: the store is poisoned and refuses further writes");
-            if let Ok(mut p) = inner.poison.lock() {
-                p.get_or_insert_with(|| e.clone());
-            }
-            inner.poisoned.store(true, Ordering::Release);
+        let n = reqs.len();
+        let turn = inner.turn.lock().unwrap_or_else(|p| p.into_inner());
+        write_and_answer(&inner, reqs);
+        // After the answers: a submitter that then finds nothing queued writes directly, and
+        // its answer cannot overtake these.
+        inner.queued.fetch_sub(n, Ordering::AcqRel);
+        drop(turn);
+    }
+}
+
+/// Writes `reqs` as one batch (the caller holds the turn), poisons the store if that fails,
+/// and answers each request.
+fn write_and_answer(inner: &Inner, reqs: Vec<WriteReq>) {
+    let started = std::time::Instant::now();
+    let result = write_batch(inner, &reqs);
+    let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    inner.stats.write_micros.fetch_add(took, Ordering::Relaxed);
+    if let Err(e) = &result {
+        error!(error = %e, "write failed: the store is poisoned and refuses further writes");
+        if let Ok(mut p) = inner.poison.lock() {
+            p.get_or_insert_with(|| e.clone());
         }
-        inner.stats.requests.fetch_add(reqs.len() as u64, Ordering::Relaxed);
-        for r in reqs {
-            r.done.send(result.clone());
-        }
+        inner.poisoned.store(true, Ordering::Release);
+    }
+    inner.stats.requests.fetch_add(reqs.len() as u64, Ordering::Relaxed);
+    for r in reqs {
+        r.done.send(result.clone());
     }
 }
 

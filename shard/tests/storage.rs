@@ -143,6 +143,71 @@ async fn one_fsync_serves_many_groups() {
     assert!(syncs < requests / 2, "group commit: {syncs} fsyncs for {requests} durable writes");
 }
 
+#[test]
+fn a_write_submitted_while_the_writer_is_idle_is_written_on_the_calling_thread() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let answered = Arc::new(std::sync::Mutex::new(None));
+    let a = answered.clone();
+    let ops = vec![Op::Put(CF_DATA, b"k".to_vec(), b"v".to_vec())];
+    store
+        .submit(ops, true, Box::new(move |r| *a.lock().expect("lock") = Some((r, std::thread::current().id()))))
+        .expect("submit");
+    // Answered before `submit` returned, on this thread, durably (an fsync was asked for).
+    let (result, thread) = answered.lock().expect("lock").take().expect("answered already");
+    assert_eq!((result, thread), (Ok(()), std::thread::current().id()));
+    let stats = store.stats();
+    assert_eq!(stats.direct.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.syncs.load(Ordering::Relaxed), 1);
+    assert_eq!(store.last_synced_batch(), 1);
+    assert_eq!(store.db().get_cf(store.cf(CF_DATA).expect("cf"), b"k").expect("get"), Some(b"v".to_vec()));
+}
+
+#[test]
+fn writes_submitted_while_another_is_being_written_queue_and_keep_their_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let put = |v: &str| vec![Op::Put(CF_DATA, b"k".to_vec(), v.as_bytes().to_vec())];
+    let note = |name: &'static str| {
+        let order = order.clone();
+        Box::new(move |r: Result<(), flotilla_raft::StorageError>| {
+            r.expect("write");
+            order.lock().expect("lock").push(name);
+        })
+    };
+    // A is written directly on another thread, whose answer holds the write turn until told.
+    let (release, wait) = std::sync::mpsc::channel::<()>();
+    let (taken, a_running) = std::sync::mpsc::channel::<()>();
+    let a = {
+        let (store, order) = (store.clone(), order.clone());
+        std::thread::spawn(move || {
+            let done = Box::new(move |r: Result<(), flotilla_raft::StorageError>| {
+                r.expect("write a");
+                order.lock().expect("lock").push("a");
+                let _ = taken.send(());
+                let _ = wait.recv();
+            });
+            store.submit(vec![Op::Put(CF_DATA, b"k".to_vec(), b"a".to_vec())], true, done).expect("submit a");
+        })
+    };
+    a_running.recv().expect("a is being answered");
+    // B finds the turn taken and queues; C finds B queued and queues behind it.
+    store.submit(put("b"), true, note("b")).expect("submit b");
+    store.submit(put("c"), false, note("c")).expect("submit c");
+    assert_eq!(*order.lock().expect("lock"), vec!["a"], "b and c wait for a's turn to end");
+    release.send(()).expect("release a");
+    a.join().expect("thread a");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while order.lock().expect("lock").len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "b and c never answered");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(*order.lock().expect("lock"), vec!["a", "b", "c"]);
+    assert_eq!(store.stats().direct.load(Ordering::Relaxed), 1, "only a was written directly");
+    assert_eq!(store.db().get_cf(store.cf(CF_DATA).expect("cf"), b"k").expect("get"), Some(b"c".to_vec()));
+}
+
 struct Node {
     raft: Raft,
     sm: KvStateMachine,
