@@ -8,6 +8,10 @@
 //! on the submitting thread instead ([`Store::submit`]): handing it over would cost two thread
 //! wake-ups (to the writer and back) on the path of every write of a lightly loaded node, and
 //! there is nothing to merge it with. Under load requests queue, and the writer merges them.
+//! The submitting thread then waits for the fsync: a poller whose disk stalls stops serving its
+//! groups for as long (a stall past the election timeout moves their leadership to nodes that
+//! can make progress). After one direct write slower than [`DIRECT_WRITE_SLOW`], writes go
+//! through the writer for [`DIRECT_WRITE_PAUSE`], so a slow disk keeps the pollers running.
 //!
 //! A failed write poisons the store: every later write fails with the original error. Raft
 //! never continues on a log it cannot trust, and a disk that failed once (full, I/O error) is
@@ -57,6 +61,11 @@ pub const GROUP_COMMIT_BYTES_MAX: usize = 16 << 20;
 /// instead of letting the queue grow without bound.
 pub const WRITER_QUEUE_MAX: usize = GROUP_COMMIT_REQUESTS_MAX;
 
+/// A write on the submitting thread that took longer than this pauses direct writes.
+pub const DIRECT_WRITE_SLOW: std::time::Duration = std::time::Duration::from_millis(20);
+/// How long direct writes stay paused after a slow one.
+pub const DIRECT_WRITE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One operation of a write request.
 #[derive(Debug, Clone)]
 pub enum Op {
@@ -100,8 +109,10 @@ struct WriteReq {
     done: Done,
 }
 
-/// A callback the writer thread runs with the outcome of a write; it must be quick (it runs
-/// on the writer, before the next batch): typically a channel send.
+/// A callback run with the outcome of a write, on the writer thread or, for a write made on
+/// the submitting thread ([`Store::submit`]), on that thread before `submit` returns. It must
+/// be quick and must not wait for the store (it may run before the writer's next batch):
+/// typically a channel send.
 pub type WriteCallback = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
 
 /// How the writer reports a request's outcome.
@@ -173,6 +184,11 @@ struct Inner {
     /// Requests handed to the writer thread and not yet answered: a submitter writes directly
     /// only at zero, so requests submitted one after another stay in order.
     queued: AtomicUsize,
+    /// Direct writes are paused until this many milliseconds after `opened` (a slow one).
+    direct_paused_until_ms: AtomicU64,
+    /// Direct writes allowed at all ([`Store::set_direct_writes`]).
+    direct_writes: AtomicBool,
+    opened: std::time::Instant,
 }
 
 /// The node's store. Cheap to clone; the database closes when the last clone is dropped.
@@ -244,6 +260,9 @@ impl Store {
             writer_gone: AtomicBool::new(false),
             turn: Mutex::new(()),
             queued: AtomicUsize::new(0),
+            direct_paused_until_ms: AtomicU64::new(0),
+            direct_writes: AtomicBool::new(true),
+            opened: std::time::Instant::now(),
         });
         let (tx, rx) = mpsc::sync_channel(WRITER_QUEUE_MAX);
         let w = inner.clone();
@@ -455,10 +474,27 @@ impl Store {
         }
     }
 
-    /// Writes `req` on this thread if the writer is idle; gives it back otherwise.
+    /// Write requests handed to the writer thread and not yet answered.
+    pub fn queued_writes(&self) -> usize {
+        self.inner.queued.load(Ordering::Acquire)
+    }
+
+    /// Whether [`Store::submit`] may write on the submitting thread when the writer is idle
+    /// (on by default). Off, every write goes through the writer thread, as for a disk whose
+    /// fsyncs stall for long: the hosts' pollers then never wait for one.
+    pub fn set_direct_writes(&self, on: bool) {
+        self.inner.direct_writes.store(on, Ordering::Relaxed);
+    }
+
+    /// Writes `req` on this thread if the writer is idle (and direct writes are not paused);
+    /// gives it back otherwise.
     fn write_directly(&self, req: WriteReq) -> Option<WriteReq> {
         let inner = &self.inner;
-        if inner.queued.load(Ordering::Acquire) != 0 {
+        if inner.queued.load(Ordering::Acquire) != 0 || !inner.direct_writes.load(Ordering::Relaxed) {
+            return Some(req);
+        }
+        let since_open = |i: &Inner| u64::try_from(i.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if since_open(inner) < inner.direct_paused_until_ms.load(Ordering::Relaxed) {
             return Some(req);
         }
         let Ok(turn) = inner.turn.try_lock() else { return Some(req) };
@@ -468,8 +504,14 @@ impl Store {
             return Some(req);
         }
         inner.stats.direct.fetch_add(1, Ordering::Relaxed);
-        write_and_answer(inner, vec![req]);
+        let started = std::time::Instant::now();
+        let (result, reqs) = write_batch_timed(inner, vec![req]);
         drop(turn);
+        if started.elapsed() > DIRECT_WRITE_SLOW {
+            let until = since_open(inner).saturating_add(DIRECT_WRITE_PAUSE.as_millis() as u64);
+            inner.direct_paused_until_ms.store(until, Ordering::Relaxed);
+        }
+        answer(result, reqs);
         None
     }
 
@@ -552,17 +594,25 @@ fn writer_loop(inner: Arc<Inner>, rx: mpsc::Receiver<WriteReq>) {
         inner.room.notify_waiters();
         let n = reqs.len();
         let turn = inner.turn.lock().unwrap_or_else(|p| p.into_inner());
-        write_and_answer(&inner, reqs);
+        let (result, reqs) = write_batch_timed(&inner, reqs);
+        drop(turn);
+        answer(result, reqs);
         // After the answers: a submitter that then finds nothing queued writes directly, and
         // its answer cannot overtake these.
         inner.queued.fetch_sub(n, Ordering::AcqRel);
-        drop(turn);
     }
 }
 
-/// Writes `reqs` as one batch (the caller holds the turn), poisons the store if that fails,
-/// and answers each request.
-fn write_and_answer(inner: &Inner, reqs: Vec<WriteReq>) {
+/// Answers each request with `result`.
+fn answer(result: Result<(), StorageError>, reqs: Vec<WriteReq>) {
+    for r in reqs {
+        r.done.send(result.clone());
+    }
+}
+
+/// Writes `reqs` as one batch (the caller holds the turn), counts it, and poisons the store if
+/// it failed; the outcome and the requests, to be answered once the turn is given back.
+fn write_batch_timed(inner: &Inner, reqs: Vec<WriteReq>) -> (Result<(), StorageError>, Vec<WriteReq>) {
     let started = std::time::Instant::now();
     let result = write_batch(inner, &reqs);
     let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -575,9 +625,7 @@ fn write_and_answer(inner: &Inner, reqs: Vec<WriteReq>) {
         inner.poisoned.store(true, Ordering::Release);
     }
     inner.stats.requests.fetch_add(reqs.len() as u64, Ordering::Relaxed);
-    for r in reqs {
-        r.done.send(result.clone());
-    }
+    (result, reqs)
 }
 
 fn write_batch(inner: &Inner, reqs: &[WriteReq]) -> Result<(), StorageError> {

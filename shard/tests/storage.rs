@@ -164,7 +164,7 @@ fn a_write_submitted_while_the_writer_is_idle_is_written_on_the_calling_thread()
 }
 
 #[test]
-fn writes_submitted_while_another_is_being_written_queue_and_keep_their_order() {
+fn writes_submitted_while_the_writer_is_busy_queue_and_keep_their_order() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path()).expect("open");
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -176,36 +176,37 @@ fn writes_submitted_while_another_is_being_written_queue_and_keep_their_order() 
             order.lock().expect("lock").push(name);
         })
     };
-    // A is written directly on another thread, whose answer holds the write turn until told.
+    // A goes to the writer thread, whose answer to it waits until told: the writer is busy.
+    store.set_direct_writes(false);
     let (release, wait) = std::sync::mpsc::channel::<()>();
     let (taken, a_running) = std::sync::mpsc::channel::<()>();
-    let a = {
-        let (store, order) = (store.clone(), order.clone());
-        std::thread::spawn(move || {
-            let done = Box::new(move |r: Result<(), flotilla_raft::StorageError>| {
-                r.expect("write a");
-                order.lock().expect("lock").push("a");
-                let _ = taken.send(());
-                let _ = wait.recv();
-            });
-            store.submit(vec![Op::Put(CF_DATA, b"k".to_vec(), b"a".to_vec())], true, done).expect("submit a");
-        })
-    };
+    let a_order = order.clone();
+    let done_a = Box::new(move |r: Result<(), flotilla_raft::StorageError>| {
+        r.expect("write a");
+        a_order.lock().expect("lock").push("a");
+        let _ = taken.send(());
+        let _ = wait.recv();
+    });
+    store.submit(put("a"), true, done_a).expect("submit a");
     a_running.recv().expect("a is being answered");
-    // B finds the turn taken and queues; C finds B queued and queues behind it.
+    store.set_direct_writes(true);
+    // B finds A not yet answered and queues; C finds B queued and queues behind it.
     store.submit(put("b"), true, note("b")).expect("submit b");
     store.submit(put("c"), false, note("c")).expect("submit c");
-    assert_eq!(*order.lock().expect("lock"), vec!["a"], "b and c wait for a's turn to end");
+    assert_eq!(*order.lock().expect("lock"), vec!["a"], "b and c wait behind a");
     release.send(()).expect("release a");
-    a.join().expect("thread a");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while order.lock().expect("lock").len() < 3 {
+    while store.queued_writes() > 0 {
         assert!(std::time::Instant::now() < deadline, "b and c never answered");
         std::thread::sleep(Duration::from_millis(1));
     }
     assert_eq!(*order.lock().expect("lock"), vec!["a", "b", "c"]);
-    assert_eq!(store.stats().direct.load(Ordering::Relaxed), 1, "only a was written directly");
+    assert_eq!(store.stats().direct.load(Ordering::Relaxed), 0, "nothing was written directly");
     assert_eq!(store.db().get_cf(store.cf(CF_DATA).expect("cf"), b"k").expect("get"), Some(b"c".to_vec()));
+    // The writer idle again, the next write is made on this thread.
+    store.submit(put("d"), true, note("d")).expect("submit d");
+    assert_eq!(order.lock().expect("lock").last(), Some(&"d"));
+    assert_eq!(store.stats().direct.load(Ordering::Relaxed), 1);
 }
 
 struct Node {

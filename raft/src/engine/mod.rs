@@ -747,10 +747,11 @@ impl Engine {
     /// step share one round), unless it waits for the round in flight (then it leaves when a
     /// quorum answers that one, or at [`Engine::next_deadline`]).
     pub fn has_actions(&self) -> bool {
-        self.fatal.is_none()
-            && (!self.actions.is_empty()
-                || (self.role.leader().is_some_and(|l| l.reads.round_requested_at().is_some())
-                    && self.held_round_deadline().is_none()))
+        let round_to_start = self.role.leader().and_then(|l| l.reads.round_requested_at()).is_some_and(|asked| {
+            // `poll_action` flushes at the time the round was asked for.
+            self.held_round_deadline().is_none_or(|until| asked >= until)
+        });
+        self.fatal.is_none() && (!self.actions.is_empty() || round_to_start)
     }
 
     /// The configuration in effect (the latest in the log).

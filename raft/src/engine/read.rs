@@ -24,7 +24,9 @@ pub(super) const ROUNDS_KEPT_MAX: usize = 64;
 /// before it goes out anyway. While one round is out, the reads that arrive wait and share the
 /// next one, started the moment a quorum answers: one round of heartbeats per round trip
 /// rather than one per wake-up of a busy leader (etcd's server keeps one ReadIndex request in
-/// flight the same way). The bound covers a heartbeat or an answer that was lost.
+/// flight the same way). The bound covers a heartbeat or an answer that was lost; it is kept
+/// at the driver's next timeout ([`Engine::next_deadline`]), which a host that fires timers
+/// on a coarser tick (the shard host: every `tick_ms`) may call later than that.
 pub(super) const ROUND_WAIT_MS: u64 = 5;
 
 /// The leader's reads and heartbeat rounds. Every heartbeat carries its round number; a

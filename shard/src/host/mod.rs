@@ -969,7 +969,7 @@ impl Host {
             return Ok(());
         }
         if mode == ReadMode::ReadIndex {
-            let batches = entry.reads.get_or_init(|| Arc::new(read_batch::ReadBatches::new()));
+            let batches = entry.reads.get_or_init(Arc::default);
             return self.read_index_batched(group, batches).await;
         }
         self.call(group, |tx| Request::Read { mode, wait_apply: true, reply: tx }).await.map(|_| ())

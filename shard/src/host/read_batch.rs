@@ -6,8 +6,9 @@
 //! the group after the read arrived gives both. So while one call is out, the reads that arrive
 //! wait together; when it comes back, one call goes for all of them (etcd's server keeps one
 //! ReadIndex request in flight the same way). Each read otherwise cost a message to the poller
-//! thread, a wake-up of that thread and a reply channel back: the largest cost of a ReadIndex
-//! read beside a lease read, which skips all three.
+//! thread, often a wake-up of that thread, a reply channel back and, unless the engine's round
+//! was shared, a round of heartbeats. With many reads in flight, a call serves several
+//! (BENCHMARKS.md, session 21, has the figures).
 //!
 //! A task of its own (the batch's driver) makes the calls while reads keep coming, and ends
 //! when a call comes back with nobody waiting for the next.
@@ -17,15 +18,15 @@ use flotilla_raft::{GroupId, RaftError, ReadMode, Request};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
-/// The batches of one group (created on the group's first ReadIndex read).
-#[derive(Debug)]
+/// The batches of one group (created on the group's first ReadIndex read here; about a
+/// hundred bytes, kept while the group is on this node).
+#[derive(Debug, Default)]
 pub(crate) struct ReadBatches {
     state: Mutex<BatchState>,
-    /// The last batch answered and how: a batch's readers wait until it, or a later batch,
-    /// is answered (a later batch's call, made after theirs, confirms them just as well).
-    answered: watch::Sender<Answer>,
+    /// Woken each time a batch is answered.
+    answered: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -36,13 +37,25 @@ struct BatchState {
     driving: bool,
     /// A read arrived after that call was made: batch `called + 1` has readers.
     next_wanted: bool,
+    /// The highest batch answered `Ok`. Readers of every batch up to it are confirmed: a later
+    /// batch's call was made after theirs, so it confirms them just as well.
+    ok_through: u64,
+    /// The last batch that failed, and how.
+    failed: Option<(u64, BatchError)>,
 }
 
-/// How a batch was answered.
-#[derive(Clone, Debug)]
-struct Answer {
-    batch: u64,
-    result: Result<(), BatchError>,
+impl BatchState {
+    /// How a reader of `batch` fares: `None` while neither it nor a later batch was answered.
+    /// A failure of a later batch fails it only if nothing from `batch` on succeeded.
+    fn outcome(&self, batch: u64) -> Option<Result<(), BatchError>> {
+        if self.ok_through >= batch {
+            return Some(Ok(()));
+        }
+        match &self.failed {
+            Some((b, e)) if *b >= batch => Some(Err(e.clone())),
+            _ => None,
+        }
+    }
 }
 
 /// What a failed batch tells each of its readers (a [`HostError`] is not `Clone`).
@@ -87,57 +100,82 @@ struct Joined {
 }
 
 impl ReadBatches {
-    pub(crate) fn new() -> ReadBatches {
-        ReadBatches {
-            state: Mutex::new(BatchState::default()),
-            answered: watch::channel(Answer { batch: 0, result: Ok(()) }).0,
-        }
+    fn lock(&self) -> std::sync::MutexGuard<'_, BatchState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes a place in the next batch whose call is not made yet, and a receiver to learn
-    /// when it is answered (subscribed under the lock, so no answer after the place is missed).
-    fn join(&self) -> (Joined, watch::Receiver<Answer>) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let joined = if s.driving {
+    /// Takes a place in the next batch whose call is not made yet.
+    fn join(&self) -> Joined {
+        let mut s = self.lock();
+        if s.driving {
             s.next_wanted = true;
             Joined { batch: s.called + 1, start_driver: false }
         } else {
             s.driving = true;
             s.called += 1;
             Joined { batch: s.called, start_driver: true }
-        };
-        (joined, self.answered.subscribe())
+        }
+    }
+
+    /// How a reader of `batch` fares, if that is known yet.
+    fn outcome(&self, batch: u64) -> Option<Result<(), BatchError>> {
+        self.lock().outcome(batch)
+    }
+
+    /// Waits until a reader of `batch` is answered.
+    async fn wait(&self, batch: u64) -> Result<(), BatchError> {
+        loop {
+            // Registered before the check, so an answer between the two is not missed.
+            let notified = self.answered.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(r) = self.outcome(batch) {
+                return r;
+            }
+            notified.await;
+        }
     }
 
     /// The driver's turn after batch `batch` was answered with `result`: the next batch to
     /// call, or `None` (the driver ends) when nobody waits for one.
     fn answer(&self, batch: u64, result: Result<(), BatchError>) -> Option<u64> {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.answered.send_replace(Answer { batch, result });
-        if s.next_wanted {
-            s.next_wanted = false;
-            s.called += 1;
-            Some(s.called)
-        } else {
-            s.driving = false;
-            None
-        }
+        let next = {
+            let mut s = self.lock();
+            match result {
+                Ok(()) => s.ok_through = s.ok_through.max(batch),
+                Err(e) => s.failed = Some((batch, e)),
+            }
+            if s.next_wanted {
+                s.next_wanted = false;
+                s.called += 1;
+                Some(s.called)
+            } else {
+                s.driving = false;
+                None
+            }
+        };
+        self.answered.notify_waiters();
+        next
     }
 
     /// The driver ended without an answer for its batch: every reader waiting, of this batch
     /// and of the next, is told `Lost`, and the next reader starts a driver again.
     fn abandon(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if s.next_wanted {
-            s.next_wanted = false;
-            s.called += 1;
+        {
+            let mut s = self.lock();
+            if s.next_wanted {
+                s.next_wanted = false;
+                s.called += 1;
+            }
+            s.driving = false;
+            s.failed = Some((s.called, BatchError::Lost));
         }
-        s.driving = false;
-        self.answered.send_replace(Answer { batch: s.called, result: Err(BatchError::Lost) });
+        self.answered.notify_waiters();
     }
 }
 
-/// Answers `Lost` to the readers of a driver that ends early (dropped with its runtime).
+/// Answers `Lost` to the readers of a driver that ends early: dropped with its runtime, even
+/// before it first ran (it is made before the task is spawned, and moves into it).
 struct DriverGuard(Option<Arc<ReadBatches>>);
 
 impl Drop for DriverGuard {
@@ -154,23 +192,20 @@ impl Host {
     /// ReadIndex reads (see the module's documentation). The caller then reads its state machine.
     pub(super) async fn read_index_batched(&self, group: GroupId, batches: &Arc<ReadBatches>) -> Result<(), HostError> {
         self.shared.stats.read_index_reads.fetch_add(1, Ordering::Relaxed);
-        let (joined, mut answered) = batches.join();
+        let joined = batches.join();
         if joined.start_driver {
-            tokio::spawn(self.clone().drive_read_batches(group, batches.clone(), joined.batch));
+            let guard = DriverGuard(Some(batches.clone()));
+            self.shared.runtime.spawn(self.clone().drive_read_batches(group, guard, joined.batch));
         }
         let timeout = Duration::from_millis(self.shared.config.api_timeout_ms);
-        let result = match tokio::time::timeout(timeout, answered.wait_for(|a| a.batch >= joined.batch)).await {
-            Ok(Ok(a)) => a.result.clone().map_err(BatchError::into_host),
-            // The sender lives as long as the batches, which the caller holds.
-            Ok(Err(_)) => Err(HostError::Lost),
+        match tokio::time::timeout(timeout, batches.wait(joined.batch)).await {
+            Ok(r) => r.map_err(BatchError::into_host),
             Err(_) => Err(HostError::Raft(RaftError::Timeout)),
-        };
-        result
+        }
     }
 
     /// Makes one read call per batch, from `first`, while batches have readers.
-    async fn drive_read_batches(self, group: GroupId, batches: Arc<ReadBatches>, first: u64) {
-        let mut guard = DriverGuard(Some(batches));
+    async fn drive_read_batches(self, group: GroupId, mut guard: DriverGuard, first: u64) {
         let mut batch = first;
         loop {
             self.shared.stats.read_index_batches.fetch_add(1, Ordering::Relaxed);
@@ -195,42 +230,68 @@ impl Host {
 mod tests {
     use super::*;
 
-    fn answered(b: &ReadBatches) -> (u64, Result<(), BatchError>) {
-        let a = b.answered.borrow();
-        (a.batch, a.result.clone())
+    #[test]
+    fn reads_that_arrive_while_a_call_is_out_share_the_next_call() {
+        let b = ReadBatches::default();
+        assert_eq!(b.join(), Joined { batch: 1, start_driver: true });
+        // Three reads while batch 1's call is out: they wait for batch 2, and start nothing.
+        for _ in 0..3 {
+            assert_eq!(b.join(), Joined { batch: 2, start_driver: false });
+        }
+        // Batch 1 answered: its readers are confirmed, batch 2's are not; batch 2 is called.
+        assert_eq!(b.answer(1, Ok(())), Some(2));
+        assert_eq!((b.outcome(1), b.outcome(2)), (Some(Ok(())), None));
+        // A read arriving now waits for batch 3: batch 2's call may predate it.
+        assert_eq!(b.join(), Joined { batch: 3, start_driver: false });
+        assert_eq!(b.answer(2, Ok(())), Some(3));
+        // Nobody after batch 3: the driver ends, and the next read starts one again.
+        let timeout = BatchError::Raft(RaftError::Timeout);
+        assert_eq!(b.answer(3, Err(timeout.clone())), None);
+        assert_eq!(b.outcome(3), Some(Err(timeout)));
+        assert_eq!(b.join(), Joined { batch: 4, start_driver: true });
     }
 
     #[test]
-    fn reads_that_arrive_while_a_call_is_out_share_the_next_call() {
-        let b = ReadBatches::new();
-        let (first, _) = b.join();
-        assert_eq!(first, Joined { batch: 1, start_driver: true });
-        // Three reads while batch 1's call is out: they wait for batch 2, and start nothing.
-        for _ in 0..3 {
-            assert_eq!(b.join().0, Joined { batch: 2, start_driver: false });
-        }
-        // Batch 1 answered: the driver calls batch 2 at once.
+    fn a_later_batchs_failure_does_not_fail_readers_an_earlier_batch_confirmed() {
+        let b = ReadBatches::default();
+        b.join();
+        b.join();
         assert_eq!(b.answer(1, Ok(())), Some(2));
-        assert_eq!(answered(&b), (1, Ok(())));
-        // A read arriving now waits for batch 3: batch 2's call may predate it.
-        assert_eq!(b.join().0, Joined { batch: 3, start_driver: false });
-        assert_eq!(b.answer(2, Ok(())), Some(3));
-        // Nobody after batch 3: the driver ends, and the next read starts one again.
-        assert_eq!(b.answer(3, Err(BatchError::Raft(RaftError::Timeout))), None);
-        assert_eq!(answered(&b), (3, Err(BatchError::Raft(RaftError::Timeout))));
-        assert_eq!(b.join().0, Joined { batch: 4, start_driver: true });
+        // Batch 2 fails before batch 1's readers look: they were confirmed all the same.
+        assert_eq!(b.answer(2, Err(BatchError::Overloaded(3))), None);
+        assert_eq!(b.outcome(1), Some(Ok(())));
+        assert_eq!(b.outcome(2), Some(Err(BatchError::Overloaded(3))));
+        // And a later success confirms the readers of an earlier failed batch.
+        b.join();
+        assert_eq!(b.answer(3, Ok(())), None);
+        assert_eq!(b.outcome(2), Some(Ok(())));
     }
 
     #[test]
     fn a_driver_that_ends_early_fails_its_readers_and_the_next_read_starts_afresh() {
-        let b = ReadBatches::new();
+        let b = Arc::new(ReadBatches::default());
         b.join();
         b.join();
-        // Readers of batches 1 and 2 wait; the driver is dropped.
-        b.abandon();
-        assert_eq!(answered(&b), (2, Err(BatchError::Lost)));
+        // Readers of batches 1 and 2 wait; the driver is dropped (here before it ever ran).
+        drop(DriverGuard(Some(b.clone())));
+        assert_eq!((b.outcome(1), b.outcome(2)), (Some(Err(BatchError::Lost)), Some(Err(BatchError::Lost))));
         // The next read does not take the number of a batch already answered `Lost`.
-        assert_eq!(b.join().0, Joined { batch: 3, start_driver: true });
+        assert_eq!(b.join(), Joined { batch: 3, start_driver: true });
+        assert_eq!(b.outcome(3), None);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_reader_is_woken_by_its_answer() {
+        let b = Arc::new(ReadBatches::default());
+        let joined = b.join();
+        let reader = tokio::spawn({
+            let b = b.clone();
+            async move { b.wait(joined.batch).await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(b.answer(joined.batch, Ok(())), None);
+        let r = tokio::time::timeout(Duration::from_secs(5), reader).await.expect("woken").expect("task");
+        assert_eq!(r, Ok(()));
     }
 
     #[test]
