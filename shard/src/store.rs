@@ -4,15 +4,6 @@
 //! that moment (from any number of groups), puts them in one `WriteBatch`, writes it with one
 //! fsync, and acknowledges each request. Under load, one fsync serves many groups.
 //!
-//! A request submitted while the writer has nothing queued and nothing under way is written
-//! on the submitting thread instead ([`Store::submit`]): handing it over would cost two thread
-//! wake-ups (to the writer and back) on the path of every write of a lightly loaded node, and
-//! there is nothing to merge it with. Under load requests queue, and the writer merges them.
-//! The submitting thread then waits for the fsync: a poller whose disk stalls stops serving its
-//! groups for as long (a stall past the election timeout moves their leadership to nodes that
-//! can make progress). After one direct write slower than [`DIRECT_WRITE_SLOW`], writes go
-//! through the writer for [`DIRECT_WRITE_PAUSE`], so a slow disk keeps the pollers running.
-//!
 //! A failed write poisons the store: every later write fails with the original error. Raft
 //! never continues on a log it cannot trust, and a disk that failed once (full, I/O error) is
 //! not retried behind the caller's back.
@@ -27,7 +18,7 @@ use rocksdb::{
     DB,
 };
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use tokio::sync::oneshot;
 use tracing::{error, info};
@@ -60,11 +51,6 @@ pub const GROUP_COMMIT_BYTES_MAX: usize = 16 << 20;
 /// host's threads block in `submit`: a disk slower than the writes pushes back on them
 /// instead of letting the queue grow without bound.
 pub const WRITER_QUEUE_MAX: usize = GROUP_COMMIT_REQUESTS_MAX;
-
-/// A write on the submitting thread that took longer than this pauses direct writes.
-pub const DIRECT_WRITE_SLOW: std::time::Duration = std::time::Duration::from_millis(20);
-/// How long direct writes stay paused after a slow one.
-pub const DIRECT_WRITE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One operation of a write request.
 #[derive(Debug, Clone)]
@@ -109,10 +95,8 @@ struct WriteReq {
     done: Done,
 }
 
-/// A callback run with the outcome of a write, on the writer thread or, for a write made on
-/// the submitting thread ([`Store::submit`]), on that thread before `submit` returns. It must
-/// be quick and must not wait for the store (it may run before the writer's next batch):
-/// typically a channel send.
+/// A callback the writer thread runs with the outcome of a write; it must be quick (it runs
+/// on the writer, before the next batch): typically a channel send.
 pub type WriteCallback = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
 
 /// How the writer reports a request's outcome.
@@ -150,8 +134,6 @@ pub struct WriterStats {
     /// store has one write-ahead log, and an fsync of it makes every earlier write durable
     /// too: every batch up to this one is durable.
     pub durable_batches: AtomicU64,
-    /// Batches written on the submitting thread, the writer being idle (see [`Store::submit`]).
-    pub direct: AtomicU64,
 }
 
 struct Inner {
@@ -179,16 +161,6 @@ struct Inner {
     /// Set when the writer thread ends (its queue closed, or it panicked): nobody waits for
     /// room any more.
     writer_gone: AtomicBool,
-    /// Held by whoever writes a batch: the writer thread, or a submitter writing directly.
-    turn: Mutex<()>,
-    /// Requests handed to the writer thread and not yet answered: a submitter writes directly
-    /// only at zero, so requests submitted one after another stay in order.
-    queued: AtomicUsize,
-    /// Direct writes are paused until this many milliseconds after `opened` (a slow one).
-    direct_paused_until_ms: AtomicU64,
-    /// Direct writes allowed at all ([`Store::set_direct_writes`]).
-    direct_writes: AtomicBool,
-    opened: std::time::Instant,
 }
 
 /// The node's store. Cheap to clone; the database closes when the last clone is dropped.
@@ -258,11 +230,6 @@ impl Store {
             installs_held: std::sync::atomic::AtomicUsize::new(0),
             room: tokio::sync::Notify::new(),
             writer_gone: AtomicBool::new(false),
-            turn: Mutex::new(()),
-            queued: AtomicUsize::new(0),
-            direct_paused_until_ms: AtomicU64::new(0),
-            direct_writes: AtomicBool::new(true),
-            opened: std::time::Instant::now(),
         });
         let (tx, rx) = mpsc::sync_channel(WRITER_QUEUE_MAX);
         let w = inner.clone();
@@ -435,11 +402,9 @@ impl Store {
             let room = self.inner.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            self.inner.queued.fetch_add(1, Ordering::AcqRel);
             match tx.try_send(req) {
                 Ok(()) => break,
                 Err(mpsc::TrySendError::Full(r)) => {
-                    self.inner.queued.fetch_sub(1, Ordering::AcqRel);
                     if self.inner.writer_gone.load(Ordering::Acquire) {
                         return Err(StorageError::new("write", "the store's writer has stopped"));
                     }
@@ -447,83 +412,30 @@ impl Store {
                     room.await;
                 }
                 Err(mpsc::TrySendError::Disconnected(_)) => {
-                    self.inner.queued.fetch_sub(1, Ordering::AcqRel);
-                    return Err(StorageError::new("write", "the store's writer has stopped"));
+                    return Err(StorageError::new("write", "the store's writer has stopped"))
                 }
             }
         }
         rx.await.map_err(|_| StorageError::new("write", "the store's writer has stopped"))?
     }
 
-    /// Writes `ops` (fsynced if `sync`) and runs `done` with the outcome. If the writer has
-    /// nothing queued or under way, the write happens here, on the calling thread, and `done`
-    /// runs before this returns; otherwise it queues for the writer and `done` runs on the
-    /// writer thread. Either way the caller may block: for the write, or while the writer's
-    /// queue is full (callers are the host's own threads, never Tokio's workers). Requests
-    /// submitted one after another are written, and answered, in that order (a host relies on
-    /// it to keep each group's writes ordered). An error here means nothing was written or
-    /// queued and `done` will not run.
+    /// Queues `ops` for the writer without waiting for the write: `done` runs on the writer
+    /// thread with the outcome. Blocks while the writer's queue is full (callers are the
+    /// host's own threads, never Tokio's workers). Requests submitted one after another are written in that order (a host relies
+    /// on it to keep each group's writes ordered). An error here means nothing was queued and
+    /// `done` will not run.
     pub fn submit(&self, ops: Vec<Op>, sync: bool, done: WriteCallback) -> Result<(), StorageError> {
         if let Some(e) = self.poisoned() {
             return Err(e);
         }
-        let req = WriteReq { ops, sync, done: Done::Callback(done) };
-        match self.write_directly(req) {
-            None => Ok(()),
-            Some(req) => self.enqueue(req),
-        }
-    }
-
-    /// Write requests handed to the writer thread and not yet answered.
-    pub fn queued_writes(&self) -> usize {
-        self.inner.queued.load(Ordering::Acquire)
-    }
-
-    /// Whether [`Store::submit`] may write on the submitting thread when the writer is idle
-    /// (on by default). Off, every write goes through the writer thread, as for a disk whose
-    /// fsyncs stall for long: the hosts' pollers then never wait for one.
-    pub fn set_direct_writes(&self, on: bool) {
-        self.inner.direct_writes.store(on, Ordering::Relaxed);
-    }
-
-    /// Writes `req` on this thread if the writer is idle (and direct writes are not paused);
-    /// gives it back otherwise.
-    fn write_directly(&self, req: WriteReq) -> Option<WriteReq> {
-        let inner = &self.inner;
-        if inner.queued.load(Ordering::Acquire) != 0 || !inner.direct_writes.load(Ordering::Relaxed) {
-            return Some(req);
-        }
-        let since_open = |i: &Inner| u64::try_from(i.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
-        if since_open(inner) < inner.direct_paused_until_ms.load(Ordering::Relaxed) {
-            return Some(req);
-        }
-        let Ok(turn) = inner.turn.try_lock() else { return Some(req) };
-        // Checked again with the turn held: a request queued meanwhile by this thread's caller
-        // would otherwise be overtaken (the writer cannot take the turn while we hold it).
-        if inner.queued.load(Ordering::Acquire) != 0 {
-            return Some(req);
-        }
-        inner.stats.direct.fetch_add(1, Ordering::Relaxed);
-        let started = std::time::Instant::now();
-        let (result, reqs) = write_batch_timed(inner, vec![req]);
-        drop(turn);
-        if started.elapsed() > DIRECT_WRITE_SLOW {
-            let until = since_open(inner).saturating_add(DIRECT_WRITE_PAUSE.as_millis() as u64);
-            inner.direct_paused_until_ms.store(until, Ordering::Relaxed);
-        }
-        answer(result, reqs);
-        None
+        self.enqueue(WriteReq { ops, sync, done: Done::Callback(done) })
     }
 
     fn enqueue(&self, req: WriteReq) -> Result<(), StorageError> {
         let Some(tx) = &self.handle.tx else {
             return Err(StorageError::new("write", "the store is closed"));
         };
-        self.inner.queued.fetch_add(1, Ordering::AcqRel);
-        tx.send(req).map_err(|_| {
-            self.inner.queued.fetch_sub(1, Ordering::AcqRel);
-            StorageError::new("write", "the store's writer has stopped")
-        })
+        tx.send(req).map_err(|_| StorageError::new("write", "the store's writer has stopped"))
     }
 
     /// Runs blocking RocksDB work off the async threads.
@@ -592,40 +504,22 @@ fn writer_loop(inner: Arc<Inner>, rx: mpsc::Receiver<WriteReq>) {
             }
         }
         inner.room.notify_waiters();
-        let n = reqs.len();
-        let turn = inner.turn.lock().unwrap_or_else(|p| p.into_inner());
-        let (result, reqs) = write_batch_timed(&inner, reqs);
-        drop(turn);
-        answer(result, reqs);
-        // After the answers: a submitter that then finds nothing queued writes directly, and
-        // its answer cannot overtake these.
-        inner.queued.fetch_sub(n, Ordering::AcqRel);
-    }
-}
-
-/// Answers each request with `result`.
-fn answer(result: Result<(), StorageError>, reqs: Vec<WriteReq>) {
-    for r in reqs {
-        r.done.send(result.clone());
-    }
-}
-
-/// Writes `reqs` as one batch (the caller holds the turn), counts it, and poisons the store if
-/// it failed; the outcome and the requests, to be answered once the turn is given back.
-fn write_batch_timed(inner: &Inner, reqs: Vec<WriteReq>) -> (Result<(), StorageError>, Vec<WriteReq>) {
-    let started = std::time::Instant::now();
-    let result = write_batch(inner, &reqs);
-    let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-    inner.stats.write_micros.fetch_add(took, Ordering::Relaxed);
-    if let Err(e) = &result {
-        error!(error = %e, "write failed: the store is poisoned and refuses further writes");
-        if let Ok(mut p) = inner.poison.lock() {
-            p.get_or_insert_with(|| e.clone());
+        let started = std::time::Instant::now();
+        let result = write_batch(&inner, &reqs);
+        let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        inner.stats.write_micros.fetch_add(took, Ordering::Relaxed);
+        if let Err(e) = &result {
+            error!(error = %e, "write failed: the store is poisoned and refuses further writes");
+            if let Ok(mut p) = inner.poison.lock() {
+                p.get_or_insert_with(|| e.clone());
+            }
+            inner.poisoned.store(true, Ordering::Release);
         }
-        inner.poisoned.store(true, Ordering::Release);
+        inner.stats.requests.fetch_add(reqs.len() as u64, Ordering::Relaxed);
+        for r in reqs {
+            r.done.send(result.clone());
+        }
     }
-    inner.stats.requests.fetch_add(reqs.len() as u64, Ordering::Relaxed);
-    (result, reqs)
 }
 
 fn write_batch(inner: &Inner, reqs: &[WriteReq]) -> Result<(), StorageError> {

@@ -266,25 +266,11 @@ impl Poller {
         self.dirty.insert(gid);
     }
 
-    /// Hands the round's batches to the network, then submits the round's writes (one request
-    /// for all groups), then starts state-machine work (after the writes, so applied state
-    /// never precedes the log in the write order). The messages go first because the store
-    /// may write on this thread (when its writer is idle) and hold it for an fsync: a leader's
-    /// appends must not wait for its own fsync, which runs in parallel with the followers'.
-    /// The engine's sends may precede the durability of earlier writes
-    /// ([`flotilla_raft::Engine`]'s contract).
+    /// Submits the round's writes (one request for all groups), then starts state-machine
+    /// work (after the writes, so applied state never precedes the log in the write order),
+    /// then hands the batches to the network.
     fn flush(&mut self) {
         let round = std::mem::take(&mut self.round);
-        let net = self.shared.network.clone();
-        for (to, batch) in round.out {
-            self.shared.stats.batches_sent.fetch_add(1, Ordering::Relaxed);
-            self.shared.stats.messages_sent.fetch_add(batch.messages.len() as u64, Ordering::Relaxed);
-            net.send(to, batch);
-        }
-        for (gid, msg) in round.transfers {
-            self.shared.stats.messages_sent.fetch_add(1, Ordering::Relaxed);
-            net.send_transfer(msg.to, gid, msg);
-        }
         if !round.ops.is_empty() {
             let done: Vec<(GroupId, IoId)> = round.done.into_iter().collect();
             self.shared.stats.log_appends.fetch_add(done.len() as u64, Ordering::Relaxed);
@@ -310,6 +296,16 @@ impl Poller {
         }
         for gid in std::mem::take(&mut self.sm_ready) {
             self.start_sm(gid);
+        }
+        let net = self.shared.network.clone();
+        for (to, batch) in round.out {
+            self.shared.stats.batches_sent.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.messages_sent.fetch_add(batch.messages.len() as u64, Ordering::Relaxed);
+            net.send(to, batch);
+        }
+        for (gid, msg) in round.transfers {
+            self.shared.stats.messages_sent.fetch_add(1, Ordering::Relaxed);
+            net.send_transfer(msg.to, gid, msg);
         }
     }
 }
