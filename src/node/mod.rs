@@ -824,8 +824,6 @@ impl Node {
             ("flotilla_host_info_builds_total", "Summaries of every group here built afresh (the shared copy was older).", &h.info_builds),
             ("flotilla_host_info_build_microseconds_total", "Time those builds took.", &h.info_build_micros),
             ("flotilla_host_local_reads_total", "Lease reads served on the request's thread (the lease gate open), without a round to a poller.", &h.local_reads),
-            ("flotilla_host_read_index_reads_total", "ReadIndex reads confirmed in batches (one read call to the group for all reads that arrived while the previous call was out).", &h.read_index_reads),
-            ("flotilla_host_read_index_batches_total", "Read calls those batches made.", &h.read_index_batches),
             ("flotilla_store_write_requests_total", "Write requests the store completed.", &w.requests),
             ("flotilla_store_write_batches_total", "RocksDB write batches (group commits).", &w.batches),
             ("flotilla_store_syncs_total", "Write batches made durable with an fsync.", &w.syncs),

@@ -36,7 +36,6 @@ mod inbox;
 mod liveness;
 mod merge;
 mod poller;
-mod read_batch;
 mod registry;
 mod sm_queue;
 
@@ -304,11 +303,6 @@ pub struct HostStats {
     /// Lease reads (gets and scans) served on the caller's thread, without a round to a
     /// poller (the group's lease gate was open).
     pub local_reads: AtomicU64,
-    /// ReadIndex reads (gets and scans) confirmed through a batch (see `read_batch`).
-    pub read_index_reads: AtomicU64,
-    /// Read calls the batches of ReadIndex reads made to pollers: with `read_index_reads`,
-    /// how many reads one call served.
-    pub read_index_batches: AtomicU64,
     /// Summaries of every group built afresh for [`Host::group_info_shared`] (its shared
     /// copy was of an older generation).
     pub info_builds: AtomicU64,
@@ -956,23 +950,11 @@ impl Host {
         if !entry.sm.range().contains(&key) {
             return Err(HostError::KeyOutOfRange(group));
         }
-        self.confirm_read(group, mode, &entry).await?;
+        if !self.lease_open(mode, &entry) {
+            self.call(group, |tx| Request::Read { mode, wait_apply: true, reply: tx }).await?;
+        }
         refuse_frozen(group, &entry.sm)?;
         Ok(entry.sm.get(key).await?)
-    }
-
-    /// Waits until a read of `group` in `mode` that arrived now may be served from `entry`'s
-    /// state machine: at once under an open lease gate; for ReadIndex, with the group's other
-    /// ReadIndex reads in one call (see `read_batch`); otherwise by a read call of its own.
-    async fn confirm_read(&self, group: GroupId, mode: ReadMode, entry: &GroupEntry) -> Result<(), HostError> {
-        if self.lease_open(mode, entry) {
-            return Ok(());
-        }
-        if mode == ReadMode::ReadIndex {
-            let batches = entry.reads.get_or_init(Arc::default);
-            return self.read_index_batched(group, batches).await;
-        }
-        self.call(group, |tx| Request::Read { mode, wait_apply: true, reply: tx }).await.map(|_| ())
     }
 
     /// Whether a read in `mode` may be served from `entry`'s state machine without a round to
@@ -1014,7 +996,9 @@ impl Host {
         if !entry.sm.range().contains(&from) {
             return Err(HostError::KeyOutOfRange(group));
         }
-        self.confirm_read(group, mode, &entry).await?;
+        if !self.lease_open(mode, &entry) {
+            self.call(group, |tx| Request::Read { mode, wait_apply: true, reply: tx }).await?;
+        }
         refuse_frozen(group, &entry.sm)?;
         match entry.sm.scan(from, to, limit).await {
             Ok(page) => Ok(page),
@@ -1123,7 +1107,7 @@ pub(crate) async fn build_group(
         peers.extend(core.engine().membership().membership.nodes().into_iter().filter(|n| *n != me));
     }
     let poller = (group.0 % shared.pollers.len() as u64) as usize;
-    let entry = GroupEntry { poller, sm: sm.clone(), lease: core.lease_gate(), reads: Arc::default() };
+    let entry = GroupEntry { poller, sm: sm.clone(), lease: core.lease_gate() };
     Ok((GroupState::new(group, core, log, sm), entry))
 }
 

@@ -162,8 +162,6 @@ pub(crate) struct GroupEntry {
     /// Open while this replica leads under a lease with everything committed applied: lease
     /// reads are then served on the caller's thread ([`Host::get`](super::Host::get)).
     pub(crate) lease: Arc<flotilla_raft::LeaseGate>,
-    /// The group's batches of ReadIndex reads, made on its first such read here.
-    pub(crate) reads: Arc<std::sync::OnceLock<Arc<super::read_batch::ReadBatches>>>,
 }
 
 /// Every range claimed in a registry (groups, starts under way, parked groups), sorted by start,
