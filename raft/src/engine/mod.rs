@@ -744,14 +744,10 @@ impl Engine {
 
     /// Whether [`Engine::poll_action`] has something to return: actions queued, or a read
     /// round requested, whose heartbeats are made when polled (so that reads asked for in one
-    /// step share one round), unless it waits for the round in flight (then it leaves when a
-    /// quorum answers that one, or at [`Engine::next_deadline`]).
+    /// step share one round).
     pub fn has_actions(&self) -> bool {
-        let round_to_start = self.role.leader().and_then(|l| l.reads.round_requested_at()).is_some_and(|asked| {
-            // `poll_action` flushes at the time the round was asked for.
-            self.held_round_deadline().is_none_or(|until| asked >= until)
-        });
-        self.fatal.is_none() && (!self.actions.is_empty() || round_to_start)
+        self.fatal.is_none()
+            && (!self.actions.is_empty() || self.role.leader().is_some_and(|l| l.reads.round_requested_at().is_some()))
     }
 
     /// The configuration in effect (the latest in the log).

@@ -20,15 +20,6 @@ pub(super) struct PendingRead {
 /// Bound on the history of heartbeat rounds kept for lease reads.
 pub(super) const ROUNDS_KEPT_MAX: usize = 64;
 
-/// How long a round asked for waits for the round in flight to be acknowledged by a quorum
-/// before it goes out anyway. While one round is out, the reads that arrive wait and share the
-/// next one, started the moment a quorum answers: one round of heartbeats per round trip
-/// rather than one per wake-up of a busy leader (etcd's server keeps one ReadIndex request in
-/// flight the same way). The bound covers a heartbeat or an answer that was lost; it is kept
-/// at the driver's next timeout ([`Engine::next_deadline`]), which a host that fires timers
-/// on a coarser tick (the shard host: every `tick_ms`) may call later than that.
-pub(super) const ROUND_WAIT_MS: u64 = 5;
-
 /// The leader's reads and heartbeat rounds. Every heartbeat carries its round number; a
 /// quorum acknowledging round `r` proves this node was leader when `r` was sent.
 #[derive(Debug)]
@@ -93,17 +84,6 @@ impl Reads {
     /// When the round asked for was requested, if one is waiting to start.
     pub(super) fn round_requested_at(&self) -> Option<Millis> {
         self.round_needed.then_some(self.round_requested_at)
-    }
-
-    /// Until when the round asked for waits for the round in flight: a round is asked for, the
-    /// last round started is past `acked` (the highest a quorum acknowledged) and went out less
-    /// than [`ROUND_WAIT_MS`] before that time. `None` if no round is asked for or none is out.
-    pub(super) fn round_held_until(&self, acked: u64) -> Option<Millis> {
-        if !self.round_needed || self.round <= acked {
-            return None;
-        }
-        let (_, sent) = self.round_sent_at.back()?;
-        Some(sent.add_ms(ROUND_WAIT_MS))
     }
 
     /// Starts the round asked for, sent at `now`: returns its number, or `None` if no round
@@ -210,13 +190,6 @@ impl LeaderState {
 }
 
 impl Engine {
-    /// When a round held back for the one in flight must go out even if no quorum answered.
-    pub(super) fn held_round_deadline(&self) -> Option<Millis> {
-        let l = self.role.leader()?;
-        l.reads.round_requested_at()?;
-        l.reads.round_held_until(l.quorum_round(self.id, &self.effective().membership))
-    }
-
     /// The work of [`Engine::read`].
     pub(super) fn register_read(&mut self, now: Millis, id: u64, mode: ReadMode) {
         let single = self.is_single_voter();
@@ -314,14 +287,9 @@ impl Engine {
 }
 
 impl Replicator<'_> {
-    /// Starts the heartbeat round asked for, if any, sent at `now`, unless it waits for the
-    /// round in flight (see [`ROUND_WAIT_MS`]).
+    /// Starts the heartbeat round asked for, if any, sent at `now`.
     fn flush_rounds(&mut self, now: Millis, keep_after: Option<LogIndex>) {
         let l = &mut *self.leader;
-        let acked = l.quorum_round(self.id, self.membership);
-        if l.reads.round_held_until(acked).is_some_and(|until| now < until) {
-            return;
-        }
         let Some(round) = l.reads.start_round(now) else { return };
         for (id, p) in &l.progress {
             // At or below our commit index, so in our log unless purged; purged, the follower

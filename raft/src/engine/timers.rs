@@ -13,9 +13,6 @@ impl Engine {
                 if let Some(t) = &l.transfer {
                     d = d.min(t.deadline);
                 }
-                if let Some(held) = self.held_round_deadline() {
-                    d = d.min(held);
-                }
                 d
             }
             None => self.election_at,
@@ -26,8 +23,6 @@ impl Engine {
     pub(super) fn on_timeout(&mut self, now: Millis) {
         if self.role.is_leader() {
             self.leader_tick(now);
-            // A round held back for one in flight that no quorum answered in time.
-            self.flush_rounds(now);
         } else if now >= self.election_at {
             if self.can_campaign() {
                 if self.config.pre_vote {

@@ -36,11 +36,7 @@
 //! one) has acknowledged that round or a later one, no other leader can have been elected
 //! before the round began, and the read is served at the recorded index.
 //!
-//! Cost: one round trip to a quorum, and one heartbeat message per member, per round. Reads
-//! registered in one step share a round; reads that arrive while a round is out wait for it
-//! and share the next, which leaves as soon as a quorum answers the one out (or 5 ms after it
-//! was sent, if no quorum did): a busy leader sends one round per round trip, and a read waits
-//! at most the rest of the round out plus its own.
+//! Cost: one round trip to a quorum, and one heartbeat message per member, for each read.
 //! Assumption: none beyond Raft's own; ReadIndex does not depend on clocks.
 //!
 //! # `ReadMode::Lease`

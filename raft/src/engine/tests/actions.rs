@@ -239,50 +239,6 @@ fn a_read_asked_for_after_a_round_went_out_waits_for_the_next_round() {
 }
 
 #[test]
-fn reads_that_arrive_while_a_round_is_out_wait_for_it_and_share_the_next_round() {
-    let (mut c, now, term) = leader_1_reading_7();
-    let e = &mut c.node(1).engine;
-    let round = |round| MessageBody::Heartbeat { commit: LogId::new(term, 2), round, keep_after: Some(LogIndex(2)) };
-    assert_eq!(drain(e), vec![send(1, 2, term, round(1)), send(1, 3, term, round(1))]);
-    // Three reads in three wake-ups while round 1 is out: no round of their own each.
-    for id in 8..11 {
-        e.read(now, id, ReadMode::ReadIndex);
-        assert!(drain(e).is_empty(), "read {id} waits for round 1 to be answered");
-    }
-    // A quorum answers round 1: read 7 is served and round 2 leaves at once, for all three.
-    e.handle_message(now, msg(2, 1, term, MessageBody::HeartbeatResp { round: 1 }));
-    assert_eq!(
-        drain(e),
-        vec![Action::ReadReady { id: 7, index: LogIndex(2) }, send(1, 2, term, round(2)), send(1, 3, term, round(2))]
-    );
-    e.handle_message(now, msg(3, 1, term, MessageBody::HeartbeatResp { round: 2 }));
-    assert_eq!(drain(e), (8..11).map(|id| Action::ReadReady { id, index: LogIndex(2) }).collect::<Vec<_>>());
-}
-
-#[test]
-fn a_round_held_back_goes_out_when_the_round_in_flight_is_not_answered_in_time() {
-    let (mut c, now, term) = leader_1_reading_7();
-    let e = &mut c.node(1).engine;
-    let round = |round| MessageBody::Heartbeat { commit: LogId::new(term, 2), round, keep_after: Some(LogIndex(2)) };
-    assert_eq!(drain(e), vec![send(1, 2, term, round(1)), send(1, 3, term, round(1))]);
-    e.read(now, 8, ReadMode::ReadIndex);
-    assert!(drain(e).is_empty());
-    // Round 1's heartbeats or answers are lost: the engine asks to be woken when the wait ends.
-    let due = now.add_ms(super::super::read::ROUND_WAIT_MS);
-    assert_eq!(e.next_deadline(), due);
-    e.handle_timeout(Millis(due.0 - 1));
-    assert!(drain(e).is_empty(), "not before the wait is over");
-    e.handle_timeout(due);
-    assert_eq!(drain(e), vec![send(1, 2, term, round(2)), send(1, 3, term, round(2))]);
-    // Round 2 answered serves both reads: it started after each of them arrived.
-    e.handle_message(due, msg(2, 1, term, MessageBody::HeartbeatResp { round: 2 }));
-    assert_eq!(
-        drain(e),
-        vec![Action::ReadReady { id: 7, index: LogIndex(2) }, Action::ReadReady { id: 8, index: LogIndex(2) }]
-    );
-}
-
-#[test]
 fn a_leader_that_steps_down_fails_every_read_waiting_on_it_at_once() {
     let (mut c, now, term) = leader_1_reading_7();
     let e = &mut c.node(1).engine;
