@@ -663,10 +663,9 @@ async fn requests_past_the_mailbox_bound_are_refused_as_overloaded() {
     cluster.shutdown().await;
 }
 
-/// ReadIndex reads that arrive while a heartbeat round of their group is out wait for it and
-/// share the next round; none of them misses a write acknowledged before it began: readers
-/// race a writer and each read must return at least the last value acknowledged when it
-/// started.
+/// No ReadIndex read misses a write acknowledged before it began: readers race a writer, many
+/// reads sharing heartbeat rounds, and each must return at least the last value acknowledged
+/// when it started.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_index_reads_racing_writes_never_miss_an_acknowledged_write() {
     let c = Arc::new(Cluster::start(3).await);
