@@ -110,13 +110,13 @@ impl Node {
             let done = l.after_changed_round(&view.map, busy, waiting, to_create);
             // A replica to create (a move's target): the full round that creates it comes in
             // this tick, not the next, if its spacing allows.
-            let create_now = to_create && full_round_due(Some(&done), seen, forming, Instant::now());
-            if let Ok(mut l) = self.inner.reconciled.lock() {
-                *l = Some(done.clone());
-            }
-            if !create_now {
+            if !(to_create && full_round_due(Some(&done), seen, forming, Instant::now())) {
+                if let Ok(mut l) = self.inner.reconciled.lock() {
+                    *l = Some(done);
+                }
                 return;
             }
+            // The full round below records its bookkeeping on top of this round's.
             last = Some(done);
         }
         self.inner.stats.reconcile_full_rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
