@@ -13,7 +13,7 @@
 //! # load_split_duration_ms = 10000    # ... once they stayed that busy this long
 //! # merge_size_bytes = 20971520       # cold neighbours smaller than this together are merged
 //! #                                   # (with auto_balance; 0: never)
-//! # pollers = 1                       # shard poller threads (default: half the cores)
+//! # pollers = 1                       # shard poller tasks (default: half the cores)
 //! # memory_budget = "512MiB"          # RocksDB's block cache and memtables (64MiB..=1TiB)
 //! # require_client_roles = true       # refuse client certificates issued without a role
 //! # resp_listen = "0.0.0.0:6379"      # Redis protocol (redis-cli, Redis clients)
@@ -189,7 +189,7 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
     n.checked_mul(1u64 << shift).ok_or_else(|| format!("{text:?} is too large"))
 }
 
-/// Most poller threads a server may ask for.
+/// Most poller tasks a server may ask for.
 pub const POLLERS_MAX: usize = 64;
 /// Smallest split threshold accepted (smaller shards would only multiply groups).
 pub const SPLIT_SIZE_BYTES_MIN: u64 = 64 << 10;

@@ -93,8 +93,9 @@ pub struct NetStats {
 /// [`HostNetwork`] over a [`Transport`].
 pub struct TransportNetwork {
     transport: Transport,
-    /// The host calls `send` from its poller threads, outside Tokio; the transport may spawn a
-    /// task (a new peer's writer), so sends run inside this runtime's context.
+    /// The host's pollers are tasks of this runtime, but a host may run on another one (tests
+    /// do); the transport may spawn a task (a new peer's writer), so sends run inside this
+    /// runtime's context.
     runtime: tokio::runtime::Handle,
     streams: u64,
     stats: Arc<NetStats>,

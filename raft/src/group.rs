@@ -6,7 +6,7 @@
 //! [`Request`]s and turns the engine's [`Action`]s into [`CoreAction`]s for whoever runs it;
 //! the runners are the Tokio driver ([`crate::Raft`], one `GroupCore` and one task per
 //! group) and hosts of many groups (flotilla-shard runs thousands of `GroupCore`s on a few
-//! poller threads). Request handling is written once, here.
+//! poller tasks). Request handling is written once, here.
 //!
 //! # Driving contract
 //! 1. Feed inputs: [`GroupCore::handle_request`], [`GroupCore::handle_message`],

@@ -32,7 +32,7 @@
 //! **Use [`Raft`]** unless you have a reason not to: it implements the whole driving
 //! contract for you (write ordering, durability before acknowledgement, timers, snapshot
 //! transfer) and costs one Tokio task per group. **Run [`GroupCore`]s yourself** when
-//! that cost is too high (flotilla-shard runs thousands of groups on a few threads and
+//! that cost is too high (flotilla-shard runs thousands of groups on a few tasks and
 //! batches the storage writes of many groups into one fsync) or when you need a different
 //! runtime; **drive the [`Engine`] alone** when you want to step a cluster deterministically
 //! in a test (the simulator does). The [`guide::driving_the_engine`]

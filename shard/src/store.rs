@@ -153,6 +153,8 @@ struct Inner {
     fail_next: AtomicBool,
     /// Test hook: snapshot installations wait before touching anything while set.
     hold_installs: AtomicBool,
+    /// Test hook: the writer takes nothing off its queue while set (a stalled disk).
+    hold_writes: AtomicBool,
     /// Installations waiting on `hold_installs`.
     installs_held: std::sync::atomic::AtomicUsize,
     /// Signalled each time the writer takes requests off its full-or-not queue: async writers
@@ -227,6 +229,7 @@ impl Store {
             stats: WriterStats::default(),
             fail_next: AtomicBool::new(false),
             hold_installs: AtomicBool::new(false),
+            hold_writes: AtomicBool::new(false),
             installs_held: std::sync::atomic::AtomicUsize::new(0),
             room: tokio::sync::Notify::new(),
             writer_gone: AtomicBool::new(false),
@@ -363,6 +366,13 @@ impl Store {
         self.inner.fail_next.store(true, Ordering::Release);
     }
 
+    /// Test hook: while `hold` is set, the writer takes nothing off its queue, as if the disk
+    /// had stalled: its queue fills and submitters wait for room.
+    #[doc(hidden)]
+    pub fn hold_writes(&self, hold: bool) {
+        self.inner.hold_writes.store(hold, Ordering::Release);
+    }
+
     /// Test hook: while `hold` is set, snapshot installations wait before they touch anything
     /// (to test what happens to an installation in flight).
     #[doc(hidden)]
@@ -420,10 +430,12 @@ impl Store {
     }
 
     /// Queues `ops` for the writer without waiting for the write: `done` runs on the writer
-    /// thread with the outcome. Blocks while the writer's queue is full (callers are the
-    /// host's own threads, never Tokio's workers). Requests submitted one after another are written in that order (a host relies
-    /// on it to keep each group's writes ordered). An error here means nothing was queued and
-    /// `done` will not run.
+    /// thread with the outcome. Blocks while the writer's queue is full; called on a worker of
+    /// a multi-thread runtime (the host's pollers), it blocks in place (`block_in_place`), so
+    /// the worker's other tasks move to another thread meanwhile and a stalled disk does not
+    /// stall the runtime. Requests submitted one after another are written in that order (a
+    /// host relies on it to keep each group's writes ordered). An error here means nothing was
+    /// queued and `done` will not run.
     pub fn submit(&self, ops: Vec<Op>, sync: bool, done: WriteCallback) -> Result<(), StorageError> {
         if let Some(e) = self.poisoned() {
             return Err(e);
@@ -435,7 +447,19 @@ impl Store {
         let Some(tx) = &self.handle.tx else {
             return Err(StorageError::new("write", "the store is closed"));
         };
-        tx.send(req).map_err(|_| StorageError::new("write", "the store's writer has stopped"))
+        let stopped = || StorageError::new("write", "the store's writer has stopped");
+        let req = match tx.try_send(req) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::TrySendError::Disconnected(_)) => return Err(stopped()),
+            Err(mpsc::TrySendError::Full(req)) => req,
+        };
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_thread {
+            tokio::task::block_in_place(|| tx.send(req)).map_err(|_| stopped())
+        } else {
+            tx.send(req).map_err(|_| stopped())
+        }
     }
 
     /// Runs blocking RocksDB work off the async threads.
@@ -492,6 +516,9 @@ fn writer_loop(inner: Arc<Inner>, rx: mpsc::Receiver<WriteReq>) {
     let raft = inner.db.cf_handle(CF_RAFT).map(|_| ());
     debug_assert!(raft.is_some());
     while let Ok(first) = rx.recv() {
+        while inner.hold_writes.load(Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         let mut reqs = vec![first];
         let mut bytes: usize = reqs[0].ops.iter().map(Op::bytes).sum();
         while reqs.len() < GROUP_COMMIT_REQUESTS_MAX && bytes < GROUP_COMMIT_BYTES_MAX {

@@ -710,7 +710,7 @@ async fn read_index_reads_racing_writes_never_miss_an_acknowledged_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_reading_a_lagging_followers_entries_keeps_serving_its_other_groups() {
-    // One poller per host, so both groups share the leader's thread; a small entry cache, so
+    // One poller per host, so both groups share the leader's poller; a small entry cache, so
     // the follower's entries come from storage.
     let c = Cluster::start_with(3, |cfg| {
         cfg.pollers = 1;

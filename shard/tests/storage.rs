@@ -624,3 +624,63 @@ async fn an_insert_of_many_keys_sets_them_all_only_when_none_exists_and_only_ins
     assert_eq!(get(b"d").await.expect("get"), None);
     assert_eq!(get(b"e").await.expect("get"), None);
 }
+
+/// A submitter on a Tokio worker (the host's pollers are tasks) that finds the writer's queue
+/// full blocks in place: the worker's other tasks go on meanwhile, and every submitted write
+/// still lands, in order, once the disk comes back. One worker: a plain blocking send would
+/// hold it, and nothing else would run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_full_writer_queue_does_not_stall_the_runtime() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    store.hold_writes(true);
+    let total = flotilla_shard::store::WRITER_QUEUE_MAX + 2;
+    let written = Arc::new(AtomicU64::new(0));
+    let order_ok = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // On a worker, as a poller submits: the last submissions find the queue full and block.
+    let submitter = tokio::spawn({
+        let (store, written, order_ok) = (store.clone(), written.clone(), order_ok.clone());
+        async move {
+            for i in 0..total as u64 {
+                let (written, order_ok) = (written.clone(), order_ok.clone());
+                let op = Op::Put(CF_DATA, format!("k{i:06}").into_bytes(), vec![1]);
+                store
+                    .submit(
+                        vec![op],
+                        false,
+                        Box::new(move |r| {
+                            // Callbacks run in submission order, each after its write.
+                            if r.is_err() || written.fetch_add(1, Ordering::AcqRel) != i {
+                                order_ok.store(false, Ordering::Release);
+                            }
+                        }),
+                    )
+                    .expect("submit");
+            }
+        }
+    });
+    // The submitter is blocked on the full queue (nothing is written while the disk stalls),
+    // yet timers and other tasks of the runtime still run, more than once. Waited for with
+    // the test's own thread (not a worker): a stalled runtime fails here, it does not hang.
+    for _ in 0..5 {
+        let (tx, rx) = std::sync::mpsc::channel();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let _ = tx.send(7);
+        });
+        if rx.recv_timeout(Duration::from_secs(5)) != Ok(7) {
+            store.hold_writes(false); // so that the runtime can shut down after the failure
+            panic!("the runtime stalled behind the full queue");
+        }
+    }
+    assert!(!submitter.is_finished(), "the queue never filled: the test tests nothing");
+    assert_eq!(written.load(Ordering::Acquire), 0);
+    store.hold_writes(false);
+    tokio::time::timeout(Duration::from_secs(30), submitter).await.expect("submitter done").expect("join");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while written.load(Ordering::Acquire) < total as u64 {
+        assert!(std::time::Instant::now() < deadline, "writes did not land");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(order_ok.load(Ordering::Acquire), "a write failed or landed out of order");
+}

@@ -131,7 +131,7 @@ pub const BOOTSTRAP_RETRY_MS: u64 = 200;
 pub const BACKUP_COPIES_MAX: usize = 4;
 /// A backup copy unread for this long is removed (the client gave up) (ms).
 pub const BACKUP_COPY_IDLE_MS_MAX: u64 = 60_000;
-/// How long shutdown waits for the shard host's threads (ms).
+/// How long shutdown waits for the shard host's pollers and pinger (ms).
 pub const SHUTDOWN_HOST_MS_MAX: u64 = 10_000;
 /// Snapshot chunks read from transfer streams and waiting to be handed to the host; readers
 /// wait beyond it (each holds one of its peer's transfer slots, so senders slow down too).
@@ -226,7 +226,7 @@ pub struct NodeConfig {
     pub bootstrap: Option<BootstrapConfig>,
     /// Raft timers and limits of every group.
     pub raft: RaftConfig,
-    /// Host poller threads.
+    /// Host poller tasks.
     pub pollers: usize,
     /// How often the node reports to the meta leader (ms).
     pub report_interval_ms: u64,
@@ -309,10 +309,10 @@ fn load_split_config(config: &NodeConfig) -> LoadSplitConfig {
     }
 }
 
-/// Poller threads for each of `nodes_per_process` nodes: half the cores for all of them
-/// (the rest serve the network, the store's writer and clients), at least one, at most eight.
-/// On two cores one poller per node is 12–15 % faster for puts than two (fewer thread
-/// hand-offs, larger write rounds; BENCHMARKS.md).
+/// Pollers (tasks on the node's runtime) for each of `nodes_per_process` nodes: half the
+/// cores for all of them, at least one, at most eight, so that pollers in their rounds leave
+/// at least half of the runtime's workers to the network and the callers. On two cores one
+/// poller per node is 12–15 % faster for puts than two (larger write rounds; BENCHMARKS.md).
 pub fn default_pollers(nodes_per_process: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     (cores / 2 / nodes_per_process.max(1)).clamp(1, 8)

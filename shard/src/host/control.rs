@@ -1,5 +1,5 @@
 //! The control work of a poller: groups joining and leaving it, the start of a group a split
-//! created (built off the poller thread, so a poller never waits on it), and the state of its
+//! created (built off the poller's task, so a poller never waits on it), and the state of its
 //! groups for the host's callers.
 
 use super::group_info::{group_info, Configurations};
@@ -76,8 +76,8 @@ impl Poller {
     /// A split was applied (its descriptors are durable): start the new group on this node,
     /// formed with the source's configuration, on whichever poller it belongs to. A group of
     /// that id already here (the node was told to create it, or it restarted) is left alone.
-    /// The group is recovered from the store on the runtime, not on this thread: the poller
-    /// goes on driving its other groups meanwhile.
+    /// The group is recovered from the store by a task of its own (reads on the blocking
+    /// pool), not in the poller's round: the poller goes on driving its other groups meanwhile.
     /// `reservation` was taken when the split was prepared (`None`: the group already existed).
     pub(super) fn start_split_group(&mut self, source: GroupId, split: SplitEffect, reservation: Option<Reservation>) {
         let id = split.new_group;

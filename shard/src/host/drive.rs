@@ -11,7 +11,7 @@ use crate::keys::{encode, group_key, KIND_COMMITTED};
 use crate::store::{Op, CF_RAFT};
 use flotilla_raft::{Action, CoreAction, Entry, GroupId, IoId, LogAction, MessageBody, Role, StorageError};
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use tracing::{debug, error};
 
 impl Poller {
@@ -159,11 +159,11 @@ pub(crate) struct Loaded {
     pub(super) result: Result<Vec<Entry>, StorageError>,
 }
 
-/// Reads entries a leader asked for on the blocking pool, not on the poller's thread: a
+/// Reads entries a leader asked for on the blocking pool, not on the poller's task: a
 /// lagging follower's entries come from disk, and one poller drives many groups whose
 /// heartbeats must not wait behind that read. The answer comes back as `PollerMsg::Loaded`;
 /// the engine checks the entries still match its log before it sends them.
-fn start_load(shared: &Arc<Shared>, tx: &mpsc::Sender<PollerMsg>, g: &mut GroupState, load: Load) {
+fn start_load(shared: &Arc<Shared>, tx: &super::poller::PollerTx, g: &mut GroupState, load: Load) {
     if !g.loading_peers.insert(load.peer) {
         g.loads_waiting.push_back(load);
         return;

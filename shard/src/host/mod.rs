@@ -1,6 +1,6 @@
-//! The shard host: thousands of Raft groups (shards) of one node on a few threads.
+//! The shard host: thousands of Raft groups (shards) of one node on a few tasks.
 //!
-//! Not a task and a timer per group. Groups are spread over `pollers` threads (group `g`
+//! Not a task and a timer per group. Groups are spread over `pollers` tasks (group `g`
 //! lives on poller `g % pollers`); each poller owns its groups outright and runs rounds:
 //!
 //! 1. take every queued event (peer messages, API calls, completed writes and applies) from its
@@ -24,8 +24,13 @@
 //! `wakes_per_tick_max` per poller tick, so a blip does not wake ten thousand groups at once)
 //! and elect a new leader. A follower that is down does not keep a group awake.
 //!
-//! Blocking RocksDB work (log writes, applies, reads) runs on the pollers and the store's
-//! writer thread, never on Tokio's workers; snapshots run on Tokio's blocking pool.
+//! The pollers are tasks on the runtime of the transport and the callers (see `Poller::run`
+//! for why): a round's own RocksDB work (preparing log writes, applying, reading entries
+//! and values the state machine needs, mostly from memory) runs on a Tokio worker; the
+//! writes and their fsyncs run on the store's writer thread (a poller finding its queue full
+//! blocks in place, so the worker's other tasks move elsewhere); snapshots, entry loads for
+//! lagging followers and compactions run on Tokio's blocking pool. Liveness pings have a
+//! thread of their own.
 
 mod apply;
 mod control;
@@ -56,7 +61,7 @@ pub(crate) use registry::{GroupEntry, Registry, Reservation};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::info;
@@ -69,7 +74,7 @@ pub const EVENTS_PER_ROUND_MAX: usize = 4096;
 pub struct HostConfig {
     /// This node.
     pub node: NodeId,
-    /// Poller threads; groups are spread over them by id.
+    /// Poller tasks; groups are spread over them by id.
     pub pollers: usize,
     /// The one timer of each poller: how often the timers of awake groups are checked.
     pub tick_ms: u64,
@@ -343,7 +348,7 @@ pub(crate) struct Shared {
     /// Test hook (`Host::hold_loads`): entry loads for followers wait before reading.
     pub(crate) hold_loads: std::sync::atomic::AtomicBool,
     /// The pollers' mailboxes (group `g` lives on poller `g % len`).
-    pub(crate) pollers: Vec<mpsc::Sender<PollerMsg>>,
+    pub(crate) pollers: Vec<poller::PollerTx>,
     /// Groups on this node: where each lives and its state machine (for reads).
     pub(crate) registry: RwLock<Registry>,
     /// Moves after any poller round in which a group's summary changed or a group left (see
@@ -377,15 +382,22 @@ const GROUPS_STARTING_MAX: usize = 64;
 #[derive(Clone)]
 pub struct Host {
     shared: Arc<Shared>,
+    /// The pollers' tasks, awaited at shutdown.
+    pollers: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    /// The pinger's thread.
     threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
 }
 
 impl Host {
     /// Starts a host on `store`, resuming every group the store holds. Must be called inside
-    /// a Tokio runtime (snapshots run on its blocking pool).
+    /// a Tokio runtime: the pollers are tasks spawned on it (a multi-thread one, so that a
+    /// poller's round and the other tasks run side by side; on a current-thread runtime a
+    /// poller waiting for room in the store's queue holds the runtime until the writer
+    /// drains it), and snapshots run on its blocking pool. The host stops with
+    /// [`Host::shutdown`], or when the runtime is dropped.
     pub async fn open(store: Store, config: HostConfig, network: Arc<dyn HostNetwork>) -> Result<Host, HostError> {
         config.validate()?;
-        let (senders, receivers): (Vec<_>, Vec<_>) = (0..config.pollers).map(|_| mpsc::channel()).unzip();
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..config.pollers).map(|_| poller::PollerTx::channel()).unzip();
         let shared = Arc::new(Shared {
             queued: (0..config.pollers).map(|_| AtomicUsize::new(0)).collect(),
             requests_queued: (0..config.pollers).map(|_| AtomicUsize::new(0)).collect(),
@@ -408,27 +420,35 @@ impl Host {
             info_generation: AtomicU64::new(0),
             info_cache: Mutex::new(None),
         });
-        let mut threads = Vec::new();
+        let mut pollers = Vec::new();
         for (i, (rx, tx)) in receivers.into_iter().zip(senders).enumerate() {
             let poller = Poller::new(i, shared.clone(), rx, tx);
-            let t = std::thread::Builder::new()
-                .name(format!("flotilla-poller-{i}"))
-                .spawn(move || poller.run())
-                .map_err(|e| HostError::Config(format!("cannot start a poller thread: {e}")))?;
-            threads.push(t);
+            pollers.push(tokio::spawn(poller.run()));
         }
-        {
-            // Liveness pings on a thread of their own, so a busy poller never makes its node
-            // look down to the others.
+        // Liveness pings on a thread of their own: their timing does not depend on a poller's
+        // round (the pings themselves leave through the transport's tasks).
+        let pinger_thread = {
             let shared = shared.clone();
-            let t = std::thread::Builder::new()
-                .name("flotilla-pinger".into())
-                .spawn(move || pinger(shared))
-                .map_err(|e| HostError::Config(format!("cannot start the pinger thread: {e}")))?;
-            threads.push(t);
-        }
-        let host = Host { shared, threads: Arc::new(Mutex::new(threads)) };
-        let ids = store.blocking(|s| s.groups()).await?;
+            std::thread::Builder::new().name("flotilla-pinger".into()).spawn(move || pinger(shared))
+        };
+        let host = Host { shared, pollers: Arc::new(Mutex::new(pollers)), threads: Arc::new(Mutex::new(Vec::new())) };
+        let listed = match pinger_thread {
+            Ok(t) => {
+                if let Ok(mut threads) = host.threads.lock() {
+                    threads.push(t);
+                }
+                store.blocking(|s| s.groups()).await.map_err(HostError::from)
+            }
+            Err(e) => Err(HostError::Config(format!("cannot start the pinger thread: {e}"))),
+        };
+        let ids = match listed {
+            Ok(ids) => ids,
+            Err(e) => {
+                // Nothing half-started stays behind: the pollers (and the pinger) stop.
+                host.shutdown().await;
+                return Err(e);
+            }
+        };
         // A group's recovery is a handful of reads, each a hand-off to the blocking pool and
         // back: one group at a time, 10,000 groups took seconds of wake-ups. Several at once.
         let mut starting = tokio::task::JoinSet::new();
@@ -1055,6 +1075,10 @@ impl Host {
         }
         for p in self.shared.pollers.iter() {
             let _ = p.send(PollerMsg::Shutdown);
+        }
+        let pollers: Vec<_> = self.pollers.lock().map(|mut p| p.drain(..).collect()).unwrap_or_default();
+        for p in pollers {
+            let _ = p.await;
         }
         let threads: Vec<_> = self.threads.lock().map(|mut t| t.drain(..).collect()).unwrap_or_default();
         let _ = tokio::task::spawn_blocking(move || {

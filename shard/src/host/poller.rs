@@ -1,4 +1,4 @@
-//! One poller thread: owns a share of the host's groups and runs them in rounds (see the
+//! One poller: a task that owns a share of the host's groups and runs them in rounds (see the
 //! module documentation of `host`). This file is the round itself — take what the mailbox
 //! holds, tick, drive the groups touched, flush the round's writes and batches. What each
 //! step does to a group lives in its own room: `inbox` (peer messages), `liveness` (the
@@ -17,8 +17,36 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tracing::debug;
+
+/// The sending side of a poller's mailbox: every message is followed by a wake-up of the
+/// poller's task (a permit if it is busy, so a message sent during a round is never missed:
+/// the round's end finds it, or the next wait returns at once).
+#[derive(Clone)]
+pub(crate) struct PollerTx {
+    tx: mpsc::Sender<PollerMsg>,
+    wake: Arc<Notify>,
+}
+
+impl PollerTx {
+    /// A mailbox: its sending side, and the receiving side with the wake-up the poller waits on.
+    pub(crate) fn channel() -> (PollerTx, mpsc::Receiver<PollerMsg>) {
+        let (tx, rx) = mpsc::channel();
+        (PollerTx { tx, wake: Arc::new(Notify::new()) }, rx)
+    }
+
+    /// Queues `m` and wakes the poller; an error if the poller is gone (`m` is dropped).
+    pub(crate) fn send(&self, m: PollerMsg) -> Result<(), PollerGone> {
+        self.tx.send(m).map_err(|_| PollerGone)?;
+        self.wake.notify_one();
+        Ok(())
+    }
+}
+
+/// A message was not queued: the poller stopped.
+#[derive(Debug)]
+pub(crate) struct PollerGone;
 
 /// What a poller's mailbox carries.
 pub(crate) enum PollerMsg {
@@ -107,7 +135,9 @@ pub(crate) struct Poller {
     pub(super) shared: Arc<Shared>,
     pub(super) rx: mpsc::Receiver<PollerMsg>,
     /// Our own mailbox, for completions (writer callbacks, snapshot tasks).
-    pub(super) tx: mpsc::Sender<PollerMsg>,
+    pub(super) tx: PollerTx,
+    /// Notified with every message of the mailbox (see [`PollerTx`]).
+    pub(super) wake: Arc<Notify>,
     /// Boxed: a group's state is large, and a map of them inline would hold the map's spare
     /// capacity (up to as much again) in whole group states.
     pub(super) groups: HashMap<GroupId, Box<GroupState>>,
@@ -142,18 +172,15 @@ pub(crate) struct Poller {
 }
 
 impl Poller {
-    pub(crate) fn new(
-        index: usize,
-        shared: Arc<Shared>,
-        rx: mpsc::Receiver<PollerMsg>,
-        tx: mpsc::Sender<PollerMsg>,
-    ) -> Poller {
+    pub(crate) fn new(index: usize, shared: Arc<Shared>, rx: mpsc::Receiver<PollerMsg>, tx: PollerTx) -> Poller {
         let now = Instant::now();
+        let wake = tx.wake.clone();
         Poller {
             index,
             shared,
             rx,
             tx,
+            wake,
             groups: HashMap::new(),
             awake: BTreeSet::new(),
             dirty: BTreeSet::new(),
@@ -171,14 +198,41 @@ impl Poller {
         }
     }
 
-    pub(crate) fn run(mut self) {
+    /// Runs rounds until shut down. A task on the runtime of the transport and the callers,
+    /// not a thread of its own: a request reaches the poller, and a message the transport's
+    /// writer, as a task's wake-up, most often on the same worker thread, where a thread of
+    /// its own made each of them a wake-up of another thread (a futex call, and on an idle
+    /// core an interrupt to wake it), several per write. A round's work on the worker is
+    /// mostly short: fsyncs stay on the store's writer thread; snapshots, entry loads for
+    /// lagging followers and compactions on the blocking pool. What stays in the round and can
+    /// take long is reading back entries to apply that left the entry cache (up to a slice of
+    /// 4 MiB) and ticking many thousands of awake groups; pollers are at most half the cores
+    /// (`default_pollers` in the node), so the other workers serve the network meanwhile.
+    pub(crate) async fn run(mut self) {
         let tick = Duration::from_millis(self.shared.config.tick_ms);
+        // One timer for the poller's life, moved to each next tick (no registration per wait).
+        let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(self.next_tick));
+        tokio::pin!(timer);
         while !self.stopping {
-            let wait = self.next_tick.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(wait) {
+            match self.rx.try_recv() {
                 Ok(m) => self.on_msg(m),
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::TryRecvError::Disconnected) => break,
+                Err(mpsc::TryRecvError::Empty) if Instant::now() < self.next_tick => {
+                    let at = tokio::time::Instant::from_std(self.next_tick);
+                    if timer.deadline() != at {
+                        timer.as_mut().reset(at);
+                    }
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = &mut timer => {}
+                    }
+                    match self.rx.try_recv() {
+                        Ok(m) => self.on_msg(m),
+                        Err(mpsc::TryRecvError::Disconnected) => break,
+                        Err(mpsc::TryRecvError::Empty) => {}
+                    }
+                }
+                Err(mpsc::TryRecvError::Empty) => {}
             }
             for _ in 1..EVENTS_PER_ROUND_MAX {
                 match self.rx.try_recv() {
@@ -203,6 +257,8 @@ impl Poller {
                 self.shared.info_generation.fetch_add(1, Ordering::AcqRel);
             }
             self.shared.stats.rounds.fetch_add(1, Ordering::Relaxed);
+            // The worker's other tasks (the transport, callers) run between two rounds.
+            tokio::task::yield_now().await;
         }
         for (_, g) in self.groups.iter_mut() {
             g.core.stop(Fatal::Shutdown);
