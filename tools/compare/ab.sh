@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Before/after runs of Flotilla builds in one sitting, with leader placement held fixed.
+#
+# Where the leaders fall at a cluster's start moves a run by up to ±20% (BENCHMARKS.md,
+# session 21), more than most changes; so each run starts a fresh 3-process cluster on
+# 127.0.0.1 (one node per process, 4 shards, fsync on), moves the leaders of shards 1 and 3 to
+# node 1 and of shards 2 and 4 to node 2, then runs the workloads with `flotilla bench`. The
+# builds alternate, round after round; compare rounds, not single runs.
+#
+# Usage:
+#   tools/compare/ab.sh before=/path/to/flotilla after=/path/to/other/flotilla
+# Environment (defaults in brackets):
+#   ROUNDS [3]   WORKLOADS ["put64 get64 put1"] (put|get|lget|mixed followed by the clients:
+#   put64, get256, lget64 = lease reads, put1...)   DURATION [8] seconds per workload
+#   BASE_PORT [27000]   WORK_DIR [/var/tmp]
+# Prints one line per workload: time, round, label, leaders per shard, ops/s, p50, p99.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+WORKLOADS=${WORKLOADS:-put64 get64 put1}
+DURATION=${DURATION:-8}
+BASE_PORT=${BASE_PORT:-27000}
+[ $# -ge 1 ] || { sed -n 2,16p "$0" >&2; exit 2; }
+for s in "$@"; do
+  [ -x "${s#*=}" ] || { echo "not an executable: ${s#*=}" >&2; exit 2; }
+done
+work=$(mktemp -d "${WORK_DIR:-/var/tmp}/flotilla-ab.XXXXXX")
+dir=$work/run
+servers=()
+stop() {
+  [ ${#servers[@]} -eq 0 ] && return
+  kill "${servers[@]}" 2>/dev/null || true
+  wait "${servers[@]}" 2>/dev/null || true
+  servers=()
+}
+trap 'stop; rm -rf "$work"' EXIT
+
+# Starts a fresh cluster with binary $1 in $dir; returns once every shard has a leader.
+start() {
+  local bin=$1 certs=$dir/certs nodes="" i p
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  "$bin" cert ca --dir "$certs" >/dev/null
+  for i in 1 2 3; do "$bin" cert node --dir "$certs" --id "$i" >/dev/null; done
+  "$bin" cert client --dir "$certs" --name bench --role admin >/dev/null
+  for i in 1 2 3; do
+    {
+      printf 'id = %d\ndata_dir = "%s"\n' "$i" "$dir/n$i"
+      printf 'listen = "127.0.0.1:%d"\nmetrics_listen = "127.0.0.1:%d"\n\n' $((BASE_PORT + 20 + i)) $((BASE_PORT + 30 + i))
+      printf '[tls]\nca = "%s"\ncert = "%s"\nkey = "%s"\n\n' "$certs/ca.pem" "$certs/node-$i.pem" "$certs/node-$i-key.pem"
+      for p in 1 2 3; do
+        [ "$p" = "$i" ] || printf '[[peers]]\nid = %d\naddr = "127.0.0.1:%d"\n\n' "$p" $((BASE_PORT + 20 + p))
+      done
+      printf '[bootstrap]\nmeta_voters = [1, 2, 3]\nshard_replicas = [1, 2, 3]\nshards = 4\n'
+    } >"$dir/n$i.toml"
+    nodes+="${nodes:+,}{\"id\":$i,\"addr\":\"127.0.0.1:$((BASE_PORT + 20 + i))\",\"metrics\":\"127.0.0.1:$((BASE_PORT + 30 + i))\"}"
+  done
+  printf '{"version":1,"nodes":[%s],"ca":"%s","cert":"%s","key":"%s"}\n' \
+    "$nodes" "$certs/ca.pem" "$certs/client-bench.pem" "$certs/client-bench-key.pem" >"$dir/cluster.json"
+  for i in 1 2 3; do
+    "$bin" --log warn server --config "$dir/n$i.toml" >"$dir/n$i.log" 2>&1 &
+    servers+=($!)
+  done
+  local deadline=$((SECONDS + 90)) status
+  while :; do
+    status=$("$bin" admin status --cluster "$dir/cluster.json" --json --timeout 2 2>/dev/null || true)
+    if [[ $status =~ \"shards_with_leader\":([0-9]+) ]] && [ "${BASH_REMATCH[1]}" -ge 4 ]; then
+      return 0
+    fi
+    [ $SECONDS -lt $deadline ] || { echo "the cluster did not start; logs in $dir" >&2; return 1; }
+    sleep 0.5
+  done
+}
+
+for r in $(seq "$ROUNDS"); do
+  for s in "$@"; do
+    label=${s%%=*} bin=${s#*=}
+    start "$bin"
+    c=$dir/cluster.json
+    for shard in 1 3; do "$bin" admin transfer-leader "$shard" 1 --cluster "$c" >/dev/null 2>&1 || true; done
+    for shard in 2 4; do "$bin" admin transfer-leader "$shard" 2 --cluster "$c" >/dev/null 2>&1 || true; done
+    sleep 1
+    leaders=$("$bin" admin shards --cluster "$c" --json 2>/dev/null |
+      grep -oE '"leader":[0-9]+' | cut -d: -f2 | paste -sd, || true)
+    for w in $WORKLOADS; do
+      kind=${w%%[0-9]*} clients=${w#"$kind"}
+      args=("$kind")
+      [ "$kind" = lget ] && args=(get --reads lease)
+      out=$("$bin" bench "${args[@]}" --clients "$clients" --cluster "$c" --value-size 100 --keys 10000 \
+        --duration "$DURATION" --json 2>/dev/null | tail -1)
+      ops=$(sed -E 's/.*"ops_per_s":([0-9.]+).*/\1/' <<<"$out")
+      p50=$(sed -E 's/.*"p50_ms":([0-9.]+).*/\1/' <<<"$out")
+      p99=$(sed -E 's/.*"p99_ms":([0-9.]+).*/\1/' <<<"$out")
+      printf '%s round %d %-10s leaders %s %-7s %8.0f ops/s p50 %s ms p99 %s ms\n' \
+        "$(date -u +%T)" "$r" "$label" "${leaders:-?}" "$w" "$ops" "$p50" "$p99"
+    done
+    stop
+  done
+done
