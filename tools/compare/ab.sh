@@ -11,7 +11,8 @@
 #   tools/compare/ab.sh before=/path/to/flotilla after=/path/to/other/flotilla
 # Environment (defaults in brackets):
 #   ROUNDS [3]   WORKLOADS ["put64 get64 put1"] (put|get|lget|mixed followed by the clients:
-#   put64, get256, lget64 = lease reads, put1...)   DURATION [8] seconds per workload
+#   put64, get256, lget64 = lease reads, put1...; in the order given, so gets after puts
+#   read the keys the puts wrote, and gets alone read an empty store)   DURATION [8] seconds
 #   BASE_PORT [27000]   WORK_DIR [/var/tmp]
 # Prints one line per workload: time, round, label, leaders per shard, ops/s, p50, p99.
 set -euo pipefail
@@ -20,7 +21,7 @@ ROUNDS=${ROUNDS:-3}
 WORKLOADS=${WORKLOADS:-put64 get64 put1}
 DURATION=${DURATION:-8}
 BASE_PORT=${BASE_PORT:-27000}
-[ $# -ge 1 ] || { sed -n 2,16p "$0" >&2; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,17p "$0" >&2; exit 2; }
 for s in "$@"; do
   [ -x "${s#*=}" ] || { echo "not an executable: ${s#*=}" >&2; exit 2; }
 done
