@@ -10,6 +10,8 @@
 # Knobs: FLOTILLA_BIN [target/release/flotilla], SHARDS [4], CLIENTS [64], REQUESTS [100000],
 #   PIPELINES ["1 16"], VALUE_SIZE [100], DURATION [10] (flotilla bench), BASE_PORT [27400].
 set -euo pipefail
+# shellcheck source=../tools/local-cluster.sh
+. "$(dirname "$0")/../tools/local-cluster.sh"
 BIN=${FLOTILLA_BIN:-target/release/flotilla}
 SHARDS=${SHARDS:-4}
 CLIENTS=${CLIENTS:-64}
@@ -31,36 +33,14 @@ cleanup() {
 trap cleanup EXIT
 log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
-certs=$work/certs
-"$BIN" cert ca --dir "$certs" >/dev/null
-for i in 1 2 3; do "$BIN" cert node --dir "$certs" --id "$i" >/dev/null; done
-"$BIN" cert client --dir "$certs" --name bench --role admin >/dev/null
-nodes=""
-for i in 1 2 3; do
-  {
-    printf 'id = %d\ndata_dir = "%s"\n' "$i" "$work/n$i"
-    printf 'listen = "127.0.0.1:%d"\nmetrics_listen = "127.0.0.1:%d"\n' $((BASE_PORT + i)) $((BASE_PORT + 10 + i))
-    printf 'resp_listen = "127.0.0.1:%d"\nresp_plaintext_loopback = true\n\n' $((BASE_PORT + 20 + i))
-    printf '[tls]\nca = "%s"\ncert = "%s"\nkey = "%s"\n\n' "$certs/ca.pem" "$certs/node-$i.pem" "$certs/node-$i-key.pem"
-    for p in 1 2 3; do
-      [ "$p" = "$i" ] || printf '[[peers]]\nid = %d\naddr = "127.0.0.1:%d"\n\n' "$p" $((BASE_PORT + p))
-    done
-    printf '[bootstrap]\nmeta_voters = [1, 2, 3]\nshard_replicas = [1, 2, 3]\nshards = %d\n' "$SHARDS"
-  } >"$work/n$i.toml"
-  nodes+="${nodes:+,}{\"id\":$i,\"addr\":\"127.0.0.1:$((BASE_PORT + i))\",\"metrics\":\"127.0.0.1:$((BASE_PORT + 10 + i))\"}"
-done
-printf '{"version":1,"nodes":[%s],"ca":"%s","cert":"%s","key":"%s"}\n' \
-  "$nodes" "$certs/ca.pem" "$certs/client-bench.pem" "$certs/client-bench-key.pem" >"$work/cluster.json"
+resp_config() { printf 'resp_listen = "127.0.0.1:%d"\nresp_plaintext_loopback = true\n' $((BASE_PORT + 20 + $1)); }
+local_cluster_write "$BIN" "$work" "$SHARDS" "$BASE_PORT" $((BASE_PORT + 10)) resp_config
 for i in 1 2 3; do
   "$BIN" --log warn server --config "$work/n$i.toml" >"$work/n$i.log" 2>&1 &
   pids+=($!)
 done
-deadline=$((SECONDS + 90))
-until status=$("$BIN" admin status --cluster "$work/cluster.json" --json --timeout 2 2>/dev/null) &&
-  [[ $status =~ \"shards_with_leader\":([0-9]+) ]] && [ "${BASH_REMATCH[1]}" -ge "$SHARDS" ]; do
-  [ $SECONDS -lt $deadline ] || { echo "no leader for every shard; logs in $work" >&2; trap - EXIT; exit 1; }
-  sleep 0.5
-done
+# On failure the work directory stays, with the servers' logs.
+local_cluster_wait "$BIN" "$work" "$SHARDS" || { trap - EXIT; exit 1; }
 redis-server --port $((BASE_PORT + 30)) --dir "$work" --appendonly yes --appendfsync always --save '' \
   --daemonize no >"$work/redis.log" 2>&1 &
 pids+=($!)

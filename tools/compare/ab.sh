@@ -16,6 +16,8 @@
 #   BASE_PORT [27000]   WORK_DIR [/var/tmp]
 # Prints one line per workload: time, round, label, leaders per shard, ops/s, p50, p99.
 set -euo pipefail
+# shellcheck source=../local-cluster.sh
+. "$(dirname "$0")/../local-cluster.sh"
 
 ROUNDS=${ROUNDS:-3}
 WORKLOADS=${WORKLOADS:-put64 get64 put1}
@@ -38,39 +40,14 @@ trap 'stop; rm -rf "$work"' EXIT
 
 # Starts a fresh cluster with binary $1 in $dir; returns once every shard has a leader.
 start() {
-  local bin=$1 certs=$dir/certs nodes="" i p
+  local bin=$1 i
   rm -rf "$dir"
-  mkdir -p "$dir"
-  "$bin" cert ca --dir "$certs" >/dev/null
-  for i in 1 2 3; do "$bin" cert node --dir "$certs" --id "$i" >/dev/null; done
-  "$bin" cert client --dir "$certs" --name bench --role admin >/dev/null
-  for i in 1 2 3; do
-    {
-      printf 'id = %d\ndata_dir = "%s"\n' "$i" "$dir/n$i"
-      printf 'listen = "127.0.0.1:%d"\nmetrics_listen = "127.0.0.1:%d"\n\n' $((BASE_PORT + 20 + i)) $((BASE_PORT + 30 + i))
-      printf '[tls]\nca = "%s"\ncert = "%s"\nkey = "%s"\n\n' "$certs/ca.pem" "$certs/node-$i.pem" "$certs/node-$i-key.pem"
-      for p in 1 2 3; do
-        [ "$p" = "$i" ] || printf '[[peers]]\nid = %d\naddr = "127.0.0.1:%d"\n\n' "$p" $((BASE_PORT + 20 + p))
-      done
-      printf '[bootstrap]\nmeta_voters = [1, 2, 3]\nshard_replicas = [1, 2, 3]\nshards = 4\n'
-    } >"$dir/n$i.toml"
-    nodes+="${nodes:+,}{\"id\":$i,\"addr\":\"127.0.0.1:$((BASE_PORT + 20 + i))\",\"metrics\":\"127.0.0.1:$((BASE_PORT + 30 + i))\"}"
-  done
-  printf '{"version":1,"nodes":[%s],"ca":"%s","cert":"%s","key":"%s"}\n' \
-    "$nodes" "$certs/ca.pem" "$certs/client-bench.pem" "$certs/client-bench-key.pem" >"$dir/cluster.json"
+  local_cluster_write "$bin" "$dir" 4 $((BASE_PORT + 20)) $((BASE_PORT + 30))
   for i in 1 2 3; do
     "$bin" --log warn server --config "$dir/n$i.toml" >"$dir/n$i.log" 2>&1 &
     servers+=($!)
   done
-  local deadline=$((SECONDS + 90)) status
-  while :; do
-    status=$("$bin" admin status --cluster "$dir/cluster.json" --json --timeout 2 2>/dev/null || true)
-    if [[ $status =~ \"shards_with_leader\":([0-9]+) ]] && [ "${BASH_REMATCH[1]}" -ge 4 ]; then
-      return 0
-    fi
-    [ $SECONDS -lt $deadline ] || { echo "the cluster did not start; logs in $dir" >&2; return 1; }
-    sleep 0.5
-  done
+  local_cluster_wait "$bin" "$dir" 4
 }
 
 for r in $(seq "$ROUNDS"); do

@@ -25,6 +25,8 @@
 # Output (stdout): one JSON line per run, the bench's own summary with "system" added in front,
 # then a table. Progress and conditions go to stderr.
 set -euo pipefail
+# shellcheck source=../local-cluster.sh
+. "$(dirname "$0")/../local-cluster.sh"
 
 : "${FLOTILLA_BIN:?set FLOTILLA_BIN to a release flotilla binary}"
 : "${ETCD_BENCH_BIN:?set ETCD_BENCH_BIN to the etcd-bench binary (tools/etcd-bench)}"
@@ -155,28 +157,12 @@ run_etcd() {
 }
 
 run_flotilla() {
-  local dir=$work/flotilla certs=$work/flotilla/certs i p
-  mkdir -p "$dir"
-  "$FLOTILLA_BIN" cert ca --dir "$certs" >/dev/null
-  for i in 1 2 3; do "$FLOTILLA_BIN" cert node --dir "$certs" --id "$i" >/dev/null; done
-  "$FLOTILLA_BIN" cert client --dir "$certs" --name bench --role admin >/dev/null
-  local nodes=""
+  local dir=$work/flotilla i
   for i in 1 2 3; do
     check_free u $((BASE_PORT + 20 + i))
     check_free t $((BASE_PORT + 30 + i))
-    {
-      printf 'id = %d\ndata_dir = "%s"\n' "$i" "$dir/n$i"
-      printf 'listen = "127.0.0.1:%d"\nmetrics_listen = "127.0.0.1:%d"\n\n' $((BASE_PORT + 20 + i)) $((BASE_PORT + 30 + i))
-      printf '[tls]\nca = "%s"\ncert = "%s"\nkey = "%s"\n\n' "$certs/ca.pem" "$certs/node-$i.pem" "$certs/node-$i-key.pem"
-      for p in 1 2 3; do
-        [ "$p" = "$i" ] || printf '[[peers]]\nid = %d\naddr = "127.0.0.1:%d"\n\n' "$p" $((BASE_PORT + 20 + p))
-      done
-      printf '[bootstrap]\nmeta_voters = [1, 2, 3]\nshard_replicas = [1, 2, 3]\nshards = %d\n' "$SHARDS"
-    } >"$dir/n$i.toml"
-    nodes+="${nodes:+,}{\"id\":$i,\"addr\":\"127.0.0.1:$((BASE_PORT + 20 + i))\",\"metrics\":\"127.0.0.1:$((BASE_PORT + 30 + i))\"}"
   done
-  printf '{"version":1,"nodes":[%s],"ca":"%s","cert":"%s","key":"%s"}\n' \
-    "$nodes" "$certs/ca.pem" "$certs/client-bench.pem" "$certs/client-bench-key.pem" >"$dir/cluster.json"
+  local_cluster_write "$FLOTILLA_BIN" "$dir" "$SHARDS" $((BASE_PORT + 20)) $((BASE_PORT + 30))
   local servers=()
   for i in 1 2 3; do
     "$FLOTILLA_BIN" --log "$LOG_LEVEL" server --config "$dir/n$i.toml" >"$dir/n$i.log" 2>&1 &
@@ -184,19 +170,7 @@ run_flotilla() {
     servers+=($!)
   done
   log "flotilla: waiting for $SHARDS shards with a leader"
-  local deadline=$((SECONDS + 90)) status=""
-  while :; do
-    status=$("$FLOTILLA_BIN" admin status --cluster "$dir/cluster.json" --json --timeout 2 2>/dev/null || true)
-    if [[ $status =~ \"shards\":([0-9]+) ]] && [ "${BASH_REMATCH[1]}" -ge "$SHARDS" ] &&
-      [[ $status =~ \"shards_with_leader\":([0-9]+) ]] && [ "${BASH_REMATCH[1]}" -ge "$SHARDS" ]; then
-      break
-    fi
-    if [ $SECONDS -ge $deadline ]; then
-      echo "flotilla did not get $SHARDS shards with a leader (last status: ${status:-none}); logs in $dir" >&2
-      exit 1
-    fi
-    sleep 0.5
-  done
+  local_cluster_wait "$FLOTILLA_BIN" "$dir" "$SHARDS" || exit 1
   local w
   for w in $WORKLOADS; do
     local args=("$w")
