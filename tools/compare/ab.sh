@@ -14,6 +14,7 @@
 #   put64, get256, lget64 = lease reads, put1...; in the order given, so gets after puts
 #   read the keys the puts wrote, and gets alone read an empty store)   DURATION [8] seconds
 #   BASE_PORT [27000]   WORK_DIR [/var/tmp]
+#   NODE_SETTINGS [""]  top-level lines added to every node's configuration (e.g. "pollers = 2")
 # Prints one line per workload: time, round, label, leaders per shard, ops/s, p50, p99.
 set -euo pipefail
 # shellcheck source=../local-cluster.sh
@@ -23,7 +24,7 @@ ROUNDS=${ROUNDS:-3}
 WORKLOADS=${WORKLOADS:-put64 get64 put1}
 DURATION=${DURATION:-8}
 BASE_PORT=${BASE_PORT:-27000}
-[ $# -ge 1 ] || { sed -n 2,17p "$0" >&2; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,18p "$0" >&2; exit 2; }
 for s in "$@"; do
   [ -x "${s#*=}" ] || { echo "not an executable: ${s#*=}" >&2; exit 2; }
 done
@@ -38,11 +39,13 @@ stop() {
 }
 trap 'stop; rm -rf "$work"' EXIT
 
+node_settings() { [ -z "${NODE_SETTINGS:-}" ] || printf '%s\n' "$NODE_SETTINGS"; }
+
 # Starts a fresh cluster with binary $1 in $dir; returns once every shard has a leader.
 start() {
   local bin=$1 i
   rm -rf "$dir"
-  local_cluster_write "$bin" "$dir" 4 $((BASE_PORT + 20)) $((BASE_PORT + 30))
+  local_cluster_write "$bin" "$dir" 4 $((BASE_PORT + 20)) $((BASE_PORT + 30)) node_settings
   for i in 1 2 3; do
     "$bin" --log warn server --config "$dir/n$i.toml" >"$dir/n$i.log" 2>&1 &
     servers+=($!)
