@@ -420,33 +420,29 @@ impl Host {
             info_generation: AtomicU64::new(0),
             info_cache: Mutex::new(None),
         });
+        // Liveness pings on a thread of their own: their timing does not depend on a poller's
+        // round (the pings themselves leave through the transport's tasks). Started first, so
+        // that if it cannot start nothing else has.
+        let pinger_thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("flotilla-pinger".into())
+                .spawn(move || pinger(shared))
+                .map_err(|e| HostError::Config(format!("cannot start the pinger thread: {e}")))?
+        };
         let mut pollers = Vec::new();
         for (i, (rx, tx)) in receivers.into_iter().zip(senders).enumerate() {
             let poller = Poller::new(i, shared.clone(), rx, tx);
             pollers.push(tokio::spawn(poller.run()));
         }
-        // Liveness pings on a thread of their own: their timing does not depend on a poller's
-        // round (the pings themselves leave through the transport's tasks).
-        let pinger_thread = {
-            let shared = shared.clone();
-            std::thread::Builder::new().name("flotilla-pinger".into()).spawn(move || pinger(shared))
-        };
-        let host = Host { shared, pollers: Arc::new(Mutex::new(pollers)), threads: Arc::new(Mutex::new(Vec::new())) };
-        let listed = match pinger_thread {
-            Ok(t) => {
-                if let Ok(mut threads) = host.threads.lock() {
-                    threads.push(t);
-                }
-                store.blocking(|s| s.groups()).await.map_err(HostError::from)
-            }
-            Err(e) => Err(HostError::Config(format!("cannot start the pinger thread: {e}"))),
-        };
-        let ids = match listed {
+        let host =
+            Host { shared, pollers: Arc::new(Mutex::new(pollers)), threads: Arc::new(Mutex::new(vec![pinger_thread])) };
+        let ids = match store.blocking(|s| s.groups()).await {
             Ok(ids) => ids,
             Err(e) => {
-                // Nothing half-started stays behind: the pollers (and the pinger) stop.
+                // Nothing half-started stays behind: the pollers and the pinger stop.
                 host.shutdown().await;
-                return Err(e);
+                return Err(e.into());
             }
         };
         // A group's recovery is a handful of reads, each a hand-off to the blocking pool and

@@ -136,8 +136,6 @@ pub(crate) struct Poller {
     pub(super) rx: mpsc::Receiver<PollerMsg>,
     /// Our own mailbox, for completions (writer callbacks, snapshot tasks).
     pub(super) tx: PollerTx,
-    /// Notified with every message of the mailbox (see [`PollerTx`]).
-    pub(super) wake: Arc<Notify>,
     /// Boxed: a group's state is large, and a map of them inline would hold the map's spare
     /// capacity (up to as much again) in whole group states.
     pub(super) groups: HashMap<GroupId, Box<GroupState>>,
@@ -174,13 +172,11 @@ pub(crate) struct Poller {
 impl Poller {
     pub(crate) fn new(index: usize, shared: Arc<Shared>, rx: mpsc::Receiver<PollerMsg>, tx: PollerTx) -> Poller {
         let now = Instant::now();
-        let wake = tx.wake.clone();
         Poller {
             index,
             shared,
             rx,
             tx,
-            wake,
             groups: HashMap::new(),
             awake: BTreeSet::new(),
             dirty: BTreeSet::new(),
@@ -214,24 +210,24 @@ impl Poller {
         let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(self.next_tick));
         tokio::pin!(timer);
         while !self.stopping {
-            match self.rx.try_recv() {
-                Ok(m) => self.on_msg(m),
-                Err(mpsc::TryRecvError::Disconnected) => break,
+            // Nothing queued and the tick not due: wait for a message or the tick.
+            let first = match self.rx.try_recv() {
                 Err(mpsc::TryRecvError::Empty) if Instant::now() < self.next_tick => {
                     let at = tokio::time::Instant::from_std(self.next_tick);
                     if timer.deadline() != at {
                         timer.as_mut().reset(at);
                     }
                     tokio::select! {
-                        _ = self.wake.notified() => {}
+                        _ = self.tx.wake.notified() => {}
                         _ = &mut timer => {}
                     }
-                    match self.rx.try_recv() {
-                        Ok(m) => self.on_msg(m),
-                        Err(mpsc::TryRecvError::Disconnected) => break,
-                        Err(mpsc::TryRecvError::Empty) => {}
-                    }
+                    self.rx.try_recv()
                 }
+                other => other,
+            };
+            match first {
+                Ok(m) => self.on_msg(m),
+                Err(mpsc::TryRecvError::Disconnected) => break,
                 Err(mpsc::TryRecvError::Empty) => {}
             }
             for _ in 1..EVENTS_PER_ROUND_MAX {
