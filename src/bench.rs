@@ -107,6 +107,12 @@ pub struct BenchReport {
     /// What each server did during the run, from its metrics page (nodes whose page could not
     /// be read are left out; empty when no node has a metrics address).
     pub servers: Vec<ServerFigures>,
+    /// CPU time the server processes used during the run per successful operation (µs),
+    /// every process counted once (0 without server figures). On a machine shared with the
+    /// load generator this moves less from run to run than operations per second.
+    pub servers_cpu_us_per_op: f64,
+    /// CPU time this load generator used per successful operation (µs).
+    pub client_cpu_us_per_op: f64,
 }
 
 /// One server's work during a run: the difference of its metrics page before and after.
@@ -127,6 +133,14 @@ pub struct ServerFigures {
     /// Raft messages it sent per second (appends, heartbeats, answers; every group): with reads,
     /// how many reads one ReadIndex round of heartbeats carried.
     pub raft_messages_per_s: f64,
+    /// Cores' worth of CPU its process used (user and system; a process holding several
+    /// nodes shows the same figure for each).
+    pub cpu_cores: f64,
+    /// Its process's id (0 if the page did not say), so that figures of nodes sharing a
+    /// process are counted once.
+    pub process: u64,
+    /// Its process's CPU time during the run (µs).
+    pub cpu_us: f64,
 }
 
 impl ServerFigures {
@@ -144,7 +158,22 @@ impl ServerFigures {
             appends_per_fsync: if syncs > 0.0 { delta("flotilla_host_log_appends_total") / syncs } else { 0.0 },
             writer_busy: per_s("flotilla_store_write_microseconds_total") / 1e6,
             raft_messages_per_s: per_s("flotilla_host_messages_sent_total"),
+            cpu_cores: per_s("flotilla_process_cpu_microseconds_total") / 1e6,
+            process: after.get("flotilla_process_id").copied().unwrap_or(0.0) as u64,
+            cpu_us: delta("flotilla_process_cpu_microseconds_total"),
         }
+    }
+}
+
+/// CPU time of the servers' processes per operation (µs): each process once, however many
+/// nodes it holds (nodes whose process is unknown count as processes of their own).
+pub fn servers_cpu_us_per_op(servers: &[ServerFigures], ops: u64) -> f64 {
+    let mut seen = std::collections::HashSet::new();
+    let cpu: f64 = servers.iter().filter(|f| f.process == 0 || seen.insert(f.process)).map(|f| f.cpu_us).sum();
+    if ops == 0 {
+        0.0
+    } else {
+        cpu / ops as f64
     }
 }
 
@@ -251,6 +280,7 @@ pub async fn run(
         clients.push(Arc::new(Client::connect(client_config.clone()).await?));
     }
     let before = scrape_all(metrics).await;
+    let client_cpu_before = flotilla_shard::store_metrics::cpu_microseconds();
     let stop = Arc::new(AtomicBool::new(false));
     let issued = Arc::new(AtomicU64::new(0));
     let unknown = Arc::new(AtomicU64::new(0));
@@ -331,6 +361,10 @@ pub async fn run(
     }
     stop.store(true, Ordering::Relaxed);
     let elapsed = start.elapsed().as_secs_f64();
+    let client_cpu_us = match (client_cpu_before, flotilla_shard::store_metrics::cpu_microseconds()) {
+        (Some(b), Some(a)) => a.saturating_sub(b) as f64,
+        _ => 0.0,
+    };
     let after = scrape_all(metrics).await;
     let mut servers: Vec<ServerFigures> = before
         .iter()
@@ -366,6 +400,8 @@ pub async fn run(
         max_ms: all.last().map(|v| f64::from(*v) / 1000.0).unwrap_or(0.0),
         start_unix_s,
         timeline,
+        servers_cpu_us_per_op: servers_cpu_us_per_op(&servers, ops),
+        client_cpu_us_per_op: if ops == 0 { 0.0 } else { client_cpu_us / ops as f64 },
         servers,
     })
 }
@@ -396,6 +432,26 @@ mod tests {
         // A node that did no fsync (a restarted counter reads as none) divides by nothing.
         let idle = ServerFigures::between(3, &page(5.0, 9.0, 9.0), &page(5.0, 3.0, 9.0), 1.0);
         assert_eq!((idle.fsyncs_per_s, idle.appends_per_fsync), (0.0, 0.0));
+    }
+
+    #[test]
+    fn server_cpu_counts_each_process_once() {
+        let page = |cpu_us: f64, pid: f64| {
+            HashMap::from([
+                ("flotilla_process_cpu_microseconds_total".to_string(), cpu_us),
+                ("flotilla_process_id".to_string(), pid),
+            ])
+        };
+        // 2 s run: node 1 in process 10 used 0.5 s of CPU.
+        let one = ServerFigures::between(1, &page(1e6, 10.0), &page(1.5e6, 10.0), 2.0);
+        assert_eq!((one.cpu_us, one.cpu_cores, one.process), (5e5, 0.25, 10));
+        // Nodes 2 and 3 share process 20 (0.3 s); node 4's page names no process (0.2 s).
+        let two = ServerFigures::between(2, &page(0.0, 20.0), &page(3e5, 20.0), 2.0);
+        let three = ServerFigures::between(3, &page(0.0, 20.0), &page(3e5, 20.0), 2.0);
+        let four = ServerFigures::between(4, &HashMap::new(), &page(2e5, 0.0), 2.0);
+        // (0.5 + 0.3 + 0.2) s over 1,000 operations.
+        assert_eq!(servers_cpu_us_per_op(&[one, two, three, four], 1_000), 1_000.0);
+        assert_eq!(servers_cpu_us_per_op(&[], 1_000), 0.0);
     }
 
     #[test]

@@ -145,14 +145,21 @@ pub async fn run(a: BenchArgs) -> Result<i32> {
         for f in &report.servers {
             println!(
                 "  node {}:   {:.0} requests/s, {:.0} write batches/s, {:.0} fsyncs/s, {:.1} shard appends per fsync, \
-                 writer busy {:.0}%, {:.0} Raft messages sent/s",
+                 writer busy {:.0}%, {:.0} Raft messages sent/s, CPU {:.2} cores",
                 f.node,
                 f.requests_per_s,
                 f.write_batches_per_s,
                 f.fsyncs_per_s,
                 f.appends_per_fsync,
                 f.writer_busy * 100.0,
-                f.raft_messages_per_s
+                f.raft_messages_per_s,
+                f.cpu_cores
+            );
+        }
+        if !report.servers.is_empty() {
+            println!(
+                "  CPU per op: servers {:.1} µs (every process once), this load generator {:.1} µs",
+                report.servers_cpu_us_per_op, report.client_cpu_us_per_op
             );
         }
         for r in &report.timeline {

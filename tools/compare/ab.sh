@@ -15,7 +15,8 @@
 #   read the keys the puts wrote, and gets alone read an empty store)   DURATION [8] seconds
 #   BASE_PORT [27000]   WORK_DIR [/var/tmp]
 #   NODE_SETTINGS [""]  top-level lines added to every node's configuration (e.g. "pollers = 2")
-# Prints one line per workload: time, round, label, leaders per shard, ops/s, p50, p99.
+# Prints one line per workload: time, round, label, leaders per shard, ops/s, p50, p99 and the
+# servers' CPU time per operation (every process once; "-" from builds that do not report it).
 set -euo pipefail
 # shellcheck source=../local-cluster.sh
 . "$(dirname "$0")/../local-cluster.sh"
@@ -69,11 +70,13 @@ for r in $(seq "$ROUNDS"); do
       [ "$kind" = lget ] && args=(get --reads lease)
       out=$("$bin" bench "${args[@]}" --clients "$clients" --cluster "$c" --value-size 100 --keys 10000 \
         --duration "$DURATION" --json 2>/dev/null | tail -1)
+      cpu=-
+      [[ $out =~ \"servers_cpu_us_per_op\":([0-9.]+) ]] && printf -v cpu '%.1f' "${BASH_REMATCH[1]}"
       ops=$(sed -E 's/.*"ops_per_s":([0-9.]+).*/\1/' <<<"$out")
       p50=$(sed -E 's/.*"p50_ms":([0-9.]+).*/\1/' <<<"$out")
       p99=$(sed -E 's/.*"p99_ms":([0-9.]+).*/\1/' <<<"$out")
-      printf '%s round %d %-10s leaders %s %-7s %8.0f ops/s p50 %s ms p99 %s ms\n' \
-        "$(date -u +%T)" "$r" "$label" "${leaders:-?}" "$w" "$ops" "$p50" "$p99"
+      printf '%s round %d %-10s leaders %s %-7s %8.0f ops/s p50 %s ms p99 %s ms servers CPU %s us/op\n' \
+        "$(date -u +%T)" "$r" "$label" "${leaders:-?}" "$w" "$ops" "$p50" "$p99" "$cpu"
     done
     stop
   done

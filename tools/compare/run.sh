@@ -22,8 +22,14 @@
 #   WORK_DIR               parent of the temporary directory [/var/tmp]
 #   KEEP=1                 keep the temporary directory (data, logs, configs)
 #
-# Output (stdout): one JSON line per run, the bench's own summary with "system" added in front,
-# then a table. Progress and conditions go to stderr.
+# Output (stdout): one JSON line per run, the bench's own summary with "system" added in front
+# and the CPU time per operation of the three server processes ("cpu_servers_us_per_op") and
+# of the load generator ("cpu_bench_us_per_op"), from /proc and the shell's `times`, the same
+# way for both systems; then a table. Progress and conditions go to stderr.
+#
+# Why CPU per operation: the load generator shares the machine's cores with the servers, so
+# operations per second measure the machine as much as the system; the CPU an operation costs
+# moves less from run to run and compares the two systems' work directly.
 set -euo pipefail
 # shellcheck source=../local-cluster.sh
 . "$(dirname "$0")/../local-cluster.sh"
@@ -58,6 +64,7 @@ etcd_env=(env -u ETCD_BENCH_BIN -u ETCD_BIN -u ETCDCTL_BIN)
 work=$(mktemp -d "${WORK_DIR:-/var/tmp}/flotilla-compare.XXXXXX")
 pids=()
 results=()
+measured=()  # the server processes whose CPU time a run counts
 
 log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
 
@@ -97,13 +104,44 @@ check_free() {
   fi
 }
 
-# Runs one bench, prints its JSON line with the system's name added, and keeps it for the table.
+# CPU time (user and system, clock ticks) of the processes given, summed.
+cpu_ticks() {
+  local p total=0 stat rest f
+  for p in "$@"; do
+    stat=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+    rest=${stat##*) }  # the fields after the command name (which may hold spaces)
+    read -r -a f <<<"$rest"
+    total=$((total + f[11] + f[12]))  # utime and stime: fields 14 and 15 of the file
+  done
+  echo "$total"
+}
+
+# CPU time this shell's finished children used, user and system, in milliseconds. `times`
+# runs in this shell (a command substitution would ask a subshell, which has no children yet).
+children_cpu_ms() {
+  times >"$work/times"
+  # The second line, e.g. "0m1.230s 0m0.450s".
+  awk 'NR == 2 { t = 0; for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60000 + a[2] * 1000 } printf "%d", t }' "$work/times"
+}
+
+# Runs one bench, prints its JSON line with the system's name and the CPU figures added, and
+# keeps it for the table.
 record() {
-  local system=$1 workload=$2 line
+  local system=$1 workload=$2 line t0 t1 c0 c1 ops hz
   shift 2
   log "$system $workload: ${DURATION}s, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+  hz=$(getconf CLK_TCK)
+  t0=$(cpu_ticks "${measured[@]}")
+  children_cpu_ms >"$work/c0"
   line=$("$@")
-  line="{\"system\":\"$system\",${line#\{}"
+  t1=$(cpu_ticks "${measured[@]}")
+  children_cpu_ms >"$work/c1"
+  c0=$(cat "$work/c0") c1=$(cat "$work/c1")
+  ops=$(field "$line" ops)
+  local cpu
+  cpu=$(awk -v t="$((t1 - t0))" -v hz="$hz" -v ops="$ops" -v c="$((c1 - c0))" \
+    'BEGIN { if (ops > 0) printf "\"cpu_servers_us_per_op\":%.1f,\"cpu_bench_us_per_op\":%.1f", t * 1e6 / hz / ops, c * 1e3 / ops; else printf "\"cpu_servers_us_per_op\":0,\"cpu_bench_us_per_op\":0" }')
+  line="{\"system\":\"$system\",$cpu,${line#\{}"
   [ "$workload" = lease-get ] && line=${line/\"workload\":\"get\"/\"workload\":\"lease-get\"}
   printf '%s\n' "$line"
   results+=("$line")
@@ -134,6 +172,7 @@ run_etcd() {
     pids+=($!)
     members+=($!)
   done
+  measured=("${members[@]}")
   log "etcd: waiting for 3 healthy members ($endpoints)"
   local deadline=$((SECONDS + 60))
   until "${etcd_env[@]}" "$ETCDCTL_BIN" --endpoints="$endpoints" --command-timeout=2s endpoint health >/dev/null 2>&1; do
@@ -169,6 +208,7 @@ run_flotilla() {
     pids+=($!)
     servers+=($!)
   done
+  measured=("${servers[@]}")
   log "flotilla: waiting for $SHARDS shards with a leader"
   local_cluster_wait "$FLOTILLA_BIN" "$dir" "$SHARDS" || exit 1
   local w
@@ -200,11 +240,12 @@ for s in $SYSTEMS; do
 done
 
 echo
-printf '| system | workload | ops/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors (unknown/other) |\n'
-printf '|---|---|---|---|---|---|---|---|---|\n'
+printf '| system | workload | ops/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors (unknown/other) | servers CPU µs/op | bench CPU µs/op |\n'
+printf '|---|---|---|---|---|---|---|---|---|---|---|\n'
 for r in "${results[@]}"; do
-  printf '| %s | %s | %.0f | %.2f | %.2f | %.2f | %.2f | %.1f | %s/%s |\n' \
+  printf '| %s | %s | %.0f | %.2f | %.2f | %.2f | %.2f | %.1f | %s/%s | %.1f | %.1f |\n' \
     "$(field "$r" system)" "$(field "$r" workload)" "$(field "$r" ops_per_s)" "$(field "$r" p50_ms)" \
     "$(field "$r" p90_ms)" "$(field "$r" p99_ms)" "$(field "$r" p999_ms)" "$(field "$r" max_ms)" \
-    "$(field "$r" errors_unknown)" "$(field "$r" errors_other)"
+    "$(field "$r" errors_unknown)" "$(field "$r" errors_other)" \
+    "$(field "$r" cpu_servers_us_per_op)" "$(field "$r" cpu_bench_us_per_op)"
 done
