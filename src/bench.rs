@@ -108,11 +108,12 @@ pub struct BenchReport {
     /// be read are left out; empty when no node has a metrics address).
     pub servers: Vec<ServerFigures>,
     /// CPU time the server processes used during the run per successful operation (µs),
-    /// every process counted once (0 without server figures). On a machine shared with the
-    /// load generator this moves less from run to run than operations per second.
-    pub servers_cpu_us_per_op: f64,
-    /// CPU time this load generator used per successful operation (µs).
-    pub client_cpu_us_per_op: f64,
+    /// every process counted once; unknown (`None`) unless every node with a metrics address
+    /// gave its process's figures before and after, from the same process. On a machine shared
+    /// with the load generator this moves less from run to run than operations per second.
+    pub servers_cpu_us_per_op: Option<f64>,
+    /// CPU time this load generator used per successful operation (µs), if it could be read.
+    pub client_cpu_us_per_op: Option<f64>,
 }
 
 /// One server's work during a run: the difference of its metrics page before and after.
@@ -133,14 +134,15 @@ pub struct ServerFigures {
     /// Raft messages it sent per second (appends, heartbeats, answers; every group): with reads,
     /// how many reads one ReadIndex round of heartbeats carried.
     pub raft_messages_per_s: f64,
-    /// Cores' worth of CPU its process used (user and system; a process holding several
-    /// nodes shows the same figure for each).
-    pub cpu_cores: f64,
-    /// Its process's id (0 if the page did not say), so that figures of nodes sharing a
-    /// process are counted once.
+    /// Its process's CPU time during the run (µs; user and system; a process holding several
+    /// nodes shows the same figure for each). `None` if a page lacked it, or the process was
+    /// not the same one at the end (a restart).
+    pub cpu_us: Option<f64>,
+    /// Cores' worth of CPU its process used over the run, from `cpu_us`.
+    pub cpu_cores: Option<f64>,
+    /// Its process's instance (`flotilla_process_instance`; 0 if the page did not say), so
+    /// that the figures of nodes sharing a process are counted once.
     pub process: u64,
-    /// Its process's CPU time during the run (µs).
-    pub cpu_us: f64,
 }
 
 impl ServerFigures {
@@ -150,6 +152,7 @@ impl ServerFigures {
             |name: &str| (after.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0)).max(0.0);
         let per_s = |name: &str| delta(name) / elapsed_s.max(1e-9);
         let syncs = delta("flotilla_store_syncs_total");
+        let cpu_us = cpu_between(before, after);
         ServerFigures {
             node,
             requests_per_s: per_s("flotilla_requests_total"),
@@ -158,23 +161,42 @@ impl ServerFigures {
             appends_per_fsync: if syncs > 0.0 { delta("flotilla_host_log_appends_total") / syncs } else { 0.0 },
             writer_busy: per_s("flotilla_store_write_microseconds_total") / 1e6,
             raft_messages_per_s: per_s("flotilla_host_messages_sent_total"),
-            cpu_cores: per_s("flotilla_process_cpu_microseconds_total") / 1e6,
-            process: after.get("flotilla_process_id").copied().unwrap_or(0.0) as u64,
-            cpu_us: delta("flotilla_process_cpu_microseconds_total"),
+            cpu_us,
+            cpu_cores: cpu_us.map(|us| us / 1e6 / elapsed_s.max(1e-9)),
+            process: after.get(INSTANCE).copied().unwrap_or(0.0) as u64,
         }
     }
 }
 
+/// The metric naming a node's process.
+const INSTANCE: &str = "flotilla_process_instance";
+/// The metric of a process's CPU time.
+const CPU: &str = "flotilla_process_cpu_microseconds_total";
+
+/// A process's CPU time between two pages, if both give it for the same process and it did
+/// not go back.
+fn cpu_between(before: &HashMap<String, f64>, after: &HashMap<String, f64>) -> Option<f64> {
+    let same = matches!((before.get(INSTANCE), after.get(INSTANCE)), (Some(a), Some(b)) if a == b && *a != 0.0);
+    let (a, b) = (before.get(CPU)?, after.get(CPU)?);
+    (same && b >= a).then_some(b - a)
+}
+
 /// CPU time of the servers' processes per operation (µs): each process once, however many
-/// nodes it holds (nodes whose process is unknown count as processes of their own).
-pub fn servers_cpu_us_per_op(servers: &[ServerFigures], ops: u64) -> f64 {
-    let mut seen = std::collections::HashSet::new();
-    let cpu: f64 = servers.iter().filter(|f| f.process == 0 || seen.insert(f.process)).map(|f| f.cpu_us).sum();
-    if ops == 0 {
-        0.0
-    } else {
-        cpu / ops as f64
+/// nodes it holds. Unknown if fewer than `nodes` nodes gave figures, if any node's are
+/// unknown, or without operations.
+pub fn servers_cpu_us_per_op(servers: &[ServerFigures], nodes: usize, ops: u64) -> Option<f64> {
+    if servers.len() < nodes || ops == 0 {
+        return None;
     }
+    let mut seen = std::collections::HashSet::new();
+    let mut cpu = 0.0;
+    for f in servers {
+        let us = f.cpu_us?;
+        if seen.insert(f.process) {
+            cpu += us;
+        }
+    }
+    Some(cpu / ops as f64)
 }
 
 /// How long a metrics page may take to read.
@@ -362,8 +384,8 @@ pub async fn run(
     stop.store(true, Ordering::Relaxed);
     let elapsed = start.elapsed().as_secs_f64();
     let client_cpu_us = match (client_cpu_before, flotilla_shard::store_metrics::cpu_microseconds()) {
-        (Some(b), Some(a)) => a.saturating_sub(b) as f64,
-        _ => 0.0,
+        (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64),
+        _ => None,
     };
     let after = scrape_all(metrics).await;
     let mut servers: Vec<ServerFigures> = before
@@ -400,8 +422,8 @@ pub async fn run(
         max_ms: all.last().map(|v| f64::from(*v) / 1000.0).unwrap_or(0.0),
         start_unix_s,
         timeline,
-        servers_cpu_us_per_op: servers_cpu_us_per_op(&servers, ops),
-        client_cpu_us_per_op: if ops == 0 { 0.0 } else { client_cpu_us / ops as f64 },
+        servers_cpu_us_per_op: servers_cpu_us_per_op(&servers, metrics.len(), ops),
+        client_cpu_us_per_op: client_cpu_us.filter(|_| ops > 0).map(|us| us / ops as f64),
         servers,
     })
 }
@@ -435,23 +457,27 @@ mod tests {
     }
 
     #[test]
-    fn server_cpu_counts_each_process_once() {
-        let page = |cpu_us: f64, pid: f64| {
-            HashMap::from([
-                ("flotilla_process_cpu_microseconds_total".to_string(), cpu_us),
-                ("flotilla_process_id".to_string(), pid),
-            ])
-        };
+    fn server_cpu_counts_each_process_once_and_only_when_known() {
+        let page =
+            |cpu_us: f64, instance: f64| HashMap::from([(CPU.to_string(), cpu_us), (INSTANCE.to_string(), instance)]);
         // 2 s run: node 1 in process 10 used 0.5 s of CPU.
         let one = ServerFigures::between(1, &page(1e6, 10.0), &page(1.5e6, 10.0), 2.0);
-        assert_eq!((one.cpu_us, one.cpu_cores, one.process), (5e5, 0.25, 10));
-        // Nodes 2 and 3 share process 20 (0.3 s); node 4's page names no process (0.2 s).
+        assert_eq!((one.cpu_us, one.cpu_cores, one.process), (Some(5e5), Some(0.25), 10));
+        // Nodes 2 and 3 share process 20 (0.3 s): counted once.
         let two = ServerFigures::between(2, &page(0.0, 20.0), &page(3e5, 20.0), 2.0);
         let three = ServerFigures::between(3, &page(0.0, 20.0), &page(3e5, 20.0), 2.0);
-        let four = ServerFigures::between(4, &HashMap::new(), &page(2e5, 0.0), 2.0);
-        // (0.5 + 0.3 + 0.2) s over 1,000 operations.
-        assert_eq!(servers_cpu_us_per_op(&[one, two, three, four], 1_000), 1_000.0);
-        assert_eq!(servers_cpu_us_per_op(&[], 1_000), 0.0);
+        let all = [one.clone(), two.clone(), three.clone()];
+        // (0.5 + 0.3) s over 1,000 operations.
+        assert_eq!(servers_cpu_us_per_op(&all, 3, 1_000), Some(800.0));
+        // Unknown, never a low figure: a node without figures, no operations, a restart (a new
+        // process, whose counter started again), a page without the metrics.
+        assert_eq!(servers_cpu_us_per_op(&all, 4, 1_000), None);
+        assert_eq!(servers_cpu_us_per_op(&all, 3, 0), None);
+        let restarted = ServerFigures::between(3, &page(9e5, 20.0), &page(1e5, 30.0), 2.0);
+        assert_eq!((restarted.cpu_us, restarted.cpu_cores), (None, None));
+        assert_eq!(servers_cpu_us_per_op(&[one.clone(), two.clone(), restarted], 3, 1_000), None);
+        let old_build = ServerFigures::between(3, &HashMap::new(), &HashMap::new(), 2.0);
+        assert_eq!(servers_cpu_us_per_op(&[one, two, old_build], 3, 1_000), None);
     }
 
     #[test]

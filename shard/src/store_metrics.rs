@@ -65,7 +65,28 @@ impl ProcessUsage {
     }
 }
 
+/// A number drawn once, when the process first asks (48 random bits, never 0): two nodes'
+/// metrics pages showing the same one are in the same process, wherever they run. A pid would
+/// not do: servers in containers are all pid 1, and identical hosts repeat pids.
+pub fn process_instance() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static INSTANCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *INSTANCE.get_or_init(|| {
+        // `RandomState` is seeded from the operating system's randomness in every process.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        (h.finish() >> 16).max(1)
+    })
+}
+
 /// User and system CPU time of the whole process so far, in microseconds.
+#[cfg(not(unix))]
+pub fn cpu_microseconds() -> Option<u64> {
+    None
+}
+
+/// User and system CPU time of the whole process so far, in microseconds.
+#[cfg(unix)]
 pub fn cpu_microseconds() -> Option<u64> {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: `getrusage` fills the struct it is given and reads nothing else.
@@ -134,7 +155,16 @@ mod tests {
             x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
         }
         let after = cpu_microseconds().expect("getrusage works here");
-        assert!(after > before, "CPU time did not grow: {before} -> {after}");
+        // Microseconds: 20 ms of work is at least 5,000 of them however coarse the kernel's
+        // accounting (milliseconds or clock ticks would give 20 or 2).
+        assert!(after >= before + 5_000, "CPU time did not grow by the work's: {before} -> {after}");
+    }
+
+    #[test]
+    fn the_process_instance_is_fixed_and_fits_a_metric_sample() {
+        let i = process_instance();
+        assert_eq!(i, process_instance());
+        assert!(i != 0 && i < 1 << 53, "{i} must survive the f64 of a parsed sample");
     }
 
     #[test]

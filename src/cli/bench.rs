@@ -145,7 +145,7 @@ pub async fn run(a: BenchArgs) -> Result<i32> {
         for f in &report.servers {
             println!(
                 "  node {}:   {:.0} requests/s, {:.0} write batches/s, {:.0} fsyncs/s, {:.1} shard appends per fsync, \
-                 writer busy {:.0}%, {:.0} Raft messages sent/s, CPU {:.2} cores",
+                 writer busy {:.0}%, {:.0} Raft messages sent/s, CPU {} cores",
                 f.node,
                 f.requests_per_s,
                 f.write_batches_per_s,
@@ -153,13 +153,14 @@ pub async fn run(a: BenchArgs) -> Result<i32> {
                 f.appends_per_fsync,
                 f.writer_busy * 100.0,
                 f.raft_messages_per_s,
-                f.cpu_cores
+                known(f.cpu_cores, 2)
             );
         }
         if !report.servers.is_empty() {
             println!(
-                "  CPU per op: servers {:.1} µs (every process once), this load generator {:.1} µs",
-                report.servers_cpu_us_per_op, report.client_cpu_us_per_op
+                "  CPU per op: servers {} µs (every process once), this load generator {} µs",
+                known(report.servers_cpu_us_per_op, 1),
+                known(report.client_cpu_us_per_op, 1)
             );
         }
         for r in &report.timeline {
@@ -170,4 +171,9 @@ pub async fn run(a: BenchArgs) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// A figure with `decimals` decimals, or "unknown".
+fn known(v: Option<f64>, decimals: usize) -> String {
+    v.map_or_else(|| "unknown".to_string(), |v| format!("{v:.decimals$}"))
 }

@@ -340,7 +340,8 @@ fn store_metrics_text(out: &mut String, id: NodeId, m: &StoreMetrics) {
         (g, "flotilla_process_resident_memory_bytes", "Resident memory of the process (every node in it).", p.resident_bytes),
         (c, "flotilla_process_disk_written_bytes_total", "Bytes the process sent to storage (every node in it).", p.disk_written_bytes),
         (c, "flotilla_process_cpu_microseconds_total", "CPU time of the process, user and system (every node in it).", p.cpu_microseconds),
-        (g, "flotilla_process_id", "The process's id: nodes sharing a process share its figures.", Some(u64::from(std::process::id()))),
+        (g, "flotilla_process_id", "The process's id.", Some(u64::from(std::process::id()))),
+        (g, "flotilla_process_instance", "A number drawn at the process's start: nodes showing the same one share a process and its figures.", Some(flotilla_shard::store_metrics::process_instance())),
     ];
     let heap = crate::allocator::stats();
     #[rustfmt::skip]

@@ -18,6 +18,8 @@
 # Prints one line per workload: time, round, label, leaders per shard, ops/s, p50, p99 and the
 # servers' CPU time per operation (every process once; "-" from builds that do not report it).
 set -euo pipefail
+# Decimal points, not the locale's commas, in the figures printf reads.
+export LC_ALL=C
 # shellcheck source=../local-cluster.sh
 . "$(dirname "$0")/../local-cluster.sh"
 

@@ -25,12 +25,16 @@
 # Output (stdout): one JSON line per run, the bench's own summary with "system" added in front
 # and the CPU time per operation of the three server processes ("cpu_servers_us_per_op") and
 # of the load generator ("cpu_bench_us_per_op"), from /proc and the shell's `times`, the same
-# way for both systems; then a table. Progress and conditions go to stderr.
+# way for both systems, over the load generator's whole life (connecting, and for Flotilla the
+# two reads of /metrics, included; `flotilla bench`'s own "servers_cpu_us_per_op" on the same
+# line counts only the timed part, from /metrics); then a table. Progress and conditions go to stderr.
 #
 # Why CPU per operation: the load generator shares the machine's cores with the servers, so
 # operations per second measure the machine as much as the system; the CPU an operation costs
 # moves less from run to run and compares the two systems' work directly.
 set -euo pipefail
+# Decimal points, not the locale's commas, in what `times` prints and printf reads.
+export LC_ALL=C
 # shellcheck source=../local-cluster.sh
 . "$(dirname "$0")/../local-cluster.sh"
 
@@ -121,7 +125,7 @@ cpu_ticks() {
 children_cpu_ms() {
   times >"$work/times"
   # The second line, e.g. "0m1.230s 0m0.450s".
-  awk 'NR == 2 { t = 0; for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60000 + a[2] * 1000 } printf "%d", t }' "$work/times"
+  awk 'NR == 2 { t = 0; for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60000 + a[2] * 1000 } printf "%.0f", t }' "$work/times"
 }
 
 # Runs one bench, prints its JSON line with the system's name and the CPU figures added, and
@@ -137,10 +141,19 @@ record() {
   t1=$(cpu_ticks "${measured[@]}")
   children_cpu_ms >"$work/c1"
   c0=$(cat "$work/c0") c1=$(cat "$work/c1")
-  ops=$(field "$line" ops)
-  local cpu
-  cpu=$(awk -v t="$((t1 - t0))" -v hz="$hz" -v ops="$ops" -v c="$((c1 - c0))" \
-    'BEGIN { if (ops > 0) printf "\"cpu_servers_us_per_op\":%.1f,\"cpu_bench_us_per_op\":%.1f", t * 1e6 / hz / ops, c * 1e3 / ops; else printf "\"cpu_servers_us_per_op\":0,\"cpu_bench_us_per_op\":0" }')
+  # The run's own count: the first "ops" of the line (timeline rows, if any, come later).
+  ops=$(grep -o '"ops":[0-9]*' <<<"$line" | head -1 | cut -d: -f2)
+  [[ $ops =~ ^[0-9]+$ ]] || ops=0
+  # A server that died during the run took its CPU time out of the sum (and its exit added it
+  # to this shell's children): no figure rather than a wrong one.
+  local cpu='"cpu_servers_us_per_op":null,"cpu_bench_us_per_op":null' p alive=1
+  for p in "${measured[@]}"; do kill -0 "$p" 2>/dev/null || alive=0; done
+  if [ "$alive" = 1 ] && [ "$ops" -gt 0 ]; then
+    cpu=$(awk -v t="$((t1 - t0))" -v hz="$hz" -v ops="$ops" -v c="$((c1 - c0))" \
+      'BEGIN { printf "\"cpu_servers_us_per_op\":%.1f,\"cpu_bench_us_per_op\":%.1f", t * 1e6 / hz / ops, c * 1e3 / ops }')
+  else
+    log "$system $workload: no CPU figures (a server stopped during the run, or no operation succeeded)"
+  fi
   line="{\"system\":\"$system\",$cpu,${line#\{}"
   [ "$workload" = lease-get ] && line=${line/\"workload\":\"get\"/\"workload\":\"lease-get\"}
   printf '%s\n' "$line"
@@ -243,7 +256,7 @@ echo
 printf '| system | workload | ops/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors (unknown/other) | servers CPU µs/op | bench CPU µs/op |\n'
 printf '|---|---|---|---|---|---|---|---|---|---|---|\n'
 for r in "${results[@]}"; do
-  printf '| %s | %s | %.0f | %.2f | %.2f | %.2f | %.2f | %.1f | %s/%s | %.1f | %.1f |\n' \
+  printf '| %s | %s | %.0f | %.2f | %.2f | %.2f | %.2f | %.1f | %s/%s | %s | %s |\n' \
     "$(field "$r" system)" "$(field "$r" workload)" "$(field "$r" ops_per_s)" "$(field "$r" p50_ms)" \
     "$(field "$r" p90_ms)" "$(field "$r" p99_ms)" "$(field "$r" p999_ms)" "$(field "$r" max_ms)" \
     "$(field "$r" errors_unknown)" "$(field "$r" errors_other)" \
