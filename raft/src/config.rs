@@ -83,6 +83,16 @@ pub struct Config {
     /// limit still goes through. It bounds what a leader queues for a slow or partitioned
     /// quorum (raft-rs's `max_uncommitted_size`). 0: no limit.
     pub uncommitted_bytes_max: u64,
+    /// How long a leader holds back a commit notice: the empty append that tells a follower
+    /// with nothing else coming that entries it holds are committed, so that it applies them.
+    /// 0: at once, on every advance of the commit index (as etcd's raft does). Longer, the next
+    /// append, which carries the commit index anyway, usually makes the notice unneeded: under
+    /// a steady stream of writes each commit otherwise costs every follower a message and a
+    /// round of work. Followers then apply up to this much later when writes stop (the
+    /// leader's own answers do not wait for them). Only when followers learn of commits
+    /// depends on it, never what is committed. At most `heartbeat_interval_ms`, whose
+    /// heartbeats carry the commit index too.
+    pub commit_notice_delay_ms: u64,
     /// Engine bugs switched on for the simulator's self-test (feature `sim-bugs` only).
     #[cfg(feature = "sim-bugs")]
     pub bugs: crate::testing::sim::InjectedBugs,
@@ -113,6 +123,7 @@ impl Default for Config {
             api_timeout_ms: 5000,
             votes_need_configuration: false,
             uncommitted_bytes_max: 64 << 20,
+            commit_notice_delay_ms: 0,
             #[cfg(feature = "sim-bugs")]
             bugs: Default::default(),
         }
@@ -160,6 +171,9 @@ impl Config {
         }
         if self.lease_read && self.lease_clock_drift_ms >= self.election_timeout_ms_min {
             return bad("lease_clock_drift_ms must be below election_timeout_ms_min");
+        }
+        if self.commit_notice_delay_ms > self.heartbeat_interval_ms {
+            return bad("commit_notice_delay_ms must be at most heartbeat_interval_ms");
         }
         Ok(())
     }

@@ -214,6 +214,7 @@ impl Engine {
             noop_index: next,
             reads: Reads::new(now),
             heartbeat_at: now.add_ms(self.config.heartbeat_interval_ms),
+            commit_notice_at: None,
             check_quorum_at: now.add_ms(self.config.election_timeout_ms_min),
             transfer: None,
             uncommitted: VecDeque::new(),

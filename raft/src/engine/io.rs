@@ -68,8 +68,10 @@ impl Engine {
         match self.role.role() {
             Role::Candidate => self.check_election_won(now),
             Role::Leader => {
+                let committed_before = self.committed;
                 self.maybe_commit(now);
-                self.notify_commit();
+                let advanced = self.committed > committed_before;
+                self.notify_commit(now, advanced);
             }
             _ => {}
         }

@@ -21,6 +21,7 @@ impl Engine {
             && self.persisted.index == last
             && self.committed >= l.noop_index
             && l.transfer.is_none()
+            && l.commit_notice_at.is_none()
             && l.reads.is_idle()
             && self.building_snapshot.is_none()
             && self.effective().log_id.index <= self.committed

@@ -143,10 +143,22 @@ impl Replicator<'_> {
         true
     }
 
+    /// Whether a follower that matched entries does not know they are committed (and
+    /// `notify_commit` can tell it: a notice names the follower's last matched entry).
+    fn commit_notice_needed(&self) -> bool {
+        let committed = self.committed;
+        self.leader.progress.values().any(|p| {
+            committed.min(p.matched) > p.commit_sent
+                && matches!(p.state, ReplState::Replicate)
+                && self.log.id_at(p.matched).is_some()
+        })
+    }
+
     /// Tells followers that matched entries they do not know are committed, so they apply
     /// without waiting for the next heartbeat. Appends carry the commit index too, so this
     /// only sends to followers that have nothing else coming.
-    fn notify_commit(&mut self) {
+    pub(super) fn notify_commit(&mut self) {
+        self.leader.commit_notice_at = None;
         let committed = self.committed;
         for (peer, p) in self.leader.progress.iter_mut() {
             let known = committed.min(p.matched);
@@ -277,6 +289,7 @@ impl Engine {
     /// to where its log matches.
     pub(super) fn on_append_resp(&mut self, now: Millis, from: NodeId, r: AppendResult) {
         let last = self.log.last_index();
+        let committed_before = self.committed;
         let Some(l) = self.role.leader_mut() else { return };
         let Some(p) = l.progress.get_mut(&from) else { return };
         p.recent_active = true;
@@ -297,7 +310,8 @@ impl Engine {
                     self.maybe_send_timeout_now();
                 }
                 self.send_append(now, from);
-                self.notify_commit();
+                let advanced = self.committed > committed_before;
+                self.notify_commit(now, advanced);
             }
             AppendResult::Conflict { rejected, hint } => {
                 // An append right after `matched` rejected: the follower no longer has the
@@ -437,10 +451,18 @@ impl Engine {
     }
 
     /// Tells followers that matched entries they do not know are committed, so they apply
-    /// without waiting for the next heartbeat.
-    pub(super) fn notify_commit(&mut self) {
-        if let Some(mut r) = self.replicator() {
+    /// without waiting for the next heartbeat: at once, or, when `advanced` (this step moved
+    /// the commit index) or notices are held already, after `Config::commit_notice_delay_ms`
+    /// if the next append does not tell them first. A follower that only caught up while
+    /// nothing is held (a late acknowledgement, say to a leader gone quiet, whose timers do
+    /// not run) is told at once.
+    pub(super) fn notify_commit(&mut self, now: Millis, advanced: bool) {
+        let delay = self.config.commit_notice_delay_ms;
+        let Some(mut r) = self.replicator() else { return };
+        if delay == 0 || (!advanced && r.leader.commit_notice_at.is_none()) {
             r.notify_commit();
+        } else if r.leader.commit_notice_at.is_none() && r.commit_notice_needed() {
+            r.leader.commit_notice_at = Some(now.add_ms(delay));
         }
     }
 

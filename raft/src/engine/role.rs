@@ -88,6 +88,8 @@ pub(super) struct LeaderState {
     pub(super) reads: Reads,
     /// When the next heartbeat round is due.
     pub(super) heartbeat_at: Millis,
+    /// When the commit notices held back (`Config::commit_notice_delay_ms`) go, if any are.
+    pub(super) commit_notice_at: Option<Millis>,
     /// When to check that a quorum was heard from since the last check.
     pub(super) check_quorum_at: Millis,
     /// A leadership transfer in progress; proposals are refused meanwhile.

@@ -13,6 +13,9 @@ impl Engine {
                 if let Some(t) = &l.transfer {
                     d = d.min(t.deadline);
                 }
+                if let Some(t) = l.commit_notice_at {
+                    d = d.min(t);
+                }
                 d
             }
             None => self.election_at,
@@ -36,10 +39,20 @@ impl Engine {
         }
     }
 
-    /// The leader's timers: transfer deadline, check-quorum, heartbeat round.
+    /// The leader's timers: commit notices held back, transfer deadline, check-quorum,
+    /// heartbeat round.
     fn leader_tick(&mut self, now: Millis) {
         let Some(l) = self.role.leader_mut() else { return };
         let hb_due = now >= l.heartbeat_at;
+        // Held commit notices go when due, and at the latest with the heartbeat round: before
+        // the progress of members whose removal committed is dropped below, so that a removed
+        // member still hears that its removal is committed (nothing is sent to it after).
+        if l.commit_notice_at.is_some_and(|t| hb_due || now >= t) {
+            if let Some(mut r) = self.replicator() {
+                r.notify_commit();
+            }
+        }
+        let Some(l) = self.role.leader_mut() else { return };
         if l.transfer.as_ref().is_some_and(|t| now >= t.deadline) {
             if let Some(t) = l.transfer.take() {
                 info!(node = %self.id, term = %self.vote.term, target = %t.target, "leadership transfer timed out");

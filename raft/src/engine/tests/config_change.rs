@@ -104,6 +104,31 @@ fn remove_learner_stops_replication_to_it_and_refuses_a_voter() {
     assert_eq!(c.applied_data(2), vec!["a".to_string(), "b".to_string()]);
 }
 
+/// With commit notices held for a heartbeat interval (the shard host's setting), a removed
+/// learner still hears that its removal committed: the held notice goes with the heartbeat
+/// round, before the leader forgets the learner.
+#[test]
+fn a_removed_learner_learns_its_removal_committed_when_notices_are_held() {
+    let config = Config { commit_notice_delay_ms: 20, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    c.add_learner(1, 4);
+    c.propose(1, "a");
+    c.settle(2);
+    // Just after a heartbeat round: the next one is due 20 ms on, the notice 25 ms on.
+    c.advance(5);
+    let now = c.now;
+    let idx = c.node(1).engine.remove_learner(now, n(4)).expect("leader removes a learner");
+    c.stabilize();
+    assert!(c.engine(1).committed() >= idx);
+    assert!(c.engine(4).committed() < idx, "held: no notice yet");
+    // The heartbeat round comes first; the leader forgets node 4 then.
+    c.advance(16);
+    c.stabilize();
+    c.settle(3);
+    assert!(c.engine(4).committed() >= idx, "node 4 never heard its removal committed");
+    assert!(!c.engine(4).committed_membership().membership.contains(n(4)));
+}
+
 #[test]
 fn with_the_rule_a_learner_becomes_a_voter_once_it_holds_the_configuration_entry() {
     let config = Config { votes_need_configuration: true, ..cfg() };

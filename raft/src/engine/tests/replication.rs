@@ -420,6 +420,80 @@ fn a_follower_learns_the_commit_index_from_heartbeats() {
     assert_eq!(c.applied_data(2), vec!["x".to_string()]);
 }
 
+/// With `commit_notice_delay_ms`, a commit sends no empty append at once: the next append
+/// carries the commit index, and if none comes, the notice goes when the delay is up (the
+/// leader's next deadline) and the followers apply. With 0, it goes at once.
+#[test]
+fn commit_notices_wait_their_delay_and_the_next_append_carries_the_commit() {
+    let empty_appends = |out: &[Message]| {
+        out.iter().filter(|m| matches!(&m.body, MessageBody::Append { entries, .. } if entries.is_empty())).count()
+    };
+    let config = Config { commit_notice_delay_ms: 5, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    c.settle(2);
+    let start = c.now;
+    let x = c.propose(1, "x");
+    // Deliver the appends and the acknowledgements by hand: no time passes.
+    for m in c.take_outbox(1) {
+        c.deliver(m);
+    }
+    for id in [2, 3] {
+        for m in c.take_outbox(id) {
+            c.deliver(m);
+        }
+    }
+    assert!(c.engine(1).committed() >= x, "a quorum acknowledged x");
+    let out = c.take_outbox(1);
+    assert_eq!(empty_appends(&out), 0, "no commit notice at once: {out:?}");
+    assert!(c.engine(2).committed() < x);
+    assert_eq!(c.engine(1).next_deadline(), start.add_ms(5), "the notice is the leader's next deadline");
+
+    // A proposal before the delay is up: its append tells the followers x is committed.
+    let y = c.propose(1, "y");
+    let out = c.take_outbox(1);
+    assert!(out.iter().all(
+        |m| matches!(&m.body, MessageBody::Append { entries, commit, .. } if !entries.is_empty() && *commit >= x)
+    ));
+    for m in out {
+        c.deliver(m);
+    }
+    assert!(c.engine(2).committed() >= x && c.engine(3).committed() >= x);
+    for id in [2, 3] {
+        for m in c.take_outbox(id) {
+            c.deliver(m);
+        }
+    }
+    assert!(c.engine(1).committed() >= y);
+    assert!(c.engine(2).committed() < y, "y's commit is not told yet");
+
+    // No more proposals: when the delay is up, the notice goes and the followers apply y.
+    c.fire(1);
+    assert!(c.now < start.add_ms(20), "the notice, not a heartbeat, woke the leader");
+    let out = c.take_outbox(1);
+    assert_eq!(empty_appends(&out), 2, "one notice to each follower: {out:?}");
+    for m in out {
+        c.deliver(m);
+    }
+    c.stabilize();
+    assert!(c.engine(2).committed() >= y && c.engine(3).committed() >= y);
+    assert_eq!(c.applied_data(3), vec!["x".to_string(), "y".to_string()]);
+
+    // With no delay, the notice goes with the acknowledgements' round.
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.settle(2);
+    let z = c.propose(1, "z");
+    for m in c.take_outbox(1) {
+        c.deliver(m);
+    }
+    for id in [2, 3] {
+        for m in c.take_outbox(id) {
+            c.deliver(m);
+        }
+    }
+    assert!(c.engine(1).committed() >= z);
+    assert_eq!(empty_appends(&c.take_outbox(1)), 2);
+}
+
 /// An append that starts inside the follower's committed prefix (the leader resends from an
 /// older point) is trimmed to what follows the commit index: the entries after it are kept
 /// and acknowledged in one go, not dropped.

@@ -415,6 +415,15 @@ impl Sim {
             api_timeout_ms: 5000,
             votes_need_configuration: false,
             uncommitted_bytes_max: 0,
+            // Derived from the seed, not drawn, so the draws above stay what they were. A third
+            // of the seeds hold commit notices back, for a third of a heartbeat interval or
+            // for a whole one (as the shard host does); the others, the regression seeds
+            // among them, send them at once.
+            commit_notice_delay_ms: match seed % 6 {
+                2 => 10,
+                5 => 30,
+                _ => 0,
+            },
             #[cfg(feature = "sim-bugs")]
             bugs: Default::default(),
         };
