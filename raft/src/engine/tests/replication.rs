@@ -420,6 +420,21 @@ fn a_follower_learns_the_commit_index_from_heartbeats() {
     assert_eq!(c.applied_data(2), vec!["x".to_string()]);
 }
 
+/// Delivers what nodes `ids` have to send, in that order, with no time passing.
+fn deliver_outboxes(c: &mut Cluster, ids: &[u64]) {
+    for id in ids {
+        for m in c.take_outbox(*id) {
+            c.deliver(m);
+        }
+    }
+}
+
+/// The leader's appends, then the followers' answers (nodes 1, then 2 and 3).
+fn exchange(c: &mut Cluster) {
+    deliver_outboxes(c, &[1]);
+    deliver_outboxes(c, &[2, 3]);
+}
+
 /// With `commit_notice_delay_ms`, a commit sends no empty append at once: the next append
 /// carries the commit index, and if none comes, the notice goes when the delay is up (the
 /// leader's next deadline) and the followers apply. With 0, it goes at once.
@@ -434,14 +449,7 @@ fn commit_notices_wait_their_delay_and_the_next_append_carries_the_commit() {
     let start = c.now;
     let x = c.propose(1, "x");
     // Deliver the appends and the acknowledgements by hand: no time passes.
-    for m in c.take_outbox(1) {
-        c.deliver(m);
-    }
-    for id in [2, 3] {
-        for m in c.take_outbox(id) {
-            c.deliver(m);
-        }
-    }
+    exchange(&mut c);
     assert!(c.engine(1).committed() >= x, "a quorum acknowledged x");
     let out = c.take_outbox(1);
     assert_eq!(empty_appends(&out), 0, "no commit notice at once: {out:?}");
@@ -458,11 +466,7 @@ fn commit_notices_wait_their_delay_and_the_next_append_carries_the_commit() {
         c.deliver(m);
     }
     assert!(c.engine(2).committed() >= x && c.engine(3).committed() >= x);
-    for id in [2, 3] {
-        for m in c.take_outbox(id) {
-            c.deliver(m);
-        }
-    }
+    deliver_outboxes(&mut c, &[2, 3]);
     assert!(c.engine(1).committed() >= y);
     assert!(c.engine(2).committed() < y, "y's commit is not told yet");
 
@@ -482,14 +486,7 @@ fn commit_notices_wait_their_delay_and_the_next_append_carries_the_commit() {
     let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
     c.settle(2);
     let z = c.propose(1, "z");
-    for m in c.take_outbox(1) {
-        c.deliver(m);
-    }
-    for id in [2, 3] {
-        for m in c.take_outbox(id) {
-            c.deliver(m);
-        }
-    }
+    exchange(&mut c);
     assert!(c.engine(1).committed() >= z);
     assert_eq!(empty_appends(&c.take_outbox(1)), 2);
 }
