@@ -455,11 +455,8 @@ impl Store {
         };
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        if multi_thread {
-            tokio::task::block_in_place(|| tx.send(req)).map_err(|_| stopped())
-        } else {
-            tx.send(req).map_err(|_| stopped())
-        }
+        let sent = if multi_thread { tokio::task::block_in_place(|| tx.send(req)) } else { tx.send(req) };
+        sent.map_err(|_| stopped())
     }
 
     /// Runs blocking RocksDB work off the async threads.

@@ -68,9 +68,7 @@ impl Engine {
         match self.role.role() {
             Role::Candidate => self.check_election_won(now),
             Role::Leader => {
-                let committed_before = self.committed;
-                self.maybe_commit(now);
-                let advanced = self.committed > committed_before;
+                let advanced = self.maybe_commit(now);
                 self.notify_commit(now, advanced);
             }
             _ => {}

@@ -289,7 +289,6 @@ impl Engine {
     /// to where its log matches.
     pub(super) fn on_append_resp(&mut self, now: Millis, from: NodeId, r: AppendResult) {
         let last = self.log.last_index();
-        let committed_before = self.committed;
         let Some(l) = self.role.leader_mut() else { return };
         let Some(p) = l.progress.get_mut(&from) else { return };
         p.recent_active = true;
@@ -305,12 +304,11 @@ impl Engine {
                     p.next = p.matched.next();
                     p.clear_inflight();
                 }
+                let advanced = moved && self.maybe_commit(now);
                 if moved {
-                    self.maybe_commit(now);
                     self.maybe_send_timeout_now();
                 }
                 self.send_append(now, from);
-                let advanced = self.committed > committed_before;
                 self.notify_commit(now, advanced);
             }
             AppendResult::Conflict { rejected, hint } => {
@@ -421,9 +419,10 @@ impl Engine {
     }
 
     /// Advances the commit index to what a (joint) quorum holds, if that entry is of the
-    /// current term (Raft §5.4.2: earlier terms' entries commit only indirectly).
-    pub(super) fn maybe_commit(&mut self, now: Millis) {
-        let Some(l) = self.role.leader() else { return };
+    /// current term (Raft §5.4.2: earlier terms' entries commit only indirectly). Whether it
+    /// moved.
+    pub(super) fn maybe_commit(&mut self, now: Millis) -> bool {
+        let Some(l) = self.role.leader() else { return false };
         let own = if self.bugs().ack_before_durable { self.log.last_index() } else { self.persisted.index };
         let id = self.id;
         let quorum = self.effective().membership.quorum_value(|n| {
@@ -434,10 +433,10 @@ impl Engine {
             }
         });
         if quorum <= self.committed {
-            return;
+            return false;
         }
         if self.log.term_at(quorum) != Some(self.vote.term) && !self.bugs().commit_old_term {
-            return;
+            return false;
         }
         self.committed = quorum;
         if let Some(l) = self.role.leader_mut() {
@@ -448,6 +447,7 @@ impl Engine {
         }
         trace!(node = %self.id, term = %self.vote.term, committed = %quorum, "committed");
         self.after_commit(now);
+        true
     }
 
     /// Tells followers that matched entries they do not know are committed, so they apply
