@@ -183,7 +183,8 @@ impl WriteCall {
         }
     }
 
-    fn refuse(self, e: RaftError) {
+    /// Answers the request with `e` without proposing it.
+    pub fn refuse(self, e: RaftError) {
         match self {
             WriteCall::One(_, r) => {
                 let _ = r.send(Err(e));

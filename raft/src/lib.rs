@@ -164,7 +164,7 @@ pub use driver::{Raft, RaftMetrics, WriteResponse};
 pub use engine::{Action, Engine, EngineStatus, InitialState, IoId, ReadMode, Role};
 pub use entry::{Entry, EntryPayload};
 pub use error::{ConfigError, Fatal, RaftError, StorageError};
-pub use group::{CoreAction, GroupCore, LogAction, MachineAction};
+pub use group::{CoreAction, GroupCore, LogAction, MachineAction, WriteCall};
 pub use lease_gate::LeaseGate;
 pub use membership::{Membership, StoredMembership};
 pub use message::{AppendResult, Message, MessageBody};

@@ -390,6 +390,38 @@ async fn a_read_or_cas_right_after_an_answered_write_sees_it() {
     c.shutdown().await;
 }
 
+/// Writes to a group that its poller takes in one round become one proposal: one message to
+/// each follower carries them all, where a proposal per write sent one per write.
+#[tokio::test(flavor = "current_thread")]
+async fn writes_taken_in_one_round_reach_the_followers_as_one_proposal() {
+    const WRITES: u32 = 64;
+    let c = Cluster::start(3).await;
+    c.create_groups(1..=1).await;
+    let g = GroupId(1);
+    c.put(g, &key(1, "warm"), "up").await.expect("first write");
+    let h = c.host(leader_of_group(&c, g).await).clone();
+    let sent = |h: &Host| h.stats().messages_sent.load(Ordering::Relaxed);
+    let before = sent(&h);
+    // One thread: every write task runs, and queues its request, before the poller's next round.
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..WRITES {
+        let h = h.clone();
+        let cmd = KvCommand::Put { key: key(1, &format!("k{i}")).into_bytes(), value: b"v".to_vec() };
+        calls.spawn(async move { h.write(g, cmd).await });
+    }
+    while let Some(r) = calls.join_next().await {
+        assert_eq!(r.expect("task").expect("write"), KvResponse::Done { previous: None });
+    }
+    // The proposal's append to each of the two followers, and a few heartbeats or commit
+    // notices at most; a proposal per write sent 2 * WRITES.
+    let messages = sent(&h) - before;
+    assert!(messages <= 8, "{messages} messages for {WRITES} writes");
+    for i in 0..WRITES {
+        assert_eq!(c.get(g, &key(1, &format!("k{i}"))).await.expect("get"), Some(b"v".to_vec()));
+    }
+    c.shutdown().await;
+}
+
 /// The leader of `g` among `c`'s hosts (waits up to 30 s for one).
 async fn leader_of_group(c: &Cluster, g: GroupId) -> NodeId {
     let deadline = Instant::now() + Duration::from_secs(30);

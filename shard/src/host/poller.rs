@@ -12,6 +12,7 @@ use crate::store::Op;
 use bytes::Bytes;
 use flotilla_raft::{
     Fatal, GroupId, IoId, LogIndex, Message, NodeId, RaftError, Request, SnapshotError, SnapshotMeta, StorageError,
+    WriteCall,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -167,6 +168,9 @@ pub(crate) struct Poller {
     /// summaries moves at the round's end (`Host::group_info_shared`). Every change to a
     /// group's state marks it dirty, and `drive` compares its summary's fingerprint.
     pub(super) info_changed: bool,
+    /// Write requests taken from the mailbox in this round and not proposed yet, by group (see
+    /// `on_request`); at most `EVENTS_PER_ROUND_MAX` requests.
+    pub(super) writes: BTreeMap<GroupId, Vec<WriteCall>>,
 }
 
 impl Poller {
@@ -191,6 +195,7 @@ impl Poller {
             durable_waits: VecDeque::new(),
             sync_asked_at: None,
             info_changed: false,
+            writes: BTreeMap::new(),
         }
     }
 
@@ -236,6 +241,7 @@ impl Poller {
                     Err(_) => break,
                 }
             }
+            self.propose_writes();
             let now = Instant::now();
             if now >= self.next_tick {
                 self.tick(now);
@@ -263,6 +269,18 @@ impl Poller {
     }
 
     fn on_msg(&mut self, m: PollerMsg) {
+        // A group joining, leaving, parking for a merge or retrying one, and the poller
+        // stopping, all come after the writes taken before them.
+        if matches!(
+            m,
+            PollerMsg::Add(..)
+                | PollerMsg::Remove(..)
+                | PollerMsg::Park { .. }
+                | PollerMsg::MergeRetry(_)
+                | PollerMsg::Shutdown
+        ) {
+            self.propose_writes();
+        }
         match m {
             PollerMsg::Add(g, reply) => {
                 self.on_add(g);
@@ -303,7 +321,15 @@ impl Poller {
         }
     }
 
-    /// A caller's request for one of this poller's groups.
+    /// A caller's request for one of this poller's groups. Writes wait for the round's end
+    /// (`propose_writes`), so that a group's writes taken in one round become one proposal:
+    /// one run of entries, one append in the round's store write and one message per
+    /// follower, where a proposal per request made each follower decode, append and answer
+    /// a message per request. Only the requests are regrouped, never other inputs: a write
+    /// proposed after a peer's message that came after it in the mailbox is a write that came
+    /// a moment later, which its caller, still waiting, cannot tell apart. A group's other
+    /// requests come after its writes taken before them, so one caller's requests keep their
+    /// order.
     fn on_request(&mut self, gid: GroupId, req: Request) {
         self.shared.requests_queued[self.index].fetch_sub(1, Ordering::AcqRel);
         if !self.groups.contains_key(&gid) {
@@ -312,9 +338,46 @@ impl Poller {
             return;
         }
         self.wake(gid, false);
+        let call = match req {
+            Request::Write(commands, reply) => WriteCall::Many(commands, reply),
+            Request::WriteOne(command, reply) => WriteCall::One(command, reply),
+            other => {
+                self.propose_writes_of(gid);
+                let now = self.shared.now();
+                let Some(g) = self.groups.get_mut(&gid) else { return };
+                g.core.handle_request(now, other);
+                self.dirty.insert(gid);
+                return;
+            }
+        };
+        self.writes.entry(gid).or_default().push(call);
+    }
+
+    /// Proposes the writes waiting in this round, each group's as one proposal.
+    pub(super) fn propose_writes(&mut self) {
+        for (gid, calls) in std::mem::take(&mut self.writes) {
+            self.propose(gid, calls);
+        }
+    }
+
+    /// Proposes the writes of `gid` waiting in this round, if any.
+    fn propose_writes_of(&mut self, gid: GroupId) {
+        if let Some(calls) = self.writes.remove(&gid) {
+            self.propose(gid, calls);
+        }
+    }
+
+    fn propose(&mut self, gid: GroupId, mut calls: Vec<WriteCall>) {
         let now = self.shared.now();
-        let Some(g) = self.groups.get_mut(&gid) else { return };
-        g.core.handle_request(now, req);
+        let Some(g) = self.groups.get_mut(&gid) else {
+            // The group left this poller during the round (a peer's notice that it was removed),
+            // as `on_request` answers a request that finds it gone.
+            for call in calls {
+                call.refuse(RaftError::Fatal(Fatal::Shutdown));
+            }
+            return;
+        };
+        g.core.handle_writes(now, &mut calls);
         self.dirty.insert(gid);
     }
 
