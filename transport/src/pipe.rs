@@ -178,6 +178,10 @@ async fn write_requests(pipe: Weak<Pipe>, mut send: SendStream, mut rx: mpsc::Re
     let mut buf = BytesMut::new();
     while let Some((id, body)) = rx.recv().await {
         encode_pipe_frame(FrameKind::PipeRequest, id, &body, &mut buf);
+        // The callers sharing this connection are woken together by the answers of one chunk
+        // and ask again together: letting them run first puts their requests in this chunk
+        // (one packet), as the server's writer does with answers (`inbound_pipe.rs`).
+        tokio::task::yield_now().await;
         while buf.len() < PIPE_CHUNK_BYTES_MAX {
             match rx.try_recv() {
                 Ok((id, body)) => encode_pipe_frame(FrameKind::PipeRequest, id, &body, &mut buf),

@@ -94,6 +94,13 @@ async fn write_answers(mut send: SendStream, mut rx: mpsc::Receiver<Answered>, f
     };
     while let Some(first) = rx.recv().await {
         encode(first, &mut buf);
+        // Answers become ready together (the reads of one round, the writes of one commit),
+        // each in its own task, and the first wakes this writer, maybe on another worker while
+        // the others still run. Letting them run first puts them in this chunk, so that QUIC
+        // sends them in one packet, not a packet (a `sendmsg`, and a receive on the other side)
+        // each: with 64 clients this gave 30% more gets for a quarter less CPU per get
+        // (BENCHMARKS.md, session 24).
+        tokio::task::yield_now().await;
         while buf.len() < PIPE_CHUNK_BYTES_MAX {
             match rx.try_recv() {
                 Ok(next) => encode(next, &mut buf),
