@@ -227,9 +227,11 @@ impl Poller {
                         _ = &mut timer => {}
                     }
                     // Woken by the first of several senders (requests woken by one chunk of a
-                    // client's, the messages of one packet): they run first, so this round takes
-                    // them all, as one proposal per group and one store write, instead of a
-                    // round for the first and another for the rest (BENCHMARKS.md, session 24).
+                    // client's, the messages of one packet), or by the tick: the tasks already
+                    // queued on this worker run first, so this round more often takes them all,
+                    // as one proposal per group and one store write, instead of a round for the
+                    // first and another for the rest (BENCHMARKS.md, session 24). Tasks on
+                    // another worker may still come later.
                     tokio::task::yield_now().await;
                     self.rx.try_recv()
                 }
@@ -375,8 +377,9 @@ impl Poller {
     fn propose(&mut self, gid: GroupId, mut calls: Vec<WriteCall>) {
         let now = self.shared.now();
         let Some(g) = self.groups.get_mut(&gid) else {
-            // The group left this poller during the round (a peer's notice that it was removed),
-            // as `on_request` answers a request that finds it gone.
+            // Not expected: every path that takes a group out of the poller (`Remove`, `Park`)
+            // proposes the held writes first (`on_msg`). Answered as `on_request` answers a
+            // request whose group is gone.
             for call in calls {
                 call.refuse(RaftError::Fatal(Fatal::Shutdown));
             }

@@ -96,9 +96,10 @@ async fn write_answers(mut send: SendStream, mut rx: mpsc::Receiver<Answered>, f
         encode(first, &mut buf);
         // Answers become ready together (the reads of one round, the writes of one commit),
         // each in its own task, and the first wakes this writer, maybe on another worker while
-        // the others still run. Letting them run first puts them in this chunk, so that QUIC
-        // sends them in one packet, not a packet (a `sendmsg`, and a receive on the other side)
-        // each: with 64 clients this gave 30% more gets for a quarter less CPU per get
+        // the others still run. Letting the tasks queued on this worker run first puts their
+        // answers in this chunk, so that QUIC more often sends them in one packet, not a
+        // packet (a `sendmsg`, and a receive on the other side) each. With the client's writer
+        // doing the same, 64 clients got about a third more gets for a fifth less CPU per get
         // (BENCHMARKS.md, session 24).
         tokio::task::yield_now().await;
         while buf.len() < PIPE_CHUNK_BYTES_MAX {
