@@ -360,10 +360,11 @@ fn store_metrics_text(out: &mut String, id: NodeId, m: &StoreMetrics) {
 /// Raft's defaults (failover within about a second and a half on loopback), slow enough not
 /// to elect spuriously on a loaded two-core machine.
 pub fn default_raft() -> RaftConfig {
+    const HEARTBEAT_INTERVAL_MS: u64 = 100;
     RaftConfig {
         election_timeout_ms_min: 600,
         election_timeout_ms_max: 1200,
-        heartbeat_interval_ms: 100,
+        heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
         lease_clock_drift_ms: 60,
         transfer_timeout_ms: 1500,
         snapshot_resend_ms: 1000,
@@ -373,7 +374,7 @@ pub fn default_raft() -> RaftConfig {
         // faster at p50 with 15% less CPU (BENCHMARKS.md, session 23; a 10 ms delay gained
         // nothing). When writes stop, followers apply up to a heartbeat interval later; the
         // leader's answers never wait for them.
-        commit_notice_delay_ms: 100,
+        commit_notice_delay_ms: HEARTBEAT_INTERVAL_MS,
         ..RaftConfig::default()
     }
 }

@@ -144,14 +144,9 @@ impl Replicator<'_> {
     }
 
     /// Whether a follower that matched entries does not know they are committed (and
-    /// `notify_commit` can tell it: a notice names the follower's last matched entry).
+    /// `notify_commit` can tell it).
     fn commit_notice_needed(&self) -> bool {
-        let committed = self.committed;
-        self.leader.progress.values().any(|p| {
-            committed.min(p.matched) > p.commit_sent
-                && matches!(p.state, ReplState::Replicate)
-                && self.log.id_at(p.matched).is_some()
-        })
+        self.leader.progress.values().any(|p| commit_notice(self.log, self.committed, p).is_some())
     }
 
     /// Tells followers that matched entries they do not know are committed, so they apply
@@ -161,19 +156,28 @@ impl Replicator<'_> {
         self.leader.commit_notice_at = None;
         let committed = self.committed;
         for (peer, p) in self.leader.progress.iter_mut() {
-            let known = committed.min(p.matched);
-            if known > p.commit_sent && matches!(p.state, ReplState::Replicate) {
-                if let Some(prev) = self.log.id_at(p.matched) {
-                    p.commit_sent = known;
-                    self.actions.push_back(Action::Send(Message {
-                        from: self.id,
-                        to: *peer,
-                        term: self.term,
-                        body: MessageBody::Append { prev, entries: Vec::new(), commit: committed },
-                    }));
-                }
+            if let Some((known, prev)) = commit_notice(self.log, committed, p) {
+                p.commit_sent = known;
+                self.actions.push_back(Action::Send(Message {
+                    from: self.id,
+                    to: *peer,
+                    term: self.term,
+                    body: MessageBody::Append { prev, entries: Vec::new(), commit: committed },
+                }));
             }
         }
+    }
+}
+
+/// The commit notice a follower with progress `p` needs: the commit index it would learn,
+/// and the entry the notice names (its last matched one). `None` if it knows that much
+/// already, is not being replicated to in order, or its matched entry left the log.
+fn commit_notice(log: &RaftLog, committed: LogIndex, p: &Progress) -> Option<(LogIndex, LogId)> {
+    let known = committed.min(p.matched);
+    if known > p.commit_sent && matches!(p.state, ReplState::Replicate) {
+        log.id_at(p.matched).map(|prev| (known, prev))
+    } else {
+        None
     }
 }
 
