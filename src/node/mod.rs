@@ -690,6 +690,12 @@ impl Node {
                 }
             }));
         }
+        // Requests are served in the transport's tasks from now on; those that arrived
+        // before are in `requests`, served as they were taken.
+        let server = Arc::new(serve::RequestServer(Arc::downgrade(&self.inner)));
+        if let Err(e) = self.inner.transport.serve_requests_with(server) {
+            warn!(node = self.inner.id.0, error = %e, "requests keep going through the node's queue");
+        }
         {
             let me = self.clone();
             let limit = self.inner.requests_limit.clone();

@@ -5,21 +5,44 @@
 //! unknown outcome).
 
 use super::meta_client::MetaAnswer;
-use super::{view_of, Node, NodeError, PEER_REQUEST_TIMEOUT_MS};
+use super::{view_of, Inner, Node, NodeError, PEER_REQUEST_TIMEOUT_MS};
 use crate::authz;
 use crate::meta::shard_range;
 use crate::peer_wire::{is_peer_message, MetaOp, MetaUpdate, PeerRequest, PeerResponse};
 use crate::placement::{Epoch, ShardDescriptor, ShardId};
 use crate::raft::{RaftError, ReadMode};
 use crate::shard::{HostError, KvCommand, KvResponse, KvStateMachine, ScanEnd, ScanError, ScanPage};
-use crate::transport::{IncomingRequest, PeerIdentity};
+use crate::transport::{IncomingRequest, PeerIdentity, RequestHandler, Serving};
 use crate::wire::{
     check_user_key, check_value, AdminRequest, ReadConsistency, Request, Response, ScanEnd as WireScanEnd,
     SCAN_LIMIT_MAX, SCAN_RESPONSE_BYTES_MAX,
 };
 use std::sync::atomic::Ordering;
+use std::sync::Weak;
 use std::time::Duration;
 use tracing::{debug, info};
+
+/// Serves the transport's requests in the transport's own tasks, as many at once as the
+/// node's request slots allow. It holds the node weakly: the transport, which the node owns,
+/// must not keep the node (its store, its socket) alive after the node is dropped.
+pub(super) struct RequestServer(pub(super) Weak<Inner>);
+
+impl RequestHandler for RequestServer {
+    fn serve(&self, req: IncomingRequest) -> Serving {
+        let inner = self.0.clone();
+        Box::pin(async move {
+            // A node gone or stopping does not answer: the dropped responder answers with an
+            // error. The slot is taken before the check, so shutdown, which sets the flag and
+            // then takes every slot, waits for the requests that passed it.
+            let Some(inner) = inner.upgrade() else { return };
+            let Ok(_slot) = inner.requests_limit.clone().acquire_owned().await else { return };
+            if *inner.shutdown.borrow() {
+                return;
+            }
+            Node { inner }.serve(req).await;
+        })
+    }
+}
 
 impl Node {
     pub(super) async fn serve(&self, req: IncomingRequest) {

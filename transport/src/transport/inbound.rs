@@ -4,6 +4,7 @@
 //! large transfers.
 
 use super::*;
+use std::future::Future;
 
 pub(super) fn peer_identity(conn: &Connection) -> Result<PeerIdentity, String> {
     let certs = conn
@@ -276,12 +277,52 @@ pub(super) async fn answer_request(shared: &Shared, from: PeerIdentity, body: By
     let (tx, rx) = oneshot::channel();
     let handler_timeout = Duration::from_millis(shared.config.timing.request_handler_timeout_ms);
     let request = IncomingRequest { from, body, responder: Responder { tx } };
-    tokio::time::timeout(handler_timeout, async {
-        shared.requests_tx.send(request).await.map_err(|_| "the node does not take requests".to_string())?;
-        rx.await.map_err(|_| "the node dropped the request".to_string())?
+    let dropped = |_| "the node dropped the request".to_string();
+    let late = || "the node did not answer in time".to_string();
+    let Some(handler) = shared.handler.get() else {
+        return tokio::time::timeout(handler_timeout, async {
+            shared.requests_tx.send(request).await.map_err(|_| "the node does not take requests".to_string())?;
+            rx.await.map_err(dropped)?
+        })
+        .await
+        .unwrap_or_else(|_| Err(late()));
+    };
+    let mut serving = handler.serve(request);
+    let deadline = tokio::time::sleep(handler_timeout);
+    tokio::pin!(rx, deadline);
+    // Most often the work ends with its answer: both are ready at once, and nothing is left.
+    let answered = tokio::select! {
+        biased;
+        () = until_done_or_panicked(&mut serving) => None,
+        answer = &mut rx => Some(answer.map_err(dropped).and_then(|a| a)),
+        () = &mut deadline => Some(Err(late())),
+    };
+    match answered {
+        None => {
+            // Dropped first: work that panicked still holds the responder, and the error
+            // answer its drop makes is what the requester gets.
+            drop(serving);
+            rx.await.map_err(dropped)?
+        }
+        Some(answer) => {
+            // Answered (or given up on) with work still to do: it finishes on its own.
+            tokio::spawn(serving);
+            answer
+        }
+    }
+}
+
+/// Polls `serving` until it ends or panics. A handler's panic is its request's failure, as it
+/// would be in a task of its own, not the failure of the transport's task that serves it (the
+/// pipe's answers to every other request would go with it).
+async fn until_done_or_panicked(serving: &mut Serving) {
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serving.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(_) => std::task::Poll::Ready(()),
+        }
     })
     .await
-    .unwrap_or_else(|_| Err("the node did not answer in time".to_string()))
 }
 
 /// What goes back for `answer`: the body, if its frame fits `frame_max`; otherwise the error's

@@ -43,6 +43,7 @@ use crate::frame::{
 };
 use crate::id::{Envelope, GroupId, NodeId, PeerIdentity};
 use crate::metrics::{add, PeerCounters, PeerMetrics, TransportMetrics};
+use crate::request_handler::{RequestHandler, Serving};
 use crate::stream::{
     codes, read_frame_exact, request_on, stop_refused, IncomingRequest, IncomingTransfer, OutgoingTransfer, ReadFail,
     Responder, READ_CHUNK_BYTES_MAX,
@@ -73,7 +74,8 @@ pub struct Incoming {
     pub envelopes: mpsc::Receiver<(NodeId, Envelope)>,
     /// Large transfers opened by peers.
     pub transfers: mpsc::Receiver<IncomingTransfer>,
-    /// Requests from nodes and clients.
+    /// Requests from nodes and clients, while no [`RequestHandler`] serves them
+    /// ([`Transport::serve_requests_with`]).
     pub requests: mpsc::Receiver<IncomingRequest>,
 }
 
@@ -129,6 +131,8 @@ struct Shared {
     envelopes_tx: mpsc::Sender<(NodeId, Envelope)>,
     transfers_tx: mpsc::Sender<IncomingTransfer>,
     requests_tx: mpsc::Sender<IncomingRequest>,
+    /// Serves requests in place of `requests_tx`, once set.
+    handler: std::sync::OnceLock<Arc<dyn RequestHandler>>,
     /// How dials present this node and whom they trust ([`Transport::reload_tls`] replaces it).
     dial_config: Mutex<quinn::ClientConfig>,
     /// Slots for outgoing transfers (`transfers_out_max`).
@@ -202,6 +206,7 @@ impl Transport {
             envelopes_tx,
             transfers_tx,
             requests_tx,
+            handler: std::sync::OnceLock::new(),
             dial_config: Mutex::new(client),
             transfers_out: Arc::new(Semaphore::new(config.limits.transfers_out_max)),
             handshakes: Arc::new(Semaphore::new(config.limits.handshakes_max)),
@@ -222,6 +227,13 @@ impl Transport {
         lock(&shared.tasks).push(accept);
         info!(node = %shared.config.node, addr = ?shared.endpoint.local_addr().ok(), "transport started");
         Ok((transport, Incoming { envelopes, transfers, requests }))
+    }
+
+    /// Serves every request that arrives from now on with `handler`, in the task the transport
+    /// runs for that request, instead of handing it to [`Incoming::requests`] (which still
+    /// holds those that arrived before). Set once: a second handler is refused.
+    pub fn serve_requests_with(&self, handler: Arc<dyn RequestHandler>) -> Result<(), TransportError> {
+        self.shared.handler.set(handler).map_err(|_| TransportError::Config("requests already have a handler".into()))
     }
 
     /// Presents `tls` from now on (a renewed certificate, or a new CA's during a rotation):
