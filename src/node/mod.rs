@@ -4,7 +4,8 @@
 //! # What runs
 //! - **Envelope pump**: envelopes from peers are decoded into node batches, checked against
 //!   the sender's certificate and handed to the host ([`crate::net`]).
-//! - **Request pump**: each client or peer request runs as its own task (at most
+//! - **Requests**: each client or peer request is served in the transport's task for it (the
+//!   node is the transport's request handler, `serve::RequestServer`; at most
 //!   [`REQUESTS_IN_FLIGHT_MAX`] at once); data requests are checked against the node's copy of
 //!   the shard map (shard id, epoch, key in range) and then served by the host on the leader.
 //! - **Reconciler** (every [`RECONCILE_MS`]): refreshes the node's copy of the meta state,
@@ -92,7 +93,9 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-/// Requests served at once; more wait (the transport bounds each peer's open requests too).
+/// Requests served at once; more wait for a slot, as long as their requester does (the
+/// transport bounds each connection's open requests, and answers those not served within its
+/// handler timeout with an error).
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 4096;
 /// Shards larger than this are split by the automatic balancer (128 MiB, between TiKV's 96
 /// and 256 MiB). Snapshots stream from disk, so the size is not bounded by memory; it trades

@@ -32,11 +32,22 @@ impl RequestHandler for RequestServer {
         let inner = self.0.clone();
         Box::pin(async move {
             // A node gone or stopping does not answer: the dropped responder answers with an
-            // error. The slot is taken before the check, so shutdown, which sets the flag and
-            // then takes every slot, waits for the requests that passed it.
+            // error. Checked again once the slot is taken: shutdown sets the flag, then takes
+            // every slot, so it waits for the requests that passed the check.
             let Some(inner) = inner.upgrade() else { return };
-            let Ok(_slot) = inner.requests_limit.clone().acquire_owned().await else { return };
-            if *inner.shutdown.borrow() {
+            let stopping = || *inner.shutdown.borrow();
+            if stopping() {
+                return;
+            }
+            let mut req = req;
+            // A request whose requester was told it timed out does not start later: it could
+            // overwrite what the requester did since, and waiting ones would pile up.
+            let slot = tokio::select! {
+                slot = inner.requests_limit.clone().acquire_owned() => slot,
+                () = req.responder.closed() => return,
+            };
+            let Ok(_slot) = slot else { return };
+            if stopping() {
                 return;
             }
             Node { inner }.serve(req).await;

@@ -58,7 +58,8 @@ pub struct Limits {
     /// Received envelopes waiting for the node; when full, readers wait (QUIC flow control
     /// then slows the senders).
     pub incoming_envelopes_max: usize,
-    /// Received transfers and requests waiting for the node, each.
+    /// Received transfers and requests waiting for the node, each (requests only while no
+    /// [`crate::RequestHandler`] serves them).
     pub incoming_queue_max: usize,
     /// Outgoing large transfers at a time, all peers together; `send_stream` waits for a slot.
     pub transfers_out_max: usize,

@@ -24,7 +24,9 @@
 //! 2. Tell each node the addresses of the peers with higher ids (`set_peer_addr`); the lower
 //!    id dials.
 //! 3. Drain [`Incoming`]: a full envelope channel slows the senders (QUIC flow control), an
-//!    unanswered request gets an error after `request_handler_timeout_ms`.
+//!    unanswered request gets an error after `request_handler_timeout_ms`. Or serve requests
+//!    in the transport's own tasks with a [`RequestHandler`] ([`Transport::serve_requests_with`]):
+//!    one task and one hand-over fewer per request.
 //! 4. Call [`Transport::shutdown`] before dropping the last handle: the tasks hold the
 //!    endpoint open until then.
 #![warn(missing_docs)]

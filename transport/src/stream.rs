@@ -111,8 +111,8 @@ pub(crate) async fn request_on(
     }
 }
 
-/// A request received from a node or a client. Answer it with [`Responder`]; an unanswered
-/// request gets an error response after `request_handler_timeout_ms`.
+/// A request received from a node or a client. Answer it with [`Responder`]; a request not
+/// answered within `request_handler_timeout_ms` gets an error response then.
 #[derive(Debug)]
 pub struct IncomingRequest {
     /// Who sent it, from its certificate.
@@ -140,6 +140,13 @@ impl Responder {
     /// (cut to 512 bytes).
     pub fn fail(self, reason: impl Into<String>) {
         let _ = self.tx.send(Err(reason.into()));
+    }
+
+    /// Resolves once nobody waits for the answer any more: the transport answered the
+    /// requester with a timeout (or the transport is gone). Work still waiting to start can
+    /// give up then.
+    pub async fn closed(&mut self) {
+        self.tx.closed().await
     }
 }
 

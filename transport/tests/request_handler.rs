@@ -16,21 +16,25 @@ use flotilla_transport::{Client, Grant, IncomingRequest, NodeId, RequestHandler,
 
 /// "echo:<x>" -> "<x>"; "drop" -> the responder dropped; "panic" -> a panic; "answer-then-work" -> "ok", then
 /// work that waits for `release` and sets `after_answer`; "late" -> work that waits for
-/// `release` (past the timeout), sets `past_timeout`, then answers nobody any more.
+/// `release` (past the timeout), sets `past_timeout`, then answers nobody any more;
+/// "wait-for-slot" -> waits for a slot that never comes, and gives up (setting `given_up`)
+/// once nobody waits for its answer.
 #[derive(Default)]
 struct Handler {
     served: AtomicUsize,
     release: Arc<tokio::sync::Notify>,
     after_answer: Arc<AtomicBool>,
     past_timeout: Arc<AtomicBool>,
+    given_up: Arc<AtomicBool>,
 }
 
 impl RequestHandler for Handler {
     fn serve(&self, request: IncomingRequest) -> Serving {
         self.served.fetch_add(1, Ordering::Relaxed);
-        let (release, after_answer, past_timeout) =
-            (self.release.clone(), self.after_answer.clone(), self.past_timeout.clone());
+        let (release, after_answer, past_timeout, given_up) =
+            (self.release.clone(), self.after_answer.clone(), self.past_timeout.clone(), self.given_up.clone());
         Box::pin(async move {
+            let mut request = request;
             let body = String::from_utf8_lossy(&request.body).into_owned();
             match body.as_str() {
                 "drop" => drop(request),
@@ -39,6 +43,13 @@ impl RequestHandler for Handler {
                     request.responder.respond("ok");
                     release.notified().await;
                     after_answer.store(true, Ordering::Release);
+                }
+                "wait-for-slot" => {
+                    let never = tokio::sync::Semaphore::new(0);
+                    tokio::select! {
+                        _slot = never.acquire() => request.responder.respond("a slot?"),
+                        () = request.responder.closed() => given_up.store(true, Ordering::Release),
+                    }
                 }
                 "late" => {
                     release.notified().await;
@@ -124,6 +135,11 @@ async fn dropped_and_late_answers_are_errors_and_the_work_still_ends() {
     assert!(!handler.past_timeout.load(Ordering::Acquire));
     handler.release.notify_one();
     eventually("the work past the timeout ends", || handler.past_timeout.load(Ordering::Acquire)).await;
+
+    // Work still waiting to start hears that nobody waits for its answer any more.
+    let reason = remote_reason(conn.request("wait-for-slot".into(), DEADLINE).await);
+    assert!(reason.contains("in time"), "{reason}");
+    eventually("the waiting work gives up", || handler.given_up.load(Ordering::Acquire)).await;
 
     // The pipe goes on.
     assert_eq!(conn.request("echo:after".into(), DEADLINE).await.unwrap(), Bytes::from("after"));

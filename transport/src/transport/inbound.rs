@@ -4,7 +4,6 @@
 //! large transfers.
 
 use super::*;
-use std::future::Future;
 
 pub(super) fn peer_identity(conn: &Connection) -> Result<PeerIdentity, String> {
     let certs = conn
@@ -271,8 +270,9 @@ pub(super) async fn run_request_stream(
     }
 }
 
-/// Hands one request to the node and waits for its answer, within the handler timeout (an
-/// unanswered request gets an error rather than holding its stream).
+/// Hands one request to the node (its handler, or else its queue) and waits for its answer,
+/// within the handler timeout (an unanswered request gets an error rather than holding its
+/// stream).
 pub(super) async fn answer_request(shared: &Shared, from: PeerIdentity, body: Bytes) -> Result<Bytes, String> {
     let (tx, rx) = oneshot::channel();
     let handler_timeout = Duration::from_millis(shared.config.timing.request_handler_timeout_ms);
@@ -300,9 +300,13 @@ pub(super) async fn answer_request(shared: &Shared, from: PeerIdentity, body: By
     match answered {
         None => {
             // Dropped first: work that panicked still holds the responder, and the error
-            // answer its drop makes is what the requester gets.
+            // answer its drop makes is what the requester gets. Work that ended and handed
+            // its responder to someone else is still bound by the deadline.
             drop(serving);
-            rx.await.map_err(dropped)?
+            tokio::select! {
+                answer = &mut rx => answer.map_err(dropped)?,
+                () = &mut deadline => Err(late()),
+            }
         }
         Some(answer) => {
             // Answered (or given up on) with work still to do: it finishes on its own.
@@ -312,9 +316,9 @@ pub(super) async fn answer_request(shared: &Shared, from: PeerIdentity, body: By
     }
 }
 
-/// Polls `serving` until it ends or panics. A handler's panic is its request's failure, as it
-/// would be in a task of its own, not the failure of the transport's task that serves it (the
-/// pipe's answers to every other request would go with it).
+/// Polls `serving` until it ends or panics. A handler's panic is its request's failure,
+/// answered at once with an error as it would be from a task of its own, not a silent end of
+/// the transport's task serving it (which would leave the requester waiting for its deadline).
 async fn until_done_or_panicked(serving: &mut Serving) {
     std::future::poll_fn(|cx| {
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serving.as_mut().poll(cx))) {
