@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use common::*;
-use flotilla_transport::cert::TlsIdentity;
 use flotilla_transport::frame::{encode_frame, FrameKind};
-use flotilla_transport::{codes, Client, Grant, IncomingRequest, NodeId, Role, TransportError};
+use flotilla_transport::{codes, Client, IncomingRequest, NodeId, TransportError};
 use quinn::{ConnectionError, VarInt};
 
 /// "after:<ms>:<x>" -> "<x>" after <ms> ms; "fail" -> error; anything else is never answered.
@@ -33,10 +32,6 @@ fn serve(mut requests: tokio::sync::mpsc::Receiver<IncomingRequest>) {
             }
         }
     });
-}
-
-fn client_tls(ca: &flotilla_transport::cert::CertificateAuthority) -> TlsIdentity {
-    TlsIdentity::from_issued(ca.cert_pem(), &ca.issue_client("cli", Grant::new(Role::Admin)).unwrap()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

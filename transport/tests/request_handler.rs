@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use flotilla_transport::cert::TlsIdentity;
-use flotilla_transport::{Client, Grant, IncomingRequest, NodeId, RequestHandler, Role, Serving, TransportError};
+use flotilla_transport::{Client, IncomingRequest, NodeId, RequestHandler, Serving, TransportError};
 
 /// "echo:<x>" -> "<x>"; "drop" -> the responder dropped; "panic" -> a panic; "answer-then-work" -> "ok", then
 /// work that waits for `release` and sets `after_answer`; "late" -> work that waits for
@@ -63,10 +62,6 @@ impl RequestHandler for Handler {
             }
         })
     }
-}
-
-fn client_tls(ca: &flotilla_transport::cert::CertificateAuthority) -> TlsIdentity {
-    TlsIdentity::from_issued(ca.cert_pem(), &ca.issue_client("cli", Grant::new(Role::Admin)).unwrap()).unwrap()
 }
 
 fn remote_reason(answer: Result<Bytes, TransportError>) -> String {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use flotilla_transport::cert::{CertificateAuthority, TlsIdentity};
-use flotilla_transport::{Envelope, GroupId, Incoming, NodeId, Transport, TransportConfig};
+use flotilla_transport::{Envelope, Grant, GroupId, Incoming, NodeId, Role, Transport, TransportConfig};
 
 /// Upper bound for anything a test waits for; reached only when something is broken.
 pub const DEADLINE: Duration = Duration::from_secs(30);
@@ -17,6 +17,12 @@ pub fn ca() -> CertificateAuthority {
 
 pub fn node_tls(ca: &CertificateAuthority, node: u64) -> TlsIdentity {
     TlsIdentity::from_issued(ca.cert_pem(), &ca.issue_node(NodeId(node)).expect("issue")).expect("identity")
+}
+
+/// A client's identity (an admin), issued by `ca`.
+pub fn client_tls(ca: &CertificateAuthority) -> TlsIdentity {
+    TlsIdentity::from_issued(ca.cert_pem(), &ca.issue_client("cli", Grant::new(Role::Admin)).expect("issue"))
+        .expect("identity")
 }
 
 pub fn loopback() -> SocketAddr {
