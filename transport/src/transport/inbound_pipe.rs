@@ -8,7 +8,7 @@
 
 use super::inbound::answer_payload;
 use super::*;
-use crate::pipe::{encode_pipe_frame, split_pipe_payload, PIPE_CHUNK_BYTES_MAX};
+use crate::pipe::{encode_pipe_frame, next_pipe_chunk, split_pipe_payload};
 
 /// Pipelined requests of one connection being answered at once, at most.
 pub(super) const PIPE_IN_FLIGHT_MAX: usize = 256;
@@ -92,23 +92,8 @@ async fn write_answers(mut send: SendStream, mut rx: mpsc::Receiver<Answered>, f
         Ok(body) => encode_pipe_frame(FrameKind::PipeResponse, id, &body, buf),
         Err(reason) => encode_pipe_frame(FrameKind::PipeResponseError, id, &reason, buf),
     };
-    while let Some(first) = rx.recv().await {
-        encode(first, &mut buf);
-        // Answers become ready together (the reads of one round, the writes of one commit),
-        // each in its own task, and the first wakes this writer, maybe on another worker while
-        // the others still run. Letting the tasks queued on this worker run first puts their
-        // answers in this chunk, so that QUIC more often sends them in one packet, not a
-        // packet (a `sendmsg`, and a receive on the other side) each. With the client's writer
-        // doing the same, 64 clients got about a third more gets for a fifth less CPU per get
-        // (BENCHMARKS.md, session 24).
-        tokio::task::yield_now().await;
-        while buf.len() < PIPE_CHUNK_BYTES_MAX {
-            match rx.try_recv() {
-                Ok(next) => encode(next, &mut buf),
-                Err(_) => break,
-            }
-        }
-        if send.write_chunk(buf.split().freeze()).await.is_err() {
+    while let Some(chunk) = next_pipe_chunk(&mut rx, &mut buf, encode).await {
+        if send.write_chunk(chunk).await.is_err() {
             return;
         }
     }
