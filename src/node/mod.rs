@@ -694,25 +694,17 @@ impl Node {
             }));
         }
         // Requests are served in the transport's tasks from now on; those that arrived
-        // before are in `requests`, served as they were taken.
+        // before are in `requests`, and get the same server (slot, refusal once stopping) in a
+        // task each.
         let server = Arc::new(serve::RequestServer(Arc::downgrade(&self.inner)));
-        if let Err(e) = self.inner.transport.serve_requests_with(server) {
+        if let Err(e) = self.inner.transport.serve_requests_with(server.clone()) {
             warn!(node = self.inner.id.0, error = %e, "requests keep going through the node's queue");
         }
-        {
-            let me = self.clone();
-            let limit = self.inner.requests_limit.clone();
-            tasks.push(tokio::spawn(async move {
-                while let Some(req) = requests.recv().await {
-                    let Ok(permit) = limit.clone().acquire_owned().await else { break };
-                    let me = me.clone();
-                    tokio::spawn(async move {
-                        me.serve(req).await;
-                        drop(permit);
-                    });
-                }
-            }));
-        }
+        tasks.push(tokio::spawn(async move {
+            while let Some(req) = requests.recv().await {
+                tokio::spawn(tp::RequestHandler::serve(&*server, req));
+            }
+        }));
         let stop = || self.inner.shutdown.subscribe();
         if let Some(l) = resp_listener {
             tasks.push(tokio::spawn(l.run(self.clone(), self.inner.resp_metrics.clone(), stop())));

@@ -28,7 +28,7 @@ use tracing::{debug, info};
 pub(super) struct RequestServer(pub(super) Weak<Inner>);
 
 impl RequestHandler for RequestServer {
-    fn serve(&self, req: IncomingRequest) -> Serving {
+    fn serve(&self, mut req: IncomingRequest) -> Serving {
         let inner = self.0.clone();
         Box::pin(async move {
             // A node gone or stopping does not answer: the dropped responder answers with an
@@ -39,7 +39,6 @@ impl RequestHandler for RequestServer {
             if stopping() {
                 return;
             }
-            let mut req = req;
             // A request whose requester was told it timed out does not start later: it could
             // overwrite what the requester did since, and waiting ones would pile up.
             let slot = tokio::select! {
