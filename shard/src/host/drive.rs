@@ -7,8 +7,6 @@
 use super::group_state::{GroupState, Load};
 use super::poller::{empty_batch, Poller, PollerMsg};
 use super::Shared;
-use crate::keys::{encode, group_key, KIND_COMMITTED};
-use crate::store::{Op, CF_RAFT};
 use flotilla_raft::{Action, CoreAction, Entry, GroupId, IoId, LogAction, MessageBody, Role, StorageError};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -47,10 +45,12 @@ impl Poller {
                         Err(e) => g.core.fail(e),
                     }
                 }
-                CoreAction::Log(LogAction::SaveCommitted(index)) => match encode(&index) {
-                    Ok(v) => self.round.ops.push(Op::Put(CF_RAFT, group_key(gid, KIND_COMMITTED).to_vec(), v)),
-                    Err(e) => g.core.fail(e),
-                },
+                // Not written: every apply batch records its applied index in the same store
+                // (the state machine's applied record), right behind the commit, and a restarted
+                // replica starts from it and hears the rest from its leader. Raft needs no
+                // durable commit index, and writing one per group per round cost a memtable
+                // insert each, with many shards one per put.
+                CoreAction::Log(LogAction::SaveCommitted(_)) => {}
                 CoreAction::Log(LogAction::Load { peer, from, to, bytes_max }) => {
                     let load = Load { peer, from, to, bytes_max, term: g.core.engine().term() };
                     if g.writes_in_flight > 0 || wrote {
