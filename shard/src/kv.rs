@@ -666,6 +666,13 @@ struct Life {
     /// Through the trait's `apply` (a host tracks it itself): the applied index durable so
     /// far, and the indexes applied after it with the store batch each was written in.
     durable: Mutex<(LogIndex, VecDeque<(u64, LogIndex)>)>,
+    /// The applied record the last prepared batch left, so that the next batch does not read
+    /// it back from the store (a memtable search through every version of a key rewritten by
+    /// each batch, and a decode: with many shards, one per write). A group's batches are
+    /// prepared one at a time, each once the one before was written, and a batch whose write
+    /// fails stops the group, so the record here is the one the store holds. `None` until
+    /// first read, and whenever something else writes the record (a snapshot installation).
+    applied: Mutex<Option<AppliedRecord>>,
 }
 
 /// Bytes of keys and values per SST file of a snapshot: the unit a receiver verifies and
@@ -787,7 +794,7 @@ impl KvStateMachine {
     ) -> Result<Prepared, StorageError> {
         let mut range = self.range();
         let mut merge = self.merge_state();
-        Self::apply_ops(&self.store, self.group, &mut range, &mut merge, entries, parked)
+        Self::apply_ops(&self.store, self.group, &self.life.applied, &mut range, &mut merge, entries, parked)
     }
 
     /// The shard's merge state (as of the last prepared batch).
@@ -969,6 +976,8 @@ impl KvStateMachine {
             )));
         }
         let received = r.finish()?;
+        // The installation writes the applied record: the next batch reads the new one.
+        *lock(&self.life.applied) = None;
         let current = lock(&self.life.install_over).take().unwrap_or_else(|| self.range());
         // Not this replica's (another range, or wider than its own): refused, so the group goes
         // on and the leader builds another snapshot (one taken after the split it lacks).
@@ -995,6 +1004,7 @@ impl KvStateMachine {
     fn apply_ops(
         s: &Store,
         g: GroupId,
+        cached: &Mutex<Option<AppliedRecord>>,
         range: &mut KeyRange,
         merge: &mut MergeState,
         entries: Vec<Entry>,
@@ -1004,7 +1014,11 @@ impl KvStateMachine {
         let mut merges = Vec::new();
         let mut waiting = None;
         let merge_before = merge.clone();
-        let mut applied = Self::read_applied(s, g)?;
+        let known = lock(cached).clone();
+        let mut applied = match known {
+            Some(a) => a,
+            None => Self::read_applied(s, g)?,
+        };
         let data = s.cf(CF_DATA)?;
         // Values written earlier in this batch, which the database does not show yet.
         let mut overlay: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
@@ -1213,6 +1227,7 @@ impl KvStateMachine {
             ops.push(crate::merge::merge_state_op(g, merge)?);
         }
         ops.push(Op::Put(CF_RAFT, group_key(g, KIND_APPLIED).to_vec(), encode(&applied)?));
+        *lock(cached) = Some(applied);
         Ok(Prepared { ops, responses, splits, range: range.clone(), merges, merge_state: merge.clone(), waiting })
     }
 
@@ -1252,7 +1267,9 @@ impl StateMachine for KvStateMachine {
                     s.db().delete_cf(cf, group_key(g, kind)).map_err(|e| StorageError::new("write", e.to_string()))?;
                 }
                 sm.load_merge_state(s)?;
-                Ok((Self::read_applied(s, g)?, adopted))
+                let applied = Self::read_applied(s, g)?;
+                *lock(&sm.life.applied) = Some(applied.clone());
+                Ok((applied, adopted))
             })
             .await?;
         let (r, adopted) = r;
@@ -1266,13 +1283,14 @@ impl StateMachine for KvStateMachine {
 
     async fn apply(&mut self, entries: Vec<Entry>) -> Result<Vec<Bytes>, StorageError> {
         let (g, mut range, mut merge) = (self.group, self.range(), self.merge_state());
+        let life = self.life.clone();
         let last = entries.last().map(|e| e.log_id.index);
         let (p, range) = self
             .store
             .blocking(move |s| {
                 // Merges need a host to park their sources: without one, a merge entry stops
                 // the group rather than apply out of order.
-                let p = Self::apply_ops(s, g, &mut range, &mut merge, entries, &|_| false)?;
+                let p = Self::apply_ops(s, g, &life.applied, &mut range, &mut merge, entries, &|_| false)?;
                 if let Some(w) = &p.waiting {
                     return Err(StorageError::new("apply", format!("group {g}: merge entry {}: {}", w.index, w.why)));
                 }

@@ -277,6 +277,29 @@ async fn a_streamed_snapshot_replaces_exactly_the_shards_range_on_the_receiver()
 }
 
 #[tokio::test]
+async fn the_first_apply_after_a_snapshot_installation_follows_the_installed_index() {
+    use flotilla_raft::StateMachine;
+    let (d1, d2) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
+    let (s1, s2) = (Store::open(d1.path()).expect("open"), Store::open(d2.path()).expect("open"));
+    let range = KeyRange { start: b"a".to_vec(), end: None };
+    let mut leader = KvStateMachine::new(s1, GroupId(1), range.clone());
+    apply_puts(&mut leader, 1, &[("k1", "1"), ("k2", "2"), ("k3", "3"), ("k4", "4"), ("k5", "5")]).await;
+    let snap = leader.build_snapshot().await.expect("build");
+    assert_eq!(snap.last_log_id, LogId::new(1, 5));
+    // The follower applied two entries itself (the state machine remembers where it is),
+    // then takes the snapshot, and goes on from it without being asked its applied state.
+    let mut follower = KvStateMachine::new(s2, GroupId(1), range);
+    apply_puts(&mut follower, 1, &[("k1", "1"), ("k2", "2")]).await;
+    transfer(&mut leader, &mut follower, &snap, 64).await.expect("transfer");
+    let stale = follower.apply(vec![Entry { log_id: LogId::new(1, 3), ..put("k3", "stale") }]).await;
+    assert!(stale.is_err(), "entry 3 is behind the installed snapshot: {stale:?}");
+    apply_puts(&mut follower, 6, &[("k6", "6")]).await;
+    assert_eq!(follower.get(b"k6".to_vec()).await.expect("get"), Some(b"6".to_vec()));
+    assert_eq!(follower.get(b"k3".to_vec()).await.expect("get"), Some(b"3".to_vec()));
+    assert_eq!(follower.applied_state().await.expect("applied").last_applied, Some(LogId::new(1, 6)));
+}
+
+#[tokio::test]
 async fn the_applied_state_is_reported_durable_once_a_later_write_was_synced() {
     use flotilla_raft::StateMachine;
     let d = tempfile::tempdir().expect("tempdir");
