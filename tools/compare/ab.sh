@@ -3,8 +3,8 @@
 #
 # Where the leaders fall at a cluster's start moves a run by up to ±20% (BENCHMARKS.md,
 # session 21), more than most changes; so each run starts a fresh 3-process cluster on
-# 127.0.0.1 (one node per process, 4 shards, fsync on), moves the leaders of shards 1 and 3 to
-# node 1 and of shards 2 and 4 to node 2, then runs the workloads with `flotilla bench`. The
+# 127.0.0.1 (one node per process, 4 shards by default, fsync on), moves the leaders of the odd
+# shards to node 1 and of the even ones to node 2, then runs the workloads with `flotilla bench`. The
 # builds alternate, round after round; compare rounds, not single runs.
 #
 # Usage:
@@ -13,7 +13,8 @@
 #   ROUNDS [3]   WORKLOADS ["put64 get64 put1"] (put|get|lget|mixed followed by the clients:
 #   put64, get256, lget64 = lease reads, put1...; in the order given, so gets after puts
 #   read the keys the puts wrote, and gets alone read an empty store)   DURATION [8] seconds
-#   BASE_PORT [27000]   WORK_DIR [/var/tmp]
+#   BASE_PORT [27000]   WORK_DIR [/var/tmp]   SHARDS [4] initial shards (odd ones led by node
+#   1, even ones by node 2, as with 4)
 #   NODE_SETTINGS [""]  top-level lines added to every node's configuration (e.g. "pollers = 2")
 # Prints one line per workload: time, round, label, leaders per shard, ops/s, p50, p99 and the
 # servers' CPU time per operation (every process once; "-" from builds that do not report it).
@@ -27,7 +28,8 @@ ROUNDS=${ROUNDS:-3}
 WORKLOADS=${WORKLOADS:-put64 get64 put1}
 DURATION=${DURATION:-8}
 BASE_PORT=${BASE_PORT:-27000}
-[ $# -ge 1 ] || { sed -n 2,18p "$0" >&2; exit 2; }
+SHARDS=${SHARDS:-4}
+[ $# -ge 1 ] || { sed -n 2,19p "$0" >&2; exit 2; }
 for s in "$@"; do
   [ -x "${s#*=}" ] || { echo "not an executable: ${s#*=}" >&2; exit 2; }
 done
@@ -48,12 +50,12 @@ node_settings() { [ -z "${NODE_SETTINGS:-}" ] || printf '%s\n' "$NODE_SETTINGS";
 start() {
   local bin=$1 i
   rm -rf "$dir"
-  local_cluster_write "$bin" "$dir" 4 $((BASE_PORT + 20)) $((BASE_PORT + 30)) node_settings
+  local_cluster_write "$bin" "$dir" "$SHARDS" $((BASE_PORT + 20)) $((BASE_PORT + 30)) node_settings
   for i in 1 2 3; do
     "$bin" --log warn server --config "$dir/n$i.toml" >"$dir/n$i.log" 2>&1 &
     servers+=($!)
   done
-  local_cluster_wait "$bin" "$dir" 4
+  local_cluster_wait "$bin" "$dir" "$SHARDS"
 }
 
 for r in $(seq "$ROUNDS"); do
@@ -61,8 +63,9 @@ for r in $(seq "$ROUNDS"); do
     label=${s%%=*} bin=${s#*=}
     start "$bin"
     c=$dir/cluster.json
-    for shard in 1 3; do "$bin" admin transfer-leader "$shard" 1 --cluster "$c" >/dev/null 2>&1 || true; done
-    for shard in 2 4; do "$bin" admin transfer-leader "$shard" 2 --cluster "$c" >/dev/null 2>&1 || true; done
+    for shard in $(seq "$SHARDS"); do
+      "$bin" admin transfer-leader "$shard" $((2 - shard % 2)) --cluster "$c" >/dev/null 2>&1 || true
+    done
     sleep 1
     leaders=$("$bin" admin shards --cluster "$c" --json 2>/dev/null |
       grep -oE '"leader":[0-9]+' | cut -d: -f2 | paste -sd, || true)
