@@ -777,7 +777,9 @@ impl KvStateMachine {
 
     /// The write batch and responses for applying `entries` (blocking), for a host that
     /// submits the batch itself. The batch must be written before the next call for this
-    /// shard: a compare-and-swap reads the state the previous batch left. The range the batch
+    /// shard: a compare-and-swap reads the state the previous batch left, and the next batch
+    /// starts from the applied index this one leaves (kept here, not read back). A batch that
+    /// is not written must be the last: the group stops. The range the batch
     /// leaves ([`Prepared::range`]) is not in effect until the host sets it (`set_range`),
     /// together with what it does for the splits.
     pub fn prepare_apply_blocking(&self, entries: Vec<Entry>) -> Result<Prepared, StorageError> {
@@ -1292,12 +1294,17 @@ impl StateMachine for KvStateMachine {
                 // the group rather than apply out of order.
                 let p = Self::apply_ops(s, g, &life.applied, &mut range, &mut merge, entries, &|_| false)?;
                 if let Some(w) = &p.waiting {
+                    // Not written: the kept applied record would be ahead of the store's.
+                    *lock(&life.applied) = None;
                     return Err(StorageError::new("apply", format!("group {g}: merge entry {}: {}", w.index, w.why)));
                 }
                 Ok((p, range))
             })
             .await?;
-        self.store.write(p.ops, false).await?;
+        if let Err(e) = self.store.write(p.ops, false).await {
+            *lock(&self.life.applied) = None;
+            return Err(e);
+        }
         if let Some(last) = last {
             let batch = self.store.last_written_batch();
             lock(&self.life.durable).1.push_back((batch, last));

@@ -71,10 +71,14 @@
 //!   empty and continues right after `log_id`.
 //! - [`save_committed`](crate::LogStorage::save_committed) /
 //!   [`read_committed`](crate::LogStorage::read_committed): optional, with defaults that store
-//!   nothing. At start-up the driver reads `read_committed` so that a node could apply up to
-//!   that index without waiting for a leader. The Tokio driver does not call `save_committed`
-//!   at present (and the [`Engine`](crate::Engine) has no action for it), so implementing the
-//!   pair has no effect yet.
+//!   nothing. The Tokio driver calls `save_committed` (unsynced) whenever the commit index
+//!   advances, and at start-up reads `read_committed` so that a node can apply up to that
+//!   index without waiting for a leader; a host driving [`GroupCore`](crate::GroupCore) gets
+//!   the same as `LogAction::SaveCommitted` and may ignore it. Raft's safety does not depend
+//!   on it: a node that starts without it starts from its state machine's applied index and
+//!   learns the rest from its leader. (Flotilla's shard host ignores it: each apply batch
+//!   records the applied index right behind the commit, and writing the commit index too cost
+//!   a store write per group per round.)
 //!
 //! # `StateMachine`: applying the log
 //!
