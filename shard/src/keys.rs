@@ -22,7 +22,9 @@ pub const RECORD_HEADER_BYTES: usize = 5;
 pub const KIND_VOTE: u8 = 0x01;
 /// The last purged log id.
 pub const KIND_LOG_STATE: u8 = 0x02;
-/// The commit index.
+/// The commit index, a hint read at start-up: written by `RocksLog::save_committed` (the
+/// library's driver) and for a group born of a split, not by the host's rounds (its applied
+/// record, written with every apply batch, serves instead).
 pub const KIND_COMMITTED: u8 = 0x03;
 /// The state machine's applied id and membership.
 pub const KIND_APPLIED: u8 = 0x04;
