@@ -671,7 +671,8 @@ struct Life {
     /// each batch, and a decode: with many shards, one per write). A group's batches are
     /// prepared one at a time, each once the one before was written, and a batch whose write
     /// fails stops the group, so the record here is the one the store holds. `None` until
-    /// first read, and whenever something else writes the record (a snapshot installation).
+    /// first read, while a batch is prepared and after one failed to, and whenever something
+    /// else writes the record (a snapshot installation).
     applied: Mutex<Option<AppliedRecord>>,
 }
 
@@ -1016,8 +1017,10 @@ impl KvStateMachine {
         let mut merges = Vec::new();
         let mut waiting = None;
         let merge_before = merge.clone();
-        let known = lock(cached).clone();
-        let mut applied = match known {
+        // Taken, not copied (it holds the configuration): put back below once the batch is
+        // prepared, so a batch that fails to prepare leaves the next to read the store's.
+        let kept = lock(cached).take();
+        let mut applied = match kept {
             Some(a) => a,
             None => Self::read_applied(s, g)?,
         };
