@@ -129,6 +129,75 @@ async fn quiet_groups_led_by_a_node_that_goes_down_elect_a_new_leader() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_back_after_missing_writes_catches_up_although_its_groups_went_quiet() {
+    let c = Cluster::start(3).await;
+    // Voters on nodes 1 and 2, a learner on node 3. A learner never campaigns, so nothing it
+    // does of its own accord wakes a quiet leader: only its leader's host noticing that the
+    // learner's node answers again can.
+    let learner = NodeId(3);
+    let members = Membership {
+        voters: BTreeSet::from([NodeId(1), NodeId(2)]),
+        outgoing: None,
+        learners: BTreeSet::from([learner]),
+    };
+    let groups = 1..=10u64;
+    for h in &c.hosts {
+        for g in groups.clone() {
+            h.create_group(GroupId(g), range_of(g), Some(members.clone())).await.expect("create");
+        }
+    }
+    for g in groups.clone() {
+        c.put(GroupId(g), &key(g, "a"), "1").await.expect("write");
+    }
+    c.wait_info("all quiet", |infos| infos.iter().all(|i| i.quiet)).await;
+    c.net.cut.write().expect("lock").insert(learner);
+    for g in groups.clone() {
+        c.put(GroupId(g), &key(g, "a"), "2").await.expect("write while the learner is cut off");
+    }
+    // The leaders go quiet again without the learner (its node counts as down).
+    let voters = [c.host(NodeId(1)), c.host(NodeId(2))];
+    let mut last = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        last.clear();
+        for h in voters {
+            for i in h.group_info().await.expect("info") {
+                if i.role == Role::Leader && i.quiet && i.committed == i.last_index {
+                    last.insert(i.group, i.last_index);
+                }
+            }
+        }
+        if last.len() == groups.clone().count() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the leaders did not go quiet without the learner: {last:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let behind = c.host(learner).group_info().await.expect("info");
+    assert!(behind.iter().all(|i| i.applied < last[&i.group]), "the learner saw writes while cut off: {behind:?}");
+    // Back: each leader's host sees the learner's node answer again and wakes the quiet groups
+    // it is a member of, which catch it up and tell it the commit index.
+    c.net.cut.write().expect("lock").clear();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let infos = c.host(learner).group_info().await.expect("info");
+        let lagging: Vec<_> =
+            infos.iter().filter(|i| i.applied < last[&i.group]).map(|i| (i.group, i.applied, last[&i.group])).collect();
+        if lagging.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the learner stayed behind in quiet groups (group, applied, leader's last): {lagging:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And the groups go quiet again once it has caught up.
+    c.wait_info("all quiet again", |infos| infos.iter().all(|i| i.quiet)).await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_host_resumes_every_group_with_its_data() {
     let net = Arc::new(MemNet::default());
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();

@@ -1,6 +1,6 @@
 //! Keeping many groups cheap and still live: the poller's one tick (timers of awake groups,
-//! groups going quiet), waking quiet groups (by a message, a call, or their leader's node
-//! going down), and stopping every group when the store is poisoned so that the other
+//! groups going quiet), waking quiet groups (by a message, a call, their leader's node going
+//! down, or a member's node answering again), and stopping every group when the store is poisoned so that the other
 //! nodes elect new leaders at once.
 
 use super::group_state::GroupState;
@@ -145,6 +145,21 @@ impl Poller {
             info!(poller = self.index, nodes = ?newly_down, "peers stopped answering: waking the quiet groups they lead");
             for (gid, g) in &self.groups {
                 if g.quiet && g.quiet_leader.is_some_and(|l| newly_down.contains(&l)) {
+                    self.to_wake.push_back(*gid);
+                }
+            }
+        }
+        // Nodes that answer again: the quiet groups this node leads with them as members wake
+        // (rate-limited too). Such a group went quiet without them, so they may miss entries
+        // or the commit index; a voter would wake the group itself by campaigning once its
+        // election timer runs out, but a learner never campaigns and would stay behind until
+        // the next write.
+        let back: Vec<NodeId> = self.down.difference(&down).copied().collect();
+        if !back.is_empty() {
+            info!(poller = self.index, nodes = ?back, "peers answer again: waking the quiet groups led here that they are in");
+            for (gid, g) in &self.groups {
+                let e = g.core.engine();
+                if g.quiet && e.role() == Role::Leader && back.iter().any(|n| e.membership().membership.contains(*n)) {
                     self.to_wake.push_back(*gid);
                 }
             }

@@ -22,7 +22,9 @@
 //! every host pings the nodes it talks to once per heartbeat interval, and when a node has not
 //! been heard from for `peer_down_ms`, the quiet groups it leads are woken (at most
 //! `wakes_per_tick_max` per poller tick, so a blip does not wake ten thousand groups at once)
-//! and elect a new leader. A follower that is down does not keep a group awake.
+//! and elect a new leader. A follower that is down does not keep a group awake; when its node
+//! answers again, the quiet groups led here that it is a member of wake the same way, so that
+//! it catches up on what it missed (a learner never campaigns, so it would not wake them).
 //!
 //! The pollers are tasks on the runtime of the transport and the callers (see `Poller::run`
 //! for why): a round's own RocksDB work (preparing log writes, applying, reading entries
