@@ -31,7 +31,7 @@ fn chunk(from: u64, to: u64, data: &'static [u8]) -> Message {
         from: NodeId(from),
         to: NodeId(to),
         term: Term(1),
-        body: MessageBody::Snapshot { meta, offset: 0, data: Bytes::from_static(data), done: true },
+        body: MessageBody::Snapshot { meta: Box::new(meta), offset: 0, data: Bytes::from_static(data), done: true },
     }
 }
 

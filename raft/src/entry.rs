@@ -23,8 +23,11 @@ pub enum EntryPayload {
     /// An application command, opaque to Raft; handed to the [`StateMachine`](crate::StateMachine).
     Normal(Bytes),
     /// A configuration (membership) entry. It takes effect as soon as it is in a log,
-    /// committed or not (Raft thesis §4.1).
-    Membership(Membership),
+    /// committed or not (Raft thesis §4.1). Boxed: configurations are rare, and inline its
+    /// three sets made every entry 96 bytes instead of 56, moved and copied on every path
+    /// an entry takes. Encoded as the configuration itself (serde encodes a box as its
+    /// content), so logs and messages written before read the same.
+    Membership(Box<Membership>),
 }
 
 /// Fixed overhead counted per entry when sizing messages and caches: log id, tag, framing.
@@ -44,7 +47,7 @@ impl Entry {
     /// The membership this entry carries, if it is a configuration entry.
     pub fn membership(&self) -> Option<&Membership> {
         match &self.payload {
-            EntryPayload::Membership(m) => Some(m),
+            EntryPayload::Membership(m) => Some(m.as_ref()),
             _ => None,
         }
     }

@@ -101,7 +101,7 @@ pub enum MachineAction {
         /// Recipient of the chunk.
         to: NodeId,
         /// The snapshot.
-        meta: SnapshotMeta,
+        meta: Box<SnapshotMeta>,
         /// Offset.
         offset: u64,
         /// Length.
@@ -110,12 +110,12 @@ pub enum MachineAction {
         done: bool,
     },
     /// Release the snapshot `meta` (no transfer uses it). Reports nothing.
-    Drop(SnapshotMeta),
+    Drop(Box<SnapshotMeta>),
     /// Store the next received bytes of the snapshot `meta`, then report
     /// `handle_snapshot_received` with the end of these bytes (or `handle_snapshot_refused`).
     Receive {
         /// The snapshot.
-        meta: SnapshotMeta,
+        meta: Box<SnapshotMeta>,
         /// Bytes received before these.
         offset: u64,
         /// The bytes.
@@ -127,7 +127,7 @@ pub enum MachineAction {
     /// `handle_snapshot_refused`), naming `reception`.
     Install {
         /// The snapshot.
-        meta: SnapshotMeta,
+        meta: Box<SnapshotMeta>,
         /// The reception.
         reception: u64,
     },

@@ -83,8 +83,9 @@ pub enum MessageBody {
     TimeoutNow,
     /// One chunk of a snapshot.
     Snapshot {
-        /// Which snapshot.
-        meta: SnapshotMeta,
+        /// Which snapshot. Boxed so that this rare message does not make every message (and
+        /// every action that carries one) 200 bytes; encoded as the meta itself.
+        meta: Box<SnapshotMeta>,
         /// Byte offset of `data` in the snapshot.
         offset: u64,
         /// The bytes.

@@ -105,13 +105,13 @@ impl Group {
                 }
                 CoreAction::Machine(MachineAction::ReadChunk { to, meta, offset, len, done }) => {
                     let data = Bytes::from(vec![0u8; len as usize]);
-                    self.core.handle_snapshot_read(self.now, to, meta, offset, Some(data), done);
+                    self.core.handle_snapshot_read(self.now, to, *meta, offset, Some(data), done);
                 }
                 CoreAction::Machine(MachineAction::Receive { meta, offset, data, reception }) => {
-                    self.core.handle_snapshot_received(self.now, meta, reception, offset + data.len() as u64);
+                    self.core.handle_snapshot_received(self.now, *meta, reception, offset + data.len() as u64);
                 }
                 CoreAction::Machine(MachineAction::Install { meta, reception }) => {
-                    self.core.handle_snapshot_installed(self.now, meta, reception);
+                    self.core.handle_snapshot_installed(self.now, *meta, reception);
                 }
                 other => panic!("unexpected in these tests: {other:?}"),
             }

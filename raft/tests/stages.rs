@@ -157,7 +157,7 @@ fn log_id(index: u64) -> LogId {
 /// Entry `index` of term 1, as node 1 (the leader, played by the test) sends it.
 fn entry(index: u64) -> Entry {
     let payload = if index == 1 {
-        EntryPayload::Membership(Membership::new([NodeId(1), NodeId(2)]))
+        EntryPayload::Membership(Box::new(Membership::new([NodeId(1), NodeId(2)])))
     } else {
         EntryPayload::Normal(Bytes::from_static(b"x"))
     };

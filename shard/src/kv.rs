@@ -1044,7 +1044,7 @@ impl KvStateMachine {
             let resp = match e.payload {
                 EntryPayload::Blank => Bytes::new(),
                 EntryPayload::Membership(m) => {
-                    applied.membership = StoredMembership { log_id: e.log_id, membership: m };
+                    applied.membership = StoredMembership { log_id: e.log_id, membership: *m };
                     Bytes::new()
                 }
                 EntryPayload::Normal(payload) => {

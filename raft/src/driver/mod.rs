@@ -719,7 +719,7 @@ async fn apply_one<L: LogStorage, S: StateMachine>(
                     format!("asked for {len} bytes at {offset}, got fewer"),
                 ));
             }
-            Ok(ApplyEvent::Read { to, meta, offset, data, done })
+            Ok(ApplyEvent::Read { to, meta: *meta, offset, data, done })
         }
         MachineAction::Drop(meta) => {
             sm.drop_snapshot(&meta).await?;
@@ -728,14 +728,14 @@ async fn apply_one<L: LogStorage, S: StateMachine>(
         MachineAction::Receive { meta, offset, data, reception } => {
             let end = offset + data.len() as u64;
             match sm.receive_snapshot(&meta, offset, data).await {
-                Ok(()) => Ok(ApplyEvent::Received { meta, reception, end }),
-                Err(SnapshotError::Refused(why)) => Ok(ApplyEvent::Refused(meta, reception, why)),
+                Ok(()) => Ok(ApplyEvent::Received { meta: *meta, reception, end }),
+                Err(SnapshotError::Refused(why)) => Ok(ApplyEvent::Refused(*meta, reception, why)),
                 Err(SnapshotError::Storage(e)) => Err(e),
             }
         }
         MachineAction::Install { meta, reception } => match sm.install_snapshot(&meta).await {
-            Ok(()) => Ok(ApplyEvent::Installed(meta, reception)),
-            Err(SnapshotError::Refused(why)) => Ok(ApplyEvent::Refused(meta, reception, why)),
+            Ok(()) => Ok(ApplyEvent::Installed(*meta, reception)),
+            Err(SnapshotError::Refused(why)) => Ok(ApplyEvent::Refused(*meta, reception, why)),
             Err(SnapshotError::Storage(e)) => Err(e),
         },
     }

@@ -74,7 +74,7 @@ impl Engine {
     fn propose_membership(&mut self, now: Millis, m: Membership) -> LogIndex {
         let log_id = LogId { term: self.vote.term, index: self.log.last_index().next() };
         info!(node = %self.id, term = %self.vote.term, %log_id, membership = %m, "proposing configuration");
-        self.leader_append(now, vec![Entry { log_id, payload: EntryPayload::Membership(m) }]);
+        self.leader_append(now, vec![Entry { log_id, payload: EntryPayload::Membership(Box::new(m)) }]);
         log_id.index
     }
 

@@ -119,7 +119,7 @@ pub enum Action {
         /// Recipient.
         to: NodeId,
         /// The snapshot.
-        meta: SnapshotMeta,
+        meta: Box<SnapshotMeta>,
         /// Offset.
         offset: u64,
         /// Length.
@@ -130,7 +130,7 @@ pub enum Action {
     /// Release the snapshot `meta`: no transfer uses it any more.
     DropSnapshot {
         /// The snapshot.
-        meta: SnapshotMeta,
+        meta: Box<SnapshotMeta>,
     },
     /// Store a received snapshot chunk (it follows the previous chunk of the same reception;
     /// `offset == 0` starts a new one and discards any partial one), then report
@@ -138,7 +138,7 @@ pub enum Action {
     /// for that report, so no more than its window is ever queued here.
     ReceiveSnapshotChunk {
         /// The snapshot.
-        meta: SnapshotMeta,
+        meta: Box<SnapshotMeta>,
         /// Offset of `data`.
         offset: u64,
         /// The bytes.
@@ -151,7 +151,7 @@ pub enum Action {
     /// `handle_snapshot_installed` (or `handle_snapshot_refused` if it is corrupt).
     InstallSnapshot {
         /// The snapshot.
-        meta: SnapshotMeta,
+        meta: Box<SnapshotMeta>,
         /// The reception, as for `ReceiveSnapshotChunk`.
         reception: u64,
     },
@@ -787,7 +787,7 @@ impl Engine {
                 self.id
             )));
         }
-        let entry = Entry { log_id: LogId::new(0, 1), payload: EntryPayload::Membership(membership) };
+        let entry = Entry { log_id: LogId::new(0, 1), payload: EntryPayload::Membership(Box::new(membership)) };
         self.append_local(vec![entry]);
         self.role = RoleState::following(self.effective().membership.is_learner(self.id));
         // Campaign soon rather than after a whole election timeout: every initial member
@@ -861,7 +861,7 @@ impl Engine {
             MessageBody::TimeoutNow => self.on_timeout_now(now, from),
             MessageBody::Snapshot { meta, offset, data, done } => {
                 self.on_leader_contact(now, from);
-                self.on_snapshot_chunk(from, meta, offset, data, done);
+                self.on_snapshot_chunk(from, *meta, offset, data, done);
             }
             MessageBody::SnapshotResp { snapshot_id, next_offset, installed, refused, gap } => {
                 let answer = SnapshotAnswer { snapshot_id, next_offset, installed, refused, gap };

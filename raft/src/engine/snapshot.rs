@@ -53,7 +53,7 @@ impl Engine {
                 if self.snapshot_in_use(meta.snapshot_id) {
                     self.snapshots.push(meta);
                 } else {
-                    self.actions.push_back(Action::DropSnapshot { meta });
+                    self.actions.push_back(Action::DropSnapshot { meta: Box::new(meta) });
                 }
             }
             if self.snapshots.len() < before {
@@ -159,7 +159,7 @@ impl Engine {
             && meta.last_log_id.index >= self.log.last_purged().index;
         if !useful {
             // Discarded, or no longer leading (settle drops what no transfer uses).
-            self.actions.push_back(Action::DropSnapshot { meta });
+            self.actions.push_back(Action::DropSnapshot { meta: Box::new(meta) });
         } else {
             info!(node = %self.id, term = %self.vote.term, snapshot = %meta.last_log_id, size = meta.size_bytes, "snapshot built");
             self.snapshots.push(meta);
@@ -235,7 +235,7 @@ impl Engine {
         if !streaming || offset.checked_add(data.len() as u64).is_none_or(|e| e > meta.size_bytes) {
             return;
         }
-        self.send(to, MessageBody::Snapshot { meta, offset, data, done });
+        self.send(to, MessageBody::Snapshot { meta: Box::new(meta), offset, data, done });
     }
 
     /// Stops every transfer of snapshot `id` and forgets it (dropping it in the state machine
@@ -244,7 +244,7 @@ impl Engine {
         let pos = self.snapshots.iter().position(|m| m.snapshot_id == id);
         if let Some(meta) = pos.map(|i| self.snapshots.remove(i)) {
             if drop {
-                self.actions.push_back(Action::DropSnapshot { meta });
+                self.actions.push_back(Action::DropSnapshot { meta: Box::new(meta) });
             }
         }
         let mut restart = Vec::new();
@@ -380,10 +380,10 @@ impl Engine {
         let reception = r.reception;
         // Acknowledged once stored (`on_snapshot_received`): the leader's window then bounds
         // what waits here in memory, however slow the disk.
-        self.actions.push_back(Action::ReceiveSnapshotChunk { meta: meta.clone(), offset, data, reception });
+        self.actions.push_back(Action::ReceiveSnapshotChunk { meta: Box::new(meta.clone()), offset, data, reception });
         if done {
             r.installing = true;
-            self.actions.push_back(Action::InstallSnapshot { meta, reception });
+            self.actions.push_back(Action::InstallSnapshot { meta: Box::new(meta), reception });
         }
     }
 
@@ -483,7 +483,7 @@ impl Replicator<'_> {
             let done = s.sent + len == size;
             self.actions.push_back(Action::ReadSnapshotChunk {
                 to: peer,
-                meta: s.meta.clone(),
+                meta: Box::new(s.meta.clone()),
                 offset: s.sent,
                 len,
                 done,

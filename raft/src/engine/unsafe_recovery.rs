@@ -67,7 +67,7 @@ impl Engine {
         // needs the lost voters; it wins below, under the forced one.
         self.campaign(now, false);
         let log_id = LogId { term: self.vote.term, index: kept.index.next() };
-        self.append_local(vec![Entry { log_id, payload: EntryPayload::Membership(alone) }]);
+        self.append_local(vec![Entry { log_id, payload: EntryPayload::Membership(Box::new(alone)) }]);
         // Won once the vote for itself is durable (checked again in handle_io_done).
         self.check_election_won(now);
         Ok(log_id.index)

@@ -354,7 +354,7 @@ impl StateMachine for MemStateMachine {
                 EntryPayload::Normal(payload) if payload.is_empty() => Bytes::from_static(EMPTY_PAYLOAD_RESPONSE),
                 EntryPayload::Normal(payload) => inner.apply_command(payload).encode(),
                 EntryPayload::Membership(m) => {
-                    inner.membership = StoredMembership { log_id: entry.log_id, membership: m.clone() };
+                    inner.membership = StoredMembership { log_id: entry.log_id, membership: (**m).clone() };
                     Bytes::new()
                 }
             };

@@ -324,6 +324,7 @@ impl Poller {
                 });
             }
             MachineAction::ReadChunk { to, meta, offset, len, done } => {
+                let meta = *meta;
                 let sm = g.sm.clone();
                 self.shared.runtime.spawn_blocking(move || {
                     let result = sm.read_snapshot_blocking(&meta, offset, len);
@@ -339,6 +340,7 @@ impl Poller {
                 }
             }
             MachineAction::Receive { meta, offset, data, reception } => {
+                let meta = *meta;
                 let sm = g.sm.clone();
                 self.shared.runtime.spawn_blocking(move || {
                     let end = offset + data.len() as u64;
@@ -347,6 +349,7 @@ impl Poller {
                 });
             }
             MachineAction::Install { meta, reception } => {
+                let meta = *meta;
                 // Checked as the chunks arrived; a group of this node created since then could
                 // own keys in the range, and its data must not be replaced. Refused, not
                 // fatal: the leader builds another snapshot, which may fit by then.

@@ -183,7 +183,7 @@ fn adding_a_learner_appends_the_configuration_and_probes_the_learner_with_it() {
     assert_eq!(e.add_learner(now, n(4)), Ok(LogIndex(3)));
     let mut m = Membership::new([n(1), n(2), n(3)]);
     m.learners.insert(n(4));
-    let conf = Entry { log_id: LogId::new(term, 3), payload: EntryPayload::Membership(m) };
+    let conf = Entry { log_id: LogId::new(term, 3), payload: EntryPayload::Membership(Box::new(m)) };
     let append = MessageBody::Append { prev: LogId::new(term, 2), entries: vec![conf.clone()], commit: LogIndex(2) };
     assert_eq!(
         drain(e),
@@ -296,13 +296,13 @@ fn a_snapshot_in_one_chunk_is_stored_installed_then_the_log_is_reset_behind_it()
     let mut e = follower_2(cfg());
     let meta = SnapshotMeta { last_log_id: LogId::new(2, 9), membership: voters_123(), snapshot_id: 5, size_bytes: 4 };
     let data = Bytes::from_static(b"abcd");
-    let chunk = MessageBody::Snapshot { meta: meta.clone(), offset: 0, data: data.clone(), done: true };
+    let chunk = MessageBody::Snapshot { meta: Box::new(meta.clone()), offset: 0, data: data.clone(), done: true };
     e.handle_message(Millis(1), msg(3, 2, 2, chunk));
     assert_eq!(
         drain(&mut e),
         vec![
-            Action::ReceiveSnapshotChunk { meta: meta.clone(), offset: 0, data, reception: 1 },
-            Action::InstallSnapshot { meta: meta.clone(), reception: 1 },
+            Action::ReceiveSnapshotChunk { meta: Box::new(meta.clone()), offset: 0, data, reception: 1 },
+            Action::InstallSnapshot { meta: Box::new(meta.clone()), reception: 1 },
         ]
     );
     e.handle_snapshot_installed(Millis(2), meta.clone(), 1);

@@ -112,7 +112,7 @@ impl TestNode {
         let log_memberships = log
             .iter()
             .filter_map(|e| match &e.payload {
-                EntryPayload::Membership(m) => Some(StoredMembership { log_id: e.log_id, membership: m.clone() }),
+                EntryPayload::Membership(m) => Some(StoredMembership { log_id: e.log_id, membership: (**m).clone() }),
                 _ => None,
             })
             .collect();
@@ -194,6 +194,7 @@ impl TestNode {
                     self.engine.handle_snapshot_built(now, meta);
                 }
                 Action::ReadSnapshotChunk { to, meta, offset, len, done } => {
+                    let meta = *meta;
                     if self.lose_snapshot_reads > 0 {
                         self.lose_snapshot_reads -= 1;
                         self.built.remove(&meta.snapshot_id);
@@ -205,6 +206,7 @@ impl TestNode {
                     self.built.remove(&meta.snapshot_id);
                 }
                 Action::ReceiveSnapshotChunk { meta, offset, data, reception } => {
+                    let meta = *meta;
                     if offset == 0 {
                         self.receiving.clear();
                     }
@@ -213,6 +215,7 @@ impl TestNode {
                     self.engine.handle_snapshot_received(now, meta, reception, end);
                 }
                 Action::InstallSnapshot { meta, reception } => {
+                    let meta = *meta;
                     assert_eq!(self.receiving.len() as u64, meta.size_bytes);
                     self.sm_applied = meta.last_log_id;
                     self.engine.handle_snapshot_installed(now, meta, reception);

@@ -58,7 +58,8 @@ fn first_chunk_to_2(c: &Cluster, snapshot_id: u64, size_bytes: u64, done: bool) 
         snapshot_id,
         size_bytes,
     };
-    let body = MessageBody::Snapshot { meta: meta.clone(), offset: 0, data: Bytes::from_static(b"abcd"), done };
+    let body =
+        MessageBody::Snapshot { meta: Box::new(meta.clone()), offset: 0, data: Bytes::from_static(b"abcd"), done };
     let chunk = Message { from: n(1), to: n(2), term: c.engine(1).term(), body };
     (meta, chunk)
 }
@@ -136,7 +137,7 @@ fn a_snapshot_is_built_only_when_a_follower_needs_one_and_dropped_after_use() {
     let built = c.nodes[&n(1)].snapshot.as_ref().expect("built").0.clone();
     assert_eq!(c.nodes[&n(3)].sm_applied, built.last_log_id, "node 3 installed it");
     assert_eq!(
-        count(&c, 1, |a| matches!(a, Action::DropSnapshot { meta } if *meta == built)),
+        count(&c, 1, |a| matches!(a, Action::DropSnapshot { meta } if **meta == built)),
         1,
         "dropped once the transfer ended"
     );
@@ -160,7 +161,7 @@ fn a_snapshot_refused_as_corrupt_is_dropped_and_a_new_one_is_built() {
         for m in msgs {
             if let (MessageBody::Snapshot { meta, .. }, None) = (&m.body, &refused) {
                 if m.to == n(3) {
-                    let meta = meta.clone();
+                    let meta = (**meta).clone();
                     let now = c.now;
                     // Its first reception: the state machine refuses the chunk it is given.
                     c.node(3).engine.handle_message(now, m.clone());
@@ -179,7 +180,7 @@ fn a_snapshot_refused_as_corrupt_is_dropped_and_a_new_one_is_built() {
     let refused = refused.expect("a snapshot was sent");
     c.settle(6);
     assert!(
-        c.nodes[&n(1)].seen.iter().any(|a| matches!(a, Action::DropSnapshot { meta } if *meta == refused)),
+        c.nodes[&n(1)].seen.iter().any(|a| matches!(a, Action::DropSnapshot { meta } if **meta == refused)),
         "the refused snapshot is dropped"
     );
     assert_eq!(count(&c, 1, |a| matches!(a, Action::BuildSnapshot)), 2, "a new one was built");
@@ -240,7 +241,7 @@ fn discarded_snapshots_end_their_transfers_and_a_new_one_is_built() {
     let now = c.now;
     c.node(1).engine.discard_snapshots(now);
     c.settle(10);
-    assert!(c.nodes[&n(1)].seen.iter().any(|a| matches!(a, Action::DropSnapshot { meta } if *meta == first)));
+    assert!(c.nodes[&n(1)].seen.iter().any(|a| matches!(a, Action::DropSnapshot { meta } if **meta == first)));
     assert_eq!(count(&c, 1, |a| matches!(a, Action::BuildSnapshot)), 2, "a new one after the discard");
     assert_eq!(c.engine(3).applied(), c.engine(1).applied());
 }
@@ -345,7 +346,7 @@ fn a_chunk_after_a_lost_one_is_answered_with_the_gap_at_once() {
     let (meta, first) = first_chunk_to_2(&c, 7, 12, false);
     let chunk_at = |offset: u64| Message {
         body: MessageBody::Snapshot {
-            meta: meta.clone(),
+            meta: Box::new(meta.clone()),
             offset,
             data: Bytes::from_static(b"abcd"),
             done: offset + 4 == meta.size_bytes,
@@ -388,7 +389,12 @@ fn snapshot_chunks_are_ignored_while_one_is_being_installed() {
         from: n(1),
         to: n(2),
         term,
-        body: MessageBody::Snapshot { meta: m.clone(), offset: 0, data: Bytes::from_static(b"abcd"), done: true },
+        body: MessageBody::Snapshot {
+            meta: Box::new(m.clone()),
+            offset: 0,
+            data: Bytes::from_static(b"abcd"),
+            done: true,
+        },
     };
     let now = c.now;
     let e = &mut c.node(2).engine;
@@ -397,7 +403,7 @@ fn snapshot_chunks_are_ignored_while_one_is_being_installed() {
     while let Some(a) = e.poll_action() {
         acts.push(a);
     }
-    assert!(acts.iter().any(|a| matches!(a, Action::InstallSnapshot { meta, .. } if *meta == m1)));
+    assert!(acts.iter().any(|a| matches!(a, Action::InstallSnapshot { meta, .. } if **meta == m1)));
     // While S1 installs, S2 arrives: nothing may start.
     e.handle_message(now, chunk(&m2));
     assert!(e.poll_action().is_none(), "no second snapshot while one installs");
@@ -408,7 +414,12 @@ fn snapshot_chunks_are_ignored_while_one_is_being_installed() {
         from: n(1),
         to: n(2),
         term,
-        body: MessageBody::Snapshot { meta: m2.clone(), offset: 2, data: Bytes::from_static(b"abcd"), done: true },
+        body: MessageBody::Snapshot {
+            meta: Box::new(m2.clone()),
+            offset: 2,
+            data: Bytes::from_static(b"abcd"),
+            done: true,
+        },
     };
     e.handle_message(now, bad);
     assert!(e.poll_action().is_none(), "malformed chunk dropped");
@@ -420,7 +431,7 @@ fn snapshot_chunks_are_ignored_while_one_is_being_installed() {
             from: n(1),
             to: n(2),
             term,
-            body: MessageBody::Snapshot { meta: m2.clone(), offset: 0, data: Bytes::from_static(data), done },
+            body: MessageBody::Snapshot { meta: Box::new(m2.clone()), offset: 0, data: Bytes::from_static(data), done },
         };
         e.handle_message(now, bad);
         assert!(e.poll_action().is_none(), "malformed chunk ({} bytes, done: {done}) dropped", data.len());
@@ -438,13 +449,18 @@ fn an_installation_under_way_survives_a_change_of_leader() {
     let now = c.now;
     c.node(2).engine.handle_message(now, chunk.clone());
     let first = drain(&mut c.node(2).engine);
-    assert!(first.iter().any(|a| matches!(a, Action::InstallSnapshot { meta, .. } if *meta == m1)), "{first:?}");
+    assert!(first.iter().any(|a| matches!(a, Action::InstallSnapshot { meta, .. } if **meta == m1)), "{first:?}");
     // Node 3 leads a higher term now and streams its own snapshot to node 2.
     let m2 = SnapshotMeta { last_log_id: LogId::new(1, 60), snapshot_id: 8, ..m1.clone() };
     let from_3 = Message {
         from: n(3),
         term: chunk.term.next(),
-        body: MessageBody::Snapshot { meta: m2.clone(), offset: 0, data: Bytes::from_static(b"abcd"), done: true },
+        body: MessageBody::Snapshot {
+            meta: Box::new(m2.clone()),
+            offset: 0,
+            data: Bytes::from_static(b"abcd"),
+            done: true,
+        },
         ..chunk
     };
     c.node(2).engine.handle_message(now, from_3.clone());
@@ -462,7 +478,7 @@ fn an_installation_under_way_survives_a_change_of_leader() {
     drain(&mut c.node(2).engine);
     c.node(2).engine.handle_message(now, from_3);
     let after = drain(&mut c.node(2).engine);
-    assert!(after.iter().any(|a| matches!(a, Action::InstallSnapshot { meta, .. } if *meta == m2)), "{after:?}");
+    assert!(after.iter().any(|a| matches!(a, Action::InstallSnapshot { meta, .. } if **meta == m2)), "{after:?}");
 }
 
 /// A snapshot half received from one leader is not finished with another's chunks, even of
@@ -480,7 +496,7 @@ fn a_reception_under_way_starts_over_when_another_leader_takes_over() {
     let from_3 = Message {
         from: n(3),
         term: chunk.term.next(),
-        body: MessageBody::Snapshot { meta, offset: 4, data: Bytes::from_static(b"efgh"), done: true },
+        body: MessageBody::Snapshot { meta: Box::new(meta), offset: 4, data: Bytes::from_static(b"efgh"), done: true },
         ..chunk
     };
     c.node(2).engine.handle_message(now, from_3);
@@ -928,8 +944,12 @@ fn a_snapshot_at_or_below_the_followers_commit_index_is_answered_without_being_i
     for last in [LogIndex(committed.0 - 1), committed] {
         let (mut meta, chunk) = first_chunk_to_2(&c, 7, 4, true);
         meta.last_log_id = LogId { term: c.engine(2).term(), index: last };
-        let body =
-            MessageBody::Snapshot { meta: meta.clone(), offset: 0, data: Bytes::from_static(b"abcd"), done: true };
+        let body = MessageBody::Snapshot {
+            meta: Box::new(meta.clone()),
+            offset: 0,
+            data: Bytes::from_static(b"abcd"),
+            done: true,
+        };
         let now = c.now;
         c.node(2).engine.handle_message(now, Message { body, ..chunk });
         let out = drain(&mut c.node(2).engine);

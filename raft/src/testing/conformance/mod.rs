@@ -73,7 +73,7 @@ fn voters(ids: &[u64]) -> Membership {
 }
 
 fn membership(term: u64, index: u64, m: Membership) -> Entry {
-    Entry { log_id: LogId::new(term, index), payload: EntryPayload::Membership(m) }
+    Entry { log_id: LogId::new(term, index), payload: EntryPayload::Membership(Box::new(m)) }
 }
 
 /// Entries `first..=last` of `term`, with a mix of payloads.

@@ -87,6 +87,7 @@ impl Sim {
                 Ok(())
             }
             Action::ReadSnapshotChunk { to, meta, offset, len, done } => {
+                let meta = *meta;
                 // Now and then the snapshot is gone, as if its files were lost: the transfer
                 // must start over with a new one.
                 if self.faults_on && self.snapshot_rng.chance(0.02) {
@@ -112,6 +113,7 @@ impl Sim {
                 Ok(())
             }
             Action::ReceiveSnapshotChunk { meta, offset, data, reception } => {
+                let meta = *meta;
                 if offset == 0 {
                     node.receiving.clear();
                 }
@@ -124,6 +126,7 @@ impl Sim {
                 Ok(())
             }
             Action::InstallSnapshot { meta, reception } => {
+                let meta = *meta;
                 let data = Bytes::from(std::mem::take(&mut node.receiving));
                 if data.len() as u64 != meta.size_bytes {
                     return Err(format!("node {id}: snapshot of {} bytes, meta says {}", data.len(), meta.size_bytes));
