@@ -107,12 +107,12 @@ impl Poller {
 
     /// A snapshot build finished (its `BuildPinned` released the group's state-machine queue
     /// before).
-    pub(super) fn on_built(&mut self, gid: GroupId, r: Result<SnapshotMeta, StorageError>) {
+    pub(super) fn on_built(&mut self, gid: GroupId, r: Result<Box<SnapshotMeta>, StorageError>) {
         let now = self.shared.now();
         self.dirty.insert(gid);
         let Some(g) = self.groups.get_mut(&gid) else { return };
         match r {
-            Ok(meta) => g.core.handle_snapshot_built(now, meta),
+            Ok(meta) => g.core.handle_snapshot_built(now, *meta),
             Err(e) => g.core.fail(e),
         }
     }
@@ -320,11 +320,10 @@ impl Poller {
                     if !released.get() {
                         let _ = tx.send(PollerMsg::BuildPinned(gid));
                     }
-                    let _ = tx.send(PollerMsg::Built(gid, r));
+                    let _ = tx.send(PollerMsg::Built(gid, r.map(Box::new)));
                 });
             }
             MachineAction::ReadChunk { to, meta, offset, len, done } => {
-                let meta = *meta;
                 let sm = g.sm.clone();
                 self.shared.runtime.spawn_blocking(move || {
                     let result = sm.read_snapshot_blocking(&meta, offset, len);
@@ -340,7 +339,6 @@ impl Poller {
                 }
             }
             MachineAction::Receive { meta, offset, data, reception } => {
-                let meta = *meta;
                 let sm = g.sm.clone();
                 self.shared.runtime.spawn_blocking(move || {
                     let end = offset + data.len() as u64;
@@ -349,14 +347,13 @@ impl Poller {
                 });
             }
             MachineAction::Install { meta, reception } => {
-                let meta = *meta;
                 // Checked as the chunks arrived; a group of this node created since then could
                 // own keys in the range, and its data must not be replaced. Refused, not
                 // fatal: the leader builds another snapshot, which may fit by then.
                 let overlap = g.sm.receiving_range().and_then(|r| self.owner_of_overlap(gid, &r));
                 if let Some(other) = overlap {
                     let why = format!("group {gid}: the snapshot's range overlaps group {other} of this node");
-                    return self.refuse_install(gid, meta, reception, &why);
+                    return self.refuse_install(gid, *meta, reception, &why);
                 }
                 let Some(g) = self.groups.get_mut(&gid) else { return };
                 // A snapshot taken after merges this replica missed covers the sources frozen
@@ -368,7 +365,7 @@ impl Poller {
                     if !self.park_covered_sources(gid, &r) {
                         // Refused for now: the leader sends it again once they are stopped.
                         let why = format!("group {gid}: sources it absorbed still run here; stopping them");
-                        return self.refuse_install(gid, meta, reception, &why);
+                        return self.refuse_install(gid, *meta, reception, &why);
                     }
                 }
                 let Some(g) = self.groups.get_mut(&gid) else { return };

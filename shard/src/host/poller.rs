@@ -49,7 +49,8 @@ impl PollerTx {
 #[derive(Debug)]
 pub(crate) struct PollerGone;
 
-/// What a poller's mailbox carries.
+/// What a poller's mailbox carries. Snapshot metas are boxed: rare, and inline they made every
+/// message, requests included, twice the size.
 pub(crate) enum PollerMsg {
     Add(Box<GroupState>, oneshot::Sender<()>),
     /// Stop and drop a group if the guard holds, and unregister it (see `Removal`).
@@ -70,14 +71,14 @@ pub(crate) enum PollerMsg {
     /// Entries read for a leader's follower (see `drive::start_load`).
     Loaded(super::drive::Loaded),
     Applied(GroupId, Result<AppliedBatch, StorageError>),
-    Built(GroupId, Result<SnapshotMeta, StorageError>),
+    Built(GroupId, Result<Box<SnapshotMeta>, StorageError>),
     /// A snapshot build fixed its point in time: the group's next state-machine action may start.
     BuildPinned(GroupId),
     /// Bytes of a built snapshot for a chunk to `to` (`None`: the snapshot is gone).
     ChunkRead {
         gid: GroupId,
         to: NodeId,
-        meta: SnapshotMeta,
+        meta: Box<SnapshotMeta>,
         offset: u64,
         done: bool,
         result: Result<Option<Bytes>, StorageError>,
@@ -85,12 +86,12 @@ pub(crate) enum PollerMsg {
     /// A received chunk was stored up to `end` (or refused), for reception `reception`.
     Received {
         gid: GroupId,
-        meta: SnapshotMeta,
+        meta: Box<SnapshotMeta>,
         reception: u64,
         end: u64,
         result: Result<(), SnapshotError>,
     },
-    Installed(GroupId, SnapshotMeta, u64, Result<(), SnapshotError>),
+    Installed(GroupId, Box<SnapshotMeta>, u64, Result<(), SnapshotError>),
     /// The state of every group of this poller, or of those named (with `matched`).
     Info(Option<Vec<GroupId>>, oneshot::Sender<Vec<GroupInfo>>),
     /// Park `group` for `into` to absorb in merge `merge`, if it holds the freeze `freeze`.
@@ -306,12 +307,12 @@ impl Poller {
                 self.sm_done(gid);
             }
             PollerMsg::ChunkRead { gid, to, meta, offset, done, result } => {
-                self.on_chunk_read(gid, to, meta, offset, done, result)
+                self.on_chunk_read(gid, to, *meta, offset, done, result)
             }
             PollerMsg::Received { gid, meta, reception, end, result } => {
-                self.on_received(gid, meta, reception, end, result)
+                self.on_received(gid, *meta, reception, end, result)
             }
-            PollerMsg::Installed(gid, meta, reception, r) => self.on_installed(gid, meta, reception, r),
+            PollerMsg::Installed(gid, meta, reception, r) => self.on_installed(gid, *meta, reception, r),
             PollerMsg::Info(only, reply) => {
                 // A group changed earlier in this round shows that change in the answer, and
                 // its fingerprint is compared only when it is driven: if it changed back by
