@@ -128,6 +128,47 @@ async fn quiet_groups_led_by_a_node_that_goes_down_elect_a_new_leader() {
     c.shutdown().await;
 }
 
+/// Waits until every group of `hosts` is quiet and no leader among them has entries to commit;
+/// returns each group's last index on its leader.
+async fn quiet_on(hosts: &[&Host], groups: usize, what: &str) -> HashMap<GroupId, flotilla_raft::LogIndex> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut last = HashMap::new();
+        let mut all_quiet = true;
+        for h in hosts {
+            for i in h.group_info().await.expect("info") {
+                all_quiet &= i.quiet;
+                if i.role == Role::Leader && i.committed == i.last_index {
+                    last.insert(i.group, i.last_index);
+                }
+            }
+        }
+        if all_quiet && last.len() == groups {
+            return last;
+        }
+        assert!(Instant::now() < deadline, "{what}: not quiet after 30 s ({} of {groups} leaders idle)", last.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `host` has applied, in every group of `last`, the leader's last index.
+async fn caught_up(host: &Host, last: &HashMap<GroupId, flotilla_raft::LogIndex>, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let infos = host.group_info().await.expect("info");
+        let lagging: Vec<_> = last
+            .iter()
+            .filter(|(g, l)| !infos.iter().any(|i| i.group == **g && i.applied >= **l))
+            .map(|(g, l)| (*g, infos.iter().find(|i| i.group == *g).map(|i| i.applied), *l))
+            .collect();
+        if lagging.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} (group, applied, leader's last): {lagging:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_learner_back_after_missing_writes_catches_up_although_its_groups_went_quiet() {
     let c = Cluster::start(3).await;
@@ -149,51 +190,54 @@ async fn a_learner_back_after_missing_writes_catches_up_although_its_groups_went
     for g in groups.clone() {
         c.put(GroupId(g), &key(g, "a"), "1").await.expect("write");
     }
-    c.wait_info("all quiet", |infos| infos.iter().all(|i| i.quiet)).await;
+    let voters = [c.host(NodeId(1)), c.host(NodeId(2))];
+    quiet_on(&voters, 10, "before the cut").await;
     c.net.cut.write().expect("lock").insert(learner);
     for g in groups.clone() {
         c.put(GroupId(g), &key(g, "a"), "2").await.expect("write while the learner is cut off");
     }
     // The leaders go quiet again without the learner (its node counts as down).
-    let voters = [c.host(NodeId(1)), c.host(NodeId(2))];
-    let mut last = HashMap::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        last.clear();
-        for h in voters {
-            for i in h.group_info().await.expect("info") {
-                if i.role == Role::Leader && i.quiet && i.committed == i.last_index {
-                    last.insert(i.group, i.last_index);
-                }
-            }
-        }
-        if last.len() == groups.clone().count() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the leaders did not go quiet without the learner: {last:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let last = quiet_on(&voters, 10, "without the learner").await;
     let behind = c.host(learner).group_info().await.expect("info");
     assert!(behind.iter().all(|i| i.applied < last[&i.group]), "the learner saw writes while cut off: {behind:?}");
     // Back: each leader's host sees the learner's node answer again and wakes the quiet groups
-    // it is a member of, which catch it up and tell it the commit index.
+    // where it is a learner, which catch it up and tell it the commit index.
     c.net.cut.write().expect("lock").clear();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let infos = c.host(learner).group_info().await.expect("info");
-        let lagging: Vec<_> =
-            infos.iter().filter(|i| i.applied < last[&i.group]).map(|i| (i.group, i.applied, last[&i.group])).collect();
-        if lagging.is_empty() {
-            break;
+    caught_up(c.host(learner), &last, "the learner stayed behind in quiet groups").await;
+    // And the leaders go quiet again.
+    quiet_on(&voters, 10, "after the catch-up").await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_added_while_its_node_is_down_catches_up_when_it_answers() {
+    let c = Cluster::start(3).await;
+    let learner = NodeId(3);
+    // Node 3 is cut off before the voters ever hear from it, and its replicas start empty:
+    // it knows no peer to ping, and the voters know it only as the target of the learner.
+    c.net.cut.write().expect("lock").insert(learner);
+    let groups = 1..=5u64;
+    for g in groups.clone() {
+        for h in [c.host(NodeId(1)), c.host(NodeId(2))] {
+            h.create_group(GroupId(g), range_of(g), Some(Membership::new([NodeId(1), NodeId(2)])))
+                .await
+                .expect("create");
         }
-        assert!(
-            Instant::now() < deadline,
-            "the learner stayed behind in quiet groups (group, applied, leader's last): {lagging:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        c.host(learner).create_group(GroupId(g), range_of(g), None).await.expect("create empty");
+        c.put(GroupId(g), &key(g, "a"), "1").await.expect("write");
     }
-    // And the groups go quiet again once it has caught up.
-    c.wait_info("all quiet again", |infos| infos.iter().all(|i| i.quiet)).await;
+    let voters = [c.host(NodeId(1)), c.host(NodeId(2))];
+    // Past `peer_down_ms` since the hosts started: a node never heard from counts as down.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for g in groups.clone() {
+        let leader = leader_of_group(&c, GroupId(g)).await;
+        c.host(leader).add_learner(GroupId(g), learner).await.expect("add the learner");
+    }
+    let last = quiet_on(&voters, 5, "without the learner").await;
+    c.net.cut.write().expect("lock").clear();
+    caught_up(c.host(learner), &last, "the learner added while down never caught up").await;
+    let sm = c.host(learner).state_machine(GroupId(1)).expect("the learner's replica");
+    assert_eq!(sm.get(key(1, "a").into_bytes()).await.expect("local read"), Some(b"1".to_vec()));
     c.shutdown().await;
 }
 

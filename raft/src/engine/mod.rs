@@ -515,6 +515,12 @@ impl Engine {
         self.role.leader().map(|l| l.progress.iter().map(|(id, p)| (*id, p.matched)).collect()).unwrap_or_default()
     }
 
+    /// On a leader, how far `peer`'s log is known to match (`None` on other roles, or for a
+    /// node not in the configuration): one entry of [`Engine::replication`], without building it.
+    pub fn matched(&self, peer: NodeId) -> Option<LogIndex> {
+        self.role.leader().and_then(|l| l.progress.get(&peer)).map(|p| p.matched)
+    }
+
     // Inputs. Each runs its concept's handler, then checks the engine's invariants (debug
     // builds only).
 

@@ -1,19 +1,20 @@
 //! Keeping many groups cheap and still live: the poller's one tick (timers of awake groups,
 //! groups going quiet), waking quiet groups (by a message, a call, their leader's node going
-//! down, or a member's node answering again), and stopping every group when the store is poisoned so that the other
-//! nodes elect new leaders at once.
+//! down, or a member's node answering again while it may be behind), and stopping every group
+//! when the store is poisoned so that the other nodes elect new leaders at once.
 
 use super::group_state::GroupState;
 use super::poller::{empty_batch, Poller};
 use super::QuiesceNotice;
 use flotilla_raft::{GroupId, Message, MessageBody, NodeId, Role};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tracing::{error, info};
 
 impl Poller {
-    /// Wakes a quiet group. `leader_down`: woken because its leader's node stopped answering.
+    /// Wakes a quiet group. `leader_down`: woken because its leader's node stopped answering
+    /// (else by a message, a call, or to catch up a member that answers again).
     pub(super) fn wake(&mut self, gid: GroupId, leader_down: bool) {
         let at = Instant::now();
         let now = self.shared.now();
@@ -58,6 +59,7 @@ impl Poller {
         self.info_changed = true;
         self.awake.clear();
         self.to_wake.clear();
+        self.to_catch_up.clear();
     }
 
     /// The batched tick: timers of awake groups, quiescence, node liveness.
@@ -138,37 +140,80 @@ impl Poller {
             }
         }
         // Nodes that went down since the last tick: their quiet groups wake (rate-limited).
-        let peers: Vec<NodeId> = self.shared.peers.lock().map(|p| p.iter().copied().collect()).unwrap_or_default();
+        let peers: BTreeSet<NodeId> = self.shared.peers.lock().map(|p| p.clone()).unwrap_or_default();
         let down: BTreeSet<NodeId> = peers.iter().copied().filter(|n| !self.shared.is_live(*n, at)).collect();
         let newly_down: Vec<NodeId> = down.difference(&self.down).copied().collect();
         if !newly_down.is_empty() {
             info!(poller = self.index, nodes = ?newly_down, "peers stopped answering: waking the quiet groups they lead");
             for (gid, g) in &self.groups {
                 if g.quiet && g.quiet_leader.is_some_and(|l| newly_down.contains(&l)) {
-                    self.to_wake.push_back(*gid);
+                    self.to_wake.push(*gid);
                 }
             }
         }
-        // Nodes that answer again: the quiet groups this node leads with them as members wake
-        // (rate-limited too). Such a group went quiet without them, so they may miss entries
-        // or the commit index; a voter would wake the group itself by campaigning once its
-        // election timer runs out, but a learner never campaigns and would stay behind until
-        // the next write.
+        // Nodes that answer again (a node this host sends to but never heard from counts as
+        // down, see `Poller::flush`): the quiet groups led here in which they may be behind
+        // wake, so that they catch up. Those are the groups where the leader knows them to
+        // miss entries, and every group where they are learners: a learner never campaigns,
+        // so a learner that lost its commit index or its last applies in a crash would
+        // otherwise stay behind until the next write. A voter in that state wakes the group
+        // itself with a pre-vote once its election timer runs out.
         let back: Vec<NodeId> = self.down.difference(&down).copied().collect();
         if !back.is_empty() {
-            info!(poller = self.index, nodes = ?back, "peers answer again: waking the quiet groups led here that they are in");
+            info!(poller = self.index, nodes = ?back, "peers answer: waking the quiet groups led here where they may be behind");
             for (gid, g) in &self.groups {
                 let e = g.core.engine();
-                if g.quiet && e.role() == Role::Leader && back.iter().any(|n| e.membership().membership.contains(*n)) {
-                    self.to_wake.push_back(*gid);
+                if !g.quiet || e.role() != Role::Leader {
+                    continue;
+                }
+                let m = &e.membership().membership;
+                let last = e.last_log_id().index;
+                let behind = |n: &NodeId| m.is_learner(*n) || e.matched(*n).is_some_and(|i| i < last);
+                if back.iter().any(behind) {
+                    self.to_catch_up.push(*gid);
                 }
             }
         }
         self.down = down;
-        for _ in 0..cfg.wakes_per_tick_max {
-            let Some(gid) = self.to_wake.pop_front() else { break };
+        let mut budget = cfg.wakes_per_tick_max;
+        while budget > 0 {
+            let Some(gid) = self.to_wake.pop() else { break };
             self.wake(gid, true);
+            budget -= 1;
         }
+        while budget > 0 {
+            let Some(gid) = self.to_catch_up.pop() else { break };
+            self.wake(gid, false);
+            budget -= 1;
+        }
+    }
+}
+
+/// Quiet groups waiting to be woken, in the order they were queued, each at most once: a node
+/// that comes and goes does not queue its groups again while they still wait, so the queue
+/// never holds more than the poller's groups.
+#[derive(Default)]
+pub(super) struct WakeQueue {
+    order: VecDeque<GroupId>,
+    queued: HashSet<GroupId>,
+}
+
+impl WakeQueue {
+    pub(super) fn push(&mut self, gid: GroupId) {
+        if self.queued.insert(gid) {
+            self.order.push_back(gid);
+        }
+    }
+
+    pub(super) fn pop(&mut self) -> Option<GroupId> {
+        let gid = self.order.pop_front()?;
+        self.queued.remove(&gid);
+        Some(gid)
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.order.clear();
+        self.queued.clear();
     }
 }
 
@@ -183,5 +228,25 @@ pub(super) fn keeps_quiet(g: &GroupState, msg: &Message) -> bool {
         MessageBody::HeartbeatResp { .. } | MessageBody::AppendResp { .. } => e.role() == Role::Leader,
         MessageBody::Heartbeat { commit, .. } => e.leader() == Some(msg.from) && commit.index == e.committed(),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wake_queue_holds_each_group_once_in_the_order_first_queued() {
+        let mut q = WakeQueue::default();
+        for g in [3, 1, 3, 2, 1] {
+            q.push(GroupId(g));
+        }
+        assert_eq!(std::iter::from_fn(|| q.pop()).collect::<Vec<_>>(), vec![GroupId(3), GroupId(1), GroupId(2)]);
+        // Once taken out, a group may be queued again.
+        q.push(GroupId(1));
+        assert_eq!(q.pop(), Some(GroupId(1)));
+        q.push(GroupId(4));
+        q.clear();
+        assert_eq!(q.pop(), None);
     }
 }

@@ -84,9 +84,11 @@ pub struct HostConfig {
     pub raft: Config,
     /// Ticks a leader's group must stay idle before it goes quiet; 0 disables quiescence.
     pub quiesce_after_ticks: u32,
-    /// A node not heard from for this long counts as down: the quiet groups it leads wake up.
+    /// A node not heard from for this long counts as down: the quiet groups it leads wake up
+    /// (and when it answers again, the quiet groups led here where it may be behind).
     pub peer_down_ms: u64,
-    /// Quiet groups woken per poller tick because their leader's node went down.
+    /// Quiet groups woken per poller tick because their leader's node went down, then because
+    /// a member's node answers again.
     pub wakes_per_tick_max: usize,
     /// Elections started per poller tick, at most; a group whose election timer fired past
     /// that waits for a later tick. Without a bound, a node restarting with 100,000 groups

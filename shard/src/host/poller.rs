@@ -7,6 +7,7 @@
 
 use super::apply::AppliedBatch;
 use super::group_state::GroupState;
+use super::liveness::WakeQueue;
 use super::{GroupInfo, NodeBatch, QuiesceNotice, RemovedNotice, Shared, EVENTS_PER_ROUND_MAX};
 use crate::store::Op;
 use bytes::Bytes;
@@ -147,10 +148,15 @@ pub(crate) struct Poller {
     pub(super) dirty: BTreeSet<GroupId>,
     /// Groups with state-machine work queued and none running (no scan of all groups).
     pub(super) sm_ready: BTreeSet<GroupId>,
-    /// Quiet groups to wake because their leader's node is down, oldest first.
-    pub(super) to_wake: VecDeque<GroupId>,
+    /// Quiet groups to wake because their leader's node is down, oldest first: served before
+    /// `to_catch_up`, since each of them has no leader until it wakes.
+    pub(super) to_wake: WakeQueue,
+    /// Quiet groups led here to wake because a member's node answers again (see `tick`).
+    pub(super) to_catch_up: WakeQueue,
     /// Nodes seen down at the last tick (a node going down triggers the wake-up scan once).
     pub(super) down: BTreeSet<NodeId>,
+    /// The nodes the host pings, as this poller last added to or read them (`flush`).
+    pub(super) peers_seen: BTreeSet<NodeId>,
     pub(super) round: Round,
     pub(super) next_tick: Instant,
     pub(super) stopping: bool,
@@ -186,8 +192,10 @@ impl Poller {
             awake: BTreeSet::new(),
             dirty: BTreeSet::new(),
             sm_ready: BTreeSet::new(),
-            to_wake: VecDeque::new(),
+            to_wake: WakeQueue::default(),
+            to_catch_up: WakeQueue::default(),
             down: BTreeSet::new(),
+            peers_seen: BTreeSet::new(),
             round: Round::default(),
             next_tick: now,
             stopping: false,
@@ -420,6 +428,17 @@ impl Poller {
         }
         for gid in std::mem::take(&mut self.sm_ready) {
             self.start_sm(gid);
+        }
+        // Every node a group sends to is pinged and watched (`tick`), not only the members
+        // the host saw at a group's start or heard from: a learner added by a configuration
+        // change while its node was down would otherwise never be seen come back, and a
+        // group gone quiet without it would leave it behind.
+        if round.out.keys().any(|to| !self.peers_seen.contains(to)) {
+            if let Ok(mut peers) = self.shared.peers.lock() {
+                let me = self.shared.config.node;
+                peers.extend(round.out.keys().copied().filter(|to| *to != me));
+                self.peers_seen = peers.clone();
+            }
         }
         let net = self.shared.network.clone();
         for (to, batch) in round.out {
