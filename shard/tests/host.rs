@@ -210,6 +210,40 @@ async fn a_learner_back_after_missing_writes_catches_up_although_its_groups_went
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_with_every_entry_but_not_the_commit_index_learns_it_when_its_node_answers_again() {
+    let c = Cluster::start(3).await;
+    let learner = NodeId(3);
+    let members = Membership {
+        voters: BTreeSet::from([NodeId(1), NodeId(2)]),
+        outgoing: None,
+        learners: BTreeSet::from([learner]),
+    };
+    let g = GroupId(1);
+    for h in &c.hosts {
+        h.create_group(g, range_of(1), Some(members.clone())).await.expect("create");
+    }
+    c.put(g, &key(1, "a"), "1").await.expect("write");
+    let voters = [c.host(NodeId(1)), c.host(NodeId(2))];
+    let before = quiet_on(&voters, 1, "before").await;
+    // The next write reaches the learner, but no message tells it that the write committed:
+    // its log matches the leader's, so the leader goes quiet with it behind on commit only.
+    let next = flotilla_raft::LogIndex(before[&g].0 + 1);
+    *c.net.hide_commit.write().expect("lock") = Some((learner, g, next));
+    c.put(g, &key(1, "a"), "2").await.expect("write");
+    let last = quiet_on(&voters, 1, "with the commit hidden").await;
+    let info = c.host(learner).group_info_of(g).await.expect("info");
+    assert_eq!(info.last_index, last[&g], "the learner has every entry");
+    assert!(info.applied < last[&g], "the learner applied the write although its commit was hidden: {info:?}");
+    // Its node goes away long enough to count as down, and comes back.
+    c.net.cut.write().expect("lock").insert(learner);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    *c.net.hide_commit.write().expect("lock") = None;
+    c.net.cut.write().expect("lock").clear();
+    caught_up(c.host(learner), &last, "the learner never learned the commit index").await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_learner_added_while_its_node_is_down_catches_up_when_it_answers() {
     let c = Cluster::start(3).await;
     let learner = NodeId(3);

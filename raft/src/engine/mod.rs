@@ -515,8 +515,10 @@ impl Engine {
         self.role.leader().map(|l| l.progress.iter().map(|(id, p)| (*id, p.matched)).collect()).unwrap_or_default()
     }
 
-    /// On a leader, how far `peer`'s log is known to match (`None` on other roles, or for a
-    /// node not in the configuration): one entry of [`Engine::replication`], without building it.
+    /// On a leader, how far `peer`'s log is known to match: one entry of
+    /// [`Engine::replication`], without building it. `None` on other roles, for the leader
+    /// itself, and for a node the leader does not replicate to (in none of the configurations
+    /// it holds, once its timer pruned it).
     pub fn matched(&self, peer: NodeId) -> Option<LogIndex> {
         self.role.leader().and_then(|l| l.progress.get(&peer)).map(|p| p.matched)
     }

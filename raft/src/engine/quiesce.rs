@@ -2,9 +2,9 @@
 //! heartbeating and its followers stop counting election timeouts. The engine only judges
 //! when that is safe to start and restarts the timers on wake-up; the host decides when to
 //! quiesce, tells the followers, and wakes groups on a proposal, a message, when a leader's
-//! node stops answering, or when a member that may be behind answers again. Timers carry liveness only, never safety, so quiet timers
-//! cannot break Raft's safety; the lease is computed from acknowledged heartbeat rounds and
-//! simply lapses while quiet.
+//! node stops answering, or when a member that may be behind answers again. Timers carry
+//! liveness only, never safety, so quiet timers cannot break Raft's safety; the lease is
+//! computed from acknowledged heartbeat rounds and simply lapses while quiet.
 
 use super::*;
 

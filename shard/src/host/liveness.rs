@@ -144,20 +144,24 @@ impl Poller {
         let down: BTreeSet<NodeId> = peers.iter().copied().filter(|n| !self.shared.is_live(*n, at)).collect();
         let newly_down: Vec<NodeId> = down.difference(&self.down).copied().collect();
         if !newly_down.is_empty() {
-            info!(poller = self.index, nodes = ?newly_down, "peers stopped answering: waking the quiet groups they lead");
+            info!(poller = self.index, nodes = ?newly_down, "peers not answering: waking the quiet groups they lead");
             for (gid, g) in &self.groups {
                 if g.quiet && g.quiet_leader.is_some_and(|l| newly_down.contains(&l)) {
                     self.to_wake.push(*gid);
                 }
             }
         }
-        // Nodes that answer again (a node this host sends to but never heard from counts as
-        // down, see `Poller::flush`): the quiet groups led here in which they may be behind
-        // wake, so that they catch up. Those are the groups where the leader knows them to
-        // miss entries, and every group where they are learners: a learner never campaigns,
-        // so a learner that lost its commit index or its last applies in a crash would
-        // otherwise stay behind until the next write. A voter in that state wakes the group
-        // itself with a pre-vote once its election timer runs out.
+        // Nodes that answer again after being counted down (a node this host sends to but
+        // never heard from counts as down once the host is `peer_down_ms` old, see
+        // `Poller::flush`): the quiet groups led here in which they may be behind wake, so
+        // that they catch up. Those are the groups where the leader knows them to lack
+        // entries, and every group where they are learners: a learner never campaigns, and
+        // one that has the entries may still lack the commit index (it missed the message
+        // that carried it, or lost it in a crash). A voter in that state wakes the group
+        // itself with a pre-vote once its election timer runs out. Not covered: a learner
+        // whose node restarted faster than `peer_down_ms` (never counted down), or whose
+        // node answered before the learner's group was loaded again (the leader's heartbeats
+        // found no group, and it went quiet again): it stays behind until the next write.
         let back: Vec<NodeId> = self.down.difference(&down).copied().collect();
         if !back.is_empty() {
             info!(poller = self.index, nodes = ?back, "peers answer: waking the quiet groups led here where they may be behind");
@@ -191,7 +195,8 @@ impl Poller {
 
 /// Quiet groups waiting to be woken, in the order they were queued, each at most once: a node
 /// that comes and goes does not queue its groups again while they still wait, so the queue
-/// never holds more than the poller's groups.
+/// holds at most one entry per group id the poller has had (a group gone meanwhile is
+/// skipped when its turn comes).
 #[derive(Default)]
 pub(super) struct WakeQueue {
     order: VecDeque<GroupId>,

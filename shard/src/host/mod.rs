@@ -23,8 +23,9 @@
 //! been heard from for `peer_down_ms`, the quiet groups it leads are woken (at most
 //! `wakes_per_tick_max` per poller tick, so a blip does not wake ten thousand groups at once)
 //! and elect a new leader. A follower that is down does not keep a group awake; when its node
-//! answers again, the quiet groups led here that it is a member of wake the same way, so that
-//! it catches up on what it missed (a learner never campaigns, so it would not wake them).
+//! answers again, the quiet groups led here in which it may be behind (it is a learner there,
+//! or lacks entries) wake the same way, after those whose leader went down, so that it catches
+//! up (a learner never campaigns, so it would not wake them itself).
 //!
 //! The pollers are tasks on the runtime of the transport and the callers (see `Poller::run`
 //! for why): a round's own RocksDB work (preparing log writes, applying, reading entries
