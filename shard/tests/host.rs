@@ -169,24 +169,29 @@ async fn caught_up(host: &Host, last: &HashMap<GroupId, flotilla_raft::LogIndex>
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_learner_back_after_missing_writes_catches_up_although_its_groups_went_quiet() {
+/// Three hosts and `groups` with voters on nodes 1 and 2 and a learner on node 3 (returned).
+/// A learner never campaigns, so nothing it does of its own accord wakes a quiet leader: only
+/// its leader's host noticing that the learner's node answers again can.
+async fn voters_and_a_learner(groups: std::ops::RangeInclusive<u64>) -> (Cluster, NodeId) {
     let c = Cluster::start(3).await;
-    // Voters on nodes 1 and 2, a learner on node 3. A learner never campaigns, so nothing it
-    // does of its own accord wakes a quiet leader: only its leader's host noticing that the
-    // learner's node answers again can.
     let learner = NodeId(3);
     let members = Membership {
         voters: BTreeSet::from([NodeId(1), NodeId(2)]),
         outgoing: None,
         learners: BTreeSet::from([learner]),
     };
-    let groups = 1..=10u64;
     for h in &c.hosts {
         for g in groups.clone() {
             h.create_group(GroupId(g), range_of(g), Some(members.clone())).await.expect("create");
         }
     }
+    (c, learner)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_back_after_missing_writes_catches_up_although_its_groups_went_quiet() {
+    let groups = 1..=10u64;
+    let (c, learner) = voters_and_a_learner(groups.clone()).await;
     for g in groups.clone() {
         c.put(GroupId(g), &key(g, "a"), "1").await.expect("write");
     }
@@ -211,17 +216,8 @@ async fn a_learner_back_after_missing_writes_catches_up_although_its_groups_went
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_learner_with_every_entry_but_not_the_commit_index_learns_it_when_its_node_answers_again() {
-    let c = Cluster::start(3).await;
-    let learner = NodeId(3);
-    let members = Membership {
-        voters: BTreeSet::from([NodeId(1), NodeId(2)]),
-        outgoing: None,
-        learners: BTreeSet::from([learner]),
-    };
+    let (c, learner) = voters_and_a_learner(1..=1).await;
     let g = GroupId(1);
-    for h in &c.hosts {
-        h.create_group(g, range_of(1), Some(members.clone())).await.expect("create");
-    }
     c.put(g, &key(1, "a"), "1").await.expect("write");
     let voters = [c.host(NodeId(1)), c.host(NodeId(2))];
     let before = quiet_on(&voters, 1, "before").await;
