@@ -240,6 +240,36 @@ async fn a_learner_with_every_entry_but_not_the_commit_index_learns_it_when_its_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_woken_for_a_learner_stays_awake_until_the_learner_answers() {
+    let (c, learner) = voters_and_a_learner(1..=1).await;
+    let g = GroupId(1);
+    c.put(g, &key(1, "a"), "1").await.expect("write");
+    let voters = [c.host(NodeId(1)), c.host(NodeId(2))];
+    let before = quiet_on(&voters, 1, "before").await;
+    // The learner gets the next write but not its commit (as in the test above).
+    *c.net.hide_commit.write().expect("lock") = Some((learner, g, flotilla_raft::LogIndex(before[&g].0 + 1)));
+    c.put(g, &key(1, "a"), "2").await.expect("write");
+    let last = quiet_on(&voters, 1, "with the commit hidden").await;
+    *c.net.hide_commit.write().expect("lock") = None;
+    // Its node goes away and comes back answering, but its group is not there yet to hear
+    // the heartbeats of the leader woken for it (a restarted host loads its groups after it
+    // starts answering). The leader matched the learner's whole log before, and must not take
+    // that for a learner that heard the commit.
+    c.net.cut.write().expect("lock").insert(learner);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    *c.net.unloaded.write().expect("lock") = Some((learner, g));
+    c.net.cut.write().expect("lock").clear();
+    // Long enough for the woken leader to go quiet again if it were going to (10 ticks of
+    // 10 ms once idle).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let info = c.host(learner).group_info_of(g).await.expect("info");
+    assert!(info.applied < last[&g], "the learner heard the commit through a lost group: {info:?}");
+    *c.net.unloaded.write().expect("lock") = None;
+    caught_up(c.host(learner), &last, "the woken leader went quiet before the learner answered").await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_learner_added_while_its_node_is_down_catches_up_when_it_answers() {
     let c = Cluster::start(3).await;
     let learner = NodeId(3);

@@ -219,6 +219,7 @@ impl Engine {
             transfer: None,
             uncommitted: VecDeque::new(),
             uncommitted_bytes: 0,
+            woke_after_round: None,
         }));
         let log_id = LogId { term: self.vote.term, index: next };
         self.leader_append(now, vec![Entry { log_id, payload: EntryPayload::Blank }]);

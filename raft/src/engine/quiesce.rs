@@ -10,9 +10,10 @@ use super::*;
 
 impl Engine {
     /// On a leader whose group is idle — everything committed and applied, every follower
-    /// `is_live` says is up has matched the whole log, no read, transfer, snapshot or
-    /// configuration change in progress — the `(term, last index)` the followers must also be
-    /// at to go quiet. `None` otherwise.
+    /// `is_live` says is up has matched the whole log (and, if the group was quiet before,
+    /// answered a heartbeat since it woke), no read, transfer, snapshot or configuration
+    /// change in progress — the `(term, last index)` the followers must also be at to go
+    /// quiet. `None` otherwise.
     pub fn quiesce_point(&self, is_live: impl Fn(NodeId) -> bool) -> Option<(Term, LogIndex)> {
         let l = self.role.leader()?;
         let last = self.log.last_index();
@@ -29,8 +30,18 @@ impl Engine {
         if !idle {
             return None;
         }
+        // Once woken, a follower must also have answered a heartbeat sent since: a leader's
+        // idea of it (matched, as it was when the group went quiet) says nothing of whether it
+        // heard the commit index, nor whether its replica is there to hear it at all (its node
+        // may answer before its groups are loaded again after a restart). The heartbeat that
+        // answers carries the commit index.
+        let answered = |p: &Progress| l.woke_after_round.is_none_or(|r| p.round_acked > r);
         let caught_up = l.progress.iter().all(|(id, p)| {
-            !is_live(*id) || (p.matched == last && matches!(p.state, ReplState::Replicate) && p.inflight.is_empty())
+            !is_live(*id)
+                || (p.matched == last
+                    && matches!(p.state, ReplState::Replicate)
+                    && p.inflight.is_empty()
+                    && answered(p))
         });
         caught_up.then_some((self.vote.term, last))
     }
@@ -105,6 +116,7 @@ impl Engine {
     pub(super) fn resume_timers(&mut self, now: Millis, leader_alive: bool) {
         if let Some(l) = self.role.leader_mut() {
             l.heartbeat_at = now;
+            l.woke_after_round = Some(l.reads.last_round());
             l.check_quorum_at = now.add_ms(self.config.election_timeout_ms_min);
             // Followers were caught up and live when the group went quiet; check-quorum
             // judges them again over the next window.

@@ -86,6 +86,11 @@ impl Reads {
         self.round_needed.then_some(self.round_requested_at)
     }
 
+    /// The last round started (0: none yet).
+    pub(super) fn last_round(&self) -> u64 {
+        self.round
+    }
+
     /// Starts the round asked for, sent at `now`: returns its number, or `None` if no round
     /// was asked for.
     pub(super) fn start_round(&mut self, now: Millis) -> Option<u64> {

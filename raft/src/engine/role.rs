@@ -99,6 +99,9 @@ pub(super) struct LeaderState {
     pub(super) uncommitted: VecDeque<(LogIndex, u64)>,
     /// Their sum.
     pub(super) uncommitted_bytes: u64,
+    /// The last heartbeat round started before the group last woke from quiescence, if it
+    /// ever did: it goes quiet again only once every live follower answered a later one.
+    pub(super) woke_after_round: Option<u64>,
 }
 
 impl Engine {

@@ -158,10 +158,11 @@ impl Poller {
         // entries, and every group where they are learners: a learner never campaigns, and
         // one that has the entries may still lack the commit index (it missed the message
         // that carried it, or lost it in a crash). A voter in that state wakes the group
-        // itself with a pre-vote once its election timer runs out. Not covered: a learner
-        // whose node restarted faster than `peer_down_ms` (never counted down), or whose
-        // node answered before the learner's group was loaded again (the leader's heartbeats
-        // found no group, and it went quiet again): it stays behind until the next write.
+        // itself with a pre-vote once its election timer runs out. A woken leader goes quiet
+        // again only once every live follower answered a heartbeat (`Engine::quiesce_point`),
+        // so a node that answers before its groups are loaded again is caught up once they
+        // are. Not covered: a learner whose node restarted faster than `peer_down_ms` (never
+        // counted down) stays behind until the next write.
         let back: Vec<NodeId> = self.down.difference(&down).copied().collect();
         if !back.is_empty() {
             info!(poller = self.index, nodes = ?back, "peers answer: waking the quiet groups led here where they may be behind");

@@ -22,6 +22,9 @@ pub struct MemNet {
     /// entry at that index or later is committed (appends carry a lower commit index,
     /// heartbeats naming it name none).
     pub hide_commit: RwLock<Option<(NodeId, GroupId, flotilla_raft::LogIndex)>>,
+    /// (node, group): messages of that group to that node are lost, as if its host had not
+    /// loaded the group yet (the node itself answers).
+    pub unloaded: RwLock<Option<(NodeId, GroupId)>>,
 }
 
 impl HostNetwork for MemNet {
@@ -51,6 +54,11 @@ impl MemNet {
         // Through the wire format, as a transport would carry it.
         let bytes = batch.encode().expect("encode");
         let mut batch = NodeBatch::decode(&bytes).expect("decode");
+        if let Some((node, group)) = *self.unloaded.read().expect("lock") {
+            if node == to {
+                batch.messages.retain(|(g, _)| *g != group);
+            }
+        }
         if let Some((node, group, at)) = *self.hide_commit.read().expect("lock") {
             if node == to {
                 let below = flotilla_raft::LogIndex(at.0 - 1);

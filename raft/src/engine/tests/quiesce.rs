@@ -38,6 +38,28 @@ fn quiescence_needs_an_idle_caught_up_group_and_wake_resumes_the_timers() {
 }
 
 #[test]
+fn a_woken_leader_goes_quiet_again_only_once_every_live_follower_answered_a_heartbeat() {
+    let mut c = Cluster::with_leader(&[1, 2, 3], cfg());
+    c.stabilize();
+    let all = |_: NodeId| true;
+    assert!(c.engine(1).quiesce_point(all).is_some(), "idle after stabilizing");
+    // Quiet, then woken: every follower still matches the whole log, but none has answered a
+    // heartbeat since the wake (a follower's replica may not even be loaded yet).
+    let now = c.now;
+    c.node(1).engine.wake(now, true);
+    assert!(c.engine(1).quiesce_point(all).is_none(), "nobody answered since the wake");
+    // Node 3 does not answer (its messages are lost); node 2 does.
+    c.cut.extend([(n(1), n(3)), (n(3), n(1))]);
+    c.settle(1);
+    assert!(c.engine(1).quiesce_point(all).is_none(), "3 is counted live and has not answered");
+    assert!(c.engine(1).quiesce_point(|id| id != n(3)).is_some(), "3 is down: 2's answer is enough");
+    // 3 answers the next heartbeat.
+    c.cut.clear();
+    c.settle(1);
+    assert!(c.engine(1).quiesce_point(all).is_some(), "every live follower answered since the wake");
+}
+
+#[test]
 fn a_leader_with_a_read_waiting_does_not_go_quiet() {
     let mut c = Cluster::with_leader(&[1, 2, 3], Config { lease_read: false, ..cfg() });
     let all = |_| true;
