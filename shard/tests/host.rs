@@ -250,23 +250,34 @@ async fn a_leader_woken_for_a_learner_stays_awake_until_the_learner_answers() {
     *c.net.hide_commit.write().expect("lock") = Some((learner, g, flotilla_raft::LogIndex(before[&g].0 + 1)));
     c.put(g, &key(1, "a"), "2").await.expect("write");
     let last = quiet_on(&voters, 1, "with the commit hidden").await;
-    *c.net.hide_commit.write().expect("lock") = None;
     // Its node goes away and comes back answering, but its group is not there yet to hear
     // the heartbeats of the leader woken for it (a restarted host loads its groups after it
     // starts answering). The leader matched the learner's whole log before, and must not take
     // that for a learner that heard the commit.
     c.net.cut.write().expect("lock").insert(learner);
     tokio::time::sleep(Duration::from_millis(600)).await;
+    *c.net.hide_commit.write().expect("lock") = None;
     *c.net.unloaded.write().expect("lock") = Some((learner, g));
+    let woken_before = voters_woken(&c);
     c.net.cut.write().expect("lock").clear();
     // Long enough for the woken leader to go quiet again if it were going to (10 ticks of
     // 10 ms once idle).
     tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(voters_woken(&c) > woken_before, "no group was woken for the learner");
+    let leader = leader_of_group(&c, g).await;
+    let info = c.host(leader).group_info_of(g).await.expect("info");
+    assert!(!info.quiet, "the leader went quiet again without hearing from the learner: {info:?}");
     let info = c.host(learner).group_info_of(g).await.expect("info");
     assert!(info.applied < last[&g], "the learner heard the commit through a lost group: {info:?}");
     *c.net.unloaded.write().expect("lock") = None;
     caught_up(c.host(learner), &last, "the woken leader went quiet before the learner answered").await;
+    quiet_on(&voters, 1, "once the learner answered").await;
     c.shutdown().await;
+}
+
+/// Quiet groups woken so far on nodes 1 and 2.
+fn voters_woken(c: &Cluster) -> u64 {
+    [NodeId(1), NodeId(2)].iter().map(|n| c.host(*n).stats().woken.load(Ordering::Relaxed)).sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -725,7 +725,8 @@ impl Engine {
         self.settle();
     }
 
-    /// Resumes the timers of a quiet group at `now`. A leader heartbeats at once. A follower
+    /// Resumes the timers of a quiet group at `now`. A leader heartbeats at once, and may go
+    /// quiet again only once every live follower answered a heartbeat sent since. A follower
     /// restarts its election timeout; with `leader_alive` (the host knows the leader's node
     /// answers) it also counts this as contact with the leader, so a vote request that woke
     /// it does not win an election against a leader that was merely quiet.

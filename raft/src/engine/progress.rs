@@ -77,7 +77,8 @@ pub(crate) struct Progress {
     pub(crate) loading: bool,
     /// Heard from the follower since the last check-quorum round.
     pub(crate) recent_active: bool,
-    /// Highest heartbeat round the follower acknowledged (ReadIndex, lease).
+    /// Highest heartbeat round the follower acknowledged (ReadIndex, lease, and whether it
+    /// answered since the group last woke from quiescence).
     pub(crate) round_acked: u64,
     /// When `matched` last advanced: detects lost appends in the Replicate state.
     pub(crate) matched_at: Millis,

@@ -33,8 +33,9 @@ impl Engine {
         // Once woken, a follower must also have answered a heartbeat sent since: a leader's
         // idea of it (matched, as it was when the group went quiet) says nothing of whether it
         // heard the commit index, nor whether its replica is there to hear it at all (its node
-        // may answer before its groups are loaded again after a restart). The heartbeat that
-        // answers carries the commit index.
+        // may answer before its groups are loaded again after a restart). The heartbeat it
+        // answers names the leader's commit index (idle: the last entry, which a follower
+        // that matched it holds and so commits).
         let answered = |p: &Progress| l.woke_after_round.is_none_or(|r| p.round_acked > r);
         let caught_up = l.progress.iter().all(|(id, p)| {
             !is_live(*id)

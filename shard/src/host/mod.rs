@@ -15,7 +15,9 @@
 //!    megabyte of snapshot never queues in front of heartbeats and appends.
 //!
 //! **Quiescence.** A leader whose group has been idle (everything committed, applied and
-//! matched by every live follower, no caller waiting) for `quiesce_after_ticks` ticks goes
+//! matched by every live follower, no caller waiting; once woken, also every live follower
+//! answered a heartbeat since, so a live node whose replica does not answer keeps a woken
+//! group heartbeating until that node counts as down) for `quiesce_after_ticks` ticks goes
 //! quiet and tells its followers in the next batch; a follower at the same point goes quiet
 //! too. Quiet groups cost nothing per tick: they are not in the awake set. A proposal, a call
 //! or a message wakes a group. Node-level liveness replaces per-group heartbeats while quiet:
