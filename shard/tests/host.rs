@@ -214,15 +214,17 @@ async fn a_learner_back_after_missing_writes_catches_up_although_its_groups_went
     c.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_learner_with_every_entry_but_not_the_commit_index_learns_it_when_its_node_answers_again() {
+/// Group 1 with voters on nodes 1 and 2 and a learner on node 3 (returned), quiet, where the
+/// learner holds every entry but was never told that the last one committed: its log matches
+/// the leader's, so the leader went quiet with it behind on the commit index only. The commit
+/// stays hidden from it (`MemNet::hide_commit`) until the caller clears that. Also returns the
+/// leader's last index.
+async fn a_learner_missing_the_last_commit() -> (Cluster, NodeId, HashMap<GroupId, flotilla_raft::LogIndex>) {
     let (c, learner) = voters_and_a_learner(1..=1).await;
     let g = GroupId(1);
     c.put(g, &key(1, "a"), "1").await.expect("write");
     let voters = [c.host(NodeId(1)), c.host(NodeId(2))];
     let before = quiet_on(&voters, 1, "before").await;
-    // The next write reaches the learner, but no message tells it that the write committed:
-    // its log matches the leader's, so the leader goes quiet with it behind on commit only.
     let next = flotilla_raft::LogIndex(before[&g].0 + 1);
     *c.net.hide_commit.write().expect("lock") = Some((learner, g, next));
     c.put(g, &key(1, "a"), "2").await.expect("write");
@@ -230,6 +232,12 @@ async fn a_learner_with_every_entry_but_not_the_commit_index_learns_it_when_its_
     let info = c.host(learner).group_info_of(g).await.expect("info");
     assert_eq!(info.last_index, last[&g], "the learner has every entry");
     assert!(info.applied < last[&g], "the learner applied the write although its commit was hidden: {info:?}");
+    (c, learner, last)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_with_every_entry_but_not_the_commit_index_learns_it_when_its_node_answers_again() {
+    let (c, learner, last) = a_learner_missing_the_last_commit().await;
     // Its node goes away long enough to count as down, and comes back.
     c.net.cut.write().expect("lock").insert(learner);
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -241,15 +249,9 @@ async fn a_learner_with_every_entry_but_not_the_commit_index_learns_it_when_its_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_woken_for_a_learner_stays_awake_until_the_learner_answers() {
-    let (c, learner) = voters_and_a_learner(1..=1).await;
+    let (c, learner, last) = a_learner_missing_the_last_commit().await;
     let g = GroupId(1);
-    c.put(g, &key(1, "a"), "1").await.expect("write");
     let voters = [c.host(NodeId(1)), c.host(NodeId(2))];
-    let before = quiet_on(&voters, 1, "before").await;
-    // The learner gets the next write but not its commit (as in the test above).
-    *c.net.hide_commit.write().expect("lock") = Some((learner, g, flotilla_raft::LogIndex(before[&g].0 + 1)));
-    c.put(g, &key(1, "a"), "2").await.expect("write");
-    let last = quiet_on(&voters, 1, "with the commit hidden").await;
     // Its node goes away and comes back answering, but its group is not there yet to hear
     // the heartbeats of the leader woken for it (a restarted host loads its groups after it
     // starts answering). The leader matched the learner's whole log before, and must not take
