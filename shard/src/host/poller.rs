@@ -50,8 +50,8 @@ impl PollerTx {
 #[derive(Debug)]
 pub(crate) struct PollerGone;
 
-/// What a poller's mailbox carries. Snapshot metas are boxed: rare, and inline they made every
-/// message, requests included, twice the size.
+/// What a poller's mailbox carries. Snapshot metas are boxed: those messages are rare, and
+/// every slot of the mailbox is as large as its largest message.
 pub(crate) enum PollerMsg {
     Add(Box<GroupState>, oneshot::Sender<()>),
     /// Stop and drop a group if the guard holds, and unregister it (see `Removal`).
