@@ -262,10 +262,14 @@ async fn a_leader_woken_for_a_learner_stays_awake_until_the_learner_answers() {
     *c.net.unloaded.write().expect("lock") = Some((learner, g));
     let woken_before = voters_woken(&c);
     c.net.cut.write().expect("lock").clear();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while voters_woken(&c) == woken_before {
+        assert!(Instant::now() < deadline, "no group was woken for the learner");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Long enough for the woken leader to go quiet again if it were going to (10 ticks of
     // 10 ms once idle).
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(voters_woken(&c) > woken_before, "no group was woken for the learner");
     let leader = leader_of_group(&c, g).await;
     let info = c.host(leader).group_info_of(g).await.expect("info");
     assert!(!info.quiet, "the leader went quiet again without hearing from the learner: {info:?}");
