@@ -140,7 +140,7 @@ impl Poller {
             }
         }
         // Nodes that went down since the last tick: their quiet groups wake (rate-limited).
-        let peers: BTreeSet<NodeId> = self.shared.peers.lock().map(|p| p.clone()).unwrap_or_default();
+        let peers: Vec<NodeId> = self.shared.peers.lock().map(|p| p.iter().copied().collect()).unwrap_or_default();
         let down: BTreeSet<NodeId> = peers.iter().copied().filter(|n| !self.shared.is_live(*n, at)).collect();
         let newly_down: Vec<NodeId> = down.difference(&self.down).copied().collect();
         if !newly_down.is_empty() {
@@ -180,16 +180,14 @@ impl Poller {
             }
         }
         self.down = down;
-        let mut budget = cfg.wakes_per_tick_max;
-        while budget > 0 {
-            let Some(gid) = self.to_wake.pop() else { break };
-            self.wake(gid, true);
-            budget -= 1;
-        }
-        while budget > 0 {
-            let Some(gid) = self.to_catch_up.pop() else { break };
-            self.wake(gid, false);
-            budget -= 1;
+        for _ in 0..cfg.wakes_per_tick_max {
+            if let Some(gid) = self.to_wake.pop() {
+                self.wake(gid, true);
+            } else if let Some(gid) = self.to_catch_up.pop() {
+                self.wake(gid, false);
+            } else {
+                break;
+            }
         }
     }
 }
