@@ -14,6 +14,8 @@
 //! # merge_size_bytes = 20971520       # cold neighbours smaller than this together are merged
 //! #                                   # (with auto_balance; 0: never)
 //! # pollers = 1                       # shard poller tasks (default: half the cores)
+//! # runtime_threads = 1               # threads of the async runtime (default: one per core);
+//! #                                   # nodes sharing a machine: give each its share of the cores
 //! # memory_budget = "512MiB"          # RocksDB's block cache and memtables (64MiB..=1TiB)
 //! # require_client_roles = true       # refuse client certificates issued without a role
 //! # resp_listen = "0.0.0.0:6379"      # Redis protocol (redis-cli, Redis clients)
@@ -111,6 +113,14 @@ pub struct ServerFile {
     /// Threads running the shards' Raft groups (default: half the cores, 1 to 8).
     #[serde(default)]
     pub pollers: Option<usize>,
+    /// Worker threads of the process's async runtime, which runs the network, the Raft
+    /// pollers and the requests (default: one per core the process may use). Where several
+    /// nodes share a machine, give each its share of the cores: with more runtime threads
+    /// than cores to run them, each task handed from one thread to another wakes a sleeping
+    /// thread, and on two cores shared by three nodes one thread each serves more requests,
+    /// sooner, than two (BENCHMARKS.md, session 28).
+    #[serde(default)]
+    pub runtime_threads: Option<usize>,
     /// Memory for RocksDB's block cache and memtables, with headroom (default 512 MiB; see
     /// `flotilla_shard::store_options`): bytes, or text such as `"512MiB"`.
     #[serde(default)]
@@ -191,6 +201,8 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
 
 /// Most poller tasks a server may ask for.
 pub const POLLERS_MAX: usize = 64;
+/// Most runtime worker threads a server may ask for.
+pub const RUNTIME_THREADS_MAX: usize = 1024;
 /// Smallest split threshold accepted (smaller shards would only multiply groups).
 pub const SPLIT_SIZE_BYTES_MIN: u64 = 64 << 10;
 /// How often a server's automatic balancer runs (ms).
@@ -283,11 +295,23 @@ impl ServerFile {
             .map_err(|e| format!("tls: {e}"))
     }
 
+    /// The runtime's worker threads the file asks for (`None`: the runtime's default, one
+    /// per core), checked. Read before the runtime starts, so apart from [`Self::resolve`].
+    pub fn runtime_threads(&self) -> Result<Option<usize>, String> {
+        match self.runtime_threads {
+            Some(n) if n == 0 || n > RUNTIME_THREADS_MAX => {
+                Err(format!("runtime_threads: {n} is not within 1..={RUNTIME_THREADS_MAX}"))
+            }
+            n => Ok(n),
+        }
+    }
+
     /// Checks everything and loads the certificates (paths relative to `base`).
     pub fn resolve(&self, base: &Path) -> Result<ServerConfig, String> {
         if self.id == 0 {
             return Err("id: node ids start at 1".into());
         }
+        self.runtime_threads()?;
         let listen = addr("listen", &self.listen)?;
         let metrics_listen = self.metrics_listen.as_deref().map(|m| addr("metrics_listen", m)).transpose()?;
         let resp = match &self.resp_listen {
@@ -521,6 +545,27 @@ mod tests {
         // A value of the wrong type is refused by the parser, naming the field.
         let text = "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:1\"\nmemory_budget = true\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n";
         assert!(ServerFile::parse(text).unwrap_err().contains("memory_budget"));
+    }
+
+    #[test]
+    fn runtime_threads_are_read_and_checked_before_anything_is_opened() {
+        let file = |line: &str| {
+            let text = format!(
+                "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:1\"\n{line}\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n"
+            );
+            ServerFile::parse(&text).unwrap()
+        };
+        assert_eq!(file("").runtime_threads(), Ok(None));
+        assert_eq!(file("runtime_threads = 1").runtime_threads(), Ok(Some(1)));
+        assert_eq!(file("runtime_threads = 1024").runtime_threads(), Ok(Some(RUNTIME_THREADS_MAX)));
+        for bad in ["runtime_threads = 0", "runtime_threads = 1025"] {
+            let err = file(bad).runtime_threads().unwrap_err();
+            assert!(err.starts_with("runtime_threads:") && err.contains("not within 1..=1024"), "{err}");
+            // `resolve` refuses it too, before the (missing) certificates.
+            assert_eq!(file(bad).resolve(Path::new(".")).unwrap_err(), err);
+        }
+        let err = file("runtime_threads = 2").resolve(Path::new(".")).unwrap_err();
+        assert!(err.starts_with("tls"), "{err}");
     }
 
     #[test]

@@ -58,7 +58,24 @@ fn main() {
     if let Err(e) = flotilla::allocator::tune() {
         tracing::warn!(error = %e, "allocator settings not applied; freed memory is given back later");
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // The server's configuration may set the runtime's threads, so it is read first (and
+    // again, whole, once the runtime runs).
+    let threads = match &cli.command {
+        Command::Server(a) => match cli::server::runtime_threads(a) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+        },
+        Command::Bench(a) => Some(a.threads()),
+        _ => None,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -215,6 +215,9 @@ fn dev_cluster_through_the_cli() {
     };
     fails(&home, &server(&["--memory-budget", "lots"]), 1, "memory_budget");
     fails(&home, &server(&["--peer", "2"]), 1, "ID=ADDR");
+    // Runtime threads are checked before the runtime starts, naming the setting.
+    fails(&home, &server(&["--runtime-threads", "0"]), 1, "runtime_threads: 0 is not within");
+    fails(&home, &["bench", "put", "--threads", "0"], 2, "--threads");
     // The Redis listener outside loopback must authenticate: refused before anything starts;
     // with TLS it gets past that check, to the (missing) certificate files.
     let open_redis = server(&["--resp-listen", "0.0.0.0:6379", "--resp-plaintext-loopback"]);

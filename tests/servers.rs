@@ -108,6 +108,8 @@ async fn servers_survive_a_crash_and_catch_up() {
     // The node's own process, which has done work by now (CPU time in µs).
     assert_eq!(Some(value("flotilla_process_id")), servers[(other - 1) as usize].pid().map(u64::from));
     assert!(value("flotilla_process_cpu_microseconds_total") > 10_000);
+    // The runtime runs the threads its configuration asked for.
+    assert_eq!(value("flotilla_runtime_worker_threads"), common::SERVER_RUNTIME_THREADS as u64);
     assert!(value("flotilla_process_instance") > 0);
     assert_eq!(value("flotilla_groups_stopped"), 0, "no group of a healthy node stopped");
     for name in [

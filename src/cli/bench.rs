@@ -45,6 +45,19 @@ pub struct BenchArgs {
     /// round; linearizable under the bounded clock drift that ARCHITECTURE.md states).
     #[arg(long, value_enum, default_value_t = ReadsArg::Linearizable)]
     reads: ReadsArg,
+    /// Worker threads of the load generator's runtime. One drives tens of thousands of
+    /// operations a second and, on a machine shared with the servers, leaves them the rest of
+    /// the cores; with more threads than it needs, each answer handed between them wakes a
+    /// sleeping thread. Give more when the load generator's one core is the limit.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: u16,
+}
+
+impl BenchArgs {
+    /// The runtime's worker threads (`--threads`), read before the runtime starts.
+    pub fn threads(&self) -> usize {
+        usize::from(self.threads)
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -133,8 +146,14 @@ pub async fn run(a: BenchArgs) -> Result<i32> {
     } else {
         eprintln!();
         println!(
-            "{:?}: {} clients, {}-byte values, {} keys, {:.1} s",
-            report.workload, report.clients, report.value_size, report.keys, report.elapsed_s
+            "{:?}: {} clients, {}-byte values, {} keys, {:.1} s, {} load generator thread{}",
+            report.workload,
+            report.clients,
+            report.value_size,
+            report.keys,
+            report.elapsed_s,
+            a.threads,
+            if a.threads == 1 { "" } else { "s" }
         );
         println!("  ops:      {} ({:.0} ops/s)", report.ops, report.ops_per_s);
         println!(

@@ -75,6 +75,9 @@ pub struct ServerArgs {
     /// Override `memory_budget`: RocksDB's block cache and memtables (e.g. 512MiB, 2GiB).
     #[arg(long, value_name = "SIZE")]
     memory_budget: Option<String>,
+    /// Override `runtime_threads`: worker threads of the async runtime (default: one per core).
+    #[arg(long, value_name = "N")]
+    runtime_threads: Option<usize>,
     /// Override `resp_listen`: serve the Redis protocol (redis-cli, Redis clients) here.
     #[arg(long, value_name = "ADDR")]
     resp_listen: Option<String>,
@@ -85,6 +88,14 @@ pub struct ServerArgs {
     /// Override `resp_tls` (turn it on): the Redis protocol over TLS with the node's certificate.
     #[arg(long)]
     resp_tls: bool,
+}
+
+/// The runtime's worker threads the configuration asks for (`None`: the runtime's default),
+/// read before the runtime starts; a bad file is the same error `run` would give.
+pub fn runtime_threads(a: &ServerArgs) -> Result<Option<usize>> {
+    let (file, _) = server_file(a)?;
+    let shown = a.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "flags".into());
+    file.runtime_threads().map_err(|e| anyhow!("{shown}: {e}"))
 }
 
 pub async fn run(a: ServerArgs) -> Result<i32> {
@@ -159,6 +170,7 @@ fn server_file(a: &ServerArgs) -> Result<(ServerFile, PathBuf)> {
                 load_split_duration_ms: None,
                 merge_size_bytes: None,
                 pollers: None,
+                runtime_threads: None,
                 memory_budget: None,
                 require_client_roles: false,
                 resp_listen: None,
@@ -197,6 +209,9 @@ fn apply_overrides(a: &ServerArgs, file: &mut ServerFile) -> Result<()> {
     }
     if a.split_size_bytes.is_some() {
         file.split_size_bytes = a.split_size_bytes;
+    }
+    if a.runtime_threads.is_some() {
+        file.runtime_threads = a.runtime_threads;
     }
     if let Some(m) = &a.memory_budget {
         file.memory_budget = Some(ByteSize::Text(m.clone()));

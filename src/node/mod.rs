@@ -327,6 +327,7 @@ fn store_metrics_text(out: &mut String, id: NodeId, m: &StoreMetrics) {
     use std::fmt::Write;
     let (mem, io, p) = (&m.memory, &m.io, &m.process);
     let (g, c) = ("gauge", "counter");
+    let runtime_workers = tokio::runtime::Handle::try_current().ok().map(|h| h.metrics().num_workers() as u64);
     // (type, name, help, value): one metric a line, as a table reads best.
     #[rustfmt::skip]
     let lines = [
@@ -344,6 +345,7 @@ fn store_metrics_text(out: &mut String, id: NodeId, m: &StoreMetrics) {
         (c, "flotilla_process_disk_written_bytes_total", "Bytes the process sent to storage (every node in it).", p.disk_written_bytes),
         (c, "flotilla_process_cpu_microseconds_total", "CPU time of the process, user and system (every node in it).", p.cpu_microseconds),
         (g, "flotilla_process_id", "The process's id.", Some(u64::from(std::process::id()))),
+        (g, "flotilla_runtime_worker_threads", "Worker threads of the process's async runtime (runtime_threads).", runtime_workers),
         (g, "flotilla_process_instance", "A number drawn at the process's start: nodes showing the same one share a process and its figures.", Some(flotilla_shard::store_metrics::process_instance())),
     ];
     let heap = crate::allocator::stats();

@@ -291,6 +291,8 @@ impl Layout {
 
 /// Each test server's `memory_budget` (256 MiB).
 pub const SERVER_MEMORY_BUDGET: &str = "256MiB";
+/// The runtime threads of a test server (`runtime_threads`).
+pub const SERVER_RUNTIME_THREADS: usize = 1;
 
 /// Server processes: nodes `1..=boot` bootstrap a cluster of `shards` shards (meta group and
 /// shards on all of them); nodes after them (up to `total`) start with the first ones as peers
@@ -331,10 +333,12 @@ impl Servers {
         };
         let mut configs = Vec::new();
         for id in 1..=total {
-            // A budget below the default: several servers share the test machine, and the
-            // setting is read from a file as an operator would write it.
+            // A budget below the default and one runtime thread each: several servers share
+            // the test machine (so every server path runs on a single-threaded runtime here),
+            // and the settings are read from a file as an operator would write them.
             let mut text = format!(
-                "id = {id}\ndata_dir = \"n{id}\"\nlisten = \"{}\"\nmemory_budget = \"{SERVER_MEMORY_BUDGET}\"\n",
+                "id = {id}\ndata_dir = \"n{id}\"\nlisten = \"{}\"\nmemory_budget = \"{SERVER_MEMORY_BUDGET}\"\n\
+                 runtime_threads = {SERVER_RUNTIME_THREADS}\n",
                 addr(id)
             );
             if let Some(m) = metrics.get((id - 1) as usize) {

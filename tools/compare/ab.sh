@@ -15,7 +15,8 @@
 #   read the keys the puts wrote, and gets alone read an empty store)   DURATION [8] seconds
 #   BASE_PORT [27000]   WORK_DIR [/var/tmp]   SHARDS [4] initial shards (odd ones led by node
 #   1, even ones by node 2, as with 4)
-#   NODE_SETTINGS [""]  top-level lines added to every node's configuration (e.g. "pollers = 2")
+#   NODE_SETTINGS [""]  top-level lines added to every node's configuration (e.g. "pollers = 2";
+#   "runtime_threads = 1", as tools/compare/run.sh runs the servers, for builds that know it)
 # Prints one line per workload: time, round, label, leaders per shard, ops/s, p50, p99 and the
 # servers' CPU time per operation (every process once; "-" from builds that do not report it).
 set -euo pipefail

@@ -15,6 +15,11 @@
 #   SYSTEMS ["etcd flotilla"]          WORKLOADS ["put get mixed"]; also `lease-get`: Flotilla's
 #                                      gets served under the leader's lease (etcd skips it)
 #   WORKERS_PER_CONN [8]   etcd-bench workers per gRPC connection
+#   RUNTIME_THREADS [1]    each Flotilla server's `runtime_threads` (empty: one per core). Three
+#                          servers share the machine, so each gets its share of the cores:
+#                          one each on two cores serves more, sooner (BENCHMARKS.md, session 28).
+#                          etcd keeps Go's default GOMAXPROCS, its best here (session 24)
+#   BENCH_THREADS [1]      `flotilla bench --threads` (its default too)
 #   ETCD_BIN [etcd]        ETCDCTL_BIN [etcdctl]
 #   BASE_PORT [24000]      etcd uses BASE+1..3 (clients) and BASE+11..13 (peers);
 #                          Flotilla BASE+21..23 (QUIC, UDP) and BASE+31..33 (metrics)
@@ -50,6 +55,8 @@ SHARDS=${SHARDS:-4}
 SYSTEMS=${SYSTEMS:-etcd flotilla}
 WORKLOADS=${WORKLOADS:-put get mixed}
 WORKERS_PER_CONN=${WORKERS_PER_CONN:-8}
+RUNTIME_THREADS=${RUNTIME_THREADS-1}
+BENCH_THREADS=${BENCH_THREADS:-1}
 BASE_PORT=${BASE_PORT:-24000}
 LOG_LEVEL=${LOG_LEVEL:-warn}
 KEEP=${KEEP:-0}
@@ -200,7 +207,8 @@ run_etcd() {
     # Lease reads are Flotilla's; etcd's reads are linearizable through ReadIndex only.
     [ "$w" = lease-get ] && continue
     record etcd "$w" "$ETCD_BENCH_BIN" "$w" --endpoints "$endpoints" --workers-per-conn "$WORKERS_PER_CONN" \
-      --clients "$CLIENTS" --value-size "$VALUE_SIZE" --keys "$KEYS" --duration "$DURATION" --json
+      --clients "$CLIENTS" --value-size "$VALUE_SIZE" --keys "$KEYS" --duration "$DURATION" \
+      --threads "$BENCH_THREADS" --json
   done
   log "etcd: stopping (data dir $(du -sh "$dir" | cut -f1))"
   stop "${members[@]}"
@@ -208,13 +216,15 @@ run_etcd() {
   log "etcd: stopped"
 }
 
+node_settings() { [ -z "$RUNTIME_THREADS" ] || printf 'runtime_threads = %s\n' "$RUNTIME_THREADS"; }
+
 run_flotilla() {
   local dir=$work/flotilla i
   for i in 1 2 3; do
     check_free u $((BASE_PORT + 20 + i))
     check_free t $((BASE_PORT + 30 + i))
   done
-  local_cluster_write "$FLOTILLA_BIN" "$dir" "$SHARDS" $((BASE_PORT + 20)) $((BASE_PORT + 30))
+  local_cluster_write "$FLOTILLA_BIN" "$dir" "$SHARDS" $((BASE_PORT + 20)) $((BASE_PORT + 30)) node_settings
   local servers=()
   for i in 1 2 3; do
     "$FLOTILLA_BIN" --log "$LOG_LEVEL" server --config "$dir/n$i.toml" >"$dir/n$i.log" 2>&1 &
@@ -229,7 +239,8 @@ run_flotilla() {
     local args=("$w")
     [ "$w" = lease-get ] && args=(get --reads lease)
     record flotilla "$w" "$FLOTILLA_BIN" bench "${args[@]}" --cluster "$dir/cluster.json" \
-      --clients "$CLIENTS" --value-size "$VALUE_SIZE" --keys "$KEYS" --duration "$DURATION" --json
+      --clients "$CLIENTS" --value-size "$VALUE_SIZE" --keys "$KEYS" --duration "$DURATION" \
+      --threads "$BENCH_THREADS" --json
   done
   log "flotilla: stopping (data dir $(du -sh "$dir" | cut -f1))"
   stop "${servers[@]}"
