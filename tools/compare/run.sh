@@ -207,8 +207,7 @@ run_etcd() {
     # Lease reads are Flotilla's; etcd's reads are linearizable through ReadIndex only.
     [ "$w" = lease-get ] && continue
     record etcd "$w" "$ETCD_BENCH_BIN" "$w" --endpoints "$endpoints" --workers-per-conn "$WORKERS_PER_CONN" \
-      --clients "$CLIENTS" --value-size "$VALUE_SIZE" --keys "$KEYS" --duration "$DURATION" \
-      --threads "$BENCH_THREADS" --json
+      --clients "$CLIENTS" --value-size "$VALUE_SIZE" --keys "$KEYS" --duration "$DURATION" --json
   done
   log "etcd: stopping (data dir $(du -sh "$dir" | cut -f1))"
   stop "${members[@]}"
@@ -253,7 +252,7 @@ field() { sed -E "s/.*\"$2\":\"?([^,\"}]*).*/\1/" <<<"$1"; }
 
 log "conditions: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); $CLIENTS clients, ${VALUE_SIZE}-byte values, $KEYS keys, ${DURATION}s per run"
 log "etcd: $("${etcd_env[@]}" "$ETCD_BIN" --version | head -1); flotilla: $("$FLOTILLA_BIN" --version) ($FLOTILLA_BIN), $SHARDS shards"
-log "etcd-bench: $WORKERS_PER_CONN workers per connection; this checkout: $(git -C "$(dirname "$0")" describe --always --dirty 2>/dev/null || echo unknown)"
+log "etcd-bench: $WORKERS_PER_CONN workers per connection; flotilla: runtime_threads ${RUNTIME_THREADS:-default}, bench --threads $BENCH_THREADS; this checkout: $(git -C "$(dirname "$0")" describe --always --dirty 2>/dev/null || echo unknown)"
 log "work dir: $work"
 for s in $SYSTEMS; do
   case $s in
