@@ -13,7 +13,8 @@
 //! # load_split_duration_ms = 10000    # ... once they stayed that busy this long
 //! # merge_size_bytes = 20971520       # cold neighbours smaller than this together are merged
 //! #                                   # (with auto_balance; 0: never)
-//! # pollers = 1                       # shard poller tasks (default: half the cores)
+//! # pollers = 1                       # shard poller tasks (default: half the runtime's
+//! #                                   # threads, 1 to 8)
 //! # runtime_threads = 1               # threads of the async runtime (default: one per core);
 //! #                                   # nodes sharing a machine: give each its share of the cores
 //! # memory_budget = "512MiB"          # RocksDB's block cache and memtables (64MiB..=1TiB)
@@ -110,15 +111,16 @@ pub struct ServerFile {
     /// sum under half `split_size_bytes`, so a merged shard is not split again.
     #[serde(default)]
     pub merge_size_bytes: Option<u64>,
-    /// Threads running the shards' Raft groups (default: half the cores, 1 to 8).
+    /// Tasks running the shards' Raft groups (default: half the runtime's threads, 1 to 8).
     #[serde(default)]
     pub pollers: Option<usize>,
     /// Worker threads of the process's async runtime, which runs the network, the Raft
-    /// pollers and the requests (default: one per core the process may use). Where several
-    /// nodes share a machine, give each its share of the cores: with more runtime threads
-    /// than cores to run them, each task handed from one thread to another wakes a sleeping
-    /// thread, and on two cores shared by three nodes one thread each serves more requests,
-    /// sooner, than two (BENCHMARKS.md, session 28).
+    /// pollers and the requests (default: one per core the process may use, or
+    /// `TOKIO_WORKER_THREADS` if set). Where several nodes share a machine, give each its
+    /// share of the cores: with more runtime threads than cores to run them, each task handed
+    /// from one thread to another wakes a sleeping thread; on two cores shared by three nodes,
+    /// one thread each served more ReadIndex gets at lower latency than two, puts about the
+    /// same or more (BENCHMARKS.md, session 28).
     #[serde(default)]
     pub runtime_threads: Option<usize>,
     /// Memory for RocksDB's block cache and memtables, with headroom (default 512 MiB; see
@@ -207,6 +209,12 @@ pub const RUNTIME_THREADS_MAX: usize = 1024;
 pub const SPLIT_SIZE_BYTES_MIN: u64 = 64 << 10;
 /// How often a server's automatic balancer runs (ms).
 pub const AUTO_BALANCE_INTERVAL_MS: u64 = 10_000;
+
+/// The default poller count of a node whose runtime has `threads` threads: half of them, 1 to
+/// 8, so that pollers in their rounds leave the other threads to the network and the callers.
+pub fn pollers_for_runtime_threads(threads: usize) -> usize {
+    (threads / 2).clamp(1, 8)
+}
 
 /// Certificate paths (relative paths are relative to the config file).
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -390,8 +398,12 @@ impl ServerFile {
         if let Some(bytes) = self.merge_size_bytes {
             node.balancer.merge_size_bytes_threshold = bytes;
         }
-        if let Some(p) = self.pollers {
-            node.pollers = p;
+        match (self.pollers, self.runtime_threads) {
+            (Some(p), _) => node.pollers = p,
+            // Half the runtime's threads rather than half the cores, as `default_pollers` does
+            // for a runtime of one thread per core.
+            (None, Some(threads)) => node.pollers = pollers_for_runtime_threads(threads),
+            (None, None) => {}
         }
         node.auto_balance_interval_ms = self.auto_balance.then_some(AUTO_BALANCE_INTERVAL_MS);
         if let Some(b) = &self.bootstrap {
@@ -566,6 +578,9 @@ mod tests {
         }
         let err = file("runtime_threads = 2").resolve(Path::new(".")).unwrap_err();
         assert!(err.starts_with("tls"), "{err}");
+        // Without `pollers`, half the runtime's threads run pollers.
+        let pollers: Vec<usize> = [1, 2, 3, 8, 16, 64].into_iter().map(pollers_for_runtime_threads).collect();
+        assert_eq!(pollers, vec![1, 1, 1, 4, 8, 8]);
     }
 
     #[test]

@@ -58,18 +58,14 @@ fn main() {
     if let Err(e) = flotilla::allocator::tune() {
         tracing::warn!(error = %e, "allocator settings not applied; freed memory is given back later");
     }
-    // The server's configuration may set the runtime's threads, so it is read first (and
-    // again, whole, once the runtime runs).
-    let threads = match &cli.command {
-        Command::Server(a) => match cli::server::runtime_threads(a) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                std::process::exit(1);
-            }
-        },
-        Command::Bench(a) => Some(a.threads()),
-        _ => None,
+    // The server's configuration may set the runtime's threads, so it is read first.
+    let (threads, job) = match cli.command {
+        Command::Server(a) => {
+            let loaded = cli::server::Loaded::read(&a).unwrap_or_else(|e| fail(e));
+            (loaded.runtime_threads().unwrap_or_else(|e| fail(e)), Job::Server(Box::new(loaded)))
+        }
+        Command::Bench(a) => (Some(a.threads()), Job::Other(Command::Bench(a))),
+        other => (None, Job::Other(other)),
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = threads {
@@ -82,7 +78,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let code = match rt.block_on(run(cli.command)) {
+    let code = match rt.block_on(run(job)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -91,6 +87,12 @@ fn main() {
     };
     rt.shutdown_timeout(Duration::from_secs(2));
     std::process::exit(code);
+}
+
+/// Ends the process on an error found before the runtime starts, as one found after would.
+fn fail(e: anyhow::Error) -> ! {
+    eprintln!("error: {e:#}");
+    std::process::exit(1)
 }
 
 fn init_logs(cli: &Cli, quiet: bool) -> Result<()> {
@@ -112,9 +114,20 @@ fn init_logs(cli: &Cli, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-async fn run(command: Command) -> Result<i32> {
+/// What the runtime runs: a server with its configuration already read, or another command.
+enum Job {
+    Server(Box<cli::server::Loaded>),
+    Other(Command),
+}
+
+async fn run(job: Job) -> Result<i32> {
+    let command = match job {
+        Job::Server(loaded) => return cli::server::run(*loaded).await,
+        Job::Other(command) => command,
+    };
     match command {
-        Command::Server(a) => cli::server::run(*a).await,
+        // Not taken: `main` reads a server's configuration before the runtime starts.
+        Command::Server(a) => cli::server::run(cli::server::Loaded::read(&a)?).await,
         Command::Dev(a) => cli::dev::run(a).await,
         Command::Cert(c) => cli::cert::run(c),
         Command::Kv(a) => cli::kv::run(a).await,

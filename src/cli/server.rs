@@ -90,17 +90,31 @@ pub struct ServerArgs {
     resp_tls: bool,
 }
 
-/// The runtime's worker threads the configuration asks for (`None`: the runtime's default),
-/// read before the runtime starts; a bad file is the same error `run` would give.
-pub fn runtime_threads(a: &ServerArgs) -> Result<Option<usize>> {
-    let (file, _) = server_file(a)?;
-    let shown = a.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "flags".into());
-    file.runtime_threads().map_err(|e| anyhow!("{shown}: {e}"))
+/// The server's configuration as read before the runtime starts (it may set the runtime's
+/// threads), and what to call it in errors; `run` goes on with this reading, so the file is
+/// read once.
+pub struct Loaded {
+    file: ServerFile,
+    base: PathBuf,
+    shown: String,
 }
 
-pub async fn run(a: ServerArgs) -> Result<i32> {
-    let (file, base) = server_file(&a)?;
-    let shown = a.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "flags".into());
+impl Loaded {
+    /// Reads the file (or the flags alone) with the flags applied.
+    pub fn read(a: &ServerArgs) -> Result<Loaded> {
+        let (file, base) = server_file(a)?;
+        let shown = a.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "flags".into());
+        Ok(Loaded { file, base, shown })
+    }
+
+    /// The runtime's worker threads asked for (`None`: the runtime's default), checked.
+    pub fn runtime_threads(&self) -> Result<Option<usize>> {
+        self.file.runtime_threads().map_err(|e| anyhow!("{}: {e}", self.shown))
+    }
+}
+
+pub async fn run(loaded: Loaded) -> Result<i32> {
+    let Loaded { file, base, shown } = loaded;
     let cfg = file.resolve(&base).map_err(|e| anyhow!("{shown}: {e}"))?;
     let cfg_resp_tls = cfg.node.resp.as_ref().is_some_and(|r| r.tls);
     raise_open_files(cfg.node.resp.as_ref().map_or(0, |r| r.connections_max as u64));

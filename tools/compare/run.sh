@@ -19,7 +19,8 @@
 #                          servers share the machine, so each gets its share of the cores:
 #                          one each on two cores serves more, sooner (BENCHMARKS.md, session 28).
 #                          etcd keeps Go's default GOMAXPROCS, its best here (session 24)
-#   BENCH_THREADS [1]      `flotilla bench --threads` (its default too)
+#   BENCH_THREADS [1]      `flotilla bench --threads` (its default too; empty: not given, for
+#                          builds older than the flag, with RUNTIME_THREADS= as well)
 #   ETCD_BIN [etcd]        ETCDCTL_BIN [etcdctl]
 #   BASE_PORT [24000]      etcd uses BASE+1..3 (clients) and BASE+11..13 (peers);
 #                          Flotilla BASE+21..23 (QUIC, UDP) and BASE+31..33 (metrics)
@@ -56,7 +57,7 @@ SYSTEMS=${SYSTEMS:-etcd flotilla}
 WORKLOADS=${WORKLOADS:-put get mixed}
 WORKERS_PER_CONN=${WORKERS_PER_CONN:-8}
 RUNTIME_THREADS=${RUNTIME_THREADS-1}
-BENCH_THREADS=${BENCH_THREADS:-1}
+BENCH_THREADS=${BENCH_THREADS-1}
 BASE_PORT=${BASE_PORT:-24000}
 LOG_LEVEL=${LOG_LEVEL:-warn}
 KEEP=${KEEP:-0}
@@ -239,7 +240,7 @@ run_flotilla() {
     [ "$w" = lease-get ] && args=(get --reads lease)
     record flotilla "$w" "$FLOTILLA_BIN" bench "${args[@]}" --cluster "$dir/cluster.json" \
       --clients "$CLIENTS" --value-size "$VALUE_SIZE" --keys "$KEYS" --duration "$DURATION" \
-      --threads "$BENCH_THREADS" --json
+      ${BENCH_THREADS:+--threads "$BENCH_THREADS"} --json
   done
   log "flotilla: stopping (data dir $(du -sh "$dir" | cut -f1))"
   stop "${servers[@]}"
@@ -252,7 +253,7 @@ field() { sed -E "s/.*\"$2\":\"?([^,\"}]*).*/\1/" <<<"$1"; }
 
 log "conditions: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); $CLIENTS clients, ${VALUE_SIZE}-byte values, $KEYS keys, ${DURATION}s per run"
 log "etcd: $("${etcd_env[@]}" "$ETCD_BIN" --version | head -1); flotilla: $("$FLOTILLA_BIN" --version) ($FLOTILLA_BIN), $SHARDS shards"
-log "etcd-bench: $WORKERS_PER_CONN workers per connection; flotilla: runtime_threads ${RUNTIME_THREADS:-default}, bench --threads $BENCH_THREADS; this checkout: $(git -C "$(dirname "$0")" describe --always --dirty 2>/dev/null || echo unknown)"
+log "etcd-bench: $WORKERS_PER_CONN workers per connection; flotilla: runtime_threads ${RUNTIME_THREADS:-default}, bench --threads ${BENCH_THREADS:-default}; this checkout: $(git -C "$(dirname "$0")" describe --always --dirty 2>/dev/null || echo unknown)"
 log "work dir: $work"
 for s in $SYSTEMS; do
   case $s in

@@ -216,8 +216,11 @@ impl Poller {
     /// mostly short: fsyncs stay on the store's writer thread; snapshots, entry loads for
     /// lagging followers and compactions on the blocking pool. What stays in the round and can
     /// take long is reading back entries to apply that left the entry cache (up to a slice of
-    /// 4 MiB) and ticking many thousands of awake groups; pollers are at most half the cores
-    /// (`default_pollers` in the node), so the other workers serve the network meanwhile.
+    /// 4 MiB), guard reads of conditional writes that miss RocksDB's cache, and ticking many
+    /// thousands of awake groups; pollers are at most half the runtime's threads
+    /// (`default_pollers` in the node), so the other workers serve the network meanwhile. A
+    /// node given a runtime of one thread (`runtime_threads = 1`, nodes sharing a machine)
+    /// serves nothing else while a round does that.
     pub(crate) async fn run(mut self) {
         let tick = Duration::from_millis(self.shared.config.tick_ms);
         // One timer for the poller's life, moved to each next tick (no registration per wait).
