@@ -334,7 +334,7 @@ impl Servers {
         let mut configs = Vec::new();
         for id in 1..=total {
             // A budget below the default and one runtime thread each: several servers share
-            // the test machine (so every server path runs on a single-threaded runtime here),
+            // the test machine (so every server path runs on one runtime worker thread here),
             // and the settings are read from a file as an operator would write them.
             let mut text = format!(
                 "id = {id}\ndata_dir = \"n{id}\"\nlisten = \"{}\"\nmemory_budget = \"{SERVER_MEMORY_BUDGET}\"\n\
