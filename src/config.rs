@@ -55,7 +55,7 @@
 //! ```
 
 use crate::meta::dev_split_keys;
-use crate::node::{BootstrapConfig, NodeConfig, META_VOTERS_MAX};
+use crate::node::{pollers_for_runtime_threads, BootstrapConfig, NodeConfig, META_VOTERS_MAX};
 use crate::raft::NodeId;
 use crate::resp_server::{RespConfig, User, Users};
 use crate::shard::StoreOptions;
@@ -209,12 +209,6 @@ pub const RUNTIME_THREADS_MAX: usize = 1024;
 pub const SPLIT_SIZE_BYTES_MIN: u64 = 64 << 10;
 /// How often a server's automatic balancer runs (ms).
 pub const AUTO_BALANCE_INTERVAL_MS: u64 = 10_000;
-
-/// The default poller count of a node whose runtime has `threads` threads: half of them, 1 to
-/// 8, so that pollers in their rounds leave the other threads to the network and the callers.
-pub fn pollers_for_runtime_threads(threads: usize) -> usize {
-    (threads / 2).clamp(1, 8)
-}
 
 /// Certificate paths (relative paths are relative to the config file).
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -400,9 +394,9 @@ impl ServerFile {
         }
         match (self.pollers, self.runtime_threads) {
             (Some(p), _) => node.pollers = p,
-            // Half the runtime's threads rather than half the cores, as `default_pollers` does
+            // From the runtime's threads rather than from the cores, as `default_pollers` does
             // for a runtime of one thread per core.
-            (None, Some(threads)) => node.pollers = pollers_for_runtime_threads(threads),
+            (None, Some(threads)) => node.pollers = pollers_for_runtime_threads(threads, 1),
             (None, None) => {}
         }
         node.auto_balance_interval_ms = self.auto_balance.then_some(AUTO_BALANCE_INTERVAL_MS);
@@ -438,6 +432,12 @@ impl ServerFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file with the required fields, `line` among the top-level settings, and certificates
+    /// that do not exist (so `resolve` gets past every other check to them).
+    fn text_with(line: &str) -> String {
+        format!("id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:1\"\n{line}\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n")
+    }
 
     #[test]
     fn errors_name_the_field() {
@@ -535,12 +535,7 @@ mod tests {
 
     #[test]
     fn memory_budget_is_read_and_checked_before_anything_is_opened() {
-        let file = |budget: &str| {
-            let text = format!(
-                "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:1\"\nmemory_budget = {budget}\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n"
-            );
-            ServerFile::parse(&text).unwrap()
-        };
+        let file = |budget: &str| ServerFile::parse(&text_with(&format!("memory_budget = {budget}"))).unwrap();
         assert_eq!(file("\"256MiB\"").memory_budget, Some(ByteSize::Text("256MiB".into())));
         assert_eq!(file("268435456").memory_budget, Some(ByteSize::Bytes(256 << 20)));
         // Errors name the field and say what is wrong; the certificates (missing here) are
@@ -555,18 +550,12 @@ mod tests {
         let err = file("\"256MiB\"").resolve(Path::new(".")).unwrap_err();
         assert!(err.starts_with("tls"), "{err}");
         // A value of the wrong type is refused by the parser, naming the field.
-        let text = "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:1\"\nmemory_budget = true\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n";
-        assert!(ServerFile::parse(text).unwrap_err().contains("memory_budget"));
+        assert!(ServerFile::parse(&text_with("memory_budget = true")).unwrap_err().contains("memory_budget"));
     }
 
     #[test]
     fn runtime_threads_are_read_and_checked_before_anything_is_opened() {
-        let file = |line: &str| {
-            let text = format!(
-                "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:1\"\n{line}\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n"
-            );
-            ServerFile::parse(&text).unwrap()
-        };
+        let file = |line: &str| ServerFile::parse(&text_with(line)).unwrap();
         assert_eq!(file("").runtime_threads(), Ok(None));
         assert_eq!(file("runtime_threads = 1").runtime_threads(), Ok(Some(1)));
         assert_eq!(file("runtime_threads = 1024").runtime_threads(), Ok(Some(RUNTIME_THREADS_MAX)));
@@ -579,20 +568,15 @@ mod tests {
         let err = file("runtime_threads = 2").resolve(Path::new(".")).unwrap_err();
         assert!(err.starts_with("tls"), "{err}");
         // Without `pollers`, half the runtime's threads run pollers.
-        let pollers: Vec<usize> = [1, 2, 3, 8, 16, 64].into_iter().map(pollers_for_runtime_threads).collect();
+        let pollers: Vec<usize> = [1, 2, 3, 8, 16, 64].into_iter().map(|t| pollers_for_runtime_threads(t, 1)).collect();
         assert_eq!(pollers, vec![1, 1, 1, 4, 8, 8]);
     }
 
     #[test]
     fn require_client_roles_is_read_and_off_unless_set() {
-        let text = |line: &str| {
-            format!(
-                "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:1\"\n{line}\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n"
-            )
-        };
-        assert!(ServerFile::parse(&text("require_client_roles = true")).unwrap().require_client_roles);
-        assert!(!ServerFile::parse(&text("")).unwrap().require_client_roles);
-        assert!(ServerFile::parse(&text("require_client_roles = \"yes\""))
+        assert!(ServerFile::parse(&text_with("require_client_roles = true")).unwrap().require_client_roles);
+        assert!(!ServerFile::parse(&text_with("")).unwrap().require_client_roles);
+        assert!(ServerFile::parse(&text_with("require_client_roles = \"yes\""))
             .unwrap_err()
             .contains("require_client_roles"));
     }

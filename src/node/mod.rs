@@ -312,13 +312,20 @@ fn load_split_config(config: &NodeConfig) -> LoadSplitConfig {
     }
 }
 
-/// Pollers (tasks on the node's runtime) for each of `nodes_per_process` nodes: half the
-/// cores for all of them, at least one, at most eight, so that pollers in their rounds leave
-/// at least half of the runtime's workers to the network and the callers. On two cores one
-/// poller per node is 12–15 % faster for puts than two (larger write rounds; BENCHMARKS.md).
+/// Pollers (tasks on the node's runtime) for each of `nodes_per_process` nodes on a runtime of
+/// one worker per core: see [`pollers_for_runtime_threads`].
 pub fn default_pollers(nodes_per_process: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    (cores / 2 / nodes_per_process.max(1)).clamp(1, 8)
+    pollers_for_runtime_threads(cores, nodes_per_process)
+}
+
+/// Pollers for each of `nodes_per_process` nodes sharing a runtime of `threads` workers: half
+/// the workers for all of them, at least one, at most eight, so that pollers in their rounds
+/// leave at least half of the runtime's workers to the network and the callers. On two cores
+/// one poller per node is 12–15 % faster for puts than two (larger write rounds;
+/// BENCHMARKS.md).
+pub fn pollers_for_runtime_threads(threads: usize, nodes_per_process: usize) -> usize {
+    (threads / 2 / nodes_per_process.max(1)).clamp(1, 8)
 }
 
 /// Appends the store's and the process's memory and write figures to a metrics page. Process
