@@ -188,6 +188,10 @@ impl HostNetwork for TransportNetwork {
         }
     }
 
+    fn connections(&self, to: NodeId) -> u64 {
+        self.transport.connections_with(to)
+    }
+
     fn send_transfer(&self, to: NodeId, group: GroupId, msg: Message) {
         debug_assert!(matches!(msg.body, MessageBody::Snapshot { .. }), "only snapshot chunks take the transfer path");
         let batch =

@@ -248,6 +248,25 @@ async fn a_learner_with_every_entry_but_not_the_commit_index_learns_it_when_its_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_behind_on_the_commit_index_learns_it_when_its_node_comes_back_on_a_new_connection() {
+    let (c, learner, last) = a_learner_missing_the_last_commit().await;
+    *c.net.hide_commit.write().expect("lock") = None;
+    // Its node never stops answering for long enough to count as down (a restart faster than
+    // `peer_down_ms`): nothing the leaders see of it says that it may be behind.
+    let g = GroupId(1);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let info = c.host(learner).group_info_of(g).await.expect("info");
+    assert!(info.applied < last[&g], "the learner learned the commit with nothing to tell it: {info:?}");
+    // Back on a new connection, as a restarted node's transport comes back: the leader wakes
+    // the quiet group where it is a learner.
+    *c.net.connections.write().expect("lock").entry(learner).or_insert(1) += 1;
+    caught_up(c.host(learner), &last, "the learner stayed behind after its node reconnected").await;
+    let voters = [c.host(NodeId(1)), c.host(NodeId(2))];
+    quiet_on(&voters, 1, "after the catch-up").await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_woken_for_a_learner_stays_awake_until_the_learner_answers() {
     let (c, learner, last) = a_learner_missing_the_last_commit().await;
     let g = GroupId(1);

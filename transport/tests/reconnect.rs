@@ -58,6 +58,8 @@ async fn higher_node_restarts_on_the_same_port() {
     let m = a.metrics().peers[&NodeId(2)].clone();
     assert!(m.reconnects >= 1, "{m:?}");
     assert!(m.connected);
+    assert_eq!(a.connections_with(NodeId(2)), m.connections, "{m:?}");
+    assert_eq!(a.connections_with(NodeId(9)), 0, "a node never seen has no connections");
     a.shutdown().await;
     b.shutdown().await;
 }
@@ -89,6 +91,7 @@ async fn lower_node_restarts_and_dials_again() {
     let (a, _a_in) = nodes.pop().unwrap();
     a.send(NodeId(2), env(5, seq_payload(0, 0))).unwrap();
     recv_n(&mut b_in, 1).await;
+    assert_eq!(b.connections_with(NodeId(1)), 1);
     a.shutdown().await;
     eventually("b sees the old connection close", || !b.metrics().peers[&NodeId(1)].connected).await;
 
@@ -99,6 +102,8 @@ async fn lower_node_restarts_and_dials_again() {
     send_until_received(&a2, NodeId(2), &mut b_in).await;
     let m = b.metrics().peers[&NodeId(1)].clone();
     assert_eq!(m.connections, 2, "{m:?}");
+    // What the host reads to learn that node 1 may have restarted (`HostNetwork::connections`).
+    assert_eq!(b.connections_with(NodeId(1)), 2);
     a2.shutdown().await;
     b.shutdown().await;
 }

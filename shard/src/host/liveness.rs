@@ -1,7 +1,8 @@
 //! Keeping many groups cheap and still live: the poller's one tick (timers of awake groups,
 //! groups going quiet), waking quiet groups (by a message, a call, their leader's node going
-//! down, or a member's node answering again while it may be behind), and stopping every group
-//! when the store is poisoned so that the other nodes elect new leaders at once.
+//! down, or a member's node answering again or on a new connection while it may be behind),
+//! and stopping every group when the store is poisoned so that the other nodes elect new
+//! leaders at once.
 
 use super::group_state::GroupState;
 use super::poller::{empty_batch, Poller};
@@ -153,7 +154,9 @@ impl Poller {
         }
         // Nodes that answer again after being counted down (a node this host sends to but
         // never heard from counts as down once the host is `peer_down_ms` old, see
-        // `Poller::flush`): the quiet groups led here in which they may be behind wake, so
+        // `Poller::flush`), and live nodes on a new connection since the last tick (a node
+        // that restarted faster than `peer_down_ms` is never counted down, and comes back on
+        // a new connection): the quiet groups led here in which they may be behind wake, so
         // that they catch up. Those are the groups where the leader knows them to lack
         // entries, and every group where they are learners: a learner never campaigns, and
         // one that has the entries may still lack the commit index (it missed the message
@@ -161,9 +164,16 @@ impl Poller {
         // itself with a pre-vote once its election timer runs out. A woken leader goes quiet
         // again only once every live follower answered a heartbeat (`Engine::quiesce_point`),
         // so a node that answers before its groups are loaded again is caught up once they
-        // are. Not covered: a learner whose node restarted faster than `peer_down_ms` (never
-        // counted down) stays behind until the next write.
-        let back: Vec<NodeId> = self.down.difference(&down).copied().collect();
+        // are. A connection replaced for another reason (a network fault) costs such a wake
+        // too, at most `wakes_per_tick_max` groups a tick.
+        let mut back: Vec<NodeId> = self.down.difference(&down).copied().collect();
+        for n in &peers {
+            let count = self.shared.network.connections(*n);
+            let before = self.connections_seen.insert(*n, count);
+            if before.is_some_and(|b| count > b) && !down.contains(n) && !back.contains(n) {
+                back.push(*n);
+            }
+        }
         if !back.is_empty() {
             info!(poller = self.index, nodes = ?back, "peers answer: waking the quiet groups led here where they may be behind");
             for (gid, g) in &self.groups {

@@ -25,9 +25,10 @@
 //! been heard from for `peer_down_ms`, the quiet groups it leads are woken (at most
 //! `wakes_per_tick_max` per poller tick, so a blip does not wake ten thousand groups at once)
 //! and elect a new leader. A follower that is down does not keep a group awake; when its node
-//! answers again, the quiet groups led here in which it may be behind (it is a learner there,
-//! or lacks entries) wake the same way, after those whose leader went down, so that it catches
-//! up (a learner never campaigns, so it would not wake them itself).
+//! answers again, or comes back on a new connection (a restart too quick to count as down,
+//! [`HostNetwork::connections`]), the quiet groups led here in which it may be behind (it is
+//! a learner there, or lacks entries) wake the same way, after those whose leader went down,
+//! so that it catches up (a learner never campaigns, so it would not wake them itself).
 //!
 //! The pollers are tasks on the runtime of the transport and the callers (see `Poller::run`
 //! for why): a round's own RocksDB work (preparing log writes, applying, reading entries
@@ -281,6 +282,14 @@ pub trait HostNetwork: Send + Sync + 'static {
             to,
             NodeBatch { from: msg.from, messages: vec![(group, msg)], quiesce: Vec::new(), removed: Vec::new() },
         );
+    }
+
+    /// How many connections with node `to` were established so far, if the network knows (a
+    /// network that does not answers a constant). A node that restarts comes back on a new
+    /// connection: the count moving tells the host that the node may have lost what it had
+    /// not applied, even when it came back before it counted as down.
+    fn connections(&self, _to: NodeId) -> u64 {
+        0
     }
 }
 

@@ -155,6 +155,8 @@ pub(crate) struct Poller {
     pub(super) to_catch_up: WakeQueue,
     /// Nodes seen down at the last tick (a node going down triggers the wake-up scan once).
     pub(super) down: BTreeSet<NodeId>,
+    /// Each peer's count of connections (`HostNetwork::connections`) as the last tick read it.
+    pub(super) connections_seen: HashMap<NodeId, u64>,
     /// The nodes the host pings, as this poller last added to or read them (`flush`).
     pub(super) peers_seen: BTreeSet<NodeId>,
     pub(super) round: Round,
@@ -195,6 +197,7 @@ impl Poller {
             to_wake: WakeQueue::default(),
             to_catch_up: WakeQueue::default(),
             down: BTreeSet::new(),
+            connections_seen: HashMap::new(),
             peers_seen: BTreeSet::new(),
             round: Round::default(),
             next_tick: now,

@@ -25,6 +25,9 @@ pub struct MemNet {
     /// (node, group): messages of that group to that node are lost, as if its host had not
     /// loaded the group yet (the node itself answers).
     pub unloaded: RwLock<Option<(NodeId, GroupId)>>,
+    /// Connections established with each node, as a transport counts them: a test bumps a
+    /// node's count to play its restart on a new connection.
+    pub connections: RwLock<HashMap<NodeId, u64>>,
 }
 
 impl HostNetwork for MemNet {
@@ -41,6 +44,10 @@ impl HostNetwork for MemNet {
             to,
             NodeBatch { from: msg.from, messages: vec![(group, msg)], quiesce: Vec::new(), removed: Vec::new() },
         );
+    }
+
+    fn connections(&self, to: NodeId) -> u64 {
+        self.connections.read().expect("lock").get(&to).copied().unwrap_or(1)
     }
 }
 

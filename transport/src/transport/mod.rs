@@ -321,6 +321,12 @@ impl Transport {
         Ok(())
     }
 
+    /// Connections established with `node` so far, dialed or accepted (0 for an unknown peer).
+    /// A peer that restarted comes back on a new connection, however quickly it came back.
+    pub fn connections_with(&self, node: NodeId) -> u64 {
+        lock(&self.shared.peers).get(&node).map_or(0, |peer| peer.counters.connections.load(Ordering::Relaxed))
+    }
+
     /// Envelopes waiting for `to` now (0 for an unknown peer). A producer can use it to slow
     /// down before the queue starts dropping.
     pub fn queue_len(&self, to: NodeId) -> usize {
