@@ -234,6 +234,9 @@ run_flotilla() {
   measured=("${servers[@]}")
   log "flotilla: waiting for $SHARDS shards with a leader"
   local_cluster_wait "$FLOTILLA_BIN" "$dir" "$SHARDS" || exit 1
+  # Where the elections put the leaders (it moves a run by up to ±20%, BENCHMARKS.md session 21).
+  log "flotilla: leaders of shards 1..$SHARDS on nodes $("$FLOTILLA_BIN" admin shards --cluster "$dir/cluster.json" \
+    --json 2>/dev/null | grep -oE '"leader":[0-9]+' | cut -d: -f2 | paste -sd, || true)"
   local w
   for w in $WORKLOADS; do
     local args=("$w")
