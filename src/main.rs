@@ -65,6 +65,7 @@ fn main() {
             (loaded.runtime_threads().unwrap_or_else(|e| fail(e)), Job::Server(Box::new(loaded)))
         }
         Command::Bench(a) => (Some(a.threads()), Job::Other(Command::Bench(a))),
+        Command::Dev(a) => (a.runtime_threads(), Job::Other(Command::Dev(a))),
         other => (None, Job::Other(other)),
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();

@@ -4,6 +4,7 @@
 //! role may do only what it allows; bad input to each command
 //! gives a clear error; SIGTERM stops `dev` cleanly.
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -48,7 +49,7 @@ fn fails(home: &Path, args: &[&str], code: i32, needle: &str) {
 
 fn start_dev(home: &Path) -> Guard {
     let child = Command::new(BIN)
-        .args(["dev", "--nodes", "3", "--shards", "4"])
+        .args(["dev", "--nodes", "3", "--shards", "4", "--runtime-threads", "2"])
         .env("FLOTILLA_HOME", home)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -91,6 +92,17 @@ fn dev_cluster_through_the_cli() {
     assert_eq!(limited["pairs"].as_array().unwrap().len(), 3);
     assert_eq!(ok(&home, &["kv", "delete", "hello"]).trim(), "OK (deleted)");
     fails(&home, &["kv", "get", "hello"], 1, "not found");
+
+    // The nodes' shared runtime runs the threads `--runtime-threads` asked for.
+    let cluster: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(home.join("cluster.json")).unwrap()).unwrap();
+    let addr = cluster["nodes"][0]["metrics"].as_str().expect("node 1's metrics address").to_string();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(conn, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut page = String::new();
+    conn.read_to_string(&mut page).unwrap();
+    assert!(page.lines().any(|l| l == "flotilla_runtime_worker_threads{node=\"1\"} 2"), "{page}");
 
     // admin.
     let shards = ok(&home, &["admin", "shards"]);
@@ -203,6 +215,8 @@ fn dev_cluster_through_the_cli() {
     fails(&home, &["admin", "move", "99", "1", "2"], 1, "no shard 99");
     fails(&home, &["bench", "put", "--clients", "0"], 1, "--clients");
     fails(&home, &["dev", "--nodes", "0"], 1, "--nodes");
+    fails(&home, &["dev", "--runtime-threads", "0"], 2, "--runtime-threads");
+    fails(&home, &["dev", "--runtime-threads", "1025"], 2, "--runtime-threads");
     fails(&home, &["dev", "--memory-budget", "1MiB"], 1, "below the minimum");
     fails(&home, &["dev", "--memory-budget", "512MB"], 1, "not a size");
     fails(&home, &["kv", "--cluster", "/nonexistent/cluster.json", "get", "k"], 1, "no cluster file");

@@ -55,6 +55,17 @@ pub struct DevArgs {
     /// (--shards is ignored) and hold its data.
     #[arg(long, value_name = "DIR")]
     restore: Option<PathBuf>,
+    /// Worker threads of the async runtime the nodes share (default: one per core). Each
+    /// node's pollers then follow from it, as a server's do from its `runtime_threads`.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    runtime_threads: Option<u16>,
+}
+
+impl DevArgs {
+    /// The runtime's worker threads (`--runtime-threads`), read before the runtime starts.
+    pub fn runtime_threads(&self) -> Option<usize> {
+        self.runtime_threads.map(usize::from)
+    }
 }
 
 pub async fn run(a: DevArgs) -> Result<i32> {
@@ -107,7 +118,10 @@ pub async fn run(a: DevArgs) -> Result<i32> {
         cfg.balancer.split_size_bytes_threshold = a.split_size_bytes;
         cfg.balancer.merge_size_bytes_threshold = a.merge_size_bytes.unwrap_or(0);
         cfg.store = store;
-        cfg.pollers = flotilla::node::default_pollers(ids.len());
+        cfg.pollers = match a.runtime_threads {
+            Some(threads) => flotilla::node::pollers_for_runtime_threads(usize::from(threads), ids.len()),
+            None => flotilla::node::default_pollers(ids.len()),
+        };
         cfg.auto_balance_interval_ms = (!a.no_auto_balance).then_some(flotilla::config::AUTO_BALANCE_INTERVAL_MS);
         // The Redis front door on the first node (any node routes any key), on a free port.
         if cfg.id == NodeId(1) && !a.no_resp {

@@ -15,7 +15,8 @@ use tracing::{error, info};
 
 impl Poller {
     /// Wakes a quiet group. `leader_down`: woken because its leader's node stopped answering
-    /// (else by a message, a call, or to catch up a member that answers again).
+    /// (else by a message, a call, or to catch up a member that answers again or comes back on
+    /// a new connection).
     pub(super) fn wake(&mut self, gid: GroupId, leader_down: bool) {
         let at = Instant::now();
         let now = self.shared.now();
@@ -155,8 +156,9 @@ impl Poller {
         // Nodes that answer again after being counted down (a node this host sends to but
         // never heard from counts as down once the host is `peer_down_ms` old, see
         // `Poller::flush`), and live nodes on a new connection since the last tick (a node
-        // that restarted faster than `peer_down_ms` is never counted down, and comes back on
-        // a new connection): the quiet groups led here in which they may be behind wake, so
+        // that restarted faster than `peer_down_ms` is never counted down; it comes back on a
+        // new connection, at once where it dials, see `HostNetwork::connections`): the quiet
+        // groups led here in which they may be behind wake, so
         // that they catch up. Those are the groups where the leader knows them to lack
         // entries, and every group where they are learners: a learner never campaigns, and
         // one that has the entries may still lack the commit index (it missed the message

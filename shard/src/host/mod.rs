@@ -92,7 +92,7 @@ pub struct HostConfig {
     /// (and when it answers again, the quiet groups led here where it may be behind).
     pub peer_down_ms: u64,
     /// Quiet groups woken per poller tick because their leader's node went down, then because
-    /// a member's node answers again.
+    /// a member's node answers again or comes back on a new connection.
     pub wakes_per_tick_max: usize,
     /// Elections started per poller tick, at most; a group whose election timer fired past
     /// that waits for a later tick. Without a bound, a node restarting with 100,000 groups
@@ -285,9 +285,12 @@ pub trait HostNetwork: Send + Sync + 'static {
     }
 
     /// How many connections with node `to` were established so far, if the network knows (a
-    /// network that does not answers a constant). A node that restarts comes back on a new
-    /// connection: the count moving tells the host that the node may have lost what it had
-    /// not applied, even when it came back before it counted as down.
+    /// network that does not answers a constant). The count moving tells the host that the
+    /// node may have restarted and lost what it had not applied, even when it came back before
+    /// it counted as down. With the node's transport, a restarted node dials its peers of
+    /// higher id at once (the lower id of a pair dials): they see the count move. A peer of
+    /// lower id keeps its old connection until QUIC's idle timeout, during which the restarted
+    /// node cannot send, so it counts as down first and is caught up when it answers again.
     fn connections(&self, _to: NodeId) -> u64 {
         0
     }

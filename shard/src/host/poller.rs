@@ -151,7 +151,8 @@ pub(crate) struct Poller {
     /// Quiet groups to wake because their leader's node is down, oldest first: served before
     /// `to_catch_up`, since each of them has no leader until it wakes.
     pub(super) to_wake: WakeQueue,
-    /// Quiet groups led here to wake because a member's node answers again (see `tick`).
+    /// Quiet groups led here to wake because a member's node answers again or comes back on a
+    /// new connection (see `tick`).
     pub(super) to_catch_up: WakeQueue,
     /// Nodes seen down at the last tick (a node going down triggers the wake-up scan once).
     pub(super) down: BTreeSet<NodeId>,
