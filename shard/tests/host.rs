@@ -214,6 +214,38 @@ async fn a_learner_back_after_missing_writes_catches_up_although_its_groups_went
     c.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_busy_when_its_leader_went_quiet_goes_quiet_once_its_work_is_done() {
+    let (c, learner) = voters_and_a_learner(1..=1).await;
+    let g = GroupId(1);
+    c.put(g, &key(1, "a"), "1").await.expect("write");
+    let voters = [c.host(NodeId(1)), c.host(NodeId(2))];
+    quiet_on(&voters, 1, "before").await;
+    // The learner's applies wait, so it is still applying the next write when its leader goes
+    // quiet, and refuses the leader's notice.
+    c.host(learner).hold_applies(true);
+    c.put(g, &key(1, "a"), "2").await.expect("write");
+    let last = quiet_on(&voters, 1, "with the learner's applies held").await;
+    let info = c.host(learner).group_info_of(g).await.expect("info");
+    assert!(!info.quiet && info.applied < last[&g], "the learner was not busy when the notice came: {info:?}");
+    // Its work done, it goes quiet on the notice it refused, with nothing more from the leader
+    // (a learner never campaigns: without it, it would tick until the group next woke).
+    let woken = voters_woken(&c);
+    c.host(learner).hold_applies(false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = c.host(learner).group_info_of(g).await.expect("info");
+        if info.quiet {
+            assert_eq!(info.applied, last[&g], "{info:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the learner stays awake after its applies: {info:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(voters_woken(&c), woken, "the leader was woken for it");
+    c.shutdown().await;
+}
+
 /// Group 1 with voters on nodes 1 and 2 and a learner on node 3 (returned), quiet, where the
 /// learner holds every entry but was never told that the last one committed: its log matches
 /// the leader's, so the leader went quiet with it behind on the commit index only. The commit

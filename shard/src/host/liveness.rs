@@ -34,15 +34,63 @@ impl Poller {
         self.shared.stats.woken.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A leader went quiet: the follower does too if it is at the same point, idle. One still
+    /// busy (writing, applying, loading) keeps the notice and takes it at a later tick once
+    /// its work is done (`take_pending_notices`): a leader sends it once, and a learner that
+    /// refused it would tick until the group next woke (a voter would campaign).
     pub(super) fn on_quiesce_notice(&mut self, from: NodeId, q: QuiesceNotice) {
         let Some(g) = self.groups.get_mut(&q.group) else { return };
-        if g.quiet || g.busy() || !g.core.engine().can_quiesce_follower(from, q.term, q.index) {
+        if g.quiet {
             return;
         }
+        if g.busy() {
+            self.quiesce_pending.insert(q.group, (from, q));
+            return;
+        }
+        self.quiesce_pending.remove(&q.group);
+        if g.core.engine().can_quiesce_follower(from, q.term, q.index) {
+            self.go_quiet_following(q.group, from);
+        }
+    }
+
+    /// Takes the notices refused while busy whose group is now idle at the notice's point;
+    /// drops those it can never take (the group went on past the point, or is gone or quiet).
+    fn take_pending_notices(&mut self) {
+        if self.quiesce_pending.is_empty() {
+            return;
+        }
+        let mut quiet = Vec::new();
+        self.quiesce_pending.retain(|gid, (from, q)| {
+            let Some(g) = self.groups.get(gid) else { return false };
+            if g.quiet {
+                return false;
+            }
+            let e = g.core.engine();
+            if e.term() != q.term || e.last_log_id().index > q.index || e.committed() > q.index {
+                return false;
+            }
+            if g.busy() {
+                return true;
+            }
+            if e.can_quiesce_follower(*from, q.term, q.index) {
+                quiet.push((*gid, *from));
+                return false;
+            }
+            // Idle but short of the point (the commit index not heard, entries missing): only
+            // the leader can bring it there, and it will tell again when it next goes quiet.
+            false
+        });
+        for (gid, from) in quiet {
+            self.go_quiet_following(gid, from);
+        }
+    }
+
+    fn go_quiet_following(&mut self, gid: GroupId, leader: NodeId) {
+        let Some(g) = self.groups.get_mut(&gid) else { return };
         g.quiet = true;
-        g.quiet_leader = Some(from);
+        g.quiet_leader = Some(leader);
         g.release_idle_memory();
-        self.awake.remove(&q.group);
+        self.awake.remove(&gid);
         self.shared.stats.quiesced.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -67,6 +115,7 @@ impl Poller {
     /// The batched tick: timers of awake groups, quiescence, node liveness.
     pub(super) fn tick(&mut self, at: Instant) {
         self.stop_all_if_poisoned();
+        self.take_pending_notices();
         let now = self.shared.now();
         let shared = self.shared.clone();
         let cfg = &shared.config;
