@@ -45,6 +45,7 @@ impl Poller {
         }
         if g.busy() {
             self.quiesce_pending.insert(q.group, (from, q));
+            self.shared.stats.quiesce_deferred.fetch_add(1, Ordering::Relaxed);
             return;
         }
         self.quiesce_pending.remove(&q.group);
@@ -53,32 +54,34 @@ impl Poller {
         }
     }
 
-    /// Takes the notices refused while busy whose group is now idle at the notice's point;
-    /// drops those it can never take (the group went on past the point, or is gone or quiet).
-    fn take_pending_notices(&mut self) {
+    /// Takes the notices kept while busy whose group is now idle at the notice's point (the
+    /// check a notice passes on arrival). Drops those it can never take: the group went on
+    /// past the point (a later term, entries or a commit index beyond it), is gone, failed or
+    /// quiet, or the notice's leader no longer counts as live (`at`, the instant the tick
+    /// judges liveness by): going quiet under a leader already counted down, the group would
+    /// never be woken for it, since only a leader newly counted down wakes its quiet groups.
+    /// A notice whose group is short of the point stays: its own write or apply may still be
+    /// on the way (queued in the engine, not yet driven), and an entry costs one check a tick.
+    fn take_pending_notices(&mut self, at: Instant) {
         if self.quiesce_pending.is_empty() {
             return;
         }
+        let shared = self.shared.clone();
         let mut quiet = Vec::new();
         self.quiesce_pending.retain(|gid, (from, q)| {
             let Some(g) = self.groups.get(gid) else { return false };
-            if g.quiet {
+            if g.quiet || g.core.fatal().is_some() || !shared.is_live(*from, at) {
                 return false;
             }
             let e = g.core.engine();
             if e.term() != q.term || e.last_log_id().index > q.index || e.committed() > q.index {
                 return false;
             }
-            if g.busy() {
-                return true;
-            }
-            if e.can_quiesce_follower(*from, q.term, q.index) {
+            if !g.busy() && e.can_quiesce_follower(*from, q.term, q.index) {
                 quiet.push((*gid, *from));
                 return false;
             }
-            // Idle but short of the point (the commit index not heard, entries missing): only
-            // the leader can bring it there, and it will tell again when it next goes quiet.
-            false
+            true
         });
         for (gid, from) in quiet {
             self.go_quiet_following(gid, from);
@@ -115,7 +118,7 @@ impl Poller {
     /// The batched tick: timers of awake groups, quiescence, node liveness.
     pub(super) fn tick(&mut self, at: Instant) {
         self.stop_all_if_poisoned();
-        self.take_pending_notices();
+        self.take_pending_notices(at);
         let now = self.shared.now();
         let shared = self.shared.clone();
         let cfg = &shared.config;

@@ -158,9 +158,9 @@ pub(crate) struct Poller {
     pub(super) down: BTreeSet<NodeId>,
     /// Each peer's count of connections (`HostNetwork::connections`) as the last tick read it.
     pub(super) connections_seen: HashMap<NodeId, u64>,
-    /// Quiesce notices a follower refused while it was busy, with their sender: taken at a
-    /// later tick once the follower reaches the notice's point (see `tick`). At most one a
-    /// group, and only for groups of this poller.
+    /// Quiesce notices a follower kept because it was busy, with their sender: taken at a later
+    /// tick once the follower is idle at the notice's point, dropped once it never can be
+    /// (`take_pending_notices`). At most one a group, only for groups of this poller.
     pub(super) quiesce_pending: HashMap<GroupId, (NodeId, QuiesceNotice)>,
     /// The nodes the host pings, as this poller last added to or read them (`flush`).
     pub(super) peers_seen: BTreeSet<NodeId>,
