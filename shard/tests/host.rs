@@ -224,10 +224,11 @@ async fn a_learner_busy_when_its_leader_went_quiet_goes_quiet_once_its_work_is_d
     // The learner's applies wait, so it is still applying the next write when its leader goes
     // quiet, and refuses the leader's notice.
     c.host(learner).hold_applies(true);
+    let deferred = c.host(learner).stats().quiesce_deferred.load(Ordering::Relaxed);
     c.put(g, &key(1, "a"), "2").await.expect("write");
     let last = quiet_on(&voters, 1, "with the learner's applies held").await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while c.host(learner).stats().quiesce_deferred.load(Ordering::Relaxed) == 0 {
+    while c.host(learner).stats().quiesce_deferred.load(Ordering::Relaxed) == deferred {
         assert!(Instant::now() < deadline, "the learner never kept the leader's notice for later");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -273,10 +274,12 @@ async fn voters_busy_when_their_leader_went_quiet_and_died_elect_a_new_leader() 
     for n in &survivors {
         c.host(*n).hold_applies(true);
     }
+    let deferred = |n: &NodeId| c.host(*n).stats().quiesce_deferred.load(Ordering::Relaxed);
+    let before: Vec<u64> = survivors.iter().map(deferred).collect();
     c.put(g, &key(1, "a"), "2").await.expect("write");
     quiet_on(&[c.host(leader)], 1, "the leader, with the survivors' applies held").await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while survivors.iter().any(|n| c.host(*n).stats().quiesce_deferred.load(Ordering::Relaxed) == 0) {
+    while survivors.iter().zip(&before).any(|(n, b)| deferred(n) == *b) {
         assert!(Instant::now() < deadline, "a survivor never kept the leader's notice for later");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -44,7 +44,11 @@ impl Poller {
             return;
         }
         if g.busy() {
-            self.quiesce_pending.insert(q.group, (from, q));
+            // Never in place of a newer notice: one of an earlier term, arriving late, could
+            // not be taken anyway.
+            if q.term >= g.core.engine().term() {
+                self.quiesce_pending.insert(q.group, (from, q));
+            }
             self.shared.stats.quiesce_deferred.fetch_add(1, Ordering::Relaxed);
             return;
         }

@@ -865,7 +865,9 @@ impl Host {
     pub fn receive(&self, batch: NodeBatch) {
         let now = Instant::now();
         if let Ok(mut h) = self.shared.heard.lock() {
-            h.insert(batch.from, now);
+            // Two receives of one sender may race here: the later instant stays.
+            let t = h.entry(batch.from).or_insert(now);
+            *t = (*t).max(now);
         }
         if let Ok(mut p) = self.shared.peers.lock() {
             if !p.contains(&batch.from) && batch.from != self.node() {
