@@ -55,7 +55,7 @@
 //! ```
 
 use crate::meta::dev_split_keys;
-use crate::node::{pollers_for_runtime_threads, BootstrapConfig, NodeConfig, META_VOTERS_MAX};
+use crate::node::{default_pollers, BootstrapConfig, NodeConfig, META_VOTERS_MAX};
 use crate::raft::NodeId;
 use crate::resp_server::{RespConfig, User, Users};
 use crate::shard::StoreOptions;
@@ -392,13 +392,7 @@ impl ServerFile {
         if let Some(bytes) = self.merge_size_bytes {
             node.balancer.merge_size_bytes_threshold = bytes;
         }
-        match (self.pollers, self.runtime_threads) {
-            (Some(p), _) => node.pollers = p,
-            // From the runtime's threads rather than from the cores, as `default_pollers` does
-            // for a runtime of one thread per core.
-            (None, Some(threads)) => node.pollers = pollers_for_runtime_threads(threads, 1),
-            (None, None) => {}
-        }
+        node.pollers = self.pollers.unwrap_or_else(|| default_pollers(self.runtime_threads, 1));
         node.auto_balance_interval_ms = self.auto_balance.then_some(AUTO_BALANCE_INTERVAL_MS);
         if let Some(b) = &self.bootstrap {
             if b.meta_voters.is_empty() || b.meta_voters.len() > META_VOTERS_MAX {
@@ -568,7 +562,7 @@ mod tests {
         let err = file("runtime_threads = 2").resolve(Path::new(".")).unwrap_err();
         assert!(err.starts_with("tls"), "{err}");
         // Without `pollers`, half the runtime's threads run pollers.
-        let pollers: Vec<usize> = [1, 2, 3, 8, 16, 64].into_iter().map(|t| pollers_for_runtime_threads(t, 1)).collect();
+        let pollers: Vec<usize> = [1, 2, 3, 8, 16, 64].into_iter().map(|t| default_pollers(Some(t), 1)).collect();
         assert_eq!(pollers, vec![1, 1, 1, 4, 8, 8]);
     }
 

@@ -4,7 +4,6 @@
 //! role may do only what it allows; bad input to each command
 //! gives a clear error; SIGTERM stops `dev` cleanly.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -94,14 +93,10 @@ fn dev_cluster_through_the_cli() {
     fails(&home, &["kv", "get", "hello"], 1, "not found");
 
     // The nodes' shared runtime runs the threads `--runtime-threads` asked for.
-    let cluster: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(home.join("cluster.json")).unwrap()).unwrap();
-    let addr = cluster["nodes"][0]["metrics"].as_str().expect("node 1's metrics address").to_string();
-    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(conn, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut page = String::new();
-    conn.read_to_string(&mut page).unwrap();
+    let cluster = flotilla::cluster::ClusterFile::load(&home.join("cluster.json")).unwrap();
+    let addr = cluster.nodes[0].metrics.clone().expect("node 1's metrics address");
+    let fetch = flotilla::metrics_scrape::fetch(&addr, Duration::from_secs(10));
+    let page = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(fetch).unwrap();
     assert!(page.lines().any(|l| l == "flotilla_runtime_worker_threads{node=\"1\"} 2"), "{page}");
 
     // admin.

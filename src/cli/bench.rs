@@ -5,6 +5,7 @@ use super::{client_config, Conn};
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, ValueEnum};
 use flotilla::bench::{self, BenchConfig, Workload};
+use flotilla::config::RUNTIME_THREADS_MAX;
 use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,7 +50,7 @@ pub struct BenchArgs {
     /// operations a second and, on a machine shared with the servers, leaves them the rest of
     /// the cores; with more threads than it needs, each answer handed between them wakes a
     /// sleeping thread. Give more when the load generator's one core is the limit.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=RUNTIME_THREADS_MAX as i64))]
     threads: u16,
 }
 

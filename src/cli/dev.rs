@@ -5,6 +5,7 @@ use super::stop_signal;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use flotilla::cluster::{self, ClusterFile};
+use flotilla::config::RUNTIME_THREADS_MAX;
 use flotilla::dev_cluster::DevCluster;
 use flotilla::meta::{dev_split_keys, BOOTSTRAP_SHARDS_MAX};
 use flotilla::raft::NodeId;
@@ -57,7 +58,7 @@ pub struct DevArgs {
     restore: Option<PathBuf>,
     /// Worker threads of the async runtime the nodes share (default: one per core). Each
     /// node's pollers then follow from it, as a server's do from its `runtime_threads`.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=RUNTIME_THREADS_MAX as i64))]
     runtime_threads: Option<u16>,
 }
 
@@ -84,6 +85,7 @@ pub async fn run(a: DevArgs) -> Result<i32> {
         store = flotilla::shard::StoreOptions::with_memory_budget(bytes);
         store.check().map_err(|e| anyhow!("--memory-budget: {e}"))?;
     }
+    let runtime_threads = a.runtime_threads();
     let dir = a.data_dir.unwrap_or_else(|| cluster::home().join("dev"));
     prepare_dev_dir(&dir)?;
     let log = std::fs::File::create(dir.join("dev.log"))
@@ -118,10 +120,7 @@ pub async fn run(a: DevArgs) -> Result<i32> {
         cfg.balancer.split_size_bytes_threshold = a.split_size_bytes;
         cfg.balancer.merge_size_bytes_threshold = a.merge_size_bytes.unwrap_or(0);
         cfg.store = store;
-        cfg.pollers = match a.runtime_threads {
-            Some(threads) => flotilla::node::pollers_for_runtime_threads(usize::from(threads), ids.len()),
-            None => flotilla::node::default_pollers(ids.len()),
-        };
+        cfg.pollers = flotilla::node::default_pollers(runtime_threads, ids.len());
         cfg.auto_balance_interval_ms = (!a.no_auto_balance).then_some(flotilla::config::AUTO_BALANCE_INTERVAL_MS);
         // The Redis front door on the first node (any node routes any key), on a free port.
         if cfg.id == NodeId(1) && !a.no_resp {

@@ -279,7 +279,7 @@ impl NodeConfig {
             peers: Vec::new(),
             bootstrap: None,
             raft: default_raft(),
-            pollers: default_pollers(1),
+            pollers: default_pollers(None, 1),
             report_interval_ms: 1_000,
             report_shards_per_message: REPORT_SHARDS_PER_MESSAGE,
             reports_between_whole: REPORTS_BETWEEN_WHOLE,
@@ -312,19 +312,13 @@ fn load_split_config(config: &NodeConfig) -> LoadSplitConfig {
     }
 }
 
-/// Pollers (tasks on the node's runtime) for each of `nodes_per_process` nodes on a runtime of
-/// one worker per core: see [`pollers_for_runtime_threads`].
-pub fn default_pollers(nodes_per_process: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    pollers_for_runtime_threads(cores, nodes_per_process)
-}
-
-/// Pollers for each of `nodes_per_process` nodes sharing a runtime of `threads` workers: half
-/// the workers for all of them, at least one, at most eight, so that pollers in their rounds
-/// leave at least half of the runtime's workers to the network and the callers. On two cores
-/// one poller per node is 12–15 % faster for puts than two (larger write rounds;
-/// BENCHMARKS.md).
-pub fn pollers_for_runtime_threads(threads: usize, nodes_per_process: usize) -> usize {
+/// Pollers (tasks on the node's runtime) for each of `nodes_per_process` nodes sharing a
+/// runtime of `runtime_threads` workers (`None`: the runtime's default, one per core): half the
+/// workers for all of them, at least one, at most eight, so that pollers in their rounds leave
+/// at least half of the runtime's workers to the network and the callers. On two cores one
+/// poller per node is 12–15 % faster for puts than two (larger write rounds; BENCHMARKS.md).
+pub fn default_pollers(runtime_threads: Option<usize>, nodes_per_process: usize) -> usize {
+    let threads = runtime_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     (threads / 2 / nodes_per_process.max(1)).clamp(1, 8)
 }
 
