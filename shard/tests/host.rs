@@ -348,7 +348,7 @@ async fn a_restarted_host_resumes_every_group_with_its_data() {
         net.hosts.write().expect("lock").insert(id, h.clone());
         hosts.push(h);
     }
-    let c = Cluster { net: net.clone(), hosts, _dirs: Vec::new() };
+    let c = Cluster::of(net.clone(), hosts);
     c.create_groups(1..=20).await;
     for g in 1..=20 {
         c.put(GroupId(g), &key(g, "k"), &format!("{g}")).await.expect("write");
@@ -374,7 +374,7 @@ async fn a_restarted_host_resumes_every_group_with_its_data() {
         assert_eq!(h.groups(), (1..=20).map(GroupId).collect::<Vec<_>>());
         hosts.push(h);
     }
-    let c = Cluster { net, hosts, _dirs: Vec::new() };
+    let c = Cluster::of(net, hosts);
     for g in 1..=20 {
         assert_eq!(
             c.get(GroupId(g), &key(g, "k")).await.expect("read"),
@@ -952,10 +952,11 @@ async fn read_index_reads_racing_writes_never_miss_an_acknowledged_write() {
     while let Some(r) = readers.join_next().await {
         reads += r.expect("reader");
     }
-    // That the reads raced the writes at all: 32 readers, each reading as long as writes go
-    // on. When the 100 writes take about a millisecond each, a reader gets through 3 or 4
-    // ReadIndex rounds in that time (96–128 reads in all, seen here), so the floor is two each.
-    assert!(reads >= 64, "only {reads} reads raced the writes");
+    // That the reads raced the writes at all: 32 readers, each reading as long as the 100 writes
+    // go on. With writer and readers going straight to the leader, a read takes about as long
+    // as a write, and the readers got through 5,000–6,500 reads here, alone or beside the
+    // binary's other tests.
+    assert!(reads >= 1_000, "only {reads} reads raced the writes");
     match Arc::try_unwrap(c) {
         Ok(c) => c.shutdown().await,
         Err(_) => panic!("cluster still shared"),

@@ -24,7 +24,7 @@ async fn a_group_splits_while_clients_write_and_both_halves_survive_a_restart() 
     for (i, d) in dirs.iter().enumerate() {
         hosts.push(open(net.clone(), i, d.path().to_path_buf()).await);
     }
-    let c = Arc::new(Cluster { net: net.clone(), hosts, _dirs: Vec::new() });
+    let c = Arc::new(Cluster::of(net.clone(), hosts));
     let members = Membership::new([NodeId(1), NodeId(2), NodeId(3)]);
     for h in &c.hosts {
         h.create_group(GroupId(1), KeyRange::all(), Some(members.clone())).await.expect("create");
@@ -106,7 +106,7 @@ async fn a_group_splits_while_clients_write_and_both_halves_survive_a_restart() 
         assert_eq!(h.groups(), vec![GroupId(1), GroupId(2)]);
         hosts.push(h);
     }
-    let c = Cluster { net, hosts, _dirs: Vec::new() };
+    let c = Cluster::of(net, hosts);
     for (k, _) in &acked {
         let g = if k.as_str() < "m" { 1 } else { 2 };
         assert_eq!(c.get(GroupId(g), k).await.expect("read"), Some(b"v".to_vec()), "{k} in group {g}");

@@ -111,6 +111,10 @@ pub struct Cluster {
     pub net: Arc<MemNet>,
     pub hosts: Vec<Host>,
     pub _dirs: Vec<tempfile::TempDir>,
+    /// The node that last served each group's call, where `put` and `get` start, as a client
+    /// remembers its leaders: without it every call would start at a fixed node and pay a
+    /// redirect whenever another leads.
+    pub leaders: RwLock<HashMap<GroupId, NodeId>>,
 }
 
 impl Cluster {
@@ -133,7 +137,12 @@ impl Cluster {
             hosts.push(host);
             dirs.push(dir);
         }
-        Cluster { net, hosts, _dirs: dirs }
+        Cluster { net, hosts, _dirs: dirs, leaders: RwLock::default() }
+    }
+
+    /// A cluster of hosts a test opened itself (their directories are the test's).
+    pub fn of(net: Arc<MemNet>, hosts: Vec<Host>) -> Cluster {
+        Cluster { net, hosts, _dirs: Vec::new(), leaders: RwLock::default() }
     }
 
     pub fn host(&self, id: NodeId) -> &Host {
@@ -152,29 +161,53 @@ impl Cluster {
     /// Writes through whichever host leads the group, following redirects.
     pub async fn put(&self, group: GroupId, key: &str, value: &str) -> Result<KvResponse, HostError> {
         let cmd = KvCommand::Put { key: key.as_bytes().to_vec(), value: value.as_bytes().to_vec() };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut target = self.hosts[(group.0 % self.hosts.len() as u64) as usize].node();
-        loop {
-            match self.host(target).write(group, cmd.clone()).await {
-                Err(HostError::Raft(RaftError::NotLeader { leader })) if Instant::now() < deadline => {
-                    target = leader.unwrap_or(NodeId(target.0 % self.hosts.len() as u64 + 1));
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                other => return other,
-            }
-        }
+        let first = self.hosts[(group.0 % self.hosts.len() as u64) as usize].node();
+        self.call_leader(group, first, |host| {
+            let cmd = cmd.clone();
+            async move { host.write(group, cmd).await }
+        })
+        .await
     }
 
+    /// A ReadIndex read through whichever host leads the group, following redirects.
     pub async fn get(&self, group: GroupId, key: &str) -> Result<Option<Vec<u8>>, HostError> {
+        let first = self.hosts[0].node();
+        self.call_leader(group, first, |host| {
+            let key = key.as_bytes().to_vec();
+            async move { host.get(group, key, ReadMode::ReadIndex).await }
+        })
+        .await
+    }
+
+    /// Runs `call` on the node last known to lead `group` (`first` if none is known), following
+    /// redirects for up to 30 s: at once to a leader named, after 20 ms when none is (an
+    /// election is on) or after a few redirects in a row (the names are stale).
+    async fn call_leader<T, F, Fut>(&self, group: GroupId, first: NodeId, call: F) -> Result<T, HostError>
+    where
+        F: Fn(Host) -> Fut,
+        Fut: std::future::Future<Output = Result<T, HostError>>,
+    {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let mut target = self.hosts[0].node();
+        let mut target = self.leaders.read().expect("lock").get(&group).copied().unwrap_or(first);
+        let mut redirects = 0u32;
         loop {
-            match self.host(target).get(group, key.as_bytes().to_vec(), ReadMode::ReadIndex).await {
+            match call(self.host(target).clone()).await {
                 Err(HostError::Raft(RaftError::NotLeader { leader })) if Instant::now() < deadline => {
-                    target = leader.unwrap_or(NodeId(target.0 % self.hosts.len() as u64 + 1));
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    redirects += 1;
+                    target = match leader {
+                        Some(l) if redirects <= 3 => l,
+                        named => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            named.unwrap_or(NodeId(target.0 % self.hosts.len() as u64 + 1))
+                        }
+                    };
                 }
-                other => return other,
+                other => {
+                    if other.is_ok() {
+                        self.leaders.write().expect("lock").insert(group, target);
+                    }
+                    return other;
+                }
             }
         }
     }
