@@ -214,6 +214,96 @@ async fn a_learner_back_after_missing_writes_catches_up_although_its_groups_went
     c.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_busy_when_its_leader_went_quiet_goes_quiet_once_its_work_is_done() {
+    let (c, learner) = voters_and_a_learner(1..=1).await;
+    let g = GroupId(1);
+    c.put(g, &key(1, "a"), "1").await.expect("write");
+    let voters = [c.host(NodeId(1)), c.host(NodeId(2))];
+    quiet_on(&voters, 1, "before").await;
+    // The learner's applies wait, so it is still applying the next write when its leader goes
+    // quiet, and refuses the leader's notice.
+    c.host(learner).hold_applies(true);
+    let deferred = c.host(learner).stats().quiesce_deferred.load(Ordering::Relaxed);
+    c.put(g, &key(1, "a"), "2").await.expect("write");
+    let last = quiet_on(&voters, 1, "with the learner's applies held").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.host(learner).stats().quiesce_deferred.load(Ordering::Relaxed) == deferred {
+        assert!(Instant::now() < deadline, "the learner never kept the leader's notice for later");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let info = c.host(learner).group_info_of(g).await.expect("info");
+    assert!(!info.quiet && info.applied < last[&g], "the learner was not busy when the notice came: {info:?}");
+    // Its work done, it goes quiet on the notice it refused, with nothing more from the leader
+    // (a learner never campaigns: without it, it would tick until the group next woke).
+    let woken = voters_woken(&c);
+    c.host(learner).hold_applies(false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = c.host(learner).group_info_of(g).await.expect("info");
+        if info.quiet {
+            assert_eq!(info.applied, last[&g], "{info:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the learner stays awake after its applies: {info:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(voters_woken(&c), woken, "the leader was woken for it");
+    c.shutdown().await;
+}
+
+/// Voters still applying when their leader went quiet keep its notice; if the leader's node
+/// counts as down before they are done, they must not take it: a group quiet under a leader
+/// already counted down is never woken for it, and with every survivor in that state nobody
+/// would campaign. (Elections here wait longer than `peer_down_ms`, so that the survivors are
+/// still awake and have not campaigned when the leader counts as down.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voters_busy_when_their_leader_went_quiet_and_died_elect_a_new_leader() {
+    let c = Cluster::start_with(3, |cfg| {
+        cfg.raft.election_timeout_ms_min = 1500;
+        cfg.raft.election_timeout_ms_max = 2000;
+    })
+    .await;
+    c.create_groups(1..=1).await;
+    let g = GroupId(1);
+    c.put(g, &key(1, "a"), "1").await.expect("write");
+    let leader = leader_of_group(&c, g).await;
+    let survivors: Vec<NodeId> = [1, 2, 3].map(NodeId).into_iter().filter(|n| *n != leader).collect();
+    let all: Vec<&Host> = c.hosts.iter().collect();
+    quiet_on(&all, 1, "before").await;
+    for n in &survivors {
+        c.host(*n).hold_applies(true);
+    }
+    let deferred = |n: &NodeId| c.host(*n).stats().quiesce_deferred.load(Ordering::Relaxed);
+    let before: Vec<u64> = survivors.iter().map(deferred).collect();
+    c.put(g, &key(1, "a"), "2").await.expect("write");
+    quiet_on(&[c.host(leader)], 1, "the leader, with the survivors' applies held").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while survivors.iter().zip(&before).any(|(n, b)| deferred(n) == *b) {
+        assert!(Instant::now() < deadline, "a survivor never kept the leader's notice for later");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The leader's node goes away and counts as down (300 ms) before the survivors are done.
+    c.net.cut.write().expect("lock").insert(leader);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for n in &survivors {
+        c.host(*n).hold_applies(false);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    'elected: loop {
+        for n in &survivors {
+            let info = c.host(*n).group_info_of(g).await.expect("info");
+            if info.role == Role::Leader {
+                break 'elected;
+            }
+        }
+        assert!(Instant::now() < deadline, "no survivor campaigned: the group went quiet under a dead leader");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.net.cut.write().expect("lock").clear();
+    c.shutdown().await;
+}
+
 /// Group 1 with voters on nodes 1 and 2 and a learner on node 3 (returned), quiet, where the
 /// learner holds every entry but was never told that the last one committed: its log matches
 /// the leader's, so the leader went quiet with it behind on the commit index only. The commit

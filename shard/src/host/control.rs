@@ -52,6 +52,7 @@ impl Poller {
         // Its applied indexes say nothing of a replica created again under the same id (whose
         // state is written in later batches): it must not hear them as durable.
         self.durable_waits.retain(|(_, gid, _, _)| *gid != id);
+        self.quiesce_pending.remove(&id);
     }
 
     /// The state of every group on this poller (`only`: of those groups, the ones here).

@@ -34,15 +34,70 @@ impl Poller {
         self.shared.stats.woken.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A leader went quiet: the follower does too if it is at the same point, idle. One still
+    /// busy (writing, applying, loading) keeps the notice and takes it at a later tick once
+    /// its work is done (`take_pending_notices`): a leader sends it once, and a learner that
+    /// refused it would tick until the group next woke (a voter would campaign).
     pub(super) fn on_quiesce_notice(&mut self, from: NodeId, q: QuiesceNotice) {
         let Some(g) = self.groups.get_mut(&q.group) else { return };
-        if g.quiet || g.busy() || !g.core.engine().can_quiesce_follower(from, q.term, q.index) {
+        if g.quiet {
             return;
         }
+        if g.busy() {
+            // Never in place of a newer notice: one of an earlier term, arriving late, could
+            // not be taken anyway.
+            if q.term >= g.core.engine().term() {
+                self.quiesce_pending.insert(q.group, (from, q));
+            }
+            self.shared.stats.quiesce_deferred.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.quiesce_pending.remove(&q.group);
+        if g.core.engine().can_quiesce_follower(from, q.term, q.index) {
+            self.go_quiet_following(q.group, from);
+        }
+    }
+
+    /// Takes the notices kept while busy whose group is now idle at the notice's point (the
+    /// check a notice passes on arrival). Drops those it can never take: the group went on
+    /// past the point (a later term, entries or a commit index beyond it), is gone, failed or
+    /// quiet, or the notice's leader no longer counts as live (`at`, the instant the tick
+    /// judges liveness by): going quiet under a leader already counted down, the group would
+    /// never be woken for it, since only a leader newly counted down wakes its quiet groups.
+    /// A notice whose group is short of the point stays: its own write or apply may still be
+    /// on the way (queued in the engine, not yet driven), and an entry costs one check a tick.
+    fn take_pending_notices(&mut self, at: Instant) {
+        if self.quiesce_pending.is_empty() {
+            return;
+        }
+        let shared = self.shared.clone();
+        let mut quiet = Vec::new();
+        self.quiesce_pending.retain(|gid, (from, q)| {
+            let Some(g) = self.groups.get(gid) else { return false };
+            if g.quiet || g.core.fatal().is_some() || !shared.is_live(*from, at) {
+                return false;
+            }
+            let e = g.core.engine();
+            if e.term() != q.term || e.last_log_id().index > q.index || e.committed() > q.index {
+                return false;
+            }
+            if !g.busy() && e.can_quiesce_follower(*from, q.term, q.index) {
+                quiet.push((*gid, *from));
+                return false;
+            }
+            true
+        });
+        for (gid, from) in quiet {
+            self.go_quiet_following(gid, from);
+        }
+    }
+
+    fn go_quiet_following(&mut self, gid: GroupId, leader: NodeId) {
+        let Some(g) = self.groups.get_mut(&gid) else { return };
         g.quiet = true;
-        g.quiet_leader = Some(from);
+        g.quiet_leader = Some(leader);
         g.release_idle_memory();
-        self.awake.remove(&q.group);
+        self.awake.remove(&gid);
         self.shared.stats.quiesced.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -67,6 +122,7 @@ impl Poller {
     /// The batched tick: timers of awake groups, quiescence, node liveness.
     pub(super) fn tick(&mut self, at: Instant) {
         self.stop_all_if_poisoned();
+        self.take_pending_notices(at);
         let now = self.shared.now();
         let shared = self.shared.clone();
         let cfg = &shared.config;

@@ -19,10 +19,12 @@
 //! answered a heartbeat since, so a live node whose replica does not answer keeps a woken
 //! group heartbeating until that node counts as down) for `quiesce_after_ticks` ticks goes
 //! quiet and tells its followers in the next batch; a follower at the same point goes quiet
-//! too. Quiet groups cost nothing per tick: they are not in the awake set. A proposal, a call
-//! or a message wakes a group. Node-level liveness replaces per-group heartbeats while quiet:
-//! every host pings the nodes it talks to once per heartbeat interval, and when a node has not
-//! been heard from for `peer_down_ms`, the quiet groups it leads are woken (at most
+//! too (one still writing or applying the last entries when the notice comes, at the first
+//! tick after its work is done, if that leader still counts as live). Quiet groups cost nothing per tick: they are not in the
+//! awake set. A proposal, a call or a message wakes a group. Node-level liveness replaces
+//! per-group heartbeats while quiet: every host pings the nodes it talks to once per
+//! heartbeat interval, and when a node has not been heard from for `peer_down_ms`, the quiet
+//! groups it leads are woken (at most
 //! `wakes_per_tick_max` per poller tick, so a blip does not wake ten thousand groups at once)
 //! and elect a new leader. A follower that is down does not keep a group awake; when its node
 //! answers again, or comes back on a new connection (a restart too quick to count as down,
@@ -315,6 +317,8 @@ pub struct HostStats {
     pub messages_sent: AtomicU64,
     /// Groups that went quiet (cumulative).
     pub quiesced: AtomicU64,
+    /// Quiesce notices a busy follower kept to take once its work is done (cumulative).
+    pub quiesce_deferred: AtomicU64,
     /// Quiet groups woken (cumulative).
     pub woken: AtomicU64,
     /// Elections put off to a later tick by `HostConfig::campaigns_per_tick_max` (cumulative).

@@ -158,6 +158,10 @@ pub(crate) struct Poller {
     pub(super) down: BTreeSet<NodeId>,
     /// Each peer's count of connections (`HostNetwork::connections`) as the last tick read it.
     pub(super) connections_seen: HashMap<NodeId, u64>,
+    /// Quiesce notices a follower kept because it was busy, with their sender: taken at a later
+    /// tick once the follower is idle at the notice's point, dropped once it never can be
+    /// (`take_pending_notices`). At most one a group, only for groups of this poller.
+    pub(super) quiesce_pending: HashMap<GroupId, (NodeId, QuiesceNotice)>,
     /// The nodes the host pings, as this poller last added to or read them (`flush`).
     pub(super) peers_seen: BTreeSet<NodeId>,
     pub(super) round: Round,
@@ -199,6 +203,7 @@ impl Poller {
             to_catch_up: WakeQueue::default(),
             down: BTreeSet::new(),
             connections_seen: HashMap::new(),
+            quiesce_pending: HashMap::new(),
             peers_seen: BTreeSet::new(),
             round: Round::default(),
             next_tick: now,
