@@ -12,6 +12,10 @@
 # Environment (defaults in brackets):
 #   DURATION [20]  seconds per run     CLIENTS [64]     VALUE_SIZE [100]    KEYS [10000]
 #   SHARDS [4]     Flotilla's initial shards (as `flotilla dev`)
+#   ROUNDS [1]     rounds of every system, each on fresh clusters; the order of the systems
+#                  alternates from round to round (etcd first in odd rounds), so a drift of the
+#                  machine weighs on both, and the ratio table gives each round's Flotilla/etcd
+#                  ratio and their median
 #   SYSTEMS ["etcd flotilla"]          WORKLOADS ["put get mixed"]; also `lease-get`: Flotilla's
 #                                      gets served under the leader's lease (etcd skips it)
 #   WORKERS_PER_CONN [8]   etcd-bench workers per gRPC connection
@@ -61,6 +65,9 @@ BENCH_THREADS=${BENCH_THREADS-1}
 BASE_PORT=${BASE_PORT:-24000}
 LOG_LEVEL=${LOG_LEVEL:-warn}
 KEEP=${KEEP:-0}
+ROUNDS=${ROUNDS:-1}
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "ROUNDS must be a positive whole number: $ROUNDS" >&2; exit 2; }
+round=1
 
 for bin in "$FLOTILLA_BIN" "$ETCD_BENCH_BIN"; do
   [ -x "$bin" ] || { echo "not an executable: $bin" >&2; exit 2; }
@@ -162,14 +169,14 @@ record() {
   else
     log "$system $workload: no CPU figures (a server stopped during the run, or no operation succeeded)"
   fi
-  line="{\"system\":\"$system\",$cpu,${line#\{}"
+  line="{\"system\":\"$system\",\"round\":$round,$cpu,${line#\{}"
   [ "$workload" = lease-get ] && line=${line/\"workload\":\"get\"/\"workload\":\"lease-get\"}
   printf '%s\n' "$line"
   results+=("$line")
 }
 
 run_etcd() {
-  local dir=$work/etcd i initial="" endpoints=""
+  local dir=$work/round$round/etcd i initial="" endpoints=""
   mkdir -p "$dir"
   for i in 1 2 3; do
     check_free t $((BASE_PORT + i))
@@ -219,7 +226,7 @@ run_etcd() {
 node_settings() { [ -z "$RUNTIME_THREADS" ] || printf 'runtime_threads = %s\n' "$RUNTIME_THREADS"; }
 
 run_flotilla() {
-  local dir=$work/flotilla i
+  local dir=$work/round$round/flotilla i
   for i in 1 2 3; do
     check_free u $((BASE_PORT + 20 + i))
     check_free t $((BASE_PORT + 30 + i))
@@ -258,21 +265,52 @@ log "conditions: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); 
 log "etcd: $("${etcd_env[@]}" "$ETCD_BIN" --version | head -1); flotilla: $("$FLOTILLA_BIN" --version) ($FLOTILLA_BIN), $SHARDS shards"
 log "etcd-bench: $WORKERS_PER_CONN workers per connection; flotilla: runtime_threads ${RUNTIME_THREADS:-default}, bench --threads ${BENCH_THREADS:-default}; this checkout: $(git -C "$(dirname "$0")" describe --always --dirty 2>/dev/null || echo unknown)"
 log "work dir: $work"
-for s in $SYSTEMS; do
-  case $s in
-    etcd) run_etcd ;;
-    flotilla) run_flotilla ;;
-    *) echo "unknown system: $s" >&2; exit 2 ;;
-  esac
+for round in $(seq "$ROUNDS"); do
+  order=$SYSTEMS
+  # Even rounds run the systems in the reverse order.
+  [ $((round % 2)) = 0 ] && order=$(tr ' ' '\n' <<<"$SYSTEMS" | tac | paste -sd' ')
+  for s in $order; do
+    [ "$ROUNDS" = 1 ] || log "round $round of $ROUNDS: $s"
+    case $s in
+      etcd) run_etcd ;;
+      flotilla) run_flotilla ;;
+      *) echo "unknown system: $s" >&2; exit 2 ;;
+    esac
+  done
 done
 
 echo
-printf '| system | workload | ops/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors (unknown/other) | servers CPU µs/op | bench CPU µs/op |\n'
-printf '|---|---|---|---|---|---|---|---|---|---|---|\n'
+printf '| round | system | workload | ops/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors (unknown/other) | servers CPU µs/op | bench CPU µs/op |\n'
+printf '|---|---|---|---|---|---|---|---|---|---|---|---|\n'
 for r in "${results[@]}"; do
-  printf '| %s | %s | %.0f | %.2f | %.2f | %.2f | %.2f | %.1f | %s/%s | %s | %s |\n' \
-    "$(field "$r" system)" "$(field "$r" workload)" "$(field "$r" ops_per_s)" "$(field "$r" p50_ms)" \
+  printf '| %s | %s | %s | %.0f | %.2f | %.2f | %.2f | %.2f | %.1f | %s/%s | %s | %s |\n' \
+    "$(field "$r" round)" "$(field "$r" system)" "$(field "$r" workload)" "$(field "$r" ops_per_s)" "$(field "$r" p50_ms)" \
     "$(field "$r" p90_ms)" "$(field "$r" p99_ms)" "$(field "$r" p999_ms)" "$(field "$r" max_ms)" \
     "$(field "$r" errors_unknown)" "$(field "$r" errors_other)" \
     "$(field "$r" cpu_servers_us_per_op)" "$(field "$r" cpu_bench_us_per_op)"
 done
+
+# Flotilla's ops/s over etcd's, per workload, round by round and the median (both systems must
+# have run the workload in the round).
+if [[ " $SYSTEMS " == *" etcd "* && " $SYSTEMS " == *" flotilla "* ]]; then
+  echo
+  printf '| workload | Flotilla/etcd ops/s, round by round | median |\n|---|---|---|\n'
+  for r in "${results[@]}"; do
+    printf '%s %s %s %s\n' "$(field "$r" workload)" "$(field "$r" round)" "$(field "$r" system)" "$(field "$r" ops_per_s)"
+  done | awk '
+    { ops[$1 " " $2 " " $3] = $4; if (!($1 in seen)) { seen[$1] = 1; order[++n] = $1 } if ($2 > rounds) rounds = $2 }
+    END {
+      for (i = 1; i <= n; i++) {
+        w = order[i]; k = 0; line = ""
+        for (r = 1; r <= rounds; r++) {
+          e = ops[w " " r " etcd"]; f = ops[w " " r " flotilla"]
+          if (e > 0 && f > 0) { x[++k] = f / e; line = line (line == "" ? "" : " / ") sprintf("%.2fx", f / e) }
+        }
+        if (k == 0) continue
+        for (a = 1; a <= k; a++) for (b = a + 1; b <= k; b++) if (x[b] < x[a]) { t = x[a]; x[a] = x[b]; x[b] = t }
+        med = (k % 2) ? x[(k + 1) / 2] : (x[k / 2] + x[k / 2 + 1]) / 2
+        printf "| %s | %s | %.2fx |\n", w, line, med
+        delete x
+      }
+    }'
+fi
