@@ -93,6 +93,18 @@ pub struct Config {
     /// depends on it, never what is committed. At most `heartbeat_interval_ms`, whose
     /// heartbeats carry the commit index too.
     pub commit_notice_delay_ms: u64,
+    /// A heartbeat round that only ReadIndex reads asked for goes to just enough voters to
+    /// make a quorum with the leader (in a group of three, one of the two followers), chosen
+    /// as those that answered the latest rounds first, instead of to every follower; the
+    /// heartbeat timer's rounds still go to all. Every other follower's heartbeat would cost
+    /// it, and the leader, a message to handle and answer for nothing, since the reads wait
+    /// for a quorum only. The cost: each time a chosen follower fails to answer (down, or a
+    /// message lost), the reads waiting on it wait for the timer's next round and its answers,
+    /// up to `heartbeat_interval_ms` and a round trip longer; and when a chosen follower goes
+    /// down, the lease may lapse for as long (reads under it then take a round). Off (etcd's
+    /// behaviour) by default. A joint configuration, a leader that is not a voter, or a new
+    /// leader before its followers answered a round sends to every follower.
+    pub read_rounds_to_quorum: bool,
     /// Engine bugs switched on for the simulator's self-test (feature `sim-bugs` only).
     #[cfg(feature = "sim-bugs")]
     pub bugs: crate::testing::sim::InjectedBugs,
@@ -124,6 +136,7 @@ impl Default for Config {
             votes_need_configuration: false,
             uncommitted_bytes_max: 64 << 20,
             commit_notice_delay_ms: 0,
+            read_rounds_to_quorum: false,
             #[cfg(feature = "sim-bugs")]
             bugs: Default::default(),
         }

@@ -80,6 +80,10 @@ pub(crate) struct Progress {
     /// Highest heartbeat round the follower acknowledged (ReadIndex, lease, and whether it
     /// answered since the group last woke from quiescence).
     pub(crate) round_acked: u64,
+    /// The leader's count of round acknowledgements (`Reads::count_answer`) when this follower
+    /// acknowledged `round_acked`: among followers that answered the same round, who answered
+    /// first (ReadIndex rounds go to the quickest).
+    pub(crate) round_answer: u64,
     /// When `matched` last advanced: detects lost appends in the Replicate state.
     pub(crate) matched_at: Millis,
     /// The commit index this follower was last told (as far as its matched log allows).
@@ -97,6 +101,7 @@ impl Progress {
             loading: false,
             recent_active: false,
             round_acked: 0,
+            round_answer: 0,
             matched_at: now,
             commit_sent: LogIndex(0),
         }

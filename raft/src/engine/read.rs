@@ -28,8 +28,14 @@ pub(super) struct Reads {
     round: u64,
     /// A round must be started at the end of this step (reads are waiting on it).
     round_needed: bool,
+    /// The round asked for must reach every follower: the heartbeat timer asked for it, and
+    /// its heartbeats also hold followers' election timers back and tell them the commit
+    /// index. A round only reads asked for needs no more than a quorum.
+    round_to_all: bool,
     /// When the pending round was asked for: its start time for the lease.
     round_requested_at: Millis,
+    /// Round acknowledgements counted so far (`count_answer`).
+    answers: u64,
     /// Send time of recent rounds, oldest first (lease reads), at most `ROUNDS_KEPT_MAX`.
     round_sent_at: VecDeque<(u64, Millis)>,
     /// Reads waiting for their round to be acknowledged by a quorum, by round.
@@ -48,7 +54,9 @@ impl Reads {
         Reads {
             round: 0,
             round_needed: false,
+            round_to_all: false,
             round_requested_at: now,
+            answers: 0,
             round_sent_at: VecDeque::new(),
             pending: VecDeque::new(),
             before_noop: Vec::new(),
@@ -75,9 +83,10 @@ impl Reads {
         std::mem::take(&mut self.before_noop)
     }
 
-    /// Asks for a heartbeat round (the heartbeat timer fired).
+    /// Asks for a heartbeat round to every follower (the heartbeat timer fired).
     pub(super) fn request_round(&mut self, now: Millis) {
         self.round_needed = true;
+        self.round_to_all = true;
         self.round_requested_at = now;
     }
 
@@ -86,18 +95,27 @@ impl Reads {
         self.round_needed.then_some(self.round_requested_at)
     }
 
+    /// Counts a follower's first acknowledgement of a round and returns the count: the order
+    /// in which followers answered.
+    pub(super) fn count_answer(&mut self) -> u64 {
+        self.answers += 1;
+        self.answers
+    }
+
     /// The last round started (0: none yet).
     pub(super) fn last_round(&self) -> u64 {
         self.round
     }
 
-    /// Starts the round asked for, sent at `now`: returns its number, or `None` if no round
-    /// was asked for.
-    pub(super) fn start_round(&mut self, now: Millis) -> Option<u64> {
+    /// Starts the round asked for, sent at `now`: returns its number and whether it must reach
+    /// every follower, or `None` if no round was asked for.
+    pub(super) fn start_round(&mut self, now: Millis) -> Option<(u64, bool)> {
         if !self.round_needed {
             return None;
         }
+        let to_all = self.round_to_all;
         self.round_needed = false;
+        self.round_to_all = false;
         self.round += 1;
         // Room first: pushed onto a full history, the deque would double its buffer (to 128
         // rounds, 2 KiB per led group) only to drop the oldest at once.
@@ -105,7 +123,7 @@ impl Reads {
             self.round_sent_at.pop_front();
         }
         self.round_sent_at.push_back((self.round, now));
-        Some(self.round)
+        Some((self.round, to_all))
     }
 
     /// The reads whose round is at most `acked`, the highest round a quorum acknowledged,
@@ -294,9 +312,13 @@ impl Engine {
 impl Replicator<'_> {
     /// Starts the heartbeat round asked for, if any, sent at `now`.
     fn flush_rounds(&mut self, now: Millis, keep_after: Option<LogIndex>) {
+        let Some((round, to_all)) = self.leader.reads.start_round(now) else { return };
+        let quorum = if to_all || !self.config.read_rounds_to_quorum { None } else { self.read_round_quorum() };
         let l = &mut *self.leader;
-        let Some(round) = l.reads.start_round(now) else { return };
         for (id, p) in &l.progress {
+            if quorum.as_ref().is_some_and(|q| !q.contains(id)) {
+                continue;
+            }
             // At or below our commit index, so in our log unless purged; purged, the follower
             // matched less than our log holds and catches up by snapshot, which brings the
             // commit index with it: name no entry then.
@@ -310,6 +332,40 @@ impl Replicator<'_> {
         }
         // With no other voter the round is acknowledged at once.
         self.advance_reads();
+    }
+
+    /// The followers a round that only reads asked for goes to (`Config::read_rounds_to_quorum`):
+    /// with this node, just a quorum of voters, those that answered the latest rounds, the
+    /// first to answer first, since the quickest to answer serve the reads soonest. `None`
+    /// (every follower) under a joint configuration, when this node is not a voter, or when
+    /// one of those chosen has answered no round yet in this term: a new leader knows nothing
+    /// of who answers (after a failover the old leader, down, would otherwise be as likely a
+    /// choice as any). Learners are never chosen: they do not count towards a quorum. A
+    /// follower left out is ranked again at the heartbeat timer's next round, which goes to
+    /// every follower; if one chosen does not answer, the reads wait for a round it answers or
+    /// for the timer's next round and its answers.
+    fn read_round_quorum(&self) -> Option<Vec<NodeId>> {
+        let m = self.membership;
+        if m.is_joint() || !m.voters.contains(&self.id) {
+            return None;
+        }
+        let others = m.voters.len() / 2;
+        let mut ranked: Vec<(u64, u64, NodeId)> = m
+            .voters
+            .iter()
+            .filter(|id| **id != self.id)
+            .map(|id| {
+                let (round, answer) = self.leader.progress.get(id).map_or((0, 0), |p| (p.round_acked, p.round_answer));
+                (round, answer, *id)
+            })
+            .collect();
+        // The latest round first; within a round, the first to answer.
+        ranked.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        ranked.truncate(others);
+        if ranked.iter().any(|(round, _, _)| *round == 0) {
+            return None;
+        }
+        Some(ranked.into_iter().map(|(_, _, id)| id).collect())
     }
 
     /// Serves the reads whose round a quorum acknowledged.

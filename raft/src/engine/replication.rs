@@ -374,7 +374,10 @@ impl Engine {
         let Some(l) = self.role.leader_mut() else { return };
         let Some(p) = l.progress.get_mut(&from) else { return };
         p.recent_active = true;
-        p.round_acked = p.round_acked.max(round);
+        if round > p.round_acked {
+            p.round_acked = round;
+            p.round_answer = l.reads.count_answer();
+        }
         let lagging = p.matched < last;
         if let ReplState::Probe { sent } = &mut p.state {
             // A lost probe would otherwise stall the follower forever.

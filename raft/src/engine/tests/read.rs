@@ -164,7 +164,7 @@ fn the_lease_can_count_on_any_of_the_last_rounds_kept_max_rounds_and_no_older() 
     let rounds = crate::engine::read::ROUNDS_KEPT_MAX as u64 + 1;
     for i in 1..=rounds {
         reads.request_round(Millis(i));
-        assert_eq!(reads.start_round(Millis(i)), Some(i));
+        assert_eq!(reads.start_round(Millis(i)), Some((i, true)), "a round the timer asked for goes to every follower");
     }
     assert_eq!(reads.round_end(1, 1_000), None, "round 1 is no longer kept");
     assert_eq!(
@@ -188,4 +188,141 @@ fn the_round_history_never_grows_its_buffer_past_rounds_kept_max() {
     let [(name, len, cap), ..] = reads.buffer_sizes();
     assert_eq!(name, "round_sent_at");
     assert_eq!((len, cap), (kept, kept));
+}
+
+/// Under `read_rounds_to_quorum`, delivers the heartbeat timer's next round to every follower
+/// and their answers to the leader in the order given.
+fn timer_round_answered_in_order(c: &mut Cluster, order: &[u64]) {
+    c.advance(20);
+    let out = c.take_outbox(1);
+    let followers: Vec<u64> = c.nodes.keys().map(|id| id.0).filter(|id| *id != 1).collect();
+    let to: Vec<(u64, &str)> = followers.iter().map(|id| (*id, "heartbeat")).collect();
+    assert_eq!(kinds(&out), to, "the timer's round goes to every follower");
+    for m in out {
+        c.deliver(m);
+    }
+    let answers: Vec<Vec<Message>> = order.iter().map(|id| c.take_outbox(*id)).collect();
+    for m in answers.into_iter().flatten() {
+        c.deliver(m);
+    }
+    let now = c.now;
+    c.node(1).run(now);
+}
+
+#[test]
+fn with_read_rounds_to_quorum_a_read_round_goes_to_the_follower_that_answered_the_last_round_first() {
+    let config = Config { read_rounds_to_quorum: true, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    let committed = c.engine(1).committed();
+    timer_round_answered_in_order(&mut c, &[3, 2]);
+    let now = c.now;
+    c.node(1).engine.read(now, 7, ReadMode::ReadIndex);
+    let out = c.take_outbox(1);
+    assert_eq!(kinds(&out), vec![(3, "heartbeat")], "only the quickest follower: with the leader, a quorum");
+    c.deliver(out[0].clone());
+    let resp = c.take_outbox(3);
+    c.deliver(resp[0].clone());
+    c.node(1).run(now);
+    assert_eq!(c.nodes[&n(1)].reads, vec![(7, Ok(committed))]);
+    // The next timer round, answered the other way round, makes node 2 the quickest.
+    timer_round_answered_in_order(&mut c, &[2, 3]);
+    let now = c.now;
+    c.node(1).engine.read(now, 8, ReadMode::ReadIndex);
+    assert_eq!(kinds(&c.take_outbox(1)), vec![(2, "heartbeat")]);
+}
+
+#[test]
+fn with_read_rounds_to_quorum_reads_whose_follower_stopped_answering_are_served_by_the_timers_round() {
+    let config = Config { read_rounds_to_quorum: true, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    let committed = c.engine(1).committed();
+    timer_round_answered_in_order(&mut c, &[3, 2]);
+    // Node 3's answers are lost from now on.
+    c.cut.insert((n(3), n(1)));
+    let now = c.now;
+    c.node(1).engine.read(now, 7, ReadMode::ReadIndex);
+    let out = c.take_outbox(1);
+    assert_eq!(kinds(&out), vec![(3, "heartbeat")]);
+    for m in out {
+        c.deliver(m);
+    }
+    c.stabilize();
+    assert!(c.nodes[&n(1)].reads.is_empty(), "not served: the one follower asked did not answer");
+    // The timer's round goes to both, node 2 answers it, and the read is served.
+    c.advance(20);
+    c.stabilize();
+    assert_eq!(c.nodes[&n(1)].reads, vec![(7, Ok(committed))]);
+    // Node 2 answered the latest round: the next read's round goes to it.
+    let now = c.now;
+    c.node(1).engine.read(now, 8, ReadMode::ReadIndex);
+    assert_eq!(kinds(&c.take_outbox(1)), vec![(2, "heartbeat")]);
+}
+
+#[test]
+fn with_read_rounds_to_quorum_five_voters_send_a_read_round_to_the_two_quickest() {
+    let config = Config { read_rounds_to_quorum: true, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3, 4, 5], config);
+    timer_round_answered_in_order(&mut c, &[5, 3, 2, 4]);
+    let now = c.now;
+    c.node(1).engine.read(now, 7, ReadMode::ReadIndex);
+    let out = c.take_outbox(1);
+    assert_eq!(kinds(&out), vec![(3, "heartbeat"), (5, "heartbeat")]);
+    for m in out {
+        c.deliver(m);
+    }
+    c.stabilize();
+    assert_eq!(c.nodes[&n(1)].reads.len(), 1, "two followers' answers and the leader make three of five");
+}
+
+#[test]
+fn with_read_rounds_to_quorum_a_joint_configuration_sends_read_rounds_to_every_follower() {
+    let config = Config { read_rounds_to_quorum: true, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config.clone());
+    for id in [4, 5] {
+        c.nodes.insert(n(id), TestNode::new(id, &config, id));
+    }
+    // Nodes 4 and 5 cannot be reached, so the joint configuration stays in effect.
+    c.cut.extend([(n(1), n(4)), (n(1), n(5))]);
+    let now = c.now;
+    c.node(1).engine.change_membership(now, voters(&[1, 4, 5])).expect("change");
+    c.stabilize();
+    assert!(c.engine(1).membership().membership.is_joint());
+    let now = c.now;
+    c.node(1).engine.read(now, 7, ReadMode::ReadIndex);
+    let out = c.take_outbox(1);
+    let to: Vec<u64> = out.iter().filter(|m| matches!(m.body, MessageBody::Heartbeat { .. })).map(|m| m.to.0).collect();
+    assert_eq!(to, vec![2, 3, 4, 5], "both majorities must answer: every follower is asked");
+}
+
+#[test]
+fn with_read_rounds_to_quorum_a_new_leader_asks_every_follower_until_they_answered_a_round() {
+    let config = Config { read_rounds_to_quorum: true, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3], config);
+    // No round answered in this term: nothing tells the live followers from a dead one.
+    let now = c.now;
+    c.node(1).engine.read(now, 7, ReadMode::ReadIndex);
+    let out = c.take_outbox(1);
+    assert_eq!(kinds(&out), vec![(2, "heartbeat"), (3, "heartbeat")]);
+    for m in out {
+        c.deliver(m);
+    }
+    let answers: Vec<Message> = [3, 2].iter().flat_map(|id| c.take_outbox(*id)).collect();
+    for m in answers {
+        c.deliver(m);
+    }
+    c.node(1).run(now);
+    assert_eq!(c.nodes[&n(1)].reads.len(), 1);
+    // Both answered that round, node 3 first: the next read's round goes to node 3 alone.
+    c.node(1).engine.read(now, 8, ReadMode::ReadIndex);
+    assert_eq!(kinds(&c.take_outbox(1)), vec![(3, "heartbeat")]);
+}
+
+#[test]
+fn with_read_rounds_to_quorum_four_voters_send_a_read_round_to_the_two_quickest() {
+    let config = Config { read_rounds_to_quorum: true, ..cfg() };
+    let mut c = Cluster::with_leader(&[1, 2, 3, 4], config);
+    timer_round_answered_in_order(&mut c, &[4, 2, 3]);
+    let now = c.now;
+    c.node(1).engine.read(now, 7, ReadMode::ReadIndex);
+    assert_eq!(kinds(&c.take_outbox(1)), vec![(2, "heartbeat"), (4, "heartbeat")], "three of four with the leader");
 }
