@@ -383,7 +383,7 @@ pub fn default_raft() -> RaftConfig {
         commit_notice_delay_ms: HEARTBEAT_INTERVAL_MS,
         // A round that only ReadIndex reads asked for goes to just a quorum (in a group of
         // three, the follower that answered the last round first): ReadIndex gets at 64
-        // clients 7% more at 15% less CPU per get, one-client gets 9% faster at p50
+        // clients 4-7% more at 16% less CPU per get, one-client gets 5-10% faster at p50
         // (BENCHMARKS.md, session 30). Each time a chosen follower fails to answer, the reads
         // waiting on it wait for the next heartbeat round (100 ms) and its answers.
         read_rounds_to_quorum: true,

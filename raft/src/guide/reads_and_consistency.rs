@@ -44,7 +44,7 @@
 //! three, one heartbeat instead of two, to the follower that answered the latest round first.
 //! That spares the other follower, and the leader, a message each way per round, which is
 //! most of the work of a read when reads come in many small rounds (on the shard host, ReadIndex
-//! gets at 64 clients gained 7% at 15% less CPU per read, BENCHMARKS.md, session 30). The
+//! gets at 64 clients gained 4–7% at 16% less CPU per read, BENCHMARKS.md, session 30). The
 //! heartbeat timer's rounds still go to every follower, and rank the followers again. Each
 //! time a chosen follower fails to answer, the reads waiting on it are served by the timer's
 //! next round: up to [`heartbeat_interval_ms`](crate::Config::heartbeat_interval_ms) and a
