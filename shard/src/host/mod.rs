@@ -20,11 +20,11 @@
 //! group heartbeating until that node counts as down) for `quiesce_after_ticks` ticks goes
 //! quiet and tells its followers in the next batch; a follower at the same point goes quiet
 //! too (one still writing or applying the last entries when the notice comes, at the first
-//! tick after its work is done, if that leader still counts as live). Quiet groups cost nothing per tick: they are not in the
-//! awake set. A proposal, a call or a message wakes a group. Node-level liveness replaces
-//! per-group heartbeats while quiet: every host pings the nodes it talks to once per
-//! heartbeat interval, and when a node has not been heard from for `peer_down_ms`, the quiet
-//! groups it leads are woken (at most
+//! tick after its work is done, if that leader still counts as live). Quiet groups cost
+//! nothing per tick: they are not in the awake set. A proposal, a call or a message wakes a
+//! group. Node-level liveness replaces per-group heartbeats while quiet: every host pings the
+//! nodes it talks to once per heartbeat interval, and when a node has not been heard from for
+//! `peer_down_ms`, the quiet groups it leads are woken (at most
 //! `wakes_per_tick_max` per poller tick, so a blip does not wake ten thousand groups at once)
 //! and elect a new leader. A follower that is down does not keep a group awake; when its node
 //! answers again, or comes back on a new connection (a restart too quick to count as down,

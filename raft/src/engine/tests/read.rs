@@ -190,6 +190,13 @@ fn the_round_history_never_grows_its_buffer_past_rounds_kept_max() {
     assert_eq!((len, cap), (kept, kept));
 }
 
+/// Registers ReadIndex read `id` on the leader, node 1, and returns the messages it sends.
+fn read_on_leader(c: &mut Cluster, id: u64) -> Vec<Message> {
+    let now = c.now;
+    c.node(1).engine.read(now, id, ReadMode::ReadIndex);
+    c.take_outbox(1)
+}
+
 /// Under `read_rounds_to_quorum`, delivers the heartbeat timer's next round to every follower
 /// and their answers to the leader in the order given.
 fn timer_round_answered_in_order(c: &mut Cluster, order: &[u64]) {
@@ -215,20 +222,17 @@ fn with_read_rounds_to_quorum_a_read_round_goes_to_the_follower_that_answered_th
     let mut c = Cluster::with_leader(&[1, 2, 3], config);
     let committed = c.engine(1).committed();
     timer_round_answered_in_order(&mut c, &[3, 2]);
-    let now = c.now;
-    c.node(1).engine.read(now, 7, ReadMode::ReadIndex);
-    let out = c.take_outbox(1);
+    let out = read_on_leader(&mut c, 7);
     assert_eq!(kinds(&out), vec![(3, "heartbeat")], "only the quickest follower: with the leader, a quorum");
     c.deliver(out[0].clone());
     let resp = c.take_outbox(3);
     c.deliver(resp[0].clone());
+    let now = c.now;
     c.node(1).run(now);
     assert_eq!(c.nodes[&n(1)].reads, vec![(7, Ok(committed))]);
     // The next timer round, answered the other way round, makes node 2 the quickest.
     timer_round_answered_in_order(&mut c, &[2, 3]);
-    let now = c.now;
-    c.node(1).engine.read(now, 8, ReadMode::ReadIndex);
-    assert_eq!(kinds(&c.take_outbox(1)), vec![(2, "heartbeat")]);
+    assert_eq!(kinds(&read_on_leader(&mut c, 8)), vec![(2, "heartbeat")]);
 }
 
 #[test]
@@ -239,9 +243,7 @@ fn with_read_rounds_to_quorum_reads_whose_follower_stopped_answering_are_served_
     timer_round_answered_in_order(&mut c, &[3, 2]);
     // Node 3's answers are lost from now on.
     c.cut.insert((n(3), n(1)));
-    let now = c.now;
-    c.node(1).engine.read(now, 7, ReadMode::ReadIndex);
-    let out = c.take_outbox(1);
+    let out = read_on_leader(&mut c, 7);
     assert_eq!(kinds(&out), vec![(3, "heartbeat")]);
     for m in out {
         c.deliver(m);
@@ -253,9 +255,7 @@ fn with_read_rounds_to_quorum_reads_whose_follower_stopped_answering_are_served_
     c.stabilize();
     assert_eq!(c.nodes[&n(1)].reads, vec![(7, Ok(committed))]);
     // Node 2 answered the latest round: the next read's round goes to it.
-    let now = c.now;
-    c.node(1).engine.read(now, 8, ReadMode::ReadIndex);
-    assert_eq!(kinds(&c.take_outbox(1)), vec![(2, "heartbeat")]);
+    assert_eq!(kinds(&read_on_leader(&mut c, 8)), vec![(2, "heartbeat")]);
 }
 
 #[test]
@@ -263,9 +263,7 @@ fn with_read_rounds_to_quorum_five_voters_send_a_read_round_to_the_two_quickest(
     let config = Config { read_rounds_to_quorum: true, ..cfg() };
     let mut c = Cluster::with_leader(&[1, 2, 3, 4, 5], config);
     timer_round_answered_in_order(&mut c, &[5, 3, 2, 4]);
-    let now = c.now;
-    c.node(1).engine.read(now, 7, ReadMode::ReadIndex);
-    let out = c.take_outbox(1);
+    let out = read_on_leader(&mut c, 7);
     assert_eq!(kinds(&out), vec![(3, "heartbeat"), (5, "heartbeat")]);
     for m in out {
         c.deliver(m);
@@ -287,9 +285,7 @@ fn with_read_rounds_to_quorum_a_joint_configuration_sends_read_rounds_to_every_f
     c.node(1).engine.change_membership(now, voters(&[1, 4, 5])).expect("change");
     c.stabilize();
     assert!(c.engine(1).membership().membership.is_joint());
-    let now = c.now;
-    c.node(1).engine.read(now, 7, ReadMode::ReadIndex);
-    let out = c.take_outbox(1);
+    let out = read_on_leader(&mut c, 7);
     let to: Vec<u64> = out.iter().filter(|m| matches!(m.body, MessageBody::Heartbeat { .. })).map(|m| m.to.0).collect();
     assert_eq!(to, vec![2, 3, 4, 5], "both majorities must answer: every follower is asked");
 }
@@ -299,9 +295,7 @@ fn with_read_rounds_to_quorum_a_new_leader_asks_every_follower_until_they_answer
     let config = Config { read_rounds_to_quorum: true, ..cfg() };
     let mut c = Cluster::with_leader(&[1, 2, 3], config);
     // No round answered in this term: nothing tells the live followers from a dead one.
-    let now = c.now;
-    c.node(1).engine.read(now, 7, ReadMode::ReadIndex);
-    let out = c.take_outbox(1);
+    let out = read_on_leader(&mut c, 7);
     assert_eq!(kinds(&out), vec![(2, "heartbeat"), (3, "heartbeat")]);
     for m in out {
         c.deliver(m);
@@ -310,11 +304,11 @@ fn with_read_rounds_to_quorum_a_new_leader_asks_every_follower_until_they_answer
     for m in answers {
         c.deliver(m);
     }
+    let now = c.now;
     c.node(1).run(now);
     assert_eq!(c.nodes[&n(1)].reads.len(), 1);
     // Both answered that round, node 3 first: the next read's round goes to node 3 alone.
-    c.node(1).engine.read(now, 8, ReadMode::ReadIndex);
-    assert_eq!(kinds(&c.take_outbox(1)), vec![(3, "heartbeat")]);
+    assert_eq!(kinds(&read_on_leader(&mut c, 8)), vec![(3, "heartbeat")]);
 }
 
 #[test]
@@ -322,7 +316,9 @@ fn with_read_rounds_to_quorum_four_voters_send_a_read_round_to_the_two_quickest(
     let config = Config { read_rounds_to_quorum: true, ..cfg() };
     let mut c = Cluster::with_leader(&[1, 2, 3, 4], config);
     timer_round_answered_in_order(&mut c, &[4, 2, 3]);
-    let now = c.now;
-    c.node(1).engine.read(now, 7, ReadMode::ReadIndex);
-    assert_eq!(kinds(&c.take_outbox(1)), vec![(2, "heartbeat"), (4, "heartbeat")], "three of four with the leader");
+    assert_eq!(
+        kinds(&read_on_leader(&mut c, 7)),
+        vec![(2, "heartbeat"), (4, "heartbeat")],
+        "three of four with the leader"
+    );
 }
