@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use tokio::sync::oneshot;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// Column family of Raft state (logs, votes, applied state, snapshots).
 pub const CF_RAFT: &str = "raft";
@@ -47,6 +47,10 @@ fn cf_options() -> Options {
 pub const GROUP_COMMIT_REQUESTS_MAX: usize = 4096;
 /// Bytes the writer merges into one batch at most.
 pub const GROUP_COMMIT_BYTES_MAX: usize = 16 << 20;
+/// A batch write (fsync included) this long or longer counts as slow: logged and counted
+/// ([`WriterStats::slow_writes`]). A write with its fsync takes 0.1–1 ms on an SSD.
+pub const SLOW_WRITE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Write requests queued for the writer. Beyond it, async writers wait for room and the
 /// host's threads block in `submit`: a disk slower than the writes pushes back on them
 /// instead of letting the queue grow without bound.
@@ -130,6 +134,9 @@ pub struct WriterStats {
     /// Microseconds the writer spent writing batches (fsyncs included): against wall time,
     /// how busy the disk path is.
     pub write_micros: AtomicU64,
+    /// Batches whose write took [`SLOW_WRITE`] or longer (logged, at most one line a second):
+    /// a disk that paused, holding up the commits of every group on the node.
+    pub slow_writes: AtomicU64,
     /// The number (counting from 1, as `batches`) of the last batch written with fsync. The
     /// store has one write-ahead log, and an fsync of it makes every earlier write durable
     /// too: every batch up to this one is durable.
@@ -151,6 +158,8 @@ struct Inner {
     stats: WriterStats,
     /// Test hook: fail the next write as the disk would.
     fail_next: AtomicBool,
+    /// Test hook: the next batch's write takes this many more milliseconds (a slow disk).
+    delay_next_ms: AtomicU64,
     /// Test hook: snapshot installations wait before touching anything while set.
     hold_installs: AtomicBool,
     /// Test hook: the writer takes nothing off its queue while set (a stalled disk).
@@ -228,6 +237,7 @@ impl Store {
             poisoned: AtomicBool::new(false),
             stats: WriterStats::default(),
             fail_next: AtomicBool::new(false),
+            delay_next_ms: AtomicU64::new(0),
             hold_installs: AtomicBool::new(false),
             hold_writes: AtomicBool::new(false),
             installs_held: std::sync::atomic::AtomicUsize::new(0),
@@ -364,6 +374,13 @@ impl Store {
     /// Test hook: the next batch fails as if the disk returned an error (it poisons the store).
     pub fn fail_next_write(&self) {
         self.inner.fail_next.store(true, Ordering::Release);
+    }
+
+    /// Test hook: the next batch's write takes `delay` longer, as on a disk that paused.
+    #[doc(hidden)]
+    pub fn delay_next_write(&self, delay: std::time::Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.inner.delay_next_ms.store(ms, Ordering::Release);
     }
 
     /// Test hook: while `hold` is set, the writer takes nothing off its queue, as if the disk
@@ -512,6 +529,7 @@ fn writer_loop(inner: Arc<Inner>, rx: mpsc::Receiver<WriteReq>) {
     let _gone = WriterGone(inner.clone());
     let raft = inner.db.cf_handle(CF_RAFT).map(|_| ());
     debug_assert!(raft.is_some());
+    let mut last_slow_logged: Option<std::time::Instant> = None;
     while let Ok(first) = rx.recv() {
         while inner.hold_writes.load(Ordering::Acquire) {
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -530,8 +548,12 @@ fn writer_loop(inner: Arc<Inner>, rx: mpsc::Receiver<WriteReq>) {
         inner.room.notify_waiters();
         let started = std::time::Instant::now();
         let result = write_batch(&inner, &reqs);
-        let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let elapsed = started.elapsed();
+        let took = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         inner.stats.write_micros.fetch_add(took, Ordering::Relaxed);
+        if elapsed >= SLOW_WRITE {
+            note_slow_write(&inner, elapsed, &reqs, &mut last_slow_logged);
+        }
         if let Err(e) = &result {
             error!(error = %e, "write failed: the store is poisoned and refuses further writes");
             if let Ok(mut p) = inner.poison.lock() {
@@ -546,6 +568,25 @@ fn writer_loop(inner: Arc<Inner>, rx: mpsc::Receiver<WriteReq>) {
     }
 }
 
+/// Counts a batch write that took `elapsed` (at least [`SLOW_WRITE`]) and logs it, at most
+/// once a second: every group's commits on this node waited for it.
+fn note_slow_write(
+    inner: &Inner,
+    elapsed: std::time::Duration,
+    reqs: &[WriteReq],
+    last_logged: &mut Option<std::time::Instant>,
+) {
+    inner.stats.slow_writes.fetch_add(1, Ordering::Relaxed);
+    if last_logged.is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(1)) {
+        return;
+    }
+    *last_logged = Some(std::time::Instant::now());
+    let millis = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+    let bytes: usize = reqs.iter().flat_map(|r| &r.ops).map(Op::bytes).sum();
+    let sync = reqs.iter().any(|r| r.sync);
+    warn!(millis, requests = reqs.len(), bytes, sync, "slow store write: every commit on this node waited for it");
+}
+
 fn write_batch(inner: &Inner, reqs: &[WriteReq]) -> Result<(), StorageError> {
     if inner.poisoned.load(Ordering::Acquire) {
         return Err(inner
@@ -557,6 +598,10 @@ fn write_batch(inner: &Inner, reqs: &[WriteReq]) -> Result<(), StorageError> {
     }
     if inner.fail_next.swap(false, Ordering::AcqRel) {
         return Err(StorageError::new("write", "injected disk failure (Store::fail_next_write)"));
+    }
+    let delay_ms = inner.delay_next_ms.swap(0, Ordering::AcqRel);
+    if delay_ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
     }
     let db = &inner.db;
     let mut batch = WriteBatch::default();

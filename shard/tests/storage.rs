@@ -707,3 +707,18 @@ async fn a_full_writer_queue_does_not_stall_the_runtime() {
     }
     assert!(order_ok.load(Ordering::Acquire), "a write failed or landed out of order");
 }
+
+/// A batch write that takes `SLOW_WRITE` or longer (here a disk pausing, by the test hook) is
+/// counted, for `/metrics`. (Not asserted: that the other writes are not counted. A shared
+/// virtual disk here pauses every fsync for 25–50 ms now and then, BENCHMARKS.md, session 31.)
+#[tokio::test]
+async fn a_slow_write_is_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let put = |k: &str| vec![Op::Put(CF_DATA, k.as_bytes().to_vec(), b"v".to_vec())];
+    store.write(put("a"), true).await.expect("write");
+    let before = store.stats().slow_writes.load(Ordering::Acquire);
+    store.delay_next_write(flotilla_shard::store::SLOW_WRITE + Duration::from_millis(10));
+    store.write(put("b"), true).await.expect("write");
+    assert!(store.stats().slow_writes.load(Ordering::Acquire) > before, "the delayed write is counted");
+}

@@ -849,6 +849,7 @@ impl Node {
             ("flotilla_store_write_batches_total", "RocksDB write batches (group commits).", &w.batches),
             ("flotilla_store_syncs_total", "Write batches made durable with an fsync.", &w.syncs),
             ("flotilla_store_write_microseconds_total", "Time the store's writer spent writing batches, fsyncs included.", &w.write_micros),
+            ("flotilla_store_slow_writes_total", "Batches whose write (fsync included) took 50 ms or longer.", &w.slow_writes),
             ("flotilla_net_spoofed_total", "Batches whose sender did not match its certificate.", &n.spoofed),
             ("flotilla_net_malformed_total", "Envelopes that did not decode.", &n.malformed),
             ("flotilla_net_snapshot_chunks_sent_total", "Snapshot chunks sent on transfer streams.", &n.snapshot_chunks_sent),
