@@ -19,11 +19,14 @@ pub(crate) struct FaultState {
     pub delay: HashMap<NodeId, Duration>,
     /// Fraction of outgoing Raft envelopes dropped, with its seeded generator.
     pub drop: Option<(f64, SplitMix64)>,
+    /// A busy receiver: its connection tasks wait this long before taking up each next
+    /// stream a peer opened.
+    pub accept_delay: Option<Duration>,
 }
 
 impl FaultState {
     pub(crate) fn active(&self) -> bool {
-        !self.blocked.is_empty() || !self.delay.is_empty() || self.drop.is_some()
+        !self.blocked.is_empty() || !self.delay.is_empty() || self.drop.is_some() || self.accept_delay.is_some()
     }
 
     /// Whether this outgoing envelope is dropped by the drop fraction.

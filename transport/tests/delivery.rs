@@ -232,3 +232,35 @@ async fn shutdown_flushes_queued_envelopes() {
     assert_eq!(seqs, (1..=N).collect::<Vec<_>>());
     b.shutdown().await;
 }
+
+/// A receiver slow to take up new streams still gets everything a shutdown flushed. The
+/// sender's QUIC stack has the data acknowledged by the receiver's long before the receiver's
+/// readers take it, and a connection closed then discards it: the sender says goodbye and
+/// waits for the receiver to close once it has read every stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_until_a_slow_receiver_has_read_what_was_flushed() {
+    let ca = ca();
+    let mut config_b = config(&ca, 2);
+    config_b.raft_streams = 4;
+    let (b, mut b_in) = start(config_b).await;
+    let mut config_a = config(&ca, 1);
+    config_a.raft_streams = 4;
+    config_a.timing.shutdown_flush_ms_max = 20_000;
+    config_a.peers.push((NodeId(2), b.local_addr().unwrap()));
+    let (a, _a_in) = start(config_a).await;
+    a.send(NodeId(2), env(1, seq_payload(0, 0))).unwrap();
+    recv_n(&mut b_in, 1).await;
+    // Groups 0 and 2 go on Raft streams not opened yet, which node 2 takes up only 300 ms
+    // after they arrive: by then node 1's QUIC stack has every byte acknowledged.
+    b.set_accept_delay(Duration::from_millis(300));
+    const N: u64 = 600;
+    for seq in 1..=N {
+        a.send(NodeId(2), env(seq % 3, seq_payload(seq, 100))).unwrap();
+    }
+    a.shutdown().await;
+    let got = recv_n(&mut b_in, N as usize).await;
+    let mut seqs: Vec<u64> = got.iter().map(|(_, e)| seq_of(e)).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=N).collect::<Vec<_>>());
+    b.shutdown().await;
+}
