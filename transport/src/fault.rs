@@ -19,8 +19,8 @@ pub(crate) struct FaultState {
     pub delay: HashMap<NodeId, Duration>,
     /// Fraction of outgoing Raft envelopes dropped, with its seeded generator.
     pub drop: Option<(f64, SplitMix64)>,
-    /// A busy receiver: its connection tasks wait this long before taking up each next
-    /// stream a peer opened.
+    /// A busy receiver: its connection tasks wait this long before each round of taking up
+    /// the streams a peer opened.
     pub accept_delay: Option<Duration>,
 }
 

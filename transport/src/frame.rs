@@ -82,13 +82,6 @@ pub enum StreamHeader {
         /// The group the transfer belongs to.
         group: GroupId,
     },
-    /// The sender is shutting down and has finished its Raft streams on this connection:
-    /// nothing follows. Streams are accepted in the order they were opened, so every Raft
-    /// stream the sender opened was accepted before this one; the receiver reads them to
-    /// their end, then closes the connection, which the sender waits for. A connection
-    /// closed by the sender at once would discard what the receiver's QUIC stack had
-    /// acknowledged but its reader not yet taken.
-    Goodbye,
 }
 
 /// One decoded frame.

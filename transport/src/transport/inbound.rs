@@ -4,7 +4,6 @@
 //! large transfers.
 
 use super::*;
-use tokio::task::JoinSet;
 
 pub(super) fn peer_identity(conn: &Connection) -> Result<PeerIdentity, String> {
     let certs = conn
@@ -109,35 +108,23 @@ pub(super) async fn run_connection(shared: Arc<Shared>, from: PeerIdentity, peer
     // Pipelined requests answered at once, all pipes of this connection together (the bound
     // streams of their own have from the QUIC stream limit).
     let pipe_slots = Arc::new(Semaphore::new(super::inbound_pipe::PIPE_IN_FLIGHT_MAX));
-    // The readers of the peer's unidirectional streams (as many as QUIC lets it open), and
-    // whether it said goodbye: then the connection is closed once they have all ended.
-    let mut readers: JoinSet<UniStreamEnd> = JoinSet::new();
-    let mut goodbye = false;
     loop {
-        if goodbye && readers.is_empty() {
-            debug!(node = %shared.config.node, peer = %from, "peer said goodbye and its streams are read: closing");
-            conn.close(codes::CLOSE_SHUTDOWN, b"goodbye");
-            break;
-        }
         if let Some(delay) = shared.accept_delay() {
             tokio::time::sleep(delay).await;
         }
         tokio::select! {
-            Some(ended) = readers.join_next(), if !readers.is_empty() => {
-                goodbye |= matches!(ended, Ok(UniStreamEnd::Goodbye));
-            }
             uni = conn.accept_uni() => match uni {
                 Ok(recv) => {
                     let Some(peer) = peer.clone() else {
                         warn!(node = %shared.config.node, peer = %from, "closing connection: Raft or transfer stream on a request-only connection");
                         conn.close(codes::CLOSE_PROTOCOL, b"clients may only send requests");
-                        break;
+                        return;
                     };
-                    readers.spawn(run_uni_stream(shared.clone(), peer, conn.clone(), recv));
+                    tokio::spawn(run_uni_stream(shared.clone(), peer, conn.clone(), recv));
                 }
                 Err(e) => {
                     debug!(node = %shared.config.node, peer = %from, error = %e, "connection closed");
-                    break;
+                    return;
                 }
             },
             bi = conn.accept_bi() => match bi {
@@ -147,45 +134,39 @@ pub(super) async fn run_connection(shared: Arc<Shared>, from: PeerIdentity, peer
                 }
                 Err(e) => {
                     debug!(node = %shared.config.node, peer = %from, error = %e, "connection closed");
-                    break;
+                    if let Some(peer) = &peer {
+                        take_up_remaining_uni_streams(&shared, peer, &conn).await;
+                    }
+                    return;
                 }
             },
         }
     }
-    // Readers still at work (a transfer being handed over, envelopes waiting for room in the
-    // node's queue) finish on their own; the closed connection ends their streams.
-    readers.detach_all();
 }
 
-/// How a reader of a peer's unidirectional stream ended.
-pub(super) enum UniStreamEnd {
-    /// The stream was read (or refused, or broke).
-    Read,
-    /// It was the peer's goodbye ([`StreamHeader::Goodbye`]).
-    Goodbye,
+/// Takes up the unidirectional streams a closed connection still holds. A peer that shuts
+/// down closes the connection once we acknowledged its streams' data, which may be before
+/// this task took them up; quinn hands such streams over after the close (their data is all
+/// here), and a task that stopped at its first failed accept (of a bidirectional stream: the
+/// `select!` picks either) would drop them.
+async fn take_up_remaining_uni_streams(shared: &Arc<Shared>, peer: &Arc<Peer>, conn: &Connection) {
+    while let Ok(recv) = conn.accept_uni().await {
+        tokio::spawn(run_uni_stream(shared.clone(), peer.clone(), conn.clone(), recv));
+    }
 }
 
-pub(super) async fn run_uni_stream(
-    shared: Arc<Shared>,
-    peer: Arc<Peer>,
-    conn: Connection,
-    mut recv: RecvStream,
-) -> UniStreamEnd {
+pub(super) async fn run_uni_stream(shared: Arc<Shared>, peer: Arc<Peer>, conn: Connection, mut recv: RecvStream) {
     let from = PeerIdentity::Node(peer.id);
     let frame_max = shared.config.limits.frame_bytes_max;
     let header = match read_frame_exact(&mut recv, frame_max).await {
         Ok(Some(frame)) if frame.kind == FrameKind::StreamOpen => decode_stream_header(&frame.payload),
         Ok(Some(_)) => Err(FrameError::Malformed("stream does not start with a StreamOpen frame")),
-        Ok(None) => return UniStreamEnd::Read,
+        Ok(None) => return,
         Err(ReadFail::Frame(e)) => Err(e),
-        Err(ReadFail::Stream(_)) => return UniStreamEnd::Read,
+        Err(ReadFail::Stream(_)) => return,
     };
     match header {
         Err(error) => shared.reject_frame(Some(&peer), &from, &conn, &error),
-        Ok(StreamHeader::Goodbye) => {
-            debug!(node = %shared.config.node, peer = %peer.id, "peer said goodbye");
-            return UniStreamEnd::Goodbye;
-        }
         Ok(StreamHeader::Raft { index }) => {
             debug!(node = %shared.config.node, peer = %peer.id, index, "raft stream opened");
             read_raft_stream(&shared, &peer, &conn, recv).await;
@@ -194,13 +175,13 @@ pub(super) async fn run_uni_stream(
             if shared.blocked(peer.id) {
                 add(&peer.counters.transfers_refused, 1);
                 stop_refused(&mut recv);
-                return UniStreamEnd::Read;
+                return;
             }
             let Ok(permit) = peer.transfers_in.clone().try_acquire_owned() else {
                 add(&peer.counters.transfers_refused, 1);
                 warn!(node = %shared.config.node, peer = %peer.id, %group, "refused transfer: too many from this peer");
                 stop_refused(&mut recv);
-                return UniStreamEnd::Read;
+                return;
             };
             add(&peer.counters.transfers_received, 1);
             let transfer = IncomingTransfer {
@@ -217,7 +198,6 @@ pub(super) async fn run_uni_stream(
             }
         }
     }
-    UniStreamEnd::Read
 }
 
 pub(super) async fn read_raft_stream(shared: &Shared, peer: &Peer, conn: &Connection, mut recv: RecvStream) {

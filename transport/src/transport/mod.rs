@@ -440,9 +440,9 @@ impl Transport {
         });
     }
 
-    /// Fault injection: a busy receiver. Its connection tasks wait `delay` before taking up
-    /// each next stream a peer opened (the peer's QUIC stack meanwhile has the data
-    /// acknowledged); `Duration::ZERO` removes it.
+    /// Fault injection: a busy receiver. Its connection tasks wait `delay` before each round
+    /// of taking up the streams a peer opened (QUIC acknowledges their data meanwhile);
+    /// `Duration::ZERO` removes it.
     #[cfg(feature = "fault-injection")]
     pub fn set_accept_delay(&self, delay: Duration) {
         self.shared.update_faults(|faults| faults.accept_delay = (!delay.is_zero()).then_some(delay));
@@ -454,17 +454,16 @@ impl Transport {
         self.shared.update_faults(|faults| *faults = FaultState::default());
     }
 
-    /// Closes everything: stops accepting sends, lets writers flush what is queued and the
-    /// peers read it (up to `shutdown_flush_ms_max` for both: each peer is sent a goodbye
-    /// stream and closes the connection once it has read the Raft streams before it), closes
-    /// connections with code 0 and waits briefly for the peers to be told. The `Incoming` channels end once the tasks have stopped and every
+    /// Closes everything: stops accepting sends, lets writers flush what is queued (up to
+    /// `shutdown_flush_ms_max`), closes connections with code 0 and waits briefly for the
+    /// peers to be told. The `Incoming` channels end once the tasks have stopped and every
     /// `Transport` handle is dropped.
     pub async fn shutdown(&self) {
         let shared = &self.shared;
         if shared.shutdown.send_replace(true) {
             return;
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(shared.config.timing.shutdown_flush_ms_max);
+        let deadline = Duration::from_millis(shared.config.timing.shutdown_flush_ms_max);
         let writers = std::mem::take(&mut *lock(&shared.writers));
         let aborts = writers.iter().map(|w| w.abort_handle()).collect::<Vec<_>>();
         let flush = async {
@@ -472,11 +471,9 @@ impl Transport {
                 let _ = writer.await;
             }
         };
-        if tokio::time::timeout_at(deadline, flush).await.is_err() {
+        if tokio::time::timeout(deadline, flush).await.is_err() {
             warn!(node = %shared.config.node, "shutdown: writers did not flush in time");
             aborts.iter().for_each(|a| a.abort());
-        } else if tokio::time::timeout_at(deadline, say_goodbye(shared)).await.is_err() {
-            warn!(node = %shared.config.node, "shutdown: peers did not close their connections in time");
         }
         shared.endpoint.close(codes::CLOSE_SHUTDOWN, b"shutdown");
         let tasks = std::mem::take(&mut *lock(&shared.tasks));
@@ -494,28 +491,9 @@ impl Transport {
     }
 }
 
-/// Opens a [`StreamHeader::Goodbye`] stream on each peer's connection (after the writers
-/// finished their Raft streams there and the peer acknowledged them) and waits until every
-/// such peer has read those streams to their end and closed the connection.
-async fn say_goodbye(shared: &Shared) {
-    let conns: Vec<Connection> = lock(&shared.peers)
-        .values()
-        .filter_map(|peer| peer.conn.borrow().as_ref().map(|slot| slot.conn.clone()))
-        .collect();
-    for conn in &conns {
-        if let Ok(mut send) = conn.open_uni().await {
-            if send.write_chunk(encode_stream_header(&StreamHeader::Goodbye)).await.is_ok() {
-                let _ = send.finish();
-            }
-        }
-    }
-    for conn in &conns {
-        conn.closed().await;
-    }
-}
-
 impl Shared {
-    /// How long a connection task waits before it takes up the next stream (fault injection).
+    /// How long a connection task waits before each round of taking up streams (fault
+    /// injection).
     fn accept_delay(&self) -> Option<Duration> {
         if !self.faults_active.load(Ordering::Acquire) {
             return None;
