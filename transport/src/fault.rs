@@ -1,4 +1,5 @@
-//! Fault injection: block, delay or drop traffic to and from chosen peers. Off by default;
+//! Fault injection: block, delay or drop traffic to and from chosen peers, or take up the
+//! streams peers open late (a busy receiver). Off by default;
 //! tests turn it on through the [`Transport`](crate::Transport) methods, which exist only with
 //! the `fault-injection` feature. Without it no fault can be set, but the checks are compiled
 //! all the same, so tests and production run one send path.

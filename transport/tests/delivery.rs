@@ -249,7 +249,8 @@ async fn a_receiver_slow_to_take_up_streams_reads_all_a_shutdown_flushed() {
     a.send(NodeId(2), env(1, seq_payload(0, 0))).unwrap();
     recv_n(&mut b_in, 1).await;
     // Groups 0 and 2..=7 go on Raft streams not opened yet, which node 2 takes up one by one,
-    // 100 ms apart: by then node 1 has shut down and closed the connection.
+    // at least 100 ms apart until the close: node 1 shuts down and closes the connection
+    // before most of them are taken up.
     b.set_accept_delay(Duration::from_millis(100));
     const N: u64 = 800;
     for seq in 1..=N {

@@ -146,9 +146,10 @@ pub(super) async fn run_connection(shared: Arc<Shared>, from: PeerIdentity, peer
 
 /// Takes up the unidirectional streams a closed connection still holds. A peer that shuts
 /// down closes the connection once we acknowledged its streams' data, which may be before
-/// this task took them up; quinn hands such streams over after the close (their data is all
-/// here), and a task that stopped at its first failed accept (of a bidirectional stream: the
-/// `select!` picks either) would drop them.
+/// this task took them up; quinn hands such streams over after the close, their readers get
+/// the data received before it (after a flushed shutdown, all of it), and a task that stopped
+/// at its first failed accept (of a bidirectional stream: the `select!` picks either) would
+/// drop them.
 async fn take_up_remaining_uni_streams(shared: &Arc<Shared>, peer: &Arc<Peer>, conn: &Connection) {
     while let Ok(recv) = conn.accept_uni().await {
         tokio::spawn(run_uni_stream(shared.clone(), peer.clone(), conn.clone(), recv));

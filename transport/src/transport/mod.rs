@@ -440,9 +440,9 @@ impl Transport {
         });
     }
 
-    /// Fault injection: a busy receiver. Its connection tasks wait `delay` before each round
-    /// of taking up the streams a peer opened (QUIC acknowledges their data meanwhile);
-    /// `Duration::ZERO` removes it.
+    /// Fault injection: a busy receiver. Its connection tasks (nodes' and clients' alike) wait
+    /// `delay` before each round of taking up the streams a peer opened, requests included
+    /// (QUIC acknowledges their data meanwhile); `Duration::ZERO` removes it.
     #[cfg(feature = "fault-injection")]
     pub fn set_accept_delay(&self, delay: Duration) {
         self.shared.update_faults(|faults| faults.accept_delay = (!delay.is_zero()).then_some(delay));
