@@ -710,7 +710,7 @@ async fn a_full_writer_queue_does_not_stall_the_runtime() {
 
 /// A batch write that takes `SLOW_WRITE` or longer (here a disk pausing, by the test hook) is
 /// counted, for `/metrics`. (Not asserted: that the other writes are not counted. A shared
-/// virtual disk here pauses every fsync for 25–50 ms now and then, BENCHMARKS.md, session 31.)
+/// virtual disk here pauses every fsync for 20–50 ms now and then, BENCHMARKS.md, session 31.)
 #[tokio::test]
 async fn a_slow_write_is_counted() {
     let dir = tempfile::tempdir().expect("tempdir");
